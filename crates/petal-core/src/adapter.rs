@@ -1,0 +1,60 @@
+//! The seam: an adapter is a function of the frozen base weight.
+
+use crate::{AdapterConfig, Result};
+use candle_core::{Tensor, Var};
+use std::fmt::Debug;
+
+/// How an adapter changes the frozen base weight W (out, in). `AdaptableLinear` applies and
+/// inverts it; methods never mutate base weights themselves.
+#[derive(Debug, Clone)]
+pub enum WeightUpdate {
+    /// W + dW: LoRA, LoHa, LoKr, VeRA, sparse deltas.
+    Add(Tensor),
+    /// (R W^T)^T * s: OFT, BOFT. The inverse uses R^T and 1/s.
+    Rotate { r: Tensor, s: Tensor },
+    /// W * l (l broadcast over rows or columns): IA3-style scaling.
+    Scale(Tensor),
+}
+
+/// A tensor an adapter layer owns, under its PEFT name relative to the module
+/// (e.g. "lora_A.weight").
+pub struct NamedTensor<'a> {
+    pub name: &'static str,
+    pub var: &'a Var,
+}
+
+/// Frozen base of one targeted linear, as seen by a method when it builds its layer.
+pub struct BaseLinear<'a> {
+    pub weight: &'a Tensor, // (out, in)
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+/// One method's state on ONE targeted linear, e.g. model.layers.3.self_attn.q_proj.
+pub trait AdapterLayer: Debug + Send + Sync {
+    /// Adapted output from input x (.., in) and base output y (.., out), without building dW
+    /// where the method allows it.
+    fn forward(&self, x: &Tensor, y: Tensor, train: bool) -> Result<Tensor>;
+    /// The change to W, for merge, unmerge and equivalence tests.
+    fn weight_update(&self) -> Result<WeightUpdate>;
+    /// Owned tensors under their PEFT names.
+    fn tensors(&self) -> Vec<NamedTensor<'_>>;
+    /// What the optimizer sees.
+    fn vars(&self) -> Vec<Var> {
+        self.tensors().into_iter().map(|t| t.var.clone()).collect()
+    }
+}
+
+/// Config parsing + construction; listed once in `registry::METHODS`.
+pub trait AdapterMethod: Sync {
+    /// HF `peft_type`, as written in adapter_config.json (e.g. "LORA").
+    fn peft_type(&self) -> &'static str;
+    /// Build this method's layer for the module at `path`. `seed` makes init reproducible.
+    fn build(
+        &self,
+        cfg: &AdapterConfig,
+        path: &str,
+        base: &BaseLinear,
+        seed: u64,
+    ) -> Result<Box<dyn AdapterLayer>>;
+}

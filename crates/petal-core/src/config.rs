@@ -1,0 +1,257 @@
+//! `adapter_config.json`, field for field as Hugging Face PEFT writes it.
+//!
+//! Unknown keys that are switched off (null, false, empty) are accepted, since every PEFT
+//! release adds a few; an unknown or unsupported feature that is switched on is an error naming
+//! the field, so an adapter never silently loads as something else.
+
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// `target_modules` / `exclude_modules` / `layers_pattern`: a list of names or one regex.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Targets {
+    List(Vec<String>),
+    Regex(String),
+}
+
+/// `layers_to_transform`: one index or a list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Layers {
+    One(usize),
+    Many(Vec<usize>),
+}
+
+/// `init_lora_weights`: true / false / a named scheme ("gaussian", …).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InitWeights {
+    Flag(bool),
+    Named(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterConfig {
+    pub peft_type: String,
+    #[serde(default)]
+    pub task_type: Option<String>,
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    #[serde(default = "default_r")]
+    pub r: usize,
+    #[serde(default = "default_alpha")]
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    #[serde(default)]
+    pub target_modules: Option<Targets>,
+    #[serde(default)]
+    pub exclude_modules: Option<Targets>,
+    #[serde(default)]
+    pub layers_to_transform: Option<Layers>,
+    #[serde(default)]
+    pub layers_pattern: Option<Targets>,
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default = "default_init")]
+    pub init_lora_weights: InitWeights,
+    #[serde(default = "default_bias")]
+    pub bias: String,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default)]
+    pub use_dora: bool,
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    pub inference_mode: bool,
+}
+
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    8.0
+}
+fn default_init() -> InitWeights {
+    InitWeights::Flag(true)
+}
+fn default_bias() -> String {
+    "none".into()
+}
+
+/// Keys petal reads; everything else in the file goes through `is_switched_on`.
+const KNOWN: &[&str] = &[
+    "peft_type",
+    "task_type",
+    "base_model_name_or_path",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "init_lora_weights",
+    "bias",
+    "fan_in_fan_out",
+    "use_dora",
+    "modules_to_save",
+    "inference_mode",
+];
+
+/// Informational keys whose values never change the computation.
+const INFORMATIONAL: &[&str] = &["peft_version", "revision", "auto_mapping", "megatron_core"];
+
+fn is_switched_on(v: &Value) -> bool {
+    match v {
+        Value::Bool(b) => *b,
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+        _ => false,
+    }
+}
+
+impl AdapterConfig {
+    /// A LoRA config with PEFT's defaults.
+    pub fn lora(r: usize, alpha: f64, targets: Targets) -> Self {
+        AdapterConfig {
+            peft_type: "LORA".into(),
+            task_type: Some("CAUSAL_LM".into()),
+            base_model_name_or_path: None,
+            r,
+            lora_alpha: alpha,
+            lora_dropout: 0.0,
+            target_modules: Some(targets),
+            exclude_modules: None,
+            layers_to_transform: None,
+            layers_pattern: None,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            use_rslora: false,
+            init_lora_weights: InitWeights::Flag(true),
+            bias: "none".into(),
+            fan_in_fan_out: false,
+            use_dora: false,
+            modules_to_save: None,
+            inference_mode: false,
+        }
+    }
+
+    /// Parse adapter_config.json text; `file` names the source in errors.
+    pub fn from_json(text: &str, file: &str) -> Result<Self> {
+        let raw: Value = serde_json::from_str(text)
+            .map_err(|e| Error::config(file, "(json)", format!("not valid JSON: {e}")))?;
+        let obj = raw
+            .as_object()
+            .ok_or_else(|| Error::config(file, "(json)", "expected a JSON object"))?;
+        for (k, v) in obj {
+            if !KNOWN.contains(&k.as_str())
+                && !INFORMATIONAL.contains(&k.as_str())
+                && is_switched_on(v)
+            {
+                return Err(Error::config(
+                    file,
+                    k,
+                    format!("PEFT feature `{k}` = {v} is not supported by petal"),
+                ));
+            }
+        }
+        let cfg: AdapterConfig = serde_json::from_value(raw.clone())
+            .map_err(|e| Error::config(file, "(schema)", e.to_string()))?;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    pub fn to_json(&self) -> Result<String> {
+        let mut v = serde_json::to_value(self).map_err(|e| Error::msg(e.to_string()))?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert(
+                "peft_version".into(),
+                Value::String(format!("petal {}", env!("CARGO_PKG_VERSION"))),
+            );
+        }
+        serde_json::to_string_pretty(&v).map_err(|e| Error::msg(e.to_string()))
+    }
+
+    /// Refuse settings petal cannot honour, naming the field.
+    pub fn validate(&self, file: &str) -> Result<()> {
+        if crate::registry::method(&self.peft_type).is_none() {
+            let known: Vec<_> = crate::registry::METHODS
+                .iter()
+                .map(|m| m.peft_type())
+                .collect();
+            return Err(Error::config(
+                file,
+                "peft_type",
+                format!(
+                    "`{}` is not a method petal knows (known: {})",
+                    self.peft_type,
+                    known.join(", ")
+                ),
+            ));
+        }
+        let unsupported = |f: &str, v: String| {
+            Err(Error::config(
+                file,
+                f,
+                format!("{f} = {v} is not supported by petal yet"),
+            ))
+        };
+        if self.use_dora {
+            return unsupported("use_dora", "true".into());
+        }
+        if self.fan_in_fan_out {
+            return unsupported("fan_in_fan_out", "true".into());
+        }
+        if self.bias != "none" {
+            return unsupported("bias", format!("{:?}", self.bias));
+        }
+        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+            return unsupported("modules_to_save", format!("{:?}", self.modules_to_save));
+        }
+        match &self.init_lora_weights {
+            InitWeights::Flag(_) => {}
+            InitWeights::Named(n) if n == "gaussian" => {}
+            InitWeights::Named(n) => return unsupported("init_lora_weights", format!("{n:?}")),
+        }
+        if self.r == 0 {
+            return Err(Error::config(file, "r", "must be at least 1"));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(Error::config(file, "lora_dropout", "must be in [0, 1)"));
+        }
+        Ok(())
+    }
+
+    /// Rank for one module, honouring `rank_pattern` (keys match as `(.*\.)?(key)$`).
+    pub fn rank_for(&self, path: &str) -> usize {
+        crate::target::pattern_value(&self.rank_pattern, path).unwrap_or(self.r)
+    }
+
+    /// Alpha for one module, honouring `alpha_pattern`.
+    pub fn alpha_for(&self, path: &str) -> f64 {
+        crate::target::pattern_value(&self.alpha_pattern, path).unwrap_or(self.lora_alpha)
+    }
+
+    /// LoRA scaling for one module: alpha/r, or alpha/sqrt(r) with rsLoRA.
+    pub fn scaling_for(&self, path: &str) -> f64 {
+        let r = self.rank_for(path) as f64;
+        let a = self.alpha_for(path);
+        if self.use_rslora {
+            a / r.sqrt()
+        } else {
+            a / r
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Attaching a named adapter to every targeted linear of a model, and counting parameters.
+
+use crate::adapter::BaseLinear;
+use crate::config::AdapterConfig;
+use crate::linear::AdaptableLinear;
+use crate::{registry, rng, target, Error, Result};
+use candle_core::Var;
+
+/// What a model exposes to the adapter machinery: its linears, by HF module path.
+pub trait Adaptable {
+    fn linears(&self) -> Vec<&AdaptableLinear>;
+    fn linears_mut(&mut self) -> Vec<&mut AdaptableLinear>;
+    /// HF path of the output head (`all-linear` skips it).
+    fn output_head(&self) -> Option<&str> {
+        Some("lm_head")
+    }
+    /// Parameters of the base model, counted once even where weights are tied.
+    fn base_param_count(&self) -> usize;
+}
+
+/// One row of the injection report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Injected {
+    pub path: String,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub params: usize,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InjectionReport {
+    pub adapter: String,
+    pub peft_type: String,
+    pub modules: Vec<Injected>,
+}
+
+impl InjectionReport {
+    pub fn params(&self) -> usize {
+        self.modules.iter().map(|m| m.params).sum()
+    }
+}
+
+/// Attach adapter `name` built from `cfg` to every linear `cfg` targets, and make it active.
+pub fn inject_adapter(
+    model: &mut dyn Adaptable,
+    name: &str,
+    cfg: &AdapterConfig,
+    seed: u64,
+) -> Result<InjectionReport> {
+    cfg.validate("adapter config")?;
+    let method = registry::method(&cfg.peft_type)
+        .ok_or_else(|| Error::Unsupported(format!("unknown peft_type `{}`", cfg.peft_type)))?;
+    let head = model.output_head().map(str::to_string);
+    let mut modules = Vec::new();
+    for (i, lin) in model.linears_mut().into_iter().enumerate() {
+        let path = lin.path().to_string();
+        if !target::is_target(cfg, &path, head.as_deref() == Some(path.as_str())) {
+            continue;
+        }
+        let base = BaseLinear {
+            weight: lin.weight(),
+            in_features: lin.in_features(),
+            out_features: lin.out_features(),
+        };
+        let layer = method.build(
+            cfg,
+            &path,
+            &base,
+            rng::splitmix(seed ^ rng::splitmix(i as u64)),
+        )?;
+        let params = layer
+            .tensors()
+            .iter()
+            .map(|t| t.var.as_tensor().elem_count())
+            .sum();
+        modules.push(Injected {
+            path: path.clone(),
+            in_features: lin.in_features(),
+            out_features: lin.out_features(),
+            params,
+        });
+        lin.add_adapter(name, layer)?;
+        let mut active: Vec<String> = lin.active().to_vec();
+        active.push(name.to_string());
+        lin.set_active(&active.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    if modules.is_empty() {
+        return Err(Error::msg(format!(
+            "target_modules {:?} matched no linear layer of the model (its linears end in: {})",
+            cfg.target_modules,
+            linear_suffixes(model).join(", ")
+        )));
+    }
+    Ok(InjectionReport {
+        adapter: name.to_string(),
+        peft_type: cfg.peft_type.clone(),
+        modules,
+    })
+}
+
+fn linear_suffixes(model: &dyn Adaptable) -> Vec<String> {
+    let mut v: Vec<String> = model
+        .linears()
+        .iter()
+        .map(|l| l.path().rsplit('.').next().unwrap_or("").to_string())
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Make only `names` active on every module.
+pub fn set_active(model: &mut dyn Adaptable, names: &[&str]) {
+    for l in model.linears_mut() {
+        l.set_active(names);
+    }
+}
+
+/// All trainable variables of adapter `name`, in module order (the optimizer's list).
+pub fn adapter_vars(model: &dyn Adaptable, name: &str) -> Vec<Var> {
+    model
+        .linears()
+        .iter()
+        .filter_map(|l| l.layer(name))
+        .flat_map(|l| l.vars())
+        .collect()
+}
+
+/// PEFT's `print_trainable_parameters`: trainable (the active adapters) vs all parameters.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct ParamCount {
+    pub trainable: usize,
+    pub total: usize,
+}
+
+impl ParamCount {
+    pub fn of(model: &dyn Adaptable) -> Self {
+        let mut trainable = 0;
+        let mut adapters = 0;
+        for l in model.linears() {
+            for n in l.adapter_names() {
+                let c: usize = l
+                    .layer(n)
+                    .map(|a| {
+                        a.tensors()
+                            .iter()
+                            .map(|t| t.var.as_tensor().elem_count())
+                            .sum()
+                    })
+                    .unwrap_or(0);
+                adapters += c;
+                if l.active().iter().any(|a| a == n) {
+                    trainable += c;
+                }
+            }
+        }
+        ParamCount {
+            trainable,
+            total: model.base_param_count() + adapters,
+        }
+    }
+
+    pub fn percent(&self) -> f64 {
+        100.0 * self.trainable as f64 / self.total.max(1) as f64
+    }
+}
+
+impl std::fmt::Display for ParamCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "trainable params: {} || all params: {} || trainable%: {:.4}",
+            self.trainable,
+            self.total,
+            self.percent()
+        )
+    }
+}

@@ -1,0 +1,21 @@
+//! petal-core: the adapter API shared by every PEFT method.
+//!
+//! A model builds each projection as an [`AdaptableLinear`]; methods attach [`AdapterLayer`]s to
+//! them through [`inject::inject_adapter`], driven by a PEFT-format [`AdapterConfig`]. Merge,
+//! unmerge and safe-merge live once in `linear.rs`, from each method's [`WeightUpdate`].
+
+pub mod adapter;
+pub mod config;
+pub mod error;
+pub mod inject;
+pub mod linear;
+pub mod methods;
+pub mod registry;
+pub mod rng;
+pub mod target;
+
+pub use adapter::{AdapterLayer, AdapterMethod, NamedTensor, WeightUpdate};
+pub use config::AdapterConfig;
+pub use error::{Error, Result};
+pub use inject::{inject_adapter, Adaptable, InjectionReport, ParamCount};
+pub use linear::AdaptableLinear;

@@ -1,0 +1,204 @@
+//! `AdaptableLinear`: a frozen linear with named adapters. Merge, unmerge and safe-merge are
+//! written here once, for every method, from its `WeightUpdate`.
+
+use crate::adapter::{AdapterLayer, WeightUpdate};
+use crate::{Error, Result};
+use candle_core::{DType, Tensor};
+
+#[derive(Debug)]
+pub struct AdaptableLinear {
+    path: String,
+    weight: Tensor, // (out, in), frozen; holds merged updates while any are merged
+    bias: Option<Tensor>,
+    adapters: Vec<(String, Box<dyn AdapterLayer>)>,
+    active: Vec<String>,
+    merged: Vec<(String, WeightUpdate)>, // a stack: unmerge pops in reverse
+    disabled: bool,
+}
+
+impl AdaptableLinear {
+    pub fn new(path: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
+        AdaptableLinear {
+            path: path.into(),
+            weight,
+            bias,
+            adapters: Vec::new(),
+            active: Vec::new(),
+            merged: Vec::new(),
+            disabled: false,
+        }
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// y = x W^T + b, then each active, unmerged adapter in order.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut y = petal_ops::frozen_linear(x, &self.weight, self.bias.as_ref())?;
+        if self.disabled {
+            return Ok(y);
+        }
+        for name in &self.active {
+            if self.merged.iter().any(|(m, _)| m == name) {
+                continue;
+            }
+            if let Some(layer) = self.layer(name) {
+                y = layer.forward(x, y, train)?;
+            }
+        }
+        Ok(y)
+    }
+
+    pub fn add_adapter(&mut self, name: &str, layer: Box<dyn AdapterLayer>) -> Result<()> {
+        if self.layer(name).is_some() {
+            return Err(Error::msg(format!(
+                "{}: adapter `{name}` already exists",
+                self.path
+            )));
+        }
+        self.adapters.push((name.to_string(), layer));
+        Ok(())
+    }
+
+    pub fn layer(&self, name: &str) -> Option<&dyn AdapterLayer> {
+        self.adapters
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, l)| l.as_ref())
+    }
+
+    pub fn adapter_names(&self) -> Vec<&str> {
+        self.adapters.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// Make exactly these adapters active (those this module lacks are skipped).
+    pub fn set_active(&mut self, names: &[&str]) {
+        self.active = names
+            .iter()
+            .filter(|n| self.layer(n).is_some())
+            .map(|n| n.to_string())
+            .collect();
+    }
+
+    pub fn active(&self) -> &[String] {
+        &self.active
+    }
+
+    /// Disable (or re-enable) all adapters; disabling unmerges first so W is the base again.
+    pub fn set_disabled(&mut self, disabled: bool) -> Result<()> {
+        if disabled {
+            while !self.merged.is_empty() {
+                self.unmerge()?;
+            }
+        }
+        self.disabled = disabled;
+        Ok(())
+    }
+
+    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        if self.merged.iter().any(|(m, _)| m == name) {
+            return Err(Error::msg(format!(
+                "{}: unmerge adapter `{name}` before deleting it",
+                self.path
+            )));
+        }
+        self.adapters.retain(|(n, _)| n != name);
+        self.active.retain(|n| n != name);
+        Ok(())
+    }
+
+    pub fn merged_names(&self) -> Vec<&str> {
+        self.merged.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// Fold adapter `name` into W. With `safe`, refuse (and keep W) if the result is not finite.
+    /// Merging an already merged adapter is a no-op (returns false).
+    pub fn merge(&mut self, name: &str, safe: bool) -> Result<bool> {
+        if self.merged.iter().any(|(m, _)| m == name) {
+            return Ok(false);
+        }
+        let layer = self
+            .layer(name)
+            .ok_or_else(|| Error::msg(format!("{}: no adapter `{name}`", self.path)))?;
+        let upd = layer.weight_update()?;
+        let w = apply(&self.weight, &upd)?;
+        if safe && !is_finite(&w)? {
+            return Err(Error::msg(format!(
+                "{}: merging adapter `{name}` gives non-finite weights; nothing was changed",
+                self.path
+            )));
+        }
+        self.weight = w;
+        self.merged.push((name.to_string(), upd));
+        Ok(true)
+    }
+
+    /// Undo the most recent merge (exactly inverting its update).
+    pub fn unmerge(&mut self) -> Result<Option<String>> {
+        let Some((name, upd)) = self.merged.pop() else {
+            return Ok(None);
+        };
+        self.weight = invert(&self.weight, &upd)?;
+        Ok(Some(name))
+    }
+
+    /// Merge permanently and drop all adapters: the module becomes a plain linear again.
+    pub fn merge_and_unload(&mut self, names: &[&str]) -> Result<()> {
+        for n in names {
+            if self.layer(n).is_some() {
+                self.merge(n, true)?;
+            }
+        }
+        self.merged.clear();
+        self.adapters.clear();
+        self.active.clear();
+        Ok(())
+    }
+}
+
+fn is_finite(t: &Tensor) -> Result<bool> {
+    let s = t.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    Ok(s.is_finite())
+}
+
+/// W' from W and an update, computed in f32 and returned in W's dtype.
+pub fn apply(w: &Tensor, upd: &WeightUpdate) -> Result<Tensor> {
+    let dt = w.dtype();
+    let wf = w.to_dtype(DType::F32)?;
+    let out = match upd {
+        WeightUpdate::Add(d) => (wf + d.to_dtype(DType::F32)?)?,
+        // W' = (R W^T)^T * s = W R^T * s
+        WeightUpdate::Rotate { r, s } => wf
+            .matmul(&r.to_dtype(DType::F32)?.t()?)?
+            .broadcast_mul(&s.to_dtype(DType::F32)?)?,
+        WeightUpdate::Scale(l) => wf.broadcast_mul(&l.to_dtype(DType::F32)?)?,
+    };
+    Ok(out.to_dtype(dt)?)
+}
+
+/// The exact inverse of `apply`: W = W' - dW; W = (W' / s) R; W = W' / l.
+pub fn invert(w: &Tensor, upd: &WeightUpdate) -> Result<Tensor> {
+    let dt = w.dtype();
+    let wf = w.to_dtype(DType::F32)?;
+    let out = match upd {
+        WeightUpdate::Add(d) => (wf - d.to_dtype(DType::F32)?)?,
+        WeightUpdate::Rotate { r, s } => wf
+            .broadcast_div(&s.to_dtype(DType::F32)?)?
+            .matmul(&r.to_dtype(DType::F32)?)?,
+        WeightUpdate::Scale(l) => wf.broadcast_div(&l.to_dtype(DType::F32)?)?,
+    };
+    Ok(out.to_dtype(dt)?)
+}

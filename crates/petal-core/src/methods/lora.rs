@@ -1,0 +1,176 @@
+//! LoRA (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models"), with rsLoRA
+//! scaling (Kalajdzievski, 2023). Mirrors PEFT `tuners/lora/layer.py` (`Linear`).
+//!
+//! `W' = W + s * B A`, `s = alpha / r` (rsLoRA: `alpha / sqrt(r)`), A (r, in), B (out, r).
+//! Forward: `y + s * B(A(dropout(x)))`, never materialising dW.
+//! Init (PEFT `reset_lora_parameters`): A kaiming-uniform with a = sqrt(5), i.e.
+//! U(-1/sqrt(in), 1/sqrt(in)), B = 0; "gaussian": A ~ N(0, 1/r), B = 0; `false`: both
+//! kaiming-uniform (nn.Linear's default), so the adapter is non-zero from the start.
+//! Saved as `lora_A.weight` (r, in) and `lora_B.weight` (out, r), in f32.
+
+use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, WeightUpdate};
+use crate::config::{AdapterConfig, InitWeights};
+use crate::{rng, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::distributions::Distribution;
+use rand::{Rng, SeedableRng};
+
+pub const LORA_A: &str = "lora_A.weight";
+pub const LORA_B: &str = "lora_B.weight";
+
+pub struct Lora;
+
+#[derive(Debug)]
+pub struct LoraLayer {
+    pub a: Var, // (r, in)
+    pub b: Var, // (out, r)
+    pub scaling: f64,
+    pub dropout: f64,
+}
+
+fn uniform(shape: (usize, usize), bound: f64, rng: &mut impl Rng, dev: &Device) -> Result<Tensor> {
+    let v: Vec<f32> = (0..shape.0 * shape.1)
+        .map(|_| rng.gen_range(-bound..bound) as f32)
+        .collect();
+    Ok(Tensor::from_vec(v, shape, dev)?)
+}
+
+impl AdapterMethod for Lora {
+    fn peft_type(&self) -> &'static str {
+        "LORA"
+    }
+
+    fn build(
+        &self,
+        cfg: &AdapterConfig,
+        path: &str,
+        base: &BaseLinear,
+        seed: u64,
+    ) -> Result<Box<dyn AdapterLayer>> {
+        let r = cfg.rank_for(path);
+        let (inp, out) = (base.in_features, base.out_features);
+        let dev = base.weight.device();
+        let mut g = rand::rngs::StdRng::seed_from_u64(seed);
+        let (a, b) = match &cfg.init_lora_weights {
+            InitWeights::Named(n) if n == "gaussian" => {
+                let normal = rand::distributions::Uniform::new(0.0f64, 1.0);
+                // Box-Muller for N(0, 1/r) without another dependency.
+                let std = 1.0 / r as f64;
+                let v: Vec<f32> = (0..r * inp)
+                    .map(|_| {
+                        let (u1, u2): (f64, f64) =
+                            (normal.sample(&mut g).max(1e-12), normal.sample(&mut g));
+                        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std)
+                            as f32
+                    })
+                    .collect();
+                (
+                    Tensor::from_vec(v, (r, inp), dev)?,
+                    Tensor::zeros((out, r), DType::F32, dev)?,
+                )
+            }
+            InitWeights::Flag(false) => (
+                uniform((r, inp), 1.0 / (inp as f64).sqrt(), &mut g, dev)?,
+                uniform((out, r), 1.0 / (r as f64).sqrt(), &mut g, dev)?,
+            ),
+            _ => (
+                uniform((r, inp), 1.0 / (inp as f64).sqrt(), &mut g, dev)?,
+                Tensor::zeros((out, r), DType::F32, dev)?,
+            ),
+        };
+        Ok(Box::new(LoraLayer {
+            a: Var::from_tensor(&a)?,
+            b: Var::from_tensor(&b)?,
+            scaling: cfg.scaling_for(path),
+            dropout: cfg.lora_dropout,
+        }))
+    }
+}
+
+/// Inverted dropout with a mask drawn from petal's per-step generator (see `rng`).
+pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
+    let mut g = rand::rngs::StdRng::seed_from_u64(rng::next_seed());
+    let n = x.elem_count();
+    let keep = 1.0 / (1.0 - p);
+    let m: Vec<f32> = (0..n)
+        .map(|_| if g.gen::<f64>() < p { 0.0 } else { keep as f32 })
+        .collect();
+    let mask = Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok(x.mul(&mask)?)
+}
+
+impl AdapterLayer for LoraLayer {
+    fn forward(&self, x: &Tensor, y: Tensor, train: bool) -> Result<Tensor> {
+        let xf = x.to_dtype(DType::F32)?;
+        let xf = if train && self.dropout > 0.0 {
+            dropout(&xf, self.dropout)?
+        } else {
+            xf
+        };
+        let h = xf.broadcast_matmul(&self.a.as_tensor().t()?)?; // (.., r)
+        let d = h.broadcast_matmul(&self.b.as_tensor().t()?)?; // (.., out)
+        let d = (d * self.scaling)?.to_dtype(y.dtype())?;
+        Ok((y + d)?)
+    }
+
+    fn weight_update(&self) -> Result<WeightUpdate> {
+        let dw = (self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling)?;
+        Ok(WeightUpdate::Add(dw))
+    }
+
+    fn tensors(&self) -> Vec<NamedTensor<'_>> {
+        vec![
+            NamedTensor {
+                name: LORA_A,
+                var: &self.a,
+            },
+            NamedTensor {
+                name: LORA_B,
+                var: &self.b,
+            },
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Targets;
+
+    #[test]
+    fn default_init_draws_a_within_the_kaiming_bound_and_zeroes_b() {
+        let w = Tensor::zeros((6, 16), DType::F32, &Device::Cpu).unwrap();
+        let base = BaseLinear {
+            weight: &w,
+            in_features: 16,
+            out_features: 6,
+        };
+        let cfg = AdapterConfig::lora(4, 8.0, Targets::List(vec!["x".into()]));
+        let l = Lora.build(&cfg, "x", &base, 3).unwrap();
+        let t = l.tensors();
+        let a = t[0]
+            .var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = t[1]
+            .var
+            .as_tensor()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let bound = 1.0 / 4.0; // 1/sqrt(16)
+        assert!(a.iter().all(|v| v.abs() <= bound));
+        let spread = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(
+            spread > 0.8 * bound,
+            "A should fill its range, max |a| = {spread}"
+        );
+        assert_eq!(b, 0.0);
+    }
+}

@@ -1,0 +1,14 @@
+//! The method registry: one line per method.
+
+use crate::adapter::AdapterMethod;
+use crate::methods;
+
+pub static METHODS: &[&dyn AdapterMethod] = &[&methods::lora::Lora];
+
+/// Look a method up by its PEFT `peft_type` (case-insensitive: "LORA", "lora").
+pub fn method(peft_type: &str) -> Option<&'static dyn AdapterMethod> {
+    METHODS
+        .iter()
+        .copied()
+        .find(|m| m.peft_type().eq_ignore_ascii_case(peft_type))
+}

@@ -1,0 +1,15 @@
+//! petal-data: tokenizers, chat templates, JSONL/text readers, loss masks, packing, batching.
+//! Stands alone: no tensor library, only token ids and labels.
+
+pub mod dataset;
+pub mod error;
+pub mod template;
+pub mod tokenizer;
+
+pub use dataset::{batches, load_examples, split, Batch, DataOptions, Example};
+pub use error::{DataError, Result};
+pub use template::ChatTemplate;
+pub use tokenizer::Tokenizer;
+
+/// Label of a position that carries no loss (transformers' ignore index).
+pub const IGNORE: i64 = -100;

@@ -1,0 +1,189 @@
+//! A Hugging Face tokenizer plus what the model needs around it: BOS/EOS, whether BOS is added,
+//! and the chat template. Built from `tokenizer.json` + `tokenizer_config.json`, or from GGUF
+//! metadata (gpt2-style byte-level BPE).
+
+use crate::{ChatTemplate, DataError, Result};
+use std::path::Path;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, PreTokenizerWrapper};
+
+pub struct Tokenizer {
+    pub inner: tokenizers::Tokenizer,
+    pub bos_id: Option<u32>,
+    pub eos_id: Option<u32>,
+    pub add_bos: bool,
+    pub chat_template: Option<ChatTemplate>,
+}
+
+fn terr(e: impl std::fmt::Display) -> DataError {
+    DataError::Tokenizer(e.to_string())
+}
+
+/// Parts of a byte-level BPE tokenizer as GGUF stores them.
+pub struct BpeParts {
+    pub tokens: Vec<String>,
+    pub merges: Vec<String>,
+    pub token_types: Vec<i32>, // 3 = control (special)
+    pub bos_id: Option<u32>,
+    pub eos_id: Option<u32>,
+    pub add_bos: bool,
+    pub pre: String, // llama.cpp pre-tokenizer name ("smollm", "gpt2", …)
+    pub chat_template: Option<String>,
+}
+
+impl Tokenizer {
+    pub fn from_hf_folder(dir: &Path) -> Result<Self> {
+        let tj = dir.join("tokenizer.json");
+        if !tj.exists() {
+            return Err(DataError::Msg(format!("{}: file not found", tj.display())));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&tj)
+            .map_err(|e| terr(format!("{}: {e}", tj.display())))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
+            Ok(t) => serde_json::from_str(&t).map_err(|e| {
+                DataError::Msg(format!("{}: not valid JSON: {e}", cfg_path.display()))
+            })?,
+            Err(_) => serde_json::Value::Null,
+        };
+        let tok_str = |k: &str| -> Option<String> {
+            match cfg.get(k)? {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Object(o) => o.get("content")?.as_str().map(String::from),
+                _ => None,
+            }
+        };
+        let bos = tok_str("bos_token");
+        let eos = tok_str("eos_token");
+        let bos_id = bos.as_deref().and_then(|t| inner.token_to_id(t));
+        let eos_id = eos.as_deref().and_then(|t| inner.token_to_id(t));
+        let mut template = cfg
+            .get("chat_template")
+            .and_then(|v| v.as_str())
+            .map(String::from);
+        let jinja = dir.join("chat_template.jinja");
+        if template.is_none() && jinja.exists() {
+            template = std::fs::read_to_string(&jinja).ok();
+        }
+        let chat_template = template
+            .map(|t| ChatTemplate::new(&t, bos.unwrap_or_default(), eos.unwrap_or_default()))
+            .transpose()?;
+        let add_bos = cfg
+            .get("add_bos_token")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        Ok(Tokenizer {
+            inner,
+            bos_id,
+            eos_id,
+            add_bos,
+            chat_template,
+        })
+    }
+
+    pub fn from_bpe_parts(p: BpeParts) -> Result<Self> {
+        let vocab: tokenizers::models::bpe::Vocab = p
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let merges: Vec<(String, String)> = p
+            .merges
+            .iter()
+            .filter_map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            })
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(terr)?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let byte_level = ByteLevel::new(false, true, true);
+        let pre: PreTokenizerWrapper = match p.pre.as_str() {
+            // SmolLM's tokenizer.json: Digits(individual) then ByteLevel.
+            "smollm" | "starcoder" | "refact" => {
+                Sequence::new(vec![Digits::new(true).into(), byte_level.clone().into()]).into()
+            }
+            "gpt2" | "default" | "" => byte_level.clone().into(),
+            other => {
+                return Err(terr(format!(
+                    "GGUF pre-tokenizer `{other}` is not supported"
+                )))
+            }
+        };
+        inner.with_pre_tokenizer(Some(pre));
+        inner.with_decoder(Some(ByteLevel::default()));
+        let specials: Vec<AddedToken> = p
+            .token_types
+            .iter()
+            .enumerate()
+            .filter(|(_, &ty)| ty == 3)
+            .map(|(i, _)| AddedToken::from(p.tokens[i].clone(), true))
+            .collect();
+        inner.add_special_tokens(&specials);
+        let name = |id: Option<u32>| {
+            id.and_then(|i| p.tokens.get(i as usize).cloned())
+                .unwrap_or_default()
+        };
+        let chat_template = p
+            .chat_template
+            .map(|t| ChatTemplate::new(&t, name(p.bos_id), name(p.eos_id)))
+            .transpose()?;
+        Ok(Tokenizer {
+            inner,
+            bos_id: p.bos_id,
+            eos_id: p.eos_id,
+            add_bos: p.add_bos,
+            chat_template,
+        })
+    }
+
+    /// Token ids of `text`; BOS first when the model adds one and `add_special` is set.
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(terr)?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if add_special && self.add_bos {
+            ids.extend(self.bos_id);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// Ids with each token's byte offsets into `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc = self.inner.encode(text, false).map_err(terr)?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special).map_err(terr)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Write tokenizer.json and tokenizer_config.json (for exported model folders).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let tj = dir.join("tokenizer.json");
+        self.inner.save(&tj, false).map_err(terr)?;
+        let name = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i));
+        let cfg = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": name(self.bos_id),
+            "eos_token": name(self.eos_id),
+            "add_bos_token": self.add_bos,
+            "chat_template": self.chat_template.as_ref().map(|t| t.source.clone()),
+            "model_max_length": 8192,
+        });
+        let p = dir.join("tokenizer_config.json");
+        std::fs::write(&p, serde_json::to_string_pretty(&cfg).unwrap_or_default())
+            .map_err(|e| DataError::Io { path: p, source: e })
+    }
+}

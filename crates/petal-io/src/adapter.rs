@@ -1,0 +1,128 @@
+//! PEFT adapter folders: `adapter_config.json` + `adapter_model.safetensors`, keys
+//! `base_model.model.<module path>.<tensor>` with the adapter name stripped.
+
+use crate::{write_atomic, write_safetensors_atomic};
+use candle_core::{Device, Tensor};
+use petal_core::{inject_adapter, Adaptable, AdapterConfig, Error, InjectionReport, Result};
+use std::collections::HashMap;
+use std::path::Path;
+
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+pub const KEY_PREFIX: &str = "base_model.model.";
+
+/// Write an adapter folder. `tensors` maps module-relative names
+/// ("model.layers.0.self_attn.q_proj.lora_A.weight") to tensors.
+pub fn save_adapter(
+    dir: &Path,
+    cfg: &AdapterConfig,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let keyed: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, t)| (format!("{KEY_PREFIX}{k}"), t.clone()))
+        .collect();
+    write_safetensors_atomic(&dir.join(ADAPTER_WEIGHTS), &keyed)?;
+    write_atomic(&dir.join(ADAPTER_CONFIG), cfg.to_json()?.as_bytes())
+}
+
+/// Read an adapter folder: its config and tensors keyed by module-relative names.
+pub fn load_adapter(
+    dir: &Path,
+    device: &Device,
+) -> Result<(AdapterConfig, HashMap<String, Tensor>)> {
+    let cfg_path = dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let cfg = AdapterConfig::from_json(&text, &cfg_path.display().to_string())?;
+    let w_path = dir.join(ADAPTER_WEIGHTS);
+    if !w_path.exists() {
+        return Err(Error::msg(format!("{}: file not found", w_path.display())));
+    }
+    let raw = candle_core::safetensors::load(&w_path, device).map_err(|e| {
+        Error::msg(format!(
+            "{}: not a valid safetensors file: {e}",
+            w_path.display()
+        ))
+    })?;
+    let mut out = HashMap::new();
+    for (k, t) in raw {
+        let key = k.strip_prefix(KEY_PREFIX).unwrap_or(&k).to_string();
+        out.insert(key, t);
+    }
+    Ok((cfg, out))
+}
+
+/// Tensors of adapter `name` under module-relative PEFT names.
+pub fn adapter_tensors(model: &dyn Adaptable, name: &str) -> HashMap<String, Tensor> {
+    let mut out = HashMap::new();
+    for lin in model.linears() {
+        if let Some(layer) = lin.layer(name) {
+            for t in layer.tensors() {
+                out.insert(
+                    format!("{}.{}", lin.path(), t.name),
+                    t.var.as_tensor().clone(),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Save adapter `name` of `model` as a PEFT folder.
+pub fn save_model_adapter(
+    model: &dyn Adaptable,
+    name: &str,
+    cfg: &AdapterConfig,
+    dir: &Path,
+) -> Result<()> {
+    save_adapter(dir, cfg, &adapter_tensors(model, name))
+}
+
+/// Load a PEFT adapter folder into `model` as adapter `name` (made active). Every tensor in the
+/// file must land on a module, with the shape the module expects.
+pub fn attach_adapter(
+    model: &mut dyn Adaptable,
+    dir: &Path,
+    name: &str,
+) -> Result<(AdapterConfig, InjectionReport)> {
+    let device = model
+        .linears()
+        .first()
+        .map(|l| l.weight().device().clone())
+        .unwrap_or(Device::Cpu);
+    let (cfg, mut tensors) = load_adapter(dir, &device)?;
+    let report = inject_adapter(model, name, &cfg, 0)?;
+    let file = dir.join(ADAPTER_WEIGHTS);
+    for lin in model.linears() {
+        let Some(layer) = lin.layer(name) else {
+            continue;
+        };
+        for t in layer.tensors() {
+            let key = format!("{}.{}", lin.path(), t.name);
+            let src = tensors.remove(&key).ok_or_else(|| {
+                Error::msg(format!(
+                    "{}: tensor `{KEY_PREFIX}{key}` is missing (the config targets this module)",
+                    file.display()
+                ))
+            })?;
+            let want = t.var.as_tensor().dims();
+            if src.dims() != want {
+                return Err(Error::Shape {
+                    tensor: format!("{KEY_PREFIX}{key}"),
+                    expected: want.to_vec(),
+                    found: src.dims().to_vec(),
+                });
+            }
+            t.var.set(&src.to_dtype(t.var.as_tensor().dtype())?)?;
+        }
+    }
+    if let Some(k) = tensors.keys().min() {
+        return Err(Error::msg(format!(
+            "{}: tensor `{KEY_PREFIX}{k}` matches no adapted module of the model ({} unused tensors)",
+            file.display(),
+            tensors.len()
+        )));
+    }
+    Ok((cfg, report))
+}

@@ -1,0 +1,164 @@
+//! GGUF files of the llama architecture: metadata, and tensors dequantized and renamed to the
+//! Hugging Face layout (mapping and Q/K un-permute as in ../shared/ASSETS.md).
+
+use crate::Weights;
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use petal_core::{Error, Result};
+use std::collections::HashMap;
+use std::path::Path;
+
+pub use gguf_file::Value;
+
+pub struct Gguf {
+    pub metadata: HashMap<String, Value>,
+    pub weights: Weights,
+}
+
+/// GGUF tensor name -> HF name.
+pub fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (n, tail) = rest.split_once('.')?;
+    let hf = match tail {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "attn_q.bias" => "self_attn.q_proj.bias",
+        "attn_k.bias" => "self_attn.k_proj.bias",
+        "attn_v.bias" => "self_attn.v_proj.bias",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{n}.{hf}"))
+}
+
+/// Undo llama.cpp's interleaved-RoPE permutation of q/k rows: W (out, in) ->
+/// W.reshape(heads, d/2, 2, in).transpose(1, 2).reshape(out, in). Biases (out,) alike.
+pub fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let out = dims[0];
+    let rest: usize = dims[1..].iter().product();
+    let t = w
+        .reshape((heads, out / heads / 2, 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    Ok(t.reshape(dims)?)
+}
+
+pub fn meta_u64(md: &HashMap<String, Value>, key: &str) -> Option<u64> {
+    let v = md.get(key)?;
+    v.to_u64()
+        .ok()
+        .or_else(|| v.to_u32().ok().map(u64::from))
+        .or_else(|| v.to_i32().ok().map(|x| x as u64))
+}
+
+pub fn meta_f64(md: &HashMap<String, Value>, key: &str) -> Option<f64> {
+    let v = md.get(key)?;
+    v.to_f32().ok().map(f64::from).or_else(|| v.to_f64().ok())
+}
+
+pub fn meta_str<'a>(md: &'a HashMap<String, Value>, key: &str) -> Option<&'a str> {
+    md.get(key)?.to_string().ok().map(String::as_str)
+}
+
+/// Read a llama-architecture GGUF: every tensor dequantized to f32 and renamed.
+pub fn read(path: &Path) -> Result<Gguf> {
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let content = gguf_file::Content::read(&mut f)
+        .map_err(|e| Error::msg(format!("{}: not a valid GGUF file: {e}", path.display())))?;
+    let arch = meta_str(&content.metadata, "general.architecture")
+        .unwrap_or("?")
+        .to_string();
+    if arch != "llama" {
+        return Err(Error::Unsupported(format!(
+            "{}: GGUF architecture `{arch}` is not supported (petal reads `llama`)",
+            path.display()
+        )));
+    }
+    let heads = meta_u64(&content.metadata, "llama.attention.head_count").ok_or_else(|| {
+        Error::config(
+            path.display().to_string(),
+            "llama.attention.head_count",
+            "missing",
+        )
+    })? as usize;
+    let kv_heads = meta_u64(&content.metadata, "llama.attention.head_count_kv")
+        .map(|v| v as usize)
+        .unwrap_or(heads);
+    let mut map = HashMap::new();
+    for name in content.tensor_infos.keys() {
+        let Some(hf) = hf_name(name) else { continue };
+        let q = content
+            .tensor(&mut f, name, &Device::Cpu)
+            .map_err(|e| Error::msg(format!("{}: tensor `{name}`: {e}", path.display())))?;
+        let mut t = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
+        if name.contains("attn_q.") {
+            t = unpermute(&t, heads)?;
+        } else if name.contains("attn_k.") {
+            t = unpermute(&t, kv_heads)?;
+        }
+        map.insert(hf, t);
+    }
+    Ok(Gguf {
+        metadata: content.metadata,
+        weights: Weights::Map(map),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_interleaving() {
+        // llama.cpp permute: w.reshape(h, 2, d/2, in).swapaxes(1, 2).reshape(out, in)
+        let (h, d, inp) = (2usize, 4usize, 3usize);
+        let w = Tensor::arange(0f32, (h * d * inp) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((h * d, inp))
+            .unwrap();
+        let permuted = w
+            .reshape((h, 2, d / 2, inp))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((h * d, inp))
+            .unwrap();
+        let back = unpermute(&permuted, h).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+    }
+
+    #[test]
+    fn gguf_names_map_to_hugging_face_names() {
+        assert_eq!(
+            hf_name("blk.7.attn_output.weight").unwrap(),
+            "model.layers.7.self_attn.o_proj.weight"
+        );
+        assert_eq!(
+            hf_name("token_embd.weight").unwrap(),
+            "model.embed_tokens.weight"
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_down.weight").unwrap(),
+            "model.layers.0.mlp.down_proj.weight"
+        );
+        assert!(hf_name("rope_freqs.weight").is_none());
+    }
+}

@@ -1,0 +1,16 @@
+//! petal-io: files in and out. Safetensors (single or sharded, memory-mapped), GGUF (llama
+//! architecture, dequantized, renamed to HF names), PEFT adapter folders, atomic writes, and
+//! resolving a model argument (folder, .gguf file or hub id).
+
+pub mod adapter;
+pub mod atomic;
+pub mod gguf;
+pub mod hub;
+pub mod weights;
+
+pub use adapter::{
+    adapter_tensors, attach_adapter, load_adapter, save_adapter, save_model_adapter,
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX,
+};
+pub use atomic::{write_atomic, write_safetensors_atomic};
+pub use weights::Weights;

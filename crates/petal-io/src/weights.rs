@@ -1,0 +1,124 @@
+//! A read-only bag of named tensors: memory-mapped safetensors or an in-memory map (GGUF).
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use petal_core::{Error, Result};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub enum Weights {
+    Mmap {
+        st: MmapedSafetensors,
+        files: Vec<PathBuf>,
+        names: Vec<String>,
+    },
+    Map(HashMap<String, Tensor>),
+}
+
+impl Weights {
+    /// `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
+    pub fn from_hf_folder(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let files = if single.exists() {
+            vec![single]
+        } else if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::msg(format!("{}: not valid JSON: {e}", index.display())))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| {
+                    Error::config(
+                        index.display().to_string(),
+                        "weight_map",
+                        "missing or not an object",
+                    )
+                })?;
+            let mut f: Vec<String> = map
+                .values()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect();
+            f.sort();
+            f.dedup();
+            f.into_iter().map(|s| dir.join(s)).collect()
+        } else {
+            return Err(Error::msg(format!(
+                "{}: no model.safetensors or model.safetensors.index.json",
+                dir.display()
+            )));
+        };
+        Self::from_files(&files)
+    }
+
+    pub fn from_files(files: &[PathBuf]) -> Result<Self> {
+        for f in files {
+            if !f.exists() {
+                return Err(Error::msg(format!("{}: file not found", f.display())));
+            }
+        }
+        // SAFETY: the files are opened read-only; petal never writes to a file it has mapped
+        // (all writes go to a temp file renamed over the target).
+        let st = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| {
+            Error::msg(format!(
+                "{}: not a valid safetensors file: {e}",
+                files[0].display()
+            ))
+        })?;
+        let names = st.tensors().into_iter().map(|(n, _)| n).collect();
+        Ok(Weights::Mmap {
+            st,
+            files: files.to_vec(),
+            names,
+        })
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            Weights::Mmap { names, .. } => names.clone(),
+            Weights::Map(m) => m.keys().cloned().collect(),
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        match self {
+            Weights::Mmap { st, .. } => st.get(name).is_ok(),
+            Weights::Map(m) => m.contains_key(name),
+        }
+    }
+
+    /// Tensor `name` in `dtype` on `device`, checked against `shape` when given.
+    pub fn get(
+        &self,
+        name: &str,
+        shape: Option<&[usize]>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let t = match self {
+            Weights::Mmap { st, files, .. } => st.load(name, device).map_err(|_| {
+                Error::msg(format!(
+                    "tensor `{name}` is missing from {}",
+                    files[0].display()
+                ))
+            })?,
+            Weights::Map(m) => m
+                .get(name)
+                .ok_or_else(|| {
+                    Error::msg(format!("tensor `{name}` is missing from the model file"))
+                })?
+                .to_device(device)?,
+        };
+        if let Some(s) = shape {
+            if t.dims() != s {
+                return Err(Error::Shape {
+                    tensor: name.into(),
+                    expected: s.to_vec(),
+                    found: t.dims().to_vec(),
+                });
+            }
+        }
+        Ok(t.to_dtype(dtype)?)
+    }
+}

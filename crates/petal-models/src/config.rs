@@ -1,0 +1,305 @@
+//! Llama-family config from HF `config.json` (both dialects: `rope_theta`/`rope_scaling`/
+//! `torch_dtype`, and transformers 5's `rope_parameters`/`dtype`) or from GGUF metadata.
+
+use petal_core::{Error, Result};
+use petal_io::gguf::{meta_f64, meta_u64, Value as GgufValue};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::HashMap;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeScaling {
+    pub rope_type: String, // "default" | "llama3"
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub model_type: String, // llama | qwen2 | mistral
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub attention_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+}
+
+const SUPPORTED: &[&str] = &["llama", "qwen2", "mistral"];
+
+fn num(v: &Value, key: &str, file: &str) -> Result<f64> {
+    v.get(key)
+        .and_then(Value::as_f64)
+        .ok_or_else(|| Error::config(file, key, "missing or not a number"))
+}
+
+fn first_id(v: Option<&Value>) -> Option<u32> {
+    match v? {
+        Value::Number(n) => n.as_u64().map(|x| x as u32),
+        Value::Array(a) => a.first()?.as_u64().map(|x| x as u32),
+        _ => None,
+    }
+}
+
+impl LlamaConfig {
+    pub fn from_hf_json(text: &str, file: &str) -> Result<Self> {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| Error::config(file, "(json)", format!("not valid JSON: {e}")))?;
+        let mt = v
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        if !SUPPORTED.contains(&mt.as_str()) {
+            return Err(Error::config(
+                file,
+                "model_type",
+                format!(
+                    "`{mt}` is not supported (petal supports {})",
+                    SUPPORTED.join(", ")
+                ),
+            ));
+        }
+        let heads = num(&v, "num_attention_heads", file)? as usize;
+        let hidden = num(&v, "hidden_size", file)? as usize;
+        let rp = v.get("rope_parameters").filter(|x| x.is_object());
+        let rs = v.get("rope_scaling").filter(|x| x.is_object()).or(rp);
+        let rope_theta = rp
+            .and_then(|p| p.get("rope_theta"))
+            .or_else(|| v.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .unwrap_or(10000.0);
+        let rope_scaling = match rs {
+            None => None,
+            Some(s) => {
+                let ty = s
+                    .get("rope_type")
+                    .or_else(|| s.get("type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
+                match ty {
+                    "default" => None,
+                    "llama3" => Some(RopeScaling {
+                        rope_type: ty.into(),
+                        factor: num(s, "factor", file)?,
+                        low_freq_factor: num(s, "low_freq_factor", file)?,
+                        high_freq_factor: num(s, "high_freq_factor", file)?,
+                        original_max_position_embeddings: num(
+                            s,
+                            "original_max_position_embeddings",
+                            file,
+                        )? as usize,
+                    }),
+                    other => {
+                        return Err(Error::config(
+                            file,
+                            "rope_scaling.rope_type",
+                            format!("`{other}` is not supported (default, llama3)"),
+                        ))
+                    }
+                }
+            }
+        };
+        let tie_default = false;
+        Ok(LlamaConfig {
+            vocab_size: num(&v, "vocab_size", file)? as usize,
+            hidden_size: hidden,
+            intermediate_size: num(&v, "intermediate_size", file)? as usize,
+            num_hidden_layers: num(&v, "num_hidden_layers", file)? as usize,
+            num_attention_heads: heads,
+            num_key_value_heads: v
+                .get("num_key_value_heads")
+                .and_then(Value::as_u64)
+                .map(|x| x as usize)
+                .unwrap_or(heads),
+            head_dim: v
+                .get("head_dim")
+                .and_then(Value::as_u64)
+                .map(|x| x as usize)
+                .unwrap_or(hidden / heads),
+            rms_norm_eps: v
+                .get("rms_norm_eps")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: v
+                .get("max_position_embeddings")
+                .and_then(Value::as_u64)
+                .unwrap_or(2048) as usize,
+            tie_word_embeddings: v
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(tie_default),
+            attention_bias: mt == "qwen2"
+                || v.get("attention_bias")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+            bos_token_id: first_id(v.get("bos_token_id")),
+            eos_token_id: first_id(v.get("eos_token_id")),
+            model_type: mt,
+        })
+    }
+
+    /// From llama-architecture GGUF metadata; `tied` says whether output.weight is absent.
+    pub fn from_gguf(
+        md: &HashMap<String, GgufValue>,
+        tied: bool,
+        has_qkv_bias: bool,
+    ) -> Result<Self> {
+        let need = |k: &str| {
+            meta_u64(md, k)
+                .ok_or_else(|| Error::config("gguf", k, "missing"))
+                .map(|x| x as usize)
+        };
+        let heads = need("llama.attention.head_count")?;
+        let hidden = need("llama.embedding_length")?;
+        let vocab = match md.get("tokenizer.ggml.tokens") {
+            Some(v) => v.to_vec().map(|t| t.len()).unwrap_or(0),
+            None => 0,
+        };
+        let vocab = meta_u64(md, "llama.vocab_size")
+            .map(|x| x as usize)
+            .unwrap_or(vocab);
+        Ok(LlamaConfig {
+            model_type: "llama".into(),
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: need("llama.feed_forward_length")?,
+            num_hidden_layers: need("llama.block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: meta_u64(md, "llama.attention.head_count_kv")
+                .map(|x| x as usize)
+                .unwrap_or(heads),
+            head_dim: meta_u64(md, "llama.attention.key_length")
+                .map(|x| x as usize)
+                .unwrap_or(hidden / heads),
+            rms_norm_eps: meta_f64(md, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            rope_theta: meta_f64(md, "llama.rope.freq_base").unwrap_or(10000.0),
+            rope_scaling: None,
+            max_position_embeddings: need("llama.context_length").unwrap_or(2048),
+            tie_word_embeddings: tied,
+            attention_bias: has_qkv_bias,
+            bos_token_id: meta_u64(md, "tokenizer.ggml.bos_token_id").map(|x| x as u32),
+            eos_token_id: meta_u64(md, "tokenizer.ggml.eos_token_id").map(|x| x as u32),
+        })
+    }
+
+    /// HF config.json (transformers 4 dialect, which both 4.x and 5.x read).
+    pub fn to_hf_json(&self, dtype: &str) -> Value {
+        let mut v = serde_json::json!({
+            "architectures": [match self.model_type.as_str() { "qwen2" => "Qwen2ForCausalLM", "mistral" => "MistralForCausalLM", _ => "LlamaForCausalLM" }],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "torch_dtype": dtype,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        });
+        if self.model_type == "llama" {
+            v["attention_bias"] = Value::Bool(self.attention_bias);
+            v["mlp_bias"] = Value::Bool(false);
+        }
+        if let Some(s) = &self.rope_scaling {
+            v["rope_scaling"] = serde_json::to_value(s).unwrap_or(Value::Null);
+        }
+        v
+    }
+
+    /// RoPE inverse frequencies (head_dim/2), with llama3 scaling when configured.
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        let base: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64))
+            .collect();
+        let Some(s) = &self.rope_scaling else {
+            return base.iter().map(|&x| x as f32).collect();
+        };
+        let old = s.original_max_position_embeddings as f64;
+        let low_wl = old / s.low_freq_factor;
+        let high_wl = old / s.high_freq_factor;
+        base.iter()
+            .map(|&f| {
+                let wl = 2.0 * std::f64::consts::PI / f;
+                let v = if wl < high_wl {
+                    f
+                } else if wl > low_wl {
+                    f / s.factor
+                } else {
+                    let smooth =
+                        (old / wl - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                    (1.0 - smooth) * f / s.factor + smooth * f
+                };
+                v as f32
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_config_dialects_give_the_same_rope_theta_and_scaling() {
+        let old = r#"{"model_type":"llama","vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,
+            "num_attention_heads":2,"rope_theta":500000.0,"torch_dtype":"bfloat16",
+            "rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#;
+        let new = r#"{"model_type":"llama","vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,
+            "num_attention_heads":2,"dtype":"bfloat16",
+            "rope_parameters":{"rope_type":"llama3","rope_theta":500000.0,"factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#;
+        let a = LlamaConfig::from_hf_json(old, "a").unwrap();
+        let b = LlamaConfig::from_hf_json(new, "b").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.rope_theta, 500000.0);
+    }
+
+    #[test]
+    fn llama3_scaling_divides_low_frequencies_by_factor_and_keeps_high_ones() {
+        let mut c = LlamaConfig::from_hf_json(r#"{"model_type":"llama","vocab_size":10,"hidden_size":128,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":1,"rope_theta":500000.0}"#, "c").unwrap();
+        let plain = c.inv_freq();
+        c.rope_scaling = Some(RopeScaling {
+            rope_type: "llama3".into(),
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        });
+        let scaled = c.inv_freq();
+        assert_eq!(plain[0], scaled[0]); // wavelength 2*pi < 2048: unchanged
+        let last = plain.len() - 1; // wavelength far above 8192: divided by 8
+        assert!((scaled[last] - plain[last] / 8.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn an_unsupported_architecture_is_refused_naming_the_field() {
+        let e = LlamaConfig::from_hf_json(r#"{"model_type":"gpt2"}"#, "config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("config.json") && e.contains("model_type") && e.contains("gpt2"),
+            "{e}"
+        );
+    }
+}

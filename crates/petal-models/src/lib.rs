@@ -1,0 +1,10 @@
+//! petal-models: real pretrained architectures, written with differentiable ops, whose
+//! projections are `AdaptableLinear`s.
+
+pub mod config;
+pub mod llama;
+pub mod load;
+
+pub use config::LlamaConfig;
+pub use llama::{KvCache, Llama};
+pub use load::{load_model, LoadedModel};

@@ -1,0 +1,367 @@
+//! The Llama-architecture decoder (Llama 2/3, SmolLM/SmolLM2, Qwen2, Mistral): GQA, RoPE
+//! (rotate-half, llama3 scaling), RMSNorm, SwiGLU, tied or untied head. Every projection is an
+//! `AdaptableLinear` built by `linear()`; this file knows nothing of adapter methods.
+//! Written with differentiable ops only (see petal-ops) so every adapter gets gradients.
+
+use crate::config::LlamaConfig;
+use candle_core::{DType, Device, Tensor, D};
+use petal_core::{Adaptable, AdaptableLinear, Result};
+use petal_io::Weights;
+use petal_ops::{apply_rope, causal_mask, rms_norm, rope_tables, softmax_last_dim};
+
+/// The one linear factory: weight (out, in) and optional bias from `w`, under HF path `path`.
+fn linear(
+    w: &Weights,
+    path: &str,
+    out: usize,
+    inp: usize,
+    bias: bool,
+    dt: DType,
+    dev: &Device,
+) -> Result<AdaptableLinear> {
+    let weight = w.get(&format!("{path}.weight"), Some(&[out, inp]), dt, dev)?;
+    let b = if bias {
+        Some(w.get(&format!("{path}.bias"), Some(&[out]), dt, dev)?)
+    } else {
+        None
+    };
+    Ok(AdaptableLinear::new(path, weight, b))
+}
+
+#[derive(Debug)]
+struct Attention {
+    q: AdaptableLinear,
+    k: AdaptableLinear,
+    v: AdaptableLinear,
+    o: AdaptableLinear,
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate: AdaptableLinear,
+    up: AdaptableLinear,
+    down: AdaptableLinear,
+}
+
+#[derive(Debug)]
+struct Layer {
+    attn: Attention,
+    mlp: Mlp,
+    ln1: Tensor,
+    ln2: Tensor,
+}
+
+/// Per-layer keys and values seen so far, (b, kv_heads, t, d).
+#[derive(Debug, Default, Clone)]
+pub struct KvCache {
+    kv: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(layers: usize) -> Self {
+        KvCache {
+            kv: vec![None; layers],
+        }
+    }
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.kv
+            .first()
+            .and_then(|x| x.as_ref())
+            .map(|(k, _)| k.dims()[2])
+            .unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug)]
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    embed: Tensor, // (vocab, hidden)
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: AdaptableLinear,
+    cos: Tensor,
+    sin: Tensor,
+    dtype: DType,
+    device: Device,
+}
+
+impl Llama {
+    pub fn load(cfg: LlamaConfig, w: &Weights, dtype: DType, device: &Device) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let (nq, nkv, inter) = (
+            cfg.num_attention_heads * d,
+            cfg.num_key_value_heads * d,
+            cfg.intermediate_size,
+        );
+        let embed = w.get(
+            "model.embed_tokens.weight",
+            Some(&[cfg.vocab_size, h]),
+            dtype,
+            device,
+        )?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let bias = cfg.attention_bias;
+            let lin =
+                |name: &str, o, inp, b| linear(w, &format!("{p}.{name}"), o, inp, b, dtype, device);
+            layers.push(Layer {
+                attn: Attention {
+                    q: lin("self_attn.q_proj", nq, h, bias)?,
+                    k: lin("self_attn.k_proj", nkv, h, bias)?,
+                    v: lin("self_attn.v_proj", nkv, h, bias)?,
+                    o: lin("self_attn.o_proj", h, nq, false)?,
+                },
+                mlp: Mlp {
+                    gate: lin("mlp.gate_proj", inter, h, false)?,
+                    up: lin("mlp.up_proj", inter, h, false)?,
+                    down: lin("mlp.down_proj", h, inter, false)?,
+                },
+                ln1: w.get(
+                    &format!("{p}.input_layernorm.weight"),
+                    Some(&[h]),
+                    dtype,
+                    device,
+                )?,
+                ln2: w.get(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    Some(&[h]),
+                    dtype,
+                    device,
+                )?,
+            });
+        }
+        let norm = w.get("model.norm.weight", Some(&[h]), dtype, device)?;
+        let lm_head = if cfg.tie_word_embeddings || !w.contains("lm_head.weight") {
+            AdaptableLinear::new("lm_head", embed.clone(), None)
+        } else {
+            linear(w, "lm_head", cfg.vocab_size, h, false, dtype, device)?
+        };
+        let max_pos = cfg.max_position_embeddings.max(1);
+        let (cos, sin) = rope_tables(&cfg.inv_freq(), max_pos, device)?;
+        Ok(Llama {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn embed_weight(&self) -> &Tensor {
+        &self.embed
+    }
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Logits (b, t, vocab) in f32 for input ids (b, t). With a cache, positions continue from
+    /// what it holds and it is extended.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden_states(ids, cache, train)?;
+        Ok(self.lm_head.forward(&hidden, train)?.to_dtype(DType::F32)?)
+    }
+
+    /// Final hidden states (b, t, hidden), after the last norm.
+    pub fn hidden_states(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        if offset + t > self.cfg.max_position_embeddings {
+            return Err(petal_core::Error::msg(format!(
+                "sequence of {} tokens exceeds the model's context of {}",
+                offset + t,
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            t,
+            self.cfg.hidden_size,
+        ))?;
+        let mask = if t > 1 {
+            Some(causal_mask(t, offset, self.dtype, &self.device)?)
+        } else {
+            None
+        };
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kv = cache.as_deref_mut().map(|c| &mut c.kv[i]);
+            let h = rms_norm(&x, &layer.ln1, self.cfg.rms_norm_eps)?;
+            let a = self.attention(&layer.attn, &h, mask.as_ref(), &cos, &sin, kv, train)?;
+            x = (x + a)?;
+            let h = rms_norm(&x, &layer.ln2, self.cfg.rms_norm_eps)?;
+            let m = &layer.mlp;
+            let g = m.gate.forward(&h, train)?.silu()?;
+            let u = m.up.forward(&h, train)?;
+            x = (x + m.down.forward(&(g * u)?, train)?)?;
+        }
+        Ok(rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        at: &Attention,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        cos: &Tensor,
+        sin: &Tensor,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, d) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = apply_rope(&heads(at.q.forward(x, train)?, nh)?, cos, sin)?; // (b, nh, t, d)
+        let mut k = apply_rope(&heads(at.k.forward(x, train)?, nkv)?, cos, sin)?; // (b, nkv, t, d)
+        let mut v = heads(at.v.forward(x, train)?, nkv)?;
+        if let Some(slot) = kv {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let rep = nh / nkv;
+        let expand = |y: Tensor| -> Result<Tensor> {
+            if rep == 1 {
+                return Ok(y);
+            }
+            let (b, n, tk, d) = y.dims4()?;
+            Ok(y.unsqueeze(2)?
+                .expand((b, n, rep, tk, d))?
+                .reshape((b, n * rep, tk, d))?)
+        };
+        let (k, v) = (expand(k)?, expand(v)?); // (b, nh, T, d)
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (b, nh, t, T)
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let p = softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(self.dtype)?;
+        let o = p.matmul(&v.contiguous()?)?; // (b, nh, t, d)
+        let o = o.transpose(1, 2)?.reshape((b, t, nh * d))?;
+        at.o.forward(&o, train)
+    }
+
+    /// Every base tensor under its HF name (merged weights included), for export.
+    pub fn named_base_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut v = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        for (i, l) in self.layers.iter().enumerate() {
+            v.push((
+                format!("model.layers.{i}.input_layernorm.weight"),
+                l.ln1.clone(),
+            ));
+            v.push((
+                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                l.ln2.clone(),
+            ));
+        }
+        for lin in self.linears() {
+            if lin.path() == "lm_head" && self.cfg.tie_word_embeddings {
+                continue;
+            }
+            v.push((format!("{}.weight", lin.path()), lin.weight().clone()));
+            if let Some(b) = lin.bias() {
+                v.push((format!("{}.bias", lin.path()), b.clone()));
+            }
+        }
+        v.push(("model.norm.weight".to_string(), self.norm.clone()));
+        v
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    /// Ties are broken by a merge into the head: report whether it is still tied.
+    pub fn head_is_tied(&self) -> bool {
+        self.cfg.tie_word_embeddings && self.lm_head.merged_names().is_empty()
+    }
+
+    pub fn last_dim(t: &Tensor) -> Result<usize> {
+        Ok(t.dim(D::Minus1)?)
+    }
+}
+
+impl Adaptable for Llama {
+    fn linears(&self) -> Vec<&AdaptableLinear> {
+        let mut v = Vec::with_capacity(self.layers.len() * 7 + 1);
+        for l in &self.layers {
+            v.extend([
+                &l.attn.q,
+                &l.attn.k,
+                &l.attn.v,
+                &l.attn.o,
+                &l.mlp.gate,
+                &l.mlp.up,
+                &l.mlp.down,
+            ]);
+        }
+        v.push(&self.lm_head);
+        v
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut AdaptableLinear> {
+        let mut v = Vec::with_capacity(self.layers.len() * 7 + 1);
+        for l in &mut self.layers {
+            let (a, m) = (&mut l.attn, &mut l.mlp);
+            v.extend([
+                &mut a.q,
+                &mut a.k,
+                &mut a.v,
+                &mut a.o,
+                &mut m.gate,
+                &mut m.up,
+                &mut m.down,
+            ]);
+        }
+        v.push(&mut self.lm_head);
+        v
+    }
+
+    fn base_param_count(&self) -> usize {
+        let mut n = self.embed.elem_count() + self.norm.elem_count();
+        for l in &self.layers {
+            n += l.ln1.elem_count() + l.ln2.elem_count();
+        }
+        for lin in self.linears() {
+            if lin.path() == "lm_head" && self.cfg.tie_word_embeddings {
+                continue;
+            }
+            n += lin.weight().elem_count() + lin.bias().map(|b| b.elem_count()).unwrap_or(0);
+        }
+        n
+    }
+}

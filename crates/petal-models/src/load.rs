@@ -1,0 +1,99 @@
+//! One entry point for a `--model` argument: HF folder, GGUF file or hub id -> model +
+//! tokenizer.
+
+use crate::{Llama, LlamaConfig};
+use candle_core::{DType, Device};
+use petal_core::{Error, Result};
+use petal_data::tokenizer::BpeParts;
+use petal_data::Tokenizer;
+use petal_io::gguf::{self, meta_str, meta_u64, Value};
+use petal_io::hub::{resolve, ModelSource};
+use std::collections::HashMap;
+
+pub struct LoadedModel {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    pub source: ModelSource,
+}
+
+pub fn load_model(spec: &str, dtype: DType, device: &Device) -> Result<LoadedModel> {
+    let source = resolve(spec)?;
+    let (model, tokenizer) = match &source {
+        ModelSource::HfFolder(dir) => {
+            let cfg_path = dir.join("config.json");
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+            let cfg = LlamaConfig::from_hf_json(&text, &cfg_path.display().to_string())?;
+            let w = petal_io::Weights::from_hf_folder(dir)?;
+            let tok = Tokenizer::from_hf_folder(dir).map_err(|e| Error::msg(e.to_string()))?;
+            (Llama::load(cfg, &w, dtype, device)?, tok)
+        }
+        ModelSource::Gguf(path) => {
+            let g = gguf::read(path)?;
+            let tied = !g.weights.contains("lm_head.weight");
+            let bias = g.weights.contains("model.layers.0.self_attn.q_proj.bias");
+            let cfg = LlamaConfig::from_gguf(&g.metadata, tied, bias)?;
+            let tok = gguf_tokenizer(&g.metadata)
+                .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
+            (Llama::load(cfg, &g.weights, dtype, device)?, tok)
+        }
+    };
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        source,
+    })
+}
+
+fn strings(md: &HashMap<String, Value>, key: &str) -> Vec<String> {
+    md.get(key)
+        .and_then(|v| v.to_vec().ok())
+        .map(|v| {
+            v.iter()
+                .filter_map(|x| x.to_string().ok().cloned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The tokenizer stored in GGUF metadata (`tokenizer.ggml.*`).
+pub fn gguf_tokenizer(md: &HashMap<String, Value>) -> std::result::Result<Tokenizer, String> {
+    let model = meta_str(md, "tokenizer.ggml.model").unwrap_or("");
+    if model != "gpt2" {
+        return Err(format!(
+            "GGUF tokenizer model `{model}` is not supported (petal reads gpt2-style BPE)"
+        ));
+    }
+    let token_types = md
+        .get("tokenizer.ggml.token_type")
+        .and_then(|v| v.to_vec().ok())
+        .map(|v| v.iter().map(|x| x.to_i32().unwrap_or(1)).collect())
+        .unwrap_or_default();
+    let parts = BpeParts {
+        tokens: strings(md, "tokenizer.ggml.tokens"),
+        merges: strings(md, "tokenizer.ggml.merges"),
+        token_types,
+        bos_id: meta_u64(md, "tokenizer.ggml.bos_token_id").map(|x| x as u32),
+        eos_id: meta_u64(md, "tokenizer.ggml.eos_token_id").map(|x| x as u32),
+        add_bos: md
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false),
+        pre: meta_str(md, "tokenizer.ggml.pre")
+            .unwrap_or("gpt2")
+            .to_string(),
+        chat_template: meta_str(md, "tokenizer.chat_template").map(String::from),
+    };
+    Tokenizer::from_bpe_parts(parts).map_err(|e| e.to_string())
+}
+
+/// Parse "f32" / "bf16" / "f16".
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        other => Err(Error::msg(format!(
+            "dtype `{other}` is not one of f32, bf16, f16"
+        ))),
+    }
+}

@@ -1,0 +1,157 @@
+//! petal's logits against golden logits made by the real transformers 5.24 + PEFT 0.21.2
+//! (tools/golden/make_fixtures.py): base models and PEFT-saved LoRA adapters.
+
+use candle_core::{DType, Device, Tensor};
+use petal_core::inject::set_active;
+use petal_core::{Adaptable, ParamCount};
+use petal_models::{load_model, Llama};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden")
+}
+
+fn golden() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(root().join("logits.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn model(name: &str) -> Llama {
+    load_model(
+        root().join(name).to_str().unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .model
+}
+
+fn logits(m: &Llama) -> Tensor {
+    let ids = golden()["input_ids"].to_dtype(DType::U32).unwrap();
+    m.forward(&ids, None, false).unwrap()
+}
+
+/// max |a - b| / max |b|
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    d / b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn assert_close(m: &Llama, key: &str) {
+    let want = &golden()[key];
+    let got = logits(m);
+    assert_eq!(got.dims(), want.dims());
+    let e = rel_err(&got, want);
+    assert!(e < 1e-4, "{key}: relative error {e:e}");
+}
+
+fn with_adapter(base: &str, adapter: &str) -> Llama {
+    let mut m = model(base);
+    petal_io::attach_adapter(&mut m, &root().join("adapters").join(adapter), "default").unwrap();
+    m
+}
+
+#[test]
+fn llama_base_logits_match_transformers_with_gqa_untied_head_and_llama3_rope() {
+    assert_close(&model("llama"), "llama.base");
+}
+
+#[test]
+fn qwen2_base_logits_match_transformers_with_qkv_bias_and_tied_head() {
+    assert_close(&model("qwen2"), "qwen2.base");
+}
+
+#[test]
+fn peft_lora_on_q_and_v_with_alpha_twice_r_matches_peft() {
+    assert_close(&with_adapter("llama", "llama_lora_qv"), "llama_lora_qv");
+}
+
+#[test]
+fn peft_rslora_on_all_linear_matches_peft() {
+    assert_close(
+        &with_adapter("llama", "llama_rslora_all_linear"),
+        "llama_rslora_all_linear",
+    );
+}
+
+#[test]
+fn peft_lora_with_a_regex_target_matches_peft() {
+    assert_close(
+        &with_adapter("llama", "llama_lora_regex"),
+        "llama_lora_regex",
+    );
+}
+
+#[test]
+fn peft_lora_with_exclude_modules_rank_and_alpha_patterns_matches_peft() {
+    assert_close(
+        &with_adapter("llama", "llama_lora_exclude_patterns"),
+        "llama_lora_exclude_patterns",
+    );
+}
+
+#[test]
+fn peft_lora_restricted_by_layers_to_transform_matches_peft() {
+    assert_close(
+        &with_adapter("llama", "llama_lora_layers"),
+        "llama_lora_layers",
+    );
+}
+
+#[test]
+fn peft_lora_on_qwen2_with_bias_and_tied_head_matches_peft() {
+    assert_close(
+        &with_adapter("qwen2", "qwen2_lora_all_linear"),
+        "qwen2_lora_all_linear",
+    );
+}
+
+#[test]
+fn two_adapters_match_peft_with_one_active_and_with_both_active() {
+    let mut m = model("qwen2");
+    let a = root().join("adapters");
+    petal_io::attach_adapter(&mut m, &a.join("qwen2_lora_all_linear"), "a").unwrap();
+    petal_io::attach_adapter(&mut m, &a.join("qwen2_lora_second"), "b").unwrap();
+    set_active(&mut m, &["b"]);
+    assert_close(&m, "qwen2_two_adapters.b");
+    set_active(&mut m, &["a", "b"]);
+    assert_close(&m, "qwen2_two_adapters.ab");
+}
+
+#[test]
+fn trainable_and_total_parameters_equal_peft_counts() {
+    let text = std::fs::read_to_string(root().join("param_counts.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut m = model("llama");
+    let cfg = petal_core::AdapterConfig::lora(
+        8,
+        16.0,
+        petal_core::config::Targets::Regex("all-linear".into()),
+    );
+    petal_core::inject_adapter(&mut m, "default", &cfg, 0).unwrap();
+    let c = ParamCount::of(&m);
+    let want = &v["llama_r8_all_linear"];
+    assert_eq!(c.trainable as u64, want["trainable"].as_u64().unwrap());
+    assert_eq!(c.total as u64, want["total"].as_u64().unwrap());
+    // and by formula: r * (in + out) summed over the 14 targeted linears
+    let by_formula: usize = m
+        .linears()
+        .iter()
+        .filter(|l| l.path() != "lm_head")
+        .map(|l| 8 * (l.in_features() + l.out_features()))
+        .sum();
+    assert_eq!(c.trainable, by_formula);
+}

@@ -1,0 +1,117 @@
+"""Golden fixtures for petal, made by the real transformers + PEFT (versions in requirements.txt).
+
+Writes tests/fixtures/golden/: tiny random Llama (GQA, untied head, llama3 rope scaling) and
+Qwen2 (GQA, q/k/v bias, tied head) models as HF folders, PEFT LoRA adapters covering the
+config cases petal must match, and the logits of each on fixed input ids.
+
+    python -m venv .venv && .venv/bin/pip install -r tools/golden/requirements.txt
+    .venv/bin/python tools/golden/make_fixtures.py
+"""
+import json
+import os
+import sys
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "golden")
+VOCAB = 96
+INPUT_IDS = torch.tensor([[1, 5, 9, 14, 20, 33, 2, 71], [7, 7, 3, 90, 45, 12, 60, 8]])
+
+
+def write_tokenizer(d):
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(os.path.join(d, "tokenizer.json"))
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "w1", "eos_token": "w2", "tokenizer_class": "PreTrainedTokenizerFast"}, f)
+
+
+def llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def qwen2():
+    torch.manual_seed(1)
+    cfg = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        rope_theta=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-6,
+    )
+    m = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # random non-zero biases (default init leaves them zero)
+        for n, p in m.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_(0, 0.5)
+    return m
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=INPUT_IDS).logits.float().contiguous()
+
+
+ADAPTERS = {
+    # name: (model, LoraConfig kwargs)
+    "llama_lora_qv": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
+    "llama_rslora_all_linear": ("llama", dict(r=8, lora_alpha=4, use_rslora=True, target_modules="all-linear")),
+    "llama_lora_regex": ("llama", dict(r=2, lora_alpha=5, target_modules=r".*\.layers\.1\.(self_attn\.(k|o)_proj|mlp\.down_proj)")),
+    "llama_lora_exclude_patterns": ("llama", dict(
+        r=4, lora_alpha=16, target_modules="all-linear", exclude_modules=["down_proj", "q_proj"],
+        rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 3})),
+    "llama_lora_layers": ("llama", dict(r=3, lora_alpha=6, target_modules=["gate_proj", "up_proj"], layers_to_transform=[1])),
+    "qwen2_lora_all_linear": ("qwen2", dict(r=4, lora_alpha=12, target_modules="all-linear")),
+    "qwen2_lora_second": ("qwen2", dict(r=2, lora_alpha=3, target_modules=["k_proj", "up_proj"])),
+}
+
+
+def main():
+    os.makedirs(ROOT, exist_ok=True)
+    bases = {"llama": llama, "qwen2": qwen2}
+    out = {"input_ids": INPUT_IDS.to(torch.int64)}
+    for name, make in bases.items():
+        d = os.path.join(ROOT, name)
+        m = make()
+        m.save_pretrained(d)
+        write_tokenizer(d)
+        out[f"{name}.base"] = logits(m)
+    for i, (aname, (base, kw)) in enumerate(ADAPTERS.items()):
+        torch.manual_seed(100 + i)
+        m = bases[base]()
+        pm = get_peft_model(m, LoraConfig(init_lora_weights=False, lora_dropout=0.0, **kw))
+        pm.eval()
+        out[f"{aname}"] = logits(pm)
+        pm.save_pretrained(os.path.join(ROOT, "adapters", aname))
+    # Two adapters on one model: only the second active, then both active at once.
+    m = qwen2()
+    pm = PeftModel.from_pretrained(m, os.path.join(ROOT, "adapters", "qwen2_lora_all_linear"), adapter_name="a")
+    pm.load_adapter(os.path.join(ROOT, "adapters", "qwen2_lora_second"), adapter_name="b")
+    pm.eval()
+    pm.set_adapter("b")
+    out["qwen2_two_adapters.b"] = logits(pm)
+    pm.base_model.set_adapter(["a", "b"])
+    out["qwen2_two_adapters.ab"] = logits(pm)
+    # PEFT's parameter accounting for one adapter, for petal's count to match.
+    m = llama()
+    pm = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    trainable, total = pm.get_nb_trainable_parameters()
+    with open(os.path.join(ROOT, "param_counts.json"), "w") as f:
+        json.dump({"llama_r8_all_linear": {"trainable": trainable, "total": total}}, f)
+    save_file(out, os.path.join(ROOT, "logits.safetensors"))
+    print("wrote", ROOT, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
