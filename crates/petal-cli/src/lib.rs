@@ -1,0 +1,9 @@
+//! The `petal` command: subcommands over the petal crates. Also a library so that the
+//! end-to-end tests drive the same code the binary runs.
+
+pub mod assets;
+pub mod common;
+pub mod config_file;
+pub mod gen_cmd;
+pub mod tools_cmd;
+pub mod train_cmd;

@@ -1,0 +1,187 @@
+//! `petal eval`, `merge`, `inspect`, `forward`, `assets`.
+
+use crate::common::{data_files, load};
+use crate::gen_cmd::ModelArgs;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use petal_core::{Adaptable, ParamCount};
+use petal_data::{load_examples, DataOptions};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// .jsonl / .txt file, folder, or asset:NAME[/file]
+    #[arg(long)]
+    pub data: String,
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Score at most this many sequences (0 = all)
+    #[arg(long, default_value_t = 0)]
+    pub max_examples: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run_eval(a: EvalArgs) -> Result<()> {
+    let lm = load(&a.model.model, &a.model.adapter, &a.model.dtype, &a.model.device)?;
+    let opts = DataOptions { max_seq_len: a.seq_len, pack: false };
+    let mut ex = Vec::new();
+    for f in data_files(&a.data)? {
+        ex.extend(load_examples(&f, &lm.tokenizer, &opts)?);
+    }
+    if a.max_examples > 0 {
+        ex.truncate(a.max_examples);
+    }
+    let r = petal_train::evaluate(&lm.model, &ex, a.batch_size, lm.tokenizer.eos_id.unwrap_or(0))?;
+    if a.json {
+        println!("{}", serde_json::json!({"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens, "sequences": ex.len()}));
+    } else {
+        println!("loss {:.4}  perplexity {:.2}  over {} tokens in {} sequences", r.loss, r.perplexity, r.tokens, ex.len());
+    }
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MergeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Output folder: a full Hugging Face model (config, safetensors, tokenizer)
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run_merge(a: MergeArgs) -> Result<()> {
+    if a.model.adapter.is_empty() {
+        bail!("--adapter is required: the adapter to merge into the model");
+    }
+    let mut lm = load(&a.model.model, &a.model.adapter, &a.model.dtype, &a.model.device)?;
+    let names: Vec<String> = lm.model.linears().iter().flat_map(|l| l.adapter_names()).map(String::from).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    for l in lm.model.linears_mut() {
+        l.merge_and_unload(&names)?;
+    }
+    std::fs::create_dir_all(&a.out)?;
+    if !lm.model.head_is_tied() {
+        lm.model.cfg.tie_word_embeddings = false;
+    }
+    let tensors: HashMap<String, Tensor> = lm.model.named_base_tensors().into_iter().collect();
+    petal_io::write_safetensors_atomic(&a.out.join("model.safetensors"), &tensors)?;
+    let dt = match lm.model.dtype() {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    };
+    let cfg = serde_json::to_string_pretty(&lm.model.cfg.to_hf_json(dt))?;
+    petal_io::write_atomic(&a.out.join("config.json"), cfg.as_bytes())?;
+    lm.tokenizer.save(&a.out)?;
+    println!("merged {} adapter(s) into {}", a.model.adapter.len(), a.out.display());
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run_inspect(a: InspectArgs) -> Result<()> {
+    let lm = load(&a.model.model, &a.model.adapter, &a.model.dtype, &a.model.device)?;
+    let m = &lm.model;
+    let pc = ParamCount::of(m);
+    let mut modules = Vec::new();
+    for l in m.linears() {
+        for n in l.adapter_names() {
+            let layer = l.layer(n).context("adapter vanished")?;
+            let shapes: Vec<_> = layer.tensors().iter().map(|t| (t.name, t.var.as_tensor().dims().to_vec())).collect();
+            modules.push(serde_json::json!({"module": l.path(), "adapter": n, "base": [l.out_features(), l.in_features()], "tensors": shapes}));
+        }
+    }
+    if a.json {
+        let v = serde_json::json!({
+            "architecture": m.cfg.model_type, "layers": m.cfg.num_hidden_layers, "hidden": m.cfg.hidden_size,
+            "heads": m.cfg.num_attention_heads, "kv_heads": m.cfg.num_key_value_heads, "vocab": m.cfg.vocab_size,
+            "tied_head": m.cfg.tie_word_embeddings, "params": pc, "adapted_modules": modules,
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    let c = &m.cfg;
+    println!("architecture {} | {} layers | hidden {} | heads {} (kv {}) | head_dim {} | vocab {} | rope_theta {} | tied head {}",
+        c.model_type, c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size, c.rope_theta, c.tie_word_embeddings);
+    println!("{pc}");
+    for md in &modules {
+        println!("  {} [{}] base {} {}", md["module"].as_str().unwrap_or(""), md["adapter"].as_str().unwrap_or(""), md["base"], md["tensors"]);
+    }
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ForwardArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Token ids: rows separated by `;`, ids by `,` (rows of equal length)
+    #[arg(long)]
+    pub input_ids: String,
+    /// Output safetensors file with key `logits` [batch, seq, vocab] (f32)
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn parse_ids(s: &str) -> Result<(Vec<u32>, usize, usize)> {
+    let rows: Vec<Vec<u32>> = s
+        .split(';')
+        .map(|r| r.split(',').map(|x| x.trim().parse::<u32>().with_context(|| format!("bad token id `{x}`"))).collect())
+        .collect::<Result<_>>()?;
+    let len = rows.first().map(Vec::len).unwrap_or(0);
+    if len == 0 || rows.iter().any(|r| r.len() != len) {
+        bail!("--input-ids: every row must hold the same, non-zero number of ids");
+    }
+    let n = rows.len();
+    Ok((rows.into_iter().flatten().collect(), n, len))
+}
+
+pub fn run_forward(a: ForwardArgs) -> Result<()> {
+    let lm = load(&a.model.model, &a.model.adapter, &a.model.dtype, &a.model.device)?;
+    let (ids, b, t) = parse_ids(&a.input_ids)?;
+    if let Some(bad) = ids.iter().find(|&&i| i as usize >= lm.model.vocab_size()) {
+        bail!("token id {bad} is outside the vocabulary of {}", lm.model.vocab_size());
+    }
+    let x = Tensor::from_vec(ids, (b, t), lm.model.device())?;
+    let logits = lm.model.forward(&x, None, false)?.to_dtype(DType::F32)?;
+    let mut m = HashMap::new();
+    m.insert("logits".to_string(), logits);
+    petal_io::write_safetensors_atomic(&a.out, &m)?;
+    println!("wrote logits [{b}, {t}, {}] to {}", lm.model.vocab_size(), a.out.display());
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AssetsArgs {
+    /// Assets to fetch (default: all)
+    pub names: Vec<String>,
+    /// List the assets without fetching
+    #[arg(long)]
+    pub list: bool,
+}
+
+pub fn run_assets(a: AssetsArgs) -> Result<()> {
+    use crate::assets::{ensure, ASSETS};
+    if a.list {
+        for x in ASSETS {
+            println!("{:<12} {} ({})", x.name, x.what, x.package);
+        }
+        return Ok(());
+    }
+    let names: Vec<String> = if a.names.is_empty() { ASSETS.iter().map(|x| x.name.to_string()).collect() } else { a.names };
+    for n in names {
+        println!("{n}\t{}", ensure(&n)?.display());
+    }
+    Ok(())
+}

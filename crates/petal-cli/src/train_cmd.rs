@@ -1,0 +1,271 @@
+//! `petal train`: fine-tune a model with an adapter, from flags and/or a TOML config.
+
+use crate::common::{data_files, load};
+use crate::{config_file, gen_cmd};
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use petal_core::config::Targets;
+use petal_core::{inject_adapter, AdapterConfig, ParamCount};
+use petal_data::{load_examples, split, DataOptions, Example};
+use petal_train::optim::AdamWParams;
+use petal_train::{evaluate, train, Observer, StepMetrics, TrainConfig};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+macro_rules! train_opts {
+    ($($(#[$m:meta])* $name:ident : $ty:ty),* $(,)?) => {
+        /// Every option is also a key of the `--config` TOML file.
+        #[derive(clap::Args, Deserialize, Serialize, Default, Debug, Clone)]
+        #[serde(default)]
+        pub struct TrainOpts {
+            $($(#[$m])* #[arg(long)] pub $name: Option<$ty>,)*
+        }
+        impl TrainOpts {
+            pub const KEYS: &'static [&'static str] = &[$(stringify!($name)),*];
+            /// Fill options not given here from `o`.
+            pub fn or(self, o: TrainOpts) -> TrainOpts {
+                TrainOpts { $($name: self.$name.or(o.$name),)* }
+            }
+        }
+    };
+}
+
+train_opts! {
+    /// Model: HF folder, .gguf file, hub id, or asset:NAME [default: asset:smollm2]
+    model: String,
+    /// Training data: .jsonl, .txt, a folder of them, or asset:NAME[/file]
+    data: String,
+    /// Separate validation file (else --val-fraction of --data is held out)
+    val_data: String,
+    /// Fraction held out for validation [default: 0.05]
+    val_fraction: f64,
+    /// Cap on validation examples, to keep evaluation quick [default: 32]
+    max_eval_examples: usize,
+    /// Adapter method [default: lora]
+    method: String,
+    /// LoRA rank [default: 8]
+    r: usize,
+    /// LoRA alpha [default: 16]
+    alpha: f64,
+    /// LoRA dropout [default: 0.0]
+    dropout: f64,
+    /// Scale by alpha/sqrt(r) (rsLoRA) [default: false]
+    rslora: bool,
+    /// Target modules: comma list of names, `all-linear`, or `re:REGEX` [default: all-linear]
+    target_modules: String,
+    /// Modules to exclude: comma list or `re:REGEX`
+    exclude_modules: String,
+    /// Optimizer steps [default: 100]
+    max_steps: usize,
+    /// Peak learning rate [default: 1e-3]
+    lr: f64,
+    /// AdamW weight decay [default: 0.0]
+    weight_decay: f64,
+    /// Warmup steps [default: 0]
+    warmup_steps: usize,
+    /// constant | linear | cosine [default: cosine]
+    schedule: String,
+    /// Sequences per micro-batch [default: 4]
+    batch_size: usize,
+    /// Micro-batches per optimizer step [default: 1]
+    grad_accum: usize,
+    /// Clip the global gradient norm to this [default: 1.0]
+    max_grad_norm: f64,
+    /// Maximum tokens per sequence [default: 128]
+    seq_len: usize,
+    /// Pack short JSONL examples into full windows [default: false]
+    pack: bool,
+    /// Seed for init, shuffling and dropout [default: 0]
+    seed: u64,
+    /// Evaluate every N steps (and at the end) [default: 25]
+    eval_every: usize,
+    /// Checkpoint every N steps (and at the end) [default: 25]
+    save_every: usize,
+    /// Run folder [default: runs/latest]
+    out: PathBuf,
+    /// f32 | bf16 | f16 [default: f32]
+    dtype: String,
+    /// cpu | cuda | cuda:N [default: cpu]
+    device: String,
+    /// Prompts to complete before and after training (repeatable)
+    sample_prompt: Vec<String>,
+    /// Tokens per sample [default: 40]
+    sample_tokens: usize,
+    /// Continue from a checkpoint folder or a run folder's latest checkpoint
+    resume: PathBuf,
+    /// Replace an existing run folder [default: false]
+    overwrite: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// TOML file with any of the options below (flags override it)
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Print the summary as JSON
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub opts: TrainOpts,
+}
+
+fn targets(s: &str) -> Targets {
+    match s.strip_prefix("re:") {
+        Some(r) => Targets::Regex(r.to_string()),
+        None if s == "all-linear" => Targets::Regex(s.to_string()),
+        None => Targets::List(s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect()),
+    }
+}
+
+struct Bar(ProgressBar);
+
+impl Observer for Bar {
+    fn on_start(&mut self, first: usize, max: usize) {
+        self.0.set_length(max as u64);
+        self.0.set_position(first as u64);
+    }
+    fn on_step(&mut self, m: &StepMetrics) {
+        self.0.set_position(m.step as u64);
+        let ev = m.eval_loss.map(|e| format!(" eval {e:.4}")).unwrap_or_default();
+        self.0.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s{ev}", m.loss, m.lr, m.tokens_per_s));
+        if m.eval_loss.is_some() {
+            self.0.println(format!("step {:>5}  loss {:.4}  eval loss {:.4}", m.step, m.loss, m.eval_loss.unwrap_or(f64::NAN)));
+        }
+    }
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let mut o = args.opts;
+    if let Some(c) = &args.config {
+        let table = config_file::read(c, TrainOpts::KEYS)?;
+        let file: TrainOpts = table.try_into().with_context(|| format!("{}: bad value", c.display()))?;
+        o = o.or(file);
+    }
+    let model_spec = o.model.clone().unwrap_or_else(|| "asset:smollm2".into());
+    let data_spec = o.data.clone().context("--data is required (a .jsonl/.txt file, a folder, or asset:shakespeare)")?;
+    let out = o.out.clone().unwrap_or_else(|| PathBuf::from("runs/latest"));
+    if o.resume.is_none() && out.join("checkpoints").exists() && !o.overwrite.unwrap_or(false) {
+        bail!("{}: run folder already has checkpoints; pass --resume {0} to continue or --overwrite true to start over", out.display());
+    }
+    let method = o.method.clone().unwrap_or_else(|| "lora".into());
+    if !method.eq_ignore_ascii_case("lora") {
+        bail!("--method {method}: not available yet (petal has: lora)");
+    }
+    let dt = o.dtype.clone().unwrap_or_else(|| "f32".into());
+    let dev = o.device.clone().unwrap_or_else(|| "cpu".into());
+    let lm = load(&model_spec, &[], &dt, &dev)?;
+    let tok = &lm.tokenizer;
+    let seq_len = o.seq_len.unwrap_or(128);
+    if seq_len > lm.model.cfg.max_position_embeddings {
+        bail!("--seq-len {seq_len} exceeds the model's context of {}", lm.model.cfg.max_position_embeddings);
+    }
+    let dopts = DataOptions { max_seq_len: seq_len, pack: o.pack.unwrap_or(false) };
+    let read = |spec: &str| -> Result<Vec<Example>> {
+        let mut v = Vec::new();
+        for f in data_files(spec)? {
+            v.extend(load_examples(&f, tok, &dopts)?);
+        }
+        Ok(v)
+    };
+    let seed = o.seed.unwrap_or(0);
+    let (train_set, mut val_set) = match &o.val_data {
+        Some(v) => (read(&data_spec)?, read(v)?),
+        None => split(read(&data_spec)?, o.val_fraction.unwrap_or(0.05), seed),
+    };
+    val_set.truncate(o.max_eval_examples.unwrap_or(32));
+    let mut acfg = AdapterConfig::lora(o.r.unwrap_or(8), o.alpha.unwrap_or(16.0), targets(o.target_modules.as_deref().unwrap_or("all-linear")));
+    acfg.lora_dropout = o.dropout.unwrap_or(0.0);
+    acfg.use_rslora = o.rslora.unwrap_or(false);
+    acfg.exclude_modules = o.exclude_modules.as_deref().map(targets);
+    acfg.base_model_name_or_path = Some(model_spec.clone());
+    let mut model = lm.model;
+    let report = inject_adapter(&mut model, "default", &acfg, seed)?;
+    let pc = ParamCount::of(&model);
+    eprintln!("model {model_spec}: {} layers, hidden {}, vocab {}", model.cfg.num_hidden_layers, model.cfg.hidden_size, model.cfg.vocab_size);
+    eprintln!("{method}: {} modules adapted; {pc}", report.modules.len());
+    eprintln!("data: {} train / {} validation sequences of up to {seq_len} tokens", train_set.len(), val_set.len());
+    let pad = tok.eos_id.unwrap_or(0);
+    let bs = o.batch_size.unwrap_or(4);
+    let prompts = o.sample_prompt.clone().unwrap_or_default();
+    let sample_tokens = o.sample_tokens.unwrap_or(40);
+    let before = if val_set.is_empty() { None } else { Some(evaluate(&model, &val_set, bs, pad)?) };
+    if let Some(b) = before {
+        eprintln!("before training: validation loss {:.4} (perplexity {:.2})", b.loss, b.perplexity);
+    }
+    let before_samples = samples(&model, tok, &prompts, sample_tokens)?;
+    let fingerprint = serde_json::json!({
+        "model": model_spec, "arch": format!("{:?}", model.cfg), "adapter": acfg, "data": data_spec,
+        "val_data": o.val_data, "val_fraction": o.val_fraction, "seq_len": seq_len, "pack": dopts.pack,
+        "batch_size": bs, "grad_accum": o.grad_accum.unwrap_or(1), "seed": seed, "dtype": dt,
+    })
+    .to_string();
+    let cfg = TrainConfig {
+        optim: AdamWParams { lr: o.lr.unwrap_or(1e-3), weight_decay: o.weight_decay.unwrap_or(0.0), ..Default::default() },
+        schedule: o.schedule.as_deref().unwrap_or("cosine").parse().map_err(anyhow::Error::msg)?,
+        warmup_steps: o.warmup_steps.unwrap_or(0),
+        max_steps: o.max_steps.unwrap_or(100),
+        batch_size: bs,
+        grad_accum: o.grad_accum.unwrap_or(1).max(1),
+        max_grad_norm: Some(o.max_grad_norm.unwrap_or(1.0)).filter(|&x| x > 0.0),
+        seed,
+        eval_every: o.eval_every.unwrap_or(25),
+        save_every: o.save_every.unwrap_or(25),
+        out_dir: out.clone(),
+        adapter_name: "default".into(),
+        pad_id: pad,
+        fingerprint,
+    };
+    std::fs::create_dir_all(&out)?;
+    petal_io::write_atomic(&out.join("run.toml"), toml::to_string(&o).unwrap_or_default().as_bytes())?;
+    let bar = ProgressBar::new(cfg.max_steps as u64);
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let summary = train(&model, &acfg, &train_set, &val_set, &cfg, o.resume.as_deref(), &mut Bar(bar.clone()))?;
+    bar.finish();
+    let after = if val_set.is_empty() { None } else { Some(evaluate(&model, &val_set, bs, pad)?) };
+    let after_samples = samples(&model, tok, &prompts, sample_tokens)?;
+    print_report(&summary, before, after, &prompts, &before_samples, &after_samples, &out, args.json)
+}
+
+fn samples(model: &petal_models::Llama, tok: &petal_data::Tokenizer, prompts: &[String], n: usize) -> Result<Vec<String>> {
+    prompts.iter().map(|p| gen_cmd::complete(model, tok, p, n)).collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn print_report(
+    s: &petal_train::TrainSummary,
+    before: Option<petal_train::EvalResult>,
+    after: Option<petal_train::EvalResult>,
+    prompts: &[String],
+    bs: &[String],
+    as_: &[String],
+    out: &Path,
+    json: bool,
+) -> Result<()> {
+    if json {
+        let v = serde_json::json!({
+            "steps": s.steps, "seconds": s.seconds, "losses": s.losses,
+            "eval_before": before, "eval_after": after, "adapter": s.adapter_dir,
+            "samples": prompts.iter().zip(bs).zip(as_).map(|((p, b), a)| serde_json::json!({"prompt": p, "before": b, "after": a})).collect::<Vec<_>>(),
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!("trained {} steps in {:.1} s; adapter saved to {}", s.steps, s.seconds, s.adapter_dir.display());
+    println!("loss curve (every step): {}", sparkline(&s.losses));
+    if let (Some(b), Some(a)) = (before, after) {
+        println!("validation loss: {:.4} -> {:.4} (perplexity {:.2} -> {:.2})", b.loss, a.loss, b.perplexity, a.perplexity);
+    }
+    for ((p, b), a) in prompts.iter().zip(bs).zip(as_) {
+        println!("\nprompt: {p}\n  before: {}\n  after:  {}", b.replace('\n', "\n          "), a.replace('\n', "\n          "));
+    }
+    println!("\nmetrics: {}", out.join("metrics.jsonl").display());
+    Ok(())
+}
+
+pub fn sparkline(v: &[f64]) -> String {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+    let span = (hi - lo).max(1e-9);
+    let s: String = v.iter().map(|&x| BARS[(((x - lo) / span) * 7.0).round() as usize]).collect();
+    format!("{s}  ({:.3} .. {:.3})", v.first().copied().unwrap_or(0.0), v.last().copied().unwrap_or(0.0))
+}

@@ -1,0 +1,41 @@
+//! Loss of a batch and mean loss / perplexity over a dataset.
+
+use candle_core::{Tensor, D};
+use petal_core::Result;
+use petal_data::{batches, Batch, Example};
+use petal_models::Llama;
+use petal_ops::masked_cross_entropy;
+
+/// Summed next-token loss of a batch and the number of scored tokens.
+pub fn batch_loss(model: &Llama, b: &Batch, train: bool) -> Result<(Tensor, usize)> {
+    let dev = model.device();
+    let ids = Tensor::from_slice(&b.ids, (b.rows, b.len), dev)?;
+    let logits = model.forward(&ids, None, train)?; // (rows, len, vocab)
+    let v = logits.dim(D::Minus1)?;
+    let shifted = logits.narrow(1, 0, b.len - 1)?.reshape((b.rows * (b.len - 1), v))?;
+    let labels: Vec<i64> = (0..b.rows).flat_map(|r| b.labels[r * b.len + 1..(r + 1) * b.len].iter().copied()).collect();
+    let labels = Tensor::from_vec(labels, b.rows * (b.len - 1), dev)?;
+    Ok(masked_cross_entropy(&shifted, &labels)?)
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct EvalResult {
+    pub loss: f64,
+    pub perplexity: f64,
+    pub tokens: usize,
+}
+
+/// Token-weighted mean loss over `examples`.
+pub fn evaluate(model: &Llama, examples: &[Example], batch_size: usize, pad: u32) -> Result<EvalResult> {
+    let (mut sum, mut n) = (0f64, 0usize);
+    for b in batches(examples, batch_size, pad) {
+        let (s, c) = batch_loss(model, &b, false)?;
+        sum += s.to_scalar::<f32>()? as f64;
+        n += c;
+    }
+    if n == 0 {
+        return Err(petal_core::Error::msg("evaluation data has no tokens to score"));
+    }
+    let loss = sum / n as f64;
+    Ok(EvalResult { loss, perplexity: loss.exp(), tokens: n })
+}

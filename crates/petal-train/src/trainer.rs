@@ -1,0 +1,225 @@
+//! The training loop: for each optimizer step, accumulate token-weighted gradients over
+//! micro-batches, clip, step AdamW on the scheduled learning rate, log, evaluate, checkpoint.
+//! Data order and dropout masks derive from (seed, micro-batch index), and checkpoints hold
+//! the adapter and optimizer state bit for bit, so `--resume` replays the same losses.
+
+use crate::checkpoint::{self, TrainerState};
+use crate::eval::{batch_loss, evaluate};
+use crate::optim::{AdamW, AdamWParams};
+use crate::schedule::Schedule;
+use candle_core::{Tensor, Var};
+use petal_core::inject::adapter_vars;
+use petal_core::{rng, AdapterConfig, Error, Result};
+use petal_data::{batches, Batch, Example};
+use petal_io::adapter_tensors;
+use petal_models::Llama;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub optim: AdamWParams,
+    pub schedule: Schedule,
+    pub warmup_steps: usize,
+    pub max_steps: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub max_grad_norm: Option<f64>,
+    pub seed: u64,
+    pub eval_every: usize,
+    pub save_every: usize,
+    pub out_dir: PathBuf,
+    pub adapter_name: String,
+    pub pad_id: u32,
+    /// Identity of model, adapter config and data; checkpoints refuse to resume elsewhere.
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: usize,
+    pub tokens_per_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub losses: Vec<f64>,
+    pub final_eval_loss: Option<f64>,
+    pub adapter_dir: PathBuf,
+    pub seconds: f64,
+}
+
+/// Callbacks for progress display.
+pub trait Observer {
+    fn on_start(&mut self, _first_step: usize, _max_steps: usize) {}
+    fn on_step(&mut self, _m: &StepMetrics) {}
+    fn on_checkpoint(&mut self, _dir: &Path) {}
+}
+
+impl Observer for () {}
+
+/// Micro-batch `k` of the endless, per-epoch reshuffled stream of training batches.
+fn micro_batch(train: &[Example], bs: usize, seed: u64, k: usize, pad: u32) -> Batch {
+    let per_epoch = train.len().div_ceil(bs);
+    let (epoch, pos) = (k / per_epoch, k % per_epoch);
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(rng::splitmix(seed ^ (epoch as u64 + 1))));
+    let chosen: Vec<Example> = order[pos * bs..((pos + 1) * bs).min(train.len())].iter().map(|&i| train[i].clone()).collect();
+    batches(&chosen, bs, pad).remove(0)
+}
+
+pub fn train(
+    model: &Llama,
+    adapter_cfg: &AdapterConfig,
+    train_set: &[Example],
+    val_set: &[Example],
+    cfg: &TrainConfig,
+    resume: Option<&Path>,
+    obs: &mut dyn Observer,
+) -> Result<TrainSummary> {
+    if train_set.is_empty() {
+        return Err(Error::msg("training data is empty"));
+    }
+    let vars = adapter_vars(model, &cfg.adapter_name);
+    if vars.is_empty() {
+        return Err(Error::msg(format!("adapter `{}` has no trainable tensors", cfg.adapter_name)));
+    }
+    let mut opt = AdamW::new(vars.clone(), cfg.optim)?;
+    let mut start = 0;
+    let metrics_path = cfg.out_dir.join("metrics.jsonl");
+    if let Some(path) = resume {
+        start = restore(model, &mut opt, cfg, path)?;
+        truncate_metrics(&metrics_path, start)?;
+    } else {
+        std::fs::create_dir_all(&cfg.out_dir).map_err(|e| Error::io(&cfg.out_dir, e))?;
+        std::fs::write(&metrics_path, b"").map_err(|e| Error::io(&metrics_path, e))?;
+    }
+    let mut log = std::fs::OpenOptions::new().append(true).create(true).open(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+    obs.on_start(start, cfg.max_steps);
+    let t0 = Instant::now();
+    let mut losses = Vec::new();
+    let mut last_eval = None;
+    for step in start..cfg.max_steps {
+        let ts = Instant::now();
+        let lr = cfg.schedule.lr(cfg.optim.lr, step, cfg.warmup_steps, cfg.max_steps);
+        let micro: Vec<Batch> = (0..cfg.grad_accum)
+            .map(|j| micro_batch(train_set, cfg.batch_size, cfg.seed, step * cfg.grad_accum + j, cfg.pad_id))
+            .collect();
+        let total: usize = micro.iter().map(Batch::target_tokens).sum::<usize>().max(1);
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut loss_sum = 0f64;
+        for (j, b) in micro.iter().enumerate() {
+            rng::set_step_seed(rng::splitmix(cfg.seed ^ rng::splitmix((step * cfg.grad_accum + j) as u64 + 7)));
+            let (sum, _) = batch_loss(model, b, true)?;
+            loss_sum += sum.to_scalar::<f32>()? as f64;
+            let g = (sum / total as f64)?.backward()?;
+            accumulate(&mut grads, &vars, &g)?;
+        }
+        let loss = loss_sum / total as f64;
+        if !loss.is_finite() {
+            return Err(Error::msg(format!(
+                "loss is {loss} at step {}; stopped. The last good checkpoint is kept in {}",
+                step + 1,
+                cfg.out_dir.join("checkpoints").display()
+            )));
+        }
+        let grad_norm = clip(&mut grads, cfg.max_grad_norm)?;
+        opt.step(&grads, lr)?;
+        losses.push(loss);
+        let tokens: usize = micro.iter().map(|b| b.rows * b.len).sum();
+        let mut m = StepMetrics { step: step + 1, loss, lr, grad_norm, tokens, tokens_per_s: tokens as f64 / ts.elapsed().as_secs_f64(), eval_loss: None };
+        let done = step + 1 == cfg.max_steps;
+        if !val_set.is_empty() && cfg.eval_every > 0 && ((step + 1) % cfg.eval_every == 0 || done) {
+            let e = evaluate(model, val_set, cfg.batch_size, cfg.pad_id)?.loss;
+            m.eval_loss = Some(e);
+            last_eval = Some(e);
+        }
+        let line = serde_json::to_string(&m).map_err(|e| Error::msg(e.to_string()))?;
+        writeln!(log, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
+        obs.on_step(&m);
+        if (cfg.save_every > 0 && (step + 1) % cfg.save_every == 0) || done {
+            let state = TrainerState { step: step + 1, fingerprint: cfg.fingerprint.clone(), adam_t: opt.t, last_loss: loss };
+            let (ostate, _) = opt.state();
+            let dir = checkpoint::save(&cfg.out_dir, &state, adapter_cfg, &adapter_tensors(model, &cfg.adapter_name), &ostate)?;
+            obs.on_checkpoint(&dir);
+        }
+    }
+    let adapter_dir = cfg.out_dir.join("adapter");
+    petal_io::save_model_adapter(model, &cfg.adapter_name, adapter_cfg, &adapter_dir)?;
+    Ok(TrainSummary { steps: cfg.max_steps, losses, final_eval_loss: last_eval, adapter_dir, seconds: t0.elapsed().as_secs_f64() })
+}
+
+fn accumulate(acc: &mut [Option<Tensor>], vars: &[Var], g: &candle_core::backprop::GradStore) -> Result<()> {
+    for (slot, v) in acc.iter_mut().zip(vars) {
+        if let Some(gi) = g.get(v.as_tensor()) {
+            *slot = Some(match slot.take() {
+                Some(prev) => (prev + gi)?,
+                None => gi.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Global L2 norm of all gradients; scaled down to `max` when above it (torch's
+/// clip_grad_norm_: coefficient max / (norm + 1e-6), capped at 1).
+pub fn clip(grads: &mut [Option<Tensor>], max: Option<f64>) -> Result<f64> {
+    let mut sq = 0f64;
+    for g in grads.iter().flatten() {
+        sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    let norm = sq.sqrt();
+    if let Some(max) = max {
+        let coef = max / (norm + 1e-6);
+        if coef < 1.0 {
+            for g in grads.iter_mut().flatten() {
+                *g = (&*g * coef)?;
+            }
+        }
+    }
+    Ok(norm)
+}
+
+fn restore(model: &Llama, opt: &mut AdamW, cfg: &TrainConfig, path: &Path) -> Result<usize> {
+    let ck = checkpoint::load(path, model.device())?;
+    if ck.state.fingerprint != cfg.fingerprint {
+        return Err(Error::msg(format!(
+            "{}: checkpoint was made for another model or config\n  checkpoint: {}\n  this run:   {}",
+            path.display(),
+            ck.state.fingerprint,
+            cfg.fingerprint
+        )));
+    }
+    for lin in petal_core::Adaptable::linears(model) {
+        let Some(layer) = lin.layer(&cfg.adapter_name) else { continue };
+        for t in layer.tensors() {
+            let key = format!("{}.{}", lin.path(), t.name);
+            let src = ck.adapter.get(&key).ok_or_else(|| Error::msg(format!("{}: checkpoint lacks `{key}`", path.display())))?;
+            t.var.set(src)?;
+        }
+    }
+    opt.load_state(&ck.optimizer, ck.state.adam_t)?;
+    Ok(ck.state.step)
+}
+
+/// Keep only metric lines of steps <= `step` (a resumed run rewrites what follows).
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let kept: String = text
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= step))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    petal_io::write_atomic(path, kept.as_bytes())
+}
