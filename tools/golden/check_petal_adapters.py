@@ -1,0 +1,74 @@
+"""Adapters trained and saved by petal load in the real PEFT with the same logits, and models
+merged by `petal merge` load in transformers with the same logits.
+
+For each case: `petal train` a few steps on a tiny golden model (so B is non-zero), `petal
+forward` writes petal's logits, then PEFT (PeftModel.from_pretrained) loads petal's adapter folder
+and its logits are compared. Run from the repo root after `cargo build --release -p petal-cli`:
+
+    .venv/bin/python tools/golden/check_petal_adapters.py [path/to/petal]
+"""
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "golden")
+PETAL = sys.argv[1] if len(sys.argv) > 1 else "target/release/petal"
+IDS = "1,5,9,14,20,33,2,71;7,7,3,90,45,12,60,8"
+CASES = [
+    ("llama", ["--r", "4", "--alpha", "8", "--target-modules", "q_proj,v_proj"]),
+    ("llama", ["--r", "8", "--alpha", "4", "--rslora", "true", "--target-modules", "all-linear"]),
+    ("llama", ["--r", "2", "--alpha", "5", "--target-modules", r"re:.*\.layers\.1\.(self_attn\.(k|o)_proj|mlp\.down_proj)"]),
+    ("llama", ["--r", "4", "--alpha", "16", "--target-modules", "all-linear", "--exclude-modules", "down_proj,q_proj"]),
+    ("qwen2", ["--r", "4", "--alpha", "12", "--target-modules", "all-linear"]),
+]
+
+
+def main():
+    worst = 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "data.txt")
+        with open(data, "w") as f:
+            f.write(" ".join(f"w{(i * 7) % 96}" for i in range(2000)))
+        for i, (base, flags) in enumerate(CASES):
+            run = os.path.join(tmp, f"run{i}")
+            model = os.path.join(ROOT, base)
+            subprocess.run([PETAL, "train", "--model", model, "--data", data, "--max-steps", "3", "--lr", "0.05",
+                            "--seq-len", "16", "--batch-size", "2", "--val-fraction", "0", "--out", run, *flags],
+                           check=True, capture_output=True)
+            out = os.path.join(tmp, f"logits{i}.safetensors")
+            subprocess.run([PETAL, "forward", "--model", model, "--adapter", os.path.join(run, "adapter"),
+                            "--input-ids", IDS, "--out", out], check=True, capture_output=True)
+            ours = load_file(out)["logits"]
+            m = AutoModelForCausalLM.from_pretrained(model)
+            pm = PeftModel.from_pretrained(m, os.path.join(run, "adapter")).eval()
+            ids = torch.tensor([[int(x) for x in r.split(",")] for r in IDS.split(";")])
+            with torch.no_grad():
+                ref = pm(input_ids=ids).logits.float()
+                with pm.disable_adapter():
+                    plain = pm(input_ids=ids).logits.float()
+            rel = ((ours - ref).abs().max() / ref.abs().max()).item()
+            effect = ((ref - plain).abs().max() / ref.abs().max()).item()
+            if effect < 1e-3:
+                rel = float("inf")  # the adapter must change the output, or the check proves nothing
+            merged = os.path.join(tmp, f"merged{i}")
+            subprocess.run([PETAL, "merge", "--model", model, "--adapter", os.path.join(run, "adapter"), "--out", merged],
+                           check=True, capture_output=True)
+            with torch.no_grad():
+                mm = AutoModelForCausalLM.from_pretrained(merged).eval()
+                rel_merged = ((mm(input_ids=ids).logits.float() - ref).abs().max() / ref.abs().max()).item()
+            rel = max(rel, rel_merged)
+            worst = max(worst, rel)
+            print(f"merged by petal, loaded by transformers: relative error {rel_merged:.2e}")
+            print(f"{base:6} {' '.join(flags):90} adapter effect {effect:.2e}  relative error {rel:.2e}")
+    print(f"worst relative error {worst:.2e}: {'OK' if worst < 1e-4 else 'MISMATCH'}")
+    sys.exit(0 if worst < 1e-4 else 1)
+
+
+if __name__ == "__main__":
+    main()
