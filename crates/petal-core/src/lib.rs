@@ -19,3 +19,6 @@ pub use config::AdapterConfig;
 pub use error::{Error, Result};
 pub use inject::{inject_adapter, Adaptable, InjectionReport, ParamCount};
 pub use linear::AdaptableLinear;
+
+#[doc(hidden)]
+pub mod testing;

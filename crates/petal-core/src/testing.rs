@@ -1,0 +1,201 @@
+//! The conformance suite every method runs (see `conformance!`), on a toy two-linear model.
+//! Each check compares numbers with an independent computation: the merged weight against
+//! the unmerged forward, finite differences against backprop, a formula against the count.
+
+use crate::config::{AdapterConfig, InitWeights};
+use crate::{inject_adapter, Adaptable, AdaptableLinear, ParamCount};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+
+pub struct Toy {
+    pub fc1: AdaptableLinear,
+    pub fc2: AdaptableLinear,
+}
+
+pub fn rand_tensor(shape: &[usize], seed: u64) -> Tensor {
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| r.gen_range(-1.0..1.0)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+impl Toy {
+    pub fn new() -> Self {
+        Toy {
+            fc1: AdaptableLinear::new("layers.0.fc1", rand_tensor(&[12, 10], 1), Some(rand_tensor(&[12], 2))),
+            fc2: AdaptableLinear::new("layers.1.fc2", rand_tensor(&[6, 12], 3), None),
+        }
+    }
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let h = self.fc1.forward(x, false).unwrap().silu().unwrap();
+        self.fc2.forward(&h, false).unwrap()
+    }
+    pub fn input() -> Tensor {
+        rand_tensor(&[2, 3, 10], 9)
+    }
+}
+
+impl Default for Toy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Adaptable for Toy {
+    fn linears(&self) -> Vec<&AdaptableLinear> {
+        vec![&self.fc1, &self.fc2]
+    }
+    fn linears_mut(&mut self) -> Vec<&mut AdaptableLinear> {
+        vec![&mut self.fc1, &mut self.fc2]
+    }
+    fn output_head(&self) -> Option<&str> {
+        None
+    }
+    fn base_param_count(&self) -> usize {
+        12 * 10 + 12 + 6 * 12
+    }
+}
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    d / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-12)
+}
+
+/// A toy with adapter "default" from `cfg`; with `nonzero`, the init is the method's
+/// non-zero variant (`init_lora_weights = false`).
+pub fn adapted(cfg: &AdapterConfig, nonzero: bool) -> Toy {
+    let mut t = Toy::new();
+    let mut c = cfg.clone();
+    if nonzero {
+        c.init_lora_weights = InitWeights::Flag(false);
+    }
+    inject_adapter(&mut t, "default", &c, 42).unwrap();
+    t
+}
+
+pub fn check_identity_at_init(cfg: &AdapterConfig) {
+    let t = adapted(cfg, false);
+    let x = Toy::input();
+    let base = Toy::new().forward(&x);
+    assert_eq!(max_rel(&t.forward(&x), &base), 0.0, "zero-init adapter must not change the output");
+}
+
+pub fn check_merge_equals_unmerged_and_unmerge_restores(cfg: &AdapterConfig) {
+    let mut t = adapted(cfg, true);
+    let x = Toy::input();
+    let unmerged = t.forward(&x);
+    assert!(max_rel(&unmerged, &Toy::new().forward(&x)) > 1e-3, "adapter must change the output");
+    let w0: Vec<Tensor> = t.linears().iter().map(|l| l.weight().clone()).collect();
+    for l in t.linears_mut() {
+        assert!(l.merge("default", true).unwrap());
+        assert!(!l.merge("default", true).unwrap(), "merging twice is a no-op");
+    }
+    let merged = t.forward(&x);
+    assert!(max_rel(&merged, &unmerged) < 1e-5, "merged {} vs unmerged", max_rel(&merged, &unmerged));
+    for l in t.linears_mut() {
+        l.set_disabled(true).unwrap(); // disabling unmerges first
+    }
+    for (l, w) in t.linears().iter().zip(&w0) {
+        assert!(l.merged_names().is_empty());
+        assert!(max_rel(l.weight(), w) < 1e-6, "unmerge must restore W");
+    }
+}
+
+pub fn check_save_load_bitwise(cfg: &AdapterConfig) {
+    let t = adapted(cfg, true);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.safetensors");
+    let mut map = std::collections::HashMap::new();
+    for l in t.linears() {
+        for nt in l.layer("default").unwrap().tensors() {
+            map.insert(format!("{}.{}", l.path(), nt.name), nt.var.as_tensor().clone());
+        }
+    }
+    candle_core::safetensors::save(&map, &path).unwrap();
+    let back = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let mut fresh = adapted(cfg, false);
+    for l in fresh.linears_mut() {
+        let p = l.path().to_string();
+        for nt in l.layer("default").unwrap().tensors() {
+            nt.var.set(&back[&format!("{p}.{}", nt.name)]).unwrap();
+        }
+    }
+    let x = Toy::input();
+    let (a, b) = (t.forward(&x), fresh.forward(&x));
+    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&a), bits(&b), "reloaded adapter must give bitwise equal outputs");
+}
+
+fn loss(t: &Toy, x: &Tensor) -> Tensor {
+    let w = rand_tensor(&[2, 3, 6], 11);
+    (t.forward(x) * w).unwrap().sum_all().unwrap()
+}
+
+pub fn check_gradients(cfg: &AdapterConfig) {
+    let t = adapted(cfg, true);
+    let x = Toy::input();
+    let g = loss(&t, &x).backward().unwrap();
+    let vars: Vec<Var> = crate::inject::adapter_vars(&t, "default");
+    for v in &vars {
+        let gv = g.get(v.as_tensor()).expect("every adapter variable gets a gradient");
+        assert!(gv.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    }
+    for l in t.linears() {
+        assert!(g.get(l.weight()).is_none(), "frozen weight {} must get no gradient", l.path());
+    }
+    // finite differences on a few entries of every variable, in f64 arithmetic over f32 data
+    let eps = 1e-2f32;
+    for v in &vars {
+        let base = v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let grad = g.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for i in [0, base.len() / 2, base.len() - 1] {
+            let at = |d: f32| {
+                let mut p = base.clone();
+                p[i] += d;
+                v.set(&Tensor::from_vec(p, v.as_tensor().shape(), &Device::Cpu).unwrap()).unwrap();
+                loss(&t, &x).to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+            };
+            let fd = ((at(eps) - at(-eps)) / (2.0 * eps as f64)) as f32;
+            at(0.0);
+            assert!((fd - grad[i]).abs() < 2e-2 * (1.0 + fd.abs()), "d/d[{i}]: finite difference {fd} vs backprop {}", grad[i]);
+        }
+    }
+}
+
+pub fn check_param_count(cfg: &AdapterConfig, formula: fn(usize, usize, &AdapterConfig) -> usize) {
+    let t = adapted(cfg, true);
+    let want: usize = t.linears().iter().map(|l| formula(l.in_features(), l.out_features(), cfg)).sum();
+    let c = ParamCount::of(&t);
+    assert_eq!(c.trainable, want);
+    assert_eq!(c.total, t.base_param_count() + want);
+}
+
+/// Generates the conformance tests for one method: `conformance!(config_fn, count_formula)`.
+#[macro_export]
+macro_rules! conformance {
+    ($cfg:expr, $count:expr) => {
+        mod conformance {
+            use super::*;
+            #[test]
+            fn a_zero_initialised_adapter_leaves_the_output_unchanged() {
+                $crate::testing::check_identity_at_init(&$cfg());
+            }
+            #[test]
+            fn merged_weights_give_the_unmerged_output_and_unmerge_restores_w() {
+                $crate::testing::check_merge_equals_unmerged_and_unmerge_restores(&$cfg());
+            }
+            #[test]
+            fn saved_and_reloaded_tensors_give_bitwise_equal_outputs() {
+                $crate::testing::check_save_load_bitwise(&$cfg());
+            }
+            #[test]
+            fn only_adapter_variables_get_gradients_and_they_match_finite_differences() {
+                $crate::testing::check_gradients(&$cfg());
+            }
+            #[test]
+            fn trainable_parameters_equal_the_formula() {
+                $crate::testing::check_param_count(&$cfg(), $count);
+            }
+        }
+    };
+}
