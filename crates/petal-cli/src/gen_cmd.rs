@@ -77,37 +77,69 @@ pub struct GenerateArgs {
 /// Greedy completion of plain text (used for before/after samples).
 pub fn complete(model: &Llama, tok: &Tokenizer, prompt: &str, n: usize) -> Result<String> {
     let ids = tok.encode(prompt, true)?;
-    let p = SamplingParams { max_new_tokens: n, repetition_penalty: 1.1, ..Default::default() };
+    let p = SamplingParams {
+        max_new_tokens: n,
+        repetition_penalty: 1.1,
+        ..Default::default()
+    };
     Ok(generate(model, tok, &ids, &p, &mut |_| {})?.text)
 }
 
 fn chat_ids(tok: &Tokenizer, msgs: &[Message]) -> Result<Vec<u32>> {
-    let t = tok.chat_template.as_ref().context("this model has no chat template")?;
+    let t = tok
+        .chat_template
+        .as_ref()
+        .context("this model has no chat template")?;
     Ok(tok.encode(&t.render(msgs, true)?, true)?)
 }
 
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
-    let lm = load(&a.model.model, &a.model.adapter, &a.model.dtype, &a.model.device)?;
+    let lm = load(
+        &a.model.model,
+        &a.model.adapter,
+        &a.model.dtype,
+        &a.model.device,
+    )?;
     let ids = if a.chat {
-        chat_ids(&lm.tokenizer, &[Message { role: "user".into(), content: a.prompt.clone() }])?
+        chat_ids(
+            &lm.tokenizer,
+            &[Message {
+                role: "user".into(),
+                content: a.prompt.clone(),
+            }],
+        )?
     } else {
         lm.tokenizer.encode(&a.prompt, true)?
     };
     let t = std::time::Instant::now();
     let mut out = std::io::stdout();
     let stream = !a.json;
-    let g = generate(&lm.model, &lm.tokenizer, &ids, &a.sampling.params(), &mut |s| {
-        if stream {
-            let _ = write!(out, "{s}");
-            let _ = out.flush();
-        }
-    })?;
+    let g = generate(
+        &lm.model,
+        &lm.tokenizer,
+        &ids,
+        &a.sampling.params(),
+        &mut |s| {
+            if stream {
+                let _ = write!(out, "{s}");
+                let _ = out.flush();
+            }
+        },
+    )?;
     let secs = t.elapsed().as_secs_f64();
     if a.json {
-        println!("{}", serde_json::json!({"text": g.text, "tokens": g.ids.len(), "stop": g.stop, "seconds": secs, "tokens_per_s": g.ids.len() as f64 / secs}));
+        println!(
+            "{}",
+            serde_json::json!({"text": g.text, "tokens": g.ids.len(), "stop": g.stop, "seconds": secs, "tokens_per_s": g.ids.len() as f64 / secs})
+        );
     } else {
         println!();
-        eprintln!("[{} tokens, {:.1} tok/s, stop: {:?}]", g.ids.len(), g.ids.len() as f64 / secs, g.stop);
+        eprintln!(
+            "[{} tokens, {:.1} tok/s, stop: {:?}]",
+            g.ids.len(),
+            g.ids.len() as f64 / secs,
+            g.stop
+        );
     }
     Ok(())
 }
@@ -125,8 +157,20 @@ pub struct ChatArgs {
 
 /// A conversation on stdin/stdout; `/reset` starts over, `/quit` or end of input leaves.
 pub fn run_chat(a: ChatArgs) -> Result<()> {
-    let lm = load(&a.model.model, &a.model.adapter, &a.model.dtype, &a.model.device)?;
-    let mut msgs: Vec<Message> = a.system.iter().map(|s| Message { role: "system".into(), content: s.clone() }).collect();
+    let lm = load(
+        &a.model.model,
+        &a.model.adapter,
+        &a.model.dtype,
+        &a.model.device,
+    )?;
+    let mut msgs: Vec<Message> = a
+        .system
+        .iter()
+        .map(|s| Message {
+            role: "system".into(),
+            content: s.clone(),
+        })
+        .collect();
     let keep = msgs.len();
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
@@ -147,14 +191,26 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
             }
             _ => {}
         }
-        msgs.push(Message { role: "user".into(), content: line.to_string() });
+        msgs.push(Message {
+            role: "user".into(),
+            content: line.to_string(),
+        });
         let ids = chat_ids(&lm.tokenizer, &msgs)?;
-        let g = generate(&lm.model, &lm.tokenizer, &ids, &a.sampling.params(), &mut |s| {
-            let _ = write!(out, "{s}");
-            let _ = out.flush();
-        })?;
+        let g = generate(
+            &lm.model,
+            &lm.tokenizer,
+            &ids,
+            &a.sampling.params(),
+            &mut |s| {
+                let _ = write!(out, "{s}");
+                let _ = out.flush();
+            },
+        )?;
         println!();
-        msgs.push(Message { role: "assistant".into(), content: g.text });
+        msgs.push(Message {
+            role: "assistant".into(),
+            content: g.text,
+        });
     }
     Ok(())
 }

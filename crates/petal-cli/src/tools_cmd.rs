@@ -28,8 +28,16 @@ pub struct EvalArgs {
 }
 
 pub fn run_eval(a: EvalArgs) -> Result<()> {
-    let lm = load(&a.model.model, &a.model.adapter, &a.model.dtype, &a.model.device)?;
-    let opts = DataOptions { max_seq_len: a.seq_len, pack: false };
+    let lm = load(
+        &a.model.model,
+        &a.model.adapter,
+        &a.model.dtype,
+        &a.model.device,
+    )?;
+    let opts = DataOptions {
+        max_seq_len: a.seq_len,
+        pack: false,
+    };
     let mut ex = Vec::new();
     for f in data_files(&a.data)? {
         ex.extend(load_examples(&f, &lm.tokenizer, &opts)?);
@@ -37,11 +45,25 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     if a.max_examples > 0 {
         ex.truncate(a.max_examples);
     }
-    let r = petal_train::evaluate(&lm.model, &ex, a.batch_size, lm.tokenizer.eos_id.unwrap_or(0))?;
+    let r = petal_train::evaluate(
+        &lm.model,
+        &ex,
+        a.batch_size,
+        lm.tokenizer.eos_id.unwrap_or(0),
+    )?;
     if a.json {
-        println!("{}", serde_json::json!({"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens, "sequences": ex.len()}));
+        println!(
+            "{}",
+            serde_json::json!({"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens, "sequences": ex.len()})
+        );
     } else {
-        println!("loss {:.4}  perplexity {:.2}  over {} tokens in {} sequences", r.loss, r.perplexity, r.tokens, ex.len());
+        println!(
+            "loss {:.4}  perplexity {:.2}  over {} tokens in {} sequences",
+            r.loss,
+            r.perplexity,
+            r.tokens,
+            ex.len()
+        );
     }
     Ok(())
 }
@@ -59,8 +81,19 @@ pub fn run_merge(a: MergeArgs) -> Result<()> {
     if a.model.adapter.is_empty() {
         bail!("--adapter is required: the adapter to merge into the model");
     }
-    let mut lm = load(&a.model.model, &a.model.adapter, &a.model.dtype, &a.model.device)?;
-    let names: Vec<String> = lm.model.linears().iter().flat_map(|l| l.adapter_names()).map(String::from).collect();
+    let mut lm = load(
+        &a.model.model,
+        &a.model.adapter,
+        &a.model.dtype,
+        &a.model.device,
+    )?;
+    let names: Vec<String> = lm
+        .model
+        .linears()
+        .iter()
+        .flat_map(|l| l.adapter_names())
+        .map(String::from)
+        .collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     for l in lm.model.linears_mut() {
         l.merge_and_unload(&names)?;
@@ -79,7 +112,11 @@ pub fn run_merge(a: MergeArgs) -> Result<()> {
     let cfg = serde_json::to_string_pretty(&lm.model.cfg.to_hf_json(dt))?;
     petal_io::write_atomic(&a.out.join("config.json"), cfg.as_bytes())?;
     lm.tokenizer.save(&a.out)?;
-    println!("merged {} adapter(s) into {}", a.model.adapter.len(), a.out.display());
+    println!(
+        "merged {} adapter(s) into {}",
+        a.model.adapter.len(),
+        a.out.display()
+    );
     Ok(())
 }
 
@@ -92,14 +129,23 @@ pub struct InspectArgs {
 }
 
 pub fn run_inspect(a: InspectArgs) -> Result<()> {
-    let lm = load(&a.model.model, &a.model.adapter, &a.model.dtype, &a.model.device)?;
+    let lm = load(
+        &a.model.model,
+        &a.model.adapter,
+        &a.model.dtype,
+        &a.model.device,
+    )?;
     let m = &lm.model;
     let pc = ParamCount::of(m);
     let mut modules = Vec::new();
     for l in m.linears() {
         for n in l.adapter_names() {
             let layer = l.layer(n).context("adapter vanished")?;
-            let shapes: Vec<_> = layer.tensors().iter().map(|t| (t.name, t.var.as_tensor().dims().to_vec())).collect();
+            let shapes: Vec<_> = layer
+                .tensors()
+                .iter()
+                .map(|t| (t.name, t.var.as_tensor().dims().to_vec()))
+                .collect();
             modules.push(serde_json::json!({"module": l.path(), "adapter": n, "base": [l.out_features(), l.in_features()], "tensors": shapes}));
         }
     }
@@ -117,7 +163,13 @@ pub fn run_inspect(a: InspectArgs) -> Result<()> {
         c.model_type, c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size, c.rope_theta, c.tie_word_embeddings);
     println!("{pc}");
     for md in &modules {
-        println!("  {} [{}] base {} {}", md["module"].as_str().unwrap_or(""), md["adapter"].as_str().unwrap_or(""), md["base"], md["tensors"]);
+        println!(
+            "  {} [{}] base {} {}",
+            md["module"].as_str().unwrap_or(""),
+            md["adapter"].as_str().unwrap_or(""),
+            md["base"],
+            md["tensors"]
+        );
     }
     Ok(())
 }
@@ -137,7 +189,15 @@ pub struct ForwardArgs {
 pub fn parse_ids(s: &str) -> Result<(Vec<u32>, usize, usize)> {
     let rows: Vec<Vec<u32>> = s
         .split(';')
-        .map(|r| r.split(',').map(|x| x.trim().parse::<u32>().with_context(|| format!("bad token id `{x}`"))).collect())
+        .map(|r| {
+            r.split(',')
+                .map(|x| {
+                    x.trim()
+                        .parse::<u32>()
+                        .with_context(|| format!("bad token id `{x}`"))
+                })
+                .collect()
+        })
         .collect::<Result<_>>()?;
     let len = rows.first().map(Vec::len).unwrap_or(0);
     if len == 0 || rows.iter().any(|r| r.len() != len) {
@@ -148,17 +208,29 @@ pub fn parse_ids(s: &str) -> Result<(Vec<u32>, usize, usize)> {
 }
 
 pub fn run_forward(a: ForwardArgs) -> Result<()> {
-    let lm = load(&a.model.model, &a.model.adapter, &a.model.dtype, &a.model.device)?;
+    let lm = load(
+        &a.model.model,
+        &a.model.adapter,
+        &a.model.dtype,
+        &a.model.device,
+    )?;
     let (ids, b, t) = parse_ids(&a.input_ids)?;
     if let Some(bad) = ids.iter().find(|&&i| i as usize >= lm.model.vocab_size()) {
-        bail!("token id {bad} is outside the vocabulary of {}", lm.model.vocab_size());
+        bail!(
+            "token id {bad} is outside the vocabulary of {}",
+            lm.model.vocab_size()
+        );
     }
     let x = Tensor::from_vec(ids, (b, t), lm.model.device())?;
     let logits = lm.model.forward(&x, None, false)?.to_dtype(DType::F32)?;
     let mut m = HashMap::new();
     m.insert("logits".to_string(), logits);
     petal_io::write_safetensors_atomic(&a.out, &m)?;
-    println!("wrote logits [{b}, {t}, {}] to {}", lm.model.vocab_size(), a.out.display());
+    println!(
+        "wrote logits [{b}, {t}, {}] to {}",
+        lm.model.vocab_size(),
+        a.out.display()
+    );
     Ok(())
 }
 
@@ -179,7 +251,11 @@ pub fn run_assets(a: AssetsArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let names: Vec<String> = if a.names.is_empty() { ASSETS.iter().map(|x| x.name.to_string()).collect() } else { a.names };
+    let names: Vec<String> = if a.names.is_empty() {
+        ASSETS.iter().map(|x| x.name.to_string()).collect()
+    } else {
+        a.names
+    };
     for n in names {
         println!("{n}\t{}", ensure(&n)?.display());
     }

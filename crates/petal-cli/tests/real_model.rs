@@ -13,10 +13,22 @@ fn smollm2() -> petal_models::LoadedModel {
 #[test]
 fn smollm2_answers_that_the_capital_of_france_is_paris() {
     let m = smollm2();
-    let msgs = [Message { role: "user".into(), content: "What is the capital of France?".into() }];
-    let text = m.tokenizer.chat_template.as_ref().unwrap().render(&msgs, true).unwrap();
+    let msgs = [Message {
+        role: "user".into(),
+        content: "What is the capital of France?".into(),
+    }];
+    let text = m
+        .tokenizer
+        .chat_template
+        .as_ref()
+        .unwrap()
+        .render(&msgs, true)
+        .unwrap();
     let ids = m.tokenizer.encode(&text, true).unwrap();
-    let p = SamplingParams { max_new_tokens: 16, ..Default::default() };
+    let p = SamplingParams {
+        max_new_tokens: 16,
+        ..Default::default()
+    };
     let g = generate(&m.model, &m.tokenizer, &ids, &p, &mut |_| {}).unwrap();
     assert!(g.text.contains("Paris"), "answer: {:?}", g.text);
 }
@@ -24,30 +36,83 @@ fn smollm2_answers_that_the_capital_of_france_is_paris() {
 #[test]
 fn smollm2_perplexity_on_plain_english_is_near_the_reference_25() {
     let m = smollm2();
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/english.txt");
-    let ex = petal_data::load_examples(&path, &m.tokenizer, &petal_data::DataOptions { max_seq_len: 512, pack: false }).unwrap();
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/english.txt");
+    let ex = petal_data::load_examples(
+        &path,
+        &m.tokenizer,
+        &petal_data::DataOptions {
+            max_seq_len: 512,
+            pack: false,
+        },
+    )
+    .unwrap();
     let r = petal_train::evaluate(&m.model, &ex, 1, 0).unwrap();
     // llama.cpp / transformers give about 25 on plain English for this checkpoint (Q4_1).
-    assert!(r.perplexity > 8.0 && r.perplexity < 40.0, "perplexity {}", r.perplexity);
+    assert!(
+        r.perplexity > 8.0 && r.perplexity < 40.0,
+        "perplexity {}",
+        r.perplexity
+    );
 }
 
 #[test]
 fn kv_cached_decoding_gives_the_same_logits_as_a_full_forward() {
     let m = smollm2();
-    let ids = m.tokenizer.encode("To be, or not to be, that is the question", false).unwrap();
+    let ids = m
+        .tokenizer
+        .encode("To be, or not to be, that is the question", false)
+        .unwrap();
     let dev = Device::Cpu;
-    let full = m.model.forward(&candle_core::Tensor::new(ids.as_slice(), &dev).unwrap().unsqueeze(0).unwrap(), None, false).unwrap();
+    let full = m
+        .model
+        .forward(
+            &candle_core::Tensor::new(ids.as_slice(), &dev)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            None,
+            false,
+        )
+        .unwrap();
     let mut cache = m.model.new_cache();
     let n = ids.len();
-    let head = candle_core::Tensor::new(&ids[..n - 2], &dev).unwrap().unsqueeze(0).unwrap();
+    let head = candle_core::Tensor::new(&ids[..n - 2], &dev)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     m.model.forward(&head, Some(&mut cache), false).unwrap();
     let mut last = None;
     for &t in &ids[n - 2..] {
-        last = Some(m.model.forward(&candle_core::Tensor::new(&[t], &dev).unwrap().unsqueeze(0).unwrap(), Some(&mut cache), false).unwrap());
+        last = Some(
+            m.model
+                .forward(
+                    &candle_core::Tensor::new(&[t], &dev)
+                        .unwrap()
+                        .unsqueeze(0)
+                        .unwrap(),
+                    Some(&mut cache),
+                    false,
+                )
+                .unwrap(),
+        );
     }
     let step = last.unwrap().squeeze(0).unwrap().squeeze(0).unwrap();
     let want = full.squeeze(0).unwrap().get(n - 1).unwrap();
-    let d = (step - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let s = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let d = (step - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let s = want
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(d / s < 1e-4, "relative difference {}", d / s);
 }

@@ -22,7 +22,11 @@ pub fn rand_tensor(shape: &[usize], seed: u64) -> Tensor {
 impl Toy {
     pub fn new() -> Self {
         Toy {
-            fc1: AdaptableLinear::new("layers.0.fc1", rand_tensor(&[12, 10], 1), Some(rand_tensor(&[12], 2))),
+            fc1: AdaptableLinear::new(
+                "layers.0.fc1",
+                rand_tensor(&[12, 10], 1),
+                Some(rand_tensor(&[12], 2)),
+            ),
             fc2: AdaptableLinear::new("layers.1.fc2", rand_tensor(&[6, 12], 3), None),
         }
     }
@@ -57,8 +61,22 @@ impl Adaptable for Toy {
 }
 
 fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    d / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-12)
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    d / b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1e-12)
 }
 
 /// A toy with adapter "default" from `cfg`; with `nonzero`, the init is the method's
@@ -77,21 +95,35 @@ pub fn check_identity_at_init(cfg: &AdapterConfig) {
     let t = adapted(cfg, false);
     let x = Toy::input();
     let base = Toy::new().forward(&x);
-    assert_eq!(max_rel(&t.forward(&x), &base), 0.0, "zero-init adapter must not change the output");
+    assert_eq!(
+        max_rel(&t.forward(&x), &base),
+        0.0,
+        "zero-init adapter must not change the output"
+    );
 }
 
 pub fn check_merge_equals_unmerged_and_unmerge_restores(cfg: &AdapterConfig) {
     let mut t = adapted(cfg, true);
     let x = Toy::input();
     let unmerged = t.forward(&x);
-    assert!(max_rel(&unmerged, &Toy::new().forward(&x)) > 1e-3, "adapter must change the output");
+    assert!(
+        max_rel(&unmerged, &Toy::new().forward(&x)) > 1e-3,
+        "adapter must change the output"
+    );
     let w0: Vec<Tensor> = t.linears().iter().map(|l| l.weight().clone()).collect();
     for l in t.linears_mut() {
         assert!(l.merge("default", true).unwrap());
-        assert!(!l.merge("default", true).unwrap(), "merging twice is a no-op");
+        assert!(
+            !l.merge("default", true).unwrap(),
+            "merging twice is a no-op"
+        );
     }
     let merged = t.forward(&x);
-    assert!(max_rel(&merged, &unmerged) < 1e-5, "merged {} vs unmerged", max_rel(&merged, &unmerged));
+    assert!(
+        max_rel(&merged, &unmerged) < 1e-5,
+        "merged {} vs unmerged",
+        max_rel(&merged, &unmerged)
+    );
     for l in t.linears_mut() {
         l.set_disabled(true).unwrap(); // disabling unmerges first
     }
@@ -108,7 +140,10 @@ pub fn check_save_load_bitwise(cfg: &AdapterConfig) {
     let mut map = std::collections::HashMap::new();
     for l in t.linears() {
         for nt in l.layer("default").unwrap().tensors() {
-            map.insert(format!("{}.{}", l.path(), nt.name), nt.var.as_tensor().clone());
+            map.insert(
+                format!("{}.{}", l.path(), nt.name),
+                nt.var.as_tensor().clone(),
+            );
         }
     }
     candle_core::safetensors::save(&map, &path).unwrap();
@@ -122,8 +157,20 @@ pub fn check_save_load_bitwise(cfg: &AdapterConfig) {
     }
     let x = Toy::input();
     let (a, b) = (t.forward(&x), fresh.forward(&x));
-    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&a), bits(&b), "reloaded adapter must give bitwise equal outputs");
+    let bits = |t: &Tensor| {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        bits(&a),
+        bits(&b),
+        "reloaded adapter must give bitwise equal outputs"
+    );
 }
 
 fn loss(t: &Toy, x: &Tensor) -> Tensor {
@@ -137,34 +184,72 @@ pub fn check_gradients(cfg: &AdapterConfig) {
     let g = loss(&t, &x).backward().unwrap();
     let vars: Vec<Var> = crate::inject::adapter_vars(&t, "default");
     for v in &vars {
-        let gv = g.get(v.as_tensor()).expect("every adapter variable gets a gradient");
-        assert!(gv.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+        let gv = g
+            .get(v.as_tensor())
+            .expect("every adapter variable gets a gradient");
+        assert!(
+            gv.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
     }
     for l in t.linears() {
-        assert!(g.get(l.weight()).is_none(), "frozen weight {} must get no gradient", l.path());
+        assert!(
+            g.get(l.weight()).is_none(),
+            "frozen weight {} must get no gradient",
+            l.path()
+        );
     }
     // finite differences on a few entries of every variable, in f64 arithmetic over f32 data
     let eps = 1e-2f32;
     for v in &vars {
-        let base = v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let grad = g.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let base = v
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let grad = g
+            .get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         for i in [0, base.len() / 2, base.len() - 1] {
             let at = |d: f32| {
                 let mut p = base.clone();
                 p[i] += d;
-                v.set(&Tensor::from_vec(p, v.as_tensor().shape(), &Device::Cpu).unwrap()).unwrap();
-                loss(&t, &x).to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+                v.set(&Tensor::from_vec(p, v.as_tensor().shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                loss(&t, &x)
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
             };
             let fd = ((at(eps) - at(-eps)) / (2.0 * eps as f64)) as f32;
             at(0.0);
-            assert!((fd - grad[i]).abs() < 2e-2 * (1.0 + fd.abs()), "d/d[{i}]: finite difference {fd} vs backprop {}", grad[i]);
+            assert!(
+                (fd - grad[i]).abs() < 2e-2 * (1.0 + fd.abs()),
+                "d/d[{i}]: finite difference {fd} vs backprop {}",
+                grad[i]
+            );
         }
     }
 }
 
 pub fn check_param_count(cfg: &AdapterConfig, formula: fn(usize, usize, &AdapterConfig) -> usize) {
     let t = adapted(cfg, true);
-    let want: usize = t.linears().iter().map(|l| formula(l.in_features(), l.out_features(), cfg)).sum();
+    let want: usize = t
+        .linears()
+        .iter()
+        .map(|l| formula(l.in_features(), l.out_features(), cfg))
+        .sum();
     let c = ParamCount::of(&t);
     assert_eq!(c.trainable, want);
     assert_eq!(c.total, t.base_param_count() + want);

@@ -24,7 +24,12 @@ pub struct Generated {
 
 fn last_logits(logits: &Tensor) -> Result<Vec<f32>> {
     let t = logits.dim(1)?;
-    Ok(logits.narrow(1, t - 1, 1)?.squeeze(1)?.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()?)
+    Ok(logits
+        .narrow(1, t - 1, 1)?
+        .squeeze(1)?
+        .squeeze(0)?
+        .to_dtype(DType::F32)?
+        .to_vec1()?)
 }
 
 /// Generate from `prompt` token ids; `on_text` receives each newly decoded piece (streaming).
@@ -78,5 +83,9 @@ pub fn generate(
     if stop != StopReason::StopString {
         text = dec(&out)?;
     }
-    Ok(Generated { ids: out, text, stop })
+    Ok(Generated {
+        ids: out,
+        text,
+        stop,
+    })
 }

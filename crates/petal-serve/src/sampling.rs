@@ -17,7 +17,15 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: None, top_p: None, repetition_penalty: 1.0, max_new_tokens: 128, stop: Vec::new(), seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            repetition_penalty: 1.0,
+            max_new_tokens: 128,
+            stop: Vec::new(),
+            seed: 0,
+        }
     }
 }
 
@@ -32,7 +40,11 @@ pub fn apply_repetition_penalty(logits: &mut [f32], seen: &[u32], penalty: f64) 
             continue;
         }
         if let Some(l) = logits.get_mut(t as usize) {
-            *l = if *l > 0.0 { *l / penalty as f32 } else { *l * penalty as f32 };
+            *l = if *l > 0.0 {
+                *l / penalty as f32
+            } else {
+                *l * penalty as f32
+            };
         }
     }
 }
@@ -78,7 +90,11 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> u32 {
 }
 
 pub fn argmax(v: &[f32]) -> u32 {
-    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap_or(0)
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i as u32)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -98,9 +114,17 @@ mod tests {
         let l = vec![0.1, 3.0, 2.9, -1.0];
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
         for _ in 0..50 {
-            let p = SamplingParams { temperature: 1.0, top_k: Some(1), ..Default::default() };
+            let p = SamplingParams {
+                temperature: 1.0,
+                top_k: Some(1),
+                ..Default::default()
+            };
             assert_eq!(sample(&l, &p, &mut rng), 1);
-            let p = SamplingParams { temperature: 1.0, top_p: Some(0.01), ..Default::default() };
+            let p = SamplingParams {
+                temperature: 1.0,
+                top_p: Some(0.01),
+                ..Default::default()
+            };
             assert_eq!(sample(&l, &p, &mut rng), 1);
         }
     }
@@ -109,7 +133,10 @@ mod tests {
     fn sampling_frequencies_follow_the_softmax_of_logits_over_temperature() {
         let l = vec![0.0f32, (2.0f32).ln()]; // probabilities 1/3, 2/3 at t = 1
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        let p = SamplingParams { temperature: 1.0, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            ..Default::default()
+        };
         let n = 20000;
         let ones = (0..n).filter(|_| sample(&l, &p, &mut rng) == 1).count() as f64 / n as f64;
         assert!((ones - 2.0 / 3.0).abs() < 0.015, "{ones}");

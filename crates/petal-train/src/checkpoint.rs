@@ -42,7 +42,11 @@ pub fn save(
     let final_dir = step_dir(out, state.step);
     let parent = final_dir.parent().unwrap_or(out).to_path_buf();
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let tmp = parent.join(format!(".tmp-step-{:06}-{}", state.step, std::process::id()));
+    let tmp = parent.join(format!(
+        ".tmp-step-{:06}-{}",
+        state.step,
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&tmp);
     save_adapter(&tmp, cfg, adapter)?;
     write_safetensors_atomic(&tmp.join(OPTIMIZER), optimizer)?;
@@ -52,7 +56,14 @@ pub fn save(
         std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
     }
     std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
-    write_atomic(&parent.join(LATEST), final_dir.file_name().unwrap_or_default().to_string_lossy().as_bytes())?;
+    write_atomic(
+        &parent.join(LATEST),
+        final_dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .as_bytes(),
+    )?;
     Ok(final_dir)
 }
 
@@ -62,8 +73,12 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
         return Ok(path.to_path_buf());
     }
     let latest = path.join("checkpoints").join(LATEST);
-    let name = std::fs::read_to_string(&latest)
-        .map_err(|_| Error::msg(format!("{}: not a checkpoint (no {STATE}) and no checkpoints/{LATEST}", path.display())))?;
+    let name = std::fs::read_to_string(&latest).map_err(|_| {
+        Error::msg(format!(
+            "{}: not a checkpoint (no {STATE}) and no checkpoints/{LATEST}",
+            path.display()
+        ))
+    })?;
     Ok(path.join("checkpoints").join(name.trim()))
 }
 
@@ -71,9 +86,15 @@ pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
     let dir = resolve(path)?;
     let sp = dir.join(STATE);
     let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
-    let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::msg(format!("{}: {e}", sp.display())))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| Error::msg(format!("{}: {e}", sp.display())))?;
     let (_, adapter) = petal_io::load_adapter(&dir, device)?;
     let op = dir.join(OPTIMIZER);
-    let optimizer = candle_core::safetensors::load(&op, device).map_err(|e| Error::msg(format!("{}: {e}", op.display())))?;
-    Ok(Checkpoint { state, adapter, optimizer })
+    let optimizer = candle_core::safetensors::load(&op, device)
+        .map_err(|e| Error::msg(format!("{}: {e}", op.display())))?;
+    Ok(Checkpoint {
+        state,
+        adapter,
+        optimizer,
+    })
 }

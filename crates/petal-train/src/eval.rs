@@ -12,8 +12,12 @@ pub fn batch_loss(model: &Llama, b: &Batch, train: bool) -> Result<(Tensor, usiz
     let ids = Tensor::from_slice(&b.ids, (b.rows, b.len), dev)?;
     let logits = model.forward(&ids, None, train)?; // (rows, len, vocab)
     let v = logits.dim(D::Minus1)?;
-    let shifted = logits.narrow(1, 0, b.len - 1)?.reshape((b.rows * (b.len - 1), v))?;
-    let labels: Vec<i64> = (0..b.rows).flat_map(|r| b.labels[r * b.len + 1..(r + 1) * b.len].iter().copied()).collect();
+    let shifted = logits
+        .narrow(1, 0, b.len - 1)?
+        .reshape((b.rows * (b.len - 1), v))?;
+    let labels: Vec<i64> = (0..b.rows)
+        .flat_map(|r| b.labels[r * b.len + 1..(r + 1) * b.len].iter().copied())
+        .collect();
     let labels = Tensor::from_vec(labels, b.rows * (b.len - 1), dev)?;
     Ok(masked_cross_entropy(&shifted, &labels)?)
 }
@@ -26,7 +30,12 @@ pub struct EvalResult {
 }
 
 /// Token-weighted mean loss over `examples`.
-pub fn evaluate(model: &Llama, examples: &[Example], batch_size: usize, pad: u32) -> Result<EvalResult> {
+pub fn evaluate(
+    model: &Llama,
+    examples: &[Example],
+    batch_size: usize,
+    pad: u32,
+) -> Result<EvalResult> {
     let (mut sum, mut n) = (0f64, 0usize);
     for b in batches(examples, batch_size, pad) {
         let (s, c) = batch_loss(model, &b, false)?;
@@ -34,8 +43,14 @@ pub fn evaluate(model: &Llama, examples: &[Example], batch_size: usize, pad: u32
         n += c;
     }
     if n == 0 {
-        return Err(petal_core::Error::msg("evaluation data has no tokens to score"));
+        return Err(petal_core::Error::msg(
+            "evaluation data has no tokens to score",
+        ));
     }
     let loss = sum / n as f64;
-    Ok(EvalResult { loss, perplexity: loss.exp(), tokens: n })
+    Ok(EvalResult {
+        loss,
+        perplexity: loss.exp(),
+        tokens: n,
+    })
 }

@@ -16,7 +16,13 @@ pub struct AdamWParams {
 
 impl Default for AdamWParams {
     fn default() -> Self {
-        AdamWParams { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+        AdamWParams {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
     }
 }
 
@@ -30,9 +36,18 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(vars: Vec<Var>, params: AdamWParams) -> Result<Self> {
-        let m = vars.iter().map(|x| x.as_tensor().zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
+        let m = vars
+            .iter()
+            .map(|x| x.as_tensor().zeros_like())
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let v = m.clone();
-        Ok(AdamW { params, vars, m, v, t: 0 })
+        Ok(AdamW {
+            params,
+            vars,
+            m,
+            v,
+            t: 0,
+        })
     }
 
     pub fn vars(&self) -> &[Var] {
@@ -71,11 +86,19 @@ impl AdamW {
     pub fn load_state(&mut self, s: &HashMap<String, Tensor>, t: usize) -> Result<()> {
         for i in 0..self.vars.len() {
             let get = |k: String| {
-                s.get(&k).cloned().ok_or_else(|| petal_core::Error::msg(format!("optimizer state lacks `{k}` (checkpoint of another adapter?)")))
+                s.get(&k).cloned().ok_or_else(|| {
+                    petal_core::Error::msg(format!(
+                        "optimizer state lacks `{k}` (checkpoint of another adapter?)"
+                    ))
+                })
             };
             let (m, v) = (get(format!("m.{i}"))?, get(format!("v.{i}"))?);
             if m.dims() != self.vars[i].as_tensor().dims() {
-                return Err(petal_core::Error::Shape { tensor: format!("optimizer m.{i}"), expected: self.vars[i].as_tensor().dims().to_vec(), found: m.dims().to_vec() });
+                return Err(petal_core::Error::Shape {
+                    tensor: format!("optimizer m.{i}"),
+                    expected: self.vars[i].as_tensor().dims().to_vec(),
+                    found: m.dims().to_vec(),
+                });
             }
             self.m[i] = m;
             self.v[i] = v;
@@ -93,7 +116,13 @@ mod tests {
     #[test]
     fn two_adamw_steps_match_a_hand_worked_computation() {
         let var = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
-        let p = AdamWParams { lr: 0.1, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.5 };
+        let p = AdamWParams {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.5,
+        };
         let mut opt = AdamW::new(vec![var.clone()], p).unwrap();
         let g = Tensor::new(&[0.5f32, 0.25], &Device::Cpu).unwrap();
         opt.step(&[Some(g.clone())], 0.1).unwrap();
@@ -103,7 +132,11 @@ mod tests {
         let got = var.as_tensor().to_vec1::<f32>().unwrap();
         assert!((got[0] - w1[0] as f32).abs() < 1e-6 && (got[1] - w1[1] as f32).abs() < 1e-6);
         let g2 = [1.0f64, -0.25];
-        opt.step(&[Some(Tensor::new(&[1.0f32, -0.25], &Device::Cpu).unwrap())], 0.1).unwrap();
+        opt.step(
+            &[Some(Tensor::new(&[1.0f32, -0.25], &Device::Cpu).unwrap())],
+            0.1,
+        )
+        .unwrap();
         let g1 = [0.5f64, 0.25];
         let got = var.as_tensor().to_vec1::<f32>().unwrap();
         for i in 0..2 {
@@ -111,7 +144,11 @@ mod tests {
             let v = 0.99 * 0.01 * g1[i] * g1[i] + 0.01 * g2[i] * g2[i];
             let (mh, vh) = (m / (1.0 - 0.81), v / (1.0 - 0.9801));
             let want = w1[i] * 0.95 - 0.1 * mh / (vh.sqrt() + 1e-8);
-            assert!((got[i] as f64 - want).abs() < 1e-5, "{i}: {} vs {want}", got[i]);
+            assert!(
+                (got[i] as f64 - want).abs() < 1e-5,
+                "{i}: {} vs {want}",
+                got[i]
+            );
         }
     }
 }

@@ -34,7 +34,9 @@ impl Schedule {
         match self {
             Schedule::Constant => base,
             Schedule::Linear => base * (1.0 - progress).max(0.0),
-            Schedule::Cosine => base * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos()),
+            Schedule::Cosine => {
+                base * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
+            }
         }
     }
 }

@@ -74,8 +74,13 @@ fn micro_batch(train: &[Example], bs: usize, seed: u64, k: usize, pad: u32) -> B
     let per_epoch = train.len().div_ceil(bs);
     let (epoch, pos) = (k / per_epoch, k % per_epoch);
     let mut order: Vec<usize> = (0..train.len()).collect();
-    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(rng::splitmix(seed ^ (epoch as u64 + 1))));
-    let chosen: Vec<Example> = order[pos * bs..((pos + 1) * bs).min(train.len())].iter().map(|&i| train[i].clone()).collect();
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(rng::splitmix(
+        seed ^ (epoch as u64 + 1),
+    )));
+    let chosen: Vec<Example> = order[pos * bs..((pos + 1) * bs).min(train.len())]
+        .iter()
+        .map(|&i| train[i].clone())
+        .collect();
     batches(&chosen, bs, pad).remove(0)
 }
 
@@ -93,7 +98,10 @@ pub fn train(
     }
     let vars = adapter_vars(model, &cfg.adapter_name);
     if vars.is_empty() {
-        return Err(Error::msg(format!("adapter `{}` has no trainable tensors", cfg.adapter_name)));
+        return Err(Error::msg(format!(
+            "adapter `{}` has no trainable tensors",
+            cfg.adapter_name
+        )));
     }
     let mut opt = AdamW::new(vars.clone(), cfg.optim)?;
     let mut start = 0;
@@ -105,22 +113,38 @@ pub fn train(
         std::fs::create_dir_all(&cfg.out_dir).map_err(|e| Error::io(&cfg.out_dir, e))?;
         std::fs::write(&metrics_path, b"").map_err(|e| Error::io(&metrics_path, e))?;
     }
-    let mut log = std::fs::OpenOptions::new().append(true).create(true).open(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&metrics_path)
+        .map_err(|e| Error::io(&metrics_path, e))?;
     obs.on_start(start, cfg.max_steps);
     let t0 = Instant::now();
     let mut losses = Vec::new();
     let mut last_eval = None;
     for step in start..cfg.max_steps {
         let ts = Instant::now();
-        let lr = cfg.schedule.lr(cfg.optim.lr, step, cfg.warmup_steps, cfg.max_steps);
+        let lr = cfg
+            .schedule
+            .lr(cfg.optim.lr, step, cfg.warmup_steps, cfg.max_steps);
         let micro: Vec<Batch> = (0..cfg.grad_accum)
-            .map(|j| micro_batch(train_set, cfg.batch_size, cfg.seed, step * cfg.grad_accum + j, cfg.pad_id))
+            .map(|j| {
+                micro_batch(
+                    train_set,
+                    cfg.batch_size,
+                    cfg.seed,
+                    step * cfg.grad_accum + j,
+                    cfg.pad_id,
+                )
+            })
             .collect();
         let total: usize = micro.iter().map(Batch::target_tokens).sum::<usize>().max(1);
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut loss_sum = 0f64;
         for (j, b) in micro.iter().enumerate() {
-            rng::set_step_seed(rng::splitmix(cfg.seed ^ rng::splitmix((step * cfg.grad_accum + j) as u64 + 7)));
+            rng::set_step_seed(rng::splitmix(
+                cfg.seed ^ rng::splitmix((step * cfg.grad_accum + j) as u64 + 7),
+            ));
             let (sum, _) = batch_loss(model, b, true)?;
             loss_sum += sum.to_scalar::<f32>()? as f64;
             let g = (sum / total as f64)?.backward()?;
@@ -138,7 +162,15 @@ pub fn train(
         opt.step(&grads, lr)?;
         losses.push(loss);
         let tokens: usize = micro.iter().map(|b| b.rows * b.len).sum();
-        let mut m = StepMetrics { step: step + 1, loss, lr, grad_norm, tokens, tokens_per_s: tokens as f64 / ts.elapsed().as_secs_f64(), eval_loss: None };
+        let mut m = StepMetrics {
+            step: step + 1,
+            loss,
+            lr,
+            grad_norm,
+            tokens,
+            tokens_per_s: tokens as f64 / ts.elapsed().as_secs_f64(),
+            eval_loss: None,
+        };
         let done = step + 1 == cfg.max_steps;
         if !val_set.is_empty() && cfg.eval_every > 0 && ((step + 1) % cfg.eval_every == 0 || done) {
             let e = evaluate(model, val_set, cfg.batch_size, cfg.pad_id)?.loss;
@@ -149,18 +181,39 @@ pub fn train(
         writeln!(log, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
         obs.on_step(&m);
         if (cfg.save_every > 0 && (step + 1) % cfg.save_every == 0) || done {
-            let state = TrainerState { step: step + 1, fingerprint: cfg.fingerprint.clone(), adam_t: opt.t, last_loss: loss };
+            let state = TrainerState {
+                step: step + 1,
+                fingerprint: cfg.fingerprint.clone(),
+                adam_t: opt.t,
+                last_loss: loss,
+            };
             let (ostate, _) = opt.state();
-            let dir = checkpoint::save(&cfg.out_dir, &state, adapter_cfg, &adapter_tensors(model, &cfg.adapter_name), &ostate)?;
+            let dir = checkpoint::save(
+                &cfg.out_dir,
+                &state,
+                adapter_cfg,
+                &adapter_tensors(model, &cfg.adapter_name),
+                &ostate,
+            )?;
             obs.on_checkpoint(&dir);
         }
     }
     let adapter_dir = cfg.out_dir.join("adapter");
     petal_io::save_model_adapter(model, &cfg.adapter_name, adapter_cfg, &adapter_dir)?;
-    Ok(TrainSummary { steps: cfg.max_steps, losses, final_eval_loss: last_eval, adapter_dir, seconds: t0.elapsed().as_secs_f64() })
+    Ok(TrainSummary {
+        steps: cfg.max_steps,
+        losses,
+        final_eval_loss: last_eval,
+        adapter_dir,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
 }
 
-fn accumulate(acc: &mut [Option<Tensor>], vars: &[Var], g: &candle_core::backprop::GradStore) -> Result<()> {
+fn accumulate(
+    acc: &mut [Option<Tensor>],
+    vars: &[Var],
+    g: &candle_core::backprop::GradStore,
+) -> Result<()> {
     for (slot, v) in acc.iter_mut().zip(vars) {
         if let Some(gi) = g.get(v.as_tensor()) {
             *slot = Some(match slot.take() {
@@ -202,10 +255,14 @@ fn restore(model: &Llama, opt: &mut AdamW, cfg: &TrainConfig, path: &Path) -> Re
         )));
     }
     for lin in petal_core::Adaptable::linears(model) {
-        let Some(layer) = lin.layer(&cfg.adapter_name) else { continue };
+        let Some(layer) = lin.layer(&cfg.adapter_name) else {
+            continue;
+        };
         for t in layer.tensors() {
             let key = format!("{}.{}", lin.path(), t.name);
-            let src = ck.adapter.get(&key).ok_or_else(|| Error::msg(format!("{}: checkpoint lacks `{key}`", path.display())))?;
+            let src = ck.adapter.get(&key).ok_or_else(|| {
+                Error::msg(format!("{}: checkpoint lacks `{key}`", path.display()))
+            })?;
             t.var.set(src)?;
         }
     }
@@ -218,7 +275,12 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let kept: String = text
         .lines()
-        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= step))
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
         .map(|l| format!("{l}\n"))
         .collect();
     petal_io::write_atomic(path, kept.as_bytes())

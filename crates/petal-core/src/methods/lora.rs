@@ -178,13 +178,21 @@ mod tests {
 #[cfg(test)]
 fn conformance_config() -> AdapterConfig {
     // alpha != r, and a rank_pattern giving fc2 its own rank
-    let mut c = AdapterConfig::lora(4, 5.0, crate::config::Targets::List(vec!["fc1".into(), "fc2".into()]));
+    let mut c = AdapterConfig::lora(
+        4,
+        5.0,
+        crate::config::Targets::List(vec!["fc1".into(), "fc2".into()]),
+    );
     c.rank_pattern.insert("fc2".into(), 3);
     c
 }
 
 #[cfg(test)]
 crate::conformance!(conformance_config, |inp, out, cfg: &AdapterConfig| {
-    let r = if out == 6 { cfg.rank_pattern["fc2"] } else { cfg.r };
+    let r = if out == 6 {
+        cfg.rank_pattern["fc2"]
+    } else {
+        cfg.r
+    };
     r * (inp + out)
 });

@@ -1,0 +1,253 @@
+//! The `petal` binary on the tiny golden models: the parity hook, config files, and bad input
+//! (a one-line cause, a non-zero exit, nothing overwritten).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn golden() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden")
+}
+
+fn petal(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_petal"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn words(dir: &Path) -> PathBuf {
+    let p = dir.join("w.txt");
+    let text: Vec<String> = (0..600).map(|i| format!("w{}", (i * 7) % 96)).collect();
+    std::fs::write(&p, text.join(" ")).unwrap();
+    p
+}
+
+fn train<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--val-fraction",
+        "0.1",
+        "--out",
+        out,
+    ]
+}
+
+#[test]
+fn forward_writes_the_logits_peft_computes_for_a_peft_adapter() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("l.safetensors");
+    let o = petal(&[
+        "forward",
+        "--model",
+        golden().join("llama").to_str().unwrap(),
+        "--adapter",
+        golden().join("adapters/llama_lora_qv").to_str().unwrap(),
+        "--input-ids",
+        "1,5,9,14,20,33,2,71;7,7,3,90,45,12,60,8",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ours = candle_core::safetensors::load(&out, &candle_core::Device::Cpu)
+        .unwrap()
+        .remove("logits")
+        .unwrap();
+    let want = candle_core::safetensors::load(
+        golden().join("logits.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .remove("llama_lora_qv")
+    .unwrap();
+    let d = (&ours - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        d / want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            < 1e-4
+    );
+}
+
+#[test]
+fn a_config_file_with_a_misspelt_key_is_refused_with_a_suggestion() {
+    let d = tempfile::tempdir().unwrap();
+    let c = d.path().join("run.toml");
+    std::fs::write(&c, "max_step = 3\n").unwrap();
+    let o = petal(&["train", "--config", c.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("unknown key `max_step`") && e.contains("max_steps"),
+        "{e}"
+    );
+}
+
+#[test]
+fn flags_override_the_config_file() {
+    let d = tempfile::tempdir().unwrap();
+    let data = words(d.path());
+    let out = d.path().join("run");
+    let c = d.path().join("run.toml");
+    std::fs::write(
+        &c,
+        format!(
+            "model = {:?}\ndata = {:?}\nmax_steps = 50\nseq_len = 16\nout = {:?}\n",
+            golden().join("llama"),
+            data,
+            out
+        ),
+    )
+    .unwrap();
+    let o = petal(&[
+        "train",
+        "--config",
+        c.to_str().unwrap(),
+        "--max-steps",
+        "2",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let n = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(n, 2);
+}
+
+#[test]
+fn resuming_from_a_checkpoint_of_another_config_fails_and_overwrites_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let data = words(d.path());
+    let (m, dat) = (golden().join("llama"), data.to_str().unwrap().to_string());
+    let out = d.path().join("run");
+    let o = petal(
+        &[
+            &train(m.to_str().unwrap(), &dat, out.to_str().unwrap())[..],
+            &["--max-steps", "2", "--save-every", "1"],
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let before = std::fs::read(out.join("metrics.jsonl")).unwrap();
+    let o = petal(
+        &[
+            &train(m.to_str().unwrap(), &dat, out.to_str().unwrap())[..],
+            &[
+                "--max-steps",
+                "4",
+                "--r",
+                "2",
+                "--resume",
+                out.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("another model or config"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), before);
+    // and a second run into the same folder without --resume is refused
+    let o = petal(
+        &[
+            &train(m.to_str().unwrap(), &dat, out.to_str().unwrap())[..],
+            &["--max-steps", "2"],
+        ]
+        .concat(),
+    );
+    assert!(
+        !o.status.success() && stderr(&o).contains("--resume"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn a_diverging_run_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint() {
+    let d = tempfile::tempdir().unwrap();
+    let data = words(d.path());
+    let out = d.path().join("run");
+    let m = golden().join("llama");
+    let args = train(
+        m.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let o = petal(
+        &[
+            &args[..],
+            &[
+                "--max-steps",
+                "6",
+                "--save-every",
+                "1",
+                "--lr",
+                "1e30",
+                "--max-grad-norm",
+                "0",
+                "--schedule",
+                "constant",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    let last = e.lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("error: loss is NaN") || last.starts_with("error: loss is inf"),
+        "{e}"
+    );
+    let latest = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();
+    let good: usize = latest.trim().trim_start_matches("step-").parse().unwrap();
+    assert!(good >= 1 && good < 6, "latest {latest}");
+    let state = std::fs::read_to_string(
+        out.join("checkpoints")
+            .join(latest.trim())
+            .join("trainer_state.json"),
+    )
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert!(v["last_loss"].as_f64().unwrap().is_finite());
+}
+
+#[test]
+fn malformed_training_data_names_the_file_and_line_and_exits_non_zero() {
+    let d = tempfile::tempdir().unwrap();
+    let bad = d.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"w3 w4\"}\n{\"text\": oops}\n").unwrap();
+    let m = golden().join("llama");
+    let o = petal(&train(
+        m.to_str().unwrap(),
+        bad.to_str().unwrap(),
+        d.path().join("r").to_str().unwrap(),
+    ));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("bad.jsonl:2"), "{}", stderr(&o));
+}
