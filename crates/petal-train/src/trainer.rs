@@ -285,3 +285,37 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
         .collect();
     petal_io::write_atomic(path, kept.as_bytes())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn clipping_scales_the_global_norm_down_to_the_limit_and_leaves_small_ones_alone() {
+        let g = |v: &[f32]| Some(Tensor::new(v, &Device::Cpu).unwrap());
+        let mut grads = vec![g(&[3.0, 0.0]), None, g(&[0.0, 4.0])];
+        let norm = clip(&mut grads, Some(1.0)).unwrap();
+        assert!((norm - 5.0).abs() < 1e-9);
+        let after: f64 = grads
+            .iter()
+            .flatten()
+            .map(|t| {
+                t.sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap() as f64
+            })
+            .sum::<f64>()
+            .sqrt();
+        assert!((after - 5.0 / (5.0 + 1e-6)).abs() < 1e-6);
+        let mut small = vec![g(&[0.3, 0.4])];
+        assert!((clip(&mut small, Some(1.0)).unwrap() - 0.5).abs() < 1e-7);
+        assert_eq!(
+            small[0].as_ref().unwrap().to_vec1::<f32>().unwrap(),
+            vec![0.3, 0.4]
+        );
+    }
+}

@@ -196,3 +196,36 @@ crate::conformance!(conformance_config, |inp, out, cfg: &AdapterConfig| {
     };
     r * (inp + out)
 });
+
+#[cfg(test)]
+mod init_tests {
+    use super::*;
+    use crate::config::Targets;
+
+    #[test]
+    fn gaussian_init_draws_a_with_standard_deviation_one_over_r() {
+        let w = Tensor::zeros((4, 4000), DType::F32, &Device::Cpu).unwrap();
+        let base = BaseLinear {
+            weight: &w,
+            in_features: 4000,
+            out_features: 4,
+        };
+        let mut cfg = AdapterConfig::lora(4, 8.0, Targets::List(vec!["x".into()]));
+        cfg.init_lora_weights = InitWeights::Named("gaussian".into());
+        let l = Lora.build(&cfg, "x", &base, 5).unwrap();
+        let a = l.tensors()[0]
+            .var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let n = a.len() as f64;
+        let mean = a.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let std = (a.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        assert!(
+            mean.abs() < 0.01 && (std - 0.25).abs() < 0.01,
+            "mean {mean} std {std}"
+        );
+    }
+}
