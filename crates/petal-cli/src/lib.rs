@@ -2,6 +2,7 @@
 //! end-to-end tests drive the same code the binary runs.
 
 pub mod assets;
+pub mod bench_cmd;
 pub mod common;
 pub mod config_file;
 pub mod gen_cmd;

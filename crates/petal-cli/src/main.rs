@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use petal_cli::{gen_cmd, tools_cmd, train_cmd};
+use petal_cli::{bench_cmd, gen_cmd, tools_cmd, train_cmd};
 
 #[derive(Parser)]
 #[command(
@@ -45,6 +45,11 @@ enum Cmd {
         after_help = "Example:\n  petal forward --model m/ --adapter a/ --input-ids 1,2,3;4,5,6 --out logits.safetensors"
     )]
     Forward(tools_cmd::ForwardArgs),
+    /// Speed and memory of a workload, optionally side by side with PyTorch + PEFT
+    #[command(
+        after_help = "Example:\n  petal bench --workload synthetic-35m --mode train --vs-pytorch --python .venv/bin/python"
+    )]
+    Bench(bench_cmd::BenchArgs),
     /// Fetch the pinned real models and data (SmolLM2, Shakespeare, GSM8K) into the cache
     Assets(tools_cmd::AssetsArgs),
 }
@@ -60,6 +65,7 @@ fn main() {
         Cmd::Inspect(a) => tools_cmd::run_inspect(a),
         Cmd::Forward(a) => tools_cmd::run_forward(a),
         Cmd::Assets(a) => tools_cmd::run_assets(a),
+        Cmd::Bench(a) => bench_cmd::run(a),
     };
     if let Err(e) = r {
         let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();

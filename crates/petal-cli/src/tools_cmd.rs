@@ -98,25 +98,31 @@ pub fn run_merge(a: MergeArgs) -> Result<()> {
     for l in lm.model.linears_mut() {
         l.merge_and_unload(&names)?;
     }
-    std::fs::create_dir_all(&a.out)?;
+    export_hf(&mut lm, &a.out)?;
+    println!(
+        "merged {} adapter(s) into {}",
+        a.model.adapter.len(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+/// Write the (merged) model as a Hugging Face folder: config.json, model.safetensors, tokenizer.
+pub fn export_hf(lm: &mut petal_models::LoadedModel, out: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(out)?;
     if !lm.model.head_is_tied() {
         lm.model.cfg.tie_word_embeddings = false;
     }
     let tensors: HashMap<String, Tensor> = lm.model.named_base_tensors().into_iter().collect();
-    petal_io::write_safetensors_atomic(&a.out.join("model.safetensors"), &tensors)?;
+    petal_io::write_safetensors_atomic(&out.join("model.safetensors"), &tensors)?;
     let dt = match lm.model.dtype() {
         DType::BF16 => "bfloat16",
         DType::F16 => "float16",
         _ => "float32",
     };
     let cfg = serde_json::to_string_pretty(&lm.model.cfg.to_hf_json(dt))?;
-    petal_io::write_atomic(&a.out.join("config.json"), cfg.as_bytes())?;
-    lm.tokenizer.save(&a.out)?;
-    println!(
-        "merged {} adapter(s) into {}",
-        a.model.adapter.len(),
-        a.out.display()
-    );
+    petal_io::write_atomic(&out.join("config.json"), cfg.as_bytes())?;
+    lm.tokenizer.save(out)?;
     Ok(())
 }
 

@@ -6,5 +6,5 @@ pub mod llama;
 pub mod load;
 
 pub use config::LlamaConfig;
-pub use llama::{KvCache, Llama};
+pub use llama::{random_weights, KvCache, Llama};
 pub use load::{load_model, LoadedModel};

@@ -307,7 +307,7 @@ impl Llama {
 
     /// Ties are broken by a merge into the head: report whether it is still tied.
     pub fn head_is_tied(&self) -> bool {
-        self.cfg.tie_word_embeddings && self.lm_head.merged_names().is_empty()
+        self.cfg.tie_word_embeddings && self.lm_head.weight().id() == self.embed.id()
     }
 
     pub fn last_dim(t: &Tensor) -> Result<usize> {
@@ -364,4 +364,55 @@ impl Adaptable for Llama {
         }
         n
     }
+}
+
+/// A randomly initialised model (normal(0, 0.02) weights, unit norms), for benchmarks.
+pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Result<Weights> {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Normal};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let normal = Normal::new(0f32, 0.02).map_err(|e| petal_core::Error::msg(e.to_string()))?;
+    let mut m = std::collections::HashMap::new();
+    let mut put = |name: String, shape: &[usize], norm: bool| -> Result<()> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = if norm {
+            vec![1.0; n]
+        } else {
+            (0..n).map(|_| normal.sample(&mut rng)).collect()
+        };
+        m.insert(name, Tensor::from_vec(v, shape, &Device::Cpu)?);
+        Ok(())
+    };
+    let (h, d) = (cfg.hidden_size, cfg.head_dim);
+    let (nq, nkv, inter) = (
+        cfg.num_attention_heads * d,
+        cfg.num_key_value_heads * d,
+        cfg.intermediate_size,
+    );
+    put(
+        "model.embed_tokens.weight".into(),
+        &[cfg.vocab_size, h],
+        false,
+    )?;
+    put("model.norm.weight".into(), &[h], true)?;
+    if !cfg.tie_word_embeddings {
+        put("lm_head.weight".into(), &[cfg.vocab_size, h], false)?;
+    }
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        for (n, s) in [
+            ("self_attn.q_proj", [nq, h]),
+            ("self_attn.k_proj", [nkv, h]),
+            ("self_attn.v_proj", [nkv, h]),
+            ("self_attn.o_proj", [h, nq]),
+            ("mlp.gate_proj", [inter, h]),
+            ("mlp.up_proj", [inter, h]),
+            ("mlp.down_proj", [h, inter]),
+        ] {
+            put(format!("{p}.{n}.weight"), &s, false)?;
+        }
+        put(format!("{p}.input_layernorm.weight"), &[h], true)?;
+        put(format!("{p}.post_attention_layernorm.weight"), &[h], true)?;
+    }
+    Ok(Weights::Map(m))
 }

@@ -1,0 +1,505 @@
+//! `petal bench`: tokens/s, time split, peak RSS and achieved GFLOP/s of a named workload,
+//! next to this machine's matmul rate measured in the same run; `--vs-pytorch` runs the
+//! PyTorch + PEFT baseline (tools/bench/pytorch_baseline.py) on the same workload, interleaved
+//! round by round, and prints the ratios. Results also as JSON and an SVG chart.
+
+use crate::common::device;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use petal_core::config::Targets;
+use petal_core::{inject_adapter, Adaptable, AdapterConfig};
+use petal_models::{random_weights, Llama, LlamaConfig};
+use petal_train::optim::{AdamW, AdamWParams};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// synthetic-35m | smollm2
+    #[arg(long, default_value = "synthetic-35m")]
+    pub workload: String,
+    /// train | forward | generate
+    #[arg(long, default_value = "train")]
+    pub mode: String,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 256)]
+    pub seq: usize,
+    /// LoRA rank on all linear layers (train mode)
+    #[arg(long, default_value_t = 8)]
+    pub r: usize,
+    /// Measured steps per round
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Rounds (petal and PyTorch alternate round by round)
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Generation: new tokens after a prompt of --seq tokens
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Threads for petal and PyTorch alike (default: all cores)
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Also run PyTorch + PEFT on the same workload
+    #[arg(long)]
+    pub vs_pytorch: bool,
+    /// Python with torch, transformers and peft [default: $PETAL_PYTHON or python3]
+    #[arg(long)]
+    pub python: Option<String>,
+    /// Write an SVG bar chart of the results here
+    #[arg(long)]
+    pub chart: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn synthetic() -> LlamaConfig {
+    LlamaConfig {
+        model_type: "llama".into(),
+        vocab_size: 32000,
+        hidden_size: 384,
+        intermediate_size: 1024,
+        num_hidden_layers: 6,
+        num_attention_heads: 6,
+        num_key_value_heads: 6,
+        head_dim: 64,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        max_position_embeddings: 2048,
+        tie_word_embeddings: false,
+        attention_bias: false,
+        bos_token_id: Some(1),
+        eos_token_id: Some(2),
+    }
+}
+
+pub fn peak_rss_mb() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// This machine's matmul rate (GFLOP/s) on a 1024^3 product in `dt`, median of 5.
+pub fn matmul_peak(dt: DType, dev: &Device) -> Result<f64> {
+    let n = 1024;
+    let a = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dt)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dt)?;
+    a.matmul(&b)?; // warm-up
+    let mut t: Vec<f64> = (0..5)
+        .map(|_| {
+            let s = Instant::now();
+            let c = a
+                .matmul(&b)
+                .and_then(|c| c.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>());
+            c.map(|_| s.elapsed().as_secs_f64())
+        })
+        .collect::<candle_core::Result<_>>()?;
+    t.sort_by(f64::total_cmp);
+    Ok(2.0 * (n * n * n) as f64 / t[2] / 1e9)
+}
+
+/// FLOPs of one step per token: linears 2*in*out forward (+2*in*out backward input gradient),
+/// attention 4*T*d*heads forward (+8*T*d*heads backward).
+fn flops_per_token(m: &Llama, seq: usize, train: bool) -> f64 {
+    let lin: f64 = m
+        .linears()
+        .iter()
+        .map(|l| (l.in_features() * l.out_features()) as f64)
+        .sum();
+    let c = &m.cfg;
+    let attn = (4 * seq * c.head_dim * c.num_attention_heads * c.num_hidden_layers) as f64;
+    if train {
+        4.0 * lin + 3.0 * attn
+    } else {
+        2.0 * lin + attn
+    }
+}
+
+struct Petal {
+    model: Llama,
+    opt: Option<AdamW>,
+    ids: Tensor,
+    labels: Vec<i64>,
+}
+
+impl Petal {
+    fn step(&mut self, a: &BenchArgs) -> Result<Value> {
+        let t0 = Instant::now();
+        match a.mode.as_str() {
+            "train" => {
+                let b = petal_data::Batch {
+                    ids: self.ids.flatten_all()?.to_vec1()?,
+                    labels: self.labels.clone(),
+                    rows: a.batch,
+                    len: a.seq,
+                };
+                let (sum, n) = petal_train::batch_loss(&self.model, &b, true)?;
+                let loss = (sum / n as f64)?;
+                loss.to_scalar::<f32>()?;
+                let t1 = Instant::now();
+                let g = loss.backward()?;
+                let t2 = Instant::now();
+                let opt = self.opt.as_mut().context("optimizer")?;
+                let grads: Vec<Option<Tensor>> = opt
+                    .vars()
+                    .iter()
+                    .map(|v| g.get(v.as_tensor()).cloned())
+                    .collect();
+                opt.step(&grads, 1e-4)?;
+                let t3 = Instant::now();
+                let s = |x: Instant, y: Instant| y.duration_since(x).as_secs_f64();
+                Ok(
+                    json!({"forward": s(t0, t1), "backward": s(t1, t2), "optimizer": s(t2, t3), "total": s(t0, t3)}),
+                )
+            }
+            "forward" => {
+                self.model
+                    .forward(&self.ids, None, false)?
+                    .sum_all()?
+                    .to_scalar::<f32>()?;
+                let t = t0.elapsed().as_secs_f64();
+                Ok(json!({"forward": t, "total": t}))
+            }
+            _ => {
+                let prompt: Vec<u32> = self.ids.get(0)?.to_vec1()?;
+                let mut cache = self.model.new_cache();
+                let dev = self.model.device().clone();
+                let mut logits = self.model.forward(
+                    &Tensor::new(prompt.as_slice(), &dev)?.unsqueeze(0)?,
+                    Some(&mut cache),
+                    false,
+                )?;
+                for _ in 0..a.new_tokens {
+                    let next = logits
+                        .squeeze(0)?
+                        .get(logits.dim(1)? - 1)?
+                        .argmax(0)?
+                        .to_scalar::<u32>()?;
+                    logits = self.model.forward(
+                        &Tensor::new(&[next], &dev)?.unsqueeze(0)?,
+                        Some(&mut cache),
+                        false,
+                    )?;
+                }
+                Ok(json!({"total": t0.elapsed().as_secs_f64()}))
+            }
+        }
+    }
+}
+
+fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
+    let dt = crate::common::dtype(&a.dtype)?;
+    let (model, wl) = match a.workload.as_str() {
+        "synthetic-35m" => {
+            let cfg = synthetic();
+            let w = random_weights(&cfg, 0)?;
+            let c = json!({"vocab": cfg.vocab_size, "hidden": cfg.hidden_size, "inter": cfg.intermediate_size, "layers": cfg.num_hidden_layers,
+                "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads, "ctx": cfg.max_position_embeddings, "tied": cfg.tie_word_embeddings});
+            (
+                Llama::load(cfg, &w, dt, dev)?,
+                json!({"model": "synthetic", "config": c}),
+            )
+        }
+        "smollm2" => {
+            let gguf = crate::assets::ensure("smollm2")?;
+            let mut lm = petal_models::load_model(gguf.to_str().unwrap_or_default(), dt, dev)?;
+            let hf = crate::assets::cache_dir().join("smollm2-hf");
+            if a.vs_pytorch && !hf.join("config.json").exists() {
+                crate::tools_cmd::export_hf(&mut lm, &hf)?; // the same weights for PyTorch
+            }
+            (lm.model, json!({"model": hf}))
+        }
+        o => bail!("unknown workload `{o}` (synthetic-35m, smollm2)"),
+    };
+    let mut model = model;
+    let mut opt = None;
+    if a.mode == "train" {
+        let cfg = AdapterConfig::lora(a.r, 2.0 * a.r as f64, Targets::Regex("all-linear".into()));
+        inject_adapter(&mut model, "default", &cfg, 0)?;
+        opt = Some(AdamW::new(
+            petal_core::inject::adapter_vars(&model, "default"),
+            AdamWParams {
+                lr: 1e-4,
+                ..Default::default()
+            },
+        )?);
+    }
+    let vocab = model.cfg.vocab_size;
+    let ids: Vec<u32> = (0..a.batch * a.seq)
+        .map(|i| (petal_core::rng::splitmix(i as u64) % vocab as u64) as u32)
+        .collect();
+    let labels = ids.iter().map(|&x| x as i64).collect();
+    let ids = Tensor::from_vec(ids, (a.batch, a.seq), dev)?;
+    let mut wl = wl;
+    let o = wl.as_object_mut().context("workload")?;
+    for (k, v) in [
+        ("mode", json!(a.mode)),
+        ("batch", json!(a.batch)),
+        ("seq", json!(a.seq)),
+        ("r", json!(a.r)),
+        ("dtype", json!(a.dtype)),
+        ("threads", json!(a.threads.unwrap_or_else(num_threads))),
+        ("vocab", json!(vocab)),
+        ("prompt", json!(a.seq)),
+        ("new_tokens", json!(a.new_tokens)),
+    ] {
+        o.insert(k.into(), v);
+    }
+    Ok((
+        Petal {
+            model,
+            opt,
+            ids,
+            labels,
+        },
+        wl,
+    ))
+}
+
+fn num_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+struct Torch {
+    child: std::process::Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+fn start_torch(a: &BenchArgs, wl: &Value) -> Result<Option<Torch>> {
+    let py = a
+        .python
+        .clone()
+        .or_else(|| std::env::var("PETAL_PYTHON").ok())
+        .unwrap_or_else(|| "python3".into());
+    let ok = Command::new(&py)
+        .args(["-c", "import torch, transformers, peft"])
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("--vs-pytorch: skipped: `{py}` cannot import torch, transformers and peft (pip install -r tools/golden/requirements.txt, then --python)");
+        return Ok(None);
+    }
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/pytorch_baseline.py");
+    let mut child = Command::new(&py)
+        .arg(script)
+        .arg(wl.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut out = BufReader::new(child.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    if !line.contains("ready") {
+        bail!("PyTorch baseline failed to start: {line}");
+    }
+    Ok(Some(Torch { child, out }))
+}
+
+impl Torch {
+    fn round(&mut self, n: usize) -> Result<Vec<Value>> {
+        let stdin = self.child.stdin.as_mut().context("stdin")?;
+        writeln!(stdin, "{n}")?;
+        stdin.flush()?;
+        (0..n)
+            .map(|_| {
+                let mut l = String::new();
+                self.out.read_line(&mut l)?;
+                serde_json::from_str(&l).with_context(|| format!("baseline said: {l}"))
+            })
+            .collect()
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+fn summarize(steps: &[Value], tokens: f64, flops: f64) -> Value {
+    let col = |k: &str| {
+        steps
+            .iter()
+            .filter_map(|s| s[k].as_f64())
+            .collect::<Vec<_>>()
+    };
+    let tps: Vec<f64> = col("total").iter().map(|t| tokens / t).collect();
+    let (lo, hi) = tps
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+    let med = median(tps.clone());
+    json!({
+        "tokens_per_s": med, "min": lo, "max": hi, "steps": tps.len(),
+        "forward_s": median(col("forward")), "backward_s": median(col("backward")), "optimizer_s": median(col("optimizer")),
+        "gflops": med * flops / 1e9,
+    })
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    if let Some(t) = a.threads {
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    if !["train", "forward", "generate"].contains(&a.mode.as_str()) {
+        bail!("--mode must be train, forward or generate");
+    }
+    let dev = device(&a.device)?;
+    let peak32 = matmul_peak(DType::F32, &dev)?;
+    let peak16 = matmul_peak(DType::BF16, &dev).ok();
+    let (mut petal, wl) = build_petal(&a, &dev)?;
+    let tokens = match a.mode.as_str() {
+        "generate" => a.new_tokens as f64,
+        _ => (a.batch * a.seq) as f64,
+    };
+    let flops = flops_per_token(&petal.model, a.seq, a.mode == "train");
+    let mut torch = if a.vs_pytorch {
+        start_torch(&a, &wl)?
+    } else {
+        None
+    };
+    petal.step(&a)?; // warm-up
+    let (mut ps, mut ts) = (Vec::new(), Vec::new());
+    let bar = indicatif::ProgressBar::new(
+        (a.rounds * a.steps * if torch.is_some() { 2 } else { 1 }) as u64,
+    );
+    for _ in 0..a.rounds {
+        for _ in 0..a.steps {
+            ps.push(petal.step(&a)?);
+            bar.inc(1);
+        }
+        if let Some(t) = torch.as_mut() {
+            ts.extend(t.round(a.steps)?);
+            bar.inc(a.steps as u64);
+        }
+    }
+    bar.finish_and_clear();
+    if let Some(mut t) = torch {
+        let _ = writeln!(t.child.stdin.as_mut().context("stdin")?, "quit");
+        let _ = t.child.wait();
+    }
+    let mut pv = summarize(&ps, tokens, flops);
+    pv["peak_rss_mb"] = json!(peak_rss_mb());
+    let tv = (!ts.is_empty()).then(|| {
+        let mut v = summarize(&ts, tokens, flops);
+        v["peak_rss_mb"] = json!(ts
+            .iter()
+            .filter_map(|s| s["peak_rss_mb"].as_f64())
+            .fold(0.0, f64::max));
+        v
+    });
+    let result = json!({
+        "workload": a.workload, "mode": a.mode, "batch": a.batch, "seq": a.seq, "dtype": a.dtype,
+        "threads": wl["threads"], "matmul_peak_gflops": {"f32": peak32, "bf16": peak16},
+        "mflop_per_token": flops / 1e6, "petal": pv, "pytorch": tv,
+        "ratio": tv.as_ref().map(|t| json!({
+            "tokens_per_s": pv["tokens_per_s"].as_f64().unwrap_or(0.0) / t["tokens_per_s"].as_f64().unwrap_or(1.0),
+            "peak_rss": pv["peak_rss_mb"].as_f64().unwrap_or(0.0) / t["peak_rss_mb"].as_f64().unwrap_or(1.0),
+        })),
+    });
+    if let Some(p) = &a.chart {
+        petal_io::write_atomic(p, chart(&result).as_bytes())?;
+    }
+    if a.json {
+        println!("{result}");
+    } else {
+        print_table(&result);
+    }
+    Ok(())
+}
+
+fn print_table(r: &Value) {
+    let f = |v: &Value, k: &str| {
+        v[k].as_f64()
+            .map(|x| format!("{x:.3}"))
+            .unwrap_or_else(|| "-".into())
+    };
+    println!("workload {} / {} | batch {} x {} | {} | {} threads | matmul peak f32 {:.0} GFLOP/s, bf16 {} | {:.1} MFLOP/token",
+        r["workload"].as_str().unwrap_or(""), r["mode"].as_str().unwrap_or(""), r["batch"], r["seq"], r["dtype"].as_str().unwrap_or(""), r["threads"],
+        r["matmul_peak_gflops"]["f32"].as_f64().unwrap_or(0.0), r["matmul_peak_gflops"]["bf16"].as_f64().map(|x| format!("{x:.0}")).unwrap_or("-".into()), r["mflop_per_token"].as_f64().unwrap_or(0.0));
+    println!(
+        "{:<8} {:>10} {:>19} {:>9} {:>9} {:>9} {:>9} {:>10}",
+        "", "tokens/s", "(min..max)", "fwd s", "bwd s", "opt s", "GFLOP/s", "peak MB"
+    );
+    for name in ["petal", "pytorch"] {
+        let v = &r[name];
+        if v.is_null() {
+            continue;
+        }
+        println!(
+            "{:<8} {:>10.1} {:>19} {:>9} {:>9} {:>9} {:>9.1} {:>10.0}",
+            name,
+            v["tokens_per_s"].as_f64().unwrap_or(0.0),
+            format!(
+                "({:.1}..{:.1})",
+                v["min"].as_f64().unwrap_or(0.0),
+                v["max"].as_f64().unwrap_or(0.0)
+            ),
+            f(v, "forward_s"),
+            f(v, "backward_s"),
+            f(v, "optimizer_s"),
+            v["gflops"].as_f64().unwrap_or(0.0),
+            v["peak_rss_mb"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if !r["ratio"].is_null() {
+        println!(
+            "petal / pytorch: tokens/s {:.2}x, peak RSS {:.2}x",
+            r["ratio"]["tokens_per_s"].as_f64().unwrap_or(0.0),
+            r["ratio"]["peak_rss"].as_f64().unwrap_or(0.0)
+        );
+    }
+}
+
+/// Two bar groups (tokens/s, peak RSS) for petal and PyTorch, as a small standalone SVG.
+fn chart(r: &Value) -> String {
+    let rows: Vec<(&str, f64, f64)> = ["petal", "pytorch"]
+        .iter()
+        .filter(|n| !r[**n].is_null())
+        .map(|n| {
+            (
+                *n,
+                r[*n]["tokens_per_s"].as_f64().unwrap_or(0.0),
+                r[*n]["peak_rss_mb"].as_f64().unwrap_or(0.0),
+            )
+        })
+        .collect();
+    let max_t = rows.iter().map(|x| x.1).fold(1.0, f64::max);
+    let max_m = rows.iter().map(|x| x.2).fold(1.0, f64::max);
+    let mut s = String::from("<svg xmlns='http://www.w3.org/2000/svg' width='640' height='220' font-family='sans-serif' font-size='13'>\n");
+    s += &format!(
+        "<text x='10' y='20'>{} / {}: tokens/s (left) and peak RSS MB (right)</text>\n",
+        r["workload"].as_str().unwrap_or(""),
+        r["mode"].as_str().unwrap_or("")
+    );
+    for (i, (name, t, m)) in rows.iter().enumerate() {
+        let y = 50 + i as i32 * 70;
+        let color = if *name == "petal" {
+            "#c2185b"
+        } else {
+            "#607d8b"
+        };
+        let wt = 240.0 * t / max_t;
+        let wm = 240.0 * m / max_m;
+        s += &format!("<text x='10' y='{}'>{name}</text>\n", y + 18);
+        s += &format!("<rect x='70' y='{y}' width='{wt:.0}' height='26' fill='{color}'/><text x='{:.0}' y='{}'>{t:.0}</text>\n", 75.0 + wt, y + 18);
+        s += &format!("<rect x='370' y='{y}' width='{wm:.0}' height='26' fill='{color}' opacity='0.6'/><text x='{:.0}' y='{}'>{m:.0}</text>\n", 375.0 + wm, y + 18);
+    }
+    s + "</svg>\n"
+}

@@ -1,0 +1,95 @@
+"""PyTorch + transformers + PEFT baseline for `petal bench --vs-pytorch`.
+
+Builds the same workload petal runs (model config, LoRA config, batch, dtype, threads, data),
+then serves rounds on stdin: a line "N" runs N measured steps and prints one JSON object per
+step on stdout; "quit" exits. The first line printed is {"ready": ...}. Versions: see
+tools/golden/requirements.txt (torch 2.15.0, transformers 5.24.0, peft 0.21.2).
+
+    python tools/bench/pytorch_baseline.py '<workload json>'
+"""
+import json
+import resource
+import sys
+import time
+
+import torch
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def build(w):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if w["model"] == "synthetic":
+        c = w["config"]
+        cfg = LlamaConfig(vocab_size=c["vocab"], hidden_size=c["hidden"], intermediate_size=c["inter"],
+                          num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
+                          num_key_value_heads=c["kv_heads"], max_position_embeddings=c["ctx"],
+                          tie_word_embeddings=c["tied"], attn_implementation="sdpa")
+        model = LlamaForCausalLM(cfg)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(w["model"], attn_implementation="sdpa")
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[w["dtype"]]
+    if w.get("autocast_bf16"):
+        dtype = torch.float32
+    model = model.to(dtype)
+    if w["mode"] == "train":
+        model = get_peft_model(model, LoraConfig(r=w["r"], lora_alpha=2 * w["r"], target_modules="all-linear"))
+    return model
+
+
+def main():
+    w = json.loads(sys.argv[1])
+    torch.set_num_threads(w["threads"])
+    model = build(w)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, w["vocab"], (w["batch"], w["seq"]), generator=g)
+    opt = None
+    if w["mode"] == "train":
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    else:
+        model.eval()
+    auto = torch.autocast("cpu", dtype=torch.bfloat16) if w.get("autocast_bf16") else torch.autocast("cpu", enabled=False)
+
+    def step():
+        t0 = time.perf_counter()
+        if w["mode"] == "train":
+            with auto:
+                loss = model(input_ids=ids, labels=ids).loss
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            t3 = time.perf_counter()
+            return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "total": t3 - t0}
+        if w["mode"] == "forward":
+            with torch.no_grad(), auto:
+                model(input_ids=ids)
+            t = time.perf_counter() - t0
+            return {"forward": t, "total": t}
+        with torch.no_grad(), auto:
+            model.generate(input_ids=ids[:1, : w["prompt"]], max_new_tokens=w["new_tokens"], do_sample=False,
+                           min_new_tokens=w["new_tokens"], pad_token_id=0)
+        t = time.perf_counter() - t0
+        return {"total": t}
+
+    step()  # warm-up
+    print(json.dumps({"ready": True, "torch": torch.__version__}), flush=True)
+    for line in sys.stdin:
+        line = line.strip()
+        if line == "quit":
+            break
+        for _ in range(int(line)):
+            r = step()
+            r["peak_rss_mb"] = peak_rss_mb()
+            print(json.dumps(r), flush=True)
+
+
+if __name__ == "__main__":
+    main()
