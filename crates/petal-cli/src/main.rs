@@ -2,6 +2,11 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+/// mimalloc reuses freed tensor buffers instead of returning them to the OS: with glibc's
+/// allocator a fresh buffer per op costs a page-fault storm (about a quarter of CPU samples).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use petal_cli::{bench_cmd, gen_cmd, tools_cmd, train_cmd};
 
 #[derive(Parser)]

@@ -7,7 +7,7 @@ use crate::config::LlamaConfig;
 use candle_core::{DType, Device, Tensor, D};
 use petal_core::{Adaptable, AdaptableLinear, Result};
 use petal_io::Weights;
-use petal_ops::{apply_rope, causal_mask, rms_norm, rope_tables, softmax_last_dim};
+use petal_ops::{apply_rope, causal_mask, rms_norm, rope_tables, softmax_last_dim, swiglu};
 
 /// The one linear factory: weight (out, in) and optional bias from `w`, under HF path `path`.
 fn linear(
@@ -181,6 +181,22 @@ impl Llama {
         Ok(self.lm_head.forward(&hidden, train)?.to_dtype(DType::F32)?)
     }
 
+    /// The output head's weight when no adapter acts on the head (so a fused head + loss
+    /// kernel may use it directly).
+    pub fn plain_head(&self) -> Option<&Tensor> {
+        let busy = self
+            .lm_head
+            .active()
+            .iter()
+            .any(|a| !self.lm_head.merged_names().contains(&a.as_str()));
+        (!busy).then(|| self.lm_head.weight())
+    }
+
+    /// Logits (.., vocab) of hidden states (.., hidden), through the (adaptable) head.
+    pub fn head(&self, h: &Tensor, train: bool) -> Result<Tensor> {
+        self.lm_head.forward(h, train)
+    }
+
     /// Final hidden states (b, t, hidden), after the last norm.
     pub fn hidden_states(
         &self,
@@ -216,9 +232,9 @@ impl Llama {
             x = (x + a)?;
             let h = rms_norm(&x, &layer.ln2, self.cfg.rms_norm_eps)?;
             let m = &layer.mlp;
-            let g = m.gate.forward(&h, train)?.silu()?;
+            let g = m.gate.forward(&h, train)?;
             let u = m.up.forward(&h, train)?;
-            x = (x + m.down.forward(&(g * u)?, train)?)?;
+            x = (x + m.down.forward(&swiglu(&g, &u)?, train)?)?;
         }
         Ok(rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?)
     }

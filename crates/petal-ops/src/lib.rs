@@ -1,14 +1,21 @@
 //! petal-ops: kernels and math with no model knowledge.
 //!
 //! Every op here is differentiable end to end. candle 0.11's own `softmax_last_dim`, `rms_norm`,
-//! `rope` and `sdpa` have no backward pass and silently stop gradients, so petal composes its
-//! own from differentiable primitives, or writes a `CustomOp` with a hand-written backward
-//! (`frozen_linear`). Each op keeps a readable reference next to it and a test tying them.
+//! `rope` and `sdpa` have no backward pass and silently stop gradients, so petal keeps a
+//! readable composed reference of each op (`nn.rs`, built from differentiable primitives) and a
+//! fused CPU kernel with a hand-written backward (`kernels.rs`, `head_loss.rs`,
+//! `frozen_linear.rs`), tested against each other. `set_fast(false)` selects the references.
 
+pub mod cpu;
 pub mod frozen_linear;
+pub mod head_loss;
+pub mod kernels;
 pub mod loss;
 pub mod nn;
 
+pub use cpu::set_fast;
 pub use frozen_linear::frozen_linear;
+pub use head_loss::head_cross_entropy;
+pub use kernels::{apply_rope, rms_norm, softmax_last_dim, swiglu};
 pub use loss::{masked_cross_entropy, IGNORE_INDEX};
-pub use nn::{apply_rope, causal_mask, rms_norm, rope_tables, softmax_last_dim};
+pub use nn::{causal_mask, rope_tables};

@@ -3,14 +3,14 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 
 /// Softmax over the last dimension; the max is detached (it cancels in the gradient).
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+pub fn softmax_last_dim_reference(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * w`, computed in f32, returned in x's dtype.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+pub fn rms_norm_reference(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let dt = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
     let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
@@ -30,7 +30,7 @@ pub fn rope_tables(inv_freq: &[f32], max_pos: usize, device: &Device) -> Result<
 
 /// Rotate-half RoPE (HF layout) on x (b, h, t, d) with cos/sin (t, d/2) already sliced to the
 /// positions of x.
-pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+pub fn apply_rope_reference(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let half = d / 2;
     let cos = cos.to_dtype(x.dtype())?;
@@ -62,7 +62,10 @@ mod tests {
     #[test]
     fn softmax_rows_sum_to_one_and_match_closed_form() {
         let x = Tensor::new(&[[1f32, 2., 3.], [0., -1., 5.]], &Device::Cpu).unwrap();
-        let s = softmax_last_dim(&x).unwrap().to_vec2::<f32>().unwrap();
+        let s = softmax_last_dim_reference(&x)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         let z: f32 = [1f32, 2., 3.].iter().map(|v| v.exp()).sum();
         assert!((s[0][2] - 3f32.exp() / z).abs() < 1e-6);
         assert!((s[1].iter().sum::<f32>() - 1.0).abs() < 1e-6);
@@ -78,7 +81,7 @@ mod tests {
             .reshape((1, 1, 1, 4))
             .unwrap();
         let p = 3usize;
-        let y = apply_rope(
+        let y = apply_rope_reference(
             &x,
             &cos.narrow(0, p, 1).unwrap(),
             &sin.narrow(0, p, 1).unwrap(),
@@ -96,7 +99,10 @@ mod tests {
     fn rms_norm_matches_its_formula() {
         let x = Tensor::new(&[[3f32, 4.]], &Device::Cpu).unwrap();
         let w = Tensor::new(&[2f32, 0.5], &Device::Cpu).unwrap();
-        let y = rms_norm(&x, &w, 0.0).unwrap().to_vec2::<f32>().unwrap();
+        let y = rms_norm_reference(&x, &w, 0.0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         let rms = (12.5f32).sqrt();
         assert!((y[0][0] - 3.0 / rms * 2.0).abs() < 1e-6);
         assert!((y[0][1] - 4.0 / rms * 0.5).abs() < 1e-6);

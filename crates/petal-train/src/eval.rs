@@ -4,22 +4,27 @@ use candle_core::{Tensor, D};
 use petal_core::Result;
 use petal_data::{batches, Batch, Example};
 use petal_models::Llama;
-use petal_ops::masked_cross_entropy;
+use petal_ops::{head_cross_entropy, masked_cross_entropy};
 
-/// Summed next-token loss of a batch and the number of scored tokens.
+/// Summed next-token loss of a batch and the number of scored tokens. With no adapter on the
+/// output head, the head and the loss run fused (petal-ops `head_cross_entropy`).
 pub fn batch_loss(model: &Llama, b: &Batch, train: bool) -> Result<(Tensor, usize)> {
     let dev = model.device();
     let ids = Tensor::from_slice(&b.ids, (b.rows, b.len), dev)?;
-    let logits = model.forward(&ids, None, train)?; // (rows, len, vocab)
-    let v = logits.dim(D::Minus1)?;
-    let shifted = logits
+    let hidden = model.hidden_states(&ids, None, train)?; // (rows, len, hidden)
+    let d = hidden.dim(D::Minus1)?;
+    let h = hidden
         .narrow(1, 0, b.len - 1)?
-        .reshape((b.rows * (b.len - 1), v))?;
+        .reshape((b.rows * (b.len - 1), d))?;
     let labels: Vec<i64> = (0..b.rows)
         .flat_map(|r| b.labels[r * b.len + 1..(r + 1) * b.len].iter().copied())
         .collect();
+    if let Some(w) = model.plain_head() {
+        return Ok(head_cross_entropy(&h, w, &labels)?);
+    }
+    let logits = model.head(&h, train)?.to_dtype(candle_core::DType::F32)?;
     let labels = Tensor::from_vec(labels, b.rows * (b.len - 1), dev)?;
-    Ok(masked_cross_entropy(&shifted, &labels)?)
+    Ok(masked_cross_entropy(&logits, &labels)?)
 }
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]

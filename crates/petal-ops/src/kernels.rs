@@ -1,0 +1,369 @@
+//! Fused CPU kernels with hand-written backward passes: RMSNorm, softmax, SwiGLU and RoPE.
+//! Each replaces a chain of composed candle ops (one buffer and one pass per op, plus the same
+//! again in backward) by one pass per direction. Rows run in parallel (rayon).
+
+use crate::cpu::{f32s, fast_ok, last_dim};
+use crate::nn;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+// ---------------------------------------------------------------- RMSNorm (frozen weight)
+
+struct RmsNorm {
+    w: Vec<f32>,
+    eps: f32,
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "petal-rms-norm"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, d) = (f32s(s, l)?, last_dim(l));
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
+            let r = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / d as f32 + self.eps).sqrt();
+            for ((y, x), w) in y.iter_mut().zip(x).zip(&self.w) {
+                *y = x * r * w;
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let op = RmsNormBwd {
+            w: self.w.clone(),
+            eps: self.eps,
+        };
+        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &op)?))
+    }
+}
+
+/// dx_j = r (w_j g_j) - r^3 x_j mean_i(w_i g_i x_i), r = 1/sqrt(mean(x^2) + eps)
+struct RmsNormBwd {
+    w: Vec<f32>,
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "petal-rms-norm-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, g, d) = (f32s(s1, l1)?, f32s(s2, l2)?, last_dim(l1));
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(d)
+            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(dx, (x, g))| {
+                let r = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / d as f32 + self.eps).sqrt();
+                let dot: f32 = x
+                    .iter()
+                    .zip(g)
+                    .zip(&self.w)
+                    .map(|((x, g), w)| x * g * w)
+                    .sum::<f32>()
+                    / d as f32;
+                for (((o, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(&self.w) {
+                    *o = r * w * g - r * r * r * x * dot;
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// RMSNorm with a frozen weight `w`: fused on CPU f32, composed elsewhere.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if !fast_ok(x) || w.dtype() != x.dtype() {
+        return nn::rms_norm_reference(x, w, eps);
+    }
+    let op = RmsNorm {
+        w: w.to_vec1()?,
+        eps: eps as f32,
+    };
+    x.contiguous()?.apply_op1(op)
+}
+
+// ---------------------------------------------------------------- softmax over the last dim
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "petal-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, d) = (f32s(s, l)?, last_dim(l));
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
+            let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut z = 0f32;
+            for (y, x) in y.iter_mut().zip(x) {
+                *y = if m == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    (x - m).exp()
+                };
+                z += *y;
+            }
+            let inv = if z > 0.0 { 1.0 / z } else { 0.0 };
+            y.iter_mut().for_each(|v| *v *= inv);
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBwd)?))
+    }
+}
+
+/// dx = y * (g - sum(g * y))
+struct SoftmaxBwd;
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "petal-softmax-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, g, d) = (f32s(s1, l1)?, f32s(s2, l2)?, last_dim(l1));
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(d)
+            .zip(y.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(dx, (y, g))| {
+                let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+                for ((o, y), g) in dx.iter_mut().zip(y).zip(g) {
+                    *o = y * (g - dot);
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !fast_ok(x) {
+        return nn::softmax_last_dim_reference(x);
+    }
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+// ---------------------------------------------------------------- SwiGLU: silu(g) * u
+
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "petal-swiglu"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, u) = (f32s(s1, l1)?, f32s(s2, l2)?);
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(4096)
+            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
+            .for_each(|(y, (g, u))| {
+                for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
+                    *y = g * sigmoid(*g) * u;
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = g.apply_op2_no_bwd(&u.contiguous()?, &SwiGluBwd(dy.contiguous()?))?; // (2, ..)
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// dg = dy * u * s(g) (1 + g (1 - s(g))), du = dy * g s(g); stacked as (2, ..).
+struct SwiGluBwd(Tensor);
+
+impl CustomOp2 for SwiGluBwd {
+    fn name(&self) -> &'static str {
+        "petal-swiglu-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, u) = (f32s(s1, l1)?, f32s(s2, l2)?);
+        let (st, dl) = self.0.storage_and_layout();
+        let candle_core::Storage::Cpu(st) = &*st else {
+            candle_core::bail!("petal-swiglu-bwd: cpu only")
+        };
+        let dy = f32s(st, dl)?;
+        let n = g.len();
+        let mut out = vec![0f32; 2 * n];
+        let (dg, du) = out.split_at_mut(n);
+        dg.par_chunks_mut(4096)
+            .zip(du.par_chunks_mut(4096))
+            .enumerate()
+            .for_each(|(c, (dg, du))| {
+                let o = c * 4096;
+                for i in 0..dg.len() {
+                    let (gv, uv, d) = (g[o + i], u[o + i], dy[o + i]);
+                    let s = sigmoid(gv);
+                    dg[i] = d * uv * s * (1.0 + gv * (1.0 - s));
+                    du[i] = d * gv * s;
+                }
+            });
+        let mut dims = vec![2];
+        dims.extend(l1.shape().dims());
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if !fast_ok(g) || g.dims() != u.dims() {
+        return g.silu()? * u;
+    }
+    g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)
+}
+
+// ---------------------------------------------------------------- RoPE (rotate-half)
+
+/// Rotates pairs (j, j + d/2) of x (b, h, t, d) by the angles in cos/sin (t, d/2); with
+/// `inverse` by the opposite angles, which is also the backward pass.
+struct Rope {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    t: usize,
+    inverse: bool,
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "petal-rope"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, d) = (f32s(s, l)?, last_dim(l));
+        let half = d / 2;
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .enumerate()
+            .for_each(|(row, (y, x))| {
+                let p = row % self.t;
+                let (c, s) = (
+                    &self.cos[p * half..(p + 1) * half],
+                    &self.sin[p * half..(p + 1) * half],
+                );
+                for j in 0..half {
+                    let (a, b) = (x[j], x[j + half]);
+                    y[j] = a * c[j] - sign * b * s[j];
+                    y[j + half] = b * c[j] + sign * a * s[j];
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let op = Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            t: self.t,
+            inverse: !self.inverse,
+        };
+        Ok(Some(g.contiguous()?.apply_op1(op)?))
+    }
+}
+
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if !fast_ok(x) || x.rank() != 4 {
+        return nn::apply_rope_reference(x, cos, sin);
+    }
+    let t = x.dim(2)?;
+    let op = Rope {
+        cos: cos.flatten_all()?.to_vec1()?,
+        sin: sin.flatten_all()?.to_vec1()?,
+        t,
+        inverse: false,
+    };
+    x.contiguous()?.apply_op1(op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::check::{rand, same};
+
+    #[test]
+    fn fused_rms_norm_matches_the_composed_reference_in_value_and_gradient() {
+        let w = rand(&[16], 5);
+        same(
+            &[rand(&[3, 4, 16], 1)],
+            |t| rms_norm(&t[0], &w, 1e-5).unwrap(),
+            |t| nn::rms_norm_reference(&t[0], &w, 1e-5).unwrap(),
+        );
+    }
+
+    #[test]
+    fn fused_softmax_matches_the_composed_reference_in_value_and_gradient() {
+        same(
+            &[rand(&[2, 3, 5, 7], 2)],
+            |t| softmax_last_dim(&t[0]).unwrap(),
+            |t| nn::softmax_last_dim_reference(&t[0]).unwrap(),
+        );
+    }
+
+    #[test]
+    fn fused_softmax_gives_zero_on_fully_masked_rows_instead_of_nan() {
+        let x = Tensor::new(
+            &[[f32::NEG_INFINITY, f32::NEG_INFINITY], [0.0, 0.0]],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(
+            softmax_last_dim(&x).unwrap().to_vec2::<f32>().unwrap(),
+            vec![vec![0.0, 0.0], vec![0.5, 0.5]]
+        );
+    }
+
+    #[test]
+    fn fused_swiglu_matches_silu_times_up_in_value_and_both_gradients() {
+        same(
+            &[rand(&[3, 5000], 3), rand(&[3, 5000], 4)],
+            |t| swiglu(&t[0], &t[1]).unwrap(),
+            |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
+        );
+    }
+
+    #[test]
+    fn fused_rope_matches_the_composed_reference_in_value_and_gradient() {
+        let inv: Vec<f32> = (0..4)
+            .map(|i| 1.0 / 10000f32.powf(i as f32 / 4.0))
+            .collect();
+        let (cos, sin) = nn::rope_tables(&inv, 16, &candle_core::Device::Cpu).unwrap();
+        let (c, s) = (cos.narrow(0, 3, 5).unwrap(), sin.narrow(0, 3, 5).unwrap());
+        same(
+            &[rand(&[2, 3, 5, 8], 6)],
+            |t| apply_rope(&t[0], &c, &s).unwrap(),
+            |t| nn::apply_rope_reference(&t[0], &c, &s).unwrap(),
+        );
+    }
+}
