@@ -7,7 +7,7 @@ use crate::config::LlamaConfig;
 use candle_core::{DType, Device, Tensor, D};
 use petal_core::{Adaptable, AdaptableLinear, Result};
 use petal_io::Weights;
-use petal_ops::{apply_rope, causal_mask, rms_norm, rope_tables, softmax_last_dim, swiglu};
+use petal_ops::{apply_rope, causal_softmax, rms_norm, rope_tables, swiglu};
 
 /// The one linear factory: weight (out, in) and optional bias from `w`, under HF path `path`.
 fn linear(
@@ -218,17 +218,13 @@ impl Llama {
             t,
             self.cfg.hidden_size,
         ))?;
-        let mask = if t > 1 {
-            Some(causal_mask(t, offset, self.dtype, &self.device)?)
-        } else {
-            None
-        };
+
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.kv[i]);
             let h = rms_norm(&x, &layer.ln1, self.cfg.rms_norm_eps)?;
-            let a = self.attention(&layer.attn, &h, mask.as_ref(), &cos, &sin, kv, train)?;
+            let a = self.attention(&layer.attn, &h, &cos, &sin, kv, train)?;
             x = (x + a)?;
             let h = rms_norm(&x, &layer.ln2, self.cfg.rms_norm_eps)?;
             let m = &layer.mlp;
@@ -244,7 +240,6 @@ impl Llama {
         &self,
         at: &Attention,
         x: &Tensor,
-        mask: Option<&Tensor>,
         cos: &Tensor,
         sin: &Tensor,
         kv: Option<&mut Option<(Tensor, Tensor)>>,
@@ -280,12 +275,9 @@ impl Llama {
                 .reshape((b, n * rep, tk, d))?)
         };
         let (k, v) = (expand(k)?, expand(v)?); // (b, nh, T, d)
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (b, nh, t, T)
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let p = softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(self.dtype)?;
+        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?; // (b, nh, t, T)
+        let offset = scores.dim(3)? - t;
+        let p = causal_softmax(&scores, 1.0 / (d as f64).sqrt(), offset)?.to_dtype(self.dtype)?;
         let o = p.matmul(&v.contiguous()?)?; // (b, nh, t, d)
         let o = o.transpose(1, 2)?.reshape((b, t, nh * d))?;
         at.o.forward(&o, train)

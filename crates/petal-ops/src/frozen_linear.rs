@@ -68,8 +68,13 @@ impl CustomOp2 for FrozenLinear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // dL/dx = dL/dy W ; W is frozen: its gradient is never computed.
-        let gx = grad.broadcast_matmul(w)?;
-        Ok((Some(gx), None))
+        let out = w.dim(0)?;
+        let g2 = grad.contiguous()?.reshape((grad.elem_count() / out, out))?;
+        let mut dims = grad.dims().to_vec();
+        if let Some(l) = dims.last_mut() {
+            *l = w.dim(1)?;
+        }
+        Ok((Some(g2.matmul(w)?.reshape(dims)?), None))
     }
 }
 

@@ -90,7 +90,13 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 
 // ---------------------------------------------------------------- softmax over the last dim
 
-struct Softmax;
+/// softmax(scale * x) over the last dim; with `causal = Some((t, offset))` the rows are the
+/// queries of a (.., t, T) score tensor at positions offset.., and keys after each query get
+/// probability 0 (no mask tensor, no pass to add it, no gradient computed for it).
+struct Softmax {
+    scale: f32,
+    causal: Option<(usize, usize)>,
+}
 
 impl CustomOp1 for Softmax {
     fn name(&self) -> &'static str {
@@ -99,29 +105,41 @@ impl CustomOp1 for Softmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, d) = (f32s(s, l)?, last_dim(l));
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
-            let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut z = 0f32;
-            for (y, x) in y.iter_mut().zip(x) {
-                *y = if m == f32::NEG_INFINITY {
-                    0.0
-                } else {
-                    (x - m).exp()
-                };
-                z += *y;
-            }
-            let inv = if z > 0.0 { 1.0 / z } else { 0.0 };
-            y.iter_mut().for_each(|v| *v *= inv);
-        });
+        y.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .enumerate()
+            .for_each(|(r, (y, x))| {
+                let n = self
+                    .causal
+                    .map(|(t, off)| (r % t + off + 1).min(d))
+                    .unwrap_or(d);
+                let m = x[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut z = 0f32;
+                for (y, x) in y[..n].iter_mut().zip(x) {
+                    *y = if m == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        ((x - m) * self.scale).exp()
+                    };
+                    z += *y;
+                }
+                let inv = if z > 0.0 { 1.0 / z } else { 0.0 };
+                y[..n].iter_mut().for_each(|v| *v *= inv);
+            });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBwd)?))
+        Ok(Some(y.apply_op2_no_bwd(
+            &g.contiguous()?,
+            &SoftmaxBwd { scale: self.scale },
+        )?))
     }
 }
 
-/// dx = y * (g - sum(g * y))
-struct SoftmaxBwd;
+/// dx = scale * y * (g - sum(g * y))
+struct SoftmaxBwd {
+    scale: f32,
+}
 
 impl CustomOp2 for SoftmaxBwd {
     fn name(&self) -> &'static str {
@@ -141,7 +159,7 @@ impl CustomOp2 for SoftmaxBwd {
             .for_each(|(dx, (y, g))| {
                 let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
                 for ((o, y), g) in dx.iter_mut().zip(y).zip(g) {
-                    *o = y * (g - dot);
+                    *o = self.scale * y * (g - dot);
                 }
             });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
@@ -152,7 +170,24 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if !fast_ok(x) {
         return nn::softmax_last_dim_reference(x);
     }
-    x.contiguous()?.apply_op1(Softmax)
+    x.contiguous()?.apply_op1(Softmax {
+        scale: 1.0,
+        causal: None,
+    })
+}
+
+/// Attention probabilities softmax(scale * scores + causal mask) for scores (.., t, T) of
+/// queries at positions offset..offset + t.
+pub fn causal_softmax(scores: &Tensor, scale: f64, offset: usize) -> Result<Tensor> {
+    let t = scores.dim(candle_core::D::Minus2)?;
+    if !fast_ok(scores) {
+        let mask = nn::causal_mask(t, offset, scores.dtype(), scores.device())?;
+        return nn::softmax_last_dim_reference(&(scores * scale)?.broadcast_add(&mask)?);
+    }
+    scores.contiguous()?.apply_op1(Softmax {
+        scale: scale as f32,
+        causal: Some((t, offset)),
+    })
 }
 
 // ---------------------------------------------------------------- SwiGLU: silu(g) * u
@@ -329,6 +364,30 @@ mod tests {
             |t| softmax_last_dim(&t[0]).unwrap(),
             |t| nn::softmax_last_dim_reference(&t[0]).unwrap(),
         );
+    }
+
+    #[test]
+    fn fused_causal_softmax_matches_scale_mask_and_softmax_in_value_and_gradient() {
+        for offset in [0, 3] {
+            let reference = |t: &[Tensor]| {
+                let mask = nn::causal_mask(
+                    5,
+                    offset,
+                    candle_core::DType::F32,
+                    &candle_core::Device::Cpu,
+                )
+                .unwrap();
+                nn::softmax_last_dim_reference(
+                    &(&t[0] * 0.3).unwrap().broadcast_add(&mask).unwrap(),
+                )
+                .unwrap()
+            };
+            same(
+                &[rand(&[2, 3, 5, 5 + offset], 8)],
+                |t| causal_softmax(&t[0], 0.3, offset).unwrap(),
+                reference,
+            );
+        }
     }
 
     #[test]

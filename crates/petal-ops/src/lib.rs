@@ -16,6 +16,6 @@ pub mod nn;
 pub use cpu::set_fast;
 pub use frozen_linear::frozen_linear;
 pub use head_loss::head_cross_entropy;
-pub use kernels::{apply_rope, rms_norm, softmax_last_dim, swiglu};
+pub use kernels::{apply_rope, causal_softmax, rms_norm, softmax_last_dim, swiglu};
 pub use loss::{masked_cross_entropy, IGNORE_INDEX};
 pub use nn::{causal_mask, rope_tables};

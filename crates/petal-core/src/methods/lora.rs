@@ -107,9 +107,11 @@ impl AdapterLayer for LoraLayer {
         } else {
             xf
         };
-        let h = xf.broadcast_matmul(&self.a.as_tensor().t()?)?; // (.., r)
-        let d = h.broadcast_matmul(&self.b.as_tensor().t()?)?; // (.., out)
-        let d = (d * self.scaling)?.to_dtype(y.dtype())?;
+        let inp = xf.dim(candle_core::D::Minus1)?;
+        let x2 = xf.reshape((xf.elem_count() / inp, inp))?; // (n, in): plain 2-D matmuls
+        let h = (x2.matmul(&self.a.as_tensor().t()?)? * self.scaling)?; // (n, r), scaled while small
+        let d = h.matmul(&self.b.as_tensor().t()?)?; // (n, out)
+        let d = d.reshape(y.shape())?.to_dtype(y.dtype())?;
         Ok((y + d)?)
     }
 
