@@ -35,6 +35,17 @@ pub trait AdapterLayer: Debug + Send + Sync {
     /// Adapted output from input x (.., in) and base output y (.., out), without building dW
     /// where the method allows it.
     fn forward(&self, x: &Tensor, y: Tensor, train: bool) -> Result<Tensor>;
+    /// The whole output `x W^T + b` + this adapter in one fused op, where the method has one
+    /// (used when this is the only active, unmerged adapter of the module).
+    fn fused_forward(
+        &self,
+        _x: &Tensor,
+        _w: &Tensor,
+        _b: Option<&Tensor>,
+        _train: bool,
+    ) -> Option<Result<Tensor>> {
+        None
+    }
     /// The change to W, for merge, unmerge and equivalence tests.
     fn weight_update(&self) -> Result<WeightUpdate>;
     /// Owned tensors under their PEFT names.

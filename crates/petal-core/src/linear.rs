@@ -47,17 +47,23 @@ impl AdaptableLinear {
 
     /// y = x W^T + b, then each active, unmerged adapter in order.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = petal_ops::frozen_linear(x, &self.weight, self.bias.as_ref())?;
-        if self.disabled {
-            return Ok(y);
+        let live: Vec<&dyn AdapterLayer> = if self.disabled {
+            Vec::new()
+        } else {
+            self.active
+                .iter()
+                .filter(|n| !self.merged.iter().any(|(m, _)| m == *n))
+                .filter_map(|n| self.layer(n))
+                .collect()
+        };
+        if let [only] = live.as_slice() {
+            if let Some(y) = only.fused_forward(x, &self.weight, self.bias.as_ref(), train) {
+                return y;
+            }
         }
-        for name in &self.active {
-            if self.merged.iter().any(|(m, _)| m == name) {
-                continue;
-            }
-            if let Some(layer) = self.layer(name) {
-                y = layer.forward(x, y, train)?;
-            }
+        let mut y = petal_ops::frozen_linear(x, &self.weight, self.bias.as_ref())?;
+        for layer in live {
+            y = layer.forward(x, y, train)?;
         }
         Ok(y)
     }

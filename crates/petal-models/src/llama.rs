@@ -264,21 +264,15 @@ impl Llama {
             }
             *slot = Some((k.clone(), v.clone()));
         }
+        // Grouped-query attention without copying k/v per query head: the `rep` query heads
+        // sharing kv head j become rep*t rows of group j (HF's repeat_kv order: head h -> h / rep).
         let rep = nh / nkv;
-        let expand = |y: Tensor| -> Result<Tensor> {
-            if rep == 1 {
-                return Ok(y);
-            }
-            let (b, n, tk, d) = y.dims4()?;
-            Ok(y.unsqueeze(2)?
-                .expand((b, n, rep, tk, d))?
-                .reshape((b, n * rep, tk, d))?)
-        };
-        let (k, v) = (expand(k)?, expand(v)?); // (b, nh, T, d)
-        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?; // (b, nh, t, T)
-        let offset = scores.dim(3)? - t;
-        let p = causal_softmax(&scores, 1.0 / (d as f64).sqrt(), offset)?.to_dtype(self.dtype)?;
-        let o = p.matmul(&v.contiguous()?)?; // (b, nh, t, d)
+        let tk = k.dim(2)?;
+        let qg = q.reshape((b, nkv, rep * t, d))?;
+        let scores = qg.matmul(&k.t()?)?.to_dtype(DType::F32)?; // (b, nkv, rep*t, T)
+        let p =
+            causal_softmax(&scores, 1.0 / (d as f64).sqrt(), t, tk - t)?.to_dtype(self.dtype)?;
+        let o = p.matmul(&v)?.reshape((b, nh, t, d))?; // (b, nh, t, d)
         let o = o.transpose(1, 2)?.reshape((b, t, nh * d))?;
         at.o.forward(&o, train)
     }

@@ -176,13 +176,18 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// Attention probabilities softmax(scale * scores + causal mask) for scores (.., t, T) of
-/// queries at positions offset..offset + t.
-pub fn causal_softmax(scores: &Tensor, scale: f64, offset: usize) -> Result<Tensor> {
-    let t = scores.dim(candle_core::D::Minus2)?;
+/// Attention probabilities softmax(scale * scores + causal mask) for scores (.., R, T) whose
+/// rows are R/t consecutive groups of t queries at positions offset..offset + t.
+pub fn causal_softmax(scores: &Tensor, scale: f64, t: usize, offset: usize) -> Result<Tensor> {
     if !fast_ok(scores) {
+        let dims = scores.dims().to_vec();
+        let (r, tk) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let lead: usize = dims[..dims.len() - 2].iter().product();
         let mask = nn::causal_mask(t, offset, scores.dtype(), scores.device())?;
-        return nn::softmax_last_dim_reference(&(scores * scale)?.broadcast_add(&mask)?);
+        let grouped = (scores * scale)?
+            .reshape((lead * r / t, t, tk))?
+            .broadcast_add(&mask)?;
+        return nn::softmax_last_dim_reference(&grouped.reshape(dims)?);
     }
     scores.contiguous()?.apply_op1(Softmax {
         scale: scale as f32,
@@ -368,6 +373,7 @@ mod tests {
 
     #[test]
     fn fused_causal_softmax_matches_scale_mask_and_softmax_in_value_and_gradient() {
+        // rows are 2 groups of t = 5 queries (grouped-query attention), at two offsets
         for offset in [0, 3] {
             let reference = |t: &[Tensor]| {
                 let mask = nn::causal_mask(
@@ -377,14 +383,16 @@ mod tests {
                     &candle_core::Device::Cpu,
                 )
                 .unwrap();
-                nn::softmax_last_dim_reference(
-                    &(&t[0] * 0.3).unwrap().broadcast_add(&mask).unwrap(),
-                )
-                .unwrap()
+                let s = (&t[0] * 0.3)
+                    .unwrap()
+                    .reshape((2, 3, 2, 5, 5 + offset))
+                    .unwrap();
+                let p = nn::softmax_last_dim_reference(&s.broadcast_add(&mask).unwrap()).unwrap();
+                p.reshape((2, 3, 10, 5 + offset)).unwrap()
             };
             same(
-                &[rand(&[2, 3, 5, 5 + offset], 8)],
-                |t| causal_softmax(&t[0], 0.3, offset).unwrap(),
+                &[rand(&[2, 3, 10, 5 + offset], 8)],
+                |t| causal_softmax(&t[0], 0.3, 5, offset).unwrap(),
                 reference,
             );
         }

@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod frozen_linear;
 pub mod head_loss;
 pub mod kernels;
+pub mod lora_linear;
 pub mod loss;
 pub mod nn;
 
@@ -17,5 +18,6 @@ pub use cpu::set_fast;
 pub use frozen_linear::frozen_linear;
 pub use head_loss::head_cross_entropy;
 pub use kernels::{apply_rope, causal_softmax, rms_norm, softmax_last_dim, swiglu};
+pub use lora_linear::lora_linear;
 pub use loss::{masked_cross_entropy, IGNORE_INDEX};
 pub use nn::{causal_mask, rope_tables};

@@ -62,6 +62,7 @@ impl AdamW {
         let bc2 = 1.0 - p.beta2.powi(self.t as i32);
         for (i, var) in self.vars.iter().enumerate() {
             let Some(g) = &grads[i] else { continue };
+            let g = &g.detach(); // optimizer state must never hold a backprop graph
             let w = var.as_tensor();
             let w = (w * (1.0 - lr * p.weight_decay))?;
             self.m[i] = ((&self.m[i] * p.beta1)? + (g * (1.0 - p.beta1))?)?;

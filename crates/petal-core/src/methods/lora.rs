@@ -99,8 +99,9 @@ pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
     Ok(x.mul(&mask)?)
 }
 
-impl AdapterLayer for LoraLayer {
-    fn forward(&self, x: &Tensor, y: Tensor, train: bool) -> Result<Tensor> {
+impl LoraLayer {
+    /// h = dropout(x) A^T as (n, r), in f32.
+    fn low(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let xf = x.to_dtype(DType::F32)?;
         let xf = if train && self.dropout > 0.0 {
             dropout(&xf, self.dropout)?
@@ -108,11 +109,41 @@ impl AdapterLayer for LoraLayer {
             xf
         };
         let inp = xf.dim(candle_core::D::Minus1)?;
-        let x2 = xf.reshape((xf.elem_count() / inp, inp))?; // (n, in): plain 2-D matmuls
-        let h = (x2.matmul(&self.a.as_tensor().t()?)? * self.scaling)?; // (n, r), scaled while small
+        let x2 = xf.reshape((xf.elem_count() / inp, inp))?; // plain 2-D matmuls
+        Ok(x2.matmul(&self.a.as_tensor().t()?)?)
+    }
+}
+
+impl AdapterLayer for LoraLayer {
+    fn forward(&self, x: &Tensor, y: Tensor, train: bool) -> Result<Tensor> {
+        let h = (self.low(x, train)? * self.scaling)?; // (n, r), scaled while small
         let d = h.matmul(&self.b.as_tensor().t()?)?; // (n, out)
         let d = d.reshape(y.shape())?.to_dtype(y.dtype())?;
         Ok((y + d)?)
+    }
+
+    fn fused_forward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        train: bool,
+    ) -> Option<Result<Tensor>> {
+        if !petal_ops::cpu::fast_ok(x) || w.dtype() != DType::F32 {
+            return None;
+        }
+        let run = || -> Result<Tensor> {
+            let h = self.low(x, train)?;
+            Ok(petal_ops::lora_linear(
+                x,
+                w,
+                b,
+                &h,
+                self.b.as_tensor(),
+                self.scaling,
+            )?)
+        };
+        Some(run())
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {
