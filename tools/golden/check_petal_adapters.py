@@ -26,6 +26,8 @@ CASES = [
     ("llama", ["--r", "2", "--alpha", "5", "--target-modules", r"re:.*\.layers\.1\.(self_attn\.(k|o)_proj|mlp\.down_proj)"]),
     ("llama", ["--r", "4", "--alpha", "16", "--target-modules", "all-linear", "--exclude-modules", "down_proj,q_proj"]),
     ("qwen2", ["--r", "4", "--alpha", "12", "--target-modules", "all-linear"]),
+    ("llama", ["--method", "loha", "--r", "4", "--alpha", "6", "--target-modules", "all-linear"]),
+    ("qwen2", ["--method", "loha", "--r", "3", "--alpha", "5", "--target-modules", "q_proj,v_proj"]),
 ]
 
 

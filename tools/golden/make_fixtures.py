@@ -12,7 +12,7 @@ import os
 import sys
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoHaConfig, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -74,7 +74,17 @@ ADAPTERS = {
     "llama_lora_layers": ("llama", dict(r=3, lora_alpha=6, target_modules=["gate_proj", "up_proj"], layers_to_transform=[1])),
     "qwen2_lora_all_linear": ("qwen2", dict(r=4, lora_alpha=12, target_modules="all-linear")),
     "qwen2_lora_second": ("qwen2", dict(r=2, lora_alpha=3, target_modules=["k_proj", "up_proj"])),
+    # LoHa (FedPara): alpha != r, a rank_pattern, all four factors random (init_weights=False)
+    "llama_loha_all_linear": ("llama", dict(method="loha", r=4, alpha=6, target_modules="all-linear", rank_pattern={"v_proj": 2})),
+    "qwen2_loha_qv": ("qwen2", dict(method="loha", r=3, alpha=5, target_modules=["q_proj", "v_proj"])),
 }
+
+
+def peft_config(kw):
+    kw = dict(kw)
+    if kw.pop("method", "lora") == "loha":
+        return LoHaConfig(init_weights=False, **kw)
+    return LoraConfig(init_lora_weights=False, lora_dropout=0.0, **kw)
 
 
 def main():
@@ -90,7 +100,7 @@ def main():
     for i, (aname, (base, kw)) in enumerate(ADAPTERS.items()):
         torch.manual_seed(100 + i)
         m = bases[base]()
-        pm = get_peft_model(m, LoraConfig(init_lora_weights=False, lora_dropout=0.0, **kw))
+        pm = get_peft_model(m, peft_config(kw))
         pm.eval()
         out[f"{aname}"] = logits(pm)
         pm.save_pretrained(os.path.join(ROOT, "adapters", aname))

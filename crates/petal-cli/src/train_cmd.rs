@@ -171,9 +171,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if o.resume.is_none() && out.join("checkpoints").exists() && !o.overwrite.unwrap_or(false) {
         bail!("{}: run folder already has checkpoints; pass --resume {0} to continue or --overwrite true to start over", out.display());
     }
-    let method = o.method.clone().unwrap_or_else(|| "lora".into());
-    if !method.eq_ignore_ascii_case("lora") {
-        bail!("--method {method}: not available yet (petal has: lora)");
+    let method = o.method.clone().unwrap_or_else(|| "lora".into()).to_ascii_lowercase();
+    if petal_core::registry::method(&method).is_none() {
+        let known: Vec<String> = petal_core::registry::METHODS.iter().map(|m| m.peft_type().to_ascii_lowercase()).collect();
+        bail!("--method {method}: not available (petal has: {})", known.join(", "));
+    }
+    if method != "lora" && (o.dropout.is_some_and(|d| d > 0.0) || o.rslora.unwrap_or(false)) {
+        bail!("--dropout and --rslora are LoRA options; --method {method} has neither");
     }
     let dt = o.dtype.clone().unwrap_or_else(|| "f32".into());
     let dev = o.device.clone().unwrap_or_else(|| "cpu".into());
@@ -203,7 +207,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None => split(read(&data_spec)?, o.val_fraction.unwrap_or(0.05), seed),
     };
     val_set.truncate(o.max_eval_examples.unwrap_or(32));
-    let mut acfg = AdapterConfig::lora(
+    let mut acfg = AdapterConfig::for_method(
+        &method,
         o.r.unwrap_or(8),
         o.alpha.unwrap_or(16.0),
         targets(o.target_modules.as_deref().unwrap_or("all-linear")),

@@ -72,6 +72,16 @@ pub struct AdapterConfig {
     pub modules_to_save: Option<Vec<String>>,
     #[serde(default)]
     pub inference_mode: bool,
+    /// LyCORIS-family methods (LoHa, LoKr) call it `alpha`, not `lora_alpha`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
+    /// LyCORIS-family name of the init switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_weights: Option<InitWeights>,
+    #[serde(default)]
+    pub rank_dropout: f64,
+    #[serde(default)]
+    pub module_dropout: f64,
 }
 
 fn default_r() -> usize {
@@ -108,7 +118,24 @@ const KNOWN: &[&str] = &[
     "use_dora",
     "modules_to_save",
     "inference_mode",
+    "alpha",
+    "init_weights",
+    "rank_dropout",
+    "module_dropout",
 ];
+
+/// Keys of LoRA's config only (dropped when writing another method's config).
+const LORA_ONLY: &[&str] = &[
+    "lora_alpha",
+    "lora_dropout",
+    "use_rslora",
+    "init_lora_weights",
+    "bias",
+    "fan_in_fan_out",
+    "use_dora",
+];
+/// Keys of the LyCORIS-family configs only.
+const LYCORIS_ONLY: &[&str] = &["alpha", "init_weights", "rank_dropout", "module_dropout"];
 
 /// Informational keys whose values never change the computation.
 const INFORMATIONAL: &[&str] = &["peft_version", "revision", "auto_mapping", "megatron_core"];
@@ -145,6 +172,35 @@ impl AdapterConfig {
             use_dora: false,
             modules_to_save: None,
             inference_mode: false,
+            alpha: None,
+            init_weights: None,
+            rank_dropout: 0.0,
+            module_dropout: 0.0,
+        }
+    }
+
+    /// A config for `peft_type` ("LORA", "LOHA", …) with rank r and alpha `alpha`.
+    pub fn for_method(peft_type: &str, r: usize, alpha: f64, targets: Targets) -> Self {
+        let mut c = Self::lora(r, alpha, targets);
+        c.peft_type = peft_type.to_ascii_uppercase();
+        if !c.is_lora() {
+            c.alpha = Some(alpha);
+            c.init_weights = Some(InitWeights::Flag(true));
+        }
+        c
+    }
+
+    pub fn is_lora(&self) -> bool {
+        self.peft_type.eq_ignore_ascii_case("LORA")
+    }
+
+    /// Whether the method should start from a non-zero update (`init_lora_weights = false`,
+    /// or `init_weights = false` for the LyCORIS family): PEFT's switch for tests.
+    pub fn init_nonzero(&self) -> bool {
+        if self.is_lora() {
+            self.init_lora_weights == InitWeights::Flag(false)
+        } else {
+            self.init_weights == Some(InitWeights::Flag(false))
         }
     }
 
@@ -176,6 +232,9 @@ impl AdapterConfig {
     pub fn to_json(&self) -> Result<String> {
         let mut v = serde_json::to_value(self).map_err(|e| Error::msg(e.to_string()))?;
         if let Some(o) = v.as_object_mut() {
+            for k in if self.is_lora() { LYCORIS_ONLY } else { LORA_ONLY } {
+                o.remove(*k);
+            }
             o.insert(
                 "peft_version".into(),
                 Value::String(format!("petal {}", env!("CARGO_PKG_VERSION"))),
@@ -208,6 +267,9 @@ impl AdapterConfig {
                 format!("{f} = {v} is not supported by petal yet"),
             ))
         };
+        if self.rank_dropout != 0.0 || self.module_dropout != 0.0 {
+            return unsupported("rank_dropout / module_dropout", format!("{} / {}", self.rank_dropout, self.module_dropout));
+        }
         if self.use_dora {
             return unsupported("use_dora", "true".into());
         }
@@ -241,7 +303,8 @@ impl AdapterConfig {
 
     /// Alpha for one module, honouring `alpha_pattern`.
     pub fn alpha_for(&self, path: &str) -> f64 {
-        crate::target::pattern_value(&self.alpha_pattern, path).unwrap_or(self.lora_alpha)
+        let base = if self.is_lora() { self.lora_alpha } else { self.alpha.unwrap_or(8.0) };
+        crate::target::pattern_value(&self.alpha_pattern, path).unwrap_or(base)
     }
 
     /// LoRA scaling for one module: alpha/r, or alpha/sqrt(r) with rsLoRA.

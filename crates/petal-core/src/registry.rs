@@ -3,7 +3,7 @@
 use crate::adapter::AdapterMethod;
 use crate::methods;
 
-pub static METHODS: &[&dyn AdapterMethod] = &[&methods::lora::Lora];
+pub static METHODS: &[&dyn AdapterMethod] = &[&methods::lora::Lora, &methods::loha::Loha];
 
 /// Look a method up by its PEFT `peft_type` (case-insensitive: "LORA", "lora").
 pub fn method(peft_type: &str) -> Option<&'static dyn AdapterMethod> {

@@ -86,6 +86,9 @@ pub fn adapted(cfg: &AdapterConfig, nonzero: bool) -> Toy {
     let mut c = cfg.clone();
     if nonzero {
         c.init_lora_weights = InitWeights::Flag(false);
+        if !c.is_lora() {
+            c.init_weights = Some(InitWeights::Flag(false));
+        }
     }
     inject_adapter(&mut t, "default", &c, 42).unwrap();
     t

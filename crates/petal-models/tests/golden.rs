@@ -155,3 +155,13 @@ fn trainable_and_total_parameters_equal_peft_counts() {
         .sum();
     assert_eq!(c.trainable, by_formula);
 }
+
+#[test]
+fn peft_loha_on_all_linear_with_a_rank_pattern_matches_peft() {
+    assert_close(&with_adapter("llama", "llama_loha_all_linear"), "llama_loha_all_linear");
+}
+
+#[test]
+fn peft_loha_on_qwen2_q_and_v_matches_peft() {
+    assert_close(&with_adapter("qwen2", "qwen2_loha_qv"), "qwen2_loha_qv");
+}

@@ -1,1 +1,2 @@
+pub mod loha;
 pub mod lora;
