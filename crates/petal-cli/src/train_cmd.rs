@@ -171,10 +171,20 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if o.resume.is_none() && out.join("checkpoints").exists() && !o.overwrite.unwrap_or(false) {
         bail!("{}: run folder already has checkpoints; pass --resume {0} to continue or --overwrite true to start over", out.display());
     }
-    let method = o.method.clone().unwrap_or_else(|| "lora".into()).to_ascii_lowercase();
+    let method = o
+        .method
+        .clone()
+        .unwrap_or_else(|| "lora".into())
+        .to_ascii_lowercase();
     if petal_core::registry::method(&method).is_none() {
-        let known: Vec<String> = petal_core::registry::METHODS.iter().map(|m| m.peft_type().to_ascii_lowercase()).collect();
-        bail!("--method {method}: not available (petal has: {})", known.join(", "));
+        let known: Vec<String> = petal_core::registry::METHODS
+            .iter()
+            .map(|m| m.peft_type().to_ascii_lowercase())
+            .collect();
+        bail!(
+            "--method {method}: not available (petal has: {})",
+            known.join(", ")
+        );
     }
     if method != "lora" && (o.dropout.is_some_and(|d| d > 0.0) || o.rslora.unwrap_or(false)) {
         bail!("--dropout and --rslora are LoRA options; --method {method} has neither");

@@ -71,24 +71,7 @@ fn forward_writes_the_logits_peft_computes_for_a_peft_adapter() {
     .unwrap()
     .remove("llama_lora_qv")
     .unwrap();
-    let d = (&ours - &want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert!(
-        d / want
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            < 1e-4
-    );
+    assert!(petal_ops::testing::max_rel(&ours, &want) < 1e-4);
 }
 
 #[test]

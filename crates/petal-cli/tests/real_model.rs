@@ -99,20 +99,6 @@ fn kv_cached_decoding_gives_the_same_logits_as_a_full_forward() {
     }
     let step = last.unwrap().squeeze(0).unwrap().squeeze(0).unwrap();
     let want = full.squeeze(0).unwrap().get(n - 1).unwrap();
-    let d = (step - &want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let s = want
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert!(d / s < 1e-4, "relative difference {}", d / s);
+    let e = petal_ops::testing::max_rel(&step, &want);
+    assert!(e < 1e-4, "relative difference {e}");
 }

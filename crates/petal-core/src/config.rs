@@ -232,7 +232,11 @@ impl AdapterConfig {
     pub fn to_json(&self) -> Result<String> {
         let mut v = serde_json::to_value(self).map_err(|e| Error::msg(e.to_string()))?;
         if let Some(o) = v.as_object_mut() {
-            for k in if self.is_lora() { LYCORIS_ONLY } else { LORA_ONLY } {
+            for k in if self.is_lora() {
+                LYCORIS_ONLY
+            } else {
+                LORA_ONLY
+            } {
                 o.remove(*k);
             }
             o.insert(
@@ -268,7 +272,10 @@ impl AdapterConfig {
             ))
         };
         if self.rank_dropout != 0.0 || self.module_dropout != 0.0 {
-            return unsupported("rank_dropout / module_dropout", format!("{} / {}", self.rank_dropout, self.module_dropout));
+            return unsupported(
+                "rank_dropout / module_dropout",
+                format!("{} / {}", self.rank_dropout, self.module_dropout),
+            );
         }
         if self.use_dora {
             return unsupported("use_dora", "true".into());
@@ -303,7 +310,11 @@ impl AdapterConfig {
 
     /// Alpha for one module, honouring `alpha_pattern`.
     pub fn alpha_for(&self, path: &str) -> f64 {
-        let base = if self.is_lora() { self.lora_alpha } else { self.alpha.unwrap_or(8.0) };
+        let base = if self.is_lora() {
+            self.lora_alpha
+        } else {
+            self.alpha.unwrap_or(8.0)
+        };
         crate::target::pattern_value(&self.alpha_pattern, path).unwrap_or(base)
     }
 

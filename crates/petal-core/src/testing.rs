@@ -5,19 +5,13 @@
 use crate::config::{AdapterConfig, InitWeights};
 use crate::{inject_adapter, Adaptable, AdaptableLinear, ParamCount};
 use candle_core::{DType, Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
 
 pub struct Toy {
     pub fc1: AdaptableLinear,
     pub fc2: AdaptableLinear,
 }
 
-pub fn rand_tensor(shape: &[usize], seed: u64) -> Tensor {
-    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| r.gen_range(-1.0..1.0)).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
+pub use petal_ops::testing::{max_rel, rand as rand_tensor};
 
 impl Toy {
     pub fn new() -> Self {
@@ -58,25 +52,6 @@ impl Adaptable for Toy {
     fn base_param_count(&self) -> usize {
         12 * 10 + 12 + 6 * 12
     }
-}
-
-fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    d / b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .max(1e-12)
 }
 
 /// A toy with adapter "default" from `cfg`; with `nonzero`, the init is the method's

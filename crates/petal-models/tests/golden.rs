@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use petal_core::inject::set_active;
 use petal_core::{Adaptable, ParamCount};
 use petal_models::{load_model, Llama};
+use petal_ops::testing::max_rel;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -31,30 +32,11 @@ fn logits(m: &Llama) -> Tensor {
     m.forward(&ids, None, false).unwrap()
 }
 
-/// max |a - b| / max |b|
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    d / b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn assert_close(m: &Llama, key: &str) {
     let want = &golden()[key];
     let got = logits(m);
     assert_eq!(got.dims(), want.dims());
-    let e = rel_err(&got, want);
+    let e = max_rel(&got, want);
     assert!(e < 1e-4, "{key}: relative error {e:e}");
 }
 
@@ -158,7 +140,10 @@ fn trainable_and_total_parameters_equal_peft_counts() {
 
 #[test]
 fn peft_loha_on_all_linear_with_a_rank_pattern_matches_peft() {
-    assert_close(&with_adapter("llama", "llama_loha_all_linear"), "llama_loha_all_linear");
+    assert_close(
+        &with_adapter("llama", "llama_loha_all_linear"),
+        "llama_loha_all_linear",
+    );
 }
 
 #[test]

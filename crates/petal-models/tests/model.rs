@@ -113,20 +113,6 @@ fn bf16_logits_track_f32_logits_within_bf16_precision() {
     let y = model(&golden().join("llama"), DType::BF16)
         .forward(&ids(), None, false)
         .unwrap();
-    let d = (&x - &y)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let s = x
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert!(d / s < 3e-2, "relative {}", d / s);
+    let e = petal_ops::testing::max_rel(&y, &x);
+    assert!(e < 3e-2, "relative {e}");
 }

@@ -100,15 +100,8 @@ pub fn frozen_linear_reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::rand;
     use candle_core::{Device, Var};
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| r.gen_range(-1.0..1.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
 
     #[test]
     fn frozen_linear_equals_matmul_reference_in_value_and_input_gradient() {

@@ -106,7 +106,7 @@ pub fn head_cross_entropy(h: &Tensor, w: &Tensor, labels: &[i64]) -> Result<(Ten
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::check::{rand, same};
+    use crate::testing::{rand, same};
 
     #[test]
     fn fused_head_loss_matches_logits_then_cross_entropy_in_value_and_gradient() {

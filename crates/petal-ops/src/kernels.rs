@@ -1,11 +1,43 @@
-//! Fused CPU kernels with hand-written backward passes: RMSNorm, softmax, SwiGLU and RoPE.
-//! Each replaces a chain of composed candle ops (one buffer and one pass per op, plus the same
-//! again in backward) by one pass per direction. Rows run in parallel (rayon).
+//! Fused CPU kernels with hand-written backward passes: RMSNorm, softmax (plain and scaled
+//! causal), SwiGLU and RoPE. Each replaces a chain of composed candle ops (one buffer and one
+//! pass per op, plus the same again in backward) by one pass per direction. Rows run in
+//! parallel (rayon).
 
 use crate::cpu::{f32s, fast_ok, last_dim};
 use crate::nn;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+/// y[row] = f(row index, x[row]) over the rows (last dim) of one contiguous f32 input.
+fn map_rows(
+    s: &CpuStorage,
+    l: &Layout,
+    f: impl Fn(usize, &[f32], &mut [f32]) + Sync,
+) -> Result<(CpuStorage, Shape)> {
+    let (x, d) = (f32s(s, l)?, last_dim(l));
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .enumerate()
+        .for_each(|(r, (y, x))| f(r, x, y));
+    Ok((CpuStorage::F32(y), l.shape().clone()))
+}
+
+/// y[row] = f(a[row], b[row]) over the rows of two inputs of the same shape.
+fn map_rows2(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) -> Result<(CpuStorage, Shape)> {
+    let (a, b, d) = (f32s(s1, l1)?, f32s(s2, l2)?, last_dim(l1));
+    let mut y = vec![0f32; a.len()];
+    y.par_chunks_mut(d)
+        .zip(a.par_chunks(d).zip(b.par_chunks(d)))
+        .for_each(|(y, (a, b))| f(a, b, y));
+    Ok((CpuStorage::F32(y), l1.shape().clone()))
+}
 
 // ---------------------------------------------------------------- RMSNorm (frozen weight)
 
@@ -14,20 +46,21 @@ struct RmsNorm {
     eps: f32,
 }
 
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    1.0 / (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32 + eps).sqrt()
+}
+
 impl CustomOp1 for RmsNorm {
     fn name(&self) -> &'static str {
         "petal-rms-norm"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, d) = (f32s(s, l)?, last_dim(l));
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
-            let r = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / d as f32 + self.eps).sqrt();
+        map_rows(s, l, |_, x, y| {
+            let r = inv_rms(x, self.eps);
             for ((y, x), w) in y.iter_mut().zip(x).zip(&self.w) {
                 *y = x * r * w;
             }
-        });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        })
     }
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let op = RmsNormBwd {
@@ -55,24 +88,19 @@ impl CustomOp2 for RmsNormBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, g, d) = (f32s(s1, l1)?, f32s(s2, l2)?, last_dim(l1));
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(d)
-            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
-            .for_each(|(dx, (x, g))| {
-                let r = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / d as f32 + self.eps).sqrt();
-                let dot: f32 = x
-                    .iter()
-                    .zip(g)
-                    .zip(&self.w)
-                    .map(|((x, g), w)| x * g * w)
-                    .sum::<f32>()
-                    / d as f32;
-                for (((o, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(&self.w) {
-                    *o = r * w * g - r * r * r * x * dot;
-                }
-            });
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        map_rows2(s1, l1, s2, l2, |x, g, dx| {
+            let r = inv_rms(x, self.eps);
+            let dot: f32 = x
+                .iter()
+                .zip(g)
+                .zip(&self.w)
+                .map(|((x, g), w)| x * g * w)
+                .sum::<f32>()
+                / x.len() as f32;
+            for (((o, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(&self.w) {
+                *o = r * w * g - r * r * r * x * dot;
+            }
+        })
     }
 }
 
@@ -90,9 +118,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 
 // ---------------------------------------------------------------- softmax over the last dim
 
-/// softmax(scale * x) over the last dim; with `causal = Some((t, offset))` the rows are the
-/// queries of a (.., t, T) score tensor at positions offset.., and keys after each query get
-/// probability 0 (no mask tensor, no pass to add it, no gradient computed for it).
+/// softmax(scale * x) over the last dim; with `causal = Some((t, offset))` the rows are groups
+/// of t queries at positions offset.., and keys after each query get probability 0 (no mask
+/// tensor, no pass to add it, no gradient computed for it).
 struct Softmax {
     scale: f32,
     causal: Option<(usize, usize)>,
@@ -103,30 +131,25 @@ impl CustomOp1 for Softmax {
         "petal-softmax"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, d) = (f32s(s, l)?, last_dim(l));
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .enumerate()
-            .for_each(|(r, (y, x))| {
-                let n = self
-                    .causal
-                    .map(|(t, off)| (r % t + off + 1).min(d))
-                    .unwrap_or(d);
-                let m = x[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut z = 0f32;
-                for (y, x) in y[..n].iter_mut().zip(x) {
-                    *y = if m == f32::NEG_INFINITY {
-                        0.0
-                    } else {
-                        ((x - m) * self.scale).exp()
-                    };
-                    z += *y;
-                }
-                let inv = if z > 0.0 { 1.0 / z } else { 0.0 };
-                y[..n].iter_mut().for_each(|v| *v *= inv);
-            });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        let d = last_dim(l);
+        map_rows(s, l, |r, x, y| {
+            let n = self
+                .causal
+                .map(|(t, off)| (r % t + off + 1).min(d))
+                .unwrap_or(d);
+            let m = x[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut z = 0f32;
+            for (y, x) in y[..n].iter_mut().zip(x) {
+                *y = if m == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    ((x - m) * self.scale).exp()
+                };
+                z += *y;
+            }
+            let inv = if z > 0.0 { 1.0 / z } else { 0.0 };
+            y[..n].iter_mut().for_each(|v| *v *= inv);
+        })
     }
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(y.apply_op2_no_bwd(
@@ -152,17 +175,12 @@ impl CustomOp2 for SoftmaxBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, g, d) = (f32s(s1, l1)?, f32s(s2, l2)?, last_dim(l1));
-        let mut dx = vec![0f32; y.len()];
-        dx.par_chunks_mut(d)
-            .zip(y.par_chunks(d).zip(g.par_chunks(d)))
-            .for_each(|(dx, (y, g))| {
-                let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
-                for ((o, y), g) in dx.iter_mut().zip(y).zip(g) {
-                    *o = self.scale * y * (g - dot);
-                }
-            });
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        map_rows2(s1, l1, s2, l2, |y, g, dx| {
+            let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+            for ((o, y), g) in dx.iter_mut().zip(y).zip(g) {
+                *o = self.scale * y * (g - dot);
+            }
+        })
     }
 }
 
@@ -214,16 +232,11 @@ impl CustomOp2 for SwiGlu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (g, u) = (f32s(s1, l1)?, f32s(s2, l2)?);
-        let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(4096)
-            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
-            .for_each(|(y, (g, u))| {
-                for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                    *y = g * sigmoid(*g) * u;
-                }
-            });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        map_rows2(s1, l1, s2, l2, |g, u, y| {
+            for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
+                *y = g * sigmoid(*g) * u;
+            }
+        })
     }
     fn bwd(
         &self,
@@ -301,26 +314,20 @@ impl CustomOp1 for Rope {
         "petal-rope"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, d) = (f32s(s, l)?, last_dim(l));
-        let half = d / 2;
+        let half = last_dim(l) / 2;
         let sign = if self.inverse { -1.0 } else { 1.0 };
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .enumerate()
-            .for_each(|(row, (y, x))| {
-                let p = row % self.t;
-                let (c, s) = (
-                    &self.cos[p * half..(p + 1) * half],
-                    &self.sin[p * half..(p + 1) * half],
-                );
-                for j in 0..half {
-                    let (a, b) = (x[j], x[j + half]);
-                    y[j] = a * c[j] - sign * b * s[j];
-                    y[j + half] = b * c[j] + sign * a * s[j];
-                }
-            });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        map_rows(s, l, |row, x, y| {
+            let p = row % self.t;
+            let (c, s) = (
+                &self.cos[p * half..(p + 1) * half],
+                &self.sin[p * half..(p + 1) * half],
+            );
+            for j in 0..half {
+                let (a, b) = (x[j], x[j + half]);
+                y[j] = a * c[j] - sign * b * s[j];
+                y[j + half] = b * c[j] + sign * a * s[j];
+            }
+        })
     }
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let op = Rope {
@@ -350,7 +357,7 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::check::{rand, same};
+    use crate::testing::{rand, same};
 
     #[test]
     fn fused_rms_norm_matches_the_composed_reference_in_value_and_gradient() {

@@ -13,6 +13,8 @@ pub mod kernels;
 pub mod lora_linear;
 pub mod loss;
 pub mod nn;
+#[doc(hidden)]
+pub mod testing;
 
 pub use cpu::set_fast;
 pub use frozen_linear::frozen_linear;

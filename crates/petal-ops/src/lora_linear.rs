@@ -125,7 +125,7 @@ pub fn lora_linear_reference(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::check::{rand, same};
+    use crate::testing::{rand, same};
 
     #[test]
     fn fused_lora_linear_matches_base_plus_scaled_low_rank_in_value_and_all_gradients() {

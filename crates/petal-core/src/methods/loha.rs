@@ -33,7 +33,9 @@ pub struct LohaLayer {
 /// kaiming_uniform_(a = sqrt(5)) on a (rows, cols) matrix: U(-1/sqrt(cols), 1/sqrt(cols)).
 fn kaiming(shape: (usize, usize), g: &mut impl Rng, dev: &Device) -> Result<Var> {
     let bound = 1.0 / (shape.1 as f64).sqrt();
-    let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| g.gen_range(-bound..bound) as f32).collect();
+    let v: Vec<f32> = (0..shape.0 * shape.1)
+        .map(|_| g.gen_range(-bound..bound) as f32)
+        .collect();
     Ok(Var::from_tensor(&Tensor::from_vec(v, shape, dev)?)?)
 }
 
@@ -42,7 +44,13 @@ impl AdapterMethod for Loha {
         "LOHA"
     }
 
-    fn build(&self, cfg: &AdapterConfig, path: &str, base: &BaseLinear, seed: u64) -> Result<Box<dyn AdapterLayer>> {
+    fn build(
+        &self,
+        cfg: &AdapterConfig,
+        path: &str,
+        base: &BaseLinear,
+        seed: u64,
+    ) -> Result<Box<dyn AdapterLayer>> {
         let r = cfg.rank_for(path);
         let (inp, out) = (base.in_features, base.out_features);
         let dev = base.weight.device();
@@ -76,7 +84,10 @@ impl AdapterLayer for LohaLayer {
         let xf = x.to_dtype(DType::F32)?;
         let inp = xf.dim(candle_core::D::Minus1)?;
         let x2 = xf.reshape((xf.elem_count() / inp, inp))?;
-        let d = x2.matmul(&self.delta()?.t()?)?.reshape(y.shape())?.to_dtype(y.dtype())?;
+        let d = x2
+            .matmul(&self.delta()?.t()?)?
+            .reshape(y.shape())?
+            .to_dtype(y.dtype())?;
         Ok((y + d)?)
     }
 
@@ -86,20 +97,39 @@ impl AdapterLayer for LohaLayer {
 
     fn tensors(&self) -> Vec<NamedTensor<'_>> {
         vec![
-            NamedTensor { name: W1A, var: &self.w1a },
-            NamedTensor { name: W1B, var: &self.w1b },
-            NamedTensor { name: W2A, var: &self.w2a },
-            NamedTensor { name: W2B, var: &self.w2b },
+            NamedTensor {
+                name: W1A,
+                var: &self.w1a,
+            },
+            NamedTensor {
+                name: W1B,
+                var: &self.w1b,
+            },
+            NamedTensor {
+                name: W2A,
+                var: &self.w2a,
+            },
+            NamedTensor {
+                name: W2B,
+                var: &self.w2b,
+            },
         ]
     }
 }
 
 #[cfg(test)]
 fn conformance_config() -> AdapterConfig {
-    let mut c = AdapterConfig::for_method("LOHA", 3, 7.0, crate::config::Targets::List(vec!["fc1".into(), "fc2".into()]));
+    let mut c = AdapterConfig::for_method(
+        "LOHA",
+        3,
+        7.0,
+        crate::config::Targets::List(vec!["fc1".into(), "fc2".into()]),
+    );
     c.alpha_pattern.insert("fc2".into(), 2.0);
     c
 }
 
 #[cfg(test)]
-crate::conformance!(conformance_config, |inp, out, cfg: &AdapterConfig| 2 * cfg.r * (inp + out));
+crate::conformance!(conformance_config, |inp, out, cfg: &AdapterConfig| 2
+    * cfg.r
+    * (inp + out));

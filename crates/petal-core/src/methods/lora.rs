@@ -170,16 +170,15 @@ mod tests {
     use super::*;
     use crate::config::Targets;
 
-    #[test]
-    fn default_init_draws_a_within_the_kaiming_bound_and_zeroes_b() {
-        let w = Tensor::zeros((6, 16), DType::F32, &Device::Cpu).unwrap();
+    /// A of a layer built for a (out, inp) linear.
+    fn init_a(out: usize, inp: usize, cfg: &AdapterConfig) -> (Vec<f32>, f32) {
+        let w = Tensor::zeros((out, inp), DType::F32, &Device::Cpu).unwrap();
         let base = BaseLinear {
             weight: &w,
-            in_features: 16,
-            out_features: 6,
+            in_features: inp,
+            out_features: out,
         };
-        let cfg = AdapterConfig::lora(4, 8.0, Targets::List(vec!["x".into()]));
-        let l = Lora.build(&cfg, "x", &base, 3).unwrap();
+        let l = Lora.build(cfg, "x", &base, 3).unwrap();
         let t = l.tensors();
         let a = t[0]
             .var
@@ -197,12 +196,37 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
+        (a, b)
+    }
+
+    #[test]
+    fn default_init_draws_a_within_the_kaiming_bound_and_zeroes_b() {
+        let (a, b) = init_a(
+            6,
+            16,
+            &AdapterConfig::lora(4, 8.0, Targets::List(vec!["x".into()])),
+        );
         let bound = 1.0 / 4.0; // 1/sqrt(16)
         assert!(a.iter().all(|v| v.abs() <= bound));
         let spread = a.iter().fold(0f32, |m, v| m.max(v.abs()));
         assert!(
             spread > 0.8 * bound,
             "A should fill its range, max |a| = {spread}"
+        );
+        assert_eq!(b, 0.0);
+    }
+
+    #[test]
+    fn gaussian_init_draws_a_with_standard_deviation_one_over_r() {
+        let mut cfg = AdapterConfig::lora(4, 8.0, Targets::List(vec!["x".into()]));
+        cfg.init_lora_weights = InitWeights::Named("gaussian".into());
+        let (a, b) = init_a(4, 4000, &cfg);
+        let n = a.len() as f64;
+        let mean = a.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let std = (a.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        assert!(
+            mean.abs() < 0.01 && (std - 0.25).abs() < 0.01,
+            "mean {mean} std {std}"
         );
         assert_eq!(b, 0.0);
     }
@@ -229,36 +253,3 @@ crate::conformance!(conformance_config, |inp, out, cfg: &AdapterConfig| {
     };
     r * (inp + out)
 });
-
-#[cfg(test)]
-mod init_tests {
-    use super::*;
-    use crate::config::Targets;
-
-    #[test]
-    fn gaussian_init_draws_a_with_standard_deviation_one_over_r() {
-        let w = Tensor::zeros((4, 4000), DType::F32, &Device::Cpu).unwrap();
-        let base = BaseLinear {
-            weight: &w,
-            in_features: 4000,
-            out_features: 4,
-        };
-        let mut cfg = AdapterConfig::lora(4, 8.0, Targets::List(vec!["x".into()]));
-        cfg.init_lora_weights = InitWeights::Named("gaussian".into());
-        let l = Lora.build(&cfg, "x", &base, 5).unwrap();
-        let a = l.tensors()[0]
-            .var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let n = a.len() as f64;
-        let mean = a.iter().map(|&v| v as f64).sum::<f64>() / n;
-        let std = (a.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
-        assert!(
-            mean.abs() < 0.01 && (std - 0.25).abs() < 0.01,
-            "mean {mean} std {std}"
-        );
-    }
-}

@@ -1,0 +1,66 @@
+//! Helpers for tests across the workspace: seeded random tensors, relative error, and the
+//! fast-kernel-vs-reference check (values, and input gradients through a random projection).
+use candle_core::{Device, Tensor, Var};
+
+pub fn rand(shape: &[usize], seed: u64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    Tensor::from_vec(
+        (0..n)
+            .map(|_| r.gen_range(-2.0f32..2.0))
+            .collect::<Vec<_>>(),
+        shape,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+pub fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    d / b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1e-12)
+}
+
+/// Both functions of the same inputs must agree in value and in every input gradient.
+pub fn same(
+    inputs: &[Tensor],
+    fast: impl Fn(&[Tensor]) -> Tensor,
+    reference: impl Fn(&[Tensor]) -> Tensor,
+) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let (f, r) = (fast(&ts), reference(&ts));
+    assert_eq!(f.dims(), r.dims());
+    assert!(max_rel(&f, &r) < 1e-5, "values differ: {}", max_rel(&f, &r));
+    let proj = rand(f.dims(), 99);
+    let gf = (&f * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+    let gr = (&r * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+    for (i, v) in vars.iter().enumerate() {
+        let (a, b) = (
+            gf.get(v.as_tensor()).unwrap(),
+            gr.get(v.as_tensor()).unwrap(),
+        );
+        assert!(
+            max_rel(a, b) < 1e-4,
+            "gradient of input {i} differs: {}",
+            max_rel(a, b)
+        );
+    }
+}
