@@ -87,13 +87,21 @@ impl AdapterMethod for Lora {
     }
 }
 
-/// Inverted dropout with a mask drawn from petal's per-step generator (see `rng`).
+/// Inverted dropout with a mask drawn from petal's per-step generator (see `rng`): one
+/// splitmix64 draw per element, compared as an integer against p * 2^64.
 pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
-    let mut g = rand::rngs::StdRng::seed_from_u64(rng::next_seed());
-    let n = x.elem_count();
-    let keep = 1.0 / (1.0 - p);
-    let m: Vec<f32> = (0..n)
-        .map(|_| if g.gen::<f64>() < p { 0.0 } else { keep as f32 })
+    let mut state = rng::next_seed();
+    let threshold = (p * u64::MAX as f64) as u64;
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let m: Vec<f32> = (0..x.elem_count())
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            if rng::splitmix(state) < threshold {
+                0.0
+            } else {
+                keep
+            }
+        })
         .collect();
     let mask = Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())?;
     Ok(x.mul(&mask)?)
@@ -214,6 +222,22 @@ mod tests {
             "A should fill its range, max |a| = {spread}"
         );
         assert_eq!(b, 0.0);
+    }
+
+    #[test]
+    fn dropout_zeroes_about_p_of_the_entries_and_rescales_the_rest() {
+        crate::rng::set_step_seed(9);
+        let x = Tensor::ones(100_000, DType::F32, &Device::Cpu).unwrap();
+        let y = dropout(&x, 0.2).unwrap().to_vec1::<f32>().unwrap();
+        let zeros = y.iter().filter(|&&v| v == 0.0).count() as f64 / y.len() as f64;
+        assert!((zeros - 0.2).abs() < 0.01, "dropped {zeros}");
+        assert!(y.iter().all(|&v| v == 0.0 || (v - 1.25).abs() < 1e-6));
+        crate::rng::set_step_seed(9);
+        assert_eq!(
+            dropout(&x, 0.2).unwrap().to_vec1::<f32>().unwrap(),
+            y,
+            "same step seed, same mask"
+        );
     }
 
     #[test]
