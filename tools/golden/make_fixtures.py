@@ -15,7 +15,7 @@ import torch
 from peft import LoHaConfig, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "golden")
 VOCAB = 96
@@ -58,6 +58,16 @@ def qwen2():
     return m
 
 
+def mistral():
+    torch.manual_seed(2)
+    cfg = MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
+        rope_theta=1000000.0, tie_word_embeddings=False, rms_norm_eps=1e-5, sliding_window=None,
+    )
+    return MistralForCausalLM(cfg).eval()
+
+
 def logits(model):
     with torch.no_grad():
         return model(input_ids=INPUT_IDS).logits.float().contiguous()
@@ -89,7 +99,7 @@ def peft_config(kw):
 
 def main():
     os.makedirs(ROOT, exist_ok=True)
-    bases = {"llama": llama, "qwen2": qwen2}
+    bases = {"llama": llama, "qwen2": qwen2, "mistral": mistral}
     out = {"input_ids": INPUT_IDS.to(torch.int64)}
     for name, make in bases.items():
         d = os.path.join(ROOT, name)

@@ -171,8 +171,8 @@ impl Tokenizer {
 
     /// Write tokenizer.json and tokenizer_config.json (for exported model folders).
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let tj = dir.join("tokenizer.json");
-        self.inner.save(&tj, false).map_err(terr)?;
+        let json = self.inner.to_string(false).map_err(terr)?;
+        write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
         let name = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i));
         let cfg = serde_json::json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -182,8 +182,16 @@ impl Tokenizer {
             "chat_template": self.chat_template.as_ref().map(|t| t.source.clone()),
             "model_max_length": 8192,
         });
-        let p = dir.join("tokenizer_config.json");
-        std::fs::write(&p, serde_json::to_string_pretty(&cfg).unwrap_or_default())
-            .map_err(|e| DataError::Io { path: p, source: e })
+        let text = serde_json::to_string_pretty(&cfg).map_err(|e| DataError::Msg(e.to_string()))?;
+        write_atomic(&dir.join("tokenizer_config.json"), text.as_bytes())
     }
+}
+
+/// Temp file in the same folder, then rename: readers never see a half-written file.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |e| DataError::Io { path: path.to_path_buf(), source: e };
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
 }

@@ -150,3 +150,8 @@ fn peft_loha_on_all_linear_with_a_rank_pattern_matches_peft() {
 fn peft_loha_on_qwen2_q_and_v_matches_peft() {
     assert_close(&with_adapter("qwen2", "qwen2_loha_qv"), "qwen2_loha_qv");
 }
+
+#[test]
+fn mistral_base_logits_match_transformers_with_a_single_kv_head() {
+    assert_close(&model("mistral"), "mistral.base");
+}
