@@ -189,9 +189,11 @@ impl Tokenizer {
 
 /// Temp file in the same folder, then rename: readers never see a half-written file.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |e| DataError::Io { path: path.to_path_buf(), source: e };
+    let io = |e| DataError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     std::fs::write(&tmp, bytes).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
-}
 }
