@@ -152,7 +152,12 @@ pub fn run_inspect(a: InspectArgs) -> Result<()> {
                 .iter()
                 .map(|t| (t.name, t.var.as_tensor().dims().to_vec()))
                 .collect();
-            modules.push(serde_json::json!({"module": l.path(), "adapter": n, "base": [l.out_features(), l.in_features()], "tensors": shapes}));
+            let params: usize = layer
+                .tensors()
+                .iter()
+                .map(|t| t.var.as_tensor().elem_count())
+                .sum();
+            modules.push(serde_json::json!({"module": l.path(), "adapter": n, "base": [l.out_features(), l.in_features()], "params": params, "tensors": shapes}));
         }
     }
     if a.json {
@@ -170,10 +175,11 @@ pub fn run_inspect(a: InspectArgs) -> Result<()> {
     println!("{pc}");
     for md in &modules {
         println!(
-            "  {} [{}] base {} {}",
+            "  {} [{}] base {} params {} {}",
             md["module"].as_str().unwrap_or(""),
             md["adapter"].as_str().unwrap_or(""),
             md["base"],
+            md["params"],
             md["tensors"]
         );
     }
