@@ -28,6 +28,9 @@ CASES = [
     ("qwen2", ["--r", "4", "--alpha", "12", "--target-modules", "all-linear"]),
     ("llama", ["--method", "loha", "--r", "4", "--alpha", "6", "--target-modules", "all-linear"]),
     ("qwen2", ["--method", "loha", "--r", "3", "--alpha", "5", "--target-modules", "q_proj,v_proj"]),
+    ("llama", ["--method", "lokr", "--r", "2", "--alpha", "5", "--target-modules", "all-linear"]),
+    ("qwen2", ["--method", "lokr", "--r", "1", "--alpha", "3", "--target-modules", "q_proj,up_proj,down_proj",
+               "--decompose-both", "true", "--decompose-factor", "4"]),
 ]
 
 

@@ -12,7 +12,7 @@ import os
 import sys
 
 import torch
-from peft import LoHaConfig, LoraConfig, PeftModel, get_peft_model
+from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -87,13 +87,21 @@ ADAPTERS = {
     # LoHa (FedPara): alpha != r, a rank_pattern, all four factors random (init_weights=False)
     "llama_loha_all_linear": ("llama", dict(method="loha", r=4, alpha=6, target_modules="all-linear", rank_pattern={"v_proj": 2})),
     "qwen2_loha_qv": ("qwen2", dict(method="loha", r=3, alpha=5, target_modules=["q_proj", "v_proj"])),
+    # LoKr: low-rank W2 (r small), full W2 (r large), and decompose_both with a decompose_factor
+    "llama_lokr_all_linear": ("llama", dict(method="lokr", r=2, alpha=5, target_modules="all-linear")),
+    "llama_lokr_full_w2": ("llama", dict(method="lokr", r=8, alpha=4, target_modules=["v_proj", "o_proj"])),
+    "qwen2_lokr_decompose_both": ("qwen2", dict(method="lokr", r=1, alpha=3, target_modules=["q_proj", "up_proj", "down_proj"],
+                                                decompose_both=True, decompose_factor=4)),
 }
 
 
 def peft_config(kw):
     kw = dict(kw)
-    if kw.pop("method", "lora") == "loha":
+    method = kw.pop("method", "lora")
+    if method == "loha":
         return LoHaConfig(init_weights=False, **kw)
+    if method == "lokr":
+        return LoKrConfig(init_weights=False, **kw)
     return LoraConfig(init_lora_weights=False, lora_dropout=0.0, **kw)
 
 

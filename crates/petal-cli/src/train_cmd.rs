@@ -55,6 +55,10 @@ train_opts! {
     target_modules: String,
     /// Modules to exclude: comma list or `re:REGEX`
     exclude_modules: String,
+    /// LoKr: split dimensions around this divisor (-1: near the square root) [default: -1]
+    decompose_factor: i64,
+    /// LoKr: also factor the left Kronecker factor [default: false]
+    decompose_both: bool,
     /// Optimizer steps [default: 100]
     max_steps: usize,
     /// Peak learning rate [default: 1e-3]
@@ -226,6 +230,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     acfg.lora_dropout = o.dropout.unwrap_or(0.0);
     acfg.use_rslora = o.rslora.unwrap_or(false);
     acfg.exclude_modules = o.exclude_modules.as_deref().map(targets);
+    acfg.decompose_factor = o.decompose_factor.unwrap_or(-1);
+    acfg.decompose_both = o.decompose_both.unwrap_or(false);
     acfg.base_model_name_or_path = Some(model_spec.clone());
     let mut model = lm.model;
     let report = inject_adapter(&mut model, "default", &acfg, seed)?;

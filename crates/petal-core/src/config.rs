@@ -82,6 +82,19 @@ pub struct AdapterConfig {
     pub rank_dropout: f64,
     #[serde(default)]
     pub module_dropout: f64,
+    /// LoKr: also factor the left Kronecker factor into two low-rank matrices.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub decompose_both: bool,
+    /// LoKr: factor the dimensions around this divisor (-1: near the square root).
+    #[serde(default = "minus_one", skip_serializing_if = "is_minus_one")]
+    pub decompose_factor: i64,
+}
+
+fn minus_one() -> i64 {
+    -1
+}
+fn is_minus_one(v: &i64) -> bool {
+    *v == -1
 }
 
 fn default_r() -> usize {
@@ -122,6 +135,9 @@ const KNOWN: &[&str] = &[
     "init_weights",
     "rank_dropout",
     "module_dropout",
+    "decompose_both",
+    "decompose_factor",
+    "rank_dropout_scale",
 ];
 
 /// Keys of LoRA's config only (dropped when writing another method's config).
@@ -176,6 +192,8 @@ impl AdapterConfig {
             init_weights: None,
             rank_dropout: 0.0,
             module_dropout: 0.0,
+            decompose_both: false,
+            decompose_factor: -1,
         }
     }
 
@@ -288,6 +306,9 @@ impl AdapterConfig {
         }
         if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
             return unsupported("modules_to_save", format!("{:?}", self.modules_to_save));
+        }
+        if let Some(InitWeights::Named(n)) = &self.init_weights {
+            return unsupported("init_weights", format!("{n:?}"));
         }
         match &self.init_lora_weights {
             InitWeights::Flag(_) => {}

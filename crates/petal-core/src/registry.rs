@@ -3,7 +3,11 @@
 use crate::adapter::AdapterMethod;
 use crate::methods;
 
-pub static METHODS: &[&dyn AdapterMethod] = &[&methods::lora::Lora, &methods::loha::Loha];
+pub static METHODS: &[&dyn AdapterMethod] = &[
+    &methods::lora::Lora,
+    &methods::loha::Loha,
+    &methods::lokr::Lokr,
+];
 
 /// Look a method up by its PEFT `peft_type` (case-insensitive: "LORA", "lora").
 pub fn method(peft_type: &str) -> Option<&'static dyn AdapterMethod> {

@@ -155,3 +155,27 @@ fn peft_loha_on_qwen2_q_and_v_matches_peft() {
 fn mistral_base_logits_match_transformers_with_a_single_kv_head() {
     assert_close(&model("mistral"), "mistral.base");
 }
+
+#[test]
+fn peft_lokr_with_a_low_rank_right_factor_matches_peft() {
+    assert_close(
+        &with_adapter("llama", "llama_lokr_all_linear"),
+        "llama_lokr_all_linear",
+    );
+}
+
+#[test]
+fn peft_lokr_with_a_full_right_factor_matches_peft() {
+    assert_close(
+        &with_adapter("llama", "llama_lokr_full_w2"),
+        "llama_lokr_full_w2",
+    );
+}
+
+#[test]
+fn peft_lokr_with_decompose_both_and_a_decompose_factor_matches_peft() {
+    assert_close(
+        &with_adapter("qwen2", "qwen2_lokr_decompose_both"),
+        "qwen2_lokr_decompose_both",
+    );
+}

@@ -1,2 +1,3 @@
 pub mod loha;
+pub mod lokr;
 pub mod lora;

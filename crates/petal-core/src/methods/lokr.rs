@@ -1,0 +1,253 @@
+//! LoKr: a Kronecker-product update (Yeh et al., 2024, "Navigating Text-To-Image Customization:
+//! From LyCORIS Fine-Tuning to Model Evaluation"; KronA, Edalati et al., 2022), as LyCORIS and
+//! PEFT implement it (PEFT `tuners/lokr/layer.py`, linear layers).
+//!
+//! `dW = s * W1 ⊗ W2` with out = a·b, in = c·d split by `factorization` (divisors near the
+//! square root, or around `decompose_factor`), `W1 (a, c)`, `W2 (b, d)`, `s = alpha / r`.
+//! W2 is itself low rank, `W2a (b, r) W2b (r, d)`, unless r >= max(b, d)/2; W1 likewise only
+//! with `decompose_both`. Init (`init_weights = true`): W1 (or W1a) = 0, the rest
+//! kaiming-uniform, so dW = 0; `false`: all random. Saved as `lokr_w1` | `lokr_w1_a`,
+//! `lokr_w1_b`, and `lokr_w2` | `lokr_w2_a`, `lokr_w2_b`.
+
+use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, WeightUpdate};
+use crate::config::AdapterConfig;
+use crate::Result;
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+
+pub struct Lokr;
+
+/// One Kronecker factor: a full matrix or the product of two low-rank ones.
+#[derive(Debug)]
+enum Factor {
+    Full(Var),
+    LowRank(Var, Var),
+}
+
+impl Factor {
+    fn matrix(&self) -> Result<Tensor> {
+        Ok(match self {
+            Factor::Full(w) => w.as_tensor().clone(),
+            Factor::LowRank(a, b) => a.as_tensor().matmul(b.as_tensor())?,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct LokrLayer {
+    w1: Factor,
+    w2: Factor,
+    scaling: f64,
+}
+
+/// PEFT's (LyCORIS's) `factorization`: dimension = m * n with m <= n, m as close to `factor`
+/// (or to the square root when -1) as the divisors allow.
+pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
+    if factor > 0 && dimension % factor as usize == 0 {
+        let m = factor as usize;
+        return (m, dimension / m);
+    }
+    let factor = if factor == -1 {
+        dimension
+    } else {
+        factor.max(0) as usize
+    };
+    let (mut m, mut n) = (1usize, dimension);
+    let length = m + n;
+    while m < n {
+        let mut new_m = m + 1;
+        while dimension % new_m != 0 {
+            new_m += 1;
+        }
+        let new_n = dimension / new_m;
+        if new_m + new_n > length || new_m > factor {
+            break;
+        }
+        (m, n) = (new_m, new_n);
+    }
+    if m > n {
+        (m, n) = (n, m);
+    }
+    (m, n)
+}
+
+/// kaiming_uniform_(a = sqrt(5)) on (rows, cols): U(±1/sqrt(cols)); or zeros.
+fn init(shape: (usize, usize), zero: bool, g: &mut impl Rng, dev: &Device) -> Result<Var> {
+    if zero {
+        return Ok(Var::from_tensor(&Tensor::zeros(shape, DType::F32, dev)?)?);
+    }
+    let bound = 1.0 / (shape.1 as f64).sqrt();
+    let v: Vec<f32> = (0..shape.0 * shape.1)
+        .map(|_| g.gen_range(-bound..bound) as f32)
+        .collect();
+    Ok(Var::from_tensor(&Tensor::from_vec(v, shape, dev)?)?)
+}
+
+impl AdapterMethod for Lokr {
+    fn peft_type(&self) -> &'static str {
+        "LOKR"
+    }
+
+    fn build(
+        &self,
+        cfg: &AdapterConfig,
+        path: &str,
+        base: &BaseLinear,
+        seed: u64,
+    ) -> Result<Box<dyn AdapterLayer>> {
+        let r = cfg.rank_for(path);
+        let (c, d) = factorization(base.in_features, cfg.decompose_factor);
+        let (a, b) = factorization(base.out_features, cfg.decompose_factor);
+        let dev = base.weight.device();
+        let mut g = rand::rngs::StdRng::seed_from_u64(seed);
+        let zero = !cfg.init_nonzero();
+        let use_w1 = !(cfg.decompose_both && (r as f64) < a.max(c) as f64 / 2.0);
+        let use_w2 = (r as f64) >= b.max(d) as f64 / 2.0;
+        let w1 = if use_w1 {
+            Factor::Full(init((a, c), zero, &mut g, dev)?)
+        } else {
+            Factor::LowRank(
+                init((a, r), zero, &mut g, dev)?,
+                init((r, c), false, &mut g, dev)?,
+            )
+        };
+        let w2 = if use_w2 {
+            Factor::Full(init((b, d), false, &mut g, dev)?)
+        } else {
+            Factor::LowRank(
+                init((b, r), false, &mut g, dev)?,
+                init((r, d), false, &mut g, dev)?,
+            )
+        };
+        Ok(Box::new(LokrLayer {
+            w1,
+            w2,
+            scaling: cfg.alpha_for(path) / r as f64,
+        }))
+    }
+}
+
+impl LokrLayer {
+    /// dW = s * kron(W1, W2), (a*b, c*d) = (out, in), in f32.
+    fn delta(&self) -> Result<Tensor> {
+        let (w1, w2) = (self.w1.matrix()?, self.w2.matrix()?);
+        let ((a, c), (b, d)) = (w1.dims2()?, w2.dims2()?);
+        let k = w1
+            .reshape((a, 1, c, 1))?
+            .broadcast_mul(&w2.reshape((1, b, 1, d))?)?; // (a, b, c, d)
+        Ok((k.reshape((a * b, c * d))? * self.scaling)?)
+    }
+}
+
+impl AdapterLayer for LokrLayer {
+    fn forward(&self, x: &Tensor, y: Tensor, _train: bool) -> Result<Tensor> {
+        let xf = x.to_dtype(DType::F32)?;
+        let inp = xf.dim(candle_core::D::Minus1)?;
+        let x2 = xf.reshape((xf.elem_count() / inp, inp))?;
+        let d = x2
+            .matmul(&self.delta()?.t()?)?
+            .reshape(y.shape())?
+            .to_dtype(y.dtype())?;
+        Ok((y + d)?)
+    }
+
+    fn weight_update(&self) -> Result<WeightUpdate> {
+        Ok(WeightUpdate::Add(self.delta()?))
+    }
+
+    fn tensors(&self) -> Vec<NamedTensor<'_>> {
+        let mut v = Vec::new();
+        match &self.w1 {
+            Factor::Full(w) => v.push(NamedTensor {
+                name: "lokr_w1",
+                var: w,
+            }),
+            Factor::LowRank(a, b) => {
+                v.push(NamedTensor {
+                    name: "lokr_w1_a",
+                    var: a,
+                });
+                v.push(NamedTensor {
+                    name: "lokr_w1_b",
+                    var: b,
+                });
+            }
+        }
+        match &self.w2 {
+            Factor::Full(w) => v.push(NamedTensor {
+                name: "lokr_w2",
+                var: w,
+            }),
+            Factor::LowRank(a, b) => {
+                v.push(NamedTensor {
+                    name: "lokr_w2_a",
+                    var: a,
+                });
+                v.push(NamedTensor {
+                    name: "lokr_w2_b",
+                    var: b,
+                });
+            }
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn factorization_matches_peft_docstring_examples() {
+        // From PEFT's `factorization` docstring and hand-run cases.
+        assert_eq!(factorization(256, -1), (16, 16));
+        assert_eq!(factorization(128, -1), (8, 16));
+        assert_eq!(factorization(127, -1), (1, 127));
+        assert_eq!(factorization(128, 4), (4, 32));
+        assert_eq!(factorization(48, -1), (6, 8));
+    }
+
+    #[test]
+    fn the_kronecker_update_has_the_block_structure_of_w1_times_w2() {
+        let w1 = Var::new(&[[1f32, 2.], [3., 4.]], &Device::Cpu).unwrap();
+        let w2 = Var::new(&[[0f32, 1., 5.]], &Device::Cpu).unwrap();
+        let l = LokrLayer {
+            w1: Factor::Full(w1),
+            w2: Factor::Full(w2),
+            scaling: 2.0,
+        };
+        let k = l.delta().unwrap().to_vec2::<f32>().unwrap();
+        // kron([[1,2],[3,4]], [[0,1,5]]) = [[0,1,5,0,2,10],[0,3,15,0,4,20]], times 2
+        assert_eq!(
+            k,
+            vec![
+                vec![0., 2., 10., 0., 4., 20.],
+                vec![0., 6., 30., 0., 8., 40.]
+            ]
+        );
+    }
+}
+
+#[cfg(test)]
+fn conformance_config() -> AdapterConfig {
+    // r = 2 < max(b, d)/2 on both toy linears, so W2 is low rank; fc2 gets its own alpha
+    let mut c = AdapterConfig::for_method(
+        "LOKR",
+        2,
+        5.0,
+        crate::config::Targets::List(vec!["fc1".into(), "fc2".into()]),
+    );
+    c.alpha_pattern.insert("fc2".into(), 3.0);
+    c
+}
+
+#[cfg(test)]
+crate::conformance!(conformance_config, |inp, out, cfg: &AdapterConfig| {
+    let ((c, d), (a, b)) = (factorization(inp, -1), factorization(out, -1));
+    let w2 = if cfg.r as f64 >= b.max(d) as f64 / 2.0 {
+        b * d
+    } else {
+        cfg.r * (b + d)
+    };
+    a * c + w2
+});
