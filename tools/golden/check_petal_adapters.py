@@ -31,6 +31,8 @@ CASES = [
     ("llama", ["--method", "lokr", "--r", "2", "--alpha", "5", "--target-modules", "all-linear"]),
     ("qwen2", ["--method", "lokr", "--r", "1", "--alpha", "3", "--target-modules", "q_proj,up_proj,down_proj",
                "--decompose-both", "true", "--decompose-factor", "4"]),
+    ("llama", ["--method", "ia3"]),
+    ("qwen2", ["--method", "ia3", "--target-modules", "k_proj,v_proj,up_proj", "--feedforward-modules", "up_proj"]),
 ]
 
 

@@ -12,7 +12,7 @@ import os
 import sys
 
 import torch
-from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
+from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -92,6 +92,9 @@ ADAPTERS = {
     "llama_lokr_full_w2": ("llama", dict(method="lokr", r=8, alpha=4, target_modules=["v_proj", "o_proj"])),
     "qwen2_lokr_decompose_both": ("qwen2", dict(method="lokr", r=1, alpha=3, target_modules=["q_proj", "up_proj", "down_proj"],
                                                 decompose_both=True, decompose_factor=4)),
+    # IA3: output scaling of k/v (qwen2: with their biases), input scaling of down_proj; random vectors
+    "llama_ia3": ("llama", dict(method="ia3", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
+    "qwen2_ia3": ("qwen2", dict(method="ia3", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
 }
 
 
@@ -100,6 +103,8 @@ def peft_config(kw):
     method = kw.pop("method", "lora")
     if method == "loha":
         return LoHaConfig(init_weights=False, **kw)
+    if method == "ia3":
+        return IA3Config(init_ia3_weights=False, **kw)
     if method == "lokr":
         return LoKrConfig(init_weights=False, **kw)
     return LoraConfig(init_lora_weights=False, lora_dropout=0.0, **kw)

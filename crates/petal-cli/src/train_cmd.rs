@@ -59,6 +59,8 @@ train_opts! {
     decompose_factor: i64,
     /// LoKr: also factor the left Kronecker factor [default: false]
     decompose_both: bool,
+    /// IA3: targeted modules whose input is scaled (comma list or `re:REGEX`) [default: down_proj]
+    feedforward_modules: String,
     /// Optimizer steps [default: 100]
     max_steps: usize,
     /// Peak learning rate [default: 1e-3]
@@ -112,6 +114,9 @@ pub struct TrainArgs {
     #[command(flatten)]
     pub opts: TrainOpts,
 }
+
+/// PEFT's default IA3 targets for the Llama family.
+const IA3_TARGETS: &str = "k_proj,v_proj,down_proj";
 
 fn targets(s: &str) -> Targets {
     match s.strip_prefix("re:") {
@@ -225,13 +230,22 @@ pub fn run(args: TrainArgs) -> Result<()> {
         &method,
         o.r.unwrap_or(8),
         o.alpha.unwrap_or(16.0),
-        targets(o.target_modules.as_deref().unwrap_or("all-linear")),
+        targets(o.target_modules.as_deref().unwrap_or(if method == "ia3" {
+            IA3_TARGETS
+        } else {
+            "all-linear"
+        })),
     );
     acfg.lora_dropout = o.dropout.unwrap_or(0.0);
     acfg.use_rslora = o.rslora.unwrap_or(false);
     acfg.exclude_modules = o.exclude_modules.as_deref().map(targets);
     acfg.decompose_factor = o.decompose_factor.unwrap_or(-1);
     acfg.decompose_both = o.decompose_both.unwrap_or(false);
+    if method == "ia3" {
+        acfg.feedforward_modules = Some(targets(
+            o.feedforward_modules.as_deref().unwrap_or("down_proj"),
+        ));
+    }
     acfg.base_model_name_or_path = Some(model_spec.clone());
     let mut model = lm.model;
     let report = inject_adapter(&mut model, "default", &acfg, seed)?;

@@ -60,6 +60,9 @@ pub trait AdapterLayer: Debug + Send + Sync {
 pub trait AdapterMethod: Sync {
     /// HF `peft_type`, as written in adapter_config.json (e.g. "LORA").
     fn peft_type(&self) -> &'static str;
+    /// The method's own adapter_config.json keys (beyond target/exclude/task ones), in PEFT's
+    /// names: what `AdapterConfig::to_json` writes for it.
+    fn config_keys(&self) -> &'static [&'static str];
     /// Build this method's layer for the module at `path`. `seed` makes init reproducible.
     fn build(
         &self,

@@ -88,6 +88,12 @@ pub struct AdapterConfig {
     /// LoKr: factor the dimensions around this divisor (-1: near the square root).
     #[serde(default = "minus_one", skip_serializing_if = "is_minus_one")]
     pub decompose_factor: i64,
+    /// IA3: targeted modules whose *input* is scaled (the others scale their output).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feedforward_modules: Option<Targets>,
+    /// IA3: start from all-ones vectors (identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_ia3_weights: Option<bool>,
 }
 
 fn minus_one() -> i64 {
@@ -138,20 +144,20 @@ const KNOWN: &[&str] = &[
     "decompose_both",
     "decompose_factor",
     "rank_dropout_scale",
+    "feedforward_modules",
+    "init_ia3_weights",
 ];
 
-/// Keys of LoRA's config only (dropped when writing another method's config).
-const LORA_ONLY: &[&str] = &[
-    "lora_alpha",
-    "lora_dropout",
-    "use_rslora",
-    "init_lora_weights",
-    "bias",
-    "fan_in_fan_out",
-    "use_dora",
+/// Keys every method's config carries; the rest come from `AdapterMethod::config_keys`.
+const COMMON: &[&str] = &[
+    "peft_type",
+    "task_type",
+    "base_model_name_or_path",
+    "target_modules",
+    "exclude_modules",
+    "modules_to_save",
+    "inference_mode",
 ];
-/// Keys of the LyCORIS-family configs only.
-const LYCORIS_ONLY: &[&str] = &["alpha", "init_weights", "rank_dropout", "module_dropout"];
 
 /// Informational keys whose values never change the computation.
 const INFORMATIONAL: &[&str] = &["peft_version", "revision", "auto_mapping", "megatron_core"];
@@ -194,6 +200,8 @@ impl AdapterConfig {
             module_dropout: 0.0,
             decompose_both: false,
             decompose_factor: -1,
+            feedforward_modules: None,
+            init_ia3_weights: None,
         }
     }
 
@@ -201,9 +209,13 @@ impl AdapterConfig {
     pub fn for_method(peft_type: &str, r: usize, alpha: f64, targets: Targets) -> Self {
         let mut c = Self::lora(r, alpha, targets);
         c.peft_type = peft_type.to_ascii_uppercase();
-        if !c.is_lora() {
-            c.alpha = Some(alpha);
-            c.init_weights = Some(InitWeights::Flag(true));
+        match c.peft_type.as_str() {
+            "LORA" => {}
+            "IA3" => c.init_ia3_weights = Some(true),
+            _ => {
+                c.alpha = Some(alpha);
+                c.init_weights = Some(InitWeights::Flag(true));
+            }
         }
         c
     }
@@ -212,13 +224,22 @@ impl AdapterConfig {
         self.peft_type.eq_ignore_ascii_case("LORA")
     }
 
+    /// Switch the method's init to its non-zero variant (PEFT's testing switch).
+    pub fn set_init_nonzero(&mut self) {
+        match self.peft_type.as_str() {
+            "LORA" => self.init_lora_weights = InitWeights::Flag(false),
+            "IA3" => self.init_ia3_weights = Some(false),
+            _ => self.init_weights = Some(InitWeights::Flag(false)),
+        }
+    }
+
     /// Whether the method should start from a non-zero update (`init_lora_weights = false`,
     /// or `init_weights = false` for the LyCORIS family): PEFT's switch for tests.
     pub fn init_nonzero(&self) -> bool {
-        if self.is_lora() {
-            self.init_lora_weights == InitWeights::Flag(false)
-        } else {
-            self.init_weights == Some(InitWeights::Flag(false))
+        match self.peft_type.as_str() {
+            "LORA" => self.init_lora_weights == InitWeights::Flag(false),
+            "IA3" => self.init_ia3_weights == Some(false),
+            _ => self.init_weights == Some(InitWeights::Flag(false)),
         }
     }
 
@@ -249,14 +270,11 @@ impl AdapterConfig {
 
     pub fn to_json(&self) -> Result<String> {
         let mut v = serde_json::to_value(self).map_err(|e| Error::msg(e.to_string()))?;
+        let own = crate::registry::method(&self.peft_type)
+            .map(|m| m.config_keys())
+            .unwrap_or(&[]);
         if let Some(o) = v.as_object_mut() {
-            for k in if self.is_lora() {
-                LYCORIS_ONLY
-            } else {
-                LORA_ONLY
-            } {
-                o.remove(*k);
-            }
+            o.retain(|k, _| COMMON.contains(&k.as_str()) || own.contains(&k.as_str()));
             o.insert(
                 "peft_version".into(),
                 Value::String(format!("petal {}", env!("CARGO_PKG_VERSION"))),

@@ -141,13 +141,19 @@ impl AdaptableLinear {
             .ok_or_else(|| Error::msg(format!("{}: no adapter `{name}`", self.path)))?;
         let upd = layer.weight_update()?;
         let w = apply(&self.weight, &upd)?;
-        if safe && !is_finite(&w)? {
+        let b = self
+            .bias
+            .as_ref()
+            .map(|b| scale_bias(b, &upd, false))
+            .transpose()?;
+        if safe && (!is_finite(&w)? || b.as_ref().map(is_finite).transpose()? == Some(false)) {
             return Err(Error::msg(format!(
                 "{}: merging adapter `{name}` gives non-finite weights; nothing was changed",
                 self.path
             )));
         }
         self.weight = w;
+        self.bias = b;
         self.merged.push((name.to_string(), upd));
         Ok(true)
     }
@@ -158,6 +164,11 @@ impl AdaptableLinear {
             return Ok(None);
         };
         self.weight = invert(&self.weight, &upd)?;
+        self.bias = self
+            .bias
+            .as_ref()
+            .map(|b| scale_bias(b, &upd, true))
+            .transpose()?;
         Ok(Some(name))
     }
 
@@ -172,6 +183,18 @@ impl AdaptableLinear {
         self.adapters.clear();
         self.active.clear();
         Ok(())
+    }
+}
+
+/// A per-output scaling `l (out, 1)` scales the bias too (the adapter scales the whole output);
+/// every other update leaves it. `inverse` divides instead.
+fn scale_bias(b: &Tensor, upd: &WeightUpdate, inverse: bool) -> Result<Tensor> {
+    match upd {
+        WeightUpdate::Scale(l) if l.dims().get(1) == Some(&1) && l.dim(0)? == b.dim(0)? => {
+            let l = l.flatten_all()?.to_dtype(b.dtype())?;
+            Ok(if inverse { b.div(&l)? } else { b.mul(&l)? })
+        }
+        _ => Ok(b.clone()),
     }
 }
 

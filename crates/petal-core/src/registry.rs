@@ -7,6 +7,7 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::lora::Lora,
     &methods::loha::Loha,
     &methods::lokr::Lokr,
+    &methods::ia3::Ia3,
 ];
 
 /// Look a method up by its PEFT `peft_type` (case-insensitive: "LORA", "lora").

@@ -2,7 +2,7 @@
 //! Each check compares numbers with an independent computation: the merged weight against
 //! the unmerged forward, finite differences against backprop, a formula against the count.
 
-use crate::config::{AdapterConfig, InitWeights};
+use crate::config::AdapterConfig;
 use crate::{inject_adapter, Adaptable, AdaptableLinear, ParamCount};
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -60,10 +60,7 @@ pub fn adapted(cfg: &AdapterConfig, nonzero: bool) -> Toy {
     let mut t = Toy::new();
     let mut c = cfg.clone();
     if nonzero {
-        c.init_lora_weights = InitWeights::Flag(false);
-        if !c.is_lora() {
-            c.init_weights = Some(InitWeights::Flag(false));
-        }
+        c.set_init_nonzero();
     }
     inject_adapter(&mut t, "default", &c, 42).unwrap();
     t

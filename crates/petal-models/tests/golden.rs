@@ -179,3 +179,13 @@ fn peft_lokr_with_decompose_both_and_a_decompose_factor_matches_peft() {
         "qwen2_lokr_decompose_both",
     );
 }
+
+#[test]
+fn peft_ia3_scaling_outputs_and_feedforward_inputs_matches_peft() {
+    assert_close(&with_adapter("llama", "llama_ia3"), "llama_ia3");
+}
+
+#[test]
+fn peft_ia3_on_qwen2_scaling_biased_outputs_matches_peft() {
+    assert_close(&with_adapter("qwen2", "qwen2_ia3"), "qwen2_ia3");
+}

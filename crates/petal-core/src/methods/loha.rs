@@ -44,6 +44,20 @@ impl AdapterMethod for Loha {
         "LOHA"
     }
 
+    fn config_keys(&self) -> &'static [&'static str] {
+        &[
+            "r",
+            "alpha",
+            "init_weights",
+            "rank_dropout",
+            "module_dropout",
+            "layers_to_transform",
+            "layers_pattern",
+            "rank_pattern",
+            "alpha_pattern",
+        ]
+    }
+
     fn build(
         &self,
         cfg: &AdapterConfig,

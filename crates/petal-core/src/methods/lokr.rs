@@ -88,6 +88,22 @@ impl AdapterMethod for Lokr {
         "LOKR"
     }
 
+    fn config_keys(&self) -> &'static [&'static str] {
+        &[
+            "r",
+            "alpha",
+            "init_weights",
+            "rank_dropout",
+            "module_dropout",
+            "decompose_both",
+            "decompose_factor",
+            "layers_to_transform",
+            "layers_pattern",
+            "rank_pattern",
+            "alpha_pattern",
+        ]
+    }
+
     fn build(
         &self,
         cfg: &AdapterConfig,

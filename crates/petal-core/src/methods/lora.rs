@@ -40,6 +40,23 @@ impl AdapterMethod for Lora {
         "LORA"
     }
 
+    fn config_keys(&self) -> &'static [&'static str] {
+        &[
+            "r",
+            "lora_alpha",
+            "lora_dropout",
+            "use_rslora",
+            "init_lora_weights",
+            "bias",
+            "fan_in_fan_out",
+            "use_dora",
+            "layers_to_transform",
+            "layers_pattern",
+            "rank_pattern",
+            "alpha_pattern",
+        ]
+    }
+
     fn build(
         &self,
         cfg: &AdapterConfig,

@@ -1,3 +1,4 @@
+pub mod ia3;
 pub mod loha;
 pub mod lokr;
 pub mod lora;

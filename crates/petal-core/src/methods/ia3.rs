@@ -1,0 +1,150 @@
+//! IA3 (Liu et al., 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than
+//! In-Context Learning"): learned vectors that rescale activations. Mirrors PEFT
+//! `tuners/ia3/layer.py` (`Linear`).
+//!
+//! For a targeted linear: `y = (x W^T + b) ⊙ l` with `l (out, 1)`, or, for the
+//! `feedforward_modules`, `y = (x ⊙ l) W^T + b` with `l (1, in)`. Merge: `W' = W ⊙ l` (rows or
+//! columns), and the bias ⊙ l for output scaling; unmerge divides. Init (`init_ia3_weights`):
+//! ones (identity); `false`: N(0, 1). Saved as `ia3_l`. PEFT matches `feedforward_modules`
+//! list entries as bare suffixes (`key.endswith(entry)`) and a string as a full-match regex.
+
+use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, WeightUpdate};
+use crate::config::{AdapterConfig, Targets};
+use crate::Result;
+use candle_core::{DType, Tensor, Var};
+use rand::SeedableRng;
+use rand_distr_free::normal;
+
+pub struct Ia3;
+
+#[derive(Debug)]
+pub struct Ia3Layer {
+    l: Var, // (1, in) when feedforward, else (out, 1)
+    feedforward: bool,
+    base: Tensor, // the frozen W (out, in), shared, for the unfused input-scaling path
+}
+
+mod rand_distr_free {
+    use rand::Rng;
+    /// N(0, 1) by Box-Muller.
+    pub fn normal(g: &mut impl Rng) -> f32 {
+        let (u1, u2): (f64, f64) = (g.gen::<f64>().max(1e-12), g.gen());
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+}
+
+fn is_feedforward(cfg: &AdapterConfig, key: &str) -> bool {
+    match &cfg.feedforward_modules {
+        None => false,
+        Some(Targets::Regex(r)) => {
+            regex::Regex::new(&format!("^(?:{r})$")).is_ok_and(|re| re.is_match(key))
+        }
+        Some(Targets::List(l)) => l.iter().any(|e| key.ends_with(e.as_str())),
+    }
+}
+
+impl AdapterMethod for Ia3 {
+    fn peft_type(&self) -> &'static str {
+        "IA3"
+    }
+
+    fn config_keys(&self) -> &'static [&'static str] {
+        &["feedforward_modules", "init_ia3_weights", "fan_in_fan_out"]
+    }
+
+    fn build(
+        &self,
+        cfg: &AdapterConfig,
+        path: &str,
+        base: &BaseLinear,
+        seed: u64,
+    ) -> Result<Box<dyn AdapterLayer>> {
+        let feedforward = is_feedforward(cfg, path);
+        let shape = if feedforward {
+            (1, base.in_features)
+        } else {
+            (base.out_features, 1)
+        };
+        let dev = base.weight.device();
+        let l = if cfg.init_nonzero() {
+            let mut g = rand::rngs::StdRng::seed_from_u64(seed);
+            let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| normal(&mut g)).collect();
+            Tensor::from_vec(v, shape, dev)?
+        } else {
+            Tensor::ones(shape, DType::F32, dev)?
+        };
+        Ok(Box::new(Ia3Layer {
+            l: Var::from_tensor(&l)?,
+            feedforward,
+            base: base.weight.clone(),
+        }))
+    }
+}
+
+impl AdapterLayer for Ia3Layer {
+    fn forward(&self, x: &Tensor, y: Tensor, _train: bool) -> Result<Tensor> {
+        let l = self.l.as_tensor().flatten_all()?;
+        if self.feedforward {
+            // (x ⊙ l) W^T + b = y + (x ⊙ (l - 1)) W^T
+            let xs = x.to_dtype(DType::F32)?.broadcast_mul(&(l - 1.0)?)?;
+            let d = petal_ops::frozen_linear(&xs.to_dtype(self.base.dtype())?, &self.base, None)?;
+            let d = d.to_dtype(y.dtype())?;
+            return Ok((y + d)?);
+        }
+        Ok(y.to_dtype(DType::F32)?
+            .broadcast_mul(&l)?
+            .to_dtype(y.dtype())?)
+    }
+
+    fn fused_forward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        train: bool,
+    ) -> Option<Result<Tensor>> {
+        if !self.feedforward {
+            return None;
+        }
+        let _ = train;
+        let run = || -> Result<Tensor> {
+            let l = self.l.as_tensor().flatten_all()?;
+            let xs = x
+                .to_dtype(DType::F32)?
+                .broadcast_mul(&l)?
+                .to_dtype(w.dtype())?;
+            Ok(petal_ops::frozen_linear(&xs, w, b)?)
+        };
+        Some(run())
+    }
+
+    fn weight_update(&self) -> Result<WeightUpdate> {
+        Ok(WeightUpdate::Scale(self.l.as_tensor().clone()))
+    }
+
+    fn tensors(&self) -> Vec<NamedTensor<'_>> {
+        vec![NamedTensor {
+            name: "ia3_l",
+            var: &self.l,
+        }]
+    }
+}
+
+#[cfg(test)]
+fn conformance_config() -> AdapterConfig {
+    // fc1 (with a bias) scales its output, fc2 its input
+    let mut c = AdapterConfig::for_method(
+        "IA3",
+        1,
+        1.0,
+        Targets::List(vec!["fc1".into(), "fc2".into()]),
+    );
+    c.feedforward_modules = Some(Targets::List(vec!["fc2".into()]));
+    c
+}
+
+#[cfg(test)]
+crate::conformance!(
+    conformance_config,
+    |inp, out, _cfg: &AdapterConfig| if out == 6 { inp } else { out }
+);
