@@ -32,6 +32,8 @@ CASES = [
     ("qwen2", ["--method", "lokr", "--r", "1", "--alpha", "3", "--target-modules", "q_proj,up_proj,down_proj",
                "--decompose-both", "true", "--decompose-factor", "4"]),
     ("llama", ["--method", "ia3"]),
+    ("llama", ["--r", "4", "--alpha", "8", "--dora", "true", "--target-modules", "q_proj,v_proj,down_proj"]),
+    ("qwen2", ["--r", "2", "--alpha", "6", "--dora", "true", "--target-modules", "k_proj,up_proj"]),
     ("qwen2", ["--method", "ia3", "--target-modules", "k_proj,v_proj,up_proj", "--feedforward-modules", "up_proj"]),
 ]
 

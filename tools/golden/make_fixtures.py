@@ -92,6 +92,9 @@ ADAPTERS = {
     "llama_lokr_full_w2": ("llama", dict(method="lokr", r=8, alpha=4, target_modules=["v_proj", "o_proj"])),
     "qwen2_lokr_decompose_both": ("qwen2", dict(method="lokr", r=1, alpha=3, target_modules=["q_proj", "up_proj", "down_proj"],
                                                 decompose_both=True, decompose_factor=4)),
+    # DoRA: magnitude vector over the LoRA direction (qwen2: k_proj with a bias)
+    "llama_dora": ("llama", dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "qwen2_dora": ("qwen2", dict(r=2, lora_alpha=6, use_dora=True, target_modules=["k_proj", "up_proj"])),
     # IA3: output scaling of k/v (qwen2: with their biases), input scaling of down_proj; random vectors
     "llama_ia3": ("llama", dict(method="ia3", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
     "qwen2_ia3": ("qwen2", dict(method="ia3", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
@@ -124,6 +127,10 @@ def main():
         torch.manual_seed(100 + i)
         m = bases[base]()
         pm = get_peft_model(m, peft_config(kw))
+        with torch.no_grad():  # DoRA: magnitudes away from the weight norms, so they matter
+            for n, p in pm.named_parameters():
+                if "lora_magnitude_vector" in n:
+                    p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
         pm.eval()
         out[f"{aname}"] = logits(pm)
         pm.save_pretrained(os.path.join(ROOT, "adapters", aname))

@@ -51,6 +51,8 @@ train_opts! {
     dropout: f64,
     /// Scale by alpha/sqrt(r) (rsLoRA) [default: false]
     rslora: bool,
+    /// DoRA: learn a magnitude per output next to the LoRA direction [default: false]
+    dora: bool,
     /// Target modules: comma list of names, `all-linear`, or `re:REGEX` [default: all-linear]
     target_modules: String,
     /// Modules to exclude: comma list or `re:REGEX`
@@ -195,8 +197,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
             known.join(", ")
         );
     }
-    if method != "lora" && (o.dropout.is_some_and(|d| d > 0.0) || o.rslora.unwrap_or(false)) {
-        bail!("--dropout and --rslora are LoRA options; --method {method} has neither");
+    if method != "lora"
+        && (o.dropout.is_some_and(|d| d > 0.0)
+            || o.rslora.unwrap_or(false)
+            || o.dora.unwrap_or(false))
+    {
+        bail!(
+            "--dropout, --rslora and --dora are LoRA options; --method {method} has none of them"
+        );
     }
     let dt = o.dtype.clone().unwrap_or_else(|| "f32".into());
     let dev = o.device.clone().unwrap_or_else(|| "cpu".into());
@@ -238,6 +246,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     );
     acfg.lora_dropout = o.dropout.unwrap_or(0.0);
     acfg.use_rslora = o.rslora.unwrap_or(false);
+    acfg.use_dora = o.dora.unwrap_or(false);
     acfg.exclude_modules = o.exclude_modules.as_deref().map(targets);
     acfg.decompose_factor = o.decompose_factor.unwrap_or(-1);
     acfg.decompose_both = o.decompose_both.unwrap_or(false);

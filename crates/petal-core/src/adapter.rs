@@ -25,7 +25,8 @@ pub struct NamedTensor<'a> {
 
 /// Frozen base of one targeted linear, as seen by a method when it builds its layer.
 pub struct BaseLinear<'a> {
-    pub weight: &'a Tensor, // (out, in)
+    pub weight: &'a Tensor,       // (out, in)
+    pub bias: Option<&'a Tensor>, // (out)
     pub in_features: usize,
     pub out_features: usize,
 }

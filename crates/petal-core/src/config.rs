@@ -313,9 +313,6 @@ impl AdapterConfig {
                 format!("{} / {}", self.rank_dropout, self.module_dropout),
             );
         }
-        if self.use_dora {
-            return unsupported("use_dora", "true".into());
-        }
         if self.fan_in_fan_out {
             return unsupported("fan_in_fan_out", "true".into());
         }

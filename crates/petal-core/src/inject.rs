@@ -59,6 +59,7 @@ pub fn inject_adapter(
         }
         let base = BaseLinear {
             weight: lin.weight(),
+            bias: lin.bias(),
             in_features: lin.in_features(),
             out_features: lin.out_features(),
         };

@@ -189,3 +189,13 @@ fn peft_ia3_scaling_outputs_and_feedforward_inputs_matches_peft() {
 fn peft_ia3_on_qwen2_scaling_biased_outputs_matches_peft() {
     assert_close(&with_adapter("qwen2", "qwen2_ia3"), "qwen2_ia3");
 }
+
+#[test]
+fn peft_dora_with_perturbed_magnitudes_matches_peft() {
+    assert_close(&with_adapter("llama", "llama_dora"), "llama_dora");
+}
+
+#[test]
+fn peft_dora_on_a_biased_projection_matches_peft() {
+    assert_close(&with_adapter("qwen2", "qwen2_dora"), "qwen2_dora");
+}

@@ -145,6 +145,7 @@ fn conformance_config() -> AdapterConfig {
 
 #[cfg(test)]
 crate::conformance!(
+    conformance,
     conformance_config,
     |inp, out, _cfg: &AdapterConfig| if out == 6 { inp } else { out }
 );

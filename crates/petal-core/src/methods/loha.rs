@@ -144,6 +144,8 @@ fn conformance_config() -> AdapterConfig {
 }
 
 #[cfg(test)]
-crate::conformance!(conformance_config, |inp, out, cfg: &AdapterConfig| 2
-    * cfg.r
-    * (inp + out));
+crate::conformance!(
+    conformance,
+    conformance_config,
+    |inp, out, cfg: &AdapterConfig| 2 * cfg.r * (inp + out)
+);

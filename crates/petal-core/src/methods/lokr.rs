@@ -258,12 +258,16 @@ fn conformance_config() -> AdapterConfig {
 }
 
 #[cfg(test)]
-crate::conformance!(conformance_config, |inp, out, cfg: &AdapterConfig| {
-    let ((c, d), (a, b)) = (factorization(inp, -1), factorization(out, -1));
-    let w2 = if cfg.r as f64 >= b.max(d) as f64 / 2.0 {
-        b * d
-    } else {
-        cfg.r * (b + d)
-    };
-    a * c + w2
-});
+crate::conformance!(
+    conformance,
+    conformance_config,
+    |inp, out, cfg: &AdapterConfig| {
+        let ((c, d), (a, b)) = (factorization(inp, -1), factorization(out, -1));
+        let w2 = if cfg.r as f64 >= b.max(d) as f64 / 2.0 {
+            b * d
+        } else {
+            cfg.r * (b + d)
+        };
+        a * c + w2
+    }
+);

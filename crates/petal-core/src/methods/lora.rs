@@ -10,6 +10,7 @@
 
 use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, WeightUpdate};
 use crate::config::{AdapterConfig, InitWeights};
+use crate::methods::dora::{Dora, MAGNITUDE};
 use crate::{rng, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::distributions::Distribution;
@@ -26,6 +27,8 @@ pub struct LoraLayer {
     pub b: Var, // (out, r)
     pub scaling: f64,
     pub dropout: f64,
+    /// `use_dora`: the magnitude vector and what it needs of the base.
+    pub dora: Option<Dora>,
 }
 
 fn uniform(shape: (usize, usize), bound: f64, rng: &mut impl Rng, dev: &Device) -> Result<Tensor> {
@@ -95,11 +98,22 @@ impl AdapterMethod for Lora {
                 Tensor::zeros((out, r), DType::F32, dev)?,
             ),
         };
+        let scaling = cfg.scaling_for(path);
+        let dora = if cfg.use_dora {
+            Some(Dora::new(
+                base.weight,
+                base.bias,
+                &(b.matmul(&a)? * scaling)?,
+            )?)
+        } else {
+            None
+        };
         Ok(Box::new(LoraLayer {
             a: Var::from_tensor(&a)?,
             b: Var::from_tensor(&b)?,
-            scaling: cfg.scaling_for(path),
+            scaling,
             dropout: cfg.lora_dropout,
+            dora,
         }))
     }
 }
@@ -125,22 +139,40 @@ pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
 }
 
 impl LoraLayer {
-    /// h = dropout(x) A^T as (n, r), in f32.
-    fn low(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// The (dropped) input as (n, in) f32, and whether dropout acted.
+    fn input(&self, x: &Tensor, train: bool) -> Result<(Tensor, bool)> {
         let xf = x.to_dtype(DType::F32)?;
-        let xf = if train && self.dropout > 0.0 {
-            dropout(&xf, self.dropout)?
-        } else {
-            xf
-        };
         let inp = xf.dim(candle_core::D::Minus1)?;
         let x2 = xf.reshape((xf.elem_count() / inp, inp))?; // plain 2-D matmuls
-        Ok(x2.matmul(&self.a.as_tensor().t()?)?)
+        if train && self.dropout > 0.0 {
+            return Ok((dropout(&x2, self.dropout)?, true));
+        }
+        Ok((x2, false))
+    }
+
+    /// h = dropout(x) A^T as (n, r), in f32.
+    fn low(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.input(x, train)?.0.matmul(&self.a.as_tensor().t()?)?)
+    }
+
+    /// s B A (out, in).
+    fn delta(&self) -> Result<Tensor> {
+        Ok((self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling)?)
     }
 }
 
 impl AdapterLayer for LoraLayer {
     fn forward(&self, x: &Tensor, y: Tensor, train: bool) -> Result<Tensor> {
+        if let Some(dora) = &self.dora {
+            let (xd, dropped) = self.input(x, train)?;
+            let lora = xd
+                .matmul(&self.a.as_tensor().t()?)?
+                .matmul(&self.b.as_tensor().t()?)?;
+            let out = lora.dim(1)?;
+            let y2 = y.to_dtype(DType::F32)?.reshape((lora.dim(0)?, out))?;
+            let z = dora.forward(&y2, &xd, &lora, self.scaling, &self.delta()?, dropped)?;
+            return Ok(z.reshape(y.shape())?.to_dtype(y.dtype())?);
+        }
         let h = (self.low(x, train)? * self.scaling)?; // (n, r), scaled while small
         let d = h.matmul(&self.b.as_tensor().t()?)?; // (n, out)
         let d = d.reshape(y.shape())?.to_dtype(y.dtype())?;
@@ -154,7 +186,7 @@ impl AdapterLayer for LoraLayer {
         b: Option<&Tensor>,
         train: bool,
     ) -> Option<Result<Tensor>> {
-        if !petal_ops::cpu::fast_ok(x) || w.dtype() != DType::F32 {
+        if self.dora.is_some() || !petal_ops::cpu::fast_ok(x) || w.dtype() != DType::F32 {
             return None;
         }
         let run = || -> Result<Tensor> {
@@ -172,12 +204,15 @@ impl AdapterLayer for LoraLayer {
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {
-        let dw = (self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling)?;
+        let dw = match &self.dora {
+            Some(d) => d.update(&self.delta()?)?,
+            None => self.delta()?,
+        };
         Ok(WeightUpdate::Add(dw))
     }
 
     fn tensors(&self) -> Vec<NamedTensor<'_>> {
-        vec![
+        let mut v = vec![
             NamedTensor {
                 name: LORA_A,
                 var: &self.a,
@@ -186,7 +221,14 @@ impl AdapterLayer for LoraLayer {
                 name: LORA_B,
                 var: &self.b,
             },
-        ]
+        ];
+        if let Some(d) = &self.dora {
+            v.push(NamedTensor {
+                name: MAGNITUDE,
+                var: &d.m,
+            });
+        }
+        v
     }
 }
 
@@ -200,6 +242,7 @@ mod tests {
         let w = Tensor::zeros((out, inp), DType::F32, &Device::Cpu).unwrap();
         let base = BaseLinear {
             weight: &w,
+            bias: None,
             in_features: inp,
             out_features: out,
         };
@@ -286,11 +329,39 @@ fn conformance_config() -> AdapterConfig {
 }
 
 #[cfg(test)]
-crate::conformance!(conformance_config, |inp, out, cfg: &AdapterConfig| {
-    let r = if out == 6 {
-        cfg.rank_pattern["fc2"]
-    } else {
-        cfg.r
-    };
-    r * (inp + out)
-});
+crate::conformance!(
+    conformance,
+    conformance_config,
+    |inp, out, cfg: &AdapterConfig| {
+        let r = if out == 6 {
+            cfg.rank_pattern["fc2"]
+        } else {
+            cfg.r
+        };
+        r * (inp + out)
+    }
+);
+
+/// DoRA detaches the weight norm in backward (as the paper and PEFT do), so only the
+/// magnitude's gradient is the exact derivative; A and B are checked for flow only.
+#[cfg(test)]
+fn dora_config() -> AdapterConfig {
+    let mut c = conformance_config();
+    c.use_dora = true;
+    c
+}
+
+#[cfg(test)]
+crate::conformance!(
+    dora_conformance,
+    dora_config,
+    |inp, out, cfg: &AdapterConfig| {
+        let r = if out == 6 {
+            cfg.rank_pattern["fc2"]
+        } else {
+            cfg.r
+        };
+        r * (inp + out) + out
+    },
+    Some(&[MAGNITUDE])
+);

@@ -1,3 +1,4 @@
+pub mod dora;
 pub mod ia3;
 pub mod loha;
 pub mod lokr;

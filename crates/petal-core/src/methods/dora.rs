@@ -1,0 +1,75 @@
+//! DoRA (Liu et al., 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"), the `use_dora`
+//! option of LoRA. Mirrors PEFT `tuners/lora/dora.py` (`DoraLinearLayer`).
+//!
+//! The adapted weight is split into a magnitude and a direction:
+//! `W' = m ⊙ (W + s B A) / ||W + s B A||` (norms per output row, the norm detached in the
+//! gradient as the paper and PEFT do). Forward, from the base output y = x W^T + b:
+//! `y + (f - 1) ⊙ (y - b) + f ⊙ s (x A^T) B^T`, `f = m / ||W + s B A||`; with dropout active the
+//! base term is recomputed from the dropped x, as in PEFT. Saved as `lora_magnitude_vector`
+//! (out,). Initialised to the row norms of W + s B A, so DoRA starts where LoRA does.
+
+use crate::Result;
+use candle_core::{DType, Tensor, Var};
+
+pub const MAGNITUDE: &str = "lora_magnitude_vector";
+
+#[derive(Debug)]
+pub struct Dora {
+    pub m: Var,           // (out,)
+    base: Tensor,         // frozen W (out, in), f32
+    bias: Option<Tensor>, // frozen b (out,), f32
+}
+
+fn row_norms(w: &Tensor) -> Result<Tensor> {
+    Ok(w.sqr()?.sum(1)?.sqrt()?)
+}
+
+impl Dora {
+    /// `delta` = s B A (out, in) at init.
+    pub fn new(w: &Tensor, bias: Option<&Tensor>, delta: &Tensor) -> Result<Self> {
+        let base = w.to_dtype(DType::F32)?;
+        let m = row_norms(&(&base + delta)?)?;
+        let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+        Ok(Dora {
+            m: Var::from_tensor(&m)?,
+            base,
+            bias,
+        })
+    }
+
+    /// f = m / ||W + delta|| (out,), the norm detached.
+    fn factor(&self, delta: &Tensor) -> Result<Tensor> {
+        let norm = row_norms(&(&self.base + delta.detach())?)?.detach();
+        Ok(self.m.as_tensor().div(&norm)?)
+    }
+
+    /// The DoRA output from the base output `y` (n, out), the (dropped) input `xd` (n, in),
+    /// the unscaled LoRA output `lora` = xd A^T B^T (n, out), and `delta` = s B A.
+    pub fn forward(
+        &self,
+        y: &Tensor,
+        xd: &Tensor,
+        lora: &Tensor,
+        s: f64,
+        delta: &Tensor,
+        dropped: bool,
+    ) -> Result<Tensor> {
+        let f = self.factor(delta)?.unsqueeze(0)?; // (1, out)
+        let base = if dropped {
+            xd.matmul(&self.base.t()?)?
+        } else {
+            match &self.bias {
+                Some(b) => y.broadcast_sub(b)?,
+                None => y.clone(),
+            }
+        };
+        let extra = ((f.broadcast_mul(&base)? - &base)? + (f.broadcast_mul(lora)? * s)?)?;
+        Ok((y + extra)?)
+    }
+
+    /// W' - W = (f - 1) ⊙ W + f ⊙ delta (rows), for merging.
+    pub fn update(&self, delta: &Tensor) -> Result<Tensor> {
+        let f = self.factor(delta)?.unsqueeze(1)?; // (out, 1)
+        Ok(((f.broadcast_mul(&self.base)? - &self.base)? + f.broadcast_mul(delta)?)?)
+    }
+}
