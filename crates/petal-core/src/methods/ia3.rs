@@ -10,10 +10,10 @@
 
 use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, WeightUpdate};
 use crate::config::{AdapterConfig, Targets};
+use crate::methods::normal;
 use crate::Result;
 use candle_core::{DType, Tensor, Var};
 use rand::SeedableRng;
-use rand_distr_free::normal;
 
 pub struct Ia3;
 
@@ -22,15 +22,6 @@ pub struct Ia3Layer {
     l: Var, // (1, in) when feedforward, else (out, 1)
     feedforward: bool,
     base: Tensor, // the frozen W (out, in), shared, for the unfused input-scaling path
-}
-
-mod rand_distr_free {
-    use rand::Rng;
-    /// N(0, 1) by Box-Muller.
-    pub fn normal(g: &mut impl Rng) -> f32 {
-        let (u1, u2): (f64, f64) = (g.gen::<f64>().max(1e-12), g.gen());
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
 }
 
 fn is_feedforward(cfg: &AdapterConfig, key: &str) -> bool {
@@ -67,9 +58,12 @@ impl AdapterMethod for Ia3 {
         };
         let dev = base.weight.device();
         let l = if cfg.init_nonzero() {
-            let mut g = rand::rngs::StdRng::seed_from_u64(seed);
-            let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| normal(&mut g)).collect();
-            Tensor::from_vec(v, shape, dev)?
+            normal(
+                shape,
+                1.0,
+                &mut rand::rngs::StdRng::seed_from_u64(seed),
+                dev,
+            )?
         } else {
             Tensor::ones(shape, DType::F32, dev)?
         };

@@ -10,9 +10,10 @@
 
 use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, WeightUpdate};
 use crate::config::AdapterConfig;
+use crate::methods::{add_dense_delta, param};
 use crate::Result;
-use candle_core::{DType, Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
+use candle_core::{Tensor, Var};
+use rand::SeedableRng;
 
 pub const W1A: &str = "hada_w1_a";
 pub const W1B: &str = "hada_w1_b";
@@ -28,15 +29,6 @@ pub struct LohaLayer {
     w2a: Var, // (out, r)
     w2b: Var, // (r, in)
     scaling: f64,
-}
-
-/// kaiming_uniform_(a = sqrt(5)) on a (rows, cols) matrix: U(-1/sqrt(cols), 1/sqrt(cols)).
-fn kaiming(shape: (usize, usize), g: &mut impl Rng, dev: &Device) -> Result<Var> {
-    let bound = 1.0 / (shape.1 as f64).sqrt();
-    let v: Vec<f32> = (0..shape.0 * shape.1)
-        .map(|_| g.gen_range(-bound..bound) as f32)
-        .collect();
-    Ok(Var::from_tensor(&Tensor::from_vec(v, shape, dev)?)?)
 }
 
 impl AdapterMethod for Loha {
@@ -69,15 +61,11 @@ impl AdapterMethod for Loha {
         let (inp, out) = (base.in_features, base.out_features);
         let dev = base.weight.device();
         let mut g = rand::rngs::StdRng::seed_from_u64(seed);
-        let w2b = if cfg.init_nonzero() {
-            kaiming((r, inp), &mut g, dev)?
-        } else {
-            Var::from_tensor(&Tensor::zeros((r, inp), DType::F32, dev)?)?
-        };
+        let w2b = param((r, inp), !cfg.init_nonzero(), &mut g, dev)?;
         Ok(Box::new(LohaLayer {
-            w1a: kaiming((out, r), &mut g, dev)?,
-            w1b: kaiming((r, inp), &mut g, dev)?,
-            w2a: kaiming((out, r), &mut g, dev)?,
+            w1a: param((out, r), false, &mut g, dev)?,
+            w1b: param((r, inp), false, &mut g, dev)?,
+            w2a: param((out, r), false, &mut g, dev)?,
             w2b,
             scaling: cfg.alpha_for(path) / r as f64,
         }))
@@ -95,14 +83,7 @@ impl LohaLayer {
 
 impl AdapterLayer for LohaLayer {
     fn forward(&self, x: &Tensor, y: Tensor, _train: bool) -> Result<Tensor> {
-        let xf = x.to_dtype(DType::F32)?;
-        let inp = xf.dim(candle_core::D::Minus1)?;
-        let x2 = xf.reshape((xf.elem_count() / inp, inp))?;
-        let d = x2
-            .matmul(&self.delta()?.t()?)?
-            .reshape(y.shape())?
-            .to_dtype(y.dtype())?;
-        Ok((y + d)?)
+        add_dense_delta(x, y, &self.delta()?)
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {

@@ -11,9 +11,10 @@
 
 use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, WeightUpdate};
 use crate::config::AdapterConfig;
+use crate::methods::{add_dense_delta, param};
 use crate::Result;
-use candle_core::{DType, Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
+use candle_core::{Tensor, Var};
+use rand::SeedableRng;
 
 pub struct Lokr;
 
@@ -71,18 +72,6 @@ pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
     (m, n)
 }
 
-/// kaiming_uniform_(a = sqrt(5)) on (rows, cols): U(±1/sqrt(cols)); or zeros.
-fn init(shape: (usize, usize), zero: bool, g: &mut impl Rng, dev: &Device) -> Result<Var> {
-    if zero {
-        return Ok(Var::from_tensor(&Tensor::zeros(shape, DType::F32, dev)?)?);
-    }
-    let bound = 1.0 / (shape.1 as f64).sqrt();
-    let v: Vec<f32> = (0..shape.0 * shape.1)
-        .map(|_| g.gen_range(-bound..bound) as f32)
-        .collect();
-    Ok(Var::from_tensor(&Tensor::from_vec(v, shape, dev)?)?)
-}
-
 impl AdapterMethod for Lokr {
     fn peft_type(&self) -> &'static str {
         "LOKR"
@@ -120,19 +109,19 @@ impl AdapterMethod for Lokr {
         let use_w1 = !(cfg.decompose_both && (r as f64) < a.max(c) as f64 / 2.0);
         let use_w2 = (r as f64) >= b.max(d) as f64 / 2.0;
         let w1 = if use_w1 {
-            Factor::Full(init((a, c), zero, &mut g, dev)?)
+            Factor::Full(param((a, c), zero, &mut g, dev)?)
         } else {
             Factor::LowRank(
-                init((a, r), zero, &mut g, dev)?,
-                init((r, c), false, &mut g, dev)?,
+                param((a, r), zero, &mut g, dev)?,
+                param((r, c), false, &mut g, dev)?,
             )
         };
         let w2 = if use_w2 {
-            Factor::Full(init((b, d), false, &mut g, dev)?)
+            Factor::Full(param((b, d), false, &mut g, dev)?)
         } else {
             Factor::LowRank(
-                init((b, r), false, &mut g, dev)?,
-                init((r, d), false, &mut g, dev)?,
+                param((b, r), false, &mut g, dev)?,
+                param((r, d), false, &mut g, dev)?,
             )
         };
         Ok(Box::new(LokrLayer {
@@ -157,14 +146,7 @@ impl LokrLayer {
 
 impl AdapterLayer for LokrLayer {
     fn forward(&self, x: &Tensor, y: Tensor, _train: bool) -> Result<Tensor> {
-        let xf = x.to_dtype(DType::F32)?;
-        let inp = xf.dim(candle_core::D::Minus1)?;
-        let x2 = xf.reshape((xf.elem_count() / inp, inp))?;
-        let d = x2
-            .matmul(&self.delta()?.t()?)?
-            .reshape(y.shape())?
-            .to_dtype(y.dtype())?;
-        Ok((y + d)?)
+        add_dense_delta(x, y, &self.delta()?)
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {
@@ -212,6 +194,7 @@ impl AdapterLayer for LokrLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn factorization_matches_peft_docstring_examples() {

@@ -11,10 +11,10 @@
 use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, WeightUpdate};
 use crate::config::{AdapterConfig, InitWeights};
 use crate::methods::dora::{Dora, MAGNITUDE};
+use crate::methods::{kaiming_uniform, normal};
 use crate::{rng, Result};
-use candle_core::{DType, Device, Tensor, Var};
-use rand::distributions::Distribution;
-use rand::{Rng, SeedableRng};
+use candle_core::{DType, Tensor, Var};
+use rand::SeedableRng;
 
 pub const LORA_A: &str = "lora_A.weight";
 pub const LORA_B: &str = "lora_B.weight";
@@ -29,13 +29,6 @@ pub struct LoraLayer {
     pub dropout: f64,
     /// `use_dora`: the magnitude vector and what it needs of the base.
     pub dora: Option<Dora>,
-}
-
-fn uniform(shape: (usize, usize), bound: f64, rng: &mut impl Rng, dev: &Device) -> Result<Tensor> {
-    let v: Vec<f32> = (0..shape.0 * shape.1)
-        .map(|_| rng.gen_range(-bound..bound) as f32)
-        .collect();
-    Ok(Tensor::from_vec(v, shape, dev)?)
 }
 
 impl AdapterMethod for Lora {
@@ -72,29 +65,16 @@ impl AdapterMethod for Lora {
         let dev = base.weight.device();
         let mut g = rand::rngs::StdRng::seed_from_u64(seed);
         let (a, b) = match &cfg.init_lora_weights {
-            InitWeights::Named(n) if n == "gaussian" => {
-                let normal = rand::distributions::Uniform::new(0.0f64, 1.0);
-                // Box-Muller for N(0, 1/r) without another dependency.
-                let std = 1.0 / r as f64;
-                let v: Vec<f32> = (0..r * inp)
-                    .map(|_| {
-                        let (u1, u2): (f64, f64) =
-                            (normal.sample(&mut g).max(1e-12), normal.sample(&mut g));
-                        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std)
-                            as f32
-                    })
-                    .collect();
-                (
-                    Tensor::from_vec(v, (r, inp), dev)?,
-                    Tensor::zeros((out, r), DType::F32, dev)?,
-                )
-            }
+            InitWeights::Named(n) if n == "gaussian" => (
+                normal((r, inp), 1.0 / r as f64, &mut g, dev)?,
+                Tensor::zeros((out, r), DType::F32, dev)?,
+            ),
             InitWeights::Flag(false) => (
-                uniform((r, inp), 1.0 / (inp as f64).sqrt(), &mut g, dev)?,
-                uniform((out, r), 1.0 / (r as f64).sqrt(), &mut g, dev)?,
+                kaiming_uniform((r, inp), &mut g, dev)?,
+                kaiming_uniform((out, r), &mut g, dev)?,
             ),
             _ => (
-                uniform((r, inp), 1.0 / (inp as f64).sqrt(), &mut g, dev)?,
+                kaiming_uniform((r, inp), &mut g, dev)?,
                 Tensor::zeros((out, r), DType::F32, dev)?,
             ),
         };
@@ -236,6 +216,7 @@ impl AdapterLayer for LoraLayer {
 mod tests {
     use super::*;
     use crate::config::Targets;
+    use candle_core::Device;
 
     /// A of a layer built for a (out, inp) linear.
     fn init_a(out: usize, inp: usize, cfg: &AdapterConfig) -> (Vec<f32>, f32) {
