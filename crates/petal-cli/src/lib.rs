@@ -6,5 +6,6 @@ pub mod bench_cmd;
 pub mod common;
 pub mod config_file;
 pub mod gen_cmd;
+pub mod plot;
 pub mod tools_cmd;
 pub mod train_cmd;

@@ -338,6 +338,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         &mut Bar(bar.clone()),
     )?;
     bar.finish();
+    write_loss_chart(&out)?;
     let after = if val_set.is_empty() {
         None
     } else {
@@ -366,6 +367,29 @@ fn samples(
         .iter()
         .map(|p| gen_cmd::complete(model, tok, p, n))
         .collect()
+}
+
+/// `loss.svg` in the run folder, from metrics.jsonl (the whole run, resumed parts included).
+fn write_loss_chart(out: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let series = |k: &str| -> Vec<(f64, f64)> {
+        rows.iter()
+            .filter_map(|r| Some((r["step"].as_f64()?, r[k].as_f64()?)))
+            .collect()
+    };
+    let svg = crate::plot::line_chart(
+        "loss per step",
+        &[
+            ("train loss", "#c2185b", series("loss")),
+            ("eval loss", "#1565c0", series("eval_loss")),
+        ],
+    );
+    petal_io::write_atomic(&out.join("loss.svg"), svg.as_bytes())?;
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -408,7 +432,11 @@ fn print_report(
             a.replace('\n', "\n          ")
         );
     }
-    println!("\nmetrics: {}", out.join("metrics.jsonl").display());
+    println!(
+        "\nmetrics: {} (chart: {})",
+        out.join("metrics.jsonl").display(),
+        out.join("loss.svg").display()
+    );
     Ok(())
 }
 
