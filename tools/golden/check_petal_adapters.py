@@ -32,6 +32,7 @@ CASES = [
     ("qwen2", ["--method", "lokr", "--r", "1", "--alpha", "3", "--target-modules", "q_proj,up_proj,down_proj",
                "--decompose-both", "true", "--decompose-factor", "4"]),
     ("llama", ["--method", "ia3"]),
+    ("llama", ["--method", "prompt_tuning", "--num-virtual-tokens", "4"]),
     ("llama", ["--r", "4", "--alpha", "8", "--dora", "true", "--target-modules", "q_proj,v_proj,down_proj"]),
     ("qwen2", ["--r", "2", "--alpha", "6", "--dora", "true", "--target-modules", "k_proj,up_proj"]),
     ("qwen2", ["--method", "ia3", "--target-modules", "k_proj,v_proj,up_proj", "--feedforward-modules", "up_proj"]),
@@ -62,9 +63,17 @@ def main():
                 with pm.disable_adapter():
                     plain = pm(input_ids=ids).logits.float()
             rel = ((ours - ref).abs().max() / ref.abs().max()).item()
-            effect = ((ref - plain).abs().max() / ref.abs().max()).item()
+            tail = ref[:, -plain.shape[1]:]  # prompt tuning adds virtual positions in front
+            effect = ((tail - plain).abs().max() / ref.abs().max()).item()
             if effect < 1e-3:
                 rel = float("inf")  # the adapter must change the output, or the check proves nothing
+            if "prompt_tuning" in flags:  # cannot be merged; petal refuses (checked below)
+                r = subprocess.run([PETAL, "merge", "--model", model, "--adapter", os.path.join(run, "adapter"),
+                                    "--out", os.path.join(tmp, "nope")], capture_output=True, text=True)
+                assert r.returncode != 0 and "cannot be merged" in r.stderr, r.stderr
+                worst = max(worst, rel)
+                print(f"{base:6} {' '.join(flags):90} adapter effect {effect:.2e}  relative error {rel:.2e}")
+                continue
             merged = os.path.join(tmp, f"merged{i}")
             subprocess.run([PETAL, "merge", "--model", model, "--adapter", os.path.join(run, "adapter"), "--out", merged],
                            check=True, capture_output=True)

@@ -12,7 +12,7 @@ import os
 import sys
 
 import torch
-from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
+from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PromptTuningConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -98,6 +98,9 @@ ADAPTERS = {
     # IA3: output scaling of k/v (qwen2: with their biases), input scaling of down_proj; random vectors
     "llama_ia3": ("llama", dict(method="ia3", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
     "qwen2_ia3": ("qwen2", dict(method="ia3", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
+    # Prompt tuning: 3 random virtual tokens; logits include their positions, as PEFT returns them
+    "llama_prompt_tuning": ("llama", dict(method="prompt_tuning", num_virtual_tokens=3)),
+    "qwen2_prompt_tuning": ("qwen2", dict(method="prompt_tuning", num_virtual_tokens=5)),
 }
 
 
@@ -106,6 +109,8 @@ def peft_config(kw):
     method = kw.pop("method", "lora")
     if method == "loha":
         return LoHaConfig(init_weights=False, **kw)
+    if method == "prompt_tuning":
+        return PromptTuningConfig(task_type="CAUSAL_LM", **kw)
     if method == "ia3":
         return IA3Config(init_ia3_weights=False, **kw)
     if method == "lokr":

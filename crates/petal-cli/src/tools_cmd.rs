@@ -87,6 +87,9 @@ pub fn run_merge(a: MergeArgs) -> Result<()> {
         &a.model.dtype,
         &a.model.device,
     )?;
+    if let Some((n, _)) = lm.model.input_adapter() {
+        bail!("adapter `{n}` is prompt tuning: it adds virtual tokens and cannot be merged into the weights");
+    }
     let names: Vec<String> = lm
         .model
         .linears()

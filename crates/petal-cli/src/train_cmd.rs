@@ -5,7 +5,7 @@ use crate::{config_file, gen_cmd};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use petal_core::config::Targets;
-use petal_core::{inject_adapter, AdapterConfig, ParamCount};
+use petal_core::{inject_adapter, Adaptable, AdapterConfig, ParamCount};
 use petal_data::{load_examples, split, DataOptions, Example};
 use petal_train::optim::AdamWParams;
 use petal_train::{evaluate, train, Observer, StepMetrics, TrainConfig};
@@ -61,6 +61,10 @@ train_opts! {
     decompose_factor: i64,
     /// LoKr: also factor the left Kronecker factor [default: false]
     decompose_both: bool,
+    /// Prompt tuning: virtual tokens put in front of every sequence [default: 20]
+    num_virtual_tokens: usize,
+    /// Prompt tuning: initialise the virtual tokens from this text's embeddings
+    prompt_init_text: String,
     /// IA3: targeted modules whose input is scaled (comma list or `re:REGEX`) [default: down_proj]
     feedforward_modules: String,
     /// Optimizer steps [default: 100]
@@ -257,7 +261,32 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     acfg.base_model_name_or_path = Some(model_spec.clone());
     let mut model = lm.model;
+    if method == "prompt_tuning" {
+        acfg.num_virtual_tokens = Some(o.num_virtual_tokens.unwrap_or(20));
+        acfg.token_dim = Some(model.cfg.hidden_size);
+        acfg.num_layers = Some(model.cfg.num_hidden_layers);
+        acfg.num_attention_heads = Some(model.cfg.num_attention_heads);
+        acfg.target_modules = None;
+        if let Some(t) = &o.prompt_init_text {
+            acfg.prompt_tuning_init = Some("TEXT".into());
+            acfg.prompt_tuning_init_text = Some(t.clone());
+        }
+    }
     let report = inject_adapter(&mut model, "default", &acfg, seed)?;
+    if let (Some(text), Some((_, input))) = (&o.prompt_init_text, model.input_adapter()) {
+        // PEFT's TEXT init: the text's token embeddings, cut or repeated to the length.
+        let ids = tok.encode(text, false)?;
+        let n = input.prefix().dim(0)?;
+        if ids.is_empty() {
+            bail!("--prompt-init-text tokenizes to nothing");
+        }
+        let ids: Vec<u32> = ids.iter().copied().cycle().take(n).collect();
+        let rows = model.embed_weight().index_select(
+            &candle_core::Tensor::new(ids.as_slice(), model.device())?,
+            0,
+        )?;
+        input.set_prefix(&rows)?;
+    }
     let pc = ParamCount::of(&model);
     eprintln!(
         "model {model_spec}: {} layers, hidden {}, vocab {}",

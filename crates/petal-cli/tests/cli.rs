@@ -234,3 +234,42 @@ fn malformed_training_data_names_the_file_and_line_and_exits_non_zero() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("bad.jsonl:2"), "{}", stderr(&o));
 }
+
+#[test]
+fn prompt_tuning_trains_and_merging_it_is_refused_with_a_reason() {
+    let d = tempfile::tempdir().unwrap();
+    let data = words(d.path());
+    let out = d.path().join("run");
+    let m = golden().join("llama");
+    let args = train(
+        m.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let o = petal(
+        &[
+            &args[..],
+            &[
+                "--method",
+                "prompt_tuning",
+                "--num-virtual-tokens",
+                "3",
+                "--max-steps",
+                "2",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = petal(&[
+        "merge",
+        "--model",
+        m.to_str().unwrap(),
+        "--adapter",
+        out.join("adapter").to_str().unwrap(),
+        "--out",
+        d.path().join("m").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("cannot be merged"), "{}", stderr(&o));
+}

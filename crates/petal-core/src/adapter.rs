@@ -64,6 +64,17 @@ pub trait AdapterMethod: Sync {
     /// The method's own adapter_config.json keys (beyond target/exclude/task ones), in PEFT's
     /// names: what `AdapterConfig::to_json` writes for it.
     fn config_keys(&self) -> &'static [&'static str];
+    /// Input-side methods (prompt tuning, …) build one `InputAdapter` for the whole model
+    /// instead of layers; `token_dim` is the model's hidden size.
+    fn build_input(
+        &self,
+        _cfg: &AdapterConfig,
+        _token_dim: usize,
+        _seed: u64,
+        _dev: &candle_core::Device,
+    ) -> Result<Option<Box<dyn InputAdapter>>> {
+        Ok(None)
+    }
     /// Build this method's layer for the module at `path`. `seed` makes init reproducible.
     fn build(
         &self,
@@ -72,4 +83,15 @@ pub trait AdapterMethod: Sync {
         base: &BaseLinear,
         seed: u64,
     ) -> Result<Box<dyn AdapterLayer>>;
+}
+
+/// An adapter on the input side: embeddings prepended to every sequence (prompt tuning).
+/// Models hold it as a trait object and know nothing else of it.
+pub trait InputAdapter: Debug + Send + Sync {
+    /// (n, hidden) embeddings in front of the token embeddings.
+    fn prefix(&self) -> &Tensor;
+    /// Owned tensors under their PEFT names (saved without the module prefix).
+    fn tensors(&self) -> Vec<NamedTensor<'_>>;
+    /// Replace the prefix (loading, text init), checking its shape.
+    fn set_prefix(&self, t: &Tensor) -> Result<()>;
 }

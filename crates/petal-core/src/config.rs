@@ -94,6 +94,24 @@ pub struct AdapterConfig {
     /// IA3: start from all-ones vectors (identity).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_ia3_weights: Option<bool>,
+    /// Prompt tuning: number of virtual tokens, their width, and PEFT's bookkeeping fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_virtual_tokens: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_dim: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_transformer_submodules: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_attention_heads: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_layers: Option<usize>,
+    /// "RANDOM" or "TEXT".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tuning_init: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tuning_init_text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_name_or_path: Option<String>,
 }
 
 fn minus_one() -> i64 {
@@ -146,6 +164,15 @@ const KNOWN: &[&str] = &[
     "rank_dropout_scale",
     "feedforward_modules",
     "init_ia3_weights",
+    "num_virtual_tokens",
+    "token_dim",
+    "num_transformer_submodules",
+    "num_attention_heads",
+    "num_layers",
+    "prompt_tuning_init",
+    "prompt_tuning_init_text",
+    "tokenizer_name_or_path",
+    "tokenizer_kwargs",
 ];
 
 /// Keys every method's config carries; the rest come from `AdapterMethod::config_keys`.
@@ -202,6 +229,14 @@ impl AdapterConfig {
             decompose_factor: -1,
             feedforward_modules: None,
             init_ia3_weights: None,
+            num_virtual_tokens: None,
+            token_dim: None,
+            num_transformer_submodules: None,
+            num_attention_heads: None,
+            num_layers: None,
+            prompt_tuning_init: None,
+            prompt_tuning_init_text: None,
+            tokenizer_name_or_path: None,
         }
     }
 
@@ -212,6 +247,10 @@ impl AdapterConfig {
         match c.peft_type.as_str() {
             "LORA" => {}
             "IA3" => c.init_ia3_weights = Some(true),
+            "PROMPT_TUNING" => {
+                c.num_transformer_submodules = Some(1);
+                c.prompt_tuning_init = Some("RANDOM".into());
+            }
             _ => {
                 c.alpha = Some(alpha);
                 c.init_weights = Some(InitWeights::Flag(true));

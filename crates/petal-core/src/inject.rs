@@ -1,6 +1,6 @@
 //! Attaching a named adapter to every targeted linear of a model, and counting parameters.
 
-use crate::adapter::BaseLinear;
+use crate::adapter::{BaseLinear, InputAdapter};
 use crate::config::AdapterConfig;
 use crate::linear::AdaptableLinear;
 use crate::{registry, rng, target, Error, Result};
@@ -16,6 +16,19 @@ pub trait Adaptable {
     }
     /// Parameters of the base model, counted once even where weights are tied.
     fn base_param_count(&self) -> usize;
+    /// Width of the token embeddings, for input-side adapters (None: the model takes none).
+    fn token_dim(&self) -> Option<usize> {
+        None
+    }
+    /// The input-side adapter (prompt tuning, …) and its name, if any.
+    fn input_adapter(&self) -> Option<(&str, &dyn InputAdapter)> {
+        None
+    }
+    fn set_input_adapter(&mut self, _name: &str, _adapter: Box<dyn InputAdapter>) -> Result<()> {
+        Err(Error::Unsupported(
+            "this model takes no input-side adapters".into(),
+        ))
+    }
 }
 
 /// One row of the injection report.
@@ -50,6 +63,33 @@ pub fn inject_adapter(
     cfg.validate("adapter config")?;
     let method = registry::method(&cfg.peft_type)
         .ok_or_else(|| Error::Unsupported(format!("unknown peft_type `{}`", cfg.peft_type)))?;
+    if let Some(dim) = model.token_dim() {
+        let dev = model
+            .linears()
+            .first()
+            .map(|l| l.weight().device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
+        if let Some(input) = method.build_input(cfg, dim, seed, &dev)? {
+            let params = input
+                .tensors()
+                .iter()
+                .map(|t| t.var.as_tensor().elem_count())
+                .sum();
+            let n = input.prefix().dim(0)?;
+            model.set_input_adapter(name, input)?;
+            let row = Injected {
+                path: "prompt_encoder".into(),
+                in_features: n,
+                out_features: dim,
+                params,
+            };
+            return Ok(InjectionReport {
+                adapter: name.to_string(),
+                peft_type: cfg.peft_type.clone(),
+                modules: vec![row],
+            });
+        }
+    }
     let head = model.output_head().map(str::to_string);
     let mut modules = Vec::new();
     for (i, lin) in model.linears_mut().into_iter().enumerate() {
@@ -119,12 +159,18 @@ pub fn set_active(model: &mut dyn Adaptable, names: &[&str]) {
 
 /// All trainable variables of adapter `name`, in module order (the optimizer's list).
 pub fn adapter_vars(model: &dyn Adaptable, name: &str) -> Vec<Var> {
-    model
+    let mut v: Vec<Var> = model
         .linears()
         .iter()
         .filter_map(|l| l.layer(name))
         .flat_map(|l| l.vars())
-        .collect()
+        .collect();
+    if let Some((n, a)) = model.input_adapter() {
+        if n == name {
+            v.extend(a.tensors().into_iter().map(|t| t.var.clone()));
+        }
+    }
+    v
 }
 
 /// PEFT's `print_trainable_parameters`: trainable (the active adapters) vs all parameters.
@@ -154,6 +200,15 @@ impl ParamCount {
                     trainable += c;
                 }
             }
+        }
+        if let Some((_, a)) = model.input_adapter() {
+            let c: usize = a
+                .tensors()
+                .iter()
+                .map(|t| t.var.as_tensor().elem_count())
+                .sum();
+            adapters += c;
+            trainable += c;
         }
         ParamCount {
             trainable,

@@ -14,7 +14,7 @@ pub mod registry;
 pub mod rng;
 pub mod target;
 
-pub use adapter::{AdapterLayer, AdapterMethod, NamedTensor, WeightUpdate};
+pub use adapter::{AdapterLayer, AdapterMethod, InputAdapter, NamedTensor, WeightUpdate};
 pub use config::AdapterConfig;
 pub use error::{Error, Result};
 pub use inject::{inject_adapter, Adaptable, InjectionReport, ParamCount};

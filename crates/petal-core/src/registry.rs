@@ -8,6 +8,7 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::loha::Loha,
     &methods::lokr::Lokr,
     &methods::ia3::Ia3,
+    &methods::prompt_tuning::PromptTuning,
 ];
 
 /// Look a method up by its PEFT `peft_type` (case-insensitive: "LORA", "lora").

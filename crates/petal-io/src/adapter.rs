@@ -10,6 +10,16 @@ use std::path::Path;
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 pub const KEY_PREFIX: &str = "base_model.model.";
+/// Tensors PEFT saves at the top level, without `base_model.model.` (prompt learning).
+const TOP_LEVEL: &[&str] = &["prompt_embeddings"];
+
+fn disk_key(k: &str) -> String {
+    if TOP_LEVEL.contains(&k) {
+        k.to_string()
+    } else {
+        format!("{KEY_PREFIX}{k}")
+    }
+}
 
 /// Write an adapter folder. `tensors` maps module-relative names
 /// ("model.layers.0.self_attn.q_proj.lora_A.weight") to tensors.
@@ -21,7 +31,7 @@ pub fn save_adapter(
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let keyed: HashMap<String, Tensor> = tensors
         .iter()
-        .map(|(k, t)| (format!("{KEY_PREFIX}{k}"), t.clone()))
+        .map(|(k, t)| (disk_key(k), t.clone()))
         .collect();
     write_safetensors_atomic(&dir.join(ADAPTER_WEIGHTS), &keyed)?;
     write_atomic(&dir.join(ADAPTER_CONFIG), cfg.to_json()?.as_bytes())
@@ -57,13 +67,16 @@ pub fn load_adapter(
 pub fn adapter_tensors(model: &dyn Adaptable, name: &str) -> HashMap<String, Tensor> {
     let mut out = HashMap::new();
     for lin in model.linears() {
-        if let Some(layer) = lin.layer(name) {
-            for t in layer.tensors() {
-                out.insert(
-                    format!("{}.{}", lin.path(), t.name),
-                    t.var.as_tensor().clone(),
-                );
-            }
+        for t in lin.layer(name).map(|l| l.tensors()).unwrap_or_default() {
+            out.insert(
+                format!("{}.{}", lin.path(), t.name),
+                t.var.as_tensor().clone(),
+            );
+        }
+    }
+    if let Some((n, input)) = model.input_adapter() {
+        for t in input.tensors().into_iter().filter(|_| n == name) {
+            out.insert(t.name.to_string(), t.var.as_tensor().clone());
         }
     }
     out
@@ -91,38 +104,56 @@ pub fn attach_adapter(
         .first()
         .map(|l| l.weight().device().clone())
         .unwrap_or(Device::Cpu);
-    let (cfg, mut tensors) = load_adapter(dir, &device)?;
+    let (cfg, tensors) = load_adapter(dir, &device)?;
     let report = inject_adapter(model, name, &cfg, 0)?;
-    let file = dir.join(ADAPTER_WEIGHTS);
+    load_into(model, name, tensors, &dir.join(ADAPTER_WEIGHTS))?;
+    Ok((cfg, report))
+}
+
+/// Set adapter `name`'s tensors from `tensors` (module-relative keys, as `load_adapter` and
+/// `adapter_tensors` give them). Every tensor the adapter owns must be there with its shape,
+/// and every tensor given must land somewhere; `file` names the source in errors.
+pub fn load_into(
+    model: &dyn Adaptable,
+    name: &str,
+    mut tensors: HashMap<String, Tensor>,
+    file: &Path,
+) -> Result<()> {
+    let mut take = |key: String, var: &candle_core::Var| -> Result<()> {
+        let src = tensors.remove(&key).ok_or_else(|| {
+            Error::msg(format!(
+                "{}: tensor `{}` is missing (the config targets this module)",
+                file.display(),
+                disk_key(&key)
+            ))
+        })?;
+        let want = var.as_tensor().dims();
+        if src.dims() != want {
+            return Err(Error::Shape {
+                tensor: disk_key(&key),
+                expected: want.to_vec(),
+                found: src.dims().to_vec(),
+            });
+        }
+        Ok(var.set(&src.to_dtype(var.as_tensor().dtype())?)?)
+    };
     for lin in model.linears() {
-        let Some(layer) = lin.layer(name) else {
-            continue;
-        };
-        for t in layer.tensors() {
-            let key = format!("{}.{}", lin.path(), t.name);
-            let src = tensors.remove(&key).ok_or_else(|| {
-                Error::msg(format!(
-                    "{}: tensor `{KEY_PREFIX}{key}` is missing (the config targets this module)",
-                    file.display()
-                ))
-            })?;
-            let want = t.var.as_tensor().dims();
-            if src.dims() != want {
-                return Err(Error::Shape {
-                    tensor: format!("{KEY_PREFIX}{key}"),
-                    expected: want.to_vec(),
-                    found: src.dims().to_vec(),
-                });
-            }
-            t.var.set(&src.to_dtype(t.var.as_tensor().dtype())?)?;
+        for t in lin.layer(name).map(|l| l.tensors()).unwrap_or_default() {
+            take(format!("{}.{}", lin.path(), t.name), t.var)?;
+        }
+    }
+    if let Some((n, input)) = model.input_adapter() {
+        for t in input.tensors().into_iter().filter(|_| n == name) {
+            take(t.name.to_string(), t.var)?;
         }
     }
     if let Some(k) = tensors.keys().min() {
         return Err(Error::msg(format!(
-            "{}: tensor `{KEY_PREFIX}{k}` matches no adapted module of the model ({} unused tensors)",
+            "{}: tensor `{}` matches no adapted module of the model ({} unused tensors)",
             file.display(),
+            disk_key(k),
             tensors.len()
         )));
     }
-    Ok((cfg, report))
+    Ok(())
 }

@@ -9,7 +9,7 @@ pub mod hub;
 pub mod weights;
 
 pub use adapter::{
-    adapter_tensors, attach_adapter, load_adapter, save_adapter, save_model_adapter,
+    adapter_tensors, attach_adapter, load_adapter, load_into, save_adapter, save_model_adapter,
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX,
 };
 pub use atomic::{write_atomic, write_safetensors_atomic};

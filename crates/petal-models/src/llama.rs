@@ -5,7 +5,7 @@
 
 use crate::config::LlamaConfig;
 use candle_core::{DType, Device, Tensor, D};
-use petal_core::{Adaptable, AdaptableLinear, Result};
+use petal_core::{Adaptable, AdaptableLinear, InputAdapter, Result};
 use petal_io::Weights;
 use petal_ops::{apply_rope, causal_softmax, rms_norm, rope_tables, swiglu};
 
@@ -87,6 +87,8 @@ pub struct Llama {
     sin: Tensor,
     dtype: DType,
     device: Device,
+    /// An input-side adapter (prompt tuning): embeddings put in front of every sequence.
+    input: Option<(String, Box<dyn InputAdapter>)>,
 }
 
 impl Llama {
@@ -153,6 +155,7 @@ impl Llama {
             sin,
             dtype,
             device: device.clone(),
+            input: None,
         })
     }
 
@@ -197,7 +200,16 @@ impl Llama {
         self.lm_head.forward(h, train)
     }
 
-    /// Final hidden states (b, t, hidden), after the last norm.
+    /// Positions an input-side adapter puts in front of each sequence (0 without one).
+    pub fn num_virtual_tokens(&self) -> usize {
+        self.input
+            .as_ref()
+            .map(|(_, a)| a.prefix().dim(0).unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// Final hidden states (b, t, hidden), after the last norm. With an input-side adapter the
+    /// first positions are its virtual tokens (prepended at the start of a sequence only).
     pub fn hidden_states(
         &self,
         ids: &Tensor,
@@ -206,6 +218,17 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let h = self.cfg.hidden_size;
+        let mut x = self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, h))?;
+        if let (Some((_, input)), 0) = (&self.input, offset) {
+            let p = input.prefix().to_dtype(self.dtype)?; // (n, h), at the start only
+            let n = p.dim(0)?;
+            x = Tensor::cat(&[&p.unsqueeze(0)?.broadcast_as((b, n, h))?, &x], 1)?;
+        }
+        let t = x.dim(1)?;
         if offset + t > self.cfg.max_position_embeddings {
             return Err(petal_core::Error::msg(format!(
                 "sequence of {} tokens exceeds the model's context of {}",
@@ -213,12 +236,6 @@ impl Llama {
                 self.cfg.max_position_embeddings
             )));
         }
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            b,
-            t,
-            self.cfg.hidden_size,
-        ))?;
-
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -351,6 +368,24 @@ impl Adaptable for Llama {
         }
         v.push(&mut self.lm_head);
         v
+    }
+
+    fn token_dim(&self) -> Option<usize> {
+        Some(self.cfg.hidden_size)
+    }
+
+    fn input_adapter(&self) -> Option<(&str, &dyn InputAdapter)> {
+        self.input.as_ref().map(|(n, a)| (n.as_str(), a.as_ref()))
+    }
+
+    fn set_input_adapter(&mut self, name: &str, adapter: Box<dyn InputAdapter>) -> Result<()> {
+        if let Some((old, _)) = &self.input {
+            return Err(petal_core::Error::msg(format!(
+                "the model already has input adapter `{old}`"
+            )));
+        }
+        self.input = Some((name.to_string(), adapter));
+        Ok(())
     }
 
     fn base_param_count(&self) -> usize {

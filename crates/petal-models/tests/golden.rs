@@ -199,3 +199,19 @@ fn peft_dora_with_perturbed_magnitudes_matches_peft() {
 fn peft_dora_on_a_biased_projection_matches_peft() {
     assert_close(&with_adapter("qwen2", "qwen2_dora"), "qwen2_dora");
 }
+
+#[test]
+fn peft_prompt_tuning_prepends_virtual_tokens_exactly_as_peft_does() {
+    assert_close(
+        &with_adapter("llama", "llama_prompt_tuning"),
+        "llama_prompt_tuning",
+    );
+}
+
+#[test]
+fn peft_prompt_tuning_on_qwen2_matches_peft() {
+    assert_close(
+        &with_adapter("qwen2", "qwen2_prompt_tuning"),
+        "qwen2_prompt_tuning",
+    );
+}

@@ -116,3 +116,57 @@ fn bf16_logits_track_f32_logits_within_bf16_precision() {
     let e = petal_ops::testing::max_rel(&y, &x);
     assert!(e < 3e-2, "relative {e}");
 }
+
+#[test]
+fn prompt_tuning_embeddings_get_gradients_that_match_finite_differences_through_the_model() {
+    let mut m = model(&golden().join("llama"), DType::F32);
+    let mut cfg = AdapterConfig::for_method("PROMPT_TUNING", 1, 1.0, Targets::List(vec![]));
+    cfg.num_virtual_tokens = Some(2);
+    inject_adapter(&mut m, "default", &cfg, 4).unwrap();
+    assert_eq!(m.num_virtual_tokens(), 2);
+    let vars = adapter_vars(&m, "default");
+    assert_eq!(vars.len(), 1);
+    let loss = |m: &Llama| {
+        m.forward(&ids(), None, true)
+            .unwrap()
+            .log_sum_exp(2)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let g = loss(&m).backward().unwrap();
+    let grad = g
+        .get(vars[0].as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for l in m.linears() {
+        assert!(g.get(l.weight()).is_none(), "{} got a gradient", l.path());
+    }
+    let base = vars[0]
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let eps = 1e-2f32;
+    for i in [0, 17, base.len() - 1] {
+        let at = |d: f32| {
+            let mut p = base.clone();
+            p[i] += d;
+            vars[0]
+                .set(&Tensor::from_vec(p, (2, 32), &Device::Cpu).unwrap())
+                .unwrap();
+            loss(&m).to_scalar::<f32>().unwrap()
+        };
+        let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+        at(0.0);
+        assert!(
+            (fd - grad[i]).abs() < 2e-2 * (1.0 + fd.abs()),
+            "d/d[{i}]: {fd} vs {}",
+            grad[i]
+        );
+    }
+}

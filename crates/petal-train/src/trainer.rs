@@ -254,18 +254,7 @@ fn restore(model: &Llama, opt: &mut AdamW, cfg: &TrainConfig, path: &Path) -> Re
             cfg.fingerprint
         )));
     }
-    for lin in petal_core::Adaptable::linears(model) {
-        let Some(layer) = lin.layer(&cfg.adapter_name) else {
-            continue;
-        };
-        for t in layer.tensors() {
-            let key = format!("{}.{}", lin.path(), t.name);
-            let src = ck.adapter.get(&key).ok_or_else(|| {
-                Error::msg(format!("{}: checkpoint lacks `{key}`", path.display()))
-            })?;
-            t.var.set(src)?;
-        }
-    }
+    petal_io::load_into(model, &cfg.adapter_name, ck.adapter, path)?;
     opt.load_state(&ck.optimizer, ck.state.adam_t)?;
     Ok(ck.state.step)
 }

@@ -5,6 +5,7 @@ pub mod ia3;
 pub mod loha;
 pub mod lokr;
 pub mod lora;
+pub mod prompt_tuning;
 
 use crate::Result;
 use candle_core::{DType, Device, Tensor, Var};

@@ -1,0 +1,153 @@
+//! Prompt tuning (Lester et al., 2021, "The Power of Scale for Parameter-Efficient Prompt
+//! Tuning"): `num_virtual_tokens` trainable embeddings prepended to every input sequence; the
+//! model is untouched. Mirrors PEFT `tuners/prompt_tuning` (causal LM, one transformer
+//! submodule). Logits come back for the virtual positions too (as PEFT returns them).
+//! Init: "RANDOM" draws N(0, 1) (torch's nn.Embedding default); "TEXT" copies the word
+//! embeddings of `prompt_tuning_init_text`, cut or repeated to the length (done by the caller,
+//! who has the tokenizer). Saved as `prompt_embeddings` (n, token_dim), *without* the
+//! `base_model.model.` prefix. Cannot be merged into weights.
+
+use crate::adapter::{AdapterMethod, InputAdapter, NamedTensor};
+use crate::config::AdapterConfig;
+use crate::methods::normal;
+use crate::{Error, Result};
+use candle_core::{Device, Tensor, Var};
+use rand::SeedableRng;
+
+pub const EMBEDDINGS: &str = "prompt_embeddings";
+
+pub struct PromptTuning;
+
+#[derive(Debug)]
+pub struct PromptEmbedding {
+    emb: Var, // (n, dim)
+}
+
+impl PromptEmbedding {
+    /// Replace the embeddings (TEXT init, loading).
+    pub fn set(&self, t: &Tensor) -> Result<()> {
+        let want = self.emb.as_tensor().dims();
+        if t.dims() != want {
+            return Err(Error::Shape {
+                tensor: EMBEDDINGS.into(),
+                expected: want.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        Ok(self.emb.set(&t.to_dtype(self.emb.as_tensor().dtype())?)?)
+    }
+}
+
+impl AdapterMethod for PromptTuning {
+    fn peft_type(&self) -> &'static str {
+        "PROMPT_TUNING"
+    }
+
+    fn config_keys(&self) -> &'static [&'static str] {
+        &[
+            "num_virtual_tokens",
+            "token_dim",
+            "num_transformer_submodules",
+            "num_attention_heads",
+            "num_layers",
+            "prompt_tuning_init",
+            "prompt_tuning_init_text",
+            "tokenizer_name_or_path",
+        ]
+    }
+
+    fn build(
+        &self,
+        cfg: &AdapterConfig,
+        path: &str,
+        _: &crate::adapter::BaseLinear,
+        _: u64,
+    ) -> Result<Box<dyn crate::AdapterLayer>> {
+        Err(Error::Unsupported(format!(
+            "{}: prompt tuning adapts the input, not linear `{path}`",
+            cfg.peft_type
+        )))
+    }
+
+    fn build_input(
+        &self,
+        cfg: &AdapterConfig,
+        token_dim: usize,
+        seed: u64,
+        dev: &Device,
+    ) -> Result<Option<Box<dyn InputAdapter>>> {
+        let n = cfg.num_virtual_tokens.unwrap_or(0) * cfg.num_transformer_submodules.unwrap_or(1);
+        if n == 0 {
+            return Err(Error::config(
+                "adapter config",
+                "num_virtual_tokens",
+                "must be at least 1",
+            ));
+        }
+        if let Some(d) = cfg.token_dim.filter(|&d| d != token_dim) {
+            return Err(Error::config(
+                "adapter config",
+                "token_dim",
+                format!("is {d}, but the model's hidden size is {token_dim}"),
+            ));
+        }
+        let t = normal(
+            (n, token_dim),
+            1.0,
+            &mut rand::rngs::StdRng::seed_from_u64(seed),
+            dev,
+        )?;
+        Ok(Some(Box::new(PromptEmbedding {
+            emb: Var::from_tensor(&t)?,
+        })))
+    }
+}
+
+impl InputAdapter for PromptEmbedding {
+    fn prefix(&self) -> &Tensor {
+        self.emb.as_tensor()
+    }
+
+    fn tensors(&self) -> Vec<NamedTensor<'_>> {
+        vec![NamedTensor {
+            name: EMBEDDINGS,
+            var: &self.emb,
+        }]
+    }
+
+    fn set_prefix(&self, t: &Tensor) -> Result<()> {
+        self.set(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Targets;
+
+    #[test]
+    fn random_init_draws_standard_normal_embeddings_of_the_configured_shape() {
+        let mut cfg = AdapterConfig::for_method("PROMPT_TUNING", 1, 1.0, Targets::List(vec![]));
+        cfg.num_virtual_tokens = Some(50);
+        let a = PromptTuning
+            .build_input(&cfg, 200, 1, &Device::Cpu)
+            .unwrap()
+            .unwrap();
+        let v = a.prefix().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a.prefix().dims(), &[50, 200]);
+        let n = v.len() as f64;
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+        assert!(
+            mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
+            "mean {mean} var {var}"
+        );
+        cfg.token_dim = Some(64);
+        assert!(
+            PromptTuning
+                .build_input(&cfg, 200, 1, &Device::Cpu)
+                .is_err(),
+            "token_dim must fit the model"
+        );
+    }
+}
