@@ -33,6 +33,7 @@ CASES = [
                "--decompose-both", "true", "--decompose-factor", "4"]),
     ("llama", ["--method", "ia3"]),
     ("llama", ["--method", "prompt_tuning", "--num-virtual-tokens", "4"]),
+    ("qwen2", ["--method", "ln_tuning"]),
     ("llama", ["--r", "4", "--alpha", "8", "--dora", "true", "--target-modules", "q_proj,v_proj,down_proj"]),
     ("qwen2", ["--r", "2", "--alpha", "6", "--dora", "true", "--target-modules", "k_proj,up_proj"]),
     ("qwen2", ["--method", "ia3", "--target-modules", "k_proj,v_proj,up_proj", "--feedforward-modules", "up_proj"]),

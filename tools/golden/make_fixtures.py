@@ -12,7 +12,7 @@ import os
 import sys
 
 import torch
-from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PromptTuningConfig, PeftModel, get_peft_model
+from peft import IA3Config, LNTuningConfig, LoHaConfig, LoKrConfig, LoraConfig, PromptTuningConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -101,6 +101,8 @@ ADAPTERS = {
     # Prompt tuning: 3 random virtual tokens; logits include their positions, as PEFT returns them
     "llama_prompt_tuning": ("llama", dict(method="prompt_tuning", num_virtual_tokens=3)),
     "qwen2_prompt_tuning": ("qwen2", dict(method="prompt_tuning", num_virtual_tokens=5)),
+    # LN tuning: trained copies of norm weights (perturbed below so they matter)
+    "llama_ln_tuning": ("llama", dict(method="ln_tuning", target_modules=["input_layernorm", "norm"])),
 }
 
 
@@ -109,6 +111,8 @@ def peft_config(kw):
     method = kw.pop("method", "lora")
     if method == "loha":
         return LoHaConfig(init_weights=False, **kw)
+    if method == "ln_tuning":
+        return LNTuningConfig(task_type="CAUSAL_LM", **kw)
     if method == "prompt_tuning":
         return PromptTuningConfig(task_type="CAUSAL_LM", **kw)
     if method == "ia3":
@@ -132,9 +136,9 @@ def main():
         torch.manual_seed(100 + i)
         m = bases[base]()
         pm = get_peft_model(m, peft_config(kw))
-        with torch.no_grad():  # DoRA: magnitudes away from the weight norms, so they matter
+        with torch.no_grad():  # DoRA magnitudes, LN-tuning copies: away from their init, so they matter
             for n, p in pm.named_parameters():
-                if "lora_magnitude_vector" in n:
+                if "lora_magnitude_vector" in n or "ln_tuning_layers" in n:
                     p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
         pm.eval()
         out[f"{aname}"] = logits(pm)

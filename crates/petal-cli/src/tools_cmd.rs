@@ -101,6 +101,9 @@ pub fn run_merge(a: MergeArgs) -> Result<()> {
     for l in lm.model.linears_mut() {
         l.merge_and_unload(&names)?;
     }
+    for n in lm.model.norms_mut() {
+        n.merge_and_unload()?; // LN tuning: the trained copy becomes the weight
+    }
     export_hf(&mut lm, &a.out)?;
     println!(
         "merged {} adapter(s) into {}",

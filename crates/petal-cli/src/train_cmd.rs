@@ -121,8 +121,14 @@ pub struct TrainArgs {
     pub opts: TrainOpts,
 }
 
-/// PEFT's default IA3 targets for the Llama family.
-const IA3_TARGETS: &str = "k_proj,v_proj,down_proj";
+/// Default `--target-modules` per method (PEFT's defaults for the Llama family).
+fn default_targets(method: &str) -> &'static str {
+    match method {
+        "ia3" => "k_proj,v_proj,down_proj",
+        "ln_tuning" => "input_layernorm,post_attention_layernorm,norm",
+        _ => "all-linear",
+    }
+}
 
 fn targets(s: &str) -> Targets {
     match s.strip_prefix("re:") {
@@ -242,11 +248,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         &method,
         o.r.unwrap_or(8),
         o.alpha.unwrap_or(16.0),
-        targets(o.target_modules.as_deref().unwrap_or(if method == "ia3" {
-            IA3_TARGETS
-        } else {
-            "all-linear"
-        })),
+        targets(
+            o.target_modules
+                .as_deref()
+                .unwrap_or(default_targets(&method)),
+        ),
     );
     acfg.lora_dropout = o.dropout.unwrap_or(0.0);
     acfg.use_rslora = o.rslora.unwrap_or(false);

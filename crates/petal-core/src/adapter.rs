@@ -64,6 +64,11 @@ pub trait AdapterMethod: Sync {
     /// The method's own adapter_config.json keys (beyond target/exclude/task ones), in PEFT's
     /// names: what `AdapterConfig::to_json` writes for it.
     fn config_keys(&self) -> &'static [&'static str];
+    /// Selective methods that train copies of norm weights (LN tuning) instead of adapting
+    /// linears.
+    fn tunes_norms(&self) -> bool {
+        false
+    }
     /// Input-side methods (prompt tuning, …) build one `InputAdapter` for the whole model
     /// instead of layers; `token_dim` is the model's hidden size.
     fn build_input(

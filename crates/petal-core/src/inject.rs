@@ -3,6 +3,7 @@
 use crate::adapter::{BaseLinear, InputAdapter};
 use crate::config::AdapterConfig;
 use crate::linear::AdaptableLinear;
+use crate::norm::AdaptableNorm;
 use crate::{registry, rng, target, Error, Result};
 use candle_core::Var;
 
@@ -16,6 +17,13 @@ pub trait Adaptable {
     }
     /// Parameters of the base model, counted once even where weights are tied.
     fn base_param_count(&self) -> usize;
+    /// Norm layers a selective method may tune (LN tuning), by HF module path.
+    fn norms(&self) -> Vec<&AdaptableNorm> {
+        Vec::new()
+    }
+    fn norms_mut(&mut self) -> Vec<&mut AdaptableNorm> {
+        Vec::new()
+    }
     /// Width of the token embeddings, for input-side adapters (None: the model takes none).
     fn token_dim(&self) -> Option<usize> {
         None
@@ -89,6 +97,31 @@ pub fn inject_adapter(
                 modules: vec![row],
             });
         }
+    }
+    if method.tunes_norms() {
+        let mut modules = Vec::new();
+        for n in model.norms_mut() {
+            if target::is_target(cfg, n.path(), false) {
+                let params = n.add_copy(name)?.as_tensor().elem_count();
+                modules.push(Injected {
+                    path: n.path().to_string(),
+                    in_features: params,
+                    out_features: params,
+                    params,
+                });
+            }
+        }
+        if modules.is_empty() {
+            return Err(Error::msg(format!(
+                "target_modules {:?} matched no norm layer of the model",
+                cfg.target_modules
+            )));
+        }
+        return Ok(InjectionReport {
+            adapter: name.to_string(),
+            peft_type: cfg.peft_type.clone(),
+            modules,
+        });
     }
     let head = model.output_head().map(str::to_string);
     let mut modules = Vec::new();
@@ -170,7 +203,16 @@ pub fn adapter_vars(model: &dyn Adaptable, name: &str) -> Vec<Var> {
             v.extend(a.tensors().into_iter().map(|t| t.var.clone()));
         }
     }
+    v.extend(model.norms().iter().filter_map(|n| n.copy(name)).cloned());
     v
+}
+
+/// Make only `names` active on every module, norm included.
+pub fn set_active_all(model: &mut dyn Adaptable, names: &[&str]) {
+    set_active(model, names);
+    for n in model.norms_mut() {
+        n.set_active(names);
+    }
 }
 
 /// PEFT's `print_trainable_parameters`: trainable (the active adapters) vs all parameters.

@@ -10,6 +10,7 @@ pub mod error;
 pub mod inject;
 pub mod linear;
 pub mod methods;
+pub mod norm;
 pub mod registry;
 pub mod rng;
 pub mod target;
@@ -19,6 +20,7 @@ pub use config::AdapterConfig;
 pub use error::{Error, Result};
 pub use inject::{inject_adapter, Adaptable, InjectionReport, ParamCount};
 pub use linear::AdaptableLinear;
+pub use norm::AdaptableNorm;
 
 #[doc(hidden)]
 pub mod testing;

@@ -9,6 +9,7 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::lokr::Lokr,
     &methods::ia3::Ia3,
     &methods::prompt_tuning::PromptTuning,
+    &methods::ln_tuning::LnTuning,
 ];
 
 /// Look a method up by its PEFT `peft_type` (case-insensitive: "LORA", "lora").

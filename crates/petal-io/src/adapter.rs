@@ -79,6 +79,14 @@ pub fn adapter_tensors(model: &dyn Adaptable, name: &str) -> HashMap<String, Ten
             out.insert(t.name.to_string(), t.var.as_tensor().clone());
         }
     }
+    for n in model.norms() {
+        if let Some(v) = n.copy(name) {
+            out.insert(
+                format!("{}.{}", n.path(), petal_core::methods::ln_tuning::WEIGHT),
+                v.as_tensor().clone(),
+            );
+        }
+    }
     out
 }
 
@@ -145,6 +153,14 @@ pub fn load_into(
     if let Some((n, input)) = model.input_adapter() {
         for t in input.tensors().into_iter().filter(|_| n == name) {
             take(t.name.to_string(), t.var)?;
+        }
+    }
+    for n in model.norms() {
+        if let Some(v) = n.copy(name) {
+            take(
+                format!("{}.{}", n.path(), petal_core::methods::ln_tuning::WEIGHT),
+                v,
+            )?;
         }
     }
     if let Some(k) = tensors.keys().min() {

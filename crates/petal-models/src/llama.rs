@@ -5,9 +5,17 @@
 
 use crate::config::LlamaConfig;
 use candle_core::{DType, Device, Tensor, D};
-use petal_core::{Adaptable, AdaptableLinear, InputAdapter, Result};
+use petal_core::{Adaptable, AdaptableLinear, AdaptableNorm, InputAdapter, Result};
 use petal_io::Weights;
 use petal_ops::{apply_rope, causal_softmax, rms_norm, rope_tables, swiglu};
+
+/// The one norm factory: an RMSNorm weight (h) under HF path `path`.
+fn norm(w: &Weights, path: &str, h: usize, dt: DType, dev: &Device) -> Result<AdaptableNorm> {
+    Ok(AdaptableNorm::new(
+        path,
+        w.get(&format!("{path}.weight"), Some(&[h]), dt, dev)?,
+    ))
+}
 
 /// The one linear factory: weight (out, in) and optional bias from `w`, under HF path `path`.
 fn linear(
@@ -47,8 +55,8 @@ struct Mlp {
 struct Layer {
     attn: Attention,
     mlp: Mlp,
-    ln1: Tensor,
-    ln2: Tensor,
+    ln1: AdaptableNorm,
+    ln2: AdaptableNorm,
 }
 
 /// Per-layer keys and values seen so far, (b, kv_heads, t, d).
@@ -81,7 +89,7 @@ pub struct Llama {
     pub cfg: LlamaConfig,
     embed: Tensor, // (vocab, hidden)
     layers: Vec<Layer>,
-    norm: Tensor,
+    norm: AdaptableNorm,
     lm_head: AdaptableLinear,
     cos: Tensor,
     sin: Tensor,
@@ -123,21 +131,17 @@ impl Llama {
                     up: lin("mlp.up_proj", inter, h, false)?,
                     down: lin("mlp.down_proj", h, inter, false)?,
                 },
-                ln1: w.get(
-                    &format!("{p}.input_layernorm.weight"),
-                    Some(&[h]),
-                    dtype,
-                    device,
-                )?,
-                ln2: w.get(
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    Some(&[h]),
+                ln1: norm(w, &format!("{p}.input_layernorm"), h, dtype, device)?,
+                ln2: norm(
+                    w,
+                    &format!("{p}.post_attention_layernorm"),
+                    h,
                     dtype,
                     device,
                 )?,
             });
         }
-        let norm = w.get("model.norm.weight", Some(&[h]), dtype, device)?;
+        let norm = norm(w, "model.norm", h, dtype, device)?;
         let lm_head = if cfg.tie_word_embeddings || !w.contains("lm_head.weight") {
             AdaptableLinear::new("lm_head", embed.clone(), None)
         } else {
@@ -240,16 +244,16 @@ impl Llama {
         let sin = self.sin.narrow(0, offset, t)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.kv[i]);
-            let h = rms_norm(&x, &layer.ln1, self.cfg.rms_norm_eps)?;
+            let h = rms_norm(&x, &layer.ln1.weight(), self.cfg.rms_norm_eps)?;
             let a = self.attention(&layer.attn, &h, &cos, &sin, kv, train)?;
             x = (x + a)?;
-            let h = rms_norm(&x, &layer.ln2, self.cfg.rms_norm_eps)?;
+            let h = rms_norm(&x, &layer.ln2.weight(), self.cfg.rms_norm_eps)?;
             let m = &layer.mlp;
             let g = m.gate.forward(&h, train)?;
             let u = m.up.forward(&h, train)?;
             x = (x + m.down.forward(&swiglu(&g, &u)?, train)?)?;
         }
-        Ok(rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?)
+        Ok(rms_norm(&x, &self.norm.weight(), self.cfg.rms_norm_eps)?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -300,11 +304,11 @@ impl Llama {
         for (i, l) in self.layers.iter().enumerate() {
             v.push((
                 format!("model.layers.{i}.input_layernorm.weight"),
-                l.ln1.clone(),
+                l.ln1.base().clone(),
             ));
             v.push((
                 format!("model.layers.{i}.post_attention_layernorm.weight"),
-                l.ln2.clone(),
+                l.ln2.base().clone(),
             ));
         }
         for lin in self.linears() {
@@ -316,7 +320,7 @@ impl Llama {
                 v.push((format!("{}.bias", lin.path()), b.clone()));
             }
         }
-        v.push(("model.norm.weight".to_string(), self.norm.clone()));
+        v.push(("model.norm.weight".to_string(), self.norm.base().clone()));
         v
     }
 
@@ -370,6 +374,23 @@ impl Adaptable for Llama {
         v
     }
 
+    fn norms(&self) -> Vec<&AdaptableNorm> {
+        let mut v: Vec<&AdaptableNorm> =
+            self.layers.iter().flat_map(|l| [&l.ln1, &l.ln2]).collect();
+        v.push(&self.norm);
+        v
+    }
+
+    fn norms_mut(&mut self) -> Vec<&mut AdaptableNorm> {
+        let mut v: Vec<&mut AdaptableNorm> = self
+            .layers
+            .iter_mut()
+            .flat_map(|l| [&mut l.ln1, &mut l.ln2])
+            .collect();
+        v.push(&mut self.norm);
+        v
+    }
+
     fn token_dim(&self) -> Option<usize> {
         Some(self.cfg.hidden_size)
     }
@@ -389,9 +410,9 @@ impl Adaptable for Llama {
     }
 
     fn base_param_count(&self) -> usize {
-        let mut n = self.embed.elem_count() + self.norm.elem_count();
+        let mut n = self.embed.elem_count() + self.norm.base().elem_count();
         for l in &self.layers {
-            n += l.ln1.elem_count() + l.ln2.elem_count();
+            n += l.ln1.base().elem_count() + l.ln2.base().elem_count();
         }
         for lin in self.linears() {
             if lin.path() == "lm_head" && self.cfg.tie_word_embeddings {

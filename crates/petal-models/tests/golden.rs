@@ -215,3 +215,8 @@ fn peft_prompt_tuning_on_qwen2_matches_peft() {
         "qwen2_prompt_tuning",
     );
 }
+
+#[test]
+fn peft_ln_tuning_with_trained_norm_copies_matches_peft() {
+    assert_close(&with_adapter("llama", "llama_ln_tuning"), "llama_ln_tuning");
+}

@@ -170,3 +170,55 @@ fn prompt_tuning_embeddings_get_gradients_that_match_finite_differences_through_
         );
     }
 }
+
+#[test]
+fn ln_tuning_copies_get_gradients_that_match_finite_differences_and_frozen_norms_none() {
+    let mut m = model(&golden().join("llama"), DType::F32);
+    let targets = Targets::List(vec!["post_attention_layernorm".into(), "norm".into()]);
+    inject_adapter(
+        &mut m,
+        "default",
+        &AdapterConfig::for_method("LN_TUNING", 1, 1.0, targets),
+        0,
+    )
+    .unwrap();
+    let vars = adapter_vars(&m, "default");
+    assert_eq!(vars.len(), 3); // two post-attention norms and the final norm
+    let loss = |m: &Llama| {
+        m.forward(&ids(), None, true)
+            .unwrap()
+            .log_sum_exp(2)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let g = loss(&m).backward().unwrap();
+    for n in m.norms() {
+        assert!(
+            g.get(n.base()).is_none(),
+            "frozen norm {} got a gradient",
+            n.path()
+        );
+    }
+    let eps = 1e-2f32;
+    for v in &vars {
+        let base = v.as_tensor().to_vec1::<f32>().unwrap();
+        let grad = g.get(v.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        for i in [0, 31] {
+            let at = |d: f32| {
+                let mut p = base.clone();
+                p[i] += d;
+                v.set(&Tensor::new(p.as_slice(), &Device::Cpu).unwrap())
+                    .unwrap();
+                loss(&m).to_scalar::<f32>().unwrap()
+            };
+            let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+            at(0.0);
+            assert!(
+                (fd - grad[i]).abs() < 2e-2 * (1.0 + fd.abs()),
+                "d/d[{i}]: {fd} vs {}",
+                grad[i]
+            );
+        }
+    }
+}

@@ -104,9 +104,10 @@ impl CustomOp2 for RmsNormBwd {
     }
 }
 
-/// RMSNorm with a frozen weight `w`: fused on CPU f32, composed elsewhere.
+/// RMSNorm: fused on CPU f32 for a frozen weight `w`, composed otherwise.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    if !fast_ok(x) || w.dtype() != x.dtype() {
+    // A trainable weight (LN tuning) needs its gradient: the composed path computes it.
+    if !fast_ok(x) || w.dtype() != x.dtype() || w.track_op() {
         return nn::rms_norm_reference(x, w, eps);
     }
     let op = RmsNorm {

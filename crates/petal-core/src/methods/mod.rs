@@ -2,6 +2,7 @@
 
 pub mod dora;
 pub mod ia3;
+pub mod ln_tuning;
 pub mod loha;
 pub mod lokr;
 pub mod lora;

@@ -1,0 +1,41 @@
+//! LN tuning (Zhao et al., 2024, "Tuning LayerNorm in Attention: Towards Efficient Multi-Modal
+//! LLM Finetuning"): train a copy of each targeted norm's weight, nothing else. Mirrors PEFT
+//! `tuners/ln_tuning` (which deep-copies the norm module). The model asks its `AdaptableNorm`
+//! for the weight in use; merging makes the trained copy the weight. Saved as
+//! `<module>.ln_tuning_layers.weight`. PEFT's default targets for Llama-family models are the
+//! norms ("input_layernorm", "post_attention_layernorm", "norm").
+
+use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear};
+use crate::config::AdapterConfig;
+use crate::{Error, Result};
+
+pub const WEIGHT: &str = "ln_tuning_layers.weight";
+
+pub struct LnTuning;
+
+impl AdapterMethod for LnTuning {
+    fn peft_type(&self) -> &'static str {
+        "LN_TUNING"
+    }
+
+    fn config_keys(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    fn tunes_norms(&self) -> bool {
+        true
+    }
+
+    fn build(
+        &self,
+        cfg: &AdapterConfig,
+        path: &str,
+        _: &BaseLinear,
+        _: u64,
+    ) -> Result<Box<dyn AdapterLayer>> {
+        Err(Error::Unsupported(format!(
+            "{}: LN tuning trains norm weights, not linear `{path}`",
+            cfg.peft_type
+        )))
+    }
+}
