@@ -252,6 +252,18 @@ impl ParamCount {
             adapters += c;
             trainable += c;
         }
+        for n in model.norms() {
+            for name in n.names() {
+                let c = n
+                    .copy(name)
+                    .map(|v| v.as_tensor().elem_count())
+                    .unwrap_or(0);
+                adapters += c;
+                if n.is_active(name) {
+                    trainable += c;
+                }
+            }
+        }
         ParamCount {
             trainable,
             total: model.base_param_count() + adapters,

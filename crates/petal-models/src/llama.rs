@@ -230,7 +230,8 @@ impl Llama {
         if let (Some((_, input)), 0) = (&self.input, offset) {
             let p = input.prefix().to_dtype(self.dtype)?; // (n, h), at the start only
             let n = p.dim(0)?;
-            x = Tensor::cat(&[&p.unsqueeze(0)?.broadcast_as((b, n, h))?, &x], 1)?;
+            let p = p.unsqueeze(0)?.broadcast_as((b, n, h))?.contiguous()?;
+            x = Tensor::cat(&[&p, &x], 1)?;
         }
         let t = x.dim(1)?;
         if offset + t > self.cfg.max_position_embeddings {

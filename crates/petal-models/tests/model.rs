@@ -222,3 +222,20 @@ fn ln_tuning_copies_get_gradients_that_match_finite_differences_and_frozen_norms
         }
     }
 }
+
+#[test]
+fn ln_tuning_counts_one_hidden_vector_per_targeted_norm_as_trainable() {
+    let mut m = model(&golden().join("llama"), DType::F32);
+    let before = petal_core::ParamCount::of(&m);
+    let targets = Targets::List(vec!["input_layernorm".into(), "norm".into()]);
+    inject_adapter(
+        &mut m,
+        "default",
+        &AdapterConfig::for_method("LN_TUNING", 1, 1.0, targets),
+        0,
+    )
+    .unwrap();
+    let c = petal_core::ParamCount::of(&m);
+    assert_eq!(c.trainable, 3 * 32); // two input norms + the final norm, hidden 32
+    assert_eq!(c.total, before.total + 3 * 32);
+}

@@ -14,7 +14,7 @@ pub fn batch_loss(model: &Llama, b: &Batch, train: bool) -> Result<(Tensor, usiz
     let hidden = model.hidden_states(&ids, None, train)?; // (rows, len, hidden)
     let d = hidden.dim(D::Minus1)?;
     let h = hidden
-        .narrow(1, 0, b.len - 1)?
+        .narrow(1, model.num_virtual_tokens(), b.len - 1)? // virtual positions carry no loss
         .reshape((b.rows * (b.len - 1), d))?;
     let labels: Vec<i64> = (0..b.rows)
         .flat_map(|r| b.labels[r * b.len + 1..(r + 1) * b.len].iter().copied())
