@@ -23,6 +23,13 @@ pub struct ModelArgs {
     pub device: String,
 }
 
+impl ModelArgs {
+    /// The model with every `--adapter` attached.
+    pub fn load(&self) -> Result<petal_models::LoadedModel> {
+        load(&self.model, &self.adapter, &self.dtype, &self.device)
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct SamplingArgs {
     #[arg(long, default_value_t = 128)]
@@ -94,12 +101,7 @@ fn chat_ids(tok: &Tokenizer, msgs: &[Message]) -> Result<Vec<u32>> {
 }
 
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
-    let lm = load(
-        &a.model.model,
-        &a.model.adapter,
-        &a.model.dtype,
-        &a.model.device,
-    )?;
+    let lm = a.model.load()?;
     let ids = if a.chat {
         chat_ids(
             &lm.tokenizer,
@@ -157,12 +159,7 @@ pub struct ChatArgs {
 
 /// A conversation on stdin/stdout; `/reset` starts over, `/quit` or end of input leaves.
 pub fn run_chat(a: ChatArgs) -> Result<()> {
-    let lm = load(
-        &a.model.model,
-        &a.model.adapter,
-        &a.model.dtype,
-        &a.model.device,
-    )?;
+    let lm = a.model.load()?;
     let mut msgs: Vec<Message> = a
         .system
         .iter()

@@ -1,6 +1,6 @@
 //! `petal eval`, `merge`, `inspect`, `forward`, `assets`.
 
-use crate::common::{data_files, load};
+use crate::common::data_files;
 use crate::gen_cmd::ModelArgs;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
@@ -28,12 +28,7 @@ pub struct EvalArgs {
 }
 
 pub fn run_eval(a: EvalArgs) -> Result<()> {
-    let lm = load(
-        &a.model.model,
-        &a.model.adapter,
-        &a.model.dtype,
-        &a.model.device,
-    )?;
+    let lm = a.model.load()?;
     let opts = DataOptions {
         max_seq_len: a.seq_len,
         pack: false,
@@ -81,12 +76,7 @@ pub fn run_merge(a: MergeArgs) -> Result<()> {
     if a.model.adapter.is_empty() {
         bail!("--adapter is required: the adapter to merge into the model");
     }
-    let mut lm = load(
-        &a.model.model,
-        &a.model.adapter,
-        &a.model.dtype,
-        &a.model.device,
-    )?;
+    let mut lm = a.model.load()?;
     if let Some((n, _)) = lm.model.input_adapter() {
         bail!("adapter `{n}` is prompt tuning: it adds virtual tokens and cannot be merged into the weights");
     }
@@ -141,12 +131,7 @@ pub struct InspectArgs {
 }
 
 pub fn run_inspect(a: InspectArgs) -> Result<()> {
-    let lm = load(
-        &a.model.model,
-        &a.model.adapter,
-        &a.model.dtype,
-        &a.model.device,
-    )?;
+    let lm = a.model.load()?;
     let m = &lm.model;
     let pc = ParamCount::of(m);
     let mut modules = Vec::new();
@@ -226,12 +211,7 @@ pub fn parse_ids(s: &str) -> Result<(Vec<u32>, usize, usize)> {
 }
 
 pub fn run_forward(a: ForwardArgs) -> Result<()> {
-    let lm = load(
-        &a.model.model,
-        &a.model.adapter,
-        &a.model.dtype,
-        &a.model.device,
-    )?;
+    let lm = a.model.load()?;
     let (ids, b, t) = parse_ids(&a.input_ids)?;
     if let Some(bad) = ids.iter().find(|&&i| i as usize >= lm.model.vocab_size()) {
         bail!(

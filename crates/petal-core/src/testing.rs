@@ -11,7 +11,7 @@ pub struct Toy {
     pub fc2: AdaptableLinear,
 }
 
-pub use petal_ops::testing::{max_rel, rand as rand_tensor};
+pub use petal_ops::testing::{central_differences, max_rel, rand as rand_tensor};
 
 impl Toy {
     pub fn new() -> Self {
@@ -189,17 +189,10 @@ pub fn check_gradients(cfg: &AdapterConfig, fd_only: Option<&[&str]>) {
         );
     }
     // finite differences on a few entries of every variable, in f64 arithmetic over f32 data
-    let eps = 1e-2f32;
     for (v, name) in vars.iter().zip(&names) {
         if fd_only.is_some_and(|only| !only.contains(name)) {
             continue;
         }
-        let base = v
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
         let grad = g
             .get(v.as_tensor())
             .unwrap()
@@ -207,20 +200,16 @@ pub fn check_gradients(cfg: &AdapterConfig, fd_only: Option<&[&str]>) {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        for i in [0, base.len() / 2, base.len() - 1] {
-            let at = |d: f32| {
-                let mut p = base.clone();
-                p[i] += d;
-                v.set(&Tensor::from_vec(p, v.as_tensor().shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                loss(&t, &x)
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap()
-            };
-            let fd = ((at(eps) - at(-eps)) / (2.0 * eps as f64)) as f32;
-            at(0.0);
+        let idx = [0, grad.len() / 2, grad.len() - 1];
+        let f = || {
+            loss(&t, &x)
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        for (&i, fd) in idx.iter().zip(central_differences(v, &idx, 1e-2, f)) {
+            let fd = fd as f32;
             assert!(
                 (fd - grad[i]).abs() < 2e-2 * (1.0 + fd.abs()),
                 "d/d[{i}]: finite difference {fd} vs backprop {}",

@@ -7,6 +7,7 @@ use petal_core::config::{InitWeights, Targets};
 use petal_core::inject::adapter_vars;
 use petal_core::{inject_adapter, Adaptable, AdapterConfig};
 use petal_models::{load_model, Llama};
+use petal_ops::testing::central_differences;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -151,18 +152,12 @@ fn prompt_tuning_embeddings_get_gradients_that_match_finite_differences_through_
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
-    let eps = 1e-2f32;
-    for i in [0, 17, base.len() - 1] {
-        let at = |d: f32| {
-            let mut p = base.clone();
-            p[i] += d;
-            vars[0]
-                .set(&Tensor::from_vec(p, (2, 32), &Device::Cpu).unwrap())
-                .unwrap();
-            loss(&m).to_scalar::<f32>().unwrap()
-        };
-        let fd = (at(eps) - at(-eps)) / (2.0 * eps);
-        at(0.0);
+    let idx = [0, 17, base.len() - 1];
+    let fd = central_differences(&vars[0], &idx, 1e-2, || {
+        loss(&m).to_scalar::<f32>().unwrap() as f64
+    });
+    for (&i, fd) in idx.iter().zip(fd) {
+        let fd = fd as f32;
         assert!(
             (fd - grad[i]).abs() < 2e-2 * (1.0 + fd.abs()),
             "d/d[{i}]: {fd} vs {}",
@@ -200,20 +195,13 @@ fn ln_tuning_copies_get_gradients_that_match_finite_differences_and_frozen_norms
             n.path()
         );
     }
-    let eps = 1e-2f32;
     for v in &vars {
-        let base = v.as_tensor().to_vec1::<f32>().unwrap();
         let grad = g.get(v.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
-        for i in [0, 31] {
-            let at = |d: f32| {
-                let mut p = base.clone();
-                p[i] += d;
-                v.set(&Tensor::new(p.as_slice(), &Device::Cpu).unwrap())
-                    .unwrap();
-                loss(&m).to_scalar::<f32>().unwrap()
-            };
-            let fd = (at(eps) - at(-eps)) / (2.0 * eps);
-            at(0.0);
+        let fd = central_differences(v, &[0, 31], 1e-2, || {
+            loss(&m).to_scalar::<f32>().unwrap() as f64
+        });
+        for (&i, fd) in [0usize, 31].iter().zip(fd) {
+            let fd = fd as f32;
             assert!(
                 (fd - grad[i]).abs() < 2e-2 * (1.0 + fd.abs()),
                 "d/d[{i}]: {fd} vs {}",

@@ -64,3 +64,29 @@ pub fn same(
         );
     }
 }
+
+/// Central differences (f(v + eps) - f(v - eps)) / 2 eps of `f` with respect to entries `idx` of
+/// `var`, which is restored afterwards.
+pub fn central_differences(var: &Var, idx: &[usize], eps: f32, f: impl Fn() -> f64) -> Vec<f64> {
+    let shape = var.as_tensor().shape().clone();
+    let base = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let at = |i: usize, d: f32| {
+        let mut p = base.clone();
+        p[i] += d;
+        var.set(&Tensor::from_vec(p, shape.clone(), var.as_tensor().device()).unwrap())
+            .unwrap();
+        f()
+    };
+    let out = idx
+        .iter()
+        .map(|&i| (at(i, eps) - at(i, -eps)) / (2.0 * eps as f64))
+        .collect();
+    var.set(&Tensor::from_vec(base, shape, var.as_tensor().device()).unwrap())
+        .unwrap();
+    out
+}
