@@ -129,8 +129,8 @@ fn flops_per_token(m: &Llama, seq: usize, train: bool) -> f64 {
 struct Petal {
     model: Llama,
     opt: Option<AdamW>,
-    ids: Tensor,
-    labels: Vec<i64>,
+    batch: petal_data::Batch, // the same ids every step (host side)
+    ids: Tensor,              // and on the device, for forward mode
 }
 
 impl Petal {
@@ -138,13 +138,7 @@ impl Petal {
         let t0 = Instant::now();
         match a.mode.as_str() {
             "train" => {
-                let b = petal_data::Batch {
-                    ids: self.ids.flatten_all()?.to_vec1()?,
-                    labels: self.labels.clone(),
-                    rows: a.batch,
-                    len: a.seq,
-                };
-                let (sum, n) = petal_train::batch_loss(&self.model, &b, true)?;
+                let (sum, n) = petal_train::batch_loss(&self.model, &self.batch, true)?;
                 let loss = (sum / n as f64)?;
                 loss.to_scalar::<f32>()?;
                 let t1 = Instant::now();
@@ -172,11 +166,11 @@ impl Petal {
                 Ok(json!({"forward": t, "total": t}))
             }
             _ => {
-                let prompt: Vec<u32> = self.ids.get(0)?.to_vec1()?;
+                let prompt = &self.batch.ids[..a.seq];
                 let mut cache = self.model.new_cache();
                 let dev = self.model.device().clone();
                 let mut logits = self.model.forward(
-                    &Tensor::new(prompt.as_slice(), &dev)?.unsqueeze(0)?,
+                    &Tensor::new(prompt, &dev)?.unsqueeze(0)?,
                     Some(&mut cache),
                     false,
                 )?;
@@ -240,6 +234,12 @@ fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
         .map(|i| (petal_core::rng::splitmix(i as u64) % vocab as u64) as u32)
         .collect();
     let labels = ids.iter().map(|&x| x as i64).collect();
+    let batch = petal_data::Batch {
+        ids: ids.clone(),
+        labels,
+        rows: a.batch,
+        len: a.seq,
+    };
     let ids = Tensor::from_vec(ids, (a.batch, a.seq), dev)?;
     let mut wl = wl;
     let o = wl.as_object_mut().context("workload")?;
@@ -260,8 +260,8 @@ fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
         Petal {
             model,
             opt,
+            batch,
             ids,
-            labels,
         },
         wl,
     ))

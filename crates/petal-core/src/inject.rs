@@ -183,10 +183,13 @@ fn linear_suffixes(model: &dyn Adaptable) -> Vec<String> {
     v
 }
 
-/// Make only `names` active on every module.
+/// Make only `names` active on every module (linears and tuned norms).
 pub fn set_active(model: &mut dyn Adaptable, names: &[&str]) {
     for l in model.linears_mut() {
         l.set_active(names);
+    }
+    for n in model.norms_mut() {
+        n.set_active(names);
     }
 }
 
@@ -205,14 +208,6 @@ pub fn adapter_vars(model: &dyn Adaptable, name: &str) -> Vec<Var> {
     }
     v.extend(model.norms().iter().filter_map(|n| n.copy(name)).cloned());
     v
-}
-
-/// Make only `names` active on every module, norm included.
-pub fn set_active_all(model: &mut dyn Adaptable, names: &[&str]) {
-    set_active(model, names);
-    for n in model.norms_mut() {
-        n.set_active(names);
-    }
 }
 
 /// PEFT's `print_trainable_parameters`: trainable (the active adapters) vs all parameters.

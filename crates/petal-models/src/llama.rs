@@ -4,7 +4,7 @@
 //! Written with differentiable ops only (see petal-ops) so every adapter gets gradients.
 
 use crate::config::LlamaConfig;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use petal_core::{Adaptable, AdaptableLinear, AdaptableNorm, InputAdapter, Result};
 use petal_io::Weights;
 use petal_ops::{apply_rope, causal_softmax, rms_norm, rope_tables, swiglu};
@@ -332,10 +332,6 @@ impl Llama {
     /// Ties are broken by a merge into the head: report whether it is still tied.
     pub fn head_is_tied(&self) -> bool {
         self.cfg.tie_word_embeddings && self.lm_head.weight().id() == self.embed.id()
-    }
-
-    pub fn last_dim(t: &Tensor) -> Result<usize> {
-        Ok(t.dim(D::Minus1)?)
     }
 }
 
