@@ -10,8 +10,16 @@ use std::fmt::Debug;
 pub enum WeightUpdate {
     /// W + dW: LoRA, LoHa, LoKr, VeRA, sparse deltas.
     Add(Tensor),
-    /// (R W^T)^T * s: OFT, BOFT. The inverse uses R^T and 1/s.
-    Rotate { r: Tensor, s: Tensor },
+    /// `W' = (W R^T) ⊙ s`: the input rotated by R (in, in) before W, then an optional
+    /// per-output scale s (out, 1): OFT, BOFT. The bias is left as it is. `r_inv` is R^-1, given
+    /// by the method (R is only nearly orthogonal under the Cayley-Neumann series).
+    Rotate {
+        r: Tensor,
+        r_inv: Tensor,
+        s: Option<Tensor>,
+    },
+    /// `W' = M W`, `b' = M b`: the output transformed by M (out, out): RoAd. `m_inv` = M^-1.
+    Transform { m: Tensor, m_inv: Tensor },
     /// W * l (l broadcast over rows or columns): IA3-style scaling.
     Scale(Tensor),
 }
@@ -29,6 +37,43 @@ pub struct BaseLinear<'a> {
     pub bias: Option<&'a Tensor>, // (out)
     pub in_features: usize,
     pub out_features: usize,
+    /// What this adapter's layers share across the model.
+    pub shared: &'a Shared,
+}
+
+/// State the layers of one adapter share across the model (VeRA's frozen random projections):
+/// made by the first layer that asks for it and handed to the others.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// Largest `in_features` and `out_features` over the targeted linears.
+    pub max_in: usize,
+    pub max_out: usize,
+    vars: std::sync::Mutex<Vec<(&'static str, Var)>>,
+}
+
+impl Shared {
+    pub fn new(max_in: usize, max_out: usize) -> Self {
+        Shared {
+            max_in,
+            max_out,
+            vars: Default::default(),
+        }
+    }
+
+    /// The shared tensor `key`, made by `init` on first use.
+    pub fn get_or_init(
+        &self,
+        key: &'static str,
+        init: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Var> {
+        let mut vars = self.vars.lock().expect("shared adapter state");
+        if let Some((_, v)) = vars.iter().find(|(k, _)| *k == key) {
+            return Ok(v.clone());
+        }
+        let v = Var::from_tensor(&init()?)?;
+        vars.push((key, v.clone()));
+        Ok(v)
+    }
 }
 
 /// One method's state on ONE targeted linear, e.g. model.layers.3.self_attn.q_proj.
@@ -51,6 +96,11 @@ pub trait AdapterLayer: Debug + Send + Sync {
     fn weight_update(&self) -> Result<WeightUpdate>;
     /// Owned tensors under their PEFT names.
     fn tensors(&self) -> Vec<NamedTensor<'_>>;
+    /// Frozen tensors shared by all layers of the adapter and saved once, at the model level
+    /// (`base_model.<name>`, e.g. VeRA's `vera_A`); not trained, not counted.
+    fn shared(&self) -> Vec<NamedTensor<'_>> {
+        Vec::new()
+    }
     /// What the optimizer sees.
     fn vars(&self) -> Vec<Var> {
         self.tensors().into_iter().map(|t| t.var.clone()).collect()

@@ -112,6 +112,45 @@ pub struct AdapterConfig {
     pub prompt_tuning_init_text: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokenizer_name_or_path: Option<String>,
+    /// OFT: block size (r = in / block size; give one of the two).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oft_block_size: Option<usize>,
+    /// OFT: the Cayley transform by a truncated Neumann series (PEFT's default) or exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_cayley_neumann: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_cayley_neumann_terms: Option<usize>,
+    /// OFT: one block shared by all blocks of a layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_share: Option<bool>,
+    /// OFT: constrained variant (projection onto a ball of radius `eps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coft: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eps: Option<f64>,
+    /// BOFT: block size or block count (one of the two), butterfly factors, block dropout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boft_block_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boft_block_num: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boft_n_butterfly_factor: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boft_dropout: Option<f64>,
+    /// RoAd: "road_1", "road_2" or "road_4", and the size of the groups pairs are taken in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_size: Option<usize>,
+    /// VeRA: seed of the shared projections, whether they are saved, dropout, init of d.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projection_prng_key: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_projection: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vera_dropout: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub d_initial: Option<f64>,
 }
 
 fn minus_one() -> i64 {
@@ -173,6 +212,22 @@ const KNOWN: &[&str] = &[
     "prompt_tuning_init_text",
     "tokenizer_name_or_path",
     "tokenizer_kwargs",
+    "oft_block_size",
+    "use_cayley_neumann",
+    "num_cayley_neumann_terms",
+    "block_share",
+    "coft",
+    "eps",
+    "boft_block_size",
+    "boft_block_num",
+    "boft_n_butterfly_factor",
+    "boft_dropout",
+    "variant",
+    "group_size",
+    "projection_prng_key",
+    "save_projection",
+    "vera_dropout",
+    "d_initial",
 ];
 
 /// Keys every method's config carries; the rest come from `AdapterMethod::config_keys`.
@@ -237,6 +292,22 @@ impl AdapterConfig {
             prompt_tuning_init: None,
             prompt_tuning_init_text: None,
             tokenizer_name_or_path: None,
+            oft_block_size: None,
+            use_cayley_neumann: None,
+            num_cayley_neumann_terms: None,
+            block_share: None,
+            coft: None,
+            eps: None,
+            boft_block_size: None,
+            boft_block_num: None,
+            boft_n_butterfly_factor: None,
+            boft_dropout: None,
+            variant: None,
+            group_size: None,
+            projection_prng_key: None,
+            save_projection: None,
+            vera_dropout: None,
+            d_initial: None,
         }
     }
 
@@ -250,6 +321,34 @@ impl AdapterConfig {
             "PROMPT_TUNING" => {
                 c.num_transformer_submodules = Some(1);
                 c.prompt_tuning_init = Some("RANDOM".into());
+            }
+            "OFT" => {
+                c.oft_block_size = Some(0);
+                c.use_cayley_neumann = Some(true);
+                c.num_cayley_neumann_terms = Some(5);
+                c.block_share = Some(false);
+                c.coft = Some(false);
+                c.eps = Some(6e-5);
+                c.init_weights = Some(InitWeights::Flag(true));
+            }
+            "BOFT" => {
+                c.boft_block_size = Some(0);
+                c.boft_block_num = Some(r);
+                c.boft_n_butterfly_factor = Some(1);
+                c.boft_dropout = Some(0.0);
+                c.init_weights = Some(InitWeights::Flag(true));
+            }
+            "ROAD" => {
+                c.variant = Some("road_1".into());
+                c.group_size = Some(64);
+                c.init_weights = Some(InitWeights::Flag(true));
+            }
+            "VERA" => {
+                c.projection_prng_key = Some(0);
+                c.save_projection = Some(true);
+                c.vera_dropout = Some(0.0);
+                c.d_initial = Some(0.1);
+                c.init_weights = Some(InitWeights::Flag(true));
             }
             _ => {
                 c.alpha = Some(alpha);
@@ -346,7 +445,7 @@ impl AdapterConfig {
                 format!("{f} = {v} is not supported by petal yet"),
             ))
         };
-        if self.rank_dropout != 0.0 || self.module_dropout != 0.0 {
+        if self.rank_dropout != 0.0 || (self.module_dropout != 0.0 && self.peft_type != "OFT") {
             return unsupported(
                 "rank_dropout / module_dropout",
                 format!("{} / {}", self.rank_dropout, self.module_dropout),
@@ -369,8 +468,11 @@ impl AdapterConfig {
             InitWeights::Named(n) if n == "gaussian" => {}
             InitWeights::Named(n) => return unsupported("init_lora_weights", format!("{n:?}")),
         }
-        if self.r == 0 {
+        if self.r == 0 && self.peft_type != "OFT" && self.peft_type != "BOFT" {
             return Err(Error::config(file, "r", "must be at least 1"));
+        }
+        if !(0.0..1.0).contains(&self.module_dropout) {
+            return Err(Error::config(file, "module_dropout", "must be in [0, 1)"));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return Err(Error::config(file, "lora_dropout", "must be in [0, 1)"));

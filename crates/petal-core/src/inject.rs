@@ -1,6 +1,6 @@
 //! Attaching a named adapter to every targeted linear of a model, and counting parameters.
 
-use crate::adapter::{BaseLinear, InputAdapter};
+use crate::adapter::{BaseLinear, InputAdapter, Shared};
 use crate::config::AdapterConfig;
 use crate::linear::AdaptableLinear;
 use crate::norm::AdaptableNorm;
@@ -124,10 +124,17 @@ pub fn inject_adapter(
         });
     }
     let head = model.output_head().map(str::to_string);
+    let targeted = |path: &str| target::is_target(cfg, path, head.as_deref() == Some(path));
+    let (mut max_in, mut max_out) = (0, 0);
+    for lin in model.linears().into_iter().filter(|l| targeted(l.path())) {
+        max_in = max_in.max(lin.in_features());
+        max_out = max_out.max(lin.out_features());
+    }
+    let shared = Shared::new(max_in, max_out);
     let mut modules = Vec::new();
     for (i, lin) in model.linears_mut().into_iter().enumerate() {
         let path = lin.path().to_string();
-        if !target::is_target(cfg, &path, head.as_deref() == Some(path.as_str())) {
+        if !targeted(&path) {
             continue;
         }
         let base = BaseLinear {
@@ -135,6 +142,7 @@ pub fn inject_adapter(
             bias: lin.bias(),
             in_features: lin.in_features(),
             out_features: lin.out_features(),
+            shared: &shared,
         };
         let layer = method.build(
             cfg,

@@ -186,13 +186,21 @@ impl AdaptableLinear {
     }
 }
 
-/// A per-output scaling `l (out, 1)` scales the bias too (the adapter scales the whole output);
-/// every other update leaves it. `inverse` divides instead.
+/// A per-output scaling `l (out, 1)` scales the bias too (the adapter scales the whole output),
+/// an output transform M maps it to `M b`; every other update leaves it. `inverse` undoes.
 fn scale_bias(b: &Tensor, upd: &WeightUpdate, inverse: bool) -> Result<Tensor> {
     match upd {
         WeightUpdate::Scale(l) if l.dims().get(1) == Some(&1) && l.dim(0)? == b.dim(0)? => {
             let l = l.flatten_all()?.to_dtype(b.dtype())?;
             Ok(if inverse { b.div(&l)? } else { b.mul(&l)? })
+        }
+        WeightUpdate::Transform { m, m_inv } => {
+            let m = if inverse { m_inv } else { m };
+            let bf = b.to_dtype(DType::F32)?.unsqueeze(1)?;
+            Ok(m.to_dtype(DType::F32)?
+                .matmul(&bf)?
+                .squeeze(1)?
+                .to_dtype(b.dtype())?)
         }
         _ => Ok(b.clone()),
     }
@@ -209,24 +217,34 @@ pub fn apply(w: &Tensor, upd: &WeightUpdate) -> Result<Tensor> {
     let wf = w.to_dtype(DType::F32)?;
     let out = match upd {
         WeightUpdate::Add(d) => (wf + d.to_dtype(DType::F32)?)?,
-        // W' = (R W^T)^T * s = W R^T * s
-        WeightUpdate::Rotate { r, s } => wf
-            .matmul(&r.to_dtype(DType::F32)?.t()?)?
-            .broadcast_mul(&s.to_dtype(DType::F32)?)?,
+        // W' = (R W^T)^T ⊙ s = W R^T ⊙ s
+        WeightUpdate::Rotate { r, s, .. } => {
+            let w = wf.matmul(&r.to_dtype(DType::F32)?.t()?)?;
+            match s {
+                Some(s) => w.broadcast_mul(&s.to_dtype(DType::F32)?)?,
+                None => w,
+            }
+        }
+        WeightUpdate::Transform { m, .. } => m.to_dtype(DType::F32)?.matmul(&wf)?,
         WeightUpdate::Scale(l) => wf.broadcast_mul(&l.to_dtype(DType::F32)?)?,
     };
     Ok(out.to_dtype(dt)?)
 }
 
-/// The exact inverse of `apply`: W = W' - dW; W = (W' / s) R; W = W' / l.
+/// The exact inverse of `apply`: W = W' - dW; W = (W' / s) R^-T; W = M^-1 W'; W = W' / l.
 pub fn invert(w: &Tensor, upd: &WeightUpdate) -> Result<Tensor> {
     let dt = w.dtype();
     let wf = w.to_dtype(DType::F32)?;
     let out = match upd {
         WeightUpdate::Add(d) => (wf - d.to_dtype(DType::F32)?)?,
-        WeightUpdate::Rotate { r, s } => wf
-            .broadcast_div(&s.to_dtype(DType::F32)?)?
-            .matmul(&r.to_dtype(DType::F32)?)?,
+        WeightUpdate::Rotate { r_inv, s, .. } => {
+            let w = match s {
+                Some(s) => wf.broadcast_div(&s.to_dtype(DType::F32)?)?,
+                None => wf,
+            };
+            w.matmul(&r_inv.to_dtype(DType::F32)?.t()?)?
+        }
+        WeightUpdate::Transform { m_inv, .. } => m_inv.to_dtype(DType::F32)?.matmul(&wf)?,
         WeightUpdate::Scale(l) => wf.broadcast_div(&l.to_dtype(DType::F32)?)?,
     };
     Ok(out.to_dtype(dt)?)

@@ -10,6 +10,7 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::ia3::Ia3,
     &methods::prompt_tuning::PromptTuning,
     &methods::ln_tuning::LnTuning,
+    &methods::oft::Oft,
 ];
 
 /// Look a method up by its PEFT `peft_type` (case-insensitive: "LORA", "lora").

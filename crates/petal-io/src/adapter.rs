@@ -13,8 +13,11 @@ pub const KEY_PREFIX: &str = "base_model.model.";
 /// Tensors PEFT saves at the top level, without `base_model.model.` (prompt learning).
 const TOP_LEVEL: &[&str] = &["prompt_embeddings"];
 
+/// Model-level shared tensors (VeRA's projections) keep their `base_model.` key.
+const SHARED_PREFIX: &str = "base_model.";
+
 fn disk_key(k: &str) -> String {
-    if TOP_LEVEL.contains(&k) {
+    if TOP_LEVEL.contains(&k) || k.starts_with(SHARED_PREFIX) {
         k.to_string()
     } else {
         format!("{KEY_PREFIX}{k}")
@@ -67,9 +70,18 @@ pub fn load_adapter(
 pub fn adapter_tensors(model: &dyn Adaptable, name: &str) -> HashMap<String, Tensor> {
     let mut out = HashMap::new();
     for lin in model.linears() {
-        for t in lin.layer(name).map(|l| l.tensors()).unwrap_or_default() {
+        let Some(layer) = lin.layer(name) else {
+            continue;
+        };
+        for t in layer.tensors() {
             out.insert(
                 format!("{}.{}", lin.path(), t.name),
+                t.var.as_tensor().clone(),
+            );
+        }
+        for t in layer.shared() {
+            out.insert(
+                format!("{SHARED_PREFIX}{}", t.name),
                 t.var.as_tensor().clone(),
             );
         }
@@ -145,9 +157,19 @@ pub fn load_into(
         }
         Ok(var.set(&src.to_dtype(var.as_tensor().dtype())?)?)
     };
+    let mut shared_done: Vec<&str> = Vec::new();
     for lin in model.linears() {
-        for t in lin.layer(name).map(|l| l.tensors()).unwrap_or_default() {
+        let Some(layer) = lin.layer(name) else {
+            continue;
+        };
+        for t in layer.tensors() {
             take(format!("{}.{}", lin.path(), t.name), t.var)?;
+        }
+        for t in layer.shared() {
+            if !shared_done.contains(&t.name) {
+                take(format!("{SHARED_PREFIX}{}", t.name), t.var)?;
+                shared_done.push(t.name);
+            }
         }
     }
     if let Some((n, input)) = model.input_adapter() {

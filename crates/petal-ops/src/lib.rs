@@ -9,6 +9,7 @@
 pub mod cpu;
 pub mod frozen_linear;
 pub mod head_loss;
+pub mod inverse;
 pub mod kernels;
 pub mod lora_linear;
 pub mod loss;
@@ -19,6 +20,7 @@ pub mod testing;
 pub use cpu::set_fast;
 pub use frozen_linear::frozen_linear;
 pub use head_loss::head_cross_entropy;
+pub use inverse::inverse;
 pub use kernels::{apply_rope, causal_softmax, rms_norm, softmax_last_dim, swiglu};
 pub use lora_linear::lora_linear;
 pub use loss::{masked_cross_entropy, IGNORE_INDEX};

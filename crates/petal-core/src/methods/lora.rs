@@ -226,6 +226,7 @@ mod tests {
             bias: None,
             in_features: inp,
             out_features: out,
+            shared: &Default::default(),
         };
         let l = Lora.build(cfg, "x", &base, 3).unwrap();
         let t = l.tensors();

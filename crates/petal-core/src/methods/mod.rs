@@ -6,6 +6,7 @@ pub mod ln_tuning;
 pub mod loha;
 pub mod lokr;
 pub mod lora;
+pub mod oft;
 pub mod prompt_tuning;
 
 use crate::Result;

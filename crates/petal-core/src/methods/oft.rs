@@ -1,0 +1,398 @@
+//! OFT (Qiu et al., 2023, "Controlling Text-to-Image Diffusion by Orthogonal Finetuning"; Liu
+//! et al., 2024, "Parameter-Efficient Orthogonal Finetuning via Butterfly Factorization" for the
+//! Cayley-Neumann form). Mirrors PEFT `tuners/oft/layer.py` (`OFTRotationModule`, `Linear`).
+//!
+//! The input is rotated block by block before the frozen linear: `y = (x R) W^T + b` with
+//! `R = diag(R_1, …, R_r)`, `r` blocks of size `b` (`r * b = in`). Each block is the Cayley
+//! transform of a skew-symmetric `Q` whose strictly upper triangle is trained (`b(b-1)/2` values
+//! per block, saved as `oft_R.weight (r, b(b-1)/2)`): exactly `R = (I - Q)(I + Q)^-1`, or by
+//! PEFT's default truncated Neumann series `R = I + 2Q + 2Q^2 + … + Q^(n-1)` (n terms).
+//! `block_share`: one block for all. `coft`: before each use, Q is projected onto the ball of
+//! Frobenius radius `eps / sqrt(r)`. Merge: `W' = W R^T`; unmerge uses `R^-1` (the series makes
+//! R only nearly orthogonal). Init: Q = 0 (identity); `init_weights = false`: N(0, 0.1^2).
+//! PEFT accepts `module_dropout` for OFT linears but never applies it; neither does petal.
+
+use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, WeightUpdate};
+use crate::config::AdapterConfig;
+use crate::methods::normal;
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::SeedableRng;
+
+pub struct Oft;
+
+#[derive(Debug)]
+pub struct OftLayer {
+    q: Var, // (blocks or 1, b(b-1)/2)
+    blocks: usize,
+    block: usize,
+    neumann: Option<usize>, // number of series terms; None: exact Cayley
+    coft_eps: Option<f64>,
+    base: Tensor, // frozen W, for the unfused path
+}
+
+/// PEFT's `adjust_oft_parameters`: the divisor of `n` nearest to `p` (ties go down).
+fn nearest_divisor(n: usize, p: usize) -> usize {
+    if p >= n {
+        return n;
+    }
+    let mut hi = p;
+    while hi <= n && n % hi != 0 {
+        hi += 1;
+    }
+    let mut lo = p;
+    while lo > 1 && n % lo != 0 {
+        lo -= 1;
+    }
+    if p - lo <= hi - p {
+        lo
+    } else {
+        hi
+    }
+}
+
+/// (blocks, block size) for a linear with `inp` inputs, as PEFT resolves `r` / `oft_block_size`.
+pub fn blocks_for(cfg: &AdapterConfig, inp: usize) -> Result<(usize, usize)> {
+    let bs = cfg.oft_block_size.unwrap_or(0);
+    match (cfg.r, bs) {
+        (0, 0) => Err(Error::msg("OFT: give `r` or `oft_block_size`")),
+        (0, bs) => {
+            let bs = if inp % bs != 0 || bs > inp {
+                nearest_divisor(inp, bs)
+            } else {
+                bs
+            };
+            Ok((inp / bs, bs))
+        }
+        (r, 0) => {
+            let r = if inp % r != 0 || r > inp {
+                nearest_divisor(inp, r)
+            } else {
+                r
+            };
+            Ok((r, inp / r))
+        }
+        (r, bs) => Err(Error::msg(format!(
+            "OFT: give `r` ({r}) or `oft_block_size` ({bs}), not both (r x block size = in_features)"
+        ))),
+    }
+}
+
+/// Skew-symmetric (k, b, b) matrices from their strict upper triangles (k, b(b-1)/2), in
+/// `triu_indices` order (row-major), as one matmul with a fixed ±1 scatter matrix.
+pub(crate) fn skew_from_upper(v: &Tensor, b: usize) -> Result<Tensor> {
+    let n = b * (b - 1) / 2;
+    let mut e = vec![0f32; n * b * b];
+    let mut i = 0;
+    for r in 0..b {
+        for c in r + 1..b {
+            e[i * b * b + r * b + c] = 1.0;
+            e[i * b * b + c * b + r] = -1.0;
+            i += 1;
+        }
+    }
+    let e = Tensor::from_vec(e, (n, b * b), v.device())?;
+    let k = v.dim(0)?;
+    Ok(v.matmul(&e)?.reshape((k, b, b))?)
+}
+
+fn eye_batch(k: usize, b: usize, dev: &Device) -> Result<Tensor> {
+    Ok(Tensor::eye(b, DType::F32, dev)?
+        .unsqueeze(0)?
+        .repeat((k, 1, 1))?)
+}
+
+/// Exact Cayley transform `(I - Q)(I + Q)^-1` of a batch (k, b, b).
+pub(crate) fn cayley(q: &Tensor) -> Result<Tensor> {
+    let (k, b, _) = q.dims3()?;
+    let eye = eye_batch(k, b, q.device())?;
+    let inv = petal_ops::inverse(&(&eye + q)?)?;
+    Ok((eye - q)?.matmul(&inv)?)
+}
+
+/// PEFT's Cayley-Neumann series with `terms` terms: `I + 2Q + 2Q^2 + … + 2Q^(t-2) + Q^(t-1)`
+/// for t > 2 (its loop, read literally: 3 and 4 terms agree). It expands `(I + Q)(I - Q)^-1`,
+/// the transpose of the exact form PEFT uses: the two parameterisations rotate opposite ways.
+fn cayley_neumann(q: &Tensor, terms: usize) -> Result<Tensor> {
+    let (k, b, _) = q.dims3()?;
+    let mut r = eye_batch(k, b, q.device())?;
+    if terms > 1 {
+        r = (r + (q * 2.0)?)?;
+        if terms > 2 {
+            let q2 = q.matmul(q)?;
+            r = (r + (&q2 * 2.0)?)?;
+            let mut p = q2;
+            for _ in 3..terms.saturating_sub(1) {
+                p = p.matmul(q)?;
+                r = (r + (&p * 2.0)?)?;
+            }
+            p = p.matmul(q)?;
+            r = (r + p)?;
+        }
+    }
+    Ok(r)
+}
+
+/// x (n, k * b) times diag(R_1 … R_k), blockwise: `x_j R_j` for each block of columns.
+pub(crate) fn rotate_blocks(x: &Tensor, r: &Tensor) -> Result<Tensor> {
+    let (n, inp) = x.dims2()?;
+    let (k, b, _) = r.dims3()?;
+    let xb = x.reshape((n, k, b))?.transpose(0, 1)?.contiguous()?; // (k, n, b)
+    Ok(xb.matmul(r)?.transpose(0, 1)?.reshape((n, inp))?)
+}
+
+/// The dense block-diagonal matrix of a batch of blocks (k, b, b).
+pub(crate) fn block_diag(r: &Tensor) -> Result<Tensor> {
+    let (k, b, _) = r.dims3()?;
+    let v = r.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let n = k * b;
+    let mut m = vec![0f32; n * n];
+    for (blk, vals) in v.chunks(b * b).enumerate() {
+        for i in 0..b {
+            let row = (blk * b + i) * n + blk * b;
+            m[row..row + b].copy_from_slice(&vals[i * b..(i + 1) * b]);
+        }
+    }
+    Ok(Tensor::from_vec(m, (n, n), r.device())?)
+}
+
+/// x as (rows, in) f32, and the shape to give the output.
+pub(crate) fn flat_input(x: &Tensor) -> Result<Tensor> {
+    let xf = x.to_dtype(DType::F32)?;
+    let inp = xf.dim(D::Minus1)?;
+    Ok(xf.reshape((xf.elem_count() / inp, inp))?)
+}
+
+impl AdapterMethod for Oft {
+    fn peft_type(&self) -> &'static str {
+        "OFT"
+    }
+
+    fn config_keys(&self) -> &'static [&'static str] {
+        &[
+            "r",
+            "oft_block_size",
+            "module_dropout",
+            "init_weights",
+            "coft",
+            "eps",
+            "block_share",
+            "use_cayley_neumann",
+            "num_cayley_neumann_terms",
+            "bias",
+            "fan_in_fan_out",
+            "layers_to_transform",
+            "layers_pattern",
+        ]
+    }
+
+    fn build(
+        &self,
+        cfg: &AdapterConfig,
+        path: &str,
+        base: &BaseLinear,
+        seed: u64,
+    ) -> Result<Box<dyn AdapterLayer>> {
+        let (blocks, block) =
+            blocks_for(cfg, base.in_features).map_err(|e| Error::msg(format!("{path}: {e}")))?;
+        if block < 2 {
+            return Err(Error::msg(format!(
+                "{path}: OFT block size {block} leaves nothing to rotate; use fewer, larger blocks"
+            )));
+        }
+        let rows = if cfg.block_share == Some(true) {
+            1
+        } else {
+            blocks
+        };
+        let shape = (rows, block * (block - 1) / 2);
+        let dev = base.weight.device();
+        let q = if cfg.init_nonzero() {
+            normal(
+                shape,
+                0.1,
+                &mut rand::rngs::StdRng::seed_from_u64(seed),
+                dev,
+            )?
+        } else {
+            Tensor::zeros(shape, DType::F32, dev)?
+        };
+        let neumann = cfg
+            .use_cayley_neumann
+            .unwrap_or(true)
+            .then_some(cfg.num_cayley_neumann_terms.unwrap_or(5));
+        Ok(Box::new(OftLayer {
+            q: Var::from_tensor(&q)?,
+            blocks,
+            block,
+            neumann,
+            coft_eps: (cfg.coft == Some(true)).then_some(cfg.eps.unwrap_or(6e-5)),
+            base: base.weight.clone(),
+        }))
+    }
+}
+
+impl OftLayer {
+    /// COFT: keep each block's Q within the Frobenius ball of radius eps / sqrt(rows), in place
+    /// (as PEFT does, outside the graph). ||Q||_F = sqrt(2) ||upper triangle||.
+    fn project(&self, eps: f64) -> Result<()> {
+        let rows = self.q.as_tensor().dim(0)?;
+        let eps = eps / (rows as f64).sqrt();
+        let norms = (self.q.as_tensor().sqr()?.sum_keepdim(1)? * 2.0)?.sqrt()?;
+        let factor = norms
+            .to_vec2::<f32>()?
+            .into_iter()
+            .map(|n| {
+                if n[0] as f64 <= eps {
+                    1.0
+                } else {
+                    (eps / n[0] as f64) as f32
+                }
+            })
+            .collect::<Vec<_>>();
+        let f = Tensor::from_vec(factor, (rows, 1), self.q.as_tensor().device())?;
+        Ok(self.q.set(&self.q.as_tensor().broadcast_mul(&f)?)?)
+    }
+
+    /// The rotation blocks (blocks, b, b), shared blocks repeated.
+    fn rotation(&self) -> Result<Tensor> {
+        if let Some(eps) = self.coft_eps {
+            self.project(eps)?;
+        }
+        let q = skew_from_upper(self.q.as_tensor(), self.block)?;
+        let r = match self.neumann {
+            Some(t) => cayley_neumann(&q, t)?,
+            None => cayley(&q)?,
+        };
+        if r.dim(0)? == 1 && self.blocks > 1 {
+            return Ok(r.repeat((self.blocks, 1, 1))?);
+        }
+        Ok(r)
+    }
+
+    fn rotated(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(rotate_blocks(&flat_input(x)?, &self.rotation()?)?.reshape(x.shape())?)
+    }
+}
+
+impl AdapterLayer for OftLayer {
+    fn forward(&self, x: &Tensor, y: Tensor, _train: bool) -> Result<Tensor> {
+        // (x R) W^T + b = y + (x R - x) W^T
+        let d = (self.rotated(x)? - x.to_dtype(DType::F32)?)?;
+        let d = petal_ops::frozen_linear(&d.to_dtype(self.base.dtype())?, &self.base, None)?;
+        Ok((y + d.to_dtype(x.dtype())?)?)
+    }
+
+    fn fused_forward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        _train: bool,
+    ) -> Option<Result<Tensor>> {
+        let run = || -> Result<Tensor> {
+            let xr = self.rotated(x)?.to_dtype(w.dtype())?;
+            Ok(petal_ops::frozen_linear(&xr, w, b)?)
+        };
+        Some(run())
+    }
+
+    fn weight_update(&self) -> Result<WeightUpdate> {
+        let r = self.rotation()?;
+        Ok(WeightUpdate::Rotate {
+            r: block_diag(&r)?,
+            r_inv: block_diag(&petal_ops::inverse(&r)?)?,
+            s: None,
+        })
+    }
+
+    fn tensors(&self) -> Vec<NamedTensor<'_>> {
+        vec![NamedTensor {
+            name: "oft_R.weight",
+            var: &self.q,
+        }]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Targets;
+    use petal_ops::testing::{max_rel, rand};
+
+    #[test]
+    fn block_sizes_resolve_like_peft_including_the_nearest_divisor() {
+        let mut c = AdapterConfig::for_method("OFT", 0, 1.0, Targets::List(vec![]));
+        c.oft_block_size = Some(32);
+        assert_eq!(blocks_for(&c, 576).unwrap(), (18, 32));
+        c.oft_block_size = Some(7); // 576 = 2^6 3^2: 6 and 8 are 1 away, ties go down
+        assert_eq!(blocks_for(&c, 576).unwrap(), (96, 6));
+        c.oft_block_size = Some(0);
+        c.r = 4;
+        assert_eq!(blocks_for(&c, 48).unwrap(), (4, 12));
+        c.oft_block_size = Some(8);
+        assert!(blocks_for(&c, 48).is_err());
+    }
+
+    #[test]
+    fn exact_cayley_is_orthogonal_and_the_series_approaches_its_transpose() {
+        let q = skew_from_upper(&(rand(&[3, 10], 1) * 0.05).unwrap(), 5).unwrap();
+        let exact = cayley(&q).unwrap();
+        let eye = eye_batch(3, 5, &Device::Cpu).unwrap();
+        let rtr = exact.transpose(1, 2).unwrap().matmul(&exact).unwrap();
+        assert!(max_rel(&rtr, &eye) < 1e-6);
+        // PEFT's series expands (I + Q)(I - Q)^-1 = R^T: the two forms rotate opposite ways
+        let exact = exact.transpose(1, 2).unwrap();
+        let e5 = max_rel(&cayley_neumann(&q, 5).unwrap(), &exact);
+        let e9 = max_rel(&cayley_neumann(&q, 9).unwrap(), &exact);
+        assert!(
+            e9 < e5 && e5 < 1e-3,
+            "series error {e5} (5 terms), {e9} (9 terms)"
+        );
+    }
+
+    #[test]
+    fn blockwise_rotation_equals_the_dense_block_diagonal_product() {
+        let r = rand(&[3, 4, 4], 2);
+        let x = rand(&[5, 12], 3);
+        let dense = x.matmul(&block_diag(&r).unwrap()).unwrap();
+        assert!(max_rel(&rotate_blocks(&x, &r).unwrap(), &dense) < 1e-6);
+    }
+}
+
+#[cfg(test)]
+fn conformance_config() -> AdapterConfig {
+    // 2 blocks: fc1 (in 10) blocks of 5, fc2 (in 12) blocks of 6
+    AdapterConfig::for_method(
+        "OFT",
+        2,
+        1.0,
+        crate::config::Targets::List(vec!["fc1".into(), "fc2".into()]),
+    )
+}
+
+#[cfg(test)]
+fn exact_config() -> AdapterConfig {
+    let mut c = conformance_config();
+    c.use_cayley_neumann = Some(false);
+    c.r = 0;
+    c.oft_block_size = Some(2);
+    c
+}
+
+#[cfg(test)]
+crate::conformance!(
+    conformance,
+    conformance_config,
+    |inp, _out, _cfg: &AdapterConfig| {
+        let b = inp / 2;
+        2 * b * (b - 1) / 2
+    }
+);
+
+#[cfg(test)]
+crate::conformance!(
+    conformance_exact_cayley,
+    exact_config,
+    |inp, _out, _cfg: &AdapterConfig| inp / 2
+);
