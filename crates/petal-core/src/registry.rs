@@ -11,6 +11,9 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::prompt_tuning::PromptTuning,
     &methods::ln_tuning::LnTuning,
     &methods::oft::Oft,
+    &methods::boft::Boft,
+    &methods::road::Road,
+    &methods::vera::Vera,
 ];
 
 /// Look a method up by its PEFT `peft_type` (case-insensitive: "LORA", "lora").

@@ -1,5 +1,6 @@
 //! One file per method; shared building blocks below.
 
+pub mod boft;
 pub mod dora;
 pub mod ia3;
 pub mod ln_tuning;
@@ -8,6 +9,8 @@ pub mod lokr;
 pub mod lora;
 pub mod oft;
 pub mod prompt_tuning;
+pub mod road;
+pub mod vera;
 
 use crate::Result;
 use candle_core::{DType, Device, Tensor, Var};

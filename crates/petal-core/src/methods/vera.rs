@@ -1,0 +1,246 @@
+//! VeRA (Kopiczko et al., 2024, "VeRA: Vector-based Random Matrix Adaptation"). Mirrors PEFT
+//! `tuners/vera/layer.py` (`Linear`) and `model.py` (the shared projections).
+//!
+//! One pair of frozen random matrices is shared by every adapted layer: `A (r, max_in)`,
+//! `B (max_out, r)`, sized for the largest targeted linear; each layer uses the top-left corner
+//! it needs and trains two vectors: `y + Λ_b B_s Λ_d A_s dropout(x)`, i.e.
+//! `dW = (λ_b ⊙ B_s)(λ_d ⊙ A_s)` with `λ_d (r)`, `λ_b (out)`. A and B are kaiming-uniform
+//! (bound `sqrt(6 / fan_in)`) from a generator seeded by `projection_prng_key`, and saved with
+//! the adapter (`base_model.vera_A`, `base_model.vera_B`, PEFT's `save_projection = true`):
+//! petal's generator is not torch's, so an adapter saved without them cannot be rebuilt and is
+//! refused. Init: `λ_b = 0`, `λ_d = d_initial` (identity); `init_weights = false`: `λ_b = 1`,
+//! `λ_d ~ N(0, 1)`. Trained parameters per layer: `out + r`.
+
+use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, WeightUpdate};
+use crate::config::AdapterConfig;
+use crate::methods::lora::dropout;
+use crate::methods::normal;
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+
+pub struct Vera;
+
+#[derive(Debug)]
+pub struct VeraLayer {
+    a: Var, // shared (r, max_in), frozen
+    b: Var, // shared (max_out, r), frozen
+    lambda_b: Var,
+    lambda_d: Var,
+    in_features: usize,
+    out_features: usize,
+    dropout: f64,
+}
+
+/// Kaiming-uniform with torch's gain for a (rows, cols) matrix: U(±sqrt(6 / cols)).
+fn kaiming(shape: (usize, usize), g: &mut impl Rng, dev: &Device) -> Result<Tensor> {
+    let bound = (6.0 / shape.1 as f64).sqrt();
+    let v: Vec<f32> = (0..shape.0 * shape.1)
+        .map(|_| g.gen_range(-bound..bound) as f32)
+        .collect();
+    Ok(Tensor::from_vec(v, shape, dev)?)
+}
+
+impl AdapterMethod for Vera {
+    fn peft_type(&self) -> &'static str {
+        "VERA"
+    }
+
+    fn config_keys(&self) -> &'static [&'static str] {
+        &[
+            "r",
+            "projection_prng_key",
+            "save_projection",
+            "vera_dropout",
+            "d_initial",
+            "init_weights",
+            "bias",
+            "fan_in_fan_out",
+            "layers_to_transform",
+            "layers_pattern",
+        ]
+    }
+
+    fn build(
+        &self,
+        cfg: &AdapterConfig,
+        path: &str,
+        base: &BaseLinear,
+        seed: u64,
+    ) -> Result<Box<dyn AdapterLayer>> {
+        if cfg.save_projection == Some(false) {
+            return Err(Error::msg(
+                "VeRA with save_projection = false: the shared projections would have to be \
+                 regenerated with torch's generator, which petal does not reproduce; save the \
+                 adapter with save_projection = true",
+            ));
+        }
+        let r = cfg.r;
+        let dev = base.weight.device();
+        let key = cfg.projection_prng_key.unwrap_or(0);
+        let (max_in, max_out) = (base.shared.max_in, base.shared.max_out);
+        let mut g = rand::rngs::StdRng::seed_from_u64(key);
+        let a = base
+            .shared
+            .get_or_init("vera_A", || kaiming((r, max_in), &mut g, dev))?;
+        let b = base
+            .shared
+            .get_or_init("vera_B", || kaiming((max_out, r), &mut g, dev))?;
+        if a.as_tensor().dim(0)? != r {
+            return Err(Error::msg(format!(
+                "{path}: VeRA rank differs from the shared projections"
+            )));
+        }
+        let out = base.out_features;
+        let (lb, ld) = if cfg.init_nonzero() {
+            let mut g = rand::rngs::StdRng::seed_from_u64(seed);
+            (
+                Tensor::ones(out, DType::F32, dev)?,
+                normal((1, r), 1.0, &mut g, dev)?.flatten_all()?,
+            )
+        } else {
+            (
+                Tensor::zeros(out, DType::F32, dev)?,
+                (Tensor::ones(r, DType::F32, dev)? * cfg.d_initial.unwrap_or(0.1))?,
+            )
+        };
+        Ok(Box::new(VeraLayer {
+            a,
+            b,
+            lambda_b: Var::from_tensor(&lb)?,
+            lambda_d: Var::from_tensor(&ld)?,
+            in_features: base.in_features,
+            out_features: out,
+            dropout: cfg.vera_dropout.unwrap_or(0.0),
+        }))
+    }
+}
+
+impl VeraLayer {
+    /// The corners of the shared projections this layer uses: A_s (r, in), B_s (out, r).
+    fn sliced(&self) -> Result<(Tensor, Tensor)> {
+        Ok((
+            // frozen: detached, so backprop never computes their gradients
+            self.a.as_tensor().detach().narrow(1, 0, self.in_features)?,
+            self.b
+                .as_tensor()
+                .detach()
+                .narrow(0, 0, self.out_features)?,
+        ))
+    }
+}
+
+impl AdapterLayer for VeraLayer {
+    fn forward(&self, x: &Tensor, y: Tensor, train: bool) -> Result<Tensor> {
+        let x2 = crate::methods::oft::flat_input(x)?;
+        let x2 = if train && self.dropout > 0.0 {
+            dropout(&x2, self.dropout)?
+        } else {
+            x2
+        };
+        let (a, b) = self.sliced()?;
+        let h = x2
+            .matmul(&a.t()?)?
+            .broadcast_mul(&self.lambda_d.as_tensor().unsqueeze(0)?)?;
+        let d = h
+            .matmul(&b.t()?)?
+            .broadcast_mul(&self.lambda_b.as_tensor().unsqueeze(0)?)?;
+        let d = d.reshape(y.shape())?.to_dtype(y.dtype())?;
+        Ok((y + d)?)
+    }
+
+    fn weight_update(&self) -> Result<WeightUpdate> {
+        let (a, b) = self.sliced()?;
+        let bl = b.broadcast_mul(&self.lambda_b.as_tensor().unsqueeze(1)?)?;
+        let ad = a.broadcast_mul(&self.lambda_d.as_tensor().unsqueeze(1)?)?;
+        Ok(WeightUpdate::Add(bl.matmul(&ad)?))
+    }
+
+    fn tensors(&self) -> Vec<NamedTensor<'_>> {
+        vec![
+            NamedTensor {
+                name: "vera_lambda_b",
+                var: &self.lambda_b,
+            },
+            NamedTensor {
+                name: "vera_lambda_d",
+                var: &self.lambda_d,
+            },
+        ]
+    }
+
+    fn shared(&self) -> Vec<NamedTensor<'_>> {
+        vec![
+            NamedTensor {
+                name: "vera_A",
+                var: &self.a,
+            },
+            NamedTensor {
+                name: "vera_B",
+                var: &self.b,
+            },
+        ]
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        vec![self.lambda_b.clone(), self.lambda_d.clone()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::adapted;
+
+    #[test]
+    fn all_layers_share_one_projection_pair_sized_for_the_largest_linear() {
+        let t = adapted(&conformance_config(), true);
+        let shared: Vec<Vec<(usize, usize)>> = t
+            .linears()
+            .iter()
+            .map(|l| {
+                l.layer("default")
+                    .unwrap()
+                    .shared()
+                    .iter()
+                    .map(|n| n.var.as_tensor().dims2().unwrap())
+                    .collect()
+            })
+            .collect();
+        // fc1 10 -> 12, fc2 12 -> 6: A (r, 12), B (12, r)
+        assert_eq!(shared[0], vec![(3, 12), (12, 3)]);
+        assert_eq!(shared[0], shared[1]);
+        let a0 = t.fc1.layer("default").unwrap().shared()[0]
+            .var
+            .as_tensor()
+            .clone();
+        let a1 = t.fc2.layer("default").unwrap().shared()[0]
+            .var
+            .as_tensor()
+            .clone();
+        assert_eq!(
+            a0.id(),
+            a1.id(),
+            "the projections are one tensor, not copies"
+        );
+    }
+
+    use crate::Adaptable;
+}
+
+#[cfg(test)]
+fn conformance_config() -> AdapterConfig {
+    AdapterConfig::for_method(
+        "VERA",
+        3,
+        1.0,
+        crate::config::Targets::List(vec!["fc1".into(), "fc2".into()]),
+    )
+}
+
+#[cfg(test)]
+crate::conformance!(
+    conformance,
+    conformance_config,
+    |_inp, out, cfg: &AdapterConfig| out + cfg.r
+);
