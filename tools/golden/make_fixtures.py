@@ -12,7 +12,9 @@ import os
 import sys
 
 import torch
-from peft import IA3Config, LNTuningConfig, LoHaConfig, LoKrConfig, LoraConfig, PromptTuningConfig, PeftModel, get_peft_model
+from peft import (BOFTConfig, IA3Config, LNTuningConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig,
+                  PeftModel, PromptTuningConfig, RoadConfig, VeraConfig, get_peft_model)
+import peft.tuners.boft.layer as boft_layer
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -103,6 +105,24 @@ ADAPTERS = {
     "qwen2_prompt_tuning": ("qwen2", dict(method="prompt_tuning", num_virtual_tokens=5)),
     # LN tuning: trained copies of norm weights (perturbed below so they matter)
     "llama_ln_tuning": ("llama", dict(method="ln_tuning", target_modules=["input_layernorm", "norm"])),
+    # OFT: Cayley-Neumann blocks (PEFT's default), exact Cayley with r given, one shared block
+    "llama_oft_neumann": ("llama", dict(method="oft", oft_block_size=8, r=0, target_modules="all-linear")),
+    "qwen2_oft_exact": ("qwen2", dict(method="oft", r=4, oft_block_size=0, use_cayley_neumann=False,
+                                      target_modules=["q_proj", "k_proj", "down_proj"])),
+    "llama_oft_block_share": ("llama", dict(method="oft", oft_block_size=4, r=0, block_share=True,
+                                            num_cayley_neumann_terms=7, target_modules=["v_proj", "up_proj"])),
+    # BOFT: one factor (what PEFT computes on CPU), and two butterfly factors (its CUDA path,
+    # reproduced below with a pure-torch block diagonal)
+    "llama_boft": ("llama", dict(method="boft", boft_block_size=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "qwen2_boft_butterfly": ("qwen2", dict(method="boft", boft_block_num=4, boft_block_size=0, boft_n_butterfly_factor=2,
+                                           target_modules=["q_proj", "k_proj", "up_proj"])),
+    # RoAd: all three variants (qwen2: biased outputs)
+    "llama_road_1": ("llama", dict(method="road", variant="road_1", group_size=8, target_modules="all-linear")),
+    "qwen2_road_2": ("qwen2", dict(method="road", variant="road_2", group_size=4, target_modules=["q_proj", "k_proj", "v_proj"])),
+    "llama_road_4": ("llama", dict(method="road", variant="road_4", group_size=16, target_modules=["o_proj", "gate_proj"])),
+    # VeRA: shared projections sized for the largest targeted linear
+    "llama_vera": ("llama", dict(method="vera", r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "qwen2_vera_all_linear": ("qwen2", dict(method="vera", r=8, projection_prng_key=7, target_modules="all-linear")),
 }
 
 
@@ -119,10 +139,27 @@ def peft_config(kw):
         return IA3Config(init_ia3_weights=False, **kw)
     if method == "lokr":
         return LoKrConfig(init_weights=False, **kw)
+    if method == "oft":
+        return OFTConfig(init_weights=False, **kw)
+    if method == "boft":
+        return BOFTConfig(init_weights=False, **kw)
+    if method == "road":
+        return RoadConfig(init_weights=False, **kw)
+    if method == "vera":
+        return VeraConfig(init_weights=False, **kw)
     return LoraConfig(init_lora_weights=False, lora_dropout=0.0, **kw)
 
 
+def boft_butterflies_without_cuda():
+    """PEFT computes BOFT butterfly factors > 1 only through its CUDA extension (fbd_cuda), whose
+    forward is a block diagonal per factor; give it that block diagonal in plain torch."""
+    boft_layer.get_fbd_cuda = lambda: True
+    boft_layer.FastBlockDiag.apply = staticmethod(
+        lambda x: torch.stack([torch.block_diag(*torch.unbind(f)) for f in torch.unbind(x)]))
+
+
 def main():
+    boft_butterflies_without_cuda()
     os.makedirs(ROOT, exist_ok=True)
     bases = {"llama": llama, "qwen2": qwen2, "mistral": mistral}
     out = {"input_ids": INPUT_IDS.to(torch.int64)}

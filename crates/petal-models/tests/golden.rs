@@ -220,3 +220,65 @@ fn peft_prompt_tuning_on_qwen2_matches_peft() {
 fn peft_ln_tuning_with_trained_norm_copies_matches_peft() {
     assert_close(&with_adapter("llama", "llama_ln_tuning"), "llama_ln_tuning");
 }
+
+#[test]
+fn peft_oft_with_cayley_neumann_blocks_on_all_linear_matches_peft() {
+    assert_close(
+        &with_adapter("llama", "llama_oft_neumann"),
+        "llama_oft_neumann",
+    );
+}
+
+#[test]
+fn peft_oft_with_the_exact_cayley_transform_matches_peft() {
+    assert_close(&with_adapter("qwen2", "qwen2_oft_exact"), "qwen2_oft_exact");
+}
+
+#[test]
+fn peft_oft_with_one_shared_block_and_seven_series_terms_matches_peft() {
+    assert_close(
+        &with_adapter("llama", "llama_oft_block_share"),
+        "llama_oft_block_share",
+    );
+}
+
+#[test]
+fn peft_boft_with_one_butterfly_factor_and_output_scales_matches_peft() {
+    assert_close(&with_adapter("llama", "llama_boft"), "llama_boft");
+}
+
+#[test]
+fn peft_boft_with_two_butterfly_factors_on_biased_projections_matches_peft() {
+    assert_close(
+        &with_adapter("qwen2", "qwen2_boft_butterfly"),
+        "qwen2_boft_butterfly",
+    );
+}
+
+#[test]
+fn peft_road_variant_1_on_all_linear_matches_peft() {
+    assert_close(&with_adapter("llama", "llama_road_1"), "llama_road_1");
+}
+
+#[test]
+fn peft_road_variant_2_on_biased_projections_matches_peft() {
+    assert_close(&with_adapter("qwen2", "qwen2_road_2"), "qwen2_road_2");
+}
+
+#[test]
+fn peft_road_variant_4_matches_peft() {
+    assert_close(&with_adapter("llama", "llama_road_4"), "llama_road_4");
+}
+
+#[test]
+fn peft_vera_with_shared_projections_matches_peft() {
+    assert_close(&with_adapter("llama", "llama_vera"), "llama_vera");
+}
+
+#[test]
+fn peft_vera_on_all_linear_with_a_prng_key_matches_peft() {
+    assert_close(
+        &with_adapter("qwen2", "qwen2_vera_all_linear"),
+        "qwen2_vera_all_linear",
+    );
+}
