@@ -37,6 +37,14 @@ CASES = [
     ("llama", ["--r", "4", "--alpha", "8", "--dora", "true", "--target-modules", "q_proj,v_proj,down_proj"]),
     ("qwen2", ["--r", "2", "--alpha", "6", "--dora", "true", "--target-modules", "k_proj,up_proj"]),
     ("qwen2", ["--method", "ia3", "--target-modules", "k_proj,v_proj,up_proj", "--feedforward-modules", "up_proj"]),
+    ("llama", ["--method", "oft", "--oft-block-size", "8"]),
+    ("qwen2", ["--method", "oft", "--r", "4", "--exact-cayley", "true", "--target-modules", "q_proj,k_proj,down_proj"]),
+    # PEFT on CPU computes one butterfly factor only (more need its CUDA extension)
+    ("llama", ["--method", "boft", "--boft-block-size", "4", "--target-modules", "q_proj,v_proj,down_proj"]),
+    ("qwen2", ["--method", "road", "--road-variant", "road_2", "--group-size", "8", "--target-modules", "q_proj,k_proj,v_proj"]),
+    ("llama", ["--method", "road", "--road-variant", "road_4", "--group-size", "16"]),
+    ("llama", ["--method", "vera", "--r", "4", "--target-modules", "q_proj,v_proj,down_proj"]),
+    ("qwen2", ["--method", "vera", "--r", "8"]),
 ]
 
 

@@ -67,6 +67,20 @@ train_opts! {
     prompt_init_text: String,
     /// IA3: targeted modules whose input is scaled (comma list or `re:REGEX`) [default: down_proj]
     feedforward_modules: String,
+    /// OFT: block size; the block count follows (give --r instead to fix the count) [default: 32]
+    oft_block_size: usize,
+    /// OFT: exact Cayley transform instead of PEFT's Neumann series [default: false]
+    exact_cayley: bool,
+    /// BOFT: block size (or give --boft-block-num) [default: 4]
+    boft_block_size: usize,
+    /// BOFT: number of blocks, instead of --boft-block-size
+    boft_block_num: usize,
+    /// BOFT: butterfly factors [default: 1]
+    boft_butterfly_factor: usize,
+    /// RoAd: road_1 | road_2 | road_4 [default: road_1]
+    road_variant: String,
+    /// RoAd: size of the groups whose halves are paired [default: 64]
+    group_size: usize,
     /// Optimizer steps [default: 100]
     max_steps: usize,
     /// Peak learning rate [default: 1e-3]
@@ -207,14 +221,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
             known.join(", ")
         );
     }
-    if method != "lora"
-        && (o.dropout.is_some_and(|d| d > 0.0)
-            || o.rslora.unwrap_or(false)
-            || o.dora.unwrap_or(false))
-    {
-        bail!(
-            "--dropout, --rslora and --dora are LoRA options; --method {method} has none of them"
-        );
+    if method != "lora" && (o.rslora.unwrap_or(false) || o.dora.unwrap_or(false)) {
+        bail!("--rslora and --dora are LoRA options; --method {method} has neither");
+    }
+    if !matches!(method.as_str(), "lora" | "vera") && o.dropout.is_some_and(|d| d > 0.0) {
+        bail!("--dropout applies to lora and vera; --method {method} has none");
     }
     let dt = o.dtype.clone().unwrap_or_else(|| "f32".into());
     let dev = o.device.clone().unwrap_or_else(|| "cpu".into());
@@ -244,9 +255,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None => split(read(&data_spec)?, o.val_fraction.unwrap_or(0.05), seed),
     };
     val_set.truncate(o.max_eval_examples.unwrap_or(32));
+    let default_r = if method == "vera" { 256 } else { 8 };
     let mut acfg = AdapterConfig::for_method(
         &method,
-        o.r.unwrap_or(8),
+        o.r.unwrap_or(default_r),
         o.alpha.unwrap_or(16.0),
         targets(
             o.target_modules
@@ -264,6 +276,31 @@ pub fn run(args: TrainArgs) -> Result<()> {
         acfg.feedforward_modules = Some(targets(
             o.feedforward_modules.as_deref().unwrap_or("down_proj"),
         ));
+    }
+    match method.as_str() {
+        "oft" => {
+            if o.r.is_none() || o.oft_block_size.is_some() {
+                acfg.r = 0;
+                acfg.oft_block_size = Some(o.oft_block_size.unwrap_or(32));
+            }
+            acfg.use_cayley_neumann = Some(!o.exact_cayley.unwrap_or(false));
+        }
+        "boft" => {
+            match o.boft_block_num {
+                Some(n) => (acfg.boft_block_num, acfg.boft_block_size) = (Some(n), Some(0)),
+                None => {
+                    acfg.boft_block_num = Some(0);
+                    acfg.boft_block_size = Some(o.boft_block_size.unwrap_or(4));
+                }
+            }
+            acfg.boft_n_butterfly_factor = Some(o.boft_butterfly_factor.unwrap_or(1));
+        }
+        "road" => {
+            acfg.variant = Some(o.road_variant.clone().unwrap_or_else(|| "road_1".into()));
+            acfg.group_size = Some(o.group_size.unwrap_or(64));
+        }
+        "vera" => acfg.vera_dropout = Some(o.dropout.unwrap_or(0.0)),
+        _ => {}
     }
     acfg.base_model_name_or_path = Some(model_spec.clone());
     let mut model = lm.model;

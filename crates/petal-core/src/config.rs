@@ -241,6 +241,9 @@ const COMMON: &[&str] = &[
     "inference_mode",
 ];
 
+/// The Hugging Face PEFT release whose file format petal reads and writes (and tests against).
+pub const PEFT_FORMAT_VERSION: &str = "0.21.2";
+
 /// Informational keys whose values never change the computation.
 const INFORMATIONAL: &[&str] = &["peft_version", "revision", "auto_mapping", "megatron_core"];
 
@@ -413,9 +416,11 @@ impl AdapterConfig {
             .unwrap_or(&[]);
         if let Some(o) = v.as_object_mut() {
             o.retain(|k, _| COMMON.contains(&k.as_str()) || own.contains(&k.as_str()));
+            // PEFT parses this as a version and gates format changes on it (OFT's
+            // Cayley-Neumann form changed in 0.18): write the release whose format petal follows.
             o.insert(
                 "peft_version".into(),
-                Value::String(format!("petal {}", env!("CARGO_PKG_VERSION"))),
+                Value::String(PEFT_FORMAT_VERSION.into()),
             );
         }
         serde_json::to_string_pretty(&v).map_err(|e| Error::msg(e.to_string()))
