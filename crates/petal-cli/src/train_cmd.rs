@@ -419,6 +419,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let after_samples = samples(&model, tok, &prompts, sample_tokens)?;
     print_report(
         &summary,
+        pc,
         before,
         after,
         &prompts,
@@ -467,6 +468,7 @@ fn write_loss_chart(out: &Path) -> Result<()> {
 #[allow(clippy::too_many_arguments)]
 fn print_report(
     s: &petal_train::TrainSummary,
+    params: ParamCount,
     before: Option<petal_train::EvalResult>,
     after: Option<petal_train::EvalResult>,
     prompts: &[String],
@@ -476,8 +478,13 @@ fn print_report(
     json: bool,
 ) -> Result<()> {
     if json {
+        let mut times = s.step_seconds.clone();
+        times.sort_by(f64::total_cmp);
+        let median = times.get(times.len() / 2).copied();
         let v = serde_json::json!({
             "steps": s.steps, "seconds": s.seconds, "losses": s.losses,
+            "trainable_params": params.trainable, "total_params": params.total,
+            "median_step_seconds": median, "peak_rss_mb": crate::bench_cmd::peak_rss_mb(),
             "eval_before": before, "eval_after": after, "adapter": s.adapter_dir,
             "samples": prompts.iter().zip(bs).zip(as_).map(|((p, b), a)| serde_json::json!({"prompt": p, "before": b, "after": a})).collect::<Vec<_>>(),
         });

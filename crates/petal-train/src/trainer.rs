@@ -58,6 +58,8 @@ pub struct TrainSummary {
     pub final_eval_loss: Option<f64>,
     pub adapter_dir: PathBuf,
     pub seconds: f64,
+    /// Wall time of each optimizer step (forward, backward, update; no eval or checkpoint).
+    pub step_seconds: Vec<f64>,
 }
 
 /// Callbacks for progress display.
@@ -121,6 +123,7 @@ pub fn train(
     obs.on_start(start, cfg.max_steps);
     let t0 = Instant::now();
     let mut losses = Vec::new();
+    let mut step_seconds = Vec::new();
     let mut last_eval = None;
     for step in start..cfg.max_steps {
         let ts = Instant::now();
@@ -161,6 +164,7 @@ pub fn train(
         let grad_norm = clip(&mut grads, cfg.max_grad_norm)?;
         opt.step(&grads, lr)?;
         losses.push(loss);
+        step_seconds.push(ts.elapsed().as_secs_f64());
         let tokens: usize = micro.iter().map(|b| b.rows * b.len).sum();
         let mut m = StepMetrics {
             step: step + 1,
@@ -206,6 +210,7 @@ pub fn train(
         final_eval_loss: last_eval,
         adapter_dir,
         seconds: t0.elapsed().as_secs_f64(),
+        step_seconds,
     })
 }
 
