@@ -45,6 +45,8 @@ CASES = [
     ("llama", ["--method", "road", "--road-variant", "road_4", "--group-size", "16"]),
     ("llama", ["--method", "vera", "--r", "4", "--target-modules", "q_proj,v_proj,down_proj"]),
     ("qwen2", ["--method", "vera", "--r", "8"]),
+    ("llama", ["--r", "4", "--alpha", "8", "--init", "pissa", "--target-modules", "q_proj,v_proj,down_proj"]),
+    ("qwen2", ["--r", "3", "--alpha", "6", "--init", "olora"]),
 ]
 
 

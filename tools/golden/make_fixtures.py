@@ -123,6 +123,10 @@ ADAPTERS = {
     # VeRA: shared projections sized for the largest targeted linear
     "llama_vera": ("llama", dict(method="vera", r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
     "qwen2_vera_all_linear": ("qwen2", dict(method="vera", r=8, projection_prng_key=7, target_modules="all-linear")),
+    # PiSSA / OLoRA: A and B start from W's SVD / QR and the base keeps the residual; A and B are
+    # then moved (as training would), so loading must rebuild the same residual from W
+    "llama_pissa": ("llama", dict(r=4, lora_alpha=8, init="pissa", target_modules=["q_proj", "v_proj", "down_proj"])),
+    "qwen2_olora": ("qwen2", dict(r=3, lora_alpha=6, init="olora", target_modules="all-linear")),
 }
 
 
@@ -147,7 +151,8 @@ def peft_config(kw):
         return RoadConfig(init_weights=False, **kw)
     if method == "vera":
         return VeraConfig(init_weights=False, **kw)
-    return LoraConfig(init_lora_weights=False, lora_dropout=0.0, **kw)
+    init = kw.pop("init", False)
+    return LoraConfig(init_lora_weights=init, lora_dropout=0.0, **kw)
 
 
 def boft_butterflies_without_cuda():
@@ -177,6 +182,8 @@ def main():
             for n, p in pm.named_parameters():
                 if "lora_magnitude_vector" in n or "ln_tuning_layers" in n:
                     p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
+                if "init" in kw and ("lora_A" in n or "lora_B" in n):
+                    p.add_(torch.randn_like(p) * 0.05)
         pm.eval()
         out[f"{aname}"] = logits(pm)
         pm.save_pretrained(os.path.join(ROOT, "adapters", aname))

@@ -53,6 +53,9 @@ train_opts! {
     rslora: bool,
     /// DoRA: learn a magnitude per output next to the LoRA direction [default: false]
     dora: bool,
+    /// LoRA init: default | gaussian | pissa | pissa_niter_K | olora (PiSSA/OLoRA start from W's
+    /// SVD/QR and leave the residual in the base)
+    init: String,
     /// Target modules: comma list of names, `all-linear`, or `re:REGEX` [default: all-linear]
     target_modules: String,
     /// Modules to exclude: comma list or `re:REGEX`
@@ -269,6 +272,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
     acfg.lora_dropout = o.dropout.unwrap_or(0.0);
     acfg.use_rslora = o.rslora.unwrap_or(false);
     acfg.use_dora = o.dora.unwrap_or(false);
+    match o.init.as_deref() {
+        None | Some("default") => {}
+        Some(_) if method != "lora" => bail!("--init is a LoRA option"),
+        Some(i) => {
+            acfg.init_lora_weights = petal_core::config::InitWeights::Named(i.to_string());
+            acfg.validate("--init")?;
+        }
+    }
     acfg.exclude_modules = o.exclude_modules.as_deref().map(targets);
     acfg.decompose_factor = o.decompose_factor.unwrap_or(-1);
     acfg.decompose_both = o.decompose_both.unwrap_or(false);

@@ -101,6 +101,11 @@ pub trait AdapterLayer: Debug + Send + Sync {
     fn shared(&self) -> Vec<NamedTensor<'_>> {
         Vec::new()
     }
+    /// Initialisations that start from the base weight's structure (PiSSA, OLoRA) move that
+    /// part out of the base: attaching the layer sets `W = W - offset`, once.
+    fn base_offset(&self) -> Option<Tensor> {
+        None
+    }
     /// What the optimizer sees.
     fn vars(&self) -> Vec<Var> {
         self.tensors().into_iter().map(|t| t.var.clone()).collect()

@@ -241,6 +241,11 @@ const COMMON: &[&str] = &[
     "inference_mode",
 ];
 
+/// `pissa_niter_K`: PiSSA by a randomised SVD with K power iterations.
+pub fn pissa_niter(init: &str) -> Option<usize> {
+    init.strip_prefix("pissa_niter_")?.parse().ok()
+}
+
 /// The Hugging Face PEFT release whose file format petal reads and writes (and tests against).
 pub const PEFT_FORMAT_VERSION: &str = "0.21.2";
 
@@ -470,7 +475,8 @@ impl AdapterConfig {
         }
         match &self.init_lora_weights {
             InitWeights::Flag(_) => {}
-            InitWeights::Named(n) if n == "gaussian" => {}
+            InitWeights::Named(n)
+                if n == "gaussian" || n == "pissa" || n == "olora" || pissa_niter(n).is_some() => {}
             InitWeights::Named(n) => return unsupported("init_lora_weights", format!("{n:?}")),
         }
         if self.r == 0 && self.peft_type != "OFT" && self.peft_type != "BOFT" {

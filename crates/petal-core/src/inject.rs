@@ -161,6 +161,9 @@ pub fn inject_adapter(
             out_features: lin.out_features(),
             params,
         });
+        if let Some(offset) = layer.base_offset() {
+            lin.subtract_from_base(&offset)?;
+        }
         lin.add_adapter(name, layer)?;
         let mut active: Vec<String> = lin.active().to_vec();
         active.push(name.to_string());

@@ -68,6 +68,18 @@ impl AdaptableLinear {
         Ok(y)
     }
 
+    /// `W = W - offset` (PiSSA/OLoRA move the adapter's initial part out of the base).
+    pub fn subtract_from_base(&mut self, offset: &Tensor) -> Result<()> {
+        if !self.merged.is_empty() {
+            return Err(Error::msg(format!(
+                "{}: unmerge adapters before attaching one that rewrites the base weight",
+                self.path
+            )));
+        }
+        self.weight = apply(&self.weight, &WeightUpdate::Add(offset.neg()?))?;
+        Ok(())
+    }
+
     pub fn add_adapter(&mut self, name: &str, layer: Box<dyn AdapterLayer>) -> Result<()> {
         if self.layer(name).is_some() {
             return Err(Error::msg(format!(

@@ -282,3 +282,13 @@ fn peft_vera_on_all_linear_with_a_prng_key_matches_peft() {
         "qwen2_vera_all_linear",
     );
 }
+
+#[test]
+fn peft_pissa_adapter_rebuilds_the_svd_residual_of_the_base_and_matches_peft() {
+    assert_close(&with_adapter("llama", "llama_pissa"), "llama_pissa");
+}
+
+#[test]
+fn peft_olora_adapter_rebuilds_the_qr_residual_of_the_base_and_matches_peft() {
+    assert_close(&with_adapter("qwen2", "qwen2_olora"), "qwen2_olora");
+}

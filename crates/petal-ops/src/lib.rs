@@ -11,6 +11,7 @@ pub mod frozen_linear;
 pub mod head_loss;
 pub mod inverse;
 pub mod kernels;
+pub mod linalg;
 pub mod lora_linear;
 pub mod loss;
 pub mod nn;
