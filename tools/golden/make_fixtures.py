@@ -13,7 +13,7 @@ import sys
 
 import torch
 from peft import (BOFTConfig, IA3Config, LNTuningConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig,
-                  PeftModel, PromptTuningConfig, RoadConfig, VeraConfig, get_peft_model)
+                  PeftModel, PrefixTuningConfig, PromptTuningConfig, RoadConfig, VeraConfig, get_peft_model)
 import peft.tuners.boft.layer as boft_layer
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -127,6 +127,12 @@ ADAPTERS = {
     # then moved (as training would), so loading must rebuild the same residual from W
     "llama_pissa": ("llama", dict(r=4, lora_alpha=8, init="pissa", target_modules=["q_proj", "v_proj", "down_proj"])),
     "qwen2_olora": ("qwen2", dict(r=3, lora_alpha=6, init="olora", target_modules="all-linear")),
+    # Prefix tuning: per-layer key/value prefixes (GQA: PEFT sizes them for the kv heads); the
+    # projected variant is saved by PEFT as the projection's output
+    "llama_prefix_tuning": ("llama", dict(method="prefix_tuning", num_virtual_tokens=3)),
+    "mistral_prefix_tuning": ("mistral", dict(method="prefix_tuning", num_virtual_tokens=5)),
+    "qwen2_prefix_projection": ("qwen2", dict(method="prefix_tuning", num_virtual_tokens=4, prefix_projection=True,
+                                              encoder_hidden_size=16)),
 }
 
 
@@ -137,6 +143,8 @@ def peft_config(kw):
         return LoHaConfig(init_weights=False, **kw)
     if method == "ln_tuning":
         return LNTuningConfig(task_type="CAUSAL_LM", **kw)
+    if method == "prefix_tuning":
+        return PrefixTuningConfig(task_type="CAUSAL_LM", **kw)
     if method == "prompt_tuning":
         return PromptTuningConfig(task_type="CAUSAL_LM", **kw)
     if method == "ia3":

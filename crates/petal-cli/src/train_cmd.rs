@@ -64,7 +64,7 @@ train_opts! {
     decompose_factor: i64,
     /// LoKr: also factor the left Kronecker factor [default: false]
     decompose_both: bool,
-    /// Prompt tuning: virtual tokens put in front of every sequence [default: 20]
+    /// Prompt / prefix tuning: virtual tokens put in front of every sequence [default: 20]
     num_virtual_tokens: usize,
     /// Prompt tuning: initialise the virtual tokens from this text's embeddings
     prompt_init_text: String,
@@ -315,6 +315,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     acfg.base_model_name_or_path = Some(model_spec.clone());
     let mut model = lm.model;
+    if method == "prefix_tuning" {
+        let c = &model.cfg;
+        acfg.num_virtual_tokens = Some(o.num_virtual_tokens.unwrap_or(20));
+        acfg.token_dim = Some(c.num_key_value_heads * c.head_dim);
+        acfg.num_layers = Some(c.num_hidden_layers);
+        acfg.num_attention_heads = Some(c.num_key_value_heads);
+        acfg.encoder_hidden_size = acfg.token_dim;
+        acfg.target_modules = None;
+        acfg.init_weights = None;
+    }
     if method == "prompt_tuning" {
         acfg.num_virtual_tokens = Some(o.num_virtual_tokens.unwrap_or(20));
         acfg.token_dim = Some(model.cfg.hidden_size);
@@ -330,7 +340,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if let (Some(text), Some((_, input))) = (&o.prompt_init_text, model.input_adapter()) {
         // PEFT's TEXT init: the text's token embeddings, cut or repeated to the length.
         let ids = tok.encode(text, false)?;
-        let n = input.prefix().dim(0)?;
+        let n = input
+            .embeddings()
+            .context("--prompt-init-text needs a method with virtual token embeddings")?
+            .dim(0)?;
         if ids.is_empty() {
             bail!("--prompt-init-text tokenizes to nothing");
         }

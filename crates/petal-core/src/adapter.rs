@@ -124,12 +124,12 @@ pub trait AdapterMethod: Sync {
     fn tunes_norms(&self) -> bool {
         false
     }
-    /// Input-side methods (prompt tuning, …) build one `InputAdapter` for the whole model
-    /// instead of layers; `token_dim` is the model's hidden size.
+    /// Input-side methods (prompt tuning, prefix tuning, …) build one `InputAdapter` for the
+    /// whole model instead of layers.
     fn build_input(
         &self,
         _cfg: &AdapterConfig,
-        _token_dim: usize,
+        _shape: &InputShape,
         _seed: u64,
         _dev: &candle_core::Device,
     ) -> Result<Option<Box<dyn InputAdapter>>> {
@@ -145,11 +145,38 @@ pub trait AdapterMethod: Sync {
     ) -> Result<Box<dyn AdapterLayer>>;
 }
 
-/// An adapter on the input side: embeddings prepended to every sequence (prompt tuning).
-/// Models hold it as a trait object and know nothing else of it.
+/// What an input-side adapter needs to know of the model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InputShape {
+    pub hidden: usize,
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// An adapter on the input side: embeddings prepended to every sequence (prompt tuning) or
+/// keys and values in front of every layer's attention (prefix tuning). Models hold it as a
+/// trait object and know nothing else of it.
 pub trait InputAdapter: Debug + Send + Sync {
-    /// (n, hidden) embeddings in front of the token embeddings.
-    fn prefix(&self) -> &Tensor;
+    /// (n, hidden) embeddings in front of the token embeddings; their positions are part of
+    /// the output.
+    fn embeddings(&self) -> Option<&Tensor> {
+        None
+    }
+    /// (n, 2 layers kv_heads head_dim) keys and values put in front of each layer's own, as if
+    /// n positions were already cached: the tokens' positions start at n and no output is
+    /// produced for the prefix. PEFT's layout: each row holds, for layer 0 key, layer 0 value,
+    /// layer 1 key, …, the kv_heads x head_dim values.
+    fn key_values(&self) -> Option<&Tensor> {
+        None
+    }
+    /// Number of virtual positions.
+    fn num_virtual_tokens(&self) -> usize {
+        self.embeddings()
+            .or(self.key_values())
+            .map(|t| t.dims()[t.dims().len() - 2])
+            .unwrap_or(0)
+    }
     /// Owned tensors under their PEFT names (saved without the module prefix).
     fn tensors(&self) -> Vec<NamedTensor<'_>>;
     /// Replace the prefix (loading, text init), checking its shape.

@@ -151,6 +151,11 @@ pub struct AdapterConfig {
     pub vera_dropout: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub d_initial: Option<f64>,
+    /// Prefix tuning: the reparameterising MLP (training only) and its width.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_projection: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder_hidden_size: Option<usize>,
 }
 
 fn minus_one() -> i64 {
@@ -228,6 +233,8 @@ const KNOWN: &[&str] = &[
     "save_projection",
     "vera_dropout",
     "d_initial",
+    "prefix_projection",
+    "encoder_hidden_size",
 ];
 
 /// Keys every method's config carries; the rest come from `AdapterMethod::config_keys`.
@@ -316,6 +323,8 @@ impl AdapterConfig {
             save_projection: None,
             vera_dropout: None,
             d_initial: None,
+            prefix_projection: None,
+            encoder_hidden_size: None,
         }
     }
 
@@ -326,6 +335,10 @@ impl AdapterConfig {
         match c.peft_type.as_str() {
             "LORA" => {}
             "IA3" => c.init_ia3_weights = Some(true),
+            "PREFIX_TUNING" => {
+                c.num_transformer_submodules = Some(1);
+                c.prefix_projection = Some(false);
+            }
             "PROMPT_TUNING" => {
                 c.num_transformer_submodules = Some(1);
                 c.prompt_tuning_init = Some("RANDOM".into());
@@ -471,7 +484,9 @@ impl AdapterConfig {
             return unsupported("modules_to_save", format!("{:?}", self.modules_to_save));
         }
         if let Some(InitWeights::Named(n)) = &self.init_weights {
-            return unsupported("init_weights", format!("{n:?}"));
+            if !(self.peft_type == "PREFIX_TUNING" && n == "zero") {
+                return unsupported("init_weights", format!("{n:?}"));
+            }
         }
         match &self.init_lora_weights {
             InitWeights::Flag(_) => {}

@@ -1,6 +1,6 @@
 //! Attaching a named adapter to every targeted linear of a model, and counting parameters.
 
-use crate::adapter::{BaseLinear, InputAdapter, Shared};
+use crate::adapter::{BaseLinear, InputAdapter, InputShape, Shared};
 use crate::config::AdapterConfig;
 use crate::linear::AdaptableLinear;
 use crate::norm::AdaptableNorm;
@@ -24,8 +24,8 @@ pub trait Adaptable {
     fn norms_mut(&mut self) -> Vec<&mut AdaptableNorm> {
         Vec::new()
     }
-    /// Width of the token embeddings, for input-side adapters (None: the model takes none).
-    fn token_dim(&self) -> Option<usize> {
+    /// What input-side adapters need of the model (None: the model takes none).
+    fn input_shape(&self) -> Option<InputShape> {
         None
     }
     /// The input-side adapter (prompt tuning, …) and its name, if any.
@@ -71,24 +71,28 @@ pub fn inject_adapter(
     cfg.validate("adapter config")?;
     let method = registry::method(&cfg.peft_type)
         .ok_or_else(|| Error::Unsupported(format!("unknown peft_type `{}`", cfg.peft_type)))?;
-    if let Some(dim) = model.token_dim() {
+    if let Some(shape) = model.input_shape() {
         let dev = model
             .linears()
             .first()
             .map(|l| l.weight().device().clone())
             .unwrap_or(candle_core::Device::Cpu);
-        if let Some(input) = method.build_input(cfg, dim, seed, &dev)? {
+        if let Some(input) = method.build_input(cfg, &shape, seed, &dev)? {
             let params = input
                 .tensors()
                 .iter()
                 .map(|t| t.var.as_tensor().elem_count())
                 .sum();
-            let n = input.prefix().dim(0)?;
+            let n = input.num_virtual_tokens();
+            let width = input
+                .key_values()
+                .map(|kv| kv.elem_count() / n.max(1))
+                .unwrap_or(shape.hidden);
             model.set_input_adapter(name, input)?;
             let row = Injected {
                 path: "prompt_encoder".into(),
                 in_features: n,
-                out_features: dim,
+                out_features: width,
                 params,
             };
             return Ok(InjectionReport {

@@ -9,6 +9,7 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::lokr::Lokr,
     &methods::ia3::Ia3,
     &methods::prompt_tuning::PromptTuning,
+    &methods::prefix_tuning::PrefixTuning,
     &methods::ln_tuning::LnTuning,
     &methods::oft::Oft,
     &methods::boft::Boft,

@@ -5,6 +5,7 @@
 
 use crate::config::LlamaConfig;
 use candle_core::{DType, Device, Tensor};
+use petal_core::adapter::InputShape;
 use petal_core::{Adaptable, AdaptableLinear, AdaptableNorm, InputAdapter, Result};
 use petal_io::Weights;
 use petal_ops::{apply_rope, causal_softmax, rms_norm, rope_tables, swiglu};
@@ -208,7 +209,7 @@ impl Llama {
     pub fn num_virtual_tokens(&self) -> usize {
         self.input
             .as_ref()
-            .map(|(_, a)| a.prefix().dim(0).unwrap_or(0))
+            .and_then(|(_, a)| a.embeddings().map(|e| e.dim(0).unwrap_or(0)))
             .unwrap_or(0)
     }
 
@@ -227,12 +228,16 @@ impl Llama {
             .embed
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, h))?;
-        if let (Some((_, input)), 0) = (&self.input, offset) {
-            let p = input.prefix().to_dtype(self.dtype)?; // (n, h), at the start only
+        let input = self.input.as_ref().filter(|_| offset == 0).map(|(_, a)| a);
+        if let Some(p) = input.and_then(|a| a.embeddings()) {
+            let p = p.to_dtype(self.dtype)?; // (n, h), at the start only
             let n = p.dim(0)?;
             let p = p.unsqueeze(0)?.broadcast_as((b, n, h))?.contiguous()?;
             x = Tensor::cat(&[&p, &x], 1)?;
         }
+        // prefix tuning: per-layer keys and values stand for n positions already seen
+        let kv_prefix = input.and_then(|a| a.key_values());
+        let offset = offset + kv_prefix.map(|kv| kv.dim(0)).transpose()?.unwrap_or(0);
         let t = x.dim(1)?;
         if offset + t > self.cfg.max_position_embeddings {
             return Err(petal_core::Error::msg(format!(
@@ -245,8 +250,9 @@ impl Llama {
         let sin = self.sin.narrow(0, offset, t)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.kv[i]);
+            let prefix = kv_prefix.map(|p| self.layer_prefix(p, i, b)).transpose()?;
             let h = rms_norm(&x, &layer.ln1.weight(), self.cfg.rms_norm_eps)?;
-            let a = self.attention(&layer.attn, &h, &cos, &sin, kv, train)?;
+            let a = self.attention(&layer.attn, &h, &cos, &sin, kv, prefix, train)?;
             x = (x + a)?;
             let h = rms_norm(&x, &layer.ln2.weight(), self.cfg.rms_norm_eps)?;
             let m = &layer.mlp;
@@ -257,6 +263,22 @@ impl Llama {
         Ok(rms_norm(&x, &self.norm.weight(), self.cfg.rms_norm_eps)?)
     }
 
+    /// Layer i's (key, value) prefix as (b, kv_heads, n, head_dim), from the adapter's
+    /// (n, 2 layers kv_dim) slots 2i and 2i + 1.
+    fn layer_prefix(&self, p: &Tensor, i: usize, b: usize) -> Result<(Tensor, Tensor)> {
+        let (nkv, d) = (self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let n = p.dim(0)?;
+        let one = |slot: usize| -> Result<Tensor> {
+            Ok(p.narrow(1, slot * nkv * d, nkv * d)?
+                .to_dtype(self.dtype)?
+                .reshape((1, n, nkv, d))?
+                .transpose(1, 2)?
+                .broadcast_as((b, nkv, n, d))?
+                .contiguous()?)
+        };
+        Ok((one(2 * i)?, one(2 * i + 1)?))
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -265,6 +287,7 @@ impl Llama {
         cos: &Tensor,
         sin: &Tensor,
         kv: Option<&mut Option<(Tensor, Tensor)>>,
+        prefix: Option<(Tensor, Tensor)>,
         train: bool,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -279,6 +302,10 @@ impl Llama {
         let q = apply_rope(&heads(at.q.forward(x, train)?, nh)?, cos, sin)?; // (b, nh, t, d)
         let mut k = apply_rope(&heads(at.k.forward(x, train)?, nkv)?, cos, sin)?; // (b, nkv, t, d)
         let mut v = heads(at.v.forward(x, train)?, nkv)?;
+        if let Some((pk, pv)) = prefix {
+            k = Tensor::cat(&[&pk, &k], 2)?;
+            v = Tensor::cat(&[&pv, &v], 2)?;
+        }
         if let Some(slot) = kv {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2)?;
@@ -388,8 +415,13 @@ impl Adaptable for Llama {
         v
     }
 
-    fn token_dim(&self) -> Option<usize> {
-        Some(self.cfg.hidden_size)
+    fn input_shape(&self) -> Option<InputShape> {
+        Some(InputShape {
+            hidden: self.cfg.hidden_size,
+            layers: self.cfg.num_hidden_layers,
+            kv_heads: self.cfg.num_key_value_heads,
+            head_dim: self.cfg.head_dim,
+        })
     }
 
     fn input_adapter(&self) -> Option<(&str, &dyn InputAdapter)> {

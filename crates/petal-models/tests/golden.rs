@@ -292,3 +292,43 @@ fn peft_pissa_adapter_rebuilds_the_svd_residual_of_the_base_and_matches_peft() {
 fn peft_olora_adapter_rebuilds_the_qr_residual_of_the_base_and_matches_peft() {
     assert_close(&with_adapter("qwen2", "qwen2_olora"), "qwen2_olora");
 }
+
+#[test]
+fn peft_prefix_tuning_with_grouped_query_key_value_prefixes_matches_peft() {
+    assert_close(
+        &with_adapter("llama", "llama_prefix_tuning"),
+        "llama_prefix_tuning",
+    );
+}
+
+#[test]
+fn peft_prefix_tuning_on_a_single_kv_head_model_matches_peft() {
+    assert_close(
+        &with_adapter("mistral", "mistral_prefix_tuning"),
+        "mistral_prefix_tuning",
+    );
+}
+
+#[test]
+fn peft_prefix_tuning_trained_through_a_projection_loads_from_its_saved_output() {
+    assert_close(
+        &with_adapter("qwen2", "qwen2_prefix_projection"),
+        "qwen2_prefix_projection",
+    );
+}
+
+#[test]
+fn prefix_tuning_with_a_kv_cache_decodes_exactly_like_the_full_forward() {
+    let m = with_adapter("llama", "llama_prefix_tuning");
+    let ids = golden()["input_ids"].to_dtype(DType::U32).unwrap();
+    let full = m.forward(&ids, None, false).unwrap();
+    let mut cache = m.new_cache();
+    let head = m
+        .forward(&ids.narrow(1, 0, 5).unwrap(), Some(&mut cache), false)
+        .unwrap();
+    let tail = m
+        .forward(&ids.narrow(1, 5, 3).unwrap(), Some(&mut cache), false)
+        .unwrap();
+    let stepwise = Tensor::cat(&[head, tail], 1).unwrap();
+    assert!(max_rel(&stepwise, &full) < 1e-5);
+}

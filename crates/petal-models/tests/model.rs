@@ -120,12 +120,36 @@ fn bf16_logits_track_f32_logits_within_bf16_precision() {
 
 #[test]
 fn prompt_tuning_embeddings_get_gradients_that_match_finite_differences_through_the_model() {
-    let mut m = model(&golden().join("llama"), DType::F32);
     let mut cfg = AdapterConfig::for_method("PROMPT_TUNING", 1, 1.0, Targets::List(vec![]));
     cfg.num_virtual_tokens = Some(2);
-    inject_adapter(&mut m, "default", &cfg, 4).unwrap();
+    let m = input_adapted(&cfg);
     assert_eq!(m.num_virtual_tokens(), 2);
-    let vars = adapter_vars(&m, "default");
+    input_gradients_match_finite_differences(&m);
+}
+
+#[test]
+fn prefix_tuning_keys_and_values_get_gradients_that_match_finite_differences_through_the_model() {
+    let mut cfg = AdapterConfig::for_method("PREFIX_TUNING", 1, 1.0, Targets::List(vec![]));
+    cfg.num_virtual_tokens = Some(2);
+    let m = input_adapted(&cfg);
+    assert_eq!(
+        m.num_virtual_tokens(),
+        0,
+        "prefix positions produce no logits"
+    );
+    input_gradients_match_finite_differences(&m);
+}
+
+fn input_adapted(cfg: &AdapterConfig) -> Llama {
+    let mut m = model(&golden().join("llama"), DType::F32);
+    inject_adapter(&mut m, "default", cfg, 4).unwrap();
+    m
+}
+
+/// Gradients of the input adapter's one tensor against central differences of a loss over all
+/// logits, and no gradient for any frozen weight (entries: first, 17th, last).
+fn input_gradients_match_finite_differences(m: &Llama) {
+    let vars = adapter_vars(m, "default");
     assert_eq!(vars.len(), 1);
     let loss = |m: &Llama| {
         m.forward(&ids(), None, true)
@@ -135,7 +159,7 @@ fn prompt_tuning_embeddings_get_gradients_that_match_finite_differences_through_
             .sum_all()
             .unwrap()
     };
-    let g = loss(&m).backward().unwrap();
+    let g = loss(m).backward().unwrap();
     let grad = g
         .get(vars[0].as_tensor())
         .unwrap()
@@ -154,7 +178,7 @@ fn prompt_tuning_embeddings_get_gradients_that_match_finite_differences_through_
         .unwrap();
     let idx = [0, 17, base.len() - 1];
     let fd = central_differences(&vars[0], &idx, 1e-2, || {
-        loss(&m).to_scalar::<f32>().unwrap() as f64
+        loss(m).to_scalar::<f32>().unwrap() as f64
     });
     for (&i, fd) in idx.iter().zip(fd) {
         let fd = fd as f32;

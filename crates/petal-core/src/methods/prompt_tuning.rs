@@ -72,10 +72,11 @@ impl AdapterMethod for PromptTuning {
     fn build_input(
         &self,
         cfg: &AdapterConfig,
-        token_dim: usize,
+        shape: &crate::adapter::InputShape,
         seed: u64,
         dev: &Device,
     ) -> Result<Option<Box<dyn InputAdapter>>> {
+        let token_dim = shape.hidden;
         let n = cfg.num_virtual_tokens.unwrap_or(0) * cfg.num_transformer_submodules.unwrap_or(1);
         if n == 0 {
             return Err(Error::config(
@@ -104,8 +105,8 @@ impl AdapterMethod for PromptTuning {
 }
 
 impl InputAdapter for PromptEmbedding {
-    fn prefix(&self) -> &Tensor {
-        self.emb.as_tensor()
+    fn embeddings(&self) -> Option<&Tensor> {
+        Some(self.emb.as_tensor())
     }
 
     fn tensors(&self) -> Vec<NamedTensor<'_>> {
@@ -129,12 +130,19 @@ mod tests {
     fn random_init_draws_standard_normal_embeddings_of_the_configured_shape() {
         let mut cfg = AdapterConfig::for_method("PROMPT_TUNING", 1, 1.0, Targets::List(vec![]));
         cfg.num_virtual_tokens = Some(50);
+        let shape = crate::adapter::InputShape {
+            hidden: 200,
+            layers: 2,
+            kv_heads: 1,
+            head_dim: 4,
+        };
         let a = PromptTuning
-            .build_input(&cfg, 200, 1, &Device::Cpu)
+            .build_input(&cfg, &shape, 1, &Device::Cpu)
             .unwrap()
             .unwrap();
-        let v = a.prefix().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(a.prefix().dims(), &[50, 200]);
+        let e = a.embeddings().unwrap();
+        let v = e.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(e.dims(), &[50, 200]);
         let n = v.len() as f64;
         let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
         let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
@@ -145,7 +153,7 @@ mod tests {
         cfg.token_dim = Some(64);
         assert!(
             PromptTuning
-                .build_input(&cfg, 200, 1, &Device::Cpu)
+                .build_input(&cfg, &shape, 1, &Device::Cpu)
                 .is_err(),
             "token_dim must fit the model"
         );
