@@ -49,6 +49,7 @@ CASES = [
     ("qwen2", ["--r", "3", "--alpha", "6", "--init", "olora"]),
     ("llama", ["--method", "prefix_tuning", "--num-virtual-tokens", "3"]),
     ("mistral", ["--method", "prefix_tuning", "--num-virtual-tokens", "2"]),
+    ("qwen2", ["--method", "p_tuning", "--num-virtual-tokens", "3"]),
 ]
 
 
@@ -80,7 +81,7 @@ def main():
             effect = ((tail - plain).abs().max() / ref.abs().max()).item()
             if effect < 1e-3:
                 rel = float("inf")  # the adapter must change the output, or the check proves nothing
-            if "prompt_tuning" in flags or "prefix_tuning" in flags:  # cannot be merged; petal refuses
+            if {"prompt_tuning", "prefix_tuning", "p_tuning"} & set(flags):  # cannot be merged; petal refuses
                 r = subprocess.run([PETAL, "merge", "--model", model, "--adapter", os.path.join(run, "adapter"),
                                     "--out", os.path.join(tmp, "nope")], capture_output=True, text=True)
                 assert r.returncode != 0 and "cannot be merged" in r.stderr, r.stderr

@@ -13,7 +13,7 @@ import sys
 
 import torch
 from peft import (BOFTConfig, IA3Config, LNTuningConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig,
-                  PeftModel, PrefixTuningConfig, PromptTuningConfig, RoadConfig, VeraConfig, get_peft_model)
+                  PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, RoadConfig, VeraConfig, get_peft_model)
 import peft.tuners.boft.layer as boft_layer
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -133,6 +133,8 @@ ADAPTERS = {
     "mistral_prefix_tuning": ("mistral", dict(method="prefix_tuning", num_virtual_tokens=5)),
     "qwen2_prefix_projection": ("qwen2", dict(method="prefix_tuning", num_virtual_tokens=4, prefix_projection=True,
                                               encoder_hidden_size=16)),
+    # P-tuning: the MLP encoder's output is what PEFT saves (and what it computed the logits from)
+    "llama_p_tuning": ("llama", dict(method="p_tuning", num_virtual_tokens=4, encoder_hidden_size=16)),
 }
 
 
@@ -143,6 +145,8 @@ def peft_config(kw):
         return LoHaConfig(init_weights=False, **kw)
     if method == "ln_tuning":
         return LNTuningConfig(task_type="CAUSAL_LM", **kw)
+    if method == "p_tuning":
+        return PromptEncoderConfig(task_type="CAUSAL_LM", **kw)
     if method == "prefix_tuning":
         return PrefixTuningConfig(task_type="CAUSAL_LM", **kw)
     if method == "prompt_tuning":

@@ -315,6 +315,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     acfg.base_model_name_or_path = Some(model_spec.clone());
     let mut model = lm.model;
+    if method == "p_tuning" {
+        acfg.num_virtual_tokens = Some(o.num_virtual_tokens.unwrap_or(20));
+        acfg.token_dim = Some(model.cfg.hidden_size);
+        acfg.num_layers = Some(model.cfg.num_hidden_layers);
+        acfg.num_attention_heads = Some(model.cfg.num_attention_heads);
+        acfg.encoder_hidden_size = Some(model.cfg.hidden_size);
+        acfg.target_modules = None;
+    }
     if method == "prefix_tuning" {
         let c = &model.cfg;
         acfg.num_virtual_tokens = Some(o.num_virtual_tokens.unwrap_or(20));
@@ -341,7 +349,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         // PEFT's TEXT init: the text's token embeddings, cut or repeated to the length.
         let ids = tok.encode(text, false)?;
         let n = input
-            .embeddings()
+            .embeddings()?
             .context("--prompt-init-text needs a method with virtual token embeddings")?
             .dim(0)?;
         if ids.is_empty() {

@@ -158,10 +158,10 @@ pub struct InputShape {
 /// keys and values in front of every layer's attention (prefix tuning). Models hold it as a
 /// trait object and know nothing else of it.
 pub trait InputAdapter: Debug + Send + Sync {
-    /// (n, hidden) embeddings in front of the token embeddings; their positions are part of
-    /// the output.
-    fn embeddings(&self) -> Option<&Tensor> {
-        None
+    /// (n, hidden) embeddings in front of the token embeddings (computed, for P-tuning's
+    /// encoder); their positions are part of the output.
+    fn embeddings(&self) -> Result<Option<Tensor>> {
+        Ok(None)
     }
     /// (n, 2 layers kv_heads head_dim) keys and values put in front of each layer's own, as if
     /// n positions were already cached: the tokens' positions start at n and no output is
@@ -171,11 +171,11 @@ pub trait InputAdapter: Debug + Send + Sync {
         None
     }
     /// Number of virtual positions.
-    fn num_virtual_tokens(&self) -> usize {
-        self.embeddings()
-            .or(self.key_values())
-            .map(|t| t.dims()[t.dims().len() - 2])
-            .unwrap_or(0)
+    fn num_virtual_tokens(&self) -> usize;
+    /// What PEFT saves when it differs from the trained tensors (P-tuning saves its encoder's
+    /// output as `prompt_embeddings`): the final adapter holds these, checkpoints the tensors.
+    fn export(&self) -> Result<Option<Vec<(&'static str, Tensor)>>> {
+        Ok(None)
     }
     /// Owned tensors under their PEFT names (saved without the module prefix).
     fn tensors(&self) -> Vec<NamedTensor<'_>>;

@@ -156,6 +156,13 @@ pub struct AdapterConfig {
     pub prefix_projection: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoder_hidden_size: Option<usize>,
+    /// P-tuning: "MLP" or "LSTM", its layers and dropout (PEFT's bookkeeping for the MLP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder_reparameterization_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder_num_layers: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder_dropout: Option<f64>,
 }
 
 fn minus_one() -> i64 {
@@ -235,6 +242,9 @@ const KNOWN: &[&str] = &[
     "d_initial",
     "prefix_projection",
     "encoder_hidden_size",
+    "encoder_reparameterization_type",
+    "encoder_num_layers",
+    "encoder_dropout",
 ];
 
 /// Keys every method's config carries; the rest come from `AdapterMethod::config_keys`.
@@ -325,6 +335,9 @@ impl AdapterConfig {
             d_initial: None,
             prefix_projection: None,
             encoder_hidden_size: None,
+            encoder_reparameterization_type: None,
+            encoder_num_layers: None,
+            encoder_dropout: None,
         }
     }
 
@@ -335,6 +348,12 @@ impl AdapterConfig {
         match c.peft_type.as_str() {
             "LORA" => {}
             "IA3" => c.init_ia3_weights = Some(true),
+            "P_TUNING" => {
+                c.num_transformer_submodules = Some(1);
+                c.encoder_reparameterization_type = Some("MLP".into());
+                c.encoder_num_layers = Some(2);
+                c.encoder_dropout = Some(0.0);
+            }
             "PREFIX_TUNING" => {
                 c.num_transformer_submodules = Some(1);
                 c.prefix_projection = Some(false);

@@ -10,6 +10,7 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::ia3::Ia3,
     &methods::prompt_tuning::PromptTuning,
     &methods::prefix_tuning::PrefixTuning,
+    &methods::p_tuning::PTuning,
     &methods::ln_tuning::LnTuning,
     &methods::oft::Oft,
     &methods::boft::Boft,

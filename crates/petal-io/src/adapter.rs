@@ -102,14 +102,28 @@ pub fn adapter_tensors(model: &dyn Adaptable, name: &str) -> HashMap<String, Ten
     out
 }
 
-/// Save adapter `name` of `model` as a PEFT folder.
+/// Save adapter `name` of `model` as a PEFT folder, as PEFT's `save_pretrained` does: the
+/// config marked `inference_mode`, and an input adapter's exported form where it has one
+/// (P-tuning's encoder output). Checkpoints keep the trained tensors instead (`adapter_tensors`).
 pub fn save_model_adapter(
     model: &dyn Adaptable,
     name: &str,
     cfg: &AdapterConfig,
     dir: &Path,
 ) -> Result<()> {
-    save_adapter(dir, cfg, &adapter_tensors(model, name))
+    let mut tensors = adapter_tensors(model, name);
+    if let Some((n, input)) = model.input_adapter().filter(|(n, _)| *n == name) {
+        let _ = n;
+        if let Some(export) = input.export()? {
+            for t in input.tensors() {
+                tensors.remove(t.name);
+            }
+            tensors.extend(export.into_iter().map(|(k, t)| (k.to_string(), t)));
+        }
+    }
+    let mut cfg = cfg.clone();
+    cfg.inference_mode = true;
+    save_adapter(dir, &cfg, &tensors)
 }
 
 /// Load a PEFT adapter folder into `model` as adapter `name` (made active). Every tensor in the

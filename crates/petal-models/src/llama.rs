@@ -209,7 +209,8 @@ impl Llama {
     pub fn num_virtual_tokens(&self) -> usize {
         self.input
             .as_ref()
-            .and_then(|(_, a)| a.embeddings().map(|e| e.dim(0).unwrap_or(0)))
+            .filter(|(_, a)| a.key_values().is_none())
+            .map(|(_, a)| a.num_virtual_tokens())
             .unwrap_or(0)
     }
 
@@ -229,7 +230,7 @@ impl Llama {
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, h))?;
         let input = self.input.as_ref().filter(|_| offset == 0).map(|(_, a)| a);
-        if let Some(p) = input.and_then(|a| a.embeddings()) {
+        if let Some(p) = input.map(|a| a.embeddings()).transpose()?.flatten() {
             let p = p.to_dtype(self.dtype)?; // (n, h), at the start only
             let n = p.dim(0)?;
             let p = p.unsqueeze(0)?.broadcast_as((b, n, h))?.contiguous()?;

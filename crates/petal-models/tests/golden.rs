@@ -332,3 +332,8 @@ fn prefix_tuning_with_a_kv_cache_decodes_exactly_like_the_full_forward() {
     let stepwise = Tensor::cat(&[head, tail], 1).unwrap();
     assert!(max_rel(&stepwise, &full) < 1e-5);
 }
+
+#[test]
+fn peft_p_tuning_adapter_loads_as_its_encoder_output_and_matches_peft() {
+    assert_close(&with_adapter("llama", "llama_p_tuning"), "llama_p_tuning");
+}

@@ -251,3 +251,68 @@ fn ln_tuning_counts_one_hidden_vector_per_targeted_norm_as_trainable() {
     assert_eq!(c.trainable, 3 * 32); // two input norms + the final norm, hidden 32
     assert_eq!(c.total, before.total + 3 * 32);
 }
+
+#[test]
+fn p_tuning_encoder_weights_get_gradients_that_match_finite_differences_through_the_model() {
+    let mut cfg = AdapterConfig::for_method("P_TUNING", 1, 1.0, Targets::List(vec![]));
+    cfg.num_virtual_tokens = Some(2);
+    cfg.encoder_hidden_size = Some(8);
+    let m = input_adapted(&cfg);
+    assert_eq!(m.num_virtual_tokens(), 2);
+    let vars = adapter_vars(&m, "default");
+    assert_eq!(vars.len(), 7, "embedding + three linears");
+    let loss = |m: &Llama| {
+        m.forward(&ids(), None, true)
+            .unwrap()
+            .log_sum_exp(2)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let g = loss(&m).backward().unwrap();
+    for v in &vars {
+        let grad = g
+            .get(v.as_tensor())
+            .expect("every encoder tensor gets a gradient")
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let idx = [0, grad.len() - 1];
+        let fd = central_differences(v, &idx, 1e-2, || {
+            loss(&m).to_scalar::<f32>().unwrap() as f64
+        });
+        for (&i, fd) in idx.iter().zip(fd) {
+            let fd = fd as f32;
+            assert!(
+                (fd - grad[i]).abs() < 2e-2 * (1.0 + fd.abs()),
+                "d/d[{i}]: {fd} vs {}",
+                grad[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn a_saved_p_tuning_adapter_is_its_encoder_output_and_reloads_to_the_same_logits() {
+    let mut cfg = AdapterConfig::for_method("P_TUNING", 1, 1.0, Targets::List(vec![]));
+    cfg.num_virtual_tokens = Some(3);
+    let m = input_adapted(&cfg);
+    let dir = tempfile::tempdir().unwrap();
+    petal_io::save_model_adapter(&m, "default", &cfg, dir.path()).unwrap();
+    let (saved_cfg, tensors) =
+        petal_io::load_adapter(dir.path(), &candle_core::Device::Cpu).unwrap();
+    assert!(saved_cfg.inference_mode);
+    assert_eq!(
+        tensors.keys().collect::<Vec<_>>(),
+        vec!["prompt_embeddings"],
+        "PEFT saves only the encoder's output"
+    );
+    let mut fresh = model(&golden().join("llama"), DType::F32);
+    petal_io::attach_adapter(&mut fresh, dir.path(), "default").unwrap();
+    let (a, b) = (
+        m.forward(&ids(), None, false).unwrap(),
+        fresh.forward(&ids(), None, false).unwrap(),
+    );
+    assert!(petal_ops::testing::max_rel(&b, &a) < 1e-6);
+}

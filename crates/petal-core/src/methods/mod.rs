@@ -8,6 +8,7 @@ pub mod loha;
 pub mod lokr;
 pub mod lora;
 pub mod oft;
+pub mod p_tuning;
 pub mod prefix_tuning;
 pub mod prompt_tuning;
 pub mod road;

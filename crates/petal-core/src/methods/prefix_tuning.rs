@@ -130,6 +130,10 @@ impl InputAdapter for Prefix {
         Some(self.kv.as_tensor())
     }
 
+    fn num_virtual_tokens(&self) -> usize {
+        self.kv.as_tensor().dims()[0]
+    }
+
     fn tensors(&self) -> Vec<NamedTensor<'_>> {
         vec![NamedTensor {
             name: EMBEDDINGS,

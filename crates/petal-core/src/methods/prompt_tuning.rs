@@ -24,6 +24,12 @@ pub struct PromptEmbedding {
 }
 
 impl PromptEmbedding {
+    pub fn new(t: &Tensor) -> Result<Self> {
+        Ok(PromptEmbedding {
+            emb: Var::from_tensor(t)?,
+        })
+    }
+
     /// Replace the embeddings (TEXT init, loading).
     pub fn set(&self, t: &Tensor) -> Result<()> {
         let want = self.emb.as_tensor().dims();
@@ -105,8 +111,12 @@ impl AdapterMethod for PromptTuning {
 }
 
 impl InputAdapter for PromptEmbedding {
-    fn embeddings(&self) -> Option<&Tensor> {
-        Some(self.emb.as_tensor())
+    fn embeddings(&self) -> Result<Option<Tensor>> {
+        Ok(Some(self.emb.as_tensor().clone()))
+    }
+
+    fn num_virtual_tokens(&self) -> usize {
+        self.emb.as_tensor().dims()[0]
     }
 
     fn tensors(&self) -> Vec<NamedTensor<'_>> {
@@ -140,7 +150,7 @@ mod tests {
             .build_input(&cfg, &shape, 1, &Device::Cpu)
             .unwrap()
             .unwrap();
-        let e = a.embeddings().unwrap();
+        let e = a.embeddings().unwrap().unwrap();
         let v = e.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(e.dims(), &[50, 200]);
         let n = v.len() as f64;
