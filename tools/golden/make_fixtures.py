@@ -135,6 +135,10 @@ ADAPTERS = {
                                               encoder_hidden_size=16)),
     # P-tuning: the MLP encoder's output is what PEFT saves (and what it computed the logits from)
     "llama_p_tuning": ("llama", dict(method="p_tuning", num_virtual_tokens=4, encoder_hidden_size=16)),
+    # modules_to_save: a full trained copy of the head (perturbed below), untied and tied
+    "llama_lora_head_to_save": ("llama", dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"])),
+    "qwen2_ia3_tied_head_to_save": ("qwen2", dict(method="ia3", target_modules=["k_proj", "down_proj"],
+                                                  feedforward_modules=["down_proj"], modules_to_save=["lm_head"])),
 }
 
 
@@ -196,6 +200,8 @@ def main():
                     p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
                 if "init" in kw and ("lora_A" in n or "lora_B" in n):
                     p.add_(torch.randn_like(p) * 0.05)
+                if "modules_to_save" in n:
+                    p.add_(torch.randn_like(p) * 0.05)
         pm.eval()
         out[f"{aname}"] = logits(pm)
         pm.save_pretrained(os.path.join(ROOT, "adapters", aname))
@@ -212,8 +218,13 @@ def main():
     m = llama()
     pm = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     trainable, total = pm.get_nb_trainable_parameters()
+    counts = {"llama_r8_all_linear": {"trainable": trainable, "total": total}}
+    m = llama()
+    pm = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", modules_to_save=["lm_head"]))
+    trainable, total = pm.get_nb_trainable_parameters()
+    counts["llama_r8_all_linear_head_to_save"] = {"trainable": trainable, "total": total}
     with open(os.path.join(ROOT, "param_counts.json"), "w") as f:
-        json.dump({"llama_r8_all_linear": {"trainable": trainable, "total": total}}, f)
+        json.dump(counts, f)
     save_file(out, os.path.join(ROOT, "logits.safetensors"))
     print("wrote", ROOT, file=sys.stderr)
 

@@ -60,6 +60,8 @@ train_opts! {
     target_modules: String,
     /// Modules to exclude: comma list or `re:REGEX`
     exclude_modules: String,
+    /// Linears trained in full next to the adapter and saved with it (e.g. lm_head): comma list
+    modules_to_save: String,
     /// LoKr: split dimensions around this divisor (-1: near the square root) [default: -1]
     decompose_factor: i64,
     /// LoKr: also factor the left Kronecker factor [default: false]
@@ -281,6 +283,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
     }
     acfg.exclude_modules = o.exclude_modules.as_deref().map(targets);
+    acfg.modules_to_save = o
+        .modules_to_save
+        .as_deref()
+        .map(|s| s.split(',').map(|p| p.trim().to_string()).collect());
     acfg.decompose_factor = o.decompose_factor.unwrap_or(-1);
     acfg.decompose_both = o.decompose_both.unwrap_or(false);
     if method == "ia3" {

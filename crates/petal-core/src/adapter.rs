@@ -20,6 +20,13 @@ pub enum WeightUpdate {
     },
     /// `W' = M W`, `b' = M b`: the output transformed by M (out, out): RoAd. `m_inv` = M^-1.
     Transform { m: Tensor, m_inv: Tensor },
+    /// W and b replaced by trained copies (`modules_to_save`); the inverse restores the old.
+    Replace {
+        w: Tensor,
+        b: Option<Tensor>,
+        old_w: Tensor,
+        old_b: Option<Tensor>,
+    },
     /// W * l (l broadcast over rows or columns): IA3-style scaling.
     Scale(Tensor),
 }

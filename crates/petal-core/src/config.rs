@@ -499,9 +499,6 @@ impl AdapterConfig {
         if self.bias != "none" {
             return unsupported("bias", format!("{:?}", self.bias));
         }
-        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return unsupported("modules_to_save", format!("{:?}", self.modules_to_save));
-        }
         if let Some(InitWeights::Named(n)) = &self.init_weights {
             if !(self.peft_type == "PREFIX_TUNING" && n == "zero") {
                 return unsupported("init_weights", format!("{n:?}"));

@@ -3,8 +3,9 @@
 use crate::adapter::{BaseLinear, InputAdapter, InputShape, Shared};
 use crate::config::AdapterConfig;
 use crate::linear::AdaptableLinear;
+use crate::methods::modules_to_save::{self, ModuleCopy};
 use crate::norm::AdaptableNorm;
-use crate::{registry, rng, target, Error, Result};
+use crate::{registry, rng, target, AdapterLayer, Error, Result};
 use candle_core::Var;
 
 /// What a model exposes to the adapter machinery: its linears, by HF module path.
@@ -95,10 +96,12 @@ pub fn inject_adapter(
                 out_features: width,
                 params,
             };
+            let mut modules = vec![row];
+            attach_module_copies(model, name, cfg, &mut modules)?;
             return Ok(InjectionReport {
                 adapter: name.to_string(),
                 peft_type: cfg.peft_type.clone(),
-                modules: vec![row],
+                modules,
             });
         }
     }
@@ -121,6 +124,7 @@ pub fn inject_adapter(
                 cfg.target_modules
             )));
         }
+        attach_module_copies(model, name, cfg, &mut modules)?;
         return Ok(InjectionReport {
             adapter: name.to_string(),
             peft_type: cfg.peft_type.clone(),
@@ -180,11 +184,60 @@ pub fn inject_adapter(
             linear_suffixes(model).join(", ")
         )));
     }
+    attach_module_copies(model, name, cfg, &mut modules)?;
     Ok(InjectionReport {
         adapter: name.to_string(),
         peft_type: cfg.peft_type.clone(),
         modules,
     })
+}
+
+/// `modules_to_save`: a trained full copy of every listed linear, under the adapter's name.
+fn attach_module_copies(
+    model: &mut dyn Adaptable,
+    name: &str,
+    cfg: &AdapterConfig,
+    modules: &mut Vec<Injected>,
+) -> Result<()> {
+    let Some(list) = cfg.modules_to_save.as_ref().filter(|l| !l.is_empty()) else {
+        return Ok(());
+    };
+    let mut found = 0;
+    for lin in model.linears_mut() {
+        if !modules_to_save::is_listed(cfg, lin.path()) {
+            continue;
+        }
+        if lin.layer(name).is_some() {
+            return Err(Error::msg(format!(
+                "{}: both targeted by the method and listed in modules_to_save",
+                lin.path()
+            )));
+        }
+        let copy = ModuleCopy::new(lin.weight(), lin.bias())?;
+        let params = copy
+            .tensors()
+            .iter()
+            .map(|t| t.var.as_tensor().elem_count())
+            .sum();
+        modules.push(Injected {
+            path: lin.path().to_string(),
+            in_features: lin.in_features(),
+            out_features: lin.out_features(),
+            params,
+        });
+        lin.add_adapter(name, Box::new(copy))?;
+        let mut active: Vec<String> = lin.active().to_vec();
+        active.push(name.to_string());
+        lin.set_active(&active.iter().map(String::as_str).collect::<Vec<_>>());
+        found += 1;
+    }
+    if found == 0 {
+        return Err(Error::msg(format!(
+            "modules_to_save {list:?} matched no linear layer of the model (its linears end in: {})",
+            linear_suffixes(model).join(", ")
+        )));
+    }
+    Ok(())
 }
 
 fn linear_suffixes(model: &dyn Adaptable) -> Vec<String> {

@@ -337,3 +337,37 @@ fn prefix_tuning_with_a_kv_cache_decodes_exactly_like_the_full_forward() {
 fn peft_p_tuning_adapter_loads_as_its_encoder_output_and_matches_peft() {
     assert_close(&with_adapter("llama", "llama_p_tuning"), "llama_p_tuning");
 }
+
+#[test]
+fn peft_lora_with_the_head_in_modules_to_save_matches_peft() {
+    assert_close(
+        &with_adapter("llama", "llama_lora_head_to_save"),
+        "llama_lora_head_to_save",
+    );
+}
+
+#[test]
+fn peft_ia3_with_a_tied_head_in_modules_to_save_matches_peft() {
+    assert_close(
+        &with_adapter("qwen2", "qwen2_ia3_tied_head_to_save"),
+        "qwen2_ia3_tied_head_to_save",
+    );
+}
+
+#[test]
+fn parameter_counts_with_a_head_in_modules_to_save_equal_peft_counts() {
+    let text = std::fs::read_to_string(root().join("param_counts.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut m = model("llama");
+    let mut cfg = petal_core::AdapterConfig::lora(
+        8,
+        16.0,
+        petal_core::config::Targets::Regex("all-linear".into()),
+    );
+    cfg.modules_to_save = Some(vec!["lm_head".into()]);
+    petal_core::inject_adapter(&mut m, "default", &cfg, 0).unwrap();
+    let c = ParamCount::of(&m);
+    let want = &v["llama_r8_all_linear_head_to_save"];
+    assert_eq!(c.trainable as u64, want["trainable"].as_u64().unwrap());
+    assert_eq!(c.total as u64, want["total"].as_u64().unwrap());
+}

@@ -7,6 +7,7 @@ pub mod ln_tuning;
 pub mod loha;
 pub mod lokr;
 pub mod lora;
+pub mod modules_to_save;
 pub mod oft;
 pub mod p_tuning;
 pub mod prefix_tuning;
