@@ -52,6 +52,8 @@ CASES = [
     ("qwen2", ["--method", "p_tuning", "--num-virtual-tokens", "3"]),
     ("llama", ["--r", "2", "--alpha", "4", "--target-modules", "q_proj", "--modules-to-save", "lm_head"]),
     ("qwen2", ["--method", "ia3", "--modules-to-save", "lm_head"]),
+    ("qwen2", ["--r", "2", "--alpha", "4", "--target-modules", "q_proj,o_proj", "--bias", "all"]),
+    ("qwen2", ["--r", "2", "--alpha", "4", "--target-modules", "k_proj,v_proj", "--bias", "lora_only"]),
 ]
 
 

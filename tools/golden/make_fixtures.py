@@ -139,6 +139,9 @@ ADAPTERS = {
     "llama_lora_head_to_save": ("llama", dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"])),
     "qwen2_ia3_tied_head_to_save": ("qwen2", dict(method="ia3", target_modules=["k_proj", "down_proj"],
                                                   feedforward_modules=["down_proj"], modules_to_save=["lm_head"])),
+    # LoRA's bias option (BitFit-style): PEFT trains the base biases and saves them (moved below)
+    "qwen2_lora_bias_all": ("qwen2", dict(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"], bias="all")),
+    "qwen2_lora_bias_lora_only": ("qwen2", dict(r=2, lora_alpha=4, target_modules=["k_proj", "v_proj"], bias="lora_only")),
 }
 
 
@@ -202,6 +205,8 @@ def main():
                     p.add_(torch.randn_like(p) * 0.05)
                 if "modules_to_save" in n:
                     p.add_(torch.randn_like(p) * 0.05)
+                if n.endswith(".bias") and p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.3)
         pm.eval()
         out[f"{aname}"] = logits(pm)
         pm.save_pretrained(os.path.join(ROOT, "adapters", aname))

@@ -62,6 +62,8 @@ train_opts! {
     exclude_modules: String,
     /// Linears trained in full next to the adapter and saved with it (e.g. lm_head): comma list
     modules_to_save: String,
+    /// LoRA: also train biases: none | lora_only | all [default: none]
+    bias: String,
     /// LoKr: split dimensions around this divisor (-1: near the square root) [default: -1]
     decompose_factor: i64,
     /// LoKr: also factor the left Kronecker factor [default: false]
@@ -283,6 +285,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
     }
     acfg.exclude_modules = o.exclude_modules.as_deref().map(targets);
+    acfg.bias = o.bias.clone().unwrap_or_else(|| "none".into());
     acfg.modules_to_save = o
         .modules_to_save
         .as_deref()

@@ -20,6 +20,9 @@ pub enum WeightUpdate {
     },
     /// `W' = M W`, `b' = M b`: the output transformed by M (out, out): RoAd. `m_inv` = M^-1.
     Transform { m: Tensor, m_inv: Tensor },
+    /// `W + dW`, `b + db`: an additive update that also moves the bias (LoRA with a trained
+    /// bias, `bias = "all" | "lora_only"`).
+    AddBias { dw: Option<Tensor>, db: Tensor },
     /// W and b replaced by trained copies (`modules_to_save`); the inverse restores the old.
     Replace {
         w: Tensor,

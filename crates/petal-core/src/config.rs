@@ -496,8 +496,10 @@ impl AdapterConfig {
         if self.fan_in_fan_out {
             return unsupported("fan_in_fan_out", "true".into());
         }
-        if self.bias != "none" {
-            return unsupported("bias", format!("{:?}", self.bias));
+        match self.bias.as_str() {
+            "none" => {}
+            "all" | "lora_only" if self.is_lora() => {}
+            b => return unsupported("bias", format!("{b:?} (for {})", self.peft_type)),
         }
         if let Some(InitWeights::Named(n)) = &self.init_weights {
             if !(self.peft_type == "PREFIX_TUNING" && n == "zero") {

@@ -3,6 +3,7 @@
 use crate::adapter::{BaseLinear, InputAdapter, InputShape, Shared};
 use crate::config::AdapterConfig;
 use crate::linear::AdaptableLinear;
+use crate::methods::bias::BiasCopy;
 use crate::methods::modules_to_save::{self, ModuleCopy};
 use crate::norm::AdaptableNorm;
 use crate::{registry, rng, target, AdapterLayer, Error, Result};
@@ -185,6 +186,24 @@ pub fn inject_adapter(
         )));
     }
     attach_module_copies(model, name, cfg, &mut modules)?;
+    if cfg.is_lora() && cfg.bias == "all" {
+        for lin in model.linears_mut() {
+            let Some(b) = lin.bias().filter(|_| lin.layer(name).is_none()) else {
+                continue;
+            };
+            let copy = BiasCopy::new(b)?;
+            modules.push(Injected {
+                path: lin.path().to_string(),
+                in_features: 0,
+                out_features: lin.out_features(),
+                params: lin.out_features(),
+            });
+            lin.add_adapter(name, Box::new(copy))?;
+            let mut active: Vec<String> = lin.active().to_vec();
+            active.push(name.to_string());
+            lin.set_active(&active.iter().map(String::as_str).collect::<Vec<_>>());
+        }
+    }
     Ok(InjectionReport {
         adapter: name.to_string(),
         peft_type: cfg.peft_type.clone(),

@@ -206,6 +206,10 @@ fn scale_bias(b: &Tensor, upd: &WeightUpdate, inverse: bool) -> Result<Tensor> {
             let l = l.flatten_all()?.to_dtype(b.dtype())?;
             Ok(if inverse { b.div(&l)? } else { b.mul(&l)? })
         }
+        WeightUpdate::AddBias { db, .. } => {
+            let db = db.to_dtype(b.dtype())?;
+            Ok(if inverse { (b - db)? } else { (b + db)? })
+        }
         WeightUpdate::Replace { b: nb, old_b, .. } => {
             let t = if inverse { old_b } else { nb };
             Ok(t.as_ref().unwrap_or(b).to_dtype(b.dtype())?)
@@ -244,6 +248,8 @@ pub fn apply(w: &Tensor, upd: &WeightUpdate) -> Result<Tensor> {
         WeightUpdate::Transform { m, .. } => m.to_dtype(DType::F32)?.matmul(&wf)?,
         WeightUpdate::Scale(l) => wf.broadcast_mul(&l.to_dtype(DType::F32)?)?,
         WeightUpdate::Replace { w, .. } => w.to_dtype(DType::F32)?,
+        WeightUpdate::AddBias { dw: Some(d), .. } => (wf + d.to_dtype(DType::F32)?)?,
+        WeightUpdate::AddBias { dw: None, .. } => wf,
     };
     Ok(out.to_dtype(dt)?)
 }
@@ -264,6 +270,8 @@ pub fn invert(w: &Tensor, upd: &WeightUpdate) -> Result<Tensor> {
         WeightUpdate::Transform { m_inv, .. } => m_inv.to_dtype(DType::F32)?.matmul(&wf)?,
         WeightUpdate::Scale(l) => wf.broadcast_div(&l.to_dtype(DType::F32)?)?,
         WeightUpdate::Replace { old_w, .. } => old_w.to_dtype(DType::F32)?,
+        WeightUpdate::AddBias { dw: Some(d), .. } => (wf - d.to_dtype(DType::F32)?)?,
+        WeightUpdate::AddBias { dw: None, .. } => wf,
     };
     Ok(out.to_dtype(dt)?)
 }

@@ -371,3 +371,19 @@ fn parameter_counts_with_a_head_in_modules_to_save_equal_peft_counts() {
     assert_eq!(c.trainable as u64, want["trainable"].as_u64().unwrap());
     assert_eq!(c.total as u64, want["total"].as_u64().unwrap());
 }
+
+#[test]
+fn peft_lora_with_all_biases_trained_matches_peft() {
+    assert_close(
+        &with_adapter("qwen2", "qwen2_lora_bias_all"),
+        "qwen2_lora_bias_all",
+    );
+}
+
+#[test]
+fn peft_lora_with_the_adapted_modules_biases_trained_matches_peft() {
+    assert_close(
+        &with_adapter("qwen2", "qwen2_lora_bias_lora_only"),
+        "qwen2_lora_bias_lora_only",
+    );
+}

@@ -31,6 +31,8 @@ pub struct LoraLayer {
     pub dora: Option<Dora>,
     /// PiSSA / OLoRA: the part of W the adapter starts with (moved out of the base).
     pub base_offset: Option<Tensor>,
+    /// `bias = "all" | "lora_only"`: the trained bias and the frozen one it started from.
+    pub bias: Option<(Var, Tensor)>,
 }
 
 impl AdapterMethod for Lora {
@@ -94,6 +96,18 @@ impl AdapterMethod for Lora {
             }
             _ => (a, b, None),
         };
+        let bias = match (cfg.bias.as_str(), base.bias) {
+            ("all" | "lora_only", Some(b)) => {
+                if cfg.use_dora {
+                    return Err(Error::msg(format!(
+                        "{path}: a trained bias with use_dora is not supported yet"
+                    )));
+                }
+                let b = b.to_dtype(DType::F32)?;
+                Some((Var::from_tensor(&b.copy()?)?, b))
+            }
+            _ => None,
+        };
         let dora = if cfg.use_dora {
             Some(Dora::new(
                 base.weight,
@@ -110,6 +124,7 @@ impl AdapterMethod for Lora {
             dropout: cfg.lora_dropout,
             dora,
             base_offset,
+            bias,
         }))
     }
 }
@@ -241,7 +256,10 @@ impl AdapterLayer for LoraLayer {
             return Ok(z.reshape(y.shape())?.to_dtype(y.dtype())?);
         }
         let h = (self.low(x, train)? * self.scaling)?; // (n, r), scaled while small
-        let d = h.matmul(&self.b.as_tensor().t()?)?; // (n, out)
+        let mut d = h.matmul(&self.b.as_tensor().t()?)?; // (n, out)
+        if let Some((trained, frozen)) = &self.bias {
+            d = d.broadcast_add(&(trained.as_tensor() - frozen)?)?;
+        }
         let d = d.reshape(y.shape())?.to_dtype(y.dtype())?;
         Ok((y + d)?)
     }
@@ -253,7 +271,11 @@ impl AdapterLayer for LoraLayer {
         b: Option<&Tensor>,
         train: bool,
     ) -> Option<Result<Tensor>> {
-        if self.dora.is_some() || !petal_ops::cpu::fast_ok(x) || w.dtype() != DType::F32 {
+        if self.dora.is_some()
+            || self.bias.is_some()
+            || !petal_ops::cpu::fast_ok(x)
+            || w.dtype() != DType::F32
+        {
             return None;
         }
         let run = || -> Result<Tensor> {
@@ -279,7 +301,13 @@ impl AdapterLayer for LoraLayer {
             Some(d) => d.update(&self.delta()?)?,
             None => self.delta()?,
         };
-        Ok(WeightUpdate::Add(dw))
+        Ok(match &self.bias {
+            Some((trained, frozen)) => WeightUpdate::AddBias {
+                dw: Some(dw),
+                db: (trained.as_tensor() - frozen)?,
+            },
+            None => WeightUpdate::Add(dw),
+        })
     }
 
     fn tensors(&self) -> Vec<NamedTensor<'_>> {
@@ -293,6 +321,12 @@ impl AdapterLayer for LoraLayer {
                 var: &self.b,
             },
         ];
+        if let Some((trained, _)) = &self.bias {
+            v.push(NamedTensor {
+                name: "base_layer.bias",
+                var: trained,
+            });
+        }
         if let Some(d) = &self.dora {
             v.push(NamedTensor {
                 name: MAGNITUDE,
@@ -508,3 +542,81 @@ crate::conformance!(
     },
     Some(&[MAGNITUDE])
 );
+
+/// `bias = "lora_only"`: fc1 (with a bias) trains it inside its LoRA layer.
+#[cfg(test)]
+fn bias_lora_only_config() -> AdapterConfig {
+    let mut c = conformance_config();
+    c.bias = "lora_only".into();
+    c
+}
+
+#[cfg(test)]
+crate::conformance!(
+    bias_lora_only_conformance,
+    bias_lora_only_config,
+    |inp, out, cfg: &AdapterConfig| {
+        if out == 6 {
+            cfg.rank_pattern["fc2"] * (inp + out)
+        } else {
+            cfg.r * (inp + out) + out
+        }
+    }
+);
+
+/// `bias = "all"` with LoRA on fc2 only: fc1's bias is trained on its own.
+#[cfg(test)]
+fn bias_all_config() -> AdapterConfig {
+    let mut c = conformance_config();
+    c.target_modules = Some(crate::config::Targets::List(vec!["fc2".into()]));
+    c.bias = "all".into();
+    c
+}
+
+#[cfg(test)]
+crate::conformance!(
+    bias_all_conformance,
+    bias_all_config,
+    |inp, out, cfg: &AdapterConfig| {
+        if out == 6 {
+            cfg.rank_pattern["fc2"] * (inp + out)
+        } else {
+            out
+        }
+    }
+);
+
+#[cfg(test)]
+mod bias_tests {
+    use super::*;
+    use crate::testing::{adapted, max_rel, rand_tensor, Toy};
+    use crate::Adaptable;
+
+    #[test]
+    fn trained_biases_merge_into_b_and_unmerge_restores_it() {
+        for cfg in [bias_all_config(), bias_lora_only_config()] {
+            let mut t = adapted(&cfg, true);
+            let l = t.fc1.layer("default").unwrap();
+            let bias = l
+                .tensors()
+                .into_iter()
+                .find(|n| n.name.ends_with("bias"))
+                .unwrap();
+            bias.var
+                .set(&(bias.var.as_tensor() + rand_tensor(&[12], 8)).unwrap())
+                .unwrap();
+            let x = Toy::input();
+            let unmerged = t.forward(&x);
+            let b0 = t.fc1.bias().unwrap().clone();
+            for l in t.linears_mut() {
+                l.merge("default", true).unwrap();
+            }
+            assert!(max_rel(&t.forward(&x), &unmerged) < 1e-5, "{}", cfg.bias);
+            assert!(max_rel(t.fc1.bias().unwrap(), &b0) > 1e-2, "the bias moved");
+            for l in t.linears_mut() {
+                l.unmerge().unwrap();
+            }
+            assert!(max_rel(t.fc1.bias().unwrap(), &b0) < 1e-6, "{}", cfg.bias);
+        }
+    }
+}
