@@ -27,11 +27,15 @@ METHODS = {
     "ia3": ["--method", "ia3"],
     "prompt_tuning": ["--method", "prompt_tuning", "--num-virtual-tokens", "20", "--lr", "3e-2",
                       "--prompt-init-text", "The tragedy of Hamlet, Prince of Denmark, a play by William Shakespeare."],
+    "prefix_tuning": ["--method", "prefix_tuning", "--num-virtual-tokens", "20", "--lr", "1e-2"],
+    "p_tuning": ["--method", "p_tuning", "--num-virtual-tokens", "20", "--lr", "3e-3"],
     "ln_tuning": ["--method", "ln_tuning"],
     "oft": ["--method", "oft", "--oft-block-size", "32", "--lr", "5e-4"],
     "boft": ["--method", "boft", "--boft-block-size", "8", "--boft-butterfly-factor", "2"],
     "road": ["--method", "road", "--road-variant", "road_1", "--group-size", "64", "--lr", "5e-3"],
     "vera": ["--method", "vera", "--r", "256", "--lr", "1e-2"],
+    "pissa": ["--method", "lora", "--r", "8", "--alpha", "16", "--init", "pissa_niter_4", "--lr", "5e-4"],
+    "lora_head": ["--method", "lora", "--r", "8", "--alpha", "16", "--modules-to-save", "lm_head", "--lr", "5e-4"],
 }
 
 
