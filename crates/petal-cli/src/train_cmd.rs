@@ -68,6 +68,10 @@ train_opts! {
     decompose_factor: i64,
     /// LoKr: also factor the left Kronecker factor [default: false]
     decompose_both: bool,
+    /// LoHa / LoKr: drop rows of dW in training with this probability [default: 0.0]
+    rank_dropout: f64,
+    /// LoHa / LoKr: skip the adapter for a forward call with this probability [default: 0.0]
+    module_dropout: f64,
     /// Prompt / prefix tuning: virtual tokens put in front of every sequence [default: 20]
     num_virtual_tokens: usize,
     /// Prompt tuning: initialise the virtual tokens from this text's embeddings
@@ -292,6 +296,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .map(|s| s.split(',').map(|p| p.trim().to_string()).collect());
     acfg.decompose_factor = o.decompose_factor.unwrap_or(-1);
     acfg.decompose_both = o.decompose_both.unwrap_or(false);
+    acfg.rank_dropout = o.rank_dropout.unwrap_or(0.0);
+    acfg.module_dropout = o.module_dropout.unwrap_or(0.0);
+    if method == "lokr" && acfg.rank_dropout > 0.0 {
+        acfg.rank_dropout_scale = Some(true);
+    }
+    acfg.validate("train options")?;
     if method == "ia3" {
         acfg.feedforward_modules = Some(targets(
             o.feedforward_modules.as_deref().unwrap_or("down_proj"),

@@ -82,6 +82,9 @@ pub struct AdapterConfig {
     pub rank_dropout: f64,
     #[serde(default)]
     pub module_dropout: f64,
+    /// LoKr: rescale the kept rows of dW under rank dropout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank_dropout_scale: Option<bool>,
     /// LoKr: also factor the left Kronecker factor into two low-rank matrices.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub decompose_both: bool,
@@ -305,6 +308,7 @@ impl AdapterConfig {
             init_weights: None,
             rank_dropout: 0.0,
             module_dropout: 0.0,
+            rank_dropout_scale: None,
             decompose_both: false,
             decompose_factor: -1,
             feedforward_modules: None,
@@ -487,11 +491,20 @@ impl AdapterConfig {
                 format!("{f} = {v} is not supported by petal yet"),
             ))
         };
-        if self.rank_dropout != 0.0 || (self.module_dropout != 0.0 && self.peft_type != "OFT") {
+        let lycoris = self.peft_type == "LOHA" || self.peft_type == "LOKR";
+        if (self.rank_dropout != 0.0 && !lycoris)
+            || (self.module_dropout != 0.0 && !lycoris && self.peft_type != "OFT")
+        {
             return unsupported(
                 "rank_dropout / module_dropout",
-                format!("{} / {}", self.rank_dropout, self.module_dropout),
+                format!(
+                    "{} / {} (for {})",
+                    self.rank_dropout, self.module_dropout, self.peft_type
+                ),
             );
+        }
+        if !(0.0..1.0).contains(&self.rank_dropout) {
+            return Err(Error::config(file, "rank_dropout", "must be in [0, 1)"));
         }
         if self.fan_in_fan_out {
             return unsupported("fan_in_fan_out", "true".into());

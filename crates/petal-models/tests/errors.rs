@@ -115,7 +115,10 @@ fn an_unknown_peft_type_and_a_switched_on_unsupported_feature_are_refused_by_nam
     let e = petal_io::attach_adapter(&mut model(), &a, "x")
         .unwrap_err()
         .to_string();
-    assert!(e.contains("fan_in_fan_out") && e.contains("not supported"), "{e}");
+    assert!(
+        e.contains("fan_in_fan_out") && e.contains("not supported"),
+        "{e}"
+    );
     let a = d.path().join("c");
     copy_dir(&golden().join("adapters/llama_lora_qv"), &a);
     edit_config(&a, "\"use_qalora\": false", "\"use_qalora\": true");

@@ -10,7 +10,7 @@
 
 use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, WeightUpdate};
 use crate::config::AdapterConfig;
-use crate::methods::{add_dense_delta, param};
+use crate::methods::{add_dense_delta, param, LycorisDropout};
 use crate::Result;
 use candle_core::{Tensor, Var};
 use rand::SeedableRng;
@@ -29,6 +29,7 @@ pub struct LohaLayer {
     w2a: Var, // (out, r)
     w2b: Var, // (r, in)
     scaling: f64,
+    drop: LycorisDropout,
 }
 
 impl AdapterMethod for Loha {
@@ -68,6 +69,11 @@ impl AdapterMethod for Loha {
             w2a: param((out, r), false, &mut g, dev)?,
             w2b,
             scaling: cfg.alpha_for(path) / r as f64,
+            drop: LycorisDropout {
+                rank: cfg.rank_dropout,
+                module: cfg.module_dropout,
+                scale: true,
+            },
         }))
     }
 }
@@ -82,8 +88,11 @@ impl LohaLayer {
 }
 
 impl AdapterLayer for LohaLayer {
-    fn forward(&self, x: &Tensor, y: Tensor, _train: bool) -> Result<Tensor> {
-        add_dense_delta(x, y, &self.delta()?)
+    fn forward(&self, x: &Tensor, y: Tensor, train: bool) -> Result<Tensor> {
+        if self.drop.skip(train) {
+            return Ok(y);
+        }
+        add_dense_delta(x, y, &self.drop.rows(self.delta()?, train)?)
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {

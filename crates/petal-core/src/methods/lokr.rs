@@ -11,7 +11,7 @@
 
 use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, WeightUpdate};
 use crate::config::AdapterConfig;
-use crate::methods::{add_dense_delta, param};
+use crate::methods::{add_dense_delta, param, LycorisDropout};
 use crate::Result;
 use candle_core::{Tensor, Var};
 use rand::SeedableRng;
@@ -39,6 +39,7 @@ pub struct LokrLayer {
     w1: Factor,
     w2: Factor,
     scaling: f64,
+    drop: LycorisDropout,
 }
 
 /// PEFT's (LyCORIS's) `factorization`: dimension = m * n with m <= n, m as close to `factor`
@@ -84,6 +85,7 @@ impl AdapterMethod for Lokr {
             "init_weights",
             "rank_dropout",
             "module_dropout",
+            "rank_dropout_scale",
             "decompose_both",
             "decompose_factor",
             "layers_to_transform",
@@ -128,6 +130,11 @@ impl AdapterMethod for Lokr {
             w1,
             w2,
             scaling: cfg.alpha_for(path) / r as f64,
+            drop: LycorisDropout {
+                rank: cfg.rank_dropout,
+                module: cfg.module_dropout,
+                scale: cfg.rank_dropout_scale.unwrap_or(false),
+            },
         }))
     }
 }
@@ -145,8 +152,11 @@ impl LokrLayer {
 }
 
 impl AdapterLayer for LokrLayer {
-    fn forward(&self, x: &Tensor, y: Tensor, _train: bool) -> Result<Tensor> {
-        add_dense_delta(x, y, &self.delta()?)
+    fn forward(&self, x: &Tensor, y: Tensor, train: bool) -> Result<Tensor> {
+        if self.drop.skip(train) {
+            return Ok(y);
+        }
+        add_dense_delta(x, y, &self.drop.rows(self.delta()?, train)?)
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {
@@ -214,6 +224,11 @@ mod tests {
             w1: Factor::Full(w1),
             w2: Factor::Full(w2),
             scaling: 2.0,
+            drop: LycorisDropout {
+                rank: 0.0,
+                module: 0.0,
+                scale: false,
+            },
         };
         let k = l.delta().unwrap().to_vec2::<f32>().unwrap();
         // kron([[1,2],[3,4]], [[0,1,5]]) = [[0,1,5,0,2,10],[0,3,15,0,4,20]], times 2

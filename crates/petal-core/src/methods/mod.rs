@@ -75,3 +75,89 @@ pub(crate) fn add_dense_delta(x: &Tensor, y: Tensor, delta: &Tensor) -> Result<T
         .to_dtype(y.dtype())?;
     Ok((y + d)?)
 }
+
+/// LyCORIS training-time dropout, as PEFT's LoHa and LoKr apply it. `module`: with probability
+/// p the adapter is skipped for the whole forward call. `rank`: each output row of dW is zeroed
+/// with probability p, and (LoHa always, LoKr with `rank_dropout_scale`) the kept rows are
+/// divided by the kept fraction. Draws come from petal's per-step generator (`rng`), so a
+/// resumed run repeats them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LycorisDropout {
+    pub rank: f64,
+    pub module: f64,
+    pub scale: bool,
+}
+
+impl LycorisDropout {
+    /// Whether this call skips the adapter (training only).
+    pub fn skip(&self, train: bool) -> bool {
+        train && self.module > 0.0 && unit(crate::rng::next_seed()) <= self.module
+    }
+
+    /// dW with rows dropped (training only).
+    pub fn rows(&self, dw: Tensor, train: bool) -> Result<Tensor> {
+        if !(train && self.rank > 0.0) {
+            return Ok(dw);
+        }
+        let out = dw.dim(0)?;
+        let mut state = crate::rng::next_seed();
+        let mut keep: Vec<f32> = (0..out)
+            .map(|_| {
+                state = crate::rng::splitmix(state);
+                (unit(state) > self.rank) as u8 as f32
+            })
+            .collect();
+        let kept = keep.iter().sum::<f32>();
+        if self.scale && kept > 0.0 {
+            let mean = kept / out as f32;
+            keep.iter_mut().for_each(|k| *k /= mean);
+        }
+        let mask = Tensor::from_vec(keep, (out, 1), dw.device())?;
+        Ok(dw.broadcast_mul(&mask)?)
+    }
+}
+
+/// A u64 mapped to [0, 1).
+fn unit(v: u64) -> f64 {
+    (v >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_dropout_skips_about_p_of_training_calls_and_none_in_eval() {
+        crate::rng::set_step_seed(7);
+        let d = LycorisDropout {
+            rank: 0.0,
+            module: 0.3,
+            scale: false,
+        };
+        let skipped = (0..4000).filter(|_| d.skip(true)).count();
+        assert!((skipped as f64 / 4000.0 - 0.3).abs() < 0.03, "{skipped}");
+        assert!((0..100).all(|_| !d.skip(false)));
+    }
+
+    #[test]
+    fn rank_dropout_zeroes_whole_rows_and_rescales_the_kept_ones_to_the_same_mean() {
+        crate::rng::set_step_seed(3);
+        let dw = Tensor::ones((1000, 3), DType::F32, &Device::Cpu).unwrap();
+        let d = LycorisDropout {
+            rank: 0.25,
+            module: 0.0,
+            scale: true,
+        };
+        let out = d.rows(dw.clone(), true).unwrap().to_vec2::<f32>().unwrap();
+        let zero = out.iter().filter(|r| r.iter().all(|&v| v == 0.0)).count();
+        assert!((zero as f64 / 1000.0 - 0.25).abs() < 0.04, "{zero}");
+        assert!(
+            out.iter().all(|r| r[0] == r[1] && r[1] == r[2]),
+            "whole rows"
+        );
+        let mean: f32 = out.iter().map(|r| r[0]).sum::<f32>() / 1000.0;
+        assert!((mean - 1.0).abs() < 1e-4, "{mean}");
+        let eval = d.rows(dw.clone(), false).unwrap();
+        assert_eq!(eval.to_vec2::<f32>().unwrap(), dw.to_vec2::<f32>().unwrap());
+    }
+}
