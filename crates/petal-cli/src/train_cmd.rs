@@ -301,7 +301,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if method == "lokr" && acfg.rank_dropout > 0.0 {
         acfg.rank_dropout_scale = Some(true);
     }
-    acfg.validate("train options")?;
     if method == "ia3" {
         acfg.feedforward_modules = Some(targets(
             o.feedforward_modules.as_deref().unwrap_or("down_proj"),
