@@ -12,7 +12,7 @@ import os
 import sys
 
 import torch
-from peft import (BOFTConfig, IA3Config, LNTuningConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig,
+from peft import (AdaLoraConfig, BOFTConfig, IA3Config, LNTuningConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig,
                   PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, RoadConfig, VeraConfig, get_peft_model)
 import peft.tuners.boft.layer as boft_layer
 from safetensors.torch import save_file
@@ -142,6 +142,9 @@ ADAPTERS = {
     # LoRA's bias option (BitFit-style): PEFT trains the base biases and saves them (moved below)
     "qwen2_lora_bias_all": ("qwen2", dict(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"], bias="all")),
     "qwen2_lora_bias_lora_only": ("qwen2", dict(r=2, lora_alpha=4, target_modules=["k_proj", "v_proj"], bias="lora_only")),
+    # AdaLoRA: random SVD-form triplets (E non-zero); the trained case below adds rank masks
+    "qwen2_adalora": ("qwen2", dict(method="adalora", init_r=3, target_r=2, lora_alpha=6, total_step=10,
+                                    target_modules=["q_proj", "down_proj"])),
 }
 
 
@@ -152,6 +155,8 @@ def peft_config(kw):
         return LoHaConfig(init_weights=False, **kw)
     if method == "ln_tuning":
         return LNTuningConfig(task_type="CAUSAL_LM", **kw)
+    if method == "adalora":
+        return AdaLoraConfig(init_lora_weights=False, **kw)
     if method == "p_tuning":
         return PromptEncoderConfig(task_type="CAUSAL_LM", **kw)
     if method == "prefix_tuning":
@@ -210,6 +215,21 @@ def main():
         pm.eval()
         out[f"{aname}"] = logits(pm)
         pm.save_pretrained(os.path.join(ROOT, "adapters", aname))
+    # AdaLoRA trained by PEFT: the budget schedule masks triplets, the saved tensors are cut to
+    # the kept ranks and `rank_pattern` records the masks (some layers keep none)
+    torch.manual_seed(7)
+    pm = get_peft_model(llama(), AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=1, deltaT=1, total_step=6,
+                                               lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=5e-2)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    for step in range(6):
+        pm(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        pm.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    pm.eval()
+    out["llama_adalora_trained"] = logits(pm)
+    pm.save_pretrained(os.path.join(ROOT, "adapters", "llama_adalora_trained"))
     # Two adapters on one model: only the second active, then both active at once.
     m = qwen2()
     pm = PeftModel.from_pretrained(m, os.path.join(ROOT, "adapters", "qwen2_lora_all_linear"), adapter_name="a")

@@ -116,6 +116,10 @@ pub trait AdapterLayer: Debug + Send + Sync {
     fn base_offset(&self) -> Option<Tensor> {
         None
     }
+    /// The concrete layer, for training-loop machinery that needs it (AdaLoRA's allocator).
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
     /// What the optimizer sees.
     fn vars(&self) -> Vec<Var> {
         self.tensors().into_iter().map(|t| t.var.clone()).collect()

@@ -25,6 +25,29 @@ pub enum Layers {
     Many(Vec<usize>),
 }
 
+/// A `rank_pattern` value: a rank (LoRA family), or AdaLoRA's mask of the kept ranks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RankValue {
+    Rank(usize),
+    Mask(Vec<bool>),
+}
+
+impl RankValue {
+    pub fn rank(&self) -> usize {
+        match self {
+            RankValue::Rank(r) => *r,
+            RankValue::Mask(m) => m.iter().filter(|&&k| k).count(),
+        }
+    }
+}
+
+impl From<usize> for RankValue {
+    fn from(r: usize) -> Self {
+        RankValue::Rank(r)
+    }
+}
+
 /// `init_lora_weights`: true / false / a named scheme ("gaussian", …).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -54,9 +77,9 @@ pub struct AdapterConfig {
     pub layers_to_transform: Option<Layers>,
     #[serde(default)]
     pub layers_pattern: Option<Targets>,
-    #[serde(default)]
-    pub rank_pattern: BTreeMap<String, usize>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub rank_pattern: BTreeMap<String, RankValue>,
+    #[serde(default, deserialize_with = "null_as_default")]
     pub alpha_pattern: BTreeMap<String, f64>,
     #[serde(default)]
     pub use_rslora: bool,
@@ -159,6 +182,27 @@ pub struct AdapterConfig {
     pub prefix_projection: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoder_hidden_size: Option<usize>,
+    /// AdaLoRA: ranks at start and target, the budget schedule (warm-up `tinit`, final
+    /// `tfinal`, masking every `deltaT` steps over `total_step`), the importance EMAs and the
+    /// orthogonal regulariser's weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_r: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_r: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tinit: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tfinal: Option<usize>,
+    #[serde(default, rename = "deltaT", skip_serializing_if = "Option::is_none")]
+    pub delta_t: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta1: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta2: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orth_reg_weight: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_step: Option<usize>,
     /// P-tuning: "MLP" or "LSTM", its layers and dropout (PEFT's bookkeeping for the MLP).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoder_reparameterization_type: Option<String>,
@@ -166,6 +210,15 @@ pub struct AdapterConfig {
     pub encoder_num_layers: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoder_dropout: Option<f64>,
+}
+
+/// `null` reads as the empty default (PEFT writes `"rank_pattern": null` for some methods).
+fn null_as_default<'de, D, T>(d: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 fn minus_one() -> i64 {
@@ -248,6 +301,15 @@ const KNOWN: &[&str] = &[
     "encoder_reparameterization_type",
     "encoder_num_layers",
     "encoder_dropout",
+    "init_r",
+    "target_r",
+    "tinit",
+    "tfinal",
+    "deltaT",
+    "beta1",
+    "beta2",
+    "orth_reg_weight",
+    "total_step",
 ];
 
 /// Keys every method's config carries; the rest come from `AdapterMethod::config_keys`.
@@ -342,6 +404,15 @@ impl AdapterConfig {
             encoder_reparameterization_type: None,
             encoder_num_layers: None,
             encoder_dropout: None,
+            init_r: None,
+            target_r: None,
+            tinit: None,
+            tfinal: None,
+            delta_t: None,
+            beta1: None,
+            beta2: None,
+            orth_reg_weight: None,
+            total_step: None,
         }
     }
 
@@ -352,6 +423,18 @@ impl AdapterConfig {
         match c.peft_type.as_str() {
             "LORA" => {}
             "IA3" => c.init_ia3_weights = Some(true),
+            "ADALORA" => {
+                c.init_r = Some(r);
+                c.r = r;
+                c.target_r = Some((r / 2).max(1));
+                c.tinit = Some(0);
+                c.tfinal = Some(0);
+                c.delta_t = Some(1);
+                c.beta1 = Some(0.85);
+                c.beta2 = Some(0.85);
+                c.orth_reg_weight = Some(0.5);
+                c.lora_alpha = alpha;
+            }
             "P_TUNING" => {
                 c.num_transformer_submodules = Some(1);
                 c.encoder_reparameterization_type = Some("MLP".into());
@@ -409,7 +492,7 @@ impl AdapterConfig {
     /// Switch the method's init to its non-zero variant (PEFT's testing switch).
     pub fn set_init_nonzero(&mut self) {
         match self.peft_type.as_str() {
-            "LORA" => self.init_lora_weights = InitWeights::Flag(false),
+            "LORA" | "ADALORA" => self.init_lora_weights = InitWeights::Flag(false),
             "IA3" => self.init_ia3_weights = Some(false),
             _ => self.init_weights = Some(InitWeights::Flag(false)),
         }
@@ -419,7 +502,7 @@ impl AdapterConfig {
     /// or `init_weights = false` for the LyCORIS family): PEFT's switch for tests.
     pub fn init_nonzero(&self) -> bool {
         match self.peft_type.as_str() {
-            "LORA" => self.init_lora_weights == InitWeights::Flag(false),
+            "LORA" | "ADALORA" => self.init_lora_weights == InitWeights::Flag(false),
             "IA3" => self.init_ia3_weights == Some(false),
             _ => self.init_weights == Some(InitWeights::Flag(false)),
         }
@@ -539,7 +622,9 @@ impl AdapterConfig {
 
     /// Rank for one module, honouring `rank_pattern` (keys match as `(.*\.)?(key)$`).
     pub fn rank_for(&self, path: &str) -> usize {
-        crate::target::pattern_value(&self.rank_pattern, path).unwrap_or(self.r)
+        crate::target::pattern_value(&self.rank_pattern, path)
+            .map(|v| v.rank())
+            .unwrap_or(self.r)
     }
 
     /// Alpha for one module, honouring `alpha_pattern`.

@@ -5,6 +5,7 @@ use crate::methods;
 
 pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::lora::Lora,
+    &methods::adalora::AdaLora,
     &methods::loha::Loha,
     &methods::lokr::Lokr,
     &methods::ia3::Ia3,

@@ -74,10 +74,10 @@ fn layer_filter(cfg: &AdapterConfig, key: &str) -> bool {
 
 /// Value of the first pattern key matching `path` as `(.*\.)?(key)$` (PEFT's
 /// rank_pattern / alpha_pattern lookup).
-pub fn pattern_value<V: Copy>(patterns: &BTreeMap<String, V>, path: &str) -> Option<V> {
+pub fn pattern_value<V: Clone>(patterns: &BTreeMap<String, V>, path: &str) -> Option<V> {
     patterns.iter().find_map(|(k, v)| {
         let re = Regex::new(&format!(r"^(?:.*\.)?(?:{k})$")).ok()?;
-        re.is_match(path).then_some(*v)
+        re.is_match(path).then(|| v.clone())
     })
 }
 

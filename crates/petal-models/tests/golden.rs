@@ -387,3 +387,16 @@ fn peft_lora_with_the_adapted_modules_biases_trained_matches_peft() {
         "qwen2_lora_bias_lora_only",
     );
 }
+
+#[test]
+fn peft_adalora_svd_triplets_match_peft() {
+    assert_close(&with_adapter("qwen2", "qwen2_adalora"), "qwen2_adalora");
+}
+
+#[test]
+fn peft_adalora_trained_with_rank_masks_loads_cut_to_the_kept_ranks_and_matches_peft() {
+    assert_close(
+        &with_adapter("llama", "llama_adalora_trained"),
+        "llama_adalora_trained",
+    );
+}

@@ -501,7 +501,7 @@ fn conformance_config() -> AdapterConfig {
         5.0,
         crate::config::Targets::List(vec!["fc1".into(), "fc2".into()]),
     );
-    c.rank_pattern.insert("fc2".into(), 3);
+    c.rank_pattern.insert("fc2".into(), 3.into());
     c
 }
 
@@ -511,7 +511,7 @@ crate::conformance!(
     conformance_config,
     |inp, out, cfg: &AdapterConfig| {
         let r = if out == 6 {
-            cfg.rank_pattern["fc2"]
+            cfg.rank_pattern["fc2"].rank()
         } else {
             cfg.r
         };
@@ -534,7 +534,7 @@ crate::conformance!(
     dora_config,
     |inp, out, cfg: &AdapterConfig| {
         let r = if out == 6 {
-            cfg.rank_pattern["fc2"]
+            cfg.rank_pattern["fc2"].rank()
         } else {
             cfg.r
         };
@@ -557,7 +557,7 @@ crate::conformance!(
     bias_lora_only_config,
     |inp, out, cfg: &AdapterConfig| {
         if out == 6 {
-            cfg.rank_pattern["fc2"] * (inp + out)
+            cfg.rank_pattern["fc2"].rank() * (inp + out)
         } else {
             cfg.r * (inp + out) + out
         }
@@ -579,7 +579,7 @@ crate::conformance!(
     bias_all_config,
     |inp, out, cfg: &AdapterConfig| {
         if out == 6 {
-            cfg.rank_pattern["fc2"] * (inp + out)
+            cfg.rank_pattern["fc2"].rank() * (inp + out)
         } else {
             out
         }

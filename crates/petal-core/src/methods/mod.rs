@@ -1,5 +1,6 @@
 //! One file per method; shared building blocks below.
 
+pub mod adalora;
 pub mod bias;
 pub mod boft;
 pub mod dora;
