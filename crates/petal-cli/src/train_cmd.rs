@@ -88,6 +88,16 @@ train_opts! {
     boft_block_num: usize,
     /// BOFT: butterfly factors [default: 1]
     boft_butterfly_factor: usize,
+    /// AdaLoRA: rank each layer ends with on average [default: 2/3 of --r]
+    target_r: usize,
+    /// AdaLoRA: steps before ranks are pruned [default: max_steps / 10]
+    tinit: usize,
+    /// AdaLoRA: final steps with the ranks fixed [default: max_steps / 5]
+    tfinal: usize,
+    /// AdaLoRA: prune every N steps in between [default: 1]
+    delta_t: usize,
+    /// AdaLoRA: weight of the orthogonality regulariser [default: 0.5]
+    orth_reg_weight: f64,
     /// RoAd: road_1 | road_2 | road_4 [default: road_1]
     road_variant: String,
     /// RoAd: size of the groups whose halves are paired [default: 64]
@@ -235,8 +245,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if method != "lora" && (o.rslora.unwrap_or(false) || o.dora.unwrap_or(false)) {
         bail!("--rslora and --dora are LoRA options; --method {method} has neither");
     }
-    if !matches!(method.as_str(), "lora" | "vera") && o.dropout.is_some_and(|d| d > 0.0) {
-        bail!("--dropout applies to lora and vera; --method {method} has none");
+    if !matches!(method.as_str(), "lora" | "vera" | "adalora") && o.dropout.is_some_and(|d| d > 0.0)
+    {
+        bail!("--dropout applies to lora, adalora and vera; --method {method} has none");
     }
     let dt = o.dtype.clone().unwrap_or_else(|| "f32".into());
     let dev = o.device.clone().unwrap_or_else(|| "cpu".into());
@@ -329,6 +340,18 @@ pub fn run(args: TrainArgs) -> Result<()> {
             acfg.group_size = Some(o.group_size.unwrap_or(64));
         }
         "vera" => acfg.vera_dropout = Some(o.dropout.unwrap_or(0.0)),
+        "adalora" => {
+            let steps = o.max_steps.unwrap_or(100);
+            let r = acfg.r;
+            acfg.init_r = Some(r);
+            acfg.target_r = Some(o.target_r.unwrap_or((2 * r / 3).max(1)));
+            acfg.tinit = Some(o.tinit.unwrap_or(steps / 10));
+            acfg.tfinal = Some(o.tfinal.unwrap_or(steps / 5));
+            acfg.delta_t = Some(o.delta_t.unwrap_or(1));
+            acfg.orth_reg_weight = Some(o.orth_reg_weight.unwrap_or(0.5));
+            acfg.total_step = Some(steps);
+            acfg.lora_dropout = o.dropout.unwrap_or(0.0);
+        }
         _ => {}
     }
     acfg.base_model_name_or_path = Some(model_spec.clone());

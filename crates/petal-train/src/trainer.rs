@@ -9,6 +9,7 @@ use crate::optim::{AdamW, AdamWParams};
 use crate::schedule::Schedule;
 use candle_core::{Tensor, Var};
 use petal_core::inject::adapter_vars;
+use petal_core::methods::adalora::{orth_regulariser, RankAllocator};
 use petal_core::{rng, AdapterConfig, Error, Result};
 use petal_data::{batches, Batch, Example};
 use petal_io::adapter_tensors;
@@ -106,10 +107,12 @@ pub fn train(
         )));
     }
     let mut opt = AdamW::new(vars.clone(), cfg.optim)?;
+    // AdaLoRA: the rank allocator runs after every optimizer step
+    let mut alloc = RankAllocator::new(model, &cfg.adapter_name, adapter_cfg)?;
     let mut start = 0;
     let metrics_path = cfg.out_dir.join("metrics.jsonl");
     if let Some(path) = resume {
-        start = restore(model, &mut opt, cfg, path)?;
+        start = restore(model, &mut opt, alloc.as_mut(), cfg, path)?;
         truncate_metrics(&metrics_path, start)?;
     } else {
         std::fs::create_dir_all(&cfg.out_dir).map_err(|e| Error::io(&cfg.out_dir, e))?;
@@ -150,7 +153,14 @@ pub fn train(
             ));
             let (sum, _) = batch_loss(model, b, true)?;
             loss_sum += sum.to_scalar::<f32>()? as f64;
-            let g = (sum / total as f64)?.backward()?;
+            let mut objective = (sum / total as f64)?;
+            if alloc.is_some() {
+                // PEFT adds the orthogonal regulariser to every forward's loss
+                if let Some(reg) = orth_regulariser(model, &cfg.adapter_name, adapter_cfg)? {
+                    objective = (objective + (reg / cfg.grad_accum as f64)?)?;
+                }
+            }
+            let g = objective.backward()?;
             accumulate(&mut grads, &vars, &g)?;
         }
         let loss = loss_sum / total as f64;
@@ -163,6 +173,14 @@ pub fn train(
         }
         let grad_norm = clip(&mut grads, cfg.max_grad_norm)?;
         opt.step(&grads, lr)?;
+        if let Some(a) = alloc.as_mut() {
+            let grad_of = |v: &Var| {
+                vars.iter()
+                    .position(|x| x.as_tensor().id() == v.as_tensor().id())
+                    .and_then(|i| grads[i].clone())
+            };
+            a.update(model, step, &grad_of)?;
+        }
         losses.push(loss);
         step_seconds.push(ts.elapsed().as_secs_f64());
         let tokens: usize = micro.iter().map(|b| b.rows * b.len).sum();
@@ -191,7 +209,10 @@ pub fn train(
                 adam_t: opt.t,
                 last_loss: loss,
             };
-            let (ostate, _) = opt.state();
+            let (mut ostate, _) = opt.state();
+            if let Some(a) = &alloc {
+                ostate.extend(a.state()?);
+            }
             let dir = checkpoint::save(
                 &cfg.out_dir,
                 &state,
@@ -203,7 +224,20 @@ pub fn train(
         }
     }
     let adapter_dir = cfg.out_dir.join("adapter");
-    petal_io::save_model_adapter(model, &cfg.adapter_name, adapter_cfg, &adapter_dir)?;
+    match &alloc {
+        // AdaLoRA: saved cut to the kept ranks, the masks as `rank_pattern` (as PEFT saves)
+        Some(a) => {
+            let mut tensors = adapter_tensors(model, &cfg.adapter_name);
+            a.cut(&mut tensors)?;
+            let mut c = adapter_cfg.clone();
+            if let Some(p) = a.rank_pattern() {
+                c.rank_pattern = p;
+            }
+            c.inference_mode = true;
+            petal_io::save_adapter(&adapter_dir, &c, &tensors)?;
+        }
+        None => petal_io::save_model_adapter(model, &cfg.adapter_name, adapter_cfg, &adapter_dir)?,
+    }
     Ok(TrainSummary {
         steps: cfg.max_steps,
         losses,
@@ -249,7 +283,13 @@ pub fn clip(grads: &mut [Option<Tensor>], max: Option<f64>) -> Result<f64> {
     Ok(norm)
 }
 
-fn restore(model: &Llama, opt: &mut AdamW, cfg: &TrainConfig, path: &Path) -> Result<usize> {
+fn restore(
+    model: &Llama,
+    opt: &mut AdamW,
+    alloc: Option<&mut RankAllocator>,
+    cfg: &TrainConfig,
+    path: &Path,
+) -> Result<usize> {
     let ck = checkpoint::load(path, model.device())?;
     if ck.state.fingerprint != cfg.fingerprint {
         return Err(Error::msg(format!(
@@ -261,6 +301,9 @@ fn restore(model: &Llama, opt: &mut AdamW, cfg: &TrainConfig, path: &Path) -> Re
     }
     petal_io::load_into(model, &cfg.adapter_name, ck.adapter, path)?;
     opt.load_state(&ck.optimizer, ck.state.adam_t)?;
+    if let Some(a) = alloc {
+        a.load_state(&ck.optimizer)?;
+    }
     Ok(ck.state.step)
 }
 
