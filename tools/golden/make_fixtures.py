@@ -145,6 +145,9 @@ ADAPTERS = {
     # AdaLoRA: random SVD-form triplets (E non-zero); the trained case below adds rank masks
     "qwen2_adalora": ("qwen2", dict(method="adalora", init_r=3, target_r=2, lora_alpha=6, total_step=10,
                                     target_modules=["q_proj", "down_proj"])),
+    # LoRA on the token embedding (PEFT also saves the base table), untied and tied
+    "llama_lora_embedding": ("llama", dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "v_proj"])),
+    "qwen2_lora_embedding_tied": ("qwen2", dict(r=2, lora_alpha=6, target_modules=["embed_tokens"])),
 }
 
 

@@ -49,6 +49,9 @@ pub struct BaseLinear<'a> {
     pub out_features: usize,
     /// What this adapter's layers share across the model.
     pub shared: &'a Shared,
+    /// The module is a token embedding: `weight` is (vocab, hidden), the input is ids, and
+    /// `in_features` = vocab, `out_features` = hidden.
+    pub embedding: bool,
 }
 
 /// State the layers of one adapter share across the model (VeRA's frozen random projections):

@@ -1,7 +1,7 @@
 //! Attaching a named adapter to every targeted linear of a model, and counting parameters.
 
 use crate::adapter::{BaseLinear, InputAdapter, InputShape, Shared};
-use crate::config::AdapterConfig;
+use crate::config::{AdapterConfig, Targets};
 use crate::linear::AdaptableLinear;
 use crate::methods::bias::BiasCopy;
 use crate::methods::modules_to_save::{self, ModuleCopy};
@@ -133,9 +133,15 @@ pub fn inject_adapter(
         });
     }
     let head = model.output_head().map(str::to_string);
-    let targeted = |path: &str| target::is_target(cfg, path, head.as_deref() == Some(path));
+    // `all-linear` means nn.Linear modules: never the embedding
+    let all_linear = matches!(&cfg.target_modules, Some(Targets::Regex(r)) if r == "all-linear");
+    let targeted = |lin: &AdaptableLinear| {
+        let path = lin.path();
+        !(lin.is_embedding() && all_linear)
+            && target::is_target(cfg, path, head.as_deref() == Some(path))
+    };
     let (mut max_in, mut max_out) = (0, 0);
-    for lin in model.linears().into_iter().filter(|l| targeted(l.path())) {
+    for lin in model.linears().into_iter().filter(|l| targeted(l)) {
         max_in = max_in.max(lin.in_features());
         max_out = max_out.max(lin.out_features());
     }
@@ -143,8 +149,14 @@ pub fn inject_adapter(
     let mut modules = Vec::new();
     for (i, lin) in model.linears_mut().into_iter().enumerate() {
         let path = lin.path().to_string();
-        if !targeted(&path) {
+        if !targeted(lin) {
             continue;
+        }
+        if lin.is_embedding() && !cfg.is_lora() {
+            return Err(Error::Unsupported(format!(
+                "{path}: {} cannot adapt a token embedding (LoRA can)",
+                cfg.peft_type
+            )));
         }
         let base = BaseLinear {
             weight: lin.weight(),
@@ -152,6 +164,7 @@ pub fn inject_adapter(
             in_features: lin.in_features(),
             out_features: lin.out_features(),
             shared: &shared,
+            embedding: lin.is_embedding(),
         };
         let layer = method.build(
             cfg,
@@ -225,6 +238,12 @@ fn attach_module_copies(
     for lin in model.linears_mut() {
         if !modules_to_save::is_listed(cfg, lin.path()) {
             continue;
+        }
+        if lin.is_embedding() {
+            return Err(Error::Unsupported(format!(
+                "{}: modules_to_save on a token embedding is not supported yet",
+                lin.path()
+            )));
         }
         if lin.layer(name).is_some() {
             return Err(Error::msg(format!(

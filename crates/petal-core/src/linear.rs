@@ -14,6 +14,9 @@ pub struct AdaptableLinear {
     active: Vec<String>,
     merged: Vec<(String, WeightUpdate)>, // a stack: unmerge pops in reverse
     disabled: bool,
+    /// A token embedding: `weight` is (vocab, hidden) and the input is token ids; seen as a
+    /// linear from one-hot ids, in = vocab and out = hidden (PEFT's LoRA `Embedding` view).
+    embedding: bool,
 }
 
 impl AdaptableLinear {
@@ -26,7 +29,19 @@ impl AdaptableLinear {
             active: Vec::new(),
             merged: Vec::new(),
             disabled: false,
+            embedding: false,
         }
+    }
+
+    /// A token embedding `weight (vocab, hidden)` that adapters may target.
+    pub fn embedding(path: impl Into<String>, weight: Tensor) -> Self {
+        let mut e = Self::new(path, weight, None);
+        e.embedding = true;
+        e
+    }
+
+    pub fn is_embedding(&self) -> bool {
+        self.embedding
     }
 
     pub fn path(&self) -> &str {
@@ -39,10 +54,10 @@ impl AdaptableLinear {
         self.bias.as_ref()
     }
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[1]
+        self.weight.dims()[usize::from(!self.embedding)]
     }
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight.dims()[usize::from(self.embedding)]
     }
 
     /// y = x W^T + b, then each active, unmerged adapter in order.
@@ -56,12 +71,21 @@ impl AdaptableLinear {
                 .filter_map(|n| self.layer(n))
                 .collect()
         };
-        if let [only] = live.as_slice() {
-            if let Some(y) = only.fused_forward(x, &self.weight, self.bias.as_ref(), train) {
-                return y;
+        let mut y = if self.embedding {
+            // x holds token ids (any shape): rows of the table
+            let mut dims = x.dims().to_vec();
+            dims.push(self.weight.dim(1)?);
+            self.weight
+                .index_select(&x.flatten_all()?, 0)?
+                .reshape(dims)?
+        } else {
+            if let [only] = live.as_slice() {
+                if let Some(y) = only.fused_forward(x, &self.weight, self.bias.as_ref(), train) {
+                    return y;
+                }
             }
-        }
-        let mut y = petal_ops::frozen_linear(x, &self.weight, self.bias.as_ref())?;
+            petal_ops::frozen_linear(x, &self.weight, self.bias.as_ref())?
+        };
         for layer in live {
             y = layer.forward(x, y, train)?;
         }

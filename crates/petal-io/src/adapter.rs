@@ -199,6 +199,28 @@ pub fn load_into(
             )?;
         }
     }
+    // PEFT saves a targeted embedding's base table too (`save_embedding_layers="auto"`): it must
+    // be the table this model has (a resized vocabulary would need it loaded, which petal
+    // does not do)
+    for lin in model.linears().into_iter().filter(|l| l.is_embedding()) {
+        let key = format!("{}.base_layer.weight", lin.path());
+        if let Some(t) = tensors.remove(&key) {
+            let same = t.dims() == lin.weight().dims()
+                && (t.to_dtype(candle_core::DType::F32)?
+                    - lin.weight().to_dtype(candle_core::DType::F32)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?
+                    <= 1e-5;
+            if !same {
+                return Err(Error::msg(format!(
+                    "{}: `{}` differs from this model's embedding table (resized vocabulary?)",
+                    file.display(),
+                    disk_key(&key)
+                )));
+            }
+        }
+    }
     if let Some(k) = tensors.keys().min() {
         return Err(Error::msg(format!(
             "{}: tensor `{}` matches no adapted module of the model ({} unused tensors)",

@@ -88,7 +88,7 @@ impl KvCache {
 #[derive(Debug)]
 pub struct Llama {
     pub cfg: LlamaConfig,
-    embed: Tensor, // (vocab, hidden)
+    embed: AdaptableLinear, // the token table (vocab, hidden), adaptable (LoRA on embeddings)
     layers: Vec<Layer>,
     norm: AdaptableNorm,
     lm_head: AdaptableLinear,
@@ -152,7 +152,7 @@ impl Llama {
         let (cos, sin) = rope_tables(&cfg.inv_freq(), max_pos, device)?;
         Ok(Llama {
             cfg,
-            embed,
+            embed: AdaptableLinear::embedding("model.embed_tokens", embed),
             layers,
             norm,
             lm_head,
@@ -171,7 +171,7 @@ impl Llama {
         &self.device
     }
     pub fn embed_weight(&self) -> &Tensor {
-        &self.embed
+        self.embed.weight()
     }
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())
@@ -225,10 +225,8 @@ impl Llama {
         let (b, t) = ids.dims2()?;
         let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         let h = self.cfg.hidden_size;
-        let mut x = self
-            .embed
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, h))?;
+        let mut x = self.embed.forward(ids, train)?.to_dtype(self.dtype)?;
+        debug_assert_eq!(x.dims(), &[b, t, h]);
         let input = self.input.as_ref().filter(|_| offset == 0).map(|(_, a)| a);
         if let Some(p) = input.map(|a| a.embeddings()).transpose()?.flatten() {
             let p = p.to_dtype(self.dtype)?; // (n, h), at the start only
@@ -329,7 +327,10 @@ impl Llama {
 
     /// Every base tensor under its HF name (merged weights included), for export.
     pub fn named_base_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut v = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        let mut v = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed.weight().clone(),
+        )];
         for (i, l) in self.layers.iter().enumerate() {
             v.push((
                 format!("model.layers.{i}.input_layernorm.weight"),
@@ -341,7 +342,7 @@ impl Llama {
             ));
         }
         for lin in self.linears() {
-            if lin.path() == "lm_head" && self.cfg.tie_word_embeddings {
+            if lin.is_embedding() || (lin.path() == "lm_head" && self.cfg.tie_word_embeddings) {
                 continue;
             }
             v.push((format!("{}.weight", lin.path()), lin.weight().clone()));
@@ -359,7 +360,7 @@ impl Llama {
 
     /// Ties are broken by a merge into the head: report whether it is still tied.
     pub fn head_is_tied(&self) -> bool {
-        self.cfg.tie_word_embeddings && self.lm_head.weight().id() == self.embed.id()
+        self.cfg.tie_word_embeddings && self.lm_head.weight().id() == self.embed.weight().id()
     }
 }
 
@@ -378,6 +379,7 @@ impl Adaptable for Llama {
             ]);
         }
         v.push(&self.lm_head);
+        v.push(&self.embed);
         v
     }
 
@@ -396,6 +398,7 @@ impl Adaptable for Llama {
             ]);
         }
         v.push(&mut self.lm_head);
+        v.push(&mut self.embed);
         v
     }
 
@@ -440,7 +443,7 @@ impl Adaptable for Llama {
     }
 
     fn base_param_count(&self) -> usize {
-        let mut n = self.embed.elem_count() + self.norm.base().elem_count();
+        let mut n = self.norm.base().elem_count();
         for l in &self.layers {
             n += l.ln1.base().elem_count() + l.ln2.base().elem_count();
         }

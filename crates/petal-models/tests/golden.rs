@@ -132,7 +132,7 @@ fn trainable_and_total_parameters_equal_peft_counts() {
     let by_formula: usize = m
         .linears()
         .iter()
-        .filter(|l| l.path() != "lm_head")
+        .filter(|l| l.path() != "lm_head" && !l.is_embedding())
         .map(|l| 8 * (l.in_features() + l.out_features()))
         .sum();
     assert_eq!(c.trainable, by_formula);
@@ -398,5 +398,21 @@ fn peft_adalora_trained_with_rank_masks_loads_cut_to_the_kept_ranks_and_matches_
     assert_close(
         &with_adapter("llama", "llama_adalora_trained"),
         "llama_adalora_trained",
+    );
+}
+
+#[test]
+fn peft_lora_on_the_token_embedding_matches_peft() {
+    assert_close(
+        &with_adapter("llama", "llama_lora_embedding"),
+        "llama_lora_embedding",
+    );
+}
+
+#[test]
+fn peft_lora_on_a_tied_token_embedding_adapts_the_input_side_only_as_peft_does() {
+    assert_close(
+        &with_adapter("qwen2", "qwen2_lora_embedding_tied"),
+        "qwen2_lora_embedding_tied",
     );
 }

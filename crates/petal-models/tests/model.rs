@@ -316,3 +316,64 @@ fn a_saved_p_tuning_adapter_is_its_encoder_output_and_reloads_to_the_same_logits
     );
     assert!(petal_ops::testing::max_rel(&b, &a) < 1e-6);
 }
+
+#[test]
+fn lora_on_the_embedding_gets_exact_gradients_and_merges_into_the_table() {
+    let mut m = model(&golden().join("llama"), DType::F32);
+    let mut cfg = AdapterConfig::lora(3, 6.0, Targets::List(vec!["embed_tokens".into()]));
+    cfg.init_lora_weights = InitWeights::Flag(false);
+    inject_adapter(&mut m, "default", &cfg, 5).unwrap();
+    let vars = adapter_vars(&m, "default");
+    assert_eq!(vars.len(), 2);
+    let loss = |m: &Llama| {
+        m.forward(&ids(), None, true)
+            .unwrap()
+            .log_sum_exp(2)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let g = loss(&m).backward().unwrap();
+    assert!(g.get(m.embed_weight()).is_none(), "the table stays frozen");
+    for v in &vars {
+        let grad = g
+            .get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        // entries of A for a token in the input (id 5: column 5 of row 0) and of B
+        let idx = if v.as_tensor().dims()[1] == 96 {
+            [5, 96 + 9]
+        } else {
+            [0, grad.len() - 1]
+        };
+        let fd = central_differences(v, &idx, 1e-2, || {
+            loss(&m).to_scalar::<f32>().unwrap() as f64
+        });
+        for (&i, fd) in idx.iter().zip(fd) {
+            let fd = fd as f32;
+            assert!(
+                (fd - grad[i]).abs() < 2e-2 * (1.0 + fd.abs()),
+                "d/d[{i}]: {fd} vs {}",
+                grad[i]
+            );
+        }
+    }
+    let before = m.forward(&ids(), None, false).unwrap();
+    let table = m.embed_weight().clone();
+    for l in m
+        .linears_mut()
+        .into_iter()
+        .filter(|l| l.layer("default").is_some())
+    {
+        l.merge("default", true).unwrap();
+    }
+    assert!(petal_ops::testing::max_rel(&m.forward(&ids(), None, false).unwrap(), &before) < 1e-5);
+    for l in m.linears_mut() {
+        l.unmerge().unwrap();
+    }
+    // dW (N(0,1) factors) is ~50x the table here: (W + dW) - dW keeps f32 rounding of dW
+    assert!(petal_ops::testing::max_rel(m.embed_weight(), &table) < 1e-4);
+}

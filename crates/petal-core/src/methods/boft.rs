@@ -339,6 +339,7 @@ mod tests {
             in_features: 8,
             out_features: 3,
             shared: &Default::default(),
+            embedding: false,
         };
         let layer = Boft.build(&cfg, "fc", &base, 7).unwrap();
         let WeightUpdate::Rotate { r, r_inv, .. } = layer.weight_update().unwrap() else {
