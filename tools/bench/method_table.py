@@ -36,6 +36,9 @@ METHODS = {
     "vera": ["--method", "vera", "--r", "256", "--lr", "1e-2"],
     "pissa": ["--method", "lora", "--r", "8", "--alpha", "16", "--init", "pissa_niter_4", "--lr", "5e-4"],
     "lora_head": ["--method", "lora", "--r", "8", "--alpha", "16", "--modules-to-save", "lm_head", "--lr", "5e-4"],
+    "lora_embed": ["--method", "lora", "--r", "8", "--alpha", "16",
+                   "--target-modules", "embed_tokens,q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"],
+    "adalora": ["--method", "adalora", "--r", "12", "--alpha", "16", "--target-r", "8", "--lr", "5e-3"],
 }
 
 
