@@ -56,6 +56,8 @@ CASES = [
     ("qwen2", ["--r", "2", "--alpha", "4", "--target-modules", "k_proj,v_proj", "--bias", "lora_only"]),
     ("llama", ["--r", "4", "--alpha", "8", "--target-modules", "embed_tokens,q_proj"]),
     ("qwen2", ["--r", "2", "--alpha", "6", "--target-modules", "embed_tokens"]),
+    ("llama", ["--r", "2", "--alpha", "4", "--target-modules", "q_proj", "--trainable-tokens", "3,5,71"]),
+    ("qwen2", ["--r", "2", "--alpha", "4", "--target-modules", "v_proj", "--trainable-tokens", "7,90"]),
     # AdaLoRA over 3 steps: tinit 0, tfinal 1 masks down to target_r; saved cut, with rank_pattern
     ("llama", ["--method", "adalora", "--r", "4", "--alpha", "8", "--target-r", "2", "--tinit", "0", "--tfinal", "1",
                "--target-modules", "q_proj,v_proj,up_proj"]),

@@ -148,6 +148,12 @@ ADAPTERS = {
     # LoRA on the token embedding (PEFT also saves the base table), untied and tied
     "llama_lora_embedding": ("llama", dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "v_proj"])),
     "qwen2_lora_embedding_tied": ("qwen2", dict(r=2, lora_alpha=6, target_modules=["embed_tokens"])),
+    # trainable_token_indices: chosen embedding rows trained in full (moved below); the tied
+    # qwen2 head uses the same rows
+    "llama_lora_trainable_tokens": ("llama", dict(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                  trainable_token_indices=[3, 5, 71])),
+    "qwen2_lora_trainable_tokens_tied": ("qwen2", dict(r=2, lora_alpha=4, target_modules=["v_proj"],
+                                                       trainable_token_indices={"embed_tokens": [7, 90]})),
 }
 
 
@@ -211,7 +217,7 @@ def main():
                     p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
                 if "init" in kw and ("lora_A" in n or "lora_B" in n):
                     p.add_(torch.randn_like(p) * 0.05)
-                if "modules_to_save" in n:
+                if "modules_to_save" in n or "trainable_tokens_delta" in n:
                     p.add_(torch.randn_like(p) * 0.05)
                 if n.endswith(".bias") and p.requires_grad:
                     p.add_(torch.randn_like(p) * 0.3)

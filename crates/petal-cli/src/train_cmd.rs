@@ -64,6 +64,8 @@ train_opts! {
     modules_to_save: String,
     /// LoRA: also train biases: none | lora_only | all [default: none]
     bias: String,
+    /// Token ids whose embedding rows are trained in full (new special tokens): comma list
+    trainable_tokens: String,
     /// LoKr: split dimensions around this divisor (-1: near the square root) [default: -1]
     decompose_factor: i64,
     /// LoKr: also factor the left Kronecker factor [default: false]
@@ -301,6 +303,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     acfg.exclude_modules = o.exclude_modules.as_deref().map(targets);
     acfg.bias = o.bias.clone().unwrap_or_else(|| "none".into());
+    if let Some(t) = &o.trainable_tokens {
+        let ids = t
+            .split(',')
+            .map(|s| s.trim().parse::<u32>())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .with_context(|| {
+                format!("--trainable-tokens {t:?}: expected a comma list of token ids")
+            })?;
+        acfg.trainable_token_indices = Some(petal_core::config::TokenIndices::List(ids));
+    }
     acfg.modules_to_save = o
         .modules_to_save
         .as_deref()

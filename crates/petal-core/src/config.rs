@@ -48,6 +48,14 @@ impl From<usize> for RankValue {
     }
 }
 
+/// `trainable_token_indices`: token ids of the input embedding, or per embedding module.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIndices {
+    List(Vec<u32>),
+    PerModule(BTreeMap<String, Vec<u32>>),
+}
+
 /// `init_lora_weights`: true / false / a named scheme ("gaussian", …).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -93,6 +101,9 @@ pub struct AdapterConfig {
     pub use_dora: bool,
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
+    /// Rows of the token embedding trained in full (`TrainableTokensLayer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainable_token_indices: Option<TokenIndices>,
     #[serde(default)]
     pub inference_mode: bool,
     /// LyCORIS-family methods (LoHa, LoKr) call it `alpha`, not `lora_alpha`.
@@ -261,6 +272,7 @@ const KNOWN: &[&str] = &[
     "fan_in_fan_out",
     "use_dora",
     "modules_to_save",
+    "trainable_token_indices",
     "inference_mode",
     "alpha",
     "init_weights",
@@ -365,6 +377,7 @@ impl AdapterConfig {
             fan_in_fan_out: false,
             use_dora: false,
             modules_to_save: None,
+            trainable_token_indices: None,
             inference_mode: false,
             alpha: None,
             init_weights: None,

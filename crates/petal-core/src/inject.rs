@@ -1,10 +1,11 @@
 //! Attaching a named adapter to every targeted linear of a model, and counting parameters.
 
 use crate::adapter::{BaseLinear, InputAdapter, InputShape, Shared};
-use crate::config::{AdapterConfig, Targets};
+use crate::config::{AdapterConfig, Targets, TokenIndices};
 use crate::linear::AdaptableLinear;
 use crate::methods::bias::BiasCopy;
 use crate::methods::modules_to_save::{self, ModuleCopy};
+use crate::methods::trainable_tokens::TrainableTokens;
 use crate::norm::AdaptableNorm;
 use crate::{registry, rng, target, AdapterLayer, Error, Result};
 use candle_core::Var;
@@ -199,6 +200,7 @@ pub fn inject_adapter(
         )));
     }
     attach_module_copies(model, name, cfg, &mut modules)?;
+    attach_trainable_tokens(model, name, cfg, &mut modules, &shared)?;
     if cfg.is_lora() && cfg.bias == "all" {
         for lin in model.linears_mut() {
             let Some(b) = lin.bias().filter(|_| lin.layer(name).is_none()) else {
@@ -222,6 +224,74 @@ pub fn inject_adapter(
         peft_type: cfg.peft_type.clone(),
         modules,
     })
+}
+
+/// `trainable_token_indices`: chosen rows of the embedding trained in full, and the same rows of
+/// an output head tied to it.
+fn attach_trainable_tokens(
+    model: &mut dyn Adaptable,
+    name: &str,
+    cfg: &AdapterConfig,
+    modules: &mut Vec<Injected>,
+    shared: &Shared,
+) -> Result<()> {
+    let Some(spec) = &cfg.trainable_token_indices else {
+        return Ok(());
+    };
+    let (module, indices): (String, Vec<u32>) = match spec {
+        TokenIndices::List(v) => ("embed_tokens".into(), v.clone()),
+        TokenIndices::PerModule(m) if m.len() == 1 => {
+            let (k, v) = m.iter().next().expect("one entry");
+            (k.clone(), v.clone())
+        }
+        TokenIndices::PerModule(_) => {
+            return Err(Error::Unsupported(
+                "trainable_token_indices for more than one embedding module".into(),
+            ))
+        }
+    };
+    if indices.is_empty() {
+        return Ok(());
+    }
+    let table = model
+        .linears()
+        .into_iter()
+        .find(|l| l.is_embedding() && l.path().ends_with(&module))
+        .map(|l| l.weight().clone())
+        .ok_or_else(|| {
+            Error::msg(format!(
+                "trainable_token_indices: no embedding module `{module}`"
+            ))
+        })?;
+    for lin in model.linears_mut() {
+        let tied = !lin.is_embedding() && lin.weight().id() == table.id();
+        if !(lin.is_embedding() && lin.path().ends_with(&module)) && !tied {
+            continue;
+        }
+        if lin.layer(name).is_some() {
+            return Err(Error::msg(format!(
+                "{}: both adapted by the method and given trainable_token_indices",
+                lin.path()
+            )));
+        }
+        let layer = TrainableTokens::new(lin.weight(), &indices, shared, tied)?;
+        let params = layer
+            .tensors()
+            .iter()
+            .map(|t| t.var.as_tensor().elem_count())
+            .sum();
+        modules.push(Injected {
+            path: lin.path().to_string(),
+            in_features: indices.len(),
+            out_features: lin.weight().dim(1)?,
+            params,
+        });
+        lin.add_adapter(name, Box::new(layer))?;
+        let mut active: Vec<String> = lin.active().to_vec();
+        active.push(name.to_string());
+        lin.set_active(&active.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    Ok(())
 }
 
 /// `modules_to_save`: a trained full copy of every listed linear, under the adapter's name.

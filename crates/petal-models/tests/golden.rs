@@ -416,3 +416,19 @@ fn peft_lora_on_a_tied_token_embedding_adapts_the_input_side_only_as_peft_does()
         "qwen2_lora_embedding_tied",
     );
 }
+
+#[test]
+fn peft_trainable_token_rows_next_to_lora_match_peft() {
+    assert_close(
+        &with_adapter("llama", "llama_lora_trainable_tokens"),
+        "llama_lora_trainable_tokens",
+    );
+}
+
+#[test]
+fn peft_trainable_token_rows_also_change_a_tied_head_as_in_peft() {
+    assert_close(
+        &with_adapter("qwen2", "qwen2_lora_trainable_tokens_tied"),
+        "qwen2_lora_trainable_tokens_tied",
+    );
+}

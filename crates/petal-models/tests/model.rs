@@ -377,3 +377,68 @@ fn lora_on_the_embedding_gets_exact_gradients_and_merges_into_the_table() {
     // dW (N(0,1) factors) is ~50x the table here: (W + dW) - dW keeps f32 rounding of dW
     assert!(petal_ops::testing::max_rel(m.embed_weight(), &table) < 1e-4);
 }
+
+#[test]
+fn trainable_token_rows_on_a_tied_model_get_exact_gradients_merge_and_unmerge() {
+    let mut m = model(&golden().join("qwen2"), DType::F32);
+    let mut cfg = AdapterConfig::lora(2, 4.0, Targets::List(vec!["v_proj".into()]));
+    cfg.trainable_token_indices = Some(petal_core::config::TokenIndices::List(vec![5, 33]));
+    inject_adapter(&mut m, "default", &cfg, 5).unwrap();
+    let vars = adapter_vars(&m, "default");
+    let delta = vars
+        .iter()
+        .find(|v| v.as_tensor().dims() == [2, 32])
+        .expect("one (2, hidden) delta, shared by the embedding and the tied head")
+        .clone();
+    delta
+        .set(&(delta.as_tensor() + petal_ops::testing::rand(&[2, 32], 4)).unwrap())
+        .unwrap();
+    let loss = |m: &Llama| {
+        m.forward(&ids(), None, true)
+            .unwrap()
+            .log_sum_exp(2)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let g = loss(&m).backward().unwrap();
+    let grad = g
+        .get(delta.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let idx = [0, 40, 63];
+    let fd = central_differences(&delta, &idx, 1e-2, || {
+        loss(&m).to_scalar::<f32>().unwrap() as f64
+    });
+    for (&i, fd) in idx.iter().zip(fd) {
+        let fd = fd as f32;
+        assert!(
+            (fd - grad[i]).abs() < 2e-2 * (1.0 + fd.abs()),
+            "d/d[{i}]: {fd} vs {}",
+            grad[i]
+        );
+    }
+    let before = m.forward(&ids(), None, false).unwrap();
+    let w0: Vec<Tensor> = m.linears().iter().map(|l| l.weight().clone()).collect();
+    for l in m
+        .linears_mut()
+        .into_iter()
+        .filter(|l| l.layer("default").is_some())
+    {
+        l.merge("default", true).unwrap();
+    }
+    assert!(petal_ops::testing::max_rel(&m.forward(&ids(), None, false).unwrap(), &before) < 1e-5);
+    for l in m.linears_mut() {
+        l.unmerge().unwrap();
+    }
+    for (l, w) in m.linears().iter().zip(&w0) {
+        assert!(
+            petal_ops::testing::max_rel(l.weight(), w) < 1e-6,
+            "{}",
+            l.path()
+        );
+    }
+}

@@ -50,6 +50,7 @@ impl AdapterMethod for Lora {
             "bias",
             "fan_in_fan_out",
             "use_dora",
+            "trainable_token_indices",
             "layers_to_transform",
             "layers_pattern",
             "rank_pattern",
