@@ -15,6 +15,7 @@ pub mod linalg;
 pub mod lora_linear;
 pub mod loss;
 pub mod nn;
+pub mod pair_rotate;
 #[doc(hidden)]
 pub mod testing;
 
@@ -26,3 +27,4 @@ pub use kernels::{apply_rope, causal_softmax, rms_norm, softmax_last_dim, swiglu
 pub use lora_linear::lora_linear;
 pub use loss::{masked_cross_entropy, IGNORE_INDEX};
 pub use nn::{causal_mask, rope_tables};
+pub use pair_rotate::pair_rotate;

@@ -15,7 +15,7 @@ use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, Weigh
 use crate::config::AdapterConfig;
 use crate::methods::normal;
 use crate::{Error, Result};
-use candle_core::{DType, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var};
 use rand::SeedableRng;
 
 pub struct Road;
@@ -164,15 +164,7 @@ impl RoadLayer {
 impl AdapterLayer for RoadLayer {
     fn forward(&self, _x: &Tensor, y: Tensor, _train: bool) -> Result<Tensor> {
         let (f, s) = self.cols()?;
-        let yf = y.to_dtype(DType::F32)?;
-        let out = yf.dim(D::Minus1)?;
-        let h = self.group / 2;
-        let groups = yf.elem_count() / self.group;
-        let g = yf.reshape((groups, 2, h))?;
-        let (y1, y2) = (g.narrow(1, 0, 1)?, g.narrow(1, 1, 1)?);
-        let rot = Tensor::cat(&[y2.neg()?, y1], 1)?.reshape(yf.shape())?;
-        let z = (yf.broadcast_mul(&f)? + rot.broadcast_mul(&s)?)?;
-        debug_assert_eq!(out, f.dim(0)?);
+        let z = petal_ops::pair_rotate(&y.to_dtype(DType::F32)?, &f, &s, self.group)?;
         Ok(z.to_dtype(y.dtype())?)
     }
 
