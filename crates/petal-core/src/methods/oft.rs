@@ -81,6 +81,24 @@ pub fn blocks_for(cfg: &AdapterConfig, inp: usize) -> Result<(usize, usize)> {
 /// Skew-symmetric (k, b, b) matrices from their strict upper triangles (k, b(b-1)/2), in
 /// `triu_indices` order (row-major), as one matmul with a fixed ±1 scatter matrix.
 pub(crate) fn skew_from_upper(v: &Tensor, b: usize) -> Result<Tensor> {
+    let k = v.dim(0)?;
+    Ok(v.matmul(&scatter(b, v.device())?)?.reshape((k, b, b))?)
+}
+
+/// The constant (b(b-1)/2, b^2) ±1 scatter matrix, made once per block size and device: built
+/// per call it cost a host loop and a buffer kept alive by every layer's graph.
+fn scatter(b: usize, dev: &Device) -> Result<Tensor> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<(usize, String), Tensor>>> = OnceLock::new();
+    let key = (b, format!("{:?}", dev.location()));
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .expect("scatter cache");
+    if let Some(t) = cache.get(&key) {
+        return Ok(t.clone());
+    }
     let n = b * (b - 1) / 2;
     let mut e = vec![0f32; n * b * b];
     let mut i = 0;
@@ -91,9 +109,9 @@ pub(crate) fn skew_from_upper(v: &Tensor, b: usize) -> Result<Tensor> {
             i += 1;
         }
     }
-    let e = Tensor::from_vec(e, (n, b * b), v.device())?;
-    let k = v.dim(0)?;
-    Ok(v.matmul(&e)?.reshape((k, b, b))?)
+    let t = Tensor::from_vec(e, (n, b * b), dev)?;
+    cache.insert(key, t.clone());
+    Ok(t)
 }
 
 fn eye_batch(k: usize, b: usize, dev: &Device) -> Result<Tensor> {
