@@ -50,6 +50,8 @@ CASES = [
     ("llama", ["--method", "prefix_tuning", "--num-virtual-tokens", "3"]),
     ("mistral", ["--method", "prefix_tuning", "--num-virtual-tokens", "2"]),
     ("qwen2", ["--method", "p_tuning", "--num-virtual-tokens", "3"]),
+    ("llama", ["--method", "prefix_tuning", "--num-virtual-tokens", "3", "--prefix-projection", "true",
+               "--encoder-hidden-size", "12"]),
     ("llama", ["--r", "2", "--alpha", "4", "--target-modules", "q_proj", "--modules-to-save", "lm_head"]),
     ("qwen2", ["--method", "ia3", "--modules-to-save", "lm_head"]),
     ("qwen2", ["--r", "2", "--alpha", "4", "--target-modules", "q_proj,o_proj", "--bias", "all"]),

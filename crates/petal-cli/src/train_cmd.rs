@@ -100,6 +100,10 @@ train_opts! {
     delta_t: usize,
     /// AdaLoRA: weight of the orthogonality regulariser [default: 0.5]
     orth_reg_weight: f64,
+    /// Prefix tuning: train the prefix through PEFT's two-layer tanh projection [default: false]
+    prefix_projection: bool,
+    /// P-tuning / prefix projection: hidden width of the encoder [default: the prefix width]
+    encoder_hidden_size: usize,
     /// RoAd: road_1 | road_2 | road_4 [default: road_1]
     road_variant: String,
     /// RoAd: size of the groups whose halves are paired [default: 64]
@@ -373,7 +377,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         acfg.token_dim = Some(model.cfg.hidden_size);
         acfg.num_layers = Some(model.cfg.num_hidden_layers);
         acfg.num_attention_heads = Some(model.cfg.num_attention_heads);
-        acfg.encoder_hidden_size = Some(model.cfg.hidden_size);
+        acfg.encoder_hidden_size = Some(o.encoder_hidden_size.unwrap_or(model.cfg.hidden_size));
         acfg.target_modules = None;
     }
     if method == "prefix_tuning" {
@@ -382,7 +386,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         acfg.token_dim = Some(c.num_key_value_heads * c.head_dim);
         acfg.num_layers = Some(c.num_hidden_layers);
         acfg.num_attention_heads = Some(c.num_key_value_heads);
-        acfg.encoder_hidden_size = acfg.token_dim;
+        acfg.prefix_projection = Some(o.prefix_projection.unwrap_or(false));
+        acfg.encoder_hidden_size = o.encoder_hidden_size.or(acfg.token_dim);
         acfg.target_modules = None;
         acfg.init_weights = None;
     }

@@ -184,8 +184,13 @@ pub trait InputAdapter: Debug + Send + Sync {
     /// n positions were already cached: the tokens' positions start at n and no output is
     /// produced for the prefix. PEFT's layout: each row holds, for layer 0 key, layer 0 value,
     /// layer 1 key, …, the kv_heads x head_dim values.
-    fn key_values(&self) -> Option<&Tensor> {
-        None
+    fn key_values(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    /// Whether the virtual positions are part of the output (prompt tuning, P-tuning) rather
+    /// than cached keys and values (prefix tuning).
+    fn produces_positions(&self) -> bool {
+        true
     }
     /// Number of virtual positions.
     fn num_virtual_tokens(&self) -> usize;

@@ -88,7 +88,7 @@ pub fn inject_adapter(
                 .sum();
             let n = input.num_virtual_tokens();
             let width = input
-                .key_values()
+                .key_values()?
                 .map(|kv| kv.elem_count() / n.max(1))
                 .unwrap_or(shape.hidden);
             model.set_input_adapter(name, input)?;

@@ -209,7 +209,7 @@ impl Llama {
     pub fn num_virtual_tokens(&self) -> usize {
         self.input
             .as_ref()
-            .filter(|(_, a)| a.key_values().is_none())
+            .filter(|(_, a)| a.produces_positions())
             .map(|(_, a)| a.num_virtual_tokens())
             .unwrap_or(0)
     }
@@ -235,8 +235,13 @@ impl Llama {
             x = Tensor::cat(&[&p, &x], 1)?;
         }
         // prefix tuning: per-layer keys and values stand for n positions already seen
-        let kv_prefix = input.and_then(|a| a.key_values());
-        let offset = offset + kv_prefix.map(|kv| kv.dim(0)).transpose()?.unwrap_or(0);
+        let kv_prefix = input.map(|a| a.key_values()).transpose()?.flatten();
+        let offset = offset
+            + kv_prefix
+                .as_ref()
+                .map(|kv| kv.dim(0))
+                .transpose()?
+                .unwrap_or(0);
         let t = x.dim(1)?;
         if offset + t > self.cfg.max_position_embeddings {
             return Err(petal_core::Error::msg(format!(
@@ -249,7 +254,10 @@ impl Llama {
         let sin = self.sin.narrow(0, offset, t)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.kv[i]);
-            let prefix = kv_prefix.map(|p| self.layer_prefix(p, i, b)).transpose()?;
+            let prefix = kv_prefix
+                .as_ref()
+                .map(|p| self.layer_prefix(p, i, b))
+                .transpose()?;
             let h = rms_norm(&x, &layer.ln1.weight(), self.cfg.rms_norm_eps)?;
             let a = self.attention(&layer.attn, &h, &cos, &sin, kv, prefix, train)?;
             x = (x + a)?;

@@ -442,3 +442,56 @@ fn trainable_token_rows_on_a_tied_model_get_exact_gradients_merge_and_unmerge() 
         );
     }
 }
+
+#[test]
+fn prefix_tuning_through_its_projection_gets_exact_gradients_and_saves_the_projected_prefix() {
+    let mut cfg = AdapterConfig::for_method("PREFIX_TUNING", 1, 1.0, Targets::List(vec![]));
+    cfg.num_virtual_tokens = Some(2);
+    cfg.prefix_projection = Some(true);
+    cfg.encoder_hidden_size = Some(6);
+    let m = input_adapted(&cfg);
+    assert_eq!(
+        adapter_vars(&m, "default").len(),
+        5,
+        "embedding + two linears"
+    );
+    let loss = |m: &Llama| {
+        m.forward(&ids(), None, true)
+            .unwrap()
+            .log_sum_exp(2)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let g = loss(&m).backward().unwrap();
+    for v in adapter_vars(&m, "default") {
+        let grad = g
+            .get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let idx = [0, grad.len() - 1];
+        let fd = central_differences(&v, &idx, 1e-2, || {
+            loss(&m).to_scalar::<f32>().unwrap() as f64
+        });
+        for (&i, fd) in idx.iter().zip(fd) {
+            let fd = fd as f32;
+            assert!(
+                (fd - grad[i]).abs() < 2e-2 * (1.0 + fd.abs()),
+                "d/d[{i}]: {fd} vs {}",
+                grad[i]
+            );
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    petal_io::save_model_adapter(&m, "default", &cfg, dir.path()).unwrap();
+    let mut fresh = model(&golden().join("llama"), DType::F32);
+    petal_io::attach_adapter(&mut fresh, dir.path(), "default").unwrap();
+    let (a, b) = (
+        m.forward(&ids(), None, false).unwrap(),
+        fresh.forward(&ids(), None, false).unwrap(),
+    );
+    assert!(petal_ops::testing::max_rel(&b, &a) < 1e-6);
+}

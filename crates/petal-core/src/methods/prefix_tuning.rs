@@ -8,9 +8,10 @@
 //! row t holds, for layer 0 key, layer 0 value, layer 1 key, …, kv values. The tokens' positions
 //! start at n (RoPE included) and every token sees the whole prefix; only the tokens produce
 //! logits. Init: N(0, 1) (`nn.Embedding`), or zeros with `init_weights = "zero"`. Saved like
-//! prompt tuning, at the top level. `prefix_projection` (a two-layer tanh MLP over the
-//! embeddings, used while training) is saved by PEFT as its output, so such files load; training
-//! through the projection is not supported yet. Cannot be merged into weights.
+//! prompt tuning, at the top level. `prefix_projection`: the prefix is trained through a
+//! two-layer tanh MLP over `(n, kv)` embeddings (`encoder_hidden_size` wide) and saved, as PEFT
+//! does, as the MLP's output with `inference_mode`; checkpoints keep the MLP. Cannot be merged
+//! into weights.
 
 use crate::adapter::{AdapterMethod, InputAdapter, InputShape, NamedTensor};
 use crate::config::{AdapterConfig, InitWeights};
@@ -102,22 +103,33 @@ impl AdapterMethod for PrefixTuning {
                 "must be 1 (decoder-only models)".into(),
             );
         }
+        let zero = matches!(&cfg.init_weights, Some(InitWeights::Named(z)) if z == "zero");
+        let mut g = rand::rngs::StdRng::seed_from_u64(seed);
+        let width = 2 * shape.layers * kv;
         if cfg.prefix_projection == Some(true) && !cfg.inference_mode {
-            return Err(Error::Unsupported(
-                "prefix tuning with prefix_projection = true cannot be trained by petal yet \
-                 (saved adapters load: PEFT stores the projection's output)"
-                    .into(),
-            ));
+            // PEFT's PrefixEncoder with projection: Embedding(n, kv) -> Linear(kv, h) -> tanh
+            // -> Linear(h, 2 L kv); its output is what gets saved
+            let h = cfg.encoder_hidden_size.unwrap_or(kv);
+            let emb = normal((n, kv), 1.0, &mut g, dev)?;
+            let mut mlp = Vec::new();
+            for (i, (inp, out)) in [(kv, h), (h, width)].into_iter().enumerate() {
+                let last_zero = zero && i == 1;
+                let w = crate::methods::param((out, inp), last_zero, &mut g, dev)?;
+                let b = crate::methods::param((out, inp), last_zero, &mut g, dev)?
+                    .as_tensor()
+                    .narrow(1, 0, 1)?
+                    .flatten_all()?;
+                mlp.push((w, Var::from_tensor(&b)?));
+            }
+            return Ok(Some(Box::new(ProjectedPrefix {
+                emb: Var::from_tensor(&emb)?,
+                mlp,
+            })));
         }
-        let shape2 = (n, 2 * shape.layers * kv);
-        let t = match &cfg.init_weights {
-            Some(InitWeights::Named(z)) if z == "zero" => Tensor::zeros(shape2, DType::F32, dev)?,
-            _ => normal(
-                shape2,
-                1.0,
-                &mut rand::rngs::StdRng::seed_from_u64(seed),
-                dev,
-            )?,
+        let t = if zero {
+            Tensor::zeros((n, width), DType::F32, dev)?
+        } else {
+            normal((n, width), 1.0, &mut g, dev)?
         };
         Ok(Some(Box::new(Prefix {
             kv: Var::from_tensor(&t)?,
@@ -125,9 +137,82 @@ impl AdapterMethod for PrefixTuning {
     }
 }
 
+/// Prefix tuning through PEFT's projection (training only): `MLP(E)` gives the prefix.
+#[derive(Debug)]
+pub struct ProjectedPrefix {
+    emb: Var,
+    mlp: Vec<(Var, Var)>,
+}
+
+const PROJECTED: [&str; 5] = [
+    "prompt_encoder.embedding.weight",
+    "prompt_encoder.transform.0.weight",
+    "prompt_encoder.transform.0.bias",
+    "prompt_encoder.transform.2.weight",
+    "prompt_encoder.transform.2.bias",
+];
+
+impl ProjectedPrefix {
+    fn encode(&self) -> Result<Tensor> {
+        let (w1, b1) = &self.mlp[0];
+        let (w2, b2) = &self.mlp[1];
+        let h = self
+            .emb
+            .as_tensor()
+            .matmul(&w1.as_tensor().t()?)?
+            .broadcast_add(b1.as_tensor())?
+            .tanh()?;
+        Ok(h.matmul(&w2.as_tensor().t()?)?
+            .broadcast_add(b2.as_tensor())?)
+    }
+}
+
+impl InputAdapter for ProjectedPrefix {
+    fn key_values(&self) -> Result<Option<Tensor>> {
+        Ok(Some(self.encode()?))
+    }
+
+    fn produces_positions(&self) -> bool {
+        false
+    }
+
+    fn num_virtual_tokens(&self) -> usize {
+        self.emb.as_tensor().dims()[0]
+    }
+
+    fn tensors(&self) -> Vec<NamedTensor<'_>> {
+        let vars = [
+            &self.emb,
+            &self.mlp[0].0,
+            &self.mlp[0].1,
+            &self.mlp[1].0,
+            &self.mlp[1].1,
+        ];
+        PROJECTED
+            .iter()
+            .zip(vars)
+            .map(|(name, var)| NamedTensor { name, var })
+            .collect()
+    }
+
+    fn export(&self) -> Result<Option<Vec<(&'static str, Tensor)>>> {
+        Ok(Some(vec![(EMBEDDINGS, self.encode()?.detach())]))
+    }
+
+    fn set_prefix(&self, _t: &Tensor) -> Result<()> {
+        Err(Error::Unsupported(
+            "a projected prefix comes from its encoder; it cannot be set directly".into(),
+        ))
+    }
+}
+
 impl InputAdapter for Prefix {
-    fn key_values(&self) -> Option<&Tensor> {
-        Some(self.kv.as_tensor())
+    fn key_values(&self) -> Result<Option<Tensor>> {
+        Ok(Some(self.kv.as_tensor().clone()))
+    }
+
+    fn produces_positions(&self) -> bool {
+        false
     }
 
     fn num_virtual_tokens(&self) -> usize {
