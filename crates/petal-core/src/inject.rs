@@ -187,10 +187,7 @@ pub fn inject_adapter(
         if let Some(offset) = layer.base_offset() {
             lin.subtract_from_base(&offset)?;
         }
-        lin.add_adapter(name, layer)?;
-        let mut active: Vec<String> = lin.active().to_vec();
-        active.push(name.to_string());
-        lin.set_active(&active.iter().map(String::as_str).collect::<Vec<_>>());
+        attach(lin, name, layer)?;
     }
     if modules.is_empty() {
         return Err(Error::msg(format!(
@@ -213,10 +210,7 @@ pub fn inject_adapter(
                 out_features: lin.out_features(),
                 params: lin.out_features(),
             });
-            lin.add_adapter(name, Box::new(copy))?;
-            let mut active: Vec<String> = lin.active().to_vec();
-            active.push(name.to_string());
-            lin.set_active(&active.iter().map(String::as_str).collect::<Vec<_>>());
+            attach(lin, name, Box::new(copy))?;
         }
     }
     Ok(InjectionReport {
@@ -224,6 +218,15 @@ pub fn inject_adapter(
         peft_type: cfg.peft_type.clone(),
         modules,
     })
+}
+
+/// Attach `layer` to `lin` under `name` and make it active there, next to the active ones.
+fn attach(lin: &mut AdaptableLinear, name: &str, layer: Box<dyn AdapterLayer>) -> Result<()> {
+    lin.add_adapter(name, layer)?;
+    let mut active: Vec<String> = lin.active().to_vec();
+    active.push(name.to_string());
+    lin.set_active(&active.iter().map(String::as_str).collect::<Vec<_>>());
+    Ok(())
 }
 
 /// `trainable_token_indices`: chosen rows of the embedding trained in full, and the same rows of
@@ -286,10 +289,7 @@ fn attach_trainable_tokens(
             out_features: lin.weight().dim(1)?,
             params,
         });
-        lin.add_adapter(name, Box::new(layer))?;
-        let mut active: Vec<String> = lin.active().to_vec();
-        active.push(name.to_string());
-        lin.set_active(&active.iter().map(String::as_str).collect::<Vec<_>>());
+        attach(lin, name, Box::new(layer))?;
     }
     Ok(())
 }
@@ -333,10 +333,7 @@ fn attach_module_copies(
             out_features: lin.out_features(),
             params,
         });
-        lin.add_adapter(name, Box::new(copy))?;
-        let mut active: Vec<String> = lin.active().to_vec();
-        active.push(name.to_string());
-        lin.set_active(&active.iter().map(String::as_str).collect::<Vec<_>>());
+        attach(lin, name, Box::new(copy))?;
         found += 1;
     }
     if found == 0 {

@@ -151,15 +151,7 @@ fn input_adapted(cfg: &AdapterConfig) -> Llama {
 fn input_gradients_match_finite_differences(m: &Llama) {
     let vars = adapter_vars(m, "default");
     assert_eq!(vars.len(), 1);
-    let loss = |m: &Llama| {
-        m.forward(&ids(), None, true)
-            .unwrap()
-            .log_sum_exp(2)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-    };
-    let g = loss(m).backward().unwrap();
+    let g = logit_loss(m).backward().unwrap();
     let grad = g
         .get(vars[0].as_tensor())
         .unwrap()
@@ -177,17 +169,7 @@ fn input_gradients_match_finite_differences(m: &Llama) {
         .to_vec1::<f32>()
         .unwrap();
     let idx = [0, 17, base.len() - 1];
-    let fd = central_differences(&vars[0], &idx, 1e-2, || {
-        loss(m).to_scalar::<f32>().unwrap() as f64
-    });
-    for (&i, fd) in idx.iter().zip(fd) {
-        let fd = fd as f32;
-        assert!(
-            (fd - grad[i]).abs() < 2e-2 * (1.0 + fd.abs()),
-            "d/d[{i}]: {fd} vs {}",
-            grad[i]
-        );
-    }
+    check_fd(m, &vars[0], &grad, &idx);
 }
 
 #[test]
@@ -203,15 +185,7 @@ fn ln_tuning_copies_get_gradients_that_match_finite_differences_and_frozen_norms
     .unwrap();
     let vars = adapter_vars(&m, "default");
     assert_eq!(vars.len(), 3); // two post-attention norms and the final norm
-    let loss = |m: &Llama| {
-        m.forward(&ids(), None, true)
-            .unwrap()
-            .log_sum_exp(2)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-    };
-    let g = loss(&m).backward().unwrap();
+    let g = logit_loss(&m).backward().unwrap();
     for n in m.norms() {
         assert!(
             g.get(n.base()).is_none(),
@@ -221,17 +195,7 @@ fn ln_tuning_copies_get_gradients_that_match_finite_differences_and_frozen_norms
     }
     for v in &vars {
         let grad = g.get(v.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
-        let fd = central_differences(v, &[0, 31], 1e-2, || {
-            loss(&m).to_scalar::<f32>().unwrap() as f64
-        });
-        for (&i, fd) in [0usize, 31].iter().zip(fd) {
-            let fd = fd as f32;
-            assert!(
-                (fd - grad[i]).abs() < 2e-2 * (1.0 + fd.abs()),
-                "d/d[{i}]: {fd} vs {}",
-                grad[i]
-            );
-        }
+        check_fd(&m, v, &grad, &[0, 31]);
     }
 }
 
@@ -261,15 +225,7 @@ fn p_tuning_encoder_weights_get_gradients_that_match_finite_differences_through_
     assert_eq!(m.num_virtual_tokens(), 2);
     let vars = adapter_vars(&m, "default");
     assert_eq!(vars.len(), 7, "embedding + three linears");
-    let loss = |m: &Llama| {
-        m.forward(&ids(), None, true)
-            .unwrap()
-            .log_sum_exp(2)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-    };
-    let g = loss(&m).backward().unwrap();
+    let g = logit_loss(&m).backward().unwrap();
     for v in &vars {
         let grad = g
             .get(v.as_tensor())
@@ -279,17 +235,7 @@ fn p_tuning_encoder_weights_get_gradients_that_match_finite_differences_through_
             .to_vec1::<f32>()
             .unwrap();
         let idx = [0, grad.len() - 1];
-        let fd = central_differences(v, &idx, 1e-2, || {
-            loss(&m).to_scalar::<f32>().unwrap() as f64
-        });
-        for (&i, fd) in idx.iter().zip(fd) {
-            let fd = fd as f32;
-            assert!(
-                (fd - grad[i]).abs() < 2e-2 * (1.0 + fd.abs()),
-                "d/d[{i}]: {fd} vs {}",
-                grad[i]
-            );
-        }
+        check_fd(&m, v, &grad, &idx);
     }
 }
 
@@ -325,15 +271,7 @@ fn lora_on_the_embedding_gets_exact_gradients_and_merges_into_the_table() {
     inject_adapter(&mut m, "default", &cfg, 5).unwrap();
     let vars = adapter_vars(&m, "default");
     assert_eq!(vars.len(), 2);
-    let loss = |m: &Llama| {
-        m.forward(&ids(), None, true)
-            .unwrap()
-            .log_sum_exp(2)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-    };
-    let g = loss(&m).backward().unwrap();
+    let g = logit_loss(&m).backward().unwrap();
     assert!(g.get(m.embed_weight()).is_none(), "the table stays frozen");
     for v in &vars {
         let grad = g
@@ -349,17 +287,7 @@ fn lora_on_the_embedding_gets_exact_gradients_and_merges_into_the_table() {
         } else {
             [0, grad.len() - 1]
         };
-        let fd = central_differences(v, &idx, 1e-2, || {
-            loss(&m).to_scalar::<f32>().unwrap() as f64
-        });
-        for (&i, fd) in idx.iter().zip(fd) {
-            let fd = fd as f32;
-            assert!(
-                (fd - grad[i]).abs() < 2e-2 * (1.0 + fd.abs()),
-                "d/d[{i}]: {fd} vs {}",
-                grad[i]
-            );
-        }
+        check_fd(&m, v, &grad, &idx);
     }
     let before = m.forward(&ids(), None, false).unwrap();
     let table = m.embed_weight().clone();
@@ -393,15 +321,7 @@ fn trainable_token_rows_on_a_tied_model_get_exact_gradients_merge_and_unmerge() 
     delta
         .set(&(delta.as_tensor() + petal_ops::testing::rand(&[2, 32], 4)).unwrap())
         .unwrap();
-    let loss = |m: &Llama| {
-        m.forward(&ids(), None, true)
-            .unwrap()
-            .log_sum_exp(2)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-    };
-    let g = loss(&m).backward().unwrap();
+    let g = logit_loss(&m).backward().unwrap();
     let grad = g
         .get(delta.as_tensor())
         .unwrap()
@@ -410,17 +330,7 @@ fn trainable_token_rows_on_a_tied_model_get_exact_gradients_merge_and_unmerge() 
         .to_vec1::<f32>()
         .unwrap();
     let idx = [0, 40, 63];
-    let fd = central_differences(&delta, &idx, 1e-2, || {
-        loss(&m).to_scalar::<f32>().unwrap() as f64
-    });
-    for (&i, fd) in idx.iter().zip(fd) {
-        let fd = fd as f32;
-        assert!(
-            (fd - grad[i]).abs() < 2e-2 * (1.0 + fd.abs()),
-            "d/d[{i}]: {fd} vs {}",
-            grad[i]
-        );
-    }
+    check_fd(&m, &delta, &grad, &idx);
     let before = m.forward(&ids(), None, false).unwrap();
     let w0: Vec<Tensor> = m.linears().iter().map(|l| l.weight().clone()).collect();
     for l in m
@@ -455,15 +365,7 @@ fn prefix_tuning_through_its_projection_gets_exact_gradients_and_saves_the_proje
         5,
         "embedding + two linears"
     );
-    let loss = |m: &Llama| {
-        m.forward(&ids(), None, true)
-            .unwrap()
-            .log_sum_exp(2)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-    };
-    let g = loss(&m).backward().unwrap();
+    let g = logit_loss(&m).backward().unwrap();
     for v in adapter_vars(&m, "default") {
         let grad = g
             .get(v.as_tensor())
@@ -473,17 +375,7 @@ fn prefix_tuning_through_its_projection_gets_exact_gradients_and_saves_the_proje
             .to_vec1::<f32>()
             .unwrap();
         let idx = [0, grad.len() - 1];
-        let fd = central_differences(&v, &idx, 1e-2, || {
-            loss(&m).to_scalar::<f32>().unwrap() as f64
-        });
-        for (&i, fd) in idx.iter().zip(fd) {
-            let fd = fd as f32;
-            assert!(
-                (fd - grad[i]).abs() < 2e-2 * (1.0 + fd.abs()),
-                "d/d[{i}]: {fd} vs {}",
-                grad[i]
-            );
-        }
+        check_fd(&m, &v, &grad, &idx);
     }
     let dir = tempfile::tempdir().unwrap();
     petal_io::save_model_adapter(&m, "default", &cfg, dir.path()).unwrap();
@@ -494,4 +386,29 @@ fn prefix_tuning_through_its_projection_gets_exact_gradients_and_saves_the_proje
         fresh.forward(&ids(), None, false).unwrap(),
     );
     assert!(petal_ops::testing::max_rel(&b, &a) < 1e-6);
+}
+
+/// A loss over every logit of the fixed ids, in training mode (for gradient checks).
+fn logit_loss(m: &Llama) -> Tensor {
+    m.forward(&ids(), None, true)
+        .unwrap()
+        .log_sum_exp(2)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+}
+
+/// Backprop's `grad` of `logit_loss` for `v` agrees with central differences at `idx`.
+fn check_fd(m: &Llama, v: &candle_core::Var, grad: &[f32], idx: &[usize]) {
+    let fd = central_differences(v, idx, 1e-2, || {
+        logit_loss(m).to_scalar::<f32>().unwrap() as f64
+    });
+    for (&i, fd) in idx.iter().zip(fd) {
+        let fd = fd as f32;
+        assert!(
+            (fd - grad[i]).abs() < 2e-2 * (1.0 + fd.abs()),
+            "d/d[{i}]: finite difference {fd} vs backprop {}",
+            grad[i]
+        );
+    }
 }

@@ -12,7 +12,7 @@
 
 use crate::adapter::{AdapterMethod, InputAdapter, InputShape, NamedTensor};
 use crate::config::AdapterConfig;
-use crate::methods::prompt_tuning::{PromptEmbedding, EMBEDDINGS};
+use crate::methods::prompt_tuning::{virtual_tokens, PromptEmbedding, EMBEDDINGS};
 use crate::methods::{kaiming_uniform, normal};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, Var};
@@ -77,21 +77,7 @@ impl AdapterMethod for PTuning {
         dev: &Device,
     ) -> Result<Option<Box<dyn InputAdapter>>> {
         let d = shape.hidden;
-        let n = cfg.num_virtual_tokens.unwrap_or(0) * cfg.num_transformer_submodules.unwrap_or(1);
-        if n == 0 {
-            return Err(Error::config(
-                "adapter config",
-                "num_virtual_tokens",
-                "must be at least 1",
-            ));
-        }
-        if let Some(t) = cfg.token_dim.filter(|&t| t != d) {
-            return Err(Error::config(
-                "adapter config",
-                "token_dim",
-                format!("is {t}, but the model's hidden size is {d}"),
-            ));
-        }
+        let n = virtual_tokens(cfg, d)?;
         let mut g = rand::rngs::StdRng::seed_from_u64(seed);
         let emb = normal((n, d), 1.0, &mut g, dev)?;
         if cfg.inference_mode {

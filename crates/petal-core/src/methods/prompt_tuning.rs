@@ -18,6 +18,27 @@ pub const EMBEDDINGS: &str = "prompt_embeddings";
 
 pub struct PromptTuning;
 
+/// The number of virtual tokens of an embedding-prefix config (prompt tuning, P-tuning),
+/// checked against the model's hidden size `d`.
+pub(crate) fn virtual_tokens(cfg: &AdapterConfig, d: usize) -> Result<usize> {
+    let n = cfg.num_virtual_tokens.unwrap_or(0) * cfg.num_transformer_submodules.unwrap_or(1);
+    if n == 0 {
+        return Err(Error::config(
+            "adapter config",
+            "num_virtual_tokens",
+            "must be at least 1",
+        ));
+    }
+    if let Some(t) = cfg.token_dim.filter(|&t| t != d) {
+        return Err(Error::config(
+            "adapter config",
+            "token_dim",
+            format!("is {t}, but the model's hidden size is {d}"),
+        ));
+    }
+    Ok(n)
+}
+
 #[derive(Debug)]
 pub struct PromptEmbedding {
     emb: Var, // (n, dim)
@@ -83,21 +104,7 @@ impl AdapterMethod for PromptTuning {
         dev: &Device,
     ) -> Result<Option<Box<dyn InputAdapter>>> {
         let token_dim = shape.hidden;
-        let n = cfg.num_virtual_tokens.unwrap_or(0) * cfg.num_transformer_submodules.unwrap_or(1);
-        if n == 0 {
-            return Err(Error::config(
-                "adapter config",
-                "num_virtual_tokens",
-                "must be at least 1",
-            ));
-        }
-        if let Some(d) = cfg.token_dim.filter(|&d| d != token_dim) {
-            return Err(Error::config(
-                "adapter config",
-                "token_dim",
-                format!("is {d}, but the model's hidden size is {token_dim}"),
-            ));
-        }
+        let n = virtual_tokens(cfg, token_dim)?;
         let t = normal(
             (n, token_dim),
             1.0,
