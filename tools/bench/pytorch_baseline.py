@@ -38,7 +38,12 @@ def build(w):
         dtype = torch.float32
     model = model.to(dtype)
     if w["mode"] == "train":
-        model = get_peft_model(model, LoraConfig(r=w["r"], lora_alpha=2 * w["r"], target_modules="all-linear"))
+        if w.get("adapter"):  # petal's adapter_config for the method, read by PEFT itself
+            from peft import get_peft_config
+            cfg = get_peft_config(dict(w["adapter"]))
+        else:
+            cfg = LoraConfig(r=w["r"], lora_alpha=2 * w["r"], target_modules="all-linear")
+        model = get_peft_model(model, cfg)
     return model
 
 

@@ -31,6 +31,10 @@ pub struct BenchArgs {
     /// LoRA rank on all linear layers (train mode)
     #[arg(long, default_value_t = 8)]
     pub r: usize,
+    /// Adapter method trained (train mode): lora | dora | loha | lokr | ia3 | oft | boft | road |
+    /// vera; PyTorch + PEFT gets the same adapter_config
+    #[arg(long, default_value = "lora")]
+    pub method: String,
     /// Measured steps per round
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
@@ -218,9 +222,16 @@ fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
     };
     let mut model = model;
     let mut opt = None;
+    let mut adapter = None;
     if a.mode == "train" {
-        let cfg = AdapterConfig::lora(a.r, 2.0 * a.r as f64, Targets::Regex("all-linear".into()));
+        let cfg = bench_adapter(&a.method, a.r)?;
         inject_adapter(&mut model, "default", &cfg, 0)?;
+        let mut peft: Value = serde_json::from_str(&cfg.to_json()?)?;
+        if let Some(o) = peft.as_object_mut() {
+            o.remove("peft_version");
+            o.insert("inference_mode".into(), json!(false));
+        }
+        adapter = Some(peft);
         opt = Some(AdamW::new(
             petal_core::inject::adapter_vars(&model, "default"),
             AdamWParams {
@@ -248,6 +259,8 @@ fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
         ("batch", json!(a.batch)),
         ("seq", json!(a.seq)),
         ("r", json!(a.r)),
+        ("method", json!(a.method)),
+        ("adapter", json!(adapter)),
         ("dtype", json!(a.dtype)),
         ("threads", json!(a.threads.unwrap_or_else(num_threads))),
         ("vocab", json!(vocab)),
@@ -265,6 +278,29 @@ fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
         },
         wl,
     ))
+}
+
+/// The benchmarked adapter: rank r (alpha 2r) on all linear layers, each method with the
+/// settings of its docs page (OFT blocks of 32, BOFT blocks of 8 and one butterfly factor,
+/// RoAd groups of 64).
+fn bench_adapter(method: &str, r: usize) -> Result<AdapterConfig> {
+    let all = Targets::Regex("all-linear".into());
+    let peft_type = if method == "dora" { "lora" } else { method };
+    if !["lora", "loha", "lokr", "ia3", "oft", "boft", "road", "vera"].contains(&peft_type) {
+        bail!(
+            "--method {method}: bench trains lora, dora, loha, lokr, ia3, oft, boft, road or vera"
+        );
+    }
+    let mut c = AdapterConfig::for_method(peft_type, r, 2.0 * r as f64, all);
+    match method {
+        "dora" => c.use_dora = true,
+        "ia3" => c.feedforward_modules = Some(Targets::List(vec!["down_proj".into()])),
+        "oft" => (c.r, c.oft_block_size) = (0, Some(32)),
+        "boft" => (c.boft_block_num, c.boft_block_size) = (Some(0), Some(8)),
+        "road" => c.group_size = Some(64),
+        _ => {}
+    }
+    Ok(c)
 }
 
 fn num_threads() -> usize {
@@ -405,7 +441,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         v
     });
     let result = json!({
-        "workload": a.workload, "mode": a.mode, "batch": a.batch, "seq": a.seq, "dtype": a.dtype,
+        "workload": a.workload, "mode": a.mode, "method": a.method, "batch": a.batch, "seq": a.seq, "dtype": a.dtype,
         "threads": wl["threads"], "matmul_peak_gflops": {"f32": peak32, "bf16": peak16},
         "mflop_per_token": flops / 1e6, "petal": pv, "pytorch": tv,
         "ratio": tv.as_ref().map(|t| json!({
@@ -430,8 +466,8 @@ fn print_table(r: &Value) {
             .map(|x| format!("{x:.3}"))
             .unwrap_or_else(|| "-".into())
     };
-    println!("workload {} / {} | batch {} x {} | {} | {} threads | matmul peak f32 {:.0} GFLOP/s, bf16 {} | {:.1} MFLOP/token",
-        r["workload"].as_str().unwrap_or(""), r["mode"].as_str().unwrap_or(""), r["batch"], r["seq"], r["dtype"].as_str().unwrap_or(""), r["threads"],
+    println!("workload {} / {} ({}) | batch {} x {} | {} | {} threads | matmul peak f32 {:.0} GFLOP/s, bf16 {} | {:.1} MFLOP/token",
+        r["workload"].as_str().unwrap_or(""), r["mode"].as_str().unwrap_or(""), r["method"].as_str().unwrap_or("lora"), r["batch"], r["seq"], r["dtype"].as_str().unwrap_or(""), r["threads"],
         r["matmul_peak_gflops"]["f32"].as_f64().unwrap_or(0.0), r["matmul_peak_gflops"]["bf16"].as_f64().map(|x| format!("{x:.0}")).unwrap_or("-".into()), r["mflop_per_token"].as_f64().unwrap_or(0.0));
     println!(
         "{:<8} {:>10} {:>19} {:>9} {:>9} {:>9} {:>9} {:>10}",
