@@ -39,8 +39,11 @@ def build(w):
     model = model.to(dtype)
     if w["mode"] == "train":
         if w.get("adapter"):  # petal's adapter_config for the method, read by PEFT itself
-            from peft import get_peft_config
-            cfg = get_peft_config(dict(w["adapter"]))
+            import dataclasses
+            from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+            cls = PEFT_TYPE_TO_CONFIG_MAPPING[w["adapter"]["peft_type"]]
+            known = {f.name for f in dataclasses.fields(cls)}  # as PEFT's loader, skip other keys
+            cfg = cls(**{k: v for k, v in w["adapter"].items() if k in known})
         else:
             cfg = LoraConfig(r=w["r"], lora_alpha=2 * w["r"], target_modules="all-linear")
         model = get_peft_model(model, cfg)
