@@ -1,6 +1,7 @@
 //! The `petal` command: subcommands over the petal crates. Also a library so that the
 //! end-to-end tests drive the same code the binary runs.
 
+pub mod adapter_opts;
 pub mod assets;
 pub mod bench_cmd;
 pub mod common;
