@@ -16,6 +16,7 @@ pub mod lora_linear;
 pub mod loss;
 pub mod nn;
 pub mod pair_rotate;
+pub mod scale;
 #[doc(hidden)]
 pub mod testing;
 
@@ -28,3 +29,4 @@ pub use lora_linear::lora_linear;
 pub use loss::{masked_cross_entropy, IGNORE_INDEX};
 pub use nn::{causal_mask, rope_tables};
 pub use pair_rotate::pair_rotate;
+pub use scale::scale_last;

@@ -85,9 +85,7 @@ impl AdapterLayer for Ia3Layer {
             let d = d.to_dtype(y.dtype())?;
             return Ok((y + d)?);
         }
-        Ok(y.to_dtype(DType::F32)?
-            .broadcast_mul(&l)?
-            .to_dtype(y.dtype())?)
+        Ok(petal_ops::scale_last(&y.to_dtype(DType::F32)?, &l)?.to_dtype(y.dtype())?)
     }
 
     fn fused_forward(
@@ -103,10 +101,7 @@ impl AdapterLayer for Ia3Layer {
         let _ = train;
         let run = || -> Result<Tensor> {
             let l = self.l.as_tensor().flatten_all()?;
-            let xs = x
-                .to_dtype(DType::F32)?
-                .broadcast_mul(&l)?
-                .to_dtype(w.dtype())?;
+            let xs = petal_ops::scale_last(&x.to_dtype(DType::F32)?, &l)?.to_dtype(w.dtype())?;
             Ok(petal_ops::frozen_linear(&xs, w, b)?)
         };
         Some(run())

@@ -139,12 +139,8 @@ impl AdapterLayer for VeraLayer {
             x2
         };
         let (a, b) = self.sliced()?;
-        let h = x2
-            .matmul(&a.t()?)?
-            .broadcast_mul(&self.lambda_d.as_tensor().unsqueeze(0)?)?;
-        let d = h
-            .matmul(&b.t()?)?
-            .broadcast_mul(&self.lambda_b.as_tensor().unsqueeze(0)?)?;
+        let h = petal_ops::scale_last(&x2.matmul(&a.t()?)?, self.lambda_d.as_tensor())?;
+        let d = petal_ops::scale_last(&h.matmul(&b.t()?)?, self.lambda_b.as_tensor())?;
         let d = d.reshape(y.shape())?.to_dtype(y.dtype())?;
         Ok((y + d)?)
     }

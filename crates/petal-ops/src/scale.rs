@@ -1,0 +1,105 @@
+//! `y ⊙ l` for `y (.., d)` and a vector `l (d)`: the scaling of IA3 and VeRA. candle's
+//! broadcast product is right forward, but its backward reduces `g ⊙ y` over all rows on one
+//! thread; this op does both directions in one parallel pass each.
+
+use crate::cpu::{f32s, fast_ok};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+struct ScaleLast;
+
+impl CustomOp2 for ScaleLast {
+    fn name(&self) -> &'static str {
+        "petal-scale-last"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        ls: &CpuStorage,
+        ll: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, l) = (f32s(ys, yl)?, f32s(ls, ll)?);
+        let d = l.len();
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(d)
+            .zip(y.par_chunks(d))
+            .for_each(|(o, y)| {
+                o.iter_mut()
+                    .zip(y)
+                    .zip(l)
+                    .for_each(|((o, y), l)| *o = y * l)
+            });
+        Ok((CpuStorage::F32(out), yl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        l: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = l.dim(0)?;
+        let yv = y.flatten_all()?.to_vec1::<f32>()?;
+        let gv = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let lv = l.to_vec1::<f32>()?;
+        let mut dy = vec![0f32; yv.len()];
+        let dl = dy
+            .par_chunks_mut(d)
+            .zip(yv.par_chunks(d).zip(gv.par_chunks(d)))
+            .fold(
+                || vec![0f32; d],
+                |mut dl, (dy, (y, g))| {
+                    for j in 0..d {
+                        dy[j] = g[j] * lv[j];
+                        dl[j] += g[j] * y[j];
+                    }
+                    dl
+                },
+            )
+            .reduce(
+                || vec![0f32; d],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(x, v)| *x += v);
+                    a
+                },
+            );
+        Ok((
+            Some(Tensor::from_vec(dy, y.shape(), y.device())?),
+            Some(Tensor::from_vec(dl, d, l.device())?),
+        ))
+    }
+}
+
+/// `y ⊙ l` with `l` broadcast over all but the last dimension of `y`; f32 on the CPU takes the
+/// fused kernel, anything else candle's broadcast product.
+pub fn scale_last(y: &Tensor, l: &Tensor) -> Result<Tensor> {
+    let d = y.dim(D::Minus1)?;
+    let l = l.flatten_all()?;
+    if l.dim(0)? != d {
+        candle_core::bail!("scale_last: {} scales for {d} features", l.dim(0)?)
+    }
+    if !(fast_ok(y) && l.dtype() == DType::F32) {
+        return y.broadcast_mul(&l);
+    }
+    let y2 = y.contiguous()?.reshape((y.elem_count() / d, d))?;
+    y2.apply_op2(&l.contiguous()?, ScaleLast)?
+        .reshape(y.shape())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{rand, same};
+
+    #[test]
+    fn the_fused_scaling_equals_the_broadcast_product_in_value_and_gradients() {
+        same(
+            &[rand(&[3, 5, 12], 1), rand(&[12], 2)],
+            |t| scale_last(&t[0], &t[1]).unwrap(),
+            |t| t[0].broadcast_mul(&t[1]).unwrap(),
+        );
+    }
+}
