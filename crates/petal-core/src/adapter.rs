@@ -153,13 +153,19 @@ pub trait AdapterMethod: Sync {
         Ok(None)
     }
     /// Build this method's layer for the module at `path`. `seed` makes init reproducible.
+    /// Methods that adapt no linear (input-side ones, norm tuning) keep this refusal.
     fn build(
         &self,
         cfg: &AdapterConfig,
         path: &str,
-        base: &BaseLinear,
-        seed: u64,
-    ) -> Result<Box<dyn AdapterLayer>>;
+        _base: &BaseLinear,
+        _seed: u64,
+    ) -> Result<Box<dyn AdapterLayer>> {
+        Err(crate::Error::Unsupported(format!(
+            "{}: the method does not adapt linear layers such as `{path}`",
+            cfg.peft_type
+        )))
+    }
 }
 
 /// What an input-side adapter needs to know of the model.

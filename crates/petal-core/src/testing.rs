@@ -54,6 +54,11 @@ impl Adaptable for Toy {
     }
 }
 
+/// Both toy linears as `target_modules`.
+pub fn toy_targets() -> crate::config::Targets {
+    crate::config::Targets::List(vec!["fc1".into(), "fc2".into()])
+}
+
 /// A toy with adapter "default" from `cfg`; with `nonzero`, the init is the method's
 /// non-zero variant (`init_lora_weights = false`).
 pub fn adapted(cfg: &AdapterConfig, nonzero: bool) -> Toy {

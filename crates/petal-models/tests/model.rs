@@ -291,17 +291,7 @@ fn lora_on_the_embedding_gets_exact_gradients_and_merges_into_the_table() {
     }
     let before = m.forward(&ids(), None, false).unwrap();
     let table = m.embed_weight().clone();
-    for l in m
-        .linears_mut()
-        .into_iter()
-        .filter(|l| l.layer("default").is_some())
-    {
-        l.merge("default", true).unwrap();
-    }
-    assert!(petal_ops::testing::max_rel(&m.forward(&ids(), None, false).unwrap(), &before) < 1e-5);
-    for l in m.linears_mut() {
-        l.unmerge().unwrap();
-    }
+    merged_equals_unmerged_then_unmerge(&mut m, &before);
     // dW (N(0,1) factors) is ~50x the table here: (W + dW) - dW keeps f32 rounding of dW
     assert!(petal_ops::testing::max_rel(m.embed_weight(), &table) < 1e-4);
 }
@@ -333,17 +323,7 @@ fn trainable_token_rows_on_a_tied_model_get_exact_gradients_merge_and_unmerge() 
     check_fd(&m, &delta, &grad, &idx);
     let before = m.forward(&ids(), None, false).unwrap();
     let w0: Vec<Tensor> = m.linears().iter().map(|l| l.weight().clone()).collect();
-    for l in m
-        .linears_mut()
-        .into_iter()
-        .filter(|l| l.layer("default").is_some())
-    {
-        l.merge("default", true).unwrap();
-    }
-    assert!(petal_ops::testing::max_rel(&m.forward(&ids(), None, false).unwrap(), &before) < 1e-5);
-    for l in m.linears_mut() {
-        l.unmerge().unwrap();
-    }
+    merged_equals_unmerged_then_unmerge(&mut m, &before);
     for (l, w) in m.linears().iter().zip(&w0) {
         assert!(
             petal_ops::testing::max_rel(l.weight(), w) < 1e-6,
@@ -410,5 +390,21 @@ fn check_fd(m: &Llama, v: &candle_core::Var, grad: &[f32], idx: &[usize]) {
             "d/d[{i}]: finite difference {fd} vs backprop {}",
             grad[i]
         );
+    }
+}
+
+/// Merge adapter "default" wherever it sits, check the logits equal `before` (the unmerged
+/// model's), then unmerge everything.
+fn merged_equals_unmerged_then_unmerge(m: &mut Llama, before: &Tensor) {
+    for l in m
+        .linears_mut()
+        .into_iter()
+        .filter(|l| l.layer("default").is_some())
+    {
+        l.merge("default", true).unwrap();
+    }
+    assert!(petal_ops::testing::max_rel(&m.forward(&ids(), None, false).unwrap(), before) < 1e-5);
+    for l in m.linears_mut() {
+        l.unmerge().unwrap();
     }
 }

@@ -175,12 +175,7 @@ impl AdapterLayer for AdaLoraLayer {
 
 #[cfg(test)]
 fn conformance_config() -> AdapterConfig {
-    let mut c = AdapterConfig::for_method(
-        "ADALORA",
-        3,
-        6.0,
-        crate::config::Targets::List(vec!["fc1".into(), "fc2".into()]),
-    );
+    let mut c = AdapterConfig::for_method("ADALORA", 3, 6.0, crate::testing::toy_targets());
     c.total_step = Some(10);
     c
 }

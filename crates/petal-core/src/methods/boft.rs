@@ -366,12 +366,7 @@ mod tests {
 #[cfg(test)]
 fn conformance_config() -> AdapterConfig {
     // 2 blocks: fc1 (in 10) of 5, fc2 (in 12) of 6
-    AdapterConfig::for_method(
-        "BOFT",
-        2,
-        1.0,
-        crate::config::Targets::List(vec!["fc1".into(), "fc2".into()]),
-    )
+    AdapterConfig::for_method("BOFT", 2, 1.0, crate::testing::toy_targets())
 }
 
 #[cfg(test)]

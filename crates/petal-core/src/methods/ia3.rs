@@ -122,12 +122,7 @@ impl AdapterLayer for Ia3Layer {
 #[cfg(test)]
 fn conformance_config() -> AdapterConfig {
     // fc1 (with a bias) scales its output, fc2 its input
-    let mut c = AdapterConfig::for_method(
-        "IA3",
-        1,
-        1.0,
-        Targets::List(vec!["fc1".into(), "fc2".into()]),
-    );
+    let mut c = AdapterConfig::for_method("IA3", 1, 1.0, crate::testing::toy_targets());
     c.feedforward_modules = Some(Targets::List(vec!["fc2".into()]));
     c
 }

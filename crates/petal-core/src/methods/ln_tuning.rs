@@ -5,9 +5,7 @@
 //! `<module>.ln_tuning_layers.weight`. PEFT's default targets for Llama-family models are the
 //! norms ("input_layernorm", "post_attention_layernorm", "norm").
 
-use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear};
-use crate::config::AdapterConfig;
-use crate::{Error, Result};
+use crate::adapter::AdapterMethod;
 
 pub const WEIGHT: &str = "ln_tuning_layers.weight";
 
@@ -24,18 +22,5 @@ impl AdapterMethod for LnTuning {
 
     fn tunes_norms(&self) -> bool {
         true
-    }
-
-    fn build(
-        &self,
-        cfg: &AdapterConfig,
-        path: &str,
-        _: &BaseLinear,
-        _: u64,
-    ) -> Result<Box<dyn AdapterLayer>> {
-        Err(Error::Unsupported(format!(
-            "{}: LN tuning trains norm weights, not linear `{path}`",
-            cfg.peft_type
-        )))
     }
 }

@@ -123,12 +123,7 @@ impl AdapterLayer for LohaLayer {
 
 #[cfg(test)]
 fn conformance_config() -> AdapterConfig {
-    let mut c = AdapterConfig::for_method(
-        "LOHA",
-        3,
-        7.0,
-        crate::config::Targets::List(vec!["fc1".into(), "fc2".into()]),
-    );
+    let mut c = AdapterConfig::for_method("LOHA", 3, 7.0, crate::testing::toy_targets());
     c.alpha_pattern.insert("fc2".into(), 2.0);
     c
 }

@@ -245,12 +245,7 @@ mod tests {
 #[cfg(test)]
 fn conformance_config() -> AdapterConfig {
     // r = 2 < max(b, d)/2 on both toy linears, so W2 is low rank; fc2 gets its own alpha
-    let mut c = AdapterConfig::for_method(
-        "LOKR",
-        2,
-        5.0,
-        crate::config::Targets::List(vec!["fc1".into(), "fc2".into()]),
-    );
+    let mut c = AdapterConfig::for_method("LOKR", 2, 5.0, crate::testing::toy_targets());
     c.alpha_pattern.insert("fc2".into(), 3.0);
     c
 }

@@ -56,19 +56,6 @@ impl AdapterMethod for PTuning {
         ]
     }
 
-    fn build(
-        &self,
-        cfg: &AdapterConfig,
-        path: &str,
-        _: &crate::adapter::BaseLinear,
-        _: u64,
-    ) -> Result<Box<dyn crate::AdapterLayer>> {
-        Err(Error::Unsupported(format!(
-            "{}: P-tuning adapts the input, not linear `{path}`",
-            cfg.peft_type
-        )))
-    }
-
     fn build_input(
         &self,
         cfg: &AdapterConfig,

@@ -46,19 +46,6 @@ impl AdapterMethod for PrefixTuning {
         ]
     }
 
-    fn build(
-        &self,
-        cfg: &AdapterConfig,
-        path: &str,
-        _: &crate::adapter::BaseLinear,
-        _: u64,
-    ) -> Result<Box<dyn crate::AdapterLayer>> {
-        Err(Error::Unsupported(format!(
-            "{}: prefix tuning adapts attention's keys and values, not linear `{path}`",
-            cfg.peft_type
-        )))
-    }
-
     fn build_input(
         &self,
         cfg: &AdapterConfig,

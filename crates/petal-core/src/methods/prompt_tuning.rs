@@ -83,19 +83,6 @@ impl AdapterMethod for PromptTuning {
         ]
     }
 
-    fn build(
-        &self,
-        cfg: &AdapterConfig,
-        path: &str,
-        _: &crate::adapter::BaseLinear,
-        _: u64,
-    ) -> Result<Box<dyn crate::AdapterLayer>> {
-        Err(Error::Unsupported(format!(
-            "{}: prompt tuning adapts the input, not linear `{path}`",
-            cfg.peft_type
-        )))
-    }
-
     fn build_input(
         &self,
         cfg: &AdapterConfig,

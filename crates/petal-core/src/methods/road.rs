@@ -191,12 +191,7 @@ impl AdapterLayer for RoadLayer {
 
 #[cfg(test)]
 fn config(variant: &str, group: usize) -> AdapterConfig {
-    let mut c = AdapterConfig::for_method(
-        "ROAD",
-        1,
-        1.0,
-        crate::config::Targets::List(vec!["fc1".into(), "fc2".into()]),
-    );
+    let mut c = AdapterConfig::for_method("ROAD", 1, 1.0, crate::testing::toy_targets());
     c.variant = Some(variant.into());
     c.group_size = Some(group);
     c

@@ -226,12 +226,7 @@ mod tests {
 
 #[cfg(test)]
 fn conformance_config() -> AdapterConfig {
-    AdapterConfig::for_method(
-        "VERA",
-        3,
-        1.0,
-        crate::config::Targets::List(vec!["fc1".into(), "fc2".into()]),
-    )
+    AdapterConfig::for_method("VERA", 3, 1.0, crate::testing::toy_targets())
 }
 
 #[cfg(test)]

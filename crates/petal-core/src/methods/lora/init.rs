@@ -78,13 +78,12 @@ fn fnv(s: &str) -> u64 {
 #[cfg(test)]
 mod structured_tests {
     use super::*;
-    use crate::config::Targets;
     use crate::config::{AdapterConfig, InitWeights};
     use crate::testing::{max_rel, Toy};
     use crate::Adaptable;
 
     fn attached(init: &str) -> Toy {
-        let mut c = AdapterConfig::lora(3, 6.0, Targets::List(vec!["fc1".into(), "fc2".into()]));
+        let mut c = AdapterConfig::lora(3, 6.0, crate::testing::toy_targets());
         c.init_lora_weights = InitWeights::Named(init.into());
         let mut t = Toy::new();
         crate::inject_adapter(&mut t, "default", &c, 1).unwrap();

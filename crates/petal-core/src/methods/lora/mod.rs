@@ -365,11 +365,7 @@ mod tests {
 #[cfg(test)]
 fn conformance_config() -> AdapterConfig {
     // alpha != r, and a rank_pattern giving fc2 its own rank
-    let mut c = AdapterConfig::lora(
-        4,
-        5.0,
-        crate::config::Targets::List(vec!["fc1".into(), "fc2".into()]),
-    );
+    let mut c = AdapterConfig::lora(4, 5.0, crate::testing::toy_targets());
     c.rank_pattern.insert("fc2".into(), 3.into());
     c
 }
