@@ -47,6 +47,11 @@ CASES = [
     ("qwen2", ["--method", "vera", "--r", "8"]),
     ("llama", ["--r", "4", "--alpha", "8", "--init", "pissa", "--target-modules", "q_proj,v_proj,down_proj"]),
     ("qwen2", ["--r", "3", "--alpha", "6", "--init", "olora"]),
+    ("llama", ["--r", "4", "--alpha", "8", "--init", "pissa", "--dora", "true", "--target-modules", "q_proj,down_proj"]),
+    ("qwen2", ["--r", "2", "--alpha", "6", "--dora", "true", "--bias", "lora_only", "--target-modules", "k_proj,v_proj,o_proj"]),
+    # PiSSA / OLoRA saved as plain LoRA of rank 2r: PEFT applies it to the original base model
+    ("llama", ["--r", "4", "--alpha", "8", "--init", "pissa", "--save-as-lora", "true", "--target-modules", "q_proj,v_proj"]),
+    ("qwen2", ["--r", "2", "--alpha", "4", "--init", "olora", "--rslora", "true", "--save-as-lora", "true"]),
     ("llama", ["--method", "prefix_tuning", "--num-virtual-tokens", "3"]),
     ("mistral", ["--method", "prefix_tuning", "--num-virtual-tokens", "2"]),
     ("qwen2", ["--method", "p_tuning", "--num-virtual-tokens", "3"]),
@@ -82,6 +87,15 @@ def main():
             subprocess.run([PETAL, "forward", "--model", model, "--adapter", os.path.join(run, "adapter"),
                             "--input-ids", IDS, "--out", out], check=True, capture_output=True)
             ours = load_file(out)["logits"]
+            if "--save-as-lora" in flags:  # the plain-LoRA form equals the trained PiSSA/OLoRA one
+                ck = os.path.join(tmp, f"ck{i}.safetensors")
+                subprocess.run([PETAL, "forward", "--model", model, "--adapter",
+                                os.path.join(run, "checkpoints", "step-000003"), "--input-ids", IDS, "--out", ck],
+                               check=True, capture_output=True)
+                trained = load_file(ck)["logits"]
+                rel_form = ((ours - trained).abs().max() / trained.abs().max()).item()
+                worst = max(worst, rel_form)
+                print(f"plain LoRA form against the trained residual form: relative error {rel_form:.2e}")
             m = AutoModelForCausalLM.from_pretrained(model)
             pm = PeftModel.from_pretrained(m, os.path.join(run, "adapter")).eval()
             ids = torch.tensor([[int(x) for x in r.split(",")] for r in IDS.split(";")])

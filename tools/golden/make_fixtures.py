@@ -127,6 +127,11 @@ ADAPTERS = {
     # then moved (as training would), so loading must rebuild the same residual from W
     "llama_pissa": ("llama", dict(r=4, lora_alpha=8, init="pissa", target_modules=["q_proj", "v_proj", "down_proj"])),
     "qwen2_olora": ("qwen2", dict(r=3, lora_alpha=6, init="olora", target_modules="all-linear")),
+    # PiSSA / OLoRA with DoRA: the magnitude starts from the norm of the residual plus B A (= W)
+    "llama_pissa_dora": ("llama", dict(r=4, lora_alpha=8, init="pissa", use_dora=True, target_modules=["q_proj", "down_proj"])),
+    "qwen2_olora_dora": ("qwen2", dict(r=2, lora_alpha=4, init="olora", use_dora=True, target_modules=["k_proj", "up_proj"])),
+    # DoRA with a trained bias (qwen2 k_proj/v_proj have biases): added outside the magnitude
+    "qwen2_dora_bias": ("qwen2", dict(r=2, lora_alpha=6, use_dora=True, bias="lora_only", target_modules=["k_proj", "v_proj", "o_proj"])),
     # Prefix tuning: per-layer key/value prefixes (GQA: PEFT sizes them for the kv heads); the
     # projected variant is saved by PEFT as the projection's output
     "llama_prefix_tuning": ("llama", dict(method="prefix_tuning", num_virtual_tokens=3)),

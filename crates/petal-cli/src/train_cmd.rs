@@ -56,6 +56,9 @@ train_opts! {
     /// LoRA init: default | gaussian | pissa | pissa_niter_K | olora (PiSSA/OLoRA start from W's
     /// SVD/QR and leave the residual in the base)
     init: String,
+    /// PiSSA / OLoRA: save the trained adapter as plain LoRA of rank 2r that applies to the
+    /// original model, as PEFT's `path_initial_model_for_weight_conversion` [default: false]
+    save_as_lora: bool,
     /// Target modules: comma list of names, `all-linear`, or `re:REGEX` [default: all-linear]
     target_modules: String,
     /// Modules to exclude: comma list or `re:REGEX`
@@ -339,6 +342,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         adapter_name: "default".into(),
         pad_id: pad,
         fingerprint,
+        save_as_lora: o.save_as_lora.unwrap_or(false),
     };
     std::fs::create_dir_all(&out)?;
     petal_io::write_atomic(

@@ -294,6 +294,27 @@ fn peft_olora_adapter_rebuilds_the_qr_residual_of_the_base_and_matches_peft() {
 }
 
 #[test]
+fn peft_pissa_with_dora_takes_the_magnitude_over_the_residual_base_and_matches_peft() {
+    assert_close(
+        &with_adapter("llama", "llama_pissa_dora"),
+        "llama_pissa_dora",
+    );
+}
+
+#[test]
+fn peft_olora_with_dora_matches_peft() {
+    assert_close(
+        &with_adapter("qwen2", "qwen2_olora_dora"),
+        "qwen2_olora_dora",
+    );
+}
+
+#[test]
+fn peft_dora_with_trained_biases_adds_them_outside_the_magnitude_and_matches_peft() {
+    assert_close(&with_adapter("qwen2", "qwen2_dora_bias"), "qwen2_dora_bias");
+}
+
+#[test]
 fn peft_prefix_tuning_with_grouped_query_key_value_prefixes_matches_peft() {
     assert_close(
         &with_adapter("llama", "llama_prefix_tuning"),

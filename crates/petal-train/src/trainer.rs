@@ -10,6 +10,7 @@ use crate::schedule::Schedule;
 use candle_core::{Tensor, Var};
 use petal_core::inject::adapter_vars;
 use petal_core::methods::adalora::{orth_regulariser, RankAllocator};
+use petal_core::methods::lora::as_plain_lora;
 use petal_core::{rng, AdapterConfig, Error, Result};
 use petal_data::{batches, Batch, Example};
 use petal_io::adapter_tensors;
@@ -17,6 +18,7 @@ use petal_models::Llama;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Serialize;
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -38,6 +40,9 @@ pub struct TrainConfig {
     pub pad_id: u32,
     /// Identity of model, adapter config and data; checkpoints refuse to resume elsewhere.
     pub fingerprint: String,
+    /// PiSSA / OLoRA: save the final adapter as plain LoRA for the original base weights
+    /// (rank 2r, see `petal_core::methods::lora::as_plain_lora`). Checkpoints stay as trained.
+    pub save_as_lora: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -105,6 +110,10 @@ pub fn train(
             "adapter `{}` has no trainable tensors",
             cfg.adapter_name
         )));
+    }
+    if cfg.save_as_lora {
+        // refuse before training rather than after it
+        as_plain_lora(model, &cfg.adapter_name, adapter_cfg, &mut HashMap::new())?;
     }
     let mut opt = AdamW::new(vars.clone(), cfg.optim)?;
     // AdaLoRA: the rank allocator runs after every optimizer step
@@ -233,6 +242,12 @@ pub fn train(
             if let Some(p) = a.rank_pattern() {
                 c.rank_pattern = p;
             }
+            c.inference_mode = true;
+            petal_io::save_adapter(&adapter_dir, &c, &tensors)?;
+        }
+        None if cfg.save_as_lora => {
+            let mut tensors = adapter_tensors(model, &cfg.adapter_name);
+            let mut c = as_plain_lora(model, &cfg.adapter_name, adapter_cfg, &mut tensors)?;
             c.inference_mode = true;
             petal_io::save_adapter(&adapter_dir, &c, &tensors)?;
         }

@@ -65,6 +65,7 @@ fn config(out: &Path, save_every: usize) -> TrainConfig {
         adapter_name: "default".into(),
         pad_id: 0,
         fingerprint: "adalora".into(),
+        save_as_lora: false,
     }
 }
 

@@ -45,6 +45,7 @@ fn losses(fast: bool, out: PathBuf) -> Vec<f64> {
         adapter_name: "default".into(),
         pad_id: 0,
         fingerprint: "t".into(),
+        save_as_lora: false,
     };
     train(&m, &cfg, &data, &[], &tc, None, &mut ())
         .unwrap()

@@ -1,8 +1,10 @@
 //! PiSSA and OLoRA initialisation: A and B from the base weight's SVD or QR.
 
-use crate::config::pissa_niter;
-use crate::{rng, Error, Result};
+use super::{LoraLayer, LORA_A, LORA_B};
+use crate::config::{pissa_niter, AdapterConfig, InitWeights, RankValue};
+use crate::{rng, Adaptable, Error, Result};
 use candle_core::{DType, Tensor};
+use std::collections::HashMap;
 
 /// PiSSA (Meng et al., 2024) and OLoRA (Büyükakyüz, 2024) start A and B from the base weight,
 /// as PEFT's `pissa_init` / `olora_init`:
@@ -69,6 +71,67 @@ pub(super) fn structured_init(
     Ok((t(a, (r, inp))?, t(b, (out, r))?))
 }
 
+/// A PiSSA / OLoRA adapter as plain LoRA for the original base W, as PEFT's `save_pretrained`
+/// with `path_initial_model_for_weight_conversion` writes it: the trained `s B A` over the
+/// residual `W - s B0 A0` equals `W + s (B A - B0 A0)`, which is LoRA of rank 2r with
+/// `A' = [A; A0]`, `B' = [B, -B0]` and the same scaling (alpha doubled, or times sqrt 2 with
+/// rsLoRA). Rewrites `tensors` (module-relative names, as `adapter_tensors` gives them) and
+/// returns the config to save with them.
+pub fn as_plain_lora(
+    model: &dyn Adaptable,
+    name: &str,
+    cfg: &AdapterConfig,
+    tensors: &mut HashMap<String, Tensor>,
+) -> Result<AdapterConfig> {
+    if cfg.use_rslora && !(cfg.rank_pattern.is_empty() && cfg.alpha_pattern.is_empty()) {
+        return Err(Error::msg(
+            "saving as plain LoRA with use_rslora and a rank_pattern / alpha_pattern is not \
+             possible: the doubled ranks would need other alphas (PEFT refuses it too)",
+        ));
+    }
+    let mut converted = 0;
+    for lin in model.linears() {
+        let Some(l) = lin
+            .layer(name)
+            .and_then(|l| l.as_any())
+            .and_then(|l| l.downcast_ref::<LoraLayer>())
+        else {
+            continue;
+        };
+        let Some((a0, b0)) = &l.initial else { continue };
+        if l.dora.is_some() {
+            return Err(Error::msg(format!(
+                "{}: a DoRA magnitude is relative to the residual base and has no plain-LoRA \
+                 form; save the adapter as it is",
+                lin.path()
+            )));
+        }
+        let a = Tensor::cat(&[l.a.as_tensor(), a0], 0)?;
+        let b = Tensor::cat(&[l.b.as_tensor(), &b0.neg()?], 1)?;
+        tensors.insert(format!("{}.{LORA_A}", lin.path()), a);
+        tensors.insert(format!("{}.{LORA_B}", lin.path()), b);
+        converted += 1;
+    }
+    if converted == 0 {
+        return Err(Error::msg(format!(
+            "adapter {name:?} was not initialised with PiSSA or OLoRA (init_lora_weights = \
+             {:?}): it is plain LoRA already",
+            cfg.init_lora_weights
+        )));
+    }
+    let mut c = cfg.clone();
+    c.init_lora_weights = InitWeights::Flag(true);
+    c.r *= 2;
+    c.lora_alpha *= if c.use_rslora { 2f64.sqrt() } else { 2.0 };
+    for v in c.rank_pattern.values_mut() {
+        *v = RankValue::Rank(2 * v.rank());
+    }
+    for v in c.alpha_pattern.values_mut() {
+        *v *= 2.0;
+    }
+    Ok(c)
+}
+
 fn fnv(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, c| {
         (h ^ c as u64).wrapping_mul(0x0100_0000_01b3)
@@ -110,6 +173,90 @@ mod structured_tests {
             assert!(max_rel(t.fc1.weight(), w.fc1.weight()) < 1e-5, "{init}");
             assert!(max_rel(t.fc2.weight(), w.fc2.weight()) < 1e-5, "{init}");
         }
+    }
+
+    fn tensors_of(t: &Toy) -> HashMap<String, Tensor> {
+        let mut map = HashMap::new();
+        for l in t.linears() {
+            for nt in l.layer("default").unwrap().tensors() {
+                map.insert(
+                    format!("{}.{}", l.path(), nt.name),
+                    nt.var.as_tensor().clone(),
+                );
+            }
+        }
+        map
+    }
+
+    #[test]
+    fn a_trained_pissa_or_olora_adapter_saved_as_plain_lora_gives_the_same_output_on_w() {
+        for (init, rslora) in [("pissa", false), ("olora", true), ("pissa_niter_2", false)] {
+            let mut c = AdapterConfig::lora(3, 6.0, crate::testing::toy_targets());
+            c.init_lora_weights = InitWeights::Named(init.into());
+            c.use_rslora = rslora;
+            let mut t = Toy::new();
+            crate::inject_adapter(&mut t, "default", &c, 1).unwrap();
+            // move A and B away from their init, as training does
+            for (i, l) in t.linears().iter().enumerate() {
+                for nt in l.layer("default").unwrap().tensors() {
+                    let v = nt.var.as_tensor();
+                    let noise = crate::testing::rand_tensor(v.dims(), 30 + i as u64);
+                    nt.var.set(&(v + (noise * 0.1).unwrap()).unwrap()).unwrap();
+                }
+            }
+            let x = Toy::input();
+            let trained = t.forward(&x);
+            let mut map = tensors_of(&t);
+            let plain = as_plain_lora(&t, "default", &c, &mut map).unwrap();
+            assert_eq!(plain.r, 6);
+            assert_eq!(plain.init_lora_weights, InitWeights::Flag(true));
+            // same scaling: alpha / r (or / sqrt r) unchanged with the rank doubled
+            assert!((plain.scaling_for("fc1") - c.scaling_for("fc1")).abs() < 1e-12);
+            let mut fresh = Toy::new(); // the original W, no residual
+            crate::inject_adapter(&mut fresh, "default", &plain, 5).unwrap();
+            for l in fresh.linears() {
+                for nt in l.layer("default").unwrap().tensors() {
+                    nt.var
+                        .set(&map[&format!("{}.{}", l.path(), nt.name)])
+                        .unwrap();
+                }
+            }
+            let e = max_rel(&fresh.forward(&x), &trained);
+            assert!(e < 1e-5, "{init}: plain LoRA output off by {e}");
+        }
+    }
+
+    #[test]
+    fn saving_plain_lora_is_refused_for_dora_and_for_an_adapter_that_is_plain_already() {
+        let mut c = AdapterConfig::lora(3, 6.0, crate::testing::toy_targets());
+        let t = crate::testing::adapted(&c, true);
+        let e = as_plain_lora(&t, "default", &c, &mut tensors_of(&t)).unwrap_err();
+        assert!(e.to_string().contains("plain LoRA already"), "{e}");
+        c.init_lora_weights = InitWeights::Named("pissa".into());
+        c.use_dora = true;
+        let t = attached_with(&c);
+        let e = as_plain_lora(&t, "default", &c, &mut tensors_of(&t)).unwrap_err();
+        assert!(e.to_string().contains("DoRA"), "{e}");
+    }
+
+    fn attached_with(c: &AdapterConfig) -> Toy {
+        let mut t = Toy::new();
+        crate::inject_adapter(&mut t, "default", c, 1).unwrap();
+        t
+    }
+
+    #[test]
+    fn pissa_with_dora_starts_with_the_magnitude_of_w_and_leaves_the_output_unchanged() {
+        let mut c = AdapterConfig::lora(3, 6.0, crate::testing::toy_targets());
+        c.init_lora_weights = InitWeights::Named("pissa".into());
+        c.use_dora = true;
+        let t = attached_with(&c);
+        let x = Toy::input();
+        let e = max_rel(&t.forward(&x), &Toy::new().forward(&x));
+        assert!(e < 1e-5, "output moved by {e}");
+        let m = t.fc1.layer("default").unwrap().tensors()[2].var.as_tensor().clone();
+        let norms = Toy::new().fc1.weight().sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
+        assert!(max_rel(&m, &norms) < 1e-5);
     }
 
     #[test]

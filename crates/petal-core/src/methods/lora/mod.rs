@@ -12,7 +12,7 @@ use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, Weigh
 use crate::config::{pissa_niter, AdapterConfig, InitWeights};
 use crate::methods::dora::{Dora, MAGNITUDE};
 use crate::methods::{kaiming_uniform, normal};
-use crate::{rng, Error, Result};
+use crate::{rng, Result};
 use candle_core::{DType, Tensor, Var};
 use rand::SeedableRng;
 
@@ -31,6 +31,8 @@ pub struct LoraLayer {
     pub dora: Option<Dora>,
     /// PiSSA / OLoRA: the part of W the adapter starts with (moved out of the base).
     pub base_offset: Option<Tensor>,
+    /// PiSSA / OLoRA: A and B as initialised, for saving as plain LoRA (`as_plain_lora`).
+    pub initial: Option<(Tensor, Tensor)>,
     /// `bias = "all" | "lora_only"`: the trained bias and the frozen one it started from.
     pub bias: Option<(Var, Tensor)>,
 }
@@ -89,35 +91,31 @@ impl AdapterMethod for Lora {
         let scaling = cfg.scaling_for(path);
         let (a, b, base_offset) = match &cfg.init_lora_weights {
             InitWeights::Named(n) if n == "pissa" || n == "olora" || pissa_niter(n).is_some() => {
-                if cfg.use_dora {
-                    return Err(Error::msg(format!(
-                        "{path}: init_lora_weights = {n:?} with use_dora is not supported yet"
-                    )));
-                }
                 let (a, b) = structured_init(n, base.weight, r, scaling, path)?;
                 let offset = (b.matmul(&a)? * scaling)?;
                 (a, b, Some(offset))
             }
             _ => (a, b, None),
         };
+        let initial = match &base_offset {
+            Some(_) => Some((a.copy()?, b.copy()?)),
+            None => None,
+        };
         let bias = match (cfg.bias.as_str(), base.bias) {
             ("all" | "lora_only", Some(b)) => {
-                if cfg.use_dora {
-                    return Err(Error::msg(format!(
-                        "{path}: a trained bias with use_dora is not supported yet"
-                    )));
-                }
                 let b = b.to_dtype(DType::F32)?;
                 Some((Var::from_tensor(&b.copy()?)?, b))
             }
             _ => None,
         };
         let dora = if cfg.use_dora {
-            Some(Dora::new(
-                base.weight,
-                base.bias,
-                &(b.matmul(&a)? * scaling)?,
-            )?)
+            // PiSSA / OLoRA: the magnitude and the direction's norm are over the residual base
+            // plus the adapter (so m starts as ||W||), as PEFT initialises DoRA after them
+            let w = match &base_offset {
+                Some(o) => (base.weight.to_dtype(DType::F32)? - o)?,
+                None => base.weight.clone(),
+            };
+            Some(Dora::new(&w, base.bias, &(b.matmul(&a)? * scaling)?)?)
         } else {
             None
         };
@@ -128,6 +126,7 @@ impl AdapterMethod for Lora {
             dropout: cfg.lora_dropout,
             dora,
             base_offset,
+            initial,
             bias,
         }))
     }
@@ -136,6 +135,7 @@ impl AdapterMethod for Lora {
 mod embedding;
 mod init;
 pub use embedding::LoraEmbedding;
+pub use init::as_plain_lora;
 use init::structured_init;
 
 /// Inverted dropout with a mask drawn from petal's per-step generator (see `rng`): one
@@ -190,7 +190,11 @@ impl AdapterLayer for LoraLayer {
                 .matmul(&self.b.as_tensor().t()?)?;
             let out = lora.dim(1)?;
             let y2 = y.to_dtype(DType::F32)?.reshape((lora.dim(0)?, out))?;
-            let z = dora.forward(&y2, &xd, &lora, self.scaling, &self.delta()?, dropped)?;
+            let mut z = dora.forward(&y2, &xd, &lora, self.scaling, &self.delta()?, dropped)?;
+            if let Some((trained, frozen)) = &self.bias {
+                // PEFT trains the base bias in place, outside the magnitude's scaling
+                z = z.broadcast_add(&(trained.as_tensor() - frozen)?)?;
+            }
             return Ok(z.reshape(y.shape())?.to_dtype(y.dtype())?);
         }
         let h = (self.low(x, train)? * self.scaling)?; // (n, r), scaled while small
@@ -232,6 +236,10 @@ impl AdapterLayer for LoraLayer {
 
     fn base_offset(&self) -> Option<Tensor> {
         self.base_offset.clone()
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {
@@ -451,6 +459,29 @@ crate::conformance!(
     }
 );
 
+/// DoRA with fc1's bias trained (`lora_only`): PEFT adds the trained bias outside the
+/// magnitude's scaling; merge rescales W and moves b.
+#[cfg(test)]
+fn dora_bias_config() -> AdapterConfig {
+    let mut c = dora_config();
+    c.bias = "lora_only".into();
+    c
+}
+
+#[cfg(test)]
+crate::conformance!(
+    dora_bias_conformance,
+    dora_bias_config,
+    |inp, out, cfg: &AdapterConfig| {
+        if out == 6 {
+            cfg.rank_pattern["fc2"].rank() * (inp + out) + out
+        } else {
+            cfg.r * (inp + out) + 2 * out
+        }
+    },
+    Some(&[MAGNITUDE, "base_layer.bias"])
+);
+
 #[cfg(test)]
 mod bias_tests {
     use super::*;
@@ -459,7 +490,7 @@ mod bias_tests {
 
     #[test]
     fn trained_biases_merge_into_b_and_unmerge_restores_it() {
-        for cfg in [bias_all_config(), bias_lora_only_config()] {
+        for cfg in [bias_all_config(), bias_lora_only_config(), dora_bias_config()] {
             let mut t = adapted(&cfg, true);
             let l = t.fc1.layer("default").unwrap();
             let bias = l
