@@ -6,6 +6,8 @@ forward` writes petal's logits, then PEFT (PeftModel.from_pretrained) loads peta
 and its logits are compared. Run from the repo root after `cargo build --release -p petal-cli`:
 
     .venv/bin/python tools/golden/check_petal_adapters.py [path/to/petal]
+
+CHECK_ONLY=TEXT runs only the cases whose flags contain TEXT.
 """
 import os
 import subprocess
@@ -52,6 +54,10 @@ CASES = [
     # PiSSA / OLoRA saved as plain LoRA of rank 2r: PEFT applies it to the original base model
     ("llama", ["--r", "4", "--alpha", "8", "--init", "pissa", "--save-as-lora", "true", "--target-modules", "q_proj,v_proj"]),
     ("qwen2", ["--r", "2", "--alpha", "4", "--init", "olora", "--rslora", "true", "--save-as-lora", "true"]),
+    # BitFit (petal's own): Llama has no biases, so the merged model gains them (attention_bias,
+    # mlp_bias); qwen2 trains its q/k/v biases only
+    ("llama", ["--method", "bitfit"]),
+    ("qwen2", ["--method", "bitfit", "--target-modules", "q_proj,k_proj,v_proj"]),
     ("llama", ["--method", "prefix_tuning", "--num-virtual-tokens", "3"]),
     ("mistral", ["--method", "prefix_tuning", "--num-virtual-tokens", "2"]),
     ("qwen2", ["--method", "p_tuning", "--num-virtual-tokens", "3"]),
@@ -59,6 +65,8 @@ CASES = [
                "--encoder-hidden-size", "12"]),
     ("llama", ["--r", "2", "--alpha", "4", "--target-modules", "q_proj", "--modules-to-save", "lm_head"]),
     ("qwen2", ["--method", "ia3", "--modules-to-save", "lm_head"]),
+    ("llama", ["--r", "2", "--alpha", "4", "--target-modules", "v_proj", "--modules-to-save", "embed_tokens"]),
+    ("qwen2", ["--method", "loha", "--target-modules", "q_proj", "--modules-to-save", "embed_tokens"]),
     ("qwen2", ["--r", "2", "--alpha", "4", "--target-modules", "q_proj,o_proj", "--bias", "all"]),
     ("qwen2", ["--r", "2", "--alpha", "4", "--target-modules", "k_proj,v_proj", "--bias", "lora_only"]),
     ("llama", ["--r", "4", "--alpha", "8", "--target-modules", "embed_tokens,q_proj"]),
@@ -77,7 +85,10 @@ def main():
         data = os.path.join(tmp, "data.txt")
         with open(data, "w") as f:
             f.write(" ".join(f"w{(i * 7) % 96}" for i in range(2000)))
+        only = os.environ.get("CHECK_ONLY")  # run the cases whose flags contain this text
         for i, (base, flags) in enumerate(CASES):
+            if only and only not in " ".join(flags):
+                continue
             run = os.path.join(tmp, f"run{i}")
             model = os.path.join(ROOT, base)
             subprocess.run([PETAL, "train", "--model", model, "--data", data, "--max-steps", "3", "--lr", "0.05",
@@ -96,9 +107,23 @@ def main():
                 rel_form = ((ours - trained).abs().max() / trained.abs().max()).item()
                 worst = max(worst, rel_form)
                 print(f"plain LoRA form against the trained residual form: relative error {rel_form:.2e}")
+            ids = torch.tensor([[int(x) for x in r.split(",")] for r in IDS.split(";")])
+            if "bitfit" in flags:  # petal's own method (PEFT has none): the merged model is the reference
+                merged = os.path.join(tmp, f"merged{i}")
+                subprocess.run([PETAL, "merge", "--model", model, "--adapter", os.path.join(run, "adapter"),
+                                "--out", merged], check=True, capture_output=True)
+                with torch.no_grad():
+                    ref = AutoModelForCausalLM.from_pretrained(merged).eval()(input_ids=ids).logits.float()
+                    plain = AutoModelForCausalLM.from_pretrained(model).eval()(input_ids=ids).logits.float()
+                rel = ((ours - ref).abs().max() / ref.abs().max()).item()
+                effect = ((ref - plain).abs().max() / ref.abs().max()).item()
+                rel = rel if effect > 1e-3 else float("inf")
+                worst = max(worst, rel)
+                print(f"{base:6} {' '.join(flags):90} merged by petal, loaded by transformers: "
+                      f"adapter effect {effect:.2e}  relative error {rel:.2e}")
+                continue
             m = AutoModelForCausalLM.from_pretrained(model)
             pm = PeftModel.from_pretrained(m, os.path.join(run, "adapter")).eval()
-            ids = torch.tensor([[int(x) for x in r.split(",")] for r in IDS.split(";")])
             with torch.no_grad():
                 ref = pm(input_ids=ids).logits.float()
                 with pm.disable_adapter():

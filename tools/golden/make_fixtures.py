@@ -144,6 +144,10 @@ ADAPTERS = {
     "llama_lora_head_to_save": ("llama", dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"])),
     "qwen2_ia3_tied_head_to_save": ("qwen2", dict(method="ia3", target_modules=["k_proj", "down_proj"],
                                                   feedforward_modules=["down_proj"], modules_to_save=["lm_head"])),
+    # modules_to_save on the token embedding: a trained copy of the table (qwen2: the tied head
+    # keeps the original table, PEFT's default without ensure_weight_tying)
+    "llama_lora_embed_to_save": ("llama", dict(r=2, lora_alpha=4, target_modules=["v_proj"], modules_to_save=["embed_tokens"])),
+    "qwen2_lora_tied_embed_to_save": ("qwen2", dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
     # LoRA's bias option (BitFit-style): PEFT trains the base biases and saves them (moved below)
     "qwen2_lora_bias_all": ("qwen2", dict(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"], bias="all")),
     "qwen2_lora_bias_lora_only": ("qwen2", dict(r=2, lora_alpha=4, target_modules=["k_proj", "v_proj"], bias="lora_only")),

@@ -80,6 +80,7 @@ fn synthetic() -> LlamaConfig {
         max_position_embeddings: 2048,
         tie_word_embeddings: false,
         attention_bias: false,
+        mlp_bias: false,
         bos_token_id: Some(1),
         eos_token_id: Some(2),
     }

@@ -309,19 +309,17 @@ fn attach_module_copies(
         if !modules_to_save::is_listed(cfg, lin.path()) {
             continue;
         }
-        if lin.is_embedding() {
-            return Err(Error::Unsupported(format!(
-                "{}: modules_to_save on a token embedding is not supported yet",
-                lin.path()
-            )));
-        }
         if lin.layer(name).is_some() {
             return Err(Error::msg(format!(
                 "{}: both targeted by the method and listed in modules_to_save",
                 lin.path()
             )));
         }
-        let copy = ModuleCopy::new(lin.weight(), lin.bias())?;
+        let copy = if lin.is_embedding() {
+            ModuleCopy::embedding(lin.weight())?
+        } else {
+            ModuleCopy::new(lin.weight(), lin.bias())?
+        };
         let params = copy
             .tensors()
             .iter()

@@ -166,6 +166,26 @@ impl AdaptableLinear {
         self.merged.iter().map(|(n, _)| n.as_str()).collect()
     }
 
+    /// Give a plain linear a zero bias where it has none (for export formats whose biases
+    /// come in blocks). Refused while adapters are attached.
+    pub fn add_zero_bias(&mut self) -> Result<()> {
+        if !self.adapters.is_empty() {
+            return Err(Error::msg(format!(
+                "{}: cannot add a bias under attached adapters",
+                self.path
+            )));
+        }
+        if self.bias.is_none() {
+            let out = self.weight.dim(0)?;
+            self.bias = Some(Tensor::zeros(
+                out,
+                self.weight.dtype(),
+                self.weight.device(),
+            )?);
+        }
+        Ok(())
+    }
+
     /// Fold adapter `name` into W. With `safe`, refuse (and keep W) if the result is not finite.
     /// Merging an already merged adapter is a no-op (returns false).
     pub fn merge(&mut self, name: &str, safe: bool) -> Result<bool> {
@@ -177,8 +197,14 @@ impl AdaptableLinear {
             .ok_or_else(|| Error::msg(format!("{}: no adapter `{name}`", self.path)))?;
         let upd = layer.weight_update()?;
         let w = apply(&self.weight, &upd)?;
-        let b = self
-            .bias
+        // a trained bias on a linear without one (BitFit) gives it a bias; unmerge leaves zeros
+        let base_b = match (&self.bias, &upd) {
+            (None, WeightUpdate::AddBias { db, .. }) => {
+                Some(db.zeros_like()?.to_dtype(self.weight.dtype())?)
+            }
+            (b, _) => b.clone(),
+        };
+        let b = base_b
             .as_ref()
             .map(|b| scale_bias(b, &upd, false))
             .transpose()?;

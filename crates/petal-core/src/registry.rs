@@ -13,6 +13,7 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::prefix_tuning::PrefixTuning,
     &methods::p_tuning::PTuning,
     &methods::ln_tuning::LnTuning,
+    &methods::bitfit::Bitfit,
     &methods::oft::Oft,
     &methods::boft::Boft,
     &methods::road::Road,

@@ -32,6 +32,8 @@ pub struct LlamaConfig {
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     pub attention_bias: bool,
+    /// Llama's `mlp_bias`: gate/up/down have biases.
+    pub mlp_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
 }
@@ -146,6 +148,7 @@ impl LlamaConfig {
                 || v.get("attention_bias")
                     .and_then(Value::as_bool)
                     .unwrap_or(false),
+            mlp_bias: v.get("mlp_bias").and_then(Value::as_bool).unwrap_or(false),
             bos_token_id: first_id(v.get("bos_token_id")),
             eos_token_id: first_id(v.get("eos_token_id")),
             model_type: mt,
@@ -191,6 +194,7 @@ impl LlamaConfig {
             max_position_embeddings: need("llama.context_length").unwrap_or(2048),
             tie_word_embeddings: tied,
             attention_bias: has_qkv_bias,
+            mlp_bias: false,
             bos_token_id: meta_u64(md, "tokenizer.ggml.bos_token_id").map(|x| x as u32),
             eos_token_id: meta_u64(md, "tokenizer.ggml.eos_token_id").map(|x| x as u32),
         })
@@ -219,7 +223,7 @@ impl LlamaConfig {
         });
         if self.model_type == "llama" {
             v["attention_bias"] = Value::Bool(self.attention_bias);
-            v["mlp_bias"] = Value::Bool(false);
+            v["mlp_bias"] = Value::Bool(self.mlp_bias);
         }
         if let Some(s) = &self.rope_scaling {
             v["rope_scaling"] = serde_json::to_value(s).unwrap_or(Value::Null);

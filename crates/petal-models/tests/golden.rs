@@ -376,6 +376,22 @@ fn peft_ia3_with_a_tied_head_in_modules_to_save_matches_peft() {
 }
 
 #[test]
+fn peft_lora_with_the_token_embedding_in_modules_to_save_matches_peft() {
+    assert_close(
+        &with_adapter("llama", "llama_lora_embed_to_save"),
+        "llama_lora_embed_to_save",
+    );
+}
+
+#[test]
+fn peft_modules_to_save_on_a_tied_embedding_leaves_the_head_on_the_original_table_as_peft() {
+    assert_close(
+        &with_adapter("qwen2", "qwen2_lora_tied_embed_to_save"),
+        "qwen2_lora_tied_embed_to_save",
+    );
+}
+
+#[test]
 fn parameter_counts_with_a_head_in_modules_to_save_equal_peft_counts() {
     let text = std::fs::read_to_string(root().join("param_counts.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();

@@ -19,9 +19,14 @@ pub struct BiasCopy {
 impl BiasCopy {
     pub fn new(b: &Tensor) -> Result<Self> {
         let frozen = b.to_dtype(DType::F32)?;
+        Self::starting_at(frozen.copy()?, frozen)
+    }
+
+    /// A trained bias starting at `start` rather than at the frozen `b`.
+    pub fn starting_at(start: Tensor, b: Tensor) -> Result<Self> {
         Ok(BiasCopy {
-            trained: Var::from_tensor(&frozen.copy()?)?,
-            frozen,
+            trained: Var::from_tensor(&start.to_dtype(DType::F32)?)?,
+            frozen: b.to_dtype(DType::F32)?,
         })
     }
 

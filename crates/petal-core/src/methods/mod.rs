@@ -2,6 +2,7 @@
 
 pub mod adalora;
 pub mod bias;
+pub mod bitfit;
 pub mod boft;
 pub mod dora;
 pub mod ia3;

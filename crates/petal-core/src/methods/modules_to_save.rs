@@ -6,7 +6,9 @@
 //! (and bias) that replaces it while the adapter is active: `y = x W_c^T + b_c`. The copy is
 //! saved under the module's own names (`base_model.model.lm_head.weight`), as PEFT does. Merge
 //! puts the copy in place of W (and b); unmerge restores them. A tied output head gets its own
-//! copy (the tie is broken, as in PEFT); `petal merge` then writes the head separately.
+//! copy (the tie is broken, as in PEFT); `petal merge` then writes the head separately. A listed
+//! token embedding gets a trained copy of its table; a head tied to it keeps the original table,
+//! as in PEFT without `ensure_weight_tying`.
 
 use crate::adapter::{AdapterLayer, NamedTensor, WeightUpdate};
 use crate::config::AdapterConfig;
@@ -19,6 +21,8 @@ pub struct ModuleCopy {
     bias: Option<Var>,
     base_weight: Tensor,
     base_bias: Option<Tensor>,
+    /// A token embedding: the copy is a table looked up by ids.
+    embedding: bool,
 }
 
 /// Whether `path` is listed in `modules_to_save` (PEFT: the key ends with an entry).
@@ -29,6 +33,13 @@ pub fn is_listed(cfg: &AdapterConfig, path: &str) -> bool {
 }
 
 impl ModuleCopy {
+    /// A copy of a token embedding's table (vocab, hidden).
+    pub fn embedding(table: &Tensor) -> Result<Self> {
+        let mut c = Self::new(table, None)?;
+        c.embedding = true;
+        Ok(c)
+    }
+
     pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
         let copy =
             |t: &Tensor| -> Result<Var> { Ok(Var::from_tensor(&t.to_dtype(DType::F32)?.copy()?)?) };
@@ -37,6 +48,7 @@ impl ModuleCopy {
             bias: bias.map(copy).transpose()?,
             base_weight: weight.clone(),
             base_bias: bias.cloned(),
+            embedding: false,
         })
     }
 }
@@ -44,6 +56,10 @@ impl ModuleCopy {
 impl AdapterLayer for ModuleCopy {
     fn forward(&self, x: &Tensor, y: Tensor, _train: bool) -> Result<Tensor> {
         // the copy replaces the module: its output does not depend on y
+        if self.embedding {
+            let rows = self.weight.as_tensor().index_select(&x.flatten_all()?, 0)?;
+            return Ok(rows.reshape(y.shape())?.to_dtype(y.dtype())?);
+        }
         let xf = crate::methods::oft::flat_input(x)?;
         let mut out = xf.matmul(&self.weight.as_tensor().t()?)?;
         if let Some(b) = &self.bias {

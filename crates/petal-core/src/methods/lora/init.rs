@@ -254,8 +254,19 @@ mod structured_tests {
         let x = Toy::input();
         let e = max_rel(&t.forward(&x), &Toy::new().forward(&x));
         assert!(e < 1e-5, "output moved by {e}");
-        let m = t.fc1.layer("default").unwrap().tensors()[2].var.as_tensor().clone();
-        let norms = Toy::new().fc1.weight().sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
+        let m = t.fc1.layer("default").unwrap().tensors()[2]
+            .var
+            .as_tensor()
+            .clone();
+        let norms = Toy::new()
+            .fc1
+            .weight()
+            .sqr()
+            .unwrap()
+            .sum(1)
+            .unwrap()
+            .sqrt()
+            .unwrap();
         assert!(max_rel(&m, &norms) < 1e-5);
     }
 

@@ -490,7 +490,11 @@ mod bias_tests {
 
     #[test]
     fn trained_biases_merge_into_b_and_unmerge_restores_it() {
-        for cfg in [bias_all_config(), bias_lora_only_config(), dora_bias_config()] {
+        for cfg in [
+            bias_all_config(),
+            bias_lora_only_config(),
+            dora_bias_config(),
+        ] {
             let mut t = adapted(&cfg, true);
             let l = t.fc1.layer("default").unwrap();
             let bias = l
