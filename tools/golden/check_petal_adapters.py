@@ -61,6 +61,7 @@ CASES = [
     ("llama", ["--method", "prefix_tuning", "--num-virtual-tokens", "3"]),
     ("mistral", ["--method", "prefix_tuning", "--num-virtual-tokens", "2"]),
     ("qwen2", ["--method", "p_tuning", "--num-virtual-tokens", "3"]),
+    ("llama", ["--method", "p_tuning", "--num-virtual-tokens", "3", "--encoder", "lstm", "--encoder-hidden-size", "8"]),
     ("llama", ["--method", "prefix_tuning", "--num-virtual-tokens", "3", "--prefix-projection", "true",
                "--encoder-hidden-size", "12"]),
     ("llama", ["--r", "2", "--alpha", "4", "--target-modules", "q_proj", "--modules-to-save", "lm_head"]),

@@ -140,6 +140,8 @@ ADAPTERS = {
                                               encoder_hidden_size=16)),
     # P-tuning: the MLP encoder's output is what PEFT saves (and what it computed the logits from)
     "llama_p_tuning": ("llama", dict(method="p_tuning", num_virtual_tokens=4, encoder_hidden_size=16)),
+    "llama_p_tuning_lstm": ("llama", dict(method="p_tuning", num_virtual_tokens=4, encoder_hidden_size=8,
+                                          encoder_reparameterization_type="LSTM", encoder_num_layers=2)),
     # modules_to_save: a full trained copy of the head (perturbed below), untied and tied
     "llama_lora_head_to_save": ("llama", dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"])),
     "qwen2_ia3_tied_head_to_save": ("qwen2", dict(method="ia3", target_modules=["k_proj", "down_proj"],
@@ -248,6 +250,16 @@ def main():
     pm.eval()
     out["llama_adalora_trained"] = logits(pm)
     pm.save_pretrained(os.path.join(ROOT, "adapters", "llama_adalora_trained"))
+    # P-tuning's LSTM encoder in training form: its tensors under PEFT's names and its output,
+    # for petal's encoder (bidirectional, two layers, then the MLP head) to reproduce
+    torch.manual_seed(11)
+    pm = get_peft_model(llama(), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, encoder_hidden_size=8,
+                                                     encoder_reparameterization_type="LSTM", encoder_num_layers=2))
+    enc = pm.prompt_encoder["default"]
+    tensors = {f"prompt_encoder.{k}": v.detach().clone().contiguous() for k, v in enc.state_dict().items()}
+    with torch.no_grad():
+        tensors["output"] = enc(torch.arange(5).unsqueeze(0))[0].contiguous()
+    save_file(tensors, os.path.join(ROOT, "p_tuning_lstm_encoder.safetensors"))
     # Two adapters on one model: only the second active, then both active at once.
     m = qwen2()
     pm = PeftModel.from_pretrained(m, os.path.join(ROOT, "adapters", "qwen2_lora_all_linear"), adapter_name="a")

@@ -125,6 +125,16 @@ pub fn adapter_config(o: &TrainOpts, method: &str, mc: &LlamaConfig) -> Result<A
         acfg.num_attention_heads = Some(mc.num_attention_heads);
         acfg.encoder_hidden_size = Some(o.encoder_hidden_size.unwrap_or(mc.hidden_size));
         acfg.target_modules = None;
+        if let Some(e) = &o.encoder {
+            let e = e.to_ascii_uppercase();
+            if e != "MLP" && e != "LSTM" {
+                bail!("--encoder {e:?}: P-tuning's encoders are MLP and LSTM");
+            }
+            acfg.encoder_reparameterization_type = Some(e);
+        }
+        if let Some(n) = o.encoder_num_layers {
+            acfg.encoder_num_layers = Some(n);
+        }
     }
     if method == "prefix_tuning" {
         let c = mc;

@@ -107,6 +107,10 @@ train_opts! {
     prefix_projection: bool,
     /// P-tuning / prefix projection: hidden width of the encoder [default: the prefix width]
     encoder_hidden_size: usize,
+    /// P-tuning: the encoder, MLP | LSTM (bidirectional, then a two-layer MLP) [default: MLP]
+    encoder: String,
+    /// P-tuning LSTM: layers [default: 2]
+    encoder_num_layers: usize,
     /// RoAd: road_1 | road_2 | road_4 [default: road_1]
     road_variant: String,
     /// RoAd: size of the groups whose halves are paired [default: 64]

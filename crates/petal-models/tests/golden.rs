@@ -360,6 +360,45 @@ fn peft_p_tuning_adapter_loads_as_its_encoder_output_and_matches_peft() {
 }
 
 #[test]
+fn peft_p_tuning_lstm_adapter_loads_as_its_encoder_output_and_matches_peft() {
+    assert_close(
+        &with_adapter("llama", "llama_p_tuning_lstm"),
+        "llama_p_tuning_lstm",
+    );
+}
+
+#[test]
+fn p_tuning_lstm_encoder_with_torchs_tensors_gives_torchs_output() {
+    let want = candle_core::safetensors::load(
+        root().join("p_tuning_lstm_encoder.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut m = model("llama");
+    let mut cfg = petal_core::AdapterConfig::for_method(
+        "p_tuning",
+        1,
+        1.0,
+        petal_core::config::Targets::List(vec![]),
+    );
+    cfg.num_virtual_tokens = Some(5);
+    cfg.encoder_hidden_size = Some(8);
+    cfg.encoder_reparameterization_type = Some("LSTM".into());
+    cfg.encoder_num_layers = Some(2);
+    cfg.target_modules = None;
+    petal_core::inject_adapter(&mut m, "default", &cfg, 0).unwrap();
+    let (_, enc) = m.input_adapter().unwrap();
+    let tensors = enc.tensors();
+    assert_eq!(tensors.len(), want.len() - 1, "torch's tensor set");
+    for t in tensors {
+        t.var.set(&want[t.name]).unwrap();
+    }
+    let got = enc.embeddings().unwrap().unwrap();
+    let e = max_rel(&got, &want["output"]);
+    assert!(e < 1e-5, "relative error {e:e}");
+}
+
+#[test]
 fn peft_lora_with_the_head_in_modules_to_save_matches_peft() {
     assert_close(
         &with_adapter("llama", "llama_lora_head_to_save"),
