@@ -38,6 +38,13 @@ METHODS = {
     "lora_head": ["--method", "lora", "--r", "8", "--alpha", "16", "--modules-to-save", "lm_head", "--lr", "5e-4"],
     "lora_embed": ["--method", "lora", "--r", "8", "--alpha", "16",
                    "--target-modules", "embed_tokens,q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"],
+    "bitfit": ["--method", "bitfit", "--lr", "1e-2"],
+    "p_tuning_lstm": ["--method", "p_tuning", "--num-virtual-tokens", "20", "--encoder", "lstm",
+                      "--encoder-hidden-size", "128", "--lr", "3e-3"],
+    "pissa_dora": ["--method", "lora", "--r", "8", "--alpha", "16", "--init", "pissa_niter_4", "--dora", "true",
+                   "--lr", "5e-4"],
+    "dora_embed_to_save": ["--method", "lora", "--r", "8", "--alpha", "16", "--dora", "true",
+                           "--modules-to-save", "embed_tokens", "--lr", "5e-4"],
     "adalora": ["--method", "adalora", "--r", "12", "--alpha", "16", "--target-r", "8", "--lr", "5e-3"],
 }
 
