@@ -51,6 +51,10 @@ pub struct BenchArgs {
     /// Threads for petal and PyTorch alike (default: all cores)
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Train mode: recompute each decoder layer in backward (petal) / transformers' gradient
+    /// checkpointing (PyTorch); forward and backward then show as one
+    #[arg(long)]
+    pub grad_checkpointing: bool,
     /// Also run PyTorch + PEFT on the same workload
     #[arg(long)]
     pub vs_pytorch: bool,
@@ -142,6 +146,27 @@ impl Petal {
     fn step(&mut self, a: &BenchArgs) -> Result<Value> {
         let t0 = Instant::now();
         match a.mode.as_str() {
+            "train" if a.grad_checkpointing => {
+                let n = self.batch.target_tokens() as f64;
+                let (_, stores) = petal_train::backward_batch(&self.model, &self.batch, n, true)?;
+                let t1 = Instant::now();
+                let opt = self.opt.as_mut().context("optimizer")?;
+                let mut grads: Vec<Option<Tensor>> = vec![None; opt.vars().len()];
+                for g in &stores {
+                    for (slot, v) in grads.iter_mut().zip(opt.vars()) {
+                        if let Some(gi) = g.get(v.as_tensor()) {
+                            *slot = Some(match slot.take() {
+                                Some(p) => (p + gi)?,
+                                None => gi.clone(),
+                            });
+                        }
+                    }
+                }
+                opt.step(&grads, 1e-4)?;
+                let t2 = Instant::now();
+                let s = |x: Instant, y: Instant| y.duration_since(x).as_secs_f64();
+                Ok(json!({"backward": s(t0, t1), "optimizer": s(t1, t2), "total": s(t0, t2)}))
+            }
             "train" => {
                 let (sum, n) = petal_train::batch_loss(&self.model, &self.batch, true)?;
                 let loss = (sum / n as f64)?;
@@ -267,6 +292,7 @@ fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
         ("vocab", json!(vocab)),
         ("prompt", json!(a.seq)),
         ("new_tokens", json!(a.new_tokens)),
+        ("grad_checkpointing", json!(a.grad_checkpointing)),
     ] {
         o.insert(k.into(), v);
     }

@@ -125,6 +125,9 @@ train_opts! {
     warmup_steps: usize,
     /// constant | linear | cosine [default: cosine]
     schedule: String,
+    /// Keep only each decoder layer's input and recompute the layer in backward: less memory,
+    /// one more forward pass of compute [default: false]
+    grad_checkpointing: bool,
     /// Sequences per micro-batch [default: 4]
     batch_size: usize,
     /// Micro-batches per optimizer step [default: 1]
@@ -347,6 +350,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         pad_id: pad,
         fingerprint,
         save_as_lora: o.save_as_lora.unwrap_or(false),
+        grad_checkpointing: o.grad_checkpointing.unwrap_or(false),
     };
     std::fs::create_dir_all(&out)?;
     petal_io::write_atomic(

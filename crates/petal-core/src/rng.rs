@@ -15,6 +15,17 @@ pub fn set_step_seed(seed: u64) {
     COUNTER.with(|c| c.set(0));
 }
 
+/// Where the draws of this step stand: restoring it replays the same masks (gradient
+/// checkpointing recomputes a layer's forward with the dropout it had).
+pub fn snapshot() -> (u64, u64) {
+    (STEP_SEED.with(|s| s.get()), COUNTER.with(|c| c.get()))
+}
+
+pub fn restore(state: (u64, u64)) {
+    STEP_SEED.with(|s| s.set(state.0));
+    COUNTER.with(|c| c.set(state.1));
+}
+
 /// A fresh seed for the next random draw of this step.
 pub fn next_seed() -> u64 {
     let n = COUNTER.with(|c| {

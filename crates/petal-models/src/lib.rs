@@ -1,6 +1,7 @@
 //! petal-models: real pretrained architectures, written with differentiable ops, whose
 //! projections are `AdaptableLinear`s.
 
+pub mod checkpoint;
 pub mod config;
 pub mod llama;
 pub mod load;

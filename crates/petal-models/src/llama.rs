@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use petal_core::adapter::InputShape;
 use petal_core::{Adaptable, AdaptableLinear, AdaptableNorm, Error, InputAdapter, Result};
 use petal_io::Weights;
-use petal_ops::{apply_rope, causal_softmax, rms_norm, rope_tables, swiglu};
+use petal_ops::{apply_rope, causal_attention, rms_norm, rope_tables, swiglu};
 
 /// The one norm factory: an RMSNorm weight (h) under HF path `path`.
 fn norm(w: &Weights, path: &str, h: usize, dt: DType, dev: &Device) -> Result<AdaptableNorm> {
@@ -60,6 +60,15 @@ struct Layer {
     mlp: Mlp,
     ln1: AdaptableNorm,
     ln2: AdaptableNorm,
+}
+
+/// What every decoder layer takes from the input side: the hidden states entering layer 0,
+/// prefix keys/values (prefix tuning) and the RoPE tables for these positions.
+pub(crate) struct Stage {
+    pub x: Tensor,
+    pub kv_prefix: Option<Tensor>,
+    pub cos: Tensor,
+    pub sin: Tensor,
 }
 
 /// Per-layer keys and values seen so far, (b, kv_heads, t, d).
@@ -224,8 +233,29 @@ impl Llama {
         mut cache: Option<&mut KvCache>,
         train: bool,
     ) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
         let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let stage = self.input_stage(ids, offset, train)?;
+        let mut x = stage.x.clone();
+        for i in 0..self.layers.len() {
+            let kv = cache.as_deref_mut().map(|c| &mut c.kv[i]);
+            x = self.layer_forward(i, &x, &stage, kv, train)?;
+        }
+        self.final_norm(&x)
+    }
+
+    /// The final RMSNorm over the last layer's output.
+    pub(crate) fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(rms_norm(x, &self.norm.weight(), self.cfg.rms_norm_eps)?)
+    }
+
+    pub(crate) fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Token embeddings (after any virtual tokens), prefix keys/values and the RoPE tables for
+    /// the positions from `offset` (tokens already in the cache).
+    pub(crate) fn input_stage(&self, ids: &Tensor, offset: usize, train: bool) -> Result<Stage> {
+        let (b, t) = ids.dims2()?;
         let h = self.cfg.hidden_size;
         let mut x = self.embed.forward(ids, train)?.to_dtype(self.dtype)?;
         debug_assert_eq!(x.dims(), &[b, t, h]);
@@ -252,24 +282,37 @@ impl Llama {
                 self.cfg.max_position_embeddings
             )));
         }
-        let cos = self.cos.narrow(0, offset, t)?;
-        let sin = self.sin.narrow(0, offset, t)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let kv = cache.as_deref_mut().map(|c| &mut c.kv[i]);
-            let prefix = kv_prefix
-                .as_ref()
-                .map(|p| self.layer_prefix(p, i, b))
-                .transpose()?;
-            let h = rms_norm(&x, &layer.ln1.weight(), self.cfg.rms_norm_eps)?;
-            let a = self.attention(&layer.attn, &h, &cos, &sin, kv, prefix, train)?;
-            x = (x + a)?;
-            let h = rms_norm(&x, &layer.ln2.weight(), self.cfg.rms_norm_eps)?;
-            let m = &layer.mlp;
-            let g = m.gate.forward(&h, train)?;
-            let u = m.up.forward(&h, train)?;
-            x = (x + m.down.forward(&swiglu(&g, &u)?, train)?)?;
-        }
-        Ok(rms_norm(&x, &self.norm.weight(), self.cfg.rms_norm_eps)?)
+        Ok(Stage {
+            x,
+            kv_prefix,
+            cos: self.cos.narrow(0, offset, t)?,
+            sin: self.sin.narrow(0, offset, t)?,
+        })
+    }
+
+    /// Decoder layer `i` (attention and MLP blocks with their residuals) on `x`.
+    pub(crate) fn layer_forward(
+        &self,
+        i: usize,
+        x: &Tensor,
+        stage: &Stage,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let layer = &self.layers[i];
+        let prefix = stage
+            .kv_prefix
+            .as_ref()
+            .map(|p| self.layer_prefix(p, i, x.dim(0)?))
+            .transpose()?;
+        let h = rms_norm(x, &layer.ln1.weight(), self.cfg.rms_norm_eps)?;
+        let a = self.attention(&layer.attn, &h, &stage.cos, &stage.sin, kv, prefix, train)?;
+        let x = (x + a)?;
+        let h = rms_norm(&x, &layer.ln2.weight(), self.cfg.rms_norm_eps)?;
+        let m = &layer.mlp;
+        let g = m.gate.forward(&h, train)?;
+        let u = m.up.forward(&h, train)?;
+        Ok((x + m.down.forward(&swiglu(&g, &u)?, train)?)?)
     }
 
     /// Layer i's (key, value) prefix as (b, kv_heads, n, head_dim), from the adapter's
@@ -324,13 +367,12 @@ impl Llama {
         }
         // Grouped-query attention without copying k/v per query head: the `rep` query heads
         // sharing kv head j become rep*t rows of group j (HF's repeat_kv order: head h -> h / rep).
+        // Scores are never held whole on the CPU (petal-ops `causal_attention`).
         let rep = nh / nkv;
         let tk = k.dim(2)?;
         let qg = q.reshape((b, nkv, rep * t, d))?;
-        let scores = qg.matmul(&k.t()?)?.to_dtype(DType::F32)?; // (b, nkv, rep*t, T)
-        let p =
-            causal_softmax(&scores, 1.0 / (d as f64).sqrt(), t, tk - t)?.to_dtype(self.dtype)?;
-        let o = p.matmul(&v)?.reshape((b, nh, t, d))?; // (b, nh, t, d)
+        let o = causal_attention(&qg, &k, &v, 1.0 / (d as f64).sqrt(), t, tk - t)?;
+        let o = o.reshape((b, nh, t, d))?; // (b, nh, t, d)
         let o = o.transpose(1, 2)?.reshape((b, t, nh * d))?;
         at.o.forward(&o, train)
     }

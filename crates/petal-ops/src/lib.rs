@@ -6,6 +6,7 @@
 //! fused CPU kernel with a hand-written backward (`kernels.rs`, `head_loss.rs`,
 //! `frozen_linear.rs`), tested against each other. `set_fast(false)` selects the references.
 
+pub mod attention;
 pub mod cpu;
 pub mod frozen_linear;
 pub mod head_loss;
@@ -20,6 +21,7 @@ pub mod scale;
 #[doc(hidden)]
 pub mod testing;
 
+pub use attention::causal_attention;
 pub use cpu::set_fast;
 pub use frozen_linear::frozen_linear;
 pub use head_loss::head_cross_entropy;

@@ -1,5 +1,6 @@
 //! Loss of a batch and mean loss / perplexity over a dataset.
 
+use candle_core::backprop::GradStore;
 use candle_core::{Tensor, D};
 use petal_core::Result;
 use petal_data::{batches, Batch, Example};
@@ -9,9 +10,40 @@ use petal_ops::{head_cross_entropy, masked_cross_entropy};
 /// Summed next-token loss of a batch and the number of scored tokens. With no adapter on the
 /// output head, the head and the loss run fused (petal-ops `head_cross_entropy`).
 pub fn batch_loss(model: &Llama, b: &Batch, train: bool) -> Result<(Tensor, usize)> {
-    let dev = model.device();
-    let ids = Tensor::from_slice(&b.ids, (b.rows, b.len), dev)?;
+    let ids = Tensor::from_slice(&b.ids, (b.rows, b.len), model.device())?;
     let hidden = model.hidden_states(&ids, None, train)?; // (rows, len, hidden)
+    loss_from_hidden(model, &hidden, b, train)
+}
+
+/// The summed loss of a training micro-batch divided by `scale`, and its gradients: one
+/// backward, or with `checkpointing` one per decoder layer (see `Llama::checkpointed_backward`);
+/// the caller sums the stores. Returns the summed (unscaled) loss.
+pub fn backward_batch(
+    model: &Llama,
+    b: &Batch,
+    scale: f64,
+    checkpointing: bool,
+) -> Result<(f64, Vec<GradStore>)> {
+    if !checkpointing {
+        let (sum, _) = batch_loss(model, b, true)?;
+        let g = (&sum / scale)?.backward()?;
+        return Ok((sum.to_scalar::<f32>()? as f64, vec![g]));
+    }
+    let ids = Tensor::from_slice(&b.ids, (b.rows, b.len), model.device())?;
+    let (value, stores) = model.checkpointed_backward(&ids, &|h| {
+        Ok((loss_from_hidden(model, h, b, true)?.0 / scale)?)
+    })?;
+    Ok((value.to_scalar::<f32>()? as f64 * scale, stores))
+}
+
+/// Summed cross-entropy of next-token prediction from the final hidden states.
+fn loss_from_hidden(
+    model: &Llama,
+    hidden: &Tensor,
+    b: &Batch,
+    train: bool,
+) -> Result<(Tensor, usize)> {
+    let dev = model.device();
     let d = hidden.dim(D::Minus1)?;
     let h = hidden
         .narrow(1, model.num_virtual_tokens(), b.len - 1)? // virtual positions carry no loss

@@ -7,7 +7,7 @@ pub mod optim;
 pub mod schedule;
 pub mod trainer;
 
-pub use eval::{batch_loss, evaluate, EvalResult};
+pub use eval::{backward_batch, batch_loss, evaluate, EvalResult};
 pub use optim::AdamW;
 pub use schedule::Schedule;
 pub use trainer::{train, Observer, StepMetrics, TrainConfig, TrainSummary};

@@ -4,7 +4,7 @@
 //! the adapter and optimizer state bit for bit, so `--resume` replays the same losses.
 
 use crate::checkpoint::{self, TrainerState};
-use crate::eval::{batch_loss, evaluate};
+use crate::eval::{backward_batch, evaluate};
 use crate::optim::{AdamW, AdamWParams};
 use crate::schedule::Schedule;
 use candle_core::{Tensor, Var};
@@ -43,6 +43,8 @@ pub struct TrainConfig {
     /// PiSSA / OLoRA: save the final adapter as plain LoRA for the original base weights
     /// (rank 2r, see `petal_core::methods::lora::as_plain_lora`). Checkpoints stay as trained.
     pub save_as_lora: bool,
+    /// Recompute each decoder layer in backward instead of keeping its activations.
+    pub grad_checkpointing: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -160,17 +162,18 @@ pub fn train(
             rng::set_step_seed(rng::splitmix(
                 cfg.seed ^ rng::splitmix((step * cfg.grad_accum + j) as u64 + 7),
             ));
-            let (sum, _) = batch_loss(model, b, true)?;
-            loss_sum += sum.to_scalar::<f32>()? as f64;
-            let mut objective = (sum / total as f64)?;
+            let (sum, stores) = backward_batch(model, b, total as f64, cfg.grad_checkpointing)?;
+            loss_sum += sum;
+            for g in &stores {
+                accumulate(&mut grads, &vars, g)?;
+            }
             if alloc.is_some() {
                 // PEFT adds the orthogonal regulariser to every forward's loss
                 if let Some(reg) = orth_regulariser(model, &cfg.adapter_name, adapter_cfg)? {
-                    objective = (objective + (reg / cfg.grad_accum as f64)?)?;
+                    let g = (reg / cfg.grad_accum as f64)?.backward()?;
+                    accumulate(&mut grads, &vars, &g)?;
                 }
             }
-            let g = objective.backward()?;
-            accumulate(&mut grads, &vars, &g)?;
         }
         let loss = loss_sum / total as f64;
         if !loss.is_finite() {

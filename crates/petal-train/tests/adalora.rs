@@ -66,6 +66,7 @@ fn config(out: &Path, save_every: usize) -> TrainConfig {
         pad_id: 0,
         fingerprint: "adalora".into(),
         save_as_lora: false,
+        grad_checkpointing: false,
     }
 }
 

@@ -46,6 +46,7 @@ fn losses(fast: bool, out: PathBuf) -> Vec<f64> {
         pad_id: 0,
         fingerprint: "t".into(),
         save_as_lora: false,
+        grad_checkpointing: false,
     };
     train(&m, &cfg, &data, &[], &tc, None, &mut ())
         .unwrap()
