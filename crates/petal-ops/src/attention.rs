@@ -1,23 +1,24 @@
-//! Causal attention that never holds the score matrix: `softmax(scale q k^T + mask) v` computed
-//! row by row with a scratch of one row of scores per thread, keeping only each row's
-//! log-sum-exp for backward (FlashAttention's recomputation, Dao et al., 2022). The composed form
-//! (`causal_attention_reference`) materialises scores and probabilities of shape (rows, T) for
-//! every head and keeps them for backward: O(t T) memory per head against O(t) here.
+//! Causal attention that never holds the whole score matrix: `softmax(scale q k^T + mask) v`
+//! computed by tiles of query rows, keeping only each row's log-sum-exp for backward, which
+//! recomputes the probabilities tile by tile (FlashAttention's recomputation, Dao et al., 2022).
+//! The composed form (`causal_attention_reference`) materialises scores and probabilities of
+//! shape (rows, T) for every head and keeps them for backward: O(t T) memory per head, against
+//! one (64, T) tile per thread here. Tile products run through the `gemm` crate (the matrix
+//! multiply candle itself uses), so the arithmetic is that of the composed form.
 //!
 //! Layout (grouped-query attention without copying k/v per query head): q is (b, g, R, d) with
 //! R = rep * t rows per kv group, row r being query position r % t (HF's repeat_kv order); k, v
 //! are (b, g, T, d); query position i sees keys j <= i + offset (offset = T - t: prefix or cache).
-//!
-//! Backward recomputes the probabilities twice: once per row for dq, once per key chunk for dk
-//! and dv, so every output element has one writer and the passes run in parallel without locks.
+//! Forward runs tiles in parallel; backward runs (batch, group) pairs in parallel, each owning
+//! its dk, dv.
 
 use crate::cpu::{f32s, fast_ok};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
-/// Rows (forward, dq) and keys (dk, dv) per parallel task.
-const CHUNK: usize = 16;
+/// Query rows per tile.
+const TILE: usize = 64;
 
 struct Flash {
     scale: f32,
@@ -27,19 +28,68 @@ struct Flash {
     lse: Mutex<Vec<f32>>,
 }
 
-struct Dims {
-    pairs: usize, // b * g
-    rows: usize,  // R
-    keys: usize,  // T
-    d: usize,
+/// A row-major matrix view: element (i, j) at `i * rs + j * cs`.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    x: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+fn rows(x: &[f32], width: usize) -> View<'_> {
+    View {
+        x,
+        rs: width,
+        cs: 1,
+    }
+}
+
+/// The transpose of row-major `x` with `width` columns.
+fn cols(x: &[f32], width: usize) -> View<'_> {
+    View {
+        x,
+        rs: 1,
+        cs: width,
+    }
+}
+
+/// `c (m, n, row-major) = [c +] alpha a (m, k) b (k, n)`, single-threaded.
+#[allow(clippy::too_many_arguments)]
+fn mm(m: usize, n: usize, k: usize, c: &mut [f32], acc: bool, alpha: f32, a: View, b: View) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |v: View, r: usize, q: usize| (r - 1) * v.rs + (q - 1) * v.cs;
+    assert!(c.len() >= m * n && (k == 0 || last(a, m, k) < a.x.len() && last(b, k, n) < b.x.len()));
+    // SAFETY: every index the product touches is within the slices (checked above), and `c`
+    // does not alias `a` or `b` (a &mut and two & borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            acc,
+            a.x.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.x.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
 }
 
 impl Flash {
@@ -48,17 +98,59 @@ impl Flash {
         (r % self.t + self.offset + 1).min(keys)
     }
 
-    fn dims(&self, q: &Layout, k: &Layout) -> Result<Dims> {
+    /// Keys visible to any row of the tile starting at r0 with n rows.
+    fn tile_keys(&self, r0: usize, n: usize, keys: usize) -> usize {
+        if r0 % self.t + n > self.t {
+            keys // the tile wraps to the next head: it holds a last position
+        } else {
+            self.visible(r0 + n - 1, keys)
+        }
+    }
+
+    /// Scaled scores of the tile's rows against the first `nk` keys, as probabilities
+    /// `exp(s - lse)` with masked entries 0. With `lse = None` the rows are normalised here and
+    /// their log-sum-exp written to `out_lse`.
+    #[allow(clippy::too_many_arguments)]
+    fn probs(
+        &self,
+        r0: usize,
+        qt: &[f32],
+        kp: &[f32],
+        d: usize,
+        nk: usize,
+        p: &mut [f32],
+        lse: Option<&[f32]>,
+        out_lse: &mut [f32],
+    ) {
+        let n = qt.len() / d;
+        mm(n, nk, d, p, false, self.scale, rows(qt, d), cols(kp, d));
+        for (i, row) in p[..n * nk].chunks_mut(nk).enumerate() {
+            let vis = self.visible(r0 + i, nk.max(1)).min(nk);
+            row[vis..].fill(0.0);
+            let row = &mut row[..vis];
+            match lse {
+                Some(l) => row.iter_mut().for_each(|x| *x = (*x - l[i]).exp()),
+                None => {
+                    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut z = 0f32;
+                    row.iter_mut().for_each(|x| {
+                        *x = (*x - m).exp();
+                        z += *x;
+                    });
+                    row.iter_mut().for_each(|x| *x /= z);
+                    out_lse[i] = m + z.ln();
+                }
+            }
+        }
+    }
+
+    fn dims(&self, q: &Layout, k: &Layout) -> Result<(usize, usize, usize, usize)> {
         let (qd, kd) = (q.shape().dims(), k.shape().dims());
         if qd.len() != 4 || kd.len() != 4 || qd[..2] != kd[..2] || qd[3] != kd[3] {
             candle_core::bail!("causal_attention: q {qd:?} and k/v {kd:?} do not fit")
         }
-        Ok(Dims {
-            pairs: qd[0] * qd[1],
-            rows: qd[2],
-            keys: kd[2],
-            d: qd[3],
-        })
+        // (pairs, rows, keys, d)
+        Ok((qd[0] * qd[1], qd[2], kd[2], qd[3]))
     }
 }
 
@@ -77,47 +169,27 @@ impl CustomOp3 for Flash {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v) = (f32s(qs, ql)?, f32s(ks, kl)?, f32s(vs, vl)?);
-        let Dims {
-            rows,
-            keys,
-            d,
-            pairs,
-        } = self.dims(ql, kl)?;
-        let mut out = vec![0f32; pairs * rows * d];
-        let mut lse = vec![0f32; pairs * rows];
-        out.par_chunks_mut(rows * d)
-            .zip(lse.par_chunks_mut(rows))
+        let (pairs, nr, keys, d) = self.dims(ql, kl)?;
+        let mut out = vec![0f32; pairs * nr * d];
+        let mut lse = vec![0f32; pairs * nr];
+        out.par_chunks_mut(nr * d)
+            .zip(lse.par_chunks_mut(nr))
             .enumerate()
             .for_each(|(pair, (out, lse))| {
                 let kp = &k[pair * keys * d..(pair + 1) * keys * d];
                 let vp = &v[pair * keys * d..(pair + 1) * keys * d];
-                let qp = &q[pair * rows * d..(pair + 1) * rows * d];
-                out.par_chunks_mut(CHUNK * d)
-                    .zip(lse.par_chunks_mut(CHUNK))
+                let qp = &q[pair * nr * d..(pair + 1) * nr * d];
+                out.par_chunks_mut(TILE * d)
+                    .zip(lse.par_chunks_mut(TILE))
                     .enumerate()
                     .for_each_init(
-                        || vec![0f32; keys],
-                        |s, (c, (o, l))| {
-                            for (i, (o, l)) in o.chunks_mut(d).zip(l.iter_mut()).enumerate() {
-                                let r = c * CHUNK + i;
-                                let qr = &qp[r * d..(r + 1) * d];
-                                let n = self.visible(r, keys);
-                                let mut m = f32::NEG_INFINITY;
-                                for (j, s) in s[..n].iter_mut().enumerate() {
-                                    *s = self.scale * dot(qr, &kp[j * d..(j + 1) * d]);
-                                    m = m.max(*s);
-                                }
-                                let mut z = 0f32;
-                                for s in s[..n].iter_mut() {
-                                    *s = (*s - m).exp();
-                                    z += *s;
-                                }
-                                o.fill(0.0);
-                                for (j, &p) in s[..n].iter().enumerate() {
-                                    axpy(o, p / z, &vp[j * d..(j + 1) * d]);
-                                }
-                                *l = m + z.ln();
-                            }
+                        || vec![0f32; TILE * keys],
+                        |p, (c, (o, l))| {
+                            let (r0, n) = (c * TILE, l.len());
+                            let nk = self.tile_keys(r0, n, keys);
+                            let qt = &qp[r0 * d..(r0 + n) * d];
+                            self.probs(r0, qt, kp, d, nk, p, None, l);
+                            mm(n, d, nk, o, false, 1.0, rows(p, nk), rows(vp, d));
                         },
                     );
             });
@@ -143,13 +215,8 @@ impl CustomOp3 for Flash {
             .lock()
             .map_err(|_| candle_core::Error::Msg("lse lock".into()))?
             .clone();
-        let Dims {
-            rows,
-            keys,
-            d,
-            pairs,
-        } = self.dims(q.layout(), k.layout())?;
-        if lse.len() != pairs * rows {
+        let (pairs, nr, keys, d) = self.dims(q.layout(), k.layout())?;
+        if lse.len() != pairs * nr {
             candle_core::bail!("causal_attention: backward without its forward")
         }
         // D_r = dO_r . O_r
@@ -158,56 +225,42 @@ impl CustomOp3 for Flash {
             .zip(ov.chunks(d))
             .map(|(g, o)| dot(g, o))
             .collect();
-        let row = |pair: usize, n: usize, i: usize| (pair * n + i) * d..(pair * n + i + 1) * d;
-        // p_rj and ds_rj = p_rj (dO_r . v_j - D_r)
-        let probs = |pair: usize, r: usize, j: usize| -> (f32, f32) {
-            let s = self.scale * dot(&qv[row(pair, rows, r)], &kv[row(pair, keys, j)]);
-            let p = (s - lse[pair * rows + r]).exp();
-            let dp = dot(&gv[row(pair, rows, r)], &vv[row(pair, keys, j)]);
-            (p, p * (dp - dd[pair * rows + r]))
-        };
-        // dq_r = scale sum_j ds_rj k_j, per row
-        let mut dq = vec![0f32; qv.len()];
-        dq.par_chunks_mut(rows * d)
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; qv.len()],
+            vec![0f32; kv.len()],
+            vec![0f32; vv.len()],
+        );
+        dq.par_chunks_mut(nr * d)
+            .zip(dk.par_chunks_mut(keys * d).zip(dv.par_chunks_mut(keys * d)))
             .enumerate()
-            .for_each(|(pair, dq)| {
-                dq.par_chunks_mut(CHUNK * d)
-                    .enumerate()
-                    .for_each(|(c, dq)| {
-                        for (i, dq) in dq.chunks_mut(d).enumerate() {
-                            let r = c * CHUNK + i;
-                            for j in 0..self.visible(r, keys) {
-                                let (_, ds) = probs(pair, r, j);
-                                axpy(dq, self.scale * ds, &kv[row(pair, keys, j)]);
-                            }
-                        }
-                    });
-            });
-        // dv_j = sum_r p_rj dO_r and dk_j = scale sum_r ds_rj q_r, per key chunk
-        let mut dk = vec![0f32; kv.len()];
-        let mut dv = vec![0f32; vv.len()];
-        dk.par_chunks_mut(keys * d)
-            .zip(dv.par_chunks_mut(keys * d))
-            .enumerate()
-            .for_each(|(pair, (dk, dv))| {
-                dk.par_chunks_mut(CHUNK * d)
-                    .zip(dv.par_chunks_mut(CHUNK * d))
-                    .enumerate()
-                    .for_each(|(c, (dk, dv))| {
-                        let (j0, n) = (c * CHUNK, dk.len() / d);
-                        for r in 0..rows {
-                            let vis = self.visible(r, keys);
-                            if vis <= j0 {
-                                continue;
-                            }
-                            let (qr, gr) = (&qv[row(pair, rows, r)], &gv[row(pair, rows, r)]);
-                            for i in 0..n.min(vis - j0) {
-                                let (p, ds) = probs(pair, r, j0 + i);
-                                axpy(&mut dv[i * d..(i + 1) * d], p, gr);
-                                axpy(&mut dk[i * d..(i + 1) * d], self.scale * ds, qr);
-                            }
-                        }
-                    });
+            .for_each(|(pair, (dq, (dk, dv)))| {
+                let (qo, ko) = (pair * nr * d, pair * keys * d);
+                let (qp, gp) = (&qv[qo..qo + nr * d], &gv[qo..qo + nr * d]);
+                let (kp, vp) = (&kv[ko..ko + keys * d], &vv[ko..ko + keys * d]);
+                let (lp, dp_) = (
+                    &lse[pair * nr..(pair + 1) * nr],
+                    &dd[pair * nr..(pair + 1) * nr],
+                );
+                let mut p = vec![0f32; TILE * keys];
+                let mut ds = vec![0f32; TILE * keys];
+                for r0 in (0..nr).step_by(TILE) {
+                    let n = TILE.min(nr - r0);
+                    let nk = self.tile_keys(r0, n, keys);
+                    let (qt, gt) = (&qp[r0 * d..(r0 + n) * d], &gp[r0 * d..(r0 + n) * d]);
+                    self.probs(r0, qt, kp, d, nk, &mut p, Some(&lp[r0..r0 + n]), &mut []);
+                    // dS = P (dO V^T - D)
+                    mm(n, nk, d, &mut ds, false, 1.0, rows(gt, d), cols(vp, d));
+                    for i in 0..n {
+                        let (pr, sr) = (&p[i * nk..(i + 1) * nk], &mut ds[i * nk..(i + 1) * nk]);
+                        sr.iter_mut()
+                            .zip(pr)
+                            .for_each(|(s, p)| *s = p * (*s - dp_[r0 + i]));
+                    }
+                    let dqt = &mut dq[r0 * d..(r0 + n) * d];
+                    mm(n, d, nk, dqt, false, self.scale, rows(&ds, nk), rows(kp, d));
+                    mm(nk, d, n, dk, true, self.scale, cols(&ds, nk), rows(qt, d));
+                    mm(nk, d, n, dv, true, 1.0, cols(&p, nk), rows(gt, d));
+                }
             });
         let t = |x: Vec<f32>, like: &Tensor| Tensor::from_vec(x, like.shape(), like.device());
         Ok((Some(t(dq, q)?), Some(t(dk, k)?), Some(t(dv, v)?)))
@@ -274,6 +327,7 @@ mod tests {
             (1, 2, 4, 8, 5, 4),
             (2, 1, 3, 1, 7, 6),
             (2, 2, 1, 21, 2, 5),
+            (1, 2, 3, 50, 4, 8), // tiles of 64 rows wrapping across heads
         ] {
             let inputs = [
                 rand(&[b, g, rep * t, d], 1),
