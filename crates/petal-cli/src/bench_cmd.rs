@@ -148,20 +148,14 @@ impl Petal {
         match a.mode.as_str() {
             "train" if a.grad_checkpointing => {
                 let n = self.batch.target_tokens() as f64;
-                let (_, stores) = petal_train::backward_batch(&self.model, &self.batch, n, true)?;
+                let (_, g) = petal_train::backward_batch(&self.model, &self.batch, n, true)?;
                 let t1 = Instant::now();
                 let opt = self.opt.as_mut().context("optimizer")?;
-                let mut grads: Vec<Option<Tensor>> = vec![None; opt.vars().len()];
-                for g in &stores {
-                    for (slot, v) in grads.iter_mut().zip(opt.vars()) {
-                        if let Some(gi) = g.get(v.as_tensor()) {
-                            *slot = Some(match slot.take() {
-                                Some(p) => (p + gi)?,
-                                None => gi.clone(),
-                            });
-                        }
-                    }
-                }
+                let grads: Vec<Option<Tensor>> = opt
+                    .vars()
+                    .iter()
+                    .map(|v| g.get(v.as_tensor()).cloned())
+                    .collect();
                 opt.step(&grads, 1e-4)?;
                 let t2 = Instant::now();
                 let s = |x: Instant, y: Instant| y.duration_since(x).as_secs_f64();

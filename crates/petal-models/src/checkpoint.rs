@@ -3,22 +3,50 @@
 //! push the gradient through it. Activations inside a layer (attention probabilities, MLP
 //! intermediates, adapter temporaries) live for one layer instead of the whole model, for one
 //! more forward pass of compute. Plain safe Rust over candle's autograd: one backward per layer,
-//! each layer's parameter gradients in its own `GradStore`, to be summed by the caller.
+//! the parameter gradients summed into detached `Grads` as they come (a `GradStore`'s leaf
+//! gradients keep their backward graph, and with it the layer's activations, alive).
 
 use crate::llama::Llama;
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{Tensor, TensorId, Var};
 use petal_core::{rng, Error, Result};
+use std::collections::HashMap;
+
+/// Gradients by tensor id, detached: unlike a `GradStore`, whose leaf gradients keep the
+/// backward graph (and so the forward activations) alive, these hold only their own buffers.
+#[derive(Debug, Default)]
+pub struct Grads(HashMap<TensorId, Tensor>);
+
+impl Grads {
+    /// Add every gradient of `store` (detached) to the ones held.
+    pub fn absorb(&mut self, store: GradStore) -> Result<()> {
+        let ids: Vec<TensorId> = store.get_ids().copied().collect();
+        for id in ids {
+            let Some(g) = store.get_id(id) else { continue };
+            let g = g.detach();
+            let sum = match self.0.remove(&id) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            self.0.insert(id, sum);
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, t: &Tensor) -> Option<&Tensor> {
+        self.0.get(&t.id())
+    }
+}
 
 impl Llama {
     /// The value of `objective(hidden_states(ids))` (a scalar, from the final normed hidden
-    /// states) and the gradient stores whose sum is its gradient: as `objective.backward()`
-    /// gives without checkpointing, up to summation order. Training mode (dropout on).
+    /// states) and its gradients, as `objective.backward()` gives them without checkpointing
+    /// (up to summation order). Training mode (dropout on).
     pub fn checkpointed_backward(
         &self,
         ids: &Tensor,
         objective: &dyn Fn(&Tensor) -> Result<Tensor>,
-    ) -> Result<(Tensor, Vec<GradStore>)> {
+    ) -> Result<(Tensor, Grads)> {
         let at_input = rng::snapshot();
         let stage = self.input_stage(ids, 0, true)?;
         let mut x = stage.x.detach();
@@ -31,35 +59,35 @@ impl Llama {
         let after = rng::snapshot();
         let last = Var::from_tensor(&x)?;
         let value = objective(&self.final_norm(last.as_tensor())?)?;
-        let head = value.backward()?;
-        let mut g = grad_of(&head, &last)?;
-        let mut stores = vec![head];
-        for (i, (xi, state)) in saved.iter().enumerate().rev() {
-            rng::restore(*state);
-            let v = Var::from_tensor(xi)?;
+        let mut grads = Grads::default();
+        let mut g = grads.take_input(value.backward()?, &last)?;
+        for (i, (xi, state)) in saved.into_iter().enumerate().rev() {
+            rng::restore(state);
+            let v = Var::from_tensor(&xi)?;
             let y = self.layer_forward(i, v.as_tensor(), &stage, None, true)?;
-            let s = (y * &g)?.sum_all()?.backward()?;
-            g = grad_of(&s, &v)?;
-            stores.push(s);
+            g = grads.take_input((y * &g)?.sum_all()?.backward()?, &v)?;
         }
         // the input side, where something there trains (prompt tuning, embedding adapters);
         // prefix keys/values got theirs through the layers above
         rng::restore(at_input);
         let x0 = self.input_stage(ids, 0, true)?.x;
         if x0.track_op() {
-            stores.push((x0 * g)?.sum_all()?.backward()?);
+            grads.absorb((x0 * g)?.sum_all()?.backward()?)?;
         }
         rng::restore(after);
-        Ok((value, stores))
+        Ok((value, grads))
     }
 }
 
-fn grad_of(s: &GradStore, v: &Var) -> Result<Tensor> {
-    match s.get(v.as_tensor()) {
-        Some(g) => Ok(g.clone()),
-        // the objective does not depend on the hidden states (cannot happen for a loss)
-        None => Err(Error::msg(
-            "gradient checkpointing: no gradient reached a layer input",
-        )),
+impl Grads {
+    /// Absorb `store` and return (without keeping) the gradient of the layer input `v`.
+    fn take_input(&mut self, mut store: GradStore, v: &Var) -> Result<Tensor> {
+        let g = store
+            .remove(v.as_tensor())
+            // the objective does not depend on the hidden states (cannot happen for a loss)
+            .ok_or_else(|| Error::msg("gradient checkpointing: no gradient reached a layer input"))?
+            .detach();
+        self.absorb(store)?;
+        Ok(g)
     }
 }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod llama;
 pub mod load;
 
+pub use checkpoint::Grads;
 pub use config::LlamaConfig;
 pub use llama::{random_weights, KvCache, Llama};
 pub use load::{load_model, LoadedModel};

@@ -1,10 +1,9 @@
 //! Loss of a batch and mean loss / perplexity over a dataset.
 
-use candle_core::backprop::GradStore;
 use candle_core::{Tensor, D};
 use petal_core::Result;
 use petal_data::{batches, Batch, Example};
-use petal_models::Llama;
+use petal_models::{Grads, Llama};
 use petal_ops::{head_cross_entropy, masked_cross_entropy};
 
 /// Summed next-token loss of a batch and the number of scored tokens. With no adapter on the
@@ -15,25 +14,26 @@ pub fn batch_loss(model: &Llama, b: &Batch, train: bool) -> Result<(Tensor, usiz
     loss_from_hidden(model, &hidden, b, train)
 }
 
-/// The summed loss of a training micro-batch divided by `scale`, and its gradients: one
-/// backward, or with `checkpointing` one per decoder layer (see `Llama::checkpointed_backward`);
-/// the caller sums the stores. Returns the summed (unscaled) loss.
+/// The summed loss of a training micro-batch divided by `scale`, and its gradients (detached):
+/// one backward, or with `checkpointing` one per decoder layer (see
+/// `Llama::checkpointed_backward`). Returns the summed (unscaled) loss.
 pub fn backward_batch(
     model: &Llama,
     b: &Batch,
     scale: f64,
     checkpointing: bool,
-) -> Result<(f64, Vec<GradStore>)> {
+) -> Result<(f64, Grads)> {
     if !checkpointing {
         let (sum, _) = batch_loss(model, b, true)?;
-        let g = (&sum / scale)?.backward()?;
-        return Ok((sum.to_scalar::<f32>()? as f64, vec![g]));
+        let mut grads = Grads::default();
+        grads.absorb((&sum / scale)?.backward()?)?;
+        return Ok((sum.to_scalar::<f32>()? as f64, grads));
     }
     let ids = Tensor::from_slice(&b.ids, (b.rows, b.len), model.device())?;
-    let (value, stores) = model.checkpointed_backward(&ids, &|h| {
+    let (value, grads) = model.checkpointed_backward(&ids, &|h| {
         Ok((loss_from_hidden(model, h, b, true)?.0 / scale)?)
     })?;
-    Ok((value.to_scalar::<f32>()? as f64 * scale, stores))
+    Ok((value.to_scalar::<f32>()? as f64 * scale, grads))
 }
 
 /// Summed cross-entropy of next-token prediction from the final hidden states.

@@ -162,18 +162,15 @@ pub fn train(
             rng::set_step_seed(rng::splitmix(
                 cfg.seed ^ rng::splitmix((step * cfg.grad_accum + j) as u64 + 7),
             ));
-            let (sum, stores) = backward_batch(model, b, total as f64, cfg.grad_checkpointing)?;
+            let (sum, mut g) = backward_batch(model, b, total as f64, cfg.grad_checkpointing)?;
             loss_sum += sum;
-            for g in &stores {
-                accumulate(&mut grads, &vars, g)?;
-            }
             if alloc.is_some() {
                 // PEFT adds the orthogonal regulariser to every forward's loss
                 if let Some(reg) = orth_regulariser(model, &cfg.adapter_name, adapter_cfg)? {
-                    let g = (reg / cfg.grad_accum as f64)?.backward()?;
-                    accumulate(&mut grads, &vars, &g)?;
+                    g.absorb((reg / cfg.grad_accum as f64)?.backward()?)?;
                 }
             }
+            accumulate(&mut grads, &vars, &g)?;
         }
         let loss = loss_sum / total as f64;
         if !loss.is_finite() {
@@ -266,11 +263,7 @@ pub fn train(
     })
 }
 
-fn accumulate(
-    acc: &mut [Option<Tensor>],
-    vars: &[Var],
-    g: &candle_core::backprop::GradStore,
-) -> Result<()> {
+fn accumulate(acc: &mut [Option<Tensor>], vars: &[Var], g: &petal_models::Grads) -> Result<()> {
     for (slot, v) in acc.iter_mut().zip(vars) {
         if let Some(gi) = g.get(v.as_tensor()) {
             *slot = Some(match slot.take() {
