@@ -37,6 +37,22 @@ impl Dora {
         })
     }
 
+    /// The DoRA output with the frozen linear and the LoRA path fused: `lin = x W^T + b + s (x
+    /// A^T) B^T` (petal-ops `lora_linear`), then `f ⊙ (lin - b) + b`, the same as `forward`
+    /// without dropout, in two passes over the output with a parallel backward
+    /// (`scale_last`), where the composed form takes broadcast products whose gradient for m is
+    /// a single-threaded column sum.
+    pub fn fused_forward(&self, lin: &Tensor, delta: &Tensor) -> Result<Tensor> {
+        let f = self.factor(delta)?;
+        Ok(match &self.bias {
+            Some(b) => {
+                let b = b.to_dtype(lin.dtype())?;
+                petal_ops::scale_last(&lin.broadcast_sub(&b)?, &f)?.broadcast_add(&b)?
+            }
+            None => petal_ops::scale_last(lin, &f)?,
+        })
+    }
+
     /// f = m / ||W + delta|| (out,), the norm detached.
     fn factor(&self, delta: &Tensor) -> Result<Tensor> {
         let norm = row_norms(&(&self.base + delta.detach())?)?.detach();

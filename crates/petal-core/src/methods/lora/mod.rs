@@ -213,7 +213,9 @@ impl AdapterLayer for LoraLayer {
         b: Option<&Tensor>,
         train: bool,
     ) -> Option<Result<Tensor>> {
-        if self.dora.is_some()
+        // DoRA with dropout acting recomputes its base term from the dropped input: composed
+        let dora_dropout = self.dora.is_some() && train && self.dropout > 0.0;
+        if dora_dropout
             || self.bias.is_some()
             || !petal_ops::cpu::fast_ok(x)
             || w.dtype() != DType::F32
@@ -222,14 +224,11 @@ impl AdapterLayer for LoraLayer {
         }
         let run = || -> Result<Tensor> {
             let h = self.low(x, train)?;
-            Ok(petal_ops::lora_linear(
-                x,
-                w,
-                b,
-                &h,
-                self.b.as_tensor(),
-                self.scaling,
-            )?)
+            let lin = petal_ops::lora_linear(x, w, b, &h, self.b.as_tensor(), self.scaling)?;
+            match &self.dora {
+                Some(d) => d.fused_forward(&lin, &self.delta()?),
+                None => Ok(lin),
+            }
         };
         Some(run())
     }
@@ -481,6 +480,52 @@ crate::conformance!(
     },
     Some(&[MAGNITUDE, "base_layer.bias"])
 );
+
+#[cfg(test)]
+mod dora_fused_tests {
+    use super::*;
+    use crate::testing::{max_rel, rand_tensor};
+
+    #[test]
+    fn fused_dora_equals_the_composed_form_in_value_and_every_gradient() {
+        for bias in [false, true] {
+            let w = rand_tensor(&[6, 5], 1);
+            let b = bias.then(|| rand_tensor(&[6], 2));
+            let mut c = conformance_config();
+            c.use_dora = true;
+            c.init_lora_weights = InitWeights::Flag(false);
+            let base = BaseLinear {
+                weight: &w,
+                bias: b.as_ref(),
+                in_features: 5,
+                out_features: 6,
+                shared: &Default::default(),
+                embedding: false,
+            };
+            let layer = Lora.build(&c, "fc", &base, 7).unwrap();
+            let x = Var::from_tensor(&rand_tensor(&[3, 4, 5], 3)).unwrap();
+            let y = petal_ops::frozen_linear(x.as_tensor(), &w, b.as_ref()).unwrap();
+            let composed = layer.forward(x.as_tensor(), y, true).unwrap();
+            let fused = layer
+                .fused_forward(x.as_tensor(), &w, b.as_ref(), true)
+                .expect("fused path")
+                .unwrap();
+            assert!(max_rel(&fused, &composed) < 1e-5);
+            let proj = rand_tensor(composed.dims(), 9);
+            let grads = |t: &Tensor| (t * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+            let (gc, gf) = (grads(&composed), grads(&fused));
+            let mut vars: Vec<Var> = layer.tensors().iter().map(|t| t.var.clone()).collect();
+            vars.push(x.clone());
+            for v in &vars {
+                let (a, e) = (
+                    gc.get(v.as_tensor()).unwrap(),
+                    gf.get(v.as_tensor()).unwrap(),
+                );
+                assert!(max_rel(e, a) < 1e-4, "bias {bias}: {}", max_rel(e, a));
+            }
+        }
+    }
+}
 
 #[cfg(test)]
 mod bias_tests {
