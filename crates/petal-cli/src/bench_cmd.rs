@@ -119,11 +119,12 @@ pub fn matmul_peak(dt: DType, dev: &Device) -> Result<f64> {
 }
 
 /// FLOPs of one step per token: linears 2*in*out forward (+2*in*out backward input gradient),
-/// attention 4*T*d*heads forward (+8*T*d*heads backward).
+/// attention 4*T*d*heads forward (+8*T*d*heads backward). The token embedding is a lookup.
 fn flops_per_token(m: &Llama, seq: usize, train: bool) -> f64 {
     let lin: f64 = m
         .linears()
         .iter()
+        .filter(|l| !l.is_embedding())
         .map(|l| (l.in_features() * l.out_features()) as f64)
         .sum();
     let c = &m.cfg;
