@@ -236,6 +236,45 @@ pub fn check_param_count(cfg: &AdapterConfig, formula: fn(usize, usize, &Adapter
     assert_eq!(c.total, t.base_param_count() + want);
 }
 
+/// Where the method has a fused forward (one kernel for the frozen linear and the adapter), it
+/// equals the composed `forward` in value and in the gradients of the input and every adapter
+/// tensor, drawing the same dropout (`rank_dropout` / `lora_dropout` set by the config).
+pub fn check_fused_equals_composed(cfg: &AdapterConfig) {
+    let t = adapted(cfg, true);
+    for lin in t.linears() {
+        let layer = lin.layer("default").unwrap();
+        let x = Var::from_tensor(&rand_tensor(&[2, 3, lin.in_features()], 4)).unwrap();
+        crate::rng::set_step_seed(5);
+        let Some(fused) = layer.fused_forward(x.as_tensor(), lin.weight(), lin.bias(), true) else {
+            continue;
+        };
+        let fused = fused.unwrap();
+        crate::rng::set_step_seed(5);
+        let y = petal_ops::frozen_linear(x.as_tensor(), lin.weight(), lin.bias()).unwrap();
+        let composed = layer.forward(x.as_tensor(), y, true).unwrap();
+        assert!(max_rel(&fused, &composed) < 1e-5, "{}: values", lin.path());
+        let proj = rand_tensor(composed.dims(), 9);
+        let grads = |t: &Tensor| (t * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+        let (gc, gf) = (grads(&composed), grads(&fused));
+        let mut vars: Vec<Var> = layer.tensors().iter().map(|t| t.var.clone()).collect();
+        vars.push(x);
+        for v in &vars {
+            match (gc.get(v.as_tensor()), gf.get(v.as_tensor())) {
+                (Some(a), Some(e)) => {
+                    assert!(
+                        max_rel(e, a) < 1e-4,
+                        "{}: gradient {}",
+                        lin.path(),
+                        max_rel(e, a)
+                    )
+                }
+                (None, None) => {} // module dropout skipped the adapter in both
+                _ => panic!("{}: a gradient in one form only", lin.path()),
+            }
+        }
+    }
+}
+
 /// Generates the conformance tests for one method configuration:
 /// `conformance!(module_name, config_fn, count_formula)`.
 #[macro_export]
@@ -261,6 +300,10 @@ macro_rules! conformance {
             #[test]
             fn only_adapter_variables_get_gradients_and_they_match_finite_differences() {
                 $crate::testing::check_gradients(&$cfg(), $fd);
+            }
+            #[test]
+            fn a_fused_forward_equals_the_composed_one_in_value_and_gradients() {
+                $crate::testing::check_fused_equals_composed(&$cfg());
             }
             #[test]
             fn trainable_parameters_equal_the_formula() {

@@ -31,4 +31,4 @@ pub use lora_linear::lora_linear;
 pub use loss::{masked_cross_entropy, IGNORE_INDEX};
 pub use nn::{causal_mask, rope_tables};
 pub use pair_rotate::pair_rotate;
-pub use scale::scale_last;
+pub use scale::{add_frozen, scale_last};

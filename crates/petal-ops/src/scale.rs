@@ -103,3 +103,78 @@ mod tests {
         );
     }
 }
+
+struct AddFrozen;
+
+impl CustomOp2 for AddFrozen {
+    fn name(&self) -> &'static str {
+        "petal-add-frozen"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        cs: &CpuStorage,
+        cl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, c) = (f32s(xs, xl)?, f32s(cs, cl)?);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(4096)
+            .zip(x.par_chunks(4096).zip(c.par_chunks(4096)))
+            .for_each(|(o, (x, c))| {
+                o.iter_mut()
+                    .zip(x.iter().zip(c))
+                    .for_each(|(o, (x, c))| *o = x + c)
+            });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _c: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.clone()), None))
+    }
+}
+
+/// `x + c` with the gradient going to `x` only: `c` is frozen (a base weight), so backward
+/// neither computes nor stores a gradient for it, which candle's `add` does for both sides.
+pub fn add_frozen(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+    if x.dims() != c.dims() {
+        candle_core::bail!("add_frozen: shapes {:?} and {:?}", x.dims(), c.dims())
+    }
+    if !(fast_ok(x) && fast_ok(c)) {
+        return x + c.detach();
+    }
+    x.contiguous()?.apply_op2(&c.contiguous()?, AddFrozen)
+}
+
+#[cfg(test)]
+mod add_frozen_tests {
+    use super::*;
+    use crate::testing::rand;
+    use candle_core::Var;
+
+    #[test]
+    fn adding_a_frozen_tensor_passes_the_gradient_to_the_other_side_only() {
+        let x = Var::from_tensor(&rand(&[3, 5], 1)).unwrap();
+        let c = rand(&[3, 5], 2);
+        let y = add_frozen(x.as_tensor(), &c).unwrap();
+        let want = (x.as_tensor() + &c).unwrap();
+        assert_eq!(crate::testing::max_rel(&y, &want), 0.0);
+        let w = rand(&[3, 5], 3);
+        let g = (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(
+            crate::testing::max_rel(g.get(x.as_tensor()).unwrap(), &w),
+            0.0
+        );
+        assert!(
+            g.get(&c).is_none(),
+            "no gradient stored for the frozen side"
+        );
+    }
+}

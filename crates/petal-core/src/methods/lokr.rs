@@ -11,7 +11,7 @@
 
 use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, WeightUpdate};
 use crate::config::AdapterConfig;
-use crate::methods::{add_dense_delta, param, LycorisDropout};
+use crate::methods::{add_dense_delta, dense_linear, param, LycorisDropout};
 use crate::Result;
 use candle_core::{Tensor, Var};
 use rand::SeedableRng;
@@ -157,6 +157,22 @@ impl AdapterLayer for LokrLayer {
             return Ok(y);
         }
         add_dense_delta(x, y, &self.drop.rows(self.delta()?, train)?)
+    }
+
+    fn fused_forward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        train: bool,
+    ) -> Option<Result<Tensor>> {
+        // the same draws as `forward`: module dropout first, then the dropped rows
+        dense_linear(x, w, b, || {
+            if self.drop.skip(train) {
+                return Ok(None);
+            }
+            Ok(Some(self.drop.rows(self.delta()?, train)?))
+        })
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {

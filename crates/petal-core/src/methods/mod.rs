@@ -79,6 +79,36 @@ pub(crate) fn add_dense_delta(x: &Tensor, y: Tensor, delta: &Tensor) -> Result<T
     Ok((y + d)?)
 }
 
+/// `x (W + dW)^T + b` in one matrix product, for methods whose update is a dense dW (LoHa,
+/// LoKr): the sum is built once per call (W frozen, so its gradient goes to dW alone), saving
+/// the separate product `x dW^T` forward and its input gradient backward (three large products
+/// per step instead of five). `None` where the fused kernels do not apply (not CPU f32).
+pub(crate) fn dense_linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    delta: impl FnOnce() -> Result<Option<Tensor>>,
+) -> Option<Result<Tensor>> {
+    if !petal_ops::cpu::fast_ok(x) || w.dtype() != DType::F32 {
+        return None;
+    }
+    let run = || -> Result<Tensor> {
+        let Some(delta) = delta()? else {
+            return Ok(petal_ops::frozen_linear(x, w, b)?); // module dropout: this call skips
+        };
+        let inp = x.dim(candle_core::D::Minus1)?;
+        let mut dims = x.dims().to_vec();
+        let x2 = x.reshape((x.elem_count() / inp, inp))?;
+        let mut y = x2.matmul(&petal_ops::add_frozen(&delta, w)?.t()?)?;
+        if let Some(b) = b {
+            y = y.broadcast_add(b)?;
+        }
+        *dims.last_mut().unwrap_or(&mut 0) = w.dim(0)?;
+        Ok(y.reshape(dims)?)
+    };
+    Some(run())
+}
+
 /// LyCORIS training-time dropout, as PEFT's LoHa and LoKr apply it. `module`: with probability
 /// p the adapter is skipped for the whole forward call. `rank`: each output row of dW is zeroed
 /// with probability p, and (LoHa always, LoKr with `rank_dropout_scale`) the kept rows are
@@ -128,6 +158,20 @@ fn unit(v: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::AdapterConfig;
+
+    #[test]
+    fn fused_loha_and_lokr_draw_the_same_rank_and_module_dropout_as_the_composed_form() {
+        for method in ["LOHA", "LOKR"] {
+            for (rank, module) in [(0.3, 0.0), (0.3, 0.5), (0.0, 0.9)] {
+                let mut c =
+                    AdapterConfig::for_method(method, 2, 3.0, crate::testing::toy_targets());
+                c.rank_dropout = rank;
+                c.module_dropout = module;
+                crate::testing::check_fused_equals_composed(&c);
+            }
+        }
+    }
 
     #[test]
     fn module_dropout_skips_about_p_of_training_calls_and_none_in_eval() {
