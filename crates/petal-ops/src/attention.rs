@@ -12,7 +12,7 @@
 //! Forward runs tiles in parallel; backward runs (batch, group) pairs in parallel, each owning
 //! its dk, dv.
 
-use crate::cpu::{f32s, fast_ok};
+use crate::cpu::{cols, f32s, fast_ok, mm, rows};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -26,66 +26,6 @@ struct Flash {
     offset: usize,
     /// Each row's log-sum-exp of the scaled scores, from the forward pass.
     lse: Mutex<Vec<f32>>,
-}
-
-/// A row-major matrix view: element (i, j) at `i * rs + j * cs`.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    x: &'a [f32],
-    rs: usize,
-    cs: usize,
-}
-
-fn rows(x: &[f32], width: usize) -> View<'_> {
-    View {
-        x,
-        rs: width,
-        cs: 1,
-    }
-}
-
-/// The transpose of row-major `x` with `width` columns.
-fn cols(x: &[f32], width: usize) -> View<'_> {
-    View {
-        x,
-        rs: 1,
-        cs: width,
-    }
-}
-
-/// `c (m, n, row-major) = [c +] alpha a (m, k) b (k, n)`, single-threaded.
-#[allow(clippy::too_many_arguments)]
-fn mm(m: usize, n: usize, k: usize, c: &mut [f32], acc: bool, alpha: f32, a: View, b: View) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let last = |v: View, r: usize, q: usize| (r - 1) * v.rs + (q - 1) * v.cs;
-    assert!(c.len() >= m * n && (k == 0 || last(a, m, k) < a.x.len() && last(b, k, n) < b.x.len()));
-    // SAFETY: every index the product touches is within the slices (checked above), and `c`
-    // does not alias `a` or `b` (a &mut and two & borrows).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            acc,
-            a.x.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.x.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            alpha,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -123,7 +63,17 @@ impl Flash {
         out_lse: &mut [f32],
     ) {
         let n = qt.len() / d;
-        mm(n, nk, d, p, false, self.scale, rows(qt, d), cols(kp, d));
+        mm(
+            n,
+            nk,
+            d,
+            p,
+            false,
+            self.scale,
+            rows(qt, d),
+            cols(kp, d),
+            false,
+        );
         for (i, row) in p[..n * nk].chunks_mut(nk).enumerate() {
             let vis = self.visible(r0 + i, nk.max(1)).min(nk);
             row[vis..].fill(0.0);
@@ -189,7 +139,7 @@ impl CustomOp3 for Flash {
                             let nk = self.tile_keys(r0, n, keys);
                             let qt = &qp[r0 * d..(r0 + n) * d];
                             self.probs(r0, qt, kp, d, nk, p, None, l);
-                            mm(n, d, nk, o, false, 1.0, rows(p, nk), rows(vp, d));
+                            mm(n, d, nk, o, false, 1.0, rows(p, nk), rows(vp, d), false);
                         },
                     );
             });
@@ -249,7 +199,17 @@ impl CustomOp3 for Flash {
                     let (qt, gt) = (&qp[r0 * d..(r0 + n) * d], &gp[r0 * d..(r0 + n) * d]);
                     self.probs(r0, qt, kp, d, nk, &mut p, Some(&lp[r0..r0 + n]), &mut []);
                     // dS = P (dO V^T - D)
-                    mm(n, nk, d, &mut ds, false, 1.0, rows(gt, d), cols(vp, d));
+                    mm(
+                        n,
+                        nk,
+                        d,
+                        &mut ds,
+                        false,
+                        1.0,
+                        rows(gt, d),
+                        cols(vp, d),
+                        false,
+                    );
                     for i in 0..n {
                         let (pr, sr) = (&p[i * nk..(i + 1) * nk], &mut ds[i * nk..(i + 1) * nk]);
                         sr.iter_mut()
@@ -257,9 +217,29 @@ impl CustomOp3 for Flash {
                             .for_each(|(s, p)| *s = p * (*s - dp_[r0 + i]));
                     }
                     let dqt = &mut dq[r0 * d..(r0 + n) * d];
-                    mm(n, d, nk, dqt, false, self.scale, rows(&ds, nk), rows(kp, d));
-                    mm(nk, d, n, dk, true, self.scale, cols(&ds, nk), rows(qt, d));
-                    mm(nk, d, n, dv, true, 1.0, cols(&p, nk), rows(gt, d));
+                    mm(
+                        n,
+                        d,
+                        nk,
+                        dqt,
+                        false,
+                        self.scale,
+                        rows(&ds, nk),
+                        rows(kp, d),
+                        false,
+                    );
+                    mm(
+                        nk,
+                        d,
+                        n,
+                        dk,
+                        true,
+                        self.scale,
+                        cols(&ds, nk),
+                        rows(qt, d),
+                        false,
+                    );
+                    mm(nk, d, n, dv, true, 1.0, cols(&p, nk), rows(gt, d), false);
                 }
             });
         let t = |x: Vec<f32>, like: &Tensor| Tensor::from_vec(x, like.shape(), like.device());

@@ -25,3 +25,78 @@ pub(crate) fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
 pub(crate) fn last_dim(l: &Layout) -> usize {
     *l.shape().dims().last().unwrap_or(&1)
 }
+
+/// A row-major matrix view: element (i, j) at `i * rs + j * cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    x: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+pub(crate) fn rows(x: &[f32], width: usize) -> View<'_> {
+    View {
+        x,
+        rs: width,
+        cs: 1,
+    }
+}
+
+/// The transpose of row-major `x` with `width` columns.
+pub(crate) fn cols(x: &[f32], width: usize) -> View<'_> {
+    View {
+        x,
+        rs: 1,
+        cs: width,
+    }
+}
+
+/// `c (m, n, row-major) = [c +] alpha a (m, k) b (k, n)` through the `gemm` crate (the matrix
+/// multiply candle uses), on rayon's threads with `par`, else on this one.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    acc: bool,
+    alpha: f32,
+    a: View,
+    b: View,
+    par: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |v: View, r: usize, q: usize| (r - 1) * v.rs + (q - 1) * v.cs;
+    assert!(c.len() >= m * n && (k == 0 || last(a, m, k) < a.x.len() && last(b, k, n) < b.x.len()));
+    // SAFETY: every index the product touches is within the slices (checked above), and `c`
+    // does not alias `a` or `b` (a &mut and two & borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            acc,
+            a.x.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.x.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            if par {
+                gemm::Parallelism::Rayon(rayon::current_num_threads())
+            } else {
+                gemm::Parallelism::None
+            },
+        )
+    }
+}

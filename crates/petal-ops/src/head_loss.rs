@@ -4,9 +4,9 @@
 //! gradient. Backward only scales the stored dh by the upstream gradient of each row's loss.
 //! Replaces: an (n, V) logits buffer, ~6 composed passes over it forward and ~8 backward.
 
-use crate::cpu::{f32s, fast_ok, last_dim};
+use crate::cpu::{cols, f32s, fast_ok, last_dim, mm, rows};
 use crate::loss::{masked_cross_entropy, IGNORE_INDEX};
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -28,17 +28,34 @@ impl CustomOp1 for HeadLoss {
         let (h, d) = (f32s(s, l)?, last_dim(l));
         let n = h.len() / d;
         let v = self.w.dim(0)?;
-        let wt = self.w.t()?;
+        let w = self.w.contiguous()?;
+        let (ws, wl) = w.storage_and_layout();
+        let Storage::Cpu(wc) = &*ws else {
+            candle_core::bail!("head loss: the CPU kernel got a weight on another device")
+        };
+        let w = f32s(wc, wl)?;
         let mut loss = vec![0f32; n];
         let mut dh = if self.need_grad {
             vec![0f32; n * d]
         } else {
             Vec::new()
         };
+        // one logits buffer for all chunks: no fresh (rows, V) allocation per chunk
+        let mut z = vec![0f32; CHUNK.min(n) * v];
         for a in (0..n).step_by(CHUNK) {
             let b = (a + CHUNK).min(n);
-            let hc = Tensor::from_slice(&h[a * d..b * d], (b - a, d), &Device::Cpu)?;
-            let mut z: Vec<f32> = hc.matmul(&wt)?.flatten_all()?.to_vec1()?; // (rows, V) logits
+            let z = &mut z[..(b - a) * v];
+            mm(
+                b - a,
+                v,
+                d,
+                z,
+                false,
+                1.0,
+                rows(&h[a * d..b * d], d),
+                cols(w, d),
+                true,
+            );
             let labels = &self.labels[a..b];
             z.par_chunks_mut(v)
                 .zip(loss[a..b].par_iter_mut())
@@ -58,9 +75,8 @@ impl CustomOp1 for HeadLoss {
                     row[y as usize] -= 1.0;
                 });
             if self.need_grad {
-                let dz = Tensor::from_vec(z, (b - a, v), &Device::Cpu)?;
-                let dhc: Vec<f32> = dz.matmul(&self.w)?.flatten_all()?.to_vec1()?;
-                dh[a * d..b * d].copy_from_slice(&dhc);
+                let dhc = &mut dh[a * d..b * d];
+                mm(b - a, d, v, dhc, false, 1.0, rows(z, v), rows(w, d), true);
             }
         }
         if self.need_grad {
