@@ -145,6 +145,33 @@ impl AdapterLayer for VeraLayer {
         Ok((y + d)?)
     }
 
+    /// With the frozen linear: `lora_linear(x, W, bias, h, B ⊙ lambda_b)`, the output scaling
+    /// folded into the (out, r) projection, so no pass over the (n, out) output besides the op's.
+    fn fused_forward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        train: bool,
+    ) -> Option<Result<Tensor>> {
+        if !petal_ops::cpu::fast_ok(x) || w.dtype() != candle_core::DType::F32 {
+            return None;
+        }
+        let run = || -> Result<Tensor> {
+            let x2 = crate::methods::oft::flat_input(x)?;
+            let x2 = if train && self.dropout > 0.0 {
+                dropout(&x2, self.dropout)?
+            } else {
+                x2
+            };
+            let (a, b) = self.sliced()?;
+            let h = petal_ops::scale_last(&x2.matmul(&a.t()?)?, self.lambda_d.as_tensor())?;
+            let bl = b.broadcast_mul(&self.lambda_b.as_tensor().unsqueeze(1)?)?;
+            Ok(petal_ops::lora_linear(x, w, bias, &h, &bl, 1.0)?)
+        };
+        Some(run())
+    }
+
     fn weight_update(&self) -> Result<WeightUpdate> {
         let (a, b) = self.sliced()?;
         let bl = b.broadcast_mul(&self.lambda_b.as_tensor().unsqueeze(1)?)?;
@@ -235,3 +262,11 @@ crate::conformance!(
     conformance_config,
     |_inp, out, cfg: &AdapterConfig| out + cfg.r
 );
+
+#[cfg(test)]
+#[test]
+fn fused_vera_with_dropout_draws_the_same_mask_as_the_composed_form() {
+    let mut c = conformance_config();
+    c.vera_dropout = Some(0.3);
+    crate::testing::check_fused_equals_composed(&c);
+}
