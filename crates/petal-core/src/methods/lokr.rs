@@ -153,10 +153,10 @@ impl LokrLayer {
 
 impl AdapterLayer for LokrLayer {
     fn forward(&self, x: &Tensor, y: Tensor, train: bool) -> Result<Tensor> {
-        if self.drop.skip(train) {
-            return Ok(y);
+        match self.drop.apply(train, || self.delta())? {
+            Some(d) => add_dense_delta(x, y, &d),
+            None => Ok(y),
         }
-        add_dense_delta(x, y, &self.drop.rows(self.delta()?, train)?)
     }
 
     fn fused_forward(
@@ -166,13 +166,7 @@ impl AdapterLayer for LokrLayer {
         b: Option<&Tensor>,
         train: bool,
     ) -> Option<Result<Tensor>> {
-        // the same draws as `forward`: module dropout first, then the dropped rows
-        dense_linear(x, w, b, || {
-            if self.drop.skip(train) {
-                return Ok(None);
-            }
-            Ok(Some(self.drop.rows(self.delta()?, train)?))
-        })
+        dense_linear(x, w, b, || self.drop.apply(train, || self.delta()))
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {

@@ -127,6 +127,19 @@ impl LycorisDropout {
         train && self.module > 0.0 && unit(crate::rng::next_seed()) <= self.module
     }
 
+    /// This call's dW: `None` when module dropout skips the adapter, else dW with rows dropped
+    /// (the draws in this order, so every forward form repeats them).
+    pub fn apply(
+        &self,
+        train: bool,
+        dw: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Option<Tensor>> {
+        if self.skip(train) {
+            return Ok(None);
+        }
+        Ok(Some(self.rows(dw()?, train)?))
+    }
+
     /// dW with rows dropped (training only).
     pub fn rows(&self, dw: Tensor, train: bool) -> Result<Tensor> {
         if !(train && self.rank > 0.0) {
