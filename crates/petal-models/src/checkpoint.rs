@@ -36,6 +36,17 @@ impl Grads {
     pub fn get(&self, t: &Tensor) -> Option<&Tensor> {
         self.0.get(&t.id())
     }
+
+    /// Absorb `store` and return (without keeping) the gradient of the layer input `v`.
+    fn take_input(&mut self, mut store: GradStore, v: &Var) -> Result<Tensor> {
+        let g = store
+            .remove(v.as_tensor())
+            // the objective does not depend on the hidden states (cannot happen for a loss)
+            .ok_or_else(|| Error::msg("gradient checkpointing: no gradient reached a layer input"))?
+            .detach();
+        self.absorb(store)?;
+        Ok(g)
+    }
 }
 
 impl Llama {
@@ -76,18 +87,5 @@ impl Llama {
         }
         rng::restore(after);
         Ok((value, grads))
-    }
-}
-
-impl Grads {
-    /// Absorb `store` and return (without keeping) the gradient of the layer input `v`.
-    fn take_input(&mut self, mut store: GradStore, v: &Var) -> Result<Tensor> {
-        let g = store
-            .remove(v.as_tensor())
-            // the objective does not depend on the hidden states (cannot happen for a loss)
-            .ok_or_else(|| Error::msg("gradient checkpointing: no gradient reached a layer input"))?
-            .detach();
-        self.absorb(store)?;
-        Ok(g)
     }
 }

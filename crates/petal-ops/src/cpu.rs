@@ -15,6 +15,11 @@ pub fn fast_ok(t: &Tensor) -> bool {
     FAST.load(Ordering::Relaxed) && t.device().is_cpu() && t.dtype() == DType::F32
 }
 
+/// Whether a linear on input `x` with weight `w` can take a fused CPU f32 kernel.
+pub fn fast_linear_ok(x: &Tensor, w: &Tensor) -> bool {
+    fast_ok(x) && w.dtype() == DType::F32
+}
+
 pub(crate) fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let (a, b) = l.contiguous_offsets().ok_or_else(|| {
         candle_core::Error::Msg("petal-ops: kernel needs a contiguous input".into())

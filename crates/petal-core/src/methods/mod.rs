@@ -89,7 +89,7 @@ pub(crate) fn dense_linear(
     b: Option<&Tensor>,
     delta: impl FnOnce() -> Result<Option<Tensor>>,
 ) -> Option<Result<Tensor>> {
-    if !petal_ops::cpu::fast_ok(x) || w.dtype() != DType::F32 {
+    if !petal_ops::cpu::fast_linear_ok(x, w) {
         return None;
     }
     let run = || -> Result<Tensor> {
