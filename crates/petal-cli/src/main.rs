@@ -61,7 +61,28 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
-    let r: Result<()> = match cli.cmd {
+    if let Cmd::Bench(bench_cmd::BenchArgs {
+        threads: Some(t), ..
+    }) = &cli.cmd
+    {
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string()); // also for the PyTorch baseline
+    }
+    // The command itself runs on a worker of the compute pool: with N threads there are N busy
+    // threads, not N workers spinning for work next to a main thread doing the serial parts.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .stack_size(64 << 20)
+        .build()
+        .map_err(anyhow::Error::from);
+    let r = pool.and_then(|p| p.install(|| dispatch(cli.cmd)));
+    if let Err(e) = r {
+        let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        eprintln!("error: {}", chain.join(": "));
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(cmd: Cmd) -> Result<()> {
+    match cmd {
         Cmd::Train(a) => train_cmd::run(a),
         Cmd::Eval(a) => tools_cmd::run_eval(a),
         Cmd::Generate(a) => gen_cmd::run_generate(a),
@@ -71,10 +92,5 @@ fn main() {
         Cmd::Forward(a) => tools_cmd::run_forward(a),
         Cmd::Assets(a) => tools_cmd::run_assets(a),
         Cmd::Bench(a) => bench_cmd::run(a),
-    };
-    if let Err(e) = r {
-        let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-        eprintln!("error: {}", chain.join(": "));
-        std::process::exit(1);
     }
 }

@@ -20,6 +20,17 @@ fn norm(w: &Weights, path: &str, h: usize, dt: DType, dev: &Device) -> Result<Ad
     ))
 }
 
+/// The dtype activations (and norms, biases) are computed in for weights of dtype `dt`: on the
+/// CPU, bf16 weights run with f32 activations (their matmuls round the input to bf16 and
+/// accumulate in f32, as autocast does); elsewhere the weights' own dtype.
+pub fn act_dtype(dt: DType, dev: &Device) -> DType {
+    if dt == DType::BF16 && dev.is_cpu() {
+        DType::F32
+    } else {
+        dt
+    }
+}
+
 /// The one linear factory: weight (out, in) and optional bias from `w`, under HF path `path`.
 fn linear(
     w: &Weights,
@@ -34,7 +45,12 @@ fn linear(
     // present biases load whatever the config says (Llama's attention_bias also covers o_proj,
     // mlp_bias the MLP; a BitFit merge may add them)
     let b = if bias || w.contains(&format!("{path}.bias")) {
-        Some(w.get(&format!("{path}.bias"), Some(&[out]), dt, dev)?)
+        Some(w.get(
+            &format!("{path}.bias"),
+            Some(&[out]),
+            act_dtype(dt, dev),
+            dev,
+        )?)
     } else {
         None
     };
@@ -108,6 +124,8 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     dtype: DType,
+    /// activations' dtype (`act_dtype`)
+    act: DType,
     device: Device,
     /// An input-side adapter (prompt tuning): embeddings put in front of every sequence.
     input: Option<(String, Box<dyn InputAdapter>)>,
@@ -116,6 +134,7 @@ pub struct Llama {
 impl Llama {
     pub fn load(cfg: LlamaConfig, w: &Weights, dtype: DType, device: &Device) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let act = act_dtype(dtype, device);
         let (nq, nkv, inter) = (
             cfg.num_attention_heads * d,
             cfg.num_key_value_heads * d,
@@ -145,17 +164,11 @@ impl Llama {
                     up: lin("mlp.up_proj", inter, h, false)?,
                     down: lin("mlp.down_proj", h, inter, false)?,
                 },
-                ln1: norm(w, &format!("{p}.input_layernorm"), h, dtype, device)?,
-                ln2: norm(
-                    w,
-                    &format!("{p}.post_attention_layernorm"),
-                    h,
-                    dtype,
-                    device,
-                )?,
+                ln1: norm(w, &format!("{p}.input_layernorm"), h, act, device)?,
+                ln2: norm(w, &format!("{p}.post_attention_layernorm"), h, act, device)?,
             });
         }
-        let norm = norm(w, "model.norm", h, dtype, device)?;
+        let norm = norm(w, "model.norm", h, act, device)?;
         let lm_head = if cfg.tie_word_embeddings || !w.contains("lm_head.weight") {
             AdaptableLinear::new("lm_head", embed.clone(), None)
         } else {
@@ -172,6 +185,7 @@ impl Llama {
             cos,
             sin,
             dtype,
+            act,
             device: device.clone(),
             input: None,
         })
@@ -259,11 +273,11 @@ impl Llama {
     pub(crate) fn input_stage(&self, ids: &Tensor, offset: usize, train: bool) -> Result<Stage> {
         let (b, t) = ids.dims2()?;
         let h = self.cfg.hidden_size;
-        let mut x = self.embed.forward(ids, train)?.to_dtype(self.dtype)?;
+        let mut x = self.embed.forward(ids, train)?.to_dtype(self.act)?;
         debug_assert_eq!(x.dims(), &[b, t, h]);
         let input = self.input.as_ref().filter(|_| offset == 0).map(|(_, a)| a);
         if let Some(p) = input.map(|a| a.embeddings()).transpose()?.flatten() {
-            let p = p.to_dtype(self.dtype)?; // (n, h), at the start only
+            let p = p.to_dtype(self.act)?; // (n, h), at the start only
             let n = p.dim(0)?;
             let p = p.unsqueeze(0)?.broadcast_as((b, n, h))?.contiguous()?;
             x = Tensor::cat(&[&p, &x], 1)?;
@@ -324,7 +338,7 @@ impl Llama {
         let n = p.dim(0)?;
         let one = |slot: usize| -> Result<Tensor> {
             Ok(p.narrow(1, slot * nkv * d, nkv * d)?
-                .to_dtype(self.dtype)?
+                .to_dtype(self.act)?
                 .reshape((1, n, nkv, d))?
                 .transpose(1, 2)?
                 .broadcast_as((b, nkv, n, d))?

@@ -79,15 +79,12 @@ impl Flash {
             row[vis..].fill(0.0);
             let row = &mut row[..vis];
             match lse {
-                Some(l) => row.iter_mut().for_each(|x| *x = (*x - l[i]).exp()),
+                Some(l) => crate::vmath::exp_sub(row, l[i]),
                 None => {
-                    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut z = 0f32;
-                    row.iter_mut().for_each(|x| {
-                        *x = (*x - m).exp();
-                        z += *x;
-                    });
-                    row.iter_mut().for_each(|x| *x /= z);
+                    let m = crate::vmath::max(row);
+                    let z = crate::vmath::exp_sub_sum(row, m);
+                    let inv = 1.0 / z;
+                    row.iter_mut().for_each(|x| *x *= inv);
                     out_lse[i] = m + z.ln();
                 }
             }

@@ -20,6 +20,21 @@ pub fn fast_linear_ok(x: &Tensor, w: &Tensor) -> bool {
     fast_ok(x) && w.dtype() == DType::F32
 }
 
+/// Whether a linear on f32 input `x` with bf16 weight `w` can take the AVX512-BF16 kernel.
+pub fn fast_bf16_ok(x: &Tensor, w: &Tensor) -> bool {
+    fast_ok(x) && w.dtype() == DType::BF16 && crate::bf16::available()
+}
+
+/// The raw bits of a contiguous bf16 storage.
+pub(crate) fn bf16s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u16]> {
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg("petal-ops: kernel needs a contiguous weight".into())
+    })?;
+    let v = &s.as_slice::<half::bf16>()?[a..b];
+    // SAFETY: half::bf16 is a transparent wrapper of u16: same size, alignment and validity.
+    Ok(unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u16, v.len()) })
+}
+
 pub(crate) fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let (a, b) = l.contiguous_offsets().ok_or_else(|| {
         candle_core::Error::Msg("petal-ops: kernel needs a contiguous input".into())
@@ -34,9 +49,9 @@ pub(crate) fn last_dim(l: &Layout) -> usize {
 /// A row-major matrix view: element (i, j) at `i * rs + j * cs`.
 #[derive(Clone, Copy)]
 pub(crate) struct View<'a> {
-    x: &'a [f32],
-    rs: usize,
-    cs: usize,
+    pub x: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
 }
 
 pub(crate) fn rows(x: &[f32], width: usize) -> View<'_> {

@@ -3,6 +3,8 @@
 //! plain `x.matmul(&w.t())` would spend a full extra matmul (and its memory) on a gradient that
 //! nobody reads; this op never computes it.
 
+use crate::bf16::{mm_bf16, BView};
+use crate::cpu::{bf16s, f32s, fast_bf16_ok, last_dim, rows};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
@@ -78,12 +80,92 @@ impl CustomOp2 for FrozenLinear {
     }
 }
 
-/// `x (.., in) @ W^T (in, out) + b`, with no weight gradient ever computed.
+/// `x W^T` (`wt`) or `x W` for f32 `x` and a bf16 `W (out, in)` through the AVX512-BF16
+/// kernel (f32 accumulation); backward gives x's gradient through the other orientation.
+pub(crate) struct Bf16Linear {
+    pub wt: bool,
+}
+
+impl CustomOp2 for Bf16Linear {
+    fn name(&self) -> &'static str {
+        "petal-bf16-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows_w, cols_w) = wl.shape().dims2()?;
+        let (k, n) = if self.wt {
+            (cols_w, rows_w)
+        } else {
+            (rows_w, cols_w)
+        };
+        let x = f32s(xs, xl)?;
+        if last_dim(xl) != k {
+            candle_core::bail!(
+                "bf16 linear: input has {} features, weight expects {k}",
+                last_dim(xl)
+            )
+        }
+        let w = bf16s(ws, wl)?;
+        let m = x.len() / k.max(1);
+        let b = if self.wt {
+            BView {
+                x: w,
+                rs: 1,
+                cs: cols_w,
+            }
+        } else {
+            BView {
+                x: w,
+                rs: cols_w,
+                cs: 1,
+            }
+        };
+        let mut y = vec![0f32; m * n];
+        mm_bf16(m, n, k, &mut y, false, 1.0, rows(x, k), b, true);
+        let mut dims = xl.shape().dims().to_vec();
+        if let Some(l) = dims.last_mut() {
+            *l = n;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = grad
+            .contiguous()?
+            .apply_op2(w, Bf16Linear { wt: !self.wt })?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// `x (.., in) @ W^T (in, out) + b`, with no weight gradient ever computed. An f32 input on a
+/// bf16 weight takes the AVX512-BF16 kernel where the CPU has it, else is rounded to bf16 for
+/// candle's matmul; the output keeps x's dtype.
 pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let x = x.contiguous()?;
-    let y = x.apply_op2(w, FrozenLinear)?; // records a backward only when x tracks one
+    // records a backward only when x tracks one
+    let y = if fast_bf16_ok(&x, w) {
+        x.apply_op2(w, Bf16Linear { wt: true })?
+    } else if x.dtype() != w.dtype() {
+        x.to_dtype(w.dtype())?
+            .apply_op2(w, FrozenLinear)?
+            .to_dtype(x.dtype())?
+    } else {
+        x.apply_op2(w, FrozenLinear)?
+    };
     match b {
-        Some(b) => y.broadcast_add(b),
+        Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
         None => Ok(y),
     }
 }
@@ -120,6 +202,35 @@ mod tests {
             .unwrap();
         assert!(d.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-4);
         assert!(g1.get(&w).is_none(), "frozen weight must get no gradient");
+    }
+
+    #[test]
+    fn frozen_linear_on_a_bf16_weight_equals_the_bf16_rounded_f32_product_and_its_input_gradient() {
+        if !crate::bf16::available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let round = |t: &Tensor| {
+            t.to_dtype(candle_core::DType::BF16)
+                .unwrap()
+                .to_dtype(candle_core::DType::F32)
+                .unwrap()
+        };
+        let x = Var::from_tensor(&rand(&[2, 9, 70], 1)).unwrap();
+        let w = rand(&[33, 70], 2)
+            .to_dtype(candle_core::DType::BF16)
+            .unwrap();
+        let r = rand(&[2, 9, 33], 3); // loss = sum(y * r): dL/dy = r
+        let y = frozen_linear(x.as_tensor(), &w, None).unwrap();
+        assert_eq!(y.dtype(), candle_core::DType::F32);
+        let wf = round(&w);
+        let want = round(x.as_tensor())
+            .broadcast_matmul(&wf.t().unwrap())
+            .unwrap();
+        assert!(crate::testing::max_rel(&y, &want) < 1e-5);
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let want = round(&r).broadcast_matmul(&wf).unwrap();
+        assert!(crate::testing::max_rel(g.get(&x).unwrap(), &want) < 1e-5);
     }
 
     #[test]

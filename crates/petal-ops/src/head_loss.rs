@@ -4,8 +4,10 @@
 //! gradient. Backward only scales the stored dh by the upstream gradient of each row's loss.
 //! Replaces: an (n, V) logits buffer, ~6 composed passes over it forward and ~8 backward.
 
-use crate::cpu::{cols, f32s, fast_ok, last_dim, mm, rows};
+use crate::bf16::{mm_bf16_packed, BView, PackedB};
+use crate::cpu::{bf16s, cols, f32s, fast_bf16_ok, fast_linear_ok, last_dim, mm, rows};
 use crate::loss::{masked_cross_entropy, IGNORE_INDEX};
+use crate::vmath;
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -17,6 +19,12 @@ struct HeadLoss {
     labels: Vec<i64>,
     need_grad: bool,
     dh: Mutex<Option<Tensor>>,
+}
+
+/// The head weight as the kernels read it.
+enum Head<'a> {
+    F32(&'a [f32]),
+    Bf16(PackedB, Option<PackedB>),
 }
 
 impl CustomOp1 for HeadLoss {
@@ -33,7 +41,18 @@ impl CustomOp1 for HeadLoss {
         let Storage::Cpu(wc) = &*ws else {
             candle_core::bail!("head loss: the CPU kernel got a weight on another device")
         };
-        let w = f32s(wc, wl)?;
+        // a bf16 head is packed once for both products (logits: W^T; input gradient: W)
+        let w = match wc {
+            CpuStorage::BF16(_) => {
+                let b = bf16s(wc, wl)?;
+                let fwd = PackedB::new(d, v, BView { x: b, rs: 1, cs: d }, true);
+                let bwd = self
+                    .need_grad
+                    .then(|| PackedB::new(v, d, BView { x: b, rs: d, cs: 1 }, true));
+                Head::Bf16(fwd, bwd)
+            }
+            _ => Head::F32(f32s(wc, wl)?),
+        };
         let mut loss = vec![0f32; n];
         let mut dh = if self.need_grad {
             vec![0f32; n * d]
@@ -45,17 +64,11 @@ impl CustomOp1 for HeadLoss {
         for a in (0..n).step_by(CHUNK) {
             let b = (a + CHUNK).min(n);
             let z = &mut z[..(b - a) * v];
-            mm(
-                b - a,
-                v,
-                d,
-                z,
-                false,
-                1.0,
-                rows(&h[a * d..b * d], d),
-                cols(w, d),
-                true,
-            );
+            let hc = rows(&h[a * d..b * d], d);
+            match &w {
+                Head::F32(w) => mm(b - a, v, d, z, false, 1.0, hc, cols(w, d), true),
+                Head::Bf16(fwd, _) => mm_bf16_packed(b - a, z, false, 1.0, hc, fwd, true),
+            }
             let labels = &self.labels[a..b];
             z.par_chunks_mut(v)
                 .zip(loss[a..b].par_iter_mut())
@@ -65,18 +78,23 @@ impl CustomOp1 for HeadLoss {
                         row.iter_mut().for_each(|x| *x = 0.0);
                         return;
                     }
-                    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let sum: f32 = row.iter().map(|x| (x - m).exp()).sum();
-                    let lse = m + sum.ln();
-                    *lo = lse - row[y as usize];
-                    for x in row.iter_mut() {
-                        *x = (*x - lse).exp(); // softmax
-                    }
+                    let m = vmath::max(row);
+                    let picked = row[y as usize];
+                    let sum = vmath::exp_sub_sum(row, m); // one exp pass
+                    *lo = m + sum.ln() - picked;
+                    let inv = 1.0 / sum;
+                    row.iter_mut().for_each(|x| *x *= inv); // softmax
                     row[y as usize] -= 1.0;
                 });
             if self.need_grad {
                 let dhc = &mut dh[a * d..b * d];
-                mm(b - a, d, v, dhc, false, 1.0, rows(z, v), rows(w, d), true);
+                match &w {
+                    Head::F32(w) => mm(b - a, d, v, dhc, false, 1.0, rows(z, v), rows(w, d), true),
+                    Head::Bf16(_, Some(bwd)) => {
+                        mm_bf16_packed(b - a, dhc, false, 1.0, rows(z, v), bwd, true)
+                    }
+                    Head::Bf16(_, None) => unreachable!("packed when the gradient is needed"),
+                }
             }
         }
         if self.need_grad {
@@ -105,7 +123,7 @@ impl CustomOp1 for HeadLoss {
 /// skipped), and the number of scored rows. Fused on CPU f32; `W` must be frozen.
 pub fn head_cross_entropy(h: &Tensor, w: &Tensor, labels: &[i64]) -> Result<(Tensor, usize)> {
     let count = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
-    if !fast_ok(h) || w.dtype() != h.dtype() {
+    if !(fast_linear_ok(h, w) || fast_bf16_ok(h, w)) {
         let logits = crate::frozen_linear(h, w, None)?;
         let lab = Tensor::from_slice(labels, labels.len(), h.device())?;
         return masked_cross_entropy(&logits, &lab);
@@ -146,5 +164,40 @@ mod tests {
                     .0
             },
         );
+    }
+
+    #[test]
+    fn fused_head_loss_on_a_bf16_head_matches_rounded_logits_then_cross_entropy() {
+        if !crate::bf16::available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let bf = candle_core::DType::BF16;
+        let w = rand(&[300, 40], 3).to_dtype(bf).unwrap();
+        let wf = w.to_dtype(candle_core::DType::F32).unwrap();
+        let labels: Vec<i64> = (0..260).map(|i| (i * 7 % 300) as i64).collect();
+        let lab = Tensor::from_slice(&labels, 260, &Device::Cpu).unwrap();
+        let x = candle_core::Var::from_tensor(&rand(&[260, 40], 4)).unwrap();
+        let (fast, _) = head_cross_entropy(x.as_tensor(), &w, &labels).unwrap();
+        let xr = x
+            .as_tensor()
+            .to_dtype(bf)
+            .unwrap()
+            .to_dtype(wf.dtype())
+            .unwrap();
+        let (slow, _) = masked_cross_entropy(&xr.matmul(&wf.t().unwrap()).unwrap(), &lab).unwrap();
+        let rel = crate::testing::max_rel(&fast, &slow);
+        assert!(rel < 1e-5, "loss differs: {rel}");
+        // d loss / dh = (softmax - onehot) W, with the softmax rounded to bf16 on its way in
+        let g = fast.backward().unwrap();
+        let x2 = candle_core::Var::from_tensor(&xr).unwrap();
+        let logits = x2.as_tensor().matmul(&wf.t().unwrap()).unwrap();
+        let g2 = masked_cross_entropy(&logits, &lab)
+            .unwrap()
+            .0
+            .backward()
+            .unwrap();
+        let rel = crate::testing::max_rel(g.get(&x).unwrap(), g2.get(&x2).unwrap());
+        assert!(rel < 1e-2, "gradient differs: {rel}");
     }
 }

@@ -138,16 +138,17 @@ impl CustomOp1 for Softmax {
                 .causal
                 .map(|(t, off)| (r % t + off + 1).min(d))
                 .unwrap_or(d);
-            let m = x[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut z = 0f32;
-            for (y, x) in y[..n].iter_mut().zip(x) {
-                *y = if m == f32::NEG_INFINITY {
-                    0.0
-                } else {
-                    ((x - m) * self.scale).exp()
-                };
-                z += *y;
-            }
+            let m = crate::vmath::max(&x[..n]);
+            let z = if m == f32::NEG_INFINITY {
+                y[..n].iter_mut().for_each(|v| *v = 0.0);
+                0.0
+            } else {
+                // exp(scale (x - m)) = exp(scale x - scale m)
+                for (y, x) in y[..n].iter_mut().zip(x) {
+                    *y = x * self.scale;
+                }
+                crate::vmath::exp_sub_sum(&mut y[..n], m * self.scale)
+            };
             let inv = if z > 0.0 { 1.0 / z } else { 0.0 };
             y[..n].iter_mut().for_each(|v| *v *= inv);
         })
@@ -216,10 +217,6 @@ pub fn causal_softmax(scores: &Tensor, scale: f64, t: usize, offset: usize) -> R
 
 // ---------------------------------------------------------------- SwiGLU: silu(g) * u
 
-fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + (-v).exp())
-}
-
 struct SwiGlu;
 
 impl CustomOp2 for SwiGlu {
@@ -234,8 +231,9 @@ impl CustomOp2 for SwiGlu {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         map_rows2(s1, l1, s2, l2, |g, u, y| {
+            crate::vmath::sigmoid(g, y);
             for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                *y = g * sigmoid(*g) * u;
+                *y *= g * u;
             }
         })
     }
@@ -279,9 +277,10 @@ impl CustomOp2 for SwiGluBwd {
             .enumerate()
             .for_each(|(c, (dg, du))| {
                 let o = c * 4096;
-                for i in 0..dg.len() {
-                    let (gv, uv, d) = (g[o + i], u[o + i], dy[o + i]);
-                    let s = sigmoid(gv);
+                let n = dg.len();
+                crate::vmath::sigmoid(&g[o..o + n], du); // du holds s(g) first
+                for i in 0..n {
+                    let (gv, uv, d, s) = (g[o + i], u[o + i], dy[o + i], du[i]);
                     dg[i] = d * uv * s * (1.0 + gv * (1.0 - s));
                     du[i] = d * gv * s;
                 }

@@ -7,6 +7,7 @@
 //! `frozen_linear.rs`), tested against each other. `set_fast(false)` selects the references.
 
 pub mod attention;
+pub mod bf16;
 pub mod cpu;
 pub mod frozen_linear;
 pub mod head_loss;
@@ -20,6 +21,7 @@ pub mod pair_rotate;
 pub mod scale;
 #[doc(hidden)]
 pub mod testing;
+pub mod vmath;
 
 pub use attention::causal_attention;
 pub use cpu::set_fast;

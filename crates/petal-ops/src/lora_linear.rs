@@ -3,9 +3,11 @@
 //! and one graph node holding x, h and B. Backward: dx = g W (only when x needs it),
 //! dh = s g B, dB = s g^T h; W is frozen and gets no gradient.
 
-use crate::cpu::fast_ok;
+use crate::bf16::{mm_bf16, BView};
+use crate::cpu::{bf16s, f32s, fast_bf16_ok, fast_linear_ok, rows};
+use crate::frozen_linear::Bf16Linear;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
 struct LoraLinear {
     w: Tensor,           // (out, in), frozen
@@ -36,7 +38,20 @@ impl CustomOp3 for LoraLinear {
             candle_core::bail!("petal-lora-linear: cpu only")
         };
         let x2 = Layout::contiguous_with_offset((n, inp), xl.start_offset());
-        let base = xs.matmul(ws, (1, n, out, inp), &x2, &wl.transpose(0, 1)?)?;
+        let base = match ws {
+            CpuStorage::BF16(_) => {
+                let x = f32s(xs, &x2)?;
+                let mut y = vec![0f32; n * out];
+                let w = BView {
+                    x: bf16s(ws, &wl)?,
+                    rs: 1,
+                    cs: inp,
+                };
+                mm_bf16(n, out, inp, &mut y, false, 1.0, rows(x, inp), w, true);
+                CpuStorage::F32(y)
+            }
+            _ => xs.matmul(ws, (1, n, out, inp), &x2, &wl.transpose(0, 1)?)?,
+        };
         let h2 = Layout::contiguous_with_offset((n, r), hl.start_offset());
         let low = hs.matmul(bs, (1, n, out, r), &h2, &bl.transpose(0, 1)?)?;
         let (CpuStorage::F32(mut y), CpuStorage::F32(d)) = (base, low) else {
@@ -75,7 +90,12 @@ impl CustomOp3 for LoraLinear {
         let (h, b) = (h.detach(), b.detach());
         let g2 = g.detach().contiguous()?.reshape((n, out))?;
         let dx = if x.track_op() {
-            Some(g2.matmul(&self.w)?.reshape(x.shape())?)
+            let dx = if self.w.dtype() == DType::BF16 {
+                g2.apply_op2(&self.w, Bf16Linear { wt: false })?
+            } else {
+                g2.matmul(&self.w)?
+            };
+            Some(dx.reshape(x.shape())?)
         } else {
             None
         };
@@ -94,12 +114,14 @@ pub fn lora_linear(
     b: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
-    if !fast_ok(x) || w.dtype() != x.dtype() {
+    if !(fast_linear_ok(x, w) || fast_bf16_ok(x, w)) {
         return lora_linear_reference(x, w, bias, h, b, scale);
     }
     let op = LoraLinear {
         w: w.clone(),
-        b: bias.map(|t| t.to_vec1()).transpose()?,
+        b: bias
+            .map(|t| t.to_dtype(DType::F32)?.to_vec1())
+            .transpose()?,
         scale,
     };
     x.contiguous()?.apply_op3(&h.contiguous()?, b, op)
@@ -135,6 +157,21 @@ mod tests {
             &[rand(&[2, 3, 5], 3), rand(&[2, 3, 4], 4), rand(&[7, 4], 5)],
             |t| lora_linear(&t[0], &w, Some(&bias), &t[1], &t[2], 1.25).unwrap(),
             |t| lora_linear_reference(&t[0], &w, Some(&bias), &t[1], &t[2], 1.25).unwrap(),
+        );
+    }
+
+    #[test]
+    fn fused_lora_linear_on_a_bf16_weight_matches_the_composed_mixed_precision_form() {
+        if !crate::bf16::available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let w = rand(&[40, 37], 1).to_dtype(DType::BF16).unwrap();
+        let bias = rand(&[40], 2);
+        same(
+            &[rand(&[2, 3, 37], 3), rand(&[2, 3, 4], 4), rand(&[40, 4], 5)],
+            |t| lora_linear(&t[0], &w, Some(&bias), &t[1], &t[2], 0.5).unwrap(),
+            |t| lora_linear_reference(&t[0], &w, Some(&bias), &t[1], &t[2], 0.5).unwrap(),
         );
     }
 }

@@ -1,0 +1,442 @@
+//! bf16 matrix multiply with f32 accumulation on AVX512-BF16 (`vdpbf16ps`): the fast path of
+//! the bf16 base weights. `c (m, n) = [c +] alpha a (m, k) b (k, n)` with `a` in f32 (rounded to
+//! bf16, nearest-even, as it is packed) and `b` in bf16. Each `vdpbf16ps` lane multiplies a
+//! pair of bf16 values of `a` (k = 2p, 2p + 1) with the same pair of `b` and adds both products
+//! to an f32 accumulator, so both operands are packed as k-pairs in 32-bit words: `a` row by
+//! row (`[r][p]`, the microkernel broadcasts one word per row), `b` in panels of `NR` columns
+//! (`[p][j]`, one 48-wide row of words per pair). The microkernel holds an `MR x NR` tile of c
+//! in 24 zmm registers; k is cut in blocks of `KC` pairs (both panels stay in L1) and n in
+//! blocks that fit L2; row panels are spread over rayon's threads.
+//! `mm_bf16_reference` is the readable twin (bf16-rounded inputs, f64 sums).
+
+use crate::cpu::View;
+use rayon::prelude::*;
+
+const MR: usize = 8;
+const NR: usize = 48;
+/// k-pairs per block: an A panel (8 x 128 words) and a B panel (128 x 48 words) fit L1.
+const KC: usize = 128;
+/// Bytes of packed B one column block may take (kept in L2 while every row panel uses it).
+const NC_BYTES: usize = 512 * 1024;
+
+/// Whether this CPU runs the kernel (x86-64 with AVX512F and AVX512-BF16).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A bf16 matrix view (raw bits): element (i, j) at `i * rs + j * cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct BView<'a> {
+    pub x: &'a [u16],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl BView<'_> {
+    fn at(&self, i: usize, j: usize) -> u16 {
+        self.x[i * self.rs + j * self.cs]
+    }
+}
+
+/// The bits of `x` rounded to bf16 (nearest, ties to even; NaN stays NaN).
+pub fn to_bf16(x: f32) -> u16 {
+    half::bf16::from_f32(x).to_bits()
+}
+
+pub fn from_bf16(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// `b (k, n)` packed once: k-blocks of `KC` pairs, each a run of `NR`-column panels `[p][j]`.
+pub(crate) struct PackedB {
+    k: usize,
+    n: usize,
+    words: Vec<u32>,
+}
+
+impl PackedB {
+    pub fn new(k: usize, n: usize, b: BView, par: bool) -> PackedB {
+        let kp = k.div_ceil(2);
+        let np = n.div_ceil(NR);
+        let mut words = vec![0u32; kp * np * NR];
+        let per_block = KC * np * NR;
+        let fill = |(blk, dst): (usize, &mut [u32])| {
+            let p0 = blk * KC;
+            let kcp = KC.min(kp - p0);
+            for (jp, panel) in dst.chunks_mut(kcp * NR).enumerate() {
+                pack_b_panel(b, k, n, p0, kcp, jp * NR, panel);
+            }
+        };
+        if par {
+            words.par_chunks_mut(per_block).enumerate().for_each(fill);
+        } else {
+            words.chunks_mut(per_block).enumerate().for_each(fill);
+        }
+        PackedB { k, n, words }
+    }
+
+    /// The panel of k-block `blk` (starting at pair `p0`, `kcp` pairs), column panel `jp`.
+    fn panel(&self, p0: usize, kcp: usize, jp: usize) -> &[u32] {
+        let np = self.n.div_ceil(NR);
+        let at = p0 * np * NR + jp * kcp * NR;
+        &self.words[at..at + kcp * NR]
+    }
+}
+
+fn pair(lo: u16, hi: u16) -> u32 {
+    lo as u32 | (hi as u32) << 16
+}
+
+fn pack_b_panel(b: BView, k: usize, n: usize, p0: usize, kcp: usize, j0: usize, dst: &mut [u32]) {
+    let cols = NR.min(n - j0);
+    for p in 0..kcp {
+        let k0 = 2 * (p0 + p);
+        let row = &mut dst[p * NR..p * NR + cols];
+        for (jj, w) in row.iter_mut().enumerate() {
+            let hi = if k0 + 1 < k { b.at(k0 + 1, j0 + jj) } else { 0 };
+            *w = pair(b.at(k0, j0 + jj), hi);
+        }
+    }
+}
+
+/// Rows `i0..i0 + MR` of `a`, pairs `p0..p0 + kcp`, as bf16 pairs `[r][p]` (zero past m, k).
+fn pack_a_panel(a: View, m: usize, k: usize, i0: usize, p0: usize, kcp: usize, dst: &mut [u32]) {
+    for (r, row) in dst.chunks_mut(kcp).enumerate() {
+        let i = i0 + r;
+        if i >= m {
+            row.iter_mut().for_each(|w| *w = 0);
+            continue;
+        }
+        let k0 = 2 * p0;
+        let full = (2 * kcp).min(k - k0); // values present in this block
+        if a.cs == 1 {
+            let src = &a.x[i * a.rs + k0..i * a.rs + k0 + full];
+            cvt_row(src, row);
+        } else {
+            for (p, w) in row.iter_mut().enumerate() {
+                let at = |q: usize| {
+                    let kk = k0 + 2 * p + q;
+                    if kk < k {
+                        to_bf16(a.x[i * a.rs + kk * a.cs])
+                    } else {
+                        0
+                    }
+                };
+                *w = pair(at(0), at(1));
+            }
+        }
+    }
+}
+
+/// Contiguous f32 values to bf16 pairs (the last pair padded with zero).
+fn cvt_row(src: &[f32], dst: &mut [u32]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the CPU has AVX512F and AVX512-BF16 (checked above).
+        done = unsafe { x86::cvt_row(src, dst) };
+    }
+    for p in done..dst.len() {
+        let lo = src.get(2 * p).map_or(0, |&x| to_bf16(x));
+        let hi = src.get(2 * p + 1).map_or(0, |&x| to_bf16(x));
+        dst[p] = pair(lo, hi);
+    }
+}
+
+/// `c (m, n, row-major) = [c +] alpha a (m, k) b (k, n)`, b packed by `PackedB::new`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mm_bf16_packed(
+    m: usize,
+    c: &mut [f32],
+    acc: bool,
+    alpha: f32,
+    a: View,
+    b: &PackedB,
+    par: bool,
+) {
+    let (k, n) = (b.k, b.n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(c.len() >= m * n, "bf16 matmul: output too small");
+    if k > 0 {
+        let last = (m - 1) * a.rs + (k - 1) * a.cs;
+        assert!(last < a.x.len(), "bf16 matmul: input too small");
+    }
+    let c = &mut c[..m * n];
+    let kp = k.div_ceil(2);
+    if kp == 0 {
+        if !acc {
+            c.iter_mut().for_each(|x| *x = 0.0);
+        }
+        return;
+    }
+    let panels = m.div_ceil(MR);
+    let np = n.div_ceil(NR);
+    let mut apack = vec![0u32; panels * MR * KC.min(kp)];
+    for p0 in (0..kp).step_by(KC) {
+        let kcp = KC.min(kp - p0);
+        let ap = &mut apack[..panels * MR * kcp];
+        let pack = |(ip, dst): (usize, &mut [u32])| pack_a_panel(a, m, k, ip * MR, p0, kcp, dst);
+        if par {
+            ap.par_chunks_mut(MR * kcp).enumerate().for_each(pack);
+        } else {
+            ap.chunks_mut(MR * kcp).enumerate().for_each(pack);
+        }
+        let ap = &*ap;
+        let add = acc || p0 > 0; // each k-block adds alpha times its part
+        let jc = (NC_BYTES / (kcp * 4 * NR)).max(1); // column panels per L2 block
+        for jp0 in (0..np).step_by(jc) {
+            let jp1 = (jp0 + jc).min(np);
+            let tile = |(ip, crows): (usize, &mut [f32])| {
+                let rows = crows.len() / n;
+                let a_panel = &ap[ip * MR * kcp..(ip + 1) * MR * kcp];
+                for jp in jp0..jp1 {
+                    let j0 = jp * NR;
+                    let cols = NR.min(n - j0);
+                    micro(
+                        kcp,
+                        a_panel,
+                        b.panel(p0, kcp, jp),
+                        &mut crows[j0..],
+                        n,
+                        add,
+                        alpha,
+                        rows,
+                        cols,
+                    );
+                }
+            };
+            if par {
+                c.par_chunks_mut(MR * n).enumerate().for_each(tile);
+            } else {
+                c.chunks_mut(MR * n).enumerate().for_each(tile);
+            }
+        }
+    }
+}
+
+/// `c = [c +] alpha a b` with b in bf16, packed here.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mm_bf16(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    acc: bool,
+    alpha: f32,
+    a: View,
+    b: BView,
+    par: bool,
+) {
+    if k > 0 && n > 0 {
+        let last = (k - 1) * b.rs + (n - 1) * b.cs;
+        assert!(last < b.x.len(), "bf16 matmul: weight too small");
+    }
+    let packed = PackedB::new(k, n, b, par);
+    mm_bf16_packed(m, c, acc, alpha, a, &packed, par);
+}
+
+/// One `MR x NR` tile (only `rows x cols` of it stored): `c = [c +] scale a_panel b_panel`.
+#[allow(clippy::too_many_arguments)]
+fn micro(
+    kcp: usize,
+    a: &[u32],
+    b: &[u32],
+    c: &mut [f32],
+    ldc: usize,
+    add: bool,
+    scale: f32,
+    rows: usize,
+    cols: usize,
+) {
+    assert!(a.len() >= MR * kcp && b.len() >= NR * kcp);
+    assert!(rows <= MR && cols <= NR && (rows == 0 || c.len() >= (rows - 1) * ldc + cols));
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the CPU has the features (checked); the asserts above bound every access.
+        unsafe { x86::micro(kcp, a, b, c, ldc, add, scale, rows, cols) };
+        return;
+    }
+    for r in 0..rows {
+        for j in 0..cols {
+            let mut s = 0f32;
+            for p in 0..kcp {
+                let (x, y) = (a[r * kcp + p], b[p * NR + j]);
+                s += from_bf16(x as u16) * from_bf16(y as u16)
+                    + from_bf16((x >> 16) as u16) * from_bf16((y >> 16) as u16);
+            }
+            let o = &mut c[r * ldc + j];
+            *o = if add { *o + s * scale } else { s * scale };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    /// Converts the leading whole 32-value chunks; returns the pairs written.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn cvt_row(src: &[f32], dst: &mut [u32]) -> usize {
+        let chunks = (src.len() / 32).min(dst.len() / 16);
+        for i in 0..chunks {
+            let lo = _mm512_loadu_ps(src.as_ptr().add(32 * i));
+            let hi = _mm512_loadu_ps(src.as_ptr().add(32 * i + 16));
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(dst.as_mut_ptr().add(16 * i) as *mut _, v);
+        }
+        chunks * 16
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn micro(
+        kcp: usize,
+        a: &[u32],
+        b: &[u32],
+        c: &mut [f32],
+        ldc: usize,
+        add: bool,
+        scale: f32,
+        rows: usize,
+        cols: usize,
+    ) {
+        let mut s = [[_mm512_setzero_ps(); 3]; MR];
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        for p in 0..kcp {
+            let q = bp.add(p * NR);
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(q as *const _));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(q.add(16) as *const _));
+            let b2: __m512bh = std::mem::transmute(_mm512_loadu_si512(q.add(32) as *const _));
+            for (r, acc) in s.iter_mut().enumerate() {
+                let w = *ap.add(r * kcp + p) as i32;
+                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(w));
+                acc[0] = _mm512_dpbf16_ps(acc[0], x, b0);
+                acc[1] = _mm512_dpbf16_ps(acc[1], x, b1);
+                acc[2] = _mm512_dpbf16_ps(acc[2], x, b2);
+            }
+        }
+        let sv = _mm512_set1_ps(scale);
+        for (r, acc) in s.iter().enumerate() {
+            if r >= rows {
+                break;
+            }
+            for (v, t) in acc.iter().enumerate() {
+                let j = v * 16;
+                if j >= cols {
+                    break;
+                }
+                let mask: __mmask16 = if cols - j >= 16 {
+                    0xffff
+                } else {
+                    (1u16 << (cols - j)) - 1
+                };
+                let cp = c.as_mut_ptr().add(r * ldc + j);
+                let x = if add {
+                    _mm512_fmadd_ps(*t, sv, _mm512_maskz_loadu_ps(mask, cp))
+                } else {
+                    _mm512_mul_ps(*t, sv)
+                };
+                _mm512_mask_storeu_ps(cp, mask, x);
+            }
+        }
+    }
+}
+
+/// The readable twin: inputs rounded to bf16, products summed in f64.
+pub fn mm_bf16_reference(a: &[f32], b_bits: &[u16], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let mut c = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let s: f64 = (0..k)
+                .map(|q| {
+                    from_bf16(to_bf16(a[i * k + q])) as f64 * from_bf16(b_bits[q * n + j]) as f64
+                })
+                .sum();
+            c[i * n + j] = s as f32;
+        }
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::{cols, rows};
+
+    fn data(len: usize, seed: u64) -> Vec<f32> {
+        crate::testing::rand(&[len], seed).to_vec1().unwrap()
+    }
+
+    fn check(m: usize, n: usize, k: usize, acc: bool, alpha: f32, transposed_b: bool, par: bool) {
+        let a = data(m * k, 1);
+        let b: Vec<u16> = data(k * n, 2).into_iter().map(to_bf16).collect();
+        let c0 = data(m * n, 3);
+        let want: Vec<f32> = mm_bf16_reference(&a, &b, m, n, k)
+            .iter()
+            .zip(&c0)
+            .map(|(p, c)| if acc { c + p * alpha } else { p * alpha })
+            .collect();
+        // the same b (k, n), stored as given or as its transpose (n, k)
+        let bt: Vec<u16> = (0..n * k).map(|t| b[(t % k) * n + t / k]).collect();
+        let bv = if transposed_b {
+            BView {
+                x: &bt,
+                rs: 1,
+                cs: k,
+            }
+        } else {
+            BView {
+                x: &b,
+                rs: n,
+                cs: 1,
+            }
+        };
+        let mut c = c0.clone();
+        mm_bf16(m, n, k, &mut c, acc, alpha, rows(&a, k), bv, par);
+        for (i, (g, w)) in c.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * (1.0 + w.abs()) * (k as f32).sqrt(),
+                "({m},{n},{k}) at {i}: {g} vs {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn bf16_matmul_equals_the_rounded_f64_reference_on_ragged_shapes() {
+        // odd k, k past one block, m and n not multiples of the tile, both layouts of b
+        check(13, 50, 7, false, 1.0, false, false);
+        check(9, 97, 301, true, 1.0, true, true);
+        check(17, 48, 256, false, 0.5, true, true);
+        check(1, 3, 1, true, 2.0, false, false);
+    }
+
+    #[test]
+    fn bf16_matmul_reads_a_transposed_input_view() {
+        let (m, n, k) = (5, 19, 11);
+        let a = data(m * k, 4); // (m, k)
+        let at: Vec<f32> = (0..k * m).map(|t| a[(t % m) * k + t / m]).collect(); // (k, m)
+        let b: Vec<u16> = data(k * n, 5).into_iter().map(to_bf16).collect();
+        let mut c = vec![0f32; m * n];
+        let bv = BView {
+            x: &b,
+            rs: n,
+            cs: 1,
+        };
+        mm_bf16(m, n, k, &mut c, false, 1.0, cols(&at, m), bv, false);
+        let want = mm_bf16_reference(&a, &b, m, n, k);
+        for (g, w) in c.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-4, "{g} vs {w}");
+        }
+    }
+}
