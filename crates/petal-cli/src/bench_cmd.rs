@@ -424,50 +424,62 @@ pub fn run(a: BenchArgs) -> Result<()> {
         _ => (a.batch * a.seq) as f64,
     };
     let flops = flops_per_token(&petal.model, a.seq, a.mode == "train");
-    let mut torch = if a.vs_pytorch {
-        start_torch(&a, &wl)?
-    } else {
-        None
-    };
+    // PyTorch runs in f32; with petal in bf16 also under its own bf16 autocast
+    let mut torches: Vec<(&str, Torch)> = Vec::new();
+    if a.vs_pytorch {
+        let mut base = wl.clone();
+        base["dtype"] = json!("f32");
+        if let Some(t) = start_torch(&a, &base)? {
+            torches.push(("pytorch", t));
+            if a.dtype == "bf16" {
+                base["autocast_bf16"] = json!(true);
+                let t = start_torch(&a, &base)?.context("PyTorch autocast baseline")?;
+                torches.push(("pytorch_autocast", t));
+            }
+        }
+    }
     petal.step(&a)?; // warm-up
-    let (mut ps, mut ts) = (Vec::new(), Vec::new());
-    let bar = indicatif::ProgressBar::new(
-        (a.rounds * a.steps * if torch.is_some() { 2 } else { 1 }) as u64,
-    );
+    let mut ps = Vec::new();
+    let mut ts: Vec<Vec<Value>> = vec![Vec::new(); torches.len()];
+    let bar = indicatif::ProgressBar::new((a.rounds * a.steps * (1 + torches.len())) as u64);
     for _ in 0..a.rounds {
         for _ in 0..a.steps {
             ps.push(petal.step(&a)?);
             bar.inc(1);
         }
-        if let Some(t) = torch.as_mut() {
-            ts.extend(t.round(a.steps)?);
+        for ((_, t), out) in torches.iter_mut().zip(ts.iter_mut()) {
+            out.extend(t.round(a.steps)?);
             bar.inc(a.steps as u64);
         }
     }
     bar.finish_and_clear();
-    if let Some(mut t) = torch {
+    for (_, t) in torches.iter_mut() {
         let _ = writeln!(t.child.stdin.as_mut().context("stdin")?, "quit");
         let _ = t.child.wait();
     }
     let mut pv = summarize(&ps, tokens, flops);
     pv["peak_rss_mb"] = json!(peak_rss_mb());
-    let tv = (!ts.is_empty()).then(|| {
-        let mut v = summarize(&ts, tokens, flops);
-        v["peak_rss_mb"] = json!(ts
+    let mut result = json!({
+        "workload": a.workload, "mode": a.mode, "method": a.method, "batch": a.batch, "seq": a.seq, "dtype": a.dtype,
+        "threads": wl["threads"], "matmul_peak_gflops": {"f32": peak32, "bf16": peak16},
+        "mflop_per_token": flops / 1e6, "petal": pv, "pytorch": null, "ratio": null,
+    });
+    let ratio = |p: &Value, t: &Value, k: &str| {
+        p[k].as_f64().unwrap_or(0.0) / t[k].as_f64().unwrap_or(1.0)
+    };
+    for ((name, _), steps) in torches.iter().zip(&ts) {
+        let mut v = summarize(steps, tokens, flops);
+        v["peak_rss_mb"] = json!(steps
             .iter()
             .filter_map(|s| s["peak_rss_mb"].as_f64())
             .fold(0.0, f64::max));
-        v
-    });
-    let result = json!({
-        "workload": a.workload, "mode": a.mode, "method": a.method, "batch": a.batch, "seq": a.seq, "dtype": a.dtype,
-        "threads": wl["threads"], "matmul_peak_gflops": {"f32": peak32, "bf16": peak16},
-        "mflop_per_token": flops / 1e6, "petal": pv, "pytorch": tv,
-        "ratio": tv.as_ref().map(|t| json!({
-            "tokens_per_s": pv["tokens_per_s"].as_f64().unwrap_or(0.0) / t["tokens_per_s"].as_f64().unwrap_or(1.0),
-            "peak_rss": pv["peak_rss_mb"].as_f64().unwrap_or(0.0) / t["peak_rss_mb"].as_f64().unwrap_or(1.0),
-        })),
-    });
+        let key = if *name == "pytorch" { "ratio".to_string() } else { format!("ratio_{}", &name[8..]) };
+        result[key] = json!({
+            "tokens_per_s": ratio(&pv, &v, "tokens_per_s"),
+            "peak_rss": ratio(&pv, &v, "peak_rss_mb"),
+        });
+        result[*name] = v;
+    }
     if let Some(p) = &a.chart {
         petal_io::write_atomic(p, chart(&result).as_bytes())?;
     }
@@ -489,16 +501,16 @@ fn print_table(r: &Value) {
         r["workload"].as_str().unwrap_or(""), r["mode"].as_str().unwrap_or(""), r["method"].as_str().unwrap_or("lora"), r["batch"], r["seq"], r["dtype"].as_str().unwrap_or(""), r["threads"],
         r["matmul_peak_gflops"]["f32"].as_f64().unwrap_or(0.0), r["matmul_peak_gflops"]["bf16"].as_f64().map(|x| format!("{x:.0}")).unwrap_or("-".into()), r["mflop_per_token"].as_f64().unwrap_or(0.0));
     println!(
-        "{:<8} {:>10} {:>19} {:>9} {:>9} {:>9} {:>9} {:>10}",
+        "{:<16} {:>10} {:>19} {:>9} {:>9} {:>9} {:>9} {:>10}",
         "", "tokens/s", "(min..max)", "fwd s", "bwd s", "opt s", "GFLOP/s", "peak MB"
     );
-    for name in ["petal", "pytorch"] {
+    for name in ["petal", "pytorch", "pytorch_autocast"] {
         let v = &r[name];
         if v.is_null() {
             continue;
         }
         println!(
-            "{:<8} {:>10.1} {:>19} {:>9} {:>9} {:>9} {:>9.1} {:>10.0}",
+            "{:<16} {:>10.1} {:>19} {:>9} {:>9} {:>9} {:>9.1} {:>10.0}",
             name,
             v["tokens_per_s"].as_f64().unwrap_or(0.0),
             format!(
@@ -513,18 +525,20 @@ fn print_table(r: &Value) {
             v["peak_rss_mb"].as_f64().unwrap_or(0.0)
         );
     }
-    if !r["ratio"].is_null() {
-        println!(
-            "petal / pytorch: tokens/s {:.2}x, peak RSS {:.2}x",
-            r["ratio"]["tokens_per_s"].as_f64().unwrap_or(0.0),
-            r["ratio"]["peak_rss"].as_f64().unwrap_or(0.0)
-        );
+    for (key, what) in [("ratio", "pytorch f32"), ("ratio_autocast", "pytorch bf16 autocast")] {
+        if !r[key].is_null() {
+            println!(
+                "petal / {what}: tokens/s {:.2}x, peak RSS {:.2}x",
+                r[key]["tokens_per_s"].as_f64().unwrap_or(0.0),
+                r[key]["peak_rss"].as_f64().unwrap_or(0.0)
+            );
+        }
     }
 }
 
 /// Two bar groups (tokens/s, peak RSS) for petal and PyTorch, as a small standalone SVG.
 fn chart(r: &Value) -> String {
-    let rows: Vec<(&str, f64, f64)> = ["petal", "pytorch"]
+    let rows: Vec<(&str, f64, f64)> = ["petal", "pytorch", "pytorch_autocast"]
         .iter()
         .filter(|n| !r[**n].is_null())
         .map(|n| {
@@ -552,7 +566,8 @@ fn chart(r: &Value) -> String {
         };
         let wt = 240.0 * t / max_t;
         let wm = 240.0 * m / max_m;
-        s += &format!("<text x='10' y='{}'>{name}</text>\n", y + 18);
+        let label = name.strip_prefix("pytorch_").unwrap_or(name);
+        s += &format!("<text x='10' y='{}'>{label}</text>\n", y + 18);
         s += &format!("<rect x='70' y='{y}' width='{wt:.0}' height='26' fill='{color}'/><text x='{:.0}' y='{}'>{t:.0}</text>\n", 75.0 + wt, y + 18);
         s += &format!("<rect x='370' y='{y}' width='{wm:.0}' height='26' fill='{color}' opacity='0.6'/><text x='{:.0}' y='{}'>{m:.0}</text>\n", 375.0 + wm, y + 18);
     }

@@ -255,7 +255,7 @@ impl BoftLayer {
 impl AdapterLayer for BoftLayer {
     fn forward(&self, x: &Tensor, y: Tensor, train: bool) -> Result<Tensor> {
         // ((x R) W^T) ⊙ s + b = y + ((x R) W^T) ⊙ s - x W^T
-        let xr = self.rotate(x, train)?.to_dtype(self.base.dtype())?;
+        let xr = self.rotate(x, train)?;
         let rotated = petal_ops::frozen_linear(&xr, &self.base, None)?.to_dtype(DType::F32)?;
         let plain = petal_ops::frozen_linear(x, &self.base, None)?.to_dtype(DType::F32)?;
         let s = self.s.as_tensor().flatten_all()?;
@@ -271,7 +271,7 @@ impl AdapterLayer for BoftLayer {
         train: bool,
     ) -> Option<Result<Tensor>> {
         let run = || -> Result<Tensor> {
-            let xr = self.rotate(x, train)?.to_dtype(w.dtype())?;
+            let xr = self.rotate(x, train)?;
             let y = petal_ops::frozen_linear(&xr, w, None)?.to_dtype(DType::F32)?;
             let y = y.broadcast_mul(&self.s.as_tensor().flatten_all()?)?;
             let y = match b {

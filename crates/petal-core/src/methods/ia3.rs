@@ -81,7 +81,7 @@ impl AdapterLayer for Ia3Layer {
         if self.feedforward {
             // (x ⊙ l) W^T + b = y + (x ⊙ (l - 1)) W^T
             let xs = x.to_dtype(DType::F32)?.broadcast_mul(&(l - 1.0)?)?;
-            let d = petal_ops::frozen_linear(&xs.to_dtype(self.base.dtype())?, &self.base, None)?;
+            let d = petal_ops::frozen_linear(&xs, &self.base, None)?;
             let d = d.to_dtype(y.dtype())?;
             return Ok((y + d)?);
         }
@@ -101,8 +101,8 @@ impl AdapterLayer for Ia3Layer {
         let _ = train;
         let run = || -> Result<Tensor> {
             let l = self.l.as_tensor().flatten_all()?;
-            let xs = petal_ops::scale_last(&x.to_dtype(DType::F32)?, &l)?.to_dtype(w.dtype())?;
-            Ok(petal_ops::frozen_linear(&xs, w, b)?)
+            let xs = petal_ops::scale_last(&x.to_dtype(DType::F32)?, &l)?;
+            Ok(petal_ops::frozen_linear(&xs, w, b)?.to_dtype(x.dtype())?)
         };
         Some(run())
     }

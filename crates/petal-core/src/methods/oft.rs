@@ -297,7 +297,7 @@ impl AdapterLayer for OftLayer {
     fn forward(&self, x: &Tensor, y: Tensor, _train: bool) -> Result<Tensor> {
         // (x R) W^T + b = y + (x R - x) W^T
         let d = (self.rotated(x)? - x.to_dtype(DType::F32)?)?;
-        let d = petal_ops::frozen_linear(&d.to_dtype(self.base.dtype())?, &self.base, None)?;
+        let d = petal_ops::frozen_linear(&d, &self.base, None)?;
         Ok((y + d.to_dtype(x.dtype())?)?)
     }
 
@@ -309,8 +309,8 @@ impl AdapterLayer for OftLayer {
         _train: bool,
     ) -> Option<Result<Tensor>> {
         let run = || -> Result<Tensor> {
-            let xr = self.rotated(x)?.to_dtype(w.dtype())?;
-            Ok(petal_ops::frozen_linear(&xr, w, b)?)
+            let xr = self.rotated(x)?; // f32; frozen_linear meets w's dtype
+            Ok(petal_ops::frozen_linear(&xr, w, b)?.to_dtype(x.dtype())?)
         };
         Some(run())
     }
