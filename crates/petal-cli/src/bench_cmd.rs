@@ -464,16 +464,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "threads": wl["threads"], "matmul_peak_gflops": {"f32": peak32, "bf16": peak16},
         "mflop_per_token": flops / 1e6, "petal": pv, "pytorch": null, "ratio": null,
     });
-    let ratio = |p: &Value, t: &Value, k: &str| {
-        p[k].as_f64().unwrap_or(0.0) / t[k].as_f64().unwrap_or(1.0)
-    };
+    let ratio =
+        |p: &Value, t: &Value, k: &str| p[k].as_f64().unwrap_or(0.0) / t[k].as_f64().unwrap_or(1.0);
     for ((name, _), steps) in torches.iter().zip(&ts) {
         let mut v = summarize(steps, tokens, flops);
         v["peak_rss_mb"] = json!(steps
             .iter()
             .filter_map(|s| s["peak_rss_mb"].as_f64())
             .fold(0.0, f64::max));
-        let key = if *name == "pytorch" { "ratio".to_string() } else { format!("ratio_{}", &name[8..]) };
+        let key = if *name == "pytorch" {
+            "ratio".to_string()
+        } else {
+            format!("ratio_{}", &name[8..])
+        };
         result[key] = json!({
             "tokens_per_s": ratio(&pv, &v, "tokens_per_s"),
             "peak_rss": ratio(&pv, &v, "peak_rss_mb"),
@@ -525,7 +528,10 @@ fn print_table(r: &Value) {
             v["peak_rss_mb"].as_f64().unwrap_or(0.0)
         );
     }
-    for (key, what) in [("ratio", "pytorch f32"), ("ratio_autocast", "pytorch bf16 autocast")] {
+    for (key, what) in [
+        ("ratio", "pytorch f32"),
+        ("ratio_autocast", "pytorch bf16 autocast"),
+    ] {
         if !r[key].is_null() {
             println!(
                 "petal / {what}: tokens/s {:.2}x, peak RSS {:.2}x",

@@ -20,6 +20,12 @@ pub fn fast_linear_ok(x: &Tensor, w: &Tensor) -> bool {
     fast_ok(x) && w.dtype() == DType::F32
 }
 
+/// Whether `lora_linear` on input `x` and weight `w` runs fused (f32, or a bf16 weight on the
+/// AVX512-BF16 kernel).
+pub fn fast_lora_ok(x: &Tensor, w: &Tensor) -> bool {
+    fast_linear_ok(x, w) || fast_bf16_ok(x, w)
+}
+
 /// Whether a linear on f32 input `x` with bf16 weight `w` can take the AVX512-BF16 kernel.
 pub fn fast_bf16_ok(x: &Tensor, w: &Tensor) -> bool {
     fast_ok(x) && w.dtype() == DType::BF16 && crate::bf16::available()

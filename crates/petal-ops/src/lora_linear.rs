@@ -4,7 +4,7 @@
 //! dh = s g B, dB = s g^T h; W is frozen and gets no gradient.
 
 use crate::bf16::{mm_bf16, BView};
-use crate::cpu::{bf16s, f32s, fast_bf16_ok, fast_linear_ok, rows};
+use crate::cpu::{bf16s, f32s, fast_lora_ok, rows};
 use crate::frozen_linear::Bf16Linear;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
@@ -114,7 +114,7 @@ pub fn lora_linear(
     b: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
-    if !(fast_linear_ok(x, w) || fast_bf16_ok(x, w)) {
+    if !fast_lora_ok(x, w) {
         return lora_linear_reference(x, w, bias, h, b, scale);
     }
     let op = LoraLinear {

@@ -70,5 +70,8 @@ fn training_over_bf16_base_weights_follows_the_f32_loss_curve_within_bf16_roundi
     }
     let moved = (full[0] - full[5]).abs();
     let apart = (half[5] - full[5]).abs();
-    assert!(apart < 0.2 * moved, "bf16 drifts {apart} where training moved {moved}");
+    assert!(
+        apart < 0.2 * moved,
+        "bf16 drifts {apart} where training moved {moved}"
+    );
 }

@@ -154,7 +154,7 @@ impl AdapterLayer for VeraLayer {
         bias: Option<&Tensor>,
         train: bool,
     ) -> Option<Result<Tensor>> {
-        if !petal_ops::cpu::fast_linear_ok(x, w) {
+        if !petal_ops::cpu::fast_lora_ok(x, w) {
             return None;
         }
         let run = || -> Result<Tensor> {

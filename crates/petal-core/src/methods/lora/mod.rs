@@ -215,7 +215,7 @@ impl AdapterLayer for LoraLayer {
     ) -> Option<Result<Tensor>> {
         // DoRA with dropout acting recomputes its base term from the dropped input: composed
         let dora_dropout = self.dora.is_some() && train && self.dropout > 0.0;
-        if dora_dropout || self.bias.is_some() || !petal_ops::cpu::fast_linear_ok(x, w) {
+        if dora_dropout || self.bias.is_some() || !petal_ops::cpu::fast_lora_ok(x, w) {
             return None;
         }
         let run = || -> Result<Tensor> {
