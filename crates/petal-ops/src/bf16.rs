@@ -97,7 +97,28 @@ fn pair(lo: u16, hi: u16) -> u32 {
 
 fn pack_b_panel(b: BView, k: usize, n: usize, p0: usize, kcp: usize, j0: usize, dst: &mut [u32]) {
     let cols = NR.min(n - j0);
-    for p in 0..kcp {
+    let pairs = kcp.min((k / 2).saturating_sub(p0)); // pairs with both values present
+    if b.rs == 1 {
+        // b = W^T of a row-major W (n, k): each column's pairs are adjacent in W's row
+        for jj in 0..cols {
+            let row = &b.x[(j0 + jj) * b.cs + 2 * p0..];
+            for (p, two) in row.chunks_exact(2).take(pairs).enumerate() {
+                dst[p * NR + jj] = pair(two[0], two[1]);
+            }
+        }
+    } else if b.cs == 1 {
+        // row-major b (k, n): interleave rows 2p and 2p + 1
+        for p in 0..pairs {
+            let k0 = 2 * (p0 + p);
+            let (lo, hi) = (&b.x[k0 * b.rs + j0..], &b.x[(k0 + 1) * b.rs + j0..]);
+            let out = &mut dst[p * NR..p * NR + cols];
+            for ((w, &l), &h) in out.iter_mut().zip(&lo[..cols]).zip(&hi[..cols]) {
+                *w = pair(l, h);
+            }
+        }
+    }
+    let done = if b.rs == 1 || b.cs == 1 { pairs } else { 0 };
+    for p in done..kcp {
         let k0 = 2 * (p0 + p);
         let row = &mut dst[p * NR..p * NR + cols];
         for (jj, w) in row.iter_mut().enumerate() {
