@@ -442,12 +442,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut ps = Vec::new();
     let mut ts: Vec<Vec<Value>> = vec![Vec::new(); torches.len()];
     let bar = indicatif::ProgressBar::new((a.rounds * a.steps * (1 + torches.len())) as u64);
+    // a pause before each side's round: thread pools (rayon's, OpenMP's) spin for a while
+    // after their last task and would take the cores from the next side's first step
+    let settle = || std::thread::sleep(std::time::Duration::from_millis(400));
     for _ in 0..a.rounds {
+        settle();
         for _ in 0..a.steps {
             ps.push(petal.step(&a)?);
             bar.inc(1);
         }
         for ((_, t), out) in torches.iter_mut().zip(ts.iter_mut()) {
+            settle();
             out.extend(t.round(a.steps)?);
             bar.inc(a.steps as u64);
         }
