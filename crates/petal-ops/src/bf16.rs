@@ -165,10 +165,10 @@ fn cvt_row(src: &[f32], dst: &mut [u32]) {
         // SAFETY: the CPU has AVX512F and AVX512-BF16 (checked above).
         done = unsafe { x86::cvt_row(src, dst) };
     }
-    for p in done..dst.len() {
+    for (p, w) in dst.iter_mut().enumerate().skip(done) {
         let lo = src.get(2 * p).map_or(0, |&x| to_bf16(x));
         let hi = src.get(2 * p + 1).map_or(0, |&x| to_bf16(x));
-        dst[p] = pair(lo, hi);
+        *w = pair(lo, hi);
     }
 }
 

@@ -1,6 +1,6 @@
 //! Shared plumbing of the CPU kernels: contiguous f32 views and a global fast/reference switch.
 
-use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static FAST: AtomicBool = AtomicBool::new(true);
@@ -46,6 +46,15 @@ pub(crate) fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
         candle_core::Error::Msg("petal-ops: kernel needs a contiguous input".into())
     })?;
     Ok(&s.as_slice::<f32>()?[a..b])
+}
+
+/// `dims` with the last one replaced by `n` (a linear's output shape).
+pub(crate) fn with_last(dims: &[usize], n: usize) -> Shape {
+    let mut d = dims.to_vec();
+    if let Some(l) = d.last_mut() {
+        *l = n;
+    }
+    Shape::from(d)
 }
 
 pub(crate) fn last_dim(l: &Layout) -> usize {

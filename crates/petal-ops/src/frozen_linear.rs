@@ -4,7 +4,7 @@
 //! nobody reads; this op never computes it.
 
 use crate::bf16::{mm_bf16, BView};
-use crate::cpu::{bf16s, f32s, fast_bf16_ok, last_dim, rows};
+use crate::cpu::{bf16s, f32s, fast_bf16_ok, last_dim, rows, with_last};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
@@ -18,11 +18,7 @@ fn out_shape(x: &Layout, w: &Layout) -> Result<(Shape, usize, usize, usize)> {
         candle_core::bail!("frozen_linear: input has {k} features, weight expects {inp}")
     }
     let m = x.shape().elem_count() / inp.max(1);
-    let mut od = xd.to_vec();
-    if let Some(last) = od.last_mut() {
-        *last = out;
-    }
-    Ok((Shape::from(od), m, out, inp))
+    Ok((with_last(xd, out), m, out, inp))
 }
 
 /// Layout of x seen as a 2-D (m, k) matrix; x must be contiguous (checked by the caller).
@@ -72,10 +68,7 @@ impl CustomOp2 for FrozenLinear {
         // dL/dx = dL/dy W ; W is frozen: its gradient is never computed.
         let out = w.dim(0)?;
         let g2 = grad.contiguous()?.reshape((grad.elem_count() / out, out))?;
-        let mut dims = grad.dims().to_vec();
-        if let Some(l) = dims.last_mut() {
-            *l = w.dim(1)?;
-        }
+        let dims = with_last(grad.dims(), w.dim(1)?);
         Ok((Some(g2.matmul(w)?.reshape(dims)?), None))
     }
 }
@@ -128,11 +121,7 @@ impl CustomOp2 for Bf16Linear {
         };
         let mut y = vec![0f32; m * n];
         mm_bf16(m, n, k, &mut y, false, 1.0, rows(x, k), b, true);
-        let mut dims = xl.shape().dims().to_vec();
-        if let Some(l) = dims.last_mut() {
-            *l = n;
-        }
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        Ok((CpuStorage::F32(y), with_last(xl.shape().dims(), n)))
     }
 
     fn bwd(

@@ -4,7 +4,7 @@
 //! dh = s g B, dB = s g^T h; W is frozen and gets no gradient.
 
 use crate::bf16::{mm_bf16, BView};
-use crate::cpu::{bf16s, f32s, fast_lora_ok, rows};
+use crate::cpu::{bf16s, f32s, fast_lora_ok, rows, with_last};
 use crate::frozen_linear::Bf16Linear;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
@@ -68,11 +68,7 @@ impl CustomOp3 for LoraLinear {
                 None => row_y.iter_mut().zip(row_d).for_each(|(y, d)| *y += s * d),
             }
         }
-        let mut dims = xl.shape().dims().to_vec();
-        if let Some(l) = dims.last_mut() {
-            *l = out;
-        }
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        Ok((CpuStorage::F32(y), with_last(xl.shape().dims(), out)))
     }
 
     fn bwd(

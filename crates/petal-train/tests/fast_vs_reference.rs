@@ -1,63 +1,19 @@
 //! A short training run gives the same loss curve through the fused kernels and through the
 //! composed reference ops (petal_ops::set_fast), on the tiny golden Llama.
 
-use candle_core::{DType, Device};
-use petal_core::config::Targets;
-use petal_core::{inject_adapter, AdapterConfig};
-use petal_data::Example;
-use petal_train::optim::AdamWParams;
-use petal_train::{train, Schedule, TrainConfig};
-use std::path::PathBuf;
+mod common;
 
-fn losses(fast: bool, out: PathBuf) -> Vec<f64> {
-    petal_ops::set_fast(fast);
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden/llama");
-    let mut m = petal_models::load_model(dir.to_str().unwrap(), DType::F32, &Device::Cpu)
-        .unwrap()
-        .model;
-    let mut cfg = AdapterConfig::lora(4, 8.0, Targets::Regex("all-linear".into()));
-    cfg.lora_dropout = 0.1;
-    inject_adapter(&mut m, "default", &cfg, 3).unwrap();
-    let data: Vec<Example> = (0..12u32)
-        .map(|i| {
-            let ids: Vec<u32> = (0..16).map(|j| (i * 31 + j * 7) % 96).collect();
-            Example {
-                labels: ids.iter().map(|&x| x as i64).collect(),
-                ids,
-            }
-        })
-        .collect();
-    let tc = TrainConfig {
-        optim: AdamWParams {
-            lr: 5e-3,
-            ..Default::default()
-        },
-        schedule: Schedule::Cosine,
-        warmup_steps: 1,
-        max_steps: 6,
-        batch_size: 3,
-        grad_accum: 2,
-        max_grad_norm: Some(1.0),
-        seed: 1,
-        eval_every: 0,
-        save_every: 0,
-        out_dir: out,
-        adapter_name: "default".into(),
-        pad_id: 0,
-        fingerprint: "t".into(),
-        save_as_lora: false,
-        grad_checkpointing: false,
-    };
-    train(&m, &cfg, &data, &[], &tc, None, &mut ())
-        .unwrap()
-        .losses
-}
+use candle_core::DType;
+use common::tiny_llama_losses;
 
 #[test]
 fn the_fused_kernels_and_the_reference_ops_give_the_same_loss_curve() {
     let d = tempfile::tempdir().unwrap();
-    let fast = losses(true, d.path().join("fast"));
-    let slow = losses(false, d.path().join("slow"));
+    petal_ops::set_fast(true);
+    let fast = tiny_llama_losses(DType::F32, d.path().join("fast"));
+    petal_ops::set_fast(false);
+    let slow = tiny_llama_losses(DType::F32, d.path().join("slow"));
+    petal_ops::set_fast(true);
     assert!(fast[5] < fast[0], "the run must learn: {fast:?}");
     for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
         assert!(
