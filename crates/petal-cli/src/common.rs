@@ -32,8 +32,12 @@ pub fn device(spec: &str) -> Result<Device> {
                 .transpose()
                 .context("device index")?
                 .unwrap_or(0);
-            Device::new_cuda(idx)
-                .with_context(|| format!("device `{s}` (build with --features cuda)"))
+            let hint = if cfg!(feature = "cuda") {
+                "no usable CUDA device"
+            } else {
+                "this build has no CUDA: build with --features cuda"
+            };
+            Device::new_cuda(idx).with_context(|| format!("device `{s}`: {hint}"))
         }
         o => bail!("device `{o}` is not cpu, cuda or cuda:N"),
     }
