@@ -480,7 +480,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let key = if *name == "pytorch" {
             "ratio".to_string()
         } else {
-            format!("ratio_{}", &name[8..])
+            format!("ratio_{}", name.trim_start_matches("pytorch_"))
         };
         result[key] = json!({
             "tokens_per_s": ratio(&pv, &v, "tokens_per_s"),

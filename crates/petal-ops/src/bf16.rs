@@ -266,6 +266,36 @@ pub(crate) fn mm_bf16(
     mm_bf16_packed(m, c, acc, alpha, a, &packed, par);
 }
 
+/// `x W^T` (`wt`) or `x W` for rows of f32 `x` and a row-major bf16 `W (w_rows, w_cols)`, on
+/// rayon's threads: the product of a frozen bf16 linear, forward (`wt`) or input gradient.
+pub(crate) fn linear(x: &[f32], w: &[u16], w_rows: usize, w_cols: usize, wt: bool) -> Vec<f32> {
+    let (k, n, b) = if wt {
+        (
+            w_cols,
+            w_rows,
+            BView {
+                x: w,
+                rs: 1,
+                cs: w_cols,
+            },
+        )
+    } else {
+        (
+            w_rows,
+            w_cols,
+            BView {
+                x: w,
+                rs: w_cols,
+                cs: 1,
+            },
+        )
+    };
+    let m = x.len() / k.max(1);
+    let mut y = vec![0f32; m * n];
+    mm_bf16(m, n, k, &mut y, false, 1.0, crate::cpu::rows(x, k), b, true);
+    y
+}
+
 /// One `MR x NR` tile (only `rows x cols` of it stored): `c = [c +] scale a_panel b_panel`.
 #[allow(clippy::too_many_arguments)]
 fn micro(

@@ -3,8 +3,8 @@
 //! plain `x.matmul(&w.t())` would spend a full extra matmul (and its memory) on a gradient that
 //! nobody reads; this op never computes it.
 
-use crate::bf16::{mm_bf16, BView};
-use crate::cpu::{bf16s, f32s, fast_bf16_ok, last_dim, rows, with_last};
+use crate::bf16;
+use crate::cpu::{bf16s, f32s, fast_bf16_ok, last_dim, with_last};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
@@ -104,23 +104,7 @@ impl CustomOp2 for Bf16Linear {
                 last_dim(xl)
             )
         }
-        let w = bf16s(ws, wl)?;
-        let m = x.len() / k.max(1);
-        let b = if self.wt {
-            BView {
-                x: w,
-                rs: 1,
-                cs: cols_w,
-            }
-        } else {
-            BView {
-                x: w,
-                rs: cols_w,
-                cs: 1,
-            }
-        };
-        let mut y = vec![0f32; m * n];
-        mm_bf16(m, n, k, &mut y, false, 1.0, rows(x, k), b, true);
+        let y = bf16::linear(x, bf16s(ws, wl)?, rows_w, cols_w, self.wt);
         Ok((CpuStorage::F32(y), with_last(xl.shape().dims(), n)))
     }
 

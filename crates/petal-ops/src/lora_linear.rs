@@ -3,8 +3,8 @@
 //! and one graph node holding x, h and B. Backward: dx = g W (only when x needs it),
 //! dh = s g B, dB = s g^T h; W is frozen and gets no gradient.
 
-use crate::bf16::{mm_bf16, BView};
-use crate::cpu::{bf16s, f32s, fast_lora_ok, rows, with_last};
+use crate::bf16;
+use crate::cpu::{bf16s, f32s, fast_lora_ok, with_last};
 use crate::frozen_linear::Bf16Linear;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
@@ -39,17 +39,13 @@ impl CustomOp3 for LoraLinear {
         };
         let x2 = Layout::contiguous_with_offset((n, inp), xl.start_offset());
         let base = match ws {
-            CpuStorage::BF16(_) => {
-                let x = f32s(xs, &x2)?;
-                let mut y = vec![0f32; n * out];
-                let w = BView {
-                    x: bf16s(ws, &wl)?,
-                    rs: 1,
-                    cs: inp,
-                };
-                mm_bf16(n, out, inp, &mut y, false, 1.0, rows(x, inp), w, true);
-                CpuStorage::F32(y)
-            }
+            CpuStorage::BF16(_) => CpuStorage::F32(bf16::linear(
+                f32s(xs, &x2)?,
+                bf16s(ws, &wl)?,
+                out,
+                inp,
+                true,
+            )),
             _ => xs.matmul(ws, (1, n, out, inp), &x2, &wl.transpose(0, 1)?)?,
         };
         let h2 = Layout::contiguous_with_offset((n, r), hl.start_offset());
