@@ -55,6 +55,10 @@ pub struct BenchArgs {
     /// checkpointing (PyTorch); forward and backward then show as one
     #[arg(long)]
     pub grad_checkpointing: bool,
+    /// With --dtype bf16 on the CPU: keep activations in bf16 too (less memory, slower; the
+    /// default keeps them in f32)
+    #[arg(long)]
+    pub bf16_activations: bool,
     /// Also run PyTorch + PEFT on the same workload
     #[arg(long)]
     pub vs_pytorch: bool,
@@ -216,6 +220,7 @@ impl Petal {
 
 fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
     let dt = crate::common::dtype(&a.dtype)?;
+    crate::common::bf16_activations(a.bf16_activations, dt)?;
     let (model, wl) = match a.workload.as_str() {
         "synthetic-35m" => {
             let cfg = synthetic();
@@ -285,6 +290,7 @@ fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
         ("prompt", json!(a.seq)),
         ("new_tokens", json!(a.new_tokens)),
         ("grad_checkpointing", json!(a.grad_checkpointing)),
+        ("bf16_activations", json!(a.bf16_activations)),
     ] {
         o.insert(k.into(), v);
     }

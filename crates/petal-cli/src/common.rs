@@ -47,6 +47,16 @@ pub fn dtype(s: &str) -> Result<DType> {
     Ok(petal_models::load::parse_dtype(s)?)
 }
 
+/// Applies `--bf16-activations` (models loaded after this keep bf16 activations on the CPU);
+/// an error unless the weights are bf16.
+pub fn bf16_activations(on: bool, dt: DType) -> Result<()> {
+    if on && dt != DType::BF16 {
+        anyhow::bail!("--bf16-activations needs --dtype bf16 (the weights' dtype is {dt:?})");
+    }
+    petal_models::set_bf16_activations(on);
+    Ok(())
+}
+
 /// Load `model` and attach each adapter folder (named after its position: "default", "a1", …),
 /// all active.
 pub fn load(model: &str, adapters: &[PathBuf], dt: &str, dev: &str) -> Result<LoadedModel> {

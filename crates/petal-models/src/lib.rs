@@ -8,5 +8,5 @@ pub mod load;
 
 pub use checkpoint::Grads;
 pub use config::LlamaConfig;
-pub use llama::{act_dtype, random_weights, KvCache, Llama};
+pub use llama::{act_dtype, random_weights, resid_dtype, set_bf16_activations, KvCache, Llama};
 pub use load::{load_model, LoadedModel};

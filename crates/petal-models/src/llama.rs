@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use petal_core::adapter::InputShape;
 use petal_core::{Adaptable, AdaptableLinear, AdaptableNorm, InputAdapter, Result};
 use petal_io::Weights;
-use petal_ops::{apply_rope, causal_attention, rms_norm, rope_tables, swiglu};
+use petal_ops::{apply_rope, causal_attention, residual_add, rms_norm, rope_tables, swiglu};
 
 mod bias_export;
 
@@ -20,14 +20,35 @@ fn norm(w: &Weights, path: &str, h: usize, dt: DType, dev: &Device) -> Result<Ad
     ))
 }
 
-/// The dtype activations (and norms, biases) are computed in for weights of dtype `dt`: on the
-/// CPU, bf16 weights run with f32 activations (their matmuls round the input to bf16 and
-/// accumulate in f32, as autocast does); elsewhere the weights' own dtype.
+static BF16_ACTIVATIONS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether models loaded from now on with bf16 weights on the CPU keep their activations in
+/// bf16 (less memory: about half the activations' bytes) instead of f32 (faster: candle's
+/// autograd adds one bf16 gradient per graph node through a slow path). Off by default.
+pub fn set_bf16_activations(on: bool) {
+    BF16_ACTIVATIONS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The dtype activations (and norms, biases) are stored in for weights of dtype `dt`. On the
+/// CPU, bf16 weights run with f32 activations (each matmul rounds its input to bf16 and
+/// accumulates in f32, as autocast does) unless `set_bf16_activations` asked for bf16 ones
+/// (computed in f32 inside each fused kernel, stored in bf16); elsewhere the weights' dtype.
 pub fn act_dtype(dt: DType, dev: &Device) -> DType {
-    if dt == DType::BF16 && dev.is_cpu() {
+    let bf16_act = BF16_ACTIVATIONS.load(std::sync::atomic::Ordering::Relaxed);
+    if dt == DType::BF16 && dev.is_cpu() && !bf16_act {
         DType::F32
     } else {
         dt
+    }
+}
+
+/// The residual stream's dtype for activations in `act`: f32 on the CPU (as under autocast,
+/// the sums of block outputs stay f32 and each norm rounds its output to bf16), else `act`.
+pub fn resid_dtype(act: DType, dev: &Device) -> DType {
+    if act == DType::BF16 && dev.is_cpu() {
+        DType::F32
+    } else {
+        act
     }
 }
 
@@ -126,6 +147,8 @@ pub struct Llama {
     dtype: DType,
     /// activations' dtype (`act_dtype`)
     act: DType,
+    /// the residual stream's dtype (`resid_dtype`)
+    resid: DType,
     device: Device,
     /// An input-side adapter (prompt tuning): embeddings put in front of every sequence.
     input: Option<(String, Box<dyn InputAdapter>)>,
@@ -135,6 +158,7 @@ impl Llama {
     pub fn load(cfg: LlamaConfig, w: &Weights, dtype: DType, device: &Device) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let act = act_dtype(dtype, device);
+        let resid = resid_dtype(act, device);
         let (nq, nkv, inter) = (
             cfg.num_attention_heads * d,
             cfg.num_key_value_heads * d,
@@ -186,6 +210,7 @@ impl Llama {
             sin,
             dtype,
             act,
+            resid,
             device: device.clone(),
             input: None,
         })
@@ -273,11 +298,11 @@ impl Llama {
     pub(crate) fn input_stage(&self, ids: &Tensor, offset: usize, train: bool) -> Result<Stage> {
         let (b, t) = ids.dims2()?;
         let h = self.cfg.hidden_size;
-        let mut x = self.embed.forward(ids, train)?.to_dtype(self.act)?;
+        let mut x = self.embed.forward(ids, train)?.to_dtype(self.resid)?;
         debug_assert_eq!(x.dims(), &[b, t, h]);
         let input = self.input.as_ref().filter(|_| offset == 0).map(|(_, a)| a);
         if let Some(p) = input.map(|a| a.embeddings()).transpose()?.flatten() {
-            let p = p.to_dtype(self.act)?; // (n, h), at the start only
+            let p = p.to_dtype(self.resid)?; // (n, h), at the start only
             let n = p.dim(0)?;
             let p = p.unsqueeze(0)?.broadcast_as((b, n, h))?.contiguous()?;
             x = Tensor::cat(&[&p, &x], 1)?;
@@ -323,12 +348,12 @@ impl Llama {
             .transpose()?;
         let h = rms_norm(x, &layer.ln1.weight(), self.cfg.rms_norm_eps)?;
         let a = self.attention(&layer.attn, &h, &stage.cos, &stage.sin, kv, prefix, train)?;
-        let x = (x + a)?;
+        let x = residual_add(x, &a)?;
         let h = rms_norm(&x, &layer.ln2.weight(), self.cfg.rms_norm_eps)?;
         let m = &layer.mlp;
         let g = m.gate.forward(&h, train)?;
         let u = m.up.forward(&h, train)?;
-        Ok((x + m.down.forward(&swiglu(&g, &u)?, train)?)?)
+        Ok(residual_add(&x, &m.down.forward(&swiglu(&g, &u)?, train)?)?)
     }
 
     /// Layer i's (key, value) prefix as (b, kv_heads, n, head_dim), from the adapter's

@@ -12,7 +12,8 @@
 //! Forward runs tiles in parallel; backward runs (batch, group) pairs in parallel, each owning
 //! its dk, dv.
 
-use crate::cpu::{cols, f32s, fast_ok, mm, rows};
+use crate::cpu::{act_in, act_out, cols, fast_act_ok, mm, rows};
+use candle_core::backend::BackendStorage as _;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -115,7 +116,8 @@ impl CustomOp3 for Flash {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (f32s(qs, ql)?, f32s(ks, kl)?, f32s(vs, vl)?);
+        // bf16 activations are widened for the f32 arithmetic (one layer's q, k, v at a time)
+        let (q, k, v) = (act_in(qs, ql)?, act_in(ks, kl)?, act_in(vs, vl)?);
         let (pairs, nr, keys, d) = self.dims(ql, kl)?;
         let mut out = vec![0f32; pairs * nr * d];
         let mut lse = vec![0f32; pairs * nr];
@@ -144,7 +146,7 @@ impl CustomOp3 for Flash {
             .lse
             .lock()
             .map_err(|_| candle_core::Error::Msg("lse lock".into()))? = lse;
-        Ok((CpuStorage::F32(out), ql.shape().clone()))
+        Ok((act_out(out, qs.dtype())?, ql.shape().clone()))
     }
 
     fn bwd(
@@ -155,7 +157,7 @@ impl CustomOp3 for Flash {
         o: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let host = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
+        let host = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
         let (qv, kv, vv, ov, gv) = (host(q)?, host(k)?, host(v)?, host(o)?, host(grad)?);
         let lse = self
             .lse
@@ -239,7 +241,9 @@ impl CustomOp3 for Flash {
                     mm(nk, d, n, dv, true, 1.0, cols(&p, nk), rows(gt, d), false);
                 }
             });
-        let t = |x: Vec<f32>, like: &Tensor| Tensor::from_vec(x, like.shape(), like.device());
+        let t = |x: Vec<f32>, like: &Tensor| -> Result<Tensor> {
+            Ok(crate::cpu::tensor(act_out(x, like.dtype())?, like.shape()))
+        };
         Ok((Some(t(dq, q)?), Some(t(dk, k)?), Some(t(dv, v)?)))
     }
 }
@@ -275,7 +279,8 @@ pub fn causal_attention(
             "causal_attention: {rows} rows are not groups of t = {t}, or t + offset != {keys} keys"
         )
     }
-    if !(fast_ok(q) && fast_ok(k) && fast_ok(v)) {
+    let same = q.dtype() == k.dtype() && k.dtype() == v.dtype();
+    if !(same && fast_act_ok(q) && fast_act_ok(k) && fast_act_ok(v)) {
         return causal_attention_reference(q, k, v, scale, t, offset);
     }
     q.contiguous()?.apply_op3(

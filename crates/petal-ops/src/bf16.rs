@@ -46,6 +46,54 @@ impl BView<'_> {
     }
 }
 
+/// The left operand of a product: f32 values (rounded to bf16 as they are packed) or bf16 bits.
+#[derive(Clone, Copy)]
+pub(crate) enum AView<'a> {
+    F32(View<'a>),
+    Bf16(BView<'a>),
+}
+
+impl<'a> From<View<'a>> for AView<'a> {
+    fn from(v: View<'a>) -> Self {
+        AView::F32(v)
+    }
+}
+
+impl AView<'_> {
+    fn strides(&self) -> (usize, usize, usize) {
+        match self {
+            AView::F32(v) => (v.rs, v.cs, v.x.len()),
+            AView::Bf16(v) => (v.rs, v.cs, v.x.len()),
+        }
+    }
+    fn at(&self, i: usize, j: usize) -> u16 {
+        match self {
+            AView::F32(v) => to_bf16(v.x[i * v.rs + j * v.cs]),
+            AView::Bf16(v) => v.at(i, j),
+        }
+    }
+}
+
+/// bf16 bits widened to f32 (exact).
+pub(crate) fn widen(src: &[u16], dst: &mut [f32]) {
+    for (d, &b) in dst.iter_mut().zip(src) {
+        *d = from_bf16(b);
+    }
+}
+
+/// f32 values rounded to the nearest bf16 (ties to even; NaN stays NaN).
+pub(crate) fn narrow(src: &[f32], dst: &mut [u16]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the CPU has AVX512F and AVX512-BF16 (checked above).
+        done = unsafe { x86::narrow(src, dst) };
+    }
+    for (d, &x) in dst[done..].iter_mut().zip(&src[done..]) {
+        *d = to_bf16(x);
+    }
+}
+
 /// The bits of `x` rounded to bf16 (nearest, ties to even; NaN stays NaN).
 pub fn to_bf16(x: f32) -> u16 {
     half::bf16::from_f32(x).to_bits()
@@ -129,7 +177,7 @@ fn pack_b_panel(b: BView, k: usize, n: usize, p0: usize, kcp: usize, j0: usize, 
 }
 
 /// Rows `i0..i0 + MR` of `a`, pairs `p0..p0 + kcp`, as bf16 pairs `[r][p]` (zero past m, k).
-fn pack_a_panel(a: View, m: usize, k: usize, i0: usize, p0: usize, kcp: usize, dst: &mut [u32]) {
+fn pack_a_panel(a: AView, m: usize, k: usize, i0: usize, p0: usize, kcp: usize, dst: &mut [u32]) {
     for (r, row) in dst.chunks_mut(kcp).enumerate() {
         let i = i0 + r;
         if i >= m {
@@ -138,20 +186,27 @@ fn pack_a_panel(a: View, m: usize, k: usize, i0: usize, p0: usize, kcp: usize, d
         }
         let k0 = 2 * p0;
         let full = (2 * kcp).min(k - k0); // values present in this block
-        if a.cs == 1 {
-            let src = &a.x[i * a.rs + k0..i * a.rs + k0 + full];
-            cvt_row(src, row);
-        } else {
-            for (p, w) in row.iter_mut().enumerate() {
-                let at = |q: usize| {
-                    let kk = k0 + 2 * p + q;
-                    if kk < k {
-                        to_bf16(a.x[i * a.rs + kk * a.cs])
-                    } else {
-                        0
-                    }
-                };
-                *w = pair(at(0), at(1));
+        match a {
+            AView::F32(v) if v.cs == 1 => cvt_row(&v.x[i * v.rs + k0..i * v.rs + k0 + full], row),
+            AView::Bf16(v) if v.cs == 1 => {
+                let src = &v.x[i * v.rs + k0..i * v.rs + k0 + full];
+                for (w, p) in row.iter_mut().zip(src.chunks(2)) {
+                    *w = pair(p[0], p.get(1).copied().unwrap_or(0));
+                }
+                row[full.div_ceil(2)..].iter_mut().for_each(|w| *w = 0);
+            }
+            _ => {
+                for (p, w) in row.iter_mut().enumerate() {
+                    let at = |q: usize| {
+                        let kk = k0 + 2 * p + q;
+                        if kk < k {
+                            a.at(i, kk)
+                        } else {
+                            0
+                        }
+                    };
+                    *w = pair(at(0), at(1));
+                }
             }
         }
     }
@@ -179,7 +234,7 @@ pub(crate) fn mm_bf16_packed(
     c: &mut [f32],
     acc: bool,
     alpha: f32,
-    a: View,
+    a: AView,
     b: &PackedB,
     par: bool,
 ) {
@@ -189,8 +244,11 @@ pub(crate) fn mm_bf16_packed(
     }
     assert!(c.len() >= m * n, "bf16 matmul: output too small");
     if k > 0 {
-        let last = (m - 1) * a.rs + (k - 1) * a.cs;
-        assert!(last < a.x.len(), "bf16 matmul: input too small");
+        let (rs, cs, len) = a.strides();
+        assert!(
+            (m - 1) * rs + (k - 1) * cs < len,
+            "bf16 matmul: input too small"
+        );
     }
     let c = &mut c[..m * n];
     let kp = k.div_ceil(2);
@@ -254,7 +312,7 @@ pub(crate) fn mm_bf16(
     c: &mut [f32],
     acc: bool,
     alpha: f32,
-    a: View,
+    a: AView,
     b: BView,
     par: bool,
 ) {
@@ -266,9 +324,35 @@ pub(crate) fn mm_bf16(
     mm_bf16_packed(m, c, acc, alpha, a, &packed, par);
 }
 
-/// `x W^T` (`wt`) or `x W` for rows of f32 `x` and a row-major bf16 `W (w_rows, w_cols)`, on
+/// Rows of `x` (f32 or bf16) as a contiguous matrix of `width` columns.
+#[derive(Clone, Copy)]
+pub(crate) enum Rows<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl Rows<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Rows::F32(x) => x.len(),
+            Rows::Bf16(x) => x.len(),
+        }
+    }
+    fn view(&self, width: usize) -> AView<'_> {
+        match *self {
+            Rows::F32(x) => AView::F32(crate::cpu::rows(x, width)),
+            Rows::Bf16(x) => AView::Bf16(BView {
+                x,
+                rs: width,
+                cs: 1,
+            }),
+        }
+    }
+}
+
+/// `x W^T` (`wt`) or `x W` for rows of `x` and a row-major bf16 `W (w_rows, w_cols)`, on
 /// rayon's threads: the product of a frozen bf16 linear, forward (`wt`) or input gradient.
-pub(crate) fn linear(x: &[f32], w: &[u16], w_rows: usize, w_cols: usize, wt: bool) -> Vec<f32> {
+pub(crate) fn linear(x: Rows, w: &[u16], w_rows: usize, w_cols: usize, wt: bool) -> Vec<f32> {
     let (k, n, b) = if wt {
         (
             w_cols,
@@ -292,7 +376,7 @@ pub(crate) fn linear(x: &[f32], w: &[u16], w_rows: usize, w_cols: usize, wt: boo
     };
     let m = x.len() / k.max(1);
     let mut y = vec![0f32; m * n];
-    mm_bf16(m, n, k, &mut y, false, 1.0, crate::cpu::rows(x, k), b, true);
+    mm_bf16(m, n, k, &mut y, false, 1.0, x.view(k), b, true);
     y
 }
 
@@ -335,6 +419,18 @@ fn micro(
 mod x86 {
     use super::{MR, NR};
     use std::arch::x86_64::*;
+
+    /// Rounds the leading whole 16-value chunks to bf16; returns the values written.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn narrow(src: &[f32], dst: &mut [u16]) -> usize {
+        let chunks = src.len().min(dst.len()) / 16;
+        for i in 0..chunks {
+            let v = _mm512_loadu_ps(src.as_ptr().add(16 * i));
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+            _mm256_storeu_si256(dst.as_mut_ptr().add(16 * i) as *mut _, h);
+        }
+        chunks * 16
+    }
 
     /// Converts the leading whole 32-value chunks; returns the pairs written.
     #[target_feature(enable = "avx512f,avx512bf16")]
@@ -454,7 +550,7 @@ mod tests {
             }
         };
         let mut c = c0.clone();
-        mm_bf16(m, n, k, &mut c, acc, alpha, rows(&a, k), bv, par);
+        mm_bf16(m, n, k, &mut c, acc, alpha, rows(&a, k).into(), bv, par);
         for (i, (g, w)) in c.iter().zip(&want).enumerate() {
             assert!(
                 (g - w).abs() <= 1e-5 * (1.0 + w.abs()) * (k as f32).sqrt(),
@@ -484,7 +580,7 @@ mod tests {
             rs: n,
             cs: 1,
         };
-        mm_bf16(m, n, k, &mut c, false, 1.0, cols(&at, m), bv, false);
+        mm_bf16(m, n, k, &mut c, false, 1.0, cols(&at, m).into(), bv, false);
         let want = mm_bf16_reference(&a, &b, m, n, k);
         for (g, w) in c.iter().zip(&want) {
             assert!((g - w).abs() < 1e-4, "{g} vs {w}");

@@ -1,6 +1,8 @@
 //! Shared plumbing of the CPU kernels: contiguous f32 views and a global fast/reference switch.
 
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static FAST: AtomicBool = AtomicBool::new(true);
@@ -15,6 +17,98 @@ pub fn fast_ok(t: &Tensor) -> bool {
     FAST.load(Ordering::Relaxed) && t.device().is_cpu() && t.dtype() == DType::F32
 }
 
+/// Whether `t` can take a fused CPU kernel that reads activations in f32 or bf16 (a bf16 input
+/// is widened to f32 as it is read, the result rounded back to bf16 as it is stored: f32
+/// arithmetic, bf16 storage).
+pub fn fast_act_ok(t: &Tensor) -> bool {
+    FAST.load(Ordering::Relaxed)
+        && t.device().is_cpu()
+        && matches!(t.dtype(), DType::F32 | DType::BF16)
+}
+
+/// Elements per rayon task in the dtype conversions.
+const CONVERT_CHUNK: usize = 1 << 15;
+
+/// A contiguous f32 or bf16 input as f32: borrowed as is, or widened from bf16.
+pub(crate) fn act_in<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [f32]>> {
+    if let CpuStorage::BF16(_) = s {
+        let b = bf16s(s, l)?;
+        let mut y = vec![0f32; b.len()];
+        y.par_chunks_mut(CONVERT_CHUNK)
+            .zip(b.par_chunks(CONVERT_CHUNK))
+            .for_each(|(y, b)| crate::bf16::widen(b, y));
+        return Ok(Cow::Owned(y));
+    }
+    Ok(Cow::Borrowed(f32s(s, l)?))
+}
+
+/// f32 results stored in `dt`: as they are for f32, rounded to the nearest bf16 for bf16.
+pub(crate) fn act_out(y: Vec<f32>, dt: DType) -> Result<CpuStorage> {
+    match dt {
+        DType::F32 => Ok(CpuStorage::F32(y)),
+        DType::BF16 => {
+            let mut b = vec![half::bf16::ZERO; y.len()];
+            b.par_chunks_mut(CONVERT_CHUNK)
+                .zip(y.par_chunks(CONVERT_CHUNK))
+                .for_each(|(b, y)| crate::bf16::narrow(y, bits_mut(b)));
+            Ok(CpuStorage::BF16(b))
+        }
+        dt => candle_core::bail!("petal-ops: activations in {dt:?} have no fused kernel"),
+    }
+}
+
+/// `t` converted between f32 and bf16 on the CPU by the vectorised, parallel conversions,
+/// without a graph (for backward passes); other cases go through `to_dtype`.
+pub(crate) fn cast(t: &Tensor, dt: DType) -> Result<Tensor> {
+    let pair = matches!(
+        (t.dtype(), dt),
+        (DType::F32, DType::BF16) | (DType::BF16, DType::F32)
+    );
+    if !t.device().is_cpu() || !pair {
+        return t.detach().to_dtype(dt);
+    }
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*s else {
+        candle_core::bail!("petal-ops: cast of a tensor that is not on the CPU")
+    };
+    let st = match s {
+        CpuStorage::BF16(_) => CpuStorage::F32(act_in(s, l)?.into_owned()),
+        _ => {
+            let x = f32s(s, l)?;
+            let mut b = vec![half::bf16::ZERO; x.len()];
+            b.par_chunks_mut(CONVERT_CHUNK)
+                .zip(x.par_chunks(CONVERT_CHUNK))
+                .for_each(|(b, y)| crate::bf16::narrow(y, bits_mut(b)));
+            CpuStorage::BF16(b)
+        }
+    };
+    Ok(tensor(st, t.shape()))
+}
+
+fn bits_mut(b: &mut [half::bf16]) -> &mut [u16] {
+    // SAFETY: half::bf16 is a transparent wrapper of u16: same size, alignment and validity.
+    unsafe { std::slice::from_raw_parts_mut(b.as_mut_ptr() as *mut u16, b.len()) }
+}
+
+/// A contiguous f32 or bf16 input as the bf16 kernel's left operand.
+pub(crate) fn act_rows<'a>(s: &'a CpuStorage, l: &Layout) -> Result<crate::bf16::Rows<'a>> {
+    Ok(match s {
+        CpuStorage::BF16(_) => crate::bf16::Rows::Bf16(bf16s(s, l)?),
+        _ => crate::bf16::Rows::F32(f32s(s, l)?),
+    })
+}
+
+/// A graph-free CPU tensor over `st`, contiguous in `shape`.
+pub(crate) fn tensor(st: CpuStorage, shape: impl Into<Shape>) -> Tensor {
+    Tensor::from_storage(
+        candle_core::Storage::Cpu(st),
+        shape,
+        candle_core::op::BackpropOp::none(),
+        false,
+    )
+}
+
 /// Whether a linear on input `x` with weight `w` can take a fused CPU f32 kernel.
 pub fn fast_linear_ok(x: &Tensor, w: &Tensor) -> bool {
     fast_ok(x) && w.dtype() == DType::F32
@@ -26,9 +120,10 @@ pub fn fast_lora_ok(x: &Tensor, w: &Tensor) -> bool {
     fast_linear_ok(x, w) || fast_bf16_ok(x, w)
 }
 
-/// Whether a linear on f32 input `x` with bf16 weight `w` can take the AVX512-BF16 kernel.
+/// Whether a linear on input `x` (f32 or bf16) with bf16 weight `w` can take the AVX512-BF16
+/// kernel.
 pub fn fast_bf16_ok(x: &Tensor, w: &Tensor) -> bool {
-    fast_ok(x) && w.dtype() == DType::BF16 && crate::bf16::available()
+    fast_act_ok(x) && w.dtype() == DType::BF16 && crate::bf16::available()
 }
 
 /// The raw bits of a contiguous bf16 storage.

@@ -4,7 +4,7 @@
 //! nobody reads; this op never computes it.
 
 use crate::bf16;
-use crate::cpu::{bf16s, f32s, fast_bf16_ok, last_dim, with_last};
+use crate::cpu::{act_out, act_rows, bf16s, fast_bf16_ok, last_dim, with_last};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
@@ -73,8 +73,9 @@ impl CustomOp2 for FrozenLinear {
     }
 }
 
-/// `x W^T` (`wt`) or `x W` for f32 `x` and a bf16 `W (out, in)` through the AVX512-BF16
-/// kernel (f32 accumulation); backward gives x's gradient through the other orientation.
+/// `x W^T` (`wt`) or `x W` for f32 or bf16 `x` and a bf16 `W (out, in)` through the
+/// AVX512-BF16 kernel (f32 accumulation, output in x's dtype); backward gives x's gradient
+/// through the other orientation.
 pub(crate) struct Bf16Linear {
     pub wt: bool,
 }
@@ -97,7 +98,7 @@ impl CustomOp2 for Bf16Linear {
         } else {
             (rows_w, cols_w)
         };
-        let x = f32s(xs, xl)?;
+        let x = act_rows(xs, xl)?;
         if last_dim(xl) != k {
             candle_core::bail!(
                 "bf16 linear: input has {} features, weight expects {k}",
@@ -105,7 +106,7 @@ impl CustomOp2 for Bf16Linear {
             )
         }
         let y = bf16::linear(x, bf16s(ws, wl)?, rows_w, cols_w, self.wt);
-        Ok((CpuStorage::F32(y), with_last(xl.shape().dims(), n)))
+        Ok((act_out(y, xs.dtype())?, with_last(xl.shape().dims(), n)))
     }
 
     fn bwd(

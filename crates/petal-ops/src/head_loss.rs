@@ -5,10 +5,13 @@
 //! Replaces: an (n, V) logits buffer, ~6 composed passes over it forward and ~8 backward.
 
 use crate::bf16::{mm_bf16_packed, BView, PackedB};
-use crate::cpu::{bf16s, cols, f32s, fast_bf16_ok, fast_linear_ok, last_dim, mm, rows};
+use crate::cpu::{
+    act_in, act_out, bf16s, cols, f32s, fast_bf16_ok, fast_linear_ok, last_dim, mm, rows,
+};
 use crate::loss::{masked_cross_entropy, IGNORE_INDEX};
 use crate::vmath;
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Storage, Tensor};
+use candle_core::backend::BackendStorage as _;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -33,7 +36,8 @@ impl CustomOp1 for HeadLoss {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (h, d) = (f32s(s, l)?, last_dim(l));
+        // bf16 rows are widened once (n x d, small next to one chunk of logits)
+        let (h, d) = (act_in(s, l)?, last_dim(l));
         let n = h.len() / d;
         let v = self.w.dim(0)?;
         let w = self.w.contiguous()?;
@@ -67,7 +71,7 @@ impl CustomOp1 for HeadLoss {
             let hc = rows(&h[a * d..b * d], d);
             match &w {
                 Head::F32(w) => mm(b - a, v, d, z, false, 1.0, hc, cols(w, d), true),
-                Head::Bf16(fwd, _) => mm_bf16_packed(b - a, z, false, 1.0, hc, fwd, true),
+                Head::Bf16(fwd, _) => mm_bf16_packed(b - a, z, false, 1.0, hc.into(), fwd, true),
             }
             let labels = &self.labels[a..b];
             z.par_chunks_mut(v)
@@ -91,14 +95,15 @@ impl CustomOp1 for HeadLoss {
                 match &w {
                     Head::F32(w) => mm(b - a, d, v, dhc, false, 1.0, rows(z, v), rows(w, d), true),
                     Head::Bf16(_, Some(bwd)) => {
-                        mm_bf16_packed(b - a, dhc, false, 1.0, rows(z, v), bwd, true)
+                        mm_bf16_packed(b - a, dhc, false, 1.0, rows(z, v).into(), bwd, true)
                     }
                     Head::Bf16(_, None) => unreachable!("packed when the gradient is needed"),
                 }
             }
         }
         if self.need_grad {
-            let t = Tensor::from_vec(dh, (n, d), &Device::Cpu)?;
+            // the gradient in h's own dtype
+            let t = crate::cpu::tensor(act_out(dh, s.dtype())?, (n, d));
             *self
                 .dh
                 .lock()
@@ -115,7 +120,9 @@ impl CustomOp1 for HeadLoss {
             .clone();
         let dh =
             dh.ok_or_else(|| candle_core::Error::Msg("head loss: no stored gradient".into()))?;
-        Ok(Some(dh.broadcast_mul(&g.unsqueeze(1)?)?))
+        Ok(Some(
+            dh.broadcast_mul(&g.to_dtype(dh.dtype())?.unsqueeze(1)?)?,
+        ))
     }
 }
 
@@ -141,6 +148,7 @@ pub fn head_cross_entropy(h: &Tensor, w: &Tensor, labels: &[i64]) -> Result<(Ten
 mod tests {
     use super::*;
     use crate::testing::{rand, same};
+    use candle_core::Device;
 
     #[test]
     fn fused_head_loss_matches_logits_then_cross_entropy_in_value_and_gradient() {

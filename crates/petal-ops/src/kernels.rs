@@ -1,26 +1,29 @@
 //! Fused CPU kernels with hand-written backward passes: RMSNorm, softmax (plain and scaled
 //! causal), SwiGLU and RoPE. Each replaces a chain of composed candle ops (one buffer and one
 //! pass per op, plus the same again in backward) by one pass per direction. Rows run in
-//! parallel (rayon).
+//! parallel (rayon). Inputs are f32 or bf16 activations; the arithmetic is f32 either way and
+//! results are stored in the input's dtype.
 
-use crate::cpu::{f32s, fast_ok, last_dim};
+use crate::cpu::{act_in, act_out, fast_act_ok, last_dim};
 use crate::nn;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::backend::BackendStorage as _;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// y[row] = f(row index, x[row]) over the rows (last dim) of one contiguous f32 input.
+/// y[row] = f(row index, x[row]) over the rows (last dim) of one contiguous input; y in `out`.
 fn map_rows(
     s: &CpuStorage,
     l: &Layout,
+    out: DType,
     f: impl Fn(usize, &[f32], &mut [f32]) + Sync,
 ) -> Result<(CpuStorage, Shape)> {
-    let (x, d) = (f32s(s, l)?, last_dim(l));
+    let (x, d) = (act_in(s, l)?, last_dim(l));
     let mut y = vec![0f32; x.len()];
     y.par_chunks_mut(d)
         .zip(x.par_chunks(d))
         .enumerate()
         .for_each(|(r, (y, x))| f(r, x, y));
-    Ok((CpuStorage::F32(y), l.shape().clone()))
+    Ok((act_out(y, out)?, l.shape().clone()))
 }
 
 /// y[row] = f(a[row], b[row]) over the rows of two inputs of the same shape.
@@ -31,12 +34,12 @@ fn map_rows2(
     l2: &Layout,
     f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
 ) -> Result<(CpuStorage, Shape)> {
-    let (a, b, d) = (f32s(s1, l1)?, f32s(s2, l2)?, last_dim(l1));
+    let (a, b, d) = (act_in(s1, l1)?, act_in(s2, l2)?, last_dim(l1));
     let mut y = vec![0f32; a.len()];
     y.par_chunks_mut(d)
         .zip(a.par_chunks(d).zip(b.par_chunks(d)))
         .for_each(|(y, (a, b))| f(a, b, y));
-    Ok((CpuStorage::F32(y), l1.shape().clone()))
+    Ok((act_out(y, s1.dtype())?, l1.shape().clone()))
 }
 
 // ---------------------------------------------------------------- RMSNorm (frozen weight)
@@ -44,6 +47,7 @@ fn map_rows2(
 struct RmsNorm {
     w: Vec<f32>,
     eps: f32,
+    out: DType,
 }
 
 fn inv_rms(x: &[f32], eps: f32) -> f32 {
@@ -55,7 +59,7 @@ impl CustomOp1 for RmsNorm {
         "petal-rms-norm"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        map_rows(s, l, |_, x, y| {
+        map_rows(s, l, self.out, |_, x, y| {
             let r = inv_rms(x, self.eps);
             for ((y, x), w) in y.iter_mut().zip(x).zip(&self.w) {
                 *y = x * r * w;
@@ -104,15 +108,18 @@ impl CustomOp2 for RmsNormBwd {
     }
 }
 
-/// RMSNorm: fused on CPU f32 for a frozen weight `w`, composed otherwise.
+/// RMSNorm, returned in the weight's dtype (an f32 residual stream normalised into bf16
+/// activations takes one pass): fused on CPU (f32 or bf16) for a frozen weight `w`, composed
+/// otherwise.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     // A trainable weight (LN tuning) needs its gradient: the composed path computes it.
-    if !fast_ok(x) || w.dtype() != x.dtype() || w.track_op() {
-        return nn::rms_norm_reference(x, w, eps);
+    if !fast_act_ok(x) || !fast_act_ok(w) || w.track_op() {
+        return nn::rms_norm_reference(x, w, eps)?.to_dtype(w.dtype());
     }
     let op = RmsNorm {
-        w: w.to_vec1()?,
+        w: w.to_dtype(DType::F32)?.to_vec1()?,
         eps: eps as f32,
+        out: w.dtype(),
     };
     x.contiguous()?.apply_op1(op)
 }
@@ -133,7 +140,7 @@ impl CustomOp1 for Softmax {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = last_dim(l);
-        map_rows(s, l, |r, x, y| {
+        map_rows(s, l, s.dtype(), |r, x, y| {
             let n = self
                 .causal
                 .map(|(t, off)| (r % t + off + 1).min(d))
@@ -187,7 +194,7 @@ impl CustomOp2 for SoftmaxBwd {
 }
 
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if !fast_ok(x) {
+    if !fast_act_ok(x) {
         return nn::softmax_last_dim_reference(x);
     }
     x.contiguous()?.apply_op1(Softmax {
@@ -199,7 +206,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// Attention probabilities softmax(scale * scores + causal mask) for scores (.., R, T) whose
 /// rows are R/t consecutive groups of t queries at positions offset..offset + t.
 pub fn causal_softmax(scores: &Tensor, scale: f64, t: usize, offset: usize) -> Result<Tensor> {
-    if !fast_ok(scores) {
+    if !fast_act_ok(scores) {
         let dims = scores.dims().to_vec();
         let (r, tk) = (dims[dims.len() - 2], dims[dims.len() - 1]);
         let lead: usize = dims[..dims.len() - 2].iter().product();
@@ -263,12 +270,12 @@ impl CustomOp2 for SwiGluBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (g, u) = (f32s(s1, l1)?, f32s(s2, l2)?);
+        let (g, u) = (act_in(s1, l1)?, act_in(s2, l2)?);
         let (st, dl) = self.0.storage_and_layout();
         let candle_core::Storage::Cpu(st) = &*st else {
             candle_core::bail!("petal-swiglu-bwd: cpu only")
         };
-        let dy = f32s(st, dl)?;
+        let dy = act_in(st, dl)?;
         let n = g.len();
         let mut out = vec![0f32; 2 * n];
         let (dg, du) = out.split_at_mut(n);
@@ -287,15 +294,67 @@ impl CustomOp2 for SwiGluBwd {
             });
         let mut dims = vec![2];
         dims.extend(l1.shape().dims());
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
+        Ok((act_out(out, s1.dtype())?, Shape::from(dims)))
     }
 }
 
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    if !fast_ok(g) || g.dims() != u.dims() {
+    if !fast_act_ok(g) || g.dims() != u.dims() || g.dtype() != u.dtype() {
         return g.silu()? * u;
     }
     g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)
+}
+
+// ---------------------------------------------------------------- residual add
+
+/// `x + a` for an f32 residual stream `x` and a bf16 block output `a`: sum in f32, no f32 copy
+/// of `a`; backward hands the gradient to `x` as it is and to `a` rounded to bf16.
+struct ResidualAdd;
+
+impl CustomOp2 for ResidualAdd {
+    fn name(&self) -> &'static str {
+        "petal-residual-add"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, a) = (crate::cpu::f32s(s1, l1)?, crate::cpu::bf16s(s2, l2)?);
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14).zip(a.par_chunks(1 << 14)))
+            .for_each(|(y, (x, a))| {
+                for ((y, x), a) in y.iter_mut().zip(x).zip(a) {
+                    *y = x + crate::bf16::from_bf16(*a);
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        a: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(g.clone()), Some(crate::cpu::cast(g, a.dtype())?)))
+    }
+}
+
+/// The residual `x + a`, in x's dtype; an f32 `x` with a bf16 `a` adds without widening `a`
+/// into a tensor of its own.
+pub fn residual_add(x: &Tensor, a: &Tensor) -> Result<Tensor> {
+    if x.dtype() == a.dtype() {
+        return x + a;
+    }
+    let mixed = x.dtype() == DType::F32 && a.dtype() == DType::BF16;
+    if !(mixed && fast_act_ok(x) && fast_act_ok(a)) || x.dims() != a.dims() {
+        return x + a.to_dtype(x.dtype())?;
+    }
+    x.contiguous()?.apply_op2(&a.contiguous()?, ResidualAdd)
 }
 
 // ---------------------------------------------------------------- RoPE (rotate-half)
@@ -316,7 +375,7 @@ impl CustomOp1 for Rope {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let half = last_dim(l) / 2;
         let sign = if self.inverse { -1.0 } else { 1.0 };
-        map_rows(s, l, |row, x, y| {
+        map_rows(s, l, s.dtype(), |row, x, y| {
             let p = row % self.t;
             let (c, s) = (
                 &self.cos[p * half..(p + 1) * half],
@@ -341,13 +400,18 @@ impl CustomOp1 for Rope {
 }
 
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if !fast_ok(x) || x.rank() != 4 {
+    if !fast_act_ok(x) || x.rank() != 4 {
         return nn::apply_rope_reference(x, cos, sin);
     }
     let t = x.dim(2)?;
+    let f32s = |t: &Tensor| {
+        t.to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()
+    };
     let op = Rope {
-        cos: cos.flatten_all()?.to_vec1()?,
-        sin: sin.flatten_all()?.to_vec1()?,
+        cos: f32s(cos)?,
+        sin: f32s(sin)?,
         t,
         inverse: false,
     };

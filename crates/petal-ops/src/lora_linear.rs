@@ -4,10 +4,17 @@
 //! dh = s g B, dB = s g^T h; W is frozen and gets no gradient.
 
 use crate::bf16;
-use crate::cpu::{bf16s, f32s, fast_lora_ok, with_last};
+use crate::cpu::{
+    act_in, act_out, act_rows, bf16s, cast, cols, f32s, fast_act_ok, fast_lora_ok, mm, rows,
+    with_last,
+};
 use crate::frozen_linear::Bf16Linear;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+};
+use rayon::prelude::*;
+use std::sync::Mutex;
 
 struct LoraLinear {
     w: Tensor,           // (out, in), frozen
@@ -40,7 +47,7 @@ impl CustomOp3 for LoraLinear {
         let x2 = Layout::contiguous_with_offset((n, inp), xl.start_offset());
         let base = match ws {
             CpuStorage::BF16(_) => CpuStorage::F32(bf16::linear(
-                f32s(xs, &x2)?,
+                act_rows(xs, &x2)?,
                 bf16s(ws, &wl)?,
                 out,
                 inp,
@@ -64,7 +71,8 @@ impl CustomOp3 for LoraLinear {
                 None => row_y.iter_mut().zip(row_d).for_each(|(y, d)| *y += s * d),
             }
         }
-        Ok((CpuStorage::F32(y), with_last(xl.shape().dims(), out)))
+        // the output in x's dtype (bf16 activations stay bf16)
+        Ok((act_out(y, xs.dtype())?, with_last(xl.shape().dims(), out)))
     }
 
     fn bwd(
@@ -91,6 +99,8 @@ impl CustomOp3 for LoraLinear {
         } else {
             None
         };
+        // the adapter's products in f32 (a bf16 gradient is widened here, transiently)
+        let g2 = g2.to_dtype(DType::F32)?;
         let dh = (g2.matmul(&b)? * self.scale)?.reshape(h.shape())?;
         let db = (g2.t()?.matmul(&h.reshape((n, r))?)? * self.scale)?;
         Ok((dx, Some(dh), Some(db)))
@@ -117,6 +127,213 @@ pub fn lora_linear(
         scale,
     };
     x.contiguous()?.apply_op3(&h.contiguous()?, b, op)
+}
+
+/// The whole LoRA linear in one graph node: `y = x W^T + b + s (x A^T) B^T`, with x's only
+/// consumer this op (so a bf16 x gathers no gradient sum from a second branch). `h = x A^T`
+/// (n, r, f32) is kept for backward.
+struct LoraFull {
+    w: Tensor,
+    b: Option<Vec<f32>>,
+    scale: f64,
+    keep_h: bool,
+    h: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp3 for LoraFull {
+    fn name(&self) -> &'static str {
+        "petal-lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (out, inp) = self.w.dims2()?;
+        let r = al.shape().dims2()?.0;
+        let n = xl.shape().elem_count() / inp.max(1);
+        let x2 = Layout::contiguous_with_offset((n, inp), xl.start_offset());
+        let (a, bm) = (f32s(as_, al)?, f32s(bs, bl)?);
+        let xf = act_in(xs, &x2)?;
+        let mut h = vec![0f32; n * r];
+        mm(
+            n,
+            r,
+            inp,
+            &mut h,
+            false,
+            1.0,
+            rows(&xf, inp),
+            cols(a, inp),
+            true,
+        );
+        let (ws, wl) = self.w.storage_and_layout();
+        let Storage::Cpu(ws) = &*ws else {
+            candle_core::bail!("petal-lora: cpu only")
+        };
+        let mut y = match ws {
+            CpuStorage::BF16(_) => bf16::linear(act_rows(xs, &x2)?, bf16s(ws, wl)?, out, inp, true),
+            _ => {
+                let mut y = vec![0f32; n * out];
+                let w = f32s(ws, wl)?;
+                mm(
+                    n,
+                    out,
+                    inp,
+                    &mut y,
+                    false,
+                    1.0,
+                    rows(&xf, inp),
+                    cols(w, inp),
+                    true,
+                );
+                y
+            }
+        };
+        // y += s h B^T, in the same buffer
+        let s = self.scale as f32;
+        mm(n, out, r, &mut y, true, s, rows(&h, r), cols(bm, r), true);
+        if let Some(b) = &self.b {
+            y.par_chunks_mut(out)
+                .for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
+        }
+        if self.keep_h {
+            *self
+                .h
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("petal-lora: poisoned".into()))? =
+                Some(crate::cpu::tensor(CpuStorage::F32(h), (n, r)));
+        }
+        Ok((act_out(y, xs.dtype())?, with_last(xl.shape().dims(), out)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out, inp) = self.w.dims2()?;
+        let n = g.elem_count() / out;
+        let h = self
+            .h
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("petal-lora: poisoned".into()))?
+            .take()
+            .ok_or_else(|| {
+                candle_core::Error::Msg("petal-lora: backward without forward".into())
+            })?;
+        let (a, b) = (a.detach(), b.detach());
+        // the adapter's products in f32; a bf16 gradient or input is widened here, transiently
+        let gf = cast(&g.reshape((n, out))?, DType::F32)?;
+        let dh = (gf.matmul(&b)? * self.scale)?; // (n, r)
+        let db = (gf.t()?.matmul(&h)? * self.scale)?;
+        let xf = cast(&x.reshape((n, inp))?, DType::F32)?;
+        let da = dh.t()?.matmul(&xf)?;
+        let dx = if x.track_op() {
+            let base = if self.w.dtype() == DType::BF16 {
+                gf.apply_op2_no_bwd(&self.w, &Bf16Linear { wt: false })?
+            } else {
+                gf.matmul(&self.w)?
+            };
+            let dx = (base + dh.matmul(&a)?)?;
+            Some(cast(&dx, x.dtype())?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        Ok((dx, Some(da), Some(db)))
+    }
+}
+
+/// `x W^T + bias + scale (x A^T) B^T` (LoRA without dropout) in one op on the CPU (x in f32
+/// or bf16, W frozen in f32 or bf16, A and B in f32); composed elsewhere.
+pub fn lora(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let f32_ab = a.dtype() == DType::F32 && b.dtype() == DType::F32;
+    if !fast_lora_ok(x, w) || !f32_ab {
+        let h = low_rank(x, a)?;
+        return lora_linear_reference(x, w, bias, &h, b, scale);
+    }
+    let op = LoraFull {
+        w: w.clone(),
+        b: bias
+            .map(|t| t.to_dtype(DType::F32)?.to_vec1())
+            .transpose()?,
+        scale,
+        keep_h: x.track_op() || a.track_op() || b.track_op(),
+        h: Mutex::new(None),
+    };
+    x.contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
+/// `x A^T` as (n, r) f32 for `x (.., in)` in f32 or bf16 and an f32 `A (r, in)`: LoRA's down
+/// projection. A bf16 `x` is widened inside the op, so no f32 copy of it stays in the graph;
+/// backward gives dx (in x's dtype) = dh A and dA = dh^T x.
+pub fn low_rank(x: &Tensor, a: &Tensor) -> Result<Tensor> {
+    let inp = a.dim(1)?;
+    let x2 = x.reshape((x.elem_count() / inp, inp))?;
+    if x.dtype() == DType::F32 {
+        return x2.matmul(&a.t()?);
+    }
+    if !fast_act_ok(x) || a.dtype() != DType::F32 {
+        return x2.to_dtype(DType::F32)?.matmul(&a.t()?);
+    }
+    x2.contiguous()?.apply_op2(&a.contiguous()?, LowRank)
+}
+
+struct LowRank;
+
+impl CustomOp2 for LowRank {
+    fn name(&self) -> &'static str {
+        "petal-low-rank"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        as_: &CpuStorage,
+        al: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (r, inp) = al.shape().dims2()?;
+        let x = act_in(xs, xl)?;
+        let a = crate::cpu::f32s(as_, al)?;
+        let n = x.len() / inp.max(1);
+        let mut h = vec![0f32; n * r];
+        let (xv, av) = (crate::cpu::rows(&x, inp), crate::cpu::cols(a, inp));
+        crate::cpu::mm(n, r, inp, &mut h, false, 1.0, xv, av, true);
+        Ok((CpuStorage::F32(h), Shape::from((n, r))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        _h: &Tensor,
+        dh: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let need_dx = x.track_op();
+        let (x, a, dh) = (x.detach(), a.detach(), dh.detach());
+        let dx = need_dx
+            .then(|| dh.matmul(&a)?.to_dtype(x.dtype()))
+            .transpose()?;
+        let da = dh.t()?.matmul(&x.to_dtype(DType::F32)?)?;
+        Ok((dx, Some(da)))
+    }
 }
 
 pub fn lora_linear_reference(

@@ -170,8 +170,12 @@ impl LoraLayer {
         Ok((x2, false))
     }
 
-    /// h = dropout(x) A^T as (n, r), in f32.
+    /// h = dropout(x) A^T as (n, r), in f32 (without an f32 copy of a bf16 x where no dropout
+    /// acts).
     fn low(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !(train && self.dropout > 0.0) {
+            return Ok(petal_ops::low_rank(x, self.a.as_tensor())?);
+        }
         Ok(self.input(x, train)?.0.matmul(&self.a.as_tensor().t()?)?)
     }
 
@@ -219,6 +223,10 @@ impl AdapterLayer for LoraLayer {
             return None;
         }
         let run = || -> Result<Tensor> {
+            if self.dora.is_none() && !(train && self.dropout > 0.0) {
+                let (la, lb) = (self.a.as_tensor(), self.b.as_tensor());
+                return Ok(petal_ops::lora(x, w, b, la, lb, self.scaling)?);
+            }
             let h = self.low(x, train)?;
             let lin = petal_ops::lora_linear(x, w, b, &h, self.b.as_tensor(), self.scaling)?;
             match &self.dora {
