@@ -8,6 +8,8 @@
 
 pub mod attention;
 pub mod bf16;
+#[cfg(test)]
+mod bf16_activations;
 pub mod cpu;
 pub mod frozen_linear;
 pub mod head_loss;

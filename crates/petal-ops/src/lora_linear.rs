@@ -370,6 +370,24 @@ mod tests {
     }
 
     #[test]
+    fn one_node_lora_matches_base_plus_scaled_low_rank_in_value_and_every_gradient() {
+        let w = rand(&[7, 5], 1);
+        let bias = rand(&[7], 2);
+        same(
+            &[rand(&[2, 3, 5], 3), rand(&[4, 5], 4), rand(&[7, 4], 5)],
+            |t| lora(&t[0], &w, Some(&bias), &t[1], &t[2], 1.25).unwrap(),
+            |t| {
+                let h = t[0]
+                    .reshape((6, 5))
+                    .unwrap()
+                    .matmul(&t[1].t().unwrap())
+                    .unwrap();
+                lora_linear_reference(&t[0], &w, Some(&bias), &h, &t[2], 1.25).unwrap()
+            },
+        );
+    }
+
+    #[test]
     fn fused_lora_linear_on_a_bf16_weight_matches_the_composed_mixed_precision_form() {
         if !crate::bf16::available() {
             eprintln!("skipped: this CPU has no AVX512-BF16");

@@ -1,6 +1,6 @@
 //! Helpers for tests across the workspace: seeded random tensors, relative error, and the
 //! fast-kernel-vs-reference check (values, and input gradients through a random projection).
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
 pub fn rand(shape: &[usize], seed: u64) -> Tensor {
     use rand::{Rng, SeedableRng};
@@ -62,6 +62,60 @@ pub fn same(
             "gradient of input {i} differs: {}",
             max_rel(a, b)
         );
+    }
+}
+
+/// `same` for bf16 activations: `fast` gets the inputs rounded to bf16 (bf16 tensors),
+/// `reference` the same rounded values in f32 (f32 arithmetic throughout). The value and every
+/// input gradient must agree within `tol` of the largest entry: bf16 storage of the output
+/// and of the gradients (relative step 2^-8) and nothing more.
+pub fn same_bf16(
+    inputs: &[Tensor],
+    tol: f32,
+    fast: impl Fn(&[Tensor]) -> Tensor,
+    reference: impl Fn(&[Tensor]) -> Tensor,
+) {
+    let rounded: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| t.to_dtype(DType::BF16).unwrap())
+        .collect();
+    let fv: Vec<Var> = rounded
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let rv: Vec<Var> = rounded
+        .iter()
+        .map(|t| Var::from_tensor(&t.to_dtype(DType::F32).unwrap()).unwrap())
+        .collect();
+    let ft: Vec<Tensor> = fv.iter().map(|v| v.as_tensor().clone()).collect();
+    let rt: Vec<Tensor> = rv.iter().map(|v| v.as_tensor().clone()).collect();
+    let (f, r) = (fast(&ft), reference(&rt));
+    assert_eq!(f.dims(), r.dims());
+    let f32f = f.to_dtype(DType::F32).unwrap();
+    assert!(
+        max_rel(&f32f, &r) < tol,
+        "values differ: {}",
+        max_rel(&f32f, &r)
+    );
+    let proj = rand(f.dims(), 99);
+    let gf = (&f32f * &proj)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gr = (&r * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+    for (i, (a, b)) in fv.iter().zip(&rv).enumerate() {
+        let ga = gf.get(a.as_tensor()).unwrap();
+        assert_eq!(
+            ga.dtype(),
+            DType::BF16,
+            "gradient {i} is not in its input's dtype"
+        );
+        let ga = ga.to_dtype(DType::F32).unwrap();
+        let gb = gr.get(b.as_tensor()).unwrap();
+        let rel = max_rel(&ga, gb);
+        assert!(rel < tol, "gradient of input {i} differs: {rel}");
     }
 }
 

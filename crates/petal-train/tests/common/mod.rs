@@ -1,5 +1,7 @@
 //! The short LoRA training run the loss-curve tests share: the tiny golden Llama loaded in
-//! `dtype`, rank 4 on all linear layers with dropout, 6 steps; returns the per-step losses.
+//! `dtype`, rank 4 on all linear layers (with dropout unless asked otherwise), 6 steps; returns
+//! the per-step losses.
+#![allow(dead_code)] // each test binary uses part of it
 
 use candle_core::{DType, Device};
 use petal_core::config::Targets;
@@ -10,12 +12,17 @@ use petal_train::{train, Schedule, TrainConfig};
 use std::path::PathBuf;
 
 pub fn tiny_llama_losses(dtype: DType, out: PathBuf) -> Vec<f64> {
+    tiny_llama_losses_with(dtype, 0.1, out)
+}
+
+/// The same run with LoRA dropout `dropout` (0 takes the one-node fused LoRA op).
+pub fn tiny_llama_losses_with(dtype: DType, dropout: f64, out: PathBuf) -> Vec<f64> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden/llama");
     let mut m = petal_models::load_model(dir.to_str().unwrap(), dtype, &Device::Cpu)
         .unwrap()
         .model;
     let mut cfg = AdapterConfig::lora(4, 8.0, Targets::Regex("all-linear".into()));
-    cfg.lora_dropout = 0.1;
+    cfg.lora_dropout = dropout;
     inject_adapter(&mut m, "default", &cfg, 3).unwrap();
     let data: Vec<Example> = (0..12u32)
         .map(|i| {
