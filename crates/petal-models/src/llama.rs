@@ -8,7 +8,9 @@ use candle_core::{DType, Device, Tensor};
 use petal_core::adapter::InputShape;
 use petal_core::{Adaptable, AdaptableLinear, AdaptableNorm, InputAdapter, Result};
 use petal_io::Weights;
-use petal_ops::{apply_rope, causal_attention, residual_add, rms_norm, rope_tables, swiglu};
+use petal_ops::{
+    apply_rope_bthd, causal_attention_bthd, residual_add, rms_norm, rope_tables, swiglu,
+};
 
 mod bias_export;
 
@@ -110,7 +112,7 @@ pub(crate) struct Stage {
     pub sin: Tensor,
 }
 
-/// Per-layer keys and values seen so far, (b, kv_heads, t, d).
+/// Per-layer keys and values seen so far, (b, t, kv_heads, d).
 #[derive(Debug, Default, Clone)]
 pub struct KvCache {
     kv: Vec<Option<(Tensor, Tensor)>>,
@@ -127,7 +129,7 @@ impl KvCache {
         self.kv
             .first()
             .and_then(|x| x.as_ref())
-            .map(|(k, _)| k.dims()[2])
+            .map(|(k, _)| k.dims()[1])
             .unwrap_or(0)
     }
     pub fn is_empty(&self) -> bool {
@@ -356,7 +358,7 @@ impl Llama {
         Ok(residual_add(&x, &m.down.forward(&swiglu(&g, &u)?, train)?)?)
     }
 
-    /// Layer i's (key, value) prefix as (b, kv_heads, n, head_dim), from the adapter's
+    /// Layer i's (key, value) prefix as (b, n, kv_heads, head_dim), from the adapter's
     /// (n, 2 layers kv_dim) slots 2i and 2i + 1.
     fn layer_prefix(&self, p: &Tensor, i: usize, b: usize) -> Result<(Tensor, Tensor)> {
         let (nkv, d) = (self.cfg.num_key_value_heads, self.cfg.head_dim);
@@ -365,8 +367,7 @@ impl Llama {
             Ok(p.narrow(1, slot * nkv * d, nkv * d)?
                 .to_dtype(self.act)?
                 .reshape((1, n, nkv, d))?
-                .transpose(1, 2)?
-                .broadcast_as((b, nkv, n, d))?
+                .broadcast_as((b, n, nkv, d))?
                 .contiguous()?)
         };
         Ok((one(2 * i)?, one(2 * i + 1)?))
@@ -389,33 +390,27 @@ impl Llama {
             self.cfg.num_key_value_heads,
             self.cfg.head_dim,
         );
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = apply_rope(&heads(at.q.forward(x, train)?, nh)?, cos, sin)?; // (b, nh, t, d)
-        let mut k = apply_rope(&heads(at.k.forward(x, train)?, nkv)?, cos, sin)?; // (b, nkv, t, d)
+        // Token-major heads (b, t, heads, d), as the projections lay them out: RoPE and attention
+        // read that layout, so no transposed copy of q, k, v or the output enters the graph.
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?) };
+        let q = apply_rope_bthd(&heads(at.q.forward(x, train)?, nh)?, cos, sin)?;
+        let mut k = apply_rope_bthd(&heads(at.k.forward(x, train)?, nkv)?, cos, sin)?;
         let mut v = heads(at.v.forward(x, train)?, nkv)?;
         if let Some((pk, pv)) = prefix {
-            k = Tensor::cat(&[&pk, &k], 2)?;
-            v = Tensor::cat(&[&pv, &v], 2)?;
+            k = Tensor::cat(&[&pk, &k], 1)?;
+            v = Tensor::cat(&[&pv, &v], 1)?;
         }
         if let Some(slot) = kv {
             if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
+                k = Tensor::cat(&[pk, &k], 1)?;
+                v = Tensor::cat(&[pv, &v], 1)?;
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        // Grouped-query attention without copying k/v per query head: the `rep` query heads
-        // sharing kv head j become rep*t rows of group j (HF's repeat_kv order: head h -> h / rep).
-        // Scores are never held whole on the CPU (petal-ops `causal_attention`).
-        let rep = nh / nkv;
-        let tk = k.dim(2)?;
-        let qg = q.reshape((b, nkv, rep * t, d))?;
-        let o = causal_attention(&qg, &k, &v, 1.0 / (d as f64).sqrt(), t, tk - t)?;
-        let o = o.reshape((b, nh, t, d))?; // (b, nh, t, d)
-        let o = o.transpose(1, 2)?.reshape((b, t, nh * d))?;
-        at.o.forward(&o, train)
+        // Grouped-query attention without copying k/v per query head (HF's repeat_kv order:
+        // head h reads kv head h / (nh / nkv)); scores are never held whole on the CPU.
+        let o = causal_attention_bthd(&q, &k, &v, 1.0 / (d as f64).sqrt())?; // (b, t, nh, d)
+        at.o.forward(&o.reshape((b, t, nh * d))?, train)
     }
 
     /// Every base tensor under its HF name (merged weights included), for export.

@@ -10,7 +10,10 @@
 //! R = rep * t rows per kv group, row r being query position r % t (HF's repeat_kv order); k, v
 //! are (b, g, T, d); query position i sees keys j <= i + offset (offset = T - t: prefix or cache).
 //! Forward runs tiles in parallel; backward runs (batch, group) pairs in parallel, each owning
-//! its dk, dv.
+//! its dk, dv. `causal_attention_bthd` takes and returns the token-major layout the projections
+//! produce (q (b, t, heads, d), k, v (b, T, kv_heads, d)): the op reorders into the grouped
+//! layout inside (transient buffers), so no transposed copy of q, k, v or the output becomes a
+//! node of the graph.
 
 use crate::cpu::{act_in, act_out, cols, fast_act_ok, mm, rows};
 use candle_core::backend::BackendStorage as _;
@@ -25,6 +28,8 @@ struct Flash {
     scale: f32,
     t: usize,
     offset: usize,
+    /// inputs and output in the token-major layout (b, t, heads, d)
+    bthd: bool,
     /// Each row's log-sum-exp of the scaled scores, from the forward pass.
     lse: Mutex<Vec<f32>>,
 }
@@ -94,11 +99,58 @@ impl Flash {
 
     fn dims(&self, q: &Layout, k: &Layout) -> Result<(usize, usize, usize, usize)> {
         let (qd, kd) = (q.shape().dims(), k.shape().dims());
+        if self.bthd {
+            // (b, t, nh, d) and (b, T, nkv, d): pairs (b, kv head), rows rep * t
+            if qd.len() != 4 || kd.len() != 4 || qd[0] != kd[0] || qd[3] != kd[3] {
+                candle_core::bail!("causal_attention: q {qd:?} and k/v {kd:?} do not fit")
+            }
+            return Ok((qd[0] * kd[2], qd[2] / kd[2] * qd[1], kd[1], qd[3]));
+        }
         if qd.len() != 4 || kd.len() != 4 || qd[..2] != kd[..2] || qd[3] != kd[3] {
             candle_core::bail!("causal_attention: q {qd:?} and k/v {kd:?} do not fit")
         }
         // (pairs, rows, keys, d)
         Ok((qd[0] * qd[1], qd[2], kd[2], qd[3]))
+    }
+}
+
+/// (b, a1, a2, d) -> (b, a2, a1, d), rows of d in parallel.
+fn swap12(x: &[f32], dims: [usize; 4]) -> Vec<f32> {
+    let [_, a1, a2, d] = dims;
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(a1 * d).enumerate().for_each(|(bj, dst)| {
+        let (bi, j) = (bj / a2, bj % a2);
+        for (i, row) in dst.chunks_mut(d).enumerate() {
+            let at = ((bi * a1 + i) * a2 + j) * d;
+            row.copy_from_slice(&x[at..at + d]);
+        }
+    });
+    y
+}
+
+impl Flash {
+    /// A token-major (b, t, heads, d) tensor's values in the grouped layout (b, heads, t, d);
+    /// as they are for the grouped layout.
+    fn grouped<'a>(
+        &self,
+        x: std::borrow::Cow<'a, [f32]>,
+        dims: &[usize],
+    ) -> Result<std::borrow::Cow<'a, [f32]>> {
+        if !self.bthd {
+            return Ok(x);
+        }
+        let [b, t, h, d] = dims else {
+            candle_core::bail!("causal_attention: {dims:?} is not (b, t, heads, d)")
+        };
+        Ok(swap12(&x, [*b, *t, *h, *d]).into())
+    }
+
+    /// Grouped-layout values of a tensor of token-major `dims` back in that layout.
+    fn ungrouped(&self, x: Vec<f32>, dims: &[usize]) -> Vec<f32> {
+        match dims {
+            [b, t, h, d] if self.bthd => swap12(&x, [*b, *h, *t, *d]),
+            _ => x,
+        }
     }
 }
 
@@ -119,6 +171,11 @@ impl CustomOp3 for Flash {
         // bf16 activations are widened for the f32 arithmetic (one layer's q, k, v at a time)
         let (q, k, v) = (act_in(qs, ql)?, act_in(ks, kl)?, act_in(vs, vl)?);
         let (pairs, nr, keys, d) = self.dims(ql, kl)?;
+        let (q, k, v) = (
+            self.grouped(q, ql.shape().dims())?,
+            self.grouped(k, kl.shape().dims())?,
+            self.grouped(v, vl.shape().dims())?,
+        );
         let mut out = vec![0f32; pairs * nr * d];
         let mut lse = vec![0f32; pairs * nr];
         out.par_chunks_mut(nr * d)
@@ -146,6 +203,7 @@ impl CustomOp3 for Flash {
             .lse
             .lock()
             .map_err(|_| candle_core::Error::Msg("lse lock".into()))? = lse;
+        let out = self.ungrouped(out, ql.shape().dims());
         Ok((act_out(out, qs.dtype())?, ql.shape().clone()))
     }
 
@@ -157,8 +215,12 @@ impl CustomOp3 for Flash {
         o: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let host = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
-        let (qv, kv, vv, ov, gv) = (host(q)?, host(k)?, host(v)?, host(o)?, host(grad)?);
+        let host = |t: &Tensor, like: &Tensor| -> Result<Vec<f32>> {
+            let x = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            Ok(self.grouped(x.into(), like.dims())?.into_owned())
+        };
+        let (qv, kv, vv) = (host(q, q)?, host(k, k)?, host(v, v)?);
+        let (ov, gv) = (host(o, q)?, host(grad, q)?);
         let lse = self
             .lse
             .lock()
@@ -242,6 +304,7 @@ impl CustomOp3 for Flash {
                 }
             });
         let t = |x: Vec<f32>, like: &Tensor| -> Result<Tensor> {
+            let x = self.ungrouped(x, like.dims());
             Ok(crate::cpu::tensor(act_out(x, like.dtype())?, like.shape()))
         };
         Ok((Some(t(dq, q)?), Some(t(dk, k)?), Some(t(dv, v)?)))
@@ -290,6 +353,42 @@ pub fn causal_attention(
             scale: scale as f32,
             t,
             offset,
+            bthd: false,
+            lse: Mutex::new(Vec::new()),
+        },
+    )
+}
+
+/// `causal_attention` in the token-major layout: q (b, t, heads, d), k and v (b, T, kv_heads,
+/// d) with T - t keys already seen (prefix or cache); returns (b, t, heads, d). Query head h
+/// reads kv head h / (heads / kv_heads) (HF's repeat_kv). On the CPU the kernel reorders
+/// inside; elsewhere the composed ops run on transposed copies.
+pub fn causal_attention_bthd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, t, nh, d) = q.dims4()?;
+    let (_, keys, nkv, _) = k.dims4()?;
+    if t == 0 || nkv == 0 || nh % nkv != 0 || keys < t || k.dims() != v.dims() {
+        candle_core::bail!(
+            "causal_attention: q {:?} and k/v {:?} are not (b, t, heads, d) with t <= T and \
+             heads a multiple of kv heads",
+            q.dims(),
+            k.dims()
+        )
+    }
+    let same = q.dtype() == k.dtype() && k.dtype() == v.dtype();
+    if !(same && fast_act_ok(q) && fast_act_ok(k) && fast_act_ok(v)) {
+        let g = |x: &Tensor| x.transpose(1, 2)?.contiguous(); // (b, heads, t, d)
+        let qg = g(q)?.reshape((b, nkv, nh / nkv * t, d))?;
+        let o = causal_attention_reference(&qg, &g(k)?, &g(v)?, scale, t, keys - t)?;
+        return o.reshape((b, nh, t, d))?.transpose(1, 2)?.contiguous();
+    }
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        Flash {
+            scale: scale as f32,
+            t,
+            offset: keys - t,
+            bthd: true,
             lse: Mutex::new(Vec::new()),
         },
     )
@@ -299,6 +398,39 @@ pub fn causal_attention(
 mod tests {
     use super::*;
     use crate::testing::{rand, same};
+
+    #[test]
+    fn token_major_attention_equals_the_composed_ops_on_transposed_heads() {
+        // (batch, t, heads, kv heads, offset, d)
+        for (b, t, nh, nkv, offset, d) in
+            [(2, 16, 4, 2, 0, 8), (1, 7, 3, 1, 5, 4), (2, 1, 2, 2, 3, 6)]
+        {
+            let inputs = [
+                rand(&[b, t, nh, d], 1),
+                rand(&[b, t + offset, nkv, d], 2),
+                rand(&[b, t + offset, nkv, d], 3),
+            ];
+            let scale = 1.0 / (d as f64).sqrt();
+            // the reference: heads first (b, heads, t, d), query heads grouped per kv head
+            let reference = |x: &[Tensor]| {
+                let g = |x: &Tensor| x.transpose(1, 2).unwrap().contiguous().unwrap();
+                let qg = g(&x[0]).reshape((b, nkv, nh / nkv * t, d)).unwrap();
+                let o = causal_attention_reference(&qg, &g(&x[1]), &g(&x[2]), scale, t, offset)
+                    .unwrap();
+                o.reshape((b, nh, t, d))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            };
+            same(
+                &inputs,
+                |x| causal_attention_bthd(&x[0], &x[1], &x[2], scale).unwrap(),
+                reference,
+            );
+        }
+    }
 
     #[test]
     fn blockwise_causal_attention_equals_the_composed_ops_in_value_and_gradients() {

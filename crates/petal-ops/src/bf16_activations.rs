@@ -101,6 +101,29 @@ fn causal_attention_on_bf16_activations_matches_the_f32_composed_attention() {
 }
 
 #[test]
+fn token_major_attention_on_bf16_activations_matches_the_f32_composed_attention() {
+    let (b, t, nh, nkv, keys, d) = (2, 9, 4, 2, 12, 8);
+    let scale = 1.0 / (d as f64).sqrt();
+    same_bf16(
+        &[
+            rand(&[b, t, nh, d], 1),
+            rand(&[b, keys, nkv, d], 2),
+            rand(&[b, keys, nkv, d], 3),
+        ],
+        TOL,
+        |x| causal_attention_bthd(&x[0], &x[1], &x[2], scale).unwrap(),
+        |x| {
+            let g = |x: &Tensor| x.transpose(1, 2).unwrap().contiguous().unwrap();
+            let qg = g(&x[0]).reshape((b, nkv, nh / nkv * t, d)).unwrap();
+            let o =
+                causal_attention_reference(&qg, &g(&x[1]), &g(&x[2]), scale, t, keys - t).unwrap();
+            let o = o.reshape((b, nh, t, d)).unwrap();
+            o.transpose(1, 2).unwrap().contiguous().unwrap()
+        },
+    );
+}
+
+#[test]
 fn frozen_linear_on_bf16_activations_matches_the_f32_product_of_the_rounded_values() {
     if skip_without_bf16_kernel() {
         return;

@@ -46,13 +46,7 @@ pub(crate) fn act_in<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [f32]>
 pub(crate) fn act_out(y: Vec<f32>, dt: DType) -> Result<CpuStorage> {
     match dt {
         DType::F32 => Ok(CpuStorage::F32(y)),
-        DType::BF16 => {
-            let mut b = vec![half::bf16::ZERO; y.len()];
-            b.par_chunks_mut(CONVERT_CHUNK)
-                .zip(y.par_chunks(CONVERT_CHUNK))
-                .for_each(|(b, y)| crate::bf16::narrow(y, bits_mut(b)));
-            Ok(CpuStorage::BF16(b))
-        }
+        DType::BF16 => Ok(CpuStorage::BF16(narrow_par(&y))),
         dt => candle_core::bail!("petal-ops: activations in {dt:?} have no fused kernel"),
     }
 }
@@ -74,21 +68,24 @@ pub(crate) fn cast(t: &Tensor, dt: DType) -> Result<Tensor> {
     };
     let st = match s {
         CpuStorage::BF16(_) => CpuStorage::F32(act_in(s, l)?.into_owned()),
-        _ => {
-            let x = f32s(s, l)?;
-            let mut b = vec![half::bf16::ZERO; x.len()];
-            b.par_chunks_mut(CONVERT_CHUNK)
-                .zip(x.par_chunks(CONVERT_CHUNK))
-                .for_each(|(b, y)| crate::bf16::narrow(y, bits_mut(b)));
-            CpuStorage::BF16(b)
-        }
+        _ => CpuStorage::BF16(narrow_par(f32s(s, l)?)),
     };
     Ok(tensor(st, t.shape()))
 }
 
-fn bits_mut(b: &mut [half::bf16]) -> &mut [u16] {
-    // SAFETY: half::bf16 is a transparent wrapper of u16: same size, alignment and validity.
-    unsafe { std::slice::from_raw_parts_mut(b.as_mut_ptr() as *mut u16, b.len()) }
+/// f32 values rounded to bf16, in parallel chunks.
+fn narrow_par(x: &[f32]) -> Vec<half::bf16> {
+    let mut b = vec![half::bf16::ZERO; x.len()];
+    b.par_chunks_mut(CONVERT_CHUNK)
+        .zip(x.par_chunks(CONVERT_CHUNK))
+        .for_each(|(b, x)| {
+            // SAFETY: half::bf16 is a transparent wrapper of u16: same size, alignment and
+            // validity.
+            let bits =
+                unsafe { std::slice::from_raw_parts_mut(b.as_mut_ptr() as *mut u16, b.len()) };
+            crate::bf16::narrow(x, bits)
+        });
+    b
 }
 
 /// A contiguous f32 or bf16 input as the bf16 kernel's left operand.

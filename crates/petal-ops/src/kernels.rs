@@ -359,12 +359,14 @@ pub fn residual_add(x: &Tensor, a: &Tensor) -> Result<Tensor> {
 
 // ---------------------------------------------------------------- RoPE (rotate-half)
 
-/// Rotates pairs (j, j + d/2) of x (b, h, t, d) by the angles in cos/sin (t, d/2); with
-/// `inverse` by the opposite angles, which is also the backward pass.
+/// Rotates pairs (j, j + d/2) of x's rows by the angles in cos/sin (t, d/2) of their position
+/// `(row / per_pos) % t`: x (b, h, t, d) has one row per position (`per_pos` 1), x (b, t, h, d)
+/// `h`. With `inverse` by the opposite angles, which is also the backward pass.
 struct Rope {
     cos: Vec<f32>,
     sin: Vec<f32>,
     t: usize,
+    per_pos: usize,
     inverse: bool,
 }
 
@@ -376,7 +378,7 @@ impl CustomOp1 for Rope {
         let half = last_dim(l) / 2;
         let sign = if self.inverse { -1.0 } else { 1.0 };
         map_rows(s, l, s.dtype(), |row, x, y| {
-            let p = row % self.t;
+            let p = (row / self.per_pos) % self.t;
             let (c, s) = (
                 &self.cos[p * half..(p + 1) * half],
                 &self.sin[p * half..(p + 1) * half],
@@ -393,6 +395,7 @@ impl CustomOp1 for Rope {
             cos: self.cos.clone(),
             sin: self.sin.clone(),
             t: self.t,
+            per_pos: self.per_pos,
             inverse: !self.inverse,
         };
         Ok(Some(g.contiguous()?.apply_op1(op)?))
@@ -403,19 +406,29 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if !fast_act_ok(x) || x.rank() != 4 {
         return nn::apply_rope_reference(x, cos, sin);
     }
-    let t = x.dim(2)?;
-    let f32s = |t: &Tensor| {
-        t.to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()
-    };
+    rope_op(x, cos, sin, x.dim(2)?, 1)
+}
+
+fn rope_op(x: &Tensor, cos: &Tensor, sin: &Tensor, t: usize, per_pos: usize) -> Result<Tensor> {
+    let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1();
     let op = Rope {
         cos: f32s(cos)?,
         sin: f32s(sin)?,
         t,
+        per_pos,
         inverse: false,
     };
     x.contiguous()?.apply_op1(op)
+}
+
+/// RoPE on the token-major layout x (b, t, heads, d) the projections produce, so no transposed
+/// copy is needed; cos/sin (t, d/2) as for `apply_rope`.
+pub fn apply_rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if !fast_act_ok(x) || x.rank() != 4 {
+        let y = nn::apply_rope_reference(&x.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        return y.transpose(1, 2)?.contiguous();
+    }
+    rope_op(x, cos, sin, x.dim(1)?, x.dim(2)?)
 }
 
 #[cfg(test)]
@@ -488,6 +501,24 @@ mod tests {
             &[rand(&[3, 5000], 3), rand(&[3, 5000], 4)],
             |t| swiglu(&t[0], &t[1]).unwrap(),
             |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
+        );
+    }
+
+    #[test]
+    fn token_major_rope_matches_the_reference_on_transposed_heads() {
+        let inv: Vec<f32> = (0..4)
+            .map(|i| 1.0 / 10000f32.powf(i as f32 / 4.0))
+            .collect();
+        let (cos, sin) = nn::rope_tables(&inv, 16, &candle_core::Device::Cpu).unwrap();
+        let (c, s) = (cos.narrow(0, 3, 5).unwrap(), sin.narrow(0, 3, 5).unwrap());
+        same(
+            &[rand(&[2, 5, 3, 8], 6)], // (b, t, heads, d)
+            |t| apply_rope_bthd(&t[0], &c, &s).unwrap(),
+            |t| {
+                let x = t[0].transpose(1, 2).unwrap().contiguous().unwrap();
+                let y = nn::apply_rope_reference(&x, &c, &s).unwrap();
+                y.transpose(1, 2).unwrap().contiguous().unwrap()
+            },
         );
     }
 

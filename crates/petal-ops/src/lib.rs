@@ -25,12 +25,14 @@ pub mod scale;
 pub mod testing;
 pub mod vmath;
 
-pub use attention::causal_attention;
+pub use attention::{causal_attention, causal_attention_bthd};
 pub use cpu::set_fast;
 pub use frozen_linear::frozen_linear;
 pub use head_loss::head_cross_entropy;
 pub use inverse::inverse;
-pub use kernels::{apply_rope, causal_softmax, residual_add, rms_norm, softmax_last_dim, swiglu};
+pub use kernels::{
+    apply_rope, apply_rope_bthd, causal_softmax, residual_add, rms_norm, softmax_last_dim, swiglu,
+};
 pub use lora_linear::{lora, lora_linear, low_rank};
 pub use loss::{masked_cross_entropy, IGNORE_INDEX};
 pub use nn::{causal_mask, rope_tables};
