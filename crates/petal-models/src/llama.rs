@@ -112,7 +112,7 @@ pub(crate) struct Stage {
     pub sin: Tensor,
 }
 
-/// Per-layer keys and values seen so far, (b, t, kv_heads, d).
+/// Per-layer keys and values seen so far, (b, t, kv_heads * d).
 #[derive(Debug, Default, Clone)]
 pub struct KvCache {
     kv: Vec<Option<(Tensor, Tensor)>>,
@@ -358,7 +358,7 @@ impl Llama {
         Ok(residual_add(&x, &m.down.forward(&swiglu(&g, &u)?, train)?)?)
     }
 
-    /// Layer i's (key, value) prefix as (b, n, kv_heads, head_dim), from the adapter's
+    /// Layer i's (key, value) prefix as (b, n, kv_heads * head_dim), from the adapter's
     /// (n, 2 layers kv_dim) slots 2i and 2i + 1.
     fn layer_prefix(&self, p: &Tensor, i: usize, b: usize) -> Result<(Tensor, Tensor)> {
         let (nkv, d) = (self.cfg.num_key_value_heads, self.cfg.head_dim);
@@ -366,8 +366,8 @@ impl Llama {
         let one = |slot: usize| -> Result<Tensor> {
             Ok(p.narrow(1, slot * nkv * d, nkv * d)?
                 .to_dtype(self.act)?
-                .reshape((1, n, nkv, d))?
-                .broadcast_as((b, n, nkv, d))?
+                .reshape((1, n, nkv * d))?
+                .broadcast_as((b, n, nkv * d))?
                 .contiguous()?)
         };
         Ok((one(2 * i)?, one(2 * i + 1)?))
@@ -384,18 +384,13 @@ impl Llama {
         prefix: Option<(Tensor, Tensor)>,
         train: bool,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, d) = (
-            self.cfg.num_attention_heads,
-            self.cfg.num_key_value_heads,
-            self.cfg.head_dim,
-        );
-        // Token-major heads (b, t, heads, d), as the projections lay them out: RoPE and attention
-        // read that layout, so no transposed copy of q, k, v or the output enters the graph.
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?) };
-        let q = apply_rope_bthd(&heads(at.q.forward(x, train)?, nh)?, cos, sin)?;
-        let mut k = apply_rope_bthd(&heads(at.k.forward(x, train)?, nkv)?, cos, sin)?;
-        let mut v = heads(at.v.forward(x, train)?, nkv)?;
+        let d = self.cfg.head_dim;
+        // Heads token-major and merged (b, t, heads * d), as the projections write them: RoPE
+        // and attention read that layout, so no transposed copy of q, k, v or the output (and
+        // no reshape) enters the graph.
+        let q = apply_rope_bthd(&at.q.forward(x, train)?, cos, sin)?;
+        let mut k = apply_rope_bthd(&at.k.forward(x, train)?, cos, sin)?;
+        let mut v = at.v.forward(x, train)?;
         if let Some((pk, pv)) = prefix {
             k = Tensor::cat(&[&pk, &k], 1)?;
             v = Tensor::cat(&[&pv, &v], 1)?;
@@ -409,8 +404,8 @@ impl Llama {
         }
         // Grouped-query attention without copying k/v per query head (HF's repeat_kv order:
         // head h reads kv head h / (nh / nkv)); scores are never held whole on the CPU.
-        let o = causal_attention_bthd(&q, &k, &v, 1.0 / (d as f64).sqrt())?; // (b, t, nh, d)
-        at.o.forward(&o.reshape((b, t, nh * d))?, train)
+        let o = causal_attention_bthd(&q, &k, &v, d, 1.0 / (d as f64).sqrt())?; // (b, t, nh d)
+        at.o.forward(&o, train)
     }
 
     /// Every base tensor under its HF name (merged weights included), for export.

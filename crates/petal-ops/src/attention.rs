@@ -28,8 +28,9 @@ struct Flash {
     scale: f32,
     t: usize,
     offset: usize,
-    /// inputs and output in the token-major layout (b, t, heads, d)
-    bthd: bool,
+    /// `Some(head_dim)`: inputs and output in the token-major layout (b, t, heads, d) or
+    /// (b, t, heads * d)
+    bthd: Option<usize>,
     /// Each row's log-sum-exp of the scaled scores, from the forward pass.
     lse: Mutex<Vec<f32>>,
 }
@@ -99,12 +100,13 @@ impl Flash {
 
     fn dims(&self, q: &Layout, k: &Layout) -> Result<(usize, usize, usize, usize)> {
         let (qd, kd) = (q.shape().dims(), k.shape().dims());
-        if self.bthd {
-            // (b, t, nh, d) and (b, T, nkv, d): pairs (b, kv head), rows rep * t
-            if qd.len() != 4 || kd.len() != 4 || qd[0] != kd[0] || qd[3] != kd[3] {
+        if let Some(d) = self.bthd {
+            // (b, t, nh [, d]) and (b, T, nkv [, d]): pairs (b, kv head), rows rep * t
+            let (nh, nkv) = (token_heads(qd, d)?, token_heads(kd, d)?);
+            if qd[0] != kd[0] || nkv == 0 || nh % nkv != 0 {
                 candle_core::bail!("causal_attention: q {qd:?} and k/v {kd:?} do not fit")
             }
-            return Ok((qd[0] * kd[2], qd[2] / kd[2] * qd[1], kd[1], qd[3]));
+            return Ok((qd[0] * nkv, nh / nkv * qd[1], kd[1], d));
         }
         if qd.len() != 4 || kd.len() != 4 || qd[..2] != kd[..2] || qd[3] != kd[3] {
             candle_core::bail!("causal_attention: q {qd:?} and k/v {kd:?} do not fit")
@@ -112,6 +114,15 @@ impl Flash {
         // (pairs, rows, keys, d)
         Ok((qd[0] * qd[1], qd[2], kd[2], qd[3]))
     }
+}
+
+/// Heads of a token-major (b, t, heads, d) or (b, t, heads * d) shape with head size `d`.
+fn token_heads(dims: &[usize], d: usize) -> Result<usize> {
+    let width: usize = dims.iter().skip(2).product();
+    if !(dims.len() == 3 || dims.len() == 4 && dims[3] == d) || d == 0 || width % d != 0 {
+        candle_core::bail!("causal_attention: {dims:?} is not token-major with heads of {d}")
+    }
+    Ok(width / d)
 }
 
 /// (b, a1, a2, d) -> (b, a2, a1, d), rows of d in parallel.
@@ -129,28 +140,23 @@ fn swap12(x: &[f32], dims: [usize; 4]) -> Vec<f32> {
 }
 
 impl Flash {
-    /// A token-major (b, t, heads, d) tensor's values in the grouped layout (b, heads, t, d);
-    /// as they are for the grouped layout.
+    /// A token-major tensor's values in the grouped layout (b, heads, t, d); as they are for
+    /// the grouped layout.
     fn grouped<'a>(
         &self,
         x: std::borrow::Cow<'a, [f32]>,
         dims: &[usize],
     ) -> Result<std::borrow::Cow<'a, [f32]>> {
-        if !self.bthd {
-            return Ok(x);
-        }
-        let [b, t, h, d] = dims else {
-            candle_core::bail!("causal_attention: {dims:?} is not (b, t, heads, d)")
-        };
-        Ok(swap12(&x, [*b, *t, *h, *d]).into())
+        let Some(d) = self.bthd else { return Ok(x) };
+        let h = token_heads(dims, d)?;
+        Ok(swap12(&x, [dims[0], dims[1], h, d]).into())
     }
 
     /// Grouped-layout values of a tensor of token-major `dims` back in that layout.
-    fn ungrouped(&self, x: Vec<f32>, dims: &[usize]) -> Vec<f32> {
-        match dims {
-            [b, t, h, d] if self.bthd => swap12(&x, [*b, *h, *t, *d]),
-            _ => x,
-        }
+    fn ungrouped(&self, x: Vec<f32>, dims: &[usize]) -> Result<Vec<f32>> {
+        let Some(d) = self.bthd else { return Ok(x) };
+        let h = token_heads(dims, d)?;
+        Ok(swap12(&x, [dims[0], h, dims[1], d]))
     }
 }
 
@@ -203,7 +209,7 @@ impl CustomOp3 for Flash {
             .lse
             .lock()
             .map_err(|_| candle_core::Error::Msg("lse lock".into()))? = lse;
-        let out = self.ungrouped(out, ql.shape().dims());
+        let out = self.ungrouped(out, ql.shape().dims())?;
         Ok((act_out(out, qs.dtype())?, ql.shape().clone()))
     }
 
@@ -304,7 +310,7 @@ impl CustomOp3 for Flash {
                 }
             });
         let t = |x: Vec<f32>, like: &Tensor| -> Result<Tensor> {
-            let x = self.ungrouped(x, like.dims());
+            let x = self.ungrouped(x, like.dims())?;
             Ok(crate::cpu::tensor(act_out(x, like.dtype())?, like.shape()))
         };
         Ok((Some(t(dq, q)?), Some(t(dk, k)?), Some(t(dv, v)?)))
@@ -353,33 +359,48 @@ pub fn causal_attention(
             scale: scale as f32,
             t,
             offset,
-            bthd: false,
+            bthd: None,
             lse: Mutex::new(Vec::new()),
         },
     )
 }
 
-/// `causal_attention` in the token-major layout: q (b, t, heads, d), k and v (b, T, kv_heads,
-/// d) with T - t keys already seen (prefix or cache); returns (b, t, heads, d). Query head h
-/// reads kv head h / (heads / kv_heads) (HF's repeat_kv). On the CPU the kernel reorders
-/// inside; elsewhere the composed ops run on transposed copies.
-pub fn causal_attention_bthd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let (b, t, nh, d) = q.dims4()?;
-    let (_, keys, nkv, _) = k.dims4()?;
-    if t == 0 || nkv == 0 || nh % nkv != 0 || keys < t || k.dims() != v.dims() {
+/// `causal_attention` in the token-major layout: q (b, t, heads, d) and k, v (b, T, kv_heads,
+/// d), or the same with heads and d merged (b, t, heads * d) as the projections write them, with
+/// T - t keys already seen (prefix or cache); returns q's shape. Query head h reads kv head
+/// h / (heads / kv_heads) (HF's repeat_kv). On the CPU the kernel reorders inside; elsewhere
+/// the composed ops run on transposed copies.
+pub fn causal_attention_bthd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    head_dim: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (nh, nkv) = (
+        token_heads(q.dims(), head_dim)?,
+        token_heads(k.dims(), head_dim)?,
+    );
+    let (b, t, keys, d) = (q.dim(0)?, q.dim(1)?, k.dim(1)?, head_dim);
+    if t == 0 || nkv == 0 || nh % nkv != 0 || keys < t || k.dims() != v.dims() || k.dim(0)? != b {
         candle_core::bail!(
-            "causal_attention: q {:?} and k/v {:?} are not (b, t, heads, d) with t <= T and \
-             heads a multiple of kv heads",
+            "causal_attention: q {:?} and k/v {:?} are not token-major with t <= T and heads a \
+             multiple of kv heads",
             q.dims(),
             k.dims()
         )
     }
     let same = q.dtype() == k.dtype() && k.dtype() == v.dtype();
     if !(same && fast_act_ok(q) && fast_act_ok(k) && fast_act_ok(v)) {
-        let g = |x: &Tensor| x.transpose(1, 2)?.contiguous(); // (b, heads, t, d)
-        let qg = g(q)?.reshape((b, nkv, nh / nkv * t, d))?;
-        let o = causal_attention_reference(&qg, &g(k)?, &g(v)?, scale, t, keys - t)?;
-        return o.reshape((b, nh, t, d))?.transpose(1, 2)?.contiguous();
+        // (b, heads, t, d)
+        let g = |x: &Tensor, h| x.reshape((b, (), h, d))?.transpose(1, 2)?.contiguous();
+        let qg = g(q, nh)?.reshape((b, nkv, nh / nkv * t, d))?;
+        let o = causal_attention_reference(&qg, &g(k, nkv)?, &g(v, nkv)?, scale, t, keys - t)?;
+        return o
+            .reshape((b, nh, t, d))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape(q.shape());
     }
     q.contiguous()?.apply_op3(
         &k.contiguous()?,
@@ -388,7 +409,7 @@ pub fn causal_attention_bthd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> 
             scale: scale as f32,
             t,
             offset: keys - t,
-            bthd: true,
+            bthd: Some(d),
             lse: Mutex::new(Vec::new()),
         },
     )
@@ -426,8 +447,19 @@ mod tests {
             };
             same(
                 &inputs,
-                |x| causal_attention_bthd(&x[0], &x[1], &x[2], scale).unwrap(),
+                |x| causal_attention_bthd(&x[0], &x[1], &x[2], d, scale).unwrap(),
                 reference,
+            );
+            // heads and d merged (b, t, heads * d), as the projections write them
+            let merged: Vec<Tensor> = inputs.iter().map(|x| x.flatten_from(2).unwrap()).collect();
+            same(
+                &merged,
+                |x| causal_attention_bthd(&x[0], &x[1], &x[2], d, scale).unwrap(),
+                |x| {
+                    let split = |x: &Tensor| x.reshape((b, (), x.dim(2).unwrap() / d, d)).unwrap();
+                    let o = reference(&[split(&x[0]), split(&x[1]), split(&x[2])]);
+                    o.flatten_from(2).unwrap()
+                },
             );
         }
     }

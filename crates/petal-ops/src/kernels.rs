@@ -359,13 +359,15 @@ pub fn residual_add(x: &Tensor, a: &Tensor) -> Result<Tensor> {
 
 // ---------------------------------------------------------------- RoPE (rotate-half)
 
-/// Rotates pairs (j, j + d/2) of x's rows by the angles in cos/sin (t, d/2) of their position
-/// `(row / per_pos) % t`: x (b, h, t, d) has one row per position (`per_pos` 1), x (b, t, h, d)
-/// `h`. With `inverse` by the opposite angles, which is also the backward pass.
+/// Rotates pairs (j, j + d/2) of each head's `d` values by the angles in cos/sin (t, d/2) of
+/// the head's position `(head index / per_pos) % t`: x (b, h, t, d) has one head per position
+/// (`per_pos` 1), x (b, t, h, d) or (b, t, h * d) `h`. With `inverse` by the opposite angles,
+/// which is also the backward pass.
 struct Rope {
     cos: Vec<f32>,
     sin: Vec<f32>,
     t: usize,
+    d: usize,
     per_pos: usize,
     inverse: bool,
 }
@@ -375,9 +377,14 @@ impl CustomOp1 for Rope {
         "petal-rope"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let half = last_dim(l) / 2;
+        let half = self.d / 2;
         let sign = if self.inverse { -1.0 } else { 1.0 };
-        map_rows(s, l, s.dtype(), |row, x, y| {
+        // one row per head
+        let heads = Layout::contiguous_with_offset(
+            (l.shape().elem_count() / self.d, self.d),
+            l.start_offset(),
+        );
+        let (y, _) = map_rows(s, &heads, s.dtype(), |row, x, y| {
             let p = (row / self.per_pos) % self.t;
             let (c, s) = (
                 &self.cos[p * half..(p + 1) * half],
@@ -388,13 +395,15 @@ impl CustomOp1 for Rope {
                 y[j] = a * c[j] - sign * b * s[j];
                 y[j + half] = b * c[j] + sign * a * s[j];
             }
-        })
+        })?;
+        Ok((y, l.shape().clone()))
     }
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let op = Rope {
             cos: self.cos.clone(),
             sin: self.sin.clone(),
             t: self.t,
+            d: self.d,
             per_pos: self.per_pos,
             inverse: !self.inverse,
         };
@@ -415,20 +424,32 @@ fn rope_op(x: &Tensor, cos: &Tensor, sin: &Tensor, t: usize, per_pos: usize) -> 
         cos: f32s(cos)?,
         sin: f32s(sin)?,
         t,
+        d: 2 * cos.dim(1)?,
         per_pos,
         inverse: false,
     };
     x.contiguous()?.apply_op1(op)
 }
 
-/// RoPE on the token-major layout x (b, t, heads, d) the projections produce, so no transposed
-/// copy is needed; cos/sin (t, d/2) as for `apply_rope`.
+/// RoPE on the token-major layout the projections produce, x (b, t, heads, d) or
+/// (b, t, heads * d) (d from cos/sin (t, d/2), as for `apply_rope`), so no transposed copy and
+/// no reshape is needed; returns x's shape.
 pub fn apply_rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if !fast_act_ok(x) || x.rank() != 4 {
-        let y = nn::apply_rope_reference(&x.transpose(1, 2)?.contiguous()?, cos, sin)?;
-        return y.transpose(1, 2)?.contiguous();
+    let d = 2 * cos.dim(1)?;
+    let (b, t) = (x.dim(0)?, x.dim(1)?);
+    let width: usize = x.dims().iter().skip(2).product();
+    if !(3..=4).contains(&x.rank()) || d == 0 || width % d != 0 {
+        candle_core::bail!("rope: {:?} is not token-major with heads of {d}", x.dims())
     }
-    rope_op(x, cos, sin, x.dim(1)?, x.dim(2)?)
+    if !fast_act_ok(x) {
+        let heads_first = x
+            .reshape((b, t, width / d, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let y = nn::apply_rope_reference(&heads_first, cos, sin)?;
+        return y.transpose(1, 2)?.contiguous()?.reshape(x.shape());
+    }
+    rope_op(x, cos, sin, t, width / d)
 }
 
 #[cfg(test)]
@@ -518,6 +539,18 @@ mod tests {
                 let x = t[0].transpose(1, 2).unwrap().contiguous().unwrap();
                 let y = nn::apply_rope_reference(&x, &c, &s).unwrap();
                 y.transpose(1, 2).unwrap().contiguous().unwrap()
+            },
+        );
+        // heads and d merged, as a projection writes them
+        same(
+            &[rand(&[2, 5, 24], 7)],
+            |t| apply_rope_bthd(&t[0], &c, &s).unwrap(),
+            |t| {
+                let x = t[0].reshape((2, 5, 3, 8)).unwrap();
+                let x = x.transpose(1, 2).unwrap().contiguous().unwrap();
+                let y = nn::apply_rope_reference(&x, &c, &s).unwrap();
+                let y = y.transpose(1, 2).unwrap().contiguous().unwrap();
+                y.reshape((2, 5, 24)).unwrap()
             },
         );
     }
