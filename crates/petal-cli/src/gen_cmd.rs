@@ -19,6 +19,9 @@ pub struct ModelArgs {
     pub adapter: Vec<PathBuf>,
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// With --dtype bf16 on the CPU: keep activations (and the KV cache) in bf16 too
+    #[arg(long)]
+    pub bf16_activations: bool,
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -26,6 +29,8 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// The model with every `--adapter` attached.
     pub fn load(&self) -> Result<petal_models::LoadedModel> {
+        let dt = crate::common::dtype(&self.dtype)?;
+        crate::common::bf16_activations(self.bf16_activations, dt)?;
         load(&self.model, &self.adapter, &self.dtype, &self.device)
     }
 }

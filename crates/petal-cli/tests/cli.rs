@@ -75,6 +75,51 @@ fn forward_writes_the_logits_peft_computes_for_a_peft_adapter() {
 }
 
 #[test]
+fn forward_with_bf16_activations_tracks_peft_and_needs_bf16_weights() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("l.safetensors");
+    let run = |dtype: &str| {
+        petal(&[
+            "forward",
+            "--model",
+            golden().join("llama").to_str().unwrap(),
+            "--adapter",
+            golden().join("adapters/llama_lora_qv").to_str().unwrap(),
+            "--input-ids",
+            "1,5,9,14,20,33,2,71;7,7,3,90,45,12,60,8",
+            "--dtype",
+            dtype,
+            "--bf16-activations",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let o = run("f32");
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--bf16-activations needs --dtype bf16"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run("bf16");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ours = candle_core::safetensors::load(&out, &candle_core::Device::Cpu)
+        .unwrap()
+        .remove("logits")
+        .unwrap();
+    let want = candle_core::safetensors::load(
+        golden().join("logits.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .remove("llama_lora_qv")
+    .unwrap();
+    // bf16 weights and activations: 8 significant bits (seen 5e-3)
+    let e = petal_ops::testing::max_rel(&ours.to_dtype(candle_core::DType::F32).unwrap(), &want);
+    assert!(e < 3e-2, "relative {e}");
+}
+
+#[test]
 fn a_config_file_with_a_misspelt_key_is_refused_with_a_suggestion() {
     let d = tempfile::tempdir().unwrap();
     let c = d.path().join("run.toml");

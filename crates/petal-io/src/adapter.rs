@@ -205,8 +205,11 @@ pub fn load_into(
     for lin in model.linears().into_iter().filter(|l| l.is_embedding()) {
         let key = format!("{}.base_layer.weight", lin.path());
         if let Some(t) = tensors.remove(&key) {
+            // compared in the model's precision: a bf16 model holds the table rounded
             let same = t.dims() == lin.weight().dims()
-                && (t.to_dtype(candle_core::DType::F32)?
+                && (t
+                    .to_dtype(lin.weight().dtype())?
+                    .to_dtype(candle_core::DType::F32)?
                     - lin.weight().to_dtype(candle_core::DType::F32)?)?
                 .abs()?
                 .max_all()?

@@ -288,7 +288,18 @@ impl Llama {
 
     /// The final RMSNorm over the last layer's output.
     pub(crate) fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(rms_norm(x, &self.norm.weight(), self.cfg.rms_norm_eps)?)
+        self.rms(x, &self.norm)
+    }
+
+    /// RMSNorm of the residual stream `x` into the activations' dtype (a trainable f32 norm,
+    /// LN tuning, returns f32 and is rounded here).
+    fn rms(&self, x: &Tensor, n: &AdaptableNorm) -> Result<Tensor> {
+        let h = rms_norm(x, &n.weight(), self.cfg.rms_norm_eps)?;
+        Ok(if h.dtype() == self.act {
+            h
+        } else {
+            h.to_dtype(self.act)?
+        })
     }
 
     pub(crate) fn num_layers(&self) -> usize {
@@ -348,10 +359,10 @@ impl Llama {
             .as_ref()
             .map(|p| self.layer_prefix(p, i, x.dim(0)?))
             .transpose()?;
-        let h = rms_norm(x, &layer.ln1.weight(), self.cfg.rms_norm_eps)?;
+        let h = self.rms(x, &layer.ln1)?;
         let a = self.attention(&layer.attn, &h, &stage.cos, &stage.sin, kv, prefix, train)?;
         let x = residual_add(x, &a)?;
-        let h = rms_norm(&x, &layer.ln2.weight(), self.cfg.rms_norm_eps)?;
+        let h = self.rms(&x, &layer.ln2)?;
         let m = &layer.mlp;
         let g = m.gate.forward(&h, train)?;
         let u = m.up.forward(&h, train)?;

@@ -42,15 +42,20 @@ impl Dora {
     /// without dropout, in two passes over the output with a parallel backward
     /// (`scale_last`), where the composed form takes broadcast products whose gradient for m is
     /// a single-threaded column sum.
+    /// bf16 activations are scaled in f32 (m's gradient sums over every row) and returned in
+    /// bf16.
     pub fn fused_forward(&self, lin: &Tensor, delta: &Tensor) -> Result<Tensor> {
         let f = self.factor(delta)?;
-        Ok(match &self.bias {
+        let dt = lin.dtype();
+        let lin = lin.to_dtype(DType::F32)?;
+        let out = match &self.bias {
             Some(b) => {
-                let b = b.to_dtype(lin.dtype())?;
+                let b = b.to_dtype(DType::F32)?;
                 petal_ops::scale_last(&lin.broadcast_sub(&b)?, &f)?.broadcast_add(&b)?
             }
-            None => petal_ops::scale_last(lin, &f)?,
-        })
+            None => petal_ops::scale_last(&lin, &f)?,
+        };
+        Ok(out.to_dtype(dt)?)
     }
 
     /// f = m / ||W + delta|| (out,), the norm detached.
