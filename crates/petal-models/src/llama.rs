@@ -8,9 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use petal_core::adapter::InputShape;
 use petal_core::{Adaptable, AdaptableLinear, AdaptableNorm, InputAdapter, Result};
 use petal_io::Weights;
-use petal_ops::{
-    apply_rope_bthd, causal_attention_bthd, residual_add, rms_norm, rope_tables, swiglu,
-};
+use petal_ops::{causal_attention_bthd, residual_add, rms_norm, rope_tables, swiglu, Rope};
 
 mod bias_export;
 
@@ -104,15 +102,14 @@ struct Layer {
 }
 
 /// What every decoder layer takes from the input side: the hidden states entering layer 0,
-/// prefix keys/values (prefix tuning) and the RoPE tables for these positions.
+/// prefix keys/values (prefix tuning) and how many leading keys are a prefix (not rotated).
 pub(crate) struct Stage {
     pub x: Tensor,
     pub kv_prefix: Option<Tensor>,
-    pub cos: Tensor,
-    pub sin: Tensor,
+    pub rope_from: usize,
 }
 
-/// Per-layer keys and values seen so far, (b, t, kv_heads * d).
+/// Per-layer keys (before RoPE) and values seen so far, (b, t, kv_heads * d).
 #[derive(Debug, Default, Clone)]
 pub struct KvCache {
     kv: Vec<Option<(Tensor, Tensor)>>,
@@ -306,8 +303,8 @@ impl Llama {
         self.layers.len()
     }
 
-    /// Token embeddings (after any virtual tokens), prefix keys/values and the RoPE tables for
-    /// the positions from `offset` (tokens already in the cache).
+    /// Token embeddings (after any virtual tokens) and prefix keys/values, for tokens at
+    /// positions from `offset` (tokens already in the cache).
     pub(crate) fn input_stage(&self, ids: &Tensor, offset: usize, train: bool) -> Result<Stage> {
         let (b, t) = ids.dims2()?;
         let h = self.cfg.hidden_size;
@@ -336,11 +333,16 @@ impl Llama {
                 self.cfg.max_position_embeddings
             )));
         }
+        // a prefix's keys lead every layer's keys (in the cache too, after the first step)
+        let rope_from = self
+            .input
+            .as_ref()
+            .filter(|(_, a)| !a.produces_positions())
+            .map_or(0, |(_, a)| a.num_virtual_tokens());
         Ok(Stage {
             x,
             kv_prefix,
-            cos: self.cos.narrow(0, offset, t)?,
-            sin: self.sin.narrow(0, offset, t)?,
+            rope_from,
         })
     }
 
@@ -360,7 +362,7 @@ impl Llama {
             .map(|p| self.layer_prefix(p, i, x.dim(0)?))
             .transpose()?;
         let h = self.rms(x, &layer.ln1)?;
-        let a = self.attention(&layer.attn, &h, &stage.cos, &stage.sin, kv, prefix, train)?;
+        let a = self.attention(&layer.attn, &h, stage.rope_from, kv, prefix, train)?;
         let x = residual_add(x, &a)?;
         let h = self.rms(&x, &layer.ln2)?;
         let m = &layer.mlp;
@@ -389,18 +391,18 @@ impl Llama {
         &self,
         at: &Attention,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope_from: usize,
         kv: Option<&mut Option<(Tensor, Tensor)>>,
         prefix: Option<(Tensor, Tensor)>,
         train: bool,
     ) -> Result<Tensor> {
         let d = self.cfg.head_dim;
-        // Heads token-major and merged (b, t, heads * d), as the projections write them: RoPE
-        // and attention read that layout, so no transposed copy of q, k, v or the output (and
-        // no reshape) enters the graph.
-        let q = apply_rope_bthd(&at.q.forward(x, train)?, cos, sin)?;
-        let mut k = apply_rope_bthd(&at.k.forward(x, train)?, cos, sin)?;
+        // Heads token-major and merged (b, t, heads * d), as the projections write them, and q,
+        // k unrotated: the attention op reorders and applies RoPE inside, so no transposed,
+        // reshaped or rotated copy of q, k, v or the output enters the graph. The cache holds
+        // unrotated keys (rotated again, cheaply, at each step).
+        let q = at.q.forward(x, train)?;
+        let mut k = at.k.forward(x, train)?;
         let mut v = at.v.forward(x, train)?;
         if let Some((pk, pv)) = prefix {
             k = Tensor::cat(&[&pk, &k], 1)?;
@@ -415,7 +417,12 @@ impl Llama {
         }
         // Grouped-query attention without copying k/v per query head (HF's repeat_kv order:
         // head h reads kv head h / (nh / nkv)); scores are never held whole on the CPU.
-        let o = causal_attention_bthd(&q, &k, &v, d, 1.0 / (d as f64).sqrt())?; // (b, t, nh d)
+        let rope = Rope {
+            cos: &self.cos,
+            sin: &self.sin,
+            from: rope_from,
+        };
+        let o = causal_attention_bthd(&q, &k, &v, d, 1.0 / (d as f64).sqrt(), Some(rope))?;
         at.o.forward(&o, train)
     }
 

@@ -31,6 +31,8 @@ struct Flash {
     /// `Some(head_dim)`: inputs and output in the token-major layout (b, t, heads, d) or
     /// (b, t, heads * d)
     bthd: Option<usize>,
+    /// RoPE applied inside the op to q and k (given unrotated)
+    rope: Option<Rotary>,
     /// Each row's log-sum-exp of the scaled scores, from the forward pass.
     lse: Mutex<Vec<f32>>,
 }
@@ -116,6 +118,63 @@ impl Flash {
     }
 }
 
+/// RoPE inside the attention op (rotate-half, HF layout): cos/sin (positions, d/2) from
+/// position 0; query row r sits at position offset + r % t, key j at position j, and keys
+/// before `from` (a prefix, whose keys PEFT gives as they are) are not rotated.
+struct Rotary {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    from: usize,
+}
+
+impl Rotary {
+    /// Rotates rows of `x` (d values each) whose position `pos(row)` is Some, by the opposite
+    /// angles with `inverse` (the backward pass).
+    fn apply(
+        &self,
+        x: &mut [f32],
+        d: usize,
+        inverse: bool,
+        pos: impl Fn(usize) -> Option<usize> + Sync,
+    ) {
+        let half = d / 2;
+        let sign = if inverse { -1.0 } else { 1.0 };
+        x.par_chunks_mut(d).enumerate().for_each(|(row, v)| {
+            let Some(p) = pos(row) else { return };
+            let (c, s) = (
+                &self.cos[p * half..(p + 1) * half],
+                &self.sin[p * half..(p + 1) * half],
+            );
+            for j in 0..half {
+                let (a, b) = (v[j], v[j + half]);
+                v[j] = a * c[j] - sign * b * s[j];
+                v[j + half] = b * c[j] + sign * a * s[j];
+            }
+        });
+    }
+}
+
+impl Flash {
+    /// q and k (grouped f32 copies) rotated by the op's RoPE, if it has one.
+    fn rotate<'a>(
+        &self,
+        q: std::borrow::Cow<'a, [f32]>,
+        k: std::borrow::Cow<'a, [f32]>,
+        (nr, keys, d): (usize, usize, usize),
+        inverse: bool,
+    ) -> (std::borrow::Cow<'a, [f32]>, std::borrow::Cow<'a, [f32]>) {
+        let Some(rot) = &self.rope else { return (q, k) };
+        let (mut q, mut k) = (q.into_owned(), k.into_owned());
+        rot.apply(&mut q, d, inverse, |row| {
+            Some(self.offset + row % nr % self.t)
+        });
+        rot.apply(&mut k, d, inverse, |row| {
+            Some(row % keys).filter(|&j| j >= rot.from)
+        });
+        (q.into(), k.into())
+    }
+}
+
 /// Heads of a token-major (b, t, heads, d) or (b, t, heads * d) shape with head size `d`.
 fn token_heads(dims: &[usize], d: usize) -> Result<usize> {
     let width: usize = dims.iter().skip(2).product();
@@ -182,6 +241,7 @@ impl CustomOp3 for Flash {
             self.grouped(k, kl.shape().dims())?,
             self.grouped(v, vl.shape().dims())?,
         );
+        let (q, k) = self.rotate(q, k, (nr, keys, d), false);
         let mut out = vec![0f32; pairs * nr * d];
         let mut lse = vec![0f32; pairs * nr];
         out.par_chunks_mut(nr * d)
@@ -225,14 +285,15 @@ impl CustomOp3 for Flash {
             let x = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
             Ok(self.grouped(x.into(), like.dims())?.into_owned())
         };
-        let (qv, kv, vv) = (host(q, q)?, host(k, k)?, host(v, v)?);
+        let (pairs, nr, keys, d) = self.dims(q.layout(), k.layout())?;
+        let (qv, kv) = self.rotate(host(q, q)?.into(), host(k, k)?.into(), (nr, keys, d), false);
+        let vv = host(v, v)?;
         let (ov, gv) = (host(o, q)?, host(grad, q)?);
         let lse = self
             .lse
             .lock()
             .map_err(|_| candle_core::Error::Msg("lse lock".into()))?
             .clone();
-        let (pairs, nr, keys, d) = self.dims(q.layout(), k.layout())?;
         if lse.len() != pairs * nr {
             candle_core::bail!("causal_attention: backward without its forward")
         }
@@ -309,6 +370,9 @@ impl CustomOp3 for Flash {
                     mm(nk, d, n, dv, true, 1.0, cols(&p, nk), rows(gt, d), false);
                 }
             });
+        // gradients of the rotated q, k turned back through the rotation
+        let (dq, dk) = self.rotate(dq.into(), dk.into(), (nr, keys, d), true);
+        let (dq, dk) = (dq.into_owned(), dk.into_owned());
         let t = |x: Vec<f32>, like: &Tensor| -> Result<Tensor> {
             let x = self.ungrouped(x, like.dims())?;
             Ok(crate::cpu::tensor(act_out(x, like.dtype())?, like.shape()))
@@ -360,22 +424,34 @@ pub fn causal_attention(
             t,
             offset,
             bthd: None,
+            rope: None,
             lse: Mutex::new(Vec::new()),
         },
     )
 }
 
+/// RoPE to apply inside `causal_attention_bthd`: cos/sin tables (positions, d/2) from position
+/// 0 covering every key; keys before `from` (a prefix given as keys) stay unrotated.
+#[derive(Clone, Copy)]
+pub struct Rope<'a> {
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    pub from: usize,
+}
+
 /// `causal_attention` in the token-major layout: q (b, t, heads, d) and k, v (b, T, kv_heads,
 /// d), or the same with heads and d merged (b, t, heads * d) as the projections write them, with
 /// T - t keys already seen (prefix or cache); returns q's shape. Query head h reads kv head
-/// h / (heads / kv_heads) (HF's repeat_kv). On the CPU the kernel reorders inside; elsewhere
-/// the composed ops run on transposed copies.
+/// h / (heads / kv_heads) (HF's repeat_kv). With `rope`, q and k come unrotated and are rotated
+/// inside (query i at position T - t + i, key j at j), so no rotated copy becomes a graph node.
+/// On the CPU the kernel reorders inside; elsewhere the composed ops run on transposed copies.
 pub fn causal_attention_bthd(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     head_dim: usize,
     scale: f64,
+    rope: Option<Rope>,
 ) -> Result<Tensor> {
     let (nh, nkv) = (
         token_heads(q.dims(), head_dim)?,
@@ -390,18 +466,48 @@ pub fn causal_attention_bthd(
             k.dims()
         )
     }
+    if let Some(r) = rope {
+        if r.cos.dim(0)? < keys || 2 * r.cos.dim(1)? != d || r.from > keys {
+            candle_core::bail!(
+                "causal_attention: rope tables {:?} do not cover {keys} keys of {d} values (from {})",
+                r.cos.dims(),
+                r.from
+            )
+        }
+    }
     let same = q.dtype() == k.dtype() && k.dtype() == v.dtype();
     if !(same && fast_act_ok(q) && fast_act_ok(k) && fast_act_ok(v)) {
+        let (q, k) = match rope {
+            None => (q.clone(), k.clone()),
+            Some(r) => {
+                let at = |x: &Tensor, p0: usize, n: usize| -> Result<Tensor> {
+                    crate::apply_rope_bthd(x, &r.cos.narrow(0, p0, n)?, &r.sin.narrow(0, p0, n)?)
+                };
+                let tail = at(&k.narrow(1, r.from, keys - r.from)?, r.from, keys - r.from)?;
+                let k = Tensor::cat(&[&k.narrow(1, 0, r.from)?, &tail], 1)?;
+                (at(q, keys - t, t)?, k)
+            }
+        };
         // (b, heads, t, d)
         let g = |x: &Tensor, h| x.reshape((b, (), h, d))?.transpose(1, 2)?.contiguous();
-        let qg = g(q, nh)?.reshape((b, nkv, nh / nkv * t, d))?;
-        let o = causal_attention_reference(&qg, &g(k, nkv)?, &g(v, nkv)?, scale, t, keys - t)?;
+        let qg = g(&q, nh)?.reshape((b, nkv, nh / nkv * t, d))?;
+        let o = causal_attention_reference(&qg, &g(&k, nkv)?, &g(v, nkv)?, scale, t, keys - t)?;
         return o
             .reshape((b, nh, t, d))?
             .transpose(1, 2)?
             .contiguous()?
             .reshape(q.shape());
     }
+    let table = |x: &Tensor| x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+    let rope = rope
+        .map(|r| -> Result<Rotary> {
+            Ok(Rotary {
+                cos: table(r.cos)?,
+                sin: table(r.sin)?,
+                from: r.from,
+            })
+        })
+        .transpose()?;
     q.contiguous()?.apply_op3(
         &k.contiguous()?,
         &v.contiguous()?,
@@ -410,6 +516,7 @@ pub fn causal_attention_bthd(
             t,
             offset: keys - t,
             bthd: Some(d),
+            rope,
             lse: Mutex::new(Vec::new()),
         },
     )
@@ -447,19 +554,80 @@ mod tests {
             };
             same(
                 &inputs,
-                |x| causal_attention_bthd(&x[0], &x[1], &x[2], d, scale).unwrap(),
+                |x| causal_attention_bthd(&x[0], &x[1], &x[2], d, scale, None).unwrap(),
                 reference,
             );
             // heads and d merged (b, t, heads * d), as the projections write them
             let merged: Vec<Tensor> = inputs.iter().map(|x| x.flatten_from(2).unwrap()).collect();
             same(
                 &merged,
-                |x| causal_attention_bthd(&x[0], &x[1], &x[2], d, scale).unwrap(),
+                |x| causal_attention_bthd(&x[0], &x[1], &x[2], d, scale, None).unwrap(),
                 |x| {
                     let split = |x: &Tensor| x.reshape((b, (), x.dim(2).unwrap() / d, d)).unwrap();
                     let o = reference(&[split(&x[0]), split(&x[1]), split(&x[2])]);
                     o.flatten_from(2).unwrap()
                 },
+            );
+        }
+    }
+
+    #[test]
+    fn rope_inside_attention_equals_rotating_q_and_the_unprefixed_keys_first() {
+        let inv: Vec<f32> = (0..3).map(|i| 1.0 / 100f32.powf(i as f32 / 3.0)).collect();
+        let (cos, sin) = crate::nn::rope_tables(&inv, 40, &candle_core::Device::Cpu).unwrap();
+        // (batch, t, heads, kv heads, keys, prefix keys left unrotated), d = 6
+        for (b, t, nh, nkv, keys, from) in
+            [(2, 9, 4, 2, 9, 0), (1, 5, 2, 1, 12, 3), (2, 1, 3, 3, 7, 2)]
+        {
+            let d = 6;
+            let scale = 0.4;
+            let rope = Rope {
+                cos: &cos,
+                sin: &sin,
+                from,
+            };
+            // the composed reference: heads first, rotate, then the composed attention
+            let reference = |x: &[Tensor]| {
+                let g = |x: &Tensor, h: usize| {
+                    x.reshape((b, (), h, d))
+                        .unwrap()
+                        .transpose(1, 2)
+                        .unwrap()
+                        .contiguous()
+                        .unwrap()
+                };
+                let rot = |x: &Tensor, p0: usize, n: usize| {
+                    crate::nn::apply_rope_reference(
+                        x,
+                        &cos.narrow(0, p0, n).unwrap(),
+                        &sin.narrow(0, p0, n).unwrap(),
+                    )
+                    .unwrap()
+                };
+                let q = rot(&g(&x[0], nh), keys - t, t);
+                let k = g(&x[1], nkv);
+                let k = Tensor::cat(
+                    &[
+                        k.narrow(2, 0, from).unwrap(),
+                        rot(&k.narrow(2, from, keys - from).unwrap(), from, keys - from),
+                    ],
+                    2,
+                )
+                .unwrap();
+                let qg = q.reshape((b, nkv, nh / nkv * t, d)).unwrap();
+                let o = causal_attention_reference(&qg, &k, &g(&x[2], nkv), scale, t, keys - t)
+                    .unwrap();
+                let o = o.reshape((b, nh, t, d)).unwrap().transpose(1, 2).unwrap();
+                o.contiguous().unwrap().reshape((b, t, nh * d)).unwrap()
+            };
+            same(
+                &[
+                    rand(&[b, t, nh * d], 1),
+                    rand(&[b, keys, nkv * d], 2),
+                    rand(&[b, keys, nkv * d], 3),
+                ],
+                |x| causal_attention_bthd(&x[0], &x[1], &x[2], d, scale, Some(rope)).unwrap(),
+                reference,
             );
         }
     }

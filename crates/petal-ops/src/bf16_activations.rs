@@ -111,7 +111,7 @@ fn token_major_attention_on_bf16_activations_matches_the_f32_composed_attention(
             rand(&[b, keys, nkv, d], 3),
         ],
         TOL,
-        |x| causal_attention_bthd(&x[0], &x[1], &x[2], d, scale).unwrap(),
+        |x| causal_attention_bthd(&x[0], &x[1], &x[2], d, scale, None).unwrap(),
         |x| {
             let g = |x: &Tensor| x.transpose(1, 2).unwrap().contiguous().unwrap();
             let qg = g(&x[0]).reshape((b, nkv, nh / nkv * t, d)).unwrap();

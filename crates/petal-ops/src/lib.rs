@@ -25,7 +25,7 @@ pub mod scale;
 pub mod testing;
 pub mod vmath;
 
-pub use attention::{causal_attention, causal_attention_bthd};
+pub use attention::{causal_attention, causal_attention_bthd, Rope};
 pub use cpu::set_fast;
 pub use frozen_linear::frozen_linear;
 pub use head_loss::head_cross_entropy;
