@@ -109,7 +109,7 @@ pub(crate) struct Stage {
     pub rope_from: usize,
 }
 
-/// Per-layer keys (before RoPE) and values seen so far, (b, t, kv_heads * d).
+/// Per-layer keys (rotated) and values seen so far, (b, t, kv_heads * d).
 #[derive(Debug, Default, Clone)]
 pub struct KvCache {
     kv: Vec<Option<(Tensor, Tensor)>>,
@@ -399,11 +399,25 @@ impl Llama {
         let d = self.cfg.head_dim;
         // Heads token-major and merged (b, t, heads * d), as the projections write them, and q,
         // k unrotated: the attention op reorders and applies RoPE inside, so no transposed,
-        // reshaped or rotated copy of q, k, v or the output enters the graph. The cache holds
-        // unrotated keys (rotated again, cheaply, at each step).
+        // reshaped or rotated copy of q, k, v or the output enters the graph.
         let q = at.q.forward(x, train)?;
         let mut k = at.k.forward(x, train)?;
         let mut v = at.v.forward(x, train)?;
+        let t = k.dim(1)?;
+        // With a cache (decoding), the new keys are rotated here and the cache holds rotated
+        // keys, so no step rotates the whole cache again; the op then rotates q only.
+        let cached = kv
+            .as_ref()
+            .and_then(|s| s.as_ref())
+            .map_or(0, |(pk, _)| pk.dims()[1]);
+        let seen = cached + prefix.as_ref().map_or(0, |(pk, _)| pk.dims()[1]);
+        let from = if kv.is_some() {
+            let at = |tab: &Tensor| tab.narrow(0, seen, t);
+            k = petal_ops::apply_rope_bthd(&k, &at(&self.cos)?, &at(&self.sin)?)?;
+            seen + t
+        } else {
+            rope_from
+        };
         if let Some((pk, pv)) = prefix {
             k = Tensor::cat(&[&pk, &k], 1)?;
             v = Tensor::cat(&[&pv, &v], 1)?;
@@ -420,7 +434,7 @@ impl Llama {
         let rope = Rope {
             cos: &self.cos,
             sin: &self.sin,
-            from: rope_from,
+            from,
         };
         let o = causal_attention_bthd(&q, &k, &v, d, 1.0 / (d as f64).sqrt(), Some(rope))?;
         at.o.forward(&o, train)

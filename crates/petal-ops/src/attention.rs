@@ -15,7 +15,7 @@
 //! layout inside (transient buffers), so no transposed copy of q, k, v or the output becomes a
 //! node of the graph.
 
-use crate::cpu::{act_in, act_out, cols, fast_act_ok, mm, rows};
+use crate::cpu::{act_in, act_out, cols, fast_act_ok, mm, rows, View};
 use candle_core::backend::BackendStorage as _;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -64,7 +64,7 @@ impl Flash {
         &self,
         r0: usize,
         qt: &[f32],
-        kp: &[f32],
+        kt: View,
         d: usize,
         nk: usize,
         p: &mut [f32],
@@ -72,17 +72,7 @@ impl Flash {
         out_lse: &mut [f32],
     ) {
         let n = qt.len() / d;
-        mm(
-            n,
-            nk,
-            d,
-            p,
-            false,
-            self.scale,
-            rows(qt, d),
-            cols(kp, d),
-            false,
-        );
+        mm(n, nk, d, p, false, self.scale, rows(qt, d), kt, false);
         for (i, row) in p[..n * nk].chunks_mut(nk).enumerate() {
             let vis = self.visible(r0 + i, nk.max(1)).min(nk);
             row[vis..].fill(0.0);
@@ -155,23 +145,84 @@ impl Rotary {
 }
 
 impl Flash {
-    /// q and k (grouped f32 copies) rotated by the op's RoPE, if it has one.
+    /// q (grouped) and k (laid out as `kv` says) rotated by the op's RoPE, if it has one;
+    /// keys before `from` are left as they are (and not copied when none is rotated).
     fn rotate<'a>(
         &self,
         q: std::borrow::Cow<'a, [f32]>,
         k: std::borrow::Cow<'a, [f32]>,
         (nr, keys, d): (usize, usize, usize),
+        kv: KvLayout,
         inverse: bool,
     ) -> (std::borrow::Cow<'a, [f32]>, std::borrow::Cow<'a, [f32]>) {
         let Some(rot) = &self.rope else { return (q, k) };
-        let (mut q, mut k) = (q.into_owned(), k.into_owned());
+        let mut q = q.into_owned();
         rot.apply(&mut q, d, inverse, |row| {
             Some(self.offset + row % nr % self.t)
         });
+        if rot.from >= keys {
+            return (q.into(), k);
+        }
+        let mut k = k.into_owned();
         rot.apply(&mut k, d, inverse, |row| {
-            Some(row % keys).filter(|&j| j >= rot.from)
+            Some(kv.key_of_row(row, keys)).filter(|&j| j >= rot.from)
         });
         (q.into(), k.into())
+    }
+
+    /// How k and v lie: grouped (pairs, keys, d), or token-major (b, keys, kv_heads, d).
+    fn kv_layout(&self, kl: &Layout, d: usize) -> Result<KvLayout> {
+        Ok(match self.bthd {
+            None => KvLayout { kv_heads: None },
+            Some(_) => KvLayout {
+                kv_heads: Some(token_heads(kl.shape().dims(), d)?),
+            },
+        })
+    }
+}
+
+/// Where the keys and values of a (batch, kv head) pair lie.
+#[derive(Clone, Copy)]
+struct KvLayout {
+    /// `Some(kv_heads)` for the token-major layout
+    kv_heads: Option<usize>,
+}
+
+impl KvLayout {
+    /// The key index of a row of d values.
+    fn key_of_row(&self, row: usize, keys: usize) -> usize {
+        match self.kv_heads {
+            None => row % keys,
+            Some(h) => row / h % keys,
+        }
+    }
+
+    /// The pair's keys as k^T (d, keys) and values as (keys, d), read in place.
+    fn views<'a>(
+        &self,
+        k: &'a [f32],
+        v: &'a [f32],
+        pair: usize,
+        keys: usize,
+        d: usize,
+    ) -> (View<'a>, View<'a>) {
+        let (start, stride) = match self.kv_heads {
+            None => (pair * keys * d, d),
+            Some(h) => ((pair / h * keys * h + pair % h) * d, h * d),
+        };
+        let (k, v) = (&k[start..], &v[start..]);
+        (
+            View {
+                x: k,
+                rs: 1,
+                cs: stride,
+            },
+            View {
+                x: v,
+                rs: stride,
+                cs: 1,
+            },
+        )
     }
 }
 
@@ -236,20 +287,17 @@ impl CustomOp3 for Flash {
         // bf16 activations are widened for the f32 arithmetic (one layer's q, k, v at a time)
         let (q, k, v) = (act_in(qs, ql)?, act_in(ks, kl)?, act_in(vs, vl)?);
         let (pairs, nr, keys, d) = self.dims(ql, kl)?;
-        let (q, k, v) = (
-            self.grouped(q, ql.shape().dims())?,
-            self.grouped(k, kl.shape().dims())?,
-            self.grouped(v, vl.shape().dims())?,
-        );
-        let (q, k) = self.rotate(q, k, (nr, keys, d), false);
+        // q (small when decoding) in the grouped layout; k and v read where they are
+        let q = self.grouped(q, ql.shape().dims())?;
+        let kv = self.kv_layout(kl, d)?;
+        let (q, k) = self.rotate(q, k, (nr, keys, d), kv, false);
         let mut out = vec![0f32; pairs * nr * d];
         let mut lse = vec![0f32; pairs * nr];
         out.par_chunks_mut(nr * d)
             .zip(lse.par_chunks_mut(nr))
             .enumerate()
             .for_each(|(pair, (out, lse))| {
-                let kp = &k[pair * keys * d..(pair + 1) * keys * d];
-                let vp = &v[pair * keys * d..(pair + 1) * keys * d];
+                let (kt, vr) = kv.views(&k, &v, pair, keys, d);
                 let qp = &q[pair * nr * d..(pair + 1) * nr * d];
                 out.par_chunks_mut(TILE * d)
                     .zip(lse.par_chunks_mut(TILE))
@@ -260,8 +308,8 @@ impl CustomOp3 for Flash {
                             let (r0, n) = (c * TILE, l.len());
                             let nk = self.tile_keys(r0, n, keys);
                             let qt = &qp[r0 * d..(r0 + n) * d];
-                            self.probs(r0, qt, kp, d, nk, p, None, l);
-                            mm(n, d, nk, o, false, 1.0, rows(p, nk), rows(vp, d), false);
+                            self.probs(r0, qt, kt, d, nk, p, None, l);
+                            mm(n, d, nk, o, false, 1.0, rows(p, nk), vr, false);
                         },
                     );
             });
@@ -286,7 +334,10 @@ impl CustomOp3 for Flash {
             Ok(self.grouped(x.into(), like.dims())?.into_owned())
         };
         let (pairs, nr, keys, d) = self.dims(q.layout(), k.layout())?;
-        let (qv, kv) = self.rotate(host(q, q)?.into(), host(k, k)?.into(), (nr, keys, d), false);
+        // backward works on grouped copies of everything
+        let grouped = KvLayout { kv_heads: None };
+        let dims = (nr, keys, d);
+        let (qv, kv) = self.rotate(host(q, q)?.into(), host(k, k)?.into(), dims, grouped, false);
         let vv = host(v, v)?;
         let (ov, gv) = (host(o, q)?, host(grad, q)?);
         let lse = self
@@ -325,7 +376,8 @@ impl CustomOp3 for Flash {
                     let n = TILE.min(nr - r0);
                     let nk = self.tile_keys(r0, n, keys);
                     let (qt, gt) = (&qp[r0 * d..(r0 + n) * d], &gp[r0 * d..(r0 + n) * d]);
-                    self.probs(r0, qt, kp, d, nk, &mut p, Some(&lp[r0..r0 + n]), &mut []);
+                    let kt = cols(kp, d);
+                    self.probs(r0, qt, kt, d, nk, &mut p, Some(&lp[r0..r0 + n]), &mut []);
                     // dS = P (dO V^T - D)
                     mm(
                         n,
@@ -371,7 +423,7 @@ impl CustomOp3 for Flash {
                 }
             });
         // gradients of the rotated q, k turned back through the rotation
-        let (dq, dk) = self.rotate(dq.into(), dk.into(), (nr, keys, d), true);
+        let (dq, dk) = self.rotate(dq.into(), dk.into(), dims, grouped, true);
         let (dq, dk) = (dq.into_owned(), dk.into_owned());
         let t = |x: Vec<f32>, like: &Tensor| -> Result<Tensor> {
             let x = self.ungrouped(x, like.dims())?;
@@ -498,7 +550,13 @@ pub fn causal_attention_bthd(
             .contiguous()?
             .reshape(q.shape());
     }
-    let table = |x: &Tensor| x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+    // the tables' rows for positions 0..keys only (a model's tables cover its whole context)
+    let table = |x: &Tensor| {
+        x.narrow(0, 0, keys)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()
+    };
     let rope = rope
         .map(|r| -> Result<Rotary> {
             Ok(Rotary {
