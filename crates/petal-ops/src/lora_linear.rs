@@ -100,7 +100,7 @@ impl CustomOp3 for LoraLinear {
             None
         };
         // the adapter's products in f32 (a bf16 gradient is widened here, transiently)
-        let g2 = g2.to_dtype(DType::F32)?;
+        let g2 = cast(&g2, DType::F32)?;
         let dh = (g2.matmul(&b)? * self.scale)?.reshape(h.shape())?;
         let db = (g2.t()?.matmul(&h.reshape((n, r))?)? * self.scale)?;
         Ok((dx, Some(dh), Some(db)))
@@ -226,7 +226,7 @@ impl CustomOp3 for LoraFull {
             .h
             .lock()
             .map_err(|_| candle_core::Error::Msg("petal-lora: poisoned".into()))?
-            .take()
+            .clone()
             .ok_or_else(|| {
                 candle_core::Error::Msg("petal-lora: backward without forward".into())
             })?;
