@@ -3,10 +3,12 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod dtype;
 pub mod llama;
 pub mod load;
 
 pub use checkpoint::Grads;
 pub use config::LlamaConfig;
-pub use llama::{act_dtype, random_weights, resid_dtype, set_bf16_activations, KvCache, Llama};
+pub use dtype::{act_dtype, resid_dtype, set_bf16_activations};
+pub use llama::{random_weights, KvCache, Llama};
 pub use load::{load_model, LoadedModel};

@@ -525,13 +525,18 @@ mod tests {
         );
     }
 
-    #[test]
-    fn token_major_rope_matches_the_reference_on_transposed_heads() {
+    /// RoPE tables (d = 8) for positions 3..8.
+    fn rope_rows_3_to_8() -> (Tensor, Tensor) {
         let inv: Vec<f32> = (0..4)
             .map(|i| 1.0 / 10000f32.powf(i as f32 / 4.0))
             .collect();
         let (cos, sin) = nn::rope_tables(&inv, 16, &candle_core::Device::Cpu).unwrap();
-        let (c, s) = (cos.narrow(0, 3, 5).unwrap(), sin.narrow(0, 3, 5).unwrap());
+        (cos.narrow(0, 3, 5).unwrap(), sin.narrow(0, 3, 5).unwrap())
+    }
+
+    #[test]
+    fn token_major_rope_matches_the_reference_on_transposed_heads() {
+        let (c, s) = rope_rows_3_to_8();
         same(
             &[rand(&[2, 5, 3, 8], 6)], // (b, t, heads, d)
             |t| apply_rope_bthd(&t[0], &c, &s).unwrap(),
@@ -557,11 +562,7 @@ mod tests {
 
     #[test]
     fn fused_rope_matches_the_composed_reference_in_value_and_gradient() {
-        let inv: Vec<f32> = (0..4)
-            .map(|i| 1.0 / 10000f32.powf(i as f32 / 4.0))
-            .collect();
-        let (cos, sin) = nn::rope_tables(&inv, 16, &candle_core::Device::Cpu).unwrap();
-        let (c, s) = (cos.narrow(0, 3, 5).unwrap(), sin.narrow(0, 3, 5).unwrap());
+        let (c, s) = rope_rows_3_to_8();
         same(
             &[rand(&[2, 3, 5, 8], 6)],
             |t| apply_rope(&t[0], &c, &s).unwrap(),

@@ -90,12 +90,7 @@ impl CustomOp3 for LoraLinear {
         let (h, b) = (h.detach(), b.detach());
         let g2 = g.detach().contiguous()?.reshape((n, out))?;
         let dx = if x.track_op() {
-            let dx = if self.w.dtype() == DType::BF16 {
-                g2.apply_op2(&self.w, Bf16Linear { wt: false })?
-            } else {
-                g2.matmul(&self.w)?
-            };
-            Some(dx.reshape(x.shape())?)
+            Some(frozen_input_grad(&g2, &self.w)?.reshape(x.shape())?)
         } else {
             None
         };
@@ -105,6 +100,21 @@ impl CustomOp3 for LoraLinear {
         let db = (g2.t()?.matmul(&h.reshape((n, r))?)? * self.scale)?;
         Ok((dx, Some(dh), Some(db)))
     }
+}
+
+/// g W for the frozen weight W (out, in) of a linear: the input gradient of rows g (n, out),
+/// through the bf16 kernel for a bf16 W; in g's dtype.
+fn frozen_input_grad(g: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.dtype() == DType::BF16 && crate::bf16::available() && w.device().is_cpu() {
+        g.apply_op2_no_bwd(w, &Bf16Linear { wt: false })
+    } else {
+        g.matmul(w)
+    }
+}
+
+/// A linear's bias as f32 values for the kernels.
+fn bias_f32(bias: Option<&Tensor>) -> Result<Option<Vec<f32>>> {
+    bias.map(|t| t.to_dtype(DType::F32)?.to_vec1()).transpose()
 }
 
 /// `x W^T + bias + scale * h B^T`: fused on CPU f32, composed elsewhere.
@@ -121,9 +131,7 @@ pub fn lora_linear(
     }
     let op = LoraLinear {
         w: w.clone(),
-        b: bias
-            .map(|t| t.to_dtype(DType::F32)?.to_vec1())
-            .transpose()?,
+        b: bias_f32(bias)?,
         scale,
     };
     x.contiguous()?.apply_op3(&h.contiguous()?, b, op)
@@ -238,12 +246,7 @@ impl CustomOp3 for LoraFull {
         let xf = cast(&x.reshape((n, inp))?, DType::F32)?;
         let da = dh.t()?.matmul(&xf)?;
         let dx = if x.track_op() {
-            let base = if self.w.dtype() == DType::BF16 {
-                gf.apply_op2_no_bwd(&self.w, &Bf16Linear { wt: false })?
-            } else {
-                gf.matmul(&self.w)?
-            };
-            let dx = (base + dh.matmul(&a)?)?;
+            let dx = (frozen_input_grad(&gf, &self.w)? + dh.matmul(&a)?)?;
             Some(cast(&dx, x.dtype())?.reshape(x.shape())?)
         } else {
             None
@@ -269,9 +272,7 @@ pub fn lora(
     }
     let op = LoraFull {
         w: w.clone(),
-        b: bias
-            .map(|t| t.to_dtype(DType::F32)?.to_vec1())
-            .transpose()?,
+        b: bias_f32(bias)?,
         scale,
         keep_h: x.track_op() || a.track_op() || b.track_op(),
         h: Mutex::new(None),
