@@ -44,6 +44,23 @@ fn train<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
     ]
 }
 
+/// transformers + PEFT's logits for a golden case.
+fn golden_logits(key: &str) -> candle_core::Tensor {
+    logits_at(&golden().join("logits.safetensors"), key)
+}
+
+/// The logits `petal forward` wrote.
+fn logits_file(path: &Path) -> candle_core::Tensor {
+    logits_at(path, "logits")
+}
+
+fn logits_at(path: &Path, key: &str) -> candle_core::Tensor {
+    candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+        .unwrap()
+        .remove(key)
+        .unwrap()
+}
+
 #[test]
 fn forward_writes_the_logits_peft_computes_for_a_peft_adapter() {
     let d = tempfile::tempdir().unwrap();
@@ -60,17 +77,8 @@ fn forward_writes_the_logits_peft_computes_for_a_peft_adapter() {
         out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let ours = candle_core::safetensors::load(&out, &candle_core::Device::Cpu)
-        .unwrap()
-        .remove("logits")
-        .unwrap();
-    let want = candle_core::safetensors::load(
-        golden().join("logits.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap()
-    .remove("llama_lora_qv")
-    .unwrap();
+    let ours = logits_file(&out);
+    let want = golden_logits("llama_lora_qv");
     assert!(petal_ops::testing::max_rel(&ours, &want) < 1e-4);
 }
 
@@ -103,17 +111,8 @@ fn forward_with_bf16_activations_tracks_peft_and_needs_bf16_weights() {
     );
     let o = run("bf16");
     assert!(o.status.success(), "{}", stderr(&o));
-    let ours = candle_core::safetensors::load(&out, &candle_core::Device::Cpu)
-        .unwrap()
-        .remove("logits")
-        .unwrap();
-    let want = candle_core::safetensors::load(
-        golden().join("logits.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap()
-    .remove("llama_lora_qv")
-    .unwrap();
+    let ours = logits_file(&out);
+    let want = golden_logits("llama_lora_qv");
     // bf16 weights and activations: 8 significant bits (seen 5e-3)
     let e = petal_ops::testing::max_rel(&ours.to_dtype(candle_core::DType::F32).unwrap(), &want);
     assert!(e < 3e-2, "relative {e}");
