@@ -230,3 +230,36 @@ fn head_loss_on_bf16_hidden_states_matches_logits_then_cross_entropy_in_f32() {
         },
     );
 }
+
+#[test]
+fn scaling_bf16_activations_by_an_f32_vector_matches_the_f32_product() {
+    let y = Var::from_tensor(&rand(&[3, 7, 40], 1).to_dtype(BF).unwrap()).unwrap();
+    let yr = Var::from_tensor(&y.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
+    let l = Var::from_tensor(&rand(&[40], 2)).unwrap();
+    let out = scale_last(y.as_tensor(), l.as_tensor()).unwrap();
+    assert_eq!(out.dtype(), BF);
+    let r = yr.as_tensor().broadcast_mul(l.as_tensor()).unwrap();
+    let of = out.to_dtype(DType::F32).unwrap();
+    assert!(max_rel(&of, &r) < 4e-3, "values: {}", max_rel(&of, &r));
+    let proj = rand(&[3, 7, 40], 9);
+    let g = (&of * &proj)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gr = (&r * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+    let gy = g.get(y.as_tensor()).unwrap();
+    assert_eq!(gy.dtype(), BF);
+    let rel = max_rel(
+        &gy.to_dtype(DType::F32).unwrap(),
+        gr.get(yr.as_tensor()).unwrap(),
+    );
+    assert!(rel < TOL, "dy: {rel}");
+    let (a, b) = (
+        g.get(l.as_tensor()).unwrap(),
+        gr.get(l.as_tensor()).unwrap(),
+    );
+    assert_eq!(a.dtype(), DType::F32);
+    assert!(max_rel(a, b) < TOL, "dl: {}", max_rel(a, b));
+}

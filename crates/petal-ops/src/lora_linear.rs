@@ -327,13 +327,16 @@ impl CustomOp2 for LowRank {
         _h: &Tensor,
         dh: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let need_dx = x.track_op();
+        let (need_dx, need_da) = (x.track_op(), a.track_op());
         let (x, a, dh) = (x.detach(), a.detach(), dh.detach());
         let dx = need_dx
-            .then(|| dh.matmul(&a)?.to_dtype(x.dtype()))
+            .then(|| cast(&dh.matmul(&a)?, x.dtype()))
             .transpose()?;
-        let da = dh.t()?.matmul(&x.to_dtype(DType::F32)?)?;
-        Ok((dx, Some(da)))
+        // a frozen A (VeRA's shared projection) gets no gradient computed
+        let da = need_da
+            .then(|| dh.t()?.matmul(&cast(&x, DType::F32)?))
+            .transpose()?;
+        Ok((dx, da))
     }
 }
 

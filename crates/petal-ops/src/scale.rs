@@ -2,7 +2,8 @@
 //! broadcast product is right forward, but its backward reduces `g ⊙ y` over all rows on one
 //! thread; this op does both directions in one parallel pass each.
 
-use crate::cpu::{f32s, fast_ok};
+use crate::cpu::{act_in, act_out, f32s, fast_act_ok, fast_ok};
+use candle_core::backend::BackendStorage as _;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -20,7 +21,8 @@ impl CustomOp2 for ScaleLast {
         ls: &CpuStorage,
         ll: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, l) = (f32s(ys, yl)?, f32s(ls, ll)?);
+        // y may be bf16 activations: widened here, the product stored back in y's dtype
+        let (y, l) = (act_in(ys, yl)?, f32s(ls, ll)?);
         let d = l.len();
         let mut out = vec![0f32; y.len()];
         out.par_chunks_mut(d)
@@ -31,7 +33,7 @@ impl CustomOp2 for ScaleLast {
                     .zip(l)
                     .for_each(|((o, y), l)| *o = y * l)
             });
-        Ok((CpuStorage::F32(out), yl.shape().clone()))
+        Ok((act_out(out, ys.dtype())?, yl.shape().clone()))
     }
 
     fn bwd(
@@ -42,8 +44,8 @@ impl CustomOp2 for ScaleLast {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let d = l.dim(0)?;
-        let yv = y.flatten_all()?.to_vec1::<f32>()?;
-        let gv = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let host = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
+        let (yv, gv) = (host(y)?, host(grad)?);
         let lv = l.to_vec1::<f32>()?;
         let mut dy = vec![0f32; yv.len()];
         let dl = dy
@@ -67,22 +69,29 @@ impl CustomOp2 for ScaleLast {
                 },
             );
         Ok((
-            Some(Tensor::from_vec(dy, y.shape(), y.device())?),
+            Some(crate::cpu::tensor(act_out(dy, y.dtype())?, y.shape())),
             Some(Tensor::from_vec(dl, d, l.device())?),
         ))
     }
 }
 
-/// `y ⊙ l` with `l` broadcast over all but the last dimension of `y`; f32 on the CPU takes the
-/// fused kernel, anything else candle's broadcast product.
+/// `y ⊙ l` with `l` broadcast over all but the last dimension of `y`, in y's dtype: f32 or bf16
+/// `y` on the CPU takes the fused kernel (f32 arithmetic); elsewhere candle's broadcast product,
+/// in f32 for a lower-precision `y` (l's gradient sums over every row).
 pub fn scale_last(y: &Tensor, l: &Tensor) -> Result<Tensor> {
     let d = y.dim(D::Minus1)?;
     let l = l.flatten_all()?;
     if l.dim(0)? != d {
         candle_core::bail!("scale_last: {} scales for {d} features", l.dim(0)?)
     }
-    if !(fast_ok(y) && l.dtype() == DType::F32) {
-        return y.broadcast_mul(&l);
+    if !(fast_act_ok(y) && l.dtype() == DType::F32) {
+        if y.dtype() == l.dtype() {
+            return y.broadcast_mul(&l);
+        }
+        return y
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&l.to_dtype(DType::F32)?)?
+            .to_dtype(y.dtype());
     }
     let y2 = y.contiguous()?.reshape((y.elem_count() / d, d))?;
     y2.apply_op2(&l.contiguous()?, ScaleLast)?

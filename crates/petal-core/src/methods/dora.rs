@@ -46,15 +46,13 @@ impl Dora {
     /// bf16.
     pub fn fused_forward(&self, lin: &Tensor, delta: &Tensor) -> Result<Tensor> {
         let f = self.factor(delta)?;
-        let dt = lin.dtype();
-        let lin = lin.to_dtype(DType::F32)?;
-        let out = match &self.bias {
-            Some(b) => {
-                let b = b.to_dtype(DType::F32)?;
-                petal_ops::scale_last(&lin.broadcast_sub(&b)?, &f)?.broadcast_add(&b)?
-            }
-            None => petal_ops::scale_last(&lin, &f)?,
+        let Some(b) = &self.bias else {
+            return Ok(petal_ops::scale_last(lin, &f)?); // in lin's dtype, f32 inside
         };
+        let dt = lin.dtype();
+        let b = b.to_dtype(DType::F32)?;
+        let lin = lin.to_dtype(DType::F32)?;
+        let out = petal_ops::scale_last(&lin.broadcast_sub(&b)?, &f)?.broadcast_add(&b)?;
         Ok(out.to_dtype(dt)?)
     }
 

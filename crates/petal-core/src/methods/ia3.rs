@@ -85,7 +85,7 @@ impl AdapterLayer for Ia3Layer {
             let d = d.to_dtype(y.dtype())?;
             return Ok((y + d)?);
         }
-        Ok(petal_ops::scale_last(&y.to_dtype(DType::F32)?, &l)?.to_dtype(y.dtype())?)
+        Ok(petal_ops::scale_last(&y, &l)?)
     }
 
     fn fused_forward(
@@ -101,7 +101,8 @@ impl AdapterLayer for Ia3Layer {
         let _ = train;
         let run = || -> Result<Tensor> {
             let l = self.l.as_tensor().flatten_all()?;
-            let xs = petal_ops::scale_last(&x.to_dtype(DType::F32)?, &l)?;
+            // bf16 activations stay bf16: no f32 copy of x in the graph
+            let xs = petal_ops::scale_last(x, &l)?;
             Ok(petal_ops::frozen_linear(&xs, w, b)?.to_dtype(x.dtype())?)
         };
         Some(run())

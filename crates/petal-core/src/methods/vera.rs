@@ -158,14 +158,15 @@ impl AdapterLayer for VeraLayer {
             return None;
         }
         let run = || -> Result<Tensor> {
-            let x2 = crate::methods::oft::flat_input(x)?;
-            let x2 = if train && self.dropout > 0.0 {
-                dropout(&x2, self.dropout)?
-            } else {
-                x2
-            };
             let (a, b) = self.sliced()?;
-            let h = petal_ops::scale_last(&x2.matmul(&a.t()?)?, self.lambda_d.as_tensor())?;
+            // x A^T; without dropout a bf16 x is read as it is (no f32 copy in the graph)
+            let low = if train && self.dropout > 0.0 {
+                let x2 = crate::methods::oft::flat_input(x)?;
+                dropout(&x2, self.dropout)?.matmul(&a.t()?)?
+            } else {
+                petal_ops::low_rank(x, &a)?
+            };
+            let h = petal_ops::scale_last(&low, self.lambda_d.as_tensor())?;
             let bl = b.broadcast_mul(&self.lambda_b.as_tensor().unsqueeze(1)?)?;
             Ok(petal_ops::lora_linear(x, w, bias, &h, &bl, 1.0)?)
         };
