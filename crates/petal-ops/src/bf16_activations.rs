@@ -231,17 +231,23 @@ fn head_loss_on_bf16_hidden_states_matches_logits_then_cross_entropy_in_f32() {
     );
 }
 
-#[test]
-fn scaling_bf16_activations_by_an_f32_vector_matches_the_f32_product() {
-    let y = Var::from_tensor(&rand(&[3, 7, 40], 1).to_dtype(BF).unwrap()).unwrap();
-    let yr = Var::from_tensor(&y.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
-    let l = Var::from_tensor(&rand(&[40], 2)).unwrap();
-    let out = scale_last(y.as_tensor(), l.as_tensor()).unwrap();
+/// An op on a bf16 activation `x` with f32 parameters against the same op on x's rounded
+/// values in f32: the output in bf16, x's gradient in bf16 and the parameters' in f32, all
+/// within bf16 precision.
+fn bf16_input_f32_params(x: Tensor, params: &[Tensor], op: impl Fn(&Tensor, &[Tensor]) -> Tensor) {
+    let x = Var::from_tensor(&x.to_dtype(BF).unwrap()).unwrap();
+    let xr = Var::from_tensor(&x.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
+    let ps: Vec<Var> = params
+        .iter()
+        .map(|p| Var::from_tensor(p).unwrap())
+        .collect();
+    let pt: Vec<Tensor> = ps.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = op(x.as_tensor(), &pt);
     assert_eq!(out.dtype(), BF);
-    let r = yr.as_tensor().broadcast_mul(l.as_tensor()).unwrap();
+    let r = op(xr.as_tensor(), &pt);
     let of = out.to_dtype(DType::F32).unwrap();
     assert!(max_rel(&of, &r) < 4e-3, "values: {}", max_rel(&of, &r));
-    let proj = rand(&[3, 7, 40], 9);
+    let proj = rand(r.dims(), 9);
     let g = (&of * &proj)
         .unwrap()
         .sum_all()
@@ -249,17 +255,35 @@ fn scaling_bf16_activations_by_an_f32_vector_matches_the_f32_product() {
         .backward()
         .unwrap();
     let gr = (&r * &proj).unwrap().sum_all().unwrap().backward().unwrap();
-    let gy = g.get(y.as_tensor()).unwrap();
-    assert_eq!(gy.dtype(), BF);
+    let gx = g.get(x.as_tensor()).unwrap();
+    assert_eq!(gx.dtype(), BF);
     let rel = max_rel(
-        &gy.to_dtype(DType::F32).unwrap(),
-        gr.get(yr.as_tensor()).unwrap(),
+        &gx.to_dtype(DType::F32).unwrap(),
+        gr.get(xr.as_tensor()).unwrap(),
     );
-    assert!(rel < TOL, "dy: {rel}");
-    let (a, b) = (
-        g.get(l.as_tensor()).unwrap(),
-        gr.get(l.as_tensor()).unwrap(),
+    assert!(rel < TOL, "dx: {rel}");
+    for (i, p) in ps.iter().enumerate() {
+        let (a, b) = (
+            g.get(p.as_tensor()).unwrap(),
+            gr.get(p.as_tensor()).unwrap(),
+        );
+        assert_eq!(a.dtype(), DType::F32);
+        assert!(max_rel(a, b) < TOL, "parameter {i}: {}", max_rel(a, b));
+    }
+}
+
+#[test]
+fn scaling_bf16_activations_by_an_f32_vector_matches_the_f32_product() {
+    bf16_input_f32_params(rand(&[3, 7, 40], 1), &[rand(&[40], 2)], |x, p| {
+        scale_last(x, &p[0]).unwrap()
+    });
+}
+
+#[test]
+fn pair_rotating_bf16_activations_matches_the_f32_rotation() {
+    bf16_input_f32_params(
+        rand(&[3, 5, 32], 1),
+        &[rand(&[32], 2), rand(&[32], 3)],
+        |x, p| pair_rotate(x, &p[0], &p[1], 8).unwrap(),
     );
-    assert_eq!(a.dtype(), DType::F32);
-    assert!(max_rel(a, b) < TOL, "dl: {}", max_rel(a, b));
 }

@@ -5,7 +5,8 @@
 //! a full pass over the activations and, for f and s, a single-threaded column reduction in
 //! backward; the kernel does one parallel pass forward and one backward.
 
-use crate::cpu::{f32s, fast_ok};
+use crate::cpu::{act_in, act_out, f32s, fast_act_ok};
+use candle_core::backend::BackendStorage as _;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -27,7 +28,8 @@ impl CustomOp3 for PairRotate {
         ss: &CpuStorage,
         sl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, f, s) = (f32s(ys, yl)?, f32s(fs, fl)?, f32s(ss, sl)?);
+        // y may be bf16 activations: widened here, the result stored back in y's dtype
+        let (y, f, s) = (act_in(ys, yl)?, f32s(fs, fl)?, f32s(ss, sl)?);
         let d = f.len();
         let h = self.group / 2;
         let mut out = vec![0f32; y.len()];
@@ -42,7 +44,7 @@ impl CustomOp3 for PairRotate {
                     }
                 }
             });
-        Ok((CpuStorage::F32(out), yl.shape().clone()))
+        Ok((act_out(out, ys.dtype())?, yl.shape().clone()))
     }
 
     fn bwd(
@@ -55,8 +57,8 @@ impl CustomOp3 for PairRotate {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = f.dim(0)?;
         let h = self.group / 2;
-        let yv = y.flatten_all()?.to_vec1::<f32>()?;
-        let gv = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let host = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
+        let (yv, gv) = (host(y)?, host(grad)?);
         let (fv, sv) = (f.to_vec1::<f32>()?, s.to_vec1::<f32>()?);
         let mut dy = vec![0f32; yv.len()];
         // dy per row, and per-thread partial column sums for df and ds
@@ -90,7 +92,7 @@ impl CustomOp3 for PairRotate {
             );
         let dev = y.device();
         Ok((
-            Some(Tensor::from_vec(dy, y.shape(), dev)?),
+            Some(crate::cpu::tensor(act_out(dy, y.dtype())?, y.shape())),
             Some(Tensor::from_vec(df, d, dev)?),
             Some(Tensor::from_vec(ds, d, dev)?),
         ))
@@ -108,7 +110,8 @@ pub fn pair_rotate_reference(y: &Tensor, f: &Tensor, s: &Tensor, group: usize) -
 }
 
 /// `y (.., d) ⊙ f + rot(y) ⊙ s` with `f`, `s` of length d and pairs (j, j + group/2) inside
-/// each group of `group` features. f32 on the CPU takes the fused kernel.
+/// each group of `group` features, in y's dtype. f32 or bf16 `y` on the CPU takes the fused
+/// kernel (f32 arithmetic); elsewhere the composed form, in f32 for a lower-precision `y`.
 pub fn pair_rotate(y: &Tensor, f: &Tensor, s: &Tensor, group: usize) -> Result<Tensor> {
     let d = y.dim(D::Minus1)?;
     if group == 0 || group % 2 != 0 || d % group != 0 || f.dims() != [d] || s.dims() != [d] {
@@ -116,8 +119,13 @@ pub fn pair_rotate(y: &Tensor, f: &Tensor, s: &Tensor, group: usize) -> Result<T
             "pair_rotate: group {group} must be even and divide {d}; f, s of length {d}"
         )
     }
-    if !(fast_ok(y) && f.dtype() == DType::F32 && s.dtype() == DType::F32) {
-        return pair_rotate_reference(y, f, s, group);
+    if !(fast_act_ok(y) && f.dtype() == DType::F32 && s.dtype() == DType::F32) {
+        if y.dtype() == f.dtype() {
+            return pair_rotate_reference(y, f, s, group);
+        }
+        let yf = y.to_dtype(DType::F32)?;
+        let (f, s) = (f.to_dtype(DType::F32)?, s.to_dtype(DType::F32)?);
+        return pair_rotate_reference(&yf, &f, &s, group)?.to_dtype(y.dtype());
     }
     let y2 = y.contiguous()?.reshape((y.elem_count() / d, d))?;
     y2.apply_op3(&f.contiguous()?, &s.contiguous()?, PairRotate { group })?

@@ -164,8 +164,8 @@ impl RoadLayer {
 impl AdapterLayer for RoadLayer {
     fn forward(&self, _x: &Tensor, y: Tensor, _train: bool) -> Result<Tensor> {
         let (f, s) = self.cols()?;
-        let z = petal_ops::pair_rotate(&y.to_dtype(DType::F32)?, &f, &s, self.group)?;
-        Ok(z.to_dtype(y.dtype())?)
+        // in y's dtype (bf16 activations: no f32 copy in the graph), f32 inside
+        Ok(petal_ops::pair_rotate(&y, &f, &s, self.group)?)
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {
