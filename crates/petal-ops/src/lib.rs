@@ -10,6 +10,7 @@ pub mod attention;
 pub mod bf16;
 #[cfg(test)]
 mod bf16_activations;
+pub mod blocks;
 pub mod cpu;
 pub mod frozen_linear;
 pub mod head_loss;
@@ -26,6 +27,7 @@ pub mod testing;
 pub mod vmath;
 
 pub use attention::{causal_attention, causal_attention_bthd, Rope};
+pub use blocks::rotate_blocks;
 pub use cpu::set_fast;
 pub use frozen_linear::frozen_linear;
 pub use head_loss::head_cross_entropy;

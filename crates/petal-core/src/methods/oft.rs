@@ -153,10 +153,7 @@ fn cayley_neumann(q: &Tensor, terms: usize) -> Result<Tensor> {
 
 /// x (n, k * b) times diag(R_1 … R_k), blockwise: `x_j R_j` for each block of columns.
 pub(crate) fn rotate_blocks(x: &Tensor, r: &Tensor) -> Result<Tensor> {
-    let (n, inp) = x.dims2()?;
-    let (k, b, _) = r.dims3()?;
-    let xb = x.reshape((n, k, b))?.transpose(0, 1)?.contiguous()?; // (k, n, b)
-    Ok(xb.matmul(r)?.transpose(0, 1)?.reshape((n, inp))?)
+    Ok(petal_ops::rotate_blocks(x, r)?)
 }
 
 /// The dense block-diagonal matrix of a batch of blocks (k, b, b).
@@ -288,15 +285,18 @@ impl OftLayer {
         Ok(r)
     }
 
+    /// x R in x's dtype (bf16 activations are rotated without an f32 copy in the graph).
     fn rotated(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(rotate_blocks(&flat_input(x)?, &self.rotation()?)?.reshape(x.shape())?)
+        let inp = x.dim(candle_core::D::Minus1)?;
+        let x2 = x.reshape((x.elem_count() / inp, inp))?;
+        Ok(rotate_blocks(&x2, &self.rotation()?)?.reshape(x.shape())?)
     }
 }
 
 impl AdapterLayer for OftLayer {
     fn forward(&self, x: &Tensor, y: Tensor, _train: bool) -> Result<Tensor> {
         // (x R) W^T + b = y + (x R - x) W^T
-        let d = (self.rotated(x)? - x.to_dtype(DType::F32)?)?;
+        let d = (self.rotated(x)?.to_dtype(DType::F32)? - x.to_dtype(DType::F32)?)?;
         let d = petal_ops::frozen_linear(&d, &self.base, None)?;
         Ok((y + d.to_dtype(x.dtype())?)?)
     }
@@ -309,7 +309,7 @@ impl AdapterLayer for OftLayer {
         _train: bool,
     ) -> Option<Result<Tensor>> {
         let run = || -> Result<Tensor> {
-            let xr = self.rotated(x)?; // f32; frozen_linear meets w's dtype
+            let xr = self.rotated(x)?; // in x's dtype; frozen_linear meets w's dtype
             Ok(petal_ops::frozen_linear(&xr, w, b)?.to_dtype(x.dtype())?)
         };
         Some(run())
