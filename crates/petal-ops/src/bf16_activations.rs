@@ -153,44 +153,19 @@ fn one_node_lora_on_bf16_activations_matches_the_f32_composition() {
     let w = rand(&[40, 37], 1).to_dtype(BF).unwrap();
     let wf = w.to_dtype(DType::F32).unwrap();
     // x is a bf16 activation; A and B are f32 adapter weights (trainable)
-    let x = Var::from_tensor(&rand(&[2, 3, 37], 3).to_dtype(BF).unwrap()).unwrap();
-    let xr = Var::from_tensor(&x.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
-    let a = Var::from_tensor(&rand(&[4, 37], 4)).unwrap();
-    let b = Var::from_tensor(&rand(&[40, 4], 5)).unwrap();
-    let y = lora(x.as_tensor(), &w, None, a.as_tensor(), b.as_tensor(), 0.5).unwrap();
-    assert_eq!(y.dtype(), BF);
-    let h = xr
-        .as_tensor()
-        .reshape((6, 37))
-        .unwrap()
-        .matmul(&a.as_tensor().t().unwrap())
-        .unwrap();
-    let r = lora_linear_reference(xr.as_tensor(), &wf, None, &h, b.as_tensor(), 0.5).unwrap();
-    let yf = y.to_dtype(DType::F32).unwrap();
-    assert!(max_rel(&yf, &r) < 4e-3, "values: {}", max_rel(&yf, &r));
-    let proj = rand(&[2, 3, 40], 9);
-    let g = (&yf * &proj)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let gr = (&r * &proj).unwrap().sum_all().unwrap().backward().unwrap();
-    let gx = g.get(x.as_tensor()).unwrap();
-    assert_eq!(gx.dtype(), BF);
-    let rel = max_rel(
-        &gx.to_dtype(DType::F32).unwrap(),
-        gr.get(xr.as_tensor()).unwrap(),
+    bf16_input_f32_params(
+        rand(&[2, 3, 37], 3),
+        &[rand(&[4, 37], 4), rand(&[40, 4], 5)],
+        |x, p| lora(x, &w, None, &p[0], &p[1], 0.5).unwrap(),
+        |x, p| {
+            let h = x
+                .reshape((6, 37))
+                .unwrap()
+                .matmul(&p[0].t().unwrap())
+                .unwrap();
+            lora_linear_reference(x, &wf, None, &h, &p[1], 0.5).unwrap()
+        },
     );
-    assert!(rel < TOL, "dx: {rel}");
-    for (name, v) in [("A", &a), ("B", &b)] {
-        let (p, q) = (
-            g.get(v.as_tensor()).unwrap(),
-            gr.get(v.as_tensor()).unwrap(),
-        );
-        assert_eq!(p.dtype(), DType::F32);
-        assert!(max_rel(p, q) < TOL, "d{name}: {}", max_rel(p, q));
-    }
 }
 
 #[test]
@@ -231,10 +206,15 @@ fn head_loss_on_bf16_hidden_states_matches_logits_then_cross_entropy_in_f32() {
     );
 }
 
-/// An op on a bf16 activation `x` with f32 parameters against the same op on x's rounded
-/// values in f32: the output in bf16, x's gradient in bf16 and the parameters' in f32, all
-/// within bf16 precision.
-fn bf16_input_f32_params(x: Tensor, params: &[Tensor], op: impl Fn(&Tensor, &[Tensor]) -> Tensor) {
+/// An op on a bf16 activation `x` with f32 parameters against its f32 reference on x's rounded
+/// values: the output in bf16, x's gradient in bf16 and the parameters' in f32, all within
+/// bf16 precision.
+fn bf16_input_f32_params(
+    x: Tensor,
+    params: &[Tensor],
+    fast: impl Fn(&Tensor, &[Tensor]) -> Tensor,
+    reference: impl Fn(&Tensor, &[Tensor]) -> Tensor,
+) {
     let x = Var::from_tensor(&x.to_dtype(BF).unwrap()).unwrap();
     let xr = Var::from_tensor(&x.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
     let ps: Vec<Var> = params
@@ -242,9 +222,9 @@ fn bf16_input_f32_params(x: Tensor, params: &[Tensor], op: impl Fn(&Tensor, &[Te
         .map(|p| Var::from_tensor(p).unwrap())
         .collect();
     let pt: Vec<Tensor> = ps.iter().map(|v| v.as_tensor().clone()).collect();
-    let out = op(x.as_tensor(), &pt);
+    let out = fast(x.as_tensor(), &pt);
     assert_eq!(out.dtype(), BF);
-    let r = op(xr.as_tensor(), &pt);
+    let r = reference(xr.as_tensor(), &pt);
     let of = out.to_dtype(DType::F32).unwrap();
     assert!(max_rel(&of, &r) < 4e-3, "values: {}", max_rel(&of, &r));
     let proj = rand(r.dims(), 9);
@@ -273,17 +253,31 @@ fn bf16_input_f32_params(x: Tensor, params: &[Tensor], op: impl Fn(&Tensor, &[Te
 }
 
 #[test]
-fn scaling_bf16_activations_by_an_f32_vector_matches_the_f32_product() {
-    bf16_input_f32_params(rand(&[3, 7, 40], 1), &[rand(&[40], 2)], |x, p| {
-        scale_last(x, &p[0]).unwrap()
-    });
+fn scaling_bf16_activations_by_an_f32_vector_matches_the_broadcast_f32_product() {
+    bf16_input_f32_params(
+        rand(&[3, 7, 40], 1),
+        &[rand(&[40], 2)],
+        |x, p| scale_last(x, &p[0]).unwrap(),
+        |x, p| x.broadcast_mul(&p[0]).unwrap(),
+    );
 }
 
 #[test]
-fn pair_rotating_bf16_activations_matches_the_f32_rotation() {
+fn pair_rotating_bf16_activations_matches_the_composed_f32_rotation() {
     bf16_input_f32_params(
         rand(&[3, 5, 32], 1),
         &[rand(&[32], 2), rand(&[32], 3)],
         |x, p| pair_rotate(x, &p[0], &p[1], 8).unwrap(),
+        |x, p| crate::pair_rotate::pair_rotate_reference(x, &p[0], &p[1], 8).unwrap(),
+    );
+}
+
+#[test]
+fn rotating_blocks_of_bf16_activations_matches_the_batched_f32_product() {
+    bf16_input_f32_params(
+        rand(&[9, 24], 1),
+        &[rand(&[3, 8, 8], 2)],
+        |x, p| crate::rotate_blocks(x, &p[0]).unwrap(),
+        |x, p| crate::blocks::rotate_blocks_reference(x, &p[0]).unwrap(),
     );
 }
