@@ -44,6 +44,28 @@ fn train<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
     ]
 }
 
+/// `petal forward` on the golden Llama with the PEFT `llama_lora_qv` adapter and the golden
+/// input ids, logits to `out`, with `extra` flags.
+fn forward_llama_lora_qv(out: &Path, extra: &[&str]) -> Output {
+    let (model, adapter) = (
+        golden().join("llama"),
+        golden().join("adapters/llama_lora_qv"),
+    );
+    let mut args = vec![
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--input-ids",
+        "1,5,9,14,20,33,2,71;7,7,3,90,45,12,60,8",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    petal(&args)
+}
+
 /// transformers + PEFT's logits for a golden case.
 fn golden_logits(key: &str) -> candle_core::Tensor {
     logits_at(&golden().join("logits.safetensors"), key)
@@ -65,17 +87,7 @@ fn logits_at(path: &Path, key: &str) -> candle_core::Tensor {
 fn forward_writes_the_logits_peft_computes_for_a_peft_adapter() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("l.safetensors");
-    let o = petal(&[
-        "forward",
-        "--model",
-        golden().join("llama").to_str().unwrap(),
-        "--adapter",
-        golden().join("adapters/llama_lora_qv").to_str().unwrap(),
-        "--input-ids",
-        "1,5,9,14,20,33,2,71;7,7,3,90,45,12,60,8",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = forward_llama_lora_qv(&out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let ours = logits_file(&out);
     let want = golden_logits("llama_lora_qv");
@@ -86,22 +98,7 @@ fn forward_writes_the_logits_peft_computes_for_a_peft_adapter() {
 fn forward_with_bf16_activations_tracks_peft_and_needs_bf16_weights() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("l.safetensors");
-    let run = |dtype: &str| {
-        petal(&[
-            "forward",
-            "--model",
-            golden().join("llama").to_str().unwrap(),
-            "--adapter",
-            golden().join("adapters/llama_lora_qv").to_str().unwrap(),
-            "--input-ids",
-            "1,5,9,14,20,33,2,71;7,7,3,90,45,12,60,8",
-            "--dtype",
-            dtype,
-            "--bf16-activations",
-            "--out",
-            out.to_str().unwrap(),
-        ])
-    };
+    let run = |dtype: &str| forward_llama_lora_qv(&out, &["--dtype", dtype, "--bf16-activations"]);
     let o = run("f32");
     assert!(!o.status.success());
     assert!(

@@ -381,8 +381,8 @@ impl Llama {
             .map_or(0, |(pk, _)| pk.dims()[1]);
         let seen = cached + prefix.as_ref().map_or(0, |(pk, _)| pk.dims()[1]);
         let from = if kv.is_some() {
-            let at = |tab: &Tensor| tab.narrow(0, seen, t);
-            k = petal_ops::apply_rope_bthd(&k, &at(&self.cos)?, &at(&self.sin)?)?;
+            let new_rows = |tab: &Tensor| tab.narrow(0, seen, t);
+            k = petal_ops::apply_rope_bthd(&k, &new_rows(&self.cos)?, &new_rows(&self.sin)?)?;
             seen + t
         } else {
             rope_from

@@ -3,7 +3,7 @@
 
 use crate::attention::causal_attention_reference;
 use crate::lora_linear::lora_linear_reference;
-use crate::testing::{max_rel, rand, same_bf16};
+use crate::testing::{max_rel, projected_grads, rand, same_bf16};
 use crate::*;
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -43,13 +43,7 @@ fn rms_norm_of_an_f32_residual_into_a_bf16_weight_returns_bf16_and_an_f32_gradie
     let yf = y.to_dtype(DType::F32).unwrap();
     assert!(max_rel(&yf, &r) < 4e-3, "{}", max_rel(&yf, &r));
     let proj = rand(&[6, 40], 9);
-    let g = (&yf * &proj)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let gr = (&r * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+    let (g, gr) = (projected_grads(&yf, &proj), projected_grads(&r, &proj));
     let (a, b) = (
         g.get(x.as_tensor()).unwrap(),
         gr.get(x.as_tensor()).unwrap(),
@@ -177,7 +171,7 @@ fn residual_add_of_a_bf16_output_to_an_f32_stream_is_exact_and_splits_the_gradie
     let want = (x.as_tensor() + a.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
     assert_eq!(max_rel(&y, &want), 0.0);
     let proj = rand(&[5, 33], 3);
-    let g = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = projected_grads(&y, &proj);
     assert_eq!(max_rel(g.get(x.as_tensor()).unwrap(), &proj), 0.0);
     let ga = g.get(a.as_tensor()).unwrap();
     assert_eq!(ga.dtype(), BF);
@@ -228,13 +222,7 @@ fn bf16_input_f32_params(
     let of = out.to_dtype(DType::F32).unwrap();
     assert!(max_rel(&of, &r) < 4e-3, "values: {}", max_rel(&of, &r));
     let proj = rand(r.dims(), 9);
-    let g = (&of * &proj)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let gr = (&r * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+    let (g, gr) = (projected_grads(&of, &proj), projected_grads(&r, &proj));
     let gx = g.get(x.as_tensor()).unwrap();
     assert_eq!(gx.dtype(), BF);
     let rel = max_rel(

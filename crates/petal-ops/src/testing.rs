@@ -35,6 +35,12 @@ pub fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
         .max(1e-12)
 }
 
+/// Gradients of `sum(y * proj)` (an f32 `y`): every input gradient of y seen through one random
+/// projection of its output.
+pub fn projected_grads(y: &Tensor, proj: &Tensor) -> candle_core::backprop::GradStore {
+    (y * proj).unwrap().sum_all().unwrap().backward().unwrap()
+}
+
 /// Both functions of the same inputs must agree in value and in every input gradient.
 pub fn same(
     inputs: &[Tensor],
@@ -50,8 +56,7 @@ pub fn same(
     assert_eq!(f.dims(), r.dims());
     assert!(max_rel(&f, &r) < 1e-5, "values differ: {}", max_rel(&f, &r));
     let proj = rand(f.dims(), 99);
-    let gf = (&f * &proj).unwrap().sum_all().unwrap().backward().unwrap();
-    let gr = (&r * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+    let (gf, gr) = (projected_grads(&f, &proj), projected_grads(&r, &proj));
     for (i, v) in vars.iter().enumerate() {
         let (a, b) = (
             gf.get(v.as_tensor()).unwrap(),
@@ -98,13 +103,7 @@ pub fn same_bf16(
         max_rel(&f32f, &r)
     );
     let proj = rand(f.dims(), 99);
-    let gf = (&f32f * &proj)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let gr = (&r * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+    let (gf, gr) = (projected_grads(&f32f, &proj), projected_grads(&r, &proj));
     for (i, (a, b)) in fv.iter().zip(&rv).enumerate() {
         let ga = gf.get(a.as_tensor()).unwrap();
         assert_eq!(
