@@ -372,6 +372,17 @@ struct Rope {
     inverse: bool,
 }
 
+/// One head's values rotated in place, pairs (j, j + d/2) by the angles whose cosines and sines
+/// are `c`, `s` (d/2 each); `sign` -1 rotates by the opposite angles.
+pub(crate) fn rotate_half(v: &mut [f32], c: &[f32], s: &[f32], sign: f32) {
+    let half = c.len();
+    for j in 0..half {
+        let (a, b) = (v[j], v[j + half]);
+        v[j] = a * c[j] - sign * b * s[j];
+        v[j + half] = b * c[j] + sign * a * s[j];
+    }
+}
+
 impl CustomOp1 for Rope {
     fn name(&self) -> &'static str {
         "petal-rope"
@@ -390,11 +401,8 @@ impl CustomOp1 for Rope {
                 &self.cos[p * half..(p + 1) * half],
                 &self.sin[p * half..(p + 1) * half],
             );
-            for j in 0..half {
-                let (a, b) = (x[j], x[j + half]);
-                y[j] = a * c[j] - sign * b * s[j];
-                y[j + half] = b * c[j] + sign * a * s[j];
-            }
+            y.copy_from_slice(x);
+            rotate_half(y, c, s, sign);
         })?;
         Ok((y, l.shape().clone()))
     }

@@ -135,11 +135,7 @@ impl Rotary {
                 &self.cos[p * half..(p + 1) * half],
                 &self.sin[p * half..(p + 1) * half],
             );
-            for j in 0..half {
-                let (a, b) = (v[j], v[j + half]);
-                v[j] = a * c[j] - sign * b * s[j];
-                v[j + half] = b * c[j] + sign * a * s[j];
-            }
+            crate::kernels::rotate_half(v, c, s, sign);
         });
     }
 }
