@@ -1,7 +1,7 @@
 """PyTorch + transformers + PEFT baseline for `petal bench --vs-pytorch`.
 
 Builds the same workload petal runs (model config, LoRA config, batch, dtype, threads, data),
-then serves rounds on stdin: a line "N" runs N measured steps and prints one JSON object per
+on the CPU or a CUDA GPU ("device": "cuda"), then serves rounds on stdin: a line "N" runs N measured steps and prints one JSON object per
 step on stdout; "quit" exits. The first line printed is {"ready": ...}. Versions: see
 tools/golden/requirements.txt (torch 2.15.0, transformers 5.24.0, peft 0.21.2).
 
@@ -55,40 +55,48 @@ def build(w):
 def main():
     w = json.loads(sys.argv[1])
     torch.set_num_threads(w["threads"])
-    model = build(w)
+    dev = torch.device("cuda" if w.get("device", "cpu").startswith("cuda") else "cpu")
+    model = build(w).to(dev)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, w["vocab"], (w["batch"], w["seq"]), generator=g)
+    ids = torch.randint(0, w["vocab"], (w["batch"], w["seq"]), generator=g).to(dev)
+    # a GPU runs asynchronously: each timestamp waits for the work before it
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     opt = None
     if w["mode"] == "train":
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     else:
         model.eval()
-    auto = torch.autocast("cpu", dtype=torch.bfloat16) if w.get("autocast_bf16") else torch.autocast("cpu", enabled=False)
+    auto = (torch.autocast(dev.type, dtype=torch.bfloat16) if w.get("autocast_bf16")
+            else torch.autocast(dev.type, enabled=False))
+
+    def now():
+        sync()
+        return time.perf_counter()
 
     def step():
-        t0 = time.perf_counter()
+        t0 = now()
         if w["mode"] == "train":
             with auto:
                 loss = model(input_ids=ids, labels=ids).loss
-            t1 = time.perf_counter()
+            t1 = now()
             loss.backward()
-            t2 = time.perf_counter()
+            t2 = now()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            t3 = time.perf_counter()
+            t3 = now()
             if w.get("grad_checkpointing"):  # as petal reports it: forward counted with backward
                 return {"backward": t2 - t0, "optimizer": t3 - t2, "total": t3 - t0}
             return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "total": t3 - t0}
         if w["mode"] == "forward":
             with torch.no_grad(), auto:
                 model(input_ids=ids)
-            t = time.perf_counter() - t0
+            t = now() - t0
             return {"forward": t, "total": t}
         with torch.no_grad(), auto:
             model.generate(input_ids=ids[:1, : w["prompt"]], max_new_tokens=w["new_tokens"], do_sample=False,
                            min_new_tokens=w["new_tokens"], pad_token_id=0)
-        t = time.perf_counter() - t0
+        t = now() - t0
         return {"total": t}
 
     step()  # warm-up
@@ -100,6 +108,8 @@ def main():
         for _ in range(int(line)):
             r = step()
             r["peak_rss_mb"] = peak_rss_mb()
+            if dev.type == "cuda":  # the caching allocator's peak (the CUDA context not counted)
+                r["gpu_peak_mb"] = torch.cuda.max_memory_reserved() / 1048576.0
             print(json.dumps(r), flush=True)
 
 

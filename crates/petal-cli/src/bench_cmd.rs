@@ -18,7 +18,8 @@ use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// synthetic-35m | smollm2
+    /// synthetic-35m | smollm2 | smollm2-shape (SmolLM2-135M's architecture with random weights,
+    /// for machines the model file cannot reach: speed does not depend on the weights' values)
     #[arg(long, default_value = "synthetic-35m")]
     pub workload: String,
     /// train | forward | generate
@@ -94,6 +95,75 @@ fn synthetic() -> LlamaConfig {
     }
 }
 
+/// SmolLM2-135M's architecture, as its config.json gives it.
+fn smollm2_shape() -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 49152,
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_hidden_layers: 30,
+        num_attention_heads: 9,
+        num_key_value_heads: 3,
+        rope_theta: 100000.0,
+        max_position_embeddings: 8192,
+        tie_word_embeddings: true,
+        ..synthetic()
+    }
+}
+
+/// Device memory on a CUDA device: in use (total - free, bytes), and the peak in use while a
+/// closure runs, sampled every half millisecond by a second thread. None on the CPU.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::cuda_backend::cudarc::driver::CudaContext;
+    use candle_core::Device;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    fn context(dev: &Device) -> Option<Arc<CudaContext>> {
+        Some(dev.as_cuda_device().ok()?.cuda_stream().context().clone())
+    }
+
+    pub fn used(dev: &Device) -> Option<usize> {
+        let (free, total) = context(dev)?.mem_get_info().ok()?;
+        Some(total - free)
+    }
+
+    pub fn peak_during<T>(dev: &Device, f: impl FnOnce() -> T) -> (T, Option<usize>) {
+        let Some(c) = context(dev) else {
+            return (f(), None);
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = stop.clone();
+        let sampler = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !seen.load(Ordering::Relaxed) {
+                if let Ok((free, total)) = c.mem_get_info() {
+                    peak = peak.max(total - free);
+                }
+                std::thread::sleep(std::time::Duration::from_micros(500));
+            }
+            peak
+        });
+        let r = f();
+        stop.store(true, Ordering::Relaxed);
+        (r, sampler.join().ok())
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod gpu {
+    use candle_core::Device;
+
+    pub fn used(_: &Device) -> Option<usize> {
+        None
+    }
+
+    pub fn peak_during<T>(_: &Device, f: impl FnOnce() -> T) -> (T, Option<usize>) {
+        (f(), None)
+    }
+}
+
 pub fn peak_rss_mb() -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     s.lines()
@@ -103,10 +173,11 @@ pub fn peak_rss_mb() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// This machine's matmul rate (GFLOP/s) on a 1024^3 product with weights in `dt`, median of 5,
-/// through the linear petal's layers use (bf16 weights take f32 activations on the CPU).
+/// This machine's matmul rate (GFLOP/s) on a 1024^3 product (4096^3 on a GPU) with weights in
+/// `dt`, median of 5, through the linear petal's layers use (bf16 weights take f32 activations
+/// on the CPU).
 pub fn matmul_peak(dt: DType, dev: &Device) -> Result<f64> {
-    let n = 1024;
+    let n = if dev.is_cpu() { 1024 } else { 4096 };
     let act = petal_models::act_dtype(dt, dev);
     let a = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(act)?;
     let b = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dt)?;
@@ -167,6 +238,8 @@ impl Petal {
                     g.absorb(loss.backward()?)?;
                     (Some(t1), g)
                 };
+                let dev = self.model.device().clone();
+                dev.synchronize()?; // a GPU runs the backward asynchronously
                 let t2 = Instant::now();
                 let opt = self.opt.as_mut().context("optimizer")?;
                 let grads: Vec<Option<Tensor>> = opt
@@ -175,6 +248,7 @@ impl Petal {
                     .map(|v| g.get(v.as_tensor()).cloned())
                     .collect();
                 opt.step(&grads, 1e-4)?;
+                dev.synchronize()?;
                 let t3 = Instant::now();
                 let s = |x: Instant, y: Instant| y.duration_since(x).as_secs_f64();
                 let mut m = json!({"backward": s(t1.unwrap_or(t0), t2), "optimizer": s(t2, t3), "total": s(t0, t3)});
@@ -222,8 +296,11 @@ fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
     let dt = crate::common::dtype(&a.dtype)?;
     crate::common::bf16_activations(a.bf16_activations, dt)?;
     let (model, wl) = match a.workload.as_str() {
-        "synthetic-35m" => {
-            let cfg = synthetic();
+        "synthetic-35m" | "smollm2-shape" => {
+            let cfg = match a.workload.as_str() {
+                "synthetic-35m" => synthetic(),
+                _ => smollm2_shape(),
+            };
             let w = random_weights(&cfg, 0)?;
             let c = json!({"vocab": cfg.vocab_size, "hidden": cfg.hidden_size, "inter": cfg.intermediate_size, "layers": cfg.num_hidden_layers,
                 "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads, "ctx": cfg.max_position_embeddings, "tied": cfg.tie_word_embeddings});
@@ -241,7 +318,7 @@ fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
             }
             (lm.model, json!({"model": hf}))
         }
-        o => bail!("unknown workload `{o}` (synthetic-35m, smollm2)"),
+        o => bail!("unknown workload `{o}` (synthetic-35m, smollm2, smollm2-shape)"),
     };
     let mut model = model;
     let mut opt = None;
@@ -285,6 +362,7 @@ fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
         ("method", json!(a.method)),
         ("adapter", json!(adapter)),
         ("dtype", json!(a.dtype)),
+        ("device", json!(a.device)),
         ("threads", json!(a.threads.unwrap_or_else(num_threads))),
         ("vocab", json!(vocab)),
         ("prompt", json!(a.seq)),
@@ -355,8 +433,18 @@ fn start_torch(a: &BenchArgs, wl: &Value) -> Result<Option<Torch>> {
         eprintln!("--vs-pytorch: skipped: `{py}` cannot import torch, transformers and peft (pip install -r tools/golden/requirements.txt, then --python)");
         return Ok(None);
     }
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/pytorch_baseline.py");
+    // the source tree this binary was built from, else the current folder (a binary copied
+    // to another machine with the repository beside it)
+    let rel = "tools/bench/pytorch_baseline.py";
+    let script = [
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(rel),
+        rel.into(),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .with_context(|| format!("--vs-pytorch: {rel} not found: run from petal's source folder"))?;
     let mut child = Command::new(&py)
         .arg(script)
         .arg(wl.to_string())
@@ -422,9 +510,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bail!("--mode must be train, forward or generate");
     }
     let dev = device(&a.device)?;
+    // device memory already taken (the CUDA context, library handles) before petal's own
+    let base = gpu::used(&dev);
+    let (mut petal, wl) = build_petal(&a, &dev)?;
+    // warm-up, with the device memory it peaks at (it runs the step every measured step runs)
+    let (warm, gpu_peak) = gpu::peak_during(&dev, || petal.step(&a));
+    warm?;
+    let gpu_peak_mb = gpu_peak
+        .zip(base)
+        .map(|(p, b)| p.saturating_sub(b) as f64 / 1048576.0);
     let peak32 = matmul_peak(DType::F32, &dev)?;
     let peak16 = matmul_peak(DType::BF16, &dev).ok();
-    let (mut petal, wl) = build_petal(&a, &dev)?;
     let tokens = match a.mode.as_str() {
         "generate" => a.new_tokens as f64,
         _ => (a.batch * a.seq) as f64,
@@ -444,7 +540,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
             }
         }
     }
-    petal.step(&a)?; // warm-up
     let mut ps = Vec::new();
     let mut ts: Vec<Vec<Value>> = vec![Vec::new(); torches.len()];
     let bar = indicatif::ProgressBar::new((a.rounds * a.steps * (1 + torches.len())) as u64);
@@ -470,28 +565,38 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let mut pv = summarize(&ps, tokens, flops);
     pv["peak_rss_mb"] = json!(peak_rss_mb());
+    pv["gpu_peak_mb"] = json!(gpu_peak_mb);
     let mut result = json!({
         "workload": a.workload, "mode": a.mode, "method": a.method, "batch": a.batch, "seq": a.seq, "dtype": a.dtype,
-        "threads": wl["threads"], "matmul_peak_gflops": {"f32": peak32, "bf16": peak16},
+        "device": a.device, "threads": wl["threads"], "matmul_peak_gflops": {"f32": peak32, "bf16": peak16},
         "mflop_per_token": flops / 1e6, "petal": pv, "pytorch": null, "ratio": null,
     });
     let ratio =
         |p: &Value, t: &Value, k: &str| p[k].as_f64().unwrap_or(0.0) / t[k].as_f64().unwrap_or(1.0);
     for ((name, _), steps) in torches.iter().zip(&ts) {
         let mut v = summarize(steps, tokens, flops);
-        v["peak_rss_mb"] = json!(steps
-            .iter()
-            .filter_map(|s| s["peak_rss_mb"].as_f64())
-            .fold(0.0, f64::max));
+        let most = |k: &str| {
+            let m = steps
+                .iter()
+                .filter_map(|s| s[k].as_f64())
+                .fold(f64::NAN, f64::max);
+            json!((!m.is_nan()).then_some(m))
+        };
+        v["peak_rss_mb"] = most("peak_rss_mb");
+        v["gpu_peak_mb"] = most("gpu_peak_mb");
         let key = if *name == "pytorch" {
             "ratio".to_string()
         } else {
             format!("ratio_{}", name.trim_start_matches("pytorch_"))
         };
-        result[key] = json!({
+        let mut r = json!({
             "tokens_per_s": ratio(&pv, &v, "tokens_per_s"),
             "peak_rss": ratio(&pv, &v, "peak_rss_mb"),
         });
+        if v["gpu_peak_mb"].is_f64() && pv["gpu_peak_mb"].is_f64() {
+            r["gpu_memory"] = json!(ratio(&pv, &v, "gpu_peak_mb"));
+        }
+        result[key] = r;
         result[*name] = v;
     }
     if let Some(p) = &a.chart {
@@ -511,12 +616,21 @@ fn print_table(r: &Value) {
             .map(|x| format!("{x:.3}"))
             .unwrap_or_else(|| "-".into())
     };
-    println!("workload {} / {} ({}) | batch {} x {} | {} | {} threads | matmul peak f32 {:.0} GFLOP/s, bf16 {} | {:.1} MFLOP/token",
-        r["workload"].as_str().unwrap_or(""), r["mode"].as_str().unwrap_or(""), r["method"].as_str().unwrap_or("lora"), r["batch"], r["seq"], r["dtype"].as_str().unwrap_or(""), r["threads"],
+    println!("workload {} / {} ({}) | batch {} x {} | {} | {} | {} threads | matmul peak f32 {:.0} GFLOP/s, bf16 {} | {:.1} MFLOP/token",
+        r["workload"].as_str().unwrap_or(""), r["mode"].as_str().unwrap_or(""), r["method"].as_str().unwrap_or("lora"), r["batch"], r["seq"], r["dtype"].as_str().unwrap_or(""), r["device"].as_str().unwrap_or("cpu"), r["threads"],
         r["matmul_peak_gflops"]["f32"].as_f64().unwrap_or(0.0), r["matmul_peak_gflops"]["bf16"].as_f64().map(|x| format!("{x:.0}")).unwrap_or("-".into()), r["mflop_per_token"].as_f64().unwrap_or(0.0));
+    let gpu = r["petal"]["gpu_peak_mb"].is_f64();
     println!(
-        "{:<16} {:>10} {:>19} {:>9} {:>9} {:>9} {:>9} {:>10}",
-        "", "tokens/s", "(min..max)", "fwd s", "bwd s", "opt s", "GFLOP/s", "peak MB"
+        "{:<16} {:>10} {:>19} {:>9} {:>9} {:>9} {:>9} {:>10}{}",
+        "",
+        "tokens/s",
+        "(min..max)",
+        "fwd s",
+        "bwd s",
+        "opt s",
+        "GFLOP/s",
+        "peak MB",
+        if gpu { "     GPU MB" } else { "" }
     );
     for name in ["petal", "pytorch", "pytorch_autocast"] {
         let v = &r[name];
@@ -524,7 +638,7 @@ fn print_table(r: &Value) {
             continue;
         }
         println!(
-            "{:<16} {:>10.1} {:>19} {:>9} {:>9} {:>9} {:>9.1} {:>10.0}",
+            "{:<16} {:>10.1} {:>19} {:>9} {:>9} {:>9} {:>9.1} {:>10.0}{}",
             name,
             v["tokens_per_s"].as_f64().unwrap_or(0.0),
             format!(
@@ -536,7 +650,11 @@ fn print_table(r: &Value) {
             f(v, "backward_s"),
             f(v, "optimizer_s"),
             v["gflops"].as_f64().unwrap_or(0.0),
-            v["peak_rss_mb"].as_f64().unwrap_or(0.0)
+            v["peak_rss_mb"].as_f64().unwrap_or(0.0),
+            match v["gpu_peak_mb"].as_f64() {
+                Some(m) if gpu => format!(" {m:>10.0}"),
+                _ => String::new(),
+            }
         );
     }
     for (key, what) in [
@@ -545,9 +663,13 @@ fn print_table(r: &Value) {
     ] {
         if !r[key].is_null() {
             println!(
-                "petal / {what}: tokens/s {:.2}x, peak RSS {:.2}x",
+                "petal / {what}: tokens/s {:.2}x, peak RSS {:.2}x{}",
                 r[key]["tokens_per_s"].as_f64().unwrap_or(0.0),
-                r[key]["peak_rss"].as_f64().unwrap_or(0.0)
+                r[key]["peak_rss"].as_f64().unwrap_or(0.0),
+                r[key]["gpu_memory"]
+                    .as_f64()
+                    .map(|m| format!(", GPU memory {m:.2}x"))
+                    .unwrap_or_default()
             );
         }
     }

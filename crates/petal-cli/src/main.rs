@@ -72,6 +72,11 @@ fn main() {
         // SAFETY: sets a process-wide allocator option; no allocation depends on its old value.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     }
+    // PETAL_FUSED=0: candle's composed ops everywhere instead of petal's fused CPU kernels (the
+    // path a GPU takes; the reference the kernels are tested against)
+    if std::env::var("PETAL_FUSED").as_deref() == Ok("0") {
+        petal_ops::set_fast(false);
+    }
     let cli = Cli::parse();
     if let Cmd::Bench(bench_cmd::BenchArgs {
         threads: Some(t), ..

@@ -314,3 +314,53 @@ fn prompt_tuning_trains_and_merging_it_is_refused_with_a_reason() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("cannot be merged"), "{}", stderr(&o));
 }
+
+/// The losses a run logged, step by step.
+fn logged_losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64())
+        .collect()
+}
+
+#[test]
+fn training_through_candles_composed_ops_follows_the_fused_kernels_loss_curve() {
+    // PETAL_FUSED=0 is the path a GPU takes: each fused CPU kernel's composed reference
+    let d = tempfile::tempdir().unwrap();
+    let data = words(d.path());
+    let model = golden().join("llama");
+    let curve = |fused: &str| {
+        let out = d.path().join(format!("run-{fused}"));
+        let mut args = train(
+            model.to_str().unwrap(),
+            data.to_str().unwrap(),
+            out.to_str().unwrap(),
+        );
+        args.extend(["--max-steps", "5", "--lr", "0.05"]);
+        args.extend([
+            "--r",
+            "4",
+            "--alpha",
+            "8",
+            "--dora",
+            "true",
+            "--target-modules",
+            "all-linear",
+        ]);
+        let o = Command::new(env!("CARGO_BIN_EXE_petal"))
+            .args(&args)
+            .env("PETAL_FUSED", fused)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        logged_losses(&out)
+    };
+    let (fused, composed) = (curve("1"), curve("0"));
+    assert_eq!(fused.len(), 5);
+    // the loss must move, or equal curves prove nothing
+    assert!((fused[0] - fused[4]).abs() > 1e-3, "{fused:?}");
+    for (a, b) in fused.iter().zip(&composed) {
+        assert!((a - b).abs() < 1e-4 * a.abs(), "{fused:?} vs {composed:?}");
+    }
+}

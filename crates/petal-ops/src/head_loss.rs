@@ -8,10 +8,10 @@ use crate::bf16::{mm_bf16_packed, BView, PackedB};
 use crate::cpu::{
     act_in, act_out, bf16s, cols, f32s, fast_bf16_ok, fast_linear_ok, last_dim, mm, rows,
 };
-use crate::loss::{masked_cross_entropy, IGNORE_INDEX};
+use crate::loss::{cross_entropy_composed, cross_entropy_grad, IGNORE_INDEX};
 use crate::vmath;
 use candle_core::backend::BackendStorage as _;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -126,14 +126,53 @@ impl CustomOp1 for HeadLoss {
     }
 }
 
+/// Rows of logits per chunk in the composed head loss: about 16M values (64 MB in f32).
+fn composed_chunk_rows(vocab: usize) -> usize {
+    ((1 << 24) / vocab.max(1)).max(1)
+}
+
+/// The head loss from candle ops, on any device, as one `lean` node: forward and backward each
+/// go through the rows a chunk of logits at a time, so no more than one chunk of logits or of
+/// their gradient exists at once (backward computes the chunk's logits again). `step` rows
+/// per chunk.
+fn head_loss_composed(h: &Tensor, w: &Tensor, labels: &[i64], step: usize) -> Result<Tensor> {
+    let n = labels.len();
+    let h2 = h.reshape((n, w.dim(1)?))?;
+    let spans: Vec<(usize, usize)> = (0..n).step_by(step).map(|s| (s, step.min(n - s))).collect();
+    let (lab, wc, sp) = (labels.to_vec(), w.clone(), spans.clone());
+    crate::lean::lean(
+        &h2,
+        |h| {
+            let mut total = Tensor::zeros((), DType::F32, h.device())?;
+            for &(s, len) in &spans {
+                let logits = crate::frozen_linear(&h.narrow(0, s, len)?, w, None)?;
+                total = (total + cross_entropy_composed(&logits, &labels[s..s + len])?.0)?;
+            }
+            Ok(total)
+        },
+        move |h, _, dy| {
+            let parts = sp
+                .iter()
+                .map(|&(s, len)| {
+                    let logits = crate::frozen_linear(&h.narrow(0, s, len)?, &wc, None)?;
+                    cross_entropy_grad(&logits, &lab[s..s + len], dy)?
+                        .to_dtype(wc.dtype())?
+                        .matmul(&wc)?
+                        .to_dtype(h.dtype())
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 0)
+        },
+    )
+}
+
 /// Summed next-token cross-entropy of `h (n, d) W^T` against `labels (n)` (IGNORE_INDEX
 /// skipped), and the number of scored rows. Fused on CPU f32; `W` must be frozen.
 pub fn head_cross_entropy(h: &Tensor, w: &Tensor, labels: &[i64]) -> Result<(Tensor, usize)> {
     let count = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
     if !(fast_linear_ok(h, w) || fast_bf16_ok(h, w)) {
-        let logits = crate::frozen_linear(h, w, None)?;
-        let lab = Tensor::from_slice(labels, labels.len(), h.device())?;
-        return masked_cross_entropy(&logits, &lab);
+        let step = composed_chunk_rows(w.dim(0)?);
+        return Ok((head_loss_composed(h, w, labels, step)?, count));
     }
     let op = HeadLoss {
         w: w.clone(),
@@ -148,7 +187,6 @@ pub fn head_cross_entropy(h: &Tensor, w: &Tensor, labels: &[i64]) -> Result<(Ten
 mod tests {
     use super::*;
     use crate::testing::{rand, same};
-    use candle_core::Device;
 
     #[test]
     fn fused_head_loss_matches_logits_then_cross_entropy_in_value_and_gradient() {
@@ -162,12 +200,11 @@ mod tests {
                 }
             })
             .collect();
-        let lab = Tensor::from_slice(&labels, 600, &Device::Cpu).unwrap();
         same(
             &[rand(&[600, 16], 4)],
             |t| head_cross_entropy(&t[0], &w, &labels).unwrap().0,
             |t| {
-                masked_cross_entropy(&t[0].matmul(&w.t().unwrap()).unwrap(), &lab)
+                cross_entropy_composed(&t[0].matmul(&w.t().unwrap()).unwrap(), &labels)
                     .unwrap()
                     .0
             },
@@ -184,7 +221,6 @@ mod tests {
         let w = rand(&[300, 40], 3).to_dtype(bf).unwrap();
         let wf = w.to_dtype(candle_core::DType::F32).unwrap();
         let labels: Vec<i64> = (0..260).map(|i| (i * 7 % 300) as i64).collect();
-        let lab = Tensor::from_slice(&labels, 260, &Device::Cpu).unwrap();
         let x = candle_core::Var::from_tensor(&rand(&[260, 40], 4)).unwrap();
         let (fast, _) = head_cross_entropy(x.as_tensor(), &w, &labels).unwrap();
         let xr = x
@@ -193,19 +229,45 @@ mod tests {
             .unwrap()
             .to_dtype(wf.dtype())
             .unwrap();
-        let (slow, _) = masked_cross_entropy(&xr.matmul(&wf.t().unwrap()).unwrap(), &lab).unwrap();
+        let (slow, _) =
+            cross_entropy_composed(&xr.matmul(&wf.t().unwrap()).unwrap(), &labels).unwrap();
         let rel = crate::testing::max_rel(&fast, &slow);
         assert!(rel < 1e-5, "loss differs: {rel}");
         // d loss / dh = (softmax - onehot) W, with the softmax rounded to bf16 on its way in
         let g = fast.backward().unwrap();
         let x2 = candle_core::Var::from_tensor(&xr).unwrap();
         let logits = x2.as_tensor().matmul(&wf.t().unwrap()).unwrap();
-        let g2 = masked_cross_entropy(&logits, &lab)
+        let g2 = cross_entropy_composed(&logits, &labels)
             .unwrap()
             .0
             .backward()
             .unwrap();
         let rel = crate::testing::max_rel(g.get(&x).unwrap(), g2.get(&x2).unwrap());
         assert!(rel < 1e-2, "gradient differs: {rel}");
+    }
+
+    #[test]
+    fn the_composed_head_loss_in_chunks_matches_logits_then_cross_entropy_in_value_and_gradient() {
+        // the path a GPU takes: 5 rows a chunk over 23 rows (a partial last chunk), a graph node
+        // whose backward recomputes each chunk's logits
+        let w = rand(&[40, 6], 5);
+        let labels: Vec<i64> = (0..23)
+            .map(|i| {
+                if i % 4 == 1 {
+                    IGNORE_INDEX
+                } else {
+                    (i * 11 % 40) as i64
+                }
+            })
+            .collect();
+        same(
+            &[rand(&[23, 6], 6)],
+            |t| head_loss_composed(&t[0], &w, &labels, 5).unwrap(),
+            |t| {
+                cross_entropy_composed(&t[0].matmul(&w.t().unwrap()).unwrap(), &labels)
+                    .unwrap()
+                    .0
+            },
+        );
     }
 }

@@ -7,7 +7,7 @@
 use crate::cpu::{act_in, act_out, fast_act_ok, last_dim};
 use crate::nn;
 use candle_core::backend::BackendStorage as _;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// y[row] = f(row index, x[row]) over the rows (last dim) of one contiguous input; y in `out`.
@@ -111,10 +111,35 @@ impl CustomOp2 for RmsNormBwd {
 /// RMSNorm, returned in the weight's dtype (an f32 residual stream normalised into bf16
 /// activations takes one pass): fused on CPU (f32 or bf16) for a frozen weight `w`, composed
 /// otherwise.
+/// RMSNorm's input gradient for a frozen weight, in f32: with r = 1 / sqrt(mean(x^2) + eps) and
+/// n = x r, dx = r (dn - n mean(dn n)) where dn = dy w.
+fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<Tensor> {
+    let xf = x.to_dtype(DType::F32)?;
+    let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let n = xf.broadcast_mul(&r)?;
+    let dn = dy
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&w.to_dtype(DType::F32)?)?;
+    let m = (&dn * &n)?.mean_keepdim(D::Minus1)?;
+    (dn - n.broadcast_mul(&m)?)?
+        .broadcast_mul(&r)?
+        .to_dtype(x.dtype())
+}
+
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     // A trainable weight (LN tuning) needs its gradient: the composed path computes it.
-    if !fast_act_ok(x) || !fast_act_ok(w) || w.track_op() {
+    if w.track_op() {
         return nn::rms_norm_reference(x, w, eps)?.to_dtype(w.dtype());
+    }
+    if !fast_act_ok(x) || !fast_act_ok(w) {
+        let wc = w.clone();
+        return crate::lean::lean(
+            x,
+            |x| nn::rms_norm_reference(x, w, eps)?.to_dtype(w.dtype()),
+            move |x, _, dy| rms_norm_backward(x, &wc, eps, dy),
+        );
     }
     let op = RmsNorm {
         w: w.to_dtype(DType::F32)?.to_vec1()?,
@@ -195,7 +220,9 @@ impl CustomOp2 for SoftmaxBwd {
 
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if !fast_act_ok(x) {
-        return nn::softmax_last_dim_reference(x);
+        return crate::lean::lean(x, nn::softmax_last_dim_reference, |_, y, dy| {
+            crate::lean::softmax_backward(y, dy)
+        });
     }
     x.contiguous()?.apply_op1(Softmax {
         scale: 1.0,
@@ -207,14 +234,20 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// rows are R/t consecutive groups of t queries at positions offset..offset + t.
 pub fn causal_softmax(scores: &Tensor, scale: f64, t: usize, offset: usize) -> Result<Tensor> {
     if !fast_act_ok(scores) {
-        let dims = scores.dims().to_vec();
-        let (r, tk) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-        let lead: usize = dims[..dims.len() - 2].iter().product();
-        let mask = nn::causal_mask(t, offset, scores.dtype(), scores.device())?;
-        let grouped = (scores * scale)?
-            .reshape((lead * r / t, t, tk))?
-            .broadcast_add(&mask)?;
-        return nn::softmax_last_dim_reference(&grouped.reshape(dims)?);
+        let composed = |scores: &Tensor| {
+            let dims = scores.dims().to_vec();
+            let (r, tk) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+            let lead: usize = dims[..dims.len() - 2].iter().product();
+            let mask = nn::causal_mask(t, offset, scores.dtype(), scores.device())?;
+            let grouped = (scores * scale)?
+                .reshape((lead * r / t, t, tk))?
+                .broadcast_add(&mask)?;
+            nn::softmax_last_dim_reference(&grouped.reshape(dims)?)
+        };
+        // the mask adds constants: only the scale reaches the scores' gradient
+        return crate::lean::lean(scores, composed, move |_, y, dy| {
+            crate::lean::softmax_backward(y, dy)? * scale
+        });
     }
     scores.contiguous()?.apply_op1(Softmax {
         scale: scale as f32,
@@ -421,7 +454,13 @@ impl CustomOp1 for Rope {
 
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if !fast_act_ok(x) || x.rank() != 4 {
-        return nn::apply_rope_reference(x, cos, sin);
+        // a rotation: its gradient turns back by the opposite angle
+        let (c, s) = (cos.clone(), sin.neg()?);
+        return crate::lean::lean(
+            x,
+            |x| nn::apply_rope_reference(x, cos, sin),
+            move |_, _, dy| nn::apply_rope_reference(dy, &c, &s),
+        );
     }
     rope_op(x, cos, sin, x.dim(2)?, 1)
 }
@@ -439,23 +478,38 @@ fn rope_op(x: &Tensor, cos: &Tensor, sin: &Tensor, t: usize, per_pos: usize) -> 
     x.contiguous()?.apply_op1(op)
 }
 
+/// The composed token-major RoPE: turned heads-first, rotated, turned back.
+fn rope_bthd_reference(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+    d: usize,
+) -> Result<Tensor> {
+    let (b, t) = (x.dim(0)?, x.dim(1)?);
+    let heads_first = x.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()?;
+    let y = nn::apply_rope_reference(&heads_first, cos, sin)?;
+    y.transpose(1, 2)?.contiguous()?.reshape(x.shape())
+}
+
 /// RoPE on the token-major layout the projections produce, x (b, t, heads, d) or
 /// (b, t, heads * d) (d from cos/sin (t, d/2), as for `apply_rope`), so no transposed copy and
 /// no reshape is needed; returns x's shape.
 pub fn apply_rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = 2 * cos.dim(1)?;
-    let (b, t) = (x.dim(0)?, x.dim(1)?);
+    let t = x.dim(1)?;
     let width: usize = x.dims().iter().skip(2).product();
     if !(3..=4).contains(&x.rank()) || d == 0 || width % d != 0 {
         candle_core::bail!("rope: {:?} is not token-major with heads of {d}", x.dims())
     }
     if !fast_act_ok(x) {
-        let heads_first = x
-            .reshape((b, t, width / d, d))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let y = nn::apply_rope_reference(&heads_first, cos, sin)?;
-        return y.transpose(1, 2)?.contiguous()?.reshape(x.shape());
+        // a rotation: its gradient turns back by the opposite angle
+        let (c, s, heads) = (cos.clone(), sin.neg()?, width / d);
+        return crate::lean::lean(
+            x,
+            |x| rope_bthd_reference(x, cos, sin, heads, d),
+            move |_, _, dy| rope_bthd_reference(dy, &c, &s, heads, d),
+        );
     }
     rope_op(x, cos, sin, t, width / d)
 }

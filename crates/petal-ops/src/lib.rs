@@ -16,6 +16,7 @@ pub mod frozen_linear;
 pub mod head_loss;
 pub mod inverse;
 pub mod kernels;
+pub mod lean;
 pub mod linalg;
 pub mod lora_linear;
 pub mod loss;

@@ -267,8 +267,15 @@ pub fn lora(
 ) -> Result<Tensor> {
     let f32_ab = a.dtype() == DType::F32 && b.dtype() == DType::F32;
     if !fast_lora_ok(x, w) || !f32_ab {
-        let h = low_rank(x, a)?;
-        return lora_linear_reference(x, w, bias, &h, b, scale);
+        // one node that keeps x, A, B and the output only (the base product, x A^T and the
+        // scaled update are not kept for backward)
+        let need = [x.track_op(), a.track_op(), b.track_op()];
+        let wc = w.clone();
+        return crate::lean::lean3(
+            [x, a, b],
+            |[x, a, b]| lora_linear_reference(x, w, bias, &low_rank(x, a)?, b, scale),
+            move |[x, a, b], _, dy| lora_backward([x, &wc, a, b], scale, dy, need),
+        );
     }
     let op = LoraFull {
         w: w.clone(),
@@ -338,6 +345,37 @@ impl CustomOp2 for LowRank {
             .transpose()?;
         Ok((dx, da))
     }
+}
+
+/// The gradients of `x W^T (+ bias) + s (x A^T) B^T` for a frozen W, x of any float dtype:
+/// dx = dy W + s (dy B) A, dA = s (dy B)^T x, dB = s dy^T (x A^T) (f32 inside; each in its
+/// input's dtype), computed where `need` asks.
+fn lora_backward(
+    [x, w, a, b]: [&Tensor; 4],
+    scale: f64,
+    dy: &Tensor,
+    need: [bool; 3],
+) -> Result<[Option<Tensor>; 3]> {
+    let (out, inp) = w.dims2()?;
+    let n = x.elem_count() / inp;
+    let g = dy.reshape((n, out))?;
+    let gf = g.to_dtype(DType::F32)?;
+    let (af, bf) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+    let dh = (gf.matmul(&bf)? * scale)?; // (n, r)
+    let dx = need[0]
+        .then(|| -> Result<Tensor> {
+            let base = g.to_dtype(w.dtype())?.matmul(w)?.to_dtype(x.dtype())?;
+            (base + dh.matmul(&af)?.to_dtype(x.dtype())?)?.reshape(x.shape())
+        })
+        .transpose()?;
+    let xf = x.reshape((n, inp))?.to_dtype(DType::F32)?;
+    let da = need[1]
+        .then(|| dh.t()?.matmul(&xf)?.to_dtype(a.dtype()))
+        .transpose()?;
+    let db = need[2]
+        .then(|| (gf.t()?.matmul(&xf.matmul(&af.t()?)?)? * scale)?.to_dtype(b.dtype()))
+        .transpose()?;
+    Ok([dx, da, db])
 }
 
 pub fn lora_linear_reference(

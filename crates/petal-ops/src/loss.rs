@@ -6,9 +6,41 @@ pub const IGNORE_INDEX: i64 = -100;
 
 /// Mean cross-entropy of logits (n, vocab) against labels (n,) (i64), skipping IGNORE_INDEX.
 /// Returns (sum of losses, number of counted tokens) so callers can average across batches.
+/// One graph node (`lean`) with the closed-form gradient `softmax(logits) - onehot(label)` on
+/// counted rows: only the logits stay alive for backward.
 pub fn masked_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
-    let logits = logits.to_dtype(DType::F32)?;
     let lab: Vec<i64> = labels.to_vec1()?;
+    let count = lab.iter().filter(|&&l| l != IGNORE_INDEX).count();
+    let l2 = lab.clone();
+    let sum = crate::lean::lean(
+        logits,
+        |x| Ok(cross_entropy_composed(x, &lab)?.0),
+        move |x, _, dy| cross_entropy_grad(x, &l2, dy)?.to_dtype(x.dtype()),
+    )?;
+    Ok((sum, count))
+}
+
+/// The gradient of the summed cross-entropy with respect to logits (n, vocab), scaled by the
+/// upstream `dy` (a scalar): `softmax(logits) - onehot(label)` on counted rows, 0 on ignored
+/// ones; in f32.
+pub(crate) fn cross_entropy_grad(logits: &Tensor, lab: &[i64], dy: &Tensor) -> Result<Tensor> {
+    let (n, dev) = (lab.len(), logits.device());
+    let targets: Vec<u32> = lab.iter().map(|&l| l.max(0) as u32).collect();
+    let weight: Vec<f32> = lab.iter().map(|&l| f32::from(l != IGNORE_INDEX)).collect();
+    let p = crate::nn::softmax_last_dim_reference(&logits.to_dtype(DType::F32)?)?;
+    let vocab = p.dim(D::Minus1)?;
+    let onehot = Tensor::arange(0u32, vocab as u32, dev)?
+        .reshape((1, vocab))?
+        .broadcast_eq(&Tensor::from_vec(targets, (n, 1), dev)?)?
+        .to_dtype(DType::F32)?;
+    let w = Tensor::from_vec(weight, (n, 1), dev)?
+        .broadcast_mul(&dy.to_dtype(DType::F32)?.reshape((1, 1))?)?;
+    (p - onehot)?.broadcast_mul(&w)
+}
+
+/// The composed cross-entropy: log-sum-exp minus the target's logit, summed over counted rows.
+pub(crate) fn cross_entropy_composed(logits: &Tensor, lab: &[i64]) -> Result<(Tensor, usize)> {
+    let logits = logits.to_dtype(DType::F32)?;
     let keep: Vec<u32> = lab
         .iter()
         .enumerate()
@@ -46,5 +78,16 @@ mod tests {
         let l2 = (3.0f32).ln();
         assert_eq!(n, 2);
         assert!((sum.to_scalar::<f32>().unwrap() - (l0 + l2)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn the_closed_form_gradient_matches_autograd_through_the_composed_formula() {
+        let labels = [3i64, IGNORE_INDEX, 0, 8, IGNORE_INDEX];
+        let lab = Tensor::new(&labels, &Device::Cpu).unwrap();
+        crate::testing::same(
+            &[crate::testing::rand(&[5, 9], 7)],
+            |t| masked_cross_entropy(&t[0], &lab).unwrap().0,
+            |t| cross_entropy_composed(&t[0], &labels).unwrap().0,
+        );
     }
 }

@@ -121,7 +121,12 @@ impl VeraLayer {
     fn sliced(&self) -> Result<(Tensor, Tensor)> {
         Ok((
             // frozen: detached, so backprop never computes their gradients
-            self.a.as_tensor().detach().narrow(1, 0, self.in_features)?,
+            // contiguous: a GPU's matmul takes no column slice of a wider matrix
+            self.a
+                .as_tensor()
+                .detach()
+                .narrow(1, 0, self.in_features)?
+                .contiguous()?,
             self.b
                 .as_tensor()
                 .detach()

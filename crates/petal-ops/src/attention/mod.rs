@@ -429,6 +429,39 @@ impl CustomOp3 for Flash {
     }
 }
 
+/// `causal_attention_bthd` composed from candle ops: RoPE, heads turned first, grouped queries,
+/// `causal_attention_reference`, turned back.
+fn attention_bthd_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    d: usize,
+    scale: f64,
+    rope: Option<Rope>,
+) -> Result<Tensor> {
+    let (nh, nkv) = (token_heads(q.dims(), d)?, token_heads(k.dims(), d)?);
+    let (b, t, keys) = (q.dim(0)?, q.dim(1)?, k.dim(1)?);
+    let (q, k) = match rope {
+        None => (q.clone(), k.clone()),
+        Some(r) => {
+            let at = |x: &Tensor, p0: usize, n: usize| -> Result<Tensor> {
+                crate::apply_rope_bthd(x, &r.cos.narrow(0, p0, n)?, &r.sin.narrow(0, p0, n)?)
+            };
+            let tail = at(&k.narrow(1, r.from, keys - r.from)?, r.from, keys - r.from)?;
+            let k = Tensor::cat(&[&k.narrow(1, 0, r.from)?, &tail], 1)?;
+            (at(q, keys - t, t)?, k)
+        }
+    };
+    // (b, heads, t, d)
+    let g = |x: &Tensor, h| x.reshape((b, (), h, d))?.transpose(1, 2)?.contiguous();
+    let qg = g(&q, nh)?.reshape((b, nkv, nh / nkv * t, d))?;
+    let o = causal_attention_reference(&qg, &g(&k, nkv)?, &g(v, nkv)?, scale, t, keys - t)?;
+    o.reshape((b, nh, t, d))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(q.shape())
+}
+
 /// The composed twin: scores, `causal_softmax` (in f32) and the weighted sum of values.
 pub fn causal_attention_reference(
     q: &Tensor,
@@ -525,26 +558,16 @@ pub fn causal_attention_bthd(
     }
     let same = q.dtype() == k.dtype() && k.dtype() == v.dtype();
     if !(same && fast_act_ok(q) && fast_act_ok(k) && fast_act_ok(v)) {
-        let (q, k) = match rope {
-            None => (q.clone(), k.clone()),
-            Some(r) => {
-                let at = |x: &Tensor, p0: usize, n: usize| -> Result<Tensor> {
-                    crate::apply_rope_bthd(x, &r.cos.narrow(0, p0, n)?, &r.sin.narrow(0, p0, n)?)
-                };
-                let tail = at(&k.narrow(1, r.from, keys - r.from)?, r.from, keys - r.from)?;
-                let k = Tensor::cat(&[&k.narrow(1, 0, r.from)?, &tail], 1)?;
-                (at(q, keys - t, t)?, k)
-            }
-        };
-        // (b, heads, t, d)
-        let g = |x: &Tensor, h| x.reshape((b, (), h, d))?.transpose(1, 2)?.contiguous();
-        let qg = g(&q, nh)?.reshape((b, nkv, nh / nkv * t, d))?;
-        let o = causal_attention_reference(&qg, &g(&k, nkv)?, &g(v, nkv)?, scale, t, keys - t)?;
-        return o
-            .reshape((b, nh, t, d))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape(q.shape());
+        // one node that keeps q, k, v and the output only; backward recomputes the rest
+        let rope = rope.map(|r| (r.cos.clone(), r.sin.clone(), r.from));
+        return crate::lean::recompute3([q, k, v], move |[q, k, v]| {
+            let rope = rope.as_ref().map(|(cos, sin, from)| Rope {
+                cos,
+                sin,
+                from: *from,
+            });
+            attention_bthd_composed(q, k, v, head_dim, scale, rope)
+        });
     }
     // the tables' rows for positions 0..keys only (a model's tables cover its whole context)
     let table = |x: &Tensor| {
