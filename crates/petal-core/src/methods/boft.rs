@@ -15,7 +15,7 @@
 use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, WeightUpdate};
 use crate::config::AdapterConfig;
 use crate::methods::normal;
-use crate::methods::oft::{block_diag, cayley, flat_input, rotate_blocks};
+use crate::methods::oft::{block_diag, cayley, rotate_blocks};
 use crate::{rng, Error, Result};
 use candle_core::{DType, Tensor, Var};
 use rand::SeedableRng;
@@ -218,7 +218,9 @@ impl BoftLayer {
     /// x R = x F_(m-1) … F_0 with `x F_i = ((x P_i) diag(R_i)) P_i^T`.
     fn rotate(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let blocks = self.blocks(train)?;
-        let mut h = flat_input(x)?;
+        // in x's dtype: the block rotation reads bf16 activations itself (f32 inside)
+        let inp = x.dim(candle_core::D::Minus1)?;
+        let mut h = x.reshape((x.elem_count() / inp, inp))?;
         for i in (0..self.perms.len()).rev() {
             let (p, p_inv) = &self.perms[i];
             h = h.index_select(p_inv, 1)?;
@@ -272,10 +274,11 @@ impl AdapterLayer for BoftLayer {
     ) -> Option<Result<Tensor>> {
         let run = || -> Result<Tensor> {
             let xr = self.rotate(x, train)?;
-            let y = petal_ops::frozen_linear(&xr, w, None)?.to_dtype(DType::F32)?;
-            let y = y.broadcast_mul(&self.s.as_tensor().flatten_all()?)?;
+            let y = petal_ops::frozen_linear(&xr, w, None)?;
+            // f32 scales on y in its own dtype (f32 arithmetic inside): no f32 copy of y
+            let y = petal_ops::scale_last(&y, &self.s.as_tensor().flatten_all()?)?;
             let y = match b {
-                Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+                Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
                 None => y,
             };
             Ok(y.to_dtype(x.dtype())?)

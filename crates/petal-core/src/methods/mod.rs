@@ -68,15 +68,39 @@ pub(crate) fn param(
 }
 
 /// `y + x dW^T` for methods that materialise dW (out, in) in f32, as PEFT's LyCORIS layers do.
+/// A bf16 x (bf16 activations, a GPU's bf16 model) goes through one graph node that keeps x
+/// itself rather than its f32 copy: dx = dy dW, ddW = dy^T x, dy passes through.
 pub(crate) fn add_dense_delta(x: &Tensor, y: Tensor, delta: &Tensor) -> Result<Tensor> {
-    let xf = x.to_dtype(DType::F32)?;
-    let inp = xf.dim(candle_core::D::Minus1)?;
-    let x2 = xf.reshape((xf.elem_count() / inp, inp))?;
-    let d = x2
-        .matmul(&delta.t()?)?
-        .reshape(y.shape())?
-        .to_dtype(y.dtype())?;
-    Ok((y + d)?)
+    let composed = |x: &Tensor, y: &Tensor, delta: &Tensor| -> candle_core::Result<Tensor> {
+        let xf = x.to_dtype(DType::F32)?;
+        let inp = xf.dim(candle_core::D::Minus1)?;
+        let x2 = xf.reshape((xf.elem_count() / inp, inp))?;
+        let d = x2
+            .matmul(&delta.t()?)?
+            .reshape(y.shape())?
+            .to_dtype(y.dtype())?;
+        y + d
+    };
+    if x.dtype() == DType::F32 {
+        return Ok(composed(x, &y, delta)?);
+    }
+    let need = [x.track_op(), delta.track_op(), y.track_op()];
+    Ok(petal_ops::lean::lean3(
+        [x, delta, &y],
+        |[x, delta, y]| composed(x, y, delta),
+        move |[x, delta, _], _, dy| {
+            let (out, inp) = delta.dims2()?;
+            let n = x.elem_count() / inp;
+            let g = dy.reshape((n, out))?.to_dtype(DType::F32)?;
+            let dx = need[0]
+                .then(|| g.matmul(delta)?.to_dtype(x.dtype())?.reshape(x.shape()))
+                .transpose()?;
+            let dd = need[1]
+                .then(|| g.t()?.matmul(&x.reshape((n, inp))?.to_dtype(DType::F32)?))
+                .transpose()?;
+            Ok([dx, dd, need[2].then(|| dy.clone())])
+        },
+    )?)
 }
 
 /// `x (W + dW)^T + b` in one matrix product, for methods whose update is a dense dW (LoHa,
@@ -172,6 +196,53 @@ fn unit(v: u64) -> f64 {
 mod tests {
     use super::*;
     use crate::config::AdapterConfig;
+
+    #[test]
+    fn a_dense_delta_on_bf16_activations_matches_the_f32_composition_in_value_and_every_gradient() {
+        use petal_ops::testing::{max_rel, projected_grads, rand};
+        let bf = DType::BF16;
+        let var = |t: Tensor| Var::from_tensor(&t).unwrap();
+        let (x, y) = (
+            var(rand(&[2, 3, 5], 1).to_dtype(bf).unwrap()),
+            var(rand(&[2, 3, 4], 2).to_dtype(bf).unwrap()),
+        );
+        let d = var(rand(&[4, 5], 3)); // dW stays f32
+                                       // the reference: the same rounded activations in f32, f32 arithmetic throughout
+        let f32v = |v: &Var| var(v.as_tensor().to_dtype(DType::F32).unwrap());
+        let (xr, yr) = (f32v(&x), f32v(&y));
+        let out = add_dense_delta(x.as_tensor(), y.as_tensor().clone(), d.as_tensor()).unwrap();
+        assert_eq!(out.dtype(), bf);
+        let want = (yr.as_tensor()
+            + xr.as_tensor()
+                .matmul(
+                    &d.as_tensor()
+                        .t()
+                        .unwrap()
+                        .unsqueeze(0)
+                        .unwrap()
+                        .repeat((2, 1, 1))
+                        .unwrap(),
+                )
+                .unwrap())
+        .unwrap();
+        let out = out.to_dtype(DType::F32).unwrap();
+        assert!(
+            max_rel(&out, &want) < 8e-3,
+            "values: {}",
+            max_rel(&out, &want)
+        );
+        let proj = rand(&[2, 3, 4], 4);
+        let (g, gr) = (projected_grads(&out, &proj), projected_grads(&want, &proj));
+        for (a, b, what) in [(&x, &xr, "dx"), (&y, &yr, "dy"), (&d, &d, "dW")] {
+            let ga = g.get(a.as_tensor()).unwrap();
+            assert_eq!(ga.dtype(), a.dtype(), "{what} in its input's dtype");
+            let rel = max_rel(
+                &ga.to_dtype(DType::F32).unwrap(),
+                gr.get(b.as_tensor()).unwrap(),
+            );
+            assert!(rel < 8e-3, "{what}: {rel}");
+        }
+    }
 
     #[test]
     fn fused_loha_and_lokr_draw_the_same_rank_and_module_dropout_as_the_composed_form() {
