@@ -1,5 +1,5 @@
 //! Fused CPU kernels with hand-written backward passes: RMSNorm, softmax (plain and scaled
-//! causal), SwiGLU and RoPE. Each replaces a chain of composed candle ops (one buffer and one
+//! causal), SwiGLU and the mixed-dtype residual add (RoPE: `rope.rs`). Each replaces a chain of composed candle ops (one buffer and one
 //! pass per op, plus the same again in backward) by one pass per direction. Rows run in
 //! parallel (rayon). Inputs are f32 or bf16 activations; the arithmetic is f32 either way and
 //! results are stored in the input's dtype.
@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 /// y[row] = f(row index, x[row]) over the rows (last dim) of one contiguous input; y in `out`.
-fn map_rows(
+pub(crate) fn map_rows(
     s: &CpuStorage,
     l: &Layout,
     out: DType,
@@ -108,9 +108,6 @@ impl CustomOp2 for RmsNormBwd {
     }
 }
 
-/// RMSNorm, returned in the weight's dtype (an f32 residual stream normalised into bf16
-/// activations takes one pass): fused on CPU (f32 or bf16) for a frozen weight `w`, composed
-/// otherwise.
 /// RMSNorm's input gradient for a frozen weight, in f32: with r = 1 / sqrt(mean(x^2) + eps) and
 /// n = x r, dx = r (dn - n mean(dn n)) where dn = dy w.
 fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<Tensor> {
@@ -128,6 +125,9 @@ fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<Te
         .to_dtype(x.dtype())
 }
 
+/// RMSNorm, returned in the weight's dtype (an f32 residual stream normalised into bf16
+/// activations takes one pass): fused on CPU (f32 or bf16) for a frozen weight `w`, composed
+/// otherwise (one lean graph node for a frozen weight).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     // A trainable weight (LN tuning) needs its gradient: the composed path computes it.
     if w.track_op() {
@@ -390,130 +390,6 @@ pub fn residual_add(x: &Tensor, a: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&a.contiguous()?, ResidualAdd)
 }
 
-// ---------------------------------------------------------------- RoPE (rotate-half)
-
-/// Rotates pairs (j, j + d/2) of each head's `d` values by the angles in cos/sin (t, d/2) of
-/// the head's position `(head index / per_pos) % t`: x (b, h, t, d) has one head per position
-/// (`per_pos` 1), x (b, t, h, d) or (b, t, h * d) `h`. With `inverse` by the opposite angles,
-/// which is also the backward pass.
-struct Rope {
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    t: usize,
-    d: usize,
-    per_pos: usize,
-    inverse: bool,
-}
-
-/// One head's values rotated in place, pairs (j, j + d/2) by the angles whose cosines and sines
-/// are `c`, `s` (d/2 each); `sign` -1 rotates by the opposite angles.
-pub(crate) fn rotate_half(v: &mut [f32], c: &[f32], s: &[f32], sign: f32) {
-    let half = c.len();
-    for j in 0..half {
-        let (a, b) = (v[j], v[j + half]);
-        v[j] = a * c[j] - sign * b * s[j];
-        v[j + half] = b * c[j] + sign * a * s[j];
-    }
-}
-
-impl CustomOp1 for Rope {
-    fn name(&self) -> &'static str {
-        "petal-rope"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let half = self.d / 2;
-        let sign = if self.inverse { -1.0 } else { 1.0 };
-        // one row per head
-        let heads = Layout::contiguous_with_offset(
-            (l.shape().elem_count() / self.d, self.d),
-            l.start_offset(),
-        );
-        let (y, _) = map_rows(s, &heads, s.dtype(), |row, x, y| {
-            let p = (row / self.per_pos) % self.t;
-            let (c, s) = (
-                &self.cos[p * half..(p + 1) * half],
-                &self.sin[p * half..(p + 1) * half],
-            );
-            y.copy_from_slice(x);
-            rotate_half(y, c, s, sign);
-        })?;
-        Ok((y, l.shape().clone()))
-    }
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let op = Rope {
-            cos: self.cos.clone(),
-            sin: self.sin.clone(),
-            t: self.t,
-            d: self.d,
-            per_pos: self.per_pos,
-            inverse: !self.inverse,
-        };
-        Ok(Some(g.contiguous()?.apply_op1(op)?))
-    }
-}
-
-pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if !fast_act_ok(x) || x.rank() != 4 {
-        // a rotation: its gradient turns back by the opposite angle
-        let (c, s) = (cos.clone(), sin.neg()?);
-        return crate::lean::lean(
-            x,
-            |x| nn::apply_rope_reference(x, cos, sin),
-            move |_, _, dy| nn::apply_rope_reference(dy, &c, &s),
-        );
-    }
-    rope_op(x, cos, sin, x.dim(2)?, 1)
-}
-
-fn rope_op(x: &Tensor, cos: &Tensor, sin: &Tensor, t: usize, per_pos: usize) -> Result<Tensor> {
-    let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1();
-    let op = Rope {
-        cos: f32s(cos)?,
-        sin: f32s(sin)?,
-        t,
-        d: 2 * cos.dim(1)?,
-        per_pos,
-        inverse: false,
-    };
-    x.contiguous()?.apply_op1(op)
-}
-
-/// The composed token-major RoPE: turned heads-first, rotated, turned back.
-fn rope_bthd_reference(
-    x: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    heads: usize,
-    d: usize,
-) -> Result<Tensor> {
-    let (b, t) = (x.dim(0)?, x.dim(1)?);
-    let heads_first = x.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()?;
-    let y = nn::apply_rope_reference(&heads_first, cos, sin)?;
-    y.transpose(1, 2)?.contiguous()?.reshape(x.shape())
-}
-
-/// RoPE on the token-major layout the projections produce, x (b, t, heads, d) or
-/// (b, t, heads * d) (d from cos/sin (t, d/2), as for `apply_rope`), so no transposed copy and
-/// no reshape is needed; returns x's shape.
-pub fn apply_rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = 2 * cos.dim(1)?;
-    let t = x.dim(1)?;
-    let width: usize = x.dims().iter().skip(2).product();
-    if !(3..=4).contains(&x.rank()) || d == 0 || width % d != 0 {
-        candle_core::bail!("rope: {:?} is not token-major with heads of {d}", x.dims())
-    }
-    if !fast_act_ok(x) {
-        // a rotation: its gradient turns back by the opposite angle
-        let (c, s, heads) = (cos.clone(), sin.neg()?, width / d);
-        return crate::lean::lean(
-            x,
-            |x| rope_bthd_reference(x, cos, sin, heads, d),
-            move |_, _, dy| rope_bthd_reference(dy, &c, &s, heads, d),
-        );
-    }
-    rope_op(x, cos, sin, t, width / d)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -584,51 +460,6 @@ mod tests {
             &[rand(&[3, 5000], 3), rand(&[3, 5000], 4)],
             |t| swiglu(&t[0], &t[1]).unwrap(),
             |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
-        );
-    }
-
-    /// RoPE tables (d = 8) for positions 3..8.
-    fn rope_rows_3_to_8() -> (Tensor, Tensor) {
-        let inv: Vec<f32> = (0..4)
-            .map(|i| 1.0 / 10000f32.powf(i as f32 / 4.0))
-            .collect();
-        let (cos, sin) = nn::rope_tables(&inv, 16, &candle_core::Device::Cpu).unwrap();
-        (cos.narrow(0, 3, 5).unwrap(), sin.narrow(0, 3, 5).unwrap())
-    }
-
-    #[test]
-    fn token_major_rope_matches_the_reference_on_transposed_heads() {
-        let (c, s) = rope_rows_3_to_8();
-        same(
-            &[rand(&[2, 5, 3, 8], 6)], // (b, t, heads, d)
-            |t| apply_rope_bthd(&t[0], &c, &s).unwrap(),
-            |t| {
-                let x = t[0].transpose(1, 2).unwrap().contiguous().unwrap();
-                let y = nn::apply_rope_reference(&x, &c, &s).unwrap();
-                y.transpose(1, 2).unwrap().contiguous().unwrap()
-            },
-        );
-        // heads and d merged, as a projection writes them
-        same(
-            &[rand(&[2, 5, 24], 7)],
-            |t| apply_rope_bthd(&t[0], &c, &s).unwrap(),
-            |t| {
-                let x = t[0].reshape((2, 5, 3, 8)).unwrap();
-                let x = x.transpose(1, 2).unwrap().contiguous().unwrap();
-                let y = nn::apply_rope_reference(&x, &c, &s).unwrap();
-                let y = y.transpose(1, 2).unwrap().contiguous().unwrap();
-                y.reshape((2, 5, 24)).unwrap()
-            },
-        );
-    }
-
-    #[test]
-    fn fused_rope_matches_the_composed_reference_in_value_and_gradient() {
-        let (c, s) = rope_rows_3_to_8();
-        same(
-            &[rand(&[2, 3, 5, 8], 6)],
-            |t| apply_rope(&t[0], &c, &s).unwrap(),
-            |t| nn::apply_rope_reference(&t[0], &c, &s).unwrap(),
         );
     }
 }

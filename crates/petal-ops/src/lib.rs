@@ -22,6 +22,7 @@ pub mod lora_linear;
 pub mod loss;
 pub mod nn;
 pub mod pair_rotate;
+pub mod rope;
 pub mod scale;
 #[doc(hidden)]
 pub mod testing;
@@ -33,11 +34,10 @@ pub use cpu::set_fast;
 pub use frozen_linear::frozen_linear;
 pub use head_loss::head_cross_entropy;
 pub use inverse::inverse;
-pub use kernels::{
-    apply_rope, apply_rope_bthd, causal_softmax, residual_add, rms_norm, softmax_last_dim, swiglu,
-};
+pub use kernels::{causal_softmax, residual_add, rms_norm, softmax_last_dim, swiglu};
 pub use lora_linear::{lora, lora_linear, low_rank};
 pub use loss::{masked_cross_entropy, IGNORE_INDEX};
 pub use nn::{causal_mask, rope_tables};
 pub use pair_rotate::pair_rotate;
+pub use rope::{apply_rope, apply_rope_bthd};
 pub use scale::{add_frozen, scale_last};

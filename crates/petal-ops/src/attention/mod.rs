@@ -21,6 +21,10 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
+mod composed;
+use composed::attention_bthd_composed;
+pub use composed::causal_attention_reference;
+
 /// Query rows per tile.
 const TILE: usize = 64;
 
@@ -135,7 +139,7 @@ impl Rotary {
                 &self.cos[p * half..(p + 1) * half],
                 &self.sin[p * half..(p + 1) * half],
             );
-            crate::kernels::rotate_half(v, c, s, sign);
+            crate::rope::rotate_half(v, c, s, sign);
         });
     }
 }
@@ -427,53 +431,6 @@ impl CustomOp3 for Flash {
         };
         Ok((Some(t(dq, q)?), Some(t(dk, k)?), Some(t(dv, v)?)))
     }
-}
-
-/// `causal_attention_bthd` composed from candle ops: RoPE, heads turned first, grouped queries,
-/// `causal_attention_reference`, turned back.
-fn attention_bthd_composed(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    d: usize,
-    scale: f64,
-    rope: Option<Rope>,
-) -> Result<Tensor> {
-    let (nh, nkv) = (token_heads(q.dims(), d)?, token_heads(k.dims(), d)?);
-    let (b, t, keys) = (q.dim(0)?, q.dim(1)?, k.dim(1)?);
-    let (q, k) = match rope {
-        None => (q.clone(), k.clone()),
-        Some(r) => {
-            let at = |x: &Tensor, p0: usize, n: usize| -> Result<Tensor> {
-                crate::apply_rope_bthd(x, &r.cos.narrow(0, p0, n)?, &r.sin.narrow(0, p0, n)?)
-            };
-            let tail = at(&k.narrow(1, r.from, keys - r.from)?, r.from, keys - r.from)?;
-            let k = Tensor::cat(&[&k.narrow(1, 0, r.from)?, &tail], 1)?;
-            (at(q, keys - t, t)?, k)
-        }
-    };
-    // (b, heads, t, d)
-    let g = |x: &Tensor, h| x.reshape((b, (), h, d))?.transpose(1, 2)?.contiguous();
-    let qg = g(&q, nh)?.reshape((b, nkv, nh / nkv * t, d))?;
-    let o = causal_attention_reference(&qg, &g(&k, nkv)?, &g(v, nkv)?, scale, t, keys - t)?;
-    o.reshape((b, nh, t, d))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(q.shape())
-}
-
-/// The composed twin: scores, `causal_softmax` (in f32) and the weighted sum of values.
-pub fn causal_attention_reference(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    t: usize,
-    offset: usize,
-) -> Result<Tensor> {
-    let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?; // (b, g, R, T)
-    let p = crate::causal_softmax(&scores, scale, t, offset)?.to_dtype(v.dtype())?;
-    p.matmul(v)
 }
 
 /// `softmax(scale q k^T + causal mask) v` for grouped q (b, g, rep * t, d) and k, v (b, g, T, d),

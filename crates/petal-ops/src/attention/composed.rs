@@ -1,0 +1,52 @@
+//! The composed twins of the attention kernel, from candle ops: the reference the kernel is
+//! tested against, and the path other devices take (inside one recomputing graph node).
+
+use super::{token_heads, Rope};
+use candle_core::{DType, Result, Tensor};
+
+/// `causal_attention_bthd` composed from candle ops: RoPE, heads turned first, grouped queries,
+/// `causal_attention_reference`, turned back.
+pub(super) fn attention_bthd_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    d: usize,
+    scale: f64,
+    rope: Option<Rope>,
+) -> Result<Tensor> {
+    let (nh, nkv) = (token_heads(q.dims(), d)?, token_heads(k.dims(), d)?);
+    let (b, t, keys) = (q.dim(0)?, q.dim(1)?, k.dim(1)?);
+    let (q, k) = match rope {
+        None => (q.clone(), k.clone()),
+        Some(r) => {
+            let at = |x: &Tensor, p0: usize, n: usize| -> Result<Tensor> {
+                crate::apply_rope_bthd(x, &r.cos.narrow(0, p0, n)?, &r.sin.narrow(0, p0, n)?)
+            };
+            let tail = at(&k.narrow(1, r.from, keys - r.from)?, r.from, keys - r.from)?;
+            let k = Tensor::cat(&[&k.narrow(1, 0, r.from)?, &tail], 1)?;
+            (at(q, keys - t, t)?, k)
+        }
+    };
+    // (b, heads, t, d)
+    let g = |x: &Tensor, h| x.reshape((b, (), h, d))?.transpose(1, 2)?.contiguous();
+    let qg = g(&q, nh)?.reshape((b, nkv, nh / nkv * t, d))?;
+    let o = causal_attention_reference(&qg, &g(&k, nkv)?, &g(v, nkv)?, scale, t, keys - t)?;
+    o.reshape((b, nh, t, d))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(q.shape())
+}
+
+/// The composed twin: scores, `causal_softmax` (in f32) and the weighted sum of values.
+pub fn causal_attention_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    t: usize,
+    offset: usize,
+) -> Result<Tensor> {
+    let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?; // (b, g, R, T)
+    let p = crate::causal_softmax(&scores, scale, t, offset)?.to_dtype(v.dtype())?;
+    p.matmul(v)
+}
