@@ -115,7 +115,7 @@ pub fn apply_rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor>
     let d = 2 * cos.dim(1)?;
     let t = x.dim(1)?;
     let width: usize = x.dims().iter().skip(2).product();
-    if !(3..=4).contains(&x.rank()) || d == 0 || width % d != 0 {
+    if !(3..=4).contains(&x.rank()) || d == 0 || !width.is_multiple_of(d) {
         candle_core::bail!("rope: {:?} is not token-major with heads of {d}", x.dims())
     }
     if !fast_act_ok(x) {
