@@ -326,28 +326,30 @@ fn logged_losses(run: &Path) -> Vec<f64> {
 
 #[test]
 fn training_through_candles_composed_ops_follows_the_fused_kernels_loss_curve() {
-    // PETAL_FUSED=0 is the path a GPU takes: each fused CPU kernel's composed reference
+    // PETAL_FUSED=0 is the path a GPU takes: each fused CPU kernel's composed form, in lean
+    // graph nodes; plain LoRA (one node for x, A, B) and DoRA (composed around its magnitude)
     let d = tempfile::tempdir().unwrap();
     let data = words(d.path());
     let model = golden().join("llama");
-    let curve = |fused: &str| {
-        let out = d.path().join(format!("run-{fused}"));
+    let curve = |fused: &str, method: &[&str]| {
+        let out = d.path().join(format!("run-{fused}-{}", method.len()));
         let mut args = train(
             model.to_str().unwrap(),
             data.to_str().unwrap(),
             out.to_str().unwrap(),
         );
-        args.extend(["--max-steps", "5", "--lr", "0.05"]);
         args.extend([
+            "--max-steps",
+            "5",
+            "--lr",
+            "0.05",
             "--r",
             "4",
             "--alpha",
             "8",
-            "--dora",
-            "true",
-            "--target-modules",
-            "all-linear",
         ]);
+        args.extend(["--target-modules", "all-linear"]);
+        args.extend(method);
         let o = Command::new(env!("CARGO_BIN_EXE_petal"))
             .args(&args)
             .env("PETAL_FUSED", fused)
@@ -356,11 +358,16 @@ fn training_through_candles_composed_ops_follows_the_fused_kernels_loss_curve() 
         assert!(o.status.success(), "{}", stderr(&o));
         logged_losses(&out)
     };
-    let (fused, composed) = (curve("1"), curve("0"));
-    assert_eq!(fused.len(), 5);
-    // the loss must move, or equal curves prove nothing
-    assert!((fused[0] - fused[4]).abs() > 1e-3, "{fused:?}");
-    for (a, b) in fused.iter().zip(&composed) {
-        assert!((a - b).abs() < 1e-4 * a.abs(), "{fused:?} vs {composed:?}");
+    for method in [&[][..], &["--dora", "true"][..]] {
+        let (fused, composed) = (curve("1", method), curve("0", method));
+        assert_eq!(fused.len(), 5);
+        // the loss must move, or equal curves prove nothing
+        assert!((fused[0] - fused[4]).abs() > 1e-3, "{fused:?}");
+        for (a, b) in fused.iter().zip(&composed) {
+            assert!(
+                (a - b).abs() < 1e-4 * a.abs(),
+                "{method:?}: {fused:?} vs {composed:?}"
+            );
+        }
     }
 }

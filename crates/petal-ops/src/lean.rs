@@ -2,9 +2,9 @@
 //! recording f's intermediate ops, and the node's backward is a hand-written `dx = df(x, y, dy)`.
 //! The graph then keeps x and y alive and none of f's intermediates, which is what the fused CPU
 //! kernels save; it is the path a GPU takes, where those kernels do not run. Composed through
-//! autograd, a training step of SmolLM2-135M (4 x 256 tokens, f32) peaks at about five times the
-//! memory of the fused kernels; most of that is softmax, cross-entropy, RoPE and RMSNorm
-//! intermediates, which these nodes drop.
+//! autograd, a LoRA training step of SmolLM2-135M (4 x 256 tokens, f32, on the CPU) peaks at
+//! 9.8 GB against the fused kernels' 2.0 GB; with softmax, cross-entropy, RoPE, RMSNorm, LoRA
+//! and attention as lean nodes, at 2.4 GB.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};

@@ -219,11 +219,14 @@ impl AdapterLayer for LoraLayer {
     ) -> Option<Result<Tensor>> {
         // DoRA with dropout acting recomputes its base term from the dropped input: composed
         let dora_dropout = self.dora.is_some() && train && self.dropout > 0.0;
-        if dora_dropout || self.bias.is_some() || !petal_ops::cpu::fast_lora_ok(x, w) {
+        // plain LoRA goes through `petal_ops::lora` on any device: the fused kernel on the CPU,
+        // elsewhere one graph node that keeps x, A and B only
+        let plain = self.dora.is_none() && !(train && self.dropout > 0.0);
+        if dora_dropout || self.bias.is_some() || !(plain || petal_ops::cpu::fast_lora_ok(x, w)) {
             return None;
         }
         let run = || -> Result<Tensor> {
-            if self.dora.is_none() && !(train && self.dropout > 0.0) {
+            if plain {
                 let (la, lb) = (self.a.as_tensor(), self.b.as_tensor());
                 return Ok(petal_ops::lora(x, w, b, la, lb, self.scaling)?);
             }
