@@ -8,6 +8,7 @@
 # path/to/petal is a `--features cuda` build; python3 must have torch, transformers and peft.
 # OUT_DIR gets bench.jsonl (one `petal bench --json` result per line), log.txt and check.txt.
 # QUICK=1: the three training workloads and the check only (about 5 minutes on an H200).
+# T (default 120 s) and T_BF16 (180 s) bound each bench, CHECK_T (150 s) the check.
 set -u
 P=$1
 D=${PETAL_DEVICE:-cuda} # cpu: a dry run of this script
@@ -26,30 +27,7 @@ python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, 
 echo "== smoke: petal alone"
 timeout 60 "$P" bench --device "$D" --steps 2 --rounds 1 || { echo "smoke failed"; exit 1; }
 
-bench() {
-    echo "== petal bench --device "$D" $*"
-    timeout "${T:-75}" "$P" bench --device "$D" --vs-pytorch "$@" --json >"$OUT/one.json"
-    local rc=$?
-    [ $rc -eq 0 ] && cat "$OUT/one.json" >>"$OUT/bench.jsonl" || echo "exit $rc"
-    rm -f "$OUT/one.json"
-}
-# the issue's workloads first (a lease can end mid-way), then the GPU check, then the rest
-bench --workload synthetic-35m --steps 5 --rounds 3
-bench --workload smollm2-shape --steps 5 --rounds 3
-
-echo "== golden adapters and loss curves on the GPU"
-timeout "${CHECK_T:-150}" python3 -u tools/golden/check_on_device.py "$P" "$D" >"$OUT/check.txt" 2>&1
-echo "check exit $?"
-tail -4 "$OUT/check.txt"
-
-bench --workload smollm2-shape --dtype bf16 --steps 5 --rounds 3
-[ "${QUICK:-0}" = 1 ] && exit 0
-
-bench --workload synthetic-35m --dtype bf16 --steps 5 --rounds 3
-bench --workload smollm2-shape --mode forward --steps 5 --rounds 3
-bench --workload smollm2-shape --mode generate --steps 2 --rounds 3
-bench --workload smollm2-shape --dtype bf16 --batch 16 --seq 512 --steps 3 --rounds 3
-
+summary() {
 python3 - "$OUT/bench.jsonl" <<'EOF'
 import json, sys
 print(f"{'workload':14} {'mode':8} {'dtype':5} {'batch':>7} {'petal tok/s':>12} {'torch tok/s':>12} {'ratio':>6} "
@@ -64,4 +42,34 @@ for line in open(sys.argv[1]):
           f"{t.get('tokens_per_s', 0):12.0f} {ra.get('tokens_per_s', 0):5.2f}x {auto:>9} {mem:>19} "
           f"{ra.get('gpu_memory', 0):8.2f}x")
 EOF
+}
 
+# each bench starts one PyTorch process (two with --dtype bf16: f32 and autocast), about
+# 10-20 s apiece before the first step; the time each took is printed after it
+bench() {
+    echo "== petal bench --device "$D" $*"
+    local t0=$SECONDS
+    timeout "${T:-120}" "$P" bench --device "$D" --vs-pytorch "$@" --json >"$OUT/one.json"
+    local rc=$?
+    [ $rc -eq 0 ] && cat "$OUT/one.json" >>"$OUT/bench.jsonl" || echo "exit $rc"
+    echo "   ($((SECONDS - t0)) s)"
+    rm -f "$OUT/one.json"
+}
+# the issue's workloads first (a lease can end mid-way), then the GPU check, then the rest
+bench --workload synthetic-35m --steps 5 --rounds 3
+bench --workload smollm2-shape --steps 5 --rounds 3
+
+echo "== golden adapters and loss curves on the GPU"
+t0=$SECONDS
+timeout "${CHECK_T:-150}" python3 -u tools/golden/check_on_device.py "$P" "$D" >"$OUT/check.txt" 2>&1
+echo "check exit $? ($((SECONDS - t0)) s)"
+tail -4 "$OUT/check.txt"
+
+T=${T_BF16:-180} bench --workload smollm2-shape --dtype bf16 --steps 5 --rounds 3
+[ "${QUICK:-0}" = 1 ] && { summary; exit 0; }
+
+bench --workload synthetic-35m --dtype bf16 --steps 5 --rounds 3
+bench --workload smollm2-shape --mode forward --steps 5 --rounds 3
+bench --workload smollm2-shape --mode generate --steps 2 --rounds 3
+T=${T_BF16:-180} bench --workload smollm2-shape --dtype bf16 --batch 16 --seq 512 --steps 3 --rounds 3
+summary
