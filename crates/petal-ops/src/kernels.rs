@@ -1,7 +1,7 @@
 //! Fused CPU kernels with hand-written backward passes: RMSNorm, softmax (plain and scaled
-//! causal), SwiGLU and the mixed-dtype residual add (RoPE: `rope.rs`). Each replaces a chain of composed candle ops (one buffer and one
-//! pass per op, plus the same again in backward) by one pass per direction. Rows run in
-//! parallel (rayon). Inputs are f32 or bf16 activations; the arithmetic is f32 either way and
+//! causal), SwiGLU and the mixed-dtype residual add (RoPE: `rope.rs`). Each replaces a chain
+//! of composed candle ops (one buffer and one pass per op, plus the same again in backward) by
+//! one pass per direction. Rows run in parallel (rayon). Inputs are f32 or bf16 activations; the arithmetic is f32 either way and
 //! results are stored in the input's dtype.
 
 use crate::cpu::{act_in, act_out, fast_act_ok, last_dim};
