@@ -218,17 +218,22 @@ impl AdapterLayer for LoraLayer {
         train: bool,
     ) -> Option<Result<Tensor>> {
         // DoRA with dropout acting recomputes its base term from the dropped input: composed
-        let dora_dropout = self.dora.is_some() && train && self.dropout > 0.0;
-        // plain LoRA goes through `petal_ops::lora` on any device: the fused kernel on the CPU,
-        // elsewhere one graph node that keeps x, A and B only
-        let plain = self.dora.is_none() && !(train && self.dropout > 0.0);
-        if dora_dropout || self.bias.is_some() || !(plain || petal_ops::cpu::fast_lora_ok(x, w)) {
+        let no_dropout = !(train && self.dropout > 0.0);
+        let fast = petal_ops::cpu::fast_lora_ok(x, w);
+        if self.bias.is_some() || (self.dora.is_some() && !no_dropout) || !(fast || no_dropout) {
             return None;
         }
         let run = || -> Result<Tensor> {
-            if plain {
-                let (la, lb) = (self.a.as_tensor(), self.b.as_tensor());
+            // without dropout, LoRA goes through `petal_ops::lora` on any device: the fused
+            // kernel on the CPU, elsewhere one graph node that keeps x, A and B only; DoRA
+            // then scales its output
+            let (la, lb) = (self.a.as_tensor(), self.b.as_tensor());
+            if self.dora.is_none() && no_dropout {
                 return Ok(petal_ops::lora(x, w, b, la, lb, self.scaling)?);
+            }
+            if let (Some(d), false) = (&self.dora, fast) {
+                let lin = petal_ops::lora(x, w, b, la, lb, self.scaling)?;
+                return d.fused_forward(&lin, &self.delta()?);
             }
             let h = self.low(x, train)?;
             let lin = petal_ops::lora_linear(x, w, b, &h, self.b.as_tensor(), self.scaling)?;
