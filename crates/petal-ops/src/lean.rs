@@ -4,7 +4,7 @@
 //! kernels save; it is the path a GPU takes, where those kernels do not run. Composed through
 //! autograd, a LoRA training step of SmolLM2-135M (4 x 256 tokens, f32, on the CPU) peaks at
 //! 9.8 GB against the fused kernels' 2.0 GB; with softmax, cross-entropy, RoPE, RMSNorm, LoRA
-//! and attention as lean nodes, at 2.4 GB.
+//! and attention as lean nodes, at 2.2 GB.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
