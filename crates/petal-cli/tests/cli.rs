@@ -327,28 +327,20 @@ fn logged_losses(run: &Path) -> Vec<f64> {
 #[test]
 fn training_through_candles_composed_ops_follows_the_fused_kernels_loss_curve() {
     // PETAL_FUSED=0 is the path a GPU takes: each fused CPU kernel's composed form, in lean
-    // graph nodes; plain LoRA (one node for x, A, B) and DoRA (composed around its magnitude)
+    // graph nodes; LoRA (one node for x, A, B), DoRA (that node, then its scaling), OFT (the
+    // block rotation node) and RoAd (the pair rotation node)
     let d = tempfile::tempdir().unwrap();
     let data = words(d.path());
     let model = golden().join("llama");
-    let curve = |fused: &str, method: &[&str]| {
-        let out = d.path().join(format!("run-{fused}-{}", method.len()));
-        let mut args = train(
+    let curve = |fused: &str, i: usize, method: &[&str]| {
+        let out = d.path().join(format!("run-{fused}-{i}"));
+        let (m, t, o) = (
             model.to_str().unwrap(),
             data.to_str().unwrap(),
             out.to_str().unwrap(),
         );
-        args.extend([
-            "--max-steps",
-            "5",
-            "--lr",
-            "0.05",
-            "--r",
-            "4",
-            "--alpha",
-            "8",
-        ]);
-        args.extend(["--target-modules", "all-linear"]);
+        let mut args = train(m, t, o);
+        args.extend(["--max-steps", "5", "--lr", "0.05"]);
         args.extend(method);
         let o = Command::new(env!("CARGO_BIN_EXE_petal"))
             .args(&args)
@@ -358,11 +350,26 @@ fn training_through_candles_composed_ops_follows_the_fused_kernels_loss_curve() 
         assert!(o.status.success(), "{}", stderr(&o));
         logged_losses(&out)
     };
-    for method in [&[][..], &["--dora", "true"][..]] {
-        let (fused, composed) = (curve("1", method), curve("0", method));
+    let lora = ["--r", "4", "--alpha", "8", "--target-modules", "all-linear"];
+    let dora = [&lora[..], &["--dora", "true"]].concat();
+    let methods: [&[&str]; 4] = [
+        &lora,
+        &dora,
+        &["--method", "oft", "--oft-block-size", "8"],
+        &[
+            "--method",
+            "road",
+            "--road-variant",
+            "road_4",
+            "--group-size",
+            "16",
+        ],
+    ];
+    for (i, method) in methods.iter().enumerate() {
+        let (fused, composed) = (curve("1", i, method), curve("0", i, method));
         assert_eq!(fused.len(), 5);
         // the loss must move, or equal curves prove nothing
-        assert!((fused[0] - fused[4]).abs() > 1e-3, "{fused:?}");
+        assert!((fused[0] - fused[4]).abs() > 1e-3, "{method:?}: {fused:?}");
         for (a, b) in fused.iter().zip(&composed) {
             assert!(
                 (a - b).abs() < 1e-4 * a.abs(),

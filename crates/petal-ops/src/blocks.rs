@@ -148,11 +148,39 @@ pub fn rotate_blocks(x: &Tensor, r: &Tensor) -> Result<Tensor> {
         candle_core::bail!("rotate_blocks: {k} blocks of {b} x {b2} for {inp} features")
     }
     if !(fast_act_ok(x) && r.dtype() == DType::F32) {
-        if x.dtype() == r.dtype() {
-            return rotate_blocks_reference(x, r);
-        }
-        let xf = x.to_dtype(DType::F32)?;
-        return rotate_blocks_reference(&xf, &r.to_dtype(DType::F32)?)?.to_dtype(x.dtype());
+        // one graph node keeping x and r only (not the blocks turned to the front)
+        let need = [x.track_op(), r.track_op()];
+        return crate::lean::lean2(
+            [x, r],
+            |[x, r]| {
+                if x.dtype() == r.dtype() {
+                    return rotate_blocks_reference(x, r);
+                }
+                let xf = x.to_dtype(DType::F32)?;
+                rotate_blocks_reference(&xf, &r.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
+            },
+            move |[x, r], _, dy| {
+                // per block j: dx_j = dy_j R_j^T, dR_j = x_j^T dy_j (sums over the rows), in f32
+                let (n, inp) = x.dims2()?;
+                let blocks = |t: &Tensor| -> Result<Tensor> {
+                    t.to_dtype(DType::F32)?
+                        .reshape((n, k, b))?
+                        .transpose(0, 1)?
+                        .contiguous() // (k, n, b)
+                };
+                let (xb, gb, rf) = (blocks(x)?, blocks(dy)?, r.to_dtype(DType::F32)?);
+                let dx = need[0]
+                    .then(|| -> Result<Tensor> {
+                        let d = gb.matmul(&rf.transpose(1, 2)?)?.transpose(0, 1)?;
+                        d.reshape((n, inp))?.to_dtype(x.dtype())
+                    })
+                    .transpose()?;
+                let dr = need[1]
+                    .then(|| xb.transpose(1, 2)?.matmul(&gb)?.to_dtype(r.dtype()))
+                    .transpose()?;
+                Ok([dx, dr])
+            },
+        );
     }
     x.contiguous()?.apply_op2(&r.contiguous()?, RotateBlocks)
 }

@@ -7,10 +7,14 @@
 //! and attention as lean nodes, at 2.2 GB.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, D,
+};
 use std::sync::Mutex;
 
 type Backward = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+type Grads2 = [Option<Tensor>; 2];
+type Backward2 = Box<dyn Fn([&Tensor; 2], &Tensor, &Tensor) -> Result<Grads2> + Send + Sync>;
 type Grads3 = [Option<Tensor>; 3];
 type Backward3 = Box<dyn Fn([&Tensor; 3], &Tensor, &Tensor) -> Result<Grads3> + Send + Sync>;
 
@@ -71,6 +75,49 @@ impl CustomOp1 for Lean {
 
     fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some((self.df)(&x.detach(), &res.detach(), &grad.detach())?))
+    }
+}
+
+struct Lean2 {
+    y: Precomputed,
+    df: Backward2,
+}
+
+impl CustomOp2 for Lean2 {
+    fn name(&self) -> &'static str {
+        "petal-lean2"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.y.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.y.cuda()
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let [da, db] = (self.df)([&a.detach(), &b.detach()], &res.detach(), &grad.detach())?;
+        Ok((da, db))
     }
 }
 
@@ -152,6 +199,27 @@ pub fn lean(
         y,
         df: Box::new(df),
     })
+}
+
+/// `lean` for two inputs: `f([a, b])` as one node whose backward is
+/// `df([a, b], y, dy) -> [da, db]` (None where an input needs no gradient).
+pub fn lean2(
+    xs: [&Tensor; 2],
+    f: impl FnOnce([&Tensor; 2]) -> Result<Tensor>,
+    df: impl Fn([&Tensor; 2], &Tensor, &Tensor) -> Result<Grads2> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    if !xs.iter().any(|x| x.track_op()) {
+        return f(xs);
+    }
+    let d = xs.map(|x| x.detach());
+    let y = precompute(f([&d[0], &d[1]])?)?;
+    xs[0].apply_op2(
+        xs[1],
+        Lean2 {
+            y,
+            df: Box::new(df),
+        },
+    )
 }
 
 /// `lean` for three inputs: `f([a, b, c])` as one node whose backward is

@@ -99,14 +99,49 @@ impl CustomOp3 for PairRotate {
     }
 }
 
+/// rot(y): in each group, (y1, y2) -> (-y2, y1) for the halves y1, y2 of `group / 2` features.
+fn rotate_pairs(y: &Tensor, group: usize) -> Result<Tensor> {
+    let g = y.reshape((y.elem_count() / group, 2, group / 2))?;
+    let (y1, y2) = (g.narrow(1, 0, 1)?, g.narrow(1, 1, 1)?);
+    Tensor::cat(&[y2.neg()?, y1], 1)?.reshape(y.shape())
+}
+
 /// The composed twin: the same transform from differentiable candle ops.
 pub fn pair_rotate_reference(y: &Tensor, f: &Tensor, s: &Tensor, group: usize) -> Result<Tensor> {
-    let h = group / 2;
-    let groups = y.elem_count() / group;
-    let g = y.reshape((groups, 2, h))?;
-    let (y1, y2) = (g.narrow(1, 0, 1)?, g.narrow(1, 1, 1)?);
-    let rot = Tensor::cat(&[y2.neg()?, y1], 1)?.reshape(y.shape())?;
-    y.broadcast_mul(f)? + rot.broadcast_mul(s)?
+    y.broadcast_mul(f)? + rotate_pairs(y, group)?.broadcast_mul(s)?
+}
+
+/// The gradients of `y ⊙ f + rot(y) ⊙ s` from candle ops, in f32 inside: rot is a rotation by
+/// a quarter turn in each pair, so its transpose is -rot: dy = dy' ⊙ f - rot(dy' ⊙ s),
+/// df = sum over rows of dy' ⊙ y, ds = sum over rows of dy' ⊙ rot(y); each where `need` asks.
+fn pair_rotate_backward(
+    [y, f, s]: [&Tensor; 3],
+    group: usize,
+    dy: &Tensor,
+    need: [bool; 3],
+) -> Result<[Option<Tensor>; 3]> {
+    let d = y.dim(D::Minus1)?;
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let (g, yf) = (f32(dy)?.reshape(((), d))?, f32(y)?.reshape(((), d))?);
+    let dy = need[0]
+        .then(|| -> Result<Tensor> {
+            let turned = rotate_pairs(&g.broadcast_mul(&f32(s)?)?, group)?;
+            (g.broadcast_mul(&f32(f)?)? - turned)?
+                .to_dtype(y.dtype())?
+                .reshape(y.shape())
+        })
+        .transpose()?;
+    let df = need[1]
+        .then(|| (&g * &yf)?.sum(0)?.to_dtype(f.dtype()))
+        .transpose()?;
+    let ds = need[2]
+        .then(|| {
+            (&g * rotate_pairs(&yf, group)?)?
+                .sum(0)?
+                .to_dtype(s.dtype())
+        })
+        .transpose()?;
+    Ok([dy, df, ds])
 }
 
 /// `y (.., d) ⊙ f + rot(y) ⊙ s` with `f`, `s` of length d and pairs (j, j + group/2) inside
@@ -120,12 +155,20 @@ pub fn pair_rotate(y: &Tensor, f: &Tensor, s: &Tensor, group: usize) -> Result<T
         )
     }
     if !(fast_act_ok(y) && f.dtype() == DType::F32 && s.dtype() == DType::F32) {
-        if y.dtype() == f.dtype() {
-            return pair_rotate_reference(y, f, s, group);
-        }
-        let yf = y.to_dtype(DType::F32)?;
-        let (f, s) = (f.to_dtype(DType::F32)?, s.to_dtype(DType::F32)?);
-        return pair_rotate_reference(&yf, &f, &s, group)?.to_dtype(y.dtype());
+        // one graph node keeping y, f and s only (the rotated copy and the products are not)
+        let need = [y.track_op(), f.track_op(), s.track_op()];
+        return crate::lean::lean3(
+            [y, f, s],
+            |[y, f, s]| {
+                if y.dtype() == f.dtype() {
+                    return pair_rotate_reference(y, f, s, group);
+                }
+                let yf = y.to_dtype(DType::F32)?;
+                let (f, s) = (f.to_dtype(DType::F32)?, s.to_dtype(DType::F32)?);
+                pair_rotate_reference(&yf, &f, &s, group)?.to_dtype(y.dtype())
+            },
+            move |ys, _, dy| pair_rotate_backward(ys, group, dy, need),
+        );
     }
     let y2 = y.contiguous()?.reshape((y.elem_count() / d, d))?;
     y2.apply_op3(&f.contiguous()?, &s.contiguous()?, PairRotate { group })?

@@ -170,3 +170,27 @@ fn the_recomputed_attention_node_matches_autograd_through_rope_grouped_heads_and
         )
     });
 }
+
+#[test]
+fn the_pair_rotation_node_matches_autograd_through_the_composed_rotation() {
+    // RoAd's transform over groups of 4 features, y, f and s all trained
+    composed(|| {
+        same(
+            &[rand(&[2, 3, 8], 15), rand(&[8], 16), rand(&[8], 17)],
+            |t| petal_ops::pair_rotate(&t[0], &t[1], &t[2], 4).unwrap(),
+            |t| petal_ops::pair_rotate::pair_rotate_reference(&t[0], &t[1], &t[2], 4).unwrap(),
+        )
+    });
+}
+
+#[test]
+fn the_block_rotation_node_matches_autograd_through_the_batched_block_product() {
+    // OFT's x R for 3 blocks of 4, x and the blocks both trained
+    composed(|| {
+        same(
+            &[rand(&[5, 12], 18), rand(&[3, 4, 4], 19)],
+            |t| petal_ops::rotate_blocks(&t[0], &t[1]).unwrap(),
+            |t| petal_ops::blocks::rotate_blocks_reference(&t[0], &t[1]).unwrap(),
+        )
+    });
+}
