@@ -149,7 +149,6 @@ pub fn rotate_blocks(x: &Tensor, r: &Tensor) -> Result<Tensor> {
     }
     if !(fast_act_ok(x) && r.dtype() == DType::F32) {
         // one graph node keeping x and r only (not the blocks turned to the front)
-        let need = [x.track_op(), r.track_op()];
         return crate::lean::lean2(
             [x, r],
             |[x, r]| {
@@ -159,7 +158,7 @@ pub fn rotate_blocks(x: &Tensor, r: &Tensor) -> Result<Tensor> {
                 let xf = x.to_dtype(DType::F32)?;
                 rotate_blocks_reference(&xf, &r.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
             },
-            move |[x, r], _, dy| {
+            move |[x, r], need, _, dy| {
                 // per block j: dx_j = dy_j R_j^T, dR_j = x_j^T dy_j (sums over the rows), in f32
                 let (n, inp) = x.dims2()?;
                 let blocks = |t: &Tensor| -> Result<Tensor> {

@@ -14,9 +14,11 @@ use std::sync::Mutex;
 
 type Backward = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 type Grads2 = [Option<Tensor>; 2];
-type Backward2 = Box<dyn Fn([&Tensor; 2], &Tensor, &Tensor) -> Result<Grads2> + Send + Sync>;
+type Backward2 =
+    Box<dyn Fn([&Tensor; 2], [bool; 2], &Tensor, &Tensor) -> Result<Grads2> + Send + Sync>;
 type Grads3 = [Option<Tensor>; 3];
-type Backward3 = Box<dyn Fn([&Tensor; 3], &Tensor, &Tensor) -> Result<Grads3> + Send + Sync>;
+type Backward3 =
+    Box<dyn Fn([&Tensor; 3], [bool; 3], &Tensor, &Tensor) -> Result<Grads3> + Send + Sync>;
 
 /// f(x), computed before the node was entered: the node's output storage is cloned from it
 /// once, then it is dropped.
@@ -116,7 +118,13 @@ impl CustomOp2 for Lean2 {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let [da, db] = (self.df)([&a.detach(), &b.detach()], &res.detach(), &grad.detach())?;
+        let need = [a.track_op(), b.track_op()];
+        let [da, db] = (self.df)(
+            [&a.detach(), &b.detach()],
+            need,
+            &res.detach(),
+            &grad.detach(),
+        )?;
         Ok((da, db))
     }
 }
@@ -164,8 +172,10 @@ impl CustomOp3 for Lean3 {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let need = [a.track_op(), b.track_op(), c.track_op()];
         let [da, db, dc] = (self.df)(
             [&a.detach(), &b.detach(), &c.detach()],
+            need,
             &res.detach(),
             &grad.detach(),
         )?;
@@ -202,11 +212,12 @@ pub fn lean(
 }
 
 /// `lean` for two inputs: `f([a, b])` as one node whose backward is
-/// `df([a, b], y, dy) -> [da, db]` (None where an input needs no gradient).
+/// `df([a, b], need, y, dy) -> [da, db]`, `need[i]` telling whether input i tracks a gradient
+/// (None where it does not).
 pub fn lean2(
     xs: [&Tensor; 2],
     f: impl FnOnce([&Tensor; 2]) -> Result<Tensor>,
-    df: impl Fn([&Tensor; 2], &Tensor, &Tensor) -> Result<Grads2> + Send + Sync + 'static,
+    df: impl Fn([&Tensor; 2], [bool; 2], &Tensor, &Tensor) -> Result<Grads2> + Send + Sync + 'static,
 ) -> Result<Tensor> {
     if !xs.iter().any(|x| x.track_op()) {
         return f(xs);
@@ -223,11 +234,11 @@ pub fn lean2(
 }
 
 /// `lean` for three inputs: `f([a, b, c])` as one node whose backward is
-/// `df([a, b, c], y, dy) -> [da, db, dc]` (None where an input needs no gradient).
+/// `df([a, b, c], need, y, dy) -> [da, db, dc]`, as for `lean2`.
 pub fn lean3(
     xs: [&Tensor; 3],
     f: impl FnOnce([&Tensor; 3]) -> Result<Tensor>,
-    df: impl Fn([&Tensor; 3], &Tensor, &Tensor) -> Result<Grads3> + Send + Sync + 'static,
+    df: impl Fn([&Tensor; 3], [bool; 3], &Tensor, &Tensor) -> Result<Grads3> + Send + Sync + 'static,
 ) -> Result<Tensor> {
     if !xs.iter().any(|x| x.track_op()) {
         return f(xs);
@@ -252,13 +263,12 @@ pub fn recompute3(
     xs: [&Tensor; 3],
     f: impl Fn([&Tensor; 3]) -> Result<Tensor> + Send + Sync + 'static,
 ) -> Result<Tensor> {
-    let need = xs.map(|x| x.track_op());
     let f = std::sync::Arc::new(f);
     let g = f.clone();
     lean3(
         xs,
         |x| f(x),
-        move |x, _, dy| {
+        move |x, need, _, dy| {
             let vars = x
                 .iter()
                 .map(|t| candle_core::Var::from_tensor(t))

@@ -269,12 +269,11 @@ pub fn lora(
     if !fast_lora_ok(x, w) || !f32_ab {
         // one node that keeps x, A, B and the output only (the base product, x A^T and the
         // scaled update are not kept for backward)
-        let need = [x.track_op(), a.track_op(), b.track_op()];
         let wc = w.clone();
         return crate::lean::lean3(
             [x, a, b],
             |[x, a, b]| lora_linear_reference(x, w, bias, &low_rank(x, a)?, b, scale),
-            move |[x, a, b], _, dy| lora_backward([x, &wc, a, b], scale, dy, need),
+            move |[x, a, b], need, _, dy| lora_backward([x, &wc, a, b], scale, dy, need),
         );
     }
     let op = LoraFull {

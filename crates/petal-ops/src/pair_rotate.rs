@@ -156,7 +156,6 @@ pub fn pair_rotate(y: &Tensor, f: &Tensor, s: &Tensor, group: usize) -> Result<T
     }
     if !(fast_act_ok(y) && f.dtype() == DType::F32 && s.dtype() == DType::F32) {
         // one graph node keeping y, f and s only (the rotated copy and the products are not)
-        let need = [y.track_op(), f.track_op(), s.track_op()];
         return crate::lean::lean3(
             [y, f, s],
             |[y, f, s]| {
@@ -167,7 +166,7 @@ pub fn pair_rotate(y: &Tensor, f: &Tensor, s: &Tensor, group: usize) -> Result<T
                 let (f, s) = (f.to_dtype(DType::F32)?, s.to_dtype(DType::F32)?);
                 pair_rotate_reference(&yf, &f, &s, group)?.to_dtype(y.dtype())
             },
-            move |ys, _, dy| pair_rotate_backward(ys, group, dy, need),
+            move |ys, need, _, dy| pair_rotate_backward(ys, group, dy, need),
         );
     }
     let y2 = y.contiguous()?.reshape((y.elem_count() / d, d))?;

@@ -84,11 +84,10 @@ pub(crate) fn add_dense_delta(x: &Tensor, y: Tensor, delta: &Tensor) -> Result<T
     if x.dtype() == DType::F32 {
         return Ok(composed(x, &y, delta)?);
     }
-    let need = [x.track_op(), delta.track_op(), y.track_op()];
     Ok(petal_ops::lean::lean3(
         [x, delta, &y],
         |[x, delta, y]| composed(x, y, delta),
-        move |[x, delta, _], _, dy| {
+        move |[x, delta, _], need, _, dy| {
             let (out, inp) = delta.dims2()?;
             let n = x.elem_count() / inp;
             let g = dy.reshape((n, out))?.to_dtype(DType::F32)?;
