@@ -12,6 +12,11 @@ pub fn set_fast(on: bool) {
     FAST.store(on, Ordering::Relaxed);
 }
 
+/// Whether the fast paths are on (fused CPU kernels, CUDA kernels).
+pub(crate) fn fast() -> bool {
+    FAST.load(Ordering::Relaxed)
+}
+
 /// Whether `t` can take a fused CPU f32 kernel.
 pub fn fast_ok(t: &Tensor) -> bool {
     FAST.load(Ordering::Relaxed) && t.device().is_cpu() && t.dtype() == DType::F32

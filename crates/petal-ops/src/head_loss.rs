@@ -141,13 +141,25 @@ fn head_loss_composed(h: &Tensor, w: &Tensor, labels: &[i64], step: usize) -> Re
     let h2 = h.reshape((n, w.dim(1)?))?;
     let spans: Vec<(usize, usize)> = (0..n).step_by(step).map(|s| (s, step.min(n - s))).collect();
     let (lab, wc, sp) = (labels.to_vec(), w.clone(), spans.clone());
+    // the labels on the device, for the CUDA cross-entropy kernels
+    let on_gpu = crate::cuda::usable(h);
+    let dl = match on_gpu {
+        true => Some(Tensor::from_slice(labels, n, h.device())?),
+        false => None,
+    };
+    let dl2 = dl.clone();
     crate::lean::lean(
         &h2,
         |h| {
             let mut total = Tensor::zeros((), DType::F32, h.device())?;
             for &(s, len) in &spans {
                 let logits = crate::frozen_linear(&h.narrow(0, s, len)?, w, None)?;
-                total = (total + cross_entropy_composed(&logits, &labels[s..s + len])?.0)?;
+                let part = match &dl {
+                    Some(dl) => crate::cuda::cross_entropy_rows(&logits, &dl.narrow(0, s, len)?)?
+                        .sum_all()?,
+                    None => cross_entropy_composed(&logits, &labels[s..s + len])?.0,
+                };
+                total = (total + part)?;
             }
             Ok(total)
         },
@@ -156,10 +168,17 @@ fn head_loss_composed(h: &Tensor, w: &Tensor, labels: &[i64], step: usize) -> Re
                 .iter()
                 .map(|&(s, len)| {
                     let logits = crate::frozen_linear(&h.narrow(0, s, len)?, &wc, None)?;
-                    cross_entropy_grad(&logits, &lab[s..s + len], dy)?
-                        .to_dtype(wc.dtype())?
-                        .matmul(&wc)?
-                        .to_dtype(h.dtype())
+                    let g = match &dl2 {
+                        Some(dl) => crate::cuda::cross_entropy_grad(
+                            &logits,
+                            &dl.narrow(0, s, len)?,
+                            dy,
+                            wc.dtype(),
+                        )?,
+                        None => cross_entropy_grad(&logits, &lab[s..s + len], dy)?
+                            .to_dtype(wc.dtype())?,
+                    };
+                    g.matmul(&wc)?.to_dtype(h.dtype())
                 })
                 .collect::<Result<Vec<_>>>()?;
             Tensor::cat(&parts, 0)

@@ -133,6 +133,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if w.track_op() {
         return nn::rms_norm_reference(x, w, eps)?.to_dtype(w.dtype());
     }
+    if crate::cuda::usable(x) && crate::cuda::usable(w) {
+        return crate::cuda::rms_norm(x, w, eps);
+    }
     if !fast_act_ok(x) || !fast_act_ok(w) {
         let wc = w.clone();
         return crate::lean::lean(
@@ -219,6 +222,9 @@ impl CustomOp2 for SoftmaxBwd {
 }
 
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if crate::cuda::usable(x) {
+        return crate::cuda::softmax(x, 1.0, None);
+    }
     if !fast_act_ok(x) {
         return crate::lean::lean(x, nn::softmax_last_dim_reference, |_, y, dy| {
             crate::lean::softmax_backward(y, dy)
@@ -233,6 +239,9 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// Attention probabilities softmax(scale * scores + causal mask) for scores (.., R, T) whose
 /// rows are R/t consecutive groups of t queries at positions offset..offset + t.
 pub fn causal_softmax(scores: &Tensor, scale: f64, t: usize, offset: usize) -> Result<Tensor> {
+    if crate::cuda::usable(scores) {
+        return crate::cuda::softmax(scores, scale, Some((t, offset)));
+    }
     if !fast_act_ok(scores) {
         let composed = |scores: &Tensor| {
             let dims = scores.dims().to_vec();
@@ -332,6 +341,9 @@ impl CustomOp2 for SwiGluBwd {
 }
 
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if crate::cuda::usable(g) && g.dims() == u.dims() && g.dtype() == u.dtype() {
+        return crate::cuda::swiglu(g, u);
+    }
     if !fast_act_ok(g) || g.dims() != u.dims() || g.dtype() != u.dtype() {
         return g.silu()? * u;
     }

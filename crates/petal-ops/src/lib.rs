@@ -12,6 +12,7 @@ pub mod bf16;
 mod bf16_activations;
 pub mod blocks;
 pub mod cpu;
+pub mod cuda;
 pub mod frozen_linear;
 pub mod head_loss;
 pub mod inverse;

@@ -11,6 +11,16 @@ pub const IGNORE_INDEX: i64 = -100;
 pub fn masked_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
     let lab: Vec<i64> = labels.to_vec1()?;
     let count = lab.iter().filter(|&&l| l != IGNORE_INDEX).count();
+    if crate::cuda::usable(logits) {
+        let dl = Tensor::from_slice(&lab, lab.len(), logits.device())?;
+        let d2 = dl.clone();
+        let sum = crate::lean::lean(
+            logits,
+            |x| crate::cuda::cross_entropy_rows(x, &dl)?.sum_all(),
+            move |x, _, dy| crate::cuda::cross_entropy_grad(x, &d2, dy, x.dtype()),
+        )?;
+        return Ok((sum, count));
+    }
     let l2 = lab.clone();
     let sum = crate::lean::lean(
         logits,

@@ -69,6 +69,9 @@ impl CustomOp1 for Rope {
 }
 
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if crate::cuda::usable(x) && x.rank() == 4 {
+        return crate::cuda::rope(x, cos, sin, x.dim(2)?, 1);
+    }
     if !fast_act_ok(x) || x.rank() != 4 {
         // a rotation: its gradient turns back by the opposite angle
         let (c, s) = (cos.clone(), sin.neg()?);
@@ -117,6 +120,9 @@ pub fn apply_rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor>
     let width: usize = x.dims().iter().skip(2).product();
     if !(3..=4).contains(&x.rank()) || d == 0 || !width.is_multiple_of(d) {
         candle_core::bail!("rope: {:?} is not token-major with heads of {d}", x.dims())
+    }
+    if crate::cuda::usable(x) {
+        return crate::cuda::rope(x, cos, sin, t, width / d);
     }
     if !fast_act_ok(x) {
         // a rotation: its gradient turns back by the opposite angle

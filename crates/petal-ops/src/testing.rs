@@ -55,7 +55,7 @@ pub fn same(
     let (f, r) = (fast(&ts), reference(&ts));
     assert_eq!(f.dims(), r.dims());
     assert!(max_rel(&f, &r) < 1e-5, "values differ: {}", max_rel(&f, &r));
-    let proj = rand(f.dims(), 99);
+    let proj = rand(f.dims(), 99).to_device(f.device()).unwrap();
     let (gf, gr) = (projected_grads(&f, &proj), projected_grads(&r, &proj));
     for (i, v) in vars.iter().enumerate() {
         let (a, b) = (
@@ -102,7 +102,7 @@ pub fn same_bf16(
         "values differ: {}",
         max_rel(&f32f, &r)
     );
-    let proj = rand(f.dims(), 99);
+    let proj = rand(f.dims(), 99).to_device(f.device()).unwrap();
     let (gf, gr) = (projected_grads(&f32f, &proj), projected_grads(&r, &proj));
     for (i, (a, b)) in fv.iter().zip(&rv).enumerate() {
         let ga = gf.get(a.as_tensor()).unwrap();

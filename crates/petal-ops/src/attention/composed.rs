@@ -23,7 +23,10 @@ pub(super) fn attention_bthd_composed(
                 crate::apply_rope_bthd(x, &r.cos.narrow(0, p0, n)?, &r.sin.narrow(0, p0, n)?)
             };
             let tail = at(&k.narrow(1, r.from, keys - r.from)?, r.from, keys - r.from)?;
-            let k = Tensor::cat(&[&k.narrow(1, 0, r.from)?, &tail], 1)?;
+            let k = match r.from {
+                0 => tail, // no cached keys: nothing to join
+                f => Tensor::cat(&[&k.narrow(1, 0, f)?, &tail], 1)?,
+            };
             (at(q, keys - t, t)?, k)
         }
     };

@@ -1,0 +1,484 @@
+//! CUDA kernels for the ops the CPU fuses (`kernels.cu`, compiled at run time by NVRTC): RMSNorm,
+//! softmax (plain and scaled causal), RoPE in both layouts, SwiGLU and the cross-entropy of a
+//! chunk of logits, each one launch per direction where candle's composed ops take five to ten.
+//! Each op is a graph node whose backward launches its backward kernel. They run on f32 and bf16
+//! activations of a CUDA tensor while the fast paths are on (`set_fast`, `PETAL_FUSED`); without
+//! the `cuda` feature `usable` is false and nothing here runs.
+
+#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+/// The kernels' source, one module for every op and dtype.
+pub const SOURCE: &str = include_str!("kernels.cu");
+
+/// Whether `t` takes the CUDA kernels: an f32 or bf16 tensor on a CUDA device, fast paths on.
+pub fn usable(t: &Tensor) -> bool {
+    cfg!(feature = "cuda")
+        && crate::cpu::fast()
+        && t.device().is_cuda()
+        && matches!(t.dtype(), DType::F32 | DType::BF16)
+}
+
+/// A scalar kernel argument, pushed after the tensors.
+#[derive(Clone, Copy, Debug)]
+enum Arg {
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+/// One launch: the kernel's name, its output's shape and dtype, its scalars and its grid (one
+/// block per row, or one thread per element).
+#[derive(Clone, Debug)]
+struct Spec {
+    name: String,
+    shape: Shape,
+    dtype: DType,
+    args: Vec<Arg>,
+    grid: u32,
+    block: u32,
+}
+
+fn sfx(dt: DType) -> &'static str {
+    match dt {
+        DType::BF16 => "bf16",
+        _ => "f32",
+    }
+}
+
+/// i32 for a kernel's `int` argument, or an error for sizes past it.
+fn int(v: usize) -> Result<Arg> {
+    i32::try_from(v)
+        .map(Arg::I32)
+        .map_err(|_| candle_core::Error::Msg(format!("cuda kernel: size {v} too large")))
+}
+
+impl Spec {
+    /// One block per row of `cols`, threads a multiple of 32 up to 1024.
+    fn rows(name: String, rows: usize, cols: usize, shape: Shape, dtype: DType) -> Self {
+        let block = cols.div_ceil(32).clamp(1, 32) as u32 * 32;
+        Spec {
+            name,
+            shape,
+            dtype,
+            args: vec![],
+            grid: rows as u32,
+            block,
+        }
+    }
+
+    /// One thread per item, 256 a block.
+    fn items(name: String, items: usize, shape: Shape, dtype: DType) -> Self {
+        Spec {
+            name,
+            shape,
+            dtype,
+            args: vec![],
+            grid: items.div_ceil(256).max(1) as u32,
+            block: 256,
+        }
+    }
+
+    fn arg(mut self, a: Arg) -> Self {
+        self.args.push(a);
+        self
+    }
+}
+
+type Bwd1 = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+type Bwd2 = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor)> + Send + Sync>;
+
+/// A kernel over its first input and `rest` (read from their storage at launch), with an
+/// optional backward `dx = bwd(x, y, dy)`.
+struct Kernel {
+    spec: Spec,
+    rest: Vec<Tensor>,
+    bwd: Option<Bwd1>,
+}
+
+/// A kernel differentiable in two inputs: `(da, db) = bwd(a, b, dy)`.
+struct Kernel2 {
+    spec: Spec,
+    rest: Vec<Tensor>,
+    bwd: Bwd2,
+}
+
+fn no_cpu<T>() -> Result<T> {
+    candle_core::bail!("petal's CUDA kernels run on CUDA tensors only")
+}
+
+impl CustomOp1 for Kernel {
+    fn name(&self) -> &'static str {
+        "petal-cuda"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        no_cpu()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        imp::run(&self.spec, &[(s, l)], &self.rest)
+    }
+    fn bwd(&self, x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        match &self.bwd {
+            Some(f) => Ok(Some(f(&x.detach(), &y.detach(), &dy.detach())?)),
+            None => candle_core::bail!("{}: no backward", self.spec.name),
+        }
+    }
+}
+
+impl CustomOp2 for Kernel2 {
+    fn name(&self) -> &'static str {
+        "petal-cuda2"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        imp::run(&self.spec, &[(s1, l1), (s2, l2)], &self.rest)
+    }
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (da, db) = (self.bwd)(&a.detach(), &b.detach(), &dy.detach())?;
+        Ok((Some(da), Some(db)))
+    }
+}
+
+/// Runs a kernel with no backward over contiguous inputs.
+fn launch(spec: Spec, inputs: &[&Tensor]) -> Result<Tensor> {
+    let ins = inputs
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    let op = Kernel {
+        spec,
+        rest: ins[1..].to_vec(),
+        bwd: None,
+    };
+    ins[0].apply_op1_no_bwd(&op)
+}
+
+/// Rows and row length of `x`'s last dimension.
+fn rows_cols(x: &Tensor) -> Result<(usize, usize)> {
+    let cols = x.dim(candle_core::D::Minus1)?;
+    Ok((x.elem_count() / cols.max(1), cols))
+}
+
+/// RMSNorm with a frozen weight, `x r w` in w's dtype (r = 1 / sqrt(mean(x^2) + eps)).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let (rows, cols) = rows_cols(&x)?;
+    let (sx, sw) = (sfx(x.dtype()), sfx(w.dtype()));
+    let eps = eps as f32;
+    let fwd = Spec::rows(
+        format!("rms_fwd_{sx}_{sw}"),
+        rows,
+        cols,
+        x.shape().clone(),
+        w.dtype(),
+    )
+    .arg(int(cols)?)
+    .arg(Arg::F32(eps));
+    let wb = w.clone();
+    let bwd: Bwd1 = Box::new(move |x, _, dy| {
+        let spec = Spec::rows(
+            format!("rms_bwd_{}_{}", sfx(x.dtype()), sfx(wb.dtype())),
+            rows,
+            cols,
+            x.shape().clone(),
+            x.dtype(),
+        )
+        .arg(int(cols)?)
+        .arg(Arg::F32(eps));
+        launch(spec, &[x, &wb, &dy.to_dtype(wb.dtype())?])
+    });
+    x.apply_op1(Kernel {
+        spec: fwd,
+        rest: vec![w],
+        bwd: Some(bwd),
+    })
+}
+
+/// softmax(scale x) over the last dimension; `causal` (t, offset): rows are groups of t
+/// queries at positions offset.., each seeing the keys up to its own position.
+pub fn softmax(x: &Tensor, scale: f64, causal: Option<(usize, usize)>) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let (rows, cols) = rows_cols(&x)?;
+    let (t, offset) = causal.unwrap_or((0, 0));
+    let s = sfx(x.dtype());
+    let scale = scale as f32;
+    let fwd = Spec::rows(
+        format!("softmax_fwd_{s}"),
+        rows,
+        cols,
+        x.shape().clone(),
+        x.dtype(),
+    )
+    .arg(int(cols)?)
+    .arg(Arg::F32(scale))
+    .arg(int(t)?)
+    .arg(int(offset)?);
+    let bwd: Bwd1 = Box::new(move |x, y, dy| {
+        let spec = Spec::rows(
+            format!("softmax_bwd_{}", sfx(y.dtype())),
+            rows,
+            cols,
+            x.shape().clone(),
+            y.dtype(),
+        )
+        .arg(int(cols)?)
+        .arg(Arg::F32(scale));
+        launch(spec, &[y, &dy.to_dtype(y.dtype())?])
+    });
+    x.apply_op1(Kernel {
+        spec: fwd,
+        rest: vec![],
+        bwd: Some(bwd),
+    })
+}
+
+fn rope_spec(x: &Tensor, d: usize, t: usize, per_pos: usize, sign: f32) -> Result<Spec> {
+    let heads = x.elem_count() / d;
+    Ok(Spec::items(
+        format!("rope_{}", sfx(x.dtype())),
+        heads * d / 2,
+        x.shape().clone(),
+        x.dtype(),
+    )
+    .arg(Arg::I64(heads as i64))
+    .arg(int(d)?)
+    .arg(int(t)?)
+    .arg(int(per_pos)?)
+    .arg(Arg::F32(sign)))
+}
+
+/// Rotate-half RoPE: heads of `d = 2 * cos.dim(1)` values, head h at position
+/// `(h / per_pos) % t` of the tables cos/sin (t, d/2); backward turns back.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, t: usize, per_pos: usize) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let f = |c: &Tensor| c.to_dtype(DType::F32)?.contiguous();
+    let (cos, sin) = (f(cos)?, f(sin)?);
+    let d = 2 * cos.dim(1)?;
+    let (cb, sb) = (cos.clone(), sin.clone());
+    let bwd: Bwd1 = Box::new(move |x, _, dy| {
+        let dy = dy.to_dtype(x.dtype())?;
+        launch(rope_spec(&dy, d, t, per_pos, -1.0)?, &[&dy, &cb, &sb])
+    });
+    x.apply_op1(Kernel {
+        spec: rope_spec(&x, d, t, per_pos, 1.0)?,
+        rest: vec![cos, sin],
+        bwd: Some(bwd),
+    })
+}
+
+/// silu(g) u for g, u of one shape and dtype.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    let (g, u) = (g.contiguous()?, u.contiguous()?);
+    let n = g.elem_count();
+    let s = sfx(g.dtype());
+    let fwd = Spec::items(format!("swiglu_fwd_{s}"), n, g.shape().clone(), g.dtype())
+        .arg(Arg::I64(n as i64));
+    let bwd: Bwd2 = Box::new(move |g, u, dy| {
+        let mut dims = vec![2];
+        dims.extend(g.dims());
+        let spec = Spec::items(
+            format!("swiglu_bwd_{}", sfx(g.dtype())),
+            n,
+            Shape::from(dims),
+            g.dtype(),
+        )
+        .arg(Arg::I64(n as i64));
+        let both = launch(spec, &[g, u, &dy.to_dtype(g.dtype())?])?;
+        Ok((both.get(0)?, both.get(1)?))
+    });
+    g.apply_op2(
+        &u,
+        Kernel2 {
+            spec: fwd,
+            rest: vec![],
+            bwd,
+        },
+    )
+}
+
+/// Per-row cross-entropy (rows,) in f32 of logits (rows, vocab) against `labels` (rows,) i64
+/// on the device; 0 on ignored rows (negative labels). No graph.
+pub fn cross_entropy_rows(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (rows, cols) = rows_cols(logits)?;
+    let spec = Spec::rows(
+        format!("ce_fwd_{}", sfx(logits.dtype())),
+        rows,
+        cols,
+        Shape::from(rows),
+        DType::F32,
+    )
+    .arg(int(cols)?);
+    launch(spec, &[logits, labels])
+}
+
+/// `dy (softmax(logits) - onehot(labels))` in `dtype`, 0 on ignored rows; `dy` one f32 on the
+/// device. No graph.
+pub fn cross_entropy_grad(
+    logits: &Tensor,
+    labels: &Tensor,
+    dy: &Tensor,
+    dtype: DType,
+) -> Result<Tensor> {
+    let (rows, cols) = rows_cols(logits)?;
+    let spec = Spec::rows(
+        format!("ce_grad_{}_{}", sfx(logits.dtype()), sfx(dtype)),
+        rows,
+        cols,
+        logits.shape().clone(),
+        dtype,
+    )
+    .arg(int(cols)?);
+    let dy = dy.to_dtype(DType::F32)?.reshape(1)?;
+    launch(spec, &[logits, labels, &dy])
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use super::{Arg, Spec, SOURCE};
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+    use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
+    use candle_core::{CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
+    use half::bf16;
+    use std::sync::OnceLock;
+
+    /// The kernels' PTX, compiled once a process (for compute capability 8.0 and later).
+    fn ptx() -> Result<&'static str> {
+        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+        PTX.get_or_init(|| {
+            let opts = CompileOptions {
+                arch: Some("compute_80"),
+                name: Some("petal_kernels.cu".into()),
+                ..Default::default()
+            };
+            compile_ptx_with_opts(SOURCE, opts)
+                .map(|p| p.to_src())
+                .map_err(|e| format!("{e:?}"))
+        })
+        .as_deref()
+        .map_err(|e| candle_core::Error::Msg(format!("petal's CUDA kernels: {e}")))
+    }
+
+    enum View<'a> {
+        F32(CudaView<'a, f32>),
+        BF16(CudaView<'a, bf16>),
+        I64(CudaView<'a, i64>),
+    }
+
+    fn view<'a>(c: &'a CudaStorage, l: &Layout) -> Result<View<'a>> {
+        use candle_core::backend::BackendStorage;
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("cuda kernel: input is not contiguous")
+        };
+        Ok(match &c.slice {
+            S::F32(s) => View::F32(s.slice(a..b)),
+            S::BF16(s) => View::BF16(s.slice(a..b)),
+            S::I64(s) => View::I64(s.slice(a..b)),
+            _ => candle_core::bail!("cuda kernel: input of dtype {:?}", c.dtype()),
+        })
+    }
+
+    /// Launches `spec` over `first` then `rest`, writing a fresh output.
+    pub(super) fn run(
+        spec: &Spec,
+        first: &[(&CudaStorage, &Layout)],
+        rest: &[Tensor],
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let guards: Vec<_> = rest.iter().map(|t| t.storage_and_layout()).collect();
+        let mut ins: Vec<(&CudaStorage, &Layout)> = first.to_vec();
+        for (g, l) in &guards {
+            match &**g {
+                Storage::Cuda(c) => ins.push((c, l)),
+                _ => candle_core::bail!("{}: an input is not on the GPU", spec.name),
+            }
+        }
+        let views = ins
+            .iter()
+            .map(|(c, l)| view(c, l))
+            .collect::<Result<Vec<_>>>()?;
+        let dev = ins[0].0.device().clone();
+        if spec.grid == 0 {
+            let out = match spec.dtype {
+                DType::BF16 => S::BF16(dev.alloc_zeros::<bf16>(0)?),
+                _ => S::F32(dev.alloc_zeros::<f32>(0)?),
+            };
+            let storage = CudaStorage {
+                slice: out,
+                device: dev,
+            };
+            return Ok((storage, spec.shape.clone()));
+        }
+        let func = dev.get_or_load_custom_func(&spec.name, "petal", ptx()?)?;
+        let n = spec.shape.elem_count();
+        // SAFETY: every kernel writes each element of its output.
+        let mut out = match spec.dtype {
+            DType::F32 => S::F32(unsafe { dev.alloc::<f32>(n)? }),
+            DType::BF16 => S::BF16(unsafe { dev.alloc::<bf16>(n)? }),
+            dt => candle_core::bail!("{}: output of dtype {dt:?}", spec.name),
+        };
+        {
+            let mut b = func.builder();
+            for v in &views {
+                match v {
+                    View::F32(v) => b.arg(v),
+                    View::BF16(v) => b.arg(v),
+                    View::I64(v) => b.arg(v),
+                };
+            }
+            match &mut out {
+                S::F32(s) => b.arg(s),
+                S::BF16(s) => b.arg(s),
+                _ => unreachable!("outputs are f32 or bf16"),
+            };
+            for a in &spec.args {
+                match a {
+                    Arg::I32(v) => b.arg(v),
+                    Arg::I64(v) => b.arg(v),
+                    Arg::F32(v) => b.arg(v),
+                };
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (spec.grid, 1, 1),
+                block_dim: (spec.block, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the arguments match the kernel's signature (tensors, output, scalars).
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok((
+            CudaStorage {
+                slice: out,
+                device: dev,
+            },
+            spec.shape.clone(),
+        ))
+    }
+}
