@@ -9,12 +9,16 @@
 #
 #     tools/bench/build_gpu.sh [CUDA version of the GPU machine, default 13000]
 #
-# Leaves .gpu/petal.gz and the libcudart it links (candle's kernels need the runtime); carry
-# .gpu to the GPU machine, then: gunzip -c .gpu/petal.gz > /tmp/petal; chmod +x /tmp/petal;
-# LD_LIBRARY_PATH=$PWD/.gpu tools/bench/gpu.sh /tmp/petal OUT_DIR
+# Leaves .gpu/petal.gz, the libcudart it links (candle's kernels need the runtime) and the
+# CUDA kernels' test binary in .gpu/tests; carry .gpu to the GPU machine, then:
+# gunzip -c .gpu/petal.gz > /tmp/petal; chmod +x /tmp/petal;
+# LD_LIBRARY_PATH=$PWD/.gpu TESTS=.gpu/tests tools/bench/gpu.sh /tmp/petal OUT_DIR
 set -eu
 VERSION=${1:-13000}
 cargo fetch -q
+# cargo writes the patch into Cargo.lock: put the repository's back when done
+cp Cargo.lock "${TMPDIR:-/tmp}/petal-Cargo.lock"
+trap 'cp "${TMPDIR:-/tmp}/petal-Cargo.lock" Cargo.lock' EXIT
 SRC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/candle-core-0.11.1 | head -1)
 COPY=${CANDLE_COPY:-${TMPDIR:-/tmp}/candle-core-dynamic-loading}
 rm -rf "$COPY"
@@ -36,4 +40,13 @@ mkdir -p .gpu
 strip -o .gpu/petal "$BIN"
 gzip -9f .gpu/petal
 for lib in $(ldd "$BIN" | awk '/libcudart/ {print $3}'); do cp -L "$lib" .gpu/; done
+# the CUDA kernels' tests, for gpu.sh's TESTS=.gpu/tests
+rm -rf .gpu/tests && mkdir -p .gpu/tests
+CUDARC_CUDA_VERSION=$VERSION CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-80} \
+    CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/gpu} \
+    cargo test --release -p petal-ops --features cuda --test cuda_kernels --no-run \
+    --config "patch.crates-io.candle-core.path=\"$COPY\"" 2>&1 |
+    sed -n 's/.*Executable .*(\(.*\))/\1/p' | while read -r t; do
+        strip -o .gpu/tests/cuda_kernels "$t" && gzip -9f .gpu/tests/cuda_kernels
+    done
 ls -la .gpu

@@ -27,6 +27,14 @@ python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, 
 echo "== smoke: petal alone"
 timeout 60 "$P" bench --device "$D" --steps 2 --rounds 1 || { echo "smoke failed"; exit 1; }
 
+# TESTS: a folder of gzipped `--features cuda` test binaries (tools/bench/build_gpu.sh), run
+# first: the CUDA kernels against the composed ops on this GPU
+for t in ${TESTS:+$TESTS/*.gz}; do
+    echo "== test $(basename "$t" .gz)"
+    gunzip -c "$t" >/tmp/petal-test && chmod +x /tmp/petal-test
+    timeout 120 /tmp/petal-test --test-threads 1 2>&1 | grep -E "^test |test result|panicked|differ" | tail -30
+done
+
 summary() {
 python3 - "$OUT/bench.jsonl" <<'EOF'
 import json, sys
@@ -58,6 +66,13 @@ bench() {
 # the issue's workloads first (a lease can end mid-way), then the GPU check, then the rest
 bench --workload synthetic-35m --steps 5 --rounds 3
 bench --workload smollm2-shape --steps 5 --rounds 3
+
+# petal alone on candle's composed ops (PETAL_FUSED=0: no petal kernel), the other side of
+# the kernels' effect
+for w in synthetic-35m smollm2-shape; do
+    echo "== PETAL_FUSED=0 petal bench --device $D --workload $w"
+    PETAL_FUSED=0 timeout 60 "$P" bench --device "$D" --workload $w --steps 5 --rounds 3 | tail -2
+done
 
 echo "== golden adapters and loss curves on the GPU"
 t0=$SECONDS
