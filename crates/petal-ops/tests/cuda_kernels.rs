@@ -7,7 +7,9 @@ use candle_core::{DType, Device, Tensor, D};
 use petal_ops::nn;
 use petal_ops::testing::{max_rel, rand, same, same_bf16};
 
+/// The GPU, with petal's kernels switched on.
 fn gpu() -> Device {
+    petal_ops::cuda::set_enabled(true);
     Device::new_cuda(0).expect("these tests need a CUDA device")
 }
 

@@ -2,19 +2,43 @@
 //! softmax (plain and scaled causal), RoPE in both layouts, SwiGLU and the cross-entropy of a
 //! chunk of logits, each one launch per direction where candle's composed ops take five to ten.
 //! Each op is a graph node whose backward launches its backward kernel. They run on f32 and bf16
-//! activations of a CUDA tensor while the fast paths are on (`set_fast`, `PETAL_FUSED`); without
-//! the `cuda` feature `usable` is false and nothing here runs.
+//! activations of a CUDA tensor while the fast paths are on (`set_fast`, `PETAL_FUSED`) and the
+//! kernels are switched on (`set_enabled`, or `PETAL_CUDA_KERNELS=1`): off by default until
+//! their tests (`tests/cuda_kernels.rs`) have passed on a GPU. Without the `cuda` feature
+//! `usable` is false and nothing here runs.
 
 #![cfg_attr(not(feature = "cuda"), allow(dead_code))]
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// The kernels' source, one module for every op and dtype.
 pub const SOURCE: &str = include_str!("kernels.cu");
 
-/// Whether `t` takes the CUDA kernels: an f32 or bf16 tensor on a CUDA device, fast paths on.
+/// 0: not yet read from PETAL_CUDA_KERNELS, 1: off, 2: on.
+static ENABLED: AtomicU8 = AtomicU8::new(0);
+
+/// Switches the CUDA kernels on or off (process-wide; default: `PETAL_CUDA_KERNELS=1` or off).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+}
+
+fn enabled() -> bool {
+    match ENABLED.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var("PETAL_CUDA_KERNELS").as_deref() == Ok("1");
+            set_enabled(on);
+            on
+        }
+        v => v == 2,
+    }
+}
+
+/// Whether `t` takes the CUDA kernels: an f32 or bf16 tensor on a CUDA device, fast paths and
+/// kernels on.
 pub fn usable(t: &Tensor) -> bool {
     cfg!(feature = "cuda")
+        && enabled()
         && crate::cpu::fast()
         && t.device().is_cuda()
         && matches!(t.dtype(), DType::F32 | DType::BF16)
