@@ -32,13 +32,21 @@ fn tables(t: usize, d: usize, dev: &Device) -> (Tensor, Tensor) {
 
 #[test]
 fn the_kernels_compile_with_nvrtc() {
+    // needs NVRTC only, no GPU
     use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
-    let opts = CompileOptions {
-        arch: Some("compute_80"),
-        ..Default::default()
+    let compile = |src: String, options: Vec<String>| {
+        let opts = CompileOptions {
+            arch: Some("compute_80"),
+            options,
+            ..Default::default()
+        };
+        compile_ptx_with_opts(src, opts).expect("NVRTC").to_src()
     };
-    let ptx = compile_ptx_with_opts(petal_ops::cuda::SOURCE, opts).expect("NVRTC");
-    assert!(ptx.to_src().contains(".entry rms_fwd_f32_bf16"));
+    assert!(compile(petal_ops::cuda::source(), vec![]).contains(".entry rms_fwd_f32_bf16"));
+    for d in [32, 64, 80, 128] {
+        let (src, options) = petal_ops::cuda::attention_source(d);
+        assert!(compile(src, options).contains(".entry attn_dkv_bf16"));
+    }
 }
 
 #[test]
@@ -227,5 +235,106 @@ fn the_head_loss_on_the_gpu_matches_the_cpus_fused_kernel_in_value_and_gradient(
         max_rel(&gg, &gc) < 1e-4,
         "dh differs: {}",
         max_rel(&gg, &gc)
+    );
+}
+
+/// Attention from its definition on the token-major layout (b, n, heads * d): RoPE on heads
+/// turned first (query i at position T - t + i, keys from `from` on), kv heads repeated for
+/// their query heads, scaled scores, causal mask, softmax, values; differentiable by autograd.
+fn attention_by_definition(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    d: usize,
+    scale: f64,
+    rope: Option<(&Tensor, &Tensor, usize)>,
+) -> Tensor {
+    let (b, t, keys) = (q.dim(0).unwrap(), q.dim(1).unwrap(), k.dim(1).unwrap());
+    let (nh, nkv) = (q.dim(2).unwrap() / d, k.dim(2).unwrap() / d);
+    let first = |x: &Tensor, heads: usize| {
+        let n = x.dim(1).unwrap();
+        x.reshape((b, n, heads, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    };
+    let (mut qh, mut kh, vh) = (first(q, nh), first(k, nkv), first(v, nkv));
+    if let Some((cos, sin, from)) = rope {
+        let rot = |x: &Tensor, p0: usize, n: usize| {
+            let (c, s) = (cos.narrow(0, p0, n).unwrap(), sin.narrow(0, p0, n).unwrap());
+            nn::apply_rope_reference(x, &c, &s).unwrap()
+        };
+        qh = rot(&qh, keys - t, t);
+        let tail = rot(&kh.narrow(2, from, keys - from).unwrap(), from, keys - from);
+        kh = Tensor::cat(&[&kh.narrow(2, 0, from).unwrap(), &tail], 2).unwrap();
+    }
+    let rep = |x: &Tensor| {
+        let heads: Vec<Tensor> = (0..nh)
+            .map(|h| x.narrow(1, h / (nh / nkv), 1).unwrap())
+            .collect();
+        Tensor::cat(&heads, 1).unwrap()
+    };
+    let (kr, vr) = (rep(&kh), rep(&vh));
+    let mask = nn::causal_mask(t, keys - t, DType::F32, q.device()).unwrap();
+    let scores = (qh.matmul(&kr.t().unwrap()).unwrap() * scale)
+        .unwrap()
+        .broadcast_add(&mask)
+        .unwrap();
+    let o = nn::softmax_last_dim_reference(&scores)
+        .unwrap()
+        .matmul(&vr)
+        .unwrap();
+    o.transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((b, t, nh * d))
+        .unwrap()
+}
+
+#[test]
+fn the_attention_kernels_match_autograd_through_the_definition() {
+    // (b, t, T, query heads, kv heads, head size): several query blocks and key tiles, keys
+    // seen before the queries, grouped heads, the 16-wide tiles of heads over 64 values
+    for (b, t, keys, nh, nkv, d) in [
+        (2, 5, 5, 2, 2, 64),
+        (1, 37, 45, 4, 2, 64),
+        (2, 20, 23, 3, 1, 128),
+        (1, 70, 70, 2, 1, 32),
+    ] {
+        let x = on_gpu(&[&[b, t, nh * d], &[b, keys, nkv * d], &[b, keys, nkv * d]]);
+        let scale = 1.0 / (d as f64).sqrt();
+        same(
+            &x,
+            |x| petal_ops::causal_attention_bthd(&x[0], &x[1], &x[2], d, scale, None).unwrap(),
+            |x| attention_by_definition(&x[0], &x[1], &x[2], d, scale, None),
+        );
+    }
+}
+
+#[test]
+fn the_attention_kernels_rotate_by_rope_and_take_bf16() {
+    let dev = gpu();
+    let (b, t, keys, nh, nkv, d) = (2, 33, 40, 4, 2, 64);
+    let (cos, sin) = tables(64, d, &dev);
+    let x = on_gpu(&[&[b, t, nh * d], &[b, keys, nkv * d], &[b, keys, nkv * d]]);
+    let rope = petal_ops::Rope {
+        cos: &cos,
+        sin: &sin,
+        from: 3, // three prefix keys stay unrotated
+    };
+    let scale = 0.125;
+    same(
+        &x,
+        |x| petal_ops::causal_attention_bthd(&x[0], &x[1], &x[2], d, scale, Some(rope)).unwrap(),
+        |x| attention_by_definition(&x[0], &x[1], &x[2], d, scale, Some((&cos, &sin, 3))),
+    );
+    same_bf16(
+        &x,
+        3e-2,
+        |x| petal_ops::causal_attention_bthd(&x[0], &x[1], &x[2], d, scale, Some(rope)).unwrap(),
+        |x| attention_by_definition(&x[0], &x[1], &x[2], d, scale, Some((&cos, &sin, 3))),
     );
 }

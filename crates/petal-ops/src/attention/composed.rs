@@ -16,20 +16,7 @@ pub(super) fn attention_bthd_composed(
 ) -> Result<Tensor> {
     let (nh, nkv) = (token_heads(q.dims(), d)?, token_heads(k.dims(), d)?);
     let (b, t, keys) = (q.dim(0)?, q.dim(1)?, k.dim(1)?);
-    let (q, k) = match rope {
-        None => (q.clone(), k.clone()),
-        Some(r) => {
-            let at = |x: &Tensor, p0: usize, n: usize| -> Result<Tensor> {
-                crate::apply_rope_bthd(x, &r.cos.narrow(0, p0, n)?, &r.sin.narrow(0, p0, n)?)
-            };
-            let tail = at(&k.narrow(1, r.from, keys - r.from)?, r.from, keys - r.from)?;
-            let k = match r.from {
-                0 => tail, // no cached keys: nothing to join
-                f => Tensor::cat(&[&k.narrow(1, 0, f)?, &tail], 1)?,
-            };
-            (at(q, keys - t, t)?, k)
-        }
-    };
+    let (q, k) = rotate(q, k, rope)?;
     // (b, heads, t, d)
     let g = |x: &Tensor, h| x.reshape((b, (), h, d))?.transpose(1, 2)?.contiguous();
     let qg = g(&q, nh)?.reshape((b, nkv, nh / nkv * t, d))?;
@@ -38,6 +25,24 @@ pub(super) fn attention_bthd_composed(
         .transpose(1, 2)?
         .contiguous()?
         .reshape(q.shape())
+}
+
+/// q and k (token-major) rotated by `rope` as graph nodes: query i at position T - t + i, key j
+/// at j, keys before `rope.from` as they are.
+pub(super) fn rotate(q: &Tensor, k: &Tensor, rope: Option<Rope>) -> Result<(Tensor, Tensor)> {
+    let Some(r) = rope else {
+        return Ok((q.clone(), k.clone()));
+    };
+    let (t, keys) = (q.dim(1)?, k.dim(1)?);
+    let at = |x: &Tensor, p0: usize, n: usize| -> Result<Tensor> {
+        crate::apply_rope_bthd(x, &r.cos.narrow(0, p0, n)?, &r.sin.narrow(0, p0, n)?)
+    };
+    let tail = at(&k.narrow(1, r.from, keys - r.from)?, r.from, keys - r.from)?;
+    let k = match r.from {
+        0 => tail, // no keys before the rotated ones: nothing to join
+        f => Tensor::cat(&[&k.narrow(1, 0, f)?, &tail], 1)?,
+    };
+    Ok((at(q, keys - t, t)?, k))
 }
 
 /// The composed twin: scores, `causal_softmax` (in f32) and the weighted sum of values.

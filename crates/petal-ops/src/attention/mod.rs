@@ -514,6 +514,11 @@ pub fn causal_attention_bthd(
         }
     }
     let same = q.dtype() == k.dtype() && k.dtype() == v.dtype();
+    if same && crate::cuda::usable(q) && head_dim <= crate::cuda::MAX_HEAD_DIM {
+        // RoPE's kernel on q and k, then attention's (no score matrix held)
+        let (q, k) = composed::rotate(q, k, rope)?;
+        return crate::cuda::attention(&q, &k, v, head_dim, scale);
+    }
     if !(same && fast_act_ok(q) && fast_act_ok(k) && fast_act_ok(v)) {
         // one node that keeps q, k, v and the output only; backward recomputes the rest
         let rope = rope.map(|r| (r.cos.clone(), r.sin.clone(), r.from));

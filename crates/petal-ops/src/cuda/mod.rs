@@ -9,11 +9,27 @@
 
 #![cfg_attr(not(feature = "cuda"), allow(dead_code))]
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
 use std::sync::atomic::{AtomicU8, Ordering};
 
-/// The kernels' source, one module for every op and dtype.
-pub const SOURCE: &str = include_str!("kernels.cu");
+const COMMON: &str = include_str!("common.cuh");
+
+/// The source of the kernels' module for the row and elementwise ops (every dtype).
+pub fn source() -> String {
+    [COMMON, include_str!("kernels.cu")].concat()
+}
+
+/// The source of the attention kernels and the NVRTC options that compile them for heads of
+/// `head_dim` values (one module per head size).
+pub fn attention_source(head_dim: usize) -> (String, Vec<String>) {
+    let src = [COMMON, include_str!("attention.cu")].concat();
+    (src, vec![format!("-DHD={head_dim}")])
+}
+
+/// The largest head the attention kernels take (their tiles fill 33 KB of shared memory).
+pub const MAX_HEAD_DIM: usize = 128;
 
 /// 0: not yet read from PETAL_CUDA_KERNELS, 1: off, 2: on.
 static ENABLED: AtomicU8 = AtomicU8::new(0);
@@ -60,8 +76,10 @@ struct Spec {
     shape: Shape,
     dtype: DType,
     args: Vec<Arg>,
-    grid: u32,
+    grid: (u32, u32, u32),
     block: u32,
+    /// 0: the row and elementwise module; d: the attention module for heads of d
+    head_dim: usize,
 }
 
 fn sfx(dt: DType) -> &'static str {
@@ -87,8 +105,9 @@ impl Spec {
             shape,
             dtype,
             args: vec![],
-            grid: rows as u32,
+            grid: (rows as u32, 1, 1),
             block,
+            head_dim: 0,
         }
     }
 
@@ -99,8 +118,9 @@ impl Spec {
             shape,
             dtype,
             args: vec![],
-            grid: items.div_ceil(256).max(1) as u32,
+            grid: (items.div_ceil(256).max(1) as u32, 1, 1),
             block: 256,
+            head_dim: 0,
         }
     }
 
@@ -112,6 +132,14 @@ impl Spec {
 
 type Bwd1 = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 type Bwd2 = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor)> + Send + Sync>;
+
+type Bwd3 = Box<dyn Fn([&Tensor; 3], &Tensor, &Tensor) -> Result<[Tensor; 3]> + Send + Sync>;
+
+/// A kernel over three inputs, differentiable in each: `[da, db, dc] = bwd([a, b, c], y, dy)`.
+struct Kernel3 {
+    spec: Spec,
+    bwd: Bwd3,
+}
 
 /// A kernel over its first input and `rest` (read from their storage at launch), with an
 /// optional backward `dx = bwd(x, y, dy)`.
@@ -187,6 +215,50 @@ impl CustomOp2 for Kernel2 {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (da, db) = (self.bwd)(&a.detach(), &b.detach(), &dy.detach())?;
         Ok((Some(da), Some(db)))
+    }
+}
+
+impl CustomOp3 for Kernel3 {
+    fn name(&self) -> &'static str {
+        "petal-cuda3"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        imp::run(&self.spec, &[(s1, l1), (s2, l2), (s3, l3)], &[])
+    }
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [da, db, dc] = (self.bwd)(
+            [&a.detach(), &b.detach(), &c.detach()],
+            &y.detach(),
+            &dy.detach(),
+        )?;
+        Ok((Some(da), Some(db), Some(dc)))
     }
 }
 
@@ -383,31 +455,111 @@ pub fn cross_entropy_grad(
     launch(spec, &[logits, labels, &dy])
 }
 
+/// Causal attention `softmax(scale q k^T + mask) v` on the token-major layout: q (b, t, nh *
+/// d) or (b, t, nh, d), k and v (b, T, nkv * d) or (b, T, nkv, d) already rotated, query i at
+/// position T - t + i seeing keys up to it, query head h reading kv head h / (nh / nkv). Never
+/// holds the (t, T) scores: forward keeps nothing but the output, backward recomputes the
+/// rows' log-sum-exp, then dq and dk, dv. `head_dim` up to `MAX_HEAD_DIM`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    head_dim: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let (b, t, keys, d) = (q.dim(0)?, q.dim(1)?, k.dim(1)?, head_dim);
+    let (nh, nkv) = (
+        q.elem_count() / (b * t * d),
+        k.elem_count() / (b * keys * d),
+    );
+    if d == 0 || d > MAX_HEAD_DIM || nkv == 0 || nh % nkv != 0 || keys < t {
+        candle_core::bail!("cuda attention: heads of {d} (at most {MAX_HEAD_DIM}), {nh} query and {nkv} kv heads, {t} queries over {keys} keys")
+    }
+    // rows per block and keys per tile (TQ, TK in attention.cu)
+    let tile = if d > 64 { 16 } else { 32 };
+    let scale = scale as f32;
+    let args = vec![
+        int(t)?,
+        int(keys)?,
+        int(nh)?,
+        int(nkv)?,
+        Arg::F32(scale),
+        int(b)?,
+    ];
+    let spec = move |kernel: &str, dt: DType, shape: Shape, over_keys: bool, with_b: bool| Spec {
+        name: format!("attn_{kernel}_{}", sfx(dt)),
+        shape,
+        dtype: if kernel == "stats" { DType::F32 } else { dt },
+        args: args[..if with_b { 6 } else { 5 }].to_vec(),
+        grid: match over_keys {
+            true => (keys.div_ceil(tile) as u32, nkv as u32, b as u32),
+            false => (t.div_ceil(tile) as u32, nh as u32, b as u32),
+        },
+        block: tile as u32,
+        head_dim: d,
+    };
+    let fwd = spec("fwd", q.dtype(), q.shape().clone(), false, false);
+    let bwd: Bwd3 = Box::new(move |[q, k, v], o, dy| {
+        let dy = dy.to_dtype(q.dtype())?;
+        let dt = q.dtype();
+        let stats_shape = Shape::from((2, b, nh, t));
+        let stats = launch(spec("stats", dt, stats_shape, false, true), &[q, k, o, &dy])?;
+        let dq = launch(
+            spec("dq", dt, q.shape().clone(), false, true),
+            &[q, k, v, &dy, &stats],
+        )?;
+        let mut two = vec![2];
+        two.extend(k.dims());
+        let dkv = launch(
+            spec("dkv", dt, Shape::from(two), true, true),
+            &[q, k, v, &dy, &stats],
+        )?;
+        Ok([dq, dkv.get(0)?, dkv.get(1)?])
+    });
+    q.apply_op3(&k, &v, Kernel3 { spec: fwd, bwd })
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
-    use super::{Arg, Spec, SOURCE};
+    use super::{Arg, Spec};
     use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
     use candle_core::{CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
     use half::bf16;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
     use std::sync::OnceLock;
 
-    /// The kernels' PTX, compiled once a process (for compute capability 8.0 and later).
-    fn ptx() -> Result<&'static str> {
-        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        PTX.get_or_init(|| {
+    /// A module's PTX, compiled once a process (for compute capability 8.0 and later): the row
+    /// and elementwise kernels (`head_dim` 0), or the attention kernels for one head size.
+    fn ptx(head_dim: usize) -> Result<&'static str> {
+        type Cache = Mutex<HashMap<usize, std::result::Result<&'static str, String>>>;
+        static PTX: OnceLock<Cache> = OnceLock::new();
+        let mut cache = PTX
+            .get_or_init(Default::default)
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("cuda kernels: poisoned".into()))?;
+        let entry = cache.entry(head_dim).or_insert_with(|| {
+            let (src, options) = match head_dim {
+                0 => (super::source(), vec![]),
+                d => super::attention_source(d),
+            };
             let opts = CompileOptions {
                 arch: Some("compute_80"),
-                name: Some("petal_kernels.cu".into()),
+                name: Some(format!("petal_kernels_{head_dim}.cu")),
+                options,
                 ..Default::default()
             };
-            compile_ptx_with_opts(SOURCE, opts)
-                .map(|p| p.to_src())
+            // compiled once per module and kept for the process: leaked on purpose
+            compile_ptx_with_opts(src, opts)
+                .map(|p| &*Box::leak(p.to_src().into_boxed_str()))
                 .map_err(|e| format!("{e:?}"))
-        })
-        .as_deref()
-        .map_err(|e| candle_core::Error::Msg(format!("petal's CUDA kernels: {e}")))
+        });
+        entry
+            .clone()
+            .map_err(|e| candle_core::Error::Msg(format!("petal's CUDA kernels: {e}")))
     }
 
     enum View<'a> {
@@ -449,7 +601,7 @@ mod imp {
             .map(|(c, l)| view(c, l))
             .collect::<Result<Vec<_>>>()?;
         let dev = ins[0].0.device().clone();
-        if spec.grid == 0 {
+        if spec.grid.0 == 0 {
             let out = match spec.dtype {
                 DType::BF16 => S::BF16(dev.alloc_zeros::<bf16>(0)?),
                 _ => S::F32(dev.alloc_zeros::<f32>(0)?),
@@ -460,7 +612,8 @@ mod imp {
             };
             return Ok((storage, spec.shape.clone()));
         }
-        let func = dev.get_or_load_custom_func(&spec.name, "petal", ptx()?)?;
+        let module = format!("petal{}", spec.head_dim);
+        let func = dev.get_or_load_custom_func(&spec.name, &module, ptx(spec.head_dim)?)?;
         let n = spec.shape.elem_count();
         // SAFETY: every kernel writes each element of its output.
         let mut out = match spec.dtype {
@@ -490,7 +643,7 @@ mod imp {
                 };
             }
             let cfg = LaunchConfig {
-                grid_dim: (spec.grid, 1, 1),
+                grid_dim: spec.grid,
                 block_dim: (spec.block, 1, 1),
                 shared_mem_bytes: 0,
             };
