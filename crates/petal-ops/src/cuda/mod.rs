@@ -39,7 +39,8 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(if on { 2 } else { 1 }, Ordering::Relaxed);
 }
 
-fn enabled() -> bool {
+/// Whether the CUDA kernels are switched on (they run only where `usable`).
+pub fn enabled() -> bool {
     match ENABLED.load(Ordering::Relaxed) {
         0 => {
             let on = std::env::var("PETAL_CUDA_KERNELS").as_deref() == Ok("1");
