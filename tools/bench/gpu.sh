@@ -89,5 +89,8 @@ T=${T_BF16:-180} bench --workload smollm2-shape --dtype bf16 --steps 5 --rounds 
 bench --workload synthetic-35m --dtype bf16 --steps 5 --rounds 3
 bench --workload smollm2-shape --mode forward --steps 5 --rounds 3
 bench --workload smollm2-shape --mode generate --steps 2 --rounds 3
+bench --workload synthetic-35m --method dora --steps 5 --rounds 3
+bench --workload synthetic-35m --method oft --steps 5 --rounds 3
+bench --workload smollm2-shape --grad-checkpointing --steps 5 --rounds 3
 T=${T_BF16:-180} bench --workload smollm2-shape --dtype bf16 --batch 16 --seq 512 --steps 3 --rounds 3
 summary
