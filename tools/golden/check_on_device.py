@@ -30,7 +30,8 @@ TRAIN = [
     ["--method", "loha", "--r", "4", "--alpha", "6", "--target-modules", "all-linear"],
     ["--method", "oft", "--oft-block-size", "8"],
     ["--method", "prefix_tuning", "--num-virtual-tokens", "3"],
-    ["--method", "road"],
+    ["--method", "road", "--group-size", "8"],
+    ["--method", "vera", "--r", "4", "--target-modules", "all-linear"],
 ]
 
 

@@ -160,7 +160,19 @@ impl AdapterLayer for VeraLayer {
         train: bool,
     ) -> Option<Result<Tensor>> {
         if !petal_ops::cpu::fast_lora_ok(x, w) {
-            return None;
+            if train && self.dropout > 0.0 {
+                return None;
+            }
+            // any device: LoRA's graph node with A and B scaled by the vectors,
+            // ((x A^T) ⊙ λd) B^T ⊙ λb = x (λd ⊙ A)^T (λb ⊙ B)^T; it keeps x and the two small
+            // scaled matrices, not the (n, out) update
+            let run = || -> Result<Tensor> {
+                let (a, b) = self.sliced()?;
+                let ad = a.broadcast_mul(&self.lambda_d.as_tensor().unsqueeze(1)?)?;
+                let bl = b.broadcast_mul(&self.lambda_b.as_tensor().unsqueeze(1)?)?;
+                Ok(petal_ops::lora(x, w, bias, &ad, &bl, 1.0)?)
+            };
+            return Some(run());
         }
         let run = || -> Result<Tensor> {
             let (a, b) = self.sliced()?;
