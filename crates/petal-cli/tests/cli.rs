@@ -328,8 +328,8 @@ fn logged_losses(run: &Path) -> Vec<f64> {
 fn training_through_candles_composed_ops_follows_the_fused_kernels_loss_curve() {
     // PETAL_FUSED=0 is the path a GPU takes: each fused CPU kernel's composed form, in lean
     // graph nodes; LoRA (one node for x, A, B), DoRA (that node, then its scaling), OFT (the
-    // block rotation node), RoAd (the pair rotation node) and VeRA (LoRA's node with A and B
-    // scaled by its vectors)
+    // block rotation node), RoAd (the pair rotation node), VeRA (LoRA's node with A and B
+    // scaled by its vectors) and LoHa (x (W + dW)^T in one product)
     let d = tempfile::tempdir().unwrap();
     let data = words(d.path());
     let model = golden().join("llama");
@@ -353,7 +353,7 @@ fn training_through_candles_composed_ops_follows_the_fused_kernels_loss_curve() 
     };
     let lora = ["--r", "4", "--alpha", "8", "--target-modules", "all-linear"];
     let dora = [&lora[..], &["--dora", "true"]].concat();
-    let methods: [&[&str]; 5] = [
+    let methods: [&[&str]; 6] = [
         &lora,
         &dora,
         &["--method", "oft", "--oft-block-size", "8"],
@@ -366,6 +366,7 @@ fn training_through_candles_composed_ops_follows_the_fused_kernels_loss_curve() 
             "16",
         ],
         &["--method", "vera", "--r", "4", "--target-modules", "all-linear"],
+        &["--method", "loha", "--r", "4", "--target-modules", "all-linear"],
     ];
     for (i, method) in methods.iter().enumerate() {
         let (fused, composed) = (curve("1", i, method), curve("0", i, method));

@@ -105,14 +105,15 @@ pub(crate) fn add_dense_delta(x: &Tensor, y: Tensor, delta: &Tensor) -> Result<T
 /// `x (W + dW)^T + b` in one matrix product, for methods whose update is a dense dW (LoHa,
 /// LoKr): the sum is built once per call (W frozen, so its gradient goes to dW alone), saving
 /// the separate product `x dW^T` forward and its input gradient backward (three large products
-/// per step instead of five). `None` where the fused kernels do not apply (not CPU f32).
+/// per step instead of five), and nothing of size (tokens, out) kept but the output. On any
+/// device for f32 x and W; `None` otherwise (a bf16 model or bf16 activations).
 pub(crate) fn dense_linear(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
     delta: impl FnOnce() -> Result<Option<Tensor>>,
 ) -> Option<Result<Tensor>> {
-    if !petal_ops::cpu::fast_linear_ok(x, w) {
+    if !(x.dtype() == DType::F32 && w.dtype() == DType::F32) {
         return None;
     }
     let run = || -> Result<Tensor> {
