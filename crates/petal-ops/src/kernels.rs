@@ -344,8 +344,27 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if crate::cuda::usable(g) && g.dims() == u.dims() && g.dtype() == u.dtype() {
         return crate::cuda::swiglu(g, u);
     }
-    if !fast_act_ok(g) || g.dims() != u.dims() || g.dtype() != u.dtype() {
+    if g.dims() != u.dims() || g.dtype() != u.dtype() {
         return g.silu()? * u;
+    }
+    if !fast_act_ok(g) {
+        // one node that keeps g, u and the output, not silu(g)
+        return crate::lean::lean2(
+            [g, u],
+            |[g, u]| g.silu()? * u,
+            |[g, u], need, _, dy| {
+                let dy = dy.to_dtype(g.dtype())?;
+                let s = (g.neg()?.exp()? + 1.0)?.recip()?; // sigmoid(g)
+                let dg = need[0]
+                    .then(|| {
+                        let ds = ((g * (1.0 - &s)?)? + 1.0)?; // 1 + g (1 - s)
+                        (&dy * u)? * (&s * ds)?
+                    })
+                    .transpose()?;
+                let du = need[1].then(|| &dy * (g * &s)?).transpose()?;
+                Ok([dg, du])
+            },
+        );
     }
     g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)
 }

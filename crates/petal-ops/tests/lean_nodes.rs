@@ -194,3 +194,14 @@ fn the_block_rotation_node_matches_autograd_through_the_batched_block_product() 
         )
     });
 }
+
+#[test]
+fn the_swiglu_node_matches_autograd_through_silu_times_up() {
+    composed(|| {
+        same(
+            &[rand(&[3, 4, 9], 21), rand(&[3, 4, 9], 22)],
+            |t| petal_ops::swiglu(&t[0], &t[1]).unwrap(),
+            |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
+        )
+    });
+}
