@@ -365,8 +365,22 @@ fn training_through_candles_composed_ops_follows_the_fused_kernels_loss_curve() 
             "--group-size",
             "16",
         ],
-        &["--method", "vera", "--r", "4", "--target-modules", "all-linear"],
-        &["--method", "loha", "--r", "4", "--target-modules", "all-linear"],
+        &[
+            "--method",
+            "vera",
+            "--r",
+            "4",
+            "--target-modules",
+            "all-linear",
+        ],
+        &[
+            "--method",
+            "loha",
+            "--r",
+            "4",
+            "--target-modules",
+            "all-linear",
+        ],
     ];
     for (i, method) in methods.iter().enumerate() {
         let (fused, composed) = (curve("1", i, method), curve("0", i, method));

@@ -514,7 +514,7 @@ pub fn causal_attention_bthd(
         }
     }
     let same = q.dtype() == k.dtype() && k.dtype() == v.dtype();
-    if same && crate::cuda::usable(q) && head_dim <= crate::cuda::MAX_HEAD_DIM {
+    if same && crate::cuda::attention_usable(q, head_dim) {
         // RoPE's kernel on q and k, then attention's (no score matrix held)
         let (q, k) = composed::rotate(q, k, rope)?;
         return crate::cuda::attention(&q, &k, v, head_dim, scale);

@@ -52,13 +52,27 @@ pub fn enabled() -> bool {
 }
 
 /// Whether `t` takes the CUDA kernels: an f32 or bf16 tensor on a CUDA device, fast paths and
-/// kernels on.
+/// kernels on, and the kernels compiled (where NVRTC is missing or fails, a warning once and
+/// candle's ops instead).
 pub fn usable(t: &Tensor) -> bool {
     cfg!(feature = "cuda")
         && enabled()
         && crate::cpu::fast()
         && t.device().is_cuda()
         && matches!(t.dtype(), DType::F32 | DType::BF16)
+        && compiled(0)
+}
+
+/// Whether the attention kernels for heads of `head_dim` values compiled (see `usable`).
+pub fn attention_usable(t: &Tensor, head_dim: usize) -> bool {
+    usable(t) && (1..=MAX_HEAD_DIM).contains(&head_dim) && compiled(head_dim)
+}
+
+fn compiled(module: usize) -> bool {
+    #[cfg(feature = "cuda")]
+    return imp::ptx(module).is_ok();
+    #[cfg(not(feature = "cuda"))]
+    return module == usize::MAX;
 }
 
 /// A scalar kernel argument, pushed after the tensors.
@@ -535,7 +549,7 @@ mod imp {
 
     /// A module's PTX, compiled once a process (for compute capability 8.0 and later): the row
     /// and elementwise kernels (`head_dim` 0), or the attention kernels for one head size.
-    fn ptx(head_dim: usize) -> Result<&'static str> {
+    pub(super) fn ptx(head_dim: usize) -> Result<&'static str> {
         type Cache = Mutex<HashMap<usize, std::result::Result<&'static str, String>>>;
         static PTX: OnceLock<Cache> = OnceLock::new();
         let mut cache = PTX
@@ -553,10 +567,21 @@ mod imp {
                 options,
                 ..Default::default()
             };
-            // compiled once per module and kept for the process: leaked on purpose
-            compile_ptx_with_opts(src, opts)
-                .map(|p| &*Box::leak(p.to_src().into_boxed_str()))
-                .map_err(|e| format!("{e:?}"))
+            // compiled once per module and kept for the process: leaked on purpose. cudarc
+            // panics where it cannot load NVRTC: caught, it is an error like the others.
+            let compiled = std::panic::catch_unwind(|| compile_ptx_with_opts(src, opts));
+            let ptx = match compiled {
+                Ok(Ok(p)) => Ok(&*Box::leak(p.to_src().into_boxed_str())),
+                Ok(Err(e)) => Err(format!("{e:?}")),
+                Err(panic) => Err(panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .unwrap_or_else(|| "NVRTC could not be loaded".into())),
+            };
+            if let Err(e) = &ptx {
+                eprintln!("petal: CUDA kernels unavailable, using candle's ops instead: {e}");
+            }
+            ptx
         });
         entry
             .clone()
