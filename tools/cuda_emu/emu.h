@@ -53,6 +53,11 @@ inline float __int_as_float(int i) {
 using std::max;
 using std::min;
 
+struct float2 {
+    float x, y;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
+
 // Runs `kernel` over the grid, blocks in turn, each block's threads at once.
 template <class F>
 void emu_launch(emu_dim3 grid, unsigned block, F kernel) {

@@ -17,6 +17,23 @@ __device__ __forceinline__ i64 k_at(int bi, int j, int g, int T, int nkv) {
     return (((i64)bi * T + j) * nkv + g) * HD;
 }
 
+// This thread's query row in the query-row kernels (forward, stats, dq): row i of head h in
+// batch bi, reading kv head g; it sees `seen` keys and some row of its block sees `kend`.
+struct QueryRow {
+    int i, h, bi, g, offset, seen, kend;
+    bool live;
+};
+
+__device__ QueryRow query_row(int t, int T, int nh, int nkv) {
+    QueryRow r;
+    r.i = blockIdx.x * TQ + threadIdx.x, r.h = blockIdx.y, r.bi = blockIdx.z;
+    r.g = r.h / (nh / nkv), r.offset = T - t;
+    r.live = r.i < t;
+    r.seen = r.live ? r.offset + r.i + 1 : 0;
+    r.kend = r.offset + min(t, (int)(blockIdx.x + 1) * TQ);
+    return r;
+}
+
 // Loads keys (and values) j0..j0 + TK of kv head g into shared memory, 0 past T.
 template <typename X>
 __device__ void load_keys(const X* k, float (*ks)[HD], int bi, int j0, int g, int T, int nkv) {
@@ -32,11 +49,9 @@ __device__ void attn_fwd(const X* q, const X* k, const X* v, X* o, int t, int T,
                          int nkv, float scale) {
     __shared__ float ks[TK][HD];
     __shared__ float vs[TK][HD];
-    const int i = blockIdx.x * TQ + threadIdx.x, h = blockIdx.y, bi = blockIdx.z;
-    const int g = h / (nh / nkv), offset = T - t;
-    const bool live = i < t;
-    const int seen = live ? offset + i + 1 : 0;
-    const int kend = offset + min(t, (int)(blockIdx.x + 1) * TQ);  // keys any row here sees
+    const QueryRow row_ = query_row(t, T, nh, nkv);
+    const int i = row_.i, h = row_.h, bi = row_.bi, g = row_.g, seen = row_.seen, kend = row_.kend;
+    const bool live = row_.live;
     float qr[HD], acc[HD];
 #pragma unroll
     for (int c = 0; c < HD; c++) {
@@ -79,11 +94,9 @@ template <typename X>
 __device__ void attn_stats(const X* q, const X* k, const X* o, const X* dout, float* stats,
                            int t, int T, int nh, int nkv, float scale, int b) {
     __shared__ float ks[TK][HD];
-    const int i = blockIdx.x * TQ + threadIdx.x, h = blockIdx.y, bi = blockIdx.z;
-    const int g = h / (nh / nkv), offset = T - t;
-    const bool live = i < t;
-    const int seen = live ? offset + i + 1 : 0;
-    const int kend = offset + min(t, (int)(blockIdx.x + 1) * TQ);
+    const QueryRow row_ = query_row(t, T, nh, nkv);
+    const int i = row_.i, h = row_.h, bi = row_.bi, g = row_.g, seen = row_.seen, kend = row_.kend;
+    const bool live = row_.live;
     float qr[HD];
     float dd = 0.f;
 #pragma unroll
@@ -119,11 +132,9 @@ __device__ void attn_dq(const X* q, const X* k, const X* v, const X* dout, const
                         X* dq, int t, int T, int nh, int nkv, float scale, int b) {
     __shared__ float ks[TK][HD];
     __shared__ float vs[TK][HD];
-    const int i = blockIdx.x * TQ + threadIdx.x, h = blockIdx.y, bi = blockIdx.z;
-    const int g = h / (nh / nkv), offset = T - t;
-    const bool live = i < t;
-    const int seen = live ? offset + i + 1 : 0;
-    const int kend = offset + min(t, (int)(blockIdx.x + 1) * TQ);
+    const QueryRow row_ = query_row(t, T, nh, nkv);
+    const int i = row_.i, h = row_.h, bi = row_.bi, g = row_.g, seen = row_.seen, kend = row_.kend;
+    const bool live = row_.live;
     const i64 row = ((i64)bi * nh + h) * t + i, plane = (i64)b * nh * t;
     const float lse = live ? stats[row] : 0.f, dd = live ? stats[plane + row] : 0.f;
     float qr[HD], dr[HD], acc[HD];

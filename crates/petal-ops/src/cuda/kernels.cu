@@ -104,6 +104,17 @@ __device__ void swiglu_bwd(const T* g, const T* u, const T* dy, T* out, i64 n) {
 }
 
 // ------------------------------------------------------------------ cross-entropy
+// The row's max m and sum of exp(x - m), on every thread of the block.
+template <typename T>
+__device__ float2 max_and_sum(const T* x, i64 row, int cols) {
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) m = fmaxf(m, ld(x, row + j));
+    m = block_max(m);
+    float s = 0.f;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) s += expf(ld(x, row + j) - m);
+    return make_float2(m, block_sum(s));
+}
+
 // loss[r] = logsumexp(x[r]) - x[r, label[r]], 0 where label[r] < 0 (ignored).
 template <typename T>
 __device__ void ce_fwd(const T* x, const i64* label, float* loss, int cols) {
@@ -113,13 +124,8 @@ __device__ void ce_fwd(const T* x, const i64* label, float* loss, int cols) {
         if (threadIdx.x == 0) loss[blockIdx.x] = 0.f;
         return;
     }
-    float m = NEG_INF;
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) m = fmaxf(m, ld(x, row + j));
-    m = block_max(m);
-    float s = 0.f;
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) s += expf(ld(x, row + j) - m);
-    s = block_sum(s);
-    if (threadIdx.x == 0) loss[blockIdx.x] = logf(s) + m - ld(x, row + l);
+    const float2 ms = max_and_sum(x, row, cols);
+    if (threadIdx.x == 0) loss[blockIdx.x] = logf(ms.y) + ms.x - ld(x, row + l);
 }
 
 // dx[r] = dy (softmax(x[r]) - onehot(label[r])), 0 on ignored rows; dy is one f32 on the device.
@@ -131,14 +137,10 @@ __device__ void ce_grad(const T* x, const i64* label, const float* dy, TO* dx, i
         for (int j = threadIdx.x; j < cols; j += blockDim.x) st(dx, row + j, 0.f);
         return;
     }
-    float m = NEG_INF;
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) m = fmaxf(m, ld(x, row + j));
-    m = block_max(m);
-    float s = 0.f;
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) s += expf(ld(x, row + j) - m);
-    const float k = dy[0] / block_sum(s);
+    const float2 ms = max_and_sum(x, row, cols);
+    const float k = dy[0] / ms.y;
     for (int j = threadIdx.x; j < cols; j += blockDim.x)
-        st(dx, row + j, expf(ld(x, row + j) - m) * k - (j == l ? dy[0] : 0.f));
+        st(dx, row + j, expf(ld(x, row + j) - ms.x) * k - (j == l ? dy[0] : 0.f));
 }
 
 // ------------------------------------------------------------------ entry points
