@@ -185,13 +185,46 @@ static void check_cross_entropy() {
 struct Attn {
     int b, t, T, nh, nkv;
     float scale;
+    int rope = 0, from = 0;  // RoPE inside: keys from `from` on and every query rotated
     // q (b, t, nh, HD), k, v (b, T, nkv, HD)
     size_t qa(int bi, int i, int h) const { return (((size_t)bi * t + i) * nh + h) * HD; }
     size_t ka(int bi, int j, int g) const { return (((size_t)bi * T + j) * nkv + g) * HD; }
 
-    // o and the gradients from full score matrices, in double
-    void reference(const vec& q, const vec& k, const vec& v, const vec& dout, dvec& o, dvec& dq,
+    // RoPE tables (positions 0..T, HD/2) for the kernels, in f32
+    vec cs, sn;
+    void tables() {
+        const int half = HD / 2;
+        cs.assign((size_t)T * half, 0), sn.assign((size_t)T * half, 0);
+        for (int p = 0; p < T; p++)
+            for (int j = 0; j < half; j++) {
+                const double a = p * std::pow(10000.0, -2.0 * j / HD);
+                cs[p * half + j] = std::cos(a), sn[p * half + j] = std::sin(a);
+            }
+    }
+    // x's rows rotated in place to their positions (sign -1: turned back), in double
+    void rotate(dvec& x, bool queries, double sign) const {
+        if (!rope) return;
+        const int half = HD / 2, heads = queries ? nh : nkv, n = queries ? t : T;
+        for (int bi = 0; bi < b; bi++)
+            for (int r = 0; r < n; r++)
+                for (int h = 0; h < heads; h++) {
+                    const int p = queries ? T - t + r : r;
+                    if (!queries && r < from) continue;
+                    const size_t a = queries ? qa(bi, r, h) : ka(bi, r, h);
+                    for (int j = 0; j < half; j++) {
+                        const double c = cs[p * half + j], s = sign * sn[p * half + j];
+                        const double x1 = x[a + j], x2 = x[a + j + half];
+                        x[a + j] = x1 * c - x2 * s, x[a + j + half] = x2 * c + x1 * s;
+                    }
+                }
+    }
+
+    // o and the gradients from full score matrices, in double: rotate q and k, attend, and
+    // turn dq, dk back
+    void reference(const vec& q0, const vec& k0, const vec& v, const vec& dout, dvec& o, dvec& dq,
                    dvec& dk, dvec& dv) const {
+        dvec q(q0.begin(), q0.end()), k(k0.begin(), k0.end());
+        rotate(q, true, 1), rotate(k, false, 1);
         o.assign(q.size(), 0), dq.assign(q.size(), 0), dk.assign(k.size(), 0), dv.assign(v.size(), 0);
         const int off = T - t, rep = nh / nkv;
         for (int bi = 0; bi < b; bi++)
@@ -203,7 +236,7 @@ struct Attn {
                     double m = -1e300, s = 0, pdp = 0;
                     for (int j = 0; j < seen; j++) {
                         double d = 0;
-                        for (int c = 0; c < HD; c++) d += (double)q[qa(bi, i, h) + c] * k[ka(bi, j, g) + c];
+                        for (int c = 0; c < HD; c++) d += q[qa(bi, i, h) + c] * k[ka(bi, j, g) + c];
                         p[j] = scale * d;
                         m = std::max(m, p[j]);
                     }
@@ -228,31 +261,35 @@ struct Attn {
                     }
                 }
             }
+        rotate(dq, true, -1), rotate(dk, false, -1);
     }
 };
 
 static void check_attention(Attn a, unsigned seed) {
     const int tile = HD > 64 ? 16 : 32;
+    a.tables();
     vec q = rnd((size_t)a.b * a.t * a.nh * HD, seed), k = rnd((size_t)a.b * a.T * a.nkv * HD, seed + 1),
         v = rnd(k.size(), seed + 2), dout = rnd(q.size(), seed + 3);
     vec o(q.size()), stats(2 * (size_t)a.b * a.nh * a.t), dq(q.size()), dkv(2 * k.size());
     const emu_dim3 over_q{(unsigned)((a.t + tile - 1) / tile), (unsigned)a.nh, (unsigned)a.b};
     const emu_dim3 over_k{(unsigned)((a.T + tile - 1) / tile), (unsigned)a.nkv, (unsigned)a.b};
-    emu_launch(over_q, tile, [&] { attn_fwd(q.data(), k.data(), v.data(), o.data(), a.t, a.T, a.nh, a.nkv, a.scale); });
+    const Rot rot = make_rot(a.cs.data(), a.sn.data(), a.rope, a.from);
+    emu_launch(over_q, tile, [&] { attn_fwd(q.data(), k.data(), v.data(), o.data(), a.t, a.T, a.nh, a.nkv, a.scale, rot); });
     emu_launch(over_q, tile, [&] {
-        attn_stats(q.data(), k.data(), o.data(), dout.data(), stats.data(), a.t, a.T, a.nh, a.nkv, a.scale, a.b);
+        attn_stats(q.data(), k.data(), o.data(), dout.data(), stats.data(), a.t, a.T, a.nh, a.nkv, a.scale, a.b, rot);
     });
     emu_launch(over_q, tile, [&] {
-        attn_dq(q.data(), k.data(), v.data(), dout.data(), stats.data(), dq.data(), a.t, a.T, a.nh, a.nkv, a.scale, a.b);
+        attn_dq(q.data(), k.data(), v.data(), dout.data(), stats.data(), dq.data(), a.t, a.T, a.nh, a.nkv, a.scale,
+                a.b, rot);
     });
     emu_launch(over_k, tile, [&] {
-        attn_dkv(q.data(), k.data(), v.data(), dout.data(), stats.data(), dkv.data(), a.t, a.T, a.nh, a.nkv, a.scale, a.b);
+        attn_dkv(q.data(), k.data(), v.data(), dout.data(), stats.data(), dkv.data(), a.t, a.T, a.nh, a.nkv,
+                 a.scale, a.b, rot);
     });
     dvec ro, rdq, rdk, rdv;
     a.reference(q, k, v, dout, ro, rdq, rdk, rdv);
-    char name[128];
-    std::snprintf(name, sizeof name, "attention b%d t%d T%d heads %d/%d d%d", a.b, a.t, a.T, a.nh, a.nkv, HD);
-    std::printf("%s\n", name);
+    std::printf("attention b%d t%d T%d heads %d/%d d%d%s\n", a.b, a.t, a.T, a.nh, a.nkv, HD,
+                a.rope ? (a.from ? " RoPE, keys before 3 unrotated" : " RoPE") : "");
     expect("  attn_fwd", o, ro, 1e-5);
     expect("  attn_dq", dq, rdq, 1e-5);
     expect("  attn_dkv: dk", vec(dkv.begin(), dkv.begin() + k.size()), rdk, 1e-5);
@@ -297,6 +334,8 @@ int main() {
     check_attention({2, 5, 5, 2, 2, 0.125f}, 20);
     check_attention({1, 37, 45, 4, 2, 0.1f}, 30);   // several blocks and tiles, 8 keys seen before
     check_attention({1, 20, 23, 3, 1, 0.2f}, 40);   // three query heads on one kv head
+    check_attention({2, 33, 40, 4, 2, 0.125f, 1, 3}, 50);  // RoPE inside, 3 prefix keys
+    check_attention({1, 20, 20, 2, 1, 0.2f, 1, 0}, 60);    // RoPE inside, every key
     std::printf(failures ? "%d FAILED\n" : "all ok\n", failures);
     return failures ? 1 : 0;
 }

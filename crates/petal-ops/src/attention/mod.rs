@@ -515,9 +515,9 @@ pub fn causal_attention_bthd(
     }
     let same = q.dtype() == k.dtype() && k.dtype() == v.dtype();
     if same && crate::cuda::attention_usable(q, head_dim) {
-        // RoPE's kernel on q and k, then attention's (no score matrix held)
-        let (q, k) = composed::rotate(q, k, rope)?;
-        return crate::cuda::attention(&q, &k, v, head_dim, scale);
+        // the kernels rotate q and k as they read them; no score matrix held
+        let rope = rope.map(|r| (r.cos, r.sin, r.from));
+        return crate::cuda::attention(q, k, v, head_dim, scale, rope);
     }
     if !(same && fast_act_ok(q) && fast_act_ok(k) && fast_act_ok(v)) {
         // one node that keeps q, k, v and the output only; backward recomputes the rest

@@ -153,6 +153,7 @@ type Bwd3 = Box<dyn Fn([&Tensor; 3], &Tensor, &Tensor) -> Result<[Tensor; 3]> + 
 /// A kernel over three inputs, differentiable in each: `[da, db, dc] = bwd([a, b, c], y, dy)`.
 struct Kernel3 {
     spec: Spec,
+    rest: Vec<Tensor>,
     bwd: Bwd3,
 }
 
@@ -258,7 +259,7 @@ impl CustomOp3 for Kernel3 {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        imp::run(&self.spec, &[(s1, l1), (s2, l2), (s3, l3)], &[])
+        imp::run(&self.spec, &[(s1, l1), (s2, l2), (s3, l3)], &self.rest)
     }
     fn bwd(
         &self,
@@ -471,16 +472,20 @@ pub fn cross_entropy_grad(
 }
 
 /// Causal attention `softmax(scale q k^T + mask) v` on the token-major layout: q (b, t, nh *
-/// d) or (b, t, nh, d), k and v (b, T, nkv * d) or (b, T, nkv, d) already rotated, query i at
-/// position T - t + i seeing keys up to it, query head h reading kv head h / (nh / nkv). Never
-/// holds the (t, T) scores: forward keeps nothing but the output, backward recomputes the
-/// rows' log-sum-exp, then dq and dk, dv. `head_dim` up to `MAX_HEAD_DIM`.
+/// d) or (b, t, nh, d), k and v (b, T, nkv * d) or (b, T, nkv, d), query i at position
+/// T - t + i seeing keys up to it, query head h reading kv head h / (nh / nkv). With `rope`
+/// (cos, sin tables (positions >= T, d/2) from position 0, and the first key to rotate), q
+/// and k come unrotated and the kernels rotate them as they read them (and turn dq, dk back).
+/// Never holds the (t, T) scores nor a rotated copy: forward keeps nothing but the output,
+/// backward recomputes the rows' log-sum-exp, then dq and dk, dv. `head_dim` up to
+/// `MAX_HEAD_DIM`.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     head_dim: usize,
     scale: f64,
+    rope: Option<(&Tensor, &Tensor, usize)>,
 ) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let (b, t, keys, d) = (q.dim(0)?, q.dim(1)?, k.dim(1)?, head_dim);
@@ -491,48 +496,72 @@ pub fn attention(
     if d == 0 || d > MAX_HEAD_DIM || nkv == 0 || nh % nkv != 0 || keys < t {
         candle_core::bail!("cuda attention: heads of {d} (at most {MAX_HEAD_DIM}), {nh} query and {nkv} kv heads, {t} queries over {keys} keys")
     }
+    // the tables' rows for positions 0..keys (a placeholder without RoPE)
+    let (tables, from) = match rope {
+        Some((cos, sin, from)) => {
+            let f = |x: &Tensor| x.narrow(0, 0, keys)?.to_dtype(DType::F32)?.contiguous();
+            (vec![f(cos)?, f(sin)?], from)
+        }
+        None => {
+            let z = Tensor::zeros(1, DType::F32, q.device())?;
+            (vec![z.clone(), z], 0)
+        }
+    };
     // rows per block and keys per tile (TQ, TK in attention.cu)
     let tile = if d > 64 { 16 } else { 32 };
     let scale = scale as f32;
-    let args = vec![
-        int(t)?,
-        int(keys)?,
-        int(nh)?,
-        int(nkv)?,
-        Arg::F32(scale),
+    let on = Arg::I32(i32::from(rope.is_some()));
+    let (dims, with_b) = (
+        vec![int(t)?, int(keys)?, int(nh)?, int(nkv)?, Arg::F32(scale)],
         int(b)?,
-    ];
-    let spec = move |kernel: &str, dt: DType, shape: Shape, over_keys: bool, with_b: bool| Spec {
-        name: format!("attn_{kernel}_{}", sfx(dt)),
-        shape,
-        dtype: if kernel == "stats" { DType::F32 } else { dt },
-        args: args[..if with_b { 6 } else { 5 }].to_vec(),
-        grid: match over_keys {
-            true => (keys.div_ceil(tile) as u32, nkv as u32, b as u32),
-            false => (t.div_ceil(tile) as u32, nh as u32, b as u32),
-        },
-        block: tile as u32,
-        head_dim: d,
+    );
+    let spec = move |kernel: &str, dt: DType, shape: Shape, over_keys: bool| {
+        let mut args = dims.clone();
+        if kernel != "fwd" {
+            args.push(with_b);
+        }
+        args.extend([on, int(from)?]);
+        Ok::<_, candle_core::Error>(Spec {
+            name: format!("attn_{kernel}_{}", sfx(dt)),
+            shape,
+            dtype: if kernel == "stats" { DType::F32 } else { dt },
+            args,
+            grid: match over_keys {
+                true => (keys.div_ceil(tile) as u32, nkv as u32, b as u32),
+                false => (t.div_ceil(tile) as u32, nh as u32, b as u32),
+            },
+            block: tile as u32,
+            head_dim: d,
+        })
     };
-    let fwd = spec("fwd", q.dtype(), q.shape().clone(), false, false);
+    let fwd = spec("fwd", q.dtype(), q.shape().clone(), false)?;
+    let (cs, sn) = (tables[0].clone(), tables[1].clone());
     let bwd: Bwd3 = Box::new(move |[q, k, v], o, dy| {
         let dy = dy.to_dtype(q.dtype())?;
         let dt = q.dtype();
         let stats_shape = Shape::from((2, b, nh, t));
-        let stats = launch(spec("stats", dt, stats_shape, false, true), &[q, k, o, &dy])?;
+        let stats = launch(
+            spec("stats", dt, stats_shape, false)?,
+            &[q, k, o, &dy, &cs, &sn],
+        )?;
         let dq = launch(
-            spec("dq", dt, q.shape().clone(), false, true),
-            &[q, k, v, &dy, &stats],
+            spec("dq", dt, q.shape().clone(), false)?,
+            &[q, k, v, &dy, &stats, &cs, &sn],
         )?;
         let mut two = vec![2];
         two.extend(k.dims());
         let dkv = launch(
-            spec("dkv", dt, Shape::from(two), true, true),
-            &[q, k, v, &dy, &stats],
+            spec("dkv", dt, Shape::from(two), true)?,
+            &[q, k, v, &dy, &stats, &cs, &sn],
         )?;
         Ok([dq, dkv.get(0)?, dkv.get(1)?])
     });
-    q.apply_op3(&k, &v, Kernel3 { spec: fwd, bwd })
+    let op = Kernel3 {
+        spec: fwd,
+        rest: tables,
+        bwd,
+    };
+    q.apply_op3(&k, &v, op)
 }
 
 #[cfg(feature = "cuda")]
