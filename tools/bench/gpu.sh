@@ -23,7 +23,8 @@ LIBS=$LIBS$(find $NV /usr/local/cuda*/lib64 \( -name 'libcurand.so*' -o -name 'l
 export LD_LIBRARY_PATH="$LIBS${LD_LIBRARY_PATH:-}"
 export PETAL_PYTHON=python3
 # petal's own CUDA kernels (off by default until their tests pass on a GPU): on for this run,
-# PETAL_CUDA_KERNELS=0 to measure without them
+# PETAL_CUDA_KERNELS=0 to measure without them, or a list of families (norm, softmax, rope,
+# swiglu, loss, attention) for some
 export PETAL_CUDA_KERNELS=${PETAL_CUDA_KERNELS:-1}
 python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
 

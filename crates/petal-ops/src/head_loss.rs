@@ -142,7 +142,7 @@ fn head_loss_composed(h: &Tensor, w: &Tensor, labels: &[i64], step: usize) -> Re
     let spans: Vec<(usize, usize)> = (0..n).step_by(step).map(|s| (s, step.min(n - s))).collect();
     let (lab, wc, sp) = (labels.to_vec(), w.clone(), spans.clone());
     // the labels on the device, for the CUDA cross-entropy kernels
-    let on_gpu = crate::cuda::usable(h);
+    let on_gpu = crate::cuda::usable(h, crate::cuda::Family::Loss);
     let dl = match on_gpu {
         true => Some(Tensor::from_slice(labels, n, h.device())?),
         false => None,

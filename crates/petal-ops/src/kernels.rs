@@ -5,6 +5,7 @@
 //! results are stored in the input's dtype.
 
 use crate::cpu::{act_in, act_out, fast_act_ok, last_dim};
+use crate::cuda::Family;
 use crate::nn;
 use candle_core::backend::BackendStorage as _;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
@@ -133,7 +134,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if w.track_op() {
         return nn::rms_norm_reference(x, w, eps)?.to_dtype(w.dtype());
     }
-    if crate::cuda::usable(x) && crate::cuda::usable(w) {
+    if crate::cuda::usable(x, Family::Norm) && crate::cuda::usable(w, Family::Norm) {
         return crate::cuda::rms_norm(x, w, eps);
     }
     if !fast_act_ok(x) || !fast_act_ok(w) {
@@ -222,7 +223,7 @@ impl CustomOp2 for SoftmaxBwd {
 }
 
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if crate::cuda::usable(x) {
+    if crate::cuda::usable(x, Family::Softmax) {
         return crate::cuda::softmax(x, 1.0, None);
     }
     if !fast_act_ok(x) {
@@ -239,7 +240,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// Attention probabilities softmax(scale * scores + causal mask) for scores (.., R, T) whose
 /// rows are R/t consecutive groups of t queries at positions offset..offset + t.
 pub fn causal_softmax(scores: &Tensor, scale: f64, t: usize, offset: usize) -> Result<Tensor> {
-    if crate::cuda::usable(scores) {
+    if crate::cuda::usable(scores, Family::Softmax) {
         return crate::cuda::softmax(scores, scale, Some((t, offset)));
     }
     if !fast_act_ok(scores) {
@@ -341,7 +342,7 @@ impl CustomOp2 for SwiGluBwd {
 }
 
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    if crate::cuda::usable(g) && g.dims() == u.dims() && g.dtype() == u.dtype() {
+    if crate::cuda::usable(g, Family::Swiglu) && g.dims() == u.dims() && g.dtype() == u.dtype() {
         return crate::cuda::swiglu(g, u);
     }
     if g.dims() != u.dims() || g.dtype() != u.dtype() {

@@ -11,7 +11,7 @@ pub const IGNORE_INDEX: i64 = -100;
 pub fn masked_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
     let lab: Vec<i64> = labels.to_vec1()?;
     let count = lab.iter().filter(|&&l| l != IGNORE_INDEX).count();
-    if crate::cuda::usable(logits) {
+    if crate::cuda::usable(logits, crate::cuda::Family::Loss) {
         let dl = Tensor::from_slice(&lab, lab.len(), logits.device())?;
         let d2 = dl.clone();
         let sum = crate::lean::lean(

@@ -69,7 +69,7 @@ impl CustomOp1 for Rope {
 }
 
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if crate::cuda::usable(x) && x.rank() == 4 {
+    if crate::cuda::usable(x, crate::cuda::Family::Rope) && x.rank() == 4 {
         return crate::cuda::rope(x, cos, sin, x.dim(2)?, 1);
     }
     if !fast_act_ok(x) || x.rank() != 4 {
@@ -121,7 +121,7 @@ pub fn apply_rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor>
     if !(3..=4).contains(&x.rank()) || d == 0 || !width.is_multiple_of(d) {
         candle_core::bail!("rope: {:?} is not token-major with heads of {d}", x.dims())
     }
-    if crate::cuda::usable(x) {
+    if crate::cuda::usable(x, crate::cuda::Family::Rope) {
         return crate::cuda::rope(x, cos, sin, t, width / d);
     }
     if !fast_act_ok(x) {

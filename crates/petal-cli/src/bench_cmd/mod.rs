@@ -430,7 +430,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     pv["gpu_peak_mb"] = json!(gpu_peak_mb);
     let mut result = json!({
         "workload": a.workload, "mode": a.mode, "method": a.method, "batch": a.batch, "seq": a.seq, "dtype": a.dtype,
-        "device": a.device, "cuda_kernels": a.device.starts_with("cuda") && petal_ops::cuda::enabled(), "threads": wl["threads"], "matmul_peak_gflops": {"f32": peak32, "bf16": peak16},
+        "device": a.device, "cuda_kernels": if a.device.starts_with("cuda") { petal_ops::cuda::enabled() } else { vec![] }, "threads": wl["threads"], "matmul_peak_gflops": {"f32": peak32, "bf16": peak16},
         "mflop_per_token": flops / 1e6, "petal": pv, "pytorch": null, "ratio": null,
     });
     let ratio =

@@ -30,6 +30,19 @@ pub(super) fn summarize(steps: &[Value], tokens: f64, flops: f64) -> Value {
     })
 }
 
+/// " (petal kernels: norm, rope)" for the CUDA kernel families a run used, else "".
+fn kernels_note(v: &Value) -> String {
+    let names: Vec<&str> = v
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    match names.len() {
+        0 => String::new(),
+        6 => " (petal kernels: all)".into(),
+        _ => format!(" (petal kernels: {})", names.join(", ")),
+    }
+}
+
 pub(super) fn print_table(r: &Value) {
     let f = |v: &Value, k: &str| {
         v[k].as_f64()
@@ -37,7 +50,7 @@ pub(super) fn print_table(r: &Value) {
             .unwrap_or_else(|| "-".into())
     };
     println!("workload {} / {} ({}) | batch {} x {} | {} | {} | {} threads | matmul peak f32 {:.0} GFLOP/s, bf16 {} | {:.1} MFLOP/token",
-        r["workload"].as_str().unwrap_or(""), r["mode"].as_str().unwrap_or(""), r["method"].as_str().unwrap_or("lora"), r["batch"], r["seq"], r["dtype"].as_str().unwrap_or(""), format!("{}{}", r["device"].as_str().unwrap_or("cpu"), if r["cuda_kernels"] == true { " (petal kernels)" } else { "" }), r["threads"],
+        r["workload"].as_str().unwrap_or(""), r["mode"].as_str().unwrap_or(""), r["method"].as_str().unwrap_or("lora"), r["batch"], r["seq"], r["dtype"].as_str().unwrap_or(""), format!("{}{}", r["device"].as_str().unwrap_or("cpu"), kernels_note(&r["cuda_kernels"])), r["threads"],
         r["matmul_peak_gflops"]["f32"].as_f64().unwrap_or(0.0), r["matmul_peak_gflops"]["bf16"].as_f64().map(|x| format!("{x:.0}")).unwrap_or("-".into()), r["mflop_per_token"].as_f64().unwrap_or(0.0));
     let gpu = r["petal"]["gpu_peak_mb"].is_f64();
     println!(

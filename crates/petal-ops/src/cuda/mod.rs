@@ -31,41 +31,121 @@ pub fn attention_source(head_dim: usize) -> (String, Vec<String>) {
 /// The largest head the attention kernels take (their tiles fill 33 KB of shared memory).
 pub const MAX_HEAD_DIM: usize = 128;
 
-/// 0: not yet read from PETAL_CUDA_KERNELS, 1: off, 2: on.
-static ENABLED: AtomicU8 = AtomicU8::new(0);
-
-/// Switches the CUDA kernels on or off (process-wide; default: `PETAL_CUDA_KERNELS=1` or off).
-pub fn set_enabled(on: bool) {
-    ENABLED.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+/// The kernel families, each switched on or off on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Norm,
+    Softmax,
+    Rope,
+    Swiglu,
+    Loss,
+    Attention,
 }
 
-/// Whether the CUDA kernels are switched on (they run only where `usable`).
-pub fn enabled() -> bool {
-    match ENABLED.load(Ordering::Relaxed) {
-        0 => {
-            let on = std::env::var("PETAL_CUDA_KERNELS").as_deref() == Ok("1");
-            set_enabled(on);
-            on
+impl Family {
+    pub const ALL: [Family; 6] = [
+        Family::Norm,
+        Family::Softmax,
+        Family::Rope,
+        Family::Swiglu,
+        Family::Loss,
+        Family::Attention,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Norm => "norm",
+            Family::Softmax => "softmax",
+            Family::Rope => "rope",
+            Family::Swiglu => "swiglu",
+            Family::Loss => "loss",
+            Family::Attention => "attention",
         }
-        v => v == 2,
+    }
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
     }
 }
 
-/// Whether `t` takes the CUDA kernels: an f32 or bf16 tensor on a CUDA device, fast paths and
-/// kernels on, and the kernels compiled (where NVRTC is missing or fails, a warning once and
-/// candle's ops instead).
-pub fn usable(t: &Tensor) -> bool {
+/// Bit 7: read from PETAL_CUDA_KERNELS already; bits 0-5: the families switched on.
+static ENABLED: AtomicU8 = AtomicU8::new(0);
+const READ: u8 = 1 << 7;
+
+/// Switches every CUDA kernel on or off (process-wide; default: from `PETAL_CUDA_KERNELS`).
+pub fn set_enabled(on: bool) {
+    set_families(if on { &Family::ALL } else { &[] });
+}
+
+/// Switches on exactly these families.
+pub fn set_families(families: &[Family]) {
+    let bits = families.iter().fold(READ, |b, f| b | f.bit());
+    ENABLED.store(bits, Ordering::Relaxed);
+}
+
+/// The families `PETAL_CUDA_KERNELS` names: `1` or `all` every one, a comma list some
+/// (norm, softmax, rope, swiglu, loss, attention), unset or `0` none. Unknown names are
+/// reported once and skipped.
+fn from_env() -> Vec<Family> {
+    parse_families(&std::env::var("PETAL_CUDA_KERNELS").unwrap_or_default())
+}
+
+fn parse_families(v: &str) -> Vec<Family> {
+    match v.trim() {
+        "" | "0" => vec![],
+        "1" | "all" => Family::ALL.to_vec(),
+        list => list
+            .split(',')
+            .filter_map(|n| {
+                let f = Family::ALL.into_iter().find(|f| f.name() == n.trim());
+                if f.is_none() {
+                    let names: Vec<_> = Family::ALL.iter().map(|f| f.name()).collect();
+                    eprintln!(
+                        "petal: PETAL_CUDA_KERNELS: no kernel family `{}` (1, all, or some of {})",
+                        n.trim(),
+                        names.join(", ")
+                    );
+                }
+                f
+            })
+            .collect(),
+    }
+}
+
+fn bits() -> u8 {
+    let b = ENABLED.load(Ordering::Relaxed);
+    if b & READ != 0 {
+        return b;
+    }
+    set_families(&from_env());
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// The names of the kernel families switched on (they run only where `usable`).
+pub fn enabled() -> Vec<&'static str> {
+    let b = bits();
+    Family::ALL
+        .into_iter()
+        .filter(|f| b & f.bit() != 0)
+        .map(Family::name)
+        .collect()
+}
+
+/// Whether `t` takes the kernels of `family`: an f32 or bf16 tensor on a CUDA device, the
+/// fast paths and the family switched on, and the kernels compiled (where NVRTC is missing
+/// or fails, a warning once and candle's ops instead).
+pub fn usable(t: &Tensor, family: Family) -> bool {
     cfg!(feature = "cuda")
-        && enabled()
+        && bits() & family.bit() != 0
         && crate::cpu::fast()
         && t.device().is_cuda()
         && matches!(t.dtype(), DType::F32 | DType::BF16)
         && compiled(0)
 }
 
-/// Whether the attention kernels for heads of `head_dim` values compiled (see `usable`).
+/// Whether the attention kernels for heads of `head_dim` values run on `t` (see `usable`).
 pub fn attention_usable(t: &Tensor, head_dim: usize) -> bool {
-    usable(t) && (1..=MAX_HEAD_DIM).contains(&head_dim) && compiled(head_dim)
+    usable(t, Family::Attention) && (1..=MAX_HEAD_DIM).contains(&head_dim) && compiled(head_dim)
 }
 
 fn compiled(module: usize) -> bool {
@@ -712,5 +792,19 @@ mod imp {
             },
             spec.shape.clone(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kernel_switch_reads_all_none_or_a_list_of_families() {
+        assert_eq!(parse_families("1"), Family::ALL.to_vec());
+        assert_eq!(parse_families("all"), Family::ALL.to_vec());
+        assert!(parse_families("0").is_empty() && parse_families("").is_empty());
+        let some = parse_families(" norm, attention ,bogus");
+        assert_eq!(some, vec![Family::Norm, Family::Attention]);
     }
 }
