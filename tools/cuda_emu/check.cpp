@@ -180,6 +180,44 @@ static void check_cross_entropy() {
     expect("ce_grad (f32, ignored rows)", dx, rdx, 1e-6);
 }
 
+static void check_adamw() {
+    // three tensors of different sizes, two steps, against torch.optim.AdamW's formula
+    const double lr = 0.01, b1 = 0.9, b2 = 0.999, eps = 1e-8, wd = 0.1;
+    std::vector<vec> w, g, m, v;
+    std::vector<dvec> rw, rm, rv;
+    for (int i = 0; i < 3; i++) {
+        const size_t n = 100 + 300 * i;
+        w.push_back(rnd(n, 70 + i)), g.push_back(rnd(n, 80 + i));
+        m.push_back(vec(n, 0.f)), v.push_back(vec(n, 0.f));
+        rw.push_back(dvec(w[i].begin(), w[i].end())), rm.push_back(dvec(n, 0)), rv.push_back(dvec(n, 0));
+    }
+    std::vector<i64> table;
+    for (int i = 0; i < 3; i++)
+        for (i64 p : {(i64)w[i].data(), (i64)g[i].data(), (i64)m[i].data(), (i64)v[i].data(), (i64)w[i].size()})
+            table.push_back(p);
+    for (int t = 1; t <= 2; t++) {
+        const double bc1 = 1 - std::pow(b1, t), bc2 = 1 - std::pow(b2, t);
+        emu_launch({(700 + 255) / 256, 3, 1}, 256, [&] {
+            adamw_multi(table.data(), lr, 1 - lr * wd, b1, 1 - b1, b2, 1 - b2, eps, bc1, bc2);
+        });
+        for (int i = 0; i < 3; i++)
+            for (size_t j = 0; j < rw[i].size(); j++) {
+                const double gj = g[i][j];
+                rw[i][j] *= 1 - lr * wd;
+                rm[i][j] = b1 * rm[i][j] + (1 - b1) * gj;
+                rv[i][j] = b2 * rv[i][j] + (1 - b2) * gj * gj;
+                rw[i][j] -= lr * (rm[i][j] / bc1) / (std::sqrt(rv[i][j] / bc2) + eps);
+            }
+    }
+    for (int i = 0; i < 3; i++) {
+        char name[64];
+        std::snprintf(name, sizeof name, "adamw_multi, tensor %d of 3, two steps: w", i);
+        expect(name, w[i], rw[i], 1e-6);
+        expect("  m", m[i], rm[i], 1e-6);
+        expect("  v", v[i], rv[i], 1e-5);
+    }
+}
+
 // ----------------------------------------------------------------- attention
 
 struct Attn {
@@ -330,6 +368,7 @@ int main() {
         check_rope();
         check_swiglu();
         check_cross_entropy();
+        check_adamw();
     }
     check_attention({2, 5, 5, 2, 2, 0.125f}, 20);
     check_attention({1, 37, 45, 4, 2, 0.1f}, 30);   // several blocks and tiles, 8 keys seen before

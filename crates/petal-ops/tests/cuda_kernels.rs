@@ -338,3 +338,67 @@ fn the_attention_kernels_rotate_by_rope_and_take_bf16() {
         |x| attention_by_definition(&x[0], &x[1], &x[2], d, scale, Some((&cos, &sin, 3))),
     );
 }
+
+#[test]
+fn the_adamw_kernel_updates_every_tensor_as_torchs_formula_does() {
+    let dev = gpu();
+    let (lr, b1, b2, eps, wd) = (0.01f64, 0.9f64, 0.999f64, 1e-8, 0.1);
+    let sizes = [(4usize, 9usize), (1, 300), (17, 33)];
+    let on = |t: &Tensor| t.to_device(&dev).unwrap();
+    let w: Vec<Tensor> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| on(&rand(&[s.0, s.1], 90 + i as u64)))
+        .collect();
+    let g: Vec<Tensor> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| on(&rand(&[s.0, s.1], 95 + i as u64)))
+        .collect();
+    let zeros = || {
+        w.iter()
+            .map(|t| t.zeros_like().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let (m, v) = (zeros(), zeros());
+    let host = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut want: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = w
+        .iter()
+        .map(|t| {
+            (
+                host(t),
+                vec![0.0; t.elem_count()],
+                vec![0.0; t.elem_count()],
+            )
+        })
+        .collect();
+    for step in 1..=2 {
+        let (bc1, bc2) = (1.0 - b1.powi(step), 1.0 - b2.powi(step));
+        let s = petal_ops::cuda::AdamStep {
+            lr,
+            beta1: b1,
+            beta2: b2,
+            eps,
+            weight_decay: wd,
+            bc1,
+            bc2,
+        };
+        petal_ops::cuda::adamw_step(&w, &g, &m, &v, s).unwrap();
+        for (i, (ww, mm, vv)) in want.iter_mut().enumerate() {
+            for (j, gj) in host(&g[i]).into_iter().enumerate() {
+                let gj = gj as f64;
+                mm[j] = (b1 * mm[j] as f64 + (1.0 - b1) * gj) as f32;
+                vv[j] = (b2 * vv[j] as f64 + (1.0 - b2) * gj * gj) as f32;
+                let upd = (mm[j] as f64 / bc1) / ((vv[j] as f64 / bc2).sqrt() + eps);
+                ww[j] = (ww[j] as f64 * (1.0 - lr * wd) - lr * upd) as f32;
+            }
+        }
+    }
+    let cpu = |x: &[f32], like: &Tensor| Tensor::from_slice(x, like.shape(), &Device::Cpu).unwrap();
+    for (i, (ww, mm, vv)) in want.iter().enumerate() {
+        let got = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
+        assert!(max_rel(&got(&w[i]), &cpu(ww, &w[i])) < 1e-5, "w {i}");
+        assert!(max_rel(&got(&m[i]), &cpu(mm, &m[i])) < 1e-5, "m {i}");
+        assert!(max_rel(&got(&v[i]), &cpu(vv, &v[i])) < 1e-5, "v {i}");
+    }
+}

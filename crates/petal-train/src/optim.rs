@@ -65,12 +65,51 @@ impl AdamW {
     /// arithmetic is the same, element for element.
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
         let every = grads.len() == self.vars.len() && grads.iter().all(Option::is_some);
+        if every && self.multi_ok() {
+            return self.step_multi(grads, lr);
+        }
         let one_dtype = self.vars.windows(2).all(|p| p[0].dtype() == p[1].dtype());
         if every && one_dtype && self.vars.len() > 1 {
             return self.step_flat(grads, lr);
         }
         self.flat = None;
         self.step_each(grads, lr)
+    }
+
+    /// Whether petal's CUDA AdamW kernel takes this step: f32 parameters and state on a GPU,
+    /// the kernel switched on (`PETAL_CUDA_KERNELS`).
+    fn multi_ok(&self) -> bool {
+        let Some(first) = self.vars.first() else {
+            return false;
+        };
+        let f32c = |t: &Tensor| t.dtype() == candle_core::DType::F32 && t.is_contiguous();
+        petal_ops::cuda::usable(first.as_tensor(), petal_ops::cuda::Family::Adamw)
+            && self.vars.iter().all(|v| f32c(v.as_tensor()))
+            && self.m.iter().chain(&self.v).all(f32c)
+    }
+
+    /// Every parameter in one launch of the CUDA kernel, parameters and m, v in place.
+    fn step_multi(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        self.t += 1;
+        let p = self.params;
+        let step = petal_ops::cuda::AdamStep {
+            lr,
+            beta1: p.beta1,
+            beta2: p.beta2,
+            eps: p.eps,
+            weight_decay: p.weight_decay,
+            bc1: 1.0 - p.beta1.powi(self.t as i32),
+            bc2: 1.0 - p.beta2.powi(self.t as i32),
+        };
+        let w: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let g = grads
+            .iter()
+            .flatten()
+            .map(|g| g.detach().to_dtype(candle_core::DType::F32)?.contiguous())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        petal_ops::cuda::adamw_step(&w, &g, &self.m, &self.v, step)?;
+        self.flat = None;
+        Ok(())
     }
 
     fn step_flat(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {

@@ -38,7 +38,7 @@ fn kernels_note(v: &Value) -> String {
         .unwrap_or_default();
     match names.len() {
         0 => String::new(),
-        6 => " (petal kernels: all)".into(),
+        n if n == petal_ops::cuda::Family::ALL.len() => " (petal kernels: all)".into(),
         _ => format!(" (petal kernels: {})", names.join(", ")),
     }
 }

@@ -190,3 +190,25 @@ TWO(float, f32, float, f32)
 TWO(float, f32, bf16, bf16)
 TWO(bf16, bf16, float, f32)
 TWO(bf16, bf16, bf16, bf16)
+
+// ------------------------------------------------------------------ AdamW, every tensor at once
+// table: five i64 per tensor (w, g, m, v as f32 device addresses, n); block row y updates
+// tensor y in place, torch.optim.AdamW's arithmetic (decay = 1 - lr wd, c1 = 1 - beta1,
+// c2 = 1 - beta2, bias corrections bc1, bc2).
+extern "C" __global__ void adamw_multi(const i64* table, float lr, float decay, float b1,
+                                       float c1, float b2, float c2, float eps, float bc1,
+                                       float bc2) {
+    const i64* e = table + 5 * (i64)blockIdx.y;
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= e[4]) return;
+    float* w = (float*)e[0];
+    const float* g = (const float*)e[1];
+    float* m = (float*)e[2];
+    float* v = (float*)e[3];
+    const float gi = g[i];
+    const float mi = m[i] * b1 + gi * c1;
+    const float vi = v[i] * b2 + gi * gi * c2;
+    m[i] = mi;
+    v[i] = vi;
+    w[i] = w[i] * decay - (mi / bc1) / (sqrtf(vi / bc2) + eps) * lr;
+}

@@ -40,16 +40,19 @@ pub enum Family {
     Swiglu,
     Loss,
     Attention,
+    /// AdamW on every parameter in one launch
+    Adamw,
 }
 
 impl Family {
-    pub const ALL: [Family; 6] = [
+    pub const ALL: [Family; 7] = [
         Family::Norm,
         Family::Softmax,
         Family::Rope,
         Family::Swiglu,
         Family::Loss,
         Family::Attention,
+        Family::Adamw,
     ];
 
     pub fn name(self) -> &'static str {
@@ -60,6 +63,7 @@ impl Family {
             Family::Swiglu => "swiglu",
             Family::Loss => "loss",
             Family::Attention => "attention",
+            Family::Adamw => "adamw",
         }
     }
 
@@ -84,7 +88,7 @@ pub fn set_families(families: &[Family]) {
 }
 
 /// The families `PETAL_CUDA_KERNELS` names: `1` or `all` every one, a comma list some
-/// (norm, softmax, rope, swiglu, loss, attention), unset or `0` none. Unknown names are
+/// (norm, softmax, rope, swiglu, loss, attention, adamw), unset or `0` none. Unknown names are
 /// reported once and skipped.
 fn from_env() -> Vec<Family> {
     parse_families(&std::env::var("PETAL_CUDA_KERNELS").unwrap_or_default())
@@ -644,6 +648,59 @@ pub fn attention(
     q.apply_op3(&k, &v, op)
 }
 
+/// One AdamW step's constants, bias corrections included.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// 1 - beta1^t and 1 - beta2^t
+    pub bc1: f64,
+    pub bc2: f64,
+}
+
+/// AdamW on every parameter at once, in place: `w[i]`, `m[i]`, `v[i]` (contiguous f32 CUDA
+/// tensors on one device, the optimizer's own) updated from `g[i]`, torch.optim.AdamW's
+/// arithmetic; one launch and one small copy of their addresses, in place of a dozen
+/// launches per parameter plus copies in and out of flat buffers.
+pub fn adamw_step(
+    w: &[Tensor],
+    g: &[Tensor],
+    m: &[Tensor],
+    v: &[Tensor],
+    s: AdamStep,
+) -> Result<()> {
+    let n = w.len();
+    if g.len() != n || m.len() != n || v.len() != n {
+        candle_core::bail!(
+            "adamw_step: {n} parameters but {}, {}, {} gradients, m, v",
+            g.len(),
+            m.len(),
+            v.len()
+        )
+    }
+    for i in 0..n {
+        for t in [&w[i], &g[i], &m[i], &v[i]] {
+            let ok = t.dtype() == DType::F32
+                && t.is_contiguous()
+                && t.elem_count() == w[i].elem_count()
+                && t.device().same_device(w[0].device());
+            if !ok {
+                candle_core::bail!("adamw_step: parameter {i}'s tensors are not contiguous f32 of one size on one device")
+            }
+        }
+    }
+    #[cfg(feature = "cuda")]
+    return imp::adamw(w, g, m, v, s);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = s;
+        no_cpu()
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
     use super::{Arg, Spec};
@@ -695,6 +752,75 @@ mod imp {
         entry
             .clone()
             .map_err(|e| candle_core::Error::Msg(format!("petal's CUDA kernels: {e}")))
+    }
+
+    /// See `super::adamw_step` (inputs checked there).
+    pub(super) fn adamw(
+        w: &[Tensor],
+        g: &[Tensor],
+        m: &[Tensor],
+        v: &[Tensor],
+        s: super::AdamStep,
+    ) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+        let n = w.len();
+        let candle_core::Device::Cuda(dev) = w
+            .first()
+            .map(|t| t.device().clone())
+            .unwrap_or(candle_core::Device::Cpu)
+        else {
+            return Ok(()); // nothing to update (or not on a GPU: checked by the caller)
+        };
+        if n > 65535 {
+            candle_core::bail!("adamw_step: {n} parameters, more than one launch takes")
+        }
+        let stream = dev.cuda_stream();
+        // each tensor's address: petal runs one stream, so the kernel is ordered after every
+        // earlier write and before any later free of these buffers
+        let addr = |t: &Tensor| -> Result<i64> {
+            let (st, l) = t.storage_and_layout();
+            let Storage::Cuda(c) = &*st else {
+                candle_core::bail!("adamw_step: a tensor is not on the GPU")
+            };
+            let (ptr, _sync) = c.as_cuda_slice::<f32>()?.device_ptr(&stream);
+            Ok((ptr + 4 * l.start_offset() as u64) as i64)
+        };
+        let mut table = Vec::with_capacity(5 * n);
+        let mut longest = 0;
+        for i in 0..n {
+            for t in [&w[i], &g[i], &m[i], &v[i]] {
+                table.push(addr(t)?);
+            }
+            table.push(w[i].elem_count() as i64);
+            longest = longest.max(w[i].elem_count());
+        }
+        let table = dev.clone_htod(&table)?;
+        let func = dev.get_or_load_custom_func("adamw_multi", "petal0", ptx(0)?)?;
+        let f = |x: f64| x as f32;
+        let args = [
+            f(s.lr),
+            f(1.0 - s.lr * s.weight_decay),
+            f(s.beta1),
+            f(1.0 - s.beta1),
+            f(s.beta2),
+            f(1.0 - s.beta2),
+            f(s.eps),
+            f(s.bc1),
+            f(s.bc2),
+        ];
+        let mut b = func.builder();
+        b.arg(&table);
+        for a in &args {
+            b.arg(a);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (longest.div_ceil(256).max(1) as u32, n as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the table holds live f32 buffers of the sizes given, on this device
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
     }
 
     enum View<'a> {
