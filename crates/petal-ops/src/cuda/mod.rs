@@ -14,6 +14,10 @@ use candle_core::{
 };
 use std::sync::atomic::{AtomicU8, Ordering};
 
+mod emulate;
+#[doc(hidden)]
+pub use emulate::{emulate_from, emulating};
+
 const COMMON: &str = include_str!("common.cuh");
 
 /// The source of the kernels' module for the row and elementwise ops (every dtype).
@@ -139,17 +143,20 @@ pub fn enabled() -> Vec<&'static str> {
 /// fast paths and the family switched on, and the kernels compiled (where NVRTC is missing
 /// or fails, a warning once and candle's ops instead).
 pub fn usable(t: &Tensor, family: Family) -> bool {
-    cfg!(feature = "cuda")
+    let on_gpu = cfg!(feature = "cuda") && t.device().is_cuda();
+    let emulated = t.device().is_cpu() && emulating();
+    (on_gpu || emulated)
         && bits() & family.bit() != 0
         && crate::cpu::fast()
-        && t.device().is_cuda()
         && matches!(t.dtype(), DType::F32 | DType::BF16)
-        && compiled(0)
+        && (emulated || compiled(0))
 }
 
 /// Whether the attention kernels for heads of `head_dim` values run on `t` (see `usable`).
 pub fn attention_usable(t: &Tensor, head_dim: usize) -> bool {
-    usable(t, Family::Attention) && (1..=MAX_HEAD_DIM).contains(&head_dim) && compiled(head_dim)
+    usable(t, Family::Attention)
+        && (1..=MAX_HEAD_DIM).contains(&head_dim)
+        && (t.device().is_cpu() || compiled(head_dim))
 }
 
 fn compiled(module: usize) -> bool {
@@ -260,12 +267,24 @@ fn no_cpu<T>() -> Result<T> {
     candle_core::bail!("petal's CUDA kernels run on CUDA tensors only")
 }
 
+/// A launch on CPU tensors: emulated where `emulate_from` was called, an error otherwise.
+fn on_cpu(
+    spec: &Spec,
+    first: &[(&CpuStorage, &Layout)],
+    rest: &[Tensor],
+) -> Result<(CpuStorage, Shape)> {
+    if !emulating() {
+        return no_cpu();
+    }
+    emulate::run(spec, first, rest)
+}
+
 impl CustomOp1 for Kernel {
     fn name(&self) -> &'static str {
         "petal-cuda"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        no_cpu()
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        on_cpu(&self.spec, &[(s, l)], &self.rest)
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -289,12 +308,12 @@ impl CustomOp2 for Kernel2 {
     }
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        no_cpu()
+        on_cpu(&self.spec, &[(s1, l1), (s2, l2)], &self.rest)
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -324,14 +343,14 @@ impl CustomOp3 for Kernel3 {
     }
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        no_cpu()
+        on_cpu(&self.spec, &[(s1, l1), (s2, l2), (s3, l3)], &self.rest)
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
