@@ -77,6 +77,12 @@ fn main() {
     if std::env::var("PETAL_FUSED").as_deref() == Ok("0") {
         petal_ops::set_fast(false);
     }
+    // PETAL_CUDA_EMULATE=DIR (testing): CPU tensors take petal's CUDA kernels, run from the
+    // CPU builds of its CUDA modules in DIR (tools/cuda_emu/module.cpp), with the families
+    // PETAL_CUDA_KERNELS switches on
+    if let Some(dir) = std::env::var_os("PETAL_CUDA_EMULATE") {
+        petal_ops::cuda::emulate_from(std::path::Path::new(&dir));
+    }
     let cli = Cli::parse();
     if let Cmd::Bench(bench_cmd::BenchArgs {
         threads: Some(t), ..

@@ -395,3 +395,60 @@ fn training_through_candles_composed_ops_follows_the_fused_kernels_loss_curve() 
         }
     }
 }
+
+#[test]
+fn training_through_the_emulated_cuda_kernels_follows_the_fused_kernels_loss_curve() {
+    // petal's CUDA kernels (RMSNorm, RoPE and attention with grouped heads and a prefix,
+    // SwiGLU, head loss) built for the CPU by tools/cuda_emu and run on CPU tensors through
+    // the launches a GPU would get
+    if Command::new("g++").arg("--version").output().is_err() {
+        eprintln!("skipped: no g++ to build the emulated kernels");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let modules = d.path().join("modules");
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/cuda_emu/build_modules.sh");
+    let built = Command::new("bash")
+        .arg(&script)
+        .arg(&modules)
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{}", stderr(&built));
+    let data = words(d.path());
+    let model = golden().join("llama");
+    let curve = |emulated: bool, i: usize, method: &[&str]| {
+        let out = d.path().join(format!("run-{emulated}-{i}"));
+        let (m, t, o) = (
+            model.to_str().unwrap(),
+            data.to_str().unwrap(),
+            out.to_str().unwrap(),
+        );
+        let mut args = train(m, t, o);
+        args.extend(["--max-steps", "5", "--lr", "0.05"]);
+        args.extend(method);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_petal"));
+        if emulated {
+            cmd.env("PETAL_CUDA_EMULATE", &modules)
+                .env("PETAL_CUDA_KERNELS", "1");
+        }
+        let o = cmd.args(&args).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        logged_losses(&out)
+    };
+    let methods: [&[&str]; 2] = [
+        &["--r", "4", "--alpha", "8", "--target-modules", "all-linear"],
+        &["--method", "prefix_tuning", "--num-virtual-tokens", "3"],
+    ];
+    for (i, method) in methods.iter().enumerate() {
+        let (fused, emulated) = (curve(false, i, method), curve(true, i, method));
+        assert_eq!(fused.len(), 5);
+        assert!((fused[0] - fused[4]).abs() > 1e-3, "{method:?}: {fused:?}");
+        for (a, b) in fused.iter().zip(&emulated) {
+            assert!(
+                (a - b).abs() < 1e-4 * a.abs(),
+                "{method:?}: {fused:?} vs {emulated:?}"
+            );
+        }
+    }
+}

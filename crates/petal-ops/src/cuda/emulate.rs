@@ -30,6 +30,12 @@ pub fn emulating() -> bool {
     DIR.get().is_some()
 }
 
+/// Whether the emulated module for heads of `head_dim` values was built.
+pub(super) fn has_module(head_dim: usize) -> bool {
+    DIR.get()
+        .is_some_and(|d| d.join(format!("petal{head_dim}.so")).exists())
+}
+
 fn entry(module: usize, modules: &mut HashMap<usize, usize>) -> Result<Launch> {
     if let Some(&f) = modules.get(&module) {
         // SAFETY: stored below from dlsym of this very signature

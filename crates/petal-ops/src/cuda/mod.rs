@@ -144,7 +144,8 @@ pub fn enabled() -> Vec<&'static str> {
 /// or fails, a warning once and candle's ops instead).
 pub fn usable(t: &Tensor, family: Family) -> bool {
     let on_gpu = cfg!(feature = "cuda") && t.device().is_cuda();
-    let emulated = t.device().is_cpu() && emulating();
+    // AdamW's launch takes device addresses: it has no emulated path
+    let emulated = t.device().is_cpu() && emulating() && family != Family::Adamw;
     (on_gpu || emulated)
         && bits() & family.bit() != 0
         && crate::cpu::fast()
@@ -156,7 +157,10 @@ pub fn usable(t: &Tensor, family: Family) -> bool {
 pub fn attention_usable(t: &Tensor, head_dim: usize) -> bool {
     usable(t, Family::Attention)
         && (1..=MAX_HEAD_DIM).contains(&head_dim)
-        && (t.device().is_cpu() || compiled(head_dim))
+        && match t.device().is_cpu() {
+            true => emulate::has_module(head_dim),
+            false => compiled(head_dim),
+        }
 }
 
 fn compiled(module: usize) -> bool {
