@@ -324,6 +324,41 @@ fn logged_losses(run: &Path) -> Vec<f64> {
         .collect()
 }
 
+/// The five logged losses of `petal train` on the golden llama with `method` and `env`.
+fn five_step_losses(
+    dir: &Path,
+    tag: &str,
+    method: &[&str],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Vec<f64> {
+    let data = words(dir);
+    let model = golden().join("llama");
+    let out = dir.join(format!("run-{tag}"));
+    let (m, t, o) = (
+        model.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let mut args = train(m, t, o);
+    args.extend(["--max-steps", "5", "--lr", "0.05"]);
+    args.extend(method);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_petal"));
+    cmd.args(&args).envs(env.iter().copied());
+    let o = cmd.output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    logged_losses(&out)
+}
+
+/// Both five-step curves move, and agree within 1e-4 (relative).
+fn same_curves(method: &[&str], a: &[f64], b: &[f64]) {
+    assert_eq!(a.len(), 5);
+    // the loss must move, or equal curves prove nothing
+    assert!((a[0] - a[4]).abs() > 1e-3, "{method:?}: {a:?}");
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() < 1e-4 * x.abs(), "{method:?}: {a:?} vs {b:?}");
+    }
+}
+
 #[test]
 fn training_through_candles_composed_ops_follows_the_fused_kernels_loss_curve() {
     // PETAL_FUSED=0 is the path a GPU takes: each fused CPU kernel's composed form, in lean
@@ -331,25 +366,9 @@ fn training_through_candles_composed_ops_follows_the_fused_kernels_loss_curve() 
     // block rotation node), RoAd (the pair rotation node), VeRA (LoRA's node with A and B
     // scaled by its vectors) and LoHa (x (W + dW)^T in one product)
     let d = tempfile::tempdir().unwrap();
-    let data = words(d.path());
-    let model = golden().join("llama");
     let curve = |fused: &str, i: usize, method: &[&str]| {
-        let out = d.path().join(format!("run-{fused}-{i}"));
-        let (m, t, o) = (
-            model.to_str().unwrap(),
-            data.to_str().unwrap(),
-            out.to_str().unwrap(),
-        );
-        let mut args = train(m, t, o);
-        args.extend(["--max-steps", "5", "--lr", "0.05"]);
-        args.extend(method);
-        let o = Command::new(env!("CARGO_BIN_EXE_petal"))
-            .args(&args)
-            .env("PETAL_FUSED", fused)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", stderr(&o));
-        logged_losses(&out)
+        let env = [("PETAL_FUSED", std::ffi::OsStr::new(fused))];
+        five_step_losses(d.path(), &format!("{fused}-{i}"), method, &env)
     };
     let lora = ["--r", "4", "--alpha", "8", "--target-modules", "all-linear"];
     let dora = [&lora[..], &["--dora", "true"]].concat();
@@ -383,16 +402,7 @@ fn training_through_candles_composed_ops_follows_the_fused_kernels_loss_curve() 
         ],
     ];
     for (i, method) in methods.iter().enumerate() {
-        let (fused, composed) = (curve("1", i, method), curve("0", i, method));
-        assert_eq!(fused.len(), 5);
-        // the loss must move, or equal curves prove nothing
-        assert!((fused[0] - fused[4]).abs() > 1e-3, "{method:?}: {fused:?}");
-        for (a, b) in fused.iter().zip(&composed) {
-            assert!(
-                (a - b).abs() < 1e-4 * a.abs(),
-                "{method:?}: {fused:?} vs {composed:?}"
-            );
-        }
+        same_curves(method, &curve("1", i, method), &curve("0", i, method));
     }
 }
 
@@ -415,40 +425,19 @@ fn training_through_the_emulated_cuda_kernels_follows_the_fused_kernels_loss_cur
         .output()
         .unwrap();
     assert!(built.status.success(), "{}", stderr(&built));
-    let data = words(d.path());
-    let model = golden().join("llama");
     let curve = |emulated: bool, i: usize, method: &[&str]| {
-        let out = d.path().join(format!("run-{emulated}-{i}"));
-        let (m, t, o) = (
-            model.to_str().unwrap(),
-            data.to_str().unwrap(),
-            out.to_str().unwrap(),
-        );
-        let mut args = train(m, t, o);
-        args.extend(["--max-steps", "5", "--lr", "0.05"]);
-        args.extend(method);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_petal"));
-        if emulated {
-            cmd.env("PETAL_CUDA_EMULATE", &modules)
-                .env("PETAL_CUDA_KERNELS", "1");
-        }
-        let o = cmd.args(&args).output().unwrap();
-        assert!(o.status.success(), "{}", stderr(&o));
-        logged_losses(&out)
+        let on = [
+            ("PETAL_CUDA_EMULATE", modules.as_os_str()),
+            ("PETAL_CUDA_KERNELS", std::ffi::OsStr::new("1")),
+        ];
+        let env: &[_] = if emulated { &on } else { &[] };
+        five_step_losses(d.path(), &format!("emu-{emulated}-{i}"), method, env)
     };
     let methods: [&[&str]; 2] = [
         &["--r", "4", "--alpha", "8", "--target-modules", "all-linear"],
         &["--method", "prefix_tuning", "--num-virtual-tokens", "3"],
     ];
     for (i, method) in methods.iter().enumerate() {
-        let (fused, emulated) = (curve(false, i, method), curve(true, i, method));
-        assert_eq!(fused.len(), 5);
-        assert!((fused[0] - fused[4]).abs() > 1e-3, "{method:?}: {fused:?}");
-        for (a, b) in fused.iter().zip(&emulated) {
-            assert!(
-                (a - b).abs() < 1e-4 * a.abs(),
-                "{method:?}: {fused:?} vs {emulated:?}"
-            );
-        }
+        same_curves(method, &curve(false, i, method), &curve(true, i, method));
     }
 }
