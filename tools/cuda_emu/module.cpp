@@ -46,7 +46,7 @@ static const std::map<std::string, std::function<void(void**)>>& kernels() {
         E(rms_fwd_bf16_bf16),   E(rms_bwd_f32_f32),     E(rms_bwd_f32_bf16),
         E(rms_bwd_bf16_f32),    E(rms_bwd_bf16_bf16),   E(ce_grad_f32_f32),
         E(ce_grad_f32_bf16),    E(ce_grad_bf16_f32),    E(ce_grad_bf16_bf16),
-        E(adamw_multi),
+        E(adamw_multi),         E(lora_fwd_f32),        E(lora_fwd_bf16),
 #endif
     };
     return table;

@@ -266,6 +266,10 @@ pub fn lora(
     scale: f64,
 ) -> Result<Tensor> {
     let f32_ab = a.dtype() == DType::F32 && b.dtype() == DType::F32;
+    let rank_ok = a.dim(0)? <= crate::cuda::MAX_LORA_RANK;
+    if crate::cuda::usable(x, crate::cuda::Family::Lora) && f32_ab && rank_ok {
+        return crate::cuda::lora(x, w, bias, a, b, scale);
+    }
     if !fast_lora_ok(x, w) || !f32_ab {
         // one node that keeps x, A, B and the output only (the base product, x A^T and the
         // scaled update are not kept for backward)
@@ -349,7 +353,7 @@ impl CustomOp2 for LowRank {
 /// The gradients of `x W^T (+ bias) + s (x A^T) B^T` for a frozen W, x of any float dtype:
 /// dx = dy W + s (dy B) A, dA = s (dy B)^T x, dB = s dy^T (x A^T) (f32 inside; each in its
 /// input's dtype), computed where `need` asks.
-fn lora_backward(
+pub(crate) fn lora_backward(
     [x, w, a, b]: [&Tensor; 4],
     scale: f64,
     dy: &Tensor,

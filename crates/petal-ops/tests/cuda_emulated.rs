@@ -89,4 +89,5 @@ fn every_op_through_its_emulated_cuda_kernels_matches_the_composed_ops() {
     kernel_checks::the_head_loss_matches_logits_then_cross_entropy_by_definition(&cpu);
     kernel_checks::the_attention_kernels_match_autograd_through_the_definition(&cpu);
     kernel_checks::the_attention_kernels_rotate_by_rope_and_take_bf16(&cpu);
+    kernel_checks::the_lora_kernel_matches_autograd_through_its_definition(&cpu);
 }

@@ -67,6 +67,11 @@ fn the_attention_kernels_rotate_by_rope_and_take_bf16() {
 }
 
 #[test]
+fn the_lora_kernel_matches_autograd_through_its_definition() {
+    kernel_checks::the_lora_kernel_matches_autograd_through_its_definition(&gpu());
+}
+
+#[test]
 fn the_kernels_compile_with_nvrtc() {
     // needs NVRTC only, no GPU
     use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};

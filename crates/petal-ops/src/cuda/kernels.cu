@@ -212,3 +212,36 @@ extern "C" __global__ void adamw_multi(const i64* table, float lr, float decay, 
     v[i] = vi;
     w[i] = w[i] * decay - (mi / bc1) / (sqrtf(vi / bc2) + eps) * lr;
 }
+
+// ------------------------------------------------------------------ LoRA's low-rank term
+// y[row] = ybase[row] + scale (x[row] A^T) B^T, x (n, in) and the base product ybase (n, out)
+// in T, A (r, in) and B (out, r) in f32, r <= 64: one block per row, h = x A^T in shared memory
+// (each warp takes some of its r dot products).
+template <typename T>
+__device__ void lora_fwd(const T* x, const float* a, const float* b, const T* ybase, T* y,
+                         int in, int r, int out, float scale) {
+    __shared__ float h[64];
+    const i64 row = blockIdx.x;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int k = warp; k < r; k += warps) {
+        float p = 0.f;
+        for (int j = lane; j < in; j += 32) p += ld(x, row * in + j) * a[(i64)k * in + j];
+        for (int o = 16; o > 0; o >>= 1) p += __shfl_xor_sync(0xffffffffu, p, o);
+        if (lane == 0) h[k] = p;
+    }
+    __syncthreads();
+    for (int o = threadIdx.x; o < out; o += blockDim.x) {
+        float d = 0.f;
+        for (int k = 0; k < r; k++) d += h[k] * b[(i64)o * r + k];
+        st(y, row * out + o, ld(ybase, row * out + o) + scale * d);
+    }
+}
+
+#define LORA(T, S)                                                                             \
+    extern "C" __global__ void lora_fwd_##S(const T* x, const float* a, const float* b,        \
+                                            const T* ybase, T* y, int in, int r, int out,      \
+                                            float scale) {                                     \
+        lora_fwd(x, a, b, ybase, y, in, r, out, scale);                                        \
+    }
+LORA(float, f32)
+LORA(bf16, bf16)

@@ -46,10 +46,12 @@ pub enum Family {
     Attention,
     /// AdamW on every parameter in one launch
     Adamw,
+    /// LoRA's low-rank term added to the base product in one launch
+    Lora,
 }
 
 impl Family {
-    pub const ALL: [Family; 7] = [
+    pub const ALL: [Family; 8] = [
         Family::Norm,
         Family::Softmax,
         Family::Rope,
@@ -57,6 +59,7 @@ impl Family {
         Family::Loss,
         Family::Attention,
         Family::Adamw,
+        Family::Lora,
     ];
 
     pub fn name(self) -> &'static str {
@@ -68,6 +71,7 @@ impl Family {
             Family::Loss => "loss",
             Family::Attention => "attention",
             Family::Adamw => "adamw",
+            Family::Lora => "lora",
         }
     }
 
@@ -92,7 +96,7 @@ pub fn set_families(families: &[Family]) {
 }
 
 /// The families `PETAL_CUDA_KERNELS` names: `1` or `all` every one, a comma list some
-/// (norm, softmax, rope, swiglu, loss, attention, adamw), unset or `0` none. Unknown names are
+/// (norm, softmax, rope, swiglu, loss, attention, adamw, lora), unset or `0` none. Unknown names are
 /// reported once and skipped.
 fn from_env() -> Vec<Family> {
     parse_families(&std::env::var("PETAL_CUDA_KERNELS").unwrap_or_default())
@@ -243,13 +247,34 @@ impl Spec {
 type Bwd1 = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 type Bwd2 = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor)> + Send + Sync>;
 
-type Bwd3 = Box<dyn Fn([&Tensor; 3], &Tensor, &Tensor) -> Result<[Tensor; 3]> + Send + Sync>;
+type Grads3 = [Option<Tensor>; 3];
+type Bwd3 = Box<dyn Fn([&Tensor; 3], [bool; 3], &Tensor, &Tensor) -> Result<Grads3> + Send + Sync>;
 
-/// A kernel over three inputs, differentiable in each: `[da, db, dc] = bwd([a, b, c], y, dy)`.
+/// A kernel over three inputs, differentiable in each: `[da, db, dc] = bwd([a, b, c], need, y,
+/// dy)`, `need[i]` telling whether input i tracks a gradient. `rest` is read by the forward
+/// launch and dropped then, so the graph does not keep it.
 struct Kernel3 {
     spec: Spec,
-    rest: Vec<Tensor>,
+    rest: std::sync::Mutex<Vec<Tensor>>,
     bwd: Bwd3,
+}
+
+impl Kernel3 {
+    fn new(spec: Spec, rest: Vec<Tensor>, bwd: Bwd3) -> Self {
+        Kernel3 {
+            spec,
+            rest: std::sync::Mutex::new(rest),
+            bwd,
+        }
+    }
+
+    fn take_rest(&self) -> Result<Vec<Tensor>> {
+        let mut r = self
+            .rest
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("cuda kernel: poisoned".into()))?;
+        Ok(std::mem::take(&mut *r))
+    }
 }
 
 /// A kernel over its first input and `rest` (read from their storage at launch), with an
@@ -354,7 +379,11 @@ impl CustomOp3 for Kernel3 {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        on_cpu(&self.spec, &[(s1, l1), (s2, l2), (s3, l3)], &self.rest)
+        on_cpu(
+            &self.spec,
+            &[(s1, l1), (s2, l2), (s3, l3)],
+            &self.take_rest()?,
+        )
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -366,7 +395,11 @@ impl CustomOp3 for Kernel3 {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        imp::run(&self.spec, &[(s1, l1), (s2, l2), (s3, l3)], &self.rest)
+        imp::run(
+            &self.spec,
+            &[(s1, l1), (s2, l2), (s3, l3)],
+            &self.take_rest()?,
+        )
     }
     fn bwd(
         &self,
@@ -376,12 +409,14 @@ impl CustomOp3 for Kernel3 {
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let need = [a.track_op(), b.track_op(), c.track_op()];
         let [da, db, dc] = (self.bwd)(
             [&a.detach(), &b.detach(), &c.detach()],
+            need,
             &y.detach(),
             &dy.detach(),
         )?;
-        Ok((Some(da), Some(db), Some(dc)))
+        Ok((da, db, dc))
     }
 }
 
@@ -643,7 +678,7 @@ pub fn attention(
     };
     let fwd = spec("fwd", q.dtype(), q.shape().clone(), false)?;
     let (cs, sn) = (tables[0].clone(), tables[1].clone());
-    let bwd: Bwd3 = Box::new(move |[q, k, v], o, dy| {
+    let bwd: Bwd3 = Box::new(move |[q, k, v], _, o, dy| {
         let dy = dy.to_dtype(q.dtype())?;
         let dt = q.dtype();
         let stats_shape = Shape::from((2, b, nh, t));
@@ -661,14 +696,48 @@ pub fn attention(
             spec("dkv", dt, Shape::from(two), true)?,
             &[q, k, v, &dy, &stats, &cs, &sn],
         )?;
-        Ok([dq, dkv.get(0)?, dkv.get(1)?])
+        Ok([Some(dq), Some(dkv.get(0)?), Some(dkv.get(1)?)])
     });
-    let op = Kernel3 {
-        spec: fwd,
-        rest: tables,
-        bwd,
+    q.apply_op3(&k, &v, Kernel3::new(fwd, tables, bwd))
+}
+
+/// The largest LoRA rank `lora` takes (its kernel keeps x A^T of a row in shared memory).
+pub const MAX_LORA_RANK: usize = 64;
+
+/// LoRA without dropout, `x W^T + bias + scale (x A^T) B^T`: the base product by candle (a
+/// frozen matmul, not kept by the graph), then one launch adding the low-rank term. A and B in
+/// f32, rank up to `MAX_LORA_RANK`. Backward: LoRA's closed form (dx, dA, dB).
+pub fn lora(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let r = a.dim(0)?;
+    if r > MAX_LORA_RANK || a.dtype() != DType::F32 || b.dtype() != DType::F32 {
+        candle_core::bail!("cuda lora: rank {r} (at most {MAX_LORA_RANK}) with f32 A and B")
+    }
+    let x = x.contiguous()?;
+    let n = x.elem_count() / inp;
+    let base = crate::frozen_linear(&x.detach(), w, bias)?.contiguous()?;
+    let spec = Spec {
+        name: format!("lora_fwd_{}", sfx(x.dtype())),
+        shape: base.shape().clone(),
+        dtype: x.dtype(),
+        args: vec![int(inp)?, int(r)?, int(out)?, Arg::F32(scale as f32)],
+        grid: (n as u32, 1, 1),
+        block: 256,
+        head_dim: 0,
     };
-    q.apply_op3(&k, &v, op)
+    let wc = w.clone();
+    let bwd: Bwd3 = Box::new(move |[x, a, b], need, _, dy| {
+        crate::lora_linear::lora_backward([x, &wc, a, b], scale, dy, need)
+    });
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    x.apply_op3(&a, &b, Kernel3::new(spec, vec![base], bwd))
 }
 
 /// One AdamW step's constants, bias corrections included.

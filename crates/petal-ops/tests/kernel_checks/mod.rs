@@ -295,3 +295,64 @@ pub fn the_attention_kernels_rotate_by_rope_and_take_bf16(dev: &Device) {
         |x| attention_by_definition(&x[0], &x[1], &x[2], d, scale, Some((&cos, &sin, 3))),
     );
 }
+
+/// LoRA from its definition, x W^T + bias + scale (x A^T) B^T, by candle's matmuls.
+fn lora_by_definition(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    s: f64,
+) -> Tensor {
+    let base = x
+        .broadcast_matmul(&w.t().unwrap())
+        .unwrap()
+        .broadcast_add(bias)
+        .unwrap();
+    let low = x.broadcast_matmul(&a.t().unwrap()).unwrap();
+    let d = (low.broadcast_matmul(&b.t().unwrap()).unwrap() * s).unwrap();
+    (base + d).unwrap()
+}
+
+pub fn the_lora_kernel_matches_autograd_through_its_definition(dev: &Device) {
+    // rows longer than a block (in 300, out 700), rank 8, a frozen W and bias
+    let (w, bias) = (
+        on(dev, &[&[700, 300]]).remove(0),
+        on(dev, &[&[700]]).remove(0),
+    );
+    let x = on(dev, &[&[2, 5, 300], &[8, 300], &[700, 8]]);
+    same(
+        &x,
+        |t| petal_ops::lora(&t[0], &w, Some(&bias), &t[1], &t[2], 1.5).unwrap(),
+        |t| lora_by_definition(&t[0], &w, &bias, &t[1], &t[2], 1.5),
+    );
+    // bf16 activations (and base product) with f32 A and B: the value within bf16 rounding
+    let xb = x[0].to_dtype(DType::BF16).unwrap();
+    let got = petal_ops::lora(
+        &xb,
+        &w.to_dtype(DType::BF16).unwrap(),
+        None,
+        &x[1],
+        &x[2],
+        1.5,
+    )
+    .unwrap();
+    assert_eq!(got.dtype(), DType::BF16);
+    let wr = w
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let zero = bias.zeros_like().unwrap();
+    let want = lora_by_definition(
+        &xb.to_dtype(DType::F32).unwrap(),
+        &wr,
+        &zero,
+        &x[1],
+        &x[2],
+        1.5,
+    );
+    let rel = max_rel(&got.to_dtype(DType::F32).unwrap(), &want);
+    assert!(rel < 2e-2, "bf16 lora differs: {rel}");
+}
