@@ -14,62 +14,31 @@ fn gpu() -> Device {
     Device::new_cuda(0).expect("these tests need a CUDA device")
 }
 
-#[test]
-fn the_rms_norm_kernel_matches_autograd_through_the_composed_norm() {
-    kernel_checks::the_rms_norm_kernel_matches_autograd_through_the_composed_norm(&gpu());
+/// One GPU test per shared check.
+macro_rules! on_the_gpu {
+    ($($check:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $check() {
+                kernel_checks::$check(&gpu());
+            }
+        )*
+    };
 }
 
-#[test]
-fn the_rms_norm_kernel_normalises_an_f32_stream_into_a_bf16_weights_dtype() {
-    kernel_checks::the_rms_norm_kernel_normalises_an_f32_stream_into_a_bf16_weights_dtype(&gpu());
-}
-
-#[test]
-fn the_softmax_kernel_matches_autograd_through_the_composed_softmax() {
-    kernel_checks::the_softmax_kernel_matches_autograd_through_the_composed_softmax(&gpu());
-}
-
-#[test]
-fn the_causal_softmax_kernel_matches_autograd_through_scale_mask_and_softmax() {
-    kernel_checks::the_causal_softmax_kernel_matches_autograd_through_scale_mask_and_softmax(&gpu());
-}
-
-#[test]
-fn the_rope_kernel_matches_autograd_through_the_composed_rotation_in_both_layouts() {
-    kernel_checks::the_rope_kernel_matches_autograd_through_the_composed_rotation_in_both_layouts(
-        &gpu(),
-    );
-}
-
-#[test]
-fn the_swiglu_kernel_matches_autograd_through_silu_times_up() {
-    kernel_checks::the_swiglu_kernel_matches_autograd_through_silu_times_up(&gpu());
-}
-
-#[test]
-fn the_cross_entropy_kernels_match_the_definition_in_value_and_gradient() {
-    kernel_checks::the_cross_entropy_kernels_match_the_definition_in_value_and_gradient(&gpu());
-}
-
-#[test]
-fn the_head_loss_matches_logits_then_cross_entropy_by_definition() {
-    kernel_checks::the_head_loss_matches_logits_then_cross_entropy_by_definition(&gpu());
-}
-
-#[test]
-fn the_attention_kernels_match_autograd_through_the_definition() {
-    kernel_checks::the_attention_kernels_match_autograd_through_the_definition(&gpu());
-}
-
-#[test]
-fn the_attention_kernels_rotate_by_rope_and_take_bf16() {
-    kernel_checks::the_attention_kernels_rotate_by_rope_and_take_bf16(&gpu());
-}
-
-#[test]
-fn the_lora_kernel_matches_autograd_through_its_definition() {
-    kernel_checks::the_lora_kernel_matches_autograd_through_its_definition(&gpu());
-}
+on_the_gpu!(
+    the_rms_norm_kernel_matches_autograd_through_the_composed_norm,
+    the_rms_norm_kernel_normalises_an_f32_stream_into_a_bf16_weights_dtype,
+    the_softmax_kernel_matches_autograd_through_the_composed_softmax,
+    the_causal_softmax_kernel_matches_autograd_through_scale_mask_and_softmax,
+    the_swiglu_kernel_matches_autograd_through_silu_times_up,
+    the_cross_entropy_kernels_match_the_definition_in_value_and_gradient,
+    the_head_loss_matches_logits_then_cross_entropy_by_definition,
+    the_attention_kernels_match_autograd_through_the_definition,
+    the_attention_kernels_rotate_by_rope_and_take_bf16,
+    the_rope_kernel_matches_autograd_through_the_composed_rotation_in_both_layouts,
+    the_lora_kernel_matches_autograd_through_its_definition,
+);
 
 #[test]
 fn the_kernels_compile_with_nvrtc() {
