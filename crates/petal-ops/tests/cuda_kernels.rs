@@ -122,3 +122,15 @@ fn the_adamw_kernel_updates_every_tensor_as_torchs_formula_does() {
         assert!(max_rel(&got(&v[i]), &cpu(vv, &v[i])) < 1e-5, "v {i}");
     }
 }
+
+#[test]
+fn compiled_kernels_are_kept_on_disk_for_the_next_run() {
+    // needs NVRTC only, no GPU
+    let dir = tempfile::tempdir().unwrap();
+    std::env::set_var("PETAL_CACHE", dir.path());
+    let (src, options) = petal_ops::cuda::attention_source(16);
+    let path = petal_ops::cuda::ptx_cache_path(&src, &options).unwrap();
+    assert!(path.starts_with(dir.path()) && !path.exists());
+    let ptx = petal_ops::cuda::module_ptx(16).expect("NVRTC");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), ptx);
+}

@@ -174,6 +174,42 @@ fn compiled(module: usize) -> bool {
     return module == usize::MAX;
 }
 
+/// Where a module's PTX is kept between runs: `$PETAL_CACHE/ptx` (default
+/// `~/.cache/petal/ptx`), named by a hash of the source and compile options. None without a
+/// home folder.
+pub fn ptx_cache_path(src: &str, options: &[String]) -> Option<std::path::PathBuf> {
+    let root = match std::env::var_os("PETAL_CACHE") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".cache/petal"),
+    };
+    // FNV-1a, 64 bits: stable across runs and builds (std's hasher is not)
+    let mut h: u64 = 0xcbf29ce484222325;
+    let text = [src, "\0compute_80\0", &options.join("\0")].concat();
+    for b in text.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+    }
+    Some(root.join("ptx").join(format!("{h:016x}.ptx")))
+}
+
+/// The PTX of a module (0: rows and elements, d: attention for heads of d), compiled or read
+/// from the cache; for tests.
+#[cfg(feature = "cuda")]
+#[doc(hidden)]
+pub fn module_ptx(head_dim: usize) -> Result<&'static str> {
+    imp::ptx(head_dim)
+}
+
+/// Keeps compiled PTX for later runs (temp file, then rename, so a reader never sees half of
+/// it); a cache that cannot be written is skipped.
+fn write_ptx_cache(path: &std::path::Path, ptx: &str) {
+    let Some(dir) = path.parent() else { return };
+    let tmp = dir.join(format!(".{}.tmp", std::process::id()));
+    let ok = std::fs::create_dir_all(dir).is_ok() && std::fs::write(&tmp, ptx).is_ok();
+    if !(ok && std::fs::rename(&tmp, path).is_ok()) {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
 /// A scalar kernel argument, pushed after the tensors.
 #[derive(Clone, Copy, Debug)]
 enum Arg {
@@ -819,6 +855,14 @@ mod imp {
                 0 => (super::source(), vec![]),
                 d => super::attention_source(d),
             };
+            // a module compiled before, by this machine, from this very source and options
+            let cached = super::ptx_cache_path(&src, &options);
+            if let Some(ptx) = cached
+                .as_ref()
+                .and_then(|p| std::fs::read_to_string(p).ok())
+            {
+                return Ok(&*Box::leak(ptx.into_boxed_str()));
+            }
             let opts = CompileOptions {
                 arch: Some("compute_80"),
                 name: Some(format!("petal_kernels_{head_dim}.cu")),
@@ -829,7 +873,13 @@ mod imp {
             // panics where it cannot load NVRTC: caught, it is an error like the others.
             let compiled = std::panic::catch_unwind(|| compile_ptx_with_opts(src, opts));
             let ptx = match compiled {
-                Ok(Ok(p)) => Ok(&*Box::leak(p.to_src().into_boxed_str())),
+                Ok(Ok(p)) => {
+                    let ptx = p.to_src();
+                    if let Some(path) = &cached {
+                        super::write_ptx_cache(path, &ptx);
+                    }
+                    Ok(&*Box::leak(ptx.into_boxed_str()))
+                }
                 Ok(Err(e)) => Err(format!("{e:?}")),
                 Err(panic) => Err(panic
                     .downcast_ref::<String>()
@@ -1024,5 +1074,14 @@ mod tests {
         assert!(parse_families("0").is_empty() && parse_families("").is_empty());
         let some = parse_families(" norm, attention ,bogus");
         assert_eq!(some, vec![Family::Norm, Family::Attention]);
+    }
+
+    #[test]
+    fn the_ptx_cache_is_named_by_source_and_options() {
+        let (src, hd) = attention_source(64);
+        let a = ptx_cache_path(&src, &hd).unwrap();
+        assert_eq!(a, ptx_cache_path(&src, &hd).unwrap());
+        assert_ne!(a, ptx_cache_path(&src, &attention_source(32).1).unwrap());
+        assert_ne!(a, ptx_cache_path(&source(), &hd).unwrap());
     }
 }
