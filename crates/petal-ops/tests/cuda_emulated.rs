@@ -7,6 +7,7 @@
 //!   on CPU tensors through it (`petal_ops::cuda::emulate_from`): the same launches as on a
 //!   GPU (kernel names, argument order, shapes, grids), checked by `kernel_checks` as the GPU
 //!   tests check them (`cuda_kernels.rs`, `--features cuda`).
+//!
 //! Both need g++ (C++20); without it they say so and pass.
 
 mod kernel_checks;

@@ -4,7 +4,7 @@
 //! the module built for the CPU from the kernels' own source by `tools/cuda_emu/module.cpp`.
 //! Everything between an op and its kernel is then exercised, but cudarc's calls.
 
-use super::{Arg, Spec};
+use super::launch::{Arg, Spec};
 use candle_core::backend::BackendStorage as _;
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Storage, Tensor};
 use std::collections::HashMap;
