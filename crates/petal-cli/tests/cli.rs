@@ -411,8 +411,13 @@ fn training_through_the_emulated_cuda_kernels_follows_the_fused_kernels_loss_cur
     // petal's CUDA kernels (RMSNorm, RoPE and attention with grouped heads and a prefix,
     // SwiGLU, head loss) built for the CPU by tools/cuda_emu and run on CPU tensors through
     // the launches a GPU would get
-    if Command::new("g++").arg("--version").output().is_err() {
-        eprintln!("skipped: no g++ to build the emulated kernels");
+    let gpp = Command::new("g++").arg("-dumpversion").output().ok();
+    let major = gpp.and_then(|o| {
+        let v = String::from_utf8_lossy(&o.stdout).to_string();
+        v.split('.').next()?.trim().parse::<u32>().ok()
+    });
+    if !major.is_some_and(|m| m >= 11) {
+        eprintln!("skipped: no g++ 11 or later (C++20) to build the emulated kernels");
         return;
     }
     let d = tempfile::tempdir().unwrap();

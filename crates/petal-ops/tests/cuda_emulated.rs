@@ -20,10 +20,23 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// Whether a g++ with C++20's <barrier> (11 or later) is here.
 fn have_gpp() -> bool {
-    let ok = Command::new("g++").arg("--version").output().is_ok();
+    let major = Command::new("g++")
+        .arg("-dumpversion")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split('.')
+                .next()?
+                .trim()
+                .parse::<u32>()
+                .ok()
+        });
+    let ok = major.is_some_and(|m| m >= 11);
     if !ok {
-        eprintln!("skipped: no g++ to build the emulated kernels");
+        eprintln!("skipped: no g++ 11 or later to build the emulated kernels");
     }
     ok
 }
