@@ -4,7 +4,7 @@
 //! the module built for the CPU from the kernels' own source by `tools/cuda_emu/module.cpp`.
 //! Everything between an op and its kernel is then exercised, but cudarc's calls.
 
-use super::launch::{Arg, Spec};
+use super::launch::{with_inputs, Arg, Spec};
 use candle_core::backend::BackendStorage as _;
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Storage, Tensor};
 use std::collections::HashMap;
@@ -76,59 +76,60 @@ fn data(s: &CpuStorage, l: &Layout) -> Result<*const c_void> {
     })
 }
 
+fn on_cpu_storage(s: &Storage) -> Option<&CpuStorage> {
+    match s {
+        Storage::Cpu(c) => Some(c),
+        _ => None,
+    }
+}
+
 /// `spec` launched on the CPU over `first` then `rest`, as `imp::run` launches it on a GPU.
 pub(super) fn run(
     spec: &Spec,
     first: &[(&CpuStorage, &Layout)],
     rest: &[Tensor],
 ) -> Result<(CpuStorage, Shape)> {
-    let guards: Vec<_> = rest.iter().map(|t| t.storage_and_layout()).collect();
-    let mut ins: Vec<(&CpuStorage, &Layout)> = first.to_vec();
-    for (g, l) in &guards {
-        match &**g {
-            Storage::Cpu(c) => ins.push((c, l)),
-            _ => candle_core::bail!("{}: an input is not on the CPU", spec.name),
-        }
-    }
-    let n = spec.shape.elem_count();
-    let mut out = match spec.dtype {
-        DType::F32 => CpuStorage::F32(vec![0.0; n]),
-        DType::BF16 => CpuStorage::BF16(vec![half::bf16::ZERO; n]),
-        dt => candle_core::bail!("{}: output of dtype {dt:?}", spec.name),
-    };
-    // cuLaunchKernel's convention: one pointer to each argument's value
-    let mut ptrs = ins
-        .iter()
-        .map(|(s, l)| data(s, l))
-        .collect::<Result<Vec<_>>>()?;
-    ptrs.push(match &mut out {
-        CpuStorage::F32(v) => v.as_mut_ptr() as *const c_void,
-        CpuStorage::BF16(v) => v.as_mut_ptr() as *const c_void,
-        _ => unreachable!("outputs are f32 or bf16"),
-    });
-    let mut params: Vec<*mut c_void> = ptrs
-        .iter()
-        .map(|p| p as *const *const c_void as *mut c_void)
-        .collect();
-    let scalars = spec.args.clone();
-    for a in &scalars {
-        params.push(match a {
-            Arg::I32(v) => v as *const i32 as *mut c_void,
-            Arg::I64(v) => v as *const i64 as *mut c_void,
-            Arg::F32(v) => v as *const f32 as *mut c_void,
+    with_inputs(spec, first, rest, on_cpu_storage, |ins| {
+        let n = spec.shape.elem_count();
+        let mut out = match spec.dtype {
+            DType::F32 => CpuStorage::F32(vec![0.0; n]),
+            DType::BF16 => CpuStorage::BF16(vec![half::bf16::ZERO; n]),
+            dt => candle_core::bail!("{}: output of dtype {dt:?}", spec.name),
+        };
+        // cuLaunchKernel's convention: one pointer to each argument's value
+        let mut ptrs = ins
+            .iter()
+            .map(|(s, l)| data(s, l))
+            .collect::<Result<Vec<_>>>()?;
+        ptrs.push(match &mut out {
+            CpuStorage::F32(v) => v.as_mut_ptr() as *const c_void,
+            CpuStorage::BF16(v) => v.as_mut_ptr() as *const c_void,
+            _ => unreachable!("outputs are f32 or bf16"),
         });
-    }
-    let name =
-        CString::new(spec.name.as_str()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    let mut modules = MODULES
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("cuda emulation: poisoned".into()))?;
-    let launch = entry(spec.head_dim, modules.get_or_insert_with(HashMap::new))?;
-    let (g, b) = (spec.grid, spec.block);
-    // SAFETY: params point at live values of the kernel's argument types, in order
-    let rc = unsafe { launch(name.as_ptr(), params.as_mut_ptr(), g.0, g.1, g.2, b) };
-    if rc != 0 {
-        candle_core::bail!("cuda emulation: no kernel {}", spec.name)
-    }
-    Ok((out, spec.shape.clone()))
+        let mut params: Vec<*mut c_void> = ptrs
+            .iter()
+            .map(|p| p as *const *const c_void as *mut c_void)
+            .collect();
+        let scalars = spec.args.clone();
+        for a in &scalars {
+            params.push(match a {
+                Arg::I32(v) => v as *const i32 as *mut c_void,
+                Arg::I64(v) => v as *const i64 as *mut c_void,
+                Arg::F32(v) => v as *const f32 as *mut c_void,
+            });
+        }
+        let name =
+            CString::new(spec.name.as_str()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let mut modules = MODULES
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("cuda emulation: poisoned".into()))?;
+        let launch = entry(spec.head_dim, modules.get_or_insert_with(HashMap::new))?;
+        let (g, b) = (spec.grid, spec.block);
+        // SAFETY: params point at live values of the kernel's argument types, in order
+        let rc = unsafe { launch(name.as_ptr(), params.as_mut_ptr(), g.0, g.1, g.2, b) };
+        if rc != 0 {
+            candle_core::bail!("cuda emulation: no kernel {}", spec.name)
+        }
+        Ok((out, spec.shape.clone()))
+    })
 }

@@ -1,7 +1,7 @@
 //! The launches on a GPU: each module's PTX (NVRTC, cached on disk), the kernels' arguments
 //! pushed in order, AdamW's table of addresses.
 
-use super::launch::{Arg, Spec};
+use super::launch::{with_inputs, Arg, Spec};
 use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
@@ -154,6 +154,13 @@ fn view<'a>(c: &'a CudaStorage, l: &Layout) -> Result<View<'a>> {
     })
 }
 
+fn on_gpu_storage(s: &Storage) -> Option<&CudaStorage> {
+    match s {
+        Storage::Cuda(c) => Some(c),
+        _ => None,
+    }
+}
+
 /// Launches `spec` over `first` then `rest`, writing a fresh output.
 pub(super) fn run(
     spec: &Spec,
@@ -161,73 +168,67 @@ pub(super) fn run(
     rest: &[Tensor],
 ) -> Result<(CudaStorage, Shape)> {
     use candle_core::backend::BackendStorage;
-    let guards: Vec<_> = rest.iter().map(|t| t.storage_and_layout()).collect();
-    let mut ins: Vec<(&CudaStorage, &Layout)> = first.to_vec();
-    for (g, l) in &guards {
-        match &**g {
-            Storage::Cuda(c) => ins.push((c, l)),
-            _ => candle_core::bail!("{}: an input is not on the GPU", spec.name),
-        }
-    }
-    let views = ins
-        .iter()
-        .map(|(c, l)| view(c, l))
-        .collect::<Result<Vec<_>>>()?;
-    let dev = ins[0].0.device().clone();
-    if spec.grid.0 == 0 {
-        let out = match spec.dtype {
-            DType::BF16 => S::BF16(dev.alloc_zeros::<bf16>(0)?),
-            _ => S::F32(dev.alloc_zeros::<f32>(0)?),
-        };
-        let storage = CudaStorage {
-            slice: out,
-            device: dev,
-        };
-        return Ok((storage, spec.shape.clone()));
-    }
-    let module = format!("petal{}", spec.head_dim);
-    let func = dev.get_or_load_custom_func(&spec.name, &module, ptx(spec.head_dim)?)?;
-    let n = spec.shape.elem_count();
-    // SAFETY: every kernel writes each element of its output.
-    let mut out = match spec.dtype {
-        DType::F32 => S::F32(unsafe { dev.alloc::<f32>(n)? }),
-        DType::BF16 => S::BF16(unsafe { dev.alloc::<bf16>(n)? }),
-        dt => candle_core::bail!("{}: output of dtype {dt:?}", spec.name),
-    };
-    {
-        let mut b = func.builder();
-        for v in &views {
-            match v {
-                View::F32(v) => b.arg(v),
-                View::BF16(v) => b.arg(v),
-                View::I64(v) => b.arg(v),
+    with_inputs(spec, first, rest, on_gpu_storage, |ins| {
+        let views = ins
+            .iter()
+            .map(|(c, l)| view(c, l))
+            .collect::<Result<Vec<_>>>()?;
+        let dev = ins[0].0.device().clone();
+        if spec.grid.0 == 0 {
+            let out = match spec.dtype {
+                DType::BF16 => S::BF16(dev.alloc_zeros::<bf16>(0)?),
+                _ => S::F32(dev.alloc_zeros::<f32>(0)?),
             };
-        }
-        match &mut out {
-            S::F32(s) => b.arg(s),
-            S::BF16(s) => b.arg(s),
-            _ => unreachable!("outputs are f32 or bf16"),
-        };
-        for a in &spec.args {
-            match a {
-                Arg::I32(v) => b.arg(v),
-                Arg::I64(v) => b.arg(v),
-                Arg::F32(v) => b.arg(v),
+            let storage = CudaStorage {
+                slice: out,
+                device: dev,
             };
+            return Ok((storage, spec.shape.clone()));
         }
-        let cfg = LaunchConfig {
-            grid_dim: spec.grid,
-            block_dim: (spec.block, 1, 1),
-            shared_mem_bytes: 0,
+        let module = format!("petal{}", spec.head_dim);
+        let func = dev.get_or_load_custom_func(&spec.name, &module, ptx(spec.head_dim)?)?;
+        let n = spec.shape.elem_count();
+        // SAFETY: every kernel writes each element of its output.
+        let mut out = match spec.dtype {
+            DType::F32 => S::F32(unsafe { dev.alloc::<f32>(n)? }),
+            DType::BF16 => S::BF16(unsafe { dev.alloc::<bf16>(n)? }),
+            dt => candle_core::bail!("{}: output of dtype {dt:?}", spec.name),
         };
-        // SAFETY: the arguments match the kernel's signature (tensors, output, scalars).
-        unsafe { b.launch(cfg) }.w()?;
-    }
-    Ok((
-        CudaStorage {
-            slice: out,
-            device: dev,
-        },
-        spec.shape.clone(),
-    ))
+        {
+            let mut b = func.builder();
+            for v in &views {
+                match v {
+                    View::F32(v) => b.arg(v),
+                    View::BF16(v) => b.arg(v),
+                    View::I64(v) => b.arg(v),
+                };
+            }
+            match &mut out {
+                S::F32(s) => b.arg(s),
+                S::BF16(s) => b.arg(s),
+                _ => unreachable!("outputs are f32 or bf16"),
+            };
+            for a in &spec.args {
+                match a {
+                    Arg::I32(v) => b.arg(v),
+                    Arg::I64(v) => b.arg(v),
+                    Arg::F32(v) => b.arg(v),
+                };
+            }
+            let cfg = LaunchConfig {
+                grid_dim: spec.grid,
+                block_dim: (spec.block, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the arguments match the kernel's signature (tensors, output, scalars).
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok((
+            CudaStorage {
+                slice: out,
+                device: dev,
+            },
+            spec.shape.clone(),
+        ))
+    })
 }

@@ -6,7 +6,7 @@ use super::emulating;
 #[cfg(feature = "cuda")]
 use super::imp;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
 };
 
 /// A scalar kernel argument, pushed after the tensors.
@@ -255,6 +255,26 @@ impl CustomOp3 for Kernel3 {
         )?;
         Ok((da, db, dc))
     }
+}
+
+/// `f` over the storages of `first` then of `rest` (each taken by `pick`, which says whether
+/// it is on the launch's device), `rest`'s storage guards held while `f` runs.
+pub(super) fn with_inputs<S, R>(
+    spec: &Spec,
+    first: &[(&S, &Layout)],
+    rest: &[Tensor],
+    pick: impl Fn(&Storage) -> Option<&S>,
+    f: impl FnOnce(&[(&S, &Layout)]) -> Result<R>,
+) -> Result<R> {
+    let guards: Vec<_> = rest.iter().map(|t| t.storage_and_layout()).collect();
+    let mut ins: Vec<(&S, &Layout)> = first.to_vec();
+    for (g, l) in &guards {
+        let Some(s) = pick(g) else {
+            candle_core::bail!("{}: an input is on another device", spec.name)
+        };
+        ins.push((s, l));
+    }
+    f(&ins)
 }
 
 /// Runs a kernel with no backward over contiguous inputs.
