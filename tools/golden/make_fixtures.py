@@ -5,7 +5,10 @@ Qwen2 (GQA, q/k/v bias, tied head) models as HF folders, PEFT LoRA adapters cove
 config cases petal must match, and the logits of each on fixed input ids.
 
     python -m venv .venv && .venv/bin/pip install -r tools/golden/requirements.txt
-    .venv/bin/python tools/golden/make_fixtures.py
+    .venv/bin/python tools/golden/make_fixtures.py [--mixed-only]
+
+Also writes mixed_batch.safetensors: PEFT's mixed-adapter batches (`adapter_names`) over the
+saved adapters (`--mixed-only`: that file alone).
 """
 import json
 import os
@@ -284,5 +287,43 @@ def main():
     print("wrote", ROOT, file=sys.stderr)
 
 
+# Mixed-adapter batches: PEFT's `adapter_names`, each row through its own adapter (or none)
+MIXED_IDS = torch.tensor([[1, 5, 9, 14, 20, 33, 2, 71], [7, 7, 3, 90, 45, 12, 60, 8], [4, 18, 18, 2, 95, 0, 31, 6],
+                          [50, 49, 48, 47, 3, 3, 1, 2], [11, 22, 33, 44, 55, 66, 77, 88]])
+MIXED = {
+    # name: (base, {adapter name: fixture adapter}, adapter of each row)
+    "qwen2_mixed": ("qwen2", {"a": "qwen2_lora_all_linear", "b": "qwen2_lora_second", "c": "qwen2_lora_embedding_tied"},
+                    ["a", "__base__", "b", "c", "a"]),
+    "llama_mixed": ("llama", {"q": "llama_lora_qv", "e": "llama_lora_embedding"}, ["q", "e", "__base__", "e", "q"]),
+    # a trained head copy (modules_to_save): PEFT wants every row's adapter to have one
+    # (KeyError otherwise), so only that adapter and the base rows here
+    "llama_mixed_head": ("llama", {"h": "llama_lora_head_to_save", "q": "llama_lora_qv"},
+                         ["h", "__base__", "h", "__base__", "h"]),
+}
+
+
+def mixed_batches():
+    """Writes mixed_batch.safetensors (the ids, and the logits of each case in MIXED, made from
+    the adapters main() saved) and mixed_batch.json (the cases)."""
+    bases = {"llama": llama, "qwen2": qwen2}
+    out = {"input_ids": MIXED_IDS.to(torch.int64)}
+    for case, (base, adapters, rows) in MIXED.items():
+        names = list(adapters)
+        pm = PeftModel.from_pretrained(bases[base](), os.path.join(ROOT, "adapters", adapters[names[0]]),
+                                       adapter_name=names[0])
+        for n in names[1:]:
+            pm.load_adapter(os.path.join(ROOT, "adapters", adapters[n]), adapter_name=n)
+        pm.eval()
+        with torch.no_grad():
+            out[case] = pm(input_ids=MIXED_IDS, adapter_names=rows).logits.float().contiguous()
+    save_file(out, os.path.join(ROOT, "mixed_batch.safetensors"))
+    with open(os.path.join(ROOT, "mixed_batch.json"), "w") as f:
+        json.dump({c: {"base": b, "adapters": a, "rows": r} for c, (b, a, r) in MIXED.items()}, f, indent=1)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--mixed-only"]:  # the adapters main() saved are on disk already
+        mixed_batches()
+    else:
+        main()
+        mixed_batches()

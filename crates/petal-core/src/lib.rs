@@ -10,6 +10,7 @@ pub mod error;
 pub mod inject;
 pub mod linear;
 pub mod methods;
+pub mod mixed;
 pub mod norm;
 pub mod registry;
 pub mod rng;
@@ -20,6 +21,7 @@ pub use config::AdapterConfig;
 pub use error::{Error, Result};
 pub use inject::{inject_adapter, Adaptable, InjectionReport, ParamCount};
 pub use linear::AdaptableLinear;
+pub use mixed::with_adapter_rows;
 pub use norm::AdaptableNorm;
 
 #[doc(hidden)]

@@ -60,8 +60,12 @@ impl AdaptableLinear {
         self.weight.dims()[usize::from(self.embedding)]
     }
 
-    /// y = x W^T + b, then each active, unmerged adapter in order.
+    /// y = x W^T + b, then each active, unmerged adapter in order; inside
+    /// [`crate::mixed::with_adapter_rows`], each row's own adapter instead.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if let Some(rows) = crate::mixed::current().filter(|_| !self.disabled) {
+            return self.forward_rows(x, &rows, train);
+        }
         let live: Vec<&dyn AdapterLayer> = if self.disabled {
             Vec::new()
         } else {
@@ -71,7 +75,23 @@ impl AdaptableLinear {
                 .filter_map(|n| self.layer(n))
                 .collect()
         };
-        let mut y = if self.embedding {
+        if let [only] = live.as_slice() {
+            if !self.embedding {
+                if let Some(y) = only.fused_forward(x, &self.weight, self.bias.as_ref(), train) {
+                    return y;
+                }
+            }
+        }
+        let mut y = self.base_forward(x)?;
+        for layer in live {
+            y = layer.forward(x, y, train)?;
+        }
+        Ok(y)
+    }
+
+    /// The frozen module alone: x W^T + b, or rows of the embedding table for token ids.
+    fn base_forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(if self.embedding {
             // x holds token ids (any shape): rows of the table
             let mut dims = x.dims().to_vec();
             dims.push(self.weight.dim(1)?);
@@ -79,17 +99,51 @@ impl AdaptableLinear {
                 .index_select(&x.flatten_all()?, 0)?
                 .reshape(dims)?
         } else {
-            if let [only] = live.as_slice() {
-                if let Some(y) = only.fused_forward(x, &self.weight, self.bias.as_ref(), train) {
-                    return y;
-                }
-            }
             petal_ops::frozen_linear(x, &self.weight, self.bias.as_ref())?
-        };
-        for layer in live {
-            y = layer.forward(x, y, train)?;
+        })
+    }
+
+    /// A mixed-adapter batch (see `mixed.rs`): the base output for every row, then each
+    /// adapter on its rows (x[rows] -> its forward over y[rows]), put back in row order by one
+    /// gather over [y; out_1; out_2; ...].
+    fn forward_rows(&self, x: &Tensor, rows: &[String], train: bool) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        if train {
+            return Err(Error::msg(
+                "mixed adapter batch: inference only (a training forward was asked for)",
+            ));
         }
-        Ok(y)
+        if rows.len() != n {
+            return Err(Error::msg(format!(
+                "{}: mixed adapter batch of {} adapter names for a batch of {n} rows",
+                self.path,
+                rows.len()
+            )));
+        }
+        let y = self.base_forward(x)?;
+        let groups = crate::mixed::groups(rows, |name| self.layer(name).is_some());
+        let x = &x.contiguous()?; // rows are gathered from it
+        if groups.is_empty() {
+            return Ok(y);
+        }
+        let dev = x.device();
+        let mut pieces = vec![y.clone()];
+        let mut source: Vec<u32> = (0..n as u32).collect(); // row i of the result: row source[i] of the pieces
+        let mut at = n as u32;
+        for (name, idx) in groups {
+            let layer = self
+                .layer(name)
+                .ok_or_else(|| Error::msg(format!("{}: adapter `{name}` vanished", self.path)))?;
+            let sel = Tensor::new(idx.as_slice(), dev)?;
+            let out = layer.forward(&x.index_select(&sel, 0)?, y.index_select(&sel, 0)?, false)?;
+            for (k, &i) in idx.iter().enumerate() {
+                source[i as usize] = at + k as u32;
+            }
+            at += idx.len() as u32;
+            pieces.push(out.to_dtype(y.dtype())?);
+        }
+        let source = Tensor::new(source.as_slice(), dev)?;
+        Ok(Tensor::cat(&pieces, 0)?.index_select(&source, 0)?)
     }
 
     /// `W = W - offset` (PiSSA/OLoRA move the adapter's initial part out of the base).

@@ -217,7 +217,7 @@ impl Llama {
             .active()
             .iter()
             .any(|a| !self.lm_head.merged_names().contains(&a.as_str()));
-        (!busy).then(|| self.lm_head.weight())
+        (!busy && !petal_core::mixed::in_mixed_batch()).then(|| self.lm_head.weight())
     }
 
     /// Logits (.., vocab) of hidden states (.., hidden), through the (adaptable) head.

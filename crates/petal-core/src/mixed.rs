@@ -1,0 +1,130 @@
+//! Mixed-adapter batches: row i of a batch goes through adapter `rows[i]` (or through the base
+//! model alone, [`BASE`]), all rows in one forward pass. This is PEFT's `adapter_names`
+//! argument (`model(input_ids, adapter_names=["a", "__base__", "b"])`, LoRA's
+//! `_mixed_batch_forward` in `peft/tuners/lora/layer.py`), the building block of serving many
+//! adapters at once.
+//!
+//! The rows travel in a scoped, per-thread context, never as `forward` arguments: models know
+//! nothing of it. Each [`crate::AdaptableLinear`] computes the base output for the whole batch
+//! once, then each adapter's output on its own rows only (the rows gathered, the adapter's
+//! `forward` run on them, the results put back in place). Every linear-layer method is
+//! row-independent, so this holds for all of them (PEFT allows LoRA without DoRA); methods that
+//! act outside the linears (prompt learning, LN tuning) cannot mix and are refused.
+
+use crate::inject::Adaptable;
+use crate::{Error, Result};
+use std::cell::RefCell;
+use std::rc::Rc;
+
+/// The row name that means "no adapter" (PEFT's placeholder).
+pub const BASE: &str = "__base__";
+
+thread_local! {
+    static ROWS: RefCell<Option<Rc<[String]>>> = const { RefCell::new(None) };
+}
+
+/// The adapter of each row while inside [`with_adapter_rows`] on this thread.
+pub(crate) fn current() -> Option<Rc<[String]>> {
+    ROWS.with(|r| r.borrow().clone())
+}
+
+/// Whether this thread is inside [`with_adapter_rows`] (a fused path that skips the adapted
+/// modules, such as a head + loss kernel over the frozen head, must not be taken then).
+pub fn in_mixed_batch() -> bool {
+    ROWS.with(|r| r.borrow().is_some())
+}
+
+/// Restores the outer context when `f` ends, returns or unwinds.
+struct Restore(Option<Rc<[String]>>);
+impl Drop for Restore {
+    fn drop(&mut self) {
+        ROWS.with(|r| *r.borrow_mut() = self.0.take());
+    }
+}
+
+/// Runs `f` with row i of every batch the model sees going through adapter `rows[i]` ([`BASE`]:
+/// none), whatever adapters are active. Checked first: every name is an adapter of `model` on
+/// its linear layers, no adapter is merged, and no prompt-learning or LN-tuning adapter is in
+/// use (they act on every row). Inference only: a training forward inside is an error.
+pub fn with_adapter_rows<R>(
+    model: &dyn Adaptable,
+    rows: &[&str],
+    f: impl FnOnce() -> Result<R>,
+) -> Result<R> {
+    check(model, rows)?;
+    let rows: Rc<[String]> = rows.iter().map(|s| s.to_string()).collect();
+    let outer = ROWS.with(|r| r.borrow_mut().replace(rows));
+    let _restore = Restore(outer);
+    f()
+}
+
+fn check(model: &dyn Adaptable, rows: &[&str]) -> Result<()> {
+    if rows.is_empty() {
+        return Err(Error::msg("mixed adapter batch: no adapter names given"));
+    }
+    let linears = model.linears();
+    let mut known: Vec<&str> = linears.iter().flat_map(|l| l.adapter_names()).collect();
+    known.sort();
+    known.dedup();
+    let input = model.input_adapter().map(|(n, _)| n);
+    if let Some(n) = input {
+        return Err(Error::Unsupported(format!(
+            "mixed adapter batch: adapter `{n}` is prompt learning (virtual tokens for every \
+             row); detach it to mix adapters on linear layers"
+        )));
+    }
+    for norm in model.norms() {
+        if let Some(n) = norm.names().into_iter().find(|n| norm.is_active(n)) {
+            return Err(Error::Unsupported(format!(
+                "mixed adapter batch: LN-tuning adapter `{n}` is active on {} and acts on every \
+                 row; deactivate it to mix adapters on linear layers",
+                norm.path()
+            )));
+        }
+    }
+    if let Some(l) = linears.iter().find(|l| !l.merged_names().is_empty()) {
+        return Err(Error::msg(format!(
+            "mixed adapter batch: adapter `{}` is merged into {}; unmerge it first",
+            l.merged_names()[0],
+            l.path()
+        )));
+    }
+    for name in rows.iter().filter(|n| **n != BASE) {
+        if !known.contains(name) {
+            let on_norms = model.norms().iter().any(|n| n.copy(name).is_some());
+            return Err(Error::msg(if on_norms {
+                format!("mixed adapter batch: adapter `{name}` tunes norms (LN tuning), which cannot mix rows")
+            } else {
+                format!(
+                    "mixed adapter batch: no adapter `{name}` (the model has: {}; `{BASE}` for \
+                     the base model)",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                )
+            }));
+        }
+    }
+    Ok(())
+}
+
+/// Rows grouped by adapter, in order of first appearance: (adapter, its row indices). Rows of
+/// [`BASE`] and of adapters `has` rejects (a module the adapter does not target) stay out.
+pub(crate) fn groups<'a>(
+    rows: &'a [String],
+    has: impl Fn(&str) -> bool,
+) -> Vec<(&'a str, Vec<u32>)> {
+    let mut out: Vec<(&str, Vec<u32>)> = Vec::new();
+    for (i, name) in rows.iter().enumerate() {
+        if name == BASE || !has(name) {
+            continue;
+        }
+        match out.iter_mut().find(|(n, _)| n == name) {
+            Some((_, v)) => v.push(i as u32),
+            None => out.push((name, vec![i as u32])),
+        }
+    }
+    out
+}
