@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use petal_models::{load_model, LoadedModel};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// `asset:NAME[/sub/path]` -> the cached asset path; anything else unchanged.
 pub fn resolve_spec(spec: &str) -> Result<String> {
@@ -57,20 +57,41 @@ pub fn bf16_activations(on: bool, dt: DType) -> Result<()> {
     Ok(())
 }
 
-/// Load `model` and attach each adapter folder (named after its position: "default", "a1", …),
-/// all active.
+/// An `--adapter` argument: `NAME=FOLDER`, or a folder named after its position ("default",
+/// "a1", "a2", …).
+pub fn adapter_name(i: usize, arg: &Path) -> (String, PathBuf) {
+    let s = arg.to_string_lossy();
+    if let Some((name, dir)) = s.split_once('=') {
+        let word = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+        if word && !arg.exists() {
+            return (name.to_string(), PathBuf::from(dir));
+        }
+    }
+    let name = if i == 0 {
+        "default".to_string()
+    } else {
+        format!("a{i}")
+    };
+    (name, arg.to_path_buf())
+}
+
+/// Load `model` and attach each adapter folder (see [`adapter_name`]), all active.
 pub fn load(model: &str, adapters: &[PathBuf], dt: &str, dev: &str) -> Result<LoadedModel> {
     let spec = resolve_spec(model)?;
     let mut lm = load_model(&spec, dtype(dt)?, &device(dev)?)
         .with_context(|| format!("loading model {spec}"))?;
+    let mut names: Vec<String> = Vec::new();
     for (i, a) in adapters.iter().enumerate() {
-        let name = if i == 0 {
-            "default".to_string()
-        } else {
-            format!("a{i}")
-        };
-        petal_io::attach_adapter(&mut lm.model, a, &name)
-            .with_context(|| format!("loading adapter {}", a.display()))?;
+        let (name, dir) = adapter_name(i, a);
+        if name == petal_core::mixed::BASE || names.contains(&name) {
+            bail!("--adapter {}: the name `{name}` is taken", a.display());
+        }
+        petal_io::attach_adapter(&mut lm.model, &dir, &name)
+            .with_context(|| format!("loading adapter {}", dir.display()))?;
+        names.push(name);
     }
     Ok(lm)
 }

@@ -14,7 +14,8 @@ pub struct ModelArgs {
     /// HF folder, .gguf file, hub id, or asset:NAME
     #[arg(long, default_value = "asset:smollm2")]
     pub model: String,
-    /// PEFT adapter folder(s); all are active
+    /// PEFT adapter folder(s), as FOLDER or NAME=FOLDER (unnamed: "default", "a1", "a2", …);
+    /// all are active
     #[arg(long)]
     pub adapter: Vec<PathBuf>,
     #[arg(long, default_value = "f32")]

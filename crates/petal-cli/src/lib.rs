@@ -8,5 +8,6 @@ pub mod common;
 pub mod config_file;
 pub mod gen_cmd;
 pub mod plot;
+pub mod serve_cmd;
 pub mod tools_cmd;
 pub mod train_cmd;

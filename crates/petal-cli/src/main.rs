@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use petal_cli::{bench_cmd, gen_cmd, tools_cmd, train_cmd};
+use petal_cli::{bench_cmd, gen_cmd, serve_cmd, tools_cmd, train_cmd};
 
 #[derive(Parser)]
 #[command(
@@ -57,6 +57,11 @@ enum Cmd {
     Bench(bench_cmd::BenchArgs),
     /// Fetch the pinned real models and data (SmolLM2, Shakespeare, GSM8K) into the cache
     Assets(tools_cmd::AssetsArgs),
+    /// Serve the model and its adapters over HTTP (OpenAI-style completions; `model` picks the adapter)
+    #[command(
+        after_help = "Example:\n  petal serve --adapter hamlet=runs/hamlet/adapter --adapter chat=runs/chat/adapter --port 8000\n  curl localhost:8000/v1/completions -d '{\"model\": \"hamlet\", \"prompt\": \"HAMLET:\", \"max_tokens\": 32}'"
+    )]
+    Serve(serve_cmd::ServeArgs),
 }
 
 /// mimalloc's `mi_option_purge_delay` (mimalloc.h, v2 and v3: between `eager_commit_delay` = 14
@@ -115,5 +120,6 @@ fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Forward(a) => tools_cmd::run_forward(a),
         Cmd::Assets(a) => tools_cmd::run_assets(a),
         Cmd::Bench(a) => bench_cmd::run(a),
+        Cmd::Serve(a) => serve_cmd::run(a),
     }
 }

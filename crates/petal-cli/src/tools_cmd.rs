@@ -188,6 +188,10 @@ pub struct ForwardArgs {
     /// Output safetensors file with key `logits` [batch, seq, vocab] (f32)
     #[arg(long)]
     pub out: PathBuf,
+    /// A mixed-adapter batch: the adapter of each row, comma-separated (`__base__`: none), as
+    /// PEFT's `adapter_names`
+    #[arg(long, value_delimiter = ',')]
+    pub adapter_names: Vec<String>,
 }
 
 pub fn parse_ids(s: &str) -> Result<(Vec<u32>, usize, usize)> {
@@ -221,7 +225,14 @@ pub fn run_forward(a: ForwardArgs) -> Result<()> {
         );
     }
     let x = Tensor::from_vec(ids, (b, t), lm.model.device())?;
-    let logits = lm.model.forward(&x, None, false)?.to_dtype(DType::F32)?;
+    let forward = || lm.model.forward(&x, None, false);
+    let logits = if a.adapter_names.is_empty() {
+        forward()?
+    } else {
+        let rows: Vec<&str> = a.adapter_names.iter().map(String::as_str).collect();
+        petal_core::with_adapter_rows(&lm.model, &rows, forward)?
+    }
+    .to_dtype(DType::F32)?;
     let mut m = HashMap::new();
     m.insert("logits".to_string(), logits);
     petal_io::write_safetensors_atomic(&a.out, &m)?;

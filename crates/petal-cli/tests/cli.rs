@@ -446,3 +446,116 @@ fn training_through_the_emulated_cuda_kernels_follows_the_fused_kernels_loss_cur
         same_curves(method, &curve(false, i, method), &curve(true, i, method));
     }
 }
+
+#[test]
+fn forward_with_adapter_names_writes_peft_s_mixed_adapter_batch_logits() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("l.safetensors");
+    let g = golden();
+    let (model, a, b, c) = (
+        g.join("qwen2"),
+        format!("a={}", g.join("adapters/qwen2_lora_all_linear").display()),
+        format!("b={}", g.join("adapters/qwen2_lora_second").display()),
+        format!(
+            "c={}",
+            g.join("adapters/qwen2_lora_embedding_tied").display()
+        ),
+    );
+    let ids = logits_at(&g.join("mixed_batch.safetensors"), "input_ids");
+    let rows: Vec<String> = ids
+        .to_vec2::<i64>()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect();
+    let ids = rows.join(";");
+    #[rustfmt::skip]
+    let o = petal(&["forward", "--model", model.to_str().unwrap(), "--adapter", &a, "--adapter", &b,
+        "--adapter", &c, "--input-ids", &ids, "--adapter-names", "a,__base__,b,c,a",
+        "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = logits_at(&g.join("mixed_batch.safetensors"), "qwen2_mixed");
+    let e = petal_ops::testing::max_rel(&logits_file(&out), &want);
+    assert!(e < 1e-4, "relative error {e:e}");
+    // one name too few: refused, naming both counts
+    #[rustfmt::skip]
+    let o = petal(&["forward", "--model", model.to_str().unwrap(), "--adapter", &a, "--input-ids", &ids,
+        "--adapter-names", "a,a,a,a", "--out", out.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("4 adapter names for a batch of 5 rows"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn serve_answers_completions_over_http_through_the_named_adapter() {
+    use std::io::{BufRead, Read, Write};
+    let g = golden();
+    let adapter = format!("q={}", g.join("adapters/llama_lora_qv").display());
+    /// Ends the server however the test ends.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_petal"))
+        .args([
+            "serve",
+            "--model",
+            g.join("llama").to_str().unwrap(),
+            "--adapter",
+            &adapter,
+        ])
+        .args(["--port", "0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map(Kill)
+        .unwrap();
+    // the first line names the address it listens on
+    let mut line = String::new();
+    std::io::BufReader::new(child.0.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    let body = r#"{"model": "q", "prompt": "w5 w9", "max_tokens": 3, "temperature": 0}"#;
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.0\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    drop(child);
+    assert!(
+        resp.starts_with("HTTP/1.0 200") || resp.starts_with("HTTP/1.1 200"),
+        "{resp}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(resp.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(json["model"], "q");
+    assert_eq!(json["usage"]["completion_tokens"], 3);
+    assert_eq!(
+        json["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .split(' ')
+            .count(),
+        3
+    );
+}

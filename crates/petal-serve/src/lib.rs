@@ -1,8 +1,11 @@
 //! petal-serve: generation with a KV cache (greedy, temperature, top-k, top-p, repetition
-//! penalty, stop strings, streaming), with or without adapters.
+//! penalty, stop strings, streaming), with or without adapters, and `petal serve`'s HTTP
+//! server (many adapters side by side, each request through its own).
 
 pub mod generate;
 pub mod sampling;
+pub mod server;
 
 pub use generate::{generate, Generated, StopReason};
 pub use sampling::SamplingParams;
+pub use server::Served;

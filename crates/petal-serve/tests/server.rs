@@ -1,0 +1,201 @@
+//! `petal serve`'s HTTP server on the tiny golden Llama with two PEFT adapters, over real TCP
+//! sockets: each request's completion against `generate` run directly with that adapter
+//! active, and bad requests against their OpenAI-style errors.
+
+use candle_core::{DType, Device};
+use petal_core::inject::set_active;
+use petal_models::{load_model, LoadedModel};
+use petal_serve::{generate, SamplingParams, Served};
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+
+fn golden() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden")
+}
+
+fn model_with(adapters: &[(&str, &str)]) -> LoadedModel {
+    let mut lm = load_model(
+        golden().join("llama").to_str().unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (name, folder) in adapters {
+        petal_io::attach_adapter(&mut lm.model, &golden().join("adapters").join(folder), name)
+            .unwrap();
+    }
+    lm
+}
+
+/// One HTTP/1.0 request; the status and the JSON body of the response.
+fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: petal\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text.split(' ').nth(1).unwrap().parse().unwrap();
+    let (_, json) = text.split_once("\r\n\r\n").unwrap();
+    (status, serde_json::from_str(json).unwrap())
+}
+
+/// Unblocks the server when dropped, so a failed assertion ends the test instead of leaving
+/// the server thread waiting (and the scope with it).
+struct Stop<'a>(&'a tiny_http::Server);
+impl Drop for Stop<'_> {
+    fn drop(&mut self) {
+        self.0.unblock();
+    }
+}
+
+/// Runs `f` against `lm` served on a free local port, then stops the server.
+fn serving(lm: &LoadedModel, f: impl FnOnce(SocketAddr)) {
+    let http = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let addr = http.server_addr().to_ip().unwrap();
+    let served = Served {
+        model: &lm.model,
+        tokenizer: &lm.tokenizer,
+        model_id: "tiny-llama".into(),
+    };
+    std::thread::scope(|s| {
+        let server = s.spawn(|| served.serve(&http));
+        {
+            let _stop = Stop(&http);
+            f(addr);
+        }
+        server.join().unwrap().unwrap();
+    });
+}
+
+const PROMPT: &str = "w5 w9 w14 w20 w33";
+
+#[test]
+fn each_request_is_served_through_the_adapter_its_model_field_names() {
+    let mut lm = model_with(&[("q", "llama_lora_qv"), ("e", "llama_lora_embedding")]);
+    // what each adapter generates alone (greedy, 8 tokens)
+    let ids = lm.tokenizer.encode(PROMPT, true).unwrap();
+    let p = SamplingParams {
+        max_new_tokens: 8,
+        ..Default::default()
+    };
+    let mut want = Vec::new();
+    for active in [vec!["q"], vec!["e"], vec![]] {
+        set_active(&mut lm.model, &active);
+        want.push(
+            generate(&lm.model, &lm.tokenizer, &ids, &p, &mut |_| {})
+                .unwrap()
+                .text,
+        );
+    }
+    assert!(
+        want[0] != want[1] && want[1] != want[2],
+        "the adapters must differ: {want:?}"
+    );
+    set_active(&mut lm.model, &["q", "e"]); // what is active does not matter to the server
+    serving(&lm, |addr| {
+        for (model, want) in [
+            ("q", &want[0]),
+            ("e", &want[1]),
+            ("tiny-llama", &want[2]),
+            ("__base__", &want[2]),
+        ] {
+            let body = json!({"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0});
+            let (status, r) = request(addr, "POST", "/v1/completions", &body.to_string());
+            assert_eq!(status, 200, "{r}");
+            assert_eq!(
+                r["choices"][0]["text"].as_str().unwrap(),
+                want,
+                "model {model}"
+            );
+            assert_eq!(r["choices"][0]["finish_reason"], "length");
+            assert_eq!(r["usage"]["prompt_tokens"], ids.len());
+            assert_eq!(r["usage"]["completion_tokens"], 8);
+            assert_eq!(r["object"], "text_completion");
+        }
+        let (status, r) = request(addr, "GET", "/v1/models", "");
+        assert_eq!(status, 200);
+        let ids: Vec<&str> = r["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["tiny-llama", "e", "q"]);
+    });
+}
+
+#[test]
+fn bad_requests_get_openai_style_errors_and_the_server_keeps_serving() {
+    let lm = model_with(&[("q", "llama_lora_qv")]);
+    serving(&lm, |addr| {
+        let post = |body: &str| request(addr, "POST", "/v1/completions", body);
+        let cases: [(&str, u16, &str); 7] = [
+            (
+                r#"{"model": "nope", "prompt": "w5"}"#,
+                404,
+                "model `nope` is not served (serving: tiny-llama, q)",
+            ),
+            (
+                r#"{"model": "q", "prompt": }"#,
+                400,
+                "not JSON: expected value at line 1 column 26",
+            ),
+            (r#"{"model": "q"}"#, 400, "`prompt` is required"),
+            (r#"{"prompt": "w5", "stream": true}"#, 400, "streaming"),
+            (
+                r#"{"prompt": "w5", "max_tokens": -2}"#,
+                400,
+                "`max_tokens` must be a whole number",
+            ),
+            (
+                r#"{"prompt": "w5", "stop": 3}"#,
+                400,
+                "`stop` must be a string or a list",
+            ),
+            (r#"[1, 2]"#, 400, "must be a JSON object"),
+        ];
+        for (body, status, msg) in cases {
+            let (got, r) = post(body);
+            assert_eq!(got, status, "{body}: {r}");
+            let m = r["error"]["message"].as_str().unwrap();
+            assert!(m.contains(msg), "{body}: {m}");
+            assert_eq!(r["error"]["code"], status);
+        }
+        let long = vec!["w5"; 70].join(" "); // the tiny model's context is 64
+        let (got, r) = post(&json!({"prompt": long}).to_string());
+        assert_eq!(got, 400);
+        assert!(
+            r["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("context is 64"),
+            "{r}"
+        );
+        let (got, _) = request(addr, "GET", "/v1/completions", "");
+        assert_eq!(got, 405);
+        let (got, _) = request(addr, "GET", "/v2/else", "");
+        assert_eq!(got, 404);
+        let (got, r) = post(r#"{"model": "q", "prompt": "w5", "max_tokens": 2, "stop": ["w"]}"#);
+        assert_eq!(got, 200, "{r}");
+        assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    });
+}
+
+#[test]
+fn a_model_with_a_prompt_learning_adapter_is_refused_before_serving() {
+    let lm = model_with(&[("p", "llama_prompt_tuning")]);
+    let http = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let served = Served {
+        model: &lm.model,
+        tokenizer: &lm.tokenizer,
+        model_id: "tiny".into(),
+    };
+    let e = served.serve(&http).unwrap_err().to_string();
+    assert!(e.contains("prompt learning"), "{e}");
+}
