@@ -75,7 +75,17 @@ impl AdaptableLinear {
                 .filter_map(|n| self.layer(n))
                 .collect()
         };
-        if let [only] = live.as_slice() {
+        self.forward_through(x, &live, train)
+    }
+
+    /// x W^T + b, then each of `live` in order (one alone: its fused op where it has one).
+    fn forward_through(
+        &self,
+        x: &Tensor,
+        live: &[&dyn AdapterLayer],
+        train: bool,
+    ) -> Result<Tensor> {
+        if let [only] = live {
             if !self.embedding {
                 if let Some(y) = only.fused_forward(x, &self.weight, self.bias.as_ref(), train) {
                     return y;
@@ -120,12 +130,19 @@ impl AdaptableLinear {
                 rows.len()
             )));
         }
-        let y = self.base_forward(x)?;
         let groups = crate::mixed::groups(rows, |name| self.layer(name).is_some());
-        let x = &x.contiguous()?; // rows are gathered from it
+        if let [(name, idx)] = groups.as_slice() {
+            if idx.len() == n {
+                // every row through one adapter (a single request): as if it alone were active
+                let layer = self.layer(name).into_iter().collect::<Vec<_>>();
+                return self.forward_through(x, &layer, false);
+            }
+        }
+        let y = self.base_forward(x)?;
         if groups.is_empty() {
             return Ok(y);
         }
+        let x = &x.contiguous()?; // rows are gathered from it
         let dev = x.device();
         let mut pieces = vec![y.clone()];
         let mut source: Vec<u32> = (0..n as u32).collect(); // row i of the result: row source[i] of the pieces

@@ -112,10 +112,7 @@ fn check(model: &dyn Adaptable, rows: &[&str]) -> Result<()> {
 
 /// Rows grouped by adapter, in order of first appearance: (adapter, its row indices). Rows of
 /// [`BASE`] and of adapters `has` rejects (a module the adapter does not target) stay out.
-pub(crate) fn groups<'a>(
-    rows: &'a [String],
-    has: impl Fn(&str) -> bool,
-) -> Vec<(&'a str, Vec<u32>)> {
+pub(crate) fn groups(rows: &[String], has: impl Fn(&str) -> bool) -> Vec<(&str, Vec<u32>)> {
     let mut out: Vec<(&str, Vec<u32>)> = Vec::new();
     for (i, name) in rows.iter().enumerate() {
         if name == BASE || !has(name) {
