@@ -14,6 +14,9 @@ pub struct ServeArgs {
     /// Port to listen on (0: any free port, printed at start)
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
+    /// The most completions generated together (those waiting when the server turns to them)
+    #[arg(long, default_value_t = 8)]
+    pub max_batch: usize,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -22,6 +25,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         model: &lm.model,
         tokenizer: &lm.tokenizer,
         model_id: a.model.model.clone(),
+        max_batch: a.max_batch,
     };
     let addr = format!("{}:{}", a.host, a.port);
     let http = tiny_http::Server::http(&addr)

@@ -75,10 +75,12 @@ pub fn check_identity_at_init(cfg: &AdapterConfig) {
     let t = adapted(cfg, false);
     let x = Toy::input();
     let base = Toy::new().forward(&x);
-    assert_eq!(
-        max_rel(&t.forward(&x), &base),
-        0.0,
-        "zero-init adapter must not change the output"
+    // equal up to the rounding of a different product kernel: a method that computes
+    // x (W + dW)^T in one product (LoHa, LoKr) meets the base model's few-row kernel here
+    let e = max_rel(&t.forward(&x), &base);
+    assert!(
+        e <= 1e-6,
+        "zero-init adapter must not change the output: {e:e}"
     );
 }
 

@@ -12,6 +12,7 @@ use petal_io::Weights;
 use petal_ops::{causal_attention_bthd, residual_add, rms_norm, rope_tables, swiglu, Rope};
 
 mod bias_export;
+mod decode;
 
 /// The one norm factory: an RMSNorm weight (h) under HF path `path`.
 fn norm(w: &Weights, path: &str, h: usize, dt: DType, dev: &Device) -> Result<AdaptableNorm> {
@@ -365,13 +366,28 @@ impl Llama {
         prefix: Option<(Tensor, Tensor)>,
         train: bool,
     ) -> Result<Tensor> {
-        let d = self.cfg.head_dim;
         // Heads token-major and merged (b, t, heads * d), as the projections write them, and q,
         // k unrotated: the attention op reorders and applies RoPE inside, so no transposed,
         // reshaped or rotated copy of q, k, v or the output enters the graph.
         let q = at.q.forward(x, train)?;
-        let mut k = at.k.forward(x, train)?;
-        let mut v = at.v.forward(x, train)?;
+        let k = at.k.forward(x, train)?;
+        let v = at.v.forward(x, train)?;
+        let o = self.attend(&q, k, v, rope_from, kv, prefix)?;
+        at.o.forward(&o, train)
+    }
+
+    /// Causal attention of projected q, k, v (b, t, heads * d), unrotated, through the cache
+    /// slot and after the prefix where given; the output before the o projection.
+    pub(crate) fn attend(
+        &self,
+        q: &Tensor,
+        mut k: Tensor,
+        mut v: Tensor,
+        rope_from: usize,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        prefix: Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let d = self.cfg.head_dim;
         let t = k.dim(1)?;
         // With a cache (decoding), the new keys are rotated here and the cache holds rotated
         // keys, so no step rotates the whole cache again; the op then rotates q only.
@@ -405,8 +421,14 @@ impl Llama {
             sin: &self.sin,
             from,
         };
-        let o = causal_attention_bthd(&q, &k, &v, d, 1.0 / (d as f64).sqrt(), Some(rope))?;
-        at.o.forward(&o, train)
+        Ok(causal_attention_bthd(
+            q,
+            &k,
+            &v,
+            d,
+            1.0 / (d as f64).sqrt(),
+            Some(rope),
+        )?)
     }
 
     /// Every base tensor under its HF name (merged weights included), for export.

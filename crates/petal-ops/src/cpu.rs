@@ -232,3 +232,45 @@ pub(crate) fn mm(
         )
     }
 }
+
+/// `x (m, k) W^T` with `W (n, k)`, both f32 and laid out contiguously: few rows (decoding)
+/// through `skinny`, more through `gemm` (via candle's matmul). `None` for other dtypes.
+pub(crate) fn matmul_wt(
+    xs: &CpuStorage,
+    xl: &Layout,
+    ws: &CpuStorage,
+    wl: &Layout,
+    (m, n, k): (usize, usize, usize),
+) -> Result<CpuStorage> {
+    use candle_core::backend::BackendStorage;
+    if let (CpuStorage::F32(_), CpuStorage::F32(_)) = (xs, ws) {
+        if (1..=crate::skinny::MAX_ROWS).contains(&m) && fast() {
+            if let (Ok(x), Ok(w)) = (f32s(xs, xl), f32s(ws, wl)) {
+                return Ok(CpuStorage::F32(crate::skinny::xwt(x, w, m, n, k)));
+            }
+        }
+    }
+    xs.matmul(ws, (1, m, n, k), xl, &wl.transpose(0, 1)?)
+}
+
+/// `c (m, n) = [c +] alpha x (m, k) W^T` for row-major `x` and `W (n, k)`: few rows through
+/// `skinny` (W read in place), more through `gemm` on the thread pool.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mm_wt(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    acc: bool,
+    alpha: f32,
+    x: &[f32],
+    w: &[f32],
+) {
+    if !(1..=crate::skinny::MAX_ROWS).contains(&m) || !fast() {
+        return mm(m, n, k, c, acc, alpha, rows(x, k), cols(w, k), true);
+    }
+    let y = crate::skinny::xwt(x, w, m, n, k);
+    for (c, y) in c[..m * n].iter_mut().zip(y) {
+        *c = if acc { *c + alpha * y } else { alpha * y };
+    }
+}

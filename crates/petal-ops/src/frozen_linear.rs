@@ -39,8 +39,7 @@ impl CustomOp2 for FrozenLinear {
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (shape, m, n, k) = out_shape(xl, wl)?;
-        let wt = wl.transpose(0, 1)?; // (in, out) view of W
-        let y = xs.matmul(ws, (1, m, n, k), &as_2d(xl, m, k), &wt)?;
+        let y = crate::cpu::matmul_wt(xs, &as_2d(xl, m, k), ws, wl, (m, n, k))?;
         Ok((y, shape))
     }
 

@@ -25,6 +25,7 @@ pub mod nn;
 pub mod pair_rotate;
 pub mod rope;
 pub mod scale;
+mod skinny;
 #[doc(hidden)]
 pub mod testing;
 pub mod vmath;

@@ -5,8 +5,7 @@
 
 use crate::bf16;
 use crate::cpu::{
-    act_in, act_out, act_rows, bf16s, cast, cols, f32s, fast_act_ok, fast_lora_ok, mm, rows,
-    with_last,
+    act_in, act_out, act_rows, bf16s, cast, f32s, fast_act_ok, fast_lora_ok, mm_wt, with_last,
 };
 use crate::frozen_linear::Bf16Linear;
 use candle_core::backend::BackendStorage;
@@ -53,10 +52,10 @@ impl CustomOp3 for LoraLinear {
                 inp,
                 true,
             )),
-            _ => xs.matmul(ws, (1, n, out, inp), &x2, &wl.transpose(0, 1)?)?,
+            _ => crate::cpu::matmul_wt(xs, &x2, ws, &wl, (n, out, inp))?,
         };
         let h2 = Layout::contiguous_with_offset((n, r), hl.start_offset());
-        let low = hs.matmul(bs, (1, n, out, r), &h2, &bl.transpose(0, 1)?)?;
+        let low = crate::cpu::matmul_wt(hs, &h2, bs, bl, (n, out, r))?;
         let (CpuStorage::F32(mut y), CpuStorage::F32(d)) = (base, low) else {
             candle_core::bail!("petal-lora-linear: f32 only")
         };
@@ -169,17 +168,7 @@ impl CustomOp3 for LoraFull {
         let (a, bm) = (f32s(as_, al)?, f32s(bs, bl)?);
         let xf = act_in(xs, &x2)?;
         let mut h = vec![0f32; n * r];
-        mm(
-            n,
-            r,
-            inp,
-            &mut h,
-            false,
-            1.0,
-            rows(&xf, inp),
-            cols(a, inp),
-            true,
-        );
+        mm_wt(n, r, inp, &mut h, false, 1.0, &xf, a);
         let (ws, wl) = self.w.storage_and_layout();
         let Storage::Cpu(ws) = &*ws else {
             candle_core::bail!("petal-lora: cpu only")
@@ -189,23 +178,13 @@ impl CustomOp3 for LoraFull {
             _ => {
                 let mut y = vec![0f32; n * out];
                 let w = f32s(ws, wl)?;
-                mm(
-                    n,
-                    out,
-                    inp,
-                    &mut y,
-                    false,
-                    1.0,
-                    rows(&xf, inp),
-                    cols(w, inp),
-                    true,
-                );
+                mm_wt(n, out, inp, &mut y, false, 1.0, &xf, w);
                 y
             }
         };
         // y += s h B^T, in the same buffer
         let s = self.scale as f32;
-        mm(n, out, r, &mut y, true, s, rows(&h, r), cols(bm, r), true);
+        mm_wt(n, out, r, &mut y, true, s, &h, bm);
         if let Some(b) = &self.b {
             y.par_chunks_mut(out)
                 .for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));

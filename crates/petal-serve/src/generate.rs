@@ -1,10 +1,12 @@
-//! Autoregressive generation: one prefill over the prompt, then one cached step per token.
+//! Autoregressive generation: one prefill over the prompt, then one cached step per token; for
+//! several prompts at once, the steps of all unfinished ones as one batch (`generate_batch`).
 
 use crate::sampling::{apply_repetition_penalty, sample, SamplingParams};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, IndexOp, Tensor};
+use petal_core::mixed::with_adapter_rows;
 use petal_core::{Error, Result};
 use petal_data::Tokenizer;
-use petal_models::Llama;
+use petal_models::{KvCache, Llama};
 use rand::SeedableRng;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -22,14 +24,110 @@ pub struct Generated {
     pub stop: StopReason,
 }
 
-fn last_logits(logits: &Tensor) -> Result<Vec<f32>> {
+/// Logits of the last position of row `r` of (b, t, vocab) logits.
+fn last_logits(logits: &Tensor, r: usize) -> Result<Vec<f32>> {
     let t = logits.dim(1)?;
-    Ok(logits
-        .narrow(1, t - 1, 1)?
-        .squeeze(1)?
-        .squeeze(0)?
-        .to_dtype(DType::F32)?
-        .to_vec1()?)
+    Ok(logits.i((r, t - 1))?.to_dtype(DType::F32)?.to_vec1()?)
+}
+
+/// One sequence being generated: its sampler, what it has produced, and whether it is done.
+struct Sequence<'a> {
+    p: &'a SamplingParams,
+    rng: rand::rngs::StdRng,
+    seen: Vec<u32>,
+    out: Vec<u32>,
+    text: String,
+    stop: Option<StopReason>,
+    cache: KvCache,
+}
+
+impl<'a> Sequence<'a> {
+    fn new(model: &Llama, prompt: &[u32], p: &'a SamplingParams) -> Result<Self> {
+        if prompt.is_empty() {
+            return Err(Error::msg("empty prompt"));
+        }
+        Ok(Sequence {
+            p,
+            rng: rand::rngs::StdRng::seed_from_u64(p.seed),
+            seen: prompt.to_vec(),
+            out: Vec::new(),
+            text: String::new(),
+            stop: None,
+            cache: model.new_cache(),
+        })
+    }
+
+    /// Takes the logits after the last token: the next token to feed, or None once done
+    /// (`stop` then says why). `on_text` receives each newly decoded piece.
+    fn next(
+        &mut self,
+        mut logits: Vec<f32>,
+        tok: &Tokenizer,
+        ctx: usize,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Option<u32>> {
+        let stop = self.advance(&mut logits, tok, ctx, on_text)?;
+        if let Err(why) = stop {
+            if why != StopReason::StopString {
+                self.text = decode(tok, &self.out)?;
+            }
+            self.stop = Some(why);
+            return Ok(None);
+        }
+        Ok(stop.ok())
+    }
+
+    fn advance(
+        &mut self,
+        logits: &mut [f32],
+        tok: &Tokenizer,
+        ctx: usize,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<std::result::Result<u32, StopReason>> {
+        if self.out.len() >= self.p.max_new_tokens {
+            return Ok(Err(StopReason::MaxTokens));
+        }
+        apply_repetition_penalty(logits, &self.seen, self.p.repetition_penalty);
+        let next = sample(logits, self.p, &mut self.rng);
+        if Some(next) == tok.eos_id {
+            return Ok(Err(StopReason::Eos));
+        }
+        self.out.push(next);
+        self.seen.push(next);
+        let full = decode(tok, &self.out)?;
+        // Emit only complete characters (a byte-level token can end mid-character).
+        if full.len() > self.text.len() && !full.ends_with('\u{FFFD}') {
+            on_text(&full[self.text.len()..]);
+            self.text = full;
+        }
+        let text = &self.text;
+        if let Some(pos) = self
+            .p
+            .stop
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            self.text.truncate(pos);
+            return Ok(Err(StopReason::StopString));
+        }
+        if self.cache.len() + 1 > ctx {
+            return Ok(Err(StopReason::ContextFull));
+        }
+        Ok(Ok(next))
+    }
+
+    fn done(self) -> Generated {
+        Generated {
+            ids: self.out,
+            text: self.text,
+            stop: self.stop.unwrap_or(StopReason::MaxTokens),
+        }
+    }
+}
+
+fn decode(tok: &Tokenizer, ids: &[u32]) -> Result<String> {
+    tok.decode(ids, true).map_err(|e| Error::msg(e.to_string()))
 }
 
 /// Generate from `prompt` token ids; `on_text` receives each newly decoded piece (streaming).
@@ -40,52 +138,62 @@ pub fn generate(
     p: &SamplingParams,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generated> {
-    if prompt.is_empty() {
-        return Err(Error::msg("empty prompt"));
-    }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(p.seed);
-    let mut cache = model.new_cache();
+    let mut s = Sequence::new(model, prompt, p)?;
     let dev = model.device();
     let ids = Tensor::new(prompt, dev)?.unsqueeze(0)?;
-    let mut logits = last_logits(&model.forward(&ids, Some(&mut cache), false)?)?;
-    let mut seen: Vec<u32> = prompt.to_vec();
-    let mut out: Vec<u32> = Vec::new();
-    let mut text = String::new();
+    let mut logits = last_logits(&model.forward(&ids, Some(&mut s.cache), false)?, 0)?;
     let ctx = model.cfg.max_position_embeddings;
-    let dec = |ids: &[u32]| tok.decode(ids, true).map_err(|e| Error::msg(e.to_string()));
-    let stop = loop {
-        if out.len() >= p.max_new_tokens {
-            break StopReason::MaxTokens;
-        }
-        apply_repetition_penalty(&mut logits, &seen, p.repetition_penalty);
-        let next = sample(&logits, p, &mut rng);
-        if Some(next) == tok.eos_id {
-            break StopReason::Eos;
-        }
-        out.push(next);
-        seen.push(next);
-        let full = dec(&out)?;
-        // Emit only complete characters (a byte-level token can end mid-character).
-        if full.len() > text.len() && !full.ends_with('\u{FFFD}') {
-            on_text(&full[text.len()..]);
-            text = full;
-        }
-        if let Some(pos) = p.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-            text.truncate(pos);
-            break StopReason::StopString;
-        }
-        if cache.len() + 1 > ctx {
-            break StopReason::ContextFull;
-        }
+    while let Some(next) = s.next(logits, tok, ctx, on_text)? {
         let step = Tensor::new(&[next], dev)?.unsqueeze(0)?;
-        logits = last_logits(&model.forward(&step, Some(&mut cache), false)?)?;
-    };
-    if stop != StopReason::StopString {
-        text = dec(&out)?;
+        logits = last_logits(&model.forward(&step, Some(&mut s.cache), false)?, 0)?;
     }
-    Ok(Generated {
-        ids: out,
-        text,
-        stop,
-    })
+    Ok(s.done())
+}
+
+/// One prompt of a batch: its token ids, sampling settings and adapter (`BASE`: none).
+pub struct Request<'a> {
+    pub prompt: &'a [u32],
+    pub params: &'a SamplingParams,
+    pub adapter: &'a str,
+}
+
+/// Generates for every request together: each prompt prefilled on its own (through its
+/// adapter), then one batched step per token over the unfinished sequences, each row through
+/// its own adapter and KV cache (`Llama::decode_rows`). Each result equals what `generate`
+/// gives for that request alone with its adapter active (up to rounding of the batched
+/// products).
+pub fn generate_batch(model: &Llama, tok: &Tokenizer, reqs: &[Request]) -> Result<Vec<Generated>> {
+    let dev = model.device();
+    let ctx = model.cfg.max_position_embeddings;
+    let mut seqs = Vec::with_capacity(reqs.len());
+    let mut feed: Vec<Option<u32>> = Vec::with_capacity(reqs.len());
+    for r in reqs {
+        let mut s = Sequence::new(model, r.prompt, r.params)?;
+        let ids = Tensor::new(r.prompt, dev)?.unsqueeze(0)?;
+        let logits = with_adapter_rows(model, &[r.adapter], || {
+            model.forward(&ids, Some(&mut s.cache), false)
+        })?;
+        feed.push(s.next(last_logits(&logits, 0)?, tok, ctx, &mut |_| {})?);
+        seqs.push(s);
+    }
+    loop {
+        let live: Vec<usize> = (0..seqs.len()).filter(|&i| feed[i].is_some()).collect();
+        if live.is_empty() {
+            break;
+        }
+        let ids: Vec<u32> = live.iter().filter_map(|&i| feed[i]).collect();
+        let ids = Tensor::new(ids.as_slice(), dev)?.unsqueeze(1)?; // (b, 1)
+        let rows: Vec<&str> = live.iter().map(|&i| reqs[i].adapter).collect();
+        let mut caches: Vec<&mut KvCache> = seqs
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| feed[*i].is_some())
+            .map(|(_, s)| &mut s.cache)
+            .collect();
+        let logits = with_adapter_rows(model, &rows, || model.decode_rows(&ids, &mut caches))?;
+        for (r, &i) in live.iter().enumerate() {
+            feed[i] = seqs[i].next(last_logits(&logits, r)?, tok, ctx, &mut |_| {})?;
+        }
+    }
+    Ok(seqs.into_iter().map(Sequence::done).collect())
 }

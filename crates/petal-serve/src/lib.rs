@@ -6,6 +6,6 @@ pub mod generate;
 pub mod sampling;
 pub mod server;
 
-pub use generate::{generate, Generated, StopReason};
+pub use generate::{generate, generate_batch, Generated, Request, StopReason};
 pub use sampling::SamplingParams;
 pub use server::Served;

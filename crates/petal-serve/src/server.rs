@@ -9,13 +9,15 @@
 //! fields: `max_tokens` (default 16, as OpenAI), `temperature` (default 1; 0 is greedy),
 //! `top_p`, `top_k`, `repetition_penalty`, `stop` (a string or a list), `seed`. Fields this
 //! server does not read are ignored, as OpenAI clients send many; `stream` and `n` > 1 are
-//! refused with a 400. Requests are served one at a time, in arrival order.
+//! refused with a 400. Completions that are waiting together (up to `max_batch`) are generated
+//! as one batch (`generate_batch`: each through its own adapter and KV cache, the steps decoded
+//! together); the response's `petal.batch` says how many were.
 //!
 //! Errors come back as OpenAI's `{"error": {"message", "type", "code"}}` with a 4xx status: bad
 //! JSON (with its line and column), a missing or mistyped field, an unknown adapter (the
 //! available ones listed), a prompt longer than the context.
 
-use crate::{generate, SamplingParams, StopReason};
+use crate::{generate_batch, Generated, Request, SamplingParams, StopReason};
 use petal_core::mixed::{with_adapter_rows, BASE};
 use petal_core::Adaptable;
 use petal_data::template::Message;
@@ -30,6 +32,39 @@ pub struct Served<'a> {
     pub tokenizer: &'a Tokenizer,
     /// The base model's id in `/v1/models` and responses (e.g. the model path or hub id).
     pub model_id: String,
+    /// The most completions generated together (those waiting when the server turns to them).
+    pub max_batch: usize,
+}
+
+/// A completion to generate: prompt ids, sampling, adapter (`BASE`: none), chat or not.
+struct Job {
+    ids: Vec<u32>,
+    params: SamplingParams,
+    adapter: String,
+    chat: bool,
+}
+
+/// A request answered at once, or a completion to generate.
+enum Handled {
+    Now(Value),
+    Job(Job),
+}
+
+/// Sends `r` as JSON (a failure as OpenAI's error object with its status).
+fn respond(req: tiny_http::Request, r: Result<Value, Failure>) {
+    let (status, body) = match r {
+        Ok(v) => (200, v),
+        Err(Failure(status, kind, message)) => (
+            status,
+            json!({"error": {"message": message, "type": kind, "code": status}}),
+        ),
+    };
+    let mut resp = tiny_http::Response::from_string(body.to_string()).with_status_code(status);
+    if let Ok(h) = tiny_http::Header::from_bytes("Content-Type", "application/json") {
+        resp = resp.with_header(h);
+    }
+    // a client that hung up is its own loss, not the server's
+    let _ = req.respond(resp);
 }
 
 /// A failed request: HTTP status, OpenAI error type, message.
@@ -56,37 +91,68 @@ impl Served<'_> {
     }
 
     /// Serves `http`'s requests until it is unblocked (`tiny_http::Server::unblock`) or fails.
-    /// Refuses at once a model whose adapters cannot be chosen per request (prompt learning,
-    /// active LN tuning).
+    /// Completions waiting together (up to `max_batch`) are generated as one batch. Refuses at
+    /// once a model whose adapters cannot be chosen per request (prompt learning, active LN
+    /// tuning).
     pub fn serve(&self, http: &tiny_http::Server) -> petal_core::Result<()> {
         with_adapter_rows(self.model, &[BASE], || Ok(()))?;
-        for mut req in http.incoming_requests() {
-            let (status, body) = match self.handle(&mut req) {
-                Ok(v) => (200, v),
-                Err(Failure(status, kind, message)) => (
-                    status,
-                    json!({"error": {"message": message, "type": kind, "code": status}}),
-                ),
-            };
-            let header = tiny_http::Header::from_bytes("Content-Type", "application/json")
-                .map_err(|_| petal_core::Error::msg("content-type header"))?;
-            let resp = tiny_http::Response::from_string(body.to_string())
-                .with_status_code(status)
-                .with_header(header);
-            // a client that hung up is its own loss, not the server's
-            let _ = req.respond(resp);
+        for first in http.incoming_requests() {
+            let mut waiting = vec![first];
+            while waiting.len() < self.max_batch.max(1) {
+                match http.try_recv() {
+                    Ok(Some(r)) => waiting.push(r),
+                    _ => break,
+                }
+            }
+            self.answer(waiting);
         }
         Ok(())
     }
 
-    fn handle(&self, req: &mut tiny_http::Request) -> Result<Value, Failure> {
+    /// Answers a group of requests: the others at once, the completions as one batch.
+    fn answer(&self, waiting: Vec<tiny_http::Request>) {
+        let mut jobs: Vec<(tiny_http::Request, Job)> = Vec::new();
+        for mut req in waiting {
+            match self.handle(&mut req) {
+                Ok(Handled::Now(v)) => respond(req, Ok(v)),
+                Ok(Handled::Job(job)) => jobs.push((req, job)),
+                Err(f) => respond(req, Err(f)),
+            }
+        }
+        if jobs.is_empty() {
+            return;
+        }
+        let reqs: Vec<Request> = jobs
+            .iter()
+            .map(|(_, j)| Request {
+                prompt: &j.ids,
+                params: &j.params,
+                adapter: &j.adapter,
+            })
+            .collect();
+        let batch = jobs.len();
+        match generate_batch(self.model, self.tokenizer, &reqs) {
+            Ok(done) => {
+                for ((req, job), g) in jobs.into_iter().zip(done) {
+                    respond(req, Ok(self.completion(&job, &g, batch)));
+                }
+            }
+            Err(e) => {
+                for (req, _) in jobs {
+                    respond(req, Err(Failure(500, "server_error", e.to_string())));
+                }
+            }
+        }
+    }
+
+    fn handle(&self, req: &mut tiny_http::Request) -> Result<Handled, Failure> {
         use tiny_http::Method::{Get, Post};
         let path = req.url().split('?').next().unwrap_or("").to_string();
         match (req.method(), path.as_str()) {
-            (Get, "/health") => Ok(json!({"status": "ok"})),
-            (Get, "/v1/models") => Ok(self.models()),
-            (Post, "/v1/completions") => self.complete(&body(req)?, false),
-            (Post, "/v1/chat/completions") => self.complete(&body(req)?, true),
+            (Get, "/health") => Ok(Handled::Now(json!({"status": "ok"}))),
+            (Get, "/v1/models") => Ok(Handled::Now(self.models())),
+            (Post, "/v1/completions") => Ok(Handled::Job(self.job(&body(req)?, false)?)),
+            (Post, "/v1/chat/completions") => Ok(Handled::Job(self.job(&body(req)?, true)?)),
             (_, "/health" | "/v1/models" | "/v1/completions" | "/v1/chat/completions") => {
                 Err(Failure(
                     405,
@@ -137,7 +203,8 @@ impl Served<'_> {
         ))
     }
 
-    fn complete(&self, req: &Value, chat: bool) -> Result<Value, Failure> {
+    /// A completion request checked and tokenized.
+    fn job(&self, req: &Value, chat: bool) -> Result<Job, Failure> {
         if req.get("stream").and_then(Value::as_bool) == Some(true) {
             return Err(bad(
                 "`stream`: streaming responses are not supported yet; send stream: false",
@@ -172,20 +239,26 @@ impl Served<'_> {
                 ids.len()
             )));
         }
-        let params = sampling(req)?;
-        let g = with_adapter_rows(self.model, &[adapter.as_str()], || {
-            generate(self.model, self.tokenizer, &ids, &params, &mut |_| {})
+        Ok(Job {
+            ids,
+            params: sampling(req)?,
+            adapter,
+            chat,
         })
-        .map_err(|e| Failure(500, "server_error", e.to_string()))?;
+    }
+
+    /// The OpenAI-style response to `job`, generated as `g` in a batch of `batch`.
+    fn completion(&self, job: &Job, g: &Generated, batch: usize) -> Value {
         let finish = match g.stop {
             StopReason::Eos | StopReason::StopString => "stop",
             StopReason::MaxTokens | StopReason::ContextFull => "length",
         };
-        let name = if adapter == BASE {
-            self.model_id.clone()
+        let name = if job.adapter == BASE {
+            self.model_id.as_str()
         } else {
-            adapter
+            job.adapter.as_str()
         };
+        let chat = job.chat;
         let choice = if chat {
             json!({"index": 0, "message": {"role": "assistant", "content": g.text}, "finish_reason": finish})
         } else {
@@ -195,15 +268,17 @@ impl Served<'_> {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        Ok(json!({
+        let n = job.ids.len();
+        json!({
             "id": format!("{}-{created}", if chat { "chatcmpl" } else { "cmpl" }),
             "object": if chat { "chat.completion" } else { "text_completion" },
             "created": created,
             "model": name,
             "choices": [choice],
-            "usage": {"prompt_tokens": ids.len(), "completion_tokens": g.ids.len(),
-                      "total_tokens": ids.len() + g.ids.len()},
-        }))
+            "usage": {"prompt_tokens": n, "completion_tokens": g.ids.len(), "total_tokens": n + g.ids.len()},
+            // petal's own: how many requests were decoded together with this one
+            "petal": {"batch": batch},
+        })
     }
 
     fn chat_ids(&self, req: &Value) -> Result<Vec<u32>, Failure> {

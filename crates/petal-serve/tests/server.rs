@@ -62,6 +62,7 @@ fn serving(lm: &LoadedModel, f: impl FnOnce(SocketAddr)) {
         model: &lm.model,
         tokenizer: &lm.tokenizer,
         model_id: "tiny-llama".into(),
+        max_batch: 8,
     };
     std::thread::scope(|s| {
         let server = s.spawn(|| served.serve(&http));
@@ -195,7 +196,75 @@ fn a_model_with_a_prompt_learning_adapter_is_refused_before_serving() {
         model: &lm.model,
         tokenizer: &lm.tokenizer,
         model_id: "tiny".into(),
+        max_batch: 8,
     };
     let e = served.serve(&http).unwrap_err().to_string();
     assert!(e.contains("prompt learning"), "{e}");
+}
+
+#[test]
+fn requests_waiting_together_are_generated_as_one_batch_with_each_adapter_s_output() {
+    let mut lm = model_with(&[("q", "llama_lora_qv"), ("e", "llama_lora_embedding")]);
+    let prompts = ["w5 w9 w14 w20 w33", "w7 w7", "w60 w8 w3 w90"];
+    let models = ["q", "tiny-llama", "e"];
+    let mut want = Vec::new();
+    for (prompt, model) in prompts.iter().zip(models) {
+        let active: &[&str] = if model == "tiny-llama" { &[] } else { &[model] };
+        set_active(&mut lm.model, active);
+        let ids = lm.tokenizer.encode(prompt, true).unwrap();
+        let p = SamplingParams {
+            max_new_tokens: 6,
+            ..Default::default()
+        };
+        want.push(
+            generate(&lm.model, &lm.tokenizer, &ids, &p, &mut |_| {})
+                .unwrap()
+                .text,
+        );
+    }
+    let http = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let addr = http.server_addr().to_ip().unwrap();
+    let served = Served {
+        model: &lm.model,
+        tokenizer: &lm.tokenizer,
+        model_id: "tiny-llama".into(),
+        max_batch: 8,
+    };
+    std::thread::scope(|s| {
+        // the requests are sent and queued before the server starts taking them
+        let clients: Vec<_> = prompts
+            .iter()
+            .zip(models)
+            .map(|(prompt, model)| {
+                s.spawn(move || {
+                    let body = json!({"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0});
+                    request(addr, "POST", "/v1/completions", &body.to_string())
+                })
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let server = s.spawn(|| served.serve(&http));
+        let _stop = Stop(&http);
+        let answers: Vec<(u16, Value)> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+        for (i, (status, r)) in answers.iter().enumerate() {
+            assert_eq!(*status, 200, "{r}");
+            assert_eq!(
+                r["choices"][0]["text"].as_str().unwrap(),
+                want[i],
+                "request {i} ({})",
+                models[i]
+            );
+            assert_eq!(r["model"], models[i]);
+        }
+        let batches: Vec<u64> = answers
+            .iter()
+            .map(|(_, r)| r["petal"]["batch"].as_u64().unwrap())
+            .collect();
+        assert!(
+            batches.iter().any(|&b| b > 1),
+            "no request was batched: {batches:?}"
+        );
+        drop(_stop);
+        server.join().unwrap().unwrap();
+    });
 }

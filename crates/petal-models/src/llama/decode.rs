@@ -1,0 +1,67 @@
+//! One decoding step for several sequences at once, each with its own KV cache (its own
+//! length): the projections, MLPs and head run over all rows as one batch (through each row's
+//! adapter inside `petal_core::with_adapter_rows`), attention row by row against that row's
+//! cache. This is what lets a server decode concurrent requests together.
+
+use super::{KvCache, Llama};
+use candle_core::{DType, Tensor};
+use petal_core::{Error, Result};
+use petal_ops::{residual_add, swiglu};
+
+impl Llama {
+    /// Logits (b, 1, vocab) in f32 for one new token per sequence, `ids` (b, 1); row r
+    /// continues `caches[r]` (filled by a prefill through `forward`), which is extended.
+    /// Row r's logits equal `forward(ids[r], Some(caches[r]))`'s.
+    pub fn decode_rows(&self, ids: &Tensor, caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if t != 1 || b != caches.len() {
+            return Err(Error::msg(format!(
+                "decode_rows: ids ({b}, {t}) for {} caches; one new token per cache",
+                caches.len()
+            )));
+        }
+        if let Some((n, _)) = &self.input {
+            return Err(Error::Unsupported(format!(
+                "decode_rows: input-side adapter `{n}` (prompt learning) is attached"
+            )));
+        }
+        let ctx = self.cfg.max_position_embeddings;
+        if let Some(c) = caches.iter().find(|c| c.len() + 1 > ctx) {
+            return Err(Error::msg(format!(
+                "sequence of {} tokens exceeds the model's context of {ctx}",
+                c.len() + 1
+            )));
+        }
+        let mut x = self.embed.forward(ids, false)?.to_dtype(self.resid)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = self.rms(&x, &layer.ln1)?;
+            let at = &layer.attn;
+            let (q, k, v) = (
+                at.q.forward(&h, false)?,
+                at.k.forward(&h, false)?,
+                at.v.forward(&h, false)?,
+            );
+            let mut o = Vec::with_capacity(b);
+            for (r, cache) in caches.iter_mut().enumerate() {
+                let row = |t: &Tensor| t.narrow(0, r, 1);
+                o.push(self.attend(
+                    &row(&q)?,
+                    row(&k)?,
+                    row(&v)?,
+                    0,
+                    Some(&mut cache.kv[i]),
+                    None,
+                )?);
+            }
+            let a = at.o.forward(&Tensor::cat(&o, 0)?, false)?;
+            x = residual_add(&x, &a)?;
+            let h = self.rms(&x, &layer.ln2)?;
+            let m = &layer.mlp;
+            let g = m.gate.forward(&h, false)?;
+            let u = m.up.forward(&h, false)?;
+            x = residual_add(&x, &m.down.forward(&swiglu(&g, &u)?, false)?)?;
+        }
+        let h = self.final_norm(&x)?;
+        Ok(self.lm_head.forward(&h, false)?.to_dtype(DType::F32)?)
+    }
+}
