@@ -12,8 +12,26 @@ use rayon::prelude::*;
 pub(crate) const MAX_ROWS: usize = 16;
 const LANES: usize = 16;
 
-/// `x` (m, k) and `w` (n, k) row-major, 1 <= m <= MAX_ROWS: `x w^T`, (m, n) row-major.
-pub(crate) fn xwt(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+/// A weight element read as f32: f32 itself, or bf16 bits (the top half of an f32).
+pub(crate) trait Widen: Copy + Send + Sync {
+    fn f32(self) -> f32;
+}
+impl Widen for f32 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+impl Widen for u16 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
+    }
+}
+
+/// `x` (m, k) and `w` (n, k) row-major (f32, or bf16 bits), 1 <= m <= MAX_ROWS: `x w^T`,
+/// (m, n) row-major, summed in f32.
+pub(crate) fn xwt<W: Widen>(x: &[f32], w: &[W], m: usize, n: usize, k: usize) -> Vec<f32> {
     assert!((1..=MAX_ROWS).contains(&m) && x.len() >= m * k && w.len() >= n * k);
     let mut yt = vec![0f32; n * m]; // (n, m): each W row's m outputs together
     let per_task = (16384 / k.max(1)).clamp(4, 256); // about 64 KB of W a task
@@ -36,7 +54,7 @@ pub(crate) fn xwt(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32
 }
 
 /// `outs[i] = <row, x[i]>` for each row i of x (k wide).
-fn dots(row: &[f32], x: &[f32], k: usize, outs: &mut [f32]) {
+fn dots<W: Widen>(row: &[W], x: &[f32], k: usize, outs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F (checked just above).
@@ -47,33 +65,33 @@ fn dots(row: &[f32], x: &[f32], k: usize, outs: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dots_avx512(row: &[f32], x: &[f32], k: usize, outs: &mut [f32]) {
+unsafe fn dots_avx512<W: Widen>(row: &[W], x: &[f32], k: usize, outs: &mut [f32]) {
     dots_any(row, x, k, outs)
 }
 
 /// Four x rows at a time against one W row, LANES independent sums each (so the compiler
 /// keeps them in vector registers without reassociating anything), then the tail.
 #[inline(always)]
-fn dots_any(row: &[f32], x: &[f32], k: usize, outs: &mut [f32]) {
+fn dots_any<W: Widen>(row: &[W], x: &[f32], k: usize, outs: &mut [f32]) {
     let body = k / LANES * LANES;
     let mut i = 0;
     while i < outs.len() {
         let r = (outs.len() - i).min(4);
         let mut acc = [[0f32; LANES]; 4];
         for c in (0..body).step_by(LANES) {
-            let wc: &[f32; LANES] = row[c..c + LANES].try_into().expect("LANES wide");
+            let wc: &[W; LANES] = row[c..c + LANES].try_into().expect("LANES wide");
             for (q, a) in acc.iter_mut().enumerate().take(r) {
                 let xc: &[f32; LANES] = x[(i + q) * k + c..(i + q) * k + c + LANES]
                     .try_into()
                     .expect("LANES wide");
                 for l in 0..LANES {
-                    a[l] += wc[l] * xc[l];
+                    a[l] += wc[l].f32() * xc[l];
                 }
             }
         }
         for (q, a) in acc.iter().enumerate().take(r) {
             let xr = &x[(i + q) * k..(i + q + 1) * k];
-            let tail: f32 = (body..k).map(|c| row[c] * xr[c]).sum();
+            let tail: f32 = (body..k).map(|c| row[c].f32() * xr[c]).sum();
             outs[i + q] = a.iter().sum::<f32>() + tail;
         }
         i += r;
@@ -115,6 +133,26 @@ mod tests {
                         "({m},{n},{k}) [{i},{o}]: {got} vs {want}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn few_row_products_over_bf16_weights_equal_the_definition_on_the_widened_weights() {
+        let (m, n, k) = (3, 77, 131);
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
+            .collect();
+        let w: Vec<u16> = (0..n * k)
+            .map(|i| half::bf16::from_f32(((i * 53 % 97) as f32 - 48.0) / 32.0).to_bits())
+            .collect();
+        let y = xwt(&x, &w, m, n, k);
+        for i in 0..m {
+            for o in 0..n {
+                let want: f64 = (0..k)
+                    .map(|c| x[i * k + c] as f64 * half::bf16::from_bits(w[o * k + c]).to_f64())
+                    .sum();
+                assert!((y[i * n + o] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()));
             }
         }
     }
