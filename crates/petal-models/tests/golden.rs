@@ -1,30 +1,17 @@
 //! petal's logits against golden logits made by the real transformers 5.24 + PEFT 0.21.2
 //! (tools/golden/make_fixtures.py): base models and PEFT-saved LoRA adapters.
 
+mod common;
 use candle_core::{DType, Device, Tensor};
+use common::{model, root};
 use petal_core::inject::set_active;
 use petal_core::{Adaptable, ParamCount};
-use petal_models::{load_model, Llama};
+use petal_models::Llama;
 use petal_ops::testing::max_rel;
 use std::collections::HashMap;
-use std::path::PathBuf;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden")
-}
 
 fn golden() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(root().join("logits.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn model(name: &str) -> Llama {
-    load_model(
-        root().join(name).to_str().unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
-    .model
 }
 
 fn logits(m: &Llama) -> Tensor {

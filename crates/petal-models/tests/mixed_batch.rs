@@ -3,27 +3,14 @@
 //! tools/golden/make_fixtures.py with PEFT 0.21.2), and against each adapter run alone for the
 //! methods PEFT does not mix.
 
+mod common;
 use candle_core::{DType, Device, IndexOp, Tensor};
+use common::{model, root};
 use petal_core::inject::set_active;
 use petal_core::{with_adapter_rows, Adaptable};
-use petal_models::{load_model, Llama};
+use petal_models::Llama;
 use petal_ops::testing::max_rel;
 use std::collections::HashMap;
-use std::path::PathBuf;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden")
-}
-
-fn model(name: &str) -> Llama {
-    load_model(
-        root().join(name).to_str().unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
-    .model
-}
 
 fn golden() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(root().join("mixed_batch.safetensors"), &Device::Cpu).unwrap()

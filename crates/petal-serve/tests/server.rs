@@ -56,6 +56,12 @@ impl Drop for Stop<'_> {
 
 /// Runs `f` against `lm` served on a free local port, then stops the server.
 fn serving(lm: &LoadedModel, f: impl FnOnce(SocketAddr)) {
+    serving_from(lm, std::time::Duration::ZERO, f)
+}
+
+/// `serving`, the server starting to take requests only `after` this long (requests sent
+/// meanwhile queue up).
+fn serving_from(lm: &LoadedModel, after: std::time::Duration, f: impl FnOnce(SocketAddr)) {
     let http = tiny_http::Server::http("127.0.0.1:0").unwrap();
     let addr = http.server_addr().to_ip().unwrap();
     let served = Served {
@@ -65,7 +71,10 @@ fn serving(lm: &LoadedModel, f: impl FnOnce(SocketAddr)) {
         max_batch: 8,
     };
     std::thread::scope(|s| {
-        let server = s.spawn(|| served.serve(&http));
+        let server = s.spawn(|| {
+            std::thread::sleep(after);
+            served.serve(&http)
+        });
         {
             let _stop = Stop(&http);
             f(addr);
@@ -222,30 +231,21 @@ fn requests_waiting_together_are_generated_as_one_batch_with_each_adapter_s_outp
                 .text,
         );
     }
-    let http = tiny_http::Server::http("127.0.0.1:0").unwrap();
-    let addr = http.server_addr().to_ip().unwrap();
-    let served = Served {
-        model: &lm.model,
-        tokenizer: &lm.tokenizer,
-        model_id: "tiny-llama".into(),
-        max_batch: 8,
-    };
-    std::thread::scope(|s| {
-        // the requests are sent and queued before the server starts taking them
-        let clients: Vec<_> = prompts
-            .iter()
-            .zip(models)
-            .map(|(prompt, model)| {
-                s.spawn(move || {
-                    let body = json!({"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0});
-                    request(addr, "POST", "/v1/completions", &body.to_string())
+    // the requests are sent, and queue, before the server starts taking them
+    serving_from(&lm, std::time::Duration::from_millis(500), |addr| {
+        let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+            let clients: Vec<_> = prompts
+                .iter()
+                .zip(models)
+                .map(|(prompt, model)| {
+                    s.spawn(move || {
+                        let body = json!({"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0});
+                        request(addr, "POST", "/v1/completions", &body.to_string())
+                    })
                 })
-            })
-            .collect();
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        let server = s.spawn(|| served.serve(&http));
-        let _stop = Stop(&http);
-        let answers: Vec<(u16, Value)> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+                .collect();
+            clients.into_iter().map(|c| c.join().unwrap()).collect()
+        });
         for (i, (status, r)) in answers.iter().enumerate() {
             assert_eq!(*status, 200, "{r}");
             assert_eq!(
@@ -264,7 +264,5 @@ fn requests_waiting_together_are_generated_as_one_batch_with_each_adapter_s_outp
             batches.iter().any(|&b| b > 1),
             "no request was batched: {batches:?}"
         );
-        drop(_stop);
-        server.join().unwrap().unwrap();
     });
 }
