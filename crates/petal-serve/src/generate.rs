@@ -3,7 +3,6 @@
 
 use crate::sampling::{apply_repetition_penalty, sample, SamplingParams};
 use candle_core::{DType, IndexOp, Tensor};
-use petal_core::mixed::with_adapter_rows;
 use petal_core::{Error, Result};
 use petal_data::Tokenizer;
 use petal_models::{KvCache, Llama};
@@ -25,30 +24,30 @@ pub struct Generated {
 }
 
 /// Logits of the last position of row `r` of (b, t, vocab) logits.
-fn last_logits(logits: &Tensor, r: usize) -> Result<Vec<f32>> {
+pub(crate) fn last_logits(logits: &Tensor, r: usize) -> Result<Vec<f32>> {
     let t = logits.dim(1)?;
     Ok(logits.i((r, t - 1))?.to_dtype(DType::F32)?.to_vec1()?)
 }
 
 /// One sequence being generated: its sampler, what it has produced, and whether it is done.
-struct Sequence<'a> {
-    p: &'a SamplingParams,
+pub(crate) struct Sequence {
+    p: SamplingParams,
     rng: rand::rngs::StdRng,
     seen: Vec<u32>,
     out: Vec<u32>,
     text: String,
     stop: Option<StopReason>,
-    cache: KvCache,
+    pub(crate) cache: KvCache,
 }
 
-impl<'a> Sequence<'a> {
-    fn new(model: &Llama, prompt: &[u32], p: &'a SamplingParams) -> Result<Self> {
+impl Sequence {
+    pub(crate) fn new(model: &Llama, prompt: &[u32], p: SamplingParams) -> Result<Self> {
         if prompt.is_empty() {
             return Err(Error::msg("empty prompt"));
         }
         Ok(Sequence {
-            p,
             rng: rand::rngs::StdRng::seed_from_u64(p.seed),
+            p,
             seen: prompt.to_vec(),
             out: Vec::new(),
             text: String::new(),
@@ -59,7 +58,7 @@ impl<'a> Sequence<'a> {
 
     /// Takes the logits after the last token: the next token to feed, or None once done
     /// (`stop` then says why). `on_text` receives each newly decoded piece.
-    fn next(
+    pub(crate) fn next(
         &mut self,
         mut logits: Vec<f32>,
         tok: &Tokenizer,
@@ -88,7 +87,7 @@ impl<'a> Sequence<'a> {
             return Ok(Err(StopReason::MaxTokens));
         }
         apply_repetition_penalty(logits, &self.seen, self.p.repetition_penalty);
-        let next = sample(logits, self.p, &mut self.rng);
+        let next = sample(logits, &self.p, &mut self.rng);
         if Some(next) == tok.eos_id {
             return Ok(Err(StopReason::Eos));
         }
@@ -117,7 +116,7 @@ impl<'a> Sequence<'a> {
         Ok(Ok(next))
     }
 
-    fn done(self) -> Generated {
+    pub(crate) fn done(self) -> Generated {
         Generated {
             ids: self.out,
             text: self.text,
@@ -138,7 +137,7 @@ pub fn generate(
     p: &SamplingParams,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generated> {
-    let mut s = Sequence::new(model, prompt, p)?;
+    let mut s = Sequence::new(model, prompt, p.clone())?;
     let dev = model.device();
     let ids = Tensor::new(prompt, dev)?.unsqueeze(0)?;
     let mut logits = last_logits(&model.forward(&ids, Some(&mut s.cache), false)?, 0)?;
@@ -157,43 +156,28 @@ pub struct Request<'a> {
     pub adapter: &'a str,
 }
 
-/// Generates for every request together: each prompt prefilled on its own (through its
-/// adapter), then one batched step per token over the unfinished sequences, each row through
-/// its own adapter and KV cache (`Llama::decode_rows`). Each result equals what `generate`
-/// gives for that request alone with its adapter active (up to rounding of the batched
-/// products).
+/// Generates for every request together (a `Decoder` fed them all at once): each prompt
+/// prefilled on its own (through its adapter), then one batched step per token over the
+/// unfinished sequences, each row through its own adapter and KV cache
+/// (`Llama::decode_rows`). Each result equals what `generate` gives for that request alone
+/// with its adapter active (up to rounding of the batched products).
 pub fn generate_batch(model: &Llama, tok: &Tokenizer, reqs: &[Request]) -> Result<Vec<Generated>> {
-    let dev = model.device();
-    let ctx = model.cfg.max_position_embeddings;
-    let mut seqs = Vec::with_capacity(reqs.len());
-    let mut feed: Vec<Option<u32>> = Vec::with_capacity(reqs.len());
-    for r in reqs {
-        let mut s = Sequence::new(model, r.prompt, r.params)?;
-        let ids = Tensor::new(r.prompt, dev)?.unsqueeze(0)?;
-        let logits = with_adapter_rows(model, &[r.adapter], || {
-            model.forward(&ids, Some(&mut s.cache), false)
-        })?;
-        feed.push(s.next(last_logits(&logits, 0)?, tok, ctx, &mut |_| {})?);
-        seqs.push(s);
-    }
-    loop {
-        let live: Vec<usize> = (0..seqs.len()).filter(|&i| feed[i].is_some()).collect();
-        if live.is_empty() {
-            break;
-        }
-        let ids: Vec<u32> = live.iter().filter_map(|&i| feed[i]).collect();
-        let ids = Tensor::new(ids.as_slice(), dev)?.unsqueeze(1)?; // (b, 1)
-        let rows: Vec<&str> = live.iter().map(|&i| reqs[i].adapter).collect();
-        let mut caches: Vec<&mut KvCache> = seqs
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| feed[*i].is_some())
-            .map(|(_, s)| &mut s.cache)
-            .collect();
-        let logits = with_adapter_rows(model, &rows, || model.decode_rows(&ids, &mut caches))?;
-        for (r, &i) in live.iter().enumerate() {
-            feed[i] = seqs[i].next(last_logits(&logits, r)?, tok, ctx, &mut |_| {})?;
+    let mut dec = crate::batch::Decoder::new(model, tok);
+    let mut out: Vec<Option<Generated>> = vec![None; reqs.len()];
+    for (i, r) in reqs.iter().enumerate() {
+        if let Some(f) = dec
+            .add(i, r.prompt, r.params.clone(), r.adapter)
+            .map_err(|(_, e)| e)?
+        {
+            out[f.key] = Some(f.generated);
         }
     }
-    Ok(seqs.into_iter().map(Sequence::done).collect())
+    while !dec.is_empty() {
+        for f in dec.step().map_err(|(_, e)| e)? {
+            out[f.key] = Some(f.generated);
+        }
+    }
+    out.into_iter()
+        .map(|g| g.ok_or_else(|| Error::msg("generate_batch: a sequence went missing")))
+        .collect()
 }

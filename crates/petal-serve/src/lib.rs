@@ -2,10 +2,12 @@
 //! penalty, stop strings, streaming), with or without adapters, and `petal serve`'s HTTP
 //! server (many adapters side by side, each request through its own).
 
+pub mod batch;
 pub mod generate;
 pub mod sampling;
 pub mod server;
 
+pub use batch::{Decoder, Finished};
 pub use generate::{generate, generate_batch, Generated, Request, StopReason};
 pub use sampling::SamplingParams;
 pub use server::Served;

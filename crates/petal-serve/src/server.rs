@@ -9,15 +9,16 @@
 //! fields: `max_tokens` (default 16, as OpenAI), `temperature` (default 1; 0 is greedy),
 //! `top_p`, `top_k`, `repetition_penalty`, `stop` (a string or a list), `seed`. Fields this
 //! server does not read are ignored, as OpenAI clients send many; `stream` and `n` > 1 are
-//! refused with a 400. Completions that are waiting together (up to `max_batch`) are generated
-//! as one batch (`generate_batch`: each through its own adapter and KV cache, the steps decoded
-//! together); the response's `petal.batch` says how many were.
+//! refused with a 400. Completions are decoded together with continuous batching (`Decoder`:
+//! up to `max_batch` sequences, each through its own adapter and KV cache; a request arriving
+//! mid-way joins at the next step, each is answered when it finishes); the response's
+//! `petal.batch` says with how many at most.
 //!
 //! Errors come back as OpenAI's `{"error": {"message", "type", "code"}}` with a 4xx status: bad
 //! JSON (with its line and column), a missing or mistyped field, an unknown adapter (the
 //! available ones listed), a prompt longer than the context.
 
-use crate::{generate_batch, Generated, Request, SamplingParams, StopReason};
+use crate::{Decoder, Generated, SamplingParams, StopReason};
 use petal_core::mixed::{with_adapter_rows, BASE};
 use petal_core::Adaptable;
 use petal_data::template::Message;
@@ -91,55 +92,60 @@ impl Served<'_> {
     }
 
     /// Serves `http`'s requests until it is unblocked (`tiny_http::Server::unblock`) or fails.
-    /// Completions waiting together (up to `max_batch`) are generated as one batch. Refuses at
-    /// once a model whose adapters cannot be chosen per request (prompt learning, active LN
-    /// tuning).
+    /// Continuous batching: between decoding steps, the requests that have arrived are taken
+    /// (a completion is prefilled and joins the batch while there is room, up to
+    /// `max_batch`), and each completion is answered as soon as it finishes. Refuses at once a
+    /// model whose adapters cannot be chosen per request (prompt learning, active LN tuning).
     pub fn serve(&self, http: &tiny_http::Server) -> petal_core::Result<()> {
         with_adapter_rows(self.model, &[BASE], || Ok(()))?;
-        for first in http.incoming_requests() {
-            let mut waiting = vec![first];
-            while waiting.len() < self.max_batch.max(1) {
+        let mut dec: Decoder<(tiny_http::Request, Job)> = Decoder::new(self.model, self.tokenizer);
+        loop {
+            if dec.is_empty() {
+                match http.recv() {
+                    Ok(req) => self.take(req, &mut dec),
+                    Err(_) => break, // unblocked
+                }
+            }
+            while dec.len() < self.max_batch.max(1) {
                 match http.try_recv() {
-                    Ok(Some(r)) => waiting.push(r),
+                    Ok(Some(req)) => self.take(req, &mut dec),
                     _ => break,
                 }
             }
-            self.answer(waiting);
+            match dec.step() {
+                Ok(done) => {
+                    for f in done {
+                        let ((req, job), g) = (f.key, f.generated);
+                        respond(req, Ok(self.completion(&job, &g, f.batch)));
+                    }
+                }
+                Err((keys, e)) => {
+                    for (req, _) in keys {
+                        respond(req, Err(Failure(500, "server_error", e.to_string())));
+                    }
+                }
+            }
         }
         Ok(())
     }
 
-    /// Answers a group of requests: the others at once, the completions as one batch.
-    fn answer(&self, waiting: Vec<tiny_http::Request>) {
-        let mut jobs: Vec<(tiny_http::Request, Job)> = Vec::new();
-        for mut req in waiting {
-            match self.handle(&mut req) {
-                Ok(Handled::Now(v)) => respond(req, Ok(v)),
-                Ok(Handled::Job(job)) => jobs.push((req, job)),
-                Err(f) => respond(req, Err(f)),
-            }
-        }
-        if jobs.is_empty() {
-            return;
-        }
-        let reqs: Vec<Request> = jobs
-            .iter()
-            .map(|(_, j)| Request {
-                prompt: &j.ids,
-                params: &j.params,
-                adapter: &j.adapter,
-            })
-            .collect();
-        let batch = jobs.len();
-        match generate_batch(self.model, self.tokenizer, &reqs) {
-            Ok(done) => {
-                for ((req, job), g) in jobs.into_iter().zip(done) {
-                    respond(req, Ok(self.completion(&job, &g, batch)));
-                }
-            }
-            Err(e) => {
-                for (req, _) in jobs {
-                    respond(req, Err(Failure(500, "server_error", e.to_string())));
+    /// Answers `req` at once, or prefills its completion into the batch.
+    fn take(&self, mut req: tiny_http::Request, dec: &mut Decoder<(tiny_http::Request, Job)>) {
+        match self.handle(&mut req) {
+            Ok(Handled::Now(v)) => respond(req, Ok(v)),
+            Err(f) => respond(req, Err(f)),
+            Ok(Handled::Job(job)) => {
+                let (ids, params, adapter) =
+                    (job.ids.clone(), job.params.clone(), job.adapter.clone());
+                match dec.add((req, job), &ids, params, &adapter) {
+                    Ok(None) => {}
+                    Ok(Some(f)) => {
+                        let ((req, job), g) = (f.key, f.generated);
+                        respond(req, Ok(self.completion(&job, &g, f.batch)));
+                    }
+                    Err(((req, _), e)) => {
+                        respond(req, Err(Failure(500, "server_error", e.to_string())))
+                    }
                 }
             }
         }
@@ -276,7 +282,7 @@ impl Served<'_> {
             "model": name,
             "choices": [choice],
             "usage": {"prompt_tokens": n, "completion_tokens": g.ids.len(), "total_tokens": n + g.ids.len()},
-            // petal's own: how many requests were decoded together with this one
+            // petal's own: the most sequences decoded together with this one (itself included)
             "petal": {"batch": batch},
         })
     }

@@ -81,3 +81,89 @@ fn a_batch_of_requests_through_different_adapters_generates_what_each_does_alone
     let lengths: std::collections::HashSet<_> = got.iter().map(|g| g.ids.len()).collect();
     assert!(lengths.len() >= 3, "{lengths:?}");
 }
+
+#[test]
+fn sequences_joining_a_running_batch_midway_generate_what_each_does_alone() {
+    let g = golden();
+    let mut lm = load_model(g.join("llama").to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    for (name, folder) in [("q", "llama_lora_qv"), ("v", "llama_vera")] {
+        petal_io::attach_adapter(&mut lm.model, &g.join("adapters").join(folder), name).unwrap();
+    }
+    let p = |n| SamplingParams {
+        max_new_tokens: n,
+        ..Default::default()
+    };
+    let alone = |lm: &mut petal_models::LoadedModel, prompt: &str, a: &str, n: usize| {
+        let active: &[&str] = if a == "__base__" { &[] } else { &[a] };
+        set_active(&mut lm.model, active);
+        let ids = lm.tokenizer.encode(prompt, true).unwrap();
+        generate(&lm.model, &lm.tokenizer, &ids, &p(n), &mut |_| {})
+            .unwrap()
+            .ids
+    };
+    // three sequences that run to their token limit alone (no early end of sequence), so
+    // they overlap in the batch: the first alone for three steps, the second joins, two
+    // steps later the third
+    let mut jobs = Vec::new();
+    let mut want = Vec::new();
+    for (prompt, a) in [
+        ("w5 w9 w14", "q"),
+        ("w7 w3", "v"),
+        ("w60 w8 w3 w90", "__base__"),
+        ("w11 w12", "q"),
+        ("w40 w41 w42", "v"),
+        ("w1 w5", "__base__"),
+        ("w88", "q"),
+        ("w30 w31", "v"),
+    ] {
+        let n = [12, 7, 9][jobs.len()];
+        let ids = alone(&mut lm, prompt, a, n);
+        if ids.len() == n {
+            jobs.push((prompt, a, n));
+            want.push(ids);
+        }
+        if jobs.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(
+        jobs.len(),
+        3,
+        "not enough candidate prompts run to their limit"
+    );
+    let tok = &lm.tokenizer;
+    let mut dec = petal_serve::Decoder::new(&lm.model, tok);
+    let mut got = vec![None; 3];
+    let mut most = vec![0; 3];
+    let add = |dec: &mut petal_serve::Decoder<usize>, i: usize| {
+        let (prompt, a, n) = jobs[i];
+        let ids = tok.encode(prompt, true).unwrap();
+        assert!(dec
+            .add(i, &ids, p(n), a)
+            .map_err(|(_, e)| e)
+            .unwrap()
+            .is_none());
+    };
+    add(&mut dec, 0);
+    for step in 0..20 {
+        if step == 3 {
+            add(&mut dec, 1);
+        }
+        if step == 5 {
+            add(&mut dec, 2);
+        }
+        for f in dec.step().map_err(|(_, e)| e).unwrap() {
+            most[f.key] = f.batch;
+            got[f.key] = Some(f.generated.ids);
+        }
+    }
+    assert!(dec.is_empty());
+    for i in 0..3 {
+        assert_eq!(got[i].as_ref().unwrap(), &want[i], "sequence {i}");
+    }
+    assert_eq!(
+        most,
+        [3, 3, 3],
+        "each was decoded alongside the others at some step"
+    );
+}
