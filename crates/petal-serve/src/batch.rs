@@ -52,15 +52,16 @@ impl<'a, K> Decoder<'a, K> {
     }
 
     /// Prefills `prompt` through `adapter` (`__base__`: none); the sequence joins the batch,
-    /// or comes back at once if it is done already (its first token ends it). On an error
-    /// the key comes back with it.
+    /// or comes back at once if it is done already (its first token ends it). `on_text` gets
+    /// the key and each piece of new text (streaming). On an error the key comes back with it.
     #[allow(clippy::type_complexity)]
     pub fn add(
         &mut self,
-        key: K,
+        mut key: K,
         prompt: &[u32],
         params: SamplingParams,
         adapter: &str,
+        on_text: &mut dyn FnMut(&mut K, &str),
     ) -> Result<Option<Finished<K>>, (K, Error)> {
         let first = (|| {
             let mut seq = Sequence::new(self.model, prompt, params)?;
@@ -69,7 +70,9 @@ impl<'a, K> Decoder<'a, K> {
                 self.model.forward(&ids, Some(&mut seq.cache), false)
             })?;
             let ctx = self.model.cfg.max_position_embeddings;
-            let next = seq.next(last_logits(&logits, 0)?, self.tok, ctx, &mut |_| {})?;
+            let next = seq.next(last_logits(&logits, 0)?, self.tok, ctx, &mut |t| {
+                on_text(&mut key, t)
+            })?;
             Ok::<_, Error>((seq, next))
         })();
         match first {
@@ -93,16 +96,22 @@ impl<'a, K> Decoder<'a, K> {
     }
 
     /// One token for every sequence in the batch; those that finish leave it and come back.
-    /// On an error every sequence leaves, their keys coming back with it.
+    /// `on_text` as for `add`. On an error every sequence leaves, their keys coming back.
     #[allow(clippy::type_complexity)]
-    pub fn step(&mut self) -> Result<Vec<Finished<K>>, (Vec<K>, Error)> {
-        match self.try_step() {
+    pub fn step(
+        &mut self,
+        on_text: &mut dyn FnMut(&mut K, &str),
+    ) -> Result<Vec<Finished<K>>, (Vec<K>, Error)> {
+        match self.try_step(on_text) {
             Ok(done) => Ok(done),
             Err(e) => Err((self.live.drain(..).map(|s| s.key).collect(), e)),
         }
     }
 
-    fn try_step(&mut self) -> Result<Vec<Finished<K>>, Error> {
+    fn try_step(
+        &mut self,
+        on_text: &mut dyn FnMut(&mut K, &str),
+    ) -> Result<Vec<Finished<K>>, Error> {
         let b = self.live.len();
         if b == 0 {
             return Ok(Vec::new());
@@ -119,9 +128,11 @@ impl<'a, K> Decoder<'a, K> {
         let mut next = Vec::with_capacity(b);
         for (r, s) in self.live.iter_mut().enumerate() {
             s.most = s.most.max(b);
+            let key = &mut s.key;
+            let logits = last_logits(&logits, r)?;
             next.push(
                 s.seq
-                    .next(last_logits(&logits, r)?, self.tok, ctx, &mut |_| {})?,
+                    .next(logits, self.tok, ctx, &mut |t| on_text(key, t))?,
             );
         }
         let mut done = Vec::new();

@@ -35,7 +35,11 @@ pub(crate) struct Sequence {
     rng: rand::rngs::StdRng,
     seen: Vec<u32>,
     out: Vec<u32>,
+    /// The text decoded so far (cut before a stop string once one appears)
     text: String,
+    /// How many bytes of `text` went to `on_text`: the last few wait while they could still
+    /// begin a stop string, so a stop string never reaches the stream
+    sent: usize,
     stop: Option<StopReason>,
     pub(crate) cache: KvCache,
 }
@@ -51,6 +55,7 @@ impl Sequence {
             seen: prompt.to_vec(),
             out: Vec::new(),
             text: String::new(),
+            sent: 0,
             stop: None,
             cache: model.new_cache(),
         })
@@ -65,15 +70,37 @@ impl Sequence {
         ctx: usize,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Option<u32>> {
-        let stop = self.advance(&mut logits, tok, ctx, on_text)?;
+        let stop = self.advance(&mut logits, tok, ctx)?;
         if let Err(why) = stop {
             if why != StopReason::StopString {
                 self.text = decode(tok, &self.out)?;
             }
             self.stop = Some(why);
+            self.emit(self.text.len(), on_text);
             return Ok(None);
         }
+        // hold back what could still be the start of a stop string
+        let hold = self
+            .p
+            .stop
+            .iter()
+            .map(|s| s.len().saturating_sub(1))
+            .max()
+            .unwrap_or(0);
+        let mut upto = self.text.len().saturating_sub(hold);
+        while !self.text.is_char_boundary(upto) {
+            upto -= 1;
+        }
+        self.emit(upto, on_text);
         Ok(stop.ok())
+    }
+
+    /// Sends `text[sent..upto]` to `on_text`.
+    fn emit(&mut self, upto: usize, on_text: &mut dyn FnMut(&str)) {
+        if upto > self.sent && self.text.is_char_boundary(self.sent) {
+            on_text(&self.text[self.sent..upto]);
+            self.sent = upto;
+        }
     }
 
     fn advance(
@@ -81,7 +108,6 @@ impl Sequence {
         logits: &mut [f32],
         tok: &Tokenizer,
         ctx: usize,
-        on_text: &mut dyn FnMut(&str),
     ) -> Result<std::result::Result<u32, StopReason>> {
         if self.out.len() >= self.p.max_new_tokens {
             return Ok(Err(StopReason::MaxTokens));
@@ -94,9 +120,8 @@ impl Sequence {
         self.out.push(next);
         self.seen.push(next);
         let full = decode(tok, &self.out)?;
-        // Emit only complete characters (a byte-level token can end mid-character).
+        // Only complete characters (a byte-level token can end mid-character).
         if full.len() > self.text.len() && !full.ends_with('\u{FFFD}') {
-            on_text(&full[self.text.len()..]);
             self.text = full;
         }
         let text = &self.text;
@@ -166,14 +191,14 @@ pub fn generate_batch(model: &Llama, tok: &Tokenizer, reqs: &[Request]) -> Resul
     let mut out: Vec<Option<Generated>> = vec![None; reqs.len()];
     for (i, r) in reqs.iter().enumerate() {
         if let Some(f) = dec
-            .add(i, r.prompt, r.params.clone(), r.adapter)
+            .add(i, r.prompt, r.params.clone(), r.adapter, &mut |_, _| {})
             .map_err(|(_, e)| e)?
         {
             out[f.key] = Some(f.generated);
         }
     }
     while !dec.is_empty() {
-        for f in dec.step().map_err(|(_, e)| e)? {
+        for f in dec.step(&mut |_, _| {}).map_err(|(_, e)| e)? {
             out[f.key] = Some(f.generated);
         }
     }

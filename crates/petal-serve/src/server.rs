@@ -8,8 +8,10 @@
 //! `POST /v1/chat/completions` (`messages`, rendered with the model's chat template). Sampling
 //! fields: `max_tokens` (default 16, as OpenAI), `temperature` (default 1; 0 is greedy),
 //! `top_p`, `top_k`, `repetition_penalty`, `stop` (a string or a list), `seed`. Fields this
-//! server does not read are ignored, as OpenAI clients send many; `stream` and `n` > 1 are
-//! refused with a 400. Completions are decoded together with continuous batching (`Decoder`:
+//! server does not read are ignored, as OpenAI clients send many; `n` > 1 is refused with a
+//! 400. `"stream": true` answers with server-sent events (chunked) as the text is generated,
+//! OpenAI's chunk objects, a closing chunk with the finish reason and usage, then `[DONE]`;
+//! text that could begin a stop string is held back until it cannot. Completions are decoded together with continuous batching (`Decoder`:
 //! up to `max_batch` sequences, each through its own adapter and KV cache; a request arriving
 //! mid-way joins at the next step, each is answered when it finishes); the response's
 //! `petal.batch` says with how many at most.
@@ -25,7 +27,7 @@ use petal_data::template::Message;
 use petal_data::Tokenizer;
 use petal_models::Llama;
 use serde_json::{json, Value};
-use std::io::Read;
+use std::io::{Read, Write};
 
 /// What the server serves.
 pub struct Served<'a> {
@@ -43,7 +45,21 @@ struct Job {
     params: SamplingParams,
     adapter: String,
     chat: bool,
+    /// Server-sent events as the text is generated (`"stream": true`)
+    stream: bool,
+    /// Unix seconds at arrival (the response's `created` and `id`)
+    created: u64,
 }
+
+/// Where a completion's answer goes: one JSON response, or a stream of server-sent events
+/// (chunked, written as the text is generated).
+enum Reply {
+    Whole(tiny_http::Request),
+    Stream(Box<dyn Write + Send>),
+}
+
+/// A completion in the batch: its reply and its request.
+type Key = (Reply, Job);
 
 /// A request answered at once, or a completion to generate.
 enum Handled {
@@ -98,7 +114,7 @@ impl Served<'_> {
     /// model whose adapters cannot be chosen per request (prompt learning, active LN tuning).
     pub fn serve(&self, http: &tiny_http::Server) -> petal_core::Result<()> {
         with_adapter_rows(self.model, &[BASE], || Ok(()))?;
-        let mut dec: Decoder<(tiny_http::Request, Job)> = Decoder::new(self.model, self.tokenizer);
+        let mut dec: Decoder<Key> = Decoder::new(self.model, self.tokenizer);
         loop {
             if dec.is_empty() {
                 match http.recv() {
@@ -112,16 +128,13 @@ impl Served<'_> {
                     _ => break,
                 }
             }
-            match dec.step() {
-                Ok(done) => {
-                    for f in done {
-                        let ((req, job), g) = (f.key, f.generated);
-                        respond(req, Ok(self.completion(&job, &g, f.batch)));
-                    }
-                }
+            match dec.step(&mut |key, text| self.stream(key, text)) {
+                Ok(done) => done
+                    .into_iter()
+                    .for_each(|f| self.finish(f.key, &f.generated, f.batch)),
                 Err((keys, e)) => {
-                    for (req, _) in keys {
-                        respond(req, Err(Failure(500, "server_error", e.to_string())));
+                    for (reply, _) in keys {
+                        self.fail(reply, Failure(500, "server_error", e.to_string()));
                     }
                 }
             }
@@ -129,25 +142,42 @@ impl Served<'_> {
         Ok(())
     }
 
-    /// Answers `req` at once, or prefills its completion into the batch.
-    fn take(&self, mut req: tiny_http::Request, dec: &mut Decoder<(tiny_http::Request, Job)>) {
-        match self.handle(&mut req) {
-            Ok(Handled::Now(v)) => respond(req, Ok(v)),
-            Err(f) => respond(req, Err(f)),
-            Ok(Handled::Job(job)) => {
-                let (ids, params, adapter) =
-                    (job.ids.clone(), job.params.clone(), job.adapter.clone());
-                match dec.add((req, job), &ids, params, &adapter) {
-                    Ok(None) => {}
-                    Ok(Some(f)) => {
-                        let ((req, job), g) = (f.key, f.generated);
-                        respond(req, Ok(self.completion(&job, &g, f.batch)));
-                    }
-                    Err(((req, _), e)) => {
-                        respond(req, Err(Failure(500, "server_error", e.to_string())))
-                    }
-                }
+    /// Sends a piece of a streamed completion's text (whole replies wait for the end).
+    fn stream(&self, key: &mut Key, text: &str) {
+        if let (Reply::Stream(w), job) = key {
+            let _ = event(w, &self.chunk(job, text, None).to_string());
+        }
+    }
+
+    /// Answers `req` at once, or prefills its completion into the batch (a streamed one gets
+    /// its response head first).
+    fn take(&self, mut req: tiny_http::Request, dec: &mut Decoder<Key>) {
+        let job = match self.handle(&mut req) {
+            Ok(Handled::Now(v)) => return respond(req, Ok(v)),
+            Err(f) => return respond(req, Err(f)),
+            Ok(Handled::Job(job)) => job,
+        };
+        let reply = if job.stream {
+            let mut w = req.into_writer();
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n";
+            if w.write_all(head.as_bytes())
+                .and_then(|_| w.flush())
+                .is_err()
+            {
+                return; // the client left
             }
+            Reply::Stream(w)
+        } else {
+            Reply::Whole(req)
+        };
+        let (ids, params, adapter) = (job.ids.clone(), job.params.clone(), job.adapter.clone());
+        let added = dec.add((reply, job), &ids, params, &adapter, &mut |key, text| {
+            self.stream(key, text)
+        });
+        match added {
+            Ok(None) => {}
+            Ok(Some(f)) => self.finish(f.key, &f.generated, f.batch),
+            Err(((reply, _), e)) => self.fail(reply, Failure(500, "server_error", e.to_string())),
         }
     }
 
@@ -211,11 +241,6 @@ impl Served<'_> {
 
     /// A completion request checked and tokenized.
     fn job(&self, req: &Value, chat: bool) -> Result<Job, Failure> {
-        if req.get("stream").and_then(Value::as_bool) == Some(true) {
-            return Err(bad(
-                "`stream`: streaming responses are not supported yet; send stream: false",
-            ));
-        }
         if req.get("n").and_then(Value::as_u64).is_some_and(|n| n != 1) {
             return Err(bad("`n`: one completion per request"));
         }
@@ -245,46 +270,104 @@ impl Served<'_> {
                 ids.len()
             )));
         }
-        Ok(Job {
-            ids,
-            params: sampling(req)?,
-            adapter,
-            chat,
-        })
-    }
-
-    /// The OpenAI-style response to `job`, generated as `g` in a batch of `batch`.
-    fn completion(&self, job: &Job, g: &Generated, batch: usize) -> Value {
-        let finish = match g.stop {
-            StopReason::Eos | StopReason::StopString => "stop",
-            StopReason::MaxTokens | StopReason::ContextFull => "length",
-        };
-        let name = if job.adapter == BASE {
-            self.model_id.as_str()
-        } else {
-            job.adapter.as_str()
-        };
-        let chat = job.chat;
-        let choice = if chat {
-            json!({"index": 0, "message": {"role": "assistant", "content": g.text}, "finish_reason": finish})
-        } else {
-            json!({"index": 0, "text": g.text, "logprobs": null, "finish_reason": finish})
+        let stream = match req.get("stream") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(bad("`stream` must be true or false")),
         };
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
+        Ok(Job {
+            ids,
+            params: sampling(req)?,
+            adapter,
+            chat,
+            stream,
+            created,
+        })
+    }
+
+    /// The OpenAI-style response to `job`, generated as `g` in a batch of `batch`.
+    fn completion(&self, job: &Job, g: &Generated, batch: usize) -> Value {
+        let finish = finish_reason(g.stop);
+        let choice = if job.chat {
+            json!({"index": 0, "message": {"role": "assistant", "content": g.text}, "finish_reason": finish})
+        } else {
+            json!({"index": 0, "text": g.text, "logprobs": null, "finish_reason": finish})
+        };
+        let mut v = self.envelope(job, choice, false);
         let n = job.ids.len();
+        v["usage"] = json!({"prompt_tokens": n, "completion_tokens": g.ids.len(), "total_tokens": n + g.ids.len()});
+        // petal's own: the most sequences decoded together with this one (itself included)
+        v["petal"] = json!({"batch": batch});
+        v
+    }
+
+    /// One streamed event: a piece of text, or (with `finish`) the closing one.
+    fn chunk(&self, job: &Job, text: &str, finish: Option<&str>) -> Value {
+        let choice = if job.chat {
+            let delta = if text.is_empty() {
+                json!({})
+            } else {
+                json!({"content": text})
+            };
+            json!({"index": 0, "delta": delta, "finish_reason": finish})
+        } else {
+            json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+        };
+        self.envelope(job, choice, true)
+    }
+
+    /// id, object, created, model and the one choice of a response or streamed chunk.
+    fn envelope(&self, job: &Job, choice: Value, chunk: bool) -> Value {
+        let name = if job.adapter == BASE {
+            self.model_id.as_str()
+        } else {
+            job.adapter.as_str()
+        };
+        let object = match (job.chat, chunk) {
+            (true, false) => "chat.completion",
+            (true, true) => "chat.completion.chunk",
+            (false, _) => "text_completion",
+        };
+        let created = job.created;
         json!({
-            "id": format!("{}-{created}", if chat { "chatcmpl" } else { "cmpl" }),
-            "object": if chat { "chat.completion" } else { "text_completion" },
+            "id": format!("{}-{created}", if job.chat { "chatcmpl" } else { "cmpl" }),
+            "object": object,
             "created": created,
             "model": name,
             "choices": [choice],
-            "usage": {"prompt_tokens": n, "completion_tokens": g.ids.len(), "total_tokens": n + g.ids.len()},
-            // petal's own: the most sequences decoded together with this one (itself included)
-            "petal": {"batch": batch},
         })
+    }
+
+    /// Sends a finished completion: the whole response, or a stream's closing events.
+    fn finish(&self, key: Key, g: &Generated, batch: usize) {
+        match key {
+            (Reply::Whole(req), job) => respond(req, Ok(self.completion(&job, g, batch))),
+            (Reply::Stream(mut w), job) => {
+                let mut last = self.chunk(&job, "", Some(finish_reason(g.stop)));
+                let n = job.ids.len();
+                last["usage"] = json!({"prompt_tokens": n, "completion_tokens": g.ids.len(), "total_tokens": n + g.ids.len()});
+                last["petal"] = json!({"batch": batch});
+                let _ = event(&mut w, &last.to_string())
+                    .and_then(|_| event(&mut w, "[DONE]"))
+                    .and_then(|_| end_stream(&mut w));
+            }
+        }
+    }
+
+    /// Sends a failure: an error response, or a stream's error event.
+    fn fail(&self, reply: Reply, f: Failure) {
+        match reply {
+            Reply::Whole(req) => respond(req, Err(f)),
+            Reply::Stream(mut w) => {
+                let Failure(status, kind, message) = f;
+                let e = json!({"error": {"message": message, "type": kind, "code": status}});
+                let _ = event(&mut w, &e.to_string()).and_then(|_| end_stream(&mut w));
+            }
+        }
     }
 
     fn chat_ids(&self, req: &Value) -> Result<Vec<u32>, Failure> {
@@ -318,6 +401,27 @@ impl Served<'_> {
             .encode(&text, true)
             .map_err(|e| bad(e.to_string()))
     }
+}
+
+/// OpenAI's finish reason for a stop.
+fn finish_reason(stop: StopReason) -> &'static str {
+    match stop {
+        StopReason::Eos | StopReason::StopString => "stop",
+        StopReason::MaxTokens | StopReason::ContextFull => "length",
+    }
+}
+
+/// One server-sent event (`data: ...`) as one chunk of a chunked body.
+fn event(w: &mut dyn Write, data: &str) -> std::io::Result<()> {
+    let ev = format!("data: {data}\n\n");
+    write!(w, "{:x}\r\n{ev}\r\n", ev.len())?;
+    w.flush()
+}
+
+/// The end of a chunked body.
+fn end_stream(w: &mut dyn Write) -> std::io::Result<()> {
+    w.write_all(b"0\r\n\r\n")?;
+    w.flush()
 }
 
 /// The request body as JSON.

@@ -139,7 +139,7 @@ fn sequences_joining_a_running_batch_midway_generate_what_each_does_alone() {
         let (prompt, a, n) = jobs[i];
         let ids = tok.encode(prompt, true).unwrap();
         assert!(dec
-            .add(i, &ids, p(n), a)
+            .add(i, &ids, p(n), a, &mut |_, _| {})
             .map_err(|(_, e)| e)
             .unwrap()
             .is_none());
@@ -152,7 +152,7 @@ fn sequences_joining_a_running_batch_midway_generate_what_each_does_alone() {
         if step == 5 {
             add(&mut dec, 2);
         }
-        for f in dec.step().map_err(|(_, e)| e).unwrap() {
+        for f in dec.step(&mut |_, _| {}).map_err(|(_, e)| e).unwrap() {
             most[f.key] = f.batch;
             got[f.key] = Some(f.generated.ids);
         }
@@ -166,4 +166,36 @@ fn sequences_joining_a_running_batch_midway_generate_what_each_does_alone() {
         [3, 3, 3],
         "each was decoded alongside the others at some step"
     );
+}
+
+#[test]
+fn streamed_text_holds_back_what_could_begin_a_stop_string_and_never_sends_it() {
+    let g = golden();
+    let lm = load_model(g.join("llama").to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let tok = &lm.tokenizer;
+    let ids = tok.encode("w5 w9 w14", true).unwrap();
+    let p = SamplingParams {
+        max_new_tokens: 12,
+        ..Default::default()
+    };
+    let full = generate(&lm.model, tok, &ids, &p, &mut |_| {})
+        .unwrap()
+        .text;
+    // a stop string that first appears in the middle of the text
+    let words: Vec<&str> = full.split(' ').collect();
+    assert!(words.len() >= 8, "{full}");
+    let stop = format!("{} {}", words[4], words[5]);
+    let at = full.find(&stop).unwrap();
+    let p = SamplingParams {
+        stop: vec![stop.clone()],
+        ..p
+    };
+    let mut pieces = Vec::new();
+    let g = generate(&lm.model, tok, &ids, &p, &mut |t| {
+        pieces.push(t.to_string())
+    })
+    .unwrap();
+    assert_eq!(g.text, &full[..at]);
+    assert_eq!(pieces.concat(), g.text, "streamed: {pieces:?}");
+    assert!(pieces.len() >= 2, "{pieces:?}");
 }

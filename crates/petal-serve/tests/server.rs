@@ -157,7 +157,11 @@ fn bad_requests_get_openai_style_errors_and_the_server_keeps_serving() {
                 "not JSON: expected value at line 1 column 26",
             ),
             (r#"{"model": "q"}"#, 400, "`prompt` is required"),
-            (r#"{"prompt": "w5", "stream": true}"#, 400, "streaming"),
+            (
+                r#"{"prompt": "w5", "stream": "yes"}"#,
+                400,
+                "`stream` must be true or false",
+            ),
             (
                 r#"{"prompt": "w5", "max_tokens": -2}"#,
                 400,
@@ -264,5 +268,76 @@ fn requests_waiting_together_are_generated_as_one_batch_with_each_adapter_s_outp
             batches.iter().any(|&b| b > 1),
             "no request was batched: {batches:?}"
         );
+    });
+}
+
+/// A streamed request over HTTP/1.1: the data of each server-sent event, in order.
+fn stream_events(addr: SocketAddr, path: &str, body: &str) -> Vec<String> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: petal\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !raw.ends_with(b"0\r\n\r\n") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended without its last chunk");
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8(raw).unwrap();
+    let (head, mut rest) = text.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.starts_with("HTTP/1.1 200") && head.contains("text/event-stream"),
+        "{head}"
+    );
+    // undo the chunking: size line, data, CRLF
+    let mut body = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").unwrap();
+        let n = usize::from_str_radix(size, 16).unwrap();
+        if n == 0 {
+            break;
+        }
+        body.push_str(&after[..n]);
+        rest = &after[n + 2..];
+    }
+    body.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_streamed_completion_sends_the_same_text_as_server_sent_events_then_done() {
+    let lm = model_with(&[("q", "llama_lora_qv")]);
+    serving(&lm, |addr| {
+        let body = json!({"model": "q", "prompt": PROMPT, "max_tokens": 7, "temperature": 0});
+        let (_, whole) = request(addr, "POST", "/v1/completions", &body.to_string());
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        let events = stream_events(addr, "/v1/completions", &streamed.to_string());
+        assert_eq!(events.last().unwrap(), "[DONE]");
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        assert!(chunks.len() >= 3, "{events:?}");
+        let text: String = chunks
+            .iter()
+            .map(|c| c["choices"][0]["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(text, whole["choices"][0]["text"].as_str().unwrap());
+        let last = chunks.last().unwrap();
+        assert_eq!(last["choices"][0]["finish_reason"], "length");
+        assert_eq!(last["usage"]["completion_tokens"], 7);
+        assert!(chunks[..chunks.len() - 1]
+            .iter()
+            .all(|c| c["choices"][0]["finish_reason"].is_null()));
+        assert!(chunks
+            .iter()
+            .all(|c| c["model"] == "q" && c["object"] == "text_completion"));
     });
 }
