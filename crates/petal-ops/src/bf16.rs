@@ -10,7 +10,6 @@
 //! `mm_bf16_reference` is the readable twin (bf16-rounded inputs, f64 sums).
 
 use crate::cpu::View;
-use crate::skinny::Widen;
 use rayon::prelude::*;
 
 const MR: usize = 8;
@@ -377,15 +376,7 @@ pub(crate) fn linear(x: Rows, w: &[u16], w_rows: usize, w_cols: usize, wt: bool)
     };
     let m = x.len() / k.max(1);
     if wt && (1..=crate::skinny::MAX_ROWS).contains(&m) && crate::cpu::fast() {
-        // few rows (decoding): W read in place, x rounded to bf16 as the packed kernel does
-        let xr: Vec<f32> = match x {
-            Rows::F32(x) => x
-                .iter()
-                .map(|v| half::bf16::from_f32(*v).to_f32())
-                .collect(),
-            Rows::Bf16(x) => x.iter().map(|v| v.f32()).collect(),
-        };
-        return crate::skinny::xwt(&xr, w, m, n, k);
+        return crate::skinny::xwt_bf16(&x, w, m, n, k); // few rows (decoding)
     }
     let mut y = vec![0f32; m * n];
     mm_bf16(m, n, k, &mut y, false, 1.0, x.view(k), b, true);

@@ -53,6 +53,19 @@ pub(crate) fn xwt<W: Widen>(x: &[f32], w: &[W], m: usize, n: usize, k: usize) ->
     y
 }
 
+/// `xwt` over a bf16 W for rows of x in f32 (rounded to bf16 first, as the packed bf16 kernel
+/// rounds them) or bf16.
+pub(crate) fn xwt_bf16(x: &crate::bf16::Rows, w: &[u16], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let xr: Vec<f32> = match x {
+        crate::bf16::Rows::F32(x) => x
+            .iter()
+            .map(|v| half::bf16::from_f32(*v).to_f32())
+            .collect(),
+        crate::bf16::Rows::Bf16(x) => x.iter().map(|v| v.f32()).collect(),
+    };
+    xwt(&xr, w, m, n, k)
+}
+
 /// `outs[i] = <row, x[i]>` for each row i of x (k wide).
 fn dots<W: Widen>(row: &[W], x: &[f32], k: usize, outs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]

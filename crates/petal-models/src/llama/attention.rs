@@ -1,0 +1,84 @@
+//! The attention block of a decoder layer: the q, k, v projections, causal attention through
+//! the KV cache and after a prefix, and the o projection.
+
+use super::{Attention, Llama};
+use candle_core::Tensor;
+use petal_core::Result;
+use petal_ops::{causal_attention_bthd, Rope};
+
+impl Llama {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention(
+        &self,
+        at: &Attention,
+        x: &Tensor,
+        rope_from: usize,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        prefix: Option<(Tensor, Tensor)>,
+        train: bool,
+    ) -> Result<Tensor> {
+        // Heads token-major and merged (b, t, heads * d), as the projections write them, and q,
+        // k unrotated: the attention op reorders and applies RoPE inside, so no transposed,
+        // reshaped or rotated copy of q, k, v or the output enters the graph.
+        let q = at.q.forward(x, train)?;
+        let k = at.k.forward(x, train)?;
+        let v = at.v.forward(x, train)?;
+        let o = self.attend(&q, k, v, rope_from, kv, prefix)?;
+        at.o.forward(&o, train)
+    }
+
+    /// Causal attention of projected q, k, v (b, t, heads * d), unrotated, through the cache
+    /// slot and after the prefix where given; the output before the o projection.
+    pub(crate) fn attend(
+        &self,
+        q: &Tensor,
+        mut k: Tensor,
+        mut v: Tensor,
+        rope_from: usize,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        prefix: Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let d = self.cfg.head_dim;
+        let t = k.dim(1)?;
+        // With a cache (decoding), the new keys are rotated here and the cache holds rotated
+        // keys, so no step rotates the whole cache again; the op then rotates q only.
+        let cached = kv
+            .as_ref()
+            .and_then(|s| s.as_ref())
+            .map_or(0, |(pk, _)| pk.dims()[1]);
+        let seen = cached + prefix.as_ref().map_or(0, |(pk, _)| pk.dims()[1]);
+        let from = if kv.is_some() {
+            let new_rows = |tab: &Tensor| tab.narrow(0, seen, t);
+            k = petal_ops::apply_rope_bthd(&k, &new_rows(&self.cos)?, &new_rows(&self.sin)?)?;
+            seen + t
+        } else {
+            rope_from
+        };
+        if let Some((pk, pv)) = prefix {
+            k = Tensor::cat(&[&pk, &k], 1)?;
+            v = Tensor::cat(&[&pv, &v], 1)?;
+        }
+        if let Some(slot) = kv {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 1)?;
+                v = Tensor::cat(&[pv, &v], 1)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        // Grouped-query attention without copying k/v per query head (HF's repeat_kv order:
+        // head h reads kv head h / (nh / nkv)); scores are never held whole on the CPU.
+        let rope = Rope {
+            cos: &self.cos,
+            sin: &self.sin,
+            from,
+        };
+        Ok(causal_attention_bthd(
+            q,
+            &k,
+            &v,
+            d,
+            1.0 / (d as f64).sqrt(),
+            Some(rope),
+        )?)
+    }
+}
