@@ -58,14 +58,25 @@ pub fn with_adapter_rows<R>(
     f()
 }
 
+/// The adapters on `model`'s linear layers (the names rows may take besides [`BASE`]), sorted.
+pub fn adapter_names(model: &dyn Adaptable) -> Vec<String> {
+    let mut v: Vec<String> = model
+        .linears()
+        .iter()
+        .flat_map(|l| l.adapter_names())
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
 fn check(model: &dyn Adaptable, rows: &[&str]) -> Result<()> {
     if rows.is_empty() {
         return Err(Error::msg("mixed adapter batch: no adapter names given"));
     }
     let linears = model.linears();
-    let mut known: Vec<&str> = linears.iter().flat_map(|l| l.adapter_names()).collect();
-    known.sort();
-    known.dedup();
+    let known = adapter_names(model);
     let input = model.input_adapter().map(|(n, _)| n);
     if let Some(n) = input {
         return Err(Error::Unsupported(format!(
@@ -90,7 +101,7 @@ fn check(model: &dyn Adaptable, rows: &[&str]) -> Result<()> {
         )));
     }
     for name in rows.iter().filter(|n| **n != BASE) {
-        if !known.contains(name) {
+        if !known.iter().any(|k| k == name) {
             let on_norms = model.norms().iter().any(|n| n.copy(name).is_some());
             return Err(Error::msg(if on_norms {
                 format!("mixed adapter batch: adapter `{name}` tunes norms (LN tuning), which cannot mix rows")

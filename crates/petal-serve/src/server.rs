@@ -22,7 +22,6 @@
 
 use crate::{Decoder, Generated, SamplingParams, StopReason};
 use petal_core::mixed::{with_adapter_rows, BASE};
-use petal_core::Adaptable;
 use petal_data::template::Message;
 use petal_data::Tokenizer;
 use petal_models::Llama;
@@ -95,16 +94,7 @@ fn bad(msg: impl Into<String>) -> Failure {
 impl Served<'_> {
     /// The adapters requests may name, sorted.
     pub fn adapters(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .model
-            .linears()
-            .iter()
-            .flat_map(|l| l.adapter_names())
-            .map(str::to_string)
-            .collect();
-        v.sort();
-        v.dedup();
-        v
+        petal_core::mixed::adapter_names(self.model)
     }
 
     /// Serves `http`'s requests until it is unblocked (`tiny_http::Server::unblock`) or fails.
