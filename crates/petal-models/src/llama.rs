@@ -335,11 +335,17 @@ impl Llama {
         let h = self.rms(x, &layer.ln1)?;
         let a = self.attention(&layer.attn, &h, stage.rope_from, kv, prefix, train)?;
         let x = residual_add(x, &a)?;
-        let h = self.rms(&x, &layer.ln2)?;
+        self.mlp_block(layer, &x, train)
+    }
+
+    /// The MLP block of `layer` with its residual: x + down(swiglu(gate(h), up(h))), h the
+    /// second norm of x.
+    fn mlp_block(&self, layer: &Layer, x: &Tensor, train: bool) -> Result<Tensor> {
+        let h = self.rms(x, &layer.ln2)?;
         let m = &layer.mlp;
         let g = m.gate.forward(&h, train)?;
         let u = m.up.forward(&h, train)?;
-        Ok(residual_add(&x, &m.down.forward(&swiglu(&g, &u)?, train)?)?)
+        Ok(residual_add(x, &m.down.forward(&swiglu(&g, &u)?, train)?)?)
     }
 
     /// Layer i's (key, value) prefix as (b, n, kv_heads * head_dim), from the adapter's

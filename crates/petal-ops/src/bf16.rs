@@ -375,7 +375,7 @@ pub(crate) fn linear(x: Rows, w: &[u16], w_rows: usize, w_cols: usize, wt: bool)
         )
     };
     let m = x.len() / k.max(1);
-    if wt && (1..=crate::skinny::MAX_ROWS).contains(&m) && crate::cpu::fast() {
+    if wt && crate::skinny::takes(m) {
         return crate::skinny::xwt_bf16(&x, w, m, n, k); // few rows (decoding)
     }
     let mut y = vec![0f32; m * n];

@@ -244,7 +244,7 @@ pub(crate) fn matmul_wt(
 ) -> Result<CpuStorage> {
     use candle_core::backend::BackendStorage;
     if let (CpuStorage::F32(_), CpuStorage::F32(_)) = (xs, ws) {
-        if (1..=crate::skinny::MAX_ROWS).contains(&m) && fast() {
+        if crate::skinny::takes(m) {
             if let (Ok(x), Ok(w)) = (f32s(xs, xl), f32s(ws, wl)) {
                 return Ok(CpuStorage::F32(crate::skinny::xwt(x, w, m, n, k)));
             }
@@ -266,7 +266,7 @@ pub(crate) fn mm_wt(
     x: &[f32],
     w: &[f32],
 ) {
-    if !(1..=crate::skinny::MAX_ROWS).contains(&m) || !fast() {
+    if !crate::skinny::takes(m) {
         return mm(m, n, k, c, acc, alpha, rows(x, k), cols(w, k), true);
     }
     let y = crate::skinny::xwt(x, w, m, n, k);

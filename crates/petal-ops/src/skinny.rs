@@ -10,6 +10,11 @@ use rayon::prelude::*;
 
 /// The most rows of x this path takes; more go to `gemm`.
 pub(crate) const MAX_ROWS: usize = 16;
+
+/// Whether a product over `m` rows of x takes this path (not with the composed reference ops).
+pub(crate) fn takes(m: usize) -> bool {
+    (1..=MAX_ROWS).contains(&m) && crate::cpu::fast()
+}
 const LANES: usize = 16;
 
 /// A weight element read as f32: f32 itself, or bf16 bits (the top half of an f32).

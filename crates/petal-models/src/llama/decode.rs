@@ -6,7 +6,7 @@
 use super::{KvCache, Llama};
 use candle_core::{DType, Tensor};
 use petal_core::{Error, Result};
-use petal_ops::{residual_add, swiglu};
+use petal_ops::residual_add;
 
 impl Llama {
     /// Logits (b, 1, vocab) in f32 for one new token per sequence, `ids` (b, 1); row r
@@ -54,12 +54,7 @@ impl Llama {
                 )?);
             }
             let a = at.o.forward(&Tensor::cat(&o, 0)?, false)?;
-            x = residual_add(&x, &a)?;
-            let h = self.rms(&x, &layer.ln2)?;
-            let m = &layer.mlp;
-            let g = m.gate.forward(&h, false)?;
-            let u = m.up.forward(&h, false)?;
-            x = residual_add(&x, &m.down.forward(&swiglu(&g, &u)?, false)?)?;
+            x = self.mlp_block(layer, &residual_add(&x, &a)?, false)?;
         }
         let h = self.final_norm(&x)?;
         Ok(self.lm_head.forward(&h, false)?.to_dtype(DType::F32)?)
