@@ -1,60 +1,223 @@
-//! The adapter config `petal train` builds from its options: each method's fields as PEFT names
-//! them, sized for the loaded model.
+//! The adapter config `petal train` builds from its options, with no method named here: the
+//! method list, each method's options (keys, help, defaults, parsers), its kept flags and its
+//! training defaults all come from the registry.
+//!
+//! Options reach a method four ways, all under the method's own keys: the shared `--r`,
+//! `--alpha`, `--dropout` (mapped by `AdapterMethod::shared_key`), the method's kept flags
+//! (`--road-variant`), `--set KEY=VALUE`, and a TOML table named after the method
+//! (`[road] variant = "road_2"`).
 
 use crate::train_cmd::TrainOpts;
 use anyhow::{bail, Context, Result};
-use petal_core::config::Targets;
-use petal_core::AdapterConfig;
+use clap::{Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches};
+use petal_core::config::{parse_targets, unknown, Targets};
+use petal_core::registry::METHODS;
+use petal_core::{AdapterConfig, AdapterMethod, NewAdapter, SharedOption};
 use petal_models::LlamaConfig;
-
-/// Default `--target-modules` per method (PEFT's defaults for the Llama family).
-pub fn default_targets(method: &str) -> &'static str {
-    match method {
-        "ia3" => "k_proj,v_proj,down_proj",
-        "ln_tuning" => "input_layernorm,post_attention_layernorm,norm",
-        _ => "all-linear",
-    }
-}
+use serde_json::Value;
 
 pub fn targets(s: &str) -> Targets {
-    match s.strip_prefix("re:") {
-        Some(r) => Targets::Regex(r.to_string()),
-        None if s == "all-linear" => Targets::Regex(s.to_string()),
-        None => Targets::List(
-            s.split(',')
-                .map(|x| x.trim().to_string())
-                .filter(|x| !x.is_empty())
-                .collect(),
-        ),
+    serde_json::from_value(parse_targets(s)).unwrap_or_else(|_| Targets::List(vec![s.into()]))
+}
+
+/// A method's name as `--method` takes it (its `peft_type`, lower-case).
+pub fn method_name(m: &dyn AdapterMethod) -> String {
+    m.peft_type().to_ascii_lowercase()
+}
+
+/// `--method NAME`: a method, or one of its variants (LoRA's "dora") with the options it sets.
+pub fn resolve_method(name: &str) -> Result<(&'static dyn AdapterMethod, Vec<(String, Value)>)> {
+    let name = name.to_ascii_lowercase();
+    for &m in METHODS {
+        if method_name(m) == name {
+            return Ok((m, Vec::new()));
+        }
+        for (v, key, json) in m.variants() {
+            if *v == name {
+                let value = serde_json::from_str(json).context("variant value")?;
+                return Ok((m, vec![(key.to_string(), value)]));
+            }
+        }
+    }
+    let mut known: Vec<String> = METHODS.iter().map(|m| method_name(*m)).collect();
+    known.extend(METHODS.iter().flat_map(|m| m.variants().iter().map(|v| v.0.to_string())));
+    bail!("--method {name}: not available (petal has: {})", known.join(", "))
+}
+
+/// Every kept method flag of the registry, once per name, with the help text of its option.
+fn registry_flags() -> Vec<(&'static str, String)> {
+    let mut out: Vec<(&'static str, String)> = Vec::new();
+    for &m in METHODS {
+        for f in m.flags() {
+            let help = m.options().key(f.key).map(|o| o.help.trim()).unwrap_or("");
+            let who = method_name(m);
+            match out.iter_mut().find(|(n, _)| *n == f.name) {
+                Some((_, h)) => h.push_str(&format!(", {who}")),
+                None => out.push((f.name, format!("{help} [method: {who}"))),
+            }
+        }
+    }
+    for (_, h) in &mut out {
+        h.push(']');
+    }
+    out
+}
+
+/// The method flags given on the command line, as (flag name, text).
+#[derive(Debug, Clone, Default)]
+pub struct MethodFlags {
+    pub given: Vec<(String, String)>,
+}
+
+impl FromArgMatches for MethodFlags {
+    fn from_arg_matches(m: &ArgMatches) -> std::result::Result<Self, clap::Error> {
+        let mut given = Vec::new();
+        for (name, _) in registry_flags() {
+            if let Some(v) = m.get_one::<String>(name) {
+                given.push((name.to_string(), v.clone()));
+            }
+        }
+        Ok(MethodFlags { given })
+    }
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> std::result::Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
     }
 }
 
-/// The adapter config for `method` (lowercase) on a model with config `mc`.
-pub fn adapter_config(o: &TrainOpts, method: &str, mc: &LlamaConfig) -> Result<AdapterConfig> {
-    let default_r = if method == "vera" { 256 } else { 8 };
-    let mut acfg = AdapterConfig::for_method(
-        method,
-        o.r.unwrap_or(default_r),
-        o.alpha.unwrap_or(16.0),
-        targets(
-            o.target_modules
-                .as_deref()
-                .unwrap_or(default_targets(method)),
-        ),
-    );
-    acfg.lora_dropout = o.dropout.unwrap_or(0.0);
-    acfg.use_rslora = o.rslora.unwrap_or(false);
-    acfg.use_dora = o.dora.unwrap_or(false);
-    match o.init.as_deref() {
-        None | Some("default") => {}
-        Some(_) if method != "lora" => bail!("--init is a LoRA option"),
-        Some(i) => {
-            acfg.init_lora_weights = petal_core::config::InitWeights::Named(i.to_string());
-            acfg.validate("--init")?;
+impl Args for MethodFlags {
+    fn augment_args(mut cmd: Command) -> Command {
+        for (name, help) in registry_flags() {
+            cmd = cmd.arg(
+                Arg::new(name)
+                    .long(name)
+                    .help(help)
+                    .value_name("VALUE")
+                    .action(ArgAction::Set)
+                    .help_heading("Method options (also --set KEY=VALUE; `petal methods` lists all)"),
+            );
+        }
+        cmd
+    }
+    fn augment_args_for_update(cmd: Command) -> Command {
+        Self::augment_args(cmd)
+    }
+}
+
+/// Every name a TOML run file may use at its top level for a method flag (snake_case), and as
+/// a table.
+pub fn toml_names() -> (Vec<String>, Vec<String>) {
+    let flags = registry_flags()
+        .into_iter()
+        .map(|(n, _)| n.replace('-', "_"))
+        .collect();
+    let tables = METHODS.iter().map(|m| method_name(*m)).collect();
+    (flags, tables)
+}
+
+/// Options given for the method, each as (where it came from, key, value).
+#[derive(Debug, Default)]
+pub struct Given(Vec<(String, String, Value)>);
+
+impl Given {
+    fn push(&mut self, from: impl Into<String>, key: &str, v: Value) {
+        self.0.push((from.into(), key.to_string(), v));
+    }
+    fn has(&self, key: &str) -> bool {
+        self.0.iter().any(|(_, k, _)| k == key)
+    }
+}
+
+/// Collect what the user set for method `m`: shared sizes, kept flags (command line and TOML
+/// top level), `--set` and the TOML table of the method.
+pub fn given_options(
+    m: &dyn AdapterMethod,
+    o: &TrainOpts,
+    flags: &[(String, String)],
+    table: Option<&toml::Table>,
+) -> Result<Given> {
+    let name = method_name(m);
+    let spec = m.options();
+    let mut g = Given::default();
+    let shared = [
+        ("--r", SharedOption::Rank, o.r.map(Value::from)),
+        ("--alpha", SharedOption::Alpha, o.alpha.map(Value::from)),
+        ("--dropout", SharedOption::Dropout, o.dropout.map(Value::from)),
+    ];
+    for (flag, which, v) in shared {
+        let Some(v) = v else { continue };
+        match m.shared_key(which) {
+            Some(k) => g.push(flag, k, v),
+            None if which == SharedOption::Dropout && v == Value::from(0.0) => {}
+            None => bail!("{flag} does not apply to --method {name}: it has no such option"),
         }
     }
-    acfg.exclude_modules = o.exclude_modules.as_deref().map(targets);
-    acfg.bias = o.bias.clone().unwrap_or_else(|| "none".into());
+    for (flag, text) in flags {
+        let Some(f) = m.flags().into_iter().find(|f| f.name == flag) else {
+            let owners: Vec<String> = METHODS
+                .iter()
+                .filter(|x| x.flags().iter().any(|f| f.name == flag))
+                .map(|x| method_name(*x))
+                .collect();
+            bail!(
+                "--{flag} is an option of --method {}, not of --method {name} (its options: {})",
+                owners.join(" / "),
+                spec.names().join(", ")
+            );
+        };
+        let opt = spec.key(f.key).context("flag without its option")?;
+        let mut v = (opt.parse)(text);
+        if f.invert {
+            v = Value::Bool(!v.as_bool().with_context(|| format!("--{flag} {text}: expected true or false"))?);
+        }
+        g.push(format!("--{flag}"), f.key, v);
+    }
+    for kv in o.set.iter().flatten() {
+        let (k, text) = kv
+            .split_once('=')
+            .with_context(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
+        let k = k.trim();
+        let opt = spec
+            .key(k)
+            .ok_or_else(|| anyhow::anyhow!("--set: {}", unknown(&format!("option of {name}"), k, &spec.names())))?;
+        g.push("--set", opt.key, (opt.parse)(text.trim()));
+    }
+    for (k, v) in table.into_iter().flatten() {
+        if !spec.has(k) {
+            bail!("[{name}] table: {}", unknown(&format!("option of {name}"), k, &spec.names()));
+        }
+        g.push(format!("[{name}]"), k, serde_json::to_value(v)?);
+    }
+    Ok(g)
+}
+
+/// The adapter config for method `m` (with `preset` options of a variant) on a model with
+/// config `mc`, from the options the user gave.
+pub fn adapter_config(
+    o: &TrainOpts,
+    m: &dyn AdapterMethod,
+    preset: Vec<(String, Value)>,
+    given: Given,
+    mc: &LlamaConfig,
+) -> Result<AdapterConfig> {
+    let mut cfg = AdapterConfig::new(m.peft_type())?;
+    cfg.target_modules = match (&o.target_modules, m.default_targets()) {
+        (Some(t), _) => Some(targets(t)),
+        (None, d) => d.map(targets),
+    };
+    if let Some(k) = m.shared_key(SharedOption::Alpha).filter(|k| !given.has(k)) {
+        cfg.set(k, 16.0)?; // petal's default alpha, 2 r for the default rank
+    }
+    let mut keys = Vec::new();
+    for (from, key, v) in preset
+        .into_iter()
+        .map(|(k, v)| (format!("--method {}", o.method.as_deref().unwrap_or("")), k, v))
+        .chain(given.0)
+    {
+        cfg.set(&key, v).with_context(|| format!("{from}"))?;
+        keys.push(key);
+    }
+    cfg.exclude_modules = o.exclude_modules.as_deref().map(targets);
     if let Some(t) = &o.trainable_tokens {
         let ids = t
             .split(',')
@@ -63,100 +226,22 @@ pub fn adapter_config(o: &TrainOpts, method: &str, mc: &LlamaConfig) -> Result<A
             .with_context(|| {
                 format!("--trainable-tokens {t:?}: expected a comma list of token ids")
             })?;
-        acfg.trainable_token_indices = Some(petal_core::config::TokenIndices::List(ids));
+        cfg.trainable_token_indices = Some(petal_core::config::TokenIndices::List(ids));
     }
-    acfg.modules_to_save = o
+    cfg.modules_to_save = o
         .modules_to_save
         .as_deref()
         .map(|s| s.split(',').map(|p| p.trim().to_string()).collect());
-    acfg.decompose_factor = o.decompose_factor.unwrap_or(-1);
-    acfg.decompose_both = o.decompose_both.unwrap_or(false);
-    acfg.rank_dropout = o.rank_dropout.unwrap_or(0.0);
-    acfg.module_dropout = o.module_dropout.unwrap_or(0.0);
-    if method == "lokr" && acfg.rank_dropout > 0.0 {
-        acfg.rank_dropout_scale = Some(true);
-    }
-    if method == "ia3" {
-        acfg.feedforward_modules = Some(targets(
-            o.feedforward_modules.as_deref().unwrap_or("down_proj"),
-        ));
-    }
-    match method {
-        "oft" => {
-            if o.r.is_none() || o.oft_block_size.is_some() {
-                acfg.r = 0;
-                acfg.oft_block_size = Some(o.oft_block_size.unwrap_or(32));
-            }
-            acfg.use_cayley_neumann = Some(!o.exact_cayley.unwrap_or(false));
-        }
-        "boft" => {
-            match o.boft_block_num {
-                Some(n) => (acfg.boft_block_num, acfg.boft_block_size) = (Some(n), Some(0)),
-                None => {
-                    acfg.boft_block_num = Some(0);
-                    acfg.boft_block_size = Some(o.boft_block_size.unwrap_or(4));
-                }
-            }
-            acfg.boft_n_butterfly_factor = Some(o.boft_butterfly_factor.unwrap_or(1));
-        }
-        "road" => {
-            acfg.variant = Some(o.road_variant.clone().unwrap_or_else(|| "road_1".into()));
-            acfg.group_size = Some(o.group_size.unwrap_or(64));
-        }
-        "vera" => acfg.vera_dropout = Some(o.dropout.unwrap_or(0.0)),
-        "adalora" => {
-            let steps = o.max_steps.unwrap_or(100);
-            let r = acfg.r;
-            acfg.init_r = Some(r);
-            acfg.target_r = Some(o.target_r.unwrap_or((2 * r / 3).max(1)));
-            acfg.tinit = Some(o.tinit.unwrap_or(steps / 10));
-            acfg.tfinal = Some(o.tfinal.unwrap_or(steps / 5));
-            acfg.delta_t = Some(o.delta_t.unwrap_or(1));
-            acfg.orth_reg_weight = Some(o.orth_reg_weight.unwrap_or(0.5));
-            acfg.total_step = Some(steps);
-            acfg.lora_dropout = o.dropout.unwrap_or(0.0);
-        }
-        _ => {}
-    }
-    if method == "p_tuning" {
-        acfg.num_virtual_tokens = Some(o.num_virtual_tokens.unwrap_or(20));
-        acfg.token_dim = Some(mc.hidden_size);
-        acfg.num_layers = Some(mc.num_hidden_layers);
-        acfg.num_attention_heads = Some(mc.num_attention_heads);
-        acfg.encoder_hidden_size = Some(o.encoder_hidden_size.unwrap_or(mc.hidden_size));
-        acfg.target_modules = None;
-        if let Some(e) = &o.encoder {
-            let e = e.to_ascii_uppercase();
-            if e != "MLP" && e != "LSTM" {
-                bail!("--encoder {e:?}: P-tuning's encoders are MLP and LSTM");
-            }
-            acfg.encoder_reparameterization_type = Some(e);
-        }
-        if let Some(n) = o.encoder_num_layers {
-            acfg.encoder_num_layers = Some(n);
-        }
-    }
-    if method == "prefix_tuning" {
-        let c = mc;
-        acfg.num_virtual_tokens = Some(o.num_virtual_tokens.unwrap_or(20));
-        acfg.token_dim = Some(c.num_key_value_heads * c.head_dim);
-        acfg.num_layers = Some(c.num_hidden_layers);
-        acfg.num_attention_heads = Some(c.num_key_value_heads);
-        acfg.prefix_projection = Some(o.prefix_projection.unwrap_or(false));
-        acfg.encoder_hidden_size = o.encoder_hidden_size.or(acfg.token_dim);
-        acfg.target_modules = None;
-        acfg.init_weights = None;
-    }
-    if method == "prompt_tuning" {
-        acfg.num_virtual_tokens = Some(o.num_virtual_tokens.unwrap_or(20));
-        acfg.token_dim = Some(mc.hidden_size);
-        acfg.num_layers = Some(mc.num_hidden_layers);
-        acfg.num_attention_heads = Some(mc.num_attention_heads);
-        acfg.target_modules = None;
-        if let Some(t) = &o.prompt_init_text {
-            acfg.prompt_tuning_init = Some("TEXT".into());
-            acfg.prompt_tuning_init_text = Some(t.clone());
-        }
-    }
-    Ok(acfg)
+    let new = NewAdapter {
+        hidden: mc.hidden_size,
+        layers: mc.num_hidden_layers,
+        attention_heads: mc.num_attention_heads,
+        kv_heads: mc.num_key_value_heads,
+        head_dim: mc.head_dim,
+        max_steps: o.max_steps.unwrap_or(100),
+        given: keys,
+    };
+    m.prepare(&mut cfg, &new)?;
+    cfg.validate(&format!("--method {} options", method_name(m)))?;
+    Ok(cfg)
 }

@@ -1,6 +1,6 @@
 //! `petal train`: fine-tune a model with an adapter, from flags and/or a TOML config.
 
-use crate::adapter_opts::adapter_config;
+use crate::adapter_opts::{adapter_config, given_options, method_name, resolve_method, MethodFlags};
 use crate::common::{data_files, load};
 use crate::{config_file, gen_cmd};
 use anyhow::{bail, Context, Result};
@@ -43,78 +43,26 @@ train_opts! {
     max_eval_examples: usize,
     /// Adapter method [default: lora]
     method: String,
-    /// LoRA rank [default: 8]
+    /// Rank of the method (LoRA's r; each method maps it to its own key) [default: the method's]
     r: usize,
-    /// LoRA alpha [default: 16]
+    /// Alpha of the method (LoRA's lora_alpha, LoHa's alpha, …) [default: 16]
     alpha: f64,
-    /// LoRA dropout [default: 0.0]
+    /// Dropout of the method's input (LoRA's lora_dropout, VeRA's vera_dropout, …) [default: 0.0]
     dropout: f64,
-    /// Scale by alpha/sqrt(r) (rsLoRA) [default: false]
-    rslora: bool,
-    /// DoRA: learn a magnitude per output next to the LoRA direction [default: false]
-    dora: bool,
-    /// LoRA init: default | gaussian | pissa | pissa_niter_K | olora (PiSSA/OLoRA start from W's
-    /// SVD/QR and leave the residual in the base)
-    init: String,
+    /// An option of the chosen method under its PEFT key, KEY=VALUE (repeatable; `petal
+    /// methods NAME` lists them); in a TOML file, a table named after the method
+    set: Vec<String>,
     /// PiSSA / OLoRA: save the trained adapter as plain LoRA of rank 2r that applies to the
     /// original model, as PEFT's `path_initial_model_for_weight_conversion` [default: false]
     save_as_lora: bool,
-    /// Target modules: comma list of names, `all-linear`, or `re:REGEX` [default: all-linear]
+    /// Target modules: comma list of names, `all-linear`, or `re:REGEX` [default: the method's]
     target_modules: String,
     /// Modules to exclude: comma list or `re:REGEX`
     exclude_modules: String,
     /// Linears trained in full next to the adapter and saved with it (e.g. lm_head): comma list
     modules_to_save: String,
-    /// LoRA: also train biases: none | lora_only | all [default: none]
-    bias: String,
     /// Token ids whose embedding rows are trained in full (new special tokens): comma list
     trainable_tokens: String,
-    /// LoKr: split dimensions around this divisor (-1: near the square root) [default: -1]
-    decompose_factor: i64,
-    /// LoKr: also factor the left Kronecker factor [default: false]
-    decompose_both: bool,
-    /// LoHa / LoKr: drop rows of dW in training with this probability [default: 0.0]
-    rank_dropout: f64,
-    /// LoHa / LoKr: skip the adapter for a forward call with this probability [default: 0.0]
-    module_dropout: f64,
-    /// Prompt / prefix tuning: virtual tokens put in front of every sequence [default: 20]
-    num_virtual_tokens: usize,
-    /// Prompt tuning: initialise the virtual tokens from this text's embeddings
-    prompt_init_text: String,
-    /// IA3: targeted modules whose input is scaled (comma list or `re:REGEX`) [default: down_proj]
-    feedforward_modules: String,
-    /// OFT: block size; the block count follows (give --r instead to fix the count) [default: 32]
-    oft_block_size: usize,
-    /// OFT: exact Cayley transform instead of PEFT's Neumann series [default: false]
-    exact_cayley: bool,
-    /// BOFT: block size (or give --boft-block-num) [default: 4]
-    boft_block_size: usize,
-    /// BOFT: number of blocks, instead of --boft-block-size
-    boft_block_num: usize,
-    /// BOFT: butterfly factors [default: 1]
-    boft_butterfly_factor: usize,
-    /// AdaLoRA: rank each layer ends with on average [default: 2/3 of --r]
-    target_r: usize,
-    /// AdaLoRA: steps before ranks are pruned [default: max_steps / 10]
-    tinit: usize,
-    /// AdaLoRA: final steps with the ranks fixed [default: max_steps / 5]
-    tfinal: usize,
-    /// AdaLoRA: prune every N steps in between [default: 1]
-    delta_t: usize,
-    /// AdaLoRA: weight of the orthogonality regulariser [default: 0.5]
-    orth_reg_weight: f64,
-    /// Prefix tuning: train the prefix through PEFT's two-layer tanh projection [default: false]
-    prefix_projection: bool,
-    /// P-tuning / prefix projection: hidden width of the encoder [default: the prefix width]
-    encoder_hidden_size: usize,
-    /// P-tuning: the encoder, MLP | LSTM (bidirectional, then a two-layer MLP) [default: MLP]
-    encoder: String,
-    /// P-tuning LSTM: layers [default: 2]
-    encoder_num_layers: usize,
-    /// RoAd: road_1 | road_2 | road_4 [default: road_1]
-    road_variant: String,
-    /// RoAd: size of the groups whose halves are paired [default: 64]
-    group_size: usize,
     /// Optimizer steps [default: 100]
     max_steps: usize,
     /// Peak learning rate [default: 1e-3]
@@ -173,6 +121,8 @@ pub struct TrainArgs {
     pub json: bool,
     #[command(flatten)]
     pub opts: TrainOpts,
+    #[command(flatten)]
+    pub method_flags: MethodFlags,
 }
 
 struct Bar(ProgressBar);
@@ -205,8 +155,29 @@ impl Observer for Bar {
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let mut o = args.opts;
+    let mut flags = args.method_flags.given;
+    let mut tables = toml::Table::new();
     if let Some(c) = &args.config {
-        let table = config_file::read(c, TrainOpts::KEYS)?;
+        let (top, tables_known) = crate::adapter_opts::toml_names();
+        let mut known: Vec<&str> = TrainOpts::KEYS.to_vec();
+        known.extend(top.iter().map(String::as_str));
+        let mut table = config_file::read(c, &known, &tables_known)?;
+        for key in &top {
+            let name = key.replace('_', "-");
+            let on_command_line = flags.iter().any(|(f, _)| *f == name);
+            if let Some(v) = table.remove(key).filter(|_| !on_command_line) {
+                let text = match v {
+                    toml::Value::String(s) => s,
+                    v => v.to_string(),
+                };
+                flags.push((name, text));
+            }
+        }
+        for name in &tables_known {
+            if let Some(toml::Value::Table(t)) = table.remove(name) {
+                tables.insert(name.clone(), toml::Value::Table(t));
+            }
+        }
         let file: TrainOpts = table
             .try_into()
             .with_context(|| format!("{}: bad value", c.display()))?;
@@ -224,28 +195,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if o.resume.is_none() && out.join("checkpoints").exists() && !o.overwrite.unwrap_or(false) {
         bail!("{}: run folder already has checkpoints; pass --resume {0} to continue or --overwrite true to start over", out.display());
     }
-    let method = o
-        .method
-        .clone()
-        .unwrap_or_else(|| "lora".into())
-        .to_ascii_lowercase();
-    if petal_core::registry::method(&method).is_none() {
-        let known: Vec<String> = petal_core::registry::METHODS
-            .iter()
-            .map(|m| m.peft_type().to_ascii_lowercase())
-            .collect();
-        bail!(
-            "--method {method}: not available (petal has: {})",
-            known.join(", ")
-        );
+    let (m, preset) = resolve_method(o.method.as_deref().unwrap_or("lora"))?;
+    let method = method_name(m);
+    if let Some(t) = tables.keys().find(|t| **t != method) {
+        bail!("the run file has a [{t}] table but --method is {method}");
     }
-    if method != "lora" && (o.rslora.unwrap_or(false) || o.dora.unwrap_or(false)) {
-        bail!("--rslora and --dora are LoRA options; --method {method} has neither");
-    }
-    if !matches!(method.as_str(), "lora" | "vera" | "adalora") && o.dropout.is_some_and(|d| d > 0.0)
-    {
-        bail!("--dropout applies to lora, adalora and vera; --method {method} has none");
-    }
+    let table = match tables.get(&method) {
+        Some(toml::Value::Table(t)) => Some(t),
+        _ => None,
+    };
+    let given = given_options(m, &o, &flags, table)?;
     let dt = o.dtype.clone().unwrap_or_else(|| "f32".into());
     let dev = o.device.clone().unwrap_or_else(|| "cpu".into());
     crate::common::bf16_activations(
@@ -278,19 +237,20 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None => split(read(&data_spec)?, o.val_fraction.unwrap_or(0.05), seed),
     };
     val_set.truncate(o.max_eval_examples.unwrap_or(32));
-    let mut acfg = adapter_config(&o, &method, &lm.model.cfg)?;
+    let mut acfg = adapter_config(&o, m, preset, given, &lm.model.cfg)?;
     acfg.base_model_name_or_path = Some(model_spec.clone());
     let mut model = lm.model;
     let report = inject_adapter(&mut model, "default", &acfg, seed)?;
-    if let (Some(text), Some((_, input))) = (&o.prompt_init_text, model.input_adapter()) {
+    let init_text = acfg.get("prompt_tuning_init_text").and_then(|v| v.as_str());
+    if let (Some(text), Some((_, input))) = (init_text, model.input_adapter()) {
         // PEFT's TEXT init: the text's token embeddings, cut or repeated to the length.
         let ids = tok.encode(text, false)?;
         let n = input
             .embeddings()?
-            .context("--prompt-init-text needs a method with virtual token embeddings")?
+            .context("a prompt init text needs a method with virtual token embeddings")?
             .dim(0)?;
         if ids.is_empty() {
-            bail!("--prompt-init-text tokenizes to nothing");
+            bail!("the prompt init text {text:?} tokenizes to nothing");
         }
         let ids: Vec<u32> = ids.iter().copied().cycle().take(n).collect();
         let rows = model.embed_weight().index_select(
@@ -367,7 +327,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     std::fs::create_dir_all(&out)?;
     petal_io::write_atomic(
         &out.join("run.toml"),
-        toml::to_string(&o).unwrap_or_default().as_bytes(),
+        run_toml(&o, &method, &acfg).as_bytes(),
     )?;
     let bar = ProgressBar::new(cfg.max_steps as u64);
     bar.set_style(
@@ -510,4 +470,20 @@ pub fn sparkline(v: &[f64]) -> String {
         v.first().copied().unwrap_or(0.0),
         v.last().copied().unwrap_or(0.0)
     )
+}
+
+/// The run's options as a TOML run file: the flags, and the adapter's options as the method's
+/// table (so `--config run.toml` repeats the run).
+fn run_toml(o: &TrainOpts, method: &str, acfg: &petal_core::AdapterConfig) -> String {
+    let mut o = o.clone();
+    o.set = None;
+    let mut t = toml::Table::try_from(&o).unwrap_or_default();
+    let opts: toml::Table = acfg
+        .options
+        .iter()
+        .filter(|(_, v)| !v.is_null())
+        .filter_map(|(k, v)| Some((k.clone(), toml::Value::try_from(v).ok()?)))
+        .collect();
+    t.insert(method.to_string(), toml::Value::Table(opts));
+    toml::to_string(&t).unwrap_or_default()
 }

@@ -129,13 +129,126 @@ pub trait AdapterLayer: Debug + Send + Sync {
     }
 }
 
-/// Config parsing + construction; listed once in `registry::METHODS`.
+/// The sizes `petal train` and `petal bench` take for every method (`--r`, `--alpha`,
+/// `--dropout`); each method maps them onto its own keys (`AdapterMethod::shared_key`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedOption {
+    Rank,
+    Alpha,
+    Dropout,
+}
+
+/// A command-line flag of a method kept from before options were namespaced
+/// (`--road-variant` for RoAd's `variant`; `name` as written after `--`, and as a TOML key with
+/// `_` for `-`); `invert` negates a boolean (`--exact-cayley`).
+#[derive(Debug, Clone, Copy)]
+pub struct Flag {
+    pub name: &'static str,
+    pub key: &'static str,
+    pub invert: bool,
+}
+
+impl Flag {
+    pub const fn new(name: &'static str, key: &'static str) -> Self {
+        Flag {
+            name,
+            key,
+            invert: false,
+        }
+    }
+}
+
+/// The model a new adapter is made for (by `petal train` / `petal bench`) and the run's length.
+#[derive(Debug, Clone)]
+pub struct NewAdapter {
+    pub hidden: usize,
+    pub layers: usize,
+    pub attention_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub max_steps: usize,
+    /// The option keys the user gave (the others hold the method's defaults).
+    pub given: Vec<String>,
+}
+
+impl NewAdapter {
+    pub fn given(&self, key: &str) -> bool {
+        self.given.iter().any(|k| k == key)
+    }
+}
+
+/// One method: its options, construction, and hooks; listed once in `registry::METHODS`.
+/// Everything the CLI, TOML run files, `petal bench` and the trainer know of a method comes
+/// from here.
 pub trait AdapterMethod: Sync {
     /// HF `peft_type`, as written in adapter_config.json (e.g. "LORA").
     fn peft_type(&self) -> &'static str;
-    /// The method's own adapter_config.json keys (beyond target/exclude/task ones), in PEFT's
-    /// names: what `AdapterConfig::to_json` writes for it.
-    fn config_keys(&self) -> &'static [&'static str];
+    /// The method's own options (`crate::config::spec::<ItsOptions>()`): PEFT's keys, help,
+    /// defaults. adapter_config.json holds these next to the shared fields.
+    fn options(&self) -> crate::config::Spec;
+    /// Checks of the method's option values beyond their types (ranges, combinations).
+    fn validate(&self, _cfg: &AdapterConfig) -> Result<()> {
+        Ok(())
+    }
+    /// The method's key for a shared size (`--r`, `--alpha`, `--dropout`), if it has one.
+    fn shared_key(&self, o: SharedOption) -> Option<&'static str> {
+        let names: &[&str] = match o {
+            SharedOption::Rank => &["r"],
+            SharedOption::Alpha => &["lora_alpha", "alpha"],
+            SharedOption::Dropout => &["lora_dropout"],
+        };
+        let spec = self.options();
+        names.iter().find_map(|n| spec.key(n)).map(|s| s.key)
+    }
+    /// Set rank `r` and alpha where the method has them.
+    fn set_size(&self, opts: &mut serde_json::Map<String, serde_json::Value>, r: usize, alpha: f64) {
+        if let Some(k) = self.shared_key(SharedOption::Rank) {
+            opts.insert(k.into(), r.into());
+        }
+        if let Some(k) = self.shared_key(SharedOption::Alpha) {
+            opts.insert(k.into(), alpha.into());
+        }
+    }
+    /// Command-line flags kept for some options (`--road-variant`); `--set KEY=VALUE` reaches
+    /// every option.
+    fn flags(&self) -> Vec<Flag> {
+        vec![]
+    }
+    /// Other names `--method` takes for this method with options set, as (name, key, JSON
+    /// value): LoRA's ("dora", "use_dora", "true").
+    fn variants(&self) -> &'static [(&'static str, &'static str, &'static str)] {
+        &[]
+    }
+    /// `target_modules` when the user gives none (Llama-family names); `None`: the method
+    /// targets no module (input-side methods).
+    fn default_targets(&self) -> Option<&'static str> {
+        Some("all-linear")
+    }
+    /// Fill what a new adapter needs from the model or the run (prompt widths, AdaLoRA's
+    /// schedule) and petal's training defaults where they differ from PEFT's, leaving the keys
+    /// in `new.given` as the user set them.
+    fn prepare(&self, _cfg: &mut AdapterConfig, _new: &NewAdapter) -> Result<()> {
+        Ok(())
+    }
+    /// Options `petal bench` trains the method with (those of its docs page) as (key, JSON
+    /// value); `None`: not benchmarked.
+    fn bench_settings(&self) -> Option<&'static [(&'static str, &'static str)]> {
+        None
+    }
+    /// Switch the init to the method's non-zero variant (PEFT's testing switch).
+    fn set_init_nonzero(&self, opts: &mut serde_json::Map<String, serde_json::Value>) {
+        if self.options().has("init_weights") {
+            opts.insert("init_weights".into(), false.into());
+        }
+    }
+    /// Whether the method can adapt a token embedding (else targeting one is refused).
+    fn adapts_embeddings(&self) -> bool {
+        false
+    }
+    /// Whether every bias of the model is trained next to the adapter (LoRA's `bias = "all"`).
+    fn trains_all_biases(&self, _cfg: &AdapterConfig) -> bool {
+        false
+    }
     /// Selective methods that train copies of norm weights (LN tuning) instead of adapting
     /// linears.
     fn tunes_norms(&self) -> bool {

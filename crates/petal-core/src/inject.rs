@@ -153,7 +153,7 @@ pub fn inject_adapter(
         if !targeted(lin) {
             continue;
         }
-        if lin.is_embedding() && !cfg.is_lora() {
+        if lin.is_embedding() && !method.adapts_embeddings() {
             return Err(Error::Unsupported(format!(
                 "{path}: {} cannot adapt a token embedding (LoRA can)",
                 cfg.peft_type
@@ -198,7 +198,7 @@ pub fn inject_adapter(
     }
     attach_module_copies(model, name, cfg, &mut modules)?;
     attach_trainable_tokens(model, name, cfg, &mut modules, &shared)?;
-    if cfg.is_lora() && cfg.bias == "all" {
+    if method.trains_all_biases(cfg) {
         for lin in model.linears_mut() {
             let Some(b) = lin.bias().filter(|_| lin.layer(name).is_none()) else {
                 continue;

@@ -16,7 +16,10 @@ pub mod registry;
 pub mod rng;
 pub mod target;
 
-pub use adapter::{AdapterLayer, AdapterMethod, InputAdapter, NamedTensor, WeightUpdate};
+pub use adapter::{
+    AdapterLayer, AdapterMethod, Flag, InputAdapter, NamedTensor, NewAdapter, SharedOption,
+    WeightUpdate,
+};
 pub use config::AdapterConfig;
 pub use error::{Error, Result};
 pub use inject::{inject_adapter, Adaptable, InjectionReport, ParamCount};

@@ -54,6 +54,11 @@ impl Adaptable for Toy {
     }
 }
 
+/// A whole-number option of `cfg` (tests).
+pub fn opt_usize(cfg: &AdapterConfig, key: &str) -> usize {
+    cfg.get(key).and_then(|v| v.as_u64()).unwrap_or_else(|| panic!("option {key}")) as usize
+}
+
 /// Both toy linears as `target_modules`.
 pub fn toy_targets() -> crate::config::Targets {
     crate::config::Targets::List(vec!["fc1".into(), "fc2".into()])

@@ -65,8 +65,8 @@ fn checkpointed_lora_gradients_with_dropout_and_an_embedding_adapter_equal_the_p
                 .to_vec(),
         ),
     );
-    cfg.init_lora_weights = InitWeights::Flag(false);
-    cfg.lora_dropout = 0.2;
+    cfg.set("init_lora_weights", InitWeights::Flag(false)).unwrap();
+    cfg.set("lora_dropout", 0.2).unwrap();
     check(&cfg);
 }
 
@@ -74,7 +74,7 @@ fn checkpointed_lora_gradients_with_dropout_and_an_embedding_adapter_equal_the_p
 fn checkpointed_prompt_and_prefix_tuning_gradients_equal_the_plain_ones() {
     for method in ["prompt_tuning", "prefix_tuning"] {
         let mut cfg = AdapterConfig::for_method(method, 1, 1.0, Targets::List(vec![]));
-        cfg.num_virtual_tokens = Some(3);
+        cfg.set("num_virtual_tokens", Some(3)).unwrap();
         cfg.target_modules = None;
         check(&cfg);
     }

@@ -368,10 +368,10 @@ fn p_tuning_lstm_encoder_with_torchs_tensors_gives_torchs_output() {
         1.0,
         petal_core::config::Targets::List(vec![]),
     );
-    cfg.num_virtual_tokens = Some(5);
-    cfg.encoder_hidden_size = Some(8);
-    cfg.encoder_reparameterization_type = Some("LSTM".into());
-    cfg.encoder_num_layers = Some(2);
+    cfg.set("num_virtual_tokens", Some(5)).unwrap();
+    cfg.set("encoder_hidden_size", Some(8)).unwrap();
+    cfg.set("encoder_reparameterization_type", Some("LSTM".into())).unwrap();
+    cfg.set("encoder_num_layers", Some(2)).unwrap();
     cfg.target_modules = None;
     petal_core::inject_adapter(&mut m, "default", &cfg, 0).unwrap();
     let (_, enc) = m.input_adapter().unwrap();

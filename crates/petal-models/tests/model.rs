@@ -36,7 +36,7 @@ fn ids() -> Tensor {
 fn every_adapter_tensor_in_every_layer_gets_a_nonzero_gradient_and_frozen_weights_none() {
     let mut m = model(&golden().join("llama"), DType::F32);
     let mut cfg = AdapterConfig::lora(4, 8.0, Targets::Regex("all-linear".into()));
-    cfg.init_lora_weights = InitWeights::Flag(false);
+    cfg.set("init_lora_weights", InitWeights::Flag(false)).unwrap();
     inject_adapter(&mut m, "default", &cfg, 1).unwrap();
     let logits = m.forward(&ids(), None, true).unwrap();
     let g = logits
@@ -121,7 +121,7 @@ fn bf16_logits_track_f32_logits_within_bf16_precision() {
 #[test]
 fn prompt_tuning_embeddings_get_gradients_that_match_finite_differences_through_the_model() {
     let mut cfg = AdapterConfig::for_method("PROMPT_TUNING", 1, 1.0, Targets::List(vec![]));
-    cfg.num_virtual_tokens = Some(2);
+    cfg.set("num_virtual_tokens", Some(2)).unwrap();
     let m = input_adapted(&cfg);
     assert_eq!(m.num_virtual_tokens(), 2);
     input_gradients_match_finite_differences(&m);
@@ -130,7 +130,7 @@ fn prompt_tuning_embeddings_get_gradients_that_match_finite_differences_through_
 #[test]
 fn prefix_tuning_keys_and_values_get_gradients_that_match_finite_differences_through_the_model() {
     let mut cfg = AdapterConfig::for_method("PREFIX_TUNING", 1, 1.0, Targets::List(vec![]));
-    cfg.num_virtual_tokens = Some(2);
+    cfg.set("num_virtual_tokens", Some(2)).unwrap();
     let m = input_adapted(&cfg);
     assert_eq!(
         m.num_virtual_tokens(),
@@ -219,8 +219,8 @@ fn ln_tuning_counts_one_hidden_vector_per_targeted_norm_as_trainable() {
 #[test]
 fn p_tuning_encoder_weights_get_gradients_that_match_finite_differences_through_the_model() {
     let mut cfg = AdapterConfig::for_method("P_TUNING", 1, 1.0, Targets::List(vec![]));
-    cfg.num_virtual_tokens = Some(2);
-    cfg.encoder_hidden_size = Some(8);
+    cfg.set("num_virtual_tokens", Some(2)).unwrap();
+    cfg.set("encoder_hidden_size", Some(8)).unwrap();
     let m = input_adapted(&cfg);
     assert_eq!(m.num_virtual_tokens(), 2);
     let vars = adapter_vars(&m, "default");
@@ -242,7 +242,7 @@ fn p_tuning_encoder_weights_get_gradients_that_match_finite_differences_through_
 #[test]
 fn a_saved_p_tuning_adapter_is_its_encoder_output_and_reloads_to_the_same_logits() {
     let mut cfg = AdapterConfig::for_method("P_TUNING", 1, 1.0, Targets::List(vec![]));
-    cfg.num_virtual_tokens = Some(3);
+    cfg.set("num_virtual_tokens", Some(3)).unwrap();
     let m = input_adapted(&cfg);
     let dir = tempfile::tempdir().unwrap();
     petal_io::save_model_adapter(&m, "default", &cfg, dir.path()).unwrap();
@@ -267,7 +267,7 @@ fn a_saved_p_tuning_adapter_is_its_encoder_output_and_reloads_to_the_same_logits
 fn lora_on_the_embedding_gets_exact_gradients_and_merges_into_the_table() {
     let mut m = model(&golden().join("llama"), DType::F32);
     let mut cfg = AdapterConfig::lora(3, 6.0, Targets::List(vec!["embed_tokens".into()]));
-    cfg.init_lora_weights = InitWeights::Flag(false);
+    cfg.set("init_lora_weights", InitWeights::Flag(false)).unwrap();
     inject_adapter(&mut m, "default", &cfg, 5).unwrap();
     let vars = adapter_vars(&m, "default");
     assert_eq!(vars.len(), 2);
@@ -336,9 +336,9 @@ fn trainable_token_rows_on_a_tied_model_get_exact_gradients_merge_and_unmerge() 
 #[test]
 fn prefix_tuning_through_its_projection_gets_exact_gradients_and_saves_the_projected_prefix() {
     let mut cfg = AdapterConfig::for_method("PREFIX_TUNING", 1, 1.0, Targets::List(vec![]));
-    cfg.num_virtual_tokens = Some(2);
-    cfg.prefix_projection = Some(true);
-    cfg.encoder_hidden_size = Some(6);
+    cfg.set("num_virtual_tokens", Some(2)).unwrap();
+    cfg.set("prefix_projection", Some(true)).unwrap();
+    cfg.set("encoder_hidden_size", Some(6)).unwrap();
     let m = input_adapted(&cfg);
     assert_eq!(
         adapter_vars(&m, "default").len(),

@@ -240,7 +240,7 @@ pub fn train(
             a.cut(&mut tensors)?;
             let mut c = adapter_cfg.clone();
             if let Some(p) = a.rank_pattern() {
-                c.rank_pattern = p;
+                c.set("rank_pattern", p).unwrap();
             }
             c.inference_mode = true;
             petal_io::save_adapter(&adapter_dir, &c, &tensors)?;

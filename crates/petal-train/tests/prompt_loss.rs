@@ -14,7 +14,7 @@ fn the_loss_with_prompt_tuning_scores_only_the_real_tokens() {
         .unwrap()
         .model;
     let mut cfg = AdapterConfig::for_method("PROMPT_TUNING", 1, 1.0, Targets::List(vec![]));
-    cfg.num_virtual_tokens = Some(3);
+    cfg.set("num_virtual_tokens", Some(3)).unwrap();
     inject_adapter(&mut m, "default", &cfg, 2).unwrap();
     let ids: Vec<u32> = vec![1, 5, 9, 14, 20, 33, 2, 71, 7, 7, 3, 90, 45, 12, 60, 8];
     let labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();

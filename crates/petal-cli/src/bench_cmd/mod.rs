@@ -37,8 +37,8 @@ pub struct BenchArgs {
     /// LoRA rank on all linear layers (train mode)
     #[arg(long, default_value_t = 8)]
     pub r: usize,
-    /// Adapter method trained (train mode): lora | dora | loha | lokr | ia3 | oft | boft | road |
-    /// vera; PyTorch + PEFT gets the same adapter_config
+    /// Adapter method trained (train mode): the methods with bench settings (lora, dora, loha,
+    /// lokr, ia3, oft, boft, road, vera); PyTorch + PEFT gets the same adapter_config
     #[arg(long, default_value = "lora")]
     pub method: String,
     /// Measured steps per round
@@ -336,25 +336,31 @@ fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
 }
 
 /// The benchmarked adapter: rank r (alpha 2r) on all linear layers, each method with the
-/// settings of its docs page (OFT blocks of 32, BOFT blocks of 8 and one butterfly factor,
-/// RoAd groups of 64).
+/// settings of its docs page (`AdapterMethod::bench_settings`).
 fn bench_adapter(method: &str, r: usize) -> Result<AdapterConfig> {
+    let benched = || -> Vec<String> {
+        petal_core::registry::METHODS
+            .iter()
+            .filter(|m| m.bench_settings().is_some())
+            .flat_map(|m| {
+                let name = crate::adapter_opts::method_name(*m);
+                std::iter::once(name).chain(m.variants().iter().map(|v| v.0.to_string()))
+            })
+            .collect()
+    };
+    let (m, preset) = crate::adapter_opts::resolve_method(method)?;
+    let Some(settings) = m.bench_settings() else {
+        bail!("--method {method}: bench trains {}", benched().join(", "));
+    };
     let all = Targets::Regex("all-linear".into());
-    let peft_type = if method == "dora" { "lora" } else { method };
-    if !["lora", "loha", "lokr", "ia3", "oft", "boft", "road", "vera"].contains(&peft_type) {
-        bail!(
-            "--method {method}: bench trains lora, dora, loha, lokr, ia3, oft, boft, road or vera"
-        );
+    let mut c = AdapterConfig::for_method(m.peft_type(), r, 2.0 * r as f64, all);
+    for (k, v) in preset {
+        c.set(&k, v)?;
     }
-    let mut c = AdapterConfig::for_method(peft_type, r, 2.0 * r as f64, all);
-    match method {
-        "dora" => c.use_dora = true,
-        "ia3" => c.feedforward_modules = Some(Targets::List(vec!["down_proj".into()])),
-        "oft" => (c.r, c.oft_block_size) = (0, Some(32)),
-        "boft" => (c.boft_block_num, c.boft_block_size) = (Some(0), Some(8)),
-        "road" => c.group_size = Some(64),
-        _ => {}
+    for (k, json) in settings {
+        c.set(k, serde_json::from_str::<Value>(json)?)?;
     }
+    c.validate("--method")?;
     Ok(c)
 }
 

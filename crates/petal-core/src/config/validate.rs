@@ -1,76 +1,48 @@
-//! What petal refuses in an adapter config, naming the field.
+//! What petal refuses in an adapter config, naming the field: the shared part here, each
+//! method's own options in its file (`AdapterMethod::validate`).
 
-use super::{pissa_niter, AdapterConfig, InitWeights};
+use super::{unknown_method, AdapterConfig};
 use crate::{Error, Result};
 
 impl AdapterConfig {
     /// Refuse settings petal cannot honour, naming the field.
     pub fn validate(&self, file: &str) -> Result<()> {
-        if crate::registry::method(&self.peft_type).is_none() {
-            let known: Vec<_> = crate::registry::METHODS
-                .iter()
-                .map(|m| m.peft_type())
-                .collect();
-            return Err(Error::config(
-                file,
-                "peft_type",
-                format!(
-                    "`{}` is not a method petal knows (known: {})",
-                    self.peft_type,
-                    known.join(", ")
-                ),
-            ));
-        }
-        let unsupported = |f: &str, v: String| {
-            Err(Error::config(
-                file,
-                f,
-                format!("{f} = {v} is not supported by petal yet"),
-            ))
-        };
-        let lycoris = self.peft_type == "LOHA" || self.peft_type == "LOKR";
-        if (self.rank_dropout != 0.0 && !lycoris)
-            || (self.module_dropout != 0.0 && !lycoris && self.peft_type != "OFT")
-        {
-            return unsupported(
-                "rank_dropout / module_dropout",
-                format!(
-                    "{} / {} (for {})",
-                    self.rank_dropout, self.module_dropout, self.peft_type
-                ),
-            );
-        }
-        if !(0.0..1.0).contains(&self.rank_dropout) {
-            return Err(Error::config(file, "rank_dropout", "must be in [0, 1)"));
-        }
-        if self.fan_in_fan_out {
-            return unsupported("fan_in_fan_out", "true".into());
-        }
-        match self.bias.as_str() {
-            "none" => {}
-            "all" | "lora_only" if self.is_lora() => {}
-            b => return unsupported("bias", format!("{b:?} (for {})", self.peft_type)),
-        }
-        if let Some(InitWeights::Named(n)) = &self.init_weights {
-            if !(self.peft_type == "PREFIX_TUNING" && n == "zero") {
-                return unsupported("init_weights", format!("{n:?}"));
+        let m = self
+            .method()
+            .ok_or_else(|| unknown_method(&self.peft_type, file))?;
+        let spec = m.options();
+        for k in self.options.keys() {
+            if !spec.has(k) {
+                let what = format!("option of {}", m.peft_type());
+                return Err(Error::config(file, k, super::unknown(&what, k, &spec.names())));
             }
         }
-        match &self.init_lora_weights {
-            InitWeights::Flag(_) => {}
-            InitWeights::Named(n)
-                if n == "gaussian" || n == "pissa" || n == "olora" || pissa_niter(n).is_some() => {}
-            InitWeights::Named(n) => return unsupported("init_lora_weights", format!("{n:?}")),
-        }
-        if self.r == 0 && self.peft_type != "OFT" && self.peft_type != "BOFT" {
-            return Err(Error::config(file, "r", "must be at least 1"));
-        }
-        if !(0.0..1.0).contains(&self.module_dropout) {
-            return Err(Error::config(file, "module_dropout", "must be in [0, 1)"));
-        }
-        if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(Error::config(file, "lora_dropout", "must be in [0, 1)"));
-        }
-        Ok(())
+        (spec.check)(&self.options).map_err(|e| Error::config(file, m.peft_type(), e))?;
+        m.validate(self)
+            .map_err(|e| match e {
+                Error::Config { field, msg, .. } => Error::config(file, field, msg),
+                e => e,
+            })
     }
+}
+
+/// `field` must lie in `[0, 1)`.
+pub fn probability(field: &str, p: f64) -> Result<()> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::config(
+            "adapter config",
+            field,
+            format!("{p} is out of range: must be in [0, 1)"),
+        ));
+    }
+    Ok(())
+}
+
+/// A setting petal cannot honour yet.
+pub fn unsupported(field: &str, v: impl std::fmt::Display) -> Error {
+    Error::config(
+        "adapter config",
+        field,
+        format!("{field} = {v} is not supported by petal yet"),
+    )
 }

@@ -15,8 +15,15 @@
 //! per `<module>.lora_E`) and the tensors are saved cut to the kept ranks, as PEFT does; loading
 //! rebuilds the cut layers with the original `ranknum`.
 
-use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, WeightUpdate};
-use crate::config::{AdapterConfig, RankValue};
+use crate::adapter::{
+    AdapterLayer, AdapterMethod, BaseLinear, Flag, NamedTensor, NewAdapter, SharedOption,
+    WeightUpdate,
+};
+use crate::config::{
+    probability, spec, unsupported, AdapterConfig, InitWeights, RankValue, Spec,
+};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 use crate::methods::lora::dropout;
 use crate::methods::normal;
 use crate::Result;
@@ -24,6 +31,44 @@ use candle_core::{DType, Tensor, Var};
 use rand::SeedableRng;
 
 pub struct AdaLora;
+
+crate::method_options! {
+    /// AdaLoRA's options (PEFT `AdaLoraConfig`).
+    pub struct AdaLoraOptions {
+        /// PEFT's LoRA rank field (AdaLoRA sizes its layers by init_r)
+        pub r: usize = 8,
+        /// Scale numerator (0: init_r)
+        pub alpha as "lora_alpha": f64 = 8.0,
+        /// Dropout on the adapter's input
+        pub dropout as "lora_dropout": f64 = 0.0,
+        /// true: E starts at zero (identity); false: all random
+        pub init as "init_lora_weights": InitWeights = InitWeights::Flag(true),
+        /// Bias handling (only "none")
+        pub bias: String = "none".into(),
+        /// Weights stored (in, out) (not supported)
+        pub fan_in_fan_out: bool = false,
+        /// The kept ranks per `<module>.lora_E` (written at save)
+        pub rank_pattern: BTreeMap<String, RankValue> = BTreeMap::new(),
+        /// Rank each layer starts with
+        pub init_r: usize = 12,
+        /// Rank each layer ends with on average
+        pub target_r: usize = 8,
+        /// Steps before ranks are pruned
+        pub tinit: usize = 0,
+        /// Final steps with the ranks fixed
+        pub tfinal: usize = 0,
+        /// Prune every deltaT steps in between
+        pub delta_t as "deltaT": usize = 1,
+        /// EMA factor of the importance
+        pub beta1: f64 = 0.85,
+        /// EMA factor of the importance's uncertainty
+        pub beta2: f64 = 0.85,
+        /// Weight of the orthogonality regulariser
+        pub orth_reg_weight: f64 = 0.5,
+        /// Length of the run the schedule is laid over
+        pub total_step: Option<usize> = None,
+    }
+}
 
 #[derive(Debug)]
 pub struct AdaLoraLayer {
@@ -40,27 +85,72 @@ impl AdapterMethod for AdaLora {
         "ADALORA"
     }
 
-    fn config_keys(&self) -> &'static [&'static str] {
-        &[
-            "r",
-            "lora_alpha",
-            "lora_dropout",
-            "init_lora_weights",
-            "bias",
-            "fan_in_fan_out",
-            "layers_to_transform",
-            "layers_pattern",
-            "rank_pattern",
-            "init_r",
-            "target_r",
-            "tinit",
-            "tfinal",
-            "deltaT",
-            "beta1",
-            "beta2",
-            "orth_reg_weight",
-            "total_step",
+    fn options(&self) -> Spec {
+        spec::<AdaLoraOptions>()
+    }
+
+    fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
+        let o: AdaLoraOptions = cfg.options()?;
+        probability("lora_dropout", o.dropout)?;
+        if o.fan_in_fan_out {
+            return Err(unsupported("fan_in_fan_out", true));
+        }
+        if o.bias != "none" {
+            return Err(unsupported("bias", format!("{:?}", o.bias)));
+        }
+        if let InitWeights::Named(n) = &o.init {
+            return Err(unsupported("init_lora_weights", format!("{n:?}")));
+        }
+        Ok(())
+    }
+
+    fn shared_key(&self, o: SharedOption) -> Option<&'static str> {
+        Some(match o {
+            SharedOption::Rank => "init_r",
+            SharedOption::Alpha => "lora_alpha",
+            SharedOption::Dropout => "lora_dropout",
+        })
+    }
+
+    fn set_size(&self, opts: &mut Map<String, Value>, r: usize, alpha: f64) {
+        opts.insert("r".into(), r.into());
+        opts.insert("init_r".into(), r.into());
+        opts.insert("target_r".into(), (r / 2).max(1).into());
+        opts.insert("lora_alpha".into(), alpha.into());
+    }
+
+    fn flags(&self) -> Vec<Flag> {
+        vec![
+            Flag::new("target-r", "target_r"),
+            Flag::new("tinit", "tinit"),
+            Flag::new("tfinal", "tfinal"),
+            Flag::new("delta-t", "deltaT"),
+            Flag::new("orth-reg-weight", "orth_reg_weight"),
         ]
+    }
+
+    fn prepare(&self, cfg: &mut AdapterConfig, new: &NewAdapter) -> Result<()> {
+        // petal's training defaults: rank 8 pruned to two thirds, over the run's own length
+        let steps = new.max_steps;
+        if !new.given("init_r") {
+            cfg.set("init_r", 8)?;
+        }
+        let o: AdaLoraOptions = cfg.options()?;
+        cfg.set("r", o.init_r)?;
+        for (key, value) in [
+            ("target_r", (2 * o.init_r / 3).max(1)),
+            ("tinit", steps / 10),
+            ("tfinal", steps / 5),
+        ] {
+            if !new.given(key) {
+                cfg.set(key, value)?;
+            }
+        }
+        cfg.set("total_step", steps)
+    }
+
+    fn set_init_nonzero(&self, opts: &mut Map<String, Value>) {
+        opts.insert("init_lora_weights".into(), false.into());
     }
 
     fn build(
@@ -70,16 +160,17 @@ impl AdapterMethod for AdaLora {
         base: &BaseLinear,
         seed: u64,
     ) -> Result<Box<dyn AdapterLayer>> {
-        let init_r = cfg.init_r.unwrap_or(12);
+        let o: AdaLoraOptions = cfg.options()?;
+        let init_r = o.init_r;
         // a saved adapter is cut to the ranks its mask keeps; the scale keeps the original rank
-        let kept = match cfg.rank_pattern.get(&format!("{path}.lora_E")) {
+        let kept = match o.rank_pattern.get(&format!("{path}.lora_E")) {
             Some(RankValue::Mask(m)) => m.iter().filter(|&&k| k).count(),
             _ => init_r,
         };
         let (inp, out) = (base.in_features, base.out_features);
         let dev = base.weight.device();
         let mut g = rand::rngs::StdRng::seed_from_u64(seed);
-        let nonzero = cfg.init_nonzero();
+        let nonzero = o.init == InitWeights::Flag(false);
         let std = if nonzero { 1.0 } else { 0.02 };
         let mat = |rows: usize, cols: usize, g: &mut rand::rngs::StdRng| -> Result<Tensor> {
             if rows * cols == 0 {
@@ -94,14 +185,14 @@ impl AdapterMethod for AdaLora {
             Tensor::zeros((kept, 1), DType::F32, dev)?
         };
         let b = mat(out, kept, &mut g)?;
-        let alpha = cfg.lora_alpha;
+        let alpha = o.alpha;
         Ok(Box::new(AdaLoraLayer {
             a: Var::from_tensor(&a)?,
             b: Var::from_tensor(&b)?,
             e: Var::from_tensor(&e)?,
             scaling: if alpha > 0.0 { alpha } else { init_r as f64 },
             ranknum: init_r as f64,
-            dropout: cfg.lora_dropout,
+            dropout: o.dropout,
         }))
     }
 }
@@ -176,7 +267,7 @@ impl AdapterLayer for AdaLoraLayer {
 #[cfg(test)]
 fn conformance_config() -> AdapterConfig {
     let mut c = AdapterConfig::for_method("ADALORA", 3, 6.0, crate::testing::toy_targets());
-    c.total_step = Some(10);
+    c.set("total_step", 10).unwrap();
     c
 }
 
@@ -184,7 +275,8 @@ fn conformance_config() -> AdapterConfig {
 crate::conformance!(
     conformance,
     conformance_config,
-    |inp, out, cfg: &AdapterConfig| cfg.init_r.unwrap() * (inp + out + 1)
+    |inp, out, cfg: &AdapterConfig| cfg.options::<AdaLoraOptions>().unwrap().init_r
+        * (inp + out + 1)
 );
 
 /// PEFT's `RankAllocator` and the model-level `update_and_allocate`, over adapter `name`:
@@ -232,7 +324,7 @@ pub fn orth_regulariser(
     name: &str,
     cfg: &AdapterConfig,
 ) -> Result<Option<Tensor>> {
-    let w = cfg.orth_reg_weight.unwrap_or(0.5);
+    let w = cfg.options::<AdaLoraOptions>()?.orth_reg_weight;
     let ls = layers(model, name);
     if ls.is_empty() || w == 0.0 {
         return Ok(None);
@@ -266,14 +358,15 @@ impl RankAllocator {
         if ls.is_empty() {
             return Ok(None);
         }
-        let total_step = cfg.total_step.filter(|&t| t > 0).ok_or_else(|| {
+        let o: AdaLoraOptions = cfg.options()?;
+        let total_step = o.total_step.filter(|&t| t > 0).ok_or_else(|| {
             crate::Error::config(
                 "adapter config",
                 "total_step",
                 "AdaLoRA needs the total number of steps",
             )
         })?;
-        let (tinit, tfinal) = (cfg.tinit.unwrap_or(0), cfg.tfinal.unwrap_or(0));
+        let (tinit, tfinal) = (o.tinit, o.tfinal);
         if tinit + tfinal >= total_step {
             return Err(crate::Error::config(
                 "adapter config",
@@ -293,14 +386,14 @@ impl RankAllocator {
         }
         Ok(Some(RankAllocator {
             name: name.to_string(),
-            beta1: cfg.beta1.unwrap_or(0.85),
-            beta2: cfg.beta2.unwrap_or(0.85),
+            beta1: o.beta1,
+            beta2: o.beta2,
             tinit,
             tfinal,
-            delta_t: cfg.delta_t.unwrap_or(1).max(1),
+            delta_t: o.delta_t.max(1),
             total_step,
             init_bgt,
-            target_bgt: cfg.target_r.unwrap_or(8) * ls.len(),
+            target_bgt: o.target_r * ls.len(),
             layers,
             masks: None,
         }))

@@ -10,20 +10,28 @@
 
 use super::bias::BiasCopy;
 use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear};
-use crate::config::AdapterConfig;
+use crate::config::{spec, AdapterConfig, Spec};
 use crate::Result;
 use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
 
 pub struct Bitfit;
 
+crate::method_options! {
+    /// BitFit's options (petal's own method).
+    pub struct BitfitOptions {
+        /// true: biases start as the base's (zero where it has none); false: random offsets
+        pub init_weights: bool = true,
+    }
+}
+
 impl AdapterMethod for Bitfit {
     fn peft_type(&self) -> &'static str {
         "BITFIT"
     }
 
-    fn config_keys(&self) -> &'static [&'static str] {
-        &[]
+    fn options(&self) -> Spec {
+        spec::<BitfitOptions>()
     }
 
     fn build(
@@ -39,7 +47,7 @@ impl AdapterMethod for Bitfit {
             Some(b) => b.to_dtype(DType::F32)?,
             None => Tensor::zeros(out, DType::F32, dev)?,
         };
-        let start = if cfg.init_nonzero() {
+        let start = if !cfg.options::<BitfitOptions>()?.init_weights {
             // the testing switch: nn.Linear's bias init U(-1/sqrt(in), 1/sqrt(in)) on top of b
             let mut g = rand::rngs::StdRng::seed_from_u64(seed);
             let bound = 1.0 / (base.in_features as f64).sqrt();

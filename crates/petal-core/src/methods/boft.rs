@@ -12,15 +12,38 @@
 //! PEFT applies butterfly factors > 1 only with its CUDA extension (on CPU it silently trains
 //! one factor); petal computes them on every device.
 
-use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, WeightUpdate};
-use crate::config::AdapterConfig;
-use crate::methods::normal;
+use crate::adapter::{
+    AdapterLayer, AdapterMethod, BaseLinear, Flag, NamedTensor, NewAdapter, SharedOption,
+    WeightUpdate,
+};
+use crate::config::{spec, AdapterConfig, InitWeights, Spec};
+use crate::methods::{check_plain_base, init_nonzero, normal};
 use crate::methods::oft::{block_diag, cayley, rotate_blocks};
 use crate::{rng, Error, Result};
 use candle_core::{DType, Tensor, Var};
 use rand::SeedableRng;
 
 pub struct Boft;
+
+crate::method_options! {
+    /// BOFT's options (PEFT `BOFTConfig`): give the block size or the block count.
+    pub struct BoftOptions {
+        /// Size of the orthogonal blocks (0: from boft_block_num)
+        pub boft_block_size: usize = 0,
+        /// Number of blocks (0: from boft_block_size)
+        pub boft_block_num: usize = 0,
+        /// Butterfly factors
+        pub boft_n_butterfly_factor: usize = 1,
+        /// Multiplicative dropout of whole blocks in training
+        pub boft_dropout: f64 = 0.0,
+        /// true: identity rotation at start; false: random
+        pub init_weights: InitWeights = InitWeights::Flag(true),
+        /// Bias handling (only "none")
+        pub bias: String = "none".into(),
+        /// Weights stored (in, out) (not supported)
+        pub fan_in_fan_out: bool = false,
+    }
+}
 
 #[derive(Debug)]
 pub struct BoftLayer {
@@ -65,18 +88,15 @@ pub fn butterfly_perm(n: usize, b: usize, r: usize, factors_minus_one: usize) ->
 }
 
 /// (factors, blocks, block size) for a linear with `inp` inputs, checked as PEFT checks them.
-pub fn shape_for(cfg: &AdapterConfig, inp: usize) -> Result<(usize, usize, usize)> {
-    let m = cfg.boft_n_butterfly_factor.unwrap_or(1);
+pub fn shape_for(o: &BoftOptions, inp: usize) -> Result<(usize, usize, usize)> {
+    let m = o.boft_n_butterfly_factor;
     if m == 0 {
         return Err(Error::msg(
             "BOFT: boft_n_butterfly_factor must be at least 1",
         ));
     }
     let f = m - 1;
-    let (bs, bn) = (
-        cfg.boft_block_size.unwrap_or(0),
-        cfg.boft_block_num.unwrap_or(0),
-    );
+    let (bs, bn) = (o.boft_block_size, o.boft_block_num);
     let (bs, bn) = match (bs, bn) {
         (0, 0) => return Err(Error::msg("BOFT: give boft_block_size or boft_block_num")),
         (0, bn) => {
@@ -124,18 +144,43 @@ impl AdapterMethod for Boft {
         "BOFT"
     }
 
-    fn config_keys(&self) -> &'static [&'static str] {
-        &[
-            "boft_block_size",
-            "boft_block_num",
-            "boft_n_butterfly_factor",
-            "boft_dropout",
-            "init_weights",
-            "bias",
-            "fan_in_fan_out",
-            "layers_to_transform",
-            "layers_pattern",
+    fn options(&self) -> Spec {
+        spec::<BoftOptions>()
+    }
+
+    fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
+        let o: BoftOptions = cfg.options()?;
+        check_plain_base(&o.bias, o.fan_in_fan_out, &o.init_weights)
+    }
+
+    fn shared_key(&self, o: SharedOption) -> Option<&'static str> {
+        (o == SharedOption::Rank).then_some("boft_block_num")
+    }
+
+    fn flags(&self) -> Vec<Flag> {
+        vec![
+            Flag::new("boft-block-size", "boft_block_size"),
+            Flag::new("boft-block-num", "boft_block_num"),
+            Flag::new("boft-butterfly-factor", "boft_n_butterfly_factor"),
         ]
+    }
+
+    fn prepare(&self, cfg: &mut AdapterConfig, new: &NewAdapter) -> Result<()> {
+        // one of block size and count: blocks of 4 unless a count is given
+        let (size, num) = (new.given("boft_block_size"), new.given("boft_block_num"));
+        if num && !size {
+            cfg.set("boft_block_size", 0)?;
+        } else if !num {
+            cfg.set("boft_block_num", 0)?;
+            if !size {
+                cfg.set("boft_block_size", 4)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn bench_settings(&self) -> Option<&'static [(&'static str, &'static str)]> {
+        Some(&[("boft_block_num", "0"), ("boft_block_size", "8")])
     }
 
     fn build(
@@ -145,8 +190,9 @@ impl AdapterMethod for Boft {
         base: &BaseLinear,
         seed: u64,
     ) -> Result<Box<dyn AdapterLayer>> {
+        let o: BoftOptions = cfg.options()?;
         let (m, bn, bs) =
-            shape_for(cfg, base.in_features).map_err(|e| Error::msg(format!("{path}: {e}")))?;
+            shape_for(&o, base.in_features).map_err(|e| Error::msg(format!("{path}: {e}")))?;
         let dev = base.weight.device();
         let mut perms = Vec::new();
         for i in 0..m {
@@ -161,7 +207,7 @@ impl AdapterMethod for Boft {
             ));
         }
         let out = base.out_features;
-        let (a, s) = if cfg.init_nonzero() {
+        let (a, s) = if init_nonzero(&o.init_weights) {
             let mut g = rand::rngs::StdRng::seed_from_u64(seed);
             (
                 normal((m * bn * bs, bs), 0.1, &mut g, dev)?.reshape((m, bn, bs, bs))?,
@@ -177,7 +223,7 @@ impl AdapterMethod for Boft {
             a: Var::from_tensor(&a)?,
             s: Var::from_tensor(&s)?,
             perms,
-            dropout: cfg.boft_dropout.unwrap_or(0.0),
+            dropout: o.boft_dropout,
             base: base.weight.clone(),
         }))
     }
@@ -331,9 +377,9 @@ mod tests {
     #[test]
     fn the_factored_rotation_equals_its_dense_matrix_and_is_orthogonal() {
         let mut cfg = conformance_config();
-        cfg.boft_n_butterfly_factor = Some(2);
-        cfg.boft_block_num = Some(0);
-        cfg.boft_block_size = Some(2);
+        cfg.set("boft_n_butterfly_factor", Some(2)).unwrap();
+        cfg.set("boft_block_num", Some(0)).unwrap();
+        cfg.set("boft_block_size", Some(2)).unwrap();
         cfg.set_init_nonzero();
         let w = rand(&[3, 8], 1);
         let base = BaseLinear {

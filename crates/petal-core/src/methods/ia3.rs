@@ -8,8 +8,10 @@
 //! ones (identity); `false`: N(0, 1). Saved as `ia3_l`. PEFT matches `feedforward_modules`
 //! list entries as bare suffixes (`key.endswith(entry)`) and a string as a full-match regex.
 
-use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, WeightUpdate};
-use crate::config::{AdapterConfig, Targets};
+use crate::adapter::{
+    AdapterLayer, AdapterMethod, BaseLinear, Flag, NamedTensor, NewAdapter, WeightUpdate,
+};
+use crate::config::{spec, AdapterConfig, Spec, Targets};
 use crate::methods::normal;
 use crate::Result;
 use candle_core::{DType, Tensor, Var};
@@ -24,8 +26,22 @@ pub struct Ia3Layer {
     base: Tensor, // the frozen W (out, in), shared, for the unfused input-scaling path
 }
 
-fn is_feedforward(cfg: &AdapterConfig, key: &str) -> bool {
-    match &cfg.feedforward_modules {
+crate::method_options! {
+    /// IA3's options (PEFT `IA3Config`).
+    pub struct Ia3Options {
+        /// Targeted modules whose input is scaled, the others scale their output (comma list or
+        /// `re:REGEX`; petal's training default: down_proj)
+        [crate::config::parse_targets]
+        pub feedforward_modules: Option<Targets> = None,
+        /// true: all-ones vectors (identity); false: N(0, 1)
+        pub init_ia3_weights: bool = true,
+        /// Weights stored (in, out) (not supported)
+        pub fan_in_fan_out: bool = false,
+    }
+}
+
+fn is_feedforward(o: &Ia3Options, key: &str) -> bool {
+    match &o.feedforward_modules {
         None => false,
         Some(Targets::Regex(r)) => {
             regex::Regex::new(&format!("^(?:{r})$")).is_ok_and(|re| re.is_match(key))
@@ -39,8 +55,38 @@ impl AdapterMethod for Ia3 {
         "IA3"
     }
 
-    fn config_keys(&self) -> &'static [&'static str] {
-        &["feedforward_modules", "init_ia3_weights", "fan_in_fan_out"]
+    fn options(&self) -> Spec {
+        spec::<Ia3Options>()
+    }
+
+    fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
+        if cfg.options::<Ia3Options>()?.fan_in_fan_out {
+            return Err(crate::config::unsupported("fan_in_fan_out", true));
+        }
+        Ok(())
+    }
+
+    fn flags(&self) -> Vec<Flag> {
+        vec![Flag::new("feedforward-modules", "feedforward_modules")]
+    }
+
+    fn default_targets(&self) -> Option<&'static str> {
+        Some("k_proj,v_proj,down_proj")
+    }
+
+    fn prepare(&self, cfg: &mut AdapterConfig, new: &NewAdapter) -> Result<()> {
+        if !new.given("feedforward_modules") {
+            cfg.set("feedforward_modules", ["down_proj"])?;
+        }
+        Ok(())
+    }
+
+    fn bench_settings(&self) -> Option<&'static [(&'static str, &'static str)]> {
+        Some(&[("feedforward_modules", r#"["down_proj"]"#)])
+    }
+
+    fn set_init_nonzero(&self, opts: &mut serde_json::Map<String, serde_json::Value>) {
+        opts.insert("init_ia3_weights".into(), false.into());
     }
 
     fn build(
@@ -50,14 +96,15 @@ impl AdapterMethod for Ia3 {
         base: &BaseLinear,
         seed: u64,
     ) -> Result<Box<dyn AdapterLayer>> {
-        let feedforward = is_feedforward(cfg, path);
+        let o: Ia3Options = cfg.options()?;
+        let feedforward = is_feedforward(&o, path);
         let shape = if feedforward {
             (1, base.in_features)
         } else {
             (base.out_features, 1)
         };
         let dev = base.weight.device();
-        let l = if cfg.init_nonzero() {
+        let l = if !o.init_ia3_weights {
             normal(
                 shape,
                 1.0,
@@ -124,7 +171,7 @@ impl AdapterLayer for Ia3Layer {
 fn conformance_config() -> AdapterConfig {
     // fc1 (with a bias) scales its output, fc2 its input
     let mut c = AdapterConfig::for_method("IA3", 1, 1.0, crate::testing::toy_targets());
-    c.feedforward_modules = Some(Targets::List(vec!["fc2".into()]));
+    c.set("feedforward_modules", ["fc2"]).unwrap();
     c
 }
 

@@ -6,18 +6,28 @@
 //! norms ("input_layernorm", "post_attention_layernorm", "norm").
 
 use crate::adapter::AdapterMethod;
+use crate::config::{spec, Spec};
 
 pub const WEIGHT: &str = "ln_tuning_layers.weight";
 
 pub struct LnTuning;
+
+crate::method_options! {
+    /// LN tuning has no options of its own.
+    pub struct LnTuningOptions {}
+}
 
 impl AdapterMethod for LnTuning {
     fn peft_type(&self) -> &'static str {
         "LN_TUNING"
     }
 
-    fn config_keys(&self) -> &'static [&'static str] {
-        &[]
+    fn options(&self) -> Spec {
+        spec::<LnTuningOptions>()
+    }
+
+    fn default_targets(&self) -> Option<&'static str> {
+        Some("input_layernorm,post_attention_layernorm,norm")
     }
 
     fn tunes_norms(&self) -> bool {

@@ -8,9 +8,13 @@
 //! so dW = 0; `false`: all four random. Saved as `hada_w1_a`, `hada_w1_b`, `hada_w2_a`,
 //! `hada_w2_b` (no `.weight` suffix: they are parameters, not modules), `alpha` in the config.
 
-use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, WeightUpdate};
-use crate::config::AdapterConfig;
-use crate::methods::{add_dense_delta, dense_linear, param, LycorisDropout};
+use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, Flag, NamedTensor, WeightUpdate};
+use crate::config::{spec, AdapterConfig, InitWeights, RankValue, Spec};
+use crate::methods::{
+    add_dense_delta, alpha_for, check_lycoris, dense_linear, init_nonzero, param, rank_for,
+    LycorisDropout,
+};
+use std::collections::BTreeMap;
 use crate::Result;
 use candle_core::{Tensor, Var};
 use rand::SeedableRng;
@@ -21,6 +25,26 @@ pub const W2A: &str = "hada_w2_a";
 pub const W2B: &str = "hada_w2_b";
 
 pub struct Loha;
+
+crate::method_options! {
+    /// LoHa's options (PEFT `LoHaConfig`).
+    pub struct LohaOptions {
+        /// Rank of each of the two low-rank factors
+        pub r: usize = 8,
+        /// Scale numerator: dW is scaled by alpha / r
+        pub alpha: f64 = 8.0,
+        /// true: W2b starts at zero (dW = 0); false: all four factors random
+        pub init_weights: InitWeights = InitWeights::Flag(true),
+        /// Drop rows of dW in training with this probability (kept rows rescaled)
+        pub rank_dropout: f64 = 0.0,
+        /// Skip the adapter for a forward call with this probability
+        pub module_dropout: f64 = 0.0,
+        /// Ranks per module
+        pub rank_pattern: BTreeMap<String, RankValue> = BTreeMap::new(),
+        /// Alphas per module
+        pub alpha_pattern: BTreeMap<String, f64> = BTreeMap::new(),
+    }
+}
 
 #[derive(Debug)]
 pub struct LohaLayer {
@@ -37,18 +61,24 @@ impl AdapterMethod for Loha {
         "LOHA"
     }
 
-    fn config_keys(&self) -> &'static [&'static str] {
-        &[
-            "r",
-            "alpha",
-            "init_weights",
-            "rank_dropout",
-            "module_dropout",
-            "layers_to_transform",
-            "layers_pattern",
-            "rank_pattern",
-            "alpha_pattern",
+    fn options(&self) -> Spec {
+        spec::<LohaOptions>()
+    }
+
+    fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
+        let o: LohaOptions = cfg.options()?;
+        check_lycoris(o.r, o.rank_dropout, o.module_dropout, &o.init_weights)
+    }
+
+    fn flags(&self) -> Vec<Flag> {
+        vec![
+            Flag::new("rank-dropout", "rank_dropout"),
+            Flag::new("module-dropout", "module_dropout"),
         ]
+    }
+
+    fn bench_settings(&self) -> Option<&'static [(&'static str, &'static str)]> {
+        Some(&[])
     }
 
     fn build(
@@ -58,20 +88,21 @@ impl AdapterMethod for Loha {
         base: &BaseLinear,
         seed: u64,
     ) -> Result<Box<dyn AdapterLayer>> {
-        let r = cfg.rank_for(path);
+        let o: LohaOptions = cfg.options()?;
+        let r = rank_for(o.r, &o.rank_pattern, path);
         let (inp, out) = (base.in_features, base.out_features);
         let dev = base.weight.device();
         let mut g = rand::rngs::StdRng::seed_from_u64(seed);
-        let w2b = param((r, inp), !cfg.init_nonzero(), &mut g, dev)?;
+        let w2b = param((r, inp), !init_nonzero(&o.init_weights), &mut g, dev)?;
         Ok(Box::new(LohaLayer {
             w1a: param((out, r), false, &mut g, dev)?,
             w1b: param((r, inp), false, &mut g, dev)?,
             w2a: param((out, r), false, &mut g, dev)?,
             w2b,
-            scaling: cfg.alpha_for(path) / r as f64,
+            scaling: alpha_for(o.alpha, &o.alpha_pattern, path) / r as f64,
             drop: LycorisDropout {
-                rank: cfg.rank_dropout,
-                module: cfg.module_dropout,
+                rank: o.rank_dropout,
+                module: o.module_dropout,
                 scale: true,
             },
         }))
@@ -134,7 +165,7 @@ impl AdapterLayer for LohaLayer {
 #[cfg(test)]
 fn conformance_config() -> AdapterConfig {
     let mut c = AdapterConfig::for_method("LOHA", 3, 7.0, crate::testing::toy_targets());
-    c.alpha_pattern.insert("fc2".into(), 2.0);
+    c.set("alpha_pattern", serde_json::json!({"fc2": 2.0})).unwrap();
     c
 }
 
@@ -142,5 +173,5 @@ fn conformance_config() -> AdapterConfig {
 crate::conformance!(
     conformance,
     conformance_config,
-    |inp, out, cfg: &AdapterConfig| 2 * cfg.r * (inp + out)
+    |inp, out, cfg: &AdapterConfig| 2 * crate::testing::opt_usize(cfg, "r") * (inp + out)
 );

@@ -9,14 +9,46 @@
 //! kaiming-uniform, so dW = 0; `false`: all random. Saved as `lokr_w1` | `lokr_w1_a`,
 //! `lokr_w1_b`, and `lokr_w2` | `lokr_w2_a`, `lokr_w2_b`.
 
-use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, WeightUpdate};
-use crate::config::AdapterConfig;
-use crate::methods::{add_dense_delta, dense_linear, param, LycorisDropout};
+use crate::adapter::{
+    AdapterLayer, AdapterMethod, BaseLinear, Flag, NamedTensor, NewAdapter, WeightUpdate,
+};
+use crate::config::{spec, AdapterConfig, InitWeights, RankValue, Spec};
+use crate::methods::{
+    add_dense_delta, alpha_for, check_lycoris, dense_linear, init_nonzero, param, rank_for,
+    LycorisDropout,
+};
+use std::collections::BTreeMap;
 use crate::Result;
 use candle_core::{Tensor, Var};
 use rand::SeedableRng;
 
 pub struct Lokr;
+
+crate::method_options! {
+    /// LoKr's options (PEFT `LoKrConfig`).
+    pub struct LokrOptions {
+        /// Rank of the low-rank factors (a factor is kept whole when r is at least half its size)
+        pub r: usize = 8,
+        /// Scale numerator: dW is scaled by alpha / r
+        pub alpha: f64 = 8.0,
+        /// true: the left factor starts at zero (dW = 0); false: random
+        pub init_weights: InitWeights = InitWeights::Flag(true),
+        /// Drop rows of dW in training with this probability
+        pub rank_dropout: f64 = 0.0,
+        /// Skip the adapter for a forward call with this probability
+        pub module_dropout: f64 = 0.0,
+        /// Rescale the kept rows under rank dropout (petal's training default: on)
+        pub rank_dropout_scale: bool = false,
+        /// Also factor the left Kronecker factor into two low-rank matrices
+        pub decompose_both: bool = false,
+        /// Split dimensions around this divisor (-1: near the square root)
+        pub decompose_factor: i64 = -1,
+        /// Ranks per module
+        pub rank_pattern: BTreeMap<String, RankValue> = BTreeMap::new(),
+        /// Alphas per module
+        pub alpha_pattern: BTreeMap<String, f64> = BTreeMap::new(),
+    }
+}
 
 /// One Kronecker factor: a full matrix or the product of two low-rank ones.
 #[derive(Debug)]
@@ -78,21 +110,35 @@ impl AdapterMethod for Lokr {
         "LOKR"
     }
 
-    fn config_keys(&self) -> &'static [&'static str] {
-        &[
-            "r",
-            "alpha",
-            "init_weights",
-            "rank_dropout",
-            "module_dropout",
-            "rank_dropout_scale",
-            "decompose_both",
-            "decompose_factor",
-            "layers_to_transform",
-            "layers_pattern",
-            "rank_pattern",
-            "alpha_pattern",
+    fn options(&self) -> Spec {
+        spec::<LokrOptions>()
+    }
+
+    fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
+        let o: LokrOptions = cfg.options()?;
+        check_lycoris(o.r, o.rank_dropout, o.module_dropout, &o.init_weights)
+    }
+
+    fn flags(&self) -> Vec<Flag> {
+        vec![
+            Flag::new("rank-dropout", "rank_dropout"),
+            Flag::new("module-dropout", "module_dropout"),
+            Flag::new("decompose-factor", "decompose_factor"),
+            Flag::new("decompose-both", "decompose_both"),
         ]
+    }
+
+    fn prepare(&self, cfg: &mut AdapterConfig, new: &NewAdapter) -> Result<()> {
+        // petal rescales the kept rows under rank dropout unless told otherwise (PEFT: off)
+        let o: LokrOptions = cfg.options()?;
+        if o.rank_dropout > 0.0 && !new.given("rank_dropout_scale") {
+            cfg.set("rank_dropout_scale", true)?;
+        }
+        Ok(())
+    }
+
+    fn bench_settings(&self) -> Option<&'static [(&'static str, &'static str)]> {
+        Some(&[])
     }
 
     fn build(
@@ -102,13 +148,14 @@ impl AdapterMethod for Lokr {
         base: &BaseLinear,
         seed: u64,
     ) -> Result<Box<dyn AdapterLayer>> {
-        let r = cfg.rank_for(path);
-        let (c, d) = factorization(base.in_features, cfg.decompose_factor);
-        let (a, b) = factorization(base.out_features, cfg.decompose_factor);
+        let o: LokrOptions = cfg.options()?;
+        let r = rank_for(o.r, &o.rank_pattern, path);
+        let (c, d) = factorization(base.in_features, o.decompose_factor);
+        let (a, b) = factorization(base.out_features, o.decompose_factor);
         let dev = base.weight.device();
         let mut g = rand::rngs::StdRng::seed_from_u64(seed);
-        let zero = !cfg.init_nonzero();
-        let use_w1 = !(cfg.decompose_both && (r as f64) < a.max(c) as f64 / 2.0);
+        let zero = !init_nonzero(&o.init_weights);
+        let use_w1 = !(o.decompose_both && (r as f64) < a.max(c) as f64 / 2.0);
         let use_w2 = (r as f64) >= b.max(d) as f64 / 2.0;
         let w1 = if use_w1 {
             Factor::Full(param((a, c), zero, &mut g, dev)?)
@@ -129,11 +176,11 @@ impl AdapterMethod for Lokr {
         Ok(Box::new(LokrLayer {
             w1,
             w2,
-            scaling: cfg.alpha_for(path) / r as f64,
+            scaling: alpha_for(o.alpha, &o.alpha_pattern, path) / r as f64,
             drop: LycorisDropout {
-                rank: cfg.rank_dropout,
-                module: cfg.module_dropout,
-                scale: cfg.rank_dropout_scale.unwrap_or(false),
+                rank: o.rank_dropout,
+                module: o.module_dropout,
+                scale: o.rank_dropout_scale,
             },
         }))
     }
@@ -256,7 +303,7 @@ mod tests {
 fn conformance_config() -> AdapterConfig {
     // r = 2 < max(b, d)/2 on both toy linears, so W2 is low rank; fc2 gets its own alpha
     let mut c = AdapterConfig::for_method("LOKR", 2, 5.0, crate::testing::toy_targets());
-    c.alpha_pattern.insert("fc2".into(), 3.0);
+    c.set("alpha_pattern", serde_json::json!({"fc2": 3.0})).unwrap();
     c
 }
 
@@ -266,10 +313,10 @@ crate::conformance!(
     conformance_config,
     |inp, out, cfg: &AdapterConfig| {
         let ((c, d), (a, b)) = (factorization(inp, -1), factorization(out, -1));
-        let w2 = if cfg.r as f64 >= b.max(d) as f64 / 2.0 {
+        let w2 = if crate::testing::opt_usize(cfg, "r") as f64 >= b.max(d) as f64 / 2.0 {
             b * d
         } else {
-            cfg.r * (b + d)
+            crate::testing::opt_usize(cfg, "r") * (b + d)
         };
         a * c + w2
     }

@@ -23,6 +23,68 @@ use crate::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
 
+/// Rank for one module: `r`, or the `rank_pattern` entry whose key matches its path as
+/// `(.*\.)?(key)$`.
+pub(crate) fn rank_for(
+    r: usize,
+    pattern: &std::collections::BTreeMap<String, crate::config::RankValue>,
+    path: &str,
+) -> usize {
+    crate::target::pattern_value(pattern, path)
+        .map(|v| v.rank())
+        .unwrap_or(r)
+}
+
+/// Alpha for one module, honouring `alpha_pattern`.
+pub(crate) fn alpha_for(
+    alpha: f64,
+    pattern: &std::collections::BTreeMap<String, f64>,
+    path: &str,
+) -> f64 {
+    crate::target::pattern_value(pattern, path).unwrap_or(alpha)
+}
+
+/// Whether an init switch asks for the non-zero variant (`false`, PEFT's testing switch).
+pub(crate) fn init_nonzero(init: &crate::config::InitWeights) -> bool {
+    *init == crate::config::InitWeights::Flag(false)
+}
+
+/// The checks the LyCORIS-family options share (LoHa, LoKr).
+pub(crate) fn check_lycoris(
+    r: usize,
+    rank_dropout: f64,
+    module_dropout: f64,
+    init: &crate::config::InitWeights,
+) -> Result<()> {
+    if r == 0 {
+        return Err(crate::Error::config("adapter config", "r", "must be at least 1"));
+    }
+    crate::config::probability("rank_dropout", rank_dropout)?;
+    crate::config::probability("module_dropout", module_dropout)?;
+    if let crate::config::InitWeights::Named(n) = init {
+        return Err(crate::config::unsupported("init_weights", format!("{n:?}")));
+    }
+    Ok(())
+}
+
+/// The checks of methods that leave the bias alone and read W as (out, in) (OFT, BOFT, …).
+pub(crate) fn check_plain_base(
+    bias: &str,
+    fan_in_fan_out: bool,
+    init: &crate::config::InitWeights,
+) -> Result<()> {
+    if bias != "none" {
+        return Err(crate::config::unsupported("bias", format!("{bias:?}")));
+    }
+    if fan_in_fan_out {
+        return Err(crate::config::unsupported("fan_in_fan_out", true));
+    }
+    if let crate::config::InitWeights::Named(n) = init {
+        return Err(crate::config::unsupported("init_weights", format!("{n:?}")));
+    }
+    Ok(())
+}
+
 /// torch's `kaiming_uniform_(a = sqrt(5))` on a (rows, cols) matrix: U(±1/sqrt(cols)).
 pub(crate) fn kaiming_uniform(
     shape: (usize, usize),
@@ -250,8 +312,8 @@ mod tests {
             for (rank, module) in [(0.3, 0.0), (0.3, 0.5), (0.0, 0.9)] {
                 let mut c =
                     AdapterConfig::for_method(method, 2, 3.0, crate::testing::toy_targets());
-                c.rank_dropout = rank;
-                c.module_dropout = module;
+                c.set("rank_dropout", rank).unwrap();
+                c.set("module_dropout", module).unwrap();
                 crate::testing::check_fused_equals_composed(&c);
             }
         }

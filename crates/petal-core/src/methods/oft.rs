@@ -12,14 +12,44 @@
 //! R only nearly orthogonal). Init: Q = 0 (identity); `init_weights = false`: N(0, 0.1^2).
 //! PEFT accepts `module_dropout` for OFT linears but never applies it; neither does petal.
 
-use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, WeightUpdate};
-use crate::config::AdapterConfig;
-use crate::methods::normal;
+use crate::adapter::{
+    AdapterLayer, AdapterMethod, BaseLinear, Flag, NamedTensor, NewAdapter, WeightUpdate,
+};
+use crate::config::{spec, AdapterConfig, InitWeights, Spec};
+use crate::methods::{check_plain_base, init_nonzero, normal};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::SeedableRng;
 
 pub struct Oft;
+
+crate::method_options! {
+    /// OFT's options (PEFT `OFTConfig`): give the block count `r` or the block size.
+    pub struct OftOptions {
+        /// Number of blocks (0: from oft_block_size)
+        pub r: usize = 0,
+        /// Block size (0: from r)
+        pub oft_block_size: usize = 0,
+        /// Skip the adapter for a forward call with this probability
+        pub module_dropout: f64 = 0.0,
+        /// true: identity rotation at start; false: random
+        pub init_weights: InitWeights = InitWeights::Flag(true),
+        /// Constrained OFT: project onto a ball of radius eps
+        pub coft: bool = false,
+        /// COFT's radius
+        pub eps: f64 = 6e-5,
+        /// One block shared by all blocks of a layer
+        pub block_share: bool = false,
+        /// Cayley transform by a truncated Neumann series (PEFT's default) or exactly
+        pub use_cayley_neumann: bool = true,
+        /// Terms of the Neumann series
+        pub num_cayley_neumann_terms: usize = 5,
+        /// Bias handling (only "none")
+        pub bias: String = "none".into(),
+        /// Weights stored (in, out) (not supported)
+        pub fan_in_fan_out: bool = false,
+    }
+}
 
 #[derive(Debug)]
 pub struct OftLayer {
@@ -52,9 +82,8 @@ fn nearest_divisor(n: usize, p: usize) -> usize {
 }
 
 /// (blocks, block size) for a linear with `inp` inputs, as PEFT resolves `r` / `oft_block_size`.
-pub fn blocks_for(cfg: &AdapterConfig, inp: usize) -> Result<(usize, usize)> {
-    let bs = cfg.oft_block_size.unwrap_or(0);
-    match (cfg.r, bs) {
+pub fn blocks_for(o: &OftOptions, inp: usize) -> Result<(usize, usize)> {
+    match (o.r, o.oft_block_size) {
         (0, 0) => Err(Error::msg("OFT: give `r` or `oft_block_size`")),
         (0, bs) => {
             let bs = if inp % bs != 0 || bs > inp {
@@ -183,22 +212,41 @@ impl AdapterMethod for Oft {
         "OFT"
     }
 
-    fn config_keys(&self) -> &'static [&'static str] {
-        &[
-            "r",
-            "oft_block_size",
-            "module_dropout",
-            "init_weights",
-            "coft",
-            "eps",
-            "block_share",
-            "use_cayley_neumann",
-            "num_cayley_neumann_terms",
-            "bias",
-            "fan_in_fan_out",
-            "layers_to_transform",
-            "layers_pattern",
+    fn options(&self) -> Spec {
+        spec::<OftOptions>()
+    }
+
+    fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
+        let o: OftOptions = cfg.options()?;
+        crate::config::probability("module_dropout", o.module_dropout)?;
+        check_plain_base(&o.bias, o.fan_in_fan_out, &o.init_weights)
+    }
+
+    fn flags(&self) -> Vec<Flag> {
+        vec![
+            Flag::new("oft-block-size", "oft_block_size"),
+            Flag {
+                name: "exact-cayley",
+                key: "use_cayley_neumann",
+                invert: true,
+            },
+            Flag::new("module-dropout", "module_dropout"),
         ]
+    }
+
+    fn prepare(&self, cfg: &mut AdapterConfig, new: &NewAdapter) -> Result<()> {
+        // blocks of 32 unless a block count (r) alone is given
+        if !new.given("r") || new.given("oft_block_size") {
+            cfg.set("r", 0)?;
+            if !new.given("oft_block_size") {
+                cfg.set("oft_block_size", 32)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn bench_settings(&self) -> Option<&'static [(&'static str, &'static str)]> {
+        Some(&[("r", "0"), ("oft_block_size", "32")])
     }
 
     fn build(
@@ -208,21 +256,22 @@ impl AdapterMethod for Oft {
         base: &BaseLinear,
         seed: u64,
     ) -> Result<Box<dyn AdapterLayer>> {
+        let o: OftOptions = cfg.options()?;
         let (blocks, block) =
-            blocks_for(cfg, base.in_features).map_err(|e| Error::msg(format!("{path}: {e}")))?;
+            blocks_for(&o, base.in_features).map_err(|e| Error::msg(format!("{path}: {e}")))?;
         if block < 2 {
             return Err(Error::msg(format!(
                 "{path}: OFT block size {block} leaves nothing to rotate; use fewer, larger blocks"
             )));
         }
-        let rows = if cfg.block_share == Some(true) {
+        let rows = if o.block_share {
             1
         } else {
             blocks
         };
         let shape = (rows, block * (block - 1) / 2);
         let dev = base.weight.device();
-        let q = if cfg.init_nonzero() {
+        let q = if init_nonzero(&o.init_weights) {
             normal(
                 shape,
                 0.1,
@@ -232,16 +281,15 @@ impl AdapterMethod for Oft {
         } else {
             Tensor::zeros(shape, DType::F32, dev)?
         };
-        let neumann = cfg
+        let neumann = o
             .use_cayley_neumann
-            .unwrap_or(true)
-            .then_some(cfg.num_cayley_neumann_terms.unwrap_or(5));
+            .then_some(o.num_cayley_neumann_terms);
         Ok(Box::new(OftLayer {
             q: Var::from_tensor(&q)?,
             blocks,
             block,
             neumann,
-            coft_eps: (cfg.coft == Some(true)).then_some(cfg.eps.unwrap_or(6e-5)),
+            coft_eps: o.coft.then_some(o.eps),
             base: base.weight.clone(),
         }))
     }
@@ -341,15 +389,15 @@ mod tests {
     #[test]
     fn block_sizes_resolve_like_peft_including_the_nearest_divisor() {
         let mut c = AdapterConfig::for_method("OFT", 0, 1.0, Targets::List(vec![]));
-        c.oft_block_size = Some(32);
-        assert_eq!(blocks_for(&c, 576).unwrap(), (18, 32));
-        c.oft_block_size = Some(7); // 576 = 2^6 3^2: 6 and 8 are 1 away, ties go down
-        assert_eq!(blocks_for(&c, 576).unwrap(), (96, 6));
-        c.oft_block_size = Some(0);
-        c.r = 4;
-        assert_eq!(blocks_for(&c, 48).unwrap(), (4, 12));
-        c.oft_block_size = Some(8);
-        assert!(blocks_for(&c, 48).is_err());
+        c.set("oft_block_size", Some(32)).unwrap();
+        assert_eq!(blocks_for(&c.options().unwrap(), 576).unwrap(), (18, 32));
+        c.set("oft_block_size", 7).unwrap(); // 576 = 2^6 3^2: 6 and 8 are 1 away, ties go down
+        assert_eq!(blocks_for(&c.options().unwrap(), 576).unwrap(), (96, 6));
+        c.set("oft_block_size", Some(0)).unwrap();
+        c.set("r", 4).unwrap();
+        assert_eq!(blocks_for(&c.options().unwrap(), 48).unwrap(), (4, 12));
+        c.set("oft_block_size", Some(8)).unwrap();
+        assert!(blocks_for(&c.options().unwrap(), 48).is_err());
     }
 
     #[test]
@@ -387,9 +435,9 @@ fn conformance_config() -> AdapterConfig {
 #[cfg(test)]
 fn exact_config() -> AdapterConfig {
     let mut c = conformance_config();
-    c.use_cayley_neumann = Some(false);
-    c.r = 0;
-    c.oft_block_size = Some(2);
+    c.set("use_cayley_neumann", Some(false)).unwrap();
+    c.set("r", 0).unwrap();
+    c.set("oft_block_size", Some(2)).unwrap();
     c
 }
 

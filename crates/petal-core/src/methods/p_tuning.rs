@@ -15,15 +15,42 @@
 //! U(±1/sqrt(fan_in)), LSTM tensors U(±1/sqrt(h)). The LSTM's inter-layer `encoder_dropout` is
 //! refused (PEFT's default is 0). Cannot be merged into weights.
 
-use crate::adapter::{AdapterMethod, InputAdapter, InputShape, NamedTensor};
-use crate::config::AdapterConfig;
-use crate::methods::prompt_tuning::{virtual_tokens, PromptEmbedding, EMBEDDINGS};
+use crate::adapter::{AdapterMethod, Flag, InputAdapter, InputShape, NamedTensor, NewAdapter};
+use crate::config::{spec, AdapterConfig, Spec};
+use crate::methods::prompt_tuning::{
+    prepare_prompt, virtual_tokens, PromptEmbedding, VirtualTokens, EMBEDDINGS,
+};
 use crate::methods::{kaiming_uniform, normal};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
 pub struct PTuning;
+
+crate::method_options! {
+    /// P-tuning's options (PEFT `PromptEncoderConfig`).
+    pub struct PTuningOptions {
+        /// Virtual tokens put in front of every sequence (petal's training default: 20)
+        pub num_virtual_tokens: Option<usize> = None,
+        /// Their width (the model's hidden size)
+        pub token_dim: Option<usize> = None,
+        /// Transformer submodules (1: decoder-only)
+        pub num_transformer_submodules: usize = 1,
+        /// The model's attention heads (PEFT's bookkeeping)
+        pub num_attention_heads: Option<usize> = None,
+        /// The model's layers (PEFT's bookkeeping)
+        pub num_layers: Option<usize> = None,
+        /// The encoder: MLP | LSTM (bidirectional, then a two-layer MLP)
+        [crate::config::parse_upper]
+        pub encoder_reparameterization_type: String = "MLP".into(),
+        /// Hidden width of the encoder (default: the model's hidden size)
+        pub encoder_hidden_size: Option<usize> = None,
+        /// LSTM layers
+        pub encoder_num_layers: usize = 2,
+        /// LSTM dropout between layers (only 0)
+        pub encoder_dropout: f64 = 0.0,
+    }
+}
 
 #[derive(Debug)]
 pub struct PromptEncoder {
@@ -149,18 +176,41 @@ impl AdapterMethod for PTuning {
         "P_TUNING"
     }
 
-    fn config_keys(&self) -> &'static [&'static str] {
-        &[
-            "num_virtual_tokens",
-            "token_dim",
-            "num_transformer_submodules",
-            "num_attention_heads",
-            "num_layers",
-            "encoder_reparameterization_type",
-            "encoder_hidden_size",
-            "encoder_num_layers",
-            "encoder_dropout",
+    fn options(&self) -> Spec {
+        spec::<PTuningOptions>()
+    }
+
+    fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
+        let t = cfg.options::<PTuningOptions>()?.encoder_reparameterization_type;
+        if t != "MLP" && t != "LSTM" {
+            return Err(Error::config(
+                "adapter config",
+                "encoder_reparameterization_type",
+                format!("{t:?}: P-tuning's encoders are MLP and LSTM"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn flags(&self) -> Vec<Flag> {
+        vec![
+            Flag::new("num-virtual-tokens", "num_virtual_tokens"),
+            Flag::new("encoder-hidden-size", "encoder_hidden_size"),
+            Flag::new("encoder", "encoder_reparameterization_type"),
+            Flag::new("encoder-num-layers", "encoder_num_layers"),
         ]
+    }
+
+    fn default_targets(&self) -> Option<&'static str> {
+        None
+    }
+
+    fn prepare(&self, cfg: &mut AdapterConfig, new: &NewAdapter) -> Result<()> {
+        prepare_prompt(cfg, new, new.hidden, new.attention_heads)?;
+        if !new.given("encoder_hidden_size") {
+            cfg.set("encoder_hidden_size", new.hidden)?;
+        }
+        Ok(())
     }
 
     fn build_input(
@@ -171,30 +221,38 @@ impl AdapterMethod for PTuning {
         dev: &Device,
     ) -> Result<Option<Box<dyn InputAdapter>>> {
         let d = shape.hidden;
-        let n = virtual_tokens(cfg, d)?;
+        let o: PTuningOptions = cfg.options()?;
+        let n = virtual_tokens(
+            VirtualTokens {
+                num_virtual_tokens: o.num_virtual_tokens,
+                token_dim: o.token_dim,
+                num_transformer_submodules: o.num_transformer_submodules,
+            },
+            d,
+        )?;
         let mut g = rand::rngs::StdRng::seed_from_u64(seed);
         let emb = normal((n, d), 1.0, &mut g, dev)?;
         if cfg.inference_mode {
             // a saved adapter: the encoder's output, used as it is
             return Ok(Some(Box::new(PromptEmbedding::new(&emb)?)));
         }
-        let h = cfg.encoder_hidden_size.unwrap_or(d);
+        let h = o.encoder_hidden_size.unwrap_or(d);
         let (mut lstm, mut mlp) = (Vec::new(), Vec::new());
-        match cfg.encoder_reparameterization_type.as_deref() {
-            None | Some("MLP") => {
+        match o.encoder_reparameterization_type.as_str() {
+            "MLP" => {
                 for (inp, out) in [(d, h), (h, h), (h, d)] {
                     mlp.push(linear(inp, out, &mut g, dev)?);
                 }
             }
-            Some("LSTM") => {
-                let layers = cfg.encoder_num_layers.unwrap_or(2);
+            "LSTM" => {
+                let layers = o.encoder_num_layers;
                 if layers == 0 || layers > LSTM_LAYERS {
                     return Err(Error::Unsupported(format!(
                         "P-tuning LSTM with encoder_num_layers = {layers}: petal builds 1 to \
                          {LSTM_LAYERS} layers"
                     )));
                 }
-                if cfg.encoder_dropout.unwrap_or(0.0) > 0.0 {
+                if o.encoder_dropout > 0.0 {
                     return Err(Error::Unsupported(
                         "P-tuning LSTM with encoder_dropout > 0 is not supported (PEFT's default is 0)"
                             .into(),
@@ -210,7 +268,7 @@ impl AdapterMethod for PTuning {
                 mlp.push(linear(2 * h, 2 * h, &mut g, dev)?);
                 mlp.push(linear(2 * h, d, &mut g, dev)?);
             }
-            Some(t) => {
+            t => {
                 return Err(Error::Unsupported(format!(
                     "P-tuning encoder_reparameterization_type {t:?}: PEFT's are MLP and LSTM"
                 )))
@@ -295,10 +353,10 @@ mod tests {
 
     fn lstm_encoder(layers: usize) -> Box<dyn InputAdapter> {
         let mut cfg = AdapterConfig::for_method("P_TUNING", 1, 1.0, Targets::List(vec![]));
-        cfg.num_virtual_tokens = Some(3);
-        cfg.encoder_hidden_size = Some(3);
-        cfg.encoder_reparameterization_type = Some("LSTM".into());
-        cfg.encoder_num_layers = Some(layers);
+        cfg.set("num_virtual_tokens", 3).unwrap();
+        cfg.set("encoder_hidden_size", 3).unwrap();
+        cfg.set("encoder_reparameterization_type", "LSTM").unwrap();
+        cfg.set("encoder_num_layers", layers).unwrap();
         let shape = InputShape {
             hidden: 4,
             layers: 1,

@@ -13,15 +13,37 @@
 //! does, as the MLP's output with `inference_mode`; checkpoints keep the MLP. Cannot be merged
 //! into weights.
 
-use crate::adapter::{AdapterMethod, InputAdapter, InputShape, NamedTensor};
-use crate::config::{AdapterConfig, InitWeights};
+use crate::adapter::{AdapterMethod, Flag, InputAdapter, InputShape, NamedTensor, NewAdapter};
+use crate::config::{spec, AdapterConfig, InitWeights, Spec};
 use crate::methods::normal;
-use crate::methods::prompt_tuning::EMBEDDINGS;
+use crate::methods::prompt_tuning::{prepare_prompt, EMBEDDINGS};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 
 pub struct PrefixTuning;
+
+crate::method_options! {
+    /// Prefix tuning's options (PEFT `PrefixTuningConfig`).
+    pub struct PrefixTuningOptions {
+        /// Virtual positions of keys and values in front of every layer (petal's default: 20)
+        pub num_virtual_tokens: Option<usize> = None,
+        /// Key/value width (kv_heads x head_dim)
+        pub token_dim: Option<usize> = None,
+        /// Transformer submodules (1: decoder-only)
+        pub num_transformer_submodules: usize = 1,
+        /// The model's key/value heads
+        pub num_attention_heads: Option<usize> = None,
+        /// The model's layers
+        pub num_layers: Option<usize> = None,
+        /// Hidden width of the projection MLP
+        pub encoder_hidden_size: Option<usize> = None,
+        /// Train the prefix through PEFT's two-layer tanh projection
+        pub prefix_projection: bool = false,
+        /// null: N(0, 1); "zero": zeros
+        pub init_weights: Option<InitWeights> = None,
+    }
+}
 
 #[derive(Debug)]
 pub struct Prefix {
@@ -33,17 +55,39 @@ impl AdapterMethod for PrefixTuning {
         "PREFIX_TUNING"
     }
 
-    fn config_keys(&self) -> &'static [&'static str] {
-        &[
-            "num_virtual_tokens",
-            "token_dim",
-            "num_transformer_submodules",
-            "num_attention_heads",
-            "num_layers",
-            "encoder_hidden_size",
-            "prefix_projection",
-            "init_weights",
+    fn options(&self) -> Spec {
+        spec::<PrefixTuningOptions>()
+    }
+
+    fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
+        match cfg.options::<PrefixTuningOptions>()?.init_weights {
+            Some(InitWeights::Named(n)) if n != "zero" => {
+                Err(crate::config::unsupported("init_weights", format!("{n:?}")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn flags(&self) -> Vec<Flag> {
+        vec![
+            Flag::new("num-virtual-tokens", "num_virtual_tokens"),
+            Flag::new("prefix-projection", "prefix_projection"),
+            Flag::new("encoder-hidden-size", "encoder_hidden_size"),
         ]
+    }
+
+    fn default_targets(&self) -> Option<&'static str> {
+        None
+    }
+
+    fn prepare(&self, cfg: &mut AdapterConfig, new: &NewAdapter) -> Result<()> {
+        // keys and values: with grouped-query attention the prefix is kv_heads wide
+        let kv = new.kv_heads * new.head_dim;
+        prepare_prompt(cfg, new, kv, new.kv_heads)?;
+        if !new.given("encoder_hidden_size") {
+            cfg.set("encoder_hidden_size", kv)?;
+        }
+        Ok(())
     }
 
     fn build_input(
@@ -54,7 +98,8 @@ impl AdapterMethod for PrefixTuning {
         dev: &Device,
     ) -> Result<Option<Box<dyn InputAdapter>>> {
         let bad = |k: &str, m: String| Err(Error::config("adapter config", k, m));
-        let n = cfg.num_virtual_tokens.unwrap_or(0);
+        let o: PrefixTuningOptions = cfg.options()?;
+        let n = o.num_virtual_tokens.unwrap_or(0);
         if n == 0 {
             return bad("num_virtual_tokens", "must be at least 1".into());
         }
@@ -62,19 +107,19 @@ impl AdapterMethod for PrefixTuning {
         let checks = [
             (
                 "token_dim",
-                cfg.token_dim,
+                o.token_dim,
                 kv,
                 "the model's key/value width",
             ),
             (
                 "num_layers",
-                cfg.num_layers,
+                o.num_layers,
                 shape.layers,
                 "the model's layer count",
             ),
             (
                 "num_attention_heads",
-                cfg.num_attention_heads,
+                o.num_attention_heads,
                 shape.kv_heads,
                 "the model's key/value heads",
             ),
@@ -84,19 +129,19 @@ impl AdapterMethod for PrefixTuning {
                 return bad(k, format!("is {g}, but {what} is {want}"));
             }
         }
-        if cfg.num_transformer_submodules.unwrap_or(1) != 1 {
+        if o.num_transformer_submodules != 1 {
             return bad(
                 "num_transformer_submodules",
                 "must be 1 (decoder-only models)".into(),
             );
         }
-        let zero = matches!(&cfg.init_weights, Some(InitWeights::Named(z)) if z == "zero");
+        let zero = matches!(&o.init_weights, Some(InitWeights::Named(z)) if z == "zero");
         let mut g = rand::rngs::StdRng::seed_from_u64(seed);
         let width = 2 * shape.layers * kv;
-        if cfg.prefix_projection == Some(true) && !cfg.inference_mode {
+        if o.prefix_projection && !cfg.inference_mode {
             // PEFT's PrefixEncoder with projection: Embedding(n, kv) -> Linear(kv, h) -> tanh
             // -> Linear(h, 2 L kv); its output is what gets saved
-            let h = cfg.encoder_hidden_size.unwrap_or(kv);
+            let h = o.encoder_hidden_size.unwrap_or(kv);
             let emb = normal((n, kv), 1.0, &mut g, dev)?;
             let mut mlp = Vec::new();
             for (i, (inp, out)) in [(kv, h), (h, width)].into_iter().enumerate() {

@@ -7,8 +7,8 @@
 //! who has the tokenizer). Saved as `prompt_embeddings` (n, token_dim), *without* the
 //! `base_model.model.` prefix. Cannot be merged into weights.
 
-use crate::adapter::{AdapterMethod, InputAdapter, NamedTensor};
-use crate::config::AdapterConfig;
+use crate::adapter::{AdapterMethod, Flag, InputAdapter, NamedTensor, NewAdapter};
+use crate::config::{spec, AdapterConfig, Spec};
 use crate::methods::normal;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, Var};
@@ -18,10 +18,41 @@ pub const EMBEDDINGS: &str = "prompt_embeddings";
 
 pub struct PromptTuning;
 
+crate::method_options! {
+    /// Prompt tuning's options (PEFT `PromptTuningConfig`).
+    pub struct PromptTuningOptions {
+        /// Virtual tokens put in front of every sequence (petal's training default: 20)
+        pub num_virtual_tokens: Option<usize> = None,
+        /// Their width (the model's hidden size)
+        pub token_dim: Option<usize> = None,
+        /// Transformer submodules (1: decoder-only)
+        pub num_transformer_submodules: usize = 1,
+        /// The model's attention heads (PEFT's bookkeeping)
+        pub num_attention_heads: Option<usize> = None,
+        /// The model's layers (PEFT's bookkeeping)
+        pub num_layers: Option<usize> = None,
+        /// RANDOM | TEXT (the embeddings of prompt_tuning_init_text)
+        [crate::config::parse_upper]
+        pub prompt_tuning_init: String = "RANDOM".into(),
+        /// Text whose embeddings start the virtual tokens (sets prompt_tuning_init = TEXT)
+        pub prompt_tuning_init_text: Option<String> = None,
+        /// Tokenizer of the text (PEFT's bookkeeping)
+        pub tokenizer_name_or_path: Option<String> = None,
+    }
+}
+
+/// What an embedding-prefix method (prompt tuning, P-tuning) is sized by.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct VirtualTokens {
+    pub num_virtual_tokens: Option<usize>,
+    pub token_dim: Option<usize>,
+    pub num_transformer_submodules: usize,
+}
+
 /// The number of virtual tokens of an embedding-prefix config (prompt tuning, P-tuning),
 /// checked against the model's hidden size `d`.
-pub(crate) fn virtual_tokens(cfg: &AdapterConfig, d: usize) -> Result<usize> {
-    let n = cfg.num_virtual_tokens.unwrap_or(0) * cfg.num_transformer_submodules.unwrap_or(1);
+pub(crate) fn virtual_tokens(cfg: VirtualTokens, d: usize) -> Result<usize> {
+    let n = cfg.num_virtual_tokens.unwrap_or(0) * cfg.num_transformer_submodules;
     if n == 0 {
         return Err(Error::config(
             "adapter config",
@@ -37,6 +68,24 @@ pub(crate) fn virtual_tokens(cfg: &AdapterConfig, d: usize) -> Result<usize> {
         ));
     }
     Ok(n)
+}
+
+/// petal's defaults for a new prompt of width `token_dim` (20 virtual tokens) and PEFT's
+/// bookkeeping of the model's shape.
+pub(crate) fn prepare_prompt(
+    cfg: &mut AdapterConfig,
+    new: &NewAdapter,
+    token_dim: usize,
+    heads: usize,
+) -> Result<()> {
+    if !new.given("num_virtual_tokens") {
+        cfg.set("num_virtual_tokens", 20)?;
+    }
+    cfg.set("token_dim", token_dim)?;
+    cfg.set("num_layers", new.layers)?;
+    cfg.set("num_attention_heads", heads)?;
+    cfg.target_modules = None;
+    Ok(())
 }
 
 #[derive(Debug)]
@@ -70,17 +119,27 @@ impl AdapterMethod for PromptTuning {
         "PROMPT_TUNING"
     }
 
-    fn config_keys(&self) -> &'static [&'static str] {
-        &[
-            "num_virtual_tokens",
-            "token_dim",
-            "num_transformer_submodules",
-            "num_attention_heads",
-            "num_layers",
-            "prompt_tuning_init",
-            "prompt_tuning_init_text",
-            "tokenizer_name_or_path",
+    fn options(&self) -> Spec {
+        spec::<PromptTuningOptions>()
+    }
+
+    fn flags(&self) -> Vec<Flag> {
+        vec![
+            Flag::new("num-virtual-tokens", "num_virtual_tokens"),
+            Flag::new("prompt-init-text", "prompt_tuning_init_text"),
         ]
+    }
+
+    fn default_targets(&self) -> Option<&'static str> {
+        None
+    }
+
+    fn prepare(&self, cfg: &mut AdapterConfig, new: &NewAdapter) -> Result<()> {
+        prepare_prompt(cfg, new, new.hidden, new.attention_heads)?;
+        if new.given("prompt_tuning_init_text") && !new.given("prompt_tuning_init") {
+            cfg.set("prompt_tuning_init", "TEXT")?;
+        }
+        Ok(())
     }
 
     fn build_input(
@@ -91,7 +150,8 @@ impl AdapterMethod for PromptTuning {
         dev: &Device,
     ) -> Result<Option<Box<dyn InputAdapter>>> {
         let token_dim = shape.hidden;
-        let n = virtual_tokens(cfg, token_dim)?;
+        let o: PromptTuningOptions = cfg.options()?;
+        let n = virtual_tokens(o.sizes(), token_dim)?;
         let t = normal(
             (n, token_dim),
             1.0,
@@ -101,6 +161,16 @@ impl AdapterMethod for PromptTuning {
         Ok(Some(Box::new(PromptEmbedding {
             emb: Var::from_tensor(&t)?,
         })))
+    }
+}
+
+impl PromptTuningOptions {
+    fn sizes(&self) -> VirtualTokens {
+        VirtualTokens {
+            num_virtual_tokens: self.num_virtual_tokens,
+            token_dim: self.token_dim,
+            num_transformer_submodules: self.num_transformer_submodules,
+        }
     }
 }
 
@@ -133,7 +203,7 @@ mod tests {
     #[test]
     fn random_init_draws_standard_normal_embeddings_of_the_configured_shape() {
         let mut cfg = AdapterConfig::for_method("PROMPT_TUNING", 1, 1.0, Targets::List(vec![]));
-        cfg.num_virtual_tokens = Some(50);
+        cfg.set("num_virtual_tokens", 50).unwrap();
         let shape = crate::adapter::InputShape {
             hidden: 200,
             layers: 2,
@@ -154,7 +224,7 @@ mod tests {
             mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
             "mean {mean} var {var}"
         );
-        cfg.token_dim = Some(64);
+        cfg.set("token_dim", 64).unwrap();
         assert!(
             PromptTuning
                 .build_input(&cfg, &shape, 1, &Device::Cpu)

@@ -11,14 +11,26 @@
 //! applies each pair's 2x2 inverse. Init: θ = 0, α = 1 (identity); `init_weights = false`:
 //! θ ~ N(0, 0.5^2), α ~ N(1, 0.5^2).
 
-use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, WeightUpdate};
-use crate::config::AdapterConfig;
-use crate::methods::normal;
+use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, Flag, NamedTensor, WeightUpdate};
+use crate::config::{spec, AdapterConfig, InitWeights, Spec};
+use crate::methods::{check_plain_base, init_nonzero, normal};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var};
 use rand::SeedableRng;
 
 pub struct Road;
+
+crate::method_options! {
+    /// RoAd's options (PEFT `RoadConfig`).
+    pub struct RoadOptions {
+        /// road_1 | road_2 | road_4: one, two or four parameters per pair of outputs
+        pub variant: String = "road_1".into(),
+        /// Size of the groups whose halves are paired
+        pub group_size: usize = 64,
+        /// true: identity at start; false: random
+        pub init_weights: InitWeights = InitWeights::Flag(true),
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Variant {
@@ -35,14 +47,16 @@ pub struct RoadLayer {
     group: usize,
 }
 
-fn variant(cfg: &AdapterConfig) -> Result<Variant> {
-    match cfg.variant.as_deref().unwrap_or("road_1") {
+fn variant(o: &RoadOptions) -> Result<Variant> {
+    match o.variant.as_str() {
         "road_1" => Ok(Variant::One),
         "road_2" => Ok(Variant::Two),
         "road_4" => Ok(Variant::Four),
-        v => Err(Error::msg(format!(
-            "RoAd: variant `{v}` is not one of road_1, road_2, road_4"
-        ))),
+        v => Err(Error::config(
+            "adapter config",
+            "variant",
+            format!("RoAd: variant `{v}` is not one of road_1, road_2, road_4"),
+        )),
     }
 }
 
@@ -51,8 +65,25 @@ impl AdapterMethod for Road {
         "ROAD"
     }
 
-    fn config_keys(&self) -> &'static [&'static str] {
-        &["variant", "group_size", "init_weights"]
+    fn options(&self) -> Spec {
+        spec::<RoadOptions>()
+    }
+
+    fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
+        let o: RoadOptions = cfg.options()?;
+        variant(&o)?;
+        check_plain_base("none", false, &o.init_weights)
+    }
+
+    fn flags(&self) -> Vec<Flag> {
+        vec![
+            Flag::new("road-variant", "variant"),
+            Flag::new("group-size", "group_size"),
+        ]
+    }
+
+    fn bench_settings(&self) -> Option<&'static [(&'static str, &'static str)]> {
+        Some(&[("group_size", "64")])
     }
 
     fn build(
@@ -62,8 +93,9 @@ impl AdapterMethod for Road {
         base: &BaseLinear,
         seed: u64,
     ) -> Result<Box<dyn AdapterLayer>> {
-        let v = variant(cfg)?;
-        let group = cfg.group_size.unwrap_or(64);
+        let o: RoadOptions = cfg.options()?;
+        let v = variant(&o)?;
+        let group = o.group_size;
         let out = base.out_features;
         if group == 0 || group % 2 != 0 || out % group != 0 {
             return Err(Error::msg(format!(
@@ -76,7 +108,7 @@ impl AdapterMethod for Road {
             Variant::Four => out * 2,
         };
         let dev = base.weight.device();
-        let (theta, alpha) = if cfg.init_nonzero() {
+        let (theta, alpha) = if init_nonzero(&o.init_weights) {
             let mut g = rand::rngs::StdRng::seed_from_u64(seed);
             (
                 normal((1, size), 0.5, &mut g, dev)?.flatten_all()?,
@@ -192,8 +224,8 @@ impl AdapterLayer for RoadLayer {
 #[cfg(test)]
 fn config(variant: &str, group: usize) -> AdapterConfig {
     let mut c = AdapterConfig::for_method("ROAD", 1, 1.0, crate::testing::toy_targets());
-    c.variant = Some(variant.into());
-    c.group_size = Some(group);
+    c.set("variant", variant).unwrap();
+    c.set("group_size", Some(group)).unwrap();
     c
 }
 

@@ -11,15 +11,39 @@
 //! refused. Init: `λ_b = 0`, `λ_d = d_initial` (identity); `init_weights = false`: `λ_b = 1`,
 //! `λ_d ~ N(0, 1)`. Trained parameters per layer: `out + r`.
 
-use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, WeightUpdate};
-use crate::config::AdapterConfig;
+use crate::adapter::{
+    AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, SharedOption, WeightUpdate,
+};
+use crate::config::{probability, spec, AdapterConfig, InitWeights, Spec};
 use crate::methods::lora::dropout;
-use crate::methods::normal;
+use crate::methods::{check_plain_base, init_nonzero, normal};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
 pub struct Vera;
+
+crate::method_options! {
+    /// VeRA's options (PEFT `VeraConfig`).
+    pub struct VeraOptions {
+        /// Rank of the shared random projections
+        pub r: usize = 256,
+        /// Seed of the shared projections
+        pub projection_prng_key: u64 = 0,
+        /// Save the shared projections with the adapter (petal requires it)
+        pub save_projection: bool = true,
+        /// Dropout on the adapter's input
+        pub vera_dropout: f64 = 0.0,
+        /// Initial value of the vector d
+        pub d_initial: f64 = 0.1,
+        /// true: b starts at zero (identity); false: random
+        pub init_weights: InitWeights = InitWeights::Flag(true),
+        /// Bias handling (only "none")
+        pub bias: String = "none".into(),
+        /// Weights stored (in, out) (not supported)
+        pub fan_in_fan_out: bool = false,
+    }
+}
 
 #[derive(Debug)]
 pub struct VeraLayer {
@@ -46,19 +70,38 @@ impl AdapterMethod for Vera {
         "VERA"
     }
 
-    fn config_keys(&self) -> &'static [&'static str] {
-        &[
-            "r",
-            "projection_prng_key",
-            "save_projection",
-            "vera_dropout",
-            "d_initial",
-            "init_weights",
-            "bias",
-            "fan_in_fan_out",
-            "layers_to_transform",
-            "layers_pattern",
-        ]
+    fn options(&self) -> Spec {
+        spec::<VeraOptions>()
+    }
+
+    fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
+        let o: VeraOptions = cfg.options()?;
+        if o.r == 0 {
+            return Err(Error::config("adapter config", "r", "must be at least 1"));
+        }
+        if !o.save_projection {
+            return Err(Error::config(
+                "adapter config",
+                "save_projection",
+                "VeRA with save_projection = false: the shared projections would have to be \
+                 regenerated with torch's generator, which petal does not reproduce; save the \
+                 adapter with save_projection = true",
+            ));
+        }
+        probability("vera_dropout", o.vera_dropout)?;
+        check_plain_base(&o.bias, o.fan_in_fan_out, &o.init_weights)
+    }
+
+    fn shared_key(&self, o: SharedOption) -> Option<&'static str> {
+        match o {
+            SharedOption::Rank => Some("r"),
+            SharedOption::Dropout => Some("vera_dropout"),
+            SharedOption::Alpha => None,
+        }
+    }
+
+    fn bench_settings(&self) -> Option<&'static [(&'static str, &'static str)]> {
+        Some(&[])
     }
 
     fn build(
@@ -68,16 +111,10 @@ impl AdapterMethod for Vera {
         base: &BaseLinear,
         seed: u64,
     ) -> Result<Box<dyn AdapterLayer>> {
-        if cfg.save_projection == Some(false) {
-            return Err(Error::msg(
-                "VeRA with save_projection = false: the shared projections would have to be \
-                 regenerated with torch's generator, which petal does not reproduce; save the \
-                 adapter with save_projection = true",
-            ));
-        }
-        let r = cfg.r;
+        let o: VeraOptions = cfg.options()?;
+        let r = o.r;
         let dev = base.weight.device();
-        let key = cfg.projection_prng_key.unwrap_or(0);
+        let key = o.projection_prng_key;
         let (max_in, max_out) = (base.shared.max_in, base.shared.max_out);
         let mut g = rand::rngs::StdRng::seed_from_u64(key);
         let a = base
@@ -92,7 +129,7 @@ impl AdapterMethod for Vera {
             )));
         }
         let out = base.out_features;
-        let (lb, ld) = if cfg.init_nonzero() {
+        let (lb, ld) = if init_nonzero(&o.init_weights) {
             let mut g = rand::rngs::StdRng::seed_from_u64(seed);
             (
                 Tensor::ones(out, DType::F32, dev)?,
@@ -101,7 +138,7 @@ impl AdapterMethod for Vera {
         } else {
             (
                 Tensor::zeros(out, DType::F32, dev)?,
-                (Tensor::ones(r, DType::F32, dev)? * cfg.d_initial.unwrap_or(0.1))?,
+                (Tensor::ones(r, DType::F32, dev)? * o.d_initial)?,
             )
         };
         Ok(Box::new(VeraLayer {
@@ -111,7 +148,7 @@ impl AdapterMethod for Vera {
             lambda_d: Var::from_tensor(&ld)?,
             in_features: base.in_features,
             out_features: out,
-            dropout: cfg.vera_dropout.unwrap_or(0.0),
+            dropout: o.vera_dropout,
         }))
     }
 }
@@ -278,13 +315,13 @@ fn conformance_config() -> AdapterConfig {
 crate::conformance!(
     conformance,
     conformance_config,
-    |_inp, out, cfg: &AdapterConfig| out + cfg.r
+    |_inp, out, cfg: &AdapterConfig| out + crate::testing::opt_usize(cfg, "r")
 );
 
 #[cfg(test)]
 #[test]
 fn fused_vera_with_dropout_draws_the_same_mask_as_the_composed_form() {
     let mut c = conformance_config();
-    c.vera_dropout = Some(0.3);
+    c.set("vera_dropout", Some(0.3)).unwrap();
     crate::testing::check_fused_equals_composed(&c);
 }

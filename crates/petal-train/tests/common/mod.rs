@@ -22,7 +22,7 @@ pub fn tiny_llama_losses_with(dtype: DType, dropout: f64, out: PathBuf) -> Vec<f
         .unwrap()
         .model;
     let mut cfg = AdapterConfig::lora(4, 8.0, Targets::Regex("all-linear".into()));
-    cfg.lora_dropout = dropout;
+    cfg.set("lora_dropout", dropout).unwrap();
     inject_adapter(&mut m, "default", &cfg, 3).unwrap();
     let data: Vec<Example> = (0..12u32)
         .map(|i| {

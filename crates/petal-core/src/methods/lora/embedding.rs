@@ -1,7 +1,7 @@
 //! LoRA on a token embedding (PEFT's `lora.Embedding`).
 
 use crate::adapter::{AdapterLayer, BaseLinear, NamedTensor, WeightUpdate};
-use crate::config::{AdapterConfig, InitWeights};
+use crate::config::InitWeights;
 use crate::methods::normal;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var};
@@ -19,20 +19,20 @@ pub struct LoraEmbedding {
 
 impl LoraEmbedding {
     pub(super) fn build(
-        cfg: &AdapterConfig,
+        o: &super::LoraOptions,
         path: &str,
         base: &BaseLinear,
         g: &mut rand::rngs::StdRng,
     ) -> Result<Box<dyn AdapterLayer>> {
-        if cfg.use_dora || !matches!(cfg.init_lora_weights, InitWeights::Flag(_)) {
+        if o.dora || !matches!(o.init, InitWeights::Flag(_)) {
             return Err(Error::Unsupported(format!(
                 "{path}: LoRA on an embedding supports the default init only (no DoRA, PiSSA, ...)"
             )));
         }
-        let r = cfg.rank_for(path);
+        let r = o.rank_for(path);
         let (vocab, hidden) = (base.in_features, base.out_features);
         let dev = base.weight.device();
-        let a = if cfg.init_nonzero() {
+        let a = if o.init == InitWeights::Flag(false) {
             normal((r, vocab), 1.0, g, dev)?
         } else {
             Tensor::zeros((r, vocab), DType::F32, dev)?
@@ -41,7 +41,7 @@ impl LoraEmbedding {
         Ok(Box::new(LoraEmbedding {
             a: Var::from_tensor(&a)?,
             b: Var::from_tensor(&b)?,
-            scaling: cfg.scaling_for(path),
+            scaling: o.scaling_for(path),
         }))
     }
 }

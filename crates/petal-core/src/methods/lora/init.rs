@@ -83,7 +83,8 @@ pub fn as_plain_lora(
     cfg: &AdapterConfig,
     tensors: &mut HashMap<String, Tensor>,
 ) -> Result<AdapterConfig> {
-    if cfg.use_rslora && !(cfg.rank_pattern.is_empty() && cfg.alpha_pattern.is_empty()) {
+    let o: super::LoraOptions = cfg.options()?;
+    if o.rslora && !(o.rank_pattern.is_empty() && o.alpha_pattern.is_empty()) {
         return Err(Error::msg(
             "saving as plain LoRA with use_rslora and a rank_pattern / alpha_pattern is not \
              possible: the doubled ranks would need other alphas (PEFT refuses it too)",
@@ -116,19 +117,24 @@ pub fn as_plain_lora(
         return Err(Error::msg(format!(
             "adapter {name:?} was not initialised with PiSSA or OLoRA (init_lora_weights = \
              {:?}): it is plain LoRA already",
-            cfg.init_lora_weights
+            o.init
         )));
     }
-    let mut c = cfg.clone();
-    c.init_lora_weights = InitWeights::Flag(true);
-    c.r *= 2;
-    c.lora_alpha *= if c.use_rslora { 2f64.sqrt() } else { 2.0 };
-    for v in c.rank_pattern.values_mut() {
+    let mut p = o.clone();
+    p.init = InitWeights::Flag(true);
+    p.r *= 2;
+    p.alpha *= if p.rslora { 2f64.sqrt() } else { 2.0 };
+    for v in p.rank_pattern.values_mut() {
         *v = RankValue::Rank(2 * v.rank());
     }
-    for v in c.alpha_pattern.values_mut() {
+    for v in p.alpha_pattern.values_mut() {
         *v *= 2.0;
     }
+    let mut c = cfg.clone();
+    c.options = match serde_json::to_value(p) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => return Err(Error::msg("LoRA options did not serialise")),
+    };
     Ok(c)
 }
 
@@ -147,7 +153,7 @@ mod structured_tests {
 
     fn attached(init: &str) -> Toy {
         let mut c = AdapterConfig::lora(3, 6.0, crate::testing::toy_targets());
-        c.init_lora_weights = InitWeights::Named(init.into());
+        c.set("init_lora_weights", InitWeights::Named(init.into())).unwrap();
         let mut t = Toy::new();
         crate::inject_adapter(&mut t, "default", &c, 1).unwrap();
         t
@@ -192,8 +198,8 @@ mod structured_tests {
     fn a_trained_pissa_or_olora_adapter_saved_as_plain_lora_gives_the_same_output_on_w() {
         for (init, rslora) in [("pissa", false), ("olora", true), ("pissa_niter_2", false)] {
             let mut c = AdapterConfig::lora(3, 6.0, crate::testing::toy_targets());
-            c.init_lora_weights = InitWeights::Named(init.into());
-            c.use_rslora = rslora;
+            c.set("init_lora_weights", InitWeights::Named(init.into())).unwrap();
+            c.set("use_rslora", rslora).unwrap();
             let mut t = Toy::new();
             crate::inject_adapter(&mut t, "default", &c, 1).unwrap();
             // move A and B away from their init, as training does
@@ -208,10 +214,14 @@ mod structured_tests {
             let trained = t.forward(&x);
             let mut map = tensors_of(&t);
             let plain = as_plain_lora(&t, "default", &c, &mut map).unwrap();
-            assert_eq!(plain.r, 6);
-            assert_eq!(plain.init_lora_weights, InitWeights::Flag(true));
+            let (po, co) = (
+                plain.options::<crate::methods::lora::LoraOptions>().unwrap(),
+                c.options::<crate::methods::lora::LoraOptions>().unwrap(),
+            );
+            assert_eq!(po.r, 6);
+            assert_eq!(po.init, InitWeights::Flag(true));
             // same scaling: alpha / r (or / sqrt r) unchanged with the rank doubled
-            assert!((plain.scaling_for("fc1") - c.scaling_for("fc1")).abs() < 1e-12);
+            assert!((po.scaling_for("fc1") - co.scaling_for("fc1")).abs() < 1e-12);
             let mut fresh = Toy::new(); // the original W, no residual
             crate::inject_adapter(&mut fresh, "default", &plain, 5).unwrap();
             for l in fresh.linears() {
@@ -232,8 +242,8 @@ mod structured_tests {
         let t = crate::testing::adapted(&c, true);
         let e = as_plain_lora(&t, "default", &c, &mut tensors_of(&t)).unwrap_err();
         assert!(e.to_string().contains("plain LoRA already"), "{e}");
-        c.init_lora_weights = InitWeights::Named("pissa".into());
-        c.use_dora = true;
+        c.set("init_lora_weights", InitWeights::Named("pissa".into())).unwrap();
+        c.set("use_dora", true).unwrap();
         let t = attached_with(&c);
         let e = as_plain_lora(&t, "default", &c, &mut tensors_of(&t)).unwrap_err();
         assert!(e.to_string().contains("DoRA"), "{e}");
@@ -248,8 +258,8 @@ mod structured_tests {
     #[test]
     fn pissa_with_dora_starts_with_the_magnitude_of_w_and_leaves_the_output_unchanged() {
         let mut c = AdapterConfig::lora(3, 6.0, crate::testing::toy_targets());
-        c.init_lora_weights = InitWeights::Named("pissa".into());
-        c.use_dora = true;
+        c.set("init_lora_weights", InitWeights::Named("pissa".into())).unwrap();
+        c.set("use_dora", true).unwrap();
         let t = attached_with(&c);
         let x = Toy::input();
         let e = max_rel(&t.forward(&x), &Toy::new().forward(&x));

@@ -8,11 +8,14 @@
 //! kaiming-uniform (nn.Linear's default), so the adapter is non-zero from the start.
 //! Saved as `lora_A.weight` (r, in) and `lora_B.weight` (out, r), in f32.
 
-use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, WeightUpdate};
-use crate::config::{pissa_niter, AdapterConfig, InitWeights};
+use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, Flag, NamedTensor, WeightUpdate};
+use crate::config::{
+    pissa_niter, probability, spec, unsupported, AdapterConfig, InitWeights, RankValue, Spec,
+};
 use crate::methods::dora::{Dora, MAGNITUDE};
 use crate::methods::{kaiming_uniform, normal};
-use crate::{rng, Result};
+use crate::{rng, Error, Result};
+use std::collections::BTreeMap;
 use candle_core::{DType, Tensor, Var};
 use rand::SeedableRng;
 
@@ -20,6 +23,60 @@ pub const LORA_A: &str = "lora_A.weight";
 pub const LORA_B: &str = "lora_B.weight";
 
 pub struct Lora;
+
+crate::method_options! {
+    /// LoRA's options (PEFT `LoraConfig`).
+    pub struct LoraOptions {
+        /// Rank of A and B
+        pub r: usize = 8,
+        /// Scale numerator: the update is (alpha / r) B A
+        pub alpha as "lora_alpha": f64 = 8.0,
+        /// Dropout on the adapter's input
+        pub dropout as "lora_dropout": f64 = 0.0,
+        /// Scale by alpha / sqrt(r) (rsLoRA)
+        pub rslora as "use_rslora": bool = false,
+        /// Init: true | false (non-zero) | gaussian | pissa | pissa_niter_K | olora (PiSSA/OLoRA
+        /// start from W's SVD/QR and leave the residual in the base)
+        [parse_init]
+        pub init as "init_lora_weights": InitWeights = InitWeights::Flag(true),
+        /// Also train biases: none | lora_only | all
+        pub bias: String = "none".into(),
+        /// Weights stored (in, out) as GPT-2's Conv1D (not supported)
+        pub fan_in_fan_out: bool = false,
+        /// DoRA: learn a magnitude per output next to the LoRA direction
+        pub dora as "use_dora": bool = false,
+        /// Ranks per module (keys match module paths as `(.*\.)?KEY$`)
+        pub rank_pattern: BTreeMap<String, RankValue> = BTreeMap::new(),
+        /// Alphas per module
+        pub alpha_pattern: BTreeMap<String, f64> = BTreeMap::new(),
+    }
+}
+
+impl LoraOptions {
+    /// Rank for one module, honouring `rank_pattern`.
+    pub fn rank_for(&self, path: &str) -> usize {
+        crate::methods::rank_for(self.r, &self.rank_pattern, path)
+    }
+
+    /// LoRA scaling for one module: alpha/r, or alpha/sqrt(r) with rsLoRA.
+    pub fn scaling_for(&self, path: &str) -> f64 {
+        let r = self.rank_for(path) as f64;
+        let a = crate::methods::alpha_for(self.alpha, &self.alpha_pattern, path);
+        if self.rslora {
+            a / r.sqrt()
+        } else {
+            a / r
+        }
+    }
+}
+
+/// `--init default` is PEFT's default init (`true`).
+fn parse_init(s: &str) -> serde_json::Value {
+    match s {
+        "default" => true.into(),
+        s => crate::config::parse_value(s),
+    }
+}
 
 #[derive(Debug)]
 pub struct LoraLayer {
@@ -42,22 +99,60 @@ impl AdapterMethod for Lora {
         "LORA"
     }
 
-    fn config_keys(&self) -> &'static [&'static str] {
-        &[
-            "r",
-            "lora_alpha",
-            "lora_dropout",
-            "use_rslora",
-            "init_lora_weights",
-            "bias",
-            "fan_in_fan_out",
-            "use_dora",
-            "trainable_token_indices",
-            "layers_to_transform",
-            "layers_pattern",
-            "rank_pattern",
-            "alpha_pattern",
+    fn options(&self) -> Spec {
+        spec::<LoraOptions>()
+    }
+
+    fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
+        let o: LoraOptions = cfg.options()?;
+        if o.r == 0 {
+            return Err(Error::config("adapter config", "r", "must be at least 1"));
+        }
+        probability("lora_dropout", o.dropout)?;
+        if o.fan_in_fan_out {
+            return Err(unsupported("fan_in_fan_out", true));
+        }
+        if !matches!(o.bias.as_str(), "none" | "all" | "lora_only") {
+            return Err(unsupported("bias", format!("{:?}", o.bias)));
+        }
+        match &o.init {
+            InitWeights::Flag(_) => Ok(()),
+            InitWeights::Named(n)
+                if n == "gaussian" || n == "pissa" || n == "olora" || pissa_niter(n).is_some() =>
+            {
+                Ok(())
+            }
+            InitWeights::Named(n) => Err(unsupported("init_lora_weights", format!("{n:?}"))),
+        }
+    }
+
+    fn flags(&self) -> Vec<Flag> {
+        vec![
+            Flag::new("rslora", "use_rslora"),
+            Flag::new("dora", "use_dora"),
+            Flag::new("init", "init_lora_weights"),
+            Flag::new("bias", "bias"),
         ]
+    }
+
+    fn variants(&self) -> &'static [(&'static str, &'static str, &'static str)] {
+        &[("dora", "use_dora", "true")]
+    }
+
+    fn bench_settings(&self) -> Option<&'static [(&'static str, &'static str)]> {
+        Some(&[])
+    }
+
+    fn set_init_nonzero(&self, opts: &mut serde_json::Map<String, serde_json::Value>) {
+        opts.insert("init_lora_weights".into(), false.into());
+    }
+
+    fn adapts_embeddings(&self) -> bool {
+        true
+    }
+
+    fn trains_all_biases(&self, cfg: &AdapterConfig) -> bool {
+        cfg.get("bias").and_then(|b| b.as_str()) == Some("all")
     }
 
     fn build(
@@ -67,14 +162,15 @@ impl AdapterMethod for Lora {
         base: &BaseLinear,
         seed: u64,
     ) -> Result<Box<dyn AdapterLayer>> {
-        let r = cfg.rank_for(path);
+        let o: LoraOptions = cfg.options()?;
+        let r = o.rank_for(path);
         let (inp, out) = (base.in_features, base.out_features);
         let dev = base.weight.device();
         let mut g = rand::rngs::StdRng::seed_from_u64(seed);
         if base.embedding {
-            return LoraEmbedding::build(cfg, path, base, &mut g);
+            return LoraEmbedding::build(&o, path, base, &mut g);
         }
-        let (a, b) = match &cfg.init_lora_weights {
+        let (a, b) = match &o.init {
             InitWeights::Named(n) if n == "gaussian" => (
                 normal((r, inp), 1.0 / r as f64, &mut g, dev)?,
                 Tensor::zeros((out, r), DType::F32, dev)?,
@@ -88,8 +184,8 @@ impl AdapterMethod for Lora {
                 Tensor::zeros((out, r), DType::F32, dev)?,
             ),
         };
-        let scaling = cfg.scaling_for(path);
-        let (a, b, base_offset) = match &cfg.init_lora_weights {
+        let scaling = o.scaling_for(path);
+        let (a, b, base_offset) = match &o.init {
             InitWeights::Named(n) if n == "pissa" || n == "olora" || pissa_niter(n).is_some() => {
                 let (a, b) = structured_init(n, base.weight, r, scaling, path)?;
                 let offset = (b.matmul(&a)? * scaling)?;
@@ -101,14 +197,14 @@ impl AdapterMethod for Lora {
             Some(_) => Some((a.copy()?, b.copy()?)),
             None => None,
         };
-        let bias = match (cfg.bias.as_str(), base.bias) {
+        let bias = match (o.bias.as_str(), base.bias) {
             ("all" | "lora_only", Some(b)) => {
                 let b = b.to_dtype(DType::F32)?;
                 Some((Var::from_tensor(&b.copy()?)?, b))
             }
             _ => None,
         };
-        let dora = if cfg.use_dora {
+        let dora = if o.dora {
             // PiSSA / OLoRA: the magnitude and the direction's norm are over the residual base
             // plus the adapter (so m starts as ||W||), as PEFT initialises DoRA after them
             let w = match &base_offset {
@@ -123,7 +219,7 @@ impl AdapterMethod for Lora {
             a: Var::from_tensor(&a)?,
             b: Var::from_tensor(&b)?,
             scaling,
-            dropout: cfg.lora_dropout,
+            dropout: o.dropout,
             dora,
             base_offset,
             initial,
@@ -368,7 +464,7 @@ mod tests {
     #[test]
     fn gaussian_init_draws_a_with_standard_deviation_one_over_r() {
         let mut cfg = AdapterConfig::lora(4, 8.0, Targets::List(vec!["x".into()]));
-        cfg.init_lora_weights = InitWeights::Named("gaussian".into());
+        cfg.set("init_lora_weights", InitWeights::Named("gaussian".into())).unwrap();
         let (a, b) = init_a(4, 4000, &cfg);
         let n = a.len() as f64;
         let mean = a.iter().map(|&v| v as f64).sum::<f64>() / n;
@@ -385,7 +481,7 @@ mod tests {
 fn conformance_config() -> AdapterConfig {
     // alpha != r, and a rank_pattern giving fc2 its own rank
     let mut c = AdapterConfig::lora(4, 5.0, crate::testing::toy_targets());
-    c.rank_pattern.insert("fc2".into(), 3.into());
+    c.set("rank_pattern", serde_json::json!({"fc2": 3})).unwrap();
     c
 }
 
@@ -395,9 +491,9 @@ crate::conformance!(
     conformance_config,
     |inp, out, cfg: &AdapterConfig| {
         let r = if out == 6 {
-            cfg.rank_pattern["fc2"].rank()
+            cfg.options::<LoraOptions>().unwrap().rank_pattern["fc2"].rank()
         } else {
-            cfg.r
+            crate::testing::opt_usize(cfg, "r")
         };
         r * (inp + out)
     }
@@ -408,7 +504,7 @@ crate::conformance!(
 #[cfg(test)]
 fn dora_config() -> AdapterConfig {
     let mut c = conformance_config();
-    c.use_dora = true;
+    c.set("use_dora", true).unwrap();
     c
 }
 
@@ -418,9 +514,9 @@ crate::conformance!(
     dora_config,
     |inp, out, cfg: &AdapterConfig| {
         let r = if out == 6 {
-            cfg.rank_pattern["fc2"].rank()
+            cfg.options::<LoraOptions>().unwrap().rank_pattern["fc2"].rank()
         } else {
-            cfg.r
+            crate::testing::opt_usize(cfg, "r")
         };
         r * (inp + out) + out
     },
@@ -431,7 +527,7 @@ crate::conformance!(
 #[cfg(test)]
 fn bias_lora_only_config() -> AdapterConfig {
     let mut c = conformance_config();
-    c.bias = "lora_only".into();
+    c.set("bias", "lora_only").unwrap();
     c
 }
 
@@ -441,9 +537,9 @@ crate::conformance!(
     bias_lora_only_config,
     |inp, out, cfg: &AdapterConfig| {
         if out == 6 {
-            cfg.rank_pattern["fc2"].rank() * (inp + out)
+            cfg.options::<LoraOptions>().unwrap().rank_pattern["fc2"].rank() * (inp + out)
         } else {
-            cfg.r * (inp + out) + out
+            crate::testing::opt_usize(cfg, "r") * (inp + out) + out
         }
     }
 );
@@ -453,7 +549,7 @@ crate::conformance!(
 fn bias_all_config() -> AdapterConfig {
     let mut c = conformance_config();
     c.target_modules = Some(crate::config::Targets::List(vec!["fc2".into()]));
-    c.bias = "all".into();
+    c.set("bias", "all").unwrap();
     c
 }
 
@@ -463,7 +559,7 @@ crate::conformance!(
     bias_all_config,
     |inp, out, cfg: &AdapterConfig| {
         if out == 6 {
-            cfg.rank_pattern["fc2"].rank() * (inp + out)
+            cfg.options::<LoraOptions>().unwrap().rank_pattern["fc2"].rank() * (inp + out)
         } else {
             out
         }
@@ -475,7 +571,7 @@ crate::conformance!(
 #[cfg(test)]
 fn dora_bias_config() -> AdapterConfig {
     let mut c = dora_config();
-    c.bias = "lora_only".into();
+    c.set("bias", "lora_only").unwrap();
     c
 }
 
@@ -485,9 +581,9 @@ crate::conformance!(
     dora_bias_config,
     |inp, out, cfg: &AdapterConfig| {
         if out == 6 {
-            cfg.rank_pattern["fc2"].rank() * (inp + out) + out
+            cfg.options::<LoraOptions>().unwrap().rank_pattern["fc2"].rank() * (inp + out) + out
         } else {
-            cfg.r * (inp + out) + 2 * out
+            crate::testing::opt_usize(cfg, "r") * (inp + out) + 2 * out
         }
     },
     Some(&[MAGNITUDE, "base_layer.bias"])
@@ -504,8 +600,8 @@ mod dora_fused_tests {
             let w = rand_tensor(&[6, 5], 1);
             let b = bias.then(|| rand_tensor(&[6], 2));
             let mut c = conformance_config();
-            c.use_dora = true;
-            c.init_lora_weights = InitWeights::Flag(false);
+            c.set("use_dora", true).unwrap();
+            c.set("init_lora_weights", InitWeights::Flag(false)).unwrap();
             let base = BaseLinear {
                 weight: &w,
                 bias: b.as_ref(),
@@ -568,12 +664,12 @@ mod bias_tests {
             for l in t.linears_mut() {
                 l.merge("default", true).unwrap();
             }
-            assert!(max_rel(&t.forward(&x), &unmerged) < 1e-5, "{}", cfg.bias);
+            assert!(max_rel(&t.forward(&x), &unmerged) < 1e-5, "{:?}", cfg.get("bias"));
             assert!(max_rel(t.fc1.bias().unwrap(), &b0) > 1e-2, "the bias moved");
             for l in t.linears_mut() {
                 l.unmerge().unwrap();
             }
-            assert!(max_rel(t.fc1.bias().unwrap(), &b0) < 1e-6, "{}", cfg.bias);
+            assert!(max_rel(t.fc1.bias().unwrap(), &b0) < 1e-6, "{:?}", cfg.get("bias"));
         }
     }
 }
