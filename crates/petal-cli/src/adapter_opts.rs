@@ -40,8 +40,15 @@ pub fn resolve_method(name: &str) -> Result<(&'static dyn AdapterMethod, Vec<(St
         }
     }
     let mut known: Vec<String> = METHODS.iter().map(|m| method_name(*m)).collect();
-    known.extend(METHODS.iter().flat_map(|m| m.variants().iter().map(|v| v.0.to_string())));
-    bail!("--method {name}: not available (petal has: {})", known.join(", "))
+    known.extend(
+        METHODS
+            .iter()
+            .flat_map(|m| m.variants().iter().map(|v| v.0.to_string())),
+    );
+    bail!(
+        "--method {name}: not available (petal has: {})",
+        known.join(", ")
+    )
 }
 
 /// Every kept method flag of the registry, once per name, with the help text of its option.
@@ -94,7 +101,9 @@ impl Args for MethodFlags {
                     .help(help)
                     .value_name("VALUE")
                     .action(ArgAction::Set)
-                    .help_heading("Method options (also --set KEY=VALUE; `petal methods` lists all)"),
+                    .help_heading(
+                        "Method options (also --set KEY=VALUE; `petal methods` lists all)",
+                    ),
             );
         }
         cmd
@@ -142,7 +151,11 @@ pub fn given_options(
     let shared = [
         ("--r", SharedOption::Rank, o.r.map(Value::from)),
         ("--alpha", SharedOption::Alpha, o.alpha.map(Value::from)),
-        ("--dropout", SharedOption::Dropout, o.dropout.map(Value::from)),
+        (
+            "--dropout",
+            SharedOption::Dropout,
+            o.dropout.map(Value::from),
+        ),
     ];
     for (flag, which, v) in shared {
         let Some(v) = v else { continue };
@@ -168,7 +181,10 @@ pub fn given_options(
         let opt = spec.key(f.key).context("flag without its option")?;
         let mut v = (opt.parse)(text);
         if f.invert {
-            v = Value::Bool(!v.as_bool().with_context(|| format!("--{flag} {text}: expected true or false"))?);
+            v = Value::Bool(
+                !v.as_bool()
+                    .with_context(|| format!("--{flag} {text}: expected true or false"))?,
+            );
         }
         g.push(format!("--{flag}"), f.key, v);
     }
@@ -177,14 +193,20 @@ pub fn given_options(
             .split_once('=')
             .with_context(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
         let k = k.trim();
-        let opt = spec
-            .key(k)
-            .ok_or_else(|| anyhow::anyhow!("--set: {}", unknown(&format!("option of {name}"), k, &spec.names())))?;
+        let opt = spec.key(k).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--set: {}",
+                unknown(&format!("option of {name}"), k, &spec.names())
+            )
+        })?;
         g.push("--set", opt.key, (opt.parse)(text.trim()));
     }
     for (k, v) in table.into_iter().flatten() {
         if !spec.has(k) {
-            bail!("[{name}] table: {}", unknown(&format!("option of {name}"), k, &spec.names()));
+            bail!(
+                "[{name}] table: {}",
+                unknown(&format!("option of {name}"), k, &spec.names())
+            );
         }
         g.push(format!("[{name}]"), k, serde_json::to_value(v)?);
     }
@@ -211,7 +233,13 @@ pub fn adapter_config(
     let mut keys = Vec::new();
     for (from, key, v) in preset
         .into_iter()
-        .map(|(k, v)| (format!("--method {}", o.method.as_deref().unwrap_or("")), k, v))
+        .map(|(k, v)| {
+            (
+                format!("--method {}", o.method.as_deref().unwrap_or("")),
+                k,
+                v,
+            )
+        })
         .chain(given.0)
     {
         cfg.set(&key, v).with_context(|| format!("{from}"))?;

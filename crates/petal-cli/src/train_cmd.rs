@@ -1,6 +1,8 @@
 //! `petal train`: fine-tune a model with an adapter, from flags and/or a TOML config.
 
-use crate::adapter_opts::{adapter_config, given_options, method_name, resolve_method, MethodFlags};
+use crate::adapter_opts::{
+    adapter_config, given_options, method_name, resolve_method, MethodFlags,
+};
 use crate::common::{data_files, load};
 use crate::{config_file, gen_cmd};
 use anyhow::{bail, Context, Result};
@@ -321,7 +323,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         adapter_name: "default".into(),
         pad_id: pad,
         fingerprint,
-        save_as_lora: o.save_as_lora.unwrap_or(false),
+        save_converted: o.save_as_lora.unwrap_or(false),
         grad_checkpointing: o.grad_checkpointing.unwrap_or(false),
     };
     std::fs::create_dir_all(&out)?;

@@ -201,7 +201,12 @@ pub trait AdapterMethod: Sync {
         names.iter().find_map(|n| spec.key(n)).map(|s| s.key)
     }
     /// Set rank `r` and alpha where the method has them.
-    fn set_size(&self, opts: &mut serde_json::Map<String, serde_json::Value>, r: usize, alpha: f64) {
+    fn set_size(
+        &self,
+        opts: &mut serde_json::Map<String, serde_json::Value>,
+        r: usize,
+        alpha: f64,
+    ) {
         if let Some(k) = self.shared_key(SharedOption::Rank) {
             opts.insert(k.into(), r.into());
         }
@@ -241,6 +246,31 @@ pub trait AdapterMethod: Sync {
             opts.insert("init_weights".into(), false.into());
         }
     }
+    /// The method's work around a training run of adapter `name` (AdaLoRA's rank allocation);
+    /// `None`: plain training.
+    fn training(
+        &self,
+        _model: &dyn crate::Adaptable,
+        _name: &str,
+        _cfg: &AdapterConfig,
+    ) -> Result<Option<Box<dyn TrainingHook>>> {
+        Ok(None)
+    }
+    /// The trained adapter converted for saving, where the method has another saved form
+    /// (PiSSA / OLoRA as plain LoRA for the original base: `petal train --save-as-lora`):
+    /// rewrites `tensors` (module-relative PEFT names) and returns the config to save.
+    fn convert_for_save(
+        &self,
+        _model: &dyn crate::Adaptable,
+        _name: &str,
+        cfg: &AdapterConfig,
+        _tensors: &mut std::collections::HashMap<String, Tensor>,
+    ) -> Result<AdapterConfig> {
+        Err(crate::Error::Unsupported(format!(
+            "{} has no other saved form to convert to",
+            cfg.peft_type
+        )))
+    }
     /// Whether the method can adapt a token embedding (else targeting one is refused).
     fn adapts_embeddings(&self) -> bool {
         false
@@ -278,6 +308,42 @@ pub trait AdapterMethod: Sync {
             "{}: the method does not adapt linear layers such as `{path}`",
             cfg.peft_type
         )))
+    }
+}
+
+/// A method's work around training, made once per run (`AdapterMethod::training`): the trainer
+/// calls it at fixed points and knows nothing else of the method.
+pub trait TrainingHook: Send {
+    /// A term added to each micro-batch's loss (AdaLoRA's orthogonal regulariser); the trainer
+    /// divides it by the number of micro-batches per step.
+    fn regulariser(&self, _model: &dyn crate::Adaptable) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    /// After the optimizer step `step` (0-based), with the step's clipped gradients.
+    fn after_step(
+        &mut self,
+        _model: &dyn crate::Adaptable,
+        _step: usize,
+        _grad_of: &dyn Fn(&Var) -> Option<Tensor>,
+    ) -> Result<()> {
+        Ok(())
+    }
+    /// State kept in checkpoints next to the optimizer's (names must not clash with it).
+    fn state(&self) -> Result<std::collections::HashMap<String, Tensor>> {
+        Ok(Default::default())
+    }
+    /// Restore from a checkpoint's state.
+    fn load_state(&mut self, _state: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        Ok(())
+    }
+    /// The saved form of the trained adapter (AdaLoRA: tensors cut to the kept ranks, the
+    /// masks as `rank_pattern`).
+    fn export(
+        &self,
+        _cfg: &mut AdapterConfig,
+        _tensors: &mut std::collections::HashMap<String, Tensor>,
+    ) -> Result<()> {
+        Ok(())
     }
 }
 

@@ -102,7 +102,6 @@ pub struct AdapterConfig {
     pub options: Map<String, Value>,
 }
 
-
 /// `pissa_niter_K`: PiSSA by a randomised SVD with K power iterations.
 pub fn pissa_niter(init: &str) -> Option<usize> {
     init.strip_prefix("pissa_niter_")?.parse().ok()
@@ -142,7 +141,8 @@ fn is_set(v: &Value) -> bool {
 impl AdapterConfig {
     /// A config for `peft_type` with the method's defaults (PEFT's) and no targets.
     pub fn new(peft_type: &str) -> Result<Self> {
-        let m = crate::registry::method(peft_type).ok_or_else(|| unknown_method(peft_type, "peft_type"))?;
+        let m = crate::registry::method(peft_type)
+            .ok_or_else(|| unknown_method(peft_type, "peft_type"))?;
         Ok(AdapterConfig {
             peft_type: m.peft_type().into(),
             task_type: Some("CAUSAL_LM".into()),
@@ -202,7 +202,11 @@ impl AdapterConfig {
         let Some(spec) = spec.filter(|s| s.has(key)) else {
             let known = spec.map(|s| s.names()).unwrap_or_default();
             let what = format!("option of {}", self.peft_type);
-            return Err(Error::config("adapter config", key, unknown(&what, key, &known)));
+            return Err(Error::config(
+                "adapter config",
+                key,
+                unknown(&what, key, &known),
+            ));
         };
         let v = serde_json::to_value(value).map_err(|e| Error::msg(e.to_string()))?;
         let v = if v.is_null() {
@@ -230,7 +234,9 @@ impl AdapterConfig {
         }
         let mut cfg: AdapterConfig = serde_json::from_value(raw)
             .map_err(|e| Error::config(file, "(schema)", e.to_string()))?;
-        let m = cfg.method().ok_or_else(|| unknown_method(&cfg.peft_type, file))?;
+        let m = cfg
+            .method()
+            .ok_or_else(|| unknown_method(&cfg.peft_type, file))?;
         cfg.peft_type = m.peft_type().into();
         let spec = m.options();
         let others: Vec<&str> = crate::registry::METHODS
@@ -248,7 +254,10 @@ impl AdapterConfig {
                 return Err(Error::config(
                     file,
                     &k,
-                    format!("PEFT feature `{k}` = {v} is not supported by petal for {}", cfg.peft_type),
+                    format!(
+                        "PEFT feature `{k}` = {v} is not supported by petal for {}",
+                        cfg.peft_type
+                    ),
                 ));
             }
         }
@@ -286,4 +295,3 @@ fn unknown_method(peft_type: &str, file: &str) -> Error {
         ),
     )
 }
-

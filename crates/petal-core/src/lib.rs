@@ -18,7 +18,7 @@ pub mod target;
 
 pub use adapter::{
     AdapterLayer, AdapterMethod, Flag, InputAdapter, NamedTensor, NewAdapter, SharedOption,
-    WeightUpdate,
+    TrainingHook, WeightUpdate,
 };
 pub use config::AdapterConfig;
 pub use error::{Error, Result};

@@ -56,7 +56,9 @@ impl Adaptable for Toy {
 
 /// A whole-number option of `cfg` (tests).
 pub fn opt_usize(cfg: &AdapterConfig, key: &str) -> usize {
-    cfg.get(key).and_then(|v| v.as_u64()).unwrap_or_else(|| panic!("option {key}")) as usize
+    cfg.get(key)
+        .and_then(|v| v.as_u64())
+        .unwrap_or_else(|| panic!("option {key}")) as usize
 }
 
 /// Both toy linears as `target_modules`.

@@ -102,18 +102,16 @@ pub fn adapter_tensors(model: &dyn Adaptable, name: &str) -> HashMap<String, Ten
     out
 }
 
-/// Save adapter `name` of `model` as a PEFT folder, as PEFT's `save_pretrained` does: the
+/// Adapter `name` of `model` in its saved form, as PEFT's `save_pretrained` writes it: the
 /// config marked `inference_mode`, and an input adapter's exported form where it has one
 /// (P-tuning's encoder output). Checkpoints keep the trained tensors instead (`adapter_tensors`).
-pub fn save_model_adapter(
+pub fn exported_adapter(
     model: &dyn Adaptable,
     name: &str,
     cfg: &AdapterConfig,
-    dir: &Path,
-) -> Result<()> {
+) -> Result<(AdapterConfig, HashMap<String, Tensor>)> {
     let mut tensors = adapter_tensors(model, name);
-    if let Some((n, input)) = model.input_adapter().filter(|(n, _)| *n == name) {
-        let _ = n;
+    if let Some((_, input)) = model.input_adapter().filter(|(n, _)| *n == name) {
         if let Some(export) = input.export()? {
             for t in input.tensors() {
                 tensors.remove(t.name);
@@ -123,6 +121,17 @@ pub fn save_model_adapter(
     }
     let mut cfg = cfg.clone();
     cfg.inference_mode = true;
+    Ok((cfg, tensors))
+}
+
+/// Save adapter `name` of `model` as a PEFT folder (see `exported_adapter`).
+pub fn save_model_adapter(
+    model: &dyn Adaptable,
+    name: &str,
+    cfg: &AdapterConfig,
+    dir: &Path,
+) -> Result<()> {
+    let (cfg, tensors) = exported_adapter(model, name, cfg)?;
     save_adapter(dir, &cfg, &tensors)
 }
 

@@ -65,7 +65,8 @@ fn checkpointed_lora_gradients_with_dropout_and_an_embedding_adapter_equal_the_p
                 .to_vec(),
         ),
     );
-    cfg.set("init_lora_weights", InitWeights::Flag(false)).unwrap();
+    cfg.set("init_lora_weights", InitWeights::Flag(false))
+        .unwrap();
     cfg.set("lora_dropout", 0.2).unwrap();
     check(&cfg);
 }

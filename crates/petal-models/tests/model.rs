@@ -36,7 +36,8 @@ fn ids() -> Tensor {
 fn every_adapter_tensor_in_every_layer_gets_a_nonzero_gradient_and_frozen_weights_none() {
     let mut m = model(&golden().join("llama"), DType::F32);
     let mut cfg = AdapterConfig::lora(4, 8.0, Targets::Regex("all-linear".into()));
-    cfg.set("init_lora_weights", InitWeights::Flag(false)).unwrap();
+    cfg.set("init_lora_weights", InitWeights::Flag(false))
+        .unwrap();
     inject_adapter(&mut m, "default", &cfg, 1).unwrap();
     let logits = m.forward(&ids(), None, true).unwrap();
     let g = logits
@@ -267,7 +268,8 @@ fn a_saved_p_tuning_adapter_is_its_encoder_output_and_reloads_to_the_same_logits
 fn lora_on_the_embedding_gets_exact_gradients_and_merges_into_the_table() {
     let mut m = model(&golden().join("llama"), DType::F32);
     let mut cfg = AdapterConfig::lora(3, 6.0, Targets::List(vec!["embed_tokens".into()]));
-    cfg.set("init_lora_weights", InitWeights::Flag(false)).unwrap();
+    cfg.set("init_lora_weights", InitWeights::Flag(false))
+        .unwrap();
     inject_adapter(&mut m, "default", &cfg, 5).unwrap();
     let vars = adapter_vars(&m, "default");
     assert_eq!(vars.len(), 2);

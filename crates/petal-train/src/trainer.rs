@@ -9,9 +9,7 @@ use crate::optim::{AdamW, AdamWParams};
 use crate::schedule::Schedule;
 use candle_core::{Tensor, Var};
 use petal_core::inject::adapter_vars;
-use petal_core::methods::adalora::{orth_regulariser, RankAllocator};
-use petal_core::methods::lora::as_plain_lora;
-use petal_core::{rng, AdapterConfig, Error, Result};
+use petal_core::{rng, AdapterConfig, Error, Result, TrainingHook};
 use petal_data::{batches, Batch, Example};
 use petal_io::adapter_tensors;
 use petal_models::Llama;
@@ -40,9 +38,9 @@ pub struct TrainConfig {
     pub pad_id: u32,
     /// Identity of model, adapter config and data; checkpoints refuse to resume elsewhere.
     pub fingerprint: String,
-    /// PiSSA / OLoRA: save the final adapter as plain LoRA for the original base weights
-    /// (rank 2r, see `petal_core::methods::lora::as_plain_lora`). Checkpoints stay as trained.
-    pub save_as_lora: bool,
+    /// Save the final adapter in the method's converted form (`AdapterMethod::convert_for_save`:
+    /// PiSSA / OLoRA as plain LoRA of rank 2r for the original base). Checkpoints stay as trained.
+    pub save_converted: bool,
     /// Recompute each decoder layer in backward instead of keeping its activations.
     pub grad_checkpointing: bool,
 }
@@ -113,17 +111,20 @@ pub fn train(
             cfg.adapter_name
         )));
     }
-    if cfg.save_as_lora {
+    let method = adapter_cfg
+        .method()
+        .ok_or_else(|| Error::msg(format!("unknown peft_type `{}`", adapter_cfg.peft_type)))?;
+    if cfg.save_converted {
         // refuse before training rather than after it
-        as_plain_lora(model, &cfg.adapter_name, adapter_cfg, &mut HashMap::new())?;
+        method.convert_for_save(model, &cfg.adapter_name, adapter_cfg, &mut HashMap::new())?;
     }
     let mut opt = AdamW::new(vars.clone(), cfg.optim)?;
-    // AdaLoRA: the rank allocator runs after every optimizer step
-    let mut alloc = RankAllocator::new(model, &cfg.adapter_name, adapter_cfg)?;
+    // the method's own work around training (AdaLoRA's rank allocator)
+    let mut hook = method.training(model, &cfg.adapter_name, adapter_cfg)?;
     let mut start = 0;
     let metrics_path = cfg.out_dir.join("metrics.jsonl");
     if let Some(path) = resume {
-        start = restore(model, &mut opt, alloc.as_mut(), cfg, path)?;
+        start = restore(model, &mut opt, hook.as_deref_mut(), cfg, path)?;
         truncate_metrics(&metrics_path, start)?;
     } else {
         std::fs::create_dir_all(&cfg.out_dir).map_err(|e| Error::io(&cfg.out_dir, e))?;
@@ -164,11 +165,13 @@ pub fn train(
             ));
             let (sum, mut g) = backward_batch(model, b, total as f64, cfg.grad_checkpointing)?;
             loss_sum += sum;
-            if alloc.is_some() {
-                // PEFT adds the orthogonal regulariser to every forward's loss
-                if let Some(reg) = orth_regulariser(model, &cfg.adapter_name, adapter_cfg)? {
-                    g.absorb((reg / cfg.grad_accum as f64)?.backward()?)?;
-                }
+            if let Some(reg) = hook
+                .as_ref()
+                .map(|h| h.regulariser(model))
+                .transpose()?
+                .flatten()
+            {
+                g.absorb((reg / cfg.grad_accum as f64)?.backward()?)?;
             }
             accumulate(&mut grads, &vars, &g)?;
         }
@@ -182,13 +185,13 @@ pub fn train(
         }
         let grad_norm = clip(&mut grads, cfg.max_grad_norm)?;
         opt.step(&grads, lr)?;
-        if let Some(a) = alloc.as_mut() {
+        if let Some(h) = hook.as_mut() {
             let grad_of = |v: &Var| {
                 vars.iter()
                     .position(|x| x.as_tensor().id() == v.as_tensor().id())
                     .and_then(|i| grads[i].clone())
             };
-            a.update(model, step, &grad_of)?;
+            h.after_step(model, step, &grad_of)?;
         }
         losses.push(loss);
         step_seconds.push(ts.elapsed().as_secs_f64());
@@ -219,8 +222,8 @@ pub fn train(
                 last_loss: loss,
             };
             let (mut ostate, _) = opt.state();
-            if let Some(a) = &alloc {
-                ostate.extend(a.state()?);
+            if let Some(h) = &hook {
+                ostate.extend(h.state()?);
             }
             let dir = checkpoint::save(
                 &cfg.out_dir,
@@ -233,26 +236,16 @@ pub fn train(
         }
     }
     let adapter_dir = cfg.out_dir.join("adapter");
-    match &alloc {
-        // AdaLoRA: saved cut to the kept ranks, the masks as `rank_pattern` (as PEFT saves)
-        Some(a) => {
-            let mut tensors = adapter_tensors(model, &cfg.adapter_name);
-            a.cut(&mut tensors)?;
-            let mut c = adapter_cfg.clone();
-            if let Some(p) = a.rank_pattern() {
-                c.set("rank_pattern", p).unwrap();
-            }
-            c.inference_mode = true;
-            petal_io::save_adapter(&adapter_dir, &c, &tensors)?;
-        }
-        None if cfg.save_as_lora => {
-            let mut tensors = adapter_tensors(model, &cfg.adapter_name);
-            let mut c = as_plain_lora(model, &cfg.adapter_name, adapter_cfg, &mut tensors)?;
-            c.inference_mode = true;
-            petal_io::save_adapter(&adapter_dir, &c, &tensors)?;
-        }
-        None => petal_io::save_model_adapter(model, &cfg.adapter_name, adapter_cfg, &adapter_dir)?,
+    let (mut saved, mut tensors) =
+        petal_io::exported_adapter(model, &cfg.adapter_name, adapter_cfg)?;
+    if let Some(h) = &hook {
+        h.export(&mut saved, &mut tensors)?;
     }
+    if cfg.save_converted {
+        saved = method.convert_for_save(model, &cfg.adapter_name, &saved, &mut tensors)?;
+        saved.inference_mode = true;
+    }
+    petal_io::save_adapter(&adapter_dir, &saved, &tensors)?;
     Ok(TrainSummary {
         steps: cfg.max_steps,
         losses,
@@ -297,7 +290,7 @@ pub fn clip(grads: &mut [Option<Tensor>], max: Option<f64>) -> Result<f64> {
 fn restore(
     model: &Llama,
     opt: &mut AdamW,
-    alloc: Option<&mut RankAllocator>,
+    hook: Option<&mut (dyn TrainingHook + 'static)>,
     cfg: &TrainConfig,
     path: &Path,
 ) -> Result<usize> {
@@ -312,8 +305,8 @@ fn restore(
     }
     petal_io::load_into(model, &cfg.adapter_name, ck.adapter, path)?;
     opt.load_state(&ck.optimizer, ck.state.adam_t)?;
-    if let Some(a) = alloc {
-        a.load_state(&ck.optimizer)?;
+    if let Some(h) = hook {
+        h.load_state(&ck.optimizer)?;
     }
     Ok(ck.state.step)
 }

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use petal_core::config::{RankValue, Targets};
-use petal_core::methods::adalora::RankAllocator;
+use petal_core::methods::adalora::{AdaLoraOptions, RankAllocator};
 use petal_core::{inject_adapter, AdapterConfig};
 use petal_data::Example;
 use petal_models::Llama;
@@ -29,8 +29,15 @@ fn cfg() -> AdapterConfig {
         8.0,
         Targets::List(vec!["q_proj".into(), "v_proj".into(), "up_proj".into()]),
     );
-    (c.target_r, c.tinit, c.tfinal, c.delta_t, c.total_step) =
-        (Some(2), Some(1), Some(2), Some(1), Some(8));
+    for (k, v) in [
+        ("target_r", 2),
+        ("tinit", 1),
+        ("tfinal", 2),
+        ("deltaT", 1),
+        ("total_step", 8),
+    ] {
+        c.set(k, v).unwrap();
+    }
     c
 }
 
@@ -65,7 +72,7 @@ fn config(out: &Path, save_every: usize) -> TrainConfig {
         adapter_name: "default".into(),
         pad_id: 0,
         fingerprint: "adalora".into(),
-        save_as_lora: false,
+        save_converted: false,
         grad_checkpointing: false,
     }
 }
@@ -111,8 +118,9 @@ fn adalora_training_reaches_the_target_budget_and_saves_cut_to_the_kept_ranks() 
     let after = petal_train::evaluate(&m, &data(), 3, 0).unwrap().loss;
     assert!(after < before, "the run must learn: {before} -> {after}");
     let (saved, tensors) = petal_io::load_adapter(&s.adapter_dir, &Device::Cpu).unwrap();
-    let kept: usize = saved.rank_pattern.values().map(RankValue::rank).sum();
-    assert_eq!(saved.rank_pattern.len(), 6);
+    let pattern = saved.options::<AdaLoraOptions>().unwrap().rank_pattern;
+    let kept: usize = pattern.values().map(RankValue::rank).sum();
+    assert_eq!(pattern.len(), 6);
     assert_eq!(kept, 12, "the final budget is target_r per layer");
     let e_rows: usize = tensors
         .iter()

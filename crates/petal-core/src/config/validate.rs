@@ -14,15 +14,18 @@ impl AdapterConfig {
         for k in self.options.keys() {
             if !spec.has(k) {
                 let what = format!("option of {}", m.peft_type());
-                return Err(Error::config(file, k, super::unknown(&what, k, &spec.names())));
+                return Err(Error::config(
+                    file,
+                    k,
+                    super::unknown(&what, k, &spec.names()),
+                ));
             }
         }
         (spec.check)(&self.options).map_err(|e| Error::config(file, m.peft_type(), e))?;
-        m.validate(self)
-            .map_err(|e| match e {
-                Error::Config { field, msg, .. } => Error::config(file, field, msg),
-                e => e,
-            })
+        m.validate(self).map_err(|e| match e {
+            Error::Config { field, msg, .. } => Error::config(file, field, msg),
+            e => e,
+        })
     }
 }
 

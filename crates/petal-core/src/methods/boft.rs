@@ -17,8 +17,8 @@ use crate::adapter::{
     WeightUpdate,
 };
 use crate::config::{spec, AdapterConfig, InitWeights, Spec};
-use crate::methods::{check_plain_base, init_nonzero, normal};
 use crate::methods::oft::{block_diag, cayley, rotate_blocks};
+use crate::methods::{check_plain_base, init_nonzero, normal};
 use crate::{rng, Error, Result};
 use candle_core::{DType, Tensor, Var};
 use rand::SeedableRng;

@@ -14,10 +14,10 @@ use crate::methods::{
     add_dense_delta, alpha_for, check_lycoris, dense_linear, init_nonzero, param, rank_for,
     LycorisDropout,
 };
-use std::collections::BTreeMap;
 use crate::Result;
 use candle_core::{Tensor, Var};
 use rand::SeedableRng;
+use std::collections::BTreeMap;
 
 pub const W1A: &str = "hada_w1_a";
 pub const W1B: &str = "hada_w1_b";
@@ -165,7 +165,8 @@ impl AdapterLayer for LohaLayer {
 #[cfg(test)]
 fn conformance_config() -> AdapterConfig {
     let mut c = AdapterConfig::for_method("LOHA", 3, 7.0, crate::testing::toy_targets());
-    c.set("alpha_pattern", serde_json::json!({"fc2": 2.0})).unwrap();
+    c.set("alpha_pattern", serde_json::json!({"fc2": 2.0}))
+        .unwrap();
     c
 }
 

@@ -17,10 +17,10 @@ use crate::methods::{
     add_dense_delta, alpha_for, check_lycoris, dense_linear, init_nonzero, param, rank_for,
     LycorisDropout,
 };
-use std::collections::BTreeMap;
 use crate::Result;
 use candle_core::{Tensor, Var};
 use rand::SeedableRng;
+use std::collections::BTreeMap;
 
 pub struct Lokr;
 
@@ -303,7 +303,8 @@ mod tests {
 fn conformance_config() -> AdapterConfig {
     // r = 2 < max(b, d)/2 on both toy linears, so W2 is low rank; fc2 gets its own alpha
     let mut c = AdapterConfig::for_method("LOKR", 2, 5.0, crate::testing::toy_targets());
-    c.set("alpha_pattern", serde_json::json!({"fc2": 3.0})).unwrap();
+    c.set("alpha_pattern", serde_json::json!({"fc2": 3.0}))
+        .unwrap();
     c
 }
 

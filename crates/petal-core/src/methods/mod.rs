@@ -57,7 +57,11 @@ pub(crate) fn check_lycoris(
     init: &crate::config::InitWeights,
 ) -> Result<()> {
     if r == 0 {
-        return Err(crate::Error::config("adapter config", "r", "must be at least 1"));
+        return Err(crate::Error::config(
+            "adapter config",
+            "r",
+            "must be at least 1",
+        ));
     }
     crate::config::probability("rank_dropout", rank_dropout)?;
     crate::config::probability("module_dropout", module_dropout)?;

@@ -101,7 +101,8 @@ mod tests {
 
     fn cfg() -> AdapterConfig {
         let mut c = AdapterConfig::lora(2, 4.0, Targets::List(vec!["fc1".into()]));
-        c.set("init_lora_weights", crate::config::InitWeights::Flag(false)).unwrap();
+        c.set("init_lora_weights", crate::config::InitWeights::Flag(false))
+            .unwrap();
         c.modules_to_save = Some(vec!["fc2".into()]);
         c
     }

@@ -264,11 +264,7 @@ impl AdapterMethod for Oft {
                 "{path}: OFT block size {block} leaves nothing to rotate; use fewer, larger blocks"
             )));
         }
-        let rows = if o.block_share {
-            1
-        } else {
-            blocks
-        };
+        let rows = if o.block_share { 1 } else { blocks };
         let shape = (rows, block * (block - 1) / 2);
         let dev = base.weight.device();
         let q = if init_nonzero(&o.init_weights) {
@@ -281,9 +277,7 @@ impl AdapterMethod for Oft {
         } else {
             Tensor::zeros(shape, DType::F32, dev)?
         };
-        let neumann = o
-            .use_cayley_neumann
-            .then_some(o.num_cayley_neumann_terms);
+        let neumann = o.use_cayley_neumann.then_some(o.num_cayley_neumann_terms);
         Ok(Box::new(OftLayer {
             q: Var::from_tensor(&q)?,
             blocks,

@@ -181,7 +181,9 @@ impl AdapterMethod for PTuning {
     }
 
     fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
-        let t = cfg.options::<PTuningOptions>()?.encoder_reparameterization_type;
+        let t = cfg
+            .options::<PTuningOptions>()?
+            .encoder_reparameterization_type;
         if t != "MLP" && t != "LSTM" {
             return Err(Error::config(
                 "adapter config",

@@ -105,12 +105,7 @@ impl AdapterMethod for PrefixTuning {
         }
         let kv = shape.kv_heads * shape.head_dim;
         let checks = [
-            (
-                "token_dim",
-                o.token_dim,
-                kv,
-                "the model's key/value width",
-            ),
+            ("token_dim", o.token_dim, kv, "the model's key/value width"),
             (
                 "num_layers",
                 o.num_layers,

@@ -51,7 +51,7 @@ pub fn tiny_llama_losses_with(dtype: DType, dropout: f64, out: PathBuf) -> Vec<f
         adapter_name: "default".into(),
         pad_id: 0,
         fingerprint: "t".into(),
-        save_as_lora: false,
+        save_converted: false,
         grad_checkpointing: false,
     };
     train(&m, &cfg, &data, &[], &tc, None, &mut ())

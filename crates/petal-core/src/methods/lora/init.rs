@@ -153,7 +153,8 @@ mod structured_tests {
 
     fn attached(init: &str) -> Toy {
         let mut c = AdapterConfig::lora(3, 6.0, crate::testing::toy_targets());
-        c.set("init_lora_weights", InitWeights::Named(init.into())).unwrap();
+        c.set("init_lora_weights", InitWeights::Named(init.into()))
+            .unwrap();
         let mut t = Toy::new();
         crate::inject_adapter(&mut t, "default", &c, 1).unwrap();
         t
@@ -198,7 +199,8 @@ mod structured_tests {
     fn a_trained_pissa_or_olora_adapter_saved_as_plain_lora_gives_the_same_output_on_w() {
         for (init, rslora) in [("pissa", false), ("olora", true), ("pissa_niter_2", false)] {
             let mut c = AdapterConfig::lora(3, 6.0, crate::testing::toy_targets());
-            c.set("init_lora_weights", InitWeights::Named(init.into())).unwrap();
+            c.set("init_lora_weights", InitWeights::Named(init.into()))
+                .unwrap();
             c.set("use_rslora", rslora).unwrap();
             let mut t = Toy::new();
             crate::inject_adapter(&mut t, "default", &c, 1).unwrap();
@@ -215,7 +217,9 @@ mod structured_tests {
             let mut map = tensors_of(&t);
             let plain = as_plain_lora(&t, "default", &c, &mut map).unwrap();
             let (po, co) = (
-                plain.options::<crate::methods::lora::LoraOptions>().unwrap(),
+                plain
+                    .options::<crate::methods::lora::LoraOptions>()
+                    .unwrap(),
                 c.options::<crate::methods::lora::LoraOptions>().unwrap(),
             );
             assert_eq!(po.r, 6);
@@ -242,7 +246,8 @@ mod structured_tests {
         let t = crate::testing::adapted(&c, true);
         let e = as_plain_lora(&t, "default", &c, &mut tensors_of(&t)).unwrap_err();
         assert!(e.to_string().contains("plain LoRA already"), "{e}");
-        c.set("init_lora_weights", InitWeights::Named("pissa".into())).unwrap();
+        c.set("init_lora_weights", InitWeights::Named("pissa".into()))
+            .unwrap();
         c.set("use_dora", true).unwrap();
         let t = attached_with(&c);
         let e = as_plain_lora(&t, "default", &c, &mut tensors_of(&t)).unwrap_err();
@@ -258,7 +263,8 @@ mod structured_tests {
     #[test]
     fn pissa_with_dora_starts_with_the_magnitude_of_w_and_leaves_the_output_unchanged() {
         let mut c = AdapterConfig::lora(3, 6.0, crate::testing::toy_targets());
-        c.set("init_lora_weights", InitWeights::Named("pissa".into())).unwrap();
+        c.set("init_lora_weights", InitWeights::Named("pissa".into()))
+            .unwrap();
         c.set("use_dora", true).unwrap();
         let t = attached_with(&c);
         let x = Toy::input();

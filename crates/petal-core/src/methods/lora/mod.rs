@@ -15,9 +15,9 @@ use crate::config::{
 use crate::methods::dora::{Dora, MAGNITUDE};
 use crate::methods::{kaiming_uniform, normal};
 use crate::{rng, Error, Result};
-use std::collections::BTreeMap;
 use candle_core::{DType, Tensor, Var};
 use rand::SeedableRng;
+use std::collections::BTreeMap;
 
 pub const LORA_A: &str = "lora_A.weight";
 pub const LORA_B: &str = "lora_B.weight";
@@ -149,6 +149,16 @@ impl AdapterMethod for Lora {
 
     fn adapts_embeddings(&self) -> bool {
         true
+    }
+
+    fn convert_for_save(
+        &self,
+        model: &dyn crate::Adaptable,
+        name: &str,
+        cfg: &AdapterConfig,
+        tensors: &mut std::collections::HashMap<String, Tensor>,
+    ) -> Result<AdapterConfig> {
+        as_plain_lora(model, name, cfg, tensors)
     }
 
     fn trains_all_biases(&self, cfg: &AdapterConfig) -> bool {
@@ -464,7 +474,8 @@ mod tests {
     #[test]
     fn gaussian_init_draws_a_with_standard_deviation_one_over_r() {
         let mut cfg = AdapterConfig::lora(4, 8.0, Targets::List(vec!["x".into()]));
-        cfg.set("init_lora_weights", InitWeights::Named("gaussian".into())).unwrap();
+        cfg.set("init_lora_weights", InitWeights::Named("gaussian".into()))
+            .unwrap();
         let (a, b) = init_a(4, 4000, &cfg);
         let n = a.len() as f64;
         let mean = a.iter().map(|&v| v as f64).sum::<f64>() / n;
@@ -481,7 +492,8 @@ mod tests {
 fn conformance_config() -> AdapterConfig {
     // alpha != r, and a rank_pattern giving fc2 its own rank
     let mut c = AdapterConfig::lora(4, 5.0, crate::testing::toy_targets());
-    c.set("rank_pattern", serde_json::json!({"fc2": 3})).unwrap();
+    c.set("rank_pattern", serde_json::json!({"fc2": 3}))
+        .unwrap();
     c
 }
 
@@ -601,7 +613,8 @@ mod dora_fused_tests {
             let b = bias.then(|| rand_tensor(&[6], 2));
             let mut c = conformance_config();
             c.set("use_dora", true).unwrap();
-            c.set("init_lora_weights", InitWeights::Flag(false)).unwrap();
+            c.set("init_lora_weights", InitWeights::Flag(false))
+                .unwrap();
             let base = BaseLinear {
                 weight: &w,
                 bias: b.as_ref(),
@@ -664,12 +677,20 @@ mod bias_tests {
             for l in t.linears_mut() {
                 l.merge("default", true).unwrap();
             }
-            assert!(max_rel(&t.forward(&x), &unmerged) < 1e-5, "{:?}", cfg.get("bias"));
+            assert!(
+                max_rel(&t.forward(&x), &unmerged) < 1e-5,
+                "{:?}",
+                cfg.get("bias")
+            );
             assert!(max_rel(t.fc1.bias().unwrap(), &b0) > 1e-2, "the bias moved");
             for l in t.linears_mut() {
                 l.unmerge().unwrap();
             }
-            assert!(max_rel(t.fc1.bias().unwrap(), &b0) < 1e-6, "{:?}", cfg.get("bias"));
+            assert!(
+                max_rel(t.fc1.bias().unwrap(), &b0) < 1e-6,
+                "{:?}",
+                cfg.get("bias")
+            );
         }
     }
 }

@@ -1,0 +1,297 @@
+//! AdaLoRA (Zhang et al., 2023, "Adaptive Budget Allocation for Parameter-Efficient
+//! Fine-Tuning"). Mirrors PEFT `tuners/adalora` (`SVDLinear`, `RankAllocator`,
+//! `AdaLoraModel.forward`'s orthogonal regulariser).
+//!
+//! SVD-form update: `dW = B (A ⊙ E) · s / (ranknum + 1e-5)` with `A (r, in)`, `B (out, r)`,
+//! singular values `E (r, 1)`, `s = lora_alpha` (or r when alpha is 0) and `ranknum` the rank the
+//! layer was created with (`init_r`). Init: E = 0 (identity), A, B ~ N(0, 0.02^2);
+//! `init_lora_weights = false`: all N(0, 1). Saved as `lora_A`, `lora_B`, `lora_E` (no
+//! `.weight`). Training (petal-train): the loss gains `orth_reg_weight` times the mean of
+//! `||A A^T - I||_F` and `||B^T B - I||_F` over the layers, and after every optimizer step the
+//! `RankAllocator` below tracks each triplet's importance (EMAs of `|p · grad|` and of its
+//! deviation) and zeroes the least important singular values down to the scheduled budget
+//! (cubic from `init_r` to `target_r` per layer between `tinit` and `total_step - tfinal`,
+//! every `deltaT` steps). The final masks are written as `rank_pattern` (a list of kept flags
+//! per `<module>.lora_E`) and the tensors are saved cut to the kept ranks, as PEFT does; loading
+//! rebuilds the cut layers with the original `ranknum`.
+
+use crate::adapter::{
+    AdapterLayer, AdapterMethod, BaseLinear, Flag, NamedTensor, NewAdapter, SharedOption,
+    WeightUpdate,
+};
+use crate::config::{probability, spec, unsupported, AdapterConfig, InitWeights, RankValue, Spec};
+use crate::methods::lora::dropout;
+use crate::methods::normal;
+use crate::Result;
+use candle_core::{DType, Tensor, Var};
+use rand::SeedableRng;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+pub struct AdaLora;
+
+crate::method_options! {
+    /// AdaLoRA's options (PEFT `AdaLoraConfig`).
+    pub struct AdaLoraOptions {
+        /// PEFT's LoRA rank field (AdaLoRA sizes its layers by init_r)
+        pub r: usize = 8,
+        /// Scale numerator (0: init_r)
+        pub alpha as "lora_alpha": f64 = 8.0,
+        /// Dropout on the adapter's input
+        pub dropout as "lora_dropout": f64 = 0.0,
+        /// true: E starts at zero (identity); false: all random
+        pub init as "init_lora_weights": InitWeights = InitWeights::Flag(true),
+        /// Bias handling (only "none")
+        pub bias: String = "none".into(),
+        /// Weights stored (in, out) (not supported)
+        pub fan_in_fan_out: bool = false,
+        /// The kept ranks per `<module>.lora_E` (written at save)
+        pub rank_pattern: BTreeMap<String, RankValue> = BTreeMap::new(),
+        /// Rank each layer starts with
+        pub init_r: usize = 12,
+        /// Rank each layer ends with on average
+        pub target_r: usize = 8,
+        /// Steps before ranks are pruned
+        pub tinit: usize = 0,
+        /// Final steps with the ranks fixed
+        pub tfinal: usize = 0,
+        /// Prune every deltaT steps in between
+        pub delta_t as "deltaT": usize = 1,
+        /// EMA factor of the importance
+        pub beta1: f64 = 0.85,
+        /// EMA factor of the importance's uncertainty
+        pub beta2: f64 = 0.85,
+        /// Weight of the orthogonality regulariser
+        pub orth_reg_weight: f64 = 0.5,
+        /// Length of the run the schedule is laid over
+        pub total_step: Option<usize> = None,
+    }
+}
+
+#[derive(Debug)]
+pub struct AdaLoraLayer {
+    pub a: Var, // (r, in)
+    pub b: Var, // (out, r)
+    pub e: Var, // (r, 1)
+    scaling: f64,
+    ranknum: f64,
+    dropout: f64,
+}
+
+impl AdapterMethod for AdaLora {
+    fn peft_type(&self) -> &'static str {
+        "ADALORA"
+    }
+
+    fn options(&self) -> Spec {
+        spec::<AdaLoraOptions>()
+    }
+
+    fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
+        let o: AdaLoraOptions = cfg.options()?;
+        probability("lora_dropout", o.dropout)?;
+        if o.fan_in_fan_out {
+            return Err(unsupported("fan_in_fan_out", true));
+        }
+        if o.bias != "none" {
+            return Err(unsupported("bias", format!("{:?}", o.bias)));
+        }
+        if let InitWeights::Named(n) = &o.init {
+            return Err(unsupported("init_lora_weights", format!("{n:?}")));
+        }
+        Ok(())
+    }
+
+    fn shared_key(&self, o: SharedOption) -> Option<&'static str> {
+        Some(match o {
+            SharedOption::Rank => "init_r",
+            SharedOption::Alpha => "lora_alpha",
+            SharedOption::Dropout => "lora_dropout",
+        })
+    }
+
+    fn set_size(&self, opts: &mut Map<String, Value>, r: usize, alpha: f64) {
+        opts.insert("r".into(), r.into());
+        opts.insert("init_r".into(), r.into());
+        opts.insert("target_r".into(), (r / 2).max(1).into());
+        opts.insert("lora_alpha".into(), alpha.into());
+    }
+
+    fn flags(&self) -> Vec<Flag> {
+        vec![
+            Flag::new("target-r", "target_r"),
+            Flag::new("tinit", "tinit"),
+            Flag::new("tfinal", "tfinal"),
+            Flag::new("delta-t", "deltaT"),
+            Flag::new("orth-reg-weight", "orth_reg_weight"),
+        ]
+    }
+
+    fn prepare(&self, cfg: &mut AdapterConfig, new: &NewAdapter) -> Result<()> {
+        // petal's training defaults: rank 8 pruned to two thirds, over the run's own length
+        let steps = new.max_steps;
+        if !new.given("init_r") {
+            cfg.set("init_r", 8)?;
+        }
+        let o: AdaLoraOptions = cfg.options()?;
+        cfg.set("r", o.init_r)?;
+        for (key, value) in [
+            ("target_r", (2 * o.init_r / 3).max(1)),
+            ("tinit", steps / 10),
+            ("tfinal", steps / 5),
+        ] {
+            if !new.given(key) {
+                cfg.set(key, value)?;
+            }
+        }
+        cfg.set("total_step", steps)
+    }
+
+    fn set_init_nonzero(&self, opts: &mut Map<String, Value>) {
+        opts.insert("init_lora_weights".into(), false.into());
+    }
+
+    fn training(
+        &self,
+        model: &dyn crate::Adaptable,
+        name: &str,
+        cfg: &AdapterConfig,
+    ) -> Result<Option<Box<dyn crate::TrainingHook>>> {
+        let Some(alloc) = RankAllocator::new(model, name, cfg)? else {
+            return Ok(None);
+        };
+        Ok(Some(Box::new(allocator::AdaLoraTraining {
+            alloc,
+            name: name.to_string(),
+            cfg: cfg.clone(),
+        })))
+    }
+
+    fn build(
+        &self,
+        cfg: &AdapterConfig,
+        path: &str,
+        base: &BaseLinear,
+        seed: u64,
+    ) -> Result<Box<dyn AdapterLayer>> {
+        let o: AdaLoraOptions = cfg.options()?;
+        let init_r = o.init_r;
+        // a saved adapter is cut to the ranks its mask keeps; the scale keeps the original rank
+        let kept = match o.rank_pattern.get(&format!("{path}.lora_E")) {
+            Some(RankValue::Mask(m)) => m.iter().filter(|&&k| k).count(),
+            _ => init_r,
+        };
+        let (inp, out) = (base.in_features, base.out_features);
+        let dev = base.weight.device();
+        let mut g = rand::rngs::StdRng::seed_from_u64(seed);
+        let nonzero = o.init == InitWeights::Flag(false);
+        let std = if nonzero { 1.0 } else { 0.02 };
+        let mat = |rows: usize, cols: usize, g: &mut rand::rngs::StdRng| -> Result<Tensor> {
+            if rows * cols == 0 {
+                return Ok(Tensor::zeros((rows, cols), DType::F32, dev)?);
+            }
+            normal((rows, cols), std, g, dev)
+        };
+        let a = mat(kept, inp, &mut g)?;
+        let e = if nonzero {
+            mat(kept, 1, &mut g)?
+        } else {
+            Tensor::zeros((kept, 1), DType::F32, dev)?
+        };
+        let b = mat(out, kept, &mut g)?;
+        let alpha = o.alpha;
+        Ok(Box::new(AdaLoraLayer {
+            a: Var::from_tensor(&a)?,
+            b: Var::from_tensor(&b)?,
+            e: Var::from_tensor(&e)?,
+            scaling: if alpha > 0.0 { alpha } else { init_r as f64 },
+            ranknum: init_r as f64,
+            dropout: o.dropout,
+        }))
+    }
+}
+
+impl AdaLoraLayer {
+    fn rank(&self) -> usize {
+        self.e.as_tensor().dims()[0]
+    }
+
+    fn factor(&self) -> f64 {
+        self.scaling / (self.ranknum + 1e-5)
+    }
+
+    /// A ⊙ E (r, in).
+    fn scaled_a(&self) -> Result<Tensor> {
+        Ok(self.a.as_tensor().broadcast_mul(self.e.as_tensor())?)
+    }
+}
+
+impl AdapterLayer for AdaLoraLayer {
+    fn forward(&self, x: &Tensor, y: Tensor, train: bool) -> Result<Tensor> {
+        if self.rank() == 0 {
+            return Ok(y);
+        }
+        let mut x2 = crate::methods::oft::flat_input(x)?;
+        if train && self.dropout > 0.0 {
+            x2 = dropout(&x2, self.dropout)?;
+        }
+        let h = (x2.matmul(&self.scaled_a()?.t()?)? * self.factor())?;
+        let d = h.matmul(&self.b.as_tensor().t()?)?;
+        let d = d.reshape(y.shape())?.to_dtype(y.dtype())?;
+        Ok((y + d)?)
+    }
+
+    fn weight_update(&self) -> Result<WeightUpdate> {
+        let out = self.b.as_tensor().dim(0)?;
+        let inp = self.a.as_tensor().dim(1)?;
+        if self.rank() == 0 {
+            return Ok(WeightUpdate::Add(Tensor::zeros(
+                (out, inp),
+                DType::F32,
+                self.a.as_tensor().device(),
+            )?));
+        }
+        Ok(WeightUpdate::Add(
+            (self.b.as_tensor().matmul(&self.scaled_a()?)? * self.factor())?,
+        ))
+    }
+
+    fn tensors(&self) -> Vec<NamedTensor<'_>> {
+        vec![
+            NamedTensor {
+                name: "lora_A",
+                var: &self.a,
+            },
+            NamedTensor {
+                name: "lora_B",
+                var: &self.b,
+            },
+            NamedTensor {
+                name: "lora_E",
+                var: &self.e,
+            },
+        ]
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+}
+
+#[cfg(test)]
+fn conformance_config() -> AdapterConfig {
+    let mut c = AdapterConfig::for_method("ADALORA", 3, 6.0, crate::testing::toy_targets());
+    c.set("total_step", 10).unwrap();
+    c
+}
+
+#[cfg(test)]
+crate::conformance!(
+    conformance,
+    conformance_config,
+    |inp, out, cfg: &AdapterConfig| cfg.options::<AdaLoraOptions>().unwrap().init_r
+        * (inp + out + 1)
+);
+
+mod allocator;
+pub use allocator::{orth_regulariser, RankAllocator};
