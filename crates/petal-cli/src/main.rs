@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use petal_cli::{bench_cmd, gen_cmd, serve_cmd, tools_cmd, train_cmd};
+use petal_cli::{bench_cmd, gen_cmd, methods_cmd, serve_cmd, tools_cmd, train_cmd};
 
 #[derive(Parser)]
 #[command(
@@ -55,6 +55,11 @@ enum Cmd {
         after_help = "Example:\n  petal bench --workload synthetic-35m --mode train --vs-pytorch --python .venv/bin/python"
     )]
     Bench(bench_cmd::BenchArgs),
+    /// The adapter methods and each one's options (keys, defaults, help)
+    #[command(
+        after_help = "Example:\n  petal methods road\n  petal train --method road --set variant=road_2 --data asset:shakespeare"
+    )]
+    Methods(methods_cmd::MethodsArgs),
     /// Fetch the pinned real models and data (SmolLM2, Shakespeare, GSM8K) into the cache
     Assets(tools_cmd::AssetsArgs),
     /// Serve the model and its adapters over HTTP (OpenAI-style completions; `model` picks the adapter)
@@ -120,6 +125,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Forward(a) => tools_cmd::run_forward(a),
         Cmd::Assets(a) => tools_cmd::run_assets(a),
         Cmd::Bench(a) => bench_cmd::run(a),
+        Cmd::Methods(a) => methods_cmd::run(a),
         Cmd::Serve(a) => serve_cmd::run(a),
     }
 }

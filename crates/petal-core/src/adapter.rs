@@ -280,9 +280,9 @@ pub trait AdapterMethod: Sync {
         false
     }
     /// Selective methods that train copies of norm weights (LN tuning) instead of adapting
-    /// linears.
-    fn tunes_norms(&self) -> bool {
-        false
+    /// linears: the PEFT name a copy is saved under, relative to the norm's path.
+    fn tunes_norms(&self) -> Option<&'static str> {
+        None
     }
     /// Input-side methods (prompt tuning, prefix tuning, …) build one `InputAdapter` for the
     /// whole model instead of layers.

@@ -107,11 +107,11 @@ pub fn inject_adapter(
             });
         }
     }
-    if method.tunes_norms() {
+    if let Some(tensor) = method.tunes_norms() {
         let mut modules = Vec::new();
         for n in model.norms_mut() {
             if target::is_target(cfg, n.path(), false) {
-                let params = n.add_copy(name)?.as_tensor().elem_count();
+                let params = n.add_copy(name, tensor)?.as_tensor().elem_count();
                 modules.push(Injected {
                     path: n.path().to_string(),
                     in_features: params,

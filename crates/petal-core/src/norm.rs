@@ -8,7 +8,8 @@ use candle_core::{Tensor, Var};
 pub struct AdaptableNorm {
     path: String,
     weight: Tensor,
-    tuned: Vec<(String, Var)>,
+    /// (adapter, trained copy, the PEFT name it is saved under, relative to the module)
+    tuned: Vec<(String, Var, &'static str)>,
     active: Option<String>,
 }
 
@@ -37,13 +38,24 @@ impl AdaptableNorm {
             .unwrap_or_else(|| self.weight.clone())
     }
     pub fn copy(&self, name: &str) -> Option<&Var> {
-        self.tuned.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+        self.tuned
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, v, _)| v)
     }
     pub fn names(&self) -> Vec<&str> {
-        self.tuned.iter().map(|(n, _)| n.as_str()).collect()
+        self.tuned.iter().map(|(n, _, _)| n.as_str()).collect()
     }
-    /// Add a trainable copy of the weight as adapter `name` and make it active.
-    pub fn add_copy(&mut self, name: &str) -> Result<&Var> {
+    /// Adapter `name`'s trained copy under its full PEFT key (`<module>.<tensor>`).
+    pub fn copy_key(&self, name: &str) -> Option<(String, &Var)> {
+        self.tuned
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, v, t)| (format!("{}.{t}", self.path), v))
+    }
+    /// Add a trainable copy of the weight as adapter `name`, saved as `tensor` (relative to
+    /// the module), and make it active.
+    pub fn add_copy(&mut self, name: &str, tensor: &'static str) -> Result<&Var> {
         if self.copy(name).is_some() {
             return Err(Error::msg(format!(
                 "{}: adapter `{name}` already exists",
@@ -51,7 +63,7 @@ impl AdaptableNorm {
             )));
         }
         let v = Var::from_tensor(&self.weight.to_dtype(candle_core::DType::F32)?)?;
-        self.tuned.push((name.to_string(), v));
+        self.tuned.push((name.to_string(), v, tensor));
         self.active = Some(name.to_string());
         Ok(&self.tuned[self.tuned.len() - 1].1)
     }

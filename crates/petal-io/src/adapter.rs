@@ -92,11 +92,8 @@ pub fn adapter_tensors(model: &dyn Adaptable, name: &str) -> HashMap<String, Ten
         }
     }
     for n in model.norms() {
-        if let Some(v) = n.copy(name) {
-            out.insert(
-                format!("{}.{}", n.path(), petal_core::methods::ln_tuning::WEIGHT),
-                v.as_tensor().clone(),
-            );
+        if let Some((key, v)) = n.copy_key(name) {
+            out.insert(key, v.as_tensor().clone());
         }
     }
     out
@@ -201,11 +198,8 @@ pub fn load_into(
         }
     }
     for n in model.norms() {
-        if let Some(v) = n.copy(name) {
-            take(
-                format!("{}.{}", n.path(), petal_core::methods::ln_tuning::WEIGHT),
-                v,
-            )?;
+        if let Some((key, v)) = n.copy_key(name) {
+            take(key, v)?;
         }
     }
     // PEFT saves a targeted embedding's base table too (`save_embedding_layers="auto"`): it must

@@ -370,8 +370,7 @@ fn p_tuning_lstm_encoder_with_torchs_tensors_gives_torchs_output() {
     );
     cfg.set("num_virtual_tokens", Some(5)).unwrap();
     cfg.set("encoder_hidden_size", Some(8)).unwrap();
-    cfg.set("encoder_reparameterization_type", "LSTM")
-        .unwrap();
+    cfg.set("encoder_reparameterization_type", "LSTM").unwrap();
     cfg.set("encoder_num_layers", Some(2)).unwrap();
     cfg.target_modules = None;
     petal_core::inject_adapter(&mut m, "default", &cfg, 0).unwrap();

@@ -17,7 +17,7 @@ use crate::adapter::{
     WeightUpdate,
 };
 use crate::config::{spec, AdapterConfig, InitWeights, Spec};
-use crate::methods::oft::{block_diag, cayley, rotate_blocks};
+use crate::methods::orthogonal::{block_diag, cayley, rotate_blocks};
 use crate::methods::{check_plain_base, init_nonzero, normal};
 use crate::{rng, Error, Result};
 use candle_core::{DType, Tensor, Var};

@@ -30,7 +30,7 @@ impl AdapterMethod for LnTuning {
         Some("input_layernorm,post_attention_layernorm,norm")
     }
 
-    fn tunes_norms(&self) -> bool {
-        true
+    fn tunes_norms(&self) -> Option<&'static str> {
+        Some(WEIGHT)
     }
 }

@@ -12,6 +12,7 @@ pub mod lokr;
 pub mod lora;
 pub mod modules_to_save;
 pub mod oft;
+mod orthogonal;
 pub mod p_tuning;
 pub mod prefix_tuning;
 pub mod prompt_tuning;
@@ -20,8 +21,15 @@ pub mod trainable_tokens;
 pub mod vera;
 
 use crate::Result;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var, D};
 use rand::Rng;
+
+/// x as (rows, in) f32, and the shape to give the output.
+pub(crate) fn flat_input(x: &Tensor) -> Result<Tensor> {
+    let xf = x.to_dtype(DType::F32)?;
+    let inp = xf.dim(D::Minus1)?;
+    Ok(xf.reshape((xf.elem_count() / inp, inp))?)
+}
 
 /// Rank for one module: `r`, or the `rank_pattern` entry whose key matches its path as
 /// `(.*\.)?(key)$`.

@@ -60,7 +60,7 @@ impl AdapterLayer for ModuleCopy {
             let rows = self.weight.as_tensor().index_select(&x.flatten_all()?, 0)?;
             return Ok(rows.reshape(y.shape())?.to_dtype(y.dtype())?);
         }
-        let xf = crate::methods::oft::flat_input(x)?;
+        let xf = crate::methods::flat_input(x)?;
         let mut out = xf.matmul(&self.weight.as_tensor().t()?)?;
         if let Some(b) = &self.bias {
             out = out.broadcast_add(b.as_tensor())?;

@@ -66,7 +66,7 @@ impl AdapterLayer for TrainableTokens {
         let out = y.dim(candle_core::D::Minus1)?;
         if self.head {
             // logits: columns `indices` come from the new rows: y + (x change^T) P
-            let x2 = crate::methods::oft::flat_input(x)?;
+            let x2 = crate::methods::flat_input(x)?;
             let p = self.placement(out, x.device())?;
             let d = x2.matmul(&self.change()?.t()?)?.matmul(&p)?;
             let d = d.reshape(y.shape())?.to_dtype(y.dtype())?;

@@ -174,7 +174,7 @@ impl VeraLayer {
 
 impl AdapterLayer for VeraLayer {
     fn forward(&self, x: &Tensor, y: Tensor, train: bool) -> Result<Tensor> {
-        let x2 = crate::methods::oft::flat_input(x)?;
+        let x2 = crate::methods::flat_input(x)?;
         let x2 = if train && self.dropout > 0.0 {
             dropout(&x2, self.dropout)?
         } else {
@@ -215,7 +215,7 @@ impl AdapterLayer for VeraLayer {
             let (a, b) = self.sliced()?;
             // x A^T; without dropout a bf16 x is read as it is (no f32 copy in the graph)
             let low = if train && self.dropout > 0.0 {
-                let x2 = crate::methods::oft::flat_input(x)?;
+                let x2 = crate::methods::flat_input(x)?;
                 dropout(&x2, self.dropout)?.matmul(&a.t()?)?
             } else {
                 petal_ops::low_rank(x, &a)?

@@ -231,7 +231,7 @@ impl AdapterLayer for AdaLoraLayer {
         if self.rank() == 0 {
             return Ok(y);
         }
-        let mut x2 = crate::methods::oft::flat_input(x)?;
+        let mut x2 = crate::methods::flat_input(x)?;
         if train && self.dropout > 0.0 {
             x2 = dropout(&x2, self.dropout)?;
         }
