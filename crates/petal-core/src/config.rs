@@ -295,3 +295,97 @@ fn unknown_method(peft_type: &str, file: &str) -> Error {
         ),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::METHODS;
+
+    #[test]
+    fn every_kept_flag_and_shared_size_names_an_option_of_its_method_and_no_flag_means_two_things()
+    {
+        let mut seen: Vec<(&str, &str)> = Vec::new();
+        for m in METHODS {
+            let spec = m.options();
+            for f in m.flags() {
+                assert!(
+                    spec.has(f.key),
+                    "{}: --{} -> {}",
+                    m.peft_type(),
+                    f.name,
+                    f.key
+                );
+                match seen.iter().find(|(n, _)| *n == f.name) {
+                    Some((_, k)) => assert_eq!(*k, f.key, "--{} means two things", f.name),
+                    None => seen.push((f.name, f.key)),
+                }
+            }
+            for o in [
+                crate::SharedOption::Rank,
+                crate::SharedOption::Alpha,
+                crate::SharedOption::Dropout,
+            ] {
+                if let Some(k) = m.shared_key(o) {
+                    assert!(spec.has(k), "{}: {o:?} -> {k}", m.peft_type());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_method_s_config_reads_back_equal_from_the_json_petal_writes() {
+        for m in METHODS {
+            let mut c =
+                AdapterConfig::for_method(m.peft_type(), 4, 8.0, Targets::List(vec!["q".into()]));
+            c.layers_to_transform = Some(Layers::Many(vec![0, 2]));
+            let text = c.to_json().unwrap();
+            let back = AdapterConfig::from_json(&text, "x.json")
+                .unwrap_or_else(|e| panic!("{}: {e}\n{text}", m.peft_type()));
+            assert_eq!(back, c, "{}", m.peft_type());
+            let keys: Vec<String> = serde_json::from_str::<Map<String, Value>>(&text)
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect();
+            for k in m.options().names() {
+                assert!(
+                    keys.iter().any(|x| x == k),
+                    "{}: {k} not written",
+                    m.peft_type()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_peft_file_may_carry_switched_off_features_but_not_ones_petal_lacks() {
+        let base = r#""peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q"]"#;
+        let read = |extra: &str| AdapterConfig::from_json(&format!("{{{base}{extra}}}"), "a.json");
+        let c = read(r#", "eva_config": null, "use_qalora": false, "loftq_config": {}, "rank_dropout": 0.0, "revision": "main""#)
+            .unwrap();
+        assert_eq!(c.get("r"), Some(&Value::from(4)));
+        assert!(
+            c.get("rank_dropout").is_none(),
+            "another method's key is not kept"
+        );
+        for (extra, field) in [
+            (r#", "use_qalora": true"#, "use_qalora"),
+            (r#", "rank_dropout": 0.1"#, "rank_dropout"),
+            (r#", "lora_dropout": 1.5"#, "lora_dropout"),
+            (r#", "bias": "sideways""#, "bias"),
+            (r#", "peft_type": "NOPE""#, "peft_type"),
+        ] {
+            let e = read(extra).unwrap_err().to_string();
+            assert!(e.contains("a.json") && e.contains(field), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn setting_an_unknown_option_suggests_the_nearest_key_of_the_method() {
+        let mut c = AdapterConfig::for_method("LORA", 4, 8.0, Targets::List(vec![]));
+        let e = c.set("lora_alpa", 3.0).unwrap_err().to_string();
+        assert!(e.contains("did you mean `lora_alpha`"), "{e}");
+        c.set("lora_alpha", 3.0).unwrap();
+        assert_eq!(c.get("lora_alpha"), Some(&Value::from(3.0)));
+    }
+}
