@@ -225,14 +225,13 @@ pub fn run_forward(a: ForwardArgs) -> Result<()> {
         );
     }
     let x = Tensor::from_vec(ids, (b, t), lm.model.device())?;
-    let forward = || lm.model.forward(&x, None, false);
-    let logits = if a.adapter_names.is_empty() {
-        forward()?
+    let ctx = if a.adapter_names.is_empty() {
+        petal_core::Ctx::eval()
     } else {
         let rows: Vec<&str> = a.adapter_names.iter().map(String::as_str).collect();
-        petal_core::with_adapter_rows(&lm.model, &rows, forward)?
-    }
-    .to_dtype(DType::F32)?;
+        petal_core::rows_ctx(&lm.model, &rows)?
+    };
+    let logits = lm.model.forward(&x, None, &ctx)?.to_dtype(DType::F32)?;
     let mut m = HashMap::new();
     m.insert("logits".to_string(), logits);
     petal_io::write_safetensors_atomic(&a.out, &m)?;

@@ -72,7 +72,7 @@ fn kv_cached_decoding_gives_the_same_logits_as_a_full_forward() {
                 .unsqueeze(0)
                 .unwrap(),
             None,
-            false,
+            &petal_core::Ctx::eval(),
         )
         .unwrap();
     let mut cache = m.model.new_cache();
@@ -81,7 +81,9 @@ fn kv_cached_decoding_gives_the_same_logits_as_a_full_forward() {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    m.model.forward(&head, Some(&mut cache), false).unwrap();
+    m.model
+        .forward(&head, Some(&mut cache), &petal_core::Ctx::eval())
+        .unwrap();
     let mut last = None;
     for &t in &ids[n - 2..] {
         last = Some(
@@ -92,7 +94,7 @@ fn kv_cached_decoding_gives_the_same_logits_as_a_full_forward() {
                         .unsqueeze(0)
                         .unwrap(),
                     Some(&mut cache),
-                    false,
+                    &petal_core::Ctx::eval(),
                 )
                 .unwrap(),
         );

@@ -93,7 +93,7 @@ impl Shared {
 pub trait AdapterLayer: Debug + Send + Sync {
     /// Adapted output from input x (.., in) and base output y (.., out), without building dW
     /// where the method allows it.
-    fn forward(&self, x: &Tensor, y: Tensor, train: bool) -> Result<Tensor>;
+    fn forward(&self, x: &Tensor, y: Tensor, ctx: &crate::Ctx) -> Result<Tensor>;
     /// The whole output `x W^T + b` + this adapter in one fused op, where the method has one
     /// (used when this is the only active, unmerged adapter of the module).
     fn fused_forward(
@@ -101,7 +101,7 @@ pub trait AdapterLayer: Debug + Send + Sync {
         _x: &Tensor,
         _w: &Tensor,
         _b: Option<&Tensor>,
-        _train: bool,
+        _ctx: &crate::Ctx,
     ) -> Option<Result<Tensor>> {
         None
     }

@@ -6,6 +6,7 @@
 
 pub mod adapter;
 pub mod config;
+pub mod ctx;
 pub mod error;
 pub mod inject;
 pub mod linear;
@@ -21,10 +22,11 @@ pub use adapter::{
     TrainingHook, WeightUpdate,
 };
 pub use config::AdapterConfig;
+pub use ctx::Ctx;
 pub use error::{Error, Result};
 pub use inject::{inject_adapter, Adaptable, InjectionReport, ParamCount};
 pub use linear::AdaptableLinear;
-pub use mixed::with_adapter_rows;
+pub use mixed::rows_ctx;
 pub use norm::AdaptableNorm;
 
 #[doc(hidden)]

@@ -2,7 +2,7 @@
 //! written here once, for every method, from its `WeightUpdate`.
 
 use crate::adapter::{AdapterLayer, WeightUpdate};
-use crate::{Error, Result};
+use crate::{Ctx, Error, Result};
 use candle_core::{DType, Tensor};
 
 #[derive(Debug)]
@@ -60,11 +60,11 @@ impl AdaptableLinear {
         self.weight.dims()[usize::from(self.embedding)]
     }
 
-    /// y = x W^T + b, then each active, unmerged adapter in order; inside
-    /// [`crate::mixed::with_adapter_rows`], each row's own adapter instead.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if let Some(rows) = crate::mixed::current().filter(|_| !self.disabled) {
-            return self.forward_rows(x, &rows, train);
+    /// y = x W^T + b, then each active, unmerged adapter in order; in a mixed batch
+    /// ([`crate::mixed::rows_ctx`]), each row's own adapter instead.
+    pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        if let Some(rows) = ctx.rows().filter(|_| !self.disabled) {
+            return self.forward_rows(x, rows, ctx);
         }
         let live: Vec<&dyn AdapterLayer> = if self.disabled {
             Vec::new()
@@ -75,26 +75,32 @@ impl AdaptableLinear {
                 .filter_map(|n| self.layer(n))
                 .collect()
         };
-        self.forward_through(x, &live, train)
+        self.forward_through(x, &live, ctx)
+    }
+
+    /// The frozen weight when no adapter acts on this module in a pass with `ctx` (so a fused
+    /// kernel, such as the output head + loss, may use it directly).
+    pub fn plain_weight(&self, ctx: &Ctx) -> Option<&Tensor> {
+        let busy = !self.disabled
+            && self
+                .active
+                .iter()
+                .any(|a| !self.merged.iter().any(|(m, _)| m == a));
+        (!busy && ctx.rows().is_none()).then_some(&self.weight)
     }
 
     /// x W^T + b, then each of `live` in order (one alone: its fused op where it has one).
-    fn forward_through(
-        &self,
-        x: &Tensor,
-        live: &[&dyn AdapterLayer],
-        train: bool,
-    ) -> Result<Tensor> {
+    fn forward_through(&self, x: &Tensor, live: &[&dyn AdapterLayer], ctx: &Ctx) -> Result<Tensor> {
         if let [only] = live {
             if !self.embedding {
-                if let Some(y) = only.fused_forward(x, &self.weight, self.bias.as_ref(), train) {
+                if let Some(y) = only.fused_forward(x, &self.weight, self.bias.as_ref(), ctx) {
                     return y;
                 }
             }
         }
         let mut y = self.base_forward(x)?;
         for layer in live {
-            y = layer.forward(x, y, train)?;
+            y = layer.forward(x, y, ctx)?;
         }
         Ok(y)
     }
@@ -116,9 +122,9 @@ impl AdaptableLinear {
     /// A mixed-adapter batch (see `mixed.rs`): the base output for every row, then each
     /// adapter on its rows (x[rows] -> its forward over y[rows]), put back in row order by one
     /// gather over [y; out_1; out_2; ...].
-    fn forward_rows(&self, x: &Tensor, rows: &[String], train: bool) -> Result<Tensor> {
+    fn forward_rows(&self, x: &Tensor, rows: &[String], ctx: &Ctx) -> Result<Tensor> {
         let n = x.dim(0)?;
-        if train {
+        if ctx.is_train() {
             return Err(Error::msg(
                 "mixed adapter batch: inference only (a training forward was asked for)",
             ));
@@ -135,7 +141,7 @@ impl AdaptableLinear {
             if idx.len() == n {
                 // every row through one adapter (a single request): as if it alone were active
                 let layer = self.layer(name).into_iter().collect::<Vec<_>>();
-                return self.forward_through(x, &layer, false);
+                return self.forward_through(x, &layer, ctx);
             }
         }
         let y = self.base_forward(x)?;
@@ -152,7 +158,7 @@ impl AdaptableLinear {
                 .layer(name)
                 .ok_or_else(|| Error::msg(format!("{}: adapter `{name}` vanished", self.path)))?;
             let sel = Tensor::new(idx.as_slice(), dev)?;
-            let out = layer.forward(&x.index_select(&sel, 0)?, y.index_select(&sel, 0)?, false)?;
+            let out = layer.forward(&x.index_select(&sel, 0)?, y.index_select(&sel, 0)?, ctx)?;
             for (k, &i) in idx.iter().enumerate() {
                 source[i as usize] = at + k as u32;
             }

@@ -4,58 +4,26 @@
 //! `_mixed_batch_forward` in `peft/tuners/lora/layer.py`), the building block of serving many
 //! adapters at once.
 //!
-//! The rows travel in a scoped, per-thread context, never as `forward` arguments: models know
-//! nothing of it. Each [`crate::AdaptableLinear`] computes the base output for the whole batch
+//! The rows travel in the forward pass's [`Ctx`], which models hand down without looking at
+//! it. Each [`crate::AdaptableLinear`] computes the base output for the whole batch
 //! once, then each adapter's output on its own rows only (the rows gathered, the adapter's
 //! `forward` run on them, the results put back in place). Every linear-layer method is
 //! row-independent, so this holds for all of them (PEFT allows LoRA without DoRA); methods that
 //! act outside the linears (prompt learning, LN tuning) cannot mix and are refused.
 
 use crate::inject::Adaptable;
-use crate::{Error, Result};
-use std::cell::RefCell;
-use std::rc::Rc;
+use crate::{Ctx, Error, Result};
 
 /// The row name that means "no adapter" (PEFT's placeholder).
 pub const BASE: &str = "__base__";
 
-thread_local! {
-    static ROWS: RefCell<Option<Rc<[String]>>> = const { RefCell::new(None) };
-}
-
-/// The adapter of each row while inside [`with_adapter_rows`] on this thread.
-pub(crate) fn current() -> Option<Rc<[String]>> {
-    ROWS.with(|r| r.borrow().clone())
-}
-
-/// Whether this thread is inside [`with_adapter_rows`] (a fused path that skips the adapted
-/// modules, such as a head + loss kernel over the frozen head, must not be taken then).
-pub fn in_mixed_batch() -> bool {
-    ROWS.with(|r| r.borrow().is_some())
-}
-
-/// Restores the outer context when `f` ends, returns or unwinds.
-struct Restore(Option<Rc<[String]>>);
-impl Drop for Restore {
-    fn drop(&mut self) {
-        ROWS.with(|r| *r.borrow_mut() = self.0.take());
-    }
-}
-
-/// Runs `f` with row i of every batch the model sees going through adapter `rows[i]` ([`BASE`]:
-/// none), whatever adapters are active. Checked first: every name is an adapter of `model` on
-/// its linear layers, no adapter is merged, and no prompt-learning or LN-tuning adapter is in
-/// use (they act on every row). Inference only: a training forward inside is an error.
-pub fn with_adapter_rows<R>(
-    model: &dyn Adaptable,
-    rows: &[&str],
-    f: impl FnOnce() -> Result<R>,
-) -> Result<R> {
+/// The context of a forward pass with row i of the batch going through adapter `rows[i]`
+/// ([`BASE`]: none), whatever adapters are active. Checked first: every name is an adapter of
+/// `model` on its linear layers, no adapter is merged, and no prompt-learning or LN-tuning
+/// adapter is in use (they act on every row). Inference only.
+pub fn rows_ctx(model: &dyn Adaptable, rows: &[&str]) -> Result<Ctx> {
     check(model, rows)?;
-    let rows: Rc<[String]> = rows.iter().map(|s| s.to_string()).collect();
-    let outer = ROWS.with(|r| r.borrow_mut().replace(rows));
-    let _restore = Restore(outer);
-    f()
+    Ok(Ctx::with_rows(rows))
 }
 
 /// The adapters on `model`'s linear layers (the names rows may take besides [`BASE`]), sorted.

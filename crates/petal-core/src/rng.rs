@@ -1,39 +1,52 @@
-//! Deterministic randomness for training-time ops (dropout). A run sets a seed per step; each
-//! draw derives from (step seed, draw counter), so a resumed run replays identical masks
-//! without saving any generator state.
+//! Deterministic randomness for training-time ops (dropout). A run gives each micro-batch a
+//! seed ([`crate::Ctx::train`]); each draw derives from (that seed, a draw counter), so a
+//! resumed run replays identical masks without saving any generator state.
 
-use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-thread_local! {
-    static STEP_SEED: Cell<u64> = const { Cell::new(0) };
-    static COUNTER: Cell<u64> = const { Cell::new(0) };
+/// The random stream of one forward pass: a seed and the number of draws taken from it.
+#[derive(Debug, Default)]
+pub struct Stream {
+    seed: u64,
+    counter: AtomicU64,
 }
 
-/// Start a new step: masks drawn after this depend only on `seed` and the order of draws.
-pub fn set_step_seed(seed: u64) {
-    STEP_SEED.with(|s| s.set(seed));
-    COUNTER.with(|c| c.set(0));
+impl Clone for Stream {
+    fn clone(&self) -> Self {
+        let (seed, counter) = self.snapshot();
+        Stream {
+            seed,
+            counter: AtomicU64::new(counter),
+        }
+    }
 }
 
-/// Where the draws of this step stand: restoring it replays the same masks (gradient
-/// checkpointing recomputes a layer's forward with the dropout it had).
-pub fn snapshot() -> (u64, u64) {
-    (STEP_SEED.with(|s| s.get()), COUNTER.with(|c| c.get()))
-}
+impl Stream {
+    /// Draws after this depend only on `seed` and the order of draws.
+    pub fn new(seed: u64) -> Self {
+        Stream {
+            seed,
+            counter: AtomicU64::new(0),
+        }
+    }
 
-pub fn restore(state: (u64, u64)) {
-    STEP_SEED.with(|s| s.set(state.0));
-    COUNTER.with(|c| c.set(state.1));
-}
+    /// Where the draws stand: restoring it replays the same masks (gradient checkpointing
+    /// recomputes a layer's forward with the dropout it had).
+    pub fn snapshot(&self) -> (u64, u64) {
+        (self.seed, self.counter.load(Ordering::Relaxed))
+    }
 
-/// A fresh seed for the next random draw of this step.
-pub fn next_seed() -> u64 {
-    let n = COUNTER.with(|c| {
-        let v = c.get();
-        c.set(v + 1);
-        v
-    });
-    splitmix(STEP_SEED.with(|s| s.get()) ^ splitmix(n.wrapping_add(0x9E37_79B9)))
+    /// Back to a snapshot of this stream.
+    pub fn restore(&self, state: (u64, u64)) {
+        debug_assert_eq!(state.0, self.seed, "a snapshot of another stream");
+        self.counter.store(state.1, Ordering::Relaxed);
+    }
+
+    /// A fresh seed for the next random draw.
+    pub fn next_seed(&self) -> u64 {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        splitmix(self.seed ^ splitmix(n.wrapping_add(0x9E37_79B9)))
+    }
 }
 
 pub fn splitmix(mut z: u64) -> u64 {

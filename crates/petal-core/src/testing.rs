@@ -25,8 +25,13 @@ impl Toy {
         }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let h = self.fc1.forward(x, false).unwrap().silu().unwrap();
-        self.fc2.forward(&h, false).unwrap()
+        let h = self
+            .fc1
+            .forward(x, &crate::Ctx::eval())
+            .unwrap()
+            .silu()
+            .unwrap();
+        self.fc2.forward(&h, &crate::Ctx::eval()).unwrap()
     }
     pub fn input() -> Tensor {
         rand_tensor(&[2, 3, 10], 9)
@@ -253,14 +258,14 @@ pub fn check_fused_equals_composed(cfg: &AdapterConfig) {
     for lin in t.linears() {
         let layer = lin.layer("default").unwrap();
         let x = Var::from_tensor(&rand_tensor(&[2, 3, lin.in_features()], 4)).unwrap();
-        crate::rng::set_step_seed(5);
-        let Some(fused) = layer.fused_forward(x.as_tensor(), lin.weight(), lin.bias(), true) else {
+        let ctx = crate::Ctx::train(5);
+        let Some(fused) = layer.fused_forward(x.as_tensor(), lin.weight(), lin.bias(), &ctx) else {
             continue;
         };
         let fused = fused.unwrap();
-        crate::rng::set_step_seed(5);
+        let ctx = crate::Ctx::train(5);
         let y = petal_ops::frozen_linear(x.as_tensor(), lin.weight(), lin.bias()).unwrap();
-        let composed = layer.forward(x.as_tensor(), y, true).unwrap();
+        let composed = layer.forward(x.as_tensor(), y, &ctx).unwrap();
         assert!(max_rel(&fused, &composed) < 1e-5, "{}: values", lin.path());
         let proj = rand_tensor(composed.dims(), 9);
         let grads = |t: &Tensor| (t * &proj).unwrap().sum_all().unwrap().backward().unwrap();

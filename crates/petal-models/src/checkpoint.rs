@@ -9,7 +9,7 @@
 use crate::llama::Llama;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, TensorId, Var};
-use petal_core::{rng, Error, Result};
+use petal_core::{Ctx, Error, Result};
 use std::collections::HashMap;
 
 /// Gradients by tensor id, detached: unlike a `GradStore`, whose leaf gradients keep the
@@ -52,40 +52,41 @@ impl Grads {
 impl Llama {
     /// The value of `objective(hidden_states(ids))` (a scalar, from the final normed hidden
     /// states) and its gradients, as `objective.backward()` gives them without checkpointing
-    /// (up to summation order). Training mode (dropout on).
+    /// (up to summation order). Training mode (dropout on, drawn from `ctx`).
     pub fn checkpointed_backward(
         &self,
         ids: &Tensor,
+        ctx: &Ctx,
         objective: &dyn Fn(&Tensor) -> Result<Tensor>,
     ) -> Result<(Tensor, Grads)> {
-        let at_input = rng::snapshot();
-        let stage = self.input_stage(ids, 0, true)?;
+        let at_input = ctx.rng_snapshot();
+        let stage = self.input_stage(ids, 0, ctx)?;
         let mut x = stage.x.detach();
         let mut saved = Vec::with_capacity(self.num_layers());
         for i in 0..self.num_layers() {
-            let state = rng::snapshot();
-            let y = self.layer_forward(i, &x, &stage, None, true)?.detach();
+            let state = ctx.rng_snapshot();
+            let y = self.layer_forward(i, &x, &stage, None, ctx)?.detach();
             saved.push((std::mem::replace(&mut x, y), state));
         }
-        let after = rng::snapshot();
+        let after = ctx.rng_snapshot();
         let last = Var::from_tensor(&x)?;
         let value = objective(&self.final_norm(last.as_tensor())?)?;
         let mut grads = Grads::default();
         let mut g = grads.take_input(value.backward()?, &last)?;
         for (i, (xi, state)) in saved.into_iter().enumerate().rev() {
-            rng::restore(state);
+            ctx.rng_restore(state);
             let v = Var::from_tensor(&xi)?;
-            let y = self.layer_forward(i, v.as_tensor(), &stage, None, true)?;
+            let y = self.layer_forward(i, v.as_tensor(), &stage, None, ctx)?;
             g = grads.take_input((y * &g)?.sum_all()?.backward()?, &v)?;
         }
         // the input side, where something there trains (prompt tuning, embedding adapters);
         // prefix keys/values got theirs through the layers above
-        rng::restore(at_input);
-        let x0 = self.input_stage(ids, 0, true)?.x;
+        ctx.rng_restore(at_input);
+        let x0 = self.input_stage(ids, 0, ctx)?.x;
         if x0.track_op() {
             grads.absorb((x0 * g)?.sum_all()?.backward()?)?;
         }
-        rng::restore(after);
+        ctx.rng_restore(after);
         Ok((value, grads))
     }
 }

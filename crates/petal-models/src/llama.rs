@@ -7,7 +7,7 @@ use crate::config::LlamaConfig;
 use crate::dtype::{act_dtype, resid_dtype};
 use candle_core::{DType, Device, Tensor};
 use petal_core::adapter::InputShape;
-use petal_core::{Adaptable, AdaptableLinear, AdaptableNorm, InputAdapter, Result};
+use petal_core::{Adaptable, AdaptableLinear, AdaptableNorm, Ctx, InputAdapter, Result};
 use petal_io::Weights;
 use petal_ops::{residual_add, rms_norm, rope_tables, swiglu};
 
@@ -201,30 +201,20 @@ impl Llama {
 
     /// Logits (b, t, vocab) in f32 for input ids (b, t). With a cache, positions continue from
     /// what it holds and it is extended.
-    pub fn forward(
-        &self,
-        ids: &Tensor,
-        cache: Option<&mut KvCache>,
-        train: bool,
-    ) -> Result<Tensor> {
-        let hidden = self.hidden_states(ids, cache, train)?;
-        Ok(self.lm_head.forward(&hidden, train)?.to_dtype(DType::F32)?)
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>, ctx: &Ctx) -> Result<Tensor> {
+        let hidden = self.hidden_states(ids, cache, ctx)?;
+        Ok(self.lm_head.forward(&hidden, ctx)?.to_dtype(DType::F32)?)
     }
 
-    /// The output head's weight when no adapter acts on the head (so a fused head + loss
-    /// kernel may use it directly).
-    pub fn plain_head(&self) -> Option<&Tensor> {
-        let busy = self
-            .lm_head
-            .active()
-            .iter()
-            .any(|a| !self.lm_head.merged_names().contains(&a.as_str()));
-        (!busy && !petal_core::mixed::in_mixed_batch()).then(|| self.lm_head.weight())
+    /// The output head's weight when no adapter acts on the head in a pass with `ctx` (so a
+    /// fused head + loss kernel may use it directly).
+    pub fn plain_head(&self, ctx: &Ctx) -> Option<&Tensor> {
+        self.lm_head.plain_weight(ctx)
     }
 
     /// Logits (.., vocab) of hidden states (.., hidden), through the (adaptable) head.
-    pub fn head(&self, h: &Tensor, train: bool) -> Result<Tensor> {
-        self.lm_head.forward(h, train)
+    pub fn head(&self, h: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        self.lm_head.forward(h, ctx)
     }
 
     /// Positions an input-side adapter puts in front of each sequence (0 without one).
@@ -242,14 +232,14 @@ impl Llama {
         &self,
         ids: &Tensor,
         mut cache: Option<&mut KvCache>,
-        train: bool,
+        ctx: &Ctx,
     ) -> Result<Tensor> {
         let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
-        let stage = self.input_stage(ids, offset, train)?;
+        let stage = self.input_stage(ids, offset, ctx)?;
         let mut x = stage.x.clone();
         for i in 0..self.layers.len() {
             let kv = cache.as_deref_mut().map(|c| &mut c.kv[i]);
-            x = self.layer_forward(i, &x, &stage, kv, train)?;
+            x = self.layer_forward(i, &x, &stage, kv, ctx)?;
         }
         self.final_norm(&x)
     }
@@ -276,10 +266,10 @@ impl Llama {
 
     /// Token embeddings (after any virtual tokens) and prefix keys/values, for tokens at
     /// positions from `offset` (tokens already in the cache).
-    pub(crate) fn input_stage(&self, ids: &Tensor, offset: usize, train: bool) -> Result<Stage> {
+    pub(crate) fn input_stage(&self, ids: &Tensor, offset: usize, ctx: &Ctx) -> Result<Stage> {
         let (b, t) = ids.dims2()?;
         let h = self.cfg.hidden_size;
-        let mut x = self.embed.forward(ids, train)?.to_dtype(self.resid)?;
+        let mut x = self.embed.forward(ids, ctx)?.to_dtype(self.resid)?;
         debug_assert_eq!(x.dims(), &[b, t, h]);
         let input = self.input.as_ref().filter(|_| offset == 0).map(|(_, a)| a);
         if let Some(p) = input.map(|a| a.embeddings()).transpose()?.flatten() {
@@ -324,7 +314,7 @@ impl Llama {
         x: &Tensor,
         stage: &Stage,
         kv: Option<&mut Option<(Tensor, Tensor)>>,
-        train: bool,
+        ctx: &Ctx,
     ) -> Result<Tensor> {
         let layer = &self.layers[i];
         let prefix = stage
@@ -333,19 +323,19 @@ impl Llama {
             .map(|p| self.layer_prefix(p, i, x.dim(0)?))
             .transpose()?;
         let h = self.rms(x, &layer.ln1)?;
-        let a = self.attention(&layer.attn, &h, stage.rope_from, kv, prefix, train)?;
+        let a = self.attention(&layer.attn, &h, stage.rope_from, kv, prefix, ctx)?;
         let x = residual_add(x, &a)?;
-        self.mlp_block(layer, &x, train)
+        self.mlp_block(layer, &x, ctx)
     }
 
     /// The MLP block of `layer` with its residual: x + down(swiglu(gate(h), up(h))), h the
     /// second norm of x.
-    fn mlp_block(&self, layer: &Layer, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn mlp_block(&self, layer: &Layer, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let h = self.rms(x, &layer.ln2)?;
         let m = &layer.mlp;
-        let g = m.gate.forward(&h, train)?;
-        let u = m.up.forward(&h, train)?;
-        Ok(residual_add(x, &m.down.forward(&swiglu(&g, &u)?, train)?)?)
+        let g = m.gate.forward(&h, ctx)?;
+        let u = m.up.forward(&h, ctx)?;
+        Ok(residual_add(x, &m.down.forward(&swiglu(&g, &u)?, ctx)?)?)
     }
 
     /// Layer i's (key, value) prefix as (b, n, kv_heads * head_dim), from the adapter's

@@ -44,9 +44,11 @@ fn every_golden_adapter_on_bf16_activations_tracks_peft_logits_within_bf16_preci
     for name in &names {
         let base = name.split('_').next().unwrap();
         let m = bf16_model(base, Some(name));
-        let h = m.hidden_states(&ids, None, false).unwrap();
+        let h = m
+            .hidden_states(&ids, None, &petal_core::Ctx::eval())
+            .unwrap();
         assert_eq!(h.dtype(), DType::BF16, "{name}: activations are not bf16");
-        let got = m.forward(&ids, None, false).unwrap();
+        let got = m.forward(&ids, None, &petal_core::Ctx::eval()).unwrap();
         let e = max_rel(&got, &g[name]);
         // bf16 weights alone (f32 activations) reach 3e-2 on qwen2's VeRA, 4e-3 typically;
         // bf16 activations add rounding of the same order (seen: 4e-2 and 6e-3)
@@ -67,14 +69,22 @@ fn every_golden_adapter_on_bf16_activations_tracks_peft_logits_within_bf16_preci
 fn a_bf16_kv_cache_with_prefix_tuning_decodes_like_the_full_forward() {
     let m = bf16_model("llama", Some("llama_prefix_tuning"));
     let ids = golden()["input_ids"].to_dtype(DType::U32).unwrap();
-    let full = m.forward(&ids, None, false).unwrap();
+    let full = m.forward(&ids, None, &petal_core::Ctx::eval()).unwrap();
     let mut cache = m.new_cache();
     let head = m
-        .forward(&ids.narrow(1, 0, 5).unwrap(), Some(&mut cache), false)
+        .forward(
+            &ids.narrow(1, 0, 5).unwrap(),
+            Some(&mut cache),
+            &petal_core::Ctx::eval(),
+        )
         .unwrap();
     assert_eq!(cache.len(), 3 + 5, "prefix positions and prompt"); // 3 virtual tokens
     let tail = m
-        .forward(&ids.narrow(1, 5, 3).unwrap(), Some(&mut cache), false)
+        .forward(
+            &ids.narrow(1, 5, 3).unwrap(),
+            Some(&mut cache),
+            &petal_core::Ctx::eval(),
+        )
         .unwrap();
     let stepwise = Tensor::cat(&[head, tail], 1).unwrap();
     let e = max_rel(&stepwise, &full);

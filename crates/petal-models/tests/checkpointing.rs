@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 use petal_core::config::{InitWeights, Targets};
 use petal_core::inject::adapter_vars;
-use petal_core::{inject_adapter, rng, AdapterConfig};
+use petal_core::{inject_adapter, AdapterConfig};
 use petal_models::{load_model, Llama};
 use petal_ops::testing::max_rel;
 use std::path::PathBuf;
@@ -37,11 +37,11 @@ fn objective(h: &Tensor) -> petal_core::Result<Tensor> {
 fn check(cfg: &AdapterConfig) {
     let mut m = model();
     inject_adapter(&mut m, "default", cfg, 3).unwrap();
-    rng::set_step_seed(11);
-    let plain = objective(&m.hidden_states(&ids(), None, true).unwrap()).unwrap();
+    let ctx = petal_core::Ctx::train(11);
+    let plain = objective(&m.hidden_states(&ids(), None, &ctx).unwrap()).unwrap();
     let g = plain.backward().unwrap();
-    rng::set_step_seed(11);
-    let (value, grads) = m.checkpointed_backward(&ids(), &objective).unwrap();
+    let ctx = petal_core::Ctx::train(11);
+    let (value, grads) = m.checkpointed_backward(&ids(), &ctx, &objective).unwrap();
     let e = max_rel(&value, &plain);
     assert!(e < 1e-6, "{}: objective differs by {e}", cfg.peft_type);
     let vars = adapter_vars(&m, "default");

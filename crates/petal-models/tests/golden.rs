@@ -16,7 +16,7 @@ fn golden() -> HashMap<String, Tensor> {
 
 fn logits(m: &Llama) -> Tensor {
     let ids = golden()["input_ids"].to_dtype(DType::U32).unwrap();
-    m.forward(&ids, None, false).unwrap()
+    m.forward(&ids, None, &petal_core::Ctx::eval()).unwrap()
 }
 
 fn assert_close(m: &Llama, key: &str) {
@@ -329,13 +329,21 @@ fn peft_prefix_tuning_trained_through_a_projection_loads_from_its_saved_output()
 fn prefix_tuning_with_a_kv_cache_decodes_exactly_like_the_full_forward() {
     let m = with_adapter("llama", "llama_prefix_tuning");
     let ids = golden()["input_ids"].to_dtype(DType::U32).unwrap();
-    let full = m.forward(&ids, None, false).unwrap();
+    let full = m.forward(&ids, None, &petal_core::Ctx::eval()).unwrap();
     let mut cache = m.new_cache();
     let head = m
-        .forward(&ids.narrow(1, 0, 5).unwrap(), Some(&mut cache), false)
+        .forward(
+            &ids.narrow(1, 0, 5).unwrap(),
+            Some(&mut cache),
+            &petal_core::Ctx::eval(),
+        )
         .unwrap();
     let tail = m
-        .forward(&ids.narrow(1, 5, 3).unwrap(), Some(&mut cache), false)
+        .forward(
+            &ids.narrow(1, 5, 3).unwrap(),
+            Some(&mut cache),
+            &petal_core::Ctx::eval(),
+        )
         .unwrap();
     let stepwise = Tensor::cat(&[head, tail], 1).unwrap();
     assert!(max_rel(&stepwise, &full) < 1e-5);

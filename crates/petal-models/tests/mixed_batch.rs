@@ -1,4 +1,4 @@
-//! Mixed-adapter batches (each row through its own adapter, `petal_core::with_adapter_rows`)
+//! Mixed-adapter batches (each row through its own adapter, `petal_core::rows_ctx`)
 //! against PEFT's `adapter_names` (tests/fixtures/golden/mixed_batch.*, made by
 //! tools/golden/make_fixtures.py with PEFT 0.21.2), and against each adapter run alone for the
 //! methods PEFT does not mix.
@@ -7,7 +7,7 @@ mod common;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::{model, root};
 use petal_core::inject::set_active;
-use petal_core::{with_adapter_rows, Adaptable};
+use petal_core::Adaptable;
 use petal_models::Llama;
 use petal_ops::testing::max_rel;
 use std::collections::HashMap;
@@ -24,8 +24,17 @@ fn attach(m: &mut Llama, name: &str, folder: &str) {
     petal_io::attach_adapter(m, &root().join("adapters").join(folder), name).unwrap();
 }
 
+/// `f` run with the context of a mixed batch whose row i goes through adapter `rows[i]`.
+fn with_rows<T>(
+    m: &Llama,
+    rows: &[&str],
+    f: impl FnOnce(&petal_core::Ctx) -> petal_core::Result<T>,
+) -> petal_core::Result<T> {
+    f(&petal_core::rows_ctx(m, rows)?)
+}
+
 fn mixed_logits(m: &Llama, ids: &Tensor, rows: &[&str]) -> Tensor {
-    with_adapter_rows(m, rows, || m.forward(ids, None, false)).unwrap()
+    with_rows(m, rows, |c| m.forward(ids, None, c)).unwrap()
 }
 
 #[test]
@@ -52,8 +61,8 @@ fn mixed_adapter_batches_match_peft_adapter_names_with_lora_embeddings_and_head_
         let e = max_rel(&got, want);
         assert!(e < 1e-4, "{case}: relative error {e:e}");
         // and the rows differ: each adapter changes the logits of its rows
-        let base = with_adapter_rows(&m, &vec!["__base__"; rows.len()], || {
-            m.forward(&ids(), None, false)
+        let base = with_rows(&m, &vec!["__base__"; rows.len()], |c| {
+            m.forward(&ids(), None, c)
         })
         .unwrap();
         for (i, r) in rows.iter().enumerate() {
@@ -95,10 +104,10 @@ fn every_row_of_a_mixed_batch_equals_its_adapter_run_alone_for_every_linear_meth
     for (i, name) in rows.iter().enumerate() {
         let alone = if *name == "__base__" {
             set_active(&mut m, &[]);
-            m.forward(&ids, None, false).unwrap()
+            m.forward(&ids, None, &petal_core::Ctx::eval()).unwrap()
         } else {
             set_active(&mut m, &[name]);
-            m.forward(&ids, None, false).unwrap()
+            m.forward(&ids, None, &petal_core::Ctx::eval()).unwrap()
         };
         let e = max_rel(&got.i(i).unwrap(), &alone.i(i).unwrap());
         assert!(e < 1e-5, "row {i} ({name}): relative error {e:e}");
@@ -116,7 +125,7 @@ fn a_mixed_batch_decoded_through_the_kv_cache_equals_its_full_forward() {
     let mut cache = m.new_cache();
     let step = |cache: &mut petal_models::KvCache, from: usize, n: usize| {
         let x = ids.narrow(1, from, n).unwrap();
-        with_adapter_rows(&m, &rows, || m.forward(&x, Some(cache), false)).unwrap()
+        with_rows(&m, &rows, |c| m.forward(&x, Some(cache), c)).unwrap()
     };
     let first = step(&mut cache, 0, 5);
     let mut parts = vec![first];
@@ -134,37 +143,30 @@ fn mixed_batches_refuse_unknown_names_wrong_row_counts_training_and_merged_adapt
     attach(&mut m, "q", "llama_lora_qv");
     let ids = ids().narrow(0, 0, 2).unwrap();
     let err = |r: petal_core::Result<Tensor>| r.unwrap_err().to_string();
-    let e = err(with_adapter_rows(&m, &["q", "nope"], || {
-        m.forward(&ids, None, false)
-    }));
+    let e = err(with_rows(&m, &["q", "nope"], |c| m.forward(&ids, None, c)));
     assert!(e.contains("no adapter `nope`") && e.contains("q"), "{e}");
-    let e = err(with_adapter_rows(&m, &["q"], || {
-        m.forward(&ids, None, false)
-    }));
+    let e = err(with_rows(&m, &["q"], |c| m.forward(&ids, None, c)));
     assert!(e.contains("1 adapter names for a batch of 2 rows"), "{e}");
-    let e = err(with_adapter_rows(&m, &["q", "q"], || {
-        m.forward(&ids, None, true)
-    }));
-    assert!(e.contains("inference only"), "{e}");
+    // a training pass cannot carry rows: `Ctx::train` has none, `rows_ctx` is inference only
     // the context ends with the call, even after an error: a plain forward afterwards is the
     // active adapter's
     set_active(&mut m, &["q"]);
-    let plain = m.forward(&ids, None, false).unwrap();
-    let rows = with_adapter_rows(&m, &["q", "q"], || m.forward(&ids, None, false)).unwrap();
+    let plain = m.forward(&ids, None, &petal_core::Ctx::eval()).unwrap();
+    let rows = with_rows(&m, &["q", "q"], |c| m.forward(&ids, None, c)).unwrap();
     assert!(max_rel(&plain, &rows) < 1e-6);
     for l in m.linears_mut() {
         if l.layer("q").is_some() {
             l.merge("q", true).unwrap();
         }
     }
-    let e = err(with_adapter_rows(&m, &["q", "__base__"], || {
-        m.forward(&ids, None, false)
+    let e = err(with_rows(&m, &["q", "__base__"], |c| {
+        m.forward(&ids, None, c)
     }));
     assert!(e.contains("merged") && e.contains("unmerge"), "{e}");
     let mut p = model("llama");
     attach(&mut p, "p", "llama_prompt_tuning");
-    let e = err(with_adapter_rows(&p, &["p", "__base__"], || {
-        p.forward(&ids, None, false)
+    let e = err(with_rows(&p, &["p", "__base__"], |c| {
+        p.forward(&ids, None, c)
     }));
     assert!(e.contains("prompt learning"), "{e}");
 }

@@ -39,7 +39,7 @@ fn every_adapter_tensor_in_every_layer_gets_a_nonzero_gradient_and_frozen_weight
     cfg.set("init_lora_weights", InitWeights::Flag(false))
         .unwrap();
     inject_adapter(&mut m, "default", &cfg, 1).unwrap();
-    let logits = m.forward(&ids(), None, true).unwrap();
+    let logits = m.forward(&ids(), None, &petal_core::Ctx::train(0)).unwrap();
     let g = logits
         .log_sum_exp(2)
         .unwrap()
@@ -96,10 +96,10 @@ fn a_sharded_checkpoint_loads_to_the_same_logits_as_a_single_file() {
     )
     .unwrap();
     let x = model(&src, DType::F32)
-        .forward(&ids(), None, false)
+        .forward(&ids(), None, &petal_core::Ctx::eval())
         .unwrap();
     let y = model(d.path(), DType::F32)
-        .forward(&ids(), None, false)
+        .forward(&ids(), None, &petal_core::Ctx::eval())
         .unwrap();
     assert_eq!(
         x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
@@ -110,10 +110,10 @@ fn a_sharded_checkpoint_loads_to_the_same_logits_as_a_single_file() {
 #[test]
 fn bf16_logits_track_f32_logits_within_bf16_precision() {
     let x = model(&golden().join("llama"), DType::F32)
-        .forward(&ids(), None, false)
+        .forward(&ids(), None, &petal_core::Ctx::eval())
         .unwrap();
     let y = model(&golden().join("llama"), DType::BF16)
-        .forward(&ids(), None, false)
+        .forward(&ids(), None, &petal_core::Ctx::eval())
         .unwrap();
     let e = petal_ops::testing::max_rel(&y, &x);
     assert!(e < 3e-2, "relative {e}");
@@ -258,8 +258,10 @@ fn a_saved_p_tuning_adapter_is_its_encoder_output_and_reloads_to_the_same_logits
     let mut fresh = model(&golden().join("llama"), DType::F32);
     petal_io::attach_adapter(&mut fresh, dir.path(), "default").unwrap();
     let (a, b) = (
-        m.forward(&ids(), None, false).unwrap(),
-        fresh.forward(&ids(), None, false).unwrap(),
+        m.forward(&ids(), None, &petal_core::Ctx::eval()).unwrap(),
+        fresh
+            .forward(&ids(), None, &petal_core::Ctx::eval())
+            .unwrap(),
     );
     assert!(petal_ops::testing::max_rel(&b, &a) < 1e-6);
 }
@@ -291,7 +293,7 @@ fn lora_on_the_embedding_gets_exact_gradients_and_merges_into_the_table() {
         };
         check_fd(&m, v, &grad, &idx);
     }
-    let before = m.forward(&ids(), None, false).unwrap();
+    let before = m.forward(&ids(), None, &petal_core::Ctx::eval()).unwrap();
     let table = m.embed_weight().clone();
     merged_equals_unmerged_then_unmerge(&mut m, &before);
     // dW (N(0,1) factors) is ~50x the table here: (W + dW) - dW keeps f32 rounding of dW
@@ -323,7 +325,7 @@ fn trainable_token_rows_on_a_tied_model_get_exact_gradients_merge_and_unmerge() 
         .unwrap();
     let idx = [0, 40, 63];
     check_fd(&m, &delta, &grad, &idx);
-    let before = m.forward(&ids(), None, false).unwrap();
+    let before = m.forward(&ids(), None, &petal_core::Ctx::eval()).unwrap();
     let w0: Vec<Tensor> = m.linears().iter().map(|l| l.weight().clone()).collect();
     merged_equals_unmerged_then_unmerge(&mut m, &before);
     for (l, w) in m.linears().iter().zip(&w0) {
@@ -364,15 +366,17 @@ fn prefix_tuning_through_its_projection_gets_exact_gradients_and_saves_the_proje
     let mut fresh = model(&golden().join("llama"), DType::F32);
     petal_io::attach_adapter(&mut fresh, dir.path(), "default").unwrap();
     let (a, b) = (
-        m.forward(&ids(), None, false).unwrap(),
-        fresh.forward(&ids(), None, false).unwrap(),
+        m.forward(&ids(), None, &petal_core::Ctx::eval()).unwrap(),
+        fresh
+            .forward(&ids(), None, &petal_core::Ctx::eval())
+            .unwrap(),
     );
     assert!(petal_ops::testing::max_rel(&b, &a) < 1e-6);
 }
 
 /// A loss over every logit of the fixed ids, in training mode (for gradient checks).
 fn logit_loss(m: &Llama) -> Tensor {
-    m.forward(&ids(), None, true)
+    m.forward(&ids(), None, &petal_core::Ctx::train(0))
         .unwrap()
         .log_sum_exp(2)
         .unwrap()
@@ -405,7 +409,12 @@ fn merged_equals_unmerged_then_unmerge(m: &mut Llama, before: &Tensor) {
     {
         l.merge("default", true).unwrap();
     }
-    assert!(petal_ops::testing::max_rel(&m.forward(&ids(), None, false).unwrap(), before) < 1e-5);
+    assert!(
+        petal_ops::testing::max_rel(
+            &m.forward(&ids(), None, &petal_core::Ctx::eval()).unwrap(),
+            before
+        ) < 1e-5
+    );
     for l in m.linears_mut() {
         l.unmerge().unwrap();
     }

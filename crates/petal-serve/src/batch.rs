@@ -6,7 +6,7 @@
 use crate::generate::{last_logits, Sequence};
 use crate::{Generated, SamplingParams};
 use candle_core::Tensor;
-use petal_core::mixed::with_adapter_rows;
+use petal_core::mixed::rows_ctx;
 use petal_core::Error;
 use petal_data::Tokenizer;
 use petal_models::{KvCache, Llama};
@@ -66,9 +66,8 @@ impl<'a, K> Decoder<'a, K> {
         let first = (|| {
             let mut seq = Sequence::new(self.model, prompt, params)?;
             let ids = Tensor::new(prompt, self.model.device())?.unsqueeze(0)?;
-            let logits = with_adapter_rows(self.model, &[adapter], || {
-                self.model.forward(&ids, Some(&mut seq.cache), false)
-            })?;
+            let ctx = rows_ctx(self.model, &[adapter])?;
+            let logits = self.model.forward(&ids, Some(&mut seq.cache), &ctx)?;
             let ctx = self.model.cfg.max_position_embeddings;
             let next = seq.next(last_logits(&logits, 0)?, self.tok, ctx, &mut |t| {
                 on_text(&mut key, t)
@@ -123,7 +122,7 @@ impl<'a, K> Decoder<'a, K> {
         let mut caches: Vec<&mut KvCache> =
             self.live.iter_mut().map(|s| &mut s.seq.cache).collect();
         let model = self.model;
-        let logits = with_adapter_rows(model, &rows, || model.decode_rows(&ids, &mut caches))?;
+        let logits = model.decode_rows(&ids, &mut caches, &rows_ctx(model, &rows)?)?;
         let ctx = model.cfg.max_position_embeddings;
         let mut next = Vec::with_capacity(b);
         for (r, s) in self.live.iter_mut().enumerate() {

@@ -3,7 +3,7 @@
 
 use crate::sampling::{apply_repetition_penalty, sample, SamplingParams};
 use candle_core::{DType, IndexOp, Tensor};
-use petal_core::{Error, Result};
+use petal_core::{Ctx, Error, Result};
 use petal_data::Tokenizer;
 use petal_models::{KvCache, Llama};
 use rand::SeedableRng;
@@ -165,11 +165,11 @@ pub fn generate(
     let mut s = Sequence::new(model, prompt, p.clone())?;
     let dev = model.device();
     let ids = Tensor::new(prompt, dev)?.unsqueeze(0)?;
-    let mut logits = last_logits(&model.forward(&ids, Some(&mut s.cache), false)?, 0)?;
+    let mut logits = last_logits(&model.forward(&ids, Some(&mut s.cache), &Ctx::eval())?, 0)?;
     let ctx = model.cfg.max_position_embeddings;
     while let Some(next) = s.next(logits, tok, ctx, on_text)? {
         let step = Tensor::new(&[next], dev)?.unsqueeze(0)?;
-        logits = last_logits(&model.forward(&step, Some(&mut s.cache), false)?, 0)?;
+        logits = last_logits(&model.forward(&step, Some(&mut s.cache), &Ctx::eval())?, 0)?;
     }
     Ok(s.done())
 }

@@ -21,7 +21,7 @@
 //! available ones listed), a prompt longer than the context.
 
 use crate::{Decoder, Generated, SamplingParams, StopReason};
-use petal_core::mixed::{with_adapter_rows, BASE};
+use petal_core::mixed::{rows_ctx, BASE};
 use petal_data::template::Message;
 use petal_data::Tokenizer;
 use petal_models::Llama;
@@ -103,7 +103,7 @@ impl Served<'_> {
     /// `max_batch`), and each completion is answered as soon as it finishes. Refuses at once a
     /// model whose adapters cannot be chosen per request (prompt learning, active LN tuning).
     pub fn serve(&self, http: &tiny_http::Server) -> petal_core::Result<()> {
-        with_adapter_rows(self.model, &[BASE], || Ok(()))?;
+        rows_ctx(self.model, &[BASE])?; // refuse now adapters that cannot be chosen per row
         let mut dec: Decoder<Key> = Decoder::new(self.model, self.tokenizer);
         loop {
             if dec.is_empty() {

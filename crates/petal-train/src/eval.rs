@@ -1,37 +1,40 @@
 //! Loss of a batch and mean loss / perplexity over a dataset.
 
 use candle_core::{Tensor, D};
-use petal_core::Result;
+use petal_core::{Ctx, Result};
 use petal_data::{batches, Batch, Example};
 use petal_models::{Grads, Llama};
 use petal_ops::{head_cross_entropy, masked_cross_entropy};
 
 /// Summed next-token loss of a batch and the number of scored tokens. With no adapter on the
 /// output head, the head and the loss run fused (petal-ops `head_cross_entropy`).
-pub fn batch_loss(model: &Llama, b: &Batch, train: bool) -> Result<(Tensor, usize)> {
+pub fn batch_loss(model: &Llama, b: &Batch, ctx: &Ctx) -> Result<(Tensor, usize)> {
     let ids = Tensor::from_slice(&b.ids, (b.rows, b.len), model.device())?;
-    let hidden = model.hidden_states(&ids, None, train)?; // (rows, len, hidden)
-    loss_from_hidden(model, &hidden, b, train)
+    let hidden = model.hidden_states(&ids, None, ctx)?; // (rows, len, hidden)
+    loss_from_hidden(model, &hidden, b, ctx)
 }
 
 /// The summed loss of a training micro-batch divided by `scale`, and its gradients (detached):
 /// one backward, or with `checkpointing` one per decoder layer (see
-/// `Llama::checkpointed_backward`). Returns the summed (unscaled) loss.
+/// `Llama::checkpointed_backward`), in training mode with dropout drawn from `seed`. Returns
+/// the summed (unscaled) loss.
 pub fn backward_batch(
     model: &Llama,
     b: &Batch,
     scale: f64,
     checkpointing: bool,
+    seed: u64,
 ) -> Result<(f64, Grads)> {
+    let ctx = Ctx::train(seed);
     if !checkpointing {
-        let (sum, _) = batch_loss(model, b, true)?;
+        let (sum, _) = batch_loss(model, b, &ctx)?;
         let mut grads = Grads::default();
         grads.absorb((&sum / scale)?.backward()?)?;
         return Ok((sum.to_scalar::<f32>()? as f64, grads));
     }
     let ids = Tensor::from_slice(&b.ids, (b.rows, b.len), model.device())?;
-    let (value, grads) = model.checkpointed_backward(&ids, &|h| {
-        Ok((loss_from_hidden(model, h, b, true)?.0 / scale)?)
+    let (value, grads) = model.checkpointed_backward(&ids, &ctx, &|h| {
+        Ok((loss_from_hidden(model, h, b, &ctx)?.0 / scale)?)
     })?;
     Ok((value.to_scalar::<f32>()? as f64 * scale, grads))
 }
@@ -41,7 +44,7 @@ fn loss_from_hidden(
     model: &Llama,
     hidden: &Tensor,
     b: &Batch,
-    train: bool,
+    ctx: &Ctx,
 ) -> Result<(Tensor, usize)> {
     let dev = model.device();
     let d = hidden.dim(D::Minus1)?;
@@ -51,10 +54,10 @@ fn loss_from_hidden(
     let labels: Vec<i64> = (0..b.rows)
         .flat_map(|r| b.labels[r * b.len + 1..(r + 1) * b.len].iter().copied())
         .collect();
-    if let Some(w) = model.plain_head() {
+    if let Some(w) = model.plain_head(ctx) {
         return Ok(head_cross_entropy(&h, w, &labels)?);
     }
-    let logits = model.head(&h, train)?.to_dtype(candle_core::DType::F32)?;
+    let logits = model.head(&h, ctx)?.to_dtype(candle_core::DType::F32)?;
     let labels = Tensor::from_vec(labels, b.rows * (b.len - 1), dev)?;
     Ok(masked_cross_entropy(&logits, &labels)?)
 }
@@ -75,7 +78,7 @@ pub fn evaluate(
 ) -> Result<EvalResult> {
     let (mut sum, mut n) = (0f64, 0usize);
     for b in batches(examples, batch_size, pad) {
-        let (s, c) = batch_loss(model, &b, false)?;
+        let (s, c) = batch_loss(model, &b, &Ctx::eval())?;
         sum += s.to_scalar::<f32>()? as f64;
         n += c;
     }

@@ -160,10 +160,10 @@ pub fn train(
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut loss_sum = 0f64;
         for (j, b) in micro.iter().enumerate() {
-            rng::set_step_seed(rng::splitmix(
-                cfg.seed ^ rng::splitmix((step * cfg.grad_accum + j) as u64 + 7),
-            ));
-            let (sum, mut g) = backward_batch(model, b, total as f64, cfg.grad_checkpointing)?;
+            let seed =
+                rng::splitmix(cfg.seed ^ rng::splitmix((step * cfg.grad_accum + j) as u64 + 7));
+            let (sum, mut g) =
+                backward_batch(model, b, total as f64, cfg.grad_checkpointing, seed)?;
             loss_sum += sum;
             if let Some(reg) = hook
                 .as_ref()

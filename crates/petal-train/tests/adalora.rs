@@ -132,8 +132,10 @@ fn adalora_training_reaches_the_target_budget_and_saves_cut_to_the_kept_ranks() 
     let mut fresh = model();
     petal_io::attach_adapter(&mut fresh, &s.adapter_dir, "default").unwrap();
     let (a, b) = (
-        m.forward(&ids(), None, false).unwrap(),
-        fresh.forward(&ids(), None, false).unwrap(),
+        m.forward(&ids(), None, &petal_core::Ctx::eval()).unwrap(),
+        fresh
+            .forward(&ids(), None, &petal_core::Ctx::eval())
+            .unwrap(),
     );
     let e = petal_ops::testing::max_rel(&b, &a);
     assert!(e < 1e-5, "reloaded logits differ by {e}");

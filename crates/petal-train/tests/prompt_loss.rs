@@ -24,12 +24,12 @@ fn the_loss_with_prompt_tuning_scores_only_the_real_tokens() {
         rows: 2,
         len: 8,
     };
-    let (sum, n) = petal_train::batch_loss(&m, &b, false).unwrap();
+    let (sum, n) = petal_train::batch_loss(&m, &b, &petal_core::Ctx::eval()).unwrap();
     let logits = m
         .forward(
             &Tensor::from_vec(ids, (2, 8), &Device::Cpu).unwrap(),
             None,
-            false,
+            &petal_core::Ctx::eval(),
         )
         .unwrap(); // (2, 11, V)
     assert_eq!(logits.dims()[1], 11);

@@ -11,6 +11,7 @@ use crate::common::device;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use petal_core::config::Targets;
+use petal_core::Ctx;
 use petal_core::{inject_adapter, Adaptable, AdapterConfig};
 use petal_models::{random_weights, Llama, LlamaConfig};
 use petal_train::optim::{AdamW, AdamWParams};
@@ -179,10 +180,11 @@ impl Petal {
                 let n = self.batch.target_tokens() as f64;
                 // with checkpointing, forward and backward interleave: reported as one
                 let (t1, g) = if a.grad_checkpointing {
-                    let (_, g) = petal_train::backward_batch(&self.model, &self.batch, n, true)?;
+                    let (_, g) = petal_train::backward_batch(&self.model, &self.batch, n, true, 0)?;
                     (None, g)
                 } else {
-                    let (sum, _) = petal_train::batch_loss(&self.model, &self.batch, true)?;
+                    let (sum, _) =
+                        petal_train::batch_loss(&self.model, &self.batch, &Ctx::train(0))?;
                     let loss = (sum / n)?;
                     loss.to_scalar::<f32>()?;
                     let t1 = Instant::now();
@@ -211,7 +213,7 @@ impl Petal {
             }
             "forward" => {
                 self.model
-                    .forward(&self.ids, None, false)?
+                    .forward(&self.ids, None, &Ctx::eval())?
                     .sum_all()?
                     .to_scalar::<f32>()?;
                 let t = t0.elapsed().as_secs_f64();
@@ -224,7 +226,7 @@ impl Petal {
                 let mut logits = self.model.forward(
                     &Tensor::new(prompt, &dev)?.unsqueeze(0)?,
                     Some(&mut cache),
-                    false,
+                    &Ctx::eval(),
                 )?;
                 for _ in 0..a.new_tokens {
                     let next = logits
@@ -235,7 +237,7 @@ impl Petal {
                     logits = self.model.forward(
                         &Tensor::new(&[next], &dev)?.unsqueeze(0)?,
                         Some(&mut cache),
-                        false,
+                        &Ctx::eval(),
                     )?;
                 }
                 Ok(json!({"total": t0.elapsed().as_secs_f64()}))

@@ -36,7 +36,7 @@ impl BiasCopy {
 }
 
 impl AdapterLayer for BiasCopy {
-    fn forward(&self, _x: &Tensor, y: Tensor, _train: bool) -> Result<Tensor> {
+    fn forward(&self, _x: &Tensor, y: Tensor, _ctx: &crate::Ctx) -> Result<Tensor> {
         let d = self.delta()?.to_dtype(y.dtype())?;
         Ok(y.broadcast_add(&d)?)
     }

@@ -231,16 +231,16 @@ impl AdapterMethod for Boft {
 
 impl BoftLayer {
     /// The orthogonal blocks (m, D, b, b); in training, PEFT's multiplicative block dropout.
-    fn blocks(&self, train: bool) -> Result<Tensor> {
+    fn blocks(&self, ctx: &crate::Ctx) -> Result<Tensor> {
         let (m, d, b, _) = self.a.as_tensor().dims4()?;
         let a = self.a.as_tensor().reshape((m * d, b, b))?;
         let skew = ((&a - a.transpose(1, 2)?)? * 0.5)?;
         let r = cayley(&skew)?;
-        if !(train && self.dropout > 0.0) {
+        if !(ctx.is_train() && self.dropout > 0.0) {
             return Ok(r.reshape((m, d, b, b))?);
         }
         // int(p D) blocks of one factor replaced by the identity
-        let mut state = rng::next_seed();
+        let mut state = ctx.next_seed();
         let mut draw = || {
             state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
             rng::splitmix(state)
@@ -262,8 +262,8 @@ impl BoftLayer {
     }
 
     /// x R = x F_(m-1) … F_0 with `x F_i = ((x P_i) diag(R_i)) P_i^T`.
-    fn rotate(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let blocks = self.blocks(train)?;
+    fn rotate(&self, x: &Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
+        let blocks = self.blocks(ctx)?;
         // in x's dtype: the block rotation reads bf16 activations itself (f32 inside)
         let inp = x.dim(candle_core::D::Minus1)?;
         let mut h = x.reshape((x.elem_count() / inp, inp))?;
@@ -278,7 +278,7 @@ impl BoftLayer {
 
     /// The dense rotation, or its inverse, for merging.
     fn dense(&self, inverse: bool) -> Result<Tensor> {
-        let blocks = self.blocks(false)?;
+        let blocks = self.blocks(&crate::Ctx::eval())?;
         let n = self.base.dim(1)?;
         let mut total = Tensor::eye(n, DType::F32, blocks.device())?;
         for (i, (p, _)) in self.perms.iter().enumerate() {
@@ -301,9 +301,9 @@ impl BoftLayer {
 }
 
 impl AdapterLayer for BoftLayer {
-    fn forward(&self, x: &Tensor, y: Tensor, train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, y: Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
         // ((x R) W^T) ⊙ s + b = y + ((x R) W^T) ⊙ s - x W^T
-        let xr = self.rotate(x, train)?;
+        let xr = self.rotate(x, ctx)?;
         let rotated = petal_ops::frozen_linear(&xr, &self.base, None)?.to_dtype(DType::F32)?;
         let plain = petal_ops::frozen_linear(x, &self.base, None)?.to_dtype(DType::F32)?;
         let s = self.s.as_tensor().flatten_all()?;
@@ -316,10 +316,10 @@ impl AdapterLayer for BoftLayer {
         x: &Tensor,
         w: &Tensor,
         b: Option<&Tensor>,
-        train: bool,
+        ctx: &crate::Ctx,
     ) -> Option<Result<Tensor>> {
         let run = || -> Result<Tensor> {
-            let xr = self.rotate(x, train)?;
+            let xr = self.rotate(x, ctx)?;
             let y = petal_ops::frozen_linear(&xr, w, None)?;
             // f32 scales on y in its own dtype (f32 arithmetic inside): no f32 copy of y
             let y = petal_ops::scale_last(&y, &self.s.as_tensor().flatten_all()?)?;
@@ -399,7 +399,10 @@ mod tests {
         assert!(max_rel(&r.matmul(&r.t().unwrap()).unwrap(), &eye) < 1e-5);
         // x R through the permuted blocks equals x times the dense R (merge's matrix)
         let x = rand(&[5, 8], 2);
-        let y = layer.fused_forward(&x, &w, None, false).unwrap().unwrap();
+        let y = layer
+            .fused_forward(&x, &w, None, &crate::Ctx::eval())
+            .unwrap()
+            .unwrap();
         let s = layer.tensors()[1].var.as_tensor().flatten_all().unwrap();
         let want = x
             .matmul(&r)

@@ -123,7 +123,7 @@ impl AdapterMethod for Ia3 {
 }
 
 impl AdapterLayer for Ia3Layer {
-    fn forward(&self, x: &Tensor, y: Tensor, _train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, y: Tensor, _ctx: &crate::Ctx) -> Result<Tensor> {
         let l = self.l.as_tensor().flatten_all()?;
         if self.feedforward {
             // (x ⊙ l) W^T + b = y + (x ⊙ (l - 1)) W^T
@@ -140,12 +140,12 @@ impl AdapterLayer for Ia3Layer {
         x: &Tensor,
         w: &Tensor,
         b: Option<&Tensor>,
-        train: bool,
+        _ctx: &crate::Ctx,
     ) -> Option<Result<Tensor>> {
         if !self.feedforward {
             return None;
         }
-        let _ = train;
+
         let run = || -> Result<Tensor> {
             let l = self.l.as_tensor().flatten_all()?;
             // bf16 activations stay bf16: no f32 copy of x in the graph

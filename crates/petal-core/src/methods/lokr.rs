@@ -199,8 +199,8 @@ impl LokrLayer {
 }
 
 impl AdapterLayer for LokrLayer {
-    fn forward(&self, x: &Tensor, y: Tensor, train: bool) -> Result<Tensor> {
-        match self.drop.apply(train, || self.delta())? {
+    fn forward(&self, x: &Tensor, y: Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
+        match self.drop.apply(ctx, || self.delta())? {
             Some(d) => add_dense_delta(x, y, &d),
             None => Ok(y),
         }
@@ -211,9 +211,9 @@ impl AdapterLayer for LokrLayer {
         x: &Tensor,
         w: &Tensor,
         b: Option<&Tensor>,
-        train: bool,
+        ctx: &crate::Ctx,
     ) -> Option<Result<Tensor>> {
-        dense_linear(x, w, b, || self.drop.apply(train, || self.delta()))
+        dense_linear(x, w, b, || self.drop.apply(ctx, || self.delta()))
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {

@@ -221,30 +221,30 @@ pub(crate) struct LycorisDropout {
 
 impl LycorisDropout {
     /// Whether this call skips the adapter (training only).
-    pub fn skip(&self, train: bool) -> bool {
-        train && self.module > 0.0 && unit(crate::rng::next_seed()) <= self.module
+    pub fn skip(&self, ctx: &crate::Ctx) -> bool {
+        ctx.is_train() && self.module > 0.0 && unit(ctx.next_seed()) <= self.module
     }
 
     /// This call's dW: `None` when module dropout skips the adapter, else dW with rows dropped
     /// (the draws in this order, so every forward form repeats them).
     pub fn apply(
         &self,
-        train: bool,
+        ctx: &crate::Ctx,
         dw: impl FnOnce() -> Result<Tensor>,
     ) -> Result<Option<Tensor>> {
-        if self.skip(train) {
+        if self.skip(ctx) {
             return Ok(None);
         }
-        Ok(Some(self.rows(dw()?, train)?))
+        Ok(Some(self.rows(dw()?, ctx)?))
     }
 
     /// dW with rows dropped (training only).
-    pub fn rows(&self, dw: Tensor, train: bool) -> Result<Tensor> {
-        if !(train && self.rank > 0.0) {
+    pub fn rows(&self, dw: Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
+        if !(ctx.is_train() && self.rank > 0.0) {
             return Ok(dw);
         }
         let out = dw.dim(0)?;
-        let mut state = crate::rng::next_seed();
+        let mut state = ctx.next_seed();
         let mut keep: Vec<f32> = (0..out)
             .map(|_| {
                 state = crate::rng::splitmix(state);
@@ -333,27 +333,27 @@ mod tests {
 
     #[test]
     fn module_dropout_skips_about_p_of_training_calls_and_none_in_eval() {
-        crate::rng::set_step_seed(7);
+        let ctx = crate::Ctx::train(7);
         let d = LycorisDropout {
             rank: 0.0,
             module: 0.3,
             scale: false,
         };
-        let skipped = (0..4000).filter(|_| d.skip(true)).count();
+        let skipped = (0..4000).filter(|_| d.skip(&ctx)).count();
         assert!((skipped as f64 / 4000.0 - 0.3).abs() < 0.03, "{skipped}");
-        assert!((0..100).all(|_| !d.skip(false)));
+        assert!((0..100).all(|_| !d.skip(&crate::Ctx::eval())));
     }
 
     #[test]
     fn rank_dropout_zeroes_whole_rows_and_rescales_the_kept_ones_to_the_same_mean() {
-        crate::rng::set_step_seed(3);
+        let ctx = crate::Ctx::train(3);
         let dw = Tensor::ones((1000, 3), DType::F32, &Device::Cpu).unwrap();
         let d = LycorisDropout {
             rank: 0.25,
             module: 0.0,
             scale: true,
         };
-        let out = d.rows(dw.clone(), true).unwrap().to_vec2::<f32>().unwrap();
+        let out = d.rows(dw.clone(), &ctx).unwrap().to_vec2::<f32>().unwrap();
         let zero = out.iter().filter(|r| r.iter().all(|&v| v == 0.0)).count();
         assert!((zero as f64 / 1000.0 - 0.25).abs() < 0.04, "{zero}");
         assert!(
@@ -362,7 +362,7 @@ mod tests {
         );
         let mean: f32 = out.iter().map(|r| r[0]).sum::<f32>() / 1000.0;
         assert!((mean - 1.0).abs() < 1e-4, "{mean}");
-        let eval = d.rows(dw.clone(), false).unwrap();
+        let eval = d.rows(dw.clone(), &crate::Ctx::eval()).unwrap();
         assert_eq!(eval.to_vec2::<f32>().unwrap(), dw.to_vec2::<f32>().unwrap());
     }
 }

@@ -54,7 +54,7 @@ impl ModuleCopy {
 }
 
 impl AdapterLayer for ModuleCopy {
-    fn forward(&self, x: &Tensor, y: Tensor, _train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, y: Tensor, _ctx: &crate::Ctx) -> Result<Tensor> {
         // the copy replaces the module: its output does not depend on y
         if self.embedding {
             let rows = self.weight.as_tensor().index_select(&x.flatten_all()?, 0)?;

@@ -239,7 +239,7 @@ impl OftLayer {
 }
 
 impl AdapterLayer for OftLayer {
-    fn forward(&self, x: &Tensor, y: Tensor, _train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, y: Tensor, _ctx: &crate::Ctx) -> Result<Tensor> {
         // (x R) W^T + b = y + (x R - x) W^T
         let d = (self.rotated(x)?.to_dtype(DType::F32)? - x.to_dtype(DType::F32)?)?;
         let d = petal_ops::frozen_linear(&d, &self.base, None)?;
@@ -251,7 +251,7 @@ impl AdapterLayer for OftLayer {
         x: &Tensor,
         w: &Tensor,
         b: Option<&Tensor>,
-        _train: bool,
+        _ctx: &crate::Ctx,
     ) -> Option<Result<Tensor>> {
         let run = || -> Result<Tensor> {
             let xr = self.rotated(x)?; // in x's dtype; frozen_linear meets w's dtype

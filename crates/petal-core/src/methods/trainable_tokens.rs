@@ -62,7 +62,7 @@ impl TrainableTokens {
 }
 
 impl AdapterLayer for TrainableTokens {
-    fn forward(&self, x: &Tensor, y: Tensor, _train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, y: Tensor, _ctx: &crate::Ctx) -> Result<Tensor> {
         let out = y.dim(candle_core::D::Minus1)?;
         if self.head {
             // logits: columns `indices` come from the new rows: y + (x change^T) P

@@ -173,10 +173,10 @@ impl VeraLayer {
 }
 
 impl AdapterLayer for VeraLayer {
-    fn forward(&self, x: &Tensor, y: Tensor, train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, y: Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
         let x2 = crate::methods::flat_input(x)?;
-        let x2 = if train && self.dropout > 0.0 {
-            dropout(&x2, self.dropout)?
+        let x2 = if ctx.is_train() && self.dropout > 0.0 {
+            dropout(&x2, self.dropout, ctx)?
         } else {
             x2
         };
@@ -194,10 +194,10 @@ impl AdapterLayer for VeraLayer {
         x: &Tensor,
         w: &Tensor,
         bias: Option<&Tensor>,
-        train: bool,
+        ctx: &crate::Ctx,
     ) -> Option<Result<Tensor>> {
         if !petal_ops::cpu::fast_lora_ok(x, w) {
-            if train && self.dropout > 0.0 {
+            if ctx.is_train() && self.dropout > 0.0 {
                 return None;
             }
             // any device: LoRA's graph node with A and B scaled by the vectors,
@@ -214,9 +214,9 @@ impl AdapterLayer for VeraLayer {
         let run = || -> Result<Tensor> {
             let (a, b) = self.sliced()?;
             // x A^T; without dropout a bf16 x is read as it is (no f32 copy in the graph)
-            let low = if train && self.dropout > 0.0 {
+            let low = if ctx.is_train() && self.dropout > 0.0 {
                 let x2 = crate::methods::flat_input(x)?;
-                dropout(&x2, self.dropout)?.matmul(&a.t()?)?
+                dropout(&x2, self.dropout, ctx)?.matmul(&a.t()?)?
             } else {
                 petal_ops::low_rank(x, &a)?
             };

@@ -3,7 +3,7 @@
 
 use super::{Attention, Llama};
 use candle_core::Tensor;
-use petal_core::Result;
+use petal_core::{Ctx, Result};
 use petal_ops::{causal_attention_bthd, Rope};
 
 impl Llama {
@@ -15,16 +15,16 @@ impl Llama {
         rope_from: usize,
         kv: Option<&mut Option<(Tensor, Tensor)>>,
         prefix: Option<(Tensor, Tensor)>,
-        train: bool,
+        ctx: &Ctx,
     ) -> Result<Tensor> {
         // Heads token-major and merged (b, t, heads * d), as the projections write them, and q,
         // k unrotated: the attention op reorders and applies RoPE inside, so no transposed,
         // reshaped or rotated copy of q, k, v or the output enters the graph.
-        let q = at.q.forward(x, train)?;
-        let k = at.k.forward(x, train)?;
-        let v = at.v.forward(x, train)?;
+        let q = at.q.forward(x, ctx)?;
+        let k = at.k.forward(x, ctx)?;
+        let v = at.v.forward(x, ctx)?;
         let o = self.attend(&q, k, v, rope_from, kv, prefix)?;
-        at.o.forward(&o, train)
+        at.o.forward(&o, ctx)
     }
 
     /// Causal attention of projected q, k, v (b, t, heads * d), unrotated, through the cache

@@ -5,14 +5,19 @@
 
 use super::{KvCache, Llama};
 use candle_core::{DType, Tensor};
-use petal_core::{Error, Result};
+use petal_core::{Ctx, Error, Result};
 use petal_ops::residual_add;
 
 impl Llama {
     /// Logits (b, 1, vocab) in f32 for one new token per sequence, `ids` (b, 1); row r
     /// continues `caches[r]` (filled by a prefill through `forward`), which is extended.
     /// Row r's logits equal `forward(ids[r], Some(caches[r]))`'s.
-    pub fn decode_rows(&self, ids: &Tensor, caches: &mut [&mut KvCache]) -> Result<Tensor> {
+    pub fn decode_rows(
+        &self,
+        ids: &Tensor,
+        caches: &mut [&mut KvCache],
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if t != 1 || b != caches.len() {
             return Err(Error::msg(format!(
@@ -25,21 +30,21 @@ impl Llama {
                 "decode_rows: input-side adapter `{n}` (prompt learning) is attached"
             )));
         }
-        let ctx = self.cfg.max_position_embeddings;
-        if let Some(c) = caches.iter().find(|c| c.len() + 1 > ctx) {
+        let context = self.cfg.max_position_embeddings;
+        if let Some(c) = caches.iter().find(|c| c.len() + 1 > context) {
             return Err(Error::msg(format!(
-                "sequence of {} tokens exceeds the model's context of {ctx}",
+                "sequence of {} tokens exceeds the model's context of {context}",
                 c.len() + 1
             )));
         }
-        let mut x = self.embed.forward(ids, false)?.to_dtype(self.resid)?;
+        let mut x = self.embed.forward(ids, ctx)?.to_dtype(self.resid)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = self.rms(&x, &layer.ln1)?;
             let at = &layer.attn;
             let (q, k, v) = (
-                at.q.forward(&h, false)?,
-                at.k.forward(&h, false)?,
-                at.v.forward(&h, false)?,
+                at.q.forward(&h, ctx)?,
+                at.k.forward(&h, ctx)?,
+                at.v.forward(&h, ctx)?,
             );
             let mut o = Vec::with_capacity(b);
             for (r, cache) in caches.iter_mut().enumerate() {
@@ -53,10 +58,10 @@ impl Llama {
                     None,
                 )?);
             }
-            let a = at.o.forward(&Tensor::cat(&o, 0)?, false)?;
-            x = self.mlp_block(layer, &residual_add(&x, &a)?, false)?;
+            let a = at.o.forward(&Tensor::cat(&o, 0)?, ctx)?;
+            x = self.mlp_block(layer, &residual_add(&x, &a)?, ctx)?;
         }
         let h = self.final_norm(&x)?;
-        Ok(self.lm_head.forward(&h, false)?.to_dtype(DType::F32)?)
+        Ok(self.lm_head.forward(&h, ctx)?.to_dtype(DType::F32)?)
     }
 }

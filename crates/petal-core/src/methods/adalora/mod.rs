@@ -227,13 +227,13 @@ impl AdaLoraLayer {
 }
 
 impl AdapterLayer for AdaLoraLayer {
-    fn forward(&self, x: &Tensor, y: Tensor, train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, y: Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
         if self.rank() == 0 {
             return Ok(y);
         }
         let mut x2 = crate::methods::flat_input(x)?;
-        if train && self.dropout > 0.0 {
-            x2 = dropout(&x2, self.dropout)?;
+        if ctx.is_train() && self.dropout > 0.0 {
+            x2 = dropout(&x2, self.dropout, ctx)?;
         }
         let h = (x2.matmul(&self.scaled_a()?.t()?)? * self.factor())?;
         let d = h.matmul(&self.b.as_tensor().t()?)?;

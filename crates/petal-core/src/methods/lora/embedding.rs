@@ -47,7 +47,7 @@ impl LoraEmbedding {
 }
 
 impl AdapterLayer for LoraEmbedding {
-    fn forward(&self, ids: &Tensor, y: Tensor, _train: bool) -> Result<Tensor> {
+    fn forward(&self, ids: &Tensor, y: Tensor, _ctx: &crate::Ctx) -> Result<Tensor> {
         // rows of A^T for the ids: (n, r), then through B
         let h = self
             .a

@@ -246,8 +246,8 @@ use init::structured_init;
 
 /// Inverted dropout with a mask drawn from petal's per-step generator (see `rng`): one
 /// splitmix64 draw per element, compared as an integer against p * 2^64.
-pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
-    let mut state = rng::next_seed();
+pub fn dropout(x: &Tensor, p: f64, ctx: &crate::Ctx) -> Result<Tensor> {
+    let mut state = ctx.next_seed();
     let threshold = (p * u64::MAX as f64) as u64;
     let keep = (1.0 / (1.0 - p)) as f32;
     let m: Vec<f32> = (0..x.elem_count())
@@ -266,23 +266,23 @@ pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
 
 impl LoraLayer {
     /// The (dropped) input as (n, in) f32, and whether dropout acted.
-    fn input(&self, x: &Tensor, train: bool) -> Result<(Tensor, bool)> {
+    fn input(&self, x: &Tensor, ctx: &crate::Ctx) -> Result<(Tensor, bool)> {
         let xf = x.to_dtype(DType::F32)?;
         let inp = xf.dim(candle_core::D::Minus1)?;
         let x2 = xf.reshape((xf.elem_count() / inp, inp))?; // plain 2-D matmuls
-        if train && self.dropout > 0.0 {
-            return Ok((dropout(&x2, self.dropout)?, true));
+        if ctx.is_train() && self.dropout > 0.0 {
+            return Ok((dropout(&x2, self.dropout, ctx)?, true));
         }
         Ok((x2, false))
     }
 
     /// h = dropout(x) A^T as (n, r), in f32 (without an f32 copy of a bf16 x where no dropout
     /// acts).
-    fn low(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if !(train && self.dropout > 0.0) {
+    fn low(&self, x: &Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
+        if !(ctx.is_train() && self.dropout > 0.0) {
             return Ok(petal_ops::low_rank(x, self.a.as_tensor())?);
         }
-        Ok(self.input(x, train)?.0.matmul(&self.a.as_tensor().t()?)?)
+        Ok(self.input(x, ctx)?.0.matmul(&self.a.as_tensor().t()?)?)
     }
 
     /// s B A (out, in).
@@ -292,9 +292,9 @@ impl LoraLayer {
 }
 
 impl AdapterLayer for LoraLayer {
-    fn forward(&self, x: &Tensor, y: Tensor, train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, y: Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
         if let Some(dora) = &self.dora {
-            let (xd, dropped) = self.input(x, train)?;
+            let (xd, dropped) = self.input(x, ctx)?;
             let lora = xd
                 .matmul(&self.a.as_tensor().t()?)?
                 .matmul(&self.b.as_tensor().t()?)?;
@@ -307,7 +307,7 @@ impl AdapterLayer for LoraLayer {
             }
             return Ok(z.reshape(y.shape())?.to_dtype(y.dtype())?);
         }
-        let h = (self.low(x, train)? * self.scaling)?; // (n, r), scaled while small
+        let h = (self.low(x, ctx)? * self.scaling)?; // (n, r), scaled while small
         let mut d = h.matmul(&self.b.as_tensor().t()?)?; // (n, out)
         if let Some((trained, frozen)) = &self.bias {
             d = d.broadcast_add(&(trained.as_tensor() - frozen)?)?;
@@ -321,10 +321,10 @@ impl AdapterLayer for LoraLayer {
         x: &Tensor,
         w: &Tensor,
         b: Option<&Tensor>,
-        train: bool,
+        ctx: &crate::Ctx,
     ) -> Option<Result<Tensor>> {
         // DoRA with dropout acting recomputes its base term from the dropped input: composed
-        let no_dropout = !(train && self.dropout > 0.0);
+        let no_dropout = !(ctx.is_train() && self.dropout > 0.0);
         let fast = petal_ops::cpu::fast_lora_ok(x, w);
         if self.bias.is_some() || (self.dora.is_some() && !no_dropout) || !(fast || no_dropout) {
             return None;
@@ -341,7 +341,7 @@ impl AdapterLayer for LoraLayer {
                 let lin = petal_ops::lora(x, w, b, la, lb, self.scaling)?;
                 return d.fused_forward(&lin, &self.delta()?);
             }
-            let h = self.low(x, train)?;
+            let h = self.low(x, ctx)?;
             let lin = petal_ops::lora_linear(x, w, b, &h, self.b.as_tensor(), self.scaling)?;
             match &self.dora {
                 Some(d) => d.fused_forward(&lin, &self.delta()?),
@@ -457,15 +457,15 @@ mod tests {
 
     #[test]
     fn dropout_zeroes_about_p_of_the_entries_and_rescales_the_rest() {
-        crate::rng::set_step_seed(9);
+        let ctx = crate::Ctx::train(9);
         let x = Tensor::ones(100_000, DType::F32, &Device::Cpu).unwrap();
-        let y = dropout(&x, 0.2).unwrap().to_vec1::<f32>().unwrap();
+        let y = dropout(&x, 0.2, &ctx).unwrap().to_vec1::<f32>().unwrap();
         let zeros = y.iter().filter(|&&v| v == 0.0).count() as f64 / y.len() as f64;
         assert!((zeros - 0.2).abs() < 0.01, "dropped {zeros}");
         assert!(y.iter().all(|&v| v == 0.0 || (v - 1.25).abs() < 1e-6));
-        crate::rng::set_step_seed(9);
+        let ctx = crate::Ctx::train(9);
         assert_eq!(
-            dropout(&x, 0.2).unwrap().to_vec1::<f32>().unwrap(),
+            dropout(&x, 0.2, &ctx).unwrap().to_vec1::<f32>().unwrap(),
             y,
             "same step seed, same mask"
         );
@@ -626,9 +626,10 @@ mod dora_fused_tests {
             let layer = Lora.build(&c, "fc", &base, 7).unwrap();
             let x = Var::from_tensor(&rand_tensor(&[3, 4, 5], 3)).unwrap();
             let y = petal_ops::frozen_linear(x.as_tensor(), &w, b.as_ref()).unwrap();
-            let composed = layer.forward(x.as_tensor(), y, true).unwrap();
+            let ctx = crate::Ctx::train(0);
+            let composed = layer.forward(x.as_tensor(), y, &ctx).unwrap();
             let fused = layer
-                .fused_forward(x.as_tensor(), &w, b.as_ref(), true)
+                .fused_forward(x.as_tensor(), &w, b.as_ref(), &ctx)
                 .expect("fused path")
                 .unwrap();
             assert!(max_rel(&fused, &composed) < 1e-5);

@@ -1,0 +1,63 @@
+//! What one forward pass depends on besides its inputs, handed down explicitly (never through
+//! thread-locals): training or inference, the adapter of each row of a mixed batch, and the
+//! random stream of training-time dropout.
+
+use crate::rng::Stream;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Default)]
+pub struct Ctx {
+    train: bool,
+    rows: Option<Arc<[String]>>,
+    rng: Stream,
+}
+
+impl Ctx {
+    /// Inference: no dropout, every active adapter on every row.
+    pub fn eval() -> Self {
+        Ctx::default()
+    }
+
+    /// Training, with dropout masks drawn from `seed` (one seed per micro-batch, so a resumed
+    /// run replays them).
+    pub fn train(seed: u64) -> Self {
+        Ctx {
+            train: true,
+            rows: None,
+            rng: Stream::new(seed),
+        }
+    }
+
+    /// Inference with row i of the batch through adapter `rows[i]` ([`crate::mixed::BASE`]:
+    /// none). Made by [`crate::mixed::rows_ctx`], which checks the names against the model.
+    pub(crate) fn with_rows(rows: &[&str]) -> Self {
+        Ctx {
+            train: false,
+            rows: Some(rows.iter().map(|s| s.to_string()).collect()),
+            rng: Stream::default(),
+        }
+    }
+
+    pub fn is_train(&self) -> bool {
+        self.train
+    }
+
+    /// The adapter of each row, in a mixed batch.
+    pub fn rows(&self) -> Option<&[String]> {
+        self.rows.as_deref()
+    }
+
+    /// A fresh seed for the next random draw of this pass.
+    pub fn next_seed(&self) -> u64 {
+        self.rng.next_seed()
+    }
+
+    /// Where this pass's draws stand (see [`Stream::snapshot`]).
+    pub fn rng_snapshot(&self) -> (u64, u64) {
+        self.rng.snapshot()
+    }
+
+    pub fn rng_restore(&self, state: (u64, u64)) {
+        self.rng.restore(state)
+    }
+}
