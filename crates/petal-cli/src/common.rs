@@ -47,14 +47,17 @@ pub fn dtype(s: &str) -> Result<DType> {
     Ok(petal_models::load::parse_dtype(s)?)
 }
 
-/// Applies `--bf16-activations` (models loaded after this keep bf16 activations on the CPU);
-/// an error unless the weights are bf16.
-pub fn bf16_activations(on: bool, dt: DType) -> Result<()> {
-    if on && dt != DType::BF16 {
-        anyhow::bail!("--bf16-activations needs --dtype bf16 (the weights' dtype is {dt:?})");
+/// `--dtype` with `--bf16-activations` (bf16 activations on the CPU); an error unless the
+/// weights are bf16.
+pub fn precision(dt: &str, bf16_activations: bool) -> Result<petal_models::Precision> {
+    let weights = dtype(dt)?;
+    if bf16_activations && weights != DType::BF16 {
+        anyhow::bail!("--bf16-activations needs --dtype bf16 (the weights' dtype is {weights:?})");
     }
-    petal_models::set_bf16_activations(on);
-    Ok(())
+    Ok(petal_models::Precision {
+        weights,
+        bf16_activations,
+    })
 }
 
 /// An `--adapter` argument: `NAME=FOLDER`, or a folder named after its position ("default",
@@ -78,10 +81,16 @@ pub fn adapter_name(i: usize, arg: &Path) -> (String, PathBuf) {
     (name, arg.to_path_buf())
 }
 
-/// Load `model` and attach each adapter folder (see [`adapter_name`]), all active.
-pub fn load(model: &str, adapters: &[PathBuf], dt: &str, dev: &str) -> Result<LoadedModel> {
+/// Load `model` in `precision` and attach each adapter folder (see [`adapter_name`]), all
+/// active.
+pub fn load(
+    model: &str,
+    adapters: &[PathBuf],
+    precision: petal_models::Precision,
+    dev: &str,
+) -> Result<LoadedModel> {
     let spec = resolve_spec(model)?;
-    let mut lm = load_model(&spec, dtype(dt)?, &device(dev)?)
+    let mut lm = load_model(&spec, precision, &device(dev)?)
         .with_context(|| format!("loading model {spec}"))?;
     let mut names: Vec<String> = Vec::new();
     for (i, a) in adapters.iter().enumerate() {

@@ -30,9 +30,8 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// The model with every `--adapter` attached.
     pub fn load(&self) -> Result<petal_models::LoadedModel> {
-        let dt = crate::common::dtype(&self.dtype)?;
-        crate::common::bf16_activations(self.bf16_activations, dt)?;
-        load(&self.model, &self.adapter, &self.dtype, &self.device)
+        let p = crate::common::precision(&self.dtype, self.bf16_activations)?;
+        load(&self.model, &self.adapter, p, &self.device)
     }
 }
 

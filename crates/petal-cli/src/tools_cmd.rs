@@ -77,23 +77,7 @@ pub fn run_merge(a: MergeArgs) -> Result<()> {
         bail!("--adapter is required: the adapter to merge into the model");
     }
     let mut lm = a.model.load()?;
-    if let Some((n, _)) = lm.model.input_adapter() {
-        bail!("adapter `{n}` is prompt tuning: it adds virtual tokens and cannot be merged into the weights");
-    }
-    let names: Vec<String> = lm
-        .model
-        .linears()
-        .iter()
-        .flat_map(|l| l.adapter_names())
-        .map(String::from)
-        .collect();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    for l in lm.model.linears_mut() {
-        l.merge_and_unload(&names)?;
-    }
-    for n in lm.model.norms_mut() {
-        n.merge_and_unload()?; // LN tuning: the trained copy becomes the weight
-    }
+    petal_core::inject::merge_and_unload_all(&mut lm.model)?;
     export_hf(&mut lm, &a.out)?;
     println!(
         "merged {} adapter(s) into {}",

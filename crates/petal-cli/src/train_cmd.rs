@@ -209,11 +209,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let given = given_options(m, &o, &flags, table)?;
     let dt = o.dtype.clone().unwrap_or_else(|| "f32".into());
     let dev = o.device.clone().unwrap_or_else(|| "cpu".into());
-    crate::common::bf16_activations(
-        o.bf16_activations.unwrap_or(false),
-        crate::common::dtype(&dt)?,
-    )?;
-    let lm = load(&model_spec, &[], &dt, &dev)?;
+    let precision = crate::common::precision(&dt, o.bf16_activations.unwrap_or(false))?;
+    let lm = load(&model_spec, &[], precision, &dev)?;
     let tok = &lm.tokenizer;
     let seq_len = o.seq_len.unwrap_or(128);
     if seq_len > lm.model.cfg.max_position_embeddings {

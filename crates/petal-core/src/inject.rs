@@ -366,19 +366,32 @@ pub fn set_active(model: &mut dyn Adaptable, names: &[&str]) {
 
 /// All trainable variables of adapter `name`, in module order (the optimizer's list).
 pub fn adapter_vars(model: &dyn Adaptable, name: &str) -> Vec<Var> {
-    let mut v: Vec<Var> = model
-        .linears()
-        .iter()
-        .filter_map(|l| l.layer(name))
-        .flat_map(|l| l.vars())
-        .collect();
-    if let Some((n, a)) = model.input_adapter() {
-        if n == name {
-            v.extend(a.tensors().into_iter().map(|t| t.var.clone()));
-        }
+    crate::walk::adapter_tensors(model, name)
+        .into_iter()
+        .filter(|t| t.trainable())
+        .map(|t| t.var.clone())
+        .collect()
+}
+
+/// Merge every adapter into the base weights and drop them (`petal merge`): each linear's
+/// adapters by their `WeightUpdate`, tuned norms' copies become the weights. An input-side
+/// adapter (virtual tokens, prefixes) has no weight to merge into and is refused.
+pub fn merge_and_unload_all(model: &mut dyn Adaptable) -> Result<()> {
+    if let Some((n, _)) = model.input_adapter() {
+        return Err(Error::Unsupported(format!(
+            "adapter `{n}` puts virtual tokens or keys and values in front of the input: it \
+             cannot be merged into the weights"
+        )));
     }
-    v.extend(model.norms().iter().filter_map(|n| n.copy(name)).cloned());
-    v
+    let names = crate::walk::adapter_names(model);
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    for l in model.linears_mut() {
+        l.merge_and_unload(&names)?;
+    }
+    for n in model.norms_mut() {
+        n.merge_and_unload()?;
+    }
+    Ok(())
 }
 
 /// PEFT's `print_trainable_parameters`: trainable (the active adapters) vs all parameters.
@@ -390,42 +403,15 @@ pub struct ParamCount {
 
 impl ParamCount {
     pub fn of(model: &dyn Adaptable) -> Self {
-        let mut trainable = 0;
-        let mut adapters = 0;
-        for l in model.linears() {
-            for n in l.adapter_names() {
-                let c: usize = l
-                    .layer(n)
-                    .map(|a| {
-                        a.tensors()
-                            .iter()
-                            .map(|t| t.var.as_tensor().elem_count())
-                            .sum()
-                    })
-                    .unwrap_or(0);
-                adapters += c;
-                if l.active().iter().any(|a| a == n) {
-                    trainable += c;
+        let (mut trainable, mut adapters) = (0, 0);
+        for name in crate::walk::adapter_names(model) {
+            for t in crate::walk::adapter_tensors(model, &name) {
+                if !t.trainable() {
+                    continue; // frozen shared projections are not counted (as in PEFT)
                 }
-            }
-        }
-        if let Some((_, a)) = model.input_adapter() {
-            let c: usize = a
-                .tensors()
-                .iter()
-                .map(|t| t.var.as_tensor().elem_count())
-                .sum();
-            adapters += c;
-            trainable += c;
-        }
-        for n in model.norms() {
-            for name in n.names() {
-                let c = n
-                    .copy(name)
-                    .map(|v| v.as_tensor().elem_count())
-                    .unwrap_or(0);
+                let c = t.var.as_tensor().elem_count();
                 adapters += c;
-                if n.is_active(name) {
+                if t.active {
                     trainable += c;
                 }
             }

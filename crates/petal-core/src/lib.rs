@@ -16,6 +16,7 @@ pub mod norm;
 pub mod registry;
 pub mod rng;
 pub mod target;
+pub mod walk;
 
 pub use adapter::{
     AdapterLayer, AdapterMethod, Flag, InputAdapter, NamedTensor, NewAdapter, SharedOption,

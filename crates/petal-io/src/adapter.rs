@@ -14,7 +14,7 @@ pub const KEY_PREFIX: &str = "base_model.model.";
 const TOP_LEVEL: &[&str] = &["prompt_embeddings"];
 
 /// Model-level shared tensors (VeRA's projections) keep their `base_model.` key.
-const SHARED_PREFIX: &str = "base_model.";
+use petal_core::walk::SHARED_PREFIX;
 
 fn disk_key(k: &str) -> String {
     if TOP_LEVEL.contains(&k) || k.starts_with(SHARED_PREFIX) {
@@ -68,35 +68,10 @@ pub fn load_adapter(
 
 /// Tensors of adapter `name` under module-relative PEFT names.
 pub fn adapter_tensors(model: &dyn Adaptable, name: &str) -> HashMap<String, Tensor> {
-    let mut out = HashMap::new();
-    for lin in model.linears() {
-        let Some(layer) = lin.layer(name) else {
-            continue;
-        };
-        for t in layer.tensors() {
-            out.insert(
-                format!("{}.{}", lin.path(), t.name),
-                t.var.as_tensor().clone(),
-            );
-        }
-        for t in layer.shared() {
-            out.insert(
-                format!("{SHARED_PREFIX}{}", t.name),
-                t.var.as_tensor().clone(),
-            );
-        }
-    }
-    if let Some((n, input)) = model.input_adapter() {
-        for t in input.tensors().into_iter().filter(|_| n == name) {
-            out.insert(t.name.to_string(), t.var.as_tensor().clone());
-        }
-    }
-    for n in model.norms() {
-        if let Some((key, v)) = n.copy_key(name) {
-            out.insert(key, v.as_tensor().clone());
-        }
-    }
-    out
+    petal_core::walk::adapter_tensors(model, name)
+        .into_iter()
+        .map(|t| (t.key, t.var.as_tensor().clone()))
+        .collect()
 }
 
 /// Adapter `name` of `model` in its saved form, as PEFT's `save_pretrained` writes it: the
@@ -177,30 +152,8 @@ pub fn load_into(
         }
         Ok(var.set(&src.to_dtype(var.as_tensor().dtype())?)?)
     };
-    let mut shared_done: Vec<&str> = Vec::new();
-    for lin in model.linears() {
-        let Some(layer) = lin.layer(name) else {
-            continue;
-        };
-        for t in layer.tensors() {
-            take(format!("{}.{}", lin.path(), t.name), t.var)?;
-        }
-        for t in layer.shared() {
-            if !shared_done.contains(&t.name) {
-                take(format!("{SHARED_PREFIX}{}", t.name), t.var)?;
-                shared_done.push(t.name);
-            }
-        }
-    }
-    if let Some((n, input)) = model.input_adapter() {
-        for t in input.tensors().into_iter().filter(|_| n == name) {
-            take(t.name.to_string(), t.var)?;
-        }
-    }
-    for n in model.norms() {
-        if let Some((key, v)) = n.copy_key(name) {
-            take(key, v)?;
-        }
+    for t in petal_core::walk::adapter_tensors(model, name) {
+        take(t.key, t.var)?;
     }
     // PEFT saves a targeted embedding's base table too (`save_embedding_layers="auto"`): it must
     // be the table this model has (a resized vocabulary would need it loaded, which petal

@@ -1,27 +1,37 @@
-//! Which dtypes a model's activations and residual stream take for its weights' dtype.
+//! Which dtypes a model's weights, activations and residual stream take: chosen when the model
+//! is loaded ([`Precision`]), never by a process-wide switch.
 
 use candle_core::{DType, Device};
-use std::sync::atomic::{AtomicBool, Ordering};
 
-static BF16_ACTIVATIONS: AtomicBool = AtomicBool::new(false);
-
-/// Whether models loaded from now on with bf16 weights on the CPU keep their activations in
-/// bf16 (less memory: about half the activations' bytes) instead of f32 (faster: candle's
-/// autograd adds one bf16 gradient per graph node through a slow path). Off by default.
-pub fn set_bf16_activations(on: bool) {
-    BF16_ACTIVATIONS.store(on, Ordering::Relaxed);
+/// How a model stores its numbers: the weights' dtype and, for bf16 weights on the CPU, whether
+/// activations are kept in bf16 too (less memory: about half the activations' bytes) instead
+/// of f32 (faster: candle's autograd adds one bf16 gradient per graph node through a slow
+/// path). A `DType` converts to the default: f32 activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Precision {
+    pub weights: DType,
+    pub bf16_activations: bool,
 }
 
-/// The dtype activations (and norms, biases) are stored in for weights of dtype `dt`. On the
-/// CPU, bf16 weights run with f32 activations (each matmul rounds its input to bf16 and
-/// accumulates in f32, as autocast does) unless `set_bf16_activations` asked for bf16 ones
-/// (computed in f32 inside each fused kernel, stored in bf16); elsewhere the weights' dtype.
-pub fn act_dtype(dt: DType, dev: &Device) -> DType {
-    let bf16_act = BF16_ACTIVATIONS.load(Ordering::Relaxed);
-    if dt == DType::BF16 && dev.is_cpu() && !bf16_act {
+impl From<DType> for Precision {
+    fn from(weights: DType) -> Self {
+        Precision {
+            weights,
+            bf16_activations: false,
+        }
+    }
+}
+
+/// The dtype activations (and norms, biases) are stored in. On the CPU, bf16 weights run with
+/// f32 activations (each matmul rounds its input to bf16 and accumulates in f32, as autocast
+/// does) unless `bf16_activations` asks for bf16 ones (computed in f32 inside each fused
+/// kernel, stored in bf16); elsewhere the weights' dtype.
+pub fn act_dtype(p: impl Into<Precision>, dev: &Device) -> DType {
+    let p = p.into();
+    if p.weights == DType::BF16 && dev.is_cpu() && !p.bf16_activations {
         DType::F32
     } else {
-        dt
+        p.weights
     }
 }
 

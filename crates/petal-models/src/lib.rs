@@ -9,6 +9,6 @@ pub mod load;
 
 pub use checkpoint::Grads;
 pub use config::LlamaConfig;
-pub use dtype::{act_dtype, resid_dtype, set_bf16_activations};
+pub use dtype::{act_dtype, resid_dtype, Precision};
 pub use llama::{random_weights, KvCache, Llama};
 pub use load::{load_model, LoadedModel};

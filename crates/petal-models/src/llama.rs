@@ -4,7 +4,7 @@
 //! Written with differentiable ops only (see petal-ops) so every adapter gets gradients.
 
 use crate::config::LlamaConfig;
-use crate::dtype::{act_dtype, resid_dtype};
+use crate::dtype::{act_dtype, resid_dtype, Precision};
 use candle_core::{DType, Device, Tensor};
 use petal_core::adapter::InputShape;
 use petal_core::{Adaptable, AdaptableLinear, AdaptableNorm, Ctx, InputAdapter, Result};
@@ -30,17 +30,17 @@ fn linear(
     out: usize,
     inp: usize,
     bias: bool,
-    dt: DType,
+    p: Precision,
     dev: &Device,
 ) -> Result<AdaptableLinear> {
-    let weight = w.get(&format!("{path}.weight"), Some(&[out, inp]), dt, dev)?;
+    let weight = w.get(&format!("{path}.weight"), Some(&[out, inp]), p.weights, dev)?;
     // present biases load whatever the config says (Llama's attention_bias also covers o_proj,
     // mlp_bias the MLP; a BitFit merge may add them)
     let b = if bias || w.contains(&format!("{path}.bias")) {
         Some(w.get(
             &format!("{path}.bias"),
             Some(&[out]),
-            act_dtype(dt, dev),
+            act_dtype(p, dev),
             dev,
         )?)
     } else {
@@ -125,9 +125,16 @@ pub struct Llama {
 }
 
 impl Llama {
-    pub fn load(cfg: LlamaConfig, w: &Weights, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load(
+        cfg: LlamaConfig,
+        w: &Weights,
+        precision: impl Into<Precision>,
+        device: &Device,
+    ) -> Result<Self> {
+        let precision = precision.into();
+        let dtype = precision.weights;
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
-        let act = act_dtype(dtype, device);
+        let act = act_dtype(precision, device);
         let resid = resid_dtype(act, device);
         let (nq, nkv, inter) = (
             cfg.num_attention_heads * d,
@@ -144,8 +151,9 @@ impl Llama {
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let bias = cfg.attention_bias;
-            let lin =
-                |name: &str, o, inp, b| linear(w, &format!("{p}.{name}"), o, inp, b, dtype, device);
+            let lin = |name: &str, o, inp, b| {
+                linear(w, &format!("{p}.{name}"), o, inp, b, precision, device)
+            };
             layers.push(Layer {
                 attn: Attention {
                     q: lin("self_attn.q_proj", nq, h, bias)?,
@@ -166,7 +174,7 @@ impl Llama {
         let lm_head = if cfg.tie_word_embeddings || !w.contains("lm_head.weight") {
             AdaptableLinear::new("lm_head", embed.clone(), None)
         } else {
-            linear(w, "lm_head", cfg.vocab_size, h, false, dtype, device)?
+            linear(w, "lm_head", cfg.vocab_size, h, false, precision, device)?
         };
         let max_pos = cfg.max_position_embeddings.max(1);
         let (cos, sin) = rope_tables(&cfg.inv_freq(), max_pos, device)?;

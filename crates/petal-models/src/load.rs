@@ -16,7 +16,14 @@ pub struct LoadedModel {
     pub source: ModelSource,
 }
 
-pub fn load_model(spec: &str, dtype: DType, device: &Device) -> Result<LoadedModel> {
+/// The model and tokenizer of `spec`, with weights (and activations) as `precision` says (a
+/// `DType`: activations as the weights, f32 for bf16 weights on the CPU).
+pub fn load_model(
+    spec: &str,
+    precision: impl Into<crate::Precision>,
+    device: &Device,
+) -> Result<LoadedModel> {
+    let precision = precision.into();
     let source = resolve(spec)?;
     let (model, tokenizer) = match &source {
         ModelSource::HfFolder(dir) => {
@@ -25,7 +32,7 @@ pub fn load_model(spec: &str, dtype: DType, device: &Device) -> Result<LoadedMod
             let cfg = LlamaConfig::from_hf_json(&text, &cfg_path.display().to_string())?;
             let w = petal_io::Weights::from_hf_folder(dir)?;
             let tok = Tokenizer::from_hf_folder(dir).map_err(|e| Error::msg(e.to_string()))?;
-            (Llama::load(cfg, &w, dtype, device)?, tok)
+            (Llama::load(cfg, &w, precision, device)?, tok)
         }
         ModelSource::Gguf(path) => {
             let g = gguf::read(path)?;
@@ -34,7 +41,7 @@ pub fn load_model(spec: &str, dtype: DType, device: &Device) -> Result<LoadedMod
             let cfg = LlamaConfig::from_gguf(&g.metadata, tied, bias)?;
             let tok = gguf_tokenizer(&g.metadata)
                 .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
-            (Llama::load(cfg, &g.weights, dtype, device)?, tok)
+            (Llama::load(cfg, &g.weights, precision, device)?, tok)
         }
     };
     Ok(LoadedModel {

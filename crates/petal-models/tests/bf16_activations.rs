@@ -1,7 +1,7 @@
-//! bf16 activations (`set_bf16_activations`: bf16 weights, activations stored in bf16, f32
+//! bf16 activations (`Precision::bf16_activations`: bf16 weights, activations stored in bf16, f32
 //! residual stream) on every PEFT-saved golden adapter: each method's forward runs on bf16
 //! activations and tracks transformers + PEFT's f32 logits within bf16 precision; the KV cache
-//! (bf16) decodes like the full forward. Its own test binary: the switch is process-wide.
+//! (bf16) decodes like the full forward.
 
 use candle_core::{DType, Device, Tensor};
 use petal_models::{load_model, Llama};
@@ -18,9 +18,12 @@ fn golden() -> HashMap<String, Tensor> {
 }
 
 fn bf16_model(base: &str, adapter: Option<&str>) -> Llama {
-    petal_models::set_bf16_activations(true);
     let dir = root().join(base);
-    let mut m = load_model(dir.to_str().unwrap(), DType::BF16, &Device::Cpu)
+    let bf16 = petal_models::Precision {
+        weights: DType::BF16,
+        bf16_activations: true,
+    };
+    let mut m = load_model(dir.to_str().unwrap(), bf16, &Device::Cpu)
         .unwrap()
         .model;
     if let Some(a) = adapter {

@@ -1,7 +1,6 @@
 //! Training with bf16 activations (bf16 weights, activations stored in bf16 and computed in
 //! f32 inside each kernel, f32 residual stream) follows the f32 loss curve within bf16
-//! rounding, through the one-node LoRA op (no dropout) and the composed LoRA (dropout). Its own
-//! test binary: `petal_models::set_bf16_activations` is process-wide.
+//! rounding, through the one-node LoRA op (no dropout) and the composed LoRA (dropout).
 
 mod common;
 
@@ -13,13 +12,11 @@ fn training_with_bf16_activations_follows_the_f32_loss_curve_within_bf16_roundin
     let d = tempfile::tempdir().unwrap();
     for dropout in [0.0, 0.1] {
         let full = losses(DType::F32, dropout, d.path().join(format!("f32-{dropout}")));
-        petal_models::set_bf16_activations(true);
-        let half = losses(
-            DType::BF16,
-            dropout,
-            d.path().join(format!("bf16-{dropout}")),
-        );
-        petal_models::set_bf16_activations(false);
+        let bf16 = petal_models::Precision {
+            weights: DType::BF16,
+            bf16_activations: true,
+        };
+        let half = losses(bf16, dropout, d.path().join(format!("bf16-{dropout}")));
         assert!(half[5] < half[0], "the run must learn: {half:?}");
         // seen: 3e-5 relative (activations rounded to 8 significant bits, sums in f32)
         for (i, (a, b)) in half.iter().zip(&full).enumerate() {

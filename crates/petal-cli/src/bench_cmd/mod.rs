@@ -247,8 +247,7 @@ impl Petal {
 }
 
 fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
-    let dt = crate::common::dtype(&a.dtype)?;
-    crate::common::bf16_activations(a.bf16_activations, dt)?;
+    let dt = crate::common::precision(&a.dtype, a.bf16_activations)?;
     let (model, wl) = match a.workload.as_str() {
         "synthetic-35m" | "smollm2-shape" => {
             let cfg = match a.workload.as_str() {

@@ -16,7 +16,11 @@ pub fn tiny_llama_losses(dtype: DType, out: PathBuf) -> Vec<f64> {
 }
 
 /// The same run with LoRA dropout `dropout` (0 takes the one-node fused LoRA op).
-pub fn tiny_llama_losses_with(dtype: DType, dropout: f64, out: PathBuf) -> Vec<f64> {
+pub fn tiny_llama_losses_with(
+    dtype: impl Into<petal_models::Precision>,
+    dropout: f64,
+    out: PathBuf,
+) -> Vec<f64> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden/llama");
     let mut m = petal_models::load_model(dir.to_str().unwrap(), dtype, &Device::Cpu)
         .unwrap()
