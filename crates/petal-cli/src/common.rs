@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use petal_models::{load_model, LoadedModel};
+use petal_io::{load_model, LoadedModel};
 use std::path::{Path, PathBuf};
 
 /// `asset:NAME[/sub/path]` -> the cached asset path; anything else unchanged.
@@ -44,7 +44,7 @@ pub fn device(spec: &str) -> Result<Device> {
 }
 
 pub fn dtype(s: &str) -> Result<DType> {
-    Ok(petal_models::load::parse_dtype(s)?)
+    Ok(petal_io::parse_dtype(s)?)
 }
 
 /// `--dtype` with `--bf16-activations` (bf16 activations on the CPU); an error unless the

@@ -29,7 +29,7 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     /// The model with every `--adapter` attached.
-    pub fn load(&self) -> Result<petal_models::LoadedModel> {
+    pub fn load(&self) -> Result<petal_io::LoadedModel> {
         let p = crate::common::precision(&self.dtype, self.bf16_activations)?;
         load(&self.model, &self.adapter, p, &self.device)
     }

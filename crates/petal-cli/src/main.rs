@@ -57,7 +57,7 @@ enum Cmd {
     Bench(bench_cmd::BenchArgs),
     /// The adapter methods and each one's options (keys, defaults, help)
     #[command(
-        after_help = "Example:\n  petal methods road\n  petal train --method road --set variant=road_2 --data asset:shakespeare"
+        after_help = "Example:\n  petal methods lora\n  petal train --method lora --set lora_dropout=0.05 --data asset:shakespeare"
     )]
     Methods(methods_cmd::MethodsArgs),
     /// Fetch the pinned real models and data (SmolLM2, Shakespeare, GSM8K) into the cache

@@ -88,7 +88,7 @@ pub fn run_merge(a: MergeArgs) -> Result<()> {
 }
 
 /// Write the (merged) model as a Hugging Face folder: config.json, model.safetensors, tokenizer.
-pub fn export_hf(lm: &mut petal_models::LoadedModel, out: &std::path::Path) -> Result<()> {
+pub fn export_hf(lm: &mut petal_io::LoadedModel, out: &std::path::Path) -> Result<()> {
     lm.model.complete_bias_groups()?;
     std::fs::create_dir_all(out)?;
     if !lm.model.head_is_tied() {

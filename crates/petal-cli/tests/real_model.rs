@@ -5,9 +5,9 @@ use candle_core::{DType, Device};
 use petal_data::template::Message;
 use petal_serve::{generate, SamplingParams};
 
-fn smollm2() -> petal_models::LoadedModel {
+fn smollm2() -> petal_io::LoadedModel {
     let p = petal_cli::assets::ensure("smollm2").expect("fetch SmolLM2 (petal assets smollm2)");
-    petal_models::load_model(p.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap()
+    petal_io::load_model(p.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap()
 }
 
 #[test]

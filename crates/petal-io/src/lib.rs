@@ -1,11 +1,12 @@
 //! petal-io: files in and out. Safetensors (single or sharded, memory-mapped), GGUF (llama
 //! architecture, dequantized, renamed to HF names), PEFT adapter folders, atomic writes, and
-//! resolving a model argument (folder, .gguf file or hub id).
+//! resolving a model argument (folder, .gguf file or hub id) into a model and its tokenizer.
 
 pub mod adapter;
 pub mod atomic;
 pub mod gguf;
 pub mod hub;
+pub mod model;
 pub mod weights;
 
 pub use adapter::{
@@ -13,4 +14,5 @@ pub use adapter::{
     save_model_adapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX,
 };
 pub use atomic::{write_atomic, write_safetensors_atomic};
+pub use model::{gguf_tokenizer, llama_config, load_model, parse_dtype, LoadedModel};
 pub use weights::Weights;

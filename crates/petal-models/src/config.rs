@@ -2,10 +2,8 @@
 //! `torch_dtype`, and transformers 5's `rope_parameters`/`dtype`) or from GGUF metadata.
 
 use petal_core::{Error, Result};
-use petal_io::gguf::{meta_f64, meta_u64, Value as GgufValue};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::HashMap;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RopeScaling {
@@ -152,51 +150,6 @@ impl LlamaConfig {
             bos_token_id: first_id(v.get("bos_token_id")),
             eos_token_id: first_id(v.get("eos_token_id")),
             model_type: mt,
-        })
-    }
-
-    /// From llama-architecture GGUF metadata; `tied` says whether output.weight is absent.
-    pub fn from_gguf(
-        md: &HashMap<String, GgufValue>,
-        tied: bool,
-        has_qkv_bias: bool,
-    ) -> Result<Self> {
-        let need = |k: &str| {
-            meta_u64(md, k)
-                .ok_or_else(|| Error::config("gguf", k, "missing"))
-                .map(|x| x as usize)
-        };
-        let heads = need("llama.attention.head_count")?;
-        let hidden = need("llama.embedding_length")?;
-        let vocab = match md.get("tokenizer.ggml.tokens") {
-            Some(v) => v.to_vec().map(|t| t.len()).unwrap_or(0),
-            None => 0,
-        };
-        let vocab = meta_u64(md, "llama.vocab_size")
-            .map(|x| x as usize)
-            .unwrap_or(vocab);
-        Ok(LlamaConfig {
-            model_type: "llama".into(),
-            vocab_size: vocab,
-            hidden_size: hidden,
-            intermediate_size: need("llama.feed_forward_length")?,
-            num_hidden_layers: need("llama.block_count")?,
-            num_attention_heads: heads,
-            num_key_value_heads: meta_u64(md, "llama.attention.head_count_kv")
-                .map(|x| x as usize)
-                .unwrap_or(heads),
-            head_dim: meta_u64(md, "llama.attention.key_length")
-                .map(|x| x as usize)
-                .unwrap_or(hidden / heads),
-            rms_norm_eps: meta_f64(md, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-            rope_theta: meta_f64(md, "llama.rope.freq_base").unwrap_or(10000.0),
-            rope_scaling: None,
-            max_position_embeddings: need("llama.context_length").unwrap_or(2048),
-            tie_word_embeddings: tied,
-            attention_bias: has_qkv_bias,
-            mlp_bias: false,
-            bos_token_id: meta_u64(md, "tokenizer.ggml.bos_token_id").map(|x| x as u32),
-            eos_token_id: meta_u64(md, "tokenizer.ggml.eos_token_id").map(|x| x as u32),
         })
     }
 

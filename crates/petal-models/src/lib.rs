@@ -5,10 +5,10 @@ pub mod checkpoint;
 pub mod config;
 pub mod dtype;
 pub mod llama;
-pub mod load;
+pub mod weights;
 
 pub use checkpoint::Grads;
 pub use config::LlamaConfig;
 pub use dtype::{act_dtype, resid_dtype, Precision};
 pub use llama::{random_weights, KvCache, Llama};
-pub use load::{load_model, LoadedModel};
+pub use weights::WeightSource;

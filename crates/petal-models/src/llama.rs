@@ -5,10 +5,10 @@
 
 use crate::config::LlamaConfig;
 use crate::dtype::{act_dtype, resid_dtype, Precision};
+use crate::weights::WeightSource;
 use candle_core::{DType, Device, Tensor};
 use petal_core::adapter::InputShape;
 use petal_core::{Adaptable, AdaptableLinear, AdaptableNorm, Ctx, InputAdapter, Result};
-use petal_io::Weights;
 use petal_ops::{residual_add, rms_norm, rope_tables, swiglu};
 
 mod attention;
@@ -16,7 +16,13 @@ mod bias_export;
 mod decode;
 
 /// The one norm factory: an RMSNorm weight (h) under HF path `path`.
-fn norm(w: &Weights, path: &str, h: usize, dt: DType, dev: &Device) -> Result<AdaptableNorm> {
+fn norm(
+    w: &dyn WeightSource,
+    path: &str,
+    h: usize,
+    dt: DType,
+    dev: &Device,
+) -> Result<AdaptableNorm> {
     Ok(AdaptableNorm::new(
         path,
         w.get(&format!("{path}.weight"), Some(&[h]), dt, dev)?,
@@ -25,7 +31,7 @@ fn norm(w: &Weights, path: &str, h: usize, dt: DType, dev: &Device) -> Result<Ad
 
 /// The one linear factory: weight (out, in) and optional bias from `w`, under HF path `path`.
 fn linear(
-    w: &Weights,
+    w: &dyn WeightSource,
     path: &str,
     out: usize,
     inp: usize,
@@ -127,7 +133,7 @@ pub struct Llama {
 impl Llama {
     pub fn load(
         cfg: LlamaConfig,
-        w: &Weights,
+        w: &dyn WeightSource,
         precision: impl Into<Precision>,
         device: &Device,
     ) -> Result<Self> {
@@ -494,7 +500,10 @@ impl Adaptable for Llama {
 }
 
 /// A randomly initialised model (normal(0, 0.02) weights, unit norms), for benchmarks.
-pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Result<Weights> {
+pub fn random_weights(
+    cfg: &LlamaConfig,
+    seed: u64,
+) -> Result<std::collections::HashMap<String, Tensor>> {
     use rand::SeedableRng;
     use rand_distr::{Distribution, Normal};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -541,5 +550,5 @@ pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Result<Weights> {
         put(format!("{p}.input_layernorm.weight"), &[h], true)?;
         put(format!("{p}.post_attention_layernorm.weight"), &[h], true)?;
     }
-    Ok(Weights::Map(m))
+    Ok(m)
 }

@@ -4,7 +4,8 @@
 //! (bf16) decodes like the full forward.
 
 use candle_core::{DType, Device, Tensor};
-use petal_models::{load_model, Llama};
+use petal_io::load_model;
+use petal_models::Llama;
 use petal_ops::testing::max_rel;
 use std::collections::HashMap;
 use std::path::PathBuf;

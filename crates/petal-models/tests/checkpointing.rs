@@ -6,7 +6,8 @@ use candle_core::{DType, Device, Tensor};
 use petal_core::config::{InitWeights, Targets};
 use petal_core::inject::adapter_vars;
 use petal_core::{inject_adapter, AdapterConfig};
-use petal_models::{load_model, Llama};
+use petal_io::load_model;
+use petal_models::Llama;
 use petal_ops::testing::max_rel;
 use std::path::PathBuf;
 

@@ -1,7 +1,8 @@
 //! Bad input gets a one-line cause naming the file, field or tensor: no panic.
 
 use candle_core::{DType, Device};
-use petal_models::{load_model, Llama};
+use petal_io::load_model;
+use petal_models::Llama;
 use std::path::{Path, PathBuf};
 
 fn golden() -> PathBuf {

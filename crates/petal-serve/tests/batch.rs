@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device};
 use petal_core::inject::set_active;
-use petal_models::load_model;
+use petal_io::load_model;
 use petal_serve::{generate, generate_batch, Request, SamplingParams};
 use std::path::PathBuf;
 
@@ -93,7 +93,7 @@ fn sequences_joining_a_running_batch_midway_generate_what_each_does_alone() {
         max_new_tokens: n,
         ..Default::default()
     };
-    let alone = |lm: &mut petal_models::LoadedModel, prompt: &str, a: &str, n: usize| {
+    let alone = |lm: &mut petal_io::LoadedModel, prompt: &str, a: &str, n: usize| {
         let active: &[&str] = if a == "__base__" { &[] } else { &[a] };
         set_active(&mut lm.model, active);
         let ids = lm.tokenizer.encode(prompt, true).unwrap();

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device};
 use petal_core::inject::set_active;
-use petal_models::{load_model, LoadedModel};
+use petal_io::{load_model, LoadedModel};
 use petal_serve::{generate, SamplingParams, Served};
 use serde_json::{json, Value};
 use std::io::{Read, Write};

@@ -17,7 +17,7 @@ fn golden() -> PathBuf {
 }
 
 fn model() -> Llama {
-    petal_models::load_model(golden().to_str().unwrap(), DType::F32, &Device::Cpu)
+    petal_io::load_model(golden().to_str().unwrap(), DType::F32, &Device::Cpu)
         .unwrap()
         .model
 }

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 #[test]
 fn the_loss_with_prompt_tuning_scores_only_the_real_tokens() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden/llama");
-    let mut m = petal_models::load_model(dir.to_str().unwrap(), DType::F32, &Device::Cpu)
+    let mut m = petal_io::load_model(dir.to_str().unwrap(), DType::F32, &Device::Cpu)
         .unwrap()
         .model;
     let mut cfg = AdapterConfig::for_method("PROMPT_TUNING", 1, 1.0, Targets::List(vec![]));

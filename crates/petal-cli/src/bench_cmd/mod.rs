@@ -264,7 +264,7 @@ fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
         }
         "smollm2" => {
             let gguf = crate::assets::ensure("smollm2")?;
-            let mut lm = petal_models::load_model(gguf.to_str().unwrap_or_default(), dt, dev)?;
+            let mut lm = petal_io::load_model(gguf.to_str().unwrap_or_default(), dt, dev)?;
             let hf = crate::assets::cache_dir().join("smollm2-hf");
             if a.vs_pytorch && !hf.join("config.json").exists() {
                 crate::tools_cmd::export_hf(&mut lm, &hf)?; // the same weights for PyTorch

@@ -1,7 +1,8 @@
 //! What the golden-fixture tests share: the fixture folder and its tiny models.
 
 use candle_core::{DType, Device};
-use petal_models::{load_model, Llama};
+use petal_io::load_model;
+use petal_models::Llama;
 use std::path::PathBuf;
 
 /// tests/fixtures/golden (made by tools/golden/make_fixtures.py).

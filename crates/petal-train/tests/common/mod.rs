@@ -22,7 +22,7 @@ pub fn tiny_llama_losses_with(
     out: PathBuf,
 ) -> Vec<f64> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden/llama");
-    let mut m = petal_models::load_model(dir.to_str().unwrap(), dtype, &Device::Cpu)
+    let mut m = petal_io::load_model(dir.to_str().unwrap(), dtype, &Device::Cpu)
         .unwrap()
         .model;
     let mut cfg = AdapterConfig::lora(4, 8.0, Targets::Regex("all-linear".into()));

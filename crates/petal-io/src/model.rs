@@ -1,13 +1,15 @@
 //! One entry point for a `--model` argument: HF folder, GGUF file or hub id -> model +
-//! tokenizer.
+//! tokenizer. Reading files into a model is petal-io's job: petal-models builds models from
+//! a `WeightSource`, which `Weights` implements here.
 
-use crate::{Llama, LlamaConfig};
+use crate::gguf::{self, meta_f64, meta_str, meta_u64, Value};
+use crate::hub::{resolve, ModelSource};
+use crate::Weights;
 use candle_core::{DType, Device};
 use petal_core::{Error, Result};
 use petal_data::tokenizer::BpeParts;
 use petal_data::Tokenizer;
-use petal_io::gguf::{self, meta_str, meta_u64, Value};
-use petal_io::hub::{resolve, ModelSource};
+use petal_models::{Llama, LlamaConfig, Precision, WeightSource};
 use std::collections::HashMap;
 
 pub struct LoadedModel {
@@ -20,7 +22,7 @@ pub struct LoadedModel {
 /// `DType`: activations as the weights, f32 for bf16 weights on the CPU).
 pub fn load_model(
     spec: &str,
-    precision: impl Into<crate::Precision>,
+    precision: impl Into<Precision>,
     device: &Device,
 ) -> Result<LoadedModel> {
     let precision = precision.into();
@@ -30,7 +32,7 @@ pub fn load_model(
             let cfg_path = dir.join("config.json");
             let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
             let cfg = LlamaConfig::from_hf_json(&text, &cfg_path.display().to_string())?;
-            let w = petal_io::Weights::from_hf_folder(dir)?;
+            let w = Weights::from_hf_folder(dir)?;
             let tok = Tokenizer::from_hf_folder(dir).map_err(|e| Error::msg(e.to_string()))?;
             (Llama::load(cfg, &w, precision, device)?, tok)
         }
@@ -38,7 +40,7 @@ pub fn load_model(
             let g = gguf::read(path)?;
             let tied = !g.weights.contains("lm_head.weight");
             let bias = g.weights.contains("model.layers.0.self_attn.q_proj.bias");
-            let cfg = LlamaConfig::from_gguf(&g.metadata, tied, bias)?;
+            let cfg = llama_config(&g.metadata, tied, bias)?;
             let tok = gguf_tokenizer(&g.metadata)
                 .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
             (Llama::load(cfg, &g.weights, precision, device)?, tok)
@@ -102,5 +104,67 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         other => Err(Error::msg(format!(
             "dtype `{other}` is not one of f32, bf16, f16"
         ))),
+    }
+}
+
+/// A Llama config from llama-architecture GGUF metadata; `tied` says whether output.weight is
+/// absent.
+pub fn llama_config(
+    md: &HashMap<String, Value>,
+    tied: bool,
+    has_qkv_bias: bool,
+) -> Result<LlamaConfig> {
+    let need = |k: &str| {
+        meta_u64(md, k)
+            .ok_or_else(|| Error::config("gguf", k, "missing"))
+            .map(|x| x as usize)
+    };
+    let heads = need("llama.attention.head_count")?;
+    let hidden = need("llama.embedding_length")?;
+    let vocab = match md.get("tokenizer.ggml.tokens") {
+        Some(v) => v.to_vec().map(|t| t.len()).unwrap_or(0),
+        None => 0,
+    };
+    let vocab = meta_u64(md, "llama.vocab_size")
+        .map(|x| x as usize)
+        .unwrap_or(vocab);
+    Ok(LlamaConfig {
+        model_type: "llama".into(),
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: need("llama.feed_forward_length")?,
+        num_hidden_layers: need("llama.block_count")?,
+        num_attention_heads: heads,
+        num_key_value_heads: meta_u64(md, "llama.attention.head_count_kv")
+            .map(|x| x as usize)
+            .unwrap_or(heads),
+        head_dim: meta_u64(md, "llama.attention.key_length")
+            .map(|x| x as usize)
+            .unwrap_or(hidden / heads),
+        rms_norm_eps: meta_f64(md, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        rope_theta: meta_f64(md, "llama.rope.freq_base").unwrap_or(10000.0),
+        rope_scaling: None,
+        max_position_embeddings: need("llama.context_length").unwrap_or(2048),
+        tie_word_embeddings: tied,
+        attention_bias: has_qkv_bias,
+        mlp_bias: false,
+        bos_token_id: meta_u64(md, "tokenizer.ggml.bos_token_id").map(|x| x as u32),
+        eos_token_id: meta_u64(md, "tokenizer.ggml.eos_token_id").map(|x| x as u32),
+    })
+}
+
+impl WeightSource for Weights {
+    fn contains(&self, name: &str) -> bool {
+        Weights::contains(self, name)
+    }
+
+    fn get(
+        &self,
+        name: &str,
+        shape: Option<&[usize]>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<candle_core::Tensor> {
+        Weights::get(self, name, shape, dtype, device)
     }
 }

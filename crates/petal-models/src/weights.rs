@@ -1,0 +1,45 @@
+//! Where a model's weights come from. Models are built from a [`WeightSource`]: plain tensors
+//! (a `HashMap`), or a file reader of petal-io (safetensors folders, GGUF files), which
+//! implements it. petal-models reads no file itself.
+
+use candle_core::{DType, Device, Tensor};
+use petal_core::{Error, Result};
+use std::collections::HashMap;
+
+pub trait WeightSource {
+    /// Whether the source holds tensor `name` (HF names: `model.layers.0.self_attn.q_proj.weight`).
+    fn contains(&self, name: &str) -> bool;
+    /// Tensor `name` in `dtype` on `device`, checked against `shape` when given.
+    fn get(
+        &self,
+        name: &str,
+        shape: Option<&[usize]>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor>;
+}
+
+impl WeightSource for HashMap<String, Tensor> {
+    fn contains(&self, name: &str) -> bool {
+        self.contains_key(name)
+    }
+
+    fn get(
+        &self,
+        name: &str,
+        shape: Option<&[usize]>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let t = HashMap::get(self, name)
+            .ok_or_else(|| Error::msg(format!("tensor `{name}` is missing from the weights")))?;
+        if let Some(s) = shape.filter(|s| t.dims() != *s) {
+            return Err(Error::Shape {
+                tensor: name.into(),
+                expected: s.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        Ok(t.to_device(device)?.to_dtype(dtype)?)
+    }
+}
