@@ -185,6 +185,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             .with_context(|| format!("{}: bad value", c.display()))?;
         o = o.or(file);
     }
+    check_ranges(&o)?;
     let model_spec = o.model.clone().unwrap_or_else(|| "asset:smollm2".into());
     let data_spec = o
         .data
@@ -485,4 +486,42 @@ fn run_toml(o: &TrainOpts, method: &str, acfg: &petal_core::AdapterConfig) -> St
         .collect();
     t.insert(method.to_string(), toml::Value::Table(opts));
     toml::to_string(&t).unwrap_or_default()
+}
+
+/// Refuse out-of-range training values before any work, naming the flag (and its run-file key)
+/// and the allowed range. A method's own options are checked by the method.
+fn check_ranges(o: &TrainOpts) -> Result<()> {
+    let at_least_one = [
+        ("batch-size", o.batch_size),
+        ("grad-accum", o.grad_accum),
+        ("max-steps", o.max_steps),
+    ];
+    for (flag, v) in at_least_one {
+        if v == Some(0) {
+            bail!("--{flag} 0 is out of range: must be at least 1");
+        }
+    }
+    if let Some(n) = o.seq_len.filter(|&n| n < 2) {
+        bail!("--seq-len {n} is out of range: must be at least 2 (a token and its successor)");
+    }
+    let positive = |flag: &str, v: Option<f64>, zero_ok: bool| -> Result<()> {
+        match v {
+            Some(x) if !x.is_finite() || x < 0.0 || (x == 0.0 && !zero_ok) => {
+                let range = if zero_ok {
+                    "finite and >= 0"
+                } else {
+                    "finite and > 0"
+                };
+                bail!("--{flag} {x} is out of range: must be {range}")
+            }
+            _ => Ok(()),
+        }
+    };
+    positive("lr", o.lr, false)?;
+    positive("weight-decay", o.weight_decay, true)?;
+    positive("max-grad-norm", o.max_grad_norm, true)?;
+    if let Some(f) = o.val_fraction.filter(|f| !(0.0..1.0).contains(f)) {
+        bail!("--val-fraction {f} is out of range: must be in [0, 1)");
+    }
+    Ok(())
 }

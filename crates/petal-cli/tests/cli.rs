@@ -659,3 +659,53 @@ fn petal_methods_lists_every_method_with_its_options_and_peft_defaults() {
         "{text}"
     );
 }
+
+#[test]
+fn out_of_range_training_values_are_refused_before_any_work_naming_the_flag() {
+    let d = tempfile::tempdir().unwrap();
+    let data = words(d.path());
+    let out = d.path().join("run");
+    let cases: [(&str, &str); 9] = [
+        ("--batch-size", "0"),
+        ("--grad-accum", "0"),
+        ("--max-steps", "0"),
+        ("--seq-len", "1"),
+        ("--lr", "-1"),
+        ("--lr", "NaN"),
+        ("--max-grad-norm", "-1"),
+        ("--weight-decay", "inf"),
+        ("--val-fraction", "2"),
+    ];
+    for (flag, bad) in cases {
+        let arg = format!("{flag}={bad}");
+        let o = petal(&[
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            &arg,
+        ]);
+        assert!(!o.status.success(), "{arg} must fail");
+        let e = stderr(&o);
+        assert!(
+            e.contains(flag) && e.contains("out of range") && e.lines().count() == 1,
+            "{arg}: {e}"
+        );
+        assert!(!out.exists(), "{arg}: nothing written");
+    }
+    let c = d.path().join("run.toml");
+    std::fs::write(&c, "batch_size = 0\n").unwrap();
+    let o = petal(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--config",
+        c.to_str().unwrap(),
+    ]);
+    assert!(
+        stderr(&o).contains("--batch-size 0 is out of range"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -128,7 +128,7 @@ pub fn llama_config(
     let vocab = meta_u64(md, "llama.vocab_size")
         .map(|x| x as usize)
         .unwrap_or(vocab);
-    Ok(LlamaConfig {
+    let cfg = LlamaConfig {
         model_type: "llama".into(),
         vocab_size: vocab,
         hidden_size: hidden,
@@ -150,7 +150,9 @@ pub fn llama_config(
         mlp_bias: false,
         bos_token_id: meta_u64(md, "tokenizer.ggml.bos_token_id").map(|x| x as u32),
         eos_token_id: meta_u64(md, "tokenizer.ggml.eos_token_id").map(|x| x as u32),
-    })
+    };
+    cfg.validate("gguf")?;
+    Ok(cfg)
 }
 
 impl WeightSource for Weights {

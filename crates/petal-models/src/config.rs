@@ -44,6 +44,21 @@ fn num(v: &Value, key: &str, file: &str) -> Result<f64> {
         .ok_or_else(|| Error::config(file, key, "missing or not a number"))
 }
 
+/// A size: a whole number of at least 1.
+fn count(v: &Value, key: &str, file: &str) -> Result<usize> {
+    match v.get(key).and_then(Value::as_u64) {
+        Some(n) if n >= 1 => Ok(n as usize),
+        _ => Err(Error::config(
+            file,
+            key,
+            format!(
+                "{} is not a whole number of at least 1",
+                v.get(key).unwrap_or(&Value::Null)
+            ),
+        )),
+    }
+}
+
 fn first_id(v: Option<&Value>) -> Option<u32> {
     match v? {
         Value::Number(n) => n.as_u64().map(|x| x as u32),
@@ -71,8 +86,8 @@ impl LlamaConfig {
                 ),
             ));
         }
-        let heads = num(&v, "num_attention_heads", file)? as usize;
-        let hidden = num(&v, "hidden_size", file)? as usize;
+        let heads = count(&v, "num_attention_heads", file)?;
+        let hidden = count(&v, "hidden_size", file)?;
         let rp = v.get("rope_parameters").filter(|x| x.is_object());
         let rs = v.get("rope_scaling").filter(|x| x.is_object()).or(rp);
         let rope_theta = rp
@@ -112,11 +127,11 @@ impl LlamaConfig {
             }
         };
         let tie_default = false;
-        Ok(LlamaConfig {
-            vocab_size: num(&v, "vocab_size", file)? as usize,
+        let cfg = LlamaConfig {
+            vocab_size: count(&v, "vocab_size", file)?,
             hidden_size: hidden,
-            intermediate_size: num(&v, "intermediate_size", file)? as usize,
-            num_hidden_layers: num(&v, "num_hidden_layers", file)? as usize,
+            intermediate_size: count(&v, "intermediate_size", file)?,
+            num_hidden_layers: count(&v, "num_hidden_layers", file)?,
             num_attention_heads: heads,
             num_key_value_heads: v
                 .get("num_key_value_heads")
@@ -150,7 +165,53 @@ impl LlamaConfig {
             bos_token_id: first_id(v.get("bos_token_id")),
             eos_token_id: first_id(v.get("eos_token_id")),
             model_type: mt,
-        })
+        };
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    /// Refuse sizes and constants a model cannot be built or run with, naming the field: every
+    /// size at least 1, query heads a multiple of key/value heads, positive finite `rope_theta`
+    /// and `rms_norm_eps`.
+    pub fn validate(&self, file: &str) -> Result<()> {
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (k, v) in sizes {
+            if v == 0 {
+                return Err(Error::config(file, k, "is 0; must be at least 1"));
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(Error::config(
+                file,
+                "num_key_value_heads",
+                format!(
+                    "{} does not divide num_attention_heads ({})",
+                    self.num_key_value_heads, self.num_attention_heads
+                ),
+            ));
+        }
+        for (k, v) in [
+            ("rope_theta", self.rope_theta),
+            ("rms_norm_eps", self.rms_norm_eps),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(Error::config(
+                    file,
+                    k,
+                    format!("{v} must be positive and finite"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// HF config.json (transformers 4 dialect, which both 4.x and 5.x read).
@@ -217,6 +278,33 @@ impl LlamaConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_or_negative_sizes_and_non_positive_constants_are_refused_naming_the_field() {
+        let good = serde_json::json!({"model_type": "llama", "vocab_size": 96, "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2});
+        LlamaConfig::from_hf_json(&good.to_string(), "config.json").unwrap();
+        for (key, bad) in [
+            ("num_attention_heads", serde_json::json!(0)),
+            ("num_hidden_layers", serde_json::json!(-1)),
+            ("hidden_size", serde_json::json!(1.5)),
+            ("num_key_value_heads", serde_json::json!(3)),
+            ("rope_theta", serde_json::json!(0)),
+            ("rms_norm_eps", serde_json::json!(-1e-6)),
+            ("max_position_embeddings", serde_json::json!(0)),
+        ] {
+            let mut v = good.clone();
+            v[key] = bad.clone();
+            let e = LlamaConfig::from_hf_json(&v.to_string(), "config.json")
+                .expect_err(&format!("{key} = {bad}"))
+                .to_string();
+            assert!(
+                e.contains("config.json") && e.contains(key),
+                "{key} = {bad}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn both_config_dialects_give_the_same_rope_theta_and_scaling() {
