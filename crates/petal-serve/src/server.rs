@@ -111,6 +111,11 @@ impl Served<'_> {
                     Ok(req) => self.take(req, &mut dec),
                     Err(_) => break, // unblocked
                 }
+                if dec.is_empty() {
+                    // answered at once: wait for the next request in `recv`, which alone sees
+                    // an unblock (`try_recv` would swallow it and the loop would never end)
+                    continue;
+                }
             }
             while dec.len() < self.max_batch.max(1) {
                 match http.try_recv() {
