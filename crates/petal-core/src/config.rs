@@ -199,7 +199,7 @@ impl AdapterConfig {
     /// the nearest one suggested.
     pub fn set(&mut self, key: &str, value: impl Serialize) -> Result<()> {
         let spec = self.method().map(|m| m.options());
-        let Some(spec) = spec.filter(|s| s.has(key)) else {
+        let Some(spec) = spec.clone().filter(|s| s.has(key)) else {
             let known = spec.map(|s| s.names()).unwrap_or_default();
             let what = format!("option of {}", self.peft_type);
             return Err(Error::config(

@@ -118,7 +118,7 @@ fn adalora_training_reaches_the_target_budget_and_saves_cut_to_the_kept_ranks() 
     let after = petal_train::evaluate(&m, &data(), 3, 0).unwrap().loss;
     assert!(after < before, "the run must learn: {before} -> {after}");
     let (saved, tensors) = petal_io::load_adapter(&s.adapter_dir, &Device::Cpu).unwrap();
-    let pattern = saved.options::<AdaLoraOptions>().unwrap().rank_pattern;
+    let pattern = saved.options::<AdaLoraOptions>().unwrap().core.rank_pattern;
     let kept: usize = pattern.values().map(RankValue::rank).sum();
     assert_eq!(pattern.len(), 6);
     assert_eq!(kept, 12, "the final budget is target_r per layer");

@@ -20,13 +20,14 @@ pub struct OptionSpec {
 
 /// A method's options struct (see [`method_options!`](crate::method_options)).
 pub trait MethodOptions: Serialize + DeserializeOwned + Default {
-    const SPEC: &'static [OptionSpec];
+    /// Its options, those of the structs it flattens first.
+    fn spec() -> Vec<OptionSpec>;
 }
 
 /// What the registry knows of a method's options, without their Rust type.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct Spec {
-    pub keys: &'static [OptionSpec],
+    pub keys: Vec<OptionSpec>,
     /// The defaults as JSON (PEFT's defaults, which a file without the key gets).
     pub defaults: fn() -> Map<String, Value>,
     /// Whether a set of values reads as the typed struct (the error names no key: serde's).
@@ -34,8 +35,8 @@ pub struct Spec {
 }
 
 impl Spec {
-    pub fn key(&self, k: &str) -> Option<&'static OptionSpec> {
-        self.keys.iter().find(|o| o.key == k)
+    pub fn key(&self, k: &str) -> Option<OptionSpec> {
+        self.keys.iter().find(|o| o.key == k).copied()
     }
     pub fn has(&self, k: &str) -> bool {
         self.key(k).is_some()
@@ -48,7 +49,7 @@ impl Spec {
 /// The [`Spec`] of options struct `T`.
 pub fn spec<T: MethodOptions>() -> Spec {
     Spec {
-        keys: T::SPEC,
+        keys: T::spec(),
         defaults: || match serde_json::to_value(T::default()) {
             Ok(Value::Object(m)) => m,
             _ => Map::new(),
@@ -125,9 +126,11 @@ pub fn unknown(what: &str, key: &str, known: &[&str]) -> String {
     }
 }
 
-/// Declares a method's options struct: each field with its doc comment (the help text), an
-/// optional PEFT key where it is not the field's name (`as "deltaT"`), its type, its default
-/// and an optional command-line parser (`[parse_targets]`; default [`parse_value`]).
+/// Declares a method's options struct: first any options structs it shares with other methods
+/// (`flatten shape: PromptShape;`, their keys at the same level in the file), then each field
+/// with its doc comment (the help text), an optional PEFT key where it is not the field's name
+/// (`as "deltaT"`), its type, its default and an optional command-line parser
+/// (`[parse_targets]`; default [`parse_value`]).
 ///
 /// ```ignore
 /// petal_core::method_options! {
@@ -143,6 +146,7 @@ macro_rules! method_options {
     (
         $(#[doc = $sdoc:literal])*
         pub struct $name:ident {
+            $(flatten $flat:ident : $flat_ty:ty;)*
             $(
                 $(#[doc = $doc:literal])*
                 $([$parse:path])?
@@ -155,6 +159,10 @@ macro_rules! method_options {
         #[serde(default)]
         pub struct $name {
             $(
+                #[serde(flatten)]
+                pub $flat: $flat_ty,
+            )*
+            $(
                 $(#[doc = $doc])*
                 $(#[serde(rename = $key)])?
                 pub $field: $ty,
@@ -162,17 +170,21 @@ macro_rules! method_options {
         }
         impl Default for $name {
             fn default() -> Self {
-                $name { $($field: $def,)* }
+                $name { $($flat: Default::default(),)* $($field: $def,)* }
             }
         }
         impl $crate::config::MethodOptions for $name {
-            const SPEC: &'static [$crate::config::OptionSpec] = &[$(
-                $crate::config::OptionSpec {
+            fn spec() -> Vec<$crate::config::OptionSpec> {
+                #[allow(unused_mut)]
+                let mut v: Vec<$crate::config::OptionSpec> = Vec::new();
+                $(v.extend(<$flat_ty as $crate::config::MethodOptions>::spec());)*
+                $(v.push($crate::config::OptionSpec {
                     key: $crate::method_options!(@key $field $($key)?),
                     help: concat!($($doc),*),
                     parse: $crate::method_options!(@parse $($parse)?),
-                },
-            )*];
+                });)*
+                v
+            }
         }
     };
     (@key $field:ident $key:literal) => { $key };

@@ -18,7 +18,7 @@
 use crate::adapter::{AdapterMethod, Flag, InputAdapter, InputShape, NamedTensor, NewAdapter};
 use crate::config::{spec, AdapterConfig, Spec};
 use crate::methods::prompt_tuning::{
-    prepare_prompt, virtual_tokens, PromptEmbedding, VirtualTokens, EMBEDDINGS,
+    prepare_prompt, virtual_tokens, PromptEmbedding, PromptShape, EMBEDDINGS,
 };
 use crate::methods::{kaiming_uniform, normal};
 use crate::{Error, Result};
@@ -30,16 +30,7 @@ pub struct PTuning;
 crate::method_options! {
     /// P-tuning's options (PEFT `PromptEncoderConfig`).
     pub struct PTuningOptions {
-        /// Virtual tokens put in front of every sequence (petal's training default: 20)
-        pub num_virtual_tokens: Option<usize> = None,
-        /// Their width (the model's hidden size)
-        pub token_dim: Option<usize> = None,
-        /// Transformer submodules (1: decoder-only)
-        pub num_transformer_submodules: usize = 1,
-        /// The model's attention heads (PEFT's bookkeeping)
-        pub num_attention_heads: Option<usize> = None,
-        /// The model's layers (PEFT's bookkeeping)
-        pub num_layers: Option<usize> = None,
+        flatten shape: PromptShape;
         /// The encoder: MLP | LSTM (bidirectional, then a two-layer MLP)
         [crate::config::parse_upper]
         pub encoder_reparameterization_type: String = "MLP".into(),
@@ -224,14 +215,7 @@ impl AdapterMethod for PTuning {
     ) -> Result<Option<Box<dyn InputAdapter>>> {
         let d = shape.hidden;
         let o: PTuningOptions = cfg.options()?;
-        let n = virtual_tokens(
-            VirtualTokens {
-                num_virtual_tokens: o.num_virtual_tokens,
-                token_dim: o.token_dim,
-                num_transformer_submodules: o.num_transformer_submodules,
-            },
-            d,
-        )?;
+        let n = virtual_tokens(&o.shape, d)?;
         let mut g = rand::rngs::StdRng::seed_from_u64(seed);
         let emb = normal((n, d), 1.0, &mut g, dev)?;
         if cfg.inference_mode {

@@ -16,7 +16,7 @@
 use crate::adapter::{AdapterMethod, Flag, InputAdapter, InputShape, NamedTensor, NewAdapter};
 use crate::config::{spec, AdapterConfig, InitWeights, Spec};
 use crate::methods::normal;
-use crate::methods::prompt_tuning::{prepare_prompt, EMBEDDINGS};
+use crate::methods::prompt_tuning::{prepare_prompt, PromptShape, EMBEDDINGS};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
@@ -26,16 +26,7 @@ pub struct PrefixTuning;
 crate::method_options! {
     /// Prefix tuning's options (PEFT `PrefixTuningConfig`).
     pub struct PrefixTuningOptions {
-        /// Virtual positions of keys and values in front of every layer (petal's default: 20)
-        pub num_virtual_tokens: Option<usize> = None,
-        /// Key/value width (kv_heads x head_dim)
-        pub token_dim: Option<usize> = None,
-        /// Transformer submodules (1: decoder-only)
-        pub num_transformer_submodules: usize = 1,
-        /// The model's key/value heads
-        pub num_attention_heads: Option<usize> = None,
-        /// The model's layers
-        pub num_layers: Option<usize> = None,
+        flatten shape: PromptShape;
         /// Hidden width of the projection MLP
         pub encoder_hidden_size: Option<usize> = None,
         /// Train the prefix through PEFT's two-layer tanh projection
@@ -99,22 +90,27 @@ impl AdapterMethod for PrefixTuning {
     ) -> Result<Option<Box<dyn InputAdapter>>> {
         let bad = |k: &str, m: String| Err(Error::config("adapter config", k, m));
         let o: PrefixTuningOptions = cfg.options()?;
-        let n = o.num_virtual_tokens.unwrap_or(0);
+        let n = o.shape.num_virtual_tokens.unwrap_or(0);
         if n == 0 {
             return bad("num_virtual_tokens", "must be at least 1".into());
         }
         let kv = shape.kv_heads * shape.head_dim;
         let checks = [
-            ("token_dim", o.token_dim, kv, "the model's key/value width"),
+            (
+                "token_dim",
+                o.shape.token_dim,
+                kv,
+                "the model's key/value width",
+            ),
             (
                 "num_layers",
-                o.num_layers,
+                o.shape.num_layers,
                 shape.layers,
                 "the model's layer count",
             ),
             (
                 "num_attention_heads",
-                o.num_attention_heads,
+                o.shape.num_attention_heads,
                 shape.kv_heads,
                 "the model's key/value heads",
             ),
@@ -124,7 +120,7 @@ impl AdapterMethod for PrefixTuning {
                 return bad(k, format!("is {g}, but {what} is {want}"));
             }
         }
-        if o.num_transformer_submodules != 1 {
+        if o.shape.num_transformer_submodules != 1 {
             return bad(
                 "num_transformer_submodules",
                 "must be 1 (decoder-only models)".into(),

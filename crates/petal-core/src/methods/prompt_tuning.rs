@@ -19,18 +19,26 @@ pub const EMBEDDINGS: &str = "prompt_embeddings";
 pub struct PromptTuning;
 
 crate::method_options! {
-    /// Prompt tuning's options (PEFT `PromptTuningConfig`).
-    pub struct PromptTuningOptions {
+    /// The virtual positions of a prompt-learning method (prompt, prefix and P-tuning) and
+    /// PEFT's record of the model's shape, shared by their options.
+    pub struct PromptShape {
         /// Virtual tokens put in front of every sequence (petal's training default: 20)
         pub num_virtual_tokens: Option<usize> = None,
-        /// Their width (the model's hidden size)
+        /// Their width: the model's hidden size (prefix tuning: its key/value width)
         pub token_dim: Option<usize> = None,
         /// Transformer submodules (1: decoder-only)
         pub num_transformer_submodules: usize = 1,
-        /// The model's attention heads (PEFT's bookkeeping)
+        /// The model's attention heads (prefix tuning: its key/value heads)
         pub num_attention_heads: Option<usize> = None,
-        /// The model's layers (PEFT's bookkeeping)
+        /// The model's layers
         pub num_layers: Option<usize> = None,
+    }
+}
+
+crate::method_options! {
+    /// Prompt tuning's options (PEFT `PromptTuningConfig`).
+    pub struct PromptTuningOptions {
+        flatten shape: PromptShape;
         /// RANDOM | TEXT (the embeddings of prompt_tuning_init_text)
         [crate::config::parse_upper]
         pub prompt_tuning_init: String = "RANDOM".into(),
@@ -41,17 +49,9 @@ crate::method_options! {
     }
 }
 
-/// What an embedding-prefix method (prompt tuning, P-tuning) is sized by.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct VirtualTokens {
-    pub num_virtual_tokens: Option<usize>,
-    pub token_dim: Option<usize>,
-    pub num_transformer_submodules: usize,
-}
-
 /// The number of virtual tokens of an embedding-prefix config (prompt tuning, P-tuning),
 /// checked against the model's hidden size `d`.
-pub(crate) fn virtual_tokens(cfg: VirtualTokens, d: usize) -> Result<usize> {
+pub(crate) fn virtual_tokens(cfg: &PromptShape, d: usize) -> Result<usize> {
     let n = cfg.num_virtual_tokens.unwrap_or(0) * cfg.num_transformer_submodules;
     if n == 0 {
         return Err(Error::config(
@@ -151,7 +151,7 @@ impl AdapterMethod for PromptTuning {
     ) -> Result<Option<Box<dyn InputAdapter>>> {
         let token_dim = shape.hidden;
         let o: PromptTuningOptions = cfg.options()?;
-        let n = virtual_tokens(o.sizes(), token_dim)?;
+        let n = virtual_tokens(&o.shape, token_dim)?;
         let t = normal(
             (n, token_dim),
             1.0,
@@ -161,16 +161,6 @@ impl AdapterMethod for PromptTuning {
         Ok(Some(Box::new(PromptEmbedding {
             emb: Var::from_tensor(&t)?,
         })))
-    }
-}
-
-impl PromptTuningOptions {
-    fn sizes(&self) -> VirtualTokens {
-        VirtualTokens {
-            num_virtual_tokens: self.num_virtual_tokens,
-            token_dim: self.token_dim,
-            num_transformer_submodules: self.num_transformer_submodules,
-        }
     }
 }
 

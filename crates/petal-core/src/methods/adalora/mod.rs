@@ -20,33 +20,21 @@ use crate::adapter::{
     WeightUpdate,
 };
 use crate::config::{probability, spec, unsupported, AdapterConfig, InitWeights, RankValue, Spec};
-use crate::methods::lora::dropout;
+use crate::methods::lora::{dropout, LoraCore};
 use crate::methods::normal;
 use crate::Result;
 use candle_core::{DType, Tensor, Var};
 use rand::SeedableRng;
 use serde_json::{Map, Value};
-use std::collections::BTreeMap;
 
 pub struct AdaLora;
 
 crate::method_options! {
-    /// AdaLoRA's options (PEFT `AdaLoraConfig`).
+    /// AdaLoRA's options (PEFT `AdaLoraConfig`): LoRA's (its `r` unused: layers are sized by
+    /// init_r; `rank_pattern` holds the kept ranks per `<module>.lora_E`, written at save) and
+    /// the budget schedule's.
     pub struct AdaLoraOptions {
-        /// PEFT's LoRA rank field (AdaLoRA sizes its layers by init_r)
-        pub r: usize = 8,
-        /// Scale numerator (0: init_r)
-        pub alpha as "lora_alpha": f64 = 8.0,
-        /// Dropout on the adapter's input
-        pub dropout as "lora_dropout": f64 = 0.0,
-        /// true: E starts at zero (identity); false: all random
-        pub init as "init_lora_weights": InitWeights = InitWeights::Flag(true),
-        /// Bias handling (only "none")
-        pub bias: String = "none".into(),
-        /// Weights stored (in, out) (not supported)
-        pub fan_in_fan_out: bool = false,
-        /// The kept ranks per `<module>.lora_E` (written at save)
-        pub rank_pattern: BTreeMap<String, RankValue> = BTreeMap::new(),
+        flatten core: LoraCore;
         /// Rank each layer starts with
         pub init_r: usize = 12,
         /// Rank each layer ends with on average
@@ -89,14 +77,14 @@ impl AdapterMethod for AdaLora {
 
     fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
         let o: AdaLoraOptions = cfg.options()?;
-        probability("lora_dropout", o.dropout)?;
-        if o.fan_in_fan_out {
+        probability("lora_dropout", o.core.dropout)?;
+        if o.core.fan_in_fan_out {
             return Err(unsupported("fan_in_fan_out", true));
         }
-        if o.bias != "none" {
-            return Err(unsupported("bias", format!("{:?}", o.bias)));
+        if o.core.bias != "none" {
+            return Err(unsupported("bias", format!("{:?}", o.core.bias)));
         }
-        if let InitWeights::Named(n) = &o.init {
+        if let InitWeights::Named(n) = &o.core.init {
             return Err(unsupported("init_lora_weights", format!("{n:?}")));
         }
         Ok(())
@@ -177,14 +165,14 @@ impl AdapterMethod for AdaLora {
         let o: AdaLoraOptions = cfg.options()?;
         let init_r = o.init_r;
         // a saved adapter is cut to the ranks its mask keeps; the scale keeps the original rank
-        let kept = match o.rank_pattern.get(&format!("{path}.lora_E")) {
+        let kept = match o.core.rank_pattern.get(&format!("{path}.lora_E")) {
             Some(RankValue::Mask(m)) => m.iter().filter(|&&k| k).count(),
             _ => init_r,
         };
         let (inp, out) = (base.in_features, base.out_features);
         let dev = base.weight.device();
         let mut g = rand::rngs::StdRng::seed_from_u64(seed);
-        let nonzero = o.init == InitWeights::Flag(false);
+        let nonzero = o.core.init == InitWeights::Flag(false);
         let std = if nonzero { 1.0 } else { 0.02 };
         let mat = |rows: usize, cols: usize, g: &mut rand::rngs::StdRng| -> Result<Tensor> {
             if rows * cols == 0 {
@@ -199,14 +187,14 @@ impl AdapterMethod for AdaLora {
             Tensor::zeros((kept, 1), DType::F32, dev)?
         };
         let b = mat(out, kept, &mut g)?;
-        let alpha = o.alpha;
+        let alpha = o.core.alpha;
         Ok(Box::new(AdaLoraLayer {
             a: Var::from_tensor(&a)?,
             b: Var::from_tensor(&b)?,
             e: Var::from_tensor(&e)?,
             scaling: if alpha > 0.0 { alpha } else { init_r as f64 },
             ranknum: init_r as f64,
-            dropout: o.dropout,
+            dropout: o.core.dropout,
         }))
     }
 }

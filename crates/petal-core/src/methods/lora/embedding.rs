@@ -24,7 +24,7 @@ impl LoraEmbedding {
         base: &BaseLinear,
         g: &mut rand::rngs::StdRng,
     ) -> Result<Box<dyn AdapterLayer>> {
-        if o.dora || !matches!(o.init, InitWeights::Flag(_)) {
+        if o.dora || !matches!(o.core.init, InitWeights::Flag(_)) {
             return Err(Error::Unsupported(format!(
                 "{path}: LoRA on an embedding supports the default init only (no DoRA, PiSSA, ...)"
             )));
@@ -32,7 +32,7 @@ impl LoraEmbedding {
         let r = o.rank_for(path);
         let (vocab, hidden) = (base.in_features, base.out_features);
         let dev = base.weight.device();
-        let a = if o.init == InitWeights::Flag(false) {
+        let a = if o.core.init == InitWeights::Flag(false) {
             normal((r, vocab), 1.0, g, dev)?
         } else {
             Tensor::zeros((r, vocab), DType::F32, dev)?

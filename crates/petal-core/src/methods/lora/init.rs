@@ -84,7 +84,7 @@ pub fn as_plain_lora(
     tensors: &mut HashMap<String, Tensor>,
 ) -> Result<AdapterConfig> {
     let o: super::LoraOptions = cfg.options()?;
-    if o.rslora && !(o.rank_pattern.is_empty() && o.alpha_pattern.is_empty()) {
+    if o.rslora && !(o.core.rank_pattern.is_empty() && o.alpha_pattern.is_empty()) {
         return Err(Error::msg(
             "saving as plain LoRA with use_rslora and a rank_pattern / alpha_pattern is not \
              possible: the doubled ranks would need other alphas (PEFT refuses it too)",
@@ -117,14 +117,14 @@ pub fn as_plain_lora(
         return Err(Error::msg(format!(
             "adapter {name:?} was not initialised with PiSSA or OLoRA (init_lora_weights = \
              {:?}): it is plain LoRA already",
-            o.init
+            o.core.init
         )));
     }
     let mut p = o.clone();
-    p.init = InitWeights::Flag(true);
-    p.r *= 2;
-    p.alpha *= if p.rslora { 2f64.sqrt() } else { 2.0 };
-    for v in p.rank_pattern.values_mut() {
+    p.core.init = InitWeights::Flag(true);
+    p.core.r *= 2;
+    p.core.alpha *= if p.rslora { 2f64.sqrt() } else { 2.0 };
+    for v in p.core.rank_pattern.values_mut() {
         *v = RankValue::Rank(2 * v.rank());
     }
     for v in p.alpha_pattern.values_mut() {
@@ -222,8 +222,8 @@ mod structured_tests {
                     .unwrap(),
                 c.options::<crate::methods::lora::LoraOptions>().unwrap(),
             );
-            assert_eq!(po.r, 6);
-            assert_eq!(po.init, InitWeights::Flag(true));
+            assert_eq!(po.core.r, 6);
+            assert_eq!(po.core.init, InitWeights::Flag(true));
             // same scaling: alpha / r (or / sqrt r) unchanged with the rank doubled
             assert!((po.scaling_for("fc1") - co.scaling_for("fc1")).abs() < 1e-12);
             let mut fresh = Toy::new(); // the original W, no residual

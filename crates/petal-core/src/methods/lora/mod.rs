@@ -25,16 +25,14 @@ pub const LORA_B: &str = "lora_B.weight";
 pub struct Lora;
 
 crate::method_options! {
-    /// LoRA's options (PEFT `LoraConfig`).
-    pub struct LoraOptions {
+    /// The options LoRA shares with the methods built on it (AdaLoRA).
+    pub struct LoraCore {
         /// Rank of A and B
         pub r: usize = 8,
         /// Scale numerator: the update is (alpha / r) B A
         pub alpha as "lora_alpha": f64 = 8.0,
         /// Dropout on the adapter's input
         pub dropout as "lora_dropout": f64 = 0.0,
-        /// Scale by alpha / sqrt(r) (rsLoRA)
-        pub rslora as "use_rslora": bool = false,
         /// Init: true | false (non-zero) | gaussian | pissa | pissa_niter_K | olora (PiSSA/OLoRA
         /// start from W's SVD/QR and leave the residual in the base)
         [parse_init]
@@ -43,10 +41,19 @@ crate::method_options! {
         pub bias: String = "none".into(),
         /// Weights stored (in, out) as GPT-2's Conv1D (not supported)
         pub fan_in_fan_out: bool = false,
+        /// Ranks per module (keys match module paths as `(.*\\.)?KEY$`)
+        pub rank_pattern: BTreeMap<String, RankValue> = BTreeMap::new(),
+    }
+}
+
+crate::method_options! {
+    /// LoRA's options (PEFT `LoraConfig`).
+    pub struct LoraOptions {
+        flatten core: LoraCore;
+        /// Scale by alpha / sqrt(r) (rsLoRA)
+        pub rslora as "use_rslora": bool = false,
         /// DoRA: learn a magnitude per output next to the LoRA direction
         pub dora as "use_dora": bool = false,
-        /// Ranks per module (keys match module paths as `(.*\.)?KEY$`)
-        pub rank_pattern: BTreeMap<String, RankValue> = BTreeMap::new(),
         /// Alphas per module
         pub alpha_pattern: BTreeMap<String, f64> = BTreeMap::new(),
     }
@@ -55,13 +62,13 @@ crate::method_options! {
 impl LoraOptions {
     /// Rank for one module, honouring `rank_pattern`.
     pub fn rank_for(&self, path: &str) -> usize {
-        crate::methods::rank_for(self.r, &self.rank_pattern, path)
+        crate::methods::rank_for(self.core.r, &self.core.rank_pattern, path)
     }
 
     /// LoRA scaling for one module: alpha/r, or alpha/sqrt(r) with rsLoRA.
     pub fn scaling_for(&self, path: &str) -> f64 {
         let r = self.rank_for(path) as f64;
-        let a = crate::methods::alpha_for(self.alpha, &self.alpha_pattern, path);
+        let a = crate::methods::alpha_for(self.core.alpha, &self.alpha_pattern, path);
         if self.rslora {
             a / r.sqrt()
         } else {
@@ -105,17 +112,17 @@ impl AdapterMethod for Lora {
 
     fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
         let o: LoraOptions = cfg.options()?;
-        if o.r == 0 {
+        if o.core.r == 0 {
             return Err(Error::config("adapter config", "r", "must be at least 1"));
         }
-        probability("lora_dropout", o.dropout)?;
-        if o.fan_in_fan_out {
+        probability("lora_dropout", o.core.dropout)?;
+        if o.core.fan_in_fan_out {
             return Err(unsupported("fan_in_fan_out", true));
         }
-        if !matches!(o.bias.as_str(), "none" | "all" | "lora_only") {
-            return Err(unsupported("bias", format!("{:?}", o.bias)));
+        if !matches!(o.core.bias.as_str(), "none" | "all" | "lora_only") {
+            return Err(unsupported("bias", format!("{:?}", o.core.bias)));
         }
-        match &o.init {
+        match &o.core.init {
             InitWeights::Flag(_) => Ok(()),
             InitWeights::Named(n)
                 if n == "gaussian" || n == "pissa" || n == "olora" || pissa_niter(n).is_some() =>
@@ -180,7 +187,7 @@ impl AdapterMethod for Lora {
         if base.embedding {
             return LoraEmbedding::build(&o, path, base, &mut g);
         }
-        let (a, b) = match &o.init {
+        let (a, b) = match &o.core.init {
             InitWeights::Named(n) if n == "gaussian" => (
                 normal((r, inp), 1.0 / r as f64, &mut g, dev)?,
                 Tensor::zeros((out, r), DType::F32, dev)?,
@@ -195,7 +202,7 @@ impl AdapterMethod for Lora {
             ),
         };
         let scaling = o.scaling_for(path);
-        let (a, b, base_offset) = match &o.init {
+        let (a, b, base_offset) = match &o.core.init {
             InitWeights::Named(n) if n == "pissa" || n == "olora" || pissa_niter(n).is_some() => {
                 let (a, b) = structured_init(n, base.weight, r, scaling, path)?;
                 let offset = (b.matmul(&a)? * scaling)?;
@@ -207,7 +214,7 @@ impl AdapterMethod for Lora {
             Some(_) => Some((a.copy()?, b.copy()?)),
             None => None,
         };
-        let bias = match (o.bias.as_str(), base.bias) {
+        let bias = match (o.core.bias.as_str(), base.bias) {
             ("all" | "lora_only", Some(b)) => {
                 let b = b.to_dtype(DType::F32)?;
                 Some((Var::from_tensor(&b.copy()?)?, b))
@@ -229,7 +236,7 @@ impl AdapterMethod for Lora {
             a: Var::from_tensor(&a)?,
             b: Var::from_tensor(&b)?,
             scaling,
-            dropout: o.dropout,
+            dropout: o.core.dropout,
             dora,
             base_offset,
             initial,
@@ -503,7 +510,7 @@ crate::conformance!(
     conformance_config,
     |inp, out, cfg: &AdapterConfig| {
         let r = if out == 6 {
-            cfg.options::<LoraOptions>().unwrap().rank_pattern["fc2"].rank()
+            cfg.options::<LoraOptions>().unwrap().core.rank_pattern["fc2"].rank()
         } else {
             crate::testing::opt_usize(cfg, "r")
         };
@@ -526,7 +533,7 @@ crate::conformance!(
     dora_config,
     |inp, out, cfg: &AdapterConfig| {
         let r = if out == 6 {
-            cfg.options::<LoraOptions>().unwrap().rank_pattern["fc2"].rank()
+            cfg.options::<LoraOptions>().unwrap().core.rank_pattern["fc2"].rank()
         } else {
             crate::testing::opt_usize(cfg, "r")
         };
@@ -549,7 +556,7 @@ crate::conformance!(
     bias_lora_only_config,
     |inp, out, cfg: &AdapterConfig| {
         if out == 6 {
-            cfg.options::<LoraOptions>().unwrap().rank_pattern["fc2"].rank() * (inp + out)
+            cfg.options::<LoraOptions>().unwrap().core.rank_pattern["fc2"].rank() * (inp + out)
         } else {
             crate::testing::opt_usize(cfg, "r") * (inp + out) + out
         }
@@ -571,7 +578,7 @@ crate::conformance!(
     bias_all_config,
     |inp, out, cfg: &AdapterConfig| {
         if out == 6 {
-            cfg.options::<LoraOptions>().unwrap().rank_pattern["fc2"].rank() * (inp + out)
+            cfg.options::<LoraOptions>().unwrap().core.rank_pattern["fc2"].rank() * (inp + out)
         } else {
             out
         }
@@ -593,7 +600,8 @@ crate::conformance!(
     dora_bias_config,
     |inp, out, cfg: &AdapterConfig| {
         if out == 6 {
-            cfg.options::<LoraOptions>().unwrap().rank_pattern["fc2"].rank() * (inp + out) + out
+            cfg.options::<LoraOptions>().unwrap().core.rank_pattern["fc2"].rank() * (inp + out)
+                + out
         } else {
             crate::testing::opt_usize(cfg, "r") * (inp + out) + 2 * out
         }
