@@ -271,6 +271,12 @@ pub trait AdapterMethod: Sync {
             cfg.peft_type
         )))
     }
+    /// Whether the method's PEFT config carries `layers_to_transform` / `layers_pattern` (the
+    /// LoRA and LyCORIS families, OFT, BOFT, VeRA): petal writes them, null when unset, as
+    /// PEFT does.
+    fn writes_layer_selection(&self) -> bool {
+        false
+    }
     /// Whether the method can adapt a token embedding (else targeting one is refused).
     fn adapts_embeddings(&self) -> bool {
         false

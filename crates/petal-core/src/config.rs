@@ -269,6 +269,13 @@ impl AdapterConfig {
     pub fn to_json(&self) -> Result<String> {
         let mut v = serde_json::to_value(self).map_err(|e| Error::msg(e.to_string()))?;
         if let Some(o) = v.as_object_mut() {
+            // an option left unset is not written (PEFT takes its default for a missing key)
+            o.retain(|k, v| !(v.is_null() && self.options.contains_key(k)));
+            if self.method().is_some_and(|m| m.writes_layer_selection()) {
+                for k in ["layers_to_transform", "layers_pattern"] {
+                    o.entry(k).or_insert(Value::Null);
+                }
+            }
             // PEFT parses this as a version and gates format changes on it (OFT's
             // Cayley-Neumann form changed in 0.18): write the release whose format petal follows.
             o.insert(

@@ -148,6 +148,10 @@ impl AdapterMethod for Boft {
         spec::<BoftOptions>()
     }
 
+    fn writes_layer_selection(&self) -> bool {
+        true
+    }
+
     fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
         let o: BoftOptions = cfg.options()?;
         check_plain_base(&o.bias, o.fan_in_fan_out, &o.init_weights)

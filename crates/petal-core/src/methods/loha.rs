@@ -65,6 +65,10 @@ impl AdapterMethod for Loha {
         spec::<LohaOptions>()
     }
 
+    fn writes_layer_selection(&self) -> bool {
+        true
+    }
+
     fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
         let o: LohaOptions = cfg.options()?;
         check_lycoris(o.r, o.rank_dropout, o.module_dropout, &o.init_weights)

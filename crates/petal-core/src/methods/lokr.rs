@@ -114,6 +114,10 @@ impl AdapterMethod for Lokr {
         spec::<LokrOptions>()
     }
 
+    fn writes_layer_selection(&self) -> bool {
+        true
+    }
+
     fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
         let o: LokrOptions = cfg.options()?;
         check_lycoris(o.r, o.rank_dropout, o.module_dropout, &o.init_weights)

@@ -119,6 +119,10 @@ impl AdapterMethod for Oft {
         spec::<OftOptions>()
     }
 
+    fn writes_layer_selection(&self) -> bool {
+        true
+    }
+
     fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
         let o: OftOptions = cfg.options()?;
         crate::config::probability("module_dropout", o.module_dropout)?;

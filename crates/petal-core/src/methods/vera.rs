@@ -74,6 +74,10 @@ impl AdapterMethod for Vera {
         spec::<VeraOptions>()
     }
 
+    fn writes_layer_selection(&self) -> bool {
+        true
+    }
+
     fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
         let o: VeraOptions = cfg.options()?;
         if o.r == 0 {

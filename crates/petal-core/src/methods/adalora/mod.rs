@@ -75,6 +75,10 @@ impl AdapterMethod for AdaLora {
         spec::<AdaLoraOptions>()
     }
 
+    fn writes_layer_selection(&self) -> bool {
+        true
+    }
+
     fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
         let o: AdaLoraOptions = cfg.options()?;
         probability("lora_dropout", o.core.dropout)?;

@@ -110,6 +110,10 @@ impl AdapterMethod for Lora {
         spec::<LoraOptions>()
     }
 
+    fn writes_layer_selection(&self) -> bool {
+        true
+    }
+
     fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
         let o: LoraOptions = cfg.options()?;
         if o.core.r == 0 {
