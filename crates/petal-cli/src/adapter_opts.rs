@@ -57,6 +57,10 @@ fn registry_flags() -> Vec<(&'static str, String)> {
     for &m in METHODS {
         for f in m.flags() {
             let help = m.options().key(f.key).map(|o| o.help.trim()).unwrap_or("");
+            let help = match f.invert {
+                true => format!("true sets {} = false ({help})", f.key),
+                false => help.to_string(),
+            };
             let who = method_name(m);
             match out.iter_mut().find(|(n, _)| *n == f.name) {
                 Some((_, h)) => h.push_str(&format!(", {who}")),
