@@ -82,12 +82,13 @@ pub fn adapter_name(i: usize, arg: &Path) -> (String, PathBuf) {
 }
 
 /// Load `model` in `precision` and attach each adapter folder (see [`adapter_name`]), all
-/// active.
+/// active; adapters with non-finite tensors are refused unless `allow_nonfinite`.
 pub fn load(
     model: &str,
     adapters: &[PathBuf],
     precision: petal_models::Precision,
     dev: &str,
+    allow_nonfinite: bool,
 ) -> Result<LoadedModel> {
     let spec = resolve_spec(model)?;
     let mut lm = load_model(&spec, precision, &device(dev)?)
@@ -98,8 +99,15 @@ pub fn load(
         if name == petal_core::mixed::BASE || names.contains(&name) {
             bail!("--adapter {}: the name `{name}` is taken", a.display());
         }
-        petal_io::attach_adapter(&mut lm.model, &dir, &name)
-            .with_context(|| format!("loading adapter {}", dir.display()))?;
+        let (_, _, nonfinite) =
+            petal_io::attach_adapter_with(&mut lm.model, &dir, &name, allow_nonfinite)
+                .with_context(|| format!("loading adapter {}", dir.display()))?;
+        for key in nonfinite {
+            eprintln!(
+                "warning: adapter {}: tensor `{key}` holds NaN or infinite values",
+                dir.display()
+            );
+        }
         names.push(name);
     }
     Ok(lm)

@@ -25,13 +25,23 @@ pub struct ModelArgs {
     pub bf16_activations: bool,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Load adapters whose tensors hold NaN or infinite values (with a warning) instead of
+    /// refusing them
+    #[arg(long)]
+    pub allow_nonfinite: bool,
 }
 
 impl ModelArgs {
     /// The model with every `--adapter` attached.
     pub fn load(&self) -> Result<petal_io::LoadedModel> {
         let p = crate::common::precision(&self.dtype, self.bf16_activations)?;
-        load(&self.model, &self.adapter, p, &self.device)
+        load(
+            &self.model,
+            &self.adapter,
+            p,
+            &self.device,
+            self.allow_nonfinite,
+        )
     }
 }
 

@@ -211,7 +211,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let dt = o.dtype.clone().unwrap_or_else(|| "f32".into());
     let dev = o.device.clone().unwrap_or_else(|| "cpu".into());
     let precision = crate::common::precision(&dt, o.bf16_activations.unwrap_or(false))?;
-    let lm = load(&model_spec, &[], precision, &dev)?;
+    let lm = load(&model_spec, &[], precision, &dev, false)?;
     let tok = &lm.tokenizer;
     let seq_len = o.seq_len.unwrap_or(128);
     if seq_len > lm.model.cfg.max_position_embeddings {

@@ -709,3 +709,64 @@ fn out_of_range_training_values_are_refused_before_any_work_naming_the_flag() {
         stderr(&o)
     );
 }
+
+#[test]
+fn an_adapter_with_nan_weights_is_refused_naming_the_tensor_unless_allowed_and_generation_stops() {
+    let d = tempfile::tempdir().unwrap();
+    let src = golden().join("adapters/llama_lora_qv");
+    let bad = d.path().join("nan_adapter");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::copy(
+        src.join("adapter_config.json"),
+        bad.join("adapter_config.json"),
+    )
+    .unwrap();
+    let file = src.join("adapter_model.safetensors");
+    let mut t = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap();
+    let key = t
+        .keys()
+        .filter(|k| k.contains("lora_B"))
+        .min()
+        .unwrap()
+        .clone();
+    let dims = t[&key].dims().to_vec();
+    let n: usize = dims.iter().product();
+    let mut v = vec![0.5f32; n];
+    v[n / 2] = f32::NAN;
+    t.insert(
+        key.clone(),
+        candle_core::Tensor::from_vec(v, dims, &candle_core::Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&t, bad.join("adapter_model.safetensors")).unwrap();
+    let model = golden().join("llama");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            bad.to_str().unwrap(),
+            "--prompt",
+            "w5 w9",
+            "--max-new-tokens",
+            "3",
+        ];
+        args.extend(extra);
+        petal(&args)
+    };
+    let o = run(&[]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains(&key) && e.contains("NaN") && e.contains("--allow-nonfinite"),
+        "{e}"
+    );
+    let o = run(&["--allow-nonfinite"]);
+    assert!(
+        !o.status.success(),
+        "generation must not print text from NaN logits"
+    );
+    let e = stderr(&o);
+    assert!(e.contains("warning") && e.contains(&key), "{e}");
+    assert!(e.contains("non-finite logit"), "{e}");
+}

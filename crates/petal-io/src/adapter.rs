@@ -108,12 +108,24 @@ pub fn save_model_adapter(
 }
 
 /// Load a PEFT adapter folder into `model` as adapter `name` (made active). Every tensor in the
-/// file must land on a module, with the shape the module expects.
+/// file must land on a module, with the shape the module expects, and hold finite values.
 pub fn attach_adapter(
     model: &mut dyn Adaptable,
     dir: &Path,
     name: &str,
 ) -> Result<(AdapterConfig, InjectionReport)> {
+    let (cfg, report, _) = attach_adapter_with(model, dir, name, false)?;
+    Ok((cfg, report))
+}
+
+/// `attach_adapter`; with `allow_nonfinite`, tensors holding NaN or infinite values load too and
+/// their keys are returned (for a warning) instead of refusing the folder.
+pub fn attach_adapter_with(
+    model: &mut dyn Adaptable,
+    dir: &Path,
+    name: &str,
+    allow_nonfinite: bool,
+) -> Result<(AdapterConfig, InjectionReport, Vec<String>)> {
     let device = model
         .linears()
         .first()
@@ -121,19 +133,32 @@ pub fn attach_adapter(
         .unwrap_or(Device::Cpu);
     let (cfg, tensors) = load_adapter(dir, &device)?;
     let report = inject_adapter(model, name, &cfg, 0)?;
-    load_into(model, name, tensors, &dir.join(ADAPTER_WEIGHTS))?;
-    Ok((cfg, report))
+    let file = dir.join(ADAPTER_WEIGHTS);
+    let nonfinite = load_into_checked(model, name, tensors, &file, allow_nonfinite)?;
+    Ok((cfg, report, nonfinite))
 }
 
 /// Set adapter `name`'s tensors from `tensors` (module-relative keys, as `load_adapter` and
-/// `adapter_tensors` give them). Every tensor the adapter owns must be there with its shape,
-/// and every tensor given must land somewhere; `file` names the source in errors.
+/// `adapter_tensors` give them). Every tensor the adapter owns must be there with its shape and
+/// finite values, and every tensor given must land somewhere; `file` names the source in errors.
 pub fn load_into(
+    model: &dyn Adaptable,
+    name: &str,
+    tensors: HashMap<String, Tensor>,
+    file: &Path,
+) -> Result<()> {
+    load_into_checked(model, name, tensors, file, false).map(drop)
+}
+
+/// `load_into`; with `allow_nonfinite`, non-finite tensors load and their keys are returned.
+fn load_into_checked(
     model: &dyn Adaptable,
     name: &str,
     mut tensors: HashMap<String, Tensor>,
     file: &Path,
-) -> Result<()> {
+    allow_nonfinite: bool,
+) -> Result<Vec<String>> {
+    let mut nonfinite = Vec::new();
     let mut take = |key: String, var: &candle_core::Var| -> Result<()> {
         let src = tensors.remove(&key).ok_or_else(|| {
             Error::msg(format!(
@@ -149,6 +174,17 @@ pub fn load_into(
                 expected: want.to_vec(),
                 found: src.dims().to_vec(),
             });
+        }
+        if !is_finite(&src)? {
+            if !allow_nonfinite {
+                return Err(Error::msg(format!(
+                    "{}: tensor `{}` holds NaN or infinite values (--allow-nonfinite loads it \
+                     anyway)",
+                    file.display(),
+                    disk_key(&key)
+                )));
+            }
+            nonfinite.push(disk_key(&key));
         }
         Ok(var.set(&src.to_dtype(var.as_tensor().dtype())?)?)
     };
@@ -188,5 +224,17 @@ pub fn load_into(
             tensors.len()
         )));
     }
-    Ok(())
+    Ok(nonfinite)
+}
+
+/// Whether every value of `t` is finite (bf16 and f16 through f32).
+fn is_finite(t: &Tensor) -> Result<bool> {
+    if !t.dtype().is_float() {
+        return Ok(true);
+    }
+    let v = t
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok(v.iter().all(|x| x.is_finite()))
 }

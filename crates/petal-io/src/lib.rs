@@ -10,8 +10,8 @@ pub mod model;
 pub mod weights;
 
 pub use adapter::{
-    adapter_tensors, attach_adapter, exported_adapter, load_adapter, load_into, save_adapter,
-    save_model_adapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX,
+    adapter_tensors, attach_adapter, attach_adapter_with, exported_adapter, load_adapter,
+    load_into, save_adapter, save_model_adapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX,
 };
 pub use atomic::{write_atomic, write_safetensors_atomic};
 pub use model::{gguf_tokenizer, llama_config, load_model, parse_dtype, LoadedModel};

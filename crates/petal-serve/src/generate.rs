@@ -112,6 +112,14 @@ impl Sequence {
         if self.out.len() >= self.p.max_new_tokens {
             return Ok(Err(StopReason::MaxTokens));
         }
+        if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
+            return Err(Error::msg(format!(
+                "the model gave a non-finite logit ({} for token {i}) after {} generated \
+                 tokens: its weights or an adapter hold NaN or infinite values",
+                logits[i],
+                self.out.len()
+            )));
+        }
         apply_repetition_penalty(logits, &self.seen, self.p.repetition_penalty);
         let next = sample(logits, &self.p, &mut self.rng);
         if Some(next) == tok.eos_id {
