@@ -1,7 +1,7 @@
 //! `petal generate` and `petal chat`.
 
 use crate::common::load;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use petal_data::template::Message;
 use petal_data::Tokenizer;
 use petal_models::Llama;
@@ -66,8 +66,26 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    fn params(&self) -> SamplingParams {
-        SamplingParams {
+    /// The sampling parameters, refused out of range (naming the flag) before any work.
+    fn params(&self) -> Result<SamplingParams> {
+        let t = self.temperature;
+        if !(t.is_finite() && t >= 0.0) {
+            bail!("--temperature {t} is out of range: must be finite and >= 0 (0 = greedy)");
+        }
+        if let Some(p) = self.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+            bail!("--top-p {p} is out of range: must be in (0, 1]");
+        }
+        if self.top_k == Some(0) {
+            bail!("--top-k 0 is out of range: must be at least 1");
+        }
+        let r = self.repetition_penalty;
+        if !(r.is_finite() && r > 0.0) {
+            bail!("--repetition-penalty {r} is out of range: must be finite and > 0");
+        }
+        if self.max_new_tokens == 0 {
+            bail!("--max-new-tokens 0 is out of range: must be at least 1");
+        }
+        Ok(SamplingParams {
             temperature: self.temperature,
             top_k: self.top_k,
             top_p: self.top_p,
@@ -75,7 +93,7 @@ impl SamplingArgs {
             max_new_tokens: self.max_new_tokens,
             stop: self.stop.clone(),
             seed: self.seed,
-        }
+        })
     }
 }
 
@@ -116,6 +134,7 @@ fn chat_ids(tok: &Tokenizer, msgs: &[Message]) -> Result<Vec<u32>> {
 }
 
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
+    let params = a.sampling.params()?;
     let lm = a.model.load()?;
     let ids = if a.chat {
         chat_ids(
@@ -131,18 +150,12 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     let t = std::time::Instant::now();
     let mut out = std::io::stdout();
     let stream = !a.json;
-    let g = generate(
-        &lm.model,
-        &lm.tokenizer,
-        &ids,
-        &a.sampling.params(),
-        &mut |s| {
-            if stream {
-                let _ = write!(out, "{s}");
-                let _ = out.flush();
-            }
-        },
-    )?;
+    let g = generate(&lm.model, &lm.tokenizer, &ids, &params, &mut |s| {
+        if stream {
+            let _ = write!(out, "{s}");
+            let _ = out.flush();
+        }
+    })?;
     let secs = t.elapsed().as_secs_f64();
     if a.json {
         println!(
@@ -174,6 +187,7 @@ pub struct ChatArgs {
 
 /// A conversation on stdin/stdout; `/reset` starts over, `/quit` or end of input leaves.
 pub fn run_chat(a: ChatArgs) -> Result<()> {
+    let params = a.sampling.params()?;
     let lm = a.model.load()?;
     let mut msgs: Vec<Message> = a
         .system
@@ -208,16 +222,10 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
             content: line.to_string(),
         });
         let ids = chat_ids(&lm.tokenizer, &msgs)?;
-        let g = generate(
-            &lm.model,
-            &lm.tokenizer,
-            &ids,
-            &a.sampling.params(),
-            &mut |s| {
-                let _ = write!(out, "{s}");
-                let _ = out.flush();
-            },
-        )?;
+        let g = generate(&lm.model, &lm.tokenizer, &ids, &params, &mut |s| {
+            let _ = write!(out, "{s}");
+            let _ = out.flush();
+        })?;
         println!();
         msgs.push(Message {
             role: "assistant".into(),

@@ -770,3 +770,24 @@ fn an_adapter_with_nan_weights_is_refused_naming_the_tensor_unless_allowed_and_g
     assert!(e.contains("warning") && e.contains(&key), "{e}");
     assert!(e.contains("non-finite logit"), "{e}");
 }
+
+#[test]
+fn out_of_range_sampling_values_are_refused_before_the_model_loads_naming_the_flag() {
+    let cases: [(&str, &str); 7] = [
+        ("--temperature", "-1"),
+        ("--temperature", "NaN"),
+        ("--top-p", "0"),
+        ("--top-p", "2"),
+        ("--top-k", "0"),
+        ("--repetition-penalty", "0"),
+        ("--max-new-tokens", "0"),
+    ];
+    for (flag, bad) in cases {
+        let arg = format!("{flag}={bad}");
+        // a model that does not exist: the check must come first
+        let o = petal(&["generate", "--model", "/nonexistent", "--prompt", "x", &arg]);
+        assert!(!o.status.success(), "{arg} must fail");
+        let e = stderr(&o);
+        assert!(e.contains(flag) && e.contains("out of range"), "{arg}: {e}");
+    }
+}
