@@ -113,10 +113,20 @@ fn example_from_json(v: &Value, tok: &Tokenizer) -> std::result::Result<Example,
     Err("expected one of the fields `text`, `prompt`+`completion` or `messages`".into())
 }
 
+/// The roles a chat turn may have (OpenAI's, which chat templates know).
+const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
+
 /// A conversation rendered with the chat template; loss only on the assistant turns' tokens.
 fn chat_example(v: &Value, tok: &Tokenizer) -> std::result::Result<Example, String> {
     let msgs: Vec<Message> = serde_json::from_value(v["messages"].clone())
         .map_err(|e| format!("`messages` must be a list of {{\"role\", \"content\"}}: {e}"))?;
+    if let Some(m) = msgs.iter().find(|m| !ROLES.contains(&m.role.as_str())) {
+        return Err(format!(
+            "`messages` has a turn with role `{}` (roles: {})",
+            m.role,
+            ROLES.join(", ")
+        ));
+    }
     if !msgs.iter().any(|m| m.role == "assistant") {
         return Err("conversation has no assistant turn, so nothing to learn from".into());
     }

@@ -144,6 +144,8 @@ fn missing_fields_and_chats_without_an_assistant_turn_are_refused_by_line() {
     assert!(e.contains("expected one of the fields"), "{e}");
     let e = err("{\"messages\": [{\"role\": \"user\", \"content\": \"w3\"}]}\n");
     assert!(e.contains("no assistant turn"), "{e}");
+    let e = err("{\"messages\": [{\"role\": \"usr\", \"content\": \"w3\"}, {\"role\": \"assistant\", \"content\": \"w4\"}]}\n");
+    assert!(e.contains("bad.jsonl:1") && e.contains("role `usr`"), "{e}");
 }
 
 #[test]
