@@ -87,23 +87,28 @@ pub fn run_merge(a: MergeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Write the (merged) model as a Hugging Face folder: config.json, model.safetensors, tokenizer.
+/// Write the (merged) model as a Hugging Face folder: config.json, model.safetensors,
+/// tokenizer, built whole beside `out` and moved into place (never half-written).
 pub fn export_hf(lm: &mut petal_io::LoadedModel, out: &std::path::Path) -> Result<()> {
     lm.model.complete_bias_groups()?;
-    std::fs::create_dir_all(out)?;
     if !lm.model.head_is_tied() {
         lm.model.cfg.tie_word_embeddings = false;
     }
     let tensors: HashMap<String, Tensor> = lm.model.named_base_tensors().into_iter().collect();
-    petal_io::write_safetensors_atomic(&out.join("model.safetensors"), &tensors)?;
     let dt = match lm.model.dtype() {
         DType::BF16 => "bfloat16",
         DType::F16 => "float16",
         _ => "float32",
     };
     let cfg = serde_json::to_string_pretty(&lm.model.cfg.to_hf_json(dt))?;
-    petal_io::write_atomic(&out.join("config.json"), cfg.as_bytes())?;
-    lm.tokenizer.save(out)?;
+    let tokenizer = &lm.tokenizer;
+    petal_io::write_dir_atomic(out, |tmp| {
+        petal_io::write_safetensors_atomic(&tmp.join("model.safetensors"), &tensors)?;
+        petal_io::write_atomic(&tmp.join("config.json"), cfg.as_bytes())?;
+        tokenizer
+            .save(tmp)
+            .map_err(|e| petal_core::Error::msg(format!("{}: {e}", out.display())))
+    })?;
     Ok(())
 }
 

@@ -31,7 +31,15 @@ pub fn save_adapter(
     cfg: &AdapterConfig,
     tensors: &HashMap<String, Tensor>,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    crate::atomic::write_dir_atomic(dir, |tmp| write_adapter_files(tmp, cfg, tensors))
+}
+
+/// The files of an adapter folder, written into `dir` (which `save_adapter` builds whole).
+pub fn write_adapter_files(
+    dir: &Path,
+    cfg: &AdapterConfig,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<()> {
     let keyed: HashMap<String, Tensor> = tensors
         .iter()
         .map(|(k, t)| (disk_key(k), t.clone()))

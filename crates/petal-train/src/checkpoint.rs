@@ -3,7 +3,7 @@
 
 use candle_core::{Device, Tensor};
 use petal_core::{AdapterConfig, Error, Result};
-use petal_io::{save_adapter, write_atomic, write_safetensors_atomic};
+use petal_io::{write_adapter_files, write_atomic, write_safetensors_atomic};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -41,21 +41,12 @@ pub fn save(
 ) -> Result<PathBuf> {
     let final_dir = step_dir(out, state.step);
     let parent = final_dir.parent().unwrap_or(out).to_path_buf();
-    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let tmp = parent.join(format!(
-        ".tmp-step-{:06}-{}",
-        state.step,
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
-    save_adapter(&tmp, cfg, adapter)?;
-    write_safetensors_atomic(&tmp.join(OPTIMIZER), optimizer)?;
     let json = serde_json::to_string_pretty(state).map_err(|e| Error::msg(e.to_string()))?;
-    write_atomic(&tmp.join(STATE), json.as_bytes())?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
-    }
-    std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    petal_io::write_dir_atomic(&final_dir, |tmp| {
+        write_adapter_files(tmp, cfg, adapter)?;
+        write_safetensors_atomic(&tmp.join(OPTIMIZER), optimizer)?;
+        write_atomic(&tmp.join(STATE), json.as_bytes())
+    })?;
     write_atomic(
         &parent.join(LATEST),
         final_dir
