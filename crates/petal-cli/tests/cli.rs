@@ -192,7 +192,7 @@ fn resuming_from_a_checkpoint_of_another_config_fails_and_overwrites_nothing() {
     );
     assert!(!o.status.success());
     assert!(
-        stderr(&o).contains("another model or config"),
+        stderr(&o).contains("another model or config (differs in: adapter:"),
         "{}",
         stderr(&o)
     );

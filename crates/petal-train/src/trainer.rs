@@ -177,10 +177,14 @@ pub fn train(
         }
         let loss = loss_sum / total as f64;
         if !loss.is_finite() {
+            let dir = cfg.out_dir.join("checkpoints");
+            let kept = match dir.join(checkpoint::LATEST).exists() {
+                true => format!("the last good checkpoint is kept in {}", dir.display()),
+                false => "no checkpoint had been saved yet".to_string(),
+            };
             return Err(Error::msg(format!(
-                "loss is {loss} at step {}; stopped. The last good checkpoint is kept in {}",
-                step + 1,
-                cfg.out_dir.join("checkpoints").display()
+                "loss is {loss} at step {}; stopped ({kept})",
+                step + 1
             )));
         }
         let grad_norm = clip(&mut grads, cfg.max_grad_norm)?;
@@ -297,10 +301,9 @@ fn restore(
     let ck = checkpoint::load(path, model.device())?;
     if ck.state.fingerprint != cfg.fingerprint {
         return Err(Error::msg(format!(
-            "{}: checkpoint was made for another model or config\n  checkpoint: {}\n  this run:   {}",
+            "{}: checkpoint was made for another model or config (differs in: {})",
             path.display(),
-            ck.state.fingerprint,
-            cfg.fingerprint
+            fingerprint_diff(&ck.state.fingerprint, &cfg.fingerprint)
         )));
     }
     petal_io::load_into(model, &cfg.adapter_name, ck.adapter, path)?;
@@ -309,6 +312,29 @@ fn restore(
         h.load_state(&ck.optimizer)?;
     }
     Ok(ck.state.step)
+}
+
+/// The settings in which two run fingerprints (JSON objects) differ, as `key: a -> b`.
+fn fingerprint_diff(old: &str, new: &str) -> String {
+    let parse = |s: &str| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(s);
+    let (Ok(a), Ok(b)) = (parse(old), parse(new)) else {
+        return format!("checkpoint {old}, this run {new}");
+    };
+    let null = serde_json::Value::Null;
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            format!(
+                "{k}: {} -> {}",
+                a.get(k).unwrap_or(&null),
+                b.get(k).unwrap_or(&null)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Keep only metric lines of steps <= `step` (a resumed run rewrites what follows).
@@ -331,6 +357,13 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn a_fingerprint_mismatch_names_the_settings_that_differ() {
+        let a = r#"{"seed": 1, "lr": 0.001, "model": "m"}"#;
+        let b = r#"{"seed": 2, "lr": 0.001, "model": "m", "pack": true}"#;
+        assert_eq!(fingerprint_diff(a, b), "pack: null -> true; seed: 1 -> 2");
+    }
 
     #[test]
     fn clipping_scales_the_global_norm_down_to_the_limit_and_leaves_small_ones_alone() {
