@@ -47,10 +47,20 @@ pub fn load_examples(path: &Path, tok: &Tokenizer, opts: &DataOptions) -> Result
     if opts.pack && is_jsonl {
         out = pack(out, opts.max_seq_len, tok.eos_id);
     }
+    let read = out.len();
     out.retain(|e| e.labels.iter().skip(1).any(|&l| l != IGNORE));
     if out.is_empty() {
+        let why = match read {
+            0 => "the file holds none".to_string(),
+            n => format!(
+                "none of its {n} examples has a token to learn within its first {} tokens (the \
+                 part that carries the loss, a completion or the assistant turns, starts later): \
+                 raise --seq-len",
+                opts.max_seq_len
+            ),
+        };
         return Err(DataError::Msg(format!(
-            "{}: no training examples (empty file, or nothing to predict)",
+            "{}: no training examples: {why}",
             path.display()
         )));
     }

@@ -151,5 +151,25 @@ fn missing_fields_and_chats_without_an_assistant_turn_are_refused_by_line() {
 #[test]
 fn an_empty_dataset_is_an_error() {
     let e = err("\n\n");
-    assert!(e.contains("no training examples"), "{e}");
+    assert!(
+        e.contains("no training examples: the file holds none"),
+        "{e}"
+    );
+}
+
+#[test]
+fn examples_whose_scored_part_falls_past_the_sequence_length_say_so() {
+    let d = tempfile::tempdir().unwrap();
+    let p = file(
+        d.path(),
+        "late.jsonl",
+        "{\"prompt\": \"w1 w2 w3 w4 w5 w6 w7 w8\", \"completion\": \"w9\"}\n",
+    );
+    let e = load_examples(&p, &tok(), &opts(4)).unwrap_err().to_string();
+    assert!(
+        e.contains("late.jsonl")
+            && e.contains("none of its 1 examples")
+            && e.contains("raise --seq-len"),
+        "{e}"
+    );
 }
