@@ -265,11 +265,13 @@ pub fn adapter_config(
         .as_deref()
         .map(|s| s.split(',').map(|p| p.trim().to_string()).collect());
     let new = NewAdapter {
-        hidden: mc.hidden_size,
-        layers: mc.num_hidden_layers,
+        shape: petal_core::adapter::InputShape {
+            hidden: mc.hidden_size,
+            layers: mc.num_hidden_layers,
+            kv_heads: mc.num_key_value_heads,
+            head_dim: mc.head_dim,
+        },
         attention_heads: mc.num_attention_heads,
-        kv_heads: mc.num_key_value_heads,
-        head_dim: mc.head_dim,
         max_steps: o.max_steps.unwrap_or(100),
         given: keys,
     };

@@ -161,11 +161,10 @@ impl Flag {
 /// The model a new adapter is made for (by `petal train` / `petal bench`) and the run's length.
 #[derive(Debug, Clone)]
 pub struct NewAdapter {
-    pub hidden: usize,
-    pub layers: usize,
+    /// The model's sizes, as input-side adapters see them.
+    pub shape: InputShape,
+    /// Query heads (PEFT records them for prompt methods).
     pub attention_heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
     pub max_steps: usize,
     /// The option keys the user gave (the others hold the method's defaults).
     pub given: Vec<String>,

@@ -154,19 +154,3 @@ pub fn llama_config(
     cfg.validate("gguf")?;
     Ok(cfg)
 }
-
-impl WeightSource for Weights {
-    fn contains(&self, name: &str) -> bool {
-        Weights::contains(self, name)
-    }
-
-    fn get(
-        &self,
-        name: &str,
-        shape: Option<&[usize]>,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<candle_core::Tensor> {
-        Weights::get(self, name, shape, dtype, device)
-    }
-}

@@ -3,6 +3,7 @@
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use petal_core::{Error, Result};
+use petal_models::weights::{shaped, WeightSource};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -80,8 +81,10 @@ impl Weights {
             Weights::Map(m) => m.keys().cloned().collect(),
         }
     }
+}
 
-    pub fn contains(&self, name: &str) -> bool {
+impl WeightSource for Weights {
+    fn contains(&self, name: &str) -> bool {
         match self {
             Weights::Mmap { st, .. } => st.get(name).is_ok(),
             Weights::Map(m) => m.contains_key(name),
@@ -89,36 +92,24 @@ impl Weights {
     }
 
     /// Tensor `name` in `dtype` on `device`, checked against `shape` when given.
-    pub fn get(
+    fn get(
         &self,
         name: &str,
         shape: Option<&[usize]>,
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let t = match self {
-            Weights::Mmap { st, files, .. } => st.load(name, device).map_err(|_| {
-                Error::msg(format!(
-                    "tensor `{name}` is missing from {}",
-                    files[0].display()
-                ))
-            })?,
-            Weights::Map(m) => m
-                .get(name)
-                .ok_or_else(|| {
-                    Error::msg(format!("tensor `{name}` is missing from the model file"))
-                })?
-                .to_device(device)?,
-        };
-        if let Some(s) = shape {
-            if t.dims() != s {
-                return Err(Error::Shape {
-                    tensor: name.into(),
-                    expected: s.to_vec(),
-                    found: t.dims().to_vec(),
-                });
+        match self {
+            Weights::Mmap { st, files, .. } => {
+                let t = st.load(name, device).map_err(|_| {
+                    Error::msg(format!(
+                        "tensor `{name}` is missing from {}",
+                        files[0].display()
+                    ))
+                })?;
+                shaped(name, t, shape, dtype)
             }
+            Weights::Map(m) => WeightSource::get(m, name, shape, dtype, device),
         }
-        Ok(t.to_dtype(dtype)?)
     }
 }

@@ -32,14 +32,20 @@ impl WeightSource for HashMap<String, Tensor> {
         device: &Device,
     ) -> Result<Tensor> {
         let t = HashMap::get(self, name)
-            .ok_or_else(|| Error::msg(format!("tensor `{name}` is missing from the weights")))?;
-        if let Some(s) = shape.filter(|s| t.dims() != *s) {
-            return Err(Error::Shape {
-                tensor: name.into(),
-                expected: s.to_vec(),
-                found: t.dims().to_vec(),
-            });
-        }
-        Ok(t.to_device(device)?.to_dtype(dtype)?)
+            .ok_or_else(|| Error::msg(format!("tensor `{name}` is missing from the model file")))?;
+        shaped(name, t.to_device(device)?, shape, dtype)
     }
+}
+
+/// Tensor `name` as read, checked against `shape` when given, in `dtype`: what every
+/// `WeightSource::get` ends with.
+pub fn shaped(name: &str, t: Tensor, shape: Option<&[usize]>, dtype: DType) -> Result<Tensor> {
+    if let Some(s) = shape.filter(|s| t.dims() != *s) {
+        return Err(Error::Shape {
+            tensor: name.into(),
+            expected: s.to_vec(),
+            found: t.dims().to_vec(),
+        });
+    }
+    Ok(t.to_dtype(dtype)?)
 }

@@ -199,9 +199,9 @@ impl AdapterMethod for PTuning {
     }
 
     fn prepare(&self, cfg: &mut AdapterConfig, new: &NewAdapter) -> Result<()> {
-        prepare_prompt(cfg, new, new.hidden, new.attention_heads)?;
+        prepare_prompt(cfg, new, new.shape.hidden, new.attention_heads)?;
         if !new.given("encoder_hidden_size") {
-            cfg.set("encoder_hidden_size", new.hidden)?;
+            cfg.set("encoder_hidden_size", new.shape.hidden)?;
         }
         Ok(())
     }

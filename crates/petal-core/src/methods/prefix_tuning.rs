@@ -73,8 +73,8 @@ impl AdapterMethod for PrefixTuning {
 
     fn prepare(&self, cfg: &mut AdapterConfig, new: &NewAdapter) -> Result<()> {
         // keys and values: with grouped-query attention the prefix is kv_heads wide
-        let kv = new.kv_heads * new.head_dim;
-        prepare_prompt(cfg, new, kv, new.kv_heads)?;
+        let kv = new.shape.kv_heads * new.shape.head_dim;
+        prepare_prompt(cfg, new, kv, new.shape.kv_heads)?;
         if !new.given("encoder_hidden_size") {
             cfg.set("encoder_hidden_size", kv)?;
         }

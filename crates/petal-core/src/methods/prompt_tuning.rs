@@ -82,7 +82,7 @@ pub(crate) fn prepare_prompt(
         cfg.set("num_virtual_tokens", 20)?;
     }
     cfg.set("token_dim", token_dim)?;
-    cfg.set("num_layers", new.layers)?;
+    cfg.set("num_layers", new.shape.layers)?;
     cfg.set("num_attention_heads", heads)?;
     cfg.target_modules = None;
     Ok(())
@@ -135,7 +135,7 @@ impl AdapterMethod for PromptTuning {
     }
 
     fn prepare(&self, cfg: &mut AdapterConfig, new: &NewAdapter) -> Result<()> {
-        prepare_prompt(cfg, new, new.hidden, new.attention_heads)?;
+        prepare_prompt(cfg, new, new.shape.hidden, new.attention_heads)?;
         if new.given("prompt_tuning_init_text") && !new.given("prompt_tuning_init") {
             cfg.set("prompt_tuning_init", "TEXT")?;
         }

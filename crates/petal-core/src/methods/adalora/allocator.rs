@@ -45,14 +45,14 @@ fn layers<'a>(model: &'a dyn crate::Adaptable, name: &str) -> Vec<(String, &'a A
         .collect()
 }
 
-/// `orth_reg_weight` times the mean over all A and B of `||A A^T - I||_F`, `||B^T B - I||_F`
-/// (PEFT adds it to every forward's loss); None when the adapter is not AdaLoRA or w is 0.
+/// `w` (`orth_reg_weight`) times the mean over all A and B of `||A A^T - I||_F`,
+/// `||B^T B - I||_F` (PEFT adds it to every forward's loss); None when the adapter is not
+/// AdaLoRA or w is 0.
 pub fn orth_regulariser(
     model: &dyn crate::Adaptable,
     name: &str,
-    cfg: &AdapterConfig,
+    w: f64,
 ) -> Result<Option<Tensor>> {
-    let w = cfg.options::<AdaLoraOptions>()?.orth_reg_weight;
     let ls = layers(model, name);
     if ls.is_empty() || w == 0.0 {
         return Ok(None);
@@ -336,13 +336,13 @@ impl RankAllocator {
 pub(super) struct AdaLoraTraining {
     pub alloc: RankAllocator,
     pub name: String,
-    pub cfg: AdapterConfig,
+    pub orth_reg_weight: f64,
 }
 
 impl crate::TrainingHook for AdaLoraTraining {
     fn regulariser(&self, model: &dyn crate::Adaptable) -> Result<Option<Tensor>> {
         // PEFT adds the orthogonal regulariser to every forward's loss
-        orth_regulariser(model, &self.name, &self.cfg)
+        orth_regulariser(model, &self.name, self.orth_reg_weight)
     }
 
     fn after_step(

@@ -19,7 +19,7 @@ use crate::adapter::{
     AdapterLayer, AdapterMethod, BaseLinear, Flag, NamedTensor, NewAdapter, SharedOption,
     WeightUpdate,
 };
-use crate::config::{probability, spec, unsupported, AdapterConfig, InitWeights, RankValue, Spec};
+use crate::config::{spec, AdapterConfig, InitWeights, RankValue, Spec};
 use crate::methods::lora::{dropout, LoraCore};
 use crate::methods::normal;
 use crate::Result;
@@ -81,17 +81,7 @@ impl AdapterMethod for AdaLora {
 
     fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
         let o: AdaLoraOptions = cfg.options()?;
-        probability("lora_dropout", o.core.dropout)?;
-        if o.core.fan_in_fan_out {
-            return Err(unsupported("fan_in_fan_out", true));
-        }
-        if o.core.bias != "none" {
-            return Err(unsupported("bias", format!("{:?}", o.core.bias)));
-        }
-        if let InitWeights::Named(n) = &o.core.init {
-            return Err(unsupported("init_lora_weights", format!("{n:?}")));
-        }
-        Ok(())
+        o.core.check(&["none"], |_| false)
     }
 
     fn shared_key(&self, o: SharedOption) -> Option<&'static str> {
@@ -155,7 +145,7 @@ impl AdapterMethod for AdaLora {
         Ok(Some(Box::new(allocator::AdaLoraTraining {
             alloc,
             name: name.to_string(),
-            cfg: cfg.clone(),
+            orth_reg_weight: cfg.options::<AdaLoraOptions>()?.orth_reg_weight,
         })))
     }
 

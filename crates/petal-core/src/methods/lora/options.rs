@@ -1,7 +1,8 @@
 //! LoRA's options: `LoraCore` (shared with the methods built on LoRA, such as AdaLoRA) and
 //! `LoraOptions`, as PEFT's `LoraConfig` names them.
 
-use crate::config::{InitWeights, RankValue};
+use crate::config::{probability, unsupported, InitWeights, RankValue};
+use crate::Result;
 use std::collections::BTreeMap;
 
 crate::method_options! {
@@ -62,5 +63,25 @@ fn parse_init(s: &str) -> serde_json::Value {
     match s {
         "default" => true.into(),
         s => crate::config::parse_value(s),
+    }
+}
+
+impl LoraCore {
+    /// The checks LoRA and the methods built on it share: dropout a probability, W stored as
+    /// (out, in), a bias mode among `biases`, a named init only where `named_init` takes it.
+    pub(crate) fn check(&self, biases: &[&str], named_init: impl Fn(&str) -> bool) -> Result<()> {
+        probability("lora_dropout", self.dropout)?;
+        if self.fan_in_fan_out {
+            return Err(unsupported("fan_in_fan_out", true));
+        }
+        if !biases.contains(&self.bias.as_str()) {
+            return Err(unsupported("bias", format!("{:?}", self.bias)));
+        }
+        match &self.init {
+            InitWeights::Named(n) if !named_init(n) => {
+                Err(unsupported("init_lora_weights", format!("{n:?}")))
+            }
+            _ => Ok(()),
+        }
     }
 }
