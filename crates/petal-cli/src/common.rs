@@ -48,7 +48,9 @@ pub fn dtype(s: &str) -> Result<DType> {
 }
 
 /// `--dtype` with `--bf16-activations` (bf16 activations on the CPU); an error unless the
-/// weights are bf16.
+/// weights are bf16. The kernels come from the environment: `PETAL_FUSED=0` candle's composed
+/// ops everywhere instead of petal's fused CPU kernels (the path a GPU takes; the reference
+/// the kernels are tested against), `PETAL_CUDA_KERNELS` petal's CUDA kernel families.
 pub fn precision(dt: &str, bf16_activations: bool) -> Result<petal_models::Precision> {
     let weights = dtype(dt)?;
     if bf16_activations && weights != DType::BF16 {
@@ -57,7 +59,13 @@ pub fn precision(dt: &str, bf16_activations: bool) -> Result<petal_models::Preci
     Ok(petal_models::Precision {
         weights,
         bf16_activations,
+        kernels: petal_ops::Kernels::from_env(),
     })
+}
+
+/// `--max-memory`: the limit an adapter is held to (default: half of this machine's memory).
+pub fn memory_limit(max_memory: Option<u64>) -> petal_core::MemoryLimit {
+    max_memory.map_or_else(Default::default, petal_core::MemoryLimit::bytes)
 }
 
 /// An `--adapter` argument: `NAME=FOLDER`, or a folder named after its position ("default",
@@ -82,13 +90,13 @@ pub fn adapter_name(i: usize, arg: &Path) -> (String, PathBuf) {
 }
 
 /// Load `model` in `precision` and attach each adapter folder (see [`adapter_name`]), all
-/// active; adapters with non-finite tensors are refused unless `allow_nonfinite`.
+/// active, under `opts` (non-finite tensors, the memory limit).
 pub fn load(
     model: &str,
     adapters: &[PathBuf],
     precision: petal_models::Precision,
     dev: &str,
-    allow_nonfinite: bool,
+    opts: &petal_io::AttachOptions,
 ) -> Result<LoadedModel> {
     let spec = resolve_spec(model)?;
     let mut lm = load_model(&spec, precision, &device(dev)?)
@@ -99,9 +107,8 @@ pub fn load(
         if name == petal_core::mixed::BASE || names.contains(&name) {
             bail!("--adapter {}: the name `{name}` is taken", a.display());
         }
-        let (_, _, nonfinite) =
-            petal_io::attach_adapter_with(&mut lm.model, &dir, &name, allow_nonfinite)
-                .with_context(|| format!("loading adapter {}", dir.display()))?;
+        let (_, _, nonfinite) = petal_io::attach_adapter_with(&mut lm.model, &dir, &name, opts)
+            .with_context(|| format!("loading adapter {}", dir.display()))?;
         for key in nonfinite {
             eprintln!(
                 "warning: adapter {}: tensor `{key}` holds NaN or infinite values",

@@ -29,19 +29,21 @@ pub struct ModelArgs {
     /// refusing them
     #[arg(long)]
     pub allow_nonfinite: bool,
+    /// The most memory an adapter may take, checked from its config before loading (bytes, or
+    /// with K, M, G, T: 8G); default: half of this machine's memory
+    #[arg(long, value_parser = petal_core::memory::parse_bytes)]
+    pub max_memory: Option<u64>,
 }
 
 impl ModelArgs {
     /// The model with every `--adapter` attached.
     pub fn load(&self) -> Result<petal_io::LoadedModel> {
         let p = crate::common::precision(&self.dtype, self.bf16_activations)?;
-        load(
-            &self.model,
-            &self.adapter,
-            p,
-            &self.device,
-            self.allow_nonfinite,
-        )
+        let opts = petal_io::AttachOptions {
+            allow_nonfinite: self.allow_nonfinite,
+            limit: crate::common::memory_limit(self.max_memory),
+        };
+        load(&self.model, &self.adapter, p, &self.device, &opts)
     }
 }
 

@@ -82,11 +82,6 @@ fn main() {
         // SAFETY: sets a process-wide allocator option; no allocation depends on its old value.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     }
-    // PETAL_FUSED=0: candle's composed ops everywhere instead of petal's fused CPU kernels (the
-    // path a GPU takes; the reference the kernels are tested against)
-    if std::env::var("PETAL_FUSED").as_deref() == Ok("0") {
-        petal_ops::set_fast(false);
-    }
     // PETAL_CUDA_EMULATE=DIR (testing): CPU tensors take petal's CUDA kernels, run from the
     // CPU builds of its CUDA modules in DIR (tools/cuda_emu/module.cpp), with the families
     // PETAL_CUDA_KERNELS switches on

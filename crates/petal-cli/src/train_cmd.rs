@@ -5,9 +5,9 @@ use crate::adapter_opts::{
 };
 use crate::common::{data_files, load};
 use crate::{config_file, gen_cmd};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use petal_core::{inject_adapter, Adaptable, ParamCount};
+use petal_core::{inject_adapter_within, Adaptable, ParamCount};
 use petal_data::{load_examples, split, DataOptions, Example};
 use petal_train::optim::AdamWParams;
 use petal_train::{evaluate, train, Observer, StepMetrics, TrainConfig};
@@ -103,6 +103,10 @@ train_opts! {
     bf16_activations: bool,
     /// cpu | cuda | cuda:N [default: cpu]
     device: String,
+    /// The most memory the adapter may take with its gradients and optimizer state, checked
+    /// from its config before anything is allocated (bytes, or with K, M, G, T: 8G) [default:
+    /// half of this machine's memory]
+    max_memory: String,
     /// Prompts to complete before and after training (repeatable)
     sample_prompt: Vec<String>,
     /// Tokens per sample [default: 40]
@@ -211,7 +215,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let dt = o.dtype.clone().unwrap_or_else(|| "f32".into());
     let dev = o.device.clone().unwrap_or_else(|| "cpu".into());
     let precision = crate::common::precision(&dt, o.bf16_activations.unwrap_or(false))?;
-    let lm = load(&model_spec, &[], precision, &dev, false)?;
+    let lm = load(&model_spec, &[], precision, &dev, &Default::default())?;
     let tok = &lm.tokenizer;
     let seq_len = o.seq_len.unwrap_or(128);
     if seq_len > lm.model.cfg.max_position_embeddings {
@@ -240,7 +244,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut acfg = adapter_config(&o, m, preset, given, &lm.model.cfg)?;
     acfg.base_model_name_or_path = Some(model_spec.clone());
     let mut model = lm.model;
-    let report = inject_adapter(&mut model, "default", &acfg, seed)?;
+    let limit = crate::common::memory_limit(max_memory(&o)?).for_training();
+    let report = inject_adapter_within(&mut model, "default", &acfg, seed, &limit)?;
     let init_text = acfg.get("prompt_tuning_init_text").and_then(|v| v.as_str());
     if let (Some(text), Some((_, input))) = (init_text, model.input_adapter()) {
         // PEFT's TEXT init: the text's token embeddings, cut or repeated to the length.
@@ -523,5 +528,13 @@ fn check_ranges(o: &TrainOpts) -> Result<()> {
     if let Some(f) = o.val_fraction.filter(|f| !(0.0..1.0).contains(f)) {
         bail!("--val-fraction {f} is out of range: must be in [0, 1)");
     }
+    max_memory(o)?;
     Ok(())
+}
+
+/// `--max-memory` in bytes, if given.
+fn max_memory(o: &TrainOpts) -> Result<Option<u64>> {
+    let parse =
+        |s: &str| petal_core::memory::parse_bytes(s).map_err(|e| anyhow!("--max-memory: {e}"));
+    o.max_memory.as_deref().map(parse).transpose()
 }

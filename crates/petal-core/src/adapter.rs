@@ -54,6 +54,29 @@ pub struct BaseLinear<'a> {
     pub embedding: bool,
 }
 
+/// The sizes of one targeted linear (`out`, `inp`) and the largest over the adapter's targets,
+/// as the memory estimate (`AdapterMethod::layer_values`) sees them.
+#[derive(Debug, Clone, Copy)]
+pub struct ModuleDims {
+    pub out: usize,
+    pub inp: usize,
+    pub max_in: usize,
+    pub max_out: usize,
+}
+
+impl ModuleDims {
+    /// A full (out, in) matrix and a bias.
+    pub fn full(&self) -> u64 {
+        (self.out as u64) * (self.inp as u64) + self.out as u64
+    }
+
+    /// Two rank-`r` factors, (r, in) and (out, r), as saturating arithmetic (a rank read from
+    /// a file may be absurd).
+    pub fn low_rank(&self, r: usize) -> u64 {
+        (r as u64).saturating_mul(self.inp as u64 + self.out as u64)
+    }
+}
+
 /// State the layers of one adapter share across the model (VeRA's frozen random projections):
 /// made by the first layer that asks for it and handed to the others.
 #[derive(Debug, Default)]
@@ -299,6 +322,23 @@ pub trait AdapterMethod: Sync {
         _dev: &candle_core::Device,
     ) -> Result<Option<Box<dyn InputAdapter>>> {
         Ok(None)
+    }
+    /// How many values this method's layer on the module at `path` of `dims` will hold (its
+    /// tensors and any copy of the base it keeps), from the config alone: the memory check
+    /// before anything is allocated (`inject::check_memory`). The default, one full matrix of
+    /// the module plus a bias, bounds every method whose sizes the module bounds; methods with
+    /// a free size (a rank) give their exact count.
+    fn layer_values(&self, _cfg: &AdapterConfig, _path: &str, dims: &ModuleDims) -> Result<u64> {
+        Ok(dims.full())
+    }
+    /// Values one adapter of this method shares across all its layers (VeRA's projections).
+    fn shared_values(&self, _cfg: &AdapterConfig, _dims: &ModuleDims) -> Result<u64> {
+        Ok(0)
+    }
+    /// Values an input-side adapter will hold (virtual tokens, prefix keys and values, an
+    /// encoder), for the same check.
+    fn input_values(&self, _cfg: &AdapterConfig, _shape: &InputShape) -> Result<u64> {
+        Ok(0)
     }
     /// Build this method's layer for the module at `path`. `seed` makes init reproducible.
     /// Methods that adapt no linear (input-side ones, norm tuning) keep this refusal.

@@ -1,15 +1,17 @@
 //! What one forward pass depends on besides its inputs, handed down explicitly (never through
-//! thread-locals): training or inference, the adapter of each row of a mixed batch, and the
-//! random stream of training-time dropout.
+//! thread-locals or statics): training or inference, the adapter of each row of a mixed batch,
+//! the random stream of training-time dropout, and the kernels the ops take.
 
 use crate::rng::Stream;
+use petal_ops::Kernels;
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Default)]
 pub struct Ctx {
     train: bool,
     rows: Option<Arc<[String]>>,
-    rng: Stream,
+    rng: Arc<Stream>,
+    kernels: Kernels,
 }
 
 impl Ctx {
@@ -23,8 +25,8 @@ impl Ctx {
     pub fn train(seed: u64) -> Self {
         Ctx {
             train: true,
-            rows: None,
-            rng: Stream::new(seed),
+            rng: Arc::new(Stream::new(seed)),
+            ..Ctx::default()
         }
     }
 
@@ -32,10 +34,23 @@ impl Ctx {
     /// none). Made by [`crate::mixed::rows_ctx`], which checks the names against the model.
     pub(crate) fn with_rows(rows: &[&str]) -> Self {
         Ctx {
-            train: false,
             rows: Some(rows.iter().map(|s| s.to_string()).collect()),
-            rng: Stream::default(),
+            ..Ctx::default()
         }
+    }
+
+    /// The same pass (same rows, same random stream) with the ops taking `kernels`: a model
+    /// hands its own choice, made at load, down to the adapters it runs.
+    pub fn with_kernels(&self, kernels: Kernels) -> Self {
+        Ctx {
+            kernels,
+            ..self.clone()
+        }
+    }
+
+    /// Which kernels the ops of this pass take.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     pub fn is_train(&self) -> bool {

@@ -3,6 +3,7 @@
 use crate::adapter::{BaseLinear, InputAdapter, InputShape, Shared};
 use crate::config::{AdapterConfig, Targets, TokenIndices};
 use crate::linear::AdaptableLinear;
+use crate::memory::{self, MemoryLimit};
 use crate::methods::bias::BiasCopy;
 use crate::methods::modules_to_save::{self, ModuleCopy};
 use crate::methods::trainable_tokens::TrainableTokens;
@@ -65,15 +66,31 @@ impl InjectionReport {
 }
 
 /// Attach adapter `name` built from `cfg` to every linear `cfg` targets, and make it active.
+/// Refused before anything is allocated when the adapter would need more memory than half
+/// of this machine's (see [`inject_adapter_within`]).
 pub fn inject_adapter(
     model: &mut dyn Adaptable,
     name: &str,
     cfg: &AdapterConfig,
     seed: u64,
 ) -> Result<InjectionReport> {
+    inject_adapter_within(model, name, cfg, seed, &MemoryLimit::default())
+}
+
+/// `inject_adapter` under `limit`: the adapter's size is computed from `cfg` and the model
+/// first ([`memory::estimate`]), and an adapter over the limit is refused with its size, the
+/// option that makes it so and the limit.
+pub fn inject_adapter_within(
+    model: &mut dyn Adaptable,
+    name: &str,
+    cfg: &AdapterConfig,
+    seed: u64,
+    limit: &MemoryLimit,
+) -> Result<InjectionReport> {
     cfg.validate("adapter config")?;
     let method = registry::method(&cfg.peft_type)
         .ok_or_else(|| Error::Unsupported(format!("unknown peft_type `{}`", cfg.peft_type)))?;
+    limit.check(name, cfg, &memory::estimate(model, cfg)?)?;
     if let Some(shape) = model.input_shape() {
         let dev = model
             .linears()
@@ -134,13 +151,7 @@ pub fn inject_adapter(
         });
     }
     let head = model.output_head().map(str::to_string);
-    // `all-linear` means nn.Linear modules: never the embedding
-    let all_linear = matches!(&cfg.target_modules, Some(Targets::Regex(r)) if r == "all-linear");
-    let targeted = |lin: &AdaptableLinear| {
-        let path = lin.path();
-        !(lin.is_embedding() && all_linear)
-            && target::is_target(cfg, path, head.as_deref() == Some(path))
-    };
+    let targeted = |lin: &AdaptableLinear| is_targeted(cfg, lin, head.as_deref());
     let (mut max_in, mut max_out) = (0, 0);
     for lin in model.linears().into_iter().filter(|l| targeted(l)) {
         max_in = max_in.max(lin.in_features());
@@ -218,6 +229,14 @@ pub fn inject_adapter(
         peft_type: cfg.peft_type.clone(),
         modules,
     })
+}
+
+/// Whether `cfg` targets `lin` (`head`: the model's output head path). `all-linear` means
+/// nn.Linear modules: never the embedding.
+pub(crate) fn is_targeted(cfg: &AdapterConfig, lin: &AdaptableLinear, head: Option<&str>) -> bool {
+    let all_linear = matches!(&cfg.target_modules, Some(Targets::Regex(r)) if r == "all-linear");
+    let path = lin.path();
+    !(lin.is_embedding() && all_linear) && target::is_target(cfg, path, head == Some(path))
 }
 
 /// Attach `layer` to `lin` under `name` and make it active there, next to the active ones.

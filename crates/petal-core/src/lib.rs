@@ -10,6 +10,7 @@ pub mod ctx;
 pub mod error;
 pub mod inject;
 pub mod linear;
+pub mod memory;
 pub mod methods;
 pub mod mixed;
 pub mod norm;
@@ -25,8 +26,9 @@ pub use adapter::{
 pub use config::AdapterConfig;
 pub use ctx::Ctx;
 pub use error::{Error, Result};
-pub use inject::{inject_adapter, Adaptable, InjectionReport, ParamCount};
+pub use inject::{inject_adapter, inject_adapter_within, Adaptable, InjectionReport, ParamCount};
 pub use linear::AdaptableLinear;
+pub use memory::MemoryLimit;
 pub use mixed::rows_ctx;
 pub use norm::AdaptableNorm;
 

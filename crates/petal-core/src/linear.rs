@@ -98,7 +98,7 @@ impl AdaptableLinear {
                 }
             }
         }
-        let mut y = self.base_forward(x)?;
+        let mut y = self.base_forward(x, ctx)?;
         for layer in live {
             y = layer.forward(x, y, ctx)?;
         }
@@ -106,7 +106,7 @@ impl AdaptableLinear {
     }
 
     /// The frozen module alone: x W^T + b, or rows of the embedding table for token ids.
-    fn base_forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn base_forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         Ok(if self.embedding {
             // x holds token ids (any shape): rows of the table
             let mut dims = x.dims().to_vec();
@@ -115,7 +115,7 @@ impl AdaptableLinear {
                 .index_select(&x.flatten_all()?, 0)?
                 .reshape(dims)?
         } else {
-            petal_ops::frozen_linear(x, &self.weight, self.bias.as_ref())?
+            petal_ops::frozen_linear(ctx.kernels(), x, &self.weight, self.bias.as_ref())?
         })
     }
 
@@ -144,7 +144,7 @@ impl AdaptableLinear {
                 return self.forward_through(x, &layer, ctx);
             }
         }
-        let y = self.base_forward(x)?;
+        let y = self.base_forward(x, ctx)?;
         if groups.is_empty() {
             return Ok(y);
         }

@@ -264,7 +264,8 @@ pub fn check_fused_equals_composed(cfg: &AdapterConfig) {
         };
         let fused = fused.unwrap();
         let ctx = crate::Ctx::train(5);
-        let y = petal_ops::frozen_linear(x.as_tensor(), lin.weight(), lin.bias()).unwrap();
+        let y = petal_ops::frozen_linear(ctx.kernels(), x.as_tensor(), lin.weight(), lin.bias())
+            .unwrap();
         let composed = layer.forward(x.as_tensor(), y, &ctx).unwrap();
         assert!(max_rel(&fused, &composed) < 1e-5, "{}: values", lin.path());
         let proj = rand_tensor(composed.dims(), 9);

@@ -3,7 +3,9 @@
 
 use crate::{write_atomic, write_safetensors_atomic};
 use candle_core::{Device, Tensor};
-use petal_core::{inject_adapter, Adaptable, AdapterConfig, Error, InjectionReport, Result};
+use petal_core::{
+    inject_adapter_within, Adaptable, AdapterConfig, Error, InjectionReport, MemoryLimit, Result,
+};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -122,25 +124,35 @@ pub fn attach_adapter(
     dir: &Path,
     name: &str,
 ) -> Result<(AdapterConfig, InjectionReport)> {
-    let (cfg, report, _) = attach_adapter_with(model, dir, name, false)?;
+    let (cfg, report, _) = attach_adapter_with(model, dir, name, &AttachOptions::default())?;
     Ok((cfg, report))
 }
 
-/// `attach_adapter`; with `allow_nonfinite`, tensors holding NaN or infinite values load too and
-/// their keys are returned (for a warning) instead of refusing the folder.
+/// How `attach_adapter_with` treats an untrusted folder.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AttachOptions {
+    /// Tensors holding NaN or infinite values load too, their keys returned (for a warning),
+    /// instead of the folder being refused.
+    pub allow_nonfinite: bool,
+    /// The most memory the adapter may take (its config is checked before any allocation).
+    pub limit: MemoryLimit,
+}
+
+/// `attach_adapter` under `opts`; returns the keys of non-finite tensors it let through.
 pub fn attach_adapter_with(
     model: &mut dyn Adaptable,
     dir: &Path,
     name: &str,
-    allow_nonfinite: bool,
+    opts: &AttachOptions,
 ) -> Result<(AdapterConfig, InjectionReport, Vec<String>)> {
+    let allow_nonfinite = opts.allow_nonfinite;
     let device = model
         .linears()
         .first()
         .map(|l| l.weight().device().clone())
         .unwrap_or(Device::Cpu);
     let (cfg, tensors) = load_adapter(dir, &device)?;
-    let report = inject_adapter(model, name, &cfg, 0)?;
+    let report = inject_adapter_within(model, name, &cfg, 0, &opts.limit)?;
     let file = dir.join(ADAPTER_WEIGHTS);
     let nonfinite = load_into_checked(model, name, tensors, &file, allow_nonfinite)?;
     Ok((cfg, report, nonfinite))

@@ -11,8 +11,8 @@ pub mod weights;
 
 pub use adapter::{
     adapter_tensors, attach_adapter, attach_adapter_with, exported_adapter, load_adapter,
-    load_into, save_adapter, save_model_adapter, write_adapter_files, ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS, KEY_PREFIX,
+    load_into, save_adapter, save_model_adapter, write_adapter_files, AttachOptions,
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX,
 };
 pub use atomic::{write_atomic, write_dir_atomic, write_safetensors_atomic};
 pub use model::{gguf_tokenizer, llama_config, load_model, parse_dtype, LoadedModel};

@@ -59,6 +59,7 @@ impl Llama {
         ctx: &Ctx,
         objective: &dyn Fn(&Tensor) -> Result<Tensor>,
     ) -> Result<(Tensor, Grads)> {
+        let ctx = &self.pass(ctx);
         let at_input = ctx.rng_snapshot();
         let stage = self.input_stage(ids, 0, ctx)?;
         let mut x = stage.x.detach();

@@ -1,16 +1,19 @@
-//! Which dtypes a model's weights, activations and residual stream take: chosen when the model
-//! is loaded ([`Precision`]), never by a process-wide switch.
+//! Which dtypes a model's weights, activations and residual stream take, and which kernels its
+//! ops run: chosen when the model is loaded ([`Precision`]), never by a process-wide switch.
 
 use candle_core::{DType, Device};
+use petal_ops::Kernels;
 
-/// How a model stores its numbers: the weights' dtype and, for bf16 weights on the CPU, whether
-/// activations are kept in bf16 too (less memory: about half the activations' bytes) instead
-/// of f32 (faster: candle's autograd adds one bf16 gradient per graph node through a slow
-/// path). A `DType` converts to the default: f32 activations.
+/// How a model stores and computes its numbers: the weights' dtype; for bf16 weights on the
+/// CPU, whether activations are kept in bf16 too (less memory: about half the activations'
+/// bytes) instead of f32 (faster: candle's autograd adds one bf16 gradient per graph node
+/// through a slow path); and the kernels its ops and its adapters' ops take. A `DType` converts
+/// to the defaults: f32 activations, fused CPU kernels, no CUDA kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Precision {
     pub weights: DType,
     pub bf16_activations: bool,
+    pub kernels: Kernels,
 }
 
 impl From<DType> for Precision {
@@ -18,6 +21,7 @@ impl From<DType> for Precision {
         Precision {
             weights,
             bf16_activations: false,
+            kernels: Kernels::default(),
         }
     }
 }

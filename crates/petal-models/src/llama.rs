@@ -9,7 +9,7 @@ use crate::weights::WeightSource;
 use candle_core::{DType, Device, Tensor};
 use petal_core::adapter::InputShape;
 use petal_core::{Adaptable, AdaptableLinear, AdaptableNorm, Ctx, InputAdapter, Result};
-use petal_ops::{residual_add, rms_norm, rope_tables, swiglu};
+use petal_ops::{residual_add, rms_norm, rope_tables, swiglu, Kernels};
 
 mod attention;
 mod bias_export;
@@ -128,6 +128,8 @@ pub struct Llama {
     device: Device,
     /// An input-side adapter (prompt tuning): embeddings put in front of every sequence.
     input: Option<(String, Box<dyn InputAdapter>)>,
+    /// The kernels of its ops, chosen at load; every pass hands them to the adapters too.
+    kernels: Kernels,
 }
 
 impl Llama {
@@ -197,6 +199,7 @@ impl Llama {
             resid,
             device: device.clone(),
             input: None,
+            kernels: precision.kernels,
         })
     }
 
@@ -216,6 +219,7 @@ impl Llama {
     /// Logits (b, t, vocab) in f32 for input ids (b, t). With a cache, positions continue from
     /// what it holds and it is extended.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>, ctx: &Ctx) -> Result<Tensor> {
+        let ctx = &self.pass(ctx);
         let hidden = self.hidden_states(ids, cache, ctx)?;
         Ok(self.lm_head.forward(&hidden, ctx)?.to_dtype(DType::F32)?)
     }
@@ -228,7 +232,7 @@ impl Llama {
 
     /// Logits (.., vocab) of hidden states (.., hidden), through the (adaptable) head.
     pub fn head(&self, h: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        self.lm_head.forward(h, ctx)
+        self.lm_head.forward(h, &self.pass(ctx))
     }
 
     /// Positions an input-side adapter puts in front of each sequence (0 without one).
@@ -248,6 +252,7 @@ impl Llama {
         mut cache: Option<&mut KvCache>,
         ctx: &Ctx,
     ) -> Result<Tensor> {
+        let ctx = &self.pass(ctx);
         let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         let stage = self.input_stage(ids, offset, ctx)?;
         let mut x = stage.x.clone();
@@ -258,6 +263,17 @@ impl Llama {
         self.final_norm(&x)
     }
 
+    /// The kernels this model's ops take (chosen at load).
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    /// `ctx` with this model's kernels: what every entry point hands down, so an adapter's ops
+    /// take the kernels the model was loaded with.
+    pub(crate) fn pass(&self, ctx: &Ctx) -> Ctx {
+        ctx.with_kernels(self.kernels)
+    }
+
     /// The final RMSNorm over the last layer's output.
     pub(crate) fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
         self.rms(x, &self.norm)
@@ -266,7 +282,7 @@ impl Llama {
     /// RMSNorm of the residual stream `x` into the activations' dtype (a trainable f32 norm,
     /// LN tuning, returns f32 and is rounded here).
     fn rms(&self, x: &Tensor, n: &AdaptableNorm) -> Result<Tensor> {
-        let h = rms_norm(x, &n.weight(), self.cfg.rms_norm_eps)?;
+        let h = rms_norm(self.kernels, x, &n.weight(), self.cfg.rms_norm_eps)?;
         Ok(if h.dtype() == self.act {
             h
         } else {
@@ -338,18 +354,22 @@ impl Llama {
             .transpose()?;
         let h = self.rms(x, &layer.ln1)?;
         let a = self.attention(&layer.attn, &h, stage.rope_from, kv, prefix, ctx)?;
-        let x = residual_add(x, &a)?;
+        let x = residual_add(self.kernels, x, &a)?;
         self.mlp_block(layer, &x, ctx)
     }
 
-    /// The MLP block of `layer` with its residual: x + down(swiglu(gate(h), up(h))), h the
+    /// The MLP block of `layer` with its residual: x + down(swiglu(self.kernels, gate(h), up(h))), h the
     /// second norm of x.
     fn mlp_block(&self, layer: &Layer, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let h = self.rms(x, &layer.ln2)?;
         let m = &layer.mlp;
         let g = m.gate.forward(&h, ctx)?;
         let u = m.up.forward(&h, ctx)?;
-        Ok(residual_add(x, &m.down.forward(&swiglu(&g, &u)?, ctx)?)?)
+        Ok(residual_add(
+            self.kernels,
+            x,
+            &m.down.forward(&swiglu(self.kernels, &g, &u)?, ctx)?,
+        )?)
     }
 
     /// Layer i's (key, value) prefix as (b, n, kv_heads * head_dim), from the adapter's

@@ -23,6 +23,7 @@ fn bf16_model(base: &str, adapter: Option<&str>) -> Llama {
     let bf16 = petal_models::Precision {
         weights: DType::BF16,
         bf16_activations: true,
+        ..DType::BF16.into()
     };
     let mut m = load_model(dir.to_str().unwrap(), bf16, &Device::Cpu)
         .unwrap()

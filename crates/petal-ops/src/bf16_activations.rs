@@ -4,6 +4,7 @@
 use crate::attention::causal_attention_reference;
 use crate::lora_linear::lora_linear_reference;
 use crate::testing::{max_rel, projected_grads, rand, same_bf16};
+use crate::Kernels;
 use crate::*;
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -27,7 +28,7 @@ fn rms_norm_on_bf16_activations_matches_the_f32_norm_of_the_rounded_input() {
     same_bf16(
         &[rand(&[3, 4, 48], 1)],
         TOL,
-        |t| rms_norm(&t[0], &w, 1e-5).unwrap(),
+        |t| rms_norm(Kernels::FUSED, &t[0], &w, 1e-5).unwrap(),
         |t| nn::rms_norm_reference(&t[0], &wf, 1e-5).unwrap(),
     );
 }
@@ -37,7 +38,7 @@ fn rms_norm_of_an_f32_residual_into_a_bf16_weight_returns_bf16_and_an_f32_gradie
     let w = rand(&[40], 5).to_dtype(BF).unwrap();
     let wf = w.to_dtype(DType::F32).unwrap();
     let x = Var::from_tensor(&rand(&[6, 40], 2)).unwrap();
-    let y = rms_norm(x.as_tensor(), &w, 1e-6).unwrap();
+    let y = rms_norm(Kernels::FUSED, x.as_tensor(), &w, 1e-6).unwrap();
     assert_eq!(y.dtype(), BF);
     let r = nn::rms_norm_reference(x.as_tensor(), &wf, 1e-6).unwrap();
     let yf = y.to_dtype(DType::F32).unwrap();
@@ -57,7 +58,7 @@ fn swiglu_on_bf16_activations_matches_silu_times_up_in_f32() {
     same_bf16(
         &[rand(&[3, 700], 3), rand(&[3, 700], 4)],
         TOL,
-        |t| swiglu(&t[0], &t[1]).unwrap(),
+        |t| swiglu(Kernels::FUSED, &t[0], &t[1]).unwrap(),
         |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
     );
 }
@@ -72,7 +73,7 @@ fn rope_on_bf16_activations_matches_the_f32_rotation() {
     same_bf16(
         &[rand(&[2, 3, 5, 8], 6)],
         TOL,
-        |t| apply_rope(&t[0], &c, &s).unwrap(),
+        |t| apply_rope(Kernels::FUSED, &t[0], &c, &s).unwrap(),
         |t| nn::apply_rope_reference(&t[0], &c, &s).unwrap(),
     );
 }
@@ -88,7 +89,7 @@ fn causal_attention_on_bf16_activations_matches_the_f32_composed_attention() {
                 rand(&[b, g, t + offset, d], 3),
             ],
             TOL,
-            |x| causal_attention(&x[0], &x[1], &x[2], scale, t, offset).unwrap(),
+            |x| causal_attention(Kernels::FUSED, &x[0], &x[1], &x[2], scale, t, offset).unwrap(),
             |x| causal_attention_reference(&x[0], &x[1], &x[2], scale, t, offset).unwrap(),
         );
     }
@@ -105,7 +106,7 @@ fn token_major_attention_on_bf16_activations_matches_the_f32_composed_attention(
             rand(&[b, keys, nkv, d], 3),
         ],
         TOL,
-        |x| causal_attention_bthd(&x[0], &x[1], &x[2], d, scale, None).unwrap(),
+        |x| causal_attention_bthd(Kernels::FUSED, &x[0], &x[1], &x[2], d, scale, None).unwrap(),
         |x| {
             let g = |x: &Tensor| x.transpose(1, 2).unwrap().contiguous().unwrap();
             let qg = g(&x[0]).reshape((b, nkv, nh / nkv * t, d)).unwrap();
@@ -129,7 +130,7 @@ fn frozen_linear_on_bf16_activations_matches_the_f32_product_of_the_rounded_valu
     same_bf16(
         &[rand(&[2, 3, 37], 3)],
         TOL,
-        |t| frozen_linear(&t[0], &w, Some(&bias)).unwrap(),
+        |t| frozen_linear(Kernels::FUSED, &t[0], &w, Some(&bias)).unwrap(),
         |t| {
             t[0].broadcast_matmul(&wf.t().unwrap())
                 .unwrap()
@@ -150,7 +151,7 @@ fn one_node_lora_on_bf16_activations_matches_the_f32_composition() {
     bf16_input_f32_params(
         rand(&[2, 3, 37], 3),
         &[rand(&[4, 37], 4), rand(&[40, 4], 5)],
-        |x, p| lora(x, &w, None, &p[0], &p[1], 0.5).unwrap(),
+        |x, p| lora(Kernels::FUSED, x, &w, None, &p[0], &p[1], 0.5).unwrap(),
         |x, p| {
             let h = x
                 .reshape((6, 37))
@@ -166,7 +167,7 @@ fn one_node_lora_on_bf16_activations_matches_the_f32_composition() {
 fn residual_add_of_a_bf16_output_to_an_f32_stream_is_exact_and_splits_the_gradient() {
     let x = Var::from_tensor(&rand(&[5, 33], 1)).unwrap();
     let a = Var::from_tensor(&rand(&[5, 33], 2).to_dtype(BF).unwrap()).unwrap();
-    let y = residual_add(x.as_tensor(), a.as_tensor()).unwrap();
+    let y = residual_add(Kernels::FUSED, x.as_tensor(), a.as_tensor()).unwrap();
     assert_eq!(y.dtype(), DType::F32);
     let want = (x.as_tensor() + a.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
     assert_eq!(max_rel(&y, &want), 0.0);
@@ -191,11 +192,19 @@ fn head_loss_on_bf16_hidden_states_matches_logits_then_cross_entropy_in_f32() {
     same_bf16(
         &[rand(&[260, 40], 4)],
         TOL,
-        |t| head_cross_entropy(&t[0], &w, &labels).unwrap().0,
         |t| {
-            masked_cross_entropy(&t[0].matmul(&wf.t().unwrap()).unwrap(), &lab)
+            head_cross_entropy(Kernels::FUSED, &t[0], &w, &labels)
                 .unwrap()
                 .0
+        },
+        |t| {
+            masked_cross_entropy(
+                Kernels::FUSED,
+                &t[0].matmul(&wf.t().unwrap()).unwrap(),
+                &lab,
+            )
+            .unwrap()
+            .0
         },
     );
 }
@@ -245,7 +254,7 @@ fn scaling_bf16_activations_by_an_f32_vector_matches_the_broadcast_f32_product()
     bf16_input_f32_params(
         rand(&[3, 7, 40], 1),
         &[rand(&[40], 2)],
-        |x, p| scale_last(x, &p[0]).unwrap(),
+        |x, p| scale_last(Kernels::FUSED, x, &p[0]).unwrap(),
         |x, p| x.broadcast_mul(&p[0]).unwrap(),
     );
 }
@@ -255,7 +264,7 @@ fn pair_rotating_bf16_activations_matches_the_composed_f32_rotation() {
     bf16_input_f32_params(
         rand(&[3, 5, 32], 1),
         &[rand(&[32], 2), rand(&[32], 3)],
-        |x, p| pair_rotate(x, &p[0], &p[1], 8).unwrap(),
+        |x, p| pair_rotate(Kernels::FUSED, x, &p[0], &p[1], 8).unwrap(),
         |x, p| crate::pair_rotate::pair_rotate_reference(x, &p[0], &p[1], 8).unwrap(),
     );
 }
@@ -265,7 +274,7 @@ fn rotating_blocks_of_bf16_activations_matches_the_batched_f32_product() {
     bf16_input_f32_params(
         rand(&[9, 24], 1),
         &[rand(&[3, 8, 8], 2)],
-        |x, p| crate::rotate_blocks(x, &p[0]).unwrap(),
+        |x, p| crate::rotate_blocks(Kernels::FUSED, x, &p[0]).unwrap(),
         |x, p| crate::blocks::rotate_blocks_reference(x, &p[0]).unwrap(),
     );
 }

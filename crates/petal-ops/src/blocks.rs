@@ -6,6 +6,7 @@
 //! and its backward gives dx = dy R^T blockwise and dR_j = x_j^T dy_j.
 
 use crate::cpu::{act_in, act_out, f32s, fast_act_ok, mm, View};
+use crate::Kernels;
 use candle_core::backend::BackendStorage as _;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -141,13 +142,13 @@ pub fn rotate_blocks_reference(x: &Tensor, r: &Tensor) -> Result<Tensor> {
 /// `x R` for x (n, k b) and a block-diagonal R given as r (k, b, b), in x's dtype: f32 or bf16
 /// `x` on the CPU takes the op (f32 arithmetic, r's gradient in f32); elsewhere the composed
 /// form, in f32 for a lower-precision `x`.
-pub fn rotate_blocks(x: &Tensor, r: &Tensor) -> Result<Tensor> {
+pub fn rotate_blocks(kern: Kernels, x: &Tensor, r: &Tensor) -> Result<Tensor> {
     let (_, inp) = x.dims2()?;
     let (k, b, b2) = r.dims3()?;
     if k * b != inp || b != b2 {
         candle_core::bail!("rotate_blocks: {k} blocks of {b} x {b2} for {inp} features")
     }
-    if !(fast_act_ok(x) && r.dtype() == DType::F32) {
+    if !(fast_act_ok(kern, x) && r.dtype() == DType::F32) {
         // one graph node keeping x and r only (not the blocks turned to the front)
         return crate::lean::lean2(
             [x, r],
@@ -194,7 +195,7 @@ mod tests {
         for (n, k, b) in [(5, 3, 4), (1, 1, 6), (33, 4, 8)] {
             same(
                 &[rand(&[n, k * b], 1), rand(&[k, b, b], 2)],
-                |t| rotate_blocks(&t[0], &t[1]).unwrap(),
+                |t| rotate_blocks(Kernels::FUSED, &t[0], &t[1]).unwrap(),
                 |t| rotate_blocks_reference(&t[0], &t[1]).unwrap(),
             );
         }

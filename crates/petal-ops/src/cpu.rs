@@ -1,34 +1,20 @@
-//! Shared plumbing of the CPU kernels: contiguous f32 views and a global fast/reference switch.
+//! Shared plumbing of the CPU kernels: contiguous f32 views, and whether a tensor takes them.
 
+use crate::Kernels;
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-static FAST: AtomicBool = AtomicBool::new(true);
-
-/// Use the fused kernels (default) or the composed reference ops everywhere.
-pub fn set_fast(on: bool) {
-    FAST.store(on, Ordering::Relaxed);
-}
-
-/// Whether the fast paths are on (fused CPU kernels, CUDA kernels).
-pub(crate) fn fast() -> bool {
-    FAST.load(Ordering::Relaxed)
-}
-
-/// Whether `t` can take a fused CPU f32 kernel.
-pub fn fast_ok(t: &Tensor) -> bool {
-    FAST.load(Ordering::Relaxed) && t.device().is_cpu() && t.dtype() == DType::F32
+/// Whether `t` can take a fused CPU f32 kernel under `k`.
+pub fn fast_ok(k: Kernels, t: &Tensor) -> bool {
+    k.fused() && t.device().is_cpu() && t.dtype() == DType::F32
 }
 
 /// Whether `t` can take a fused CPU kernel that reads activations in f32 or bf16 (a bf16 input
 /// is widened to f32 as it is read, the result rounded back to bf16 as it is stored: f32
 /// arithmetic, bf16 storage).
-pub fn fast_act_ok(t: &Tensor) -> bool {
-    FAST.load(Ordering::Relaxed)
-        && t.device().is_cpu()
-        && matches!(t.dtype(), DType::F32 | DType::BF16)
+pub fn fast_act_ok(k: Kernels, t: &Tensor) -> bool {
+    k.fused() && t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::BF16)
 }
 
 /// Elements per rayon task in the dtype conversions.
@@ -112,20 +98,20 @@ pub(crate) fn tensor(st: CpuStorage, shape: impl Into<Shape>) -> Tensor {
 }
 
 /// Whether a linear on input `x` with weight `w` can take a fused CPU f32 kernel.
-pub fn fast_linear_ok(x: &Tensor, w: &Tensor) -> bool {
-    fast_ok(x) && w.dtype() == DType::F32
+pub fn fast_linear_ok(k: Kernels, x: &Tensor, w: &Tensor) -> bool {
+    fast_ok(k, x) && w.dtype() == DType::F32
 }
 
 /// Whether `lora_linear` on input `x` and weight `w` runs fused (f32, or a bf16 weight on the
 /// AVX512-BF16 kernel).
-pub fn fast_lora_ok(x: &Tensor, w: &Tensor) -> bool {
-    fast_linear_ok(x, w) || fast_bf16_ok(x, w)
+pub fn fast_lora_ok(k: Kernels, x: &Tensor, w: &Tensor) -> bool {
+    fast_linear_ok(k, x, w) || fast_bf16_ok(k, x, w)
 }
 
 /// Whether a linear on input `x` (f32 or bf16) with bf16 weight `w` can take the AVX512-BF16
 /// kernel.
-pub fn fast_bf16_ok(x: &Tensor, w: &Tensor) -> bool {
-    fast_act_ok(x) && w.dtype() == DType::BF16 && crate::bf16::available()
+pub fn fast_bf16_ok(k: Kernels, x: &Tensor, w: &Tensor) -> bool {
+    fast_act_ok(k, x) && w.dtype() == DType::BF16 && crate::bf16::available()
 }
 
 /// The raw bits of a contiguous bf16 storage.
@@ -234,17 +220,18 @@ pub(crate) fn mm(
 }
 
 /// `x (m, k) W^T` with `W (n, k)`, both f32 and laid out contiguously: few rows (decoding)
-/// through `skinny`, more through `gemm` (via candle's matmul). `None` for other dtypes.
+/// through `skinny` where `fused` allows, more through `gemm` (via candle's matmul).
 pub(crate) fn matmul_wt(
     xs: &CpuStorage,
     xl: &Layout,
     ws: &CpuStorage,
     wl: &Layout,
     (m, n, k): (usize, usize, usize),
+    fused: bool,
 ) -> Result<CpuStorage> {
     use candle_core::backend::BackendStorage;
     if let (CpuStorage::F32(_), CpuStorage::F32(_)) = (xs, ws) {
-        if crate::skinny::takes(m) {
+        if fused && crate::skinny::takes(m) {
             if let (Ok(x), Ok(w)) = (f32s(xs, xl), f32s(ws, wl)) {
                 return Ok(CpuStorage::F32(crate::skinny::xwt(x, w, m, n, k)));
             }

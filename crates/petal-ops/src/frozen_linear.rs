@@ -5,10 +5,14 @@
 
 use crate::bf16;
 use crate::cpu::{act_out, act_rows, bf16s, fast_bf16_ok, last_dim, with_last};
+use crate::Kernels;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-struct FrozenLinear;
+/// `fused`: few-row products take the `skinny` kernel (else candle's matmul throughout).
+struct FrozenLinear {
+    fused: bool,
+}
 
 fn out_shape(x: &Layout, w: &Layout) -> Result<(Shape, usize, usize, usize)> {
     let (out, inp) = w.shape().dims2()?;
@@ -39,7 +43,7 @@ impl CustomOp2 for FrozenLinear {
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (shape, m, n, k) = out_shape(xl, wl)?;
-        let y = crate::cpu::matmul_wt(xs, &as_2d(xl, m, k), ws, wl, (m, n, k))?;
+        let y = crate::cpu::matmul_wt(xs, &as_2d(xl, m, k), ws, wl, (m, n, k), self.fused)?;
         Ok((y, shape))
     }
 
@@ -125,17 +129,18 @@ impl CustomOp2 for Bf16Linear {
 /// `x (.., in) @ W^T (in, out) + b`, with no weight gradient ever computed. An f32 input on a
 /// bf16 weight takes the AVX512-BF16 kernel where the CPU has it, else is rounded to bf16 for
 /// candle's matmul; the output keeps x's dtype.
-pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+pub fn frozen_linear(k: Kernels, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let x = x.contiguous()?;
+    let op = || FrozenLinear { fused: k.fused() };
     // records a backward only when x tracks one
-    let y = if fast_bf16_ok(&x, w) {
+    let y = if fast_bf16_ok(k, &x, w) {
         x.apply_op2(w, Bf16Linear { wt: true })?
     } else if x.dtype() != w.dtype() {
         x.to_dtype(w.dtype())?
-            .apply_op2(w, FrozenLinear)?
+            .apply_op2(w, op())?
             .to_dtype(x.dtype())?
     } else {
-        x.apply_op2(w, FrozenLinear)?
+        x.apply_op2(w, op())?
     };
     match b {
         Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
@@ -163,7 +168,7 @@ mod tests {
         let x = Var::from_tensor(&rand(&[2, 3, 5], 1)).unwrap();
         let w = rand(&[4, 5], 2);
         let b = rand(&[4], 3);
-        let fast = frozen_linear(x.as_tensor(), &w, Some(&b)).unwrap();
+        let fast = frozen_linear(Kernels::FUSED, x.as_tensor(), &w, Some(&b)).unwrap();
         let slow = frozen_linear_reference(x.as_tensor(), &w, Some(&b)).unwrap();
         let d = (&fast - &slow).unwrap().abs().unwrap().max_all().unwrap();
         assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
@@ -194,7 +199,7 @@ mod tests {
             .to_dtype(candle_core::DType::BF16)
             .unwrap();
         let r = rand(&[2, 9, 33], 3); // loss = sum(y * r): dL/dy = r
-        let y = frozen_linear(x.as_tensor(), &w, None).unwrap();
+        let y = frozen_linear(Kernels::FUSED, x.as_tensor(), &w, None).unwrap();
         assert_eq!(y.dtype(), candle_core::DType::F32);
         let wf = round(&w);
         let want = round(x.as_tensor())
@@ -212,7 +217,7 @@ mod tests {
         let w = rand(&[2, 4], 8);
         let x = Var::from_tensor(&x0).unwrap();
         let loss = |t: &Tensor| {
-            frozen_linear(t, &w, None)
+            frozen_linear(Kernels::FUSED, t, &w, None)
                 .unwrap()
                 .sqr()
                 .unwrap()

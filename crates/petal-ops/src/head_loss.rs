@@ -10,6 +10,7 @@ use crate::cpu::{
 };
 use crate::loss::{cross_entropy_composed, cross_entropy_grad, IGNORE_INDEX};
 use crate::vmath;
+use crate::Kernels;
 use candle_core::backend::BackendStorage as _;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
@@ -136,13 +137,19 @@ fn composed_chunk_rows(vocab: usize) -> usize {
 /// go through the rows a chunk of logits at a time, so no more than one chunk of logits or of
 /// their gradient exists at once (backward computes the chunk's logits again). `step` rows
 /// per chunk.
-fn head_loss_composed(h: &Tensor, w: &Tensor, labels: &[i64], step: usize) -> Result<Tensor> {
+fn head_loss_composed(
+    k: Kernels,
+    h: &Tensor,
+    w: &Tensor,
+    labels: &[i64],
+    step: usize,
+) -> Result<Tensor> {
     let n = labels.len();
     let h2 = h.reshape((n, w.dim(1)?))?;
     let spans: Vec<(usize, usize)> = (0..n).step_by(step).map(|s| (s, step.min(n - s))).collect();
     let (lab, wc, sp) = (labels.to_vec(), w.clone(), spans.clone());
     // the labels on the device, for the CUDA cross-entropy kernels
-    let on_gpu = crate::cuda::usable(h, crate::cuda::Family::Loss);
+    let on_gpu = crate::cuda::usable(k, h, crate::cuda::Family::Loss);
     let dl = match on_gpu {
         true => Some(Tensor::from_slice(labels, n, h.device())?),
         false => None,
@@ -153,7 +160,7 @@ fn head_loss_composed(h: &Tensor, w: &Tensor, labels: &[i64], step: usize) -> Re
         |h| {
             let mut total = Tensor::zeros((), DType::F32, h.device())?;
             for &(s, len) in &spans {
-                let logits = crate::frozen_linear(&h.narrow(0, s, len)?, w, None)?;
+                let logits = crate::frozen_linear(k, &h.narrow(0, s, len)?, w, None)?;
                 let part = match &dl {
                     Some(dl) => crate::cuda::cross_entropy_rows(&logits, &dl.narrow(0, s, len)?)?
                         .sum_all()?,
@@ -167,7 +174,7 @@ fn head_loss_composed(h: &Tensor, w: &Tensor, labels: &[i64], step: usize) -> Re
             let parts = sp
                 .iter()
                 .map(|&(s, len)| {
-                    let logits = crate::frozen_linear(&h.narrow(0, s, len)?, &wc, None)?;
+                    let logits = crate::frozen_linear(k, &h.narrow(0, s, len)?, &wc, None)?;
                     let g = match &dl2 {
                         Some(dl) => crate::cuda::cross_entropy_grad(
                             &logits,
@@ -188,11 +195,16 @@ fn head_loss_composed(h: &Tensor, w: &Tensor, labels: &[i64], step: usize) -> Re
 
 /// Summed next-token cross-entropy of `h (n, d) W^T` against `labels (n)` (IGNORE_INDEX
 /// skipped), and the number of scored rows. Fused on CPU f32; `W` must be frozen.
-pub fn head_cross_entropy(h: &Tensor, w: &Tensor, labels: &[i64]) -> Result<(Tensor, usize)> {
+pub fn head_cross_entropy(
+    k: Kernels,
+    h: &Tensor,
+    w: &Tensor,
+    labels: &[i64],
+) -> Result<(Tensor, usize)> {
     let count = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
-    if !(fast_linear_ok(h, w) || fast_bf16_ok(h, w)) {
+    if !(fast_linear_ok(k, h, w) || fast_bf16_ok(k, h, w)) {
         let step = composed_chunk_rows(w.dim(0)?);
-        return Ok((head_loss_composed(h, w, labels, step)?, count));
+        return Ok((head_loss_composed(k, h, w, labels, step)?, count));
     }
     let op = HeadLoss {
         w: w.clone(),
@@ -222,7 +234,11 @@ mod tests {
             .collect();
         same(
             &[rand(&[600, 16], 4)],
-            |t| head_cross_entropy(&t[0], &w, &labels).unwrap().0,
+            |t| {
+                head_cross_entropy(Kernels::FUSED, &t[0], &w, &labels)
+                    .unwrap()
+                    .0
+            },
             |t| {
                 cross_entropy_composed(&t[0].matmul(&w.t().unwrap()).unwrap(), &labels)
                     .unwrap()
@@ -242,7 +258,7 @@ mod tests {
         let wf = w.to_dtype(candle_core::DType::F32).unwrap();
         let labels: Vec<i64> = (0..260).map(|i| (i * 7 % 300) as i64).collect();
         let x = candle_core::Var::from_tensor(&rand(&[260, 40], 4)).unwrap();
-        let (fast, _) = head_cross_entropy(x.as_tensor(), &w, &labels).unwrap();
+        let (fast, _) = head_cross_entropy(Kernels::FUSED, x.as_tensor(), &w, &labels).unwrap();
         let xr = x
             .as_tensor()
             .to_dtype(bf)
@@ -282,7 +298,7 @@ mod tests {
             .collect();
         same(
             &[rand(&[23, 6], 6)],
-            |t| head_loss_composed(&t[0], &w, &labels, 5).unwrap(),
+            |t| head_loss_composed(Kernels::REFERENCE, &t[0], &w, &labels, 5).unwrap(),
             |t| {
                 cross_entropy_composed(&t[0].matmul(&w.t().unwrap()).unwrap(), &labels)
                     .unwrap()

@@ -7,6 +7,7 @@
 use crate::cpu::{act_in, act_out, fast_act_ok, last_dim};
 use crate::cuda::Family;
 use crate::nn;
+use crate::Kernels;
 use candle_core::backend::BackendStorage as _;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -129,15 +130,15 @@ fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<Te
 /// RMSNorm, returned in the weight's dtype (an f32 residual stream normalised into bf16
 /// activations takes one pass): fused on CPU (f32 or bf16) for a frozen weight `w`, composed
 /// otherwise (one lean graph node for a frozen weight).
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+pub fn rms_norm(k: Kernels, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     // A trainable weight (LN tuning) needs its gradient: the composed path computes it.
     if w.track_op() {
         return nn::rms_norm_reference(x, w, eps)?.to_dtype(w.dtype());
     }
-    if crate::cuda::usable(x, Family::Norm) && crate::cuda::usable(w, Family::Norm) {
+    if crate::cuda::usable(k, x, Family::Norm) && crate::cuda::usable(k, w, Family::Norm) {
         return crate::cuda::rms_norm(x, w, eps);
     }
-    if !fast_act_ok(x) || !fast_act_ok(w) {
+    if !fast_act_ok(k, x) || !fast_act_ok(k, w) {
         let wc = w.clone();
         return crate::lean::lean(
             x,
@@ -222,11 +223,11 @@ impl CustomOp2 for SoftmaxBwd {
     }
 }
 
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if crate::cuda::usable(x, Family::Softmax) {
+pub fn softmax_last_dim(k: Kernels, x: &Tensor) -> Result<Tensor> {
+    if crate::cuda::usable(k, x, Family::Softmax) {
         return crate::cuda::softmax(x, 1.0, None);
     }
-    if !fast_act_ok(x) {
+    if !fast_act_ok(k, x) {
         return crate::lean::lean(x, nn::softmax_last_dim_reference, |_, y, dy| {
             crate::lean::softmax_backward(y, dy)
         });
@@ -239,11 +240,17 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// Attention probabilities softmax(scale * scores + causal mask) for scores (.., R, T) whose
 /// rows are R/t consecutive groups of t queries at positions offset..offset + t.
-pub fn causal_softmax(scores: &Tensor, scale: f64, t: usize, offset: usize) -> Result<Tensor> {
-    if crate::cuda::usable(scores, Family::Softmax) {
+pub fn causal_softmax(
+    k: Kernels,
+    scores: &Tensor,
+    scale: f64,
+    t: usize,
+    offset: usize,
+) -> Result<Tensor> {
+    if crate::cuda::usable(k, scores, Family::Softmax) {
         return crate::cuda::softmax(scores, scale, Some((t, offset)));
     }
-    if !fast_act_ok(scores) {
+    if !fast_act_ok(k, scores) {
         let composed = |scores: &Tensor| {
             let dims = scores.dims().to_vec();
             let (r, tk) = (dims[dims.len() - 2], dims[dims.len() - 1]);
@@ -341,14 +348,14 @@ impl CustomOp2 for SwiGluBwd {
     }
 }
 
-pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    if crate::cuda::usable(g, Family::Swiglu) && g.dims() == u.dims() && g.dtype() == u.dtype() {
+pub fn swiglu(k: Kernels, g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if crate::cuda::usable(k, g, Family::Swiglu) && g.dims() == u.dims() && g.dtype() == u.dtype() {
         return crate::cuda::swiglu(g, u);
     }
     if g.dims() != u.dims() || g.dtype() != u.dtype() {
         return g.silu()? * u;
     }
-    if !fast_act_ok(g) {
+    if !fast_act_ok(k, g) {
         // one node that keeps g, u and the output, not silu(g)
         return crate::lean::lean2(
             [g, u],
@@ -411,12 +418,12 @@ impl CustomOp2 for ResidualAdd {
 
 /// The residual `x + a`, in x's dtype; an f32 `x` with a bf16 `a` adds without widening `a`
 /// into a tensor of its own.
-pub fn residual_add(x: &Tensor, a: &Tensor) -> Result<Tensor> {
+pub fn residual_add(k: Kernels, x: &Tensor, a: &Tensor) -> Result<Tensor> {
     if x.dtype() == a.dtype() {
         return x + a;
     }
     let mixed = x.dtype() == DType::F32 && a.dtype() == DType::BF16;
-    if !(mixed && fast_act_ok(x) && fast_act_ok(a)) || x.dims() != a.dims() {
+    if !(mixed && fast_act_ok(k, x) && fast_act_ok(k, a)) || x.dims() != a.dims() {
         return x + a.to_dtype(x.dtype())?;
     }
     x.contiguous()?.apply_op2(&a.contiguous()?, ResidualAdd)
@@ -432,7 +439,7 @@ mod tests {
         let w = rand(&[16], 5);
         same(
             &[rand(&[3, 4, 16], 1)],
-            |t| rms_norm(&t[0], &w, 1e-5).unwrap(),
+            |t| rms_norm(Kernels::FUSED, &t[0], &w, 1e-5).unwrap(),
             |t| nn::rms_norm_reference(&t[0], &w, 1e-5).unwrap(),
         );
     }
@@ -441,7 +448,7 @@ mod tests {
     fn fused_softmax_matches_the_composed_reference_in_value_and_gradient() {
         same(
             &[rand(&[2, 3, 5, 7], 2)],
-            |t| softmax_last_dim(&t[0]).unwrap(),
+            |t| softmax_last_dim(Kernels::FUSED, &t[0]).unwrap(),
             |t| nn::softmax_last_dim_reference(&t[0]).unwrap(),
         );
     }
@@ -467,7 +474,7 @@ mod tests {
             };
             same(
                 &[rand(&[2, 3, 10, 5 + offset], 8)],
-                |t| causal_softmax(&t[0], 0.3, 5, offset).unwrap(),
+                |t| causal_softmax(Kernels::FUSED, &t[0], 0.3, 5, offset).unwrap(),
                 reference,
             );
         }
@@ -481,7 +488,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            softmax_last_dim(&x).unwrap().to_vec2::<f32>().unwrap(),
+            softmax_last_dim(Kernels::FUSED, &x)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap(),
             vec![vec![0.0, 0.0], vec![0.5, 0.5]]
         );
     }
@@ -490,7 +500,7 @@ mod tests {
     fn fused_swiglu_matches_silu_times_up_in_value_and_both_gradients() {
         same(
             &[rand(&[3, 5000], 3), rand(&[3, 5000], 4)],
-            |t| swiglu(&t[0], &t[1]).unwrap(),
+            |t| swiglu(Kernels::FUSED, &t[0], &t[1]).unwrap(),
             |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
         );
     }

@@ -4,13 +4,15 @@
 //! `rope` and `sdpa` have no backward pass and silently stop gradients, so petal keeps a
 //! readable composed reference of each op (`nn.rs`, built from differentiable primitives) and a
 //! fused CPU kernel with a hand-written backward (`kernels.rs`, `head_loss.rs`,
-//! `frozen_linear.rs`), tested against each other. `set_fast(false)` selects the references.
+//! `frozen_linear.rs`), tested against each other. Every op takes a [`Kernels`] choice;
+//! `Kernels::reference()` selects the references.
 
 pub mod attention;
 pub mod bf16;
 #[cfg(test)]
 mod bf16_activations;
 pub mod blocks;
+mod choice;
 pub mod cpu;
 pub mod cuda;
 pub mod frozen_linear;
@@ -32,7 +34,7 @@ pub mod vmath;
 
 pub use attention::{causal_attention, causal_attention_bthd, Rope};
 pub use blocks::rotate_blocks;
-pub use cpu::set_fast;
+pub use choice::{parse_families, Kernels};
 pub use frozen_linear::frozen_linear;
 pub use head_loss::head_cross_entropy;
 pub use inverse::inverse;

@@ -8,6 +8,7 @@ use crate::cpu::{
     act_in, act_out, act_rows, bf16s, cast, f32s, fast_act_ok, fast_lora_ok, mm_wt, with_last,
 };
 use crate::frozen_linear::Bf16Linear;
+use crate::Kernels;
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
@@ -52,10 +53,10 @@ impl CustomOp3 for LoraLinear {
                 inp,
                 true,
             )),
-            _ => crate::cpu::matmul_wt(xs, &x2, ws, &wl, (n, out, inp))?,
+            _ => crate::cpu::matmul_wt(xs, &x2, ws, &wl, (n, out, inp), true)?,
         };
         let h2 = Layout::contiguous_with_offset((n, r), hl.start_offset());
-        let low = crate::cpu::matmul_wt(hs, &h2, bs, bl, (n, out, r))?;
+        let low = crate::cpu::matmul_wt(hs, &h2, bs, bl, (n, out, r), true)?;
         let (CpuStorage::F32(mut y), CpuStorage::F32(d)) = (base, low) else {
             candle_core::bail!("petal-lora-linear: f32 only")
         };
@@ -118,6 +119,7 @@ fn bias_f32(bias: Option<&Tensor>) -> Result<Option<Vec<f32>>> {
 
 /// `x W^T + bias + scale * h B^T`: fused on CPU f32, composed elsewhere.
 pub fn lora_linear(
+    k: Kernels,
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
@@ -125,7 +127,7 @@ pub fn lora_linear(
     b: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
-    if !fast_lora_ok(x, w) {
+    if !fast_lora_ok(k, x, w) {
         return lora_linear_reference(x, w, bias, h, b, scale);
     }
     let op = LoraLinear {
@@ -237,6 +239,7 @@ impl CustomOp3 for LoraFull {
 /// `x W^T + bias + scale (x A^T) B^T` (LoRA without dropout) in one op on the CPU (x in f32
 /// or bf16, W frozen in f32 or bf16, A and B in f32); composed elsewhere.
 pub fn lora(
+    k: Kernels,
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
@@ -246,16 +249,16 @@ pub fn lora(
 ) -> Result<Tensor> {
     let f32_ab = a.dtype() == DType::F32 && b.dtype() == DType::F32;
     let rank_ok = a.dim(0)? <= crate::cuda::MAX_LORA_RANK;
-    if crate::cuda::usable(x, crate::cuda::Family::Lora) && f32_ab && rank_ok {
+    if crate::cuda::usable(k, x, crate::cuda::Family::Lora) && f32_ab && rank_ok {
         return crate::cuda::lora(x, w, bias, a, b, scale);
     }
-    if !fast_lora_ok(x, w) || !f32_ab {
+    if !fast_lora_ok(k, x, w) || !f32_ab {
         // one node that keeps x, A, B and the output only (the base product, x A^T and the
         // scaled update are not kept for backward)
         let wc = w.clone();
         return crate::lean::lean3(
             [x, a, b],
-            |[x, a, b]| lora_linear_reference(x, w, bias, &low_rank(x, a)?, b, scale),
+            |[x, a, b]| lora_linear_reference(x, w, bias, &low_rank(k, x, a)?, b, scale),
             move |[x, a, b], need, _, dy| lora_backward([x, &wc, a, b], scale, dy, need),
         );
     }
@@ -273,13 +276,13 @@ pub fn lora(
 /// `x A^T` as (n, r) f32 for `x (.., in)` in f32 or bf16 and an f32 `A (r, in)`: LoRA's down
 /// projection. A bf16 `x` is widened inside the op, so no f32 copy of it stays in the graph;
 /// backward gives dx (in x's dtype) = dh A and dA = dh^T x.
-pub fn low_rank(x: &Tensor, a: &Tensor) -> Result<Tensor> {
+pub fn low_rank(k: Kernels, x: &Tensor, a: &Tensor) -> Result<Tensor> {
     let inp = a.dim(1)?;
     let x2 = x.reshape((x.elem_count() / inp, inp))?;
     if x.dtype() == DType::F32 {
         return x2.matmul(&a.t()?);
     }
-    if !fast_act_ok(x) || a.dtype() != DType::F32 {
+    if !fast_act_ok(k, x) || a.dtype() != DType::F32 {
         return x2.to_dtype(DType::F32)?.matmul(&a.t()?);
     }
     x2.contiguous()?.apply_op2(&a.contiguous()?, LowRank)
@@ -360,6 +363,9 @@ pub(crate) fn lora_backward(
     Ok([dx, da, db])
 }
 
+/// The composed twin of `lora_linear`: the base product through `frozen_linear` (tested on its
+/// own; a bf16 weight takes the same AVX512-BF16 product as the fused op), plus the low-rank
+/// term from candle ops.
 pub fn lora_linear_reference(
     x: &Tensor,
     w: &Tensor,
@@ -368,7 +374,7 @@ pub fn lora_linear_reference(
     b: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
-    let y = crate::frozen_linear(x, w, bias)?;
+    let y = crate::frozen_linear(Kernels::FUSED, x, w, bias)?;
     let r = b.dim(1)?;
     let h2 = h.reshape((h.elem_count() / r, r))?;
     let d = (h2.matmul(&b.t()?)? * scale)?
@@ -388,7 +394,7 @@ mod tests {
         let bias = rand(&[7], 2);
         same(
             &[rand(&[2, 3, 5], 3), rand(&[2, 3, 4], 4), rand(&[7, 4], 5)],
-            |t| lora_linear(&t[0], &w, Some(&bias), &t[1], &t[2], 1.25).unwrap(),
+            |t| lora_linear(Kernels::FUSED, &t[0], &w, Some(&bias), &t[1], &t[2], 1.25).unwrap(),
             |t| lora_linear_reference(&t[0], &w, Some(&bias), &t[1], &t[2], 1.25).unwrap(),
         );
     }
@@ -399,7 +405,7 @@ mod tests {
         let bias = rand(&[7], 2);
         same(
             &[rand(&[2, 3, 5], 3), rand(&[4, 5], 4), rand(&[7, 4], 5)],
-            |t| lora(&t[0], &w, Some(&bias), &t[1], &t[2], 1.25).unwrap(),
+            |t| lora(Kernels::FUSED, &t[0], &w, Some(&bias), &t[1], &t[2], 1.25).unwrap(),
             |t| {
                 let h = t[0]
                     .reshape((6, 5))
@@ -421,7 +427,7 @@ mod tests {
         let bias = rand(&[40], 2);
         same(
             &[rand(&[2, 3, 37], 3), rand(&[2, 3, 4], 4), rand(&[40, 4], 5)],
-            |t| lora_linear(&t[0], &w, Some(&bias), &t[1], &t[2], 0.5).unwrap(),
+            |t| lora_linear(Kernels::FUSED, &t[0], &w, Some(&bias), &t[1], &t[2], 0.5).unwrap(),
             |t| lora_linear_reference(&t[0], &w, Some(&bias), &t[1], &t[2], 0.5).unwrap(),
         );
     }

@@ -1,5 +1,6 @@
 //! Token-level cross-entropy with ignored positions (label -100, as in transformers).
 
+use crate::Kernels;
 use candle_core::{DType, Result, Tensor, D};
 
 pub const IGNORE_INDEX: i64 = -100;
@@ -8,10 +9,14 @@ pub const IGNORE_INDEX: i64 = -100;
 /// Returns (sum of losses, number of counted tokens) so callers can average across batches.
 /// One graph node (`lean`) with the closed-form gradient `softmax(logits) - onehot(label)` on
 /// counted rows: only the logits stay alive for backward.
-pub fn masked_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
+pub fn masked_cross_entropy(
+    k: Kernels,
+    logits: &Tensor,
+    labels: &Tensor,
+) -> Result<(Tensor, usize)> {
     let lab: Vec<i64> = labels.to_vec1()?;
     let count = lab.iter().filter(|&&l| l != IGNORE_INDEX).count();
-    if crate::cuda::usable(logits, crate::cuda::Family::Loss) {
+    if crate::cuda::usable(k, logits, crate::cuda::Family::Loss) {
         let dl = Tensor::from_slice(&lab, lab.len(), logits.device())?;
         let d2 = dl.clone();
         let sum = crate::lean::lean(
@@ -83,7 +88,7 @@ mod tests {
         let logits =
             Tensor::new(&[[1f32, 2., 0.5], [3., 1., 0.], [0., 0., 0.]], &Device::Cpu).unwrap();
         let labels = Tensor::new(&[1i64, IGNORE_INDEX, 2], &Device::Cpu).unwrap();
-        let (sum, n) = masked_cross_entropy(&logits, &labels).unwrap();
+        let (sum, n) = masked_cross_entropy(Kernels::FUSED, &logits, &labels).unwrap();
         let l0 = (1f32.exp() + 2f32.exp() + 0.5f32.exp()).ln() - 2.0;
         let l2 = (3.0f32).ln();
         assert_eq!(n, 2);
@@ -96,7 +101,7 @@ mod tests {
         let lab = Tensor::new(&labels, &Device::Cpu).unwrap();
         crate::testing::same(
             &[crate::testing::rand(&[5, 9], 7)],
-            |t| masked_cross_entropy(&t[0], &lab).unwrap().0,
+            |t| masked_cross_entropy(Kernels::FUSED, &t[0], &lab).unwrap().0,
             |t| cross_entropy_composed(&t[0], &labels).unwrap().0,
         );
     }

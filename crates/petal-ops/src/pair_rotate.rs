@@ -6,6 +6,7 @@
 //! backward; the kernel does one parallel pass forward and one backward.
 
 use crate::cpu::{act_in, act_out, f32s, fast_act_ok};
+use crate::Kernels;
 use candle_core::backend::BackendStorage as _;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -147,14 +148,14 @@ fn pair_rotate_backward(
 /// `y (.., d) ⊙ f + rot(y) ⊙ s` with `f`, `s` of length d and pairs (j, j + group/2) inside
 /// each group of `group` features, in y's dtype. f32 or bf16 `y` on the CPU takes the fused
 /// kernel (f32 arithmetic); elsewhere the composed form, in f32 for a lower-precision `y`.
-pub fn pair_rotate(y: &Tensor, f: &Tensor, s: &Tensor, group: usize) -> Result<Tensor> {
+pub fn pair_rotate(k: Kernels, y: &Tensor, f: &Tensor, s: &Tensor, group: usize) -> Result<Tensor> {
     let d = y.dim(D::Minus1)?;
     if group == 0 || group % 2 != 0 || d % group != 0 || f.dims() != [d] || s.dims() != [d] {
         candle_core::bail!(
             "pair_rotate: group {group} must be even and divide {d}; f, s of length {d}"
         )
     }
-    if !(fast_act_ok(y) && f.dtype() == DType::F32 && s.dtype() == DType::F32) {
+    if !(fast_act_ok(k, y) && f.dtype() == DType::F32 && s.dtype() == DType::F32) {
         // one graph node keeping y, f and s only (the rotated copy and the products are not)
         return crate::lean::lean3(
             [y, f, s],
@@ -185,7 +186,7 @@ mod tests {
             let inputs = [rand(&[3, 5, 12], 1), rand(&[12], 2), rand(&[12], 3)];
             same(
                 &inputs,
-                |t| pair_rotate(&t[0], &t[1], &t[2], group).unwrap(),
+                |t| pair_rotate(Kernels::FUSED, &t[0], &t[1], &t[2], group).unwrap(),
                 |t| pair_rotate_reference(&t[0], &t[1], &t[2], group).unwrap(),
             );
         }

@@ -5,6 +5,7 @@
 use crate::cpu::fast_act_ok;
 use crate::kernels::map_rows;
 use crate::nn;
+use crate::Kernels;
 use candle_core::backend::BackendStorage as _;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
@@ -68,11 +69,11 @@ impl CustomOp1 for Rope {
     }
 }
 
-pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if crate::cuda::usable(x, crate::cuda::Family::Rope) && x.rank() == 4 {
+pub fn apply_rope(k: Kernels, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if crate::cuda::usable(k, x, crate::cuda::Family::Rope) && x.rank() == 4 {
         return crate::cuda::rope(x, cos, sin, x.dim(2)?, 1);
     }
-    if !fast_act_ok(x) || x.rank() != 4 {
+    if !fast_act_ok(k, x) || x.rank() != 4 {
         // a rotation: its gradient turns back by the opposite angle
         let (c, s) = (cos.clone(), sin.neg()?);
         return crate::lean::lean(
@@ -114,17 +115,17 @@ fn rope_bthd_reference(
 /// RoPE on the token-major layout the projections produce, x (b, t, heads, d) or
 /// (b, t, heads * d) (d from cos/sin (t, d/2), as for `apply_rope`), so no transposed copy and
 /// no reshape is needed; returns x's shape.
-pub fn apply_rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+pub fn apply_rope_bthd(k: Kernels, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = 2 * cos.dim(1)?;
     let t = x.dim(1)?;
     let width: usize = x.dims().iter().skip(2).product();
     if !(3..=4).contains(&x.rank()) || d == 0 || !width.is_multiple_of(d) {
         candle_core::bail!("rope: {:?} is not token-major with heads of {d}", x.dims())
     }
-    if crate::cuda::usable(x, crate::cuda::Family::Rope) {
+    if crate::cuda::usable(k, x, crate::cuda::Family::Rope) {
         return crate::cuda::rope(x, cos, sin, t, width / d);
     }
-    if !fast_act_ok(x) {
+    if !fast_act_ok(k, x) {
         // a rotation: its gradient turns back by the opposite angle
         let (c, s, heads) = (cos.clone(), sin.neg()?, width / d);
         return crate::lean::lean(
@@ -155,7 +156,7 @@ mod tests {
         let (c, s) = rope_rows_3_to_8();
         same(
             &[rand(&[2, 5, 3, 8], 6)], // (b, t, heads, d)
-            |t| apply_rope_bthd(&t[0], &c, &s).unwrap(),
+            |t| apply_rope_bthd(Kernels::FUSED, &t[0], &c, &s).unwrap(),
             |t| {
                 let x = t[0].transpose(1, 2).unwrap().contiguous().unwrap();
                 let y = nn::apply_rope_reference(&x, &c, &s).unwrap();
@@ -165,7 +166,7 @@ mod tests {
         // heads and d merged, as a projection writes them
         same(
             &[rand(&[2, 5, 24], 7)],
-            |t| apply_rope_bthd(&t[0], &c, &s).unwrap(),
+            |t| apply_rope_bthd(Kernels::FUSED, &t[0], &c, &s).unwrap(),
             |t| {
                 let x = t[0].reshape((2, 5, 3, 8)).unwrap();
                 let x = x.transpose(1, 2).unwrap().contiguous().unwrap();
@@ -181,7 +182,7 @@ mod tests {
         let (c, s) = rope_rows_3_to_8();
         same(
             &[rand(&[2, 3, 5, 8], 6)],
-            |t| apply_rope(&t[0], &c, &s).unwrap(),
+            |t| apply_rope(Kernels::FUSED, &t[0], &c, &s).unwrap(),
             |t| nn::apply_rope_reference(&t[0], &c, &s).unwrap(),
         );
     }

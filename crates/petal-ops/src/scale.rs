@@ -3,6 +3,7 @@
 //! thread; this op does both directions in one parallel pass each.
 
 use crate::cpu::{act_in, act_out, f32s, fast_act_ok, fast_ok};
+use crate::Kernels;
 use candle_core::backend::BackendStorage as _;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -78,13 +79,13 @@ impl CustomOp2 for ScaleLast {
 /// `y ⊙ l` with `l` broadcast over all but the last dimension of `y`, in y's dtype: f32 or bf16
 /// `y` on the CPU takes the fused kernel (f32 arithmetic); elsewhere candle's broadcast product,
 /// in f32 for a lower-precision `y` (l's gradient sums over every row).
-pub fn scale_last(y: &Tensor, l: &Tensor) -> Result<Tensor> {
+pub fn scale_last(k: Kernels, y: &Tensor, l: &Tensor) -> Result<Tensor> {
     let d = y.dim(D::Minus1)?;
     let l = l.flatten_all()?;
     if l.dim(0)? != d {
         candle_core::bail!("scale_last: {} scales for {d} features", l.dim(0)?)
     }
-    if !(fast_act_ok(y) && l.dtype() == DType::F32) {
+    if !(fast_act_ok(k, y) && l.dtype() == DType::F32) {
         if y.dtype() == l.dtype() {
             return y.broadcast_mul(&l);
         }
@@ -107,7 +108,7 @@ mod tests {
     fn the_fused_scaling_equals_the_broadcast_product_in_value_and_gradients() {
         same(
             &[rand(&[3, 5, 12], 1), rand(&[12], 2)],
-            |t| scale_last(&t[0], &t[1]).unwrap(),
+            |t| scale_last(Kernels::FUSED, &t[0], &t[1]).unwrap(),
             |t| t[0].broadcast_mul(&t[1]).unwrap(),
         );
     }
@@ -152,11 +153,11 @@ impl CustomOp2 for AddFrozen {
 
 /// `x + c` with the gradient going to `x` only: `c` is frozen (a base weight), so backward
 /// neither computes nor stores a gradient for it, which candle's `add` does for both sides.
-pub fn add_frozen(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+pub fn add_frozen(k: Kernels, x: &Tensor, c: &Tensor) -> Result<Tensor> {
     if x.dims() != c.dims() {
         candle_core::bail!("add_frozen: shapes {:?} and {:?}", x.dims(), c.dims())
     }
-    if !(fast_ok(x) && fast_ok(c)) {
+    if !(fast_ok(k, x) && fast_ok(k, c)) {
         return x + c.detach();
     }
     x.contiguous()?.apply_op2(&c.contiguous()?, AddFrozen)
@@ -172,7 +173,7 @@ mod add_frozen_tests {
     fn adding_a_frozen_tensor_passes_the_gradient_to_the_other_side_only() {
         let x = Var::from_tensor(&rand(&[3, 5], 1)).unwrap();
         let c = rand(&[3, 5], 2);
-        let y = add_frozen(x.as_tensor(), &c).unwrap();
+        let y = add_frozen(Kernels::FUSED, x.as_tensor(), &c).unwrap();
         let want = (x.as_tensor() + &c).unwrap();
         assert_eq!(crate::testing::max_rel(&y, &want), 0.0);
         let w = rand(&[3, 5], 3);

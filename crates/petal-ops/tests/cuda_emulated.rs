@@ -88,9 +88,8 @@ fn every_op_through_its_emulated_cuda_kernels_matches_the_composed_ops() {
     let dir = tempfile::tempdir().unwrap();
     build_modules(dir.path());
     petal_ops::cuda::emulate_from(dir.path());
-    petal_ops::cuda::set_enabled(true);
     let cpu = Device::Cpu;
-    // one after another: the switch is process-wide, and emulated launches take turns
+    // one after another: emulated launches take turns
     kernel_checks::the_rms_norm_kernel_matches_autograd_through_the_composed_norm(&cpu);
     kernel_checks::the_rms_norm_kernel_normalises_an_f32_stream_into_a_bf16_weights_dtype(&cpu);
     kernel_checks::the_softmax_kernel_matches_autograd_through_the_composed_softmax(&cpu);

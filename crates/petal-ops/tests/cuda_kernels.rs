@@ -8,9 +8,8 @@ mod kernel_checks;
 use candle_core::{Device, Tensor};
 use petal_ops::testing::{max_rel, rand};
 
-/// The GPU, with petal's kernels switched on.
+/// The GPU (the checks switch petal's kernels on in the `Kernels` they hand each op).
 fn gpu() -> Device {
-    petal_ops::cuda::set_enabled(true);
     Device::new_cuda(0).expect("these tests need a CUDA device")
 }
 

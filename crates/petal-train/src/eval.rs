@@ -55,11 +55,11 @@ fn loss_from_hidden(
         .flat_map(|r| b.labels[r * b.len + 1..(r + 1) * b.len].iter().copied())
         .collect();
     if let Some(w) = model.plain_head(ctx) {
-        return Ok(head_cross_entropy(&h, w, &labels)?);
+        return Ok(head_cross_entropy(model.kernels(), &h, w, &labels)?);
     }
     let logits = model.head(&h, ctx)?.to_dtype(candle_core::DType::F32)?;
     let labels = Tensor::from_vec(labels, b.rows * (b.len - 1), dev)?;
-    Ok(masked_cross_entropy(&logits, &labels)?)
+    Ok(masked_cross_entropy(model.kernels(), &logits, &labels)?)
 }
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]

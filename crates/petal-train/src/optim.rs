@@ -35,6 +35,8 @@ pub struct AdamW {
     /// m and v of every parameter as two flat buffers after a step that had every gradient
     /// (`m[i]`, `v[i]` are then views into them); None after any other change of state
     flat: Option<(Tensor, Tensor)>,
+    /// whether petal's CUDA AdamW kernel may take the update (the model's kernels)
+    kernels: petal_ops::Kernels,
 }
 
 impl AdamW {
@@ -51,7 +53,15 @@ impl AdamW {
             v,
             t: 0,
             flat: None,
+            kernels: petal_ops::Kernels::default(),
         })
+    }
+
+    /// The update through `kernels` (a model's choice: petal's CUDA AdamW kernel where its
+    /// family is on).
+    pub fn with_kernels(mut self, kernels: petal_ops::Kernels) -> Self {
+        self.kernels = kernels;
+        self
     }
 
     pub fn vars(&self) -> &[Var] {
@@ -77,14 +87,17 @@ impl AdamW {
     }
 
     /// Whether petal's CUDA AdamW kernel takes this step: f32 parameters and state on a GPU,
-    /// the kernel switched on (`PETAL_CUDA_KERNELS`).
+    /// the kernel switched on in this optimizer's kernels.
     fn multi_ok(&self) -> bool {
         let Some(first) = self.vars.first() else {
             return false;
         };
         let f32c = |t: &Tensor| t.dtype() == candle_core::DType::F32 && t.is_contiguous();
-        petal_ops::cuda::usable(first.as_tensor(), petal_ops::cuda::Family::Adamw)
-            && self.vars.iter().all(|v| f32c(v.as_tensor()))
+        petal_ops::cuda::usable(
+            self.kernels,
+            first.as_tensor(),
+            petal_ops::cuda::Family::Adamw,
+        ) && self.vars.iter().all(|v| f32c(v.as_tensor()))
             && self.m.iter().chain(&self.v).all(f32c)
     }
 

@@ -118,7 +118,7 @@ pub fn train(
         // refuse before training rather than after it
         method.convert_for_save(model, &cfg.adapter_name, adapter_cfg, &mut HashMap::new())?;
     }
-    let mut opt = AdamW::new(vars.clone(), cfg.optim)?;
+    let mut opt = AdamW::new(vars.clone(), cfg.optim)?.with_kernels(model.kernels());
     // the method's own work around training (AdaLoRA's rank allocator)
     let mut hook = method.training(model, &cfg.adapter_name, adapter_cfg)?;
     let mut start = 0;

@@ -15,6 +15,7 @@ fn training_with_bf16_activations_follows_the_f32_loss_curve_within_bf16_roundin
         let bf16 = petal_models::Precision {
             weights: DType::BF16,
             bf16_activations: true,
+            ..DType::BF16.into()
         };
         let half = losses(bf16, dropout, d.path().join(format!("bf16-{dropout}")));
         assert!(half[5] < half[0], "the run must learn: {half:?}");

@@ -1,6 +1,6 @@
 //! Training over bf16 base weights (f32 activations, the AVX512-BF16 kernels where the CPU has
 //! them, else candle's bf16 matmul) follows the f32 loss curve within bf16 rounding, on the
-//! tiny golden Llama. Its own test binary: `petal_ops::set_fast` is process-wide.
+//! tiny golden Llama. Its own test binary.
 
 mod common;
 

@@ -1,19 +1,20 @@
 //! A short training run gives the same loss curve through the fused kernels and through the
-//! composed reference ops (petal_ops::set_fast), on the tiny golden Llama.
+//! composed reference ops (a model loaded with `Kernels::REFERENCE`), on the tiny golden Llama.
 
 mod common;
 
 use candle_core::DType;
-use common::tiny_llama_losses;
+use common::{tiny_llama_losses, tiny_llama_losses_with};
 
 #[test]
 fn the_fused_kernels_and_the_reference_ops_give_the_same_loss_curve() {
     let d = tempfile::tempdir().unwrap();
-    petal_ops::set_fast(true);
     let fast = tiny_llama_losses(DType::F32, d.path().join("fast"));
-    petal_ops::set_fast(false);
-    let slow = tiny_llama_losses(DType::F32, d.path().join("slow"));
-    petal_ops::set_fast(true);
+    let reference = petal_models::Precision {
+        kernels: petal_ops::Kernels::REFERENCE,
+        ..DType::F32.into()
+    };
+    let slow = tiny_llama_losses_with(reference, 0.1, d.path().join("slow"));
     assert!(fast[5] < fast[0], "the run must learn: {fast:?}");
     for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
         assert!(

@@ -134,11 +134,12 @@ pub fn matmul_peak(dt: DType, dev: &Device) -> Result<f64> {
     let act = petal_models::act_dtype(dt, dev);
     let a = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(act)?;
     let b = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dt)?;
-    petal_ops::frozen_linear(&a, &b, None)?; // warm-up
+    let kernels = petal_ops::Kernels::from_env(); // as the models here are loaded
+    petal_ops::frozen_linear(kernels, &a, &b, None)?; // warm-up
     let mut t: Vec<f64> = (0..5)
         .map(|_| {
             let s = Instant::now();
-            let c = petal_ops::frozen_linear(&a, &b, None)
+            let c = petal_ops::frozen_linear(kernels, &a, &b, None)
                 .and_then(|c| c.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>());
             c.map(|_| s.elapsed().as_secs_f64())
         })
@@ -285,13 +286,16 @@ fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
             o.insert("inference_mode".into(), json!(false));
         }
         adapter = Some(peft);
-        opt = Some(AdamW::new(
-            petal_core::inject::adapter_vars(&model, "default"),
-            AdamWParams {
-                lr: 1e-4,
-                ..Default::default()
-            },
-        )?);
+        opt = Some(
+            AdamW::new(
+                petal_core::inject::adapter_vars(&model, "default"),
+                AdamWParams {
+                    lr: 1e-4,
+                    ..Default::default()
+                },
+            )?
+            .with_kernels(model.kernels()),
+        );
     }
     let vocab = model.cfg.vocab_size;
     let ids: Vec<u32> = (0..a.batch * a.seq)
@@ -437,7 +441,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     pv["gpu_peak_mb"] = json!(gpu_peak_mb);
     let mut result = json!({
         "workload": a.workload, "mode": a.mode, "method": a.method, "batch": a.batch, "seq": a.seq, "dtype": a.dtype,
-        "device": a.device, "cuda_kernels": if a.device.starts_with("cuda") { petal_ops::cuda::enabled() } else { vec![] }, "threads": wl["threads"], "matmul_peak_gflops": {"f32": peak32, "bf16": peak16},
+        "device": a.device, "cuda_kernels": if a.device.starts_with("cuda") { petal_ops::Kernels::from_env().cuda_families() } else { vec![] }, "threads": wl["threads"], "matmul_peak_gflops": {"f32": peak32, "bf16": peak16},
         "grad_checkpointing": a.grad_checkpointing, "bf16_activations": a.bf16_activations,
         "mflop_per_token": flops / 1e6, "petal": pv, "pytorch": null, "ratio": null,
     });

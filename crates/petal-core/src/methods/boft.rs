@@ -274,7 +274,7 @@ impl BoftLayer {
         for i in (0..self.perms.len()).rev() {
             let (p, p_inv) = &self.perms[i];
             h = h.index_select(p_inv, 1)?;
-            h = rotate_blocks(&h, &blocks.get(i)?)?;
+            h = rotate_blocks(ctx.kernels(), &h, &blocks.get(i)?)?;
             h = h.index_select(p, 1)?;
         }
         Ok(h.reshape(x.shape())?)
@@ -308,8 +308,10 @@ impl AdapterLayer for BoftLayer {
     fn forward(&self, x: &Tensor, y: Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
         // ((x R) W^T) ⊙ s + b = y + ((x R) W^T) ⊙ s - x W^T
         let xr = self.rotate(x, ctx)?;
-        let rotated = petal_ops::frozen_linear(&xr, &self.base, None)?.to_dtype(DType::F32)?;
-        let plain = petal_ops::frozen_linear(x, &self.base, None)?.to_dtype(DType::F32)?;
+        let rotated =
+            petal_ops::frozen_linear(ctx.kernels(), &xr, &self.base, None)?.to_dtype(DType::F32)?;
+        let plain =
+            petal_ops::frozen_linear(ctx.kernels(), x, &self.base, None)?.to_dtype(DType::F32)?;
         let s = self.s.as_tensor().flatten_all()?;
         let d = (rotated.broadcast_mul(&s)? - plain)?;
         Ok((y + d.to_dtype(x.dtype())?)?)
@@ -324,9 +326,9 @@ impl AdapterLayer for BoftLayer {
     ) -> Option<Result<Tensor>> {
         let run = || -> Result<Tensor> {
             let xr = self.rotate(x, ctx)?;
-            let y = petal_ops::frozen_linear(&xr, w, None)?;
+            let y = petal_ops::frozen_linear(ctx.kernels(), &xr, w, None)?;
             // f32 scales on y in its own dtype (f32 arithmetic inside): no f32 copy of y
-            let y = petal_ops::scale_last(&y, &self.s.as_tensor().flatten_all()?)?;
+            let y = petal_ops::scale_last(ctx.kernels(), &y, &self.s.as_tensor().flatten_all()?)?;
             let y = match b {
                 Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
                 None => y,

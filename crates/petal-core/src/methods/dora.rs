@@ -10,6 +10,7 @@
 
 use crate::Result;
 use candle_core::{DType, Tensor, Var};
+use petal_ops::Kernels;
 
 pub const MAGNITUDE: &str = "lora_magnitude_vector";
 
@@ -44,15 +45,15 @@ impl Dora {
     /// a single-threaded column sum.
     /// bf16 activations are scaled in f32 (m's gradient sums over every row) and returned in
     /// bf16.
-    pub fn fused_forward(&self, lin: &Tensor, delta: &Tensor) -> Result<Tensor> {
+    pub fn fused_forward(&self, k: Kernels, lin: &Tensor, delta: &Tensor) -> Result<Tensor> {
         let f = self.factor(delta)?;
         let Some(b) = &self.bias else {
-            return Ok(petal_ops::scale_last(lin, &f)?); // in lin's dtype, f32 inside
+            return Ok(petal_ops::scale_last(k, lin, &f)?); // in lin's dtype, f32 inside
         };
         let dt = lin.dtype();
         let b = b.to_dtype(DType::F32)?;
         let lin = lin.to_dtype(DType::F32)?;
-        let out = petal_ops::scale_last(&lin.broadcast_sub(&b)?, &f)?.broadcast_add(&b)?;
+        let out = petal_ops::scale_last(k, &lin.broadcast_sub(&b)?, &f)?.broadcast_add(&b)?;
         Ok(out.to_dtype(dt)?)
     }
 

@@ -123,16 +123,16 @@ impl AdapterMethod for Ia3 {
 }
 
 impl AdapterLayer for Ia3Layer {
-    fn forward(&self, x: &Tensor, y: Tensor, _ctx: &crate::Ctx) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, y: Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
         let l = self.l.as_tensor().flatten_all()?;
         if self.feedforward {
             // (x ⊙ l) W^T + b = y + (x ⊙ (l - 1)) W^T
             let xs = x.to_dtype(DType::F32)?.broadcast_mul(&(l - 1.0)?)?;
-            let d = petal_ops::frozen_linear(&xs, &self.base, None)?;
+            let d = petal_ops::frozen_linear(ctx.kernels(), &xs, &self.base, None)?;
             let d = d.to_dtype(y.dtype())?;
             return Ok((y + d)?);
         }
-        Ok(petal_ops::scale_last(&y, &l)?)
+        Ok(petal_ops::scale_last(ctx.kernels(), &y, &l)?)
     }
 
     fn fused_forward(
@@ -140,7 +140,7 @@ impl AdapterLayer for Ia3Layer {
         x: &Tensor,
         w: &Tensor,
         b: Option<&Tensor>,
-        _ctx: &crate::Ctx,
+        ctx: &crate::Ctx,
     ) -> Option<Result<Tensor>> {
         if !self.feedforward {
             return None;
@@ -149,8 +149,8 @@ impl AdapterLayer for Ia3Layer {
         let run = || -> Result<Tensor> {
             let l = self.l.as_tensor().flatten_all()?;
             // bf16 activations stay bf16: no f32 copy of x in the graph
-            let xs = petal_ops::scale_last(x, &l)?;
-            Ok(petal_ops::frozen_linear(&xs, w, b)?.to_dtype(x.dtype())?)
+            let xs = petal_ops::scale_last(ctx.kernels(), x, &l)?;
+            Ok(petal_ops::frozen_linear(ctx.kernels(), &xs, w, b)?.to_dtype(x.dtype())?)
         };
         Some(run())
     }

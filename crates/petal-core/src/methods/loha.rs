@@ -8,6 +8,7 @@
 //! so dW = 0; `false`: all four random. Saved as `hada_w1_a`, `hada_w1_b`, `hada_w2_a`,
 //! `hada_w2_b` (no `.weight` suffix: they are parameters, not modules), `alpha` in the config.
 
+use crate::adapter::ModuleDims;
 use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, Flag, NamedTensor, WeightUpdate};
 use crate::config::{spec, AdapterConfig, InitWeights, RankValue, Spec};
 use crate::methods::{
@@ -57,6 +58,15 @@ pub struct LohaLayer {
 }
 
 impl AdapterMethod for Loha {
+    fn layer_values(&self, cfg: &AdapterConfig, path: &str, dims: &ModuleDims) -> Result<u64> {
+        let o: LohaOptions = cfg.options()?;
+        // two Hadamard-multiplied low-rank pairs, and the dense dW a step builds
+        let r = rank_for(o.r, &o.rank_pattern, path);
+        Ok(dims
+            .low_rank(r)
+            .saturating_mul(2)
+            .saturating_add(dims.full()))
+    }
     fn peft_type(&self) -> &'static str {
         "LOHA"
     }
@@ -137,7 +147,9 @@ impl AdapterLayer for LohaLayer {
         b: Option<&Tensor>,
         ctx: &crate::Ctx,
     ) -> Option<Result<Tensor>> {
-        dense_linear(x, w, b, || self.drop.apply(ctx, || self.delta()))
+        dense_linear(ctx.kernels(), x, w, b, || {
+            self.drop.apply(ctx, || self.delta())
+        })
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {

@@ -217,7 +217,9 @@ impl AdapterLayer for LokrLayer {
         b: Option<&Tensor>,
         ctx: &crate::Ctx,
     ) -> Option<Result<Tensor>> {
-        dense_linear(x, w, b, || self.drop.apply(ctx, || self.delta()))
+        dense_linear(ctx.kernels(), x, w, b, || {
+            self.drop.apply(ctx, || self.delta())
+        })
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {

@@ -22,6 +22,7 @@ pub mod vera;
 
 use crate::Result;
 use candle_core::{DType, Device, Tensor, Var, D};
+use petal_ops::Kernels;
 use rand::Rng;
 
 /// x as (rows, in) f32, and the shape to give the output.
@@ -182,6 +183,7 @@ pub(crate) fn add_dense_delta(x: &Tensor, y: Tensor, delta: &Tensor) -> Result<T
 /// per step instead of five), and nothing of size (tokens, out) kept but the output. On any
 /// device for f32 x and W; `None` otherwise (a bf16 model or bf16 activations).
 pub(crate) fn dense_linear(
+    k: Kernels,
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
@@ -192,12 +194,12 @@ pub(crate) fn dense_linear(
     }
     let run = || -> Result<Tensor> {
         let Some(delta) = delta()? else {
-            return Ok(petal_ops::frozen_linear(x, w, b)?); // module dropout: this call skips
+            return Ok(petal_ops::frozen_linear(k, x, w, b)?); // module dropout: this call skips
         };
         let inp = x.dim(candle_core::D::Minus1)?;
         let mut dims = x.dims().to_vec();
         let x2 = x.reshape((x.elem_count() / inp, inp))?;
-        let mut y = x2.matmul(&petal_ops::add_frozen(&delta, w)?.t()?)?;
+        let mut y = x2.matmul(&petal_ops::add_frozen(k, &delta, w)?.t()?)?;
         if let Some(b) = b {
             y = y.broadcast_add(b)?;
         }

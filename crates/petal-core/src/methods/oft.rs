@@ -22,6 +22,7 @@ use crate::methods::orthogonal::{
 use crate::methods::{check_plain_base, init_nonzero, normal};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var};
+use petal_ops::Kernels;
 use rand::SeedableRng;
 
 pub struct Oft;
@@ -235,18 +236,19 @@ impl OftLayer {
     }
 
     /// x R in x's dtype (bf16 activations are rotated without an f32 copy in the graph).
-    fn rotated(&self, x: &Tensor) -> Result<Tensor> {
+    fn rotated(&self, k: Kernels, x: &Tensor) -> Result<Tensor> {
         let inp = x.dim(candle_core::D::Minus1)?;
         let x2 = x.reshape((x.elem_count() / inp, inp))?;
-        Ok(rotate_blocks(&x2, &self.rotation()?)?.reshape(x.shape())?)
+        Ok(rotate_blocks(k, &x2, &self.rotation()?)?.reshape(x.shape())?)
     }
 }
 
 impl AdapterLayer for OftLayer {
-    fn forward(&self, x: &Tensor, y: Tensor, _ctx: &crate::Ctx) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, y: Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
         // (x R) W^T + b = y + (x R - x) W^T
-        let d = (self.rotated(x)?.to_dtype(DType::F32)? - x.to_dtype(DType::F32)?)?;
-        let d = petal_ops::frozen_linear(&d, &self.base, None)?;
+        let d =
+            (self.rotated(ctx.kernels(), x)?.to_dtype(DType::F32)? - x.to_dtype(DType::F32)?)?;
+        let d = petal_ops::frozen_linear(ctx.kernels(), &d, &self.base, None)?;
         Ok((y + d.to_dtype(x.dtype())?)?)
     }
 
@@ -255,11 +257,11 @@ impl AdapterLayer for OftLayer {
         x: &Tensor,
         w: &Tensor,
         b: Option<&Tensor>,
-        _ctx: &crate::Ctx,
+        ctx: &crate::Ctx,
     ) -> Option<Result<Tensor>> {
         let run = || -> Result<Tensor> {
-            let xr = self.rotated(x)?; // in x's dtype; frozen_linear meets w's dtype
-            Ok(petal_ops::frozen_linear(&xr, w, b)?.to_dtype(x.dtype())?)
+            let xr = self.rotated(ctx.kernels(), x)?; // in x's dtype; frozen_linear meets w's dtype
+            Ok(petal_ops::frozen_linear(ctx.kernels(), &xr, w, b)?.to_dtype(x.dtype())?)
         };
         Some(run())
     }
@@ -325,7 +327,7 @@ mod tests {
         let r = rand(&[3, 4, 4], 2);
         let x = rand(&[5, 12], 3);
         let dense = x.matmul(&block_diag(&r).unwrap()).unwrap();
-        assert!(max_rel(&rotate_blocks(&x, &r).unwrap(), &dense) < 1e-6);
+        assert!(max_rel(&rotate_blocks(Kernels::FUSED, &x, &r).unwrap(), &dense) < 1e-6);
     }
 }
 

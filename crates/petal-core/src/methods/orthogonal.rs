@@ -4,6 +4,7 @@
 
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
+use petal_ops::Kernels;
 
 /// Skew-symmetric (k, b, b) matrices from their strict upper triangles (k, b(b-1)/2), in
 /// `triu_indices` order (row-major), as one matmul with a fixed ±1 scatter matrix.
@@ -79,8 +80,8 @@ pub(crate) fn cayley_neumann(q: &Tensor, terms: usize) -> Result<Tensor> {
 }
 
 /// x (n, k * b) times diag(R_1 … R_k), blockwise: `x_j R_j` for each block of columns.
-pub(crate) fn rotate_blocks(x: &Tensor, r: &Tensor) -> Result<Tensor> {
-    Ok(petal_ops::rotate_blocks(x, r)?)
+pub(crate) fn rotate_blocks(k: Kernels, x: &Tensor, r: &Tensor) -> Result<Tensor> {
+    Ok(petal_ops::rotate_blocks(k, x, r)?)
 }
 
 /// The dense block-diagonal matrix of a batch of blocks (k, b, b).

@@ -18,7 +18,7 @@
 use crate::adapter::{AdapterMethod, Flag, InputAdapter, InputShape, NamedTensor, NewAdapter};
 use crate::config::{spec, AdapterConfig, Spec};
 use crate::methods::prompt_tuning::{
-    prepare_prompt, virtual_tokens, PromptEmbedding, PromptShape, EMBEDDINGS,
+    prepare_prompt, prompt_values, virtual_tokens, PromptEmbedding, PromptShape, EMBEDDINGS,
 };
 use crate::methods::{kaiming_uniform, normal};
 use crate::{Error, Result};
@@ -163,6 +163,22 @@ impl LstmDirection {
 }
 
 impl AdapterMethod for PTuning {
+    fn input_values(&self, cfg: &AdapterConfig, shape: &InputShape) -> Result<u64> {
+        let o: PTuningOptions = cfg.options()?;
+        let d = shape.hidden as u64;
+        let h = o.encoder_hidden_size.unwrap_or(shape.hidden) as u64;
+        // the virtual tokens and the encoder: an MLP (d-h-h-d), or LSTM layers (four gates of
+        // h per direction over inputs of up to max(d, 2h) plus h) and a 2h-2h-d head; the
+        // larger of the two bounds either
+        let mlp = h.saturating_mul(2 * d).saturating_add(h.saturating_mul(h));
+        let per_layer = h
+            .saturating_mul(16)
+            .saturating_mul(d.max(h.saturating_mul(3)));
+        let lstm = (o.encoder_num_layers as u64)
+            .saturating_mul(per_layer)
+            .saturating_add(h.saturating_mul(4 * h.min(u32::MAX as u64) + 2 * d));
+        Ok(prompt_values(&o.shape, shape.hidden).saturating_add(mlp.max(lstm)))
+    }
     fn peft_type(&self) -> &'static str {
         "P_TUNING"
     }

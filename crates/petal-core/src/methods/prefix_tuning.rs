@@ -42,6 +42,19 @@ pub struct Prefix {
 }
 
 impl AdapterMethod for PrefixTuning {
+    fn input_values(&self, cfg: &AdapterConfig, shape: &InputShape) -> Result<u64> {
+        let o: PrefixTuningOptions = cfg.options()?;
+        let n = o.shape.num_virtual_tokens.unwrap_or(0) as u64;
+        let kv = (shape.kv_heads * shape.head_dim) as u64;
+        let width = 2 * shape.layers as u64 * kv;
+        // keys and values of every layer, or the projection's embeddings and MLP
+        let h = o.encoder_hidden_size.unwrap_or(kv as usize) as u64;
+        let projected = match o.prefix_projection {
+            true => n.saturating_mul(kv) + h.saturating_mul(kv + width + 1),
+            false => 0,
+        };
+        Ok(n.saturating_mul(width).saturating_add(projected))
+    }
     fn peft_type(&self) -> &'static str {
         "PREFIX_TUNING"
     }

@@ -7,7 +7,7 @@
 //! who has the tokenizer). Saved as `prompt_embeddings` (n, token_dim), *without* the
 //! `base_model.model.` prefix. Cannot be merged into weights.
 
-use crate::adapter::{AdapterMethod, Flag, InputAdapter, NamedTensor, NewAdapter};
+use crate::adapter::{AdapterMethod, Flag, InputAdapter, InputShape, NamedTensor, NewAdapter};
 use crate::config::{spec, AdapterConfig, Spec};
 use crate::methods::normal;
 use crate::{Error, Result};
@@ -51,6 +51,14 @@ crate::method_options! {
 
 /// The number of virtual tokens of an embedding-prefix config (prompt tuning, P-tuning),
 /// checked against the model's hidden size `d`.
+/// The values of the virtual tokens `cfg` asks for at width `d`, as the memory check counts
+/// them (saturating: the count may come from an untrusted file).
+pub(crate) fn prompt_values(cfg: &PromptShape, d: usize) -> u64 {
+    (cfg.num_virtual_tokens.unwrap_or(0) as u64)
+        .saturating_mul(cfg.num_transformer_submodules as u64)
+        .saturating_mul(d as u64)
+}
+
 pub(crate) fn virtual_tokens(cfg: &PromptShape, d: usize) -> Result<usize> {
     let n = cfg.num_virtual_tokens.unwrap_or(0) * cfg.num_transformer_submodules;
     if n == 0 {
@@ -115,6 +123,10 @@ impl PromptEmbedding {
 }
 
 impl AdapterMethod for PromptTuning {
+    fn input_values(&self, cfg: &AdapterConfig, shape: &InputShape) -> Result<u64> {
+        let o: PromptTuningOptions = cfg.options()?;
+        Ok(prompt_values(&o.shape, shape.hidden))
+    }
     fn peft_type(&self) -> &'static str {
         "PROMPT_TUNING"
     }

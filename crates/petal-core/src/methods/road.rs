@@ -194,10 +194,16 @@ impl RoadLayer {
 }
 
 impl AdapterLayer for RoadLayer {
-    fn forward(&self, _x: &Tensor, y: Tensor, _ctx: &crate::Ctx) -> Result<Tensor> {
+    fn forward(&self, _x: &Tensor, y: Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
         let (f, s) = self.cols()?;
         // in y's dtype (bf16 activations: no f32 copy in the graph), f32 inside
-        Ok(petal_ops::pair_rotate(&y, &f, &s, self.group)?)
+        Ok(petal_ops::pair_rotate(
+            ctx.kernels(),
+            &y,
+            &f,
+            &s,
+            self.group,
+        )?)
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {

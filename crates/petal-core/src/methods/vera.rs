@@ -11,6 +11,7 @@
 //! refused. Init: `λ_b = 0`, `λ_d = d_initial` (identity); `init_weights = false`: `λ_b = 1`,
 //! `λ_d ~ N(0, 1)`. Trained parameters per layer: `out + r`.
 
+use crate::adapter::ModuleDims;
 use crate::adapter::{
     AdapterLayer, AdapterMethod, BaseLinear, NamedTensor, SharedOption, WeightUpdate,
 };
@@ -66,6 +67,15 @@ fn kaiming(shape: (usize, usize), g: &mut impl Rng, dev: &Device) -> Result<Tens
 }
 
 impl AdapterMethod for Vera {
+    fn layer_values(&self, cfg: &AdapterConfig, _path: &str, dims: &ModuleDims) -> Result<u64> {
+        // the trained vectors lambda_b (out) and lambda_d (r)
+        Ok((dims.out as u64).saturating_add(cfg.options::<VeraOptions>()?.r as u64))
+    }
+    fn shared_values(&self, cfg: &AdapterConfig, dims: &ModuleDims) -> Result<u64> {
+        // the frozen projections A (r, max in) and B (max out, r)
+        let r = cfg.options::<VeraOptions>()?.r as u64;
+        Ok(r.saturating_mul((dims.max_in + dims.max_out) as u64))
+    }
     fn peft_type(&self) -> &'static str {
         "VERA"
     }
@@ -185,8 +195,16 @@ impl AdapterLayer for VeraLayer {
             x2
         };
         let (a, b) = self.sliced()?;
-        let h = petal_ops::scale_last(&x2.matmul(&a.t()?)?, self.lambda_d.as_tensor())?;
-        let d = petal_ops::scale_last(&h.matmul(&b.t()?)?, self.lambda_b.as_tensor())?;
+        let h = petal_ops::scale_last(
+            ctx.kernels(),
+            &x2.matmul(&a.t()?)?,
+            self.lambda_d.as_tensor(),
+        )?;
+        let d = petal_ops::scale_last(
+            ctx.kernels(),
+            &h.matmul(&b.t()?)?,
+            self.lambda_b.as_tensor(),
+        )?;
         let d = d.reshape(y.shape())?.to_dtype(y.dtype())?;
         Ok((y + d)?)
     }
@@ -200,7 +218,7 @@ impl AdapterLayer for VeraLayer {
         bias: Option<&Tensor>,
         ctx: &crate::Ctx,
     ) -> Option<Result<Tensor>> {
-        if !petal_ops::cpu::fast_lora_ok(x, w) {
+        if !petal_ops::cpu::fast_lora_ok(ctx.kernels(), x, w) {
             if ctx.is_train() && self.dropout > 0.0 {
                 return None;
             }
@@ -211,7 +229,7 @@ impl AdapterLayer for VeraLayer {
                 let (a, b) = self.sliced()?;
                 let ad = a.broadcast_mul(&self.lambda_d.as_tensor().unsqueeze(1)?)?;
                 let bl = b.broadcast_mul(&self.lambda_b.as_tensor().unsqueeze(1)?)?;
-                Ok(petal_ops::lora(x, w, bias, &ad, &bl, 1.0)?)
+                Ok(petal_ops::lora(ctx.kernels(), x, w, bias, &ad, &bl, 1.0)?)
             };
             return Some(run());
         }
@@ -222,11 +240,19 @@ impl AdapterLayer for VeraLayer {
                 let x2 = crate::methods::flat_input(x)?;
                 dropout(&x2, self.dropout, ctx)?.matmul(&a.t()?)?
             } else {
-                petal_ops::low_rank(x, &a)?
+                petal_ops::low_rank(ctx.kernels(), x, &a)?
             };
-            let h = petal_ops::scale_last(&low, self.lambda_d.as_tensor())?;
+            let h = petal_ops::scale_last(ctx.kernels(), &low, self.lambda_d.as_tensor())?;
             let bl = b.broadcast_mul(&self.lambda_b.as_tensor().unsqueeze(1)?)?;
-            Ok(petal_ops::lora_linear(x, w, bias, &h, &bl, 1.0)?)
+            Ok(petal_ops::lora_linear(
+                ctx.kernels(),
+                x,
+                w,
+                bias,
+                &h,
+                &bl,
+                1.0,
+            )?)
         };
         Some(run())
     }

@@ -49,7 +49,12 @@ impl Llama {
         let seen = cached + prefix.as_ref().map_or(0, |(pk, _)| pk.dims()[1]);
         let from = if kv.is_some() {
             let new_rows = |tab: &Tensor| tab.narrow(0, seen, t);
-            k = petal_ops::apply_rope_bthd(&k, &new_rows(&self.cos)?, &new_rows(&self.sin)?)?;
+            k = petal_ops::apply_rope_bthd(
+                self.kernels,
+                &k,
+                &new_rows(&self.cos)?,
+                &new_rows(&self.sin)?,
+            )?;
             seen + t
         } else {
             rope_from
@@ -73,6 +78,7 @@ impl Llama {
             from,
         };
         Ok(causal_attention_bthd(
+            self.kernels,
             q,
             &k,
             &v,

@@ -18,6 +18,7 @@ impl Llama {
         caches: &mut [&mut KvCache],
         ctx: &Ctx,
     ) -> Result<Tensor> {
+        let ctx = &self.pass(ctx);
         let (b, t) = ids.dims2()?;
         if t != 1 || b != caches.len() {
             return Err(Error::msg(format!(
@@ -59,7 +60,7 @@ impl Llama {
                 )?);
             }
             let a = at.o.forward(&Tensor::cat(&o, 0)?, ctx)?;
-            x = self.mlp_block(layer, &residual_add(&x, &a)?, ctx)?;
+            x = self.mlp_block(layer, &residual_add(self.kernels, &x, &a)?, ctx)?;
         }
         let h = self.final_norm(&x)?;
         Ok(self.lm_head.forward(&h, ctx)?.to_dtype(DType::F32)?)

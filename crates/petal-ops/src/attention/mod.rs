@@ -16,6 +16,7 @@
 //! node of the graph.
 
 use crate::cpu::{act_in, act_out, cols, fast_act_ok, mm, rows, View};
+use crate::Kernels;
 use candle_core::backend::BackendStorage as _;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -437,6 +438,7 @@ impl CustomOp3 for Flash {
 /// query position i seeing keys j <= i + offset. f32 on the CPU takes the kernel that never holds
 /// the (rep * t, T) scores; other devices and dtypes the composed ops.
 pub fn causal_attention(
+    kern: Kernels,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -451,8 +453,8 @@ pub fn causal_attention(
         )
     }
     let same = q.dtype() == k.dtype() && k.dtype() == v.dtype();
-    if !(same && fast_act_ok(q) && fast_act_ok(k) && fast_act_ok(v)) {
-        return causal_attention_reference(q, k, v, scale, t, offset);
+    if !(same && fast_act_ok(kern, q) && fast_act_ok(kern, k) && fast_act_ok(kern, v)) {
+        return composed::causal_attention_composed(kern, q, k, v, scale, t, offset);
     }
     q.contiguous()?.apply_op3(
         &k.contiguous()?,
@@ -484,6 +486,7 @@ pub struct Rope<'a> {
 /// inside (query i at position T - t + i, key j at j), so no rotated copy becomes a graph node.
 /// On the CPU the kernel reorders inside; elsewhere the composed ops run on transposed copies.
 pub fn causal_attention_bthd(
+    kern: Kernels,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -514,12 +517,12 @@ pub fn causal_attention_bthd(
         }
     }
     let same = q.dtype() == k.dtype() && k.dtype() == v.dtype();
-    if same && crate::cuda::attention_usable(q, head_dim) {
+    if same && crate::cuda::attention_usable(kern, q, head_dim) {
         // the kernels rotate q and k as they read them; no score matrix held
         let rope = rope.map(|r| (r.cos, r.sin, r.from));
         return crate::cuda::attention(q, k, v, head_dim, scale, rope);
     }
-    if !(same && fast_act_ok(q) && fast_act_ok(k) && fast_act_ok(v)) {
+    if !(same && fast_act_ok(kern, q) && fast_act_ok(kern, k) && fast_act_ok(kern, v)) {
         // one node that keeps q, k, v and the output only; backward recomputes the rest
         let rope = rope.map(|r| (r.cos.clone(), r.sin.clone(), r.from));
         return crate::lean::recompute3([q, k, v], move |[q, k, v]| {
@@ -528,7 +531,7 @@ pub fn causal_attention_bthd(
                 sin,
                 from: *from,
             });
-            attention_bthd_composed(q, k, v, head_dim, scale, rope)
+            attention_bthd_composed(kern, q, k, v, head_dim, scale, rope)
         });
     }
     // the tables' rows for positions 0..keys only (a model's tables cover its whole context)

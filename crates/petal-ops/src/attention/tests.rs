@@ -29,14 +29,14 @@ fn token_major_attention_equals_the_composed_ops_on_transposed_heads() {
         };
         same(
             &inputs,
-            |x| causal_attention_bthd(&x[0], &x[1], &x[2], d, scale, None).unwrap(),
+            |x| causal_attention_bthd(Kernels::FUSED, &x[0], &x[1], &x[2], d, scale, None).unwrap(),
             reference,
         );
         // heads and d merged (b, t, heads * d), as the projections write them
         let merged: Vec<Tensor> = inputs.iter().map(|x| x.flatten_from(2).unwrap()).collect();
         same(
             &merged,
-            |x| causal_attention_bthd(&x[0], &x[1], &x[2], d, scale, None).unwrap(),
+            |x| causal_attention_bthd(Kernels::FUSED, &x[0], &x[1], &x[2], d, scale, None).unwrap(),
             |x| {
                 let split = |x: &Tensor| x.reshape((b, (), x.dim(2).unwrap() / d, d)).unwrap();
                 let o = reference(&[split(&x[0]), split(&x[1]), split(&x[2])]);
@@ -100,7 +100,10 @@ fn rope_inside_attention_equals_rotating_q_and_the_unprefixed_keys_first() {
                 rand(&[b, keys, nkv * d], 2),
                 rand(&[b, keys, nkv * d], 3),
             ],
-            |x| causal_attention_bthd(&x[0], &x[1], &x[2], d, scale, Some(rope)).unwrap(),
+            |x| {
+                causal_attention_bthd(Kernels::FUSED, &x[0], &x[1], &x[2], d, scale, Some(rope))
+                    .unwrap()
+            },
             reference,
         );
     }
@@ -125,7 +128,7 @@ fn blockwise_causal_attention_equals_the_composed_ops_in_value_and_gradients() {
         let scale = 1.0 / (d as f64).sqrt();
         same(
             &inputs,
-            |x| causal_attention(&x[0], &x[1], &x[2], scale, t, offset).unwrap(),
+            |x| causal_attention(Kernels::FUSED, &x[0], &x[1], &x[2], scale, t, offset).unwrap(),
             |x| causal_attention_reference(&x[0], &x[1], &x[2], scale, t, offset).unwrap(),
         );
     }

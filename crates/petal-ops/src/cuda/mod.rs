@@ -2,15 +2,15 @@
 //! softmax (plain and scaled causal), RoPE in both layouts, SwiGLU and the cross-entropy of a
 //! chunk of logits, each one launch per direction where candle's composed ops take five to ten.
 //! Each op is a graph node whose backward launches its backward kernel. They run on f32 and bf16
-//! activations of a CUDA tensor while the fast paths are on (`set_fast`, `PETAL_FUSED`) and the
-//! kernels are switched on (`set_enabled`, or `PETAL_CUDA_KERNELS=1`): off by default until
-//! their tests (`tests/cuda_kernels.rs`) have passed on a GPU. Without the `cuda` feature
+//! activations of a CUDA tensor when the op's [`Kernels`] switch their family on (the `petal`
+//! binary: `PETAL_CUDA_KERNELS=1`): off by default until their tests (`tests/cuda_kernels.rs`)
+//! have passed on a GPU. Without the `cuda` feature
 //! `usable` is false and nothing here runs.
 
 #![cfg_attr(not(feature = "cuda"), allow(dead_code))]
 
+use crate::Kernels;
 use candle_core::{DType, Tensor};
-use std::sync::atomic::{AtomicU8, Ordering};
 
 mod emulate;
 #[cfg(feature = "cuda")]
@@ -81,91 +81,27 @@ impl Family {
         }
     }
 
-    fn bit(self) -> u8 {
+    pub(crate) fn bit(self) -> u8 {
         1 << (self as u8)
     }
-}
-
-/// Bit 7: read from PETAL_CUDA_KERNELS already; bits 0-5: the families switched on.
-static ENABLED: AtomicU8 = AtomicU8::new(0);
-const READ: u8 = 1 << 7;
-
-/// Switches every CUDA kernel on or off (process-wide; default: from `PETAL_CUDA_KERNELS`).
-pub fn set_enabled(on: bool) {
-    set_families(if on { &Family::ALL } else { &[] });
-}
-
-/// Switches on exactly these families.
-pub fn set_families(families: &[Family]) {
-    let bits = families.iter().fold(READ, |b, f| b | f.bit());
-    ENABLED.store(bits, Ordering::Relaxed);
-}
-
-/// The families `PETAL_CUDA_KERNELS` names: `1` or `all` every one, a comma list some
-/// (norm, softmax, rope, swiglu, loss, attention, adamw, lora), unset or `0` none. Unknown names are
-/// reported once and skipped.
-fn from_env() -> Vec<Family> {
-    parse_families(&std::env::var("PETAL_CUDA_KERNELS").unwrap_or_default())
-}
-
-fn parse_families(v: &str) -> Vec<Family> {
-    match v.trim() {
-        "" | "0" => vec![],
-        "1" | "all" => Family::ALL.to_vec(),
-        list => list
-            .split(',')
-            .filter_map(|n| {
-                let f = Family::ALL.into_iter().find(|f| f.name() == n.trim());
-                if f.is_none() {
-                    let names: Vec<_> = Family::ALL.iter().map(|f| f.name()).collect();
-                    eprintln!(
-                        "petal: PETAL_CUDA_KERNELS: no kernel family `{}` (1, all, or some of {})",
-                        n.trim(),
-                        names.join(", ")
-                    );
-                }
-                f
-            })
-            .collect(),
-    }
-}
-
-fn bits() -> u8 {
-    let b = ENABLED.load(Ordering::Relaxed);
-    if b & READ != 0 {
-        return b;
-    }
-    set_families(&from_env());
-    ENABLED.load(Ordering::Relaxed)
-}
-
-/// The names of the kernel families switched on (they run only where `usable`).
-pub fn enabled() -> Vec<&'static str> {
-    let b = bits();
-    Family::ALL
-        .into_iter()
-        .filter(|f| b & f.bit() != 0)
-        .map(Family::name)
-        .collect()
 }
 
 /// Whether `t` takes the kernels of `family`: an f32 or bf16 tensor on a CUDA device, the
 /// fast paths and the family switched on, and the kernels compiled (where NVRTC is missing
 /// or fails, a warning once and candle's ops instead).
-pub fn usable(t: &Tensor, family: Family) -> bool {
+pub fn usable(k: Kernels, t: &Tensor, family: Family) -> bool {
     let on_gpu = cfg!(feature = "cuda") && t.device().is_cuda();
     // AdamW's launch takes device addresses: it has no emulated path
     let emulated = t.device().is_cpu() && emulating() && family != Family::Adamw;
     (on_gpu || emulated)
-        && bits() & family.bit() != 0
-        && crate::cpu::fast()
+        && k.cuda_on(family)
         && matches!(t.dtype(), DType::F32 | DType::BF16)
         && (emulated || compiled(0))
 }
 
 /// Whether the attention kernels for heads of `head_dim` values run on `t` (see `usable`).
-pub fn attention_usable(t: &Tensor, head_dim: usize) -> bool {
-    usable(t, Family::Attention)
+pub fn attention_usable(k: Kernels, t: &Tensor, head_dim: usize) -> bool {
+    usable(k, t, Family::Attention)
         && (1..=MAX_HEAD_DIM).contains(&head_dim)
         && match t.device().is_cpu() {
             true => emulate::has_module(head_dim),
@@ -219,15 +155,6 @@ fn write_ptx_cache(path: &std::path::Path, ptx: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_kernel_switch_reads_all_none_or_a_list_of_families() {
-        assert_eq!(parse_families("1"), Family::ALL.to_vec());
-        assert_eq!(parse_families("all"), Family::ALL.to_vec());
-        assert!(parse_families("0").is_empty() && parse_families("").is_empty());
-        let some = parse_families(" norm, attention ,bogus");
-        assert_eq!(some, vec![Family::Norm, Family::Attention]);
-    }
 
     #[test]
     fn the_ptx_cache_is_named_by_source_and_options() {

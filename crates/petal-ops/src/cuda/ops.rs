@@ -288,7 +288,7 @@ pub fn lora(
     }
     let x = x.contiguous()?;
     let n = x.elem_count() / inp;
-    let base = crate::frozen_linear(&x.detach(), w, bias)?.contiguous()?;
+    let base = crate::frozen_linear(crate::Kernels::FUSED, &x.detach(), w, bias)?.contiguous()?;
     let spec = Spec {
         name: format!("lora_fwd_{}", sfx(x.dtype())),
         shape: base.shape().clone(),

@@ -5,8 +5,14 @@
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Tensor, D};
-use petal_ops::nn;
+use petal_ops::cuda::Family;
 use petal_ops::testing::{max_rel, rand, same, same_bf16};
+use petal_ops::{nn, Kernels};
+
+/// Every op's choice in these checks: petal's CUDA kernels, all families.
+pub fn kernels() -> Kernels {
+    Kernels::FUSED.with_cuda(&Family::ALL)
+}
 
 /// Seeded inputs on `dev`.
 pub fn on(dev: &Device, shapes: &[&[usize]]) -> Vec<Tensor> {
@@ -29,7 +35,7 @@ pub fn the_rms_norm_kernel_matches_autograd_through_the_composed_norm(dev: &Devi
     let x = on(dev, &[&[3, 5, 96]]);
     same(
         &x,
-        |t| petal_ops::rms_norm(&t[0], &w, 1e-5).unwrap(),
+        |t| petal_ops::rms_norm(kernels(), &t[0], &w, 1e-5).unwrap(),
         |t| nn::rms_norm_reference(&t[0], &w, 1e-5).unwrap(),
     );
     // a row longer than one block of threads, bf16 activations and weight
@@ -38,7 +44,7 @@ pub fn the_rms_norm_kernel_matches_autograd_through_the_composed_norm(dev: &Devi
     same_bf16(
         &on(dev, &[&[4, 1500]]),
         2e-2,
-        |t| petal_ops::rms_norm(&t[0], &wb, 1e-5).unwrap(),
+        |t| petal_ops::rms_norm(kernels(), &t[0], &wb, 1e-5).unwrap(),
         |t| nn::rms_norm_reference(&t[0], &wf, 1e-5).unwrap(),
     );
 }
@@ -46,7 +52,7 @@ pub fn the_rms_norm_kernel_matches_autograd_through_the_composed_norm(dev: &Devi
 pub fn the_rms_norm_kernel_normalises_an_f32_stream_into_a_bf16_weights_dtype(dev: &Device) {
     let wb = on(dev, &[&[64]]).remove(0).to_dtype(DType::BF16).unwrap();
     let x = on(dev, &[&[6, 64]]).remove(0);
-    let y = petal_ops::rms_norm(&x, &wb, 1e-6).unwrap();
+    let y = petal_ops::rms_norm(kernels(), &x, &wb, 1e-6).unwrap();
     assert_eq!(y.dtype(), DType::BF16);
     let r = nn::rms_norm_reference(&x, &wb.to_dtype(DType::F32).unwrap(), 1e-6).unwrap();
     assert!(max_rel(&y.to_dtype(DType::F32).unwrap(), &r) < 1e-2);
@@ -55,13 +61,13 @@ pub fn the_rms_norm_kernel_normalises_an_f32_stream_into_a_bf16_weights_dtype(de
 pub fn the_softmax_kernel_matches_autograd_through_the_composed_softmax(dev: &Device) {
     same(
         &on(dev, &[&[3, 5, 77]]),
-        |t| petal_ops::softmax_last_dim(&t[0]).unwrap(),
+        |t| petal_ops::softmax_last_dim(kernels(), &t[0]).unwrap(),
         |t| nn::softmax_last_dim_reference(&t[0]).unwrap(),
     );
     same_bf16(
         &on(dev, &[&[2, 2100]]),
         2e-2,
-        |t| petal_ops::softmax_last_dim(&t[0]).unwrap(),
+        |t| petal_ops::softmax_last_dim(kernels(), &t[0]).unwrap(),
         |t| nn::softmax_last_dim_reference(&t[0]).unwrap(),
     );
 }
@@ -76,13 +82,13 @@ pub fn the_causal_softmax_kernel_matches_autograd_through_scale_mask_and_softmax
     };
     same(
         &on(dev, &[&[3, 10, 7]]),
-        |t| petal_ops::causal_softmax(&t[0], 0.3, 5, 2).unwrap(),
+        |t| petal_ops::causal_softmax(kernels(), &t[0], 0.3, 5, 2).unwrap(),
         |t| reference(&t[0]),
     );
     same_bf16(
         &on(dev, &[&[3, 10, 7]]),
         2e-2,
-        |t| petal_ops::causal_softmax(&t[0], 0.3, 5, 2).unwrap(),
+        |t| petal_ops::causal_softmax(kernels(), &t[0], 0.3, 5, 2).unwrap(),
         |t| reference(&t[0]),
     );
 }
@@ -94,7 +100,7 @@ pub fn the_rope_kernel_matches_autograd_through_the_composed_rotation_in_both_la
     let (c, s) = (c.narrow(0, 4, 6).unwrap(), s.narrow(0, 4, 6).unwrap()); // positions 4..10
     same(
         &on(dev, &[&[2, 3, 6, 16]]), // (b, h, t, d)
-        |t| petal_ops::apply_rope(&t[0], &c, &s).unwrap(),
+        |t| petal_ops::apply_rope(kernels(), &t[0], &c, &s).unwrap(),
         |t| nn::apply_rope_reference(&t[0], &c, &s).unwrap(),
     );
     let heads_first = |x: &Tensor| {
@@ -109,13 +115,13 @@ pub fn the_rope_kernel_matches_autograd_through_the_composed_rotation_in_both_la
     };
     same(
         &on(dev, &[&[2, 6, 48]]), // (b, t, h * d)
-        |t| petal_ops::apply_rope_bthd(&t[0], &c, &s).unwrap(),
+        |t| petal_ops::apply_rope_bthd(kernels(), &t[0], &c, &s).unwrap(),
         |t| heads_first(&t[0]),
     );
     same_bf16(
         &on(dev, &[&[2, 6, 48]]),
         2e-2,
-        |t| petal_ops::apply_rope_bthd(&t[0], &c, &s).unwrap(),
+        |t| petal_ops::apply_rope_bthd(kernels(), &t[0], &c, &s).unwrap(),
         |t| heads_first(&t[0]),
     );
 }
@@ -123,13 +129,13 @@ pub fn the_rope_kernel_matches_autograd_through_the_composed_rotation_in_both_la
 pub fn the_swiglu_kernel_matches_autograd_through_silu_times_up(dev: &Device) {
     same(
         &on(dev, &[&[3, 700], &[3, 700]]),
-        |t| petal_ops::swiglu(&t[0], &t[1]).unwrap(),
+        |t| petal_ops::swiglu(kernels(), &t[0], &t[1]).unwrap(),
         |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
     );
     same_bf16(
         &on(dev, &[&[3, 700], &[3, 700]]),
         2e-2,
-        |t| petal_ops::swiglu(&t[0], &t[1]).unwrap(),
+        |t| petal_ops::swiglu(kernels(), &t[0], &t[1]).unwrap(),
         |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
     );
 }
@@ -164,7 +170,11 @@ pub fn the_cross_entropy_kernels_match_the_definition_in_value_and_gradient(dev:
     let lab = Tensor::new(&labels, dev).unwrap();
     same(
         &on(dev, &[&[6, 2000]]),
-        |t| petal_ops::masked_cross_entropy(&t[0], &lab).unwrap().0,
+        |t| {
+            petal_ops::masked_cross_entropy(kernels(), &t[0], &lab)
+                .unwrap()
+                .0
+        },
         |t| cross_entropy_by_definition(&t[0], &labels),
     );
 }
@@ -187,7 +197,11 @@ pub fn the_head_loss_matches_logits_then_cross_entropy_by_definition(dev: &Devic
     let h = on(dev, &[&[300, 64]]);
     same(
         &h,
-        |t| petal_ops::head_cross_entropy(&t[0], &w, &labels).unwrap().0,
+        |t| {
+            petal_ops::head_cross_entropy(kernels(), &t[0], &w, &labels)
+                .unwrap()
+                .0
+        },
         |t| cross_entropy_by_definition(&t[0].matmul(&w.t().unwrap()).unwrap(), &labels),
     );
 }
@@ -264,7 +278,10 @@ pub fn the_attention_kernels_match_autograd_through_the_definition(dev: &Device)
         let scale = 1.0 / (d as f64).sqrt();
         same(
             &x,
-            |x| petal_ops::causal_attention_bthd(&x[0], &x[1], &x[2], d, scale, None).unwrap(),
+            |x| {
+                petal_ops::causal_attention_bthd(kernels(), &x[0], &x[1], &x[2], d, scale, None)
+                    .unwrap()
+            },
             |x| attention_by_definition(&x[0], &x[1], &x[2], d, scale, None),
         );
     }
@@ -285,13 +302,19 @@ pub fn the_attention_kernels_rotate_by_rope_and_take_bf16(dev: &Device) {
     let scale = 0.125;
     same(
         &x,
-        |x| petal_ops::causal_attention_bthd(&x[0], &x[1], &x[2], d, scale, Some(rope)).unwrap(),
+        |x| {
+            petal_ops::causal_attention_bthd(kernels(), &x[0], &x[1], &x[2], d, scale, Some(rope))
+                .unwrap()
+        },
         |x| attention_by_definition(&x[0], &x[1], &x[2], d, scale, Some((&cos, &sin, 3))),
     );
     same_bf16(
         &x,
         3e-2,
-        |x| petal_ops::causal_attention_bthd(&x[0], &x[1], &x[2], d, scale, Some(rope)).unwrap(),
+        |x| {
+            petal_ops::causal_attention_bthd(kernels(), &x[0], &x[1], &x[2], d, scale, Some(rope))
+                .unwrap()
+        },
         |x| attention_by_definition(&x[0], &x[1], &x[2], d, scale, Some((&cos, &sin, 3))),
     );
 }
@@ -324,12 +347,13 @@ pub fn the_lora_kernel_matches_autograd_through_its_definition(dev: &Device) {
     let x = on(dev, &[&[2, 5, 300], &[8, 300], &[700, 8]]);
     same(
         &x,
-        |t| petal_ops::lora(&t[0], &w, Some(&bias), &t[1], &t[2], 1.5).unwrap(),
+        |t| petal_ops::lora(kernels(), &t[0], &w, Some(&bias), &t[1], &t[2], 1.5).unwrap(),
         |t| lora_by_definition(&t[0], &w, &bias, &t[1], &t[2], 1.5),
     );
     // bf16 activations (and base product) with f32 A and B: the value within bf16 rounding
     let xb = x[0].to_dtype(DType::BF16).unwrap();
     let got = petal_ops::lora(
+        kernels(),
         &xb,
         &w.to_dtype(DType::BF16).unwrap(),
         None,

@@ -15,6 +15,7 @@
 //! per `<module>.lora_E`) and the tensors are saved cut to the kept ranks, as PEFT does; loading
 //! rebuilds the cut layers with the original `ranknum`.
 
+use crate::adapter::ModuleDims;
 use crate::adapter::{
     AdapterLayer, AdapterMethod, BaseLinear, Flag, NamedTensor, NewAdapter, SharedOption,
     WeightUpdate,
@@ -67,6 +68,11 @@ pub struct AdaLoraLayer {
 }
 
 impl AdapterMethod for AdaLora {
+    fn layer_values(&self, cfg: &AdapterConfig, _path: &str, dims: &ModuleDims) -> Result<u64> {
+        // A, B and E (the singular values) at the initial rank
+        let r = cfg.options::<AdaLoraOptions>()?.init_r;
+        Ok(dims.low_rank(r).saturating_add(r as u64))
+    }
     fn peft_type(&self) -> &'static str {
         "ADALORA"
     }

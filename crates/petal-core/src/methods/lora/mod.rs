@@ -8,6 +8,7 @@
 //! kaiming-uniform (nn.Linear's default), so the adapter is non-zero from the start.
 //! Saved as `lora_A.weight` (r, in) and `lora_B.weight` (out, r), in f32.
 
+use crate::adapter::ModuleDims;
 use crate::adapter::{AdapterLayer, AdapterMethod, BaseLinear, Flag, NamedTensor, WeightUpdate};
 use crate::config::{pissa_niter, spec, AdapterConfig, InitWeights, Spec};
 use crate::methods::dora::{Dora, MAGNITUDE};
@@ -38,6 +39,15 @@ pub struct LoraLayer {
 }
 
 impl AdapterMethod for Lora {
+    fn layer_values(&self, cfg: &AdapterConfig, path: &str, dims: &ModuleDims) -> Result<u64> {
+        let o: LoraOptions = cfg.options()?;
+        // A and B, a trained bias, and DoRA's magnitude with its f32 copy of the base
+        let dora = if o.dora { dims.full() } else { 0 };
+        let bias = if o.core.bias == "none" { 0 } else { dims.out };
+        Ok(dims
+            .low_rank(o.rank_for(path))
+            .saturating_add(bias as u64 + dora))
+    }
     fn peft_type(&self) -> &'static str {
         "LORA"
     }
@@ -216,7 +226,7 @@ impl LoraLayer {
     /// acts).
     fn low(&self, x: &Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
         if !(ctx.is_train() && self.dropout > 0.0) {
-            return Ok(petal_ops::low_rank(x, self.a.as_tensor())?);
+            return Ok(petal_ops::low_rank(ctx.kernels(), x, self.a.as_tensor())?);
         }
         Ok(self.input(x, ctx)?.0.matmul(&self.a.as_tensor().t()?)?)
     }
@@ -261,7 +271,7 @@ impl AdapterLayer for LoraLayer {
     ) -> Option<Result<Tensor>> {
         // DoRA with dropout acting recomputes its base term from the dropped input: composed
         let no_dropout = !(ctx.is_train() && self.dropout > 0.0);
-        let fast = petal_ops::cpu::fast_lora_ok(x, w);
+        let fast = petal_ops::cpu::fast_lora_ok(ctx.kernels(), x, w);
         if self.bias.is_some() || (self.dora.is_some() && !no_dropout) || !(fast || no_dropout) {
             return None;
         }
@@ -271,16 +281,32 @@ impl AdapterLayer for LoraLayer {
             // then scales its output
             let (la, lb) = (self.a.as_tensor(), self.b.as_tensor());
             if self.dora.is_none() && no_dropout {
-                return Ok(petal_ops::lora(x, w, b, la, lb, self.scaling)?);
+                return Ok(petal_ops::lora(
+                    ctx.kernels(),
+                    x,
+                    w,
+                    b,
+                    la,
+                    lb,
+                    self.scaling,
+                )?);
             }
             if let (Some(d), false) = (&self.dora, fast) {
-                let lin = petal_ops::lora(x, w, b, la, lb, self.scaling)?;
-                return d.fused_forward(&lin, &self.delta()?);
+                let lin = petal_ops::lora(ctx.kernels(), x, w, b, la, lb, self.scaling)?;
+                return d.fused_forward(ctx.kernels(), &lin, &self.delta()?);
             }
             let h = self.low(x, ctx)?;
-            let lin = petal_ops::lora_linear(x, w, b, &h, self.b.as_tensor(), self.scaling)?;
+            let lin = petal_ops::lora_linear(
+                ctx.kernels(),
+                x,
+                w,
+                b,
+                &h,
+                self.b.as_tensor(),
+                self.scaling,
+            )?;
             match &self.dora {
-                Some(d) => d.fused_forward(&lin, &self.delta()?),
+                Some(d) => d.fused_forward(ctx.kernels(), &lin, &self.delta()?),
                 None => Ok(lin),
             }
         };

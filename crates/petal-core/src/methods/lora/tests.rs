@@ -217,7 +217,9 @@ mod dora_fused_tests {
             };
             let layer = Lora.build(&c, "fc", &base, 7).unwrap();
             let x = Var::from_tensor(&rand_tensor(&[3, 4, 5], 3)).unwrap();
-            let y = petal_ops::frozen_linear(x.as_tensor(), &w, b.as_ref()).unwrap();
+            let y =
+                petal_ops::frozen_linear(petal_ops::Kernels::FUSED, x.as_tensor(), &w, b.as_ref())
+                    .unwrap();
             let ctx = crate::Ctx::train(0);
             let composed = layer.forward(x.as_tensor(), y, &ctx).unwrap();
             let fused = layer

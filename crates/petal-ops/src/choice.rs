@@ -1,0 +1,118 @@
+//! Which implementation each op takes, as a value handed to the op: petal's fused CPU kernels
+//! or the composed reference ops (the path a GPU takes through candle), and which families of
+//! petal's CUDA kernels. Chosen when a model is loaded and carried down to every op; no op
+//! reads a global switch, so two models in one process can run different kernels.
+
+use crate::cuda::Family;
+
+/// The kernel choice of a model or a run. The default: fused CPU kernels on, petal's CUDA
+/// kernels off (until their tests have passed on a GPU, see docs/gpu.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Kernels {
+    fused: bool,
+    cuda: u8,
+}
+
+impl Default for Kernels {
+    fn default() -> Self {
+        Kernels::FUSED
+    }
+}
+
+impl Kernels {
+    /// The default: fused CPU kernels, no CUDA kernel.
+    pub const FUSED: Kernels = Kernels {
+        fused: true,
+        cuda: 0,
+    };
+
+    /// The composed reference ops everywhere: no fused CPU kernel, no CUDA kernel.
+    pub const REFERENCE: Kernels = Kernels {
+        fused: false,
+        cuda: 0,
+    };
+
+    /// Fused CPU kernels on or off (off: the reference ops, and no CUDA kernel either).
+    pub fn with_fused(self, on: bool) -> Self {
+        Kernels { fused: on, ..self }
+    }
+
+    /// Exactly these CUDA kernel families switched on.
+    pub fn with_cuda(self, families: &[Family]) -> Self {
+        let cuda = families.iter().fold(0, |b, f| b | f.bit());
+        Kernels { cuda, ..self }
+    }
+
+    /// Whether the fused paths are on.
+    pub fn fused(self) -> bool {
+        self.fused
+    }
+
+    /// Whether the CUDA kernels of `family` may run (they still need a CUDA tensor; see
+    /// [`crate::cuda::usable`]).
+    pub fn cuda_on(self, family: Family) -> bool {
+        self.fused && self.cuda & family.bit() != 0
+    }
+
+    /// The CUDA kernel families switched on, by name.
+    pub fn cuda_families(self) -> Vec<&'static str> {
+        Family::ALL
+            .into_iter()
+            .filter(|&f| self.cuda & f.bit() != 0)
+            .map(Family::name)
+            .collect()
+    }
+
+    /// The choice the environment asks for, as the `petal` binary reads it: `PETAL_FUSED=0` the
+    /// reference ops; `PETAL_CUDA_KERNELS` the CUDA families (`1` or `all` every one, a comma
+    /// list some, unset or `0` none; an unknown name is reported and skipped).
+    pub fn from_env() -> Self {
+        let fused = std::env::var("PETAL_FUSED").map_or(true, |v| v != "0");
+        let cuda = parse_families(&std::env::var("PETAL_CUDA_KERNELS").unwrap_or_default());
+        Kernels::default().with_fused(fused).with_cuda(&cuda)
+    }
+}
+
+/// The families a `PETAL_CUDA_KERNELS` value names.
+pub fn parse_families(v: &str) -> Vec<Family> {
+    match v.trim() {
+        "" | "0" => vec![],
+        "1" | "all" => Family::ALL.to_vec(),
+        list => list
+            .split(',')
+            .filter_map(|n| {
+                let f = Family::ALL.into_iter().find(|f| f.name() == n.trim());
+                if f.is_none() {
+                    let names: Vec<_> = Family::ALL.iter().map(|f| f.name()).collect();
+                    eprintln!(
+                        "petal: PETAL_CUDA_KERNELS: no kernel family `{}` (1, all, or some of {})",
+                        n.trim(),
+                        names.join(", ")
+                    );
+                }
+                f
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kernel_switch_reads_all_none_or_a_list_of_families() {
+        assert_eq!(parse_families("1"), Family::ALL.to_vec());
+        assert_eq!(parse_families("all"), Family::ALL.to_vec());
+        assert!(parse_families("0").is_empty() && parse_families("").is_empty());
+        let some = parse_families(" norm, attention ,bogus");
+        assert_eq!(some, vec![Family::Norm, Family::Attention]);
+        let k = Kernels::default().with_cuda(&some);
+        assert_eq!(k.cuda_families(), vec!["norm", "attention"]);
+        assert!(k.cuda_on(Family::Norm) && !k.cuda_on(Family::Loss));
+        assert!(
+            !k.with_fused(false).cuda_on(Family::Norm),
+            "reference ops take no CUDA kernel"
+        );
+    }
+}
