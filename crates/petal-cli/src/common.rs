@@ -63,6 +63,49 @@ pub fn precision(dt: &str, bf16_activations: bool) -> Result<petal_models::Preci
     })
 }
 
+/// Checks before any work that `--out PATH` can be written: its nearest existing ancestor is a
+/// folder this process can create files in (nothing is created). The error names the path and
+/// why.
+pub fn check_out(path: &Path) -> Result<()> {
+    let mut at = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(path)
+    };
+    if at.is_dir() {
+        return writable(path, &at);
+    }
+    if at.exists() && path.extension().is_some() {
+        // an output file that exists is replaced: its folder must take the new one
+        at.pop();
+        return writable(path, &at);
+    }
+    while !at.exists() {
+        if !at.pop() {
+            bail!("--out {}: no existing folder above it", path.display());
+        }
+    }
+    if !at.is_dir() {
+        bail!(
+            "--out {}: {} is a file, not a folder",
+            path.display(),
+            at.display()
+        );
+    }
+    writable(path, &at)
+}
+
+/// Whether files can be made in `dir` (a probe file, removed at once), for `check_out`.
+fn writable(path: &Path, dir: &Path) -> Result<()> {
+    tempfile::NamedTempFile::new_in(dir).map(drop).map_err(|e| {
+        anyhow::anyhow!(
+            "--out {}: cannot write in {}: {e}",
+            path.display(),
+            dir.display()
+        )
+    })
+}
+
 /// `--max-memory`: the limit an adapter is held to (default: half of this machine's memory).
 pub fn memory_limit(max_memory: Option<u64>) -> petal_core::MemoryLimit {
     max_memory.map_or_else(Default::default, petal_core::MemoryLimit::bytes)

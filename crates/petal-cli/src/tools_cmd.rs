@@ -76,6 +76,7 @@ pub fn run_merge(a: MergeArgs) -> Result<()> {
     if a.model.adapter.is_empty() {
         bail!("--adapter is required: the adapter to merge into the model");
     }
+    crate::common::check_out(&a.out)?;
     let mut lm = a.model.load()?;
     petal_core::inject::merge_and_unload_all(&mut lm.model)?;
     export_hf(&mut lm, &a.out)?;
@@ -205,6 +206,7 @@ pub fn parse_ids(s: &str) -> Result<(Vec<u32>, usize, usize)> {
 }
 
 pub fn run_forward(a: ForwardArgs) -> Result<()> {
+    crate::common::check_out(&a.out)?;
     let lm = a.model.load()?;
     let (ids, b, t) = parse_ids(&a.input_ids)?;
     if let Some(bad) = ids.iter().find(|&&i| i as usize >= lm.model.vocab_size()) {

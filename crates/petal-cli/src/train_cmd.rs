@@ -184,9 +184,18 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 tables.insert(name.clone(), toml::Value::Table(t));
             }
         }
-        let file: TrainOpts = table
-            .try_into()
-            .with_context(|| format!("{}: bad value", c.display()))?;
+        let file: TrainOpts = table.try_into().map_err(|e: toml::de::Error| {
+            // toml names the key on a line of its own after the message: one line instead
+            let text = e.to_string();
+            let key = text
+                .lines()
+                .find_map(|l| l.strip_prefix("in `")?.strip_suffix('`'));
+            let first = text.lines().next().unwrap_or_default();
+            match key {
+                Some(k) => anyhow!("{}: field `{k}`: {first}", c.display()),
+                None => anyhow!("{}: {}", c.display(), text.replace('\n', " ")),
+            }
+        })?;
         o = o.or(file);
     }
     check_ranges(&o)?;
@@ -199,6 +208,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs/latest"));
+    crate::common::check_out(&out)?;
     if o.resume.is_none() && out.join("checkpoints").exists() && !o.overwrite.unwrap_or(false) {
         bail!("{}: run folder already has checkpoints; pass --resume {0} to continue or --overwrite true to start over", out.display());
     }
@@ -329,7 +339,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         save_converted: o.save_as_lora.unwrap_or(false),
         grad_checkpointing: o.grad_checkpointing.unwrap_or(false),
     };
-    std::fs::create_dir_all(&out)?;
+    std::fs::create_dir_all(&out).with_context(|| format!("--out {}", out.display()))?;
     petal_io::write_atomic(
         &out.join("run.toml"),
         run_toml(&o, &method, &acfg).as_bytes(),

@@ -186,8 +186,13 @@ impl AdapterConfig {
 
     /// The method's options as its typed struct.
     pub fn options<T: MethodOptions>(&self) -> Result<T> {
-        serde_json::from_value(Value::Object(self.options.clone()))
-            .map_err(|e| Error::config("adapter config", &self.peft_type, e.to_string()))
+        options::read(&self.options).map_err(|(key, e)| {
+            Error::config(
+                "adapter config",
+                key.as_deref().unwrap_or(&self.peft_type),
+                e,
+            )
+        })
     }
 
     /// One option's value (`None`: the method has no such key).

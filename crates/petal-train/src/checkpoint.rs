@@ -79,6 +79,17 @@ pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
     let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
     let state: TrainerState =
         serde_json::from_str(&text).map_err(|e| Error::msg(format!("{}: {e}", sp.display())))?;
+    // checkpoints are written as step-NNNNNN: a state claiming another step was altered
+    let named = dir
+        .file_name()
+        .and_then(|n| n.to_str()?.strip_prefix("step-")?.parse().ok());
+    if let Some(n) = named.filter(|&n: &usize| n != state.step) {
+        return Err(Error::msg(format!(
+            "{}: field `step` is {}, but the checkpoint folder is step {n}",
+            sp.display(),
+            state.step
+        )));
+    }
     let (_, adapter) = petal_io::load_adapter(&dir, device)?;
     let op = dir.join(OPTIMIZER);
     let optimizer = candle_core::safetensors::load(&op, device)

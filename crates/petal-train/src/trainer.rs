@@ -306,6 +306,15 @@ fn restore(
             fingerprint_diff(&ck.state.fingerprint, &cfg.fingerprint)
         )));
     }
+    if ck.state.step > cfg.max_steps {
+        return Err(Error::msg(format!(
+            "{}: the checkpoint is at step {}, past --max-steps {}: nothing left to train (raise \
+             --max-steps to continue it)",
+            path.display(),
+            ck.state.step,
+            cfg.max_steps
+        )));
+    }
     petal_io::load_into(model, &cfg.adapter_name, ck.adapter, path)?;
     opt.load_state(&ck.optimizer, ck.state.adam_t)?;
     if let Some(h) = hook {

@@ -30,8 +30,9 @@ pub struct Spec {
     pub keys: Vec<OptionSpec>,
     /// The defaults as JSON (PEFT's defaults, which a file without the key gets).
     pub defaults: fn() -> Map<String, Value>,
-    /// Whether a set of values reads as the typed struct (the error names no key: serde's).
-    pub check: fn(&Map<String, Value>) -> std::result::Result<(), String>,
+    /// Whether a set of values reads as the typed struct; the error names the key whose value
+    /// is wrong where one can be found, and serde's message.
+    pub check: fn(&Map<String, Value>) -> std::result::Result<(), (Option<String>, String)>,
 }
 
 impl Spec {
@@ -54,12 +55,29 @@ pub fn spec<T: MethodOptions>() -> Spec {
             Ok(Value::Object(m)) => m,
             _ => Map::new(),
         },
-        check: |m| {
-            serde_json::from_value::<T>(Value::Object(m.clone()))
-                .map(drop)
-                .map_err(|e| e.to_string())
-        },
+        check: |m| read::<T>(m).map(drop),
     }
+}
+
+/// Options `m` read as `T`. On failure: the first key whose value alone, next to the
+/// defaults, fails too (serde names the type it wanted, not the key), and serde's message.
+pub fn read<T: MethodOptions>(
+    m: &Map<String, Value>,
+) -> std::result::Result<T, (Option<String>, String)> {
+    serde_json::from_value(Value::Object(m.clone())).map_err(|e| {
+        let defaults = match serde_json::to_value(T::default()) {
+            Ok(Value::Object(d)) => d,
+            _ => Map::new(),
+        };
+        let key = m.iter().find_map(|(k, v)| {
+            let mut one = defaults.clone();
+            one.insert(k.clone(), v.clone());
+            serde_json::from_value::<T>(Value::Object(one))
+                .is_err()
+                .then(|| k.clone())
+        });
+        (key, e.to_string())
+    })
 }
 
 /// A command-line value as JSON: a number, `true`/`false`, `null`, a JSON list or object, or

@@ -21,7 +21,8 @@ impl AdapterConfig {
                 ));
             }
         }
-        (spec.check)(&self.options).map_err(|e| Error::config(file, m.peft_type(), e))?;
+        (spec.check)(&self.options)
+            .map_err(|(key, e)| Error::config(file, key.as_deref().unwrap_or(m.peft_type()), e))?;
         m.validate(self).map_err(|e| match e {
             Error::Config { field, msg, .. } => Error::config(file, field, msg),
             e => e,
