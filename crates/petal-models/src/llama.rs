@@ -185,6 +185,22 @@ impl Llama {
             linear(w, "lm_head", cfg.vocab_size, h, false, precision, device)?
         };
         let max_pos = cfg.max_position_embeddings.max(1);
+        // cos and sin tables of (positions, head_dim / 2) f32 each: a context read from a file
+        // must not size them past the machine
+        let table_bytes = (max_pos as u64).saturating_mul(d as u64 * 4);
+        let limit = petal_core::MemoryLimit::default();
+        if table_bytes > limit.bytes {
+            return Err(petal_core::Error::config(
+                "model config",
+                "max_position_embeddings",
+                format!(
+                    "{max_pos} positions need {} of RoPE tables, over half of this machine's \
+                     memory ({})",
+                    petal_core::memory::human_bytes(table_bytes),
+                    petal_core::memory::human_bytes(limit.bytes)
+                ),
+            ));
+        }
         let (cos, sin) = rope_tables(&cfg.inv_freq(), max_pos, device)?;
         Ok(Llama {
             cfg,

@@ -71,6 +71,22 @@ fn an_unsupported_architecture_names_config_json_and_the_field() {
     );
 }
 
+#[test]
+fn a_context_whose_rope_tables_would_not_fit_in_memory_is_refused_naming_the_field() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    copy_dir(&golden().join("llama"), &m);
+    let text = std::fs::read_to_string(m.join("config.json")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    cfg["max_position_embeddings"] = 1_000_000_000_000_000u64.into();
+    std::fs::write(m.join("config.json"), cfg.to_string()).unwrap();
+    let e = load_err(&m);
+    assert!(
+        e.contains("max_position_embeddings") && e.contains("RoPE tables"),
+        "{e}"
+    );
+}
+
 fn adapter_copy(d: &Path) -> PathBuf {
     let a = d.join("a");
     copy_dir(&golden().join("adapters/llama_lora_qv"), &a);
