@@ -50,8 +50,15 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 /// W.reshape(heads, d/2, 2, in).transpose(1, 2).reshape(out, in). Biases (out,) alike.
 pub fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
     let dims = w.dims().to_vec();
-    let out = dims[0];
-    let rest: usize = dims[1..].iter().product();
+    let Some((&out, tail)) = dims.split_first() else {
+        return Err(Error::msg("a q/k projection that is a scalar".to_string()));
+    };
+    if heads == 0 || out % (2 * heads) != 0 {
+        return Err(Error::msg(format!(
+            "a q/k projection of {out} rows does not split into {heads} heads of pairs"
+        )));
+    }
+    let rest: usize = tail.iter().product();
     let t = w
         .reshape((heads, out / heads / 2, 2, rest))?
         .transpose(1, 2)?
@@ -100,17 +107,21 @@ pub fn read(path: &Path) -> Result<Gguf> {
     let kv_heads = meta_u64(&content.metadata, "llama.attention.head_count_kv")
         .map(|v| v as usize)
         .unwrap_or(heads);
+    let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut map = HashMap::new();
-    for name in content.tensor_infos.keys() {
+    for (name, info) in &content.tensor_infos {
         let Some(hf) = hf_name(name) else { continue };
+        check_extent(info, content.tensor_data_offset, file_len)
+            .map_err(|e| Error::msg(format!("{}: tensor `{name}`: {e}", path.display())))?;
+        let at = |e: Error| Error::msg(format!("{}: tensor `{name}`: {e}", path.display()));
         let q = content
             .tensor(&mut f, name, &Device::Cpu)
-            .map_err(|e| Error::msg(format!("{}: tensor `{name}`: {e}", path.display())))?;
+            .map_err(|e| at(e.into()))?;
         let mut t = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
         if name.contains("attn_q.") {
-            t = unpermute(&t, heads)?;
+            t = unpermute(&t, heads).map_err(at)?;
         } else if name.contains("attn_k.") {
-            t = unpermute(&t, kv_heads)?;
+            t = unpermute(&t, kv_heads).map_err(at)?;
         }
         map.insert(hf, t);
     }
@@ -118,6 +129,39 @@ pub fn read(path: &Path) -> Result<Gguf> {
         metadata: content.metadata,
         weights: Weights::Map(map),
     })
+}
+
+/// Whether a tensor's declared shape fits its file: its element count without overflow, whole
+/// blocks of its type, and its bytes inside the file. candle's reader multiplies the
+/// dimensions unchecked, so a header claiming dimensions whose product overflows would pass its
+/// size check and then ask for an impossible allocation (found by `tools/fuzz.sh`).
+fn check_extent(info: &gguf_file::TensorInfo, data_offset: u64, file_len: u64) -> Result<()> {
+    let dims = info.shape.dims();
+    let elems = dims
+        .iter()
+        .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+        .filter(|&n| n <= isize::MAX as u64 / 4)
+        .ok_or_else(|| Error::msg(format!("shape {dims:?} is too large")))?;
+    // an empty tensor reaches candle's cast of an empty buffer to blocks, whose dangling
+    // pointer is not aligned for them; no model has one
+    if elems == 0 {
+        return Err(Error::msg(format!("shape {dims:?} holds no values")));
+    }
+    let block = info.ggml_dtype.block_size() as u64;
+    if elems % block != 0 {
+        return Err(Error::msg(format!(
+            "shape {dims:?} is not whole blocks of {block} ({:?})",
+            info.ggml_dtype
+        )));
+    }
+    let bytes = elems / block * info.ggml_dtype.type_size() as u64;
+    let start = data_offset.saturating_add(info.offset);
+    if start.saturating_add(bytes) > file_len {
+        return Err(Error::msg(format!(
+            "declares {bytes} bytes at offset {start}, past the end of the file ({file_len} bytes)"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

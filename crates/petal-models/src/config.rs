@@ -171,22 +171,34 @@ impl LlamaConfig {
     }
 
     /// Refuse sizes and constants a model cannot be built or run with, naming the field: every
-    /// size at least 1, query heads a multiple of key/value heads, positive finite `rope_theta`
-    /// and `rms_norm_eps`.
+    /// size at least 1 and at most its bound (far above any released model's: a size past it
+    /// is a corrupt or hostile file, which would otherwise size allocations), query heads a
+    /// multiple of key/value heads, positive finite `rope_theta` and `rms_norm_eps`.
     pub fn validate(&self, file: &str) -> Result<()> {
         let sizes = [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.num_key_value_heads),
-            ("head_dim", self.head_dim),
-            ("max_position_embeddings", self.max_position_embeddings),
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("hidden_size", self.hidden_size, 1 << 18),
+            ("intermediate_size", self.intermediate_size, 1 << 21),
+            ("num_hidden_layers", self.num_hidden_layers, 1 << 12),
+            ("num_attention_heads", self.num_attention_heads, 1 << 12),
+            ("num_key_value_heads", self.num_key_value_heads, 1 << 12),
+            ("head_dim", self.head_dim, 1 << 12),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 26,
+            ),
         ];
-        for (k, v) in sizes {
+        for (k, v, max) in sizes {
             if v == 0 {
                 return Err(Error::config(file, k, "is 0; must be at least 1"));
+            }
+            if v > max {
+                return Err(Error::config(
+                    file,
+                    k,
+                    format!("{v} is out of range: at most {max}"),
+                ));
             }
         }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
@@ -293,6 +305,9 @@ mod tests {
             ("rope_theta", serde_json::json!(0)),
             ("rms_norm_eps", serde_json::json!(-1e-6)),
             ("max_position_embeddings", serde_json::json!(0)),
+            ("hidden_size", serde_json::json!(5_555_555_555_807u64)),
+            ("head_dim", serde_json::json!(1 << 20)),
+            ("vocab_size", serde_json::json!(1u64 << 40)),
         ] {
             let mut v = good.clone();
             v[key] = bad.clone();

@@ -72,7 +72,7 @@ fn an_unsupported_architecture_names_config_json_and_the_field() {
 }
 
 #[test]
-fn a_context_whose_rope_tables_would_not_fit_in_memory_is_refused_naming_the_field() {
+fn an_absurd_context_is_refused_naming_the_field_before_anything_is_allocated() {
     let d = tempfile::tempdir().unwrap();
     let m = d.path().join("m");
     copy_dir(&golden().join("llama"), &m);
@@ -81,8 +81,10 @@ fn a_context_whose_rope_tables_would_not_fit_in_memory_is_refused_naming_the_fie
     cfg["max_position_embeddings"] = 1_000_000_000_000_000u64.into();
     std::fs::write(m.join("config.json"), cfg.to_string()).unwrap();
     let e = load_err(&m);
+    // past the bound of any real model, or (within it) RoPE tables past half the machine
     assert!(
-        e.contains("max_position_embeddings") && e.contains("RoPE tables"),
+        e.contains("max_position_embeddings")
+            && (e.contains("out of range") || e.contains("RoPE tables")),
         "{e}"
     );
 }
