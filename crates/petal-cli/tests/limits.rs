@@ -175,3 +175,30 @@ fn a_checkpoint_claiming_another_step_is_refused_and_nothing_is_overwritten() {
     assert!(after == adapter, "the trained adapter is kept");
     assert!(std::fs::read(out.join("metrics.jsonl")).unwrap() == metrics);
 }
+
+#[test]
+fn an_adapter_tensor_of_integers_is_refused_naming_it() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = adapter_with(d.path(), "lora_dropout", 0.0.into());
+    let file = dir.join("adapter_model.safetensors");
+    let mut t = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap();
+    let key = t
+        .keys()
+        .filter(|k| k.contains("lora_A"))
+        .min()
+        .unwrap()
+        .clone();
+    let ints = t[&key].to_dtype(candle_core::DType::I64).unwrap();
+    t.insert(key.clone(), ints);
+    candle_core::safetensors::save(&t, &file).unwrap();
+    let o = petal(&[
+        "generate",
+        "--model",
+        golden().join("llama").to_str().unwrap(),
+        "--adapter",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "w1",
+    ]);
+    one_line_error(&o, &[&key, "is I64, but it holds floating-point values"]);
+}

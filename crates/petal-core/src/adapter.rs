@@ -32,6 +32,9 @@ pub enum WeightUpdate {
     },
     /// W * l (l broadcast over rows or columns): IA3-style scaling.
     Scale(Tensor),
+    /// `W' = diag(s) W`, `b' = s ⊙ b + t` for s and t (out,): an affine map of the output
+    /// (SSF's scale and shift); a linear without a bias gets `t`.
+    Affine { scale: Tensor, shift: Tensor },
 }
 
 /// A tensor an adapter layer owns, under its PEFT name relative to the module

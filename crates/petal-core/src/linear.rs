@@ -279,6 +279,9 @@ impl AdaptableLinear {
             (None, WeightUpdate::AddBias { db, .. }) => {
                 Some(db.zeros_like()?.to_dtype(self.weight.dtype())?)
             }
+            (None, WeightUpdate::Affine { shift, .. }) => {
+                Some(shift.zeros_like()?.to_dtype(self.weight.dtype())?)
+            }
             (b, _) => b.clone(),
         };
         let b = base_b
@@ -337,6 +340,21 @@ fn scale_bias(b: &Tensor, upd: &WeightUpdate, inverse: bool) -> Result<Tensor> {
             let db = db.to_dtype(b.dtype())?;
             Ok(if inverse { (b - db)? } else { (b + db)? })
         }
+        WeightUpdate::Affine { scale, shift } => {
+            let (bf, s, t) = (
+                b.to_dtype(DType::F32)?,
+                scale.flatten_all()?,
+                shift.flatten_all()?,
+            );
+            let s = s.to_dtype(DType::F32)?;
+            let t = t.to_dtype(DType::F32)?;
+            let out = if inverse {
+                ((bf - t)? / s)?
+            } else {
+                ((bf * s)? + t)?
+            };
+            Ok(out.to_dtype(b.dtype())?)
+        }
         WeightUpdate::Replace { b: nb, old_b, .. } => {
             let t = if inverse { old_b } else { nb };
             Ok(t.as_ref().unwrap_or(b).to_dtype(b.dtype())?)
@@ -374,6 +392,9 @@ pub fn apply(w: &Tensor, upd: &WeightUpdate) -> Result<Tensor> {
         }
         WeightUpdate::Transform { m, .. } => m.to_dtype(DType::F32)?.matmul(&wf)?,
         WeightUpdate::Scale(l) => wf.broadcast_mul(&l.to_dtype(DType::F32)?)?,
+        WeightUpdate::Affine { scale, .. } => {
+            wf.broadcast_mul(&scale.to_dtype(DType::F32)?.reshape(((), 1))?)?
+        }
         WeightUpdate::Replace { w, .. } => w.to_dtype(DType::F32)?,
         WeightUpdate::AddBias { dw: Some(d), .. } => (wf + d.to_dtype(DType::F32)?)?,
         WeightUpdate::AddBias { dw: None, .. } => wf,
@@ -396,6 +417,9 @@ pub fn invert(w: &Tensor, upd: &WeightUpdate) -> Result<Tensor> {
         }
         WeightUpdate::Transform { m_inv, .. } => m_inv.to_dtype(DType::F32)?.matmul(&wf)?,
         WeightUpdate::Scale(l) => wf.broadcast_div(&l.to_dtype(DType::F32)?)?,
+        WeightUpdate::Affine { scale, .. } => {
+            wf.broadcast_div(&scale.to_dtype(DType::F32)?.reshape(((), 1))?)?
+        }
         WeightUpdate::Replace { old_w, .. } => old_w.to_dtype(DType::F32)?,
         WeightUpdate::AddBias { dw: Some(d), .. } => (wf - d.to_dtype(DType::F32)?)?,
         WeightUpdate::AddBias { dw: None, .. } => wf,

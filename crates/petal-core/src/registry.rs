@@ -18,6 +18,7 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::boft::Boft,
     &methods::road::Road,
     &methods::vera::Vera,
+    &methods::ssf::Ssf,
 ];
 
 /// Look a method up by its PEFT `peft_type` (case-insensitive: "LORA", "lora").

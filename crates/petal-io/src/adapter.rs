@@ -195,6 +195,20 @@ fn load_into_checked(
                 found: src.dims().to_vec(),
             });
         }
+        let want_dt = var.as_tensor().dtype();
+        if src.dtype().is_float() != want_dt.is_float() {
+            return Err(Error::msg(format!(
+                "{}: tensor `{}` is {:?}, but it holds {} values ({want_dt:?})",
+                file.display(),
+                disk_key(&key),
+                src.dtype(),
+                if want_dt.is_float() {
+                    "floating-point"
+                } else {
+                    "integer"
+                }
+            )));
+        }
         if !is_finite(&src)? {
             if !allow_nonfinite {
                 return Err(Error::msg(format!(
