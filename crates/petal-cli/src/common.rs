@@ -106,6 +106,23 @@ fn writable(path: &Path, dir: &Path) -> Result<()> {
     })
 }
 
+/// Refuses the first `(flag, value)` below `min` before any work, naming the flag:
+/// "--batch-size 0 is out of range: must be at least 1".
+pub fn at_least(min: usize, flags: &[(&str, usize)]) -> Result<()> {
+    match flags.iter().find(|(_, v)| *v < min) {
+        Some((flag, v)) => bail!("--{flag} {v} is out of range: must be at least {min}"),
+        None => Ok(()),
+    }
+}
+
+/// `--seq-len` of a command that scores next tokens: at least a token and its successor.
+pub fn check_seq_len(n: usize) -> Result<()> {
+    if n < 2 {
+        bail!("--seq-len {n} is out of range: must be at least 2 (a token and its successor)");
+    }
+    Ok(())
+}
+
 /// `--max-memory`: the limit an adapter is held to (default: half of this machine's memory).
 pub fn memory_limit(max_memory: Option<u64>) -> petal_core::MemoryLimit {
     max_memory.map_or_else(Default::default, petal_core::MemoryLimit::bytes)

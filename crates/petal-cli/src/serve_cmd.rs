@@ -20,6 +20,7 @@ pub struct ServeArgs {
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
+    crate::common::at_least(1, &[("max-batch", a.max_batch)])?;
     let lm = a.model.load()?;
     let served = petal_serve::Served {
         model: &lm.model,

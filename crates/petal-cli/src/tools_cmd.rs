@@ -28,6 +28,8 @@ pub struct EvalArgs {
 }
 
 pub fn run_eval(a: EvalArgs) -> Result<()> {
+    crate::common::at_least(1, &[("batch-size", a.batch_size)])?;
+    crate::common::check_seq_len(a.seq_len)?;
     let lm = a.model.load()?;
     let opts = DataOptions {
         max_seq_len: a.seq_len,

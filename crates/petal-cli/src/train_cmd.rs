@@ -506,19 +506,17 @@ fn run_toml(o: &TrainOpts, method: &str, acfg: &petal_core::AdapterConfig) -> St
 /// Refuse out-of-range training values before any work, naming the flag (and its run-file key)
 /// and the allowed range. A method's own options are checked by the method.
 fn check_ranges(o: &TrainOpts) -> Result<()> {
-    let at_least_one = [
-        ("batch-size", o.batch_size),
-        ("grad-accum", o.grad_accum),
-        ("max-steps", o.max_steps),
-    ];
-    for (flag, v) in at_least_one {
-        if v == Some(0) {
-            bail!("--{flag} 0 is out of range: must be at least 1");
-        }
-    }
-    if let Some(n) = o.seq_len.filter(|&n| n < 2) {
-        bail!("--seq-len {n} is out of range: must be at least 2 (a token and its successor)");
-    }
+    let given = |flag, v: Option<usize>| v.map(|v| (flag, v));
+    let counts: Vec<(&str, usize)> = [
+        given("batch-size", o.batch_size),
+        given("grad-accum", o.grad_accum),
+        given("max-steps", o.max_steps),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    crate::common::at_least(1, &counts)?;
+    o.seq_len.map(crate::common::check_seq_len).transpose()?;
     let positive = |flag: &str, v: Option<f64>, zero_ok: bool| -> Result<()> {
         match v {
             Some(x) if !x.is_finite() || x < 0.0 || (x == 0.0 && !zero_ok) => {

@@ -135,3 +135,35 @@ fn out_of_range_sampling_values_are_refused_before_the_model_loads_naming_the_fl
         assert!(e.contains(flag) && e.contains("out of range"), "{arg}: {e}");
     }
 }
+
+#[test]
+fn counts_of_the_other_commands_are_refused_before_any_work_naming_the_flag() {
+    let eval = [
+        "eval",
+        "--model",
+        "/nonexistent",
+        "--data",
+        "/nonexistent.jsonl",
+    ];
+    let serve = ["serve", "--model", "/nonexistent"];
+    let cases: [(&[&str], &str, &str); 5] = [
+        (&eval, "--batch-size", "0"),
+        (&eval, "--seq-len", "1"),
+        (&serve, "--max-batch", "0"),
+        (&["bench", "--workload", "synthetic-35m"], "--rounds", "0"),
+        (&["bench", "--workload", "synthetic-35m"], "--steps", "0"),
+    ];
+    for (cmd, flag, bad) in cases {
+        let arg = format!("{flag}={bad}");
+        let mut args = cmd.to_vec();
+        args.push(&arg);
+        let o = petal(&args);
+        assert!(!o.status.success(), "{arg} must fail");
+        let e = stderr(&o);
+        assert!(
+            e.contains(flag) && e.contains("out of range") && e.lines().count() == 1,
+            "{} {arg}: {e}",
+            cmd[0]
+        );
+    }
+}

@@ -382,6 +382,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if !["train", "forward", "generate"].contains(&a.mode.as_str()) {
         bail!("--mode must be train, forward or generate");
     }
+    let counts = [
+        ("batch", a.batch),
+        ("seq", a.seq),
+        ("steps", a.steps),
+        ("rounds", a.rounds),
+        ("new-tokens", a.new_tokens),
+    ];
+    crate::common::at_least(1, &counts)?;
     let dev = device(&a.device)?;
     // device memory already taken (the CUDA context, library handles) before petal's own
     let base = gpu::used(&dev);
