@@ -19,6 +19,7 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::road::Road,
     &methods::vera::Vera,
     &methods::ssf::Ssf,
+    &methods::kradapter::KrAdapter,
 ];
 
 /// Look a method up by its PEFT `peft_type` (case-insensitive: "LORA", "lora").

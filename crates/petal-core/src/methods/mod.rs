@@ -6,6 +6,7 @@ pub mod bitfit;
 pub mod boft;
 pub mod dora;
 pub mod ia3;
+pub mod kradapter;
 pub mod ln_tuning;
 pub mod loha;
 pub mod lokr;
