@@ -61,16 +61,23 @@ for t in targets:
     print(f"| {t} | {mean(t, 'LoRA', 'target_effective_rank'):.0f} | {per(t, 'KRAdapter', 'relative_error')} | "
           f"{per(t, 'LoRA', 'relative_error')} | {mean(t, 'KRAdapter', 'effective_rank'):.0f} | "
           f"{mean(t, 'LoRA', 'effective_rank'):.1f} |")
-wins = [t for t in targets if mean(t, "KRAdapter", "relative_error") < mean(t, "LoRA", "relative_error")]
+TIE = 0.005  # differences of relative error below this are called even
+diff = {t: mean(t, "LoRA", "relative_error") - mean(t, "KRAdapter", "relative_error") for t in targets}
+wins = [t for t in targets if diff[t] > TIE]
+ties = [t for t in targets if abs(diff[t]) <= TIE]
+losses = [t for t in targets if diff[t] < -TIE]
 flat = [t for t in targets if not t.startswith("low rank")]
-holds = set(flat) <= set(wins) and not any(t.startswith("low rank") for t in wins)
+holds = set(flat) <= set(wins) and all(t.startswith("low rank") for t in losses)
+verdict = ("holds: KRAdapter is lower on every flat-spectrum target, LoRA on the low-rank one" if holds else
+           "holds only in part: KRAdapter is lower on " + (", ".join(wins) or "no target") +
+           "; even (within " + str(TIE) + ") on " + (", ".join(ties) or "no target") +
+           "; LoRA lower on " + (", ".join(losses) or "no target"))
 print(f"""
 ![relative error per target](kradapter.svg)
 
-**What came out.** KRAdapter has the lower error on: {", ".join(wins) if wins else "none"}. The claim
-{"holds" if holds else "does not fully hold"} at this scale: {"lower error on every flat-spectrum target and LoRA ahead on the low-rank one" if holds else "see the table for where it differs"}.
+**What came out.** The claim {verdict} (mean over seeds; differences under {TIE} counted as even).
+Where KRAdapter is ahead the margins are small, not the paper's "far lower": with about 6.3% of
+the target's entries as parameters neither update can fit noise closely.
 LoRA's update has effective rank at most its rank ({lo['lora_r']}); KRAdapter's spreads over most of the
-768 directions, as the paper argues. Errors stay high for both on noise (about 2% of the
-target's parameters are trained: no budget this small can fit unstructured noise closely); the
-comparison, not the level, is the claim.
+768 directions, as the paper argues: the effective-rank half of the claim holds clearly.
 """)
