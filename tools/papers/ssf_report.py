@@ -87,12 +87,14 @@ plain Llama with biases: the same products as the base, no adapter op left. Wall
 three evaluations (model load included; the merged model loads from an f32 folder, the others
 from the GGUF): base {float(t_base):.1f} s, unmerged SSF {float(t_ssf):.1f} s, merged {float(t_merged):.1f} s.
 
-**What came out.** Lowest mean held-out loss: {label[best['m']]} ({best['mean']:.4f}). SSF
-{"holds" if best['m'] == 'ssf' else "does not hold"} the claim at this scale: its mean is {ssf['mean']:.4f} with
+**What came out.** Lowest mean held-out loss: {label[best['m']]} ({best['mean']:.4f}). the claim
+{"holds" if best['m'] == 'ssf' else "does not hold"} at this scale: its mean is {ssf['mean']:.4f} with
 {ssf['params']:,} trainable parameters, against BitFit {rows[1]['mean']:.4f} ({rows[1]['params']:,}), IA3
 {rows[2]['mean']:.4f} ({rows[2]['params']:,}) and LN tuning {rows[3]['mean']:.4f} ({rows[3]['params']:,}).
 The parameter counts are not equal: SSF trains twice BitFit's (a scale next to each shift).
 One learning rate for all four (they share a scale: each moves per-feature multipliers or
-offsets), no sweep; {steps} steps is a short run, and the paper's setting (vision transformers,
+offsets), no sweep. SSF starts from the paper's init, N(1, 0.02) / N(0, 0.02), which moves the
+model before training (held-out loss before: SSF's differs from the others'); `--set
+init_weights=true` starts it at the identity, not run here; {steps} steps is a short run, and the paper's setting (vision transformers,
 100 epochs) is far from it.
 """)
