@@ -61,6 +61,7 @@ CASES = [
     # SSF (petal's own): the merged model (W' = diag(g) W, b' = g b + beta) is the reference
     ("llama", ["--method", "ssf"]),
     ("qwen2", ["--method", "ssf", "--target-modules", "q_proj,k_proj,v_proj"]),
+    ("llama", ["--method", "kradapter"]),
     ("llama", ["--method", "prefix_tuning", "--num-virtual-tokens", "3"]),
     ("mistral", ["--method", "prefix_tuning", "--num-virtual-tokens", "2"]),
     ("qwen2", ["--method", "p_tuning", "--num-virtual-tokens", "3"]),
@@ -112,7 +113,7 @@ def main():
                 worst = max(worst, rel_form)
                 print(f"plain LoRA form against the trained residual form: relative error {rel_form:.2e}")
             ids = torch.tensor([[int(x) for x in r.split(",")] for r in IDS.split(";")])
-            if {"bitfit", "ssf"} & set(flags):  # petal's own (PEFT has none): the merged model is the reference
+            if {"bitfit", "ssf", "kradapter"} & set(flags):  # petal's own (PEFT has none): the merged model is the reference
                 merged = os.path.join(tmp, f"merged{i}")
                 subprocess.run([PETAL, "merge", "--model", model, "--adapter", os.path.join(run, "adapter"),
                                 "--out", merged], check=True, capture_output=True)
