@@ -6,18 +6,10 @@
 #   tools/papers/ssf.sh [STEPS] [SEEDS]   (default 100 steps, seed "0": about 40 min per seed on
 #   2 cores at 170 tokens/s)
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
-petal=$root/target/release/petal
-[ -x "$petal" ] || (cd "$root" && cargo build --release -p petal-cli)
 steps=${1:-100}
 seeds=${2:-0}
 lr=1e-2
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-"$petal" assets smollm2 shakespeare >/dev/null
-common=(--model asset:smollm2 --data asset:shakespeare --max-steps "$steps" --lr "$lr"
-  --seq-len 128 --batch-size 4 --warmup-steps 10 --eval-every 100000 --save-every 100000
-  --max-eval-examples 32 --json)
+source "$(dirname "$0")/smollm2.sh"
 results=$work/results.jsonl
 for seed in $seeds; do
   for m in ssf bitfit ia3 ln_tuning; do

@@ -1,0 +1,13 @@
+# Sourced by the paper-claim scripts that train on SmolLM2 (after they set `steps` and `lr`):
+# the petal binary (built if missing), a temp folder removed on exit, the assets, and the
+# training flags they share (Shakespeare, sequences of 128, batch 4, 10 warm-up steps, held-out
+# loss on 32 sequences, a JSON summary).
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+petal=$root/target/release/petal
+[ -x "$petal" ] || (cd "$root" && cargo build --release -p petal-cli)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+"$petal" assets smollm2 shakespeare >/dev/null
+common=(--model asset:smollm2 --data asset:shakespeare --max-steps "$steps" --lr "$lr"
+  --seq-len 128 --batch-size 4 --warmup-steps 10 --eval-every 100000 --save-every 100000
+  --max-eval-examples 32 --json)
