@@ -260,6 +260,11 @@ pub trait AdapterMethod: Sync {
     fn prepare(&self, _cfg: &mut AdapterConfig, _new: &NewAdapter) -> Result<()> {
         Ok(())
     }
+    /// Whether Hugging Face PEFT has this method (false for petal's own adapter types: BitFit
+    /// and the research methods), so that a comparison with PEFT can be refused up front.
+    fn in_peft(&self) -> bool {
+        true
+    }
     /// Options `petal bench` trains the method with (those of its docs page) as (key, JSON
     /// value); `None`: not benchmarked.
     fn bench_settings(&self) -> Option<&'static [(&'static str, &'static str)]> {

@@ -39,7 +39,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 8)]
     pub r: usize,
     /// Adapter method trained (train mode): the methods with bench settings (lora, dora, loha,
-    /// lokr, ia3, oft, boft, road, vera); PyTorch + PEFT gets the same adapter_config
+    /// lokr, ia3, oft, boft, road, vera, and petal's own ssf and kradapter, which PEFT lacks);
+    /// PyTorch + PEFT gets the same adapter_config
     #[arg(long, default_value = "lora")]
     pub method: String,
     /// Measured steps per round
@@ -278,7 +279,7 @@ fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
     let mut opt = None;
     let mut adapter = None;
     if a.mode == "train" {
-        let cfg = bench_adapter(&a.method, a.r)?;
+        let cfg = bench_adapter(&a.method, a.r, a.vs_pytorch)?;
         inject_adapter(&mut model, "default", &cfg, 0)?;
         let mut peft: Value = serde_json::from_str(&cfg.to_json()?)?;
         if let Some(o) = peft.as_object_mut() {
@@ -342,7 +343,7 @@ fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
 
 /// The benchmarked adapter: rank r (alpha 2r) on all linear layers, each method with the
 /// settings of its docs page (`AdapterMethod::bench_settings`).
-fn bench_adapter(method: &str, r: usize) -> Result<AdapterConfig> {
+fn bench_adapter(method: &str, r: usize, vs_pytorch: bool) -> Result<AdapterConfig> {
     let benched = || -> Vec<String> {
         petal_core::registry::METHODS
             .iter()
@@ -358,6 +359,9 @@ fn bench_adapter(method: &str, r: usize) -> Result<AdapterConfig> {
         bail!("--method {method}: bench trains {}", benched().join(", "));
     };
     let all = Targets::Regex("all-linear".into());
+    if vs_pytorch && !m.in_peft() {
+        bail!("--vs-pytorch: PEFT has no {method} (petal's own adapter type); bench it alone");
+    }
     let mut c = AdapterConfig::for_method(m.peft_type(), r, 2.0 * r as f64, all);
     for (k, v) in preset {
         c.set(&k, v)?;

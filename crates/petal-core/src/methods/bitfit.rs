@@ -26,6 +26,10 @@ crate::method_options! {
 }
 
 impl AdapterMethod for Bitfit {
+    fn in_peft(&self) -> bool {
+        false
+    }
+
     fn peft_type(&self) -> &'static str {
         "BITFIT"
     }

@@ -47,6 +47,14 @@ pub fn shape(out: usize, inp: usize) -> (usize, usize, usize) {
 }
 
 impl AdapterMethod for KrAdapter {
+    fn in_peft(&self) -> bool {
+        false
+    }
+
+    fn bench_settings(&self) -> Option<&'static [(&'static str, &'static str)]> {
+        Some(&[])
+    }
+
     fn peft_type(&self) -> &'static str {
         "KRADAPTER"
     }

@@ -47,6 +47,14 @@ fn init_std(o: &SsfOptions) -> Result<f64> {
 }
 
 impl AdapterMethod for Ssf {
+    fn in_peft(&self) -> bool {
+        false
+    }
+
+    fn bench_settings(&self) -> Option<&'static [(&'static str, &'static str)]> {
+        Some(&[])
+    }
+
     fn peft_type(&self) -> &'static str {
         "SSF"
     }
