@@ -16,7 +16,7 @@ pub use options::{
     nearest, parse_targets, parse_upper, parse_value, spec, unknown, MethodOptions, OptionSpec,
     Spec,
 };
-pub use validate::{probability, unsupported};
+pub use validate::{finite, probability, unsupported};
 
 /// `target_modules` / `exclude_modules` / `layers_pattern`: a list of names or one regex.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

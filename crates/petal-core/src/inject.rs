@@ -152,11 +152,7 @@ pub fn inject_adapter_within(
     }
     let head = model.output_head().map(str::to_string);
     let targeted = |lin: &AdaptableLinear| is_targeted(cfg, lin, head.as_deref());
-    let (mut max_in, mut max_out) = (0, 0);
-    for lin in model.linears().into_iter().filter(|l| targeted(l)) {
-        max_in = max_in.max(lin.in_features());
-        max_out = max_out.max(lin.out_features());
-    }
+    let (max_in, max_out) = extent(&targeted_linears(model, cfg));
     let shared = Shared::new(max_in, max_out);
     let mut modules = Vec::new();
     for (i, lin) in model.linears_mut().into_iter().enumerate() {
@@ -231,9 +227,29 @@ pub fn inject_adapter_within(
     })
 }
 
+/// The linears of `model` that `cfg` targets, in model order.
+pub(crate) fn targeted_linears<'a>(
+    model: &'a dyn Adaptable,
+    cfg: &AdapterConfig,
+) -> Vec<&'a AdaptableLinear> {
+    let head = model.output_head().map(str::to_string);
+    model
+        .linears()
+        .into_iter()
+        .filter(|l| is_targeted(cfg, l, head.as_deref()))
+        .collect()
+}
+
+/// The largest `in_features` and `out_features` over `linears` (0 for none).
+pub(crate) fn extent(linears: &[&AdaptableLinear]) -> (usize, usize) {
+    let max_in = linears.iter().map(|l| l.in_features()).max().unwrap_or(0);
+    let max_out = linears.iter().map(|l| l.out_features()).max().unwrap_or(0);
+    (max_in, max_out)
+}
+
 /// Whether `cfg` targets `lin` (`head`: the model's output head path). `all-linear` means
 /// nn.Linear modules: never the embedding.
-pub(crate) fn is_targeted(cfg: &AdapterConfig, lin: &AdaptableLinear, head: Option<&str>) -> bool {
+fn is_targeted(cfg: &AdapterConfig, lin: &AdaptableLinear, head: Option<&str>) -> bool {
     let all_linear = matches!(&cfg.target_modules, Some(Targets::Regex(r)) if r == "all-linear");
     let path = lin.path();
     !(lin.is_embedding() && all_linear) && target::is_target(cfg, path, head == Some(path))

@@ -3,7 +3,7 @@
 //! is refused with a one-line reason instead of growing until the host runs out.
 
 use crate::config::{AdapterConfig, TokenIndices};
-use crate::inject::{is_targeted, Adaptable};
+use crate::inject::{extent, targeted_linears, Adaptable};
 use crate::methods::modules_to_save;
 use crate::{adapter::ModuleDims, registry, Error, Result};
 
@@ -43,8 +43,8 @@ impl MemoryLimit {
     pub fn bytes(bytes: u64) -> Self {
         MemoryLimit {
             bytes,
+            training: false,
             default: false,
-            ..MemoryLimit::default()
         }
     }
 
@@ -109,14 +109,8 @@ pub fn estimate(model: &dyn Adaptable, cfg: &AdapterConfig) -> Result<Estimate> 
             values: values.saturating_add(norms),
         });
     }
-    let head = model.output_head().map(str::to_string);
-    let linears: Vec<_> = model
-        .linears()
-        .into_iter()
-        .filter(|l| is_targeted(cfg, l, head.as_deref()))
-        .collect();
-    let max_in = linears.iter().map(|l| l.in_features()).max().unwrap_or(0);
-    let max_out = linears.iter().map(|l| l.out_features()).max().unwrap_or(0);
+    let linears = targeted_linears(model, cfg);
+    let (max_in, max_out) = extent(&linears);
     let dims = |out, inp| ModuleDims {
         out,
         inp,

@@ -11,16 +11,6 @@ pub struct Stream {
     counter: AtomicU64,
 }
 
-impl Clone for Stream {
-    fn clone(&self) -> Self {
-        let (seed, counter) = self.snapshot();
-        Stream {
-            seed,
-            counter: AtomicU64::new(counter),
-        }
-    }
-}
-
 impl Stream {
     /// Draws after this depend only on `seed` and the order of draws.
     pub fn new(seed: u64) -> Self {

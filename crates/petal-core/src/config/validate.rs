@@ -42,6 +42,22 @@ pub fn probability(field: &str, p: f64) -> Result<()> {
     Ok(())
 }
 
+/// `field` must be finite, and at least `min` when given.
+pub fn finite(field: &str, v: f64, min: Option<f64>) -> Result<()> {
+    if v.is_finite() && min.is_none_or(|m| v >= m) {
+        return Ok(());
+    }
+    let range = match min {
+        Some(m) => format!("finite and >= {m}"),
+        None => "finite".to_string(),
+    };
+    Err(Error::config(
+        "adapter config",
+        field,
+        format!("{v} is out of range: must be {range}"),
+    ))
+}
+
 /// A setting petal cannot honour yet.
 pub fn unsupported(field: &str, v: impl std::fmt::Display) -> Error {
     Error::config(

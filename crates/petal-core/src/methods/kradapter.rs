@@ -16,7 +16,7 @@
 use crate::adapter::{
     AdapterLayer, AdapterMethod, BaseLinear, ModuleDims, NamedTensor, WeightUpdate,
 };
-use crate::config::{spec, AdapterConfig, Spec};
+use crate::config::{finite, spec, AdapterConfig, Spec};
 use crate::methods::{add_dense_delta, dense_linear, param};
 use crate::Result;
 use candle_core::{Tensor, Var};
@@ -64,15 +64,7 @@ impl AdapterMethod for KrAdapter {
     }
 
     fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
-        let s = cfg.options::<KrAdapterOptions>()?.scaling;
-        if !s.is_finite() {
-            return Err(crate::Error::config(
-                "adapter config",
-                "scaling",
-                format!("{s} is out of range: must be finite"),
-            ));
-        }
-        Ok(())
+        finite("scaling", cfg.options::<KrAdapterOptions>()?.scaling, None)
     }
 
     fn layer_values(&self, _cfg: &AdapterConfig, _path: &str, dims: &ModuleDims) -> Result<u64> {

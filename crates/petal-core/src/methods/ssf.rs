@@ -13,7 +13,7 @@
 use crate::adapter::{
     AdapterLayer, AdapterMethod, BaseLinear, ModuleDims, NamedTensor, WeightUpdate,
 };
-use crate::config::{spec, AdapterConfig, InitWeights, Spec};
+use crate::config::{finite, spec, AdapterConfig, InitWeights, Spec};
 use crate::methods::normal;
 use crate::Result;
 use candle_core::{DType, Tensor, Var};
@@ -65,13 +65,7 @@ impl AdapterMethod for Ssf {
 
     fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
         let o: SsfOptions = cfg.options()?;
-        if !(o.init_std.is_finite() && o.init_std >= 0.0) {
-            return Err(crate::Error::config(
-                "adapter config",
-                "init_std",
-                format!("{} is out of range: must be finite and >= 0", o.init_std),
-            ));
-        }
+        finite("init_std", o.init_std, Some(0.0))?;
         init_std(&o).map(drop)
     }
 
