@@ -135,6 +135,16 @@ pub trait AdapterLayer: Debug + Send + Sync {
     fn weight_update(&self) -> Result<WeightUpdate>;
     /// Owned tensors under their PEFT names.
     fn tensors(&self) -> Vec<NamedTensor<'_>>;
+    /// Frozen tensors of this layer that are saved and loaded with it but never trained or
+    /// counted (PaCA's column indices, QuanTA's copy of the initial gates).
+    fn buffers(&self) -> Vec<NamedTensor<'_>> {
+        Vec::new()
+    }
+    /// Checks after a load has set the tensors and buffers (an index buffer in range, a mask
+    /// that fits the module): a one-line cause, or Ok.
+    fn check_loaded(&self) -> Result<()> {
+        Ok(())
+    }
     /// Frozen tensors shared by all layers of the adapter and saved once, at the model level
     /// (`base_model.<name>`, e.g. VeRA's `vera_A`); not trained, not counted.
     fn shared(&self) -> Vec<NamedTensor<'_>> {

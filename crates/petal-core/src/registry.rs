@@ -20,6 +20,7 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::vera::Vera,
     &methods::ssf::Ssf,
     &methods::kradapter::KrAdapter,
+    &methods::quanta::Quanta,
 ];
 
 /// Look a method up by its PEFT `peft_type` (case-insensitive: "LORA", "lora").

@@ -133,7 +133,8 @@ pub fn check_save_load_bitwise(cfg: &AdapterConfig) {
     let path = dir.path().join("a.safetensors");
     let mut map = std::collections::HashMap::new();
     for l in t.linears() {
-        for nt in l.layer("default").unwrap().tensors() {
+        let layer = l.layer("default").unwrap();
+        for nt in layer.tensors().into_iter().chain(layer.buffers()) {
             map.insert(
                 format!("{}.{}", l.path(), nt.name),
                 nt.var.as_tensor().clone(),
@@ -145,7 +146,8 @@ pub fn check_save_load_bitwise(cfg: &AdapterConfig) {
     let mut fresh = adapted(cfg, false);
     for l in fresh.linears_mut() {
         let p = l.path().to_string();
-        for nt in l.layer("default").unwrap().tensors() {
+        let layer = l.layer("default").unwrap();
+        for nt in layer.tensors().into_iter().chain(layer.buffers()) {
             nt.var.set(&back[&format!("{p}.{}", nt.name)]).unwrap();
         }
     }

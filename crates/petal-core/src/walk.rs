@@ -18,6 +18,8 @@ pub enum TensorKind {
     Input,
     /// A trained copy of a norm's weight (LN tuning).
     Norm,
+    /// Saved with its module's layer, never trained (`AdapterLayer::buffers`).
+    Buffer,
 }
 
 /// One tensor of an adapter.
@@ -32,9 +34,9 @@ pub struct AdapterTensor<'a> {
 }
 
 impl AdapterTensor<'_> {
-    /// Trained (every kind but the frozen shared tensors).
+    /// Trained (every kind but the frozen shared tensors and buffers).
     pub fn trainable(&self) -> bool {
-        self.kind != TensorKind::Shared
+        !matches!(self.kind, TensorKind::Shared | TensorKind::Buffer)
     }
 }
 
@@ -53,6 +55,14 @@ pub fn adapter_tensors<'a>(model: &'a dyn Adaptable, name: &str) -> Vec<AdapterT
                 key,
                 var: t.var,
                 kind: TensorKind::Module,
+                active,
+            });
+        }
+        for t in layer.buffers() {
+            out.push(AdapterTensor {
+                key: format!("{}.{}", lin.path(), t.name),
+                var: t.var,
+                kind: TensorKind::Buffer,
                 active,
             });
         }

@@ -225,6 +225,13 @@ fn load_into_checked(
     for t in petal_core::walk::adapter_tensors(model, name) {
         take(t.key, t.var)?;
     }
+    for lin in model.linears() {
+        if let Some(layer) = lin.layer(name) {
+            layer.check_loaded().map_err(|e| {
+                Error::msg(format!("{}: module `{}`: {e}", file.display(), lin.path()))
+            })?;
+        }
+    }
     // PEFT saves a targeted embedding's base table too (`save_embedding_layers="auto"`): it must
     // be the table this model has (a resized vocabulary would need it loaded, which petal
     // does not do)

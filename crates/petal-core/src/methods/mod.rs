@@ -17,6 +17,7 @@ mod orthogonal;
 pub mod p_tuning;
 pub mod prefix_tuning;
 pub mod prompt_tuning;
+pub mod quanta;
 pub mod road;
 pub mod ssf;
 pub mod trainable_tokens;

@@ -1,0 +1,506 @@
+//! QuanTA (Chen et al., NeurIPS 2024, arXiv 2406.00132, "QuanTA: Efficient High-Rank
+//! Fine-Tuning of LLMs with Quantum-Informed Tensor Adaptation"; official code
+//! quanta-fine-tuning/quanta): a high-rank update from a few small gates.
+//!
+//! The feature axis of length P = n_1 ⋯ n_D (>= the module's in and out; x is zero-padded to
+//! P, the result cut to `out`) is viewed as D axes. One gate per pair of axes (a, b), a 4-index
+//! tensor `(n_b, n_a, n_b, n_a)` acting jointly on the two axes as an `(n_b n_a) x (n_b n_a)`
+//! matrix, applied in the official order: pairs of axes counted from the end, `(-1,-2), (-1,-3),
+//! …, (-2,-3), …`. The chain `Q_θ` is a P x P operator of high rank from `Σ (n_a n_b)²`
+//! values. A frozen copy θ₀ of the initial gates is subtracted, so the update
+//! `dW = (Q_θ - Q_θ₀)[:out, :in]` is zero at init (the official `sum_opposite_freeze_one`, the
+//! only mode it implements; petal keeps W frozen and subtracts on the fly instead of merging
+//! `-Q_θ₀` into W). Gates start kaiming-uniform as (n_b n_a, n_b n_a) matrices. Mergeable.
+//! petal's own adapter: `peft_type: "QUANTA"`, tensors `<module>.quanta_weights.-1 -2` (θ, the
+//! official names) and the buffers `<module>.quanta_weights2.-1 -2` (θ₀).
+
+use crate::adapter::{
+    AdapterLayer, AdapterMethod, BaseLinear, ModuleDims, NamedTensor, WeightUpdate,
+};
+use crate::config::{probability, spec, AdapterConfig, Spec};
+use crate::methods::{add_dense_delta, dense_linear, flat_input, kaiming_uniform};
+use crate::{Error, Result};
+use candle_core::{DType, Tensor, Var};
+use rand::SeedableRng;
+
+/// The most axes a factorisation may have (28 gates).
+pub const MAX_AXES: usize = 8;
+
+pub struct Quanta;
+
+crate::method_options! {
+    /// QuanTA's options (the official `QuanTAConfig` keys).
+    pub struct QuantaOptions {
+        /// Number of axes D when `per_dim_features` is not given (2..=8)
+        pub d: usize = 4,
+        /// Axis sizes n_1..n_D (product >= every targeted module's in and out); empty: chosen per module
+        [parse_sizes]
+        pub per_dim_features: Vec<usize> = Vec::new(),
+        /// Dropout on the adapter's input
+        pub quanta_dropout: f64 = 0.0,
+        /// true: θ₀ is a copy of the initial gates (dW = 0); false: θ₀ drawn apart (a testing switch)
+        pub init_weights: bool = true,
+    }
+}
+
+/// Axis sizes as the command line writes them: `16,8,8,4` (or a JSON list).
+fn parse_sizes(s: &str) -> serde_json::Value {
+    if s.trim_start().starts_with('[') {
+        return crate::config::parse_value(s);
+    }
+    let v: Option<Vec<u64>> = s.split(',').map(|x| x.trim().parse().ok()).collect();
+    v.map(|v| v.into())
+        .unwrap_or_else(|| serde_json::Value::String(s.into()))
+}
+
+/// The axis sizes for a module (out, in): the given ones, checked, or petal's choice: among
+/// the factorisations of `max(in, out)` into `d` factors (each >= 2) and the official rule (every axis
+/// `ceil(max^(1/d))`, padded), the one with the fewest gate values; sizes largest first.
+pub fn axes(o: &QuantaOptions, out: usize, inp: usize) -> Result<Vec<usize>> {
+    let big = out.max(inp);
+    if !o.per_dim_features.is_empty() {
+        let p: usize = o.per_dim_features.iter().product();
+        if p < big {
+            return Err(Error::config(
+                "adapter config",
+                "per_dim_features",
+                format!(
+                    "{:?} spans {p} features, fewer than the module's {big} (the product must \
+                     be at least max(in, out) = {big}, the rest padded)",
+                    o.per_dim_features
+                ),
+            ));
+        }
+        return Ok(o.per_dim_features.clone());
+    }
+    let d = o.d;
+    let c = (1..=big).find(|c| c.pow(d as u32) >= big).unwrap_or(big);
+    let mut best = vec![c; d];
+    let mut cur = Vec::with_capacity(d);
+    factorisations(big, d, big, &mut cur, &mut |f| {
+        if gate_values(f) < gate_values(&best) {
+            best = f.to_vec();
+        }
+    });
+    Ok(best)
+}
+
+/// Every factorisation of `n` into `left` factors of at least 2, each at most `cap`,
+/// non-increasing.
+fn factorisations(
+    n: usize,
+    left: usize,
+    cap: usize,
+    cur: &mut Vec<usize>,
+    f: &mut impl FnMut(&[usize]),
+) {
+    if left == 1 {
+        if (2..=cap).contains(&n) {
+            cur.push(n);
+            f(cur);
+            cur.pop();
+        }
+        return;
+    }
+    for k in (2..=cap.min(n)).rev().filter(|k| n % k == 0) {
+        cur.push(k);
+        factorisations(n / k, left - 1, k, cur, f);
+        cur.pop();
+    }
+}
+
+/// Trained values for axis sizes `n`: `Σ_{a<b} (n_a n_b)²`.
+pub fn gate_values(n: &[usize]) -> usize {
+    pairs(n.len())
+        .map(|(a, b)| (n[a] * n[b]).pow(2))
+        .sum()
+}
+
+/// The gates' axis pairs as positions `(a, b)` in `0..d`, a the later axis, in the official
+/// order (`itertools.combinations(range(-1, -d - 1, -1), 2)`).
+fn pairs(d: usize) -> impl Iterator<Item = (usize, usize)> {
+    (1..=d).flat_map(move |i| (i + 1..=d).map(move |j| (d - i, d - j)))
+}
+
+/// The saved names of gate (-i, -j), trained and frozen.
+fn gate_name(frozen: bool, i: usize, j: usize) -> &'static str {
+    const T: [[&str; MAX_AXES]; MAX_AXES - 1] = names!("quanta_weights");
+    const F: [[&str; MAX_AXES]; MAX_AXES - 1] = names!("quanta_weights2");
+    if frozen {
+        F[i - 1][j - 1]
+    } else {
+        T[i - 1][j - 1]
+    }
+}
+
+macro_rules! names {
+    ($p:literal) => {
+        [
+            row!($p, "1", "", ["2", "3", "4", "5", "6", "7", "8"]),
+            row!($p, "2", "", "", ["3", "4", "5", "6", "7", "8"]),
+            row!($p, "3", "", "", "", ["4", "5", "6", "7", "8"]),
+            row!($p, "4", "", "", "", "", ["5", "6", "7", "8"]),
+            row!($p, "5", "", "", "", "", "", ["6", "7", "8"]),
+            row!($p, "6", "", "", "", "", "", "", ["7", "8"]),
+            row!($p, "7", "", "", "", "", "", "", "", ["8"]),
+        ]
+    };
+}
+macro_rules! row {
+    ($p:literal, $i:literal, $($e:literal,)* [$($j:literal),*]) => {
+        [$($e,)* $(concat!($p, ".-", $i, " -", $j)),*]
+    };
+}
+use {names, row};
+
+impl AdapterMethod for Quanta {
+    fn in_peft(&self) -> bool {
+        false
+    }
+
+    fn bench_settings(&self) -> Option<&'static [(&'static str, &'static str)]> {
+        Some(&[])
+    }
+
+    fn peft_type(&self) -> &'static str {
+        "QUANTA"
+    }
+
+    fn options(&self) -> Spec {
+        spec::<QuantaOptions>()
+    }
+
+    fn shared_key(&self, o: crate::adapter::SharedOption) -> Option<&'static str> {
+        (o == crate::adapter::SharedOption::Dropout).then_some("quanta_dropout")
+    }
+
+    fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
+        let o: QuantaOptions = cfg.options()?;
+        probability("quanta_dropout", o.quanta_dropout)?;
+        let d = if o.per_dim_features.is_empty() {
+            o.d
+        } else {
+            o.per_dim_features.len()
+        };
+        let key = if o.per_dim_features.is_empty() {
+            "d"
+        } else {
+            "per_dim_features"
+        };
+        if !(2..=MAX_AXES).contains(&d) {
+            return Err(Error::config(
+                "adapter config",
+                key,
+                format!("{d} axes is out of range: QuanTA takes 2..={MAX_AXES} axes"),
+            ));
+        }
+        if o.per_dim_features.contains(&0) {
+            return Err(Error::config(
+                "adapter config",
+                "per_dim_features",
+                "every axis size must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    fn layer_values(&self, cfg: &AdapterConfig, _path: &str, dims: &ModuleDims) -> Result<u64> {
+        // θ and θ₀, and the dense dW a step builds
+        let n = axes(&cfg.options()?, dims.out, dims.inp)?;
+        Ok(2 * gate_values(&n) as u64 + dims.full())
+    }
+
+    fn build(
+        &self,
+        cfg: &AdapterConfig,
+        _path: &str,
+        base: &BaseLinear,
+        seed: u64,
+    ) -> Result<Box<dyn AdapterLayer>> {
+        let o: QuantaOptions = cfg.options()?;
+        let (out, inp) = (base.out_features, base.in_features);
+        let n = axes(&o, out, inp)?;
+        let dev = base.weight.device();
+        let mut g = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut gates = Vec::new();
+        let mut frozen = Vec::new();
+        for (a, b) in pairs(n.len()) {
+            let m = n[b] * n[a];
+            let t = kaiming_uniform((m, m), &mut g, dev)?.reshape((n[b], n[a], n[b], n[a]))?;
+            let t0 = if o.init_weights {
+                t.copy()?
+            } else {
+                kaiming_uniform((m, m), &mut g, dev)?.reshape((n[b], n[a], n[b], n[a]))?
+            };
+            gates.push(Var::from_tensor(&t)?);
+            frozen.push(Var::from_tensor(&t0)?);
+        }
+        Ok(Box::new(QuantaLayer {
+            gates,
+            frozen,
+            n,
+            out,
+            inp,
+            dropout: o.quanta_dropout,
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct QuantaLayer {
+    gates: Vec<Var>,  // θ, one per pair, (n_b, n_a, n_b, n_a)
+    frozen: Vec<Var>, // θ₀, never trained
+    n: Vec<usize>,
+    out: usize,
+    inp: usize,
+    dropout: f64,
+}
+
+impl QuantaLayer {
+    fn width(&self) -> usize {
+        self.n.iter().product()
+    }
+
+    /// The gate chain on rows of P features: (rows, P) -> (rows, P).
+    fn chain(&self, x: &Tensor, gates: &[Var]) -> Result<Tensor> {
+        let d = self.n.len();
+        let rows = x.dim(0)?;
+        let mut shape = vec![rows];
+        shape.extend(&self.n);
+        let mut h = x.reshape(shape.as_slice())?;
+        for ((a, b), gate) in pairs(d).zip(gates) {
+            // axes b and a (1-based after the row axis) to the end, in that order
+            let (pa, pb) = (a + 1, b + 1);
+            let mut perm: Vec<usize> = (0..=d).filter(|&i| i != pa && i != pb).collect();
+            perm.extend([pb, pa]);
+            let moved = h.permute(perm.as_slice())?;
+            let lead: Vec<usize> = moved.dims()[..d - 1].to_vec();
+            let m = self.n[a] * self.n[b];
+            let g = gate.as_tensor().reshape((m, m))?;
+            let flat = moved.contiguous()?.reshape((moved.elem_count() / m, m))?;
+            let y = flat.matmul(&g.t()?)?;
+            let mut dims = lead;
+            dims.extend([self.n[b], self.n[a]]);
+            let y = y.reshape(dims.as_slice())?;
+            // back to the original axis order
+            let mut inv = vec![0; d + 1];
+            for (i, &p) in perm.iter().enumerate() {
+                inv[p] = i;
+            }
+            h = y.permute(inv.as_slice())?;
+        }
+        Ok(h.contiguous()?.reshape((rows, self.width()))?)
+    }
+
+    /// `(Q_θ - Q_θ₀)` on rows of `inp` features, cut or padded to `out`.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let p = self.width();
+        let x = x.pad_with_zeros(1, 0, p - self.inp)?;
+        let q = (self.chain(&x, &self.gates)? - self.chain(&x, &self.frozen)?.detach())?;
+        Ok(q.narrow(1, 0, self.out.min(p))?)
+    }
+
+    /// dW (out, in): the update applied to the first `in` unit vectors, transposed.
+    fn delta(&self) -> Result<Tensor> {
+        let dev = self.gates[0].device();
+        let eye = Tensor::eye(self.inp, DType::F32, dev)?;
+        Ok(self.apply(&eye)?.t()?.contiguous()?)
+    }
+}
+
+impl AdapterLayer for QuantaLayer {
+    fn forward(&self, x: &Tensor, y: Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
+        if self.dropout == 0.0 || !ctx.is_train() {
+            return add_dense_delta(x, y, &self.delta()?);
+        }
+        // the official form: the gate chain on the (dropped-out) input itself
+        let x2 = flat_input(x)?;
+        let x2 = crate::methods::lora::dropout(&x2, self.dropout, ctx)?;
+        let d = self.apply(&x2)?.reshape(y.shape())?.to_dtype(y.dtype())?;
+        Ok((y + d)?)
+    }
+
+    fn fused_forward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        ctx: &crate::Ctx,
+    ) -> Option<Result<Tensor>> {
+        if self.dropout > 0.0 && ctx.is_train() {
+            return None;
+        }
+        dense_linear(ctx.kernels(), x, w, b, || Ok(Some(self.delta()?)))
+    }
+
+    fn weight_update(&self) -> Result<WeightUpdate> {
+        Ok(WeightUpdate::Add(self.delta()?))
+    }
+
+    fn tensors(&self) -> Vec<NamedTensor<'_>> {
+        self.named(&self.gates, false)
+    }
+
+    fn buffers(&self) -> Vec<NamedTensor<'_>> {
+        self.named(&self.frozen, true)
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+}
+
+impl QuantaLayer {
+    fn named<'a>(&'a self, vars: &'a [Var], frozen: bool) -> Vec<NamedTensor<'a>> {
+        let d = self.n.len();
+        (1..=d)
+            .flat_map(|i| (i + 1..=d).map(move |j| (i, j)))
+            .zip(vars)
+            .map(|((i, j), var)| NamedTensor {
+                name: gate_name(frozen, i, j),
+                var,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+fn conformance_config() -> AdapterConfig {
+    let mut c = AdapterConfig::for_method("quanta", 1, 1.0, crate::testing::toy_targets());
+    // P = 12: fc1 (12, 10) pads its input, fc2 (6, 12) cuts its output
+    c.set("per_dim_features", serde_json::json!([3, 4])).unwrap();
+    c
+}
+
+#[cfg(test)]
+fn conformance_three_axes() -> AdapterConfig {
+    let mut c = AdapterConfig::for_method("quanta", 1, 1.0, crate::testing::toy_targets());
+    c.set("d", 3).unwrap();
+    c
+}
+
+#[cfg(test)]
+crate::conformance!(conformance, conformance_config, |_inp, _out, _cfg| {
+    gate_values(&[3, 4])
+});
+
+#[cfg(test)]
+crate::conformance!(three_axes, conformance_three_axes, |inp, out, cfg| {
+    let o: QuantaOptions = cfg.options().unwrap();
+    gate_values(&axes(&o, out, inp).unwrap())
+});
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gates_follow_the_official_pair_order_and_names() {
+        let got: Vec<_> = pairs(4).collect();
+        // (-1,-2), (-1,-3), (-1,-4), (-2,-3), (-2,-4), (-3,-4) as positions in 0..4
+        assert_eq!(got, [(3, 2), (3, 1), (3, 0), (2, 1), (2, 0), (1, 0)]);
+        assert_eq!(gate_name(false, 1, 2), "quanta_weights.-1 -2");
+        assert_eq!(gate_name(true, 7, 8), "quanta_weights2.-7 -8");
+        // the digest's count for LLaMA's (16, 8, 8, 4)
+        assert_eq!(gate_values(&[16, 8, 8, 4]), 43_008);
+    }
+
+    #[test]
+    fn petal_picks_the_factorisation_with_the_fewest_gate_values() {
+        let o = |d| QuantaOptions {
+            d,
+            ..Default::default()
+        };
+        // SmolLM2's 576: with four axes the official rule (5^4 = 625, padded; 3,750 values)
+        // beats the best exact 6 6 4 4 (3,856); with three, the exact 9 8 8 (14,464) beats 9^3
+        assert_eq!(axes(&o(4), 576, 576).unwrap(), [5, 5, 5, 5]);
+        assert_eq!(axes(&o(3), 192, 576).unwrap(), [9, 8, 8]);
+        // a prime pads as the official rule does: ceil(577^(1/2)) = 25
+        assert_eq!(axes(&o(2), 577, 10).unwrap(), [25, 25]);
+        let given = QuantaOptions {
+            per_dim_features: vec![4, 4],
+            ..Default::default()
+        };
+        let e = axes(&given, 20, 10).unwrap_err().to_string();
+        assert!(e.contains("per_dim_features") && e.contains("20"), "{e}");
+    }
+
+    #[test]
+    fn bad_axis_counts_are_refused_naming_the_option() {
+        for (key, v, want) in [
+            ("d", serde_json::json!(1), "d"),
+            ("d", serde_json::json!(9), "d"),
+            ("per_dim_features", serde_json::json!([12]), "per_dim_features"),
+            ("per_dim_features", serde_json::json!([3, 0]), "per_dim_features"),
+        ] {
+            let mut c = conformance_config();
+            c.options.remove("per_dim_features");
+            c.set(key, v).unwrap();
+            let e = Quanta.validate(&c).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_dense_update_equals_the_chain_on_activations() {
+        let c = conformance_three_axes();
+        let t = crate::testing::adapted(&c, true);
+        let l = t.fc1.layer("default").unwrap();
+        let layer: &QuantaLayer = quanta_layer(l);
+        let x = crate::testing::rand_tensor(&[5, 10], 3);
+        let via_delta = x.matmul(&layer.delta().unwrap().t().unwrap()).unwrap();
+        let direct = layer.apply(&x).unwrap();
+        assert!(crate::testing::max_rel(&via_delta, &direct) < 1e-5);
+    }
+
+    fn quanta_layer(l: &dyn AdapterLayer) -> &QuantaLayer {
+        l.as_any()
+            .and_then(|a| a.downcast_ref::<QuantaLayer>())
+            .expect("a QuanTA layer")
+    }
+}
+
+#[cfg(test)]
+mod oracle {
+    use super::*;
+    use candle_core::Device;
+
+    /// The layer against the official `quanta.tuners.quanta.Linear`, run by
+    /// `tools/golden/quanta_oracle.py` on a zero base weight: its output is the update alone,
+    /// and its merged weight is dW.
+    #[test]
+    fn the_update_and_its_output_equal_the_official_layer() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/golden/quanta.safetensors");
+        let t = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+        for (name, out, inp, n) in [
+            ("square", 12, 12, vec![3, 4]),
+            ("padded", 12, 10, vec![2, 2, 3]),
+            ("cut", 6, 12, vec![3, 4]),
+            ("four", 24, 24, vec![2, 3, 2, 2]),
+        ] {
+            let d = n.len();
+            let pick = |kind: &str| -> Vec<Var> {
+                (1..=d)
+                    .flat_map(|i| (i + 1..=d).map(move |j| (i, j)))
+                    .map(|(i, j)| {
+                        Var::from_tensor(&t[&format!("{name}.{kind}.-{i}_-{j}")]).unwrap()
+                    })
+                    .collect()
+            };
+            let layer = QuantaLayer {
+                gates: pick("g"),
+                frozen: pick("f"),
+                n,
+                out,
+                inp,
+                dropout: 0.0,
+            };
+            let y = layer.apply(&t[&format!("{name}.x")]).unwrap();
+            let e = crate::testing::max_rel(&y, &t[&format!("{name}.y")]);
+            assert!(e < 1e-5, "{name}: output, relative error {e:e}");
+            let e = crate::testing::max_rel(&layer.delta().unwrap(), &t[&format!("{name}.delta")]);
+            assert!(e < 1e-5, "{name}: dW, relative error {e:e}");
+        }
+    }
+}
