@@ -1,4 +1,4 @@
-# Sourced by the paper-claim scripts that train on SmolLM2 (after they set `steps` and `lr`):
+# Sourced by the paper-claim scripts that train on SmolLM2 (after they set `steps`, and `lr` unless they pass it per run):
 # the petal binary (built if missing), a temp folder removed on exit, the assets, and the
 # training flags they share (Shakespeare, sequences of 128, batch 4, 10 warm-up steps, held-out
 # loss on 32 sequences, a JSON summary).
@@ -8,6 +8,8 @@ petal=$root/target/release/petal
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$petal" assets smollm2 shakespeare >/dev/null
-common=(--model asset:smollm2 --data asset:shakespeare --max-steps "$steps" --lr "$lr"
+common=(--model asset:smollm2 --data asset:shakespeare --max-steps "$steps"
   --seq-len 128 --batch-size 4 --warmup-steps 10 --eval-every 100000 --save-every 100000
   --max-eval-examples 32 --json)
+# scripts that sweep the learning rate leave `lr` empty and pass --lr per run
+[ -z "${lr:-}" ] || common+=(--lr "$lr")

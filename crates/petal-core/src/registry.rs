@@ -21,6 +21,7 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::ssf::Ssf,
     &methods::kradapter::KrAdapter,
     &methods::quanta::Quanta,
+    &methods::paca::Paca,
 ];
 
 /// Look a method up by its PEFT `peft_type` (case-insensitive: "LORA", "lora").

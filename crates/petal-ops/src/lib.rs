@@ -24,6 +24,7 @@ pub mod linalg;
 pub mod lora_linear;
 pub mod loss;
 pub mod nn;
+pub mod paca;
 pub mod pair_rotate;
 pub mod rope;
 pub mod scale;
@@ -42,6 +43,7 @@ pub use kernels::{causal_softmax, residual_add, rms_norm, softmax_last_dim, swig
 pub use lora_linear::{lora, lora_linear, low_rank};
 pub use loss::{masked_cross_entropy, IGNORE_INDEX};
 pub use nn::{causal_mask, rope_tables};
+pub use paca::paca_linear;
 pub use pair_rotate::pair_rotate;
 pub use rope::{apply_rope, apply_rope_bthd};
 pub use scale::{add_frozen, scale_last};

@@ -15,6 +15,7 @@ pub mod modules_to_save;
 pub mod oft;
 mod orthogonal;
 pub mod p_tuning;
+pub mod paca;
 pub mod prefix_tuning;
 pub mod prompt_tuning;
 pub mod quanta;

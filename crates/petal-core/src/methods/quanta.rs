@@ -111,9 +111,7 @@ fn factorisations(
 
 /// Trained values for axis sizes `n`: `Σ_{a<b} (n_a n_b)²`.
 pub fn gate_values(n: &[usize]) -> usize {
-    pairs(n.len())
-        .map(|(a, b)| (n[a] * n[b]).pow(2))
-        .sum()
+    pairs(n.len()).map(|(a, b)| (n[a] * n[b]).pow(2)).sum()
 }
 
 /// The gates' axis pairs as positions `(a, b)` in `0..d`, a the later axis, in the official
@@ -368,7 +366,8 @@ impl QuantaLayer {
 fn conformance_config() -> AdapterConfig {
     let mut c = AdapterConfig::for_method("quanta", 1, 1.0, crate::testing::toy_targets());
     // P = 12: fc1 (12, 10) pads its input, fc2 (6, 12) cuts its output
-    c.set("per_dim_features", serde_json::json!([3, 4])).unwrap();
+    c.set("per_dim_features", serde_json::json!([3, 4]))
+        .unwrap();
     c
 }
 
@@ -430,8 +429,16 @@ mod tests {
         for (key, v, want) in [
             ("d", serde_json::json!(1), "d"),
             ("d", serde_json::json!(9), "d"),
-            ("per_dim_features", serde_json::json!([12]), "per_dim_features"),
-            ("per_dim_features", serde_json::json!([3, 0]), "per_dim_features"),
+            (
+                "per_dim_features",
+                serde_json::json!([12]),
+                "per_dim_features",
+            ),
+            (
+                "per_dim_features",
+                serde_json::json!([3, 0]),
+                "per_dim_features",
+            ),
         ] {
             let mut c = conformance_config();
             c.options.remove("per_dim_features");
