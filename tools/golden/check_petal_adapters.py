@@ -62,6 +62,12 @@ CASES = [
     ("llama", ["--method", "ssf"]),
     ("qwen2", ["--method", "ssf", "--target-modules", "q_proj,k_proj,v_proj"]),
     ("llama", ["--method", "kradapter"]),
+    ("llama", ["--method", "quanta", "--set", "d=3", "--target-modules", "q_proj,v_proj,down_proj"]),
+    ("qwen2", ["--method", "paca", "--r", "4", "--alpha", "8"]),
+    # Chain of LoRA (petal's own schedule): three links of one step each, saved as plain LoRA of
+    # rank 3 r; its checkpoint (the links) must give the same logits
+    ("llama", ["--method", "chain_of_lora", "--set", "links=3", "--set", "link_steps=1", "--r", "2", "--alpha", "4",
+               "--target-modules", "q_proj,v_proj,down_proj"]),
     ("llama", ["--method", "prefix_tuning", "--num-virtual-tokens", "3"]),
     ("mistral", ["--method", "prefix_tuning", "--num-virtual-tokens", "2"]),
     ("qwen2", ["--method", "p_tuning", "--num-virtual-tokens", "3"]),
@@ -103,7 +109,7 @@ def main():
             subprocess.run([PETAL, "forward", "--model", model, "--adapter", os.path.join(run, "adapter"),
                             "--input-ids", IDS, "--out", out], check=True, capture_output=True)
             ours = load_file(out)["logits"]
-            if "--save-as-lora" in flags:  # the plain-LoRA form equals the trained PiSSA/OLoRA one
+            if "--save-as-lora" in flags or "chain_of_lora" in flags:  # the plain-LoRA form equals the trained one
                 ck = os.path.join(tmp, f"ck{i}.safetensors")
                 subprocess.run([PETAL, "forward", "--model", model, "--adapter",
                                 os.path.join(run, "checkpoints", "step-000003"), "--input-ids", IDS, "--out", ck],
@@ -113,7 +119,7 @@ def main():
                 worst = max(worst, rel_form)
                 print(f"plain LoRA form against the trained residual form: relative error {rel_form:.2e}")
             ids = torch.tensor([[int(x) for x in r.split(",")] for r in IDS.split(";")])
-            if {"bitfit", "ssf", "kradapter"} & set(flags):  # petal's own (PEFT has none): the merged model is the reference
+            if {"bitfit", "ssf", "kradapter", "quanta", "paca"} & set(flags):  # petal's own (PEFT has none): the merged model is the reference
                 merged = os.path.join(tmp, f"merged{i}")
                 subprocess.run([PETAL, "merge", "--model", model, "--adapter", os.path.join(run, "adapter"),
                                 "--out", merged], check=True, capture_output=True)

@@ -391,6 +391,11 @@ pub trait TrainingHook: Send {
     ) -> Result<()> {
         Ok(())
     }
+    /// Whether the optimizer's state (moments and step count) starts afresh after step `step`
+    /// (Chain of LoRA's knots).
+    fn reset_optimizer_after(&self, _step: usize) -> bool {
+        false
+    }
     /// State kept in checkpoints next to the optimizer's (names must not clash with it).
     fn state(&self) -> Result<std::collections::HashMap<String, Tensor>> {
         Ok(Default::default())

@@ -22,6 +22,7 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::kradapter::KrAdapter,
     &methods::quanta::Quanta,
     &methods::paca::Paca,
+    &methods::chain_of_lora::ChainOfLora,
 ];
 
 /// Look a method up by its PEFT `peft_type` (case-insensitive: "LORA", "lora").

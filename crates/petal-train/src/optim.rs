@@ -64,6 +64,17 @@ impl AdamW {
         self
     }
 
+    /// Moments to zero and the step count to 0, as a new optimizer over the same variables.
+    pub fn reset(&mut self) -> Result<()> {
+        for (m, v) in self.m.iter_mut().zip(self.v.iter_mut()) {
+            *m = m.zeros_like()?;
+            *v = v.zeros_like()?;
+        }
+        self.t = 0;
+        self.flat = None;
+        Ok(())
+    }
+
     pub fn vars(&self) -> &[Var] {
         &self.vars
     }

@@ -196,6 +196,9 @@ pub fn train(
                     .and_then(|i| grads[i].clone())
             };
             h.after_step(model, step, &grad_of)?;
+            if h.reset_optimizer_after(step) {
+                opt.reset()?;
+            }
         }
         losses.push(loss);
         step_seconds.push(ts.elapsed().as_secs_f64());

@@ -39,7 +39,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 8)]
     pub r: usize,
     /// Adapter method trained (train mode): the methods with bench settings (lora, dora, loha,
-    /// lokr, ia3, oft, boft, road, vera, and petal's own ssf and kradapter, which PEFT lacks);
+    /// lokr, ia3, oft, boft, road, vera, and petal's own ssf, kradapter, quanta and paca, which
+    /// PEFT lacks; `--r` is PaCA's column count);
     /// PyTorch + PEFT gets the same adapter_config
     #[arg(long, default_value = "lora")]
     pub method: String,

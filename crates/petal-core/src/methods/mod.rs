@@ -4,6 +4,7 @@ pub mod adalora;
 pub mod bias;
 pub mod bitfit;
 pub mod boft;
+pub mod chain_of_lora;
 pub mod dora;
 pub mod ia3;
 pub mod kradapter;
