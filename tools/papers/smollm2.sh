@@ -3,7 +3,7 @@
 # training flags they share (Shakespeare, sequences of 128, batch 4, 10 warm-up steps, held-out
 # loss on 32 sequences, a JSON summary).
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-petal=$root/target/release/petal
+petal=${PETAL:-$root/target/release/petal}
 [ -x "$petal" ] || (cd "$root" && cargo build --release -p petal-cli)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -23,6 +23,7 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::quanta::Quanta,
     &methods::paca::Paca,
     &methods::chain_of_lora::ChainOfLora,
+    &methods::rosa::Rosa,
 ];
 
 /// Look a method up by its PEFT `peft_type` (case-insensitive: "LORA", "lora").

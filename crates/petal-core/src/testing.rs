@@ -150,6 +150,7 @@ pub fn check_save_load_bitwise(cfg: &AdapterConfig) {
         for nt in layer.tensors().into_iter().chain(layer.buffers()) {
             nt.var.set(&back[&format!("{p}.{}", nt.name)]).unwrap();
         }
+        layer.check_loaded().unwrap(); // as `petal_io::load_into` does
     }
     let x = Toy::input();
     let (a, b) = (t.forward(&x), fresh.forward(&x));
@@ -256,7 +257,11 @@ pub fn check_param_count(cfg: &AdapterConfig, formula: fn(usize, usize, &Adapter
 /// equals the composed `forward` in value and in the gradients of the input and every adapter
 /// tensor, drawing the same dropout (`rank_dropout` / `lora_dropout` set by the config).
 pub fn check_fused_equals_composed(cfg: &AdapterConfig) {
-    let t = adapted(cfg, true);
+    check_fused_equals_composed_on(&adapted(cfg, true));
+}
+
+/// `check_fused_equals_composed` on a toy already adapted (a layer set up by hand).
+pub fn check_fused_equals_composed_on(t: &Toy) {
     for lin in t.linears() {
         let layer = lin.layer("default").unwrap();
         let x = Var::from_tensor(&rand_tensor(&[2, 3, lin.in_features()], 4)).unwrap();

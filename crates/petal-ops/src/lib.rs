@@ -29,6 +29,7 @@ pub mod pair_rotate;
 pub mod rope;
 pub mod scale;
 mod skinny;
+pub mod sparse;
 #[doc(hidden)]
 pub mod testing;
 pub mod vmath;
