@@ -87,7 +87,11 @@ pub struct Shared {
     /// Largest `in_features` and `out_features` over the targeted linears.
     pub max_in: usize,
     pub max_out: usize,
+    /// Weights over all targeted linears (`Σ out in`).
+    pub numel: usize,
     vars: std::sync::Mutex<Vec<(&'static str, Var)>>,
+    /// Weights of the layers built so far (`claim`).
+    claimed: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -95,8 +99,21 @@ impl Shared {
         Shared {
             max_in,
             max_out,
-            vars: Default::default(),
+            ..Default::default()
         }
+    }
+
+    /// With the targeted linears' total weight count.
+    pub fn with_numel(mut self, numel: usize) -> Self {
+        self.numel = numel;
+        self
+    }
+
+    /// The offset of a layer's `numel` weights in the targeted weights laid end to end, in the
+    /// order layers are built (module order): FISH's global positions.
+    pub fn claim(&self, numel: usize) -> usize {
+        self.claimed
+            .fetch_add(numel, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The shared tensor `key`, made by `init` on first use.
@@ -144,6 +161,11 @@ pub trait AdapterLayer: Debug + Send + Sync {
     /// that fits the module): a one-line cause, or Ok.
     fn check_loaded(&self) -> Result<()> {
         Ok(())
+    }
+    /// Trained tensors shared by all layers of the adapter and saved once, at the model level
+    /// (`base_model.<name>`: FISH's values); trained and counted once.
+    fn shared_trained(&self) -> Vec<NamedTensor<'_>> {
+        Vec::new()
     }
     /// Frozen tensors shared by all layers of the adapter and saved once, at the model level
     /// (`base_model.<name>`, e.g. VeRA's `vera_A`); not trained, not counted.

@@ -152,8 +152,13 @@ pub fn inject_adapter_within(
     }
     let head = model.output_head().map(str::to_string);
     let targeted = |lin: &AdaptableLinear| is_targeted(cfg, lin, head.as_deref());
-    let (max_in, max_out) = extent(&targeted_linears(model, cfg));
-    let shared = Shared::new(max_in, max_out);
+    let linears = targeted_linears(model, cfg);
+    let (max_in, max_out) = extent(&linears);
+    let numel = linears
+        .iter()
+        .map(|l| l.in_features() * l.out_features())
+        .sum();
+    let shared = Shared::new(max_in, max_out).with_numel(numel);
     let mut modules = Vec::new();
     for (i, lin) in model.linears_mut().into_iter().enumerate() {
         let path = lin.path().to_string();

@@ -24,6 +24,7 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::paca::Paca,
     &methods::chain_of_lora::ChainOfLora,
     &methods::rosa::Rosa,
+    &methods::fish::Fish,
 ];
 
 /// Look a method up by its PEFT `peft_type` (case-insensitive: "LORA", "lora").

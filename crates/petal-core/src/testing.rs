@@ -140,6 +140,9 @@ pub fn check_save_load_bitwise(cfg: &AdapterConfig) {
                 nt.var.as_tensor().clone(),
             );
         }
+        for nt in layer.shared().into_iter().chain(layer.shared_trained()) {
+            map.insert(format!("shared.{}", nt.name), nt.var.as_tensor().clone());
+        }
     }
     candle_core::safetensors::save(&map, &path).unwrap();
     let back = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
@@ -150,7 +153,12 @@ pub fn check_save_load_bitwise(cfg: &AdapterConfig) {
         for nt in layer.tensors().into_iter().chain(layer.buffers()) {
             nt.var.set(&back[&format!("{p}.{}", nt.name)]).unwrap();
         }
-        layer.check_loaded().unwrap(); // as `petal_io::load_into` does
+        for nt in layer.shared().into_iter().chain(layer.shared_trained()) {
+            nt.var.set(&back[&format!("shared.{}", nt.name)]).unwrap();
+        }
+    }
+    for l in fresh.linears() {
+        l.layer("default").unwrap().check_loaded().unwrap(); // as `petal_io::load_into` does
     }
     let x = Toy::input();
     let (a, b) = (t.forward(&x), fresh.forward(&x));

@@ -20,6 +20,8 @@ pub enum TensorKind {
     Norm,
     /// Saved with its module's layer, never trained (`AdapterLayer::buffers`).
     Buffer,
+    /// Trained, shared by all layers of the adapter, saved once (`base_model.fish_values`).
+    SharedTrained,
 }
 
 /// One tensor of an adapter.
@@ -66,13 +68,18 @@ pub fn adapter_tensors<'a>(model: &'a dyn Adaptable, name: &str) -> Vec<AdapterT
                 active,
             });
         }
-        for t in layer.shared() {
+        let shared = layer.shared().into_iter().map(|t| (t, TensorKind::Shared));
+        let trained = layer
+            .shared_trained()
+            .into_iter()
+            .map(|t| (t, TensorKind::SharedTrained));
+        for (t, kind) in trained.chain(shared) {
             let key = format!("{SHARED_PREFIX}{}", t.name);
             if !out.iter().any(|x| x.key == key) {
                 out.push(AdapterTensor {
                     key,
                     var: t.var,
-                    kind: TensorKind::Shared,
+                    kind,
                     active,
                 });
             }
