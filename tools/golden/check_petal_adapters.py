@@ -64,6 +64,10 @@ CASES = [
     ("llama", ["--method", "kradapter"]),
     ("llama", ["--method", "quanta", "--set", "d=3", "--target-modules", "q_proj,v_proj,down_proj"]),
     ("qwen2", ["--method", "paca", "--r", "4", "--alpha", "8"]),
+    # RoSA: LoRA for one step, the mask from step 2's gradients, S trained at step 3
+    ("llama", ["--method", "rosa", "--r", "2", "--alpha", "4", "--set", "schedule=wl1", "--set", "d=0.05"]),
+    # FISH: the Fisher from step 1's two sequences, then the mask's values trained
+    ("qwen2", ["--method", "fish", "--set", "fisher_samples=2", "--set", "density=0.01"]),
     # Chain of LoRA (petal's own schedule): three links of one step each, saved as plain LoRA of
     # rank 3 r; its checkpoint (the links) must give the same logits
     ("llama", ["--method", "chain_of_lora", "--set", "links=3", "--set", "link_steps=1", "--r", "2", "--alpha", "4",
@@ -119,7 +123,7 @@ def main():
                 worst = max(worst, rel_form)
                 print(f"plain LoRA form against the trained residual form: relative error {rel_form:.2e}")
             ids = torch.tensor([[int(x) for x in r.split(",")] for r in IDS.split(";")])
-            if {"bitfit", "ssf", "kradapter", "quanta", "paca"} & set(flags):  # petal's own (PEFT has none): the merged model is the reference
+            if {"bitfit", "ssf", "kradapter", "quanta", "paca", "rosa", "fish"} & set(flags):  # petal's own (PEFT has none): the merged model is the reference
                 merged = os.path.join(tmp, f"merged{i}")
                 subprocess.run([PETAL, "merge", "--model", model, "--adapter", os.path.join(run, "adapter"),
                                 "--out", merged], check=True, capture_output=True)

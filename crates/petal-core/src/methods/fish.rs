@@ -38,6 +38,8 @@ crate::method_options! {
         pub density: f64 = 0.005,
         /// Sequences whose per-sequence squared gradients estimate the Fisher (the first steps)
         pub fisher_samples: usize = 128,
+        /// How the mask is chosen: fisher, or random (the paper's baseline; same steps, no Fisher)
+        pub mask: String = "fisher".into(),
         /// true: the values start at zero (dW = 0); false: a random mask and values (a testing switch)
         pub init_weights: bool = true,
     }
@@ -74,6 +76,13 @@ impl AdapterMethod for Fish {
                     "{} is out of range: the density must be in (0, 1]",
                     o.density
                 ),
+            ));
+        }
+        if !matches!(o.mask.as_str(), "fisher" | "random") {
+            return Err(Error::config(
+                "adapter config",
+                "mask",
+                format!("{:?} is not a mask petal knows: fisher or random", o.mask),
             ));
         }
         if o.fisher_samples == 0 {
@@ -118,6 +127,7 @@ impl AdapterMethod for Fish {
             indices: first.indices.clone(),
             samples: o.fisher_samples,
             chosen_at: None,
+            random: (o.mask == "random").then_some(0x5eed ^ o.fisher_samples as u64),
         })))
     }
 
@@ -307,12 +317,30 @@ struct FishTraining {
     samples: usize,
     /// The step after which the mask was chosen (the optimizer starts afresh there)
     chosen_at: Option<usize>,
+    /// A random mask from this seed instead of the Fisher's
+    random: Option<u64>,
 }
 
 impl FishTraining {
     /// The global top K of the Fisher over every module, as ascending global positions.
     fn choose(&self) -> Result<()> {
         let k = self.values.elem_count();
+        if let Some(seed) = self.random {
+            let total: usize = self.layers.iter().map(|l| l.numel).sum();
+            let mut g = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut keep = rand::seq::index::sample(&mut g, total, k.min(total))
+                .into_iter()
+                .map(|i| i as i64)
+                .collect::<Vec<_>>();
+            keep.sort_unstable();
+            self.layers
+                .iter()
+                .try_for_each(|l| l.grads.take_mean().map(drop))?;
+            let n = keep.len();
+            return Ok(self
+                .indices
+                .set(&Tensor::from_vec(keep, n, self.indices.device())?)?);
+        }
         let mut all: Vec<f32> = Vec::new();
         for l in &self.layers {
             match l.grads.take_mean()? {
@@ -542,5 +570,36 @@ mod tests {
             e.contains("fisher_samples") && e.contains("--max-steps"),
             "{e}"
         );
+    }
+}
+
+#[cfg(test)]
+mod random_mask {
+    use super::*;
+    use crate::testing::{adapted, rand_tensor};
+
+    #[test]
+    fn a_random_mask_has_the_same_count_distinct_and_in_range() {
+        let mut c = conformance_config();
+        c.set("fisher_samples", 2).unwrap();
+        c.set("mask", "random").unwrap();
+        let t = adapted(&c, false);
+        let mut hook = Fish.training(&t, "default", &c).unwrap().unwrap();
+        let ctx = crate::Ctx::train(0);
+        let y = t.fc1.forward(&rand_tensor(&[2, 3, 10], 1), &ctx).unwrap();
+        let _ = y.sum_all().unwrap().backward().unwrap();
+        hook.after_step(&t, 0, &|_: &Var| None).unwrap();
+        let l = t.fc1.layer("default").unwrap().as_any().unwrap();
+        let idx = l
+            .downcast_ref::<FishLayer>()
+            .unwrap()
+            .indices
+            .as_tensor()
+            .to_vec1::<i64>()
+            .unwrap();
+        assert_eq!(idx.len(), 19);
+        assert!(idx.windows(2).all(|w| w[0] < w[1]) && idx[18] < 192);
+        c.set("mask", "top").unwrap();
+        assert!(Fish.validate(&c).unwrap_err().to_string().contains("mask"));
     }
 }

@@ -41,7 +41,7 @@ crate::method_options! {
         pub alpha_pattern: std::collections::BTreeMap<String, f64> = Default::default(),
         /// Density of the sparse part per module, in (0, 1]: k = int(d out in) values
         pub d: f64 = 0.003,
-        /// When the mask is chosen: wlN = LoRA alone for N steps, then gradients are collected
+        /// When the mask is chosen: wlN = LoRA alone for N steps, then gradients are collected (default, spa_only: wl0)
         pub schedule: String = "wl64".into(),
         /// Steps whose squared gradients choose the mask
         pub spa_num_grads: usize = 1,
@@ -53,7 +53,7 @@ crate::method_options! {
 /// The LoRA-only warm-up of a schedule: `wlN` -> N (`default` = `wl0`).
 fn warmup(schedule: &str) -> Option<usize> {
     match schedule {
-        "default" => Some(0),
+        "default" | "spa_only" => Some(0),
         s => s.strip_prefix("wl")?.parse().ok(),
     }
 }
@@ -103,9 +103,6 @@ impl AdapterMethod for Rosa {
     fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
         let o: RosaOptions = cfg.options()?;
         o.core.check(&["none"], |_| false)?;
-        if o.core.r == 0 {
-            return Err(Error::config("adapter config", "r", "must be at least 1"));
-        }
         if !(o.d > 0.0 && o.d <= 1.0) {
             return Err(Error::config(
                 "adapter config",
@@ -119,7 +116,7 @@ impl AdapterMethod for Rosa {
                 "schedule",
                 format!(
                     "{:?} is not a schedule petal knows: wlN (LoRA alone for N steps, then the \
-                     mask; the paper's wl64) or default (wl0)",
+                     mask; the paper's wl64), default or spa_only (wl0)",
                     o.schedule
                 ),
             ));
@@ -202,9 +199,10 @@ impl AdapterMethod for Rosa {
         let (out, inp) = (base.out_features, base.in_features);
         let dev = base.weight.device();
         let mut g = rand::rngs::StdRng::seed_from_u64(seed);
-        let a = Var::from_tensor(&kaiming_uniform((r, inp), &mut g, dev)?)?;
+        // r = 0: the sparse part alone (the paper's SpA); A and B are then placeholders
+        let a = Var::from_tensor(&kaiming_uniform((r.max(1), inp), &mut g, dev)?)?;
         let nonzero = crate::methods::init_nonzero(&o.core.init);
-        let b = crate::methods::param((out, r), !nonzero, &mut g, dev)?;
+        let b = crate::methods::param((out, r.max(1)), !nonzero || r == 0, &mut g, dev)?;
         let k = values_for(o.d, out, inp);
         let first = if warmup(&o.schedule) == Some(0) {
             COLLECT
@@ -214,6 +212,7 @@ impl AdapterMethod for Rosa {
         let layer = RosaLayer {
             a,
             b,
+            lora: r > 0,
             scale: if o.rslora {
                 alpha / (r as f64).sqrt()
             } else {
@@ -250,6 +249,8 @@ impl AdapterMethod for Rosa {
 struct RosaLayer {
     a: Var, // (r, in)
     b: Var, // (out, r)
+    /// r > 0 (else S alone)
+    lora: bool,
     scale: f64,
     dropout: f64,
     values: Var,   // (k,)
@@ -297,7 +298,7 @@ impl RosaLayer {
             y = (y + s)?;
         }
         if ctx.is_train() && self.phase.load(Ordering::Relaxed) == COLLECT {
-            y = self.grads.capture(x, y, &self.a, false)?;
+            y = self.grads.capture(x, y, &self.values, false)?;
         }
         Ok(y)
     }
@@ -316,6 +317,9 @@ impl RosaLayer {
 
 impl AdapterLayer for RosaLayer {
     fn forward(&self, x: &Tensor, y: Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
+        if !self.lora {
+            return self.finish(x, y, ctx);
+        }
         let x2 = crate::methods::flat_input(x)?;
         let xd = if self.dropout > 0.0 && ctx.is_train() {
             dropout(&x2, self.dropout, ctx)?
@@ -342,14 +346,20 @@ impl AdapterLayer for RosaLayer {
         }
         let run = || -> Result<Tensor> {
             let (a, bm) = (self.a.as_tensor(), self.b.as_tensor());
-            let y = petal_ops::lora(ctx.kernels(), x, w, b, a, bm, self.scale)?;
+            let y = match self.lora {
+                true => petal_ops::lora(ctx.kernels(), x, w, b, a, bm, self.scale)?,
+                false => petal_ops::frozen_linear(ctx.kernels(), x, w, b)?,
+            };
             self.finish(x, y, ctx)
         };
         Some(run())
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {
-        let mut dw = (self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale)?;
+        let mut dw = match self.lora {
+            true => (self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale)?,
+            false => Tensor::zeros((self.out, self.inp), DType::F32, self.values.device())?,
+        };
         if let Some(pos) = self.positions()? {
             dw = (dw
                 + petal_ops::sparse::dense(self.values.as_tensor(), &pos, self.out, self.inp)?)?;
@@ -358,20 +368,22 @@ impl AdapterLayer for RosaLayer {
     }
 
     fn tensors(&self) -> Vec<NamedTensor<'_>> {
-        vec![
-            NamedTensor {
+        let mut v = Vec::new();
+        if self.lora {
+            v.push(NamedTensor {
                 name: "rosa_A.weight",
                 var: &self.a,
-            },
-            NamedTensor {
+            });
+            v.push(NamedTensor {
                 name: "rosa_B.weight",
                 var: &self.b,
-            },
-            NamedTensor {
-                name: "rosa_spa.values",
-                var: &self.values,
-            },
-        ]
+            });
+        }
+        v.push(NamedTensor {
+            name: "rosa_spa.values",
+            var: &self.values,
+        });
+        v
     }
 
     fn buffers(&self) -> Vec<NamedTensor<'_>> {
@@ -666,6 +678,7 @@ mod oracle {
         let layer = RosaLayer {
             a: Var::from_tensor(&t["a"]).unwrap(),
             b: Var::from_tensor(&t["bb"]).unwrap(),
+            lora: true,
             scale: 1.5,
             dropout: 0.0,
             values: Var::zeros(k, DType::F32, &Device::Cpu).unwrap(),
@@ -725,3 +738,17 @@ mod oracle {
         }
     }
 }
+
+/// r = 0: the sparse part alone (the paper's SpA baseline), through the same checks.
+#[cfg(test)]
+fn sparse_only_config() -> AdapterConfig {
+    let mut c = conformance_config();
+    c.set("r", 0).unwrap();
+    c.set("schedule", "spa_only").unwrap();
+    c
+}
+
+#[cfg(test)]
+crate::conformance!(sparse_only, sparse_only_config, |inp, out, _cfg| {
+    values_for(0.1, out, inp)
+});
