@@ -6,7 +6,8 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 import report  # noqa: E402
 
-results, steps, seed, lr, svg = sys.argv[1:6]
+results, steps, seed, lr, samples, svg = sys.argv[1:7]
+est = -(-int(samples) // 4)  # steps of batch 4 that estimate the Fisher
 runs = {r["label"]: r for r in report.runs(results)}
 label = {"fisher": "FISH mask 0.5%", "random": "random mask 0.5%", "full": "full tuning of q, v"}
 colours = {"fisher": "#d95f02", "random": "#7570b3", "full": "#1b9e77"}
@@ -25,11 +26,11 @@ print(f"""# FISH mask against a random mask and full tuning on SmolLM2
 empirical Fisher information beats a random mask of the same density and comes close to full
 fine-tuning.
 
-**Run.** `tools/papers/fish.sh {steps} {seed} {lr}`: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized
+**Run.** `tools/papers/fish.sh {steps} {seed} {lr} {samples}`: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized
 to f32), Shakespeare, sequences of 128, batch 4, {steps} steps, AdamW at lr {lr} with 10 warm-up
 steps and a cosine decay, seed {seed}; held-out loss on 32 validation sequences; q_proj and v_proj.
-FISH: the per-sequence empirical Fisher from 128 training sequences (the first 32 steps, which train
-nothing), then the global top 0.5% (66,355 weights) trained from step 33, the optimizer started
+FISH: the per-sequence empirical Fisher from {samples} training sequences (the first {est} steps, which
+train nothing), then the global top 0.5% (66,355 weights) trained from step {est + 1}, the optimizer started
 afresh there; the random mask: the same count at the same step, no Fisher; full tuning: every
 weight of q_proj and v_proj (modules_to_save, with an IA3 vector of 192 values on one k_proj, the
 smallest adapter to carry them), trained from step 1. One learning rate (all three move raw
@@ -45,5 +46,5 @@ indicative only.
 **What came out.** FISH {f:.4f}, random mask {r:.4f}: the Fisher mask is
 {"ahead" if f < r else "not ahead"} by {r - f:+.4f}. Full tuning {full:.4f}; FISH closes
 {100 * share:.0f}% of the gap between the untuned model and full tuning, with 0.5% of its values
-and {int(steps) - 32} of its {steps} steps. One seed and one learning rate.
+and {int(steps) - est} of its {steps} steps. One seed and one learning rate.
 """)

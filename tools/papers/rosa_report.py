@@ -6,7 +6,8 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 import report  # noqa: E402
 
-results, steps, seed, lr, svg = sys.argv[1:6]
+results, steps, seed, lr, schedule, svg = sys.argv[1:7]
+warm = int(schedule[2:]) if schedule.startswith("wl") else 0
 runs = {r["label"]: r for r in report.runs(results)}
 label = {"rosa": "RoSA: LoRA r 4 + sparse", "lora": "LoRA r 8", "sparse": "sparse alone (SpA)"}
 colours = {"rosa": "#d95f02", "lora": "#1b9e77", "sparse": "#7570b3"}
@@ -23,12 +24,12 @@ print(f"""# RoSA against LoRA and the sparse part alone on SmolLM2
 **Claim** (Nikdan et al., ICML 2024): at the same parameter budget, LoRA plus a sparse update
 whose mask comes from gradients after a LoRA warm-up beats LoRA alone and the sparse update alone.
 
-**Run.** `tools/papers/rosa.sh {steps} {seed} {lr}`: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized
+**Run.** `tools/papers/rosa.sh {steps} {seed} {lr} {schedule}`: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized
 to f32), Shakespeare, sequences of 128, batch 4, {steps} steps, AdamW at lr {lr} with 10 warm-up steps
 and a cosine decay, seed {seed}; held-out loss on 32 validation sequences; q_proj and v_proj, 460,800
 trainable parameters in each run. RoSA: LoRA r 4 (alpha 8) and 230,400 sparse values (d 0.01736,
-per module), the mask the top of the mean squared weight gradient of step 65, after 64 steps of
-LoRA alone (`wl64`); LoRA r 8 (alpha 16); the sparse part alone (r 0, d 0.03472, its mask from the
+per module), the mask the top of the mean squared weight gradient of step {warm + 1}, after {warm}
+steps of LoRA alone (`{schedule}`; the paper's `wl64` is for far longer runs); LoRA r 8 (alpha 16); the sparse part alone (r 0, d 0.03472, its mask from the
 first step's gradients). One learning rate for all. CPU: {report.cpu()}. Other work ran on the
 machine during these runs, so step times are indicative only.
 
@@ -43,5 +44,5 @@ machine during these runs, so step times are indicative only.
 ({"RoSA ahead" if r < s else "sparse alone ahead"} by {abs(s - r):.4f}). One seed and one learning
 rate: differences of a few hundredths are within what another seed or rate could move. The paper
 trains LLaMA-2 7B for epochs on GSM8K, ViGGO and SQL, where its sparse part has thousands of steps
-after the mask; here it has {int(steps) - 65}.
+after the mask; here it has {int(steps) - warm - 1}.
 """)
