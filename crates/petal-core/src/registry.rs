@@ -25,6 +25,7 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::chain_of_lora::ChainOfLora,
     &methods::rosa::Rosa,
     &methods::fish::Fish,
+    &methods::intrinsic::Intrinsic,
 ];
 
 /// Look a method up by its PEFT `peft_type` (case-insensitive: "LORA", "lora").

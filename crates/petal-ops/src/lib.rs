@@ -15,6 +15,7 @@ pub mod blocks;
 mod choice;
 pub mod cpu;
 pub mod cuda;
+pub mod fastfood;
 pub mod frozen_linear;
 pub mod head_loss;
 pub mod inverse;

@@ -9,6 +9,7 @@ pub mod dora;
 pub mod fish;
 mod grad_mask;
 pub mod ia3;
+pub mod intrinsic;
 pub mod kradapter;
 pub mod ln_tuning;
 pub mod loha;
