@@ -26,6 +26,7 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::rosa::Rosa,
     &methods::fish::Fish,
     &methods::intrinsic::Intrinsic,
+    &methods::rps::Rps,
 ];
 
 /// Look a method up by its PEFT `peft_type` (case-insensitive: "LORA", "lora").

@@ -25,6 +25,7 @@ pub mod prompt_tuning;
 pub mod quanta;
 pub mod road;
 pub mod rosa;
+pub mod rps;
 pub mod ssf;
 pub mod trainable_tokens;
 pub mod vera;
