@@ -87,8 +87,10 @@ pub struct Shared {
     /// Largest `in_features` and `out_features` over the targeted linears.
     pub max_in: usize,
     pub max_out: usize,
-    /// Weights over all targeted linears (`Σ out in`).
+    /// Weights over all targeted linears (`Σ out in`), and their `Σ in`, `Σ out`.
     pub numel: usize,
+    pub sum_in: usize,
+    pub sum_out: usize,
     vars: std::sync::Mutex<Vec<(&'static str, Var)>>,
     /// Weights of the layers built so far (`claim`).
     claimed: std::sync::atomic::AtomicUsize,
@@ -103,9 +105,11 @@ impl Shared {
         }
     }
 
-    /// With the targeted linears' total weight count.
-    pub fn with_numel(mut self, numel: usize) -> Self {
-        self.numel = numel;
+    /// With the targeted linears' sizes (out, in).
+    pub fn with_sizes(mut self, sizes: &[(usize, usize)]) -> Self {
+        self.numel = sizes.iter().map(|(o, i)| o * i).sum();
+        self.sum_in = sizes.iter().map(|s| s.1).sum();
+        self.sum_out = sizes.iter().map(|s| s.0).sum();
         self
     }
 

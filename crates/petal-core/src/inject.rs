@@ -154,11 +154,11 @@ pub fn inject_adapter_within(
     let targeted = |lin: &AdaptableLinear| is_targeted(cfg, lin, head.as_deref());
     let linears = targeted_linears(model, cfg);
     let (max_in, max_out) = extent(&linears);
-    let numel = linears
+    let sizes: Vec<(usize, usize)> = linears
         .iter()
-        .map(|l| l.in_features() * l.out_features())
-        .sum();
-    let shared = Shared::new(max_in, max_out).with_numel(numel);
+        .map(|l| (l.out_features(), l.in_features()))
+        .collect();
+    let shared = Shared::new(max_in, max_out).with_sizes(&sizes);
     let mut modules = Vec::new();
     for (i, lin) in model.linears_mut().into_iter().enumerate() {
         let path = lin.path().to_string();

@@ -27,6 +27,7 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::fish::Fish,
     &methods::intrinsic::Intrinsic,
     &methods::rps::Rps,
+    &methods::mos::Mos,
 ];
 
 /// Look a method up by its PEFT `peft_type` (case-insensitive: "LORA", "lora").

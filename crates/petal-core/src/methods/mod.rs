@@ -16,6 +16,7 @@ pub mod loha;
 pub mod lokr;
 pub mod lora;
 pub mod modules_to_save;
+pub mod mos;
 pub mod oft;
 mod orthogonal;
 pub mod p_tuning;
