@@ -61,7 +61,8 @@ impl AdapterMethod for ChainOfLora {
     }
 
     fn bench_settings(&self) -> Option<&'static [(&'static str, &'static str)]> {
-        Some(&[])
+        // one link for the whole bench (a knot would reset the optimizer mid-measurement)
+        Some(&[("link_steps", "1000000")])
     }
 
     fn peft_type(&self) -> &'static str {

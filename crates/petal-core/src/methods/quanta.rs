@@ -259,51 +259,95 @@ impl QuantaLayer {
         self.n.iter().product()
     }
 
-    /// The gate chain on rows of P features: (rows, P) -> (rows, P).
-    fn chain(&self, x: &Tensor, gates: &[Var]) -> Result<Tensor> {
-        let d = self.n.len();
-        let rows = x.dim(0)?;
-        let mut shape = vec![rows];
-        shape.extend(&self.n);
-        let mut h = x.reshape(shape.as_slice())?;
-        for ((a, b), gate) in pairs(d).zip(gates) {
-            // axes b and a (1-based after the row axis) to the end, in that order
-            let (pa, pb) = (a + 1, b + 1);
-            let mut perm: Vec<usize> = (0..=d).filter(|&i| i != pa && i != pb).collect();
-            perm.extend([pb, pa]);
-            let moved = h.permute(perm.as_slice())?;
-            let lead: Vec<usize> = moved.dims()[..d - 1].to_vec();
-            let m = self.n[a] * self.n[b];
-            let g = gate.as_tensor().reshape((m, m))?;
-            let flat = moved.contiguous()?.reshape((moved.elem_count() / m, m))?;
-            let y = flat.matmul(&g.t()?)?;
-            let mut dims = lead;
-            dims.extend([self.n[b], self.n[a]]);
-            let y = y.reshape(dims.as_slice())?;
-            // back to the original axis order
-            let mut inv = vec![0; d + 1];
-            for (i, &p) in perm.iter().enumerate() {
-                inv[p] = i;
-            }
-            h = y.permute(inv.as_slice())?;
-        }
-        Ok(h.contiguous()?.reshape((rows, self.width()))?)
-    }
-
     /// `(Q_θ - Q_θ₀)` on rows of `inp` features, cut or padded to `out`.
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let p = self.width();
         let x = x.pad_with_zeros(1, 0, p - self.inp)?;
-        let q = (self.chain(&x, &self.gates)? - self.chain(&x, &self.frozen)?.detach())?;
+        let t = |vs: &[Var]| vs.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>();
+        let frozen: Vec<Tensor> = self.frozen.iter().map(|v| v.as_tensor().detach()).collect();
+        let q = (chain(&self.n, &x, &t(&self.gates))? - chain(&self.n, &x, &frozen)?)?;
         Ok(q.narrow(1, 0, self.out.min(p))?)
     }
 
-    /// dW (out, in): the update applied to the first `in` unit vectors, transposed.
+    /// dW (out, in): the update applied to the first `in` unit vectors, transposed. One graph
+    /// node from the gates (flattened end to end) to dW whose backward rebuilds the chain with
+    /// a graph and differentiates it, so a step keeps dW and the gates per module, none of the
+    /// chain's intermediates (activation checkpointing for one op).
     fn delta(&self) -> Result<Tensor> {
-        let dev = self.gates[0].device();
-        let eye = Tensor::eye(self.inp, DType::F32, dev)?;
-        Ok(self.apply(&eye)?.t()?.contiguous()?)
+        let dev = self.gates[0].device().clone();
+        let (n, out, inp) = (self.n.clone(), self.out, self.inp);
+        let p = self.width();
+        let eye = Tensor::eye(inp, DType::F32, &dev)?.pad_with_zeros(1, 0, p - inp)?;
+        let frozen: Vec<Tensor> = self.frozen.iter().map(|v| v.as_tensor().detach()).collect();
+        let base = chain(&n, &eye, &frozen)?;
+        let shapes: Vec<Vec<usize>> = self.gates.iter().map(|g| g.dims().to_vec()).collect();
+        let flat = Tensor::cat(
+            &self
+                .gates
+                .iter()
+                .map(|g| g.as_tensor().flatten_all())
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            0,
+        )?;
+        let build = std::sync::Arc::new(move |flat: &Tensor| -> candle_core::Result<Tensor> {
+            let mut at = 0;
+            let mut gates = Vec::with_capacity(shapes.len());
+            for s in &shapes {
+                let k: usize = s.iter().product();
+                gates.push(flat.narrow(0, at, k)?.reshape(s.as_slice())?);
+                at += k;
+            }
+            let q = (chain(&n, &eye, &gates)? - &base)?;
+            q.narrow(1, 0, out.min(p))?.t()?.contiguous()
+        });
+        let again = build.clone();
+        Ok(petal_ops::lean::lean(
+            &flat,
+            |v| build(v),
+            move |v, _, dy| {
+                let var = Var::from_tensor(v)?;
+                let y = again(var.as_tensor())?;
+                let g = (y * dy.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+                match g.get(var.as_tensor()) {
+                    Some(g) => Ok(g.clone()),
+                    None => v.zeros_like(),
+                }
+            },
+        )?)
     }
+}
+
+/// The gate chain on rows of P = Π n features: (rows, P) -> (rows, P), gates in the official
+/// pair order.
+fn chain(n: &[usize], x: &Tensor, gates: &[Tensor]) -> candle_core::Result<Tensor> {
+    let d = n.len();
+    let rows = x.dim(0)?;
+    let width: usize = n.iter().product();
+    let mut shape = vec![rows];
+    shape.extend(n);
+    let mut h = x.reshape(shape.as_slice())?;
+    for ((a, b), gate) in pairs(d).zip(gates) {
+        // axes b and a (1-based after the row axis) to the end, in that order
+        let (pa, pb) = (a + 1, b + 1);
+        let mut perm: Vec<usize> = (0..=d).filter(|&i| i != pa && i != pb).collect();
+        perm.extend([pb, pa]);
+        let moved = h.permute(perm.as_slice())?;
+        let lead: Vec<usize> = moved.dims()[..d - 1].to_vec();
+        let m = n[a] * n[b];
+        let g = gate.reshape((m, m))?;
+        let flat = moved.contiguous()?.reshape((moved.elem_count() / m, m))?;
+        let y = flat.matmul(&g.t()?)?;
+        let mut dims = lead;
+        dims.extend([n[b], n[a]]);
+        let y = y.reshape(dims.as_slice())?;
+        // back to the original axis order
+        let mut inv = vec![0; d + 1];
+        for (i, &p) in perm.iter().enumerate() {
+            inv[p] = i;
+        }
+        h = y.permute(inv.as_slice())?;
+    }
+    h.contiguous()?.reshape((rows, width))
 }
 
 impl AdapterLayer for QuantaLayer {
