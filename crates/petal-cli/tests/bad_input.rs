@@ -167,3 +167,113 @@ fn counts_of_the_other_commands_are_refused_before_any_work_naming_the_flag() {
         );
     }
 }
+
+#[test]
+fn research_method_options_out_of_range_are_refused_naming_the_option_and_write_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let data = words(d.path());
+    let model = golden().join("llama"); // q (32, 32), v (16, 32): 3,072 weights over 2 layers
+    let out = d.path().join("run");
+    let cases: [(&[&str], &str); 6] = [
+        (&["--method", "rosa", "--set", "d=0"], "d"),
+        (&["--method", "fish", "--set", "density=1.5"], "density"),
+        (
+            &["--method", "quanta", "--set", "per_dim_features=2,2,2"],
+            "per_dim_features",
+        ),
+        (&["--method", "intrinsic", "--set", "d=5000"], "d"),
+        (
+            &[
+                "--method",
+                "intrinsic",
+                "--set",
+                "projection=dense",
+                "--set",
+                "max_dense_values=1000",
+            ],
+            "projection",
+        ),
+        (&["--method", "rosa", "--set", "schedule=wl64"], "schedule"),
+    ];
+    for (flags, key) in cases {
+        let mut args = common::train(
+            model.to_str().unwrap(),
+            data.to_str().unwrap(),
+            out.to_str().unwrap(),
+        );
+        args.extend(["--max-steps", "3", "--target-modules", "q_proj,v_proj"]);
+        args.extend(flags);
+        let o = petal(&args);
+        assert!(!o.status.success(), "{flags:?} must fail");
+        let e = stderr(&o);
+        let line = e.lines().last().unwrap_or("");
+        assert!(
+            line.contains(key) && line.starts_with("error"),
+            "{flags:?}: {e}"
+        );
+        assert!(!out.exists(), "{flags:?}: nothing written");
+    }
+}
+
+#[test]
+fn a_saved_sparse_mask_that_does_not_fit_the_model_is_refused_naming_the_tensor() {
+    let d = tempfile::tempdir().unwrap();
+    let data = words(d.path());
+    let model = golden().join("llama");
+    for (method, set, key) in [
+        ("fish", "fisher_samples=2", "fish_indices"),
+        ("rosa", "schedule=wl1", "rosa_spa.col_idx"),
+    ] {
+        let out = d.path().join(method);
+        let mut args = common::train(
+            model.to_str().unwrap(),
+            data.to_str().unwrap(),
+            out.to_str().unwrap(),
+        );
+        args.extend([
+            "--max-steps",
+            "4",
+            "--method",
+            method,
+            "--set",
+            set,
+            "--set",
+        ]);
+        args.push(if method == "fish" {
+            "density=0.05"
+        } else {
+            "d=0.05"
+        });
+        let o = petal(&args);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let adapter = out.join("adapter");
+        let file = adapter.join("adapter_model.safetensors");
+        let mut t = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap();
+        let k = t.keys().find(|k| k.ends_with(key)).unwrap().clone();
+        let n = t[&k].elem_count();
+        // a position past every targeted weight, or a column past the module's input
+        let v: Vec<i64> = (0..n as i64).map(|i| 1_000_000 + i).collect();
+        t.insert(
+            k.clone(),
+            candle_core::Tensor::from_vec(v, n, &candle_core::Device::Cpu).unwrap(),
+        );
+        candle_core::safetensors::save(&t, &file).unwrap();
+        let o = petal(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--prompt",
+            "w5 w9",
+            "--max-new-tokens",
+            "2",
+        ]);
+        assert!(!o.status.success(), "{method}: a bad mask must be refused");
+        let e = stderr(&o);
+        assert!(
+            e.contains(key) && e.contains("adapter_model.safetensors"),
+            "{method}: {e}"
+        );
+    }
+}
