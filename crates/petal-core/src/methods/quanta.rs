@@ -192,11 +192,17 @@ impl AdapterMethod for Quanta {
                 format!("{d} axes is out of range: QuanTA takes 2..={MAX_AXES} axes"),
             ));
         }
-        if o.per_dim_features.contains(&0) {
+        let span = o
+            .per_dim_features
+            .iter()
+            .try_fold(1u64, |p, &n| p.checked_mul(n as u64));
+        if o.per_dim_features.iter().any(|&n| n == 0 || n > 1 << 16)
+            || span.is_none_or(|p| p > 1 << 31)
+        {
             return Err(Error::config(
                 "adapter config",
                 "per_dim_features",
-                "every axis size must be at least 1",
+                "every axis size must be in 1..=65536 and their product at most 2^31",
             ));
         }
         Ok(())
