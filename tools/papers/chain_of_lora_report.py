@@ -40,7 +40,7 @@ on the machine during these runs, so step times are indicative only.
 {rows}
 
 **What came out.** Chain {c:.4f}, LoRA r 8 {l8:.4f}, LoRA r 24 {l24:.4f}: the chain
-{"beats" if c < l8 else "does not beat"} the single LoRA of its rank (by {l8 - c:+.4f}) and
-{"beats" if c < l24 else "does not beat"} LoRA of its saved rank (by {l24 - c:+.4f}). One seed at
+{"beats" if c < l8 else "does not beat"} the single LoRA of its rank ({"ahead" if c < l8 else "behind"} by {abs(l8 - c):.4f}) and
+{"beats" if c < l24 else "does not beat"} LoRA of its saved rank ({"ahead" if c < l24 else "behind"} by {abs(l24 - c):.4f}). One seed at
 {steps} steps: differences of a few hundredths are within what another seed could move. {note}
 """)
