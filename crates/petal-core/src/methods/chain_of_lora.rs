@@ -311,7 +311,7 @@ impl ChainTraining {
 
     /// Whether step `step` (0-based) ends a link that has a successor.
     fn knot(&self, step: usize) -> bool {
-        (step + 1) % self.link_steps == 0 && (step + 1) / self.link_steps < self.count
+        (step + 1).is_multiple_of(self.link_steps) && (step + 1) / self.link_steps < self.count
     }
 }
 

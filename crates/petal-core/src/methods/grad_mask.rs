@@ -88,23 +88,6 @@ pub(crate) fn top_k(scores: &Tensor, k: usize) -> Result<Vec<i64>> {
     Ok(keep)
 }
 
-/// The value the `k`-th largest entry over several score tensors has (the global top-k's
-/// threshold), looking at each tensor's own top k only.
-pub(crate) fn kth_largest(scores: &[Tensor], k: usize) -> Result<f32> {
-    let mut cand = Vec::new();
-    for s in scores {
-        let v = s.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        let top = top_k(s, k)?;
-        cand.extend(top.iter().map(|&i| v[i as usize]));
-    }
-    if cand.is_empty() || k == 0 {
-        return Ok(f32::INFINITY);
-    }
-    let k = k.min(cand.len());
-    cand.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-    Ok(cand[k - 1])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,11 +124,9 @@ mod tests {
     }
 
     #[test]
-    fn top_k_keeps_the_largest_and_the_global_threshold_spans_tensors() {
+    fn top_k_keeps_the_largest_in_ascending_positions() {
         let a = Tensor::new(&[[0.1f32, 5.0], [3.0, -9.0]], &Device::Cpu).unwrap();
         assert_eq!(top_k(&a, 2).unwrap(), vec![1, 2]);
-        let b = Tensor::new(&[4.0f32, 0.0, 6.0], &Device::Cpu).unwrap();
-        assert_eq!(kth_largest(&[a.clone(), b.clone()], 3).unwrap(), 4.0);
-        assert_eq!(kth_largest(&[a, b], 1).unwrap(), 6.0);
+        assert_eq!(top_k(&a, 9).unwrap(), vec![0, 1, 2, 3]);
     }
 }

@@ -45,7 +45,7 @@ crate::method_options! {
 
 impl Mos {
     fn check_dims(o: &MosOptions, path: &str, out: usize, inp: usize) -> Result<()> {
-        if inp % o.shard_len != 0 || out % o.shard_len != 0 {
+        if !inp.is_multiple_of(o.shard_len) || !out.is_multiple_of(o.shard_len) {
             return Err(Error::config(
                 "adapter config",
                 "shard_len",

@@ -102,7 +102,7 @@ fn factorisations(
         }
         return;
     }
-    for k in (2..=cap.min(n)).rev().filter(|k| n % k == 0) {
+    for k in (2..=cap.min(n)).rev().filter(|&k| n.is_multiple_of(k)) {
         cur.push(k);
         factorisations(n / k, left - 1, k, cur, f);
         cur.pop();

@@ -20,7 +20,7 @@ use crate::config::{spec, AdapterConfig, Spec};
 use crate::methods::{add_dense_delta, dense_linear};
 use crate::rng::splitmix;
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use rand::SeedableRng;
 
 pub const WEIGHTS: &str = "rps_weights";
@@ -202,6 +202,7 @@ crate::conformance!(conformance, conformance_config, |inp, _out, _cfg| {
 #[cfg(test)]
 mod oracle {
     use super::*;
+    use candle_core::Device;
 
     /// dW and M's gradient against `tools/golden/rps_oracle.py`, a NumPy transcription of the
     /// mapping as documented above (tiles, wrap, signs) and of ROAST's gather and scatter-add,
