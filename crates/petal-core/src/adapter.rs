@@ -306,10 +306,14 @@ pub trait AdapterMethod: Sync {
     fn bench_settings(&self) -> Option<&'static [(&'static str, &'static str)]> {
         None
     }
-    /// Switch the init to the method's non-zero variant (PEFT's testing switch).
+    /// Switch the init to the method's non-zero variant (PEFT's testing switch: `init_weights`
+    /// or `init_lora_weights` false).
     fn set_init_nonzero(&self, opts: &mut serde_json::Map<String, serde_json::Value>) {
-        if self.options().has("init_weights") {
-            opts.insert("init_weights".into(), false.into());
+        let spec = self.options();
+        for key in ["init_weights", "init_lora_weights"] {
+            if spec.has(key) {
+                opts.insert(key.into(), false.into());
+            }
         }
     }
     /// The method's work around a training run of adapter `name` (AdaLoRA's rank allocation);

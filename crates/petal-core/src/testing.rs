@@ -59,6 +59,14 @@ impl Adaptable for Toy {
     }
 }
 
+/// A golden fixture of `tests/fixtures/golden/` by file stem (`"quanta"`), every tensor on the CPU.
+pub fn golden_fixture(name: &str) -> std::collections::HashMap<String, Tensor> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("../../tests/fixtures/golden/{name}.safetensors"));
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 /// A whole-number option of `cfg` (tests).
 pub fn opt_usize(cfg: &AdapterConfig, key: &str) -> usize {
     cfg.get(key)

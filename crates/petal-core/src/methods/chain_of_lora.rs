@@ -14,8 +14,8 @@
 //! `peft_type: "CHAIN_OF_LORA"`) and the current link.
 
 use crate::adapter::{
-    AdapterLayer, AdapterMethod, BaseLinear, ModuleDims, NamedTensor, NewAdapter, SharedOption,
-    TrainingHook, WeightUpdate,
+    AdapterLayer, AdapterMethod, BaseLinear, ModuleDims, NamedTensor, NewAdapter, TrainingHook,
+    WeightUpdate,
 };
 use crate::config::{spec, AdapterConfig, RankValue, Spec};
 use crate::methods::lora::{dropout, LoraCore, LoraOptions};
@@ -73,20 +73,8 @@ impl AdapterMethod for ChainOfLora {
         spec::<ChainOptions>()
     }
 
-    fn shared_key(&self, o: SharedOption) -> Option<&'static str> {
-        Some(match o {
-            SharedOption::Rank => "r",
-            SharedOption::Alpha => "lora_alpha",
-            SharedOption::Dropout => "lora_dropout",
-        })
-    }
-
     fn writes_layer_selection(&self) -> bool {
         true
-    }
-
-    fn set_init_nonzero(&self, opts: &mut serde_json::Map<String, serde_json::Value>) {
-        opts.insert("init_lora_weights".into(), false.into());
     }
 
     fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
@@ -222,10 +210,6 @@ impl ChainLayer {
             .factors(ctx.is_train(), false)?
             .expect("the current link"))
     }
-
-    fn low_rank(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-        Ok((x.matmul(&a.t()?)?.matmul(&b.t()?)? * scale)?)
-    }
 }
 
 impl AdapterLayer for ChainLayer {
@@ -237,14 +221,15 @@ impl AdapterLayer for ChainLayer {
                 self.a[self.current()].as_tensor(),
                 self.b[self.current()].as_tensor(),
             );
-            let cur = Self::low_rank(&dropout(&x2, self.dropout, ctx)?, a, b, self.scale)?;
+            let cur =
+                crate::methods::low_rank(&dropout(&x2, self.dropout, ctx)?, a, b, self.scale)?;
             match self.factors(true, true)? {
-                Some((fa, fb)) => (cur + Self::low_rank(&x2, &fa, &fb, self.scale)?)?,
+                Some((fa, fb)) => (cur + crate::methods::low_rank(&x2, &fa, &fb, self.scale)?)?,
                 None => cur,
             }
         } else {
             let (a, b) = self.active(ctx)?;
-            Self::low_rank(&x2, &a, &b, self.scale)?
+            crate::methods::low_rank(&x2, &a, &b, self.scale)?
         };
         d = d.reshape(y.shape())?.to_dtype(y.dtype())?;
         Ok((y + d)?)

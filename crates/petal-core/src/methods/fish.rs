@@ -489,7 +489,7 @@ mod tests {
             let h = t.fc1.forward(&x, &ctx).unwrap().silu().unwrap();
             let y = t.fc2.forward(&h, &ctx).unwrap();
             let _ = (y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
-            assert_eq!(hook.reset_optimizer_after(step), false);
+            assert!(!hook.reset_optimizer_after(step));
             hook.after_step(&t, step, &none).unwrap();
             for n in 0..2 {
                 let xn = x.get(n).unwrap();

@@ -289,7 +289,7 @@ mod tests {
 
 #[cfg(test)]
 mod oracle {
-    use candle_core::{Device, Var};
+    use candle_core::Var;
     use petal_ops::fastfood::{fastfood, Fastfood};
 
     /// The projection and its gradient against the official `fastfood_torched`, fed the signs,
@@ -297,9 +297,7 @@ mod oracle {
     /// (`tools/golden/intrinsic_oracle.py`).
     #[test]
     fn the_projection_and_its_gradient_equal_the_official_fastfood() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/golden/intrinsic.safetensors");
-        let t = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+        let t = crate::testing::golden_fixture("intrinsic");
         for (name, numel) in [("padded", 120), ("exact", 64), ("wide", 100)] {
             let g = |k: &str| t[&format!("{name}.{k}")].clone();
             let ff = std::sync::Arc::new(Fastfood {

@@ -195,15 +195,12 @@ mod tests {
 #[cfg(test)]
 mod oracle {
     use super::*;
-    use candle_core::Device;
 
     /// The update from U and V against `tools/golden/kradapter_oracle.py`, a NumPy
     /// transcription of the paper's Khatri-Rao product written apart from this file.
     #[test]
     fn the_update_equals_the_transcription_of_the_paper_in_both_orientations() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/golden/kradapter.safetensors");
-        let t = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+        let t = crate::testing::golden_fixture("kradapter");
         for (name, (out, inp)) in [
             ("wide", (7, 20)),
             ("tall", (20, 7)),

@@ -43,6 +43,12 @@ pub(crate) fn flat_input(x: &Tensor) -> Result<Tensor> {
     Ok(xf.reshape((xf.elem_count() / inp, inp))?)
 }
 
+/// `scale (x A^T) B^T` for x (rows, in), A (r, in), B (out, r): the composed low-rank term of
+/// the LoRA-shaped methods (Chain of LoRA, RoSA, MoS).
+pub(crate) fn low_rank(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    Ok((x.matmul(&a.t()?)?.matmul(&b.t()?)? * scale)?)
+}
+
 /// Rank for one module: `r`, or the `rank_pattern` entry whose key matches its path as
 /// `(.*\.)?(key)$`.
 pub(crate) fn rank_for(

@@ -229,7 +229,7 @@ impl AdapterLayer for MosLayer {
     fn forward(&self, x: &Tensor, y: Tensor, _ctx: &crate::Ctx) -> Result<Tensor> {
         let (a, b) = self.factors()?;
         let x2 = crate::methods::flat_input(x)?;
-        let d = (x2.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale)?;
+        let d = crate::methods::low_rank(&x2, &a, &b, self.scale)?;
         let d = d.reshape(y.shape())?.to_dtype(y.dtype())?;
         Ok((y + d)?)
     }
@@ -328,8 +328,8 @@ fn conformance_config() -> AdapterConfig {
     c
 }
 
-/// Per module the private rank's rows and columns; the pools (one rank of every module, in
-/// shards of 2) counted once, with fc1: (10 + 12) + (12 + 6) values.
+// Per module the private rank's rows and columns; the pools (one rank of every module, in
+// shards of 2) counted once, with fc1: (10 + 12) + (12 + 6) values.
 #[cfg(test)]
 crate::conformance!(conformance, conformance_config, |inp, out, _cfg| {
     (inp + out) + if inp == 10 { 10 + 12 + 12 + 6 } else { 0 }
@@ -338,15 +338,12 @@ crate::conformance!(conformance, conformance_config, |inp, out, _cfg| {
 #[cfg(test)]
 mod oracle {
     use super::*;
-    use candle_core::Device;
 
     /// dW and the gradients of the pools and private factors against
     /// `tools/golden/mos_oracle.py`, a PyTorch transcription of the paper's assembly.
     #[test]
     fn the_assembled_update_and_its_gradients_equal_the_transcription() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/golden/mos.safetensors");
-        let t = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+        let t = crate::testing::golden_fixture("mos");
         let v = |k: &str| Var::from_tensor(&t[k]).unwrap();
         let layer = MosLayer {
             pool_a: v("pool_a"),

@@ -250,9 +250,7 @@ mod oracle {
     /// (`tools/golden/paca_oracle.py` runs the PaCA fork's `Linear` and its autograd function).
     #[test]
     fn forward_gradients_and_merge_equal_the_official_layer() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/golden/paca.safetensors");
-        let t = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+        let t = crate::testing::golden_fixture("paca");
         for (name, r, alpha) in [("square", 3, 6.0), ("wide", 4, 8.0), ("tall", 2, 2.0)] {
             let g = |k: &str| t[&format!("{name}.{k}")].clone();
             let layer = PacaLayer {

@@ -520,16 +520,13 @@ mod tests {
 #[cfg(test)]
 mod oracle {
     use super::*;
-    use candle_core::Device;
 
     /// The layer against the official `quanta.tuners.quanta.Linear`, run by
     /// `tools/golden/quanta_oracle.py` on a zero base weight: its output is the update alone,
     /// and its merged weight is dW.
     #[test]
     fn the_update_and_its_output_equal_the_official_layer() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/golden/quanta.safetensors");
-        let t = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+        let t = crate::testing::golden_fixture("quanta");
         for (name, out, inp, n) in [
             ("square", 12, 12, vec![3, 4]),
             ("padded", 12, 10, vec![2, 2, 3]),

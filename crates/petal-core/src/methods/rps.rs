@@ -189,7 +189,7 @@ fn conformance_config() -> AdapterConfig {
     c
 }
 
-/// M is shared: counted once, with fc1 (whose input is 10).
+// M is shared: counted once, with fc1 (whose input is 10).
 #[cfg(test)]
 crate::conformance!(conformance, conformance_config, |inp, _out, _cfg| {
     if inp == 10 {
@@ -209,9 +209,7 @@ mod oracle {
     /// written apart from this file.
     #[test]
     fn the_update_and_the_shared_gradient_equal_the_transcription() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/golden/rps.safetensors");
-        let t = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+        let t = crate::testing::golden_fixture("rps");
         let o = RpsOptions {
             budget: 50,
             tile: 8,

@@ -135,10 +135,6 @@ impl AdapterMethod for AdaLora {
         cfg.set("total_step", steps)
     }
 
-    fn set_init_nonzero(&self, opts: &mut Map<String, Value>) {
-        opts.insert("init_lora_weights".into(), false.into());
-    }
-
     fn training(
         &self,
         model: &dyn crate::Adaptable,

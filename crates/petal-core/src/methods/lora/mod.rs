@@ -87,10 +87,6 @@ impl AdapterMethod for Lora {
         Some(&[])
     }
 
-    fn set_init_nonzero(&self, opts: &mut serde_json::Map<String, serde_json::Value>) {
-        opts.insert("init_lora_weights".into(), false.into());
-    }
-
     fn adapts_embeddings(&self) -> bool {
         true
     }

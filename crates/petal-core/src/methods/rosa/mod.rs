@@ -15,8 +15,8 @@
 //! and int16).
 
 use crate::adapter::{
-    AdapterLayer, AdapterMethod, BaseLinear, ModuleDims, NamedTensor, NewAdapter, SharedOption,
-    TrainingHook, WeightUpdate,
+    AdapterLayer, AdapterMethod, BaseLinear, ModuleDims, NamedTensor, NewAdapter, TrainingHook,
+    WeightUpdate,
 };
 use crate::config::{spec, AdapterConfig, Spec};
 use crate::methods::grad_mask::{top_k, GradSquares};
@@ -27,7 +27,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 pub struct Rosa;
 
@@ -84,20 +84,8 @@ impl AdapterMethod for Rosa {
         spec::<RosaOptions>()
     }
 
-    fn shared_key(&self, o: SharedOption) -> Option<&'static str> {
-        Some(match o {
-            SharedOption::Rank => "r",
-            SharedOption::Alpha => "lora_alpha",
-            SharedOption::Dropout => "lora_dropout",
-        })
-    }
-
     fn writes_layer_selection(&self) -> bool {
         true
-    }
-
-    fn set_init_nonzero(&self, opts: &mut serde_json::Map<String, serde_json::Value>) {
-        opts.insert("init_lora_weights".into(), false.into());
     }
 
     fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
@@ -224,6 +212,7 @@ impl AdapterMethod for Rosa {
             col_idx: Var::zeros(k, DType::I64, dev)?,
             phase: Arc::new(AtomicU8::new(first)),
             grads: Arc::default(),
+            positions: Arc::default(),
             out,
             inp,
         };
@@ -258,15 +247,22 @@ struct RosaLayer {
     col_idx: Var,  // (k,) int64
     phase: Arc<AtomicU8>,
     grads: Arc<GradSquares>,
+    /// S's flat positions, derived from the CSR buffers
+    positions: Arc<Mutex<Option<Tensor>>>,
     out: usize,
     inp: usize,
 }
 
 impl RosaLayer {
     /// S's flat positions (row * in + col) in CSR order, once its mask is chosen.
+    /// Built from the CSR buffers once per mask (a new mask or a load clears the cache).
     fn positions(&self) -> Result<Option<Tensor>> {
         if self.phase.load(Ordering::Relaxed) != SPARSE || self.values.elem_count() == 0 {
             return Ok(None);
+        }
+        let mut cached = self.positions.lock().expect("rosa positions");
+        if let Some(p) = cached.as_ref() {
+            return Ok(Some(p.clone()));
         }
         let offs = self.row_offs.as_tensor().to_vec1::<i64>()?;
         let cols = self.col_idx.as_tensor().to_vec1::<i64>()?;
@@ -276,11 +272,9 @@ impl RosaLayer {
                 flat.push(r as i64 * self.inp as i64 + c);
             }
         }
-        Ok(Some(Tensor::from_vec(
-            flat,
-            cols.len(),
-            self.values.device(),
-        )?))
+        let pos = Tensor::from_vec(flat, cols.len(), self.values.device())?;
+        *cached = Some(pos.clone());
+        Ok(Some(pos))
     }
 
     /// `+ x S^T` where S exists, then the gradient capture while the mask is being chosen.
@@ -307,6 +301,7 @@ impl RosaLayer {
         MaskHandle {
             row_offs: self.row_offs.clone(),
             col_idx: self.col_idx.clone(),
+            positions: self.positions.clone(),
             phase: self.phase.clone(),
             grads: self.grads.clone(),
             k: self.values.elem_count(),
@@ -326,10 +321,8 @@ impl AdapterLayer for RosaLayer {
         } else {
             x2
         };
-        let d = (xd
-            .matmul(&self.a.as_tensor().t()?)?
-            .matmul(&self.b.as_tensor().t()?)?
-            * self.scale)?;
+        let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
+        let d = crate::methods::low_rank(&xd, a, b, self.scale)?;
         let d = d.reshape(y.shape())?.to_dtype(y.dtype())?;
         self.finish(x, (y + d)?, ctx)
     }
@@ -421,6 +414,7 @@ impl AdapterLayer for RosaLayer {
                 self.inp
             )));
         }
+        *self.positions.lock().expect("rosa positions") = None;
         self.phase.store(SPARSE, Ordering::Relaxed);
         Ok(())
     }
@@ -434,6 +428,7 @@ impl AdapterLayer for RosaLayer {
 struct MaskHandle {
     row_offs: Var,
     col_idx: Var,
+    positions: Arc<Mutex<Option<Tensor>>>,
     phase: Arc<AtomicU8>,
     grads: Arc<GradSquares>,
     k: usize,
@@ -465,6 +460,7 @@ impl MaskHandle {
         let dev = self.row_offs.device();
         self.row_offs.set(&Tensor::from_vec(offs, out + 1, dev)?)?;
         self.col_idx.set(&Tensor::from_vec(cols, self.k, dev)?)?;
+        *self.positions.lock().expect("rosa positions") = None;
         Ok(())
     }
 }
@@ -531,213 +527,7 @@ crate::conformance!(conformance, conformance_config, |inp, out, _cfg| {
 });
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testing::{adapted, max_rel, rand_tensor, Toy};
-    use crate::Adaptable;
-
-    fn layers(t: &Toy) -> Vec<&RosaLayer> {
-        [&t.fc1, &t.fc2]
-            .iter()
-            .map(|l| {
-                l.layer("default")
-                    .and_then(|l| l.as_any())
-                    .and_then(|a| a.downcast_ref::<RosaLayer>())
-                    .unwrap()
-            })
-            .collect()
-    }
-
-    /// wl1 with two gradient steps: LoRA alone, then the mask from the mean squared weight
-    /// gradients (recomputed here with W as a variable), then the sparse part trains: its
-    /// values' gradient against finite differences, merged == unmerged, fused == composed.
-    #[test]
-    fn the_schedule_picks_the_top_squared_gradients_and_then_trains_s() {
-        let mut c = conformance_config();
-        c.set("schedule", "wl1").unwrap();
-        c.set("spa_num_grads", 2).unwrap();
-        let mut t = adapted(&c, false);
-        let mut hook = Rosa.training(&t, "default", &c).unwrap().unwrap();
-        let none = |_: &Var| None;
-        let proj = rand_tensor(&[2, 3, 12], 7);
-        let mut want = Tensor::zeros((12, 10), DType::F32, &Device::Cpu).unwrap();
-        for step in 0..3 {
-            let ctx = crate::Ctx::train(step as u64);
-            let x = rand_tensor(&[2, 3, 10], 40 + step as u64);
-            let y = t.fc1.forward(&x, &ctx).unwrap();
-            let _ = (y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
-            if step >= 1 {
-                // the weight gradient of (x W^T) . proj is proj^T x, summed over the batch
-                let g = proj
-                    .reshape((6, 12))
-                    .unwrap()
-                    .t()
-                    .unwrap()
-                    .matmul(&x.reshape((6, 10)).unwrap())
-                    .unwrap();
-                want = (want + g.sqr().unwrap()).unwrap();
-            }
-            hook.after_step(&t, step, &none).unwrap();
-        }
-        let l = layers(&t)[0];
-        assert_eq!(l.phase.load(Ordering::Relaxed), SPARSE);
-        let k = l.values.elem_count();
-        assert_eq!(k, 12);
-        let pos = l.positions().unwrap().unwrap().to_vec1::<i64>().unwrap();
-        assert_eq!(
-            pos,
-            top_k(&want, k).unwrap(),
-            "the mask is the top-k of mean G^2"
-        );
-        // train S a little, then the checks on the sparse path
-        for layer in layers(&t) {
-            let k = layer.values.elem_count();
-            layer.values.set(&rand_tensor(&[k], 3)).unwrap();
-            layer.b.set(&rand_tensor(layer.b.dims(), 4)).unwrap();
-        }
-        crate::testing::check_fused_equals_composed_on(&t);
-        let x = Toy::input();
-        let unmerged = t.forward(&x);
-        for lin in t.linears_mut() {
-            lin.merge("default", true).unwrap();
-        }
-        assert!(max_rel(&t.forward(&x), &unmerged) < 1e-5);
-    }
-
-    #[test]
-    fn bad_densities_schedules_and_short_runs_are_refused_naming_the_option() {
-        for (key, v, want) in [
-            ("d", serde_json::json!(0.0), "d"),
-            ("d", serde_json::json!(1.5), "d"),
-            ("schedule", serde_json::json!("warm64"), "schedule"),
-            ("spa_num_grads", serde_json::json!(0), "spa_num_grads"),
-            ("grad_acc_mode", serde_json::json!("mean"), "grad_acc_mode"),
-        ] {
-            let mut c = conformance_config();
-            c.set(key, v).unwrap();
-            let e = Rosa.validate(&c).unwrap_err().to_string();
-            assert!(e.contains(want), "{key}: {e}");
-        }
-        let mut c = conformance_config();
-        let new = NewAdapter {
-            shape: crate::adapter::InputShape {
-                hidden: 10,
-                layers: 1,
-                kv_heads: 1,
-                head_dim: 10,
-            },
-            attention_heads: 1,
-            max_steps: 50,
-            given: vec![],
-        };
-        let e = Rosa.prepare(&mut c, &new).unwrap_err().to_string();
-        assert!(e.contains("schedule") && e.contains("50 steps"), "{e}");
-    }
-
-    #[test]
-    fn a_loaded_mask_that_does_not_fit_the_module_is_refused() {
-        let t = adapted(&conformance_config(), false);
-        let l = layers(&t)[0]; // (12, 10), k = 12
-        let offs: Vec<i64> = (0..=12).collect();
-        l.row_offs
-            .set(&Tensor::new(offs.as_slice(), &Device::Cpu).unwrap())
-            .unwrap();
-        l.col_idx
-            .set(&Tensor::new(&[3i64; 12], &Device::Cpu).unwrap())
-            .unwrap();
-        l.check_loaded().unwrap();
-        l.col_idx
-            .set(&Tensor::new(&[10i64; 12], &Device::Cpu).unwrap())
-            .unwrap();
-        let e = l.check_loaded().unwrap_err().to_string();
-        assert!(e.contains("col_idx") && e.contains("0..10"), "{e}");
-        let mut bad = offs.clone();
-        bad[5] = 2;
-        l.row_offs
-            .set(&Tensor::new(bad.as_slice(), &Device::Cpu).unwrap())
-            .unwrap();
-        let e = l.check_loaded().unwrap_err().to_string();
-        assert!(e.contains("row_offs"), "{e}");
-    }
-}
-
-#[cfg(test)]
-mod oracle {
-    use super::*;
-
-    /// The mask, the output, the gradients and the merged weight against
-    /// `tools/golden/rosa_oracle.py`, a PyTorch transcription of the paper written apart from
-    /// this file (W a torch parameter there, so its gradient is autograd's own).
-    #[test]
-    fn mask_output_gradients_and_merge_equal_the_transcription_of_the_paper() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/golden/rosa.safetensors");
-        let t = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
-        let (out, inp) = (6, 8);
-        let k = values_for(0.25, out, inp);
-        let layer = RosaLayer {
-            a: Var::from_tensor(&t["a"]).unwrap(),
-            b: Var::from_tensor(&t["bb"]).unwrap(),
-            lora: true,
-            scale: 1.5,
-            dropout: 0.0,
-            values: Var::zeros(k, DType::F32, &Device::Cpu).unwrap(),
-            row_offs: Var::zeros(out + 1, DType::I64, &Device::Cpu).unwrap(),
-            col_idx: Var::zeros(k, DType::I64, &Device::Cpu).unwrap(),
-            phase: Arc::new(AtomicU8::new(COLLECT)),
-            grads: Arc::default(),
-            out,
-            inp,
-        };
-        let (w, b) = (&t["w"], &t["b"]);
-        for kern in [petal_ops::Kernels::FUSED, petal_ops::Kernels::REFERENCE] {
-            let ctx = crate::Ctx::train(1).with_kernels(kern);
-            layer.phase.store(COLLECT, Ordering::Relaxed);
-            for (x, p) in [("x1", "p1"), ("x2", "p2")] {
-                let y = layer
-                    .fused_forward(&t[x], w, Some(b), &ctx)
-                    .unwrap()
-                    .unwrap();
-                let _ = (y * &t[p]).unwrap().sum_all().unwrap().backward().unwrap();
-            }
-            layer.handle().choose().unwrap();
-            let pos = layer.positions().unwrap().unwrap();
-            assert_eq!(
-                pos.to_vec1::<i64>().unwrap(),
-                t["mask"].to_vec1::<i64>().unwrap(),
-                "{kern:?}: the mask"
-            );
-            layer.values.set(&t["values"]).unwrap();
-            let x3 = Var::from_tensor(&t["x3"]).unwrap();
-            let y = layer
-                .fused_forward(x3.as_tensor(), w, Some(b), &ctx)
-                .unwrap()
-                .unwrap();
-            let e = crate::testing::max_rel(&y, &t["y3"]);
-            assert!(e < 1e-5, "{kern:?}: output {e:e}");
-            let g = (y * &t["p3"])
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let e = crate::testing::max_rel(g.get(x3.as_tensor()).unwrap(), &t["dx3"]);
-            assert!(e < 1e-5, "{kern:?}: dL/dx {e:e}");
-            let e =
-                crate::testing::max_rel(g.get(layer.values.as_tensor()).unwrap(), &t["dvalues"]);
-            assert!(e < 1e-5, "{kern:?}: dL/dvalues {e:e}");
-            let WeightUpdate::Add(dw) = layer.weight_update().unwrap() else {
-                panic!("additive")
-            };
-            let e = crate::testing::max_rel(&(w + dw).unwrap(), &t["merged"]);
-            assert!(e < 1e-6, "{kern:?}: merged {e:e}");
-            layer
-                .values
-                .set(&Tensor::zeros(k, DType::F32, &Device::Cpu).unwrap())
-                .unwrap();
-        }
-    }
-}
+mod tests;
 
 /// r = 0: the sparse part alone (the paper's SpA baseline), through the same checks.
 #[cfg(test)]
