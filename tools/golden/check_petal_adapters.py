@@ -61,6 +61,8 @@ CASES = [
     # SSF (petal's own): the merged model (W' = diag(g) W, b' = g b + beta) is the reference
     ("llama", ["--method", "ssf"]),
     ("qwen2", ["--method", "ssf", "--target-modules", "q_proj,k_proj,v_proj"]),
+    # SSF after the norms too: gamma folds into the norm weights, beta into q/k/v and gate/up biases
+    ("llama", ["--method", "ssf", "--set", "norms=true", "--set", "init_weights=false"]),
     ("llama", ["--method", "kradapter"]),
     ("llama", ["--method", "quanta", "--set", "d=3", "--target-modules", "q_proj,v_proj,down_proj"]),
     ("qwen2", ["--method", "paca", "--r", "4", "--alpha", "8"]),

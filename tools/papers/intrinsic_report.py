@@ -7,12 +7,19 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 import report  # noqa: E402
 
-results, steps, seed, lr_theta, lr_full, svg = sys.argv[1:7]
+results, steps, seed, cs, lr_full, svg = sys.argv[1:7]
 runs = {r["label"]: r for r in report.runs(results)}
 full = runs.pop("full")
 before = full["eval_before"]["loss"]
 gain_full = before - full["eval_after"]["loss"]
-sweep = sorted(((int(k[1:]), r) for k, r in runs.items()), key=lambda t: t[0])
+# labels d<d>_lr<lr>: every run, then the best rate of each d
+tried = sorted(((int(k[1:].split("_lr")[0]), k.split("_lr")[1], r) for k, r in runs.items()),
+               key=lambda t: (t[0], float(t[1])))
+best = {}
+for d, lr, r in tried:
+    if d not in best or r["eval_after"]["loss"] < best[d][1]["eval_after"]["loss"]:
+        best[d] = (lr, r)
+sweep = [(d, best[d][1]) for d in sorted(best)]
 d90 = next((d for d, r in sweep if before - r["eval_after"]["loss"] >= 0.9 * gain_full), None)
 
 # the plot: held-out loss against d (log scale), the full-tuning and 90% lines
@@ -43,8 +50,8 @@ s += [f'<circle cx="{x(a):.1f}" cy="{y(b):.1f}" r="3" fill="#d95f02"/>' for a, b
 s.append("</svg>")
 open(svg, "w").write("\n".join(s))
 rows = "\n".join(
-    f"| {d:,} | {r['eval_after']['loss']:.4f} | {100 * (before - r['eval_after']['loss']) / gain_full:.0f}% | "
-    f"{r['median_step_seconds']:.2f} |" for d, r in sweep)
+    f"| {d:,} | {lr} | {r['eval_after']['loss']:.4f} | {100 * (before - r['eval_after']['loss']) / gain_full:.0f}% | "
+    f"{r['median_step_seconds']:.2f} |{' best' if best[d][0] == lr else ''} |" for d, lr, r in tried)
 print(f"""# Intrinsic dimension of SmolLM2 on Shakespeare (d90)
 
 **Claim** (Li et al., ICLR 2018; for language models Aghajanyan et al., 2020): training in a
@@ -55,7 +62,9 @@ fine-tuning gains; d90 is the smallest d reaching 90% of the full gain.
 to f32), Shakespeare, sequences of 128, batch 4, {steps} steps, AdamW with 10 warm-up steps and a
 cosine decay, seed {seed}; held-out loss on 32 validation sequences; q_proj and v_proj
 ({full['trainable_params'] - 192:,} weights). Each d: one θ of d values through a Fastfood projection
-per module, lr {lr_theta}; full tuning of the same modules (their full copies, with an IA3 vector of
+per module, at lr = c * sqrt(1000 / d) for c in {cs} (Adam moves each coordinate of θ by about lr
+per step, so the weights' change grows with sqrt(d) at one rate), the best c counting for each d
+and drawn in the plot; full tuning of the same modules (their full copies, with an IA3 vector of
 192 values on one k_proj that carries them), lr {lr_full}. The gain is the drop in held-out loss
 from the untuned model ({before:.4f}). CPU: {report.cpu()}. Other work ran on the machine
 during these runs, so step times are indicative only.
@@ -64,11 +73,11 @@ during these runs, so step times are indicative only.
 
 Full tuning: {full['eval_after']['loss']:.4f} (gain {gain_full:.4f}).
 
-| d | held-out loss | share of the full gain | median step s |
-|---:|---:|---:|---:|
+| d | lr | held-out loss | share of the full gain | median step s | |
+|---:|---:|---:|---:|---:|---|
 {rows}
 
 **What came out.** {f"d90 = {d90:,} among the d tried" if d90 else "No d tried reaches 90% of the full gain"}
-(one seed, {steps} steps, one learning rate per kind: a d between two tried ones is not resolved,
-and a longer run or another rate moves the curve).
+(one seed, {steps} steps, {len(cs.split())} rates per d: a d between two tried ones is not resolved,
+and a longer run moves the curve).
 """)

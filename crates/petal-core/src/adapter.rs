@@ -360,6 +360,19 @@ pub trait AdapterMethod: Sync {
     fn tunes_norms(&self) -> Option<&'static str> {
         None
     }
+    /// Methods that also put a scale and shift on each norm whose output feeds linears (SSF):
+    /// the initial (scale, shift) for a norm of `width` features and the names they are saved
+    /// under, relative to the norm's path; None where `cfg` leaves norms alone.
+    #[allow(clippy::type_complexity)]
+    fn norm_affine(
+        &self,
+        _cfg: &AdapterConfig,
+        _width: usize,
+        _seed: u64,
+        _dev: &candle_core::Device,
+    ) -> Result<Option<(Tensor, Tensor, [&'static str; 2])>> {
+        Ok(None)
+    }
     /// Input-side methods (prompt tuning, prefix tuning, …) build one `InputAdapter` for the
     /// whole model instead of layers.
     fn build_input(

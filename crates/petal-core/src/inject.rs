@@ -28,6 +28,12 @@ pub trait Adaptable {
     fn norms_mut(&mut self) -> Vec<&mut AdaptableNorm> {
         Vec::new()
     }
+    /// The linears that read norm `norm`'s output directly (HF paths), where a shift after
+    /// the norm can be folded into their biases (SSF's merge); empty for a norm that has none
+    /// (a model's final norm, whose head has no bias in transformers), which SSF leaves alone.
+    fn norm_consumers(&self, _norm: &str) -> Vec<String> {
+        Vec::new()
+    }
     /// What input-side adapters need of the model (None: the model takes none).
     fn input_shape(&self) -> Option<InputShape> {
         None
@@ -128,7 +134,7 @@ pub fn inject_adapter_within(
         let mut modules = Vec::new();
         for n in model.norms_mut() {
             if target::is_target(cfg, n.path(), false) {
-                let params = n.add_copy(name, tensor)?.as_tensor().elem_count();
+                let params = n.add_copy(name, tensor)?;
                 modules.push(Injected {
                     path: n.path().to_string(),
                     in_features: params,
@@ -208,6 +214,7 @@ pub fn inject_adapter_within(
             linear_suffixes(model).join(", ")
         )));
     }
+    attach_norm_affines(model, name, cfg, method, seed, &mut modules)?;
     attach_module_copies(model, name, cfg, &mut modules)?;
     attach_trainable_tokens(model, name, cfg, &mut modules, &shared)?;
     if method.trains_all_biases(cfg) {
@@ -230,6 +237,43 @@ pub fn inject_adapter_within(
         peft_type: cfg.peft_type.clone(),
         modules,
     })
+}
+
+/// A method's scale and shift on every norm that feeds linears (SSF with `norms`).
+fn attach_norm_affines(
+    model: &mut dyn Adaptable,
+    name: &str,
+    cfg: &AdapterConfig,
+    method: &dyn crate::adapter::AdapterMethod,
+    seed: u64,
+    modules: &mut Vec<Injected>,
+) -> Result<()> {
+    let feeding: Vec<String> = model
+        .norms()
+        .iter()
+        .map(|n| n.path().to_string())
+        .filter(|p| !model.norm_consumers(p).is_empty())
+        .collect();
+    for (i, n) in model.norms_mut().into_iter().enumerate() {
+        if !feeding.iter().any(|p| p == n.path()) {
+            continue;
+        }
+        let width = n.base().elem_count();
+        let seed = rng::splitmix(seed ^ rng::splitmix(!(i as u64)));
+        let Some((scale, shift, names)) =
+            method.norm_affine(cfg, width, seed, n.base().device())?
+        else {
+            return Ok(());
+        };
+        let params = n.add_affine(name, scale, shift, names)?;
+        modules.push(Injected {
+            path: n.path().to_string(),
+            in_features: width,
+            out_features: width,
+            params,
+        });
+    }
+    Ok(())
 }
 
 /// The linears of `model` that `cfg` targets, in model order.
@@ -414,8 +458,9 @@ pub fn adapter_vars(model: &dyn Adaptable, name: &str) -> Vec<Var> {
 }
 
 /// Merge every adapter into the base weights and drop them (`petal merge`): each linear's
-/// adapters by their `WeightUpdate`, tuned norms' copies become the weights. An input-side
-/// adapter (virtual tokens, prefixes) has no weight to merge into and is refused.
+/// adapters by their `WeightUpdate`, tuned norms' copies (or scales) become the weights and a
+/// shift after a norm (SSF) becomes `W β` added to the bias of each linear the norm feeds. An
+/// input-side adapter (virtual tokens, prefixes) has no weight to merge into and is refused.
 pub fn merge_and_unload_all(model: &mut dyn Adaptable) -> Result<()> {
     if let Some((n, _)) = model.input_adapter() {
         return Err(Error::Unsupported(format!(
@@ -428,8 +473,19 @@ pub fn merge_and_unload_all(model: &mut dyn Adaptable) -> Result<()> {
     for l in model.linears_mut() {
         l.merge_and_unload(&names)?;
     }
+    let mut shifts = Vec::new();
     for n in model.norms_mut() {
-        n.merge_and_unload()?;
+        if let Some(shift) = n.merge_and_unload()? {
+            shifts.push((n.path().to_string(), shift));
+        }
+    }
+    for (norm, shift) in shifts {
+        let consumers = model.norm_consumers(&norm);
+        for l in model.linears_mut() {
+            if consumers.iter().any(|c| c == l.path()) {
+                l.add_input_shift(&shift)?;
+            }
+        }
     }
     Ok(())
 }

@@ -263,6 +263,26 @@ impl AdaptableLinear {
         Ok(())
     }
 
+    /// Make `x W^T + b` read `x + shift` at no cost: `b += W shift` (a linear without a bias
+    /// gets one). Refused while adapters are attached (merge them first).
+    pub fn add_input_shift(&mut self, shift: &Tensor) -> Result<()> {
+        if !self.adapters.is_empty() {
+            return Err(Error::msg(format!(
+                "{}: cannot fold a shift into the bias under attached adapters",
+                self.path
+            )));
+        }
+        let w = self.weight.to_dtype(candle_core::DType::F32)?;
+        let db = w.matmul(&shift.to_dtype(candle_core::DType::F32)?.reshape(((), 1))?)?;
+        let db = db.flatten_all()?;
+        let b = match &self.bias {
+            Some(b) => (b.to_dtype(candle_core::DType::F32)? + db)?,
+            None => db,
+        };
+        self.bias = Some(b.to_dtype(self.weight.dtype())?);
+        Ok(())
+    }
+
     /// Fold adapter `name` into W. With `safe`, refuse (and keep W) if the result is not finite.
     /// Merging an already merged adapter is a no-op (returns false).
     pub fn merge(&mut self, name: &str, safe: bool) -> Result<bool> {

@@ -103,7 +103,7 @@ pub fn estimate(model: &dyn Adaptable, cfg: &AdapterConfig) -> Result<Estimate> 
         let norms: u64 = model
             .norms()
             .iter()
-            .map(|n| n.weight().elem_count() as u64)
+            .map(|n| n.base().elem_count() as u64)
             .sum();
         return Ok(Estimate {
             values: values.saturating_add(norms),
@@ -123,6 +123,15 @@ pub fn estimate(model: &dyn Adaptable, cfg: &AdapterConfig) -> Result<Estimate> 
     for l in &linears {
         let v = method.layer_values(cfg, l.path(), &dims(l.out_features(), l.in_features()))?;
         values = values.saturating_add(v);
+    }
+    // a scale and shift per norm that feeds linears (SSF with `norms`)
+    for n in model.norms() {
+        let dev = candle_core::Device::Cpu;
+        if !model.norm_consumers(n.path()).is_empty()
+            && method.norm_affine(cfg, 1, 0, &dev)?.is_some()
+        {
+            values = values.saturating_add(2 * n.base().elem_count() as u64);
+        }
     }
     Ok(Estimate {
         values: values.saturating_add(beside(model, cfg)),

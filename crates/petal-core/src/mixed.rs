@@ -55,8 +55,8 @@ fn check(model: &dyn Adaptable, rows: &[&str]) -> Result<()> {
     for norm in model.norms() {
         if let Some(n) = norm.names().into_iter().find(|n| norm.is_active(n)) {
             return Err(Error::Unsupported(format!(
-                "mixed adapter batch: LN-tuning adapter `{n}` is active on {} and acts on every \
-                 row; deactivate it to mix adapters on linear layers",
+                "mixed adapter batch: adapter `{n}` adapts the norm {} (LN tuning, or SSF with \
+                 `norms`), which acts on every row; deactivate it to mix adapters on linear layers",
                 norm.path()
             )));
         }
@@ -70,7 +70,7 @@ fn check(model: &dyn Adaptable, rows: &[&str]) -> Result<()> {
     }
     for name in rows.iter().filter(|n| **n != BASE) {
         if !known.iter().any(|k| k == name) {
-            let on_norms = model.norms().iter().any(|n| n.copy(name).is_some());
+            let on_norms = model.norms().iter().any(|n| n.has(name));
             return Err(Error::msg(if on_norms {
                 format!("mixed adapter batch: adapter `{name}` tunes norms (LN tuning), which cannot mix rows")
             } else {

@@ -16,7 +16,7 @@ pub enum TensorKind {
     Shared,
     /// An input-side adapter's (`prompt_embeddings`, saved without a module prefix).
     Input,
-    /// A trained copy of a norm's weight (LN tuning).
+    /// Trained on a norm: a copy of its weight (LN tuning), a scale and shift (SSF).
     Norm,
     /// Saved with its module's layer, never trained (`AdapterLayer::buffers`).
     Buffer,
@@ -97,7 +97,7 @@ pub fn adapter_tensors<'a>(model: &'a dyn Adaptable, name: &str) -> Vec<AdapterT
         }
     }
     for n in model.norms() {
-        if let Some((key, var)) = n.copy_key(name) {
+        for (key, var) in n.keyed(name) {
             out.push(AdapterTensor {
                 key,
                 var,

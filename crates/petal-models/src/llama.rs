@@ -298,7 +298,11 @@ impl Llama {
     /// RMSNorm of the residual stream `x` into the activations' dtype (a trainable f32 norm,
     /// LN tuning, returns f32 and is rounded here).
     fn rms(&self, x: &Tensor, n: &AdaptableNorm) -> Result<Tensor> {
-        let h = rms_norm(self.kernels, x, &n.weight(), self.cfg.rms_norm_eps)?;
+        let mut h = rms_norm(self.kernels, x, &n.weight()?, self.cfg.rms_norm_eps)?;
+        if let Some(shift) = n.shift() {
+            // SSF after the norm: β in f32, added in h's dtype
+            h = h.broadcast_add(&shift.to_dtype(h.dtype())?)?;
+        }
         Ok(if h.dtype() == self.act {
             h
         } else {
@@ -495,6 +499,20 @@ impl Adaptable for Llama {
             .collect();
         v.push(&mut self.norm);
         v
+    }
+
+    fn norm_consumers(&self, norm: &str) -> Vec<String> {
+        // the final norm feeds the head, which has no bias in transformers: none listed
+        let paths = |ls: &[&AdaptableLinear]| ls.iter().map(|l| l.path().to_string()).collect();
+        for l in &self.layers {
+            if l.ln1.path() == norm {
+                return paths(&[&l.attn.q, &l.attn.k, &l.attn.v]);
+            }
+            if l.ln2.path() == norm {
+                return paths(&[&l.mlp.gate, &l.mlp.up]);
+            }
+        }
+        Vec::new()
     }
 
     fn input_shape(&self) -> Option<InputShape> {

@@ -420,3 +420,53 @@ fn merged_equals_unmerged_then_unmerge(m: &mut Llama, before: &Tensor) {
         l.unmerge().unwrap();
     }
 }
+
+/// SSF with `norms` (far from the identity): every per-layer norm gets a scale and shift, the
+/// final norm none; their gradients match finite differences; merging folds γ into the norm
+/// weights and β into the q/k/v and gate/up biases with the logits unchanged; a saved adapter
+/// reloads to the same logits.
+#[test]
+fn ssf_on_norms_gets_exact_gradients_merges_into_weights_and_biases_and_reloads() {
+    let mut m = model(&golden().join("llama"), DType::F32);
+    let mut cfg = AdapterConfig::for_method("SSF", 1, 1.0, Targets::List(vec!["o_proj".into()]));
+    cfg.set("norms", true).unwrap();
+    cfg.set("init_weights", false).unwrap();
+    inject_adapter(&mut m, "default", &cfg, 3).unwrap();
+    let on_norms: Vec<&str> = m
+        .norms()
+        .into_iter()
+        .filter(|n| n.has("default"))
+        .map(|n| n.path())
+        .collect();
+    assert_eq!(on_norms.len(), 4, "two layers' two norms, not the final one: {on_norms:?}");
+    assert!(!on_norms.contains(&"model.norm"));
+    let keys: Vec<String> = petal_core::walk::adapter_tensors(&m, "default")
+        .into_iter()
+        .map(|t| t.key)
+        .collect();
+    assert!(keys.contains(&"model.layers.0.input_layernorm.ssf_shift".to_string()), "{keys:?}");
+    // (candle also stores a gradient for the frozen weight γ multiplies, never used: the
+    // optimizer steps the adapter's variables only)
+    let g = logit_loss(&m).backward().unwrap();
+    for t in petal_core::walk::adapter_tensors(&m, "default")
+        .into_iter()
+        .filter(|t| t.key.contains("layernorm"))
+    {
+        let grad = g.get(t.var.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        check_fd(&m, t.var, &grad, &[0, 31]);
+    }
+    let before = m.forward(&ids(), None, &petal_core::Ctx::eval()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    petal_io::save_model_adapter(&m, "default", &cfg, dir.path()).unwrap();
+    let mut fresh = model(&golden().join("llama"), DType::F32);
+    petal_io::attach_adapter(&mut fresh, dir.path(), "default").unwrap();
+    let reloaded = fresh.forward(&ids(), None, &petal_core::Ctx::eval()).unwrap();
+    assert!(petal_ops::testing::max_rel(&reloaded, &before) < 1e-6);
+    petal_core::inject::merge_and_unload_all(&mut m).unwrap();
+    assert!(m.norms().iter().all(|n| n.names().is_empty() && n.shift().is_none()));
+    let q = &m.linears()[0];
+    assert!(q.path().ends_with("q_proj") && q.bias().is_some(), "β folds into q's bias");
+    let merged = m.forward(&ids(), None, &petal_core::Ctx::eval()).unwrap();
+    let rel = petal_ops::testing::max_rel(&merged, &before);
+    assert!(rel < 1e-5, "merged differs from unmerged: {rel}");
+}

@@ -48,4 +48,4 @@ pub use nn::{causal_mask, rope_tables};
 pub use paca::paca_linear;
 pub use pair_rotate::pair_rotate;
 pub use rope::{apply_rope, apply_rope_bthd};
-pub use scale::{add_frozen, scale_last};
+pub use scale::{add_frozen, scale_last, scale_shift_last};

@@ -5,7 +5,7 @@
 use crate::cpu::{act_in, act_out, f32s, fast_act_ok, fast_ok};
 use crate::Kernels;
 use candle_core::backend::BackendStorage as _;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 struct ScaleLast;
@@ -110,6 +110,132 @@ mod tests {
             &[rand(&[3, 5, 12], 1), rand(&[12], 2)],
             |t| scale_last(Kernels::FUSED, &t[0], &t[1]).unwrap(),
             |t| t[0].broadcast_mul(&t[1]).unwrap(),
+        );
+    }
+}
+
+/// `y ⊙ l + s`: SSF's scale and shift in one pass each way (candle's broadcast product and sum
+/// would keep two graph nodes and reduce each gradient over the rows on one thread).
+struct ScaleShiftLast;
+
+impl CustomOp3 for ScaleShiftLast {
+    fn name(&self) -> &'static str {
+        "petal-scale-shift-last"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        ls: &CpuStorage,
+        ll: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, l, s) = (act_in(ys, yl)?, f32s(ls, ll)?, f32s(ss, sl)?);
+        let d = l.len();
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(d).zip(y.par_chunks(d)).for_each(|(o, y)| {
+            for j in 0..d {
+                o[j] = y[j] * l[j] + s[j];
+            }
+        });
+        Ok((act_out(out, ys.dtype())?, yl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        l: &Tensor,
+        s: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = l.dim(0)?;
+        let host = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
+        let (yv, gv) = (host(y)?, host(grad)?);
+        let lv = l.to_vec1::<f32>()?;
+        let mut dy = vec![0f32; yv.len()];
+        // (dl, ds) side by side: 2d sums per row block
+        let sums = dy
+            .par_chunks_mut(d)
+            .zip(yv.par_chunks(d).zip(gv.par_chunks(d)))
+            .fold(
+                || vec![0f32; 2 * d],
+                |mut acc, (dy, (y, g))| {
+                    for j in 0..d {
+                        dy[j] = g[j] * lv[j];
+                        acc[j] += g[j] * y[j];
+                        acc[d + j] += g[j];
+                    }
+                    acc
+                },
+            )
+            .reduce(
+                || vec![0f32; 2 * d],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(x, v)| *x += v);
+                    a
+                },
+            );
+        Ok((
+            Some(crate::cpu::tensor(act_out(dy, y.dtype())?, y.shape())),
+            Some(Tensor::from_vec(sums[..d].to_vec(), d, l.device())?),
+            Some(Tensor::from_vec(sums[d..].to_vec(), d, s.device())?.to_dtype(s.dtype())?),
+        ))
+    }
+}
+
+/// `y ⊙ l + s` with `l` and `s` (d) broadcast over all but the last dimension of `y`, in y's
+/// dtype (f32 arithmetic inside): the fused kernel for f32 or bf16 `y` on the CPU with f32 `l`
+/// and `s`; elsewhere its readable twin, candle's broadcast product and sum.
+pub fn scale_shift_last(k: Kernels, y: &Tensor, l: &Tensor, s: &Tensor) -> Result<Tensor> {
+    let d = y.dim(D::Minus1)?;
+    let (l, s) = (l.flatten_all()?, s.flatten_all()?);
+    if l.dim(0)? != d || s.dim(0)? != d {
+        candle_core::bail!(
+            "scale_shift_last: {} scales and {} shifts for {d} features",
+            l.dim(0)?,
+            s.dim(0)?
+        )
+    }
+    if !(fast_act_ok(k, y) && l.dtype() == DType::F32 && s.dtype() == DType::F32) {
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        return f(y)?
+            .broadcast_mul(&f(&l)?)?
+            .broadcast_add(&f(&s)?)?
+            .to_dtype(y.dtype());
+    }
+    let y2 = y.contiguous()?.reshape((y.elem_count() / d, d))?;
+    y2.apply_op3(&l.contiguous()?, &s.contiguous()?, ScaleShiftLast)?
+        .reshape(y.shape())
+}
+
+#[cfg(test)]
+mod scale_shift_tests {
+    use super::*;
+    use crate::testing::{rand, same, same_bf16};
+
+    #[test]
+    fn the_fused_scale_and_shift_equals_its_twin_in_value_and_gradients() {
+        let inputs = [rand(&[3, 5, 12], 1), rand(&[12], 2), rand(&[12], 3)];
+        same(
+            &inputs,
+            |t| scale_shift_last(Kernels::FUSED, &t[0], &t[1], &t[2]).unwrap(),
+            |t| scale_shift_last(Kernels::REFERENCE, &t[0], &t[1], &t[2]).unwrap(),
+        );
+    }
+
+    #[test]
+    fn the_fused_scale_and_shift_on_bf16_activations_follows_f32_arithmetic() {
+        same_bf16(
+            &[rand(&[4, 16], 4), rand(&[16], 5), rand(&[16], 6)],
+            2e-2,
+            |t| {
+                let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+                scale_shift_last(Kernels::FUSED, &t[0], &f(&t[1]), &f(&t[2])).unwrap()
+            },
+            |t| t[0].broadcast_mul(&t[1]).unwrap().broadcast_add(&t[2]).unwrap(),
         );
     }
 }

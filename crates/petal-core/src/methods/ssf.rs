@@ -7,8 +7,11 @@
 //! the paper's re-parameterisation, `W' = diag(γ) W`, `b' = γ ⊙ b + β` (a linear without a bias
 //! gets β as one), so a merged model runs at no extra cost. PEFT has no SSF: the adapter is
 //! petal's own, `peft_type: "SSF"`, tensors `<module>.ssf_scale` and `<module>.ssf_shift`
-//! (out,). The paper also places SSF after each norm; petal places it after linears only for
-//! now (docs/methods/ssf.md).
+//! (out,). With `norms` (the paper's placement, off by default), also after each norm that
+//! feeds linears: `γ ⊙ norm(x) + β`, γ folding into the norm's weight and β into the biases of
+//! the linears the norm feeds (`W β`) on merge; saved as `<norm>.ssf_scale` and
+//! `<norm>.ssf_shift`. A model's final norm feeds the head, which has no bias in transformers,
+//! so it is left alone (docs/methods/ssf.md).
 
 use crate::adapter::{
     AdapterLayer, AdapterMethod, BaseLinear, ModuleDims, NamedTensor, WeightUpdate,
@@ -29,6 +32,8 @@ crate::method_options! {
         pub init_weights: InitWeights = InitWeights::Named("paper".into()),
         /// Standard deviation of the paper's init
         pub init_std: f64 = 0.02,
+        /// Also scale and shift after each norm that feeds linears (the paper's placement)
+        pub norms: bool = false,
     }
 }
 
@@ -81,22 +86,47 @@ impl AdapterMethod for Ssf {
         seed: u64,
     ) -> Result<Box<dyn AdapterLayer>> {
         let o: SsfOptions = cfg.options()?;
-        let std = init_std(&o)?;
-        let (out, dev) = (base.out_features, base.weight.device());
-        let (mut scale, mut shift) = (
-            Tensor::ones(out, DType::F32, dev)?,
-            Tensor::zeros(out, DType::F32, dev)?,
-        );
-        if std > 0.0 {
-            let mut g = rand::rngs::StdRng::seed_from_u64(seed);
-            scale = (scale + normal((1, out), std, &mut g, dev)?.flatten_all()?)?;
-            shift = normal((1, out), std, &mut g, dev)?.flatten_all()?;
-        }
+        let (scale, shift) = init(&o, base.out_features, seed, base.weight.device())?;
         Ok(Box::new(SsfLayer {
             scale: Var::from_tensor(&scale)?,
             shift: Var::from_tensor(&shift)?,
         }))
     }
+
+    fn norm_affine(
+        &self,
+        cfg: &AdapterConfig,
+        width: usize,
+        seed: u64,
+        dev: &candle_core::Device,
+    ) -> Result<Option<(Tensor, Tensor, [&'static str; 2])>> {
+        let o: SsfOptions = cfg.options()?;
+        if !o.norms {
+            return Ok(None);
+        }
+        let (scale, shift) = init(&o, width, seed, dev)?;
+        Ok(Some((scale, shift, ["ssf_scale", "ssf_shift"])))
+    }
+}
+
+/// γ and β of `width` values at init.
+fn init(
+    o: &SsfOptions,
+    width: usize,
+    seed: u64,
+    dev: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    let std = init_std(o)?;
+    let (mut scale, mut shift) = (
+        Tensor::ones(width, DType::F32, dev)?,
+        Tensor::zeros(width, DType::F32, dev)?,
+    );
+    if std > 0.0 {
+        let mut g = rand::rngs::StdRng::seed_from_u64(seed);
+        scale = (scale + normal((1, width), std, &mut g, dev)?.flatten_all()?)?;
+        shift = normal((1, width), std, &mut g, dev)?.flatten_all()?;
+    }
+    Ok((scale, shift))
 }
 
 #[derive(Debug)]
@@ -107,10 +137,13 @@ struct SsfLayer {
 
 impl AdapterLayer for SsfLayer {
     fn forward(&self, _x: &Tensor, y: Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
-        // γ ⊙ y in y's dtype (f32 arithmetic inside), then + β
-        let scaled = petal_ops::scale_last(ctx.kernels(), &y, self.scale.as_tensor())?;
-        let shift = self.shift.as_tensor().to_dtype(scaled.dtype())?;
-        Ok(scaled.broadcast_add(&shift)?)
+        // γ ⊙ y + β in y's dtype (f32 arithmetic inside), one node
+        Ok(petal_ops::scale_shift_last(
+            ctx.kernels(),
+            &y,
+            self.scale.as_tensor(),
+            self.shift.as_tensor(),
+        )?)
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {
@@ -183,6 +216,52 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// tools/golden/ssf_oracle.py: an RMSNorm then a linear with SSF after each, transcribed
+    /// from the paper in NumPy; petal's output and its merged norm weight, linear weight and
+    /// bias equal the transcription's.
+    #[test]
+    fn a_norm_and_a_linear_with_ssf_equal_the_paper_transcription_before_and_after_merging() {
+        let t = crate::testing::golden_fixture("ssf");
+        let mut cfg = conformance_config();
+        cfg.set("norms", true).unwrap();
+        let mut norm = crate::AdaptableNorm::new("n", t["g"].clone());
+        let (scale, shift, names) = Ssf
+            .norm_affine(&cfg, 12, 0, &candle_core::Device::Cpu)
+            .unwrap()
+            .unwrap();
+        assert_eq!(scale.to_vec1::<f32>().unwrap(), vec![1.0; 12], "identity init");
+        assert_eq!(shift.to_vec1::<f32>().unwrap(), vec![0.0; 12]);
+        norm.add_affine("default", t["norm_scale"].clone(), t["norm_shift"].clone(), names)
+            .unwrap();
+        let mut lin = crate::AdaptableLinear::new("l", t["w"].clone(), Some(t["b"].clone()));
+        let layer = Box::new(SsfLayer {
+            scale: Var::from_tensor(&t["scale"]).unwrap(),
+            shift: Var::from_tensor(&t["shift"]).unwrap(),
+        });
+        lin.add_adapter("default", layer).unwrap();
+        lin.set_active(&["default"]);
+        let run = |norm: &crate::AdaptableNorm, lin: &crate::AdaptableLinear| {
+            let k = petal_ops::Kernels::FUSED;
+            let mut h = petal_ops::rms_norm(k, &t["x"], &norm.weight().unwrap(), 1e-5).unwrap();
+            if let Some(s) = norm.shift() {
+                h = h.broadcast_add(s).unwrap();
+            }
+            lin.forward(&h, &crate::Ctx::eval()).unwrap()
+        };
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            let e = crate::testing::max_rel(a, b);
+            assert!(e < 1e-5, "{what}: relative error {e:e}");
+        };
+        close(&run(&norm, &lin), &t["y"], "output");
+        lin.merge_and_unload(&["default"]).unwrap();
+        let s = norm.merge_and_unload().unwrap().expect("the norm's shift");
+        lin.add_input_shift(&s).unwrap();
+        close(norm.base(), &t["merged.norm_weight"], "merged norm weight");
+        close(lin.weight(), &t["merged.weight"], "merged weight");
+        close(lin.bias().unwrap(), &t["merged.bias"], "merged bias");
+        close(&run(&norm, &lin), &t["y"], "merged output");
     }
 
     #[test]
