@@ -271,21 +271,25 @@ impl QuantaLayer {
         let x = x.pad_with_zeros(1, 0, p - self.inp)?;
         let t = |vs: &[Var]| vs.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>();
         let frozen: Vec<Tensor> = self.frozen.iter().map(|v| v.as_tensor().detach()).collect();
-        let q = (chain(&self.n, &x, &t(&self.gates))? - chain(&self.n, &x, &frozen)?)?;
+        let q = (chain(&self.n, &x, &t(&self.gates), false)?
+            - chain(&self.n, &x, &frozen, false)?)?;
         Ok(q.narrow(1, 0, self.out.min(p))?)
     }
 
-    /// dW (out, in): the update applied to the first `in` unit vectors, transposed. One graph
-    /// node from the gates (flattened end to end) to dW whose backward rebuilds the chain with
-    /// a graph and differentiates it, so a step keeps dW and the gates per module, none of the
-    /// chain's intermediates (activation checkpointing for one op).
+    /// dW (out, in): the update applied to the first `in` unit vectors, transposed; or, where
+    /// `out < in`, the transposed chain (gates transposed, in reverse order) applied to the
+    /// first `out` unit vectors, which is dW's rows directly: the chain runs on min(in, out)
+    /// rows. One graph node from the gates (flattened end to end) to dW whose backward rebuilds
+    /// the chain with a graph and differentiates it, so a step keeps dW and the gates per
+    /// module, none of the chain's intermediates (activation checkpointing for one op).
     fn delta(&self) -> Result<Tensor> {
         let dev = self.gates[0].device().clone();
         let (n, out, inp) = (self.n.clone(), self.out, self.inp);
         let p = self.width();
-        let eye = Tensor::eye(inp, DType::F32, &dev)?.pad_with_zeros(1, 0, p - inp)?;
+        let rows_out = out < inp;
+        let eye = Tensor::eye(out.min(inp), DType::F32, &dev)?.pad_with_zeros(1, 0, p - out.min(inp))?;
         let frozen: Vec<Tensor> = self.frozen.iter().map(|v| v.as_tensor().detach()).collect();
-        let base = chain(&n, &eye, &frozen)?;
+        let base = chain(&n, &eye, &frozen, rows_out)?;
         let shapes: Vec<Vec<usize>> = self.gates.iter().map(|g| g.dims().to_vec()).collect();
         let flat = Tensor::cat(
             &self
@@ -303,7 +307,10 @@ impl QuantaLayer {
                 gates.push(flat.narrow(0, at, k)?.reshape(s.as_slice())?);
                 at += k;
             }
-            let q = (chain(&n, &eye, &gates)? - &base)?;
+            let q = (chain(&n, &eye, &gates, rows_out)? - &base)?;
+            if rows_out {
+                return q.narrow(1, 0, inp)?.contiguous();
+            }
             q.narrow(1, 0, out.min(p))?.t()?.contiguous()
         });
         let again = build.clone();
@@ -324,15 +331,24 @@ impl QuantaLayer {
 }
 
 /// The gate chain on rows of P = Π n features: (rows, P) -> (rows, P), gates in the official
-/// pair order.
-fn chain(n: &[usize], x: &Tensor, gates: &[Tensor]) -> candle_core::Result<Tensor> {
+/// pair order; `transposed`: the transposed operator (each gate transposed, in reverse order).
+fn chain(
+    n: &[usize],
+    x: &Tensor,
+    gates: &[Tensor],
+    transposed: bool,
+) -> candle_core::Result<Tensor> {
     let d = n.len();
     let rows = x.dim(0)?;
     let width: usize = n.iter().product();
     let mut shape = vec![rows];
     shape.extend(n);
     let mut h = x.reshape(shape.as_slice())?;
-    for ((a, b), gate) in pairs(d).zip(gates) {
+    let mut steps: Vec<((usize, usize), &Tensor)> = pairs(d).zip(gates).collect();
+    if transposed {
+        steps.reverse();
+    }
+    for ((a, b), gate) in steps {
         // axes b and a (1-based after the row axis) to the end, in that order
         let (pa, pb) = (a + 1, b + 1);
         let mut perm: Vec<usize> = (0..=d).filter(|&i| i != pa && i != pb).collect();
@@ -342,7 +358,12 @@ fn chain(n: &[usize], x: &Tensor, gates: &[Tensor]) -> candle_core::Result<Tenso
         let m = n[a] * n[b];
         let g = gate.reshape((m, m))?;
         let flat = moved.contiguous()?.reshape((moved.elem_count() / m, m))?;
-        let y = flat.matmul(&g.t()?)?;
+        // rows times G^T applies G to each row; rows times G applies G^T
+        let y = if transposed {
+            flat.matmul(&g)?
+        } else {
+            flat.matmul(&g.t()?)?
+        };
         let mut dims = lead;
         dims.extend([n[b], n[a]]);
         let y = y.reshape(dims.as_slice())?;
