@@ -152,8 +152,14 @@ pub trait AdapterLayer: Debug + Send + Sync {
     ) -> Option<Result<Tensor>> {
         None
     }
-    /// The change to W, for merge, unmerge and equivalence tests.
+    /// The change to W, for merge, unmerge and equivalence tests (an error for a method whose
+    /// update depends on the input: the mixtures).
     fn weight_update(&self) -> Result<WeightUpdate>;
+    /// A router's load over the training forwards since it was last read (the mixtures), for
+    /// the training metrics; reading resets it.
+    fn router_load(&self) -> Option<crate::methods::mixture::RouterLoad> {
+        None
+    }
     /// Owned tensors under their PEFT names.
     fn tensors(&self) -> Vec<NamedTensor<'_>>;
     /// Frozen tensors of this layer that are saved and loaded with it but never trained or

@@ -28,6 +28,9 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::intrinsic::Intrinsic,
     &methods::rps::Rps,
     &methods::mos::Mos,
+    &methods::mov::Mov,
+    &methods::molora::Molora,
+    &methods::sira::Sira,
 ];
 
 /// Look a method up by its PEFT `peft_type` (case-insensitive: "LORA", "lora").

@@ -25,13 +25,11 @@ impl Toy {
         }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let h = self
-            .fc1
-            .forward(x, &crate::Ctx::eval())
-            .unwrap()
-            .silu()
-            .unwrap();
-        self.fc2.forward(&h, &crate::Ctx::eval()).unwrap()
+        self.forward_ctx(x, &crate::Ctx::eval())
+    }
+    pub fn forward_ctx(&self, x: &Tensor, ctx: &crate::Ctx) -> Tensor {
+        let h = self.fc1.forward(x, ctx).unwrap().silu().unwrap();
+        self.fc2.forward(&h, ctx).unwrap()
     }
     pub fn input() -> Tensor {
         rand_tensor(&[2, 3, 10], 9)
@@ -102,6 +100,27 @@ pub fn check_identity_at_init(cfg: &AdapterConfig) {
         e <= 1e-6,
         "zero-init adapter must not change the output: {e:e}"
     );
+}
+
+/// A method that cannot merge says so in one line (`cannot be merged`) and leaves W as it was.
+pub fn check_merge_refused(cfg: &AdapterConfig) {
+    let mut t = adapted(cfg, true);
+    let x = Toy::input();
+    let before = t.forward(&x);
+    assert!(
+        max_rel(&before, &Toy::new().forward(&x)) > 1e-3,
+        "adapter must change the output"
+    );
+    let w0: Vec<Tensor> = t.linears().iter().map(|l| l.weight().clone()).collect();
+    for l in t.linears_mut() {
+        let e = l.merge("default", true).unwrap_err().to_string();
+        assert!(e.contains("cannot be merged") && !e.contains('\n'), "{e}");
+        assert!(l.merged_names().is_empty());
+    }
+    for (l, w) in t.linears().iter().zip(&w0) {
+        assert_eq!(max_rel(l.weight(), w), 0.0, "a refused merge leaves W");
+    }
+    assert_eq!(max_rel(&t.forward(&x), &before), 0.0);
 }
 
 pub fn check_merge_equals_unmerged_and_unmerge_restores(cfg: &AdapterConfig) {
@@ -319,6 +338,36 @@ pub fn check_fused_equals_composed_on(t: &Toy) {
 macro_rules! conformance {
     ($name:ident, $cfg:expr, $count:expr) => {
         $crate::conformance!($name, $cfg, $count, None);
+    };
+    // a method whose update depends on the input (the mixtures): merging is refused instead
+    ($name:ident, $cfg:expr, $count:expr, $fd:expr, unmergeable) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn a_zero_initialised_adapter_leaves_the_output_unchanged() {
+                $crate::testing::check_identity_at_init(&$cfg());
+            }
+            #[test]
+            fn merging_is_refused_and_leaves_w_unchanged() {
+                $crate::testing::check_merge_refused(&$cfg());
+            }
+            #[test]
+            fn saved_and_reloaded_tensors_give_bitwise_equal_outputs() {
+                $crate::testing::check_save_load_bitwise(&$cfg());
+            }
+            #[test]
+            fn only_adapter_variables_get_gradients_and_they_match_finite_differences() {
+                $crate::testing::check_gradients(&$cfg(), $fd);
+            }
+            #[test]
+            fn a_fused_forward_equals_the_composed_one_in_value_and_gradients() {
+                $crate::testing::check_fused_equals_composed(&$cfg());
+            }
+            #[test]
+            fn trainable_parameters_equal_the_formula() {
+                $crate::testing::check_param_count(&$cfg(), $count);
+            }
+        }
     };
     ($name:ident, $cfg:expr, $count:expr, $fd:expr) => {
         mod $name {

@@ -170,3 +170,41 @@ fn mixed_batches_refuse_unknown_names_wrong_row_counts_training_and_merged_adapt
     }));
     assert!(e.contains("prompt learning"), "{e}");
 }
+
+/// The mixtures (MoV, MoLoRA, SiRA), far from the identity, in one batch with the base model:
+/// each row equals its adapter run alone (routing is per token, and SiRA's capacity binds in
+/// training only, so a row does not depend on the others).
+#[test]
+fn every_row_of_a_mixed_batch_equals_its_mixture_of_experts_run_alone() {
+    let mut m = model("llama");
+    for name in ["mov", "molora", "sira"] {
+        let mut cfg = petal_core::AdapterConfig::for_method(
+            name,
+            2,
+            4.0,
+            petal_core::config::Targets::Regex("all-linear".into()),
+        );
+        cfg.set_init_nonzero();
+        if name == "mov" {
+            cfg.set("feedforward_modules", ["down_proj"]).unwrap();
+        }
+        petal_core::inject_adapter(&mut m, name, &cfg, 7).unwrap();
+    }
+    let ids = ids();
+    let rows = ["mov", "molora", "sira", "__base__", "molora"];
+    assert_eq!(ids.dim(0).unwrap(), rows.len());
+    let got = mixed_logits(&m, &ids, &rows);
+    for (i, name) in rows.iter().enumerate() {
+        let names: Vec<&str> = if *name == "__base__" { vec![] } else { vec![name] };
+        set_active(&mut m, &names);
+        let alone = m.forward(&ids, None, &petal_core::Ctx::eval()).unwrap();
+        let e = max_rel(&got.i(i).unwrap(), &alone.i(i).unwrap());
+        assert!(e < 1e-5, "row {i} ({name}): relative error {e:e}");
+        if *name != "__base__" {
+            set_active(&mut m, &[]);
+            let base = m.forward(&ids, None, &petal_core::Ctx::eval()).unwrap();
+            let d = max_rel(&got.i(i).unwrap(), &base.i(i).unwrap());
+            assert!(d > 1e-3, "row {i} ({name}) equals the base model's");
+        }
+    }
+}

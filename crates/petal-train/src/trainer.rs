@@ -55,6 +55,11 @@ pub struct StepMetrics {
     pub tokens_per_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
+    /// The mixtures' router (MoV, MoLoRA, SiRA): each expert's mean gate per token over the
+    /// step's forwards, averaged over the layers, and the share of top-k choices dropped for
+    /// capacity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub router: Option<petal_core::methods::mixture::RouterLoad>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -211,6 +216,7 @@ pub fn train(
             tokens,
             tokens_per_s: tokens as f64 / ts.elapsed().as_secs_f64(),
             eval_loss: None,
+            router: router_load(model),
         };
         let done = step + 1 == cfg.max_steps;
         if !val_set.is_empty() && cfg.eval_every > 0 && ((step + 1) % cfg.eval_every == 0 || done) {
@@ -276,6 +282,21 @@ fn accumulate(acc: &mut [Option<Tensor>], vars: &[Var], g: &petal_models::Grads)
 }
 
 /// Global L2 norm of all gradients; scaled down to `max` when above it (torch's
+/// The routers' load since the last step, averaged over the layers (None without a mixture).
+fn router_load(model: &dyn petal_core::Adaptable) -> Option<petal_core::methods::mixture::RouterLoad> {
+    let loads: Vec<_> = model
+        .linears()
+        .iter()
+        .flat_map(|l| {
+            l.active()
+                .iter()
+                .filter_map(|n| l.layer(n).and_then(|a| a.router_load()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    petal_core::methods::mixture::mean_load(&loads)
+}
+
 /// clip_grad_norm_: coefficient max / (norm + 1e-6), capped at 1).
 pub fn clip(grads: &mut [Option<Tensor>], max: Option<f64>) -> Result<f64> {
     let mut sq = 0f64;

@@ -40,7 +40,7 @@ crate::method_options! {
     }
 }
 
-fn is_feedforward(o: &Ia3Options, key: &str) -> bool {
+pub(crate) fn is_feedforward(o: &Ia3Options, key: &str) -> bool {
     match &o.feedforward_modules {
         None => false,
         Some(Targets::Regex(r)) => {

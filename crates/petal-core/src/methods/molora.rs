@@ -1,0 +1,312 @@
+//! MoLoRA (Zadouri et al., ICLR 2024, arXiv 2309.05444, "Pushing Mixture of Experts to the Limit:
+//! Extremely Parameter Efficient MoE for Instruction Tuning"; official code
+//! for-ai/parameter-efficient-moe `src/molora.py`, `src/routing.py`): E LoRA experts on a linear,
+//! soft-merged per token by a router.
+//!
+//! `y = x W^T + b + (alpha / r) Σ_e p_e(x) (x A_e) B_e`, `p(x) = softmax(x W_r)` over the experts
+//! (f32, no bias), the router reading the linear's input. A (E, in, r) starts N(0, 0.02²), B
+//! (E, r, out) at zero (identity), W_r (in, E) N(0, 0.02²) (the official initialisers). Not
+//! mergeable: the mixture depends on each token. The layer is shared with SiRA, which routes
+//! each token to its top k experts within a capacity (`Routing::TopK`).
+//!
+//! Fast path: all experts in two products, `(x A) (p ⊗ 1_r)` then `· B`, with A as (in, E r) and
+//! B as (E r, out): a LoRA of rank E r whose rank blocks are gated per token; no per-token or
+//! per-expert loop (top-k gates are zero off the chosen experts).
+//!
+//! petal's own adapter: `peft_type: "MOLORA"`, tensors `<module>.molora_A` (E, in, r),
+//! `<module>.molora_B` (E, r, out) and `<module>.molora_router` (in, E), the official shapes.
+
+use crate::adapter::{
+    AdapterLayer, AdapterMethod, BaseLinear, ModuleDims, NamedTensor, WeightUpdate,
+};
+use crate::config::{finite, spec, AdapterConfig, Spec};
+use crate::methods::mixture::{self, LoadMeter, RouterLoad};
+use crate::{Error, Result};
+use candle_core::{DType, Tensor, Var};
+use rand::SeedableRng;
+
+pub struct Molora;
+
+crate::method_options! {
+    /// MoLoRA's options (molora.gin: rank 4, 10 experts, alpha 16).
+    pub struct MoloraOptions {
+        /// Rank of each expert
+        pub r: usize = 4,
+        /// Scale numerator: each expert's update is (lora_alpha / r) B_e A_e
+        pub lora_alpha: f64 = 16.0,
+        /// Number of experts E
+        pub num_experts: usize = 10,
+        /// true: B starts at zero (identity); false: random (a testing switch)
+        pub init_weights: bool = true,
+    }
+}
+
+/// How a mixture of LoRA experts gates them per token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Routing {
+    /// Every expert, weighted by the router's probabilities (MoLoRA).
+    Soft,
+    /// The k most probable experts within an expert capacity, gates dropped out in training
+    /// (SiRA).
+    TopK {
+        k: usize,
+        capacity_factor: f64,
+        gate_dropout: f64,
+    },
+}
+
+/// Checks the sizes MoLoRA and SiRA share.
+pub(crate) fn check_sizes(r: usize, experts: usize, alpha: f64) -> Result<()> {
+    let bad = |k: &str, m: &str| Err(Error::config("adapter config", k, m));
+    if r == 0 {
+        return bad("r", "0 is out of range: r >= 1");
+    }
+    if experts == 0 {
+        return bad("num_experts", "0 is out of range: num_experts >= 1");
+    }
+    finite("lora_alpha", alpha, None)
+}
+
+/// A mixture-of-LoRA layer for a module (out, in): E experts of rank r.
+pub(crate) fn build_layer(
+    base: &BaseLinear,
+    r: usize,
+    alpha: f64,
+    experts: usize,
+    init_zero: bool,
+    routing: Routing,
+    seed: u64,
+) -> Result<Box<dyn AdapterLayer>> {
+    let (out, inp) = (base.out_features, base.in_features);
+    let dev = base.weight.device();
+    let mut g = rand::rngs::StdRng::seed_from_u64(seed);
+    let a = crate::methods::normal((experts * inp, r), 0.02, &mut g, dev)?;
+    let b = if init_zero {
+        Tensor::zeros((experts * r, out), DType::F32, dev)?
+    } else {
+        crate::methods::kaiming_uniform((experts * r, out), &mut g, dev)?
+    };
+    Ok(Box::new(MixtureLora {
+        a: Var::from_tensor(&a.reshape((experts, inp, r))?)?,
+        b: Var::from_tensor(&b.reshape((experts, r, out))?)?,
+        router: Var::from_tensor(&mixture::router_init(inp, experts, seed, dev)?)?,
+        scale: alpha / r as f64,
+        routing,
+        names: if matches!(routing, Routing::Soft) {
+            ["molora_A", "molora_B", "molora_router"]
+        } else {
+            ["sira_A", "sira_B", "sira_router"]
+        },
+        meter: LoadMeter::default(),
+    }))
+}
+
+impl AdapterMethod for Molora {
+    fn in_peft(&self) -> bool {
+        false
+    }
+
+    fn bench_settings(&self) -> Option<&'static [(&'static str, &'static str)]> {
+        Some(&[])
+    }
+
+    fn peft_type(&self) -> &'static str {
+        "MOLORA"
+    }
+
+    fn options(&self) -> Spec {
+        spec::<MoloraOptions>()
+    }
+
+    fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
+        let o: MoloraOptions = cfg.options()?;
+        check_sizes(o.r, o.num_experts, o.lora_alpha)
+    }
+
+    fn layer_values(&self, cfg: &AdapterConfig, _path: &str, dims: &ModuleDims) -> Result<u64> {
+        let o: MoloraOptions = cfg.options()?;
+        Ok(layer_count(dims.inp, dims.out, o.r, o.num_experts) as u64)
+    }
+
+    fn build(
+        &self,
+        cfg: &AdapterConfig,
+        _path: &str,
+        base: &BaseLinear,
+        seed: u64,
+    ) -> Result<Box<dyn AdapterLayer>> {
+        let o: MoloraOptions = cfg.options()?;
+        build_layer(
+            base,
+            o.r,
+            o.lora_alpha,
+            o.num_experts,
+            o.init_weights,
+            Routing::Soft,
+            seed,
+        )
+    }
+}
+
+/// Trained values of one layer: A, B and the router.
+pub(crate) fn layer_count(inp: usize, out: usize, r: usize, experts: usize) -> usize {
+    experts * r * (inp + out) + inp * experts
+}
+
+#[derive(Debug)]
+pub(crate) struct MixtureLora {
+    a: Var,      // (E, in, r)
+    b: Var,      // (E, r, out)
+    router: Var, // (in, E)
+    scale: f64,
+    routing: Routing,
+    names: [&'static str; 3],
+    meter: LoadMeter,
+}
+
+impl MixtureLora {
+    /// The gates (rows, E) for inputs x (rows, in) f32, and the dropped and chosen pairs.
+    pub(crate) fn gates(&self, x: &Tensor, ctx: &crate::Ctx) -> Result<(Tensor, usize, usize)> {
+        let p = mixture::probs(x, self.router.as_tensor(), ctx.kernels())?;
+        let (rows, e) = p.dims2()?;
+        match self.routing {
+            Routing::Soft => Ok((p, 0, rows * e)),
+            Routing::TopK {
+                k,
+                capacity_factor,
+                gate_dropout,
+            } => {
+                // the capacity binds in training only: served, a token's output must not
+                // depend on the other requests in its batch
+                let cap = if ctx.is_train() {
+                    mixture::capacity(capacity_factor, k, rows, e)
+                } else {
+                    usize::MAX
+                };
+                let (mask, dropped) = mixture::top_k_capacity(&p.detach(), k, cap)?;
+                let mut g = (p * mask)?;
+                if gate_dropout > 0.0 && ctx.is_train() {
+                    g = crate::methods::lora::dropout(&g, gate_dropout, ctx)?;
+                }
+                Ok((g, dropped, rows * k))
+            }
+        }
+    }
+}
+
+impl AdapterLayer for MixtureLora {
+    fn forward(&self, x: &Tensor, y: Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
+        let (x2, inp) = mixture::rows_of(x)?;
+        let (e, _, r) = self.a.as_tensor().dims3()?;
+        let (g, dropped, chosen) = self.gates(&x2, ctx)?;
+        if ctx.is_train() {
+            self.meter.record(&g, dropped, chosen)?;
+        }
+        // A as (in, E r), B as (E r, out): every expert in two products, gated per rank block
+        let a = self.a.as_tensor().transpose(0, 1)?.reshape((inp, e * r))?;
+        let b = self.b.as_tensor().reshape((e * r, ()))?;
+        let h = (x2.matmul(&a)? * mixture::per_rank(&g, r)?)?;
+        let d = (h.matmul(&b)? * self.scale)?;
+        let d = d.reshape(y.shape())?.to_dtype(y.dtype())?;
+        Ok((y + d)?)
+    }
+
+    fn weight_update(&self) -> Result<WeightUpdate> {
+        Err(mixture::unmergeable(match self.routing {
+            Routing::Soft => "MoLoRA",
+            Routing::TopK { .. } => "SiRA",
+        }))
+    }
+
+    fn tensors(&self) -> Vec<NamedTensor<'_>> {
+        vec![
+            NamedTensor {
+                name: self.names[0],
+                var: &self.a,
+            },
+            NamedTensor {
+                name: self.names[1],
+                var: &self.b,
+            },
+            NamedTensor {
+                name: self.names[2],
+                var: &self.router,
+            },
+        ]
+    }
+
+    fn router_load(&self) -> Option<RouterLoad> {
+        self.meter.take()
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn conformance_config() -> AdapterConfig {
+    let mut c = AdapterConfig::for_method("molora", 2, 4.0, crate::testing::toy_targets());
+    c.set("num_experts", 3).unwrap();
+    c
+}
+
+#[cfg(test)]
+crate::conformance!(
+    conformance,
+    conformance_config,
+    |inp, out, _cfg| layer_count(inp, out, 2, 3),
+    None,
+    unmergeable
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Adaptable;
+
+    /// tools/golden/moe_oracle.py: the official MoLoRA layer's einsums and router transcribed
+    /// in NumPy; petal's output for the same A, B, router and input.
+    #[test]
+    fn the_output_equals_the_official_layer_transcribed() {
+        let t = crate::testing::golden_fixture("moe");
+        let layer = MixtureLora {
+            a: Var::from_tensor(&t["molora.A"]).unwrap(),
+            b: Var::from_tensor(&t["molora.B"]).unwrap(),
+            router: Var::from_tensor(&t["molora.router"]).unwrap(),
+            scale: 16.0 / 3.0,
+            routing: Routing::Soft,
+            names: ["molora_A", "molora_B", "molora_router"],
+            meter: LoadMeter::default(),
+        };
+        let x = &t["molora.x"];
+        let y = t["molora.base"].clone();
+        let got = layer.forward(x, y, &crate::Ctx::eval()).unwrap();
+        let e = crate::testing::max_rel(&got, &t["molora.y"]);
+        assert!(e < 1e-5, "relative error {e:e}");
+    }
+
+    #[test]
+    fn a_zero_expert_count_or_rank_is_refused_naming_the_key() {
+        for k in ["num_experts", "r"] {
+            let mut c = conformance_config();
+            c.set(k, 0).unwrap();
+            let e = c.validate("adapter_config.json").unwrap_err().to_string();
+            assert!(e.contains(&format!("`{k}`")), "{e}");
+        }
+    }
+
+    #[test]
+    fn training_forwards_record_each_experts_mean_gate_and_merging_is_refused() {
+        let mut t = crate::testing::adapted(&conformance_config(), true);
+        let x = crate::testing::Toy::input();
+        let ctx = crate::Ctx::train(1);
+        t.forward_ctx(&x, &ctx);
+        let lin = &t.linears()[0];
+        let load = lin.layer("default").unwrap().router_load().unwrap();
+        assert_eq!(load.load.len(), 3);
+        assert!((load.load.iter().sum::<f64>() - 1.0).abs() < 1e-5, "{load:?}");
+        assert_eq!(load.dropped, 0.0);
+        let e = t.linears_mut()[0]
+            .merge("default", true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot be merged"), "{e}");
+    }
+}
