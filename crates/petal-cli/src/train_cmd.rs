@@ -43,6 +43,9 @@ train_opts! {
     val_fraction: f64,
     /// Cap on validation examples, to keep evaluation quick [default: 32]
     max_eval_examples: usize,
+    /// Multi-task data (a `task` field on each example): proportional (draw examples as they
+    /// come, so large tasks dominate) | balanced (draw the tasks in turn) [default: proportional]
+    task_sampling: String,
     /// Adapter method [default: lora]
     method: String,
     /// Rank of the method (LoRA's r; each method maps it to its own key) [default: the method's]
@@ -294,7 +297,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     } else {
         Some(evaluate(&model, &val_set, bs, pad)?)
     };
-    if let Some(b) = before {
+    if let Some(b) = &before {
         eprintln!(
             "before training: validation loss {:.4} (perplexity {:.2})",
             b.loss, b.perplexity
@@ -338,6 +341,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         fingerprint,
         save_converted: o.save_as_lora.unwrap_or(false),
         grad_checkpointing: o.grad_checkpointing.unwrap_or(false),
+        balanced_tasks: task_sampling(&o)? == "balanced",
     };
     std::fs::create_dir_all(&out).with_context(|| format!("--out {}", out.display()))?;
     petal_io::write_atomic(
@@ -533,6 +537,7 @@ fn check_ranges(o: &TrainOpts) -> Result<()> {
     positive("lr", o.lr, false)?;
     positive("weight-decay", o.weight_decay, true)?;
     positive("max-grad-norm", o.max_grad_norm, true)?;
+    task_sampling(o)?;
     if let Some(f) = o.val_fraction.filter(|f| !(0.0..1.0).contains(f)) {
         bail!("--val-fraction {f} is out of range: must be in [0, 1)");
     }
@@ -545,4 +550,12 @@ fn max_memory(o: &TrainOpts) -> Result<Option<u64>> {
     let parse =
         |s: &str| petal_core::memory::parse_bytes(s).map_err(|e| anyhow!("--max-memory: {e}"));
     o.max_memory.as_deref().map(parse).transpose()
+}
+
+/// `--task-sampling`, checked: proportional or balanced.
+fn task_sampling(o: &TrainOpts) -> Result<&str> {
+    match o.task_sampling.as_deref().unwrap_or("proportional") {
+        s @ ("proportional" | "balanced") => Ok(s),
+        s => bail!("--task-sampling {s:?} is not a task sampling: proportional or balanced"),
+    }
 }

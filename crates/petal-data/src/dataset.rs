@@ -9,11 +9,13 @@ use serde_json::Value;
 use std::path::Path;
 
 /// One sequence: ids and, per position, the label (the id itself, or IGNORE for no loss).
-/// Labels are *not* shifted: position i's logits are scored against labels[i + 1].
-#[derive(Debug, Clone, PartialEq)]
+/// Labels are *not* shifted: position i's logits are scored against labels[i + 1]. `task`: the
+/// JSONL line's `task` field, for multi-task data (per-task losses, task-balanced sampling).
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Example {
     pub ids: Vec<u32>,
     pub labels: Vec<i64>,
+    pub task: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +76,8 @@ fn read_jsonl(
     opts: &DataOptions,
 ) -> Result<Vec<Example>> {
     let mut out = Vec::new();
+    // the first line with a task and the first without: both is a mistake
+    let (mut tagged, mut untagged) = (None, None);
     for (i, line) in text.lines().enumerate() {
         let n = i + 1;
         if line.trim().is_empty() {
@@ -82,11 +86,85 @@ fn read_jsonl(
         let v: Value = serde_json::from_str(line)
             .map_err(|e| line_err(path, n, format!("malformed JSON: {e}")))?;
         let mut ex = example_from_json(&v, tok).map_err(|m| line_err(path, n, m))?;
+        ex.task = task_field(&v).map_err(|m| line_err(path, n, m))?;
+        match ex.task {
+            Some(_) => tagged = tagged.or(Some(n)),
+            None => untagged = untagged.or(Some(n)),
+        }
+        if let (Some(t), Some(u)) = (tagged, untagged) {
+            return Err(line_err(
+                path,
+                t.max(u),
+                format!(
+                    "line {t} has a `task` and line {u} has none: give every example a task \
+                     (multi-task data), or none"
+                ),
+            ));
+        }
         ex.ids.truncate(opts.max_seq_len);
         ex.labels.truncate(opts.max_seq_len);
         out.push(ex);
     }
     Ok(out)
+}
+
+/// The optional `task` field: a non-empty string of at most 200 characters.
+fn task_field(v: &Value) -> std::result::Result<Option<String>, String> {
+    match v.get("task") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if !s.trim().is_empty() && s.chars().count() <= 200 => {
+            Ok(Some(s.clone()))
+        }
+        Some(_) => Err("field `task` must be a non-empty string (at most 200 characters)".into()),
+    }
+}
+
+/// Examples grouped by task, in task-name order (examples without one under "").
+pub fn group_by_task(examples: Vec<Example>) -> std::collections::BTreeMap<String, Vec<Example>> {
+    let mut m: std::collections::BTreeMap<String, Vec<Example>> = Default::default();
+    for e in examples {
+        m.entry(e.task.clone().unwrap_or_default()).or_default().push(e);
+    }
+    m
+}
+
+/// The tasks of `examples`, sorted, without repeats (empty for single-task data).
+pub fn tasks(examples: &[Example]) -> Vec<String> {
+    let mut t: Vec<String> = examples.iter().filter_map(|e| e.task.clone()).collect();
+    t.sort();
+    t.dedup();
+    t
+}
+
+/// One epoch's order of `examples` drawing the tasks in turn (task-balanced sampling): slot j
+/// takes task `j mod T`'s next example in that task's shuffled order, wrapping around a task that
+/// runs out, so every task gets the same share of each batch whatever its size. The epoch has
+/// as many slots as examples. Without tasks: a plain shuffle.
+pub fn balanced_order(examples: &[Example], seed: u64) -> Vec<usize> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let names = tasks(examples);
+    if names.len() < 2 {
+        let mut o: Vec<usize> = (0..examples.len()).collect();
+        o.shuffle(&mut rng);
+        return o;
+    }
+    let mut per: Vec<Vec<usize>> = names
+        .iter()
+        .map(|n| {
+            (0..examples.len())
+                .filter(|&i| examples[i].task.as_deref() == Some(n.as_str()))
+                .collect()
+        })
+        .collect();
+    for p in &mut per {
+        p.shuffle(&mut rng);
+    }
+    (0..examples.len())
+        .map(|j| {
+            let p = &per[j % per.len()];
+            p[(j / per.len()) % p.len()]
+        })
+        .collect()
 }
 
 fn str_field<'a>(v: &'a Value, k: &str) -> std::result::Result<&'a str, String> {
@@ -112,13 +190,21 @@ fn example_from_json(v: &Value, tok: &Tokenizer) -> std::result::Result<Example,
             .chain(c.iter().map(|&t| t as i64))
             .collect();
         let ids = p.into_iter().chain(c).collect();
-        return Ok(Example { ids, labels });
+        return Ok(Example {
+            ids,
+            labels,
+            task: None,
+        });
     }
     if v.get("text").is_some() {
         let mut ids = tok.encode(str_field(v, "text")?, true).map_err(terr)?;
         ids.extend(tok.eos_id);
         let labels = ids.iter().map(|&t| t as i64).collect();
-        return Ok(Example { ids, labels });
+        return Ok(Example {
+            ids,
+            labels,
+            task: None,
+        });
     }
     Err("expected one of the fields `text`, `prompt`+`completion` or `messages`".into())
 }
@@ -179,7 +265,11 @@ fn chat_example(v: &Value, tok: &Tokenizer) -> std::result::Result<Example, Stri
             }
         })
         .collect();
-    Ok(Example { ids, labels })
+    Ok(Example {
+        ids,
+        labels,
+        task: None,
+    })
 }
 
 /// Plain text cut into consecutive windows of `len` tokens (one shorter tail kept).
@@ -191,26 +281,34 @@ pub fn chunk_text(text: &str, tok: &Tokenizer, len: usize) -> Result<Vec<Example
         .map(|c| Example {
             ids: c.to_vec(),
             labels: c.iter().map(|&t| t as i64).collect(),
+            task: None,
         })
         .collect())
 }
 
-/// Concatenate short examples (separated by EOS) into windows of at most `len` tokens.
+/// Concatenate short examples (separated by EOS) into windows of at most `len` tokens; with
+/// tasks, each task's examples on their own (a window holds one task).
 pub fn pack(examples: Vec<Example>, len: usize, eos: Option<u32>) -> Vec<Example> {
+    if examples.iter().any(|e| e.task.is_some()) {
+        return group_by_task(examples)
+            .into_values()
+            .flat_map(|g| pack_one(g, len, eos))
+            .collect();
+    }
+    pack_one(examples, len, eos)
+}
+
+fn pack_one(examples: Vec<Example>, len: usize, eos: Option<u32>) -> Vec<Example> {
     let mut out = Vec::new();
-    let mut cur = Example {
-        ids: Vec::new(),
-        labels: Vec::new(),
+    let task = examples.first().and_then(|e| e.task.clone());
+    let empty = || Example {
+        task: task.clone(),
+        ..Default::default()
     };
+    let mut cur = empty();
     for e in examples {
         if !cur.ids.is_empty() && cur.ids.len() + e.ids.len() + 1 > len {
-            out.push(std::mem::replace(
-                &mut cur,
-                Example {
-                    ids: Vec::new(),
-                    labels: Vec::new(),
-                },
-            ));
+            out.push(std::mem::replace(&mut cur, empty()));
         }
         if !cur.ids.is_empty() {
             if let Some(t) = eos {

@@ -6,7 +6,10 @@ pub mod error;
 pub mod template;
 pub mod tokenizer;
 
-pub use dataset::{batches, load_examples, pack, split, Batch, DataOptions, Example};
+pub use dataset::{
+    balanced_order, batches, group_by_task, load_examples, pack, split, tasks, Batch, DataOptions,
+    Example,
+};
 pub use error::{DataError, Result};
 pub use template::ChatTemplate;
 pub use tokenizer::Tokenizer;

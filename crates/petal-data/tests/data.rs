@@ -78,6 +78,7 @@ fn packing_joins_examples_with_eos_up_to_the_window() {
     let e = |v: &[u32]| Example {
         ids: v.to_vec(),
         labels: v.iter().map(|&x| x as i64).collect(),
+        task: None,
     };
     let packed = pack(vec![e(&[3, 4]), e(&[5]), e(&[6, 7, 8])], 5, Some(2));
     assert_eq!(packed[0].ids, vec![3, 4, 2, 5]);
@@ -91,6 +92,7 @@ fn the_split_is_seeded_disjoint_and_complete_and_batches_pad_with_ignored_labels
         .map(|i| Example {
             ids: vec![i, i + 1],
             labels: vec![i as i64, (i + 1) as i64],
+            task: None,
         })
         .collect();
     let (t1, v1) = split(ex.clone(), 0.25, 7);
@@ -106,10 +108,12 @@ fn the_split_is_seeded_disjoint_and_complete_and_batches_pad_with_ignored_labels
             Example {
                 ids: vec![3],
                 labels: vec![3],
+                task: None,
             },
             Example {
                 ids: vec![4, 5],
                 labels: vec![4, 5],
+                task: None,
             },
         ],
         2,
@@ -172,4 +176,76 @@ fn examples_whose_scored_part_falls_past_the_sequence_length_say_so() {
             && e.contains("raise --seq-len"),
         "{e}"
     );
+}
+
+#[test]
+fn a_task_field_tags_each_example_and_packing_keeps_tasks_apart() {
+    let d = tempfile::tempdir().unwrap();
+    let p = file(
+        d.path(),
+        "m.jsonl",
+        "{\"text\": \"w3 w4\", \"task\": \"a\"}\n{\"text\": \"w5\", \"task\": \"b\"}\n{\"prompt\": \"w6\", \"completion\": \"w7\", \"task\": \"a\"}\n",
+    );
+    let ex = load_examples(&p, &tok(), &opts(64)).unwrap();
+    let t: Vec<_> = ex.iter().map(|e| e.task.as_deref().unwrap()).collect();
+    assert_eq!(t, ["a", "b", "a"]);
+    assert_eq!(petal_data::tasks(&ex), ["a", "b"]);
+    let packed = load_examples(
+        &p,
+        &tok(),
+        &DataOptions {
+            max_seq_len: 64,
+            pack: true,
+        },
+    )
+    .unwrap();
+    // task a's two examples in one window, task b's alone
+    assert_eq!(packed.len(), 2);
+    assert_eq!(packed[0].task.as_deref(), Some("a"));
+    assert_eq!(packed[0].ids, vec![3, 4, 2, 2, 6, 7, 2]);
+    assert_eq!(packed[1].task.as_deref(), Some("b"));
+}
+
+#[test]
+fn some_lines_with_a_task_and_some_without_or_a_non_string_task_are_refused_naming_the_line() {
+    let d = tempfile::tempdir().unwrap();
+    for (text, line, what) in [
+        ("{\"text\": \"w3\", \"task\": \"a\"}\n{\"text\": \"w4\"}\n", 2, "has none"),
+        ("{\"text\": \"w3\", \"task\": 3}\n", 1, "`task`"),
+        ("{\"text\": \"w3\", \"task\": \" \"}\n", 1, "`task`"),
+    ] {
+        let p = file(d.path(), "bad.jsonl", text);
+        let e = load_examples(&p, &tok(), &opts(64)).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("bad.jsonl:{line}")) && e.contains(what),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn balanced_order_gives_every_task_the_same_share_whatever_its_size() {
+    let mk = |task: &str, n: usize| -> Vec<Example> {
+        (0..n)
+            .map(|i| Example {
+                ids: vec![i as u32],
+                labels: vec![i as i64],
+                task: Some(task.to_string()),
+            })
+            .collect()
+    };
+    let ex: Vec<Example> = [mk("big", 30), mk("small", 3), mk("mid", 9)].concat();
+    let order = petal_data::balanced_order(&ex, 5);
+    assert_eq!(order.len(), ex.len());
+    // every window of three slots holds each task once
+    for w in order.chunks(3).filter(|w| w.len() == 3) {
+        let mut t: Vec<_> = w.iter().map(|&i| ex[i].task.clone().unwrap()).collect();
+        t.sort();
+        assert_eq!(t, ["big", "mid", "small"]);
+    }
+    // the small task's three examples are all used, in turns
+    let small: std::collections::BTreeSet<usize> =
+        order.iter().copied().filter(|&i| ex[i].task.as_deref() == Some("small")).collect();
+    assert_eq!(small.len(), 3);
+    assert_eq!(order, petal_data::balanced_order(&ex, 5), "seeded");
 }

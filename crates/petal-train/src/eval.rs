@@ -62,14 +62,24 @@ fn loss_from_hidden(
     Ok(masked_cross_entropy(model.kernels(), &logits, &labels)?)
 }
 
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct EvalResult {
     pub loss: f64,
     pub perplexity: f64,
     pub tokens: usize,
+    /// Multi-task data: each task's token-weighted loss and scored tokens.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tasks: std::collections::BTreeMap<String, TaskLoss>,
 }
 
-/// Token-weighted mean loss over `examples`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct TaskLoss {
+    pub loss: f64,
+    pub tokens: usize,
+}
+
+/// Token-weighted mean loss over `examples`; with tasks, also each task's (its examples batched
+/// on their own).
 pub fn evaluate(
     model: &Llama,
     examples: &[Example],
@@ -77,10 +87,33 @@ pub fn evaluate(
     pad: u32,
 ) -> Result<EvalResult> {
     let (mut sum, mut n) = (0f64, 0usize);
-    for b in batches(examples, batch_size, pad) {
-        let (s, c) = batch_loss(model, &b, &Ctx::eval())?;
-        sum += s.to_scalar::<f32>()? as f64;
-        n += c;
+    let mut tasks = std::collections::BTreeMap::new();
+    let groups: Vec<(Option<String>, Vec<Example>)> = if petal_data::tasks(examples).is_empty() {
+        vec![(None, examples.to_vec())]
+    } else {
+        petal_data::group_by_task(examples.to_vec())
+            .into_iter()
+            .map(|(t, g)| (Some(t), g))
+            .collect()
+    };
+    for (task, group) in groups {
+        let (mut ts, mut tn) = (0f64, 0usize);
+        for b in batches(&group, batch_size, pad) {
+            let (s, c) = batch_loss(model, &b, &Ctx::eval())?;
+            ts += s.to_scalar::<f32>()? as f64;
+            tn += c;
+        }
+        if let Some(t) = task.filter(|_| tn > 0) {
+            tasks.insert(
+                t,
+                TaskLoss {
+                    loss: ts / tn as f64,
+                    tokens: tn,
+                },
+            );
+        }
+        sum += ts;
+        n += tn;
     }
     if n == 0 {
         return Err(petal_core::Error::msg(
@@ -92,5 +125,6 @@ pub fn evaluate(
         loss,
         perplexity: loss.exp(),
         tokens: n,
+        tasks,
     })
 }

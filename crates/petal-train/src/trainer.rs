@@ -43,6 +43,9 @@ pub struct TrainConfig {
     pub save_converted: bool,
     /// Recompute each decoder layer in backward instead of keeping its activations.
     pub grad_checkpointing: bool,
+    /// Multi-task data: draw the tasks in turn (each gets the same share of every batch)
+    /// instead of in proportion to their sizes.
+    pub balanced_tasks: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -55,6 +58,9 @@ pub struct StepMetrics {
     pub tokens_per_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
+    /// Multi-task validation data: each task's loss at this evaluation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_tasks: Option<std::collections::BTreeMap<String, f64>>,
     /// The mixtures' router (MoV, MoLoRA, SiRA): each expert's mean gate per token over the
     /// step's forwards, averaged over the layers, and the share of top-k choices dropped for
     /// capacity.
@@ -82,14 +88,20 @@ pub trait Observer {
 
 impl Observer for () {}
 
-/// Micro-batch `k` of the endless, per-epoch reshuffled stream of training batches.
-fn micro_batch(train: &[Example], bs: usize, seed: u64, k: usize, pad: u32) -> Batch {
+/// Micro-batch `k` of the endless, per-epoch reshuffled (or, with `balanced`, task-balanced)
+/// stream of training batches.
+fn micro_batch(train: &[Example], cfg: &TrainConfig, k: usize) -> Batch {
+    let (bs, pad) = (cfg.batch_size, cfg.pad_id);
     let per_epoch = train.len().div_ceil(bs);
     let (epoch, pos) = (k / per_epoch, k % per_epoch);
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(rng::splitmix(
-        seed ^ (epoch as u64 + 1),
-    )));
+    let seed = rng::splitmix(cfg.seed ^ (epoch as u64 + 1));
+    let order = if cfg.balanced_tasks {
+        petal_data::balanced_order(train, seed)
+    } else {
+        let mut order: Vec<usize> = (0..train.len()).collect();
+        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+        order
+    };
     let chosen: Vec<Example> = order[pos * bs..((pos + 1) * bs).min(train.len())]
         .iter()
         .map(|&i| train[i].clone())
@@ -151,15 +163,7 @@ pub fn train(
             .schedule
             .lr(cfg.optim.lr, step, cfg.warmup_steps, cfg.max_steps);
         let micro: Vec<Batch> = (0..cfg.grad_accum)
-            .map(|j| {
-                micro_batch(
-                    train_set,
-                    cfg.batch_size,
-                    cfg.seed,
-                    step * cfg.grad_accum + j,
-                    cfg.pad_id,
-                )
-            })
+            .map(|j| micro_batch(train_set, cfg, step * cfg.grad_accum + j))
             .collect();
         let total: usize = micro.iter().map(Batch::target_tokens).sum::<usize>().max(1);
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
@@ -216,13 +220,17 @@ pub fn train(
             tokens,
             tokens_per_s: tokens as f64 / ts.elapsed().as_secs_f64(),
             eval_loss: None,
+            eval_tasks: None,
             router: router_load(model),
         };
         let done = step + 1 == cfg.max_steps;
         if !val_set.is_empty() && cfg.eval_every > 0 && ((step + 1) % cfg.eval_every == 0 || done) {
-            let e = evaluate(model, val_set, cfg.batch_size, cfg.pad_id)?.loss;
-            m.eval_loss = Some(e);
-            last_eval = Some(e);
+            let r = evaluate(model, val_set, cfg.batch_size, cfg.pad_id)?;
+            m.eval_loss = Some(r.loss);
+            if !r.tasks.is_empty() {
+                m.eval_tasks = Some(r.tasks.iter().map(|(t, l)| (t.clone(), l.loss)).collect());
+            }
+            last_eval = Some(r.loss);
         }
         let line = serde_json::to_string(&m).map_err(|e| Error::msg(e.to_string()))?;
         writeln!(log, "{line}").map_err(|e| Error::io(&metrics_path, e))?;

@@ -48,6 +48,7 @@ fn data() -> Vec<Example> {
             Example {
                 labels: ids.iter().map(|&x| x as i64).collect(),
                 ids,
+                task: None,
             }
         })
         .collect()
@@ -74,6 +75,7 @@ fn config(out: &Path, save_every: usize) -> TrainConfig {
         fingerprint: "adalora".into(),
         save_converted: false,
         grad_checkpointing: false,
+        balanced_tasks: false,
     }
 }
 

@@ -34,6 +34,7 @@ pub fn tiny_llama_losses_with(
             Example {
                 labels: ids.iter().map(|&x| x as i64).collect(),
                 ids,
+                task: None,
             }
         })
         .collect();
@@ -57,6 +58,7 @@ pub fn tiny_llama_losses_with(
         fingerprint: "t".into(),
         save_converted: false,
         grad_checkpointing: false,
+        balanced_tasks: false,
     };
     train(&m, &cfg, &data, &[], &tc, None, &mut ())
         .unwrap()
