@@ -49,10 +49,11 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         lm.tokenizer.eos_id.unwrap_or(0),
     )?;
     if a.json {
-        println!(
-            "{}",
-            serde_json::json!({"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens, "sequences": ex.len()})
-        );
+        let mut j = serde_json::json!({"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens, "sequences": ex.len()});
+        if !r.tasks.is_empty() {
+            j["tasks"] = serde_json::to_value(&r.tasks)?;
+        }
+        println!("{j}");
     } else {
         println!(
             "loss {:.4}  perplexity {:.2}  over {} tokens in {} sequences",
@@ -61,6 +62,9 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
             r.tokens,
             ex.len()
         );
+        for (t, l) in &r.tasks {
+            println!("  task {t}: loss {:.4} over {} tokens", l.loss, l.tokens);
+        }
     }
     Ok(())
 }

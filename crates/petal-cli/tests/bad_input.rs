@@ -175,11 +175,24 @@ fn research_method_options_out_of_range_are_refused_naming_the_option_and_write_
     let model = golden().join("llama"); // q (32, 32), v (16, 32): 3,072 weights over 2 layers
     let out = d.path().join("run");
     let cases: [(&[&str], &str); 10] = [
-        (&["--method", "molora", "--set", "num_experts=0"], "num_experts"),
-        (&["--method", "mov", "--set", "num_experts=0"], "num_experts"),
+        (
+            &["--method", "molora", "--set", "num_experts=0"],
+            "num_experts",
+        ),
+        (
+            &["--method", "mov", "--set", "num_experts=0"],
+            "num_experts",
+        ),
         (&["--method", "sira", "--set", "top_k=0"], "top_k"),
         (
-            &["--method", "sira", "--set", "num_experts=2", "--set", "top_k=3"],
+            &[
+                "--method",
+                "sira",
+                "--set",
+                "num_experts=2",
+                "--set",
+                "top_k=3",
+            ],
             "top_k",
         ),
         (&["--method", "rosa", "--set", "d=0"], "d"),

@@ -278,6 +278,84 @@ fn prompt_tuning_trains_and_merging_it_is_refused_with_a_reason() {
     assert!(stderr(&o).contains("cannot be merged"), "{}", stderr(&o));
 }
 
+/// Multi-task data through a mixture: `--task-sampling balanced`, per-task losses before and
+/// after (the JSON summary) and at each evaluation (metrics.jsonl), the router's load per step,
+/// and the trained MoLoRA refused by `petal merge`, nothing written.
+#[test]
+fn a_mixture_trains_on_multi_task_data_with_per_task_losses_and_router_load() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("mt.jsonl");
+    let lines: Vec<String> = (0..60)
+        .map(|i| {
+            let task = ["alpha", "beta", "gamma"][usize::from(i >= 40) + usize::from(i >= 52)];
+            let text: Vec<String> = (0..12)
+                .map(|j| format!("w{}", (i * 7 + j * 3) % 96))
+                .collect();
+            serde_json::json!({"text": text.join(" "), "task": task}).to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let val = d.path().join("val.jsonl");
+    std::fs::write(
+        &val,
+        [&lines[..3], &lines[40..43], &lines[52..55]]
+            .concat()
+            .join("\n"),
+    )
+    .unwrap();
+    let out = d.path().join("run");
+    let m = golden().join("llama");
+    let args = train(
+        m.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let extra = [
+        "--method",
+        "molora",
+        "--task-sampling",
+        "balanced",
+        "--val-data",
+        val.to_str().unwrap(),
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--json",
+    ];
+    let o = petal(&[&args[..], &extra].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let tasks = sum["eval_after"]["tasks"].as_object().unwrap();
+    assert_eq!(tasks.keys().collect::<Vec<_>>(), ["alpha", "beta", "gamma"]);
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(steps[1]["eval_tasks"].as_object().unwrap().len(), 3);
+    let load = steps[0]["router"]["load"].as_array().unwrap();
+    assert_eq!(load.len(), 10, "MoLoRA's ten experts");
+    let total: f64 = load.iter().map(|v| v.as_f64().unwrap()).sum();
+    assert!(
+        (total - 1.0).abs() < 1e-4,
+        "soft gates sum to one per token: {total}"
+    );
+    let merged = d.path().join("m");
+    let o = petal(&[
+        "merge",
+        "--model",
+        m.to_str().unwrap(),
+        "--adapter",
+        out.join("adapter").to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("cannot be merged"), "{}", stderr(&o));
+    assert!(!merged.exists());
+}
+
 /// The losses a run logged, step by step.
 fn logged_losses(run: &Path) -> Vec<f64> {
     std::fs::read_to_string(run.join("metrics.jsonl"))

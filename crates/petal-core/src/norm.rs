@@ -138,10 +138,7 @@ impl AdaptableNorm {
         Ok(2 * width)
     }
     pub fn set_active(&mut self, names: &[&str]) {
-        self.active = names
-            .iter()
-            .find(|n| self.has(n))
-            .map(|n| n.to_string());
+        self.active = names.iter().find(|n| self.has(n)).map(|n| n.to_string());
     }
     pub fn is_active(&self, name: &str) -> bool {
         self.active.as_deref() == Some(name)

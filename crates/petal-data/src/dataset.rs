@@ -123,7 +123,9 @@ fn task_field(v: &Value) -> std::result::Result<Option<String>, String> {
 pub fn group_by_task(examples: Vec<Example>) -> std::collections::BTreeMap<String, Vec<Example>> {
     let mut m: std::collections::BTreeMap<String, Vec<Example>> = Default::default();
     for e in examples {
-        m.entry(e.task.clone().unwrap_or_default()).or_default().push(e);
+        m.entry(e.task.clone().unwrap_or_default())
+            .or_default()
+            .push(e);
     }
     m
 }

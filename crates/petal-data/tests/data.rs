@@ -210,12 +210,18 @@ fn a_task_field_tags_each_example_and_packing_keeps_tasks_apart() {
 fn some_lines_with_a_task_and_some_without_or_a_non_string_task_are_refused_naming_the_line() {
     let d = tempfile::tempdir().unwrap();
     for (text, line, what) in [
-        ("{\"text\": \"w3\", \"task\": \"a\"}\n{\"text\": \"w4\"}\n", 2, "has none"),
+        (
+            "{\"text\": \"w3\", \"task\": \"a\"}\n{\"text\": \"w4\"}\n",
+            2,
+            "has none",
+        ),
         ("{\"text\": \"w3\", \"task\": 3}\n", 1, "`task`"),
         ("{\"text\": \"w3\", \"task\": \" \"}\n", 1, "`task`"),
     ] {
         let p = file(d.path(), "bad.jsonl", text);
-        let e = load_examples(&p, &tok(), &opts(64)).unwrap_err().to_string();
+        let e = load_examples(&p, &tok(), &opts(64))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains(&format!("bad.jsonl:{line}")) && e.contains(what),
             "{e}"
@@ -244,8 +250,11 @@ fn balanced_order_gives_every_task_the_same_share_whatever_its_size() {
         assert_eq!(t, ["big", "mid", "small"]);
     }
     // the small task's three examples are all used, in turns
-    let small: std::collections::BTreeSet<usize> =
-        order.iter().copied().filter(|&i| ex[i].task.as_deref() == Some("small")).collect();
+    let small: std::collections::BTreeSet<usize> = order
+        .iter()
+        .copied()
+        .filter(|&i| ex[i].task.as_deref() == Some("small"))
+        .collect();
     assert_eq!(small.len(), 3);
     assert_eq!(order, petal_data::balanced_order(&ex, 5), "seeded");
 }

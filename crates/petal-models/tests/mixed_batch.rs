@@ -195,7 +195,11 @@ fn every_row_of_a_mixed_batch_equals_its_mixture_of_experts_run_alone() {
     assert_eq!(ids.dim(0).unwrap(), rows.len());
     let got = mixed_logits(&m, &ids, &rows);
     for (i, name) in rows.iter().enumerate() {
-        let names: Vec<&str> = if *name == "__base__" { vec![] } else { vec![name] };
+        let names: Vec<&str> = if *name == "__base__" {
+            vec![]
+        } else {
+            vec![name]
+        };
         set_active(&mut m, &names);
         let alone = m.forward(&ids, None, &petal_core::Ctx::eval()).unwrap();
         let e = max_rel(&got.i(i).unwrap(), &alone.i(i).unwrap());

@@ -438,13 +438,20 @@ fn ssf_on_norms_gets_exact_gradients_merges_into_weights_and_biases_and_reloads(
         .filter(|n| n.has("default"))
         .map(|n| n.path())
         .collect();
-    assert_eq!(on_norms.len(), 4, "two layers' two norms, not the final one: {on_norms:?}");
+    assert_eq!(
+        on_norms.len(),
+        4,
+        "two layers' two norms, not the final one: {on_norms:?}"
+    );
     assert!(!on_norms.contains(&"model.norm"));
     let keys: Vec<String> = petal_core::walk::adapter_tensors(&m, "default")
         .into_iter()
         .map(|t| t.key)
         .collect();
-    assert!(keys.contains(&"model.layers.0.input_layernorm.ssf_shift".to_string()), "{keys:?}");
+    assert!(
+        keys.contains(&"model.layers.0.input_layernorm.ssf_shift".to_string()),
+        "{keys:?}"
+    );
     // (candle also stores a gradient for the frozen weight γ multiplies, never used: the
     // optimizer steps the adapter's variables only)
     let g = logit_loss(&m).backward().unwrap();
@@ -460,12 +467,20 @@ fn ssf_on_norms_gets_exact_gradients_merges_into_weights_and_biases_and_reloads(
     petal_io::save_model_adapter(&m, "default", &cfg, dir.path()).unwrap();
     let mut fresh = model(&golden().join("llama"), DType::F32);
     petal_io::attach_adapter(&mut fresh, dir.path(), "default").unwrap();
-    let reloaded = fresh.forward(&ids(), None, &petal_core::Ctx::eval()).unwrap();
+    let reloaded = fresh
+        .forward(&ids(), None, &petal_core::Ctx::eval())
+        .unwrap();
     assert!(petal_ops::testing::max_rel(&reloaded, &before) < 1e-6);
     petal_core::inject::merge_and_unload_all(&mut m).unwrap();
-    assert!(m.norms().iter().all(|n| n.names().is_empty() && n.shift().is_none()));
+    assert!(m
+        .norms()
+        .iter()
+        .all(|n| n.names().is_empty() && n.shift().is_none()));
     let q = &m.linears()[0];
-    assert!(q.path().ends_with("q_proj") && q.bias().is_some(), "β folds into q's bias");
+    assert!(
+        q.path().ends_with("q_proj") && q.bias().is_some(),
+        "β folds into q's bias"
+    );
     let merged = m.forward(&ids(), None, &petal_core::Ctx::eval()).unwrap();
     let rel = petal_ops::testing::max_rel(&merged, &before);
     assert!(rel < 1e-5, "merged differs from unmerged: {rel}");

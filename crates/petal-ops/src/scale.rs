@@ -135,11 +135,13 @@ impl CustomOp3 for ScaleShiftLast {
         let (y, l, s) = (act_in(ys, yl)?, f32s(ls, ll)?, f32s(ss, sl)?);
         let d = l.len();
         let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(d).zip(y.par_chunks(d)).for_each(|(o, y)| {
-            for j in 0..d {
-                o[j] = y[j] * l[j] + s[j];
-            }
-        });
+        out.par_chunks_mut(d)
+            .zip(y.par_chunks(d))
+            .for_each(|(o, y)| {
+                for j in 0..d {
+                    o[j] = y[j] * l[j] + s[j];
+                }
+            });
         Ok((act_out(out, ys.dtype())?, yl.shape().clone()))
     }
 
@@ -235,7 +237,12 @@ mod scale_shift_tests {
                 let f = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
                 scale_shift_last(Kernels::FUSED, &t[0], &f(&t[1]), &f(&t[2])).unwrap()
             },
-            |t| t[0].broadcast_mul(&t[1]).unwrap().broadcast_add(&t[2]).unwrap(),
+            |t| {
+                t[0].broadcast_mul(&t[1])
+                    .unwrap()
+                    .broadcast_add(&t[2])
+                    .unwrap()
+            },
         );
     }
 }

@@ -291,7 +291,9 @@ fn accumulate(acc: &mut [Option<Tensor>], vars: &[Var], g: &petal_models::Grads)
 
 /// Global L2 norm of all gradients; scaled down to `max` when above it (torch's
 /// The routers' load since the last step, averaged over the layers (None without a mixture).
-fn router_load(model: &dyn petal_core::Adaptable) -> Option<petal_core::methods::mixture::RouterLoad> {
+fn router_load(
+    model: &dyn petal_core::Adaptable,
+) -> Option<petal_core::methods::mixture::RouterLoad> {
     let loads: Vec<_> = model
         .linears()
         .iter()

@@ -76,7 +76,10 @@ impl LoadMeter {
     pub(crate) fn record(&self, gates: &Tensor, dropped: usize, chosen: usize) -> Result<()> {
         let (rows, _) = gates.dims2()?;
         let sums: Vec<f32> = gates.detach().sum(0)?.to_dtype(DType::F32)?.to_vec1()?;
-        let mut m = self.0.lock().map_err(|_| Error::msg("router meter poisoned"))?;
+        let mut m = self
+            .0
+            .lock()
+            .map_err(|_| Error::msg("router meter poisoned"))?;
         let (acc, n, d, c) = m.get_or_insert_with(|| (vec![0.0; sums.len()], 0, 0, 0));
         acc.iter_mut().zip(&sums).for_each(|(a, s)| *a += *s as f64);
         *n += rows;

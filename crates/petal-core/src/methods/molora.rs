@@ -301,7 +301,10 @@ mod tests {
         let lin = &t.linears()[0];
         let load = lin.layer("default").unwrap().router_load().unwrap();
         assert_eq!(load.load.len(), 3);
-        assert!((load.load.iter().sum::<f64>() - 1.0).abs() < 1e-5, "{load:?}");
+        assert!(
+            (load.load.iter().sum::<f64>() - 1.0).abs() < 1e-5,
+            "{load:?}"
+        );
         assert_eq!(load.dropped, 0.0);
         let e = t.linears_mut()[0]
             .merge("default", true)

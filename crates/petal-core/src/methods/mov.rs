@@ -85,7 +85,11 @@ impl AdapterMethod for Mov {
 
     fn layer_values(&self, cfg: &AdapterConfig, path: &str, dims: &ModuleDims) -> Result<u64> {
         let o: MovOptions = cfg.options()?;
-        let h = if feedforward(&o, path) { dims.inp } else { dims.out };
+        let h = if feedforward(&o, path) {
+            dims.inp
+        } else {
+            dims.out
+        };
         Ok(2 * (o.num_experts * h) as u64)
     }
 

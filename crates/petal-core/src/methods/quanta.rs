@@ -271,8 +271,8 @@ impl QuantaLayer {
         let x = x.pad_with_zeros(1, 0, p - self.inp)?;
         let t = |vs: &[Var]| vs.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>();
         let frozen: Vec<Tensor> = self.frozen.iter().map(|v| v.as_tensor().detach()).collect();
-        let q = (chain(&self.n, &x, &t(&self.gates), false)?
-            - chain(&self.n, &x, &frozen, false)?)?;
+        let q =
+            (chain(&self.n, &x, &t(&self.gates), false)? - chain(&self.n, &x, &frozen, false)?)?;
         Ok(q.narrow(1, 0, self.out.min(p))?)
     }
 
@@ -287,7 +287,8 @@ impl QuantaLayer {
         let (n, out, inp) = (self.n.clone(), self.out, self.inp);
         let p = self.width();
         let rows_out = out < inp;
-        let eye = Tensor::eye(out.min(inp), DType::F32, &dev)?.pad_with_zeros(1, 0, p - out.min(inp))?;
+        let eye =
+            Tensor::eye(out.min(inp), DType::F32, &dev)?.pad_with_zeros(1, 0, p - out.min(inp))?;
         let frozen: Vec<Tensor> = self.frozen.iter().map(|v| v.as_tensor().detach()).collect();
         let base = chain(&n, &eye, &frozen, rows_out)?;
         let shapes: Vec<Vec<usize>> = self.gates.iter().map(|g| g.dims().to_vec()).collect();

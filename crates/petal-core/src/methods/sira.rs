@@ -163,17 +163,25 @@ mod tests {
             n.var.set(&t[&format!("sira.{}", &n.name[5..])]).unwrap();
         }
         let ctx = crate::Ctx::train(3);
-        let got = layer.forward(&t["sira.x"], t["sira.base"].clone(), &ctx).unwrap();
+        let got = layer
+            .forward(&t["sira.x"], t["sira.base"].clone(), &ctx)
+            .unwrap();
         let e = crate::testing::max_rel(&got, &t["sira.y"]);
         assert!(e < 1e-5, "training: relative error {e:e}");
-        let got = layer.forward(&t["sira.x"], t["sira.base"].clone(), &crate::Ctx::eval()).unwrap();
+        let got = layer
+            .forward(&t["sira.x"], t["sira.base"].clone(), &crate::Ctx::eval())
+            .unwrap();
         let e = crate::testing::max_rel(&got, &t["sira.y_eval"]);
         assert!(e < 1e-5, "evaluation: relative error {e:e}");
         // the fixture's routing drops some choices for capacity, and petal's meter agrees
         let load = layer.router_load().unwrap();
         let want = t["sira.dropped"].to_vec1::<f32>().unwrap()[0] as f64;
         assert!(want > 0.0);
-        assert!((load.dropped - want).abs() < 1e-9, "{} vs {want}", load.dropped);
+        assert!(
+            (load.dropped - want).abs() < 1e-9,
+            "{} vs {want}",
+            load.dropped
+        );
     }
 
     #[test]
@@ -200,7 +208,11 @@ mod tests {
         let t = adapted(&c, true);
         let x = Toy::input();
         t.forward_ctx(&x, &crate::Ctx::train(2));
-        let load = t.linears()[0].layer("default").unwrap().router_load().unwrap();
+        let load = t.linears()[0]
+            .layer("default")
+            .unwrap()
+            .router_load()
+            .unwrap();
         // with k = 1 and no drops every token's gate is its largest probability: the mean
         // gates sum to less than 1 (the other experts' probabilities are cut)
         let total: f64 = load.load.iter().sum();

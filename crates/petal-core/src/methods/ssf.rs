@@ -231,10 +231,19 @@ mod tests {
             .norm_affine(&cfg, 12, 0, &candle_core::Device::Cpu)
             .unwrap()
             .unwrap();
-        assert_eq!(scale.to_vec1::<f32>().unwrap(), vec![1.0; 12], "identity init");
+        assert_eq!(
+            scale.to_vec1::<f32>().unwrap(),
+            vec![1.0; 12],
+            "identity init"
+        );
         assert_eq!(shift.to_vec1::<f32>().unwrap(), vec![0.0; 12]);
-        norm.add_affine("default", t["norm_scale"].clone(), t["norm_shift"].clone(), names)
-            .unwrap();
+        norm.add_affine(
+            "default",
+            t["norm_scale"].clone(),
+            t["norm_shift"].clone(),
+            names,
+        )
+        .unwrap();
         let mut lin = crate::AdaptableLinear::new("l", t["w"].clone(), Some(t["b"].clone()));
         let layer = Box::new(SsfLayer {
             scale: Var::from_tensor(&t["scale"]).unwrap(),
