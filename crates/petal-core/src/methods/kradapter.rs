@@ -108,22 +108,45 @@ struct KrLayer {
 
 impl KrLayer {
     /// dW (out, in) in f32: the rows' Kronecker products, cut to the long side, along W.
+    /// dW (out, in), one graph node over U and V that keeps only them: its backward is the
+    /// closed form `dU[i, b] = s Σ_a G[i, a, b] V[i, a]`, `dV[i, a] = s Σ_b G[i, a, b] U[i, b]`
+    /// for the gradient G of M (zero past the N used columns), so none of M's (n, r (r + d))
+    /// intermediates is held from forward to backward.
     fn delta(&self) -> Result<Tensor> {
         let (u, v) = (self.u.as_tensor(), self.v.as_tensor());
         let (n, r) = u.dims2()?;
         let rd = v.dim(1)?;
-        // (n, r + d, 1) * (n, 1, r) -> (n, r + d, r): [i, a, b] = V[i, a] U[i, b]
-        let m = v
-            .unsqueeze(2)?
-            .broadcast_mul(&u.unsqueeze(1)?)?
-            .reshape((n, rd * r))?;
-        let long = self.out.max(self.inp);
-        let m = (m.narrow(1, 0, long)? * self.scaling)?;
-        Ok(if self.out <= self.inp {
-            m
-        } else {
-            m.t()?.contiguous()?
-        })
+        let (long, s, tall) = (self.out.max(self.inp), self.scaling, self.out > self.inp);
+        let build = move |u: &Tensor, v: &Tensor| -> candle_core::Result<Tensor> {
+            // (n, r + d, 1) * (n, 1, r) -> (n, r + d, r): [i, a, b] = V[i, a] U[i, b]
+            let m = v
+                .unsqueeze(2)?
+                .broadcast_mul(&u.unsqueeze(1)?)?
+                .reshape((n, rd * r))?;
+            let m = (m.narrow(1, 0, long)? * s)?;
+            if tall {
+                m.t()?.contiguous()
+            } else {
+                Ok(m)
+            }
+        };
+        Ok(petal_ops::lean::lean2(
+            [u, v],
+            |[u, v]| build(u, v),
+            move |[u, v], need, _, dy| {
+                let g = if tall { dy.t()? } else { dy.clone() };
+                let g = g
+                    .pad_with_zeros(1, 0, rd * r - long)?
+                    .reshape((n, rd, r))?;
+                let du = need[0]
+                    .then(|| g.broadcast_mul(&v.unsqueeze(2)?)?.sum(1)? * s)
+                    .transpose()?;
+                let dv = need[1]
+                    .then(|| g.broadcast_mul(&u.unsqueeze(1)?)?.sum(2)? * s)
+                    .transpose()?;
+                Ok([du, dv])
+            },
+        )?)
     }
 }
 

@@ -199,10 +199,12 @@ pub(crate) fn add_dense_delta(x: &Tensor, y: Tensor, delta: &Tensor) -> Result<T
 }
 
 /// `x (W + dW)^T + b` in one matrix product, for methods whose update is a dense dW (LoHa,
-/// LoKr): the sum is built once per call (W frozen, so its gradient goes to dW alone), saving
-/// the separate product `x dW^T` forward and its input gradient backward (three large products
-/// per step instead of five), and nothing of size (tokens, out) kept but the output. On any
-/// device for f32 x and W; `None` otherwise (a bf16 model or bf16 activations).
+/// LoKr, KRAdapter, QuanTA, …): the sum is built once per call (W frozen, so its gradient goes
+/// to dW alone), saving the separate product `x dW^T` forward and its input gradient backward
+/// (three large products per step instead of five). One graph node over x and dW that keeps
+/// only them: backward rebuilds `W + dW` for `dx = dy (W + dW)` and takes `ddW = dy^T x`, so no
+/// (out, in) sum is held from forward to backward, nor anything of size (tokens, out) but the
+/// output. On any device for f32 x and W; `None` otherwise (a bf16 model or bf16 activations).
 pub(crate) fn dense_linear(
     k: Kernels,
     x: &Tensor,
@@ -220,7 +222,21 @@ pub(crate) fn dense_linear(
         let inp = x.dim(candle_core::D::Minus1)?;
         let mut dims = x.dims().to_vec();
         let x2 = x.reshape((x.elem_count() / inp, inp))?;
-        let mut y = x2.matmul(&petal_ops::add_frozen(k, &delta, w)?.t()?)?;
+        let w0 = w.detach();
+        let mut y = petal_ops::lean::lean2(
+            [&x2, &delta],
+            |[x2, delta]| x2.matmul(&(&w0 + delta)?.t()?),
+            {
+                let w0 = w.detach();
+                move |[x2, delta], need, _, dy| {
+                    let dx = need[0]
+                        .then(|| dy.matmul(&(&w0 + delta)?))
+                        .transpose()?;
+                    let dd = need[1].then(|| dy.t()?.matmul(x2)).transpose()?;
+                    Ok([dx, dd])
+                }
+            },
+        )?;
         if let Some(b) = b {
             y = y.broadcast_add(b)?;
         }
