@@ -174,7 +174,12 @@ fn research_method_options_out_of_range_are_refused_naming_the_option_and_write_
     let data = words(d.path());
     let model = golden().join("llama"); // q (32, 32), v (16, 32): 3,072 weights over 2 layers
     let out = d.path().join("run");
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 12] = [
+        (&["--method", "ks_lottery"], "target_modules"),
+        (
+            &["--method", "ks_lottery", "--set", "max_p_value=0"],
+            "max_p_value",
+        ),
         (
             &["--method", "molora", "--set", "num_experts=0"],
             "num_experts",

@@ -356,6 +356,110 @@ fn a_mixture_trains_on_multi_task_data_with_per_task_losses_and_router_load() {
     assert!(!merged.exists());
 }
 
+/// KS-Lottery's three stages in one run: the whole embedding for half the steps, the KS test
+/// choosing the top 5 rows, then those rows alone from their pretrained values; the saved
+/// adapter is those five rows (the tickets in its config and in tickets.json, ordered by KS
+/// statistic), and loaded again it scores the validation set as the trained model did.
+#[test]
+fn ks_lottery_chooses_its_tickets_and_saves_only_their_rows() {
+    let d = tempfile::tempdir().unwrap();
+    let data = words(d.path());
+    let out = d.path().join("run");
+    let m = golden().join("llama");
+    let val: Vec<String> = (0..200).map(|i| format!("w{}", (i * 11) % 96)).collect();
+    let vfile = d.path().join("val.txt");
+    std::fs::write(&vfile, val.join(" ")).unwrap();
+    let args = train(
+        m.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let extra = [
+        "--method",
+        "ks_lottery",
+        "--set",
+        "top_k=5",
+        "--max-steps",
+        "6",
+        "--lr",
+        "0.05",
+        "--val-data",
+        vfile.to_str().unwrap(),
+        "--json",
+    ];
+    let o = petal(&[&args[..], &extra].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let adapter = out.join("adapter");
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["stage1_steps"], 3, "half the run");
+    let tickets: Vec<u64> = cfg["tickets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(tickets.len(), 5);
+    let listed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(adapter.join("tickets.json")).unwrap())
+            .unwrap();
+    let stats: Vec<f64> = listed["tickets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["ks_statistic"].as_f64().unwrap())
+        .collect();
+    assert!(
+        stats.windows(2).all(|w| w[0] >= w[1]) && stats[4] > 0.0,
+        "{stats:?}"
+    );
+    let w = candle_core::safetensors::load(
+        adapter.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(w.len(), 1, "{:?}", w.keys());
+    assert_eq!(
+        w.values().next().unwrap().dims()[0],
+        5,
+        "the tickets' rows only"
+    );
+    // the saved form scores the validation set as the trained model did
+    let eval = |adapter: Option<&std::path::Path>| -> f64 {
+        let mut a = vec![
+            "eval",
+            "--model",
+            m.to_str().unwrap(),
+            "--data",
+            vfile.to_str().unwrap(),
+            "--seq-len",
+            "16",
+            "--json",
+        ];
+        if let Some(p) = adapter {
+            a.extend(["--adapter", p.to_str().unwrap()]);
+        }
+        let o = petal(&a);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    let (base, tuned) = (eval(None), eval(Some(&adapter)));
+    assert!(
+        (base - tuned).abs() > 1e-6,
+        "the tickets' rows change the model"
+    );
+    let trained = sum["eval_after"]["loss"].as_f64().unwrap();
+    assert!(
+        (tuned - trained).abs() < 1e-5 * trained,
+        "saved {tuned} vs trained {trained}"
+    );
+}
+
 /// The losses a run logged, step by step.
 fn logged_losses(run: &Path) -> Vec<f64> {
     std::fs::read_to_string(run.join("metrics.jsonl"))

@@ -449,6 +449,11 @@ pub trait TrainingHook: Send {
     fn state(&self) -> Result<std::collections::HashMap<String, Tensor>> {
         Ok(Default::default())
     }
+    /// Small text files written into the saved adapter's folder next to it (KS-Lottery's
+    /// `tickets.json`): (file name, contents).
+    fn files(&self) -> Result<Vec<(String, String)>> {
+        Ok(Vec::new())
+    }
     /// Restore from a checkpoint's state.
     fn load_state(&mut self, _state: &std::collections::HashMap<String, Tensor>) -> Result<()> {
         Ok(())

@@ -31,6 +31,7 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::mov::Mov,
     &methods::molora::Molora,
     &methods::sira::Sira,
+    &methods::ks_lottery::KsLottery,
 ];
 
 /// Look a method up by its PEFT `peft_type` (case-insensitive: "LORA", "lora").

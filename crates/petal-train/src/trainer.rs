@@ -267,6 +267,11 @@ pub fn train(
         saved.inference_mode = true;
     }
     petal_io::save_adapter(&adapter_dir, &saved, &tensors)?;
+    if let Some(h) = &hook {
+        for (name, text) in h.files()? {
+            petal_io::write_atomic(&adapter_dir.join(name), text.as_bytes())?;
+        }
+    }
     Ok(TrainSummary {
         steps: cfg.max_steps,
         losses,

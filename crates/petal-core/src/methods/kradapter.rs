@@ -135,9 +135,7 @@ impl KrLayer {
             |[u, v]| build(u, v),
             move |[u, v], need, _, dy| {
                 let g = if tall { dy.t()? } else { dy.clone() };
-                let g = g
-                    .pad_with_zeros(1, 0, rd * r - long)?
-                    .reshape((n, rd, r))?;
+                let g = g.pad_with_zeros(1, 0, rd * r - long)?.reshape((n, rd, r))?;
                 let du = need[0]
                     .then(|| g.broadcast_mul(&v.unsqueeze(2)?)?.sum(1)? * s)
                     .transpose()?;

@@ -11,6 +11,7 @@ mod grad_mask;
 pub mod ia3;
 pub mod intrinsic;
 pub mod kradapter;
+pub mod ks_lottery;
 pub mod ln_tuning;
 pub mod loha;
 pub mod lokr;
@@ -229,9 +230,7 @@ pub(crate) fn dense_linear(
             {
                 let w0 = w.detach();
                 move |[x2, delta], need, _, dy| {
-                    let dx = need[0]
-                        .then(|| dy.matmul(&(&w0 + delta)?))
-                        .transpose()?;
+                    let dx = need[0].then(|| dy.matmul(&(&w0 + delta)?)).transpose()?;
                     let dd = need[1].then(|| dy.t()?.matmul(x2)).transpose()?;
                     Ok([dx, dd])
                 }

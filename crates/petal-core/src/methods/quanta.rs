@@ -34,7 +34,7 @@ crate::method_options! {
         /// Number of axes D when `per_dim_features` is not given (2..=8)
         pub d: usize = 4,
         /// Axis sizes n_1..n_D (product >= every targeted module's in and out); empty: chosen per module
-        [parse_sizes]
+        [parse_list]
         pub per_dim_features: Vec<usize> = Vec::new(),
         /// Dropout on the adapter's input
         pub quanta_dropout: f64 = 0.0,
@@ -43,8 +43,8 @@ crate::method_options! {
     }
 }
 
-/// Axis sizes as the command line writes them: `16,8,8,4` (or a JSON list).
-fn parse_sizes(s: &str) -> serde_json::Value {
+/// A list of whole numbers as the command line writes them: `16,8,8,4` (or a JSON list).
+pub(crate) fn parse_list(s: &str) -> serde_json::Value {
     if s.trim_start().starts_with('[') {
         return crate::config::parse_value(s);
     }
