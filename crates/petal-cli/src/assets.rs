@@ -70,6 +70,18 @@ pub const ASSETS: &[Asset] = &[
         suffix: "/task.json",
         member_sha256: None,
     },
+    Asset {
+        name: "multiemo",
+        what: "BIG-bench multiemo: 57,466 sentences in 11 languages, aligned row by row \
+               (tools/data/multiemo_translation.py makes English-French pairs)",
+        package: "bigbench==1.0.0",
+        sdist: true,
+        file: "bigbench-1.0.0.tar.gz",
+        sha256: "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+        members: &["bigbench-1.0.0/bigbench/benchmark_tasks/multiemo/"],
+        suffix: "/task.json",
+        member_sha256: None,
+    },
 ];
 
 pub fn cache_dir() -> PathBuf {

@@ -11,7 +11,9 @@
 //! 3. Δ is reset to zero (the pretrained values) and the optimizer state with it, and only the
 //!    tickets' rows train for the rest of the run (Δ masked in the forward, and set back to the
 //!    mask after every step, so nothing else ever moves).
-//! The saved adapter is the tickets' rows alone, as petal's trainable tokens
+//! With `stage1_steps` at or past the run's steps, the run is stage 1 alone: the whole
+//! embedding tuned and saved as such (the paper's reference). Otherwise the saved adapter is the
+//! tickets' rows alone, as petal's trainable tokens
 //! (`<embedding>.token_adapter.trainable_tokens_delta` (k, hidden), the new rows), with the
 //! tickets in the config (`tickets`) and `tickets.json` (statistic and p-value of each) next to
 //! it. An adapter whose config lists `tickets` is that final form (stage 3 alone when trained).
@@ -181,6 +183,7 @@ impl AdapterMethod for KsLottery {
             top_k: o.top_k,
             chosen: Mutex::new(None),
             tickets: Vec::new(),
+            candidates: Vec::new(),
         })))
     }
 }
@@ -261,6 +264,8 @@ struct KsTraining {
     /// The step after which the tickets were chosen.
     chosen: Mutex<Option<usize>>,
     tickets: Vec<Ticket>,
+    /// Every token stage 1 changed (the tickets' candidates), by id.
+    candidates: Vec<usize>,
 }
 
 impl KsTraining {
@@ -295,6 +300,7 @@ impl KsTraining {
                 p_value: p,
             });
         }
+        self.candidates = scored.iter().map(|t| t.token).collect();
         scored.sort_by(|a, b| {
             b.ks_statistic
                 .total_cmp(&a.ks_statistic)
@@ -369,10 +375,8 @@ impl TrainingHook for KsTraining {
 
     fn export(&self, cfg: &mut AdapterConfig, tensors: &mut HashMap<String, Tensor>) -> Result<()> {
         if self.chosen().is_none() {
-            return Err(Error::msg(format!(
-                "KS-Lottery: the run ended in stage 1 (stage1_steps = {}): no tickets were chosen",
-                self.stage1
-            )));
+            // stage1_steps >= the run's steps: the whole embedding's change, saved as is
+            return Ok(());
         }
         let take = |tensors: &mut HashMap<String, Tensor>, n: &str| {
             tensors
@@ -395,9 +399,13 @@ impl TrainingHook for KsTraining {
 
     fn files(&self) -> Result<Vec<(String, String)>> {
         // (after a resume past stage 2 the statistics are not at hand: the config lists the ids)
+        let stage = match self.chosen() {
+            Some(_) => "3: the tickets' rows alone",
+            None => "1: the whole embedding (stage1_steps >= the run's steps)",
+        };
         let j = serde_json::json!({
             "max_p_value": self.max_p, "top_k": self.top_k, "stage1_steps": self.stage1,
-            "tickets": self.tickets,
+            "ended_in_stage": stage, "tickets": self.tickets, "candidates": self.candidates,
         });
         Ok(vec![(
             "tickets.json".into(),
