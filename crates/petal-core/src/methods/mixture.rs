@@ -53,11 +53,11 @@ pub(crate) fn capacity(factor: f64, k: usize, rows: usize, experts: usize) -> us
 }
 
 /// Gates (rows, E) repeated over each expert's `r` ranks: (rows, E r).
-pub(crate) fn per_rank(g: &Tensor, r: usize) -> Result<Tensor> {
+pub(crate) fn per_rank(g: &Tensor, r: usize) -> candle_core::Result<Tensor> {
     let (rows, e) = g.dims2()?;
-    Ok(g.unsqueeze(2)?
+    g.unsqueeze(2)?
         .broadcast_as((rows, e, r))?
-        .reshape((rows, e * r))?)
+        .reshape((rows, e * r))
 }
 
 /// The router's load over the training forwards since it was last read: the mean gate weight

@@ -20,7 +20,7 @@ use crate::adapter::{
     AdapterLayer, AdapterMethod, BaseLinear, ModuleDims, NamedTensor, WeightUpdate,
 };
 use crate::config::{finite, spec, AdapterConfig, Spec};
-use crate::methods::mixture::{self, LoadMeter, RouterLoad};
+use crate::methods::mixture::{self, per_rank, LoadMeter, RouterLoad};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var};
 use rand::SeedableRng;
@@ -165,6 +165,72 @@ pub(crate) struct MixtureLora {
 }
 
 impl MixtureLora {
+    fn fused(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        ctx: &crate::Ctx,
+    ) -> Result<Tensor> {
+        let (x2, inp) = mixture::rows_of(x)?;
+        let (e, _, r) = self.a.as_tensor().dims3()?;
+        let out = w.dim(0)?;
+        let (g, dropped, chosen) = self.gates(&x2, ctx)?;
+        if ctx.is_train() {
+            self.meter.record(&g, dropped, chosen)?;
+        }
+        let ab = Tensor::cat(
+            &[
+                self.a.as_tensor().transpose(0, 1)?.flatten_all()?,
+                self.b.as_tensor().flatten_all()?,
+            ],
+            0,
+        )?;
+        let split = move |ab: &Tensor| -> candle_core::Result<(Tensor, Tensor)> {
+            let a = ab.narrow(0, 0, inp * e * r)?.reshape((inp, e * r))?;
+            let bm = ab
+                .narrow(0, inp * e * r, e * r * out)?
+                .reshape((e * r, out))?;
+            Ok((a, bm))
+        };
+        let (w0, b0, s, k) = (w.detach(), b.map(|t| t.detach()), self.scale, ctx.kernels());
+        let w1 = w0.clone();
+        let y = petal_ops::lean::lean3(
+            [&x2, &ab, &g],
+            |[x2, ab, g]| {
+                let (a, bm) = split(ab)?;
+                let v = (x2.matmul(&a)? * per_rank(g, r)?)?;
+                petal_ops::frozen_linear(k, x2, &w0, b0.as_ref())? + (v.matmul(&bm)? * s)?
+            },
+            move |[x2, ab, g], need, _, dy| {
+                let (a, bm) = split(ab)?;
+                let (u, gr) = (x2.matmul(&a)?, per_rank(g, r)?);
+                let dv = (dy.matmul(&bm.t()?)? * s)?;
+                let du = (&dv * &gr)?;
+                let dx = need[0]
+                    .then(|| dy.matmul(&w1)? + du.matmul(&a.t()?)?)
+                    .transpose()?;
+                let dab = need[1]
+                    .then(|| {
+                        let da = x2.t()?.matmul(&du)?; // (in, E r)
+                        let db = (((&u * &gr)?.t()?.matmul(dy))? * s)?; // (E r, out)
+                        Tensor::cat(&[da.flatten_all()?, db.flatten_all()?], 0)
+                    })
+                    .transpose()?;
+                let dg = need[2]
+                    .then(|| {
+                        let rows = dv.dim(0)?;
+                        (dv * u)?.reshape((rows, e, r))?.sum(2)
+                    })
+                    .transpose()?;
+                Ok([dx, dab, dg])
+            },
+        )?;
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().unwrap_or(&mut 0) = out;
+        Ok(y.reshape(dims)?)
+    }
+
     /// The gates (rows, E) for inputs x (rows, in) f32, and the dropped and chosen pairs.
     pub(crate) fn gates(&self, x: &Tensor, ctx: &crate::Ctx) -> Result<(Tensor, usize, usize)> {
         let p = mixture::probs(x, self.router.as_tensor(), ctx.kernels())?;
@@ -209,6 +275,25 @@ impl AdapterLayer for MixtureLora {
         let d = (h.matmul(&b)? * self.scale)?;
         let d = d.reshape(y.shape())?.to_dtype(y.dtype())?;
         Ok((y + d)?)
+    }
+
+    /// `x W^T + b` and every expert in one graph node over x, the experts' factors (A and B
+    /// flattened end to end) and the gates, keeping only those: backward recomputes `x A` and
+    /// takes `dB = s v^T dy`, `dv = s dy B^T`, `dA = x^T (dv ⊙ g)`, `dg = Σ_r dv ⊙ x A`,
+    /// `dx = dy W + (dv ⊙ g) A^T` (v = x A ⊙ g, g repeated over each expert's ranks). The
+    /// composed `forward` is its readable twin (the conformance test compares them, values and
+    /// gradients). f32 only.
+    fn fused_forward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        ctx: &crate::Ctx,
+    ) -> Option<Result<Tensor>> {
+        if !(x.dtype() == DType::F32 && w.dtype() == DType::F32) {
+            return None;
+        }
+        Some(self.fused(x, w, b, ctx))
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {
