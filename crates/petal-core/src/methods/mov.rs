@@ -141,6 +141,105 @@ struct MovLayer {
 }
 
 impl MovLayer {
+    /// One node: at an output, `y ⊙ s(y)` with `y = x W^T + b`; at an input, `(x ⊙ s(x)) W^T + b`;
+    /// `s(a) = softmax(a W_r) S`. With `a` the scaled activation and `g` the gradient reaching
+    /// `a ⊙ s`: `dS = p^T (g ⊙ a)`, `dp = (g ⊙ a) S^T`, `dl = p ⊙ (dp - Σ dp ⊙ p)` (softmax),
+    /// `dW_r = a^T dl`, `da = g ⊙ s + dl W_r^T`, and at an output `dx = da W`, at an input
+    /// `g = dy W` and `dx = da`.
+    fn fused(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        ctx: &crate::Ctx,
+    ) -> Result<Tensor> {
+        let (x2, _) = mixture::rows_of(x)?;
+        let out = w.dim(0)?;
+        let (e, h) = self.scaling.as_tensor().dims2()?;
+        let sr = Tensor::cat(
+            &[
+                self.scaling.as_tensor().flatten_all()?,
+                self.router.as_tensor().flatten_all()?,
+            ],
+            0,
+        )?;
+        let split = move |sr: &Tensor| -> candle_core::Result<(Tensor, Tensor)> {
+            Ok((
+                sr.narrow(0, 0, e * h)?.reshape((e, h))?,
+                sr.narrow(0, e * h, h * e)?.reshape((h, e))?,
+            ))
+        };
+        let input_side = self.base.is_some();
+        let (w0, b0, k) = (w.detach(), b.map(|t| t.detach()), ctx.kernels());
+        let (w1, b1, w2) = (w0.clone(), b0.clone(), w0.clone());
+        let train = ctx.is_train();
+        // the scaled activation, the router's probabilities and the scale
+        let parts = move |x2: &Tensor, sr: &Tensor| -> candle_core::Result<[Tensor; 3]> {
+            let (s, wr) = split(sr)?;
+            let a = if input_side {
+                x2.clone()
+            } else {
+                petal_ops::frozen_linear(k, x2, &w1, b1.as_ref())?
+            };
+            let p = petal_ops::softmax_last_dim(k, &a.matmul(&wr)?)?;
+            let scale = p.matmul(&s)?;
+            Ok([a, p, scale])
+        };
+        let fwd = parts.clone();
+        let y = petal_ops::lean::lean2(
+            [&x2, &sr],
+            |[x2, sr]| {
+                let [a, p, scale] = fwd(x2, sr)?;
+                if train {
+                    let (rows, e) = p.dims2()?;
+                    self.meter
+                        .record(&p, 0, rows * e)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                }
+                let scaled = (a * scale)?;
+                if input_side {
+                    petal_ops::frozen_linear(k, &scaled, &w0, b0.as_ref())
+                } else {
+                    Ok(scaled)
+                }
+            },
+            move |[x2, sr], need, _, dy| {
+                let (s, wr) = split(sr)?;
+                let [a, p, scale] = parts(x2, sr)?;
+                let w = &w2;
+                let g = if input_side {
+                    dy.matmul(w)?
+                } else {
+                    dy.clone()
+                };
+                let ga = (&g * &a)?;
+                let dp = ga.matmul(&s.t()?)?;
+                let dl = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(1)?)?)?;
+                let dsr = need[1]
+                    .then(|| {
+                        let ds = p.t()?.matmul(&ga)?;
+                        let dwr = a.t()?.matmul(&dl)?;
+                        Tensor::cat(&[ds.flatten_all()?, dwr.flatten_all()?], 0)
+                    })
+                    .transpose()?;
+                let dx = need[0]
+                    .then(|| {
+                        let da = ((&g * &scale)? + dl.matmul(&wr.t()?)?)?;
+                        if input_side {
+                            Ok(da)
+                        } else {
+                            da.matmul(w)
+                        }
+                    })
+                    .transpose()?;
+                Ok([dx, dsr])
+            },
+        )?;
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().unwrap_or(&mut 0) = out;
+        Ok(y.reshape(dims)?)
+    }
+
     /// `a ⊙ (p(a) S)` for the activations a (rows, h) f32, and the gates.
     fn scaled(&self, a: &Tensor, ctx: &crate::Ctx) -> Result<(Tensor, Tensor)> {
         let p = mixture::probs(a, self.router.as_tensor(), ctx.kernels())?;
@@ -171,6 +270,22 @@ impl AdapterLayer for MovLayer {
             self.meter.record(&p, 0, rows * e)?;
         }
         Ok(out)
+    }
+
+    /// The linear and the mixture in one graph node over x, S and W_r, keeping only those:
+    /// backward recomputes the linear, the router and the scale (`fused`); the composed
+    /// `forward` is its readable twin. f32 only.
+    fn fused_forward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        ctx: &crate::Ctx,
+    ) -> Option<Result<Tensor>> {
+        if !(x.dtype() == DType::F32 && w.dtype() == DType::F32) {
+            return None;
+        }
+        Some(self.fused(x, w, b, ctx))
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {
