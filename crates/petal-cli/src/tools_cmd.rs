@@ -23,6 +23,9 @@ pub struct EvalArgs {
     /// Score at most this many sequences (0 = all)
     #[arg(long, default_value_t = 0)]
     pub max_examples: usize,
+    /// Multi-task data: score only these tasks (comma-separated `task` values)
+    #[arg(long, value_delimiter = ',')]
+    pub tasks: Vec<String>,
     #[arg(long)]
     pub json: bool,
 }
@@ -38,6 +41,9 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     let mut ex = Vec::new();
     for f in data_files(&a.data)? {
         ex.extend(load_examples(&f, &lm.tokenizer, &opts)?);
+    }
+    if !a.tasks.is_empty() {
+        ex = petal_data::select_tasks(ex, &a.tasks, "--tasks")?;
     }
     if a.max_examples > 0 {
         ex.truncate(a.max_examples);

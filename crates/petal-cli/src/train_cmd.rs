@@ -46,6 +46,9 @@ train_opts! {
     /// Multi-task data (a `task` field on each example): proportional (draw examples as they
     /// come, so large tasks dominate) | balanced (draw the tasks in turn) [default: proportional]
     task_sampling: String,
+    /// Multi-task data: train only on these tasks (comma-separated `task` values; the
+    /// validation data keeps all of its tasks, so held-out tasks can be scored)
+    tasks: Vec<String>,
     /// Adapter method [default: lora]
     method: String,
     /// Rank of the method (LoRA's r; each method maps it to its own key) [default: the method's]
@@ -249,9 +252,28 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Ok(v)
     };
     let seed = o.seed.unwrap_or(0);
+    // `--tasks a,b` or repeated `--tasks a --tasks b` (a TOML list too)
+    let wanted: Vec<String> = o
+        .tasks
+        .iter()
+        .flatten()
+        .flat_map(|s| s.split(','))
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let chosen = |v: Vec<Example>| -> Result<Vec<Example>> {
+        match wanted.is_empty() {
+            false => Ok(petal_data::select_tasks(v, &wanted, "--tasks")?),
+            true => Ok(v),
+        }
+    };
     let (train_set, mut val_set) = match &o.val_data {
-        Some(v) => (read(&data_spec)?, read(v)?),
-        None => split(read(&data_spec)?, o.val_fraction.unwrap_or(0.05), seed),
+        Some(v) => (chosen(read(&data_spec)?)?, read(v)?),
+        None => split(
+            chosen(read(&data_spec)?)?,
+            o.val_fraction.unwrap_or(0.05),
+            seed,
+        ),
     };
     val_set.truncate(o.max_eval_examples.unwrap_or(32));
     let mut acfg = adapter_config(&o, m, preset, given, &lm.model.cfg)?;

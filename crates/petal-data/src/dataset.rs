@@ -130,6 +130,27 @@ pub fn group_by_task(examples: Vec<Example>) -> std::collections::BTreeMap<Strin
     m
 }
 
+/// Keep the examples of the tasks `keep` (multi-task data); a listed task the data lacks, or
+/// data without tasks, is refused naming it and the tasks there are. `what` names the option.
+pub fn select_tasks(examples: Vec<Example>, keep: &[String], what: &str) -> Result<Vec<Example>> {
+    let have = tasks(&examples);
+    if have.is_empty() {
+        return Err(DataError::Msg(format!(
+            "{what}: the data has no `task` field, so there are no tasks to choose"
+        )));
+    }
+    if let Some(t) = keep.iter().find(|t| !have.contains(t)) {
+        return Err(DataError::Msg(format!(
+            "{what}: task `{t}` is not in the data (its tasks: {})",
+            have.join(", ")
+        )));
+    }
+    Ok(examples
+        .into_iter()
+        .filter(|e| e.task.as_ref().is_some_and(|t| keep.contains(t)))
+        .collect())
+}
+
 /// The tasks of `examples`, sorted, without repeats (empty for single-task data).
 pub fn tasks(examples: &[Example]) -> Vec<String> {
     let mut t: Vec<String> = examples.iter().filter_map(|e| e.task.clone()).collect();

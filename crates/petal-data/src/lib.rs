@@ -7,8 +7,8 @@ pub mod template;
 pub mod tokenizer;
 
 pub use dataset::{
-    balanced_order, batches, group_by_task, load_examples, pack, split, tasks, Batch, DataOptions,
-    Example,
+    balanced_order, batches, group_by_task, load_examples, pack, select_tasks, split, tasks, Batch,
+    DataOptions, Example,
 };
 pub use error::{DataError, Result};
 pub use template::ChatTemplate;

@@ -258,3 +258,27 @@ fn balanced_order_gives_every_task_the_same_share_whatever_its_size() {
     assert_eq!(small.len(), 3);
     assert_eq!(order, petal_data::balanced_order(&ex, 5), "seeded");
 }
+
+#[test]
+fn choosing_tasks_keeps_theirs_and_refuses_a_task_the_data_lacks_naming_it() {
+    let ex: Vec<Example> = ["a", "b", "a", "c"]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Example {
+            ids: vec![i as u32],
+            labels: vec![i as i64],
+            task: Some(t.to_string()),
+        })
+        .collect();
+    let kept = petal_data::select_tasks(ex.clone(), &["a".into(), "c".into()], "--tasks").unwrap();
+    assert_eq!(kept.iter().map(|e| e.ids[0]).collect::<Vec<_>>(), [0, 2, 3]);
+    let e = petal_data::select_tasks(ex, &["z".into()], "--tasks")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`z`") && e.contains("a, b, c"), "{e}");
+    let plain = vec![Example::default()];
+    let e = petal_data::select_tasks(plain, &["a".into()], "--tasks")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no `task` field"), "{e}");
+}
