@@ -11,6 +11,7 @@
 //! 3. Δ is reset to zero (the pretrained values) and the optimizer state with it, and only the
 //!    tickets' rows train for the rest of the run (Δ masked in the forward, and set back to the
 //!    mask after every step, so nothing else ever moves).
+//!
 //! With `stage1_steps` at or past the run's steps, the run is stage 1 alone: the whole
 //! embedding tuned and saved as such (the paper's reference). Otherwise the saved adapter is the
 //! tickets' rows alone, as petal's trainable tokens
@@ -86,7 +87,7 @@ impl AdapterMethod for KsLottery {
 
     fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
         let o: KsLotteryOptions = cfg.options()?;
-        if !(o.max_p_value > 0.0 && o.max_p_value < 1.0) {
+        if o.max_p_value <= 0.0 || o.max_p_value >= 1.0 || o.max_p_value.is_nan() {
             return Err(Error::config(
                 "adapter config",
                 "max_p_value",

@@ -68,8 +68,11 @@ pub struct RouterLoad {
     pub dropped: f64,
 }
 
+/// Sums since the last read: per-expert gate sums, tokens, dropped and chosen pairs.
+type LoadSums = (Vec<f64>, usize, usize, usize);
+
 #[derive(Debug, Default)]
-pub(crate) struct LoadMeter(Mutex<Option<(Vec<f64>, usize, usize, usize)>>);
+pub(crate) struct LoadMeter(Mutex<Option<LoadSums>>);
 
 impl LoadMeter {
     /// Record one forward's gates (rows, E) and its dropped and chosen pairs (training only).
