@@ -341,35 +341,15 @@ macro_rules! conformance {
     };
     // a method whose update depends on the input (the mixtures): merging is refused instead
     ($name:ident, $cfg:expr, $count:expr, $fd:expr, unmergeable) => {
-        mod $name {
-            use super::*;
-            #[test]
-            fn a_zero_initialised_adapter_leaves_the_output_unchanged() {
-                $crate::testing::check_identity_at_init(&$cfg());
-            }
-            #[test]
-            fn merging_is_refused_and_leaves_w_unchanged() {
-                $crate::testing::check_merge_refused(&$cfg());
-            }
-            #[test]
-            fn saved_and_reloaded_tensors_give_bitwise_equal_outputs() {
-                $crate::testing::check_save_load_bitwise(&$cfg());
-            }
-            #[test]
-            fn only_adapter_variables_get_gradients_and_they_match_finite_differences() {
-                $crate::testing::check_gradients(&$cfg(), $fd);
-            }
-            #[test]
-            fn a_fused_forward_equals_the_composed_one_in_value_and_gradients() {
-                $crate::testing::check_fused_equals_composed(&$cfg());
-            }
-            #[test]
-            fn trainable_parameters_equal_the_formula() {
-                $crate::testing::check_param_count(&$cfg(), $count);
-            }
-        }
+        $crate::conformance!(@suite $name, $cfg, $count, $fd,
+            merging_is_refused_and_leaves_w_unchanged, check_merge_refused);
     };
     ($name:ident, $cfg:expr, $count:expr, $fd:expr) => {
+        $crate::conformance!(@suite $name, $cfg, $count, $fd,
+            merged_weights_give_the_unmerged_output_and_unmerge_restores_w,
+            check_merge_equals_unmerged_and_unmerge_restores);
+    };
+    (@suite $name:ident, $cfg:expr, $count:expr, $fd:expr, $merge:ident, $check:ident) => {
         mod $name {
             use super::*;
             #[test]
@@ -377,8 +357,8 @@ macro_rules! conformance {
                 $crate::testing::check_identity_at_init(&$cfg());
             }
             #[test]
-            fn merged_weights_give_the_unmerged_output_and_unmerge_restores_w() {
-                $crate::testing::check_merge_equals_unmerged_and_unmerge_restores(&$cfg());
+            fn $merge() {
+                $crate::testing::$check(&$cfg());
             }
             #[test]
             fn saved_and_reloaded_tensors_give_bitwise_equal_outputs() {

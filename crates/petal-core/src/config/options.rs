@@ -86,6 +86,17 @@ pub fn parse_value(s: &str) -> Value {
     serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.to_string()))
 }
 
+/// A list of whole numbers as the command line writes them: `16,8,8,4` (or a JSON list);
+/// anything else stays text, for the option's type check to refuse naming the key.
+pub fn parse_list(s: &str) -> Value {
+    if s.trim_start().starts_with('[') {
+        return parse_value(s);
+    }
+    let v: Option<Vec<u64>> = s.split(',').map(|x| x.trim().parse().ok()).collect();
+    v.map(|v| v.into())
+        .unwrap_or_else(|| Value::String(s.into()))
+}
+
 /// Module names as the command line writes them: a comma list, `all-linear`, or `re:REGEX`
 /// (a JSON string in the file is a regex, as in PEFT).
 pub fn parse_targets(s: &str) -> Value {

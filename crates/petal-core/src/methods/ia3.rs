@@ -40,8 +40,17 @@ crate::method_options! {
     }
 }
 
-pub(crate) fn is_feedforward(o: &Ia3Options, key: &str) -> bool {
-    match &o.feedforward_modules {
+/// petal's training default for `feedforward_modules` where the user gave none: down_proj
+/// (IA3 and MoV).
+pub(crate) fn default_feedforward(cfg: &mut AdapterConfig, new: &NewAdapter) -> Result<()> {
+    if !new.given("feedforward_modules") {
+        cfg.set("feedforward_modules", ["down_proj"])?;
+    }
+    Ok(())
+}
+
+pub(crate) fn is_feedforward(modules: Option<&Targets>, key: &str) -> bool {
+    match modules {
         None => false,
         Some(Targets::Regex(r)) => {
             regex::Regex::new(&format!("^(?:{r})$")).is_ok_and(|re| re.is_match(key))
@@ -75,10 +84,7 @@ impl AdapterMethod for Ia3 {
     }
 
     fn prepare(&self, cfg: &mut AdapterConfig, new: &NewAdapter) -> Result<()> {
-        if !new.given("feedforward_modules") {
-            cfg.set("feedforward_modules", ["down_proj"])?;
-        }
-        Ok(())
+        default_feedforward(cfg, new)
     }
 
     fn bench_settings(&self) -> Option<&'static [(&'static str, &'static str)]> {
@@ -97,7 +103,7 @@ impl AdapterMethod for Ia3 {
         seed: u64,
     ) -> Result<Box<dyn AdapterLayer>> {
         let o: Ia3Options = cfg.options()?;
-        let feedforward = is_feedforward(&o, path);
+        let feedforward = is_feedforward(o.feedforward_modules.as_ref(), path);
         let shape = if feedforward {
             (1, base.in_features)
         } else {

@@ -48,7 +48,7 @@ crate::method_options! {
         /// Keep the k tokens of largest KS statistic instead (0: by alpha)
         pub top_k: usize = 0,
         /// The winning token ids (set when stage 2 chooses them; given: only these rows train)
-        [crate::methods::quanta::parse_list]
+        [crate::config::parse_list]
         pub tickets: Vec<usize> = Vec::new(),
     }
 }

@@ -6,7 +6,7 @@
 //! N(0, 0.02²), softmax over the experts in f32, per token.
 
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use std::sync::Mutex;
 
@@ -122,12 +122,6 @@ pub(crate) fn unmergeable(method: &str) -> Error {
          depends on each token and cannot be merged into the weights (serve it unmerged; \
          mixed-adapter batches work)"
     ))
-}
-
-/// `x` as (rows, in) f32 and the last-dimension size.
-pub(crate) fn rows_of(x: &Tensor) -> Result<(Tensor, usize)> {
-    let d = x.dim(D::Minus1)?;
-    Ok((x.to_dtype(DType::F32)?.reshape(((), d))?, d))
 }
 
 #[cfg(test)]

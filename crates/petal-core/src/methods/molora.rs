@@ -172,7 +172,8 @@ impl MixtureLora {
         b: Option<&Tensor>,
         ctx: &crate::Ctx,
     ) -> Result<Tensor> {
-        let (x2, inp) = mixture::rows_of(x)?;
+        let x2 = crate::methods::flat_input(x)?;
+        let inp = x2.dim(1)?;
         let (e, _, r) = self.a.as_tensor().dims3()?;
         let out = w.dim(0)?;
         let (g, dropped, chosen) = self.gates(&x2, ctx)?;
@@ -262,7 +263,8 @@ impl MixtureLora {
 
 impl AdapterLayer for MixtureLora {
     fn forward(&self, x: &Tensor, y: Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
-        let (x2, inp) = mixture::rows_of(x)?;
+        let x2 = crate::methods::flat_input(x)?;
+        let inp = x2.dim(1)?;
         let (e, _, r) = self.a.as_tensor().dims3()?;
         let (g, dropped, chosen) = self.gates(&x2, ctx)?;
         if ctx.is_train() {

@@ -18,7 +18,7 @@ use crate::adapter::{
     WeightUpdate,
 };
 use crate::config::{spec, AdapterConfig, Spec, Targets};
-use crate::methods::ia3::{is_feedforward, Ia3Options};
+use crate::methods::ia3::{default_feedforward, is_feedforward};
 use crate::methods::mixture::{self, LoadMeter, RouterLoad};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var};
@@ -66,10 +66,7 @@ impl AdapterMethod for Mov {
     }
 
     fn prepare(&self, cfg: &mut AdapterConfig, new: &NewAdapter) -> Result<()> {
-        if !new.given("feedforward_modules") {
-            cfg.set("feedforward_modules", ["down_proj"])?;
-        }
-        Ok(())
+        default_feedforward(cfg, new)
     }
 
     fn validate(&self, cfg: &AdapterConfig) -> Result<()> {
@@ -124,11 +121,7 @@ impl AdapterMethod for Mov {
 
 /// Whether module `path` is scaled at its input (IA3's rule for `feedforward_modules`).
 fn feedforward(o: &MovOptions, path: &str) -> bool {
-    let ia3 = Ia3Options {
-        feedforward_modules: o.feedforward_modules.clone(),
-        ..Default::default()
-    };
-    is_feedforward(&ia3, path)
+    is_feedforward(o.feedforward_modules.as_ref(), path)
 }
 
 #[derive(Debug)]
@@ -153,7 +146,7 @@ impl MovLayer {
         b: Option<&Tensor>,
         ctx: &crate::Ctx,
     ) -> Result<Tensor> {
-        let (x2, _) = mixture::rows_of(x)?;
+        let x2 = crate::methods::flat_input(x)?;
         let out = w.dim(0)?;
         let (e, h) = self.scaling.as_tensor().dims2()?;
         let sr = Tensor::cat(
@@ -253,14 +246,14 @@ impl AdapterLayer for MovLayer {
         let (out, p) = match &self.base {
             // (x ⊙ s) W^T + b = y + (x ⊙ s - x) W^T
             Some(w) => {
-                let (x2, _) = mixture::rows_of(x)?;
+                let x2 = crate::methods::flat_input(x)?;
                 let (xs, p) = self.scaled(&x2, ctx)?;
                 let d = petal_ops::frozen_linear(ctx.kernels(), &(xs - &x2)?, w, None)?;
                 let d = d.reshape(y.shape())?.to_dtype(y.dtype())?;
                 ((y + d)?, p)
             }
             None => {
-                let (y2, _) = mixture::rows_of(&y)?;
+                let y2 = crate::methods::flat_input(&y)?;
                 let (ys, p) = self.scaled(&y2, ctx)?;
                 (ys.reshape(y.shape())?.to_dtype(y.dtype())?, p)
             }

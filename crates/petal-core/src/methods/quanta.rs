@@ -34,23 +34,13 @@ crate::method_options! {
         /// Number of axes D when `per_dim_features` is not given (2..=8)
         pub d: usize = 4,
         /// Axis sizes n_1..n_D (product >= every targeted module's in and out); empty: chosen per module
-        [parse_list]
+        [crate::config::parse_list]
         pub per_dim_features: Vec<usize> = Vec::new(),
         /// Dropout on the adapter's input
         pub quanta_dropout: f64 = 0.0,
         /// true: θ₀ is a copy of the initial gates (dW = 0); false: θ₀ drawn apart (a testing switch)
         pub init_weights: bool = true,
     }
-}
-
-/// A list of whole numbers as the command line writes them: `16,8,8,4` (or a JSON list).
-pub(crate) fn parse_list(s: &str) -> serde_json::Value {
-    if s.trim_start().starts_with('[') {
-        return crate::config::parse_value(s);
-    }
-    let v: Option<Vec<u64>> = s.split(',').map(|x| x.trim().parse().ok()).collect();
-    v.map(|v| v.into())
-        .unwrap_or_else(|| serde_json::Value::String(s.into()))
 }
 
 /// The axis sizes for a module (out, in): the given ones, checked, or petal's choice: among
