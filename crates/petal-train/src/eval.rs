@@ -86,31 +86,32 @@ pub fn evaluate(
     batch_size: usize,
     pad: u32,
 ) -> Result<EvalResult> {
-    let (mut sum, mut n) = (0f64, 0usize);
-    let mut tasks = std::collections::BTreeMap::new();
-    let groups: Vec<(Option<String>, Vec<Example>)> = if petal_data::tasks(examples).is_empty() {
-        vec![(None, examples.to_vec())]
-    } else {
-        petal_data::group_by_task(examples.to_vec())
-            .into_iter()
-            .map(|(t, g)| (Some(t), g))
-            .collect()
-    };
-    for (task, group) in groups {
-        let (mut ts, mut tn) = (0f64, 0usize);
-        for b in batches(&group, batch_size, pad) {
+    // (loss sum, scored tokens) over some examples, batched among themselves
+    let score = |group: &[Example]| -> Result<(f64, usize)> {
+        let (mut sum, mut n) = (0f64, 0usize);
+        for b in batches(group, batch_size, pad) {
             let (s, c) = batch_loss(model, &b, &Ctx::eval())?;
-            ts += s.to_scalar::<f32>()? as f64;
-            tn += c;
+            sum += s.to_scalar::<f32>()? as f64;
+            n += c;
         }
-        if let Some(t) = task.filter(|_| tn > 0) {
-            tasks.insert(
-                t,
-                TaskLoss {
-                    loss: ts / tn as f64,
-                    tokens: tn,
-                },
-            );
+        Ok((sum, n))
+    };
+    let mut tasks = std::collections::BTreeMap::new();
+    let (mut sum, mut n) = (0f64, 0usize);
+    let names = petal_data::tasks(examples);
+    if names.is_empty() {
+        (sum, n) = score(examples)?;
+    }
+    for t in names {
+        let group: Vec<Example> = examples
+            .iter()
+            .filter(|e| e.task.as_deref() == Some(t.as_str()))
+            .cloned()
+            .collect();
+        let (ts, tn) = score(&group)?;
+        if tn > 0 {
+            let loss = ts / tn as f64;
+            tasks.insert(t, TaskLoss { loss, tokens: tn });
         }
         sum += ts;
         n += tn;

@@ -20,6 +20,19 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// `petal merge` of `adapter` onto `model` into `out`.
+pub fn merge(model: &Path, adapter: &Path, out: &Path) -> Output {
+    petal(&[
+        "merge",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
 pub fn words(dir: &Path) -> PathBuf {
     let p = dir.join("w.txt");
     let text: Vec<String> = (0..600).map(|i| format!("w{}", (i * 7) % 96)).collect();

@@ -1,0 +1,180 @@
+//! The research methods through the CLI on the tiny golden Llama: a mixture on multi-task data,
+//! KS-Lottery's three stages.
+
+mod common;
+
+use common::{golden, merge, petal, stderr, train, words};
+
+/// Multi-task data through a mixture: `--task-sampling balanced`, per-task losses before and
+/// after (the JSON summary) and at each evaluation (metrics.jsonl), the router's load per step,
+/// and the trained MoLoRA refused by `petal merge`, nothing written.
+#[test]
+fn a_mixture_trains_on_multi_task_data_with_per_task_losses_and_router_load() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("mt.jsonl");
+    let lines: Vec<String> = (0..60)
+        .map(|i| {
+            let task = ["alpha", "beta", "gamma"][usize::from(i >= 40) + usize::from(i >= 52)];
+            let text: Vec<String> = (0..12)
+                .map(|j| format!("w{}", (i * 7 + j * 3) % 96))
+                .collect();
+            serde_json::json!({"text": text.join(" "), "task": task}).to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let val = d.path().join("val.jsonl");
+    std::fs::write(
+        &val,
+        [&lines[..3], &lines[40..43], &lines[52..55]]
+            .concat()
+            .join("\n"),
+    )
+    .unwrap();
+    let out = d.path().join("run");
+    let m = golden().join("llama");
+    let args = train(
+        m.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let extra = [
+        "--method",
+        "molora",
+        "--task-sampling",
+        "balanced",
+        "--val-data",
+        val.to_str().unwrap(),
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--json",
+    ];
+    let o = petal(&[&args[..], &extra].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let tasks = sum["eval_after"]["tasks"].as_object().unwrap();
+    assert_eq!(tasks.keys().collect::<Vec<_>>(), ["alpha", "beta", "gamma"]);
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(steps[1]["eval_tasks"].as_object().unwrap().len(), 3);
+    let load = steps[0]["router"]["load"].as_array().unwrap();
+    assert_eq!(load.len(), 10, "MoLoRA's ten experts");
+    let total: f64 = load.iter().map(|v| v.as_f64().unwrap()).sum();
+    assert!(
+        (total - 1.0).abs() < 1e-4,
+        "soft gates sum to one per token: {total}"
+    );
+    let merged = d.path().join("m");
+    let o = merge(&m, &out.join("adapter"), &merged);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("cannot be merged"), "{}", stderr(&o));
+    assert!(!merged.exists());
+}
+
+/// KS-Lottery's three stages in one run: the whole embedding for half the steps, the KS test
+/// choosing the top 5 rows, then those rows alone from their pretrained values; the saved
+/// adapter is those five rows (the tickets in its config and in tickets.json, ordered by KS
+/// statistic), and loaded again it scores the validation set as the trained model did.
+#[test]
+fn ks_lottery_chooses_its_tickets_and_saves_only_their_rows() {
+    let d = tempfile::tempdir().unwrap();
+    let data = words(d.path());
+    let out = d.path().join("run");
+    let m = golden().join("llama");
+    let val: Vec<String> = (0..200).map(|i| format!("w{}", (i * 11) % 96)).collect();
+    let vfile = d.path().join("val.txt");
+    std::fs::write(&vfile, val.join(" ")).unwrap();
+    let args = train(
+        m.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let extra = [
+        "--method",
+        "ks_lottery",
+        "--set",
+        "top_k=5",
+        "--max-steps",
+        "6",
+        "--lr",
+        "0.05",
+        "--val-data",
+        vfile.to_str().unwrap(),
+        "--json",
+    ];
+    let o = petal(&[&args[..], &extra].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let adapter = out.join("adapter");
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["stage1_steps"], 3, "half the run");
+    let tickets: Vec<u64> = cfg["tickets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(tickets.len(), 5);
+    let listed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(adapter.join("tickets.json")).unwrap())
+            .unwrap();
+    let stats: Vec<f64> = listed["tickets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["ks_statistic"].as_f64().unwrap())
+        .collect();
+    assert!(
+        stats.windows(2).all(|w| w[0] >= w[1]) && stats[4] > 0.0,
+        "{stats:?}"
+    );
+    let w = candle_core::safetensors::load(
+        adapter.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(w.len(), 1, "{:?}", w.keys());
+    assert_eq!(
+        w.values().next().unwrap().dims()[0],
+        5,
+        "the tickets' rows only"
+    );
+    // the saved form scores the validation set as the trained model did
+    let eval = |adapter: Option<&std::path::Path>| -> f64 {
+        let mut a = vec![
+            "eval",
+            "--model",
+            m.to_str().unwrap(),
+            "--data",
+            vfile.to_str().unwrap(),
+            "--seq-len",
+            "16",
+            "--json",
+        ];
+        if let Some(p) = adapter {
+            a.extend(["--adapter", p.to_str().unwrap()]);
+        }
+        let o = petal(&a);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    let (base, tuned) = (eval(None), eval(Some(&adapter)));
+    assert!(
+        (base - tuned).abs() > 1e-6,
+        "the tickets' rows change the model"
+    );
+    let trained = sum["eval_after"]["loss"].as_f64().unwrap();
+    assert!(
+        (tuned - trained).abs() < 1e-5 * trained,
+        "saved {tuned} vs trained {trained}"
+    );
+}
