@@ -502,17 +502,7 @@ impl Adaptable for Llama {
     }
 
     fn norm_consumers(&self, norm: &str) -> Vec<String> {
-        // the final norm feeds the head, which has no bias in transformers: none listed
-        let paths = |ls: &[&AdaptableLinear]| ls.iter().map(|l| l.path().to_string()).collect();
-        for l in &self.layers {
-            if l.ln1.path() == norm {
-                return paths(&[&l.attn.q, &l.attn.k, &l.attn.v]);
-            }
-            if l.ln2.path() == norm {
-                return paths(&[&l.mlp.gate, &l.mlp.up]);
-            }
-        }
-        Vec::new()
+        self.linears_reading(norm)
     }
 
     fn input_shape(&self) -> Option<InputShape> {

@@ -1,9 +1,26 @@
-//! Before export: biases a transformers config can express.
+//! Biases: which linears a norm feeds (where SSF folds a shift), and, before export, the
+//! biases a transformers config can express.
 
 use super::Llama;
-use petal_core::{Error, Result};
+use petal_core::{AdaptableLinear, Error, Result};
 
 impl Llama {
+    /// The linears that read norm `norm`'s output (a shift after it folds into their biases):
+    /// q, k, v after the input layernorm, gate and up after the post-attention one; none for
+    /// the final norm, which feeds the head (no bias in transformers).
+    pub(crate) fn linears_reading(&self, norm: &str) -> Vec<String> {
+        let paths = |ls: &[&AdaptableLinear]| ls.iter().map(|l| l.path().to_string()).collect();
+        for l in &self.layers {
+            if l.ln1.path() == norm {
+                return paths(&[&l.attn.q, &l.attn.k, &l.attn.v]);
+            }
+            if l.ln2.path() == norm {
+                return paths(&[&l.mlp.gate, &l.mlp.up]);
+            }
+        }
+        Vec::new()
+    }
+
     /// Make the biases expressible in a transformers config before export: a Llama with any
     /// attention (MLP) bias gets zero biases on the rest of that block and `attention_bias`
     /// (`mlp_bias`) set; Qwen2 has q/k/v biases only and Mistral none, so other biases there
