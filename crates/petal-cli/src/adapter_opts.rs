@@ -225,6 +225,7 @@ pub fn adapter_config(
     preset: Vec<(String, Value)>,
     given: Given,
     mc: &LlamaConfig,
+    tasks: &[String],
 ) -> Result<AdapterConfig> {
     let mut cfg = AdapterConfig::new(m.peft_type())?;
     cfg.target_modules = match (&o.target_modules, m.default_targets()) {
@@ -274,6 +275,7 @@ pub fn adapter_config(
         attention_heads: mc.num_attention_heads,
         max_steps: o.max_steps.unwrap_or(100),
         given: keys,
+        tasks: tasks.to_vec(),
     };
     m.prepare(&mut cfg, &new)?;
     cfg.validate(&format!("--method {} options", method_name(m)))?;

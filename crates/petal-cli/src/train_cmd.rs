@@ -276,7 +276,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
         ),
     };
     val_set.truncate(o.max_eval_examples.unwrap_or(32));
-    let mut acfg = adapter_config(&o, m, preset, given, &lm.model.cfg)?;
+    let mut acfg = adapter_config(
+        &o,
+        m,
+        preset,
+        given,
+        &lm.model.cfg,
+        &petal_data::tasks(&train_set),
+    )?;
     acfg.base_model_name_or_path = Some(model_spec.clone());
     let mut model = lm.model;
     let limit = crate::common::memory_limit(max_memory(&o)?).for_training();

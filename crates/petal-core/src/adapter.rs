@@ -236,6 +236,8 @@ pub struct NewAdapter {
     pub max_steps: usize,
     /// The option keys the user gave (the others hold the method's defaults).
     pub given: Vec<String>,
+    /// The tasks of the training data, sorted (empty: single-task data).
+    pub tasks: Vec<String>,
 }
 
 impl NewAdapter {
@@ -449,6 +451,17 @@ pub trait TrainingHook: Send {
     fn state(&self) -> Result<std::collections::HashMap<String, Tensor>> {
         Ok(Default::default())
     }
+    /// Multi-objective training (PaLoRA): the preference rays of step `step` (0-based) of
+    /// `max_steps`, one weight per task of [`Rays::tasks`]. The trainer sets each ray on the
+    /// model in turn (`set_ray`) and takes, for each micro-batch, one forward and backward per
+    /// ray of the loss `Σ_k ω_k L_k`, L_k the token-mean loss of task k's examples of the step.
+    fn rays(&self, _step: usize, _max_steps: usize) -> Option<Rays> {
+        None
+    }
+    /// Put preference `ray` on the model's layers of this adapter.
+    fn set_ray(&self, _model: &dyn crate::Adaptable, _ray: &[f64]) -> Result<()> {
+        Ok(())
+    }
     /// Small text files written into the saved adapter's folder next to it (KS-Lottery's
     /// `tickets.json`): (file name, contents).
     fn files(&self) -> Result<Vec<(String, String)>> {
@@ -467,6 +480,14 @@ pub trait TrainingHook: Send {
     ) -> Result<()> {
         Ok(())
     }
+}
+
+/// One training step's preference rays (see [`TrainingHook::rays`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rays {
+    /// The tasks, in the order of each ray's weights.
+    pub tasks: Vec<String>,
+    pub rays: Vec<Vec<f64>>,
 }
 
 /// What an input-side adapter needs to know of the model.

@@ -13,8 +13,8 @@ mod options;
 mod validate;
 
 pub use options::{
-    nearest, parse_list, parse_targets, parse_upper, parse_value, spec, unknown, MethodOptions,
-    OptionSpec, Spec,
+    nearest, parse_list, parse_names, parse_numbers, parse_targets, parse_upper, parse_value, spec,
+    unknown, MethodOptions, OptionSpec, Spec,
 };
 pub use validate::{finite, probability, unsupported};
 

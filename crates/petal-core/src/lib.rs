@@ -20,7 +20,7 @@ pub mod target;
 pub mod walk;
 
 pub use adapter::{
-    AdapterLayer, AdapterMethod, Flag, InputAdapter, NamedTensor, NewAdapter, SharedOption,
+    AdapterLayer, AdapterMethod, Flag, InputAdapter, NamedTensor, NewAdapter, Rays, SharedOption,
     TrainingHook, WeightUpdate,
 };
 pub use config::AdapterConfig;

@@ -32,6 +32,7 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::molora::Molora,
     &methods::sira::Sira,
     &methods::ks_lottery::KsLottery,
+    &methods::palora::Palora,
 ];
 
 /// Look a method up by its PEFT `peft_type` (case-insensitive: "LORA", "lora").

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod eval;
 pub mod optim;
+mod preference;
 pub mod schedule;
 pub mod trainer;
 

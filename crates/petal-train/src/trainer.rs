@@ -91,7 +91,12 @@ impl Observer for () {}
 /// Micro-batch `k` of the endless, per-epoch reshuffled (or, with `balanced`, task-balanced)
 /// stream of training batches.
 fn micro_batch(train: &[Example], cfg: &TrainConfig, k: usize) -> Batch {
-    let (bs, pad) = (cfg.batch_size, cfg.pad_id);
+    batches(&micro_examples(train, cfg, k), cfg.batch_size, cfg.pad_id).remove(0)
+}
+
+/// The examples of micro-batch `k`.
+pub(crate) fn micro_examples(train: &[Example], cfg: &TrainConfig, k: usize) -> Vec<Example> {
+    let bs = cfg.batch_size;
     let per_epoch = train.len().div_ceil(bs);
     let (epoch, pos) = (k / per_epoch, k % per_epoch);
     let seed = rng::splitmix(cfg.seed ^ (epoch as u64 + 1));
@@ -102,11 +107,10 @@ fn micro_batch(train: &[Example], cfg: &TrainConfig, k: usize) -> Batch {
         order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
         order
     };
-    let chosen: Vec<Example> = order[pos * bs..((pos + 1) * bs).min(train.len())]
+    order[pos * bs..((pos + 1) * bs).min(train.len())]
         .iter()
         .map(|&i| train[i].clone())
-        .collect();
-    batches(&chosen, bs, pad).remove(0)
+        .collect()
 }
 
 pub fn train(
@@ -162,29 +166,13 @@ pub fn train(
         let lr = cfg
             .schedule
             .lr(cfg.optim.lr, step, cfg.warmup_steps, cfg.max_steps);
-        let micro: Vec<Batch> = (0..cfg.grad_accum)
-            .map(|j| micro_batch(train_set, cfg, step * cfg.grad_accum + j))
-            .collect();
-        let total: usize = micro.iter().map(Batch::target_tokens).sum::<usize>().max(1);
-        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-        let mut loss_sum = 0f64;
-        for (j, b) in micro.iter().enumerate() {
-            let seed =
-                rng::splitmix(cfg.seed ^ rng::splitmix((step * cfg.grad_accum + j) as u64 + 7));
-            let (sum, mut g) =
-                backward_batch(model, b, total as f64, cfg.grad_checkpointing, seed)?;
-            loss_sum += sum;
-            if let Some(reg) = hook
-                .as_ref()
-                .map(|h| h.regulariser(model))
-                .transpose()?
-                .flatten()
-            {
-                g.absorb((reg / cfg.grad_accum as f64)?.backward()?)?;
+        let rays = hook.as_ref().and_then(|h| h.rays(step, cfg.max_steps));
+        let (loss, mut grads, tokens) = match (&rays, hook.as_deref()) {
+            (Some(rays), Some(h)) => {
+                crate::preference::step(model, h, rays, train_set, cfg, step, &vars)?
             }
-            accumulate(&mut grads, &vars, &g)?;
-        }
-        let loss = loss_sum / total as f64;
+            _ => plain_step(model, hook.as_deref(), train_set, cfg, step, &vars)?,
+        };
         if !loss.is_finite() {
             let dir = cfg.out_dir.join("checkpoints");
             let kept = match dir.join(checkpoint::LATEST).exists() {
@@ -211,7 +199,6 @@ pub fn train(
         }
         losses.push(loss);
         step_seconds.push(ts.elapsed().as_secs_f64());
-        let tokens: usize = micro.iter().map(|b| b.rows * b.len).sum();
         let mut m = StepMetrics {
             step: step + 1,
             loss,
@@ -282,7 +269,50 @@ pub fn train(
     })
 }
 
-fn accumulate(acc: &mut [Option<Tensor>], vars: &[Var], g: &petal_models::Grads) -> Result<()> {
+/// One step's gradients: accumulated over its micro-batches, token-weighted. Returns the
+/// step's mean loss, the gradients of `vars` and the tokens it read.
+fn plain_step(
+    model: &Llama,
+    hook: Option<&dyn TrainingHook>,
+    train_set: &[Example],
+    cfg: &TrainConfig,
+    step: usize,
+    vars: &[Var],
+) -> Result<(f64, Vec<Option<Tensor>>, usize)> {
+    let micro: Vec<Batch> = (0..cfg.grad_accum)
+        .map(|j| micro_batch(train_set, cfg, step * cfg.grad_accum + j))
+        .collect();
+    let total: usize = micro.iter().map(Batch::target_tokens).sum::<usize>().max(1);
+    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let mut loss_sum = 0f64;
+    for (j, b) in micro.iter().enumerate() {
+        let (sum, mut g) = backward_batch(
+            model,
+            b,
+            total as f64,
+            cfg.grad_checkpointing,
+            micro_seed(cfg, step, j),
+        )?;
+        loss_sum += sum;
+        if let Some(reg) = hook.map(|h| h.regulariser(model)).transpose()?.flatten() {
+            g.absorb((reg / cfg.grad_accum as f64)?.backward()?)?;
+        }
+        accumulate(&mut grads, vars, &g)?;
+    }
+    let tokens = micro.iter().map(|b| b.rows * b.len).sum();
+    Ok((loss_sum / total as f64, grads, tokens))
+}
+
+/// The dropout seed of micro-batch `j` of `step`.
+pub(crate) fn micro_seed(cfg: &TrainConfig, step: usize, j: usize) -> u64 {
+    rng::splitmix(cfg.seed ^ rng::splitmix((step * cfg.grad_accum + j) as u64 + 7))
+}
+
+pub(crate) fn accumulate(
+    acc: &mut [Option<Tensor>],
+    vars: &[Var],
+    g: &petal_models::Grads,
+) -> Result<()> {
     for (slot, v) in acc.iter_mut().zip(vars) {
         if let Some(gi) = g.get(v.as_tensor()) {
             *slot = Some(match slot.take() {

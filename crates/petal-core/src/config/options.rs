@@ -97,6 +97,30 @@ pub fn parse_list(s: &str) -> Value {
         .unwrap_or_else(|| Value::String(s.into()))
 }
 
+/// A list of names as the command line writes them: `a,b` (or a JSON list).
+pub fn parse_names(s: &str) -> Value {
+    if s.trim_start().starts_with('[') {
+        return parse_value(s);
+    }
+    s.split(',')
+        .map(|x| x.trim())
+        .filter(|x| !x.is_empty())
+        .map(|x| Value::String(x.to_string()))
+        .collect::<Vec<_>>()
+        .into()
+}
+
+/// A list of numbers as the command line writes them: `0.3,0.7` (or a JSON list); anything
+/// else stays text, for the option's type check to refuse naming the key.
+pub fn parse_numbers(s: &str) -> Value {
+    if s.trim_start().starts_with('[') {
+        return parse_value(s);
+    }
+    let v: Option<Vec<f64>> = s.split(',').map(|x| x.trim().parse().ok()).collect();
+    v.map(|v| v.into())
+        .unwrap_or_else(|| Value::String(s.into()))
+}
+
 /// Module names as the command line writes them: a comma list, `all-linear`, or `re:REGEX`
 /// (a JSON string in the file is a regex, as in PEFT).
 pub fn parse_targets(s: &str) -> Value {

@@ -25,6 +25,7 @@ pub mod oft;
 mod orthogonal;
 pub mod p_tuning;
 pub mod paca;
+pub mod palora;
 pub mod prefix_tuning;
 pub mod prompt_tuning;
 pub mod quanta;
