@@ -33,6 +33,10 @@ pub struct ModelArgs {
     /// with K, M, G, T: 8G); default: half of this machine's memory
     #[arg(long, value_parser = petal_core::memory::parse_bytes)]
     pub max_memory: Option<u64>,
+    /// PaLoRA adapters: run at this preference (one weight >= 0 per task in the adapter's
+    /// `tasks` order, summing to 1: a point of the Pareto front) instead of the saved one
+    #[arg(long, value_delimiter = ',')]
+    pub preference: Vec<f64>,
 }
 
 impl ModelArgs {
@@ -43,7 +47,12 @@ impl ModelArgs {
             allow_nonfinite: self.allow_nonfinite,
             limit: crate::common::memory_limit(self.max_memory),
         };
-        load(&self.model, &self.adapter, p, &self.device, &opts)
+        let lm = load(&self.model, &self.adapter, p, &self.device, &opts)?;
+        if !self.preference.is_empty() {
+            petal_core::methods::palora::set_preference(&lm.model, None, &self.preference)
+                .context("--preference")?;
+        }
+        Ok(lm)
     }
 }
 

@@ -178,3 +178,134 @@ fn ks_lottery_chooses_its_tickets_and_saves_only_their_rows() {
         "saved {tuned} vs trained {trained}"
     );
 }
+
+/// PaLoRA on two tasks: the tasks taken from the data (sorted) into the saved config, each
+/// preference a different model (`--preference` on eval), a merge at a preference scoring as
+/// the unmerged adapter at it, and the bad inputs refused naming the key.
+#[test]
+fn palora_trains_on_two_tasks_and_each_preference_is_a_model_that_merges() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("mt.jsonl");
+    let lines: Vec<String> = (0..40)
+        .map(|i| {
+            let (task, step) = if i % 2 == 0 {
+                ("poems", 3)
+            } else {
+                ("math", 5)
+            };
+            let text: Vec<String> = (0..12)
+                .map(|j| format!("w{}", (i * 7 + j * step) % 96))
+                .collect();
+            serde_json::json!({"text": text.join(" "), "task": task}).to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let val = d.path().join("val.jsonl");
+    std::fs::write(&val, lines[..6].join("\n")).unwrap();
+    let out = d.path().join("run");
+    let m = golden().join("llama");
+    let (ms, ds, os) = (
+        m.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let args = train(ms, ds, os);
+    let extra = [
+        "--method",
+        "palora",
+        "--task-sampling",
+        "balanced",
+        "--max-steps",
+        "3",
+        "--lr",
+        "0.01",
+        "--set",
+        "init_weights=false",
+    ];
+    let o = petal(&[&args[..], &extra].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let adapter = out.join("adapter");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["peft_type"], "PALORA");
+    assert_eq!(cfg["tasks"], serde_json::json!(["math", "poems"]));
+    let eval = |model: &str, adapter: Option<&std::path::Path>, pref: Option<&str>| {
+        let mut a = vec![
+            "eval",
+            "--model",
+            model,
+            "--data",
+            val.to_str().unwrap(),
+            "--seq-len",
+            "16",
+            "--json",
+        ];
+        if let Some(p) = adapter {
+            a.extend(["--adapter", p.to_str().unwrap()]);
+        }
+        if let Some(p) = pref {
+            a.extend(["--preference", p]);
+        }
+        let o = petal(&a);
+        (o.status.success(), o)
+    };
+    let loss = |o: &std::process::Output| {
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    let (ok1, first) = eval(ms, Some(&adapter), Some("1,0"));
+    let (ok2, second) = eval(ms, Some(&adapter), Some("0,1"));
+    assert!(ok1 && ok2, "{}{}", stderr(&first), stderr(&second));
+    let (l1, l2) = (loss(&first), loss(&second));
+    assert!(
+        (l1 - l2).abs() > 1e-6,
+        "two preferences, one model: {l1} {l2}"
+    );
+    // merged at a preference: the same model as the adapter at it
+    let merged = d.path().join("merged");
+    let o = petal(&[
+        "merge",
+        "--model",
+        ms,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--preference",
+        "1,0",
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (ok, o) = eval(merged.to_str().unwrap(), None, None);
+    assert!(ok, "{}", stderr(&o));
+    assert!(
+        (loss(&o) - l1).abs() < 1e-5 * l1,
+        "merged {} vs {l1}",
+        loss(&o)
+    );
+    // bad input: a preference off the simplex, a listed task missing from the data
+    let (ok, o) = eval(ms, Some(&adapter), Some("0.5,0.6"));
+    assert!(!ok && stderr(&o).contains("`preference`"), "{}", stderr(&o));
+    let (ok, o) = eval(ms, None, Some("0.5,0.5"));
+    assert!(
+        !ok && stderr(&o).contains("no PaLoRA adapter"),
+        "{}",
+        stderr(&o)
+    );
+    let out2 = d.path().join("run2");
+    let args = train(ms, ds, out2.to_str().unwrap());
+    let o = petal(
+        &[
+            &args[..],
+            &["--method", "palora", "--set", "tasks=math,code"],
+        ]
+        .concat(),
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("\"code\" is not in the training data"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -148,7 +148,7 @@ mod tests {
             .collect();
         let mut total: Option<Tensor> = None;
         for ray in &rays.rays {
-            petal_core::methods::palora::set_preference(&m, "default", ray).unwrap();
+            petal_core::methods::palora::set_preference(&m, Some("default"), ray).unwrap();
             for (i, t) in ["a", "b"].iter().enumerate() {
                 let group: Vec<Example> = chosen
                     .iter()

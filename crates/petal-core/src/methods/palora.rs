@@ -355,7 +355,7 @@ impl TrainingHook for PaloraTraining {
     }
 
     fn set_ray(&self, model: &dyn crate::Adaptable, ray: &[f64]) -> Result<()> {
-        set_preference(model, &self.name, ray)
+        set_preference(model, Some(&self.name), ray)
     }
 
     fn after_step(
@@ -364,31 +364,39 @@ impl TrainingHook for PaloraTraining {
         _step: usize,
         _grad_of: &dyn Fn(&Var) -> Option<Tensor>,
     ) -> Result<()> {
-        set_preference(model, &self.name, &self.preference)
+        set_preference(model, Some(&self.name), &self.preference)
     }
 }
 
-/// Put preference `ray` on every PaLoRA layer of adapter `name` (a point of the Pareto front
-/// without reloading). Errors when the adapter has no PaLoRA layer or the ray does not fit.
-pub fn set_preference(model: &dyn crate::Adaptable, name: &str, ray: &[f64]) -> Result<()> {
+/// Put preference `ray` on every PaLoRA layer of adapter `name` (of every adapter: None): a
+/// point of the Pareto front without reloading. Errors when no such layer exists or the ray
+/// does not fit.
+pub fn set_preference(model: &dyn crate::Adaptable, name: Option<&str>, ray: &[f64]) -> Result<()> {
     let mut found = false;
     for l in model.linears() {
-        let Some(layer) = l
-            .layer(name)
-            .and_then(|a| a.as_any())
-            .and_then(|a| a.downcast_ref::<PaloraLayer>())
-        else {
-            continue;
+        let names = match name {
+            Some(n) => vec![n],
+            None => l.adapter_names(),
         };
-        let k = layer.ray.read().map_err(|_| Error::msg("ray lock"))?.len();
-        check_ray("preference", ray, k)?;
-        layer.set_ray(ray)?;
-        found = true;
+        for n in names {
+            let Some(layer) = l
+                .layer(n)
+                .and_then(|a| a.as_any())
+                .and_then(|a| a.downcast_ref::<PaloraLayer>())
+            else {
+                continue;
+            };
+            let k = layer.ray.read().map_err(|_| Error::msg("ray lock"))?.len();
+            check_ray("preference", ray, k)?;
+            layer.set_ray(ray)?;
+            found = true;
+        }
     }
     if !found {
-        return Err(Error::msg(format!(
-            "adapter `{name}` has no PaLoRA layer to set a preference on"
-        )));
+        return Err(Error::msg(match name {
+            Some(n) => format!("adapter `{n}` has no PaLoRA layer to set a preference on"),
+            None => "no PaLoRA adapter is loaded to set a preference on".to_string(),
+        }));
     }
     Ok(())
 }

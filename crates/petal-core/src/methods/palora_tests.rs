@@ -141,7 +141,7 @@ fn a_preference_set_on_the_model_moves_the_output_and_a_bad_one_names_the_key() 
     let t = crate::testing::adapted(&c, true);
     let x = crate::testing::Toy::input();
     let before = t.forward(&x);
-    set_preference(&t, "default", &[1.0, 0.0, 0.0]).unwrap();
+    set_preference(&t, Some("default"), &[1.0, 0.0, 0.0]).unwrap();
     let first = t.forward(&x);
     assert!(max_rel(&first, &before) > 1e-3, "the output did not move");
     for (ray, want) in [
@@ -149,13 +149,21 @@ fn a_preference_set_on_the_model_moves_the_output_and_a_bad_one_names_the_key() 
         (vec![0.5, 0.6, -0.1], "finite and >= 0"),
         (vec![0.2, 0.2, 0.2], "sum to"),
     ] {
-        let e = set_preference(&t, "default", &ray).unwrap_err().to_string();
+        let e = set_preference(&t, Some("default"), &ray)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`preference`") && e.contains(want), "{e}");
     }
-    let e = set_preference(&t, "other", &[1.0, 0.0, 0.0])
+    let e = set_preference(&t, Some("other"), &[1.0, 0.0, 0.0])
         .unwrap_err()
         .to_string();
     assert!(e.contains("no PaLoRA layer"), "{e}");
+    set_preference(&t, None, &[1.0, 0.0, 0.0]).unwrap();
+    assert_eq!(
+        max_rel(&t.forward(&x), &first),
+        0.0,
+        "every adapter: the same ray"
+    );
 }
 
 #[test]
