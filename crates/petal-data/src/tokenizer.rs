@@ -40,7 +40,12 @@ impl Tokenizer {
         if !tj.exists() {
             return Err(DataError::Msg(format!("{}: file not found", tj.display())));
         }
-        let inner = tokenizers::Tokenizer::from_file(&tj)
+        let mut inner = tokenizers::Tokenizer::from_file(&tj)
+            .map_err(|e| terr(format!("{}: {e}", tj.display())))?;
+        // petal pads and truncates batches itself (all-MiniLM-L6-v2's file pads to 128)
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
             .map_err(|e| terr(format!("{}: {e}", tj.display())))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
@@ -153,6 +158,43 @@ impl Tokenizer {
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
+    }
+
+    /// Ids and token types of a text, or a text pair, framed by the tokenizer's own special
+    /// tokens (BERT's `[CLS] a [SEP] b [SEP]`, type 1 on b and its `[SEP]`), no padding, at
+    /// most `max_len` tokens: the longer text is cut first, the special tokens kept (the
+    /// `longest_first` truncation of transformers).
+    pub fn encode_classification(
+        &self,
+        text: &str,
+        pair: Option<&str>,
+        max_len: usize,
+    ) -> Result<(Vec<u32>, Vec<u32>)> {
+        use tokenizers::{PostProcessor, TruncationDirection};
+        let mut a = self.inner.encode(text, false).map_err(terr)?;
+        let mut b = pair
+            .map(|p| self.inner.encode(p, false))
+            .transpose()
+            .map_err(terr)?;
+        let specials = self
+            .inner
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(b.is_some()));
+        let budget = max_len.saturating_sub(specials);
+        let (mut la, mut lb) = (a.len(), b.as_ref().map_or(0, |e| e.len()));
+        while la + lb > budget {
+            if la >= lb {
+                la -= 1;
+            } else {
+                lb -= 1;
+            }
+        }
+        a.truncate(la, 0, TruncationDirection::Right);
+        if let Some(e) = b.as_mut() {
+            e.truncate(lb, 0, TruncationDirection::Right);
+        }
+        let enc = self.inner.post_process(a, b, true).map_err(terr)?;
+        Ok((enc.get_ids().to_vec(), enc.get_type_ids().to_vec()))
     }
 
     /// Ids with each token's byte offsets into `text`.

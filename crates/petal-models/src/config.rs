@@ -38,14 +38,14 @@ pub struct LlamaConfig {
 
 const SUPPORTED: &[&str] = &["llama", "qwen2", "mistral"];
 
-fn num(v: &Value, key: &str, file: &str) -> Result<f64> {
+pub(crate) fn num(v: &Value, key: &str, file: &str) -> Result<f64> {
     v.get(key)
         .and_then(Value::as_f64)
         .ok_or_else(|| Error::config(file, key, "missing or not a number"))
 }
 
 /// A size: a whole number of at least 1.
-fn count(v: &Value, key: &str, file: &str) -> Result<usize> {
+pub(crate) fn count(v: &Value, key: &str, file: &str) -> Result<usize> {
     match v.get(key).and_then(Value::as_u64) {
         Some(n) if n >= 1 => Ok(n as usize),
         _ => Err(Error::config(

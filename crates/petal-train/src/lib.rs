@@ -3,12 +3,14 @@
 
 pub mod checkpoint;
 pub mod eval;
+pub mod objective;
 pub mod optim;
 mod preference;
 pub mod schedule;
 pub mod trainer;
 
 pub use eval::{backward_batch, batch_loss, evaluate, EvalResult};
+pub use objective::{LmObjective, Objective};
 pub use optim::AdamW;
 pub use schedule::Schedule;
-pub use trainer::{train, Observer, StepMetrics, TrainConfig, TrainSummary};
+pub use trainer::{train, train_objective, Observer, StepMetrics, TrainConfig, TrainSummary};

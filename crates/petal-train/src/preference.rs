@@ -4,17 +4,16 @@
 //! examples over the step's micro-batches. The gradients of the rays add up (the official
 //! trainer's sum over its window); the reported loss is their mean.
 
-use crate::eval::backward_batch;
-use crate::trainer::{accumulate, micro_examples, micro_seed, TrainConfig};
+use crate::objective::Objective;
+use crate::trainer::{accumulate, micro_examples, micro_seed, tokens_of, TrainConfig};
 use candle_core::{Tensor, Var};
 use petal_core::{rng, Error, Rays, Result, TrainingHook};
-use petal_data::{batches, Batch, Example};
-use petal_models::Llama;
+use petal_data::Example;
 
 /// One step under `rays`: the mean over the rays of `Σ_k ω_k L_k`, the gradients of `vars`,
 /// and the tokens read.
 pub(crate) fn step(
-    model: &Llama,
+    obj: &dyn Objective,
     hook: &dyn TrainingHook,
     rays: &Rays,
     train_set: &[Example],
@@ -23,8 +22,8 @@ pub(crate) fn step(
     vars: &[Var],
 ) -> Result<(f64, Vec<Option<Tensor>>, usize)> {
     let k = rays.tasks.len();
-    // (micro-batch, task, its rows of that micro-batch)
-    let mut parts: Vec<(usize, usize, Batch)> = Vec::new();
+    // (micro-batch, task, its examples of that micro-batch)
+    let mut parts: Vec<(usize, usize, Vec<Example>)> = Vec::new();
     for j in 0..cfg.grad_accum {
         let examples = micro_examples(train_set, cfg, step * cfg.grad_accum + j);
         let mut by_task: Vec<Vec<Example>> = vec![Vec::new(); k];
@@ -32,33 +31,35 @@ pub(crate) fn step(
             let i = task_index(&rays.tasks, e.task.as_deref())?;
             by_task[i].push(e);
         }
-        for (i, group) in by_task.iter().enumerate() {
-            if !group.is_empty() {
-                parts.push((j, i, batches(group, group.len(), cfg.pad_id).remove(0)));
-            }
-        }
+        parts.extend(
+            by_task
+                .into_iter()
+                .enumerate()
+                .filter(|(_, g)| !g.is_empty())
+                .map(|(i, g)| (j, i, g)),
+        );
     }
-    let mut task_tokens = vec![0usize; k];
-    for (_, i, b) in &parts {
-        task_tokens[*i] += b.target_tokens();
+    let mut task_units = vec![0usize; k];
+    for (_, i, g) in &parts {
+        task_units[*i] += obj.units(g);
     }
     let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
     let mut loss = 0f64;
     for (r, ray) in rays.rays.iter().enumerate() {
-        hook.set_ray(model, ray)?;
-        for (j, i, b) in &parts {
-            let (w, n) = (ray[*i], task_tokens[*i]);
+        hook.set_ray(obj.model(), ray)?;
+        for (j, i, g) in &parts {
+            let (w, n) = (ray[*i], task_units[*i]);
             if w == 0.0 || n == 0 {
                 continue;
             }
             let seed = rng::splitmix(micro_seed(cfg, step, *j) ^ r as u64);
-            let (sum, g) = backward_batch(model, b, n as f64 / w, cfg.grad_checkpointing, seed)?;
+            let (sum, gr) = obj.backward(g, n as f64 / w, seed)?;
             loss += w * sum / n as f64;
-            accumulate(&mut grads, vars, &g)?;
+            accumulate(&mut grads, vars, &gr)?;
         }
     }
-    let tokens = parts.iter().map(|(_, _, b)| b.rows * b.len).sum();
-    Ok((loss / rays.rays.len().max(1) as f64, grads, tokens))
+    let all: Vec<Example> = parts.into_iter().flat_map(|(_, _, g)| g).collect();
+    Ok((loss / rays.rays.len().max(1) as f64, grads, tokens_of(&all)))
 }
 
 /// The index of an example's task in the adapter's task list.
@@ -84,6 +85,7 @@ mod tests {
     use candle_core::{DType, Device};
     use petal_core::config::Targets;
     use petal_core::{inject_adapter, AdapterConfig, Ctx};
+    use petal_data::batches;
 
     /// The step's gradients equal those of `Σ_rays Σ_k ω_k L_k` written out: each task's
     /// examples of the step in one batch, its summed loss over its tokens, one backward.
@@ -141,7 +143,12 @@ mod tests {
             tasks: vec!["a".into(), "b".into()],
             rays: vec![vec![0.3, 0.7], vec![0.9, 0.1]],
         };
-        let (loss, grads, _) = step(&m, hook.as_ref(), &rays, &data, &cfg, 1, &vars).unwrap();
+        let lm = crate::objective::LmObjective {
+            model: &m,
+            pad: 0,
+            checkpointing: false,
+        };
+        let (loss, grads, _) = step(&lm, hook.as_ref(), &rays, &data, &cfg, 1, &vars).unwrap();
 
         let chosen: Vec<Example> = (2..4)
             .flat_map(|k| micro_examples(&data, &cfg, k))
@@ -178,7 +185,7 @@ mod tests {
         for e in other.iter_mut().filter(|e| e.task.as_deref() == Some("b")) {
             e.task = Some("c".into());
         }
-        let e = step(&m, hook.as_ref(), &rays, &other, &cfg, 0, &vars)
+        let e = step(&lm, hook.as_ref(), &rays, &other, &cfg, 0, &vars)
             .unwrap_err()
             .to_string();
         assert!(e.contains("task \"c\" is not one of"), "{e}");

@@ -4,13 +4,13 @@
 //! the adapter and optimizer state bit for bit, so `--resume` replays the same losses.
 
 use crate::checkpoint::{self, TrainerState};
-use crate::eval::{backward_batch, evaluate};
+use crate::objective::{LmObjective, Objective};
 use crate::optim::{AdamW, AdamWParams};
 use crate::schedule::Schedule;
 use candle_core::{Tensor, Var};
 use petal_core::inject::adapter_vars;
 use petal_core::{rng, AdapterConfig, Error, Result, TrainingHook};
-use petal_data::{batches, Batch, Example};
+use petal_data::Example;
 use petal_io::adapter_tensors;
 use petal_models::Llama;
 use rand::seq::SliceRandom;
@@ -88,13 +88,8 @@ pub trait Observer {
 
 impl Observer for () {}
 
-/// Micro-batch `k` of the endless, per-epoch reshuffled (or, with `balanced`, task-balanced)
-/// stream of training batches.
-fn micro_batch(train: &[Example], cfg: &TrainConfig, k: usize) -> Batch {
-    batches(&micro_examples(train, cfg, k), cfg.batch_size, cfg.pad_id).remove(0)
-}
-
-/// The examples of micro-batch `k`.
+/// The examples of micro-batch `k` of the endless, per-epoch reshuffled (or, with
+/// `balanced`, task-balanced) stream of training examples.
 pub(crate) fn micro_examples(train: &[Example], cfg: &TrainConfig, k: usize) -> Vec<Example> {
     let bs = cfg.batch_size;
     let per_epoch = train.len().div_ceil(bs);
@@ -113,6 +108,7 @@ pub(crate) fn micro_examples(train: &[Example], cfg: &TrainConfig, k: usize) -> 
         .collect()
 }
 
+/// Train adapter `cfg.adapter_name` of a decoder on next-token prediction.
 pub fn train(
     model: &Llama,
     adapter_cfg: &AdapterConfig,
@@ -122,6 +118,25 @@ pub fn train(
     resume: Option<&Path>,
     obs: &mut dyn Observer,
 ) -> Result<TrainSummary> {
+    let lm = LmObjective {
+        model,
+        pad: cfg.pad_id,
+        checkpointing: cfg.grad_checkpointing,
+    };
+    train_objective(&lm, adapter_cfg, train_set, val_set, cfg, resume, obs)
+}
+
+/// Train adapter `cfg.adapter_name` of `obj`'s model on `obj`'s loss.
+pub fn train_objective(
+    obj: &dyn Objective,
+    adapter_cfg: &AdapterConfig,
+    train_set: &[Example],
+    val_set: &[Example],
+    cfg: &TrainConfig,
+    resume: Option<&Path>,
+    obs: &mut dyn Observer,
+) -> Result<TrainSummary> {
+    let model = obj.model();
     if train_set.is_empty() {
         return Err(Error::msg("training data is empty"));
     }
@@ -139,13 +154,13 @@ pub fn train(
         // refuse before training rather than after it
         method.convert_for_save(model, &cfg.adapter_name, adapter_cfg, &mut HashMap::new())?;
     }
-    let mut opt = AdamW::new(vars.clone(), cfg.optim)?.with_kernels(model.kernels());
+    let mut opt = AdamW::new(vars.clone(), cfg.optim)?.with_kernels(obj.kernels());
     // the method's own work around training (AdaLoRA's rank allocator)
     let mut hook = method.training(model, &cfg.adapter_name, adapter_cfg)?;
     let mut start = 0;
     let metrics_path = cfg.out_dir.join("metrics.jsonl");
     if let Some(path) = resume {
-        start = restore(model, &mut opt, hook.as_deref_mut(), cfg, path)?;
+        start = restore(obj, &mut opt, hook.as_deref_mut(), cfg, path)?;
         truncate_metrics(&metrics_path, start)?;
     } else {
         std::fs::create_dir_all(&cfg.out_dir).map_err(|e| Error::io(&cfg.out_dir, e))?;
@@ -169,9 +184,9 @@ pub fn train(
         let rays = hook.as_ref().and_then(|h| h.rays(step, cfg.max_steps));
         let (loss, mut grads, tokens) = match (&rays, hook.as_deref()) {
             (Some(rays), Some(h)) => {
-                crate::preference::step(model, h, rays, train_set, cfg, step, &vars)?
+                crate::preference::step(obj, h, rays, train_set, cfg, step, &vars)?
             }
-            _ => plain_step(model, hook.as_deref(), train_set, cfg, step, &vars)?,
+            _ => plain_step(obj, hook.as_deref(), train_set, cfg, step, &vars)?,
         };
         if !loss.is_finite() {
             let dir = cfg.out_dir.join("checkpoints");
@@ -212,7 +227,7 @@ pub fn train(
         };
         let done = step + 1 == cfg.max_steps;
         if !val_set.is_empty() && cfg.eval_every > 0 && ((step + 1) % cfg.eval_every == 0 || done) {
-            let r = evaluate(model, val_set, cfg.batch_size, cfg.pad_id)?;
+            let r = obj.evaluate(val_set, cfg.batch_size)?;
             m.eval_loss = Some(r.loss);
             if !r.tasks.is_empty() {
                 m.eval_tasks = Some(r.tasks.iter().map(|(t, l)| (t.clone(), l.loss)).collect());
@@ -272,35 +287,37 @@ pub fn train(
 /// One step's gradients: accumulated over its micro-batches, token-weighted. Returns the
 /// step's mean loss, the gradients of `vars` and the tokens it read.
 fn plain_step(
-    model: &Llama,
+    obj: &dyn Objective,
     hook: Option<&dyn TrainingHook>,
     train_set: &[Example],
     cfg: &TrainConfig,
     step: usize,
     vars: &[Var],
 ) -> Result<(f64, Vec<Option<Tensor>>, usize)> {
-    let micro: Vec<Batch> = (0..cfg.grad_accum)
-        .map(|j| micro_batch(train_set, cfg, step * cfg.grad_accum + j))
+    let micro: Vec<Vec<Example>> = (0..cfg.grad_accum)
+        .map(|j| micro_examples(train_set, cfg, step * cfg.grad_accum + j))
         .collect();
-    let total: usize = micro.iter().map(Batch::target_tokens).sum::<usize>().max(1);
+    let total: usize = micro.iter().map(|m| obj.units(m)).sum::<usize>().max(1);
     let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
     let mut loss_sum = 0f64;
-    for (j, b) in micro.iter().enumerate() {
-        let (sum, mut g) = backward_batch(
-            model,
-            b,
-            total as f64,
-            cfg.grad_checkpointing,
-            micro_seed(cfg, step, j),
-        )?;
+    for (j, m) in micro.iter().enumerate() {
+        let (sum, mut g) = obj.backward(m, total as f64, micro_seed(cfg, step, j))?;
         loss_sum += sum;
-        if let Some(reg) = hook.map(|h| h.regulariser(model)).transpose()?.flatten() {
+        if let Some(reg) = hook
+            .map(|h| h.regulariser(obj.model()))
+            .transpose()?
+            .flatten()
+        {
             g.absorb((reg / cfg.grad_accum as f64)?.backward()?)?;
         }
         accumulate(&mut grads, vars, &g)?;
     }
-    let tokens = micro.iter().map(|b| b.rows * b.len).sum();
-    Ok((loss_sum / total as f64, grads, tokens))
+    Ok((loss_sum / total as f64, grads, tokens_of(&micro.concat())))
+}
+
+/// Tokens the examples hold (the step's throughput count).
+pub(crate) fn tokens_of(examples: &[Example]) -> usize {
+    examples.iter().map(|e| e.ids.len()).sum()
 }
 
 /// The dropout seed of micro-batch `j` of `step`.
@@ -361,13 +378,13 @@ pub fn clip(grads: &mut [Option<Tensor>], max: Option<f64>) -> Result<f64> {
 }
 
 fn restore(
-    model: &Llama,
+    obj: &dyn Objective,
     opt: &mut AdamW,
     hook: Option<&mut (dyn TrainingHook + 'static)>,
     cfg: &TrainConfig,
     path: &Path,
 ) -> Result<usize> {
-    let ck = checkpoint::load(path, model.device())?;
+    let ck = checkpoint::load(path, obj.device())?;
     if ck.state.fingerprint != cfg.fingerprint {
         return Err(Error::msg(format!(
             "{}: checkpoint was made for another model or config (differs in: {})",
@@ -384,7 +401,7 @@ fn restore(
             cfg.max_steps
         )));
     }
-    petal_io::load_into(model, &cfg.adapter_name, ck.adapter, path)?;
+    petal_io::load_into(obj.model(), &cfg.adapter_name, ck.adapter, path)?;
     opt.load_state(&ck.optimizer, ck.state.adam_t)?;
     if let Some(h) = hook {
         h.load_state(&ck.optimizer)?;
