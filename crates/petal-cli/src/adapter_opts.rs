@@ -13,7 +13,6 @@ use clap::{Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches};
 use petal_core::config::{parse_targets, unknown, Targets};
 use petal_core::registry::METHODS;
 use petal_core::{AdapterConfig, AdapterMethod, NewAdapter, SharedOption};
-use petal_models::LlamaConfig;
 use serde_json::Value;
 
 pub fn targets(s: &str) -> Targets {
@@ -224,7 +223,8 @@ pub fn adapter_config(
     m: &dyn AdapterMethod,
     preset: Vec<(String, Value)>,
     given: Given,
-    mc: &LlamaConfig,
+    shape: petal_core::adapter::InputShape,
+    attention_heads: usize,
     tasks: &[String],
 ) -> Result<AdapterConfig> {
     let mut cfg = AdapterConfig::new(m.peft_type())?;
@@ -266,13 +266,8 @@ pub fn adapter_config(
         .as_deref()
         .map(|s| s.split(',').map(|p| p.trim().to_string()).collect());
     let new = NewAdapter {
-        shape: petal_core::adapter::InputShape {
-            hidden: mc.hidden_size,
-            layers: mc.num_hidden_layers,
-            kv_heads: mc.num_key_value_heads,
-            head_dim: mc.head_dim,
-        },
-        attention_heads: mc.num_attention_heads,
+        shape,
+        attention_heads,
         max_steps: o.max_steps.unwrap_or(100),
         given: keys,
         tasks: tasks.to_vec(),

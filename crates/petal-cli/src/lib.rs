@@ -4,6 +4,7 @@
 pub mod adapter_opts;
 pub mod assets;
 pub mod bench_cmd;
+pub mod classify_cmd;
 pub mod common;
 pub mod config_file;
 pub mod gen_cmd;

@@ -26,6 +26,10 @@ pub struct EvalArgs {
     /// Multi-task data: score only these tasks (comma-separated `task` values)
     #[arg(long, value_delimiter = ',')]
     pub tasks: Vec<String>,
+    /// causal-lm (loss and perplexity) | seq-cls (a BERT encoder's classifier on `{"text",
+    /// "label"}` data: loss, accuracy and macro-F1)
+    #[arg(long, default_value = "causal-lm")]
+    pub task_type: String,
     #[arg(long)]
     pub json: bool,
 }
@@ -33,6 +37,27 @@ pub struct EvalArgs {
 pub fn run_eval(a: EvalArgs) -> Result<()> {
     crate::common::at_least(1, &[("batch-size", a.batch_size)])?;
     crate::common::check_seq_len(a.seq_len)?;
+    if crate::classify_cmd::is_seq_cls(Some(&a.task_type))? {
+        let r = crate::classify_cmd::eval(
+            &a.model.model,
+            &a.model.adapter,
+            &a.data,
+            a.seq_len,
+            a.batch_size,
+            a.max_examples,
+        )?;
+        let (acc, f1) = (r.accuracy.unwrap_or(0.0), r.macro_f1.unwrap_or(0.0));
+        if a.json {
+            let j = serde_json::json!({"loss": r.loss, "accuracy": acc, "macro_f1": f1, "examples": r.tokens});
+            println!("{j}");
+        } else {
+            println!(
+                "loss {:.4}  accuracy {acc:.4}  macro-F1 {f1:.4}  over {} examples",
+                r.loss, r.tokens
+            );
+        }
+        return Ok(());
+    }
     let lm = a.model.load()?;
     let opts = DataOptions {
         max_seq_len: a.seq_len,

@@ -6,7 +6,7 @@ use crate::adapter_opts::{
 use crate::common::{data_files, load};
 use crate::{config_file, gen_cmd};
 use anyhow::{anyhow, bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use petal_core::{inject_adapter_within, Adaptable, ParamCount};
 use petal_data::{load_examples, split, DataOptions, Example};
 use petal_train::optim::AdamWParams;
@@ -49,6 +49,10 @@ train_opts! {
     /// Multi-task data: train only on these tasks (comma-separated `task` values; the
     /// validation data keeps all of its tasks, so held-out tasks can be scored)
     tasks: Vec<String>,
+    /// causal-lm (next-token prediction on a decoder) | seq-cls (sequence classification on a
+    /// BERT encoder: data `{"text", "label"}` or `{"text", "text_pair", "label"}`) [default:
+    /// causal-lm]
+    task_type: String,
     /// Adapter method [default: lora]
     method: String,
     /// Rank of the method (LoRA's r; each method maps it to its own key) [default: the method's]
@@ -137,7 +141,7 @@ pub struct TrainArgs {
     pub method_flags: MethodFlags,
 }
 
-struct Bar(ProgressBar);
+pub(crate) struct Bar(pub(crate) ProgressBar);
 
 impl Observer for Bar {
     fn on_start(&mut self, first: usize, max: usize) {
@@ -228,6 +232,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         _ => None,
     };
     let given = given_options(m, &o, &flags, table)?;
+    if crate::classify_cmd::is_seq_cls(o.task_type.as_deref())? {
+        return crate::classify_cmd::train(&o, m, preset, given, &method, args.json);
+    }
     let dt = o.dtype.clone().unwrap_or_else(|| "f32".into());
     let dev = o.device.clone().unwrap_or_else(|| "cpu".into());
     let precision = crate::common::precision(&dt, o.bf16_activations.unwrap_or(false))?;
@@ -276,14 +283,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
         ),
     };
     val_set.truncate(o.max_eval_examples.unwrap_or(32));
-    let mut acfg = adapter_config(
-        &o,
-        m,
-        preset,
-        given,
-        &lm.model.cfg,
-        &petal_data::tasks(&train_set),
-    )?;
+    let mc = &lm.model.cfg;
+    let shape = petal_core::adapter::InputShape {
+        hidden: mc.hidden_size,
+        layers: mc.num_hidden_layers,
+        kv_heads: mc.num_key_value_heads,
+        head_dim: mc.head_dim,
+    };
+    let tasks = petal_data::tasks(&train_set);
+    let heads = mc.num_attention_heads;
+    let mut acfg = adapter_config(&o, m, preset, given, shape, heads, &tasks)?;
     acfg.base_model_name_or_path = Some(model_spec.clone());
     let mut model = lm.model;
     let limit = crate::common::memory_limit(max_memory(&o)?).for_training();
@@ -344,46 +353,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         fingerprint["bf16_activations"] = true.into();
     }
     let fingerprint = fingerprint.to_string();
-    let cfg = TrainConfig {
-        optim: AdamWParams {
-            lr: o.lr.unwrap_or(1e-3),
-            weight_decay: o.weight_decay.unwrap_or(0.0),
-            ..Default::default()
-        },
-        schedule: o
-            .schedule
-            .as_deref()
-            .unwrap_or("cosine")
-            .parse()
-            .map_err(anyhow::Error::msg)?,
-        warmup_steps: o.warmup_steps.unwrap_or(0),
-        max_steps: o.max_steps.unwrap_or(100),
-        batch_size: bs,
-        grad_accum: o.grad_accum.unwrap_or(1).max(1),
-        max_grad_norm: Some(o.max_grad_norm.unwrap_or(1.0)).filter(|&x| x > 0.0),
-        seed,
-        eval_every: o.eval_every.unwrap_or(25),
-        save_every: o.save_every.unwrap_or(25),
-        out_dir: out.clone(),
-        adapter_name: "default".into(),
-        pad_id: pad,
-        fingerprint,
-        save_converted: o.save_as_lora.unwrap_or(false),
-        grad_checkpointing: o.grad_checkpointing.unwrap_or(false),
-        balanced_tasks: task_sampling(&o)? == "balanced",
-    };
+    let cfg = train_config(&o, &out, pad, fingerprint)?;
     std::fs::create_dir_all(&out).with_context(|| format!("--out {}", out.display()))?;
     petal_io::write_atomic(
         &out.join("run.toml"),
         run_toml(&o, &method, &acfg).as_bytes(),
     )?;
-    let bar = ProgressBar::new(cfg.max_steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = Bar::new(cfg.max_steps);
     let summary = train(
         &model,
         &acfg,
@@ -414,6 +390,43 @@ pub fn run(args: TrainArgs) -> Result<()> {
     )
 }
 
+/// The trainer's settings from the options (defaults as the flags' help says).
+pub(crate) fn train_config(
+    o: &TrainOpts,
+    out: &Path,
+    pad: u32,
+    fingerprint: String,
+) -> Result<TrainConfig> {
+    Ok(TrainConfig {
+        optim: AdamWParams {
+            lr: o.lr.unwrap_or(1e-3),
+            weight_decay: o.weight_decay.unwrap_or(0.0),
+            ..Default::default()
+        },
+        schedule: o
+            .schedule
+            .as_deref()
+            .unwrap_or("cosine")
+            .parse()
+            .map_err(anyhow::Error::msg)?,
+        warmup_steps: o.warmup_steps.unwrap_or(0),
+        max_steps: o.max_steps.unwrap_or(100),
+        batch_size: o.batch_size.unwrap_or(4),
+        grad_accum: o.grad_accum.unwrap_or(1).max(1),
+        max_grad_norm: Some(o.max_grad_norm.unwrap_or(1.0)).filter(|&x| x > 0.0),
+        seed: o.seed.unwrap_or(0),
+        eval_every: o.eval_every.unwrap_or(25),
+        save_every: o.save_every.unwrap_or(25),
+        out_dir: out.to_path_buf(),
+        adapter_name: "default".into(),
+        pad_id: pad,
+        fingerprint,
+        save_converted: o.save_as_lora.unwrap_or(false),
+        grad_checkpointing: o.grad_checkpointing.unwrap_or(false),
+        balanced_tasks: task_sampling(o)? == "balanced",
+    })
+}
+
 fn samples(
     model: &petal_models::Llama,
     tok: &petal_data::Tokenizer,
@@ -427,7 +440,7 @@ fn samples(
 }
 
 /// `loss.svg` in the run folder, from metrics.jsonl (the whole run, resumed parts included).
-fn write_loss_chart(out: &Path) -> Result<()> {
+pub(crate) fn write_loss_chart(out: &Path) -> Result<()> {
     let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
     let rows: Vec<serde_json::Value> = text
         .lines()
@@ -450,7 +463,7 @@ fn write_loss_chart(out: &Path) -> Result<()> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn print_report(
+pub(crate) fn print_report(
     s: &petal_train::TrainSummary,
     params: ParamCount,
     before: Option<petal_train::EvalResult>,
@@ -482,11 +495,21 @@ fn print_report(
         s.adapter_dir.display()
     );
     println!("loss curve (every step): {}", sparkline(&s.losses));
-    if let (Some(b), Some(a)) = (before, after) {
-        println!(
+    match (before, after) {
+        (Some(b), Some(a)) if a.accuracy.is_some() => println!(
+            "validation loss: {:.4} -> {:.4}; accuracy {:.4} -> {:.4}; macro-F1 {:.4} -> {:.4}",
+            b.loss,
+            a.loss,
+            b.accuracy.unwrap_or(0.0),
+            a.accuracy.unwrap_or(0.0),
+            b.macro_f1.unwrap_or(0.0),
+            a.macro_f1.unwrap_or(0.0)
+        ),
+        (Some(b), Some(a)) => println!(
             "validation loss: {:.4} -> {:.4} (perplexity {:.2} -> {:.2})",
             b.loss, a.loss, b.perplexity, a.perplexity
-        );
+        ),
+        _ => {}
     }
     for ((p, b), a) in prompts.iter().zip(bs).zip(as_) {
         println!(
@@ -522,7 +545,7 @@ pub fn sparkline(v: &[f64]) -> String {
 
 /// The run's options as a TOML run file: the flags, and the adapter's options as the method's
 /// table (so `--config run.toml` repeats the run).
-fn run_toml(o: &TrainOpts, method: &str, acfg: &petal_core::AdapterConfig) -> String {
+pub(crate) fn run_toml(o: &TrainOpts, method: &str, acfg: &petal_core::AdapterConfig) -> String {
     let mut o = o.clone();
     o.set = None;
     let mut t = toml::Table::try_from(&o).unwrap_or_default();
@@ -575,7 +598,7 @@ fn check_ranges(o: &TrainOpts) -> Result<()> {
 }
 
 /// `--max-memory` in bytes, if given.
-fn max_memory(o: &TrainOpts) -> Result<Option<u64>> {
+pub(crate) fn max_memory(o: &TrainOpts) -> Result<Option<u64>> {
     let parse =
         |s: &str| petal_core::memory::parse_bytes(s).map_err(|e| anyhow!("--max-memory: {e}"));
     o.max_memory.as_deref().map(parse).transpose()

@@ -24,7 +24,7 @@ pub struct DataOptions {
     pub pack: bool,
 }
 
-fn line_err(path: &Path, line: usize, msg: impl Into<String>) -> DataError {
+pub(crate) fn line_err(path: &Path, line: usize, msg: impl Into<String>) -> DataError {
     DataError::Line {
         path: path.to_path_buf(),
         line,
@@ -109,7 +109,7 @@ fn read_jsonl(
 }
 
 /// The optional `task` field: a non-empty string of at most 200 characters.
-fn task_field(v: &Value) -> std::result::Result<Option<String>, String> {
+pub(crate) fn task_field(v: &Value) -> std::result::Result<Option<String>, String> {
     match v.get("task") {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if !s.trim().is_empty() && s.chars().count() <= 200 => {

@@ -1,11 +1,13 @@
 //! petal-data: tokenizers, chat templates, JSONL/text readers, loss masks, packing, batching.
 //! Stands alone: no tensor library, only token ids and labels.
 
+pub mod classify;
 pub mod dataset;
 pub mod error;
 pub mod template;
 pub mod tokenizer;
 
+pub use classify::{load_classification, Labels};
 pub use dataset::{
     balanced_order, batches, group_by_task, load_examples, pack, select_tasks, split, tasks, Batch,
     DataOptions, Example,

@@ -70,6 +70,13 @@ pub struct EvalResult {
     /// Multi-task data: each task's token-weighted loss and scored tokens.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub tasks: std::collections::BTreeMap<String, TaskLoss>,
+    /// Classification: the share of examples whose highest logit is their label.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    /// Classification: the mean over classes of F1 (classes among the labels or predictions,
+    /// as scikit-learn's `f1_score(average="macro")`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub macro_f1: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -127,5 +134,7 @@ pub fn evaluate(
         perplexity: loss.exp(),
         tokens: n,
         tasks,
+        accuracy: None,
+        macro_f1: None,
     })
 }

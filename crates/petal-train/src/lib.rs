@@ -2,6 +2,7 @@
 //! clipping, evaluation, exact checkpoints and metrics.
 
 pub mod checkpoint;
+pub mod classify;
 pub mod eval;
 pub mod objective;
 pub mod optim;

@@ -40,11 +40,22 @@ crate::method_options! {
     }
 }
 
-/// petal's training default for `feedforward_modules` where the user gave none: down_proj
-/// (IA3 and MoV).
+/// petal's training default for `feedforward_modules` where the user gave none (IA3 and MoV),
+/// PEFT's per-architecture one: each MLP output linear among the targets (Llama's down_proj,
+/// BERT's output.dense); down_proj where the targets are a pattern.
 pub(crate) fn default_feedforward(cfg: &mut AdapterConfig, new: &NewAdapter) -> Result<()> {
-    if !new.given("feedforward_modules") {
-        cfg.set("feedforward_modules", ["down_proj"])?;
+    if new.given("feedforward_modules") {
+        return Ok(());
+    }
+    let ff: Vec<&str> = match &cfg.target_modules {
+        Some(Targets::List(l)) => ["down_proj", "output.dense"]
+            .into_iter()
+            .filter(|c| l.iter().any(|t| t == c))
+            .collect(),
+        _ => vec!["down_proj"],
+    };
+    if !ff.is_empty() {
+        cfg.set("feedforward_modules", ff)?;
     }
     Ok(())
 }
