@@ -1,0 +1,163 @@
+//! `--task-type seq-cls` through the CLI on the tiny random BERT saved as a plain BertModel (as
+//! all-MiniLM-L6-v2 ships): training with named labels (the head trained as modules_to_save,
+//! the labels' mapping saved), evaluation by accuracy and macro-F1, and the bad inputs refused
+//! with a one-line cause.
+
+mod common;
+
+use common::{golden, petal, stderr};
+
+fn data(dir: &std::path::Path) -> (String, String) {
+    let vocab: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(golden().join("bert_minilm_names/tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    let mut words: Vec<&str> = vocab["model"]["vocab"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .filter(|w| w.chars().all(|c| c.is_ascii_lowercase()))
+        .collect();
+    words.sort();
+    let line = |i: usize| {
+        let lab = i % 2;
+        let text: Vec<&str> = (0..4).map(|j| words[lab * 20 + (i * 7 + j * 3) % 20]).collect();
+        let label = ["neg", "pos"][lab];
+        let mut row = serde_json::json!({"text": text.join(" "), "label": label});
+        if i % 3 == 0 {
+            row["text_pair"] = words[(i * 5) % words.len()].into();
+        }
+        row.to_string()
+    };
+    let train = dir.join("train.jsonl");
+    let val = dir.join("val.jsonl");
+    let rows: Vec<String> = (0..80).map(line).collect();
+    std::fs::write(&train, rows[..64].join("\n")).unwrap();
+    std::fs::write(&val, rows[64..].join("\n")).unwrap();
+    (
+        train.to_str().unwrap().to_string(),
+        val.to_str().unwrap().to_string(),
+    )
+}
+
+#[test]
+fn a_classifier_trains_saves_its_labels_and_evaluates_by_accuracy_and_macro_f1() {
+    let d = tempfile::tempdir().unwrap();
+    let (train, val) = data(d.path());
+    let model = golden().join("bert_minilm_names");
+    let m = model.to_str().unwrap();
+    let out = d.path().join("run");
+    let o = petal(&[
+        "train",
+        "--task-type",
+        "seq-cls",
+        "--model",
+        m,
+        "--data",
+        &train,
+        "--val-data",
+        &val,
+        "--max-steps",
+        "30",
+        "--lr",
+        "0.01",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (before, after) = (&sum["eval_before"], &sum["eval_after"]);
+    assert!(
+        after["loss"].as_f64().unwrap() < before["loss"].as_f64().unwrap(),
+        "{sum}"
+    );
+    let adapter = out.join("adapter");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["task_type"], "SEQ_CLS");
+    assert_eq!(cfg["target_modules"], "all-linear", "LoRA's default");
+    assert_eq!(cfg["modules_to_save"], serde_json::json!(["classifier", "score"]));
+    let labels: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("labels.json")).unwrap()).unwrap();
+    assert_eq!(labels["names"], serde_json::json!(["neg", "pos"]));
+    let eval = |data: &str| {
+        petal(&[
+            "eval",
+            "--task-type",
+            "seq-cls",
+            "--model",
+            m,
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--data",
+            data,
+            "--json",
+        ])
+    };
+    let o = eval(&val);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["examples"], 16);
+    for k in ["accuracy", "macro_f1"] {
+        let v = r[k].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{k}: {v}");
+        assert!((v - after[k].as_f64().unwrap()).abs() < 1e-12, "{k}: as trained");
+    }
+    // a label outside the saved classes, named with its line
+    let bad = d.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"the cat\", \"label\": \"maybe\"}\n").unwrap();
+    let o = eval(bad.to_str().unwrap());
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("bad.jsonl:1:") && e.contains("\"maybe\" is not one of the classes (neg, pos)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_classification_input_is_refused_with_its_cause() {
+    let d = tempfile::tempdir().unwrap();
+    let (train, _) = data(d.path());
+    let bert = golden().join("bert_minilm_names");
+    let llama = golden().join("llama");
+    let run = |model: &std::path::Path, data: &str, extra: &[&str]| {
+        let out = d.path().join("r");
+        let mut a = vec![
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data,
+            "--max-steps",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+            "--overwrite",
+            "true",
+        ];
+        a.extend(extra);
+        let o = petal(&a);
+        assert!(!o.status.success(), "{a:?} succeeded");
+        stderr(&o)
+    };
+    let e = run(&llama, &train, &["--task-type", "seq-cls"]);
+    assert!(e.contains("model_type") && e.contains("`llama`"), "{e}");
+    let e = run(&bert, &train, &["--task-type", "regression"]);
+    assert!(e.contains("--task-type \"regression\""), "{e}");
+    let mixed = d.path().join("mixed.jsonl");
+    std::fs::write(
+        &mixed,
+        "{\"text\": \"a cat\", \"label\": 1}\n{\"text\": \"a dog\", \"label\": \"pos\"}\n",
+    )
+    .unwrap();
+    let e = run(&bert, mixed.to_str().unwrap(), &["--task-type", "seq-cls"]);
+    assert!(e.contains("whole numbers 0..C-1 or all strings"), "{e}");
+    let nolabel = d.path().join("nolabel.jsonl");
+    std::fs::write(&nolabel, "{\"text\": \"a cat\"}\n").unwrap();
+    let e = run(&bert, nolabel.to_str().unwrap(), &["--task-type", "seq-cls"]);
+    assert!(e.contains("nolabel.jsonl:1:") && e.contains("`label` is missing"), "{e}");
+}
