@@ -226,6 +226,7 @@ pub fn adapter_config(
     shape: petal_core::adapter::InputShape,
     attention_heads: usize,
     tasks: &[String],
+    special_tokens: &[u32],
 ) -> Result<AdapterConfig> {
     let mut cfg = AdapterConfig::new(m.peft_type())?;
     cfg.target_modules = match (&o.target_modules, m.default_targets()) {
@@ -271,6 +272,7 @@ pub fn adapter_config(
         max_steps: o.max_steps.unwrap_or(100),
         given: keys,
         tasks: tasks.to_vec(),
+        special_tokens: special_tokens.to_vec(),
     };
     m.prepare(&mut cfg, &new)?;
     cfg.validate(&format!("--method {} options", method_name(m)))?;

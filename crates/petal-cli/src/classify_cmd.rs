@@ -129,7 +129,9 @@ pub fn train(
         o.target_modules = m.default_targets().map(bert_names);
     }
     let o = &o;
-    let mut acfg = adapter_config(o, m, preset, given, shape, mc.num_attention_heads, &tasks)?;
+    let specials = enc.tokenizer.special_ids_in(&train_set);
+    let heads = mc.num_attention_heads;
+    let mut acfg = adapter_config(o, m, preset, given, shape, heads, &tasks, &specials)?;
     acfg.base_model_name_or_path = Some(model_spec.clone());
     acfg.task_type = Some("SEQ_CLS".into());
     // PEFT's SEQ_CLS adds the head to modules_to_save

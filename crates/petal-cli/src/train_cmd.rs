@@ -292,7 +292,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
     let tasks = petal_data::tasks(&train_set);
     let heads = mc.num_attention_heads;
-    let mut acfg = adapter_config(&o, m, preset, given, shape, heads, &tasks)?;
+    let specials = tok.special_ids_in(&train_set);
+    let mut acfg = adapter_config(&o, m, preset, given, shape, heads, &tasks, &specials)?;
     acfg.base_model_name_or_path = Some(model_spec.clone());
     let mut model = lm.model;
     let limit = crate::common::memory_limit(max_memory(&o)?).for_training();

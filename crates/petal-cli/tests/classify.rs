@@ -22,7 +22,9 @@ fn data(dir: &std::path::Path) -> (String, String) {
     words.sort();
     let line = |i: usize| {
         let lab = i % 2;
-        let text: Vec<&str> = (0..4).map(|j| words[lab * 20 + (i * 7 + j * 3) % 20]).collect();
+        let text: Vec<&str> = (0..4)
+            .map(|j| words[lab * 20 + (i * 7 + j * 3) % 20])
+            .collect();
         let label = ["neg", "pos"][lab];
         let mut row = serde_json::json!({"text": text.join(" "), "label": label});
         if i % 3 == 0 {
@@ -79,7 +81,10 @@ fn a_classifier_trains_saves_its_labels_and_evaluates_by_accuracy_and_macro_f1()
             .unwrap();
     assert_eq!(cfg["task_type"], "SEQ_CLS");
     assert_eq!(cfg["target_modules"], "all-linear", "LoRA's default");
-    assert_eq!(cfg["modules_to_save"], serde_json::json!(["classifier", "score"]));
+    assert_eq!(
+        cfg["modules_to_save"],
+        serde_json::json!(["classifier", "score"])
+    );
     let labels: serde_json::Value =
         serde_json::from_slice(&std::fs::read(adapter.join("labels.json")).unwrap()).unwrap();
     assert_eq!(labels["names"], serde_json::json!(["neg", "pos"]));
@@ -104,7 +109,10 @@ fn a_classifier_trains_saves_its_labels_and_evaluates_by_accuracy_and_macro_f1()
     for k in ["accuracy", "macro_f1"] {
         let v = r[k].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&v), "{k}: {v}");
-        assert!((v - after[k].as_f64().unwrap()).abs() < 1e-12, "{k}: as trained");
+        assert!(
+            (v - after[k].as_f64().unwrap()).abs() < 1e-12,
+            "{k}: as trained"
+        );
     }
     // a label outside the saved classes, named with its line
     let bad = d.path().join("bad.jsonl");
@@ -158,6 +166,13 @@ fn bad_classification_input_is_refused_with_its_cause() {
     assert!(e.contains("whole numbers 0..C-1 or all strings"), "{e}");
     let nolabel = d.path().join("nolabel.jsonl");
     std::fs::write(&nolabel, "{\"text\": \"a cat\"}\n").unwrap();
-    let e = run(&bert, nolabel.to_str().unwrap(), &["--task-type", "seq-cls"]);
-    assert!(e.contains("nolabel.jsonl:1:") && e.contains("`label` is missing"), "{e}");
+    let e = run(
+        &bert,
+        nolabel.to_str().unwrap(),
+        &["--task-type", "seq-cls"],
+    );
+    assert!(
+        e.contains("nolabel.jsonl:1:") && e.contains("`label` is missing"),
+        "{e}"
+    );
 }

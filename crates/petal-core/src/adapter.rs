@@ -238,6 +238,9 @@ pub struct NewAdapter {
     pub given: Vec<String>,
     /// The tasks of the training data, sorted (empty: single-task data).
     pub tasks: Vec<String>,
+    /// The tokenizer's special tokens that occur in the training data (its unknown token
+    /// excepted), ascending.
+    pub special_tokens: Vec<u32>,
 }
 
 impl NewAdapter {
@@ -519,6 +522,17 @@ pub trait InputAdapter: Debug + Send + Sync {
     /// than cached keys and values (prefix tuning).
     fn produces_positions(&self) -> bool {
         true
+    }
+    /// Token-level shifts (PASTA): for ids (b, t), after `offset` positions already cached,
+    /// each position's slot as a one-hot (b t, slots) f32, or None when no position has one.
+    /// Computed once per forward; `layer_shift` turns it into each layer's addition.
+    fn token_slots(&self, _ids: &Tensor, _offset: usize) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    /// The (b t, hidden) f32 addition to the hidden states entering layer `layer`, for the
+    /// slots of `token_slots`.
+    fn layer_shift(&self, _layer: usize, _slots: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
     }
     /// Number of virtual positions.
     fn num_virtual_tokens(&self) -> usize;

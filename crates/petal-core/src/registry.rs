@@ -33,6 +33,7 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::sira::Sira,
     &methods::ks_lottery::KsLottery,
     &methods::palora::Palora,
+    &methods::pasta::Pasta,
 ];
 
 /// Look a method up by its PEFT `peft_type` (case-insensitive: "LORA", "lora").

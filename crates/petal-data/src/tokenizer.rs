@@ -197,6 +197,36 @@ impl Tokenizer {
         Ok((enc.get_ids().to_vec(), enc.get_type_ids().to_vec()))
     }
 
+    /// The special tokens (added tokens marked special, BOS and EOS) that occur in
+    /// `examples`, the unknown token excepted, ascending.
+    pub fn special_ids_in(&self, examples: &[crate::Example]) -> Vec<u32> {
+        let unk = ["[UNK]", "<unk>"].map(|t| self.inner.token_to_id(t));
+        let mut special: Vec<u32> = self
+            .inner
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(id, t)| t.special && !unk.contains(&Some(**id)))
+            .map(|(id, _)| *id)
+            .chain(self.bos_id)
+            .chain(self.eos_id)
+            .collect();
+        special.sort_unstable();
+        special.dedup();
+        let mut seen = vec![false; special.len()];
+        for e in examples {
+            for id in &e.ids {
+                if let Ok(i) = special.binary_search(id) {
+                    seen[i] = true;
+                }
+            }
+        }
+        special
+            .into_iter()
+            .zip(seen)
+            .filter_map(|(id, s)| s.then_some(id))
+            .collect()
+    }
+
     /// Ids with each token's byte offsets into `text`.
     pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
         let enc = self.inner.encode(text, false).map_err(terr)?;

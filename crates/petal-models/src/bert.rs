@@ -10,7 +10,8 @@
 use crate::config::{count, num};
 use crate::weights::WeightSource;
 use candle_core::{DType, Device, Tensor, D};
-use petal_core::{Adaptable, AdaptableLinear, Ctx, Error, Result};
+use petal_core::adapter::InputShape;
+use petal_core::{Adaptable, AdaptableLinear, Ctx, Error, InputAdapter, Result};
 use petal_ops::Kernels;
 use serde_json::Value;
 
@@ -147,6 +148,8 @@ pub struct Bert {
     classifier: AdaptableLinear,
     device: Device,
     kernels: Kernels,
+    /// A token-level input adapter (PASTA): shifts of chosen tokens entering each layer.
+    input: Option<(String, Box<dyn InputAdapter>)>,
 }
 
 /// Tensor `name` of a `BertForSequenceClassification` path, read under that name or, from a
@@ -283,6 +286,7 @@ impl Bert {
             cfg,
             device: device.clone(),
             kernels,
+            input: None,
         })
     }
 
@@ -326,7 +330,14 @@ impl Bert {
         let mut x = self.norm(&x, &self.emb_ln)?;
         // padded keys get -inf before the softmax: (b, 1, 1, t)
         let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e30)?.reshape((b, 1, 1, t))?;
-        for l in &self.layers {
+        let input = self.input.as_ref().map(|(_, a)| a.as_ref());
+        let slots = input.map(|a| a.token_slots(ids, 0)).transpose()?.flatten();
+        for (i, l) in self.layers.iter().enumerate() {
+            if let (Some(a), Some(s)) = (input, slots.as_ref()) {
+                if let Some(shift) = a.layer_shift(i, s)? {
+                    x = (x + shift.reshape((b, t, h))?)?;
+                }
+            }
             x = self.layer(l, &x, &bias, ctx)?;
         }
         Ok(x)
@@ -417,6 +428,39 @@ impl Adaptable for Bert {
     /// PEFT's `all-linear` leaves the classification head out.
     fn output_head(&self) -> Option<&str> {
         Some("classifier")
+    }
+
+    fn input_shape(&self) -> Option<InputShape> {
+        let (h, nh) = (self.cfg.hidden_size, self.cfg.num_attention_heads);
+        Some(InputShape {
+            hidden: h,
+            layers: self.cfg.num_hidden_layers,
+            kv_heads: nh,
+            head_dim: h / nh,
+        })
+    }
+
+    fn input_adapter(&self) -> Option<(&str, &dyn InputAdapter)> {
+        self.input.as_ref().map(|(n, a)| (n.as_str(), a.as_ref()))
+    }
+
+    /// Token-level adapters only (PASTA): virtual tokens and key/value prefixes (prompt and
+    /// prefix tuning) are not wired into the encoder yet, and are refused.
+    fn set_input_adapter(&mut self, name: &str, adapter: Box<dyn InputAdapter>) -> Result<()> {
+        if adapter.num_virtual_tokens() > 0 {
+            return Err(Error::Unsupported(
+                "prompt and prefix tuning on BERT encoders (virtual tokens) are not supported \
+                 yet; PASTA and the linear methods are"
+                    .into(),
+            ));
+        }
+        if let Some((old, _)) = &self.input {
+            return Err(Error::msg(format!(
+                "the model already has input adapter `{old}`"
+            )));
+        }
+        self.input = Some((name.to_string(), adapter));
+        Ok(())
     }
 
     fn base_param_count(&self) -> usize {

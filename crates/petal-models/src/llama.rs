@@ -14,6 +14,7 @@ use petal_ops::{residual_add, rms_norm, rope_tables, swiglu, Kernels};
 mod attention;
 mod bias_export;
 mod decode;
+mod input;
 
 /// The one norm factory: an RMSNorm weight (h) under HF path `path`.
 fn norm(
@@ -84,6 +85,8 @@ pub(crate) struct Stage {
     pub x: Tensor,
     pub kv_prefix: Option<Tensor>,
     pub rope_from: usize,
+    /// Token-level shifts (PASTA): each position's slot, one-hot (b t, slots).
+    pub slots: Option<Tensor>,
 }
 
 /// Per-layer keys (rotated) and values seen so far, (b, t, kv_heads * d).
@@ -314,49 +317,6 @@ impl Llama {
         self.layers.len()
     }
 
-    /// Token embeddings (after any virtual tokens) and prefix keys/values, for tokens at
-    /// positions from `offset` (tokens already in the cache).
-    pub(crate) fn input_stage(&self, ids: &Tensor, offset: usize, ctx: &Ctx) -> Result<Stage> {
-        let (b, t) = ids.dims2()?;
-        let h = self.cfg.hidden_size;
-        let mut x = self.embed.forward(ids, ctx)?.to_dtype(self.resid)?;
-        debug_assert_eq!(x.dims(), &[b, t, h]);
-        let input = self.input.as_ref().filter(|_| offset == 0).map(|(_, a)| a);
-        if let Some(p) = input.map(|a| a.embeddings()).transpose()?.flatten() {
-            let p = p.to_dtype(self.resid)?; // (n, h), at the start only
-            let n = p.dim(0)?;
-            let p = p.unsqueeze(0)?.broadcast_as((b, n, h))?.contiguous()?;
-            x = Tensor::cat(&[&p, &x], 1)?;
-        }
-        // prefix tuning: per-layer keys and values stand for n positions already seen
-        let kv_prefix = input.map(|a| a.key_values()).transpose()?.flatten();
-        let offset = offset
-            + kv_prefix
-                .as_ref()
-                .map(|kv| kv.dim(0))
-                .transpose()?
-                .unwrap_or(0);
-        let t = x.dim(1)?;
-        if offset + t > self.cfg.max_position_embeddings {
-            return Err(petal_core::Error::msg(format!(
-                "sequence of {} tokens exceeds the model's context of {}",
-                offset + t,
-                self.cfg.max_position_embeddings
-            )));
-        }
-        // a prefix's keys lead every layer's keys (in the cache too, after the first step)
-        let rope_from = self
-            .input
-            .as_ref()
-            .filter(|(_, a)| !a.produces_positions())
-            .map_or(0, |(_, a)| a.num_virtual_tokens());
-        Ok(Stage {
-            x,
-            kv_prefix,
-            rope_from,
-        })
-    }
-
     /// Decoder layer `i` (attention and MLP blocks with their residuals) on `x`.
     pub(crate) fn layer_forward(
         &self,
@@ -367,6 +327,8 @@ impl Llama {
         ctx: &Ctx,
     ) -> Result<Tensor> {
         let layer = &self.layers[i];
+        let shifted = self.token_shift(i, x, stage.slots.as_ref())?;
+        let x = shifted.as_ref().unwrap_or(x);
         let prefix = stage
             .kv_prefix
             .as_ref()
@@ -390,21 +352,6 @@ impl Llama {
             x,
             &m.down.forward(&swiglu(self.kernels, &g, &u)?, ctx)?,
         )?)
-    }
-
-    /// Layer i's (key, value) prefix as (b, n, kv_heads * head_dim), from the adapter's
-    /// (n, 2 layers kv_dim) slots 2i and 2i + 1.
-    fn layer_prefix(&self, p: &Tensor, i: usize, b: usize) -> Result<(Tensor, Tensor)> {
-        let (nkv, d) = (self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let n = p.dim(0)?;
-        let one = |slot: usize| -> Result<Tensor> {
-            Ok(p.narrow(1, slot * nkv * d, nkv * d)?
-                .to_dtype(self.act)?
-                .reshape((1, n, nkv * d))?
-                .broadcast_as((b, n, nkv * d))?
-                .contiguous()?)
-        };
-        Ok((one(2 * i)?, one(2 * i + 1)?))
     }
 
     /// Every base tensor under its HF name (merged weights included), for export.

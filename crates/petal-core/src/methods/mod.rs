@@ -26,6 +26,7 @@ mod orthogonal;
 pub mod p_tuning;
 pub mod paca;
 pub mod palora;
+pub mod pasta;
 pub mod prefix_tuning;
 pub mod prompt_tuning;
 pub mod quanta;

@@ -203,6 +203,7 @@ fn the_tasks_come_from_the_data_unless_given_and_given_ones_must_be_in_it() {
         max_steps: 10,
         given: given.iter().map(|s| s.to_string()).collect(),
         tasks: vec!["math".into(), "poems".into()],
+        special_tokens: vec![],
     };
     let mut c = AdapterConfig::for_method("palora", 2, 4.0, crate::testing::toy_targets());
     Palora.prepare(&mut c, &new(&[])).unwrap();

@@ -98,6 +98,7 @@ fn bad_densities_schedules_and_short_runs_are_refused_naming_the_option() {
         max_steps: 50,
         given: vec![],
         tasks: vec![],
+        special_tokens: vec![],
     };
     let e = Rosa.prepare(&mut c, &new).unwrap_err().to_string();
     assert!(e.contains("schedule") && e.contains("50 steps"), "{e}");
