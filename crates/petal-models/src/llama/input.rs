@@ -14,6 +14,7 @@ impl Llama {
         let h = self.cfg.hidden_size;
         let mut x = self.embed.forward(ids, ctx)?.to_dtype(self.resid)?;
         debug_assert_eq!(x.dims(), &[b, t, h]);
+        let cached = offset;
         let input = self.input.as_ref().filter(|_| offset == 0).map(|(_, a)| a);
         if let Some(p) = input.map(|a| a.embeddings()).transpose()?.flatten() {
             let p = p.to_dtype(self.resid)?; // (n, h), at the start only
@@ -43,8 +44,11 @@ impl Llama {
             .as_ref()
             .filter(|(_, a)| !a.produces_positions())
             .map_or(0, |(_, a)| a.num_virtual_tokens());
-        let slots = input
-            .map(|a| a.token_slots(ids, offset))
+        // token-level shifts apply at every step, cached or not
+        let slots = self
+            .input
+            .as_ref()
+            .map(|(_, a)| a.token_slots(ids, cached))
             .transpose()?
             .flatten();
         Ok(Stage {
