@@ -462,10 +462,13 @@ pub fn adapter_vars(model: &dyn Adaptable, name: &str) -> Vec<Var> {
 /// shift after a norm (SSF) becomes `W β` added to the bias of each linear the norm feeds. An
 /// input-side adapter (virtual tokens, prefixes) has no weight to merge into and is refused.
 pub fn merge_and_unload_all(model: &mut dyn Adaptable) -> Result<()> {
-    if let Some((n, _)) = model.input_adapter() {
+    if let Some((n, a)) = model.input_adapter() {
+        let what = match a.num_virtual_tokens() {
+            0 => "shifts chosen tokens' hidden states (PASTA), which depends on the token",
+            _ => "puts virtual tokens or keys and values in front of the input",
+        };
         return Err(Error::Unsupported(format!(
-            "adapter `{n}` puts virtual tokens or keys and values in front of the input: it \
-             cannot be merged into the weights"
+            "adapter `{n}` {what}: it cannot be merged into the weights"
         )));
     }
     let names = crate::walk::adapter_names(model);
