@@ -536,6 +536,14 @@ pub trait InputAdapter: Debug + Send + Sync {
     }
     /// Number of virtual positions.
     fn num_virtual_tokens(&self) -> usize;
+    /// Rows of `key_values`: the leading keys that stand for cached positions and are not
+    /// rotated (prefix tuning: its virtual tokens; E2VPT-style prompts: their key-value slots).
+    fn prefix_len(&self) -> usize {
+        match self.produces_positions() {
+            true => 0,
+            false => self.num_virtual_tokens(),
+        }
+    }
     /// What PEFT saves when it differs from the trained tensors (P-tuning saves its encoder's
     /// output as `prompt_embeddings`): the final adapter holds these, checkpoints the tensors.
     fn export(&self) -> Result<Option<Vec<(&'static str, Tensor)>>> {
@@ -545,4 +553,8 @@ pub trait InputAdapter: Debug + Send + Sync {
     fn tensors(&self) -> Vec<NamedTensor<'_>>;
     /// Replace the prefix (loading, text init), checking its shape.
     fn set_prefix(&self, t: &Tensor) -> Result<()>;
+    /// The adapter as `Any`, for a method's own training hook to reach its state.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }

@@ -34,6 +34,7 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::ks_lottery::KsLottery,
     &methods::palora::Palora,
     &methods::pasta::Pasta,
+    &methods::kv_prompt::KvPrompt,
 ];
 
 /// Look a method up by its PEFT `peft_type` (case-insensitive: "LORA", "lora").

@@ -12,8 +12,13 @@ use std::path::Path;
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 pub const KEY_PREFIX: &str = "base_model.model.";
-/// Tensors PEFT saves at the top level, without `base_model.model.` (prompt learning).
-const TOP_LEVEL: &[&str] = &["prompt_embeddings"];
+/// Tensors saved at the top level, without `base_model.model.`: PEFT's prompt learning, and
+/// petal's input-side methods alike (PASTA, E2VPT-style prompts).
+const TOP_LEVEL: &[&str] = &[
+    "prompt_embeddings",
+    petal_core::methods::pasta::TENSOR,
+    petal_core::methods::kv_prompt::KV,
+];
 
 /// Model-level shared tensors (VeRA's projections) keep their `base_model.` key.
 use petal_core::walk::SHARED_PREFIX;

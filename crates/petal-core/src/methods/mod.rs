@@ -12,6 +12,7 @@ pub mod ia3;
 pub mod intrinsic;
 pub mod kradapter;
 pub mod ks_lottery;
+pub mod kv_prompt;
 pub mod ln_tuning;
 pub mod loha;
 pub mod lokr;

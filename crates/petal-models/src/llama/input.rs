@@ -39,11 +39,7 @@ impl Llama {
             )));
         }
         // a prefix's keys lead every layer's keys (in the cache too, after the first step)
-        let rope_from = self
-            .input
-            .as_ref()
-            .filter(|(_, a)| !a.produces_positions())
-            .map_or(0, |(_, a)| a.num_virtual_tokens());
+        let rope_from = self.input.as_ref().map_or(0, |(_, a)| a.prefix_len());
         // token-level shifts apply at every step, cached or not
         let slots = self
             .input

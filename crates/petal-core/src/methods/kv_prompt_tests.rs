@@ -1,0 +1,126 @@
+use super::*;
+use crate::adapter::TrainingHook;
+use std::collections::HashMap;
+
+fn prompts() -> KvPrompts {
+    let dev = Device::Cpu;
+    let p = Tensor::arange(0f32, 24.0, &dev)
+        .unwrap()
+        .reshape((4, 6))
+        .unwrap();
+    let s = Tensor::ones((2, 1, 3, 4), DType::F32, &dev).unwrap();
+    KvPrompts::new(&p, &s, 3).unwrap()
+}
+
+fn hook(k: &KvPrompts, o: KvPromptOptions) -> Pruning {
+    let n = k.prompts.as_tensor().dim(0).unwrap();
+    Pruning {
+        state: k.state.clone(),
+        prompts: k.prompts.clone(),
+        slots: k.slots.clone(),
+        initial: (k.initial.0.clone(), k.initial.1.clone()),
+        step: 2,
+        o,
+        token_score: vec![0.0; n],
+        segment_score: vec![vec![0.0; k.segments]; n],
+        seen: 0,
+        report: None,
+    }
+}
+
+/// Scores from gradients: token i's is |Σ e g| over the token, a piece's over the piece; after
+/// `prune_step` steps the most important half of the tokens stays, the least important piece
+/// of theirs is zeroed, and the prompts and slots go back to their initial values.
+#[test]
+fn pruning_keeps_the_most_important_tokens_zeroes_the_weakest_pieces_and_rewinds() {
+    let k = prompts();
+    let o = KvPromptOptions {
+        token_prune: 0.5,
+        segments: 3,
+        segment_prune: 0.2,
+        ..Default::default()
+    };
+    let mut h = hook(&k, o);
+    // gradients: token 0 none, token 1 small, tokens 2 and 3 large; piece 1 of token 3 zero
+    let g: Vec<f32> = (0..24)
+        .map(|i| match (i / 6, (i % 6) / 2) {
+            (0, _) => 0.0,
+            (1, _) => 0.01,
+            (3, 1) => 0.0,
+            _ => 1.0,
+        })
+        .collect();
+    let g = Tensor::from_vec(g, (4, 6), &Device::Cpu).unwrap();
+    let grad_of = |_: &Var| Some(g.clone());
+    let toy = crate::testing::adapted(
+        &AdapterConfig::lora(2, 4.0, crate::testing::toy_targets()),
+        false,
+    );
+    h.after_step(&toy, 0, &grad_of).unwrap();
+    // moved away from the initial values, as training would
+    k.prompts
+        .set(&(k.prompts.as_tensor() * 2.0).unwrap())
+        .unwrap();
+    h.after_step(&toy, 1, &grad_of).unwrap();
+    assert!(h.reset_optimizer_after(1) && !h.reset_optimizer_after(0));
+    let kept = k.kept().unwrap();
+    assert_eq!(kept.tokens, [2, 3]);
+    assert_eq!(k.num_virtual_tokens(), 2);
+    // 6 pieces kept, floor(0.2 * 6) = 1 zeroed: token 3's second piece (no gradient there)
+    let mask: Vec<Vec<f32>> = kept.mask.unwrap().to_vec2().unwrap();
+    assert_eq!(mask[3], [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]);
+    assert!(mask[2].iter().all(|&v| v == 1.0));
+    let emb: Vec<Vec<f32>> = k.embeddings().unwrap().unwrap().to_vec2().unwrap();
+    assert_eq!(
+        emb[0],
+        [12.0, 13.0, 14.0, 15.0, 16.0, 17.0],
+        "rewound token 2"
+    );
+    assert_eq!(
+        emb[1],
+        [18.0, 19.0, 0.0, 0.0, 22.0, 23.0],
+        "token 3, a piece zeroed"
+    );
+    // the saved form: the kept tokens alone, nothing left to prune
+    let mut cfg = AdapterConfig::new("KV_PROMPT").unwrap();
+    let mut t = HashMap::from([
+        (PROMPT.to_string(), k.prompts.as_tensor().clone()),
+        (KV.to_string(), k.slots.as_tensor().clone()),
+    ]);
+    h.export(&mut cfg, &mut t).unwrap();
+    assert_eq!(t[PROMPT].to_vec2::<f32>().unwrap(), emb);
+    let o: KvPromptOptions = cfg.options().unwrap();
+    assert_eq!((o.num_virtual_tokens, o.prune_step), (2, Some(0)));
+}
+
+#[test]
+fn shared_slots_serve_as_keys_and_values_in_the_prefix_layout() {
+    let k = prompts();
+    let kv = k.key_values().unwrap().unwrap(); // (n_kv, 2 L kv)
+    assert_eq!(kv.dims(), [3, 2 * 2 * 4]);
+    assert_eq!(k.prefix_len(), 3);
+    assert_eq!(k.num_virtual_tokens(), 4);
+}
+
+#[test]
+fn bad_options_are_refused_naming_the_key() {
+    for (key, v, want) in [
+        ("num_virtual_tokens", serde_json::json!(0), ">= 1"),
+        ("num_kv_tokens", serde_json::json!(0), ">= 1"),
+        ("token_prune", serde_json::json!(1.0), "[0, 1)"),
+        (
+            "segments",
+            serde_json::json!(5),
+            "divide the hidden size 32",
+        ),
+    ] {
+        let mut c = AdapterConfig::new("KV_PROMPT").unwrap();
+        c.set("token_dim", 32).unwrap();
+        c.set(key, v).unwrap();
+        let e = c.validate("adapter_config.json").unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("`{key}`")) && e.contains(want),
+            "{key}: {e}"
+        );
+    }
+}
