@@ -309,3 +309,88 @@ fn palora_trains_on_two_tasks_and_each_preference_is_a_model_that_merges() {
         stderr(&o)
     );
 }
+
+/// E2VPT-style prompts with pruning in one run: half the prompt tokens pruned after half the
+/// steps (pruning.json says which), the saved adapter holding the kept tokens alone and scoring
+/// the validation set as the trained model did; PASTA's merge refused naming the reason.
+#[test]
+fn kv_prompts_prune_rewind_and_save_the_kept_tokens() {
+    let d = tempfile::tempdir().unwrap();
+    let data = words(d.path());
+    let val = d.path().join("val.txt");
+    let text: Vec<String> = (0..80).map(|i| format!("w{}", (i * 11) % 96)).collect();
+    std::fs::write(&val, text.join(" ")).unwrap();
+    let m = golden().join("llama");
+    let (ms, ds) = (m.to_str().unwrap(), data.to_str().unwrap());
+    let out = d.path().join("run");
+    let args = train(ms, ds, out.to_str().unwrap());
+    let extra = [
+        "--method",
+        "kv_prompt",
+        "--set",
+        "num_virtual_tokens=4",
+        "--set",
+        "num_kv_tokens=3",
+        "--set",
+        "segments=4",
+        "--max-steps",
+        "4",
+        "--lr",
+        "0.05",
+        "--val-data",
+        val.to_str().unwrap(),
+        "--json",
+    ];
+    let o = petal(&[&args[..], &extra].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let adapter = out.join("adapter");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("pruning.json")).unwrap()).unwrap();
+    assert_eq!(report["pruned_after_step"], 2, "half the run by default");
+    assert_eq!(report["kept_tokens"].as_array().unwrap().len(), 2);
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (
+            cfg["num_virtual_tokens"].as_u64(),
+            cfg["prune_step"].as_u64()
+        ),
+        (Some(2), Some(0))
+    );
+    let o = petal(&[
+        "eval",
+        "--model",
+        ms,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--data",
+        val.to_str().unwrap(),
+        "--seq-len",
+        "16",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let saved = serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["loss"]
+        .as_f64()
+        .unwrap();
+    let trained = sum["eval_after"]["loss"].as_f64().unwrap();
+    assert!(
+        (saved - trained).abs() < 1e-5 * trained,
+        "saved {saved} vs trained {trained}"
+    );
+    // PASTA cannot merge: the refusal says why
+    let out2 = d.path().join("pasta");
+    let o = petal(
+        &[
+            &train(ms, ds, out2.to_str().unwrap())[..],
+            &["--method", "pasta", "--max-steps", "1"],
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = merge(&m, &out2.join("adapter"), &d.path().join("merged"));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("PASTA"), "{}", stderr(&o));
+}
