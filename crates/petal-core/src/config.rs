@@ -350,6 +350,10 @@ mod tests {
             let mut c =
                 AdapterConfig::for_method(m.peft_type(), 4, 8.0, Targets::List(vec!["q".into()]));
             c.layers_to_transform = Some(Layers::Many(vec![0, 2]));
+            // what a method needs from its data (PaLoRA's tasks, PASTA's special tokens)
+            for (k, v) in m.bench_settings().unwrap_or(&[]) {
+                c.set(k, crate::config::parse_value(v)).unwrap();
+            }
             let text = c.to_json().unwrap();
             let back = AdapterConfig::from_json(&text, "x.json")
                 .unwrap_or_else(|e| panic!("{}: {e}\n{text}", m.peft_type()));
