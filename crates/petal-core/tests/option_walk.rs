@@ -30,6 +30,10 @@ fn every_option_refuses_bad_values_naming_its_key() {
             for v in candidates() {
                 let mut cfg = AdapterConfig::new(m.peft_type()).unwrap();
                 cfg.set_init_nonzero();
+                // what a method needs from its data (PaLoRA's tasks, PASTA's special tokens)
+                for (k, v) in m.bench_settings().unwrap_or(&[]) {
+                    cfg.set(k, petal_core::config::parse_value(v)).unwrap();
+                }
                 if cfg.set(opt.key, v.clone()).is_err() {
                     refused += 1;
                     continue;

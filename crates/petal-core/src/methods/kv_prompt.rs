@@ -108,15 +108,8 @@ impl AdapterMethod for KvPrompt {
         }
         crate::config::probability("token_prune", o.token_prune)?;
         crate::config::probability("segment_prune", o.segment_prune)?;
-        if o.segments == 0 || o.token_dim.is_some_and(|h| h % o.segments != 0) {
-            return bad(
-                "segments",
-                format!(
-                    "{} must be >= 1 and divide the hidden size {}",
-                    o.segments,
-                    o.token_dim.unwrap_or(0)
-                ),
-            );
+        if o.segments == 0 {
+            return bad("segments", "0 is out of range: segments >= 1".into());
         }
         Ok(())
     }
@@ -124,12 +117,13 @@ impl AdapterMethod for KvPrompt {
     fn input_values(&self, cfg: &AdapterConfig, shape: &InputShape) -> Result<u64> {
         let o: KvPromptOptions = cfg.options()?;
         let kv = shape.kv_heads * shape.head_dim;
-        let sides = if o.share_kv { 1 } else { 2 };
+        let sides: u64 = if o.share_kv { 1 } else { 2 };
+        let prompts = (o.num_virtual_tokens as u64).saturating_mul(shape.hidden as u64);
+        let slots = (shape.layers as u64 * sides)
+            .saturating_mul(o.num_kv_tokens as u64)
+            .saturating_mul(kv as u64);
         // the trained tensors and their initial copies (for rewinding)
-        Ok(
-            2 * (o.num_virtual_tokens * shape.hidden + shape.layers * sides * o.num_kv_tokens * kv)
-                as u64,
-        )
+        Ok(prompts.saturating_add(slots).saturating_mul(2))
     }
 
     fn build_input(
@@ -153,6 +147,16 @@ impl AdapterMethod for KvPrompt {
                     format!("is {v}, but the model has {want}"),
                 ));
             }
+        }
+        if shape.hidden % o.segments != 0 {
+            return Err(Error::config(
+                "adapter config",
+                "segments",
+                format!(
+                    "{} does not divide the hidden size {}",
+                    o.segments, shape.hidden
+                ),
+            ));
         }
         let mut g = rand::rngs::StdRng::seed_from_u64(seed);
         // input prompts: xavier-uniform over (n_p, hidden) as the official visual prompts'

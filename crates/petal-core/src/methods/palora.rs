@@ -143,7 +143,9 @@ impl AdapterMethod for Palora {
 
     fn layer_values(&self, cfg: &AdapterConfig, _path: &str, dims: &ModuleDims) -> Result<u64> {
         let o: PaloraOptions = cfg.options()?;
-        Ok((o.tasks.len() * o.r * (dims.inp + dims.out)) as u64)
+        Ok((o.tasks.len() as u64)
+            .saturating_mul(o.r as u64)
+            .saturating_mul((dims.inp + dims.out) as u64))
     }
 
     fn build(

@@ -108,7 +108,9 @@ impl AdapterMethod for Pasta {
 
     fn input_values(&self, cfg: &AdapterConfig, shape: &InputShape) -> Result<u64> {
         let o: PastaOptions = cfg.options()?;
-        Ok((shape.layers * o.slot_count() * shape.hidden) as u64)
+        Ok((shape.layers as u64)
+            .saturating_mul(o.slot_count() as u64)
+            .saturating_mul(shape.hidden as u64))
     }
 
     fn build_input(
