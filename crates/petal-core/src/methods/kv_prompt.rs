@@ -13,8 +13,9 @@
 //! Pruning (at `prune_step`): each prompt token's importance is the mean over the steps so far
 //! of |∂L/∂m_i| for a gate m_i on the token, `|Σ_d e_id g_id|` (XPrompt / Michel et al.'s head
 //! importance, the paper's mask-gradient score); the `token_prune` share of least important
-//! tokens goes, then among the kept tokens' `segments` pieces the `segment_prune` share of least
-//! important pieces is zeroed. Rewinding: the surviving prompts and the key-value slots go back
+//! tokens goes, then each kept token loses the `segment_prune` share of its `segments` pieces
+//! (feature d in piece d mod segments, as the official mask) of least importance, zeroed.
+//! Rewinding: the surviving prompts and the key-value slots go back
 //! to their initial values and train again with a fresh optimizer for the rest of the run. The
 //! saved adapter holds the kept tokens only (`num_virtual_tokens` = the kept count,
 //! `prune_step` = 0: nothing left to prune) and `pruning.json` beside it.
@@ -201,6 +202,14 @@ impl AdapterMethod for KvPrompt {
             report: None,
         })))
     }
+}
+
+/// Per prompt token, the sums of `x` (n, hidden) over each of its `segments` pieces, piece k
+/// holding the features d with d mod segments = k (the official layout: the piece mask is
+/// repeated along the hidden axis): (n, segments).
+pub fn piece_sums(x: &Tensor, segments: usize) -> Result<Tensor> {
+    let (n, h) = x.dims2()?;
+    Ok(x.reshape((n, h / segments, segments))?.sum(1)?)
 }
 
 /// Values U(±bound) of `shape`.

@@ -33,19 +33,19 @@ impl Pruning {
         let mut tokens: Vec<u32> = order[..keep].iter().map(|&i| i as u32).collect();
         tokens.sort_unstable();
         let seg = self.o.segments;
-        let mut pieces: Vec<(usize, usize)> = tokens
-            .iter()
-            .flat_map(|&t| (0..seg).map(move |s| (t as usize, s)))
-            .collect();
-        let zero = (pieces.len() as f64 * self.o.segment_prune).floor() as usize;
-        pieces
-            .sort_by(|a, b| self.segment_score[a.0][a.1].total_cmp(&self.segment_score[b.0][b.1]));
+        // each kept token loses its `drop` least important pieces
+        let drop = ((seg as f64 * self.o.segment_prune).round() as usize).min(seg - 1);
         let h = self.prompts.as_tensor().dim(1)?;
-        let w = h / seg;
         let mut mask = vec![1f32; n * h];
-        for &(t, s) in &pieces[..zero] {
-            mask[t * h + s * w..t * h + (s + 1) * w].fill(0.0);
+        for &t in &tokens {
+            let t = t as usize;
+            let mut order: Vec<usize> = (0..seg).collect();
+            order.sort_by(|&a, &b| self.segment_score[t][a].total_cmp(&self.segment_score[t][b]));
+            for &k in &order[..drop] {
+                (k..h).step_by(seg).for_each(|d| mask[t * h + d] = 0.0);
+            }
         }
+        let zero = drop * tokens.len();
         let dev = self.prompts.as_tensor().device().clone();
         let mask = Tensor::from_vec(mask, (n, h), &dev)?;
         if self.o.rewind {
@@ -59,7 +59,7 @@ impl Pruning {
             "kept_tokens": tokens,
             "token_importance": self.token_score.iter().map(|s| s / steps).collect::<Vec<_>>(),
             "pieces_per_token": seg,
-            "pieces_zeroed": zero,
+            "pieces_zeroed_per_kept_token": drop,
             "rewound": self.o.rewind,
         }));
         *self
@@ -94,9 +94,7 @@ impl TrainingHook for Pruning {
         if let Some(g) = grad_of(&self.prompts) {
             // a gate m_i on token i (or on one of its pieces): ∂L/∂m = Σ_d e_d g_d over it
             let eg = (self.prompts.as_tensor() * g)?;
-            let (n, h) = eg.dims2()?;
-            let seg = self.o.segments;
-            let per: Vec<Vec<f32>> = eg.reshape((n, seg, h / seg))?.sum(2)?.to_vec2()?;
+            let per: Vec<Vec<f32>> = super::piece_sums(&eg, self.o.segments)?.to_vec2()?;
             for (i, row) in per.iter().enumerate() {
                 self.token_score[i] += row.iter().map(|&v| v as f64).sum::<f64>().abs();
                 for (s, &v) in row.iter().enumerate() {

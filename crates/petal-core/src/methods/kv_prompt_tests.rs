@@ -28,9 +28,10 @@ fn hook(k: &KvPrompts, o: KvPromptOptions) -> Pruning {
     }
 }
 
-/// Scores from gradients: token i's is |Σ e g| over the token, a piece's over the piece; after
-/// `prune_step` steps the most important half of the tokens stays, the least important piece
-/// of theirs is zeroed, and the prompts and slots go back to their initial values.
+/// Scores from gradients: token i's is |Σ e g| over the token, a piece's over the piece
+/// (feature d in piece d mod 3); after `prune_step` steps the most important half of the tokens
+/// stays, each loses its least important piece, and the prompts and slots go back to their
+/// initial values.
 #[test]
 fn pruning_keeps_the_most_important_tokens_zeroes_the_weakest_pieces_and_rewinds() {
     let k = prompts();
@@ -41,9 +42,10 @@ fn pruning_keeps_the_most_important_tokens_zeroes_the_weakest_pieces_and_rewinds
         ..Default::default()
     };
     let mut h = hook(&k, o);
-    // gradients: token 0 none, token 1 small, tokens 2 and 3 large; piece 1 of token 3 zero
+    // gradients: token 0 none, token 1 small, tokens 2 and 3 large; piece 1 of token 3
+    // (features 1 and 4) none
     let g: Vec<f32> = (0..24)
-        .map(|i| match (i / 6, (i % 6) / 2) {
+        .map(|i| match (i / 6, (i % 6) % 3) {
             (0, _) => 0.0,
             (1, _) => 0.01,
             (3, 1) => 0.0,
@@ -66,19 +68,20 @@ fn pruning_keeps_the_most_important_tokens_zeroes_the_weakest_pieces_and_rewinds
     let kept = k.kept().unwrap();
     assert_eq!(kept.tokens, [2, 3]);
     assert_eq!(k.num_virtual_tokens(), 2);
-    // 6 pieces kept, floor(0.2 * 6) = 1 zeroed: token 3's second piece (no gradient there)
+    // round(0.2 * 3) = 1 piece per kept token: token 2's smallest sum of e (piece 0: 12 + 15),
+    // token 3's piece without gradient (piece 1)
     let mask: Vec<Vec<f32>> = kept.mask.unwrap().to_vec2().unwrap();
-    assert_eq!(mask[3], [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]);
-    assert!(mask[2].iter().all(|&v| v == 1.0));
+    assert_eq!(mask[2], [0.0, 1.0, 1.0, 0.0, 1.0, 1.0]);
+    assert_eq!(mask[3], [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]);
     let emb: Vec<Vec<f32>> = k.embeddings().unwrap().unwrap().to_vec2().unwrap();
     assert_eq!(
         emb[0],
-        [12.0, 13.0, 14.0, 15.0, 16.0, 17.0],
-        "rewound token 2"
+        [0.0, 13.0, 14.0, 0.0, 16.0, 17.0],
+        "rewound token 2, a piece zeroed"
     );
     assert_eq!(
         emb[1],
-        [18.0, 19.0, 0.0, 0.0, 22.0, 23.0],
+        [18.0, 0.0, 20.0, 21.0, 0.0, 23.0],
         "token 3, a piece zeroed"
     );
     // the saved form: the kept tokens alone, nothing left to prune
