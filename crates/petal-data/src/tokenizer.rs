@@ -8,6 +8,11 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::SplitDelimiterBehavior;
+
+/// The split pattern of Qwen2's tokenizer.json (llama.cpp's `qwen2` pre-tokenizer).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 use tokenizers::{AddedToken, PreTokenizerWrapper};
 
 pub struct Tokenizer {
@@ -116,6 +121,19 @@ impl Tokenizer {
                 Sequence::new(vec![Digits::new(true).into(), byte_level.clone().into()]).into()
             }
             "gpt2" | "default" | "" => byte_level.clone().into(),
+            // Qwen2's tokenizer.json: its split regex (digits one by one), then byte-level
+            // bytes without a regex of their own
+            "qwen2" => Sequence::new(vec![
+                Split::new(
+                    SplitPattern::Regex(QWEN2_SPLIT.into()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(terr)?
+                .into(),
+                ByteLevel::new(false, false, false).into(),
+            ])
+            .into(),
             other => {
                 return Err(terr(format!(
                     "GGUF pre-tokenizer `{other}` is not supported"

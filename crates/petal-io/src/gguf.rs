@@ -1,5 +1,6 @@
-//! GGUF files of the llama architecture: metadata, and tensors dequantized and renamed to the
-//! Hugging Face layout (mapping and Q/K un-permute as in ../shared/ASSETS.md).
+//! GGUF files of the llama and qwen2 architectures: metadata, and tensors dequantized and
+//! renamed to the Hugging Face layout (mapping and Q/K un-permute as in ../shared/ASSETS.md;
+//! llama.cpp permutes q/k for `llama` only, so qwen2's rows are as in the HF model).
 
 use crate::Weights;
 use candle_core::quantized::gguf_file;
@@ -9,6 +10,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 pub use gguf_file::Value;
+
+/// The GGUF architectures petal reads (each a Llama-family decoder; qwen2 adds q/k/v biases).
+pub const ARCHITECTURES: &[&str] = &["llama", "qwen2"];
 
 pub struct Gguf {
     pub metadata: HashMap<String, Value>,
@@ -83,7 +87,7 @@ pub fn meta_str<'a>(md: &'a HashMap<String, Value>, key: &str) -> Option<&'a str
     md.get(key)?.to_string().ok().map(String::as_str)
 }
 
-/// Read a llama-architecture GGUF: every tensor dequantized to f32 and renamed.
+/// Read a llama- or qwen2-architecture GGUF: every tensor dequantized to f32 and renamed.
 pub fn read(path: &Path) -> Result<Gguf> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let content = gguf_file::Content::read(&mut f)
@@ -91,22 +95,29 @@ pub fn read(path: &Path) -> Result<Gguf> {
     let arch = meta_str(&content.metadata, "general.architecture")
         .unwrap_or("?")
         .to_string();
-    if arch != "llama" {
+    if !ARCHITECTURES.contains(&arch.as_str()) {
         return Err(Error::Unsupported(format!(
-            "{}: GGUF architecture `{arch}` is not supported (petal reads `llama`)",
-            path.display()
+            "{}: GGUF architecture `{arch}` is not supported (petal reads {})",
+            path.display(),
+            ARCHITECTURES.join(", ")
         )));
     }
-    let heads = meta_u64(&content.metadata, "llama.attention.head_count").ok_or_else(|| {
-        Error::config(
-            path.display().to_string(),
-            "llama.attention.head_count",
-            "missing",
-        )
-    })? as usize;
-    let kv_heads = meta_u64(&content.metadata, "llama.attention.head_count_kv")
-        .map(|v| v as usize)
-        .unwrap_or(heads);
+    let heads =
+        meta_u64(&content.metadata, &format!("{arch}.attention.head_count")).ok_or_else(|| {
+            Error::config(
+                path.display().to_string(),
+                format!("{arch}.attention.head_count"),
+                "missing",
+            )
+        })? as usize;
+    let kv_heads = meta_u64(
+        &content.metadata,
+        &format!("{arch}.attention.head_count_kv"),
+    )
+    .map(|v| v as usize)
+    .unwrap_or(heads);
+    // llama.cpp's converter interleaves q/k rows for RoPE only for the llama architecture
+    let permuted = arch == "llama";
     let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut map = HashMap::new();
     for (name, info) in &content.tensor_infos {
@@ -118,9 +129,9 @@ pub fn read(path: &Path) -> Result<Gguf> {
             .tensor(&mut f, name, &Device::Cpu)
             .map_err(|e| at(e.into()))?;
         let mut t = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
-        if name.contains("attn_q.") {
+        if permuted && name.contains("attn_q.") {
             t = unpermute(&t, heads).map_err(at)?;
-        } else if name.contains("attn_k.") {
+        } else if permuted && name.contains("attn_k.") {
             t = unpermute(&t, kv_heads).map_err(at)?;
         }
         map.insert(hf, t);

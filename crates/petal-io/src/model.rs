@@ -114,37 +114,39 @@ pub fn llama_config(
     tied: bool,
     has_qkv_bias: bool,
 ) -> Result<LlamaConfig> {
+    let arch = meta_str(md, "general.architecture").unwrap_or("llama");
+    let key = |k: &str| format!("{arch}.{k}");
     let need = |k: &str| {
-        meta_u64(md, k)
-            .ok_or_else(|| Error::config("gguf", k, "missing"))
+        meta_u64(md, &key(k))
+            .ok_or_else(|| Error::config("gguf", key(k), "missing"))
             .map(|x| x as usize)
     };
-    let heads = need("llama.attention.head_count")?;
-    let hidden = need("llama.embedding_length")?;
+    let heads = need("attention.head_count")?;
+    let hidden = need("embedding_length")?;
     let vocab = match md.get("tokenizer.ggml.tokens") {
         Some(v) => v.to_vec().map(|t| t.len()).unwrap_or(0),
         None => 0,
     };
-    let vocab = meta_u64(md, "llama.vocab_size")
+    let vocab = meta_u64(md, &key("vocab_size"))
         .map(|x| x as usize)
         .unwrap_or(vocab);
     let cfg = LlamaConfig {
-        model_type: "llama".into(),
+        model_type: arch.into(),
         vocab_size: vocab,
         hidden_size: hidden,
-        intermediate_size: need("llama.feed_forward_length")?,
-        num_hidden_layers: need("llama.block_count")?,
+        intermediate_size: need("feed_forward_length")?,
+        num_hidden_layers: need("block_count")?,
         num_attention_heads: heads,
-        num_key_value_heads: meta_u64(md, "llama.attention.head_count_kv")
+        num_key_value_heads: meta_u64(md, &key("attention.head_count_kv"))
             .map(|x| x as usize)
             .unwrap_or(heads),
-        head_dim: meta_u64(md, "llama.attention.key_length")
+        head_dim: meta_u64(md, &key("attention.key_length"))
             .map(|x| x as usize)
             .unwrap_or(hidden / heads),
-        rms_norm_eps: meta_f64(md, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-        rope_theta: meta_f64(md, "llama.rope.freq_base").unwrap_or(10000.0),
+        rms_norm_eps: meta_f64(md, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        rope_theta: meta_f64(md, &key("rope.freq_base")).unwrap_or(10000.0),
         rope_scaling: None,
-        max_position_embeddings: need("llama.context_length").unwrap_or(2048),
+        max_position_embeddings: need("context_length").unwrap_or(2048),
         tie_word_embeddings: tied,
         attention_bias: has_qkv_bias,
         mlp_bias: false,
