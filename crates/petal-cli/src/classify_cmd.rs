@@ -5,7 +5,8 @@
 
 use crate::adapter_opts::{adapter_config, Given};
 use crate::common::{data_files, resolve_spec};
-use crate::train_cmd::{print_report, run_toml, train_config, write_loss_chart, Bar, TrainOpts};
+use crate::train_cmd::{run_toml, train_config, Bar, TrainOpts};
+use crate::train_report::{print_report, write_loss_chart};
 use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
 use petal_core::adapter::InputShape;

@@ -13,3 +13,4 @@ pub mod plot;
 pub mod serve_cmd;
 pub mod tools_cmd;
 pub mod train_cmd;
+pub mod train_report;
