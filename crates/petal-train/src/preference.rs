@@ -58,8 +58,8 @@ pub(crate) fn step(
             accumulate(&mut grads, vars, &gr)?;
         }
     }
-    let all: Vec<Example> = parts.into_iter().flat_map(|(_, _, g)| g).collect();
-    Ok((loss / rays.rays.len().max(1) as f64, grads, tokens_of(&all)))
+    let tokens = parts.iter().map(|(_, _, g)| tokens_of(g)).sum();
+    Ok((loss / rays.rays.len().max(1) as f64, grads, tokens))
 }
 
 /// The index of an example's task in the adapter's task list.

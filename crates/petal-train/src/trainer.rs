@@ -312,7 +312,8 @@ fn plain_step(
         }
         accumulate(&mut grads, vars, &g)?;
     }
-    Ok((loss_sum / total as f64, grads, tokens_of(&micro.concat())))
+    let tokens = micro.iter().map(|m| tokens_of(m)).sum();
+    Ok((loss_sum / total as f64, grads, tokens))
 }
 
 /// Tokens the examples hold (the step's throughput count).
