@@ -300,8 +300,12 @@ fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
         );
     }
     let vocab = model.cfg.vocab_size;
+    // random ids, each row opening with id 1 as a BOS would (PASTA's bench shifts it)
     let ids: Vec<u32> = (0..a.batch * a.seq)
-        .map(|i| (petal_core::rng::splitmix(i as u64) % vocab as u64) as u32)
+        .map(|i| match i % a.seq {
+            0 => 1,
+            _ => (petal_core::rng::splitmix(i as u64) % vocab as u64) as u32,
+        })
         .collect();
     let labels = ids.iter().map(|&x| x as i64).collect();
     let batch = petal_data::Batch {

@@ -60,7 +60,7 @@ impl AdapterMethod for Pasta {
     }
 
     fn bench_settings(&self) -> Option<&'static [(&'static str, &'static str)]> {
-        Some(&[("special_tokens", "[0, 1, 2]")])
+        Some(&[("special_tokens", "[1]")])
     }
 
     fn peft_type(&self) -> &'static str {
