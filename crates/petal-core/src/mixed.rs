@@ -48,8 +48,8 @@ fn check(model: &dyn Adaptable, rows: &[&str]) -> Result<()> {
     let input = model.input_adapter().map(|(n, _)| n);
     if let Some(n) = input {
         return Err(Error::Unsupported(format!(
-            "mixed adapter batch: adapter `{n}` is prompt learning (virtual tokens for every \
-             row); detach it to mix adapters on linear layers"
+            "mixed adapter batch: adapter `{n}` is input-side (prompt learning or PASTA, applied \
+             to every row); detach it to mix adapters on linear layers"
         )));
     }
     for norm in model.norms() {
