@@ -29,7 +29,7 @@ use crate::adapter::{
 };
 use crate::config::{spec, AdapterConfig, Spec};
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use std::sync::{Arc, RwLock};
 
@@ -136,19 +136,11 @@ impl AdapterMethod for KvPrompt {
     ) -> Result<Option<Box<dyn InputAdapter>>> {
         let o: KvPromptOptions = cfg.options()?;
         let kv = shape.kv_heads * shape.head_dim;
-        for (k, v, want) in [
+        crate::methods::check_recorded(&[
             ("num_layers", o.num_layers, shape.layers),
             ("token_dim", o.token_dim, shape.hidden),
             ("kv_dim", o.kv_dim, kv),
-        ] {
-            if let Some(v) = v.filter(|&v| v != want) {
-                return Err(Error::config(
-                    "adapter config",
-                    k,
-                    format!("is {v}, but the model has {want}"),
-                ));
-            }
-        }
+        ])?;
         if shape.hidden % o.segments != 0 {
             return Err(Error::config(
                 "adapter config",
@@ -322,15 +314,7 @@ impl InputAdapter for KvPrompts {
     }
 
     fn set_prefix(&self, t: &Tensor) -> Result<()> {
-        let want = self.prompts.as_tensor().dims();
-        if t.dims() != want {
-            return Err(Error::Shape {
-                tensor: PROMPT.into(),
-                expected: want.to_vec(),
-                found: t.dims().to_vec(),
-            });
-        }
-        Ok(self.prompts.set(&t.to_dtype(DType::F32)?)?)
+        crate::methods::set_var(&self.prompts, PROMPT, t)
     }
 
     fn as_any(&self) -> Option<&dyn std::any::Any> {

@@ -1,5 +1,6 @@
 use super::*;
 use crate::adapter::TrainingHook;
+use candle_core::DType;
 use std::collections::HashMap;
 
 fn prompts() -> KvPrompts {
@@ -103,6 +104,34 @@ fn shared_slots_serve_as_keys_and_values_in_the_prefix_layout() {
     assert_eq!(kv.dims(), [3, 2 * 2 * 4]);
     assert_eq!(k.prefix_len(), 3);
     assert_eq!(k.num_virtual_tokens(), 4);
+    // prefix tuning's row layout (layer 0 key, layer 0 value, layer 1 key, …), written out by
+    // index: slot t of layer l side s holds the values 100 l + 10 s + t + f / 10
+    let dev = Device::Cpu;
+    for sides in [1, 2] {
+        let vals: Vec<f32> = (0..2 * sides * 3 * 4)
+            .map(|i| {
+                let (l, s, t, f) = (i / (sides * 12), i / 12 % sides, i / 4 % 3, i % 4);
+                (100 * l + 10 * s + t) as f32 + f as f32 / 10.0
+            })
+            .collect();
+        let slots = Tensor::from_vec(vals, (2, sides, 3, 4), &dev).unwrap();
+        let p = Tensor::zeros((4, 6), DType::F32, &dev).unwrap();
+        let rows: Vec<Vec<f32>> = KvPrompts::new(&p, &slots, 3)
+            .unwrap()
+            .key_values()
+            .unwrap()
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        for (t, row) in rows.iter().enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                let (l, kind, f) = (j / 8, j / 4 % 2, j % 4);
+                let s = if sides == 1 { 0 } else { kind };
+                let want = (100 * l + 10 * s + t) as f32 + f as f32 / 10.0;
+                assert_eq!(v, want, "{sides} sides: row {t}, column {j}");
+            }
+        }
+    }
 }
 
 #[test]

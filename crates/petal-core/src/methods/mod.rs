@@ -51,6 +51,34 @@ pub(crate) fn flat_input(x: &Tensor) -> Result<Tensor> {
     Ok(xf.reshape((xf.elem_count() / inp, inp))?)
 }
 
+/// Replace input-side tensor `name` held in `var` (loading, text init), checking its shape.
+pub(crate) fn set_var(var: &Var, name: &str, t: &Tensor) -> Result<()> {
+    let want = var.as_tensor().dims();
+    if t.dims() != want {
+        return Err(crate::Error::Shape {
+            tensor: name.into(),
+            expected: want.to_vec(),
+            found: t.dims().to_vec(),
+        });
+    }
+    Ok(var.set(&t.to_dtype(var.as_tensor().dtype())?)?)
+}
+
+/// The model sizes an input-side adapter recorded when it was made, as (key, recorded, the
+/// model's): a recorded size the model does not have is refused naming its key.
+pub(crate) fn check_recorded(sizes: &[(&str, Option<usize>, usize)]) -> Result<()> {
+    for &(k, v, want) in sizes {
+        if let Some(v) = v.filter(|&v| v != want) {
+            return Err(crate::Error::config(
+                "adapter config",
+                k,
+                format!("is {v}, but the model has {want}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// `scale (x A^T) B^T` for x (rows, in), A (r, in), B (out, r): the composed low-rank term of
 /// the LoRA-shaped methods (Chain of LoRA, RoSA, MoS).
 pub(crate) fn low_rank(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {

@@ -121,18 +121,10 @@ impl AdapterMethod for Pasta {
         dev: &Device,
     ) -> Result<Option<Box<dyn InputAdapter>>> {
         let o: PastaOptions = cfg.options()?;
-        for (k, v, want) in [
+        crate::methods::check_recorded(&[
             ("num_layers", o.num_layers, shape.layers),
             ("token_dim", o.token_dim, shape.hidden),
-        ] {
-            if let Some(v) = v.filter(|&v| v != want) {
-                return Err(Error::config(
-                    "adapter config",
-                    k,
-                    format!("is {v}, but the model has {want}"),
-                ));
-            }
-        }
+        ])?;
         let slots = o.slot_count();
         let mut g = rand::rngs::StdRng::seed_from_u64(seed);
         let e = crate::methods::normal((shape.layers * slots, shape.hidden), 0.02, &mut g, dev)?
@@ -225,15 +217,7 @@ impl InputAdapter for SpecialTokens {
     }
 
     fn set_prefix(&self, t: &Tensor) -> Result<()> {
-        let want = self.table.as_tensor().dims();
-        if t.dims() != want {
-            return Err(Error::Shape {
-                tensor: TENSOR.into(),
-                expected: want.to_vec(),
-                found: t.dims().to_vec(),
-            });
-        }
-        Ok(self.table.set(&t.to_dtype(DType::F32)?)?)
+        crate::methods::set_var(&self.table, TENSOR, t)
     }
 }
 

@@ -263,14 +263,6 @@ impl InputAdapter for Prefix {
     }
 
     fn set_prefix(&self, t: &Tensor) -> Result<()> {
-        let want = self.kv.as_tensor().dims();
-        if t.dims() != want {
-            return Err(Error::Shape {
-                tensor: EMBEDDINGS.into(),
-                expected: want.to_vec(),
-                found: t.dims().to_vec(),
-            });
-        }
-        Ok(self.kv.set(&t.to_dtype(DType::F32)?)?)
+        crate::methods::set_var(&self.kv, EMBEDDINGS, t)
     }
 }

@@ -110,15 +110,7 @@ impl PromptEmbedding {
 
     /// Replace the embeddings (TEXT init, loading).
     pub fn set(&self, t: &Tensor) -> Result<()> {
-        let want = self.emb.as_tensor().dims();
-        if t.dims() != want {
-            return Err(Error::Shape {
-                tensor: EMBEDDINGS.into(),
-                expected: want.to_vec(),
-                found: t.dims().to_vec(),
-            });
-        }
-        Ok(self.emb.set(&t.to_dtype(self.emb.as_tensor().dtype())?)?)
+        crate::methods::set_var(&self.emb, EMBEDDINGS, t)
     }
 }
 
