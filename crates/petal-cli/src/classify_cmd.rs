@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
 use petal_core::adapter::InputShape;
 use petal_core::{inject_adapter_within, AdapterMethod, ParamCount};
-use petal_data::{load_classification, split, Example, Labels};
+use petal_data::{labels_of, load_classification, split, Example, Labels};
 use petal_io::{load_encoder, LoadedEncoder};
 use petal_train::classify::ClsObjective;
 use petal_train::{train_objective, Objective};
@@ -41,17 +41,7 @@ fn read(
     let files = data_files(spec)?;
     let labels = match labels {
         Some(l) => l.clone(),
-        None => {
-            let mut values: Vec<Value> = Vec::new();
-            for f in &files {
-                let (_, l) = load_classification(f, tok, max_len, None)?;
-                match l.names {
-                    Some(n) => values.extend(n.into_iter().map(Value::from)),
-                    None => values.push(Value::from(l.count - 1)),
-                }
-            }
-            Labels::of(&values, 0).map_err(anyhow::Error::msg)?
-        }
+        None => labels_of(&files)?,
     };
     let mut all = Vec::new();
     for f in &files {
@@ -97,11 +87,11 @@ pub fn train(
         .unwrap_or_else(|| PathBuf::from("runs/latest"));
     let seed = o.seed.unwrap_or(0);
     let seq_len = o.seq_len.unwrap_or(128);
-    // the tokenizer first (labels are read with it), then the model with a head of that size
-    let probe = encoder(&model_spec, None, seed, o.dtype.as_deref().unwrap_or("f32"))?;
-    let (mut train_set, labels) = read(&data_spec, &probe.tokenizer, seq_len, None)?;
+    // the tokenizer first (the data is read with it), then the model with a head of its size
+    let tok = petal_io::encoder_tokenizer(&resolve_spec(&model_spec)?)?;
+    let (mut train_set, labels) = read(&data_spec, &tok, seq_len, None)?;
     let mut val_set = match &o.val_data {
-        Some(v) => read(v, &probe.tokenizer, seq_len, Some(&labels))?.0,
+        Some(v) => read(v, &tok, seq_len, Some(&labels))?.0,
         None => {
             let (t, v) = split(train_set, o.val_fraction.unwrap_or(0.05), seed);
             train_set = t;
@@ -109,7 +99,6 @@ pub fn train(
         }
     };
     val_set.truncate(o.max_eval_examples.unwrap_or(32));
-    drop(probe);
     let mut enc = encoder(
         &model_spec,
         Some(labels.count),

@@ -70,14 +70,11 @@ impl Labels {
     }
 }
 
-/// The examples of a classification JSONL file, each cut to `max_len` tokens, with the labels'
-/// mapping: `labels` when given (evaluation, or a saved head's classes), else the file's own.
-pub fn load_classification(
-    path: &Path,
-    tok: &Tokenizer,
-    max_len: usize,
-    labels: Option<&Labels>,
-) -> Result<(Vec<Example>, Labels)> {
+/// One example as read: its line, text, optional pair, label value and optional task.
+type Row = (usize, String, Option<String>, Value, Option<String>);
+
+/// The examples of a classification JSONL file, checked field by field, untokenized.
+fn read_rows(path: &Path) -> Result<Vec<Row>> {
     let text = std::fs::read_to_string(path).map_err(|e| DataError::Io {
         path: path.to_path_buf(),
         source: e,
@@ -118,6 +115,29 @@ pub fn load_classification(
             path.display()
         )));
     }
+    Ok(rows)
+}
+
+/// The labels' mapping of some classification files together: their strings' sorted set, or
+/// their numbers 0..=max (read without tokenizing, before the files are loaded with it).
+pub fn labels_of(paths: &[std::path::PathBuf]) -> Result<Labels> {
+    let mut values = Vec::new();
+    for p in paths {
+        values.extend(read_rows(p)?.into_iter().map(|r| r.3));
+    }
+    let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    Labels::of(&values, 0).map_err(|m| DataError::Msg(format!("{}: {m}", names.join(", "))))
+}
+
+/// The examples of a classification JSONL file, each cut to `max_len` tokens, with the labels'
+/// mapping: `labels` when given (evaluation, or a saved head's classes), else the file's own.
+pub fn load_classification(
+    path: &Path,
+    tok: &Tokenizer,
+    max_len: usize,
+    labels: Option<&Labels>,
+) -> Result<(Vec<Example>, Labels)> {
+    let rows = read_rows(path)?;
     let labels = match labels {
         Some(l) => l.clone(),
         None => {

@@ -7,7 +7,7 @@ pub mod error;
 pub mod template;
 pub mod tokenizer;
 
-pub use classify::{load_classification, Labels};
+pub use classify::{labels_of, load_classification, Labels};
 pub use dataset::{
     balanced_order, batches, group_by_task, load_examples, pack, select_tasks, split, tasks, Batch,
     DataOptions, Example,

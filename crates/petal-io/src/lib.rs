@@ -16,6 +16,6 @@ pub use adapter::{
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX,
 };
 pub use atomic::{write_atomic, write_dir_atomic, write_safetensors_atomic};
-pub use encoder::{load_encoder, LoadedEncoder};
+pub use encoder::{encoder_tokenizer, load_encoder, LoadedEncoder};
 pub use model::{gguf_tokenizer, llama_config, load_model, parse_dtype, LoadedModel};
 pub use weights::Weights;
