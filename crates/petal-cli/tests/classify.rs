@@ -5,13 +5,10 @@
 
 mod common;
 
-use common::{golden, petal, stderr};
+use common::{golden, json_file, petal, stderr};
 
 fn data(dir: &std::path::Path) -> (String, String) {
-    let vocab: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(golden().join("bert_minilm_names/tokenizer.json")).unwrap(),
-    )
-    .unwrap();
+    let vocab = json_file(&golden().join("bert_minilm_names/tokenizer.json"));
     let mut words: Vec<&str> = vocab["model"]["vocab"]
         .as_object()
         .unwrap()
@@ -76,17 +73,14 @@ fn a_classifier_trains_saves_its_labels_and_evaluates_by_accuracy_and_macro_f1()
         "{sum}"
     );
     let adapter = out.join("adapter");
-    let cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
-            .unwrap();
+    let cfg: serde_json::Value = json_file(&adapter.join("adapter_config.json"));
     assert_eq!(cfg["task_type"], "SEQ_CLS");
     assert_eq!(cfg["target_modules"], "all-linear", "LoRA's default");
     assert_eq!(
         cfg["modules_to_save"],
         serde_json::json!(["classifier", "score"])
     );
-    let labels: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(adapter.join("labels.json")).unwrap()).unwrap();
+    let labels: serde_json::Value = json_file(&adapter.join("labels.json"));
     assert_eq!(labels["names"], serde_json::json!(["neg", "pos"]));
     let eval = |data: &str| {
         petal(&[

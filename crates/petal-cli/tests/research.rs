@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{golden, merge, petal, stderr, train, words};
+use common::{eval, golden, json_file, json_loss, merge, petal, stderr, train, words};
 
 /// Multi-task data through a mixture: `--task-sampling balanced`, per-task losses before and
 /// after (the JSON summary) and at each evaluation (metrics.jsonl), the router's load per step,
@@ -110,10 +110,7 @@ fn ks_lottery_chooses_its_tickets_and_saves_only_their_rows() {
     assert!(o.status.success(), "{}", stderr(&o));
     let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let adapter = out.join("adapter");
-    let cfg: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
-    )
-    .unwrap();
+    let cfg = json_file(&adapter.join("adapter_config.json"));
     assert_eq!(cfg["stage1_steps"], 3, "half the run");
     let tickets: Vec<u64> = cfg["tickets"]
         .as_array()
@@ -122,9 +119,7 @@ fn ks_lottery_chooses_its_tickets_and_saves_only_their_rows() {
         .map(|v| v.as_u64().unwrap())
         .collect();
     assert_eq!(tickets.len(), 5);
-    let listed: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(adapter.join("tickets.json")).unwrap())
-            .unwrap();
+    let listed = json_file(&adapter.join("tickets.json"));
     let stats: Vec<f64> = listed["tickets"]
         .as_array()
         .unwrap()
@@ -147,27 +142,15 @@ fn ks_lottery_chooses_its_tickets_and_saves_only_their_rows() {
         "the tickets' rows only"
     );
     // the saved form scores the validation set as the trained model did
-    let eval = |adapter: Option<&std::path::Path>| -> f64 {
-        let mut a = vec![
-            "eval",
-            "--model",
-            m.to_str().unwrap(),
-            "--data",
-            vfile.to_str().unwrap(),
-            "--seq-len",
-            "16",
-            "--json",
-        ];
-        if let Some(p) = adapter {
-            a.extend(["--adapter", p.to_str().unwrap()]);
-        }
-        let o = petal(&a);
+    let loss_with = |extra: &[&str]| {
+        let o = eval(m.to_str().unwrap(), &vfile, extra);
         assert!(o.status.success(), "{}", stderr(&o));
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["loss"]
-            .as_f64()
-            .unwrap()
+        json_loss(&o)
     };
-    let (base, tuned) = (eval(None), eval(Some(&adapter)));
+    let (base, tuned) = (
+        loss_with(&[]),
+        loss_with(&["--adapter", adapter.to_str().unwrap()]),
+    );
     assert!(
         (base - tuned).abs() > 1e-6,
         "the tickets' rows change the model"
@@ -225,40 +208,18 @@ fn palora_trains_on_two_tasks_and_each_preference_is_a_model_that_merges() {
     let o = petal(&[&args[..], &extra].concat());
     assert!(o.status.success(), "{}", stderr(&o));
     let adapter = out.join("adapter");
-    let cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
-            .unwrap();
+    let cfg: serde_json::Value = json_file(&adapter.join("adapter_config.json"));
     assert_eq!(cfg["peft_type"], "PALORA");
     assert_eq!(cfg["tasks"], serde_json::json!(["math", "poems"]));
-    let eval = |model: &str, adapter: Option<&std::path::Path>, pref: Option<&str>| {
-        let mut a = vec![
-            "eval",
-            "--model",
-            model,
-            "--data",
-            val.to_str().unwrap(),
-            "--seq-len",
-            "16",
-            "--json",
-        ];
-        if let Some(p) = adapter {
-            a.extend(["--adapter", p.to_str().unwrap()]);
-        }
-        if let Some(p) = pref {
-            a.extend(["--preference", p]);
-        }
-        let o = petal(&a);
+    let a = adapter.to_str().unwrap();
+    let run = |model: &str, extra: &[&str]| {
+        let o = eval(model, &val, extra);
         (o.status.success(), o)
     };
-    let loss = |o: &std::process::Output| {
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["loss"]
-            .as_f64()
-            .unwrap()
-    };
-    let (ok1, first) = eval(ms, Some(&adapter), Some("1,0"));
-    let (ok2, second) = eval(ms, Some(&adapter), Some("0,1"));
+    let (ok1, first) = run(ms, &["--adapter", a, "--preference", "1,0"]);
+    let (ok2, second) = run(ms, &["--adapter", a, "--preference", "0,1"]);
     assert!(ok1 && ok2, "{}{}", stderr(&first), stderr(&second));
-    let (l1, l2) = (loss(&first), loss(&second));
+    let (l1, l2) = (json_loss(&first), json_loss(&second));
     assert!(
         (l1 - l2).abs() > 1e-6,
         "two preferences, one model: {l1} {l2}"
@@ -277,17 +238,17 @@ fn palora_trains_on_two_tasks_and_each_preference_is_a_model_that_merges() {
         merged.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let (ok, o) = eval(merged.to_str().unwrap(), None, None);
+    let (ok, o) = run(merged.to_str().unwrap(), &[]);
     assert!(ok, "{}", stderr(&o));
     assert!(
-        (loss(&o) - l1).abs() < 1e-5 * l1,
+        (json_loss(&o) - l1).abs() < 1e-5 * l1,
         "merged {} vs {l1}",
-        loss(&o)
+        json_loss(&o)
     );
     // bad input: a preference off the simplex, a listed task missing from the data
-    let (ok, o) = eval(ms, Some(&adapter), Some("0.5,0.6"));
+    let (ok, o) = run(ms, &["--adapter", a, "--preference", "0.5,0.6"]);
     assert!(!ok && stderr(&o).contains("`preference`"), "{}", stderr(&o));
-    let (ok, o) = eval(ms, None, Some("0.5,0.5"));
+    let (ok, o) = run(ms, &["--preference", "0.5,0.5"]);
     assert!(
         !ok && stderr(&o).contains("no PaLoRA adapter"),
         "{}",
@@ -345,13 +306,10 @@ fn kv_prompts_prune_rewind_and_save_the_kept_tokens() {
     assert!(o.status.success(), "{}", stderr(&o));
     let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let adapter = out.join("adapter");
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(adapter.join("pruning.json")).unwrap()).unwrap();
+    let report: serde_json::Value = json_file(&adapter.join("pruning.json"));
     assert_eq!(report["pruned_after_step"], 2, "half the run by default");
     assert_eq!(report["kept_tokens"].as_array().unwrap().len(), 2);
-    let cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
-            .unwrap();
+    let cfg: serde_json::Value = json_file(&adapter.join("adapter_config.json"));
     assert_eq!(
         (
             cfg["num_virtual_tokens"].as_u64(),
@@ -359,22 +317,9 @@ fn kv_prompts_prune_rewind_and_save_the_kept_tokens() {
         ),
         (Some(2), Some(0))
     );
-    let o = petal(&[
-        "eval",
-        "--model",
-        ms,
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--data",
-        val.to_str().unwrap(),
-        "--seq-len",
-        "16",
-        "--json",
-    ]);
+    let o = eval(ms, &val, &["--adapter", adapter.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let saved = serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["loss"]
-        .as_f64()
-        .unwrap();
+    let saved = json_loss(&o);
     let trained = sum["eval_after"]["loss"].as_f64().unwrap();
     assert!(
         (saved - trained).abs() < 1e-5 * trained,

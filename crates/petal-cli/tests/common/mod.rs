@@ -57,3 +57,30 @@ pub fn train<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
         out,
     ]
 }
+
+/// A JSON file read back.
+pub fn json_file(p: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+}
+
+/// `petal eval --json` of `model` on `data`, sequences of 16, with `extra` flags.
+pub fn eval(model: &str, data: &Path, extra: &[&str]) -> Output {
+    let args = [
+        "eval",
+        "--model",
+        model,
+        "--data",
+        data.to_str().unwrap(),
+        "--seq-len",
+        "16",
+        "--json",
+    ];
+    petal(&[&args[..], extra].concat())
+}
+
+/// The `loss` of a `--json` summary.
+pub fn json_loss(o: &Output) -> f64 {
+    serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["loss"]
+        .as_f64()
+        .unwrap()
+}
