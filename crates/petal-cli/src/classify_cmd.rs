@@ -5,16 +5,15 @@
 
 use crate::adapter_opts::{adapter_config, Given};
 use crate::common::{data_files, resolve_spec};
-use crate::train_cmd::{run_toml, train_config, Bar, TrainOpts};
-use crate::train_report::{print_report, write_loss_chart};
+use crate::train_cmd::{run_training, train_config, TrainOpts};
+use crate::train_report::print_report;
 use anyhow::{bail, Context, Result};
-use indicatif::ProgressBar;
 use petal_core::adapter::InputShape;
 use petal_core::{inject_adapter_within, AdapterMethod, ParamCount};
 use petal_data::{labels_of, load_classification, split, Example, Labels};
 use petal_io::{load_encoder, LoadedEncoder};
 use petal_train::classify::ClsObjective;
-use petal_train::{train_objective, Objective};
+use petal_train::Objective;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -168,21 +167,8 @@ pub fn train(
     })
     .to_string();
     let cfg = train_config(o, &out, enc.pad_id, fingerprint)?;
-    std::fs::create_dir_all(&out).with_context(|| format!("--out {}", out.display()))?;
-    petal_io::write_atomic(&out.join("run.toml"), run_toml(o, method, &acfg).as_bytes())?;
-    let bar = Bar::new(cfg.max_steps);
-    let summary = train_objective(
-        &obj,
-        &acfg,
-        &train_set,
-        &val_set,
-        &cfg,
-        o.resume.as_deref(),
-        &mut Bar(bar.clone()),
-    )?;
-    bar.finish();
+    let summary = run_training(&obj, &acfg, method, o, &cfg, &train_set, &val_set)?;
     save_labels(&summary.adapter_dir, &labels)?;
-    write_loss_chart(&out)?;
     let after = (!val_set.is_empty())
         .then(|| obj.evaluate(&val_set, bs))
         .transpose()?;
@@ -268,18 +254,4 @@ pub fn eval(
         sep: enc.sep_id,
     };
     Ok(obj.evaluate(&ex, batch)?)
-}
-
-impl Bar {
-    /// A progress bar of `steps` steps in the trainer's style.
-    pub fn new(steps: usize) -> ProgressBar {
-        let bar = ProgressBar::new(steps as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar
-    }
 }

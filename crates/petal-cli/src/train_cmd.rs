@@ -11,7 +11,9 @@ use indicatif::ProgressBar;
 use petal_core::{inject_adapter_within, Adaptable, ParamCount};
 use petal_data::{load_examples, split, DataOptions, Example};
 use petal_train::optim::AdamWParams;
-use petal_train::{evaluate, train, Observer, StepMetrics, TrainConfig};
+use petal_train::{
+    evaluate, train_objective, LmObjective, Objective, Observer, StepMetrics, TrainConfig,
+};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -142,7 +144,7 @@ pub struct TrainArgs {
     pub method_flags: MethodFlags,
 }
 
-pub(crate) struct Bar(pub(crate) ProgressBar);
+struct Bar(ProgressBar);
 
 impl Observer for Bar {
     fn on_start(&mut self, first: usize, max: usize) {
@@ -356,23 +358,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let fingerprint = fingerprint.to_string();
     let cfg = train_config(&o, &out, pad, fingerprint)?;
-    std::fs::create_dir_all(&out).with_context(|| format!("--out {}", out.display()))?;
-    petal_io::write_atomic(
-        &out.join("run.toml"),
-        run_toml(&o, &method, &acfg).as_bytes(),
-    )?;
-    let bar = Bar::new(cfg.max_steps);
-    let summary = train(
-        &model,
-        &acfg,
-        &train_set,
-        &val_set,
-        &cfg,
-        o.resume.as_deref(),
-        &mut Bar(bar.clone()),
-    )?;
-    bar.finish();
-    write_loss_chart(&out)?;
+    let lm = LmObjective {
+        model: &model,
+        pad,
+        checkpointing: cfg.grad_checkpointing,
+    };
+    let summary = run_training(&lm, &acfg, &method, &o, &cfg, &train_set, &val_set)?;
     let after = if val_set.is_empty() {
         None
     } else {
@@ -390,6 +381,49 @@ pub fn run(args: TrainArgs) -> Result<()> {
         &out,
         args.json,
     )
+}
+
+/// A run: its options as `run.toml` in the run folder, training with a progress bar, the loss
+/// chart.
+pub(crate) fn run_training(
+    obj: &dyn Objective,
+    acfg: &petal_core::AdapterConfig,
+    method: &str,
+    o: &TrainOpts,
+    cfg: &TrainConfig,
+    train_set: &[Example],
+    val_set: &[Example],
+) -> Result<petal_train::TrainSummary> {
+    let out = &cfg.out_dir;
+    std::fs::create_dir_all(out).with_context(|| format!("--out {}", out.display()))?;
+    petal_io::write_atomic(&out.join("run.toml"), run_toml(o, method, acfg).as_bytes())?;
+    let bar = Bar::new(cfg.max_steps);
+    let summary = train_objective(
+        obj,
+        acfg,
+        train_set,
+        val_set,
+        cfg,
+        o.resume.as_deref(),
+        &mut Bar(bar.clone()),
+    )?;
+    bar.finish();
+    write_loss_chart(out)?;
+    Ok(summary)
+}
+
+impl Bar {
+    /// A progress bar of `steps` steps in the trainer's style.
+    fn new(steps: usize) -> ProgressBar {
+        let bar = ProgressBar::new(steps as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    }
 }
 
 /// The trainer's settings from the options (defaults as the flags' help says).
