@@ -18,8 +18,10 @@ pub struct ClsObjective<'a> {
 }
 
 impl ClsObjective<'_> {
-    /// ids, token types (b, t) u32 and mask (b, t) f32, right-padded to the longest; labels.
+    /// ids, token types (b, t) u32 and mask (b, t) f32, right-padded to the longest; labels,
+    /// each checked against the head's classes.
     fn batch(&self, examples: &[Example]) -> Result<([Tensor; 3], Tensor)> {
+        let classes = self.model.num_labels() as i64;
         let t = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
         let b = examples.len();
         let (mut ids, mut types, mut mask) = (Vec::new(), Vec::new(), Vec::new());
@@ -41,6 +43,12 @@ impl ClsObjective<'_> {
             let class = *e.labels.first().ok_or_else(|| {
                 Error::msg("a classification example has no label (read it as classification data)")
             })?;
+            if !(0..classes).contains(&class) {
+                return Err(Error::msg(format!(
+                    "label {class} is outside the head's classes 0..{}",
+                    classes - 1
+                )));
+            }
             labels.push(class);
         }
         let dev = self.model.device();
@@ -57,14 +65,6 @@ impl ClsObjective<'_> {
     /// Class logits (b, classes) of the examples.
     fn logits(&self, examples: &[Example], ctx: &Ctx) -> Result<(Tensor, Tensor)> {
         let ([ids, types, mask], labels) = self.batch(examples)?;
-        let classes = self.model.num_labels() as i64;
-        let bad: Vec<i64> = labels.to_vec1::<i64>()?;
-        if let Some(l) = bad.iter().find(|&&l| l < 0 || l >= classes) {
-            return Err(Error::msg(format!(
-                "label {l} is outside the head's classes 0..{}",
-                classes - 1
-            )));
-        }
         Ok((self.model.logits(&ids, &types, &mask, ctx)?, labels))
     }
 }
