@@ -53,7 +53,9 @@ fn as_file(data: &[u8], name: &str) -> (tempfile::TempDir, PathBuf) {
 /// metadata, and the model itself when its config is small.
 pub fn gguf(data: &[u8]) -> bool {
     let (_d, p) = as_file(data, "m.gguf");
-    let Ok(g) = petal_io::gguf::read(&p) else {
+    // the quantized reading (raw blocks kept) must refuse or succeed as cleanly
+    let _ = petal_io::gguf::read(&p, true);
+    let Ok(g) = petal_io::gguf::read(&p, false) else {
         return false;
     };
     let tied = !g.weights.contains("lm_head.weight");

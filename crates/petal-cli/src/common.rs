@@ -51,13 +51,21 @@ pub fn dtype(s: &str) -> Result<DType> {
 /// weights are bf16. The kernels come from the environment: `PETAL_FUSED=0` candle's composed
 /// ops everywhere instead of petal's fused CPU kernels (the path a GPU takes; the reference
 /// the kernels are tested against), `PETAL_CUDA_KERNELS` petal's CUDA kernel families.
+///
+/// `quantized` keeps a GGUF file's quantized linears in their blocks (f32 everywhere else).
 pub fn precision(dt: &str, bf16_activations: bool) -> Result<petal_models::Precision> {
-    let weights = dtype(dt)?;
+    let quantized = dt == "quantized";
+    let weights = if quantized {
+        DType::F32
+    } else {
+        dtype(dt).map_err(|e| anyhow::anyhow!("--dtype: {e} or quantized"))?
+    };
     if bf16_activations && weights != DType::BF16 {
         anyhow::bail!("--bf16-activations needs --dtype bf16 (the weights' dtype is {weights:?})");
     }
     Ok(petal_models::Precision {
         weights,
+        quantized,
         bf16_activations,
         kernels: petal_ops::Kernels::from_env(),
     })

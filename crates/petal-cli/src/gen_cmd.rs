@@ -18,6 +18,7 @@ pub struct ModelArgs {
     /// all are active
     #[arg(long)]
     pub adapter: Vec<PathBuf>,
+    /// f32 | bf16 | f16 | quantized (a GGUF file's quantized weights kept in their blocks)
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// With --dtype bf16 on the CPU: keep activations (and the KV cache) in bf16 too

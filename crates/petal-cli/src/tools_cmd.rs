@@ -132,7 +132,7 @@ pub fn export_hf(lm: &mut petal_io::LoadedModel, out: &std::path::Path) -> Resul
     if !lm.model.head_is_tied() {
         lm.model.cfg.tie_word_embeddings = false;
     }
-    let tensors: HashMap<String, Tensor> = lm.model.named_base_tensors().into_iter().collect();
+    let tensors: HashMap<String, Tensor> = lm.model.named_base_tensors()?.into_iter().collect();
     let dt = match lm.model.dtype() {
         DType::BF16 => "bfloat16",
         DType::F16 => "float16",

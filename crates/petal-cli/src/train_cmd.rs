@@ -109,7 +109,8 @@ train_opts! {
     save_every: usize,
     /// Run folder [default: runs/latest]
     out: PathBuf,
-    /// f32 | bf16 | f16 [default: f32]
+    /// f32 | bf16 | f16 | quantized (a GGUF file's quantized linears kept in their blocks, as
+    /// QLoRA keeps its base) [default: f32]
     dtype: String,
     /// With --dtype bf16 on the CPU: keep activations in bf16 too, about half their memory, at
     /// some speed (the default keeps them in f32) [default: false]
@@ -313,10 +314,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             bail!("the prompt init text {text:?} tokenizes to nothing");
         }
         let ids: Vec<u32> = ids.iter().copied().cycle().take(n).collect();
-        let rows = model.embed_weight().index_select(
-            &candle_core::Tensor::new(ids.as_slice(), model.device())?,
-            0,
-        )?;
+        let rows = model.embed_rows(&candle_core::Tensor::new(ids.as_slice(), model.device())?)?;
         input.set_prefix(&rows)?;
     }
     let pc = ParamCount::of(&model);

@@ -55,6 +55,9 @@ pub struct BaseLinear<'a> {
     /// The module is a token embedding: `weight` is (vocab, hidden), the input is ids, and
     /// `in_features` = vocab, `out_features` = hidden.
     pub embedding: bool,
+    /// The weight is kept quantized: `weight` is its raw blocks (`petal_ops::quant`), which
+    /// only [`crate::linear::frozen_xwt`] multiplies by.
+    pub quant: Option<petal_ops::quant::QFormat>,
 }
 
 /// The sizes of one targeted linear (`out`, `inp`) and the largest over the adapter's targets,
@@ -414,6 +417,13 @@ pub trait AdapterMethod: Sync {
     }
     /// Build this method's layer for the module at `path`. `seed` makes init reproducible.
     /// Methods that adapt no linear (input-side ones, norm tuning) keep this refusal.
+    /// Why this method cannot train over a quantized base weight (it reads or rewrites W:
+    /// DoRA's norm, rotations, PiSSA's SVD, merges in the loop), or `None` when it only adds a
+    /// term next to the base output. Unless a method says otherwise, it needs W.
+    fn needs_dense_base(&self, _cfg: &AdapterConfig) -> Option<&'static str> {
+        Some("it reads or rewrites the base weight W")
+    }
+
     fn build(
         &self,
         cfg: &AdapterConfig,

@@ -177,6 +177,21 @@ pub fn inject_adapter_within(
                 cfg.peft_type
             )));
         }
+        if let (Some(fmt), Some(why)) = (lin.quant(), method.needs_dense_base(cfg)) {
+            return Err(Error::Unsupported(format!(
+                "{path}: {} cannot train over a quantized base weight ({}): {why}; load the \
+                 model with --dtype f32 or bf16 (see docs/quantized.md for the methods that can)",
+                cfg.peft_type,
+                fmt.name()
+            )));
+        }
+        if lin.quant().is_some() && lin.is_embedding() {
+            return Err(Error::Unsupported(format!(
+                "{path}: {} cannot adapt a quantized token embedding; load the model with \
+                 --dtype f32 or bf16",
+                cfg.peft_type
+            )));
+        }
         let base = BaseLinear {
             weight: lin.weight(),
             bias: lin.bias(),
@@ -184,6 +199,7 @@ pub fn inject_adapter_within(
             out_features: lin.out_features(),
             shared: &shared,
             embedding: lin.is_embedding(),
+            quant: lin.quant(),
         };
         let layer = method.build(
             cfg,
@@ -361,7 +377,7 @@ fn attach_trainable_tokens(
                 lin.path()
             )));
         }
-        let layer = TrainableTokens::new(lin.weight(), &indices, shared, tied)?;
+        let layer = TrainableTokens::new(&lin.dense_weight()?, &indices, shared, tied)?;
         let params = layer
             .tensors()
             .iter()
@@ -370,7 +386,7 @@ fn attach_trainable_tokens(
         modules.push(Injected {
             path: lin.path().to_string(),
             in_features: indices.len(),
-            out_features: lin.weight().dim(1)?,
+            out_features: lin.out_features(),
             params,
         });
         attach(lin, name, Box::new(layer))?;
@@ -400,9 +416,9 @@ fn attach_module_copies(
             )));
         }
         let copy = if lin.is_embedding() {
-            ModuleCopy::embedding(lin.weight())?
+            ModuleCopy::embedding(&lin.dense_weight()?)?
         } else {
-            ModuleCopy::new(lin.weight(), lin.bias())?
+            ModuleCopy::new(&lin.dense_weight()?, lin.bias())?
         };
         let params = copy
             .tensors()

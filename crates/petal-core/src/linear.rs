@@ -4,6 +4,7 @@
 use crate::adapter::{AdapterLayer, WeightUpdate};
 use crate::{Ctx, Error, Result};
 use candle_core::{DType, Tensor};
+use petal_ops::quant::QFormat;
 
 #[derive(Debug)]
 pub struct AdaptableLinear {
@@ -17,6 +18,9 @@ pub struct AdaptableLinear {
     /// A token embedding: `weight` is (vocab, hidden) and the input is token ids; seen as a
     /// linear from one-hot ids, in = vocab and out = hidden (PEFT's LoRA `Embedding` view).
     embedding: bool,
+    /// The frozen weight kept in a block format: `weight` then holds its raw blocks, a `u8`
+    /// tensor `(rows, fmt.row_bytes())` (see `petal_ops::quant`); never merged into.
+    quant: Option<QFormat>,
 }
 
 impl AdaptableLinear {
@@ -30,6 +34,30 @@ impl AdaptableLinear {
             merged: Vec::new(),
             disabled: false,
             embedding: false,
+            quant: None,
+        }
+    }
+
+    /// Mark the weight given to [`Self::new`] or [`Self::embedding`] as quantized: it is the raw
+    /// blocks `(rows, fmt.row_bytes())` of `u8` in `fmt`.
+    pub fn quantized(self, fmt: QFormat) -> Self {
+        AdaptableLinear {
+            quant: Some(fmt),
+            ..self
+        }
+    }
+
+    /// The block format of a quantized base weight (then `weight()` is its raw blocks).
+    pub fn quant(&self) -> Option<QFormat> {
+        self.quant
+    }
+
+    /// The base weight in f32 (or its dtype) as a dense `(out, in)` matrix: the weight itself,
+    /// or a dequantized copy of a quantized one (for exports and inspection, not for passes).
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        match self.quant {
+            Some(fmt) => Ok(petal_ops::quant::dequantize(&self.weight, fmt)?),
+            None => Ok(self.weight.clone()),
         }
     }
 
@@ -54,10 +82,20 @@ impl AdaptableLinear {
         self.bias.as_ref()
     }
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[usize::from(!self.embedding)]
+        self.dims()[usize::from(!self.embedding)]
     }
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[usize::from(self.embedding)]
+        self.dims()[usize::from(self.embedding)]
+    }
+    /// The weight's (rows, cols) as values, quantized or not.
+    fn dims(&self) -> [usize; 2] {
+        let d = self.weight.dims();
+        let rows = d.first().copied().unwrap_or(0);
+        [
+            rows,
+            self.quant
+                .map_or(d.get(1).copied().unwrap_or(0), |f| f.cols),
+        ]
     }
 
     /// y = x W^T + b, then each active, unmerged adapter in order; in a mixed batch
@@ -86,13 +124,13 @@ impl AdaptableLinear {
                 .active
                 .iter()
                 .any(|a| !self.merged.iter().any(|(m, _)| m == a));
-        (!busy && ctx.rows().is_none()).then_some(&self.weight)
+        (!busy && ctx.rows().is_none() && self.quant.is_none()).then_some(&self.weight)
     }
 
     /// x W^T + b, then each of `live` in order (one alone: its fused op where it has one).
     fn forward_through(&self, x: &Tensor, live: &[&dyn AdapterLayer], ctx: &Ctx) -> Result<Tensor> {
         if let [only] = live {
-            if !self.embedding {
+            if !self.embedding && self.quant.is_none() {
                 if let Some(y) = only.fused_forward(x, &self.weight, self.bias.as_ref(), ctx) {
                     return y;
                 }
@@ -107,6 +145,13 @@ impl AdaptableLinear {
 
     /// The frozen module alone: x W^T + b, or rows of the embedding table for token ids.
     fn base_forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        if let Some(fmt) = self.quant {
+            return Ok(if self.embedding {
+                petal_ops::quant::lookup(&self.weight, fmt, x)?
+            } else {
+                petal_ops::quant::quant_linear(x, &self.weight, fmt, self.bias.as_ref())?
+            });
+        }
         Ok(if self.embedding {
             // x holds token ids (any shape): rows of the table
             let mut dims = x.dims().to_vec();
@@ -117,6 +162,14 @@ impl AdaptableLinear {
         } else {
             petal_ops::frozen_linear(ctx.kernels(), x, &self.weight, self.bias.as_ref())?
         })
+    }
+
+    /// Rows `ids` of a frozen embedding table (no adapter), dequantized where it is quantized.
+    pub fn base_rows(&self, ids: &Tensor) -> Result<Tensor> {
+        if !self.embedding {
+            return Err(Error::msg(format!("{}: not a token embedding", self.path)));
+        }
+        self.base_forward(ids, &Ctx::eval())
     }
 
     /// A mixed-adapter batch (see `mixed.rs`): the base output for every row, then each
@@ -171,6 +224,7 @@ impl AdaptableLinear {
 
     /// `W = W - offset` (PiSSA/OLoRA move the adapter's initial part out of the base).
     pub fn subtract_from_base(&mut self, offset: &Tensor) -> Result<()> {
+        self.refuse_quantized("rewrite its base weight")?;
         if !self.merged.is_empty() {
             return Err(Error::msg(format!(
                 "{}: unmerge adapters before attaching one that rewrites the base weight",
@@ -179,6 +233,18 @@ impl AdaptableLinear {
         }
         self.weight = apply(&self.weight, &WeightUpdate::Add(offset.neg()?))?;
         Ok(())
+    }
+
+    fn refuse_quantized(&self, what: &str) -> Result<()> {
+        match self.quant {
+            Some(f) => Err(Error::Unsupported(format!(
+                "{}: cannot {what}: the base weight is quantized ({}); load the model with \
+                 --dtype f32 or bf16 (`petal merge` does)",
+                self.path,
+                f.name()
+            ))),
+            None => Ok(()),
+        }
     }
 
     pub fn add_adapter(&mut self, name: &str, layer: Box<dyn AdapterLayer>) -> Result<()> {
@@ -246,6 +312,7 @@ impl AdaptableLinear {
     /// Give a plain linear a zero bias where it has none (for export formats whose biases
     /// come in blocks). Refused while adapters are attached.
     pub fn add_zero_bias(&mut self) -> Result<()> {
+        self.refuse_quantized("add a bias block")?;
         if !self.adapters.is_empty() {
             return Err(Error::msg(format!(
                 "{}: cannot add a bias under attached adapters",
@@ -266,6 +333,7 @@ impl AdaptableLinear {
     /// Make `x W^T + b` read `x + shift` at no cost: `b += W shift` (a linear without a bias
     /// gets one). Refused while adapters are attached (merge them first).
     pub fn add_input_shift(&mut self, shift: &Tensor) -> Result<()> {
+        self.refuse_quantized("rewrite its base weight")?;
         if !self.adapters.is_empty() {
             return Err(Error::msg(format!(
                 "{}: cannot fold a shift into the bias under attached adapters",
@@ -286,6 +354,7 @@ impl AdaptableLinear {
     /// Fold adapter `name` into W. With `safe`, refuse (and keep W) if the result is not finite.
     /// Merging an already merged adapter is a no-op (returns false).
     pub fn merge(&mut self, name: &str, safe: bool) -> Result<bool> {
+        self.refuse_quantized("rewrite its base weight")?;
         if self.merged.iter().any(|(m, _)| m == name) {
             return Ok(false);
         }
@@ -346,6 +415,15 @@ impl AdaptableLinear {
         self.active.clear();
         Ok(())
     }
+}
+
+/// `x W^T` (no bias) for a frozen `w` a layer keeps (IA3's and MoV's input scaling): dense, or
+/// raw blocks in `quant`.
+pub fn frozen_xwt(ctx: &Ctx, x: &Tensor, w: &Tensor, quant: Option<QFormat>) -> Result<Tensor> {
+    Ok(match quant {
+        Some(fmt) => petal_ops::quant::quant_linear(x, w, fmt, None)?,
+        None => petal_ops::frozen_linear(ctx.kernels(), x, w, None)?,
+    })
 }
 
 /// A per-output scaling `l (out, 1)` scales the bias too (the adapter scales the whole output),

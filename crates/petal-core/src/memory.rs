@@ -145,7 +145,7 @@ fn beside(model: &dyn Adaptable, cfg: &AdapterConfig) -> u64 {
         .linears()
         .iter()
         .filter(|l| modules_to_save::is_listed(cfg, l.path()))
-        .map(|l| (l.weight().elem_count() + l.out_features()) as u64)
+        .map(|l| (l.in_features() * l.out_features() + l.out_features()) as u64)
         .sum();
     let rows = match &cfg.trainable_token_indices {
         Some(TokenIndices::List(v)) => v.len(),

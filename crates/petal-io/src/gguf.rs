@@ -6,6 +6,7 @@ use crate::Weights;
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use petal_core::{Error, Result};
+use petal_ops::quant::{QFormat, BLOCK_TYPES};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -87,8 +88,10 @@ pub fn meta_str<'a>(md: &'a HashMap<String, Value>, key: &str) -> Option<&'a str
     md.get(key)?.to_string().ok().map(String::as_str)
 }
 
-/// Read a llama- or qwen2-architecture GGUF: every tensor dequantized to f32 and renamed.
-pub fn read(path: &Path) -> Result<Gguf> {
+/// Read a llama- or qwen2-architecture GGUF, tensors renamed: every tensor dequantized to f32,
+/// or with `keep_quantized` the 2-D ones in a block type petal's quantized linears run
+/// (`petal_ops::quant::BLOCK_TYPES`) kept as their raw blocks.
+pub fn read(path: &Path, keep_quantized: bool) -> Result<Gguf> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let content = gguf_file::Content::read(&mut f)
         .map_err(|e| Error::msg(format!("{}: not a valid GGUF file: {e}", path.display())))?;
@@ -120,6 +123,7 @@ pub fn read(path: &Path) -> Result<Gguf> {
     let permuted = arch == "llama";
     let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut map = HashMap::new();
+    let mut blocks = HashMap::new();
     for (name, info) in &content.tensor_infos {
         let Some(hf) = hf_name(name) else { continue };
         check_extent(info, content.tensor_data_offset, file_len)
@@ -128,17 +132,41 @@ pub fn read(path: &Path) -> Result<Gguf> {
         let q = content
             .tensor(&mut f, name, &Device::Cpu)
             .map_err(|e| at(e.into()))?;
-        let mut t = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let kept = match info.shape.dims() {
+            [_, cols] if keep_quantized && BLOCK_TYPES.contains(&info.ggml_dtype) => {
+                Some(QFormat::new(info.ggml_dtype, *cols).map_err(|e| at(Error::msg(e)))?)
+            }
+            _ => None,
+        };
+        let mut t = match kept {
+            Some(fmt) => {
+                let rows = info.shape.dims()[0];
+                let bytes = q.data()?.into_owned();
+                Tensor::from_vec(bytes, (rows, fmt.row_bytes()), &Device::Cpu)?
+            }
+            None => q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?,
+        };
         if permuted && name.contains("attn_q.") {
             t = unpermute(&t, heads).map_err(at)?;
         } else if permuted && name.contains("attn_k.") {
             t = unpermute(&t, kv_heads).map_err(at)?;
         }
-        map.insert(hf, t);
+        match kept {
+            Some(fmt) => {
+                blocks.insert(hf, (t, fmt));
+            }
+            None => {
+                map.insert(hf, t);
+            }
+        }
     }
+    let weights = match keep_quantized {
+        true => Weights::Quantized { dense: map, blocks },
+        false => Weights::Map(map),
+    };
     Ok(Gguf {
         metadata: content.metadata,
-        weights: Weights::Map(map),
+        weights,
     })
 }
 

@@ -32,12 +32,19 @@ pub fn load_model(
             let cfg_path = dir.join("config.json");
             let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
             let cfg = LlamaConfig::from_hf_json(&text, &cfg_path.display().to_string())?;
+            if precision.quantized {
+                return Err(Error::Unsupported(format!(
+                    "{}: --dtype quantized keeps a GGUF file's quantized weights; this is a \
+                     safetensors folder (load it with --dtype f32 or bf16)",
+                    dir.display()
+                )));
+            }
             let w = Weights::from_hf_folder(dir)?;
             let tok = Tokenizer::from_hf_folder(dir).map_err(|e| Error::msg(e.to_string()))?;
             (Llama::load(cfg, &w, precision, device)?, tok)
         }
         ModelSource::Gguf(path) => {
-            let g = gguf::read(path)?;
+            let g = gguf::read(path, precision.quantized)?;
             let tied = !g.weights.contains("lm_head.weight");
             let bias = g.weights.contains("model.layers.0.self_attn.q_proj.bias");
             let cfg = llama_config(&g.metadata, tied, bias)?;

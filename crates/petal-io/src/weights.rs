@@ -4,6 +4,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use petal_core::{Error, Result};
 use petal_models::weights::{shaped, WeightSource};
+use petal_ops::quant::QFormat;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -14,6 +15,11 @@ pub enum Weights {
         names: Vec<String>,
     },
     Map(HashMap<String, Tensor>),
+    /// A GGUF file read with its quantized linears kept as raw blocks (`--dtype quantized`).
+    Quantized {
+        dense: HashMap<String, Tensor>,
+        blocks: HashMap<String, (Tensor, QFormat)>,
+    },
 }
 
 impl Weights {
@@ -79,6 +85,9 @@ impl Weights {
         match self {
             Weights::Mmap { names, .. } => names.clone(),
             Weights::Map(m) => m.keys().cloned().collect(),
+            Weights::Quantized { dense, blocks } => {
+                dense.keys().chain(blocks.keys()).cloned().collect()
+            }
         }
     }
 }
@@ -88,6 +97,9 @@ impl WeightSource for Weights {
         match self {
             Weights::Mmap { st, .. } => st.get(name).is_ok(),
             Weights::Map(m) => m.contains_key(name),
+            Weights::Quantized { dense, blocks } => {
+                dense.contains_key(name) || blocks.contains_key(name)
+            }
         }
     }
 
@@ -110,6 +122,43 @@ impl WeightSource for Weights {
                 shaped(name, t, shape, dtype)
             }
             Weights::Map(m) => WeightSource::get(m, name, shape, dtype, device),
+            Weights::Quantized { dense, blocks } => match blocks.get(name) {
+                Some((t, fmt)) => {
+                    let w = petal_ops::quant::dequantize(t, *fmt)?.to_device(device)?;
+                    shaped(name, w, shape, dtype)
+                }
+                None => WeightSource::get(dense, name, shape, dtype, device),
+            },
         }
+    }
+
+    fn get_quantized(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+        device: &Device,
+    ) -> Result<Option<(Tensor, QFormat)>> {
+        let Weights::Quantized { blocks, .. } = self else {
+            return Ok(None);
+        };
+        let Some((t, fmt)) = blocks.get(name) else {
+            return Ok(None);
+        };
+        let found = [t.dim(0)?, fmt.cols];
+        if found != shape {
+            return Err(Error::Shape {
+                tensor: name.into(),
+                expected: shape.to_vec(),
+                found: found.to_vec(),
+            });
+        }
+        if !device.is_cpu() {
+            return Err(Error::Unsupported(format!(
+                "{name}: quantized ({}) weights run on the CPU only for now; use --dtype f32 \
+                 or bf16 on {device:?}",
+                fmt.name()
+            )));
+        }
+        Ok(Some((t.clone(), *fmt)))
     }
 }

@@ -12,6 +12,10 @@ use petal_ops::Kernels;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Precision {
     pub weights: DType,
+    /// Keep the linears' weights in the block format the file holds them in (GGUF k-quants
+    /// and legacy types; `--dtype quantized`): frozen products dequantize tiles on the fly.
+    /// Everything else (norms, biases, activations) is in `weights`.
+    pub quantized: bool,
     pub bf16_activations: bool,
     pub kernels: Kernels,
 }
@@ -20,6 +24,7 @@ impl From<DType> for Precision {
     fn from(weights: DType) -> Self {
         Precision {
             weights,
+            quantized: false,
             bf16_activations: false,
             kernels: Kernels::default(),
         }

@@ -40,7 +40,7 @@ fn linear(
     p: Precision,
     dev: &Device,
 ) -> Result<AdaptableLinear> {
-    let weight = w.get(&format!("{path}.weight"), Some(&[out, inp]), p.weights, dev)?;
+    let (weight, quant) = crate::weights::frozen(w, &format!("{path}.weight"), [out, inp], p, dev)?;
     // present biases load whatever the config says (Llama's attention_bias also covers o_proj,
     // mlp_bias the MLP; a BitFit merge may add them)
     let b = if bias || w.contains(&format!("{path}.bias")) {
@@ -53,7 +53,11 @@ fn linear(
     } else {
         None
     };
-    Ok(AdaptableLinear::new(path, weight, b))
+    let lin = AdaptableLinear::new(path, weight, b);
+    Ok(match quant {
+        Some(f) => lin.quantized(f),
+        None => lin,
+    })
 }
 
 #[derive(Debug)]
@@ -152,12 +156,17 @@ impl Llama {
             cfg.num_key_value_heads * d,
             cfg.intermediate_size,
         );
-        let embed = w.get(
+        let (embed, embed_quant) = crate::weights::frozen(
+            w,
             "model.embed_tokens.weight",
-            Some(&[cfg.vocab_size, h]),
-            dtype,
+            [cfg.vocab_size, h],
+            precision,
             device,
         )?;
+        let quantized = |l: AdaptableLinear| match embed_quant {
+            Some(f) => l.quantized(f),
+            None => l,
+        };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -183,7 +192,7 @@ impl Llama {
         }
         let norm = norm(w, "model.norm", h, act, device)?;
         let lm_head = if cfg.tie_word_embeddings || !w.contains("lm_head.weight") {
-            AdaptableLinear::new("lm_head", embed.clone(), None)
+            quantized(AdaptableLinear::new("lm_head", embed.clone(), None))
         } else {
             linear(w, "lm_head", cfg.vocab_size, h, false, precision, device)?
         };
@@ -207,7 +216,7 @@ impl Llama {
         let (cos, sin) = rope_tables(&cfg.inv_freq(), max_pos, device)?;
         Ok(Llama {
             cfg,
-            embed: AdaptableLinear::embedding("model.embed_tokens", embed),
+            embed: quantized(AdaptableLinear::embedding("model.embed_tokens", embed)),
             layers,
             norm,
             lm_head,
@@ -228,8 +237,13 @@ impl Llama {
     pub fn device(&self) -> &Device {
         &self.device
     }
+    /// The token embedding's table as stored (raw blocks when quantized; see `embed_rows`).
     pub fn embed_weight(&self) -> &Tensor {
         self.embed.weight()
+    }
+    /// Rows `ids` of the frozen token embedding, dequantized where it is quantized.
+    pub fn embed_rows(&self, ids: &Tensor) -> Result<Tensor> {
+        self.embed.base_rows(ids)
     }
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())
@@ -355,10 +369,10 @@ impl Llama {
     }
 
     /// Every base tensor under its HF name (merged weights included), for export.
-    pub fn named_base_tensors(&self) -> Vec<(String, Tensor)> {
+    pub fn named_base_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut v = vec![(
             "model.embed_tokens.weight".to_string(),
-            self.embed.weight().clone(),
+            self.embed.dense_weight()?,
         )];
         for (i, l) in self.layers.iter().enumerate() {
             v.push((
@@ -374,13 +388,13 @@ impl Llama {
             if lin.is_embedding() || (lin.path() == "lm_head" && self.cfg.tie_word_embeddings) {
                 continue;
             }
-            v.push((format!("{}.weight", lin.path()), lin.weight().clone()));
+            v.push((format!("{}.weight", lin.path()), lin.dense_weight()?));
             if let Some(b) = lin.bias() {
                 v.push((format!("{}.bias", lin.path()), b.clone()));
             }
         }
         v.push(("model.norm.weight".to_string(), self.norm.base().clone()));
-        v
+        Ok(v)
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -484,7 +498,8 @@ impl Adaptable for Llama {
             if lin.path() == "lm_head" && self.cfg.tie_word_embeddings {
                 continue;
             }
-            n += lin.weight().elem_count() + lin.bias().map(|b| b.elem_count()).unwrap_or(0);
+            n += lin.in_features() * lin.out_features()
+                + lin.bias().map(|b| b.elem_count()).unwrap_or(0);
         }
         n
     }

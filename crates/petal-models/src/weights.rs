@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use petal_core::{Error, Result};
+use petal_ops::quant::QFormat;
 use std::collections::HashMap;
 
 pub trait WeightSource {
@@ -17,6 +18,34 @@ pub trait WeightSource {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor>;
+    /// Tensor `name` as the raw blocks the source holds it in, `(rows, row_bytes)` of `u8`
+    /// with their format, checked against `shape` (rows, cols) in values; `None` when the
+    /// source holds it unquantized (dense sources always).
+    fn get_quantized(
+        &self,
+        _name: &str,
+        _shape: [usize; 2],
+        _device: &Device,
+    ) -> Result<Option<(Tensor, QFormat)>> {
+        Ok(None)
+    }
+}
+
+/// A frozen weight `(rows, cols)` as `p` asks: the source's blocks where it keeps them and
+/// `p.quantized`, else dense in `p.weights`.
+pub fn frozen(
+    w: &dyn WeightSource,
+    name: &str,
+    shape: [usize; 2],
+    p: crate::Precision,
+    device: &Device,
+) -> Result<(Tensor, Option<QFormat>)> {
+    if p.quantized {
+        if let Some((t, f)) = w.get_quantized(name, shape, device)? {
+            return Ok((t, Some(f)));
+        }
+    }
+    Ok((w.get(name, Some(&shape), p.weights, device)?, None))
 }
 
 impl WeightSource for HashMap<String, Tensor> {

@@ -27,6 +27,7 @@ pub mod loss;
 pub mod nn;
 pub mod paca;
 pub mod pair_rotate;
+pub mod quant;
 pub mod rope;
 pub mod scale;
 mod skinny;

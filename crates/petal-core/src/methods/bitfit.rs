@@ -26,6 +26,10 @@ crate::method_options! {
 }
 
 impl AdapterMethod for Bitfit {
+    fn needs_dense_base(&self, _cfg: &AdapterConfig) -> Option<&'static str> {
+        None // a term next to the base output
+    }
+
     fn in_peft(&self) -> bool {
         false
     }

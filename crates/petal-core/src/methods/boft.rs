@@ -395,6 +395,7 @@ mod tests {
             out_features: 3,
             shared: &Default::default(),
             embedding: false,
+            quant: None,
         };
         let layer = Boft.build(&cfg, "fc", &base, 7).unwrap();
         let WeightUpdate::Rotate { r, r_inv, .. } = layer.weight_update().unwrap() else {

@@ -24,6 +24,7 @@ pub struct Ia3Layer {
     l: Var, // (1, in) when feedforward, else (out, 1)
     feedforward: bool,
     base: Tensor, // the frozen W (out, in), shared, for the unfused input-scaling path
+    quant: Option<petal_ops::quant::QFormat>, // W's block format when it is kept quantized
 }
 
 crate::method_options! {
@@ -71,6 +72,10 @@ pub(crate) fn is_feedforward(modules: Option<&Targets>, key: &str) -> bool {
 }
 
 impl AdapterMethod for Ia3 {
+    fn needs_dense_base(&self, _cfg: &AdapterConfig) -> Option<&'static str> {
+        None // a term next to the base output
+    }
+
     fn peft_type(&self) -> &'static str {
         "IA3"
     }
@@ -135,6 +140,7 @@ impl AdapterMethod for Ia3 {
             l: Var::from_tensor(&l)?,
             feedforward,
             base: base.weight.clone(),
+            quant: base.quant,
         }))
     }
 }
@@ -145,7 +151,7 @@ impl AdapterLayer for Ia3Layer {
         if self.feedforward {
             // (x ⊙ l) W^T + b = y + (x ⊙ (l - 1)) W^T
             let xs = x.to_dtype(DType::F32)?.broadcast_mul(&(l - 1.0)?)?;
-            let d = petal_ops::frozen_linear(ctx.kernels(), &xs, &self.base, None)?;
+            let d = crate::linear::frozen_xwt(ctx, &xs, &self.base, self.quant)?;
             let d = d.to_dtype(y.dtype())?;
             return Ok((y + d)?);
         }

@@ -58,6 +58,10 @@ pub struct LohaLayer {
 }
 
 impl AdapterMethod for Loha {
+    fn needs_dense_base(&self, _cfg: &AdapterConfig) -> Option<&'static str> {
+        None // a term next to the base output
+    }
+
     fn layer_values(&self, cfg: &AdapterConfig, path: &str, dims: &ModuleDims) -> Result<u64> {
         let o: LohaOptions = cfg.options()?;
         // two Hadamard-multiplied low-rank pairs, and the dense dW a step builds

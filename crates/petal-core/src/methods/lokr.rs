@@ -106,6 +106,10 @@ pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
 }
 
 impl AdapterMethod for Lokr {
+    fn needs_dense_base(&self, _cfg: &AdapterConfig) -> Option<&'static str> {
+        None // a term next to the base output
+    }
+
     fn peft_type(&self) -> &'static str {
         "LOKR"
     }

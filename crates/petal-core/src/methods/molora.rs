@@ -102,6 +102,10 @@ pub(crate) fn build_layer(
 }
 
 impl AdapterMethod for Molora {
+    fn needs_dense_base(&self, _cfg: &AdapterConfig) -> Option<&'static str> {
+        None // a term next to the base output
+    }
+
     fn in_peft(&self) -> bool {
         false
     }

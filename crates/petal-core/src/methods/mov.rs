@@ -41,6 +41,10 @@ crate::method_options! {
 }
 
 impl AdapterMethod for Mov {
+    fn needs_dense_base(&self, _cfg: &AdapterConfig) -> Option<&'static str> {
+        None // a term next to the base output
+    }
+
     fn in_peft(&self) -> bool {
         false
     }
@@ -114,6 +118,7 @@ impl AdapterMethod for Mov {
             scaling: Var::from_tensor(&s)?,
             router: Var::from_tensor(&mixture::router_init(h, e, seed, dev)?)?,
             base: ff.then(|| base.weight.clone()),
+            quant: base.quant,
             meter: LoadMeter::default(),
         }))
     }
@@ -130,6 +135,7 @@ struct MovLayer {
     router: Var,  // (h, E)
     /// The frozen W for input scaling (feedforward modules); None: output scaling.
     base: Option<Tensor>,
+    quant: Option<petal_ops::quant::QFormat>,
     meter: LoadMeter,
 }
 
@@ -248,7 +254,7 @@ impl AdapterLayer for MovLayer {
             Some(w) => {
                 let x2 = crate::methods::flat_input(x)?;
                 let (xs, p) = self.scaled(&x2, ctx)?;
-                let d = petal_ops::frozen_linear(ctx.kernels(), &(xs - &x2)?, w, None)?;
+                let d = crate::linear::frozen_xwt(ctx, &(xs - &x2)?, w, self.quant)?;
                 let d = d.reshape(y.shape())?.to_dtype(y.dtype())?;
                 ((y + d)?, p)
             }
@@ -337,6 +343,7 @@ mod tests {
                 scaling: Var::from_tensor(&f("scaling")).unwrap(),
                 router: Var::from_tensor(&f("router")).unwrap(),
                 base: (side == "in").then(|| f("w")),
+                quant: None,
                 meter: LoadMeter::default(),
             };
             let mut lin = crate::AdaptableLinear::new("l", f("w"), Some(f("b")));

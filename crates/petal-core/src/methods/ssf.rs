@@ -52,6 +52,10 @@ fn init_std(o: &SsfOptions) -> Result<f64> {
 }
 
 impl AdapterMethod for Ssf {
+    fn needs_dense_base(&self, _cfg: &AdapterConfig) -> Option<&'static str> {
+        None // a term next to the base output
+    }
+
     fn in_peft(&self) -> bool {
         false
     }

@@ -67,6 +67,10 @@ fn kaiming(shape: (usize, usize), g: &mut impl Rng, dev: &Device) -> Result<Tens
 }
 
 impl AdapterMethod for Vera {
+    fn needs_dense_base(&self, _cfg: &AdapterConfig) -> Option<&'static str> {
+        None // a term next to the base output
+    }
+
     fn layer_values(&self, cfg: &AdapterConfig, _path: &str, dims: &ModuleDims) -> Result<u64> {
         // the trained vectors lambda_b (out) and lambda_d (r)
         Ok((dims.out as u64).saturating_add(cfg.options::<VeraOptions>()?.r as u64))

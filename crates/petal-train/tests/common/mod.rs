@@ -21,10 +21,19 @@ pub fn tiny_llama_losses_with(
     dropout: f64,
     out: PathBuf,
 ) -> Vec<f64> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden/llama");
-    let mut m = petal_io::load_model(dir.to_str().unwrap(), dtype, &Device::Cpu)
+    let m = petal_io::load_model(tiny_llama().to_str().unwrap(), dtype, &Device::Cpu)
         .unwrap()
         .model;
+    lora_losses(m, dropout, out)
+}
+
+/// The tiny golden Llama's HF folder.
+pub fn tiny_llama() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden/llama")
+}
+
+/// The run on a model already loaded.
+pub fn lora_losses(mut m: petal_models::Llama, dropout: f64, out: PathBuf) -> Vec<f64> {
     let mut cfg = AdapterConfig::lora(4, 8.0, Targets::Regex("all-linear".into()));
     cfg.set("lora_dropout", dropout).unwrap();
     inject_adapter(&mut m, "default", &cfg, 3).unwrap();

@@ -68,6 +68,10 @@ pub struct AdaLoraLayer {
 }
 
 impl AdapterMethod for AdaLora {
+    fn needs_dense_base(&self, _cfg: &AdapterConfig) -> Option<&'static str> {
+        None // a term next to the base output
+    }
+
     fn layer_values(&self, cfg: &AdapterConfig, _path: &str, dims: &ModuleDims) -> Result<u64> {
         // A, B and E (the singular values) at the initial rank
         let r = cfg.options::<AdaLoraOptions>()?.init_r;

@@ -39,6 +39,19 @@ pub struct LoraLayer {
 }
 
 impl AdapterMethod for Lora {
+    fn needs_dense_base(&self, cfg: &AdapterConfig) -> Option<&'static str> {
+        let o: LoraOptions = cfg.options().ok()?;
+        if o.dora {
+            return Some("DoRA's magnitude divides by the column norms of W + BA");
+        }
+        match &o.core.init {
+            InitWeights::Named(n) if n == "pissa" || n == "olora" || pissa_niter(n).is_some() => {
+                Some("its initialisation factors W and moves the factors out of it")
+            }
+            _ => None,
+        }
+    }
+
     fn layer_values(&self, cfg: &AdapterConfig, path: &str, dims: &ModuleDims) -> Result<u64> {
         let o: LoraOptions = cfg.options()?;
         // A and B, a trained bias, and DoRA's magnitude with its f32 copy of the base

@@ -18,6 +18,7 @@ mod tests {
             out_features: out,
             shared: &Default::default(),
             embedding: false,
+            quant: None,
         };
         let l = Lora.build(cfg, "x", &base, 3).unwrap();
         let t = l.tensors();
@@ -214,6 +215,7 @@ mod dora_fused_tests {
                 out_features: 6,
                 shared: &Default::default(),
                 embedding: false,
+                quant: None,
             };
             let layer = Lora.build(&c, "fc", &base, 7).unwrap();
             let x = Var::from_tensor(&rand_tensor(&[3, 4, 5], 3)).unwrap();

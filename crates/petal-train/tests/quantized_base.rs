@@ -1,0 +1,128 @@
+//! LoRA over a base kept quantized (`--dtype quantized`) trains as over the same weights
+//! dequantized to f32: the tiny golden Llama's linears quantized (three block types, and one
+//! left dense as GGUF files leave some), then the same run on both; the loss curves agree to
+//! f32 rounding, since training's products decode W exactly (only decoding without a
+//! gradient rounds x to 8 bits).
+
+mod common;
+use candle_core::{DType, Device, Tensor};
+use petal_io::Weights;
+use petal_models::{Llama, LlamaConfig, Precision};
+use petal_ops::quant::{self, GgmlDType};
+use std::collections::HashMap;
+
+#[test]
+fn lora_over_quantized_weights_follows_lora_over_them_dequantized() {
+    let dir = common::tiny_llama();
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let cfg = LlamaConfig::from_hf_json(&text, "config.json").unwrap();
+    let dense = petal_io::load_model(dir.to_str().unwrap(), DType::F32, &Device::Cpu)
+        .unwrap()
+        .model
+        .named_base_tensors()
+        .unwrap();
+    let types = [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q5_0];
+    let (mut kept, mut blocks, mut same) = (HashMap::new(), HashMap::new(), HashMap::new());
+    for (i, (name, t)) in dense.into_iter().enumerate() {
+        // 2-D tensors of whole 32-value rows: the embedding, q/k/v/o, gate and up (down_proj's
+        // rows of 48 values stay dense)
+        if t.rank() == 2 && t.dim(1).unwrap() % 32 == 0 {
+            let (q, fmt) = quant::quantize(&t, types[i % types.len()]).unwrap();
+            same.insert(name.clone(), quant::dequantize(&q, fmt).unwrap());
+            blocks.insert(name, (q, fmt));
+        } else {
+            same.insert(name.clone(), t.clone());
+            kept.insert(name, t);
+        }
+    }
+    assert!(
+        blocks.len() >= 13 && kept.len() >= 2,
+        "{} quantized",
+        blocks.len()
+    );
+    let quantized = Weights::Quantized {
+        dense: kept,
+        blocks,
+    };
+    let precision = Precision {
+        quantized: true,
+        ..DType::F32.into()
+    };
+    let q = Llama::load(cfg.clone(), &quantized, precision, &Device::Cpu).unwrap();
+    let f = Llama::load(cfg, &Weights::Map(same), DType::F32, &Device::Cpu).unwrap();
+    // the same logits before training
+    let ids = Tensor::new(&[[1u32, 5, 9, 14, 20, 33, 2, 71]], &Device::Cpu).unwrap();
+    let ctx = petal_core::Ctx::eval();
+    let d = (q.forward(&ids, None, &ctx).unwrap() - f.forward(&ids, None, &ctx).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-4, "logits differ by {d}");
+    let dir = tempfile::tempdir().unwrap();
+    let lq = common::lora_losses(q, 0.1, dir.path().join("q"));
+    let lf = common::lora_losses(f, 0.1, dir.path().join("f"));
+    assert!(lq[5] < lq[0], "the run must learn: {lq:?}");
+    for (a, b) in lq.iter().zip(&lf) {
+        assert!((a - b).abs() < 1e-4 * b.abs(), "{lq:?} vs {lf:?}");
+    }
+}
+
+#[test]
+fn methods_that_need_w_are_refused_over_a_quantized_base_naming_why() {
+    let dir = common::tiny_llama();
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let cfg = LlamaConfig::from_hf_json(&text, "config.json").unwrap();
+    let dense = petal_io::load_model(dir.to_str().unwrap(), DType::F32, &Device::Cpu)
+        .unwrap()
+        .model
+        .named_base_tensors()
+        .unwrap();
+    let mut blocks = HashMap::new();
+    let mut kept = HashMap::new();
+    for (name, t) in dense {
+        if name.ends_with("q_proj.weight") {
+            blocks.insert(name, quant::quantize(&t, GgmlDType::Q8_0).unwrap());
+        } else {
+            kept.insert(name, t);
+        }
+    }
+    let w = Weights::Quantized {
+        dense: kept,
+        blocks,
+    };
+    let precision = Precision {
+        quantized: true,
+        ..DType::F32.into()
+    };
+    let mut m = Llama::load(cfg, &w, precision, &Device::Cpu).unwrap();
+    use petal_core::config::Targets;
+    let mut dora = petal_core::AdapterConfig::lora(4, 8.0, Targets::Regex("all-linear".into()));
+    dora.set("use_dora", true).unwrap();
+    let e = petal_core::inject_adapter(&mut m, "d", &dora, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("q_proj") && e.contains("q8_0") && e.contains("DoRA"),
+        "{e}"
+    );
+    let oft = petal_core::AdapterConfig::from_json(
+        r#"{"peft_type": "OFT", "r": 0, "oft_block_size": 8, "target_modules": ["q_proj"]}"#,
+        "oft",
+    )
+    .unwrap();
+    let e = petal_core::inject_adapter(&mut m, "o", &oft, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cannot train over a quantized base"), "{e}");
+    // merging into the quantized weight is refused, W untouched
+    let lora = petal_core::AdapterConfig::lora(4, 8.0, Targets::Regex("all-linear".into()));
+    petal_core::inject_adapter(&mut m, "l", &lora, 1).unwrap();
+    let e = petal_core::inject::merge_and_unload_all(&mut m)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("quantized"), "{e}");
+}
