@@ -155,6 +155,18 @@ pub trait AdapterLayer: Debug + Send + Sync {
     ) -> Option<Result<Tensor>> {
         None
     }
+    /// `fused_forward` over a base weight kept quantized (`w`: raw blocks in `fmt`, see
+    /// `petal_ops::quant`), where the method has one.
+    fn fused_forward_quant(
+        &self,
+        _x: &Tensor,
+        _w: &Tensor,
+        _fmt: petal_ops::quant::QFormat,
+        _b: Option<&Tensor>,
+        _ctx: &crate::Ctx,
+    ) -> Option<Result<Tensor>> {
+        None
+    }
     /// The change to W, for merge, unmerge and equivalence tests (an error for a method whose
     /// update depends on the input: the mixtures).
     fn weight_update(&self) -> Result<WeightUpdate>;

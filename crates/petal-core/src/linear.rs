@@ -117,18 +117,24 @@ impl AdaptableLinear {
     }
 
     /// The frozen weight when no adapter acts on this module in a pass with `ctx` (so a fused
-    /// kernel, such as the output head + loss, may use it directly).
+    /// kernel, such as the output head + loss, may use it directly): raw blocks when [`Self::quant`]).
     pub fn plain_weight(&self, ctx: &Ctx) -> Option<&Tensor> {
         let busy = !self.disabled
             && self
                 .active
                 .iter()
                 .any(|a| !self.merged.iter().any(|(m, _)| m == a));
-        (!busy && ctx.rows().is_none() && self.quant.is_none()).then_some(&self.weight)
+        (!busy && ctx.rows().is_none()).then_some(&self.weight)
     }
 
     /// x W^T + b, then each of `live` in order (one alone: its fused op where it has one).
     fn forward_through(&self, x: &Tensor, live: &[&dyn AdapterLayer], ctx: &Ctx) -> Result<Tensor> {
+        if let ([only], Some(fmt), false) = (live, self.quant, self.embedding) {
+            let b = self.bias.as_ref();
+            if let Some(y) = only.fused_forward_quant(x, &self.weight, fmt, b, ctx) {
+                return y;
+            }
+        }
         if let [only] = live {
             if !self.embedding && self.quant.is_none() {
                 if let Some(y) = only.fused_forward(x, &self.weight, self.bias.as_ref(), ctx) {

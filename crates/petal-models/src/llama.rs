@@ -259,8 +259,8 @@ impl Llama {
 
     /// The output head's weight when no adapter acts on the head in a pass with `ctx` (so a
     /// fused head + loss kernel may use it directly).
-    pub fn plain_head(&self, ctx: &Ctx) -> Option<&Tensor> {
-        self.lm_head.plain_weight(ctx)
+    pub fn plain_head(&self, ctx: &Ctx) -> Option<(&Tensor, Option<petal_ops::quant::QFormat>)> {
+        Some((self.lm_head.plain_weight(ctx)?, self.lm_head.quant()))
     }
 
     /// Logits (.., vocab) of hidden states (.., hidden), through the (adaptable) head.

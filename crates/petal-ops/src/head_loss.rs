@@ -8,6 +8,7 @@ use crate::bf16::{mm_bf16_packed, BView, PackedB};
 use crate::cpu::{
     act_in, act_out, bf16s, cols, f32s, fast_bf16_ok, fast_linear_ok, last_dim, mm, rows,
 };
+use crate::quant::{self, QFormat};
 use crate::loss::{cross_entropy_composed, cross_entropy_grad, IGNORE_INDEX};
 use crate::vmath;
 use crate::Kernels;
@@ -19,7 +20,8 @@ use std::sync::Mutex;
 const CHUNK: usize = 256;
 
 struct HeadLoss {
-    w: Tensor, // (V, d), frozen
+    w: Tensor, // (V, d), frozen; raw blocks (V, row_bytes) when `quant`
+    quant: Option<QFormat>,
     labels: Vec<i64>,
     need_grad: bool,
     dh: Mutex<Option<Tensor>>,
@@ -29,6 +31,8 @@ struct HeadLoss {
 enum Head<'a> {
     F32(&'a [f32]),
     Bf16(PackedB, Option<PackedB>),
+    /// Quantized rows: each product decodes tiles of W (`quant`), never all of it.
+    Quant(&'a [u8], QFormat),
 }
 
 impl CustomOp1 for HeadLoss {
@@ -56,6 +60,15 @@ impl CustomOp1 for HeadLoss {
                     .then(|| PackedB::new(v, d, BView { x: b, rs: d, cs: 1 }, true));
                 Head::Bf16(fwd, bwd)
             }
+            CpuStorage::U8(b) => {
+                let fmt = self.quant.ok_or_else(|| {
+                    candle_core::Error::Msg("head loss: u8 weight without a block format".into())
+                })?;
+                let (o1, o2) = wl.contiguous_offsets().ok_or_else(|| {
+                    candle_core::Error::Msg("head loss: weight not contiguous".into())
+                })?;
+                Head::Quant(&b[o1..o2], fmt)
+            }
             _ => Head::F32(f32s(wc, wl)?),
         };
         let mut loss = vec![0f32; n];
@@ -73,6 +86,7 @@ impl CustomOp1 for HeadLoss {
             match &w {
                 Head::F32(w) => mm(b - a, v, d, z, false, 1.0, hc, cols(w, d), true),
                 Head::Bf16(fwd, _) => mm_bf16_packed(b - a, z, false, 1.0, hc.into(), fwd, true),
+                Head::Quant(w, f) => quant::forward_into(&h[a * d..b * d], b - a, *f, w, v, z),
             }
             let labels = &self.labels[a..b];
             z.par_chunks_mut(v)
@@ -99,6 +113,7 @@ impl CustomOp1 for HeadLoss {
                         mm_bf16_packed(b - a, dhc, false, 1.0, rows(z, v).into(), bwd, true)
                     }
                     Head::Bf16(_, None) => unreachable!("packed when the gradient is needed"),
+                    Head::Quant(w, f) => quant::input_grad_into(z, b - a, *f, w, v, dhc),
                 }
             }
         }
@@ -208,6 +223,29 @@ pub fn head_cross_entropy(
     }
     let op = HeadLoss {
         w: w.clone(),
+        quant: None,
+        labels: labels.to_vec(),
+        need_grad: h.track_op(),
+        dh: Mutex::new(None),
+    };
+    Ok((h.contiguous()?.apply_op1(op)?.sum_all()?, count))
+}
+
+/// [`head_cross_entropy`] for a head kept quantized (`w`: raw blocks in `fmt`, see
+/// `quant`): the fused kernel, decoding tiles of W in each product.
+pub fn head_cross_entropy_quant(
+    h: &Tensor,
+    w: &Tensor,
+    fmt: QFormat,
+    labels: &[i64],
+) -> Result<(Tensor, usize)> {
+    let count = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+    if !h.device().is_cpu() {
+        candle_core::bail!("quantized heads run on the CPU only (for now)")
+    }
+    let op = HeadLoss {
+        w: w.clone(),
+        quant: Some(fmt),
         labels: labels.to_vec(),
         need_grad: h.track_op(),
         dh: Mutex::new(None),
@@ -219,6 +257,24 @@ pub fn head_cross_entropy(
 mod tests {
     use super::*;
     use crate::testing::{rand, same};
+
+    #[test]
+    fn quantized_head_loss_matches_dequantized_logits_then_cross_entropy() {
+        // 700 classes over two tiles of rows, 300 rows: two chunks, one partial
+        let (q, fmt) = quant::quantize(&rand(&[700, 512], 3), quant::GgmlDType::Q4K).unwrap();
+        let dense = quant::dequantize(&q, fmt).unwrap();
+        let labels: Vec<i64> = (0..300)
+            .map(|i| if i % 7 == 0 { IGNORE_INDEX } else { (i * 13 % 700) as i64 })
+            .collect();
+        same(
+            &[rand(&[300, 512], 4)],
+            |t| head_cross_entropy_quant(&t[0], &q, fmt, &labels).unwrap().0,
+            |t| {
+                let logits = t[0].matmul(&dense.t().unwrap()).unwrap();
+                cross_entropy_composed(&logits, &labels).unwrap().0
+            },
+        );
+    }
 
     #[test]
     fn fused_head_loss_matches_logits_then_cross_entropy_in_value_and_gradient() {

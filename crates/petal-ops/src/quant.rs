@@ -256,24 +256,32 @@ fn tile_rows(k: usize) -> usize {
 /// `y (m, n) = x (m, k) W^T`, W given as `n` quantized rows; `exact` keeps x in f32 for any
 /// number of rows (a pass that will take a gradient).
 fn forward(x: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize, exact: bool) -> Vec<f32> {
-    let (k, rb) = (fmt.cols, fmt.row_bytes());
     if !exact && crate::skinny::takes(m) {
         if let Some(y) = few_rows(x, m, fmt, w, n) {
             return y;
         }
     }
     let mut y = vec![0f32; m * n];
+    forward_into(x, m, fmt, w, n, &mut y);
+    y
+}
+
+/// `y (m, n) = x (m, k) W^T` in f32 throughout, into row-major `y` (overwritten).
+pub(crate) fn forward_into(x: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize, y: &mut [f32]) {
+    let (k, rb) = (fmt.cols, fmt.row_bytes());
     if crate::skinny::takes(m) {
-        // decoding: each task decodes a few rows of W and dots them with every row of x
+        // few rows: each task decodes a few rows of W and dots them with every row of x
         let per = 8;
         let cols: Vec<Vec<f32>> = w
             .par_chunks(per * rb)
-            .map(|b| {
-                let r = b.len() / rb;
-                let mut wt = vec![0f32; r * k];
-                dequantize_rows(fmt, b, &mut wt);
-                crate::skinny::xwt(x, &wt, m, r, k)
-            })
+            .map_init(
+                || vec![0f32; per * k],
+                |wt, b| {
+                    let r = b.len() / rb;
+                    dequantize_rows(fmt, b, &mut wt[..r * k]);
+                    crate::skinny::xwt(x, &wt[..r * k], m, r, k)
+                },
+            )
             .collect();
         for (t, c) in cols.iter().enumerate() {
             let r = c.len() / m;
@@ -281,7 +289,7 @@ fn forward(x: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize, exact: bool) -
                 y[i * n + t * per..i * n + t * per + r].copy_from_slice(&c[i * r..(i + 1) * r]);
             }
         }
-        return y;
+        return;
     }
     let tr = tile_rows(k);
     let mut tile = vec![0f32; tr * k];
@@ -290,47 +298,33 @@ fn forward(x: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize, exact: bool) -
         let r = tr.min(n - o0);
         dequantize_par(fmt, &w[o0 * rb..(o0 + r) * rb], &mut tile[..r * k]);
         // part (m, r) = x (m, k) tile^T (k, r)
-        let t = View {
-            x: &tile[..r * k],
-            rs: 1,
-            cs: k,
-        };
+        let t = View { x: &tile[..r * k], rs: 1, cs: k };
         mm(m, r, k, &mut part[..m * r], false, 1.0, rows(x, k), t, true);
         for i in 0..m {
             y[i * n + o0..i * n + o0 + r].copy_from_slice(&part[i * r..(i + 1) * r]);
         }
     }
-    y
 }
 
-/// `dx (m, k) = g (m, n) W`, W given as `n` quantized rows: a sum over tiles of W's rows.
+/// `dx (m, k) = g (m, n) W`, W given as `n` quantized rows.
 fn input_grad(g: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize) -> Vec<f32> {
+    let mut dx = vec![0f32; m * fmt.cols];
+    input_grad_into(g, m, fmt, w, n, &mut dx);
+    dx
+}
+
+/// `dx (m, k) = g (m, n) W` into row-major `dx` (overwritten): a sum over tiles of W's rows.
+pub(crate) fn input_grad_into(g: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize, dx: &mut [f32]) {
     let (k, rb) = (fmt.cols, fmt.row_bytes());
-    let mut dx = vec![0f32; m * k];
     let tr = tile_rows(k);
     let mut tile = vec![0f32; tr * k];
     for o0 in (0..n).step_by(tr) {
         let r = tr.min(n - o0);
         dequantize_par(fmt, &w[o0 * rb..(o0 + r) * rb], &mut tile[..r * k]);
         // dx += g[:, o0..o0+r] (m, r) tile (r, k)
-        let gv = View {
-            x: &g[o0..],
-            rs: n,
-            cs: 1,
-        };
-        mm(
-            m,
-            k,
-            r,
-            &mut dx,
-            o0 > 0,
-            1.0,
-            gv,
-            rows(&tile[..r * k], k),
-            true,
-        );
+        let gv = View { x: &g[o0..], rs: n, cs: 1 };
+        mm(m, k, r, dx, o0 > 0, 1.0, gv, rows(&tile[..r * k], k), true);
     }
-    dx
 }
 
 /// The op: `x W^T` (`QLinear`) or `x W` (`QLinearT`, the input gradient's product).
@@ -408,6 +402,17 @@ impl CustomOp2 for QLinear {
 /// Without a gradient to take, a few rows (decoding) go through 8-bit dot products
 /// (`few_rows`); everything else dequantizes tiles of W into f32 products.
 pub fn quant_linear(x: &Tensor, w: &Tensor, fmt: QFormat, b: Option<&Tensor>) -> Result<Tensor> {
+    quant_linear_with(x, w, fmt, b, x.track_op())
+}
+
+/// `quant_linear`, exact (f32 x) for any number of rows when `exact`.
+fn quant_linear_with(
+    x: &Tensor,
+    w: &Tensor,
+    fmt: QFormat,
+    b: Option<&Tensor>,
+    exact: bool,
+) -> Result<Tensor> {
     if !w.device().is_cpu() {
         candle_core::bail!("quantized linears run on the CPU only (for now)")
     }
@@ -415,7 +420,7 @@ pub fn quant_linear(x: &Tensor, w: &Tensor, fmt: QFormat, b: Option<&Tensor>) ->
     let op = QLinear {
         fmt,
         transposed: false,
-        exact: x.track_op(),
+        exact,
     };
     let y = x.to_dtype(DType::F32)?.contiguous()?.apply_op2(w, op)?;
     let y = match b {
@@ -423,6 +428,67 @@ pub fn quant_linear(x: &Tensor, w: &Tensor, fmt: QFormat, b: Option<&Tensor>) ->
         None => y,
     };
     y.to_dtype(dt)
+}
+
+/// `dx = g W` for the output gradient `g (.., rows)` of a quantized `w`: no graph node.
+pub fn quant_input_grad(g: &Tensor, w: &Tensor, fmt: QFormat) -> Result<Tensor> {
+    let op = QLinear {
+        fmt,
+        transposed: true,
+        exact: true,
+    };
+    g.to_dtype(DType::F32)?.contiguous()?.apply_op2_no_bwd(w, &op)
+}
+
+/// LoRA over a quantized base as one graph node: `x W^T + b + s h B^T`, with `h = dropout(x)
+/// A^T (n, r)` formed by the caller (as `lora_linear`). The node keeps x, h and B only: not the
+/// base output, the update or their sum (a composed `quant_linear` + update would keep two
+/// (n, out) buffers per linear until backward). Backward: dx = g W (tiles decoded again),
+/// dh = s g B, dB = s g^T h.
+pub fn quant_lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    fmt: QFormat,
+    bias: Option<&Tensor>,
+    h: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (wc, bias) = (w.clone(), bias.cloned());
+    let dt = x.dtype();
+    let exact = x.track_op() || h.track_op() || b.track_op();
+    crate::lean::lean3(
+        [x, h, b],
+        move |[x, h, b]| {
+            let y = quant_linear_with(x, &wc, fmt, bias.as_ref(), exact)?.to_dtype(DType::F32)?;
+            let r = b.dim(1)?;
+            let h2 = h.reshape((h.elem_count() / r, r))?.to_dtype(DType::F32)?;
+            let up = (h2.matmul(&b.to_dtype(DType::F32)?.t()?)? * scale)?;
+            let up = up.reshape(y.shape())?;
+            (y + up)?.to_dtype(dt)
+        },
+        {
+            let w = w.clone();
+            move |[x, h, b], need, _, dy| {
+                let (out, r) = b.dims2()?;
+                let g = dy.reshape((dy.elem_count() / out, out))?.to_dtype(DType::F32)?;
+                let dx = need[0]
+                    .then(|| quant_input_grad(&g, &w, fmt)?.to_dtype(x.dtype())?.reshape(x.shape()))
+                    .transpose()?;
+                let bf = b.to_dtype(DType::F32)?;
+                let dh = need[1]
+                    .then(|| (g.matmul(&bf)? * scale)?.to_dtype(h.dtype())?.reshape(h.shape()))
+                    .transpose()?;
+                let db = need[2]
+                    .then(|| {
+                        let h2 = h.reshape((h.elem_count() / r, r))?.to_dtype(DType::F32)?;
+                        (g.t()?.matmul(&h2)? * scale)?.to_dtype(b.dtype())
+                    })
+                    .transpose()?;
+                Ok([dx, dh, db])
+            }
+        },
+    )
 }
 
 /// The readable twin: all of W dequantized, then candle's matmul.
@@ -585,6 +651,23 @@ mod tests {
                 .unwrap();
             let d = max_diff(&fast, &slow) / scale;
             assert!(d > 0.0 && d < 2e-2, "{t:?}: {d}");
+        }
+    }
+
+    #[test]
+    fn quant_lora_linear_equals_its_composed_twin_in_value_and_gradients() {
+        let (q, fmt) = quantize(&rand(&[40, 256], 3), GgmlDType::Q5K).unwrap();
+        let bias = rand(&[40], 8);
+        for m in [3, 37] {
+            crate::testing::same(
+                &[rand(&[m, 256], 5), rand(&[m, 4], 6), rand(&[40, 4], 7)],
+                |t| quant_lora_linear(&t[0], &q, fmt, Some(&bias), &t[1], &t[2], 0.5).unwrap(),
+                |t| {
+                    let base = quant_linear_reference(&t[0], &q, fmt, Some(&bias)).unwrap();
+                    let up = t[1].matmul(&t[2].t().unwrap()).unwrap();
+                    (base + (up * 0.5).unwrap()).unwrap()
+                },
+            );
         }
     }
 

@@ -54,8 +54,12 @@ fn loss_from_hidden(
     let labels: Vec<i64> = (0..b.rows)
         .flat_map(|r| b.labels[r * b.len + 1..(r + 1) * b.len].iter().copied())
         .collect();
-    if let Some(w) = model.plain_head(ctx) {
-        return Ok(head_cross_entropy(model.kernels(), &h, w, &labels)?);
+    match model.plain_head(ctx) {
+        Some((w, None)) => return Ok(head_cross_entropy(model.kernels(), &h, w, &labels)?),
+        Some((w, Some(fmt))) => {
+            return Ok(petal_ops::head_loss::head_cross_entropy_quant(&h, w, fmt, &labels)?)
+        }
+        None => {}
     }
     let logits = model.head(&h, ctx)?.to_dtype(candle_core::DType::F32)?;
     let labels = Tensor::from_vec(labels, b.rows * (b.len - 1), dev)?;

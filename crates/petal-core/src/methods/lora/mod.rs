@@ -322,6 +322,25 @@ impl AdapterLayer for LoraLayer {
         Some(run())
     }
 
+    fn fused_forward_quant(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        fmt: petal_ops::quant::QFormat,
+        b: Option<&Tensor>,
+        ctx: &crate::Ctx,
+    ) -> Option<Result<Tensor>> {
+        if self.bias.is_some() || self.dora.is_some() {
+            return None;
+        }
+        let run = || -> Result<Tensor> {
+            let h = self.low(x, ctx)?;
+            let (lb, s) = (self.b.as_tensor(), self.scaling);
+            Ok(petal_ops::quant::quant_lora_linear(x, w, fmt, b, &h, lb, s)?)
+        };
+        Some(run())
+    }
+
     fn base_offset(&self) -> Option<Tensor> {
         self.base_offset.clone()
     }
