@@ -155,7 +155,7 @@ impl AdaptableLinear {
             return Ok(if self.embedding {
                 petal_ops::quant::lookup(&self.weight, fmt, x)?
             } else {
-                petal_ops::quant::quant_linear(x, &self.weight, fmt, self.bias.as_ref())?
+                petal_ops::quant::quant_linear(ctx.kernels(), x, &self.weight, fmt, self.bias.as_ref())?
             });
         }
         Ok(if self.embedding {
@@ -427,7 +427,7 @@ impl AdaptableLinear {
 /// raw blocks in `quant`.
 pub fn frozen_xwt(ctx: &Ctx, x: &Tensor, w: &Tensor, quant: Option<QFormat>) -> Result<Tensor> {
     Ok(match quant {
-        Some(fmt) => petal_ops::quant::quant_linear(x, w, fmt, None)?,
+        Some(fmt) => petal_ops::quant::quant_linear(ctx.kernels(), x, w, fmt, None)?,
         None => petal_ops::frozen_linear(ctx.kernels(), x, w, None)?,
     })
 }

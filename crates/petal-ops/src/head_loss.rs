@@ -22,6 +22,8 @@ const CHUNK: usize = 256;
 struct HeadLoss {
     w: Tensor, // (V, d), frozen; raw blocks (V, row_bytes) when `quant`
     quant: Option<QFormat>,
+    /// a quantized head's products in bf16 (see `quant::use_bf16`)
+    quant_bf16: bool,
     labels: Vec<i64>,
     need_grad: bool,
     dh: Mutex<Option<Tensor>>,
@@ -32,7 +34,7 @@ enum Head<'a> {
     F32(&'a [f32]),
     Bf16(PackedB, Option<PackedB>),
     /// Quantized rows: each product decodes tiles of W (`quant`), never all of it.
-    Quant(&'a [u8], QFormat),
+    Quant(&'a [u8], QFormat, bool),
 }
 
 impl CustomOp1 for HeadLoss {
@@ -67,7 +69,7 @@ impl CustomOp1 for HeadLoss {
                 let (o1, o2) = wl.contiguous_offsets().ok_or_else(|| {
                     candle_core::Error::Msg("head loss: weight not contiguous".into())
                 })?;
-                Head::Quant(&b[o1..o2], fmt)
+                Head::Quant(&b[o1..o2], fmt, self.quant_bf16)
             }
             _ => Head::F32(f32s(wc, wl)?),
         };
@@ -86,7 +88,9 @@ impl CustomOp1 for HeadLoss {
             match &w {
                 Head::F32(w) => mm(b - a, v, d, z, false, 1.0, hc, cols(w, d), true),
                 Head::Bf16(fwd, _) => mm_bf16_packed(b - a, z, false, 1.0, hc.into(), fwd, true),
-                Head::Quant(w, f) => quant::forward_into(&h[a * d..b * d], b - a, *f, w, v, z),
+                Head::Quant(w, f, bf) => {
+                    quant::forward_into(&h[a * d..b * d], b - a, *f, w, v, z, *bf)
+                }
             }
             let labels = &self.labels[a..b];
             z.par_chunks_mut(v)
@@ -113,7 +117,7 @@ impl CustomOp1 for HeadLoss {
                         mm_bf16_packed(b - a, dhc, false, 1.0, rows(z, v).into(), bwd, true)
                     }
                     Head::Bf16(_, None) => unreachable!("packed when the gradient is needed"),
-                    Head::Quant(w, f) => quant::input_grad_into(z, b - a, *f, w, v, dhc),
+                    Head::Quant(w, f, bf) => quant::input_grad_into(z, b - a, *f, w, v, dhc, *bf),
                 }
             }
         }
@@ -224,6 +228,7 @@ pub fn head_cross_entropy(
     let op = HeadLoss {
         w: w.clone(),
         quant: None,
+        quant_bf16: false,
         labels: labels.to_vec(),
         need_grad: h.track_op(),
         dh: Mutex::new(None),
@@ -234,6 +239,7 @@ pub fn head_cross_entropy(
 /// [`head_cross_entropy`] for a head kept quantized (`w`: raw blocks in `fmt`, see
 /// `quant`): the fused kernel, decoding tiles of W in each product.
 pub fn head_cross_entropy_quant(
+    k: Kernels,
     h: &Tensor,
     w: &Tensor,
     fmt: QFormat,
@@ -246,6 +252,7 @@ pub fn head_cross_entropy_quant(
     let op = HeadLoss {
         w: w.clone(),
         quant: Some(fmt),
+        quant_bf16: quant::use_bf16(k),
         labels: labels.to_vec(),
         need_grad: h.track_op(),
         dh: Mutex::new(None),
@@ -268,7 +275,7 @@ mod tests {
             .collect();
         same(
             &[rand(&[300, 512], 4)],
-            |t| head_cross_entropy_quant(&t[0], &q, fmt, &labels).unwrap().0,
+            |t| head_cross_entropy_quant(Kernels::REFERENCE, &t[0], &q, fmt, &labels).unwrap().0,
             |t| {
                 let logits = t[0].matmul(&dense.t().unwrap()).unwrap();
                 cross_entropy_composed(&logits, &labels).unwrap().0

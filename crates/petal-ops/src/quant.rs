@@ -9,6 +9,7 @@
 //! candle's matmul; the tests hold the op to it for every block type.
 
 use crate::cpu::{f32s, mm, rows, with_last, View};
+use crate::Kernels;
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::k_quants::{self as kq, GgmlType};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
@@ -255,19 +256,95 @@ fn tile_rows(k: usize) -> usize {
 
 /// `y (m, n) = x (m, k) W^T`, W given as `n` quantized rows; `exact` keeps x in f32 for any
 /// number of rows (a pass that will take a gradient).
-fn forward(x: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize, exact: bool) -> Vec<f32> {
-    if !exact && crate::skinny::takes(m) {
+fn forward(x: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize, op: &QLinear) -> Vec<f32> {
+    if !op.exact && crate::skinny::takes(m) {
         if let Some(y) = few_rows(x, m, fmt, w, n) {
             return y;
         }
     }
     let mut y = vec![0f32; m * n];
-    forward_into(x, m, fmt, w, n, &mut y);
+    forward_into(x, m, fmt, w, n, &mut y, op.bf16);
     y
 }
 
+/// Tiles of W decoded for a product: f32, or rounded to bf16 for the AVX512-BF16 kernel.
+struct Tiles {
+    f32s: Vec<f32>,
+    bits: Vec<u16>,
+    bf16: bool,
+    /// the forward's (rows of x, rows of the tile) product before it is copied into place
+    part: Vec<f32>,
+}
+
+thread_local! {
+    /// Tile buffers kept between products on this thread: fresh (rows, cols) buffers on every
+    /// product would each be zeroed page by page by the kernel.
+    static SPARE: std::cell::Cell<Option<Tiles>> = const { std::cell::Cell::new(None) };
+}
+
+impl Tiles {
+    /// Buffers for `rows` rows of `k` values (and `extra` more f32 values for the caller),
+    /// taken from this thread's spare set where there is one.
+    fn new(rows: usize, k: usize, bf16: bool) -> Self {
+        let mut t = SPARE.with(|s| s.take()).unwrap_or(Tiles {
+            f32s: Vec::new(),
+            bits: Vec::new(),
+            bf16,
+            part: Vec::new(),
+        });
+        t.bf16 = bf16;
+        if t.f32s.len() < rows * k {
+            t.f32s.resize(rows * k, 0.0);
+        }
+        if bf16 && t.bits.len() < rows * k {
+            t.bits.resize(rows * k, 0);
+        }
+        t
+    }
+
+    /// Hand the buffers back for the next product on this thread.
+    fn done(self) {
+        SPARE.with(|s| s.set(Some(self)));
+    }
+
+    /// Decode `r` rows of blocks into the tile.
+    fn decode(&mut self, fmt: QFormat, blocks: &[u8], r: usize) {
+        let len = r * fmt.cols;
+        dequantize_par(fmt, blocks, &mut self.f32s[..len]);
+        if self.bf16 {
+            let per = 1 << 16;
+            self.bits[..len]
+                .par_chunks_mut(per)
+                .zip(self.f32s[..len].par_chunks(per))
+                .for_each(|(b, f)| crate::bf16::narrow(f, b));
+        }
+    }
+
+    /// `c (m, n) = [c +] a (m, k) T` for the tile `T` of `r` rows seen as `(k, n)` with strides
+    /// (`rs`, `cs`): `rs = 1, cs = cols` is the tile transposed (forward), `rs = cols, cs = 1`
+    /// the tile itself (input gradient).
+    #[allow(clippy::too_many_arguments)]
+    fn product(&self, m: usize, n: usize, k: usize, c: &mut [f32], acc: bool, a: View, rs: usize, cs: usize, len: usize) {
+        if self.bf16 {
+            let b = crate::bf16::BView { x: &self.bits[..len], rs, cs };
+            crate::bf16::mm_bf16(m, n, k, c, acc, 1.0, a.into(), b, true);
+        } else {
+            let b = View { x: &self.f32s[..len], rs, cs };
+            mm(m, n, k, c, acc, 1.0, a, b, true);
+        }
+    }
+}
+
 /// `y (m, n) = x (m, k) W^T` in f32 throughout, into row-major `y` (overwritten).
-pub(crate) fn forward_into(x: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize, y: &mut [f32]) {
+pub(crate) fn forward_into(
+    x: &[f32],
+    m: usize,
+    fmt: QFormat,
+    w: &[u8],
+    n: usize,
+    y: &mut [f32],
+    bf16: bool,
+) {
     let (k, rb) = (fmt.cols, fmt.row_bytes());
     if crate::skinny::takes(m) {
         // few rows: each task decodes a few rows of W and dots them with every row of x
@@ -292,46 +369,62 @@ pub(crate) fn forward_into(x: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize
         return;
     }
     let tr = tile_rows(k);
-    let mut tile = vec![0f32; tr * k];
-    let mut part = vec![0f32; m * tr];
+    let mut tile = Tiles::new(tr, k, bf16);
+    let mut part = std::mem::take(&mut tile.part);
+    if part.len() < m * tr {
+        part.resize(m * tr, 0.0);
+    }
     for o0 in (0..n).step_by(tr) {
         let r = tr.min(n - o0);
-        dequantize_par(fmt, &w[o0 * rb..(o0 + r) * rb], &mut tile[..r * k]);
+        tile.decode(fmt, &w[o0 * rb..(o0 + r) * rb], r);
         // part (m, r) = x (m, k) tile^T (k, r)
-        let t = View { x: &tile[..r * k], rs: 1, cs: k };
-        mm(m, r, k, &mut part[..m * r], false, 1.0, rows(x, k), t, true);
-        for i in 0..m {
-            y[i * n + o0..i * n + o0 + r].copy_from_slice(&part[i * r..(i + 1) * r]);
-        }
+        tile.product(m, r, k, &mut part[..m * r], false, rows(x, k), 1, k, r * k);
+        y.par_chunks_mut(n)
+            .zip(part.par_chunks(r))
+            .for_each(|(y, p)| y[o0..o0 + r].copy_from_slice(p));
     }
+    tile.part = part;
+    tile.done();
 }
 
 /// `dx (m, k) = g (m, n) W`, W given as `n` quantized rows.
-fn input_grad(g: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize) -> Vec<f32> {
+fn input_grad(g: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize, bf16: bool) -> Vec<f32> {
     let mut dx = vec![0f32; m * fmt.cols];
-    input_grad_into(g, m, fmt, w, n, &mut dx);
+    input_grad_into(g, m, fmt, w, n, &mut dx, bf16);
     dx
 }
 
 /// `dx (m, k) = g (m, n) W` into row-major `dx` (overwritten): a sum over tiles of W's rows.
-pub(crate) fn input_grad_into(g: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize, dx: &mut [f32]) {
+pub(crate) fn input_grad_into(
+    g: &[f32],
+    m: usize,
+    fmt: QFormat,
+    w: &[u8],
+    n: usize,
+    dx: &mut [f32],
+    bf16: bool,
+) {
     let (k, rb) = (fmt.cols, fmt.row_bytes());
     let tr = tile_rows(k);
-    let mut tile = vec![0f32; tr * k];
+    let mut tile = Tiles::new(tr, k, bf16);
     for o0 in (0..n).step_by(tr) {
         let r = tr.min(n - o0);
-        dequantize_par(fmt, &w[o0 * rb..(o0 + r) * rb], &mut tile[..r * k]);
+        tile.decode(fmt, &w[o0 * rb..(o0 + r) * rb], r);
         // dx += g[:, o0..o0+r] (m, r) tile (r, k)
         let gv = View { x: &g[o0..], rs: n, cs: 1 };
-        mm(m, k, r, dx, o0 > 0, 1.0, gv, rows(&tile[..r * k], k), true);
+        tile.product(m, k, r, dx, o0 > 0, gv, k, 1, r * k);
     }
+    tile.done();
 }
 
 /// The op: `x W^T` (`QLinear`) or `x W` (`QLinearT`, the input gradient's product).
 struct QLinear {
     fmt: QFormat,
     transposed: bool,
+    /// x stays f32 for any number of rows (else few rows take 8-bit dot products)
     exact: bool,
+    /// tiles rounded to bf16 for the AVX512-BF16 kernel (x rounded too, as autocast does)
+    bf16: bool,
 }
 
 impl CustomOp2 for QLinear {
@@ -375,8 +468,8 @@ impl CustomOp2 for QLinear {
         let w = &w[o1..o2];
         let m = x.len() / k_in.max(1);
         let y = match self.transposed {
-            false => forward(x, m, self.fmt, w, n, self.exact),
-            true => input_grad(x, m, self.fmt, w, n),
+            false => forward(x, m, self.fmt, w, n, self),
+            true => input_grad(x, m, self.fmt, w, n, self.bf16),
         };
         Ok((CpuStorage::F32(y), with_last(xl.dims(), k_out)))
     }
@@ -392,6 +485,7 @@ impl CustomOp2 for QLinear {
             fmt: self.fmt,
             transposed: !self.transposed,
             exact: true,
+            bf16: self.bf16,
         };
         Ok((Some(grad.contiguous()?.apply_op2_no_bwd(w, &op)?), None))
     }
@@ -401,12 +495,26 @@ impl CustomOp2 for QLinear {
 /// backward gives x's gradient only. x in another dtype is computed in f32 and cast back.
 /// Without a gradient to take, a few rows (decoding) go through 8-bit dot products
 /// (`few_rows`); everything else dequantizes tiles of W into f32 products.
-pub fn quant_linear(x: &Tensor, w: &Tensor, fmt: QFormat, b: Option<&Tensor>) -> Result<Tensor> {
-    quant_linear_with(x, w, fmt, b, x.track_op())
+/// With fused kernels on a CPU with AVX512-BF16, the products run in bf16 (tiles rounded to
+/// bf16, f32 accumulation), as petal's bf16 path; `Kernels::REFERENCE`: f32 throughout.
+pub fn quant_linear(
+    k: Kernels,
+    x: &Tensor,
+    w: &Tensor,
+    fmt: QFormat,
+    b: Option<&Tensor>,
+) -> Result<Tensor> {
+    quant_linear_with(k, x, w, fmt, b, x.track_op())
+}
+
+/// Whether the tile products take the AVX512-BF16 kernel.
+pub(crate) fn use_bf16(k: Kernels) -> bool {
+    k.fused() && crate::bf16::available()
 }
 
 /// `quant_linear`, exact (f32 x) for any number of rows when `exact`.
 fn quant_linear_with(
+    k: Kernels,
     x: &Tensor,
     w: &Tensor,
     fmt: QFormat,
@@ -421,6 +529,7 @@ fn quant_linear_with(
         fmt,
         transposed: false,
         exact,
+        bf16: use_bf16(k),
     };
     let y = x.to_dtype(DType::F32)?.contiguous()?.apply_op2(w, op)?;
     let y = match b {
@@ -431,11 +540,12 @@ fn quant_linear_with(
 }
 
 /// `dx = g W` for the output gradient `g (.., rows)` of a quantized `w`: no graph node.
-pub fn quant_input_grad(g: &Tensor, w: &Tensor, fmt: QFormat) -> Result<Tensor> {
+pub fn quant_input_grad(k: Kernels, g: &Tensor, w: &Tensor, fmt: QFormat) -> Result<Tensor> {
     let op = QLinear {
         fmt,
         transposed: true,
         exact: true,
+        bf16: use_bf16(k),
     };
     g.to_dtype(DType::F32)?.contiguous()?.apply_op2_no_bwd(w, &op)
 }
@@ -445,7 +555,9 @@ pub fn quant_input_grad(g: &Tensor, w: &Tensor, fmt: QFormat) -> Result<Tensor> 
 /// base output, the update or their sum (a composed `quant_linear` + update would keep two
 /// (n, out) buffers per linear until backward). Backward: dx = g W (tiles decoded again),
 /// dh = s g B, dB = s g^T h.
+#[allow(clippy::too_many_arguments)]
 pub fn quant_lora_linear(
+    k: Kernels,
     x: &Tensor,
     w: &Tensor,
     fmt: QFormat,
@@ -460,7 +572,8 @@ pub fn quant_lora_linear(
     crate::lean::lean3(
         [x, h, b],
         move |[x, h, b]| {
-            let y = quant_linear_with(x, &wc, fmt, bias.as_ref(), exact)?.to_dtype(DType::F32)?;
+            let y = quant_linear_with(k, x, &wc, fmt, bias.as_ref(), exact)?;
+            let y = y.to_dtype(DType::F32)?;
             let r = b.dim(1)?;
             let h2 = h.reshape((h.elem_count() / r, r))?.to_dtype(DType::F32)?;
             let up = (h2.matmul(&b.to_dtype(DType::F32)?.t()?)? * scale)?;
@@ -473,7 +586,7 @@ pub fn quant_lora_linear(
                 let (out, r) = b.dims2()?;
                 let g = dy.reshape((dy.elem_count() / out, out))?.to_dtype(DType::F32)?;
                 let dx = need[0]
-                    .then(|| quant_input_grad(&g, &w, fmt)?.to_dtype(x.dtype())?.reshape(x.shape()))
+                    .then(|| quant_input_grad(k, &g, &w, fmt)?.to_dtype(x.dtype())?.reshape(x.shape()))
                     .transpose()?;
                 let bf = b.to_dtype(DType::F32)?;
                 let dh = need[1]
@@ -506,6 +619,8 @@ mod tests {
     use super::*;
     use crate::testing::rand;
     use candle_core::{Device, Var};
+
+    const REF: Kernels = Kernels::REFERENCE;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
@@ -599,7 +714,7 @@ mod tests {
             let b = rand(&[n], 4);
             for m in [1, 5, 37] {
                 let x = Var::from_tensor(&rand(&[m, k], 5)).unwrap();
-                let fast = quant_linear(x.as_tensor(), &q, fmt, Some(&b)).unwrap();
+                let fast = quant_linear(REF, x.as_tensor(), &q, fmt, Some(&b)).unwrap();
                 let slow = quant_linear_reference(x.as_tensor(), &q, fmt, Some(&b)).unwrap();
                 let scale = slow
                     .abs()
@@ -636,11 +751,33 @@ mod tests {
     }
 
     #[test]
+    fn bf16_tiles_equal_f32_products_of_bf16_rounded_operands() {
+        // with AVX512-BF16 the fused kernels round W's tiles and the left operand to bf16 and
+        // accumulate in f32: the same as f32 products of the rounded values (elsewhere the f32
+        // path, equal to them within bf16's step)
+        let round = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+        let tol = if crate::bf16::available() { 1e-5 } else { 1e-2 };
+        for t in [GgmlDType::Q4_1, GgmlDType::Q6K] {
+            let (q, fmt) = quantize(&rand(&[600, 512], 3), t).unwrap();
+            let wr = round(&dequantize(&q, fmt).unwrap());
+            let (x, g) = (rand(&[37, 512], 5), rand(&[37, 600], 6));
+            let y = quant_linear(Kernels::FUSED, &x, &q, fmt, None).unwrap();
+            let want = round(&x).matmul(&wr.t().unwrap()).unwrap();
+            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(max_diff(&y, &want) <= tol * scale, "{t:?}");
+            let dx = quant_input_grad(Kernels::FUSED, &g, &q, fmt).unwrap();
+            let want = round(&g).matmul(&wr).unwrap();
+            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(max_diff(&dx, &want) <= tol * scale, "{t:?} grad");
+        }
+    }
+
+    #[test]
     fn few_rows_without_gradient_round_x_to_8_bits_and_stay_close() {
         for &t in BLOCK_TYPES {
             let (q, fmt) = quantize(&rand(&[70, 512], 3), t).unwrap();
             let x = rand(&[3, 512], 5);
-            let fast = quant_linear(&x, &q, fmt, None).unwrap();
+            let fast = quant_linear(REF, &x, &q, fmt, None).unwrap();
             let slow = quant_linear_reference(&x, &q, fmt, None).unwrap();
             let scale = slow
                 .abs()
@@ -661,7 +798,7 @@ mod tests {
         for m in [3, 37] {
             crate::testing::same(
                 &[rand(&[m, 256], 5), rand(&[m, 4], 6), rand(&[40, 4], 7)],
-                |t| quant_lora_linear(&t[0], &q, fmt, Some(&bias), &t[1], &t[2], 0.5).unwrap(),
+                |t| quant_lora_linear(REF, &t[0], &q, fmt, Some(&bias), &t[1], &t[2], 0.5).unwrap(),
                 |t| {
                     let base = quant_linear_reference(&t[0], &q, fmt, Some(&bias)).unwrap();
                     let up = t[1].matmul(&t[2].t().unwrap()).unwrap();

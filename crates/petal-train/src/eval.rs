@@ -57,7 +57,8 @@ fn loss_from_hidden(
     match model.plain_head(ctx) {
         Some((w, None)) => return Ok(head_cross_entropy(model.kernels(), &h, w, &labels)?),
         Some((w, Some(fmt))) => {
-            return Ok(petal_ops::head_loss::head_cross_entropy_quant(&h, w, fmt, &labels)?)
+            let k = model.kernels();
+            return Ok(petal_ops::head_loss::head_cross_entropy_quant(k, &h, w, fmt, &labels)?);
         }
         None => {}
     }

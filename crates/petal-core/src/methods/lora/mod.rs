@@ -336,7 +336,8 @@ impl AdapterLayer for LoraLayer {
         let run = || -> Result<Tensor> {
             let h = self.low(x, ctx)?;
             let (lb, s) = (self.b.as_tensor(), self.scaling);
-            Ok(petal_ops::quant::quant_lora_linear(x, w, fmt, b, &h, lb, s)?)
+            let k = ctx.kernels();
+            Ok(petal_ops::quant::quant_lora_linear(k, x, w, fmt, b, &h, lb, s)?)
         };
         Some(run())
     }
