@@ -155,7 +155,13 @@ impl AdaptableLinear {
             return Ok(if self.embedding {
                 petal_ops::quant::lookup(&self.weight, fmt, x)?
             } else {
-                petal_ops::quant::quant_linear(ctx.kernels(), x, &self.weight, fmt, self.bias.as_ref())?
+                petal_ops::quant::quant_linear(
+                    ctx.kernels(),
+                    x,
+                    &self.weight,
+                    fmt,
+                    self.bias.as_ref(),
+                )?
             });
         }
         Ok(if self.embedding {

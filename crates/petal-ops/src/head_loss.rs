@@ -8,8 +8,8 @@ use crate::bf16::{mm_bf16_packed, BView, PackedB};
 use crate::cpu::{
     act_in, act_out, bf16s, cols, f32s, fast_bf16_ok, fast_linear_ok, last_dim, mm, rows,
 };
-use crate::quant::{self, QFormat};
 use crate::loss::{cross_entropy_composed, cross_entropy_grad, IGNORE_INDEX};
+use crate::quant::{self, QFormat};
 use crate::vmath;
 use crate::Kernels;
 use candle_core::backend::BackendStorage as _;
@@ -271,11 +271,21 @@ mod tests {
         let (q, fmt) = quant::quantize(&rand(&[700, 512], 3), quant::GgmlDType::Q4K).unwrap();
         let dense = quant::dequantize(&q, fmt).unwrap();
         let labels: Vec<i64> = (0..300)
-            .map(|i| if i % 7 == 0 { IGNORE_INDEX } else { (i * 13 % 700) as i64 })
+            .map(|i| {
+                if i % 7 == 0 {
+                    IGNORE_INDEX
+                } else {
+                    (i * 13 % 700) as i64
+                }
+            })
             .collect();
         same(
             &[rand(&[300, 512], 4)],
-            |t| head_cross_entropy_quant(Kernels::REFERENCE, &t[0], &q, fmt, &labels).unwrap().0,
+            |t| {
+                head_cross_entropy_quant(Kernels::REFERENCE, &t[0], &q, fmt, &labels)
+                    .unwrap()
+                    .0
+            },
             |t| {
                 let logits = t[0].matmul(&dense.t().unwrap()).unwrap();
                 cross_entropy_composed(&logits, &labels).unwrap().0

@@ -58,7 +58,9 @@ fn loss_from_hidden(
         Some((w, None)) => return Ok(head_cross_entropy(model.kernels(), &h, w, &labels)?),
         Some((w, Some(fmt))) => {
             let k = model.kernels();
-            return Ok(petal_ops::head_loss::head_cross_entropy_quant(k, &h, w, fmt, &labels)?);
+            return Ok(petal_ops::head_loss::head_cross_entropy_quant(
+                k, &h, w, fmt, &labels,
+            )?);
         }
         None => {}
     }

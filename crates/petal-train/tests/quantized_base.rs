@@ -51,8 +51,13 @@ fn lora_over_quantized_weights_follows_lora_over_them_dequantized() {
         ..DType::F32.into()
     };
     let q = Llama::load(cfg.clone(), &quantized, reference(true), &Device::Cpu).unwrap();
-    let f = Llama::load(cfg.clone(), &Weights::Map(same.clone()), reference(false), &Device::Cpu)
-        .unwrap();
+    let f = Llama::load(
+        cfg.clone(),
+        &Weights::Map(same.clone()),
+        reference(false),
+        &Device::Cpu,
+    )
+    .unwrap();
     // the same logits before training
     let ids = Tensor::new(&[[1u32, 5, 9, 14, 20, 33, 2, 71]], &Device::Cpu).unwrap();
     let ctx = petal_core::Ctx::eval();

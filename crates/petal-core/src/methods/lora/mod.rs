@@ -337,7 +337,9 @@ impl AdapterLayer for LoraLayer {
             let h = self.low(x, ctx)?;
             let (lb, s) = (self.b.as_tensor(), self.scaling);
             let k = ctx.kernels();
-            Ok(petal_ops::quant::quant_lora_linear(k, x, w, fmt, b, &h, lb, s)?)
+            Ok(petal_ops::quant::quant_lora_linear(
+                k, x, w, fmt, b, &h, lb, s,
+            )?)
         };
         Some(run())
     }

@@ -1,0 +1,476 @@
+//! The products of a quantized frozen weight: forward `x W^T` and input gradient `g W` by
+//! tiles of W decoded into f32 (or bf16) buffers, few-row decoding by 8-bit block dot products,
+//! and LoRA over a quantized linear as one node.
+
+use super::{dequantize, dequantize_par, dequantize_rows, QFormat};
+use crate::cpu::{f32s, mm, rows, with_last, View};
+use crate::Kernels;
+use candle_core::backend::BackendStorage;
+use candle_core::quantized::k_quants::{self as kq, GgmlType};
+use candle_core::quantized::GgmlDType;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// `y (m, n) = x (m, k) W^T` for a few rows, as llama.cpp decodes: each row of x quantized to
+/// `T`'s companion 8-bit blocks, then candle's block dot products (AVX2 where candle has them),
+/// W read in place. Not exact (x is rounded to 8 bits per block): inference only.
+fn few_rows_as<T: GgmlType>(x: &[f32], m: usize, k: usize, w: &[u8], n: usize) -> Vec<f32> {
+    type Q<T> = <T as GgmlType>::VecDotType;
+    let xq: Vec<Vec<Q<T>>> = x
+        .chunks_exact(k)
+        .map(|r| {
+            let mut b = vec![Q::<T>::zeros(); k / Q::<T>::BLCK_SIZE];
+            Q::<T>::from_float(r, &mut b);
+            b
+        })
+        .collect();
+    let size = std::mem::size_of::<T>();
+    let rb = k / T::BLCK_SIZE * size;
+    let per = 16;
+    let yt: Vec<f32> = w
+        .par_chunks(per * rb)
+        .flat_map_iter(|chunk| {
+            let mut out = Vec::with_capacity(per * m);
+            let mut copy: Vec<T> = Vec::new();
+            for row in chunk.chunks_exact(rb) {
+                let blocks: &[T] = if row.as_ptr().align_offset(std::mem::align_of::<T>()) == 0 {
+                    // SAFETY: aligned, in bounds, plain-data blocks (see decode_as)
+                    unsafe { std::slice::from_raw_parts(row.as_ptr().cast::<T>(), rb / size) }
+                } else {
+                    copy.clear();
+                    copy.extend(row.chunks_exact(size).map(|b| {
+                        // SAFETY: `b` holds one block's bytes; plain data
+                        unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<T>()) }
+                    }));
+                    &copy
+                };
+                out.extend(xq.iter().map(|xr| T::vec_dot(k, blocks, xr)));
+            }
+            out
+        })
+        .collect();
+    let mut y = vec![0f32; m * n];
+    for (o, col) in yt.chunks_exact(m).enumerate() {
+        for (i, v) in col.iter().enumerate() {
+            y[i * n + o] = *v;
+        }
+    }
+    y
+}
+
+/// The few-row product where `fmt` has one: candle's dot products need an even number of
+/// 32-value blocks per row for the legacy types.
+fn few_rows(x: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize) -> Option<Vec<f32>> {
+    let k = fmt.cols;
+    let even = (k / 32) % 2 == 0;
+    Some(match fmt.dtype {
+        GgmlDType::Q4_0 if even => few_rows_as::<kq::BlockQ4_0>(x, m, k, w, n),
+        GgmlDType::Q8_0 if even => few_rows_as::<kq::BlockQ8_0>(x, m, k, w, n),
+        GgmlDType::Q2K => few_rows_as::<kq::BlockQ2K>(x, m, k, w, n),
+        GgmlDType::Q3K => few_rows_as::<kq::BlockQ3K>(x, m, k, w, n),
+        GgmlDType::Q4K => few_rows_as::<kq::BlockQ4K>(x, m, k, w, n),
+        GgmlDType::Q5K => few_rows_as::<kq::BlockQ5K>(x, m, k, w, n),
+        GgmlDType::Q6K => few_rows_as::<kq::BlockQ6K>(x, m, k, w, n),
+        _ => return None,
+    })
+}
+
+/// Rows of W decoded per tile: about 1 MiB of f32, at least 16 rows.
+fn tile_rows(k: usize) -> usize {
+    ((1 << 18) / k.max(1)).clamp(16, 512)
+}
+
+/// `y (m, n) = x (m, k) W^T`, W given as `n` quantized rows; `exact` keeps x in f32 for any
+/// number of rows (a pass that will take a gradient).
+fn forward(x: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize, op: &QLinear) -> Vec<f32> {
+    if !op.exact && crate::skinny::takes(m) {
+        if let Some(y) = few_rows(x, m, fmt, w, n) {
+            return y;
+        }
+    }
+    let mut y = vec![0f32; m * n];
+    forward_into(x, m, fmt, w, n, &mut y, op.bf16);
+    y
+}
+
+/// Tiles of W decoded for a product: f32, or rounded to bf16 for the AVX512-BF16 kernel.
+struct Tiles {
+    f32s: Vec<f32>,
+    bits: Vec<u16>,
+    bf16: bool,
+    /// the forward's (rows of x, rows of the tile) product before it is copied into place
+    part: Vec<f32>,
+}
+
+thread_local! {
+    /// Tile buffers kept between products on this thread: fresh (rows, cols) buffers on every
+    /// product would each be zeroed page by page by the kernel.
+    static SPARE: std::cell::Cell<Option<Tiles>> = const { std::cell::Cell::new(None) };
+}
+
+impl Tiles {
+    /// Buffers for `rows` rows of `k` values (and `extra` more f32 values for the caller),
+    /// taken from this thread's spare set where there is one.
+    fn new(rows: usize, k: usize, bf16: bool) -> Self {
+        let mut t = SPARE.with(|s| s.take()).unwrap_or(Tiles {
+            f32s: Vec::new(),
+            bits: Vec::new(),
+            bf16,
+            part: Vec::new(),
+        });
+        t.bf16 = bf16;
+        if t.f32s.len() < rows * k {
+            t.f32s.resize(rows * k, 0.0);
+        }
+        if bf16 && t.bits.len() < rows * k {
+            t.bits.resize(rows * k, 0);
+        }
+        t
+    }
+
+    /// Hand the buffers back for the next product on this thread.
+    fn done(self) {
+        SPARE.with(|s| s.set(Some(self)));
+    }
+
+    /// Decode `r` rows of blocks into the tile.
+    fn decode(&mut self, fmt: QFormat, blocks: &[u8], r: usize) {
+        let len = r * fmt.cols;
+        dequantize_par(fmt, blocks, &mut self.f32s[..len]);
+        if self.bf16 {
+            let per = 1 << 16;
+            self.bits[..len]
+                .par_chunks_mut(per)
+                .zip(self.f32s[..len].par_chunks(per))
+                .for_each(|(b, f)| crate::bf16::narrow(f, b));
+        }
+    }
+
+    /// `c (m, n) = [c +] a (m, k) T` for the tile `T` of `r` rows seen as `(k, n)` with strides
+    /// (`rs`, `cs`): `rs = 1, cs = cols` is the tile transposed (forward), `rs = cols, cs = 1`
+    /// the tile itself (input gradient).
+    #[allow(clippy::too_many_arguments)]
+    fn product(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        c: &mut [f32],
+        acc: bool,
+        a: View,
+        rs: usize,
+        cs: usize,
+        len: usize,
+    ) {
+        if self.bf16 {
+            let b = crate::bf16::BView {
+                x: &self.bits[..len],
+                rs,
+                cs,
+            };
+            crate::bf16::mm_bf16(m, n, k, c, acc, 1.0, a.into(), b, true);
+        } else {
+            let b = View {
+                x: &self.f32s[..len],
+                rs,
+                cs,
+            };
+            mm(m, n, k, c, acc, 1.0, a, b, true);
+        }
+    }
+}
+
+/// `y (m, n) = x (m, k) W^T` in f32 throughout, into row-major `y` (overwritten).
+pub(crate) fn forward_into(
+    x: &[f32],
+    m: usize,
+    fmt: QFormat,
+    w: &[u8],
+    n: usize,
+    y: &mut [f32],
+    bf16: bool,
+) {
+    let (k, rb) = (fmt.cols, fmt.row_bytes());
+    if crate::skinny::takes(m) {
+        // few rows: each task decodes a few rows of W and dots them with every row of x
+        let per = 8;
+        let cols: Vec<Vec<f32>> = w
+            .par_chunks(per * rb)
+            .map_init(
+                || vec![0f32; per * k],
+                |wt, b| {
+                    let r = b.len() / rb;
+                    dequantize_rows(fmt, b, &mut wt[..r * k]);
+                    crate::skinny::xwt(x, &wt[..r * k], m, r, k)
+                },
+            )
+            .collect();
+        for (t, c) in cols.iter().enumerate() {
+            let r = c.len() / m;
+            for i in 0..m {
+                y[i * n + t * per..i * n + t * per + r].copy_from_slice(&c[i * r..(i + 1) * r]);
+            }
+        }
+        return;
+    }
+    let tr = tile_rows(k);
+    let mut tile = Tiles::new(tr, k, bf16);
+    let mut part = std::mem::take(&mut tile.part);
+    if part.len() < m * tr {
+        part.resize(m * tr, 0.0);
+    }
+    for o0 in (0..n).step_by(tr) {
+        let r = tr.min(n - o0);
+        tile.decode(fmt, &w[o0 * rb..(o0 + r) * rb], r);
+        // part (m, r) = x (m, k) tile^T (k, r)
+        tile.product(m, r, k, &mut part[..m * r], false, rows(x, k), 1, k, r * k);
+        y.par_chunks_mut(n)
+            .zip(part.par_chunks(r))
+            .for_each(|(y, p)| y[o0..o0 + r].copy_from_slice(p));
+    }
+    tile.part = part;
+    tile.done();
+}
+
+/// `dx (m, k) = g (m, n) W`, W given as `n` quantized rows.
+fn input_grad(g: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize, bf16: bool) -> Vec<f32> {
+    let mut dx = vec![0f32; m * fmt.cols];
+    input_grad_into(g, m, fmt, w, n, &mut dx, bf16);
+    dx
+}
+
+/// `dx (m, k) = g (m, n) W` into row-major `dx` (overwritten): a sum over tiles of W's rows.
+pub(crate) fn input_grad_into(
+    g: &[f32],
+    m: usize,
+    fmt: QFormat,
+    w: &[u8],
+    n: usize,
+    dx: &mut [f32],
+    bf16: bool,
+) {
+    let (k, rb) = (fmt.cols, fmt.row_bytes());
+    let tr = tile_rows(k);
+    let mut tile = Tiles::new(tr, k, bf16);
+    for o0 in (0..n).step_by(tr) {
+        let r = tr.min(n - o0);
+        tile.decode(fmt, &w[o0 * rb..(o0 + r) * rb], r);
+        // dx += g[:, o0..o0+r] (m, r) tile (r, k)
+        let gv = View {
+            x: &g[o0..],
+            rs: n,
+            cs: 1,
+        };
+        tile.product(m, k, r, dx, o0 > 0, gv, k, 1, r * k);
+    }
+    tile.done();
+}
+
+/// The op: `x W^T` (`QLinear`) or `x W` (`QLinearT`, the input gradient's product).
+struct QLinear {
+    fmt: QFormat,
+    transposed: bool,
+    /// x stays f32 for any number of rows (else few rows take 8-bit dot products)
+    exact: bool,
+    /// tiles rounded to bf16 for the AVX512-BF16 kernel (x rounded too, as autocast does)
+    bf16: bool,
+}
+
+impl CustomOp2 for QLinear {
+    fn name(&self) -> &'static str {
+        "petal-quant-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, rb) = wl.shape().dims2()?;
+        if rb != self.fmt.row_bytes() {
+            candle_core::bail!(
+                "quantized linear: rows of {rb} bytes, {} expects {}",
+                self.fmt.name(),
+                self.fmt.row_bytes()
+            )
+        }
+        let (k_in, k_out) = match self.transposed {
+            false => (self.fmt.cols, n),
+            true => (n, self.fmt.cols),
+        };
+        let last = *xl.dims().last().unwrap_or(&0);
+        if last != k_in {
+            candle_core::bail!("quantized linear: input has {last} features, weight expects {k_in}")
+        }
+        let x = f32s(xs, xl)?;
+        let CpuStorage::U8(w) = ws else {
+            candle_core::bail!(
+                "quantized linear: the weight must be u8 blocks, not {:?}",
+                ws.dtype()
+            )
+        };
+        let (o1, o2) = wl
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::msg("quantized linear: weight not contiguous"))?;
+        let w = &w[o1..o2];
+        let m = x.len() / k_in.max(1);
+        let y = match self.transposed {
+            false => forward(x, m, self.fmt, w, n, self),
+            true => input_grad(x, m, self.fmt, w, n, self.bf16),
+        };
+        Ok((CpuStorage::F32(y), with_last(xl.dims(), k_out)))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let op = QLinear {
+            fmt: self.fmt,
+            transposed: !self.transposed,
+            exact: true,
+            bf16: self.bf16,
+        };
+        Ok((Some(grad.contiguous()?.apply_op2_no_bwd(w, &op)?), None))
+    }
+}
+
+/// `x W^T (+ b)` for f32 `x (.., cols)` and a quantized `w (rows, row_bytes)` in `fmt`; the
+/// backward gives x's gradient only. x in another dtype is computed in f32 and cast back.
+/// Without a gradient to take, a few rows (decoding) go through 8-bit dot products
+/// (`few_rows`); everything else dequantizes tiles of W into f32 products.
+/// With fused kernels on a CPU with AVX512-BF16, the products run in bf16 (tiles rounded to
+/// bf16, f32 accumulation), as petal's bf16 path; `Kernels::REFERENCE`: f32 throughout.
+pub fn quant_linear(
+    k: Kernels,
+    x: &Tensor,
+    w: &Tensor,
+    fmt: QFormat,
+    b: Option<&Tensor>,
+) -> Result<Tensor> {
+    quant_linear_with(k, x, w, fmt, b, x.track_op())
+}
+
+/// Whether the tile products take the AVX512-BF16 kernel.
+pub(crate) fn use_bf16(k: Kernels) -> bool {
+    k.fused() && crate::bf16::available()
+}
+
+/// `quant_linear`, exact (f32 x) for any number of rows when `exact`.
+fn quant_linear_with(
+    k: Kernels,
+    x: &Tensor,
+    w: &Tensor,
+    fmt: QFormat,
+    b: Option<&Tensor>,
+    exact: bool,
+) -> Result<Tensor> {
+    if !w.device().is_cpu() {
+        candle_core::bail!("quantized linears run on the CPU only (for now)")
+    }
+    let dt = x.dtype();
+    let op = QLinear {
+        fmt,
+        transposed: false,
+        exact,
+        bf16: use_bf16(k),
+    };
+    let y = x.to_dtype(DType::F32)?.contiguous()?.apply_op2(w, op)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+        None => y,
+    };
+    y.to_dtype(dt)
+}
+
+/// `dx = g W` for the output gradient `g (.., rows)` of a quantized `w`: no graph node.
+pub fn quant_input_grad(k: Kernels, g: &Tensor, w: &Tensor, fmt: QFormat) -> Result<Tensor> {
+    let op = QLinear {
+        fmt,
+        transposed: true,
+        exact: true,
+        bf16: use_bf16(k),
+    };
+    g.to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op2_no_bwd(w, &op)
+}
+
+/// LoRA over a quantized base as one graph node: `x W^T + b + s h B^T`, with `h = dropout(x)
+/// A^T (n, r)` formed by the caller (as `lora_linear`). The node keeps x, h and B only: not the
+/// base output, the update or their sum (a composed `quant_linear` + update would keep two
+/// (n, out) buffers per linear until backward). Backward: dx = g W (tiles decoded again),
+/// dh = s g B, dB = s g^T h.
+#[allow(clippy::too_many_arguments)]
+pub fn quant_lora_linear(
+    k: Kernels,
+    x: &Tensor,
+    w: &Tensor,
+    fmt: QFormat,
+    bias: Option<&Tensor>,
+    h: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (wc, bias) = (w.clone(), bias.cloned());
+    let dt = x.dtype();
+    let exact = x.track_op() || h.track_op() || b.track_op();
+    crate::lean::lean3(
+        [x, h, b],
+        move |[x, h, b]| {
+            let y = quant_linear_with(k, x, &wc, fmt, bias.as_ref(), exact)?;
+            let y = y.to_dtype(DType::F32)?;
+            let r = b.dim(1)?;
+            let h2 = h.reshape((h.elem_count() / r, r))?.to_dtype(DType::F32)?;
+            let up = (h2.matmul(&b.to_dtype(DType::F32)?.t()?)? * scale)?;
+            let up = up.reshape(y.shape())?;
+            (y + up)?.to_dtype(dt)
+        },
+        {
+            let w = w.clone();
+            move |[x, h, b], need, _, dy| {
+                let (out, r) = b.dims2()?;
+                let g = dy
+                    .reshape((dy.elem_count() / out, out))?
+                    .to_dtype(DType::F32)?;
+                let dx = need[0]
+                    .then(|| {
+                        quant_input_grad(k, &g, &w, fmt)?
+                            .to_dtype(x.dtype())?
+                            .reshape(x.shape())
+                    })
+                    .transpose()?;
+                let bf = b.to_dtype(DType::F32)?;
+                let dh = need[1]
+                    .then(|| {
+                        (g.matmul(&bf)? * scale)?
+                            .to_dtype(h.dtype())?
+                            .reshape(h.shape())
+                    })
+                    .transpose()?;
+                let db = need[2]
+                    .then(|| {
+                        let h2 = h.reshape((h.elem_count() / r, r))?.to_dtype(DType::F32)?;
+                        (g.t()?.matmul(&h2)? * scale)?.to_dtype(b.dtype())
+                    })
+                    .transpose()?;
+                Ok([dx, dh, db])
+            }
+        },
+    )
+}
+
+/// The readable twin: all of W dequantized, then candle's matmul.
+pub fn quant_linear_reference(
+    x: &Tensor,
+    w: &Tensor,
+    fmt: QFormat,
+    b: Option<&Tensor>,
+) -> Result<Tensor> {
+    crate::frozen_linear::frozen_linear_reference(x, &dequantize(w, fmt)?, b)
+}

@@ -1,0 +1,233 @@
+//! The quantized products against dequantize-then-f32, and the decoders against gguf-py.
+use super::product::*;
+use super::*;
+use crate::testing::rand;
+use crate::Kernels;
+use candle_core::{Device, Var};
+
+const REF: Kernels = Kernels::REFERENCE;
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+#[test]
+fn block_structs_are_as_large_as_ggml_says() {
+    for &t in BLOCK_TYPES {
+        let f = QFormat::new(t, t.block_size()).unwrap();
+        let x = vec![0.5f32; t.block_size()];
+        assert_eq!(quantize_rows(f, &x).len(), t.type_size(), "{t:?}");
+    }
+    assert_eq!(type_name(GgmlDType::Q4K), "q4_k");
+    assert_eq!(type_name(GgmlDType::Q8_0), "q8_0");
+}
+
+#[test]
+fn dequantize_equals_candles_qtensor_dequantize() {
+    for &t in BLOCK_TYPES {
+        let w = rand(&[5, 512], 7);
+        let (q, fmt) = quantize(&w, t).unwrap();
+        let ours = dequantize(&q, fmt).unwrap();
+        let theirs = candle_core::quantized::QTensor::quantize(&w, t)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap();
+        assert_eq!(max_diff(&ours, &theirs), 0.0, "{t:?}");
+        // and it is a quantization of w: relative RMS error about a grid step
+        let bits = match t {
+            GgmlDType::Q2K => 2,
+            GgmlDType::Q3K => 3,
+            GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q5K => 5,
+            GgmlDType::Q6K => 6,
+            GgmlDType::Q8_0 => 8,
+            _ => 4,
+        };
+        let rms = |t: &Tensor| {
+            t.sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt()
+        };
+        let rel = rms(&(&ours - &w).unwrap()) / rms(&w);
+        assert!(rel < 2f32.powi(2 - bits), "{t:?}: {rel}");
+    }
+}
+
+#[test]
+fn dequantize_equals_gguf_py_on_random_blocks() {
+    // tools/golden/make_quant_blocks.py: random blocks, decoded by llama.cpp's gguf-py
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/golden/quant_blocks.safetensors"
+    );
+    let t = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    for &ty in BLOCK_TYPES {
+        let name = type_name(ty);
+        let want = &t[&format!("{name}.values")];
+        let fmt = QFormat::new(ty, want.dim(1).unwrap()).unwrap();
+        let got = dequantize(&t[&format!("{name}.bytes")], fmt).unwrap();
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(max_diff(&got, want) <= 1e-6 * scale, "{name}");
+    }
+}
+
+#[test]
+fn quant_linear_equals_dequantize_then_f32_in_value_and_input_gradient() {
+    // rows of W spanning several tiles (tile_rows(512) = 512: use 1100 rows for the
+    // few-row path's chunks and a short last tile) and m across both paths
+    for &t in BLOCK_TYPES {
+        let (n, k) = (if t == GgmlDType::Q4K { 1100 } else { 40 }, 512);
+        let (q, fmt) = quantize(&rand(&[n, k], 3), t).unwrap();
+        let b = rand(&[n], 4);
+        for m in [1, 5, 37] {
+            let x = Var::from_tensor(&rand(&[m, k], 5)).unwrap();
+            let fast = quant_linear(REF, x.as_tensor(), &q, fmt, Some(&b)).unwrap();
+            let slow = quant_linear_reference(x.as_tensor(), &q, fmt, Some(&b)).unwrap();
+            let scale = slow
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(max_diff(&fast, &slow) <= 1e-5 * scale, "{t:?} m {m}");
+            let dy = rand(&[m, n], 6);
+            let g1 = (&fast * &dy)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g2 = (&slow * &dy)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let (g1, g2) = (g1.get(&x).unwrap(), g2.get(&x).unwrap());
+            let scale = g2
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(max_diff(g1, g2) <= 1e-5 * scale, "{t:?} m {m} grad");
+        }
+    }
+}
+
+#[test]
+fn bf16_tiles_equal_f32_products_of_bf16_rounded_operands() {
+    // with AVX512-BF16 the fused kernels round W's tiles and the left operand to bf16 and
+    // accumulate in f32: the same as f32 products of the rounded values (elsewhere the f32
+    // path, equal to them within bf16's step)
+    let round = |t: &Tensor| {
+        t.to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let tol = if crate::bf16::available() { 1e-5 } else { 1e-2 };
+    for t in [GgmlDType::Q4_1, GgmlDType::Q6K] {
+        let (q, fmt) = quantize(&rand(&[600, 512], 3), t).unwrap();
+        let wr = round(&dequantize(&q, fmt).unwrap());
+        let (x, g) = (rand(&[37, 512], 5), rand(&[37, 600], 6));
+        let y = quant_linear(Kernels::FUSED, &x, &q, fmt, None).unwrap();
+        let want = round(&x).matmul(&wr.t().unwrap()).unwrap();
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(max_diff(&y, &want) <= tol * scale, "{t:?}");
+        let dx = quant_input_grad(Kernels::FUSED, &g, &q, fmt).unwrap();
+        let want = round(&g).matmul(&wr).unwrap();
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(max_diff(&dx, &want) <= tol * scale, "{t:?} grad");
+    }
+}
+
+#[test]
+fn few_rows_without_gradient_round_x_to_8_bits_and_stay_close() {
+    for &t in BLOCK_TYPES {
+        let (q, fmt) = quantize(&rand(&[70, 512], 3), t).unwrap();
+        let x = rand(&[3, 512], 5);
+        let fast = quant_linear(REF, &x, &q, fmt, None).unwrap();
+        let slow = quant_linear_reference(&x, &q, fmt, None).unwrap();
+        let scale = slow
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let d = max_diff(&fast, &slow) / scale;
+        assert!(d > 0.0 && d < 2e-2, "{t:?}: {d}");
+    }
+}
+
+#[test]
+fn quant_lora_linear_equals_its_composed_twin_in_value_and_gradients() {
+    let (q, fmt) = quantize(&rand(&[40, 256], 3), GgmlDType::Q5K).unwrap();
+    let bias = rand(&[40], 8);
+    for m in [3, 37] {
+        crate::testing::same(
+            &[rand(&[m, 256], 5), rand(&[m, 4], 6), rand(&[40, 4], 7)],
+            |t| quant_lora_linear(REF, &t[0], &q, fmt, Some(&bias), &t[1], &t[2], 0.5).unwrap(),
+            |t| {
+                let base = quant_linear_reference(&t[0], &q, fmt, Some(&bias)).unwrap();
+                let up = t[1].matmul(&t[2].t().unwrap()).unwrap();
+                (base + (up * 0.5).unwrap()).unwrap()
+            },
+        );
+    }
+}
+
+#[test]
+fn lookup_decodes_only_the_rows_asked_for() {
+    let w = rand(&[30, 64], 9);
+    let (q, fmt) = quantize(&w, GgmlDType::Q8_0).unwrap();
+    let ids = Tensor::new(&[[3u32, 29], [0, 3]], &Device::Cpu).unwrap();
+    let got = lookup(&q, fmt, &ids).unwrap();
+    let want = dequantize(&q, fmt)
+        .unwrap()
+        .index_select(&ids.flatten_all().unwrap(), 0)
+        .unwrap();
+    assert_eq!(got.dims(), &[2, 2, 64]);
+    assert_eq!(max_diff(&got.reshape((4, 64)).unwrap(), &want), 0.0);
+}
+
+#[test]
+fn unimplemented_types_and_partial_blocks_are_refused_by_name() {
+    let e = QFormat::new(GgmlDType::Q8K, 256).unwrap_err();
+    assert!(e.contains("q8_k") && e.contains("q4_k"), "{e}");
+    let e = QFormat::new(GgmlDType::Q4K, 100).unwrap_err();
+    assert!(e.contains("100") && e.contains("256"), "{e}");
+}
