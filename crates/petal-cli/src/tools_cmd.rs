@@ -113,6 +113,13 @@ pub fn run_merge(a: MergeArgs) -> Result<()> {
     if a.model.adapter.is_empty() {
         bail!("--adapter is required: the adapter to merge into the model");
     }
+    if a.model.dtype == "quantized" {
+        bail!(
+            "--dtype quantized: merging rewrites the weights, which stay quantized under it; \
+             merge with --dtype f32 or bf16 (an adapter trained over the quantized base merges \
+             into its dequantized weights)"
+        );
+    }
     crate::common::check_out(&a.out)?;
     let mut lm = a.model.load()?;
     petal_core::inject::merge_and_unload_all(&mut lm.model)?;

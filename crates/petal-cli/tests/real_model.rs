@@ -104,3 +104,31 @@ fn kv_cached_decoding_gives_the_same_logits_as_a_full_forward() {
     let e = petal_ops::testing::max_rel(&step, &want);
     assert!(e < 1e-4, "relative difference {e}");
 }
+
+#[test]
+fn smollm2_kept_quantized_scores_as_its_dequantized_weights() {
+    // --dtype quantized: the Q4_1 linears and the Q8_0 embedding/head stay in their blocks;
+    // the loss equals the dequantized f32 model's up to bf16 rounding of the products (on
+    // CPUs with AVX512-BF16) or f32 rounding (elsewhere)
+    let p = petal_cli::assets::ensure("smollm2").expect("fetch SmolLM2 (petal assets smollm2)");
+    let quantized = petal_models::Precision {
+        quantized: true,
+        ..DType::F32.into()
+    };
+    let q = petal_io::load_model(p.to_str().unwrap(), quantized, &Device::Cpu).unwrap();
+    let f = smollm2();
+    let ids: Vec<u32> = f
+        .tokenizer
+        .encode("The quick brown fox jumps over the lazy dog. It was a sunny day, and", true)
+        .unwrap();
+    let ex = [petal_data::Example {
+        labels: ids.iter().map(|&x| x as i64).collect(),
+        ids,
+        task: None,
+    }];
+    let (lq, lf) = (
+        petal_train::evaluate(&q.model, &ex, 1, 0).unwrap().loss,
+        petal_train::evaluate(&f.model, &ex, 1, 0).unwrap().loss,
+    );
+    assert!((lq - lf).abs() < 5e-3 * lf, "quantized {lq} vs f32 {lf}");
+}

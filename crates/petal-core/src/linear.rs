@@ -251,7 +251,7 @@ impl AdaptableLinear {
         match self.quant {
             Some(f) => Err(Error::Unsupported(format!(
                 "{}: cannot {what}: the base weight is quantized ({}); load the model with \
-                 --dtype f32 or bf16 (`petal merge` does)",
+                 --dtype f32 or bf16 to change its weights",
                 self.path,
                 f.name()
             ))),
