@@ -119,7 +119,10 @@ fn smollm2_kept_quantized_scores_as_its_dequantized_weights() {
     let f = smollm2();
     let ids: Vec<u32> = f
         .tokenizer
-        .encode("The quick brown fox jumps over the lazy dog. It was a sunny day, and", true)
+        .encode(
+            "The quick brown fox jumps over the lazy dog. It was a sunny day, and",
+            true,
+        )
         .unwrap();
     let ex = [petal_data::Example {
         labels: ids.iter().map(|&x| x as i64).collect(),

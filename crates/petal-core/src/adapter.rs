@@ -433,7 +433,7 @@ pub trait AdapterMethod: Sync {
     /// DoRA's norm, rotations, PiSSA's SVD, merges in the loop), or `None` when it only adds a
     /// term next to the base output. Unless a method says otherwise, it needs W.
     fn needs_dense_base(&self, _cfg: &AdapterConfig) -> Option<&'static str> {
-        Some("it reads or rewrites the base weight W")
+        Some("it reads or rewrites the base weight W, or has not been checked without it")
     }
 
     fn build(

@@ -1,8 +1,8 @@
 //! Frozen linears whose weight stays in a GGUF block format: `y = x W^T` and its input gradient
 //! `dx = dy W`, with W dequantized a tile of rows at a time inside the op (never a full f32 copy,
 //! never a weight gradient). The weight is held as its raw blocks in a `u8` tensor of shape
-//! `(rows, row_bytes)`; a [`QFormat`] says how to read them. The legacy block types are decoded
-//! by `decode` (vectorised at run time), the k-quants by candle's own `GgmlType::to_float`;
+//! `(rows, row_bytes)`; a [`QFormat`] says how to read them. The common block types are decoded
+//! by `decode` (vectorised at run time), the others by candle's own `GgmlType::to_float`;
 //! products go through `gemm` or, with AVX512-BF16, petal's bf16 kernel (`product`).
 //!
 //! The readable twin, [`quant_linear_reference`], dequantizes all of W and multiplies by
@@ -106,7 +106,7 @@ fn decode_as<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
 
 /// Dequantize whole rows: `bytes` holds `out.len() / fmt.cols` rows in `fmt`.
 pub fn dequantize_rows(fmt: QFormat, bytes: &[u8], out: &mut [f32]) {
-    if decode::legacy(fmt.dtype, bytes, out) {
+    if decode::fast(fmt.dtype, bytes, out) {
         return;
     }
     match fmt.dtype {

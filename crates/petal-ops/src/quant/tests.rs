@@ -91,7 +91,7 @@ fn dequantize_equals_gguf_py_on_random_blocks() {
 
 #[test]
 fn quant_linear_equals_dequantize_then_f32_in_value_and_input_gradient() {
-    // rows of W spanning several tiles (tile_rows(512) = 512: use 1100 rows for the
+    // rows of W spanning several tiles (tile_rows(512) = 64 under test: use 1100 rows for the
     // few-row path's chunks and a short last tile) and m across both paths
     for &t in BLOCK_TYPES {
         let (n, k) = (if t == GgmlDType::Q4K { 1100 } else { 40 }, 512);
