@@ -64,7 +64,7 @@ impl QFormat {
             ));
         }
         let block = dtype.block_size();
-        if cols == 0 || cols % block != 0 {
+        if cols == 0 || !cols.is_multiple_of(block) {
             return Err(format!(
                 "rows of {cols} values are not whole {} blocks of {block}",
                 type_name(dtype)

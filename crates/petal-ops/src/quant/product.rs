@@ -62,7 +62,7 @@ fn few_rows_as<T: GgmlType>(x: &[f32], m: usize, k: usize, w: &[u8], n: usize) -
 /// 32-value blocks per row for the legacy types.
 fn few_rows(x: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize) -> Option<Vec<f32>> {
     let k = fmt.cols;
-    let even = (k / 32) % 2 == 0;
+    let even = (k / 32).is_multiple_of(2);
     Some(match fmt.dtype {
         GgmlDType::Q4_0 if even => few_rows_as::<kq::BlockQ4_0>(x, m, k, w, n),
         GgmlDType::Q8_0 if even => few_rows_as::<kq::BlockQ8_0>(x, m, k, w, n),
