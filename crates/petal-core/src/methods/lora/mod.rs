@@ -202,7 +202,12 @@ pub use options::{LoraCore, LoraOptions};
 /// Inverted dropout with a mask drawn from petal's per-step generator (see `rng`): one
 /// splitmix64 draw per element, compared as an integer against p * 2^64.
 pub fn dropout(x: &Tensor, p: f64, ctx: &crate::Ctx) -> Result<Tensor> {
-    let mut state = ctx.next_seed();
+    Ok(x.mul(&dropout_mask(x, p, ctx.next_seed())?)?)
+}
+
+/// The inverted-dropout mask (0 or 1 / (1 - p)) for `x`'s shape drawn from `seed`.
+fn dropout_mask(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    let mut state = seed;
     let threshold = (p * u64::MAX as f64) as u64;
     let keep = (1.0 / (1.0 - p)) as f32;
     let m: Vec<f32> = (0..x.elem_count())
@@ -215,8 +220,31 @@ pub fn dropout(x: &Tensor, p: f64, ctx: &crate::Ctx) -> Result<Tensor> {
             }
         })
         .collect();
-    let mask = Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    Ok(x.mul(&mask)?)
+    Ok(Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())?)
+}
+
+/// `dropout(x) A^T` for `x (n, in)` as one node that keeps x and A only: the mask is drawn
+/// again from its seed in backward instead of being kept with the dropped input (two (n, in)
+/// buffers per adapted linear until backward).
+fn dropout_low_rank(x: &Tensor, a: &Tensor, p: f64, ctx: &crate::Ctx) -> Result<Tensor> {
+    let seed = ctx.next_seed();
+    Ok(petal_ops::lean::lean2(
+        [x, a],
+        |[x, a]| {
+            x.mul(&dropout_mask(x, p, seed).map_err(candle)?)?
+                .matmul(&a.t()?)
+        },
+        move |[x, a], need, _, dh| {
+            let m = dropout_mask(x, p, seed).map_err(candle)?;
+            let dx = need[0].then(|| dh.matmul(a)?.mul(&m)).transpose()?;
+            let da = need[1].then(|| dh.t()?.matmul(&x.mul(&m)?)).transpose()?;
+            Ok([dx, da])
+        },
+    )?)
+}
+
+fn candle(e: Error) -> candle_core::Error {
+    candle_core::Error::msg(e.to_string())
 }
 
 impl LoraLayer {
@@ -237,7 +265,10 @@ impl LoraLayer {
         if !(ctx.is_train() && self.dropout > 0.0) {
             return Ok(petal_ops::low_rank(ctx.kernels(), x, self.a.as_tensor())?);
         }
-        Ok(self.input(x, ctx)?.0.matmul(&self.a.as_tensor().t()?)?)
+        let xf = x.to_dtype(DType::F32)?;
+        let inp = xf.dim(candle_core::D::Minus1)?;
+        let x2 = xf.reshape((xf.elem_count() / inp, inp))?;
+        dropout_low_rank(&x2, self.a.as_tensor(), self.dropout, ctx)
     }
 
     /// s B A (out, in).

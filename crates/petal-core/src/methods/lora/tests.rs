@@ -289,4 +289,28 @@ mod bias_tests {
             );
         }
     }
+
+    #[test]
+    fn dropout_low_rank_equals_dropout_then_matmul_in_value_and_gradients() {
+        // the one-node form draws the same mask (same seed) and keeps no mask between passes
+        let x = candle_core::Var::from_tensor(&petal_ops::testing::rand(&[37, 24], 1)).unwrap();
+        let a = candle_core::Var::from_tensor(&petal_ops::testing::rand(&[4, 24], 2)).unwrap();
+        let fast =
+            dropout_low_rank(x.as_tensor(), a.as_tensor(), 0.3, &crate::Ctx::train(7)).unwrap();
+        let slow = dropout(x.as_tensor(), 0.3, &crate::Ctx::train(7))
+            .unwrap()
+            .matmul(&a.as_tensor().t().unwrap())
+            .unwrap();
+        assert!(petal_ops::testing::max_rel(&fast, &slow) < 1e-6);
+        let proj = petal_ops::testing::rand(&[37, 4], 3);
+        let gf = petal_ops::testing::projected_grads(&fast, &proj);
+        let gs = petal_ops::testing::projected_grads(&slow, &proj);
+        for v in [&x, &a] {
+            let (f, s) = (
+                gf.get(v.as_tensor()).unwrap(),
+                gs.get(v.as_tensor()).unwrap(),
+            );
+            assert!(petal_ops::testing::max_rel(f, s) < 1e-5);
+        }
+    }
 }
