@@ -243,12 +243,12 @@ fn load_into_checked(
     for lin in model.linears().into_iter().filter(|l| l.is_embedding()) {
         let key = format!("{}.base_layer.weight", lin.path());
         if let Some(t) = tensors.remove(&key) {
-            // compared in the model's precision: a bf16 model holds the table rounded
-            let same = t.dims() == lin.weight().dims()
-                && (t
-                    .to_dtype(lin.weight().dtype())?
-                    .to_dtype(candle_core::DType::F32)?
-                    - lin.weight().to_dtype(candle_core::DType::F32)?)?
+            // compared in the model's precision: a bf16 model holds the table rounded (a
+            // quantized one, as its blocks decode)
+            let w = lin.dense_weight()?;
+            let same = t.dims() == w.dims()
+                && (t.to_dtype(w.dtype())?.to_dtype(candle_core::DType::F32)?
+                    - w.to_dtype(candle_core::DType::F32)?)?
                 .abs()?
                 .max_all()?
                 .to_scalar::<f32>()?

@@ -207,12 +207,16 @@ pub fn dropout(x: &Tensor, p: f64, ctx: &crate::Ctx) -> Result<Tensor> {
 
 /// The inverted-dropout mask (0 or 1 / (1 - p)) for `x`'s shape drawn from `seed`.
 fn dropout_mask(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
-    let mut state = seed;
+    use rayon::prelude::*;
     let threshold = (p * u64::MAX as f64) as u64;
     let keep = (1.0 / (1.0 - p)) as f32;
+    // element i draws from seed + (i + 1) * the golden-ratio step (a Weyl sequence, so any
+    // element's draw is known without the ones before it: drawn in parallel)
     let m: Vec<f32> = (0..x.elem_count())
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        .into_par_iter()
+        .with_min_len(1 << 14)
+        .map(|i| {
+            let state = seed.wrapping_add((i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             if rng::splitmix(state) < threshold {
                 0.0
             } else {
