@@ -302,3 +302,52 @@ fn a_saved_sparse_mask_that_does_not_fit_the_model_is_refused_naming_the_tensor(
         );
     }
 }
+
+#[test]
+fn quantized_dtype_misuse_is_refused_in_one_line_naming_the_cause() {
+    let d = tempfile::tempdir().unwrap();
+    let model = golden().join("llama");
+    let m = model.to_str().unwrap();
+    // a safetensors folder has no blocks to keep
+    let o = petal(&[
+        "generate",
+        "--model",
+        m,
+        "--dtype",
+        "quantized",
+        "--prompt",
+        "hi",
+    ]);
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.contains("--dtype quantized") && e.contains("safetensors"),
+        "{e}"
+    );
+    // merging rewrites weights that would stay quantized
+    let out = d.path().join("merged");
+    let adapter = golden().join("adapters/llama_lora_qv");
+    let o = petal(&[
+        "merge",
+        "--model",
+        m,
+        "--dtype",
+        "quantized",
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.contains("--dtype quantized") && e.lines().count() == 1,
+        "{e}"
+    );
+    assert!(!out.exists(), "nothing written");
+    // an unknown dtype names the choices
+    let o = petal(&["generate", "--model", m, "--dtype", "q4", "--prompt", "hi"]);
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.contains("quantized") && e.contains("bf16"),
+        "{e}"
+    );
+}
