@@ -50,7 +50,7 @@ fn read(
 }
 
 fn encoder(spec: &str, classes: Option<usize>, seed: u64, dt: &str) -> Result<LoadedEncoder> {
-    let precision = crate::common::precision(dt, false)?;
+    let precision = crate::common::precision(dt, false, "")?;
     if precision.weights != candle_core::DType::F32 {
         bail!("--task-type seq-cls runs in f32 (--dtype f32)");
     }

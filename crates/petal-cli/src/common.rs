@@ -53,7 +53,13 @@ pub fn dtype(s: &str) -> Result<DType> {
 /// the kernels are tested against), `PETAL_CUDA_KERNELS` petal's CUDA kernel families.
 ///
 /// `quantized` keeps a GGUF file's quantized linears in their blocks (f32 everywhere else).
-pub fn precision(dt: &str, bf16_activations: bool) -> Result<petal_models::Precision> {
+///
+/// `quantize` (`--quantize TYPE`, empty for none) quantizes the weights at load.
+pub fn precision(
+    dt: &str,
+    bf16_activations: bool,
+    quantize: &str,
+) -> Result<petal_models::Precision> {
     let quantized = dt == "quantized";
     let weights = if quantized {
         DType::F32
@@ -66,9 +72,30 @@ pub fn precision(dt: &str, bf16_activations: bool) -> Result<petal_models::Preci
     Ok(petal_models::Precision {
         weights,
         quantized,
+        quantize: quantize_type(quantize, quantized)?,
         bf16_activations,
         kernels: petal_ops::Kernels::from_env(),
     })
+}
+
+/// `--quantize TYPE`: a GGML block type by llama.cpp's name (q4_0 ... q6_k).
+fn quantize_type(s: &str, quantized: bool) -> Result<Option<petal_ops::quant::GgmlDType>> {
+    use petal_ops::quant::{type_name, BLOCK_TYPES};
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if quantized {
+        bail!("--quantize {s} with --dtype quantized: the first quantizes f32/bf16 weights at load, the second keeps a GGUF file's blocks; give one");
+    }
+    if s == "nf4" {
+        bail!("--quantize nf4 is not implemented yet (the GGML types are: q4_0, q8_0, q4_k, ...)");
+    }
+    let names: Vec<String> = BLOCK_TYPES.iter().map(|t| type_name(*t)).collect();
+    BLOCK_TYPES
+        .iter()
+        .find(|t| type_name(**t) == s)
+        .map(|t| Some(*t))
+        .ok_or_else(|| anyhow::anyhow!("--quantize `{s}` is not one of {}", names.join(", ")))
 }
 
 /// Checks before any work that `--out PATH` can be written: its nearest existing ancestor is a

@@ -21,6 +21,10 @@ pub struct ModelArgs {
     /// f32 | bf16 | f16 | quantized (a GGUF file's quantized weights kept in their blocks)
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Quantize the model's linears at load into a GGML block type (q4_0, q4_1, q5_0, q5_1,
+    /// q8_0, q2_k .. q6_k) and run over the blocks as --dtype quantized does
+    #[arg(long, default_value = "")]
+    pub quantize: String,
     /// With --dtype bf16 on the CPU: keep activations (and the KV cache) in bf16 too
     #[arg(long)]
     pub bf16_activations: bool,
@@ -43,7 +47,7 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// The model with every `--adapter` attached.
     pub fn load(&self) -> Result<petal_io::LoadedModel> {
-        let p = crate::common::precision(&self.dtype, self.bf16_activations)?;
+        let p = crate::common::precision(&self.dtype, self.bf16_activations, &self.quantize)?;
         let opts = petal_io::AttachOptions {
             allow_nonfinite: self.allow_nonfinite,
             limit: crate::common::memory_limit(self.max_memory),

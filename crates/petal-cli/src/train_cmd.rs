@@ -115,6 +115,9 @@ train_opts! {
     /// With --dtype bf16 on the CPU: keep activations in bf16 too, about half their memory, at
     /// some speed (the default keeps them in f32) [default: false]
     bf16_activations: bool,
+    /// Quantize the model's linears at load into a GGML block type (q4_0, q8_0, q4_k, ...) and
+    /// train over the blocks as --dtype quantized does
+    quantize: String,
     /// cpu | cuda | cuda:N [default: cpu]
     device: String,
     /// The most memory the adapter may take with its gradients and optimizer state, checked
@@ -241,7 +244,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let dt = o.dtype.clone().unwrap_or_else(|| "f32".into());
     let dev = o.device.clone().unwrap_or_else(|| "cpu".into());
-    let precision = crate::common::precision(&dt, o.bf16_activations.unwrap_or(false))?;
+    let quantize = o.quantize.clone().unwrap_or_default();
+    let precision = crate::common::precision(&dt, o.bf16_activations.unwrap_or(false), &quantize)?;
     let lm = load(&model_spec, &[], precision, &dev, &Default::default())?;
     let tok = &lm.tokenizer;
     let seq_len = o.seq_len.unwrap_or(128);
@@ -350,6 +354,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         "batch_size": bs, "grad_accum": o.grad_accum.unwrap_or(1), "seed": seed, "dtype": dt,
     });
     let mut fingerprint = fingerprint;
+    if !quantize.is_empty() {
+        fingerprint["quantize"] = quantize.clone().into();
+    }
     if o.bf16_activations.unwrap_or(false) {
         // only when on, so runs from before the option still resume
         fingerprint["bf16_activations"] = true.into();

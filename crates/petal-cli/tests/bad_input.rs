@@ -351,3 +351,31 @@ fn quantized_dtype_misuse_is_refused_in_one_line_naming_the_cause() {
         "{e}"
     );
 }
+
+#[test]
+fn quantize_requests_that_cannot_be_met_are_refused_in_one_line_naming_the_cause() {
+    // rows that are not whole blocks name the tensor; unknown, unimplemented and
+    // contradictory requests name the flag
+    let model = golden().join("llama");
+    let m = model.to_str().unwrap();
+    let cases: [(&[&str], &[&str]); 4] = [
+        (&["--quantize", "q8_0"], &["down_proj", "48", "q8_0"]),
+        (&["--quantize", "q4"], &["--quantize", "q4_k"]),
+        (&["--quantize", "nf4"], &["nf4", "not implemented"]),
+        (
+            &["--quantize", "q8_0", "--dtype", "quantized"],
+            &["--quantize", "--dtype quantized"],
+        ),
+    ];
+    for (flags, want) in cases {
+        let mut args = vec!["generate", "--model", m, "--prompt", "hi"];
+        args.extend_from_slice(flags);
+        let o = petal(&args);
+        let e = stderr(&o);
+        assert!(
+            !o.status.success() && e.lines().count() == 1,
+            "{flags:?}: {e}"
+        );
+        assert!(want.iter().all(|w| e.contains(w)), "{flags:?}: {e}");
+    }
+}

@@ -134,4 +134,14 @@ fn smollm2_kept_quantized_scores_as_its_dequantized_weights() {
         petal_train::evaluate(&f.model, &ex, 1, 0).unwrap().loss,
     );
     assert!((lq - lf).abs() < 5e-3 * lf, "quantized {lq} vs f32 {lf}");
+    // --quantize is for f32/bf16/f16 weights: this file's are Q4_1 already
+    let again = petal_models::Precision {
+        quantize: Some(petal_ops::quant::GgmlDType::Q8_0),
+        ..DType::F32.into()
+    };
+    let e = petal_io::load_model(p.to_str().unwrap(), again, &Device::Cpu)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("already quantized") && e.contains("q4_1"), "{e}");
 }

@@ -18,6 +18,8 @@ pub const ARCHITECTURES: &[&str] = &["llama", "qwen2"];
 pub struct Gguf {
     pub metadata: HashMap<String, Value>,
     pub weights: Weights,
+    /// The block types of the file's quantized 2-D tensors (empty for an f32/f16/bf16 file).
+    pub block_types: Vec<candle_core::quantized::GgmlDType>,
 }
 
 /// GGUF tensor name -> HF name.
@@ -124,6 +126,7 @@ pub fn read(path: &Path, keep_quantized: bool) -> Result<Gguf> {
     let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut map = HashMap::new();
     let mut blocks = HashMap::new();
+    let mut block_types = Vec::new();
     for (name, info) in &content.tensor_infos {
         let Some(hf) = hf_name(name) else { continue };
         check_extent(info, content.tensor_data_offset, file_len)
@@ -132,6 +135,11 @@ pub fn read(path: &Path, keep_quantized: bool) -> Result<Gguf> {
         let q = content
             .tensor(&mut f, name, &Device::Cpu)
             .map_err(|e| at(e.into()))?;
+        use candle_core::quantized::GgmlDType as G;
+        let float = matches!(info.ggml_dtype, G::F32 | G::F16 | G::BF16);
+        if info.shape.rank() == 2 && !float && !block_types.contains(&info.ggml_dtype) {
+            block_types.push(info.ggml_dtype);
+        }
         let kept = match info.shape.dims() {
             [_, cols] if keep_quantized && BLOCK_TYPES.contains(&info.ggml_dtype) => {
                 Some(QFormat::new(info.ggml_dtype, *cols).map_err(|e| at(Error::msg(e)))?)
@@ -167,6 +175,7 @@ pub fn read(path: &Path, keep_quantized: bool) -> Result<Gguf> {
     Ok(Gguf {
         metadata: content.metadata,
         weights,
+        block_types,
     })
 }
 

@@ -45,6 +45,15 @@ pub fn load_model(
         }
         ModelSource::Gguf(path) => {
             let g = gguf::read(path, precision.quantized)?;
+            if let (Some(t), Some(held)) = (precision.quantize, g.block_types.first()) {
+                return Err(Error::Unsupported(format!(
+                    "{}: --quantize {}: the file's weights are already quantized ({}); train \
+                     over them with --dtype quantized",
+                    path.display(),
+                    petal_ops::quant::type_name(t),
+                    petal_ops::quant::type_name(*held)
+                )));
+            }
             let tied = !g.weights.contains("lm_head.weight");
             let bias = g.weights.contains("model.layers.0.self_attn.q_proj.bias");
             let cfg = llama_config(&g.metadata, tied, bias)?;

@@ -16,6 +16,9 @@ pub struct Precision {
     /// and legacy types; `--dtype quantized`): frozen products dequantize tiles on the fly.
     /// Everything else (norms, biases, activations) is in `weights`.
     pub quantized: bool,
+    /// Quantize the linears and the token embedding at load into this block type
+    /// (`--quantize`; from f32/bf16/f16 weights): they then run as kept-quantized ones.
+    pub quantize: Option<petal_ops::quant::GgmlDType>,
     pub bf16_activations: bool,
     pub kernels: Kernels,
 }
@@ -25,6 +28,7 @@ impl From<DType> for Precision {
         Precision {
             weights,
             quantized: false,
+            quantize: None,
             bf16_activations: false,
             kernels: Kernels::default(),
         }

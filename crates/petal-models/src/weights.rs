@@ -45,6 +45,14 @@ pub fn frozen(
             return Ok((t, Some(f)));
         }
     }
+    if let Some(t) = p.quantize {
+        let ty = petal_ops::quant::type_name(t);
+        QFormat::new(t, shape[1])
+            .map_err(|e| Error::msg(format!("--quantize {ty}: tensor `{name}`: {e}")))?;
+        let dense = w.get(name, Some(&shape), DType::F32, device)?;
+        let (q, f) = petal_ops::quant::quantize(&dense, t)?;
+        return Ok((q, Some(f)));
+    }
     Ok((w.get(name, Some(&shape), p.weights, device)?, None))
 }
 

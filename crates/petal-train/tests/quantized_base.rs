@@ -6,6 +6,7 @@
 
 mod common;
 use candle_core::{DType, Device, Tensor};
+use petal_core::Adaptable;
 use petal_io::Weights;
 use petal_models::{Llama, LlamaConfig, Precision};
 use petal_ops::quant::{self, GgmlDType};
@@ -144,4 +145,61 @@ fn methods_that_need_w_are_refused_over_a_quantized_base_naming_why() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("quantized"), "{e}");
+}
+
+#[test]
+fn quantize_at_load_equals_the_same_blocks_dequantized_and_names_a_tensor_that_does_not_fit() {
+    // `--quantize q8_0` on f32 weights: the linears and the embedding become Q8_0 blocks at
+    // load and run as a GGUF file's do; the logits equal those of the blocks' values in f32
+    let dir = common::tiny_llama();
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let mut cfg = LlamaConfig::from_hf_json(&text, "config.json").unwrap();
+    cfg.intermediate_size = 64; // rows of whole 32-value blocks everywhere
+    let w = petal_models::llama::random_weights(&cfg, 5).unwrap();
+    let mut same = HashMap::new();
+    for (name, t) in &w {
+        let t = if t.rank() == 2 {
+            let (q, fmt) = quant::quantize(t, GgmlDType::Q8_0).unwrap();
+            quant::dequantize(&q, fmt).unwrap()
+        } else {
+            t.clone()
+        };
+        same.insert(name.clone(), t);
+    }
+    let at_load = Precision {
+        quantize: Some(GgmlDType::Q8_0),
+        kernels: petal_ops::Kernels::REFERENCE,
+        ..DType::F32.into()
+    };
+    let q = Llama::load(cfg.clone(), &Weights::Map(w.clone()), at_load, &Device::Cpu).unwrap();
+    assert!(
+        q.linears().iter().all(|l| l.quant().is_some()),
+        "every linear quantized"
+    );
+    let reference = Precision {
+        kernels: petal_ops::Kernels::REFERENCE,
+        ..DType::F32.into()
+    };
+    let f = Llama::load(cfg.clone(), &Weights::Map(same), reference, &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[1u32, 5, 9, 14, 20, 33, 2, 71]], &Device::Cpu).unwrap();
+    let ctx = petal_core::Ctx::eval();
+    let d = (q.forward(&ids, None, &ctx).unwrap() - f.forward(&ids, None, &ctx).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-4, "logits differ by {d}");
+    // rows of 48 values are not whole Q8_0 blocks: refused naming the tensor
+    cfg.intermediate_size = 48;
+    let w = petal_models::llama::random_weights(&cfg, 5).unwrap();
+    let e = Llama::load(cfg, &Weights::Map(w), at_load, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("down_proj") && e.contains("48") && e.contains("q8_0"),
+        "{e}"
+    );
 }

@@ -250,7 +250,7 @@ impl Petal {
 }
 
 fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
-    let dt = crate::common::precision(&a.dtype, a.bf16_activations)?;
+    let dt = crate::common::precision(&a.dtype, a.bf16_activations, "")?;
     let (model, wl) = match a.workload.as_str() {
         "synthetic-35m" | "smollm2-shape" => {
             let cfg = match a.workload.as_str() {

@@ -384,7 +384,7 @@ fn quant_linear_with(
     let op = QLinear {
         fmt,
         transposed: false,
-        exact,
+        exact: exact || !k.fused(), // the reference kernels: f32 products throughout
         bf16: use_bf16(k),
     };
     let y = x.to_dtype(DType::F32)?.contiguous()?.apply_op2(w, op)?;
