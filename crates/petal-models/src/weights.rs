@@ -47,6 +47,11 @@ pub fn frozen(
     }
     if let Some(t) = p.quantize {
         let ty = petal_ops::quant::type_name(t);
+        if !device.is_cpu() {
+            return Err(Error::Unsupported(format!(
+                "--quantize {ty}: quantized weights run on the CPU only for now ({device:?})"
+            )));
+        }
         QFormat::new(t, shape[1])
             .map_err(|e| Error::msg(format!("--quantize {ty}: tensor `{name}`: {e}")))?;
         let dense = w.get(name, Some(&shape), DType::F32, device)?;
