@@ -265,20 +265,22 @@ mod tests {
     use super::*;
     use crate::testing::{rand, same};
 
+    /// `rows` labels over `classes`, every 7th ignored.
+    fn labels(rows: usize, classes: usize) -> Vec<i64> {
+        (0..rows)
+            .map(|i| match i % 7 {
+                0 => IGNORE_INDEX,
+                _ => (i * 13 % classes) as i64,
+            })
+            .collect()
+    }
+
     #[test]
     fn quantized_head_loss_matches_dequantized_logits_then_cross_entropy() {
         // 700 classes over two tiles of rows, 300 rows: two chunks, one partial
         let (q, fmt) = quant::quantize(&rand(&[700, 512], 3), quant::GgmlDType::Q4K).unwrap();
         let dense = quant::dequantize(&q, fmt).unwrap();
-        let labels: Vec<i64> = (0..300)
-            .map(|i| {
-                if i % 7 == 0 {
-                    IGNORE_INDEX
-                } else {
-                    (i * 13 % 700) as i64
-                }
-            })
-            .collect();
+        let labels = labels(300, 700);
         same(
             &[rand(&[300, 512], 4)],
             |t| {
@@ -296,15 +298,7 @@ mod tests {
     #[test]
     fn fused_head_loss_matches_logits_then_cross_entropy_in_value_and_gradient() {
         let w = rand(&[700, 16], 3); // 700 classes, 600 rows: three chunks, one partial
-        let labels: Vec<i64> = (0..600)
-            .map(|i| {
-                if i % 7 == 0 {
-                    IGNORE_INDEX
-                } else {
-                    (i * 13 % 700) as i64
-                }
-            })
-            .collect();
+        let labels = labels(600, 700);
         same(
             &[rand(&[600, 16], 4)],
             |t| {

@@ -12,6 +12,19 @@ use petal_models::{Llama, LlamaConfig, Precision};
 use petal_ops::quant::{self, GgmlDType};
 use std::collections::HashMap;
 
+/// The tiny golden Llama's config and base tensors (f32), by HF name.
+fn tiny_llama_tensors() -> (LlamaConfig, Vec<(String, Tensor)>) {
+    let dir = common::tiny_llama();
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let cfg = LlamaConfig::from_hf_json(&text, "config.json").unwrap();
+    let dense = petal_io::load_model(dir.to_str().unwrap(), DType::F32, &Device::Cpu)
+        .unwrap()
+        .model
+        .named_base_tensors()
+        .unwrap();
+    (cfg, dense)
+}
+
 /// The largest difference between two models' logits on a short sequence, relative to the
 /// largest logit.
 fn logit_gap(a: &Llama, b: &Llama) -> f32 {
@@ -26,14 +39,7 @@ fn logit_gap(a: &Llama, b: &Llama) -> f32 {
 
 #[test]
 fn lora_over_quantized_weights_follows_lora_over_them_dequantized() {
-    let dir = common::tiny_llama();
-    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    let cfg = LlamaConfig::from_hf_json(&text, "config.json").unwrap();
-    let dense = petal_io::load_model(dir.to_str().unwrap(), DType::F32, &Device::Cpu)
-        .unwrap()
-        .model
-        .named_base_tensors()
-        .unwrap();
+    let (cfg, dense) = tiny_llama_tensors();
     let types = [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q5_0];
     let (mut kept, mut blocks, mut same) = (HashMap::new(), HashMap::new(), HashMap::new());
     for (i, (name, t)) in dense.into_iter().enumerate() {
@@ -96,14 +102,7 @@ fn lora_over_quantized_weights_follows_lora_over_them_dequantized() {
 
 #[test]
 fn methods_that_need_w_are_refused_over_a_quantized_base_naming_why() {
-    let dir = common::tiny_llama();
-    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    let cfg = LlamaConfig::from_hf_json(&text, "config.json").unwrap();
-    let dense = petal_io::load_model(dir.to_str().unwrap(), DType::F32, &Device::Cpu)
-        .unwrap()
-        .model
-        .named_base_tensors()
-        .unwrap();
+    let (cfg, dense) = tiny_llama_tensors();
     let mut blocks = HashMap::new();
     let mut kept = HashMap::new();
     for (name, t) in dense {

@@ -84,24 +84,25 @@ impl QFormat {
 
 /// Decode whole blocks of `T` from `bytes` into `out` (`bytes.len() / size_of::<T>()` blocks).
 fn decode_as<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
+    T::to_float(&as_blocks::<T>(bytes), out);
+}
+
+/// Whole blocks of `T` in `bytes`: read in place where aligned for `T`, else copied out.
+fn as_blocks<T: GgmlType>(bytes: &[u8]) -> std::borrow::Cow<'_, [T]> {
     let size = std::mem::size_of::<T>();
     let n = bytes.len() / size;
-    debug_assert!(bytes.len() == n * size && out.len() == n * T::BLCK_SIZE);
+    debug_assert_eq!(bytes.len(), n * size);
     if bytes.as_ptr().align_offset(std::mem::align_of::<T>()) == 0 {
         // SAFETY: aligned, in bounds, and every block type is plain data (f16 scales and u8
         // quants, repr(C)): any bit pattern is a valid value.
-        let blocks = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), n) };
-        T::to_float(blocks, out);
-    } else {
-        for (b, o) in bytes
-            .chunks_exact(size)
-            .zip(out.chunks_exact_mut(T::BLCK_SIZE))
-        {
-            // SAFETY: `b` holds size_of::<T>() bytes; plain data as above.
-            let block = unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<T>()) };
-            T::to_float(std::slice::from_ref(&block), o);
-        }
+        return unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), n) }.into();
     }
+    bytes
+        .chunks_exact(size)
+        // SAFETY: each chunk holds one block's bytes; plain data as above.
+        .map(|b| unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<T>()) })
+        .collect::<Vec<T>>()
+        .into()
 }
 
 /// Dequantize whole rows: `bytes` holds `out.len() / fmt.cols` rows in `fmt`.

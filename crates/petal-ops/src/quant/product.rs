@@ -31,20 +31,9 @@ fn few_rows_as<T: GgmlType>(x: &[f32], m: usize, k: usize, w: &[u8], n: usize) -
         .par_chunks(per * rb)
         .flat_map_iter(|chunk| {
             let mut out = Vec::with_capacity(per * m);
-            let mut copy: Vec<T> = Vec::new();
             for row in chunk.chunks_exact(rb) {
-                let blocks: &[T] = if row.as_ptr().align_offset(std::mem::align_of::<T>()) == 0 {
-                    // SAFETY: aligned, in bounds, plain-data blocks (see decode_as)
-                    unsafe { std::slice::from_raw_parts(row.as_ptr().cast::<T>(), rb / size) }
-                } else {
-                    copy.clear();
-                    copy.extend(row.chunks_exact(size).map(|b| {
-                        // SAFETY: `b` holds one block's bytes; plain data
-                        unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<T>()) }
-                    }));
-                    &copy
-                };
-                out.extend(xq.iter().map(|xr| T::vec_dot(k, blocks, xr)));
+                let blocks = super::as_blocks::<T>(row);
+                out.extend(xq.iter().map(|xr| T::vec_dot(k, &blocks, xr)));
             }
             out
         })
