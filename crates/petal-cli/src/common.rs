@@ -78,24 +78,20 @@ pub fn precision(
     })
 }
 
-/// `--quantize TYPE`: a GGML block type by llama.cpp's name (q4_0 ... q6_k).
-fn quantize_type(s: &str, quantized: bool) -> Result<Option<petal_ops::quant::GgmlDType>> {
-    use petal_ops::quant::{type_name, BLOCK_TYPES};
+/// `--quantize TYPE`: a quantizer by name (llama.cpp's GGML types q4_0 ... q6_k, nf4, int4).
+fn quantize_type(
+    s: &str,
+    quantized: bool,
+) -> Result<Option<&'static dyn petal_ops::quant::Quantizer>> {
     if s.is_empty() {
         return Ok(None);
     }
     if quantized {
         bail!("--quantize {s} with --dtype quantized: the first quantizes f32/bf16 weights at load, the second keeps a GGUF file's blocks; give one");
     }
-    if s == "nf4" {
-        bail!("--quantize nf4 is not implemented yet (the GGML types are: q4_0, q8_0, q4_k, ...)");
-    }
-    let names: Vec<String> = BLOCK_TYPES.iter().map(|t| type_name(*t)).collect();
-    BLOCK_TYPES
-        .iter()
-        .find(|t| type_name(**t) == s)
-        .map(|t| Some(*t))
-        .ok_or_else(|| anyhow::anyhow!("--quantize `{s}` is not one of {}", names.join(", ")))
+    petal_ops::quant::quantizer(s)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("--quantize {e}"))
 }
 
 /// Checks before any work that `--out PATH` can be written: its nearest existing ancestor is a

@@ -45,12 +45,12 @@ pub fn load_model(
         }
         ModelSource::Gguf(path) => {
             let g = gguf::read(path, precision.quantized)?;
-            if let (Some(t), Some(held)) = (precision.quantize, g.block_types.first()) {
+            if let (Some(q), Some(held)) = (precision.quantize, g.block_types.first()) {
                 return Err(Error::Unsupported(format!(
                     "{}: --quantize {}: the file's weights are already quantized ({}); train \
                      over them with --dtype quantized",
                     path.display(),
-                    petal_ops::quant::type_name(t),
+                    q.name(),
                     petal_ops::quant::type_name(*held)
                 )));
             }

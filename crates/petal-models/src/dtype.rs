@@ -16,9 +16,10 @@ pub struct Precision {
     /// and legacy types; `--dtype quantized`): frozen products dequantize tiles on the fly.
     /// Everything else (norms, biases, activations) is in `weights`.
     pub quantized: bool,
-    /// Quantize the linears and the token embedding at load into this block type
-    /// (`--quantize`; from f32/bf16/f16 weights): they then run as kept-quantized ones.
-    pub quantize: Option<petal_ops::quant::GgmlDType>,
+    /// Quantize the linears (and, for the GGML types, the token embedding and head) at load
+    /// by this quantizer (`--quantize`; from f32/bf16/f16 weights): they then run as
+    /// kept-quantized ones.
+    pub quantize: Option<&'static dyn petal_ops::quant::Quantizer>,
     pub bf16_activations: bool,
     pub kernels: Kernels,
 }

@@ -156,11 +156,19 @@ impl Llama {
             cfg.num_key_value_heads * d,
             cfg.intermediate_size,
         );
+        // QLoRA's and GPTQ's quantizers leave the token embedding and the head as they are
+        let outer = match precision.quantize {
+            Some(q) if !q.covers_embeddings() => Precision {
+                quantize: None,
+                ..precision
+            },
+            _ => precision,
+        };
         let (embed, embed_quant) = crate::weights::frozen(
             w,
             "model.embed_tokens.weight",
             [cfg.vocab_size, h],
-            precision,
+            outer,
             device,
         )?;
         let quantized = |l: AdaptableLinear| match embed_quant {
@@ -194,7 +202,7 @@ impl Llama {
         let lm_head = if cfg.tie_word_embeddings || !w.contains("lm_head.weight") {
             quantized(AdaptableLinear::new("lm_head", embed.clone(), None))
         } else {
-            linear(w, "lm_head", cfg.vocab_size, h, false, precision, device)?
+            linear(w, "lm_head", cfg.vocab_size, h, false, outer, device)?
         };
         let max_pos = cfg.max_position_embeddings.max(1);
         // cos and sin tables of (positions, head_dim / 2) f32 each: a context read from a file

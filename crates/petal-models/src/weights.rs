@@ -45,18 +45,18 @@ pub fn frozen(
             return Ok((t, Some(f)));
         }
     }
-    if let Some(t) = p.quantize {
-        let ty = petal_ops::quant::type_name(t);
+    if let Some(q) = p.quantize {
+        let ty = q.name();
         if !device.is_cpu() {
             return Err(Error::Unsupported(format!(
                 "--quantize {ty}: quantized weights run on the CPU only for now ({device:?})"
             )));
         }
-        QFormat::new(t, shape[1])
+        QFormat::of(q, shape[1])
             .map_err(|e| Error::msg(format!("--quantize {ty}: tensor `{name}`: {e}")))?;
         let dense = w.get(name, Some(&shape), DType::F32, device)?;
-        let (q, f) = petal_ops::quant::quantize(&dense, t)?;
-        return Ok((q, Some(f)));
+        let (t, f) = petal_ops::quant::quantize_with(&dense, q)?;
+        return Ok((t, Some(f)));
     }
     Ok((w.get(name, Some(&shape), p.weights, device)?, None))
 }

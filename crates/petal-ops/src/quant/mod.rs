@@ -13,6 +13,8 @@ use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
 mod decode;
+mod int4;
+mod nf4;
 mod product;
 #[cfg(test)]
 mod tests;
@@ -21,8 +23,10 @@ pub(crate) use product::{forward_into, input_grad_into, use_bf16};
 pub use product::{quant_input_grad, quant_linear, quant_linear_reference, quant_lora_linear};
 
 pub use candle_core::quantized::GgmlDType;
+pub use int4::{Int4, INT4};
+pub use nf4::{Nf4, Nf4Parts, NF4};
 
-/// The block types a quantized frozen linear may hold (GGUF's legacy and k-quant types).
+/// The GGML block types a quantized frozen linear may hold (GGUF's legacy and k-quant types).
 pub const BLOCK_TYPES: &[GgmlDType] = &[
     GgmlDType::Q4_0,
     GgmlDType::Q4_1,
@@ -36,10 +40,132 @@ pub const BLOCK_TYPES: &[GgmlDType] = &[
     GgmlDType::Q6K,
 ];
 
-/// How a quantized weight's rows are stored: the block type and the row length in values.
+/// A way of storing a frozen weight's rows in fewer bits (ModuLoRA's "quantizer as a
+/// plug-in"): whatever implements it trains under LoRA and the other additive methods through
+/// the same ops (`quant_linear`, `quant_lora_linear`, the quantized head loss), which only ever
+/// ask it to decode whole rows into f32. petal's own: the GGML block types ([`ggml`]), NF4
+/// with double-quantized scales ([`NF4`], QLoRA's), and grouped int4 with scales and zeros
+/// ([`INT4`], GPTQ's storage). A new one is a `static` of a type implementing this.
+///
+/// A row must be self-contained (`row_bytes(cols)` bytes that decode alone): tiles, the
+/// embedding's looked-up rows and row slices are all cut along rows.
+pub trait Quantizer: Send + Sync {
+    /// Its name as `--quantize` takes it (`q4_k`, `nf4`, ...).
+    fn name(&self) -> String;
+    /// Values per block: a row's length must be a whole number of blocks.
+    fn block_size(&self) -> usize;
+    /// Bytes of one row of `cols` values.
+    fn row_bytes(&self, cols: usize) -> usize;
+    /// Decode whole rows (`bytes.len() / row_bytes(cols)` of them) into `out`.
+    fn decode(&self, cols: usize, bytes: &[u8], out: &mut [f32]);
+    /// Quantize a whole tensor of f32 rows (`cols` wide): statistics may span rows (NF4's
+    /// second-level scales do), the rows written must still decode alone.
+    fn encode(&self, cols: usize, w: &[f32]) -> Vec<u8>;
+    /// `x (m, cols) W^T` for a few rows without decoding W to f32 (8-bit dot products), where
+    /// the format has such a path; inexact, for inference only.
+    fn few_rows(&self, _x: &[f32], _m: usize, _cols: usize, _w: &[u8], _n: usize) -> Option<Vec<f32>> {
+        None
+    }
+    /// Whether `--quantize` with it also quantizes the token embedding and output head
+    /// (llama.cpp's types do; QLoRA and GPTQ keep them in the model's dtype).
+    fn covers_embeddings(&self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for dyn Quantizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+impl PartialEq for dyn Quantizer {
+    fn eq(&self, other: &Self) -> bool {
+        self.name() == other.name()
+    }
+}
+
+impl Eq for dyn Quantizer {}
+
+/// A GGML block type as a [`Quantizer`].
+struct Ggml(GgmlDType);
+
+static GGML: [Ggml; 10] = [
+    Ggml(GgmlDType::Q4_0),
+    Ggml(GgmlDType::Q4_1),
+    Ggml(GgmlDType::Q5_0),
+    Ggml(GgmlDType::Q5_1),
+    Ggml(GgmlDType::Q8_0),
+    Ggml(GgmlDType::Q2K),
+    Ggml(GgmlDType::Q3K),
+    Ggml(GgmlDType::Q4K),
+    Ggml(GgmlDType::Q5K),
+    Ggml(GgmlDType::Q6K),
+];
+
+/// The quantizer of a GGML block type: an error naming the type when petal does not run it.
+pub fn ggml(t: GgmlDType) -> std::result::Result<&'static dyn Quantizer, String> {
+    match GGML.iter().find(|g| g.0 == t) {
+        Some(g) => Ok(g),
+        None => Err(format!(
+            "block type {} is not implemented for quantized linears (petal runs {})",
+            type_name(t),
+            BLOCK_TYPES
+                .iter()
+                .map(|t| type_name(*t))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+impl Quantizer for Ggml {
+    fn name(&self) -> String {
+        type_name(self.0)
+    }
+
+    fn block_size(&self) -> usize {
+        self.0.block_size()
+    }
+
+    fn row_bytes(&self, cols: usize) -> usize {
+        cols / self.0.block_size() * self.0.type_size()
+    }
+
+    fn decode(&self, _cols: usize, bytes: &[u8], out: &mut [f32]) {
+        ggml_decode(self.0, bytes, out)
+    }
+
+    fn encode(&self, _cols: usize, w: &[f32]) -> Vec<u8> {
+        ggml_encode(self.0, w)
+    }
+
+    fn few_rows(&self, x: &[f32], m: usize, cols: usize, w: &[u8], n: usize) -> Option<Vec<f32>> {
+        product::ggml_few_rows(self.0, x, m, cols, w, n)
+    }
+}
+
+/// Every quantizer petal has, by name: the GGML types, `nf4`, `int4`.
+pub fn quantizers() -> Vec<&'static dyn Quantizer> {
+    let mut all: Vec<&'static dyn Quantizer> = GGML.iter().map(|g| g as _).collect();
+    all.push(&NF4);
+    all.push(&INT4);
+    all
+}
+
+/// The quantizer `--quantize NAME` names, or an error listing them.
+pub fn quantizer(name: &str) -> std::result::Result<&'static dyn Quantizer, String> {
+    let all = quantizers();
+    all.iter().find(|q| q.name() == name).copied().ok_or_else(|| {
+        let names: Vec<String> = all.iter().map(|q| q.name()).collect();
+        format!("`{name}` is not one of {}", names.join(", "))
+    })
+}
+
+/// How a quantized weight's rows are stored: the quantizer and the row length in values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QFormat {
-    pub dtype: GgmlDType,
+    pub q: &'static dyn Quantizer,
     pub cols: usize,
 }
 
@@ -49,36 +175,31 @@ pub fn type_name(t: GgmlDType) -> String {
 }
 
 impl QFormat {
-    /// A format for rows of `cols` values in blocks of `dtype`: an error naming the type when
-    /// petal does not implement it, or when the rows are not whole blocks.
+    /// A format for rows of `cols` values in blocks of GGML's `dtype`: an error naming the type
+    /// when petal does not implement it, or when the rows are not whole blocks.
     pub fn new(dtype: GgmlDType, cols: usize) -> std::result::Result<Self, String> {
-        if !BLOCK_TYPES.contains(&dtype) {
-            return Err(format!(
-                "block type {} is not implemented for quantized linears (petal runs {})",
-                type_name(dtype),
-                BLOCK_TYPES
-                    .iter()
-                    .map(|t| type_name(*t))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-        }
-        let block = dtype.block_size();
+        Self::of(ggml(dtype)?, cols)
+    }
+
+    /// A format for rows of `cols` values by quantizer `q`: an error when they are not whole
+    /// blocks.
+    pub fn of(q: &'static dyn Quantizer, cols: usize) -> std::result::Result<Self, String> {
+        let block = q.block_size();
         if cols == 0 || !cols.is_multiple_of(block) {
             return Err(format!(
                 "rows of {cols} values are not whole {} blocks of {block}",
-                type_name(dtype)
+                q.name()
             ));
         }
-        Ok(QFormat { dtype, cols })
+        Ok(QFormat { q, cols })
     }
 
     pub fn row_bytes(&self) -> usize {
-        self.cols / self.dtype.block_size() * self.dtype.type_size()
+        self.q.row_bytes(self.cols)
     }
 
     pub fn name(&self) -> String {
-        type_name(self.dtype)
+        self.q.name()
     }
 }
 
@@ -107,10 +228,14 @@ fn as_blocks<T: GgmlType>(bytes: &[u8]) -> std::borrow::Cow<'_, [T]> {
 
 /// Dequantize whole rows: `bytes` holds `out.len() / fmt.cols` rows in `fmt`.
 pub fn dequantize_rows(fmt: QFormat, bytes: &[u8], out: &mut [f32]) {
-    if decode::fast(fmt.dtype, bytes, out) {
+    fmt.q.decode(fmt.cols, bytes, out)
+}
+
+fn ggml_decode(t: GgmlDType, bytes: &[u8], out: &mut [f32]) {
+    if decode::fast(t, bytes, out) {
         return;
     }
-    match fmt.dtype {
+    match t {
         GgmlDType::Q4_0 => decode_as::<kq::BlockQ4_0>(bytes, out),
         GgmlDType::Q4_1 => decode_as::<kq::BlockQ4_1>(bytes, out),
         GgmlDType::Q5_0 => decode_as::<kq::BlockQ5_0>(bytes, out),
@@ -121,7 +246,7 @@ pub fn dequantize_rows(fmt: QFormat, bytes: &[u8], out: &mut [f32]) {
         GgmlDType::Q4K => decode_as::<kq::BlockQ4K>(bytes, out),
         GgmlDType::Q5K => decode_as::<kq::BlockQ5K>(bytes, out),
         GgmlDType::Q6K => decode_as::<kq::BlockQ6K>(bytes, out),
-        other => unreachable!("QFormat::new refuses {other:?}"),
+        other => unreachable!("`ggml` refuses {other:?}"),
     }
 }
 
@@ -144,9 +269,13 @@ fn quantize_as<T: GgmlType>(x: &[f32]) -> Vec<u8> {
     bytes.to_vec()
 }
 
-/// Quantize f32 rows (row-major, `fmt.cols` wide) into `fmt`'s blocks, by candle's quantizers.
+/// Quantize f32 rows (row-major, `fmt.cols` wide) into `fmt`'s blocks.
 pub fn quantize_rows(fmt: QFormat, x: &[f32]) -> Vec<u8> {
-    match fmt.dtype {
+    fmt.q.encode(fmt.cols, x)
+}
+
+fn ggml_encode(t: GgmlDType, x: &[f32]) -> Vec<u8> {
+    match t {
         GgmlDType::Q4_0 => quantize_as::<kq::BlockQ4_0>(x),
         GgmlDType::Q4_1 => quantize_as::<kq::BlockQ4_1>(x),
         GgmlDType::Q5_0 => quantize_as::<kq::BlockQ5_0>(x),
@@ -157,14 +286,20 @@ pub fn quantize_rows(fmt: QFormat, x: &[f32]) -> Vec<u8> {
         GgmlDType::Q4K => quantize_as::<kq::BlockQ4K>(x),
         GgmlDType::Q5K => quantize_as::<kq::BlockQ5K>(x),
         GgmlDType::Q6K => quantize_as::<kq::BlockQ6K>(x),
-        other => unreachable!("QFormat::new refuses {other:?}"),
+        other => unreachable!("`ggml` refuses {other:?}"),
     }
 }
 
-/// A quantized weight tensor `(rows, fmt.row_bytes())` of `u8` from f32 `w (rows, cols)`.
+/// A quantized weight tensor `(rows, fmt.row_bytes())` of `u8` from `w (rows, cols)`, in
+/// GGML's block type `dtype`.
 pub fn quantize(w: &Tensor, dtype: GgmlDType) -> Result<(Tensor, QFormat)> {
+    quantize_with(w, ggml(dtype).map_err(candle_core::Error::msg)?)
+}
+
+/// A quantized weight tensor `(rows, fmt.row_bytes())` of `u8` from `w (rows, cols)` by `q`.
+pub fn quantize_with(w: &Tensor, q: &'static dyn Quantizer) -> Result<(Tensor, QFormat)> {
     let (n, k) = w.dims2()?;
-    let fmt = QFormat::new(dtype, k).map_err(candle_core::Error::msg)?;
+    let fmt = QFormat::of(q, k).map_err(candle_core::Error::msg)?;
     let x = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let bytes = quantize_rows(fmt, &x);
     Ok((

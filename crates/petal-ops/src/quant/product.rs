@@ -47,12 +47,18 @@ fn few_rows_as<T: GgmlType>(x: &[f32], m: usize, k: usize, w: &[u8], n: usize) -
     y
 }
 
-/// The few-row product where `fmt` has one: candle's dot products need an even number of
-/// 32-value blocks per row for the legacy types.
-fn few_rows(x: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize) -> Option<Vec<f32>> {
-    let k = fmt.cols;
+/// The few-row product of a GGML type where candle has one: its dot products need an even
+/// number of 32-value blocks per row for the legacy types.
+pub(super) fn ggml_few_rows(
+    t: GgmlDType,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[u8],
+    n: usize,
+) -> Option<Vec<f32>> {
     let even = (k / 32).is_multiple_of(2);
-    Some(match fmt.dtype {
+    Some(match t {
         GgmlDType::Q4_0 if even => few_rows_as::<kq::BlockQ4_0>(x, m, k, w, n),
         GgmlDType::Q8_0 if even => few_rows_as::<kq::BlockQ8_0>(x, m, k, w, n),
         GgmlDType::Q2K => few_rows_as::<kq::BlockQ2K>(x, m, k, w, n),
@@ -80,7 +86,7 @@ fn tile_rows(k: usize) -> usize {
 /// number of rows (a pass that will take a gradient).
 fn forward(x: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize, op: &QLinear) -> Vec<f32> {
     if !op.exact && crate::skinny::takes(m) {
-        if let Some(y) = few_rows(x, m, fmt, w, n) {
+        if let Some(y) = fmt.q.few_rows(x, m, fmt.cols, w, n) {
             return y;
         }
     }

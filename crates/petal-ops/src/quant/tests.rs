@@ -1,5 +1,6 @@
 //! The quantized products against dequantize-then-f32, and the decoders against gguf-py.
 use super::product::*;
+use super::nf4::Nf4Parts;
 use super::*;
 use crate::testing::{max_rel, rand};
 use crate::Kernels;
@@ -86,9 +87,10 @@ fn dequantize_equals_gguf_py_on_random_blocks() {
 fn quant_linear_equals_dequantize_then_f32_in_value_and_input_gradient() {
     // rows of W spanning several tiles (tile_rows(512) = 64 under test: use 1100 rows for the
     // few-row path's chunks and a short last tile) and m across both paths
-    for &t in BLOCK_TYPES {
-        let (n, k) = (if t == GgmlDType::Q4K { 1100 } else { 40 }, 512);
-        let (q, fmt) = quantize(&rand(&[n, k], 3), t).unwrap();
+    for t in quantizers() {
+        let name = t.name();
+        let (n, k) = (if name == "q4_k" || name == "nf4" { 1100 } else { 40 }, 512);
+        let (q, fmt) = quantize_with(&rand(&[n, k], 3), t).unwrap();
         let b = rand(&[n], 4);
         for m in [1, 5, 37] {
             let x = Var::from_tensor(&rand(&[m, k], 5)).unwrap();
@@ -188,4 +190,101 @@ fn unimplemented_types_and_partial_blocks_are_refused_by_name() {
     assert!(e.contains("q8_k") && e.contains("q4_k"), "{e}");
     let e = QFormat::new(GgmlDType::Q4K, 100).unwrap_err();
     assert!(e.contains("100") && e.contains("256"), "{e}");
+}
+
+fn nf4_golden() -> std::collections::HashMap<String, Tensor> {
+    // tools/golden/make_nf4.py: bitsandbytes' NF4 and a transcription of GPTQ's int4 grid
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/golden/quant_nf4.safetensors"
+    );
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+fn vec<T: candle_core::WithDType>(t: &Tensor) -> Vec<T> {
+    t.flatten_all().unwrap().to_vec1::<T>().unwrap()
+}
+
+#[test]
+fn nf4_codes_are_bitsandbytes_codes() {
+    let g = nf4_golden();
+    assert_eq!(&nf4::code8_for_tests()[..], &vec::<f32>(&g["nested_code"])[..]);
+    let codes: Vec<f32> = (0..16u8)
+        .map(|q| {
+            let row = NF4.encode(64, &[0.0; 64]);
+            let mut row = row;
+            row[..32].fill(q << 4 | q);
+            // scale code of 1.0 in the dynamic code and a group scale of 1: absmax 1
+            row[32] = 255;
+            row[33..35].copy_from_slice(&0u16.to_le_bytes());
+            row[35..39].copy_from_slice(&0f32.to_le_bytes());
+            row[39..43].copy_from_slice(&1f32.to_le_bytes());
+            let mut out = [0f32; 64];
+            NF4.decode(64, &row, &mut out);
+            out[0]
+        })
+        .collect();
+    assert_eq!(codes, vec::<f32>(&g["nf4_code"]));
+}
+
+#[test]
+fn nf4_decodes_bitsandbytes_state_bit_for_bit() {
+    let g = nf4_golden();
+    for name in ["rows", "wide"] {
+        let want = &g[&format!("{name}.nf4")];
+        let (n, cols) = want.dims2().unwrap();
+        let parts = Nf4Parts {
+            packed: &vec::<u8>(&g[&format!("{name}.packed")]),
+            scale_codes: &vec::<u8>(&g[&format!("{name}.absmax")]),
+            group_scales: &vec::<f32>(&g[&format!("{name}.nested_absmax")]),
+            offset: vec::<f32>(&g[&format!("{name}.offset")])[0],
+        };
+        let rows = NF4.from_parts(cols, &parts).unwrap();
+        let fmt = QFormat::of(&NF4, cols).unwrap();
+        let q = Tensor::from_vec(rows, (n, fmt.row_bytes()), &Device::Cpu).unwrap();
+        assert_eq!(max_diff(&dequantize(&q, fmt).unwrap(), want), 0.0, "{name}");
+    }
+}
+
+#[test]
+fn nf4_quantizes_as_bitsandbytes() {
+    let g = nf4_golden();
+    for name in ["rows", "wide"] {
+        let want = &g[&format!("{name}.nf4")];
+        let (q, fmt) = quantize_with(&g[&format!("{name}.weight")], &NF4).unwrap();
+        let (cols, bpr) = (fmt.cols, fmt.cols / 64);
+        let bytes = vec::<u8>(&q);
+        let (mut packed, mut codes) = (vec![], vec![]);
+        for row in bytes.chunks_exact(fmt.row_bytes()) {
+            packed.extend_from_slice(&row[..cols / 2]);
+            codes.extend_from_slice(&row[cols / 2..cols / 2 + bpr]);
+        }
+        assert_eq!(packed, vec::<u8>(&g[&format!("{name}.packed")]), "{name}: 4-bit codes");
+        // bitsandbytes' table search (BinSearch's Direct2) lands on the farther neighbour for
+        // a few scales within a hair of a midpoint; petal keeps the nearest code there
+        let theirs = vec::<u8>(&g[&format!("{name}.absmax")]);
+        let differ = codes.iter().zip(&theirs).filter(|(a, b)| a != b).count();
+        assert!(differ * 100 <= codes.len(), "{name}: {differ} of {} scale codes", codes.len());
+        assert!(codes.iter().zip(&theirs).all(|(a, b)| a.abs_diff(*b) <= 1), "{name}");
+        let d = max_rel(&dequantize(&q, fmt).unwrap(), want);
+        assert!(d <= 3e-3, "{name}: {d}");
+    }
+}
+
+#[test]
+fn int4_equals_gptqs_grid() {
+    let g = nf4_golden();
+    for name in ["rows", "wide"] {
+        let (q, fmt) = quantize_with(&g[&format!("{name}.weight")], &INT4).unwrap();
+        let got = dequantize(&q, fmt).unwrap();
+        assert_eq!(max_diff(&got, &g[&format!("{name}.int4")]), 0.0, "{name}");
+    }
+}
+
+#[test]
+fn quantizers_are_found_by_name_and_unknown_names_listed() {
+    assert_eq!(quantizer("nf4").unwrap().name(), "nf4");
+    assert_eq!(quantizer("q4_k").unwrap().name(), "q4_k");
+    let e = quantizer("nf3").unwrap_err();
+    assert!(e.contains("nf4") && e.contains("int4") && e.contains("q8_0"), "{e}");
 }

@@ -1,0 +1,92 @@
+//! Grouped int4 with a scale and a zero point per group of 128 values: GPTQ's storage (what
+//! GPTQ and AWQ checkpoints hold), quantized here by round to nearest with GPTQ's own grid
+//! (`Quantizer.find_params` of the GPTQ code: the range widened to include 0, `scale = (max -
+//! min) / 15`, `zero = round(-min / scale)`, `q = clamp(round(x / scale) + zero, 0, 15)`,
+//! scales stored in f16), without GPTQ's error-compensating updates, which need calibration
+//! data. A value decodes to `(q - zero) * scale`. A row: `cols / 2` bytes of codes (two per
+//! byte, the first value in the low nibble, as GPTQ packs them into int32 words), then per group
+//! an f16 scale and a u8 zero.
+
+use super::Quantizer;
+use half::f16;
+
+/// Grouped int4 as a [`Quantizer`]: `--quantize int4`.
+pub struct Int4 {
+    pub group: usize,
+}
+
+/// Int4 in groups of 128 (GPTQ's usual `group_size`).
+pub static INT4: Int4 = Int4 { group: 128 };
+
+impl Int4 {
+    /// The grid of one group: its f32 scale and zero point (GPTQ's `find_params`, asymmetric).
+    fn grid(g: &[f32]) -> (f32, f32) {
+        let lo = g.iter().fold(0f32, |m, v| m.min(*v));
+        let hi = g.iter().fold(0f32, |m, v| m.max(*v));
+        let (lo, hi) = match lo == 0.0 && hi == 0.0 {
+            true => (-1.0, 1.0),
+            false => (lo, hi),
+        };
+        let scale = (hi - lo) / 15.0;
+        (scale, (-lo / scale).round_ties_even())
+    }
+}
+
+impl Quantizer for Int4 {
+    fn name(&self) -> String {
+        match self.group {
+            128 => "int4".into(),
+            g => format!("int4_g{g}"),
+        }
+    }
+
+    fn block_size(&self) -> usize {
+        self.group
+    }
+
+    fn row_bytes(&self, cols: usize) -> usize {
+        cols / 2 + cols / self.group * 3
+    }
+
+    fn decode(&self, cols: usize, bytes: &[u8], out: &mut [f32]) {
+        let g = self.group;
+        for (row, o) in bytes.chunks_exact(self.row_bytes(cols)).zip(out.chunks_exact_mut(cols)) {
+            let params = &row[cols / 2..];
+            for (j, (packed, o)) in row[..cols / 2]
+                .chunks_exact(g / 2)
+                .zip(o.chunks_exact_mut(g))
+                .enumerate()
+            {
+                let scale = f16::from_le_bytes([params[3 * j], params[3 * j + 1]]).to_f32();
+                let zero = params[3 * j + 2] as f32;
+                let table: [f32; 16] = std::array::from_fn(|q| (q as f32 - zero) * scale);
+                for (b, o) in packed.iter().zip(o.chunks_exact_mut(2)) {
+                    o[0] = table[(b & 15) as usize];
+                    o[1] = table[(b >> 4) as usize];
+                }
+            }
+        }
+    }
+
+    fn encode(&self, cols: usize, w: &[f32]) -> Vec<u8> {
+        let g = self.group;
+        let mut out = Vec::with_capacity(w.len() / cols * self.row_bytes(cols));
+        let mut params = Vec::with_capacity(cols / g * 3);
+        for row in w.chunks_exact(cols) {
+            params.clear();
+            for group in row.chunks_exact(g) {
+                let (scale, zero) = Self::grid(group);
+                let q = |v: f32| ((v / scale).round_ties_even() + zero).clamp(0.0, 15.0) as u8;
+                out.extend(group.chunks_exact(2).map(|p| q(p[0]) | (q(p[1]) << 4)));
+                params.extend(f16::from_f32(scale).to_le_bytes());
+                params.push(zero as u8);
+            }
+            out.extend_from_slice(&params);
+        }
+        out
+    }
+
+    fn covers_embeddings(&self) -> bool {
+        false
+    }
+}
