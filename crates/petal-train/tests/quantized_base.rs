@@ -1,6 +1,6 @@
-//! LoRA over a base kept quantized (`--dtype quantized`) trains as over the same weights
-//! dequantized to f32: the tiny golden Llama's linears quantized (three block types, and one
-//! left dense as GGUF files leave some), then the same run on both; the loss curves agree to
+//! LoRA over a base kept quantized (`--dtype quantized`, `--quantize`) trains as over the same
+//! weights dequantized to f32: the tiny golden Llama's linears quantized (three GGML block
+//! types, NF4 and int4, and one left dense as GGUF files leave some), then the same run on both; the loss curves agree to
 //! f32 rounding, since training's products decode W exactly (only decoding without a
 //! gradient rounds x to 8 bits).
 
@@ -40,13 +40,20 @@ fn logit_gap(a: &Llama, b: &Llama) -> f32 {
 #[test]
 fn lora_over_quantized_weights_follows_lora_over_them_dequantized() {
     let (cfg, dense) = tiny_llama_tensors();
-    let types = [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q5_0];
+    // GGML types and grouped int4: every quantizer runs through the same ops (NF4's blocks of
+    // 64 are longer than these rows: the next test trains over it)
+    let types: [&dyn quant::Quantizer; 4] = [
+        quant::ggml(GgmlDType::Q8_0).unwrap(),
+        quant::ggml(GgmlDType::Q4_1).unwrap(),
+        &quant::INT4_G32,
+        quant::ggml(GgmlDType::Q5_0).unwrap(),
+    ];
     let (mut kept, mut blocks, mut same) = (HashMap::new(), HashMap::new(), HashMap::new());
     for (i, (name, t)) in dense.into_iter().enumerate() {
         // 2-D tensors of whole 32-value rows: the embedding, q/k/v/o, gate and up (down_proj's
         // rows of 48 values stay dense)
         if t.rank() == 2 && t.dim(1).unwrap() % 32 == 0 {
-            let (q, fmt) = quant::quantize(&t, types[i % types.len()]).unwrap();
+            let (q, fmt) = quant::quantize_with(&t, types[i % types.len()]).unwrap();
             same.insert(name.clone(), quant::dequantize(&q, fmt).unwrap());
             blocks.insert(name, (q, fmt));
         } else {
@@ -152,41 +159,70 @@ fn methods_that_need_w_are_refused_over_a_quantized_base_naming_why() {
 #[test]
 fn quantize_at_load_equals_the_same_blocks_dequantized_and_names_a_tensor_that_does_not_fit() {
     // `--quantize q8_0` on f32 weights: the linears and the embedding become Q8_0 blocks at
-    // load and run as a GGUF file's do; the logits equal those of the blocks' values in f32
+    // load and run as a GGUF file's do (`nf4`: the linears only); the logits equal those of the
+    // blocks' values in f32
     let dir = common::tiny_llama();
     let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
     let mut cfg = LlamaConfig::from_hf_json(&text, "config.json").unwrap();
-    cfg.intermediate_size = 64; // rows of whole 32-value blocks everywhere
+    // rows of whole 64-value blocks everywhere
+    (
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.intermediate_size,
+    ) = (64, 8, 64);
     let w = petal_models::llama::random_weights(&cfg, 5).unwrap();
-    let mut same = HashMap::new();
-    for (name, t) in &w {
-        let t = if t.rank() == 2 {
-            let (q, fmt) = quant::quantize(t, GgmlDType::Q8_0).unwrap();
-            quant::dequantize(&q, fmt).unwrap()
-        } else {
-            t.clone()
+    // q8_0 (llama.cpp's: the embedding and head too) and nf4 (QLoRA's: those stay dense)
+    for q in [quant::ggml(GgmlDType::Q8_0).unwrap(), &quant::NF4] {
+        let outer = |n: &str| n.contains("embed_tokens") || n.starts_with("lm_head");
+        let mut same = HashMap::new();
+        for (name, t) in &w {
+            let t = if t.rank() == 2 && (q.covers_embeddings() || !outer(name)) {
+                let (b, fmt) = quant::quantize_with(t, q).unwrap();
+                quant::dequantize(&b, fmt).unwrap()
+            } else {
+                t.clone()
+            };
+            same.insert(name.clone(), t);
+        }
+        let at_load = Precision {
+            quantize: Some(q),
+            kernels: petal_ops::Kernels::REFERENCE,
+            ..DType::F32.into()
         };
-        same.insert(name.clone(), t);
+        let m = Llama::load(cfg.clone(), &Weights::Map(w.clone()), at_load, &Device::Cpu).unwrap();
+        assert!(
+            m.linears()
+                .iter()
+                .all(|l| l.quant().is_some() != outer(l.path()) || q.covers_embeddings()),
+            "{q:?}: every linear quantized, the head as the quantizer says"
+        );
+        let reference = Precision {
+            kernels: petal_ops::Kernels::REFERENCE,
+            ..DType::F32.into()
+        };
+        let f = Llama::load(cfg.clone(), &Weights::Map(same), reference, &Device::Cpu).unwrap();
+        let d = logit_gap(&m, &f);
+        assert!(d < 1e-5, "{q:?}: logits differ by {d} of the largest");
+        // and LoRA over it trains as over its values in f32
+        let dir = tempfile::tempdir().unwrap();
+        let lq = common::lora_losses(m, 0.1, dir.path().join("q"));
+        let lf = common::lora_losses(f, 0.1, dir.path().join("f"));
+        assert!(lq[5] < lq[0], "{q:?}: the run must learn: {lq:?}");
+        for (a, b) in lq.iter().zip(&lf) {
+            assert!((a - b).abs() < 1e-4 * b.abs(), "{q:?}: {lq:?} vs {lf:?}");
+        }
     }
     let at_load = Precision {
-        quantize: Some(GgmlDType::Q8_0),
+        quantize: Some(quant::ggml(GgmlDType::Q8_0).unwrap()),
         kernels: petal_ops::Kernels::REFERENCE,
         ..DType::F32.into()
     };
-    let q = Llama::load(cfg.clone(), &Weights::Map(w.clone()), at_load, &Device::Cpu).unwrap();
-    assert!(
-        q.linears().iter().all(|l| l.quant().is_some()),
-        "every linear quantized"
-    );
-    let reference = Precision {
-        kernels: petal_ops::Kernels::REFERENCE,
-        ..DType::F32.into()
-    };
-    let f = Llama::load(cfg.clone(), &Weights::Map(same), reference, &Device::Cpu).unwrap();
-    let d = logit_gap(&q, &f);
-    assert!(d < 1e-5, "logits differ by {d} of the largest");
     // rows of 48 values are not whole Q8_0 blocks: refused naming the tensor
-    cfg.intermediate_size = 48;
+    (
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.intermediate_size,
+    ) = (32, 4, 48);
     let w = petal_models::llama::random_weights(&cfg, 5).unwrap();
     let e = Llama::load(cfg, &Weights::Map(w), at_load, &Device::Cpu)
         .unwrap_err()

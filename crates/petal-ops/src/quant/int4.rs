@@ -15,8 +15,11 @@ pub struct Int4 {
     pub group: usize,
 }
 
-/// Int4 in groups of 128 (GPTQ's usual `group_size`).
+/// Int4 in groups of 128 (GPTQ's usual `group_size`), and the smaller groups for models whose
+/// rows are not whole 128s (SmolLM2's 576).
 pub static INT4: Int4 = Int4 { group: 128 };
+pub static INT4_G64: Int4 = Int4 { group: 64 };
+pub static INT4_G32: Int4 = Int4 { group: 32 };
 
 impl Int4 {
     /// The grid of one group: its f32 scale and zero point (GPTQ's `find_params`, asymmetric).
@@ -50,7 +53,10 @@ impl Quantizer for Int4 {
 
     fn decode(&self, cols: usize, bytes: &[u8], out: &mut [f32]) {
         let g = self.group;
-        for (row, o) in bytes.chunks_exact(self.row_bytes(cols)).zip(out.chunks_exact_mut(cols)) {
+        for (row, o) in bytes
+            .chunks_exact(self.row_bytes(cols))
+            .zip(out.chunks_exact_mut(cols))
+        {
             let params = &row[cols / 2..];
             for (j, (packed, o)) in row[..cols / 2]
                 .chunks_exact(g / 2)

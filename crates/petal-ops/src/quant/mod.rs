@@ -23,7 +23,7 @@ pub(crate) use product::{forward_into, input_grad_into, use_bf16};
 pub use product::{quant_input_grad, quant_linear, quant_linear_reference, quant_lora_linear};
 
 pub use candle_core::quantized::GgmlDType;
-pub use int4::{Int4, INT4};
+pub use int4::{Int4, INT4, INT4_G32, INT4_G64};
 pub use nf4::{Nf4, Nf4Parts, NF4};
 
 /// The GGML block types a quantized frozen linear may hold (GGUF's legacy and k-quant types).
@@ -63,7 +63,14 @@ pub trait Quantizer: Send + Sync {
     fn encode(&self, cols: usize, w: &[f32]) -> Vec<u8>;
     /// `x (m, cols) W^T` for a few rows without decoding W to f32 (8-bit dot products), where
     /// the format has such a path; inexact, for inference only.
-    fn few_rows(&self, _x: &[f32], _m: usize, _cols: usize, _w: &[u8], _n: usize) -> Option<Vec<f32>> {
+    fn few_rows(
+        &self,
+        _x: &[f32],
+        _m: usize,
+        _cols: usize,
+        _w: &[u8],
+        _n: usize,
+    ) -> Option<Vec<f32>> {
         None
     }
     /// Whether `--quantize` with it also quantizes the token embedding and output head
@@ -145,21 +152,23 @@ impl Quantizer for Ggml {
     }
 }
 
-/// Every quantizer petal has, by name: the GGML types, `nf4`, `int4`.
+/// Every quantizer petal has, by name: the GGML types, `nf4`, `int4` (`_g64`, `_g32`).
 pub fn quantizers() -> Vec<&'static dyn Quantizer> {
     let mut all: Vec<&'static dyn Quantizer> = GGML.iter().map(|g| g as _).collect();
-    all.push(&NF4);
-    all.push(&INT4);
+    all.extend([&NF4 as &dyn Quantizer, &INT4, &INT4_G64, &INT4_G32]);
     all
 }
 
 /// The quantizer `--quantize NAME` names, or an error listing them.
 pub fn quantizer(name: &str) -> std::result::Result<&'static dyn Quantizer, String> {
     let all = quantizers();
-    all.iter().find(|q| q.name() == name).copied().ok_or_else(|| {
-        let names: Vec<String> = all.iter().map(|q| q.name()).collect();
-        format!("`{name}` is not one of {}", names.join(", "))
-    })
+    all.iter()
+        .find(|q| q.name() == name)
+        .copied()
+        .ok_or_else(|| {
+            let names: Vec<String> = all.iter().map(|q| q.name()).collect();
+            format!("`{name}` is not one of {}", names.join(", "))
+        })
 }
 
 /// How a quantized weight's rows are stored: the quantizer and the row length in values.

@@ -71,7 +71,8 @@ fn dynamic_code() -> &'static [f32; 256] {
         }
         data.extend([0.0, 1.0]);
         data.sort_by(f32::total_cmp);
-        data.try_into().expect("7 decades of 2^i midpoints, both signs, 0 and 1: 256")
+        data.try_into()
+            .expect("7 decades of 2^i midpoints, both signs, 0 and 1: 256")
     })
 }
 
@@ -123,7 +124,9 @@ impl Nf4 {
         let n = p.packed.len() * 2;
         let blocks = n / BLOCK;
         if cols == 0 || !cols.is_multiple_of(BLOCK) || !n.is_multiple_of(cols) {
-            return Err(format!("{n} values are not rows of {cols} in blocks of {BLOCK}"));
+            return Err(format!(
+                "{n} values are not rows of {cols} in blocks of {BLOCK}"
+            ));
         }
         if p.scale_codes.len() != blocks || p.group_scales.len() != blocks.div_ceil(GROUP) {
             return Err(format!(
@@ -143,7 +146,11 @@ impl Nf4 {
             row[at..at + 2].copy_from_slice(&((first % GROUP) as u16).to_le_bytes());
             row[at + 2..at + 6].copy_from_slice(&p.offset.to_le_bytes());
             for s in 0..slots(bpr) {
-                let v = p.group_scales.get(first / GROUP + s).copied().unwrap_or(0.0);
+                let v = p
+                    .group_scales
+                    .get(first / GROUP + s)
+                    .copied()
+                    .unwrap_or(0.0);
                 row[at + 6 + 4 * s..at + 10 + 4 * s].copy_from_slice(&v.to_le_bytes());
             }
         });
@@ -228,7 +235,8 @@ impl Quantizer for Nf4 {
             group_scales: &group_scales,
             offset,
         };
-        self.from_parts(cols, &parts).expect("rows of whole blocks (checked by QFormat)")
+        self.from_parts(cols, &parts)
+            .expect("rows of whole blocks (checked by QFormat)")
     }
 
     fn covers_embeddings(&self) -> bool {

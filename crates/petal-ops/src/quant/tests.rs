@@ -1,6 +1,6 @@
 //! The quantized products against dequantize-then-f32, and the decoders against gguf-py.
-use super::product::*;
 use super::nf4::Nf4Parts;
+use super::product::*;
 use super::*;
 use crate::testing::{max_rel, rand};
 use crate::Kernels;
@@ -89,7 +89,14 @@ fn quant_linear_equals_dequantize_then_f32_in_value_and_input_gradient() {
     // few-row path's chunks and a short last tile) and m across both paths
     for t in quantizers() {
         let name = t.name();
-        let (n, k) = (if name == "q4_k" || name == "nf4" { 1100 } else { 40 }, 512);
+        let (n, k) = (
+            if name == "q4_k" || name == "nf4" {
+                1100
+            } else {
+                40
+            },
+            512,
+        );
         let (q, fmt) = quantize_with(&rand(&[n, k], 3), t).unwrap();
         let b = rand(&[n], 4);
         for m in [1, 5, 37] {
@@ -208,7 +215,10 @@ fn vec<T: candle_core::WithDType>(t: &Tensor) -> Vec<T> {
 #[test]
 fn nf4_codes_are_bitsandbytes_codes() {
     let g = nf4_golden();
-    assert_eq!(&nf4::code8_for_tests()[..], &vec::<f32>(&g["nested_code"])[..]);
+    assert_eq!(
+        &nf4::code8_for_tests()[..],
+        &vec::<f32>(&g["nested_code"])[..]
+    );
     let codes: Vec<f32> = (0..16u8)
         .map(|q| {
             let row = NF4.encode(64, &[0.0; 64]);
@@ -259,13 +269,24 @@ fn nf4_quantizes_as_bitsandbytes() {
             packed.extend_from_slice(&row[..cols / 2]);
             codes.extend_from_slice(&row[cols / 2..cols / 2 + bpr]);
         }
-        assert_eq!(packed, vec::<u8>(&g[&format!("{name}.packed")]), "{name}: 4-bit codes");
+        assert_eq!(
+            packed,
+            vec::<u8>(&g[&format!("{name}.packed")]),
+            "{name}: 4-bit codes"
+        );
         // bitsandbytes' table search (BinSearch's Direct2) lands on the farther neighbour for
         // a few scales within a hair of a midpoint; petal keeps the nearest code there
         let theirs = vec::<u8>(&g[&format!("{name}.absmax")]);
         let differ = codes.iter().zip(&theirs).filter(|(a, b)| a != b).count();
-        assert!(differ * 100 <= codes.len(), "{name}: {differ} of {} scale codes", codes.len());
-        assert!(codes.iter().zip(&theirs).all(|(a, b)| a.abs_diff(*b) <= 1), "{name}");
+        assert!(
+            differ * 100 <= codes.len(),
+            "{name}: {differ} of {} scale codes",
+            codes.len()
+        );
+        assert!(
+            codes.iter().zip(&theirs).all(|(a, b)| a.abs_diff(*b) <= 1),
+            "{name}"
+        );
         let d = max_rel(&dequantize(&q, fmt).unwrap(), want);
         assert!(d <= 3e-3, "{name}: {d}");
     }
@@ -286,5 +307,8 @@ fn quantizers_are_found_by_name_and_unknown_names_listed() {
     assert_eq!(quantizer("nf4").unwrap().name(), "nf4");
     assert_eq!(quantizer("q4_k").unwrap().name(), "q4_k");
     let e = quantizer("nf3").unwrap_err();
-    assert!(e.contains("nf4") && e.contains("int4") && e.contains("q8_0"), "{e}");
+    assert!(
+        e.contains("nf4") && e.contains("int4") && e.contains("q8_0"),
+        "{e}"
+    );
 }
