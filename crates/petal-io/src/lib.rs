@@ -4,6 +4,7 @@
 
 pub mod adapter;
 pub mod atomic;
+pub mod bnb;
 pub mod encoder;
 pub mod gguf;
 pub mod hub;

@@ -32,14 +32,29 @@ pub fn load_model(
             let cfg_path = dir.join("config.json");
             let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
             let cfg = LlamaConfig::from_hf_json(&text, &cfg_path.display().to_string())?;
-            if precision.quantized {
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::msg(format!("{}: not valid JSON: {e}", cfg_path.display())))?;
+            let bnb = crate::bnb::bnb_config(&json, &cfg_path)?.is_some();
+            if precision.quantized && !bnb {
                 return Err(Error::Unsupported(format!(
-                    "{}: --dtype quantized keeps a GGUF file's quantized weights; this is a \
-                     safetensors folder (load it with --dtype f32 or bf16)",
+                    "{}: --dtype quantized keeps a GGUF file's or a bitsandbytes folder's \
+                     quantized weights; this folder's are not (load it with --dtype f32 or \
+                     bf16, or quantize it with --quantize nf4)",
                     dir.display()
                 )));
             }
-            let w = Weights::from_hf_folder(dir)?;
+            if let (Some(q), true) = (precision.quantize, bnb) {
+                return Err(Error::Unsupported(format!(
+                    "{}: --quantize {}: the folder's linears are already quantized (bitsandbytes \
+                     NF4); train over them with --dtype quantized",
+                    dir.display(),
+                    q.name()
+                )));
+            }
+            let w = match bnb {
+                true => crate::bnb::read(dir)?,
+                false => Weights::from_hf_folder(dir)?,
+            };
             let tok = Tokenizer::from_hf_folder(dir).map_err(|e| Error::msg(e.to_string()))?;
             (Llama::load(cfg, &w, precision, device)?, tok)
         }

@@ -24,7 +24,7 @@ pub use product::{quant_input_grad, quant_linear, quant_linear_reference, quant_
 
 pub use candle_core::quantized::GgmlDType;
 pub use int4::{Int4, INT4, INT4_G32, INT4_G64};
-pub use nf4::{Nf4, Nf4Parts, NF4};
+pub use nf4::{nf4_code, nf4_scale_code, Nf4, Nf4Parts, NF4};
 
 /// The GGML block types a quantized frozen linear may hold (GGUF's legacy and k-quant types).
 pub const BLOCK_TYPES: &[GgmlDType] = &[

@@ -244,7 +244,12 @@ impl Quantizer for Nf4 {
     }
 }
 
-#[cfg(test)]
-pub(super) fn code8_for_tests() -> &'static [f32; 256] {
+/// NF4's 16 values (bitsandbytes' `quant_map`).
+pub fn nf4_code() -> &'static [f32] {
+    &CODE
+}
+
+/// The 8-bit code of NF4's second-level scales (bitsandbytes' `nested_quant_map`).
+pub fn nf4_scale_code() -> &'static [f32] {
     dynamic_code()
 }
