@@ -19,6 +19,20 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def qlora_base(model, dtype):
+    """The model reloaded with bitsandbytes NF4 linears, double-quantized scales, compute in
+    `dtype` (QLoRA's base; bitsandbytes 0.50.2)."""
+    import tempfile
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=bnb, device_map="cpu",
+                                                    dtype=dtype, attn_implementation="sdpa")
+
+
 def build(w):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -36,7 +50,10 @@ def build(w):
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[w["dtype"]]
     if w.get("autocast_bf16"):
         dtype = torch.float32
-    model = model.to(dtype)
+    if w.get("quantize") == "nf4":
+        model = qlora_base(model, dtype)
+    else:
+        model = model.to(dtype)
     if w["mode"] == "train" and w.get("grad_checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if w["mode"] == "train":

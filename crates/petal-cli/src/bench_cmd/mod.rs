@@ -55,6 +55,11 @@ pub struct BenchArgs {
     pub new_tokens: usize,
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Quantize the linears at load (nf4, int4, q8_0, q4_k, ...) and train or decode over them:
+    /// the smollm2 workload then starts from its f32 HF export; PyTorch gets bitsandbytes' NF4
+    /// with double quantization (QLoRA) for nf4, and runs no baseline for the others
+    #[arg(long, default_value = "")]
+    pub quantize: String,
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Threads for petal and PyTorch alike (default: all cores)
@@ -249,8 +254,12 @@ impl Petal {
     }
 }
 
+fn gguf_path(p: &std::path::Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
 fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
-    let dt = crate::common::precision(&a.dtype, a.bf16_activations, "")?;
+    let dt = crate::common::precision(&a.dtype, a.bf16_activations, &a.quantize)?;
     let (model, wl) = match a.workload.as_str() {
         "synthetic-35m" | "smollm2-shape" => {
             let cfg = match a.workload.as_str() {
@@ -267,11 +276,26 @@ fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
         }
         "smollm2" => {
             let gguf = crate::assets::ensure("smollm2")?;
-            let mut lm = petal_io::load_model(gguf.to_str().unwrap_or_default(), dt, dev)?;
             let hf = crate::assets::cache_dir().join("smollm2-hf");
-            if a.vs_pytorch && !hf.join("config.json").exists() {
-                crate::tools_cmd::export_hf(&mut lm, &hf)?; // the same weights for PyTorch
-            }
+            let export =
+                (a.vs_pytorch || dt.quantize.is_some()) && !hf.join("config.json").exists();
+            let lm = match dt.quantize {
+                // the file's own weights in f32, exported once, then quantized at load
+                Some(_) => {
+                    if export {
+                        let mut f32s = petal_io::load_model(gguf_path(&gguf), DType::F32, dev)?;
+                        crate::tools_cmd::export_hf(&mut f32s, &hf)?;
+                    }
+                    petal_io::load_model(hf.to_str().unwrap_or_default(), dt, dev)?
+                }
+                None => {
+                    let mut lm = petal_io::load_model(gguf_path(&gguf), dt, dev)?;
+                    if export {
+                        crate::tools_cmd::export_hf(&mut lm, &hf)?; // the same weights for PyTorch
+                    }
+                    lm
+                }
+            };
             (lm.model, json!({"model": hf}))
         }
         o => bail!("unknown workload `{o}` (synthetic-35m, smollm2, smollm2-shape)"),
@@ -418,9 +442,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let flops = flops_per_token(&petal.model, a.seq, a.mode == "train");
     // PyTorch runs in f32; with petal in bf16 also under its own bf16 autocast
     let mut torches: Vec<(&str, Torch)> = Vec::new();
-    if a.vs_pytorch {
+    let torch_has = a.quantize.is_empty() || a.quantize == "nf4";
+    if a.vs_pytorch && !torch_has {
+        eprintln!(
+            "--quantize {}: no PyTorch baseline (bitsandbytes' NF4 is the one compared)",
+            a.quantize
+        );
+    }
+    if a.vs_pytorch && torch_has {
         let mut base = wl.clone();
         base["dtype"] = json!("f32");
+        base["quantize"] = json!(a.quantize);
         if let Some(t) = start_torch(&a, &base)? {
             torches.push(("pytorch", t));
             if a.dtype == "bf16" {
@@ -457,7 +489,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     pv["peak_rss_mb"] = json!(peak_rss_mb());
     pv["gpu_peak_mb"] = json!(gpu_peak_mb);
     let mut result = json!({
-        "workload": a.workload, "mode": a.mode, "method": a.method, "batch": a.batch, "seq": a.seq, "dtype": a.dtype,
+        "workload": a.workload, "mode": a.mode, "method": a.method, "batch": a.batch, "seq": a.seq, "dtype": a.dtype, "quantize": a.quantize,
         "device": a.device, "cuda_kernels": if a.device.starts_with("cuda") { petal.model.kernels().cuda_families() } else { vec![] }, "threads": wl["threads"], "matmul_peak_gflops": {"f32": peak32, "bf16": peak16},
         "grad_checkpointing": a.grad_checkpointing, "bf16_activations": a.bf16_activations,
         "mflop_per_token": flops / 1e6, "petal": pv, "pytorch": null, "ratio": null,

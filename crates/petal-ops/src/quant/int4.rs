@@ -66,10 +66,7 @@ impl Quantizer for Int4 {
                 let scale = f16::from_le_bytes([params[3 * j], params[3 * j + 1]]).to_f32();
                 let zero = params[3 * j + 2] as f32;
                 let table: [f32; 16] = std::array::from_fn(|q| (q as f32 - zero) * scale);
-                for (b, o) in packed.iter().zip(o.chunks_exact_mut(2)) {
-                    o[0] = table[(b & 15) as usize];
-                    o[1] = table[(b >> 4) as usize];
-                }
+                super::lut::lookup(packed, &table, o, false);
             }
         }
     }

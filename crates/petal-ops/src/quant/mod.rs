@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 mod decode;
 mod int4;
+mod lut;
 mod nf4;
 mod product;
 #[cfg(test)]

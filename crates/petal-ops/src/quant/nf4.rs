@@ -187,10 +187,7 @@ impl Quantizer for Nf4 {
                 let group = f32_at(row, at + 6 + 4 * ((phase + j) / GROUP));
                 let absmax = code8[row[cols / 2 + j] as usize] * group + offset;
                 let table: [f32; 16] = std::array::from_fn(|q| CODE[q] * absmax);
-                for (b, o) in packed.iter().zip(o.chunks_exact_mut(2)) {
-                    o[0] = table[(b >> 4) as usize];
-                    o[1] = table[(b & 15) as usize];
-                }
+                super::lut::lookup(packed, &table, o, true);
             }
         }
     }
