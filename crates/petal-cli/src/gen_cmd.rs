@@ -21,8 +21,9 @@ pub struct ModelArgs {
     /// f32 | bf16 | f16 | quantized (a GGUF file's quantized weights kept in their blocks)
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// Quantize the model's linears at load into a GGML block type (q4_0, q4_1, q5_0, q5_1,
-    /// q8_0, q2_k .. q6_k) and run over the blocks as --dtype quantized does
+    /// Quantize the model's linears at load (nf4, int4, or a GGML block type: q4_0, q4_1,
+    /// q5_0, q5_1, q8_0, q2_k .. q6_k) and run over them as --dtype quantized does; with
+    /// `merge --format gguf` and `export`: the file's tensor type
     #[arg(long, default_value = "")]
     pub quantize: String,
     /// With --dtype bf16 on the CPU: keep activations (and the KV cache) in bf16 too

@@ -7,6 +7,7 @@ pub mod bench_cmd;
 pub mod classify_cmd;
 pub mod common;
 pub mod config_file;
+pub mod export_cmd;
 pub mod gen_cmd;
 pub mod methods_cmd;
 pub mod plot;

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use petal_cli::{bench_cmd, gen_cmd, methods_cmd, serve_cmd, tools_cmd, train_cmd};
+use petal_cli::{bench_cmd, export_cmd, gen_cmd, methods_cmd, serve_cmd, tools_cmd, train_cmd};
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +43,11 @@ enum Cmd {
     /// Merge adapters into the base weights and write a Hugging Face model folder
     #[command(after_help = "Example:\n  petal merge --adapter runs/hamlet/adapter --out merged/")]
     Merge(tools_cmd::MergeArgs),
+    /// Write an adapter in llama.cpp's LoRA GGUF layout (loads with `llama-cli --lora`)
+    #[command(
+        after_help = "Example:\n  petal export --format gguf-lora --adapter runs/hamlet/adapter --out hamlet-lora.gguf"
+    )]
+    Export(export_cmd::ExportArgs),
     /// Summarise a model and its adapters
     Inspect(tools_cmd::InspectArgs),
     /// Write full logits for given token ids (parity checks against other implementations)
@@ -116,6 +121,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Generate(a) => gen_cmd::run_generate(a),
         Cmd::Chat(a) => gen_cmd::run_chat(a),
         Cmd::Merge(a) => tools_cmd::run_merge(a),
+        Cmd::Export(a) => export_cmd::run_export(a),
         Cmd::Inspect(a) => tools_cmd::run_inspect(a),
         Cmd::Forward(a) => tools_cmd::run_forward(a),
         Cmd::Assets(a) => tools_cmd::run_assets(a),

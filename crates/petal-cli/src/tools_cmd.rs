@@ -104,15 +104,16 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
 pub struct MergeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Output folder: a full Hugging Face model (config, safetensors, tokenizer)
+    /// Output: a Hugging Face model folder (config, safetensors, tokenizer), or with
+    /// `--format gguf` a GGUF file llama.cpp loads (with no --adapter: the model converted)
     #[arg(long)]
     pub out: PathBuf,
+    /// hf | gguf (2-D tensors in --quantize's type: f16 by default, f32, bf16, q8_0, q4_k, ...)
+    #[arg(long, default_value = "hf")]
+    pub format: String,
 }
 
 pub fn run_merge(a: MergeArgs) -> Result<()> {
-    if a.model.adapter.is_empty() {
-        bail!("--adapter is required: the adapter to merge into the model");
-    }
     if a.model.dtype == "quantized" {
         bail!(
             "--dtype quantized: merging rewrites the weights, which stay quantized under it; \
@@ -120,16 +121,69 @@ pub fn run_merge(a: MergeArgs) -> Result<()> {
              into its dequantized weights)"
         );
     }
+    let gguf_type = match a.format.as_str() {
+        "hf" if !a.model.quantize.is_empty() => bail!(
+            "--quantize {} with --format hf: a merged HF folder is written in --dtype; \
+             quantized merges are GGUF files (--format gguf)",
+            a.model.quantize
+        ),
+        "hf" => None,
+        "gguf" => Some(petal_io::gguf_out::out_type(
+            match a.model.quantize.as_str() {
+                "" => "f16",
+                q => q,
+            },
+        )?),
+        other => bail!("--format `{other}` is not one of hf, gguf"),
+    };
     crate::common::check_out(&a.out)?;
-    let mut lm = a.model.load()?;
+    let model = ModelArgs {
+        quantize: String::new(), // the output's type here, not the load's
+        ..a.model.clone()
+    };
+    let mut lm = model.load()?;
     petal_core::inject::merge_and_unload_all(&mut lm.model)?;
-    export_hf(&mut lm, &a.out)?;
-    println!(
-        "merged {} adapter(s) into {}",
-        a.model.adapter.len(),
-        a.out.display()
-    );
+    match gguf_type {
+        Some(ty) => export_gguf(&mut lm, &a.out, ty)?,
+        None => export_hf(&mut lm, &a.out)?,
+    }
+    match a.model.adapter.len() {
+        0 => println!("wrote the model, no adapter merged, to {}", a.out.display()),
+        n => println!("merged {n} adapter(s) into {}", a.out.display()),
+    }
     Ok(())
+}
+
+/// Write the (merged) model as one GGUF file llama.cpp loads, 2-D tensors in `ty`.
+pub fn export_gguf(
+    lm: &mut petal_io::LoadedModel,
+    out: &std::path::Path,
+    ty: petal_ops::quant::GgmlDType,
+) -> Result<()> {
+    lm.model.complete_bias_groups()?;
+    if !lm.model.head_is_tied() {
+        lm.model.cfg.tie_word_embeddings = false;
+    }
+    let tok = lm
+        .tokenizer
+        .to_bpe_parts()
+        .with_context(|| format!("{}: the tokenizer", out.display()))?;
+    let tensors = lm.model.named_base_tensors()?;
+    let f16 = petal_io::gguf_out::write_model(out, &lm.model.cfg, tensors, &tok, ty)?;
+    note_f16(&f16, ty);
+    Ok(())
+}
+
+/// A line on stderr for tensors written in f16 rather than `ty` (rows not whole blocks).
+pub fn note_f16(names: &[String], ty: petal_ops::quant::GgmlDType) {
+    if let Some(first) = names.first() {
+        eprintln!(
+            "note: {} tensor(s) ({first}, ...) have rows that are not whole {} blocks: written \
+             in f16, as llama.cpp's tools do",
+            names.len(),
+            petal_ops::quant::type_name(ty)
+        );
+    }
 }
 
 /// Write the (merged) model as a Hugging Face folder: config.json, model.safetensors,

@@ -167,6 +167,72 @@ impl Tokenizer {
         })
     }
 
+    /// The tokenizer as GGUF stores a byte-level BPE one (the inverse of `from_bpe_parts`):
+    /// tokens by id (added tokens included: special ones control, type 3, the others
+    /// user-defined, 4), merges as "a b", and llama.cpp's name of its pre-tokenizer (`gpt2`,
+    /// `smollm`, `qwen2`). Other models and pre-tokenizers: an error naming them.
+    pub fn to_bpe_parts(&self) -> Result<BpeParts> {
+        let text = self.inner.to_string(false).map_err(terr)?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| DataError::Msg(e.to_string()))?;
+        let model = &json["model"];
+        let ty = model["type"].as_str().unwrap_or("?");
+        if ty != "BPE" {
+            return Err(terr(format!(
+                "a {ty} tokenizer has no GGUF form here (byte-level BPE has)"
+            )));
+        }
+        let mut tokens: Vec<Option<String>> = Vec::new();
+        let mut token_types: Vec<i32> = Vec::new();
+        let mut put = |id: u64, tok: &str, kind: i32| {
+            let i = id as usize;
+            if tokens.len() <= i {
+                tokens.resize(i + 1, None);
+                token_types.resize(i + 1, 1);
+            }
+            tokens[i] = Some(tok.to_string());
+            token_types[i] = kind;
+        };
+        for (tok, id) in model["vocab"].as_object().into_iter().flatten() {
+            put(id.as_u64().unwrap_or(0), tok, 1);
+        }
+        for a in json["added_tokens"].as_array().into_iter().flatten() {
+            let special = a["special"].as_bool().unwrap_or(false);
+            let (id, tok) = (
+                a["id"].as_u64().unwrap_or(0),
+                a["content"].as_str().unwrap_or(""),
+            );
+            put(id, tok, if special { 3 } else { 4 });
+        }
+        let tokens = tokens
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| t.unwrap_or_else(|| format!("[PAD{i}]")))
+            .collect();
+        let merges = model["merges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| match m {
+                serde_json::Value::Array(p) => {
+                    let s: Vec<&str> = p.iter().filter_map(|x| x.as_str()).collect();
+                    s.join(" ")
+                }
+                other => other.as_str().unwrap_or("").to_string(),
+            })
+            .collect();
+        Ok(BpeParts {
+            tokens,
+            merges,
+            token_types,
+            bos_id: self.bos_id,
+            eos_id: self.eos_id,
+            add_bos: self.add_bos,
+            pre: pre_name(&json["pre_tokenizer"])?,
+            chat_template: self.chat_template.as_ref().map(|t| t.source.clone()),
+        })
+    }
+
     /// Token ids of `text`; BOS first when the model adds one and `add_special` is set.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(terr)?;
@@ -286,4 +352,27 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     std::fs::write(&tmp, bytes).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// llama.cpp's name of the pre-tokenizers `from_bpe_parts` builds, read from tokenizer.json.
+fn pre_name(pre: &serde_json::Value) -> Result<String> {
+    let ty = |v: &serde_json::Value| v["type"].as_str().unwrap_or("").to_string();
+    let parts: Vec<&serde_json::Value> = match ty(pre).as_str() {
+        "Sequence" => pre["pretokenizers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .collect(),
+        _ => vec![pre],
+    };
+    let kinds: Vec<String> = parts.iter().map(|p| ty(p)).collect();
+    let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
+    match kinds[..] {
+        ["ByteLevel"] => Ok("gpt2".into()),
+        ["Digits", "ByteLevel"] if parts[0]["individual_digits"] == true => Ok("smollm".into()),
+        ["Split", "ByteLevel"] if parts[0]["pattern"]["Regex"] == QWEN2_SPLIT => Ok("qwen2".into()),
+        _ => Err(terr(format!(
+            "pre-tokenizer {kinds:?} has no llama.cpp name petal knows (gpt2, smollm, qwen2)"
+        ))),
+    }
 }

@@ -55,11 +55,15 @@ pub fn write_adapter_files(
     write_atomic(&dir.join(ADAPTER_CONFIG), cfg.to_json()?.as_bytes())
 }
 
-/// Read an adapter folder: its config and tensors keyed by module-relative names.
+/// Read an adapter folder (or a LoRA in llama.cpp's GGUF layout, `*.gguf`): its config and
+/// tensors keyed by module-relative names.
 pub fn load_adapter(
     dir: &Path,
     device: &Device,
 ) -> Result<(AdapterConfig, HashMap<String, Tensor>)> {
+    if is_gguf(dir) {
+        return crate::gguf_out::read_lora(dir, device);
+    }
     let cfg_path = dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let cfg = AdapterConfig::from_json(&text, &cfg_path.display().to_string())?;
@@ -79,6 +83,11 @@ pub fn load_adapter(
         out.insert(key, t);
     }
     Ok((cfg, out))
+}
+
+/// An adapter given as a file in llama.cpp's LoRA GGUF layout rather than a PEFT folder.
+fn is_gguf(p: &Path) -> bool {
+    p.is_file() && p.extension().is_some_and(|e| e == "gguf")
 }
 
 /// Tensors of adapter `name` under module-relative PEFT names.
@@ -158,7 +167,10 @@ pub fn attach_adapter_with(
         .unwrap_or(Device::Cpu);
     let (cfg, tensors) = load_adapter(dir, &device)?;
     let report = inject_adapter_within(model, name, &cfg, 0, &opts.limit)?;
-    let file = dir.join(ADAPTER_WEIGHTS);
+    let file = match is_gguf(dir) {
+        true => dir.to_path_buf(),
+        false => dir.join(ADAPTER_WEIGHTS),
+    };
     let nonfinite = load_into_checked(model, name, tensors, &file, allow_nonfinite)?;
     Ok((cfg, report, nonfinite))
 }

@@ -22,41 +22,67 @@ pub struct Gguf {
     pub block_types: Vec<candle_core::quantized::GgmlDType>,
 }
 
+/// Whole-model tensors: GGUF name, HF name.
+pub(crate) const FIXED_NAMES: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// A layer's tensors: GGUF name after `blk.N.`, HF name after `model.layers.N.`.
+pub(crate) const LAYER_NAMES: [(&str, &str); 12] = [
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("attn_q.weight", "self_attn.q_proj.weight"),
+    ("attn_k.weight", "self_attn.k_proj.weight"),
+    ("attn_v.weight", "self_attn.v_proj.weight"),
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("attn_q.bias", "self_attn.q_proj.bias"),
+    ("attn_k.bias", "self_attn.k_proj.bias"),
+    ("attn_v.bias", "self_attn.v_proj.bias"),
+    ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    ("ffn_up.weight", "mlp.up_proj.weight"),
+    ("ffn_down.weight", "mlp.down_proj.weight"),
+];
+
 /// GGUF tensor name -> HF name.
 pub fn hf_name(gguf: &str) -> Option<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
+    if let Some((_, hf)) = FIXED_NAMES.iter().find(|(g, _)| *g == gguf) {
+        return Some(hf.to_string());
     }
     let rest = gguf.strip_prefix("blk.")?;
     let (n, tail) = rest.split_once('.')?;
-    let hf = match tail {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "attn_q.bias" => "self_attn.q_proj.bias",
-        "attn_k.bias" => "self_attn.k_proj.bias",
-        "attn_v.bias" => "self_attn.v_proj.bias",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        _ => return None,
-    };
+    let (_, hf) = LAYER_NAMES.iter().find(|(g, _)| *g == tail)?;
     Some(format!("model.layers.{n}.{hf}"))
 }
 
-/// Undo llama.cpp's interleaved-RoPE permutation of q/k rows: W (out, in) ->
-/// W.reshape(heads, d/2, 2, in).transpose(1, 2).reshape(out, in). Biases (out,) alike.
-pub fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
+/// HF tensor name -> GGUF name (the inverse of [`hf_name`]).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    if let Some((g, _)) = FIXED_NAMES.iter().find(|(_, h)| *h == hf) {
+        return Some(g.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (n, tail) = rest.split_once('.')?;
+    let (g, _) = LAYER_NAMES.iter().find(|(_, h)| *h == tail)?;
+    Some(format!("blk.{n}.{g}"))
+}
+
+/// llama.cpp's interleaved-RoPE permutation of q/k rows (its converter's `permute`, what the
+/// `llama` architecture stores): W (out, in) -> W.reshape(heads, 2, d/2, in).transpose(1, 2)
+/// .reshape(out, in). Biases (out,) alike. The inverse of [`unpermute`].
+pub fn permute(w: &Tensor, heads: usize) -> Result<Tensor> {
     let dims = w.dims().to_vec();
+    let (out, rest) = pair_split(&dims, heads)?;
+    let t = w
+        .reshape((heads, 2, out / heads / 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    Ok(t.reshape(dims)?)
+}
+
+/// Rows and the product of the other dims of a q/k projection, checked to split into `heads`
+/// heads of pairs.
+fn pair_split(dims: &[usize], heads: usize) -> Result<(usize, usize)> {
     let Some((&out, tail)) = dims.split_first() else {
         return Err(Error::msg("a q/k projection that is a scalar".to_string()));
     };
@@ -65,7 +91,14 @@ pub fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
             "a q/k projection of {out} rows does not split into {heads} heads of pairs"
         )));
     }
-    let rest: usize = tail.iter().product();
+    Ok((out, tail.iter().product()))
+}
+
+/// Undo llama.cpp's interleaved-RoPE permutation of q/k rows: W (out, in) ->
+/// W.reshape(heads, d/2, 2, in).transpose(1, 2).reshape(out, in). Biases (out,) alike.
+pub fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let (out, rest) = pair_split(&dims, heads)?;
     let t = w
         .reshape((heads, out / heads / 2, 2, rest))?
         .transpose(1, 2)?
@@ -217,24 +250,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unpermute_inverts_llama_cpp_interleaving() {
-        // llama.cpp permute: w.reshape(h, 2, d/2, in).swapaxes(1, 2).reshape(out, in)
+    fn permute_interleaves_rows_as_llama_cpp_and_unpermute_inverts_it() {
+        // llama.cpp's converter, row by row: new row h d + 2 j + t = old row h d + t d/2 + j
         let (h, d, inp) = (2usize, 4usize, 3usize);
         let w = Tensor::arange(0f32, (h * d * inp) as f32, &Device::Cpu)
             .unwrap()
             .reshape((h * d, inp))
             .unwrap();
-        let permuted = w
-            .reshape((h, 2, d / 2, inp))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .contiguous()
-            .unwrap()
-            .reshape((h * d, inp))
-            .unwrap();
-        let back = unpermute(&permuted, h).unwrap();
-        assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+        let rows = w.to_vec2::<f32>().unwrap();
+        let p = permute(&w, h).unwrap().to_vec2::<f32>().unwrap();
+        for hh in 0..h {
+            for j in 0..d / 2 {
+                for t in 0..2 {
+                    assert_eq!(p[hh * d + 2 * j + t], rows[hh * d + t * d / 2 + j]);
+                }
+            }
+        }
+        let back = unpermute(&permute(&w, h).unwrap(), h).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), rows);
     }
 
     #[test]
@@ -252,5 +285,13 @@ mod tests {
             "model.layers.0.mlp.down_proj.weight"
         );
         assert!(hf_name("rope_freqs.weight").is_none());
+        for (g, h) in FIXED_NAMES {
+            assert_eq!(gguf_name(h).unwrap(), g);
+        }
+        for (g, h) in LAYER_NAMES {
+            let hf = format!("model.layers.3.{h}");
+            assert_eq!(gguf_name(&hf).unwrap(), format!("blk.3.{g}"));
+            assert_eq!(hf_name(&gguf_name(&hf).unwrap()).unwrap(), hf);
+        }
     }
 }

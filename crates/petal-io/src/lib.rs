@@ -7,6 +7,7 @@ pub mod atomic;
 pub mod bnb;
 pub mod encoder;
 pub mod gguf;
+pub mod gguf_out;
 pub mod hub;
 pub mod model;
 pub mod weights;
@@ -16,7 +17,7 @@ pub use adapter::{
     load_into, save_adapter, save_model_adapter, write_adapter_files, AttachOptions,
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX,
 };
-pub use atomic::{write_atomic, write_dir_atomic, write_safetensors_atomic};
+pub use atomic::{write_atomic, write_atomic_with, write_dir_atomic, write_safetensors_atomic};
 pub use encoder::{encoder_tokenizer, load_encoder, LoadedEncoder};
 pub use model::{gguf_tokenizer, llama_config, load_model, parse_dtype, LoadedModel};
 pub use weights::Weights;

@@ -1,0 +1,531 @@
+//! Writing GGUF files llama.cpp reads: a whole (merged) model (`petal merge --format gguf`) and
+//! a LoRA adapter in llama.cpp's adapter layout (`petal export --format gguf-lora`), and
+//! reading such an adapter back (`--adapter file.gguf`). No written spec of the adapter layout
+//! exists; llama.cpp's `convert_lora_to_gguf.py` and its loader (`src/llama-adapter.cpp`)
+//! define it: `general.type = "adapter"`, `adapter.type = "lora"`, `adapter.lora.alpha` (f32),
+//! per adapted tensor `<gguf name>.lora_a` = PEFT's A (r, in) and `.lora_b` = B (out, r) as they
+//! are (the token embedding's A transposed), B's rows of q/k permuted as the base's are for the
+//! `llama` architecture; llama.cpp scales each pair by alpha / r with r = B's columns.
+
+use crate::gguf::{gguf_name, hf_name, meta_f64, meta_str, meta_u64, permute, unpermute};
+use candle_core::quantized::gguf_file;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use petal_core::config::Targets;
+use petal_core::methods::lora::LoraOptions;
+use petal_core::{AdapterConfig, Error, Result};
+use petal_data::tokenizer::BpeParts;
+use petal_models::LlamaConfig;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::Path;
+
+/// A GGUF output type by name: `f32`, `f16`, `bf16`, or a GGML block type (`q8_0`, `q4_k`, ...).
+pub fn out_type(name: &str) -> Result<GgmlDType> {
+    match name {
+        "f32" => return Ok(GgmlDType::F32),
+        "f16" => return Ok(GgmlDType::F16),
+        "bf16" => return Ok(GgmlDType::BF16),
+        _ => {}
+    }
+    let blocks = petal_ops::quant::BLOCK_TYPES;
+    blocks
+        .iter()
+        .find(|t| petal_ops::quant::type_name(**t) == name)
+        .copied()
+        .ok_or_else(|| {
+            let names: Vec<String> = blocks
+                .iter()
+                .map(|t| petal_ops::quant::type_name(*t))
+                .collect();
+            Error::msg(format!(
+                "GGUF type `{name}` is not one of f32, f16, bf16, {} (llama.cpp has no NF4 or \
+                 int4 type)",
+                names.join(", ")
+            ))
+        })
+}
+
+/// GGUF's architecture name for a model: qwen2, or llama (Llama and Mistral).
+fn arch_of(cfg: &LlamaConfig) -> &'static str {
+    match cfg.model_type.as_str() {
+        "qwen2" => "qwen2",
+        _ => "llama",
+    }
+}
+
+/// llama.cpp's `general.file_type` for the type most tensors take.
+fn file_type(t: GgmlDType) -> u32 {
+    use GgmlDType::*;
+    match t {
+        F32 => 0,
+        F16 => 1,
+        Q4_0 => 2,
+        Q4_1 => 3,
+        Q8_0 => 7,
+        Q5_0 => 8,
+        Q5_1 => 9,
+        Q2K => 10,
+        Q3K => 12,
+        Q4K => 15,
+        Q5K => 17,
+        Q6K => 18,
+        BF16 => 32,
+        _ => 0,
+    }
+}
+
+/// One tensor in the file's type: 1-D ones (norms, biases) stay f32, 2-D ones take `ty`, or
+/// f16 where their rows are not whole blocks of it (as llama.cpp's tools fall back); the
+/// names of those go to `fell_back`.
+fn encode(name: &str, t: &Tensor, ty: GgmlDType, fell_back: &mut Vec<String>) -> Result<QTensor> {
+    let t = t
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .contiguous()?;
+    let cols = *t.dims().last().unwrap_or(&0);
+    let ty = match (t.rank() < 2, cols % ty.block_size() == 0) {
+        (true, _) => GgmlDType::F32,
+        (false, true) => ty,
+        (false, false) => {
+            fell_back.push(name.to_string());
+            GgmlDType::F16
+        }
+    };
+    Ok(QTensor::quantize(&t, ty)?)
+}
+
+/// A metadata value as GGUF types it (an empty array keeps its element type: llama.cpp checks
+/// it, and candle's writer cannot say it).
+enum Meta {
+    Str(String),
+    U32(u32),
+    F32(f32),
+    Bool(bool),
+    Strs(Vec<String>),
+    I32s(Vec<i32>),
+}
+
+fn put_str(w: &mut impl Write, s: &str) -> std::io::Result<()> {
+    w.write_all(&(s.len() as u64).to_le_bytes())?;
+    w.write_all(s.as_bytes())
+}
+
+impl Meta {
+    /// GGUF's value type number.
+    fn kind(&self) -> u32 {
+        match self {
+            Meta::U32(_) => 4,
+            Meta::F32(_) => 6,
+            Meta::Bool(_) => 7,
+            Meta::Str(_) => 8,
+            Meta::Strs(_) | Meta::I32s(_) => 9,
+        }
+    }
+
+    fn write(&self, w: &mut impl Write) -> std::io::Result<()> {
+        w.write_all(&self.kind().to_le_bytes())?;
+        match self {
+            Meta::Str(s) => put_str(w, s),
+            Meta::U32(v) => w.write_all(&v.to_le_bytes()),
+            Meta::F32(v) => w.write_all(&v.to_le_bytes()),
+            Meta::Bool(v) => w.write_all(&[*v as u8]),
+            Meta::Strs(v) => {
+                w.write_all(&8u32.to_le_bytes())?;
+                w.write_all(&(v.len() as u64).to_le_bytes())?;
+                v.iter().try_for_each(|s| put_str(w, s))
+            }
+            Meta::I32s(v) => {
+                w.write_all(&5u32.to_le_bytes())?;
+                w.write_all(&(v.len() as u64).to_le_bytes())?;
+                v.iter().try_for_each(|x| w.write_all(&x.to_le_bytes()))
+            }
+        }
+    }
+}
+
+/// GGML's type number of a tensor type.
+fn ggml_id(t: GgmlDType) -> u32 {
+    use GgmlDType::*;
+    match t {
+        F32 => 0,
+        F16 => 1,
+        Q4_0 => 2,
+        Q4_1 => 3,
+        Q5_0 => 6,
+        Q5_1 => 7,
+        Q8_0 => 8,
+        Q8_1 => 9,
+        Q2K => 10,
+        Q3K => 11,
+        Q4K => 12,
+        Q5K => 13,
+        Q6K => 14,
+        Q8K => 15,
+        BF16 => 30,
+    }
+}
+
+const ALIGN: u64 = 32;
+
+fn pad(w: &mut impl Write, at: u64) -> std::io::Result<u64> {
+    let n = (ALIGN - at % ALIGN) % ALIGN;
+    w.write_all(&vec![0u8; n as usize])?;
+    Ok(at + n)
+}
+
+/// Write `md` and `tensors` to `path` as GGUF version 3 (alignment 32), whole or not at all.
+fn write_file(path: &Path, md: &[(String, Meta)], tensors: &[(String, QTensor)]) -> Result<()> {
+    let io = |e: std::io::Error| Error::io(path, e);
+    let data: Vec<std::borrow::Cow<'_, [u8]>> = tensors
+        .iter()
+        .map(|(_, t)| t.data())
+        .collect::<candle_core::Result<_>>()?;
+    crate::atomic::write_atomic_with(path, |w| {
+        let mut head = Vec::new();
+        head.extend(0x4655_4747u32.to_le_bytes()); // "GGUF"
+        head.extend(3u32.to_le_bytes());
+        head.extend((tensors.len() as u64).to_le_bytes());
+        head.extend((md.len() as u64).to_le_bytes());
+        for (k, v) in md {
+            put_str(&mut head, k).map_err(io)?;
+            v.write(&mut head).map_err(io)?;
+        }
+        let mut offset = 0u64;
+        for ((name, t), bytes) in tensors.iter().zip(&data) {
+            put_str(&mut head, name).map_err(io)?;
+            let dims = t.shape().dims();
+            head.extend((dims.len() as u32).to_le_bytes());
+            for d in dims.iter().rev() {
+                head.extend((*d as u64).to_le_bytes());
+            }
+            head.extend(ggml_id(t.dtype()).to_le_bytes());
+            head.extend(offset.to_le_bytes());
+            offset += bytes.len() as u64;
+            offset += (ALIGN - offset % ALIGN) % ALIGN;
+        }
+        w.write_all(&head).map_err(io)?;
+        pad(w, head.len() as u64).map_err(io)?;
+        for bytes in &data {
+            w.write_all(bytes).map_err(io)?;
+            pad(w, bytes.len() as u64).map_err(io)?;
+        }
+        Ok(())
+    })
+}
+
+fn text(s: &str) -> Meta {
+    Meta::Str(s.to_string())
+}
+
+/// The tokenizer's GGUF keys (gpt2-style BPE), its tokens padded to the model's vocabulary
+/// with `[PADi]` tokens of type unused (5), as llama.cpp's converter pads them.
+fn tokenizer_metadata(tok: &BpeParts, vocab: usize) -> Vec<(String, Meta)> {
+    let mut tokens = tok.tokens.clone();
+    let mut types = tok.token_types.clone();
+    types.resize(tokens.len(), 1);
+    for i in tokens.len()..vocab {
+        tokens.push(format!("[PAD{i}]"));
+        types.push(5);
+    }
+    let mut md = vec![
+        ("tokenizer.ggml.model".into(), text("gpt2")),
+        ("tokenizer.ggml.pre".into(), text(&tok.pre)),
+        ("tokenizer.ggml.tokens".into(), Meta::Strs(tokens)),
+        ("tokenizer.ggml.token_type".into(), Meta::I32s(types)),
+        (
+            "tokenizer.ggml.merges".into(),
+            Meta::Strs(tok.merges.clone()),
+        ),
+        (
+            "tokenizer.ggml.add_bos_token".into(),
+            Meta::Bool(tok.add_bos),
+        ),
+    ];
+    if let Some(id) = tok.bos_id {
+        md.push(("tokenizer.ggml.bos_token_id".into(), Meta::U32(id)));
+    }
+    if let Some(id) = tok.eos_id {
+        md.push(("tokenizer.ggml.eos_token_id".into(), Meta::U32(id)));
+    }
+    if let Some(t) = &tok.chat_template {
+        md.push(("tokenizer.chat_template".into(), text(t)));
+    }
+    md
+}
+
+/// Write a model (HF-named tensors, as `Llama::named_base_tensors` gives them) as a GGUF file
+/// llama.cpp loads: hyper-parameters from `cfg`, the tokenizer, 2-D tensors in `ty`. Returns
+/// the tensors written in f16 instead, their rows not being whole blocks of `ty`.
+pub fn write_model(
+    path: &Path,
+    cfg: &LlamaConfig,
+    tensors: Vec<(String, Tensor)>,
+    tok: &BpeParts,
+    ty: GgmlDType,
+) -> Result<Vec<String>> {
+    if cfg.rope_scaling.is_some() {
+        return Err(Error::Unsupported(format!(
+            "{}: a model with rope scaling is not written to GGUF yet",
+            path.display()
+        )));
+    }
+    let arch = arch_of(cfg);
+    let u = |v: usize| Meta::U32(v as u32);
+    let key = |k: &str| format!("{arch}.{k}");
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let mut md: Vec<(String, Meta)> = vec![
+        ("general.architecture".into(), text(arch)),
+        ("general.name".into(), text(&name)),
+        ("general.file_type".into(), Meta::U32(file_type(ty))),
+        ("general.quantization_version".into(), Meta::U32(2)),
+        (key("vocab_size"), u(cfg.vocab_size)),
+        (key("context_length"), u(cfg.max_position_embeddings)),
+        (key("embedding_length"), u(cfg.hidden_size)),
+        (key("block_count"), u(cfg.num_hidden_layers)),
+        (key("feed_forward_length"), u(cfg.intermediate_size)),
+        (key("attention.head_count"), u(cfg.num_attention_heads)),
+        (key("attention.head_count_kv"), u(cfg.num_key_value_heads)),
+        (
+            key("attention.layer_norm_rms_epsilon"),
+            Meta::F32(cfg.rms_norm_eps as f32),
+        ),
+        (key("rope.freq_base"), Meta::F32(cfg.rope_theta as f32)),
+        (key("rope.dimension_count"), u(cfg.head_dim)),
+    ];
+    if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size {
+        md.push((key("attention.key_length"), u(cfg.head_dim)));
+        md.push((key("attention.value_length"), u(cfg.head_dim)));
+    }
+    md.extend(tokenizer_metadata(tok, cfg.vocab_size));
+    let mut out = Vec::with_capacity(tensors.len());
+    let mut fell_back = Vec::new();
+    for (hf, t) in tensors {
+        if hf == "lm_head.weight" && cfg.tie_word_embeddings {
+            continue; // llama.cpp reads the embedding for a missing output.weight
+        }
+        let g =
+            gguf_name(&hf).ok_or_else(|| Error::msg(format!("tensor `{hf}` has no GGUF name")))?;
+        let t = match (arch, qk_heads(&g, cfg)) {
+            ("llama", Some(h)) => permute(&t, h)?,
+            _ => t,
+        };
+        out.push((g.clone(), encode(&g, &t, ty, &mut fell_back)?));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    write_file(path, &md, &out)?;
+    Ok(fell_back)
+}
+
+/// Heads of a q or k projection named in GGUF (`blk.N.attn_q.*`, `blk.N.attn_k.*`).
+fn qk_heads(gguf: &str, cfg: &LlamaConfig) -> Option<usize> {
+    if gguf.contains(".attn_q.") {
+        Some(cfg.num_attention_heads)
+    } else if gguf.contains(".attn_k.") {
+        Some(cfg.num_key_value_heads)
+    } else {
+        None
+    }
+}
+
+/// A LoRA adapter's tensor (module-relative PEFT key) -> its GGUF name and whether it is A.
+fn lora_gguf_name(key: &str) -> Option<(String, bool)> {
+    let (module, a) = [
+        (".lora_A.weight", true),
+        (".lora_B.weight", false),
+        (".lora_embedding_A", true),
+        (".lora_embedding_B", false),
+    ]
+    .iter()
+    .find_map(|(suffix, a)| key.strip_suffix(suffix).map(|m| (m, *a)))?;
+    let g = gguf_name(&format!("{module}.weight"))?;
+    Some((format!("{g}.lora_{}", if a { "a" } else { "b" }), a))
+}
+
+/// The module path of a PEFT key (`model.layers.0.self_attn.q_proj.lora_A.weight` ->
+/// `model.layers.0.self_attn.q_proj`).
+fn module_of(key: &str) -> &str {
+    key.split(".lora_").next().unwrap_or(key)
+}
+
+/// Write a LoRA adapter (its config and its tensors under module-relative PEFT keys) in
+/// llama.cpp's LoRA GGUF layout for a base model of `cfg`. Each module's PEFT scale is kept:
+/// llama.cpp scales by alpha / r with one alpha for the file, so where PEFT's scale differs
+/// (rsLoRA, `alpha_pattern`) B is multiplied by the ratio. petal also writes the base's head
+/// counts, which its reader needs to undo the q/k permutation. Returns the tensors written in
+/// f16 instead of `ty` (rows not whole blocks of it: B's rows are r long).
+pub fn write_lora(
+    path: &Path,
+    cfg: &LlamaConfig,
+    adapter: &AdapterConfig,
+    tensors: &HashMap<String, Tensor>,
+    ty: GgmlDType,
+) -> Result<Vec<String>> {
+    let lora = match adapter.peft_type.as_str() {
+        "LORA" => adapter.options::<LoraOptions>()?,
+        other => {
+            return Err(Error::Unsupported(format!(
+                "{}: a {other} adapter has no llama.cpp form (LoRA has)",
+                path.display()
+            )))
+        }
+    };
+    if lora.dora {
+        return Err(Error::Unsupported(format!(
+            "{}: a DoRA adapter has no llama.cpp form (its magnitudes have no place there)",
+            path.display()
+        )));
+    }
+    let arch = arch_of(cfg);
+    let alpha = lora.core.alpha;
+    let mut out = Vec::new();
+    let mut fell_back = Vec::new();
+    for (key, t) in tensors.iter().collect::<BTreeMap<_, _>>() {
+        let (g, is_a) = lora_gguf_name(key).ok_or_else(|| {
+            Error::Unsupported(format!(
+                "{}: adapter tensor `{key}` has no llama.cpp LoRA form (DoRA magnitudes, biases \
+                 and other modules have none)",
+                path.display()
+            ))
+        })?;
+        let module = g.trim_end_matches(".lora_a").trim_end_matches(".lora_b");
+        let t = match (is_a, g.starts_with("token_embd")) {
+            (true, true) => t.t()?.contiguous()?, // llama.cpp looks rows of A up by token
+            (true, false) => t.clone(),
+            (false, _) => {
+                let r = t.dim(1)? as f64;
+                let peft = lora.scaling_for(module_of(key));
+                let b = (t.to_dtype(DType::F32)? * (peft / (alpha / r)))?;
+                match (arch, qk_heads(module, cfg)) {
+                    ("llama", Some(h)) => permute(&b, h)?,
+                    _ => b,
+                }
+            }
+        };
+        out.push((g.clone(), encode(&g, &t, ty, &mut fell_back)?));
+    }
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let md = vec![
+        ("general.architecture".to_string(), text(arch)),
+        ("general.type".into(), text("adapter")),
+        ("adapter.type".into(), text("lora")),
+        ("general.name".into(), text(&name)),
+        ("adapter.lora.alpha".into(), Meta::F32(alpha as f32)),
+        ("general.quantization_version".into(), Meta::U32(2)),
+        (
+            format!("{arch}.attention.head_count"),
+            Meta::U32(cfg.num_attention_heads as u32),
+        ),
+        (
+            format!("{arch}.attention.head_count_kv"),
+            Meta::U32(cfg.num_key_value_heads as u32),
+        ),
+    ];
+    write_file(path, &md, &out)?;
+    Ok(fell_back)
+}
+
+/// Read a LoRA adapter in llama.cpp's GGUF layout: a LoRA config (alpha from the file, the rank
+/// most modules have, `rank_pattern` for the others, the modules found as targets) and its
+/// tensors under module-relative PEFT keys, q/k rows of B un-permuted for the `llama`
+/// architecture (by the head counts petal writes beside them).
+pub fn read_lora(path: &Path, device: &Device) -> Result<(AdapterConfig, HashMap<String, Tensor>)> {
+    let at = |e: String| Error::msg(format!("{}: {e}", path.display()));
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let c =
+        gguf_file::Content::read(&mut f).map_err(|e| at(format!("not a valid GGUF file: {e}")))?;
+    let md = &c.metadata;
+    if meta_str(md, "general.type") != Some("adapter")
+        || meta_str(md, "adapter.type") != Some("lora")
+    {
+        return Err(at(
+            "not a LoRA adapter (general.type must be `adapter`, adapter.type `lora`)".into(),
+        ));
+    }
+    let arch = meta_str(md, "general.architecture")
+        .unwrap_or("llama")
+        .to_string();
+    let alpha = meta_f64(md, "adapter.lora.alpha").unwrap_or(0.0);
+    let heads = |k: &str| meta_u64(md, &format!("{arch}.attention.{k}")).map(|h| h as usize);
+    let mut tensors = HashMap::new();
+    let mut ranks: BTreeMap<String, usize> = BTreeMap::new();
+    for name in c.tensor_infos.keys() {
+        let (base, is_a) = match (name.strip_suffix(".lora_a"), name.strip_suffix(".lora_b")) {
+            (Some(b), _) => (b, true),
+            (_, Some(b)) => (b, false),
+            _ => continue,
+        };
+        let module = hf_name(base)
+            .and_then(|h| h.strip_suffix(".weight").map(String::from))
+            .ok_or_else(|| {
+                at(format!(
+                    "tensor `{name}`: no module of petal's models is `{base}`"
+                ))
+            })?;
+        let t = c
+            .tensor(&mut f, name, device)
+            .map_err(|e| at(format!("tensor `{name}`: {e}")))?;
+        let mut t = t.dequantize(device)?.to_dtype(DType::F32)?;
+        let embed = base.starts_with("token_embd");
+        if is_a && embed {
+            t = t.t()?.contiguous()?;
+        }
+        if !is_a {
+            ranks.insert(module.clone(), t.dim(1)?);
+            let h = match base {
+                b if b.contains(".attn_q.") => heads("head_count"),
+                b if b.contains(".attn_k.") => heads("head_count_kv").or(heads("head_count")),
+                _ => None,
+            };
+            if arch == "llama" && (base.contains(".attn_q.") || base.contains(".attn_k.")) {
+                let h = h.ok_or_else(|| {
+                    at(format!(
+                        "tensor `{name}`: q/k rows are permuted and the file gives no head count"
+                    ))
+                })?;
+                t = unpermute(&t, h)?;
+            }
+        }
+        let key = match (embed, is_a) {
+            (true, true) => format!("{module}.lora_embedding_A"),
+            (true, false) => format!("{module}.lora_embedding_B"),
+            (false, true) => format!("{module}.lora_A.weight"),
+            (false, false) => format!("{module}.lora_B.weight"),
+        };
+        tensors.insert(key, t);
+    }
+    let r =
+        most_common(ranks.values().copied()).ok_or_else(|| at("holds no LoRA tensors".into()))?;
+    let modules: Vec<String> = ranks.keys().cloned().collect();
+    let mut cfg = AdapterConfig::lora(
+        r,
+        if alpha > 0.0 { alpha } else { r as f64 },
+        Targets::List(modules),
+    );
+    let pattern: serde_json::Map<String, serde_json::Value> = ranks
+        .iter()
+        .filter(|(_, k)| **k != r)
+        .map(|(m, k)| (m.clone(), (*k).into()))
+        .collect();
+    if !pattern.is_empty() {
+        cfg.options.insert("rank_pattern".into(), pattern.into());
+    }
+    Ok((cfg, tensors))
+}
+
+fn most_common(xs: impl Iterator<Item = usize>) -> Option<usize> {
+    let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
+    for x in xs {
+        *counts.entry(x).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(k, n)| (*n, *k))
+        .map(|(k, _)| k)
+}
