@@ -1,0 +1,142 @@
+//! GGUF export read back by petal's own GGUF reader: a merged model (`write_model`) gives the
+//! logits of the model with its adapter attached, and a LoRA in llama.cpp's layout
+//! (`write_lora` / `read_lora`) attaches as the PEFT folder does. Both for qwen2 (rows as in
+//! the HF model) and for the llama architecture (Mistral: q/k rows permuted in the file, and
+//! back). llama.cpp itself reads the same files in `tools/gguf/check.sh` (not a test: it
+//! builds llama.cpp).
+
+use candle_core::{DType, Device, Tensor};
+use petal_core::config::Targets;
+use petal_core::{inject, AdapterConfig, Ctx};
+use petal_data::tokenizer::BpeParts;
+use petal_io::gguf_out::{read_lora, write_lora, write_model};
+use petal_ops::quant::GgmlDType;
+use std::path::PathBuf;
+
+fn golden() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden")
+}
+
+fn logits(m: &petal_models::Llama) -> Tensor {
+    let ids = Tensor::new(&[[1u32, 5, 9, 14, 20, 33, 2, 71]], &Device::Cpu).unwrap();
+    m.forward(&ids, None, &Ctx::eval()).unwrap()
+}
+
+fn load(p: &std::path::Path) -> petal_io::LoadedModel {
+    petal_io::load_model(p.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap()
+}
+
+/// A stand-in byte-level tokenizer for fixtures whose own is word-level (no GGUF form).
+fn plain_bpe(vocab: usize) -> BpeParts {
+    BpeParts {
+        tokens: (0..vocab).map(|i| format!("w{i}")).collect(),
+        merges: vec![],
+        token_types: vec![1; vocab],
+        bos_id: Some(1),
+        eos_id: Some(2),
+        add_bos: false,
+        pre: "gpt2".into(),
+        chat_template: None,
+    }
+}
+
+/// The model with its adapter, merged and written as GGUF (f32, and q8_0), read back.
+fn merged_round_trip(mut lm: petal_io::LoadedModel, tok: &BpeParts) {
+    let want = logits(&lm.model);
+    inject::merge_and_unload_all(&mut lm.model).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (ty, tol) in [(GgmlDType::F32, 1e-5), (GgmlDType::Q8_0, 3e-2)] {
+        let path = dir.path().join("m.gguf");
+        let tensors = lm.model.named_base_tensors().unwrap();
+        write_model(&path, &lm.model.cfg, tensors, tok, ty).unwrap();
+        let back = load(&path);
+        let d = petal_ops::testing::max_rel(&logits(&back.model), &want);
+        assert!(d < tol, "{ty:?}: {d}");
+        assert_eq!(back.tokenizer.eos_id, tok.eos_id);
+    }
+}
+
+#[test]
+fn a_merged_qwen2_gguf_gives_the_adapted_models_logits() {
+    let mut lm = load(&golden().join("qwen2.gguf"));
+    petal_io::attach_adapter(
+        &mut lm.model,
+        &golden().join("adapters/qwen2_lora_all_linear"),
+        "a",
+    )
+    .unwrap();
+    let tok = lm.tokenizer.to_bpe_parts().unwrap();
+    merged_round_trip(lm, &tok);
+}
+
+#[test]
+fn a_merged_llama_architecture_gguf_permutes_q_and_k_and_reads_back() {
+    // Mistral is written as GGUF's `llama`: q/k rows permuted on the way out, undone on read
+    let mut lm = load(&golden().join("mistral"));
+    let mut cfg = AdapterConfig::lora(4, 8.0, Targets::Regex("all-linear".into()));
+    cfg.set("init_lora_weights", false).unwrap(); // B not zero: the adapter shows
+    inject::inject_adapter(&mut lm.model, "a", &cfg, 3).unwrap();
+    let vocab = lm.model.cfg.vocab_size;
+    merged_round_trip(lm, &plain_bpe(vocab));
+}
+
+#[test]
+fn a_lora_in_llama_cpps_layout_attaches_as_the_peft_folder_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("qwen2.gguf", Some("adapters/qwen2_lora_all_linear"), false),
+        ("mistral", None, false),
+        ("mistral", None, true), // rsLoRA: its scale folded into B
+    ];
+    for (model, adapter, rslora) in cases {
+        let mut lm = load(&golden().join(model));
+        let cfg = match adapter {
+            Some(a) => {
+                petal_io::attach_adapter(&mut lm.model, &golden().join(a), "a")
+                    .unwrap()
+                    .0
+            }
+            None => {
+                let mut cfg = AdapterConfig::lora(4, 8.0, Targets::Regex("all-linear".into()));
+                cfg.set("init_lora_weights", false).unwrap();
+                cfg.set("use_rslora", rslora).unwrap();
+                inject::inject_adapter(&mut lm.model, "a", &cfg, 3).unwrap();
+                cfg
+            }
+        };
+        let want = logits(&lm.model);
+        let tensors = petal_io::adapter_tensors(&lm.model, "a");
+        let path = dir.path().join("lora.gguf");
+        write_lora(&path, &lm.model.cfg, &cfg, &tensors, GgmlDType::F32).unwrap();
+        let (read_cfg, read) = read_lora(&path, &Device::Cpu).unwrap();
+        assert_eq!(read.len(), tensors.len(), "{model}");
+        let mut base = load(&golden().join(model));
+        petal_io::attach_adapter(&mut base.model, &path, "a").unwrap();
+        let d = petal_ops::testing::max_rel(&logits(&base.model), &want);
+        assert!(d < 1e-5, "{model} rslora {rslora}: {d} ({read_cfg:?})");
+    }
+}
+
+#[test]
+fn gguf_export_refuses_what_llama_cpp_has_no_form_for() {
+    let lm = load(&golden().join("qwen2.gguf"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = AdapterConfig::lora(4, 8.0, Targets::Regex("all-linear".into()));
+    cfg.set("use_dora", true).unwrap();
+    let e = write_lora(
+        &dir.path().join("x.gguf"),
+        &lm.model.cfg,
+        &cfg,
+        &Default::default(),
+        GgmlDType::F32,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("DoRA"), "{e}");
+    let e = petal_io::gguf_out::out_type("nf4").unwrap_err().to_string();
+    assert!(
+        e.contains("nf4") && e.contains("q8_0") && e.contains("NF4"),
+        "{e}"
+    );
+    assert!(!dir.path().join("x.gguf").exists(), "nothing written");
+}
