@@ -20,6 +20,7 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::vera::Vera,
     &methods::ssf::Ssf,
     &methods::kradapter::KrAdapter,
+    &methods::l4q::L4q,
     &methods::quanta::Quanta,
     &methods::paca::Paca,
     &methods::chain_of_lora::ChainOfLora,

@@ -13,6 +13,7 @@ pub mod intrinsic;
 pub mod kradapter;
 pub mod ks_lottery;
 pub mod kv_prompt;
+pub mod l4q;
 pub mod ln_tuning;
 pub mod loha;
 pub mod lokr;
