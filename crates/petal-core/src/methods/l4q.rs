@@ -476,4 +476,50 @@ mod tests {
             );
         }
     }
+
+    /// Against `tools/golden/l4q_oracle.py`, a PyTorch transcription of the quantizer written
+    /// apart from this file: Ŵ - W and the gradients of A, B, θ, φ at 4, 3 and 2 bits (with
+    /// 10-40% of the values clipped).
+    #[test]
+    fn the_lean_node_equals_the_pytorch_transcription_in_value_and_gradients() {
+        let t = crate::testing::golden_fixture("l4q");
+        for c in ["b4", "b3", "b2"] {
+            let get = |k: &str| t[&format!("{c}.{k}")].clone();
+            let p = get("params").to_vec1::<f32>().unwrap();
+            let (s, group, bits) = (p[0] as f64, p[1] as usize, p[2] as usize);
+            let w0 = get("w0");
+            let (step0, offset0) = min_max_grid(&w0, group, bits).unwrap();
+            let grid = Tensor::stack(&[get("theta"), get("phi")], 0).unwrap();
+            let l = L4qLayer {
+                a: Var::from_tensor(&get("a")).unwrap(),
+                b: Var::from_tensor(&get("b")).unwrap(),
+                grid: Var::from_tensor(&grid).unwrap(),
+                step0,
+                offset0,
+                w0,
+                scale: s,
+                levels: ((1 << bits) - 1) as f64,
+                group,
+                learn_grid: true,
+            };
+            let d = l.delta().unwrap();
+            assert!(max_rel(&d, &get("delta")) < 1e-5, "{c}: delta");
+            let grads = (&d * &get("gout"))
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g = grads.get(l.grid.as_tensor()).unwrap();
+            for (name, got, want) in [
+                ("A", grads.get(l.a.as_tensor()).unwrap().clone(), get("d_a")),
+                ("B", grads.get(l.b.as_tensor()).unwrap().clone(), get("d_b")),
+                ("theta", g.get(0).unwrap(), get("d_theta")),
+                ("phi", g.get(1).unwrap(), get("d_phi")),
+            ] {
+                let e = max_rel(&got, &want);
+                assert!(e < 1e-4, "{c}: d{name} {e}");
+            }
+        }
+    }
 }
