@@ -40,6 +40,8 @@ pub const GRID: &str = "l4q_grid";
 
 pub struct L4q;
 
+const VARIANTS: [&str; 2] = ["l4q", "lr_qat"];
+
 crate::method_options! {
     /// L4Q's options (petal's own method).
     pub struct L4qOptions {
@@ -56,6 +58,9 @@ crate::method_options! {
         /// true: B starts at zero (training starts from W rounded to the grid); false: B
         /// random too (a testing switch)
         pub init_weights: bool = true,
+        /// l4q: s B A is added to W before quantizing; lr_qat: added in the grid's integer
+        /// domain to W's codes, held as 8-bit fixed point (LR-QAT; runs over a quantized base)
+        pub variant: String = "l4q".into(),
     }
 }
 
@@ -89,6 +94,13 @@ impl AdapterMethod for L4q {
                 format!("{} is not in 2..=8", o.bits),
             ));
         }
+        if !VARIANTS.contains(&o.variant.as_str()) {
+            return Err(Error::config(
+                "adapter config",
+                "variant",
+                format!("`{}` is not one of {}", o.variant, VARIANTS.join(", ")),
+            ));
+        }
         if o.group_size == 0 {
             return Err(Error::config(
                 "adapter config",
@@ -97,6 +109,13 @@ impl AdapterMethod for L4q {
             ));
         }
         Ok(())
+    }
+
+    fn needs_dense_base(&self, cfg: &AdapterConfig) -> Option<&'static str> {
+        match cfg.options::<L4qOptions>().map(|o| o.variant) {
+            Ok(v) if v == "lr_qat" => None, // W's codes are its own 8-bit copy
+            _ => Some("L4Q quantizes W + s B A, which needs W itself (variant lr_qat does not)"),
+        }
     }
 
     fn layer_values(&self, cfg: &AdapterConfig, _path: &str, dims: &ModuleDims) -> Result<u64> {
@@ -128,21 +147,58 @@ impl AdapterMethod for L4q {
         let mut g = rand::rngs::StdRng::seed_from_u64(seed);
         let a = param((o.r, inp), false, &mut g, dev)?;
         let b = param((out, o.r), o.init_weights, &mut g, dev)?;
-        let w0 = base.weight.to_dtype(DType::F32)?;
-        let (step0, offset0) = min_max_grid(&w0, o.group_size, o.bits)?;
+        let w = match base.quant {
+            Some(fmt) => petal_ops::quant::dequantize(base.weight, fmt)?, // for the codes only
+            None => base.weight.to_dtype(DType::F32)?,
+        };
+        let (step0, offset0) = min_max_grid(&w, o.group_size, o.bits)?;
+        let levels = ((1usize << o.bits) - 1) as f64;
+        let codes = match o.variant.as_str() {
+            "lr_qat" => Some(fixed_point_codes(
+                &w,
+                &step0,
+                &offset0,
+                o.group_size,
+                levels,
+                o.bits,
+            )?),
+            _ => None,
+        };
         Ok(Box::new(L4qLayer {
             a,
             b,
             grid: Var::zeros((2, out, inp / o.group_size), DType::F32, dev)?,
             step0,
             offset0,
-            w0,
+            w0: base.quant.is_none().then_some(w),
+            codes,
+            frac: (1usize << (8 - o.bits)) as f64,
             scale: o.alpha / o.r as f64,
-            levels: ((1usize << o.bits) - 1) as f64,
+            levels,
             group: o.group_size,
             learn_grid: o.learn_grid,
         }))
     }
+}
+
+/// LR-QAT's copy of W: its position on the min-max grid, `clamp((W - β0) / γ0, 0, levels)`,
+/// as 8-bit fixed point with `8 - bits` fractional bits (u8 codes, `(out, in)`).
+fn fixed_point_codes(
+    w: &Tensor,
+    step0: &Tensor,
+    offset0: &Tensor,
+    group: usize,
+    levels: f64,
+    bits: usize,
+) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let g = w.reshape((out, inp / group, group))?;
+    let c = g
+        .broadcast_sub(&offset0.unsqueeze(2)?)?
+        .broadcast_div(&step0.unsqueeze(2)?)?
+        .clamp(0.0, levels)?;
+    let fixed = (c * (1usize << (8 - bits)) as f64)?.round()?;
+    Ok(fixed.reshape((out, inp))?.to_dtype(DType::U8)?)
 }
 
 /// Each group's round-to-nearest grid: offset = the group's minimum, step = its range over the
@@ -164,7 +220,11 @@ struct L4qLayer {
     grid: Var,       // (2, out, in / group): θ (γ = γ0 exp(θ)), φ (β = β0 + γ0 φ)
     step0: Tensor,   // γ0
     offset0: Tensor, // β0
-    w0: Tensor,      // (out, in) f32, frozen
+    /// W (out, in) f32, frozen; none over a quantized base (LR-QAT)
+    w0: Option<Tensor>,
+    /// LR-QAT: W's codes as 8-bit fixed point (`fixed_point_codes`), `frac` = 2^fraction bits
+    codes: Option<Tensor>,
+    frac: f64,
     scale: f64,
     levels: f64,
     group: usize,
@@ -180,7 +240,9 @@ fn f16_ste(t: &Tensor) -> Result<Tensor> {
 /// What a layer's quantizer needs, cloned into the lean node's closures.
 #[derive(Debug, Clone)]
 struct Grid {
-    w0: Tensor,
+    w0: Option<Tensor>,
+    codes: Option<Tensor>,
+    frac: f64,
     step0: Tensor,
     offset0: Tensor,
     scale: f64,
@@ -197,41 +259,64 @@ impl Grid {
         Ok((f16_ste(&step)?, f16_ste(&offset)?, step))
     }
 
-    /// v = W + s B A as (out, groups, group).
-    fn merged(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        let (out, inp) = self.w0.dims2()?;
-        let v = (&self.w0 + (b.matmul(a)? * self.scale)?)?;
-        Ok(v.reshape((out, inp / self.group, self.group))?)
+    /// (out, groups, group) of a (out, in) tensor.
+    fn grouped(&self, t: &Tensor) -> Result<Tensor> {
+        let (out, inp) = t.dims2()?;
+        Ok(t.reshape((out, inp / self.group, self.group))?)
     }
 
-    /// Ŵ - W (out, in) with no graph, and for backward: u = (v - β) / γ unclipped, the codes
-    /// q, and γ unrounded.
-    fn delta_parts(&self, a: &Tensor, b: &Tensor, g: &Tensor) -> Result<[Tensor; 4]> {
+    /// The position on the grid before clipping, (out, groups, group): `(v - β) / γ` with
+    /// v = W + s B A (L4Q), or W's codes plus `s B A` counted in steps (LR-QAT).
+    fn position(&self, a: &Tensor, b: &Tensor, step: &Tensor, offset: &Tensor) -> Result<Tensor> {
+        let low_rank = (b.matmul(a)? * self.scale)?;
+        Ok(match (&self.codes, &self.w0) {
+            (Some(c), _) => self.grouped(&((c.to_dtype(DType::F32)? / self.frac)? + low_rank)?)?,
+            (None, Some(w0)) => self
+                .grouped(&(w0 + low_rank)?)?
+                .broadcast_sub(offset)?
+                .broadcast_div(step)?,
+            (None, None) => return Err(Error::msg("L4Q needs W dense")),
+        })
+    }
+
+    /// Ŵ - W (or Ŵ where W is not held) (out, in) with no graph, and for backward: the
+    /// position u unclipped, the codes q, γ as used (f16 values) and γ unrounded.
+    fn delta_parts(&self, a: &Tensor, b: &Tensor, g: &Tensor) -> Result<[Tensor; 5]> {
         let (step, offset, raw) = self.params(g)?;
         let (step, offset) = (step.unsqueeze(2)?, offset.unsqueeze(2)?);
-        let u = self
-            .merged(a, b)?
-            .broadcast_sub(&offset)?
-            .broadcast_div(&step)?;
+        let u = self.position(a, b, &step, &offset)?;
         let q = u.clamp(0.0, self.levels)?.round()?;
-        let w = q.broadcast_mul(&step)?.broadcast_add(&offset)?;
-        let d = (w.reshape(self.w0.shape())? - &self.w0)?;
-        Ok([d, u, q, raw])
+        let w = q
+            .broadcast_mul(&step)?
+            .broadcast_add(&offset)?
+            .flatten_from(1)?;
+        let d = match &self.w0 {
+            Some(w0) => (w - w0)?,
+            None => w,
+        };
+        Ok([d, u, q, step, raw])
     }
 
-    /// A's, B's and the grid's gradients from the update's gradient `dy` (out, in): STE inside
-    /// the grid, LSQ+ for γ and β, through the relative parameterisation.
+    /// A's, B's and the grid's gradients from the output's gradient `dy` (out, in): STE inside
+    /// the grid. L4Q: dŴ/dv = 1, dŴ/dγ = q - u and dŴ/dβ = 0 inside, 0, q and 1 outside
+    /// (LSQ+); LR-QAT: dŴ/d(s B A) = γ inside, 0 outside, dŴ/dγ = q and dŴ/dβ = 1 everywhere
+    /// (the position does not depend on them); then through the relative parameterisation.
     fn backward(
         &self,
         [a, b, g]: [&Tensor; 3],
         need: [bool; 3],
         dy: &Tensor,
     ) -> Result<[Option<Tensor>; 3]> {
-        let [_, u, q, raw] = self.delta_parts(a, b, g)?;
+        let [_, u, q, step, raw] = self.delta_parts(a, b, g)?;
         let g3 = dy.reshape(u.shape())?;
         let inside =
             (u.ge(0.0)?.to_dtype(DType::F32)? * u.le(self.levels)?.to_dtype(DType::F32)?)?;
-        let gv = (&g3 * &inside)?.reshape(self.w0.shape())?;
+        let lr_qat = self.codes.is_some();
+        let gv = match lr_qat {
+            false => (&g3 * &inside)?,
+            true => (&g3 * &inside)?.broadcast_mul(&step)?,
+        };
+        let gv = gv.flatten_from(1)?;
         let da = need[0]
             .then(|| b.t()?.matmul(&gv)? * self.scale)
             .transpose()?;
@@ -240,11 +325,12 @@ impl Grid {
             .transpose()?;
         let dg = need[2]
             .then(|| -> Result<Tensor> {
-                // dŴ/dγ = q - u inside, q outside; dŴ/dβ = 0 inside, 1 outside
-                let dstep = (&g3 * (&q - (&u * &inside)?)?)?.sum(2)?;
-                let doff = (&g3 * (1.0 - &inside)?)?.sum(2)?;
-                let dtheta = (dstep * raw)?;
-                let dphi = (doff * &self.step0)?;
+                let (dstep, doff) = match lr_qat {
+                    false => ((&g3 * (&q - (&u * &inside)?)?)?, (&g3 * (1.0 - &inside)?)?),
+                    true => ((&g3 * &q)?, g3.clone()),
+                };
+                let dtheta = (dstep.sum(2)? * raw)?;
+                let dphi = (doff.sum(2)? * &self.step0)?;
                 Ok(Tensor::stack(&[dtheta, dphi], 0)?)
             })
             .transpose()?;
@@ -256,6 +342,8 @@ impl L4qLayer {
     fn spec(&self) -> Grid {
         Grid {
             w0: self.w0.clone(),
+            codes: self.codes.clone(),
+            frac: self.frac,
             step0: self.step0.clone(),
             offset0: self.offset0.clone(),
             scale: self.scale,
@@ -278,21 +366,20 @@ impl L4qLayer {
     fn quantized(&self) -> Result<Tensor> {
         let spec = self.spec();
         let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
-        let v = spec.merged(a, b)?;
         let (step, offset, _) = spec.params(&self.grid_var())?;
         let (step, offset) = (step.unsqueeze(2)?, offset.unsqueeze(2)?);
-        // clipped, then rounded (LSQ): values past the grid pass no gradient to v
-        let u = v
-            .broadcast_sub(&offset)?
-            .broadcast_div(&step)?
+        // clipped, then rounded (LSQ): values past the grid pass no gradient on
+        let u = spec
+            .position(a, b, &step, &offset)?
             .clamp(0.0, self.levels)?;
         let q = (&u + (u.round()? - &u)?.detach())?;
         Ok(q.broadcast_mul(&step)?
             .broadcast_add(&offset)?
-            .reshape(self.w0.shape())?)
+            .flatten_from(1)?)
     }
 
-    /// Ŵ - W (out, in) as one graph node keeping A, B and the grid only.
+    /// Ŵ - W (out, in) as one graph node keeping A, B and the grid only (Ŵ itself where W is
+    /// not held: LR-QAT over a quantized base).
     fn delta(&self) -> Result<Tensor> {
         let (fwd, bwd) = (self.spec(), self.spec());
         let g = self.grid_var();
@@ -307,8 +394,20 @@ impl L4qLayer {
     }
 }
 
+impl L4qLayer {
+    fn refuse_without_w(&self, what: &str) -> Result<()> {
+        match self.w0 {
+            Some(_) => Ok(()),
+            None => Err(Error::Unsupported(format!(
+                "LR-QAT over a quantized base {what}: load the model dense (--dtype f32) for it"
+            ))),
+        }
+    }
+}
+
 impl AdapterLayer for L4qLayer {
     fn forward(&self, x: &Tensor, y: Tensor, _ctx: &crate::Ctx) -> Result<Tensor> {
+        self.refuse_without_w("runs as the module's only adapter")?;
         add_dense_delta(x, y, &self.delta()?)
     }
 
@@ -322,7 +421,38 @@ impl AdapterLayer for L4qLayer {
         dense_linear(ctx.kernels(), x, w, b, || Ok(Some(self.delta()?)))
     }
 
+    /// LR-QAT over a quantized base: `x Ŵ^T + b` from W's own 8-bit codes (the base's blocks
+    /// are not read).
+    fn fused_forward_quant(
+        &self,
+        x: &Tensor,
+        _w: &Tensor,
+        _fmt: petal_ops::quant::QFormat,
+        b: Option<&Tensor>,
+        _ctx: &crate::Ctx,
+    ) -> Option<Result<Tensor>> {
+        let run = || -> Result<Tensor> {
+            let what = self.delta()?; // Ŵ: no W is held
+            let dt = x.dtype();
+            let inp = x.dim(candle_core::D::Minus1)?;
+            let x2 = x
+                .reshape((x.elem_count() / inp, inp))?
+                .to_dtype(DType::F32)?;
+            let mut y = x2.matmul(&what.t()?)?;
+            if let Some(b) = b {
+                y = y.broadcast_add(&b.to_dtype(DType::F32)?)?;
+            }
+            let mut dims = x.dims().to_vec();
+            if let Some(last) = dims.last_mut() {
+                *last = what.dim(0)?;
+            }
+            Ok(y.reshape(dims)?.to_dtype(dt)?)
+        };
+        self.w0.is_none().then(run)
+    }
+
     fn weight_update(&self) -> Result<WeightUpdate> {
+        self.refuse_without_w("is merged into the dense model")?;
         Ok(WeightUpdate::Add(self.delta()?.detach()))
     }
 
@@ -345,181 +475,5 @@ impl AdapterLayer for L4qLayer {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use petal_ops::testing::{max_rel, rand};
-
-    fn toy_config() -> AdapterConfig {
-        // the toy model's 10 and 12 input features: groups of 2
-        let mut c = AdapterConfig::for_method("l4q", 2, 4.0, crate::testing::toy_targets());
-        c.set("group_size", 2).unwrap();
-        c
-    }
-
-    #[test]
-    fn merging_gives_the_quantized_weight_unmerging_restores_w_and_it_saves_bitwise() {
-        crate::testing::check_merge_equals_unmerged_and_unmerge_restores(&toy_config());
-        crate::testing::check_save_load_bitwise(&toy_config());
-    }
-
-    fn layer(w0: Tensor, bits: usize) -> L4qLayer {
-        let (step0, offset0) = min_max_grid(&w0, 8, bits).unwrap();
-        let (out, inp) = w0.dims2().unwrap();
-        L4qLayer {
-            a: Var::from_tensor(&(rand(&[2, inp], 1) * 0.1).unwrap()).unwrap(),
-            b: Var::from_tensor(&(rand(&[out, 2], 2) * 0.1).unwrap()).unwrap(),
-            grid: Var::zeros((2, out, inp / 8), DType::F32, &candle_core::Device::Cpu).unwrap(),
-            step0,
-            offset0,
-            w0,
-            scale: 2.0,
-            levels: ((1 << bits) - 1) as f64,
-            group: 8,
-            learn_grid: true,
-        }
-    }
-
-    #[test]
-    fn every_group_of_the_quantized_weight_lies_on_its_f16_grid() {
-        let l = layer(rand(&[6, 24], 3), 3);
-        let w = l.quantized().unwrap().reshape((6, 3, 8)).unwrap();
-        let (step, offset, _) = l.spec().params(&l.grid_var()).unwrap();
-        let (step, offset) = (&step, &offset);
-        let codes = w
-            .broadcast_sub(&offset.unsqueeze(2).unwrap())
-            .unwrap()
-            .broadcast_div(&step.unsqueeze(2).unwrap())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        for c in codes {
-            assert!(
-                (c - c.round()).abs() < 1e-3 && (-1e-3..=7.001).contains(&c),
-                "{c}"
-            );
-        }
-        let f16 = step
-            .to_dtype(DType::F16)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        assert_eq!(max_rel(&f16, step), 0.0, "f16 steps");
-        assert_eq!(max_rel(step, &l.step0), 0.0, "θ = 0: the min-max grid");
-    }
-
-    #[test]
-    fn gradients_are_lsq_plus_by_the_straight_through_estimator() {
-        // closed forms, element by element, for a loss sum(Ŵ ⊙ G):
-        // dŴ/dv = 1 inside the grid, 0 outside; dŴ/dγ = q - u inside, the clipped code outside;
-        // dŴ/dβ = 0 inside, 1 outside; through γ = γ0 exp(θ), β = β0 + γ0 φ:
-        // dθ = γ dγ, dφ = γ0 dβ
-        let mut l = layer(rand(&[4, 16], 5), 2);
-        // θ, φ away from zero: their gradients go through exp(θ) and γ0
-        l.grid = Var::from_tensor(&(rand(&[2, 4, 2], 11) * 0.1).unwrap()).unwrap();
-        // move some values outside the grid: a narrower grid than the weights span
-        let narrower = (&l.step0 * 0.7).unwrap().to_dtype(DType::F16).unwrap();
-        l.step0 = narrower.to_dtype(DType::F32).unwrap();
-        let g = rand(&[4, 16], 9);
-        let v = (&l.w0 + (l.b.as_tensor().matmul(l.a.as_tensor()).unwrap() * 2.0).unwrap())
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        let (st, of, raw) = l.spec().params(&l.grid_var()).unwrap();
-        let (st, of) = (st.to_vec2::<f32>().unwrap(), of.to_vec2::<f32>().unwrap());
-        let (raw, s0) = (
-            raw.to_vec2::<f32>().unwrap(),
-            l.step0.to_vec2::<f32>().unwrap(),
-        );
-        let gv = g.to_vec2::<f32>().unwrap();
-        let (mut dstep, mut doff) = (vec![vec![0f32; 2]; 4], vec![vec![0f32; 2]; 4]);
-        let mut dv = vec![vec![0f32; 16]; 4];
-        for i in 0..4 {
-            for j in 0..16 {
-                let (s, o) = (st[i][j / 8], of[i][j / 8]);
-                let u = (v[i][j] - o) / s;
-                let inside = (0.0..=3.0).contains(&u);
-                let q = u.round().clamp(0.0, 3.0);
-                dv[i][j] = if inside { gv[i][j] } else { 0.0 };
-                let (raw, s0) = (raw[i][j / 8], s0[i][j / 8]);
-                dstep[i][j / 8] += gv[i][j] * if inside { q - u } else { q } * raw;
-                doff[i][j / 8] += gv[i][j] * if inside { 0.0 } else { 1.0 } * s0;
-            }
-        }
-        let want_grid = Tensor::stack(
-            &[
-                Tensor::new(dstep, &candle_core::Device::Cpu).unwrap(),
-                Tensor::new(doff, &candle_core::Device::Cpu).unwrap(),
-            ],
-            0,
-        )
-        .unwrap();
-        let dvt = Tensor::new(dv, &candle_core::Device::Cpu).unwrap();
-        let want_b = (dvt.matmul(&l.a.as_tensor().t().unwrap()).unwrap() * 2.0).unwrap();
-        let want_a = (l.b.as_tensor().t().unwrap().matmul(&dvt).unwrap() * 2.0).unwrap();
-        // the composed twin (autograd) and the lean node (closed-form backward) alike
-        let composed = l.quantized().unwrap();
-        let lean = (l.delta().unwrap() + &l.w0).unwrap();
-        assert!(max_rel(&lean, &composed) < 1e-6, "the same Ŵ");
-        for (name, w) in [("composed", composed), ("lean", lean)] {
-            let grads = (&w * &g).unwrap().sum_all().unwrap().backward().unwrap();
-            let d = max_rel(grads.get(l.grid.as_tensor()).unwrap(), &want_grid);
-            assert!(d < 1e-4, "{name}: grid {d}");
-            assert!(
-                max_rel(grads.get(l.b.as_tensor()).unwrap(), &want_b) < 1e-4,
-                "{name}: B"
-            );
-            assert!(
-                max_rel(grads.get(l.a.as_tensor()).unwrap(), &want_a) < 1e-4,
-                "{name}: A"
-            );
-        }
-    }
-
-    /// Against `tools/golden/l4q_oracle.py`, a PyTorch transcription of the quantizer written
-    /// apart from this file: Ŵ - W and the gradients of A, B, θ, φ at 4, 3 and 2 bits (with
-    /// 10-40% of the values clipped).
-    #[test]
-    fn the_lean_node_equals_the_pytorch_transcription_in_value_and_gradients() {
-        let t = crate::testing::golden_fixture("l4q");
-        for c in ["b4", "b3", "b2"] {
-            let get = |k: &str| t[&format!("{c}.{k}")].clone();
-            let p = get("params").to_vec1::<f32>().unwrap();
-            let (s, group, bits) = (p[0] as f64, p[1] as usize, p[2] as usize);
-            let w0 = get("w0");
-            let (step0, offset0) = min_max_grid(&w0, group, bits).unwrap();
-            let grid = Tensor::stack(&[get("theta"), get("phi")], 0).unwrap();
-            let l = L4qLayer {
-                a: Var::from_tensor(&get("a")).unwrap(),
-                b: Var::from_tensor(&get("b")).unwrap(),
-                grid: Var::from_tensor(&grid).unwrap(),
-                step0,
-                offset0,
-                w0,
-                scale: s,
-                levels: ((1 << bits) - 1) as f64,
-                group,
-                learn_grid: true,
-            };
-            let d = l.delta().unwrap();
-            assert!(max_rel(&d, &get("delta")) < 1e-5, "{c}: delta");
-            let grads = (&d * &get("gout"))
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g = grads.get(l.grid.as_tensor()).unwrap();
-            for (name, got, want) in [
-                ("A", grads.get(l.a.as_tensor()).unwrap().clone(), get("d_a")),
-                ("B", grads.get(l.b.as_tensor()).unwrap().clone(), get("d_b")),
-                ("theta", g.get(0).unwrap(), get("d_theta")),
-                ("phi", g.get(1).unwrap(), get("d_phi")),
-            ] {
-                let e = max_rel(&got, &want);
-                assert!(e < 1e-4, "{c}: d{name} {e}");
-            }
-        }
-    }
-}
+#[path = "l4q_tests.rs"]
+mod tests;
