@@ -1,36 +1,49 @@
 #!/usr/bin/env bash
 # L4Q's claim, small: quantization-aware LoRA (the quantizer in the loop, its grid learned) ends
 # with a lower held-out loss than LoRA trained first and its merged model quantized afterwards
-# (QLoRA-then-PTQ), at 4 and 3 bits. SmolLM2-135M on Shakespeare, the same steps, data, lr and
+# (QLoRA-then-PTQ), at 4 and 3 bits; LR-QAT (its low-rank term in the grid's integer domain)
+# beside it. SmolLM2-135M on Shakespeare, the same steps, data, lr and
 # seed for every run; both quantize every linear layer in groups of 32 input columns (4 bits:
 # GGUF's Q4_1 blocks). The post-training quantization is L4Q's own quantizer left untrained (one
 # step at lr 1e-30: nothing moves), i.e. round to nearest on each group's min-max grid. Writes
 # docs/papers/l4q.md (table, SVG plot, command, CPU).
 #
-#   tools/papers/l4q.sh [STEPS] [SEED]   (default 60 steps, seed 0: about 20 min on 2 cores)
+#   tools/papers/l4q.sh [STEPS] [SEED]   (default 60 steps, seed 0: about 30 min on 2 cores)
 set -euo pipefail
 steps=${1:-60}
 seed=${2:-0}
 lr=2e-3
+train_steps=$steps
+steps=1 # smollm2.sh's flags without --max-steps and --lr: each run gives its own
+lr_=$lr
+lr=
 source "$(dirname "$0")/smollm2.sh"
+lr=$lr_
+shared=()
+for a in "${common[@]}"; do [ "$a" = --max-steps ] || [ "$a" = 1 ] || shared+=("$a"); done
 results=$work/results.jsonl
 run() { # label, then petal train flags
   local label=$1
   shift
   echo "== $label" >&2
-  "$petal" train "${common[@]}" --seed "$seed" "$@" 2>/dev/null |
+  "$petal" train "${shared[@]}" --seed "$seed" "$@" |
     python3 -c "import json,sys; d=json.load(sys.stdin); d['label']='$label'; print(json.dumps(d))" >> "$results"
 }
+trained=(--max-steps "$train_steps" --lr "$lr")
+quantize_only=(--max-steps 1 --lr 1e-30)
 lora=(--method lora --r 8 --alpha 16 --target-modules all-linear)
 l4q=(--method l4q --r 8 --alpha 16 --set group_size=32)
-run lora "${lora[@]}" --out "$work/lora"
+run lora "${lora[@]}" "${trained[@]}" --out "$work/lora"
 "$petal" merge --model asset:smollm2 --adapter "$work/lora/adapter" --out "$work/merged" >/dev/null
 for bits in 4 3; do
-  # the base quantized as it is, LoRA then quantized, and L4Q
-  run "rtn$bits" "${l4q[@]}" --set bits=$bits --max-steps 1 --lr 1e-30 --out "$work/rtn$bits"
-  run "lora_ptq$bits" --model "$work/merged" "${l4q[@]}" --set bits=$bits --max-steps 1 --lr 1e-30 \
+  # the base quantized as it is, LoRA then quantized, L4Q, and LR-QAT (over the base kept in
+  # the GGUF file's Q4_1 blocks: it needs only W's 8-bit codes)
+  run "rtn$bits" "${l4q[@]}" --set bits=$bits "${quantize_only[@]}" --out "$work/rtn$bits"
+  run "lora_ptq$bits" --model "$work/merged" "${l4q[@]}" --set bits=$bits "${quantize_only[@]}" \
     --out "$work/ptq$bits"
-  run "l4q$bits" "${l4q[@]}" --set bits=$bits --out "$work/l4q$bits"
+  run "l4q$bits" "${l4q[@]}" --set bits=$bits "${trained[@]}" --out "$work/l4q$bits"
+  run "lrqat$bits" "${l4q[@]}" --set bits=$bits --set variant=lr_qat --dtype quantized \
+    "${trained[@]}" --out "$work/lrqat$bits"
 done
 python3 "$root/tools/papers/table_report.py" "$results" "$work/plot.svg" \
   "L4Q: quantization-aware LoRA against LoRA then post-training quantization" \
@@ -39,6 +52,7 @@ python3 "$root/tools/papers/table_report.py" "$results" "$work/plot.svg" \
   lora="LoRA, f32 (not quantized)" \
   rtn4="base, 4-bit RTN" lora_ptq4="LoRA, then 4-bit RTN of the merge" l4q4="L4Q, 4-bit" \
   rtn3="base, 3-bit RTN" lora_ptq3="LoRA, then 3-bit RTN of the merge" l4q3="L4Q, 3-bit" \
+  lrqat4="LR-QAT, 4-bit (base kept in Q4_1)" lrqat3="LR-QAT, 3-bit (base kept in Q4_1)" \
   > "$root/docs/papers/l4q.md"
 cp "$work/plot.svg" "$root/docs/papers/l4q.svg"
 echo "wrote docs/papers/l4q.md" >&2
