@@ -361,7 +361,7 @@ fn quantize_requests_that_cannot_be_met_are_refused_in_one_line_naming_the_cause
     let cases: [(&[&str], &[&str]); 4] = [
         (&["--quantize", "q8_0"], &["down_proj", "48", "q8_0"]),
         (&["--quantize", "q4"], &["--quantize", "q4_k"]),
-        (&["--quantize", "nf4"], &["nf4", "not implemented"]),
+        (&["--quantize", "nf4"], &["nf4", "q_proj", "32", "64"]),
         (
             &["--quantize", "q8_0", "--dtype", "quantized"],
             &["--quantize", "--dtype quantized"],
@@ -378,4 +378,78 @@ fn quantize_requests_that_cannot_be_met_are_refused_in_one_line_naming_the_cause
         );
         assert!(want.iter().all(|w| e.contains(w)), "{flags:?}: {e}");
     }
+}
+
+#[test]
+fn gguf_exports_and_quantization_aware_methods_refuse_what_they_cannot_do_in_one_line() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("x.gguf");
+    let o_ = out.to_str().unwrap();
+    let qwen = golden().join("qwen2.gguf");
+    let llama = golden().join("llama");
+    let lora = golden().join("adapters/qwen2_lora_all_linear");
+    let dora = golden().join("adapters/llama_dora");
+    let (q, l) = (qwen.to_str().unwrap(), llama.to_str().unwrap());
+    let cases: Vec<(Vec<&str>, &[&str])> = vec![
+        // llama.cpp has no NF4: the GGUF types are named
+        (
+            vec![
+                "merge",
+                "--model",
+                q,
+                "--format",
+                "gguf",
+                "--quantize",
+                "nf4",
+                "--out",
+                o_,
+            ],
+            &["nf4", "q8_0", "NF4"],
+        ),
+        (
+            vec!["merge", "--model", q, "--format", "onnx", "--out", o_],
+            &["onnx", "hf, gguf"],
+        ),
+        // a DoRA adapter has no llama.cpp form
+        (
+            vec![
+                "export",
+                "--model",
+                l,
+                "--adapter",
+                dora.to_str().unwrap(),
+                "--out",
+                o_,
+            ],
+            &["DoRA"],
+        ),
+        // a model file is not an adapter
+        (
+            vec!["generate", "--model", q, "--adapter", q, "--prompt", "hi"],
+            &["not a LoRA adapter", "general.type"],
+        ),
+    ];
+    for (args, want) in cases {
+        let o = petal(&args);
+        let e = stderr(&o);
+        assert!(
+            !o.status.success() && e.trim().lines().count() == 1,
+            "{args:?}: {e}"
+        );
+        assert!(want.iter().all(|w| e.contains(w)), "{args:?}: {e}");
+        assert!(!out.exists(), "{args:?}: nothing written");
+    }
+    let _ = lora;
+    // L4Q's bits out of range name the option and the range
+    let data = words(d.path());
+    let run = d.path().join("run");
+    let mut args = common::train(l, data.to_str().unwrap(), run.to_str().unwrap());
+    args.extend(["--max-steps", "3", "--method", "l4q", "--set", "bits=9"]);
+    let o = petal(&args);
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.contains("bits") && e.contains("2..=8"),
+        "{e}"
+    );
+    assert!(!run.exists(), "nothing written");
 }

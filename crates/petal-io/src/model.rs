@@ -38,8 +38,8 @@ pub fn load_model(
             if precision.quantized && !bnb {
                 return Err(Error::Unsupported(format!(
                     "{}: --dtype quantized keeps a GGUF file's or a bitsandbytes folder's \
-                     quantized weights; this folder's are not (load it with --dtype f32 or \
-                     bf16, or quantize it with --quantize nf4)",
+                     quantized weights; this safetensors folder's are not quantized (load it \
+                     with --dtype f32 or bf16, or quantize it with --quantize nf4)",
                     dir.display()
                 )));
             }
