@@ -142,9 +142,14 @@ pub fn run_merge(a: MergeArgs) -> Result<()> {
         ..a.model.clone()
     };
     let mut lm = model.load()?;
+    // an L4Q adapter's codes, to store as they are where the GGUF type is its grid's
+    let grids = match gguf_type {
+        Some(_) => quant_grids(&lm.model)?,
+        None => HashMap::new(),
+    };
     petal_core::inject::merge_and_unload_all(&mut lm.model)?;
     match gguf_type {
-        Some(ty) => export_gguf(&mut lm, &a.out, ty)?,
+        Some(ty) => export_gguf(&mut lm, &a.out, ty, grids)?,
         None => export_hf(&mut lm, &a.out)?,
     }
     match a.model.adapter.len() {
@@ -154,11 +159,32 @@ pub fn run_merge(a: MergeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Write the (merged) model as one GGUF file llama.cpp loads, 2-D tensors in `ty`.
+/// The quantization grids of the model's active adapter layers that quantize (L4Q), by the HF
+/// name of the weight they make.
+fn quant_grids(m: &petal_models::Llama) -> Result<HashMap<String, petal_core::QuantGrid>> {
+    let mut grids = HashMap::new();
+    for l in m.linears() {
+        for name in l.active() {
+            if let Some(g) = l
+                .layer(name)
+                .map(|layer| layer.grid())
+                .transpose()?
+                .flatten()
+            {
+                grids.insert(format!("{}.weight", l.path()), g);
+            }
+        }
+    }
+    Ok(grids)
+}
+
+/// Write the (merged) model as one GGUF file llama.cpp loads, 2-D tensors in `ty` (the weights
+/// in `grids`, L4Q's, as their own codes where `ty` is their grid's type: Q4_1).
 pub fn export_gguf(
     lm: &mut petal_io::LoadedModel,
     out: &std::path::Path,
     ty: petal_ops::quant::GgmlDType,
+    grids: HashMap<String, petal_core::QuantGrid>,
 ) -> Result<()> {
     lm.model.complete_bias_groups()?;
     if !lm.model.head_is_tied() {
@@ -169,7 +195,7 @@ pub fn export_gguf(
         .to_bpe_parts()
         .with_context(|| format!("{}: the tokenizer", out.display()))?;
     let tensors = lm.model.named_base_tensors()?;
-    let f16 = petal_io::gguf_out::write_model(out, &lm.model.cfg, tensors, &tok, ty)?;
+    let f16 = petal_io::gguf_out::write_model(out, &lm.model.cfg, tensors, grids, &tok, ty)?;
     note_f16(&f16, ty);
     Ok(())
 }

@@ -139,6 +139,18 @@ impl Shared {
     }
 }
 
+/// A quantized weight as codes on a grid per group of input columns: the weight is
+/// `step * codes + offset`, group by group.
+#[derive(Debug, Clone)]
+pub struct QuantGrid {
+    /// (out, in) integer codes in 0..2^bits, as f32
+    pub codes: Tensor,
+    /// (out, in / group) steps and offsets (f16 values)
+    pub step: Tensor,
+    pub offset: Tensor,
+    pub bits: usize,
+}
+
 /// One method's state on ONE targeted linear, e.g. model.layers.3.self_attn.q_proj.
 pub trait AdapterLayer: Debug + Send + Sync {
     /// Adapted output from input x (.., in) and base output y (.., out), without building dW
@@ -205,6 +217,11 @@ pub trait AdapterLayer: Debug + Send + Sync {
     /// The concrete layer, for training-loop machinery that needs it (AdaLoRA's allocator).
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         None
+    }
+    /// The weight this layer makes as codes on a grid, where the method quantizes it (L4Q):
+    /// for exports that store the codes themselves rather than quantize the merge again.
+    fn grid(&self) -> Result<Option<QuantGrid>> {
+        Ok(None)
     }
     /// What the optimizer sees.
     fn vars(&self) -> Vec<Var> {

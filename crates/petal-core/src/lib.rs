@@ -20,8 +20,8 @@ pub mod target;
 pub mod walk;
 
 pub use adapter::{
-    AdapterLayer, AdapterMethod, Flag, InputAdapter, NamedTensor, NewAdapter, Rays, SharedOption,
-    TrainingHook, WeightUpdate,
+    AdapterLayer, AdapterMethod, Flag, InputAdapter, NamedTensor, NewAdapter, QuantGrid, Rays,
+    SharedOption, TrainingHook, WeightUpdate,
 };
 pub use config::AdapterConfig;
 pub use ctx::Ctx;

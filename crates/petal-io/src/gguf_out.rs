@@ -13,7 +13,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use petal_core::config::Targets;
 use petal_core::methods::lora::LoraOptions;
-use petal_core::{AdapterConfig, Error, Result};
+use petal_core::{AdapterConfig, Error, QuantGrid, Result};
 use petal_data::tokenizer::BpeParts;
 use petal_models::LlamaConfig;
 use std::collections::{BTreeMap, HashMap};
@@ -254,13 +254,48 @@ fn tokenizer_metadata(tok: &BpeParts, vocab: usize) -> Vec<(String, Meta)> {
     md
 }
 
+/// A weight held as 4-bit codes on a grid per group of 32 (L4Q's at 4 bits) as GGUF's Q4_1
+/// blocks, exactly (`d` = step, `m` = offset, both f16 values already): `None` for other grids.
+pub fn q4_1_of_grid(g: &QuantGrid) -> Result<Option<QTensor>> {
+    let (out, inp) = g.codes.dims2()?;
+    if g.bits != 4 || g.step.dims2()? != (out, inp / 32) || inp % 32 != 0 {
+        return Ok(None);
+    }
+    let codes = g
+        .codes
+        .to_dtype(DType::U8)?
+        .flatten_all()?
+        .to_vec1::<u8>()?;
+    let half = |t: &Tensor| -> Result<Vec<half::f16>> {
+        Ok(t.to_dtype(DType::F16)?
+            .flatten_all()?
+            .to_vec1::<half::f16>()?)
+    };
+    let (d, m) = (half(&g.step)?, half(&g.offset)?);
+    let mut bytes = Vec::with_capacity(out * inp / 32 * 20);
+    for (i, block) in codes.chunks_exact(32).enumerate() {
+        bytes.extend(d[i].to_le_bytes());
+        bytes.extend(m[i].to_le_bytes());
+        // value j in the low nibble of byte j, value j + 16 in its high nibble
+        bytes.extend((0..16).map(|j| block[j] | (block[j + 16] << 4)));
+    }
+    let storage = candle_core::quantized::QStorage::from_data(
+        std::borrow::Cow::Owned(bytes),
+        &Device::Cpu,
+        GgmlDType::Q4_1,
+    )?;
+    Ok(Some(QTensor::new(storage, (out, inp))?))
+}
+
 /// Write a model (HF-named tensors, as `Llama::named_base_tensors` gives them) as a GGUF file
-/// llama.cpp loads: hyper-parameters from `cfg`, the tokenizer, 2-D tensors in `ty`. Returns
+/// llama.cpp loads: hyper-parameters from `cfg`, the tokenizer, 2-D tensors in `ty`; the
+/// tensors in `exact` (HF names: Q4_1 blocks of an L4Q grid) are written as they are. Returns
 /// the tensors written in f16 instead, their rows not being whole blocks of `ty`.
 pub fn write_model(
     path: &Path,
     cfg: &LlamaConfig,
     tensors: Vec<(String, Tensor)>,
+    exact: HashMap<String, QuantGrid>,
     tok: &BpeParts,
     ty: GgmlDType,
 ) -> Result<Vec<String>> {
@@ -309,11 +344,35 @@ pub fn write_model(
         }
         let g =
             gguf_name(&hf).ok_or_else(|| Error::msg(format!("tensor `{hf}` has no GGUF name")))?;
-        let t = match (arch, qk_heads(&g, cfg)) {
-            ("llama", Some(h)) => permute(&t, h)?,
-            _ => t,
+        let llama_qk = match (arch, qk_heads(&g, cfg)) {
+            ("llama", Some(h)) => Some(h),
+            _ => None,
         };
-        out.push((g.clone(), encode(&g, &t, ty, &mut fell_back)?));
+        let t = match llama_qk {
+            Some(h) => permute(&t, h)?,
+            None => t,
+        };
+        let grid = match (exact.get(&hf), ty) {
+            (Some(grid), GgmlDType::Q4_1) => {
+                let rows = |t: &Tensor| match llama_qk {
+                    Some(h) => permute(t, h),
+                    None => Ok(t.clone()),
+                };
+                let grid = QuantGrid {
+                    codes: rows(&grid.codes)?,
+                    step: rows(&grid.step)?,
+                    offset: rows(&grid.offset)?,
+                    bits: grid.bits,
+                };
+                q4_1_of_grid(&grid)?
+            }
+            _ => None,
+        };
+        let q = match grid {
+            Some(q) => q,
+            None => encode(&g, &t, ty, &mut fell_back)?,
+        };
+        out.push((g.clone(), q));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     write_file(path, &md, &out)?;

@@ -48,7 +48,7 @@ fn merged_round_trip(mut lm: petal_io::LoadedModel, tok: &BpeParts) {
     for (ty, tol) in [(GgmlDType::F32, 1e-5), (GgmlDType::Q8_0, 3e-2)] {
         let path = dir.path().join("m.gguf");
         let tensors = lm.model.named_base_tensors().unwrap();
-        write_model(&path, &lm.model.cfg, tensors, tok, ty).unwrap();
+        write_model(&path, &lm.model.cfg, tensors, Default::default(), tok, ty).unwrap();
         let back = load(&path);
         let d = petal_ops::testing::max_rel(&logits(&back.model), &want);
         assert!(d < tol, "{ty:?}: {d}");
@@ -139,4 +139,62 @@ fn gguf_export_refuses_what_llama_cpp_has_no_form_for() {
         "{e}"
     );
     assert!(!dir.path().join("x.gguf").exists(), "nothing written");
+}
+
+#[test]
+fn an_l4q_model_is_written_as_its_own_q4_1_codes() {
+    // L4Q at 4 bits in groups of 32: the merged weights are Q4_1 blocks value for value, so the
+    // GGUF file holds the adapter's codes, steps and offsets (q/k rows permuted for `llama`)
+    use petal_core::Adaptable;
+    let mut lm = load(&golden().join("mistral"));
+    // every linear whose 32 input features make one group (down_proj's 48 do not)
+    let targets = Targets::List(
+        [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    let mut cfg = AdapterConfig::for_method("l4q", 4, 8.0, targets);
+    cfg.set("init_weights", false).unwrap();
+    inject::inject_adapter(&mut lm.model, "a", &cfg, 5).unwrap();
+    let mut grids = std::collections::HashMap::new();
+    for l in lm.model.linears() {
+        if let Some(g) = l.layer("a").and_then(|layer| layer.grid().unwrap()) {
+            grids.insert(format!("{}.weight", l.path()), g);
+        }
+    }
+    assert!(grids.len() >= 10, "{} grids", grids.len());
+    inject::merge_and_unload_all(&mut lm.model).unwrap();
+    let merged: std::collections::HashMap<String, Tensor> =
+        lm.model.named_base_tensors().unwrap().into_iter().collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l4q.gguf");
+    let tensors = lm.model.named_base_tensors().unwrap();
+    let vocab = lm.model.cfg.vocab_size;
+    write_model(
+        &path,
+        &lm.model.cfg,
+        tensors,
+        grids.clone(),
+        &plain_bpe(vocab),
+        GgmlDType::Q4_1,
+    )
+    .unwrap();
+    let back = petal_io::gguf::read(&path, false).unwrap();
+    use petal_models::weights::WeightSource;
+    for name in grids.keys() {
+        let want = &merged[name];
+        let got = back
+            .weights
+            .get(name, None, DType::F32, &Device::Cpu)
+            .unwrap();
+        let d = petal_ops::testing::max_rel(&got, want);
+        assert!(d < 1e-6, "{name}: {d}");
+    }
 }

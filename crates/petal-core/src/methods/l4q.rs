@@ -27,7 +27,7 @@
 //! `peft_type: "L4Q"`, tensors `lora_A.weight`, `lora_B.weight`, `l4q_grid` (θ and φ stacked).
 
 use crate::adapter::{
-    AdapterLayer, AdapterMethod, BaseLinear, ModuleDims, NamedTensor, WeightUpdate,
+    AdapterLayer, AdapterMethod, BaseLinear, ModuleDims, NamedTensor, QuantGrid, WeightUpdate,
 };
 use crate::config::{finite, spec, AdapterConfig, Spec};
 use crate::methods::{add_dense_delta, dense_linear, param};
@@ -454,6 +454,19 @@ impl AdapterLayer for L4qLayer {
     fn weight_update(&self) -> Result<WeightUpdate> {
         self.refuse_without_w("is merged into the dense model")?;
         Ok(WeightUpdate::Add(self.delta()?.detach()))
+    }
+
+    fn grid(&self) -> Result<Option<QuantGrid>> {
+        let g = self.grid.as_tensor().detach();
+        let spec = self.spec();
+        let [_, _, q, step, _] = spec.delta_parts(self.a.as_tensor(), self.b.as_tensor(), &g)?;
+        let (_, offset, _) = spec.params(&g)?;
+        Ok(Some(QuantGrid {
+            codes: q.flatten_from(1)?,
+            step: step.squeeze(2)?,
+            offset,
+            bits: (self.levels as usize + 1).trailing_zeros() as usize,
+        }))
     }
 
     fn tensors(&self) -> Vec<NamedTensor<'_>> {
