@@ -14,13 +14,17 @@ steps=${1:-60}
 seed=${2:-0}
 lr=2e-3
 train_steps=$steps
-steps=1 # smollm2.sh's flags without --max-steps and --lr: each run gives its own
+steps=1 # smollm2.sh's flags; --lr is left out (lr empty) and given per run
 lr_=$lr
 lr=
 source "$(dirname "$0")/smollm2.sh"
 lr=$lr_
-shared=()
-for a in "${common[@]}"; do [ "$a" = --max-steps ] || [ "$a" = 1 ] || shared+=("$a"); done
+shared=() # without --model and --max-steps (and their values): each run gives its own
+skip=0
+for a in "${common[@]}"; do
+  if [ $skip = 1 ]; then skip=0; continue; fi
+  case "$a" in --model | --max-steps) skip=1 ;; *) shared+=("$a") ;; esac
+done
 results=$work/results.jsonl
 run() { # label, then petal train flags
   local label=$1
@@ -29,8 +33,9 @@ run() { # label, then petal train flags
   "$petal" train "${shared[@]}" --seed "$seed" "$@" |
     python3 -c "import json,sys; d=json.load(sys.stdin); d['label']='$label'; print(json.dumps(d))" >> "$results"
 }
-trained=(--max-steps "$train_steps" --lr "$lr")
+trained=(--model asset:smollm2 --max-steps "$train_steps" --lr "$lr")
 quantize_only=(--max-steps 1 --lr 1e-30)
+base=(--model asset:smollm2)
 lora=(--method lora --r 8 --alpha 16 --target-modules all-linear)
 l4q=(--method l4q --r 8 --alpha 16 --set group_size=32)
 run lora "${lora[@]}" "${trained[@]}" --out "$work/lora"
@@ -38,7 +43,7 @@ run lora "${lora[@]}" "${trained[@]}" --out "$work/lora"
 for bits in 4 3; do
   # the base quantized as it is, LoRA then quantized, L4Q, and LR-QAT (over the base kept in
   # the GGUF file's Q4_1 blocks: it needs only W's 8-bit codes)
-  run "rtn$bits" "${l4q[@]}" --set bits=$bits "${quantize_only[@]}" --out "$work/rtn$bits"
+  run "rtn$bits" "${base[@]}" "${l4q[@]}" --set bits=$bits "${quantize_only[@]}" --out "$work/rtn$bits"
   run "lora_ptq$bits" --model "$work/merged" "${l4q[@]}" --set bits=$bits "${quantize_only[@]}" \
     --out "$work/ptq$bits"
   run "l4q$bits" "${l4q[@]}" --set bits=$bits "${trained[@]}" --out "$work/l4q$bits"
