@@ -50,14 +50,13 @@ for bits in 4 3; do
   run "lrqat$bits" "${l4q[@]}" --set bits=$bits --set variant=lr_qat --dtype quantized \
     "${trained[@]}" --out "$work/lrqat$bits"
 done
-python3 "$root/tools/papers/table_report.py" "$results" "$work/plot.svg" \
+python3 "$root/tools/papers/table_report.py" "$results" "$root/docs/papers/l4q.svg" \
   "L4Q: quantization-aware LoRA against LoRA then post-training quantization" \
   "L4Q (Jeon et al., ACL 2025) learns the LoRA update and the quantization grid together, so the fully quantized model it ends with is better than quantizing a merged LoRA model after training (QLoRA/QA-LoRA-style pipelines), most of all at 3-4 bits." \
-  "\`tools/papers/l4q.sh $steps $seed\`: SmolLM2-135M-Instruct (its GGUF file's Q4_1 weights in f32), Shakespeare, $steps steps of 4 x 128 tokens, lr $lr (cosine, 10 warm-up steps), seed $seed, LoRA r 8 alpha 16 on every linear layer for both, groups of 32 input columns, held-out loss on 32 sequences. The one-step runs at lr 1e-30 only quantize (their 'before' and 'after' are the same model)." \
+  "\`tools/papers/l4q.sh $train_steps $seed\`: SmolLM2-135M-Instruct (its GGUF file's Q4_1 weights in f32), Shakespeare, $train_steps steps of 4 x 128 tokens, lr $lr (cosine, 10 warm-up steps), seed $seed, LoRA r 8 alpha 16 on every linear layer for both, groups of 32 input columns, held-out loss on 32 sequences. The one-step runs at lr 1e-30 only quantize (their 'before' and 'after' are the same model)." \
   lora="LoRA, f32 (not quantized)" \
   rtn4="base, 4-bit RTN" lora_ptq4="LoRA, then 4-bit RTN of the merge" l4q4="L4Q, 4-bit" \
   rtn3="base, 3-bit RTN" lora_ptq3="LoRA, then 3-bit RTN of the merge" l4q3="L4Q, 3-bit" \
   lrqat4="LR-QAT, 4-bit (base kept in Q4_1)" lrqat3="LR-QAT, 3-bit (base kept in Q4_1)" \
   > "$root/docs/papers/l4q.md"
-cp "$work/plot.svg" "$root/docs/papers/l4q.svg"
 echo "wrote docs/papers/l4q.md" >&2
