@@ -136,7 +136,7 @@ fn smollm2_kept_quantized_scores_as_its_dequantized_weights() {
     assert!((lq - lf).abs() < 5e-3 * lf, "quantized {lq} vs f32 {lf}");
     // --quantize is for f32/bf16/f16 weights: this file's are Q4_1 already
     let again = petal_models::Precision {
-        quantize: Some(petal_ops::quant::GgmlDType::Q8_0),
+        quantize: Some(petal_ops::quant::ggml(petal_ops::quant::GgmlDType::Q8_0).unwrap()),
         ..DType::F32.into()
     };
     let e = petal_io::load_model(p.to_str().unwrap(), again, &Device::Cpu)
