@@ -49,9 +49,10 @@ pub fn apply_repetition_penalty(logits: &mut [f32], seen: &[u32], penalty: f64) 
     }
 }
 
-/// Next token: argmax when greedy, else sample after temperature, top-k and top-p filtering.
+/// Next token: argmax when greedy (temperatures below 1e-5, whose 1/t overflows the softmax,
+/// included, as vLLM takes them), else sample after temperature, top-k and top-p filtering.
 pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> u32 {
-    if p.temperature <= 0.0 {
+    if p.temperature < 1e-5 {
         return argmax(logits);
     }
     let mut idx: Vec<usize> = (0..logits.len()).collect();

@@ -6,7 +6,8 @@
 //!
 //! Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/completions` (`prompt`) and
 //! `POST /v1/chat/completions` (`messages`, rendered with the model's chat template). Sampling
-//! fields: `max_tokens` (default 16, as OpenAI), `temperature` (default 1; 0 is greedy),
+//! fields: `max_tokens` (default 16, as OpenAI, >= 1), `temperature` (default 1, in 0..2;
+//! below 1e-5 is greedy), `top_p` in (0, 1], `n` = 1,
 //! `top_p`, `top_k`, `repetition_penalty`, `stop` (a string or a list), `seed`. Fields this
 //! server does not read are ignored, as OpenAI clients send many; `n` > 1 is refused with a
 //! 400. `"stream": true` answers with server-sent events (chunked) as the text is generated,
@@ -370,6 +371,11 @@ impl Served<'_> {
             .get("messages")
             .and_then(Value::as_array)
             .ok_or_else(|| bad("`messages` (a list of {role, content}) is required"))?;
+        if msgs.is_empty() {
+            return Err(bad(
+                "`messages` is empty: give at least one {role, content}",
+            ));
+        }
         let msgs = msgs
             .iter()
             .enumerate()
@@ -462,21 +468,92 @@ fn sampling(req: &Value) -> Result<SamplingParams, Failure> {
             .ok_or_else(|| bad("`stop` must be a string or a list of strings"))?,
         Some(_) => return Err(bad("`stop` must be a string or a list of strings")),
     };
-    let temperature = num("temperature")?.unwrap_or(1.0);
-    if temperature < 0.0 {
-        return Err(bad("`temperature` must be >= 0"));
+    // OpenAI's ranges; petal's extensions top_k >= 0 and repetition_penalty > 0
+    let within = |k: &str, v: Option<f64>, ok: fn(f64) -> bool, range: &str| match v {
+        Some(x) if !ok(x) => Err(bad(format!("`{k}` must be {range}, not {x}"))),
+        _ => Ok(v),
+    };
+    let temperature = within(
+        "temperature",
+        num("temperature")?,
+        |t| (0.0..=2.0).contains(&t),
+        "in 0..2",
+    )?
+    .unwrap_or(1.0);
+    // below 1e-5 the softmax over 1/temperature overflows: greedy, as vLLM takes it
+    let temperature = if temperature < 1e-5 { 0.0 } else { temperature };
+    let top_p =
+        within("top_p", num("top_p")?, |p| p > 0.0 && p <= 1.0, "in (0, 1]")?.filter(|p| *p < 1.0);
+    let repetition_penalty = within(
+        "repetition_penalty",
+        num("repetition_penalty")?,
+        |r| r > 0.0 && r.is_finite(),
+        "> 0",
+    )?
+    .unwrap_or(1.0);
+    match count("n")? {
+        None | Some(1) => {}
+        Some(0) => return Err(bad("`n` must be >= 1, not 0")),
+        Some(n) => {
+            return Err(bad(format!(
+                "`n` = {n}: one completion per request for now"
+            )))
+        }
     }
-    let top_p = num("top_p")?.filter(|p| *p < 1.0);
-    if top_p.is_some_and(|p| p <= 0.0) {
-        return Err(bad("`top_p` must be in (0, 1]"));
-    }
+    let max_new_tokens = match count("max_tokens")? {
+        Some(0) => return Err(bad("`max_tokens` must be >= 1, not 0")),
+        m => m.unwrap_or(16),
+    };
     Ok(SamplingParams {
         temperature,
         top_k: count("top_k")?.filter(|k| *k > 0),
         top_p,
-        repetition_penalty: num("repetition_penalty")?.unwrap_or(1.0),
-        max_new_tokens: count("max_tokens")?.unwrap_or(16),
+        repetition_penalty,
+        max_new_tokens,
         stop,
         seed: count("seed")?.unwrap_or(0) as u64,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(body: Value) -> String {
+        sampling(&body)
+            .err()
+            .map(|Failure(_, _, m)| m)
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn sampling_fields_out_of_openai_ranges_are_refused_naming_the_field() {
+        for (body, want) in [
+            (json!({"temperature": 3}), "`temperature` must be in 0..2"),
+            (json!({"temperature": -1}), "`temperature`"),
+            (json!({"top_p": 2}), "`top_p` must be in (0, 1]"),
+            (json!({"top_p": 0}), "`top_p`"),
+            (
+                json!({"repetition_penalty": 0}),
+                "`repetition_penalty` must be > 0",
+            ),
+            (json!({"repetition_penalty": -1.5}), "`repetition_penalty`"),
+            (json!({"n": 0}), "`n` must be >= 1"),
+            (json!({"n": 3}), "`n` = 3"),
+            (json!({"max_tokens": 0}), "`max_tokens` must be >= 1"),
+            (json!({"top_k": -1}), "`top_k`"),
+        ] {
+            let e = error(body.clone());
+            assert!(e.contains(want), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_temperature_below_1e_5_is_greedy_and_top_p_1_is_no_filter() {
+        let p = sampling(&json!({"temperature": 1e-60, "top_p": 1.0, "n": 1})).unwrap();
+        assert_eq!(p.temperature, 0.0);
+        assert_eq!(p.top_p, None);
+        let p = sampling(&json!({"temperature": 0.7})).unwrap();
+        assert_eq!(p.temperature, 0.7);
+    }
 }
