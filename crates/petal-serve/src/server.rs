@@ -7,8 +7,8 @@
 //! Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/completions` (`prompt`) and
 //! `POST /v1/chat/completions` (`messages`, rendered with the model's chat template). Sampling
 //! fields: `max_tokens` (default 16, as OpenAI, >= 1), `temperature` (default 1, in 0..2;
-//! below 1e-5 is greedy), `top_p` in (0, 1], `n` = 1,
-//! `top_p`, `top_k`, `repetition_penalty`, `stop` (a string or a list), `seed`. Fields this
+//! below 1e-5 is greedy), `top_p` in (0, 1], `top_k` >= 0, `repetition_penalty` > 0, `stop` (a
+//! string or a list), `seed`; out of range: a 400 naming the field. Fields this
 //! server does not read are ignored, as OpenAI clients send many; `n` > 1 is refused with a
 //! 400. `"stream": true` answers with server-sent events (chunked) as the text is generated,
 //! OpenAI's chunk objects, a closing chunk with the finish reason and usage, then `[DONE]`;
