@@ -17,16 +17,23 @@ pub struct ServeArgs {
     /// The most completions generated together (those waiting when the server turns to them)
     #[arg(long, default_value_t = 8)]
     pub max_batch: usize,
+    /// The most tokens one request may ask for (`max_tokens` above it is refused with a 400)
+    #[arg(long, default_value_t = 2048)]
+    pub max_tokens: usize,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
-    crate::common::at_least(1, &[("max-batch", a.max_batch)])?;
+    crate::common::at_least(
+        1,
+        &[("max-batch", a.max_batch), ("max-tokens", a.max_tokens)],
+    )?;
     let lm = a.model.load()?;
     let served = petal_serve::Served {
         model: &lm.model,
         tokenizer: &lm.tokenizer,
         model_id: a.model.model.clone(),
         max_batch: a.max_batch,
+        max_tokens: a.max_tokens,
     };
     let addr = format!("{}:{}", a.host, a.port);
     let http = tiny_http::Server::http(&addr)

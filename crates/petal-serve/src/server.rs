@@ -37,6 +37,8 @@ pub struct Served<'a> {
     pub model_id: String,
     /// The most completions generated together (those waiting when the server turns to them).
     pub max_batch: usize,
+    /// The most tokens a request may ask for (`max_tokens` above it: a 400).
+    pub max_tokens: usize,
 }
 
 /// A completion to generate: prompt ids, sampling, adapter (`BASE`: none), chat or not.
@@ -275,9 +277,16 @@ impl Served<'_> {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
+        let params = sampling(req)?;
+        if params.max_new_tokens > self.max_tokens {
+            return Err(bad(format!(
+                "`max_tokens` {} is above this server's limit of {} (petal serve --max-tokens)",
+                params.max_new_tokens, self.max_tokens
+            )));
+        }
         Ok(Job {
             ids,
-            params: sampling(req)?,
+            params,
             adapter,
             chat,
             stream,

@@ -69,6 +69,7 @@ fn serving_from(lm: &LoadedModel, after: std::time::Duration, f: impl FnOnce(Soc
         tokenizer: &lm.tokenizer,
         model_id: "tiny-llama".into(),
         max_batch: 8,
+        max_tokens: 256,
     };
     std::thread::scope(|s| {
         let server = s.spawn(|| {
@@ -145,7 +146,7 @@ fn bad_requests_get_openai_style_errors_and_the_server_keeps_serving() {
     let lm = model_with(&[("q", "llama_lora_qv")]);
     serving(&lm, |addr| {
         let post = |body: &str| request(addr, "POST", "/v1/completions", body);
-        let cases: [(&str, u16, &str); 7] = [
+        let cases: [(&str, u16, &str); 9] = [
             (
                 r#"{"model": "nope", "prompt": "w5"}"#,
                 404,
@@ -173,6 +174,17 @@ fn bad_requests_get_openai_style_errors_and_the_server_keeps_serving() {
                 "`stop` must be a string or a list",
             ),
             (r#"[1, 2]"#, 400, "must be a JSON object"),
+            // above the server's --max-tokens (256 here), and an out-of-range field
+            (
+                r#"{"prompt": "w5", "max_tokens": 1000000000}"#,
+                400,
+                "`max_tokens` 1000000000 is above this server's limit of 256",
+            ),
+            (
+                r#"{"prompt": "w5", "top_p": 2}"#,
+                400,
+                "`top_p` must be in (0, 1]",
+            ),
         ];
         for (body, status, msg) in cases {
             let (got, r) = post(body);
@@ -210,6 +222,7 @@ fn a_model_with_a_prompt_learning_adapter_is_refused_before_serving() {
         tokenizer: &lm.tokenizer,
         model_id: "tiny".into(),
         max_batch: 8,
+        max_tokens: 256,
     };
     let e = served.serve(&http).unwrap_err().to_string();
     assert!(e.contains("prompt learning"), "{e}");
