@@ -8,6 +8,7 @@ pub mod bnb;
 pub mod encoder;
 pub mod gguf;
 pub mod gguf_out;
+pub mod gptq;
 pub mod hub;
 pub mod model;
 pub mod weights;

@@ -34,26 +34,33 @@ pub fn load_model(
             let cfg = LlamaConfig::from_hf_json(&text, &cfg_path.display().to_string())?;
             let json: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| Error::msg(format!("{}: not valid JSON: {e}", cfg_path.display())))?;
-            let bnb = crate::bnb::bnb_config(&json, &cfg_path)?.is_some();
-            if precision.quantized && !bnb {
+            let gptq = crate::gptq::gptq_config(&json, &cfg_path)?;
+            let bnb = gptq.is_none() && crate::bnb::bnb_config(&json, &cfg_path)?.is_some();
+            let held = match (bnb, gptq) {
+                (true, _) => Some("bitsandbytes NF4"),
+                (_, Some(_)) => Some("GPTQ int4"),
+                _ => None,
+            };
+            if precision.quantized && held.is_none() {
                 return Err(Error::Unsupported(format!(
-                    "{}: --dtype quantized keeps a GGUF file's or a bitsandbytes folder's \
-                     quantized weights; this safetensors folder's are not quantized (load it \
-                     with --dtype f32 or bf16, or quantize it with --quantize nf4)",
+                    "{}: --dtype quantized keeps a GGUF file's, a bitsandbytes or a GPTQ \
+                     folder's quantized weights; this safetensors folder's are not quantized \
+                     (load it with --dtype f32 or bf16, or quantize it with --quantize nf4)",
                     dir.display()
                 )));
             }
-            if let (Some(q), true) = (precision.quantize, bnb) {
+            if let (Some(q), Some(held)) = (precision.quantize, held) {
                 return Err(Error::Unsupported(format!(
-                    "{}: --quantize {}: the folder's linears are already quantized (bitsandbytes \
-                     NF4); train over them with --dtype quantized",
+                    "{}: --quantize {}: the folder's linears are already quantized ({held}); \
+                     train over them with --dtype quantized",
                     dir.display(),
                     q.name()
                 )));
             }
-            let w = match bnb {
-                true => crate::bnb::read(dir)?,
-                false => Weights::from_hf_folder(dir)?,
+            let w = match (bnb, gptq) {
+                (true, _) => crate::bnb::read(dir)?,
+                (_, Some(g)) => crate::gptq::read(dir, g)?,
+                _ => Weights::from_hf_folder(dir)?,
             };
             let tok = Tokenizer::from_hf_folder(dir).map_err(|e| Error::msg(e.to_string()))?;
             (Llama::load(cfg, &w, precision, device)?, tok)
