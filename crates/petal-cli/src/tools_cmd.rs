@@ -159,12 +159,13 @@ pub fn run_merge(a: MergeArgs) -> Result<()> {
     Ok(())
 }
 
-/// The quantization grids of the model's active adapter layers that quantize (L4Q), by the HF
-/// name of the weight they make.
+/// The quantization grids of the adapter layers that quantize (L4Q) and are their module's only
+/// adapter (with others, the merge is quantized again), by the HF name of the weight they make.
 fn quant_grids(m: &petal_models::Llama) -> Result<HashMap<String, petal_core::QuantGrid>> {
     let mut grids = HashMap::new();
     for l in m.linears() {
-        for name in l.active() {
+        // only where the L4Q layer is the module's one adapter: its codes are then the merge
+        if let [name] = &l.adapter_names()[..] {
             if let Some(g) = l
                 .layer(name)
                 .map(|layer| layer.grid())

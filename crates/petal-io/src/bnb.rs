@@ -126,7 +126,7 @@ pub fn read(dir: &Path) -> Result<Weights> {
             ));
         }
         let b = NF4.from_parts(cols, &parts).map_err(at)?;
-        if b.len() != rows * fmt.row_bytes() {
+        if Some(b.len()) != rows.checked_mul(fmt.row_bytes()) {
             return Err(at(format!(
                 "{} bytes of codes for {rows} x {cols}",
                 parts.packed.len()

@@ -86,7 +86,7 @@ fn pair_split(dims: &[usize], heads: usize) -> Result<(usize, usize)> {
     let Some((&out, tail)) = dims.split_first() else {
         return Err(Error::msg("a q/k projection that is a scalar".to_string()));
     };
-    if heads == 0 || out % (2 * heads) != 0 {
+    if heads == 0 || heads > out || out % (2 * heads) != 0 {
         return Err(Error::msg(format!(
             "a q/k projection of {out} rows does not split into {heads} heads of pairs"
         )));
@@ -216,7 +216,11 @@ pub fn read(path: &Path, keep_quantized: bool) -> Result<Gguf> {
 /// blocks of its type, and its bytes inside the file. candle's reader multiplies the
 /// dimensions unchecked, so a header claiming dimensions whose product overflows would pass its
 /// size check and then ask for an impossible allocation (found by `tools/fuzz.sh`).
-fn check_extent(info: &gguf_file::TensorInfo, data_offset: u64, file_len: u64) -> Result<()> {
+pub(crate) fn check_extent(
+    info: &gguf_file::TensorInfo,
+    data_offset: u64,
+    file_len: u64,
+) -> Result<()> {
     let dims = info.shape.dims();
     let elems = dims
         .iter()
@@ -268,6 +272,10 @@ mod tests {
         }
         let back = unpermute(&permute(&w, h).unwrap(), h).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), rows);
+        // head counts from a file that do not fit: an error, not an overflow
+        for heads in [0, 3, 1usize << 63, usize::MAX] {
+            assert!(unpermute(&w, heads).is_err() && permute(&w, heads).is_err(), "{heads}");
+        }
     }
 
     #[test]

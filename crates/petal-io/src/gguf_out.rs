@@ -220,7 +220,13 @@ fn text(s: &str) -> Meta {
 
 /// The tokenizer's GGUF keys (gpt2-style BPE), its tokens padded to the model's vocabulary
 /// with `[PADi]` tokens of type unused (5), as llama.cpp's converter pads them.
-fn tokenizer_metadata(tok: &BpeParts, vocab: usize) -> Vec<(String, Meta)> {
+fn tokenizer_metadata(tok: &BpeParts, vocab: usize) -> Result<Vec<(String, Meta)>> {
+    if tok.tokens.len() > vocab {
+        return Err(Error::msg(format!(
+            "the tokenizer has {} tokens, more than the model's {vocab} embedding rows",
+            tok.tokens.len()
+        )));
+    }
     let mut tokens = tok.tokens.clone();
     let mut types = tok.token_types.clone();
     types.resize(tokens.len(), 1);
@@ -251,7 +257,7 @@ fn tokenizer_metadata(tok: &BpeParts, vocab: usize) -> Vec<(String, Meta)> {
     if let Some(t) = &tok.chat_template {
         md.push(("tokenizer.chat_template".into(), text(t)));
     }
-    md
+    Ok(md)
 }
 
 /// A weight held as 4-bit codes on a grid per group of 32 (L4Q's at 4 bits) as GGUF's Q4_1
@@ -335,7 +341,10 @@ pub fn write_model(
         md.push((key("attention.key_length"), u(cfg.head_dim)));
         md.push((key("attention.value_length"), u(cfg.head_dim)));
     }
-    md.extend(tokenizer_metadata(tok, cfg.vocab_size));
+    md.extend(
+        tokenizer_metadata(tok, cfg.vocab_size)
+            .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?,
+    );
     let mut out = Vec::with_capacity(tensors.len());
     let mut fell_back = Vec::new();
     for (hf, t) in tensors {
@@ -527,16 +536,20 @@ pub fn read_lora(path: &Path, device: &Device) -> Result<(AdapterConfig, HashMap
                     "tensor `{name}`: no module of petal's models is `{base}`"
                 ))
             })?;
+        let named = |e: String| at(format!("tensor `{name}`: {e}"));
+        let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+        crate::gguf::check_extent(&c.tensor_infos[name], c.tensor_data_offset, file_len)
+            .map_err(|e| named(e.to_string()))?;
         let t = c
             .tensor(&mut f, name, device)
-            .map_err(|e| at(format!("tensor `{name}`: {e}")))?;
+            .map_err(|e| named(e.to_string()))?;
         let mut t = t.dequantize(device)?.to_dtype(DType::F32)?;
         let embed = base.starts_with("token_embd");
         if is_a && embed {
             t = t.t()?.contiguous()?;
         }
         if !is_a {
-            ranks.insert(module.clone(), t.dim(1)?);
+            ranks.insert(module.clone(), t.dim(1).map_err(|e| named(e.to_string()))?);
             let h = match base {
                 b if b.contains(".attn_q.") => heads("head_count"),
                 b if b.contains(".attn_k.") => heads("head_count_kv").or(heads("head_count")),
@@ -548,7 +561,7 @@ pub fn read_lora(path: &Path, device: &Device) -> Result<(AdapterConfig, HashMap
                         "tensor `{name}`: q/k rows are permuted and the file gives no head count"
                     ))
                 })?;
-                t = unpermute(&t, h)?;
+                t = unpermute(&t, h).map_err(|e| named(e.to_string()))?;
             }
         }
         let key = match (embed, is_a) {
@@ -561,6 +574,19 @@ pub fn read_lora(path: &Path, device: &Device) -> Result<(AdapterConfig, HashMap
     }
     let r =
         most_common(ranks.values().copied()).ok_or_else(|| at("holds no LoRA tensors".into()))?;
+    if alpha <= 0.0 {
+        // no alpha: llama.cpp scales every pair by 1; as alpha = r, B of rank k times k / r
+        for (module, k) in &ranks {
+            for key in [
+                format!("{module}.lora_B.weight"),
+                format!("{module}.lora_embedding_B"),
+            ] {
+                if let Some(b) = tensors.get_mut(&key) {
+                    *b = (&*b * (*k as f64 / r as f64))?;
+                }
+            }
+        }
+    }
     let modules: Vec<String> = ranks.keys().cloned().collect();
     let mut cfg = AdapterConfig::lora(
         r,

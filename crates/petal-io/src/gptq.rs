@@ -113,8 +113,9 @@ pub fn read(dir: &Path, cfg: GptqConfig) -> Result<Weights> {
                 "scales or zeros do not cover its {out} outputs"
             )));
         }
-        if let Ok(g) = raw(&format!("{m}.g_idx"), DType::I64) {
-            let g = g.to_vec1::<i64>()?;
+        let g_idx = format!("{m}.g_idx");
+        if names.contains(&g_idx) {
+            let g = raw(&g_idx, DType::I64)?.to_vec1::<i64>()?;
             if g.iter()
                 .enumerate()
                 .any(|(i, &x)| x as usize != i / cfg.group)
