@@ -274,7 +274,10 @@ mod tests {
         assert_eq!(back.to_vec2::<f32>().unwrap(), rows);
         // head counts from a file that do not fit: an error, not an overflow
         for heads in [0, 3, 1usize << 63, usize::MAX] {
-            assert!(unpermute(&w, heads).is_err() && permute(&w, heads).is_err(), "{heads}");
+            assert!(
+                unpermute(&w, heads).is_err() && permute(&w, heads).is_err(),
+                "{heads}"
+            );
         }
     }
 

@@ -119,7 +119,7 @@ impl AdapterMethod for L4q {
     }
 
     fn layer_values(&self, cfg: &AdapterConfig, _path: &str, dims: &ModuleDims) -> Result<u64> {
-        // A, B, the grid, and Ŵ's (out, in) intermediates a step keeps
+        // A, B, the grid, and (out, in) buffers a step builds: a bound (the lean node keeps one)
         let o: L4qOptions = cfg.options()?;
         Ok(dims.low_rank(o.r) + 2 * (dims.full() / o.group_size as u64) + 6 * dims.full())
     }

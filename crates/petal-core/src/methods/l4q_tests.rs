@@ -135,6 +135,62 @@ fn gradients_are_lsq_plus_by_the_straight_through_estimator() {
     }
 }
 
+type Fixture = std::collections::HashMap<String, Tensor>;
+
+/// Case `c` of `tools/golden/l4q_oracle.py`'s fixture as a layer: L4Q holding W, or LR-QAT
+/// holding W's 8-bit codes only (as over a quantized base).
+fn oracle_layer(t: &Fixture, c: &str, lr_qat: bool) -> L4qLayer {
+    let get = |k: &str| t[&format!("{c}.{k}")].clone();
+    let p = get("params").to_vec1::<f32>().unwrap();
+    let (s, group, bits) = (p[0] as f64, p[1] as usize, p[2] as usize);
+    let w0 = get("w0");
+    let levels = ((1 << bits) - 1) as f64;
+    let (step0, offset0) = min_max_grid(&w0, group, bits).unwrap();
+    let (w0, codes, frac) = match lr_qat {
+        false => (Some(w0), None, 1.0),
+        true => {
+            let codes = fixed_point_codes(&w0, &step0, &offset0, group, levels, bits).unwrap();
+            (None, Some(codes), (1 << (8 - bits)) as f64)
+        }
+    };
+    let grid = Tensor::stack(&[get("theta"), get("phi")], 0).unwrap();
+    L4qLayer {
+        a: Var::from_tensor(&get("a")).unwrap(),
+        b: Var::from_tensor(&get("b")).unwrap(),
+        grid: Var::from_tensor(&grid).unwrap(),
+        step0,
+        offset0,
+        w0,
+        codes,
+        frac,
+        scale: s,
+        levels,
+        group,
+        learn_grid: true,
+    }
+}
+
+/// The gradients of A, B, θ, φ for the loss `sum(out ⊙ gout)` against case `c`'s.
+fn check_oracle_gradients(t: &Fixture, c: &str, l: &L4qLayer, out: &Tensor) {
+    let get = |k: &str| t[&format!("{c}.{k}")].clone();
+    let grads = (out * &get("gout"))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g = grads.get(l.grid.as_tensor()).unwrap();
+    for (name, got, want) in [
+        ("A", grads.get(l.a.as_tensor()).unwrap().clone(), get("d_a")),
+        ("B", grads.get(l.b.as_tensor()).unwrap().clone(), get("d_b")),
+        ("theta", g.get(0).unwrap(), get("d_theta")),
+        ("phi", g.get(1).unwrap(), get("d_phi")),
+    ] {
+        let e = max_rel(&got, &want);
+        assert!(e < 1e-4, "{c}: d{name} {e}");
+    }
+}
+
 /// Against `tools/golden/l4q_oracle.py`, a PyTorch transcription of the quantizer written
 /// apart from this file: Ŵ - W and the gradients of A, B, θ, φ at 4, 3 and 2 bits (with
 /// 10-40% of the values clipped).
@@ -142,44 +198,10 @@ fn gradients_are_lsq_plus_by_the_straight_through_estimator() {
 fn the_lean_node_equals_the_pytorch_transcription_in_value_and_gradients() {
     let t = crate::testing::golden_fixture("l4q");
     for c in ["b4", "b3", "b2"] {
-        let get = |k: &str| t[&format!("{c}.{k}")].clone();
-        let p = get("params").to_vec1::<f32>().unwrap();
-        let (s, group, bits) = (p[0] as f64, p[1] as usize, p[2] as usize);
-        let w0 = get("w0");
-        let (step0, offset0) = min_max_grid(&w0, group, bits).unwrap();
-        let grid = Tensor::stack(&[get("theta"), get("phi")], 0).unwrap();
-        let l = L4qLayer {
-            a: Var::from_tensor(&get("a")).unwrap(),
-            b: Var::from_tensor(&get("b")).unwrap(),
-            grid: Var::from_tensor(&grid).unwrap(),
-            step0,
-            offset0,
-            w0: Some(w0),
-            codes: None,
-            frac: 1.0,
-            scale: s,
-            levels: ((1 << bits) - 1) as f64,
-            group,
-            learn_grid: true,
-        };
+        let l = oracle_layer(&t, c, false);
         let d = l.delta().unwrap();
-        assert!(max_rel(&d, &get("delta")) < 1e-5, "{c}: delta");
-        let grads = (&d * &get("gout"))
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g = grads.get(l.grid.as_tensor()).unwrap();
-        for (name, got, want) in [
-            ("A", grads.get(l.a.as_tensor()).unwrap().clone(), get("d_a")),
-            ("B", grads.get(l.b.as_tensor()).unwrap().clone(), get("d_b")),
-            ("theta", g.get(0).unwrap(), get("d_theta")),
-            ("phi", g.get(1).unwrap(), get("d_phi")),
-        ] {
-            let e = max_rel(&got, &want);
-            assert!(e < 1e-4, "{c}: d{name} {e}");
-        }
+        assert!(max_rel(&d, &t[&format!("{c}.delta")]) < 1e-5, "{c}: delta");
+        check_oracle_gradients(&t, c, &l, &d);
     }
 }
 
@@ -190,56 +212,21 @@ fn the_lean_node_equals_the_pytorch_transcription_in_value_and_gradients() {
 fn lr_qat_equals_the_pytorch_transcription_in_codes_value_and_gradients() {
     let t = crate::testing::golden_fixture("l4q");
     for c in ["q4", "q3"] {
-        let get = |k: &str| t[&format!("{c}.{k}")].clone();
-        let p = get("params").to_vec1::<f32>().unwrap();
-        let (s, group, bits) = (p[0] as f64, p[1] as usize, p[2] as usize);
-        let w0 = get("w0");
-        let levels = ((1 << bits) - 1) as f64;
-        let (step0, offset0) = min_max_grid(&w0, group, bits).unwrap();
-        let codes = fixed_point_codes(&w0, &step0, &offset0, group, levels, bits).unwrap();
-        let want_codes = get("codes8").to_dtype(DType::U8).unwrap();
+        let l = oracle_layer(&t, c, true);
+        let want_codes = t[&format!("{c}.codes8")].to_dtype(DType::U8).unwrap();
+        let codes = l.codes.as_ref().unwrap();
         let same = codes.eq(&want_codes).unwrap().to_dtype(DType::F32).unwrap();
         assert_eq!(
             same.mean_all().unwrap().to_scalar::<f32>().unwrap(),
             1.0,
             "{c}: codes"
         );
-        let grid = Tensor::stack(&[get("theta"), get("phi")], 0).unwrap();
-        let l = L4qLayer {
-            a: Var::from_tensor(&get("a")).unwrap(),
-            b: Var::from_tensor(&get("b")).unwrap(),
-            grid: Var::from_tensor(&grid).unwrap(),
-            step0,
-            offset0,
-            w0: None,
-            codes: Some(codes),
-            frac: (1 << (8 - bits)) as f64,
-            scale: s,
-            levels,
-            group,
-            learn_grid: true,
-        };
         let what = l.delta().unwrap(); // Ŵ itself: no W held
-        assert!(max_rel(&what, &get("what")) < 1e-5, "{c}: Ŵ");
+        assert!(max_rel(&what, &t[&format!("{c}.what")]) < 1e-5, "{c}: Ŵ");
         assert!(
             max_rel(&l.quantized().unwrap(), &what) < 1e-6,
             "{c}: the composed twin"
         );
-        let grads = (&what * &get("gout"))
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g = grads.get(l.grid.as_tensor()).unwrap();
-        for (name, got, want) in [
-            ("A", grads.get(l.a.as_tensor()).unwrap().clone(), get("d_a")),
-            ("B", grads.get(l.b.as_tensor()).unwrap().clone(), get("d_b")),
-            ("theta", g.get(0).unwrap(), get("d_theta")),
-            ("phi", g.get(1).unwrap(), get("d_phi")),
-        ] {
-            let e = max_rel(&got, &want);
-            assert!(e < 1e-4, "{c}: d{name} {e}");
-        }
+        check_oracle_gradients(&t, c, &l, &what);
     }
 }
