@@ -102,54 +102,47 @@ def forward_lrqat(w0, a, b, theta, phi, s, g, bits):
     return w_hat, codes8.reshape(w0.shape), clipped
 
 
+def draw(d_out, d_in, r, g, seed, theta_c, a_scale, b_scale):
+    """A case's inputs, drawn in a fixed order from one seeded generator: W0, A, B, theta
+    (unless constant), phi, gout."""
+    gen = torch.Generator().manual_seed(seed)
+    n = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float32)
+    w0 = 0.05 * n(d_out, d_in)
+    a = (a_scale * n(r, d_in)).requires_grad_()
+    b = (b_scale * n(d_out, r)).requires_grad_()
+    if theta_c is None:
+        theta = 0.1 * n(d_out, d_in // g)
+    else:
+        theta = torch.full((d_out, d_in // g), theta_c, dtype=torch.float32)
+    theta.requires_grad_()
+    phi = (0.3 * n(d_out, d_in // g)).requires_grad_()
+    gout = n(d_out, d_in)
+    return w0, a, b, theta, phi, gout
+
+
 def main():
     out = {}
-    for name, (d_out, d_in, r, g, bits, s, seed, theta_c) in CASES.items():
-        assert d_in % g == 0
-        gen = torch.Generator().manual_seed(seed)
-        n = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float32)
-        w0 = 0.05 * n(d_out, d_in)
-        a = (0.1 * n(r, d_in)).requires_grad_()
-        b = (0.1 * n(d_out, r)).requires_grad_()
-        if theta_c is None:
-            theta = 0.1 * n(d_out, d_in // g)
-        else:
-            theta = torch.full((d_out, d_in // g), theta_c, dtype=torch.float32)
-        theta.requires_grad_()
-        phi = (0.3 * n(d_out, d_in // g)).requires_grad_()
-        gout = n(d_out, d_in)
-        delta, clipped = forward(w0, a, b, theta, phi, s, g, bits)
-        (delta * gout).sum().backward()
-        print(f"{name}: clipped {clipped:.1%} of {d_out * d_in} values")
-        tensors = {"w0": w0, "a": a, "b": b, "theta": theta, "phi": phi, "gout": gout,
-                   "delta": delta, "d_a": a.grad, "d_b": b.grad,
-                   "d_theta": theta.grad, "d_phi": phi.grad,
-                   "params": torch.tensor([s, float(g), float(bits)])}
-        for key, t in tensors.items():
-            out[f"{name}.{key}"] = t.detach().to(torch.float32).contiguous()
-    for name, (d_out, d_in, r, g, bits, s, seed, theta_c) in LRQAT_CASES.items():
-        assert d_in % g == 0
-        gen = torch.Generator().manual_seed(seed)
-        n = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float32)
-        w0 = 0.05 * n(d_out, d_in)
-        a = (1.0 * n(r, d_in)).requires_grad_()
-        b = (3.0 * n(d_out, r)).requires_grad_()
-        if theta_c is None:
-            theta = 0.1 * n(d_out, d_in // g)
-        else:
-            theta = torch.full((d_out, d_in // g), theta_c, dtype=torch.float32)
-        theta.requires_grad_()
-        phi = (0.3 * n(d_out, d_in // g)).requires_grad_()
-        gout = n(d_out, d_in)
-        w_hat, codes8, clipped = forward_lrqat(w0, a, b, theta, phi, s, g, bits)
-        (w_hat * gout).sum().backward()
-        print(f"{name}: clipped {clipped:.1%} of {d_out * d_in} values (LR-QAT)")
-        tensors = {"w0": w0, "a": a, "b": b, "theta": theta, "phi": phi, "gout": gout,
-                   "what": w_hat, "codes8": codes8, "d_a": a.grad, "d_b": b.grad,
-                   "d_theta": theta.grad, "d_phi": phi.grad,
-                   "params": torch.tensor([s, float(g), float(bits)])}
-        for key, t in tensors.items():
-            out[f"{name}.{key}"] = t.detach().to(torch.float32).contiguous()
+    # L4Q: A, B ~ 0.1 N; LR-QAT: the low-rank term counts grid steps, A ~ N, B ~ 3 N
+    for cases, lr_qat in ((CASES, False), (LRQAT_CASES, True)):
+        for name, (d_out, d_in, r, g, bits, s, seed, theta_c) in cases.items():
+            assert d_in % g == 0
+            scales = (1.0, 3.0) if lr_qat else (0.1, 0.1)
+            w0, a, b, theta, phi, gout = draw(d_out, d_in, r, g, seed, theta_c, *scales)
+            if lr_qat:
+                result, codes8, clipped = forward_lrqat(w0, a, b, theta, phi, s, g, bits)
+                own = {"what": result, "codes8": codes8}
+            else:
+                result, clipped = forward(w0, a, b, theta, phi, s, g, bits)
+                own = {"delta": result}
+            (result * gout).sum().backward()
+            kind = " (LR-QAT)" if lr_qat else ""
+            print(f"{name}: clipped {clipped:.1%} of {d_out * d_in} values{kind}")
+            tensors = {"w0": w0, "a": a, "b": b, "theta": theta, "phi": phi, "gout": gout,
+                       **own, "d_a": a.grad, "d_b": b.grad,
+                       "d_theta": theta.grad, "d_phi": phi.grad,
+                       "params": torch.tensor([s, float(g), float(bits)])}
+            for key, t in tensors.items():
+                out[f"{name}.{key}"] = t.detach().to(torch.float32).contiguous()
     save_file(out, os.path.join(ROOT, "l4q.safetensors"), metadata={"torch": torch.__version__})
 
 
