@@ -7,6 +7,7 @@ pub mod atomic;
 pub mod bnb;
 pub mod encoder;
 pub mod gguf;
+pub mod gguf_lora;
 pub mod gguf_out;
 pub mod gptq;
 pub mod hub;
