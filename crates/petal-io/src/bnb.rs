@@ -138,14 +138,8 @@ pub fn read(dir: &Path) -> Result<Weights> {
         );
         state_of.insert(w.to_string());
     }
-    let mut dense = HashMap::new();
-    for n in &names {
-        let part = PARTS
-            .iter()
-            .any(|p| n.strip_suffix(p).is_some_and(|w| state_of.contains(w)));
-        if !state_of.contains(n) && !part && !n.ends_with(STATE) {
-            dense.insert(n.clone(), raw(n, DType::F32)?);
-        }
-    }
+    // the weight itself, its state's tensors and the state's JSON
+    let parts = [&[""][..], &PARTS, &[STATE]].concat();
+    let dense = crate::weights::dense_rest(&file, &state_of, &parts)?;
     Ok(Weights::Quantized { dense, blocks })
 }

@@ -141,14 +141,6 @@ pub fn read(dir: &Path, cfg: GptqConfig) -> Result<Weights> {
         blocks.insert(format!("{m}.weight"), (t, fmt));
         modules.insert(m.to_string());
     }
-    let mut dense = HashMap::new();
-    for n in &names {
-        let part = PARTS
-            .iter()
-            .any(|p| n.strip_suffix(p).is_some_and(|m| modules.contains(m)));
-        if !part {
-            dense.insert(n.clone(), raw(n, DType::F32)?);
-        }
-    }
+    let dense = crate::weights::dense_rest(&file, &modules, &PARTS)?;
     Ok(Weights::Quantized { dense, blocks })
 }

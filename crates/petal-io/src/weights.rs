@@ -92,6 +92,26 @@ impl Weights {
     }
 }
 
+/// Every tensor of `file` but the stored parts of its quantized modules (`base + suffix` for a
+/// `base` in `quantized`), in f32: what a quantized folder holds besides its blocks.
+pub(crate) fn dense_rest(
+    file: &Weights,
+    quantized: &std::collections::HashSet<String>,
+    suffixes: &[&str],
+) -> Result<HashMap<String, Tensor>> {
+    let part = |n: &str| {
+        suffixes
+            .iter()
+            .any(|s| n.strip_suffix(s).is_some_and(|b| quantized.contains(b)))
+    };
+    let mut dense = HashMap::new();
+    for n in file.names().into_iter().filter(|n| !part(n)) {
+        let t = file.get(&n, None, candle_core::DType::F32, &Device::Cpu)?;
+        dense.insert(n, t);
+    }
+    Ok(dense)
+}
+
 impl WeightSource for Weights {
     fn contains(&self, name: &str) -> bool {
         match self {
