@@ -141,6 +141,7 @@ pub fn read_lora(path: &Path, device: &Device) -> Result<(AdapterConfig, HashMap
     let heads = |k: &str| meta_u64(md, &format!("{arch}.attention.{k}")).map(|h| h as usize);
     let mut tensors = HashMap::new();
     let mut ranks: BTreeMap<String, usize> = BTreeMap::new();
+    let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
     for name in c.tensor_infos.keys() {
         let (base, is_a) = match (name.strip_suffix(".lora_a"), name.strip_suffix(".lora_b")) {
             (Some(b), _) => (b, true),
@@ -155,7 +156,6 @@ pub fn read_lora(path: &Path, device: &Device) -> Result<(AdapterConfig, HashMap
                 ))
             })?;
         let named = |e: String| at(format!("tensor `{name}`: {e}"));
-        let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
         crate::gguf::check_extent(&c.tensor_infos[name], c.tensor_data_offset, file_len)
             .map_err(|e| named(e.to_string()))?;
         let t = c
