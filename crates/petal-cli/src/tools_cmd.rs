@@ -187,10 +187,7 @@ pub fn export_gguf(
     ty: petal_ops::quant::GgmlDType,
     grids: HashMap<String, petal_core::QuantGrid>,
 ) -> Result<()> {
-    lm.model.complete_bias_groups()?;
-    if !lm.model.head_is_tied() {
-        lm.model.cfg.tie_word_embeddings = false;
-    }
+    settle_for_export(&mut lm.model)?;
     let tok = lm
         .tokenizer
         .to_bpe_parts()
@@ -213,13 +210,20 @@ pub fn note_f16(names: &[String], ty: petal_ops::quant::GgmlDType) {
     }
 }
 
+/// The model's config and biases as a file must state them: q/k/v biases all or none, and the
+/// head untied where merging gave it its own weight.
+fn settle_for_export(m: &mut petal_models::Llama) -> Result<()> {
+    m.complete_bias_groups()?;
+    if !m.head_is_tied() {
+        m.cfg.tie_word_embeddings = false;
+    }
+    Ok(())
+}
+
 /// Write the (merged) model as a Hugging Face folder: config.json, model.safetensors,
 /// tokenizer, built whole beside `out` and moved into place (never half-written).
 pub fn export_hf(lm: &mut petal_io::LoadedModel, out: &std::path::Path) -> Result<()> {
-    lm.model.complete_bias_groups()?;
-    if !lm.model.head_is_tied() {
-        lm.model.cfg.tie_word_embeddings = false;
-    }
+    settle_for_export(&mut lm.model)?;
     let tensors: HashMap<String, Tensor> = lm.model.named_base_tensors()?.into_iter().collect();
     let dt = match lm.model.dtype() {
         DType::BF16 => "bfloat16",
