@@ -11,6 +11,35 @@ use crate::cuda::Family;
 pub struct Kernels {
     fused: bool,
     cuda: u8,
+    frozen: Frozen,
+}
+
+/// The arithmetic of the products of a frozen quantized weight on the CPU (forward and input
+/// gradient; no weight gradient is taken through them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Frozen {
+    /// bf16 where the CPU has AVX512-BF16, else 8-bit codes where it has AVX2, else f32.
+    Auto,
+    /// f32 products.
+    F32,
+    /// bf16 products (f32 where the CPU has no AVX512-BF16).
+    Bf16,
+    /// 8-bit codes with i32 sums (`crate::int8`): AVX-512 VNNI, AVX2, or plain loops.
+    Int8,
+}
+
+impl Frozen {
+    pub const NAMES: [&'static str; 4] = ["auto", "f32", "bf16", "int8"];
+
+    pub fn parse(s: &str) -> Option<Frozen> {
+        Some(match s.trim() {
+            "" | "auto" => Frozen::Auto,
+            "f32" => Frozen::F32,
+            "bf16" => Frozen::Bf16,
+            "int8" => Frozen::Int8,
+            _ => return None,
+        })
+    }
 }
 
 impl Default for Kernels {
@@ -24,12 +53,14 @@ impl Kernels {
     pub const FUSED: Kernels = Kernels {
         fused: true,
         cuda: 0,
+        frozen: Frozen::Auto,
     };
 
     /// The composed reference ops everywhere: no fused CPU kernel, no CUDA kernel.
     pub const REFERENCE: Kernels = Kernels {
         fused: false,
         cuda: 0,
+        frozen: Frozen::Auto,
     };
 
     /// Fused CPU kernels on or off (off: the reference ops, and no CUDA kernel either).
@@ -41,6 +72,16 @@ impl Kernels {
     pub fn with_cuda(self, families: &[Family]) -> Self {
         let cuda = families.iter().fold(0, |b, f| b | f.bit());
         Kernels { cuda, ..self }
+    }
+
+    /// The products of frozen quantized weights in this arithmetic (fused kernels only).
+    pub fn with_frozen(self, frozen: Frozen) -> Self {
+        Kernels { frozen, ..self }
+    }
+
+    /// The arithmetic asked of the frozen quantized products.
+    pub fn frozen(self) -> Frozen {
+        self.frozen
     }
 
     /// Whether the fused paths are on.
@@ -65,11 +106,24 @@ impl Kernels {
 
     /// The choice the environment asks for, as the `petal` binary reads it: `PETAL_FUSED=0` the
     /// reference ops; `PETAL_CUDA_KERNELS` the CUDA families (`1` or `all` every one, a comma
-    /// list some, unset or `0` none; an unknown name is reported and skipped).
+    /// list some, unset or `0` none; an unknown name is reported and skipped);
+    /// `PETAL_FROZEN_PRODUCTS` the arithmetic of frozen quantized products (`auto`, `f32`,
+    /// `bf16`, `int8`; an unknown value is reported and `auto` kept).
     pub fn from_env() -> Self {
         let fused = std::env::var("PETAL_FUSED").map_or(true, |v| v != "0");
         let cuda = parse_families(&std::env::var("PETAL_CUDA_KERNELS").unwrap_or_default());
-        Kernels::default().with_fused(fused).with_cuda(&cuda)
+        let v = std::env::var("PETAL_FROZEN_PRODUCTS").unwrap_or_default();
+        let frozen = Frozen::parse(&v).unwrap_or_else(|| {
+            eprintln!(
+                "petal: PETAL_FROZEN_PRODUCTS: `{v}` is not one of {}; using auto",
+                Frozen::NAMES.join(", ")
+            );
+            Frozen::Auto
+        });
+        Kernels::default()
+            .with_fused(fused)
+            .with_cuda(&cuda)
+            .with_frozen(frozen)
     }
 }
 

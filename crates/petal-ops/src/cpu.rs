@@ -5,6 +5,25 @@ use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::borrow::Cow;
 
+/// The SIMD features of this CPU that petal's kernels (and gemm's) dispatch on.
+pub fn features() -> Vec<&'static str> {
+    let mut v = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        let all = [
+            ("avx2", has!("avx2")),
+            ("fma", has!("fma")),
+            ("avx512f", has!("avx512f")),
+            ("avx512bw", has!("avx512bw")),
+            ("avx512vnni", has!("avx512vnni")),
+            ("avx512bf16", has!("avx512bf16")),
+        ];
+        v.extend(all.iter().filter(|f| f.1).map(|f| f.0));
+    }
+    v
+}
+
 /// Whether `t` can take a fused CPU f32 kernel under `k`.
 pub fn fast_ok(k: Kernels, t: &Tensor) -> bool {
     k.fused() && t.device().is_cpu() && t.dtype() == DType::F32

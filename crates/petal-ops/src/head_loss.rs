@@ -22,8 +22,8 @@ const CHUNK: usize = 256;
 struct HeadLoss {
     w: Tensor, // (V, d), frozen; raw blocks (V, row_bytes) when `quant`
     quant: Option<QFormat>,
-    /// a quantized head's products in bf16 (see `quant::use_bf16`)
-    quant_bf16: bool,
+    /// a quantized head's product arithmetic (see `quant::mode`)
+    quant_mode: quant::Mode,
     labels: Vec<i64>,
     need_grad: bool,
     dh: Mutex<Option<Tensor>>,
@@ -34,7 +34,7 @@ enum Head<'a> {
     F32(&'a [f32]),
     Bf16(PackedB, Option<PackedB>),
     /// Quantized rows: each product decodes tiles of W (`quant`), never all of it.
-    Quant(&'a [u8], QFormat, bool),
+    Quant(&'a [u8], QFormat, quant::Mode),
 }
 
 impl CustomOp1 for HeadLoss {
@@ -69,7 +69,7 @@ impl CustomOp1 for HeadLoss {
                 let (o1, o2) = wl.contiguous_offsets().ok_or_else(|| {
                     candle_core::Error::Msg("head loss: weight not contiguous".into())
                 })?;
-                Head::Quant(&b[o1..o2], fmt, self.quant_bf16)
+                Head::Quant(&b[o1..o2], fmt, self.quant_mode)
             }
             _ => Head::F32(f32s(wc, wl)?),
         };
@@ -228,7 +228,7 @@ pub fn head_cross_entropy(
     let op = HeadLoss {
         w: w.clone(),
         quant: None,
-        quant_bf16: false,
+        quant_mode: quant::Mode::F32,
         labels: labels.to_vec(),
         need_grad: h.track_op(),
         dh: Mutex::new(None),
@@ -252,7 +252,7 @@ pub fn head_cross_entropy_quant(
     let op = HeadLoss {
         w: w.clone(),
         quant: Some(fmt),
-        quant_bf16: quant::use_bf16(k),
+        quant_mode: quant::mode(k),
         labels: labels.to_vec(),
         need_grad: h.track_op(),
         dh: Mutex::new(None),

@@ -18,6 +18,7 @@ pub mod cuda;
 pub mod fastfood;
 pub mod frozen_linear;
 pub mod head_loss;
+pub mod int8;
 pub mod inverse;
 pub mod kernels;
 pub mod lean;
@@ -38,7 +39,7 @@ pub mod vmath;
 
 pub use attention::{causal_attention, causal_attention_bthd, Rope};
 pub use blocks::rotate_blocks;
-pub use choice::{parse_families, Kernels};
+pub use choice::{parse_families, Frozen, Kernels};
 pub use frozen_linear::frozen_linear;
 pub use head_loss::head_cross_entropy;
 pub use inverse::inverse;

@@ -491,6 +491,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut result = json!({
         "workload": a.workload, "mode": a.mode, "method": a.method, "batch": a.batch, "seq": a.seq, "dtype": a.dtype, "quantize": a.quantize,
         "device": a.device, "cuda_kernels": if a.device.starts_with("cuda") { petal.model.kernels().cuda_families() } else { vec![] }, "threads": wl["threads"], "matmul_peak_gflops": {"f32": peak32, "bf16": peak16},
+        "cpu_features": petal_ops::cpu::features(), "frozen_quantized_products": petal_ops::quant::arithmetic(petal.model.kernels()),
         "grad_checkpointing": a.grad_checkpointing, "bf16_activations": a.bf16_activations,
         "mflop_per_token": flops / 1e6, "petal": pv, "pytorch": null, "ratio": null,
     });

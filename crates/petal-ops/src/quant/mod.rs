@@ -20,7 +20,8 @@ mod product;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use product::{forward_into, input_grad_into, use_bf16};
+pub use product::arithmetic;
+pub(crate) use product::{forward_into, input_grad_into, mode, Mode};
 pub use product::{quant_input_grad, quant_linear, quant_linear_reference, quant_lora_linear};
 
 pub use candle_core::quantized::GgmlDType;

@@ -91,15 +91,50 @@ fn forward(x: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize, op: &QLinear) 
         }
     }
     let mut y = vec![0f32; m * n];
-    forward_into(x, m, fmt, w, n, &mut y, op.bf16);
+    forward_into(x, m, fmt, w, n, &mut y, op.mode);
     y
 }
 
-/// Tiles of W decoded for a product: f32, or rounded to bf16 for the AVX512-BF16 kernel.
+/// The arithmetic of the tile products (`Kernels::frozen`, resolved for this CPU).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Mode {
+    F32,
+    /// tiles rounded to bf16 for the AVX512-BF16 kernel (x rounded too, as autocast does)
+    Bf16,
+    /// tiles and x in 8-bit codes (`crate::int8`)
+    Int8,
+}
+
+/// The tile arithmetic `k` asks for on this CPU: the reference kernels f32; `auto` bf16 with
+/// AVX512-BF16, else 8-bit codes with AVX2, else f32.
+pub(crate) fn mode(k: Kernels) -> Mode {
+    use crate::Frozen;
+    let bf16 = crate::bf16::available();
+    match k.frozen() {
+        _ if !k.fused() => Mode::F32,
+        Frozen::F32 => Mode::F32,
+        Frozen::Bf16 | Frozen::Auto if bf16 => Mode::Bf16,
+        Frozen::Auto if crate::int8::available() => Mode::Int8,
+        Frozen::Int8 => Mode::Int8,
+        _ => Mode::F32,
+    }
+}
+
+/// The arithmetic of the frozen quantized products under `k` on this CPU, in words: `f32`,
+/// `bf16 (avx512-bf16)`, `int8 (avx512-vnni)`, `int8 (avx2)` ...
+pub fn arithmetic(k: Kernels) -> String {
+    match mode(k) {
+        Mode::F32 => "f32".into(),
+        Mode::Bf16 => "bf16 (avx512-bf16)".into(),
+        Mode::Int8 => format!("int8 ({})", crate::int8::Kind::chosen().name()),
+    }
+}
+
+/// Tiles of W decoded for a product: f32, rounded to bf16, or read as 8-bit codes.
 struct Tiles {
     f32s: Vec<f32>,
     bits: Vec<u16>,
-    bf16: bool,
+    mode: Mode,
     /// the forward's (rows of x, rows of the tile) product before it is copied into place
     part: Vec<f32>,
 }
@@ -113,18 +148,18 @@ thread_local! {
 impl Tiles {
     /// Buffers for `rows` rows of `k` values (and `extra` more f32 values for the caller),
     /// taken from this thread's spare set where there is one.
-    fn new(rows: usize, k: usize, bf16: bool) -> Self {
+    fn new(rows: usize, k: usize, mode: Mode) -> Self {
         let mut t = SPARE.with(|s| s.take()).unwrap_or(Tiles {
             f32s: Vec::new(),
             bits: Vec::new(),
-            bf16,
+            mode,
             part: Vec::new(),
         });
-        t.bf16 = bf16;
+        t.mode = mode;
         if t.f32s.len() < rows * k {
             t.f32s.resize(rows * k, 0.0);
         }
-        if bf16 && t.bits.len() < rows * k {
+        if mode == Mode::Bf16 && t.bits.len() < rows * k {
             t.bits.resize(rows * k, 0);
         }
         t
@@ -139,7 +174,7 @@ impl Tiles {
     fn decode(&mut self, fmt: QFormat, blocks: &[u8], r: usize) {
         let len = r * fmt.cols;
         dequantize_par(fmt, blocks, &mut self.f32s[..len]);
-        if self.bf16 {
+        if self.mode == Mode::Bf16 {
             let per = 1 << 16;
             self.bits[..len]
                 .par_chunks_mut(per)
@@ -164,20 +199,22 @@ impl Tiles {
         cs: usize,
         len: usize,
     ) {
-        if self.bf16 {
-            let b = crate::bf16::BView {
-                x: &self.bits[..len],
-                rs,
-                cs,
-            };
-            crate::bf16::mm_bf16(m, n, k, c, acc, 1.0, a.into(), b, true);
-        } else {
-            let b = View {
-                x: &self.f32s[..len],
-                rs,
-                cs,
-            };
-            mm(m, n, k, c, acc, 1.0, a, b, true);
+        let f = View {
+            x: &self.f32s[..len],
+            rs,
+            cs,
+        };
+        match self.mode {
+            Mode::Bf16 => {
+                let b = crate::bf16::BView {
+                    x: &self.bits[..len],
+                    rs,
+                    cs,
+                };
+                crate::bf16::mm_bf16(m, n, k, c, acc, 1.0, a.into(), b, true);
+            }
+            Mode::Int8 => crate::int8::mm_int8(m, n, k, c, acc, a, f),
+            Mode::F32 => mm(m, n, k, c, acc, 1.0, a, f, true),
         }
     }
 }
@@ -190,7 +227,7 @@ pub(crate) fn forward_into(
     w: &[u8],
     n: usize,
     y: &mut [f32],
-    bf16: bool,
+    mode: Mode,
 ) {
     let (k, rb) = (fmt.cols, fmt.row_bytes());
     if crate::skinny::takes(m) {
@@ -216,7 +253,7 @@ pub(crate) fn forward_into(
         return;
     }
     let tr = tile_rows(k);
-    let mut tile = Tiles::new(tr, k, bf16);
+    let mut tile = Tiles::new(tr, k, mode);
     let mut part = std::mem::take(&mut tile.part);
     if part.len() < m * tr {
         part.resize(m * tr, 0.0);
@@ -235,9 +272,9 @@ pub(crate) fn forward_into(
 }
 
 /// `dx (m, k) = g (m, n) W`, W given as `n` quantized rows.
-fn input_grad(g: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize, bf16: bool) -> Vec<f32> {
+fn input_grad(g: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize, mode: Mode) -> Vec<f32> {
     let mut dx = vec![0f32; m * fmt.cols];
-    input_grad_into(g, m, fmt, w, n, &mut dx, bf16);
+    input_grad_into(g, m, fmt, w, n, &mut dx, mode);
     dx
 }
 
@@ -249,11 +286,11 @@ pub(crate) fn input_grad_into(
     w: &[u8],
     n: usize,
     dx: &mut [f32],
-    bf16: bool,
+    mode: Mode,
 ) {
     let (k, rb) = (fmt.cols, fmt.row_bytes());
     let tr = tile_rows(k);
-    let mut tile = Tiles::new(tr, k, bf16);
+    let mut tile = Tiles::new(tr, k, mode);
     for o0 in (0..n).step_by(tr) {
         let r = tr.min(n - o0);
         tile.decode(fmt, &w[o0 * rb..(o0 + r) * rb], r);
@@ -274,8 +311,8 @@ struct QLinear {
     transposed: bool,
     /// x stays f32 for any number of rows (else few rows take 8-bit dot products)
     exact: bool,
-    /// tiles rounded to bf16 for the AVX512-BF16 kernel (x rounded too, as autocast does)
-    bf16: bool,
+    /// the tile products' arithmetic
+    mode: Mode,
 }
 
 impl CustomOp2 for QLinear {
@@ -320,7 +357,7 @@ impl CustomOp2 for QLinear {
         let m = x.len() / k_in.max(1);
         let y = match self.transposed {
             false => forward(x, m, self.fmt, w, n, self),
-            true => input_grad(x, m, self.fmt, w, n, self.bf16),
+            true => input_grad(x, m, self.fmt, w, n, self.mode),
         };
         Ok((CpuStorage::F32(y), with_last(xl.dims(), k_out)))
     }
@@ -336,7 +373,7 @@ impl CustomOp2 for QLinear {
             fmt: self.fmt,
             transposed: !self.transposed,
             exact: true,
-            bf16: self.bf16,
+            mode: self.mode,
         };
         Ok((Some(grad.contiguous()?.apply_op2_no_bwd(w, &op)?), None))
     }
@@ -358,11 +395,6 @@ pub fn quant_linear(
     quant_linear_with(k, x, w, fmt, b, x.track_op())
 }
 
-/// Whether the tile products take the AVX512-BF16 kernel.
-pub(crate) fn use_bf16(k: Kernels) -> bool {
-    k.fused() && crate::bf16::available()
-}
-
 /// `quant_linear`, exact (f32 x) for any number of rows when `exact`.
 fn quant_linear_with(
     k: Kernels,
@@ -380,7 +412,7 @@ fn quant_linear_with(
         fmt,
         transposed: false,
         exact: exact || !k.fused(), // the reference kernels: f32 products throughout
-        bf16: use_bf16(k),
+        mode: mode(k),
     };
     let y = x.to_dtype(DType::F32)?.contiguous()?.apply_op2(w, op)?;
     let y = match b {
@@ -396,7 +428,7 @@ pub fn quant_input_grad(k: Kernels, g: &Tensor, w: &Tensor, fmt: QFormat) -> Res
         fmt,
         transposed: true,
         exact: true,
-        bf16: use_bf16(k),
+        mode: mode(k),
     };
     g.to_dtype(DType::F32)?
         .contiguous()?

@@ -149,6 +149,39 @@ fn bf16_tiles_equal_f32_products_of_bf16_rounded_operands() {
 }
 
 #[test]
+fn int8_tiles_equal_the_8_bit_twin_forward_and_stay_within_8_bits_backward() {
+    // the forward quantizes x per row and W per row (a column of W^T): tile by tile or at
+    // once, the same codes, so it equals the twin; the input gradient quantizes g and W per
+    // tile of W's rows, so it is checked against the exact product within 8-bit rounding
+    let k8 = Kernels::FUSED.with_frozen(crate::Frozen::Int8);
+    for t in [GgmlDType::Q4_1, GgmlDType::Q6K] {
+        let (q, fmt) = quantize(&rand(&[600, 512], 3), t).unwrap();
+        let w = dequantize(&q, fmt).unwrap();
+        let (x, g) = (rand(&[37, 512], 5), rand(&[37, 600], 6));
+        let y = quant_linear(k8, &x, &q, fmt, None).unwrap();
+        let wt: Vec<f32> = w
+            .t()
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let want = crate::int8::mm_int8_reference(&xv, &wt, 37, 600, 512);
+        let want = Tensor::from_vec(want, (37, 600), &candle_core::Device::Cpu).unwrap();
+        assert!(max_rel(&y, &want) <= 1e-5, "{t:?}");
+        let exact = x.matmul(&w.t().unwrap()).unwrap();
+        let d = max_rel(&y, &exact);
+        assert!(d > 1e-4 && d < 3e-2, "{t:?}: {d}");
+        let dx = quant_input_grad(k8, &g, &q, fmt).unwrap();
+        let d = max_rel(&dx, &g.matmul(&w).unwrap());
+        assert!(d > 1e-4 && d < 3e-2, "{t:?} grad: {d}");
+    }
+}
+
+#[test]
 fn few_rows_without_gradient_round_x_to_8_bits_and_stay_close() {
     for &t in BLOCK_TYPES {
         let (q, fmt) = quantize(&rand(&[70, 512], 3), t).unwrap();

@@ -1,0 +1,742 @@
+//! 8-bit products of frozen weights, as SwitchBack runs training's forward and input-gradient
+//! products and llama.cpp its inference: `c (m, n) = [c +] a (m, k) b (k, n)` with each row of
+//! `a` and each column of `b` quantized in blocks of `BLOCK` values along k to symmetric 8-bit
+//! codes (`q = round(x * 127 / absmax)`, value `q * absmax / 127`), the code products of a
+//! block summed exactly in i32, each block's sum scaled into the f32 result. The products of
+//! a quantized base take it where the CPU has no fast bf16 (`Frozen::Auto`).
+//!
+//! Both operands are kept in 32-bit words along k, so one kernel shape serves two instruction
+//! sets, picked at run time:
+//! - AVX-512 VNNI (`vpdpbusd`): a word holds four codes; `vpdpbusd` multiplies unsigned bytes
+//!   by signed ones, so a's codes are stored plus 128 and each block takes 128 sum(b) back off;
+//! - AVX2 (`vpmaddwd`): a word holds two codes widened to i16.
+//!
+//! `a` is stored row by row (`[i][q]`, the microkernel broadcasts one word per row), `b` in
+//! panels of `NR` columns (`[q][j]`). `mm_int8_reference` is the readable twin (the same
+//! quantization, i64 sums, no blocks).
+
+use crate::cpu::View;
+use rayon::prelude::*;
+
+/// Values of k per scale: each row of a and each column of b has one scale per block of
+/// `BLOCK` values along k (as llama.cpp's 8-bit activation blocks, `Q8_K`), so that an
+/// outlier costs the precision of its own block only (one scale per whole row, as SwitchBack
+/// has, rounded SmolLM2's activations badly enough to stall its training). A block is also the
+/// kernels' unit of k: its code products are summed in i32, then scaled into f32.
+pub const BLOCK: usize = 32;
+
+/// Words of k per packed panel of b (whole blocks): 128 x 48 words (24 KiB) stay in L1.
+const PANEL: usize = 128;
+
+/// The instruction set a product runs on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    /// AVX-512 F + BW + VNNI: four 8-bit codes a word, 4 x 48 tiles.
+    Vnni,
+    /// AVX2: two 16-bit codes a word, 6 x 16 tiles.
+    Avx2,
+    /// No SIMD kernel: the AVX2 layout, summed in plain loops (tests, other CPUs).
+    Plain,
+}
+
+impl Kind {
+    /// The fastest this CPU runs.
+    pub fn best() -> Kind {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
+                return Kind::Vnni;
+            }
+            if has!("avx2") {
+                return Kind::Avx2;
+            }
+        }
+        Kind::Plain
+    }
+
+    /// The kernel the products take: the fastest here, or a slower one this CPU also runs
+    /// named by `PETAL_INT8_KERNEL` (`avx2`, `plain`: to measure what a CPU without AVX-512
+    /// gets).
+    pub fn chosen() -> Kind {
+        static CHOSEN: std::sync::OnceLock<Kind> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let v = std::env::var("PETAL_INT8_KERNEL").unwrap_or_default();
+            let all = Kind::all_here();
+            all.iter()
+                .copied()
+                .find(|k| k.name() == v.trim())
+                .unwrap_or(all[0])
+        })
+    }
+
+    /// Every kind this CPU runs, fastest first (the tests check each).
+    pub fn all_here() -> Vec<Kind> {
+        let mut v = vec![Kind::best()];
+        if v[0] == Kind::Vnni {
+            v.push(Kind::Avx2);
+        }
+        if v[0] != Kind::Plain {
+            v.push(Kind::Plain);
+        }
+        v
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Vnni => "avx512-vnni",
+            Kind::Avx2 => "avx2",
+            Kind::Plain => "plain",
+        }
+    }
+
+    /// Codes per 32-bit word.
+    fn group(self) -> usize {
+        if self == Kind::Vnni {
+            4
+        } else {
+            2
+        }
+    }
+
+    /// Words per block of k.
+    fn bw(self) -> usize {
+        BLOCK / self.group()
+    }
+
+    fn mr(self) -> usize {
+        if self == Kind::Vnni {
+            4
+        } else {
+            6
+        }
+    }
+
+    fn nr(self) -> usize {
+        if self == Kind::Vnni {
+            48
+        } else {
+            16
+        }
+    }
+}
+
+/// Whether this CPU has an 8-bit kernel (AVX2 or better).
+pub fn available() -> bool {
+    Kind::best() != Kind::Plain
+}
+
+/// The multiplier taking `absmax` to 127, and the scale back (1 for an all-zero vector).
+fn scales(absmax: f32) -> (f32, f32) {
+    if absmax > 0.0 && absmax.is_finite() {
+        (127.0 / absmax, absmax / 127.0)
+    } else {
+        (0.0, 1.0)
+    }
+}
+
+fn absmax(x: &[f32]) -> f32 {
+    x.iter().fold(0f32, |m, v| m.max(v.abs()))
+}
+
+/// `x * inv` rounded to the nearest integer (ties to even, by the 1.5 * 2^23 trick, exact for
+/// the |values| < 2^22 that occur here), clamped to [-127, 127]; NaN gives 0. Plain float
+/// arithmetic, so the loops over it vectorise.
+fn code(x: f32, inv: f32) -> i8 {
+    const MAGIC: f32 = 12_582_912.0;
+    let y = x * inv;
+    ((y + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i8
+}
+
+/// Codes of `group` consecutive k values as one word: bytes (VNNI; a's side `+128`, as
+/// `vpdpbusd` reads them unsigned) or i16 pairs, low first.
+fn words_of(kind: Kind, codes: &[i8], excess: bool, out: &mut [u32]) {
+    if kind == Kind::Vnni {
+        let flip = if excess { 0x8080_8080 } else { 0 };
+        for (w, c) in out.iter_mut().zip(codes.chunks_exact(4)) {
+            *w = u32::from_le_bytes([c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8]) ^ flip;
+        }
+    } else {
+        for (w, c) in out.iter_mut().zip(codes.chunks_exact(2)) {
+            *w = (c[0] as i16 as u16 as u32) | (c[1] as i16 as u16 as u32) << 16;
+        }
+    }
+}
+
+/// `a (m, k)` quantized per row and block into words: `[i][q]`, `kw` words a row, rows padded
+/// to MR; scales `[i][block]`.
+struct PackedA {
+    words: Vec<u32>,
+    scale: Vec<f32>,
+    kw: usize,
+    nb: usize,
+}
+
+impl PackedA {
+    fn new(kind: Kind, a: View, m: usize, k: usize) -> PackedA {
+        let g = kind.group();
+        let kw = k.div_ceil(g);
+        let rows = m.div_ceil(kind.mr()) * kind.mr();
+        let nb = k.div_ceil(BLOCK);
+        let mut words = vec![0u32; rows * kw];
+        let mut scale = vec![1f32; rows * nb];
+        words[..m * kw]
+            .par_chunks_mut(kw)
+            .zip(scale.par_chunks_mut(nb))
+            .enumerate()
+            .for_each_init(
+                || (Vec::new(), vec![0i8; kw * g]),
+                |(row, codes), (i, (w, s))| {
+                    let x = if a.cs == 1 {
+                        &a.x[i * a.rs..i * a.rs + k]
+                    } else {
+                        row.clear();
+                        row.extend((0..k).map(|j| a.x[i * a.rs + j * a.cs]));
+                        &row[..]
+                    };
+                    for ((s, x), c) in s
+                        .iter_mut()
+                        .zip(x.chunks(BLOCK))
+                        .zip(codes.chunks_mut(BLOCK))
+                    {
+                        let (inv, back) = scales(absmax(x));
+                        *s = back;
+                        for (c, &x) in c.iter_mut().zip(x) {
+                            *c = code(x, inv);
+                        }
+                    }
+                    words_of(kind, codes, true, w);
+                },
+            );
+        if kind == Kind::Vnni {
+            words[m * kw..].iter_mut().for_each(|w| *w = 0x8080_8080); // zero codes
+        }
+        PackedA {
+            words,
+            scale,
+            kw,
+            nb,
+        }
+    }
+}
+
+/// `b (k, n)` quantized per column and block, packed: blocks of k, each a run of NR-column
+/// panels `[q][j]`; scales `[block][j]`, and the column sums of each block (VNNI's excess
+/// correction).
+struct PackedB {
+    kind: Kind,
+    n: usize,
+    kw: usize,
+    words: Vec<u32>,
+    scale: Vec<f32>,
+    /// per block, per column: 128 x the sum of the block's codes (VNNI), else empty
+    excess: Vec<i32>,
+}
+
+/// Columns of `b (k, n)` per task when its rows are contiguous (a cache line of codes each).
+const COLS: usize = 64;
+
+impl PackedB {
+    /// The codes of b's columns, column after column (`kp` of them a column, zero past k),
+    /// and each column's scales (`[j][block]`).
+    fn codes(b: View, k: usize, n: usize, kp: usize) -> (Vec<i8>, Vec<f32>) {
+        let nb = k.div_ceil(BLOCK);
+        let mut bt = vec![0i8; n * kp];
+        let mut scale = vec![1f32; n * nb];
+        if b.rs == 1 || b.cs != 1 {
+            // columns contiguous (W^T of a row-major W) or scattered: one column at a time
+            bt.par_chunks_mut(kp)
+                .zip(scale.par_chunks_mut(nb))
+                .enumerate()
+                .for_each_init(Vec::new, |col, (j, (out, s))| {
+                    let x = if b.rs == 1 {
+                        &b.x[j * b.cs..j * b.cs + k]
+                    } else {
+                        col.clear();
+                        col.extend((0..k).map(|kk| b.x[kk * b.rs + j * b.cs]));
+                        &col[..]
+                    };
+                    for ((s, x), o) in s.iter_mut().zip(x.chunks(BLOCK)).zip(out.chunks_mut(BLOCK))
+                    {
+                        let (inv, back) = scales(absmax(x));
+                        *s = back;
+                        for (o, &x) in o.iter_mut().zip(x) {
+                            *o = code(x, inv);
+                        }
+                    }
+                });
+            return (bt, scale);
+        }
+        // rows contiguous (a row-major W): blocks of COLS columns, rows read in order
+        bt.par_chunks_mut(COLS * kp)
+            .zip(scale.par_chunks_mut(COLS * nb))
+            .enumerate()
+            .for_each_init(Vec::new, |inv, (cb, (out, s))| {
+                let (j0, w) = (cb * COLS, s.len() / nb);
+                for blk in 0..nb {
+                    let (k0, k1) = (blk * BLOCK, ((blk + 1) * BLOCK).min(k));
+                    let mut amax = [0f32; COLS];
+                    for kk in k0..k1 {
+                        let row = &b.x[kk * b.rs + j0..kk * b.rs + j0 + w];
+                        for (m, v) in amax.iter_mut().zip(row) {
+                            *m = m.max(v.abs());
+                        }
+                    }
+                    inv.clear();
+                    for (jj, &m) in amax[..w].iter().enumerate() {
+                        let (i, back) = scales(m);
+                        s[jj * nb + blk] = back;
+                        inv.push(i);
+                    }
+                    for kk in k0..k1 {
+                        let row = &b.x[kk * b.rs + j0..kk * b.rs + j0 + w];
+                        for (jj, (&x, &i)) in row.iter().zip(inv.iter()).enumerate() {
+                            out[jj * kp + kk] = code(x, i);
+                        }
+                    }
+                }
+            });
+        (bt, scale)
+    }
+
+    fn new(kind: Kind, b: View, k: usize, n: usize) -> PackedB {
+        let (g, nr, kc) = (kind.group(), kind.nr(), PANEL);
+        let kw = k.div_ceil(g);
+        let (bt, by_col) = Self::codes(b, k, n, kw * g);
+        // scales `[block][j]`: a tile's columns side by side
+        let nb = k.div_ceil(BLOCK);
+        let mut scale = vec![0f32; nb * n];
+        for (j, s) in by_col.chunks(nb).enumerate() {
+            for (blk, &s) in s.iter().enumerate() {
+                scale[blk * n + j] = s;
+            }
+        }
+        // the columns' words, column after column
+        let mut cw = vec![0u32; n * kw];
+        cw.par_chunks_mut(kw)
+            .zip(bt.par_chunks(kw * g))
+            .for_each(|(w, c)| words_of(kind, c, false, w));
+        let np = n.div_ceil(nr);
+        let mut words = vec![0u32; kw * np * nr];
+        words
+            .par_chunks_mut(kc * np * nr)
+            .enumerate()
+            .for_each(|(blk, dst)| {
+                let q0 = blk * kc;
+                let kcq = kc.min(kw - q0);
+                for (jp, panel) in dst.chunks_mut(kcq * nr).enumerate() {
+                    for jj in 0..nr.min(n - jp * nr) {
+                        let col = &cw[(jp * nr + jj) * kw + q0..][..kcq];
+                        for (p, &w) in col.iter().enumerate() {
+                            panel[p * nr + jj] = w;
+                        }
+                    }
+                }
+            });
+        let excess = if kind == Kind::Vnni {
+            let mut e = vec![0i32; nb * n];
+            e.par_chunks_mut(n).enumerate().for_each(|(blk, e)| {
+                let (k0, k1) = (blk * BLOCK, ((blk + 1) * BLOCK).min(kw * g));
+                for (j, e) in e.iter_mut().enumerate() {
+                    let c = &bt[j * kw * g + k0..j * kw * g + k1];
+                    *e = 128 * c.iter().map(|&c| c as i32).sum::<i32>();
+                }
+            });
+            e
+        } else {
+            Vec::new()
+        };
+        PackedB {
+            kind,
+            n,
+            kw,
+            words,
+            scale,
+            excess,
+        }
+    }
+
+    fn panel(&self, q0: usize, kcq: usize, jp: usize) -> &[u32] {
+        let nr = self.kind.nr();
+        let np = self.n.div_ceil(nr);
+        let at = q0 * np * nr + jp * kcq * nr;
+        &self.words[at..at + kcq * nr]
+    }
+}
+
+/// `c (m, n, row-major) = [c +] a (m, k) b (k, n)` in 8-bit codes (see the module), on the
+/// kernel [`Kind::chosen`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mm_int8(m: usize, n: usize, k: usize, c: &mut [f32], acc: bool, a: View, b: View) {
+    mm_int8_with(Kind::chosen(), m, n, k, c, acc, a, b)
+}
+
+/// [`mm_int8`] on the given kernel (which this CPU must run).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mm_int8_with(
+    kind: Kind,
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    acc: bool,
+    a: View,
+    b: View,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(c.len() >= m * n, "int8 matmul: output too small");
+    let c = &mut c[..m * n];
+    if k == 0 {
+        if !acc {
+            c.iter_mut().for_each(|x| *x = 0.0);
+        }
+        return;
+    }
+    assert!(
+        (m - 1) * a.rs + (k - 1) * a.cs < a.x.len(),
+        "int8 matmul: input too small"
+    );
+    assert!(
+        (k - 1) * b.rs + (n - 1) * b.cs < b.x.len(),
+        "int8 matmul: weight too small"
+    );
+    let (mr, nr) = (kind.mr(), kind.nr());
+    let pa = PackedA::new(kind, a, m, k);
+    let pb = PackedB::new(kind, b, k, n);
+    let np = n.div_ceil(nr);
+    for q0 in (0..pb.kw).step_by(PANEL) {
+        let kcq = PANEL.min(pb.kw - q0);
+        let add = acc || q0 > 0;
+        let blk = q0 / kind.bw(); // the panel's first block
+        let excess = pb.excess.get(blk * n..).unwrap_or(&[]);
+        c.par_chunks_mut(mr * n)
+            .enumerate()
+            .for_each(|(ip, crows)| {
+                let rows = crows.len() / n;
+                let a_panel = &pa.words[ip * mr * pa.kw + q0..];
+                let sa = &pa.scale[ip * mr * pa.nb + blk..];
+                for jp in 0..np {
+                    let j0 = jp * nr;
+                    let cols = nr.min(n - j0);
+                    let tile = Tile {
+                        a: a_panel,
+                        lda: pa.kw,
+                        b: pb.panel(q0, kcq, jp),
+                        kcq,
+                        bw: kind.bw(),
+                        sa,
+                        sas: pa.nb,
+                        sb: &pb.scale[blk * n + j0..],
+                        excess: excess.get(j0..).unwrap_or(&[]),
+                        n,
+                        rows,
+                        cols,
+                    };
+                    micro(kind, &tile, &mut crows[j0..], n, add);
+                }
+            });
+    }
+}
+
+/// One microkernel call: rows `rows` of a's panel (stride `lda` words) by `cols` columns of a
+/// b panel, over `kcq` words of k: blocks of `bw` words, each with its own scales.
+struct Tile<'a> {
+    a: &'a [u32],
+    lda: usize,
+    b: &'a [u32],
+    kcq: usize,
+    bw: usize,
+    /// a's scales: row r's for block i at `sa[r * sas + i]`
+    sa: &'a [f32],
+    sas: usize,
+    /// b's scales: column j's for block i at `sb[i * n + j]`; VNNI's excess the same way
+    sb: &'a [f32],
+    excess: &'a [i32],
+    n: usize,
+    rows: usize,
+    cols: usize,
+}
+
+impl Tile<'_> {
+    fn blocks(&self) -> usize {
+        self.kcq.div_ceil(self.bw)
+    }
+}
+
+fn micro(kind: Kind, t: &Tile, c: &mut [f32], ldc: usize, add: bool) {
+    let (mr, nr) = (kind.mr(), kind.nr());
+    let last = (t.blocks() - 1) * t.n + t.cols; // past the last scale (and excess) read
+    assert!(t.rows <= mr && t.cols <= nr && t.kcq > 0 && t.sb.len() >= last);
+    assert!(t.rows == 0 || t.sa.len() >= (t.rows - 1) * t.sas + t.blocks());
+    assert!(t.a.len() >= (mr - 1) * t.lda + t.kcq && t.b.len() >= nr * t.kcq);
+    assert!(t.rows == 0 || c.len() >= (t.rows - 1) * ldc + t.cols);
+    assert!(if kind == Kind::Vnni {
+        t.excess.len() >= last
+    } else {
+        t.excess.is_empty()
+    });
+    #[cfg(target_arch = "x86_64")]
+    match kind {
+        // SAFETY: `kind` is one this CPU runs (Kind::best or all_here); the asserts above
+        // bound every load and store of the kernels.
+        Kind::Vnni => return unsafe { x86::micro_vnni(t, c, ldc, add) },
+        Kind::Avx2 => return unsafe { x86::micro_avx2(t, c, ldc, add) },
+        Kind::Plain => {}
+    }
+    for r in 0..t.rows {
+        for j in 0..t.cols {
+            let mut f = 0f32;
+            for i in 0..t.blocks() {
+                let mut s = 0i32;
+                for p in i * t.bw..((i + 1) * t.bw).min(t.kcq) {
+                    let (x, y) = (t.a[r * t.lda + p], t.b[p * nr + j]);
+                    s += (x as i16 as i32) * (y as i16 as i32)
+                        + ((x >> 16) as i16 as i32) * ((y >> 16) as i16 as i32);
+                }
+                f += s as f32 * t.sb[i * t.n + j] * t.sa[r * t.sas + i];
+            }
+            let o = &mut c[r * ldc + j];
+            *o = if add { *o + f } else { f };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Tile;
+    use std::arch::x86_64::*;
+
+    /// The 16-lane masks of a tile's columns.
+    fn masks(cols: usize) -> [__mmask16; 3] {
+        let m = |j: usize| match cols.saturating_sub(j) {
+            0 => 0,
+            l if l >= 16 => 0xffff,
+            l => (1u16 << l) - 1,
+        };
+        [m(0), m(16), m(32)]
+    }
+
+    /// Blocks of `bw` words: each block's code products summed in i32 (`vpdpbusd`), less the
+    /// excess, then scaled into f32 sums kept in registers; stored once at the end.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn micro_vnni(t: &Tile, c: &mut [f32], ldc: usize, add: bool) {
+        let mut f = [[_mm512_setzero_ps(); 3]; 4];
+        let (ap, bp) = (t.a.as_ptr(), t.b.as_ptr());
+        let mask = masks(t.cols);
+        for i in 0..t.blocks() {
+            let mut s = [[_mm512_setzero_si512(); 3]; 4];
+            for p in i * t.bw..((i + 1) * t.bw).min(t.kcq) {
+                let q = bp.add(p * 48) as *const __m512i;
+                let b0 = _mm512_loadu_si512(q);
+                let b1 = _mm512_loadu_si512(q.add(1));
+                let b2 = _mm512_loadu_si512(q.add(2));
+                for (r, acc) in s.iter_mut().enumerate() {
+                    let x = _mm512_set1_epi32(*ap.add(r * t.lda + p) as i32);
+                    acc[0] = _mm512_dpbusd_epi32(acc[0], x, b0);
+                    acc[1] = _mm512_dpbusd_epi32(acc[1], x, b1);
+                    acc[2] = _mm512_dpbusd_epi32(acc[2], x, b2);
+                }
+            }
+            let at = i * t.n;
+            let mut e = [_mm512_setzero_si512(); 3];
+            let mut sb = [_mm512_setzero_ps(); 3];
+            for v in 0..3 {
+                e[v] = _mm512_maskz_loadu_epi32(mask[v], t.excess.as_ptr().add(at + 16 * v));
+                sb[v] = _mm512_maskz_loadu_ps(mask[v], t.sb.as_ptr().add(at + 16 * v));
+            }
+            for (r, (acc, f)) in s.iter().zip(f.iter_mut()).enumerate() {
+                let sa = _mm512_set1_ps(t.sa[(r * t.sas + i).min(t.sa.len() - 1)]);
+                for v in 0..3 {
+                    let x = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[v], e[v]));
+                    f[v] = _mm512_fmadd_ps(_mm512_mul_ps(x, sb[v]), sa, f[v]);
+                }
+            }
+        }
+        for (r, f) in f.iter().enumerate().take(t.rows) {
+            let cr = c.as_mut_ptr().add(r * ldc);
+            for v in 0..3 {
+                if mask[v] == 0 {
+                    break;
+                }
+                let cp = cr.add(16 * v);
+                let y = if add {
+                    _mm512_add_ps(f[v], _mm512_maskz_loadu_ps(mask[v], cp))
+                } else {
+                    f[v]
+                };
+                _mm512_mask_storeu_ps(cp, mask[v], y);
+            }
+        }
+    }
+
+    /// Blocks of `bw` words: each block's i32 sums (`vpmaddwd`) scaled and added into c.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn micro_avx2(t: &Tile, c: &mut [f32], ldc: usize, add: bool) {
+        let (ap, bp) = (t.a.as_ptr(), t.b.as_ptr());
+        for i in 0..t.blocks() {
+            let mut s = [[_mm256_setzero_si256(); 2]; 6];
+            for p in i * t.bw..((i + 1) * t.bw).min(t.kcq) {
+                let q = bp.add(p * 16) as *const __m256i;
+                let b0 = _mm256_loadu_si256(q);
+                let b1 = _mm256_loadu_si256(q.add(1));
+                for (r, acc) in s.iter_mut().enumerate() {
+                    let x = _mm256_set1_epi32(*ap.add(r * t.lda + p) as i32);
+                    acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(x, b0));
+                    acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(x, b1));
+                }
+            }
+            let add = add || i > 0;
+            let sb = t.sb.as_ptr().add(i * t.n);
+            for (r, acc) in s.iter().enumerate().take(t.rows) {
+                let sa = _mm256_set1_ps(t.sa[r * t.sas + i]);
+                let cr = c.as_mut_ptr().add(r * ldc);
+                for (v, s) in acc.iter().enumerate() {
+                    let j = v * 8;
+                    if j >= t.cols {
+                        break;
+                    }
+                    let y = _mm256_mul_ps(_mm256_cvtepi32_ps(*s), sa);
+                    if t.cols - j >= 8 {
+                        let y = _mm256_mul_ps(y, _mm256_loadu_ps(sb.add(j)));
+                        let cp = cr.add(j);
+                        let y = if add {
+                            _mm256_add_ps(y, _mm256_loadu_ps(cp))
+                        } else {
+                            y
+                        };
+                        _mm256_storeu_ps(cp, y);
+                        continue;
+                    }
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), y);
+                    for (l, y) in lanes.iter().enumerate().take(t.cols - j) {
+                        let cp = cr.add(j + l);
+                        let v = y * *sb.add(j + l);
+                        *cp = if add { *cp + v } else { v };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The readable twin: a quantized per row and b per column in blocks of `BLOCK` values of k,
+/// as the module says; each block's code products summed in i64 and scaled, the blocks summed
+/// in f64.
+pub fn mm_int8_reference(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let quant = |v: Vec<f32>| -> Vec<(Vec<i64>, f64)> {
+        v.chunks(BLOCK)
+            .map(|blk| {
+                let amax = blk.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let (inv, back) = scales(amax);
+                (
+                    blk.iter().map(|&x| code(x, inv) as i64).collect(),
+                    back as f64,
+                )
+            })
+            .collect()
+    };
+    let arows: Vec<_> = (0..m)
+        .map(|i| quant(a[i * k..(i + 1) * k].to_vec()))
+        .collect();
+    let bcols: Vec<_> = (0..n)
+        .map(|j| quant((0..k).map(|p| b[p * n + j]).collect()))
+        .collect();
+    let mut c = vec![0f32; m * n];
+    for (i, qa) in arows.iter().enumerate() {
+        for (j, qb) in bcols.iter().enumerate() {
+            let mut s = 0f64;
+            for ((ca, sa), (cb, sb)) in qa.iter().zip(qb) {
+                let dot: i64 = ca.iter().zip(cb).map(|(x, y)| x * y).sum();
+                s += dot as f64 * sa * sb;
+            }
+            c[i * n + j] = s as f32;
+        }
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::{cols, rows};
+
+    fn data(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 4.0
+            })
+            .collect()
+    }
+
+    /// Every kernel here against the twin, on shapes that leave partial tiles, words and
+    /// k-blocks; b as given (k, n) and as the transpose of a row-major (n, k).
+    #[test]
+    fn int8_matmul_equals_the_quantized_integer_reference_on_every_kernel() {
+        for kind in Kind::all_here() {
+            for &(m, n, k) in &[
+                (1, 1, 1),
+                (7, 50, 3),
+                (13, 97, 517),
+                (9, 49, 1030),
+                (20, 16, 64),
+            ] {
+                let a = data(m * k, 1);
+                let mut b = data(k * n, 2);
+                let len = b.len();
+                b[5 % len] = 0.0;
+                let want = mm_int8_reference(&a, &b, m, n, k);
+                let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+                for (view, acc) in [(rows(&b, n), false), (cols(&bt, k), true)] {
+                    let base = data(m * n, 3);
+                    let mut c = if acc {
+                        base.clone()
+                    } else {
+                        vec![f32::NAN; m * n]
+                    };
+                    mm_int8_with(kind, m, n, k, &mut c, acc, rows(&a, k), view);
+                    for (i, (got, w)) in c.iter().zip(&want).enumerate() {
+                        let w = if acc { w + base[i] } else { *w };
+                        let tol = 1e-5 * (1.0 + w.abs()) * (k as f32).sqrt();
+                        assert!(
+                            (got - w).abs() <= tol,
+                            "{kind:?} {m}x{n}x{k} acc {acc} at {i}: {got} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The codes stay 8-bit: against the exact f64 product, the error is that of 8-bit
+    /// rounding (about 1% of the operands' scale), and an all-zero row gives zeros.
+    #[test]
+    fn int8_matmul_is_close_to_the_exact_product_and_zero_rows_stay_zero() {
+        let (m, n, k) = (4, 32, 256);
+        let mut a = data(m * k, 4);
+        a[..k].iter_mut().for_each(|x| *x = 0.0);
+        let b = data(k * n, 5);
+        let mut c = vec![0f32; m * n];
+        mm_int8(m, n, k, &mut c, false, rows(&a, k), rows(&b, n));
+        assert!(c[..n].iter().all(|&x| x == 0.0));
+        for i in 1..m {
+            for j in 0..n {
+                let exact: f64 = (0..k)
+                    .map(|p| a[i * k + p] as f64 * b[p * n + j] as f64)
+                    .sum();
+                // each term's relative error is below 2/127; the sum's error grows as sqrt(k)
+                assert!(
+                    (c[i * n + j] as f64 - exact).abs() < 4.0 * 4.0 * (k as f64).sqrt() / 127.0
+                );
+            }
+        }
+    }
+}
