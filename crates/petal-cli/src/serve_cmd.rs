@@ -20,13 +20,48 @@ pub struct ServeArgs {
     /// The most tokens one request may ask for (`max_tokens` above it is refused with a 400)
     #[arg(long, default_value_t = 2048)]
     pub max_tokens: usize,
+    /// Completions that may wait beyond the running batch (more get a 503 with Retry-After)
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+    /// The largest request body in bytes (larger: a 413)
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_body: usize,
+    /// Seconds a request's headers, then its body, may take to arrive (then the connection is
+    /// closed, or a 408)
+    #[arg(long, default_value_t = 10.0)]
+    pub read_timeout: f64,
+    /// On SIGTERM or SIGINT: seconds the running completions may take to finish before they
+    /// are cancelled (waiting ones get a 503 at once)
+    #[arg(long, default_value_t = 30.0)]
+    pub shutdown_grace: f64,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
     crate::common::at_least(
         1,
-        &[("max-batch", a.max_batch), ("max-tokens", a.max_tokens)],
+        &[
+            ("max-batch", a.max_batch),
+            ("max-tokens", a.max_tokens),
+            ("max-body", a.max_body),
+        ],
     )?;
+    let secs = |flag: &str, v: f64| {
+        if v.is_finite() && v > 0.0 && v <= 86_400.0 {
+            Ok(std::time::Duration::from_secs_f64(v))
+        } else {
+            Err(anyhow::anyhow!(
+                "--{flag} must be in (0, 86400] seconds, not {v}"
+            ))
+        }
+    };
+    let limits = petal_serve::Limits {
+        max_body: a.max_body,
+        header_timeout: secs("read-timeout", a.read_timeout)?,
+        body_timeout: secs("read-timeout", a.read_timeout)?,
+        max_queue: a.max_queue,
+        grace: secs("shutdown-grace", a.shutdown_grace)?,
+        signals: true,
+    };
     let lm = a.model.load()?;
     let served = petal_serve::Served {
         model: &lm.model,
@@ -36,20 +71,16 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_tokens: a.max_tokens,
     };
     let addr = format!("{}:{}", a.host, a.port);
-    let http = tiny_http::Server::http(&addr)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("listening on {addr}"))?;
-    let bound = http
-        .server_addr()
-        .to_ip()
-        .map(|s| s.to_string())
-        .unwrap_or(addr);
+    let listener =
+        std::net::TcpListener::bind(&addr).with_context(|| format!("listening on {addr}"))?;
+    let bound = listener.local_addr().map(|s| s.to_string()).unwrap_or(addr);
     let adapters = served.adapters();
     eprintln!(
         "petal serve: http://{bound} (model `{}`; adapters: {}); POST /v1/completions, /v1/chat/completions",
         served.model_id,
         if adapters.is_empty() { "none".to_string() } else { adapters.join(", ") }
     );
-    served.serve(&http)?;
+    served.serve(listener, limits, petal_serve::Stop::default())?;
+    eprintln!("petal serve: stopped");
     Ok(())
 }

@@ -145,3 +145,77 @@ fn smollm2_kept_quantized_scores_as_its_dequantized_weights() {
         .to_string();
     assert!(e.contains("already quantized") && e.contains("q4_1"), "{e}");
 }
+
+/// One HTTP/1.1 request on a fresh connection: the JSON body of the answer.
+fn get_json(addr: std::net::SocketAddr, path: &str) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap()
+}
+
+#[test]
+fn served_smollm2_drops_the_completions_whose_clients_leave() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let m = smollm2();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = petal_serve::Served {
+        model: &m.model,
+        tokenizer: &m.tokenizer,
+        model_id: "smollm2".into(),
+        max_batch: 4,
+        max_tokens: 2000,
+    };
+    let stop = petal_serve::Stop::default();
+    /// Stops the server when dropped: a failed assertion ends the test, not the scope's wait.
+    struct StopOnDrop(petal_serve::Stop);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.stop();
+        }
+    }
+    std::thread::scope(|sc| {
+        let st = stop.clone();
+        let server = sc.spawn(move || served.serve(listener, petal_serve::Limits::default(), st));
+        let _stop = StopOnDrop(stop.clone());
+        let send = |stream: bool| {
+            let body = serde_json::json!({"prompt": "Once upon a time", "max_tokens": 2000, "stream": stream}).to_string();
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            write!(
+                s,
+                "POST /v1/completions HTTP/1.1\r\nHost: p\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            s
+        };
+        // a streamed completion whose client leaves once it has begun, and a whole one
+        // whose client leaves while it runs: neither may run on to its 2000 tokens
+        let mut a = send(true);
+        let mut head = [0u8; 12];
+        a.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        let b = send(false);
+        std::thread::sleep(Duration::from_millis(1500));
+        drop((a, b));
+        let t = Instant::now();
+        let mut h = get_json(addr, "/health");
+        while h["cancelled"] != 2 && t.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(100));
+            h = get_json(addr, "/health");
+        }
+        assert_eq!(h["cancelled"], 2, "{h}");
+        assert_eq!(h["running"], 0, "{h}");
+        stop.stop();
+        server.join().unwrap().unwrap();
+        drop(_stop);
+    });
+}

@@ -51,6 +51,14 @@ impl<'a, K> Decoder<'a, K> {
         self.live.is_empty()
     }
 
+    /// Takes out of the batch the sequences whose keys `gone` picks (their clients left, say),
+    /// returning their keys.
+    pub fn remove(&mut self, gone: impl Fn(&K) -> bool) -> Vec<K> {
+        let (out, kept) = self.live.drain(..).partition(|s| gone(&s.key));
+        self.live = kept;
+        out.into_iter().map(|s: Slot<K>| s.key).collect()
+    }
+
     /// Prefills `prompt` through `adapter` (`__base__`: none); the sequence joins the batch,
     /// or comes back at once if it is done already (its first token ends it). `on_text` gets
     /// the key and each piece of new text (streaming). On an error the key comes back with it.

@@ -4,10 +4,12 @@
 
 pub mod batch;
 pub mod generate;
+pub mod http;
 pub mod sampling;
 pub mod server;
 
 pub use batch::{Decoder, Finished};
 pub use generate::{generate, generate_batch, Generated, Request, StopReason};
+pub use http::{Limits, Stop};
 pub use sampling::SamplingParams;
 pub use server::Served;

@@ -20,14 +20,22 @@
 //! Errors come back as OpenAI's `{"error": {"message", "type", "code"}}` with a 4xx status: bad
 //! JSON (with its line and column), a missing or mistyped field, an unknown adapter (the
 //! available ones listed), a prompt longer than the context.
+//!
+//! This file is the engine: the thread that owns the model, takes completions from the HTTP
+//! side (`http.rs`, hyper on tokio) and sends back their answers. A completion whose client has
+//! gone leaves the batch at the next step.
 
+use crate::http::{self, error_body, Limits, Out, Stats, Stop, ToEngine};
 use crate::{Decoder, Generated, SamplingParams, StopReason};
 use petal_core::mixed::{rows_ctx, BASE};
 use petal_data::template::Message;
 use petal_data::Tokenizer;
 use petal_models::Llama;
 use serde_json::{json, Value};
-use std::io::{Read, Write};
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+use tokio::sync::mpsc::UnboundedSender;
 
 /// What the server serves.
 pub struct Served<'a> {
@@ -53,38 +61,8 @@ struct Job {
     created: u64,
 }
 
-/// Where a completion's answer goes: one JSON response, or a stream of server-sent events
-/// (chunked, written as the text is generated).
-enum Reply {
-    Whole(tiny_http::Request),
-    Stream(Box<dyn Write + Send>),
-}
-
-/// A completion in the batch: its reply and its request.
-type Key = (Reply, Job);
-
-/// A request answered at once, or a completion to generate.
-enum Handled {
-    Now(Value),
-    Job(Job),
-}
-
-/// Sends `r` as JSON (a failure as OpenAI's error object with its status).
-fn respond(req: tiny_http::Request, r: Result<Value, Failure>) {
-    let (status, body) = match r {
-        Ok(v) => (200, v),
-        Err(Failure(status, kind, message)) => (
-            status,
-            json!({"error": {"message": message, "type": kind, "code": status}}),
-        ),
-    };
-    let mut resp = tiny_http::Response::from_string(body.to_string()).with_status_code(status);
-    if let Ok(h) = tiny_http::Header::from_bytes("Content-Type", "application/json") {
-        resp = resp.with_header(h);
-    }
-    // a client that hung up is its own loss, not the server's
-    let _ = req.respond(resp);
-}
+/// A completion in the batch: where its answer goes (the HTTP side's channel), and its request.
+type Key = (UnboundedSender<Out>, Job);
 
 /// A failed request: HTTP status, OpenAI error type, message.
 #[derive(Debug)]
@@ -100,105 +78,130 @@ impl Served<'_> {
         petal_core::mixed::adapter_names(self.model)
     }
 
-    /// Serves `http`'s requests until it is unblocked (`tiny_http::Server::unblock`) or fails.
-    /// Continuous batching: between decoding steps, the requests that have arrived are taken
-    /// (a completion is prefilled and joins the batch while there is room, up to
-    /// `max_batch`), and each completion is answered as soon as it finishes. Refuses at once a
+    /// Serves HTTP on `listener` until `stop` (or, with `limits.signals`, SIGTERM or SIGINT),
+    /// then lets the running completions finish within `limits.grace`.
+    /// Continuous batching: between decoding steps, the completions that have arrived are taken
+    /// (prefilled, joining the batch while there is room, up to `max_batch`; the others wait,
+    /// up to `limits.max_queue`), and each is answered as soon as it finishes. Refuses at once a
     /// model whose adapters cannot be chosen per request (prompt learning, active LN tuning).
-    pub fn serve(&self, http: &tiny_http::Server) -> petal_core::Result<()> {
+    pub fn serve(
+        &self,
+        listener: std::net::TcpListener,
+        limits: Limits,
+        stop: Stop,
+    ) -> petal_core::Result<()> {
         rows_ctx(self.model, &[BASE])?; // refuse now adapters that cannot be chosen per row
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(Stats::default());
+        let capacity = self.max_batch.max(1) + limits.max_queue;
+        let grace = limits.grace;
+        let (models, st) = (self.models(), stats.clone());
+        std::thread::scope(|s| {
+            let side = s.spawn(move || http::run(listener, tx, capacity, models, limits, st, stop));
+            self.engine(rx, &stats, grace);
+            match side.join() {
+                Ok(r) => r.map_err(|e| petal_core::Error::Msg(format!("petal serve: {e}"))),
+                Err(_) => Err(petal_core::Error::Msg(
+                    "petal serve: the HTTP thread panicked".into(),
+                )),
+            }
+        })
+    }
+
+    /// The engine loop: completions in, answers out, until the HTTP side has gone.
+    fn engine(&self, rx: mpsc::Receiver<ToEngine>, stats: &Stats, grace: std::time::Duration) {
         let mut dec: Decoder<Key> = Decoder::new(self.model, self.tokenizer);
+        let mut stopping: Option<Instant> = None;
         loop {
             if dec.is_empty() {
-                match http.recv() {
-                    Ok(req) => self.take(req, &mut dec),
-                    Err(_) => break, // unblocked
+                match rx.recv() {
+                    Ok(m) => self.take(m, &mut dec, &mut stopping, stats),
+                    Err(_) => break, // the HTTP side is done
                 }
                 if dec.is_empty() {
-                    // answered at once: wait for the next request in `recv`, which alone sees
-                    // an unblock (`try_recv` would swallow it and the loop would never end)
                     continue;
                 }
             }
-            while dec.len() < self.max_batch.max(1) {
-                match http.try_recv() {
-                    Ok(Some(req)) => self.take(req, &mut dec),
-                    _ => break,
+            while dec.len() < self.max_batch.max(1) || stopping.is_some() {
+                match rx.try_recv() {
+                    Ok(m) => self.take(m, &mut dec, &mut stopping, stats),
+                    Err(_) => break,
                 }
             }
+            let gone = dec.remove(|(out, _)| out.is_closed()).len();
+            stats.cancelled.fetch_add(gone, SeqCst);
+            if stopping.is_some_and(|t| t.elapsed() >= grace) {
+                for (out, job) in dec.remove(|_| true) {
+                    let f = Failure(
+                        503,
+                        "server_error",
+                        "the server stopped before this completion finished".into(),
+                    );
+                    self.fail((out, job), f);
+                }
+            }
+            stats.running.store(dec.len(), SeqCst);
             match dec.step(&mut |key, text| self.stream(key, text)) {
                 Ok(done) => done
                     .into_iter()
                     .for_each(|f| self.finish(f.key, &f.generated, f.batch)),
                 Err((keys, e)) => {
-                    for (reply, _) in keys {
-                        self.fail(reply, Failure(500, "server_error", e.to_string()));
+                    for key in keys {
+                        self.fail(key, Failure(500, "server_error", e.to_string()));
                     }
                 }
             }
+            stats.running.store(dec.len(), SeqCst);
         }
-        Ok(())
     }
 
     /// Sends a piece of a streamed completion's text (whole replies wait for the end).
     fn stream(&self, key: &mut Key, text: &str) {
-        if let (Reply::Stream(w), job) = key {
-            let _ = event(w, &self.chunk(job, text, None).to_string());
+        let (out, job) = key;
+        if job.stream {
+            let _ = out.send(Out::Event(self.chunk(job, text, None).to_string()));
         }
     }
 
-    /// Answers `req` at once, or prefills its completion into the batch (a streamed one gets
-    /// its response head first).
-    fn take(&self, mut req: tiny_http::Request, dec: &mut Decoder<Key>) {
-        let job = match self.handle(&mut req) {
-            Ok(Handled::Now(v)) => return respond(req, Ok(v)),
-            Err(f) => return respond(req, Err(f)),
-            Ok(Handled::Job(job)) => job,
-        };
-        let reply = if job.stream {
-            let mut w = req.into_writer();
-            let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n";
-            if w.write_all(head.as_bytes())
-                .and_then(|_| w.flush())
-                .is_err()
-            {
-                return; // the client left
+    /// Checks a completion and prefills it into the batch (a streamed one's response starts
+    /// first); after a stop, refuses it.
+    fn take(
+        &self,
+        m: ToEngine,
+        dec: &mut Decoder<Key>,
+        stopping: &mut Option<Instant>,
+        stats: &Stats,
+    ) {
+        let (chat, body, out) = match m {
+            ToEngine::Stop => {
+                stopping.get_or_insert_with(Instant::now);
+                return;
             }
-            Reply::Stream(w)
-        } else {
-            Reply::Whole(req)
+            ToEngine::Job { chat, body, out } => (chat, body, out),
         };
+        if out.is_closed() {
+            stats.cancelled.fetch_add(1, SeqCst); // the client left while it waited
+            return;
+        }
+        if stopping.is_some() {
+            let f = Failure(503, "server_error", "the server is shutting down".into());
+            return whole(&out, Err(f));
+        }
+        let job = match parse(&body).and_then(|v| self.job(&v, chat)) {
+            Ok(job) => job,
+            Err(f) => return whole(&out, Err(f)),
+        };
+        if job.stream && out.send(Out::Stream).is_err() {
+            return; // the client left
+        }
         let (ids, params, adapter) = (job.ids.clone(), job.params.clone(), job.adapter.clone());
-        let added = dec.add((reply, job), &ids, params, &adapter, &mut |key, text| {
+        let added = dec.add((out, job), &ids, params, &adapter, &mut |key, text| {
             self.stream(key, text)
         });
         match added {
             Ok(None) => {}
             Ok(Some(f)) => self.finish(f.key, &f.generated, f.batch),
-            Err(((reply, _), e)) => self.fail(reply, Failure(500, "server_error", e.to_string())),
-        }
-    }
-
-    fn handle(&self, req: &mut tiny_http::Request) -> Result<Handled, Failure> {
-        use tiny_http::Method::{Get, Post};
-        let path = req.url().split('?').next().unwrap_or("").to_string();
-        match (req.method(), path.as_str()) {
-            (Get, "/health") => Ok(Handled::Now(json!({"status": "ok"}))),
-            (Get, "/v1/models") => Ok(Handled::Now(self.models())),
-            (Post, "/v1/completions") => Ok(Handled::Job(self.job(&body(req)?, false)?)),
-            (Post, "/v1/chat/completions") => Ok(Handled::Job(self.job(&body(req)?, true)?)),
-            (_, "/health" | "/v1/models" | "/v1/completions" | "/v1/chat/completions") => {
-                Err(Failure(
-                    405,
-                    "invalid_request_error",
-                    format!("{} {path}: method not allowed", req.method()),
-                ))
-            }
-            _ => Err(Failure(
-                404,
-                "not_found_error",
-                format!("no endpoint {path}"),
-            )),
+            Err((key, e)) => self.fail(key, Failure(500, "server_error", e.to_string())),
         }
     }
 
@@ -348,31 +351,26 @@ impl Served<'_> {
     }
 
     /// Sends a finished completion: the whole response, or a stream's closing events.
-    fn finish(&self, key: Key, g: &Generated, batch: usize) {
-        match key {
-            (Reply::Whole(req), job) => respond(req, Ok(self.completion(&job, g, batch))),
-            (Reply::Stream(mut w), job) => {
-                let mut last = self.chunk(&job, "", Some(finish_reason(g.stop)));
-                let n = job.ids.len();
-                last["usage"] = json!({"prompt_tokens": n, "completion_tokens": g.ids.len(), "total_tokens": n + g.ids.len()});
-                last["petal"] = json!({"batch": batch});
-                let _ = event(&mut w, &last.to_string())
-                    .and_then(|_| event(&mut w, "[DONE]"))
-                    .and_then(|_| end_stream(&mut w));
-            }
+    fn finish(&self, (out, job): Key, g: &Generated, batch: usize) {
+        if !job.stream {
+            return whole(&out, Ok(self.completion(&job, g, batch)));
         }
+        let mut last = self.chunk(&job, "", Some(finish_reason(g.stop)));
+        let n = job.ids.len();
+        last["usage"] = json!({"prompt_tokens": n, "completion_tokens": g.ids.len(), "total_tokens": n + g.ids.len()});
+        last["petal"] = json!({"batch": batch});
+        let _ = out.send(Out::Event(last.to_string()));
+        let _ = out.send(Out::Done);
     }
 
     /// Sends a failure: an error response, or a stream's error event.
-    fn fail(&self, reply: Reply, f: Failure) {
-        match reply {
-            Reply::Whole(req) => respond(req, Err(f)),
-            Reply::Stream(mut w) => {
-                let Failure(status, kind, message) = f;
-                let e = json!({"error": {"message": message, "type": kind, "code": status}});
-                let _ = event(&mut w, &e.to_string()).and_then(|_| end_stream(&mut w));
-            }
+    fn fail(&self, (out, job): Key, f: Failure) {
+        if !job.stream {
+            return whole(&out, Err(f));
         }
+        let Failure(status, kind, message) = f;
+        let _ = out.send(Out::Event(error_body(status, kind, &message).to_string()));
+        let _ = out.send(Out::Done);
     }
 
     fn chat_ids(&self, req: &Value) -> Result<Vec<u32>, Failure> {
@@ -421,27 +419,23 @@ fn finish_reason(stop: StopReason) -> &'static str {
     }
 }
 
-/// One server-sent event (`data: ...`) as one chunk of a chunked body.
-fn event(w: &mut dyn Write, data: &str) -> std::io::Result<()> {
-    let ev = format!("data: {data}\n\n");
-    write!(w, "{:x}\r\n{ev}\r\n", ev.len())?;
-    w.flush()
+/// Answers a whole (not streamed) request: the value, or the failure as OpenAI's error object
+/// with its status. A client that has gone is its own loss, not the server's.
+fn whole(out: &UnboundedSender<Out>, r: Result<Value, Failure>) {
+    let msg = match r {
+        Ok(v) => Out::Whole(200, v),
+        Err(Failure(status, kind, message)) => {
+            Out::Whole(status, error_body(status, kind, &message))
+        }
+    };
+    let _ = out.send(msg);
 }
 
-/// The end of a chunked body.
-fn end_stream(w: &mut dyn Write) -> std::io::Result<()> {
-    w.write_all(b"0\r\n\r\n")?;
-    w.flush()
-}
-
-/// The request body as JSON.
-fn body(req: &mut tiny_http::Request) -> Result<Value, Failure> {
-    let mut text = String::new();
-    req.as_reader()
-        .take(16 << 20)
-        .read_to_string(&mut text)
-        .map_err(|e| bad(format!("reading the request body: {e}")))?;
-    let v: Value = serde_json::from_str(&text)
+/// The request body as a JSON object.
+fn parse(body: &[u8]) -> Result<Value, Failure> {
+    let text = std::str::from_utf8(body)
+        .map_err(|e| bad(format!("the request body is not UTF-8: {e}")))?;
+    let v: Value = serde_json::from_str(text)
         .map_err(|e| bad(format!("the request body is not JSON: {e}")))?;
     if !v.is_object() {
         return Err(bad("the request body must be a JSON object"));

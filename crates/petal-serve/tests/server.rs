@@ -5,7 +5,9 @@
 use candle_core::{DType, Device};
 use petal_core::inject::set_active;
 use petal_io::{load_model, LoadedModel};
-use petal_serve::{generate, SamplingParams, Served};
+use petal_serve::{generate, Limits, SamplingParams, Served, Stop};
+
+mod common;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -45,43 +47,31 @@ fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Valu
     (status, serde_json::from_str(json).unwrap())
 }
 
-/// Unblocks the server when dropped, so a failed assertion ends the test instead of leaving
-/// the server thread waiting (and the scope with it).
-struct Stop<'a>(&'a tiny_http::Server);
-impl Drop for Stop<'_> {
-    fn drop(&mut self) {
-        self.0.unblock();
+/// Test limits: short timeouts, the default queue.
+fn limits() -> Limits {
+    Limits {
+        header_timeout: std::time::Duration::from_secs(2),
+        body_timeout: std::time::Duration::from_secs(1),
+        grace: std::time::Duration::from_secs(5),
+        ..Limits::default()
     }
 }
 
 /// Runs `f` against `lm` served on a free local port, then stops the server.
 fn serving(lm: &LoadedModel, f: impl FnOnce(SocketAddr)) {
-    serving_from(lm, std::time::Duration::ZERO, f)
+    serving_with(lm, std::time::Duration::ZERO, limits(), 8, f)
 }
 
 /// `serving`, the server starting to take requests only `after` this long (requests sent
-/// meanwhile queue up).
-fn serving_from(lm: &LoadedModel, after: std::time::Duration, f: impl FnOnce(SocketAddr)) {
-    let http = tiny_http::Server::http("127.0.0.1:0").unwrap();
-    let addr = http.server_addr().to_ip().unwrap();
-    let served = Served {
-        model: &lm.model,
-        tokenizer: &lm.tokenizer,
-        model_id: "tiny-llama".into(),
-        max_batch: 8,
-        max_tokens: 256,
-    };
-    std::thread::scope(|s| {
-        let server = s.spawn(|| {
-            std::thread::sleep(after);
-            served.serve(&http)
-        });
-        {
-            let _stop = Stop(&http);
-            f(addr);
-        }
-        server.join().unwrap().unwrap();
-    });
+/// meanwhile queue up), with these limits and batch size.
+fn serving_with(
+    lm: &LoadedModel,
+    after: std::time::Duration,
+    limits: Limits,
+    max_batch: usize,
+    f: impl FnOnce(SocketAddr),
+) {
+    common::serving(lm, after, limits, max_batch, |addr, _| f(addr))
 }
 
 const PROMPT: &str = "w5 w9 w14 w20 w33";
@@ -216,7 +206,7 @@ fn bad_requests_get_openai_style_errors_and_the_server_keeps_serving() {
 #[test]
 fn a_model_with_a_prompt_learning_adapter_is_refused_before_serving() {
     let lm = model_with(&[("p", "llama_prompt_tuning")]);
-    let http = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let served = Served {
         model: &lm.model,
         tokenizer: &lm.tokenizer,
@@ -224,7 +214,10 @@ fn a_model_with_a_prompt_learning_adapter_is_refused_before_serving() {
         max_batch: 8,
         max_tokens: 256,
     };
-    let e = served.serve(&http).unwrap_err().to_string();
+    let e = served
+        .serve(listener, limits(), Stop::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("prompt learning"), "{e}");
 }
 
@@ -249,9 +242,14 @@ fn requests_waiting_together_are_generated_as_one_batch_with_each_adapter_s_outp
         );
     }
     // the requests are sent, and queue, before the server starts taking them
-    serving_from(&lm, std::time::Duration::from_millis(500), |addr| {
-        let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
-            let clients: Vec<_> = prompts
+    serving_with(
+        &lm,
+        std::time::Duration::from_millis(500),
+        limits(),
+        8,
+        |addr| {
+            let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+                let clients: Vec<_> = prompts
                 .iter()
                 .zip(models)
                 .map(|(prompt, model)| {
@@ -261,27 +259,28 @@ fn requests_waiting_together_are_generated_as_one_batch_with_each_adapter_s_outp
                     })
                 })
                 .collect();
-            clients.into_iter().map(|c| c.join().unwrap()).collect()
-        });
-        for (i, (status, r)) in answers.iter().enumerate() {
-            assert_eq!(*status, 200, "{r}");
-            assert_eq!(
-                r["choices"][0]["text"].as_str().unwrap(),
-                want[i],
-                "request {i} ({})",
-                models[i]
+                clients.into_iter().map(|c| c.join().unwrap()).collect()
+            });
+            for (i, (status, r)) in answers.iter().enumerate() {
+                assert_eq!(*status, 200, "{r}");
+                assert_eq!(
+                    r["choices"][0]["text"].as_str().unwrap(),
+                    want[i],
+                    "request {i} ({})",
+                    models[i]
+                );
+                assert_eq!(r["model"], models[i]);
+            }
+            let batches: Vec<u64> = answers
+                .iter()
+                .map(|(_, r)| r["petal"]["batch"].as_u64().unwrap())
+                .collect();
+            assert!(
+                batches.iter().any(|&b| b > 1),
+                "no request was batched: {batches:?}"
             );
-            assert_eq!(r["model"], models[i]);
-        }
-        let batches: Vec<u64> = answers
-            .iter()
-            .map(|(_, r)| r["petal"]["batch"].as_u64().unwrap())
-            .collect();
-        assert!(
-            batches.iter().any(|&b| b > 1),
-            "no request was batched: {batches:?}"
-        );
-    });
+        },
+    );
 }
 
 /// A streamed request over HTTP/1.1: the data of each server-sent event, in order.
