@@ -34,6 +34,10 @@ pub struct ServeArgs {
     /// are cancelled (waiting ones get a 503 at once)
     #[arg(long, default_value_t = 30.0)]
     pub shutdown_grace: f64,
+    /// The most prompt tokens prefilled between two decoding steps (a longer prompt is read
+    /// this many a step while the others keep decoding)
+    #[arg(long, default_value_t = 256)]
+    pub prefill_chunk: usize,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -43,6 +47,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             ("max-batch", a.max_batch),
             ("max-tokens", a.max_tokens),
             ("max-body", a.max_body),
+            ("prefill-chunk", a.prefill_chunk),
         ],
     )?;
     let secs = |flag: &str, v: f64| {
@@ -61,6 +66,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_queue: a.max_queue,
         grace: secs("shutdown-grace", a.shutdown_grace)?,
         signals: true,
+        prefill_chunk: a.prefill_chunk,
     };
     let lm = a.model.load()?;
     let served = petal_serve::Served {

@@ -1,7 +1,9 @@
 //! Continuous batching: sequences join a running batch between decoding steps (after their
 //! own prefill) and leave it as soon as they finish, each row through its own adapter and KV
 //! cache (`Llama::decode_rows` inside `petal_core::with_adapter_rows`). A server feeds it the
-//! requests that arrive while others are being decoded.
+//! requests that arrive while others are being decoded. A prompt longer than the prefill
+//! chunk is read a chunk per step (`Decoder::with_prefill_chunk`), so that it delays the
+//! running batch by one chunk's forward a step, not by its whole prefill.
 
 use crate::generate::{last_logits, Sequence};
 use crate::{Generated, SamplingParams};
@@ -27,11 +29,26 @@ struct Slot<K> {
     most: usize,
 }
 
+/// A sequence whose prompt is still being read, a chunk a step.
+struct Reading<K> {
+    key: K,
+    seq: Sequence,
+    adapter: String,
+    prompt: Vec<u32>,
+    /// prompt tokens already in the cache
+    read: usize,
+}
+
+/// Prompt tokens prefilled in one piece by default; longer prompts are read this many a step.
+pub const PREFILL_CHUNK: usize = 256;
+
 /// The sequences being decoded together, each under the caller's key `K`.
 pub struct Decoder<'a, K> {
     model: &'a Llama,
     tok: &'a Tokenizer,
     live: Vec<Slot<K>>,
+    reading: std::collections::VecDeque<Reading<K>>,
+    chunk: usize,
 }
 
 impl<'a, K> Decoder<'a, K> {
@@ -40,15 +57,24 @@ impl<'a, K> Decoder<'a, K> {
             model,
             tok,
             live: Vec::new(),
+            reading: Default::default(),
+            chunk: PREFILL_CHUNK,
         }
     }
 
+    /// Prompts longer than `n` tokens are read `n` a step (at least 1).
+    pub fn with_prefill_chunk(mut self, n: usize) -> Self {
+        self.chunk = n.max(1);
+        self
+    }
+
+    /// The sequences in the batch, those whose prompts are still being read included.
     pub fn len(&self) -> usize {
-        self.live.len()
+        self.live.len() + self.reading.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.live.is_empty()
+        self.len() == 0
     }
 
     /// Takes out of the batch the sequences whose keys `gone` picks (their clients left, say),
@@ -56,12 +82,19 @@ impl<'a, K> Decoder<'a, K> {
     pub fn remove(&mut self, gone: impl Fn(&K) -> bool) -> Vec<K> {
         let (out, kept) = self.live.drain(..).partition(|s| gone(&s.key));
         self.live = kept;
-        out.into_iter().map(|s: Slot<K>| s.key).collect()
+        let (reading, kept): (std::collections::VecDeque<_>, _) =
+            self.reading.drain(..).partition(|r| gone(&r.key));
+        self.reading = kept;
+        out.into_iter()
+            .map(|s: Slot<K>| s.key)
+            .chain(reading.into_iter().map(|r| r.key))
+            .collect()
     }
 
     /// Prefills `prompt` through `adapter` (`__base__`: none); the sequence joins the batch,
-    /// or comes back at once if it is done already (its first token ends it). `on_text` gets
-    /// the key and each piece of new text (streaming). On an error the key comes back with it.
+    /// or comes back at once if it is done already (its first token ends it). A prompt longer
+    /// than the prefill chunk joins to be read a chunk a step. `on_text` gets the key and each
+    /// piece of new text (streaming). On an error the key comes back with it.
     #[allow(clippy::type_complexity)]
     pub fn add(
         &mut self,
@@ -71,17 +104,54 @@ impl<'a, K> Decoder<'a, K> {
         adapter: &str,
         on_text: &mut dyn FnMut(&mut K, &str),
     ) -> Result<Option<Finished<K>>, (K, Error)> {
-        let first = (|| {
-            let mut seq = Sequence::new(self.model, prompt, params)?;
-            let ids = Tensor::new(prompt, self.model.device())?.unsqueeze(0)?;
-            let ctx = rows_ctx(self.model, &[adapter])?;
-            let logits = self.model.forward(&ids, Some(&mut seq.cache), &ctx)?;
-            let ctx = self.model.cfg.max_position_embeddings;
-            let next = seq.next(last_logits(&logits, 0)?, self.tok, ctx, &mut |t| {
-                on_text(&mut key, t)
-            })?;
-            Ok::<_, Error>((seq, next))
-        })();
+        if prompt.len() > self.chunk {
+            match Sequence::new(self.model, prompt, params) {
+                Err(e) => return Err((key, e)),
+                Ok(seq) => {
+                    self.reading.push_back(Reading {
+                        key,
+                        seq,
+                        adapter: adapter.to_string(),
+                        prompt: prompt.to_vec(),
+                        read: 0,
+                    });
+                    return Ok(None);
+                }
+            }
+        }
+        let first = Sequence::new(self.model, prompt, params)
+            .and_then(|seq| self.read(seq, prompt, adapter, &mut key, on_text));
+        self.settle(key, adapter, first)
+    }
+
+    /// `part` of a prompt through the model into `seq`'s cache; after the prompt's last part,
+    /// its first new token.
+    fn read(
+        &self,
+        mut seq: Sequence,
+        part: &[u32],
+        adapter: &str,
+        key: &mut K,
+        on_text: &mut dyn FnMut(&mut K, &str),
+    ) -> Result<(Sequence, Option<u32>), Error> {
+        let ids = Tensor::new(part, self.model.device())?.unsqueeze(0)?;
+        let ctx = rows_ctx(self.model, &[adapter])?;
+        let logits = self.model.forward(&ids, Some(&mut seq.cache), &ctx)?;
+        let ctx = self.model.cfg.max_position_embeddings;
+        let next = seq.next(last_logits(&logits, 0)?, self.tok, ctx, &mut |t| {
+            on_text(key, t)
+        })?;
+        Ok((seq, next))
+    }
+
+    /// A sequence whose prompt has been read: into the batch, or back if it is done.
+    #[allow(clippy::type_complexity)]
+    fn settle(
+        &mut self,
+        key: K,
+        adapter: &str,
+        first: Result<(Sequence, Option<u32>), Error>,
+    ) -> Result<Option<Finished<K>>, (K, Error)> {
         match first {
             Err(e) => Err((key, e)),
             Ok((seq, None)) => Ok(Some(Finished {
@@ -105,14 +175,69 @@ impl<'a, K> Decoder<'a, K> {
     /// One token for every sequence in the batch; those that finish leave it and come back.
     /// `on_text` as for `add`. On an error every sequence leaves, their keys coming back.
     #[allow(clippy::type_complexity)]
+    /// A prompt still being read advances by one chunk first (an error there comes back with
+    /// that sequence's key alone).
     pub fn step(
         &mut self,
         on_text: &mut dyn FnMut(&mut K, &str),
     ) -> Result<Vec<Finished<K>>, (Vec<K>, Error)> {
+        let read = match self.read_chunk(on_text) {
+            Ok(f) => f,
+            Err((key, e)) => return Err((vec![key], e)),
+        };
         match self.try_step(on_text) {
-            Ok(done) => Ok(done),
-            Err(e) => Err((self.live.drain(..).map(|s| s.key).collect(), e)),
+            Ok(mut done) => {
+                done.extend(read);
+                Ok(done)
+            }
+            Err(e) => {
+                let mut keys: Vec<K> = self.live.drain(..).map(|s| s.key).collect();
+                keys.extend(read.map(|f| f.key));
+                Err((keys, e))
+            }
         }
+    }
+
+    /// One chunk of the first prompt still being read; the sequence joins the batch (or comes
+    /// back, done or failed) after its last chunk.
+    #[allow(clippy::type_complexity)]
+    fn read_chunk(
+        &mut self,
+        on_text: &mut dyn FnMut(&mut K, &str),
+    ) -> Result<Option<Finished<K>>, (K, Error)> {
+        let Some(mut r) = self.reading.pop_front() else {
+            return Ok(None);
+        };
+        let end = (r.read + self.chunk).min(r.prompt.len());
+        if end < r.prompt.len() {
+            // a middle chunk: into the cache, no token yet
+            let part = Tensor::new(&r.prompt[r.read..end], self.model.device())
+                .and_then(|t| t.unsqueeze(0))
+                .map_err(Error::from);
+            let ran = part.and_then(|ids| {
+                let ctx = rows_ctx(self.model, &[r.adapter.as_str()])?;
+                self.model
+                    .hidden_states(&ids, Some(&mut r.seq.cache), &ctx)?;
+                Ok(())
+            });
+            return match ran {
+                Err(e) => Err((r.key, e)),
+                Ok(()) => {
+                    r.read = end;
+                    self.reading.push_front(r);
+                    Ok(None)
+                }
+            };
+        }
+        let Reading {
+            mut key,
+            seq,
+            adapter,
+            prompt,
+            read,
+        } = r;
+        let first = self.read(seq, &prompt[read..], &adapter, &mut key, on_text);
+        self.settle(key, &adapter, first)
     }
 
     fn try_step(

@@ -41,6 +41,9 @@ pub struct Limits {
     pub grace: Duration,
     /// Whether SIGTERM and SIGINT stop the server (the command line: yes; tests: no).
     pub signals: bool,
+    /// The most prompt tokens prefilled between two decoding steps: a longer prompt is read
+    /// this many a step, so that it delays the running batch by one chunk a step.
+    pub prefill_chunk: usize,
 }
 
 impl Default for Limits {
@@ -52,6 +55,7 @@ impl Default for Limits {
             max_queue: 64,
             grace: Duration::from_secs(30),
             signals: false,
+            prefill_chunk: crate::batch::PREFILL_CHUNK,
         }
     }
 }

@@ -94,11 +94,11 @@ impl Served<'_> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Stats::default());
         let capacity = self.max_batch.max(1) + limits.max_queue;
-        let grace = limits.grace;
+        let (grace, chunk) = (limits.grace, limits.prefill_chunk);
         let (models, st) = (self.models(), stats.clone());
         std::thread::scope(|s| {
             let side = s.spawn(move || http::run(listener, tx, capacity, models, limits, st, stop));
-            self.engine(rx, &stats, grace);
+            self.engine(rx, &stats, grace, chunk);
             match side.join() {
                 Ok(r) => r.map_err(|e| petal_core::Error::Msg(format!("petal serve: {e}"))),
                 Err(_) => Err(petal_core::Error::Msg(
@@ -109,8 +109,15 @@ impl Served<'_> {
     }
 
     /// The engine loop: completions in, answers out, until the HTTP side has gone.
-    fn engine(&self, rx: mpsc::Receiver<ToEngine>, stats: &Stats, grace: std::time::Duration) {
-        let mut dec: Decoder<Key> = Decoder::new(self.model, self.tokenizer);
+    fn engine(
+        &self,
+        rx: mpsc::Receiver<ToEngine>,
+        stats: &Stats,
+        grace: std::time::Duration,
+        chunk: usize,
+    ) {
+        let mut dec: Decoder<Key> =
+            Decoder::new(self.model, self.tokenizer).with_prefill_chunk(chunk);
         let mut stopping: Option<Instant> = None;
         loop {
             if dec.is_empty() {

@@ -199,3 +199,66 @@ fn streamed_text_holds_back_what_could_begin_a_stop_string_and_never_sends_it() 
     assert_eq!(pieces.concat(), g.text, "streamed: {pieces:?}");
     assert!(pieces.len() >= 2, "{pieces:?}");
 }
+
+#[test]
+fn a_prompt_read_a_chunk_a_step_generates_what_it_does_alone_beside_a_running_sequence() {
+    let g = golden();
+    let mut lm = load_model(g.join("llama").to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    petal_io::attach_adapter(
+        &mut lm.model,
+        &g.join("adapters").join("llama_lora_qv"),
+        "q",
+    )
+    .unwrap();
+    let p = |n| SamplingParams {
+        max_new_tokens: n,
+        ..Default::default()
+    };
+    let long = "w5 w9 w14 w20 w33 w7 w3 w60 w8 w3 w90 w45 w12 w11 w40 w41 w42";
+    let jobs = [("w1 w2", "__base__", 12), (long, "q", 8)];
+    let mut want = Vec::new();
+    for (prompt, a, n) in jobs {
+        let active: &[&str] = if a == "__base__" { &[] } else { &[a] };
+        set_active(&mut lm.model, active);
+        let ids = lm.tokenizer.encode(prompt, true).unwrap();
+        want.push(generate(&lm.model, &lm.tokenizer, &ids, &p(n), &mut |_| {}).unwrap());
+    }
+    let tok = &lm.tokenizer;
+    let long_ids = tok.encode(long, true).unwrap();
+    assert!(long_ids.len() > 12, "{}", long_ids.len());
+    // chunks of 4: the short prompt is read at once, the long one over several steps while
+    // the short one keeps decoding
+    let mut dec = petal_serve::Decoder::new(&lm.model, tok).with_prefill_chunk(4);
+    let mut got = [None, None];
+    let mut texts = [String::new(), String::new()];
+    for (i, (prompt, a, n)) in jobs.iter().enumerate() {
+        let ids = tok.encode(prompt, true).unwrap();
+        let added = dec.add(i, &ids, p(*n), a, &mut |k, t| texts[*k].push_str(t));
+        assert!(added.map_err(|(_, e)| e).unwrap().is_none());
+    }
+    assert_eq!(dec.len(), 2);
+    let mut short_len = Vec::new();
+    for _ in 0..30 {
+        for f in dec
+            .step(&mut |k, t| texts[*k].push_str(t))
+            .map_err(|(_, e)| e)
+            .unwrap()
+        {
+            got[f.key] = Some(f.generated);
+        }
+        short_len.push(texts[0].split(' ').filter(|w| !w.is_empty()).count());
+    }
+    assert!(dec.is_empty());
+    for i in 0..2 {
+        let g = got[i].as_ref().unwrap();
+        assert_eq!(g.ids, want[i].ids, "sequence {i}");
+        assert_eq!(texts[i], want[i].text, "streamed text of {i}");
+    }
+    // while the long prompt was read (its first chunks), the short sequence gained a token a
+    // step
+    let chunks = long_ids.len().div_ceil(4);
+    assert!(
+        short_len[..chunks].windows(2).all(|w| w[1] == w[0] + 1),
+        "{short_len:?}"
+    );
+}

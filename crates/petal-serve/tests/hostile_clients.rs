@@ -30,7 +30,7 @@ fn limits() -> Limits {
         body_timeout: Duration::from_secs(1),
         max_queue: 4,
         grace: Duration::from_secs(5),
-        signals: false,
+        ..Limits::default()
     }
 }
 
