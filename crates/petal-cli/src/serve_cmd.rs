@@ -11,6 +11,10 @@ pub struct ServeArgs {
     /// Address to listen on
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// The base model's id in `/v1/models` and responses (default: the model file's or
+    /// folder's name without extension, an asset's name, or the hub id as given)
+    #[arg(long, default_value = "")]
+    pub served_model_name: String,
     /// Port to listen on (0: any free port, printed at start)
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
@@ -72,7 +76,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let served = petal_serve::Served {
         model: &lm.model,
         tokenizer: &lm.tokenizer,
-        model_id: a.model.model.clone(),
+        model_id: if a.served_model_name.is_empty() {
+            served_name(&a.model.model)
+        } else {
+            a.served_model_name.clone()
+        },
         max_batch: a.max_batch,
         max_tokens: a.max_tokens,
     };
@@ -89,4 +97,40 @@ pub fn run(a: ServeArgs) -> Result<()> {
     served.serve(listener, limits, petal_serve::Stop::default())?;
     eprintln!("petal serve: stopped");
     Ok(())
+}
+
+/// The default served name of a model argument: a path's stem (not the path, which would show
+/// the server's file layout to its clients), an asset's name, a hub id as it is.
+fn served_name(model: &str) -> String {
+    if let Some(asset) = model.strip_prefix("asset:") {
+        return asset.to_string();
+    }
+    let p = std::path::Path::new(model);
+    match p.file_stem().and_then(|s| s.to_str()) {
+        Some(stem) if p.exists() => stem.to_string(),
+        _ => model.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_served_name_is_a_path_s_stem_an_asset_s_name_or_the_hub_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("SmolLM2-135M.Q4_1.gguf");
+        std::fs::write(&file, b"").unwrap();
+        assert_eq!(
+            super::served_name(file.to_str().unwrap()),
+            "SmolLM2-135M.Q4_1"
+        );
+        assert_eq!(
+            super::served_name(dir.path().to_str().unwrap()),
+            dir.path().file_name().unwrap().to_str().unwrap()
+        );
+        assert_eq!(super::served_name("asset:smollm2"), "smollm2");
+        assert_eq!(
+            super::served_name("HuggingFaceTB/SmolLM2-135M"),
+            "HuggingFaceTB/SmolLM2-135M"
+        );
+    }
 }

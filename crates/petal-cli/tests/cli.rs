@@ -477,9 +477,8 @@ fn serve_answers_completions_over_http_through_the_named_adapter() {
         .unwrap();
     // the first line names the address it listens on
     let mut line = String::new();
-    std::io::BufReader::new(child.0.stderr.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let mut err = std::io::BufReader::new(child.0.stderr.take().unwrap());
+    err.read_line(&mut line).unwrap();
     let addr = line
         .split("http://")
         .nth(1)
@@ -496,6 +495,33 @@ fn serve_answers_completions_over_http_through_the_named_adapter() {
     .unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
+    // the base model under its folder's name, not the server's path to it
+    let mut m = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        m,
+        "GET /v1/models HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut models = String::new();
+    m.read_to_string(&mut models).unwrap();
+    let models: serde_json::Value =
+        serde_json::from_str(models.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(models["data"][0]["id"], "llama", "{models}");
+    assert_eq!(models["data"][1]["parent"], "llama", "{models}");
+    // SIGTERM: a clean stop
+    let pid = child.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = child.0.wait().unwrap();
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    assert!(
+        status.success() && rest.contains("stopped"),
+        "{status:?}: {rest}"
+    );
     drop(child);
     assert!(
         resp.starts_with("HTTP/1.0 200") || resp.starts_with("HTTP/1.1 200"),

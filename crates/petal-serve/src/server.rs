@@ -41,7 +41,7 @@ use tokio::sync::mpsc::UnboundedSender;
 pub struct Served<'a> {
     pub model: &'a Llama,
     pub tokenizer: &'a Tokenizer,
-    /// The base model's id in `/v1/models` and responses (e.g. the model path or hub id).
+    /// The base model's id in `/v1/models` and responses (`petal serve --served-model-name`).
     pub model_id: String,
     /// The most completions generated together (those waiting when the server turns to them).
     pub max_batch: usize,
