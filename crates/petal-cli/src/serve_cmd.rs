@@ -42,6 +42,9 @@ pub struct ServeArgs {
     /// this many a step while the others keep decoding)
     #[arg(long, default_value_t = 256)]
     pub prefill_chunk: usize,
+    /// Request logs (one line per completion on stderr) as JSON objects instead of text
+    #[arg(long)]
+    pub log_json: bool,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -71,6 +74,15 @@ pub fn run(a: ServeArgs) -> Result<()> {
         grace: secs("shutdown-grace", a.shutdown_grace)?,
         signals: true,
         prefill_chunk: a.prefill_chunk,
+    };
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    // a second server in one process keeps the first one's logger
+    let _ = if a.log_json {
+        logs.json().try_init()
+    } else {
+        logs.try_init()
     };
     let lm = a.model.load()?;
     let served = petal_serve::Served {

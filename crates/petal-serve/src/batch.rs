@@ -19,6 +19,8 @@ pub struct Finished<K> {
     pub key: K,
     pub generated: Generated,
     pub batch: usize,
+    /// when its first token was drawn (its prompt read)
+    pub first_token_at: std::time::Instant,
 }
 
 struct Slot<K> {
@@ -27,6 +29,7 @@ struct Slot<K> {
     adapter: String,
     next: u32,
     most: usize,
+    first_token_at: std::time::Instant,
 }
 
 /// A sequence whose prompt is still being read, a chunk a step.
@@ -158,6 +161,7 @@ impl<'a, K> Decoder<'a, K> {
                 key,
                 generated: seq.done(),
                 batch: 1,
+                first_token_at: std::time::Instant::now(),
             })),
             Ok((seq, Some(next))) => {
                 self.live.push(Slot {
@@ -166,6 +170,7 @@ impl<'a, K> Decoder<'a, K> {
                     adapter: adapter.to_string(),
                     next,
                     most: 1,
+                    first_token_at: std::time::Instant::now(),
                 });
                 Ok(None)
             }
@@ -276,6 +281,7 @@ impl<'a, K> Decoder<'a, K> {
                     key: s.key,
                     generated: s.seq.done(),
                     batch: s.most,
+                    first_token_at: s.first_token_at,
                 }),
             }
         }

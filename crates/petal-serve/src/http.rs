@@ -97,11 +97,21 @@ pub(crate) enum Out {
     Done,
 }
 
-/// Counters the engine keeps for `/health`.
-#[derive(Default)]
+/// Counters the engine keeps for `/health`, and the Prometheus metrics.
 pub(crate) struct Stats {
     pub running: AtomicUsize,
     pub cancelled: AtomicUsize,
+    pub metrics: crate::metrics::Metrics,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            running: AtomicUsize::new(0),
+            cancelled: AtomicUsize::new(0),
+            metrics: crate::metrics::Metrics::new(),
+        }
+    }
 }
 
 /// What every connection's task shares.
@@ -196,13 +206,26 @@ async fn route(req: Request<Incoming>, sh: Arc<Shared>) -> Result<Response<Body>
     Ok(match (&method, path.as_str()) {
         (&Method::GET, "/health") => json_response(200, &health(&sh)),
         (&Method::GET, "/v1/models") => json_response(200, &sh.models),
-        (&Method::POST, "/v1/completions") => completion(req, sh, false).await,
-        (&Method::POST, "/v1/chat/completions") => completion(req, sh, true).await,
-        (_, "/health" | "/v1/models" | "/v1/completions" | "/v1/chat/completions") => error(
-            405,
-            "invalid_request_error",
-            format!("{method} {path}: method not allowed"),
-        ),
+        (&Method::GET, "/metrics") => metrics(&sh),
+        (&Method::POST, "/v1/completions" | "/v1/chat/completions") => {
+            let chat = path == "/v1/chat/completions";
+            let m = sh.clone();
+            let r = completion(req, sh, chat).await;
+            let code = r.status().as_u16();
+            m.stats
+                .metrics
+                .requests
+                .get_or_create(&crate::metrics::Code { code })
+                .inc();
+            r
+        }
+        (_, "/health" | "/v1/models" | "/metrics" | "/v1/completions" | "/v1/chat/completions") => {
+            error(
+                405,
+                "invalid_request_error",
+                format!("{method} {path}: method not allowed"),
+            )
+        }
         _ => error(404, "not_found_error", format!("no endpoint {path}")),
     })
 }
@@ -215,6 +238,22 @@ fn health(sh: &Shared) -> Value {
         "waiting": sh.inflight.load(SeqCst).saturating_sub(running),
         "cancelled": sh.stats.cancelled.load(SeqCst),
     })
+}
+
+fn metrics(sh: &Shared) -> Response<Body> {
+    let running = sh.stats.running.load(SeqCst);
+    let m = &sh.stats.metrics;
+    m.running.set(running as i64);
+    m.waiting
+        .set(sh.inflight.load(SeqCst).saturating_sub(running) as i64);
+    let mut r = Response::new(Full::new(Bytes::from(m.render())).boxed());
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    r
 }
 
 async fn completion(req: Request<Incoming>, sh: Arc<Shared>, chat: bool) -> Response<Body> {

@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod generate;
 pub mod http;
+mod metrics;
 pub mod sampling;
 pub mod server;
 

@@ -59,6 +59,8 @@ struct Job {
     stream: bool,
     /// Unix seconds at arrival (the response's `created` and `id`)
     created: u64,
+    /// arrival at the engine (latency metrics)
+    arrived: Instant,
 }
 
 /// A completion in the batch: where its answer goes (the HTTP side's channel), and its request.
@@ -137,6 +139,10 @@ impl Served<'_> {
             }
             let gone = dec.remove(|(out, _)| out.is_closed()).len();
             stats.cancelled.fetch_add(gone, SeqCst);
+            stats.metrics.cancelled.inc_by(gone as u64);
+            if gone > 0 {
+                tracing::info!(count = gone, "completions cancelled: their clients left");
+            }
             if stopping.is_some_and(|t| t.elapsed() >= grace) {
                 for (out, job) in dec.remove(|_| true) {
                     let f = Failure(
@@ -149,9 +155,7 @@ impl Served<'_> {
             }
             stats.running.store(dec.len(), SeqCst);
             match dec.step(&mut |key, text| self.stream(key, text)) {
-                Ok(done) => done
-                    .into_iter()
-                    .for_each(|f| self.finish(f.key, &f.generated, f.batch)),
+                Ok(done) => done.into_iter().for_each(|f| self.done(f, stats)),
                 Err((keys, e)) => {
                     for key in keys {
                         self.fail(key, Failure(500, "server_error", e.to_string()));
@@ -188,6 +192,7 @@ impl Served<'_> {
         };
         if out.is_closed() {
             stats.cancelled.fetch_add(1, SeqCst); // the client left while it waited
+            stats.metrics.cancelled.inc();
             return;
         }
         if stopping.is_some() {
@@ -201,13 +206,20 @@ impl Served<'_> {
         if job.stream && out.send(Out::Stream).is_err() {
             return; // the client left
         }
+        let m = &stats.metrics;
+        m.lora_requests
+            .get_or_create(&crate::metrics::Adapter {
+                adapter: job.adapter.clone(),
+            })
+            .inc();
+        m.prompt_tokens.inc_by(job.ids.len() as u64);
         let (ids, params, adapter) = (job.ids.clone(), job.params.clone(), job.adapter.clone());
         let added = dec.add((out, job), &ids, params, &adapter, &mut |key, text| {
             self.stream(key, text)
         });
         match added {
             Ok(None) => {}
-            Ok(Some(f)) => self.finish(f.key, &f.generated, f.batch),
+            Ok(Some(f)) => self.done(f, stats),
             Err((key, e)) => self.fail(key, Failure(500, "server_error", e.to_string())),
         }
     }
@@ -301,6 +313,7 @@ impl Served<'_> {
             chat,
             stream,
             created,
+            arrived: Instant::now(),
         })
     }
 
@@ -355,6 +368,39 @@ impl Served<'_> {
             "model": name,
             "choices": [choice],
         })
+    }
+
+    /// A finished completion: its metrics and log line, then its answer.
+    fn done(&self, f: crate::Finished<Key>, stats: &Stats) {
+        let (job, g) = (&f.key.1, &f.generated);
+        let m = &stats.metrics;
+        let reason = finish_reason(g.stop);
+        m.success
+            .get_or_create(&crate::metrics::Finish {
+                finished_reason: reason.to_string(),
+            })
+            .inc();
+        m.generation_tokens.inc_by(g.ids.len() as u64);
+        let ttft = f.first_token_at.duration_since(job.arrived).as_secs_f64();
+        let e2e = job.arrived.elapsed().as_secs_f64();
+        m.time_to_first_token.observe(ttft);
+        m.e2e_latency.observe(e2e);
+        if g.ids.len() > 1 {
+            m.time_per_output_token
+                .observe((e2e - ttft) / (g.ids.len() - 1) as f64);
+        }
+        tracing::info!(
+            adapter = %job.adapter,
+            prompt_tokens = job.ids.len(),
+            completion_tokens = g.ids.len(),
+            finish_reason = reason,
+            batch = f.batch,
+            ttft_ms = (ttft * 1e3).round(),
+            e2e_ms = (e2e * 1e3).round(),
+            stream = job.stream,
+            "completion"
+        );
+        self.finish(f.key, g, f.batch)
     }
 
     /// Sends a finished completion: the whole response, or a stream's closing events.

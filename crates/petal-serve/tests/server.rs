@@ -353,3 +353,53 @@ fn a_streamed_completion_sends_the_same_text_as_server_sent_events_then_done() {
             .all(|c| c["model"] == "q" && c["object"] == "text_completion"));
     });
 }
+
+#[test]
+fn metrics_count_requests_tokens_adapters_and_latencies_in_prometheus_text() {
+    let lm = model_with(&[("q", "llama_lora_qv")]);
+    serving(&lm, |addr| {
+        let mut prompt_tokens = 0;
+        let mut generated = 0;
+        for model in ["q", "tiny-llama"] {
+            let body = json!({"model": model, "prompt": PROMPT, "max_tokens": 5, "temperature": 0});
+            let (status, r) = request(addr, "POST", "/v1/completions", &body.to_string());
+            assert_eq!(status, 200, "{r}");
+            prompt_tokens += r["usage"]["prompt_tokens"].as_u64().unwrap();
+            generated += r["usage"]["completion_tokens"].as_u64().unwrap();
+        }
+        let (status, _) = request(addr, "POST", "/v1/completions", r#"{"prompt": 5}"#);
+        assert_eq!(status, 400);
+        let mut s = TcpStream::connect(addr).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: petal\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+            "{head}"
+        );
+        let value = |line: &str| -> f64 {
+            body.lines()
+                .find_map(|l| l.strip_prefix(line)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("no `{line}` in\n{body}"))
+        };
+        assert_eq!(value(r#"petal_requests_total{code="200"}"#), 2.0);
+        assert_eq!(value(r#"petal_requests_total{code="400"}"#), 1.0);
+        assert_eq!(value(r#"petal_lora_requests_total{adapter="q"}"#), 1.0);
+        assert_eq!(
+            value(r#"petal_lora_requests_total{adapter="__base__"}"#),
+            1.0
+        );
+        assert_eq!(value("petal_prompt_tokens_total"), prompt_tokens as f64);
+        assert_eq!(value("petal_generation_tokens_total"), generated as f64);
+        assert_eq!(
+            value(r#"petal_request_success_total{finished_reason="length"}"#),
+            2.0
+        );
+        assert_eq!(value("petal_time_to_first_token_seconds_count"), 2.0);
+        assert_eq!(value("petal_e2e_request_latency_seconds_count"), 2.0);
+        assert!(value("petal_e2e_request_latency_seconds_sum") > 0.0);
+        assert_eq!(value("petal_num_requests_running"), 0.0);
+        assert!(body.trim_end().ends_with("# EOF"), "{body}");
+    });
+}
