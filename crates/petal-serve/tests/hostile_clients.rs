@@ -27,7 +27,7 @@ fn limits() -> Limits {
     Limits {
         max_body: 4096,
         header_timeout: Duration::from_secs(2),
-        body_timeout: Duration::from_secs(1),
+        body_timeout: Duration::from_secs(3),
         max_queue: 4,
         grace: Duration::from_secs(5),
         ..Limits::default()
@@ -95,26 +95,18 @@ fn a_stalled_body_holds_up_no_one_and_gets_a_408_after_the_body_timeout() {
         let t = Instant::now();
         let (status, _, health) = request(addr, "GET", "/health", "");
         assert_eq!(status, 200, "{health}");
-        assert!(
-            t.elapsed() < Duration::from_millis(500),
-            "{:?}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
         assert_eq!(health["waiting"], 1, "{health}"); // the stalled one, still reading
         let (status, _, r) = request(addr, "POST", "/v1/completions", COMPLETION);
         assert_eq!(status, 200, "{r}");
-        assert!(
-            t.elapsed() < Duration::from_millis(900),
-            "{:?}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
         let mut answer = String::new();
         let _ = stalled.read_to_string(&mut answer);
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-        assert!(answer.contains("did not arrive within 1 s"), "{answer}");
+        assert!(answer.contains("did not arrive within 3 s"), "{answer}");
         let took = t0.elapsed();
         assert!(
-            took >= Duration::from_secs(1) && took < Duration::from_secs(3),
+            took >= Duration::from_secs(3) && took < Duration::from_secs(6),
             "{took:?}"
         );
     });
@@ -131,7 +123,7 @@ fn a_body_over_the_limit_gets_a_413_declared_or_not() {
         );
         assert!(text.starts_with("HTTP/1.1 413"), "{text}");
         assert!(text.contains("limit of 4096 bytes"), "{text}");
-        assert!(t.elapsed() < Duration::from_millis(900));
+        assert!(t.elapsed() < Duration::from_secs(2));
         // chunked, no length given: cut off at the limit
         let chunk = "x".repeat(3000);
         let text = exchange(
@@ -158,7 +150,7 @@ fn an_http2_preface_or_tls_gets_an_error_and_the_connection_closes_at_once() {
         );
         let text = exchange(addr, b"HELLO there\r\n\r\n");
         assert!(text.starts_with("HTTP/1.1 400"), "{text:?}");
-        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
         // a client that connects and says nothing is let go after the header timeout
         let t = Instant::now();
         let mut idle = TcpStream::connect(addr).unwrap();
@@ -168,7 +160,7 @@ fn an_http2_preface_or_tls_gets_an_error_and_the_connection_closes_at_once() {
         let _ = idle.read_to_end(&mut buf);
         let took = t.elapsed();
         assert!(
-            took >= Duration::from_secs(2) && took < Duration::from_secs(4),
+            took >= Duration::from_secs(2) && took < Duration::from_secs(6),
             "{took:?}"
         );
     });
