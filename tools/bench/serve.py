@@ -19,11 +19,9 @@ SHORT = "Write one line about the sea."
 MEDIUM = " ".join(["The quick brown fox jumps over the lazy dog."] * 12) + " Go on:"
 
 
-def start(petal, adapters, max_batch, log):
-    args = [petal, "serve", "--model", "asset:smollm2", "--port", str(PORT),
-            "--max-batch", str(max_batch)]
-    for a in adapters:
-        args += ["--adapter", a]
+def start(petal, extra, log=None):
+    """`petal serve` on SmolLM2 on PORT with `extra` arguments; back once it accepts."""
+    args = [petal, "serve", "--model", "asset:smollm2", "--port", str(PORT)] + extra
     p = subprocess.Popen(args, stderr=open(log, "w") if log else subprocess.DEVNULL)
     for _ in range(900):
         try:
@@ -141,7 +139,10 @@ def main():
     ap.add_argument("--server-log", help="write the server's stderr (its request log) here")
     a = ap.parse_args()
     models = [a.base_name] + [x.split("=", 1)[0] for x in a.adapter]
-    p = start(a.petal, a.adapter, a.max_batch, a.server_log)
+    extra = ["--max-batch", str(a.max_batch)]
+    for x in a.adapter:
+        extra += ["--adapter", x]
+    p = start(a.petal, extra, a.server_log)
     rows = []
     try:
         stream({"prompt": SHORT, "max_tokens": 4, "stream": True})  # warm up

@@ -8,21 +8,9 @@ window. Loopback only; bounded (one stream of --tokens tokens per setting).
 
     python3 tools/bench/serve_long_prompt.py target/release/petal 256 100000
 """
-import json, socket, statistics, subprocess, sys, threading, time
+import json, socket, statistics, sys, threading, time
 
-PORT = 8791
-
-
-def start(petal, chunk):
-    p = subprocess.Popen([petal, "serve", "--model", "asset:smollm2", "--port", str(PORT),
-                          "--prefill-chunk", str(chunk)], stderr=subprocess.PIPE, text=True)
-    for _ in range(600):
-        try:
-            socket.create_connection(("127.0.0.1", PORT)).close()
-            return p
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit("petal serve did not start")
+from serve import PORT, start
 
 
 def post(body):
@@ -33,7 +21,7 @@ def post(body):
 
 
 def run(petal, chunk, tokens, long_words):
-    p = start(petal, chunk)
+    p = start(petal, ["--prefill-chunk", str(chunk)])
     try:
         s = post({"prompt": "Once upon a time", "max_tokens": tokens, "temperature": 0,
                   "stream": True})

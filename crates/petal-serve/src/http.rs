@@ -25,6 +25,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+pub(crate) use crate::metrics::Metrics;
+
 /// The limits of the HTTP side.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -97,23 +99,6 @@ pub(crate) enum Out {
     Done,
 }
 
-/// Counters the engine keeps for `/health`, and the Prometheus metrics.
-pub(crate) struct Stats {
-    pub running: AtomicUsize,
-    pub cancelled: AtomicUsize,
-    pub metrics: crate::metrics::Metrics,
-}
-
-impl Default for Stats {
-    fn default() -> Self {
-        Stats {
-            running: AtomicUsize::new(0),
-            cancelled: AtomicUsize::new(0),
-            metrics: crate::metrics::Metrics::new(),
-        }
-    }
-}
-
 /// What every connection's task shares.
 struct Shared {
     engine: mpsc::Sender<ToEngine>,
@@ -123,7 +108,7 @@ struct Shared {
     models: Value,
     limits: Limits,
     stopping: AtomicBool,
-    stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
 }
 
 /// OpenAI's error object.
@@ -212,8 +197,7 @@ async fn route(req: Request<Incoming>, sh: Arc<Shared>) -> Result<Response<Body>
             let m = sh.clone();
             let r = completion(req, sh, chat).await;
             let code = r.status().as_u16();
-            m.stats
-                .metrics
+            m.metrics
                 .requests
                 .get_or_create(&crate::metrics::Code { code })
                 .inc();
@@ -231,19 +215,18 @@ async fn route(req: Request<Incoming>, sh: Arc<Shared>) -> Result<Response<Body>
 }
 
 fn health(sh: &Shared) -> Value {
-    let running = sh.stats.running.load(SeqCst);
+    let running = sh.metrics.running.get().max(0) as usize;
     json!({
         "status": if sh.stopping.load(SeqCst) { "stopping" } else { "ok" },
         "running": running,
         "waiting": sh.inflight.load(SeqCst).saturating_sub(running),
-        "cancelled": sh.stats.cancelled.load(SeqCst),
+        "cancelled": sh.metrics.cancelled.get(),
     })
 }
 
 fn metrics(sh: &Shared) -> Response<Body> {
-    let running = sh.stats.running.load(SeqCst);
-    let m = &sh.stats.metrics;
-    m.running.set(running as i64);
+    let m = &sh.metrics;
+    let running = m.running.get().max(0) as usize;
     m.waiting
         .set(sh.inflight.load(SeqCst).saturating_sub(running) as i64);
     let mut r = Response::new(Full::new(Bytes::from(m.render())).boxed());
@@ -377,7 +360,7 @@ pub(crate) fn run(
     capacity: usize,
     models: Value,
     limits: Limits,
-    stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
     stop: Stop,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
@@ -391,7 +374,7 @@ pub(crate) fn run(
         models,
         limits,
         stopping: AtomicBool::new(false),
-        stats,
+        metrics,
     });
     rt.block_on(async {
         let listener = tokio::net::TcpListener::from_std(listener)?;

@@ -25,14 +25,14 @@
 //! side (`http.rs`, hyper on tokio) and sends back their answers. A completion whose client has
 //! gone leaves the batch at the next step.
 
-use crate::http::{self, error_body, Limits, Out, Stats, Stop, ToEngine};
+use crate::fields::sampling;
+use crate::http::{self, error_body, Limits, Metrics, Out, Stop, ToEngine};
 use crate::{Decoder, Generated, SamplingParams, StopReason};
 use petal_core::mixed::{rows_ctx, BASE};
 use petal_data::template::Message;
 use petal_data::Tokenizer;
 use petal_models::Llama;
 use serde_json::{json, Value};
-use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
@@ -68,9 +68,9 @@ type Key = (UnboundedSender<Out>, Job);
 
 /// A failed request: HTTP status, OpenAI error type, message.
 #[derive(Debug)]
-struct Failure(u16, &'static str, String);
+pub(crate) struct Failure(pub u16, pub &'static str, pub String);
 
-fn bad(msg: impl Into<String>) -> Failure {
+pub(crate) fn bad(msg: impl Into<String>) -> Failure {
     Failure(400, "invalid_request_error", msg.into())
 }
 
@@ -94,13 +94,13 @@ impl Served<'_> {
     ) -> petal_core::Result<()> {
         rows_ctx(self.model, &[BASE])?; // refuse now adapters that cannot be chosen per row
         let (tx, rx) = mpsc::channel();
-        let stats = Arc::new(Stats::default());
+        let metrics = Arc::new(Metrics::new());
         let capacity = self.max_batch.max(1) + limits.max_queue;
         let (grace, chunk) = (limits.grace, limits.prefill_chunk);
-        let (models, st) = (self.models(), stats.clone());
+        let (models, m) = (self.models(), metrics.clone());
         std::thread::scope(|s| {
-            let side = s.spawn(move || http::run(listener, tx, capacity, models, limits, st, stop));
-            self.engine(rx, &stats, grace, chunk);
+            let side = s.spawn(move || http::run(listener, tx, capacity, models, limits, m, stop));
+            self.engine(rx, &metrics, grace, chunk);
             match side.join() {
                 Ok(r) => r.map_err(|e| petal_core::Error::Msg(format!("petal serve: {e}"))),
                 Err(_) => Err(petal_core::Error::Msg(
@@ -114,7 +114,7 @@ impl Served<'_> {
     fn engine(
         &self,
         rx: mpsc::Receiver<ToEngine>,
-        stats: &Stats,
+        metrics: &Metrics,
         grace: std::time::Duration,
         chunk: usize,
     ) {
@@ -124,7 +124,7 @@ impl Served<'_> {
         loop {
             if dec.is_empty() {
                 match rx.recv() {
-                    Ok(m) => self.take(m, &mut dec, &mut stopping, stats),
+                    Ok(m) => self.take(m, &mut dec, &mut stopping, metrics),
                     Err(_) => break, // the HTTP side is done
                 }
                 if dec.is_empty() {
@@ -133,13 +133,12 @@ impl Served<'_> {
             }
             while dec.len() < self.max_batch.max(1) || stopping.is_some() {
                 match rx.try_recv() {
-                    Ok(m) => self.take(m, &mut dec, &mut stopping, stats),
+                    Ok(m) => self.take(m, &mut dec, &mut stopping, metrics),
                     Err(_) => break,
                 }
             }
             let gone = dec.remove(|(out, _)| out.is_closed()).len();
-            stats.cancelled.fetch_add(gone, SeqCst);
-            stats.metrics.cancelled.inc_by(gone as u64);
+            metrics.cancelled.inc_by(gone as u64);
             if gone > 0 {
                 tracing::info!(count = gone, "completions cancelled: their clients left");
             }
@@ -153,16 +152,16 @@ impl Served<'_> {
                     self.fail((out, job), f);
                 }
             }
-            stats.running.store(dec.len(), SeqCst);
+            metrics.running.set(dec.len() as i64);
             match dec.step(&mut |key, text| self.stream(key, text)) {
-                Ok(done) => done.into_iter().for_each(|f| self.done(f, stats)),
+                Ok(done) => done.into_iter().for_each(|f| self.done(f, metrics)),
                 Err((keys, e)) => {
                     for key in keys {
                         self.fail(key, Failure(500, "server_error", e.to_string()));
                     }
                 }
             }
-            stats.running.store(dec.len(), SeqCst);
+            metrics.running.set(dec.len() as i64);
         }
     }
 
@@ -181,7 +180,7 @@ impl Served<'_> {
         m: ToEngine,
         dec: &mut Decoder<Key>,
         stopping: &mut Option<Instant>,
-        stats: &Stats,
+        metrics: &Metrics,
     ) {
         let (chat, body, out) = match m {
             ToEngine::Stop => {
@@ -191,8 +190,7 @@ impl Served<'_> {
             ToEngine::Job { chat, body, out } => (chat, body, out),
         };
         if out.is_closed() {
-            stats.cancelled.fetch_add(1, SeqCst); // the client left while it waited
-            stats.metrics.cancelled.inc();
+            metrics.cancelled.inc(); // the client left while it waited
             return;
         }
         if stopping.is_some() {
@@ -206,7 +204,7 @@ impl Served<'_> {
         if job.stream && out.send(Out::Stream).is_err() {
             return; // the client left
         }
-        let m = &stats.metrics;
+        let m = metrics;
         m.lora_requests
             .get_or_create(&crate::metrics::Adapter {
                 adapter: job.adapter.clone(),
@@ -219,7 +217,7 @@ impl Served<'_> {
         });
         match added {
             Ok(None) => {}
-            Ok(Some(f)) => self.done(f, stats),
+            Ok(Some(f)) => self.done(f, metrics),
             Err((key, e)) => self.fail(key, Failure(500, "server_error", e.to_string())),
         }
     }
@@ -371,9 +369,9 @@ impl Served<'_> {
     }
 
     /// A finished completion: its metrics and log line, then its answer.
-    fn done(&self, f: crate::Finished<Key>, stats: &Stats) {
+    fn done(&self, f: crate::Finished<Key>, metrics: &Metrics) {
         let (job, g) = (&f.key.1, &f.generated);
-        let m = &stats.metrics;
+        let m = metrics;
         let reason = finish_reason(g.stop);
         m.success
             .get_or_create(&crate::metrics::Finish {
@@ -494,122 +492,4 @@ fn parse(body: &[u8]) -> Result<Value, Failure> {
         return Err(bad("the request body must be a JSON object"));
     }
     Ok(v)
-}
-
-/// Sampling settings from a request, with OpenAI's defaults.
-fn sampling(req: &Value) -> Result<SamplingParams, Failure> {
-    let num = |k: &str| -> Result<Option<f64>, Failure> {
-        match req.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| bad(format!("`{k}` must be a number"))),
-        }
-    };
-    let count = |k: &str| -> Result<Option<usize>, Failure> {
-        match num(k)? {
-            None => Ok(None),
-            Some(x) if x >= 0.0 && x.fract() == 0.0 => Ok(Some(x as usize)),
-            Some(x) => Err(bad(format!("`{k}` must be a whole number >= 0, not {x}"))),
-        }
-    };
-    let stop = match req.get("stop") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|s| s.as_str().map(str::to_string))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| bad("`stop` must be a string or a list of strings"))?,
-        Some(_) => return Err(bad("`stop` must be a string or a list of strings")),
-    };
-    // OpenAI's ranges; petal's extensions top_k >= 0 and repetition_penalty > 0
-    let within = |k: &str, v: Option<f64>, ok: fn(f64) -> bool, range: &str| match v {
-        Some(x) if !ok(x) => Err(bad(format!("`{k}` must be {range}, not {x}"))),
-        _ => Ok(v),
-    };
-    let temperature = within(
-        "temperature",
-        num("temperature")?,
-        |t| (0.0..=2.0).contains(&t),
-        "in 0..2",
-    )?
-    .unwrap_or(1.0);
-    // below 1e-5 the softmax over 1/temperature overflows: greedy, as vLLM takes it
-    let temperature = if temperature < 1e-5 { 0.0 } else { temperature };
-    let top_p =
-        within("top_p", num("top_p")?, |p| p > 0.0 && p <= 1.0, "in (0, 1]")?.filter(|p| *p < 1.0);
-    let repetition_penalty = within(
-        "repetition_penalty",
-        num("repetition_penalty")?,
-        |r| r > 0.0 && r.is_finite(),
-        "> 0",
-    )?
-    .unwrap_or(1.0);
-    match count("n")? {
-        None | Some(1) => {}
-        Some(0) => return Err(bad("`n` must be >= 1, not 0")),
-        Some(n) => {
-            return Err(bad(format!(
-                "`n` = {n}: one completion per request for now"
-            )))
-        }
-    }
-    let max_new_tokens = match count("max_tokens")? {
-        Some(0) => return Err(bad("`max_tokens` must be >= 1, not 0")),
-        m => m.unwrap_or(16),
-    };
-    Ok(SamplingParams {
-        temperature,
-        top_k: count("top_k")?.filter(|k| *k > 0),
-        top_p,
-        repetition_penalty,
-        max_new_tokens,
-        stop,
-        seed: count("seed")?.unwrap_or(0) as u64,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn error(body: Value) -> String {
-        sampling(&body)
-            .err()
-            .map(|Failure(_, _, m)| m)
-            .unwrap_or_default()
-    }
-
-    #[test]
-    fn sampling_fields_out_of_openai_ranges_are_refused_naming_the_field() {
-        for (body, want) in [
-            (json!({"temperature": 3}), "`temperature` must be in 0..2"),
-            (json!({"temperature": -1}), "`temperature`"),
-            (json!({"top_p": 2}), "`top_p` must be in (0, 1]"),
-            (json!({"top_p": 0}), "`top_p`"),
-            (
-                json!({"repetition_penalty": 0}),
-                "`repetition_penalty` must be > 0",
-            ),
-            (json!({"repetition_penalty": -1.5}), "`repetition_penalty`"),
-            (json!({"n": 0}), "`n` must be >= 1"),
-            (json!({"n": 3}), "`n` = 3"),
-            (json!({"max_tokens": 0}), "`max_tokens` must be >= 1"),
-            (json!({"top_k": -1}), "`top_k`"),
-        ] {
-            let e = error(body.clone());
-            assert!(e.contains(want), "{body}: {e}");
-        }
-    }
-
-    #[test]
-    fn a_temperature_below_1e_5_is_greedy_and_top_p_1_is_no_filter() {
-        let p = sampling(&json!({"temperature": 1e-60, "top_p": 1.0, "n": 1})).unwrap();
-        assert_eq!(p.temperature, 0.0);
-        assert_eq!(p.top_p, None);
-        let p = sampling(&json!({"temperature": 0.7})).unwrap();
-        assert_eq!(p.temperature, 0.7);
-    }
 }

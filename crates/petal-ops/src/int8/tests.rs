@@ -1,0 +1,77 @@
+use super::*;
+use crate::cpu::{cols, rows};
+
+fn data(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 4.0
+        })
+        .collect()
+}
+
+/// Every kernel here against the twin, on shapes that leave partial tiles, words and
+/// k-blocks; b as given (k, n) and as the transpose of a row-major (n, k).
+#[test]
+fn int8_matmul_equals_the_quantized_integer_reference_on_every_kernel() {
+    for kind in Kind::all_here() {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (7, 50, 3),
+            (13, 97, 517),
+            (9, 49, 1030),
+            (20, 16, 64),
+        ] {
+            let a = data(m * k, 1);
+            let mut b = data(k * n, 2);
+            let len = b.len();
+            b[5 % len] = 0.0;
+            let want = mm_int8_reference(&a, &b, m, n, k);
+            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            for (view, acc) in [(rows(&b, n), false), (cols(&bt, k), true)] {
+                let base = data(m * n, 3);
+                let mut c = if acc {
+                    base.clone()
+                } else {
+                    vec![f32::NAN; m * n]
+                };
+                mm_int8_with(kind, m, n, k, &mut c, acc, rows(&a, k), view);
+                for (i, (got, w)) in c.iter().zip(&want).enumerate() {
+                    let w = if acc { w + base[i] } else { *w };
+                    let tol = 1e-5 * (1.0 + w.abs()) * (k as f32).sqrt();
+                    assert!(
+                        (got - w).abs() <= tol,
+                        "{kind:?} {m}x{n}x{k} acc {acc} at {i}: {got} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The codes stay 8-bit: against the exact f64 product, the error is that of 8-bit
+/// rounding (about 1% of the operands' scale), and an all-zero row gives zeros.
+#[test]
+fn int8_matmul_is_close_to_the_exact_product_and_zero_rows_stay_zero() {
+    let (m, n, k) = (4, 32, 256);
+    let mut a = data(m * k, 4);
+    a[..k].iter_mut().for_each(|x| *x = 0.0);
+    let b = data(k * n, 5);
+    let mut c = vec![0f32; m * n];
+    mm_int8(m, n, k, &mut c, false, rows(&a, k), rows(&b, n));
+    assert!(c[..n].iter().all(|&x| x == 0.0));
+    for i in 1..m {
+        for j in 0..n {
+            let exact: f64 = (0..k)
+                .map(|p| a[i * k + p] as f64 * b[p * n + j] as f64)
+                .sum();
+            // each term's relative error is below 2/127; the sum's error grows as sqrt(k)
+            assert!((c[i * n + j] as f64 - exact).abs() < 4.0 * 4.0 * (k as f64).sqrt() / 127.0);
+        }
+    }
+}
