@@ -105,6 +105,10 @@ impl KvCache {
             kv: vec![None; layers],
         }
     }
+    /// Layer `i`'s cached keys and values, if any.
+    pub fn layer(&self, i: usize) -> Option<(&Tensor, &Tensor)> {
+        self.kv.get(i)?.as_ref().map(|(k, v)| (k, v))
+    }
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
         self.kv

@@ -1,6 +1,6 @@
 //! Continuous batching: sequences join a running batch between decoding steps (after their
 //! own prefill) and leave it as soon as they finish, each row through its own adapter and KV
-//! cache (`Llama::decode_rows` inside `petal_core::with_adapter_rows`). A server feeds it the
+//! cache (`Llama::decode_rows` under `petal_core::rows_ctx`). A server feeds it the
 //! requests that arrive while others are being decoded. A prompt longer than the prefill
 //! chunk is read a chunk per step (`Decoder::with_prefill_chunk`), so that it delays the
 //! running batch by one chunk's forward a step, not by its whole prefill.

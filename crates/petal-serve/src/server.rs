@@ -1,7 +1,7 @@
 //! `petal serve`: one base model and many adapters behind an HTTP server with the shape of the
 //! OpenAI completions API, the way vLLM serves LoRA adapters: the request's `model` field names
 //! the adapter (the base model's id, or `__base__`, for none). Every request runs through its
-//! own adapter with no merging, swapping or reloading (`petal_core::with_adapter_rows`), so
+//! own adapter with no merging, swapping or reloading (`petal_core::rows_ctx`), so
 //! any number of loaded adapters are served side by side.
 //!
 //! Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/completions` (`prompt`) and

@@ -68,7 +68,10 @@ impl Llama {
                 k = Tensor::cat(&[pk, &k], 1)?;
                 v = Tensor::cat(&[pv, &v], 1)?;
             }
-            *slot = Some((k.clone(), v.clone()));
+            // Values only: an adapter's weights are variables, so k and v carry the graph of
+            // the pass that made them, and a cache holding that graph would keep every step's
+            // activations alive (the whole history, growing a step at a time).
+            *slot = Some((k.detach(), v.detach()));
         }
         // Grouped-query attention without copying k/v per query head (HF's repeat_kv order:
         // head h reads kv head h / (nh / nkv)); scores are never held whole on the CPU.

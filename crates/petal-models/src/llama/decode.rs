@@ -1,6 +1,6 @@
 //! One decoding step for several sequences at once, each with its own KV cache (its own
 //! length): the projections, MLPs and head run over all rows as one batch (through each row's
-//! adapter inside `petal_core::with_adapter_rows`), attention row by row against that row's
+//! adapter under `petal_core::rows_ctx`), attention row by row against that row's
 //! cache. This is what lets a server decode concurrent requests together.
 
 use super::{KvCache, Llama};
