@@ -110,6 +110,7 @@ impl SamplingArgs {
             max_new_tokens: self.max_new_tokens,
             stop: self.stop.clone(),
             seed: self.seed,
+            ..Default::default()
         })
     }
 }

@@ -6,6 +6,7 @@
 //! running batch by one chunk's forward a step, not by its whole prefill.
 
 use crate::generate::{last_logits, Sequence};
+use crate::logprobs::TokenLogprob;
 use crate::{Generated, SamplingParams};
 use candle_core::Tensor;
 use petal_core::mixed::rows_ctx;
@@ -105,7 +106,7 @@ impl<'a, K> Decoder<'a, K> {
         prompt: &[u32],
         params: SamplingParams,
         adapter: &str,
-        on_text: &mut dyn FnMut(&mut K, &str),
+        on_text: &mut dyn FnMut(&mut K, &str, &[TokenLogprob]),
     ) -> Result<Option<Finished<K>>, (K, Error)> {
         if prompt.len() > self.chunk {
             match Sequence::new(self.model, prompt, params) {
@@ -135,16 +136,41 @@ impl<'a, K> Decoder<'a, K> {
         part: &[u32],
         adapter: &str,
         key: &mut K,
-        on_text: &mut dyn FnMut(&mut K, &str),
+        on_text: &mut dyn FnMut(&mut K, &str, &[TokenLogprob]),
     ) -> Result<(Sequence, Option<u32>), Error> {
-        let ids = Tensor::new(part, self.model.device())?.unsqueeze(0)?;
-        let ctx = rows_ctx(self.model, &[adapter])?;
-        let logits = self.model.forward(&ids, Some(&mut seq.cache), &ctx)?;
+        let logits = self.prefill(&mut seq, part, adapter, true)?;
         let ctx = self.model.cfg.max_position_embeddings;
-        let next = seq.next(last_logits(&logits, 0)?, self.tok, ctx, &mut |t| {
-            on_text(key, t)
+        let next = seq.next(last_logits(&logits, 0)?, self.tok, ctx, &mut |t, l| {
+            on_text(key, t, l)
         })?;
         Ok((seq, next))
+    }
+
+    /// `part` of `seq`'s prompt into its cache through `adapter`: the logits (1, t, vocab) of
+    /// its `last` position (none: `last` false), or of every position where the prompt's
+    /// log-probabilities are asked for (recorded into `seq`).
+    fn prefill(
+        &self,
+        seq: &mut Sequence,
+        part: &[u32],
+        adapter: &str,
+        last: bool,
+    ) -> Result<Tensor, Error> {
+        let model = self.model;
+        let ids = Tensor::new(part, model.device())?.unsqueeze(0)?;
+        let ctx = rows_ctx(model, &[adapter])?;
+        let from = seq.cache.len();
+        let h = model.hidden_states(&ids, Some(&mut seq.cache), &ctx)?;
+        if seq.wants_prompt_logits() {
+            let logits = model.head(&h, &ctx)?;
+            seq.prompt_logits(from, &logits.squeeze(0)?)?;
+            return Ok(logits);
+        }
+        if !last {
+            return Ok(h);
+        }
+        let t = h.dim(1)?;
+        Ok(model.head(&h.narrow(1, t - 1, 1)?, &ctx)?)
     }
 
     /// A sequence whose prompt has been read: into the batch, or back if it is done.
@@ -184,7 +210,7 @@ impl<'a, K> Decoder<'a, K> {
     /// that sequence's key alone).
     pub fn step(
         &mut self,
-        on_text: &mut dyn FnMut(&mut K, &str),
+        on_text: &mut dyn FnMut(&mut K, &str, &[TokenLogprob]),
     ) -> Result<Vec<Finished<K>>, (Vec<K>, Error)> {
         let read = match self.read_chunk(on_text) {
             Ok(f) => f,
@@ -208,7 +234,7 @@ impl<'a, K> Decoder<'a, K> {
     #[allow(clippy::type_complexity)]
     fn read_chunk(
         &mut self,
-        on_text: &mut dyn FnMut(&mut K, &str),
+        on_text: &mut dyn FnMut(&mut K, &str, &[TokenLogprob]),
     ) -> Result<Option<Finished<K>>, (K, Error)> {
         let Some(mut r) = self.reading.pop_front() else {
             return Ok(None);
@@ -216,18 +242,10 @@ impl<'a, K> Decoder<'a, K> {
         let end = (r.read + self.chunk).min(r.prompt.len());
         if end < r.prompt.len() {
             // a middle chunk: into the cache, no token yet
-            let part = Tensor::new(&r.prompt[r.read..end], self.model.device())
-                .and_then(|t| t.unsqueeze(0))
-                .map_err(Error::from);
-            let ran = part.and_then(|ids| {
-                let ctx = rows_ctx(self.model, &[r.adapter.as_str()])?;
-                self.model
-                    .hidden_states(&ids, Some(&mut r.seq.cache), &ctx)?;
-                Ok(())
-            });
+            let ran = self.prefill(&mut r.seq, &r.prompt[r.read..end], &r.adapter, false);
             return match ran {
                 Err(e) => Err((r.key, e)),
-                Ok(()) => {
+                Ok(_) => {
                     r.read = end;
                     self.reading.push_front(r);
                     Ok(None)
@@ -247,7 +265,7 @@ impl<'a, K> Decoder<'a, K> {
 
     fn try_step(
         &mut self,
-        on_text: &mut dyn FnMut(&mut K, &str),
+        on_text: &mut dyn FnMut(&mut K, &str, &[TokenLogprob]),
     ) -> Result<Vec<Finished<K>>, Error> {
         let b = self.live.len();
         if b == 0 {
@@ -269,7 +287,7 @@ impl<'a, K> Decoder<'a, K> {
             let logits = last_logits(&logits, r)?;
             next.push(
                 s.seq
-                    .next(logits, self.tok, ctx, &mut |t| on_text(key, t))?,
+                    .next(logits, self.tok, ctx, &mut |t, l| on_text(key, t, l))?,
             );
         }
         let mut done = Vec::new();

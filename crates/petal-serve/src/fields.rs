@@ -5,8 +5,87 @@ use crate::server::{bad, Failure};
 use crate::SamplingParams;
 use serde_json::Value;
 
+/// What a request asks for besides its prompt: sampling settings, choices a prompt, and the
+/// log-probabilities to return.
+#[derive(Debug)]
+pub(crate) struct Asked {
+    pub params: SamplingParams,
+    /// Choices a prompt (`n`, >= 1)
+    pub n: usize,
+    /// Alternatives a token, where log-probabilities are asked for
+    pub top: Option<usize>,
+    /// The prompt comes back in front of the text (`/v1/completions`' `echo`)
+    pub echo: bool,
+}
+
+/// A request's fields (`chat`: `/v1/chat/completions`'), with OpenAI's defaults. Without a
+/// `seed`, a random one.
+pub(crate) fn asked(req: &Value, chat: bool) -> Result<Asked, Failure> {
+    let p = sampling(req)?;
+    let flag = |k: &str| match req.get(k) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(bad(format!("`{k}` must be true or false"))),
+    };
+    let count = |k: &str| match req.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .filter(|x| *x >= 0.0 && x.fract() == 0.0)
+            .map(|x| Some(x as usize))
+            .ok_or_else(|| bad(format!("`{k}` must be a whole number >= 0, not {v}"))),
+    };
+    let max = crate::logprobs::MAX_TOP;
+    let top = if chat {
+        let top = count("top_logprobs")?;
+        match (flag("logprobs")?, top) {
+            (false, Some(_)) => return Err(bad("`top_logprobs` needs `logprobs`: true")),
+            (false, None) => None,
+            (true, t) => Some(t.unwrap_or(0)),
+        }
+    } else {
+        count("logprobs")?
+    };
+    if let Some(t) = top.filter(|&t| t > max) {
+        let k = if chat { "top_logprobs" } else { "logprobs" };
+        return Err(bad(format!("`{k}` must be in 0..={max}, not {t}")));
+    }
+    let echo = !chat && flag("echo")?;
+    if echo && flag("stream")? {
+        return Err(bad(
+            "`echo` with `stream` is not supported: ask for one or the other",
+        ));
+    }
+    let n = count("n")?.unwrap_or(1);
+    if n == 0 {
+        return Err(bad("`n` must be >= 1, not 0"));
+    }
+    let max_new_tokens = match count("max_tokens")? {
+        // an echoed prompt alone (its log-probabilities: what evaluation harnesses ask)
+        Some(0) if echo => 0,
+        Some(0) => return Err(bad("`max_tokens` must be >= 1, not 0 (0 only with `echo`)")),
+        m => m.unwrap_or(16),
+    };
+    let seed = match count("seed")? {
+        Some(s) => s as u64,
+        None => rand::random(),
+    };
+    Ok(Asked {
+        params: SamplingParams {
+            max_new_tokens,
+            seed,
+            logprobs: top,
+            prompt_logprobs: echo && top.is_some(),
+            ..p
+        },
+        n,
+        top,
+        echo,
+    })
+}
+
 /// Sampling settings from a request, with OpenAI's defaults.
-pub(crate) fn sampling(req: &Value) -> Result<SamplingParams, Failure> {
+fn sampling(req: &Value) -> Result<SamplingParams, Failure> {
     let num = |k: &str| -> Result<Option<f64>, Failure> {
         match req.get(k) {
             None | Some(Value::Null) => Ok(None),
@@ -56,27 +135,15 @@ pub(crate) fn sampling(req: &Value) -> Result<SamplingParams, Failure> {
         "> 0",
     )?
     .unwrap_or(1.0);
-    match count("n")? {
-        None | Some(1) => {}
-        Some(0) => return Err(bad("`n` must be >= 1, not 0")),
-        Some(n) => {
-            return Err(bad(format!(
-                "`n` = {n}: one completion per request for now"
-            )))
-        }
-    }
-    let max_new_tokens = match count("max_tokens")? {
-        Some(0) => return Err(bad("`max_tokens` must be >= 1, not 0")),
-        m => m.unwrap_or(16),
-    };
     Ok(SamplingParams {
         temperature,
         top_k: count("top_k")?.filter(|k| *k > 0),
         top_p,
         repetition_penalty,
-        max_new_tokens,
+        max_new_tokens: 16, // its range depends on `echo` (`asked`)
         stop,
-        seed: count("seed")?.unwrap_or(0) as u64,
+        seed: 0,
+        ..SamplingParams::default()
     })
 }
 
@@ -86,7 +153,7 @@ mod tests {
     use serde_json::json;
 
     fn error(body: Value) -> String {
-        sampling(&body)
+        asked(&body, false)
             .err()
             .map(|Failure(_, _, m)| m)
             .unwrap_or_default()
@@ -105,9 +172,19 @@ mod tests {
             ),
             (json!({"repetition_penalty": -1.5}), "`repetition_penalty`"),
             (json!({"n": 0}), "`n` must be >= 1"),
-            (json!({"n": 3}), "`n` = 3"),
+            (json!({"n": 1.5}), "`n` must be a whole number"),
             (json!({"max_tokens": 0}), "`max_tokens` must be >= 1"),
             (json!({"top_k": -1}), "`top_k`"),
+            (json!({"logprobs": 21}), "`logprobs` must be in 0..=20"),
+            (
+                json!({"logprobs": true}),
+                "`logprobs` must be a whole number",
+            ),
+            (json!({"echo": 1}), "`echo` must be true or false"),
+            (
+                json!({"echo": true, "stream": true}),
+                "`echo` with `stream`",
+            ),
         ] {
             let e = error(body.clone());
             assert!(e.contains(want), "{body}: {e}");
@@ -121,5 +198,30 @@ mod tests {
         assert_eq!(p.top_p, None);
         let p = sampling(&json!({"temperature": 0.7})).unwrap();
         assert_eq!(p.temperature, 0.7);
+    }
+
+    #[test]
+    fn logprobs_echo_and_n_read_the_completions_and_chat_forms() {
+        let a = asked(
+            &json!({"logprobs": 3, "echo": true, "max_tokens": 0, "n": 2, "seed": 7}),
+            false,
+        )
+        .unwrap();
+        assert_eq!((a.n, a.top, a.echo), (2, Some(3), true));
+        assert_eq!((a.params.max_new_tokens, a.params.seed), (0, 7));
+        assert!(a.params.prompt_logprobs && a.params.logprobs == Some(3));
+        let a = asked(&json!({"logprobs": true, "top_logprobs": 5}), true).unwrap();
+        assert_eq!(
+            (a.top, a.echo, a.params.prompt_logprobs),
+            (Some(5), false, false)
+        );
+        let a = asked(&json!({"echo": true}), true).unwrap();
+        assert!(!a.echo, "chat has no echo");
+        let e = asked(&json!({"top_logprobs": 2}), true).unwrap_err().2;
+        assert!(e.contains("needs `logprobs`"), "{e}");
+        let e = asked(&json!({"logprobs": true, "top_logprobs": 30}), true)
+            .unwrap_err()
+            .2;
+        assert!(e.contains("`top_logprobs` must be in 0..=20"), "{e}");
     }
 }

@@ -1,6 +1,7 @@
 //! Autoregressive generation: one prefill over the prompt, then one cached step per token; for
 //! several prompts at once, the steps of all unfinished ones as one batch (`generate_batch`).
 
+use crate::logprobs::{self, TokenLogprob};
 use crate::sampling::{apply_repetition_penalty, sample, SamplingParams};
 use candle_core::{DType, IndexOp, Tensor};
 use petal_core::{Ctx, Error, Result};
@@ -21,6 +22,11 @@ pub struct Generated {
     pub ids: Vec<u32>,
     pub text: String,
     pub stop: StopReason,
+    /// With `SamplingParams::logprobs`: each sampled token's (an end-of-sequence token
+    /// included, which `ids` and `text` leave out)
+    pub logprobs: Vec<TokenLogprob>,
+    /// With `SamplingParams::prompt_logprobs`: the prompt's tokens' from its second on
+    pub prompt_logprobs: Vec<TokenLogprob>,
 }
 
 /// Logits of the last position of row `r` of (b, t, vocab) logits.
@@ -42,6 +48,11 @@ pub(crate) struct Sequence {
     sent: usize,
     stop: Option<StopReason>,
     pub(crate) cache: KvCache,
+    prompt_len: usize,
+    lps: Vec<TokenLogprob>,
+    /// how many of `lps` went to `on_text`
+    lps_sent: usize,
+    prompt_lps: Vec<TokenLogprob>,
 }
 
 impl Sequence {
@@ -58,17 +69,41 @@ impl Sequence {
             sent: 0,
             stop: None,
             cache: model.new_cache(),
+            prompt_len: prompt.len(),
+            lps: Vec::new(),
+            lps_sent: 0,
+            prompt_lps: Vec::new(),
         })
     }
 
+    /// Whether the prompt's log-probabilities are asked for (the prefill then needs the
+    /// logits of every position, not only the last).
+    pub(crate) fn wants_prompt_logits(&self) -> bool {
+        self.p.prompt_logprobs
+    }
+
+    /// Records the prompt's log-probabilities from `logits` (t, vocab) of prompt positions
+    /// `from..from + t` (each predicting the token after it).
+    pub(crate) fn prompt_logits(&mut self, from: usize, logits: &Tensor) -> Result<()> {
+        let top = self.p.logprobs.unwrap_or(0);
+        let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+        for (j, row) in rows.iter().enumerate() {
+            if let Some(&id) = self.seen[..self.prompt_len].get(from + j + 1) {
+                self.prompt_lps.push(logprobs::of(row, id, top));
+            }
+        }
+        Ok(())
+    }
+
     /// Takes the logits after the last token: the next token to feed, or None once done
-    /// (`stop` then says why). `on_text` receives each newly decoded piece.
+    /// (`stop` then says why). `on_text` receives each newly decoded piece, with the
+    /// log-probabilities recorded since the last (see `emit`).
     pub(crate) fn next(
         &mut self,
         mut logits: Vec<f32>,
         tok: &Tokenizer,
         ctx: usize,
-        on_text: &mut dyn FnMut(&str),
+        on_text: &mut dyn FnMut(&str, &[TokenLogprob]),
     ) -> Result<Option<u32>> {
         let stop = self.advance(&mut logits, tok, ctx)?;
         if let Err(why) = stop {
@@ -76,7 +111,7 @@ impl Sequence {
                 self.text = decode(tok, &self.out)?;
             }
             self.stop = Some(why);
-            self.emit(self.text.len(), on_text);
+            self.emit(self.text.len(), true, on_text);
             return Ok(None);
         }
         // hold back what could still be the start of a stop string
@@ -91,15 +126,23 @@ impl Sequence {
         while !self.text.is_char_boundary(upto) {
             upto -= 1;
         }
-        self.emit(upto, on_text);
+        self.emit(upto, false, on_text);
         Ok(stop.ok())
     }
 
-    /// Sends `text[sent..upto]` to `on_text`.
-    fn emit(&mut self, upto: usize, on_text: &mut dyn FnMut(&str)) {
-        if upto > self.sent && self.text.is_char_boundary(self.sent) {
-            on_text(&self.text[self.sent..upto]);
-            self.sent = upto;
+    /// Sends `text[sent..upto]` to `on_text` with the log-probabilities not sent yet (those of
+    /// tokens whose text is held back go with the next piece); at the `end`, whatever is left.
+    fn emit(&mut self, upto: usize, end: bool, on_text: &mut dyn FnMut(&str, &[TokenLogprob])) {
+        let text = upto > self.sent && self.text.is_char_boundary(self.sent);
+        if text || (end && self.lps_sent < self.lps.len()) {
+            let piece = if text {
+                &self.text[self.sent..upto]
+            } else {
+                ""
+            };
+            on_text(piece, &self.lps[self.lps_sent..]);
+            self.sent = self.sent.max(upto);
+            self.lps_sent = self.lps.len();
         }
     }
 
@@ -120,8 +163,13 @@ impl Sequence {
                 self.out.len()
             )));
         }
+        // log-probabilities under the model, before the sampling settings act
+        let raw = self.p.logprobs.map(|top| (logits.to_vec(), top));
         apply_repetition_penalty(logits, &self.seen, self.p.repetition_penalty);
         let next = sample(logits, &self.p, &mut self.rng);
+        if let Some((raw, top)) = raw {
+            self.lps.push(logprobs::of(&raw, next, top));
+        }
         if Some(next) == tok.eos_id {
             return Ok(Err(StopReason::Eos));
         }
@@ -154,6 +202,8 @@ impl Sequence {
             ids: self.out,
             text: self.text,
             stop: self.stop.unwrap_or(StopReason::MaxTokens),
+            logprobs: self.lps,
+            prompt_logprobs: self.prompt_lps,
         }
     }
 }
@@ -175,6 +225,7 @@ pub fn generate(
     let ids = Tensor::new(prompt, dev)?.unsqueeze(0)?;
     let mut logits = last_logits(&model.forward(&ids, Some(&mut s.cache), &Ctx::eval())?, 0)?;
     let ctx = model.cfg.max_position_embeddings;
+    let on_text = &mut |t: &str, _: &[TokenLogprob]| on_text(t);
     while let Some(next) = s.next(logits, tok, ctx, on_text)? {
         let step = Tensor::new(&[next], dev)?.unsqueeze(0)?;
         logits = last_logits(&model.forward(&step, Some(&mut s.cache), &Ctx::eval())?, 0)?;
@@ -199,14 +250,14 @@ pub fn generate_batch(model: &Llama, tok: &Tokenizer, reqs: &[Request]) -> Resul
     let mut out: Vec<Option<Generated>> = vec![None; reqs.len()];
     for (i, r) in reqs.iter().enumerate() {
         if let Some(f) = dec
-            .add(i, r.prompt, r.params.clone(), r.adapter, &mut |_, _| {})
+            .add(i, r.prompt, r.params.clone(), r.adapter, &mut |_, _, _| {})
             .map_err(|(_, e)| e)?
         {
             out[f.key] = Some(f.generated);
         }
     }
     while !dec.is_empty() {
-        for f in dec.step(&mut |_, _| {}).map_err(|(_, e)| e)? {
+        for f in dec.step(&mut |_, _, _| {}).map_err(|(_, e)| e)? {
             out[f.key] = Some(f.generated);
         }
     }

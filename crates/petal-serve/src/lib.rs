@@ -6,7 +6,10 @@ pub mod batch;
 mod fields;
 pub mod generate;
 pub mod http;
+pub mod logprobs;
 mod metrics;
+mod request;
+mod response;
 pub mod sampling;
 pub mod server;
 

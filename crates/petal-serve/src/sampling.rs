@@ -13,6 +13,10 @@ pub struct SamplingParams {
     pub max_new_tokens: usize,
     pub stop: Vec<String>,
     pub seed: u64,
+    /// Record each generated token's log-probability with this many alternatives (None: none).
+    pub logprobs: Option<usize>,
+    /// Record the prompt tokens' log-probabilities too (OpenAI's `echo` with `logprobs`).
+    pub prompt_logprobs: bool,
 }
 
 impl Default for SamplingParams {
@@ -25,6 +29,8 @@ impl Default for SamplingParams {
             max_new_tokens: 128,
             stop: Vec::new(),
             seed: 0,
+            logprobs: None,
+            prompt_logprobs: false,
         }
     }
 }

@@ -4,18 +4,23 @@
 //! own adapter with no merging, swapping or reloading (`petal_core::rows_ctx`), so
 //! any number of loaded adapters are served side by side.
 //!
-//! Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/completions` (`prompt`) and
-//! `POST /v1/chat/completions` (`messages`, rendered with the model's chat template). Sampling
-//! fields: `max_tokens` (default 16, as OpenAI, >= 1), `temperature` (default 1, in 0..2;
-//! below 1e-5 is greedy), `top_p` in (0, 1], `top_k` >= 0, `repetition_penalty` > 0, `stop` (a
-//! string or a list), `seed`; out of range: a 400 naming the field. Fields this
-//! server does not read are ignored, as OpenAI clients send many; `n` > 1 is refused with a
-//! 400. `"stream": true` answers with server-sent events (chunked) as the text is generated,
-//! OpenAI's chunk objects, a closing chunk with the finish reason and usage, then `[DONE]`;
-//! text that could begin a stop string is held back until it cannot. Completions are decoded together with continuous batching (`Decoder`:
-//! up to `max_batch` sequences, each through its own adapter and KV cache; a request arriving
-//! mid-way joins at the next step, each is answered when it finishes); the response's
-//! `petal.batch` says with how many at most.
+//! Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/completions` (`prompt`: a string, a
+//! list of strings, token ids or a list of token-id lists) and `POST /v1/chat/completions`
+//! (`messages`, rendered with the model's chat template). Sampling fields: `max_tokens`
+//! (default 16, as OpenAI, >= 1; 0 with `echo`), `temperature` (default 1, in 0..2; below
+//! 1e-5 is greedy), `top_p` in (0, 1], `top_k` >= 0, `repetition_penalty` > 0, `stop` (a
+//! string or a list), `seed` (choice i of a request draws with seed + i; without one, a random
+//! seed), `n` >= 1 choices a prompt; `logprobs` (0..=20 alternatives; chat: `logprobs` true and
+//! `top_logprobs`) and `echo` (the prompt in front of the text, with its tokens'
+//! log-probabilities: what lm-evaluation-harness asks for), see `logprobs.rs`. Out of range: a
+//! 400 naming the field. Fields this server does not read are ignored, as OpenAI clients send
+//! many. `"stream": true` answers with server-sent events (chunked) as the text is generated,
+//! OpenAI's chunk objects (each naming its choice's index), a closing chunk a choice with its
+//! finish reason (the last with the usage), then `[DONE]`; text that could begin a stop string
+//! is held back until it cannot. Completions are decoded together with continuous batching
+//! (`Decoder`: up to `max_batch` sequences, each through its own adapter and KV cache; a
+//! request arriving mid-way joins at the next step, each is answered when its last choice
+//! finishes); the response's `petal.batch` says with how many at most.
 //!
 //! Errors come back as OpenAI's `{"error": {"message", "type", "code"}}` with a 4xx status: bad
 //! JSON (with its line and column), a missing or mistyped field, an unknown adapter (the
@@ -25,14 +30,15 @@
 //! side (`http.rs`, hyper on tokio) and sends back their answers. A completion whose client has
 //! gone leaves the batch at the next step.
 
-use crate::fields::sampling;
 use crate::http::{self, error_body, Limits, Metrics, Out, Stop, ToEngine};
-use crate::{Decoder, Generated, SamplingParams, StopReason};
+use crate::logprobs::TokenLogprob;
+use crate::response::{finish_reason, Answer, Key};
+use crate::{Decoder, Generated};
 use petal_core::mixed::{rows_ctx, BASE};
-use petal_data::template::Message;
 use petal_data::Tokenizer;
 use petal_models::Llama;
 use serde_json::{json, Value};
+use std::rc::Rc;
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
@@ -48,23 +54,6 @@ pub struct Served<'a> {
     /// The most tokens a request may ask for (`max_tokens` above it: a 400).
     pub max_tokens: usize,
 }
-
-/// A completion to generate: prompt ids, sampling, adapter (`BASE`: none), chat or not.
-struct Job {
-    ids: Vec<u32>,
-    params: SamplingParams,
-    adapter: String,
-    chat: bool,
-    /// Server-sent events as the text is generated (`"stream": true`)
-    stream: bool,
-    /// Unix seconds at arrival (the response's `created` and `id`)
-    created: u64,
-    /// arrival at the engine (latency metrics)
-    arrived: Instant,
-}
-
-/// A completion in the batch: where its answer goes (the HTTP side's channel), and its request.
-type Key = (UnboundedSender<Out>, Job);
 
 /// A failed request: HTTP status, OpenAI error type, message.
 #[derive(Debug)]
@@ -137,23 +126,25 @@ impl Served<'_> {
                     Err(_) => break,
                 }
             }
-            let gone = dec.remove(|(out, _)| out.is_closed()).len();
-            metrics.cancelled.inc_by(gone as u64);
-            if gone > 0 {
-                tracing::info!(count = gone, "completions cancelled: their clients left");
+            // sequences whose clients left, or whose request failed already (another choice)
+            let gone = dec.remove(|k| k.out.is_closed() || k.answer.borrow().failed);
+            let left = gone.iter().filter(|k| k.out.is_closed()).count();
+            metrics.cancelled.inc_by(left as u64);
+            if left > 0 {
+                tracing::info!(count = left, "completions cancelled: their clients left");
             }
             if stopping.is_some_and(|t| t.elapsed() >= grace) {
-                for (out, job) in dec.remove(|_| true) {
+                for key in dec.remove(|_| true) {
                     let f = Failure(
                         503,
                         "server_error",
                         "the server stopped before this completion finished".into(),
                     );
-                    self.fail((out, job), f);
+                    self.fail(key, f);
                 }
             }
             metrics.running.set(dec.len() as i64);
-            match dec.step(&mut |key, text| self.stream(key, text)) {
+            match dec.step(&mut |key, text, lps| self.stream(key, text, lps)) {
                 Ok(done) => done.into_iter().for_each(|f| self.done(f, metrics)),
                 Err((keys, e)) => {
                     for key in keys {
@@ -166,15 +157,16 @@ impl Served<'_> {
     }
 
     /// Sends a piece of a streamed completion's text (whole replies wait for the end).
-    fn stream(&self, key: &mut Key, text: &str) {
-        let (out, job) = key;
-        if job.stream {
-            let _ = out.send(Out::Event(self.chunk(job, text, None).to_string()));
+    fn stream(&self, key: &mut Key, text: &str, lps: &[TokenLogprob]) {
+        if key.job.stream && !key.answer.borrow().failed {
+            let _ = key
+                .out
+                .send(Out::Event(self.chunk(key, text, lps, None).to_string()));
         }
     }
 
-    /// Checks a completion and prefills it into the batch (a streamed one's response starts
-    /// first); after a stop, refuses it.
+    /// Checks a request and prefills its sequences (prompts times `n`) into the batch (a
+    /// streamed one's response starts first); after a stop, refuses it.
     fn take(
         &self,
         m: ToEngine,
@@ -198,7 +190,7 @@ impl Served<'_> {
             return whole(&out, Err(f));
         }
         let job = match parse(&body).and_then(|v| self.job(&v, chat)) {
-            Ok(job) => job,
+            Ok(job) => Rc::new(job),
             Err(f) => return whole(&out, Err(f)),
         };
         if job.stream && out.send(Out::Stream).is_err() {
@@ -210,15 +202,27 @@ impl Served<'_> {
                 adapter: job.adapter.clone(),
             })
             .inc();
-        m.prompt_tokens.inc_by(job.ids.len() as u64);
-        let (ids, params, adapter) = (job.ids.clone(), job.params.clone(), job.adapter.clone());
-        let added = dec.add((out, job), &ids, params, &adapter, &mut |key, text| {
-            self.stream(key, text)
-        });
-        match added {
-            Ok(None) => {}
-            Ok(Some(f)) => self.done(f, metrics),
-            Err((key, e)) => self.fail(key, Failure(500, "server_error", e.to_string())),
+        let prompt_tokens: usize = job.prompts.iter().map(|p| p.ids.len()).sum();
+        m.prompt_tokens.inc_by(prompt_tokens as u64);
+        let answer = Answer::new(job.choices());
+        for index in 0..job.choices() {
+            let key = Key {
+                out: out.clone(),
+                job: job.clone(),
+                index,
+                answer: answer.clone(),
+            };
+            let mut params = job.asked.params.clone();
+            params.seed = params.seed.wrapping_add(index as u64); // choices differ
+            let ids = key.prompt().ids.clone();
+            let added = dec.add(key, &ids, params, &job.adapter, &mut |key, text, lps| {
+                self.stream(key, text, lps)
+            });
+            match added {
+                Ok(None) => {}
+                Ok(Some(f)) => self.done(f, metrics),
+                Err((key, e)) => self.fail(key, Failure(500, "server_error", e.to_string())),
+            }
         }
     }
 
@@ -232,145 +236,9 @@ impl Served<'_> {
         json!({"object": "list", "data": data})
     }
 
-    /// The adapter a request's `model` field names (`BASE` for the base model).
-    fn adapter(&self, req: &Value) -> Result<String, Failure> {
-        let name = match req.get("model") {
-            None | Some(Value::Null) => return Ok(BASE.to_string()),
-            Some(Value::String(s)) => s.clone(),
-            Some(_) => return Err(bad("`model` must be a string")),
-        };
-        if name == self.model_id || name == BASE {
-            return Ok(BASE.to_string());
-        }
-        let known = self.adapters();
-        if known.contains(&name) {
-            return Ok(name);
-        }
-        Err(Failure(
-            404,
-            "not_found_error",
-            format!(
-                "model `{name}` is not served (serving: {}{})",
-                self.model_id,
-                known.iter().map(|a| format!(", {a}")).collect::<String>()
-            ),
-        ))
-    }
-
-    /// A completion request checked and tokenized.
-    fn job(&self, req: &Value, chat: bool) -> Result<Job, Failure> {
-        if req.get("n").and_then(Value::as_u64).is_some_and(|n| n != 1) {
-            return Err(bad("`n`: one completion per request"));
-        }
-        let adapter = self.adapter(req)?;
-        let ids = if chat {
-            self.chat_ids(req)?
-        } else {
-            let prompt = match req.get("prompt") {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
-                    a[0].as_str().unwrap_or_default().to_string()
-                }
-                Some(_) => return Err(bad("`prompt` must be a string (or a list of one)")),
-                None => return Err(bad("`prompt` is required")),
-            };
-            self.tokenizer
-                .encode(&prompt, true)
-                .map_err(|e| bad(e.to_string()))?
-        };
-        if ids.is_empty() {
-            return Err(bad("the prompt is empty"));
-        }
-        let ctx = self.model.cfg.max_position_embeddings;
-        if ids.len() >= ctx {
-            return Err(bad(format!(
-                "the prompt has {} tokens; the model's context is {ctx}",
-                ids.len()
-            )));
-        }
-        let stream = match req.get("stream") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(bad("`stream` must be true or false")),
-        };
-        let created = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let params = sampling(req)?;
-        if params.max_new_tokens > self.max_tokens {
-            return Err(bad(format!(
-                "`max_tokens` {} is above this server's limit of {} (petal serve --max-tokens)",
-                params.max_new_tokens, self.max_tokens
-            )));
-        }
-        Ok(Job {
-            ids,
-            params,
-            adapter,
-            chat,
-            stream,
-            created,
-            arrived: Instant::now(),
-        })
-    }
-
-    /// The OpenAI-style response to `job`, generated as `g` in a batch of `batch`.
-    fn completion(&self, job: &Job, g: &Generated, batch: usize) -> Value {
-        let finish = finish_reason(g.stop);
-        let choice = if job.chat {
-            json!({"index": 0, "message": {"role": "assistant", "content": g.text}, "finish_reason": finish})
-        } else {
-            json!({"index": 0, "text": g.text, "logprobs": null, "finish_reason": finish})
-        };
-        let mut v = self.envelope(job, choice, false);
-        let n = job.ids.len();
-        v["usage"] = json!({"prompt_tokens": n, "completion_tokens": g.ids.len(), "total_tokens": n + g.ids.len()});
-        // petal's own: the most sequences decoded together with this one (itself included)
-        v["petal"] = json!({"batch": batch});
-        v
-    }
-
-    /// One streamed event: a piece of text, or (with `finish`) the closing one.
-    fn chunk(&self, job: &Job, text: &str, finish: Option<&str>) -> Value {
-        let choice = if job.chat {
-            let delta = if text.is_empty() {
-                json!({})
-            } else {
-                json!({"content": text})
-            };
-            json!({"index": 0, "delta": delta, "finish_reason": finish})
-        } else {
-            json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
-        };
-        self.envelope(job, choice, true)
-    }
-
-    /// id, object, created, model and the one choice of a response or streamed chunk.
-    fn envelope(&self, job: &Job, choice: Value, chunk: bool) -> Value {
-        let name = if job.adapter == BASE {
-            self.model_id.as_str()
-        } else {
-            job.adapter.as_str()
-        };
-        let object = match (job.chat, chunk) {
-            (true, false) => "chat.completion",
-            (true, true) => "chat.completion.chunk",
-            (false, _) => "text_completion",
-        };
-        let created = job.created;
-        json!({
-            "id": format!("{}-{created}", if job.chat { "chatcmpl" } else { "cmpl" }),
-            "object": object,
-            "created": created,
-            "model": name,
-            "choices": [choice],
-        })
-    }
-
-    /// A finished completion: its metrics and log line, then its answer.
+    /// A finished sequence: its metrics and log line, then its choice.
     fn done(&self, f: crate::Finished<Key>, metrics: &Metrics) {
-        let (job, g) = (&f.key.1, &f.generated);
+        let (job, g) = (&f.key.job, &f.generated);
         let m = metrics;
         let reason = finish_reason(g.stop);
         m.success
@@ -389,7 +257,8 @@ impl Served<'_> {
         }
         tracing::info!(
             adapter = %job.adapter,
-            prompt_tokens = job.ids.len(),
+            choice = f.key.index,
+            prompt_tokens = f.key.prompt().ids.len(),
             completion_tokens = g.ids.len(),
             finish_reason = reason,
             batch = f.batch,
@@ -398,75 +267,49 @@ impl Served<'_> {
             stream = job.stream,
             "completion"
         );
-        self.finish(f.key, g, f.batch)
+        self.finish(&f.key, g, f.batch)
     }
 
-    /// Sends a finished completion: the whole response, or a stream's closing events.
-    fn finish(&self, (out, job): Key, g: &Generated, batch: usize) {
-        if !job.stream {
-            return whole(&out, Ok(self.completion(&job, g, batch)));
+    /// A finished choice into its answer; the whole response (or a stream's end) after the
+    /// last, a streamed choice's closing chunk at once.
+    fn finish(&self, key: &Key, g: &Generated, batch: usize) {
+        let mut a = key.answer.borrow_mut();
+        if a.failed {
+            return;
         }
-        let mut last = self.chunk(&job, "", Some(finish_reason(g.stop)));
-        let n = job.ids.len();
-        last["usage"] = json!({"prompt_tokens": n, "completion_tokens": g.ids.len(), "total_tokens": n + g.ids.len()});
-        last["petal"] = json!({"batch": batch});
-        let _ = out.send(Out::Event(last.to_string()));
-        let _ = out.send(Out::Done);
+        a.left -= 1;
+        a.completion_tokens += g.ids.len();
+        a.batch = a.batch.max(batch);
+        if !key.job.stream {
+            a.choices[key.index] = self.choice(key, g);
+            if a.left == 0 {
+                whole(&key.out, Ok(self.completion(&key.job, &a)));
+            }
+            return;
+        }
+        let _ = key
+            .out
+            .send(Out::Event(self.closing(key, g.stop, &a).to_string()));
+        if a.left == 0 {
+            let _ = key.out.send(Out::Done);
+        }
     }
 
-    /// Sends a failure: an error response, or a stream's error event.
-    fn fail(&self, (out, job): Key, f: Failure) {
-        if !job.stream {
-            return whole(&out, Err(f));
+    /// Sends a failure, once a request: an error response, or a stream's error event.
+    fn fail(&self, key: Key, f: Failure) {
+        let mut a = key.answer.borrow_mut();
+        if a.failed {
+            return;
+        }
+        a.failed = true;
+        if !key.job.stream {
+            return whole(&key.out, Err(f));
         }
         let Failure(status, kind, message) = f;
-        let _ = out.send(Out::Event(error_body(status, kind, &message).to_string()));
-        let _ = out.send(Out::Done);
-    }
-
-    fn chat_ids(&self, req: &Value) -> Result<Vec<u32>, Failure> {
-        let msgs = req
-            .get("messages")
-            .and_then(Value::as_array)
-            .ok_or_else(|| bad("`messages` (a list of {role, content}) is required"))?;
-        if msgs.is_empty() {
-            return Err(bad(
-                "`messages` is empty: give at least one {role, content}",
-            ));
-        }
-        let msgs = msgs
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                let field = |k: &str| {
-                    m.get(k)
-                        .and_then(Value::as_str)
-                        .map(str::to_string)
-                        .ok_or_else(|| bad(format!("messages[{i}].{k} must be a string")))
-                };
-                Ok(Message {
-                    role: field("role")?,
-                    content: field("content")?,
-                })
-            })
-            .collect::<Result<Vec<_>, Failure>>()?;
-        let t = self
-            .tokenizer
-            .chat_template
-            .as_ref()
-            .ok_or_else(|| bad("this model has no chat template: use /v1/completions"))?;
-        let text = t.render(&msgs, true).map_err(|e| bad(e.to_string()))?;
-        self.tokenizer
-            .encode(&text, true)
-            .map_err(|e| bad(e.to_string()))
-    }
-}
-
-/// OpenAI's finish reason for a stop.
-fn finish_reason(stop: StopReason) -> &'static str {
-    match stop {
-        StopReason::Eos | StopReason::StopString => "stop",
-        StopReason::MaxTokens | StopReason::ContextFull => "length",
+        let _ = key
+            .out
+            .send(Out::Event(error_body(status, kind, &message).to_string()));
+        let _ = key.out.send(Out::Done);
     }
 }
 
