@@ -170,7 +170,7 @@ impl<'a, K> Decoder<'a, K> {
             return Ok(h);
         }
         let t = h.dim(1)?;
-        Ok(model.head(&h.narrow(1, t - 1, 1)?, &ctx)?)
+        model.head(&h.narrow(1, t - 1, 1)?, &ctx)
     }
 
     /// A sequence whose prompt has been read: into the batch, or back if it is done.

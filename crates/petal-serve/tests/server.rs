@@ -8,6 +8,7 @@ use petal_io::{load_model, LoadedModel};
 use petal_serve::{generate, Limits, SamplingParams, Served, Stop};
 
 mod common;
+use common::{request, stream_events};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -29,22 +30,6 @@ fn model_with(adapters: &[(&str, &str)]) -> LoadedModel {
             .unwrap();
     }
     lm
-}
-
-/// One HTTP/1.0 request; the status and the JSON body of the response.
-fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: petal\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text.split(' ').nth(1).unwrap().parse().unwrap();
-    let (_, json) = text.split_once("\r\n\r\n").unwrap();
-    (status, serde_json::from_str(json).unwrap())
 }
 
 /// Test limits: short timeouts, the default queue.
@@ -281,45 +266,6 @@ fn requests_waiting_together_are_generated_as_one_batch_with_each_adapter_s_outp
             );
         },
     );
-}
-
-/// A streamed request over HTTP/1.1: the data of each server-sent event, in order.
-fn stream_events(addr: SocketAddr, path: &str, body: &str) -> Vec<String> {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: petal\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !raw.ends_with(b"0\r\n\r\n") {
-        let n = s.read(&mut buf).unwrap();
-        assert!(n > 0, "the stream ended without its last chunk");
-        raw.extend_from_slice(&buf[..n]);
-    }
-    let text = String::from_utf8(raw).unwrap();
-    let (head, mut rest) = text.split_once("\r\n\r\n").unwrap();
-    assert!(
-        head.starts_with("HTTP/1.1 200") && head.contains("text/event-stream"),
-        "{head}"
-    );
-    // undo the chunking: size line, data, CRLF
-    let mut body = String::new();
-    loop {
-        let (size, after) = rest.split_once("\r\n").unwrap();
-        let n = usize::from_str_radix(size, 16).unwrap();
-        if n == 0 {
-            break;
-        }
-        body.push_str(&after[..n]);
-        rest = &after[n + 2..];
-    }
-    body.split("\n\n")
-        .filter(|e| !e.is_empty())
-        .map(|e| e.strip_prefix("data: ").unwrap().to_string())
-        .collect()
 }
 
 #[test]
