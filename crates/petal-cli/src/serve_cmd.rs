@@ -45,6 +45,21 @@ pub struct ServeArgs {
     /// Request logs (one line per completion on stderr) as JSON objects instead of text
     #[arg(long)]
     pub log_json: bool,
+    /// Load and unload adapters at run time from sub-folders of this folder (vLLM's
+    /// POST /v1/load_lora_adapter and /v1/unload_lora_adapter; a request naming a sub-folder
+    /// loads it on first use)
+    #[arg(long)]
+    pub adapter_dir: Option<std::path::PathBuf>,
+    /// With --adapter-dir: the most adapters loaded at once, those given with --adapter
+    /// included (to make room, the least recently used one not in use is unloaded)
+    #[arg(long, default_value_t = 8)]
+    pub max_loras: usize,
+    /// With --adapter-dir: the highest rank an adapter loaded at run time may have
+    #[arg(long, default_value_t = 64)]
+    pub max_lora_rank: usize,
+    /// With --adapter-dir: the largest weights file (bytes) an adapter loaded at run time may have
+    #[arg(long, default_value_t = 1 << 30)]
+    pub max_lora_bytes: u64,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -55,6 +70,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
             ("max-tokens", a.max_tokens),
             ("max-body", a.max_body),
             ("prefill-chunk", a.prefill_chunk),
+            ("max-loras", a.max_loras),
+            ("max-lora-rank", a.max_lora_rank),
         ],
     )?;
     let secs = |flag: &str, v: f64| {
@@ -84,9 +101,31 @@ pub fn run(a: ServeArgs) -> Result<()> {
     } else {
         logs.try_init()
     };
-    let lm = a.model.load()?;
+    let mut lm = a.model.load()?;
+    let adapter_dir = match &a.adapter_dir {
+        None => None,
+        Some(dir) => {
+            if !dir.is_dir() {
+                anyhow::bail!("--adapter-dir {}: not a folder", dir.display());
+            }
+            let pinned = petal_core::mixed::adapter_names(&lm.model).len();
+            if pinned >= a.max_loras {
+                anyhow::bail!(
+                    "--max-loras {} leaves no room beside the {pinned} adapters given with \
+                     --adapter (they stay loaded): raise it",
+                    a.max_loras
+                );
+            }
+            Some(petal_serve::adapters::AdapterDir {
+                dir: dir.clone(),
+                max_loras: a.max_loras,
+                max_rank: a.max_lora_rank,
+                max_bytes: a.max_lora_bytes,
+            })
+        }
+    };
     let served = petal_serve::Served {
-        model: &lm.model,
+        model: &mut lm.model,
         tokenizer: &lm.tokenizer,
         model_id: if a.served_model_name.is_empty() {
             served_name(&a.model.model)
@@ -95,6 +134,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         },
         max_batch: a.max_batch,
         max_tokens: a.max_tokens,
+        adapter_dir,
     };
     let addr = format!("{}:{}", a.host, a.port);
     let listener =

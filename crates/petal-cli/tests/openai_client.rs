@@ -56,15 +56,16 @@ fn the_official_openai_client_runs_completions_chat_streams_logprobs_and_errors(
         }
     };
     let p = petal_cli::assets::ensure("smollm2").expect("fetch SmolLM2 (petal assets smollm2)");
-    let lm = petal_io::load_model(p.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let mut lm = petal_io::load_model(p.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}/v1", listener.local_addr().unwrap());
     let served = petal_serve::Served {
-        model: &lm.model,
+        model: &mut lm.model,
         tokenizer: &lm.tokenizer,
         model_id: "smollm2".into(),
         max_batch: 8,
         max_tokens: 256,
+        adapter_dir: None,
     };
     let stop = petal_serve::Stop::default();
     let out = std::thread::scope(|s| {

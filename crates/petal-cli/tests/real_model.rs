@@ -164,13 +164,14 @@ fn get_json(addr: std::net::SocketAddr, path: &str) -> serde_json::Value {
 fn served_smollm2_drops_the_completions_whose_clients_leave() {
     use std::io::{Read, Write};
     use std::time::{Duration, Instant};
-    let m = smollm2();
+    let mut m = smollm2();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let served = petal_serve::Served {
-        model: &m.model,
+        model: &mut m.model,
         tokenizer: &m.tokenizer,
         model_id: "smollm2".into(),
+        adapter_dir: None,
         max_batch: 4,
         max_tokens: 2000,
     };

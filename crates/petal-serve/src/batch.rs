@@ -47,8 +47,9 @@ struct Reading<K> {
 pub const PREFILL_CHUNK: usize = 256;
 
 /// The sequences being decoded together, each under the caller's key `K`.
+/// The model is passed to each call (not held), so that a server may attach and detach
+/// adapters between steps.
 pub struct Decoder<'a, K> {
-    model: &'a Llama,
     tok: &'a Tokenizer,
     live: Vec<Slot<K>>,
     reading: std::collections::VecDeque<Reading<K>>,
@@ -56,9 +57,8 @@ pub struct Decoder<'a, K> {
 }
 
 impl<'a, K> Decoder<'a, K> {
-    pub fn new(model: &'a Llama, tok: &'a Tokenizer) -> Self {
+    pub fn new(tok: &'a Tokenizer) -> Self {
         Decoder {
-            model,
             tok,
             live: Vec::new(),
             reading: Default::default(),
@@ -79,6 +79,12 @@ impl<'a, K> Decoder<'a, K> {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Whether a sequence in the batch (its prompt read or not) goes through `adapter`.
+    pub fn uses(&self, adapter: &str) -> bool {
+        self.live.iter().any(|s| s.adapter == adapter)
+            || self.reading.iter().any(|r| r.adapter == adapter)
     }
 
     /// Takes out of the batch the sequences whose keys `gone` picks (their clients left, say),
@@ -102,6 +108,7 @@ impl<'a, K> Decoder<'a, K> {
     #[allow(clippy::type_complexity)]
     pub fn add(
         &mut self,
+        model: &Llama,
         mut key: K,
         prompt: &[u32],
         params: SamplingParams,
@@ -109,7 +116,7 @@ impl<'a, K> Decoder<'a, K> {
         on_text: &mut dyn FnMut(&mut K, &str, &[TokenLogprob]),
     ) -> Result<Option<Finished<K>>, (K, Error)> {
         if prompt.len() > self.chunk {
-            match Sequence::new(self.model, prompt, params) {
+            match Sequence::new(model, prompt, params) {
                 Err(e) => return Err((key, e)),
                 Ok(seq) => {
                     self.reading.push_back(Reading {
@@ -123,8 +130,8 @@ impl<'a, K> Decoder<'a, K> {
                 }
             }
         }
-        let first = Sequence::new(self.model, prompt, params)
-            .and_then(|seq| self.read(seq, prompt, adapter, &mut key, on_text));
+        let first = Sequence::new(model, prompt, params)
+            .and_then(|seq| self.read(model, seq, prompt, adapter, &mut key, on_text));
         self.settle(key, adapter, first)
     }
 
@@ -132,14 +139,15 @@ impl<'a, K> Decoder<'a, K> {
     /// its first new token.
     fn read(
         &self,
+        model: &Llama,
         mut seq: Sequence,
         part: &[u32],
         adapter: &str,
         key: &mut K,
         on_text: &mut dyn FnMut(&mut K, &str, &[TokenLogprob]),
     ) -> Result<(Sequence, Option<u32>), Error> {
-        let logits = self.prefill(&mut seq, part, adapter, true)?;
-        let ctx = self.model.cfg.max_position_embeddings;
+        let logits = self.prefill(model, &mut seq, part, adapter, true)?;
+        let ctx = model.cfg.max_position_embeddings;
         let next = seq.next(last_logits(&logits, 0)?, self.tok, ctx, &mut |t, l| {
             on_text(key, t, l)
         })?;
@@ -151,12 +159,12 @@ impl<'a, K> Decoder<'a, K> {
     /// log-probabilities are asked for (recorded into `seq`).
     fn prefill(
         &self,
+        model: &Llama,
         seq: &mut Sequence,
         part: &[u32],
         adapter: &str,
         last: bool,
     ) -> Result<Tensor, Error> {
-        let model = self.model;
         let ids = Tensor::new(part, model.device())?.unsqueeze(0)?;
         let ctx = rows_ctx(model, &[adapter])?;
         let from = seq.cache.len();
@@ -210,13 +218,14 @@ impl<'a, K> Decoder<'a, K> {
     /// that sequence's key alone).
     pub fn step(
         &mut self,
+        model: &Llama,
         on_text: &mut dyn FnMut(&mut K, &str, &[TokenLogprob]),
     ) -> Result<Vec<Finished<K>>, (Vec<K>, Error)> {
-        let read = match self.read_chunk(on_text) {
+        let read = match self.read_chunk(model, on_text) {
             Ok(f) => f,
             Err((key, e)) => return Err((vec![key], e)),
         };
-        match self.try_step(on_text) {
+        match self.try_step(model, on_text) {
             Ok(mut done) => {
                 done.extend(read);
                 Ok(done)
@@ -234,6 +243,7 @@ impl<'a, K> Decoder<'a, K> {
     #[allow(clippy::type_complexity)]
     fn read_chunk(
         &mut self,
+        model: &Llama,
         on_text: &mut dyn FnMut(&mut K, &str, &[TokenLogprob]),
     ) -> Result<Option<Finished<K>>, (K, Error)> {
         let Some(mut r) = self.reading.pop_front() else {
@@ -242,7 +252,7 @@ impl<'a, K> Decoder<'a, K> {
         let end = (r.read + self.chunk).min(r.prompt.len());
         if end < r.prompt.len() {
             // a middle chunk: into the cache, no token yet
-            let ran = self.prefill(&mut r.seq, &r.prompt[r.read..end], &r.adapter, false);
+            let ran = self.prefill(model, &mut r.seq, &r.prompt[r.read..end], &r.adapter, false);
             return match ran {
                 Err(e) => Err((r.key, e)),
                 Ok(_) => {
@@ -259,12 +269,13 @@ impl<'a, K> Decoder<'a, K> {
             prompt,
             read,
         } = r;
-        let first = self.read(seq, &prompt[read..], &adapter, &mut key, on_text);
+        let first = self.read(model, seq, &prompt[read..], &adapter, &mut key, on_text);
         self.settle(key, &adapter, first)
     }
 
     fn try_step(
         &mut self,
+        model: &Llama,
         on_text: &mut dyn FnMut(&mut K, &str, &[TokenLogprob]),
     ) -> Result<Vec<Finished<K>>, Error> {
         let b = self.live.len();
@@ -272,12 +283,11 @@ impl<'a, K> Decoder<'a, K> {
             return Ok(Vec::new());
         }
         let ids: Vec<u32> = self.live.iter().map(|s| s.next).collect();
-        let ids = Tensor::new(ids.as_slice(), self.model.device())?.unsqueeze(1)?; // (b, 1)
+        let ids = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(1)?; // (b, 1)
         let rows: Vec<String> = self.live.iter().map(|s| s.adapter.clone()).collect();
         let rows: Vec<&str> = rows.iter().map(String::as_str).collect();
         let mut caches: Vec<&mut KvCache> =
             self.live.iter_mut().map(|s| &mut s.seq.cache).collect();
-        let model = self.model;
         let logits = model.decode_rows(&ids, &mut caches, &rows_ctx(model, &rows)?)?;
         let ctx = model.cfg.max_position_embeddings;
         let mut next = Vec::with_capacity(b);

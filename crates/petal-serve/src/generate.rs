@@ -246,18 +246,18 @@ pub struct Request<'a> {
 /// (`Llama::decode_rows`). Each result equals what `generate` gives for that request alone
 /// with its adapter active (up to rounding of the batched products).
 pub fn generate_batch(model: &Llama, tok: &Tokenizer, reqs: &[Request]) -> Result<Vec<Generated>> {
-    let mut dec = crate::batch::Decoder::new(model, tok);
+    let mut dec = crate::batch::Decoder::new(tok);
     let mut out: Vec<Option<Generated>> = vec![None; reqs.len()];
     for (i, r) in reqs.iter().enumerate() {
         if let Some(f) = dec
-            .add(i, r.prompt, r.params.clone(), r.adapter, &mut |_, _, _| {})
+            .add(model, i, r.prompt, r.params.clone(), r.adapter, &mut |_, _, _| {})
             .map_err(|(_, e)| e)?
         {
             out[f.key] = Some(f.generated);
         }
     }
     while !dec.is_empty() {
-        for f in dec.step(&mut |_, _, _| {}).map_err(|(_, e)| e)? {
+        for f in dec.step(model, &mut |_, _, _| {}).map_err(|(_, e)| e)? {
             out[f.key] = Some(f.generated);
         }
     }

@@ -86,9 +86,19 @@ pub(crate) enum ToEngine {
         body: Bytes,
         out: UnboundedSender<Out>,
     },
+    /// `POST /v1/load_lora_adapter` (`load`) or `/v1/unload_lora_adapter`: its body, and where
+    /// the answer goes.
+    Adapter {
+        load: bool,
+        body: Bytes,
+        out: UnboundedSender<Out>,
+    },
     /// Stop: finish the running completions (within the grace), refuse the rest.
     Stop,
 }
+
+/// `/v1/models`' answer, kept current by the engine as adapters come and go.
+pub(crate) type Models = Arc<std::sync::RwLock<Value>>;
 
 /// What the engine answers a completion with: one JSON response, or `Stream` then events
 /// (each a JSON text) and `Done`.
@@ -105,7 +115,9 @@ struct Shared {
     /// completions being read, waiting or running
     inflight: AtomicUsize,
     capacity: usize,
-    models: Value,
+    models: Models,
+    /// adapters load and unload at run time (`petal serve --adapter-dir`)
+    lifecycle: bool,
     limits: Limits,
     stopping: AtomicBool,
     metrics: Arc<Metrics>,
@@ -190,7 +202,13 @@ async fn route(req: Request<Incoming>, sh: Arc<Shared>) -> Result<Response<Body>
     let method = req.method().clone();
     Ok(match (&method, path.as_str()) {
         (&Method::GET, "/health") => json_response(200, &health(&sh)),
-        (&Method::GET, "/v1/models") => json_response(200, &sh.models),
+        (&Method::GET, "/v1/models") => {
+            let models = sh.models.read().unwrap_or_else(|e| e.into_inner()).clone();
+            json_response(200, &models)
+        }
+        (&Method::POST, "/v1/load_lora_adapter" | "/v1/unload_lora_adapter") if sh.lifecycle => {
+            adapter(req, sh, path == "/v1/load_lora_adapter").await
+        }
         (&Method::GET, "/metrics") => metrics(&sh),
         (&Method::POST, "/v1/completions" | "/v1/chat/completions") => {
             let chat = path == "/v1/chat/completions";
@@ -252,40 +270,9 @@ async fn completion(req: Request<Incoming>, sh: Arc<Shared>, chat: bool) -> Resp
             sh.capacity
         ));
     }
-    let max = sh.limits.max_body;
-    let declared = req
-        .headers()
-        .get(hyper::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let too_large = || {
-        error(
-            413,
-            "invalid_request_error",
-            format!("the request body is over this server's limit of {max} bytes (petal serve --max-body)"),
-        )
-    };
-    if declared.is_some_and(|n| n > max as u64) {
-        return too_large();
-    }
-    let secs = sh.limits.body_timeout.as_secs_f64();
-    let read = Limited::new(req.into_body(), max).collect();
-    let body = match tokio::time::timeout(sh.limits.body_timeout, read).await {
-        Err(_) => {
-            return error(
-                408,
-                "invalid_request_error",
-                format!("the request body did not arrive within {secs} s"),
-            )
-        }
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
-        Ok(Err(e)) => {
-            return error(
-                400,
-                "invalid_request_error",
-                format!("reading the request body: {e}"),
-            )
-        }
-        Ok(Ok(b)) => b.to_bytes(),
+    let body = match read_body(req, &sh).await {
+        Ok(b) => b,
+        Err(r) => return r,
     };
     let (out, mut rx) = unbounded_channel();
     if sh.engine.send(ToEngine::Job { chat, body, out }).is_err() {
@@ -312,6 +299,60 @@ async fn completion(req: Request<Incoming>, sh: Arc<Shared>, chat: bool) -> Resp
             r
         }
         _ => unavailable("the completion was cancelled: the server is shutting down".into()),
+    }
+}
+
+/// A load or unload of an adapter, done by the engine between steps.
+async fn adapter(req: Request<Incoming>, sh: Arc<Shared>, load: bool) -> Response<Body> {
+    if sh.stopping.load(SeqCst) {
+        return unavailable("the server is shutting down".into());
+    }
+    let body = match read_body(req, &sh).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let (out, mut rx) = unbounded_channel();
+    if sh.engine.send(ToEngine::Adapter { load, body, out }).is_err() {
+        return unavailable("the server is shutting down".into());
+    }
+    match rx.recv().await {
+        Some(Out::Whole(status, v)) => json_response(status, &v),
+        _ => unavailable("the server is shutting down".into()),
+    }
+}
+
+/// A request's body within the size limit and the body timeout; an error response otherwise.
+async fn read_body(req: Request<Incoming>, sh: &Shared) -> Result<Bytes, Response<Body>> {
+    let max = sh.limits.max_body;
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let too_large = || {
+        error(
+            413,
+            "invalid_request_error",
+            format!("the request body is over this server's limit of {max} bytes (petal serve --max-body)"),
+        )
+    };
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    let secs = sh.limits.body_timeout.as_secs_f64();
+    let read = Limited::new(req.into_body(), max).collect();
+    match tokio::time::timeout(sh.limits.body_timeout, read).await {
+        Err(_) => Err(error(
+            408,
+            "invalid_request_error",
+            format!("the request body did not arrive within {secs} s"),
+        )),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Ok(Err(e)) => Err(error(
+            400,
+            "invalid_request_error",
+            format!("reading the request body: {e}"),
+        )),
+        Ok(Ok(b)) => Ok(b.to_bytes()),
     }
 }
 
@@ -354,11 +395,13 @@ async fn connection(tcp: tokio::net::TcpStream, sh: Arc<Shared>) {
 
 /// The HTTP side: accepts connections on `listener` until a stop, then tells the engine and
 /// waits for the completions in flight (at most the grace and five seconds more).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn run(
     listener: std::net::TcpListener,
     engine: mpsc::Sender<ToEngine>,
     capacity: usize,
-    models: Value,
+    models: Models,
+    lifecycle: bool,
     limits: Limits,
     metrics: Arc<Metrics>,
     stop: Stop,
@@ -372,6 +415,7 @@ pub(crate) fn run(
         inflight: AtomicUsize::new(0),
         capacity,
         models,
+        lifecycle,
         limits,
         stopping: AtomicBool::new(false),
         metrics,

@@ -3,6 +3,7 @@
 //! server (many adapters side by side, each request through its own).
 
 pub mod batch;
+pub mod adapters;
 mod fields;
 pub mod generate;
 pub mod http;

@@ -30,7 +30,8 @@
 //! side (`http.rs`, hyper on tokio) and sends back their answers. A completion whose client has
 //! gone leaves the batch at the next step.
 
-use crate::http::{self, error_body, Limits, Metrics, Out, Stop, ToEngine};
+use crate::adapters::{AdapterDir, Lifecycle};
+use crate::http::{self, error_body, Limits, Metrics, Models, Out, Stop, ToEngine};
 use crate::logprobs::TokenLogprob;
 use crate::response::{finish_reason, Answer, Key};
 use crate::{Decoder, Generated};
@@ -45,7 +46,8 @@ use tokio::sync::mpsc::UnboundedSender;
 
 /// What the server serves.
 pub struct Served<'a> {
-    pub model: &'a Llama,
+    /// Mutable: with `adapter_dir`, adapters are attached and detached between steps.
+    pub model: &'a mut Llama,
     pub tokenizer: &'a Tokenizer,
     /// The base model's id in `/v1/models` and responses (`petal serve --served-model-name`).
     pub model_id: String,
@@ -53,7 +55,17 @@ pub struct Served<'a> {
     pub max_batch: usize,
     /// The most tokens a request may ask for (`max_tokens` above it: a 400).
     pub max_tokens: usize,
+    /// Adapters loaded and unloaded at run time, and their caps (`petal serve --adapter-dir`);
+    /// None: only those attached at start.
+    pub adapter_dir: Option<AdapterDir>,
 }
+
+/// The engine's state between steps: the batch, when a stop began, the run-time adapters.
+type State<'d, 't> = (
+    &'d mut Decoder<'t, Key>,
+    &'d mut Option<Instant>,
+    &'d mut Lifecycle,
+);
 
 /// A failed request: HTTP status, OpenAI error type, message.
 #[derive(Debug)]
@@ -66,7 +78,7 @@ pub(crate) fn bad(msg: impl Into<String>) -> Failure {
 impl Served<'_> {
     /// The adapters requests may name, sorted.
     pub fn adapters(&self) -> Vec<String> {
-        petal_core::mixed::adapter_names(self.model)
+        petal_core::mixed::adapter_names(&*self.model)
     }
 
     /// Serves HTTP on `listener` until `stop` (or, with `limits.signals`, SIGTERM or SIGINT),
@@ -76,20 +88,24 @@ impl Served<'_> {
     /// up to `limits.max_queue`), and each is answered as soon as it finishes. Refuses at once a
     /// model whose adapters cannot be chosen per request (prompt learning, active LN tuning).
     pub fn serve(
-        &self,
+        mut self,
         listener: std::net::TcpListener,
         limits: Limits,
         stop: Stop,
     ) -> petal_core::Result<()> {
-        rows_ctx(self.model, &[BASE])?; // refuse now adapters that cannot be chosen per row
+        rows_ctx(&*self.model, &[BASE])?; // refuse now adapters that cannot be chosen per row
         let (tx, rx) = mpsc::channel();
         let metrics = Arc::new(Metrics::new());
         let capacity = self.max_batch.max(1) + limits.max_queue;
         let (grace, chunk) = (limits.grace, limits.prefill_chunk);
-        let (models, m) = (self.models(), metrics.clone());
+        let models: Models = Arc::new(std::sync::RwLock::new(self.models()));
+        let lifecycle = self.adapter_dir.is_some();
+        let (shown, m) = (models.clone(), metrics.clone());
         std::thread::scope(|s| {
-            let side = s.spawn(move || http::run(listener, tx, capacity, models, limits, m, stop));
-            self.engine(rx, &metrics, grace, chunk);
+            let side = s.spawn(move || {
+                http::run(listener, tx, capacity, shown, lifecycle, limits, m, stop)
+            });
+            self.engine(rx, &metrics, &models, grace, chunk);
             match side.join() {
                 Ok(r) => r.map_err(|e| petal_core::Error::Msg(format!("petal serve: {e}"))),
                 Err(_) => Err(petal_core::Error::Msg(
@@ -101,31 +117,35 @@ impl Served<'_> {
 
     /// The engine loop: completions in, answers out, until the HTTP side has gone.
     fn engine(
-        &self,
+        &mut self,
         rx: mpsc::Receiver<ToEngine>,
         metrics: &Metrics,
+        models: &Models,
         grace: std::time::Duration,
         chunk: usize,
     ) {
-        let mut dec: Decoder<Key> =
-            Decoder::new(self.model, self.tokenizer).with_prefill_chunk(chunk);
+        let tok = self.tokenizer;
+        let mut dec: Decoder<Key> = Decoder::new(tok).with_prefill_chunk(chunk);
         let mut stopping: Option<Instant> = None;
+        let mut life = Lifecycle::default();
+        let mut st = (&mut dec, &mut stopping, &mut life);
         loop {
-            if dec.is_empty() {
+            if st.0.is_empty() {
                 match rx.recv() {
-                    Ok(m) => self.take(m, &mut dec, &mut stopping, metrics),
+                    Ok(m) => self.take(m, &mut st, metrics, models),
                     Err(_) => break, // the HTTP side is done
                 }
-                if dec.is_empty() {
+                if st.0.is_empty() {
                     continue;
                 }
             }
-            while dec.len() < self.max_batch.max(1) || stopping.is_some() {
+            while st.0.len() < self.max_batch.max(1) || st.1.is_some() {
                 match rx.try_recv() {
-                    Ok(m) => self.take(m, &mut dec, &mut stopping, metrics),
+                    Ok(m) => self.take(m, &mut st, metrics, models),
                     Err(_) => break,
                 }
             }
+            let (dec, stopping) = (&mut *st.0, &*st.1);
             // sequences whose clients left, or whose request failed already (another choice)
             let gone = dec.remove(|k| k.out.is_closed() || k.answer.borrow().failed);
             let left = gone.iter().filter(|k| k.out.is_closed()).count();
@@ -144,7 +164,8 @@ impl Served<'_> {
                 }
             }
             metrics.running.set(dec.len() as i64);
-            match dec.step(&mut |key, text, lps| self.stream(key, text, lps)) {
+            let model = &*self.model;
+            match dec.step(model, &mut |key, text, lps| self.stream(key, text, lps)) {
                 Ok(done) => done.into_iter().for_each(|f| self.done(f, metrics)),
                 Err((keys, e)) => {
                     for key in keys {
@@ -167,17 +188,17 @@ impl Served<'_> {
 
     /// Checks a request and prefills its sequences (prompts times `n`) into the batch (a
     /// streamed one's response starts first); after a stop, refuses it.
-    fn take(
-        &self,
-        m: ToEngine,
-        dec: &mut Decoder<Key>,
-        stopping: &mut Option<Instant>,
-        metrics: &Metrics,
-    ) {
+    fn take(&mut self, m: ToEngine, st: &mut State, metrics: &Metrics, models: &Models) {
+        let (dec, stopping, life) = (&mut *st.0, &mut *st.1, &mut *st.2);
         let (chat, body, out) = match m {
             ToEngine::Stop => {
                 stopping.get_or_insert_with(Instant::now);
                 return;
+            }
+            ToEngine::Adapter { load, body, out } => {
+                let r = parse(&body).and_then(|v| self.lifecycle(load, &v, life, dec));
+                *models.write().unwrap_or_else(|e| e.into_inner()) = self.models();
+                return whole(&out, r);
             }
             ToEngine::Job { chat, body, out } => (chat, body, out),
         };
@@ -189,10 +210,19 @@ impl Served<'_> {
             let f = Failure(503, "server_error", "the server is shutting down".into());
             return whole(&out, Err(f));
         }
-        let job = match parse(&body).and_then(|v| self.job(&v, chat)) {
+        let loaded = self.adapters().len();
+        let job = parse(&body).and_then(|v| {
+            self.load_on_use(&v, life, dec)?;
+            self.job(&v, chat)
+        });
+        if self.adapters().len() != loaded {
+            *models.write().unwrap_or_else(|e| e.into_inner()) = self.models();
+        }
+        let job = match job {
             Ok(job) => Rc::new(job),
             Err(f) => return whole(&out, Err(f)),
         };
+        life.used(&job.adapter);
         if job.stream && out.send(Out::Stream).is_err() {
             return; // the client left
         }
@@ -215,7 +245,8 @@ impl Served<'_> {
             let mut params = job.asked.params.clone();
             params.seed = params.seed.wrapping_add(index as u64); // choices differ
             let ids = key.prompt().ids.clone();
-            let added = dec.add(key, &ids, params, &job.adapter, &mut |key, text, lps| {
+            let model = &*self.model;
+            let added = dec.add(model, key, &ids, params, &job.adapter, &mut |key, text, lps| {
                 self.stream(key, text, lps)
             });
             match added {

@@ -132,14 +132,14 @@ fn sequences_joining_a_running_batch_midway_generate_what_each_does_alone() {
         "not enough candidate prompts run to their limit"
     );
     let tok = &lm.tokenizer;
-    let mut dec = petal_serve::Decoder::new(&lm.model, tok);
+    let mut dec = petal_serve::Decoder::new(tok);
     let mut got = vec![None; 3];
     let mut most = vec![0; 3];
     let add = |dec: &mut petal_serve::Decoder<usize>, i: usize| {
         let (prompt, a, n) = jobs[i];
         let ids = tok.encode(prompt, true).unwrap();
         assert!(dec
-            .add(i, &ids, p(n), a, &mut |_, _, _| {})
+            .add(&lm.model, i, &ids, p(n), a, &mut |_, _, _| {})
             .map_err(|(_, e)| e)
             .unwrap()
             .is_none());
@@ -152,7 +152,7 @@ fn sequences_joining_a_running_batch_midway_generate_what_each_does_alone() {
         if step == 5 {
             add(&mut dec, 2);
         }
-        for f in dec.step(&mut |_, _, _| {}).map_err(|(_, e)| e).unwrap() {
+        for f in dec.step(&lm.model, &mut |_, _, _| {}).map_err(|(_, e)| e).unwrap() {
             most[f.key] = f.batch;
             got[f.key] = Some(f.generated.ids);
         }
@@ -228,19 +228,19 @@ fn a_prompt_read_a_chunk_a_step_generates_what_it_does_alone_beside_a_running_se
     assert!(long_ids.len() > 12, "{}", long_ids.len());
     // chunks of 4: the short prompt is read at once, the long one over several steps while
     // the short one keeps decoding
-    let mut dec = petal_serve::Decoder::new(&lm.model, tok).with_prefill_chunk(4);
+    let mut dec = petal_serve::Decoder::new(tok).with_prefill_chunk(4);
     let mut got = [None, None];
     let mut texts = [String::new(), String::new()];
     for (i, (prompt, a, n)) in jobs.iter().enumerate() {
         let ids = tok.encode(prompt, true).unwrap();
-        let added = dec.add(i, &ids, p(*n), a, &mut |k, t, _| texts[*k].push_str(t));
+        let added = dec.add(&lm.model, i, &ids, p(*n), a, &mut |k, t, _| texts[*k].push_str(t));
         assert!(added.map_err(|(_, e)| e).unwrap().is_none());
     }
     assert_eq!(dec.len(), 2);
     let mut short_len = Vec::new();
     for _ in 0..30 {
         for f in dec
-            .step(&mut |k, t, _| texts[*k].push_str(t))
+            .step(&lm.model, &mut |k, t, _| texts[*k].push_str(t))
             .map_err(|(_, e)| e)
             .unwrap()
         {

@@ -24,7 +24,7 @@ fn model() -> LoadedModel {
     .unwrap()
 }
 
-fn serving(lm: &LoadedModel, f: impl FnOnce(std::net::SocketAddr)) {
+fn serving(lm: &mut LoadedModel, f: impl FnOnce(std::net::SocketAddr)) {
     let limits = Limits {
         grace: Duration::from_secs(5),
         // a 6-token prompt read in two chunks, a 4-token one in one piece
@@ -71,9 +71,9 @@ fn post(addr: std::net::SocketAddr, body: Value) -> Value {
 
 #[test]
 fn echo_with_logprobs_scores_every_prompt_token_as_the_model_s_log_softmax() {
-    let lm = model();
+    let (mut lm, reference) = (model(), model());
     let prompts: [&[u32]; 2] = [&[5, 9, 14, 20, 33, 2], &[7, 7, 40, 3]];
-    serving(&lm, |addr| {
+    serving(&mut lm, |addr| {
         // lm-evaluation-harness's loglikelihood request: token ids, echo, one greedy token
         let v = post(
             addr,
@@ -91,7 +91,7 @@ fn echo_with_logprobs_scores_every_prompt_token_as_the_model_s_log_softmax() {
                 "prompt tokens and one generated"
             );
             assert!(values[0].is_null(), "nothing precedes the first token");
-            let (want, best) = oracle(&lm, ids);
+            let (want, best) = oracle(&reference, ids);
             for (k, w) in want.iter().enumerate() {
                 let got = values[k + 1].as_f64().unwrap();
                 assert!(
@@ -114,9 +114,9 @@ fn echo_with_logprobs_scores_every_prompt_token_as_the_model_s_log_softmax() {
                 .map(|v| v.as_f64().unwrap())
                 .fold(f64::MIN, f64::max);
             assert!((last - most).abs() < 1e-6);
-            let word = lm.tokenizer.decode(&[best], false).unwrap();
+            let word = reference.tokenizer.decode(&[best], false).unwrap();
             assert_eq!(lp["tokens"][ids.len()], json!(word));
-            let prompt_text = lm.tokenizer.decode(ids, false).unwrap();
+            let prompt_text = reference.tokenizer.decode(ids, false).unwrap();
             assert!(c["text"].as_str().unwrap().starts_with(&prompt_text));
         }
         // the echoed prompt alone (max_tokens 0): the same scores, nothing generated
@@ -128,7 +128,7 @@ fn echo_with_logprobs_scores_every_prompt_token_as_the_model_s_log_softmax() {
             .as_array()
             .unwrap();
         assert_eq!(values.len(), prompts[0].len());
-        let (want, _) = oracle(&lm, prompts[0]);
+        let (want, _) = oracle(&reference, prompts[0]);
         let got: f64 = values[1..].iter().map(|v| v.as_f64().unwrap()).sum();
         assert!((got - want.iter().sum::<f64>()).abs() < 1e-3);
         assert_eq!(v["usage"]["completion_tokens"], 0);
@@ -147,8 +147,8 @@ fn echo_with_logprobs_scores_every_prompt_token_as_the_model_s_log_softmax() {
 
 #[test]
 fn each_of_n_choices_is_the_single_request_with_its_seed_and_streams_alike() {
-    let lm = model();
-    serving(&lm, |addr| {
+    let mut lm = model();
+    serving(&mut lm, |addr| {
         let ask = |n: usize, seed: u64| {
             json!({"prompt": "w5 w9 w14", "n": n, "seed": seed, "temperature": 1.0,
                    "max_tokens": 6, "logprobs": 1})

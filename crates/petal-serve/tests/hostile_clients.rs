@@ -36,7 +36,7 @@ fn limits() -> Limits {
 
 /// Serves the tiny model with `limits` and `max_batch` while `f` runs.
 fn serving(limits: Limits, max_batch: usize, f: impl FnOnce(SocketAddr, &Stop)) {
-    common::serving(&model(), Duration::ZERO, limits, max_batch, f)
+    common::serving(&mut model(), Duration::ZERO, limits, max_batch, f)
 }
 
 /// Sends `bytes`, then reads until the server closes (or 10 s pass): everything it sent.

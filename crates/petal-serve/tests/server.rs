@@ -43,14 +43,14 @@ fn limits() -> Limits {
 }
 
 /// Runs `f` against `lm` served on a free local port, then stops the server.
-fn serving(lm: &LoadedModel, f: impl FnOnce(SocketAddr)) {
+fn serving(lm: &mut LoadedModel, f: impl FnOnce(SocketAddr)) {
     serving_with(lm, std::time::Duration::ZERO, limits(), 8, f)
 }
 
 /// `serving`, the server starting to take requests only `after` this long (requests sent
 /// meanwhile queue up), with these limits and batch size.
 fn serving_with(
-    lm: &LoadedModel,
+    lm: &mut LoadedModel,
     after: std::time::Duration,
     limits: Limits,
     max_batch: usize,
@@ -84,7 +84,7 @@ fn each_request_is_served_through_the_adapter_its_model_field_names() {
         "the adapters must differ: {want:?}"
     );
     set_active(&mut lm.model, &["q", "e"]); // what is active does not matter to the server
-    serving(&lm, |addr| {
+    serving(&mut lm, |addr| {
         for (model, want) in [
             ("q", &want[0]),
             ("e", &want[1]),
@@ -118,8 +118,8 @@ fn each_request_is_served_through_the_adapter_its_model_field_names() {
 
 #[test]
 fn bad_requests_get_openai_style_errors_and_the_server_keeps_serving() {
-    let lm = model_with(&[("q", "llama_lora_qv")]);
-    serving(&lm, |addr| {
+    let mut lm = model_with(&[("q", "llama_lora_qv")]);
+    serving(&mut lm, |addr| {
         let post = |body: &str| request(addr, "POST", "/v1/completions", body);
         let cases: [(&str, u16, &str); 9] = [
             (
@@ -190,14 +190,15 @@ fn bad_requests_get_openai_style_errors_and_the_server_keeps_serving() {
 
 #[test]
 fn a_model_with_a_prompt_learning_adapter_is_refused_before_serving() {
-    let lm = model_with(&[("p", "llama_prompt_tuning")]);
+    let mut lm = model_with(&[("p", "llama_prompt_tuning")]);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let served = Served {
-        model: &lm.model,
+        model: &mut lm.model,
         tokenizer: &lm.tokenizer,
         model_id: "tiny".into(),
         max_batch: 8,
         max_tokens: 256,
+        adapter_dir: None,
     };
     let e = served
         .serve(listener, limits(), Stop::default())
@@ -228,7 +229,7 @@ fn requests_waiting_together_are_generated_as_one_batch_with_each_adapter_s_outp
     }
     // the requests are sent, and queue, before the server starts taking them
     serving_with(
-        &lm,
+        &mut lm,
         std::time::Duration::from_millis(500),
         limits(),
         8,
@@ -270,8 +271,8 @@ fn requests_waiting_together_are_generated_as_one_batch_with_each_adapter_s_outp
 
 #[test]
 fn a_streamed_completion_sends_the_same_text_as_server_sent_events_then_done() {
-    let lm = model_with(&[("q", "llama_lora_qv")]);
-    serving(&lm, |addr| {
+    let mut lm = model_with(&[("q", "llama_lora_qv")]);
+    serving(&mut lm, |addr| {
         let body = json!({"model": "q", "prompt": PROMPT, "max_tokens": 7, "temperature": 0});
         let (_, whole) = request(addr, "POST", "/v1/completions", &body.to_string());
         let mut streamed = body.clone();
@@ -302,8 +303,8 @@ fn a_streamed_completion_sends_the_same_text_as_server_sent_events_then_done() {
 
 #[test]
 fn metrics_count_requests_tokens_adapters_and_latencies_in_prometheus_text() {
-    let lm = model_with(&[("q", "llama_lora_qv")]);
-    serving(&lm, |addr| {
+    let mut lm = model_with(&[("q", "llama_lora_qv")]);
+    serving(&mut lm, |addr| {
         let mut prompt_tokens = 0;
         let mut generated = 0;
         for model in ["q", "tiny-llama"] {

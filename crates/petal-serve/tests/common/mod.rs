@@ -21,7 +21,7 @@ impl Drop for StopOnDrop<'_> {
 /// `f` runs, given the address and the stop switch; the server starts taking requests only
 /// `after` this long (requests sent meanwhile queue up). Then stops it; it must end by itself.
 pub fn serving(
-    lm: &LoadedModel,
+    lm: &mut LoadedModel,
     after: Duration,
     limits: Limits,
     max_batch: usize,
@@ -30,11 +30,12 @@ pub fn serving(
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let served = Served {
-        model: &lm.model,
+        model: &mut lm.model,
         tokenizer: &lm.tokenizer,
         model_id: "tiny-llama".into(),
         max_batch,
         max_tokens: 256,
+        adapter_dir: None,
     };
     let stop = Stop::default();
     std::thread::scope(|s| {
