@@ -101,13 +101,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
     } else {
         logs.try_init()
     };
+    if let Some(dir) = a.adapter_dir.as_ref().filter(|d| !d.is_dir()) {
+        anyhow::bail!("--adapter-dir {}: not a folder", dir.display());
+    }
     let mut lm = a.model.load()?;
     let adapter_dir = match &a.adapter_dir {
         None => None,
         Some(dir) => {
-            if !dir.is_dir() {
-                anyhow::bail!("--adapter-dir {}: not a folder", dir.display());
-            }
             let pinned = petal_core::mixed::adapter_names(&lm.model).len();
             if pinned >= a.max_loras {
                 anyhow::bail!(

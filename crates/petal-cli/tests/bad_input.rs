@@ -146,10 +146,11 @@ fn counts_of_the_other_commands_are_refused_before_any_work_naming_the_flag() {
         "/nonexistent.jsonl",
     ];
     let serve = ["serve", "--model", "/nonexistent"];
-    let cases: [(&[&str], &str, &str); 5] = [
+    let cases: [(&[&str], &str, &str); 6] = [
         (&eval, "--batch-size", "0"),
         (&eval, "--seq-len", "1"),
         (&serve, "--max-batch", "0"),
+        (&serve, "--max-loras", "0"),
         (&["bench", "--workload", "synthetic-35m"], "--rounds", "0"),
         (&["bench", "--workload", "synthetic-35m"], "--steps", "0"),
     ];
@@ -166,6 +167,23 @@ fn counts_of_the_other_commands_are_refused_before_any_work_naming_the_flag() {
             cmd[0]
         );
     }
+}
+
+#[test]
+fn serve_refuses_an_adapter_dir_that_is_not_a_folder_before_loading_the_model() {
+    let o = petal(&[
+        "serve",
+        "--model",
+        "/nonexistent",
+        "--adapter-dir",
+        "/nonexistent-dir",
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("--adapter-dir /nonexistent-dir: not a folder") && e.lines().count() == 1,
+        "{e}"
+    );
 }
 
 #[test]

@@ -250,7 +250,14 @@ pub fn generate_batch(model: &Llama, tok: &Tokenizer, reqs: &[Request]) -> Resul
     let mut out: Vec<Option<Generated>> = vec![None; reqs.len()];
     for (i, r) in reqs.iter().enumerate() {
         if let Some(f) = dec
-            .add(model, i, r.prompt, r.params.clone(), r.adapter, &mut |_, _, _| {})
+            .add(
+                model,
+                i,
+                r.prompt,
+                r.params.clone(),
+                r.adapter,
+                &mut |_, _, _| {},
+            )
             .map_err(|(_, e)| e)?
         {
             out[f.key] = Some(f.generated);

@@ -312,7 +312,11 @@ async fn adapter(req: Request<Incoming>, sh: Arc<Shared>, load: bool) -> Respons
         Err(r) => return r,
     };
     let (out, mut rx) = unbounded_channel();
-    if sh.engine.send(ToEngine::Adapter { load, body, out }).is_err() {
+    if sh
+        .engine
+        .send(ToEngine::Adapter { load, body, out })
+        .is_err()
+    {
         return unavailable("the server is shutting down".into());
     }
     match rx.recv().await {

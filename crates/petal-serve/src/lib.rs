@@ -2,8 +2,8 @@
 //! penalty, stop strings, streaming), with or without adapters, and `petal serve`'s HTTP
 //! server (many adapters side by side, each request through its own).
 
-pub mod batch;
 pub mod adapters;
+pub mod batch;
 mod fields;
 pub mod generate;
 pub mod http;

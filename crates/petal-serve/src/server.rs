@@ -210,12 +210,12 @@ impl Served<'_> {
             let f = Failure(503, "server_error", "the server is shutting down".into());
             return whole(&out, Err(f));
         }
-        let loaded = self.adapters().len();
+        let loaded = self.adapters();
         let job = parse(&body).and_then(|v| {
             self.load_on_use(&v, life, dec)?;
             self.job(&v, chat)
         });
-        if self.adapters().len() != loaded {
+        if self.adapters() != loaded {
             *models.write().unwrap_or_else(|e| e.into_inner()) = self.models();
         }
         let job = match job {
@@ -246,9 +246,14 @@ impl Served<'_> {
             params.seed = params.seed.wrapping_add(index as u64); // choices differ
             let ids = key.prompt().ids.clone();
             let model = &*self.model;
-            let added = dec.add(model, key, &ids, params, &job.adapter, &mut |key, text, lps| {
-                self.stream(key, text, lps)
-            });
+            let added = dec.add(
+                model,
+                key,
+                &ids,
+                params,
+                &job.adapter,
+                &mut |key, text, lps| self.stream(key, text, lps),
+            );
             match added {
                 Ok(None) => {}
                 Ok(Some(f)) => self.done(f, metrics),

@@ -152,7 +152,11 @@ fn sequences_joining_a_running_batch_midway_generate_what_each_does_alone() {
         if step == 5 {
             add(&mut dec, 2);
         }
-        for f in dec.step(&lm.model, &mut |_, _, _| {}).map_err(|(_, e)| e).unwrap() {
+        for f in dec
+            .step(&lm.model, &mut |_, _, _| {})
+            .map_err(|(_, e)| e)
+            .unwrap()
+        {
             most[f.key] = f.batch;
             got[f.key] = Some(f.generated.ids);
         }
@@ -233,7 +237,9 @@ fn a_prompt_read_a_chunk_a_step_generates_what_it_does_alone_beside_a_running_se
     let mut texts = [String::new(), String::new()];
     for (i, (prompt, a, n)) in jobs.iter().enumerate() {
         let ids = tok.encode(prompt, true).unwrap();
-        let added = dec.add(&lm.model, i, &ids, p(*n), a, &mut |k, t, _| texts[*k].push_str(t));
+        let added = dec.add(&lm.model, i, &ids, p(*n), a, &mut |k, t, _| {
+            texts[*k].push_str(t)
+        });
         assert!(added.map_err(|(_, e)| e).unwrap().is_none());
     }
     assert_eq!(dec.len(), 2);

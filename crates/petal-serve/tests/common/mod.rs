@@ -27,6 +27,18 @@ pub fn serving(
     max_batch: usize,
     f: impl FnOnce(SocketAddr, &Stop),
 ) {
+    serving_dir(lm, after, limits, max_batch, None, f)
+}
+
+/// `serving`, with adapters loaded and unloaded at run time from `adapter_dir`.
+pub fn serving_dir(
+    lm: &mut LoadedModel,
+    after: Duration,
+    limits: Limits,
+    max_batch: usize,
+    adapter_dir: Option<petal_serve::adapters::AdapterDir>,
+    f: impl FnOnce(SocketAddr, &Stop),
+) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let served = Served {
@@ -35,7 +47,7 @@ pub fn serving(
         model_id: "tiny-llama".into(),
         max_batch,
         max_tokens: 256,
-        adapter_dir: None,
+        adapter_dir,
     };
     let stop = Stop::default();
     std::thread::scope(|s| {
