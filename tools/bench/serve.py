@@ -125,6 +125,17 @@ def run(models, concurrency, requests, max_tokens, hostile):
             "itl_p50_s": pct(gaps, 0.5), "itl_p99_s": pct(gaps, 0.99)}
 
 
+def memory(pid):
+    """The server's resident memory now and at its peak so far, in MB."""
+    kb = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "VmHWM"):
+                kb[k] = int(v.split()[0])
+    return {"rss_mb": round(kb.get("VmRSS", 0) / 1024), "peak_rss_mb": round(kb.get("VmHWM", 0) / 1024)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("petal")
@@ -150,7 +161,7 @@ def main():
             for c in [int(x) for x in a.concurrency.split(",")]:
                 row = run(models, c, a.requests, a.max_tokens, sc)
                 row.update(max_batch=a.max_batch, max_tokens=a.max_tokens,
-                           adapters=len(a.adapter))
+                           adapters=len(a.adapter), **memory(p.pid))
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     finally:

@@ -81,6 +81,11 @@ impl<'a, K> Decoder<'a, K> {
         self.len() == 0
     }
 
+    /// The sequences whose prompts are still (wholly or partly) to be read.
+    pub fn waiting(&self) -> usize {
+        self.reading.len()
+    }
+
     /// Whether a sequence in the batch (its prompt read or not) goes through `adapter`.
     pub fn uses(&self, adapter: &str) -> bool {
         self.live.iter().any(|s| s.adapter == adapter)
@@ -101,10 +106,12 @@ impl<'a, K> Decoder<'a, K> {
             .collect()
     }
 
-    /// Prefills `prompt` through `adapter` (`__base__`: none); the sequence joins the batch,
-    /// or comes back at once if it is done already (its first token ends it). A prompt longer
-    /// than the prefill chunk joins to be read a chunk a step. `on_text` gets the key and each
-    /// piece of new text (streaming). On an error the key comes back with it.
+    /// Adds `prompt` through `adapter` (`__base__`: none). Into an empty batch a prompt of at
+    /// most the prefill chunk is read at once: the sequence joins the batch, or comes back at
+    /// once if it is done already (its first token ends it). Otherwise it waits to be read,
+    /// within the steps' budget of prefill tokens (see `step`). `on_text` gets the key and
+    /// each piece of new text (streaming) with its log-probabilities. On an error the key
+    /// comes back with it.
     #[allow(clippy::type_complexity)]
     pub fn add(
         &mut self,
@@ -115,7 +122,7 @@ impl<'a, K> Decoder<'a, K> {
         adapter: &str,
         on_text: &mut dyn FnMut(&mut K, &str, &[TokenLogprob]),
     ) -> Result<Option<Finished<K>>, (K, Error)> {
-        if prompt.len() > self.chunk {
+        if prompt.len() > self.chunk || !self.is_empty() {
             match Sequence::new(model, prompt, params) {
                 Err(e) => return Err((key, e)),
                 Ok(seq) => {
@@ -213,9 +220,10 @@ impl<'a, K> Decoder<'a, K> {
 
     /// One token for every sequence in the batch; those that finish leave it and come back.
     /// `on_text` as for `add`. On an error every sequence leaves, their keys coming back.
-    #[allow(clippy::type_complexity)]
-    /// A prompt still being read advances by one chunk first (an error there comes back with
-    /// that sequence's key alone).
+    /// First, prompts waiting to be read take up to one prefill chunk of tokens between them
+    /// (whole short prompts, or a part of a long one), so that however many arrive at once,
+    /// the running batch waits at most one chunk's forward a step (an error there comes back
+    /// with that sequence's key alone).
     pub fn step(
         &mut self,
         model: &Llama,
@@ -238,39 +246,45 @@ impl<'a, K> Decoder<'a, K> {
         }
     }
 
-    /// One chunk of the first prompt still being read; the sequence joins the batch (or comes
-    /// back, done or failed) after its last chunk.
+    /// Prompts still being read, in order, up to one chunk of tokens between them; each
+    /// sequence joins the batch after its prompt's last part. Stops early at a sequence done
+    /// at its first token, which comes back.
     #[allow(clippy::type_complexity)]
     fn read_chunk(
         &mut self,
         model: &Llama,
         on_text: &mut dyn FnMut(&mut K, &str, &[TokenLogprob]),
     ) -> Result<Option<Finished<K>>, (K, Error)> {
-        let Some(mut r) = self.reading.pop_front() else {
-            return Ok(None);
-        };
-        let end = (r.read + self.chunk).min(r.prompt.len());
-        if end < r.prompt.len() {
-            // a middle chunk: into the cache, no token yet
-            let ran = self.prefill(model, &mut r.seq, &r.prompt[r.read..end], &r.adapter, false);
-            return match ran {
-                Err(e) => Err((r.key, e)),
-                Ok(_) => {
-                    r.read = end;
-                    self.reading.push_front(r);
-                    Ok(None)
-                }
+        let mut budget = self.chunk;
+        while budget > 0 {
+            let Some(mut r) = self.reading.pop_front() else {
+                break;
             };
+            let end = (r.read + budget).min(r.prompt.len());
+            budget -= end - r.read;
+            if end < r.prompt.len() {
+                // a part: into the cache, no token yet (the budget is spent)
+                let part = &r.prompt[r.read..end];
+                if let Err(e) = self.prefill(model, &mut r.seq, part, &r.adapter, false) {
+                    return Err((r.key, e));
+                }
+                r.read = end;
+                self.reading.push_front(r);
+                break;
+            }
+            let Reading {
+                mut key,
+                seq,
+                adapter,
+                prompt,
+                read,
+            } = r;
+            let first = self.read(model, seq, &prompt[read..], &adapter, &mut key, on_text);
+            if let Some(done) = self.settle(key, &adapter, first)? {
+                return Ok(Some(done));
+            }
         }
-        let Reading {
-            mut key,
-            seq,
-            adapter,
-            prompt,
-            read,
-        } = r;
-        let first = self.read(model, seq, &prompt[read..], &adapter, &mut key, on_text);
-        self.settle(key, &adapter, first)
+        Ok(None)
     }
 
     fn try_step(

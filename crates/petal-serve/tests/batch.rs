@@ -268,3 +268,63 @@ fn a_prompt_read_a_chunk_a_step_generates_what_it_does_alone_beside_a_running_se
         "{short_len:?}"
     );
 }
+
+#[test]
+fn prompts_arriving_together_share_one_chunk_of_prefill_a_step_and_generate_what_they_do_alone() {
+    let g = golden();
+    let lm = load_model(g.join("llama").to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let p = |n| SamplingParams {
+        max_new_tokens: n,
+        ..Default::default()
+    };
+    let tok = &lm.tokenizer;
+    // two-word prompts of one length that run to the token limit alone (a sequence done at
+    // its first token would come back at once and end its step's reading early)
+    let (mut ids, mut want) = (Vec::new(), Vec::new());
+    for i in 1..60 {
+        let prompt = tok.encode(&format!("w{i} w{}", i + 7), true).unwrap();
+        let alone = generate(&lm.model, tok, &prompt, &p(10), &mut |_| {})
+            .unwrap()
+            .ids;
+        if alone.len() == 10
+            && ids
+                .first()
+                .is_none_or(|f: &Vec<u32>| f.len() == prompt.len())
+        {
+            ids.push(prompt);
+            want.push(alone);
+        }
+        if ids.len() == 4 {
+            break;
+        }
+    }
+    assert_eq!(ids.len(), 4, "not enough prompts that run to the limit");
+    let len = ids[0].len();
+    // a budget of two prompts' tokens a step: the first prompt is read at once (the batch is
+    // empty), the three arriving after it two a step, not all before the next step
+    let mut dec = petal_serve::Decoder::new(tok).with_prefill_chunk(2 * len);
+    let mut texts = vec![String::new(); 4];
+    let mut got = vec![None; 4];
+    for (i, prompt) in ids.iter().enumerate() {
+        let added = dec.add(&lm.model, i, prompt, p(10), "__base__", &mut |k, t, _| {
+            texts[*k].push_str(t)
+        });
+        assert!(added.map_err(|(_, e)| e).unwrap().is_none());
+    }
+    assert_eq!((dec.len(), dec.waiting()), (4, 3));
+    let mut waiting = Vec::new();
+    while !dec.is_empty() {
+        for f in dec
+            .step(&lm.model, &mut |k, t, _| texts[*k].push_str(t))
+            .map_err(|(_, e)| e)
+            .unwrap()
+        {
+            got[f.key] = Some(f.generated.ids);
+        }
+        waiting.push(dec.waiting());
+    }
+    assert_eq!(waiting[..2], [1, 0], "{waiting:?}");
+    for i in 0..4 {
+        assert_eq!(got[i].as_ref().unwrap(), &want[i], "sequence {i}");
+    }
+}
