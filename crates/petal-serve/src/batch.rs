@@ -153,7 +153,7 @@ impl<'a, K> Decoder<'a, K> {
         key: &mut K,
         on_text: &mut dyn FnMut(&mut K, &str, &[TokenLogprob]),
     ) -> Result<(Sequence, Option<u32>), Error> {
-        let logits = self.prefill(model, &mut seq, part, adapter, true)?;
+        let logits = Self::prefill(model, &mut seq, part, adapter, true)?;
         let ctx = model.cfg.max_position_embeddings;
         let next = seq.next(last_logits(&logits, 0)?, self.tok, ctx, &mut |t, l| {
             on_text(key, t, l)
@@ -165,7 +165,6 @@ impl<'a, K> Decoder<'a, K> {
     /// its `last` position (none: `last` false), or of every position where the prompt's
     /// log-probabilities are asked for (recorded into `seq`).
     fn prefill(
-        &self,
         model: &Llama,
         seq: &mut Sequence,
         part: &[u32],
@@ -246,7 +245,10 @@ impl<'a, K> Decoder<'a, K> {
         }
     }
 
-    /// Prompts still being read, in order, up to one chunk of tokens between them; each
+    /// Prompts still being read, up to one chunk of tokens between them: first every prompt
+    /// whose rest fits in what is left of the chunk (in arrival order), then a part of the
+    /// first one that does not (a long prompt, read over several steps, does not hold up the
+    /// short ones queued behind it; the batch's size bounds how many can pass it). Each
     /// sequence joins the batch after its prompt's last part. Stops early at a sequence done
     /// at its first token, which comes back.
     #[allow(clippy::type_complexity)]
@@ -256,32 +258,39 @@ impl<'a, K> Decoder<'a, K> {
         on_text: &mut dyn FnMut(&mut K, &str, &[TokenLogprob]),
     ) -> Result<Option<Finished<K>>, (K, Error)> {
         let mut budget = self.chunk;
-        while budget > 0 {
-            let Some(mut r) = self.reading.pop_front() else {
-                break;
-            };
-            let end = (r.read + budget).min(r.prompt.len());
-            budget -= end - r.read;
-            if end < r.prompt.len() {
-                // a part: into the cache, no token yet (the budget is spent)
-                let part = &r.prompt[r.read..end];
-                if let Err(e) = self.prefill(model, &mut r.seq, part, &r.adapter, false) {
-                    return Err((r.key, e));
-                }
-                r.read = end;
-                self.reading.push_front(r);
-                break;
+        let mut i = 0;
+        while budget > 0 && i < self.reading.len() {
+            let rest = self.reading[i].prompt.len() - self.reading[i].read;
+            if rest > budget {
+                i += 1;
+                continue;
             }
-            let Reading {
+            budget -= rest;
+            let Some(Reading {
                 mut key,
                 seq,
                 adapter,
                 prompt,
                 read,
-            } = r;
+            }) = self.reading.remove(i)
+            else {
+                break;
+            };
             let first = self.read(model, seq, &prompt[read..], &adapter, &mut key, on_text);
             if let Some(done) = self.settle(key, &adapter, first)? {
                 return Ok(Some(done));
+            }
+        }
+        if budget > 0 {
+            if let Some(r) = self.reading.front_mut() {
+                // a part of a long prompt: into the cache, no token yet
+                let end = r.read + budget; // < its length: it did not fit
+                let part = &r.prompt[r.read..end];
+                if let Err(e) = Self::prefill(model, &mut r.seq, part, &r.adapter, false) {
+                    let r = self.reading.pop_front().expect("the front prompt");
+                    return Err((r.key, e));
+                }
+                r.read = end;
             }
         }
         Ok(None)

@@ -328,3 +328,49 @@ fn prompts_arriving_together_share_one_chunk_of_prefill_a_step_and_generate_what
         assert_eq!(got[i].as_ref().unwrap(), &want[i], "sequence {i}");
     }
 }
+
+#[test]
+fn a_short_prompt_queued_behind_a_long_one_is_read_first_and_both_generate_what_they_do_alone() {
+    let g = golden();
+    let lm = load_model(g.join("llama").to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let p = |n| SamplingParams {
+        max_new_tokens: n,
+        ..Default::default()
+    };
+    let tok = &lm.tokenizer;
+    let encode = |s: &str| tok.encode(s, true).unwrap();
+    let (first, long, short) = (
+        encode("w1 w2"),
+        encode("w5 w9 w14 w20 w33 w7 w3 w60 w8 w3 w90 w45 w12 w11 w40 w41 w42"),
+        encode("w3 w4"),
+    );
+    let want: Vec<_> = [&first, &long, &short]
+        .iter()
+        .map(|i| generate(&lm.model, tok, i, &p(6), &mut |_| {}).unwrap().ids)
+        .collect();
+    let chunk = short.len() + 2;
+    assert!(long.len() > 2 * chunk);
+    let mut dec = petal_serve::Decoder::new(tok).with_prefill_chunk(chunk);
+    let mut got = vec![None; 3];
+    for (i, ids) in [&first, &long, &short].into_iter().enumerate() {
+        let added = dec.add(&lm.model, i, ids, p(6), "__base__", &mut |_, _, _| {});
+        assert!(added.map_err(|(_, e)| e).unwrap().is_none());
+    }
+    assert_eq!(dec.waiting(), 2);
+    let mut waiting = Vec::new();
+    while !dec.is_empty() {
+        for f in dec
+            .step(&lm.model, &mut |_, _, _| {})
+            .map_err(|(_, e)| e)
+            .unwrap()
+        {
+            got[f.key] = Some(f.generated.ids);
+        }
+        waiting.push(dec.waiting());
+    }
+    // the short prompt is read in the first step, the long one over the following ones
+    assert_eq!(waiting[0], 1, "{waiting:?}");
+    for i in 0..3 {
+        assert_eq!(got[i].as_ref().unwrap(), &want[i], "sequence {i}");
+    }
+}
