@@ -159,6 +159,18 @@ pub const ASSETS: &[Asset] = &[
         split: None,
     },
     Asset {
+        name: "elementary_math_qa",
+        what: "BIG-bench elementary_math_qa: multiple-choice math questions (three subtasks)",
+        package: "bigbench==1.0.0",
+        sdist: true,
+        file: "bigbench-1.0.0.tar.gz",
+        sha256: "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+        members: &["bigbench-1.0.0/bigbench/benchmark_tasks/elementary_math_qa/"],
+        suffix: "/task.json",
+        member_sha256: None,
+        split: None,
+    },
+    Asset {
         name: "multiemo",
         what: "BIG-bench multiemo: 57,466 sentences in 11 languages, aligned row by row \
                (tools/data/multiemo_translation.py makes English-French pairs)",

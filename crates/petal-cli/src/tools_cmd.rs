@@ -13,9 +13,24 @@ use std::path::PathBuf;
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// .jsonl / .txt file, folder, or asset:NAME[/file]
-    #[arg(long)]
+    /// .jsonl / .txt file, folder, or asset:NAME[/file]: loss and perplexity
+    #[arg(long, default_value = "")]
     pub data: String,
+    /// Accuracy on a task instead: a built-in (gsm8k, elementary_math_qa, multiemo) or a JSONL
+    /// file of `{"prompt", "choices", "answer": INDEX}` (multiple choice) or `{"prompt",
+    /// "answer"}` (generation, exact match) examples, each with an optional `"task"`
+    #[arg(long, default_value = "")]
+    pub task: String,
+    /// Generation tasks: how answers are read before matching: whole (trimmed), last-number,
+    /// or a regex whose first group is the answer (gsm8k: last-number)
+    #[arg(long, default_value = "")]
+    pub extract: String,
+    /// Generation tasks: stop strings (repeatable; default: a blank line, gsm8k's "Question:")
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Generation tasks: the most tokens generated per example
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
     #[arg(long, default_value_t = 128)]
     pub seq_len: usize,
     #[arg(long, default_value_t = 4)]
@@ -36,6 +51,12 @@ pub struct EvalArgs {
 
 pub fn run_eval(a: EvalArgs) -> Result<()> {
     crate::common::at_least(1, &[("batch-size", a.batch_size)])?;
+    match (a.data.is_empty(), a.task.is_empty()) {
+        (true, true) => bail!("petal eval: give --data (loss, perplexity) or --task (accuracy)"),
+        (false, false) => bail!("petal eval: --data and --task: give one"),
+        (true, false) => return run_task(&a),
+        (false, true) => {}
+    }
     crate::common::check_seq_len(a.seq_len)?;
     if crate::classify_cmd::is_seq_cls(Some(&a.task_type))? {
         let r = crate::classify_cmd::eval(
@@ -95,6 +116,62 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         );
         for (t, l) in &r.tasks {
             println!("  task {t}: loss {:.4} over {} tokens", l.loss, l.tokens);
+        }
+    }
+    Ok(())
+}
+
+/// `petal eval --task`: accuracy, per task, with a progress bar.
+fn run_task(a: &EvalArgs) -> Result<()> {
+    crate::common::at_least(1, &[("max-new-tokens", a.max_new_tokens)])?;
+    let (mut ex, scoring) = crate::task_cmd::load(&a.task, &a.extract, &a.stop, a.max_new_tokens)?;
+    if !a.tasks.is_empty() {
+        let known: std::collections::BTreeSet<&str> = ex.iter().map(|e| e.task.as_str()).collect();
+        if let Some(t) = a.tasks.iter().find(|t| !known.contains(t.as_str())) {
+            let known: Vec<&str> = known.into_iter().collect();
+            bail!(
+                "--tasks: no task `{t}` in {} (tasks: {})",
+                a.task,
+                known.join(", ")
+            );
+        }
+        ex.retain(|e| a.tasks.contains(&e.task));
+    }
+    if a.max_examples > 0 {
+        ex.truncate(a.max_examples);
+    }
+    let lm = a.model.load()?;
+    let bar = indicatif::ProgressBar::new(ex.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} examples [{elapsed_precise}<{eta_precise}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let r = crate::task_cmd::evaluate(&lm.model, &lm.tokenizer, &ex, &scoring, a.batch_size, &bar)?;
+    bar.finish_and_clear();
+    if a.json {
+        println!("{r}");
+        return Ok(());
+    }
+    let line = |name: &str, v: &serde_json::Value| {
+        let mut s = format!(
+            "{name}: accuracy {:.4} over {} examples",
+            v["accuracy"].as_f64().unwrap_or(0.0),
+            v["examples"]
+        );
+        if let Some(n) = v["acc_norm"].as_f64() {
+            s += &format!("  acc_norm {n:.4}");
+        }
+        if let Some(u) = v["unmatched"].as_u64().filter(|&u| u > 0) {
+            s += &format!("  ({u} answers the extractor did not find)");
+        }
+        s
+    };
+    println!("{}", line(&a.task, &r));
+    if let Some(tasks) = r["tasks"].as_object() {
+        for (t, v) in tasks {
+            println!("  {}", line(t, v));
         }
     }
     Ok(())

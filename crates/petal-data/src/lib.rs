@@ -4,6 +4,7 @@
 pub mod classify;
 pub mod dataset;
 pub mod error;
+pub mod tasks;
 pub mod template;
 pub mod tokenizer;
 

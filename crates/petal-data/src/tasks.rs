@@ -1,0 +1,362 @@
+//! Evaluation tasks (`petal eval --task`): examples scored by accuracy, not loss.
+//!
+//! A task file is JSONL, one example a line, in one of two forms (an optional `"task"` key
+//! names its sub-task for the per-task breakdown):
+//! - multiple choice: `{"prompt": "...", "choices": ["...", ...], "answer": INDEX}`; each
+//!   choice is scored by its log-likelihood after the prompt (the text `prompt + choice`, so
+//!   a choice carries its own leading space);
+//! - generation: `{"prompt": "...", "answer": "..."}`; the greedy continuation of the prompt
+//!   is compared with the answer after both pass the task's answer extractor.
+//!
+//! Built-in tasks read the real data petal fetches: GSM8K's test split (`gsm8k`: generation,
+//! the number after `####` in the reference, the last number of the output) and BIG-bench's
+//! multiple-choice `task.json` files (`elementary_math_qa`, `multiemo`: the choices are
+//! `target_scores`' keys, the answer its best-scored one).
+
+use crate::error::{DataError, Result};
+use serde_json::Value;
+use std::path::Path;
+
+/// What an example asks.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Item {
+    Choice { choices: Vec<String>, answer: usize },
+    Generate { answer: String },
+}
+
+/// One scored example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskExample {
+    pub task: String,
+    pub prompt: String,
+    pub item: Item,
+}
+
+/// How an answer is read out of a text before exact matching.
+#[derive(Debug, Clone)]
+pub enum Extract {
+    /// The whole text, trimmed
+    Whole,
+    /// The first capture group (or the whole match) of the first match
+    Regex(regex::Regex),
+    /// The last number in the text (commas and a trailing period dropped), as
+    /// lm-evaluation-harness's GSM8K "flexible-extract"
+    LastNumber,
+}
+
+impl Extract {
+    /// The answer in `text`, or None when the extractor finds nothing.
+    pub fn apply(&self, text: &str) -> Option<String> {
+        match self {
+            Extract::Whole => Some(text.trim().to_string()),
+            Extract::Regex(r) => r.captures(text).map(|c| {
+                c.get(1)
+                    .or_else(|| c.get(0))
+                    .map_or("", |m| m.as_str())
+                    .trim()
+                    .to_string()
+            }),
+            Extract::LastNumber => {
+                let r = regex::Regex::new(r"-?[0-9][0-9,]*(\.[0-9]+)?").expect("a valid regex");
+                r.find_iter(text)
+                    .last()
+                    .map(|m| normalise_number(m.as_str()))
+            }
+        }
+    }
+
+    /// `--extract`'s values: `whole`, `last-number`, or a regex (its first group).
+    pub fn parse(s: &str) -> std::result::Result<Extract, String> {
+        match s {
+            "" | "whole" => Ok(Extract::Whole),
+            "last-number" => Ok(Extract::LastNumber),
+            r => regex::Regex::new(r)
+                .map(Extract::Regex)
+                .map_err(|e| format!("--extract `{r}`: not a regex: {e}")),
+        }
+    }
+}
+
+/// `1,234` -> `1234`, `72.` -> `72`, `5.0` -> `5`.
+fn normalise_number(s: &str) -> String {
+    let s = s.replace(',', "");
+    let s = s.trim_end_matches('.');
+    match s.split_once('.') {
+        Some((int, frac)) if frac.chars().all(|c| c == '0') => int.to_string(),
+        _ => s.to_string(),
+    }
+}
+
+fn line_err(path: &Path, line: usize, msg: impl Into<String>) -> DataError {
+    DataError::Line {
+        path: path.to_path_buf(),
+        line,
+        msg: msg.into(),
+    }
+}
+
+/// A task file in petal's JSONL form (see the module doc); `task` names examples without a
+/// `"task"` key.
+pub fn load_task_file(path: &Path, task: &str) -> Result<Vec<TaskExample>> {
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| line_err(path, n, format!("not JSON: {e}")))?;
+        let field = |k: &str| {
+            v.get(k)
+                .ok_or_else(|| line_err(path, n, format!("no `{k}` key")))
+        };
+        let prompt = field("prompt")?
+            .as_str()
+            .ok_or_else(|| line_err(path, n, "`prompt` must be a string"))?
+            .to_string();
+        let answer = field("answer")?;
+        let item = match v.get("choices") {
+            Some(c) => {
+                let choices = c
+                    .as_array()
+                    .and_then(|a| {
+                        a.iter()
+                            .map(|x| x.as_str().map(str::to_string))
+                            .collect::<Option<Vec<_>>>()
+                    })
+                    .filter(|c| c.len() >= 2)
+                    .ok_or_else(|| {
+                        line_err(path, n, "`choices` must be a list of 2 or more strings")
+                    })?;
+                let answer = answer
+                    .as_u64()
+                    .map(|a| a as usize)
+                    .filter(|&a| a < choices.len())
+                    .ok_or_else(|| {
+                        line_err(
+                            path,
+                            n,
+                            format!(
+                                "`answer` must be a choice's index, 0..{}",
+                                choices.len() - 1
+                            ),
+                        )
+                    })?;
+                Item::Choice { choices, answer }
+            }
+            None => Item::Generate {
+                answer: answer
+                    .as_str()
+                    .ok_or_else(|| {
+                        line_err(path, n, "`answer` must be a string (or add `choices`)")
+                    })?
+                    .to_string(),
+            },
+        };
+        let task = match v.get("task") {
+            None | Some(Value::Null) => task.to_string(),
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => return Err(line_err(path, n, "`task` must be a string")),
+        };
+        out.push(TaskExample { task, prompt, item });
+    }
+    if out.is_empty() {
+        return Err(DataError::Msg(format!("{}: no examples", path.display())));
+    }
+    Ok(out)
+}
+
+/// GSM8K's `test.jsonl` (`question`, `answer` ending in `#### N`) as generation examples in
+/// lm-evaluation-harness's zero-shot form: `Question: ...\nAnswer:`, the reference being N.
+pub fn gsm8k(path: &Path) -> Result<Vec<TaskExample>> {
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let gold = regex::Regex::new(r"####\s*(-?[0-9.,]+)").expect("a valid regex");
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let v: Value = serde_json::from_str(line)
+            .map_err(|e| line_err(path, i + 1, format!("not JSON: {e}")))?;
+        let s = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_str)
+                .ok_or_else(|| line_err(path, i + 1, format!("no `{k}` string")))
+        };
+        let answer = gold
+            .captures(s("answer")?)
+            .and_then(|c| c.get(1))
+            .map(|m| normalise_number(m.as_str()))
+            .ok_or_else(|| line_err(path, i + 1, "`answer` has no `#### N`"))?;
+        out.push(TaskExample {
+            task: "gsm8k".into(),
+            prompt: format!("Question: {}\nAnswer:", s("question")?),
+            item: Item::Generate { answer },
+        });
+    }
+    Ok(out)
+}
+
+/// A BIG-bench multiple-choice `task.json` (examples with `input` and `target_scores`), in
+/// BIG-bench's own prompt form: `example_input_prefix` (default `\nQ: `) + input +
+/// `example_output_prefix` (default `\nA: `), trimmed, each choice after it with a space; the answer is the choice
+/// with the highest target score. Examples without `target_scores` are skipped.
+pub fn bigbench(path: &Path, task: &str) -> Result<Vec<TaskExample>> {
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| DataError::Msg(format!("{}: not JSON: {e}", path.display())))?;
+    let prefix = |k: &str, default: &str| {
+        v.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or(default)
+            .to_string()
+    };
+    let (before, after) = (
+        prefix("example_input_prefix", "\nQ: "),
+        prefix("example_output_prefix", "\nA: "),
+    );
+    let task_prefix = prefix("task_prefix", "");
+    let examples = v
+        .get("examples")
+        .and_then(Value::as_array)
+        .ok_or_else(|| DataError::Msg(format!("{}: no `examples` list", path.display())))?;
+    let mut out = Vec::new();
+    for e in examples {
+        let (Some(input), Some(scores)) = (
+            e.get("input").and_then(Value::as_str),
+            e.get("target_scores").and_then(Value::as_object),
+        ) else {
+            continue;
+        };
+        let choices: Vec<String> = scores.keys().cloned().collect();
+        let best = scores
+            .values()
+            .enumerate()
+            .max_by(|a, b| {
+                let f = |v: &Value| v.as_f64().unwrap_or(f64::MIN);
+                f(a.1).total_cmp(&f(b.1)).then(b.0.cmp(&a.0))
+            })
+            .map(|(i, _)| i);
+        let Some(answer) = best.filter(|_| choices.len() >= 2) else {
+            continue;
+        };
+        out.push(TaskExample {
+            task: task.to_string(),
+            prompt: format!("{task_prefix}{before}{input}{after}")
+                .trim()
+                .to_string(),
+            item: Item::Choice {
+                choices: choices
+                    .into_iter()
+                    .map(|c| format!(" {}", c.trim()))
+                    .collect(),
+                answer,
+            },
+        });
+    }
+    if out.is_empty() {
+        return Err(DataError::Msg(format!(
+            "{}: no multiple-choice examples (`input` with `target_scores`)",
+            path.display()
+        )));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extractors_read_gsm8k_answers_numbers_and_regex_groups() {
+        let last = Extract::LastNumber;
+        assert_eq!(
+            last.apply("so 3 + 4 = 7. The answer is 1,234."),
+            Some("1234".into())
+        );
+        assert_eq!(last.apply("it costs -5.50 dollars"), Some("-5.50".into()));
+        assert_eq!(last.apply("no digits here"), None);
+        assert_eq!(last.apply("18.0"), Some("18".into()));
+        let r = Extract::parse(r"#### (\d+)").unwrap();
+        assert_eq!(r.apply("work\n#### 42\n"), Some("42".into()));
+        assert_eq!(r.apply("nothing"), None);
+        assert_eq!(
+            Extract::parse("whole").unwrap().apply("  Paris \n"),
+            Some("Paris".into())
+        );
+        assert!(Extract::parse("(").unwrap_err().contains("not a regex"));
+    }
+
+    #[test]
+    fn task_files_read_both_forms_and_name_the_line_of_a_bad_example() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.jsonl");
+        std::fs::write(
+            &p,
+            "{\"prompt\": \"2+2=\", \"choices\": [\" 3\", \" 4\"], \"answer\": 1}\n\
+             {\"prompt\": \"Capital of France?\", \"answer\": \"Paris\", \"task\": \"geo\"}\n",
+        )
+        .unwrap();
+        let ex = load_task_file(&p, "t").unwrap();
+        assert_eq!(ex.len(), 2);
+        assert_eq!(
+            ex[0].item,
+            Item::Choice {
+                choices: vec![" 3".into(), " 4".into()],
+                answer: 1
+            }
+        );
+        assert_eq!((ex[0].task.as_str(), ex[1].task.as_str()), ("t", "geo"));
+        for (line, want) in [
+            (
+                "{\"choices\": [\"a\", \"b\"], \"answer\": 0}",
+                "t.jsonl:2: no `prompt` key",
+            ),
+            ("{\"prompt\": \"x\"}", "t.jsonl:2: no `answer` key"),
+            (
+                "{\"prompt\": \"x\", \"choices\": [\"a\", \"b\"], \"answer\": 2}",
+                "0..1",
+            ),
+            (
+                "{\"prompt\": \"x\", \"choices\": [\"a\"], \"answer\": 0}",
+                "2 or more",
+            ),
+            ("{\"prompt\": \"x\", \"answer\": 3}", "must be a string"),
+        ] {
+            std::fs::write(
+                &p,
+                format!("{{\"prompt\": \"ok\", \"answer\": \"y\"}}\n{line}\n"),
+            )
+            .unwrap();
+            let e = load_task_file(&p, "t").unwrap_err().to_string();
+            assert!(e.contains(want), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn bigbench_examples_take_the_best_scored_target_as_the_answer() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("task.json");
+        let task = serde_json::json!({
+            "examples": [
+                {"input": "What is 1+1?", "target_scores": {"1": 0, "2": 1, "3": 0}},
+                {"input": "no scores", "target": "x"}
+            ]
+        });
+        std::fs::write(&p, task.to_string()).unwrap();
+        let ex = bigbench(&p, "math").unwrap();
+        assert_eq!(ex.len(), 1);
+        assert_eq!(ex[0].prompt, "Q: What is 1+1?\nA:");
+        let Item::Choice { choices, answer } = &ex[0].item else {
+            panic!("{:?}", ex[0].item)
+        };
+        assert_eq!(choices[*answer], " 2");
+    }
+}
