@@ -31,7 +31,10 @@ def main():
     model = LlamaForCausalLM.from_pretrained(os.path.join(ROOT, "llama")).eval()
     tok = AutoTokenizer.from_pretrained(os.path.join(ROOT, "llama"))
     rng = random.Random(0)
-    word = lambda: f"w{rng.randrange(3, 96)}"
+    # no word that begins with "w1" or "w2": transformers splits those at its special tokens
+    # w1 (bos) and w2 (eos) ("w21" -> "w2", "1"), which the tokenizer.json alone does not
+    words = [f"w{i}" for i in range(3, 96) if not str(i).startswith(("1", "2"))]
+    word = lambda: rng.choice(words)
     examples, scores = [], []
     for i in range(12):
         prompt = " ".join(word() for _ in range(rng.randrange(3, 9))) + (" " if i % 3 == 0 else "")

@@ -129,7 +129,9 @@ struct Tally {
 }
 
 /// Scores `examples`: the report as JSON (`accuracy`, and for multiple choice `acc_norm`,
-/// `examples`, `unmatched` generations, `tasks`).
+/// `examples`, `unmatched` generations, `tasks`), and one record an example (the choices'
+/// log-likelihoods, or the generated text and what was read from it; whether right), in the
+/// examples' order.
 pub fn evaluate(
     model: &Llama,
     tok: &Tokenizer,
@@ -137,30 +139,31 @@ pub fn evaluate(
     scoring: &Scoring,
     batch: usize,
     bar: &indicatif::ProgressBar,
-) -> Result<Value> {
+) -> Result<(Value, Vec<Value>)> {
     let mut tally: BTreeMap<String, Tally> = BTreeMap::new();
-    let choice: Vec<&TaskExample> = examples
+    let mut samples = vec![Value::Null; examples.len()];
+    let (choice, generate): (Vec<_>, Vec<_>) = examples
         .iter()
-        .filter(|e| matches!(e.item, Item::Choice { .. }))
-        .collect();
-    let generate: Vec<&TaskExample> = examples
-        .iter()
-        .filter(|e| matches!(e.item, Item::Generate { .. }))
-        .collect();
+        .enumerate()
+        .partition(|(_, e)| matches!(e.item, Item::Choice { .. }));
     for group in choice.chunks(batch.max(1)) {
-        for (e, (acc, norm)) in group.iter().zip(choose(model, tok, group, batch)?) {
+        let exs: Vec<&TaskExample> = group.iter().map(|(_, e)| *e).collect();
+        for ((i, e), (scores, acc, norm)) in group.iter().zip(choose(model, tok, &exs, batch)?) {
             let t = tally.entry(e.task.clone()).or_default();
             t.n += 1;
             t.choice += 1;
             t.correct += usize::from(acc);
             t.correct_norm += usize::from(norm);
+            samples[*i] = json!({"index": i, "task": e.task, "loglikelihoods": scores,
+                                 "correct": acc, "correct_norm": norm});
         }
         bar.inc(group.len() as u64);
     }
     let rows = row_adapter(model);
     for group in generate.chunks(batch.max(1)) {
-        let texts = generated(model, tok, group, scoring, rows.as_deref())?;
-        for (e, text) in group.iter().zip(texts) {
+        let exs: Vec<&TaskExample> = group.iter().map(|(_, e)| *e).collect();
+        let texts = generated(model, tok, &exs, scoring, rows.as_deref())?;
+        for ((i, e), text) in group.iter().zip(texts) {
             let Item::Generate { answer } = &e.item else {
                 continue;
             };
@@ -170,10 +173,13 @@ pub fn evaluate(
                 Some(answer.trim().to_string())
             };
             let got = scoring.extract.apply(&text);
+            let right = got.is_some() && got == gold;
             let t = tally.entry(e.task.clone()).or_default();
             t.n += 1;
             t.unmatched += usize::from(got.is_none());
-            t.correct += usize::from(got.is_some() && got == gold);
+            t.correct += usize::from(right);
+            samples[*i] = json!({"index": i, "task": e.task, "output": text, "extracted": got,
+                                 "reference": gold, "correct": right});
         }
         bar.inc(group.len() as u64);
     }
@@ -204,17 +210,17 @@ pub fn evaluate(
             .collect::<serde_json::Map<_, _>>()
             .into();
     }
-    Ok(out)
+    Ok((out, samples))
 }
 
-/// For each multiple-choice example: whether its best choice by log-likelihood is the answer,
-/// and by log-likelihood per character.
+/// For each multiple-choice example: its choices' log-likelihoods, whether the best one is the
+/// answer, and whether the best per character is.
 fn choose(
     model: &Llama,
     tok: &Tokenizer,
     group: &[&TaskExample],
     batch: usize,
-) -> Result<Vec<(bool, bool)>> {
+) -> Result<Vec<(Vec<f64>, bool, bool)>> {
     // every (example, choice) as one sequence: its ids and where the choice's tokens begin
     let mut seqs = Vec::new();
     for e in group {
@@ -244,7 +250,7 @@ fn choose(
         // per character of the choice, its leading space not counted (as the harness's
         // choices come without their delimiter)
         let norm = best(&|i| s[i] / choices[i].trim_start().chars().count().max(1) as f64);
-        out.push((acc == *answer, norm == *answer));
+        out.push((s.to_vec(), acc == *answer, norm == *answer));
     }
     Ok(out)
 }

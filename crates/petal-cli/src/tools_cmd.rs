@@ -31,6 +31,10 @@ pub struct EvalArgs {
     /// Generation tasks: the most tokens generated per example
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
+    /// With --task: write one JSON line an example here (the choices' log-likelihoods, or the
+    /// generated text and what the extractor read; whether it was right)
+    #[arg(long)]
+    pub samples: Option<PathBuf>,
     #[arg(long, default_value_t = 128)]
     pub seq_len: usize,
     #[arg(long, default_value_t = 4)]
@@ -148,8 +152,13 @@ fn run_task(a: &EvalArgs) -> Result<()> {
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let r = crate::task_cmd::evaluate(&lm.model, &lm.tokenizer, &ex, &scoring, a.batch_size, &bar)?;
+    let (r, samples) =
+        crate::task_cmd::evaluate(&lm.model, &lm.tokenizer, &ex, &scoring, a.batch_size, &bar)?;
     bar.finish_and_clear();
+    if let Some(p) = &a.samples {
+        let text: String = samples.iter().map(|s| format!("{s}\n")).collect();
+        petal_io::write_atomic(p, text.as_bytes())?;
+    }
     if a.json {
         println!("{r}");
         return Ok(());

@@ -70,9 +70,12 @@ impl Extract {
         match s {
             "" | "whole" => Ok(Extract::Whole),
             "last-number" => Ok(Extract::LastNumber),
-            r => regex::Regex::new(r)
-                .map(Extract::Regex)
-                .map_err(|e| format!("--extract `{r}`: not a regex: {e}")),
+            r => regex::Regex::new(r).map(Extract::Regex).map_err(|e| {
+                // regex's message draws the pattern over several lines: its last says why
+                let e = e.to_string();
+                let why = e.lines().last().unwrap_or_default().trim();
+                format!("--extract `{r}`: not a regex ({why})")
+            }),
         }
     }
 }

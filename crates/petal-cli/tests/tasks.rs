@@ -1,0 +1,167 @@
+//! `petal eval --task` on the tiny golden Llama: multiple-choice log-likelihoods, `acc` and
+//! `acc_norm` against transformers scoring them as lm-evaluation-harness does
+//! (tests/fixtures/golden/task_mc.*, tools/golden/make_task_fixture.py), batched or not;
+//! generation scored by exact match after the extractor against `generate` run one prompt at a
+//! time; and the task file's bad input.
+
+mod common;
+use common::{golden, petal, stderr};
+use serde_json::Value;
+use std::path::Path;
+
+fn run(task: &Path, extra: &[&str]) -> (Value, Vec<Value>) {
+    let d = tempfile::tempdir().unwrap();
+    let samples = d.path().join("samples.jsonl");
+    let model = golden().join("llama");
+    let mut args = vec![
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--task",
+        task.to_str().unwrap(),
+        "--samples",
+        samples.to_str().unwrap(),
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let o = petal(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report = serde_json::from_slice(&o.stdout).unwrap();
+    let text = std::fs::read_to_string(samples).unwrap();
+    let rows = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (report, rows)
+}
+
+#[test]
+fn multiple_choice_scores_equal_the_harness_way_computed_by_transformers_batched_or_not() {
+    let task = golden().join("task_mc.jsonl");
+    let want: Value = serde_json::from_str(
+        &std::fs::read_to_string(golden().join("task_mc_scores.json")).unwrap(),
+    )
+    .unwrap();
+    for batch in ["1", "5"] {
+        let (report, rows) = run(&task, &["--batch-size", batch]);
+        let scores = want["scores"].as_array().unwrap();
+        assert_eq!(rows.len(), scores.len());
+        for (i, (row, w)) in rows.iter().zip(scores).enumerate() {
+            let got = row["loglikelihoods"].as_array().unwrap();
+            let w = w.as_array().unwrap();
+            assert_eq!(got.len(), w.len(), "example {i}");
+            for (g, w) in got.iter().zip(w) {
+                let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
+                assert!(
+                    (g - w).abs() < 1e-4,
+                    "batch {batch}, example {i}: {g} vs {w}"
+                );
+            }
+        }
+        assert_eq!(report["accuracy"], want["acc"], "batch {batch}");
+        assert_eq!(report["acc_norm"], want["acc_norm"], "batch {batch}");
+        let tasks = report["tasks"].as_object().unwrap();
+        assert_eq!(tasks.len(), 2, "{report}");
+        let n: u64 = tasks
+            .values()
+            .map(|t| t["examples"].as_u64().unwrap())
+            .sum();
+        assert_eq!(n, 12);
+    }
+}
+
+#[test]
+fn generation_is_scored_by_exact_match_after_the_extractor_and_unmatched_answers_are_counted() {
+    // the references: half the model's own greedy continuation (petal_serve::generate, one
+    // prompt at a time, itself checked against transformers), half something else
+    let lm = petal_io::load_model(
+        golden().join("llama").to_str().unwrap(),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let prompts = [
+        "w5 w9",
+        "w33 w7 w40",
+        "w60 w8",
+        "w3 w90 w45",
+        "w71 w44",
+        "w50 w51 w52",
+    ];
+    let p = petal_serve::SamplingParams {
+        max_new_tokens: 4,
+        ..Default::default()
+    };
+    let d = tempfile::tempdir().unwrap();
+    let task = d.path().join("gen.jsonl");
+    let mut lines = String::new();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let ids = lm.tokenizer.encode(prompt, false).unwrap();
+        let text = petal_serve::generate(&lm.model, &lm.tokenizer, &ids, &p, &mut |_| {})
+            .unwrap()
+            .text;
+        let answer = if i % 2 == 0 {
+            text
+        } else {
+            "w0 w0".to_string()
+        };
+        lines += &serde_json::json!({"prompt": prompt, "answer": answer}).to_string();
+        lines.push('\n');
+    }
+    std::fs::write(&task, lines).unwrap();
+    let (report, rows) = run(&task, &["--max-new-tokens", "4", "--batch-size", "4"]);
+    assert_eq!(report["accuracy"], 0.5, "{report}");
+    assert_eq!(report["unmatched"], 0);
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row["correct"], i % 2 == 0, "{row}");
+    }
+    // an extractor that finds nothing: counted, scored wrong, no crash
+    let (report, _) = run(
+        &task,
+        &["--max-new-tokens", "4", "--extract", "#### (\\d+)"],
+    );
+    assert_eq!(report["unmatched"], 6, "{report}");
+    assert_eq!(report["accuracy"], 0.0);
+}
+
+#[test]
+fn a_bad_task_is_refused_in_one_line_naming_the_line_or_the_choices() {
+    let d = tempfile::tempdir().unwrap();
+    let task = d.path().join("t.jsonl");
+    std::fs::write(
+        &task,
+        "{\"prompt\": \"w5\", \"answer\": \"w6\"}\n{\"prompt\": \"w7\"}\n",
+    )
+    .unwrap();
+    let model = golden().join("llama");
+    let m = model.to_str().unwrap();
+    for (args, want) in [
+        (
+            vec!["--task", task.to_str().unwrap()],
+            "t.jsonl:2: no `answer` key",
+        ),
+        (
+            vec!["--task", "nope"],
+            "neither a built-in task (gsm8k, elementary_math_qa, multiemo)",
+        ),
+        (
+            vec!["--task", "nope", "--data", "x.jsonl"],
+            "--data and --task: give one",
+        ),
+        (
+            vec![],
+            "give --data (loss, perplexity) or --task (accuracy)",
+        ),
+        (
+            vec!["--task", task.to_str().unwrap(), "--extract", "("],
+            "not a regex",
+        ),
+    ] {
+        let mut all = vec!["eval", "--model", m];
+        all.extend(args);
+        let o = petal(&all);
+        assert!(!o.status.success());
+        let e = stderr(&o);
+        assert!(e.contains(want) && e.lines().count() == 1, "{all:?}: {e}");
+    }
+}
