@@ -4,8 +4,8 @@
 //! each log-likelihood divided by the choice's length in characters. Generation examples are
 //! generated greedily (batched) and scored by exact match after the answer extractor.
 
-use anyhow::{bail, Context, Result};
-use candle_core::{IndexOp, Tensor};
+use anyhow::{bail, Result};
+use candle_core::Tensor;
 use petal_core::Ctx;
 use petal_data::tasks::{Extract, Item, TaskExample};
 use petal_data::Tokenizer;
@@ -65,29 +65,25 @@ pub fn load(
             ))
         }
         "elementary_math_qa" | "multiemo" => {
+            // BIG-bench's task.json files, unpacked as SUBTASK.json
             let dir = crate::assets::ensure(task)?;
-            let mut files = Vec::new();
-            collect_task_files(&dir, &mut files)?;
-            if task == "multiemo" {
-                // the English sentences (the other languages are translations of them)
-                files.retain(|f| f.parent().is_some_and(|p| p.ends_with("en")));
-            }
-            files.sort();
+            let pick: &[&str] = if task == "multiemo" {
+                // the English texts of every domain (the other languages translate them)
+                &["all_text_en"]
+            } else {
+                // the questions alone first, then with each kind of hint
+                &[
+                    "question_only",
+                    "question_with_mathematical_hint",
+                    "question_with_language_hint",
+                    "mathematical_hint_only",
+                    "language_hint_only",
+                ]
+            };
             let mut ex = Vec::new();
-            for f in &files {
-                let sub = f
-                    .parent()
-                    .and_then(|p| p.file_name())
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .filter(|n| n != task)
-                    .map_or(task.to_string(), |n| format!("{task}/{n}"));
-                ex.extend(petal_data::tasks::bigbench(f, &sub)?);
-            }
-            if ex.is_empty() {
-                bail!(
-                    "{}: no task.json with multiple-choice examples",
-                    dir.display()
-                );
+            for sub in pick {
+                let f = dir.join(format!("{sub}.json"));
+                ex.extend(petal_data::tasks::bigbench(&f, &format!("{task}/{sub}"))?);
             }
             Ok((ex, scoring(Extract::Whole, false, stop(&["\n\n"]))))
         }
@@ -104,18 +100,6 @@ pub fn load(
             Ok((ex, scoring(user, true, stop(&["\n\n"]))))
         }
     }
-}
-
-fn collect_task_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) -> Result<()> {
-    for e in std::fs::read_dir(dir).with_context(|| format!("{}", dir.display()))? {
-        let p = e?.path();
-        if p.is_dir() {
-            collect_task_files(&p, out)?;
-        } else if p.file_name().is_some_and(|n| n == "task.json") {
-            out.push(p);
-        }
-    }
-    Ok(())
 }
 
 /// Per-task counts.
@@ -148,7 +132,7 @@ pub fn evaluate(
         .partition(|(_, e)| matches!(e.item, Item::Choice { .. }));
     for group in choice.chunks(batch.max(1)) {
         let exs: Vec<&TaskExample> = group.iter().map(|(_, e)| *e).collect();
-        for ((i, e), (scores, acc, norm)) in group.iter().zip(choose(model, tok, &exs, batch)?) {
+        for ((i, e), (scores, acc, norm)) in group.iter().zip(choose(model, tok, &exs)?) {
             let t = tally.entry(e.task.clone()).or_default();
             t.n += 1;
             t.choice += 1;
@@ -214,87 +198,95 @@ pub fn evaluate(
 }
 
 /// For each multiple-choice example: its choices' log-likelihoods, whether the best one is the
-/// answer, and whether the best per character is.
+/// answer, and whether the best per character is. The prompt is read once into a KV cache and
+/// each choice continued from a copy of it.
 fn choose(
     model: &Llama,
     tok: &Tokenizer,
     group: &[&TaskExample],
-    batch: usize,
 ) -> Result<Vec<(Vec<f64>, bool, bool)>> {
-    // every (example, choice) as one sequence: its ids and where the choice's tokens begin
-    let mut seqs = Vec::new();
-    for e in group {
-        let Item::Choice { choices, .. } = &e.item else {
-            continue;
-        };
-        for c in choices {
-            let (ids, from) = encode_pair(tok, &e.prompt, c)?;
-            seqs.push(fit(ids, from, model.cfg.max_position_embeddings));
-        }
-    }
-    let mut scores = Vec::with_capacity(seqs.len());
-    for part in seqs.chunks(batch.max(1)) {
-        scores.extend(continuation_logprobs(model, part)?);
-    }
     let mut out = Vec::new();
-    let mut at = 0;
     for e in group {
         let Item::Choice { choices, answer } = &e.item else {
             continue;
         };
-        let s = &scores[at..at + choices.len()];
-        at += choices.len();
+        let s = choice_logprobs(model, tok, &e.prompt, choices)?;
         let best =
             |f: &dyn Fn(usize) -> f64| (0..s.len()).fold(0, |b, i| if f(i) > f(b) { i } else { b });
         let acc = best(&|i| s[i]);
         // per character of the choice, its leading space not counted (as the harness's
         // choices come without their delimiter)
         let norm = best(&|i| s[i] / choices[i].trim_start().chars().count().max(1) as f64);
-        out.push((s.to_vec(), acc == *answer, norm == *answer));
+        out.push((s.clone(), acc == *answer, norm == *answer));
     }
     Ok(out)
 }
 
 /// lm-evaluation-harness's `_encode_pair`: the context's trailing spaces move onto the
 /// continuation, both are encoded without special tokens, and the continuation's tokens are
-/// those of `context + continuation` after the context's; an empty context is the
-/// end-of-sequence token. The ids and where the continuation begins.
-fn encode_pair(tok: &Tokenizer, context: &str, continuation: &str) -> Result<(Vec<u32>, usize)> {
+/// those of `context + continuation` after the context's length; an empty context is the
+/// end-of-sequence token. The context's ids and the continuation's.
+fn encode_pair(tok: &Tokenizer, context: &str, continuation: &str) -> Result<(Vec<u32>, Vec<u32>)> {
     let trimmed = context.trim_end();
     let moved = format!("{}{continuation}", &context[trimmed.len()..]);
     let whole = tok.encode(&format!("{trimmed}{moved}"), false)?;
     let ctx = tok.encode(trimmed, false)?;
+    let cont = whole[ctx.len().min(whole.len())..].to_vec();
     if ctx.is_empty() {
-        let eos = tok.eos_id.unwrap_or(0);
-        return Ok((std::iter::once(eos).chain(whole).collect(), 1));
+        return Ok((vec![tok.eos_id.unwrap_or(0)], cont));
     }
-    let from = ctx.len().min(whole.len());
-    Ok((whole, from))
+    Ok((ctx, cont))
 }
 
-/// `ids` cut from the front to the model's context (the choice's tokens kept), and where the
-/// choice begins in it.
-fn fit(ids: Vec<u32>, from: usize, context: usize) -> (Vec<u32>, usize) {
-    let cut = ids.len().saturating_sub(context);
-    (ids[cut..].to_vec(), from.saturating_sub(cut).max(1))
-}
-
-/// Sum of log p(ids[p] | ids[..p]) over p from each sequence's start of continuation, the
-/// sequences run as one right-padded batch (causal: padding after a sequence cannot reach it).
-fn continuation_logprobs(model: &Llama, seqs: &[(Vec<u32>, usize)]) -> Result<Vec<f64>> {
-    let t = seqs.iter().map(|s| s.0.len()).max().unwrap_or(0);
-    let mut flat = Vec::with_capacity(seqs.len() * t);
-    for (ids, _) in seqs {
-        flat.extend_from_slice(ids);
-        flat.extend(std::iter::repeat_n(0u32, t - ids.len()));
-    }
-    let ids = Tensor::from_vec(flat, (seqs.len(), t), model.device())?;
-    let logits = model.forward(&ids, None, &Ctx::eval())?;
-    let mut out = Vec::with_capacity(seqs.len());
-    for (r, (ids, from)) in seqs.iter().enumerate() {
+/// Sum of the continuation tokens' log-probabilities for each choice after `prompt`: the
+/// prompt's tokens (cut from the front to leave room for the longest choice in the model's
+/// context) through the model once, each choice's tokens after a copy of its KV cache.
+fn choice_logprobs(
+    model: &Llama,
+    tok: &Tokenizer,
+    prompt: &str,
+    choices: &[String],
+) -> Result<Vec<f64>> {
+    let pairs = choices
+        .iter()
+        .map(|c| encode_pair(tok, prompt, c))
+        .collect::<Result<Vec<_>>>()?;
+    // the context is the same for every choice (it depends on the prompt alone)
+    let ctx_ids = &pairs[0].0;
+    let longest = pairs.iter().map(|p| p.1.len()).max().unwrap_or(0);
+    let room = model
+        .cfg
+        .max_position_embeddings
+        .saturating_sub(longest)
+        .max(1);
+    let ctx_ids = &ctx_ids[ctx_ids.len().saturating_sub(room)..];
+    let dev = model.device();
+    let ctx = Ctx::eval();
+    let mut cache = model.new_cache();
+    let h = model.hidden_states(
+        &Tensor::new(ctx_ids, dev)?.unsqueeze(0)?,
+        Some(&mut cache),
+        &ctx,
+    )?;
+    let last = h.narrow(1, ctx_ids.len() - 1, 1)?.squeeze(0)?; // predicts each choice's first token
+    let mut out = Vec::with_capacity(pairs.len());
+    for (_, cont) in &pairs {
+        if cont.is_empty() {
+            out.push(0.0);
+            continue;
+        }
+        let mut rows = vec![last.clone()];
+        if cont.len() > 1 {
+            let mut c = cache.clone();
+            let x = Tensor::new(&cont[..cont.len() - 1], dev)?.unsqueeze(0)?;
+            rows.push(model.hidden_states(&x, Some(&mut c), &ctx)?.squeeze(0)?);
+        }
+        let logits: Vec<Vec<f32>> = model
+            .head(&Tensor::cat(&rows, 0)?, &ctx)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2()?;
         let mut sum = 0.0f64;
-        for p in *from..ids.len() {
-            let row: Vec<f32> = logits.i((r, p - 1))?.to_vec1()?;
+        for (row, &id) in logits.iter().zip(cont) {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
             let lse = row
                 .iter()
@@ -302,7 +294,7 @@ fn continuation_logprobs(model: &Llama, seqs: &[(Vec<u32>, usize)]) -> Result<Ve
                 .sum::<f64>()
                 .ln()
                 + max;
-            sum += row[ids[p] as usize] as f64 - lse;
+            sum += row[id as usize] as f64 - lse;
         }
         out.push(sum);
     }

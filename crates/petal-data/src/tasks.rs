@@ -205,8 +205,10 @@ pub fn gsm8k(path: &Path) -> Result<Vec<TaskExample>> {
 }
 
 /// A BIG-bench multiple-choice `task.json` (examples with `input` and `target_scores`), in
-/// BIG-bench's own prompt form: `example_input_prefix` (default `\nQ: `) + input +
-/// `example_output_prefix` (default `\nA: `), trimmed, each choice after it with a space; the answer is the choice
+/// BIG-bench's own prompt form: `task_prefix`, `example_input_prefix` (default `\nQ: `) +
+/// input, the choices appended as BIG-bench does by default (`append_choices_to_input`, each
+/// after `choice_prefix`, default `\n  choice: `), `example_output_prefix` (default `\nA: `),
+/// trimmed; each choice scored after it with a space; the answer is the choice
 /// with the highest target score. Examples without `target_scores` are skipped.
 pub fn bigbench(path: &Path, task: &str) -> Result<Vec<TaskExample>> {
     let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
@@ -226,6 +228,11 @@ pub fn bigbench(path: &Path, task: &str) -> Result<Vec<TaskExample>> {
         prefix("example_output_prefix", "\nA: "),
     );
     let task_prefix = prefix("task_prefix", "");
+    let choice_prefix = prefix("choice_prefix", "\n  choice: ");
+    let append = v
+        .get("append_choices_to_input")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
     let examples = v
         .get("examples")
         .and_then(Value::as_array)
@@ -250,9 +257,17 @@ pub fn bigbench(path: &Path, task: &str) -> Result<Vec<TaskExample>> {
         let Some(answer) = best.filter(|_| choices.len() >= 2) else {
             continue;
         };
+        let listed: String = if append {
+            choices
+                .iter()
+                .map(|c| format!("{choice_prefix}{c}"))
+                .collect()
+        } else {
+            String::new()
+        };
         out.push(TaskExample {
             task: task.to_string(),
-            prompt: format!("{task_prefix}{before}{input}{after}")
+            prompt: format!("{task_prefix}{before}{input}{listed}{after}")
                 .trim()
                 .to_string(),
             item: Item::Choice {
@@ -356,7 +371,10 @@ mod tests {
         std::fs::write(&p, task.to_string()).unwrap();
         let ex = bigbench(&p, "math").unwrap();
         assert_eq!(ex.len(), 1);
-        assert_eq!(ex[0].prompt, "Q: What is 1+1?\nA:");
+        assert_eq!(
+            ex[0].prompt,
+            "Q: What is 1+1?\n  choice: 1\n  choice: 2\n  choice: 3\nA:"
+        );
         let Item::Choice { choices, answer } = &ex[0].item else {
             panic!("{:?}", ex[0].item)
         };
