@@ -138,7 +138,11 @@ pub fn evaluate(
             t.choice += 1;
             t.correct += usize::from(acc);
             t.correct_norm += usize::from(norm);
-            samples[*i] = json!({"index": i, "task": e.task, "loglikelihoods": scores,
+            let Item::Choice { choices, answer } = &e.item else {
+                continue;
+            };
+            samples[*i] = json!({"index": i, "task": e.task, "prompt": e.prompt,
+                                 "choices": choices, "answer": answer, "loglikelihoods": scores,
                                  "correct": acc, "correct_norm": norm});
         }
         bar.inc(group.len() as u64);
@@ -162,8 +166,8 @@ pub fn evaluate(
             t.n += 1;
             t.unmatched += usize::from(got.is_none());
             t.correct += usize::from(right);
-            samples[*i] = json!({"index": i, "task": e.task, "output": text, "extracted": got,
-                                 "reference": gold, "correct": right});
+            samples[*i] = json!({"index": i, "task": e.task, "prompt": e.prompt, "output": text,
+                                 "extracted": got, "reference": gold, "correct": right});
         }
         bar.inc(group.len() as u64);
     }
