@@ -156,9 +156,18 @@ def toml_value(v):
     raise ValueError(f"cannot write {v!r} as TOML")
 
 
-def write_config(path, base, top, method, table, out, comment=""):
-    """`base` with the trial's settings as a petal train config."""
+SHARED = {"r": "--r", "alpha": "--alpha", "dropout": "--dropout"}
+SHARED_OF = {}  # each method's shared flags (petal methods --json)
+
+
+def write_config(path, base, top, method, table, out, comment="", shared=None):
+    """`base` with the trial's settings as a petal train config; the base's shared flags (r,
+    alpha, dropout) that `method` has no option for are left out (`shared`: the method's
+    entry of `petal methods --json`)."""
     cfg = dict(base)
+    for key, flag in SHARED.items():
+        if shared is not None and flag not in shared:
+            cfg.pop(key, None)
     cfg.update(top)
     cfg["method"] = method
     cfg["out"] = out
@@ -181,7 +190,8 @@ def run_trial(trial, a, cfg, base, params):
     run = os.path.join(cfg["out"], "trials", str(trial.number))
     os.makedirs(os.path.dirname(run), exist_ok=True)
     conf = os.path.join(cfg["out"], "trials", f"{trial.number}.toml")
-    write_config(conf, base, top, method, table, run, f"trial {trial.number} of study {cfg['study']}")
+    write_config(conf, base, top, method, table, run, f"trial {trial.number} of study {cfg['study']}",
+                 SHARED_OF.get(method))
     log = open(os.path.join(cfg["out"], "trials", f"{trial.number}.log"), "w")
     p = subprocess.Popen([a.petal, "train", "--config", conf], stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -263,7 +273,8 @@ def report(study, cfg, base, params):
     table = {k.split(".", 1)[1]: v for k, v in best.params.items() if k.startswith(f"{method}.")}
     out = os.path.join(cfg["out"], "best")
     write_config(os.path.join(cfg["out"], "best.toml"), base, top, method, table, out,
-                 f"best of study {cfg['study']}: trial {best.number}, {cfg.get('objective', 'eval_loss')} {best.value:.4f}")
+                 f"best of study {cfg['study']}: trial {best.number}, {cfg.get('objective', 'eval_loss')} {best.value:.4f}",
+                 SHARED_OF.get(method))
     print(f"best: trial {best.number} ({best.value:.4f}) -> {os.path.join(cfg['out'], 'best.toml')}")
     import matplotlib
     matplotlib.use("Agg")
@@ -297,6 +308,7 @@ def main():
                                         text=True, check=True).stdout)
     params = cfg.get("params", {})
     check_space(a.config, cfg, methods)
+    SHARED_OF.update({m["method"]: m.get("shared", {}) for m in methods})
     import optuna
     from optuna.trial import TrialState
     optuna.logging.set_verbosity(optuna.logging.WARNING)

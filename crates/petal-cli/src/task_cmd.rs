@@ -102,6 +102,16 @@ pub fn load(
     }
 }
 
+/// An example in the task-file form (`load_task_file` reads it back as it was).
+pub fn as_json(e: &TaskExample) -> Value {
+    match &e.item {
+        Item::Choice { choices, answer } => {
+            json!({"prompt": e.prompt, "choices": choices, "answer": answer, "task": e.task})
+        }
+        Item::Generate { answer } => json!({"prompt": e.prompt, "answer": answer, "task": e.task}),
+    }
+}
+
 /// Per-task counts.
 #[derive(Default)]
 struct Tally {

@@ -35,6 +35,11 @@ pub struct EvalArgs {
     /// generated text and what the extractor read; whether it was right)
     #[arg(long)]
     pub samples: Option<PathBuf>,
+    /// With --task: write the task's examples (after --tasks and --max-examples) here in the
+    /// task-file form and stop, without loading a model (to split a built-in task, or train
+    /// on one)
+    #[arg(long)]
+    pub dump_task: Option<PathBuf>,
     #[arg(long, default_value_t = 128)]
     pub seq_len: usize,
     #[arg(long, default_value_t = 4)]
@@ -143,6 +148,15 @@ fn run_task(a: &EvalArgs) -> Result<()> {
     }
     if a.max_examples > 0 {
         ex.truncate(a.max_examples);
+    }
+    if let Some(p) = &a.dump_task {
+        let text: String = ex
+            .iter()
+            .map(|e| format!("{}\n", crate::task_cmd::as_json(e)))
+            .collect();
+        petal_io::write_atomic(p, text.as_bytes())?;
+        eprintln!("{} examples of {} -> {}", ex.len(), a.task, p.display());
+        return Ok(());
     }
     let lm = a.model.load()?;
     let bar = indicatif::ProgressBar::new(ex.len() as u64);

@@ -165,3 +165,36 @@ fn a_bad_task_is_refused_in_one_line_naming_the_line_or_the_choices() {
         assert!(e.contains(want) && e.lines().count() == 1, "{all:?}: {e}");
     }
 }
+
+#[test]
+fn a_task_dumped_in_the_task_file_form_reads_back_as_it_was() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("dump.jsonl");
+    let src = golden().join("task_mc.jsonl");
+    let o = petal(&[
+        "eval",
+        "--task",
+        src.to_str().unwrap(),
+        "--max-examples",
+        "5",
+        "--dump-task",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let read = |p: &Path| -> Vec<Value> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (got, want) = (read(&out), read(&src));
+    assert_eq!(got.len(), 5);
+    for (g, w) in got.iter().zip(&want) {
+        for k in ["prompt", "choices", "answer"] {
+            assert_eq!(g[k], w[k], "{k}");
+        }
+        let task = w["task"].as_str().unwrap_or("task_mc");
+        assert_eq!(g["task"], task);
+    }
+}
