@@ -22,6 +22,7 @@ space.toml (see docs/search.md):
     base = "examples/shakespeare-lora.toml"     # a petal train config every trial starts from
     trials = 20                                 # finished (complete or pruned) trials wanted
     sampler = "tpe"                             # tpe | random
+    startup_trials = 3                          # TPE's random first trials (default trials / 3)
     pruner = "hyperband"                        # hyperband | median | none
     objective = "eval_loss"                     # eval_loss (minimised) | accuracy (with task)
     # task = "elementary_math_qa"; task_max_examples = 50
@@ -68,7 +69,7 @@ def read_space(path):
         if k not in cfg:
             fail(f"{path}: no `{k}` key")
     known = {"study", "storage", "out", "base", "trials", "sampler", "pruner", "objective", "task",
-             "task_max_examples", "seed", "params"}
+             "task_max_examples", "seed", "params", "startup_trials"}
     for k in cfg:
         if k not in known:
             fail(f"{path}: unknown key `{k}` (known: {', '.join(sorted(known))})")
@@ -314,7 +315,10 @@ def main():
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.makedirs(cfg["out"], exist_ok=True)
     seed = cfg.get("seed", 0)
-    sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True),
+    # TPE draws its first trials at random (Optuna's default: 10); a third of a short study
+    startup = cfg.get("startup_trials", max(2, min(10, cfg["trials"] // 3)))
+    sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                                         n_startup_trials=startup),
                "random": lambda: optuna.samplers.RandomSampler(seed=seed)}.get(cfg.get("sampler", "tpe"))
     if sampler is None:
         fail(f"{a.config}: `sampler` must be tpe or random")

@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""The method-comparison report: every method given trained on real tasks with the same
+budget, each scored on held-out examples, with its trainable parameters, peak memory, training
+speed and the cost of running it unmerged; written as docs/comparison.md with SVG plots
+(accuracy against trainable parameters, and against peak memory).
+
+A task is a built-in of `petal eval --task` (elementary_math_qa/question_only, multiemo, ...;
+TASK/SUBTASK for one sub-task): its examples
+are dumped (`--dump-task`), shuffled with the seed, split into --train examples to train on
+(prompt -> the right choice, the loss on the answer only) and --test held-out ones, scored
+by `petal eval --task` (accuracy, and acc_norm for multiple choice). A method is a name
+`petal methods` lists, with optional options: `loha:r=4`, `lora:r=16,lora_alpha=32`.
+
+Resumable: each (model, task, method) result is kept as OUT/MODEL/TASK/METHOD.json and not run
+again; the report is rewritten from every result present at the end of each run. The full
+report is a long command run across sittings; a cheap subset (a few methods, one task) takes
+minutes.
+
+    python3 tools/compare/run.py --petal target/release/petal --model asset:smollm2 \\
+        --tasks elementary_math_qa/question_only --methods lora,ia3,loha --train 400 --test 100 --steps 40
+
+Plots need matplotlib (in tools/search/requirements.txt's venv); without it the report has the
+table only.
+"""
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+
+
+def sh(cmd, what):
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"{what}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+    return r.stdout
+
+
+def split(a, task, work):
+    """The task's train (prompt/completion) and test (task-file) files, made once."""
+    train, test = os.path.join(work, "train.jsonl"), os.path.join(work, "test.jsonl")
+    if os.path.exists(train) and os.path.exists(test):
+        return train, test
+    os.makedirs(work, exist_ok=True)
+    dump = os.path.join(work, "all.jsonl")
+    # TASK/SUBTASK: one sub-task of a built-in (elementary_math_qa's sub-tasks ask the same
+    # questions with and without hints: split across them, a test question would be trained on)
+    cmd = [a.petal, "eval", "--task", task.split("/")[0], "--dump-task", dump]
+    if "/" in task:
+        cmd += ["--tasks", task]
+    sh(cmd, f"dumping {task}")
+    rows = [json.loads(l) for l in open(dump)]
+    random.Random(a.seed).shuffle(rows)
+    if len(rows) < a.train + a.test:
+        raise SystemExit(f"{task}: {len(rows)} examples, fewer than --train + --test")
+    with open(train + ".tmp", "w") as f:
+        for r in rows[:a.train]:
+            answer = r["choices"][r["answer"]] if "choices" in r else " " + r["answer"]
+            f.write(json.dumps({"prompt": r["prompt"], "completion": answer}) + "\n")
+    with open(test + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows[a.train:a.train + a.test])
+    os.replace(train + ".tmp", train)
+    os.replace(test + ".tmp", test)
+    return train, test
+
+
+def evaluate(a, test, adapter=None):
+    cmd = [a.petal, "eval", "--model", a.model, "--task", test, "--json", "--batch-size", "8"]
+    if adapter:
+        cmd += ["--adapter", adapter]
+    t0 = time.time()
+    r = json.loads(sh(cmd, f"petal eval {test}"))
+    r["seconds"] = time.time() - t0
+    return r
+
+
+def run_one(a, task, spec, train, test, base, out):
+    method, _, opts = spec.partition(":")
+    run = out[:-len(".json")]
+    cmd = [a.petal, "train", "--model", a.model, "--data", train, "--method", method,
+           "--max-steps", str(a.steps), "--lr", str(a.lr), "--batch-size", str(a.batch_size),
+           "--seq-len", str(a.seq_len), "--seed", str(a.seed), "--val-fraction", "0.05",
+           "--out", run, "--json"]
+    for o in filter(None, opts.split(",")):
+        cmd += ["--set", o]
+    t = json.loads(sh(cmd, f"petal train {spec} on {task}"))
+    e = evaluate(a, test, os.path.join(run, "adapter"))
+    steps = t["steps"]
+    result = {
+        "model": a.model, "task": task, "method": spec, "accuracy": e["accuracy"],
+        "acc_norm": e.get("acc_norm"), "examples": e["examples"],
+        "trainable_params": t["trainable_params"], "total_params": t["total_params"],
+        "peak_rss_mb": t["peak_rss_mb"],
+        "train_tokens_per_s": a.batch_size * a.seq_len / t["median_step_seconds"],
+        "eval_loss_after": t["eval_after"]["loss"], "steps": steps,
+        "unmerged_eval_seconds": e["seconds"], "base_eval_seconds": base["seconds"],
+        "inference_overhead": e["seconds"] / base["seconds"],
+    }
+    with open(out + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(out + ".tmp", out)
+    return result
+
+
+def report(a, results):
+    by_task = {}
+    for r in results:
+        by_task.setdefault((r["model"], r["task"]), []).append(r)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    lines = ["# Method comparison", "",
+             "Every method trained with the same budget on each task (the prompt -> the right answer, "
+             "the loss on the answer only), scored on held-out examples by `petal eval --task`. Made by "
+             "`tools/compare/run.py` (the command below); results in `docs/comparison/*.json`.", "",
+             f"Command: `python3 tools/compare/run.py {' '.join(sys.argv[1:])}`", "",
+             f"CPU: {cpu}, {os.cpu_count()} threads. Seed {a.seed}.", ""]
+    for (model, task), rs in sorted(by_task.items()):
+        base = rs[0].get("base_accuracy")
+        lines += [f"## {task} on {model}", "",
+                  f"Base model without an adapter: accuracy {base:.3f}." if base is not None else "", "",
+                  "| method | accuracy | acc_norm | trainable params | peak RSS | training tokens/s | unmerged eval time vs base |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in sorted(rs, key=lambda r: -r["accuracy"]):
+            norm = f"{r['acc_norm']:.3f}" if r.get("acc_norm") is not None else ""
+            lines.append(f"| {r['method']} | {r['accuracy']:.3f} | {norm} | {r['trainable_params']:,} | "
+                         f"{r['peak_rss_mb'] / 1024:.2f} GB | {r['train_tokens_per_s']:.0f} | "
+                         f"{r['inference_overhead']:.2f}x |")
+        lines.append("")
+        svg = plot(a, model, task, rs)
+        if svg:
+            lines += [f"![accuracy against trainable parameters and peak memory]({svg})", ""]
+    os.makedirs(os.path.dirname(a.report) or ".", exist_ok=True)
+    with open(a.report + ".tmp", "w") as f:
+        f.write("\n".join(lines))
+    os.replace(a.report + ".tmp", a.report)
+    print(f"report: {a.report}")
+
+
+def plot(a, model, task, rs):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label, scale in [(axes[0], "trainable_params", "trainable parameters", "log"),
+                                  (axes[1], "peak_rss_mb", "peak RSS (MB)", "linear")]:
+        for r in rs:
+            ax.scatter(r[key], r["accuracy"])
+            ax.annotate(r["method"], (r[key], r["accuracy"]), fontsize=8)
+        ax.set_xscale(scale)
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy")
+    fig.suptitle(f"{task} on {model}")
+    name = f"comparison/{model.replace(':', '_').replace('/', '_')}-{task.replace('/', '_')}.svg"
+    path = os.path.join(os.path.dirname(a.report) or ".", name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return name
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--petal", default="target/release/petal")
+    ap.add_argument("--model", default="asset:smollm2")
+    ap.add_argument("--tasks", default="elementary_math_qa/question_only")
+    ap.add_argument("--methods", default="lora,ia3,loha")
+    ap.add_argument("--train", type=int, default=400)
+    ap.add_argument("--test", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=192)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="runs/compare")
+    ap.add_argument("--report", default="docs/comparison.md")
+    a = ap.parse_args()
+    results = []
+    for task in a.tasks.split(","):
+        work = os.path.join(a.out, a.model.replace(":", "_").replace("/", "_"), task.replace("/", "_"))
+        train, test = split(a, task, work)
+        base_path = os.path.join(work, "base.json")
+        if not os.path.exists(base_path):
+            b = evaluate(a, test)
+            with open(base_path, "w") as f:
+                json.dump(b, f)
+        base = json.load(open(base_path))
+        for spec in a.methods.split(","):
+            out = os.path.join(work, spec.replace(":", "_").replace(",", "_").replace("=", "") + ".json")
+            if os.path.exists(out):
+                r = json.load(open(out))
+                print(f"{task} {spec}: kept ({r['accuracy']:.3f})", flush=True)
+            else:
+                t0 = time.time()
+                r = run_one(a, task, spec, train, test, base, out)
+                print(f"{task} {spec}: accuracy {r['accuracy']:.3f}, {r['trainable_params']:,} trainable, "
+                      f"{time.time() - t0:.0f} s", flush=True)
+            r["base_accuracy"] = base["accuracy"]
+            results.append(r)
+    copy = os.path.join(os.path.dirname(a.report) or ".", "comparison")
+    os.makedirs(copy, exist_ok=True)
+    for r in results:
+        name = f"{r['model'].replace(':', '_')}-{r['task'].replace('/', '_')}-{r['method'].replace(':', '_')}.json"
+        with open(os.path.join(copy, name), "w") as f:
+            json.dump(r, f, indent=1)
+    report(a, results)
+
+
+if __name__ == "__main__":
+    main()
