@@ -123,8 +123,13 @@ def report(a, results):
              f"CPU: {cpu}, {os.cpu_count()} threads. Seed {a.seed}.", ""]
     for (model, task), rs in sorted(by_task.items()):
         base = rs[0].get("base_accuracy")
+        n = rs[0]["examples"]
+        se = (0.25 / n) ** 0.5  # the largest standard error of an accuracy over n examples
         lines += [f"## {task} on {model}", "",
-                  f"Base model without an adapter: accuracy {base:.3f}." if base is not None else "", "",
+                  (f"Base model without an adapter: accuracy {base:.3f}. " if base is not None else "")
+                  + f"{n} held-out examples: an accuracy's standard error is up to {se:.3f}, so "
+                  f"differences below about {2 * se:.2f} are within noise. {rs[0]['steps']} training "
+                  "steps a method.", "",
                   "| method | accuracy | acc_norm | trainable params | peak RSS | training tokens/s | unmerged eval time vs base |",
                   "|---|---|---|---|---|---|---|"]
         for r in sorted(rs, key=lambda r: -r["accuracy"]):
