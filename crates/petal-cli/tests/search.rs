@@ -14,8 +14,14 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// The venv's python, made (and Optuna installed) if absent; Err says why it cannot be.
+/// The venv's python, made (and Optuna installed) if absent, once for the tests that run
+/// side by side; Err says why it cannot be.
 fn venv() -> Result<PathBuf, String> {
+    static MADE: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    MADE.get_or_init(make_venv).clone()
+}
+
+fn make_venv() -> Result<PathBuf, String> {
     let dir = root().join("target/venv-search");
     let python = dir.join("bin/python");
     let stamp = dir.join("installed");
