@@ -105,7 +105,7 @@ def run_one(a, task, spec, train, test, base, out):
     return result
 
 
-def report(a, results):
+def report(a, results, failed=()):
     by_task = {}
     for r in results:
         by_task.setdefault((r["model"], r["task"]), []).append(r)
@@ -141,6 +141,9 @@ def report(a, results):
         svg = plot(a, model, task, rs)
         if svg:
             lines += [f"![accuracy against trainable parameters and peak memory]({svg})", ""]
+    if failed:
+        lines += ["## Methods that did not run", ""]
+        lines += [f"- {spec} on {task}: {why}" for task, spec, why in failed] + [""]
     os.makedirs(os.path.dirname(a.report) or ".", exist_ok=True)
     with open(a.report + ".tmp", "w") as f:
         f.write("\n".join(lines))
@@ -189,7 +192,7 @@ def main():
     ap.add_argument("--out", default="runs/compare")
     ap.add_argument("--report", default="docs/comparison.md")
     a = ap.parse_args()
-    results = []
+    results, failed = [], []
     for task in a.tasks.split(","):
         work = os.path.join(a.out, a.model.replace(":", "_").replace("/", "_"), task.replace("/", "_"))
         train, test = split(a, task, work)
@@ -206,7 +209,12 @@ def main():
                 print(f"{task} {spec}: kept ({r['accuracy']:.3f})", flush=True)
             else:
                 t0 = time.time()
-                r = run_one(a, task, spec, train, test, base, out)
+                try:
+                    r = run_one(a, task, spec, train, test, base, out)
+                except SystemExit as e:  # a method that cannot run here: said, not kept
+                    print(f"{task} {spec}: failed: {e}", flush=True)
+                    failed.append((task, spec, str(e)))
+                    continue
                 print(f"{task} {spec}: accuracy {r['accuracy']:.3f}, {r['trainable_params']:,} trainable, "
                       f"{time.time() - t0:.0f} s", flush=True)
             r["base_accuracy"] = base["accuracy"]
@@ -217,7 +225,7 @@ def main():
         name = f"{r['model'].replace(':', '_')}-{r['task'].replace('/', '_')}-{r['method'].replace(':', '_')}.json"
         with open(os.path.join(copy, name), "w") as f:
             json.dump(r, f, indent=1)
-    report(a, results)
+    report(a, results, failed)
 
 
 if __name__ == "__main__":
