@@ -299,17 +299,11 @@ fn choice_logprobs(
             .head(&Tensor::cat(&rows, 0)?, &ctx)?
             .to_dtype(candle_core::DType::F32)?
             .to_vec2()?;
-        let mut sum = 0.0f64;
-        for (row, &id) in logits.iter().zip(cont) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = row
-                .iter()
-                .map(|&x| (x as f64 - max).exp())
-                .sum::<f64>()
-                .ln()
-                + max;
-            sum += row[id as usize] as f64 - lse;
-        }
+        let sum = logits
+            .iter()
+            .zip(cont)
+            .map(|(row, &id)| petal_serve::logprobs::logprob(row, id))
+            .sum();
         out.push(sum);
     }
     Ok(out)

@@ -4,39 +4,11 @@
 //! cases as the client's own exceptions (tools/serve/openai_client.py). Skips, saying why,
 //! where no venv can be made (no python3, PyPI unreachable).
 
+mod common;
 use candle_core::{DType, Device};
-use std::path::{Path, PathBuf};
+use common::root;
+use std::path::Path;
 use std::process::Command;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The venv's python, made (and the client installed) if absent; Err says why it cannot be.
-fn venv() -> Result<PathBuf, String> {
-    let dir = root().join("target/venv-openai");
-    let python = dir.join("bin/python");
-    let stamp = dir.join("installed");
-    let wanted = std::fs::read_to_string(root().join("tools/serve/requirements.txt"))
-        .map_err(|e| e.to_string())?;
-    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
-        return Ok(python);
-    }
-    let run = |c: &mut Command| -> Result<(), String> {
-        let out = c.output().map_err(|e| format!("{c:?}: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!("{c:?}: {}", String::from_utf8_lossy(&out.stderr)))
-        }
-    };
-    run(Command::new("python3").args(["-m", "venv"]).arg(&dir))?;
-    run(Command::new(&python)
-        .args(["-m", "pip", "install", "-q", "-r"])
-        .arg(root().join("tools/serve/requirements.txt")))?;
-    std::fs::write(&stamp, wanted).map_err(|e| e.to_string())?;
-    Ok(python)
-}
 
 fn client(python: &Path, base: &str) -> std::process::Output {
     Command::new(python)
@@ -48,12 +20,8 @@ fn client(python: &Path, base: &str) -> std::process::Output {
 
 #[test]
 fn the_official_openai_client_runs_completions_chat_streams_logprobs_and_errors() {
-    let python = match venv() {
-        Ok(p) => p,
-        Err(why) => {
-            eprintln!("skipped: no venv with the openai client ({why})");
-            return;
-        }
+    let Some(python) = common::venv("venv-openai", "tools/serve/requirements.txt") else {
+        return;
     };
     let p = petal_cli::assets::ensure("smollm2").expect("fetch SmolLM2 (petal assets smollm2)");
     let mut lm = petal_io::load_model(p.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();

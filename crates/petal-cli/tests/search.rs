@@ -6,45 +6,9 @@
 //! why, where no venv can be made (no python3, PyPI unreachable).
 
 mod common;
-use common::golden;
+use common::{golden, root};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The venv's python, made (and Optuna installed) if absent, once for the tests that run
-/// side by side; Err says why it cannot be.
-fn venv() -> Result<PathBuf, String> {
-    static MADE: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
-    MADE.get_or_init(make_venv).clone()
-}
-
-fn make_venv() -> Result<PathBuf, String> {
-    let dir = root().join("target/venv-search");
-    let python = dir.join("bin/python");
-    let stamp = dir.join("installed");
-    let req = root().join("tools/search/requirements.txt");
-    let wanted = std::fs::read_to_string(&req).map_err(|e| e.to_string())?;
-    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
-        return Ok(python);
-    }
-    let run = |c: &mut Command| -> Result<(), String> {
-        let out = c.output().map_err(|e| format!("{c:?}: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!("{c:?}: {}", String::from_utf8_lossy(&out.stderr)))
-        }
-    };
-    run(Command::new("python3").args(["-m", "venv"]).arg(&dir))?;
-    run(Command::new(&python)
-        .args(["-m", "pip", "install", "-q", "-r"])
-        .arg(&req))?;
-    std::fs::write(&stamp, wanted).map_err(|e| e.to_string())?;
-    Ok(python)
-}
 
 fn search(python: &Path, space: &Path) -> std::process::Output {
     Command::new(python)
@@ -105,12 +69,8 @@ const PARAMS: &str = "[params]\nlr = { low = 1e-4, high = 3e-2, log = true }\n\
 
 #[test]
 fn a_study_over_methods_and_settings_runs_prunes_reports_and_continues_when_started_again() {
-    let python = match venv() {
-        Ok(p) => p,
-        Err(why) => {
-            eprintln!("skipped: no venv with Optuna ({why})");
-            return;
-        }
+    let Some(python) = common::venv("venv-search", "tools/search/requirements.txt") else {
+        return;
     };
     let d = tempfile::tempdir().unwrap();
     let o = search(&python, &space(d.path(), 6, PARAMS));
@@ -168,12 +128,8 @@ fn a_study_over_methods_and_settings_runs_prunes_reports_and_continues_when_star
 
 #[test]
 fn a_bad_space_or_storage_is_refused_in_one_line_naming_it() {
-    let python = match venv() {
-        Ok(p) => p,
-        Err(why) => {
-            eprintln!("skipped: no venv with Optuna ({why})");
-            return;
-        }
+    let Some(python) = common::venv("venv-search", "tools/search/requirements.txt") else {
+        return;
     };
     let d = tempfile::tempdir().unwrap();
     for (extra, want) in [

@@ -57,8 +57,11 @@ impl Extract {
                     .to_string()
             }),
             Extract::LastNumber => {
-                let r = regex::Regex::new(r"-?[0-9][0-9,]*(\.[0-9]+)?").expect("a valid regex");
-                r.find_iter(text)
+                static NUMBER: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+                    regex::Regex::new(r"-?[0-9][0-9,]*(\.[0-9]+)?").expect("a valid regex")
+                });
+                NUMBER
+                    .find_iter(text)
                     .last()
                     .map(|m| normalise_number(m.as_str()))
             }

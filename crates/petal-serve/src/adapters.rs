@@ -44,6 +44,12 @@ impl Lifecycle {
             *t = self.tick;
         }
     }
+
+    /// Notes `adapter` loaded at run time (and so not pinned), as just used.
+    fn loaded(&mut self, adapter: &str) {
+        self.last_used.insert(adapter.to_string(), 0);
+        self.used(adapter);
+    }
 }
 
 /// A name adapters may take: a folder name, not a path.
@@ -158,8 +164,7 @@ impl Served<'_> {
             detach(&mut *self.model, name);
             return Err(bad(format!("adapter `{name}` ({path}): {e}")));
         }
-        life.tick += 1;
-        life.last_used.insert(name.to_string(), life.tick);
+        life.loaded(name);
         tracing::info!(adapter = %name, path = %folder.display(), "adapter loaded");
         Ok(())
     }

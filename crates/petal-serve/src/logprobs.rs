@@ -19,16 +19,27 @@ pub struct TokenLogprob {
 /// The most alternatives a request may ask for (vLLM's default `max_logprobs`).
 pub const MAX_TOP: usize = 20;
 
-/// `id`'s log-softmax of `logits`, with the `top` largest (ties: the lower id first).
-pub fn of(logits: &[f32], id: u32, top: usize) -> TokenLogprob {
+/// The max of `logits` and the log-sum-exp of the logits shifted by it (no overflow, and no
+/// rounding of a large max into a log-probability).
+fn normaliser(logits: &[f32]) -> (f32, f64) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    // log-sum-exp of the logits shifted by their max (no overflow, and no rounding of a
-    // large max into the result)
     let lse = logits
         .iter()
         .map(|&x| ((x - max) as f64).exp())
         .sum::<f64>()
         .ln();
+    (max, lse)
+}
+
+/// `id`'s log-softmax of `logits`, in f64 (a sum of many stays exact enough).
+pub fn logprob(logits: &[f32], id: u32) -> f64 {
+    let (max, lse) = normaliser(logits);
+    (logits[id as usize] - max) as f64 - lse
+}
+
+/// `id`'s log-softmax of `logits`, with the `top` largest (ties: the lower id first).
+pub fn of(logits: &[f32], id: u32, top: usize) -> TokenLogprob {
+    let (max, lse) = normaliser(logits);
     let lp = |j: u32| ((logits[j as usize] - max) as f64 - lse) as f32;
     let mut best: Vec<u32> = Vec::with_capacity(top + 1);
     if top > 0 {

@@ -4,30 +4,20 @@
 //! files attached at start), paths that lead out of the folder, the caps, least-recently-used
 //! eviction, pinned adapters, and the endpoints' absence without the folder.
 
-use candle_core::{DType, Device};
-use petal_io::{load_model, LoadedModel};
+use petal_io::LoadedModel;
 use petal_serve::adapters::AdapterDir;
 use petal_serve::Limits;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 mod common;
-use common::request;
-
-fn golden() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden")
-}
+use common::{golden, request};
 
 /// The tiny model with PEFT's q/v LoRA attached at start as `pinned`.
 fn model() -> LoadedModel {
-    let mut lm = load_model(
-        golden().join("llama").to_str().unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let mut lm = common::tiny_llama();
     let qv = golden().join("adapters/llama_lora_qv");
     petal_io::attach_adapter(&mut lm.model, &qv, "pinned").unwrap();
     lm

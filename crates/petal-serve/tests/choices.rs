@@ -3,25 +3,18 @@
 //! against the log-softmax of the model's own logits computed here, each of `n` choices
 //! against a single request with its seed, a streamed answer against the whole one.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use petal_core::Ctx;
-use petal_io::{load_model, LoadedModel};
+use petal_io::LoadedModel;
 use petal_serve::Limits;
 use serde_json::{json, Value};
-use std::path::PathBuf;
 use std::time::Duration;
 
 mod common;
 use common::{request, stream_events};
 
 fn model() -> LoadedModel {
-    let golden = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden");
-    load_model(
-        golden.join("llama").to_str().unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
+    common::tiny_llama()
 }
 
 fn serving(lm: &mut LoadedModel, f: impl FnOnce(std::net::SocketAddr)) {

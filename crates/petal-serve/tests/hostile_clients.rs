@@ -2,25 +2,17 @@
 //! faster than it serves, over real TCP sockets on the tiny golden Llama: none of them holds
 //! up the others, each gets its error, and a stop lets the running completions finish.
 
-use candle_core::{DType, Device};
-use petal_io::{load_model, LoadedModel};
+use petal_io::LoadedModel;
 use petal_serve::{Limits, Stop};
 
 mod common;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 fn model() -> LoadedModel {
-    let golden = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden");
-    load_model(
-        golden.join("llama").to_str().unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
+    common::tiny_llama()
 }
 
 fn limits() -> Limits {

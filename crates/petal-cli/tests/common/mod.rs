@@ -84,3 +84,49 @@ pub fn json_loss(o: &Output) -> f64 {
         .as_f64()
         .unwrap()
 }
+
+/// The repository's root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The python of a venv under target/ (`name`) with `requirements` (a file under tools/)
+/// installed, made on first use (once for the tests of one binary that run side by side);
+/// None, having said why, where none can be made (no python3, PyPI unreachable): the caller
+/// skips.
+pub fn venv(name: &str, requirements: &str) -> Option<PathBuf> {
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = MAKING.lock().unwrap_or_else(|e| e.into_inner());
+    match make_venv(name, requirements) {
+        Ok(p) => Some(p),
+        Err(why) => {
+            eprintln!("skipped: no venv with {requirements} ({why})");
+            None
+        }
+    }
+}
+
+fn make_venv(name: &str, requirements: &str) -> Result<PathBuf, String> {
+    let dir = root().join("target").join(name);
+    let python = dir.join("bin/python");
+    let stamp = dir.join("installed");
+    let req = root().join(requirements);
+    let wanted = std::fs::read_to_string(&req).map_err(|e| e.to_string())?;
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
+        return Ok(python);
+    }
+    let run = |c: &mut Command| -> Result<(), String> {
+        let out = c.output().map_err(|e| format!("{c:?}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!("{c:?}: {}", String::from_utf8_lossy(&out.stderr)))
+        }
+    };
+    run(Command::new("python3").args(["-m", "venv"]).arg(&dir))?;
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "-q", "-r"])
+        .arg(&req))?;
+    std::fs::write(&stamp, wanted).map_err(|e| e.to_string())?;
+    Ok(python)
+}

@@ -5,7 +5,25 @@ use petal_serve::{Limits, Served, Stop};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::time::Duration;
+
+/// The golden fixtures (tests/fixtures/golden).
+#[allow(dead_code)]
+pub fn golden() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden")
+}
+
+/// The tiny golden Llama (its forward equal to transformers', tests/golden), in f32.
+#[allow(dead_code)]
+pub fn tiny_llama() -> LoadedModel {
+    petal_io::load_model(
+        golden().join("llama").to_str().unwrap(),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+}
 
 /// Stops the server when dropped, so a failed assertion ends the test instead of leaving the
 /// server running (and the scope waiting for it).
