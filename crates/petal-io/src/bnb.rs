@@ -37,7 +37,7 @@ pub fn bnb_config(config: &serde_json::Value, at: &Path) -> Result<Option<()>> {
         return Err(Error::config(
             at,
             "quantization_config.quant_method",
-            format!("`{method}` is not read (petal reads bitsandbytes NF4 and GPTQ folders, GGUF files)"),
+            format!("`{method}` is not read (petal reads bitsandbytes NF4, GPTQ and AWQ folders, GGUF files)"),
         ));
     }
     let flag = |k: &str| q.get(k).and_then(|v| v.as_bool()).unwrap_or(false);

@@ -1,37 +1,70 @@
-//! Hugging Face folders of GPTQ checkpoints (AutoGPTQ / GPTQModel, `quant_method: "gptq"`,
-//! 4 bits, groups of 32, 64 or 128, no act-order): each quantized linear `X` is stored as
-//! `X.qweight` (int32 `(in / 8, out)`: eight 4-bit codes per word along the input, the code of
-//! input i in bits `4 (i % 8)`), `X.qzeros` (int32 `(groups, out / 8)`: the zero points packed
-//! along the output, stored less one in the `gptq` (v1) checkpoint format, as they are in
-//! `gptq_v2`), `X.scales` (f16 `(groups, out)`) and `X.g_idx`. A weight is
-//! `scale (q - zero)`; petal reads it into its grouped int4 rows (`petal_ops::quant::INT4`),
-//! which decode to the same values, and the ModuLoRA path trains over them.
+//! Hugging Face folders of 4-bit GPTQ and AWQ checkpoints, read into petal's grouped int4 rows
+//! (`petal_ops::quant::INT4`), which decode to the same values; the ModuLoRA path trains over
+//! them and `--dtype f32` dequantizes them.
+//!
+//! **GPTQ** (AutoGPTQ / GPTQModel, `quant_method: "gptq"`, groups of 32, 64 or 128): each
+//! quantized linear `X` is stored as `X.qweight` (int32 `(in / 8, out)`: eight 4-bit codes per
+//! word along the input, the code of input i in bits `4 (i % 8)`), `X.qzeros` (int32 `(groups,
+//! out / 8)`: the zero points packed along the output, stored less one in the `gptq` (v1)
+//! checkpoint format, as they are in `gptq_v2`), `X.scales` (f16 `(groups, out)`) and `X.g_idx`
+//! (the group of each input). Without act-order input i is in group `i / group`; with it
+//! (`desc_act`) the groups gather the inputs in order of decreasing Hessian diagonal, and the
+//! rows keep that order ([`Int4Ordered`]). A weight is `scale (q - zero)`.
+//!
+//! **AWQ** (AutoAWQ's GEMM layout, `quant_method: "awq"`, `version: "gemm"`, zero points):
+//! `X.qweight` (int32 `(in, out / 8)`: eight codes per word along the output, interleaved: the
+//! code of output `8 c + k` in nibble `[0, 4, 1, 5, 2, 6, 3, 7][k]` of word c), `X.qzeros`
+//! (int32 `(groups, out / 8)`, packed the same way, not less one) and `X.scales` (f16 `(groups,
+//! out)`); input i is in group `i / group`. A weight is `scale (q - zero)` as for GPTQ.
 
 use crate::weights::Weights;
 use candle_core::{DType, Device, Tensor};
 use petal_core::{Error, Result};
 use petal_models::weights::WeightSource;
-use petal_ops::quant::{QFormat, Quantizer, INT4, INT4_G32, INT4_G64};
+use petal_ops::quant::{Int4Ordered, QFormat, Quantizer, INT4, INT4_G32, INT4_G64};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 const PARTS: [&str; 4] = [".qweight", ".qzeros", ".scales", ".g_idx"];
 
-/// A GPTQ folder's settings: the group size and whether zeros are stored less one (v1).
+/// The nibble of a packed AWQ word holding output `8 c + k` is `AWQ_NIBBLE[k]`.
+const AWQ_NIBBLE: [usize; 8] = [0, 4, 1, 5, 2, 6, 3, 7];
+
+/// How a folder packs its int4 linears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Packing {
+    /// GPTQ's; `zeros_less_one` in the v1 (`gptq`) checkpoint format.
+    Gptq { zeros_less_one: bool },
+    /// AutoAWQ's GEMM layout.
+    Awq,
+}
+
+/// A GPTQ or AWQ folder's settings: its packing and group size.
 #[derive(Debug, Clone, Copy)]
 pub struct GptqConfig {
     pub group: usize,
-    pub zeros_less_one: bool,
+    pub packing: Packing,
 }
 
-/// The `quantization_config` of a folder's config.json when it is GPTQ's: `Ok(None)` when the
-/// method is another, an error naming the key for what petal does not read (other bit widths,
-/// act-order, per-channel or other group sizes).
+impl GptqConfig {
+    /// What the folder holds, for messages (`GPTQ int4`, `AWQ int4`).
+    pub fn held(&self) -> &'static str {
+        match self.packing {
+            Packing::Gptq { .. } => "GPTQ int4",
+            Packing::Awq => "AWQ int4",
+        }
+    }
+}
+
+/// The `quantization_config` of a folder's config.json when it is GPTQ's or AWQ's: `Ok(None)`
+/// when the method is another, an error naming the key for what petal does not read (other bit
+/// widths, per-channel or other group sizes, other layouts).
 pub fn gptq_config(config: &serde_json::Value, at: &Path) -> Result<Option<GptqConfig>> {
     let Some(q) = config.get("quantization_config") else {
         return Ok(None);
     };
-    if q.get("quant_method").and_then(|m| m.as_str()) != Some("gptq") {
+    let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("");
+    if method != "gptq" && method != "awq" {
         return Ok(None);
     }
     let at = at.display().to_string();
@@ -41,14 +74,7 @@ pub fn gptq_config(config: &serde_json::Value, at: &Path) -> Result<Option<GptqC
         return Err(Error::config(
             at,
             key("bits"),
-            format!("{bits}: petal reads 4-bit GPTQ"),
-        ));
-    }
-    if q.get("desc_act").and_then(|v| v.as_bool()).unwrap_or(false) {
-        return Err(Error::config(
-            at,
-            key("desc_act"),
-            "true: act-order checkpoints (groups reordered by g_idx) are not read yet",
+            format!("{bits}: petal reads 4-bit {}", method.to_uppercase()),
         ));
     }
     let group = q.get("group_size").and_then(|v| v.as_i64()).unwrap_or(-1);
@@ -58,6 +84,28 @@ pub fn gptq_config(config: &serde_json::Value, at: &Path) -> Result<Option<GptqC
             key("group_size"),
             format!("{group}: petal reads 32, 64, 128"),
         ));
+    }
+    let group = group as usize;
+    if method == "awq" {
+        let version = q.get("version").and_then(|v| v.as_str()).unwrap_or("gemm");
+        if !version.eq_ignore_ascii_case("gemm") {
+            return Err(Error::config(
+                at,
+                key("version"),
+                format!("`{version}`: petal reads AWQ's GEMM layout (`gemm`)"),
+            ));
+        }
+        if q.get("zero_point").and_then(|v| v.as_bool()) == Some(false) {
+            return Err(Error::config(
+                at,
+                key("zero_point"),
+                "false: petal reads AWQ with zero points",
+            ));
+        }
+        return Ok(Some(GptqConfig {
+            group,
+            packing: Packing::Awq,
+        }));
     }
     let format = q
         .get("checkpoint_format")
@@ -71,8 +119,10 @@ pub fn gptq_config(config: &serde_json::Value, at: &Path) -> Result<Option<GptqC
         ));
     }
     Ok(Some(GptqConfig {
-        group: group as usize,
-        zeros_less_one: format == "gptq",
+        group,
+        packing: Packing::Gptq {
+            zeros_less_one: format == "gptq",
+        },
     }))
 }
 
@@ -84,7 +134,37 @@ fn int4_for(group: usize) -> &'static dyn Quantizer {
     }
 }
 
-/// A GPTQ folder's weights: its quantized linears as int4 rows, the rest dense.
+/// The order of the columns in their groups from a GPTQ `g_idx`: `None` when input i is in
+/// group `i / group` (no act-order), else the inputs sorted by group (stably), each group
+/// holding exactly `group` of them.
+fn column_order(g_idx: &[i64], group: usize) -> std::result::Result<Option<Vec<u32>>, String> {
+    if g_idx
+        .iter()
+        .enumerate()
+        .all(|(i, &g)| g as usize == i / group)
+    {
+        return Ok(None);
+    }
+    let groups = g_idx.len() / group;
+    let mut count = vec![0usize; groups];
+    for (i, &g) in g_idx.iter().enumerate() {
+        match count.get_mut(g as usize).filter(|_| g >= 0) {
+            Some(c) => *c += 1,
+            None => return Err(format!("g_idx[{i}] = {g} is not a group in 0..{groups}")),
+        }
+    }
+    if let Some(g) = count.iter().position(|&c| c != group) {
+        return Err(format!(
+            "g_idx puts {} inputs in group {g}; petal reads groups of exactly {group}",
+            count[g]
+        ));
+    }
+    let mut order: Vec<u32> = (0..g_idx.len() as u32).collect();
+    order.sort_by_key(|&i| g_idx[i as usize]);
+    Ok(Some(order))
+}
+
+/// A GPTQ or AWQ folder's weights: its quantized linears as int4 rows, the rest dense.
 pub fn read(dir: &Path, cfg: GptqConfig) -> Result<Weights> {
     let file = Weights::from_hf_folder(dir)?;
     let names = file.names();
@@ -98,7 +178,11 @@ pub fn read(dir: &Path, cfg: GptqConfig) -> Result<Weights> {
         let qweight = raw(name, DType::I32)?.to_vec2::<i32>()?;
         let qzeros = raw(&format!("{m}.qzeros"), DType::I32)?.to_vec2::<i32>()?;
         let scales = raw(&format!("{m}.scales"), DType::F32)?.to_vec2::<f32>()?;
-        let (inp, out) = (qweight.len() * 8, qweight.first().map_or(0, Vec::len));
+        let width = qweight.first().map_or(0, Vec::len);
+        let (inp, out) = match cfg.packing {
+            Packing::Gptq { .. } => (qweight.len() * 8, width),
+            Packing::Awq => (qweight.len(), width * 8),
+        };
         let groups = inp / cfg.group;
         if inp % cfg.group != 0 || scales.len() != groups || qzeros.len() != groups {
             return Err(at(format!(
@@ -113,28 +197,48 @@ pub fn read(dir: &Path, cfg: GptqConfig) -> Result<Weights> {
                 "scales or zeros do not cover its {out} outputs"
             )));
         }
+        let nibble = |word: i32, k: usize| ((word >> (4 * k)) & 15) as u8;
+        let (code, zero): (
+            Box<dyn Fn(usize, usize) -> u8>,
+            Box<dyn Fn(usize, usize) -> u8>,
+        ) = match cfg.packing {
+            Packing::Gptq { zeros_less_one } => (
+                Box::new(|i, o| nibble(qweight[i / 8][o], i % 8)),
+                Box::new(move |g, o| nibble(qzeros[g][o / 8], o % 8) + zeros_less_one as u8),
+            ),
+            Packing::Awq => (
+                Box::new(|i, o| nibble(qweight[i][o / 8], AWQ_NIBBLE[o % 8])),
+                Box::new(move |g, o| nibble(qzeros[g][o / 8], AWQ_NIBBLE[o % 8])),
+            ),
+        };
         let g_idx = format!("{m}.g_idx");
-        if names.contains(&g_idx) {
-            let g = raw(&g_idx, DType::I64)?.to_vec1::<i64>()?;
-            if g.iter()
-                .enumerate()
-                .any(|(i, &x)| x as usize != i / cfg.group)
-            {
-                return Err(at(
-                    "g_idx reorders the groups (act-order): not read yet".into()
-                ));
+        let order = match names.contains(&g_idx) && matches!(cfg.packing, Packing::Gptq { .. }) {
+            true => {
+                let g = raw(&g_idx, DType::I64)?.to_vec1::<i64>()?;
+                if g.len() != inp {
+                    return Err(at(format!(
+                        "g_idx has {} entries for {inp} inputs",
+                        g.len()
+                    )));
+                }
+                column_order(&g, cfg.group).map_err(at)?
             }
-        }
-        let q = int4_for(cfg.group);
+            false => None,
+        };
+        let q: &'static dyn Quantizer = match &order {
+            Some(o) => Int4Ordered::leak(cfg.group, o.clone()),
+            None => int4_for(cfg.group),
+        };
+        let column = |k: usize| order.as_ref().map_or(k, |o| o[k] as usize);
         let fmt = QFormat::of(q, inp).map_err(at)?;
         let mut rows = Vec::with_capacity(out * fmt.row_bytes());
-        let code = |i: usize, o: usize| ((qweight[i / 8][o] >> (4 * (i % 8))) & 15) as u8;
         for o in 0..out {
-            rows.extend((0..inp / 2).map(|j| code(2 * j, o) | (code(2 * j + 1, o) << 4)));
+            rows.extend(
+                (0..inp / 2).map(|j| code(column(2 * j), o) | (code(column(2 * j + 1), o) << 4)),
+            );
             for g in 0..groups {
-                let zero = ((qzeros[g][o / 8] >> (4 * (o % 8))) & 15) + cfg.zeros_less_one as i32;
                 rows.extend(half::f16::from_f32(scales[g][o]).to_le_bytes());
-                rows.push(zero as u8);
+                rows.push(zero(g, o));
             }
         }
         let t = Tensor::from_vec(rows, (out, fmt.row_bytes()), &cpu)?;

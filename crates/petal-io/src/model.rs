@@ -38,12 +38,12 @@ pub fn load_model(
             let bnb = gptq.is_none() && crate::bnb::bnb_config(&json, &cfg_path)?.is_some();
             let held = match (bnb, gptq) {
                 (true, _) => Some("bitsandbytes NF4"),
-                (_, Some(_)) => Some("GPTQ int4"),
+                (_, Some(g)) => Some(g.held()),
                 _ => None,
             };
             if precision.quantized && held.is_none() {
                 return Err(Error::Unsupported(format!(
-                    "{}: --dtype quantized keeps a GGUF file's, a bitsandbytes or a GPTQ \
+                    "{}: --dtype quantized keeps a GGUF file's, a bitsandbytes, GPTQ or AWQ \
                      folder's quantized weights; this safetensors folder's are not quantized \
                      (load it with --dtype f32 or bf16, or quantize it with --quantize nf4)",
                     dir.display()

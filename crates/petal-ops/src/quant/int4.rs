@@ -93,3 +93,73 @@ impl Quantizer for Int4 {
         false
     }
 }
+
+/// Grouped int4 whose groups gather columns out of order: GPTQ's act-order (`desc_act`), where
+/// the columns were quantized in order of decreasing Hessian diagonal and group `k` holds the
+/// `k`-th run of `group` columns in that order. A row stores the values of columns `order[0]`,
+/// `order[1]`, ... as an [`Int4`] row of that group size; decoding puts each value back in its
+/// own column, so every op sees the weight in its real column order and the input needs no
+/// permutation.
+///
+/// The order belongs to one tensor, so each is made at load by [`Int4Ordered::leak`] and lives
+/// as long as the process (a [`super::QFormat`] holds its quantizer by `&'static`): a few
+/// bytes per input column of every act-order linear, once per model loaded.
+pub struct Int4Ordered {
+    inner: Int4,
+    order: Box<[u32]>,
+}
+
+impl Int4Ordered {
+    /// The quantizer of one act-order tensor: `order` is a permutation of its columns.
+    pub fn leak(group: usize, order: Vec<u32>) -> &'static Self {
+        debug_assert!({
+            let mut seen = vec![false; order.len()];
+            order
+                .iter()
+                .all(|&c| !std::mem::replace(&mut seen[c as usize], true))
+        });
+        Box::leak(Box::new(Int4Ordered {
+            inner: Int4 { group },
+            order: order.into(),
+        }))
+    }
+}
+
+impl Quantizer for Int4Ordered {
+    fn name(&self) -> String {
+        format!("{}_act", self.inner.name())
+    }
+
+    fn block_size(&self) -> usize {
+        self.inner.group
+    }
+
+    fn row_bytes(&self, cols: usize) -> usize {
+        self.inner.row_bytes(cols)
+    }
+
+    fn decode(&self, cols: usize, bytes: &[u8], out: &mut [f32]) {
+        let mut grouped = vec![0f32; cols];
+        for (row, o) in bytes
+            .chunks_exact(self.row_bytes(cols))
+            .zip(out.chunks_exact_mut(cols))
+        {
+            self.inner.decode(cols, row, &mut grouped);
+            for (&c, v) in self.order.iter().zip(&grouped) {
+                o[c as usize] = *v;
+            }
+        }
+    }
+
+    fn encode(&self, cols: usize, w: &[f32]) -> Vec<u8> {
+        let grouped: Vec<f32> = w
+            .chunks_exact(cols)
+            .flat_map(|row| self.order.iter().map(|&c| row[c as usize]))
+            .collect();
+        self.inner.encode(cols, &grouped)
+    }
+
+    fn covers_embeddings(&self) -> bool {
+        false
+    }
+}

@@ -25,7 +25,7 @@ pub(crate) use product::{forward_into, input_grad_into, mode, Mode};
 pub use product::{quant_input_grad, quant_linear, quant_linear_reference, quant_lora_linear};
 
 pub use candle_core::quantized::GgmlDType;
-pub use int4::{Int4, INT4, INT4_G32, INT4_G64};
+pub use int4::{Int4, Int4Ordered, INT4, INT4_G32, INT4_G64};
 pub use nf4::{nf4_code, nf4_scale_code, Nf4, Nf4Parts, NF4};
 
 /// The GGML block types a quantized frozen linear may hold (GGUF's legacy and k-quant types).

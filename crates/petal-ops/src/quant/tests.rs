@@ -87,7 +87,10 @@ fn dequantize_equals_gguf_py_on_random_blocks() {
 fn quant_linear_equals_dequantize_then_f32_in_value_and_input_gradient() {
     // rows of W spanning several tiles (tile_rows(512) = 64 under test: use 1100 rows for the
     // few-row path's chunks and a short last tile) and m across both paths
-    for t in quantizers() {
+    for t in quantizers()
+        .into_iter()
+        .chain([act_order(512) as &dyn Quantizer])
+    {
         let name = t.name();
         let (n, k) = (
             if name == "q4_k" || name == "nf4" {
@@ -332,6 +335,53 @@ fn int4_equals_gptqs_grid() {
         let got = dequantize(&q, fmt).unwrap();
         assert_eq!(max_diff(&got, &g[&format!("{name}.int4")]), 0.0, "{name}");
     }
+}
+
+/// A fixed scrambled order of `cols` columns.
+fn scrambled(cols: usize) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..cols as u32).collect();
+    order.sort_by_key(|&c| (c.wrapping_mul(2654435761)) % 1009);
+    order
+}
+
+/// An act-order int4 quantizer over `cols` columns in groups of 64, in the scrambled order.
+fn act_order(cols: usize) -> &'static Int4Ordered {
+    Int4Ordered::leak(64, scrambled(cols))
+}
+
+#[test]
+fn act_order_int4_groups_the_columns_in_its_order_and_decodes_them_in_place() {
+    let (n, k) = (7, 256);
+    let q = act_order(k);
+    let w = rand(&[n, k], 9);
+    let (codes, fmt) = quantize_with(&w, q).unwrap();
+    let got = vec::<f32>(&dequantize(&codes, fmt).unwrap());
+    // the twin: plain int4 in groups of 64 over the columns taken in the order, put back
+    let order: Vec<usize> = scrambled(k).into_iter().map(|c| c as usize).collect();
+    let wv = vec::<f32>(&w);
+    let gathered: Vec<f32> = wv
+        .chunks(k)
+        .flat_map(|r| order.iter().map(|&c| r[c]).collect::<Vec<_>>())
+        .collect();
+    let (plain, pf) = quantize_with(
+        &Tensor::from_vec(gathered, (n, k), &Device::Cpu).unwrap(),
+        &INT4_G64,
+    )
+    .unwrap();
+    let plain = vec::<f32>(&dequantize(&plain, pf).unwrap());
+    for r in 0..n {
+        for (j, &c) in order.iter().enumerate() {
+            assert_eq!(got[r * k + c], plain[r * k + j], "row {r} column {c}");
+        }
+    }
+    // and the order matters: the same weight in plain groups decodes differently
+    let (direct, df) = quantize_with(&w, &INT4_G64).unwrap();
+    assert!(
+        max_diff(
+            &dequantize(&direct, df).unwrap(),
+            &dequantize(&codes, fmt).unwrap()
+        ) > 0.0
+    );
 }
 
 #[test]
