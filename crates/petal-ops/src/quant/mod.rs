@@ -13,6 +13,7 @@ use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
 mod decode;
+pub mod gptq;
 mod int4;
 mod lut;
 mod nf4;

@@ -394,3 +394,69 @@ fn quantizers_are_found_by_name_and_unknown_names_listed() {
         "{e}"
     );
 }
+
+fn gptq_golden() -> std::collections::HashMap<String, Tensor> {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/golden/gptq_solver.safetensors");
+    candle_core::safetensors::load(p, &Device::Cpu).unwrap()
+}
+
+/// `tr((Q - W) H (Q - W)^T)`: the layer's output error over the calibration inputs.
+fn output_error(q: &[f32], w: &[f32], h: &[f64], cols: usize) -> f64 {
+    q.chunks(cols)
+        .zip(w.chunks(cols))
+        .map(|(q, w)| {
+            let d: Vec<f64> = q.iter().zip(w).map(|(a, b)| (*a - *b) as f64).collect();
+            (0..cols)
+                .map(|i| d[i] * (0..cols).map(|j| h[i * cols + j] * d[j]).sum::<f64>())
+                .sum::<f64>()
+        })
+        .sum()
+}
+
+#[test]
+fn gptq_equals_the_official_algorithm_and_beats_round_to_nearest() {
+    let g = gptq_golden();
+    let w = vec::<f32>(&g["w"]);
+    let h = vec::<f64>(&g["h"]);
+    let (rows, cols) = g["w"].dims2().unwrap();
+    for (case, group, act_order) in [
+        ("g64", 64, false),
+        ("g64_act", 64, true),
+        ("g128", 128, false),
+    ] {
+        let opts = gptq::GptqOptions {
+            group,
+            act_order,
+            damp: 0.01,
+        };
+        let got = gptq::gptq(&w, rows, cols, &h, opts).unwrap();
+        let want = |k: &str| g[&format!("{case}.{k}")].clone();
+        assert_eq!(got.codes, vec::<u8>(&want("codes")), "{case} codes");
+        assert_eq!(got.zeros, vec::<u8>(&want("zeros")), "{case} zeros");
+        assert_eq!(got.scales, vec::<f32>(&want("scales")), "{case} scales");
+        let g_idx: Vec<u32> = vec::<i64>(&want("g_idx"))
+            .iter()
+            .map(|&v| v as u32)
+            .collect();
+        assert_eq!(got.g_idx, g_idx, "{case} g_idx");
+        let near = gptq::rtn(&w, rows, cols, group).unwrap();
+        let (e_gptq, e_rtn) = (
+            output_error(&got.dequantize(), &w, &h, cols),
+            output_error(&near.dequantize(), &w, &h, cols),
+        );
+        assert!(e_gptq < 0.8 * e_rtn, "{case}: GPTQ {e_gptq} vs RTN {e_rtn}");
+    }
+    let e = gptq::gptq(
+        &w,
+        rows,
+        cols,
+        &h,
+        gptq::GptqOptions {
+            group: 100,
+            act_order: false,
+            damp: 0.01,
+        },
+    );
+    assert!(e.unwrap_err().contains("groups of 100"));
+}
