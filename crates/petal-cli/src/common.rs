@@ -230,3 +230,15 @@ pub fn data_files(spec: &str) -> Result<Vec<PathBuf>> {
     }
     Ok(vec![p])
 }
+
+/// A progress bar over `len` units of `what` (`examples`, `layers`), with elapsed time and ETA.
+pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{bar:30}} {{pos}}/{{len}} {what} [{{elapsed_precise}}<{{eta_precise}}]"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}

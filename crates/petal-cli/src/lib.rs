@@ -11,6 +11,7 @@ pub mod export_cmd;
 pub mod gen_cmd;
 pub mod methods_cmd;
 pub mod plot;
+pub mod quantize_cmd;
 pub mod serve_cmd;
 pub mod task_cmd;
 pub mod tools_cmd;

@@ -7,7 +7,9 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use petal_cli::{bench_cmd, export_cmd, gen_cmd, methods_cmd, serve_cmd, tools_cmd, train_cmd};
+use petal_cli::{
+    bench_cmd, export_cmd, gen_cmd, methods_cmd, quantize_cmd, serve_cmd, tools_cmd, train_cmd,
+};
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +50,12 @@ enum Cmd {
         after_help = "Example:\n  petal export --format gguf-lora --adapter runs/hamlet/adapter --out hamlet-lora.gguf"
     )]
     Export(export_cmd::ExportArgs),
+    /// Quantize a model's linears to 4 bits (GPTQ over calibration text, or round to nearest)
+    /// and write a GPTQ folder
+    #[command(
+        after_help = "Example:\n  petal quantize --model asset:smollm2 --method gptq --group 64 --calibration asset:shakespeare --out smollm2-gptq/"
+    )]
+    Quantize(quantize_cmd::QuantizeArgs),
     /// Summarise a model and its adapters
     Inspect(tools_cmd::InspectArgs),
     /// Write full logits for given token ids (parity checks against other implementations)
@@ -122,6 +130,7 @@ fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Chat(a) => gen_cmd::run_chat(a),
         Cmd::Merge(a) => tools_cmd::run_merge(a),
         Cmd::Export(a) => export_cmd::run_export(a),
+        Cmd::Quantize(a) => quantize_cmd::run(a),
         Cmd::Inspect(a) => tools_cmd::run_inspect(a),
         Cmd::Forward(a) => tools_cmd::run_forward(a),
         Cmd::Assets(a) => tools_cmd::run_assets(a),

@@ -159,13 +159,7 @@ fn run_task(a: &EvalArgs) -> Result<()> {
         return Ok(());
     }
     let lm = a.model.load()?;
-    let bar = indicatif::ProgressBar::new(ex.len() as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} examples [{elapsed_precise}<{eta_precise}]",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let bar = crate::common::progress(ex.len() as u64, "examples");
     let (r, samples) =
         crate::task_cmd::evaluate(&lm.model, &lm.tokenizer, &ex, &scoring, a.batch_size, &bar)?;
     bar.finish_and_clear();

@@ -30,6 +30,9 @@ const PARTS: [&str; 4] = [".qweight", ".qzeros", ".scales", ".g_idx"];
 /// The nibble of a packed AWQ word holding output `8 c + k` is `AWQ_NIBBLE[k]`.
 const AWQ_NIBBLE: [usize; 8] = [0, 4, 1, 5, 2, 6, 3, 7];
 
+/// A 4-bit value of a packed tensor by (row, column) of its unpacked form.
+type Nibble<'a> = Box<dyn Fn(usize, usize) -> u8 + 'a>;
+
 /// How a folder packs its int4 linears.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Packing {

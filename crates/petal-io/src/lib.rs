@@ -10,6 +10,7 @@ pub mod gguf;
 pub mod gguf_lora;
 pub mod gguf_out;
 pub mod gptq;
+pub mod gptq_out;
 pub mod hub;
 pub mod model;
 pub mod weights;

@@ -15,6 +15,7 @@ mod attention;
 mod bias_export;
 mod decode;
 mod input;
+mod layerwise;
 
 /// The one norm factory: an RMSNorm weight (h) under HF path `path`.
 fn norm(

@@ -141,7 +141,7 @@ pub fn gptq(
     opts: GptqOptions,
 ) -> Result<GptqWeight, String> {
     let g = opts.group;
-    if g == 0 || cols % g != 0 {
+    if g == 0 || !cols.is_multiple_of(g) {
         return Err(format!("rows of {cols} values are not whole groups of {g}"));
     }
     assert_eq!(w.len(), rows * cols);
@@ -233,9 +233,10 @@ pub fn gptq(
 }
 
 /// Round to nearest on the same grid (no error compensation), in the same form: the baseline
-/// GPTQ is measured against.
+/// GPTQ is measured against. In f32, as [`super::Int4`] (`--quantize int4`) rounds: the same
+/// codes.
 pub fn rtn(w: &[f32], rows: usize, cols: usize, group: usize) -> Result<GptqWeight, String> {
-    if group == 0 || cols % group != 0 {
+    if group == 0 || !cols.is_multiple_of(group) {
         return Err(format!(
             "rows of {cols} values are not whole groups of {group}"
         ));
@@ -253,11 +254,11 @@ pub fn rtn(w: &[f32], rows: usize, cols: usize, group: usize) -> Result<GptqWeig
     for r in 0..rows {
         for b in 0..groups {
             let vals = &w[r * cols + b * group..r * cols + (b + 1) * group];
-            let (scale, zero) = grid(vals.iter().map(|v| *v as f64));
-            out.scales[r * groups + b] = scale as f32;
+            let (scale, zero) = super::Int4::grid(vals);
+            out.scales[r * groups + b] = scale;
             out.zeros[r * groups + b] = zero as u8;
             for (k, v) in vals.iter().enumerate() {
-                out.codes[r * cols + b * group + k] = code(*v as f64, scale, zero) as u8;
+                out.codes[r * cols + b * group + k] = super::Int4::code(*v, scale, zero);
             }
         }
     }

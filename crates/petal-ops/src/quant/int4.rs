@@ -23,7 +23,7 @@ pub static INT4_G32: Int4 = Int4 { group: 32 };
 
 impl Int4 {
     /// The grid of one group: its f32 scale and zero point (GPTQ's `find_params`, asymmetric).
-    fn grid(g: &[f32]) -> (f32, f32) {
+    pub(super) fn grid(g: &[f32]) -> (f32, f32) {
         let lo = g.iter().fold(0f32, |m, v| m.min(*v));
         let hi = g.iter().fold(0f32, |m, v| m.max(*v));
         let (lo, hi) = match lo == 0.0 && hi == 0.0 {
@@ -32,6 +32,11 @@ impl Int4 {
         };
         let scale = (hi - lo) / 15.0;
         (scale, (-lo / scale).round_ties_even())
+    }
+
+    /// The code of `v` on a group's grid.
+    pub(super) fn code(v: f32, scale: f32, zero: f32) -> u8 {
+        ((v / scale).round_ties_even() + zero).clamp(0.0, 15.0) as u8
     }
 }
 
@@ -79,7 +84,7 @@ impl Quantizer for Int4 {
             params.clear();
             for group in row.chunks_exact(g) {
                 let (scale, zero) = Self::grid(group);
-                let q = |v: f32| ((v / scale).round_ties_even() + zero).clamp(0.0, 15.0) as u8;
+                let q = |v: f32| Self::code(v, scale, zero);
                 out.extend(group.chunks_exact(2).map(|p| q(p[0]) | (q(p[1]) << 4)));
                 params.extend(f16::from_f32(scale).to_le_bytes());
                 params.push(zero as u8);
