@@ -154,6 +154,15 @@ pub fn read(path: &Path, keep_quantized: bool) -> Result<Gguf> {
     )
     .map(|v| v as usize)
     .unwrap_or(heads);
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        // llama.cpp's per-frequency RoPE factors (Llama 3.1's rope scaling): ignoring them would
+        // rotate every position wrongly
+        return Err(Error::Unsupported(format!(
+            "{}: tensor `rope_freqs.weight` (rope scaling as per-frequency factors, Llama 3.1 \
+             and later) is not read yet",
+            path.display()
+        )));
+    }
     // llama.cpp's converter interleaves q/k rows for RoPE only for the llama architecture
     let permuted = arch == "llama";
     let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
@@ -252,6 +261,26 @@ pub(crate) fn check_extent(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rope_frequency_factors_are_refused_not_ignored() {
+        use crate::gguf_out::{text, write_file, Meta};
+        use candle_core::quantized::QTensor;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let md = vec![
+            ("general.architecture".to_string(), text("llama")),
+            ("llama.attention.head_count".to_string(), Meta::U32(4)),
+        ];
+        let f = Tensor::new(&[1f32, 2.0, 4.0, 8.0], &Device::Cpu).unwrap();
+        let t = QTensor::quantize(&f, candle_core::quantized::GgmlDType::F32).unwrap();
+        write_file(&path, &md, &[("rope_freqs.weight".to_string(), t)]).unwrap();
+        let e = read(&path, false).err().unwrap().to_string();
+        assert!(
+            e.contains("rope_freqs.weight") && e.contains("m.gguf"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn permute_interleaves_rows_as_llama_cpp_and_unpermute_inverts_it() {
