@@ -105,6 +105,19 @@ def run_one(a, task, spec, train, test, base, out):
     return result
 
 
+def command(a, results):
+    """The arguments that give every result in the report in one run: these, with --methods
+    listing all methods present (results kept from earlier runs too)."""
+    args = sys.argv[1:]
+    methods = ",".join(dict.fromkeys(r["method"] for r in results))
+    if "--methods" in args:
+        args = list(args)
+        args[args.index("--methods") + 1] = methods
+    else:
+        args += ["--methods", methods]
+    return args
+
+
 def report(a, results, failed=()):
     by_task = {}
     for r in results:
@@ -119,7 +132,7 @@ def report(a, results, failed=()):
              "Every method trained with the same budget on each task (the prompt -> the right answer, "
              "the loss on the answer only), scored on held-out examples by `petal eval --task`. Made by "
              "`tools/compare/run.py` (the command below); results in `docs/comparison/*.json`.", "",
-             f"Command: `python3 tools/compare/run.py {' '.join(sys.argv[1:])}`", "",
+             f"Command: `python3 tools/compare/run.py {' '.join(command(a, results))}`", "",
              f"CPU: {cpu}, {os.cpu_count()} threads. Seed {a.seed}.", ""]
     for (model, task), rs in sorted(by_task.items()):
         base = rs[0].get("base_accuracy")
@@ -219,6 +232,15 @@ def main():
                       f"{time.time() - t0:.0f} s", flush=True)
             r["base_accuracy"] = base["accuracy"]
             results.append(r)
+        # the results of earlier runs with other methods, same model and task (same settings:
+        # the work folder is per model and task, and the split is made once)
+        given = {r["method"] for r in results if r["task"] == task}
+        for name in sorted(os.listdir(work)):
+            if name.endswith(".json") and name != "base.json":
+                r = json.load(open(os.path.join(work, name)))
+                if r.get("method") and r["method"] not in given:
+                    r["base_accuracy"] = base["accuracy"]
+                    results.append(r)
     copy = os.path.join(os.path.dirname(a.report) or ".", "comparison")
     os.makedirs(copy, exist_ok=True)
     for r in results:
