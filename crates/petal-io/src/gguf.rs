@@ -20,6 +20,8 @@ pub struct Gguf {
     pub weights: Weights,
     /// The block types of the file's quantized 2-D tensors (empty for an f32/f16/bf16 file).
     pub block_types: Vec<candle_core::quantized::GgmlDType>,
+    /// `rope_freqs.weight`: llama.cpp's per-frequency RoPE factors (llama3 rope scaling).
+    pub rope_factors: Option<Vec<f32>>,
 }
 
 /// Whole-model tensors: GGUF name, HF name.
@@ -154,15 +156,23 @@ pub fn read(path: &Path, keep_quantized: bool) -> Result<Gguf> {
     )
     .map(|v| v as usize)
     .unwrap_or(heads);
-    if content.tensor_infos.contains_key("rope_freqs.weight") {
-        // llama.cpp's per-frequency RoPE factors (Llama 3.1's rope scaling): ignoring them would
-        // rotate every position wrongly
-        return Err(Error::Unsupported(format!(
-            "{}: tensor `rope_freqs.weight` (rope scaling as per-frequency factors, Llama 3.1 \
-             and later) is not read yet",
-            path.display()
-        )));
-    }
+    // llama.cpp's per-frequency RoPE factors (Llama 3.1's rope scaling, as its converter
+    // writes it): the config is made from them (ignoring them would rotate every position wrongly)
+    let rope_factors = match content.tensor_infos.contains_key("rope_freqs.weight") {
+        true => Some(
+            content
+                .tensor(&mut f, "rope_freqs.weight", &Device::Cpu)
+                .and_then(|q| q.dequantize(&Device::Cpu))
+                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                .map_err(|e| {
+                    Error::msg(format!(
+                        "{}: tensor `rope_freqs.weight`: {e}",
+                        path.display()
+                    ))
+                })?,
+        ),
+        false => None,
+    };
     // llama.cpp's converter interleaves q/k rows for RoPE only for the llama architecture
     let permuted = arch == "llama";
     let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
@@ -218,6 +228,7 @@ pub fn read(path: &Path, keep_quantized: bool) -> Result<Gguf> {
         metadata: content.metadata,
         weights,
         block_types,
+        rope_factors,
     })
 }
 
@@ -263,7 +274,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rope_frequency_factors_are_refused_not_ignored() {
+    fn rope_frequency_factors_are_read_not_ignored() {
         use crate::gguf_out::{text, write_file, Meta};
         use candle_core::quantized::QTensor;
         let dir = tempfile::tempdir().unwrap();

@@ -308,12 +308,6 @@ pub fn write_model(
     tok: &BpeParts,
     ty: GgmlDType,
 ) -> Result<Vec<String>> {
-    if cfg.rope_scaling.is_some() {
-        return Err(Error::Unsupported(format!(
-            "{}: a model with rope scaling is not written to GGUF yet",
-            path.display()
-        )));
-    }
     let arch = arch_of(cfg);
     let u = |v: usize| Meta::U32(v as u32);
     let key = |k: &str| format!("{arch}.{k}");
@@ -385,6 +379,15 @@ pub fn write_model(
             None => encode(&g, &t, ty, &mut fell_back)?,
         };
         out.push((g.clone(), q));
+    }
+    if let Some(f) = cfg.rope_freq_factors() {
+        // llama3 rope scaling as llama.cpp's converter writes it: the factors as a tensor, no
+        // metadata
+        let t = Tensor::from_vec(f.clone(), f.len(), &candle_core::Device::Cpu)?;
+        out.push((
+            "rope_freqs.weight".into(),
+            QTensor::quantize(&t, GgmlDType::F32)?,
+        ));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     write_file(path, &md, &out)?;

@@ -201,10 +201,7 @@ pub fn read(dir: &Path, cfg: GptqConfig) -> Result<Weights> {
             )));
         }
         let nibble = |word: i32, k: usize| ((word >> (4 * k)) & 15) as u8;
-        let (code, zero): (
-            Box<dyn Fn(usize, usize) -> u8>,
-            Box<dyn Fn(usize, usize) -> u8>,
-        ) = match cfg.packing {
+        let (code, zero): (Nibble, Nibble) = match cfg.packing {
             Packing::Gptq { zeros_less_one } => (
                 Box::new(|i, o| nibble(qweight[i / 8][o], i % 8)),
                 Box::new(move |g, o| nibble(qzeros[g][o / 8], o % 8) + zeros_less_one as u8),

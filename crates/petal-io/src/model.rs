@@ -78,7 +78,13 @@ pub fn load_model(
             }
             let tied = !g.weights.contains("lm_head.weight");
             let bias = g.weights.contains("model.layers.0.self_attn.q_proj.bias");
-            let cfg = llama_config(&g.metadata, tied, bias)?;
+            let mut cfg = llama_config(&g.metadata, tied, bias)?;
+            if let Some(f) = &g.rope_factors {
+                let scaling = cfg.rope_scaling_from_factors(f).map_err(|e| {
+                    Error::config(path.display().to_string(), "rope_freqs.weight", e)
+                })?;
+                cfg.rope_scaling = Some(scaling);
+            }
             let tok = gguf_tokenizer(&g.metadata)
                 .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
             (Llama::load(cfg, &g.weights, precision, device)?, tok)

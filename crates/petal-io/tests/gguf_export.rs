@@ -198,3 +198,59 @@ fn an_l4q_model_is_written_as_its_own_q4_1_codes() {
         assert!(d < 1e-6, "{name}: {d}");
     }
 }
+
+#[test]
+fn llama3_rope_scaling_is_written_as_llama_cpps_factors_and_read_back() {
+    // the tiny Llama (head_dim 8: frequencies 1, 0.1, 0.01, 0.001) with llama3 scaling whose
+    // thresholds put three frequencies on the ramp and one above it
+    let dir = tempfile::tempdir().unwrap();
+    let folder = |name: &str, rope: serde_json::Value| {
+        let out = dir.path().join(name);
+        std::fs::create_dir(&out).unwrap();
+        for f in [
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ] {
+            std::fs::copy(golden().join("llama").join(f), out.join(f)).unwrap();
+        }
+        let mut cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(golden().join("llama/config.json")).unwrap(),
+        )
+        .unwrap();
+        cfg["rope_parameters"] = rope;
+        std::fs::write(out.join("config.json"), cfg.to_string()).unwrap();
+        load(&out)
+    };
+    let lm = folder(
+        "scaled",
+        serde_json::json!({"rope_theta": 10000.0, "rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 200.0,
+            "original_max_position_embeddings": 1000}),
+    );
+    let plain = folder(
+        "plain",
+        serde_json::json!({"rope_theta": 10000.0, "rope_type": "default"}),
+    );
+    let want = logits(&lm.model);
+    let d = petal_ops::testing::max_rel(&want, &logits(&plain.model));
+    assert!(d > 1e-3, "the scaling shows: {d}");
+    let path = dir.path().join("m.gguf");
+    let tensors = lm.model.named_base_tensors().unwrap();
+    let vocab = lm.model.cfg.vocab_size;
+    write_model(
+        &path,
+        &lm.model.cfg,
+        tensors,
+        Default::default(),
+        &plain_bpe(vocab),
+        GgmlDType::F32,
+    )
+    .unwrap();
+    let back = load(&path);
+    let s = back.model.cfg.rope_scaling.clone().unwrap();
+    assert_eq!((s.factor, s.original_max_position_embeddings), (8.0, 1000));
+    assert!((s.high_freq_factor - 200.0).abs() < 1e-3, "{s:?}");
+    let d = petal_ops::testing::max_rel(&logits(&back.model), &want);
+    assert!(d < 1e-5, "{d}");
+}

@@ -257,6 +257,106 @@ impl LlamaConfig {
         v
     }
 
+    /// llama.cpp's form of llama3 rope scaling: one factor per frequency (`rope_freqs.weight`,
+    /// each frequency divided by its factor), as its converter computes them (frequencies in
+    /// f32, the rest in f64). `None` without rope scaling.
+    pub fn rope_freq_factors(&self) -> Option<Vec<f32>> {
+        let s = self.rope_scaling.as_ref()?;
+        let d = self.head_dim;
+        let (old, lo, hi) = (
+            s.original_max_position_embeddings as f64,
+            s.low_freq_factor,
+            s.high_freq_factor,
+        );
+        let factors = (0..d / 2).map(|i| {
+            let freq = 1.0 / (self.rope_theta as f32).powf((2 * i) as f32 / d as f32);
+            let wl = 2.0 * std::f64::consts::PI / freq as f64;
+            if wl < old / hi {
+                1.0
+            } else if wl > old / lo {
+                s.factor as f32
+            } else {
+                let smooth = (old / wl - lo) / (hi - lo);
+                (1.0 / ((1.0 - smooth) / s.factor + smooth)) as f32
+            }
+        });
+        Some(factors.collect())
+    }
+
+    /// Llama3 rope scaling from llama.cpp's per-frequency factors (a GGUF file's
+    /// `rope_freqs.weight`): the factor is the largest, and with `low_freq_factor` 1 (every
+    /// Llama 3 model's) `high_freq_factor` and `original_max_position_embeddings` follow from the
+    /// frequencies between the two thresholds, which must be at least two. An error when the
+    /// factors do not have llama3's form (checked by computing them back, within 1e-4).
+    pub fn rope_scaling_from_factors(
+        &self,
+        factors: &[f32],
+    ) -> std::result::Result<RopeScaling, String> {
+        let d = self.head_dim;
+        if factors.len() != d / 2 {
+            return Err(format!(
+                "{} factors for {} frequencies",
+                factors.len(),
+                d / 2
+            ));
+        }
+        let factor = factors.iter().fold(1f32, |m, f| m.max(*f)) as f64;
+        // between the thresholds: smooth = (old / wl - 1) / (hi - 1) = A / wl - B
+        let points: Vec<(f64, f64)> = (0..d / 2)
+            .filter(|&i| factors[i] > 1.0 + 1e-6 && (factors[i] as f64) < factor * (1.0 - 1e-6))
+            .map(|i| {
+                let freq = 1.0 / (self.rope_theta as f32).powf((2 * i) as f32 / d as f32);
+                let smooth = (1.0 / factors[i] as f64 - 1.0 / factor) / (1.0 - 1.0 / factor);
+                (freq as f64 / (2.0 * std::f64::consts::PI), smooth)
+            })
+            .collect();
+        if factor <= 1.0 || points.len() < 2 {
+            return Err(format!(
+                "{} frequencies between llama3's thresholds (at least two are needed to recover \
+                 its parameters)",
+                points.len()
+            ));
+        }
+        // least squares of smooth = A x - B over the points (x = 1 / wl)
+        let n = points.len() as f64;
+        let (sx, sy) = points
+            .iter()
+            .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+        let (sxx, sxy) = points
+            .iter()
+            .fold((0.0, 0.0), |(a, b), (x, y)| (a + x * x, b + x * y));
+        let a = (n * sxy - sx * sy) / (n * sxx - sx * sx);
+        let b = -(sy - a * sx) / n;
+        if !(a > 0.0 && b > 0.0) {
+            return Err("the factors do not follow llama3's smooth ramp".into());
+        }
+        let scaling = RopeScaling {
+            rope_type: "llama3".into(),
+            factor,
+            low_freq_factor: 1.0,
+            high_freq_factor: 1.0 + 1.0 / b,
+            original_max_position_embeddings: (a / b).round() as usize,
+        };
+        let back = LlamaConfig {
+            rope_scaling: Some(scaling.clone()),
+            ..self.clone()
+        }
+        .rope_freq_factors()
+        .unwrap_or_default();
+        match back
+            .iter()
+            .zip(factors)
+            .map(|(a, b)| ((a - b) / b).abs())
+            .fold(0f32, f32::max)
+        {
+            e if e <= 1e-4 => Ok(scaling),
+            e => Err(format!(
+                "the factors do not follow llama3's form (recomputed from the fitted parameters \
+                 they differ by {e:e})"
+            )),
+        }
+    }
+
     /// RoPE inverse frequencies (head_dim/2), with llama3 scaling when configured.
     pub fn inv_freq(&self) -> Vec<f32> {
         let d = self.head_dim;
@@ -290,6 +390,68 @@ impl LlamaConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn llama3_rope_factors_are_llama_cpps_and_give_the_parameters_back() {
+        // tools/golden/make_rope_freqs.py: llama.cpp's converter, transcribed, in torch
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/golden/rope_freqs.json"
+        );
+        let golden: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let base = LlamaConfig::from_hf_json(
+            r#"{"model_type":"llama","vocab_size":96,"hidden_size":128,"intermediate_size":64,
+                "num_hidden_layers":1,"num_attention_heads":1}"#,
+            "config.json",
+        )
+        .unwrap();
+        for case in golden["cases"].as_array().unwrap() {
+            let want: Vec<f32> = serde_json::from_value(case["factors"].clone()).unwrap();
+            let scaling = RopeScaling {
+                rope_type: "llama3".into(),
+                factor: case["factor"].as_f64().unwrap(),
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            };
+            let c = LlamaConfig {
+                head_dim: case["head_dim"].as_u64().unwrap() as usize,
+                rope_theta: case["rope_theta"].as_f64().unwrap(),
+                rope_scaling: Some(scaling.clone()),
+                ..base.clone()
+            };
+            let got = c.rope_freq_factors().unwrap();
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| ((a - b) / b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-6, "{}: {worst}", case["name"]);
+            let back = c.rope_scaling_from_factors(&want).unwrap();
+            assert_eq!(
+                back.original_max_position_embeddings, 8192,
+                "{}",
+                case["name"]
+            );
+            assert!((back.high_freq_factor - 4.0).abs() < 1e-4, "{back:?}");
+            assert_eq!(back.factor, scaling.factor);
+        }
+        // not llama3's form: a ramp that is not 1 / wavelength-linear, or too few points on it
+        let c = LlamaConfig {
+            head_dim: 8,
+            rope_theta: 10000.0,
+            ..base
+        };
+        let e = c
+            .rope_scaling_from_factors(&[1.0, 1.5, 7.0, 8.0])
+            .unwrap_err();
+        assert!(e.contains("form") || e.contains("ramp"), "{e}");
+        let e = c
+            .rope_scaling_from_factors(&[1.0, 1.0, 2.0, 8.0])
+            .unwrap_err();
+        assert!(e.contains("at least two"), "{e}");
+        assert!(c.rope_scaling_from_factors(&[1.0, 2.0]).is_err());
+    }
 
     #[test]
     fn zero_or_negative_sizes_and_non_positive_constants_are_refused_naming_the_field() {
