@@ -130,6 +130,10 @@ train_opts! {
     sample_tokens: usize,
     /// Continue from a checkpoint folder or a run folder's latest checkpoint
     resume: PathBuf,
+    /// Start the adapter from this adapter folder's weights (its tensors must be the ones the
+    /// method's options make, same names and shapes), with a fresh optimizer: a federated
+    /// round's local training from the global adapter
+    init_adapter: PathBuf,
     /// Replace an existing run folder [default: false]
     overwrite: bool,
 }
@@ -306,6 +310,23 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut model = lm.model;
     let limit = crate::common::memory_limit(max_memory(&o)?).for_training();
     let report = inject_adapter_within(&mut model, "default", &acfg, seed, &limit)?;
+    if let Some(dir) = &o.init_adapter {
+        if o.resume.is_some() {
+            bail!("--init-adapter and --resume: give one (--resume restores its own adapter)");
+        }
+        let (cfg, tensors) = petal_io::load_adapter(dir, model.device())
+            .with_context(|| format!("--init-adapter {}", dir.display()))?;
+        if cfg.peft_type != acfg.peft_type {
+            bail!(
+                "--init-adapter {}: a {} adapter, but --method makes {}",
+                dir.display(),
+                cfg.peft_type,
+                acfg.peft_type
+            );
+        }
+        petal_io::load_into(&model, "default", tensors, dir)
+            .with_context(|| format!("--init-adapter {}", dir.display()))?;
+    }
     let init_text = acfg.get("prompt_tuning_init_text").and_then(|v| v.as_str());
     if let (Some(text), Some((_, input))) = (init_text, model.input_adapter()) {
         // PEFT's TEXT init: the text's token embeddings, cut or repeated to the length.

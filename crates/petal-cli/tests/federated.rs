@@ -1,0 +1,55 @@
+//! What federated rounds stand on: `petal train --init-adapter` starts a client's local training
+//! from the global adapter (its weights, a fresh optimizer), and refuses an adapter of another
+//! shape naming the tensor.
+
+mod common;
+
+use common::{golden, petal, stderr, train, words};
+use serde_json::Value;
+
+fn summary(o: &std::process::Output) -> Value {
+    assert!(o.status.success(), "{}", stderr(o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(text.lines().last().unwrap()).unwrap()
+}
+
+#[test]
+fn training_from_an_adapter_starts_where_it_ended_and_other_shapes_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = words(tmp.path());
+    let model = golden().join("llama");
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let out = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
+    let (a1, a2, a3) = (out("a1"), out("a2"), out("a3"));
+    let mut args = train(m, d, &a1);
+    args.extend(["--max-steps", "3", "--json"]);
+    let first = summary(&petal(&args));
+    let init = format!("{a1}/adapter");
+    let mut args = train(m, d, &a2);
+    args.extend(["--max-steps", "1", "--init-adapter", &init, "--json"]);
+    let second = summary(&petal(&args));
+    // the same held-out examples (same data and seed): the second run starts at the first's end
+    assert_eq!(second["eval_before"]["loss"], first["eval_after"]["loss"]);
+    assert_ne!(second["eval_before"]["loss"], first["eval_before"]["loss"]);
+    let mut args = train(m, d, &a3);
+    args.extend(["--max-steps", "1", "--r", "4", "--init-adapter", &init]);
+    let o = petal(&args);
+    let e = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        e.contains("q_proj.lora_A.weight") && e.contains("[8, 32]"),
+        "{e}"
+    );
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    let mut args = train(m, d, &a3);
+    args.extend([
+        "--max-steps",
+        "1",
+        "--method",
+        "ia3",
+        "--init-adapter",
+        &init,
+    ]);
+    let e = stderr(&petal(&args));
+    assert!(e.contains("a LORA adapter, but --method makes IA3"), "{e}");
+}
