@@ -78,7 +78,7 @@ train_opts! {
     modules_to_save: String,
     /// Token ids whose embedding rows are trained in full (new special tokens): comma list
     trainable_tokens: String,
-    /// Optimizer steps [default: 100]
+    /// Optimizer steps (0: write the freshly initialised adapter, untrained) [default: 100]
     max_steps: usize,
     /// Peak learning rate [default: 1e-3]
     lr: f64,
@@ -524,7 +524,6 @@ fn check_ranges(o: &TrainOpts) -> Result<()> {
     let counts: Vec<(&str, usize)> = [
         given("batch-size", o.batch_size),
         given("grad-accum", o.grad_accum),
-        given("max-steps", o.max_steps),
     ]
     .into_iter()
     .flatten()

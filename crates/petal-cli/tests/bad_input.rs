@@ -9,10 +9,9 @@ fn out_of_range_training_values_are_refused_before_any_work_naming_the_flag() {
     let d = tempfile::tempdir().unwrap();
     let data = words(d.path());
     let out = d.path().join("run");
-    let cases: [(&str, &str); 9] = [
+    let cases: [(&str, &str); 8] = [
         ("--batch-size", "0"),
         ("--grad-accum", "0"),
-        ("--max-steps", "0"),
         ("--seq-len", "1"),
         ("--lr", "-1"),
         ("--lr", "NaN"),

@@ -1,4 +1,5 @@
-//! What federated rounds stand on: `petal train --init-adapter` starts a client's local training
+//! What federated rounds stand on: `petal train --max-steps 0` writes the initialised adapter,
+//! `petal train --init-adapter` starts a client's local training
 //! from the global adapter (its weights, a fresh optimizer), and refuses an adapter of another
 //! shape naming the tensor.
 
@@ -20,7 +21,16 @@ fn training_from_an_adapter_starts_where_it_ended_and_other_shapes_are_refused()
     let model = golden().join("llama");
     let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
     let out = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
-    let (a1, a2, a3) = (out("a1"), out("a2"), out("a3"));
+    let (a0, a1, a2, a3) = (out("a0"), out("a1"), out("a2"), out("a3"));
+    // --max-steps 0: the initialised adapter, untrained (a federation's starting point)
+    let mut args = train(m, d, &a0);
+    args.extend(["--max-steps", "0", "--json"]);
+    let zero = summary(&petal(&args));
+    assert_eq!(zero["steps"], 0);
+    assert_eq!(zero["eval_after"]["loss"], zero["eval_before"]["loss"]);
+    assert!(std::path::Path::new(&a0)
+        .join("adapter/adapter_model.safetensors")
+        .exists());
     let mut args = train(m, d, &a1);
     args.extend(["--max-steps", "3", "--json"]);
     let first = summary(&petal(&args));
