@@ -134,6 +134,9 @@ train_opts! {
     /// method's options make, same names and shapes), with a fresh optimizer: a federated
     /// round's local training from the global adapter
     init_adapter: PathBuf,
+    /// FedProx's proximal term: `prox_mu / 2 * ||w - w0||^2`, w0 the adapter training starts
+    /// from (`--init-adapter`) [default: 0, none]
+    prox_mu: f64,
     /// Replace an existing run folder [default: false]
     overwrite: bool,
 }
@@ -486,6 +489,7 @@ pub(crate) fn train_config(
         save_converted: o.save_as_lora.unwrap_or(false),
         grad_checkpointing: o.grad_checkpointing.unwrap_or(false),
         balanced_tasks: task_sampling(o)? == "balanced",
+        prox_mu: o.prox_mu.unwrap_or(0.0),
     })
 }
 
@@ -545,6 +549,7 @@ fn check_ranges(o: &TrainOpts) -> Result<()> {
     };
     positive("lr", o.lr, false)?;
     positive("weight-decay", o.weight_decay, true)?;
+    positive("prox-mu", o.prox_mu, true)?;
     positive("max-grad-norm", o.max_grad_norm, true)?;
     task_sampling(o)?;
     if let Some(f) = o.val_fraction.filter(|f| !(0.0..1.0).contains(f)) {

@@ -63,3 +63,65 @@ fn training_from_an_adapter_starts_where_it_ended_and_other_shapes_are_refused()
     let e = stderr(&petal(&args));
     assert!(e.contains("a LORA adapter, but --method makes IA3"), "{e}");
 }
+
+/// The largest change of any adapter tensor between two adapter folders.
+fn moved(a: &str, b: &str) -> f32 {
+    let load = |d: &str| {
+        candle_core::safetensors::load(
+            std::path::Path::new(d).join("adapter/adapter_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (a, b) = (load(a), load(b));
+    a.iter()
+        .map(|(k, t)| {
+            (t - &b[k])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .fold(0f32, f32::max)
+}
+
+#[test]
+fn fedprox_pulls_local_training_back_to_the_adapter_it_started_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = words(tmp.path());
+    let model = golden().join("llama");
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let out = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
+    let start = out("start");
+    let mut args = train(m, d, &start);
+    args.extend(["--max-steps", "5", "--lr", "0.01"]);
+    assert!(petal(&args).status.success());
+    let init = format!("{start}/adapter");
+    let local = |name: &str, mu: &str| {
+        let o = out(name);
+        let mut args = train(m, d, &o);
+        let steps = ["--max-steps", "12", "--lr", "0.01", "--seed", "3"];
+        args.extend(steps);
+        args.extend(["--init-adapter", &init, "--prox-mu", mu]);
+        let r = petal(&args);
+        assert!(r.status.success(), "{}", stderr(&r));
+        o
+    };
+    let free = moved(&local("free", "0"), &start);
+    let held = moved(&local("held", "1000"), &start);
+    eprintln!("largest change: free {free}, with the pull {held}");
+    // Adam moves each weight about lr a step: 12 steps drift ~0.1 freely; a strong pull keeps
+    // every weight within a few steps of where it started
+    assert!(free > 0.05, "free drift {free}");
+    assert!(held < 0.35 * free, "held {held} vs free {free}");
+    // the anchor is the starting adapter: resuming would move it, so the two are refused
+    let mut args = train(m, d, &start);
+    args.extend(["--prox-mu", "1", "--resume", &start]);
+    let e = stderr(&petal(&args));
+    assert!(e.contains("prox_mu"), "{e}");
+}

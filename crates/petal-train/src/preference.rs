@@ -131,6 +131,7 @@ mod tests {
             save_converted: false,
             grad_checkpointing: false,
             balanced_tasks: false,
+            prox_mu: 0.0,
         };
         let vars = petal_core::inject::adapter_vars(&m, "default");
         let hook = c

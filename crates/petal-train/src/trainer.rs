@@ -46,6 +46,11 @@ pub struct TrainConfig {
     /// Multi-task data: draw the tasks in turn (each gets the same share of every batch)
     /// instead of in proportion to their sizes.
     pub balanced_tasks: bool,
+    /// FedProx's proximal term: `prox_mu / 2 * ||w - w0||^2` over the adapter's tensors, w0
+    /// their values when training starts (a federated round's global adapter); 0: none. Its
+    /// gradient `prox_mu (w - w0)` joins the step's gradients before clipping; the losses
+    /// logged are the data's alone.
+    pub prox_mu: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -155,6 +160,19 @@ pub fn train_objective(
         method.convert_for_save(model, &cfg.adapter_name, adapter_cfg, &mut HashMap::new())?;
     }
     let mut opt = AdamW::new(vars.clone(), cfg.optim)?.with_kernels(obj.kernels());
+    if cfg.prox_mu > 0.0 && resume.is_some() {
+        return Err(Error::msg(
+            "a proximal term (prox_mu) is anchored at the adapter training starts from: a \
+             resumed run would anchor it elsewhere",
+        ));
+    }
+    let anchor: Vec<Tensor> = match cfg.prox_mu > 0.0 {
+        true => vars
+            .iter()
+            .map(|v| v.as_tensor().copy())
+            .collect::<candle_core::Result<_>>()?,
+        false => Vec::new(),
+    };
     // the method's own work around training (AdaLoRA's rank allocator)
     let mut hook = method.training(model, &cfg.adapter_name, adapter_cfg)?;
     let mut start = 0;
@@ -198,6 +216,13 @@ pub fn train_objective(
                 "loss is {loss} at step {}; stopped ({kept})",
                 step + 1
             )));
+        }
+        for ((g, v), w0) in grads.iter_mut().zip(&vars).zip(&anchor) {
+            let pull = ((v.as_tensor() - w0)? * cfg.prox_mu)?;
+            *g = Some(match g.take() {
+                Some(g) => (g + pull)?,
+                None => pull,
+            });
         }
         let grad_norm = clip(&mut grads, cfg.max_grad_norm)?;
         opt.step(&grads, lr)?;

@@ -68,6 +68,7 @@ pub fn lora_losses(mut m: petal_models::Llama, dropout: f64, out: PathBuf) -> Ve
         save_converted: false,
         grad_checkpointing: false,
         balanced_tasks: false,
+        prox_mu: 0.0,
     };
     train(&m, &cfg, &data, &[], &tc, None, &mut ())
         .unwrap()
