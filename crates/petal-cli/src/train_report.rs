@@ -45,7 +45,7 @@ pub(crate) fn print_report(
         times.sort_by(f64::total_cmp);
         let median = times.get(times.len() / 2).copied();
         let v = serde_json::json!({
-            "steps": s.steps, "seconds": s.seconds, "losses": s.losses,
+            "steps": s.steps, "seconds": s.seconds, "losses": s.losses, "train_examples": s.examples,
             "trainable_params": params.trainable, "total_params": params.total,
             "median_step_seconds": median, "peak_rss_mb": crate::bench_cmd::peak_rss_mb(),
             "eval_before": before, "eval_after": after, "adapter": s.adapter_dir,

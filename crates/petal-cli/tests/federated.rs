@@ -125,3 +125,122 @@ fn fedprox_pulls_local_training_back_to_the_adapter_it_started_from() {
     let e = stderr(&petal(&args));
     assert!(e.contains("prox_mu"), "{e}");
 }
+
+fn adapter_tensors(
+    dir: &std::path::Path,
+) -> std::collections::HashMap<String, candle_core::Tensor> {
+    candle_core::safetensors::load(
+        dir.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+}
+
+#[test]
+fn fedavg_on_flowers_deployment_engine_averages_the_clients_adapters_by_their_examples() {
+    let Some(python) = common::venv("venv-flower", "python/flower/requirements.txt") else {
+        return;
+    };
+    let bin = python.parent().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |name: &str, words: usize, step: usize| {
+        let p = tmp.path().join(name);
+        let text: Vec<String> = (0..words)
+            .map(|i| format!("w{}", (i * step + 1) % 96))
+            .collect();
+        std::fs::write(&p, text.join(" ")).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    // two clients with different amounts of data: FedAvg weighs them by their examples
+    let (c0, c1, val) = (
+        write("c0.txt", 600, 7),
+        write("c1.txt", 300, 11),
+        write("v.txt", 200, 5),
+    );
+    let out = tmp.path().join("fed");
+    let o = std::process::Command::new("python3")
+        .arg(common::root().join("tools/federated/run.py"))
+        .args([
+            "--flwr",
+            bin.to_str().unwrap(),
+            "--petal",
+            env!("CARGO_BIN_EXE_petal"),
+        ])
+        .args(["--model", golden().join("llama").to_str().unwrap()])
+        .args(["--partitions", &format!("{c0},{c1}"), "--val-data", &val])
+        .args([
+            "--out",
+            out.to_str().unwrap(),
+            "--rounds",
+            "2",
+            "--local-steps",
+            "2",
+        ])
+        .args([
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--keep-client-adapters",
+        ])
+        .args(["--timeout", "300"])
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{said}");
+    let rounds: Vec<Value> = std::fs::read_to_string(out.join("rounds.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rounds.len(), 3, "rounds 0, 1, 2: {rounds:?}");
+    let global = |r: usize| adapter_tensors(&out.join(format!("round-{r}/adapter")));
+    let bytes: usize = global(0).values().map(|t| t.elem_count() * 4).sum();
+    assert_eq!(rounds[1]["bytes_up"], 2 * bytes, "only the adapter travels");
+    for r in 1..=2 {
+        let client = |i: usize| out.join(format!("clients/round-{r}/client-{i}"));
+        let n = |i: usize| -> f64 {
+            let s: Value = serde_json::from_str(
+                &std::fs::read_to_string(client(i).join("summary.json")).unwrap(),
+            )
+            .unwrap();
+            s["train_examples"].as_f64().unwrap()
+        };
+        let (n0, n1) = (n(0), n(1));
+        assert!(n0 > n1, "{n0} {n1}");
+        let (a, b, g) = (
+            adapter_tensors(&client(0)),
+            adapter_tensors(&client(1)),
+            global(r),
+        );
+        for (k, t) in &g {
+            let mean = ((&a[k] * (n0 / (n0 + n1))).unwrap() + (&b[k] * (n1 / (n0 + n1))).unwrap())
+                .unwrap();
+            let d = petal_ops::testing::max_rel(t, &mean);
+            assert!(d < 1e-5, "round {r} {k}: {d}");
+        }
+    }
+    // the final global adapter is round 2's, and petal loads it
+    let fin = adapter_tensors(&out.join("adapter"));
+    let last = global(2);
+    assert!(fin
+        .iter()
+        .all(|(k, t)| petal_ops::testing::max_rel(t, &last[k]) == 0.0));
+    let e = petal(&[
+        "eval",
+        "--model",
+        golden().join("llama").to_str().unwrap(),
+        "--adapter",
+        out.join("adapter").to_str().unwrap(),
+        "--data",
+        &val,
+        "--seq-len",
+        "16",
+        "--json",
+    ]);
+    assert!(e.status.success(), "{}", stderr(&e));
+}

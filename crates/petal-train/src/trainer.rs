@@ -82,6 +82,8 @@ pub struct TrainSummary {
     pub seconds: f64,
     /// Wall time of each optimizer step (forward, backward, update; no eval or checkpoint).
     pub step_seconds: Vec<f64>,
+    /// Training examples (sequences) the run drew from (a federated client's weight).
+    pub examples: usize,
 }
 
 /// Callbacks for progress display.
@@ -306,6 +308,7 @@ pub fn train_objective(
         adapter_dir,
         seconds: t0.elapsed().as_secs_f64(),
         step_seconds,
+        examples: train_set.len(),
     })
 }
 

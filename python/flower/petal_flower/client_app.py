@@ -1,0 +1,49 @@
+"""The Flower ClientApp: a round's local training with `petal train --init-adapter` from the
+global adapter the server sent, on this node's partition (`partition-id` of its node config);
+only the adapter's tensors go back, with the number of training examples as FedAvg's weight."""
+import tempfile
+from pathlib import Path
+
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from petal_flower.common import nbytes, petal, read_adapter, train_args, write_adapter
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    rc = context.run_config
+    pid = int(context.node_config["partition-id"])
+    partitions = rc["partitions"].split("|")
+    if pid >= len(partitions):
+        raise ValueError(f"partition-id {pid}: the run has {len(partitions)} partitions")
+    config = msg.content["config"]
+    rnd = int(config["server-round"])
+    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        start = write_adapter(Path(tmp) / "global", arrays, str(config["adapter-config"]))
+        run = Path(tmp) / "run"
+        # a seed per round and client: dropout and batch order differ across them, fixed per run
+        seed = int(rc["seed"]) * 100_003 + rnd * 1_009 + pid
+        args = train_args(rc, partitions[pid], run, rc["local-steps"], seed)
+        args += ["--init-adapter", start]
+        mu = float(config.get("proximal-mu", 0.0))
+        if mu > 0:
+            args += ["--prox-mu", mu]
+        summary = petal(rc, args)
+        local, _ = read_adapter(run / "adapter")
+        if rc["keep-client-adapters"]:
+            keep = Path(rc["out"]) / "clients" / f"round-{rnd}" / f"client-{pid}"
+            write_adapter(keep, local, str(config["adapter-config"]))
+            (keep / "summary.json").write_text(__import__("json").dumps(summary))
+    losses = summary["losses"]
+    metrics = MetricRecord({
+        "num-examples": int(summary["train_examples"]),
+        "train-loss": float(sum(losses) / len(losses)) if losses else 0.0,
+        "seconds": float(summary["seconds"]),
+        "bytes-up": nbytes(local),
+    })
+    record = ArrayRecord({k: Array(v) for k, v in local.items()})
+    return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=msg)

@@ -1,0 +1,58 @@
+"""What the client and server apps share: running petal, and an adapter folder as arrays."""
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+
+def petal(rc, args):
+    """Run `petal ARGS` (the binary from the run config) and return its last stdout line as JSON.
+
+    A failure raises with petal's own one-line error, which Flower reports for the node."""
+    cmd = [rc["petal"], *[str(a) for a in args]]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        err = r.stderr.strip().splitlines()
+        raise RuntimeError(f"{' '.join(cmd[:2])}: {err[-1] if err else r.returncode}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def train_args(rc, data, out, steps, seed):
+    """`petal train` with the run config's method and budget."""
+    return ["train", "--model", rc["model"], "--data", data, "--out", out, "--json",
+            "--method", rc["method"], "--r", rc["r"], "--alpha", rc["alpha"], "--lr", rc["lr"],
+            "--max-steps", steps, "--batch-size", rc["batch-size"], "--seq-len", rc["seq-len"],
+            "--seed", seed, "--eval-every", 1_000_000, "--max-eval-examples", 1,
+            "--overwrite", "true"]
+
+
+def read_adapter(folder):
+    """An adapter folder's tensors (PEFT names -> arrays) and its config text."""
+    folder = Path(folder)
+    return load_file(str(folder / WEIGHTS)), (folder / CONFIG).read_text()
+
+
+def write_adapter(folder, arrays, config_text):
+    """An adapter folder from arrays and config text, written whole (a temp folder renamed)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / WEIGHTS),
+              metadata={"format": "pt"})
+    (tmp / CONFIG).write_text(config_text)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def nbytes(arrays):
+    return int(sum(a.nbytes for a in arrays.values()))

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Federated fine-tuning with petal on Flower's Deployment Engine, on this machine: one
+`flower-superlink`, one `flower-supernode` per client (each `partition-id` is one data file),
+and `flwr run python/flower` submitting petal's ServerApp/ClientApp (python/flower/petal_flower);
+all processes on loopback, insecure (no TLS), stopped at the end.
+
+Only the adapter's tensors travel. The server writes OUT/adapter (the global adapter, a PEFT
+folder), OUT/round-R/adapter, OUT/rounds.jsonl (held-out loss, bytes and time per round) and
+OUT/train_metrics.json (Flower's aggregated client metrics per round).
+
+    python3 tools/federated/run.py --flwr target/venv-flower/bin --petal target/release/petal \\
+        --model asset:smollm2 --partitions A.txt,B.txt --val-data V.txt --out runs/fed \\
+        --rounds 3 --local-steps 4
+
+Needs flwr (python/flower/requirements.txt) in the venv given by --flwr. Exit status 0 only
+when Flower reports the run `finished:completed`; otherwise its status details are printed.
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = ROOT / "python" / "flower"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toml_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))  # a TOML basic string
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--flwr", required=True, help="the venv's bin folder with flwr, flower-superlink, flower-supernode")
+    ap.add_argument("--petal", default=str(ROOT / "target/release/petal"))
+    ap.add_argument("--model", default="asset:smollm2")
+    ap.add_argument("--partitions", required=True, help="client data files, comma-separated: client i trains on file i")
+    ap.add_argument("--val-data", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--local-steps", type=int, default=4)
+    ap.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox"])
+    ap.add_argument("--proximal-mu", type=float, default=0.01)
+    ap.add_argument("--method", default="lora")
+    ap.add_argument("--r", type=int, default=8)
+    ap.add_argument("--alpha", type=float, default=16)
+    ap.add_argument("--lr", type=float, default=0.002)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--max-eval-examples", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep-client-adapters", action="store_true")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds before the run is stopped")
+    a = ap.parse_args()
+
+    bin_dir = Path(a.flwr)
+    for tool in ("flwr", "flower-superlink", "flower-supernode"):
+        if not (bin_dir / tool).exists():
+            sys.exit(f"--flwr {a.flwr}: no `{tool}` there (pip install -r python/flower/requirements.txt into a venv)")
+    parts = [str(Path(p).resolve()) for p in a.partitions.split(",") if p]
+    for p in parts + [a.val_data]:
+        if not Path(p).exists():
+            sys.exit(f"{p}: no such file")
+    if len(parts) < 2:
+        sys.exit("--partitions: give at least two client data files")
+    petal = str(Path(a.petal).resolve())
+    if not os.access(petal, os.X_OK):
+        sys.exit(f"--petal {a.petal}: not an executable")
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    home = Path(tempfile.mkdtemp(prefix="petal-flwr-"))
+    link = free_port()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "deploy"\n\n'
+        f'[superlink.deploy]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+    # Flower starts its own helpers (flower-superexec, flwr-clientapp) by name: the venv's bin first
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               PYTHONUNBUFFERED="1", PATH=f"{bin_dir.resolve()}{os.pathsep}{os.environ.get('PATH', '')}")
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    procs = []
+
+    def start(name, cmd):
+        f = open(logs / f"{name}.log", "w")
+        procs.append((subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                       start_new_session=True), f))
+
+    def stop():
+        for p, f in reversed(procs):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p, f in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+            f.close()
+        shutil.rmtree(home, ignore_errors=True)
+
+    status = "not started"
+    try:
+        start("superlink", [bin_dir / "flower-superlink", "--insecure", "--port", str(link),
+                            "--disable-runtime-dependency-installation"])
+        deadline = time.time() + 60
+        while True:  # the SuperLink listens
+            try:
+                socket.create_connection(("127.0.0.1", link), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or procs[0][0].poll() is not None:
+                    raise SystemExit(f"flower-superlink did not start (see {logs / 'superlink.log'})")
+                time.sleep(0.3)
+        for i in range(len(parts)):
+            start(f"supernode-{i}", [bin_dir / "flower-supernode", "--insecure",
+                                     "--superlink", f"127.0.0.1:{link}", "--port", str(free_port()),
+                                     "--node-config", f"partition-id={i} num-partitions={len(parts)}"])
+        rc = {"petal": petal, "model": a.model, "partitions": "|".join(parts),
+              "val-data": str(Path(a.val_data).resolve()), "out": str(out),
+              "num-server-rounds": a.rounds, "num-clients": len(parts), "strategy": a.strategy,
+              "proximal-mu": a.proximal_mu, "method": a.method, "r": a.r, "alpha": a.alpha,
+              "lr": a.lr, "local-steps": a.local_steps, "batch-size": a.batch_size,
+              "seq-len": a.seq_len, "max-eval-examples": a.max_eval_examples, "seed": a.seed,
+              "keep-client-adapters": a.keep_client_adapters}
+        run_config = " ".join(f"{k}={toml_value(v)}" for k, v in rc.items())
+        t0 = time.time()
+        sub = subprocess.run([bin_dir / "flwr", "run", str(APP), "deploy", "--run-config", run_config,
+                              "--format", "json"], capture_output=True, text=True, env=env, timeout=120)
+        try:
+            run_id = json.loads(sub.stdout)["run-id"]
+        except (ValueError, KeyError):
+            raise SystemExit(f"flwr run: {(sub.stdout + sub.stderr).strip()[-500:]}")
+        print(f"run {run_id}: {len(parts)} clients, {a.rounds} rounds, {a.strategy} (logs in {logs})", flush=True)
+        seen = 0
+        while True:
+            time.sleep(2)
+            ls = subprocess.run([bin_dir / "flwr", "ls", "deploy", "--run-id", str(run_id), "--format", "json"],
+                                capture_output=True, text=True, env=env, timeout=60)
+            try:
+                run = json.loads(ls.stdout)["runs"][0]
+            except (ValueError, KeyError, IndexError):
+                continue
+            status = run.get("status", "?")
+            rounds = (out / "rounds.jsonl").read_text().splitlines() if (out / "rounds.jsonl").exists() else []
+            for line in rounds[seen:]:
+                r = json.loads(line)
+                print(f"round {r['round']}: held-out loss {r['eval_loss']:.4f} ({r['seconds']:.0f} s)", flush=True)
+            seen = len(rounds)
+            if status.startswith("finished"):
+                break
+            if time.time() - t0 > a.timeout:
+                raise SystemExit(f"run {run_id}: still {status} after {a.timeout:.0f} s; stopped")
+        if status != "finished:completed":
+            details = run.get("status-details", "") or run.get("sub-status", "")
+            raise SystemExit(f"run {run_id}: {status} {details}".strip())
+        print(f"done in {time.time() - t0:.0f} s: {out / 'adapter'}")
+    finally:
+        stop()
+
+
+if __name__ == "__main__":
+    main()
