@@ -150,8 +150,11 @@ def main():
         seen = 0
         while True:
             time.sleep(2)
-            ls = subprocess.run([bin_dir / "flwr", "ls", "deploy", "--run-id", str(run_id), "--format", "json"],
-                                capture_output=True, text=True, env=env, timeout=60)
+            try:  # a busy machine can make `flwr ls` slow: ask again, the run goes on
+                ls = subprocess.run([bin_dir / "flwr", "ls", "deploy", "--run-id", str(run_id), "--format", "json"],
+                                    capture_output=True, text=True, env=env, timeout=120)
+            except subprocess.TimeoutExpired:
+                continue
             try:
                 run = json.loads(ls.stdout)["runs"][0]
             except (ValueError, KeyError, IndexError):
