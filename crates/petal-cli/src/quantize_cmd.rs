@@ -263,12 +263,7 @@ fn is_target(path: &str) -> bool {
 fn attach_probes(model: &mut petal_models::Llama, i: usize) -> Result<Vec<Arc<Mutex<Vec<f64>>>>> {
     let mut hs = Vec::new();
     for group in SHARED_INPUT {
-        let path = format!("model.layers.{i}.{}", group[0]);
-        let l = model
-            .linears_mut()
-            .into_iter()
-            .find(|l| l.path() == path)
-            .with_context(|| format!("{path}: no such linear in the model"))?;
+        let l = linear_mut(model, &format!("model.layers.{i}.{}", group[0]))?;
         let n = l.in_features();
         let h = Arc::new(Mutex::new(vec![0f64; n * n]));
         l.add_adapter(PROBE, Box::new(Probe(h.clone())))?;
@@ -278,6 +273,18 @@ fn attach_probes(model: &mut petal_models::Llama, i: usize) -> Result<Vec<Arc<Mu
     Ok(hs)
 }
 
+/// The linear at `path` (`model.layers.3.mlp.up_proj`).
+fn linear_mut<'a>(
+    model: &'a mut petal_models::Llama,
+    path: &str,
+) -> Result<&'a mut petal_core::AdaptableLinear> {
+    model
+        .linears_mut()
+        .into_iter()
+        .find(|l| l.path() == path)
+        .with_context(|| format!("{path}: no such linear in the model"))
+}
+
 /// Quantize the linear at `path` by `f` (its f32 weight, rows, cols) and put the quantized
 /// values (scales rounded to f16, as stored) in place of its weight.
 fn quantize_one(
@@ -285,11 +292,7 @@ fn quantize_one(
     path: &str,
     f: impl FnOnce(&[f32], usize, usize) -> std::result::Result<GptqWeight, String>,
 ) -> Result<GptqWeight> {
-    let l = model
-        .linears_mut()
-        .into_iter()
-        .find(|l| l.path() == path)
-        .with_context(|| format!("{path}: no such linear in the model"))?;
+    let l = linear_mut(model, path)?;
     let w = l.weight().to_dtype(DType::F32)?;
     let (rows, cols) = w.dims2()?;
     let mut q = f(&w.flatten_all()?.to_vec1::<f32>()?, rows, cols)

@@ -64,29 +64,12 @@ fn training_from_an_adapter_starts_where_it_ended_and_other_shapes_are_refused()
     assert!(e.contains("a LORA adapter, but --method makes IA3"), "{e}");
 }
 
-/// The largest change of any adapter tensor between two adapter folders.
+/// The largest change of any adapter tensor between two run folders' adapters.
 fn moved(a: &str, b: &str) -> f32 {
-    let load = |d: &str| {
-        candle_core::safetensors::load(
-            std::path::Path::new(d).join("adapter/adapter_model.safetensors"),
-            &candle_core::Device::Cpu,
-        )
-        .unwrap()
-    };
-    let (a, b) = (load(a), load(b));
+    let tensors = |d: &str| adapter_tensors(&std::path::Path::new(d).join("adapter"));
+    let (a, b) = (tensors(a), tensors(b));
     a.iter()
-        .map(|(k, t)| {
-            (t - &b[k])
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        })
+        .map(|(k, t)| petal_ops::testing::max_abs(t, &b[k]))
         .fold(0f32, f32::max)
 }
 

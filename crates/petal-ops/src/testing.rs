@@ -16,6 +16,18 @@ pub fn rand(shape: &[usize], seed: u64) -> Tensor {
     .unwrap()
 }
 
+/// The largest absolute difference of two tensors of one shape.
+pub fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 pub fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
     let d = (a - b)
         .unwrap()

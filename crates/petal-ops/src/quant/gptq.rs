@@ -77,57 +77,16 @@ fn code(w: f64, scale: f64, zero: f64) -> f64 {
     ((w / scale).round_ties_even() + zero).clamp(0.0, MAXQ)
 }
 
-/// Lower Cholesky factor L of the symmetric positive definite `a (n, n)` (`a = L L^T`), in
-/// place (the upper triangle is left as it was): an error when a pivot is not positive.
-fn cholesky(a: &mut [f64], n: usize) -> Result<(), String> {
-    for j in 0..n {
-        let (done, rest) = a.split_at_mut(j * n);
-        let row_j = &mut rest[..n];
-        for k in 0..j {
-            let lk = &done[k * n..k * n + k];
-            let s: f64 = lk.iter().zip(&row_j[..k]).map(|(x, y)| x * y).sum();
-            row_j[k] = (row_j[k] - s) / done[k * n + k];
-        }
-        let d = row_j[j] - row_j[..j].iter().map(|x| x * x).sum::<f64>();
-        if d <= 0.0 || !d.is_finite() {
-            return Err(format!(
-                "the Hessian is not positive definite at column {j} (pivot {d:e}): raise --damp"
-            ));
-        }
-        row_j[j] = d.sqrt();
-    }
-    Ok(())
-}
-
-/// The upper triangular U with `H^{-1} = U^T U` (what `cholesky(cholesky_inverse(cholesky(H)),
-/// upper=True)` gives in the official code), from one Cholesky factorisation of H with its rows
-/// and columns reversed: `J H J = M M^T` gives `H^{-1} = (J M^{-1} J)^T (J M^{-1} J)`.
+/// The upper triangular U with `H^{-1} = U^T U`, by the official code's steps
+/// (`cholesky(cholesky_inverse(cholesky(H)), upper=True)`), on nalgebra in f64: an error when H
+/// is not positive definite.
 fn inverse_upper_factor(h: &[f64], n: usize) -> Result<Vec<f64>, String> {
-    let mut m: Vec<f64> = (0..n * n)
-        .map(|i| h[(n - 1 - i / n) * n + (n - 1 - i % n)])
-        .collect();
-    cholesky(&mut m, n)?;
-    // T = M^{-1}, lower triangular: column by column, forward substitution (columns in parallel)
-    let cols: Vec<Vec<f64>> = (0..n)
-        .into_par_iter()
-        .map(|c| {
-            let mut t = vec![0f64; n];
-            t[c] = 1.0 / m[c * n + c];
-            for i in c + 1..n {
-                let s: f64 = (c..i).map(|k| m[i * n + k] * t[k]).sum();
-                t[i] = -s / m[i * n + i];
-            }
-            t
-        })
-        .collect();
-    // U[i][j] = T[n-1-i][n-1-j]
-    let mut u = vec![0f64; n * n];
-    for (c, t) in cols.iter().enumerate() {
-        for (r, v) in t.iter().enumerate().skip(c) {
-            u[(n - 1 - r) * n + (n - 1 - c)] = *v;
-        }
-    }
-    Ok(u)
+    let not_pd = || "the Hessian is not positive definite: raise --damp".to_string();
+    let h = nalgebra::DMatrix::from_row_slice(n, n, h);
+    let inv = h.cholesky().ok_or_else(not_pd)?.inverse();
+    // U = L^T of H^{-1}'s lower factor L; row-major out of nalgebra's column-major L
+    let l = inv.cholesky().ok_or_else(not_pd)?.l();
+    Ok(l.as_slice().to_vec())
 }
 
 /// GPTQ-quantize `w (rows, cols)` (row-major) given the Hessian `h (cols, cols)` of its inputs

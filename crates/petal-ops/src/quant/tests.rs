@@ -2,24 +2,11 @@
 use super::nf4::Nf4Parts;
 use super::product::*;
 use super::*;
-use crate::testing::{max_rel, rand};
+use crate::testing::{max_abs, max_rel, rand};
 use crate::Kernels;
 use candle_core::{Device, Var};
 
 const REF: Kernels = Kernels::REFERENCE;
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
 
 #[test]
 fn block_structs_are_as_large_as_ggml_says() {
@@ -42,7 +29,7 @@ fn dequantize_equals_candles_qtensor_dequantize() {
             .unwrap()
             .dequantize(&Device::Cpu)
             .unwrap();
-        assert_eq!(max_diff(&ours, &theirs), 0.0, "{t:?}");
+        assert_eq!(max_abs(&ours, &theirs), 0.0, "{t:?}");
         // and it is a quantization of w: relative RMS error about a grid step
         let bits = match t {
             GgmlDType::Q2K => 2,
@@ -224,7 +211,7 @@ fn lookup_decodes_only_the_rows_asked_for() {
         .index_select(&ids.flatten_all().unwrap(), 0)
         .unwrap();
     assert_eq!(got.dims(), &[2, 2, 64]);
-    assert_eq!(max_diff(&got.reshape((4, 64)).unwrap(), &want), 0.0);
+    assert_eq!(max_abs(&got.reshape((4, 64)).unwrap(), &want), 0.0);
 }
 
 #[test]
@@ -287,7 +274,7 @@ fn nf4_decodes_bitsandbytes_state_bit_for_bit() {
         let rows = NF4.from_parts(cols, &parts).unwrap();
         let fmt = QFormat::of(&NF4, cols).unwrap();
         let q = Tensor::from_vec(rows, (n, fmt.row_bytes()), &Device::Cpu).unwrap();
-        assert_eq!(max_diff(&dequantize(&q, fmt).unwrap(), want), 0.0, "{name}");
+        assert_eq!(max_abs(&dequantize(&q, fmt).unwrap(), want), 0.0, "{name}");
     }
 }
 
@@ -333,7 +320,7 @@ fn int4_equals_gptqs_grid() {
     for name in ["rows", "wide"] {
         let (q, fmt) = quantize_with(&g[&format!("{name}.weight")], &INT4).unwrap();
         let got = dequantize(&q, fmt).unwrap();
-        assert_eq!(max_diff(&got, &g[&format!("{name}.int4")]), 0.0, "{name}");
+        assert_eq!(max_abs(&got, &g[&format!("{name}.int4")]), 0.0, "{name}");
     }
 }
 
@@ -377,7 +364,7 @@ fn act_order_int4_groups_the_columns_in_its_order_and_decodes_them_in_place() {
     // and the order matters: the same weight in plain groups decodes differently
     let (direct, df) = quantize_with(&w, &INT4_G64).unwrap();
     assert!(
-        max_diff(
+        max_abs(
             &dequantize(&direct, df).unwrap(),
             &dequantize(&codes, fmt).unwrap()
         ) > 0.0
