@@ -157,7 +157,9 @@ pub fn train(
         sep: enc.sep_id,
     };
     let bs = o.batch_size.unwrap_or(4);
-    let before = (!val_set.is_empty())
+    // data-parallel: rank 0 evaluates and reports; the others only train
+    let leader = crate::ranks::group()?.is_leader();
+    let before = (leader && !val_set.is_empty())
         .then(|| obj.evaluate(&val_set, bs))
         .transpose()?;
     let fingerprint = serde_json::json!({
@@ -168,6 +170,9 @@ pub fn train(
     .to_string();
     let cfg = train_config(o, &out, enc.pad_id, fingerprint)?;
     let summary = run_training(&obj, &acfg, method, o, &cfg, &train_set, &val_set)?;
+    if !leader {
+        return Ok(());
+    }
     save_labels(&summary.adapter_dir, &labels)?;
     let after = (!val_set.is_empty())
         .then(|| obj.evaluate(&val_set, bs))

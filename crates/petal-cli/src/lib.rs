@@ -12,6 +12,7 @@ pub mod gen_cmd;
 pub mod methods_cmd;
 pub mod plot;
 pub mod quantize_cmd;
+pub mod ranks;
 pub mod serve_cmd;
 pub mod task_cmd;
 pub mod tools_cmd;

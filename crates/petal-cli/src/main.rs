@@ -124,7 +124,7 @@ fn main() {
 
 fn dispatch(cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Train(a) => train_cmd::run(a),
+        Cmd::Train(a) => petal_cli::ranks::run(|| train_cmd::run(a)),
         Cmd::Eval(a) => tools_cmd::run_eval(a),
         Cmd::Generate(a) => gen_cmd::run_generate(a),
         Cmd::Chat(a) => gen_cmd::run_chat(a),

@@ -358,9 +358,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
     );
     let pad = tok.eos_id.unwrap_or(0);
     let bs = o.batch_size.unwrap_or(4);
-    let prompts = o.sample_prompt.clone().unwrap_or_default();
+    // data-parallel: rank 0 evaluates, samples and reports; the others only train
+    let leader = crate::ranks::group()?.is_leader();
+    let prompts = match leader {
+        true => o.sample_prompt.clone().unwrap_or_default(),
+        false => Vec::new(),
+    };
     let sample_tokens = o.sample_tokens.unwrap_or(40);
-    let before = if val_set.is_empty() {
+    let before = if val_set.is_empty() || !leader {
         None
     } else {
         Some(evaluate(&model, &val_set, bs, pad)?)
@@ -393,6 +398,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         checkpointing: cfg.grad_checkpointing,
     };
     let summary = run_training(&lm, &acfg, &method, &o, &cfg, &train_set, &val_set)?;
+    if !leader {
+        return Ok(());
+    }
     let after = if val_set.is_empty() {
         None
     } else {
@@ -424,9 +432,15 @@ pub(crate) fn run_training(
     val_set: &[Example],
 ) -> Result<petal_train::TrainSummary> {
     let out = &cfg.out_dir;
-    std::fs::create_dir_all(out).with_context(|| format!("--out {}", out.display()))?;
-    petal_io::write_atomic(&out.join("run.toml"), run_toml(o, method, acfg).as_bytes())?;
-    let bar = Bar::new(cfg.max_steps);
+    let leader = cfg.group.is_leader();
+    if leader {
+        std::fs::create_dir_all(out).with_context(|| format!("--out {}", out.display()))?;
+        petal_io::write_atomic(&out.join("run.toml"), run_toml(o, method, acfg).as_bytes())?;
+    }
+    let bar = match leader {
+        true => Bar::new(cfg.max_steps),
+        false => ProgressBar::hidden(),
+    };
     let summary = train_objective(
         obj,
         acfg,
@@ -437,7 +451,9 @@ pub(crate) fn run_training(
         &mut Bar(bar.clone()),
     )?;
     bar.finish();
-    write_loss_chart(out)?;
+    if leader {
+        write_loss_chart(out)?;
+    }
     Ok(summary)
 }
 
@@ -490,6 +506,7 @@ pub(crate) fn train_config(
         grad_checkpointing: o.grad_checkpointing.unwrap_or(false),
         balanced_tasks: task_sampling(o)? == "balanced",
         prox_mu: o.prox_mu.unwrap_or(0.0),
+        group: crate::ranks::group()?,
     })
 }
 

@@ -132,6 +132,7 @@ mod tests {
             grad_checkpointing: false,
             balanced_tasks: false,
             prox_mu: 0.0,
+            group: Default::default(),
         };
         let vars = petal_core::inject::adapter_vars(&m, "default");
         let hook = c

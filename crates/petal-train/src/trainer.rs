@@ -6,6 +6,7 @@
 use crate::checkpoint::{self, TrainerState};
 use crate::objective::{LmObjective, Objective};
 use crate::optim::{AdamW, AdamWParams};
+use crate::parallel::Group;
 use crate::schedule::Schedule;
 use candle_core::{Tensor, Var};
 use petal_core::inject::adapter_vars;
@@ -51,6 +52,8 @@ pub struct TrainConfig {
     /// gradient `prox_mu (w - w0)` joins the step's gradients before clipping; the losses
     /// logged are the data's alone.
     pub prox_mu: f64,
+    /// The ranks of a data-parallel run (`batch_size` is per rank); one process by default.
+    pub group: Group,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -96,9 +99,9 @@ pub trait Observer {
 impl Observer for () {}
 
 /// The examples of micro-batch `k` of the endless, per-epoch reshuffled (or, with
-/// `balanced`, task-balanced) stream of training examples.
+/// `balanced`, task-balanced) stream of training examples: every rank's, `batch_size` for each.
 pub(crate) fn micro_examples(train: &[Example], cfg: &TrainConfig, k: usize) -> Vec<Example> {
-    let bs = cfg.batch_size;
+    let bs = cfg.batch_size * cfg.group.size();
     let per_epoch = train.len().div_ceil(bs);
     let (epoch, pos) = (k / per_epoch, k % per_epoch);
     let seed = rng::splitmix(cfg.seed ^ (epoch as u64 + 1));
@@ -177,20 +180,30 @@ pub fn train_objective(
     };
     // the method's own work around training (AdaLoRA's rank allocator)
     let mut hook = method.training(model, &cfg.adapter_name, adapter_cfg)?;
+    cfg.group.check_same(&rank_settings(cfg))?;
+    let leader = cfg.group.is_leader();
     let mut start = 0;
     let metrics_path = cfg.out_dir.join("metrics.jsonl");
     if let Some(path) = resume {
         start = restore(obj, &mut opt, hook.as_deref_mut(), cfg, path)?;
-        truncate_metrics(&metrics_path, start)?;
-    } else {
+        if leader {
+            truncate_metrics(&metrics_path, start)?;
+        }
+    } else if leader {
         std::fs::create_dir_all(&cfg.out_dir).map_err(|e| Error::io(&cfg.out_dir, e))?;
         std::fs::write(&metrics_path, b"").map_err(|e| Error::io(&metrics_path, e))?;
     }
-    let mut log = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(&metrics_path)
-        .map_err(|e| Error::io(&metrics_path, e))?;
+    // only rank 0 writes the run's files
+    let mut log = match leader {
+        true => Some(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&metrics_path)
+                .map_err(|e| Error::io(&metrics_path, e))?,
+        ),
+        false => None,
+    };
     obs.on_start(start, cfg.max_steps);
     let t0 = Instant::now();
     let mut losses = Vec::new();
@@ -203,6 +216,12 @@ pub fn train_objective(
             .lr(cfg.optim.lr, step, cfg.warmup_steps, cfg.max_steps);
         let rays = hook.as_ref().and_then(|h| h.rays(step, cfg.max_steps));
         let (loss, mut grads, tokens) = match (&rays, hook.as_deref()) {
+            (Some(_), Some(_)) if cfg.group.size() > 1 => {
+                return Err(Error::msg(format!(
+                    "{}: preference-ray training runs in one process only, not data-parallel",
+                    adapter_cfg.peft_type
+                )))
+            }
             (Some(rays), Some(h)) => {
                 crate::preference::step(obj, h, rays, train_set, cfg, step, &vars)?
             }
@@ -253,7 +272,8 @@ pub fn train_objective(
             router: router_load(model),
         };
         let done = step + 1 == cfg.max_steps;
-        if !val_set.is_empty() && cfg.eval_every > 0 && ((step + 1) % cfg.eval_every == 0 || done) {
+        let eval_now = cfg.eval_every > 0 && ((step + 1) % cfg.eval_every == 0 || done);
+        if leader && !val_set.is_empty() && eval_now {
             let r = obj.evaluate(val_set, cfg.batch_size)?;
             m.eval_loss = Some(r.loss);
             if !r.tasks.is_empty() {
@@ -261,10 +281,12 @@ pub fn train_objective(
             }
             last_eval = Some(r.loss);
         }
-        let line = serde_json::to_string(&m).map_err(|e| Error::msg(e.to_string()))?;
-        writeln!(log, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
+        if let Some(log) = log.as_mut() {
+            let line = serde_json::to_string(&m).map_err(|e| Error::msg(e.to_string()))?;
+            writeln!(log, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
+        }
         obs.on_step(&m);
-        if (cfg.save_every > 0 && (step + 1) % cfg.save_every == 0) || done {
+        if leader && ((cfg.save_every > 0 && (step + 1) % cfg.save_every == 0) || done) {
             let state = TrainerState {
                 step: step + 1,
                 fingerprint: cfg.fingerprint.clone(),
@@ -286,20 +308,8 @@ pub fn train_objective(
         }
     }
     let adapter_dir = cfg.out_dir.join("adapter");
-    let (mut saved, mut tensors) =
-        petal_io::exported_adapter(model, &cfg.adapter_name, adapter_cfg)?;
-    if let Some(h) = &hook {
-        h.export(&mut saved, &mut tensors)?;
-    }
-    if cfg.save_converted {
-        saved = method.convert_for_save(model, &cfg.adapter_name, &saved, &mut tensors)?;
-        saved.inference_mode = true;
-    }
-    petal_io::save_adapter(&adapter_dir, &saved, &tensors)?;
-    if let Some(h) = &hook {
-        for (name, text) in h.files()? {
-            petal_io::write_atomic(&adapter_dir.join(name), text.as_bytes())?;
-        }
+    if leader {
+        save_final(model, hook.as_deref(), adapter_cfg, cfg, &adapter_dir)?;
     }
     Ok(TrainSummary {
         steps: cfg.max_steps,
@@ -312,6 +322,57 @@ pub fn train_objective(
     })
 }
 
+/// The trained adapter, in the method's saved (or converted) form, with the hook's files.
+fn save_final(
+    model: &dyn petal_core::Adaptable,
+    hook: Option<&dyn TrainingHook>,
+    adapter_cfg: &AdapterConfig,
+    cfg: &TrainConfig,
+    adapter_dir: &Path,
+) -> Result<()> {
+    let method = adapter_cfg
+        .method()
+        .ok_or_else(|| Error::msg(format!("unknown peft_type `{}`", adapter_cfg.peft_type)))?;
+    let (mut saved, mut tensors) =
+        petal_io::exported_adapter(model, &cfg.adapter_name, adapter_cfg)?;
+    if let Some(h) = &hook {
+        h.export(&mut saved, &mut tensors)?;
+    }
+    if cfg.save_converted {
+        saved = method.convert_for_save(model, &cfg.adapter_name, &saved, &mut tensors)?;
+        saved.inference_mode = true;
+    }
+    petal_io::save_adapter(adapter_dir, &saved, &tensors)?;
+    if let Some(h) = hook {
+        for (name, text) in h.files()? {
+            petal_io::write_atomic(&adapter_dir.join(name), text.as_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+/// What every rank of a data-parallel run must share: the run's fingerprint (model, adapter,
+/// data, batch) and the trainer's settings.
+fn rank_settings(cfg: &TrainConfig) -> String {
+    let mut s: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&cfg.fingerprint)
+        .unwrap_or_else(|_| {
+            let mut m = serde_json::Map::new();
+            m.insert("fingerprint".into(), cfg.fingerprint.clone().into());
+            m
+        });
+    let o = &cfg.optim;
+    let trainer = serde_json::json!({
+        "lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay,
+        "schedule": cfg.schedule, "warmup_steps": cfg.warmup_steps, "max_steps": cfg.max_steps,
+        "max_grad_norm": cfg.max_grad_norm, "eval_every": cfg.eval_every,
+        "save_every": cfg.save_every, "prox_mu": cfg.prox_mu, "out": cfg.out_dir,
+    });
+    if let serde_json::Value::Object(t) = trainer {
+        s.extend(t);
+    }
+    serde_json::Value::Object(s).to_string()
+}
+
 /// One step's gradients: accumulated over its micro-batches, token-weighted. Returns the
 /// step's mean loss, the gradients of `vars` and the tokens it read.
 fn plain_step(
@@ -322,26 +383,42 @@ fn plain_step(
     step: usize,
     vars: &[Var],
 ) -> Result<(f64, Vec<Option<Tensor>>, usize)> {
+    let group = &cfg.group;
     let micro: Vec<Vec<Example>> = (0..cfg.grad_accum)
-        .map(|j| micro_examples(train_set, cfg, step * cfg.grad_accum + j))
+        .map(|j| {
+            let all = micro_examples(train_set, cfg, step * cfg.grad_accum + j);
+            group.share(all, cfg.batch_size)
+        })
         .collect();
-    let total: usize = micro.iter().map(|m| obj.units(m)).sum::<usize>().max(1);
+    // token-weighted over every rank's share: [units, tokens, loss sum]
+    let mut counts = [
+        micro.iter().map(|m| obj.units(m)).sum::<usize>() as f64,
+        micro.iter().map(|m| tokens_of(m)).sum::<usize>() as f64,
+        0.0,
+    ];
+    group.sum_f64(&mut counts[..1])?;
+    let total = counts[0].max(1.0);
     let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-    let mut loss_sum = 0f64;
+    let replicas = (cfg.grad_accum * group.size()) as f64;
     for (j, m) in micro.iter().enumerate() {
-        let (sum, mut g) = obj.backward(m, total as f64, micro_seed(cfg, step, j))?;
-        loss_sum += sum;
+        // a short last batch of an epoch can leave a rank nothing but the regulariser
+        let (sum, mut g) = match m.is_empty() {
+            true => (0.0, petal_models::Grads::default()),
+            false => obj.backward(m, total, group.seed(micro_seed(cfg, step, j)))?,
+        };
+        counts[2] += sum;
         if let Some(reg) = hook
             .map(|h| h.regulariser(obj.model()))
             .transpose()?
             .flatten()
         {
-            g.absorb((reg / cfg.grad_accum as f64)?.backward()?)?;
+            g.absorb((reg / replicas)?.backward()?)?;
         }
         accumulate(&mut grads, vars, &g)?;
     }
-    let tokens = micro.iter().map(|m| tokens_of(m)).sum();
-    Ok((loss_sum / total as f64, grads, tokens))
+    group.sum_f64(&mut counts[1..])?;
+    group.sum_grads(&mut grads, vars)?;
+    Ok((counts[2] / total, grads, counts[1] as usize))
 }
 
 /// Tokens the examples hold (the step's throughput count).
@@ -439,7 +516,7 @@ fn restore(
 }
 
 /// The settings in which two run fingerprints (JSON objects) differ, as `key: a -> b`.
-fn fingerprint_diff(old: &str, new: &str) -> String {
+pub(crate) fn fingerprint_diff(old: &str, new: &str) -> String {
     let parse = |s: &str| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(s);
     let (Ok(a), Ok(b)) = (parse(old), parse(new)) else {
         return format!("checkpoint {old}, this run {new}");

@@ -77,6 +77,7 @@ fn config(out: &Path, save_every: usize) -> TrainConfig {
         grad_checkpointing: false,
         balanced_tasks: false,
         prox_mu: 0.0,
+        group: Default::default(),
     }
 }
 

@@ -69,6 +69,7 @@ pub fn lora_losses(mut m: petal_models::Llama, dropout: f64, out: PathBuf) -> Ve
         grad_checkpointing: false,
         balanced_tasks: false,
         prox_mu: 0.0,
+        group: Default::default(),
     };
     train(&m, &cfg, &data, &[], &tc, None, &mut ())
         .unwrap()

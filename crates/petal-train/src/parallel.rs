@@ -1,0 +1,143 @@
+//! Data-parallel training: N processes (ranks) each take an N-th of every micro-batch, and
+//! sum their token-weighted gradients, losses and token counts before clipping and the
+//! optimizer step, so every rank steps the same adapter on the gradients one process would
+//! have of the whole batch. The transport is a [`Collective`] (MPI in petal-cli's `mpi`
+//! feature); a run of one process uses [`Group::solo`] and none of this changes anything.
+
+use candle_core::{DType, Tensor, Var};
+use petal_core::{rng, Error, Result};
+use petal_data::Example;
+use std::sync::Arc;
+
+/// The operations data-parallel training needs from its transport. Every rank calls each one
+/// in the same order (they are collective). A rank that fails exits with an error, which ends
+/// the job (`mpirun` stops the other ranks) rather than leave them waiting.
+pub trait Collective {
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+    /// Element-wise sum over the ranks, in place on every rank.
+    fn sum_f32(&self, values: &mut [f32]) -> Result<()>;
+    fn sum_f64(&self, values: &mut [f64]) -> Result<()>;
+    /// Rank 0's bytes, on every rank.
+    fn broadcast(&self, bytes: &mut Vec<u8>) -> Result<()>;
+}
+
+/// The ranks a run trains on: one process alone unless a transport is given.
+#[derive(Clone, Default)]
+pub struct Group(Option<Arc<dyn Collective>>);
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Group(rank {} of {})", self.rank(), self.size())
+    }
+}
+
+impl Group {
+    pub fn solo() -> Group {
+        Group(None)
+    }
+    pub fn new(c: Arc<dyn Collective>) -> Group {
+        Group(Some(c))
+    }
+    pub fn rank(&self) -> usize {
+        self.0.as_ref().map_or(0, |c| c.rank())
+    }
+    pub fn size(&self) -> usize {
+        self.0.as_ref().map_or(1, |c| c.size())
+    }
+    /// Rank 0 writes the run's files (metrics, checkpoints, the adapter, reports).
+    pub fn is_leader(&self) -> bool {
+        self.rank() == 0
+    }
+    pub fn sum_f64(&self, v: &mut [f64]) -> Result<()> {
+        match &self.0 {
+            Some(c) if c.size() > 1 => c.sum_f64(v),
+            _ => Ok(()),
+        }
+    }
+    /// Refuse to train unless every rank runs with the same settings (`settings`: a JSON
+    /// object). A rank that differs names the keys; the others name the ranks.
+    pub fn check_same(&self, settings: &str) -> Result<()> {
+        let Some(c) = self.0.as_ref().filter(|c| c.size() > 1) else {
+            return Ok(());
+        };
+        let mut first = settings.as_bytes().to_vec();
+        c.broadcast(&mut first)?;
+        let first = String::from_utf8_lossy(&first).into_owned();
+        let mut differ = vec![0f64; c.size()];
+        differ[c.rank()] = f64::from(first != settings);
+        c.sum_f64(&mut differ)?;
+        if first != settings {
+            return Err(Error::msg(format!(
+                "rank {} of {}: this rank's settings differ from rank 0's ({}); every rank \
+                 must run the same command",
+                c.rank(),
+                c.size(),
+                crate::trainer::fingerprint_diff(&first, settings)
+            )));
+        }
+        let odd: Vec<String> = (0..c.size())
+            .filter(|&r| differ[r] > 0.0)
+            .map(|r| r.to_string())
+            .collect();
+        match odd.is_empty() {
+            true => Ok(()),
+            false => Err(Error::msg(format!(
+                "rank {} of {}: rank(s) {} run with other settings than rank 0 (see their \
+                 message); every rank must run the same command",
+                c.rank(),
+                c.size(),
+                odd.join(", ")
+            ))),
+        }
+    }
+
+    /// This rank's share of a global micro-batch: rows `[rank·b, (rank+1)·b)` of the batch
+    /// one process would take with `size·b` rows (`b` the per-rank batch size).
+    pub fn share(&self, global: Vec<Example>, per_rank: usize) -> Vec<Example> {
+        let lo = (self.rank() * per_rank).min(global.len());
+        let hi = (lo + per_rank).min(global.len());
+        global.into_iter().skip(lo).take(hi - lo).collect()
+    }
+
+    /// The dropout seed of this rank's share of a micro-batch: the micro-batch's own with one
+    /// process, one per rank otherwise (so ranks do not repeat each other's masks).
+    pub fn seed(&self, micro_seed: u64) -> u64 {
+        match self.size() {
+            1 => micro_seed,
+            _ => rng::splitmix(micro_seed ^ rng::splitmix(self.rank() as u64 + 1)),
+        }
+    }
+
+    /// Sum each variable's gradient over the ranks, in place. A gradient that no rank has
+    /// stays absent (as with one process, where the optimizer skips it).
+    pub fn sum_grads(&self, grads: &mut [Option<Tensor>], vars: &[Var]) -> Result<()> {
+        let Some(c) = self.0.as_ref().filter(|c| c.size() > 1) else {
+            return Ok(());
+        };
+        let total: usize = vars.iter().map(|v| v.elem_count()).sum();
+        let mut flat: Vec<f32> = Vec::with_capacity(total + vars.len());
+        for (g, v) in grads.iter().zip(vars) {
+            match g {
+                Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                None => flat.resize(flat.len() + v.elem_count(), 0.0),
+            }
+        }
+        flat.extend(grads.iter().map(|g| f32::from(u8::from(g.is_some()))));
+        c.sum_f32(&mut flat)?;
+        let present = &flat[total..];
+        let mut at = 0;
+        for ((g, v), &p) in grads.iter_mut().zip(vars).zip(present) {
+            let n = v.elem_count();
+            *g = match p > 0.0 {
+                true => Some(
+                    Tensor::from_slice(&flat[at..at + n], v.shape(), v.device())?
+                        .to_dtype(v.dtype())?,
+                ),
+                false => None,
+            };
+            at += n;
+        }
+        Ok(())
+    }
+}
