@@ -21,11 +21,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 WORKS = ["comedy_of_errors", "julius_caesar", "macbeth", "midsummer_nights_dream", "othello",
          "sonnets", "tempest", "twelfth_night"]
-# name: (method, r, alpha, strategy)
+# simulated heterogeneous devices (LEGEND's setting): client i's seconds times factor i
+SLOWDOWNS = "1,1,1,2,2,3,4,4"
+# name: (method, r, alpha, strategy, more run.py options)
 CONFIGS = {
-    "fedavg-lora-r8": ("lora", 8, 16, "fedavg"),
-    "fedpara-loha-r4": ("loha", 4, 8, "fedavg"),
-    "fedprox-lora-r8": ("lora", 8, 16, "fedprox"),
+    "fedavg-lora-r8": ("lora", 8, 16, "fedavg", []),
+    "fedpara-loha-r4": ("loha", 4, 8, "fedavg", []),
+    "fedprox-lora-r8": ("lora", 8, 16, "fedprox", []),
+    # LEGEND against its baseline under the same accounting: every client on every layer
+    "legend-lora-r8": ("lora", 8, 16, "legend", ["--slowdowns", SLOWDOWNS]),
+    "hetero-fedavg-lora-r8": ("lora", 8, 16, "legend", ["--slowdowns", SLOWDOWNS, "--legend-fixed"]),
 }
 
 
@@ -46,7 +51,7 @@ def main():
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in a.configs.split(","):
-        method, r, alpha, strategy = CONFIGS[name]
+        method, r, alpha, strategy, more = CONFIGS[name]
         dest = out / f"{name}.jsonl"
         if dest.exists():
             print(f"{name}: kept", flush=True)
@@ -59,7 +64,7 @@ def main():
                "--rounds", str(a.rounds), "--local-steps", str(a.local_steps),
                "--method", method, "--r", str(r), "--alpha", str(alpha), "--strategy", strategy,
                "--proximal-mu", "0.01", "--lr", "0.002", "--batch-size", "4", "--seq-len", "64",
-               "--max-eval-examples", "32", "--seed", "0"]
+               "--max-eval-examples", "32", "--seed", "0", *more]
         print(f"{name}: {' '.join(cmd[1:])}", flush=True)
         subprocess.run(cmd, check=True)
         rows = [json.loads(l) for l in (work / "rounds.jsonl").read_text().splitlines()]
@@ -84,16 +89,23 @@ def report(a, out):
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    lines = ["| configuration | held-out loss, round 0 -> last | rounds to "
-             f"{target:.4f} | bytes per round (both ways) | wall time |", "|---|---|---|---|---|"]
+    lines = ["| configuration | rounds | held-out loss, round 0 -> last | rounds to "
+             f"{target:.4f} | bytes per round (both ways, mean) | wall time | simulated time "
+             "(to target) |", "|---|---|---|---|---|---|---|"]
     for name, rs in runs.items():
-        hit = next((r["round"] for r in rs if r["eval_loss"] <= target), None)
-        per_round = rs[1]["bytes_up"] + rs[1]["bytes_down"] if len(rs) > 1 else 0
-        lines.append(f"| {name} | {rs[0]['eval_loss']:.4f} -> {rs[-1]['eval_loss']:.4f} | "
-                     f"{hit if hit is not None else 'not reached'} | {per_round / 1e6:.2f} MB | "
-                     f"{rs[-1]['seconds'] / 60:.1f} min |")
+        hit = next((r for r in rs if r["eval_loss"] <= target), None)
+        per_round = sum(r["bytes_up"] + r["bytes_down"] for r in rs[1:]) / max(1, len(rs) - 1)
+        sim = "-"
+        if "sim_seconds" in rs[-1]:
+            to = f"{hit['sim_seconds']:.0f} s" if hit else "not reached"
+            sim = f"{rs[-1]['sim_seconds']:.0f} s ({to})"
+        lines.append(f"| {name} | {len(rs) - 1} | {rs[0]['eval_loss']:.4f} -> {rs[-1]['eval_loss']:.4f} | "
+                     f"{hit['round'] if hit else 'not reached'} | {per_round / 1e6:.2f} MB | "
+                     f"{rs[-1]['seconds'] / 60:.1f} min | {sim} |")
     text = (f"8 clients (one work each: {', '.join(WORKS)}), SmolLM2-135M, held-out: Hamlet "
-            f"(32 x 64 tokens). CPU: {cpu}, {os.cpu_count()} threads; all processes on this machine.\n\n"
+            f"(32 x 64 tokens). CPU: {cpu}, {os.cpu_count()} threads; all processes on this machine. "
+            f"Simulated time (LEGEND's runs): each round lasts as long as its slowest client's measured "
+            f"seconds times its slowdown factor ({SLOWDOWNS}).\n\n"
             + "\n".join(lines) + "\n")
     (out / "results.md").write_text(text)
     print(text)

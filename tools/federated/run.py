@@ -55,7 +55,10 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--local-steps", type=int, default=4)
-    ap.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox"])
+    ap.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox", "legend"])
+    ap.add_argument("--legend-fixed", action="store_true",
+                    help="legend's rounds and accounting, every client on every layer at full rank (the baseline)")
+    ap.add_argument("--slowdowns", default="", help="simulated devices: client i's seconds times factor i, comma-separated")
     ap.add_argument("--proximal-mu", type=float, default=0.01)
     ap.add_argument("--method", default="lora")
     ap.add_argument("--r", type=int, default=8)
@@ -137,7 +140,8 @@ def main():
               "proximal-mu": a.proximal_mu, "method": a.method, "r": a.r, "alpha": a.alpha,
               "lr": a.lr, "local-steps": a.local_steps, "batch-size": a.batch_size,
               "seq-len": a.seq_len, "max-eval-examples": a.max_eval_examples, "seed": a.seed,
-              "keep-client-adapters": a.keep_client_adapters}
+              "keep-client-adapters": a.keep_client_adapters, "legend-adapt": not a.legend_fixed,
+              "slowdowns": a.slowdowns}
         run_config = " ".join(f"{k}={toml_value(v)}" for k, v in rc.items())
         t0 = time.time()
         sub = subprocess.run([bin_dir / "flwr", "run", str(APP), "deploy", "--run-config", run_config,

@@ -8,7 +8,7 @@
 //! (`[road] variant = "road_2"`).
 
 use crate::train_cmd::TrainOpts;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches};
 use petal_core::config::{parse_targets, unknown, Targets};
 use petal_core::registry::METHODS;
@@ -252,6 +252,20 @@ pub fn adapter_config(
         keys.push(key);
     }
     cfg.exclude_modules = o.exclude_modules.as_deref().map(targets);
+    if let Some(l) = &o.layers_to_transform {
+        let bad = || {
+            anyhow!(
+                "--layers-to-transform {l:?}: expected a comma list of layer indices in 0..={}",
+                shape.layers.saturating_sub(1)
+            )
+        };
+        let layers = l
+            .split(',')
+            .map(|s| s.trim().parse::<usize>().ok().filter(|&i| i < shape.layers))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(bad)?;
+        cfg.layers_to_transform = Some(petal_core::config::Layers::Many(layers));
+    }
     if let Some(t) = &o.trainable_tokens {
         let ids = t
             .split(',')

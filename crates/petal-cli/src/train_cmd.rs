@@ -74,6 +74,8 @@ train_opts! {
     target_modules: String,
     /// Modules to exclude: comma list or `re:REGEX`
     exclude_modules: String,
+    /// Adapt only these decoder layers: comma list of indices (PEFT's `layers_to_transform`)
+    layers_to_transform: String,
     /// Linears trained in full next to the adapter and saved with it (e.g. lm_head): comma list
     modules_to_save: String,
     /// Token ids whose embedding rows are trained in full (new special tokens): comma list

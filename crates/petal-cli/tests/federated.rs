@@ -6,7 +6,9 @@
 mod common;
 
 use common::{golden, petal, stderr, train, words};
+use candle_core::Tensor;
 use serde_json::Value;
+use std::collections::HashMap;
 
 fn summary(o: &std::process::Output) -> Value {
     assert!(o.status.success(), "{}", stderr(o));
@@ -119,54 +121,37 @@ fn adapter_tensors(
     .unwrap()
 }
 
-#[test]
-fn fedavg_on_flowers_deployment_engine_averages_the_clients_adapters_by_their_examples() {
-    let Some(python) = common::venv("venv-flower", "python/flower/requirements.txt") else {
-        return;
-    };
+/// A federation on Flower's Deployment Engine (tools/federated/run.py): two clients on the tiny
+/// golden Llama (client 0 with twice client 1's data), 2 local steps a round, the clients'
+/// adapters kept; `extra` run options. Returns the run folder and the held-out data, or None
+/// (having said why) without a venv with flwr.
+fn federate(tmp: &std::path::Path, extra: &[&str]) -> Option<(std::path::PathBuf, String)> {
+    let python = common::venv("venv-flower", "python/flower/requirements.txt")?;
     let bin = python.parent().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
     let write = |name: &str, words: usize, step: usize| {
-        let p = tmp.path().join(name);
+        let p = tmp.join(name);
         let text: Vec<String> = (0..words)
             .map(|i| format!("w{}", (i * step + 1) % 96))
             .collect();
         std::fs::write(&p, text.join(" ")).unwrap();
         p.to_str().unwrap().to_string()
     };
-    // two clients with different amounts of data: FedAvg weighs them by their examples
     let (c0, c1, val) = (
         write("c0.txt", 600, 7),
         write("c1.txt", 300, 11),
         write("v.txt", 200, 5),
     );
-    let out = tmp.path().join("fed");
+    let out = tmp.join("fed");
     let o = std::process::Command::new("python3")
         .arg(common::root().join("tools/federated/run.py"))
-        .args([
-            "--flwr",
-            bin.to_str().unwrap(),
-            "--petal",
-            env!("CARGO_BIN_EXE_petal"),
-        ])
+        .args(["--flwr", bin.to_str().unwrap()])
+        .args(["--petal", env!("CARGO_BIN_EXE_petal")])
         .args(["--model", golden().join("llama").to_str().unwrap()])
         .args(["--partitions", &format!("{c0},{c1}"), "--val-data", &val])
-        .args([
-            "--out",
-            out.to_str().unwrap(),
-            "--rounds",
-            "2",
-            "--local-steps",
-            "2",
-        ])
-        .args([
-            "--seq-len",
-            "16",
-            "--batch-size",
-            "2",
-            "--keep-client-adapters",
-        ])
+        .args(["--out", out.to_str().unwrap(), "--local-steps", "2"])
+        .args(["--seq-len", "16", "--batch-size", "2", "--keep-client-adapters"])
         .args(["--timeout", "300"])
+        .args(extra)
         .output()
         .unwrap();
     let said = format!(
@@ -175,31 +160,39 @@ fn fedavg_on_flowers_deployment_engine_averages_the_clients_adapters_by_their_ex
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(o.status.success(), "{said}");
-    let rounds: Vec<Value> = std::fs::read_to_string(out.join("rounds.jsonl"))
+    Some((out, val))
+}
+
+fn rounds(out: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("rounds.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+        .collect()
+}
+
+/// Client `i`'s adapter of round `r` and its number of training examples.
+fn client(out: &std::path::Path, r: usize, i: usize) -> (HashMap<String, Tensor>, f64) {
+    let dir = out.join(format!("clients/round-{r}/client-{i}"));
+    let s: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    (adapter_tensors(&dir), s["train_examples"].as_f64().unwrap())
+}
+
+#[test]
+fn fedavg_on_flowers_deployment_engine_averages_the_clients_adapters_by_their_examples() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((out, val)) = federate(tmp.path(), &["--rounds", "2"]) else {
+        return;
+    };
+    let rounds = rounds(&out);
     assert_eq!(rounds.len(), 3, "rounds 0, 1, 2: {rounds:?}");
     let global = |r: usize| adapter_tensors(&out.join(format!("round-{r}/adapter")));
     let bytes: usize = global(0).values().map(|t| t.elem_count() * 4).sum();
     assert_eq!(rounds[1]["bytes_up"], 2 * bytes, "only the adapter travels");
     for r in 1..=2 {
-        let client = |i: usize| out.join(format!("clients/round-{r}/client-{i}"));
-        let n = |i: usize| -> f64 {
-            let s: Value = serde_json::from_str(
-                &std::fs::read_to_string(client(i).join("summary.json")).unwrap(),
-            )
-            .unwrap();
-            s["train_examples"].as_f64().unwrap()
-        };
-        let (n0, n1) = (n(0), n(1));
+        let ((a, n0), (b, n1), g) = (client(&out, r, 0), client(&out, r, 1), global(r));
         assert!(n0 > n1, "{n0} {n1}");
-        let (a, b, g) = (
-            adapter_tensors(&client(0)),
-            adapter_tensors(&client(1)),
-            global(r),
-        );
         for (k, t) in &g {
             let mean = ((&a[k] * (n0 / (n0 + n1))).unwrap() + (&b[k] * (n1 / (n0 + n1))).unwrap())
                 .unwrap();
@@ -226,4 +219,66 @@ fn fedavg_on_flowers_deployment_engine_averages_the_clients_adapters_by_their_ex
         "--json",
     ]);
     assert!(e.status.success(), "{}", stderr(&e));
+}
+
+/// The layer index in a tensor's name.
+fn layer(name: &str) -> usize {
+    let rest = &name[name.find("layers.").unwrap() + 7..];
+    rest[..rest.find('.').unwrap()].parse().unwrap()
+}
+
+#[test]
+fn legend_gives_a_slow_client_fewer_layers_and_averages_each_element_over_its_trainers() {
+    let tmp = tempfile::tempdir().unwrap();
+    // client 1 is a device 4 times slower
+    let args = ["--rounds", "3", "--strategy", "legend", "--slowdowns", "1,4"];
+    let Some((out, _)) = federate(tmp.path(), &args) else {
+        return;
+    };
+    let rounds = rounds(&out);
+    assert_eq!(rounds.len(), 4, "{rounds:?}");
+    let global = |r: usize| adapter_tensors(&out.join(format!("round-{r}/adapter")));
+    let depth = |r: usize, i: usize| rounds[r]["clients"][i]["depth"].as_u64().unwrap();
+    // round 1 measures every client on both layers; from round 2 the slow one trains the
+    // output-side layer alone, and sends less
+    assert_eq!((depth(1, 0), depth(1, 1)), (2, 2));
+    for r in 2..=3 {
+        assert_eq!((depth(r, 0), depth(r, 1)), (2, 1), "round {r}");
+        let up = |i: usize| rounds[r]["clients"][i]["bytes_up"].as_u64().unwrap();
+        assert!(up(1) < up(0), "round {r}: {} vs {}", up(1), up(0));
+        let ((a, n0), (b, n1)) = (client(&out, r, 0), client(&out, r, 1));
+        assert!(b.keys().all(|k| layer(k) == 1), "the slow client trains layer 1 only");
+        let (prev, g) = (global(r - 1), global(r));
+        // each element: the example-weighted mean of the clients whose tensor holds it (the
+        // leading corner of the global one), else the previous global value
+        for (k, t) in &g {
+            let shape = t.dims2().unwrap();
+            let (p, t) = (flat(&prev[k]), flat(t));
+            let parts: Vec<(Vec<f32>, (usize, usize), f64)> = [(&a, n0), (&b, n1)]
+                .iter()
+                .filter_map(|(c, n)| Some((flat(c.get(k)?), c[k].dims2().unwrap(), *n)))
+                .collect();
+            for (i, (&got, &before)) in t.iter().zip(&p).enumerate() {
+                let (row, col) = (i / shape.1, i % shape.1);
+                let (mut sum, mut weight) = (0f64, 0f64);
+                for (v, (rows, cols), n) in &parts {
+                    if row < *rows && col < *cols {
+                        sum += n * v[row * cols + col] as f64;
+                        weight += n;
+                    }
+                }
+                let want = if weight > 0.0 { (sum / weight) as f32 } else { before };
+                assert!((got - want).abs() <= 1e-6 + 1e-5 * want.abs(), "round {r} {k}[{row},{col}]: {got} vs {want}");
+            }
+        }
+    }
+    // what the clients trained moved the global adapter on both layers
+    let (first, last) = (global(0), global(3));
+    assert!(last
+        .iter()
+        .all(|(k, t)| petal_ops::testing::max_abs(t, &first[k]) > 0.0));
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
 }

@@ -1,6 +1,7 @@
 """The Flower ClientApp: a round's local training with `petal train --init-adapter` from the
 global adapter the server sent, on this node's partition (`partition-id` of its node config);
 only the adapter's tensors go back, with the number of training examples as FedAvg's weight."""
+import json
 import tempfile
 from pathlib import Path
 
@@ -32,18 +33,27 @@ def train(msg: Message, context: Context) -> Message:
         mu = float(config.get("proximal-mu", 0.0))
         if mu > 0:
             args += ["--prox-mu", mu]
+        # LEGEND: this client's layers and ranks, as petal options
+        args += json.loads(str(config.get("petal-args", "[]")))
         summary = petal(rc, args)
         local, _ = read_adapter(run / "adapter")
         if rc["keep-client-adapters"]:
             keep = Path(rc["out"]) / "clients" / f"round-{rnd}" / f"client-{pid}"
             write_adapter(keep, local, str(config["adapter-config"]))
-            (keep / "summary.json").write_text(__import__("json").dumps(summary))
+            (keep / "summary.json").write_text(json.dumps(summary))
     losses = summary["losses"]
+    # a simulated device: the measured seconds times this partition's slowdown factor
+    slow = [float(x) for x in str(rc["slowdowns"]).split(",") if x.strip()]
+    slowdown = slow[pid] if pid < len(slow) else 1.0
     metrics = MetricRecord({
         "num-examples": int(summary["train_examples"]),
         "train-loss": float(sum(losses) / len(losses)) if losses else 0.0,
         "seconds": float(summary["seconds"]),
         "bytes-up": nbytes(local),
+        "partition-id": pid,
+        "slowdown": slowdown,
+        "sim-seconds": float(summary["seconds"]) * slowdown,
+        "sim-step-seconds": float(summary.get("median_step_seconds") or 0.0) * slowdown,
     })
     record = ArrayRecord({k: Array(v) for k, v in local.items()})
     return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=msg)

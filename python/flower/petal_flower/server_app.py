@@ -1,5 +1,5 @@
 """The Flower ServerApp: the initial adapter from `petal train --max-steps 0`, Flower's FedAvg
-or FedProx over the adapter tensors only, the held-out loss of the global adapter after every
+or FedProx over the adapter tensors only (or LEGEND's rounds, legend.py), the held-out loss of the global adapter after every
 round (`petal eval`), and the results: OUT/adapter (a PEFT folder petal and PEFT load),
 OUT/rounds.jsonl (loss, bytes, time per round), OUT/round-R/adapter."""
 import json
@@ -11,6 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx
 
+from petal_flower import legend
 from petal_flower.common import nbytes, petal, read_adapter, train_args, write_adapter
 
 app = ServerApp()
@@ -28,28 +29,38 @@ def main(grid: Grid, context: Context) -> None:
         arrays, config_text = read_adapter(Path(tmp) / "init" / "adapter")
     size = nbytes(arrays)
     kinds = {"fedavg": FedAvg, "fedprox": FedProx}
-    if rc["strategy"] not in kinds:
-        raise ValueError(f"strategy `{rc['strategy']}` is not one of fedavg, fedprox")
-    extra = {"proximal_mu": float(rc["proximal-mu"])} if rc["strategy"] == "fedprox" else {}
-    strategy = kinds[rc["strategy"]](fraction_train=1.0, fraction_evaluate=0.0,
-                                     min_train_nodes=n, min_available_nodes=n, **extra)
+    if rc["strategy"] not in kinds and rc["strategy"] != "legend":
+        raise ValueError(f"strategy `{rc['strategy']}` is not one of fedavg, fedprox, legend")
     log = out / "rounds.jsonl"
     log.write_text("")
     t0 = time.time()
 
-    def evaluate(rnd: int, record: ArrayRecord) -> MetricRecord:
-        """The global adapter's held-out loss, and the round's record."""
-        tensors = {k: v.numpy() for k, v in record.items()}
+    def log_row(rnd: int, tensors, extra) -> float:
+        """The global adapter's held-out loss, written with the round's record."""
         folder = write_adapter(out / f"round-{rnd}" / "adapter", tensors, config_text)
         e = petal(rc, ["eval", "--model", rc["model"], "--adapter", folder, "--data",
                        rc["val-data"], "--seq-len", rc["seq-len"], "--json",
                        "--max-examples", rc["max-eval-examples"]])
-        row = {"round": rnd, "eval_loss": e["loss"], "seconds": time.time() - t0,
-               "bytes_down": size * n if rnd > 0 else 0, "bytes_up": size * n if rnd > 0 else 0}
+        row = {"round": rnd, "eval_loss": e["loss"], "seconds": time.time() - t0, **extra}
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        return MetricRecord({"eval-loss": float(e["loss"])})
+        return float(e["loss"])
 
+    if rc["strategy"] == "legend":
+        log_row(0, arrays, {"bytes_down": 0, "bytes_up": 0, "sim_seconds": 0.0})
+        final = legend.run(grid, rc, arrays, config_text, log_row)
+        write_adapter(out / "adapter", final, config_text)
+        return
+
+    def evaluate(rnd: int, record: ArrayRecord) -> MetricRecord:
+        tensors = {k: v.numpy() for k, v in record.items()}
+        moved = size * n if rnd > 0 else 0
+        loss = log_row(rnd, tensors, {"bytes_down": moved, "bytes_up": moved})
+        return MetricRecord({"eval-loss": loss})
+
+    extra = {"proximal_mu": float(rc["proximal-mu"])} if rc["strategy"] == "fedprox" else {}
+    strategy = kinds[rc["strategy"]](fraction_train=1.0, fraction_evaluate=0.0,
+                                     min_train_nodes=n, min_available_nodes=n, **extra)
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                             num_rounds=int(rc["num-server-rounds"]),
                             train_config=ConfigRecord({"adapter-config": config_text}),

@@ -1,0 +1,167 @@
+"""LEGEND (arXiv 2412.20004, "Adaptive Parameter-Efficient Federated Fine-Tuning on
+Heterogeneous Devices") on Flower's Message API, as petal reads the paper (its code was not
+found): each client trains LoRA on the last `depth` decoder layers only (backpropagation stops
+early, so slow devices do less), with ranks that do not decrease towards the output; the
+server picks each client's depth from its measured step time so the round's times even out,
+and aggregates each layer, and each rank component of it, over the clients that train it.
+
+Heterogeneous devices are simulated: client i's measured seconds are multiplied by the run
+config's slowdown factor i (`slowdowns`), and a round takes as long as its slowest client.
+With `legend-adapt = false` every client trains every layer at full rank: FedAvg of LoRA under
+the same accounting, the baseline."""
+import json
+import re
+import time
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def layers_of(arrays):
+    """The decoder layers an adapter's tensors belong to."""
+    return sorted({int(m.group(1)) for k in arrays if (m := LAYER.search(k))})
+
+
+def plan(num_layers, r_max, depth, taper=True):
+    """A client's layers (the last `depth`) and each one's rank: r_max at the output, falling
+    linearly to half of it at the deepest of them (without `taper`: r_max on all)."""
+    layers = list(range(num_layers - depth, num_layers))
+    ranks = {}
+    for j, layer in enumerate(reversed(layers)):  # j = 0: the output-most layer
+        frac = j / (depth - 1) if depth > 1 and taper else 0.0
+        ranks[layer] = max(1, round(r_max * (1 - frac / 2)))
+    return layers, ranks
+
+
+def depths(step_cost, prev_depth, num_layers):
+    """LEGEND's depth assignment (greedy, per client): a step at depth d costs c·(L + 2d) (one
+    forward through all L layers, a backward twice a forward's cost through d of them), c the
+    client's own cost fitted from its last round; the target round time is the median
+    client's at full depth; each client gets the deepest adapter within it (at least 1)."""
+    L = num_layers
+    c = {i: t / (L + 2 * prev_depth[i]) for i, t in step_cost.items()}
+    target = float(np.median([ci * 3 * L for ci in c.values()]))
+    return {i: int(min(L, max(1, (target / ci - L) // 2))) for i, ci in c.items()}
+
+
+def client_args(layers, ranks, r_max, alpha):
+    """`petal train` options for a client's plan: its layers, and per layer a rank and an alpha
+    that keep the global scaling alpha / r_max (so a client's rank-r slice of the global
+    adapter is the same update as the global adapter's first r components)."""
+    rank_pattern = {rf"layers\.{l}\..*": r for l, r in ranks.items()}
+    alpha_pattern = {rf"layers\.{l}\..*": alpha * r / r_max for l, r in ranks.items()}
+    return ["--layers-to-transform", ",".join(map(str, layers)),
+            "--set", f"rank_pattern={json.dumps(rank_pattern)}",
+            "--set", f"alpha_pattern={json.dumps(alpha_pattern)}"]
+
+
+def slice_for(global_arrays, ranks):
+    """The global adapter cut to a client's layers and ranks: lora_A (r, in) keeps its first r
+    rows, lora_B (out, r) its first r columns."""
+    out = {}
+    for k, g in global_arrays.items():
+        m = LAYER.search(k)
+        if m is None or int(m.group(1)) not in ranks:
+            continue
+        r = ranks[int(m.group(1))]
+        if k.endswith("lora_A.weight"):
+            out[k] = g[:r]
+        elif k.endswith("lora_B.weight"):
+            out[k] = g[:, :r]
+        else:
+            out[k] = g
+    return out
+
+
+def aggregate(global_arrays, updates):
+    """Each element of each tensor: the average of the clients that trained it, weighted by
+    their examples (a client's tensor fills the leading corner of the global one); elements no
+    client trained keep their global value."""
+    new = {}
+    for k, g in global_arrays.items():
+        total = np.zeros(g.shape, np.float64)
+        weight = np.zeros(g.shape, np.float64)
+        for arrays, n in updates:
+            if k not in arrays:
+                continue
+            a = arrays[k]
+            if a.ndim != g.ndim or any(s > t for s, t in zip(a.shape, g.shape)):
+                raise ValueError(f"{k}: a client sent shape {list(a.shape)}, larger than the "
+                                 f"global {list(g.shape)}")
+            corner = tuple(slice(0, s) for s in a.shape)
+            total[corner] += n * a.astype(np.float64)
+            weight[corner] += n
+        trained = weight > 0
+        out = g.astype(np.float64).copy()
+        out[trained] = total[trained] / weight[trained]
+        new[k] = out.astype(g.dtype)
+    return new
+
+
+def nbytes(arrays):
+    return int(sum(a.nbytes for a in arrays.values()))
+
+
+def run(grid, rc, arrays, config_text, log_row):
+    """The rounds: plans, per-client messages, aggregation, the held-out loss after each."""
+    n = int(rc["num-clients"])
+    adapt = bool(rc["legend-adapt"])
+    r_max, alpha = int(rc["r"]), float(rc["alpha"])
+    num_layers = len(layers_of(arrays))
+    if layers_of(arrays) != list(range(num_layers)):
+        raise ValueError("LEGEND needs an initial adapter on every decoder layer")
+    deadline = time.time() + 300
+    nodes = []
+    while len(nodes) < n:
+        nodes = sorted(grid.get_node_ids())
+        if time.time() > deadline:
+            raise RuntimeError(f"{len(nodes)} of {n} clients connected after 300 s")
+        time.sleep(1)
+    nodes = nodes[:n]
+    depth = {nid: num_layers for nid in nodes}
+    sim_total = 0.0
+    for rnd in range(1, int(rc["num-server-rounds"]) + 1):
+        messages, sent = [], {}
+        for nid in nodes:
+            layers, ranks = plan(num_layers, r_max, depth[nid], adapt)
+            part = slice_for(arrays, ranks)
+            sent[nid] = nbytes(part)
+            config = ConfigRecord({"server-round": rnd, "adapter-config": config_text,
+                                   "petal-args": json.dumps(client_args(layers, ranks, r_max, alpha))})
+            content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in part.items()}),
+                                  "config": config})
+            messages.append(Message(content=content, message_type="train", dst_node_id=nid))
+        replies = list(grid.send_and_receive(messages))
+        updates, clients, failed = [], [], []
+        for rep in replies:
+            nid = rep.metadata.src_node_id
+            if rep.has_error():
+                failed.append({"node": nid, "error": rep.error.reason})
+                continue
+            m = rep.content["metrics"]
+            local = {k: v.numpy() for k, v in rep.content["arrays"].items()}
+            updates.append((local, float(m["num-examples"])))
+            clients.append({"node": nid, "partition": int(m["partition-id"]), "depth": depth[nid],
+                            "ranks": plan(num_layers, r_max, depth[nid], adapt)[1],
+                            "slowdown": float(m["slowdown"]),
+                            "sim_seconds": float(m["sim-seconds"]),
+                            "sim_step_seconds": float(m["sim-step-seconds"]),
+                            "bytes_down": sent[nid], "bytes_up": nbytes(local)})
+        if not updates:
+            raise RuntimeError(f"round {rnd}: no client replied ({failed})")
+        arrays = aggregate(arrays, updates)
+        round_time = max(c["sim_seconds"] for c in clients)
+        sim_total += round_time
+        log_row(rnd, arrays, {"sim_round_seconds": round_time, "sim_seconds": sim_total,
+                              "bytes_down": sum(c["bytes_down"] for c in clients),
+                              "bytes_up": sum(c["bytes_up"] for c in clients),
+                              "clients": sorted(clients, key=lambda c: c["partition"]),
+                              "failed": failed})
+        if adapt:
+            done = {c["node"] for c in clients}
+            cost = {c["node"]: c["sim_step_seconds"] for c in clients}
+            new = depths(cost, {i: depth[i] for i in cost}, num_layers)
+            depth = {nid: new.get(nid, depth[nid]) if nid in done else depth[nid] for nid in nodes}
+    return arrays
