@@ -69,6 +69,9 @@ def main():
     ap.add_argument("--max-eval-examples", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep-client-adapters", action="store_true")
+    ap.add_argument("--round-timeout", type=float, default=3600, help="seconds a round waits for its clients")
+    ap.add_argument("--inject", action="append", default=[], metavar="KEY=PID:ROUND",
+                    help="tests: a client fault, fail-at=1:2 (client 1 fails in round 2) or misshape-at=0:1")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds before the run is stopped")
     a = ap.parse_args()
 
@@ -141,7 +144,12 @@ def main():
               "lr": a.lr, "local-steps": a.local_steps, "batch-size": a.batch_size,
               "seq-len": a.seq_len, "max-eval-examples": a.max_eval_examples, "seed": a.seed,
               "keep-client-adapters": a.keep_client_adapters, "legend-adapt": not a.legend_fixed,
-              "slowdowns": a.slowdowns}
+              "slowdowns": a.slowdowns, "round-timeout": a.round_timeout}
+        for item in a.inject:
+            key, _, value = item.partition("=")
+            if key not in ("fail-at", "misshape-at"):
+                sys.exit(f"--inject {item}: the faults are fail-at and misshape-at")
+            rc[key] = value
         run_config = " ".join(f"{k}={toml_value(v)}" for k, v in rc.items())
         t0 = time.time()
         sub = subprocess.run([bin_dir / "flwr", "run", str(APP), "deploy", "--run-config", run_config,

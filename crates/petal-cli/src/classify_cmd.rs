@@ -158,14 +158,16 @@ pub fn train(
     };
     let bs = o.batch_size.unwrap_or(4);
     // data-parallel: rank 0 evaluates and reports; the others only train
-    let leader = crate::ranks::group()?.is_leader();
+    let group = crate::ranks::group()?;
+    // the batch of all ranks: a run resumes with any ranks that make the same one
+    let (leader, ranks) = (group.is_leader(), group.size());
     let before = (leader && !val_set.is_empty())
         .then(|| obj.evaluate(&val_set, bs))
         .transpose()?;
     let fingerprint = serde_json::json!({
         "model": model_spec, "task_type": "seq-cls", "adapter": acfg, "data": data_spec,
         "val_data": o.val_data, "val_fraction": o.val_fraction, "seq_len": seq_len,
-        "batch_size": bs, "grad_accum": o.grad_accum.unwrap_or(1), "seed": seed, "labels": labels,
+        "batch_size": bs * ranks, "grad_accum": o.grad_accum.unwrap_or(1), "seed": seed, "labels": labels,
     })
     .to_string();
     let cfg = train_config(o, &out, enc.pad_id, fingerprint)?;

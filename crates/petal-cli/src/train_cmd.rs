@@ -361,7 +361,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let pad = tok.eos_id.unwrap_or(0);
     let bs = o.batch_size.unwrap_or(4);
     // data-parallel: rank 0 evaluates, samples and reports; the others only train
-    let leader = crate::ranks::group()?.is_leader();
+    let group = crate::ranks::group()?;
+    // the batch of all ranks: a run resumes with any ranks that make the same one
+    let (leader, ranks) = (group.is_leader(), group.size());
     let prompts = match leader {
         true => o.sample_prompt.clone().unwrap_or_default(),
         false => Vec::new(),
@@ -382,7 +384,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let fingerprint = serde_json::json!({
         "model": model_spec, "arch": format!("{:?}", model.cfg), "adapter": acfg, "data": data_spec,
         "val_data": o.val_data, "val_fraction": o.val_fraction, "seq_len": seq_len, "pack": dopts.pack,
-        "batch_size": bs, "grad_accum": o.grad_accum.unwrap_or(1), "seed": seed, "dtype": dt,
+        "batch_size": bs * ranks, "grad_accum": o.grad_accum.unwrap_or(1), "seed": seed, "dtype": dt,
     });
     let mut fingerprint = fingerprint;
     if !quantize.is_empty() {

@@ -37,7 +37,12 @@ fn mpi() -> Option<(PathBuf, PathBuf)> {
 /// `mpirun -np N petal-mpi ARGS` (as root, as on CI; more ranks than cores).
 fn mpirun(m: &(PathBuf, PathBuf), np: usize, args: &[String]) -> Output {
     Command::new(&m.0)
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", &np.to_string()])
+        .args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            &np.to_string(),
+        ])
         .arg(&m.1)
         .args(args)
         .output()
@@ -108,11 +113,26 @@ fn n_ranks_of_b_rows_train_as_one_process_of_n_times_b_rows() {
     for (np, b, accum, steps) in [(2, 2, 2, "6"), (3, 1, 1, "14")] {
         let accum_flag = accum.to_string();
         let flags = [
-            "--grad-accum", &accum_flag, "--max-steps", steps, "--max-grad-norm", "0.1",
-            "--eval-every", "3", "--schedule", "linear", "--warmup-steps", "1",
+            "--grad-accum",
+            &accum_flag,
+            "--max-steps",
+            steps,
+            "--max-grad-norm",
+            "0.1",
+            "--eval-every",
+            "3",
+            "--schedule",
+            "linear",
+            "--warmup-steps",
+            "1",
         ];
         let one = dir.path().join(format!("one-{np}"));
-        let o = petal(&train(&data, &one, np * b, &flags).iter().map(String::as_str).collect::<Vec<_>>());
+        let o = petal(
+            &train(&data, &one, np * b, &flags)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
         assert!(o.status.success(), "{}", stderr(&o));
         let many = dir.path().join(format!("ranks-{np}"));
         let o = mpirun(&m, np, &train(&data, &many, b, &flags));
@@ -124,7 +144,9 @@ fn n_ranks_of_b_rows_train_as_one_process_of_n_times_b_rows() {
         }
         // clipping was on, and the epoch's short batch was read
         assert!(a.iter().any(|s| s["grad_norm"].as_f64().unwrap() > 0.1));
-        assert!(a.iter().any(|s| s["tokens"].as_u64().unwrap() < (np * b * accum * 16) as u64));
+        assert!(a
+            .iter()
+            .any(|s| s["tokens"].as_u64().unwrap() < (np * b * accum * 16) as u64));
         let (wa, wr) = (adapter(&one), adapter(&many));
         assert_eq!(wa.len(), wr.len());
         for (name, t) in &wa {
@@ -141,7 +163,14 @@ fn a_killed_rank_stops_the_job_and_the_last_checkpoint_resumes() {
     let Some(m) = mpi() else { return };
     let dir = tempfile::tempdir().unwrap();
     let data = words(dir.path());
-    let flags = ["--schedule", "constant", "--eval-every", "0", "--save-every", "4"];
+    let flags = [
+        "--schedule",
+        "constant",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "4",
+    ];
     let out = dir.path().join("killed");
     let mut long = train(&data, &out, 2, &flags);
     long.extend(["--max-steps".into(), "100000".into()]);
@@ -169,15 +198,17 @@ fn a_killed_rank_stops_the_job_and_the_last_checkpoint_resumes() {
         .map(String::from)
         .collect();
     assert_eq!(kids.len(), 2, "ranks: {kids:?}");
-    Command::new("kill").args(["-9", &kids[1]]).status().unwrap();
+    Command::new("kill")
+        .args(["-9", &kids[1]])
+        .status()
+        .unwrap();
     let o = job.wait_with_output().unwrap();
     assert!(!o.status.success());
     let err = stderr(&o);
     assert!(err.contains("exited on signal 9"), "{err}");
     // resume from the last checkpoint to 4 steps past it: the same steps as a run never
     // stopped
-    let step: usize = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap()
-        [5..]
+    let step: usize = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap()[5..]
         .parse()
         .unwrap();
     let to = (step + 4).to_string();
@@ -202,7 +233,14 @@ fn ranks_with_other_settings_are_refused_naming_the_setting() {
     let dir = tempfile::tempdir().unwrap();
     let data = words(dir.path());
     let out = dir.path().join("odd");
-    let args = |clip: &str| train(&data, &out, 2, &["--max-steps", "3", "--max-grad-norm", clip]);
+    let args = |clip: &str| {
+        train(
+            &data,
+            &out,
+            2,
+            &["--max-steps", "3", "--max-grad-norm", clip],
+        )
+    };
     let o = Command::new(&m.0)
         .args(["--allow-run-as-root", "--oversubscribe", "-np", "1"])
         .arg(&m.1)
@@ -214,8 +252,52 @@ fn ranks_with_other_settings_are_refused_naming_the_setting() {
         .unwrap();
     assert!(!o.status.success());
     let err = stderr(&o);
-    assert!(err.contains("rank 1 of 2: this rank's settings differ from rank 0's (max_grad_norm: 1.0 -> 0.5)"), "{err}");
-    assert!(!out.join("adapter").exists());
+    assert!(
+        err.contains(
+            "rank 1 of 2: this rank's settings differ from rank 0's (max_grad_norm: 1.0 -> 0.5)"
+        ),
+        "{err}"
+    );
+    assert!(!out.join("adapter").exists() && !out.join("metrics.jsonl").exists());
+    // a method whose mask comes from each process's own squared gradients
+    let o = mpirun(&m, 2, &train(&data, &out, 2, &["--max-steps", "3", "--method", "rosa"]));
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("ROSA does not train data-parallel: its mask is chosen from squared gradients"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_run_of_two_ranks_resumes_in_one_process_of_the_same_batch_and_not_another() {
+    let Some(m) = mpi() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = words(dir.path());
+    let flags = ["--schedule", "constant", "--eval-every", "0", "--save-every", "3"];
+    let with = |out: &Path, rows: usize, steps: &str, resume: bool| {
+        let mut a = train(&data, out, rows, &flags);
+        a.extend(["--max-steps".into(), steps.into()]);
+        if resume {
+            a.extend(["--resume".into(), out.to_str().unwrap().into()]);
+        }
+        a
+    };
+    let run = |a: Vec<String>| petal(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let (split, whole) = (dir.path().join("split"), dir.path().join("whole"));
+    let o = mpirun(&m, 2, &with(&split, 2, "3", false));
+    assert!(o.status.success(), "{}", stderr(&o));
+    // one process of 4 rows takes the same batches
+    let o = run(with(&split, 4, "6", true));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(with(&whole, 4, "6", false));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let d = max_diff(&metrics(&split), &metrics(&whole), "loss");
+    assert!(d < 1e-5, "loss differs by {d}");
+    // one process of 2 rows takes others: refused naming the batch
+    let o = run(with(&split, 2, "9", true));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("batch_size: 4 -> 2"), "{}", stderr(&o));
 }
 
 #[test]

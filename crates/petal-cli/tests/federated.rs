@@ -5,8 +5,8 @@
 
 mod common;
 
-use common::{golden, petal, stderr, train, words};
 use candle_core::Tensor;
+use common::{golden, petal, stderr, train, words};
 use serde_json::Value;
 use std::collections::HashMap;
 
@@ -149,7 +149,13 @@ fn federate(tmp: &std::path::Path, extra: &[&str]) -> Option<(std::path::PathBuf
         .args(["--model", golden().join("llama").to_str().unwrap()])
         .args(["--partitions", &format!("{c0},{c1}"), "--val-data", &val])
         .args(["--out", out.to_str().unwrap(), "--local-steps", "2"])
-        .args(["--seq-len", "16", "--batch-size", "2", "--keep-client-adapters"])
+        .args([
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--keep-client-adapters",
+        ])
         .args(["--timeout", "300"])
         .args(extra)
         .output()
@@ -231,7 +237,14 @@ fn layer(name: &str) -> usize {
 fn legend_gives_a_slow_client_fewer_layers_and_averages_each_element_over_its_trainers() {
     let tmp = tempfile::tempdir().unwrap();
     // client 1 is a device 4 times slower
-    let args = ["--rounds", "3", "--strategy", "legend", "--slowdowns", "1,4"];
+    let args = [
+        "--rounds",
+        "3",
+        "--strategy",
+        "legend",
+        "--slowdowns",
+        "1,4",
+    ];
     let Some((out, _)) = federate(tmp.path(), &args) else {
         return;
     };
@@ -247,7 +260,10 @@ fn legend_gives_a_slow_client_fewer_layers_and_averages_each_element_over_its_tr
         let up = |i: usize| rounds[r]["clients"][i]["bytes_up"].as_u64().unwrap();
         assert!(up(1) < up(0), "round {r}: {} vs {}", up(1), up(0));
         let ((a, n0), (b, n1)) = (client(&out, r, 0), client(&out, r, 1));
-        assert!(b.keys().all(|k| layer(k) == 1), "the slow client trains layer 1 only");
+        assert!(
+            b.keys().all(|k| layer(k) == 1),
+            "the slow client trains layer 1 only"
+        );
         let (prev, g) = (global(r - 1), global(r));
         // each element: the example-weighted mean of the clients whose tensor holds it (the
         // leading corner of the global one), else the previous global value
@@ -267,8 +283,15 @@ fn legend_gives_a_slow_client_fewer_layers_and_averages_each_element_over_its_tr
                         weight += n;
                     }
                 }
-                let want = if weight > 0.0 { (sum / weight) as f32 } else { before };
-                assert!((got - want).abs() <= 1e-6 + 1e-5 * want.abs(), "round {r} {k}[{row},{col}]: {got} vs {want}");
+                let want = if weight > 0.0 {
+                    (sum / weight) as f32
+                } else {
+                    before
+                };
+                assert!(
+                    (got - want).abs() <= 1e-6 + 1e-5 * want.abs(),
+                    "round {r} {k}[{row},{col}]: {got} vs {want}"
+                );
             }
         }
     }
@@ -281,4 +304,49 @@ fn legend_gives_a_slow_client_fewer_layers_and_averages_each_element_over_its_tr
 
 fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn a_client_that_fails_or_sends_another_shape_is_left_out_and_the_round_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    // client 1 crashes in round 1; client 0 sends a tensor cut short in round 2
+    let faults = ["--inject", "fail-at=1:1", "--inject", "misshape-at=0:2"];
+    let Some((out, _)) = federate(tmp.path(), &[&["--rounds", "3"][..], &faults].concat()) else {
+        return;
+    };
+    let rounds = rounds(&out);
+    assert_eq!(rounds.len(), 4, "{rounds:?}");
+    let errors = |r: usize, key: &str| -> Vec<String> {
+        rounds[r][key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["error"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(errors(1, "failed").len(), 1, "{:?}", rounds[1]);
+    assert!(errors(1, "failed")[0].contains("failure injected at round 1"));
+    assert!(errors(1, "refused").is_empty() && errors(2, "failed").is_empty());
+    let refused = errors(2, "refused");
+    assert_eq!(refused.len(), 1, "{:?}", rounds[2]);
+    assert!(
+        refused[0].contains("tensor base_model.model.") && refused[0].contains("has shape"),
+        "{refused:?}"
+    );
+    assert!(errors(3, "failed").is_empty() && errors(3, "refused").is_empty());
+    // each faulty round's global adapter is the one good client's, and nothing else is lost
+    let global = |r: usize| adapter_tensors(&out.join(format!("round-{r}/adapter")));
+    let same = |a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>| {
+        a.iter()
+            .map(|(k, t)| petal_ops::testing::max_rel(t, &b[k]))
+            .fold(0f32, f32::max)
+    };
+    assert!(same(&global(1), &client(&out, 1, 0).0) < 1e-6);
+    assert!(same(&global(2), &client(&out, 2, 1).0) < 1e-6);
+    let ((a, n0), (b, n1)) = (client(&out, 3, 0), client(&out, 3, 1));
+    for (k, t) in &global(3) {
+        let mean =
+            ((&a[k] * (n0 / (n0 + n1))).unwrap() + (&b[k] * (n1 / (n0 + n1))).unwrap()).unwrap();
+        assert!(petal_ops::testing::max_rel(t, &mean) < 1e-5, "{k}");
+    }
 }

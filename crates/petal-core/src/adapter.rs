@@ -470,6 +470,11 @@ pub trait AdapterMethod: Sync {
 /// A method's work around training, made once per run (`AdapterMethod::training`): the trainer
 /// calls it at fixed points and knows nothing else of the method.
 pub trait TrainingHook: Send {
+    /// Why the hook cannot train data-parallel, if so: it gathers statistics on this process's
+    /// own data outside the gradients the ranks sum (RoSA's and FISH's squared gradients).
+    fn single_process_only(&self) -> Option<&'static str> {
+        None
+    }
     /// A term added to each micro-batch's loss (AdaLoRA's orthogonal regulariser); the trainer
     /// divides it by the number of micro-batches per step.
     fn regulariser(&self, _model: &dyn crate::Adaptable) -> Result<Option<Tensor>> {

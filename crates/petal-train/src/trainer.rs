@@ -180,18 +180,31 @@ pub fn train_objective(
     };
     // the method's own work around training (AdaLoRA's rank allocator)
     let mut hook = method.training(model, &cfg.adapter_name, adapter_cfg)?;
-    cfg.group.check_same(&rank_settings(cfg))?;
+    if let Some(why) = hook
+        .as_ref()
+        .and_then(|h| h.single_process_only())
+        .filter(|_| cfg.group.size() > 1)
+    {
+        return Err(Error::msg(format!(
+            "{} does not train data-parallel: {why}",
+            adapter_cfg.peft_type
+        )));
+    }
     let leader = cfg.group.is_leader();
     let mut start = 0;
     let metrics_path = cfg.out_dir.join("metrics.jsonl");
     if let Some(path) = resume {
         start = restore(obj, &mut opt, hook.as_deref_mut(), cfg, path)?;
-        if leader {
-            truncate_metrics(&metrics_path, start)?;
+    }
+    cfg.group
+        .check_same(&rank_settings(cfg, start, train_set.len()))?;
+    match resume {
+        Some(_) if leader => truncate_metrics(&metrics_path, start)?,
+        None if leader => {
+            std::fs::create_dir_all(&cfg.out_dir).map_err(|e| Error::io(&cfg.out_dir, e))?;
+            std::fs::write(&metrics_path, b"").map_err(|e| Error::io(&metrics_path, e))?;
         }
-    } else if leader {
-        std::fs::create_dir_all(&cfg.out_dir).map_err(|e| Error::io(&cfg.out_dir, e))?;
-        std::fs::write(&metrics_path, b"").map_err(|e| Error::io(&metrics_path, e))?;
+        _ => {}
     }
     // only rank 0 writes the run's files
     let mut log = match leader {
@@ -352,8 +365,8 @@ fn save_final(
 }
 
 /// What every rank of a data-parallel run must share: the run's fingerprint (model, adapter,
-/// data, batch) and the trainer's settings.
-fn rank_settings(cfg: &TrainConfig) -> String {
+/// data, batch), the trainer's settings, the step it starts from and the data's size.
+fn rank_settings(cfg: &TrainConfig, start: usize, examples: usize) -> String {
     let mut s: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&cfg.fingerprint)
         .unwrap_or_else(|_| {
             let mut m = serde_json::Map::new();
@@ -366,6 +379,8 @@ fn rank_settings(cfg: &TrainConfig) -> String {
         "schedule": cfg.schedule, "warmup_steps": cfg.warmup_steps, "max_steps": cfg.max_steps,
         "max_grad_norm": cfg.max_grad_norm, "eval_every": cfg.eval_every,
         "save_every": cfg.save_every, "prox_mu": cfg.prox_mu, "out": cfg.out_dir,
+        "balanced_tasks": cfg.balanced_tasks, "grad_checkpointing": cfg.grad_checkpointing,
+        "save_converted": cfg.save_converted, "start_step": start, "train_examples": examples,
     });
     if let serde_json::Value::Object(t) = trainer {
         s.extend(t);

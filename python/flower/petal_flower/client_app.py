@@ -8,7 +8,7 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from petal_flower.common import nbytes, petal, read_adapter, train_args, write_adapter
+from petal_flower.common import injected, nbytes, petal, read_adapter, train_args, write_adapter
 
 app = ClientApp()
 
@@ -23,6 +23,8 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     rnd = int(config["server-round"])
     arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    if injected(rc, "fail-at", pid, rnd):  # a client that crashes mid-round (tests)
+        raise RuntimeError(f"client {pid}: failure injected at round {rnd} (run config fail-at)")
     with tempfile.TemporaryDirectory() as tmp:
         start = write_adapter(Path(tmp) / "global", arrays, str(config["adapter-config"]))
         run = Path(tmp) / "run"
@@ -37,6 +39,9 @@ def train(msg: Message, context: Context) -> Message:
         args += json.loads(str(config.get("petal-args", "[]")))
         summary = petal(rc, args)
         local, _ = read_adapter(run / "adapter")
+        if injected(rc, "misshape-at", pid, rnd):  # an adapter of another shape (tests)
+            first = sorted(local)[0]
+            local[first] = local[first][:-1]
         if rc["keep-client-adapters"]:
             keep = Path(rc["out"]) / "clients" / f"round-{rnd}" / f"client-{pid}"
             write_adapter(keep, local, str(config["adapter-config"]))

@@ -56,3 +56,22 @@ def write_adapter(folder, arrays, config_text):
 
 def nbytes(arrays):
     return int(sum(a.nbytes for a in arrays.values()))
+
+
+def shape_problem(expected, arrays):
+    """Why a client's tensors are not the ones expected (name -> shape), naming the tensor; None
+    when they are."""
+    for k, a in arrays.items():
+        if k not in expected:
+            return f"tensor {k} is not in the global adapter"
+        if list(a.shape) != list(expected[k]):
+            return f"tensor {k} has shape {list(a.shape)}, the global adapter's has {list(expected[k])}"
+    missing = sorted(set(expected) - set(arrays))
+    return f"tensor {missing[0]} is missing" if missing else None
+
+
+def injected(rc, key, pid, rnd):
+    """A fault the run config asks this client to make at this round (tests): `key` holds
+    "PID:ROUND" pairs, comma-separated."""
+    pairs = [p.split(":") for p in str(rc.get(key, "")).split(",") if ":" in p]
+    return any(int(p) == pid and int(r) == rnd for p, r in pairs)

@@ -4,6 +4,9 @@ found): each client trains LoRA on the last `depth` decoder layers only (backpro
 early, so slow devices do less), with ranks that do not decrease towards the output; the
 server picks each client's depth from its measured step time so the round's times even out,
 and aggregates each layer, and each rank component of it, over the clients that train it.
+A client's model carries LoRA on its own layers only (only those travel, LEGEND's saving in
+communication): its update is computed without the deeper layers' global LoRA. Plain LoRA
+scaling (alpha / r); rsLoRA would need alpha scaled by sqrt(r / r_max) instead.
 
 Heterogeneous devices are simulated: client i's measured seconds are multiplied by the run
 config's slowdown factor i (`slowdowns`), and a round takes as long as its slowest client.
@@ -15,6 +18,8 @@ import time
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+from petal_flower.common import shape_problem
 
 LAYER = re.compile(r"layers\.(\d+)\.")
 
@@ -123,17 +128,18 @@ def run(grid, rc, arrays, config_text, log_row):
     depth = {nid: num_layers for nid in nodes}
     sim_total = 0.0
     for rnd in range(1, int(rc["num-server-rounds"]) + 1):
-        messages, sent = [], {}
+        messages, sent, shapes = [], {}, {}
         for nid in nodes:
             layers, ranks = plan(num_layers, r_max, depth[nid], adapt)
             part = slice_for(arrays, ranks)
             sent[nid] = nbytes(part)
+            shapes[nid] = {k: v.shape for k, v in part.items()}
             config = ConfigRecord({"server-round": rnd, "adapter-config": config_text,
                                    "petal-args": json.dumps(client_args(layers, ranks, r_max, alpha))})
             content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in part.items()}),
                                   "config": config})
             messages.append(Message(content=content, message_type="train", dst_node_id=nid))
-        replies = list(grid.send_and_receive(messages))
+        replies = list(grid.send_and_receive(messages, timeout=float(rc["round-timeout"])))
         updates, clients, failed = [], [], []
         for rep in replies:
             nid = rep.metadata.src_node_id
@@ -142,6 +148,10 @@ def run(grid, rc, arrays, config_text, log_row):
                 continue
             m = rep.content["metrics"]
             local = {k: v.numpy() for k, v in rep.content["arrays"].items()}
+            why = shape_problem(shapes[nid], local)
+            if why:
+                failed.append({"node": nid, "error": f"update refused: {why}"})
+                continue
             updates.append((local, float(m["num-examples"])))
             clients.append({"node": nid, "partition": int(m["partition-id"]), "depth": depth[nid],
                             "ranks": plan(num_layers, r_max, depth[nid], adapt)[1],
@@ -149,6 +159,9 @@ def run(grid, rc, arrays, config_text, log_row):
                             "sim_seconds": float(m["sim-seconds"]),
                             "sim_step_seconds": float(m["sim-step-seconds"]),
                             "bytes_down": sent[nid], "bytes_up": nbytes(local)})
+        replied = {rep.metadata.src_node_id for rep in replies}
+        failed += [{"node": nid, "error": f"no reply within round-timeout ({rc['round-timeout']} s)"}
+                   for nid in nodes if nid not in replied]
         if not updates:
             raise RuntimeError(f"round {rnd}: no client replied ({failed})")
         arrays = aggregate(arrays, updates)

@@ -12,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from petal_flower import legend
-from petal_flower.common import nbytes, petal, read_adapter, train_args, write_adapter
+from petal_flower.common import nbytes, petal, read_adapter, shape_problem, train_args, write_adapter
 
 app = ServerApp()
 
@@ -52,19 +52,42 @@ def main(grid: Grid, context: Context) -> None:
         write_adapter(out / "adapter", final, config_text)
         return
 
+    shapes = {k: v.shape for k, v in arrays.items()}
+    faults = {}  # round -> the clients that failed or whose update was refused
+
     def evaluate(rnd: int, record: ArrayRecord) -> MetricRecord:
         tensors = {k: v.numpy() for k, v in record.items()}
         moved = size * n if rnd > 0 else 0
-        loss = log_row(rnd, tensors, {"bytes_down": moved, "bytes_up": moved})
+        loss = log_row(rnd, tensors, {"bytes_down": moved, "bytes_up": moved,
+                                      **faults.get(rnd, {})})
         return MetricRecord({"eval-loss": loss})
 
+    class Checked(kinds[rc["strategy"]]):
+        """Flower's strategy, aggregating only the replies that hold the global adapter's
+        tensors; failed clients and refused updates are recorded with the round."""
+
+        def aggregate_train(self, server_round, replies):
+            kept, record = [], faults.setdefault(server_round, {"failed": [], "refused": []})
+            for msg in replies:
+                node = msg.metadata.src_node_id
+                if msg.has_error():
+                    record["failed"].append({"node": node, "error": msg.error.reason})
+                    continue
+                why = shape_problem(shapes, {k: v.numpy() for k, v in msg.content["arrays"].items()})
+                if why:
+                    print(f"round {server_round}: the update of node {node} is refused: {why}", flush=True)
+                    record["refused"].append({"node": node, "error": why})
+                    continue
+                kept.append(msg)
+            return super().aggregate_train(server_round, kept)
+
     extra = {"proximal_mu": float(rc["proximal-mu"])} if rc["strategy"] == "fedprox" else {}
-    strategy = kinds[rc["strategy"]](fraction_train=1.0, fraction_evaluate=0.0,
-                                     min_train_nodes=n, min_available_nodes=n, **extra)
+    strategy = Checked(fraction_train=1.0, fraction_evaluate=0.0,
+                       min_train_nodes=n, min_available_nodes=n, **extra)
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                             num_rounds=int(rc["num-server-rounds"]),
                             train_config=ConfigRecord({"adapter-config": config_text}),
-                            evaluate_fn=evaluate)
+                            evaluate_fn=evaluate, timeout=float(rc["round-timeout"]))
     final = {k: v.numpy() for k, v in result.arrays.items()}
     write_adapter(out / "adapter", final, config_text)
     (out / "train_metrics.json").write_text(json.dumps(

@@ -385,6 +385,9 @@ impl FishTraining {
 }
 
 impl TrainingHook for FishTraining {
+    fn single_process_only(&self) -> Option<&'static str> {
+        Some("its mask is chosen from squared gradients each process gathers on its own data")
+    }
     fn after_step(
         &mut self,
         _model: &dyn crate::Adaptable,

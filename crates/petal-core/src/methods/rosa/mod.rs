@@ -472,6 +472,9 @@ struct RosaTraining {
 }
 
 impl TrainingHook for RosaTraining {
+    fn single_process_only(&self) -> Option<&'static str> {
+        Some("its mask is chosen from squared gradients each process gathers on its own data")
+    }
     fn after_step(
         &mut self,
         _model: &dyn crate::Adaptable,
