@@ -260,11 +260,29 @@ fn ranks_with_other_settings_are_refused_naming_the_setting() {
     );
     assert!(!out.join("adapter").exists() && !out.join("metrics.jsonl").exists());
     // a method whose mask comes from each process's own squared gradients
-    let o = mpirun(&m, 2, &train(&data, &out, 2, &["--max-steps", "3", "--method", "rosa"]));
+    let o = mpirun(
+        &m,
+        2,
+        &train(
+            &data,
+            &out,
+            2,
+            &[
+                "--max-steps",
+                "3",
+                "--method",
+                "rosa",
+                "--set",
+                "schedule=wl0",
+            ],
+        ),
+    );
     assert!(!o.status.success());
     let err = stderr(&o);
     assert!(
-        err.contains("ROSA does not train data-parallel: its mask is chosen from squared gradients"),
+        err.contains(
+            "ROSA does not train data-parallel: its mask is chosen from squared gradients"
+        ),
         "{err}"
     );
 }
@@ -274,7 +292,14 @@ fn a_run_of_two_ranks_resumes_in_one_process_of_the_same_batch_and_not_another()
     let Some(m) = mpi() else { return };
     let dir = tempfile::tempdir().unwrap();
     let data = words(dir.path());
-    let flags = ["--schedule", "constant", "--eval-every", "0", "--save-every", "3"];
+    let flags = [
+        "--schedule",
+        "constant",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "3",
+    ];
     let with = |out: &Path, rows: usize, steps: &str, resume: bool| {
         let mut a = train(&data, out, rows, &flags);
         a.extend(["--max-steps".into(), steps.into()]);
