@@ -158,19 +158,25 @@ fn n_ranks_of_b_rows_train_as_one_process_of_n_times_b_rows() {
     }
 }
 
-#[test]
-fn a_killed_rank_stops_the_job_and_the_last_checkpoint_resumes() {
-    let Some(m) = mpi() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let data = words(dir.path());
-    let flags = [
+/// Options of runs that resume exactly: a constant learning rate (a resumed run's schedule is
+/// the same whatever --max-steps), no evaluation, a checkpoint every `every` steps.
+fn checkpointed(every: &str) -> [&str; 6] {
+    [
         "--schedule",
         "constant",
         "--eval-every",
         "0",
         "--save-every",
-        "4",
-    ];
+        every,
+    ]
+}
+
+#[test]
+fn a_killed_rank_stops_the_job_and_the_last_checkpoint_resumes() {
+    let Some(m) = mpi() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = words(dir.path());
+    let flags = checkpointed("4");
     let out = dir.path().join("killed");
     let mut long = train(&data, &out, 2, &flags);
     long.extend(["--max-steps".into(), "100000".into()]);
@@ -292,14 +298,7 @@ fn a_run_of_two_ranks_resumes_in_one_process_of_the_same_batch_and_not_another()
     let Some(m) = mpi() else { return };
     let dir = tempfile::tempdir().unwrap();
     let data = words(dir.path());
-    let flags = [
-        "--schedule",
-        "constant",
-        "--eval-every",
-        "0",
-        "--save-every",
-        "3",
-    ];
+    let flags = checkpointed("3");
     let with = |out: &Path, rows: usize, steps: &str, resume: bool| {
         let mut a = train(&data, out, rows, &flags);
         a.extend(["--max-steps".into(), steps.into()]);
