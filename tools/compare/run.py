@@ -234,13 +234,20 @@ def main():
             results.append(r)
         # the results of earlier runs with other methods, same model and task (same settings:
         # the work folder is per model and task, and the split is made once)
-        given = {r["method"] for r in results if r["task"] == task}
-        for name in sorted(os.listdir(work)):
-            if name.endswith(".json") and name != "base.json":
-                r = json.load(open(os.path.join(work, name)))
-                if r.get("method") and r["method"] not in given:
-                    r["base_accuracy"] = base["accuracy"]
-                    results.append(r)
+        # and the committed copies next to the report (a fresh checkout continues from them)
+        copy = os.path.join(os.path.dirname(a.report) or ".", "comparison")
+        prefix = f"{a.model.replace(':', '_')}-{task.replace('/', '_')}-"
+        kept = [os.path.join(work, n) for n in sorted(os.listdir(work))
+                if n.endswith(".json") and n != "base.json"]
+        if os.path.isdir(copy):
+            kept += [os.path.join(copy, n) for n in sorted(os.listdir(copy))
+                     if n.startswith(prefix) and n.endswith(".json")]
+        for path in kept:
+            r = json.load(open(path))
+            given = {r["method"] for r in results if r["task"] == task}
+            if r.get("method") and r["method"] not in given and r.get("task") == task:
+                r["base_accuracy"] = base["accuracy"]
+                results.append(r)
     copy = os.path.join(os.path.dirname(a.report) or ".", "comparison")
     os.makedirs(copy, exist_ok=True)
     for r in results:
