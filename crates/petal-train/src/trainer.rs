@@ -197,7 +197,7 @@ pub fn train_objective(
         start = restore(obj, &mut opt, hook.as_deref_mut(), cfg, path)?;
     }
     cfg.group
-        .check_same(&rank_settings(cfg, start, train_set.len()))?;
+        .check_same(&crate::parallel::rank_settings(cfg, start, train_set.len()))?;
     match resume {
         Some(_) if leader => truncate_metrics(&metrics_path, start)?,
         None if leader => {
@@ -362,30 +362,6 @@ fn save_final(
         }
     }
     Ok(())
-}
-
-/// What every rank of a data-parallel run must share: the run's fingerprint (model, adapter,
-/// data, batch), the trainer's settings, the step it starts from and the data's size.
-fn rank_settings(cfg: &TrainConfig, start: usize, examples: usize) -> String {
-    let mut s: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&cfg.fingerprint)
-        .unwrap_or_else(|_| {
-            let mut m = serde_json::Map::new();
-            m.insert("fingerprint".into(), cfg.fingerprint.clone().into());
-            m
-        });
-    let o = &cfg.optim;
-    let trainer = serde_json::json!({
-        "lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay,
-        "schedule": cfg.schedule, "warmup_steps": cfg.warmup_steps, "max_steps": cfg.max_steps,
-        "max_grad_norm": cfg.max_grad_norm, "eval_every": cfg.eval_every,
-        "save_every": cfg.save_every, "prox_mu": cfg.prox_mu, "out": cfg.out_dir,
-        "balanced_tasks": cfg.balanced_tasks, "grad_checkpointing": cfg.grad_checkpointing,
-        "save_converted": cfg.save_converted, "start_step": start, "train_examples": examples,
-    });
-    if let serde_json::Value::Object(t) = trainer {
-        s.extend(t);
-    }
-    serde_json::Value::Object(s).to_string()
 }
 
 /// One step's gradients: accumulated over its micro-batches, token-weighted. Returns the
