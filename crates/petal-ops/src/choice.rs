@@ -18,7 +18,8 @@ pub struct Kernels {
 /// gradient; no weight gradient is taken through them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Frozen {
-    /// bf16 where the CPU has AVX512-BF16, else 8-bit codes where it has AVX2, else f32.
+    /// bf16 where the CPU has AVX512-BF16, else 8-bit codes where it has AVX-512 VNNI, else
+    /// f32 (on AVX2 alone the 8-bit kernel is slower than f32, measured).
     Auto,
     /// f32 products.
     F32,

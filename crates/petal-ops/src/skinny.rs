@@ -79,6 +79,18 @@ fn dots<W: Widen>(row: &[W], x: &[f32], k: usize, outs: &mut [f32]) {
         // SAFETY: the CPU has AVX-512F (checked just above).
         return unsafe { dots_avx512(row, x, k, outs) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { dots_avx2(row, x, k, outs) };
+    }
+    dots_any(row, x, k, outs)
+}
+
+/// The same loop compiled for AVX2 (16 lanes are two registers), for CPUs without AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_avx2<W: Widen>(row: &[W], x: &[f32], k: usize, outs: &mut [f32]) {
     dots_any(row, x, k, outs)
 }
 

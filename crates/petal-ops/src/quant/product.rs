@@ -106,7 +106,7 @@ pub(crate) enum Mode {
 }
 
 /// The tile arithmetic `k` asks for on this CPU: the reference kernels f32; `auto` bf16 with
-/// AVX512-BF16, else 8-bit codes with AVX2, else f32.
+/// AVX512-BF16, else 8-bit codes with AVX-512 VNNI, else f32.
 pub(crate) fn mode(k: Kernels) -> Mode {
     use crate::Frozen;
     let bf16 = crate::bf16::available();
@@ -114,7 +114,7 @@ pub(crate) fn mode(k: Kernels) -> Mode {
         _ if !k.fused() => Mode::F32,
         Frozen::F32 => Mode::F32,
         Frozen::Bf16 | Frozen::Auto if bf16 => Mode::Bf16,
-        Frozen::Auto if crate::int8::available() => Mode::Int8,
+        Frozen::Auto if crate::int8::faster_than_f32() => Mode::Int8,
         Frozen::Int8 => Mode::Int8,
         _ => Mode::F32,
     }
