@@ -7,7 +7,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use petal_core::{Error, QuantGrid, Result};
 use petal_data::tokenizer::BpeParts;
-use petal_models::LlamaConfig;
+use petal_models::{LlamaConfig, RopeScaling};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
@@ -334,6 +334,38 @@ pub fn write_model(
         (key("rope.freq_base"), Meta::F32(cfg.rope_theta as f32)),
         (key("rope.dimension_count"), u(cfg.head_dim)),
     ];
+    if let Some(s) = cfg
+        .rope_scaling
+        .as_ref()
+        .filter(|s| s.rope_type != "llama3")
+    {
+        // linear and yarn as llama.cpp's converter writes them (llama3: a tensor, below)
+        md.push((key("rope.scaling.type"), text(&s.rope_type)));
+        md.push((key("rope.scaling.factor"), Meta::F32(s.factor as f32)));
+        if s.rope_type == "yarn" {
+            let default = RopeScaling::yarn(s.factor, 1, 32.0, 1.0, None);
+            if (s.attention_factor - default.attention_factor).abs() > 1e-6 || !s.truncate {
+                return Err(Error::Unsupported(format!(
+                    "{}: YaRN with attention_factor {} (not 0.1 ln(factor) + 1) or truncate \
+                     false has no GGUF key that every llama.cpp reads the same way",
+                    path.display(),
+                    s.attention_factor
+                )));
+            }
+            md.push((
+                key("rope.scaling.original_context_length"),
+                u(s.original_max_position_embeddings),
+            ));
+            md.push((
+                key("rope.scaling.yarn_beta_fast"),
+                Meta::F32(s.beta_fast as f32),
+            ));
+            md.push((
+                key("rope.scaling.yarn_beta_slow"),
+                Meta::F32(s.beta_slow as f32),
+            ));
+        }
+    }
     if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size {
         md.push((key("attention.key_length"), u(cfg.head_dim)));
         md.push((key("attention.value_length"), u(cfg.head_dim)));

@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 use petal_core::{Error, Result};
 use petal_data::tokenizer::BpeParts;
 use petal_data::Tokenizer;
-use petal_models::{Llama, LlamaConfig, Precision, WeightSource};
+use petal_models::{Llama, LlamaConfig, Precision, RopeScaling, WeightSource};
 use std::collections::HashMap;
 
 pub struct LoadedModel {
@@ -153,6 +153,72 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
 
 /// A Llama config from llama-architecture GGUF metadata; `tied` says whether output.weight is
 /// absent.
+/// RoPE scaling from a GGUF file's metadata as llama.cpp writes it (`{arch}.rope.scaling.type`
+/// `linear` or `yarn`, `.factor`, `.original_context_length`, `.yarn_beta_fast/slow`, or the
+/// older `{arch}.rope.scale_linear`). Llama3's scaling comes as the `rope_freqs.weight` tensor
+/// instead (see `load_model`). Keys that change YaRN's attention factor in ways llama.cpp
+/// versions read differently are refused rather than guessed.
+fn gguf_rope_scaling(md: &HashMap<String, Value>, arch: &str) -> Result<Option<RopeScaling>> {
+    let key = |k: &str| format!("{arch}.{k}");
+    let factor = || match meta_f64(md, &key("rope.scaling.factor")) {
+        Some(f) if f > 0.0 && f.is_finite() => Ok(f),
+        f => Err(Error::config(
+            "gguf",
+            key("rope.scaling.factor"),
+            format!("{f:?}: a positive number is needed"),
+        )),
+    };
+    let ty = meta_str(md, &key("rope.scaling.type"));
+    Ok(match ty {
+        None => match meta_f64(md, &key("rope.scale_linear")) {
+            Some(f) if f != 1.0 && f > 0.0 => Some(RopeScaling::linear(f)),
+            _ => None,
+        },
+        Some("none") => None,
+        Some("linear") => Some(RopeScaling::linear(factor()?)),
+        Some("yarn") => {
+            for k in [
+                "rope.scaling.attn_factor",
+                "rope.scaling.yarn_attn_factor",
+                "rope.scaling.yarn_log_multiplier",
+                "rope.scaling.yarn_ext_factor",
+            ] {
+                if md.contains_key(&key(k)) {
+                    return Err(Error::Unsupported(format!(
+                        "gguf: {}: YaRN with this key is not supported (petal reads YaRN's \
+                         factor, original_context_length and yarn_beta_fast/slow)",
+                        key(k)
+                    )));
+                }
+            }
+            let original = meta_u64(md, &key("rope.scaling.original_context_length"))
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| {
+                    Error::config(
+                        "gguf",
+                        key("rope.scaling.original_context_length"),
+                        "missing (yarn needs the pretraining context)",
+                    )
+                })?;
+            let beta = |k: &str, d: f64| meta_f64(md, &key(k)).filter(|b| *b != 0.0).unwrap_or(d);
+            Some(RopeScaling::yarn(
+                factor()?,
+                original as usize,
+                beta("rope.scaling.yarn_beta_fast", 32.0),
+                beta("rope.scaling.yarn_beta_slow", 1.0),
+                None,
+            ))
+        }
+        Some(other) => {
+            return Err(Error::config(
+                "gguf",
+                key("rope.scaling.type"),
+                format!("`{other}` is not supported (none, linear, yarn)"),
+            ))
+        }
+    })
+}
+
 pub fn llama_config(
     md: &HashMap<String, Value>,
     tied: bool,
@@ -189,7 +255,7 @@ pub fn llama_config(
             .unwrap_or(hidden / heads),
         rms_norm_eps: meta_f64(md, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
         rope_theta: meta_f64(md, &key("rope.freq_base")).unwrap_or(10000.0),
-        rope_scaling: None,
+        rope_scaling: gguf_rope_scaling(md, arch)?,
         max_position_embeddings: need("context_length").unwrap_or(2048),
         tie_word_embeddings: tied,
         attention_bias: has_qkv_bias,

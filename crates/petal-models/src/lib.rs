@@ -10,7 +10,7 @@ pub mod weights;
 
 pub use bert::{segments, Bert, BertConfig};
 pub use checkpoint::Grads;
-pub use config::LlamaConfig;
+pub use config::{LlamaConfig, RopeScaling};
 pub use dtype::{act_dtype, resid_dtype, Precision};
 pub use llama::{random_weights, KvCache, Llama};
 pub use weights::WeightSource;

@@ -226,7 +226,12 @@ impl Llama {
                 ),
             ));
         }
-        let (cos, sin) = rope_tables(&cfg.inv_freq(), max_pos, device)?;
+        let (mut cos, mut sin) = rope_tables(&cfg.inv_freq(), max_pos, device)?;
+        let attention = cfg.rope_attention_factor();
+        if attention != 1.0 {
+            // YaRN: cos and sin scaled, so q and k are (transformers' `attention_scaling`)
+            (cos, sin) = ((cos * attention)?, (sin * attention)?);
+        }
         Ok(Llama {
             cfg,
             embed: quantized(AdaptableLinear::embedding("model.embed_tokens", embed)),

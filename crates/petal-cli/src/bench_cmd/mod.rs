@@ -25,7 +25,9 @@ use torch::{start_torch, Torch};
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// synthetic-35m | smollm2 | smollm2-shape (SmolLM2-135M's architecture with random weights,
-    /// for machines the model file cannot reach: speed does not depend on the weights' values)
+    /// for machines the model file cannot reach: speed does not depend on the weights' values) |
+    /// qwen2.5-coder-0.5b | qwen2.5-coder-1.5b (the real GGUF files; PyTorch gets their weights
+    /// dequantized to f32)
     #[arg(long, default_value = "synthetic-35m")]
     pub workload: String,
     /// train | forward | generate
@@ -274,31 +276,27 @@ fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
                 json!({"model": "synthetic", "config": c}),
             )
         }
-        "smollm2" => {
-            let gguf = crate::assets::ensure("smollm2")?;
-            let hf = crate::assets::cache_dir().join("smollm2-hf");
+        name @ ("smollm2" | "qwen2.5-coder-0.5b" | "qwen2.5-coder-1.5b") => {
+            let gguf = crate::assets::ensure(name)?;
+            let hf = crate::assets::cache_dir().join(format!("{name}-hf"));
             let export =
                 (a.vs_pytorch || dt.quantize.is_some()) && !hf.join("config.json").exists();
+            if export {
+                // the file's own weights in f32, exported once: PyTorch's model, and the one
+                // `--quantize` quantizes at load
+                let mut f32s = petal_io::load_model(gguf_path(&gguf), DType::F32, dev)?;
+                crate::tools_cmd::export_hf(&mut f32s, &hf)?;
+            }
             let lm = match dt.quantize {
-                // the file's own weights in f32, exported once, then quantized at load
-                Some(_) => {
-                    if export {
-                        let mut f32s = petal_io::load_model(gguf_path(&gguf), DType::F32, dev)?;
-                        crate::tools_cmd::export_hf(&mut f32s, &hf)?;
-                    }
-                    petal_io::load_model(hf.to_str().unwrap_or_default(), dt, dev)?
-                }
-                None => {
-                    let mut lm = petal_io::load_model(gguf_path(&gguf), dt, dev)?;
-                    if export {
-                        crate::tools_cmd::export_hf(&mut lm, &hf)?; // the same weights for PyTorch
-                    }
-                    lm
-                }
+                Some(_) => petal_io::load_model(hf.to_str().unwrap_or_default(), dt, dev)?,
+                None => petal_io::load_model(gguf_path(&gguf), dt, dev)?,
             };
             (lm.model, json!({"model": hf}))
         }
-        o => bail!("unknown workload `{o}` (synthetic-35m, smollm2, smollm2-shape)"),
+        o => bail!(
+            "unknown workload `{o}` (synthetic-35m, smollm2, smollm2-shape, qwen2.5-coder-0.5b, \
+             qwen2.5-coder-1.5b)"
+        ),
     };
     let mut model = model;
     let mut opt = None;

@@ -1,0 +1,192 @@
+//! RoPE scaling types other than llama3 (`linear`, `yarn`) against transformers 5.24.0
+//! (`tools/golden/make_rope_scaling.py`: its own rope initialisation, and the tiny Qwen2 of the
+//! golden fixtures loaded with each scaling): the inverse frequencies, YaRN's attention factor
+//! and the logits of a 40-token sequence; then each written as GGUF and read back.
+
+use candle_core::{DType, Device, Tensor};
+use petal_core::Ctx;
+use petal_data::tokenizer::BpeParts;
+use petal_io::gguf_out::write_model;
+use petal_models::LlamaConfig;
+use petal_ops::quant::GgmlDType;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn golden() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden")
+}
+
+fn cases() -> Vec<Value> {
+    let text = std::fs::read_to_string(golden().join("rope_scaling.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["cases"].as_array().unwrap().clone()
+}
+
+/// The tiny Qwen2's folder with `rope_parameters` replaced, in `dir`.
+fn qwen2_with(dir: &Path, rope: &Value) -> PathBuf {
+    let out = dir.join("model");
+    std::fs::create_dir_all(&out).unwrap();
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(golden().join("qwen2").join(f), out.join(f)).unwrap();
+    }
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(golden().join("qwen2/config.json")).unwrap())
+            .unwrap();
+    cfg["rope_parameters"] = rope.clone();
+    std::fs::write(out.join("config.json"), cfg.to_string()).unwrap();
+    out
+}
+
+fn load(p: &Path) -> petal_io::LoadedModel {
+    petal_io::load_model(p.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap()
+}
+
+fn logits(m: &petal_models::Llama, ids: &Tensor) -> Tensor {
+    m.forward(ids, None, &Ctx::eval())
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+}
+
+#[test]
+fn linear_and_yarn_frequencies_and_attention_factor_equal_transformers() {
+    for case in cases() {
+        let name = case["name"].as_str().unwrap();
+        let head_dim = case["head_dim"].as_u64().unwrap() as usize;
+        let cfg = serde_json::json!({"model_type": "qwen2", "vocab_size": 96,
+            "hidden_size": head_dim * 4, "intermediate_size": 48, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "head_dim": head_dim,
+            "max_position_embeddings": case["max_position_embeddings"],
+            "rope_parameters": case["rope_parameters"]});
+        let c = LlamaConfig::from_hf_json(&cfg.to_string(), name).unwrap();
+        let want: Vec<f32> = serde_json::from_value(case["inv_freq"].clone()).unwrap();
+        let got = c.inv_freq();
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                ((g - w) / w).abs() < 1e-6,
+                "{name}: inv_freq[{i}] {g} vs transformers' {w}"
+            );
+        }
+        let a = case["attention_factor"].as_f64().unwrap();
+        assert!(
+            (c.rope_attention_factor() - a).abs() < 1e-9,
+            "{name}: attention factor {} vs {a}",
+            c.rope_attention_factor()
+        );
+        // the scaling survives petal's own config.json (a merged model's)
+        let back = LlamaConfig::from_hf_json(&c.to_hf_json("float32").to_string(), name).unwrap();
+        assert_eq!(back.inv_freq(), got, "{name}");
+        let (a, b) = (back.rope_attention_factor(), c.rope_attention_factor());
+        assert!((a - b).abs() < 1e-12, "{name}: {a} vs {b}"); // JSON's last digit
+        assert_eq!(
+            back.rope_scaling.map(|s| s.rope_type),
+            c.rope_scaling.map(|s| s.rope_type)
+        );
+    }
+}
+
+#[test]
+fn a_qwen2_with_linear_or_yarn_scaling_gives_transformers_logits_and_round_trips_gguf() {
+    let want =
+        candle_core::safetensors::load(golden().join("rope_scaling.safetensors"), &Device::Cpu)
+            .unwrap();
+    let ids = want["input_ids"].to_dtype(DType::U32).unwrap();
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain = load(&qwen2_with(
+        plain_dir.path(),
+        &serde_json::json!({"rope_theta": 10000.0, "rope_type": "default"}),
+    ));
+    let plain = logits(&plain.model, &ids);
+    for case in cases()
+        .iter()
+        .filter(|c| c["logits"].as_bool() == Some(true))
+    {
+        let name = case["name"].as_str().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let lm = load(&qwen2_with(dir.path(), &case["rope_parameters"]));
+        let got = logits(&lm.model, &ids);
+        let w = &want[&format!("{name}.logits")];
+        let d = petal_ops::testing::max_rel(&got, w);
+        assert!(d < 1e-4, "{name}: logits differ from transformers' by {d}");
+        let shows = petal_ops::testing::max_rel(&plain, w);
+        assert!(
+            shows > 1e-3,
+            "{name}: the scaling changes the logits ({shows})"
+        );
+        // GGUF: llama.cpp's keys, read back to the same model (yarn with a non-default
+        // attention factor or no truncation has no key llama.cpp reads one way: refused)
+        let path = dir.path().join("m.gguf");
+        let tensors = lm.model.named_base_tensors().unwrap();
+        let written = write_model(
+            &path,
+            &lm.model.cfg,
+            tensors,
+            Default::default(),
+            &plain_bpe(lm.model.cfg.vocab_size),
+            GgmlDType::F32,
+        );
+        let rope = &case["rope_parameters"];
+        let expressible = rope.get("attention_factor").is_none()
+            && rope.get("mscale").is_none()
+            && rope.get("truncate") != Some(&Value::Bool(false));
+        match written {
+            Ok(_) => {
+                assert!(expressible, "{name}: written");
+                let back = load(&path);
+                assert_eq!(
+                    back.model.cfg.rope_scaling, lm.model.cfg.rope_scaling,
+                    "{name}"
+                );
+                let d = petal_ops::testing::max_rel(&logits(&back.model, &ids), &got);
+                assert!(d < 1e-5, "{name}: GGUF read back differs by {d}");
+            }
+            Err(e) => {
+                assert!(!expressible, "{name}: {e}");
+                assert!(e.to_string().contains("YaRN"), "{name}: {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn an_unknown_or_incomplete_rope_scaling_is_refused_naming_the_key() {
+    let base = serde_json::json!({"model_type": "qwen2", "vocab_size": 96, "hidden_size": 32,
+        "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4});
+    for (rope, key) in [
+        (
+            serde_json::json!({"rope_type": "longrope", "factor": 2.0}),
+            "rope_type",
+        ),
+        (
+            serde_json::json!({"rope_type": "linear", "factor": 0.0}),
+            "factor",
+        ),
+        (serde_json::json!({"rope_type": "linear"}), "factor"),
+    ] {
+        let mut c = base.clone();
+        c["rope_scaling"] = rope.clone();
+        let e = LlamaConfig::from_hf_json(&c.to_string(), "config.json")
+            .expect_err(&rope.to_string())
+            .to_string();
+        assert!(e.contains("config.json") && e.contains(key), "{rope}: {e}");
+    }
+}
+
+/// A stand-in byte-level tokenizer (the fixture's own is word-level, with no GGUF form).
+fn plain_bpe(vocab: usize) -> BpeParts {
+    BpeParts {
+        tokens: (0..vocab).map(|i| format!("w{i}")).collect(),
+        merges: vec![],
+        token_types: vec![1; vocab],
+        bos_id: Some(1),
+        eos_id: Some(2),
+        add_bos: false,
+        pre: "gpt2".into(),
+        chat_template: None,
+    }
+}
