@@ -6,11 +6,13 @@ pub mod checkpoint;
 pub mod config;
 pub mod dtype;
 pub mod llama;
+pub mod rope;
 pub mod weights;
 
 pub use bert::{segments, Bert, BertConfig};
 pub use checkpoint::Grads;
-pub use config::{LlamaConfig, RopeScaling};
+pub use config::LlamaConfig;
 pub use dtype::{act_dtype, resid_dtype, Precision};
 pub use llama::{random_weights, KvCache, Llama};
+pub use rope::RopeScaling;
 pub use weights::WeightSource;
