@@ -67,6 +67,27 @@ def split(a, task, work):
     return train, test
 
 
+# the CPU of the results made before each result recorded its own (2026-12-01..03 sessions)
+EARLIER_CPU = "AMD EPYC (AVX-512, AVX512-BF16)"
+
+
+def cpu_desc():
+    """The CPU's model name and its widest vector extensions (speed depends on them)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    ext = ("AVX-512, AVX512-BF16" if {"avx512f", "avx512_bf16"} <= flags else
+           "AVX-512" if "avx512f" in flags else "AVX2 only" if "avx2" in flags else "no AVX2")
+    return f"{name} ({ext})"
+
+
 def evaluate(a, test, adapter=None):
     cmd = [a.petal, "eval", "--model", a.model, "--task", test, "--json", "--batch-size", "8"]
     if adapter:
@@ -98,6 +119,7 @@ def run_one(a, task, spec, train, test, base, out):
         "eval_loss_after": t["eval_after"]["loss"], "steps": steps,
         "unmerged_eval_seconds": e["seconds"], "base_eval_seconds": base["seconds"],
         "inference_overhead": e["seconds"] / base["seconds"],
+        "cpu": cpu_desc(),
     }
     with open(out + ".tmp", "w") as f:
         json.dump(result, f)
@@ -122,18 +144,20 @@ def report(a, results, failed=()):
     by_task = {}
     for r in results:
         by_task.setdefault((r["model"], r["task"]), []).append(r)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpus = list(dict.fromkeys(r.get("cpu", EARLIER_CPU) for r in results))
+    mark = {c: "" if len(cpus) == 1 else chr(ord("a") + i) for i, c in enumerate(cpus)}
+    if len(cpus) == 1:
+        cpu_line = f"CPU: {cpus[0]}, {os.cpu_count()} threads."
+    else:
+        cpu_line = ("Speed and memory were measured on several CPUs (the letter after a row's tokens/s): "
+                    + "; ".join(f"({mark[c]}) {c}" for c in cpus)
+                    + f", {os.cpu_count()} threads. Accuracy does not depend on the CPU; tokens/s do.")
     lines = ["# Method comparison", "",
              "Every method trained with the same budget on each task (the prompt -> the right answer, "
              "the loss on the answer only), scored on held-out examples by `petal eval --task`. Made by "
              "`tools/compare/run.py` (the command below); results in `docs/comparison/*.json`.", "",
              f"Command: `python3 tools/compare/run.py {' '.join(command(a, results))}`", "",
-             f"CPU: {cpu}, {os.cpu_count()} threads. Seed {a.seed}.", ""]
+             f"{cpu_line} Seed {a.seed}.", ""]
     for (model, task), rs in sorted(by_task.items()):
         base = rs[0].get("base_accuracy")
         n = rs[0]["examples"]
@@ -148,7 +172,8 @@ def report(a, results, failed=()):
         for r in sorted(rs, key=lambda r: -r["accuracy"]):
             norm = f"{r['acc_norm']:.3f}" if r.get("acc_norm") is not None else ""
             lines.append(f"| {r['method']} | {r['accuracy']:.3f} | {norm} | {r['trainable_params']:,} | "
-                         f"{r['peak_rss_mb'] / 1024:.2f} GB | {r['train_tokens_per_s']:.0f} | "
+                         f"{r['peak_rss_mb'] / 1024:.2f} GB | {r['train_tokens_per_s']:.0f}"
+                         f"{' (' + mark[r.get('cpu', EARLIER_CPU)] + ')' if len(cpus) > 1 else ''} | "
                          f"{r['inference_overhead']:.2f}x |")
         lines.append("")
         svg = plot(a, model, task, rs)
