@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""RoPE scaling types other than llama3, as transformers computes them: `linear` and `yarn`.
+"""RoPE scaling types other than llama3, as transformers computes them: `linear`, `dynamic`
+and `yarn`.
 
 For each case, transformers' own rope initialisation (`ROPE_INIT_FUNCTIONS`, the code its
 models run) gives the inverse frequencies and the attention factor on cos/sin; for the cases
@@ -28,6 +29,8 @@ GOLDEN = Path(__file__).resolve().parents[2] / "tests/fixtures/golden"
 QWEN25_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
 CASES = [
     ("linear_tiny", {"rope_type": "linear", "factor": 4.0}, None, True),
+    # dynamic NTK: the default frequencies up to max_position_embeddings (64 here)
+    ("dynamic_tiny", {"rope_type": "dynamic", "factor": 2.0}, None, True),
     ("yarn_tiny", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}, None, True),
     ("yarn_tiny_betas_untruncated",
      {"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 2000, "beta_fast": 8.0,

@@ -334,12 +334,10 @@ pub fn write_model(
         (key("rope.freq_base"), Meta::F32(cfg.rope_theta as f32)),
         (key("rope.dimension_count"), u(cfg.head_dim)),
     ];
-    if let Some(s) = cfg
-        .rope_scaling
-        .as_ref()
-        .filter(|s| s.rope_type != "llama3")
-    {
-        // linear and yarn as llama.cpp's converter writes them (llama3: a tensor, below)
+    let written = |s: &&RopeScaling| s.rope_type == "linear" || s.rope_type == "yarn";
+    if let Some(s) = cfg.rope_scaling.as_ref().filter(written) {
+        // linear and yarn as llama.cpp's converter writes them (llama3: a tensor, below;
+        // dynamic NTK acts only past the context length, so within it there is nothing to write)
         md.push((key("rope.scaling.type"), text(&s.rope_type)));
         md.push((key("rope.scaling.factor"), Meta::F32(s.factor as f32)));
         if s.rope_type == "yarn" {

@@ -14,7 +14,7 @@ use serde_json::Value;
 /// neutral value and are not written.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RopeScaling {
-    pub rope_type: String, // "llama3" | "linear" | "yarn"
+    pub rope_type: String, // "llama3" | "linear" | "dynamic" | "yarn"
     pub factor: f64,
     pub low_freq_factor: f64,
     pub high_freq_factor: f64,
@@ -91,7 +91,9 @@ impl RopeScaling {
     /// The keys transformers reads for this type (`rope_scaling` of config.json).
     pub fn to_hf_json(&self) -> Value {
         match self.rope_type.as_str() {
-            "linear" => serde_json::json!({"rope_type": "linear", "factor": self.factor}),
+            "linear" | "dynamic" => {
+                serde_json::json!({"rope_type": self.rope_type, "factor": self.factor})
+            }
             "yarn" => serde_json::json!({"rope_type": "yarn", "factor": self.factor,
                 "original_max_position_embeddings": self.original_max_position_embeddings,
                 "beta_fast": self.beta_fast, "beta_slow": self.beta_slow,
@@ -142,6 +144,13 @@ impl RopeScaling {
                 num(s, "original_max_position_embeddings", file)? as usize,
             )),
             "linear" => Some(RopeScaling::linear(positive("factor")?)),
+            // dynamic NTK changes the frequencies only for positions past
+            // max_position_embeddings, which petal's RoPE tables never reach (a longer sequence
+            // is refused): within them it is the default, as in transformers
+            "dynamic" => Some(RopeScaling {
+                rope_type: "dynamic".into(),
+                ..RopeScaling::linear(positive("factor")?)
+            }),
             "yarn" => {
                 let max_pos = v.get("max_position_embeddings").and_then(Value::as_f64);
                 let original = opt("original_max_position_embeddings").or(max_pos);
@@ -183,7 +192,7 @@ impl RopeScaling {
                 return Err(Error::config(
                     file,
                     "rope_scaling.rope_type",
-                    format!("`{other}` is not supported (default, linear, llama3, yarn)"),
+                    format!("`{other}` is not supported (default, linear, dynamic, llama3, yarn)"),
                 ))
             }
         })
@@ -300,6 +309,7 @@ impl LlamaConfig {
         };
         match s.rope_type.as_str() {
             "linear" => base.iter().map(|&f| (f / s.factor) as f32).collect(),
+            "dynamic" => base.iter().map(|&f| f as f32).collect(),
             "yarn" => {
                 // the dimension at which a frequency turns `rotations` times over the original
                 // context, and a linear ramp between the two bounds
