@@ -60,6 +60,8 @@ def main():
                     help="legend's rounds and accounting, every client on every layer at full rank (the baseline)")
     ap.add_argument("--slowdowns", default="", help="simulated devices: client i's seconds times factor i, comma-separated")
     ap.add_argument("--proximal-mu", type=float, default=0.01)
+    ap.add_argument("--task-type", default="", choices=["", "seq-cls"],
+                    help="seq-cls: a classifier on a BERT encoder (data: JSONL text/label; rounds.jsonl gains accuracy)")
     ap.add_argument("--method", default="lora")
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16)
@@ -144,7 +146,7 @@ def main():
               "lr": a.lr, "local-steps": a.local_steps, "batch-size": a.batch_size,
               "seq-len": a.seq_len, "max-eval-examples": a.max_eval_examples, "seed": a.seed,
               "keep-client-adapters": a.keep_client_adapters, "legend-adapt": not a.legend_fixed,
-              "slowdowns": a.slowdowns, "round-timeout": a.round_timeout}
+              "slowdowns": a.slowdowns, "round-timeout": a.round_timeout, "task-type": a.task_type}
         for item in a.inject:
             key, _, value = item.partition("=")
             if key not in ("fail-at", "misshape-at"):
@@ -175,7 +177,8 @@ def main():
             rounds = (out / "rounds.jsonl").read_text().splitlines() if (out / "rounds.jsonl").exists() else []
             for line in rounds[seen:]:
                 r = json.loads(line)
-                print(f"round {r['round']}: held-out loss {r['eval_loss']:.4f} ({r['seconds']:.0f} s)", flush=True)
+                acc = f", accuracy {r['eval_accuracy']:.3f}" if "eval_accuracy" in r else ""
+                print(f"round {r['round']}: held-out loss {r['eval_loss']:.4f}{acc} ({r['seconds']:.0f} s)", flush=True)
             seen = len(rounds)
             if status.startswith("finished"):
                 break

@@ -88,7 +88,13 @@ pub fn train(
     let seq_len = o.seq_len.unwrap_or(128);
     // the tokenizer first (the data is read with it), then the model with a head of its size
     let tok = petal_io::encoder_tokenizer(&resolve_spec(&model_spec)?)?;
-    let (mut train_set, labels) = read(&data_spec, &tok, seq_len, None)?;
+    // a warm start keeps its labels' mapping (a federated round: every client the same
+    // classes, whichever labels its own data holds)
+    let init_labels = match &o.init_adapter {
+        Some(dir) => saved_labels(dir)?,
+        None => None,
+    };
+    let (mut train_set, labels) = read(&data_spec, &tok, seq_len, init_labels.as_ref())?;
     let mut val_set = match &o.val_data {
         Some(v) => read(v, &tok, seq_len, Some(&labels))?.0,
         None => {
@@ -133,6 +139,7 @@ pub fn train(
     acfg.modules_to_save = Some(keep);
     let limit = crate::common::memory_limit(crate::train_cmd::max_memory(o)?).for_training();
     let report = inject_adapter_within(&mut enc.model, "default", &acfg, seed, &limit)?;
+    crate::train_cmd::init_adapter(o, &enc.model, &candle_core::Device::Cpu, &acfg)?;
     let pc = ParamCount::of(&enc.model);
     eprintln!(
         "model {model_spec}: BERT encoder, {} layers, hidden {}, {} classes{}",

@@ -170,3 +170,80 @@ fn bad_classification_input_is_refused_with_its_cause() {
         "{e}"
     );
 }
+
+#[test]
+fn a_warm_start_keeps_the_adapters_weights_and_classes_whatever_labels_the_data_holds() {
+    // a federated client: its data holds one class only; from the global adapter it keeps both
+    // classes (the head's shape) and starts from the adapter's weights
+    let d = tempfile::tempdir().unwrap();
+    let (train, val) = data(d.path());
+    let model = golden().join("bert_minilm_names");
+    let m = model.to_str().unwrap();
+    let run = |data: &str, steps: &str, out: &str, init: Option<&std::path::Path>| {
+        let out = d.path().join(out);
+        let mut args = vec![
+            "train",
+            "--task-type",
+            "seq-cls",
+            "--model",
+            m,
+            "--data",
+            data,
+            "--val-data",
+            &val,
+            "--max-steps",
+            steps,
+            "--lr",
+            "0.01",
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ];
+        if let Some(i) = init {
+            args.extend(["--init-adapter", i.to_str().unwrap()]);
+        }
+        let o = petal(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        (out.join("adapter"), sum)
+    };
+    let (global, trained) = run(&train, "20", "global", None);
+    let one_class = d.path().join("pos.jsonl");
+    let pos: Vec<String> = std::fs::read_to_string(&train)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"pos\""))
+        .map(String::from)
+        .collect();
+    std::fs::write(&one_class, pos.join("\n")).unwrap();
+    let (client, warm) = run(one_class.to_str().unwrap(), "0", "client", Some(&global));
+    assert_eq!(
+        warm["eval_before"]["loss"], trained["eval_after"]["loss"],
+        "the warm start begins where the global adapter ended"
+    );
+    let labels: serde_json::Value = json_file(&client.join("labels.json"));
+    assert_eq!(labels["names"], serde_json::json!(["neg", "pos"]));
+    // without the warm start the same data makes a one-class head, which the held-out data's
+    // other class does not fit
+    let o = petal(&[
+        "train",
+        "--task-type",
+        "seq-cls",
+        "--model",
+        m,
+        "--data",
+        one_class.to_str().unwrap(),
+        "--val-data",
+        &val,
+        "--max-steps",
+        "0",
+        "--out",
+        d.path().join("cold").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("is not one of the classes (pos)"),
+        "{}",
+        stderr(&o)
+    );
+}

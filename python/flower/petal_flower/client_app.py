@@ -26,7 +26,8 @@ def train(msg: Message, context: Context) -> Message:
     if injected(rc, "fail-at", pid, rnd):  # a client that crashes mid-round (tests)
         raise RuntimeError(f"client {pid}: failure injected at round {rnd} (run config fail-at)")
     with tempfile.TemporaryDirectory() as tmp:
-        start = write_adapter(Path(tmp) / "global", arrays, str(config["adapter-config"]))
+        start = write_adapter(Path(tmp) / "global", arrays, str(config["adapter-config"]),
+                              str(config.get("labels", "")))
         run = Path(tmp) / "run"
         # a seed per round and client: dropout and batch order differ across them, fixed per run
         seed = int(rc["seed"]) * 100_003 + rnd * 1_009 + pid

@@ -11,6 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
+LABELS = "labels.json"  # a classifier's classes (`--task-type seq-cls`), the same on every client
 
 
 def petal(rc, args):
@@ -25,13 +26,19 @@ def petal(rc, args):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def task_args(rc):
+    """`--task-type` for a classification run (the run config's `task-type`), else nothing."""
+    t = str(rc.get("task-type", "") or "")
+    return ["--task-type", t] if t else []
+
+
 def train_args(rc, data, out, steps, seed):
     """`petal train` with the run config's method and budget."""
     return ["train", "--model", rc["model"], "--data", data, "--out", out, "--json",
             "--method", rc["method"], "--r", rc["r"], "--alpha", rc["alpha"], "--lr", rc["lr"],
             "--max-steps", steps, "--batch-size", rc["batch-size"], "--seq-len", rc["seq-len"],
             "--seed", seed, "--eval-every", 1_000_000, "--max-eval-examples", 1,
-            "--overwrite", "true"]
+            "--overwrite", "true", *task_args(rc)]
 
 
 def read_adapter(folder):
@@ -40,14 +47,23 @@ def read_adapter(folder):
     return load_file(str(folder / WEIGHTS)), (folder / CONFIG).read_text()
 
 
-def write_adapter(folder, arrays, config_text):
-    """An adapter folder from arrays and config text, written whole (a temp folder renamed)."""
+def read_labels(folder):
+    """A classifier adapter's labels' mapping as text ("" when the folder has none)."""
+    p = Path(folder) / LABELS
+    return p.read_text() if p.exists() else ""
+
+
+def write_adapter(folder, arrays, config_text, labels_text=""):
+    """An adapter folder from arrays and config text (and a classifier's labels' mapping),
+    written whole (a temp folder renamed)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / WEIGHTS),
               metadata={"format": "pt"})
     (tmp / CONFIG).write_text(config_text)
+    if labels_text:
+        (tmp / LABELS).write_text(labels_text)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)

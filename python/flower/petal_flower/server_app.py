@@ -12,7 +12,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from petal_flower import legend
-from petal_flower.common import nbytes, petal, read_adapter, shape_problem, train_args, write_adapter
+from petal_flower.common import (nbytes, petal, read_adapter, read_labels, shape_problem, task_args,
+                                 train_args, write_adapter)
 
 app = ServerApp()
 
@@ -23,10 +24,13 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(rc["out"])
     out.mkdir(parents=True, exist_ok=True)
     n = int(rc["num-clients"])
-    first = rc["partitions"].split("|")[0]
+    # the initial adapter; a classifier's from the held-out data, which holds every class (a
+    # client's may not: its labels.json then fixes every client's classes)
+    first = rc["val-data"] if task_args(rc) else rc["partitions"].split("|")[0]
     with tempfile.TemporaryDirectory() as tmp:
         petal(rc, train_args(rc, first, Path(tmp) / "init", 0, rc["seed"]))
         arrays, config_text = read_adapter(Path(tmp) / "init" / "adapter")
+        labels_text = read_labels(Path(tmp) / "init" / "adapter")
     size = nbytes(arrays)
     kinds = {"fedavg": FedAvg, "fedprox": FedProx}
     if rc["strategy"] not in kinds and rc["strategy"] != "legend":
@@ -37,11 +41,14 @@ def main(grid: Grid, context: Context) -> None:
 
     def log_row(rnd: int, tensors, extra) -> float:
         """The global adapter's held-out loss, written with the round's record."""
-        folder = write_adapter(out / f"round-{rnd}" / "adapter", tensors, config_text)
+        folder = write_adapter(out / f"round-{rnd}" / "adapter", tensors, config_text, labels_text)
         e = petal(rc, ["eval", "--model", rc["model"], "--adapter", folder, "--data",
                        rc["val-data"], "--seq-len", rc["seq-len"], "--json",
-                       "--max-examples", rc["max-eval-examples"]])
+                       "--max-examples", rc["max-eval-examples"], *task_args(rc)])
         row = {"round": rnd, "eval_loss": e["loss"], "seconds": time.time() - t0, **extra}
+        for key in ("accuracy", "macro_f1"):  # a classifier's
+            if key in e:
+                row[f"eval_{key}"] = e[key]
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")
         return float(e["loss"])
@@ -49,7 +56,7 @@ def main(grid: Grid, context: Context) -> None:
     if rc["strategy"] == "legend":
         log_row(0, arrays, {"bytes_down": 0, "bytes_up": 0, "sim_seconds": 0.0})
         final = legend.run(grid, rc, arrays, config_text, log_row)
-        write_adapter(out / "adapter", final, config_text)
+        write_adapter(out / "adapter", final, config_text, labels_text)
         return
 
     shapes = {k: v.shape for k, v in arrays.items()}
@@ -86,9 +93,10 @@ def main(grid: Grid, context: Context) -> None:
                        min_train_nodes=n, min_available_nodes=n, **extra)
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                             num_rounds=int(rc["num-server-rounds"]),
-                            train_config=ConfigRecord({"adapter-config": config_text}),
+                            train_config=ConfigRecord({"adapter-config": config_text,
+                                                       "labels": labels_text}),
                             evaluate_fn=evaluate, timeout=float(rc["round-timeout"]))
     final = {k: v.numpy() for k, v in result.arrays.items()}
-    write_adapter(out / "adapter", final, config_text)
+    write_adapter(out / "adapter", final, config_text, labels_text)
     (out / "train_metrics.json").write_text(json.dumps(
         {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()}, indent=1))
