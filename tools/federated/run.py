@@ -123,6 +123,8 @@ def main():
         shutil.rmtree(home, ignore_errors=True)
 
     status = "not started"
+    # a stop by signal still stops Flower's processes (the finally below): SIGTERM as an exit
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         start("superlink", [bin_dir / "flower-superlink", "--insecure", "--port", str(link),
                             "--disable-runtime-dependency-installation"])

@@ -5,40 +5,7 @@
 
 mod common;
 
-use common::{golden, json_file, petal, stderr};
-
-fn data(dir: &std::path::Path) -> (String, String) {
-    let vocab = json_file(&golden().join("bert_minilm_names/tokenizer.json"));
-    let mut words: Vec<&str> = vocab["model"]["vocab"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(String::as_str)
-        .filter(|w| w.chars().all(|c| c.is_ascii_lowercase()))
-        .collect();
-    words.sort();
-    let line = |i: usize| {
-        let lab = i % 2;
-        let text: Vec<&str> = (0..4)
-            .map(|j| words[lab * 20 + (i * 7 + j * 3) % 20])
-            .collect();
-        let label = ["neg", "pos"][lab];
-        let mut row = serde_json::json!({"text": text.join(" "), "label": label});
-        if i % 3 == 0 {
-            row["text_pair"] = words[(i * 5) % words.len()].into();
-        }
-        row.to_string()
-    };
-    let train = dir.join("train.jsonl");
-    let val = dir.join("val.jsonl");
-    let rows: Vec<String> = (0..80).map(line).collect();
-    std::fs::write(&train, rows[..64].join("\n")).unwrap();
-    std::fs::write(&val, rows[64..].join("\n")).unwrap();
-    (
-        train.to_str().unwrap().to_string(),
-        val.to_str().unwrap().to_string(),
-    )
-}
+use common::{cls_data as data, golden, json_file, petal, stderr};
 
 #[test]
 fn a_classifier_trains_saves_its_labels_and_evaluates_by_accuracy_and_macro_f1() {

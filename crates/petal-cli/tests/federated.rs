@@ -350,3 +350,76 @@ fn a_client_that_fails_or_sends_another_shape_is_left_out_and_the_round_complete
         assert!(petal_ops::testing::max_rel(t, &mean) < 1e-5, "{k}");
     }
 }
+
+#[test]
+fn a_classifier_federates_when_each_client_holds_one_class() {
+    // label skew at its extreme: client 0 holds only "neg", client 1 only "pos"; the global
+    // adapter's classes travel with it, so both clients train the two-class head
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(python) = common::venv("venv-flower", "python/flower/requirements.txt") else {
+        return;
+    };
+    let (train, val) = common::cls_data(tmp.path());
+    let text = std::fs::read_to_string(&train).unwrap();
+    let part = |label: &str| {
+        let p = tmp.path().join(format!("{label}.jsonl"));
+        let rows: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(&format!("\"{label}\"")))
+            .collect();
+        std::fs::write(&p, rows.join("\n")).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let (neg, pos) = (part("neg"), part("pos"));
+    let out = tmp.path().join("fed");
+    let o = std::process::Command::new("python3")
+        .arg(common::root().join("tools/federated/run.py"))
+        .args(["--flwr", python.parent().unwrap().to_str().unwrap()])
+        .args(["--petal", env!("CARGO_BIN_EXE_petal")])
+        .args([
+            "--model",
+            golden().join("bert_minilm_names").to_str().unwrap(),
+        ])
+        .args([
+            "--task-type",
+            "seq-cls",
+            "--partitions",
+            &format!("{neg},{pos}"),
+        ])
+        .args(["--val-data", &val, "--out", out.to_str().unwrap()])
+        .args(["--rounds", "1", "--local-steps", "2", "--batch-size", "4"])
+        .args([
+            "--seq-len",
+            "16",
+            "--keep-client-adapters",
+            "--timeout",
+            "300",
+        ])
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{said}");
+    let rounds = rounds(&out);
+    assert_eq!(rounds.len(), 2, "{rounds:?}");
+    for r in &rounds {
+        let acc = r["eval_accuracy"].as_f64().expect("accuracy recorded");
+        assert!((0.0..=1.0).contains(&acc), "{r}");
+    }
+    for dir in [
+        out.join("adapter"),
+        out.join("clients/round-1/client-0"),
+        out.join("clients/round-1/client-1"),
+    ] {
+        let head = adapter_tensors(&dir)
+            .into_iter()
+            .find(|(k, _)| k.contains("classifier") && k.ends_with("weight"))
+            .expect("the head travels");
+        assert_eq!(head.1.dims()[0], 2, "{}: two classes", dir.display());
+    }
+    let labels = common::json_file(&out.join("adapter/labels.json"));
+    assert_eq!(labels["names"], serde_json::json!(["neg", "pos"]));
+}

@@ -130,3 +130,39 @@ fn make_venv(name: &str, requirements: &str) -> Result<PathBuf, String> {
     std::fs::write(&stamp, wanted).map_err(|e| e.to_string())?;
     Ok(python)
 }
+
+/// Classification data on the tiny BERT fixture's vocabulary (`bert_minilm_names`): 64 training
+/// and 16 held-out sentences of two classes ("neg", "pos") told apart by their words, a third of
+/// them with a second text. Returns the two files' paths.
+pub fn cls_data(dir: &std::path::Path) -> (String, String) {
+    let vocab = json_file(&golden().join("bert_minilm_names/tokenizer.json"));
+    let mut words: Vec<&str> = vocab["model"]["vocab"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .filter(|w| w.chars().all(|c| c.is_ascii_lowercase()))
+        .collect();
+    words.sort();
+    let line = |i: usize| {
+        let lab = i % 2;
+        let text: Vec<&str> = (0..4)
+            .map(|j| words[lab * 20 + (i * 7 + j * 3) % 20])
+            .collect();
+        let label = ["neg", "pos"][lab];
+        let mut row = serde_json::json!({"text": text.join(" "), "label": label});
+        if i % 3 == 0 {
+            row["text_pair"] = words[(i * 5) % words.len()].into();
+        }
+        row.to_string()
+    };
+    let train = dir.join("train.jsonl");
+    let val = dir.join("val.jsonl");
+    let rows: Vec<String> = (0..80).map(line).collect();
+    std::fs::write(&train, rows[..64].join("\n")).unwrap();
+    std::fs::write(&val, rows[64..].join("\n")).unwrap();
+    (
+        train.to_str().unwrap().to_string(),
+        val.to_str().unwrap().to_string(),
+    )
+}
