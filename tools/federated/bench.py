@@ -84,11 +84,7 @@ def report(a, out):
     start = min(rs[0]["eval_loss"] for rs in runs.values())
     best = max(min(r["eval_loss"] for r in rs) for rs in runs.values())
     target = start - 0.8 * (start - best)  # 80% of the smallest improvement any run made
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     lines = ["| configuration | rounds | held-out loss, round 0 -> last | rounds to "
              f"{target:.4f} | bytes per round (both ways, mean) | wall time | simulated time "
              "(to target) |", "|---|---|---|---|---|---|---|"]
@@ -109,16 +105,30 @@ def report(a, out):
             + "\n".join(lines) + "\n")
     (out / "results.md").write_text(text)
     print(text)
-    plot = ("import json,sys,matplotlib\nmatplotlib.use('svg')\nimport matplotlib.pyplot as plt\n"
-            "runs=json.loads(sys.argv[1]);fig,ax=plt.subplots(figsize=(6,3.6))\n"
-            "for n,rs in runs.items(): ax.plot([r['round'] for r in rs],[r['eval_loss'] for r in rs],marker='o',label=n)\n"
-            "ax.set_xlabel('round');ax.set_ylabel('held-out loss (Hamlet)');ax.legend();fig.tight_layout()\n"
+    plot(a.python, runs, "eval_loss", "held-out loss (Hamlet)", out / "curves.svg")
+
+
+def cpu_name():
+    """The CPU's model name, as /proc/cpuinfo gives it."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return cpu
+
+
+def plot(python, runs, key, ylabel, path):
+    """Each run's `key` against the round, as an SVG, drawn by `python` (with matplotlib)."""
+    code = ("import json,sys,matplotlib\nmatplotlib.use('svg')\nimport matplotlib.pyplot as plt\n"
+            "runs=json.loads(sys.argv[1]);key=sys.argv[3];fig,ax=plt.subplots(figsize=(6,3.6))\n"
+            "for n,rs in runs.items(): ax.plot([r['round'] for r in rs],[r[key] for r in rs],marker='o',label=n)\n"
+            "ax.set_xlabel('round');ax.set_ylabel(sys.argv[4]);ax.legend();fig.tight_layout()\n"
             "fig.savefig(sys.argv[2])\n")
-    r = subprocess.run([a.python, "-c", plot, json.dumps(runs), str(out / "curves.svg")],
+    r = subprocess.run([python, "-c", code, json.dumps(runs), str(path), key, ylabel],
                        capture_output=True, text=True)
     if r.returncode != 0:
         print(f"no plot: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
-
 
 if __name__ == "__main__":
     main()

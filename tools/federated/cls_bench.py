@@ -13,10 +13,11 @@ results.md. Resumable: a configuration whose rounds file exists is not run again
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
+
+from bench import cpu_name, plot  # tools/federated/bench.py
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = 8
@@ -83,11 +84,7 @@ def report(a, out):
             for p in sorted(out.glob("*.jsonl"))}
     if not runs:
         return
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     target = 0.9 * max(max(r["eval_accuracy"] for r in rs) for rs in runs.values())
     lines = ["| configuration | Dirichlet alpha | rounds | accuracy, round 0 -> last (best) | macro-F1 last | "
              f"rounds to accuracy {target:.3f} | bytes per round (both ways) | wall time |",
@@ -107,16 +104,7 @@ def report(a, out):
             + "\n".join(lines) + "\n")
     (out / "results.md").write_text(text)
     print(text)
-    plot = ("import json,sys,matplotlib\nmatplotlib.use('svg')\nimport matplotlib.pyplot as plt\n"
-            "runs=json.loads(sys.argv[1]);fig,ax=plt.subplots(figsize=(6,3.6))\n"
-            "for n,rs in runs.items(): ax.plot([r['round'] for r in rs],[r['eval_accuracy'] for r in rs],marker='o',label=n)\n"
-            "ax.set_xlabel('round');ax.set_ylabel('held-out accuracy (400 sentences)');ax.legend();fig.tight_layout()\n"
-            "fig.savefig(sys.argv[2])\n")
-    r = subprocess.run([a.python, "-c", plot, json.dumps(runs), str(out / "curves.svg")],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        print(f"no plot: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
-
+    plot(a.python, runs, "eval_accuracy", "held-out accuracy (400 sentences)", out / "curves.svg")
 
 if __name__ == "__main__":
     main()

@@ -146,7 +146,8 @@ fn a_warm_start_keeps_the_adapters_weights_and_classes_whatever_labels_the_data_
     let (train, val) = data(d.path());
     let model = golden().join("bert_minilm_names");
     let m = model.to_str().unwrap();
-    let run = |data: &str, steps: &str, out: &str, init: Option<&std::path::Path>| {
+    // `petal train` of the classifier on `data`, from `init` when given
+    let train_on = |data: &str, steps: &str, out: &str, init: Option<&std::path::Path>| {
         let out = d.path().join(out);
         let mut args = vec![
             "train",
@@ -169,10 +170,13 @@ fn a_warm_start_keeps_the_adapters_weights_and_classes_whatever_labels_the_data_
         if let Some(i) = init {
             args.extend(["--init-adapter", i.to_str().unwrap()]);
         }
-        let o = petal(&args);
+        (petal(&args), out.join("adapter"))
+    };
+    let run = |data: &str, steps: &str, out: &str, init: Option<&std::path::Path>| {
+        let (o, adapter) = train_on(data, steps, out, init);
         assert!(o.status.success(), "{}", stderr(&o));
         let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        (out.join("adapter"), sum)
+        (adapter, sum)
     };
     let (global, trained) = run(&train, "20", "global", None);
     let one_class = d.path().join("pos.jsonl");
@@ -192,21 +196,7 @@ fn a_warm_start_keeps_the_adapters_weights_and_classes_whatever_labels_the_data_
     assert_eq!(labels["names"], serde_json::json!(["neg", "pos"]));
     // without the warm start the same data makes a one-class head, which the held-out data's
     // other class does not fit
-    let o = petal(&[
-        "train",
-        "--task-type",
-        "seq-cls",
-        "--model",
-        m,
-        "--data",
-        one_class.to_str().unwrap(),
-        "--val-data",
-        &val,
-        "--max-steps",
-        "0",
-        "--out",
-        d.path().join("cold").to_str().unwrap(),
-    ]);
+    let (o, _) = train_on(one_class.to_str().unwrap(), "0", "cold", None);
     assert!(!o.status.success());
     assert!(
         stderr(&o).contains("is not one of the classes (pos)"),

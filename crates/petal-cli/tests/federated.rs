@@ -121,13 +121,30 @@ fn adapter_tensors(
     .unwrap()
 }
 
+/// `tools/federated/run.py` with the venv's Flower (`--flwr`), this build's petal and `args`;
+/// asserts it succeeded, with what it said.
+fn run_py(python: &std::path::Path, args: &[&str]) {
+    let o = std::process::Command::new("python3")
+        .arg(common::root().join("tools/federated/run.py"))
+        .args(["--flwr", python.parent().unwrap().to_str().unwrap()])
+        .args(["--petal", env!("CARGO_BIN_EXE_petal"), "--timeout", "300"])
+        .args(args)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{said}");
+}
+
 /// A federation on Flower's Deployment Engine (tools/federated/run.py): two clients on the tiny
 /// golden Llama (client 0 with twice client 1's data), 2 local steps a round, the clients'
 /// adapters kept; `extra` run options. Returns the run folder and the held-out data, or None
 /// (having said why) without a venv with flwr.
 fn federate(tmp: &std::path::Path, extra: &[&str]) -> Option<(std::path::PathBuf, String)> {
     let python = common::venv("venv-flower", "python/flower/requirements.txt")?;
-    let bin = python.parent().unwrap();
     let write = |name: &str, words: usize, step: usize| {
         let p = tmp.join(name);
         let text: Vec<String> = (0..words)
@@ -142,30 +159,26 @@ fn federate(tmp: &std::path::Path, extra: &[&str]) -> Option<(std::path::PathBuf
         write("v.txt", 200, 5),
     );
     let out = tmp.join("fed");
-    let o = std::process::Command::new("python3")
-        .arg(common::root().join("tools/federated/run.py"))
-        .args(["--flwr", bin.to_str().unwrap()])
-        .args(["--petal", env!("CARGO_BIN_EXE_petal")])
-        .args(["--model", golden().join("llama").to_str().unwrap()])
-        .args(["--partitions", &format!("{c0},{c1}"), "--val-data", &val])
-        .args(["--out", out.to_str().unwrap(), "--local-steps", "2"])
-        .args([
-            "--seq-len",
-            "16",
-            "--batch-size",
-            "2",
-            "--keep-client-adapters",
-        ])
-        .args(["--timeout", "300"])
-        .args(extra)
-        .output()
-        .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(o.status.success(), "{said}");
+    let (model, parts) = (golden().join("llama"), format!("{c0},{c1}"));
+    let mut args = vec![
+        "--model",
+        model.to_str().unwrap(),
+        "--partitions",
+        &parts,
+        "--val-data",
+        &val,
+        "--out",
+        out.to_str().unwrap(),
+        "--local-steps",
+        "2",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--keep-client-adapters",
+    ];
+    args.extend(extra);
+    run_py(&python, &args);
     Some((out, val))
 }
 
@@ -372,37 +385,31 @@ fn a_classifier_federates_when_each_client_holds_one_class() {
     };
     let (neg, pos) = (part("neg"), part("pos"));
     let out = tmp.path().join("fed");
-    let o = std::process::Command::new("python3")
-        .arg(common::root().join("tools/federated/run.py"))
-        .args(["--flwr", python.parent().unwrap().to_str().unwrap()])
-        .args(["--petal", env!("CARGO_BIN_EXE_petal")])
-        .args([
+    let (model, parts) = (golden().join("bert_minilm_names"), format!("{neg},{pos}"));
+    run_py(
+        &python,
+        &[
             "--model",
-            golden().join("bert_minilm_names").to_str().unwrap(),
-        ])
-        .args([
+            model.to_str().unwrap(),
             "--task-type",
             "seq-cls",
             "--partitions",
-            &format!("{neg},{pos}"),
-        ])
-        .args(["--val-data", &val, "--out", out.to_str().unwrap()])
-        .args(["--rounds", "1", "--local-steps", "2", "--batch-size", "4"])
-        .args([
+            &parts,
+            "--val-data",
+            &val,
+            "--out",
+            out.to_str().unwrap(),
+            "--rounds",
+            "1",
+            "--local-steps",
+            "2",
+            "--batch-size",
+            "4",
             "--seq-len",
             "16",
             "--keep-client-adapters",
-            "--timeout",
-            "300",
-        ])
-        .output()
-        .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+        ],
     );
-    assert!(o.status.success(), "{said}");
     let rounds = rounds(&out);
     assert_eq!(rounds.len(), 2, "{rounds:?}");
     for r in &rounds {

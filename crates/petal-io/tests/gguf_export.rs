@@ -5,17 +5,15 @@
 //! back). llama.cpp itself reads the same files in `tools/gguf/check.sh` (not a test: it
 //! builds llama.cpp).
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::{golden, plain_bpe};
 use petal_core::config::Targets;
 use petal_core::{inject, AdapterConfig, Ctx};
 use petal_data::tokenizer::BpeParts;
 use petal_io::gguf_out::{read_lora, write_lora, write_model};
 use petal_ops::quant::GgmlDType;
-use std::path::PathBuf;
-
-fn golden() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden")
-}
 
 fn logits(m: &petal_models::Llama) -> Tensor {
     let ids = Tensor::new(&[[1u32, 5, 9, 14, 20, 33, 2, 71]], &Device::Cpu).unwrap();
@@ -24,20 +22,6 @@ fn logits(m: &petal_models::Llama) -> Tensor {
 
 fn load(p: &std::path::Path) -> petal_io::LoadedModel {
     petal_io::load_model(p.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap()
-}
-
-/// A stand-in byte-level tokenizer for fixtures whose own is word-level (no GGUF form).
-fn plain_bpe(vocab: usize) -> BpeParts {
-    BpeParts {
-        tokens: (0..vocab).map(|i| format!("w{i}")).collect(),
-        merges: vec![],
-        token_types: vec![1; vocab],
-        bos_id: Some(1),
-        eos_id: Some(2),
-        add_bos: false,
-        pre: "gpt2".into(),
-        chat_template: None,
-    }
 }
 
 /// The model with its adapter, merged and written as GGUF (f32, and q8_0), read back.

@@ -3,18 +3,16 @@
 //! golden fixtures loaded with each scaling): the inverse frequencies, YaRN's attention factor
 //! and the logits of a 40-token sequence; then each written as GGUF and read back.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::{golden, plain_bpe};
 use petal_core::Ctx;
-use petal_data::tokenizer::BpeParts;
 use petal_io::gguf_out::write_model;
 use petal_models::LlamaConfig;
 use petal_ops::quant::GgmlDType;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-
-fn golden() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden")
-}
 
 fn cases() -> Vec<Value> {
     let text = std::fs::read_to_string(golden().join("rope_scaling.json")).unwrap();
@@ -178,19 +176,5 @@ fn an_unknown_or_incomplete_rope_scaling_is_refused_naming_the_key() {
             .expect_err(&rope.to_string())
             .to_string();
         assert!(e.contains("config.json") && e.contains(key), "{rope}: {e}");
-    }
-}
-
-/// A stand-in byte-level tokenizer (the fixture's own is word-level, with no GGUF form).
-fn plain_bpe(vocab: usize) -> BpeParts {
-    BpeParts {
-        tokens: (0..vocab).map(|i| format!("w{i}")).collect(),
-        merges: vec![],
-        token_types: vec![1; vocab],
-        bos_id: Some(1),
-        eos_id: Some(2),
-        add_bos: false,
-        pre: "gpt2".into(),
-        chat_template: None,
     }
 }
