@@ -6,6 +6,21 @@
 //! does), picked at run time, else std's scalar `exp`. Within 2 ulp of the correctly rounded
 //! exp; -inf gives 0, +inf gives inf, NaN stays NaN.
 
+/// ln 2 in two parts (the high one exact in few bits, so `n ln2_hi` is exact).
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+/// e^f's Taylor coefficients, highest degree first (Horner's order): 1/7!, ..., 1/2, 1, 1.
+const TAYLOR: [f32; 8] = [
+    1.0 / 5040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
+
 /// The instruction set the row math runs on.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Simd {
@@ -117,19 +132,11 @@ mod x86 {
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
         );
-        let f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x); // ln2, high part
-        let f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), f); // ln2 - high part
-        let mut p = _mm512_set1_ps(1.0 / 5040.0);
-        for c in [
-            1.0 / 720.0,
-            1.0 / 120.0,
-            1.0 / 24.0,
-            1.0 / 6.0,
-            0.5,
-            1.0,
-            1.0,
-        ] {
-            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+        let f = _mm512_fnmadd_ps(n, _mm512_set1_ps(super::LN2_HI), x);
+        let f = _mm512_fnmadd_ps(n, _mm512_set1_ps(super::LN2_LO), f);
+        let mut p = _mm512_set1_ps(super::TAYLOR[0]);
+        for c in &super::TAYLOR[1..] {
+            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(*c));
         }
         _mm512_scalef_ps(p, n)
     }
@@ -193,19 +200,11 @@ mod avx2 {
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
         );
-        let f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x); // ln2, high part
-        let f = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), f); // ln2 - high part
-        let mut p = _mm256_set1_ps(1.0 / 5040.0);
-        for c in [
-            1.0 / 720.0,
-            1.0 / 120.0,
-            1.0 / 24.0,
-            1.0 / 6.0,
-            0.5,
-            1.0,
-            1.0,
-        ] {
-            p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c));
+        let f = _mm256_fnmadd_ps(n, _mm256_set1_ps(super::LN2_HI), x);
+        let f = _mm256_fnmadd_ps(n, _mm256_set1_ps(super::LN2_LO), f);
+        let mut p = _mm256_set1_ps(super::TAYLOR[0]);
+        for c in &super::TAYLOR[1..] {
+            p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(*c));
         }
         // 2^n as 2^n1 2^n2, n1 = floor(n / 2), n2 = n - n1: both in [-75, 65], normal numbers,
         // so p 2^n1 is exact and the one rounding is the last product's
