@@ -65,20 +65,30 @@ def main():
                "--method", method, "--r", str(r), "--alpha", str(alpha), "--strategy", strategy,
                "--proximal-mu", "0.01", "--lr", "0.002", "--batch-size", "4", "--seq-len", "64",
                "--max-eval-examples", "32", "--seed", "0", *more]
-        print(f"{name}: {' '.join(cmd[1:])}", flush=True)
-        subprocess.run(cmd, check=True)
-        rows = [json.loads(l) for l in (work / "rounds.jsonl").read_text().splitlines()]
-        for row in rows:
-            row.update(config=name, method=method, r=r, strategy=strategy)
-        tmp = dest.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        os.replace(tmp, dest)
+        run_config(name, cmd, work, dest, method=method, r=r, strategy=strategy)
     report(a, out)
 
 
+def run_config(name, cmd, work, dest, **fields):
+    """Run one configuration (`cmd`: tools/federated/run.py writing WORK/rounds.jsonl), then
+    keep its rounds with `fields` added as DEST, written whole."""
+    print(f"{name}: {' '.join(cmd[1:])}", flush=True)
+    subprocess.run(cmd, check=True)
+    rows = [json.loads(l) for l in (work / "rounds.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.update(config=name, **fields)
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, dest)
+
+
+def runs_in(out):
+    """The kept configurations' rounds: name -> rows."""
+    return {p.stem: [json.loads(l) for l in p.read_text().splitlines()] for p in sorted(out.glob("*.jsonl"))}
+
+
 def report(a, out):
-    runs = {p.stem: [json.loads(l) for l in p.read_text().splitlines()]
-            for p in sorted(out.glob("*.jsonl"))}
+    runs = runs_in(out)
     if not runs:
         return
     start = min(rs[0]["eval_loss"] for rs in runs.values())

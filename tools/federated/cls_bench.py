@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import cpu_name, plot  # tools/federated/bench.py
+from bench import cpu_name, plot, run_config, runs_in  # tools/federated/bench.py
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = 8
@@ -67,21 +67,13 @@ def main():
                "--rounds", str(a.rounds), "--local-steps", str(a.local_steps), "--strategy", strategy,
                "--proximal-mu", "0.01", "--method", "lora", "--r", "8", "--alpha", "16", "--lr", "0.002",
                "--batch-size", "16", "--seq-len", "64", "--max-eval-examples", "400", "--seed", "0"]
-        print(f"{name}: {' '.join(cmd[1:])}", flush=True)
-        subprocess.run(cmd, check=True)
         counts = json.loads((split / "split.json").read_text())["counts"]
-        rows = [json.loads(l) for l in (run / "rounds.jsonl").read_text().splitlines()]
-        for row in rows:
-            row.update(config=name, dirichlet_alpha=alpha, strategy=strategy, client_label_counts=counts)
-        tmp = dest.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        os.replace(tmp, dest)
+        run_config(name, cmd, run, dest, dirichlet_alpha=alpha, strategy=strategy, client_label_counts=counts)
     report(a, out)
 
 
 def report(a, out):
-    runs = {p.stem: [json.loads(l) for l in p.read_text().splitlines()]
-            for p in sorted(out.glob("*.jsonl"))}
+    runs = runs_in(out)
     if not runs:
         return
     cpu = cpu_name()
