@@ -341,8 +341,7 @@ pub fn write_model(
         md.push((key("rope.scaling.type"), text(&s.rope_type)));
         md.push((key("rope.scaling.factor"), Meta::F32(s.factor as f32)));
         if s.rope_type == "yarn" {
-            let default = RopeScaling::yarn(s.factor, 1, 32.0, 1.0, None);
-            if (s.attention_factor - default.attention_factor).abs() > 1e-6 || !s.truncate {
+            if !s.yarn_defaults() {
                 return Err(Error::Unsupported(format!(
                     "{}: YaRN with attention_factor {} (not 0.1 ln(factor) + 1) or truncate \
                      false has no GGUF key that every llama.cpp reads the same way",

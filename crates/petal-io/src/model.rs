@@ -151,8 +151,6 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
     }
 }
 
-/// A Llama config from llama-architecture GGUF metadata; `tied` says whether output.weight is
-/// absent.
 /// RoPE scaling from a GGUF file's metadata as llama.cpp writes it (`{arch}.rope.scaling.type`
 /// `linear` or `yarn`, `.factor`, `.original_context_length`, `.yarn_beta_fast/slow`, or the
 /// older `{arch}.rope.scale_linear`). Llama3's scaling comes as the `rope_freqs.weight` tensor
@@ -219,6 +217,8 @@ fn gguf_rope_scaling(md: &HashMap<String, Value>, arch: &str) -> Result<Option<R
     })
 }
 
+/// A Llama config from llama-architecture GGUF metadata; `tied` says whether output.weight is
+/// absent.
 pub fn llama_config(
     md: &HashMap<String, Value>,
     tied: bool,

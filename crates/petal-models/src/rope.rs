@@ -4,7 +4,6 @@
 
 use crate::config::{num, LlamaConfig};
 use petal_core::{Error, Result};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// RoPE scaling as transformers' `rope_scaling` / `rope_parameters` gives it: `llama3`
@@ -12,7 +11,7 @@ use serde_json::Value;
 /// (frequencies ramped between interpolation and extrapolation by `beta_fast`/`beta_slow`,
 /// cos and sin scaled by `attention_factor`). The fields another type does not use hold its
 /// neutral value and are not written.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RopeScaling {
     pub rope_type: String, // "llama3" | "linear" | "dynamic" | "yarn"
     pub factor: f64,
@@ -20,30 +19,22 @@ pub struct RopeScaling {
     pub high_freq_factor: f64,
     pub original_max_position_embeddings: usize,
     /// yarn: the ramp's bounds in rotations (transformers' defaults 32 and 1)
-    #[serde(default = "yarn_beta_fast")]
     pub beta_fast: f64,
-    #[serde(default = "yarn_beta_slow")]
     pub beta_slow: f64,
     /// yarn: the factor on cos and sin (resolved: `0.1 ln(factor) + 1` unless given, or
     /// DeepSeek's `mscale` / `mscale_all_dim` ratio); 1 for the other types
-    #[serde(default = "one")]
     pub attention_factor: f64,
     /// yarn: the ramp's bounds rounded outwards to whole dimensions (transformers' default)
-    #[serde(default = "yes")]
     pub truncate: bool,
 }
 
-fn yarn_beta_fast() -> f64 {
-    32.0
-}
-fn yarn_beta_slow() -> f64 {
-    1.0
-}
-fn one() -> f64 {
-    1.0
-}
-fn yes() -> bool {
-    true
+/// YaRN's attention temperature `0.1 m ln(s) + 1` (1 for s <= 1).
+fn yarn_mscale(scale: f64, m: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * m * scale.ln() + 1.0
+    }
 }
 
 impl RopeScaling {
@@ -55,8 +46,8 @@ impl RopeScaling {
             low_freq_factor: low,
             high_freq_factor: high,
             original_max_position_embeddings: original,
-            beta_fast: yarn_beta_fast(),
-            beta_slow: yarn_beta_slow(),
+            beta_fast: 32.0,
+            beta_slow: 1.0,
             attention_factor: 1.0,
             truncate: true,
         }
@@ -88,6 +79,12 @@ impl RopeScaling {
         }
     }
 
+    /// Whether YaRN's attention factor is the one its `factor` implies (`0.1 ln(factor) + 1`,
+    /// what llama.cpp computes itself) and its ramp is truncated: what GGUF can hold.
+    pub fn yarn_defaults(&self) -> bool {
+        (self.attention_factor - yarn_mscale(self.factor, 1.0)).abs() <= 1e-6 && self.truncate
+    }
+
     /// The keys transformers reads for this type (`rope_scaling` of config.json).
     pub fn to_hf_json(&self) -> Value {
         match self.rope_type.as_str() {
@@ -103,18 +100,7 @@ impl RopeScaling {
                 "original_max_position_embeddings": self.original_max_position_embeddings}),
         }
     }
-}
 
-/// YaRN's attention temperature `0.1 m ln(s) + 1` (1 for s <= 1).
-fn yarn_mscale(scale: f64, m: f64) -> f64 {
-    if scale <= 1.0 {
-        1.0
-    } else {
-        0.1 * m * scale.ln() + 1.0
-    }
-}
-
-impl RopeScaling {
     /// The scaling of a `rope_scaling` / `rope_parameters` object `s` of config.json `v`
     /// (`None` for `default`); an unknown type or a missing or non-positive key is an error
     /// naming it.

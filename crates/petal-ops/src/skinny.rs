@@ -74,17 +74,15 @@ pub(crate) fn xwt_bf16(x: &crate::bf16::Rows, w: &[u16], m: usize, n: usize, k: 
 
 /// `outs[i] = <row, x[i]>` for each row i of x (k wide).
 fn dots<W: Widen>(row: &[W], x: &[f32], k: usize, outs: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked just above).
-        return unsafe { dots_avx512(row, x, k, outs) };
+    use crate::vmath::Simd;
+    match Simd::best() {
+        // SAFETY: `Simd::best` is an instruction set this CPU runs.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { dots_avx512(row, x, k, outs) },
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { dots_avx2(row, x, k, outs) },
+        _ => dots_any(row, x, k, outs),
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        return unsafe { dots_avx2(row, x, k, outs) };
-    }
-    dots_any(row, x, k, outs)
 }
 
 /// The same loop compiled for AVX2 (16 lanes are two registers), for CPUs without AVX-512.
