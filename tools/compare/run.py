@@ -146,6 +146,11 @@ def report(a, results, failed=()):
         by_task.setdefault((r["model"], r["task"]), []).append(r)
     cpus = list(dict.fromkeys(r.get("cpu", EARLIER_CPU) for r in results))
     mark = {c: "" if len(cpus) == 1 else chr(ord("a") + i) for i, c in enumerate(cpus)}
+
+    def which(r):  # the letter of a row's CPU when there are several
+        m = mark[r.get("cpu", EARLIER_CPU)]
+        return f" ({m})" if m else ""
+
     if len(cpus) == 1:
         cpu_line = f"CPU: {cpus[0]}, {os.cpu_count()} threads."
     else:
@@ -172,8 +177,7 @@ def report(a, results, failed=()):
         for r in sorted(rs, key=lambda r: -r["accuracy"]):
             norm = f"{r['acc_norm']:.3f}" if r.get("acc_norm") is not None else ""
             lines.append(f"| {r['method']} | {r['accuracy']:.3f} | {norm} | {r['trainable_params']:,} | "
-                         f"{r['peak_rss_mb'] / 1024:.2f} GB | {r['train_tokens_per_s']:.0f}"
-                         f"{' (' + mark[r.get('cpu', EARLIER_CPU)] + ')' if len(cpus) > 1 else ''} | "
+                         f"{r['peak_rss_mb'] / 1024:.2f} GB | {r['train_tokens_per_s']:.0f}{which(r)} | "
                          f"{r['inference_overhead']:.2f}x |")
         lines.append("")
         svg = plot(a, model, task, rs)
