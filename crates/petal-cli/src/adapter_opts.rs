@@ -292,3 +292,32 @@ pub fn adapter_config(
     cfg.validate(&format!("--method {} options", method_name(m)))?;
     Ok(cfg)
 }
+
+/// `--init-adapter DIR`: the injected adapter's weights replaced by DIR's (a federated round's
+/// global adapter, a warm start), which must be of the same method and shapes.
+pub(crate) fn init_adapter(
+    o: &TrainOpts,
+    model: &dyn petal_core::Adaptable,
+    device: &candle_core::Device,
+    acfg: &AdapterConfig,
+) -> Result<()> {
+    let Some(dir) = &o.init_adapter else {
+        return Ok(());
+    };
+    if o.resume.is_some() {
+        bail!("--init-adapter and --resume: give one (--resume restores its own adapter)");
+    }
+    let (cfg, tensors) = petal_io::load_adapter(dir, device)
+        .with_context(|| format!("--init-adapter {}", dir.display()))?;
+    if cfg.peft_type != acfg.peft_type {
+        bail!(
+            "--init-adapter {}: a {} adapter, but --method makes {}",
+            dir.display(),
+            cfg.peft_type,
+            acfg.peft_type
+        );
+    }
+    petal_io::load_into(model, "default", tensors, dir)
+        .with_context(|| format!("--init-adapter {}", dir.display()))?;
+    Ok(())
+}

@@ -139,7 +139,7 @@ pub fn train(
     acfg.modules_to_save = Some(keep);
     let limit = crate::common::memory_limit(crate::train_cmd::max_memory(o)?).for_training();
     let report = inject_adapter_within(&mut enc.model, "default", &acfg, seed, &limit)?;
-    crate::train_cmd::init_adapter(o, &enc.model, &candle_core::Device::Cpu, &acfg)?;
+    crate::adapter_opts::init_adapter(o, &enc.model, &candle_core::Device::Cpu, &acfg)?;
     let pc = ParamCount::of(&enc.model);
     eprintln!(
         "model {model_spec}: BERT encoder, {} layers, hidden {}, {} classes{}",

@@ -315,7 +315,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut model = lm.model;
     let limit = crate::common::memory_limit(max_memory(&o)?).for_training();
     let report = inject_adapter_within(&mut model, "default", &acfg, seed, &limit)?;
-    init_adapter(&o, &model, model.device(), &acfg)?;
+    crate::adapter_opts::init_adapter(&o, &model, model.device(), &acfg)?;
     let init_text = acfg.get("prompt_tuning_init_text").and_then(|v| v.as_str());
     if let (Some(text), Some((_, input))) = (init_text, model.input_adapter()) {
         // PEFT's TEXT init: the text's token embeddings, cut or repeated to the length.
@@ -577,33 +577,4 @@ fn task_sampling(o: &TrainOpts) -> Result<&str> {
         s @ ("proportional" | "balanced") => Ok(s),
         s => bail!("--task-sampling {s:?} is not a task sampling: proportional or balanced"),
     }
-}
-
-/// `--init-adapter DIR`: the injected adapter's weights replaced by DIR's (a federated round's
-/// global adapter, a warm start), which must be of the same method and shapes.
-pub(crate) fn init_adapter(
-    o: &TrainOpts,
-    model: &dyn Adaptable,
-    device: &candle_core::Device,
-    acfg: &petal_core::AdapterConfig,
-) -> Result<()> {
-    let Some(dir) = &o.init_adapter else {
-        return Ok(());
-    };
-    if o.resume.is_some() {
-        bail!("--init-adapter and --resume: give one (--resume restores its own adapter)");
-    }
-    let (cfg, tensors) = petal_io::load_adapter(dir, device)
-        .with_context(|| format!("--init-adapter {}", dir.display()))?;
-    if cfg.peft_type != acfg.peft_type {
-        bail!(
-            "--init-adapter {}: a {} adapter, but --method makes {}",
-            dir.display(),
-            cfg.peft_type,
-            acfg.peft_type
-        );
-    }
-    petal_io::load_into(model, "default", tensors, dir)
-        .with_context(|| format!("--init-adapter {}", dir.display()))?;
-    Ok(())
 }
