@@ -63,8 +63,10 @@ def main():
     ap.add_argument("--task-type", default="", choices=["", "seq-cls"],
                     help="seq-cls: a classifier on a BERT encoder (data: JSONL text/label; rounds.jsonl gains accuracy)")
     ap.add_argument("--method", default="lora")
-    ap.add_argument("--r", type=int, default=8)
-    ap.add_argument("--alpha", type=float, default=16)
+    ap.add_argument("--r", type=int, default=8, help="the method's rank (0: a method without one)")
+    ap.add_argument("--alpha", type=float, default=16, help="the method's alpha (0: a method without one)")
+    ap.add_argument("--method-options", default="",
+                    help="the method's own options as KEY=VALUE, separated by ';' (petal train --set)")
     ap.add_argument("--lr", type=float, default=0.002)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=64)
@@ -145,6 +147,7 @@ def main():
               "val-data": str(Path(a.val_data).resolve()), "out": str(out),
               "num-server-rounds": a.rounds, "num-clients": len(parts), "strategy": a.strategy,
               "proximal-mu": a.proximal_mu, "method": a.method, "r": a.r, "alpha": a.alpha,
+              "method-options": a.method_options,
               "lr": a.lr, "local-steps": a.local_steps, "batch-size": a.batch_size,
               "seq-len": a.seq_len, "max-eval-examples": a.max_eval_examples, "seed": a.seed,
               "keep-client-adapters": a.keep_client_adapters, "legend-adapt": not a.legend_fixed,

@@ -223,6 +223,11 @@ pub trait AdapterLayer: Debug + Send + Sync {
     fn grid(&self) -> Result<Option<QuantGrid>> {
         Ok(None)
     }
+    /// Whether the layer reads each row's query from the frozen model ([`crate::Ctx::query`]):
+    /// the model then computes it before the pass (FedIns).
+    fn wants_query(&self) -> bool {
+        false
+    }
     /// What the optimizer sees.
     fn vars(&self) -> Vec<Var> {
         self.tensors().into_iter().map(|t| t.var.clone()).collect()

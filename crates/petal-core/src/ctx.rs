@@ -12,6 +12,10 @@ pub struct Ctx {
     rows: Option<Arc<[String]>>,
     rng: Arc<Stream>,
     kernels: Kernels,
+    /// The pass runs the frozen model alone: no adapter acts (FedIns's query pass).
+    frozen: bool,
+    /// Each row's query (b, d), from the frozen model's pass over the same inputs (FedIns).
+    query: Option<candle_core::Tensor>,
 }
 
 impl Ctx {
@@ -46,6 +50,34 @@ impl Ctx {
             kernels,
             ..self.clone()
         }
+    }
+
+    /// The same pass over the frozen model alone: no adapter acts on any linear. A model makes
+    /// it for the per-row query of instance-adaptive methods ([`Self::with_query`]).
+    pub fn frozen(&self) -> Self {
+        Ctx {
+            frozen: true,
+            query: None,
+            ..self.clone()
+        }
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
+    }
+
+    /// The same pass with each row's query `q` (b, d): the frozen model's feature of that row,
+    /// which instance-adaptive adapters (FedIns) match against their keys.
+    pub fn with_query(&self, q: candle_core::Tensor) -> Self {
+        Ctx {
+            query: Some(q),
+            ..self.clone()
+        }
+    }
+
+    /// Each row's query, where the model computed one ([`Self::with_query`]).
+    pub fn query(&self) -> Option<&candle_core::Tensor> {
+        self.query.as_ref()
     }
 
     /// Which kernels the ops of this pass take.

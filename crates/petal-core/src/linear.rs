@@ -101,10 +101,10 @@ impl AdaptableLinear {
     /// y = x W^T + b, then each active, unmerged adapter in order; in a mixed batch
     /// ([`crate::mixed::rows_ctx`]), each row's own adapter instead.
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        if let Some(rows) = ctx.rows().filter(|_| !self.disabled) {
+        if let Some(rows) = ctx.rows().filter(|_| !self.disabled && !ctx.is_frozen()) {
             return self.forward_rows(x, rows, ctx);
         }
-        let live: Vec<&dyn AdapterLayer> = if self.disabled {
+        let live: Vec<&dyn AdapterLayer> = if self.disabled || ctx.is_frozen() {
             Vec::new()
         } else {
             self.active
@@ -124,7 +124,7 @@ impl AdaptableLinear {
                 .active
                 .iter()
                 .any(|a| !self.merged.iter().any(|(m, _)| m == a));
-        (!busy && ctx.rows().is_none()).then_some(&self.weight)
+        ((!busy || ctx.is_frozen()) && ctx.rows().is_none()).then_some(&self.weight)
     }
 
     /// x W^T + b, then each of `live` in order (one alone: its fused op where it has one).
@@ -275,6 +275,16 @@ impl AdaptableLinear {
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, l)| l.as_ref())
+    }
+
+    /// Whether an active adapter here reads each row's query from the frozen model
+    /// ([`crate::Ctx::query`]), which the model then computes first.
+    pub fn wants_query(&self) -> bool {
+        !self.disabled
+            && self
+                .active
+                .iter()
+                .any(|n| self.layer(n).is_some_and(|l| l.wants_query()))
     }
 
     pub fn adapter_names(&self) -> Vec<&str> {

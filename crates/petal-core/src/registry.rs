@@ -19,6 +19,7 @@ pub static METHODS: &[&dyn AdapterMethod] = &[
     &methods::road::Road,
     &methods::vera::Vera,
     &methods::ssf::Ssf,
+    &methods::fedins::FedIns,
     &methods::kradapter::KrAdapter,
     &methods::l4q::L4q,
     &methods::quanta::Quanta,

@@ -312,7 +312,7 @@ impl Bert {
         mask: &Tensor,
         ctx: &Ctx,
     ) -> Result<Tensor> {
-        let ctx = &ctx.with_kernels(self.kernels);
+        let ctx = &self.query_ctx(ids, types, mask, ctx)?;
         let (b, t) = ids.dims2()?;
         if t > self.cfg.max_position_embeddings {
             return Err(Error::msg(format!(
@@ -330,7 +330,9 @@ impl Bert {
         let mut x = self.norm(&x, &self.emb_ln)?;
         // padded keys get -inf before the softmax: (b, 1, 1, t)
         let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e30)?.reshape((b, 1, 1, t))?;
-        let input = self.input.as_ref().map(|(_, a)| a.as_ref());
+        let input = (!ctx.is_frozen())
+            .then(|| self.input.as_ref().map(|(_, a)| a.as_ref()))
+            .flatten();
         let slots = input.map(|a| a.token_slots(ids, 0)).transpose()?.flatten();
         for (i, l) in self.layers.iter().enumerate() {
             if let (Some(a), Some(s)) = (input, slots.as_ref()) {
@@ -343,12 +345,27 @@ impl Bert {
         Ok(x)
     }
 
+    /// `ctx` with each row's query where an active adapter reads one (FedIns): the frozen
+    /// model's feature of the row, its first token's last hidden state from a pass without
+    /// adapters (the official code's frozen query model).
+    fn query_ctx(&self, ids: &Tensor, types: &Tensor, mask: &Tensor, ctx: &Ctx) -> Result<Ctx> {
+        let ctx = ctx.with_kernels(self.kernels);
+        if ctx.query().is_some()
+            || ctx.is_frozen()
+            || !self.linears().iter().any(|l| l.wants_query())
+        {
+            return Ok(ctx);
+        }
+        let frozen = self.hidden_states(ids, types, mask, &ctx.frozen())?;
+        Ok(ctx.with_query(frozen.narrow(1, 0, 1)?.squeeze(1)?.detach()))
+    }
+
     /// Class logits (b, classes) f32: the pooler on the first token, then the classifier.
     pub fn logits(&self, ids: &Tensor, types: &Tensor, mask: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let ctx = &self.query_ctx(ids, types, mask, ctx)?;
         let x = self.hidden_states(ids, types, mask, ctx)?;
         let pooled = self.pooled(&x, ctx)?;
-        self.classifier
-            .forward(&pooled, &ctx.with_kernels(self.kernels))
+        self.classifier.forward(&pooled, ctx)
     }
 
     /// The pooler's output (b, hidden): tanh of the dense layer on the first token.

@@ -34,8 +34,11 @@ def task_args(rc):
 
 def train_args(rc, data, out, steps, seed):
     """`petal train` with the run config's method and budget."""
+    sizes = [a for k in ("r", "alpha") if float(rc[k]) > 0 for a in (f"--{k}", rc[k])]
+    sets = [a for o in str(rc.get("method-options", "")).split(";") if o.strip()
+            for a in ("--set", o.strip())]
     return ["train", "--model", rc["model"], "--data", data, "--out", out, "--json",
-            "--method", rc["method"], "--r", rc["r"], "--alpha", rc["alpha"], "--lr", rc["lr"],
+            "--method", rc["method"], *sizes, *sets, "--lr", rc["lr"],
             "--max-steps", steps, "--batch-size", rc["batch-size"], "--seq-len", rc["seq-len"],
             "--seed", seed, "--eval-every", 1_000_000, "--max-eval-examples", 1,
             "--overwrite", "true", *task_args(rc)]

@@ -6,6 +6,7 @@ pub mod bitfit;
 pub mod boft;
 pub mod chain_of_lora;
 pub mod dora;
+pub mod fedins;
 pub mod fish;
 mod grad_mask;
 pub mod ia3;

@@ -39,8 +39,14 @@ crate::method_options! {
 
 /// The standard deviation of γ and β at init: 0 for the exact identity.
 fn init_std(o: &SsfOptions) -> Result<f64> {
-    match &o.init_weights {
-        InitWeights::Named(n) if n == "paper" => Ok(o.init_std),
+    paper_std(&o.init_weights, o.init_std)
+}
+
+/// The standard deviation of SSF's init `init_weights` with the paper's `std` (FedIns's pool
+/// entries take the same init).
+pub(crate) fn paper_std(init_weights: &InitWeights, std: f64) -> Result<f64> {
+    match init_weights {
+        InitWeights::Named(n) if n == "paper" => Ok(std),
         InitWeights::Flag(true) => Ok(0.0),
         InitWeights::Flag(false) => Ok(0.5),
         InitWeights::Named(n) => Err(crate::Error::config(
@@ -120,15 +126,27 @@ fn init(
     seed: u64,
     dev: &candle_core::Device,
 ) -> Result<(Tensor, Tensor)> {
-    let std = init_std(o)?;
+    let (scale, shift) = init_rows(init_std(o)?, 1, width, seed, dev)?;
+    Ok((scale.flatten_all()?, shift.flatten_all()?))
+}
+
+/// `rows` independent (γ, β) of `width` values, (rows, width) each: γ ~ N(1, std),
+/// β ~ N(0, std); exactly 1 and 0 when `std` is 0.
+pub(crate) fn init_rows(
+    std: f64,
+    rows: usize,
+    width: usize,
+    seed: u64,
+    dev: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
     let (mut scale, mut shift) = (
-        Tensor::ones(width, DType::F32, dev)?,
-        Tensor::zeros(width, DType::F32, dev)?,
+        Tensor::ones((rows, width), DType::F32, dev)?,
+        Tensor::zeros((rows, width), DType::F32, dev)?,
     );
     if std > 0.0 {
         let mut g = rand::rngs::StdRng::seed_from_u64(seed);
-        scale = (scale + normal((1, width), std, &mut g, dev)?.flatten_all()?)?;
-        shift = normal((1, width), std, &mut g, dev)?.flatten_all()?;
+        scale = (scale + normal((rows, width), std, &mut g, dev)?)?;
+        shift = normal((rows, width), std, &mut g, dev)?;
     }
     Ok((scale, shift))
 }
