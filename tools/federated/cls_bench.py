@@ -21,11 +21,18 @@ from bench import cpu_name, plot, run_config, runs_in  # tools/federated/bench.p
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = 8
-# name: (Dirichlet alpha of the split, strategy)
+LORA = ["--method", "lora", "--r", "8", "--alpha", "16"]
+# FedIns's pool with one entry chosen by all: FedAvg of one SSF (the paper's "Federated SSF")
+SSF = ["--method", "fedins", "--r", "0", "--alpha", "0", "--method-options", "pool_size=1;top_k=1"]
+# the official code's pool (25 entries, 3 per instance)
+FEDINS = ["--method", "fedins", "--r", "0", "--alpha", "0", "--method-options", "pool_size=25;top_k=3"]
+# name: (Dirichlet alpha of the split, strategy, the method's arguments)
 CONFIGS = {
-    "iid-fedavg": (1000.0, "fedavg"),
-    "skew0.5-fedavg": (0.5, "fedavg"),
-    "skew0.5-fedprox": (0.5, "fedprox"),
+    "iid-fedavg": (1000.0, "fedavg", LORA),
+    "skew0.5-fedavg": (0.5, "fedavg", LORA),
+    "skew0.5-fedprox": (0.5, "fedprox", LORA),
+    "skew0.5-ssf": (0.5, "fedavg", SSF),
+    "skew0.5-fedins": (0.5, "fedavg", FEDINS),
 }
 
 
@@ -51,7 +58,7 @@ def main():
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in a.configs.split(","):
-        alpha, strategy = CONFIGS[name]
+        alpha, strategy, method = CONFIGS[name]
         dest = out / f"{name}.jsonl"
         if dest.exists():
             print(f"{name}: kept", flush=True)
@@ -65,11 +72,20 @@ def main():
                "--partitions", ",".join(str(split / f"client-{i}.jsonl") for i in range(CLIENTS)),
                "--val-data", str(data / "val.jsonl"), "--out", str(run),
                "--rounds", str(a.rounds), "--local-steps", str(a.local_steps), "--strategy", strategy,
-               "--proximal-mu", "0.01", "--method", "lora", "--r", "8", "--alpha", "16", "--lr", "0.002",
+               "--proximal-mu", "0.01", *method, "--lr", "0.002",
                "--batch-size", "16", "--seq-len", "64", "--max-eval-examples", "400", "--seed", "0"]
         counts = json.loads((split / "split.json").read_text())["counts"]
-        run_config(name, cmd, run, dest, dirichlet_alpha=alpha, strategy=strategy, client_label_counts=counts)
+        run_config(name, cmd, run, dest, dirichlet_alpha=alpha, strategy=strategy,
+                   method=" ".join(method), client_label_counts=counts)
     report(a, out)
+
+
+def label(args):
+    """A method's arguments as a short label: `lora r=8`, `fedins pool_size=25;top_k=3`."""
+    opts = dict(zip(args[::2], args[1::2]))
+    extra = [f"r={opts['--r']}"] if opts.get("--r", "0") != "0" else []
+    extra += [opts["--method-options"]] if "--method-options" in opts else []
+    return " ".join([opts["--method"], *extra])
 
 
 def report(a, out):
@@ -78,20 +94,21 @@ def report(a, out):
         return
     cpu = cpu_name()
     target = 0.9 * max(max(r["eval_accuracy"] for r in rs) for rs in runs.values())
-    lines = ["| configuration | Dirichlet alpha | rounds | accuracy, round 0 -> last (best) | macro-F1 last | "
+    lines = ["| configuration | method | Dirichlet alpha | rounds | accuracy, round 0 -> last (best) | macro-F1 last | "
              f"rounds to accuracy {target:.3f} | bytes per round (both ways) | wall time |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, rs in runs.items():
         hit = next((r for r in rs if r["eval_accuracy"] >= target), None)
         per_round = sum(r["bytes_up"] + r["bytes_down"] for r in rs[1:]) / max(1, len(rs) - 1)
         best = max(r["eval_accuracy"] for r in rs)
-        lines.append(f"| {name} | {rs[0]['dirichlet_alpha']:g} | {len(rs) - 1} | {rs[0]['eval_accuracy']:.3f} -> "
+        method = label(rs[0].get("method", " ".join(LORA)).split())
+        lines.append(f"| {name} | {method} | {rs[0]['dirichlet_alpha']:g} | {len(rs) - 1} | {rs[0]['eval_accuracy']:.3f} -> "
                      f"{rs[-1]['eval_accuracy']:.3f} ({best:.3f}) | {rs[-1].get('eval_macro_f1', 0):.3f} | "
                      f"{hit['round'] if hit else 'not reached'} | {per_round / 1e6:.2f} MB | "
                      f"{rs[-1]['seconds'] / 60:.1f} min |")
     text = (f"{CLIENTS} clients, multiemo English sentiment (4 classes; 2400 training sentences dealt by "
-            "label with Dirichlet(alpha) proportions, 400 held out), LoRA r 8 on all-MiniLM-L6-v2 with a "
-            "trained head; 10 local steps of 16 sentences a round. The target is 90% of the best accuracy "
+            "label with Dirichlet(alpha) proportions, 400 held out), an adapter (the method column) on all-MiniLM-L6-v2 "
+            "with a trained head; 10 local steps of 16 sentences a round. The target is 90% of the best accuracy "
             f"any run reached. CPU: {cpu}, {os.cpu_count()} threads; all processes on this machine.\n\n"
             + "\n".join(lines) + "\n")
     (out / "results.md").write_text(text)
