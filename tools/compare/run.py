@@ -9,7 +9,16 @@ TASK/SUBTASK for one sub-task): its examples
 are dumped (`--dump-task`), shuffled with the seed, split into --train examples to train on
 (prompt -> the right choice, the loss on the answer only) and --test held-out ones, scored
 by `petal eval --task` (accuracy, and acc_norm for multiple choice). A method is a name
-`petal methods` lists, with optional options: `loha:r=4`, `lora:r=16,lora_alpha=32`.
+`petal methods` lists, with optional options: `loha:r=4`, `lora:r=16,lora_alpha=32` (separate
+methods by `;` when a spec has several options).
+
+Budgets (`--budget N`): each method with a size option (its rank `--r`, or RPS's budget, the
+intrinsic dimension, FISH's density, the prompts' virtual tokens, MoV's experts) is sized so its
+trainable parameters come nearest N (probed with `petal train --max-steps 0`, cached in
+OUT/MODEL/probes.json); the others keep their size. Learning rate (`--lr-sweep a,b,c`): each
+method is trained at every rate on the first task, and the rate with the lowest validation loss
+(5% of the training examples; never the test examples) is reused on the other tasks
+(OUT/MODEL/lrs.json). Give such a run its own --out and --report.
 
 Resumable: each (model, task, method) result is kept as OUT/MODEL/TASK/METHOD.json and not run
 again; the report is rewritten from every result present at the end of each run. The full
@@ -24,6 +33,7 @@ table only.
 """
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -67,8 +77,10 @@ def split(a, task, work):
     return train, test
 
 
-# the CPU of the results made before each result recorded its own (2026-12-01..03 sessions)
+# the CPU and learning rate of the results made before each result recorded its own
+# (2026-12-01..03 sessions)
 EARLIER_CPU = "AMD EPYC (AVX-512, AVX512-BF16)"
+EARLIER_LR = 2e-3
 
 
 def cpu_desc():
@@ -98,11 +110,11 @@ def evaluate(a, test, adapter=None):
     return r
 
 
-def run_one(a, task, spec, train, test, base, out):
+def run_one(a, task, spec, train, test, base, out, lr):
     method, _, opts = spec.partition(":")
     run = out[:-len(".json")]
     cmd = [a.petal, "train", "--model", a.model, "--data", train, "--method", method,
-           "--max-steps", str(a.steps), "--lr", str(a.lr), "--batch-size", str(a.batch_size),
+           "--max-steps", str(a.steps), "--lr", str(lr), "--batch-size", str(a.batch_size),
            "--seq-len", str(a.seq_len), "--seed", str(a.seed), "--val-fraction", "0.05",
            "--out", run, "--json"]
     for o in filter(None, opts.split(",")):
@@ -119,7 +131,7 @@ def run_one(a, task, spec, train, test, base, out):
         "eval_loss_after": t["eval_after"]["loss"], "steps": steps,
         "unmerged_eval_seconds": e["seconds"], "base_eval_seconds": base["seconds"],
         "inference_overhead": e["seconds"] / base["seconds"],
-        "cpu": cpu_desc(),
+        "cpu": cpu_desc(), "lr": lr,
     }
     with open(out + ".tmp", "w") as f:
         json.dump(result, f)
@@ -127,11 +139,89 @@ def run_one(a, task, spec, train, test, base, out):
     return result
 
 
+# a method's size option where it is not the rank (`--r`): the trainable parameters equal its
+# value, grow in proportion to it, or grow with it in whole steps
+EXACT = {"rps": "budget", "intrinsic": "d"}
+LINEAR = {"fish": "density"}
+STEPS = {"prompt_tuning": "num_virtual_tokens", "prefix_tuning": "num_virtual_tokens",
+         "p_tuning": "num_virtual_tokens", "mov": "num_experts"}
+
+
+def rank_keys(a):
+    """method -> the option `--r` sets (`petal methods --json`)."""
+    return {m["method"]: m["shared"]["--r"] for m in json.loads(sh([a.petal, "methods", "--json"], "petal methods"))
+            if "--r" in m.get("shared", {})}
+
+
+def probe(a, train, spec, cache):
+    """Trainable parameters of `spec` on the model (`petal train --max-steps 0`), cached."""
+    if spec not in cache:
+        method, _, opts = spec.partition(":")
+        cmd = [a.petal, "train", "--model", a.model, "--data", train, "--method", method, "--max-steps", "0",
+               "--seq-len", str(a.seq_len), "--max-eval-examples", "1", "--json",
+               "--out", os.path.join(a.out, ".probe"), "--overwrite", "true"]
+        for o in filter(None, opts.split(",")):
+            cmd += ["--set", o]
+        try:
+            cache[spec] = json.loads(sh(cmd, f"sizing {spec}"))["trainable_params"]
+        except SystemExit:  # a size the model's shapes refuse (a block count that does not divide)
+            cache[spec] = None
+    return cache[spec]
+
+
+def sized(a, train, spec, ranks, cache):
+    """`spec` with its size option set so its trainable parameters come closest to --budget
+    (on a log scale); unchanged when the spec sets it already or the method has no size."""
+    method, _, opts = spec.partition(":")
+    given = {o.split("=")[0] for o in filter(None, opts.split(","))}
+    key = ranks.get(method) or EXACT.get(method) or LINEAR.get(method) or STEPS.get(method)
+    if key is None or key in given:
+        return spec
+    with_ = lambda v: f"{method}:{','.join(filter(None, [opts, f'{key}={v}']))}"
+    if method in EXACT:
+        return with_(a.budget)
+    if method in LINEAR:
+        n = probe(a, train, spec, cache)
+        default = next(o["default"] for m in json.loads(sh([a.petal, "methods", "--json"], "petal methods"))
+                       if m["method"] == method for o in m["options"] if o["key"] == key)
+        return with_(f"{min(1.0, default * a.budget / n):.6g}") if n else spec
+    best = None
+    for v in [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]:
+        n = probe(a, train, with_(v), cache)
+        if n:
+            gap = abs(math.log(n / a.budget))
+            if best is None or gap < best[0]:
+                best = (gap, v)
+            if n > 2 * a.budget:
+                break
+    return with_(best[1]) if best else spec
+
+
+def sweep(a, task, spec, train, test, base, work, chosen):
+    """Train `spec` at each --lr-sweep rate; keep the one whose validation loss (the training
+    data's held-out 5%, not the test examples) is lowest; its run is the task's result."""
+    runs = []
+    for lr in a.lr_sweep:
+        out = os.path.join(work, "sweep", f"{safe(spec)}@{lr:g}.json")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        r = json.load(open(out)) if os.path.exists(out) else run_one(a, task, spec, train, test, base, out, lr)
+        print(f"{task} {spec} lr {lr:g}: validation loss {r['eval_loss_after']:.4f}", flush=True)
+        runs.append(r)
+    best = min(runs, key=lambda r: r["eval_loss_after"])
+    chosen[spec] = best["lr"]
+    return dict(best, lr_sweep={f"{r['lr']:g}": r["eval_loss_after"] for r in runs})
+
+
+def safe(spec):
+    return spec.replace(":", "_").replace(",", "_").replace("=", "")
+
+
 def command(a, results):
     """The arguments that give every result in the report in one run: these, with --methods
     listing all methods present (results kept from earlier runs too)."""
     args = sys.argv[1:]
-    methods = ",".join(dict.fromkeys(r["method"] for r in results))
+    specs = list(dict.fromkeys(r["method"] for r in results))
+    methods = (";" if any("," in m for m in specs) else ",").join(specs)
     if "--methods" in args:
         args = list(args)
         args[args.index("--methods") + 1] = methods
@@ -163,6 +253,14 @@ def report(a, results, failed=()):
              "`tools/compare/run.py` (the command below); results in `docs/comparison/*.json`.", "",
              f"Command: `python3 tools/compare/run.py {' '.join(command(a, results))}`", "",
              f"{cpu_line} Seed {a.seed}.", ""]
+    if a.budget:
+        lines += [f"Each method with a size option (its rank, or the size RPS, intrinsic dimension, FISH, "
+                  f"the prompts and MoV have) sized to the nearest of about {a.budget:,} trainable parameters "
+                  "(the size after the method's name); the others keep their own size.", ""]
+    if a.lr_sweep:
+        lines += [f"Learning rate: the lowest validation loss (5% of the training examples, not the test "
+                  f"ones) of {', '.join(f'{x:g}' for x in a.lr_sweep)} on {a.tasks.split(',')[0]}, reused on "
+                  "the other tasks.", ""]
     for (model, task), rs in sorted(by_task.items()):
         base = rs[0].get("base_accuracy")
         n = rs[0]["examples"]
@@ -172,12 +270,12 @@ def report(a, results, failed=()):
                   + f"{n} held-out examples: an accuracy's standard error is up to {se:.3f}, so "
                   f"differences below about {2 * se:.2f} are within noise. {rs[0]['steps']} training "
                   "steps a method.", "",
-                  "| method | accuracy | acc_norm | trainable params | peak RSS | training tokens/s | unmerged eval time vs base |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| method | accuracy | acc_norm | trainable params | lr | peak RSS | training tokens/s | unmerged eval time vs base |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in sorted(rs, key=lambda r: -r["accuracy"]):
             norm = f"{r['acc_norm']:.3f}" if r.get("acc_norm") is not None else ""
             lines.append(f"| {r['method']} | {r['accuracy']:.3f} | {norm} | {r['trainable_params']:,} | "
-                         f"{r['peak_rss_mb'] / 1024:.2f} GB | {r['train_tokens_per_s']:.0f}{which(r)} | "
+                         f"{r.get('lr', EARLIER_LR):g} | {r['peak_rss_mb'] / 1024:.2f} GB | {r['train_tokens_per_s']:.0f}{which(r)} | "
                          f"{r['inference_overhead']:.2f}x |")
         lines.append("")
         svg = plot(a, model, task, rs)
@@ -228,6 +326,12 @@ def main():
     ap.add_argument("--test", type=int, default=100)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr-sweep", type=lambda t: [float(x) for x in t.split(",")], default=None,
+                    help="learning rates tried on the first task (e.g. 5e-4,2e-3,8e-3); the one with the lowest "
+                         "validation loss is kept for every task")
+    ap.add_argument("--budget", type=int, default=None,
+                    help="trainable parameters each method is sized to (its rank or size option; methods "
+                         "without one keep their size)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=192)
     ap.add_argument("--seed", type=int, default=0)
@@ -235,7 +339,13 @@ def main():
     ap.add_argument("--report", default="docs/comparison.md")
     a = ap.parse_args()
     results, failed = [], []
-    for task in a.tasks.split(","):
+    ranks = rank_keys(a) if a.budget else {}
+    model_dir = os.path.join(a.out, a.model.replace(":", "_").replace("/", "_"))
+    os.makedirs(model_dir, exist_ok=True)
+    probes_path, lrs_path = os.path.join(model_dir, "probes.json"), os.path.join(model_dir, "lrs.json")
+    probes = json.load(open(probes_path)) if os.path.exists(probes_path) else {}
+    chosen = json.load(open(lrs_path)) if os.path.exists(lrs_path) else {}  # spec -> the swept lr
+    for ti, task in enumerate(a.tasks.split(",")):
         work = os.path.join(a.out, a.model.replace(":", "_").replace("/", "_"), task.replace("/", "_"))
         train, test = split(a, task, work)
         base_path = os.path.join(work, "base.json")
@@ -244,15 +354,26 @@ def main():
             with open(base_path, "w") as f:
                 json.dump(b, f)
         base = json.load(open(base_path))
-        for spec in a.methods.split(","):
-            out = os.path.join(work, spec.replace(":", "_").replace(",", "_").replace("=", "") + ".json")
+        for spec in a.methods.split(";" if ";" in a.methods else ","):
+            if a.budget:
+                spec = sized(a, train, spec, ranks, probes)
+                with open(probes_path, "w") as f:
+                    json.dump(probes, f)
+            out = os.path.join(work, safe(spec) + ".json")
             if os.path.exists(out):
                 r = json.load(open(out))
                 print(f"{task} {spec}: kept ({r['accuracy']:.3f})", flush=True)
             else:
                 t0 = time.time()
                 try:
-                    r = run_one(a, task, spec, train, test, base, out)
+                    if a.lr_sweep and ti == 0:
+                        r = sweep(a, task, spec, train, test, base, work, chosen)
+                        with open(lrs_path, "w") as f:
+                            json.dump(chosen, f)
+                        with open(out, "w") as f:
+                            json.dump(r, f)
+                    else:
+                        r = run_one(a, task, spec, train, test, base, out, chosen.get(spec, a.lr))
                 except SystemExit as e:  # a method that cannot run here: said, not kept
                     print(f"{task} {spec}: failed: {e}", flush=True)
                     failed.append((task, spec, str(e)))

@@ -21,8 +21,9 @@ from bench import cpu_name, plot, run_config, runs_in  # tools/federated/bench.p
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = 8
-LORA = ["--method", "lora", "--r", "8", "--alpha", "16"]
-# FedIns's pool with one entry chosen by all: FedAvg of one SSF (the paper's "Federated SSF")
+LORA = ["--method", "lora", "--r", "8", "--alpha", "16", "--lr", "0.002"]
+# FedIns's pool with one entry chosen by all: FedAvg of one SSF (the paper's "Federated SSF");
+# scale-and-shift methods take a high learning rate (docs/methods/ssf.md)
 SSF = ["--method", "fedins", "--r", "0", "--alpha", "0", "--method-options", "pool_size=1;top_k=1"]
 # the official code's pool (25 entries, 3 per instance)
 FEDINS = ["--method", "fedins", "--r", "0", "--alpha", "0", "--method-options", "pool_size=25;top_k=3"]
@@ -31,8 +32,9 @@ CONFIGS = {
     "iid-fedavg": (1000.0, "fedavg", LORA),
     "skew0.5-fedavg": (0.5, "fedavg", LORA),
     "skew0.5-fedprox": (0.5, "fedprox", LORA),
-    "skew0.5-ssf": (0.5, "fedavg", SSF),
-    "skew0.5-fedins": (0.5, "fedavg", FEDINS),
+    "skew0.5-ssf-lr0.002": (0.5, "fedavg", SSF + ["--lr", "0.002"]),
+    "skew0.5-ssf": (0.5, "fedavg", SSF + ["--lr", "0.01"]),
+    "skew0.5-fedins": (0.5, "fedavg", FEDINS + ["--lr", "0.01"]),
 }
 
 
@@ -72,7 +74,7 @@ def main():
                "--partitions", ",".join(str(split / f"client-{i}.jsonl") for i in range(CLIENTS)),
                "--val-data", str(data / "val.jsonl"), "--out", str(run),
                "--rounds", str(a.rounds), "--local-steps", str(a.local_steps), "--strategy", strategy,
-               "--proximal-mu", "0.01", *method, "--lr", "0.002",
+               "--proximal-mu", "0.01", *method,
                "--batch-size", "16", "--seq-len", "64", "--max-eval-examples", "400", "--seed", "0"]
         counts = json.loads((split / "split.json").read_text())["counts"]
         run_config(name, cmd, run, dest, dirichlet_alpha=alpha, strategy=strategy,
@@ -85,6 +87,7 @@ def label(args):
     opts = dict(zip(args[::2], args[1::2]))
     extra = [f"r={opts['--r']}"] if opts.get("--r", "0") != "0" else []
     extra += [opts["--method-options"]] if "--method-options" in opts else []
+    extra += [f"lr {opts.get('--lr', '0.002')}"]
     return " ".join([opts["--method"], *extra])
 
 

@@ -364,18 +364,15 @@ fn a_client_that_fails_or_sends_another_shape_is_left_out_and_the_round_complete
     }
 }
 
-#[test]
-fn a_classifier_federates_when_each_client_holds_one_class() {
-    // label skew at its extreme: client 0 holds only "neg", client 1 only "pos"; the global
-    // adapter's classes travel with it, so both clients train the two-class head
-    let tmp = tempfile::tempdir().unwrap();
-    let Some(python) = common::venv("venv-flower", "python/flower/requirements.txt") else {
-        return;
-    };
-    let (train, val) = common::cls_data(tmp.path());
+/// Two BERT classifier clients for one round, each holding one class (label skew at its
+/// extreme: client 0 only "neg", client 1 only "pos"), their adapters kept; `extra` run.py
+/// arguments. None when Flower's venv cannot be made (said by the helper).
+fn classifier_run(tmp: &std::path::Path, extra: &[&str]) -> Option<std::path::PathBuf> {
+    let python = common::venv("venv-flower", "python/flower/requirements.txt")?;
+    let (train, val) = common::cls_data(tmp);
     let text = std::fs::read_to_string(&train).unwrap();
     let part = |label: &str| {
-        let p = tmp.path().join(format!("{label}.jsonl"));
+        let p = tmp.join(format!("{label}.jsonl"));
         let rows: Vec<&str> = text
             .lines()
             .filter(|l| l.contains(&format!("\"{label}\"")))
@@ -384,32 +381,40 @@ fn a_classifier_federates_when_each_client_holds_one_class() {
         p.to_str().unwrap().to_string()
     };
     let (neg, pos) = (part("neg"), part("pos"));
-    let out = tmp.path().join("fed");
+    let out = tmp.join("fed");
     let (model, parts) = (golden().join("bert_minilm_names"), format!("{neg},{pos}"));
-    run_py(
-        &python,
-        &[
-            "--model",
-            model.to_str().unwrap(),
-            "--task-type",
-            "seq-cls",
-            "--partitions",
-            &parts,
-            "--val-data",
-            &val,
-            "--out",
-            out.to_str().unwrap(),
-            "--rounds",
-            "1",
-            "--local-steps",
-            "2",
-            "--batch-size",
-            "4",
-            "--seq-len",
-            "16",
-            "--keep-client-adapters",
-        ],
-    );
+    let mut args = vec![
+        "--model",
+        model.to_str().unwrap(),
+        "--task-type",
+        "seq-cls",
+        "--partitions",
+        &parts,
+        "--val-data",
+        &val,
+        "--out",
+        out.to_str().unwrap(),
+        "--rounds",
+        "1",
+        "--local-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "16",
+        "--keep-client-adapters",
+    ];
+    args.extend_from_slice(extra);
+    run_py(&python, &args);
+    Some(out)
+}
+
+#[test]
+fn a_classifier_federates_when_each_client_holds_one_class() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(out) = classifier_run(tmp.path(), &[]) else {
+        return;
+    };
     let rounds = rounds(&out);
     assert_eq!(rounds.len(), 2, "{rounds:?}");
     for r in &rounds {
@@ -429,4 +434,46 @@ fn a_classifier_federates_when_each_client_holds_one_class() {
     }
     let labels = common::json_file(&out.join("adapter/labels.json"));
     assert_eq!(labels["names"], serde_json::json!(["neg", "pos"]));
+}
+
+#[test]
+fn fedins_pools_and_keys_travel_and_average_by_examples() {
+    // FedIns: every pool tensor and the shared keys are the clients' example-weighted mean
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = [
+        "--method",
+        "fedins",
+        "--r",
+        "0",
+        "--alpha",
+        "0",
+        "--method-options",
+        "pool_size=3;top_k=2",
+    ];
+    let Some(out) = classifier_run(tmp.path(), &extra) else {
+        return;
+    };
+    let ((a, n0), (b, n1)) = (client(&out, 1, 0), client(&out, 1, 1));
+    let g = adapter_tensors(&out.join("round-1/adapter"));
+    assert!(
+        g.keys().any(|k| k.ends_with("fedins_keys")),
+        "the keys travel"
+    );
+    let pools = g.keys().filter(|k| k.ends_with("fedins_scale")).count();
+    assert!(pools > 0, "{:?}", g.keys());
+    for (k, t) in &g {
+        assert!(
+            !k.contains("fedins") || t.dims()[0] == 3,
+            "{k}: a pool of 3"
+        );
+        let mean =
+            ((&a[k] * (n0 / (n0 + n1))).unwrap() + (&b[k] * (n1 / (n0 + n1))).unwrap()).unwrap();
+        let d = petal_ops::testing::max_rel(t, &mean);
+        assert!(d < 1e-5, "{k}: {d}");
+    }
+    assert!(
+        petal_ops::testing::max_rel(&a["base_model.fedins_keys"], &b["base_model.fedins_keys"])
+            > 0.0,
+        "each client trains the keys"
+    );
 }
