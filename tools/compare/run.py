@@ -360,8 +360,13 @@ def main():
                 with open(probes_path, "w") as f:
                     json.dump(probes, f)
             out = os.path.join(work, safe(spec) + ".json")
-            if os.path.exists(out):
-                r = json.load(open(out))
+            # a result of this run's folder, or the committed copy next to the report (a fresh
+            # checkout continues from those without training them again)
+            committed = os.path.join(os.path.dirname(a.report) or ".", "comparison",
+                                     f"{a.model.replace(':', '_')}-{task.replace('/', '_')}-"
+                                     f"{spec.replace(':', '_')}.json")
+            if os.path.exists(out) or os.path.exists(committed):
+                r = json.load(open(out if os.path.exists(out) else committed))
                 print(f"{task} {spec}: kept ({r['accuracy']:.3f})", flush=True)
             else:
                 t0 = time.time()
