@@ -212,6 +212,14 @@ def sweep(a, task, spec, train, test, base, work, chosen):
     return dict(best, lr_sweep={f"{r['lr']:g}": r["eval_loss_after"] for r in runs})
 
 
+def retime(r, base):
+    """A result measured on this CPU: its unmerged eval time against the base model's on this
+    CPU (`base` holds this CPU's time)."""
+    if r.get("cpu") == cpu_desc():
+        r["base_eval_seconds"] = base["seconds"]
+        r["inference_overhead"] = r["unmerged_eval_seconds"] / base["seconds"]
+
+
 def safe(spec):
     return spec.replace(":", "_").replace(",", "_").replace("=", "")
 
@@ -350,10 +358,18 @@ def main():
         train, test = split(a, task, work)
         base_path = os.path.join(work, "base.json")
         if not os.path.exists(base_path):
-            b = evaluate(a, test)
+            b = dict(evaluate(a, test), cpu=cpu_desc())
             with open(base_path, "w") as f:
                 json.dump(b, f)
         base = json.load(open(base_path))
+        # the base model's eval time on this CPU (the unmerged overhead compares times of one CPU)
+        if base.get("cpu") != cpu_desc():
+            base.setdefault("seconds_by_cpu", {})
+            if cpu_desc() not in base["seconds_by_cpu"]:
+                base["seconds_by_cpu"][cpu_desc()] = evaluate(a, test)["seconds"]
+                with open(base_path, "w") as f:
+                    json.dump(base, f)
+            base = dict(base, seconds=base["seconds_by_cpu"][cpu_desc()])
         for spec in a.methods.split(";" if ";" in a.methods else ","):
             if a.budget:
                 spec = sized(a, train, spec, ranks, probes)
@@ -386,6 +402,7 @@ def main():
                 print(f"{task} {spec}: accuracy {r['accuracy']:.3f}, {r['trainable_params']:,} trainable, "
                       f"{time.time() - t0:.0f} s", flush=True)
             r["base_accuracy"] = base["accuracy"]
+            retime(r, base)
             results.append(r)
         # the results of earlier runs with other methods, same model and task (same settings:
         # the work folder is per model and task, and the split is made once)
@@ -402,6 +419,7 @@ def main():
             given = {r["method"] for r in results if r["task"] == task}
             if r.get("method") and r["method"] not in given and r.get("task") == task:
                 r["base_accuracy"] = base["accuracy"]
+                retime(r, base)
                 results.append(r)
     copy = os.path.join(os.path.dirname(a.report) or ".", "comparison")
     os.makedirs(copy, exist_ok=True)
