@@ -147,10 +147,9 @@ STEPS = {"prompt_tuning": "num_virtual_tokens", "prefix_tuning": "num_virtual_to
          "p_tuning": "num_virtual_tokens", "mov": "num_experts"}
 
 
-def rank_keys(a):
-    """method -> the option `--r` sets (`petal methods --json`)."""
-    return {m["method"]: m["shared"]["--r"] for m in json.loads(sh([a.petal, "methods", "--json"], "petal methods"))
-            if "--r" in m.get("shared", {})}
+def methods_info(a):
+    """method -> its entry of `petal methods --json` (options and their defaults, shared flags)."""
+    return {m["method"]: m for m in json.loads(sh([a.petal, "methods", "--json"], "petal methods"))}
 
 
 def probe(a, train, spec, cache):
@@ -169,12 +168,13 @@ def probe(a, train, spec, cache):
     return cache[spec]
 
 
-def sized(a, train, spec, ranks, cache):
+def sized(a, train, spec, info, cache):
     """`spec` with its size option set so its trainable parameters come closest to --budget
     (on a log scale); unchanged when the spec sets it already or the method has no size."""
     method, _, opts = spec.partition(":")
     given = {o.split("=")[0] for o in filter(None, opts.split(","))}
-    key = ranks.get(method) or EXACT.get(method) or LINEAR.get(method) or STEPS.get(method)
+    rank = info.get(method, {}).get("shared", {}).get("--r")
+    key = rank or EXACT.get(method) or LINEAR.get(method) or STEPS.get(method)
     if key is None or key in given:
         return spec
     with_ = lambda v: f"{method}:{','.join(filter(None, [opts, f'{key}={v}']))}"
@@ -182,8 +182,7 @@ def sized(a, train, spec, ranks, cache):
         return with_(a.budget)
     if method in LINEAR:
         n = probe(a, train, spec, cache)
-        default = next(o["default"] for m in json.loads(sh([a.petal, "methods", "--json"], "petal methods"))
-                       if m["method"] == method for o in m["options"] if o["key"] == key)
+        default = next(o["default"] for o in info[method]["options"] if o["key"] == key)
         return with_(f"{min(1.0, default * a.budget / n):.6g}") if n else spec
     best = None
     for v in [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]:
@@ -347,7 +346,7 @@ def main():
     ap.add_argument("--report", default="docs/comparison.md")
     a = ap.parse_args()
     results, failed = [], []
-    ranks = rank_keys(a) if a.budget else {}
+    info = methods_info(a) if a.budget else {}
     model_dir = os.path.join(a.out, a.model.replace(":", "_").replace("/", "_"))
     os.makedirs(model_dir, exist_ok=True)
     probes_path, lrs_path = os.path.join(model_dir, "probes.json"), os.path.join(model_dir, "lrs.json")
@@ -372,7 +371,7 @@ def main():
             base = dict(base, seconds=base["seconds_by_cpu"][cpu_desc()])
         for spec in a.methods.split(";" if ";" in a.methods else ","):
             if a.budget:
-                spec = sized(a, train, spec, ranks, probes)
+                spec = sized(a, train, spec, info, probes)
                 with open(probes_path, "w") as f:
                     json.dump(probes, f)
             out = os.path.join(work, safe(spec) + ".json")

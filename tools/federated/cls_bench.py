@@ -10,14 +10,13 @@ results.md. Resumable: a configuration whose rounds file exists is not run again
     python3 tools/federated/cls_bench.py --flwr target/venv-flower/bin --petal target/release/petal \\
         --python target/venv-plot/bin/python
 """
-import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from bench import cpu_name, plot, run_config, runs_in  # tools/federated/bench.py
+from bench import bench_args, cpu_name, plot, run_config, runs_in  # tools/federated/bench.py
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = 8
@@ -39,16 +38,7 @@ CONFIGS = {
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--flwr", required=True)
-    ap.add_argument("--petal", default=str(ROOT / "target/release/petal"))
-    ap.add_argument("--python", default=sys.executable, help="a python with matplotlib, for the plot")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--local-steps", type=int, default=10)
-    ap.add_argument("--out", default=str(ROOT / "docs/federated/cls"))
-    ap.add_argument("--work", default=str(ROOT / "runs/federated-cls"))
-    a = ap.parse_args()
+    a = bench_args(__doc__, CONFIGS, local_steps=10, out="docs/federated/cls", work="runs/federated-cls")
     work = Path(a.work)
     for asset in ("multiemo", "minilm"):
         subprocess.run([a.petal, "assets", asset], check=True, capture_output=True)

@@ -198,6 +198,16 @@ fn client(out: &std::path::Path, r: usize, i: usize) -> (HashMap<String, Tensor>
     (adapter_tensors(&dir), s["train_examples"].as_f64().unwrap())
 }
 
+/// Client 0's and client 1's adapters weighted by their examples (FedAvg's mean), for `key`.
+fn weighted_mean(
+    (a, n0): &(HashMap<String, Tensor>, f64),
+    (b, n1): &(HashMap<String, Tensor>, f64),
+    key: &str,
+) -> Tensor {
+    let (w0, w1) = (n0 / (n0 + n1), n1 / (n0 + n1));
+    ((&a[key] * w0).unwrap() + (&b[key] * w1).unwrap()).unwrap()
+}
+
 #[test]
 fn fedavg_on_flowers_deployment_engine_averages_the_clients_adapters_by_their_examples() {
     let tmp = tempfile::tempdir().unwrap();
@@ -210,12 +220,10 @@ fn fedavg_on_flowers_deployment_engine_averages_the_clients_adapters_by_their_ex
     let bytes: usize = global(0).values().map(|t| t.elem_count() * 4).sum();
     assert_eq!(rounds[1]["bytes_up"], 2 * bytes, "only the adapter travels");
     for r in 1..=2 {
-        let ((a, n0), (b, n1), g) = (client(&out, r, 0), client(&out, r, 1), global(r));
-        assert!(n0 > n1, "{n0} {n1}");
-        for (k, t) in &g {
-            let mean = ((&a[k] * (n0 / (n0 + n1))).unwrap() + (&b[k] * (n1 / (n0 + n1))).unwrap())
-                .unwrap();
-            let d = petal_ops::testing::max_rel(t, &mean);
+        let (c0, c1) = (client(&out, r, 0), client(&out, r, 1));
+        assert!(c0.1 > c1.1, "{} {}", c0.1, c1.1);
+        for (k, t) in &global(r) {
+            let d = petal_ops::testing::max_rel(t, &weighted_mean(&c0, &c1, k));
             assert!(d < 1e-5, "round {r} {k}: {d}");
         }
     }
@@ -356,11 +364,12 @@ fn a_client_that_fails_or_sends_another_shape_is_left_out_and_the_round_complete
     };
     assert!(same(&global(1), &client(&out, 1, 0).0) < 1e-6);
     assert!(same(&global(2), &client(&out, 2, 1).0) < 1e-6);
-    let ((a, n0), (b, n1)) = (client(&out, 3, 0), client(&out, 3, 1));
+    let (c0, c1) = (client(&out, 3, 0), client(&out, 3, 1));
     for (k, t) in &global(3) {
-        let mean =
-            ((&a[k] * (n0 / (n0 + n1))).unwrap() + (&b[k] * (n1 / (n0 + n1))).unwrap()).unwrap();
-        assert!(petal_ops::testing::max_rel(t, &mean) < 1e-5, "{k}");
+        assert!(
+            petal_ops::testing::max_rel(t, &weighted_mean(&c0, &c1, k)) < 1e-5,
+            "{k}"
+        );
     }
 }
 
@@ -453,7 +462,7 @@ fn fedins_pools_and_keys_travel_and_average_by_examples() {
     let Some(out) = classifier_run(tmp.path(), &extra) else {
         return;
     };
-    let ((a, n0), (b, n1)) = (client(&out, 1, 0), client(&out, 1, 1));
+    let (c0, c1) = (client(&out, 1, 0), client(&out, 1, 1));
     let g = adapter_tensors(&out.join("round-1/adapter"));
     assert!(
         g.keys().any(|k| k.ends_with("fedins_keys")),
@@ -466,14 +475,14 @@ fn fedins_pools_and_keys_travel_and_average_by_examples() {
             !k.contains("fedins") || t.dims()[0] == 3,
             "{k}: a pool of 3"
         );
-        let mean =
-            ((&a[k] * (n0 / (n0 + n1))).unwrap() + (&b[k] * (n1 / (n0 + n1))).unwrap()).unwrap();
-        let d = petal_ops::testing::max_rel(t, &mean);
+        let d = petal_ops::testing::max_rel(t, &weighted_mean(&c0, &c1, k));
         assert!(d < 1e-5, "{k}: {d}");
     }
     assert!(
-        petal_ops::testing::max_rel(&a["base_model.fedins_keys"], &b["base_model.fedins_keys"])
-            > 0.0,
+        petal_ops::testing::max_rel(
+            &c0.0["base_model.fedins_keys"],
+            &c1.0["base_model.fedins_keys"]
+        ) > 0.0,
         "each client trains the keys"
     );
 }

@@ -223,8 +223,7 @@ pub trait AdapterLayer: Debug + Send + Sync {
     fn grid(&self) -> Result<Option<QuantGrid>> {
         Ok(None)
     }
-    /// Whether the layer reads each row's query from the frozen model ([`crate::Ctx::query`]):
-    /// the model then computes it before the pass (FedIns).
+    /// Whether the layer reads each row's frozen-model query ([`crate::Ctx::query`], FedIns).
     fn wants_query(&self) -> bool {
         false
     }

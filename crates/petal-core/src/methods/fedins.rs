@@ -169,13 +169,17 @@ fn unit_rows(x: &Tensor) -> Result<Tensor> {
     Ok(x.broadcast_div(&n)?)
 }
 
-/// Each row's chosen entries: (b, P) with 1 at the `k` keys most similar to the row's query by
-/// cosine (ties: the lower index), 0 elsewhere. No gradient: the choice is hard.
-pub fn choose(query: &Tensor, keys: &Tensor, k: usize) -> Result<Tensor> {
-    let sim = unit_rows(&query.detach().to_dtype(DType::F32)?)?
-        .matmul(&unit_rows(&keys.detach())?.t()?)?;
-    let rows: Vec<Vec<f32>> = sim.to_vec2()?;
-    let p = keys.dim(0)?;
+/// Cosine similarity of each row's query and each key: (b, P), with gradient to the keys.
+fn similarity(query: &Tensor, keys: &Tensor) -> Result<Tensor> {
+    let q = unit_rows(&query.detach().to_dtype(DType::F32)?)?;
+    Ok(q.matmul(&unit_rows(keys)?.t()?)?)
+}
+
+/// Each row's chosen entries from its similarities `sim` (b, P): 1 at its `k` most similar keys
+/// (ties: the lower index), 0 elsewhere. No gradient: the choice is hard.
+fn choose(sim: &Tensor, k: usize) -> Result<Tensor> {
+    let rows: Vec<Vec<f32>> = sim.detach().to_vec2()?;
+    let p = sim.dim(1)?;
     let mut out = vec![0f32; rows.len() * p];
     for (i, r) in rows.iter().enumerate() {
         let mut idx: Vec<usize> = (0..p).collect();
@@ -184,7 +188,7 @@ pub fn choose(query: &Tensor, keys: &Tensor, k: usize) -> Result<Tensor> {
             out[i * p + j] = 1.0;
         }
     }
-    Ok(Tensor::from_vec(out, (rows.len(), p), keys.device())?)
+    Ok(Tensor::from_vec(out, (rows.len(), p), sim.device())?)
 }
 
 #[derive(Debug)]
@@ -218,7 +222,8 @@ impl AdapterLayer for FedInsLayer {
             *self.last_query.lock().expect("FedIns query") = Some(q.detach());
         }
         // each row's mean of its k entries: (b, P) weights 1/k times the pool
-        let w = (choose(q, self.keys.as_tensor(), self.top_k)? / self.top_k as f64)?;
+        let sim = similarity(q, &self.keys.as_tensor().detach())?;
+        let w = (choose(&sim, self.top_k)? / self.top_k as f64)?;
         let out = *y.dims().last().unwrap_or(&0);
         let scale = w.matmul(self.scale.as_tensor())?.reshape((b, 1, out))?;
         let shift = w.matmul(self.shift.as_tensor())?.reshape((b, 1, out))?;
@@ -296,9 +301,8 @@ pub fn surrogate(model: &dyn crate::Adaptable, name: &str, w: f64) -> Result<Opt
     let Some(q) = layer.last_query.lock().expect("FedIns query").take() else {
         return Ok(None);
     };
-    let keys = layer.keys.as_tensor();
-    let chosen = choose(&q, keys, layer.top_k)?;
-    let cos = unit_rows(&q.to_dtype(DType::F32)?)?.matmul(&unit_rows(keys)?.t()?)?;
+    let cos = similarity(&q, layer.keys.as_tensor())?;
+    let chosen = choose(&cos, layer.top_k)?;
     let b = q.dim(0)? as f64;
     let reduced = (cos * chosen)?.sum_all()?;
     Ok(Some(((reduced * (-w / b))? + w)?))
