@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
-"""Federated fine-tuning with petal on Flower's Deployment Engine, on this machine: one
-`flower-superlink`, one `flower-supernode` per client (each `partition-id` is one data file),
-and `flwr run python/flower` submitting petal's ServerApp/ClientApp (python/flower/petal_flower);
-all processes on loopback, insecure (no TLS), stopped at the end.
+"""Federated fine-tuning with petal on Flower, on this machine. With the Deployment Engine (the
+default): one `flower-superlink`, one `flower-supernode` per client (each `partition-id` is one
+data file), and `flwr run python/flower` submitting petal's ServerApp/ClientApp
+(python/flower/petal_flower); all processes on loopback, insecure (no TLS), stopped at the end.
+With `--engine simulation`: Flower's Simulation Engine, one `flower-superlink --simulation` whose
+Ray backend runs the clients as actors (`num-supernodes` = the partitions, `--client-cpus` each),
+no SuperNode processes; needs `flwr[simulation]` (python/flower/requirements-simulation.txt).
 
 Only the adapter's tensors travel. The server writes OUT/adapter (the global adapter, a PEFT
 folder), OUT/round-R/adapter, OUT/rounds.jsonl (held-out loss, bytes and time per round) and
@@ -48,6 +51,10 @@ def toml_value(v):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--flwr", required=True, help="the venv's bin folder with flwr, flower-superlink, flower-supernode")
+    ap.add_argument("--engine", default="deployment", choices=["deployment", "simulation"],
+                    help="Flower's Deployment Engine (a SuperNode process per client) or its Simulation Engine (Ray)")
+    ap.add_argument("--client-cpus", type=int, default=os.cpu_count() or 1,
+                    help="simulation: CPUs Ray reserves for each client (all of them: one client at a time)")
     ap.add_argument("--petal", default=str(ROOT / "target/release/petal"))
     ap.add_argument("--model", default="asset:smollm2")
     ap.add_argument("--partitions", required=True, help="client data files, comma-separated: client i trains on file i")
@@ -83,6 +90,9 @@ def main():
     for tool in ("flwr", "flower-superlink", "flower-supernode"):
         if not (bin_dir / tool).exists():
             sys.exit(f"--flwr {a.flwr}: no `{tool}` there (pip install -r python/flower/requirements.txt into a venv)")
+    if a.engine == "simulation" and not any((bin_dir.parent / "lib").glob("python3*/site-packages/ray")):
+        sys.exit(f"--engine simulation: no Ray in the venv of --flwr {a.flwr} "
+                 "(pip install -r python/flower/requirements-simulation.txt)")
     parts = [str(Path(p).resolve()) for p in a.partitions.split(",") if p]
     for p in parts + [a.val_data]:
         if not Path(p).exists():
@@ -128,8 +138,9 @@ def main():
     # a stop by signal still stops Flower's processes (the finally below): SIGTERM as an exit
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
+        simulation = ["--simulation"] if a.engine == "simulation" else []
         start("superlink", [bin_dir / "flower-superlink", "--insecure", "--port", str(link),
-                            "--disable-runtime-dependency-installation"])
+                            "--disable-runtime-dependency-installation", *simulation])
         deadline = time.time() + 60
         while True:  # the SuperLink listens
             try:
@@ -139,7 +150,7 @@ def main():
                 if time.time() > deadline or procs[0][0].poll() is not None:
                     raise SystemExit(f"flower-superlink did not start (see {logs / 'superlink.log'})")
                 time.sleep(0.3)
-        for i in range(len(parts)):
+        for i in range(len(parts) if a.engine == "deployment" else 0):
             start(f"supernode-{i}", [bin_dir / "flower-supernode", "--insecure",
                                      "--superlink", f"127.0.0.1:{link}", "--port", str(free_port()),
                                      "--node-config", f"partition-id={i} num-partitions={len(parts)}"])
@@ -159,13 +170,19 @@ def main():
             rc[key] = value
         run_config = " ".join(f"{k}={toml_value(v)}" for k, v in rc.items())
         t0 = time.time()
+        federation = []
+        if a.engine == "simulation":  # Ray's actors: one per `client-cpus`, partition-id 0..N-1
+            federation = ["--federation-config", f"num-supernodes={len(parts)} "
+                          f"client-resources-num-cpus={a.client_cpus} init-args-logging-level=\"ERROR\""]
         sub = subprocess.run([bin_dir / "flwr", "run", str(APP), "deploy", "--run-config", run_config,
-                              "--format", "json"], capture_output=True, text=True, env=env, timeout=120)
+                              *federation, "--format", "json"], capture_output=True, text=True, env=env,
+                             timeout=120)
         try:
             run_id = json.loads(sub.stdout)["run-id"]
         except (ValueError, KeyError):
             raise SystemExit(f"flwr run: {(sub.stdout + sub.stderr).strip()[-500:]}")
-        print(f"run {run_id}: {len(parts)} clients, {a.rounds} rounds, {a.strategy} (logs in {logs})", flush=True)
+        print(f"run {run_id}: {len(parts)} clients, {a.rounds} rounds, {a.strategy}, {a.engine} engine "
+              f"(logs in {logs})", flush=True)
         seen = 0
         while True:
             time.sleep(2)

@@ -145,6 +145,15 @@ fn run_py(python: &std::path::Path, args: &[&str]) {
 /// (having said why) without a venv with flwr.
 fn federate(tmp: &std::path::Path, extra: &[&str]) -> Option<(std::path::PathBuf, String)> {
     let python = common::venv("venv-flower", "python/flower/requirements.txt")?;
+    Some(federate_with(&python, tmp, extra))
+}
+
+/// [`federate`] with the venv of `python` (the Simulation Engine's has Ray).
+fn federate_with(
+    python: &std::path::Path,
+    tmp: &std::path::Path,
+    extra: &[&str],
+) -> (std::path::PathBuf, String) {
     let write = |name: &str, words: usize, step: usize| {
         let p = tmp.join(name);
         let text: Vec<String> = (0..words)
@@ -178,8 +187,8 @@ fn federate(tmp: &std::path::Path, extra: &[&str]) -> Option<(std::path::PathBuf
         "--keep-client-adapters",
     ];
     args.extend(extra);
-    run_py(&python, &args);
-    Some((out, val))
+    run_py(python, &args);
+    (out, val)
 }
 
 fn rounds(out: &std::path::Path) -> Vec<Value> {
@@ -214,14 +223,45 @@ fn fedavg_on_flowers_deployment_engine_averages_the_clients_adapters_by_their_ex
     let Some((out, val)) = federate(tmp.path(), &["--rounds", "2"]) else {
         return;
     };
+    assert_fedavg(&out, &val, false);
+}
+
+#[test]
+fn fedavg_on_flowers_simulation_engine_runs_the_clients_in_ray_and_averages_them_alike() {
+    let Some(python) = common::venv(
+        "venv-flower-sim",
+        "python/flower/requirements-simulation.txt",
+    ) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, val) = federate_with(
+        &python,
+        tmp.path(),
+        &["--rounds", "2", "--engine", "simulation"],
+    );
+    assert_fedavg(&out, &val, true);
+}
+
+/// Rounds 0-2 of a two-client FedAvg run in `out` (by [`federate`]): only the adapter travels,
+/// each round's global adapter is the clients' example-weighted mean, the last one is the
+/// run's and petal evaluates it on `val`; each client ran in a Ray worker iff `in_ray`.
+fn assert_fedavg(out: &std::path::Path, val: &str, in_ray: bool) {
     let rounds = rounds(&out);
     assert_eq!(rounds.len(), 3, "rounds 0, 1, 2: {rounds:?}");
     let global = |r: usize| adapter_tensors(&out.join(format!("round-{r}/adapter")));
     let bytes: usize = global(0).values().map(|t| t.elem_count() * 4).sum();
     assert_eq!(rounds[1]["bytes_up"], 2 * bytes, "only the adapter travels");
     for r in 1..=2 {
-        let (c0, c1) = (client(&out, r, 0), client(&out, r, 1));
+        let (c0, c1) = (client(out, r, 0), client(out, r, 1));
         assert!(c0.1 > c1.1, "{} {}", c0.1, c1.1);
+        for i in 0..2 {
+            let s = std::fs::read_to_string(
+                out.join(format!("clients/round-{r}/client-{i}/summary.json")),
+            );
+            let s: Value = serde_json::from_str(&s.unwrap()).unwrap();
+            assert_eq!(s["ray_worker"], in_ray, "round {r} client {i}");
+        }
         for (k, t) in &global(r) {
             let d = petal_ops::testing::max_rel(t, &weighted_mean(&c0, &c1, k));
             assert!(d < 1e-5, "round {r} {k}: {d}");
@@ -240,7 +280,7 @@ fn fedavg_on_flowers_deployment_engine_averages_the_clients_adapters_by_their_ex
         "--adapter",
         out.join("adapter").to_str().unwrap(),
         "--data",
-        &val,
+        val,
         "--seq-len",
         "16",
         "--json",
