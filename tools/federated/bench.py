@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The federated benchmark: Shakespeare split by work (one client per play or the sonnets, so
 each client's text differs in kind: LEAF's non-IID Shakespeare setting, by work rather than by
-speaking role), petal's clients and server on Flower's Deployment Engine (tools/federated/run.py),
+speaking role), petal's clients and server on Flower's Deployment Engine (or `--engine simulation`; tools/federated/run.py),
 each configuration trained the same number of rounds; the global adapter's held-out loss on
 Hamlet (a work no client holds) after every round. Writes docs/federated/CONFIG.jsonl (the
 rounds), docs/federated/curves.svg and the table in docs/federated/results.md. Resumable: a
@@ -38,6 +38,8 @@ def bench_args(doc, configs, local_steps, out, work):
     """The arguments every federated benchmark takes, with its own defaults."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--flwr", required=True)
+    ap.add_argument("--engine", default="deployment", choices=["deployment", "simulation"],
+                    help="Flower's engine (simulation: Ray, one client at a time; --flwr with flwr[simulation])")
     ap.add_argument("--petal", default=str(ROOT / "target/release/petal"))
     ap.add_argument("--python", default=sys.executable, help="a python with matplotlib, for the plot")
     ap.add_argument("--configs", default=",".join(configs))
@@ -69,9 +71,16 @@ def main():
                "--rounds", str(a.rounds), "--local-steps", str(a.local_steps),
                "--method", method, "--r", str(r), "--alpha", str(alpha), "--strategy", strategy,
                "--proximal-mu", "0.01", "--lr", "0.002", "--batch-size", "4", "--seq-len", "64",
-               "--max-eval-examples", "32", "--seed", "0", *more]
-        run_config(name, cmd, work, dest, method=method, r=r, strategy=strategy)
+               "--max-eval-examples", "32", "--seed", "0", "--engine", a.engine, *more]
+        run_config(name, cmd, work, dest, method=method, r=r, strategy=strategy, engine=a.engine)
     report(a, out)
+
+
+def wall(rs):
+    """A run's wall time, with the engine when it was not the Deployment Engine (the simulation
+    runs one client at a time, about 3x faster here: docs/federated/engines.md)."""
+    engine = rs[-1].get("engine", "deployment")
+    return f"{rs[-1]['seconds'] / 60:.1f} min" + ("" if engine == "deployment" else f" ({engine})")
 
 
 def run_config(name, cmd, work, dest, **fields):
@@ -112,7 +121,7 @@ def report(a, out):
             sim = f"{rs[-1]['sim_seconds']:.0f} s ({to})"
         lines.append(f"| {name} | {len(rs) - 1} | {rs[0]['eval_loss']:.4f} -> {rs[-1]['eval_loss']:.4f} | "
                      f"{hit['round'] if hit else 'not reached'} | {per_round / 1e6:.2f} MB | "
-                     f"{rs[-1]['seconds'] / 60:.1f} min | {sim} |")
+                     f"{wall(rs)} | {sim} |")
     text = (f"8 clients (one work each: {', '.join(WORKS)}), SmolLM2-135M, held-out: Hamlet "
             f"(32 x 64 tokens). CPU: {cpu}, {os.cpu_count()} threads; all processes on this machine. "
             f"Simulated time (LEGEND's runs): each round lasts as long as its slowest client's measured "

@@ -3,7 +3,7 @@
 classes, tools/data/multiemo_sentiment.py), dealt to 8 clients by label with Dirichlet(alpha)
 proportions (tools/federated/label_skew.py: alpha 0.5 skewed, alpha 1000 about IID), a LoRA
 classifier on all-MiniLM-L6-v2 trained by petal's clients and server on Flower's Deployment
-Engine (tools/federated/run.py, `--task-type seq-cls`); the global adapter's held-out accuracy
+Engine (or `--engine simulation`; tools/federated/run.py, `--task-type seq-cls`); the global adapter's held-out accuracy
 after every round. Writes docs/federated/cls/CONFIG.jsonl (the rounds), curves.svg and
 results.md. Resumable: a configuration whose rounds file exists is not run again.
 
@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import bench_args, cpu_name, plot, run_config, runs_in  # tools/federated/bench.py
+from bench import SLOWDOWNS, bench_args, cpu_name, plot, run_config, runs_in, wall  # tools/federated/bench.py
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = 8
@@ -26,14 +26,19 @@ LORA = ["--method", "lora", "--r", "8", "--alpha", "16", "--lr", "0.002"]
 SSF = ["--method", "fedins", "--r", "0", "--alpha", "0", "--method-options", "pool_size=1;top_k=1"]
 # the official code's pool (25 entries, 3 per instance)
 FEDINS = ["--method", "fedins", "--r", "0", "--alpha", "0", "--method-options", "pool_size=25;top_k=3"]
-# name: (Dirichlet alpha of the split, strategy, the method's arguments)
+# LEGEND's simulated heterogeneous devices (client i's seconds times factor i), as bench.py's
+DEVICES = ["--slowdowns", SLOWDOWNS]
+# name: (Dirichlet alpha of the split, strategy, the method's arguments, more run.py arguments)
 CONFIGS = {
-    "iid-fedavg": (1000.0, "fedavg", LORA),
-    "skew0.5-fedavg": (0.5, "fedavg", LORA),
-    "skew0.5-fedprox": (0.5, "fedprox", LORA),
-    "skew0.5-ssf-lr0.002": (0.5, "fedavg", SSF + ["--lr", "0.002"]),
-    "skew0.5-ssf": (0.5, "fedavg", SSF + ["--lr", "0.01"]),
-    "skew0.5-fedins": (0.5, "fedavg", FEDINS + ["--lr", "0.01"]),
+    "iid-fedavg": (1000.0, "fedavg", LORA, []),
+    "skew0.5-fedavg": (0.5, "fedavg", LORA, []),
+    "skew0.5-fedprox": (0.5, "fedprox", LORA, []),
+    "skew0.5-ssf-lr0.002": (0.5, "fedavg", SSF + ["--lr", "0.002"], []),
+    "skew0.5-ssf": (0.5, "fedavg", SSF + ["--lr", "0.01"], []),
+    "skew0.5-fedins": (0.5, "fedavg", FEDINS + ["--lr", "0.01"], []),
+    # LEGEND on the encoder's layers against its baseline under the same accounting
+    "skew0.5-legend": (0.5, "legend", LORA, DEVICES),
+    "skew0.5-hetero-fedavg": (0.5, "legend", LORA, DEVICES + ["--legend-fixed"]),
 }
 
 
@@ -50,7 +55,7 @@ def main():
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in a.configs.split(","):
-        alpha, strategy, method = CONFIGS[name]
+        alpha, strategy, method, more = CONFIGS[name]
         dest = out / f"{name}.jsonl"
         if dest.exists():
             print(f"{name}: kept", flush=True)
@@ -64,11 +69,12 @@ def main():
                "--partitions", ",".join(str(split / f"client-{i}.jsonl") for i in range(CLIENTS)),
                "--val-data", str(data / "val.jsonl"), "--out", str(run),
                "--rounds", str(a.rounds), "--local-steps", str(a.local_steps), "--strategy", strategy,
-               "--proximal-mu", "0.01", *method,
-               "--batch-size", "16", "--seq-len", "64", "--max-eval-examples", "400", "--seed", "0"]
+               "--proximal-mu", "0.01", *method, *more,
+               "--batch-size", "16", "--seq-len", "64", "--max-eval-examples", "400", "--seed", "0",
+               "--engine", a.engine]
         counts = json.loads((split / "split.json").read_text())["counts"]
         run_config(name, cmd, run, dest, dirichlet_alpha=alpha, strategy=strategy,
-                   method=" ".join(method), client_label_counts=counts)
+                   method=" ".join(method), client_label_counts=counts, devices=" ".join(more), engine=a.engine)
     report(a, out)
 
 
@@ -88,21 +94,27 @@ def report(a, out):
     cpu = cpu_name()
     target = 0.9 * max(max(r["eval_accuracy"] for r in rs) for rs in runs.values())
     lines = ["| configuration | method | Dirichlet alpha | rounds | accuracy, round 0 -> last (best) | macro-F1 last | "
-             f"rounds to accuracy {target:.3f} | bytes per round (both ways) | wall time |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"rounds to accuracy {target:.3f} | bytes per round (both ways) | wall time | simulated time (to target) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, rs in runs.items():
         hit = next((r for r in rs if r["eval_accuracy"] >= target), None)
         per_round = sum(r["bytes_up"] + r["bytes_down"] for r in rs[1:]) / max(1, len(rs) - 1)
         best = max(r["eval_accuracy"] for r in rs)
         method = label(rs[0].get("method", " ".join(LORA)).split())
+        sim = "-"
+        if "sim_seconds" in rs[-1]:
+            to = f"{hit.get('sim_seconds', 0):.0f} s" if hit else "not reached"
+            sim = f"{rs[-1]['sim_seconds']:.0f} s ({to})"
         lines.append(f"| {name} | {method} | {rs[0]['dirichlet_alpha']:g} | {len(rs) - 1} | {rs[0]['eval_accuracy']:.3f} -> "
                      f"{rs[-1]['eval_accuracy']:.3f} ({best:.3f}) | {rs[-1].get('eval_macro_f1', 0):.3f} | "
                      f"{hit['round'] if hit else 'not reached'} | {per_round / 1e6:.2f} MB | "
-                     f"{rs[-1]['seconds'] / 60:.1f} min |")
+                     f"{wall(rs)} | {sim} |")
     text = (f"{CLIENTS} clients, multiemo English sentiment (4 classes; 2400 training sentences dealt by "
             "label with Dirichlet(alpha) proportions, 400 held out), an adapter (the method column) on all-MiniLM-L6-v2 "
             "with a trained head; 10 local steps of 16 sentences a round. The target is 90% of the best accuracy "
-            f"any run reached. CPU: {cpu}, {os.cpu_count()} threads; all processes on this machine.\n\n"
+            f"any run reached. CPU: {cpu}, {os.cpu_count()} threads; all processes on this machine. Simulated time "
+            f"(LEGEND's rounds): each round lasts as long as its slowest client's measured seconds times its "
+            f"slowdown factor ({SLOWDOWNS}).\n\n"
             + "\n".join(lines) + "\n")
     (out / "results.md").write_text(text)
     print(text)

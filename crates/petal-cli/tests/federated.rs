@@ -325,36 +325,7 @@ fn legend_gives_a_slow_client_fewer_layers_and_averages_each_element_over_its_tr
             b.keys().all(|k| layer(k) == 1),
             "the slow client trains layer 1 only"
         );
-        let (prev, g) = (global(r - 1), global(r));
-        // each element: the example-weighted mean of the clients whose tensor holds it (the
-        // leading corner of the global one), else the previous global value
-        for (k, t) in &g {
-            let shape = t.dims2().unwrap();
-            let (p, t) = (flat(&prev[k]), flat(t));
-            let parts: Vec<(Vec<f32>, (usize, usize), f64)> = [(&a, n0), (&b, n1)]
-                .iter()
-                .filter_map(|(c, n)| Some((flat(c.get(k)?), c[k].dims2().unwrap(), *n)))
-                .collect();
-            for (i, (&got, &before)) in t.iter().zip(&p).enumerate() {
-                let (row, col) = (i / shape.1, i % shape.1);
-                let (mut sum, mut weight) = (0f64, 0f64);
-                for (v, (rows, cols), n) in &parts {
-                    if row < *rows && col < *cols {
-                        sum += n * v[row * cols + col] as f64;
-                        weight += n;
-                    }
-                }
-                let want = if weight > 0.0 {
-                    (sum / weight) as f32
-                } else {
-                    before
-                };
-                assert!(
-                    (got - want).abs() <= 1e-6 + 1e-5 * want.abs(),
-                    "round {r} {k}[{row},{col}]: {got} vs {want}"
-                );
-            }
-        }
+        assert_layerwise_mean(r, &global(r - 1), &global(r), &[(&a, n0), (&b, n1)]);
     }
     // what the clients trained moved the global adapter on both layers
     let (first, last) = (global(0), global(3));
@@ -365,6 +336,51 @@ fn legend_gives_a_slow_client_fewer_layers_and_averages_each_element_over_its_tr
 
 fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// LEGEND's aggregation, element by element: each element of round `r`'s global adapter `g` is
+/// the example-weighted mean of the clients (adapter, examples) whose tensor holds it (a client's
+/// tensor is the leading corner of the global one), else its value in `prev`.
+fn assert_layerwise_mean(
+    r: usize,
+    prev: &HashMap<String, Tensor>,
+    g: &HashMap<String, Tensor>,
+    clients: &[(&HashMap<String, Tensor>, f64)],
+) {
+    for (k, t) in g {
+        let dims = t.dims().to_vec();
+        let (p, t) = (flat(&prev[k]), flat(t));
+        let parts: Vec<(Vec<f32>, Vec<usize>, f64)> = clients
+            .iter()
+            .filter_map(|(c, n)| Some((flat(c.get(k)?), c[k].dims().to_vec(), *n)))
+            .collect();
+        for (i, (&got, &before)) in t.iter().zip(&p).enumerate() {
+            // the element's index along each axis
+            let mut at = vec![0; dims.len()];
+            let mut rest = i;
+            for (ax, &d) in dims.iter().enumerate().rev() {
+                at[ax] = rest % d;
+                rest /= d;
+            }
+            let (mut sum, mut weight) = (0f64, 0f64);
+            for (v, shape, n) in &parts {
+                if at.iter().zip(shape).all(|(a, s)| a < s) {
+                    let j = at.iter().zip(shape).fold(0, |j, (a, s)| j * s + a);
+                    sum += n * v[j] as f64;
+                    weight += n;
+                }
+            }
+            let want = if weight > 0.0 {
+                (sum / weight) as f32
+            } else {
+                before
+            };
+            assert!(
+                (got - want).abs() <= 1e-6 + 1e-5 * want.abs(),
+                "round {r} {k}{at:?}: {got} vs {want}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -483,6 +499,54 @@ fn a_classifier_federates_when_each_client_holds_one_class() {
     }
     let labels = common::json_file(&out.join("adapter/labels.json"));
     assert_eq!(labels["names"], serde_json::json!(["neg", "pos"]));
+}
+
+#[test]
+fn legend_on_a_classifier_gives_the_slow_client_fewer_encoder_layers_and_every_client_the_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    // client 1 is a device 4 times slower; two encoder layers
+    let extra = [
+        "--rounds",
+        "2",
+        "--strategy",
+        "legend",
+        "--slowdowns",
+        "1,4",
+    ];
+    let Some(out) = classifier_run(tmp.path(), &extra) else {
+        return;
+    };
+    let rounds = rounds(&out);
+    assert_eq!(rounds.len(), 3, "{rounds:?}");
+    let depth = |r: usize, i: usize| rounds[r]["clients"][i]["depth"].as_u64().unwrap();
+    assert_eq!((depth(1, 0), depth(1, 1)), (2, 2));
+    assert_eq!((depth(2, 0), depth(2, 1)), (2, 1));
+    let global = |r: usize| adapter_tensors(&out.join(format!("round-{r}/adapter")));
+    let ((a, n0), (b, n1)) = (client(&out, 2, 0), client(&out, 2, 1));
+    let head = |c: &HashMap<String, Tensor>| c.keys().filter(|k| k.contains("classifier")).count();
+    assert!(
+        head(&a) > 0 && head(&a) == head(&b),
+        "both clients train the head"
+    );
+    let in_layer = |k: &String| k.contains("encoder.layer.");
+    assert!(
+        b.keys()
+            .filter(|k| in_layer(k))
+            .all(|k| k.contains("encoder.layer.1.")),
+        "the slow client trains the output-side layer alone: {:?}",
+        b.keys()
+    );
+    assert!(a.keys().any(|k| k.contains("encoder.layer.0.")));
+    for r in 1..=2 {
+        let (c0, c1) = (client(&out, r, 0), client(&out, r, 1));
+        assert_layerwise_mean(
+            r,
+            &global(r - 1),
+            &global(r),
+            &[(&c0.0, c0.1), (&c1.0, c1.1)],
+        );
+    }
+    assert!(n0 > 0.0 && n1 > 0.0);
 }
 
 #[test]

@@ -1,7 +1,9 @@
 """LEGEND (arXiv 2412.20004, "Adaptive Parameter-Efficient Federated Fine-Tuning on
 Heterogeneous Devices") on Flower's Message API, as petal reads the paper (its code was not
-found): each client trains LoRA on the last `depth` decoder layers only (backpropagation stops
-early, so slow devices do less), with ranks that do not decrease towards the output; the
+found): each client trains LoRA on the last `depth` layers only (decoder layers, or a BERT
+encoder's; backpropagation stops early, so slow devices do less), with ranks that do not
+decrease towards the output; a classifier's head is trained by every client, since every depth
+reaches the output (LoRA outside the layers, on BERT's pooler, is not trained: see slice_for); the
 server picks each client's depth from its measured step time so the round's times even out,
 and aggregates each layer, and each rank component of it, over the clients that train it.
 A client's model carries LoRA on its own layers only (only those travel, LEGEND's saving in
@@ -21,12 +23,18 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from petal_flower.common import shape_problem
 
-LAYER = re.compile(r"layers\.(\d+)\.")
+# a layer's index in a tensor name: `model.layers.3.` (Llama, Qwen2) or `encoder.layer.3.` (BERT)
+LAYER = re.compile(r"\.(layers?)\.(\d+)\.")
 
 
 def layers_of(arrays):
-    """The decoder layers an adapter's tensors belong to."""
-    return sorted({int(m.group(1)) for k in arrays if (m := LAYER.search(k))})
+    """The layers an adapter's tensors belong to."""
+    return sorted({int(m.group(2)) for k in arrays if (m := LAYER.search(k))})
+
+
+def layer_word(arrays):
+    """What the model calls its layers in tensor names (`layers` or `layer`)."""
+    return next(m.group(1) for k in sorted(arrays) if (m := LAYER.search(k)))
 
 
 def plan(num_layers, r_max, depth, taper=True):
@@ -51,12 +59,13 @@ def depths(step_cost, prev_depth, num_layers):
     return {i: int(min(L, max(1, (target / ci - L) // 2))) for i, ci in c.items()}
 
 
-def client_args(layers, ranks, r_max, alpha):
+def client_args(layers, ranks, r_max, alpha, word="layers"):
     """`petal train` options for a client's plan: its layers, and per layer a rank and an alpha
     that keep the global scaling alpha / r_max (so a client's rank-r slice of the global
-    adapter is the same update as the global adapter's first r components)."""
-    rank_pattern = {rf"layers\.{l}\..*": r for l, r in ranks.items()}
-    alpha_pattern = {rf"layers\.{l}\..*": alpha * r / r_max for l, r in ranks.items()}
+    adapter is the same update as the global adapter's first r components). `word`: what the
+    model calls its layers in tensor names."""
+    rank_pattern = {rf"{word}\.{l}\..*": r for l, r in ranks.items()}
+    alpha_pattern = {rf"{word}\.{l}\..*": alpha * r / r_max for l, r in ranks.items()}
     return ["--layers-to-transform", ",".join(map(str, layers)),
             "--set", f"rank_pattern={json.dumps(rank_pattern)}",
             "--set", f"alpha_pattern={json.dumps(alpha_pattern)}"]
@@ -64,13 +73,19 @@ def client_args(layers, ranks, r_max, alpha):
 
 def slice_for(global_arrays, ranks):
     """The global adapter cut to a client's layers and ranks: lora_A (r, in) keeps its first r
-    rows, lora_B (out, r) its first r columns."""
+    rows, lora_B (out, r) its first r columns; a trained head outside the layers whole. LoRA
+    outside the layers (BERT's pooler) is left out: `--layers-to-transform` adapts layers only,
+    as PEFT's does, so it keeps its initial value (B = 0, no effect)."""
     out = {}
     for k, g in global_arrays.items():
         m = LAYER.search(k)
-        if m is None or int(m.group(1)) not in ranks:
+        if m is None:
+            if ".lora_" not in k:
+                out[k] = g
             continue
-        r = ranks[int(m.group(1))]
+        if int(m.group(2)) not in ranks:
+            continue
+        r = ranks[int(m.group(2))]
         if k.endswith("lora_A.weight"):
             out[k] = g[:r]
         elif k.endswith("lora_B.weight"):
@@ -109,14 +124,16 @@ def nbytes(arrays):
     return int(sum(a.nbytes for a in arrays.values()))
 
 
-def run(grid, rc, arrays, config_text, log_row):
-    """The rounds: plans, per-client messages, aggregation, the held-out loss after each."""
+def run(grid, rc, arrays, config_text, labels_text, log_row):
+    """The rounds: plans, per-client messages, aggregation, the held-out loss after each.
+    `labels_text`: a classifier's labels.json, sent with the adapter ("" for a decoder)."""
     n = int(rc["num-clients"])
     adapt = bool(rc["legend-adapt"])
     r_max, alpha = int(rc["r"]), float(rc["alpha"])
     num_layers = len(layers_of(arrays))
     if layers_of(arrays) != list(range(num_layers)):
-        raise ValueError("LEGEND needs an initial adapter on every decoder layer")
+        raise ValueError("LEGEND needs an initial adapter on every layer")
+    word = layer_word(arrays)
     deadline = time.time() + 300
     nodes = []
     while len(nodes) < n:
@@ -134,8 +151,8 @@ def run(grid, rc, arrays, config_text, log_row):
             part = slice_for(arrays, ranks)
             sent[nid] = nbytes(part)
             shapes[nid] = {k: v.shape for k, v in part.items()}
-            config = ConfigRecord({"server-round": rnd, "adapter-config": config_text,
-                                   "petal-args": json.dumps(client_args(layers, ranks, r_max, alpha))})
+            config = ConfigRecord({"server-round": rnd, "adapter-config": config_text, "labels": labels_text,
+                                   "petal-args": json.dumps(client_args(layers, ranks, r_max, alpha, word))})
             content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in part.items()}),
                                   "config": config})
             messages.append(Message(content=content, message_type="train", dst_node_id=nid))

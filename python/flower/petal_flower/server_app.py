@@ -55,7 +55,7 @@ def main(grid: Grid, context: Context) -> None:
 
     if rc["strategy"] == "legend":
         log_row(0, arrays, {"bytes_down": 0, "bytes_up": 0, "sim_seconds": 0.0})
-        final = legend.run(grid, rc, arrays, config_text, log_row)
+        final = legend.run(grid, rc, arrays, config_text, labels_text, log_row)
         write_adapter(out / "adapter", final, config_text, labels_text)
         return
 
