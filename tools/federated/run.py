@@ -132,6 +132,23 @@ def main():
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
             f.close()
+        # what Flower started on its own and left when the run was cut short (flwr-simulation
+        # and its Ray processes, app processes): their own process groups, found by our port
+        groups = set()
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if f"127.0.0.1:{link}".encode() in cmdline.read_bytes():
+                    groups.add(os.getpgid(int(cmdline.parent.name)))
+            except (OSError, ProcessLookupError):
+                continue
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for g in groups - {os.getpgid(0)}:
+                try:
+                    os.killpg(g, sig)
+                except ProcessLookupError:
+                    pass
+            if sig == signal.SIGTERM and groups:
+                time.sleep(3)
         shutil.rmtree(home, ignore_errors=True)
 
     status = "not started"

@@ -15,6 +15,12 @@ Writes tests/fixtures/golden/fedins.safetensors: the pool (`<module>.fedins_scal
 `<module>.fedins_shift`, (P, out)), `fedins_keys` (P, hidden), `query`, `chosen` (B, k),
 `logits`, `ce`, `surrogate`, and the gradients of the total loss (`grad.<name>`).
 
+And tests/fixtures/golden/fedins_heads.safetensors: the official code's own averaging and head
+pool (its `get_top_ssf` and `forward_head`): the chosen entries averaged over the k of each row
+and then over the batch, so every row of the batch shares one SSF and one head, the classifier
+replaced by the mean of the chosen heads (`classifier.fedins_head_weight` (P, classes, hidden),
+`classifier.fedins_head_bias` (P, classes)).
+
     python -m venv .venv && .venv/bin/pip install -r tools/golden/requirements.txt
     .venv/bin/python tools/golden/fedins_oracle.py
 """
@@ -31,7 +37,14 @@ LABELS = [0, 2, 1]
 
 
 def main():
-    torch.manual_seed(20230801)
+    write(heads=False, name="fedins.safetensors", seed=20230801)
+    write(heads=True, name="fedins_heads.safetensors", seed=20231002)
+
+
+def write(heads, name, seed):
+    """One fixture: per-row mixing and the model's head (`heads` False), or the official
+    code's batch mixing and head pool (`heads` True)."""
+    torch.manual_seed(seed)
     model = BertForSequenceClassification.from_pretrained(os.path.join(ROOT, "bert")).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -59,10 +72,16 @@ def main():
     sim = F.normalize(query, dim=-1) @ F.normalize(keys.detach(), dim=-1).T
     chosen = sim.topk(K, dim=1).indices  # (B, K)
 
+    def mixed(t):
+        """The chosen entries of pool tensor t (P, ...) averaged over each row's k: (B, ...);
+        with `heads`, then over the batch too (the official get_top_ssf), kept per row."""
+        m = t[chosen].mean(1)
+        return m.mean(0, keepdim=True).expand_as(m) if heads else m
+
     def hook(name):
         def f(_module, _inp, out):
-            scale = pool[f"{name}.fedins_scale"][chosen].mean(1)  # (B, out)
-            shift = pool[f"{name}.fedins_shift"][chosen].mean(1)
+            scale = mixed(pool[f"{name}.fedins_scale"])  # (B, out)
+            shift = mixed(pool[f"{name}.fedins_shift"])
             if out.dim() == 3:
                 scale, shift = scale[:, None, :], shift[:, None, :]
             return out * scale + shift
@@ -70,6 +89,19 @@ def main():
 
     for n, m in targets.items():
         m.register_forward_hook(hook(n))
+    if heads:  # the official forward_head: the mean of the chosen heads replaces the classifier
+        head = model.classifier
+        classes = head.out_features
+        pool["classifier.fedins_head_weight"] = (head.weight.detach()[None]
+                                                 + 0.3 * torch.randn(P, classes, hidden)).requires_grad_()
+        pool["classifier.fedins_head_bias"] = (head.bias.detach()[None]
+                                               + 0.3 * torch.randn(P, classes)).requires_grad_()
+
+        def replace(_module, inp, _out):
+            w = mixed(pool["classifier.fedins_head_weight"])  # (B, classes, hidden)
+            b = mixed(pool["classifier.fedins_head_bias"])
+            return torch.einsum("bh,bch->bc", inp[0], w) + b
+        head.register_forward_hook(replace)
     logits = model(**inputs).logits
     ce = F.cross_entropy(logits, torch.tensor(LABELS))
     cos = F.normalize(query, dim=-1)[:, None, :] * F.normalize(keys, dim=-1)[chosen]
@@ -83,8 +115,7 @@ def main():
            "surrogate": surrogate.detach().reshape(1), "grad.fedins_keys": keys.grad}
     for k, v in pool.items():
         out[f"grad.{k}"] = v.grad
-    save_file({k: v.contiguous().float() for k, v in out.items()},
-              os.path.join(ROOT, "fedins.safetensors"))
+    save_file({k: v.contiguous().float() for k, v in out.items()}, os.path.join(ROOT, name))
     print(f"{len(targets)} linears, chosen {chosen.tolist()}, ce {ce.item():.5f}, "
           f"surrogate {surrogate.item():.5f}")
 

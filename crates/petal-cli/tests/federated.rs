@@ -574,6 +574,12 @@ fn fedins_pools_and_keys_travel_and_average_by_examples() {
     );
     let pools = g.keys().filter(|k| k.ends_with("fedins_scale")).count();
     assert!(pools > 0, "{:?}", g.keys());
+    assert!(
+        g.keys()
+            .any(|k| k.ends_with("classifier.fedins_head_weight")),
+        "the pool of heads travels: {:?}",
+        g.keys()
+    );
     for (k, t) in &g {
         assert!(
             !k.contains("fedins") || t.dims()[0] == 3,

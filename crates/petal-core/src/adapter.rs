@@ -420,6 +420,16 @@ pub trait AdapterMethod: Sync {
     ) -> Result<Option<(Tensor, Tensor, [&'static str; 2])>> {
         Ok(None)
     }
+    /// The method's own trained form of a `modules_to_save` module (`base`; FedIns pools the
+    /// classifier head), or None for PEFT's whole copy.
+    fn module_copy(
+        &self,
+        _cfg: &AdapterConfig,
+        _base: &BaseLinear,
+        _seed: u64,
+    ) -> Result<Option<Box<dyn AdapterLayer>>> {
+        Ok(None)
+    }
     /// Input-side methods (prompt tuning, prefix tuning, …) build one `InputAdapter` for the
     /// whole model instead of layers.
     fn build_input(

@@ -1,6 +1,6 @@
 //! Attaching a named adapter to every targeted linear of a model, and counting parameters.
 
-use crate::adapter::{BaseLinear, InputAdapter, InputShape, Shared};
+use crate::adapter::{AdapterMethod, BaseLinear, InputAdapter, InputShape, Shared};
 use crate::config::{AdapterConfig, Targets, TokenIndices};
 use crate::linear::AdaptableLinear;
 use crate::memory::{self, MemoryLimit};
@@ -122,7 +122,8 @@ pub fn inject_adapter_within(
                 params,
             };
             let mut modules = vec![row];
-            attach_module_copies(model, name, cfg, &mut modules)?;
+            let shared = Shared::default();
+            attach_module_copies(model, name, cfg, (method, &shared, seed), &mut modules)?;
             return Ok(InjectionReport {
                 adapter: name.to_string(),
                 peft_type: cfg.peft_type.clone(),
@@ -149,7 +150,8 @@ pub fn inject_adapter_within(
                 cfg.target_modules
             )));
         }
-        attach_module_copies(model, name, cfg, &mut modules)?;
+        let shared = Shared::default();
+        attach_module_copies(model, name, cfg, (method, &shared, seed), &mut modules)?;
         return Ok(InjectionReport {
             adapter: name.to_string(),
             peft_type: cfg.peft_type.clone(),
@@ -231,7 +233,7 @@ pub fn inject_adapter_within(
         )));
     }
     attach_norm_affines(model, name, cfg, method, seed, &mut modules)?;
-    attach_module_copies(model, name, cfg, &mut modules)?;
+    attach_module_copies(model, name, cfg, (method, &shared, seed), &mut modules)?;
     attach_trainable_tokens(model, name, cfg, &mut modules, &shared)?;
     if method.trains_all_biases(cfg) {
         for lin in model.linears_mut() {
@@ -260,7 +262,7 @@ fn attach_norm_affines(
     model: &mut dyn Adaptable,
     name: &str,
     cfg: &AdapterConfig,
-    method: &dyn crate::adapter::AdapterMethod,
+    method: &dyn AdapterMethod,
     seed: u64,
     modules: &mut Vec<Injected>,
 ) -> Result<()> {
@@ -394,11 +396,14 @@ fn attach_trainable_tokens(
     Ok(())
 }
 
-/// `modules_to_save`: a trained full copy of every listed linear, under the adapter's name.
+/// `modules_to_save`: a trained full copy of every listed linear, under the adapter's name (or
+/// the method's own form of it, [`AdapterMethod::module_copy`], sharing `shared` with the
+/// method's layers).
 fn attach_module_copies(
     model: &mut dyn Adaptable,
     name: &str,
     cfg: &AdapterConfig,
+    (method, shared, seed): (&dyn AdapterMethod, &Shared, u64),
     modules: &mut Vec<Injected>,
 ) -> Result<()> {
     let Some(list) = cfg.modules_to_save.as_ref().filter(|l| !l.is_empty()) else {
@@ -415,10 +420,21 @@ fn attach_module_copies(
                 lin.path()
             )));
         }
-        let copy = if lin.is_embedding() {
-            ModuleCopy::embedding(&lin.dense_weight()?)?
-        } else {
-            ModuleCopy::new(&lin.dense_weight()?, lin.bias())?
+        let dense = lin.dense_weight()?;
+        let base = BaseLinear {
+            weight: &dense,
+            bias: lin.bias(),
+            in_features: lin.in_features(),
+            out_features: lin.out_features(),
+            shared,
+            embedding: lin.is_embedding(),
+            quant: None,
+        };
+        let own = method.module_copy(cfg, &base, rng::splitmix(seed ^ 0x636f_7079))?;
+        let copy: Box<dyn AdapterLayer> = match own {
+            Some(layer) => layer,
+            None if lin.is_embedding() => Box::new(ModuleCopy::embedding(&dense)?),
+            None => Box::new(ModuleCopy::new(&dense, lin.bias())?),
         };
         let params = copy
             .tensors()
@@ -431,7 +447,7 @@ fn attach_module_copies(
             out_features: lin.out_features(),
             params,
         });
-        attach(lin, name, Box::new(copy))?;
+        attach(lin, name, copy)?;
         found += 1;
     }
     if found == 0 {

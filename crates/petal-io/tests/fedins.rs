@@ -85,17 +85,31 @@ fn cross_entropy(logits: &Tensor, labels: &[u32]) -> Tensor {
 
 #[test]
 fn bert_with_fedins_equals_the_official_mechanism_in_logits_surrogate_and_gradients() {
-    let t = fixture("fedins.safetensors");
+    // each row its own entries; the head left as it is
+    let mut c = config();
+    c.set("pool_heads", false).unwrap();
+    check_against("fedins.safetensors", &c, 2 * 13 + 1);
+}
+
+#[test]
+fn with_the_official_batch_mixing_and_head_pool_fedins_equals_the_official_code() {
+    // the official code's get_top_ssf and forward_head: the batch's chosen entries averaged,
+    // the classifier replaced by the mean of the chosen heads
+    let mut c = config();
+    c.set("mix", "batch").unwrap();
+    c.modules_to_save = Some(vec!["classifier".into()]);
+    check_against("fedins_heads.safetensors", &c, 2 * 13 + 2 + 1);
+}
+
+/// FedIns by `cfg` on the tiny BERT classifier with the pool and keys of the fixture `name`:
+/// logits, surrogate and the gradients of its `tensors` adapter tensors equal the fixture's;
+/// saved and loaded back, the same logits.
+fn check_against(name: &str, cfg: &AdapterConfig, tensors: usize) {
+    let t = fixture(name);
     let mut e = encoder();
-    inject_adapter(&mut e.model, "default", &config(), 0).unwrap();
+    inject_adapter(&mut e.model, "default", cfg, 0).unwrap();
     // every tensor of the transcription lands on a module petal targets, and back
-    petal_io::load_into(
-        &e.model,
-        "default",
-        adapter(&t),
-        &golden().join("fedins.safetensors"),
-    )
-    .unwrap();
+    petal_io::load_into(&e.model, "default", adapter(&t), &golden().join(name)).unwrap();
     let [ids, types, mask] = inputs(&e);
     let logits = e.model.logits(&ids, &types, &mask, &Ctx::train(0)).unwrap();
     let err = max_rel(&logits, &t["logits"]);
@@ -143,12 +157,15 @@ fn bert_with_fedins_equals_the_official_mechanism_in_logits_surrogate_and_gradie
         assert!(err < 1e-5, "{}: gradient {err:e}", at.key);
         checked += 1;
     }
-    assert_eq!(checked, 2 * 13 + 1, "13 linears' pools and the keys");
+    assert_eq!(
+        checked, tensors,
+        "13 linears' pools, the keys (and the heads' pool)"
+    );
 
     // saved and loaded back: the same logits
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("adapter");
-    petal_io::save_model_adapter(&e.model, "default", &config(), &out).unwrap();
+    petal_io::save_model_adapter(&e.model, "default", cfg, &out).unwrap();
     let mut back = encoder();
     petal_io::attach_adapter(&mut back.model, &out, "default").unwrap();
     let again = back

@@ -48,7 +48,23 @@ crate::method_options! {
         pub init_std: f64 = 0.02,
         /// Width of the queries and keys: the model's hidden size (set by petal train)
         pub query_dim: usize = 0,
+        /// A classifier head per entry, chosen and averaged as the SSF entries (the official
+        /// code's head pool), in place of the one trained head of `modules_to_save`
+        pub pool_heads: bool = true,
+        /// Over what the chosen entries are averaged: instance (each row its own k entries, the
+        /// paper) | batch (every row the mean over the batch's choices, the official code)
+        pub mix: String = "instance".into(),
     }
+}
+
+/// Each row's weights over the pool (b, P): 1/k on its `k` chosen entries, or with `batch` the
+/// mean of those over the rows (the same for every row).
+fn mix_weights(sim: &Tensor, k: usize, batch: bool) -> Result<Tensor> {
+    let w = (choose(sim, k)? / k as f64)?;
+    if !batch {
+        return Ok(w);
+    }
+    Ok(w.mean_keepdim(0)?.broadcast_as(w.shape())?.contiguous()?)
 }
 
 impl AdapterMethod for FedIns {
@@ -93,6 +109,12 @@ impl AdapterMethod for FedIns {
                     "is {}: it must be in 1..={} (pool_size)",
                     o.top_k, o.pool_size
                 ),
+            );
+        }
+        if o.mix != "instance" && o.mix != "batch" {
+            return bad(
+                "mix",
+                format!("is {:?}: it must be instance or batch", o.mix),
             );
         }
         finite("key_weight", o.key_weight, Some(0.0))?;
@@ -140,6 +162,59 @@ impl AdapterMethod for FedIns {
         let dev = base.weight.device();
         let std = paper_std(&o.init_weights, o.init_std)?;
         let (scale, shift) = init_rows(std, o.pool_size, base.out_features, seed, dev)?;
+        Ok(Box::new(FedInsLayer {
+            scale: Var::from_tensor(&scale)?,
+            shift: Var::from_tensor(&shift)?,
+            pick: Pick::new(&o, base, seed)?,
+            last_query: Mutex::new(None),
+        }))
+    }
+
+    fn module_copy(
+        &self,
+        cfg: &AdapterConfig,
+        base: &BaseLinear,
+        seed: u64,
+    ) -> Result<Option<Box<dyn AdapterLayer>>> {
+        let o: FedInsOptions = cfg.options()?;
+        if !o.pool_heads || base.embedding {
+            return Ok(None);
+        }
+        // every entry starts as the model's head (a new classifier's random init, or the
+        // file's); the entries part as different instances choose them
+        let p = o.pool_size;
+        let w = base.weight.to_dtype(DType::F32)?.unsqueeze(0)?;
+        let weight = w.repeat((p, 1, 1))?;
+        let bias = match base.bias {
+            Some(b) => b.to_dtype(DType::F32)?.unsqueeze(0)?.repeat((p, 1))?,
+            None => Tensor::zeros((p, base.out_features), DType::F32, base.weight.device())?,
+        };
+        Ok(Some(Box::new(FedInsHead {
+            weight: Var::from_tensor(&weight)?,
+            bias: Var::from_tensor(&bias)?,
+            pick: Pick::new(&o, base, seed)?,
+        })))
+    }
+}
+
+/// What picks each row's entries: the shared keys, `top_k`, and how the choices mix.
+#[derive(Debug)]
+struct Pick {
+    keys: Var, // (P, d), shared by every layer of the adapter
+    top_k: usize,
+    batch: bool,
+}
+
+impl Pick {
+    fn new(o: &FedInsOptions, base: &BaseLinear, seed: u64) -> Result<Self> {
+        if o.query_dim == 0 {
+            return Err(Error::config(
+                "adapter config",
+                "query_dim",
+                "is 0: set it to the model's hidden size (petal train does)",
+            ));
+        }
+        let dev = base.weight.device();
         let keys = base.shared.get_or_init(KEYS, || {
             let mut g = rand::rngs::StdRng::seed_from_u64(seed ^ 0x6b65_7973);
             crate::methods::normal(
@@ -149,13 +224,31 @@ impl AdapterMethod for FedIns {
                 dev,
             )
         })?;
-        Ok(Box::new(FedInsLayer {
-            scale: Var::from_tensor(&scale)?,
-            shift: Var::from_tensor(&shift)?,
+        Ok(Pick {
             keys,
             top_k: o.top_k,
-            last_query: Mutex::new(None),
-        }))
+            batch: o.mix == "batch",
+        })
+    }
+
+    /// The query of `ctx` for a batch of `b` rows and each row's weights over the pool (b, P).
+    fn weights(&self, ctx: &crate::Ctx, b: usize) -> Result<(Tensor, Tensor)> {
+        let q = ctx.query().ok_or_else(|| {
+            Error::Unsupported(
+                "FedIns matches each instance's query from the frozen model: it runs on \
+                 encoder classifiers (--task-type seq-cls) only"
+                    .into(),
+            )
+        })?;
+        if q.dim(0)? != b {
+            return Err(Error::Unsupported(format!(
+                "FedIns: {} queries for a batch of {b} rows (mixed-adapter batches are not \
+                 supported)",
+                q.dim(0)?
+            )));
+        }
+        let sim = similarity(q, &self.keys.as_tensor().detach())?;
+        Ok((q.clone(), mix_weights(&sim, self.top_k, self.batch)?))
     }
 }
 
@@ -195,35 +288,19 @@ fn choose(sim: &Tensor, k: usize) -> Result<Tensor> {
 struct FedInsLayer {
     scale: Var, // (P, out)
     shift: Var, // (P, out)
-    keys: Var,  // (P, d), shared
-    top_k: usize,
+    pick: Pick,
     /// The query of the last training forward (b, d): the surrogate loss's input.
     last_query: Mutex<Option<Tensor>>,
 }
 
 impl AdapterLayer for FedInsLayer {
     fn forward(&self, _x: &Tensor, y: Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
-        let q = ctx.query().ok_or_else(|| {
-            Error::Unsupported(
-                "FedIns matches each instance's query from the frozen model: it runs on \
-                 encoder classifiers (--task-type seq-cls) only"
-                    .into(),
-            )
-        })?;
         let b = y.dim(0)?;
-        if q.dim(0)? != b {
-            return Err(Error::Unsupported(format!(
-                "FedIns: {} queries for a batch of {b} rows (mixed-adapter batches are not \
-                 supported)",
-                q.dim(0)?
-            )));
-        }
+        // each row's mean of its k entries: (b, P) weights 1/k times the pool
+        let (q, w) = self.pick.weights(ctx, b)?;
         if ctx.is_train() {
             *self.last_query.lock().expect("FedIns query") = Some(q.detach());
         }
-        // each row's mean of its k entries: (b, P) weights 1/k times the pool
-        let sim = similarity(q, &self.keys.as_tensor().detach())?;
-        let w = (choose(&sim, self.top_k)? / self.top_k as f64)?;
         let out = *y.dims().last().unwrap_or(&0);
         let scale = w.matmul(self.scale.as_tensor())?.reshape((b, 1, out))?;
         let shift = w.matmul(self.shift.as_tensor())?.reshape((b, 1, out))?;
@@ -261,12 +338,68 @@ impl AdapterLayer for FedInsLayer {
     fn shared_trained(&self) -> Vec<NamedTensor<'_>> {
         vec![NamedTensor {
             name: KEYS,
-            var: &self.keys,
+            var: &self.pick.keys,
         }]
     }
 
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         Some(self)
+    }
+
+    fn wants_query(&self) -> bool {
+        true
+    }
+}
+
+/// The head pool (`pool_heads`): on the classifier, in place of its one trained copy, each row
+/// gets the mean of its chosen entries' heads, `y = x mean_k(W_k)^T + mean_k(b_k)`.
+#[derive(Debug)]
+struct FedInsHead {
+    weight: Var, // (P, classes, hidden)
+    bias: Var,   // (P, classes)
+    pick: Pick,
+}
+
+impl AdapterLayer for FedInsHead {
+    fn forward(&self, x: &Tensor, y: Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let (_, w) = self.pick.weights(ctx, b)?;
+        let (p, c, h) = self.weight.as_tensor().dims3()?;
+        let wm = w
+            .matmul(&self.weight.as_tensor().reshape((p, c * h))?)?
+            .reshape((b, c, h))?;
+        let bm = w.matmul(self.bias.as_tensor())?.reshape((b, 1, c))?;
+        let x3 = x.to_dtype(DType::F32)?.reshape((b, (), h))?;
+        let out = x3.matmul(&wm.transpose(1, 2)?)?.broadcast_add(&bm)?;
+        Ok(out.reshape(y.shape())?.to_dtype(y.dtype())?)
+    }
+
+    fn weight_update(&self) -> Result<WeightUpdate> {
+        Err(Error::Unsupported(
+            "FedIns picks each instance's classifier head from its pool by the instance's \
+             query: it cannot be merged (serve it unmerged)"
+                .into(),
+        ))
+    }
+
+    fn tensors(&self) -> Vec<NamedTensor<'_>> {
+        vec![
+            NamedTensor {
+                name: "fedins_head_weight",
+                var: &self.weight,
+            },
+            NamedTensor {
+                name: "fedins_head_bias",
+                var: &self.bias,
+            },
+        ]
+    }
+
+    fn shared_trained(&self) -> Vec<NamedTensor<'_>> {
+        vec![NamedTensor {
+            name: KEYS,
+            var: &self.pick.keys,
+        }]
     }
 
     fn wants_query(&self) -> bool {
@@ -301,8 +434,8 @@ pub fn surrogate(model: &dyn crate::Adaptable, name: &str, w: f64) -> Result<Opt
     let Some(q) = layer.last_query.lock().expect("FedIns query").take() else {
         return Ok(None);
     };
-    let cos = similarity(&q, layer.keys.as_tensor())?;
-    let chosen = choose(&cos, layer.top_k)?;
+    let cos = similarity(&q, layer.pick.keys.as_tensor())?;
+    let chosen = choose(&cos, layer.pick.top_k)?;
     let b = q.dim(0)? as f64;
     let reduced = (cos * chosen)?.sum_all()?;
     Ok(Some(((reduced * (-w / b))? + w)?))

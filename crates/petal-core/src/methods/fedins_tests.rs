@@ -62,7 +62,7 @@ fn each_row_takes_the_mean_scale_and_shift_of_its_k_best_matching_entries() {
     let y0 = Toy::new().fc1.forward(&x, &Ctx::eval()).unwrap();
     let l = layer(&t);
     let (keys, scale, shift) = (
-        rows(l.keys.as_tensor()),
+        rows(l.pick.keys.as_tensor()),
         rows(l.scale.as_tensor()),
         rows(l.shift.as_tensor()),
     );
@@ -110,7 +110,10 @@ fn the_pool_gets_gradients_that_match_finite_differences_and_the_keys_none() {
     let loss = || (t.forward_ctx(&x, &ctx) * &w).unwrap().sum_all().unwrap();
     let g = loss().backward().unwrap();
     let l = layer(&t);
-    assert!(g.get(l.keys.as_tensor()).is_none(), "the choice is hard");
+    assert!(
+        g.get(l.pick.keys.as_tensor()).is_none(),
+        "the choice is hard"
+    );
     for v in [&l.scale, &l.shift] {
         let grad: Vec<f32> = g
             .get(v.as_tensor())
@@ -147,7 +150,7 @@ fn the_surrogate_is_one_minus_the_summed_cosines_of_the_chosen_keys_and_trains_t
     );
     t.forward_ctx(&Toy::input(), &Ctx::train(0).with_query(q.clone()));
     let l = layer(&t);
-    let keys = rows(l.keys.as_tensor());
+    let keys = rows(l.pick.keys.as_tensor());
     let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
     let mut sum = 0.0;
     for qb in rows(&q) {
@@ -162,7 +165,7 @@ fn the_surrogate_is_one_minus_the_summed_cosines_of_the_chosen_keys_and_trains_t
     assert!((got - want).abs() < 1e-6, "{got} vs {want}");
     let g = s.backward().unwrap();
     let grad: Vec<f32> = g
-        .get(l.keys.as_tensor())
+        .get(l.pick.keys.as_tensor())
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -180,7 +183,10 @@ fn the_surrogate_is_one_minus_the_summed_cosines_of_the_chosen_keys_and_trains_t
             .to_scalar::<f64>()
             .unwrap()
     };
-    for (&i, fd) in idx.iter().zip(central_differences(&l.keys, &idx, 1e-3, f)) {
+    for (&i, fd) in idx
+        .iter()
+        .zip(central_differences(&l.pick.keys, &idx, 1e-3, f))
+    {
         assert!(
             (fd as f32 - grad[i]).abs() < 1e-3,
             "d/dkey[{i}]: {fd} vs {}",
@@ -200,5 +206,126 @@ fn a_pool_or_top_k_out_of_range_is_refused_naming_the_key() {
         c.set(k, v).unwrap();
         let e = c.validate("adapter_config.json").unwrap_err().to_string();
         assert!(e.contains(&format!("`{k}`")), "{e}");
+    }
+    let mut c = config();
+    c.set("mix", "row").unwrap();
+    let e = c.validate("adapter_config.json").unwrap_err().to_string();
+    assert!(
+        e.contains("`mix`") && e.contains("instance or batch"),
+        "{e}"
+    );
+}
+
+/// FedIns on fc1 with fc2 as the head (`modules_to_save`), its pool of heads moved apart.
+fn with_head(pool_heads: bool) -> Toy {
+    let mut c = config();
+    c.target_modules = Some(crate::config::Targets::List(vec!["fc1".into()]));
+    c.modules_to_save = Some(vec!["fc2".into()]);
+    c.set("pool_heads", pool_heads).unwrap();
+    let t = adapted(&c, false);
+    for v in t.fc2.layer("default").unwrap().tensors() {
+        let dims = v.var.as_tensor().dims().to_vec();
+        v.var
+            .set(&(v.var.as_tensor() + rand_tensor(&dims, 17)).unwrap())
+            .unwrap();
+    }
+    t
+}
+
+#[test]
+fn the_head_pool_gives_each_row_the_mean_head_of_its_chosen_entries() {
+    let t = with_head(true);
+    let head = t.fc2.layer("default").unwrap();
+    let names: Vec<&str> = head.tensors().iter().map(|v| v.name).collect();
+    assert_eq!(names, ["fedins_head_weight", "fedins_head_bias"]);
+    let (w, bias) = (
+        head.tensors()[0].var.as_tensor(),
+        head.tensors()[1].var.as_tensor(),
+    );
+    assert_eq!(w.dims(), [P, 6, 12]);
+    let w = rows(&w.reshape((P, 6 * 12)).unwrap());
+    let bias = rows(bias);
+    let keys = rows(layer(&t).pick.keys.as_tensor());
+    let x = rand_tensor(&[2, 3, 12], 23);
+    let q = rand_tensor(&[2, D], 5);
+    let y = rows(
+        &t.fc2
+            .forward(&x, &Ctx::eval().with_query(q.clone()))
+            .unwrap(),
+    );
+    let xs = rows(&x);
+    for (b, qb) in rows(&q).iter().enumerate() {
+        let chosen = best(qb, &keys, K);
+        for t_ in 0..3 {
+            for c in 0..6 {
+                let mut want = chosen.iter().map(|&e| bias[e][c]).sum::<f64>() / K as f64;
+                for h in 0..12 {
+                    let mean = chosen.iter().map(|&e| w[e][c * 12 + h]).sum::<f64>() / K as f64;
+                    want += xs[b * 3 + t_][h] * mean;
+                }
+                let got = y[b * 3 + t_][c];
+                assert!(
+                    (got - want).abs() < 1e-5 * (1.0 + want.abs()),
+                    "{got} vs {want}"
+                );
+            }
+        }
+    }
+    // the head's pool travels with the keys the linears use, and trains
+    assert!(head.wants_query());
+    let loss = t
+        .fc2
+        .forward(&x, &Ctx::eval().with_query(q))
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let g = loss.backward().unwrap();
+    assert!(g.get(head.tensors()[0].var.as_tensor()).is_some());
+    // without pool_heads, the head is PEFT's one trained copy
+    let one = with_head(false);
+    let names: Vec<&str> = one
+        .fc2
+        .layer("default")
+        .unwrap()
+        .tensors()
+        .iter()
+        .map(|v| v.name)
+        .collect();
+    assert_eq!(names, ["weight"]);
+}
+
+#[test]
+fn with_mix_batch_every_row_takes_the_mean_over_the_batchs_choices() {
+    // the official code's averaging: over each row's k entries, then over the batch
+    let mut c = config();
+    c.set("mix", "batch").unwrap();
+    let t = adapted(&c, false);
+    let x = Toy::input();
+    let q = rand_tensor(&[2, D], 5);
+    let y = rows(
+        &t.fc1
+            .forward(&x, &Ctx::eval().with_query(q.clone()))
+            .unwrap(),
+    );
+    let y0 = rows(&Toy::new().fc1.forward(&x, &Ctx::eval()).unwrap());
+    let l = layer(&t);
+    let (keys, scale, shift) = (
+        rows(l.pick.keys.as_tensor()),
+        rows(l.scale.as_tensor()),
+        rows(l.shift.as_tensor()),
+    );
+    let chosen: Vec<usize> = rows(&q).iter().flat_map(|qb| best(qb, &keys, K)).collect();
+    let n = chosen.len() as f64;
+    for (got, base) in y.iter().zip(&y0) {
+        for j in 0..12 {
+            let g = chosen.iter().map(|&e| scale[e][j]).sum::<f64>() / n;
+            let s = chosen.iter().map(|&e| shift[e][j]).sum::<f64>() / n;
+            let want = g * base[j] + s;
+            assert!(
+                (got[j] - want).abs() < 1e-5 * (1.0 + want.abs()),
+                "{} vs {want}",
+                got[j]
+            );
+        }
     }
 }
