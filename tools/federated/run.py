@@ -104,6 +104,7 @@ def main():
         sys.exit(f"--petal {a.petal}: not an executable")
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    (out / "rounds.jsonl").unlink(missing_ok=True)  # an earlier run's: not this one's to follow
 
     home = Path(tempfile.mkdtemp(prefix="petal-flwr-"))
     link = free_port()

@@ -12,11 +12,15 @@
 //! adds it to each micro-batch's loss ([`FedInsTraining`]). The official code weighs the task
 //! loss by `1 - key_weight`; petal leaves it at 1 (the same as a learning rate 1/(1 - λ) times
 //! larger with the surrogate weight λ/(1 - λ)). Federated, every tensor (pool and keys) is
-//! averaged over the clients (`python/flower`). Not in the official code's form here: its pool
-//! also holds one classifier head per entry; petal's classifier head is one (`seq-cls` trains
-//! it as a whole copy). Encoder classifiers only (`--task-type seq-cls`), where a query exists;
-//! cannot be merged (the scale depends on the instance). Saved as `<module>.fedins_scale`,
-//! `<module>.fedins_shift` and `base_model.fedins_keys`, `peft_type: "FEDINS"` (petal's own).
+//! averaged over the clients (`python/flower`). With `pool_heads` (the default, as the official
+//! code) the classifier head of `modules_to_save` is a pool too: a head per entry, each row
+//! served by the mean of its chosen heads ([`FedInsHead`]). `mix = "batch"` averages the
+//! choices over the batch as the official code does (`get_top_ssf`, `forward_head`: every row
+//! of a batch gets the same SSF and head); petal's default, `instance`, is the paper's per-row
+//! rule (the same at batch size 1). Encoder classifiers only (`--task-type seq-cls`), where a
+//! query exists; cannot be merged (the scale depends on the instance). Saved as
+//! `<module>.fedins_scale`, `<module>.fedins_shift`, `classifier.fedins_head_weight` /
+//! `fedins_head_bias` and `base_model.fedins_keys`, `peft_type: "FEDINS"` (petal's own).
 
 use crate::adapter::{
     AdapterLayer, AdapterMethod, BaseLinear, ModuleDims, NamedTensor, NewAdapter, WeightUpdate,
