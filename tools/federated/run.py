@@ -63,6 +63,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--local-steps", type=int, default=4)
     ap.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox", "legend"])
+    ap.add_argument("--legend-send", default="own", choices=["own", "all"],
+                    help="legend: what travels down, a client's own layers (default) or the whole global "
+                         "adapter, the rest merged into the client's base (its update on the global model)")
     ap.add_argument("--legend-fixed", action="store_true",
                     help="legend's rounds and accounting, every client on every layer at full rank (the baseline)")
     ap.add_argument("--slowdowns", default="", help="simulated devices: client i's seconds times factor i, comma-separated")
@@ -180,6 +183,7 @@ def main():
               "lr": a.lr, "local-steps": a.local_steps, "batch-size": a.batch_size,
               "seq-len": a.seq_len, "max-eval-examples": a.max_eval_examples, "seed": a.seed,
               "keep-client-adapters": a.keep_client_adapters, "legend-adapt": not a.legend_fixed,
+              "legend-send": a.legend_send,
               "slowdowns": a.slowdowns, "round-timeout": a.round_timeout, "task-type": a.task_type}
         for item in a.inject:
             key, _, value = item.partition("=")

@@ -295,6 +295,17 @@ pub fn adapter_config(
 
 /// `--init-adapter DIR`: the injected adapter's weights replaced by DIR's (a federated round's
 /// global adapter, a warm start), which must be of the same method and shapes.
+/// `--merge-adapter`: each folder attached to `model`, then merged into its base weights and
+/// unloaded, in the order given, before the trained adapter is made.
+pub(crate) fn merge_adapters(o: &TrainOpts, model: &mut dyn petal_core::Adaptable) -> Result<()> {
+    for (i, dir) in o.merge_adapter.iter().flatten().enumerate() {
+        let what = || format!("--merge-adapter {}", dir.display());
+        petal_io::attach_adapter(model, dir, &format!("merged-{i}")).with_context(what)?;
+        petal_core::inject::merge_and_unload_all(model).with_context(what)?;
+    }
+    Ok(())
+}
+
 pub(crate) fn init_adapter(
     o: &TrainOpts,
     model: &dyn petal_core::Adaptable,

@@ -137,6 +137,7 @@ pub fn train(
         }
     }
     acfg.modules_to_save = Some(keep);
+    crate::adapter_opts::merge_adapters(o, &mut enc.model)?;
     let limit = crate::common::memory_limit(crate::train_cmd::max_memory(o)?).for_training();
     let report = inject_adapter_within(&mut enc.model, "default", &acfg, seed, &limit)?;
     crate::adapter_opts::init_adapter(o, &enc.model, &candle_core::Device::Cpu, &acfg)?;

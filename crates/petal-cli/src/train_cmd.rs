@@ -136,6 +136,11 @@ train_opts! {
     /// method's options make, same names and shapes), with a fresh optimizer: a federated
     /// round's local training from the global adapter
     init_adapter: PathBuf,
+    /// Merge these adapter folders into the base weights first (each attached, merged and
+    /// unloaded, PEFT's merge_and_unload), then make the trained adapter: it learns on top of
+    /// their updates, and is saved without them (it belongs to base + these; a federated client
+    /// training some layers over the global adapter of the others)
+    merge_adapter: Vec<PathBuf>,
     /// FedProx's proximal term: `prox_mu / 2 * ||w - w0||^2`, w0 the adapter training starts
     /// from (`--init-adapter`) [default: 0, none]
     prox_mu: f64,
@@ -313,6 +318,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut acfg = adapter_config(&o, m, preset, given, shape, heads, &tasks, &specials)?;
     acfg.base_model_name_or_path = Some(model_spec.clone());
     let mut model = lm.model;
+    crate::adapter_opts::merge_adapters(&o, &mut model)?;
     let limit = crate::common::memory_limit(max_memory(&o)?).for_training();
     let report = inject_adapter_within(&mut model, "default", &acfg, seed, &limit)?;
     crate::adapter_opts::init_adapter(&o, &model, model.device(), &acfg)?;

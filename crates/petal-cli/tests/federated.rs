@@ -66,6 +66,90 @@ fn training_from_an_adapter_starts_where_it_ended_and_other_shapes_are_refused()
     assert!(e.contains("a LORA adapter, but --method makes IA3"), "{e}");
 }
 
+#[test]
+fn training_over_a_merged_adapter_starts_from_the_model_with_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = words(tmp.path());
+    let model = golden().join("llama");
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let out = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
+    let trained = out("trained");
+    let mut args = train(m, d, &trained);
+    args.extend(["--max-steps", "4", "--lr", "0.01"]);
+    assert!(petal(&args).status.success());
+    let a = std::path::PathBuf::from(format!("{trained}/adapter"));
+    // the held-out loss before any step, from a start
+    let before = |name: &str, start: &[&str]| -> f64 {
+        let o = out(name);
+        let mut args = train(m, d, &o);
+        args.extend(["--max-steps", "0", "--json"]);
+        args.extend(start);
+        summary(&petal(&args))["eval_before"]["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    let a_str = a.to_str().unwrap();
+    let unmerged = before("unmerged", &["--init-adapter", a_str]);
+    let base = before("base", &[]);
+    // merged into the weights, with a fresh adapter (B = 0) on top: the same model
+    let merged = before("merged", &["--merge-adapter", a_str]);
+    assert!((merged - unmerged).abs() < 1e-5, "{merged} vs {unmerged}");
+    assert!((base - unmerged).abs() > 1e-3, "{base} vs {unmerged}");
+    // LEGEND's client: layer 0's update and layer 1's components beyond rank 2 merged, layer 1's
+    // first 2 components trained from the adapter's own
+    let tensors = adapter_tensors(&a);
+    let config = std::fs::read_to_string(a.join("adapter_config.json")).unwrap();
+    let folder = |name: &str, t: &HashMap<String, Tensor>| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        candle_core::safetensors::save(t, dir.join("adapter_model.safetensors")).unwrap();
+        std::fs::write(dir.join("adapter_config.json"), &config).unwrap();
+        dir.to_str().unwrap().to_string()
+    };
+    let (mut rest, mut own) = (HashMap::new(), HashMap::new());
+    for (k, t) in &tensors {
+        let mut t = t.clone();
+        if layer(k) == 1 {
+            let r = 2;
+            if k.ends_with("lora_A.weight") {
+                own.insert(k.clone(), t.narrow(0, 0, r).unwrap());
+            } else {
+                own.insert(k.clone(), t.narrow(1, 0, r).unwrap());
+                let cols = t.dim(1).unwrap();
+                let zero = t.narrow(1, 0, r).unwrap().zeros_like().unwrap();
+                t = Tensor::cat(&[&zero, &t.narrow(1, r, cols - r).unwrap()], 1).unwrap();
+            }
+        }
+        rest.insert(k.clone(), t);
+    }
+    let (rest, own) = (folder("rest", &rest), folder("own", &own));
+    // rank 2 at the same scale alpha / r as the adapter's
+    let cfg: Value = serde_json::from_str(&config).unwrap();
+    let alpha = cfg["lora_alpha"].as_f64().unwrap() * 2.0 / cfg["r"].as_f64().unwrap();
+    let alpha = alpha.to_string();
+    let legend = before(
+        "legend",
+        &[
+            "--merge-adapter",
+            &rest,
+            "--init-adapter",
+            &own,
+            "--layers-to-transform",
+            "1",
+            "--r",
+            "2",
+            "--alpha",
+            &alpha,
+        ],
+    );
+    assert!((legend - unmerged).abs() < 1e-5, "{legend} vs {unmerged}");
+    // a folder that is no adapter is named
+    let e = stderr(&petal(
+        &[&train(m, d, &out("bad"))[..], &["--merge-adapter", d]].concat(),
+    ));
+    assert!(e.contains("--merge-adapter") && e.contains(d), "{e}");
+}
+
 /// The largest change of any adapter tensor between two run folders' adapters.
 fn moved(a: &str, b: &str) -> f32 {
     let tensors = |d: &str| adapter_tensors(&std::path::Path::new(d).join("adapter"));
@@ -547,6 +631,82 @@ fn legend_on_a_classifier_gives_the_slow_client_fewer_encoder_layers_and_every_c
         );
     }
     assert!(n0 > 0.0 && n1 > 0.0);
+}
+
+#[test]
+fn legend_sending_the_whole_adapter_trains_each_client_on_the_global_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = [
+        "--rounds",
+        "2",
+        "--strategy",
+        "legend",
+        "--slowdowns",
+        "1,4",
+        "--legend-send",
+        "all",
+    ];
+    let Some(out) = classifier_run(tmp.path(), &extra) else {
+        return;
+    };
+    let rounds = rounds(&out);
+    let depth = |i: usize| rounds[2]["clients"][i]["depth"].as_u64().unwrap();
+    assert_eq!((depth(0), depth(1)), (2, 1));
+    let global = |r: usize| adapter_tensors(&out.join(format!("round-{r}/adapter")));
+    // it started from the global model, layer 0's update merged into its weights: its held-out
+    // loss before training is round 1's adapter's on the same sentence (its run redone whole)
+    let dir = out.join("clients/round-2/client-1");
+    let kept = common::json_file(&dir.join("summary.json"));
+    let (model, data) = (
+        golden().join("bert_minilm_names"),
+        tmp.path().join("pos.jsonl"),
+    );
+    let (seed, start) = (kept["seed"].to_string(), out.join("round-1/adapter"));
+    let again = tmp.path().join("again");
+    let o = petal(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--task-type",
+        "seq-cls",
+        "--data",
+        data.to_str().unwrap(),
+        "--init-adapter",
+        start.to_str().unwrap(),
+        "--max-steps",
+        "0",
+        "--seed",
+        &seed,
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "4",
+        "--max-eval-examples",
+        "1",
+        "--out",
+        again.to_str().unwrap(),
+        "--json",
+    ]);
+    let want = summary(&o)["eval_before"]["loss"].as_f64().unwrap();
+    let got = kept["eval_before"]["loss"].as_f64().unwrap();
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    // the slow client gets the whole global adapter, sends back its layer and the head
+    let all: usize = global(1).values().map(|t| t.elem_count() * 4).sum();
+    assert_eq!(rounds[2]["clients"][1]["bytes_down"], all);
+    let (b, _) = client(&out, 2, 1);
+    assert!(b
+        .keys()
+        .filter(|k| k.contains("encoder.layer."))
+        .all(|k| k.contains("encoder.layer.1.")));
+    for r in 1..=2 {
+        let (c0, c1) = (client(&out, r, 0), client(&out, r, 1));
+        assert_layerwise_mean(
+            r,
+            &global(r - 1),
+            &global(r),
+            &[(&c0.0, c0.1), (&c1.0, c1.1)],
+        );
+    }
 }
 
 #[test]

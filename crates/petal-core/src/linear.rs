@@ -369,7 +369,7 @@ impl AdaptableLinear {
             Some(b) => (b.to_dtype(candle_core::DType::F32)? + db)?,
             None => db,
         };
-        self.bias = Some(b.to_dtype(self.weight.dtype())?);
+        self.bias = Some(b.to_dtype(self.weight.dtype())?.detach());
         Ok(())
     }
 
@@ -405,8 +405,10 @@ impl AdaptableLinear {
                 self.path
             )));
         }
-        self.weight = w;
-        self.bias = b;
+        // a merged weight is frozen: it keeps no tie to the adapter's variables (a later backward
+        // pass, training another adapter over it, must not reach them)
+        self.weight = w.detach();
+        self.bias = b.map(|b| b.detach());
         self.merged.push((name.to_string(), upd));
         Ok(true)
     }
@@ -416,11 +418,11 @@ impl AdaptableLinear {
         let Some((name, upd)) = self.merged.pop() else {
             return Ok(None);
         };
-        self.weight = invert(&self.weight, &upd)?;
+        self.weight = invert(&self.weight, &upd)?.detach();
         self.bias = self
             .bias
             .as_ref()
-            .map(|b| scale_bias(b, &upd, true))
+            .map(|b| scale_bias(b, &upd, true).map(|b| b.detach()))
             .transpose()?;
         Ok(Some(name))
     }

@@ -148,7 +148,7 @@ impl AdaptableNorm {
     /// linears the norm feeds.
     pub fn merge_and_unload(&mut self) -> Result<Option<Tensor>> {
         let shift = self.shift().cloned();
-        self.weight = self.weight()?.to_dtype(self.weight.dtype())?;
+        self.weight = self.weight()?.to_dtype(self.weight.dtype())?.detach();
         self.tuned.clear();
         self.active = None;
         Ok(shift)

@@ -37,8 +37,14 @@ def train(msg: Message, context: Context) -> Message:
         mu = float(config.get("proximal-mu", 0.0))
         if mu > 0:
             args += ["--prox-mu", mu]
-        # LEGEND: this client's layers and ranks, as petal options
+        # LEGEND: this client's layers and ranks, as petal options, and with legend-send = all
+        # the global adapter's rest, merged into the base before training
         args += json.loads(str(config.get("petal-args", "[]")))
+        if "context" in msg.content:
+            context = {k: v.numpy() for k, v in msg.content["context"].items()}
+            merged = write_adapter(Path(tmp) / "context", context, str(config["adapter-config"]),
+                                   str(config.get("labels", "")))
+            args += ["--merge-adapter", merged]
         summary = petal(rc, args)
         local, _ = read_adapter(run / "adapter")
         if injected(rc, "misshape-at", pid, rnd):  # an adapter of another shape (tests)
@@ -48,7 +54,9 @@ def train(msg: Message, context: Context) -> Message:
             keep = Path(rc["out"]) / "clients" / f"round-{rnd}" / f"client-{pid}"
             write_adapter(keep, local, str(config["adapter-config"]))
             # the Simulation Engine runs this in one of Ray's worker processes (tests check it)
-            (keep / "summary.json").write_text(json.dumps(dict(summary, ray_worker="ray" in sys.modules)))
+            # (and with its seed, to redo its run)
+            kept = dict(summary, ray_worker="ray" in sys.modules, seed=seed)
+            (keep / "summary.json").write_text(json.dumps(kept))
     losses = summary["losses"]
     # a simulated device: the measured seconds times this partition's slowdown factor
     slow = [float(x) for x in str(rc["slowdowns"]).split(",") if x.strip()]

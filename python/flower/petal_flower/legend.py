@@ -6,9 +6,13 @@ decrease towards the output; a classifier's head is trained by every client, sin
 reaches the output (LoRA outside the layers, on BERT's pooler, is not trained: see slice_for); the
 server picks each client's depth from its measured step time so the round's times even out,
 and aggregates each layer, and each rank component of it, over the clients that train it.
-A client's model carries LoRA on its own layers only (only those travel, LEGEND's saving in
-communication): its update is computed without the deeper layers' global LoRA. Plain LoRA
-scaling (alpha / r); rsLoRA would need alpha scaled by sqrt(r / r_max) instead.
+By default (`legend-send = "own"`) a client's model carries LoRA on its own layers only (only
+those travel down, LEGEND's saving in communication): its update is computed without the
+input-side layers' global LoRA. With `legend-send = "all"` the whole global adapter travels
+down and the client merges what it does not train (the other layers, and its layers' components
+beyond its rank) into its base weights (`petal train --merge-adapter`): its update is computed on
+the global model; only its own layers travel up. Plain LoRA scaling (alpha / r); rsLoRA would
+need alpha scaled by sqrt(r / r_max) instead.
 
 Heterogeneous devices are simulated: client i's measured seconds are multiplied by the run
 config's slowdown factor i (`slowdowns`), and a round takes as long as its slowest client.
@@ -95,6 +99,20 @@ def slice_for(global_arrays, ranks):
     return out
 
 
+def context_for(global_arrays, part):
+    """What a client merges into its base under `legend-send = "all"`: the global adapter with
+    the components the client trains (`part`, from slice_for) taken out, lora_B's first r
+    columns zeroed on its layers (B A is the sum of the components B[:, j] A[j], so the rest of
+    its layers' components stay). The head stays: the client's trained copy, started from the
+    same global head, replaces it."""
+    out = dict(global_arrays)
+    for k, p in part.items():
+        if k.endswith("lora_B.weight"):
+            out[k] = global_arrays[k].copy()
+            out[k][:, :p.shape[1]] = 0
+    return out
+
+
 def aggregate(global_arrays, updates):
     """Each element of each tensor: the average of the clients that trained it, weighted by
     their examples (a client's tensor fills the leading corner of the global one); elements no
@@ -129,6 +147,9 @@ def run(grid, rc, arrays, config_text, labels_text, log_row):
     `labels_text`: a classifier's labels.json, sent with the adapter ("" for a decoder)."""
     n = int(rc["num-clients"])
     adapt = bool(rc["legend-adapt"])
+    send = str(rc.get("legend-send", "own"))
+    if send not in ("own", "all"):
+        raise ValueError(f"legend-send `{send}` is not one of own, all")
     r_max, alpha = int(rc["r"]), float(rc["alpha"])
     num_layers = len(layers_of(arrays))
     if layers_of(arrays) != list(range(num_layers)):
@@ -149,12 +170,16 @@ def run(grid, rc, arrays, config_text, labels_text, log_row):
         for nid in nodes:
             layers, ranks = plan(num_layers, r_max, depth[nid], adapt)
             part = slice_for(arrays, ranks)
-            sent[nid] = nbytes(part)
+            # what travels down: the client's part, or the whole global adapter it is cut from
+            sent[nid] = nbytes(part) if send == "own" else nbytes(arrays)
             shapes[nid] = {k: v.shape for k, v in part.items()}
             config = ConfigRecord({"server-round": rnd, "adapter-config": config_text, "labels": labels_text,
                                    "petal-args": json.dumps(client_args(layers, ranks, r_max, alpha, word))})
             content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in part.items()}),
                                   "config": config})
+            if send == "all":
+                context = context_for(arrays, part)
+                content["context"] = ArrayRecord({k: Array(v) for k, v in context.items()})
             messages.append(Message(content=content, message_type="train", dst_node_id=nid))
         replies = list(grid.send_and_receive(messages, timeout=float(rc["round-timeout"])))
         updates, clients, failed = [], [], []
