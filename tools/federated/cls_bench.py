@@ -44,6 +44,8 @@ CONFIGS = {
     "skew0.5-fedins-one-head": (0.5, "fedavg", FEDINS_ONE_HEAD + ["--lr", "0.01"], []),
     # LEGEND on the encoder's layers against its baseline under the same accounting
     "skew0.5-legend": (0.5, "legend", LORA, DEVICES),
+    # LEGEND with the whole global adapter sent down, each client on the global model
+    "skew0.5-legend-all": (0.5, "legend", LORA, DEVICES + ["--legend-send", "all"]),
     "skew0.5-hetero-fedavg": (0.5, "legend", LORA, DEVICES + ["--legend-fixed"]),
 }
 
