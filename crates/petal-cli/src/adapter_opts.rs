@@ -293,8 +293,6 @@ pub fn adapter_config(
     Ok(cfg)
 }
 
-/// `--init-adapter DIR`: the injected adapter's weights replaced by DIR's (a federated round's
-/// global adapter, a warm start), which must be of the same method and shapes.
 /// `--merge-adapter`: each folder attached to `model`, then merged into its base weights and
 /// unloaded, in the order given, before the trained adapter is made.
 pub(crate) fn merge_adapters(o: &TrainOpts, model: &mut dyn petal_core::Adaptable) -> Result<()> {
@@ -306,6 +304,8 @@ pub(crate) fn merge_adapters(o: &TrainOpts, model: &mut dyn petal_core::Adaptabl
     Ok(())
 }
 
+/// `--init-adapter DIR`: the injected adapter's weights replaced by DIR's (a federated round's
+/// global adapter, a warm start), which must be of the same method and shapes.
 pub(crate) fn init_adapter(
     o: &TrainOpts,
     model: &dyn petal_core::Adaptable,
