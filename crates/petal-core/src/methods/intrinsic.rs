@@ -8,13 +8,16 @@
 //! `projection_seed` and the module's place, never stored), or a dense Gaussian `N(0, 1/d)`
 //! matrix where that is small (refused above `max_dense_values`). As the official code, one
 //! projection per weight tensor, all sharing θ. Mergeable. petal's own adapter `peft_type:
-//! "INTRINSIC"`: `base_model.intrinsic_theta` (d) and the seed in the config.
+//! "INTRINSIC"`: `base_model.intrinsic_theta` (d) and the seed in the config. Unmerged
+//! inference keeps each layer's dW once made, while θ holds the same values (making it is a
+//! projection of out·in values; θ has d); a training forward drops it, so it is only held
+//! between an evaluation and the next step.
 
 use crate::adapter::{
     AdapterLayer, AdapterMethod, BaseLinear, ModuleDims, NamedTensor, WeightUpdate,
 };
 use crate::config::{spec, AdapterConfig, Spec};
-use crate::methods::{add_dense_delta, dense_linear};
+use crate::methods::{add_dense_delta, dense_linear, KeptDelta};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var};
 use petal_ops::fastfood::Fastfood;
@@ -159,6 +162,7 @@ impl AdapterMethod for Intrinsic {
             projection,
             out,
             inp,
+            kept: KeptDelta::default(),
         }))
     }
 }
@@ -175,9 +179,17 @@ struct IntrinsicLayer {
     projection: Projection,
     out: usize,
     inp: usize,
+    /// Inference's dW.
+    kept: KeptDelta,
 }
 
 impl IntrinsicLayer {
+    /// dW for a forward under `ctx` (kept for inference).
+    fn delta_for(&self, ctx: &crate::Ctx) -> Result<Tensor> {
+        self.kept
+            .get(ctx, self.theta.as_tensor(), || self.delta(ctx.kernels()))
+    }
+
     /// dW (out, in) = reshape(P θ).
     fn delta(&self, k: petal_ops::Kernels) -> Result<Tensor> {
         let t = self.theta.as_tensor();
@@ -191,7 +203,7 @@ impl IntrinsicLayer {
 
 impl AdapterLayer for IntrinsicLayer {
     fn forward(&self, x: &Tensor, y: Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
-        add_dense_delta(x, y, &self.delta(ctx.kernels())?)
+        add_dense_delta(x, y, &self.delta_for(ctx)?)
     }
 
     fn fused_forward(
@@ -201,9 +213,7 @@ impl AdapterLayer for IntrinsicLayer {
         b: Option<&Tensor>,
         ctx: &crate::Ctx,
     ) -> Option<Result<Tensor>> {
-        dense_linear(ctx.kernels(), x, w, b, || {
-            Ok(Some(self.delta(ctx.kernels())?))
-        })
+        dense_linear(ctx.kernels(), x, w, b, || Ok(Some(self.delta_for(ctx)?)))
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {
@@ -257,6 +267,31 @@ crate::conformance!(dense, dense_config, count);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inference_keeps_the_update_while_theta_holds_and_makes_it_anew_when_theta_moves() {
+        let mut c = conformance_config();
+        c.set("init_weights", false).unwrap();
+        let mut t = crate::testing::Toy::new();
+        crate::inject_adapter(&mut t, "default", &c, 0).unwrap();
+        let x = crate::testing::Toy::input();
+        let (eval, train) = (crate::Ctx::eval(), crate::Ctx::train(0));
+        let made = t.forward_ctx(&x, &train);
+        let first = t.forward_ctx(&x, &eval);
+        assert!(crate::testing::max_rel(&first, &made) < 1e-6);
+        assert!(crate::testing::max_rel(&t.forward_ctx(&x, &eval), &first) < 1e-6);
+        // θ moves (an optimizer step): inference follows it
+        let theta = crate::walk::adapter_tensors(&t, "default")
+            .into_iter()
+            .find(|a| a.key.ends_with(THETA))
+            .unwrap()
+            .var
+            .clone();
+        theta.set(&(theta.as_tensor() * 2.0).unwrap()).unwrap();
+        let moved = t.forward_ctx(&x, &eval);
+        assert!(crate::testing::max_rel(&moved, &first) > 1e-3);
+        assert!(crate::testing::max_rel(&moved, &t.forward_ctx(&x, &train)) < 1e-6);
+    }
 
     #[test]
     fn a_d_over_the_weight_count_and_a_dense_projection_over_the_cap_are_refused() {

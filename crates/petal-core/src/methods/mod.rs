@@ -197,6 +197,36 @@ pub(crate) fn param(
     Ok(Var::from_tensor(&t)?)
 }
 
+/// A dense update made from a few trained values (intrinsic dimension's θ, RPS's shared
+/// array), kept for inference: made anew in training (its graph reaches the values) and then
+/// dropped, so it is held only between an evaluation and the next step; at inference, kept while
+/// the values stay the same (comparing them costs far less than making out·in values).
+#[derive(Debug, Default)]
+pub(crate) struct KeptDelta(std::sync::Mutex<Option<(Vec<f32>, Tensor)>>);
+
+impl KeptDelta {
+    /// The update under `ctx`, from the trained `values` by `make`.
+    pub fn get(
+        &self,
+        ctx: &crate::Ctx,
+        values: &Tensor,
+        make: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if ctx.is_train() {
+            *kept = None;
+            return make();
+        }
+        let now: Vec<f32> = values.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        if let Some((_, d)) = kept.as_ref().filter(|(at, _)| *at == now) {
+            return Ok(d.clone());
+        }
+        let d = make()?.detach();
+        *kept = Some((now, d.clone()));
+        Ok(d)
+    }
+}
+
 /// `y + x dW^T` for methods that materialise dW (out, in) in f32, as PEFT's LyCORIS layers do.
 /// A bf16 x (bf16 activations, a GPU's bf16 model) goes through one graph node that keeps x
 /// itself rather than its f32 copy: dx = dy dW, ddW = dy^T x, dy passes through.

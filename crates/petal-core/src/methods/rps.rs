@@ -17,7 +17,7 @@ use crate::adapter::{
     AdapterLayer, AdapterMethod, BaseLinear, ModuleDims, NamedTensor, WeightUpdate,
 };
 use crate::config::{spec, AdapterConfig, Spec};
-use crate::methods::{add_dense_delta, dense_linear};
+use crate::methods::{add_dense_delta, dense_linear, KeptDelta};
 use crate::rng::splitmix;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var};
@@ -129,6 +129,7 @@ impl AdapterMethod for Rps {
             signs: Tensor::from_vec(signs, (out, inp), dev)?,
             out,
             inp,
+            kept: KeptDelta::default(),
         }))
     }
 }
@@ -140,10 +141,18 @@ struct RpsLayer {
     signs: Tensor, // (out, in) ±1
     out: usize,
     inp: usize,
+    /// Inference's dW.
+    kept: KeptDelta,
 }
 
 impl RpsLayer {
     /// dW = σ ⊙ M[slots] (autograd's backward of the gather is M's scatter-add).
+    /// dW for a forward under `ctx` (kept for inference).
+    fn delta_for(&self, ctx: &crate::Ctx) -> Result<Tensor> {
+        self.kept
+            .get(ctx, self.weights.as_tensor(), || self.delta())
+    }
+
     fn delta(&self) -> Result<Tensor> {
         let g = self.weights.as_tensor().index_select(&self.slots, 0)?;
         Ok((g.reshape((self.out, self.inp))? * &self.signs)?)
@@ -151,8 +160,8 @@ impl RpsLayer {
 }
 
 impl AdapterLayer for RpsLayer {
-    fn forward(&self, x: &Tensor, y: Tensor, _ctx: &crate::Ctx) -> Result<Tensor> {
-        add_dense_delta(x, y, &self.delta()?)
+    fn forward(&self, x: &Tensor, y: Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
+        add_dense_delta(x, y, &self.delta_for(ctx)?)
     }
 
     fn fused_forward(
@@ -162,7 +171,7 @@ impl AdapterLayer for RpsLayer {
         b: Option<&Tensor>,
         ctx: &crate::Ctx,
     ) -> Option<Result<Tensor>> {
-        dense_linear(ctx.kernels(), x, w, b, || Ok(Some(self.delta()?)))
+        dense_linear(ctx.kernels(), x, w, b, || Ok(Some(self.delta_for(ctx)?)))
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {
@@ -228,6 +237,7 @@ mod oracle {
                 signs: Tensor::from_vec(signs, (out, inp), &Device::Cpu).unwrap(),
                 out,
                 inp,
+                kept: KeptDelta::default(),
             };
             let dw = layer.delta().unwrap();
             let e = crate::testing::max_rel(&dw, &t[&format!("{name}.delta")]);
