@@ -221,7 +221,8 @@ impl KeptDelta {
         if let Some((_, d)) = kept.as_ref().filter(|(at, _)| *at == now) {
             return Ok(d.clone());
         }
-        let d = make()?.detach();
+        // not detached: a gradient asked of an inference forward still reaches the values
+        let d = make()?;
         *kept = Some((now, d.clone()));
         Ok(d)
     }
