@@ -422,6 +422,17 @@ fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1().unwrap()
 }
 
+/// [`assert_layerwise_mean`] for rounds 1..=`last` of a two-client run in `out`, from the kept
+/// client adapters and the global adapter of each round.
+fn assert_rounds_layerwise(out: &std::path::Path, last: usize) {
+    let global = |r: usize| adapter_tensors(&out.join(format!("round-{r}/adapter")));
+    for r in 1..=last {
+        let (c0, c1) = (client(out, r, 0), client(out, r, 1));
+        let clients = [(&c0.0, c0.1), (&c1.0, c1.1)];
+        assert_layerwise_mean(r, &global(r - 1), &global(r), &clients);
+    }
+}
+
 /// LEGEND's aggregation, element by element: each element of round `r`'s global adapter `g` is
 /// the example-weighted mean of the clients (adapter, examples) whose tensor holds it (a client's
 /// tensor is the leading corner of the global one), else its value in `prev`.
@@ -605,7 +616,6 @@ fn legend_on_a_classifier_gives_the_slow_client_fewer_encoder_layers_and_every_c
     let depth = |r: usize, i: usize| rounds[r]["clients"][i]["depth"].as_u64().unwrap();
     assert_eq!((depth(1, 0), depth(1, 1)), (2, 2));
     assert_eq!((depth(2, 0), depth(2, 1)), (2, 1));
-    let global = |r: usize| adapter_tensors(&out.join(format!("round-{r}/adapter")));
     let ((a, n0), (b, n1)) = (client(&out, 2, 0), client(&out, 2, 1));
     let head = |c: &HashMap<String, Tensor>| c.keys().filter(|k| k.contains("classifier")).count();
     assert!(
@@ -621,15 +631,7 @@ fn legend_on_a_classifier_gives_the_slow_client_fewer_encoder_layers_and_every_c
         b.keys()
     );
     assert!(a.keys().any(|k| k.contains("encoder.layer.0.")));
-    for r in 1..=2 {
-        let (c0, c1) = (client(&out, r, 0), client(&out, r, 1));
-        assert_layerwise_mean(
-            r,
-            &global(r - 1),
-            &global(r),
-            &[(&c0.0, c0.1), (&c1.0, c1.1)],
-        );
-    }
+    assert_rounds_layerwise(&out, 2);
     assert!(n0 > 0.0 && n1 > 0.0);
 }
 
@@ -698,15 +700,7 @@ fn legend_sending_the_whole_adapter_trains_each_client_on_the_global_model() {
         .keys()
         .filter(|k| k.contains("encoder.layer."))
         .all(|k| k.contains("encoder.layer.1.")));
-    for r in 1..=2 {
-        let (c0, c1) = (client(&out, r, 0), client(&out, r, 1));
-        assert_layerwise_mean(
-            r,
-            &global(r - 1),
-            &global(r),
-            &[(&c0.0, c0.1), (&c1.0, c1.1)],
-        );
-    }
+    assert_rounds_layerwise(&out, 2);
 }
 
 #[test]
