@@ -49,6 +49,19 @@ def sh(cmd, what):
     return r.stdout
 
 
+def solutions(a, task):
+    """GSM8K's worked solutions (prompt -> " reasoning... #### N"), trained on in place of the bare
+    number the task file scores: the reference data holds them, the dumped task does not."""
+    if task.split("/")[0] != "gsm8k":
+        return {}
+    path = sh([a.petal, "assets", "gsm8k"], "petal assets gsm8k").split("\t")[-1].strip()
+    out = {}
+    for line in open(path):
+        r = json.loads(line)
+        out[f"Question: {r['question']}\nAnswer:"] = " " + r["answer"]
+    return out
+
+
 def split(a, task, work):
     """The task's train (prompt/completion) and test (task-file) files, made once."""
     train, test = os.path.join(work, "train.jsonl"), os.path.join(work, "test.jsonl")
@@ -63,12 +76,16 @@ def split(a, task, work):
         cmd += ["--tasks", task]
     sh(cmd, f"dumping {task}")
     rows = [json.loads(l) for l in open(dump)]
+    if a.max_prompt_chars:  # long prompts would be cut before their answer at --seq-len
+        rows = [r for r in rows if len(r["prompt"]) <= a.max_prompt_chars]
     random.Random(a.seed).shuffle(rows)
     if len(rows) < a.train + a.test:
-        raise SystemExit(f"{task}: {len(rows)} examples, fewer than --train + --test")
+        raise SystemExit(f"{task}: {len(rows)} examples (after --max-prompt-chars), fewer than --train + --test")
+    worked = solutions(a, task)
     with open(train + ".tmp", "w") as f:
         for r in rows[:a.train]:
-            answer = r["choices"][r["answer"]] if "choices" in r else " " + r["answer"]
+            answer = (r["choices"][r["answer"]] if "choices" in r
+                      else worked.get(r["prompt"], " " + r["answer"]))
             f.write(json.dumps({"prompt": r["prompt"], "completion": answer}) + "\n")
     with open(test + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows[a.train:a.train + a.test])
@@ -131,7 +148,7 @@ def run_one(a, task, spec, train, test, base, out, lr):
         "eval_loss_after": t["eval_after"]["loss"], "steps": steps,
         "unmerged_eval_seconds": e["seconds"], "base_eval_seconds": base["seconds"],
         "inference_overhead": e["seconds"] / base["seconds"],
-        "cpu": cpu_desc(), "lr": lr,
+        "cpu": cpu_desc(), "lr": lr, "settings": settings(a),
     }
     with open(out + ".tmp", "w") as f:
         json.dump(result, f)
@@ -223,18 +240,30 @@ def safe(spec):
     return spec.replace(":", "_").replace(",", "_").replace("=", "")
 
 
-def command(a, results):
-    """The arguments that give every result in the report in one run: these, with --methods
-    listing all methods present (results kept from earlier runs too)."""
-    args = sys.argv[1:]
-    specs = list(dict.fromkeys(r["method"] for r in results))
+# what a result depends on besides its model, task, method and learning rate; results made
+# before they were recorded (2026-12-01..03) had these
+SETTINGS = ("train", "test", "steps", "seq_len", "batch_size", "seed", "max_prompt_chars", "budget")
+EARLIER_SETTINGS = dict(train=400, test=100, steps=40, seq_len=192, batch_size=4, seed=0,
+                        max_prompt_chars=None, budget=None)
+
+
+def settings(a):
+    return {k: getattr(a, k) for k in SETTINGS}
+
+
+def section_command(model, task, rs):
+    """The command that gives a section's rows (kept results are not run again)."""
+    st = rs[0].get("settings", EARLIER_SETTINGS)
+    specs = list(dict.fromkeys(r["method"] for r in rs))
     methods = (";" if any("," in m for m in specs) else ",").join(specs)
-    if "--methods" in args:
-        args = list(args)
-        args[args.index("--methods") + 1] = methods
-    else:
-        args += ["--methods", methods]
-    return args
+    lrs = {r.get("lr", EARLIER_LR) for r in rs}
+    args = ["--model", model, "--tasks", task, "--methods", f"'{methods}'" if ";" in methods else methods]
+    for k in SETTINGS:
+        if st.get(k) is not None:
+            args += [f"--{k.replace('_', '-')}", str(st[k])]
+    if len(lrs) == 1:
+        args += ["--lr", f"{lrs.pop():g}"]
+    return "python3 tools/compare/run.py --petal target/release/petal " + " ".join(args)
 
 
 def report(a, results, failed=()):
@@ -253,33 +282,36 @@ def report(a, results, failed=()):
     else:
         cpu_line = ("Speed and memory were measured on several CPUs (the letter after a row's tokens/s): "
                     + "; ".join(f"({mark[c]}) {c}" for c in cpus)
-                    + f", {os.cpu_count()} threads. Accuracy does not depend on the CPU; tokens/s do.")
+                    + ", 2 threads. Accuracy does not depend on the CPU; tokens/s do.")
     lines = ["# Method comparison", "",
              "Every method trained with the same budget on each task (the prompt -> the right answer, "
              "the loss on the answer only), scored on held-out examples by `petal eval --task`. Made by "
-             "`tools/compare/run.py` (the command below); results in `docs/comparison/*.json`.", "",
-             f"Command: `python3 tools/compare/run.py {' '.join(command(a, results))}`", "",
-             f"{cpu_line} Seed {a.seed}.", ""]
-    if a.budget:
-        lines += [f"Each method with a size option (its rank, or the size RPS, intrinsic dimension, FISH, "
-                  f"the prompts and MoV have) sized to the nearest of about {a.budget:,} trainable parameters "
-                  "(the size after the method's name); the others keep their own size.", ""]
-    if a.lr_sweep:
-        lines += [f"Learning rate: the lowest validation loss (5% of the training examples, not the test "
-                  f"ones) of {', '.join(f'{x:g}' for x in a.lr_sweep)} on {a.tasks.split(',')[0]}, reused on "
-                  "the other tasks.", ""]
+             "`tools/compare/run.py` (each section's command; results are kept, so a command continues "
+             "where it stopped); results in `docs/comparison/*.json`.", "", cpu_line, ""]
     for (model, task), rs in sorted(by_task.items()):
         base = rs[0].get("base_accuracy")
         n = rs[0]["examples"]
+        st = rs[0].get("settings", EARLIER_SETTINGS)
         se = (0.25 / n) ** 0.5  # the largest standard error of an accuracy over n examples
         lines += [f"## {task} on {model}", "",
+                  f"`{section_command(model, task, rs)}`", "",
                   (f"Base model without an adapter: accuracy {base:.3f}. " if base is not None else "")
-                  + f"{n} held-out examples: an accuracy's standard error is up to {se:.3f}, so "
-                  f"differences below about {2 * se:.2f} are within noise. {rs[0]['steps']} training "
-                  "steps a method.", "",
-                  "| method | accuracy | acc_norm | trainable params | lr | peak RSS | training tokens/s | unmerged eval time vs base |",
+                  + f"{st['train']} training and {n} held-out examples"
+                  + (f" (of those whose prompt has at most {st['max_prompt_chars']} characters)"
+                     if st.get("max_prompt_chars") else "")
+                  + f"; an accuracy's standard error is up to {se:.3f}, so differences below about "
+                  f"{2 * se:.2f} are within noise. {rs[0]['steps']} training steps a method, batch "
+                  f"{st['batch_size']} x {st['seq_len']} tokens, seed {st['seed']}.", ""]
+        if st.get("budget"):
+            lines += [f"Each method with a size option (its rank, or the size RPS, intrinsic dimension, FISH, "
+                      f"the prompts and MoV have) sized to the nearest of about {st['budget']:,} trainable "
+                      "parameters (the size after the method's name); the others keep their own size.", ""]
+        if any("lr_sweep" in r for r in rs):
+            lines += ["Learning rate: the lowest validation loss (5% of the training examples, not the test "
+                      "ones) of the rates swept on the first task, reused on the other tasks.", ""]
+        lines += ["| method | accuracy | acc_norm | trainable params | lr | peak RSS | training tokens/s | unmerged eval time vs base |",
                   "|---|---|---|---|---|---|---|---|"]
-        for r in sorted(rs, key=lambda r: -r["accuracy"]):
+        for r in sorted(rs, key=lambda r: (-r["accuracy"], r["method"])):
             norm = f"{r['acc_norm']:.3f}" if r.get("acc_norm") is not None else ""
             lines.append(f"| {r['method']} | {r['accuracy']:.3f} | {norm} | {r['trainable_params']:,} | "
                          f"{r.get('lr', EARLIER_LR):g} | {r['peak_rss_mb'] / 1024:.2f} GB | {r['train_tokens_per_s']:.0f}{which(r)} | "
@@ -342,6 +374,9 @@ def main():
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=192)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-prompt-chars", type=int, default=None,
+                    help="only the examples whose prompt has at most this many characters (long ones "
+                         "would be cut before their answer at --seq-len)")
     ap.add_argument("--out", default="runs/compare")
     ap.add_argument("--report", default="docs/comparison.md")
     a = ap.parse_args()
@@ -355,6 +390,16 @@ def main():
     for ti, task in enumerate(a.tasks.split(",")):
         work = os.path.join(a.out, a.model.replace(":", "_").replace("/", "_"), task.replace("/", "_"))
         train, test = split(a, task, work)
+        st_path = os.path.join(work, "settings.json")
+        if os.path.exists(st_path):
+            made = json.load(open(st_path))
+            differ = [k for k in SETTINGS if made.get(k) != settings(a).get(k)]
+            if differ:
+                raise SystemExit(f"{work} holds results made with other settings ({', '.join(differ)}: "
+                                 f"{', '.join(str(made.get(k)) for k in differ)}): give this run another --out")
+        else:
+            with open(st_path, "w") as f:
+                json.dump(settings(a), f)
         base_path = os.path.join(work, "base.json")
         if not os.path.exists(base_path):
             b = dict(evaluate(a, test), cpu=cpu_desc())
@@ -426,8 +471,23 @@ def main():
         name = f"{r['model'].replace(':', '_')}-{r['task'].replace('/', '_')}-{r['method'].replace(':', '_')}.json"
         with open(os.path.join(copy, name), "w") as f:
             json.dump(r, f, indent=1)
-    report(a, results, failed)
-
+    # methods that could not run, kept until they do (the report covers every sitting's runs)
+    failed_path = os.path.join(copy, "failed.json")
+    kept_failed = json.load(open(failed_path)) if os.path.exists(failed_path) else []
+    ran = {(r["model"], r["task"], r["method"]) for r in results}
+    now = {(a.model, t, s) for t, s, _ in failed}
+    kept_failed = [f for f in kept_failed if (f["model"], f["task"], f["method"]) not in ran | now]
+    kept_failed += [dict(model=a.model, task=t, method=s, why=w) for t, s, w in failed]
+    with open(failed_path, "w") as f:
+        json.dump(kept_failed, f, indent=1)
+    # the report: every committed result, of this run and of earlier ones (other tasks, models)
+    everything = {(r["model"], r["task"], r["method"]): r for r in results}
+    for n in sorted(os.listdir(copy)):
+        if n.endswith(".json") and n != "failed.json":
+            r = json.load(open(os.path.join(copy, n)))
+            everything.setdefault((r["model"], r["task"], r["method"]), r)
+    report(a, list(everything.values()),
+           [(f"{f['task']} on {f['model']}", f["method"], f["why"]) for f in kept_failed])
 
 if __name__ == "__main__":
     main()

@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""RoPE scaling types other than llama3, as transformers computes them: `linear`, `dynamic`
-and `yarn`.
+"""RoPE scaling types other than llama3, as transformers computes them: `linear`, `dynamic`,
+`yarn` and `longrope`.
 
 For each case, transformers' own rope initialisation (`ROPE_INIT_FUNCTIONS`, the code its
 models run) gives the inverse frequencies and the attention factor on cos/sin; for the cases
 marked `logits`, the tiny Qwen2 of tests/fixtures/golden/qwen2 loaded with that scaling in its
 config gives the logits of a 40-token sequence (positions past the "original" context).
+LongRoPE picks its factors by the largest position of a forward, so its cases also hold the
+long factors' inv_freq, the logits of the first 12 tokens alone (within the original context:
+the short factors) and those of a KV-cache decode (12 tokens, then one at a time past the
+original context: transformers switches to the long factors for the new tokens only).
 
     /root/pyref/bin/python tools/golden/make_rope_scaling.py
 
@@ -46,7 +50,21 @@ CASES = [
      False),
     ("linear_llama2", {"rope_type": "linear", "factor": 2.0},
      {"head_dim": 128, "rope_theta": 10000.0, "max_position_embeddings": 8192}, False),
+    # LongRoPE (Phi-3's): the factor from the two lengths (64 / 16), its default attention factor
+    ("longrope_tiny",
+     {"rope_type": "longrope", "original_max_position_embeddings": 16,
+      "short_factor": [1.0, 1.05, 1.3, 1.9], "long_factor": [2.0, 4.0, 8.0, 16.0]}, None, True),
+    ("longrope_tiny_factor_attention",
+     {"rope_type": "longrope", "original_max_position_embeddings": 24, "factor": 3.0,
+      "attention_factor": 1.15, "short_factor": [1.0, 1.0, 1.1, 1.2], "long_factor": [1.5, 3.0, 6.0, 12.0]},
+     None, True),
+    # Phi-3-mini-128k's shape (head 96, 4096 -> 131072); smooth ramps stand in for its lists
+    ("longrope_phi3_shape",
+     {"rope_type": "longrope", "original_max_position_embeddings": 4096,
+      "short_factor": [1.0 + 0.02 * i for i in range(48)], "long_factor": [1.0 + 1.2 * i for i in range(48)]},
+     {"head_dim": 96, "rope_theta": 10000.0, "max_position_embeddings": 131072}, False),
 ]
+SHORT = 12  # tokens within every longrope case's original context
 
 
 def main():
@@ -69,12 +87,26 @@ def main():
                 "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
                 "max_position_embeddings": cfg.max_position_embeddings,
                 "inv_freq": inv_freq.tolist(), "attention_factor": float(attention), "logits": with_logits}
+        longrope = rope["rope_type"] == "longrope"
+        if longrope:
+            original = cfg.rope_parameters["original_max_position_embeddings"]
+            long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](cfg, "cpu", seq_len=original + 1)
+            case["long_inv_freq"] = long_inv_freq.tolist()
         if with_logits:
             model = AutoModelForCausalLM.from_pretrained(GOLDEN / "qwen2", config=cfg).eval()
             rot = model.model.rotary_emb
             assert torch.equal(rot.inv_freq, inv_freq) and rot.attention_scaling == attention
             with torch.no_grad():
                 tensors[f"{name}.logits"] = model(ids).logits[0].contiguous()
+                if longrope:
+                    tensors[f"{name}.logits_short"] = model(ids[:, :SHORT]).logits[0].contiguous()
+                    out = model(ids[:, :SHORT], use_cache=True)
+                    cache, steps = out.past_key_values, [out.logits[0]]
+                    for i in range(SHORT, ids.shape[1]):
+                        out = model(ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+                        cache = out.past_key_values
+                        steps.append(out.logits[0])
+                    tensors[f"{name}.logits_decode"] = torch.cat(steps).contiguous()
         cases.append(case)
         print(f"{name}: attention factor {attention:.6f}, inv_freq[-1] {inv_freq[-1].item():.4e}")
     (GOLDEN / "rope_scaling.json").write_text(json.dumps(

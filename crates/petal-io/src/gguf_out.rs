@@ -334,6 +334,19 @@ pub fn write_model(
         (key("rope.freq_base"), Meta::F32(cfg.rope_theta as f32)),
         (key("rope.dimension_count"), u(cfg.head_dim)),
     ];
+    if let Some(s) = cfg
+        .rope_scaling
+        .as_ref()
+        .filter(|s| s.rope_type == "longrope")
+    {
+        // llama.cpp holds LongRoPE's factors as tensors of its phi3 architecture only
+        return Err(Error::Unsupported(format!(
+            "{}: LongRoPE scaling (rope_scaling.rope_type `{}`) has no GGUF form for the llama \
+             and qwen2 architectures (llama.cpp reads its factors for phi3 only)",
+            path.display(),
+            s.rope_type
+        )));
+    }
     let written = |s: &&RopeScaling| s.rope_type == "linear" || s.rope_type == "yarn";
     if let Some(s) = cfg.rope_scaling.as_ref().filter(written) {
         // linear and yarn as llama.cpp's converter writes them (llama3: a tensor, below;

@@ -1,7 +1,8 @@
-//! RoPE scaling types other than llama3 (`linear`, `dynamic`, `yarn`) against transformers 5.24.0
-//! (`tools/golden/make_rope_scaling.py`: its own rope initialisation, and the tiny Qwen2 of the
-//! golden fixtures loaded with each scaling): the inverse frequencies, YaRN's attention factor
-//! and the logits of a 40-token sequence; then each written as GGUF and read back.
+//! RoPE scaling types other than llama3 (`linear`, `dynamic`, `yarn`, `longrope`) against
+//! transformers 5.24.0 (`tools/golden/make_rope_scaling.py`: its own rope initialisation, and the
+//! tiny Qwen2 of the golden fixtures loaded with each scaling): the inverse frequencies, the
+//! attention factor and the logits of a 40-token sequence; then each written as GGUF and read
+//! back. LongRoPE also within its original context and through a KV cache that crosses it.
 
 mod common;
 
@@ -70,6 +71,26 @@ fn linear_and_yarn_frequencies_and_attention_factor_equal_transformers() {
                 "{name}: inv_freq[{i}] {g} vs transformers' {w}"
             );
         }
+        // LongRoPE: the long factors' frequencies, taken past the original context
+        match (case.get("long_inv_freq"), c.long_inv_freq()) {
+            (Some(w), Some((got, original))) => {
+                let want: Vec<f32> = serde_json::from_value(w.clone()).unwrap();
+                assert_eq!(
+                    original as u64,
+                    case["rope_parameters"]["original_max_position_embeddings"]
+                        .as_u64()
+                        .unwrap()
+                );
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        ((g - w) / w).abs() < 1e-6,
+                        "{name}: long inv_freq[{i}] {g} vs transformers' {w}"
+                    );
+                }
+            }
+            (None, None) => {}
+            (w, g) => panic!("{name}: long frequencies {w:?} vs petal's {g:?}"),
+        }
         let a = case["attention_factor"].as_f64().unwrap();
         assert!(
             (c.rope_attention_factor() - a).abs() < 1e-9,
@@ -89,7 +110,7 @@ fn linear_and_yarn_frequencies_and_attention_factor_equal_transformers() {
 }
 
 #[test]
-fn a_qwen2_with_linear_or_yarn_scaling_gives_transformers_logits_and_round_trips_gguf() {
+fn a_qwen2_with_each_rope_scaling_gives_transformers_logits_and_round_trips_gguf() {
     let want =
         candle_core::safetensors::load(golden().join("rope_scaling.safetensors"), &Device::Cpu)
             .unwrap();
@@ -131,9 +152,11 @@ fn a_qwen2_with_linear_or_yarn_scaling_gives_transformers_logits_and_round_trips
             GgmlDType::F32,
         );
         let rope = &case["rope_parameters"];
+        let longrope = rope["rope_type"] == "longrope";
         let expressible = rope.get("attention_factor").is_none()
             && rope.get("mscale").is_none()
-            && rope.get("truncate") != Some(&Value::Bool(false));
+            && rope.get("truncate") != Some(&Value::Bool(false))
+            && !longrope;
         match written {
             Ok(_) => {
                 assert!(expressible, "{name}: written");
@@ -149,9 +172,67 @@ fn a_qwen2_with_linear_or_yarn_scaling_gives_transformers_logits_and_round_trips
             }
             Err(e) => {
                 assert!(!expressible, "{name}: {e}");
-                assert!(e.to_string().contains("YaRN"), "{name}: {e}");
+                let why = if longrope { "LongRoPE" } else { "YaRN" };
+                assert!(e.to_string().contains(why), "{name}: {e}");
+                assert!(!path.exists(), "{name}: a refused GGUF was left behind");
             }
         }
+    }
+}
+
+#[test]
+fn longrope_takes_its_short_factors_within_the_original_context_and_switches_in_a_cache_as_transformers_does(
+) {
+    let want =
+        candle_core::safetensors::load(golden().join("rope_scaling.safetensors"), &Device::Cpu)
+            .unwrap();
+    let ids = want["input_ids"].to_dtype(DType::U32).unwrap();
+    let short = 12; // make_rope_scaling.py's SHORT
+    for case in cases()
+        .iter()
+        .filter(|c| c["rope_parameters"]["rope_type"] == "longrope" && c["logits"] == true)
+    {
+        let name = case["name"].as_str().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let m = load(&qwen2_with(dir.path(), &case["rope_parameters"])).model;
+        // the first tokens alone stay within the original context: the short factors
+        let got = logits(&m, &ids.narrow(1, 0, short).unwrap());
+        let w = &want[&format!("{name}.logits_short")];
+        let d = petal_ops::testing::max_rel(&got, w);
+        assert!(
+            d < 1e-4,
+            "{name}: short logits differ from transformers' by {d}"
+        );
+        let long = want[&format!("{name}.logits")].narrow(0, 0, short).unwrap();
+        let shows = petal_ops::testing::max_rel(&long, w);
+        assert!(
+            shows > 1e-3,
+            "{name}: short and long factors differ by only {shows}"
+        );
+        // a cache filled within the context, then one token at a time past it: the new
+        // tokens take the long factors, the cached keys keep their rotation
+        let mut cache = m.new_cache();
+        let mut steps = vec![m
+            .forward(
+                &ids.narrow(1, 0, short).unwrap(),
+                Some(&mut cache),
+                &Ctx::eval(),
+            )
+            .unwrap()
+            .squeeze(0)
+            .unwrap()];
+        for i in short..ids.dim(1).unwrap() {
+            let step = ids.narrow(1, i, 1).unwrap();
+            let l = m.forward(&step, Some(&mut cache), &Ctx::eval()).unwrap();
+            steps.push(l.squeeze(0).unwrap());
+        }
+        let got = Tensor::cat(&steps, 0).unwrap();
+        let w = &want[&format!("{name}.logits_decode")];
+        let d = petal_ops::testing::max_rel(&got, w);
+        assert!(
+            d < 1e-4,
+            "{name}: cached decoding differs from transformers' by {d}"
+        );
     }
 }
 
@@ -161,8 +242,24 @@ fn an_unknown_or_incomplete_rope_scaling_is_refused_naming_the_key() {
         "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4});
     for (rope, key) in [
         (
-            serde_json::json!({"rope_type": "longrope", "factor": 2.0}),
+            serde_json::json!({"rope_type": "mrope", "factor": 2.0}),
             "rope_type",
+        ),
+        (
+            serde_json::json!({"rope_type": "longrope", "factor": 2.0,
+                "original_max_position_embeddings": 16, "long_factor": [1.0, 2.0, 3.0, 4.0]}),
+            "short_factor",
+        ),
+        (
+            // head_dim 8: four factors, one per frequency
+            serde_json::json!({"rope_type": "longrope", "original_max_position_embeddings": 16,
+                "short_factor": [1.0, 1.0, 1.0, 1.0], "long_factor": [1.0, 2.0, 3.0]}),
+            "long_factor",
+        ),
+        (
+            serde_json::json!({"rope_type": "longrope", "original_max_position_embeddings": 16,
+                "short_factor": [1.0, 1.0, 1.0, 1.0], "long_factor": [1.0, 2.0, 3.0, -4.0]}),
+            "long_factor",
         ),
         (
             serde_json::json!({"rope_type": "linear", "factor": 0.0}),

@@ -132,6 +132,8 @@ pub struct Llama {
     lm_head: AdaptableLinear,
     cos: Tensor,
     sin: Tensor,
+    /// LongRoPE: the tables for a forward whose positions go past this many (the long factors)
+    long_rope: Option<(Tensor, Tensor, usize)>,
     dtype: DType,
     /// activations' dtype (`act_dtype`)
     act: DType,
@@ -226,12 +228,25 @@ impl Llama {
                 ),
             ));
         }
-        let (mut cos, mut sin) = rope_tables(&cfg.inv_freq(), max_pos, device)?;
+        // YaRN and LongRoPE: cos and sin scaled, so q and k are (transformers'
+        // `attention_scaling`)
         let attention = cfg.rope_attention_factor();
-        if attention != 1.0 {
-            // YaRN: cos and sin scaled, so q and k are (transformers' `attention_scaling`)
-            (cos, sin) = ((cos * attention)?, (sin * attention)?);
-        }
+        let tables = |inv_freq: &[f32]| -> Result<(Tensor, Tensor)> {
+            let (cos, sin) = rope_tables(inv_freq, max_pos, device)?;
+            Ok(if attention != 1.0 {
+                ((cos * attention)?, (sin * attention)?)
+            } else {
+                (cos, sin)
+            })
+        };
+        let (cos, sin) = tables(&cfg.inv_freq())?;
+        let long_rope = match cfg.long_inv_freq() {
+            Some((inv_freq, original)) => {
+                let (cos, sin) = tables(&inv_freq)?;
+                Some((cos, sin, original))
+            }
+            None => None,
+        };
         Ok(Llama {
             cfg,
             embed: quantized(AdaptableLinear::embedding("model.embed_tokens", embed)),
@@ -240,6 +255,7 @@ impl Llama {
             lm_head,
             cos,
             sin,
+            long_rope,
             dtype,
             act,
             resid,
@@ -247,6 +263,15 @@ impl Llama {
             input: None,
             kernels: precision.kernels,
         })
+    }
+
+    /// The cos and sin tables for a forward over `positions` positions (its largest plus one):
+    /// LongRoPE's long ones past the pretraining context, as transformers picks them.
+    pub(crate) fn rope_tables_for(&self, positions: usize) -> (&Tensor, &Tensor) {
+        match &self.long_rope {
+            Some((cos, sin, original)) if positions > *original => (cos, sin),
+            _ => (&self.cos, &self.sin),
+        }
     }
 
     pub fn dtype(&self) -> DType {

@@ -1,6 +1,6 @@
 //! RoPE: the inverse frequencies of a Llama-family config, and its scaling types (`llama3`,
-//! `linear`, `yarn`) as transformers reads them from config.json and llama.cpp stores them in
-//! GGUF (llama3 as per-frequency factors, `rope_freqs.weight`).
+//! `linear`, `dynamic`, `yarn`, `longrope`) as transformers reads them from config.json and
+//! llama.cpp stores them in GGUF (llama3 as per-frequency factors, `rope_freqs.weight`).
 
 use crate::config::{num, LlamaConfig};
 use petal_core::{Error, Result};
@@ -9,11 +9,13 @@ use serde_json::Value;
 /// RoPE scaling as transformers' `rope_scaling` / `rope_parameters` gives it: `llama3`
 /// (low/high frequency factors), `linear` (every frequency divided by `factor`) or `yarn`
 /// (frequencies ramped between interpolation and extrapolation by `beta_fast`/`beta_slow`,
-/// cos and sin scaled by `attention_factor`). The fields another type does not use hold its
-/// neutral value and are not written.
+/// cos and sin scaled by `attention_factor`) or `longrope` (Phi-3's: one factor per frequency,
+/// `short_factor` up to `original_max_position_embeddings` and `long_factor` past it, cos and
+/// sin scaled by `attention_factor`). The fields another type does not use hold its neutral
+/// value and are not written.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RopeScaling {
-    pub rope_type: String, // "llama3" | "linear" | "dynamic" | "yarn"
+    pub rope_type: String, // "llama3" | "linear" | "dynamic" | "yarn" | "longrope"
     pub factor: f64,
     pub low_freq_factor: f64,
     pub high_freq_factor: f64,
@@ -26,6 +28,10 @@ pub struct RopeScaling {
     pub attention_factor: f64,
     /// yarn: the ramp's bounds rounded outwards to whole dimensions (transformers' default)
     pub truncate: bool,
+    /// longrope: each frequency divided by its factor, for a forward whose positions stay
+    /// within `original_max_position_embeddings` (short) or go past it (long); empty otherwise
+    pub short_factor: Vec<f64>,
+    pub long_factor: Vec<f64>,
 }
 
 /// YaRN's attention temperature `0.1 m ln(s) + 1` (1 for s <= 1).
@@ -50,6 +56,8 @@ impl RopeScaling {
             beta_slow: 1.0,
             attention_factor: 1.0,
             truncate: true,
+            short_factor: Vec::new(),
+            long_factor: Vec::new(),
         }
     }
 
@@ -79,6 +87,29 @@ impl RopeScaling {
         }
     }
 
+    /// LongRoPE with transformers' default attention factor `sqrt(1 + ln(factor) / ln(original))`
+    /// (1 for factor <= 1) when `None`.
+    pub fn longrope(
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        factor: f64,
+        original: usize,
+        attention: Option<f64>,
+    ) -> Self {
+        let default = if factor <= 1.0 {
+            1.0
+        } else {
+            (1.0 + factor.ln() / (original as f64).ln()).sqrt()
+        };
+        RopeScaling {
+            rope_type: "longrope".into(),
+            attention_factor: attention.unwrap_or(default),
+            short_factor,
+            long_factor,
+            ..RopeScaling::llama3(factor, 1.0, 1.0, original)
+        }
+    }
+
     /// Whether YaRN's attention factor is the one its `factor` implies (`0.1 ln(factor) + 1`,
     /// what llama.cpp computes itself) and its ramp is truncated: what GGUF can hold.
     pub fn yarn_defaults(&self) -> bool {
@@ -95,6 +126,10 @@ impl RopeScaling {
                 "original_max_position_embeddings": self.original_max_position_embeddings,
                 "beta_fast": self.beta_fast, "beta_slow": self.beta_slow,
                 "attention_factor": self.attention_factor, "truncate": self.truncate}),
+            "longrope" => serde_json::json!({"rope_type": "longrope", "factor": self.factor,
+                "original_max_position_embeddings": self.original_max_position_embeddings,
+                "attention_factor": self.attention_factor,
+                "short_factor": self.short_factor, "long_factor": self.long_factor}),
             _ => serde_json::json!({"rope_type": "llama3", "factor": self.factor,
                 "low_freq_factor": self.low_freq_factor, "high_freq_factor": self.high_freq_factor,
                 "original_max_position_embeddings": self.original_max_position_embeddings}),
@@ -174,12 +209,76 @@ impl RopeScaling {
                 y.truncate = s.get("truncate").and_then(Value::as_bool).unwrap_or(true);
                 Some(y)
             }
+            "longrope" => {
+                // transformers 5: the config's top-level original_max_position_embeddings (Phi-3
+                // keeps it there) before the scaling's own, then max_position_embeddings; the
+                // factor, when absent, is the ratio of the two lengths
+                let max_pos = v.get("max_position_embeddings").and_then(Value::as_f64);
+                let original = v
+                    .get("original_max_position_embeddings")
+                    .and_then(Value::as_f64)
+                    .or(opt("original_max_position_embeddings"))
+                    .or(max_pos);
+                let Some(original) = original.filter(|o| *o >= 2.0) else {
+                    return Err(Error::config(
+                        file,
+                        "rope_scaling.original_max_position_embeddings",
+                        "missing or below 2 (longrope needs the pretraining context)",
+                    ));
+                };
+                let factor = match opt("factor") {
+                    Some(_) => positive("factor")?,
+                    None => max_pos.unwrap_or(original) / original,
+                };
+                let head_dim = v.get("head_dim").and_then(Value::as_u64).or_else(|| {
+                    let h = v.get("hidden_size").and_then(Value::as_u64)?;
+                    Some(h / v.get("num_attention_heads").and_then(Value::as_u64)?.max(1))
+                });
+                let factors = |key: &str| -> Result<Vec<f64>> {
+                    let list = s.get(key).and_then(Value::as_array).ok_or_else(|| {
+                        Error::config(
+                            file,
+                            &format!("rope_scaling.{key}"),
+                            "missing or not a list",
+                        )
+                    })?;
+                    let xs: Vec<f64> = list
+                        .iter()
+                        .filter_map(Value::as_f64)
+                        .filter(|x| *x > 0.0 && x.is_finite())
+                        .collect();
+                    match head_dim {
+                        Some(d) if xs.len() == list.len() && xs.len() as u64 == d / 2 => Ok(xs),
+                        _ => Err(Error::config(
+                            file,
+                            &format!("rope_scaling.{key}"),
+                            format!(
+                                "{} entries: one positive number per frequency is needed ({})",
+                                list.len(),
+                                head_dim.map_or("head_dim / 2".into(), |d| (d / 2).to_string())
+                            ),
+                        )),
+                    }
+                };
+                let attention = match opt("attention_factor") {
+                    Some(_) => Some(positive("attention_factor")?),
+                    None => None,
+                };
+                Some(RopeScaling::longrope(
+                    factors("short_factor")?,
+                    factors("long_factor")?,
+                    factor,
+                    original as usize,
+                    attention,
+                ))
+            }
             other => {
+                let known = "default, linear, dynamic, llama3, yarn, longrope";
                 return Err(Error::config(
                     file,
                     "rope_scaling.rope_type",
-                    format!("`{other}` is not supported (default, linear, dynamic, llama3, yarn)"),
-                ))
+                    format!("`{other}` is not supported ({known})"),
+                ));
             }
         })
     }
@@ -283,18 +382,24 @@ impl LlamaConfig {
         }
     }
 
+    /// The unscaled inverse frequencies `theta^(-2i/d)`, in f64.
+    fn base_inv_freq(&self) -> Vec<f64> {
+        let d = self.head_dim;
+        (0..d / 2)
+            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64))
+            .collect()
+    }
+
     /// RoPE inverse frequencies (head_dim/2), with the configured scaling (transformers'
     /// `_compute_*_parameters` of modeling_rope_utils.py, in f64).
     pub fn inv_freq(&self) -> Vec<f32> {
-        let d = self.head_dim;
-        let base: Vec<f64> = (0..d / 2)
-            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64))
-            .collect();
+        let (d, base) = (self.head_dim, self.base_inv_freq());
         let Some(s) = &self.rope_scaling else {
             return base.iter().map(|&x| x as f32).collect();
         };
         match s.rope_type.as_str() {
             "linear" => base.iter().map(|&f| (f / s.factor) as f32).collect(),
+            "longrope" => divided(&base, &s.short_factor),
             "dynamic" => base.iter().map(|&f| f as f32).collect(),
             "yarn" => {
                 // the dimension at which a frequency turns `rotations` times over the original
@@ -344,12 +449,36 @@ impl LlamaConfig {
         }
     }
 
-    /// The factor on RoPE's cos and sin tables (YaRN's attention temperature; 1 otherwise).
+    /// LongRoPE's inverse frequencies for a forward whose positions go past the pretraining
+    /// context, and that context's length: transformers takes them when the largest position
+    /// plus one exceeds it (the whole forward, so a cache's earlier keys keep their rotation).
+    /// `None` for the other types.
+    pub fn long_inv_freq(&self) -> Option<(Vec<f32>, usize)> {
+        let s = self
+            .rope_scaling
+            .as_ref()
+            .filter(|s| s.rope_type == "longrope")?;
+        Some((
+            divided(&self.base_inv_freq(), &s.long_factor),
+            s.original_max_position_embeddings,
+        ))
+    }
+
+    /// The factor on RoPE's cos and sin tables (YaRN's and LongRoPE's attention factor; 1
+    /// otherwise).
     pub fn rope_attention_factor(&self) -> f64 {
         self.rope_scaling
             .as_ref()
             .map_or(1.0, |s| s.attention_factor)
     }
+}
+
+/// Each frequency divided by its factor (LongRoPE's).
+fn divided(base: &[f64], factors: &[f64]) -> Vec<f32> {
+    base.iter()
+        .zip(factors)
+        .map(|(&f, &x)| (f / x) as f32)
+        .collect()
 }
 
 #[cfg(test)]

@@ -47,14 +47,10 @@ impl Llama {
             .and_then(|s| s.as_ref())
             .map_or(0, |(pk, _)| pk.dims()[1]);
         let seen = cached + prefix.as_ref().map_or(0, |(pk, _)| pk.dims()[1]);
+        let (cos, sin) = self.rope_tables_for(seen + t);
         let from = if kv.is_some() {
             let new_rows = |tab: &Tensor| tab.narrow(0, seen, t);
-            k = petal_ops::apply_rope_bthd(
-                self.kernels,
-                &k,
-                &new_rows(&self.cos)?,
-                &new_rows(&self.sin)?,
-            )?;
+            k = petal_ops::apply_rope_bthd(self.kernels, &k, &new_rows(cos)?, &new_rows(sin)?)?;
             seen + t
         } else {
             rope_from
@@ -75,11 +71,7 @@ impl Llama {
         }
         // Grouped-query attention without copying k/v per query head (HF's repeat_kv order:
         // head h reads kv head h / (nh / nkv)); scores are never held whole on the CPU.
-        let rope = Rope {
-            cos: &self.cos,
-            sin: &self.sin,
-            from,
-        };
+        let rope = Rope { cos, sin, from };
         Ok(causal_attention_bthd(
             self.kernels,
             q,
