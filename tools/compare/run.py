@@ -133,7 +133,7 @@ def run_one(a, task, spec, train, test, base, out, lr):
     cmd = [a.petal, "train", "--model", a.model, "--data", train, "--method", method,
            "--max-steps", str(a.steps), "--lr", str(lr), "--batch-size", str(a.batch_size),
            "--seq-len", str(a.seq_len), "--seed", str(a.seed), "--val-fraction", "0.05",
-           "--out", run, "--json"]
+           "--out", run, "--overwrite", "true", "--json"]  # a folder without its result: cut short
     for o in filter(None, opts.split(",")):
         cmd += ["--set", o]
     t = json.loads(sh(cmd, f"petal train {spec} on {task}"))

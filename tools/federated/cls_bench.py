@@ -5,7 +5,9 @@ proportions (tools/federated/label_skew.py: alpha 0.5 skewed, alpha 1000 about I
 classifier on all-MiniLM-L6-v2 trained by petal's clients and server on Flower's Deployment
 Engine (or `--engine simulation`; tools/federated/run.py, `--task-type seq-cls`); the global adapter's held-out accuracy
 after every round. Writes docs/federated/cls/CONFIG.jsonl (the rounds), curves.svg and
-results.md. Resumable: a configuration whose rounds file exists is not run again.
+results.md. The `domains*` configurations split by domain instead (FedIns's intra-client
+heterogeneity, tools/federated/domain_mix.py) and write docs/federated/cls-domains/. Resumable: a
+configuration whose rounds file exists is not run again.
 
     python3 tools/federated/cls_bench.py --flwr target/venv-flower/bin --petal target/release/petal \\
         --python target/venv-plot/bin/python
@@ -48,10 +50,19 @@ CONFIGS = {
     "skew0.5-legend-all": (0.5, "legend", LORA, DEVICES + ["--legend-send", "all"]),
     "skew0.5-hetero-fedavg": (0.5, "legend", LORA, DEVICES + ["--legend-fixed"]),
 }
+# FedIns's own setting, intra-client heterogeneity (tools/federated/domain_mix.py): every client
+# holds sentences of the four multiemo domains in its own Dirichlet(alpha) proportions; held out:
+# as many of each domain. Results in OUT/../cls-domains (another held-out set).
+DOMAIN_CONFIGS = {
+    "domains1-fedavg": (1.0, "fedavg", LORA, []),
+    "domains1-ssf": (1.0, "fedavg", SSF + ["--lr", "0.01"], []),
+    "domains1-fedins": (1.0, "fedavg", FEDINS + ["--lr", "0.01"], []),
+}
 
 
 def main():
-    a = bench_args(__doc__, CONFIGS, local_steps=10, out="docs/federated/cls", work="runs/federated-cls")
+    a = bench_args(__doc__, {**CONFIGS, **DOMAIN_CONFIGS}, local_steps=10, out="docs/federated/cls",
+                   work="runs/federated-cls")
     work = Path(a.work)
     for asset in ("multiemo", "minilm"):
         subprocess.run([a.petal, "assets", asset], check=True, capture_output=True)
@@ -61,22 +72,33 @@ def main():
                         str(Path.home() / ".cache/petal/multiemo"), str(data), "--train", "2400",
                         "--val", "400", "--seed", "0"], check=True)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    domains_out = out.parent / "cls-domains"
     for config in a.configs.split(","):
-        alpha, strategy, method, more = CONFIGS[config]
+        domains = config in DOMAIN_CONFIGS
+        alpha, strategy, method, more = (DOMAIN_CONFIGS if domains else CONFIGS)[config]
         name = seeded(config, a.seed)
-        dest = out / f"{name}.jsonl"
+        dest = (domains_out if domains else out) / f"{name}.jsonl"
+        dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.exists():
             print(f"{name}: kept", flush=True)
             continue
-        split = work / f"split-{alpha:g}"
-        subprocess.run([sys.executable, str(ROOT / "tools/federated/label_skew.py"), str(data / "train.jsonl"),
-                        str(split), "--clients", str(CLIENTS), "--alpha", str(alpha), "--seed", "0"], check=True)
+        if domains:
+            split = work / f"domains-{alpha:g}"
+            subprocess.run([sys.executable, str(ROOT / "tools/federated/domain_mix.py"),
+                            str(Path.home() / ".cache/petal/multiemo"), str(split), "--clients", str(CLIENTS),
+                            "--per-client", "300", "--val", "400", "--alpha", str(alpha), "--seed", "0"],
+                           check=True, capture_output=True)
+            val = split / "val.jsonl"
+        else:
+            split = work / f"split-{alpha:g}"
+            subprocess.run([sys.executable, str(ROOT / "tools/federated/label_skew.py"), str(data / "train.jsonl"),
+                            str(split), "--clients", str(CLIENTS), "--alpha", str(alpha), "--seed", "0"], check=True)
+            val = data / "val.jsonl"
         run = work / name
         cmd = [sys.executable, str(ROOT / "tools/federated/run.py"), "--flwr", a.flwr,
                "--petal", a.petal, "--model", "asset:minilm", "--task-type", "seq-cls",
                "--partitions", ",".join(str(split / f"client-{i}.jsonl") for i in range(CLIENTS)),
-               "--val-data", str(data / "val.jsonl"), "--out", str(run),
+               "--val-data", str(val), "--out", str(run),
                "--rounds", str(a.rounds), "--local-steps", str(a.local_steps), "--strategy", strategy,
                "--proximal-mu", "0.01", *method, *more,
                "--batch-size", "16", "--seq-len", "64", "--max-eval-examples", "400", "--seed", str(a.seed),
@@ -84,8 +106,9 @@ def main():
         counts = json.loads((split / "split.json").read_text())["counts"]
         run_config(name, cmd, run, dest, dirichlet_alpha=alpha, strategy=strategy,
                    method=" ".join(method), client_label_counts=counts, devices=" ".join(more), engine=a.engine,
-                   seed=a.seed)
-    report(a, out)
+                   seed=a.seed, split="domains" if domains else "labels")
+    report(a, out, LABEL_SPLIT)
+    report(a, domains_out, DOMAIN_SPLIT)
 
 
 def label(args):
@@ -97,7 +120,17 @@ def label(args):
     return " ".join([opts["--method"], *extra])
 
 
-def report(a, out):
+LABEL_SPLIT = ("2400 training sentences dealt by label with Dirichlet(alpha) proportions, 400 held out; the "
+               "alpha column is the label split's")
+DOMAIN_SPLIT = ("each client 300 sentences of the four domains (hotels, medicine, products, school reviews) in "
+                "its own Dirichlet(alpha) proportions over the domains (intra-client heterogeneity, "
+                "tools/federated/domain_mix.py), 400 held out, 100 of each domain; the alpha column is the "
+                "domain split's")
+
+
+def report(a, out, split):
+    if not out.is_dir():
+        return
     runs = runs_in(out)
     if not runs:
         return
@@ -119,8 +152,7 @@ def report(a, out):
                      f"{rs[-1]['eval_accuracy']:.3f} ({best:.3f}) | {rs[-1].get('eval_macro_f1', 0):.3f} | "
                      f"{hit['round'] if hit else 'not reached'} | {per_round / 1e6:.2f} MB | "
                      f"{wall(rs)} | {sim} |")
-    text = (f"{CLIENTS} clients, multiemo English sentiment (4 classes; 2400 training sentences dealt by "
-            "label with Dirichlet(alpha) proportions, 400 held out), an adapter (the method column) on all-MiniLM-L6-v2 "
+    text = (f"{CLIENTS} clients, multiemo English sentiment (4 classes; {split}), an adapter (the method column) on all-MiniLM-L6-v2 "
             "with a trained head; 10 local steps of 16 sentences a round. The target is 90% of the best accuracy "
             f"any run reached. CPU: {cpu}, {os.cpu_count()} threads; all processes on this machine. Simulated time "
             f"(LEGEND's rounds): each round lasts as long as its slowest client's measured seconds times its "

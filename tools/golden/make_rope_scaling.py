@@ -58,6 +58,10 @@ CASES = [
      {"rope_type": "longrope", "original_max_position_embeddings": 24, "factor": 3.0,
       "attention_factor": 1.15, "short_factor": [1.0, 1.0, 1.1, 1.2], "long_factor": [1.5, 3.0, 6.0, 12.0]},
      None, True),
+    # the pretraining context at the config's top level (where Phi-3 keeps it), none in the scaling
+    ("longrope_tiny_top_level",
+     {"rope_type": "longrope", "short_factor": [1.0, 1.05, 1.3, 1.9], "long_factor": [2.0, 4.0, 8.0, 16.0]},
+     {"config": {"original_max_position_embeddings": 20}}, True),
     # Phi-3-mini-128k's shape (head 96, 4096 -> 131072); smooth ramps stand in for its lists
     ("longrope_phi3_shape",
      {"rope_type": "longrope", "original_max_position_embeddings": 4096,
@@ -76,8 +80,13 @@ def main():
     cases = []
     for name, rope, shape, with_logits in CASES:
         cfg = copy.deepcopy(base)
+        extra = (shape or {}).pop("config", {}) if shape else {}
+        shape = shape or None
+        for k, v in extra.items():  # top-level config keys
+            setattr(cfg, k, v)
         theta = (shape or {}).get("rope_theta", 10000.0)
-        cfg.rope_parameters = {"rope_theta": theta, **rope}
+        given = {"rope_theta": theta, **rope}
+        cfg.rope_parameters = dict(given)
         if shape:
             cfg.head_dim = shape["head_dim"]
             cfg.hidden_size = shape["head_dim"] * cfg.num_attention_heads
@@ -87,6 +96,8 @@ def main():
                 "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
                 "max_position_embeddings": cfg.max_position_embeddings,
                 "inv_freq": inv_freq.tolist(), "attention_factor": float(attention), "logits": with_logits}
+        if extra:  # the scaling as given (transformers copies the top-level key into it)
+            case.update(rope_parameters=given, config_extra=extra)
         longrope = rope["rope_type"] == "longrope"
         if longrope:
             original = cfg.rope_parameters["original_max_position_embeddings"]

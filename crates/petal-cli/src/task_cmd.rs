@@ -276,19 +276,31 @@ fn choice_logprobs(
     let ctx_ids = &ctx_ids[ctx_ids.len().saturating_sub(room)..];
     let dev = model.device();
     let ctx = Ctx::eval();
-    let mut cache = model.new_cache();
-    let h = model.hidden_states(
-        &Tensor::new(ctx_ids, dev)?.unsqueeze(0)?,
-        Some(&mut cache),
-        &ctx,
-    )?;
-    let last = h.narrow(1, ctx_ids.len() - 1, 1)?.squeeze(0)?; // predicts each choice's first token
+    // the context through the model, rotated as one pass over `span` tokens (context and
+    // choice) would be: its cache and the hidden state that predicts a choice's first token
+    let context = |span: usize| -> Result<(petal_models::KvCache, Tensor)> {
+        let mut cache = model.new_cache();
+        cache.set_rope_span(span);
+        let ids = Tensor::new(ctx_ids, dev)?.unsqueeze(0)?;
+        let h = model.hidden_states(&ids, Some(&mut cache), &ctx)?;
+        Ok((cache, h.narrow(1, ctx_ids.len() - 1, 1)?.squeeze(0)?))
+    };
+    // once for every choice, except under LongRoPE, whose tables depend on the whole pass's
+    // length (lm-evaluation-harness runs context and choice as one pass): once per length
+    let mut passes = std::collections::HashMap::new();
     let mut out = Vec::with_capacity(pairs.len());
     for (_, cont) in &pairs {
         if cont.is_empty() {
             out.push(0.0);
             continue;
         }
+        let span = model
+            .rope_switch()
+            .map_or(0, |_| ctx_ids.len() + cont.len() - 1);
+        if !passes.contains_key(&span) {
+            passes.insert(span, context(span)?);
+        }
+        let (cache, last) = &passes[&span];
         let mut rows = vec![last.clone()];
         if cont.len() > 1 {
             let mut c = cache.clone();

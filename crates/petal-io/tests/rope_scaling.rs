@@ -21,8 +21,16 @@ fn cases() -> Vec<Value> {
     v["cases"].as_array().unwrap().clone()
 }
 
-/// The tiny Qwen2's folder with `rope_parameters` replaced, in `dir`.
-fn qwen2_with(dir: &Path, rope: &Value) -> PathBuf {
+/// A case's top-level config keys besides the scaling (Phi-3's original_max_position_embeddings).
+fn extra(case: &Value) -> serde_json::Map<String, Value> {
+    case.get("config_extra")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The tiny Qwen2's folder with `rope_parameters` replaced and `extra` top-level keys, in `dir`.
+fn qwen2_with(dir: &Path, rope: &Value, extra: serde_json::Map<String, Value>) -> PathBuf {
     let out = dir.join("model");
     std::fs::create_dir_all(&out).unwrap();
     for f in [
@@ -36,6 +44,7 @@ fn qwen2_with(dir: &Path, rope: &Value) -> PathBuf {
         serde_json::from_str(&std::fs::read_to_string(golden().join("qwen2/config.json")).unwrap())
             .unwrap();
     cfg["rope_parameters"] = rope.clone();
+    cfg.as_object_mut().unwrap().extend(extra);
     std::fs::write(out.join("config.json"), cfg.to_string()).unwrap();
     out
 }
@@ -56,11 +65,12 @@ fn linear_and_yarn_frequencies_and_attention_factor_equal_transformers() {
     for case in cases() {
         let name = case["name"].as_str().unwrap();
         let head_dim = case["head_dim"].as_u64().unwrap() as usize;
-        let cfg = serde_json::json!({"model_type": "qwen2", "vocab_size": 96,
+        let mut cfg = serde_json::json!({"model_type": "qwen2", "vocab_size": 96,
             "hidden_size": head_dim * 4, "intermediate_size": 48, "num_hidden_layers": 1,
             "num_attention_heads": 4, "head_dim": head_dim,
             "max_position_embeddings": case["max_position_embeddings"],
             "rope_parameters": case["rope_parameters"]});
+        cfg.as_object_mut().unwrap().extend(extra(&case));
         let c = LlamaConfig::from_hf_json(&cfg.to_string(), name).unwrap();
         let want: Vec<f32> = serde_json::from_value(case["inv_freq"].clone()).unwrap();
         let got = c.inv_freq();
@@ -75,12 +85,10 @@ fn linear_and_yarn_frequencies_and_attention_factor_equal_transformers() {
         match (case.get("long_inv_freq"), c.long_inv_freq()) {
             (Some(w), Some((got, original))) => {
                 let want: Vec<f32> = serde_json::from_value(w.clone()).unwrap();
-                assert_eq!(
-                    original as u64,
-                    case["rope_parameters"]["original_max_position_embeddings"]
-                        .as_u64()
-                        .unwrap()
-                );
+                let key = "original_max_position_embeddings";
+                let given = extra(&case).get(key).cloned();
+                let given = given.unwrap_or_else(|| case["rope_parameters"][key].clone());
+                assert_eq!(Some(original as u64), given.as_u64(), "{name}");
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         ((g - w) / w).abs() < 1e-6,
@@ -119,6 +127,7 @@ fn a_qwen2_with_each_rope_scaling_gives_transformers_logits_and_round_trips_gguf
     let plain = load(&qwen2_with(
         plain_dir.path(),
         &serde_json::json!({"rope_theta": 10000.0, "rope_type": "default"}),
+        Default::default(),
     ));
     let plain = logits(&plain.model, &ids);
     for case in cases()
@@ -127,7 +136,11 @@ fn a_qwen2_with_each_rope_scaling_gives_transformers_logits_and_round_trips_gguf
     {
         let name = case["name"].as_str().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let lm = load(&qwen2_with(dir.path(), &case["rope_parameters"]));
+        let lm = load(&qwen2_with(
+            dir.path(),
+            &case["rope_parameters"],
+            extra(case),
+        ));
         let got = logits(&lm.model, &ids);
         let w = &want[&format!("{name}.logits")];
         let d = petal_ops::testing::max_rel(&got, w);
@@ -194,7 +207,12 @@ fn longrope_takes_its_short_factors_within_the_original_context_and_switches_in_
     {
         let name = case["name"].as_str().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let m = load(&qwen2_with(dir.path(), &case["rope_parameters"])).model;
+        let m = load(&qwen2_with(
+            dir.path(),
+            &case["rope_parameters"],
+            extra(case),
+        ))
+        .model;
         // the first tokens alone stay within the original context: the short factors
         let got = logits(&m, &ids.narrow(1, 0, short).unwrap());
         let w = &want[&format!("{name}.logits_short")];
@@ -232,6 +250,24 @@ fn longrope_takes_its_short_factors_within_the_original_context_and_switches_in_
         assert!(
             d < 1e-4,
             "{name}: cached decoding differs from transformers' by {d}"
+        );
+        // a prompt read in two parts (a server's chunked prefill) rotates as one pass over it
+        let n = ids.dim(1).unwrap();
+        let mut cache = m.new_cache();
+        cache.set_rope_span(n);
+        let parts: Vec<Tensor> = [(0, short), (short, n - short)]
+            .iter()
+            .map(|&(at, len)| {
+                let part = ids.narrow(1, at, len).unwrap();
+                let l = m.forward(&part, Some(&mut cache), &Ctx::eval()).unwrap();
+                l.squeeze(0).unwrap()
+            })
+            .collect();
+        let got = Tensor::cat(&parts, 0).unwrap();
+        let d = petal_ops::testing::max_rel(&got, &want[&format!("{name}.logits")]);
+        assert!(
+            d < 1e-4,
+            "{name}: a prompt read in parts differs from one pass by {d}"
         );
     }
 }

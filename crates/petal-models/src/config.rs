@@ -217,6 +217,10 @@ impl LlamaConfig {
         }
         if let Some(s) = &self.rope_scaling {
             v["rope_scaling"] = s.to_hf_json();
+            if s.rope_type == "longrope" {
+                // transformers 4 reads LongRoPE's pretraining context at the top level only
+                v["original_max_position_embeddings"] = s.original_max_position_embeddings.into();
+            }
         }
         v
     }

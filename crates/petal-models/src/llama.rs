@@ -90,6 +90,9 @@ pub(crate) struct Stage {
     pub x: Tensor,
     pub kv_prefix: Option<Tensor>,
     pub rope_from: usize,
+    /// Positions the pass stands for at least (a cache's span, with the prefix and virtual
+    /// tokens): which RoPE tables it takes
+    pub rope_span: usize,
     /// Token-level shifts (PASTA): each position's slot, one-hot (b t, slots).
     pub slots: Option<Tensor>,
 }
@@ -98,13 +101,23 @@ pub(crate) struct Stage {
 #[derive(Debug, Default, Clone)]
 pub struct KvCache {
     kv: Vec<Option<(Tensor, Tensor)>>,
+    /// Input tokens the passes filling it stand for at least (see `set_rope_span`)
+    span: usize,
 }
 
 impl KvCache {
     pub fn new(layers: usize) -> Self {
         KvCache {
             kv: vec![None; layers],
+            span: 0,
         }
+    }
+    /// Rotate as one pass over `tokens` input tokens would: a prompt read in parts (a server's
+    /// chunked prefill), or a context scored apart from its continuation, takes the RoPE tables
+    /// of the whole (LongRoPE picks its factors by a pass's length; other scalings have one
+    /// table and ignore this).
+    pub fn set_rope_span(&mut self, tokens: usize) {
+        self.span = tokens;
     }
     /// Layer `i`'s cached keys and values, if any.
     pub fn layer(&self, i: usize) -> Option<(&Tensor, &Tensor)> {
@@ -214,7 +227,8 @@ impl Llama {
         let max_pos = cfg.max_position_embeddings.max(1);
         // cos and sin tables of (positions, head_dim / 2) f32 each: a context read from a file
         // must not size them past the machine
-        let table_bytes = (max_pos as u64).saturating_mul(d as u64 * 4);
+        let tables = if cfg.long_inv_freq().is_some() { 2 } else { 1 }; // LongRoPE: short, long
+        let table_bytes = (max_pos as u64).saturating_mul(d as u64 * 4 * tables);
         let limit = petal_core::MemoryLimit::default();
         if table_bytes > limit.bytes {
             return Err(petal_core::Error::config(
@@ -274,6 +288,12 @@ impl Llama {
         }
     }
 
+    /// LongRoPE's pretraining context: a pass over more positions than this takes the long
+    /// factors. `None` for every other scaling (one set of tables).
+    pub fn rope_switch(&self) -> Option<usize> {
+        self.long_rope.as_ref().map(|(_, _, original)| *original)
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }
@@ -330,7 +350,10 @@ impl Llama {
     ) -> Result<Tensor> {
         let ctx = &self.pass(ctx);
         let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
-        let stage = self.input_stage(ids, offset, ctx)?;
+        let mut stage = self.input_stage(ids, offset, ctx)?;
+        if let Some(span) = cache.as_ref().map(|c| c.span).filter(|s| *s > 0) {
+            stage.rope_span = span + stage.rope_from + self.num_virtual_tokens();
+        }
         let mut x = stage.x.clone();
         for i in 0..self.layers.len() {
             let kv = cache.as_deref_mut().map(|c| &mut c.kv[i]);
@@ -392,7 +415,7 @@ impl Llama {
             .map(|p| self.layer_prefix(p, i, x.dim(0)?))
             .transpose()?;
         let h = self.rms(x, &layer.ln1)?;
-        let a = self.attention(&layer.attn, &h, stage.rope_from, kv, prefix, ctx)?;
+        let a = self.attention(&layer.attn, &h, stage, kv, prefix, ctx)?;
         let x = residual_add(self.kernels, x, &a)?;
         self.mlp_block(layer, &x, ctx)
     }

@@ -213,22 +213,34 @@ impl RopeScaling {
                 // transformers 5: the config's top-level original_max_position_embeddings (Phi-3
                 // keeps it there) before the scaling's own, then max_position_embeddings; the
                 // factor, when absent, is the ratio of the two lengths
-                let max_pos = v.get("max_position_embeddings").and_then(Value::as_f64);
-                let original = v
-                    .get("original_max_position_embeddings")
+                // (max_position_embeddings defaults to 2048, as petal's config and Llama's do)
+                let max_pos = v
+                    .get("max_position_embeddings")
                     .and_then(Value::as_f64)
-                    .or(opt("original_max_position_embeddings"))
-                    .or(max_pos);
-                let Some(original) = original.filter(|o| *o >= 2.0) else {
-                    return Err(Error::config(
-                        file,
-                        "rope_scaling.original_max_position_embeddings",
-                        "missing or below 2 (longrope needs the pretraining context)",
-                    ));
+                    .unwrap_or(2048.0);
+                let (key, original) = match v.get("original_max_position_embeddings") {
+                    Some(o) => ("original_max_position_embeddings", o.as_f64()),
+                    None => match s.get("original_max_position_embeddings") {
+                        Some(o) => ("rope_scaling.original_max_position_embeddings", o.as_f64()),
+                        None => ("max_position_embeddings", Some(max_pos)),
+                    },
+                };
+                let original = match original {
+                    Some(o) if o >= 2.0 && o.fract() == 0.0 => o,
+                    o => {
+                        return Err(Error::config(
+                            file,
+                            key,
+                            format!(
+                                "{o:?}: LongRoPE's pretraining context must be a whole number of \
+                                 at least 2 positions"
+                            ),
+                        ))
+                    }
                 };
                 let factor = match opt("factor") {
                     Some(_) => positive("factor")?,
-                    None => max_pos.unwrap_or(original) / original,
+                    None => max_pos / original,
                 };
                 let head_dim = v.get("head_dim").and_then(Value::as_u64).or_else(|| {
                     let h = v.get("hidden_size").and_then(Value::as_u64)?;
@@ -242,18 +254,27 @@ impl RopeScaling {
                             "missing or not a list",
                         )
                     })?;
-                    let xs: Vec<f64> = list
-                        .iter()
-                        .filter_map(Value::as_f64)
-                        .filter(|x| *x > 0.0 && x.is_finite())
-                        .collect();
+                    let field = |i: usize| format!("rope_scaling.{key}[{i}]");
+                    let mut xs = Vec::with_capacity(list.len());
+                    for (i, x) in list.iter().enumerate() {
+                        match x.as_f64() {
+                            Some(x) if x > 0.0 && x.is_finite() => xs.push(x),
+                            _ => {
+                                return Err(Error::config(
+                                    file,
+                                    &field(i),
+                                    format!("{x}: a factor must be a positive number"),
+                                ))
+                            }
+                        }
+                    }
                     match head_dim {
-                        Some(d) if xs.len() == list.len() && xs.len() as u64 == d / 2 => Ok(xs),
+                        Some(d) if xs.len() as u64 == d / 2 => Ok(xs),
                         _ => Err(Error::config(
                             file,
                             &format!("rope_scaling.{key}"),
                             format!(
-                                "{} entries: one positive number per frequency is needed ({})",
+                                "{} entries: one factor per frequency is needed ({})",
                                 list.len(),
                                 head_dim.map_or("head_dim / 2".into(), |d| (d / 2).to_string())
                             ),

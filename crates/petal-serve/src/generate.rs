@@ -60,6 +60,9 @@ impl Sequence {
         if prompt.is_empty() {
             return Err(Error::msg("empty prompt"));
         }
+        // a prompt read in parts rotates as one pass over it would (LongRoPE's tables)
+        let mut cache = model.new_cache();
+        cache.set_rope_span(prompt.len());
         Ok(Sequence {
             rng: rand::rngs::StdRng::seed_from_u64(p.seed),
             p,
@@ -68,7 +71,7 @@ impl Sequence {
             text: String::new(),
             sent: 0,
             stop: None,
-            cache: model.new_cache(),
+            cache,
             prompt_len: prompt.len(),
             lps: Vec::new(),
             lps_sent: 0,

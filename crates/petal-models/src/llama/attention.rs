@@ -1,7 +1,7 @@
 //! The attention block of a decoder layer: the q, k, v projections, causal attention through
 //! the KV cache and after a prefix, and the o projection.
 
-use super::{Attention, Llama};
+use super::{Attention, Llama, Stage};
 use candle_core::Tensor;
 use petal_core::{Ctx, Result};
 use petal_ops::{causal_attention_bthd, Rope};
@@ -12,7 +12,7 @@ impl Llama {
         &self,
         at: &Attention,
         x: &Tensor,
-        rope_from: usize,
+        stage: &Stage,
         kv: Option<&mut Option<(Tensor, Tensor)>>,
         prefix: Option<(Tensor, Tensor)>,
         ctx: &Ctx,
@@ -23,18 +23,20 @@ impl Llama {
         let q = at.q.forward(x, ctx)?;
         let k = at.k.forward(x, ctx)?;
         let v = at.v.forward(x, ctx)?;
-        let o = self.attend(&q, k, v, rope_from, kv, prefix)?;
+        let o = self.attend(&q, k, v, (stage.rope_from, stage.rope_span), kv, prefix)?;
         at.o.forward(&o, ctx)
     }
 
     /// Causal attention of projected q, k, v (b, t, heads * d), unrotated, through the cache
-    /// slot and after the prefix where given; the output before the o projection.
+    /// slot and after the prefix where given; the output before the o projection. `rope`: the
+    /// leading keys a prefix holds unrotated, and the positions the pass stands for at least
+    /// (its RoPE tables; 0: its own).
     pub(crate) fn attend(
         &self,
         q: &Tensor,
         mut k: Tensor,
         mut v: Tensor,
-        rope_from: usize,
+        (rope_from, span): (usize, usize),
         kv: Option<&mut Option<(Tensor, Tensor)>>,
         prefix: Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
@@ -47,7 +49,7 @@ impl Llama {
             .and_then(|s| s.as_ref())
             .map_or(0, |(pk, _)| pk.dims()[1]);
         let seen = cached + prefix.as_ref().map_or(0, |(pk, _)| pk.dims()[1]);
-        let (cos, sin) = self.rope_tables_for(seen + t);
+        let (cos, sin) = self.rope_tables_for((seen + t).max(span));
         let from = if kv.is_some() {
             let new_rows = |tab: &Tensor| tab.narrow(0, seen, t);
             k = petal_ops::apply_rope_bthd(self.kernels, &k, &new_rows(cos)?, &new_rows(sin)?)?;

@@ -54,7 +54,7 @@ impl Llama {
                     &row(&q)?,
                     row(&k)?,
                     row(&v)?,
-                    0,
+                    (0, cache.span),
                     Some(&mut cache.kv[i]),
                     None,
                 )?);

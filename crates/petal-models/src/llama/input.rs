@@ -51,6 +51,7 @@ impl Llama {
             x,
             kv_prefix,
             rope_from,
+            rope_span: 0,
             slots,
         })
     }

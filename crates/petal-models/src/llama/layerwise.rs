@@ -25,6 +25,7 @@ impl Llama {
             x: x.clone(),
             kv_prefix: None,
             rope_from: 0,
+            rope_span: 0,
             slots: None,
         };
         self.layer_forward(i, x, &stage, None, &self.pass(ctx))
