@@ -266,6 +266,14 @@ def section_command(model, task, rs):
     return "python3 tools/compare/run.py --petal target/release/petal " + " ".join(args)
 
 
+# what a row's figures mean where they differ from the other methods'
+NOTES = {
+    "ks_lottery": "the trainable count is its first stage's (the whole token embedding, tuned to "
+                  "find the winning tokens); the second stage trains and the adapter keeps only the "
+                  "top_k tokens' rows (top_k x hidden values).",
+}
+
+
 def report(a, results, failed=()):
     by_task = {}
     for r in results:
@@ -317,6 +325,9 @@ def report(a, results, failed=()):
                          f"{r.get('lr', EARLIER_LR):g} | {r['peak_rss_mb'] / 1024:.2f} GB | {r['train_tokens_per_s']:.0f}{which(r)} | "
                          f"{r['inference_overhead']:.2f}x |")
         lines.append("")
+        for method, note in NOTES.items():
+            if any(r["method"].split(":")[0] == method for r in rs):
+                lines += [f"{method}: {note}", ""]
         svg = plot(a, model, task, rs)
         if svg:
             lines += [f"![accuracy against trainable parameters and peak memory]({svg})", ""]
