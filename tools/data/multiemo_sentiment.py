@@ -16,6 +16,21 @@ import os
 import random
 
 
+def sentences(src, name, max_words):
+    """The labelled sentences of SRC/NAME.json (`all_sentence_en`, `hotels_sentence_en`, ...) of at
+    most `max_words` words, each with its one label of target score 1."""
+    path = os.path.join(src, f"{name}.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: not found (run `petal assets multiemo`)")
+    rows = []
+    for e in json.load(open(path))["examples"]:
+        label = [k for k, v in e["target_scores"].items() if v == 1]
+        text = e["input"].strip()
+        if len(label) == 1 and 0 < len(text.split()) <= max_words:
+            rows.append({"text": text, "label": label[0]})
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("src")
@@ -25,15 +40,7 @@ def main():
     ap.add_argument("--max-words", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    path = os.path.join(a.src, "all_sentence_en.json")
-    if not os.path.exists(path):
-        raise SystemExit(f"{path}: not found (run `petal assets multiemo`)")
-    rows = []
-    for e in json.load(open(path))["examples"]:
-        label = [k for k, v in e["target_scores"].items() if v == 1]
-        text = e["input"].strip()
-        if len(label) == 1 and 0 < len(text.split()) <= a.max_words:
-            rows.append({"text": text, "label": label[0]})
+    rows = sentences(a.src, "all_sentence_en", a.max_words)
     random.Random(a.seed).shuffle(rows)
     if len(rows) < a.train + a.val:
         raise SystemExit(f"only {len(rows)} sentences of at most {a.max_words} words")

@@ -18,24 +18,15 @@ import argparse
 import json
 import os
 import random
+import sys
 from collections import Counter
 
 from label_skew import dirichlet  # tools/federated/label_skew.py
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data"))
+from multiemo_sentiment import sentences  # noqa: E402  tools/data/multiemo_sentiment.py
+
 DOMAINS = ["hotels", "medicine", "products", "reviews"]
-
-
-def sentences(src, domain, max_words):
-    path = os.path.join(src, f"{domain}_sentence_en.json")
-    if not os.path.exists(path):
-        raise SystemExit(f"{path}: not found (run `petal assets multiemo`)")
-    rows = []
-    for e in json.load(open(path))["examples"]:
-        label = [k for k, v in e["target_scores"].items() if v == 1]
-        text = e["input"].strip()
-        if len(label) == 1 and 0 < len(text.split()) <= max_words:
-            rows.append({"text": text, "label": label[0]})
-    return rows
 
 
 def main():
@@ -54,7 +45,7 @@ def main():
     rng = random.Random(a.seed)
     pools = {}
     for d in DOMAINS:
-        rows = sentences(a.src, d, a.max_words)
+        rows = sentences(a.src, f"{d}_sentence_en", a.max_words)
         rng.shuffle(rows)
         pools[d] = rows
     val = []
