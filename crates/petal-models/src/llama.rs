@@ -9,13 +9,16 @@ use crate::weights::WeightSource;
 use candle_core::{DType, Device, Tensor};
 use petal_core::adapter::InputShape;
 use petal_core::{Adaptable, AdaptableLinear, AdaptableNorm, Ctx, InputAdapter, Result};
-use petal_ops::{residual_add, rms_norm, rope_tables, swiglu, Kernels};
+use petal_ops::{residual_add, rms_norm, swiglu, Kernels};
 
 mod attention;
 mod bias_export;
 mod decode;
 mod input;
 mod layerwise;
+mod rope_tables;
+
+use rope_tables::RopeTables;
 
 /// The one norm factory: an RMSNorm weight (h) under HF path `path`.
 fn norm(
@@ -143,10 +146,7 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: AdaptableNorm,
     lm_head: AdaptableLinear,
-    cos: Tensor,
-    sin: Tensor,
-    /// LongRoPE: the tables for a forward whose positions go past this many (the long factors)
-    long_rope: Option<(Tensor, Tensor, usize)>,
+    rope: RopeTables,
     dtype: DType,
     /// activations' dtype (`act_dtype`)
     act: DType,
@@ -224,52 +224,14 @@ impl Llama {
         } else {
             linear(w, "lm_head", cfg.vocab_size, h, false, outer, device)?
         };
-        let max_pos = cfg.max_position_embeddings.max(1);
-        // cos and sin tables of (positions, head_dim / 2) f32 each: a context read from a file
-        // must not size them past the machine
-        let tables = if cfg.long_inv_freq().is_some() { 2 } else { 1 }; // LongRoPE: short, long
-        let table_bytes = (max_pos as u64).saturating_mul(d as u64 * 4 * tables);
-        let limit = petal_core::MemoryLimit::default();
-        if table_bytes > limit.bytes {
-            return Err(petal_core::Error::config(
-                "model config",
-                "max_position_embeddings",
-                format!(
-                    "{max_pos} positions need {} of RoPE tables, over half of this machine's \
-                     memory ({})",
-                    petal_core::memory::human_bytes(table_bytes),
-                    petal_core::memory::human_bytes(limit.bytes)
-                ),
-            ));
-        }
-        // YaRN and LongRoPE: cos and sin scaled, so q and k are (transformers'
-        // `attention_scaling`)
-        let attention = cfg.rope_attention_factor();
-        let tables = |inv_freq: &[f32]| -> Result<(Tensor, Tensor)> {
-            let (cos, sin) = rope_tables(inv_freq, max_pos, device)?;
-            Ok(if attention != 1.0 {
-                ((cos * attention)?, (sin * attention)?)
-            } else {
-                (cos, sin)
-            })
-        };
-        let (cos, sin) = tables(&cfg.inv_freq())?;
-        let long_rope = match cfg.long_inv_freq() {
-            Some((inv_freq, original)) => {
-                let (cos, sin) = tables(&inv_freq)?;
-                Some((cos, sin, original))
-            }
-            None => None,
-        };
+        let rope = RopeTables::new(&cfg, device)?;
         Ok(Llama {
             cfg,
             embed: quantized(AdaptableLinear::embedding("model.embed_tokens", embed)),
             layers,
             norm,
             lm_head,
-            cos,
-            sin,
-            long_rope,
+            rope,
             dtype,
             act,
             resid,
@@ -279,19 +241,10 @@ impl Llama {
         })
     }
 
-    /// The cos and sin tables for a forward over `positions` positions (its largest plus one):
-    /// LongRoPE's long ones past the pretraining context, as transformers picks them.
-    pub(crate) fn rope_tables_for(&self, positions: usize) -> (&Tensor, &Tensor) {
-        match &self.long_rope {
-            Some((cos, sin, original)) if positions > *original => (cos, sin),
-            _ => (&self.cos, &self.sin),
-        }
-    }
-
     /// LongRoPE's pretraining context: a pass over more positions than this takes the long
     /// factors. `None` for every other scaling (one set of tables).
     pub fn rope_switch(&self) -> Option<usize> {
-        self.long_rope.as_ref().map(|(_, _, original)| *original)
+        self.rope.switch()
     }
 
     pub fn dtype(&self) -> DType {

@@ -49,7 +49,7 @@ impl Llama {
             .and_then(|s| s.as_ref())
             .map_or(0, |(pk, _)| pk.dims()[1]);
         let seen = cached + prefix.as_ref().map_or(0, |(pk, _)| pk.dims()[1]);
-        let (cos, sin) = self.rope_tables_for((seen + t).max(span));
+        let (cos, sin) = self.rope.for_positions((seen + t).max(span));
         let from = if kv.is_some() {
             let new_rows = |tab: &Tensor| tab.narrow(0, seen, t);
             k = petal_ops::apply_rope_bthd(self.kernels, &k, &new_rows(cos)?, &new_rows(sin)?)?;
