@@ -260,7 +260,7 @@ fn ranks_with_other_settings_are_refused_naming_the_setting() {
     let err = stderr(&o);
     assert!(
         err.contains(
-            "rank 1 of 2: this rank's settings differ from rank 0's (max_grad_norm: 1.0 -> 0.5)"
+            "of 2: ranks run with other settings than rank 0 (rank 1: max_grad_norm: 1.0 -> 0.5)"
         ),
         "{err}"
     );

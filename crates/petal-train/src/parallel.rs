@@ -56,38 +56,35 @@ impl Group {
         }
     }
     /// Refuse to train unless every rank runs with the same settings (`settings`: a JSON
-    /// object). A rank that differs names the keys; the others name the ranks.
+    /// object). Every rank learns every rank's settings, so each one's message names the odd
+    /// ranks and the keys they change: whichever rank's message reaches the user first (the
+    /// first to exit ends the job) says it all.
     pub fn check_same(&self, settings: &str) -> Result<()> {
         let Some(c) = self.0.as_ref().filter(|c| c.size() > 1) else {
             return Ok(());
         };
-        let mut first = settings.as_bytes().to_vec();
-        c.broadcast(&mut first)?;
-        let first = String::from_utf8_lossy(&first).into_owned();
-        let mut differ = vec![0f64; c.size()];
-        differ[c.rank()] = f64::from(first != settings);
-        c.sum_f64(&mut differ)?;
-        if first != settings {
-            return Err(Error::msg(format!(
-                "rank {} of {}: this rank's settings differ from rank 0's ({}); every rank \
-                 must run the same command",
-                c.rank(),
-                c.size(),
-                crate::trainer::fingerprint_diff(&first, settings)
-            )));
-        }
-        let odd: Vec<String> = (0..c.size())
-            .filter(|&r| differ[r] > 0.0)
-            .map(|r| r.to_string())
+        let all = gather_bytes(c.as_ref(), settings.as_bytes())?;
+        let all: Vec<String> = all
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect();
+        let odd: Vec<String> = (1..c.size())
+            .filter(|&r| all[r] != all[0])
+            .map(|r| {
+                format!(
+                    "rank {r}: {}",
+                    crate::trainer::fingerprint_diff(&all[0], &all[r])
+                )
+            })
             .collect();
         match odd.is_empty() {
             true => Ok(()),
             false => Err(Error::msg(format!(
-                "rank {} of {}: rank(s) {} run with other settings than rank 0 (see their \
-                 message); every rank must run the same command",
+                "rank {} of {}: ranks run with other settings than rank 0 ({}); every rank \
+                 must run the same command",
                 c.rank(),
                 c.size(),
-                odd.join(", ")
+                odd.join("; ")
             ))),
         }
     }
@@ -164,4 +161,26 @@ pub(crate) fn rank_settings(cfg: &crate::TrainConfig, start: usize, examples: us
         s.extend(t);
     }
     serde_json::Value::Object(s).to_string()
+}
+
+/// Every rank's bytes, on every rank (an all-gather made of two sums: the lengths, then each
+/// rank's bytes at its own offset of a zeroed buffer; a byte is exact in an f64).
+fn gather_bytes(c: &dyn Collective, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+    let mut lengths = vec![0f64; c.size()];
+    lengths[c.rank()] = mine.len() as f64;
+    c.sum_f64(&mut lengths)?;
+    let lengths: Vec<usize> = lengths.iter().map(|&l| l as usize).collect();
+    let at: usize = lengths[..c.rank()].iter().sum();
+    let mut buffer = vec![0f64; lengths.iter().sum()];
+    for (slot, &b) in buffer[at..].iter_mut().zip(mine) {
+        *slot = f64::from(b);
+    }
+    c.sum_f64(&mut buffer)?;
+    let mut out = Vec::with_capacity(c.size());
+    let mut from = 0;
+    for l in lengths {
+        out.push(buffer[from..from + l].iter().map(|&v| v as u8).collect());
+        from += l;
+    }
+    Ok(out)
 }
