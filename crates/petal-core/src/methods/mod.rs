@@ -198,13 +198,19 @@ pub(crate) fn param(
 }
 
 /// A dense update made from a few trained values (intrinsic dimension's θ, RPS's shared
-/// array), kept for inference: made anew in training (its graph reaches the values) and then
-/// dropped, so it is held only between an evaluation and the next step; at inference, kept while
-/// the values stay the same (comparing them costs far less than making out·in values).
+/// array, QuanTA's gates), kept for inference: made anew in training (its graph reaches the
+/// values) and then dropped, so it is held only between an evaluation and the next step; at
+/// inference, kept while the values stay the same (comparing them costs far less than making
+/// out·in values).
 #[derive(Debug, Default)]
-pub(crate) struct KeptDelta(std::sync::Mutex<Option<(Vec<f32>, Tensor)>>);
+pub(crate) struct KeptDelta(pub(crate) std::sync::Mutex<Option<(Vec<f32>, Tensor)>>);
 
 impl KeptDelta {
+    /// Drop the kept update (a training forward that does not ask for it: the values move).
+    pub fn clear(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// The update under `ctx`, from the trained `values` by `make`.
     pub fn get(
         &self,

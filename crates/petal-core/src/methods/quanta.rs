@@ -18,7 +18,7 @@ use crate::adapter::{
     AdapterLayer, AdapterMethod, BaseLinear, ModuleDims, NamedTensor, WeightUpdate,
 };
 use crate::config::{probability, spec, AdapterConfig, Spec};
-use crate::methods::{add_dense_delta, dense_linear, flat_input, kaiming_uniform};
+use crate::methods::{add_dense_delta, dense_linear, flat_input, kaiming_uniform, KeptDelta};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var};
 use rand::SeedableRng;
@@ -236,6 +236,7 @@ impl AdapterMethod for Quanta {
             out,
             inp,
             dropout: o.quanta_dropout,
+            kept: KeptDelta::default(),
         }))
     }
 }
@@ -248,6 +249,8 @@ struct QuantaLayer {
     out: usize,
     inp: usize,
     dropout: f64,
+    /// Inference's dW.
+    kept: KeptDelta,
 }
 
 impl QuantaLayer {
@@ -255,15 +258,78 @@ impl QuantaLayer {
         self.n.iter().product()
     }
 
-    /// `(Q_θ - Q_θ₀)` on rows of `inp` features, cut or padded to `out`.
+    /// `(Q_θ - Q_θ₀)` on rows of `inp` features (f32), cut or padded to `out`: one graph node
+    /// over the rows and the gates whose backward runs both chains again with a graph, so a
+    /// step keeps none of the chains' intermediates (`rows · P` values per gate).
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let p = self.width();
         let x = x.pad_with_zeros(1, 0, p - self.inp)?;
-        let t = |vs: &[Var]| vs.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>();
+        let (n, out) = (self.n.clone(), self.out.min(p));
         let frozen: Vec<Tensor> = self.frozen.iter().map(|v| v.as_tensor().detach()).collect();
-        let q =
-            (chain(&self.n, &x, &t(&self.gates), false)? - chain(&self.n, &x, &frozen, false)?)?;
-        Ok(q.narrow(1, 0, self.out.min(p))?)
+        let unflat = self.unflatten();
+        let run = std::sync::Arc::new(
+            move |x: &Tensor, flat: &Tensor| -> candle_core::Result<Tensor> {
+                let q = (chain(&n, x, &unflat(flat)?, false)? - chain(&n, x, &frozen, false)?)?;
+                q.narrow(1, 0, out)?.contiguous() // a lean node's value is read as contiguous
+            },
+        );
+        let again = run.clone();
+        Ok(petal_ops::lean::lean2(
+            [&x, &self.flat()?],
+            |[x, flat]| run(x, flat),
+            move |[x, flat], need, _, dy| {
+                let (xv, fv) = (Var::from_tensor(x)?, Var::from_tensor(flat)?);
+                let y = again(xv.as_tensor(), fv.as_tensor())?;
+                let g = (y * dy.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+                let grad = |v: &Var, like: &Tensor| match g.get(v.as_tensor()) {
+                    Some(d) => Ok(d.clone()),
+                    None => like.zeros_like(),
+                };
+                Ok([
+                    need[0].then(|| grad(&xv, x)).transpose()?,
+                    need[1].then(|| grad(&fv, flat)).transpose()?,
+                ])
+            },
+        )?)
+    }
+
+    /// The gates' values end to end.
+    fn flat(&self) -> Result<Tensor> {
+        let parts = self
+            .gates
+            .iter()
+            .map(|v| v.as_tensor().flatten_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// The gates back from their values end to end.
+    fn unflatten(&self) -> impl Fn(&Tensor) -> candle_core::Result<Vec<Tensor>> + Send + Sync {
+        let shapes: Vec<Vec<usize>> = self.gates.iter().map(|g| g.dims().to_vec()).collect();
+        move |flat: &Tensor| {
+            let mut at = 0;
+            let mut gates = Vec::with_capacity(shapes.len());
+            for s in &shapes {
+                let k: usize = s.iter().product();
+                gates.push(flat.narrow(0, at, k)?.reshape(s.as_slice())?);
+                at += k;
+            }
+            Ok(gates)
+        }
+    }
+
+    /// Whether a forward runs the chain on x's rows (the official form) rather than build dW:
+    /// in training with dropout. Not for fewer rows than dW's chain (`min(in, out)`): the rows
+    /// form runs both chains again in backward, for both gradients, about 8 chain passes
+    /// against dW's 5 (measured: 0.8-0.95x at 256 rows against 384; docs/methods/quanta.md).
+    fn on_rows(&self, ctx: &crate::Ctx) -> bool {
+        ctx.is_train() && self.dropout > 0.0
+    }
+
+    /// dW for a forward under `ctx`: kept for inference while the gates hold (an unmerged
+    /// evaluation otherwise runs every module's chain again on every forward).
+    fn delta_for(&self, ctx: &crate::Ctx) -> Result<Tensor> {
+        self.kept.get(ctx, &self.flat()?, || self.delta())
     }
 
     /// dW (out, in): the update applied to the first `in` unit vectors, transposed; or, where
@@ -281,24 +347,10 @@ impl QuantaLayer {
             Tensor::eye(out.min(inp), DType::F32, &dev)?.pad_with_zeros(1, 0, p - out.min(inp))?;
         let frozen: Vec<Tensor> = self.frozen.iter().map(|v| v.as_tensor().detach()).collect();
         let base = chain(&n, &eye, &frozen, rows_out)?;
-        let shapes: Vec<Vec<usize>> = self.gates.iter().map(|g| g.dims().to_vec()).collect();
-        let flat = Tensor::cat(
-            &self
-                .gates
-                .iter()
-                .map(|g| g.as_tensor().flatten_all())
-                .collect::<candle_core::Result<Vec<_>>>()?,
-            0,
-        )?;
+        let flat = self.flat()?;
+        let unflat = self.unflatten();
         let build = std::sync::Arc::new(move |flat: &Tensor| -> candle_core::Result<Tensor> {
-            let mut at = 0;
-            let mut gates = Vec::with_capacity(shapes.len());
-            for s in &shapes {
-                let k: usize = s.iter().product();
-                gates.push(flat.narrow(0, at, k)?.reshape(s.as_slice())?);
-                at += k;
-            }
-            let q = (chain(&n, &eye, &gates, rows_out)? - &base)?;
+            let q = (chain(&n, &eye, &unflat(flat)?, rows_out)? - &base)?;
             if rows_out {
                 return q.narrow(1, 0, inp)?.contiguous();
             }
@@ -370,11 +422,12 @@ fn chain(
 
 impl AdapterLayer for QuantaLayer {
     fn forward(&self, x: &Tensor, y: Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
-        if self.dropout == 0.0 || !ctx.is_train() {
-            return add_dense_delta(x, y, &self.delta()?);
+        if !self.on_rows(ctx) {
+            return add_dense_delta(x, y, &self.delta_for(ctx)?);
         }
         // the official form: the gate chain on the (dropped-out) input itself
-        let x2 = flat_input(x)?;
+        self.kept.clear();
+        let x2 = flat_input(x)?.to_dtype(DType::F32)?;
         let x2 = crate::methods::lora::dropout(&x2, self.dropout, ctx)?;
         let d = self.apply(&x2)?.reshape(y.shape())?.to_dtype(y.dtype())?;
         Ok((y + d)?)
@@ -387,10 +440,10 @@ impl AdapterLayer for QuantaLayer {
         b: Option<&Tensor>,
         ctx: &crate::Ctx,
     ) -> Option<Result<Tensor>> {
-        if self.dropout > 0.0 && ctx.is_train() {
+        if self.on_rows(ctx) {
             return None;
         }
-        dense_linear(ctx.kernels(), x, w, b, || Ok(Some(self.delta()?)))
+        dense_linear(ctx.kernels(), x, w, b, || Ok(Some(self.delta_for(ctx)?)))
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {
@@ -522,6 +575,61 @@ mod tests {
         assert!(crate::testing::max_rel(&via_delta, &direct) < 1e-5);
     }
 
+    #[test]
+    fn inference_keeps_the_update_while_the_gates_hold_and_follows_them_when_they_move() {
+        let mut c = conformance_config();
+        c.set("init_weights", false).unwrap();
+        let mut t = crate::testing::Toy::new();
+        crate::inject_adapter(&mut t, "default", &c, 0).unwrap();
+        let x = crate::testing::Toy::input();
+        let (eval, train) = (crate::Ctx::eval(), crate::Ctx::train(0));
+        let first = t.forward_ctx(&x, &eval);
+        assert!(crate::testing::max_rel(&first, &t.forward_ctx(&x, &train)) < 1e-6);
+        let layer = quanta_layer(t.fc1.layer("default").unwrap());
+        assert!(
+            layer.kept.0.lock().unwrap().is_none(),
+            "a training forward keeps nothing"
+        );
+        let again = t.forward_ctx(&x, &eval);
+        assert!(layer.kept.0.lock().unwrap().is_some());
+        assert!(crate::testing::max_rel(&again, &first) < 1e-6);
+        // one gate moves (an optimizer step): inference follows it
+        let gate = &layer.gates[0];
+        gate.set(&(gate.as_tensor() * 2.0).unwrap()).unwrap();
+        let moved = t.forward_ctx(&x, &eval);
+        assert!(crate::testing::max_rel(&moved, &first) > 1e-3);
+        assert!(crate::testing::max_rel(&moved, &t.forward_ctx(&x, &train)) < 1e-6);
+    }
+
+    #[test]
+    fn the_chain_on_rows_has_the_gradients_autograd_gives_the_composed_chains() {
+        let c = conformance_three_axes();
+        let t = crate::testing::adapted(&c, false);
+        let layer = quanta_layer(t.fc1.layer("default").unwrap());
+        let x = Var::from_tensor(&crate::testing::rand_tensor(&[5, 10], 4)).unwrap();
+        let proj = crate::testing::rand_tensor(&[5, 12], 6);
+        let lean = layer.apply(&x).unwrap();
+        let xp = x.pad_with_zeros(1, 0, layer.width() - 10).unwrap();
+        let gates: Vec<Tensor> = layer.gates.iter().map(|g| g.as_tensor().clone()).collect();
+        let frozen: Vec<Tensor> = layer
+            .frozen
+            .iter()
+            .map(|g| g.as_tensor().detach())
+            .collect();
+        let composed = (chain(&layer.n, &xp, &gates, false).unwrap()
+            - chain(&layer.n, &xp, &frozen, false).unwrap())
+        .unwrap()
+        .narrow(1, 0, 12)
+        .unwrap();
+        assert!(crate::testing::max_rel(&lean, &composed) < 1e-6);
+        let grads = |y: Tensor| (y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, b) = (grads(lean), grads(composed));
+        for v in std::iter::once(&x).chain(&layer.gates) {
+            let (ga, gb) = (a.get(v).unwrap(), b.get(v).unwrap());
+            assert!(crate::testing::max_rel(ga, gb) < 1e-5);
+        }
+    }
+
     fn quanta_layer(l: &dyn AdapterLayer) -> &QuantaLayer {
         l.as_any()
             .and_then(|a| a.downcast_ref::<QuantaLayer>())
@@ -561,6 +669,7 @@ mod oracle {
                 out,
                 inp,
                 dropout: 0.0,
+                kept: KeptDelta::default(),
             };
             let y = layer.apply(&t[&format!("{name}.x")]).unwrap();
             let e = crate::testing::max_rel(&y, &t[&format!("{name}.y")]);
