@@ -120,10 +120,12 @@ struct Tally {
     correct_norm: usize,
     choice: usize,
     unmatched: usize,
+    /// tokens generated
+    tokens: usize,
 }
 
 /// Scores `examples`: the report as JSON (`accuracy`, and for multiple choice `acc_norm`,
-/// `examples`, `unmatched` generations, `tasks`), and one record an example (the choices'
+/// `examples`, `unmatched` generations, `generated_tokens`, `tasks`), and one record an example (the choices'
 /// log-likelihoods, or the generated text and what was read from it; whether right), in the
 /// examples' order.
 pub fn evaluate(
@@ -161,7 +163,7 @@ pub fn evaluate(
     for group in generate.chunks(batch.max(1)) {
         let exs: Vec<&TaskExample> = group.iter().map(|(_, e)| *e).collect();
         let texts = generated(model, tok, &exs, scoring, rows.as_deref())?;
-        for ((i, e), text) in group.iter().zip(texts) {
+        for ((i, e), (text, tokens)) in group.iter().zip(texts) {
             let Item::Generate { answer } = &e.item else {
                 continue;
             };
@@ -175,6 +177,7 @@ pub fn evaluate(
             let t = tally.entry(e.task.clone()).or_default();
             t.n += 1;
             t.unmatched += usize::from(got.is_none());
+            t.tokens += tokens;
             t.correct += usize::from(right);
             samples[*i] = json!({"index": i, "task": e.task, "prompt": e.prompt, "output": text,
                                  "extracted": got, "reference": gold, "correct": right});
@@ -190,6 +193,9 @@ pub fn evaluate(
     });
     if choices > 0 {
         out["acc_norm"] = json!(sum(|t| t.correct_norm) as f64 / choices as f64);
+    }
+    if choices < n {
+        out["generated_tokens"] = json!(sum(|t| t.tokens));
     }
     if tally.len() > 1 {
         out["tasks"] = tally
@@ -335,14 +341,15 @@ fn row_adapter(model: &Llama) -> Option<String> {
     Some(name)
 }
 
-/// Greedy continuations of the prompts, batched where `rows` names the adapter.
+/// Greedy continuations of the prompts and their lengths in tokens, batched where `rows` names
+/// the adapter.
 fn generated(
     model: &Llama,
     tok: &Tokenizer,
     group: &[&TaskExample],
     scoring: &Scoring,
     rows: Option<&str>,
-) -> Result<Vec<String>> {
+) -> Result<Vec<(String, usize)>> {
     let params = petal_serve::SamplingParams {
         max_new_tokens: scoring.max_new_tokens,
         stop: scoring.stop.clone(),
@@ -361,7 +368,10 @@ fn generated(
     let Some(adapter) = rows else {
         return ids
             .iter()
-            .map(|i| Ok(petal_serve::generate(model, tok, i, &params, &mut |_| {})?.text))
+            .map(|i| {
+                let g = petal_serve::generate(model, tok, i, &params, &mut |_| {})?;
+                Ok((g.text, g.ids.len()))
+            })
             .collect();
     };
     let reqs: Vec<petal_serve::Request> = ids
@@ -374,6 +384,6 @@ fn generated(
         .collect();
     Ok(petal_serve::generate_batch(model, tok, &reqs)?
         .into_iter()
-        .map(|g| g.text)
+        .map(|g| (g.text, g.ids.len()))
         .collect())
 }

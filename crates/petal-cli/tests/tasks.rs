@@ -95,11 +95,12 @@ fn generation_is_scored_by_exact_match_after_the_extractor_and_unmatched_answers
     let d = tempfile::tempdir().unwrap();
     let task = d.path().join("gen.jsonl");
     let mut lines = String::new();
+    let mut tokens = 0;
     for (i, prompt) in prompts.iter().enumerate() {
         let ids = lm.tokenizer.encode(prompt, false).unwrap();
-        let text = petal_serve::generate(&lm.model, &lm.tokenizer, &ids, &p, &mut |_| {})
-            .unwrap()
-            .text;
+        let g = petal_serve::generate(&lm.model, &lm.tokenizer, &ids, &p, &mut |_| {}).unwrap();
+        tokens += g.ids.len();
+        let text = g.text;
         let answer = if i % 2 == 0 {
             text
         } else {
@@ -112,6 +113,7 @@ fn generation_is_scored_by_exact_match_after_the_extractor_and_unmatched_answers
     let (report, rows) = run(&task, &["--max-new-tokens", "4", "--batch-size", "4"]);
     assert_eq!(report["accuracy"], 0.5, "{report}");
     assert_eq!(report["unmatched"], 0);
+    assert_eq!(report["generated_tokens"], tokens, "{report}");
     for (i, row) in rows.iter().enumerate() {
         assert_eq!(row["correct"], i % 2 == 0, "{row}");
     }

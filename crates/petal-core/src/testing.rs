@@ -291,6 +291,30 @@ pub fn check_param_count(cfg: &AdapterConfig, formula: fn(usize, usize, &Adapter
 /// Where the method has a fused forward (one kernel for the frozen linear and the adapter), it
 /// equals the composed `forward` in value and in the gradients of the input and every adapter
 /// tensor, drawing the same dropout (`rank_dropout` / `lora_dropout` set by the config).
+/// For a method that keeps its dense update for inference (`KeptDelta`): inference equals a
+/// training forward, stays equal when run again, and follows the trained value `key` (its
+/// name's ending) when a step moves it. `cfg` must make a nonzero update.
+pub fn check_inference_follows_the_values(cfg: &AdapterConfig, key: &str) {
+    let mut t = Toy::new();
+    crate::inject_adapter(&mut t, "default", cfg, 0).unwrap();
+    let x = Toy::input();
+    let (eval, train) = (crate::Ctx::eval(), crate::Ctx::train(0));
+    let first = t.forward_ctx(&x, &eval);
+    assert!(max_rel(&first, &t.forward_ctx(&x, &train)) < 1e-6);
+    assert!(max_rel(&t.forward_ctx(&x, &eval), &first) < 1e-6);
+    // the value moves (an optimizer step): inference follows it
+    let v = crate::walk::adapter_tensors(&t, "default")
+        .into_iter()
+        .find(|a| a.key.ends_with(key))
+        .unwrap_or_else(|| panic!("no adapter tensor ends with {key}"))
+        .var
+        .clone();
+    v.set(&(v.as_tensor() * 2.0).unwrap()).unwrap();
+    let moved = t.forward_ctx(&x, &eval);
+    assert!(max_rel(&moved, &first) > 1e-3);
+    assert!(max_rel(&moved, &t.forward_ctx(&x, &train)) < 1e-6);
+}
+
 pub fn check_fused_equals_composed(cfg: &AdapterConfig) {
     check_fused_equals_composed_on(&adapted(cfg, true));
 }

@@ -272,25 +272,7 @@ mod tests {
     fn inference_keeps_the_update_while_theta_holds_and_makes_it_anew_when_theta_moves() {
         let mut c = conformance_config();
         c.set("init_weights", false).unwrap();
-        let mut t = crate::testing::Toy::new();
-        crate::inject_adapter(&mut t, "default", &c, 0).unwrap();
-        let x = crate::testing::Toy::input();
-        let (eval, train) = (crate::Ctx::eval(), crate::Ctx::train(0));
-        let made = t.forward_ctx(&x, &train);
-        let first = t.forward_ctx(&x, &eval);
-        assert!(crate::testing::max_rel(&first, &made) < 1e-6);
-        assert!(crate::testing::max_rel(&t.forward_ctx(&x, &eval), &first) < 1e-6);
-        // θ moves (an optimizer step): inference follows it
-        let theta = crate::walk::adapter_tensors(&t, "default")
-            .into_iter()
-            .find(|a| a.key.ends_with(THETA))
-            .unwrap()
-            .var
-            .clone();
-        theta.set(&(theta.as_tensor() * 2.0).unwrap()).unwrap();
-        let moved = t.forward_ctx(&x, &eval);
-        assert!(crate::testing::max_rel(&moved, &first) > 1e-3);
-        assert!(crate::testing::max_rel(&moved, &t.forward_ctx(&x, &train)) < 1e-6);
+        crate::testing::check_inference_follows_the_values(&c, THETA);
     }
 
     #[test]
