@@ -303,8 +303,8 @@ fn choice_logprobs(
         let span = model
             .rope_switch()
             .map_or(0, |_| ctx_ids.len() + cont.len() - 1);
-        if !passes.contains_key(&span) {
-            passes.insert(span, context(span)?);
+        if let std::collections::hash_map::Entry::Vacant(e) = passes.entry(span) {
+            e.insert(context(span)?);
         }
         let (cache, last) = &passes[&span];
         let mut rows = vec![last.clone()];
