@@ -125,9 +125,9 @@ struct Tally {
 }
 
 /// Scores `examples`: the report as JSON (`accuracy`, and for multiple choice `acc_norm`,
-/// `examples`, `unmatched` generations, `generated_tokens`, `tasks`), and one record an example (the choices'
-/// log-likelihoods, or the generated text and what was read from it; whether right), in the
-/// examples' order.
+/// `examples`, `unmatched` generations, `generated_tokens`, `tasks`), and one record an
+/// example (the choices' log-likelihoods, or the generated text and what was read from it;
+/// whether right), in the examples' order.
 pub fn evaluate(
     model: &Llama,
     tok: &Tokenizer,

@@ -288,9 +288,6 @@ pub fn check_param_count(cfg: &AdapterConfig, formula: fn(usize, usize, &Adapter
     assert_eq!(c.total, t.base_param_count() + want);
 }
 
-/// Where the method has a fused forward (one kernel for the frozen linear and the adapter), it
-/// equals the composed `forward` in value and in the gradients of the input and every adapter
-/// tensor, drawing the same dropout (`rank_dropout` / `lora_dropout` set by the config).
 /// For a method that keeps its dense update for inference (`KeptDelta`): inference equals a
 /// training forward, stays equal when run again, and follows the trained value `key` (its
 /// name's ending) when a step moves it. `cfg` must make a nonzero update.
@@ -315,6 +312,9 @@ pub fn check_inference_follows_the_values(cfg: &AdapterConfig, key: &str) {
     assert!(max_rel(&moved, &t.forward_ctx(&x, &train)) < 1e-6);
 }
 
+/// Where the method has a fused forward (one kernel for the frozen linear and the adapter), it
+/// equals the composed `forward` in value and in the gradients of the input and every adapter
+/// tensor, drawing the same dropout (`rank_dropout` / `lora_dropout` set by the config).
 pub fn check_fused_equals_composed(cfg: &AdapterConfig) {
     check_fused_equals_composed_on(&adapted(cfg, true));
 }

@@ -203,12 +203,18 @@ pub(crate) fn param(
 /// inference, kept while the values stay the same (comparing them costs far less than making
 /// out·in values).
 #[derive(Debug, Default)]
-pub(crate) struct KeptDelta(pub(crate) std::sync::Mutex<Option<(Vec<f32>, Tensor)>>);
+pub(crate) struct KeptDelta(std::sync::Mutex<Option<(Vec<f32>, Tensor)>>);
 
 impl KeptDelta {
     /// Drop the kept update (a training forward that does not ask for it: the values move).
     pub fn clear(&self) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Whether an update is kept.
+    #[cfg(test)]
+    pub fn holds(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).is_some()
     }
 
     /// The update under `ctx`, from the trained `values` by `make`.
