@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build `petal` with the `mpi` feature (data-parallel training under mpirun) as
+# Build `petal` with the `mpi` and `nccl` features (data-parallel training under mpirun) as
 # target/debug/petal-mpi, next to the default build's petal, for the data-parallel tests
 # (crates/petal-cli/tests/data_parallel.rs). Installs Open MPI and libclang (for the bindings)
 # from Debian's packages first where they are missing and this runs as root.
@@ -24,6 +24,7 @@ if [ ${#missing[@]} -gt 0 ]; then
         { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; } ||
         { echo "tools/mpi/build.sh: could not install ${missing[*]} from Debian's packages" >&2; exit 2; }
 fi
-cargo build "${flags[@]}" -p petal-cli --features mpi
+# with `nccl` (GPU gradient sums; CUDA and NCCL are loaded at run time, so no toolkit is needed)
+cargo build "${flags[@]}" -p petal-cli --features mpi,nccl
 cp "target/$profile/petal" "target/$profile/petal-mpi"
 echo "built target/$profile/petal-mpi ($(mpirun --version | head -1))"

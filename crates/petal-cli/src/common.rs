@@ -26,12 +26,13 @@ pub fn device(spec: &str) -> Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
         s if s.starts_with("cuda") => {
-            let idx = s
+            let explicit = s
                 .strip_prefix("cuda:")
                 .map(str::parse)
                 .transpose()
-                .context("device index")?
-                .unwrap_or(0);
+                .context("device index")?;
+            // under several ranks, `cuda` is each rank's own GPU (its local rank)
+            let idx = crate::ranks::cuda_ordinal(explicit);
             let hint = if cfg!(feature = "cuda") {
                 "no usable CUDA device"
             } else {

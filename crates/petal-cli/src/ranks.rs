@@ -3,10 +3,15 @@
 //! and data, takes its share of every batch and sums gradients with the others
 //! (`petal_train::parallel`); rank 0 writes the run folder. Without the feature, a process
 //! started as one of several ranks refuses to train rather than train alone N times over.
+//! With the feature `nccl` too, ranks that train on GPUs sum their gradients on NCCL.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use petal_train::Group;
 use std::cell::RefCell;
+use std::sync::OnceLock;
+
+#[cfg(feature = "nccl")]
+mod nccl;
 
 thread_local! {
     /// The process's group, made once (MPI is initialised once per process).
@@ -19,6 +24,48 @@ fn launched_size() -> Option<usize> {
     ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
         .iter()
         .find_map(|k| std::env::var(k).ok()?.parse().ok())
+}
+
+/// This process's rank among the launch's ranks on its machine (Open MPI's `mpirun`, MPICH's
+/// Hydra).
+fn local_rank() -> Option<usize> {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok()?.parse().ok())
+}
+
+/// The CUDA device this process trains on, once `--device` has named one.
+static CUDA_ORDINAL: OnceLock<usize> = OnceLock::new();
+
+/// The GPU of `--device cuda` (no index): one per rank on each machine (its local rank), the
+/// first one for a process alone; recorded for the gradient sums.
+pub fn cuda_ordinal(explicit: Option<usize>) -> usize {
+    let ordinal = explicit.unwrap_or_else(|| match launched_size() {
+        Some(n) if n > 1 => local_rank().unwrap_or(0),
+        _ => 0,
+    });
+    let _ = CUDA_ORDINAL.set(ordinal);
+    ordinal
+}
+
+/// The GPU whose NCCL communicator sums the gradients, if any: the training device's by
+/// default, none with `PETAL_COLLECTIVE=mpi`, the local rank's with `PETAL_COLLECTIVE=nccl`
+/// (also when training on the CPU).
+#[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+fn nccl_ordinal() -> Result<Option<usize>> {
+    let chosen = std::env::var("PETAL_COLLECTIVE").unwrap_or_default();
+    match chosen.as_str() {
+        "" => Ok(CUDA_ORDINAL.get().copied()),
+        "mpi" => Ok(None),
+        "nccl" if cfg!(feature = "nccl") => Ok(Some(
+            CUDA_ORDINAL.get().copied().or_else(local_rank).unwrap_or(0),
+        )),
+        "nccl" => bail!(
+            "PETAL_COLLECTIVE=nccl, but this petal was built without the `nccl` feature: build \
+             it with `cargo build --release -p petal-cli --features mpi,nccl`"
+        ),
+        o => bail!("PETAL_COLLECTIVE=`{o}`: the gradient sums run on `mpi` or `nccl`"),
+    }
 }
 
 /// This process's ranks: all of an MPI launch's with the `mpi` feature, else one alone.
@@ -129,7 +176,17 @@ mod transport {
             );
         }
         UNIVERSE.with(|u| *u.borrow_mut() = Some(universe));
-        Ok(Group::new(Arc::new(Mpi(world))))
+        let mpi = Mpi(world);
+        #[cfg(feature = "nccl")]
+        if let Some(ordinal) = super::nccl_ordinal()? {
+            return Ok(Group::new(Arc::new(super::nccl::Nccl::new(
+                Box::new(mpi),
+                ordinal,
+            )?)));
+        }
+        #[cfg(not(feature = "nccl"))]
+        super::nccl_ordinal()?;
+        Ok(Group::new(Arc::new(mpi)))
     }
 
     pub fn finish() {

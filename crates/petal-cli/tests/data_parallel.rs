@@ -348,3 +348,46 @@ fn a_petal_without_the_mpi_feature_refuses_to_train_as_one_of_several_ranks() {
     );
     assert!(!out.join("metrics.jsonl").exists());
 }
+
+#[test]
+fn gradient_sums_on_nccl_without_a_gpu_are_refused_saying_what_is_missing() {
+    let Some(m) = mpi() else { return };
+    if Path::new("/dev/nvidiactl").exists() {
+        eprintln!(
+            "skipped: this machine has an NVIDIA driver (the test checks the refusal without)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = words(dir.path());
+    let out = dir.path().join("nccl");
+    let run = |collective: &str| {
+        Command::new(&m.0)
+            .args(["--allow-run-as-root", "--oversubscribe", "-np", "2", "-x"])
+            .arg(format!("PETAL_COLLECTIVE={collective}"))
+            .arg(&m.1)
+            .args(train(&data, &out, 2, &["--max-steps", "2"]))
+            .output()
+            .unwrap()
+    };
+    let o = run("nccl");
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    // CUDA's driver library is loaded first, at run time (the build needs no CUDA toolkit)
+    assert!(
+        err.contains("NCCL: rank")
+            && err.contains(": CUDA device ")
+            && err.contains("Unable to dynamically load the \"cuda\" shared library")
+            && err.contains("PETAL_COLLECTIVE=mpi sums on MPI instead"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.join("metrics.jsonl").exists() && !out.join("adapter").exists());
+    let o = run("gloo");
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("PETAL_COLLECTIVE=`gloo`: the gradient sums run on `mpi` or `nccl`"),
+        "{}",
+        stderr(&o)
+    );
+}
