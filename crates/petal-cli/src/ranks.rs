@@ -21,17 +21,19 @@ thread_local! {
 /// The number of ranks the launcher started, when this process is one of them (Open MPI's
 /// `mpirun`, MPICH's Hydra).
 fn launched_size() -> Option<usize> {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
-        .iter()
+    launcher_number(&["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])
+}
+
+/// The first of these launcher variables that holds a number.
+fn launcher_number(keys: &[&str]) -> Option<usize> {
+    keys.iter()
         .find_map(|k| std::env::var(k).ok()?.parse().ok())
 }
 
 /// This process's rank among the launch's ranks on its machine (Open MPI's `mpirun`, MPICH's
 /// Hydra).
 fn local_rank() -> Option<usize> {
-    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"]
-        .iter()
-        .find_map(|k| std::env::var(k).ok()?.parse().ok())
+    launcher_number(&["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"])
 }
 
 /// The CUDA device this process trains on, once `--device` has named one.
@@ -51,7 +53,7 @@ pub fn cuda_ordinal(explicit: Option<usize>) -> usize {
 /// The GPU whose NCCL communicator sums the gradients, if any: the training device's by
 /// default, none with `PETAL_COLLECTIVE=mpi`, the local rank's with `PETAL_COLLECTIVE=nccl`
 /// (also when training on the CPU).
-#[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 fn nccl_ordinal() -> Result<Option<usize>> {
     let chosen = std::env::var("PETAL_COLLECTIVE").unwrap_or_default();
     match chosen.as_str() {
@@ -177,15 +179,14 @@ mod transport {
         }
         UNIVERSE.with(|u| *u.borrow_mut() = Some(universe));
         let mpi = Mpi(world);
+        // read in every MPI build, so that a `PETAL_COLLECTIVE` it cannot honour is refused
+        let nccl_on = super::nccl_ordinal()?;
         #[cfg(feature = "nccl")]
-        if let Some(ordinal) = super::nccl_ordinal()? {
-            return Ok(Group::new(Arc::new(super::nccl::Nccl::new(
-                Box::new(mpi),
-                ordinal,
-            )?)));
+        if let Some(ordinal) = nccl_on {
+            let nccl = super::nccl::Nccl::new(Box::new(mpi), ordinal)?;
+            return Ok(Group::new(Arc::new(nccl)));
         }
-        #[cfg(not(feature = "nccl"))]
-        super::nccl_ordinal()?;
+        let _ = nccl_on;
         Ok(Group::new(Arc::new(mpi)))
     }
 
