@@ -9,6 +9,7 @@
 //! blocks that fit L2; row panels are spread over rayon's threads.
 //! `mm_bf16_reference` is the readable twin (bf16-rounded inputs, f64 sums).
 
+use crate::amx::Bf16Kernel;
 use crate::cpu::View;
 use rayon::prelude::*;
 
@@ -18,6 +19,8 @@ const NR: usize = 48;
 const KC: usize = 128;
 /// Bytes of packed B one column block may take (kept in L2 while every row panel uses it).
 const NC_BYTES: usize = 512 * 1024;
+// the AMX kernel covers a panel with three 16-column tiles, a k-block with whole tile rows
+const _: () = assert!(NR == 48 && KC.is_multiple_of(crate::amx::PAIRS));
 
 /// Whether this CPU runs the kernel (x86-64 with AVX512F and AVX512-BF16).
 pub fn available() -> bool {
@@ -107,12 +110,14 @@ pub fn from_bf16(b: u16) -> f32 {
 pub(crate) struct PackedB {
     k: usize,
     n: usize,
+    /// pairs packed: k's pairs padded with zeros to whole AMX tile rows
+    kp: usize,
     words: Vec<u32>,
 }
 
 impl PackedB {
     pub fn new(k: usize, n: usize, b: BView, par: bool) -> PackedB {
-        let kp = k.div_ceil(2);
+        let kp = k.div_ceil(2).next_multiple_of(crate::amx::PAIRS);
         let np = n.div_ceil(NR);
         let mut words = vec![0u32; kp * np * NR];
         let per_block = KC * np * NR;
@@ -128,7 +133,7 @@ impl PackedB {
         } else {
             words.chunks_mut(per_block).enumerate().for_each(fill);
         }
-        PackedB { k, n, words }
+        PackedB { k, n, kp, words }
     }
 
     /// The panel of k-block `blk` (starting at pair `p0`, `kcp` pairs), column panel `jp`.
@@ -170,8 +175,8 @@ fn pack_b_panel(b: BView, k: usize, n: usize, p0: usize, kcp: usize, j0: usize, 
         let k0 = 2 * (p0 + p);
         let row = &mut dst[p * NR..p * NR + cols];
         for (jj, w) in row.iter_mut().enumerate() {
-            let hi = if k0 + 1 < k { b.at(k0 + 1, j0 + jj) } else { 0 };
-            *w = pair(b.at(k0, j0 + jj), hi);
+            let at = |kk: usize| if kk < k { b.at(kk, j0 + jj) } else { 0 };
+            *w = pair(at(k0), at(k0 + 1));
         }
     }
 }
@@ -227,9 +232,24 @@ fn cvt_row(src: &[f32], dst: &mut [u32]) {
     }
 }
 
-/// `c (m, n, row-major) = [c +] alpha a (m, k) b (k, n)`, b packed by `PackedB::new`.
-#[allow(clippy::too_many_arguments)]
+/// `c (m, n, row-major) = [c +] alpha a (m, k) b (k, n)`, b packed by `PackedB::new`, on the
+/// kernel this CPU takes (`Bf16Kernel::chosen`).
 pub(crate) fn mm_bf16_packed(
+    m: usize,
+    c: &mut [f32],
+    acc: bool,
+    alpha: f32,
+    a: AView,
+    b: &PackedB,
+    par: bool,
+) {
+    mm_bf16_packed_on(Bf16Kernel::chosen(), m, c, acc, alpha, a, b, par)
+}
+
+/// `mm_bf16_packed` on the given kernel (`Amx` only where `amx::available()`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mm_bf16_packed_on(
+    kernel: Bf16Kernel,
     m: usize,
     c: &mut [f32],
     acc: bool,
@@ -251,24 +271,26 @@ pub(crate) fn mm_bf16_packed(
         );
     }
     let c = &mut c[..m * n];
-    let kp = k.div_ceil(2);
+    let kp = b.kp;
     if kp == 0 {
         if !acc {
             c.iter_mut().for_each(|x| *x = 0.0);
         }
         return;
     }
-    let panels = m.div_ceil(MR);
+    let amx = kernel == Bf16Kernel::Amx && crate::amx::available();
+    let mr = if amx { crate::amx::MR } else { MR };
+    let panels = m.div_ceil(mr);
     let np = n.div_ceil(NR);
-    let mut apack = vec![0u32; panels * MR * KC.min(kp)];
+    let mut apack = vec![0u32; panels * mr * KC.min(kp)];
     for p0 in (0..kp).step_by(KC) {
         let kcp = KC.min(kp - p0);
-        let ap = &mut apack[..panels * MR * kcp];
-        let pack = |(ip, dst): (usize, &mut [u32])| pack_a_panel(a, m, k, ip * MR, p0, kcp, dst);
+        let ap = &mut apack[..panels * mr * kcp];
+        let pack = |(ip, dst): (usize, &mut [u32])| pack_a_panel(a, m, k, ip * mr, p0, kcp, dst);
         if par {
-            ap.par_chunks_mut(MR * kcp).enumerate().for_each(pack);
+            ap.par_chunks_mut(mr * kcp).enumerate().for_each(pack);
         } else {
-            ap.chunks_mut(MR * kcp).enumerate().for_each(pack);
+            ap.chunks_mut(mr * kcp).enumerate().for_each(pack);
         }
         let ap = &*ap;
         let add = acc || p0 > 0; // each k-block adds alpha times its part
@@ -277,28 +299,39 @@ pub(crate) fn mm_bf16_packed(
             let jp1 = (jp0 + jc).min(np);
             let tile = |(ip, crows): (usize, &mut [f32])| {
                 let rows = crows.len() / n;
-                let a_panel = &ap[ip * MR * kcp..(ip + 1) * MR * kcp];
-                for jp in jp0..jp1 {
-                    let j0 = jp * NR;
-                    let cols = NR.min(n - j0);
-                    micro(
-                        kcp,
-                        a_panel,
-                        b.panel(p0, kcp, jp),
-                        &mut crows[j0..],
-                        n,
-                        add,
-                        alpha,
-                        rows,
-                        cols,
-                    );
+                let a_panel = &ap[ip * mr * kcp..(ip + 1) * mr * kcp];
+                let panels = (jp0..jp1).map(|jp| (jp * NR, NR.min(n - jp * NR), b.panel(p0, kcp, jp)));
+                if amx {
+                    // SAFETY: AMX is available (checked above).
+                    let tiles = unsafe { crate::amx::Tiles::start() };
+                    let mut out = [0f32; crate::amx::MR * NR];
+                    for (j0, cols, b_panel) in panels {
+                        tiles.micro_16x48(kcp, a_panel, b_panel, &mut out);
+                        store(&out, &mut crows[j0..], n, add, alpha, rows, cols);
+                    }
+                } else {
+                    for (j0, cols, b_panel) in panels {
+                        micro(kcp, a_panel, b_panel, &mut crows[j0..], n, add, alpha, rows, cols);
+                    }
                 }
             };
             if par {
-                c.par_chunks_mut(MR * n).enumerate().for_each(tile);
+                c.par_chunks_mut(mr * n).enumerate().for_each(tile);
             } else {
-                c.chunks_mut(MR * n).enumerate().for_each(tile);
+                c.chunks_mut(mr * n).enumerate().for_each(tile);
             }
+        }
+    }
+}
+
+/// `c = [c +] alpha out` for the `rows x cols` corner of an AMX result (`NR` columns a row).
+fn store(out: &[f32], c: &mut [f32], ldc: usize, add: bool, alpha: f32, rows: usize, cols: usize) {
+    for r in 0..rows {
+        let (src, dst) = (&out[r * NR..r * NR + cols], &mut c[r * ldc..r * ldc + cols]);
+        if add {
+            dst.iter_mut().zip(src).for_each(|(d, s)| *d += alpha * s);
+        } else {
+            dst.iter_mut().zip(src).for_each(|(d, s)| *d = alpha * s);
         }
     }
 }
@@ -520,73 +553,4 @@ pub fn mm_bf16_reference(a: &[f32], b_bits: &[u16], m: usize, n: usize, k: usize
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cpu::{cols, rows};
-
-    fn data(len: usize, seed: u64) -> Vec<f32> {
-        crate::testing::rand(&[len], seed).to_vec1().unwrap()
-    }
-
-    fn check(m: usize, n: usize, k: usize, acc: bool, alpha: f32, transposed_b: bool, par: bool) {
-        let a = data(m * k, 1);
-        let b: Vec<u16> = data(k * n, 2).into_iter().map(to_bf16).collect();
-        let c0 = data(m * n, 3);
-        let want: Vec<f32> = mm_bf16_reference(&a, &b, m, n, k)
-            .iter()
-            .zip(&c0)
-            .map(|(p, c)| if acc { c + p * alpha } else { p * alpha })
-            .collect();
-        // the same b (k, n), stored as given or as its transpose (n, k)
-        let bt: Vec<u16> = (0..n * k).map(|t| b[(t % k) * n + t / k]).collect();
-        let bv = if transposed_b {
-            BView {
-                x: &bt,
-                rs: 1,
-                cs: k,
-            }
-        } else {
-            BView {
-                x: &b,
-                rs: n,
-                cs: 1,
-            }
-        };
-        let mut c = c0.clone();
-        mm_bf16(m, n, k, &mut c, acc, alpha, rows(&a, k).into(), bv, par);
-        for (i, (g, w)) in c.iter().zip(&want).enumerate() {
-            assert!(
-                (g - w).abs() <= 1e-5 * (1.0 + w.abs()) * (k as f32).sqrt(),
-                "({m},{n},{k}) at {i}: {g} vs {w}"
-            );
-        }
-    }
-
-    #[test]
-    fn bf16_matmul_equals_the_rounded_f64_reference_on_ragged_shapes() {
-        // odd k, k past one block, m and n not multiples of the tile, both layouts of b
-        check(13, 50, 7, false, 1.0, false, false);
-        check(9, 97, 301, true, 1.0, true, true);
-        check(17, 48, 256, false, 0.5, true, true);
-        check(1, 3, 1, true, 2.0, false, false);
-    }
-
-    #[test]
-    fn bf16_matmul_reads_a_transposed_input_view() {
-        let (m, n, k) = (5, 19, 11);
-        let a = data(m * k, 4); // (m, k)
-        let at: Vec<f32> = (0..k * m).map(|t| a[(t % m) * k + t / m]).collect(); // (k, m)
-        let b: Vec<u16> = data(k * n, 5).into_iter().map(to_bf16).collect();
-        let mut c = vec![0f32; m * n];
-        let bv = BView {
-            x: &b,
-            rs: n,
-            cs: 1,
-        };
-        mm_bf16(m, n, k, &mut c, false, 1.0, cols(&at, m).into(), bv, false);
-        let want = mm_bf16_reference(&a, &b, m, n, k);
-        for (g, w) in c.iter().zip(&want) {
-            assert!((g - w).abs() < 1e-4, "{g} vs {w}");
-        }
-    }
-}
+mod tests;

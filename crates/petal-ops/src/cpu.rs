@@ -20,6 +20,9 @@ pub fn features() -> Vec<&'static str> {
             ("avx512bf16", has!("avx512bf16")),
         ];
         v.extend(all.iter().filter(|f| f.1).map(|f| f.0));
+        if crate::amx::available() {
+            v.push("amx-bf16");
+        }
     }
     v
 }

@@ -7,6 +7,7 @@
 //! `frozen_linear.rs`), tested against each other. Every op takes a [`Kernels`] choice;
 //! `Kernels::reference()` selects the references.
 
+pub mod amx;
 pub mod attention;
 pub mod bf16;
 #[cfg(test)]

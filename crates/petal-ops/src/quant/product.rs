@@ -121,11 +121,11 @@ pub(crate) fn mode(k: Kernels) -> Mode {
 }
 
 /// The arithmetic of the frozen quantized products under `k` on this CPU, in words: `f32`,
-/// `bf16 (avx512-bf16)`, `int8 (avx512-vnni)`, `int8 (avx2)` ...
+/// `bf16 (amx-bf16)`, `bf16 (avx512-bf16)`, `int8 (avx512-vnni)`, `int8 (avx2)` ...
 pub fn arithmetic(k: Kernels) -> String {
     match mode(k) {
         Mode::F32 => "f32".into(),
-        Mode::Bf16 => "bf16 (avx512-bf16)".into(),
+        Mode::Bf16 => format!("bf16 ({})", crate::amx::Bf16Kernel::chosen().name()),
         Mode::Int8 => format!("int8 ({})", crate::int8::Kind::chosen().name()),
     }
 }
