@@ -64,7 +64,13 @@ fn detect() -> bool {
     const XFEATURE_XTILEDATA: libc::c_long = 18;
     // SAFETY: a plain system call with integer arguments; it fails (non-zero) on kernels
     // older than 5.16 or where the tile state is not enabled.
-    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
@@ -119,7 +125,12 @@ impl Tiles {
         // `out` holds the three 16 x 16 stores at a 192-byte stride.
         unsafe {
             use std::arch::asm;
-            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", options(nostack));
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                options(nostack)
+            );
             let (sa, sb): (usize, usize) = (kcp * 4, 48 * 4);
             for s in (0..kcp).step_by(PAIRS) {
                 let bp = b.as_ptr().add(s * 48);

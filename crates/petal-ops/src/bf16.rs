@@ -6,7 +6,9 @@
 //! row (`[r][p]`, the microkernel broadcasts one word per row), `b` in panels of `NR` columns
 //! (`[p][j]`, one 48-wide row of words per pair). The microkernel holds an `MR x NR` tile of c
 //! in 24 zmm registers; k is cut in blocks of `KC` pairs (both panels stay in L1) and n in
-//! blocks that fit L2; row panels are spread over rayon's threads.
+//! blocks that fit L2; row panels are spread over rayon's threads. On CPUs with AMX the same
+//! packed panels feed AMX tiles instead (`crate::amx`: 16 x 48 of c a call, k in blocks of
+//! `KC_AMX` pairs, k padded to whole tile rows of 16 pairs).
 //! `mm_bf16_reference` is the readable twin (bf16-rounded inputs, f64 sums).
 
 use crate::amx::Bf16Kernel;
@@ -17,10 +19,23 @@ const MR: usize = 8;
 const NR: usize = 48;
 /// k-pairs per block: an A panel (8 x 128 words) and a B panel (128 x 48 words) fit L1.
 const KC: usize = 128;
+/// k-pairs per block on AMX: half as many stores of the c tiles (128 to 1024 measured alike,
+/// 256 a little ahead in training; so did running 8 row panels against each B panel, to keep
+/// it in L1).
+const KC_AMX: usize = 256;
+/// k-pairs per block for the kernel this CPU takes.
+fn kc_here() -> usize {
+    match Bf16Kernel::chosen() {
+        Bf16Kernel::Amx => KC_AMX,
+        Bf16Kernel::Avx512 => KC,
+    }
+}
 /// Bytes of packed B one column block may take (kept in L2 while every row panel uses it).
 const NC_BYTES: usize = 512 * 1024;
 // the AMX kernel covers a panel with three 16-column tiles, a k-block with whole tile rows
-const _: () = assert!(NR == 48 && KC.is_multiple_of(crate::amx::PAIRS));
+const _: () = assert!(
+    NR == 48 && KC.is_multiple_of(crate::amx::PAIRS) && KC_AMX.is_multiple_of(crate::amx::PAIRS)
+);
 
 /// Whether this CPU runs the kernel (x86-64 with AVX512F and AVX512-BF16).
 pub fn available() -> bool {
@@ -112,35 +127,159 @@ pub(crate) struct PackedB {
     n: usize,
     /// pairs packed: k's pairs padded with zeros to whole AMX tile rows
     kp: usize,
+    /// pairs per k-block
+    kc: usize,
+    /// the packed words from `off` on (the first at a 64-byte boundary), `len` of them
     words: Vec<u32>,
+    off: usize,
+    len: usize,
+}
+
+/// `v` resized to hold `len` words from a 64-byte boundary on (where a cache line starts: each
+/// AMX tile row is then one line, not two); returns where they start. New words are zero.
+fn aligned(v: &mut Vec<u32>, len: usize) -> usize {
+    v.resize(len + 15, 0);
+    (64 - v.as_ptr() as usize % 64) % 64 / 4
 }
 
 impl PackedB {
     pub fn new(k: usize, n: usize, b: BView, par: bool) -> PackedB {
         let kp = k.div_ceil(2).next_multiple_of(crate::amx::PAIRS);
         let np = n.div_ceil(NR);
-        let mut words = vec![0u32; kp * np * NR];
-        let per_block = KC * np * NR;
+        let len = kp * np * NR;
+        let mut words = Vec::new();
+        let off = aligned(&mut words, len);
+        let kc = kc_here();
+        let per_block = kc * np * NR;
         let fill = |(blk, dst): (usize, &mut [u32])| {
-            let p0 = blk * KC;
-            let kcp = KC.min(kp - p0);
+            let p0 = blk * kc;
+            let kcp = kc.min(kp - p0);
             for (jp, panel) in dst.chunks_mut(kcp * NR).enumerate() {
                 pack_b_panel(b, k, n, p0, kcp, jp * NR, panel);
             }
         };
+        let w = &mut words[off..off + len];
         if par {
-            words.par_chunks_mut(per_block).enumerate().for_each(fill);
+            w.par_chunks_mut(per_block).enumerate().for_each(fill);
         } else {
-            words.chunks_mut(per_block).enumerate().for_each(fill);
+            w.chunks_mut(per_block).enumerate().for_each(fill);
         }
-        PackedB { k, n, kp, words }
+        PackedB {
+            k,
+            n,
+            kp,
+            kc,
+            words,
+            off,
+            len,
+        }
+    }
+
+    /// `b` packed from `rows` rows of `cols` values that `row(i, out)` writes as f32 (a
+    /// quantized weight's rows, decoded one at a time into a row-sized buffer: no f32 or bf16
+    /// copy of the whole tile): `b = rows^T (cols, rows)` when `transposed` (the forward
+    /// `x W^T`), else `b = rows (rows, cols)` (the input gradient `g W`). Reuses `words`.
+    pub fn from_rows(
+        rows: usize,
+        cols: usize,
+        transposed: bool,
+        mut words: Vec<u32>,
+        row: impl Fn(usize, &mut [f32]) + Sync,
+    ) -> PackedB {
+        let (k, n) = if transposed {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
+        let kp = k.div_ceil(2).next_multiple_of(crate::amx::PAIRS);
+        let kc = kc_here();
+        let np = n.div_ceil(NR);
+        let len = kp * np * NR;
+        let off = aligned(&mut words, len); // every word is written below, padding included
+                                            // where the words of column panel jp start in each k-block: (first pair, pairs, word)
+        let blocks = move |jp: usize| {
+            (0..kp).step_by(kc).map(move |p0| {
+                let kcp = kc.min(kp - p0);
+                (p0, kcp, p0 * np * NR + jp * kcp * NR)
+            })
+        };
+        struct Out(*mut u32);
+        // SAFETY: the tasks below write disjoint words (distinct columns or distinct pairs).
+        unsafe impl Sync for Out {}
+        let out = Out(words[off..off + len].as_mut_ptr());
+        let out = &out;
+        if transposed {
+            // a task per panel of NR columns: each column is one row, its pairs adjacent
+            (0..np).into_par_iter().for_each(|jp| {
+                let (mut f, mut pairs) = (vec![0f32; cols], vec![0u32; kp]);
+                for jj in 0..NR {
+                    if jp * NR + jj < rows {
+                        row(jp * NR + jj, &mut f);
+                        cvt_row(&f, &mut pairs);
+                    } else {
+                        pairs.fill(0);
+                    }
+                    for (p0, kcp, w0) in blocks(jp) {
+                        for (p, &w) in pairs[p0..p0 + kcp].iter().enumerate() {
+                            // SAFETY: below `len`; this task alone writes column jp * NR + jj.
+                            unsafe { *out.0.add(w0 + p * NR + jj) = w };
+                        }
+                    }
+                }
+            });
+        } else {
+            // a task per few pairs: rows 2p and 2p + 1 interleaved, NR words at a time
+            (0..kp).into_par_iter().with_min_len(4).for_each_init(
+                || (vec![0f32; cols], vec![0u16; np * NR], vec![0u16; np * NR]),
+                |(f, lo, hi), p| {
+                    for (r, bits) in [(2 * p, &mut *lo), (2 * p + 1, &mut *hi)] {
+                        if r < rows {
+                            row(r, f);
+                            narrow(f, &mut bits[..cols]); // past cols stays 0
+                        } else {
+                            bits.fill(0);
+                        }
+                    }
+                    for jp in 0..np {
+                        let (p0, _, w0) = blocks(jp).nth(p / kc).expect("pair inside k");
+                        // SAFETY: below `len`; this task alone writes pair p.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(out.0.add(w0 + (p - p0) * NR), NR)
+                        };
+                        let (l, h) = (&lo[jp * NR..(jp + 1) * NR], &hi[jp * NR..(jp + 1) * NR]);
+                        for ((d, &l), &h) in dst.iter_mut().zip(l).zip(h) {
+                            *d = pair(l, h);
+                        }
+                    }
+                },
+            );
+        }
+        PackedB {
+            k,
+            n,
+            kp,
+            kc,
+            words,
+            off,
+            len,
+        }
+    }
+
+    /// The packed words in order.
+    fn words(&self) -> &[u32] {
+        &self.words[self.off..self.off + self.len]
+    }
+
+    /// The packed words, for reuse by the next `from_rows`.
+    pub fn into_words(self) -> Vec<u32> {
+        self.words
     }
 
     /// The panel of k-block `blk` (starting at pair `p0`, `kcp` pairs), column panel `jp`.
     fn panel(&self, p0: usize, kcp: usize, jp: usize) -> &[u32] {
         let np = self.n.div_ceil(NR);
         let at = p0 * np * NR + jp * kcp * NR;
-        &self.words[at..at + kcp * NR]
+        &self.words()[at..at + kcp * NR]
     }
 }
 
@@ -282,9 +421,13 @@ pub(crate) fn mm_bf16_packed_on(
     let mr = if amx { crate::amx::MR } else { MR };
     let panels = m.div_ceil(mr);
     let np = n.div_ceil(NR);
-    let mut apack = vec![0u32; panels * mr * KC.min(kp)];
-    for p0 in (0..kp).step_by(KC) {
-        let kcp = KC.min(kp - p0);
+    let kc = b.kc;
+    let mut abuf = Vec::new();
+    let a_len = panels * mr * kc.min(kp);
+    let a_off = aligned(&mut abuf, a_len);
+    let apack = &mut abuf[a_off..a_off + a_len];
+    for p0 in (0..kp).step_by(kc) {
+        let kcp = kc.min(kp - p0);
         let ap = &mut apack[..panels * mr * kcp];
         let pack = |(ip, dst): (usize, &mut [u32])| pack_a_panel(a, m, k, ip * mr, p0, kcp, dst);
         if par {
@@ -300,7 +443,8 @@ pub(crate) fn mm_bf16_packed_on(
             let tile = |(ip, crows): (usize, &mut [f32])| {
                 let rows = crows.len() / n;
                 let a_panel = &ap[ip * mr * kcp..(ip + 1) * mr * kcp];
-                let panels = (jp0..jp1).map(|jp| (jp * NR, NR.min(n - jp * NR), b.panel(p0, kcp, jp)));
+                let panels =
+                    (jp0..jp1).map(|jp| (jp * NR, NR.min(n - jp * NR), b.panel(p0, kcp, jp)));
                 if amx {
                     // SAFETY: AMX is available (checked above).
                     let tiles = unsafe { crate::amx::Tiles::start() };
@@ -311,7 +455,17 @@ pub(crate) fn mm_bf16_packed_on(
                     }
                 } else {
                     for (j0, cols, b_panel) in panels {
-                        micro(kcp, a_panel, b_panel, &mut crows[j0..], n, add, alpha, rows, cols);
+                        micro(
+                            kcp,
+                            a_panel,
+                            b_panel,
+                            &mut crows[j0..],
+                            n,
+                            add,
+                            alpha,
+                            rows,
+                            cols,
+                        );
                     }
                 }
             };

@@ -32,7 +32,16 @@ fn check(m: usize, n: usize, k: usize, acc: bool, alpha: f32, transposed_b: bool
     let packed = PackedB::new(k, n, bv, par);
     for kernel in kernels_here() {
         let mut c = c0.clone();
-        mm_bf16_packed_on(kernel, m, &mut c, acc, alpha, rows(&a, k).into(), &packed, par);
+        mm_bf16_packed_on(
+            kernel,
+            m,
+            &mut c,
+            acc,
+            alpha,
+            rows(&a, k).into(),
+            &packed,
+            par,
+        );
         for (i, (g, w)) in c.iter().zip(&want).enumerate() {
             assert!(
                 (g - w).abs() <= 1e-5 * (1.0 + w.abs()) * (k as f32).sqrt(),
@@ -48,7 +57,9 @@ fn kernels_here() -> Vec<Bf16Kernel> {
     if crate::amx::available() {
         v.push(Bf16Kernel::Amx);
     } else {
-        eprintln!("no AMX on this CPU (or the OS refuses its tiles): its kernel is not checked here");
+        eprintln!(
+            "no AMX on this CPU (or the OS refuses its tiles): its kernel is not checked here"
+        );
     }
     v
 }
@@ -80,9 +91,110 @@ fn bf16_matmul_reads_a_transposed_input_view() {
     let want = mm_bf16_reference(&a, &b, m, n, k);
     for kernel in kernels_here() {
         let mut c = vec![0f32; m * n];
-        mm_bf16_packed_on(kernel, m, &mut c, false, 1.0, cols(&at, m).into(), &packed, false);
+        mm_bf16_packed_on(
+            kernel,
+            m,
+            &mut c,
+            false,
+            1.0,
+            cols(&at, m).into(),
+            &packed,
+            false,
+        );
         for (g, w) in c.iter().zip(&want) {
             assert!((g - w).abs() < 1e-4, "{kernel:?}: {g} vs {w}");
         }
+    }
+}
+
+#[test]
+fn packing_rows_one_at_a_time_gives_the_words_of_packing_the_matrix() {
+    // a (rows, cols) matrix, packed from its rows (as a quantized tile is decoded) and from
+    // its view, both ways round; odd sizes leave half pairs and partial panels
+    let (rows_n, cols_n) = (53, 37);
+    let w = data(rows_n * cols_n, 7);
+    let bits: Vec<u16> = w.iter().map(|&x| to_bf16(x)).collect();
+    let row = |i: usize, out: &mut [f32]| out.copy_from_slice(&w[i * cols_n..(i + 1) * cols_n]);
+    for transposed in [true, false] {
+        let view = if transposed {
+            BView {
+                x: &bits,
+                rs: 1,
+                cs: cols_n,
+            } // (cols, rows) = W^T
+        } else {
+            BView {
+                x: &bits,
+                rs: cols_n,
+                cs: 1,
+            } // (rows, cols) = W
+        };
+        let (k, n) = if transposed {
+            (cols_n, rows_n)
+        } else {
+            (rows_n, cols_n)
+        };
+        let want = PackedB::new(k, n, view, false);
+        let got = PackedB::from_rows(rows_n, cols_n, transposed, vec![7; 3], row);
+        assert_eq!(
+            (got.k, got.n, got.kp, got.kc),
+            (want.k, want.n, want.kp, want.kc)
+        );
+        assert!(got.words() == want.words(), "transposed {transposed}");
+        assert_eq!(got.words().as_ptr() as usize % 64, 0);
+    }
+}
+
+#[test]
+#[ignore = "a rate, not a check: cargo test --release -p petal-ops --lib -- --ignored bf16_kernel_rate --nocapture"]
+fn bf16_kernel_rate() {
+    let (m, n, k) = (1024, 1024, 1024);
+    let a = data(m * k, 1);
+    let b: Vec<u16> = data(k * n, 2).into_iter().map(to_bf16).collect();
+    let packed = PackedB::new(
+        k,
+        n,
+        BView {
+            x: &b,
+            rs: n,
+            cs: 1,
+        },
+        true,
+    );
+    let mut c = vec![0f32; m * n];
+    for kernel in kernels_here() {
+        let mut t = Vec::new();
+        for _ in 0..7 {
+            let s = std::time::Instant::now();
+            mm_bf16_packed_on(
+                kernel,
+                m,
+                &mut c,
+                false,
+                1.0,
+                rows(&a, k).into(),
+                &packed,
+                true,
+            );
+            t.push(s.elapsed().as_secs_f64());
+        }
+        t.sort_by(f64::total_cmp);
+        let s = std::time::Instant::now();
+        let _ = PackedB::new(
+            k,
+            n,
+            BView {
+                x: &b,
+                rs: n,
+                cs: 1,
+            },
+            true,
+        );
+        let pack = s.elapsed().as_secs_f64();
+        eprintln!(
+            "{kernel:?}: {:.0} GFLOP/s (median of 7, B packed), packing B {:.2} ms",
+            2.0 * (m * n * k) as f64 / t[3] / 1e9,
+            pack * 1e3
+        );
     }
 }

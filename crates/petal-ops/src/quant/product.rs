@@ -73,7 +73,8 @@ pub(super) fn ggml_few_rows(
 /// Rows of W decoded per tile: about 8 MiB of f32, and at least 128 rows. Each tile's forward
 /// product packs all of x again and each tile's input-gradient product passes over all of dx,
 /// so thin tiles of wide rows (a down projection's 8960 values) would cost more in those
-/// passes than in the products: 29-row tiles made Qwen2.5-1.5B's steps 1.6x as long.
+/// passes than in the products: 29-row tiles made Qwen2.5-1.5B's steps 1.6x as long. (In
+/// bf16 mode, where a tile is 4 MiB of packed pairs, twice the rows measured the same.)
 fn tile_rows(k: usize) -> usize {
     if cfg!(test) {
         // the unit tests' small weights still span several tiles (the same code path)
@@ -130,13 +131,15 @@ pub fn arithmetic(k: Kernels) -> String {
     }
 }
 
-/// Tiles of W decoded for a product: f32, rounded to bf16, or read as 8-bit codes.
+/// Tiles of W decoded for a product: f32 (read as 8-bit codes in int8 mode), or for bf16
+/// straight into the bf16 kernel's packed k-pairs.
 struct Tiles {
     f32s: Vec<f32>,
-    bits: Vec<u16>,
     mode: Mode,
     /// the forward's (rows of x, rows of the tile) product before it is copied into place
     part: Vec<f32>,
+    /// bf16 mode: the tile decoded straight into the bf16 kernel's packed k-pairs
+    packed: Vec<u32>,
 }
 
 thread_local! {
@@ -151,18 +154,39 @@ impl Tiles {
     fn new(rows: usize, k: usize, mode: Mode) -> Self {
         let mut t = SPARE.with(|s| s.take()).unwrap_or(Tiles {
             f32s: Vec::new(),
-            bits: Vec::new(),
             mode,
             part: Vec::new(),
+            packed: Vec::new(),
         });
         t.mode = mode;
-        if t.f32s.len() < rows * k {
+        if mode != Mode::Bf16 && t.f32s.len() < rows * k {
             t.f32s.resize(rows * k, 0.0);
         }
-        if mode == Mode::Bf16 && t.bits.len() < rows * k {
-            t.bits.resize(rows * k, 0);
-        }
         t
+    }
+
+    /// bf16 mode: `c (m, n) = [c +] a (m, k) T` for the tile `T` of `r` rows of `blocks`
+    /// (`transposed`: T^T, the forward), each row decoded once straight into the kernel's
+    /// packed form.
+    #[allow(clippy::too_many_arguments)]
+    fn packed_product(
+        &mut self,
+        fmt: QFormat,
+        blocks: &[u8],
+        r: usize,
+        transposed: bool,
+        m: usize,
+        c: &mut [f32],
+        acc: bool,
+        a: View,
+    ) {
+        let rb = fmt.row_bytes();
+        let words = std::mem::take(&mut self.packed);
+        let b = crate::bf16::PackedB::from_rows(r, fmt.cols, transposed, words, |i, out| {
+            dequantize_rows(fmt, &blocks[i * rb..(i + 1) * rb], out)
+        });
+        crate::bf16::mm_bf16_packed(m, c, acc, 1.0, a.into(), &b, true);
+        self.packed = b.into_words();
     }
 
     /// Hand the buffers back for the next product on this thread.
@@ -170,17 +194,9 @@ impl Tiles {
         SPARE.with(|s| s.set(Some(self)));
     }
 
-    /// Decode `r` rows of blocks into the tile.
+    /// Decode `r` rows of blocks into the f32 tile.
     fn decode(&mut self, fmt: QFormat, blocks: &[u8], r: usize) {
-        let len = r * fmt.cols;
-        dequantize_par(fmt, blocks, &mut self.f32s[..len]);
-        if self.mode == Mode::Bf16 {
-            let per = 1 << 16;
-            self.bits[..len]
-                .par_chunks_mut(per)
-                .zip(self.f32s[..len].par_chunks(per))
-                .for_each(|(b, f)| crate::bf16::narrow(f, b));
-        }
+        dequantize_par(fmt, blocks, &mut self.f32s[..r * fmt.cols]);
     }
 
     /// `c (m, n) = [c +] a (m, k) T` for the tile `T` of `r` rows seen as `(k, n)` with strides
@@ -205,16 +221,9 @@ impl Tiles {
             cs,
         };
         match self.mode {
-            Mode::Bf16 => {
-                let b = crate::bf16::BView {
-                    x: &self.bits[..len],
-                    rs,
-                    cs,
-                };
-                crate::bf16::mm_bf16(m, n, k, c, acc, 1.0, a.into(), b, true);
-            }
             Mode::Int8 => crate::int8::mm_int8(m, n, k, c, acc, a, f),
-            Mode::F32 => mm(m, n, k, c, acc, 1.0, a, f, true),
+            // bf16 tiles go through `packed_product`
+            Mode::F32 | Mode::Bf16 => mm(m, n, k, c, acc, 1.0, a, f, true),
         }
     }
 }
@@ -260,9 +269,23 @@ pub(crate) fn forward_into(
     }
     for o0 in (0..n).step_by(tr) {
         let r = tr.min(n - o0);
-        tile.decode(fmt, &w[o0 * rb..(o0 + r) * rb], r);
+        let blocks = &w[o0 * rb..(o0 + r) * rb];
         // part (m, r) = x (m, k) tile^T (k, r)
-        tile.product(m, r, k, &mut part[..m * r], false, rows(x, k), 1, k, r * k);
+        if mode == Mode::Bf16 {
+            tile.packed_product(
+                fmt,
+                blocks,
+                r,
+                true,
+                m,
+                &mut part[..m * r],
+                false,
+                rows(x, k),
+            );
+        } else {
+            tile.decode(fmt, blocks, r);
+            tile.product(m, r, k, &mut part[..m * r], false, rows(x, k), 1, k, r * k);
+        }
         y.par_chunks_mut(n)
             .zip(part.par_chunks(r))
             .for_each(|(y, p)| y[o0..o0 + r].copy_from_slice(p));
@@ -293,14 +316,19 @@ pub(crate) fn input_grad_into(
     let mut tile = Tiles::new(tr, k, mode);
     for o0 in (0..n).step_by(tr) {
         let r = tr.min(n - o0);
-        tile.decode(fmt, &w[o0 * rb..(o0 + r) * rb], r);
+        let blocks = &w[o0 * rb..(o0 + r) * rb];
         // dx += g[:, o0..o0+r] (m, r) tile (r, k)
         let gv = View {
             x: &g[o0..],
             rs: n,
             cs: 1,
         };
-        tile.product(m, k, r, dx, o0 > 0, gv, k, 1, r * k);
+        if mode == Mode::Bf16 {
+            tile.packed_product(fmt, blocks, r, false, m, dx, o0 > 0, gv);
+        } else {
+            tile.decode(fmt, blocks, r);
+            tile.product(m, k, r, dx, o0 > 0, gv, k, 1, r * k);
+        }
     }
     tile.done();
 }
