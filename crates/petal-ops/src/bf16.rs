@@ -175,104 +175,9 @@ impl PackedB {
         }
     }
 
-    /// `b` packed from `rows` rows of `cols` values that `row(i, out)` writes as f32 (a
-    /// quantized weight's rows, decoded one at a time into a row-sized buffer: no f32 or bf16
-    /// copy of the whole tile): `b = rows^T (cols, rows)` when `transposed` (the forward
-    /// `x W^T`), else `b = rows (rows, cols)` (the input gradient `g W`). Reuses `words`.
-    pub fn from_rows(
-        rows: usize,
-        cols: usize,
-        transposed: bool,
-        mut words: Vec<u32>,
-        row: impl Fn(usize, &mut [f32]) + Sync,
-    ) -> PackedB {
-        let (k, n) = if transposed {
-            (cols, rows)
-        } else {
-            (rows, cols)
-        };
-        let kp = k.div_ceil(2).next_multiple_of(crate::amx::PAIRS);
-        let kc = kc_here();
-        let np = n.div_ceil(NR);
-        let len = kp * np * NR;
-        let off = aligned(&mut words, len); // every word is written below, padding included
-                                            // where the words of column panel jp start in each k-block: (first pair, pairs, word)
-        let blocks = move |jp: usize| {
-            (0..kp).step_by(kc).map(move |p0| {
-                let kcp = kc.min(kp - p0);
-                (p0, kcp, p0 * np * NR + jp * kcp * NR)
-            })
-        };
-        struct Out(*mut u32);
-        // SAFETY: the tasks below write disjoint words (distinct columns or distinct pairs).
-        unsafe impl Sync for Out {}
-        let out = Out(words[off..off + len].as_mut_ptr());
-        let out = &out;
-        if transposed {
-            // a task per panel of NR columns: each column is one row, its pairs adjacent
-            (0..np).into_par_iter().for_each(|jp| {
-                let (mut f, mut pairs) = (vec![0f32; cols], vec![0u32; kp]);
-                for jj in 0..NR {
-                    if jp * NR + jj < rows {
-                        row(jp * NR + jj, &mut f);
-                        cvt_row(&f, &mut pairs);
-                    } else {
-                        pairs.fill(0);
-                    }
-                    for (p0, kcp, w0) in blocks(jp) {
-                        for (p, &w) in pairs[p0..p0 + kcp].iter().enumerate() {
-                            // SAFETY: below `len`; this task alone writes column jp * NR + jj.
-                            unsafe { *out.0.add(w0 + p * NR + jj) = w };
-                        }
-                    }
-                }
-            });
-        } else {
-            // a task per few pairs: rows 2p and 2p + 1 interleaved, NR words at a time
-            (0..kp).into_par_iter().with_min_len(4).for_each_init(
-                || (vec![0f32; cols], vec![0u16; np * NR], vec![0u16; np * NR]),
-                |(f, lo, hi), p| {
-                    for (r, bits) in [(2 * p, &mut *lo), (2 * p + 1, &mut *hi)] {
-                        if r < rows {
-                            row(r, f);
-                            narrow(f, &mut bits[..cols]); // past cols stays 0
-                        } else {
-                            bits.fill(0);
-                        }
-                    }
-                    for jp in 0..np {
-                        let (p0, _, w0) = blocks(jp).nth(p / kc).expect("pair inside k");
-                        // SAFETY: below `len`; this task alone writes pair p.
-                        let dst = unsafe {
-                            std::slice::from_raw_parts_mut(out.0.add(w0 + (p - p0) * NR), NR)
-                        };
-                        let (l, h) = (&lo[jp * NR..(jp + 1) * NR], &hi[jp * NR..(jp + 1) * NR]);
-                        for ((d, &l), &h) in dst.iter_mut().zip(l).zip(h) {
-                            *d = pair(l, h);
-                        }
-                    }
-                },
-            );
-        }
-        PackedB {
-            k,
-            n,
-            kp,
-            kc,
-            words,
-            off,
-            len,
-        }
-    }
-
     /// The packed words in order.
     fn words(&self) -> &[u32] {
         &self.words[self.off..self.off + self.len]
-    }
-
-    /// The packed words, for reuse by the next `from_rows`.
-    pub fn into_words(self) -> Vec<u32> {
-        self.words
     }
 
     /// The panel of k-block `blk` (starting at pair `p0`, `kcp` pairs), column panel `jp`.
@@ -606,89 +511,7 @@ fn micro(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::{MR, NR};
-    use std::arch::x86_64::*;
-
-    /// Rounds the leading whole 16-value chunks to bf16; returns the values written.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn narrow(src: &[f32], dst: &mut [u16]) -> usize {
-        let chunks = src.len().min(dst.len()) / 16;
-        for i in 0..chunks {
-            let v = _mm512_loadu_ps(src.as_ptr().add(16 * i));
-            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
-            _mm256_storeu_si256(dst.as_mut_ptr().add(16 * i) as *mut _, h);
-        }
-        chunks * 16
-    }
-
-    /// Converts the leading whole 32-value chunks; returns the pairs written.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn cvt_row(src: &[f32], dst: &mut [u32]) -> usize {
-        let chunks = (src.len() / 32).min(dst.len() / 16);
-        for i in 0..chunks {
-            let lo = _mm512_loadu_ps(src.as_ptr().add(32 * i));
-            let hi = _mm512_loadu_ps(src.as_ptr().add(32 * i + 16));
-            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-            _mm512_storeu_si512(dst.as_mut_ptr().add(16 * i) as *mut _, v);
-        }
-        chunks * 16
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn micro(
-        kcp: usize,
-        a: &[u32],
-        b: &[u32],
-        c: &mut [f32],
-        ldc: usize,
-        add: bool,
-        scale: f32,
-        rows: usize,
-        cols: usize,
-    ) {
-        let mut s = [[_mm512_setzero_ps(); 3]; MR];
-        let (ap, bp) = (a.as_ptr(), b.as_ptr());
-        for p in 0..kcp {
-            let q = bp.add(p * NR);
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(q as *const _));
-            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(q.add(16) as *const _));
-            let b2: __m512bh = std::mem::transmute(_mm512_loadu_si512(q.add(32) as *const _));
-            for (r, acc) in s.iter_mut().enumerate() {
-                let w = *ap.add(r * kcp + p) as i32;
-                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(w));
-                acc[0] = _mm512_dpbf16_ps(acc[0], x, b0);
-                acc[1] = _mm512_dpbf16_ps(acc[1], x, b1);
-                acc[2] = _mm512_dpbf16_ps(acc[2], x, b2);
-            }
-        }
-        let sv = _mm512_set1_ps(scale);
-        for (r, acc) in s.iter().enumerate() {
-            if r >= rows {
-                break;
-            }
-            for (v, t) in acc.iter().enumerate() {
-                let j = v * 16;
-                if j >= cols {
-                    break;
-                }
-                let mask: __mmask16 = if cols - j >= 16 {
-                    0xffff
-                } else {
-                    (1u16 << (cols - j)) - 1
-                };
-                let cp = c.as_mut_ptr().add(r * ldc + j);
-                let x = if add {
-                    _mm512_fmadd_ps(*t, sv, _mm512_maskz_loadu_ps(mask, cp))
-                } else {
-                    _mm512_mul_ps(*t, sv)
-                };
-                _mm512_mask_storeu_ps(cp, mask, x);
-            }
-        }
-    }
-}
+mod x86;
 
 /// The readable twin: inputs rounded to bf16, products summed in f64.
 pub fn mm_bf16_reference(a: &[f32], b_bits: &[u16], m: usize, n: usize, k: usize) -> Vec<f32> {
@@ -706,5 +529,6 @@ pub fn mm_bf16_reference(a: &[f32], b_bits: &[u16], m: usize, n: usize, k: usize
     c
 }
 
+mod rows;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,102 @@
+//! `PackedB` made from a weight's rows decoded one at a time (a quantized tile): straight into
+//! the packed k-pairs, with no f32 or bf16 copy of the whole tile.
+
+use super::{aligned, cvt_row, kc_here, narrow, pair, PackedB, NR};
+use rayon::prelude::*;
+
+impl PackedB {
+    /// `b` packed from `rows` rows of `cols` values that `row(i, out)` writes as f32 (a
+    /// quantized weight's rows, decoded one at a time into a row-sized buffer: no f32 or bf16
+    /// copy of the whole tile): `b = rows^T (cols, rows)` when `transposed` (the forward
+    /// `x W^T`), else `b = rows (rows, cols)` (the input gradient `g W`). Reuses `words`.
+    pub fn from_rows(
+        rows: usize,
+        cols: usize,
+        transposed: bool,
+        mut words: Vec<u32>,
+        row: impl Fn(usize, &mut [f32]) + Sync,
+    ) -> PackedB {
+        let (k, n) = if transposed {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
+        let kp = k.div_ceil(2).next_multiple_of(crate::amx::PAIRS);
+        let kc = kc_here();
+        let np = n.div_ceil(NR);
+        let len = kp * np * NR;
+        let off = aligned(&mut words, len); // every word is written below, padding included
+                                            // where the words of column panel jp start in each k-block: (first pair, pairs, word)
+        let blocks = move |jp: usize| {
+            (0..kp).step_by(kc).map(move |p0| {
+                let kcp = kc.min(kp - p0);
+                (p0, kcp, p0 * np * NR + jp * kcp * NR)
+            })
+        };
+        struct Out(*mut u32);
+        // SAFETY: the tasks below write disjoint words (distinct columns or distinct pairs).
+        unsafe impl Sync for Out {}
+        let out = Out(words[off..off + len].as_mut_ptr());
+        let out = &out;
+        if transposed {
+            // a task per panel of NR columns: each column is one row, its pairs adjacent
+            (0..np).into_par_iter().for_each(|jp| {
+                let (mut f, mut pairs) = (vec![0f32; cols], vec![0u32; kp]);
+                for jj in 0..NR {
+                    if jp * NR + jj < rows {
+                        row(jp * NR + jj, &mut f);
+                        cvt_row(&f, &mut pairs);
+                    } else {
+                        pairs.fill(0);
+                    }
+                    for (p0, kcp, w0) in blocks(jp) {
+                        for (p, &w) in pairs[p0..p0 + kcp].iter().enumerate() {
+                            // SAFETY: below `len`; this task alone writes column jp * NR + jj.
+                            unsafe { *out.0.add(w0 + p * NR + jj) = w };
+                        }
+                    }
+                }
+            });
+        } else {
+            // a task per few pairs: rows 2p and 2p + 1 interleaved, NR words at a time
+            (0..kp).into_par_iter().with_min_len(4).for_each_init(
+                || (vec![0f32; cols], vec![0u16; np * NR], vec![0u16; np * NR]),
+                |(f, lo, hi), p| {
+                    for (r, bits) in [(2 * p, &mut *lo), (2 * p + 1, &mut *hi)] {
+                        if r < rows {
+                            row(r, f);
+                            narrow(f, &mut bits[..cols]); // past cols stays 0
+                        } else {
+                            bits.fill(0);
+                        }
+                    }
+                    for jp in 0..np {
+                        let (p0, _, w0) = blocks(jp).nth(p / kc).expect("pair inside k");
+                        // SAFETY: below `len`; this task alone writes pair p.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(out.0.add(w0 + (p - p0) * NR), NR)
+                        };
+                        let (l, h) = (&lo[jp * NR..(jp + 1) * NR], &hi[jp * NR..(jp + 1) * NR]);
+                        for ((d, &l), &h) in dst.iter_mut().zip(l).zip(h) {
+                            *d = pair(l, h);
+                        }
+                    }
+                },
+            );
+        }
+        PackedB {
+            k,
+            n,
+            kp,
+            kc,
+            words,
+            off,
+            len,
+        }
+    }
+
+    /// The packed words, for reuse by the next `from_rows`.
+    pub fn into_words(self) -> Vec<u32> {
+        self.words
+    }
+}
