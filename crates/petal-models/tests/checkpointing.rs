@@ -81,3 +81,38 @@ fn checkpointed_prompt_and_prefix_tuning_gradients_equal_the_plain_ones() {
         check(&cfg);
     }
 }
+
+#[test]
+fn hidden_states_without_a_graph_equal_the_tracked_ones_and_hold_no_graph() {
+    // evaluation's pass (each layer detached) against the plain one, over trainable LoRA on
+    // the embedding and linears and over prefix keys/values
+    let mut lora = AdapterConfig::lora(
+        4,
+        8.0,
+        Targets::List(
+            ["embed_tokens", "q_proj", "down_proj"]
+                .map(String::from)
+                .to_vec(),
+        ),
+    );
+    lora.set("init_lora_weights", InitWeights::Flag(false))
+        .unwrap();
+    let mut prefix = AdapterConfig::for_method("prefix_tuning", 1, 1.0, Targets::List(vec![]));
+    prefix.set("num_virtual_tokens", Some(3)).unwrap();
+    prefix.target_modules = None;
+    for cfg in [lora, prefix] {
+        let mut m = model();
+        inject_adapter(&mut m, "default", &cfg, 3).unwrap();
+        let ctx = petal_core::Ctx::eval();
+        let plain = m.hidden_states(&ids(), None, &ctx).unwrap();
+        assert!(
+            plain.track_op(),
+            "{}: the plain pass keeps its graph",
+            cfg.peft_type
+        );
+        let lean = m.hidden_states_no_grad(&ids(), &ctx).unwrap();
+        assert!(!lean.track_op(), "{}: no graph kept", cfg.peft_type);
+        let e = max_rel(&lean, &plain);
+        assert!(e < 1e-6, "{}: hidden states differ by {e}", cfg.peft_type);
+    }
+}

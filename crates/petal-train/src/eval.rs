@@ -104,7 +104,9 @@ pub fn evaluate(
     let score = |group: &[Example]| -> Result<(f64, usize)> {
         let (mut sum, mut n) = (0f64, 0usize);
         for b in batches(group, batch_size, pad) {
-            let (s, c) = batch_loss(model, &b, &Ctx::eval())?;
+            let ids = Tensor::from_slice(&b.ids, (b.rows, b.len), model.device())?;
+            let hidden = model.hidden_states_no_grad(&ids, &Ctx::eval())?;
+            let (s, c) = loss_from_hidden(model, &hidden, &b, &Ctx::eval())?;
             sum += s.to_scalar::<f32>()? as f64;
             n += c;
         }
