@@ -18,6 +18,7 @@ mod int4;
 mod lut;
 mod nf4;
 mod product;
+mod q4_1_rows;
 #[cfg(test)]
 mod tests;
 

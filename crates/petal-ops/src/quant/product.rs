@@ -57,6 +57,9 @@ pub(super) fn ggml_few_rows(
     w: &[u8],
     n: usize,
 ) -> Option<Vec<f32>> {
+    if t == GgmlDType::Q4_1 {
+        return super::q4_1_rows::few_rows(x, m, k, w, n); // x stays f32
+    }
     let even = (k / 32).is_multiple_of(2);
     Some(match t {
         GgmlDType::Q4_0 if even => few_rows_as::<kq::BlockQ4_0>(x, m, k, w, n),
