@@ -65,12 +65,12 @@ mod x86 {
         let mut acc = _mm512_setzero_ps();
         let mut ms = 0f32;
         let low = _mm512_set1_epi32(15);
-        for b in 0..blocks {
+        for (b, &sum) in si[..blocks].iter().enumerate() {
             let p = row.as_ptr().add(b * BLOCK);
             // d and m: two f16 in the block's first 4 bytes
             let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
             let d = _mm512_broadcastss_ps(dm);
-            ms += _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)) * si[b];
+            ms += _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)) * sum;
             let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(4) as *const __m128i));
             let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, low));
             let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
