@@ -17,6 +17,7 @@ pub mod gptq;
 mod int4;
 mod lut;
 mod nf4;
+mod nf4_rows;
 mod product;
 mod q4_1_rows;
 #[cfg(test)]

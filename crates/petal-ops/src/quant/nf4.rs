@@ -81,6 +81,18 @@ fn slots(blocks: usize) -> usize {
     blocks.div_ceil(GROUP) + 1
 }
 
+/// Each block's absmax of one row (`cols / 64` of them), decoded from its double-quantized code.
+fn block_scales(row: &[u8], cols: usize, out: &mut [f32]) {
+    let code8 = dynamic_code();
+    let at = cols / 2 + cols / BLOCK;
+    let phase = u16::from_le_bytes([row[at], row[at + 1]]) as usize;
+    let offset = f32_at(row, at + 2);
+    for (j, o) in out.iter_mut().enumerate() {
+        let group = f32_at(row, at + 6 + 4 * ((phase + j) / GROUP));
+        *o = code8[row[cols / 2 + j] as usize] * group + offset;
+    }
+}
+
 fn f32_at(b: &[u8], at: usize) -> f32 {
     f32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
@@ -173,23 +185,26 @@ impl Quantizer for Nf4 {
     }
 
     fn decode(&self, cols: usize, bytes: &[u8], out: &mut [f32]) {
-        let (bpr, rb) = (cols / BLOCK, self.row_bytes(cols));
-        let code8 = dynamic_code();
+        let rb = self.row_bytes(cols);
+        let mut scales = vec![0f32; cols / BLOCK];
         for (row, o) in bytes.chunks_exact(rb).zip(out.chunks_exact_mut(cols)) {
-            let at = cols / 2 + bpr;
-            let phase = u16::from_le_bytes([row[at], row[at + 1]]) as usize;
-            let offset = f32_at(row, at + 2);
-            for (j, (packed, o)) in row[..cols / 2]
+            block_scales(row, cols, &mut scales);
+            for ((packed, o), &absmax) in row[..cols / 2]
                 .chunks_exact(BLOCK / 2)
                 .zip(o.chunks_exact_mut(BLOCK))
-                .enumerate()
+                .zip(&scales)
             {
-                let group = f32_at(row, at + 6 + 4 * ((phase + j) / GROUP));
-                let absmax = code8[row[cols / 2 + j] as usize] * group + offset;
                 let table: [f32; 16] = std::array::from_fn(|q| CODE[q] * absmax);
                 super::lut::lookup(packed, &table, o, true);
             }
         }
+    }
+
+    fn few_rows(&self, x: &[f32], m: usize, cols: usize, w: &[u8], n: usize) -> Option<Vec<f32>> {
+        let rb = self.row_bytes(cols);
+        super::nf4_rows::few_rows(x, m, cols, w, n, rb, &CODE, |row, out| {
+            block_scales(row, cols, out)
+        })
     }
 
     fn encode(&self, cols: usize, w: &[f32]) -> Vec<u8> {

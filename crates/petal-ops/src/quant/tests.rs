@@ -205,6 +205,22 @@ fn few_rows_over_q4_1_keep_x_in_f32_and_equal_the_definition() {
 }
 
 #[test]
+fn few_rows_over_nf4_keep_x_in_f32_and_equal_the_decoded_rows() {
+    // the NF4 table looked up inside the dot product (AVX-512), or rows decoded then dotted;
+    // 70 x 1088 spans a second-level group boundary inside a row (17 blocks a row)
+    for (k, m) in [(1088, 1), (128, 3)] {
+        let (q, fmt) = quantize_with(&rand(&[70, k], 3), &super::nf4::NF4).unwrap();
+        let x = rand(&[m, k], 5);
+        let fast = quant_linear(Kernels::FUSED, &x, &q, fmt, None).unwrap();
+        let want = x
+            .matmul(&dequantize(&q, fmt).unwrap().t().unwrap())
+            .unwrap();
+        let d = max_rel(&fast, &want);
+        assert!(d < 1e-5, "k {k}, m {m}: {d}");
+    }
+}
+
+#[test]
 fn quant_lora_linear_equals_its_composed_twin_in_value_and_gradients() {
     let (q, fmt) = quantize(&rand(&[40, 256], 3), GgmlDType::Q5K).unwrap();
     let bias = rand(&[40], 8);
