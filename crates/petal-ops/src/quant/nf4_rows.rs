@@ -3,8 +3,6 @@
 //! never stored: `x . w = sum_b absmax_b (NF4[q_b] . x_b)`. AVX-512 only (elsewhere the caller
 //! decodes rows then dots them, as before).
 
-use rayon::prelude::*;
-
 /// Values a block (one absmax scale).
 const BLOCK: usize = 64;
 
@@ -34,29 +32,15 @@ pub(super) fn few_rows(
             .chunks_exact(32)
             .flat_map(|c| (0..32).map(move |t| if t < 16 { c[2 * t] } else { c[2 * t - 31] }))
             .collect();
-        let per = 16;
-        let yt: Vec<f32> = w
-            .par_chunks(per * rb)
-            .flat_map_iter(|chunk| {
-                let mut sc = vec![0f32; cols / BLOCK];
-                let mut out = Vec::with_capacity(per * m);
-                for row in chunk.chunks_exact(rb) {
-                    scales(row, &mut sc);
-                    for xi in xr.chunks_exact(cols) {
-                        // SAFETY: the CPU has AVX-512F (checked above); the row holds
-                        // cols / 2 code bytes, xi cols values, sc one scale a block.
-                        out.push(unsafe { x86::dot(&row[..cols / 2], &sc, xi, code) });
-                    }
-                }
-                out
-            })
-            .collect();
-        let mut y = vec![0f32; m * n];
-        for (o, col) in yt.chunks_exact(m).enumerate() {
-            for (i, v) in col.iter().enumerate() {
-                y[i * n + o] = *v;
+        let init = || vec![0f32; cols / BLOCK];
+        let y = super::product::by_rows_of_w(w, rb, m, n, init, |sc, row, out| {
+            scales(row, sc);
+            for xi in xr.chunks_exact(cols) {
+                // SAFETY: the CPU has AVX-512F (checked above); the row holds cols / 2 code
+                // bytes, xi cols values, sc one scale a block.
+                out.push(unsafe { x86::dot(&row[..cols / 2], sc, xi, code) });
             }
-        }
+        });
         return Some(y);
     }
     let _ = (x, m, cols, w, n, rb, code, scales);

@@ -26,14 +26,37 @@ fn few_rows_as<T: GgmlType>(x: &[f32], m: usize, k: usize, w: &[u8], n: usize) -
         .collect();
     let size = std::mem::size_of::<T>();
     let rb = k / T::BLCK_SIZE * size;
+    by_rows_of_w(
+        w,
+        rb,
+        m,
+        n,
+        || (),
+        |_, row, out| {
+            let blocks = super::as_blocks::<T>(row);
+            out.extend(xq.iter().map(|xr| T::vec_dot(k, &blocks, xr)));
+        },
+    )
+}
+
+/// `y (m, n)` made a row of W at a time (rows of `rb` bytes, a few per task on rayon's
+/// threads): `dots(scratch, row, out)` pushes that row's m products, one per row of x, with a
+/// scratch buffer per task from `init`; the products come out by rows of W and are transposed.
+pub(super) fn by_rows_of_w<S>(
+    w: &[u8],
+    rb: usize,
+    m: usize,
+    n: usize,
+    init: impl Fn() -> S + Sync,
+    dots: impl Fn(&mut S, &[u8], &mut Vec<f32>) + Sync,
+) -> Vec<f32> {
     let per = 16;
     let yt: Vec<f32> = w
         .par_chunks(per * rb)
         .flat_map_iter(|chunk| {
-            let mut out = Vec::with_capacity(per * m);
+            let (mut scratch, mut out) = (init(), Vec::with_capacity(per * m));
             for row in chunk.chunks_exact(rb) {
-                let blocks = super::as_blocks::<T>(row);
-                out.extend(xq.iter().map(|xr| T::vec_dot(k, &blocks, xr)));
+                dots(&mut scratch, row, &mut out);
             }
             out
         })

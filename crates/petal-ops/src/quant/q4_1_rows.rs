@@ -5,8 +5,6 @@
 //! AVX-512 only (elsewhere the caller decodes rows then dots them, as before); the readable
 //! twin is `rows_reference`.
 
-use rayon::prelude::*;
-
 /// Bytes of one block: d and m (f16), 16 bytes of nibbles (value j low, j + 16 high).
 const BLOCK: usize = 20;
 
@@ -23,29 +21,20 @@ pub(super) fn few_rows(x: &[f32], m: usize, k: usize, w: &[u8], n: usize) -> Opt
         let rb = k / 32 * BLOCK;
         // the block sums of x, for the m terms
         let sums: Vec<f32> = x.chunks_exact(32).map(|b| b.iter().sum()).collect();
-        let per = 16;
-        let yt: Vec<f32> = w
-            .par_chunks(per * rb)
-            .flat_map_iter(|chunk| {
-                let mut out = Vec::with_capacity(per * m);
-                for row in chunk.chunks_exact(rb) {
-                    for i in 0..m {
-                        let (xi, si) =
-                            (&x[i * k..(i + 1) * k], &sums[i * k / 32..(i + 1) * k / 32]);
-                        // SAFETY: the CPU has AVX-512F and F16C (checked above); the lengths
-                        // agree (k / 32 blocks of row, 32 values of xi and one sum each).
-                        out.push(unsafe { x86::dot(row, xi, si) });
-                    }
+        let y = super::product::by_rows_of_w(
+            w,
+            rb,
+            m,
+            n,
+            || (),
+            |_, row, out| {
+                for (xi, si) in x.chunks_exact(k).zip(sums.chunks_exact(k / 32)) {
+                    // SAFETY: the CPU has AVX-512F and F16C (checked above); the lengths agree
+                    // (k / 32 blocks of row, 32 values of xi and one sum each).
+                    out.push(unsafe { x86::dot(row, xi, si) });
                 }
-                out
-            })
-            .collect();
-        let mut y = vec![0f32; m * n];
-        for (o, col) in yt.chunks_exact(m).enumerate() {
-            for (i, v) in col.iter().enumerate() {
-                y[i * n + o] = *v;
-            }
-        }
+            },
+        );
         return Some(y);
     }
     let _ = (x, m, k, w, n);
