@@ -129,26 +129,43 @@ pub(crate) struct PackedB {
     kp: usize,
     /// pairs per k-block
     kc: usize,
-    /// the packed words from `off` on (the first at a 64-byte boundary), `len` of them
-    words: Vec<u32>,
+    words: Aligned,
+}
+
+/// `len` words starting at a 64-byte boundary inside a vector (where a cache line starts: each
+/// AMX tile row is then one line, not two).
+struct Aligned {
+    v: Vec<u32>,
     off: usize,
     len: usize,
 }
 
-/// `v` resized to hold `len` words from a 64-byte boundary on (where a cache line starts: each
-/// AMX tile row is then one line, not two); returns where they start. New words are zero.
-fn aligned(v: &mut Vec<u32>, len: usize) -> usize {
-    v.resize(len + 15, 0);
-    (64 - v.as_ptr() as usize % 64) % 64 / 4
+impl Aligned {
+    /// `len` words in `v`'s allocation, grown as needed: new words are zero, old ones kept.
+    fn reuse(mut v: Vec<u32>, len: usize) -> Aligned {
+        v.resize(len + 15, 0);
+        let off = (64 - v.as_ptr() as usize % 64) % 64 / 4;
+        Aligned { v, off, len }
+    }
+
+    fn zeroed(len: usize) -> Aligned {
+        Aligned::reuse(Vec::new(), len)
+    }
+
+    fn get(&self) -> &[u32] {
+        &self.v[self.off..self.off + self.len]
+    }
+
+    fn get_mut(&mut self) -> &mut [u32] {
+        &mut self.v[self.off..self.off + self.len]
+    }
 }
 
 impl PackedB {
     pub fn new(k: usize, n: usize, b: BView, par: bool) -> PackedB {
         let kp = k.div_ceil(2).next_multiple_of(crate::amx::PAIRS);
         let np = n.div_ceil(NR);
-        let len = kp * np * NR;
-        let mut words = Vec::new();
-        let off = aligned(&mut words, len);
+        let mut words = Aligned::zeroed(kp * np * NR);
         let kc = kc_here();
         let per_block = kc * np * NR;
         let fill = |(blk, dst): (usize, &mut [u32])| {
@@ -158,7 +175,7 @@ impl PackedB {
                 pack_b_panel(b, k, n, p0, kcp, jp * NR, panel);
             }
         };
-        let w = &mut words[off..off + len];
+        let w = words.get_mut();
         if par {
             w.par_chunks_mut(per_block).enumerate().for_each(fill);
         } else {
@@ -170,14 +187,12 @@ impl PackedB {
             kp,
             kc,
             words,
-            off,
-            len,
         }
     }
 
     /// The packed words in order.
     fn words(&self) -> &[u32] {
-        &self.words[self.off..self.off + self.len]
+        self.words.get()
     }
 
     /// The panel of k-block `blk` (starting at pair `p0`, `kcp` pairs), column panel `jp`.
@@ -327,10 +342,8 @@ pub(crate) fn mm_bf16_packed_on(
     let panels = m.div_ceil(mr);
     let np = n.div_ceil(NR);
     let kc = b.kc;
-    let mut abuf = Vec::new();
-    let a_len = panels * mr * kc.min(kp);
-    let a_off = aligned(&mut abuf, a_len);
-    let apack = &mut abuf[a_off..a_off + a_len];
+    let mut abuf = Aligned::zeroed(panels * mr * kc.min(kp));
+    let apack = abuf.get_mut();
     for p0 in (0..kp).step_by(kc) {
         let kcp = kc.min(kp - p0);
         let ap = &mut apack[..panels * mr * kcp];

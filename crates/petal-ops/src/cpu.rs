@@ -20,9 +20,7 @@ pub fn features() -> Vec<&'static str> {
             ("avx512bf16", has!("avx512bf16")),
         ];
         v.extend(all.iter().filter(|f| f.1).map(|f| f.0));
-        if crate::bf16::available()
-            && crate::amx::Bf16Kernel::chosen() == crate::amx::Bf16Kernel::Amx
-        {
+        if crate::amx::Bf16Kernel::chosen() == crate::amx::Bf16Kernel::Amx {
             v.push("amx-bf16"); // the bf16 products take AMX (not with PETAL_BF16_KERNEL=avx512-bf16)
         }
     }

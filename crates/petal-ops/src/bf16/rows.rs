@@ -1,7 +1,7 @@
 //! `PackedB` made from a weight's rows decoded one at a time (a quantized tile): straight into
 //! the packed k-pairs, with no f32 or bf16 copy of the whole tile.
 
-use super::{aligned, cvt_row, kc_here, narrow, pair, PackedB, NR};
+use super::{cvt_row, kc_here, narrow, pair, Aligned, PackedB, NR};
 use rayon::prelude::*;
 
 impl PackedB {
@@ -13,7 +13,7 @@ impl PackedB {
         rows: usize,
         cols: usize,
         transposed: bool,
-        mut words: Vec<u32>,
+        words: Vec<u32>,
         row: impl Fn(usize, &mut [f32]) + Sync,
     ) -> PackedB {
         let (k, n) = if transposed {
@@ -24,9 +24,9 @@ impl PackedB {
         let kp = k.div_ceil(2).next_multiple_of(crate::amx::PAIRS);
         let kc = kc_here();
         let np = n.div_ceil(NR);
-        let len = kp * np * NR;
-        let off = aligned(&mut words, len); // every word is written below, padding included
-                                            // where the words of column panel jp start in each k-block: (first pair, pairs, word)
+        // every word is written below, padding included
+        let mut words = Aligned::reuse(words, kp * np * NR);
+        // where the words of column panel jp start in each k-block: (first pair, pairs, word)
         let blocks = move |jp: usize| {
             (0..kp).step_by(kc).map(move |p0| {
                 let kcp = kc.min(kp - p0);
@@ -36,7 +36,7 @@ impl PackedB {
         struct Out(*mut u32);
         // SAFETY: the tasks below write disjoint words (distinct columns or distinct pairs).
         unsafe impl Sync for Out {}
-        let out = Out(words[off..off + len].as_mut_ptr());
+        let out = Out(words.get_mut().as_mut_ptr());
         let out = &out;
         if transposed {
             // a task per panel of NR columns: each column is one row, its pairs adjacent
@@ -51,7 +51,7 @@ impl PackedB {
                     }
                     for (p0, kcp, w0) in blocks(jp) {
                         for (p, &w) in pairs[p0..p0 + kcp].iter().enumerate() {
-                            // SAFETY: below `len`; this task alone writes column jp * NR + jj.
+                            // SAFETY: inside `words`; this task alone writes column jp * NR + jj.
                             unsafe { *out.0.add(w0 + p * NR + jj) = w };
                         }
                     }
@@ -72,7 +72,7 @@ impl PackedB {
                     }
                     for jp in 0..np {
                         let (p0, _, w0) = blocks(jp).nth(p / kc).expect("pair inside k");
-                        // SAFETY: below `len`; this task alone writes pair p.
+                        // SAFETY: inside `words`; this task alone writes pair p.
                         let dst = unsafe {
                             std::slice::from_raw_parts_mut(out.0.add(w0 + (p - p0) * NR), NR)
                         };
@@ -90,13 +90,11 @@ impl PackedB {
             kp,
             kc,
             words,
-            off,
-            len,
         }
     }
 
     /// The packed words, for reuse by the next `from_rows`.
     pub fn into_words(self) -> Vec<u32> {
-        self.words
+        self.words.v
     }
 }

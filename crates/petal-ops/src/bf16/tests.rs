@@ -196,5 +196,19 @@ fn bf16_kernel_rate() {
             2.0 * (m * n * k) as f64 / t[3] / 1e9,
             pack * 1e3
         );
+        // and the product it timed: the f32 product (candle's) of the bf16-rounded operands
+        let dev = candle_core::Device::Cpu;
+        let ar: Vec<f32> = a.iter().map(|&x| from_bf16(to_bf16(x))).collect();
+        let bw: Vec<f32> = b.iter().map(|&x| from_bf16(x)).collect();
+        let want = candle_core::Tensor::from_vec(ar, (m, k), &dev)
+            .and_then(|a| a.matmul(&candle_core::Tensor::from_vec(bw, (k, n), &dev)?))
+            .and_then(|w| w.flatten_all()?.to_vec1::<f32>())
+            .unwrap();
+        for (g, w) in c.iter().zip(&want) {
+            assert!(
+                (g - w).abs() <= 1e-5 * (1.0 + w.abs()) * (k as f32).sqrt(),
+                "{kernel:?}: {g} vs {w}"
+            );
+        }
     }
 }
