@@ -44,16 +44,21 @@ def qlora_base(model, dtype):
 
 def build(w):
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     torch.manual_seed(0)
     if w["model"] == "synthetic":
         c = w["config"]
-        cfg = LlamaConfig(vocab_size=c["vocab"], hidden_size=c["hidden"], intermediate_size=c["inter"],
-                          num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
-                          num_key_value_heads=c["kv_heads"], max_position_embeddings=c["ctx"],
-                          tie_word_embeddings=c["tied"], attn_implementation="sdpa")
-        model = LlamaForCausalLM(cfg)
+        qwen = c.get("model_type") == "qwen2"  # q, k, v biases
+        cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if qwen else (LlamaConfig, LlamaForCausalLM)
+        extra = {k: c[j] for k, j in [("head_dim", "head_dim"), ("rope_theta", "rope_theta"),
+                                       ("rms_norm_eps", "eps")] if j in c}
+        cfg = cls(vocab_size=c["vocab"], hidden_size=c["hidden"], intermediate_size=c["inter"],
+                  num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
+                  num_key_value_heads=c["kv_heads"], max_position_embeddings=c["ctx"],
+                  tie_word_embeddings=c["tied"], attn_implementation="sdpa", **extra)
+        model = model_cls(cfg)
     else:
         model = AutoModelForCausalLM.from_pretrained(w["model"], attn_implementation="sdpa")
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[w["dtype"]]

@@ -572,6 +572,11 @@ pub fn random_weights(
         ] {
             put(format!("{p}.{n}.weight"), &s, false)?;
         }
+        if cfg.attention_bias {
+            for (n, o) in [("q_proj", nq), ("k_proj", nkv), ("v_proj", nkv)] {
+                put(format!("{p}.self_attn.{n}.bias"), &[o], false)?;
+            }
+        }
         put(format!("{p}.input_layernorm.weight"), &[h], true)?;
         put(format!("{p}.post_attention_layernorm.weight"), &[h], true)?;
     }

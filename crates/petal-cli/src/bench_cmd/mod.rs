@@ -26,7 +26,7 @@ use torch::{start_torch, Torch};
 pub struct BenchArgs {
     /// synthetic-35m | smollm2 | smollm2-shape (SmolLM2-135M's architecture with random weights,
     /// for machines the model file cannot reach: speed does not depend on the weights' values) |
-    /// qwen2.5-coder-0.5b | qwen2.5-coder-1.5b (the real GGUF files; PyTorch gets their weights
+    /// qwen2.5-1.5b-shape (Qwen2.5-1.5B's architecture with random weights) | qwen2.5-coder-0.5b | qwen2.5-coder-1.5b (the real GGUF files; PyTorch gets their weights
     /// dequantized to f32)
     #[arg(long, default_value = "synthetic-35m")]
     pub workload: String,
@@ -122,6 +122,29 @@ fn smollm2_shape() -> LlamaConfig {
         rope_theta: 100000.0,
         max_position_embeddings: 8192,
         tie_word_embeddings: true,
+        ..synthetic()
+    }
+}
+
+/// Qwen2.5-1.5B's architecture (and Qwen2.5-Coder-1.5B's), as its config.json gives it: q, k
+/// and v biases, two key-value heads of 128.
+fn qwen2_5_1_5b_shape() -> LlamaConfig {
+    LlamaConfig {
+        model_type: "qwen2".into(),
+        vocab_size: 151936,
+        hidden_size: 1536,
+        intermediate_size: 8960,
+        num_hidden_layers: 28,
+        num_attention_heads: 12,
+        num_key_value_heads: 2,
+        head_dim: 128,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1_000_000.0,
+        max_position_embeddings: 32768,
+        tie_word_embeddings: true,
+        attention_bias: true,
+        bos_token_id: None,
+        eos_token_id: Some(151643),
         ..synthetic()
     }
 }
@@ -263,14 +286,16 @@ fn gguf_path(p: &std::path::Path) -> &str {
 fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
     let dt = crate::common::precision(&a.dtype, a.bf16_activations, &a.quantize)?;
     let (model, wl) = match a.workload.as_str() {
-        "synthetic-35m" | "smollm2-shape" => {
+        "synthetic-35m" | "smollm2-shape" | "qwen2.5-1.5b-shape" => {
             let cfg = match a.workload.as_str() {
                 "synthetic-35m" => synthetic(),
+                "qwen2.5-1.5b-shape" => qwen2_5_1_5b_shape(),
                 _ => smollm2_shape(),
             };
             let w = random_weights(&cfg, 0)?;
-            let c = json!({"vocab": cfg.vocab_size, "hidden": cfg.hidden_size, "inter": cfg.intermediate_size, "layers": cfg.num_hidden_layers,
-                "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads, "ctx": cfg.max_position_embeddings, "tied": cfg.tie_word_embeddings});
+            let c = json!({"model_type": cfg.model_type, "vocab": cfg.vocab_size, "hidden": cfg.hidden_size, "inter": cfg.intermediate_size,
+                "layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+                "ctx": cfg.max_position_embeddings, "tied": cfg.tie_word_embeddings, "rope_theta": cfg.rope_theta, "eps": cfg.rms_norm_eps});
             (
                 Llama::load(cfg, &w, dt, dev)?,
                 json!({"model": "synthetic", "config": c}),
@@ -294,8 +319,8 @@ fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
             (lm.model, json!({"model": hf}))
         }
         o => bail!(
-            "unknown workload `{o}` (synthetic-35m, smollm2, smollm2-shape, qwen2.5-coder-0.5b, \
-             qwen2.5-coder-1.5b)"
+            "unknown workload `{o}` (synthetic-35m, smollm2, smollm2-shape, qwen2.5-1.5b-shape, \
+             qwen2.5-coder-0.5b, qwen2.5-coder-1.5b)"
         ),
     };
     let mut model = model;
