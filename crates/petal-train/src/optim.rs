@@ -41,11 +41,15 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(vars: Vec<Var>, params: AdamWParams) -> Result<Self> {
-        let m = vars
-            .iter()
-            .map(|x| x.as_tensor().zeros_like())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let v = m.clone();
+        // m and v each their own buffers: the CUDA kernel updates them in place, and a clone
+        // would share one buffer between them (which once made every GPU step after the first
+        // read v as m)
+        let zeros = || {
+            vars.iter()
+                .map(|x| x.as_tensor().zeros_like())
+                .collect::<candle_core::Result<Vec<_>>>()
+        };
+        let (m, v) = (zeros()?, zeros()?);
         Ok(AdamW {
             params,
             vars,
@@ -232,6 +236,32 @@ impl AdamW {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// Whether two tensors are views of one buffer.
+    fn same_buffer(a: &Tensor, b: &Tensor) -> bool {
+        let (sa, _) = a.storage_and_layout();
+        let (sb, _) = b.storage_and_layout();
+        std::ptr::eq(&*sa, &*sb)
+    }
+
+    #[test]
+    fn the_moments_are_buffers_of_their_own_as_the_in_place_cuda_update_needs() {
+        let vars: Vec<Var> = (0..3)
+            .map(|i| Var::new(&[i as f32, 1.0, -1.0], &Device::Cpu).unwrap())
+            .collect();
+        let mut opt = AdamW::new(vars.clone(), AdamWParams::default()).unwrap();
+        let apart = |o: &AdamW| {
+            let all: Vec<&Tensor> = o.m.iter().chain(&o.v).collect();
+            all.iter().enumerate().all(|(i, a)| {
+                all[i + 1..].iter().all(|b| !same_buffer(a, b))
+                    && vars.iter().all(|w| !same_buffer(a, w.as_tensor()))
+            })
+        };
+        assert!(apart(&opt), "after new");
+        assert!(same_buffer(&opt.m[0], &opt.m[0].clone()), "the check sees a clone");
+        opt.reset().unwrap();
+        assert!(apart(&opt), "after reset");
+    }
 
     #[test]
     fn two_adamw_steps_match_a_hand_worked_computation() {
