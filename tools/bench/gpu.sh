@@ -10,7 +10,8 @@
 # PLAN=issue21 (what a 15-minute lease holds, about 7 minutes): the kernel tests, the golden
 # check with the kernels that passed, then f32 and bf16 training against PyTorch on the three
 # shapes (synthetic, SmolLM2, Qwen2.5-1.5B) at batches that fill the GPU better, and petal alone
-# with its kernels off. QUICK=1: the three first training workloads and the check only.
+# with none of its kernels and with all of them. QUICK=1: the three first training workloads and
+# the check only.
 # T (default 120 s) and T_BF16 (180 s) bound each bench, CHECK_T (150 s) the check.
 set -u
 P=$1
@@ -25,10 +26,9 @@ LIBS=$(find $NV /usr/local/cuda*/lib64 -name 'libcublas*.so*' -printf '%h:' 2>/d
 LIBS=$LIBS$(find $NV /usr/local/cuda*/lib64 \( -name 'libcurand.so*' -o -name 'libnvrtc.so*' \) -printf '%h:' 2>/dev/null)
 export LD_LIBRARY_PATH="$LIBS${LD_LIBRARY_PATH:-}"
 export PETAL_PYTHON=python3
-# petal's own CUDA kernels (off by default until their tests pass on a GPU): on for this run,
-# PETAL_CUDA_KERNELS=0 to measure without them, or a list of families (norm, softmax, rope,
-# swiglu, loss, attention) for some
-export PETAL_CUDA_KERNELS=${PETAL_CUDA_KERNELS:-1}
+# petal's own CUDA kernels: its default families unless PETAL_CUDA_KERNELS says otherwise (0
+# none, 1 all, or a list of families: norm, softmax, rope, swiglu, loss, attention, adamw, lora)
+DEFAULT_FAMILIES="norm softmax rope swiglu loss adamw lora" # petal_ops::cuda::Family::DEFAULT
 python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
 
 echo "== smoke: petal alone"
@@ -61,13 +61,13 @@ for t in ${TESTS:+$TESTS/*.gz}; do
         if [[ " $off " == *" all "* ]]; then
             export PETAL_CUDA_KERNELS=0
         else
-            keep=$(for f in norm softmax rope swiglu loss attention adamw lora; do
+            keep=$(for f in ${PETAL_CUDA_KERNELS:-$DEFAULT_FAMILIES}; do
                 [[ " $off " == *" $f "* ]] || echo $f; done | paste -sd, -)
             export PETAL_CUDA_KERNELS=${keep:-0}
         fi
     fi
 done
-echo "PETAL_CUDA_KERNELS=$PETAL_CUDA_KERNELS"
+echo "PETAL_CUDA_KERNELS=${PETAL_CUDA_KERNELS-unset (the default families)}"
 
 summary() {
 python3 - "$OUT/bench.jsonl" <<'EOF'
@@ -80,8 +80,8 @@ for line in open(sys.argv[1]):
     ra, rb = r.get("ratio") or {}, r.get("ratio_autocast") or {}
     mem = f"{p.get('gpu_peak_mb') or 0:.0f}/{t.get('gpu_peak_mb') or 0:.0f}"
     auto = f"{rb['tokens_per_s']:.2f}x" if rb else "-"
-    if r.get("kernels_off"):
-        r["mode"] += "/off"
+    if "kernels_env" in r:
+        r["mode"] += "/k=" + r["kernels_env"]
     print(f"{r['workload']:18} {r['mode']:8} {r['dtype']:5} {r['batch']:>3}x{r['seq']:<3} {p['tokens_per_s']:12.0f} "
           f"{t.get('tokens_per_s', 0):12.0f} {ra.get('tokens_per_s', 0):5.2f}x {auto:>9} {mem:>19} "
           f"{ra.get('gpu_memory', 0):8.2f}x")
@@ -100,18 +100,20 @@ bench() {
     rm -f "$OUT/one.json"
 }
 check() {
-    echo "== golden adapters and loss curves on the GPU (PETAL_CUDA_KERNELS=$PETAL_CUDA_KERNELS)"
+    echo "== golden adapters and loss curves on the GPU (PETAL_CUDA_KERNELS=${PETAL_CUDA_KERNELS-default})"
     local t0=$SECONDS
     timeout "${CHECK_T:-150}" python3 -u tools/golden/check_on_device.py "$P" "$D" >"$OUT/check.txt" 2>&1
     echo "check exit $? ($((SECONDS - t0)) s)"
     tail -4 "$OUT/check.txt"
 }
-alone() { # petal alone, its CUDA kernels off: the other side of the kernels' effect
-    echo "== PETAL_CUDA_KERNELS=0 petal bench --device $D $*"
+alone() { # petal alone with other CUDA kernel families: `alone 0 ARGS` (none), `alone 1 ARGS`
+    local k=$1
+    shift
+    echo "== PETAL_CUDA_KERNELS=$k petal bench --device $D $*"
     local t0=$SECONDS
-    PETAL_CUDA_KERNELS=0 timeout "${T:-120}" "$P" bench --device "$D" "$@" --json >"$OUT/one.json" &&
-        python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r["kernels_off"]=True; print(json.dumps(r))' \
-            "$OUT/one.json" >>"$OUT/bench.jsonl" || echo "exit $?"
+    PETAL_CUDA_KERNELS=$k timeout "${T:-120}" "$P" bench --device "$D" "$@" --json >"$OUT/one.json" &&
+        python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r["kernels_env"]=sys.argv[2]; print(json.dumps(r))' \
+            "$OUT/one.json" "$k" >>"$OUT/bench.jsonl" || echo "exit $?"
     echo "   ($((SECONDS - t0)) s)"
     rm -f "$OUT/one.json"
 }
@@ -121,10 +123,13 @@ if [ "${PLAN:-}" = issue21 ]; then
     bench --workload synthetic-35m --steps 5 --rounds 3
     bench --workload smollm2-shape --batch 8 --seq 512 --steps 5 --rounds 3
     T=${T_BF16:-180} bench --workload smollm2-shape --dtype bf16 --batch 16 --seq 512 --steps 5 --rounds 3
-    T=${T_BF16:-180} bench --workload qwen2.5-1.5b-shape --dtype bf16 --batch 8 --seq 1024 --steps 2 --rounds 3
-    alone --workload smollm2-shape --batch 8 --seq 512 --steps 5 --rounds 3
-    alone --workload smollm2-shape --dtype bf16 --batch 16 --seq 512 --steps 5 --rounds 3
-    bench --workload qwen2.5-1.5b-shape --batch 8 --seq 1024 --steps 2 --rounds 3
+    # 8 x 1024 died of CUDA_ERROR_OUT_OF_MEMORY with every family on (2026-12-04; not found why)
+    T=${T_BF16:-180} bench --workload qwen2.5-1.5b-shape --dtype bf16 --batch 4 --seq 1024 --steps 2 --rounds 3
+    for k in 0 1; do
+        alone $k --workload smollm2-shape --dtype bf16 --batch 16 --seq 512 --steps 5 --rounds 3
+        alone $k --workload qwen2.5-1.5b-shape --dtype bf16 --batch 4 --seq 1024 --steps 2 --rounds 3
+    done
+    T=${T_BF16:-180} bench --workload qwen2.5-1.5b-shape --batch 4 --seq 1024 --steps 2 --rounds 3
     summary
     exit 0
 fi
@@ -132,7 +137,7 @@ fi
 # the issue's workloads first (a lease can end mid-way), then the GPU check, then the rest
 bench --workload synthetic-35m --steps 5 --rounds 3
 bench --workload smollm2-shape --steps 5 --rounds 3
-for w in synthetic-35m smollm2-shape; do alone --workload $w --steps 5 --rounds 3; done
+for w in synthetic-35m smollm2-shape; do alone 0 --workload $w --steps 5 --rounds 3; done
 check
 T=${T_BF16:-180} bench --workload smollm2-shape --dtype bf16 --steps 5 --rounds 3
 [ "${QUICK:-0}" = 1 ] && { summary; exit 0; }

@@ -6,7 +6,8 @@
 use crate::cuda::Family;
 
 /// The kernel choice of a model or a run. The default: fused CPU kernels on, petal's CUDA
-/// kernels off (until their tests have passed on a GPU, see docs/gpu.md).
+/// kernels off (the `petal` binary, through [`Kernels::from_env`], turns on
+/// [`Family::DEFAULT`]: the families that passed their tests on an H200, see docs/gpu.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Kernels {
     fused: bool,
@@ -106,13 +107,17 @@ impl Kernels {
     }
 
     /// The choice the environment asks for, as the `petal` binary reads it: `PETAL_FUSED=0` the
-    /// reference ops; `PETAL_CUDA_KERNELS` the CUDA families (`1` or `all` every one, a comma
-    /// list some, unset or `0` none; an unknown name is reported and skipped);
+    /// reference ops; `PETAL_CUDA_KERNELS` the CUDA families (unset [`Family::DEFAULT`], `1`
+    /// or `all` every one, a comma list some, `0` none; an unknown name is reported and
+    /// skipped);
     /// `PETAL_FROZEN_PRODUCTS` the arithmetic of frozen quantized products (`auto`, `f32`,
     /// `bf16`, `int8`; an unknown value is reported and `auto` kept).
     pub fn from_env() -> Self {
         let fused = std::env::var("PETAL_FUSED").map_or(true, |v| v != "0");
-        let cuda = parse_families(&std::env::var("PETAL_CUDA_KERNELS").unwrap_or_default());
+        let cuda = match std::env::var("PETAL_CUDA_KERNELS") {
+            Ok(v) => parse_families(&v),
+            Err(_) => Family::DEFAULT.to_vec(),
+        };
         let v = std::env::var("PETAL_FROZEN_PRODUCTS").unwrap_or_default();
         let frozen = Frozen::parse(&v).unwrap_or_else(|| {
             eprintln!(
