@@ -21,9 +21,9 @@
 //! Init: B = 0 and γ, β from each group's minimum and maximum, so training starts from the
 //! round-to-nearest quantization of W. Decisions the paper leaves open (no code): LSQ+ for the
 //! "LoRA-wise LSQ" quantizer, min-max init, the relative parameterisation, the f16 grid. γ0 and
-//! β0 are computed again from W when the adapter is loaded (they are not saved). Not yet the paper's
-//! memory-optimised layer: Ŵ's (out, in) intermediates are kept for backward (about six f32
-//! copies of each adapted weight), so L4Q trains small models here. petal's own adapter:
+//! β0 are computed again from W when the adapter is loaded (they are not saved). Memory: one
+//! (out, in) f32 per adapted module (Ŵ - W, kept for the product's backward) plus the lean
+//! node's buffers for one module at a time. petal's own adapter:
 //! `peft_type: "L4Q"`, tensors `lora_A.weight`, `lora_B.weight`, `l4q_grid` (θ and φ stacked).
 
 use crate::adapter::{
@@ -119,9 +119,17 @@ impl AdapterMethod for L4q {
     }
 
     fn layer_values(&self, cfg: &AdapterConfig, _path: &str, dims: &ModuleDims) -> Result<u64> {
-        // A, B, the grid, and (out, in) buffers a step builds: a bound (the lean node keeps one)
+        // A, B, the grid, and Ŵ - W, which every layer's product keeps until its backward
+        // (LR-QAT: W's 8-bit codes too, a quarter of f32's bytes)
         let o: L4qOptions = cfg.options()?;
-        Ok(dims.low_rank(o.r) + 2 * (dims.full() / o.group_size as u64) + 6 * dims.full())
+        let codes = if o.variant == "lr_qat" { dims.full() / 4 } else { 0 };
+        Ok(dims.low_rank(o.r) + 2 * (dims.full() / o.group_size as u64) + dims.full() + codes)
+    }
+
+    fn shared_values(&self, _cfg: &AdapterConfig, dims: &ModuleDims) -> Result<u64> {
+        // the (out, in) buffers the lean node builds for one layer at a time, forward or
+        // backward, for the largest layer: a bound
+        Ok(6 * dims.full())
     }
 
     fn build(
