@@ -25,7 +25,7 @@ pub static NF4: Nf4 = Nf4;
 
 /// QLoRA's NormalFloat code: quantiles of N(0, 1) scaled to [-1, 1], with an exact zero
 /// (bitsandbytes' `get_4bit_type("nf4")`).
-const CODE: [f32; 16] = [
+pub(super) const CODE: [f32; 16] = [
     -1.0,
     -0.696_192_8,
     -0.525_073_05,
@@ -82,7 +82,7 @@ fn slots(blocks: usize) -> usize {
 }
 
 /// Each block's absmax of one row (`cols / 64` of them), decoded from its double-quantized code.
-fn block_scales(row: &[u8], cols: usize, out: &mut [f32]) {
+pub(super) fn block_scales(row: &[u8], cols: usize, out: &mut [f32]) {
     let code8 = dynamic_code();
     let at = cols / 2 + cols / BLOCK;
     let phase = u16::from_le_bytes([row[at], row[at + 1]]) as usize;

@@ -2,18 +2,31 @@
 //! 32-value block `d * q + m` is decoded inside the dot product, never stored, so a row of W
 //! costs its 20-byte blocks and a few instructions each. Q4_1 is SmolLM2's type; candle's own
 //! Q4_1 dot product is scalar. `q4_1 x . w = sum_b d_b (q_b . x_b) + m_b (sum x_b)`.
-//! AVX-512 only (elsewhere the caller decodes rows then dots them, as before); the readable
-//! twin is `rows_reference`.
+//! AVX-512 or AVX2 + FMA (elsewhere the caller decodes rows then dots them, as before); the
+//! readable twin is `rows_reference`.
+
+use super::product::Simd;
 
 /// Bytes of one block: d and m (f16), 16 bytes of nibbles (value j low, j + 16 high).
 const BLOCK: usize = 20;
 
-/// `y (m, n) = x (m, k) W^T` for Q4_1 rows of W, or None where this CPU lacks AVX-512 (or k
-/// is not whole blocks).
+/// `y (m, n) = x (m, k) W^T` for Q4_1 rows of W, or None where this CPU has neither AVX-512
+/// nor AVX2 (or k is not whole blocks).
 pub(super) fn few_rows(x: &[f32], m: usize, k: usize, w: &[u8], n: usize) -> Option<Vec<f32>> {
+    few_rows_on(Simd::best()?, x, m, k, w, n)
+}
+
+/// [`few_rows`] on the vector unit `simd`, None unless this CPU has it ([`Simd::all`]).
+pub(super) fn few_rows_on(
+    simd: Simd,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[u8],
+    n: usize,
+) -> Option<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("f16c")
+    if Simd::all().contains(&simd)
         && k.is_multiple_of(32)
         && x.len() == m * k
         && w.len() == n * k / 32 * BLOCK
@@ -29,20 +42,25 @@ pub(super) fn few_rows(x: &[f32], m: usize, k: usize, w: &[u8], n: usize) -> Opt
             || (),
             |_, row, out| {
                 for (xi, si) in x.chunks_exact(k).zip(sums.chunks_exact(k / 32)) {
-                    // SAFETY: the CPU has AVX-512F and F16C (checked above); the lengths agree
+                    // SAFETY: the CPU has `simd`'s features (checked above); the lengths agree
                     // (k / 32 blocks of row, 32 values of xi and one sum each).
-                    out.push(unsafe { x86::dot(row, xi, si) });
+                    out.push(unsafe {
+                        match simd {
+                            Simd::Avx512 => x86::dot(row, xi, si),
+                            Simd::Avx2 => x86::dot_avx2(row, xi, si),
+                        }
+                    });
                 }
             },
         );
         return Some(y);
     }
-    let _ = (x, m, k, w, n);
+    let _ = (simd, x, m, k, w, n);
     None
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use super::BLOCK;
     use std::arch::x86_64::*;
 
@@ -69,6 +87,41 @@ mod x86 {
             acc = _mm512_fmadd_ps(d, t, acc);
         }
         _mm512_reduce_add_ps(acc) + ms
+    }
+
+    /// [`dot`] on AVX2 + FMA: the block's 16 nibble bytes as two halves of 8, low nibbles
+    /// values 0-15 and high ones 16-31.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_avx2(row: &[u8], xi: &[f32], si: &[f32]) -> f32 {
+        let blocks = xi.len() / 32;
+        assert!(row.len() >= blocks * BLOCK && si.len() >= blocks);
+        let mut acc = _mm256_setzero_ps();
+        let mut ms = 0f32;
+        let low = _mm256_set1_epi32(15);
+        for (b, &sum) in si[..blocks].iter().enumerate() {
+            let p = row.as_ptr().add(b * BLOCK);
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
+            let d = _mm256_broadcastss_ps(dm);
+            ms += _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)) * sum;
+            let q0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(4) as *const __m128i));
+            let q1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(12) as *const __m128i));
+            let f = |q: __m256i| _mm256_cvtepi32_ps(q);
+            let xp = xi.as_ptr().add(b * 32);
+            let t = _mm256_mul_ps(f(_mm256_and_si256(q0, low)), _mm256_loadu_ps(xp));
+            let t = _mm256_fmadd_ps(f(_mm256_and_si256(q1, low)), _mm256_loadu_ps(xp.add(8)), t);
+            let t = _mm256_fmadd_ps(f(_mm256_srli_epi32(q0, 4)), _mm256_loadu_ps(xp.add(16)), t);
+            let t = _mm256_fmadd_ps(f(_mm256_srli_epi32(q1, 4)), _mm256_loadu_ps(xp.add(24)), t);
+            acc = _mm256_fmadd_ps(d, t, acc);
+        }
+        sum8(acc) + ms
+    }
+
+    /// The sum of a vector's 8 lanes.
+    #[target_feature(enable = "avx2")]
+    pub(in crate::quant) unsafe fn sum8(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
 }
 

@@ -189,18 +189,28 @@ fn few_rows_without_gradient_round_x_to_8_bits_and_stay_close() {
 
 #[test]
 fn few_rows_over_q4_1_keep_x_in_f32_and_equal_the_definition() {
-    // decoding's product over Q4_1 decodes each block inside the dot product (AVX-512), or
-    // decodes rows then dots them: either way x is not rounded
+    // decoding's product over Q4_1 decodes each block inside the dot product (AVX-512 or AVX2,
+    // each this CPU has checked on its own), or decodes rows then dots them: either way x is
+    // not rounded
+    let simds = super::product::Simd::all();
     for (k, m) in [(512, 1), (96, 3), (2048, 2)] {
         let (q, fmt) = quantize(&rand(&[70, k], 3), GgmlDType::Q4_1).unwrap();
         let x = rand(&[m, k], 5);
-        let fast = quant_linear(Kernels::FUSED, &x, &q, fmt, None).unwrap();
         let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
         let w: Vec<u8> = q.flatten_all().unwrap().to_vec1().unwrap();
         let want = super::q4_1_rows::rows_reference(&xs, m, k, &w, 70);
         let want = Tensor::from_vec(want, (m, 70), &Device::Cpu).unwrap();
+        let fast = quant_linear(Kernels::FUSED, &x, &q, fmt, None).unwrap();
         let d = max_rel(&fast, &want);
         assert!(d < 1e-5, "k {k}, m {m}: {d}");
+        for &simd in &simds {
+            let y = super::q4_1_rows::few_rows_on(simd, &xs, m, k, &w, 70).unwrap();
+            let d = max_rel(&Tensor::from_vec(y, (m, 70), &Device::Cpu).unwrap(), &want);
+            assert!(d < 1e-5, "{simd:?}, k {k}, m {m}: {d}");
+        }
+    }
+    if simds.len() < 2 {
+        eprintln!("this CPU runs only {simds:?} of the Q4_1 few-row kernels: the others not checked");
     }
 }
 
@@ -217,6 +227,17 @@ fn few_rows_over_nf4_keep_x_in_f32_and_equal_the_decoded_rows() {
             .unwrap();
         let d = max_rel(&fast, &want);
         assert!(d < 1e-5, "k {k}, m {m}: {d}");
+        // each kernel this CPU has, on its own
+        let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let w: Vec<u8> = q.flatten_all().unwrap().to_vec1().unwrap();
+        let rb = w.len() / 70;
+        for simd in super::product::Simd::all() {
+            let scales = |row: &[u8], out: &mut [f32]| super::nf4::block_scales(row, k, out);
+            let y = super::nf4_rows::few_rows_on(simd, &xs, m, k, &w, 70, rb, &super::nf4::CODE, scales)
+                .unwrap();
+            let d = max_rel(&Tensor::from_vec(y, (m, 70), &Device::Cpu).unwrap(), &want);
+            assert!(d < 1e-5, "{simd:?}, k {k}, m {m}: {d}");
+        }
     }
 }
 
