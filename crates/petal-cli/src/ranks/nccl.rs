@@ -50,8 +50,14 @@ impl Nccl {
     /// Join the ranks' NCCL communicator on GPU `ordinal` (a collective call: every rank).
     pub fn new(mpi: Box<dyn Collective>, ordinal: usize) -> Result<Nccl> {
         let (rank, size) = (mpi.rank(), mpi.size());
-        let stream = loading(&format!("rank {rank}: CUDA device {ordinal}"), || {
-            let ctx = CudaContext::new(ordinal).map_err(|e| fail("CUDA device", e))?;
+        let device = format!("rank {rank}: CUDA device {ordinal}");
+        let stream = loading(&device, || {
+            // the driver's library loaded, but no device (or not this one)
+            let ctx = CudaContext::new(ordinal).map_err(|e| {
+                Error::msg(format!(
+                    "NCCL: {device}: {e:?} (PETAL_COLLECTIVE=mpi sums on MPI instead)"
+                ))
+            })?;
             Ok(ctx.default_stream())
         })?;
         let mut id: Vec<u8> = match rank {
