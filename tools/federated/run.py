@@ -69,6 +69,9 @@ def main():
     ap.add_argument("--legend-fixed", action="store_true",
                     help="legend's rounds and accounting, every client on every layer at full rank (the baseline)")
     ap.add_argument("--slowdowns", default="", help="simulated devices: client i's seconds times factor i, comma-separated")
+    ap.add_argument("--step-seconds", type=float, default=0.0,
+                    help="tests: every client's step measured as this many seconds (LEGEND's depths then "
+                         "follow --slowdowns alone); 0 measures them")
     ap.add_argument("--proximal-mu", type=float, default=0.01)
     ap.add_argument("--task-type", default="", choices=["", "seq-cls"],
                     help="seq-cls: a classifier on a BERT encoder (data: JSONL text/label; rounds.jsonl gains accuracy)")
@@ -184,7 +187,7 @@ def main():
               "seq-len": a.seq_len, "max-eval-examples": a.max_eval_examples, "seed": a.seed,
               "keep-client-adapters": a.keep_client_adapters, "legend-adapt": not a.legend_fixed,
               "legend-send": a.legend_send,
-              "slowdowns": a.slowdowns, "round-timeout": a.round_timeout, "task-type": a.task_type}
+              "slowdowns": a.slowdowns, "step-seconds": a.step_seconds, "round-timeout": a.round_timeout, "task-type": a.task_type}
         for item in a.inject:
             key, _, value = item.partition("=")
             if key not in ("fail-at", "misshape-at"):

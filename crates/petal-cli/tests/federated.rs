@@ -271,7 +271,7 @@ fn assert_fedavg(out: &std::path::Path, val: &str, in_ray: bool) {
 #[test]
 fn legend_gives_a_slow_client_fewer_layers_and_averages_each_element_over_its_trainers() {
     let tmp = tempfile::tempdir().unwrap();
-    // client 1 is a device 4 times slower
+    // client 1 is a device 4 times slower (every step counted as 10 ms, as above)
     let args = [
         "--rounds",
         "3",
@@ -279,6 +279,8 @@ fn legend_gives_a_slow_client_fewer_layers_and_averages_each_element_over_its_tr
         "legend",
         "--slowdowns",
         "1,4",
+        "--step-seconds",
+        "0.01",
     ];
     let Some((out, _)) = federate(tmp.path(), &args) else {
         return;
@@ -384,16 +386,18 @@ fn a_classifier_federates_when_each_client_holds_one_class() {
 #[test]
 fn legend_on_a_classifier_gives_the_slow_client_fewer_encoder_layers_and_every_client_the_head() {
     let tmp = tempfile::tempdir().unwrap();
-    // client 1 is a device 16 times slower; two encoder layers. (A step here takes about 5 ms,
-    // so with two clients' processes sharing two cores the measured medians can differ by
-    // several times: at 4 times slower the slow client was once measured the faster one.)
+    // client 1 is a device 4 times slower; two encoder layers. Every step counts as 10 ms: a
+    // step here takes about 5 ms, and two clients' processes sharing two cores measured
+    // medians up to 16 times apart, the slow client sometimes the faster one.
     let extra = [
         "--rounds",
         "2",
         "--strategy",
         "legend",
         "--slowdowns",
-        "1,16",
+        "1,4",
+        "--step-seconds",
+        "0.01",
     ];
     let Some(out) = classifier_run(tmp.path(), &extra) else {
         return;
@@ -432,6 +436,8 @@ fn legend_sending_the_whole_adapter_trains_each_client_on_the_global_model() {
         "legend",
         "--slowdowns",
         "1,4",
+        "--step-seconds",
+        "0.01",
         "--legend-send",
         "all",
     ];
