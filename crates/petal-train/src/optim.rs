@@ -258,7 +258,10 @@ mod tests {
             })
         };
         assert!(apart(&opt), "after new");
-        assert!(same_buffer(&opt.m[0], &opt.m[0].clone()), "the check sees a clone");
+        assert!(
+            same_buffer(&opt.m[0], &opt.m[0].clone()),
+            "the check sees a clone"
+        );
         opt.reset().unwrap();
         assert!(apart(&opt), "after reset");
     }

@@ -122,7 +122,11 @@ impl AdapterMethod for L4q {
         // A, B, the grid, and Ŵ - W, which every layer's product keeps until its backward
         // (LR-QAT: W's 8-bit codes too, a quarter of f32's bytes)
         let o: L4qOptions = cfg.options()?;
-        let codes = if o.variant == "lr_qat" { dims.full() / 4 } else { 0 };
+        let codes = if o.variant == "lr_qat" {
+            dims.full() / 4
+        } else {
+            0
+        };
         Ok(dims.low_rank(o.r) + 2 * (dims.full() / o.group_size as u64) + dims.full() + codes)
     }
 

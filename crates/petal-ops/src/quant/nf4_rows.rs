@@ -105,7 +105,10 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot_avx2(codes: &[u8], sc: &[f32], xr: &[f32], code: &[f32; 16]) -> f32 {
         assert!(codes.len() >= sc.len() * BLOCK / 2 && xr.len() >= sc.len() * BLOCK);
-        let (t0, t1) = (_mm256_loadu_ps(code.as_ptr()), _mm256_loadu_ps(code.as_ptr().add(8)));
+        let (t0, t1) = (
+            _mm256_loadu_ps(code.as_ptr()),
+            _mm256_loadu_ps(code.as_ptr().add(8)),
+        );
         let look = |i: __m256i| {
             let upper = _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)); // bit 3 as the sign
             _mm256_blendv_ps(

@@ -210,7 +210,9 @@ fn few_rows_over_q4_1_keep_x_in_f32_and_equal_the_definition() {
         }
     }
     if simds.len() < 2 {
-        eprintln!("this CPU runs only {simds:?} of the Q4_1 few-row kernels: the others not checked");
+        eprintln!(
+            "this CPU runs only {simds:?} of the Q4_1 few-row kernels: the others not checked"
+        );
     }
 }
 
@@ -233,8 +235,18 @@ fn few_rows_over_nf4_keep_x_in_f32_and_equal_the_decoded_rows() {
         let rb = w.len() / 70;
         for simd in super::product::Simd::all() {
             let scales = |row: &[u8], out: &mut [f32]| super::nf4::block_scales(row, k, out);
-            let y = super::nf4_rows::few_rows_on(simd, &xs, m, k, &w, 70, rb, &super::nf4::CODE, scales)
-                .unwrap();
+            let y = super::nf4_rows::few_rows_on(
+                simd,
+                &xs,
+                m,
+                k,
+                &w,
+                70,
+                rb,
+                &super::nf4::CODE,
+                scales,
+            )
+            .unwrap();
             let d = max_rel(&Tensor::from_vec(y, (m, 70), &Device::Cpu).unwrap(), &want);
             assert!(d < 1e-5, "{simd:?}, k {k}, m {m}: {d}");
         }
