@@ -20,6 +20,7 @@ mod nf4;
 mod nf4_rows;
 mod product;
 mod q4_1_rows;
+mod simd;
 #[cfg(test)]
 mod tests;
 

@@ -202,7 +202,8 @@ impl Quantizer for Nf4 {
 
     fn few_rows(&self, x: &[f32], m: usize, cols: usize, w: &[u8], n: usize) -> Option<Vec<f32>> {
         let rb = self.row_bytes(cols);
-        super::nf4_rows::few_rows(x, m, cols, w, n, rb, &CODE, |row, out| {
+        let simd = super::simd::Simd::best()?;
+        super::nf4_rows::few_rows_on(simd, x, m, cols, w, n, rb, &CODE, |row, out| {
             block_scales(row, cols, out)
         })
     }

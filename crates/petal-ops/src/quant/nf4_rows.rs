@@ -3,29 +3,14 @@
 //! never stored: `x . w = sum_b absmax_b (NF4[q_b] . x_b)`. AVX-512, or AVX2 + FMA (two
 //! 8-entry lookups and a blend); elsewhere the caller decodes rows then dots them, as before.
 
-use super::product::Simd;
+use super::simd::Simd;
 
 /// Values a block (one absmax scale).
 const BLOCK: usize = 64;
 
 /// `y (m, n) = x (m, cols) W^T` for NF4 rows of `rb` bytes, the codes first (`cols / 2` bytes,
 /// the first value of a pair in the high nibble); `scales(row, out)` writes a row's block
-/// scales. None where this CPU has neither AVX-512 nor AVX2.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn few_rows(
-    x: &[f32],
-    m: usize,
-    cols: usize,
-    w: &[u8],
-    n: usize,
-    rb: usize,
-    code: &[f32; 16],
-    scales: impl Fn(&[u8], &mut [f32]) + Sync,
-) -> Option<Vec<f32>> {
-    few_rows_on(Simd::best()?, x, m, cols, w, n, rb, code, scales)
-}
-
-/// [`few_rows`] on the vector unit `simd`, None unless this CPU has it ([`Simd::all`]).
+/// scales. None unless this CPU has `simd` ([`Simd::all`]).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn few_rows_on(
     simd: Simd,
@@ -39,11 +24,7 @@ pub(super) fn few_rows_on(
     scales: impl Fn(&[u8], &mut [f32]) + Sync,
 ) -> Option<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
-    if Simd::all().contains(&simd)
-        && cols.is_multiple_of(BLOCK)
-        && x.len() == m * cols
-        && w.len() == n * rb
-    {
+    if simd.runs() && cols.is_multiple_of(BLOCK) && x.len() == m * cols && w.len() == n * rb {
         // x with each 32 values' even positions first, then the odd ones: the order the high
         // and low nibbles of 16 code bytes come in
         let xr: Vec<f32> = x

@@ -39,56 +39,6 @@ fn few_rows_as<T: GgmlType>(x: &[f32], m: usize, k: usize, w: &[u8], n: usize) -
     )
 }
 
-/// The vector unit a few-row kernel (`q4_1_rows`, `nf4_rows`) runs on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Simd {
-    /// AVX-512F (with F16C)
-    Avx512,
-    /// AVX2 + FMA (with F16C): CPUs without AVX-512
-    Avx2,
-}
-
-impl Simd {
-    /// Every one this CPU runs, best first (the tests check each).
-    pub(super) fn all() -> Vec<Simd> {
-        let mut v = Vec::new();
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("f16c") && has!("avx512f") {
-                v.push(Simd::Avx512);
-            }
-            if has!("f16c") && has!("avx2") && has!("fma") {
-                v.push(Simd::Avx2);
-            }
-        }
-        v
-    }
-
-    /// The best this CPU has, None on a CPU with neither (the caller decodes rows then).
-    /// `PETAL_FEW_ROWS=avx2` or `off` picks a lesser one, to measure what a CPU without
-    /// AVX-512 gets (a unit this CPU lacks is reported and the best kept).
-    pub(super) fn best() -> Option<Simd> {
-        static BEST: std::sync::OnceLock<Option<Simd>> = std::sync::OnceLock::new();
-        *BEST.get_or_init(|| {
-            let all = Simd::all();
-            let asked = std::env::var("PETAL_FEW_ROWS").unwrap_or_default();
-            match asked.as_str() {
-                "" => {}
-                "off" => return None,
-                "avx2" if all.contains(&Simd::Avx2) => return Some(Simd::Avx2),
-                "avx512" if all.contains(&Simd::Avx512) => return Some(Simd::Avx512),
-                o => eprintln!(
-                    "petal: PETAL_FEW_ROWS: `{o}` is not one of avx512, avx2, off that this CPU \
-                     runs; using {:?}",
-                    all.first()
-                ),
-            }
-            all.first().copied()
-        })
-    }
-}
-
 /// `y (m, n)` made a row of W at a time (rows of `rb` bytes, a few per task on rayon's
 /// threads): `dots(scratch, row, out)` pushes that row's m products, one per row of x, with a
 /// scratch buffer per task from `init`; the products come out by rows of W and are transposed.
@@ -131,7 +81,8 @@ pub(super) fn ggml_few_rows(
     n: usize,
 ) -> Option<Vec<f32>> {
     if t == GgmlDType::Q4_1 {
-        return super::q4_1_rows::few_rows(x, m, k, w, n); // x stays f32
+        return super::q4_1_rows::few_rows_on(super::simd::Simd::best()?, x, m, k, w, n);
+        // x stays f32
     }
     let even = (k / 32).is_multiple_of(2);
     Some(match t {

@@ -5,18 +5,13 @@
 //! AVX-512 or AVX2 + FMA (elsewhere the caller decodes rows then dots them, as before); the
 //! readable twin is `rows_reference`.
 
-use super::product::Simd;
+use super::simd::Simd;
 
 /// Bytes of one block: d and m (f16), 16 bytes of nibbles (value j low, j + 16 high).
 const BLOCK: usize = 20;
 
-/// `y (m, n) = x (m, k) W^T` for Q4_1 rows of W, or None where this CPU has neither AVX-512
-/// nor AVX2 (or k is not whole blocks).
-pub(super) fn few_rows(x: &[f32], m: usize, k: usize, w: &[u8], n: usize) -> Option<Vec<f32>> {
-    few_rows_on(Simd::best()?, x, m, k, w, n)
-}
-
-/// [`few_rows`] on the vector unit `simd`, None unless this CPU has it ([`Simd::all`]).
+/// `y (m, n) = x (m, k) W^T` for Q4_1 rows of W on the vector unit `simd`, None unless this
+/// CPU has it ([`Simd::all`]) and k is whole blocks.
 pub(super) fn few_rows_on(
     simd: Simd,
     x: &[f32],
@@ -26,11 +21,7 @@ pub(super) fn few_rows_on(
     n: usize,
 ) -> Option<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
-    if Simd::all().contains(&simd)
-        && k.is_multiple_of(32)
-        && x.len() == m * k
-        && w.len() == n * k / 32 * BLOCK
-    {
+    if simd.runs() && k.is_multiple_of(32) && x.len() == m * k && w.len() == n * k / 32 * BLOCK {
         let rb = k / 32 * BLOCK;
         // the block sums of x, for the m terms
         let sums: Vec<f32> = x.chunks_exact(32).map(|b| b.iter().sum()).collect();

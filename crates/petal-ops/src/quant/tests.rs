@@ -192,7 +192,7 @@ fn few_rows_over_q4_1_keep_x_in_f32_and_equal_the_definition() {
     // decoding's product over Q4_1 decodes each block inside the dot product (AVX-512 or AVX2,
     // each this CPU has checked on its own), or decodes rows then dots them: either way x is
     // not rounded
-    let simds = super::product::Simd::all();
+    let simds = super::simd::Simd::all();
     for (k, m) in [(512, 1), (96, 3), (2048, 2)] {
         let (q, fmt) = quantize(&rand(&[70, k], 3), GgmlDType::Q4_1).unwrap();
         let x = rand(&[m, k], 5);
@@ -233,7 +233,7 @@ fn few_rows_over_nf4_keep_x_in_f32_and_equal_the_decoded_rows() {
         let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
         let w: Vec<u8> = q.flatten_all().unwrap().to_vec1().unwrap();
         let rb = w.len() / 70;
-        for simd in super::product::Simd::all() {
+        for simd in super::simd::Simd::all() {
             let scales = |row: &[u8], out: &mut [f32]| super::nf4::block_scales(row, k, out);
             let y = super::nf4_rows::few_rows_on(
                 simd,
