@@ -13,6 +13,7 @@
 
 use crate::amx::Bf16Kernel;
 use crate::cpu::View;
+pub(crate) use packed_a::PackedA;
 use rayon::prelude::*;
 
 const MR: usize = 8;
@@ -317,49 +318,101 @@ pub(crate) fn mm_bf16_packed_on(
     b: &PackedB,
     par: bool,
 ) {
+    let out = Out { c, ldc: b.n, c0: 0 };
+    mm_bf16_into(kernel, m, out, acc, alpha, Left::View(a), b, par)
+}
+
+/// Where a product's `(m, n)` result goes: columns `c0..c0 + n` of a row-major `c` with `ldc`
+/// values a row (a tile of a wider output, written in place).
+pub(crate) struct Out<'a> {
+    pub c: &'a mut [f32],
+    pub ldc: usize,
+    pub c0: usize,
+}
+
+/// The left operand: a view packed here one k-block at a time, or packed once already (for
+/// several products with the same left operand).
+#[derive(Clone, Copy)]
+pub(crate) enum Left<'a> {
+    View(AView<'a>),
+    Packed(&'a PackedA),
+}
+
+/// `out = [out +] alpha a (m, k) b (k, n)` on `kernel`, into a tile of a wider output.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mm_bf16_into(
+    kernel: Bf16Kernel,
+    m: usize,
+    out: Out,
+    acc: bool,
+    alpha: f32,
+    a: Left,
+    b: &PackedB,
+    par: bool,
+) {
     let (k, n) = (b.k, b.n);
+    let Out { c, ldc, c0 } = out;
     if m == 0 || n == 0 {
         return;
     }
-    assert!(c.len() >= m * n, "bf16 matmul: output too small");
-    if k > 0 {
-        let (rs, cs, len) = a.strides();
-        assert!(
-            (m - 1) * rs + (k - 1) * cs < len,
-            "bf16 matmul: input too small"
-        );
+    assert!(c0 + n <= ldc, "bf16 matmul: output tile past its row");
+    assert!(
+        c.len() >= (m - 1) * ldc + c0 + n,
+        "bf16 matmul: output too small"
+    );
+    let amx = kernel == Bf16Kernel::Amx && crate::amx::available();
+    let mr = if amx { crate::amx::MR } else { MR };
+    match a {
+        Left::View(v) if k > 0 => {
+            let (rs, cs, len) = v.strides();
+            assert!(
+                (m - 1) * rs + (k - 1) * cs < len,
+                "bf16 matmul: input too small"
+            );
+        }
+        Left::Packed(p) => assert!(
+            p.m == m && p.k == k && p.kc == b.kc && p.mr == mr,
+            "bf16 matmul: left operand packed for another product"
+        ),
+        _ => {}
     }
-    let c = &mut c[..m * n];
+    let c = &mut c[..(m - 1) * ldc + c0 + n];
     let kp = b.kp;
     if kp == 0 {
         if !acc {
-            c.iter_mut().for_each(|x| *x = 0.0);
+            c.chunks_mut(ldc).for_each(|row| row[c0..c0 + n].fill(0.0));
         }
         return;
     }
-    let amx = kernel == Bf16Kernel::Amx && crate::amx::available();
-    let mr = if amx { crate::amx::MR } else { MR };
     let panels = m.div_ceil(mr);
     let np = n.div_ceil(NR);
     let kc = b.kc;
-    let mut abuf = Aligned::zeroed(panels * mr * kc.min(kp));
-    let apack = abuf.get_mut();
+    let mut abuf = match a {
+        Left::View(_) => Aligned::zeroed(panels * mr * kc.min(kp)),
+        Left::Packed(_) => Aligned::zeroed(0),
+    };
     for p0 in (0..kp).step_by(kc) {
         let kcp = kc.min(kp - p0);
-        let ap = &mut apack[..panels * mr * kcp];
-        let pack = |(ip, dst): (usize, &mut [u32])| pack_a_panel(a, m, k, ip * mr, p0, kcp, dst);
-        if par {
-            ap.par_chunks_mut(mr * kcp).enumerate().for_each(pack);
-        } else {
-            ap.chunks_mut(mr * kcp).enumerate().for_each(pack);
-        }
-        let ap = &*ap;
+        let ap: &[u32] = match a {
+            Left::View(v) => {
+                let ap = &mut abuf.get_mut()[..panels * mr * kcp];
+                let pack =
+                    |(ip, dst): (usize, &mut [u32])| pack_a_panel(v, m, k, ip * mr, p0, kcp, dst);
+                if par {
+                    ap.par_chunks_mut(mr * kcp).enumerate().for_each(pack);
+                } else {
+                    ap.chunks_mut(mr * kcp).enumerate().for_each(pack);
+                }
+                ap
+            }
+            Left::Packed(p) => p.block(p0, kcp),
+        };
         let add = acc || p0 > 0; // each k-block adds alpha times its part
         let jc = (NC_BYTES / (kcp * 4 * NR)).max(1); // column panels per L2 block
         for jp0 in (0..np).step_by(jc) {
             let jp1 = (jp0 + jc).min(np);
             let tile = |(ip, crows): (usize, &mut [f32])| {
-                let rows = crows.len() / n;
+                let rows = crows.len().div_ceil(ldc);
                 let a_panel = &ap[ip * mr * kcp..(ip + 1) * mr * kcp];
                 let panels =
                     (jp0..jp1).map(|jp| (jp * NR, NR.min(n - jp * NR), b.panel(p0, kcp, jp)));
@@ -369,7 +422,7 @@ pub(crate) fn mm_bf16_packed_on(
                     let mut out = [0f32; crate::amx::MR * NR];
                     for (j0, cols, b_panel) in panels {
                         tiles.micro_16x48(kcp, a_panel, b_panel, &mut out);
-                        store(&out, &mut crows[j0..], n, add, alpha, rows, cols);
+                        store(&out, &mut crows[c0 + j0..], ldc, add, alpha, rows, cols);
                     }
                 } else {
                     for (j0, cols, b_panel) in panels {
@@ -377,8 +430,8 @@ pub(crate) fn mm_bf16_packed_on(
                             kcp,
                             a_panel,
                             b_panel,
-                            &mut crows[j0..],
-                            n,
+                            &mut crows[c0 + j0..],
+                            ldc,
                             add,
                             alpha,
                             rows,
@@ -388,9 +441,9 @@ pub(crate) fn mm_bf16_packed_on(
                 }
             };
             if par {
-                c.par_chunks_mut(mr * n).enumerate().for_each(tile);
+                c.par_chunks_mut(mr * ldc).enumerate().for_each(tile);
             } else {
-                c.chunks_mut(mr * n).enumerate().for_each(tile);
+                c.chunks_mut(mr * ldc).enumerate().for_each(tile);
             }
         }
     }
@@ -542,6 +595,7 @@ pub fn mm_bf16_reference(a: &[f32], b_bits: &[u16], m: usize, n: usize, k: usize
     c
 }
 
+mod packed_a;
 mod rows;
 #[cfg(test)]
 mod tests;

@@ -45,7 +45,7 @@ pub use frozen_linear::frozen_linear;
 pub use head_loss::head_cross_entropy;
 pub use inverse::inverse;
 pub use kernels::{causal_softmax, residual_add, rms_norm, softmax_last_dim, swiglu};
-pub use lora_linear::{lora, lora_linear, low_rank};
+pub use lora_linear::{lora, lora_linear, low_rank, quant_lora};
 pub use loss::{masked_cross_entropy, IGNORE_INDEX};
 pub use nn::{causal_mask, rope_tables};
 pub use paca::paca_linear;

@@ -8,6 +8,7 @@ use crate::cpu::{
     act_in, act_out, act_rows, bf16s, cast, f32s, fast_act_ok, fast_lora_ok, mm_wt, with_last,
 };
 use crate::frozen_linear::Bf16Linear;
+use crate::quant::{self, QFormat};
 use crate::Kernels;
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -143,10 +144,20 @@ pub fn lora_linear(
 /// (n, r, f32) is kept for backward.
 struct LoraFull {
     w: Tensor,
+    /// W as quantized rows (u8 blocks) in this format, products in this arithmetic
+    quant: Option<(QFormat, quant::Mode)>,
     b: Option<Vec<f32>>,
     scale: f64,
     keep_h: bool,
     h: Mutex<Option<Tensor>>,
+}
+
+impl LoraFull {
+    /// W's (out, in): a quantized W's rows hold `in` values in blocks of bytes.
+    fn dims(&self) -> Result<(usize, usize)> {
+        let (out, cols) = self.w.dims2()?;
+        Ok((out, self.quant.map_or(cols, |(fmt, _)| fmt.cols)))
+    }
 }
 
 impl CustomOp3 for LoraFull {
@@ -163,7 +174,7 @@ impl CustomOp3 for LoraFull {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (out, inp) = self.w.dims2()?;
+        let (out, inp) = self.dims()?;
         let r = al.shape().dims2()?.0;
         let n = xl.shape().elem_count() / inp.max(1);
         let x2 = Layout::contiguous_with_offset((n, inp), xl.start_offset());
@@ -175,8 +186,17 @@ impl CustomOp3 for LoraFull {
         let Storage::Cpu(ws) = &*ws else {
             candle_core::bail!("petal-lora: cpu only")
         };
-        let mut y = match ws {
-            CpuStorage::BF16(_) => bf16::linear(act_rows(xs, &x2)?, bf16s(ws, wl)?, out, inp, true),
+        let mut y = match (ws, self.quant) {
+            (CpuStorage::U8(blocks), Some((fmt, mode))) => {
+                let (o1, o2) = wl.contiguous_offsets().ok_or_else(|| {
+                    candle_core::Error::Msg("petal-lora: quantized weight not contiguous".into())
+                })?;
+                // a pass that will take a gradient keeps x in f32 for any number of rows
+                quant::forward_rows(&xf, n, fmt, &blocks[o1..o2], out, mode, self.keep_h)
+            }
+            (CpuStorage::BF16(_), _) => {
+                bf16::linear(act_rows(xs, &x2)?, bf16s(ws, wl)?, out, inp, true)
+            }
             _ => {
                 let mut y = vec![0f32; n * out];
                 let w = f32s(ws, wl)?;
@@ -209,7 +229,7 @@ impl CustomOp3 for LoraFull {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (out, inp) = self.w.dims2()?;
+        let (out, inp) = self.dims()?;
         let n = g.elem_count() / out;
         let h = self
             .h
@@ -227,7 +247,11 @@ impl CustomOp3 for LoraFull {
         let xf = cast(&x.reshape((n, inp))?, DType::F32)?;
         let da = dh.t()?.matmul(&xf)?;
         let dx = if x.track_op() {
-            let dx = (frozen_input_grad(&gf, &self.w)? + dh.matmul(&a)?)?;
+            let base = match self.quant {
+                Some((fmt, mode)) => quant::input_grad_tensor(&gf, &self.w, fmt, mode)?,
+                None => frozen_input_grad(&gf, &self.w)?,
+            };
+            let dx = (base + dh.matmul(&a)?)?;
             Some(cast(&dx, x.dtype())?.reshape(x.shape())?)
         } else {
             None
@@ -264,6 +288,40 @@ pub fn lora(
     }
     let op = LoraFull {
         w: w.clone(),
+        quant: None,
+        b: bias_f32(bias)?,
+        scale,
+        keep_h: x.track_op() || a.track_op() || b.track_op(),
+        h: Mutex::new(None),
+    };
+    x.contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
+/// LoRA without dropout over a quantized base, `x W^T + bias + scale (x A^T) B^T` for W as
+/// quantized rows (u8 blocks) in `fmt`: one op on the CPU that writes the update into the base
+/// product's buffer and keeps x, A, B and `x A^T` (n, r) only; backward decodes W's tiles again
+/// for dx. Composed (`quant_lora_linear` on `x A^T`) where the fused kernels are off or A, B
+/// are not f32.
+#[allow(clippy::too_many_arguments)]
+pub fn quant_lora(
+    k: Kernels,
+    x: &Tensor,
+    w: &Tensor,
+    fmt: QFormat,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let f32_ab = a.dtype() == DType::F32 && b.dtype() == DType::F32;
+    if !(fast_act_ok(k, x) && w.dtype() == DType::U8 && f32_ab) {
+        let h = low_rank(k, x, a)?;
+        return quant::quant_lora_linear(k, x, w, fmt, bias, &h, b, scale);
+    }
+    let op = LoraFull {
+        w: w.clone(),
+        quant: Some((fmt, quant::mode(k))),
         b: bias_f32(bias)?,
         scale,
         keep_h: x.track_op() || a.track_op() || b.track_op(),

@@ -212,3 +212,51 @@ fn bf16_kernel_rate() {
         }
     }
 }
+
+#[test]
+fn a_product_into_a_tile_of_a_wider_output_from_a_left_operand_packed_once_equals_the_plain_one() {
+    for kernel in kernels_here() {
+        for (m, n, k) in [(37, 50, 70), (16, 96, 513)] {
+            let a = data(m * k, 1);
+            let b: Vec<u16> = data(k * n, 2).into_iter().map(to_bf16).collect();
+            let packed = PackedB::new(
+                k,
+                n,
+                BView {
+                    x: &b,
+                    rs: n,
+                    cs: 1,
+                },
+                true,
+            );
+            let mut plain = vec![0f32; m * n];
+            let av = rows(&a, k).into();
+            mm_bf16_packed_on(kernel, m, &mut plain, false, 1.0, av, &packed, true);
+            let pa = PackedA::new(kernel, av, m, k, true);
+            let (ldc, c0) = (n + 13, 5);
+            for acc in [false, true] {
+                let mut wide = vec![7f32; m * ldc];
+                let out = Out {
+                    c: &mut wide,
+                    ldc,
+                    c0,
+                };
+                mm_bf16_into(kernel, m, out, acc, 1.0, Left::Packed(&pa), &packed, true);
+                for (i, row) in wide.chunks(ldc).enumerate() {
+                    for (j, &v) in row.iter().enumerate() {
+                        let want = match (c0..c0 + n).contains(&j) {
+                            true => plain[i * n + j - c0] + if acc { 7.0 } else { 0.0 },
+                            false => 7.0, // outside the tile: untouched
+                        };
+                        // adding to c sums in another order: within rounding
+                        let tol = if acc { 1e-6 * (1.0 + want.abs()) } else { 0.0 };
+                        assert!(
+                            (v - want).abs() <= tol,
+                            "{kernel:?} ({m},{n},{k}) acc {acc} at ({i},{j}): {v} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

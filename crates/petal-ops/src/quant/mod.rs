@@ -25,7 +25,9 @@ mod simd;
 mod tests;
 
 pub use product::arithmetic;
-pub(crate) use product::{forward_into, input_grad_into, mode, Mode};
+pub(crate) use product::{
+    forward_into, forward_rows, input_grad_into, input_grad_tensor, mode, Mode,
+};
 pub use product::{quant_input_grad, quant_linear, quant_linear_reference, quant_lora_linear};
 
 pub use candle_core::quantized::GgmlDType;

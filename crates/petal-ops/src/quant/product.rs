@@ -3,6 +3,7 @@
 //! and LoRA over a quantized linear as one node.
 
 use super::{dequantize, dequantize_par, dequantize_rows, QFormat};
+use crate::bf16::{Left, Out};
 use crate::cpu::{f32s, mm, rows, with_last, View};
 use crate::Kernels;
 use candle_core::backend::BackendStorage;
@@ -113,13 +114,26 @@ fn tile_rows(k: usize) -> usize {
 /// `y (m, n) = x (m, k) W^T`, W given as `n` quantized rows; `exact` keeps x in f32 for any
 /// number of rows (a pass that will take a gradient).
 fn forward(x: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize, op: &QLinear) -> Vec<f32> {
-    if !op.exact && crate::skinny::takes(m) {
+    forward_rows(x, m, fmt, w, n, op.mode, op.exact)
+}
+
+/// `forward` for a caller that holds the mode and exactness itself (the fused LoRA op).
+pub(crate) fn forward_rows(
+    x: &[f32],
+    m: usize,
+    fmt: QFormat,
+    w: &[u8],
+    n: usize,
+    mode: Mode,
+    exact: bool,
+) -> Vec<f32> {
+    if !exact && crate::skinny::takes(m) {
         if let Some(y) = fmt.q.few_rows(x, m, fmt.cols, w, n) {
             return y;
         }
     }
     let mut y = vec![0f32; m * n];
-    forward_into(x, m, fmt, w, n, &mut y, op.mode);
+    forward_into(x, m, fmt, w, n, &mut y, mode);
     y
 }
 
@@ -192,7 +206,7 @@ impl Tiles {
         t
     }
 
-    /// bf16 mode: `c (m, n) = [c +] a (m, k) T` for the tile `T` of `r` rows of `blocks`
+    /// bf16 mode: `out (m, n) = [out +] a (m, k) T` for the tile `T` of `r` rows of `blocks`
     /// (`transposed`: T^T, the forward), each row decoded once straight into the kernel's
     /// packed form.
     #[allow(clippy::too_many_arguments)]
@@ -203,16 +217,17 @@ impl Tiles {
         r: usize,
         transposed: bool,
         m: usize,
-        c: &mut [f32],
+        out: Out,
         acc: bool,
-        a: View,
+        a: Left,
     ) {
         let rb = fmt.row_bytes();
         let words = std::mem::take(&mut self.packed);
         let b = crate::bf16::PackedB::from_rows(r, fmt.cols, transposed, words, |i, out| {
             dequantize_rows(fmt, &blocks[i * rb..(i + 1) * rb], out)
         });
-        crate::bf16::mm_bf16_packed(m, c, acc, 1.0, a.into(), &b, true);
+        let kernel = crate::amx::Bf16Kernel::chosen();
+        crate::bf16::mm_bf16_into(kernel, m, out, acc, 1.0, a, &b, true);
         self.packed = b.into_words();
     }
 
@@ -290,6 +305,23 @@ pub(crate) fn forward_into(
     }
     let tr = tile_rows(k);
     let mut tile = Tiles::new(tr, k, mode);
+    if mode == Mode::Bf16 {
+        // x packed once for every tile; each tile's product written in place into y
+        let kernel = crate::amx::Bf16Kernel::chosen();
+        let xa = crate::bf16::PackedA::new(kernel, rows(x, k).into(), m, k, true);
+        for o0 in (0..n).step_by(tr) {
+            let r = tr.min(n - o0);
+            let blocks = &w[o0 * rb..(o0 + r) * rb];
+            let out = Out {
+                c: y,
+                ldc: n,
+                c0: o0,
+            };
+            tile.packed_product(fmt, blocks, r, true, m, out, false, Left::Packed(&xa));
+        }
+        tile.done();
+        return;
+    }
     let mut part = std::mem::take(&mut tile.part);
     if part.len() < m * tr {
         part.resize(m * tr, 0.0);
@@ -298,21 +330,8 @@ pub(crate) fn forward_into(
         let r = tr.min(n - o0);
         let blocks = &w[o0 * rb..(o0 + r) * rb];
         // part (m, r) = x (m, k) tile^T (k, r)
-        if mode == Mode::Bf16 {
-            tile.packed_product(
-                fmt,
-                blocks,
-                r,
-                true,
-                m,
-                &mut part[..m * r],
-                false,
-                rows(x, k),
-            );
-        } else {
-            tile.decode(fmt, blocks, r);
-            tile.product(m, r, k, &mut part[..m * r], false, rows(x, k), 1, k, r * k);
-        }
+        tile.decode(fmt, blocks, r);
+        tile.product(m, r, k, &mut part[..m * r], false, rows(x, k), 1, k, r * k);
         y.par_chunks_mut(n)
             .zip(part.par_chunks(r))
             .for_each(|(y, p)| y[o0..o0 + r].copy_from_slice(p));
@@ -351,7 +370,12 @@ pub(crate) fn input_grad_into(
             cs: 1,
         };
         if mode == Mode::Bf16 {
-            tile.packed_product(fmt, blocks, r, false, m, dx, o0 > 0, gv);
+            let out = Out {
+                c: dx,
+                ldc: k,
+                c0: 0,
+            };
+            tile.packed_product(fmt, blocks, r, false, m, out, o0 > 0, Left::View(gv.into()));
         } else {
             tile.decode(fmt, blocks, r);
             tile.product(m, k, r, dx, o0 > 0, gv, k, 1, r * k);
@@ -479,11 +503,21 @@ fn quant_linear_with(
 
 /// `dx = g W` for the output gradient `g (.., rows)` of a quantized `w`: no graph node.
 pub fn quant_input_grad(k: Kernels, g: &Tensor, w: &Tensor, fmt: QFormat) -> Result<Tensor> {
+    input_grad_tensor(g, w, fmt, mode(k))
+}
+
+/// `quant_input_grad` in the given arithmetic (a fused op that resolved it at its forward).
+pub(crate) fn input_grad_tensor(
+    g: &Tensor,
+    w: &Tensor,
+    fmt: QFormat,
+    mode: Mode,
+) -> Result<Tensor> {
     let op = QLinear {
         fmt,
         transposed: true,
         exact: true,
-        mode: mode(k),
+        mode,
     };
     g.to_dtype(DType::F32)?
         .contiguous()?

@@ -517,3 +517,23 @@ fn gptq_equals_the_official_algorithm_and_beats_round_to_nearest() {
     );
     assert!(e.unwrap_err().contains("groups of 100"));
 }
+
+#[test]
+fn fused_quant_lora_equals_the_composed_form_in_value_and_every_gradient() {
+    // f32 tile products, so the fused op and the composed one differ by summation order only
+    let k = Kernels::FUSED.with_frozen(crate::Frozen::F32);
+    for (dt, m) in [(GgmlDType::Q5K, 3), (GgmlDType::Q4_1, 37)] {
+        let (q, fmt) = quantize(&rand(&[40, 256], 3), dt).unwrap();
+        let bias = rand(&[40], 8);
+        crate::testing::same(
+            &[rand(&[m, 256], 5), rand(&[4, 256], 6), rand(&[40, 4], 7)],
+            |t| crate::quant_lora(k, &t[0], &q, fmt, Some(&bias), &t[1], &t[2], 0.5).unwrap(),
+            |t| {
+                let base = quant_linear_reference(&t[0], &q, fmt, Some(&bias)).unwrap();
+                let h = t[0].matmul(&t[1].t().unwrap()).unwrap();
+                let up = h.matmul(&t[2].t().unwrap()).unwrap();
+                (base + (up * 0.5).unwrap()).unwrap()
+            },
+        );
+    }
+}

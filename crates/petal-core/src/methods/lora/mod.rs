@@ -369,9 +369,14 @@ impl AdapterLayer for LoraLayer {
             return None;
         }
         let run = || -> Result<Tensor> {
-            let h = self.low(x, ctx)?;
             let (lb, s) = (self.b.as_tensor(), self.scaling);
             let k = ctx.kernels();
+            if !(ctx.is_train() && self.dropout > 0.0) {
+                // one op keeping x, A and B only (the update written into the base's buffer)
+                let la = self.a.as_tensor();
+                return Ok(petal_ops::quant_lora(k, x, w, fmt, b, la, lb, s)?);
+            }
+            let h = self.low(x, ctx)?;
             Ok(petal_ops::quant::quant_lora_linear(
                 k, x, w, fmt, b, &h, lb, s,
             )?)
