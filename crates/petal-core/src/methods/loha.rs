@@ -128,12 +128,48 @@ impl AdapterMethod for Loha {
 }
 
 impl LohaLayer {
-    /// dW (out, in) in f32.
+    /// dW (out, in) in f32, as one graph node that keeps the four factors only: its backward
+    /// forms W1a W1b and W2a W2b again, as PEFT's `HadaWeight` does (composed from candle ops,
+    /// the two products and their Hadamard product stayed alive from a step's forward to its
+    /// backward: three full-size matrices a module).
     fn delta(&self) -> Result<Tensor> {
-        let p1 = self.w1a.as_tensor().matmul(self.w1b.as_tensor())?;
-        let p2 = self.w2a.as_tensor().matmul(self.w2b.as_tensor())?;
-        Ok(((p1 * p2)? * self.scaling)?)
+        let r = self.w1a.dim(1)?;
+        let a = Tensor::cat(&[self.w1a.as_tensor(), self.w2a.as_tensor()], 1)?; // (out, 2r)
+        let b = Tensor::cat(&[self.w1b.as_tensor(), self.w2b.as_tensor()], 0)?; // (2r, in)
+        let s = self.scaling;
+        Ok(petal_ops::lean::lean2(
+            [&a, &b],
+            |[a, b]| {
+                let [p1, p2] = hada_products(a, b, r)?;
+                (p1 * p2)? * s
+            },
+            move |[a, b], need, _, g| {
+                let [p1, p2] = hada_products(a, b, r)?;
+                let g = (g.to_dtype(a.dtype())? * s)?;
+                // the gradients of the two products
+                let (g1, g2) = ((&g * &p2)?, (&g * &p1)?);
+                let (a1, a2) = (a.narrow(1, 0, r)?, a.narrow(1, r, r)?);
+                let (b1, b2) = (b.narrow(0, 0, r)?, b.narrow(0, r, r)?);
+                let da = need[0]
+                    .then(|| Tensor::cat(&[g1.matmul(&b1.t()?)?, g2.matmul(&b2.t()?)?], 1))
+                    .transpose()?;
+                let db = need[1]
+                    .then(|| Tensor::cat(&[a1.t()?.matmul(&g1)?, a2.t()?.matmul(&g2)?], 0))
+                    .transpose()?;
+                Ok([da, db])
+            },
+        )?)
     }
+}
+
+/// `[W1a W1b, W2a W2b]` from the factors stacked as `a = [W1a | W2a]` (out, 2r) and
+/// `b = [W1b; W2b]` (2r, in).
+fn hada_products(a: &Tensor, b: &Tensor, r: usize) -> candle_core::Result<[Tensor; 2]> {
+    let product = |i: usize| {
+        let ai = a.narrow(1, i * r, r)?.contiguous()?;
+        ai.matmul(&b.narrow(0, i * r, r)?.contiguous()?)
+    };
+    Ok([product(0)?, product(1)?])
 }
 
 impl AdapterLayer for LohaLayer {
@@ -179,6 +215,47 @@ impl AdapterLayer for LohaLayer {
                 var: &self.w2b,
             },
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use petal_ops::testing::{max_rel, projected_grads, rand};
+
+    #[test]
+    fn the_one_node_update_equals_the_composed_products_in_value_and_every_factor_gradient() {
+        let vars: Vec<Var> = [(7, 3), (3, 5), (7, 3), (3, 5)]
+            .iter()
+            .enumerate()
+            .map(|(i, &(a, b))| Var::from_tensor(&rand(&[a, b], i as u64 + 1)).unwrap())
+            .collect();
+        let layer = LohaLayer {
+            w1a: vars[0].clone(),
+            w1b: vars[1].clone(),
+            w2a: vars[2].clone(),
+            w2b: vars[3].clone(),
+            scaling: 1.5,
+            drop: LycorisDropout {
+                rank: 0.0,
+                module: 0.0,
+                scale: true,
+            },
+        };
+        let t: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+        let composed =
+            ((t[0].matmul(t[1]).unwrap() * t[2].matmul(t[3]).unwrap()).unwrap() * 1.5).unwrap();
+        let lean = layer.delta().unwrap();
+        assert!(max_rel(&lean, &composed) < 1e-6);
+        let proj = rand(&[7, 5], 9);
+        let (gl, gc) = (
+            projected_grads(&lean, &proj),
+            projected_grads(&composed, &proj),
+        );
+        for (i, v) in t.iter().enumerate() {
+            let (l, c) = (gl.get(v).unwrap(), gc.get(v).unwrap());
+            assert!(max_rel(l, c) < 1e-5, "factor {i}: {}", max_rel(l, c));
+        }
     }
 }
 
