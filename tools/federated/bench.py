@@ -85,11 +85,28 @@ def seeded(config, seed):
     return config if seed == 0 else f"{config}-seed{seed}"
 
 
+# the CPU of the runs kept before each run recorded its own
+EARLIER_CPU = "AMD EPYC"
+
+
+def cpus_of(runs):
+    """The CPUs of the kept runs, in order of first appearance, and each one's letter ('' when
+    every run used the same CPU)."""
+    cpus = list(dict.fromkeys(rs[-1].get("cpu", EARLIER_CPU) for rs in runs.values()))
+    return cpus, {c: "" if len(cpus) == 1 else chr(ord("a") + i) for i, c in enumerate(cpus)}
+
+
 def wall(rs):
     """A run's wall time, with the engine when it was not the Deployment Engine (the simulation
     runs one client at a time, about 3x faster here: docs/federated/engines.md)."""
     engine = rs[-1].get("engine", "deployment")
     return f"{rs[-1]['seconds'] / 60:.1f} min" + ("" if engine == "deployment" else f" ({engine})")
+
+
+def letter(mark, rs):
+    """' (a)': the letter of a run's CPU where the kept runs used several."""
+    m = mark[rs[-1].get("cpu", EARLIER_CPU)]
+    return f" ({m})" if m else ""
 
 
 def run_config(name, cmd, work, dest, **fields):
@@ -99,7 +116,7 @@ def run_config(name, cmd, work, dest, **fields):
     subprocess.run(cmd, check=True)
     rows = [json.loads(l) for l in (work / "rounds.jsonl").read_text().splitlines()]
     for row in rows:
-        row.update(config=name, **fields)
+        row.update(config=name, cpu=cpu_name(), **fields)
     tmp = dest.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
     os.replace(tmp, dest)
@@ -117,7 +134,11 @@ def report(a, out):
     start = min(rs[0]["eval_loss"] for rs in runs.values())
     best = max(min(r["eval_loss"] for r in rs) for rs in runs.values())
     target = start - 0.8 * (start - best)  # 80% of the smallest improvement any run made
-    cpu = cpu_name()
+    cpus, mark = cpus_of(runs)
+    if len(cpus) == 1:
+        cpu = cpus[0]
+    else:  # each wall time carries its CPU's letter
+        cpu = "; ".join(f"({mark[c]}) {c}" for c in cpus)
     lines = ["| configuration | rounds | held-out loss, round 0 -> last | rounds to "
              f"{target:.4f} | bytes per round (both ways, mean) | wall time | simulated time "
              "(to target) |", "|---|---|---|---|---|---|---|"]
@@ -130,7 +151,7 @@ def report(a, out):
             sim = f"{rs[-1]['sim_seconds']:.0f} s ({to})"
         lines.append(f"| {name} | {len(rs) - 1} | {rs[0]['eval_loss']:.4f} -> {rs[-1]['eval_loss']:.4f} | "
                      f"{hit['round'] if hit else 'not reached'} | {per_round / 1e6:.2f} MB | "
-                     f"{wall(rs)} | {sim} |")
+                     f"{wall(rs)}{letter(mark, rs)} | {sim} |")
     text = (f"8 clients (one work each: {', '.join(WORKS)}), SmolLM2-135M, held-out: Hamlet "
             f"(32 x 64 tokens). CPU: {cpu}, {os.cpu_count()} threads; all processes on this machine. "
             f"Simulated time (LEGEND's runs): each round lasts as long as its slowest client's measured "
