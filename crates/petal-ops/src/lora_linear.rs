@@ -286,9 +286,22 @@ pub fn lora(
             move |[x, a, b], need, _, dy| lora_backward([x, &wc, a, b], scale, dy, need),
         );
     }
+    lora_full(x, w, None, bias, a, b, scale)
+}
+
+/// The `LoraFull` op on x, A, B for W (quantized rows where `quant` says so).
+fn lora_full(
+    x: &Tensor,
+    w: &Tensor,
+    quant: Option<(QFormat, quant::Mode)>,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     let op = LoraFull {
         w: w.clone(),
-        quant: None,
+        quant,
         b: bias_f32(bias)?,
         scale,
         keep_h: x.track_op() || a.track_op() || b.track_op(),
@@ -319,16 +332,7 @@ pub fn quant_lora(
         let h = low_rank(k, x, a)?;
         return quant::quant_lora_linear(k, x, w, fmt, bias, &h, b, scale);
     }
-    let op = LoraFull {
-        w: w.clone(),
-        quant: Some((fmt, quant::mode(k))),
-        b: bias_f32(bias)?,
-        scale,
-        keep_h: x.track_op() || a.track_op() || b.track_op(),
-        h: Mutex::new(None),
-    };
-    x.contiguous()?
-        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+    lora_full(x, w, Some((fmt, quant::mode(k))), bias, a, b, scale)
 }
 
 /// `x A^T` as (n, r) f32 for `x (.., in)` in f32 or bf16 and an f32 `A (r, in)`: LoRA's down

@@ -5,6 +5,21 @@ fn data(len: usize, seed: u64) -> Vec<f32> {
     crate::testing::rand(&[len], seed).to_vec1().unwrap()
 }
 
+/// A random bf16 `b (k, n)`, row-major, packed.
+fn random_packed(k: usize, n: usize) -> PackedB {
+    let b: Vec<u16> = data(k * n, 2).into_iter().map(to_bf16).collect();
+    PackedB::new(
+        k,
+        n,
+        BView {
+            x: &b,
+            rs: n,
+            cs: 1,
+        },
+        true,
+    )
+}
+
 fn check(m: usize, n: usize, k: usize, acc: bool, alpha: f32, transposed_b: bool, par: bool) {
     let a = data(m * k, 1);
     let b: Vec<u16> = data(k * n, 2).into_iter().map(to_bf16).collect();
@@ -217,18 +232,7 @@ fn bf16_kernel_rate() {
 fn a_product_into_a_tile_of_a_wider_output_from_a_left_operand_packed_once_equals_the_plain_one() {
     for kernel in kernels_here() {
         for (m, n, k) in [(37, 50, 70), (16, 96, 513)] {
-            let a = data(m * k, 1);
-            let b: Vec<u16> = data(k * n, 2).into_iter().map(to_bf16).collect();
-            let packed = PackedB::new(
-                k,
-                n,
-                BView {
-                    x: &b,
-                    rs: n,
-                    cs: 1,
-                },
-                true,
-            );
+            let (a, packed) = (data(m * k, 1), random_packed(k, n));
             let mut plain = vec![0f32; m * n];
             let av = rows(&a, k).into();
             mm_bf16_packed_on(kernel, m, &mut plain, false, 1.0, av, &packed, true);
