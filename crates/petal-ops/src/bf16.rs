@@ -13,7 +13,7 @@
 
 use crate::amx::Bf16Kernel;
 use crate::cpu::View;
-pub(crate) use packed_a::PackedA;
+pub(crate) use packed_a::{Left, Out, PackedA};
 use rayon::prelude::*;
 
 const MR: usize = 8;
@@ -320,22 +320,6 @@ pub(crate) fn mm_bf16_packed_on(
 ) {
     let out = Out { c, ldc: b.n, c0: 0 };
     mm_bf16_into(kernel, m, out, acc, alpha, Left::View(a), b, par)
-}
-
-/// Where a product's `(m, n)` result goes: columns `c0..c0 + n` of a row-major `c` with `ldc`
-/// values a row (a tile of a wider output, written in place).
-pub(crate) struct Out<'a> {
-    pub c: &'a mut [f32],
-    pub ldc: usize,
-    pub c0: usize,
-}
-
-/// The left operand: a view packed here one k-block at a time, or packed once already (for
-/// several products with the same left operand).
-#[derive(Clone, Copy)]
-pub(crate) enum Left<'a> {
-    View(AView<'a>),
-    Packed(&'a PackedA),
 }
 
 /// `out = [out +] alpha a (m, k) b (k, n)` on `kernel`, into a tile of a wider output.

@@ -140,16 +140,15 @@ impl LohaLayer {
         Ok(petal_ops::lean::lean2(
             [&a, &b],
             |[a, b]| {
-                let [p1, p2] = hada_products(a, b, r)?;
-                (p1 * p2)? * s
+                let [a1, b1, a2, b2] = halves(a, b, r)?;
+                (a1.matmul(&b1)? * a2.matmul(&b2)?)? * s
             },
             move |[a, b], need, _, g| {
-                let [p1, p2] = hada_products(a, b, r)?;
+                let [a1, b1, a2, b2] = halves(a, b, r)?;
+                let (p1, p2) = (a1.matmul(&b1)?, a2.matmul(&b2)?);
                 let g = (g.to_dtype(a.dtype())? * s)?;
                 // the gradients of the two products
                 let (g1, g2) = ((&g * &p2)?, (&g * &p1)?);
-                let (a1, a2) = (a.narrow(1, 0, r)?, a.narrow(1, r, r)?);
-                let (b1, b2) = (b.narrow(0, 0, r)?, b.narrow(0, r, r)?);
                 let da = need[0]
                     .then(|| Tensor::cat(&[g1.matmul(&b1.t()?)?, g2.matmul(&b2.t()?)?], 1))
                     .transpose()?;
@@ -162,14 +161,14 @@ impl LohaLayer {
     }
 }
 
-/// `[W1a W1b, W2a W2b]` from the factors stacked as `a = [W1a | W2a]` (out, 2r) and
-/// `b = [W1b; W2b]` (2r, in).
-fn hada_products(a: &Tensor, b: &Tensor, r: usize) -> candle_core::Result<[Tensor; 2]> {
-    let product = |i: usize| {
-        let ai = a.narrow(1, i * r, r)?.contiguous()?;
-        ai.matmul(&b.narrow(0, i * r, r)?.contiguous()?)
-    };
-    Ok([product(0)?, product(1)?])
+/// `[W1a, W1b, W2a, W2b]` (contiguous) from the factors stacked as `a = [W1a | W2a]` (out, 2r)
+/// and `b = [W1b; W2b]` (2r, in).
+fn halves(a: &Tensor, b: &Tensor, r: usize) -> candle_core::Result<[Tensor; 4]> {
+    let (a, b) = (
+        |i| a.narrow(1, i * r, r)?.contiguous(),
+        |i| b.narrow(0, i * r, r)?.contiguous(),
+    );
+    Ok([a(0)?, b(0)?, a(1)?, b(1)?])
 }
 
 impl AdapterLayer for LohaLayer {

@@ -1,10 +1,27 @@
-//! The left operand of several bf16 products packed once: every k-block's row panels, in the
-//! order `mm_bf16_into` reads them (the forward over a quantized weight multiplies the same x
-//! by each tile of W; packing x again for every tile rounded and moved all of it each time).
+//! The operands of `mm_bf16_into` beyond `mm_bf16_packed`'s: a left operand packed once for
+//! several products, every k-block's row panels in the order the kernel reads them (the forward
+//! over a quantized weight multiplies the same x by each tile of W; packing x again for every
+//! tile rounded and moved all of it each time), and an output that is a tile of a wider one.
 
 use super::{kc_here, pack_a_panel, AView, Aligned, MR};
 use crate::amx::Bf16Kernel;
 use rayon::prelude::*;
+
+/// Where a product's `(m, n)` result goes: columns `c0..c0 + n` of a row-major `c` with `ldc`
+/// values a row (a tile of a wider output, written in place).
+pub(crate) struct Out<'a> {
+    pub c: &'a mut [f32],
+    pub ldc: usize,
+    pub c0: usize,
+}
+
+/// The left operand: a view packed one k-block at a time as the product runs, or packed once
+/// already (for several products with the same left operand).
+#[derive(Clone, Copy)]
+pub(crate) enum Left<'a> {
+    View(AView<'a>),
+    Packed(&'a PackedA),
+}
 
 pub(crate) struct PackedA {
     pub(super) m: usize,

@@ -111,13 +111,8 @@ fn tile_rows(k: usize) -> usize {
     ((1 << 21) / k.max(1)).clamp(128, 2048)
 }
 
-/// `y (m, n) = x (m, k) W^T`, W given as `n` quantized rows; `exact` keeps x in f32 for any
-/// number of rows (a pass that will take a gradient).
-fn forward(x: &[f32], m: usize, fmt: QFormat, w: &[u8], n: usize, op: &QLinear) -> Vec<f32> {
-    forward_rows(x, m, fmt, w, n, op.mode, op.exact)
-}
-
-/// `forward` for a caller that holds the mode and exactness itself (the fused LoRA op).
+/// `y (m, n) = x (m, k) W^T`, W given as `n` quantized rows, tile products in `mode`; `exact`
+/// keeps x in f32 for any number of rows (a pass that will take a gradient).
 pub(crate) fn forward_rows(
     x: &[f32],
     m: usize,
@@ -435,7 +430,7 @@ impl CustomOp2 for QLinear {
         let w = &w[o1..o2];
         let m = x.len() / k_in.max(1);
         let y = match self.transposed {
-            false => forward(x, m, self.fmt, w, n, self),
+            false => forward_rows(x, m, self.fmt, w, n, self.mode, self.exact),
             true => input_grad(x, m, self.fmt, w, n, self.mode),
         };
         Ok((CpuStorage::F32(y), with_last(xl.dims(), k_out)))
