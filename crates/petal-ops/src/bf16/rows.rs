@@ -39,24 +39,38 @@ impl PackedB {
         let out = Out(words.get_mut().as_mut_ptr());
         let out = &out;
         if transposed {
-            // a task per panel of NR columns: each column is one row, its pairs adjacent
-            (0..np).into_par_iter().for_each(|jp| {
-                let (mut f, mut pairs) = (vec![0f32; cols], vec![0u32; kp]);
-                for jj in 0..NR {
-                    if jp * NR + jj < rows {
-                        row(jp * NR + jj, &mut f);
-                        cvt_row(&f, &mut pairs);
-                    } else {
-                        pairs.fill(0);
-                    }
-                    for (p0, kcp, w0) in blocks(jp) {
-                        for (p, &w) in pairs[p0..p0 + kcp].iter().enumerate() {
-                            // SAFETY: inside `words`; this task alone writes column jp * NR + jj.
-                            unsafe { *out.0.add(w0 + p * NR + jj) = w };
+            // a task per group of G columns (rows of W) of a panel: the group decoded into
+            // pairs, then written a whole cache line (G words) per pair into each k-block
+            // (each row's pairs written alone across the panel touched every line G times,
+            // far outside L1 for wide rows); groups, not panels, so that a tile of a few
+            // panels still shares out evenly
+            const G: usize = 16;
+            const _: () = assert!(crate::amx::PAIRS == G && NR.is_multiple_of(G));
+            (0..np * NR / G).into_par_iter().for_each_init(
+                || (vec![0f32; cols], vec![0u32; G * kp]),
+                |(f, strip), t| {
+                    let (jp, g0) = (t * G / NR, t * G % NR);
+                    for (jj, pairs) in strip.chunks_exact_mut(kp).enumerate() {
+                        let c = jp * NR + g0 + jj;
+                        if c < rows {
+                            row(c, f);
+                            cvt_row(f, pairs);
+                        } else {
+                            pairs.fill(0);
                         }
                     }
-                }
-            });
+                    for (p0, kcp, w0) in blocks(jp) {
+                        // kcp is a whole number of G-pair blocks (k-blocks of PAIRS pairs)
+                        for p in (0..kcp).step_by(G) {
+                            // SAFETY: inside `strip` (p0 + p + G <= kp) and `words`; this task
+                            // alone writes these G columns.
+                            unsafe {
+                                transpose(&strip[p0 + p..], kp, out.0.add(w0 + p * NR + g0), NR)
+                            };
+                        }
+                    }
+                },
+            );
         } else {
             // a task per few pairs: rows 2p and 2p + 1 interleaved, NR words at a time
             (0..kp).into_par_iter().with_min_len(4).for_each_init(
@@ -96,5 +110,25 @@ impl PackedB {
     /// The packed words, for reuse by the next `from_rows`.
     pub fn into_words(self) -> Vec<u32> {
         self.words.v
+    }
+}
+
+/// `dst[j * ld + i] = src[i * ls + j]` for i, j < 16 (a block of 16 rows' pairs written as 16
+/// pairs of 16 columns each).
+///
+/// # Safety
+/// `src` holds `15 * ls + 16` words; `dst` is writable at `j * ld + i` for i, j < 16.
+unsafe fn transpose(src: &[u32], ls: usize, dst: *mut u32, ld: usize) {
+    debug_assert!(src.len() >= 15 * ls + 16);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX512F (checked above); the bounds are the caller's.
+        return unsafe { super::x86::transpose16(src.as_ptr(), ls, dst, ld) };
+    }
+    for j in 0..16 {
+        for i in 0..16 {
+            // SAFETY: the caller's bounds.
+            unsafe { *dst.add(j * ld + i) = src[i * ls + j] };
+        }
     }
 }

@@ -125,8 +125,14 @@ fn bf16_matmul_reads_a_transposed_input_view() {
 #[test]
 fn packing_rows_one_at_a_time_gives_the_words_of_packing_the_matrix() {
     // a (rows, cols) matrix, packed from its rows (as a quantized tile is decoded) and from
-    // its view, both ways round; odd sizes leave half pairs and partial panels
-    let (rows_n, cols_n) = (53, 37);
+    // its view, both ways round; odd sizes leave half pairs and partial panels, 601 columns
+    // several k-blocks
+    for (rows_n, cols_n) in [(53, 37), (53, 601), (601, 37)] {
+        packed_from_rows(rows_n, cols_n);
+    }
+}
+
+fn packed_from_rows(rows_n: usize, cols_n: usize) {
     let w = data(rows_n * cols_n, 7);
     let bits: Vec<u16> = w.iter().map(|&x| to_bf16(x)).collect();
     let row = |i: usize, out: &mut [f32]| out.copy_from_slice(&w[i * cols_n..(i + 1) * cols_n]);

@@ -81,3 +81,47 @@ pub(super) unsafe fn micro(
         }
     }
 }
+
+/// `dst[j * ld + i] = src[i * ls + j]` for i, j < 16: a 16 x 16 block of words transposed in
+/// registers (32-bit, then 64-bit interleaves within 128-bit lanes, then two lane shuffles).
+///
+/// # Safety
+/// `src` readable at `i * ls + j` and `dst` writable at `j * ld + i` for i, j < 16.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn transpose16(src: *const u32, ls: usize, dst: *mut u32, ld: usize) {
+    let mut a = [_mm512_setzero_si512(); 16];
+    for (i, r) in a.iter_mut().enumerate() {
+        *r = _mm512_loadu_si512(src.add(i * ls) as *const _);
+    }
+    // t: rows 2k, 2k + 1 interleaved by words
+    let mut t = [_mm512_setzero_si512(); 16];
+    for k in 0..8 {
+        t[2 * k] = _mm512_unpacklo_epi32(a[2 * k], a[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_epi32(a[2 * k], a[2 * k + 1]);
+    }
+    // u[4g + c], lane l: rows 4g..4g + 4 of column 4l + c
+    let mut u = [_mm512_setzero_si512(); 16];
+    for g in 0..4 {
+        let b = 4 * g;
+        u[b] = _mm512_unpacklo_epi64(t[b], t[b + 2]);
+        u[b + 1] = _mm512_unpackhi_epi64(t[b], t[b + 2]);
+        u[b + 2] = _mm512_unpacklo_epi64(t[b + 1], t[b + 3]);
+        u[b + 3] = _mm512_unpackhi_epi64(t[b + 1], t[b + 3]);
+    }
+    // column 4l + c: lane l of u[c], u[4 + c], u[8 + c], u[12 + c]
+    for c in 0..4 {
+        let v0 = _mm512_shuffle_i32x4::<0x44>(u[c], u[4 + c]);
+        let v1 = _mm512_shuffle_i32x4::<0xEE>(u[c], u[4 + c]);
+        let v2 = _mm512_shuffle_i32x4::<0x44>(u[8 + c], u[12 + c]);
+        let v3 = _mm512_shuffle_i32x4::<0xEE>(u[8 + c], u[12 + c]);
+        let cols = [
+            _mm512_shuffle_i32x4::<0x88>(v0, v2),
+            _mm512_shuffle_i32x4::<0xDD>(v0, v2),
+            _mm512_shuffle_i32x4::<0x88>(v1, v3),
+            _mm512_shuffle_i32x4::<0xDD>(v1, v3),
+        ];
+        for (l, col) in cols.iter().enumerate() {
+            _mm512_storeu_si512(dst.add((4 * l + c) * ld) as *mut _, *col);
+        }
+    }
+}

@@ -23,12 +23,12 @@ mod q4_1_rows;
 mod simd;
 #[cfg(test)]
 mod tests;
+mod tiles;
 
 pub use product::arithmetic;
-pub(crate) use product::{
-    forward_into, forward_rows, input_grad_into, input_grad_tensor, mode, Mode,
-};
+pub(crate) use product::{forward_rows, input_grad_tensor, mode, Mode};
 pub use product::{quant_input_grad, quant_linear, quant_linear_reference, quant_lora_linear};
+pub(crate) use tiles::{forward_into, input_grad_into};
 
 pub use candle_core::quantized::GgmlDType;
 pub use int4::{Int4, Int4Ordered, INT4, INT4_G32, INT4_G64};
@@ -79,6 +79,12 @@ pub trait Quantizer: Send + Sync {
         _w: &[u8],
         _n: usize,
     ) -> Option<Vec<f32>> {
+        None
+    }
+    /// Bytes of one block where a row is its blocks alone, each holding its own scales (GGUF's
+    /// types): then columns `c0..c1` on block boundaries decode from bytes `c0 / block_size *
+    /// block_bytes ..` of the row on their own. None where a row keeps other statistics.
+    fn block_bytes(&self) -> Option<usize> {
         None
     }
     /// Whether `--quantize` with it also quantizes the token embedding and output head
@@ -149,6 +155,10 @@ impl Quantizer for Ggml {
 
     fn decode(&self, _cols: usize, bytes: &[u8], out: &mut [f32]) {
         ggml_decode(self.0, bytes, out)
+    }
+
+    fn block_bytes(&self) -> Option<usize> {
+        Some(self.0.type_size())
     }
 
     fn encode(&self, _cols: usize, w: &[f32]) -> Vec<u8> {

@@ -125,9 +125,14 @@ fn bf16_tiles_equal_f32_products_of_bf16_rounded_operands() {
             .unwrap()
     };
     let tol = if crate::bf16::available() { 1e-5 } else { 1e-2 };
-    for t in [GgmlDType::Q4_1, GgmlDType::Q6K] {
+    // GGUF's blocks: the input gradient in tiles of dx's columns; NF4: in tiles of W's rows
+    for t in [GgmlDType::Q4_1, GgmlDType::Q6K]
+        .map(|t| super::ggml(t).unwrap())
+        .into_iter()
+        .chain([&super::NF4 as &dyn Quantizer])
+    {
         // 601 rows: the last tile has an odd row count (a half-filled k-pair backward)
-        let (q, fmt) = quantize(&rand(&[601, 512], 3), t).unwrap();
+        let (q, fmt) = quantize_with(&rand(&[601, 512], 3), t).unwrap();
         let wr = round(&dequantize(&q, fmt).unwrap());
         let (x, g) = (rand(&[37, 512], 5), rand(&[37, 601], 6));
         let y = quant_linear(Kernels::FUSED, &x, &q, fmt, None).unwrap();
