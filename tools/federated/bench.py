@@ -74,7 +74,9 @@ def main():
                "--rounds", str(a.rounds), "--local-steps", str(a.local_steps),
                "--method", method, "--r", str(r), "--alpha", str(alpha), "--strategy", strategy,
                "--proximal-mu", "0.01", "--lr", "0.002", "--batch-size", "4", "--seq-len", "64",
-               "--max-eval-examples", "32", "--seed", str(a.seed), "--engine", a.engine, *more]
+               "--max-eval-examples", "32", "--seed", str(a.seed), "--engine", a.engine,
+               # run.py stops a run after an hour by default: LoHa's ten rounds take about 65 min
+               "--timeout", str(a.rounds * 1800), *more]
         run_config(name, cmd, work, dest, method=method, r=r, strategy=strategy, engine=a.engine,
                    seed=a.seed)
     report(a, out)
@@ -140,8 +142,8 @@ def report(a, out):
     else:  # each wall time carries its CPU's letter
         cpu = "; ".join(f"({mark[c]}) {c}" for c in cpus)
     lines = ["| configuration | rounds | held-out loss, round 0 -> last | rounds to "
-             f"{target:.4f} | bytes per round (both ways, mean) | wall time | simulated time "
-             "(to target) |", "|---|---|---|---|---|---|---|"]
+             f"{target:.4f} | bytes per round (both ways, mean) | bytes to {target:.4f} | wall time | "
+             "simulated time (to target) |", "|---|---|---|---|---|---|---|---|"]
     for name, rs in runs.items():
         hit = next((r for r in rs if r["eval_loss"] <= target), None)
         per_round = sum(r["bytes_up"] + r["bytes_down"] for r in rs[1:]) / max(1, len(rs) - 1)
@@ -149,8 +151,11 @@ def report(a, out):
         if "sim_seconds" in rs[-1]:
             to = f"{hit['sim_seconds']:.0f} s" if hit else "not reached"
             sim = f"{rs[-1]['sim_seconds']:.0f} s ({to})"
+        # the bytes that bought the target quality: every round's, up to the one that reached it
+        to_hit = (f"{sum(r['bytes_up'] + r['bytes_down'] for r in rs[1:hit['round'] + 1]) / 1e6:.0f} MB"
+                  if hit else "not reached")
         lines.append(f"| {name} | {len(rs) - 1} | {rs[0]['eval_loss']:.4f} -> {rs[-1]['eval_loss']:.4f} | "
-                     f"{hit['round'] if hit else 'not reached'} | {per_round / 1e6:.2f} MB | "
+                     f"{hit['round'] if hit else 'not reached'} | {per_round / 1e6:.2f} MB | {to_hit} | "
                      f"{wall(rs)}{letter(mark, rs)} | {sim} |")
     text = (f"8 clients (one work each: {', '.join(WORKS)}), SmolLM2-135M, held-out: Hamlet "
             f"(32 x 64 tokens). CPU: {cpu}, {os.cpu_count()} threads; all processes on this machine. "

@@ -2,7 +2,8 @@
 """Federated fine-tuning with petal on Flower, on this machine. With the Deployment Engine (the
 default): one `flower-superlink`, one `flower-supernode` per client (each `partition-id` is one
 data file), and `flwr run python/flower` submitting petal's ServerApp/ClientApp
-(python/flower/petal_flower); all processes on loopback, insecure (no TLS), stopped at the end.
+(python/flower/petal_flower); all processes on loopback, stopped at the end; plain connections, or
+TLS with `--tls` (a CA and a server certificate made for the run by `openssl`).
 With `--engine simulation`: Flower's Simulation Engine, one `flower-superlink --simulation` whose
 Ray backend runs the clients as actors (`num-supernodes` = the partitions, `--client-cpus` each),
 no SuperNode processes; needs `flwr[simulation]` (python/flower/requirements-simulation.txt).
@@ -48,6 +49,26 @@ def toml_value(v):
     return json.dumps(str(v))  # a TOML basic string
 
 
+def make_certificates(folder):
+    """A CA and a server certificate signed by it for 127.0.0.1 / localhost (2 days), made by
+    `openssl` in `folder`: (CA certificate, server certificate, server key), as paths."""
+    if shutil.which("openssl") is None:
+        sys.exit("--tls: no `openssl` on PATH (it makes the run's certificates; apt install openssl)")
+    folder.mkdir(parents=True)
+    f = {n: str(folder / n) for n in ("ca.crt", "ca.key", "server.csr", "server.pem", "server.key", "san")}
+    Path(f["san"]).write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for cmd in (["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=petal-federated-ca",
+                 "-keyout", f["ca.key"], "-out", f["ca.crt"]],
+                ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+                 "-keyout", f["server.key"], "-out", f["server.csr"]],
+                ["x509", "-req", "-days", "2", "-in", f["server.csr"], "-CA", f["ca.crt"], "-CAkey", f["ca.key"],
+                 "-CAcreateserial", "-extfile", f["san"], "-out", f["server.pem"]]):
+        o = subprocess.run(["openssl", *cmd], capture_output=True, text=True)
+        if o.returncode != 0:
+            sys.exit(f"--tls: openssl {cmd[0]} failed: {o.stderr.strip()[-300:]}")
+    return f["ca.crt"], f["server.pem"], f["server.key"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--flwr", required=True, help="the venv's bin folder with flwr, flower-superlink, flower-supernode")
@@ -90,6 +111,8 @@ def main():
     ap.add_argument("--inject", action="append", default=[], metavar="KEY=PID:ROUND",
                     help="tests: a client fault, fail-at=1:2 (client 1 fails in round 2) or misshape-at=0:1")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds before the run is stopped")
+    ap.add_argument("--tls", action="store_true",
+                    help="TLS between every process and the SuperLink (certificates made for the run by openssl)")
     a = ap.parse_args()
 
     bin_dir = Path(a.flwr)
@@ -114,9 +137,16 @@ def main():
 
     home = Path(tempfile.mkdtemp(prefix="petal-flwr-"))
     link = free_port()
+    # who talks to the SuperLink (its SuperNodes, the flwr CLI) trusts the run's CA, or nothing
+    link_tls, node_tls, cli_tls = ["--insecure"], ["--insecure"], "insecure = true"
+    if a.tls:
+        ca, cert, key = make_certificates(home / "certificates")
+        link_tls = ["--ssl-ca-certfile", ca, "--ssl-certfile", cert, "--ssl-keyfile", key]
+        node_tls = ["--root-certificates", ca]
+        cli_tls = f'root-certificates = "{ca}"'
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "deploy"\n\n'
-        f'[superlink.deploy]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+        f'[superlink.deploy]\naddress = "127.0.0.1:{link}"\n{cli_tls}\n')
     # Flower starts its own helpers (flower-superexec, flwr-clientapp) by name: the venv's bin first
     env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                PYTHONUNBUFFERED="1", PATH=f"{bin_dir.resolve()}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -163,7 +193,7 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         simulation = ["--simulation"] if a.engine == "simulation" else []
-        start("superlink", [bin_dir / "flower-superlink", "--insecure", "--port", str(link),
+        start("superlink", [bin_dir / "flower-superlink", *link_tls, "--port", str(link),
                             "--disable-runtime-dependency-installation", *simulation])
         deadline = time.time() + 60
         while True:  # the SuperLink listens
@@ -175,7 +205,7 @@ def main():
                     raise SystemExit(f"flower-superlink did not start (see {logs / 'superlink.log'})")
                 time.sleep(0.3)
         for i in range(len(parts) if a.engine == "deployment" else 0):
-            start(f"supernode-{i}", [bin_dir / "flower-supernode", "--insecure",
+            start(f"supernode-{i}", [bin_dir / "flower-supernode", *node_tls,
                                      "--superlink", f"127.0.0.1:{link}", "--port", str(free_port()),
                                      "--node-config", f"partition-id={i} num-partitions={len(parts)}"])
         rc = {"petal": petal, "model": a.model, "partitions": "|".join(parts),

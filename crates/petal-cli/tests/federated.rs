@@ -199,11 +199,46 @@ fn fedprox_pulls_local_training_back_to_the_adapter_it_started_from() {
 
 #[test]
 fn fedavg_on_flowers_deployment_engine_averages_the_clients_adapters_by_their_examples() {
+    // over TLS (`--tls`: the run's own CA; the other tests' runs are plain)
+    let tls = std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !tls {
+        eprintln!("no `openssl` on PATH: this run is plain, not TLS (apt install openssl)");
+    }
     let tmp = tempfile::tempdir().unwrap();
-    let Some((out, val)) = federate(tmp.path(), &["--rounds", "2"]) else {
+    let extra: &[&str] = if tls {
+        &["--rounds", "2", "--tls"]
+    } else {
+        &["--rounds", "2"]
+    };
+    let Some((out, val)) = federate(tmp.path(), extra) else {
         return;
     };
     assert_fedavg(&out, &val, false);
+    // Flower warns of every plain channel it opens: none with TLS
+    for log in ["superlink", "supernode-0", "supernode-1"] {
+        let said = std::fs::read_to_string(out.join(format!("logs/{log}.log"))).unwrap();
+        assert_eq!(said.contains("`--insecure` was set"), !tls, "{log}: {said}");
+    }
+}
+
+#[test]
+fn a_client_whose_server_is_unreachable_retries_then_stops_saying_so() {
+    let Some(python) = common::venv("venv-flower", "python/flower/requirements.txt") else {
+        return;
+    };
+    let (status, said) = supernode_without_superlink(&python);
+    let status = status.unwrap_or_else(|| panic!("still running after 60 s: {said}"));
+    assert!(!status.success(), "{said}");
+    for what in [
+        "Connection attempt failed, retrying",
+        "Failed to initialize the connection to the SuperLink",
+        "Connection refused",
+    ] {
+        assert!(said.contains(what), "{what}: {said}");
+    }
 }
 
 #[test]

@@ -222,3 +222,53 @@ pub fn classifier_run(tmp: &std::path::Path, extra: &[&str]) -> Option<std::path
     run_py(&python, &args);
     Some(out)
 }
+
+/// `flower-supernode` (the venv of `python`) pointed at a port where nothing listens, allowed 2
+/// retries: its exit status (None: still running after 60 s, then killed) and what it said.
+pub fn supernode_without_superlink(
+    python: &std::path::Path,
+) -> (Option<std::process::ExitStatus>, String) {
+    use std::os::unix::process::CommandExt;
+    let bin = python.parent().unwrap();
+    let free = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (link, own) = (free(), free()); // nothing listens on `link`
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    // its output to a file, not a pipe: the SuperExec it starts would hold a pipe open; in a
+    // process group of its own, ended at the end whatever happened
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("supernode.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let t0 = std::time::Instant::now();
+    let mut child = std::process::Command::new(bin.join("flower-supernode"))
+        .env("PATH", path)
+        .args(["--insecure", "--superlink", &format!("127.0.0.1:{link}")])
+        .args(["--port", &own.to_string(), "--max-retries", "2"])
+        .args(["--node-config", "partition-id=0 num-partitions=2"])
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if t0.elapsed().as_secs() > 60 {
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let group = format!("-{}", child.id());
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", "--", &group])
+        .output();
+    let said = std::fs::read_to_string(&log).unwrap();
+    (status, said)
+}
