@@ -205,7 +205,8 @@ pub(super) fn input_grad(
     dx
 }
 
-/// `dx (m, k) = g (m, n) W` into row-major `dx` (overwritten): a sum over tiles of W's rows.
+/// `dx (m, k) = g (m, n) W` into row-major `dx` (overwritten): a sum over tiles of W's rows, or
+/// in bf16 over GGUF's blocks tiles of dx's columns ([`input_grad_by_columns`]).
 pub(crate) fn input_grad_into(
     g: &[f32],
     m: usize,
