@@ -146,14 +146,14 @@ def report(a, out):
              "simulated time (to target) |", "|---|---|---|---|---|---|---|---|"]
     for name, rs in runs.items():
         hit = next((r for r in rs if r["eval_loss"] <= target), None)
-        per_round = sum(r["bytes_up"] + r["bytes_down"] for r in rs[1:]) / max(1, len(rs) - 1)
+        sent = lambda rows: sum(r["bytes_up"] + r["bytes_down"] for r in rows)  # both ways
+        per_round = sent(rs[1:]) / max(1, len(rs) - 1)
         sim = "-"
         if "sim_seconds" in rs[-1]:
             to = f"{hit['sim_seconds']:.0f} s" if hit else "not reached"
             sim = f"{rs[-1]['sim_seconds']:.0f} s ({to})"
         # the bytes that bought the target quality: every round's, up to the one that reached it
-        to_hit = (f"{sum(r['bytes_up'] + r['bytes_down'] for r in rs[1:hit['round'] + 1]) / 1e6:.0f} MB"
-                  if hit else "not reached")
+        to_hit = f"{sent(rs[1:hit['round'] + 1]) / 1e6:.0f} MB" if hit else "not reached"
         lines.append(f"| {name} | {len(rs) - 1} | {rs[0]['eval_loss']:.4f} -> {rs[-1]['eval_loss']:.4f} | "
                      f"{hit['round'] if hit else 'not reached'} | {per_round / 1e6:.2f} MB | {to_hit} | "
                      f"{wall(rs)}{letter(mark, rs)} | {sim} |")

@@ -41,8 +41,7 @@ thread_local! {
 }
 
 impl Tiles {
-    /// Buffers for `rows` rows of `k` values (and `extra` more f32 values for the caller),
-    /// taken from this thread's spare set where there is one.
+    /// Buffers for `rows` rows of `k` values, taken from this thread's spare set where there is one.
     fn new(rows: usize, k: usize, mode: Mode) -> Self {
         let mut t = SPARE.with(|s| s.take()).unwrap_or(Tiles {
             f32s: Vec::new(),
@@ -57,11 +56,31 @@ impl Tiles {
         t
     }
 
-    /// bf16 mode: `out (m, n) = [out +] a (m, k) T` for the tile `T` of `r` rows of `blocks`
-    /// (`transposed`: T^T, the forward), each row decoded once straight into the kernel's
-    /// packed form.
+    /// bf16 mode: `out (m, n) = [out +] a (m, k) T` for the tile `T` of `r` rows of `cols`
+    /// values that `row(i, out)` decodes (`transposed`: T^T, the forward), each row decoded
+    /// once straight into the kernel's packed form.
     #[allow(clippy::too_many_arguments)]
     fn packed_product(
+        &mut self,
+        r: usize,
+        cols: usize,
+        row: impl Fn(usize, &mut [f32]) + Sync,
+        transposed: bool,
+        m: usize,
+        out: Out,
+        acc: bool,
+        a: Left,
+    ) {
+        let words = std::mem::take(&mut self.packed);
+        let b = crate::bf16::PackedB::from_rows(r, cols, transposed, words, row);
+        let kernel = crate::amx::Bf16Kernel::chosen();
+        crate::bf16::mm_bf16_into(kernel, m, out, acc, 1.0, a, &b, true);
+        self.packed = b.into_words();
+    }
+
+    /// [`Tiles::packed_product`] of whole rows of `blocks`.
+    #[allow(clippy::too_many_arguments)]
+    fn packed_rows(
         &mut self,
         fmt: QFormat,
         blocks: &[u8],
@@ -73,13 +92,9 @@ impl Tiles {
         a: Left,
     ) {
         let rb = fmt.row_bytes();
-        let words = std::mem::take(&mut self.packed);
-        let b = crate::bf16::PackedB::from_rows(r, fmt.cols, transposed, words, |i, out| {
-            dequantize_rows(fmt, &blocks[i * rb..(i + 1) * rb], out)
-        });
-        let kernel = crate::amx::Bf16Kernel::chosen();
-        crate::bf16::mm_bf16_into(kernel, m, out, acc, 1.0, a, &b, true);
-        self.packed = b.into_words();
+        let row =
+            |i: usize, out: &mut [f32]| dequantize_rows(fmt, &blocks[i * rb..(i + 1) * rb], out);
+        self.packed_product(r, fmt.cols, row, transposed, m, out, acc, a);
     }
 
     /// Hand the buffers back for the next product on this thread.
@@ -168,7 +183,7 @@ pub(crate) fn forward_into(
                 ldc: n,
                 c0: o0,
             };
-            tile.packed_product(fmt, blocks, r, true, m, out, false, Left::Packed(&xa));
+            tile.packed_rows(fmt, blocks, r, true, m, out, false, Left::Packed(&xa));
         }
         tile.done();
         return;
@@ -242,7 +257,7 @@ pub(crate) fn input_grad_into(
                 ldc: k,
                 c0: 0,
             };
-            tile.packed_product(fmt, blocks, r, false, m, out, o0 > 0, Left::View(gv.into()));
+            tile.packed_rows(fmt, blocks, r, false, m, out, o0 > 0, Left::View(gv.into()));
         } else {
             tile.decode(fmt, blocks, r);
             tile.product(m, k, r, dx, o0 > 0, gv, k, 1, r * k);
@@ -286,13 +301,9 @@ fn input_grad_by_columns(
     for c0 in (0..k).step_by(tc) {
         let c = tc.min(k - c0);
         let (b0, b1) = (c0 / bs * bb, (c0 + c) / bs * bb);
-        let words = std::mem::take(&mut tile.packed);
-        let b = crate::bf16::PackedB::from_rows(n, c, false, words, |i, out| {
-            fmt.q.decode(c, &w[i * rb + b0..i * rb + b1], out)
-        });
+        let row = |i: usize, out: &mut [f32]| fmt.q.decode(c, &w[i * rb + b0..i * rb + b1], out);
         let out = Out { c: dx, ldc: k, c0 };
-        crate::bf16::mm_bf16_into(kernel, m, out, false, 1.0, Left::Packed(&ga), &b, true);
-        tile.packed = b.into_words();
+        tile.packed_product(n, c, row, false, m, out, false, Left::Packed(&ga));
     }
     tile.done();
 }
