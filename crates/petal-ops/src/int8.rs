@@ -15,6 +15,8 @@
 //! panels of `NR` columns (`[q][j]`). `mm_int8_reference` is the readable twin (the same
 //! quantization, i64 sums, no blocks).
 
+use crate::bf16::Out;
+#[cfg(test)]
 use crate::cpu::View;
 use rayon::prelude::*;
 
@@ -153,228 +155,33 @@ fn code(x: f32, inv: f32) -> i8 {
 
 /// Codes of `group` consecutive k values as one word: bytes (VNNI; a's side `+128`, as
 /// `vpdpbusd` reads them unsigned) or i16 pairs, low first.
-fn words_of(kind: Kind, codes: &[i8], excess: bool, out: &mut [u32]) {
+fn word(kind: Kind, c: &[i8], excess: bool) -> u32 {
     if kind == Kind::Vnni {
         let flip = if excess { 0x8080_8080 } else { 0 };
-        for (w, c) in out.iter_mut().zip(codes.chunks_exact(4)) {
-            *w = u32::from_le_bytes([c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8]) ^ flip;
-        }
+        u32::from_le_bytes([c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8]) ^ flip
     } else {
-        for (w, c) in out.iter_mut().zip(codes.chunks_exact(2)) {
-            *w = (c[0] as i16 as u16 as u32) | (c[1] as i16 as u16 as u32) << 16;
-        }
+        (c[0] as i16 as u16 as u32) | (c[1] as i16 as u16 as u32) << 16
     }
 }
 
-/// `a (m, k)` quantized per row and block into words: `[i][q]`, `kw` words a row, rows padded
-/// to MR; scales `[i][block]`.
-struct PackedA {
-    words: Vec<u32>,
-    scale: Vec<f32>,
-    kw: usize,
-    nb: usize,
-}
-
-impl PackedA {
-    fn new(kind: Kind, a: View, m: usize, k: usize) -> PackedA {
-        let g = kind.group();
-        let kw = k.div_ceil(g);
-        let rows = m.div_ceil(kind.mr()) * kind.mr();
-        let nb = k.div_ceil(BLOCK);
-        let mut words = vec![0u32; rows * kw];
-        let mut scale = vec![1f32; rows * nb];
-        words[..m * kw]
-            .par_chunks_mut(kw)
-            .zip(scale.par_chunks_mut(nb))
-            .enumerate()
-            .for_each_init(
-                || (Vec::new(), vec![0i8; kw * g]),
-                |(row, codes), (i, (w, s))| {
-                    let x = if a.cs == 1 {
-                        &a.x[i * a.rs..i * a.rs + k]
-                    } else {
-                        row.clear();
-                        row.extend((0..k).map(|j| a.x[i * a.rs + j * a.cs]));
-                        &row[..]
-                    };
-                    for ((s, x), c) in s
-                        .iter_mut()
-                        .zip(x.chunks(BLOCK))
-                        .zip(codes.chunks_mut(BLOCK))
-                    {
-                        let (inv, back) = scales(absmax(x));
-                        *s = back;
-                        for (c, &x) in c.iter_mut().zip(x) {
-                            *c = code(x, inv);
-                        }
-                    }
-                    words_of(kind, codes, true, w);
-                },
-            );
-        if kind == Kind::Vnni {
-            words[m * kw..].iter_mut().for_each(|w| *w = 0x8080_8080); // zero codes
-        }
-        PackedA {
-            words,
-            scale,
-            kw,
-            nb,
-        }
-    }
-}
-
-/// `b (k, n)` quantized per column and block, packed: blocks of k, each a run of NR-column
-/// panels `[q][j]`; scales `[block][j]`, and the column sums of each block (VNNI's excess
-/// correction).
-struct PackedB {
-    kind: Kind,
-    n: usize,
-    kw: usize,
-    words: Vec<u32>,
-    scale: Vec<f32>,
-    /// per block, per column: 128 x the sum of the block's codes (VNNI), else empty
-    excess: Vec<i32>,
-}
-
-/// Columns of `b (k, n)` per task when its rows are contiguous (a cache line of codes each).
-const COLS: usize = 64;
-
-impl PackedB {
-    /// The codes of b's columns, column after column (`kp` of them a column, zero past k),
-    /// and each column's scales (`[j][block]`).
-    fn codes(b: View, k: usize, n: usize, kp: usize) -> (Vec<i8>, Vec<f32>) {
-        let nb = k.div_ceil(BLOCK);
-        let mut bt = vec![0i8; n * kp];
-        let mut scale = vec![1f32; n * nb];
-        if b.rs == 1 || b.cs != 1 {
-            // columns contiguous (W^T of a row-major W) or scattered: one column at a time
-            bt.par_chunks_mut(kp)
-                .zip(scale.par_chunks_mut(nb))
-                .enumerate()
-                .for_each_init(Vec::new, |col, (j, (out, s))| {
-                    let x = if b.rs == 1 {
-                        &b.x[j * b.cs..j * b.cs + k]
-                    } else {
-                        col.clear();
-                        col.extend((0..k).map(|kk| b.x[kk * b.rs + j * b.cs]));
-                        &col[..]
-                    };
-                    for ((s, x), o) in s.iter_mut().zip(x.chunks(BLOCK)).zip(out.chunks_mut(BLOCK))
-                    {
-                        let (inv, back) = scales(absmax(x));
-                        *s = back;
-                        for (o, &x) in o.iter_mut().zip(x) {
-                            *o = code(x, inv);
-                        }
-                    }
-                });
-            return (bt, scale);
-        }
-        // rows contiguous (a row-major W): blocks of COLS columns, rows read in order
-        bt.par_chunks_mut(COLS * kp)
-            .zip(scale.par_chunks_mut(COLS * nb))
-            .enumerate()
-            .for_each_init(Vec::new, |inv, (cb, (out, s))| {
-                let (j0, w) = (cb * COLS, s.len() / nb);
-                for blk in 0..nb {
-                    let (k0, k1) = (blk * BLOCK, ((blk + 1) * BLOCK).min(k));
-                    let mut amax = [0f32; COLS];
-                    for kk in k0..k1 {
-                        let row = &b.x[kk * b.rs + j0..kk * b.rs + j0 + w];
-                        for (m, v) in amax.iter_mut().zip(row) {
-                            *m = m.max(v.abs());
-                        }
-                    }
-                    inv.clear();
-                    for (jj, &m) in amax[..w].iter().enumerate() {
-                        let (i, back) = scales(m);
-                        s[jj * nb + blk] = back;
-                        inv.push(i);
-                    }
-                    for kk in k0..k1 {
-                        let row = &b.x[kk * b.rs + j0..kk * b.rs + j0 + w];
-                        for (jj, (&x, &i)) in row.iter().zip(inv.iter()).enumerate() {
-                            out[jj * kp + kk] = code(x, i);
-                        }
-                    }
-                }
-            });
-        (bt, scale)
-    }
-
-    fn new(kind: Kind, b: View, k: usize, n: usize) -> PackedB {
-        let (g, nr, kc) = (kind.group(), kind.nr(), PANEL);
-        let kw = k.div_ceil(g);
-        let (bt, by_col) = Self::codes(b, k, n, kw * g);
-        // scales `[block][j]`: a tile's columns side by side
-        let nb = k.div_ceil(BLOCK);
-        let mut scale = vec![0f32; nb * n];
-        for (j, s) in by_col.chunks(nb).enumerate() {
-            for (blk, &s) in s.iter().enumerate() {
-                scale[blk * n + j] = s;
-            }
-        }
-        // the columns' words, column after column
-        let mut cw = vec![0u32; n * kw];
-        cw.par_chunks_mut(kw)
-            .zip(bt.par_chunks(kw * g))
-            .for_each(|(w, c)| words_of(kind, c, false, w));
-        let np = n.div_ceil(nr);
-        let mut words = vec![0u32; kw * np * nr];
-        words
-            .par_chunks_mut(kc * np * nr)
-            .enumerate()
-            .for_each(|(blk, dst)| {
-                let q0 = blk * kc;
-                let kcq = kc.min(kw - q0);
-                for (jp, panel) in dst.chunks_mut(kcq * nr).enumerate() {
-                    for jj in 0..nr.min(n - jp * nr) {
-                        let col = &cw[(jp * nr + jj) * kw + q0..][..kcq];
-                        for (p, &w) in col.iter().enumerate() {
-                            panel[p * nr + jj] = w;
-                        }
-                    }
-                }
-            });
-        let excess = if kind == Kind::Vnni {
-            let mut e = vec![0i32; nb * n];
-            e.par_chunks_mut(n).enumerate().for_each(|(blk, e)| {
-                let (k0, k1) = (blk * BLOCK, ((blk + 1) * BLOCK).min(kw * g));
-                for (j, e) in e.iter_mut().enumerate() {
-                    let c = &bt[j * kw * g + k0..j * kw * g + k1];
-                    *e = 128 * c.iter().map(|&c| c as i32).sum::<i32>();
-                }
-            });
-            e
-        } else {
-            Vec::new()
-        };
-        PackedB {
-            kind,
-            n,
-            kw,
-            words,
-            scale,
-            excess,
-        }
-    }
-
-    fn panel(&self, q0: usize, kcq: usize, jp: usize) -> &[u32] {
-        let nr = self.kind.nr();
-        let np = self.n.div_ceil(nr);
-        let at = q0 * np * nr + jp * kcq * nr;
-        &self.words[at..at + kcq * nr]
+/// [`word`] of each group of codes.
+fn words_of(kind: Kind, codes: &[i8], excess: bool, out: &mut [u32]) {
+    for (w, c) in out.iter_mut().zip(codes.chunks_exact(kind.group())) {
+        *w = word(kind, c, excess);
     }
 }
 
 /// `c (m, n, row-major) = [c +] a (m, k) b (k, n)` in 8-bit codes (see the module), on the
-/// kernel [`Kind::chosen`].
+/// kernel [`Kind::chosen`] (the tiles of a quantized base pack b from W's rows instead:
+/// [`PackedB::from_rows`], [`mm_int8_packed`]).
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn mm_int8(m: usize, n: usize, k: usize, c: &mut [f32], acc: bool, a: View, b: View) {
     mm_int8_with(Kind::chosen(), m, n, k, c, acc, a, b)
 }
 
 /// [`mm_int8`] on the given kernel (which this CPU must run).
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn mm_int8_with(
     kind: Kind,
@@ -390,34 +197,46 @@ pub(crate) fn mm_int8_with(
         return;
     }
     assert!(c.len() >= m * n, "int8 matmul: output too small");
-    let c = &mut c[..m * n];
     if k == 0 {
         if !acc {
-            c.iter_mut().for_each(|x| *x = 0.0);
+            c[..m * n].iter_mut().for_each(|x| *x = 0.0);
         }
         return;
     }
-    assert!(
-        (m - 1) * a.rs + (k - 1) * a.cs < a.x.len(),
-        "int8 matmul: input too small"
-    );
-    assert!(
-        (k - 1) * b.rs + (n - 1) * b.cs < b.x.len(),
-        "int8 matmul: weight too small"
-    );
-    let (mr, nr) = (kind.mr(), kind.nr());
     let pa = PackedA::new(kind, a, m, k);
     let pb = PackedB::new(kind, b, k, n);
+    let out = Out { c, ldc: n, c0: 0 };
+    mm_int8_packed(out, acc, &pa, &pb);
+}
+
+/// Columns `c0..c0 + n` of the row-major `out` (m rows of `ldc`) `= [out +] a b`, both packed
+/// (the same kind, the same k).
+pub(crate) fn mm_int8_packed(out: Out, acc: bool, pa: &PackedA, pb: &PackedB) {
+    let (kind, m, n) = (pa.kind, pa.m, pb.n);
+    assert!(
+        kind == pb.kind && pa.kw == pb.kw,
+        "int8 matmul: operands packed apart"
+    );
+    let Out { c, ldc, c0 } = out;
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        c0 + n <= ldc && c.len() >= m * ldc,
+        "int8 matmul: output too small"
+    );
+    let c = &mut c[..m * ldc];
+    let (mr, nr) = (kind.mr(), kind.nr());
     let np = n.div_ceil(nr);
     for q0 in (0..pb.kw).step_by(PANEL) {
         let kcq = PANEL.min(pb.kw - q0);
         let add = acc || q0 > 0;
         let blk = q0 / kind.bw(); // the panel's first block
         let excess = pb.excess.get(blk * n..).unwrap_or(&[]);
-        c.par_chunks_mut(mr * n)
+        c.par_chunks_mut(mr * ldc)
             .enumerate()
             .for_each(|(ip, crows)| {
-                let rows = crows.len() / n;
+                let rows = crows.len() / ldc;
                 let a_panel = &pa.words[ip * mr * pa.kw + q0..];
                 let sa = &pa.scale[ip * mr * pa.nb + blk..];
                 for jp in 0..np {
@@ -437,7 +256,7 @@ pub(crate) fn mm_int8_with(
                         rows,
                         cols,
                     };
-                    micro(kind, &tile, &mut crows[j0..], n, add);
+                    micro(kind, &tile, &mut crows[c0 + j0..], ldc, add);
                 }
             });
     }
@@ -506,8 +325,11 @@ fn micro(kind: Kind, t: &Tile, c: &mut [f32], ldc: usize, add: bool) {
     }
 }
 
+mod pack;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+pub(crate) use pack::{PackedA, PackedB};
 
 /// The readable twin: a quantized per row and b per column in blocks of `BLOCK` values of k,
 /// as the module says; each block's code products summed in i64 and scaled, the blocks summed

@@ -7,6 +7,7 @@ use super::product::Mode;
 use super::{dequantize_par, dequantize_rows, QFormat};
 use crate::bf16::{Left, Out};
 use crate::cpu::{mm, rows, View};
+use crate::int8::{mm_int8_packed, Kind, PackedA, PackedB};
 use rayon::prelude::*;
 
 /// Rows of W decoded per tile: about 8 MiB of f32, at least 128 rows, in whole panels of the
@@ -23,14 +24,14 @@ fn tile_rows(k: usize) -> usize {
     (((1 << 21) / k.max(1)).clamp(128, 2048) + 24) / 48 * 48
 }
 
-/// Tiles of W decoded for a product: f32 (read as 8-bit codes in int8 mode), or for bf16
-/// straight into the bf16 kernel's packed k-pairs.
+/// Tiles of W decoded for a product: f32, or straight into the bf16 kernel's packed k-pairs
+/// or the 8-bit kernel's words.
 struct Tiles {
     f32s: Vec<f32>,
     mode: Mode,
     /// the forward's (rows of x, rows of the tile) product before it is copied into place
     part: Vec<f32>,
-    /// bf16 mode: the tile decoded straight into the bf16 kernel's packed k-pairs
+    /// bf16 and int8 modes: the tile decoded straight into the kernel's packed words
     packed: Vec<u32>,
 }
 
@@ -50,7 +51,7 @@ impl Tiles {
             packed: Vec::new(),
         });
         t.mode = mode;
-        if mode != Mode::Bf16 && t.f32s.len() < rows * k {
+        if mode == Mode::F32 && t.f32s.len() < rows * k {
             t.f32s.resize(rows * k, 0.0);
         }
         t
@@ -97,6 +98,17 @@ impl Tiles {
         self.packed_product(r, fmt.cols, row, transposed, m, out, acc, a);
     }
 
+    /// int8 mode: the tile of `r` whole rows of `blocks` packed into the 8-bit kernel's words
+    /// (`transposed`: as W^T, the forward), each row decoded once straight into them; the
+    /// words go back into `packed` after the product.
+    fn int8_rows(&mut self, fmt: QFormat, blocks: &[u8], r: usize, transposed: bool) -> PackedB {
+        let rb = fmt.row_bytes();
+        let row =
+            |i: usize, out: &mut [f32]| dequantize_rows(fmt, &blocks[i * rb..(i + 1) * rb], out);
+        let words = std::mem::take(&mut self.packed);
+        PackedB::from_rows(Kind::chosen(), r, fmt.cols, transposed, words, row)
+    }
+
     /// Hand the buffers back for the next product on this thread.
     fn done(self) {
         SPARE.with(|s| s.set(Some(self)));
@@ -128,11 +140,9 @@ impl Tiles {
             rs,
             cs,
         };
-        match self.mode {
-            Mode::Int8 => crate::int8::mm_int8(m, n, k, c, acc, a, f),
-            // bf16 tiles go through `packed_product`
-            Mode::F32 | Mode::Bf16 => mm(m, n, k, c, acc, 1.0, a, f, true),
-        }
+        // bf16 tiles go through `packed_product`, 8-bit ones through `int8_rows`
+        debug_assert!(self.mode == Mode::F32);
+        mm(m, n, k, c, acc, 1.0, a, f, true)
     }
 }
 
@@ -184,6 +194,23 @@ pub(crate) fn forward_into(
                 c0: o0,
             };
             tile.packed_rows(fmt, blocks, r, true, m, out, false, Left::Packed(&xa));
+        }
+        tile.done();
+        return;
+    }
+    if mode == Mode::Int8 {
+        // x quantized once for every tile; each tile's product written in place into y
+        let xa = PackedA::new(Kind::chosen(), rows(x, k), m, k);
+        for o0 in (0..n).step_by(tr) {
+            let r = tr.min(n - o0);
+            let pb = tile.int8_rows(fmt, &w[o0 * rb..(o0 + r) * rb], r, true);
+            let out = Out {
+                c: y,
+                ldc: n,
+                c0: o0,
+            };
+            mm_int8_packed(out, false, &xa, &pb);
+            tile.packed = pb.into_words();
         }
         tile.done();
         return;
@@ -258,6 +285,16 @@ pub(crate) fn input_grad_into(
                 c0: 0,
             };
             tile.packed_rows(fmt, blocks, r, false, m, out, o0 > 0, Left::View(gv.into()));
+        } else if mode == Mode::Int8 {
+            let ga = PackedA::new(Kind::chosen(), gv, m, r);
+            let pb = tile.int8_rows(fmt, blocks, r, false);
+            let out = Out {
+                c: dx,
+                ldc: k,
+                c0: 0,
+            };
+            mm_int8_packed(out, o0 > 0, &ga, &pb);
+            tile.packed = pb.into_words();
         } else {
             tile.decode(fmt, blocks, r);
             tile.product(m, k, r, dx, o0 > 0, gv, k, 1, r * k);
