@@ -174,6 +174,16 @@ pub(crate) struct View<'a> {
     pub cs: usize,
 }
 
+/// `(k, n)` of a product's right operand made from `rows` rows of `cols` values: the rows'
+/// transpose (`transposed`: the forward `x W^T`) or the rows themselves (the input gradient).
+pub(crate) fn k_n(rows: usize, cols: usize, transposed: bool) -> (usize, usize) {
+    if transposed {
+        (cols, rows)
+    } else {
+        (rows, cols)
+    }
+}
+
 pub(crate) fn rows(x: &[f32], width: usize) -> View<'_> {
     View {
         x,

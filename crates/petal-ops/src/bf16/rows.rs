@@ -16,11 +16,7 @@ impl PackedB {
         words: Vec<u32>,
         row: impl Fn(usize, &mut [f32]) + Sync,
     ) -> PackedB {
-        let (k, n) = if transposed {
-            (cols, rows)
-        } else {
-            (rows, cols)
-        };
+        let (k, n) = crate::cpu::k_n(rows, cols, transposed);
         let kp = k.div_ceil(2).next_multiple_of(crate::amx::PAIRS);
         let kc = kc_here();
         let np = n.div_ceil(NR);

@@ -107,11 +107,7 @@ impl PackedB {
         mut words: Vec<u32>,
         row: impl Fn(usize, &mut [f32]) + Sync,
     ) -> PackedB {
-        let (k, n) = if transposed {
-            (cols, rows)
-        } else {
-            (rows, cols)
-        };
+        let (k, n) = crate::cpu::k_n(rows, cols, transposed);
         let (g, nr) = (kind.group(), kind.nr());
         let (kw, nb, np) = (k.div_ceil(g), k.div_ceil(BLOCK), n.div_ceil(nr));
         // every word is written below, padding included
