@@ -140,8 +140,15 @@ impl PackedB {
             // a task per panel: its columns (rows of W) decoded and coded one at a time into a
             // strip, then written a panel row (NR words) at a time
             (0..np).into_par_iter().for_each_init(
-                || (vec![0f32; k], vec![0i8; kw * g], vec![0u32; nr * kw]),
-                |(f, codes, strip), jp| {
+                || {
+                    (
+                        vec![0f32; k],
+                        vec![0i8; kw * g],
+                        vec![0u32; nr * kw],
+                        vec![0f32; nb],
+                    )
+                },
+                |(f, codes, strip, sc), jp| {
                     let live = nr.min(n - jp * nr);
                     for (jj, w) in strip.chunks_exact_mut(kw).enumerate() {
                         if jj >= live {
@@ -150,19 +157,13 @@ impl PackedB {
                         }
                         let j = jp * nr + jj;
                         row(j, f);
-                        let mut s = [0f32; 1];
-                        for (blk, x) in f.chunks(BLOCK).enumerate() {
-                            let c = &mut codes[blk * BLOCK..blk * BLOCK + x.len()];
-                            code_blocks(x, c, &mut s);
-                            let e = if kind == Kind::Vnni {
-                                128 * c.iter().map(|&c| c as i32).sum::<i32>()
-                            } else {
-                                0
-                            };
+                        code_blocks(f, codes, sc);
+                        for (blk, (&s, c)) in sc.iter().zip(codes.chunks(BLOCK)).enumerate() {
                             // SAFETY: column j is this task's alone; blk < nb, j < n.
                             unsafe {
-                                *sp.0.add(blk * n + j) = s[0];
-                                *ep.0.add(blk * n + j) = e;
+                                *sp.0.add(blk * n + j) = s;
+                                *ep.0.add(blk * n + j) =
+                                    128 * c.iter().map(|&c| c as i32).sum::<i32>();
                             }
                         }
                         words_of(kind, codes, false, w);
@@ -204,23 +205,26 @@ impl PackedB {
                     sum.fill(0);
                     let mut c = [0i8; 4];
                     for p in blk * bw..((blk + 1) * bw).min(kw) {
-                        for j in 0..np * nr {
-                            let w = if j < n {
-                                for (t, c) in c.iter_mut().enumerate().take(g) {
-                                    let kk = p * g + t;
-                                    *c = if kk < k1 {
-                                        code(f[(kk - k0) * n + j], inv[j])
-                                    } else {
-                                        0
-                                    };
-                                }
-                                sum[j] += c[..g].iter().map(|&c| c as i32).sum::<i32>();
-                                word(kind, &c[..g], false)
-                            } else {
-                                0 // the last panel's padding columns
-                            };
-                            // SAFETY: word p is in this task's block, so this task's alone.
-                            unsafe { *wp.0.add(at(p, j)) = w };
+                        for jp in 0..np {
+                            let dst = at(p, jp * nr);
+                            for (jj, j) in (jp * nr..(jp + 1) * nr).enumerate() {
+                                let w = if j < n {
+                                    for (t, c) in c.iter_mut().enumerate().take(g) {
+                                        let kk = p * g + t;
+                                        *c = if kk < k1 {
+                                            code(f[(kk - k0) * n + j], inv[j])
+                                        } else {
+                                            0
+                                        };
+                                    }
+                                    sum[j] += c[..g].iter().map(|&c| c as i32).sum::<i32>();
+                                    word(kind, &c[..g], false)
+                                } else {
+                                    0 // the last panel's padding columns
+                                };
+                                // SAFETY: word p is in this task's block, so this task's alone.
+                                unsafe { *wp.0.add(dst + jj) = w };
+                            }
                         }
                     }
                     for (j, s) in sum.iter().enumerate() {

@@ -98,15 +98,27 @@ impl Tiles {
         self.packed_product(r, fmt.cols, row, transposed, m, out, acc, a);
     }
 
-    /// int8 mode: the tile of `r` whole rows of `blocks` packed into the 8-bit kernel's words
-    /// (`transposed`: as W^T, the forward), each row decoded once straight into them; the
-    /// words go back into `packed` after the product.
-    fn int8_rows(&mut self, fmt: QFormat, blocks: &[u8], r: usize, transposed: bool) -> PackedB {
+    /// int8 mode: `out = [out +] a T` for the tile `T` of `r` whole rows of `blocks`
+    /// (`transposed`: T^T, the forward), each row decoded once straight into the 8-bit
+    /// kernel's words.
+    #[allow(clippy::too_many_arguments)]
+    fn int8_rows(
+        &mut self,
+        fmt: QFormat,
+        blocks: &[u8],
+        r: usize,
+        transposed: bool,
+        out: Out,
+        acc: bool,
+        a: &PackedA,
+    ) {
         let rb = fmt.row_bytes();
         let row =
             |i: usize, out: &mut [f32]| dequantize_rows(fmt, &blocks[i * rb..(i + 1) * rb], out);
         let words = std::mem::take(&mut self.packed);
-        PackedB::from_rows(Kind::chosen(), r, fmt.cols, transposed, words, row)
+        let b = PackedB::from_rows(Kind::chosen(), r, fmt.cols, transposed, words, row);
+        mm_int8_packed(out, acc, a, &b);
+        self.packed = b.into_words();
     }
 
     /// Hand the buffers back for the next product on this thread.
@@ -203,14 +215,12 @@ pub(crate) fn forward_into(
         let xa = PackedA::new(Kind::chosen(), rows(x, k), m, k);
         for o0 in (0..n).step_by(tr) {
             let r = tr.min(n - o0);
-            let pb = tile.int8_rows(fmt, &w[o0 * rb..(o0 + r) * rb], r, true);
             let out = Out {
                 c: y,
                 ldc: n,
                 c0: o0,
             };
-            mm_int8_packed(out, false, &xa, &pb);
-            tile.packed = pb.into_words();
+            tile.int8_rows(fmt, &w[o0 * rb..(o0 + r) * rb], r, true, out, false, &xa);
         }
         tile.done();
         return;
@@ -287,14 +297,12 @@ pub(crate) fn input_grad_into(
             tile.packed_rows(fmt, blocks, r, false, m, out, o0 > 0, Left::View(gv.into()));
         } else if mode == Mode::Int8 {
             let ga = PackedA::new(Kind::chosen(), gv, m, r);
-            let pb = tile.int8_rows(fmt, blocks, r, false);
             let out = Out {
                 c: dx,
                 ldc: k,
                 c0: 0,
             };
-            mm_int8_packed(out, o0 > 0, &ga, &pb);
-            tile.packed = pb.into_words();
+            tile.int8_rows(fmt, blocks, r, false, out, o0 > 0, &ga);
         } else {
             tile.decode(fmt, blocks, r);
             tile.product(m, k, r, dx, o0 > 0, gv, k, 1, r * k);
