@@ -127,7 +127,9 @@ def evaluate(a, test, adapter=None):
     return r
 
 
-def run_one(a, task, spec, train, test, base, out, lr):
+def run_one(a, task, spec, train, test, base, out, lr, score=True):
+    """Train `spec` at `lr` and (with `score`) evaluate it on the test examples; the result is
+    kept as `out`. Without `score` the result has no accuracy yet (`scored` adds it)."""
     method, _, opts = spec.partition(":")
     run = out[:-len(".json")]
     cmd = [a.petal, "train", "--model", a.model, "--data", train, "--method", method,
@@ -137,25 +139,31 @@ def run_one(a, task, spec, train, test, base, out, lr):
     for o in filter(None, opts.split(",")):
         cmd += ["--set", o]
     t = json.loads(sh(cmd, f"petal train {spec} on {task}"))
-    e = evaluate(a, test, os.path.join(run, "adapter"))
-    steps = t["steps"]
     result = {
-        "model": a.model, "task": task, "method": spec, "accuracy": e["accuracy"],
-        "acc_norm": e.get("acc_norm"), "examples": e["examples"],
+        "model": a.model, "task": task, "method": spec,
         "trainable_params": t["trainable_params"], "total_params": t["total_params"],
         "peak_rss_mb": t["peak_rss_mb"],
         "train_tokens_per_s": a.batch_size * a.seq_len / t["median_step_seconds"],
-        "eval_loss_after": t["eval_after"]["loss"], "steps": steps,
-        "unmerged_eval_seconds": e["seconds"], "base_eval_seconds": base["seconds"],
-        "inference_overhead": overhead(e, base),
-        "cpu": cpu_desc(), "lr": lr, "settings": settings(a),
+        "eval_loss_after": t["eval_after"]["loss"], "steps": t["steps"],
+        "cpu": cpu_desc(), "lr": lr, "settings": settings(a), "adapter": os.path.join(run, "adapter"),
     }
-    if "generated_tokens" in e:
-        result.update(generated_tokens=e["generated_tokens"],
-                      base_generated_tokens=base.get("generated_tokens"))
+    if score:
+        result = scored(a, test, base, result)
     with open(out + ".tmp", "w") as f:
         json.dump(result, f)
     os.replace(out + ".tmp", out)
+    return result
+
+
+def scored(a, test, base, result):
+    """`result` with its adapter's accuracy on the test examples and its unmerged eval time."""
+    e = evaluate(a, test, result["adapter"])
+    result = dict(result, accuracy=e["accuracy"], acc_norm=e.get("acc_norm"), examples=e["examples"],
+                  unmerged_eval_seconds=e["seconds"], base_eval_seconds=base["seconds"],
+                  inference_overhead=overhead(e, base))
+    if "generated_tokens" in e:
+        result.update(generated_tokens=e["generated_tokens"],
+                      base_generated_tokens=base.get("generated_tokens"))
     return result
 
 
@@ -218,16 +226,19 @@ def sized(a, train, spec, info, cache):
 
 def sweep(a, task, spec, train, test, base, work, chosen):
     """Train `spec` at each --lr-sweep rate; keep the one whose validation loss (the training
-    data's held-out 5%, not the test examples) is lowest; its run is the task's result."""
+    data's held-out 5%, not the test examples) is lowest; its run, scored on the test examples,
+    is the task's result (the other rates are never scored on them)."""
     runs = []
     for lr in a.lr_sweep:
         out = os.path.join(work, "sweep", f"{safe(spec)}@{lr:g}.json")
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        r = json.load(open(out)) if os.path.exists(out) else run_one(a, task, spec, train, test, base, out, lr)
+        r = (json.load(open(out)) if os.path.exists(out)
+             else run_one(a, task, spec, train, test, base, out, lr, score=False))
         print(f"{task} {spec} lr {lr:g}: validation loss {r['eval_loss_after']:.4f}", flush=True)
         runs.append(r)
     best = min(runs, key=lambda r: r["eval_loss_after"])
     chosen[spec] = best["lr"]
+    best = best if "accuracy" in best else scored(a, test, base, best)
     return dict(best, lr_sweep={f"{r['lr']:g}": r["eval_loss_after"] for r in runs})
 
 

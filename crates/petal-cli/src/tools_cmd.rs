@@ -16,9 +16,10 @@ pub struct EvalArgs {
     /// .jsonl / .txt file, folder, or asset:NAME[/file]: loss and perplexity
     #[arg(long, default_value = "")]
     pub data: String,
-    /// Accuracy on a task instead: a built-in (gsm8k, elementary_math_qa, multiemo) or a JSONL
-    /// file of `{"prompt", "choices", "answer": INDEX}` (multiple choice) or `{"prompt",
-    /// "answer"}` (generation, exact match) examples, each with an optional `"task"`
+    /// Accuracy on a task instead: a built-in (gsm8k, elementary_math_qa, multiemo,
+    /// spamassassin) or a JSONL file of `{"prompt", "choices", "answer": INDEX}` (multiple
+    /// choice) or `{"prompt", "answer"}` (generation, exact match) examples, each with an
+    /// optional `"task"`
     #[arg(long, default_value = "")]
     pub task: String,
     /// Generation tasks: how answers are read before matching: whole (trimmed), last-number,

@@ -11,11 +11,15 @@
 //! Built-in tasks read the real data petal fetches: GSM8K's test split (`gsm8k`: generation,
 //! the number after `####` in the reference, the last number of the output) and BIG-bench's
 //! multiple-choice `task.json` files (`elementary_math_qa`, `multiemo`: the choices are
-//! `target_scores`' keys, the answer its best-scored one).
+//! `target_scores`' keys, the answer its best-scored one), and SpamAssassin's emails
+//! (`spamassassin`: spam or not, [`spamassassin`]).
 
 use crate::error::{DataError, Result};
 use serde_json::Value;
 use std::path::Path;
+
+mod spam;
+pub use spam::spamassassin;
 
 /// What an example asks.
 #[derive(Debug, Clone, PartialEq)]
