@@ -73,7 +73,8 @@ enum Cmd {
         after_help = "Example:\n  petal methods lora\n  petal train --method lora --set lora_dropout=0.05 --data asset:shakespeare"
     )]
     Methods(methods_cmd::MethodsArgs),
-    /// Fetch the pinned real models and data (SmolLM2, Shakespeare, GSM8K) into the cache
+    /// Fetch the pinned real models and data (SmolLM2, Qwen2.5-Coder, Shakespeare, GSM8K,
+    /// SpamAssassin, BIG-bench tasks, ...) into the cache
     Assets(tools_cmd::AssetsArgs),
     /// Serve the model and its adapters over HTTP (OpenAI-style completions; `model` picks the adapter)
     #[command(

@@ -480,8 +480,25 @@ pub fn run_assets(a: AssetsArgs) -> Result<()> {
     } else {
         a.names
     };
-    for n in names {
-        println!("{n}\t{}", ensure(&n)?.display());
+    // each one tried (a registry without one package leaves the others fetched), the failures
+    // said and counted at the end
+    let mut failed = Vec::new();
+    for n in &names {
+        match ensure(n) {
+            Ok(p) => println!("{n}\t{}", p.display()),
+            Err(e) => {
+                eprintln!("{n}: {e:#}");
+                failed.push(n.as_str());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} assets could not be fetched: {}",
+            failed.len(),
+            names.len(),
+            failed.join(", ")
+        );
     }
     Ok(())
 }

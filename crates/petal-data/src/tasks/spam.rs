@@ -144,7 +144,15 @@ fn part_text(head: &str, body: &str, depth: usize) -> String {
             .split(delim.as_str())
             .skip(1)
             .filter(|p| !p.starts_with("--"))
-            .map(|p| split_head(p.trim_start_matches([' ', '\t']).trim_start_matches('\n')))
+            .map(|p| {
+                // the delimiter line's end, then the part's headers (none: an empty line)
+                let p = p.trim_start_matches([' ', '\t']);
+                let p = p.strip_prefix('\n').unwrap_or(p);
+                match p.strip_prefix('\n') {
+                    Some(body) => ("", body),
+                    None => split_head(p),
+                }
+            })
             .collect();
         let kind = |p: &(&str, &str)| {
             header(p.0, "content-type")
@@ -267,6 +275,10 @@ mod tests {
         let (subject, body) = readable(raw);
         assert_eq!(subject, "Cheap meds now");
         assert_eq!(body, "Buy now at 50% off= today");
+        // a part without headers is plain text
+        let bare =
+            "Subject: s\nContent-Type: multipart/mixed; boundary=B\n\n--B\n\nJust text\n--B--";
+        assert_eq!(readable(bare).1, "Just text");
     }
 
     #[test]
