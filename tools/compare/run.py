@@ -347,13 +347,16 @@ def report(a, results, failed=()):
                       "model's. The base model generates one prompt at a time and an adapter that can serve "
                       "rows of a batch (LoRA and most others) 8 at a time, so the column mixes the adapter's "
                       "cost with batching's gain.", ""]
-        lines += ["| method | accuracy | acc_norm | trainable params | lr | peak RSS | training tokens/s | unmerged eval time vs base |",
-                  "|---|---|---|---|---|---|---|---|"]
+        swept = any("lr_sweep" in r for r in rs)  # each rate's validation loss, in a column
+        lines += ["| method | accuracy | acc_norm | trainable params | lr | peak RSS | training tokens/s | unmerged eval time vs base |"
+                  + (" validation loss by lr |" if swept else ""),
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if swept else "")]
         for r in sorted(rs, key=lambda r: (-r["accuracy"], r["method"])):
             norm = f"{r['acc_norm']:.3f}" if r.get("acc_norm") is not None else ""
+            by_lr = ", ".join(f"{lr}: {v:.4f}" for lr, v in r.get("lr_sweep", {}).items())
             lines.append(f"| {r['method']} | {r['accuracy']:.3f} | {norm} | {r['trainable_params']:,} | "
                          f"{r.get('lr', EARLIER_LR):g} | {r['peak_rss_mb'] / 1024:.2f} GB | {r['train_tokens_per_s']:.0f}{which(r)} | "
-                         f"{r['inference_overhead']:.2f}x |")
+                         f"{r['inference_overhead']:.2f}x |" + (f" {by_lr} |" if swept else ""))
         lines.append("")
         for method, note in NOTES.items():
             if any(r["method"].split(":")[0] == method for r in rs):
@@ -510,8 +513,8 @@ def main():
     os.makedirs(copy, exist_ok=True)
     for r in results:
         name = f"{r['model'].replace(':', '_')}-{r['task'].replace('/', '_')}-{r['method'].replace(':', '_')}.json"
-        with open(os.path.join(copy, name), "w") as f:
-            json.dump(r, f, indent=1)
+        with open(os.path.join(copy, name), "w") as f:  # the adapter's path is this machine's
+            json.dump({k: v for k, v in r.items() if k != "adapter"}, f, indent=1)
     # methods that could not run, kept until they do (the report covers every sitting's runs)
     failed_path = os.path.join(copy, "failed.json")
     kept_failed = json.load(open(failed_path)) if os.path.exists(failed_path) else []
