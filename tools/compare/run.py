@@ -176,8 +176,13 @@ STEPS = {"prompt_tuning": "num_virtual_tokens", "prefix_tuning": "num_virtual_to
 
 
 def methods_info(a):
-    """method -> its entry of `petal methods --json` (options and their defaults, shared flags)."""
-    return {m["method"]: m for m in json.loads(sh([a.petal, "methods", "--json"], "petal methods"))}
+    """method -> its entry of `petal methods --json` (options and their defaults, shared flags);
+    a variant (LoRA's "dora") -> its method's entry, so that it is sized as the method is."""
+    info = {}
+    for m in json.loads(sh([a.petal, "methods", "--json"], "petal methods")):
+        info[m["method"]] = m
+        info.update({v: m for v in m.get("variants", [])})
+    return info
 
 
 def probe(a, train, spec, cache):
