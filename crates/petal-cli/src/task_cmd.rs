@@ -294,7 +294,9 @@ fn choice_logprobs(
         cache.set_rope_span(span);
         let ids = Tensor::new(ctx_ids, dev)?.unsqueeze(0)?;
         let h = model.hidden_states(&ids, Some(&mut cache), &ctx)?;
-        Ok((cache, h.narrow(1, ctx_ids.len() - 1, 1)?.squeeze(0)?))
+        // the last position: prompt tuning's virtual tokens lead h, so it is not ctx_ids' last
+        let last = h.dim(1)? - 1;
+        Ok((cache, h.narrow(1, last, 1)?.squeeze(0)?))
     };
     // once for every choice, except under LongRoPE, whose tables depend on the whole pass's
     // length (lm-evaluation-harness runs context and choice as one pass): once per length

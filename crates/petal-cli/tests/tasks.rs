@@ -71,6 +71,33 @@ fn multiple_choice_scores_equal_the_harness_way_computed_by_transformers_batched
 }
 
 #[test]
+fn input_side_adapters_score_choices_as_peft_does() {
+    // prompt tuning's virtual tokens lead the hidden states of the prompt's pass (its choice's
+    // first token was once read from the wrong position: up to 0.49 off); prefix tuning's
+    // keys and values lead every layer's cache
+    let task = golden().join("task_mc.jsonl");
+    for name in ["llama_prompt_tuning", "llama_prefix_tuning"] {
+        let want: Value = serde_json::from_str(
+            &std::fs::read_to_string(golden().join(format!("task_mc_scores_{name}.json"))).unwrap(),
+        )
+        .unwrap();
+        let adapter = golden().join("adapters").join(name);
+        let (_, rows) = run(&task, &["--adapter", adapter.to_str().unwrap()]);
+        for (i, (row, w)) in rows
+            .iter()
+            .zip(want["scores"].as_array().unwrap())
+            .enumerate()
+        {
+            let got = row["loglikelihoods"].as_array().unwrap();
+            for (g, w) in got.iter().zip(w.as_array().unwrap()) {
+                let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
+                assert!((g - w).abs() < 1e-4, "{name}, example {i}: {g} vs {w}");
+            }
+        }
+    }
+}
+
+#[test]
 fn generation_is_scored_by_exact_match_after_the_extractor_and_unmatched_answers_are_counted() {
     // the references: half the model's own greedy continuation (petal_serve::generate, one
     // prompt at a time, itself checked against transformers), half something else

@@ -136,7 +136,12 @@ impl AdapterMethod for AdaLora {
                 cfg.set(key, value)?;
             }
         }
-        cfg.set("total_step", steps)
+        // the run's length unless given; a run of no steps (one that only writes the new
+        // adapter, or counts its values) gets a schedule of one, which prunes nothing
+        if !new.given("total_step") {
+            cfg.set("total_step", steps.max(1))?;
+        }
+        Ok(())
     }
 
     fn training(
@@ -271,6 +276,36 @@ fn conformance_config() -> AdapterConfig {
     let mut c = AdapterConfig::for_method("ADALORA", 3, 6.0, crate::testing::toy_targets());
     c.set("total_step", 10).unwrap();
     c
+}
+
+#[cfg(test)]
+#[test]
+fn the_schedule_spans_the_run_or_the_given_total_step() {
+    let new = |max_steps, given: &[&str]| crate::adapter::NewAdapter {
+        shape: crate::adapter::InputShape {
+            hidden: 10,
+            layers: 1,
+            kv_heads: 1,
+            head_dim: 10,
+        },
+        attention_heads: 1,
+        max_steps,
+        given: given.iter().map(|s| s.to_string()).collect(),
+        tasks: vec![],
+        special_tokens: vec![],
+    };
+    let total = |max_steps, given: &[&str], set: Option<usize>| {
+        let mut c = AdapterConfig::for_method("ADALORA", 3, 6.0, crate::testing::toy_targets());
+        if let Some(t) = set {
+            c.set("total_step", t).unwrap();
+        }
+        AdaLora.prepare(&mut c, &new(max_steps, given)).unwrap();
+        let o: AdaLoraOptions = c.options().unwrap();
+        (o.total_step, o.tinit, o.tfinal)
+    };
+    assert_eq!(total(40, &[], None), (Some(40), 4, 8));
+    assert_eq!(total(0, &[], None), (Some(1), 0, 0));
+    assert_eq!(total(40, &["total_step"], Some(100)), (Some(100), 4, 8));
 }
 
 #[cfg(test)]
