@@ -270,6 +270,8 @@ def safe(spec):
     return spec.replace(":", "_").replace(",", "_").replace("=", "")
 
 
+DEFAULT_REPORT = "docs/comparison.md"
+
 # what a result depends on besides its model, task, method and learning rate; results made
 # before they were recorded (2026-12-01..03) had these
 SETTINGS = ("train", "test", "steps", "seq_len", "batch_size", "seed", "max_prompt_chars", "budget")
@@ -281,7 +283,7 @@ def settings(a):
     return {k: getattr(a, k) for k in SETTINGS}
 
 
-def section_command(model, task, rs):
+def section_command(a, model, task, rs):
     """The command that gives a section's rows (kept results are not run again)."""
     st = rs[0].get("settings", EARLIER_SETTINGS)
     specs = list(dict.fromkeys(r["method"] for r in rs))
@@ -291,8 +293,13 @@ def section_command(model, task, rs):
     for k in SETTINGS:
         if st.get(k) is not None:
             args += [f"--{k.replace('_', '-')}", str(st[k])]
-    if len(lrs) == 1:
+    swept = next((r["lr_sweep"] for r in rs if "lr_sweep" in r), None)
+    if swept:
+        args += ["--lr-sweep", ",".join(swept)]
+    elif len(lrs) == 1:
         args += ["--lr", f"{lrs.pop():g}"]
+    if a.report != DEFAULT_REPORT:  # a report of its own keeps its runs apart too
+        args += ["--out", a.out, "--report", a.report]
     return "python3 tools/compare/run.py --petal target/release/petal " + " ".join(args)
 
 
@@ -325,14 +332,15 @@ def report(a, results, failed=()):
              "Every method trained with the same budget on each task (the prompt -> the right answer, "
              "the loss on the answer only), scored on held-out examples by `petal eval --task`. Made by "
              "`tools/compare/run.py` (each section's command; results are kept, so a command continues "
-             "where it stopped); results in `docs/comparison/*.json`.", "", cpu_line, ""]
+             f"where it stopped); results in `{os.path.join(os.path.dirname(a.report), 'comparison')}/*.json`.",
+             "", cpu_line, ""]
     for (model, task), rs in sorted(by_task.items()):
         base = rs[0].get("base_accuracy")
         n = rs[0]["examples"]
         st = rs[0].get("settings", EARLIER_SETTINGS)
         se = (0.25 / n) ** 0.5  # the largest standard error of an accuracy over n examples
         lines += [f"## {task} on {model}", "",
-                  f"`{section_command(model, task, rs)}`", "",
+                  f"`{section_command(a, model, task, rs)}`", "",
                   (f"Base model without an adapter: accuracy {base:.3f}. " if base is not None else "")
                   + f"{st['train']} training and {n} held-out examples"
                   + (f" (of those whose prompt has at most {st['max_prompt_chars']} characters)"
@@ -428,7 +436,7 @@ def main():
                     help="only the examples whose prompt has at most this many characters (long ones "
                          "would be cut before their answer at --seq-len)")
     ap.add_argument("--out", default="runs/compare")
-    ap.add_argument("--report", default="docs/comparison.md")
+    ap.add_argument("--report", default=DEFAULT_REPORT)
     a = ap.parse_args()
     results, failed = [], []
     info = methods_info(a) if a.budget else {}
