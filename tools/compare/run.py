@@ -392,6 +392,7 @@ def plot(a, model, task, rs):
     try:
         import matplotlib
         matplotlib.use("Agg")
+        matplotlib.rcParams["svg.hashsalt"] = "petal"  # the same plot, the same file
         import matplotlib.pyplot as plt
     except ImportError:
         return None
@@ -408,7 +409,7 @@ def plot(a, model, task, rs):
     name = f"comparison/{model.replace(':', '_').replace('/', '_')}-{task.replace('/', '_')}.svg"
     path = os.path.join(os.path.dirname(a.report) or ".", name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
+    fig.savefig(path, bbox_inches="tight", metadata={"Date": None})
     plt.close(fig)
     return name
 
