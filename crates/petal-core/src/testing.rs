@@ -72,6 +72,24 @@ pub fn opt_usize(cfg: &AdapterConfig, key: &str) -> usize {
         .unwrap_or_else(|| panic!("option {key}")) as usize
 }
 
+/// What `prepare` hooks see of a new adapter on the toy model (hidden 10, one layer and head):
+/// a run of `max_steps`, the options `given`, the data's `tasks`.
+pub fn new_adapter(max_steps: usize, given: &[&str], tasks: &[&str]) -> crate::adapter::NewAdapter {
+    crate::adapter::NewAdapter {
+        shape: crate::adapter::InputShape {
+            hidden: 10,
+            layers: 1,
+            kv_heads: 1,
+            head_dim: 10,
+        },
+        attention_heads: 1,
+        max_steps,
+        given: given.iter().map(|s| s.to_string()).collect(),
+        tasks: tasks.iter().map(|s| s.to_string()).collect(),
+        special_tokens: vec![],
+    }
+}
+
 /// Both toy linears as `target_modules`.
 pub fn toy_targets() -> crate::config::Targets {
     crate::config::Targets::List(vec!["fc1".into(), "fc2".into()])

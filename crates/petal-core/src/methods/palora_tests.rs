@@ -192,19 +192,7 @@ fn bad_options_are_refused_naming_the_key() {
 
 #[test]
 fn the_tasks_come_from_the_data_unless_given_and_given_ones_must_be_in_it() {
-    let new = |given: &[&str]| NewAdapter {
-        shape: crate::adapter::InputShape {
-            hidden: 8,
-            layers: 1,
-            kv_heads: 1,
-            head_dim: 8,
-        },
-        attention_heads: 1,
-        max_steps: 10,
-        given: given.iter().map(|s| s.to_string()).collect(),
-        tasks: vec!["math".into(), "poems".into()],
-        special_tokens: vec![],
-    };
+    let new = |given: &[&str]| crate::testing::new_adapter(10, given, &["math", "poems"]);
     let mut c = AdapterConfig::for_method("palora", 2, 4.0, crate::testing::toy_targets());
     Palora.prepare(&mut c, &new(&[])).unwrap();
     assert_eq!(

@@ -281,25 +281,14 @@ fn conformance_config() -> AdapterConfig {
 #[cfg(test)]
 #[test]
 fn the_schedule_spans_the_run_or_the_given_total_step() {
-    let new = |max_steps, given: &[&str]| crate::adapter::NewAdapter {
-        shape: crate::adapter::InputShape {
-            hidden: 10,
-            layers: 1,
-            kv_heads: 1,
-            head_dim: 10,
-        },
-        attention_heads: 1,
-        max_steps,
-        given: given.iter().map(|s| s.to_string()).collect(),
-        tasks: vec![],
-        special_tokens: vec![],
-    };
     let total = |max_steps, given: &[&str], set: Option<usize>| {
         let mut c = AdapterConfig::for_method("ADALORA", 3, 6.0, crate::testing::toy_targets());
         if let Some(t) = set {
             c.set("total_step", t).unwrap();
         }
-        AdaLora.prepare(&mut c, &new(max_steps, given)).unwrap();
+        AdaLora
+            .prepare(&mut c, &crate::testing::new_adapter(max_steps, given, &[]))
+            .unwrap();
         let o: AdaLoraOptions = c.options().unwrap();
         (o.total_step, o.tinit, o.tfinal)
     };

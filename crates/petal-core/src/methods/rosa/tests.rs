@@ -87,19 +87,7 @@ fn bad_densities_schedules_and_short_runs_are_refused_naming_the_option() {
         assert!(e.contains(want), "{key}: {e}");
     }
     let mut c = conformance_config();
-    let new = NewAdapter {
-        shape: crate::adapter::InputShape {
-            hidden: 10,
-            layers: 1,
-            kv_heads: 1,
-            head_dim: 10,
-        },
-        attention_heads: 1,
-        max_steps: 50,
-        given: vec![],
-        tasks: vec![],
-        special_tokens: vec![],
-    };
+    let new = crate::testing::new_adapter(50, &[], &[]);
     let e = Rosa.prepare(&mut c, &new).unwrap_err().to_string();
     assert!(e.contains("schedule") && e.contains("50 steps"), "{e}");
 }
