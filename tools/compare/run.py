@@ -217,15 +217,18 @@ def sized(a, train, spec, info, cache):
         n = probe(a, train, spec, cache)
         default = next(o["default"] for o in info[method]["options"] if o["key"] == key)
         return with_(f"{min(1.0, default * a.budget / n):.6g}") if n else spec
-    best = None
+    best, last = None, None
     for v in [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]:
         n = probe(a, train, with_(v), cache)
         if n:
             gap = abs(math.log(n / a.budget))
             if best is None or gap < best[0]:
                 best = (gap, v)
-            if n > 2 * a.budget:
+            # past the budget and growing with the size (OFT's count shrinks as its block
+            # count grows: its sizes are all probed)
+            if n > 2 * a.budget and last is not None and n >= last:
                 break
+            last = n
     return with_(best[1]) if best else spec
 
 
