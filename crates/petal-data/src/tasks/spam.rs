@@ -131,12 +131,10 @@ fn param(value: &str, name: &str) -> Option<String> {
 /// The readable text of a part with these headers and body: a multipart's first plain-text
 /// part (else its first HTML one), decoded; tags removed from HTML.
 fn part_text(head: &str, body: &str, depth: usize) -> String {
-    let ctype = header(head, "content-type")
-        .unwrap_or_default()
-        .to_ascii_lowercase();
+    let given = header(head, "content-type").unwrap_or_default();
+    let ctype = given.to_ascii_lowercase();
     if ctype.starts_with("multipart/") && depth < 4 {
-        let Some(boundary) = header(head, "content-type").and_then(|v| param(&v, "boundary"))
-        else {
+        let Some(boundary) = param(&given, "boundary") else {
             return String::new();
         };
         let delim = format!("--{boundary}");
@@ -247,20 +245,20 @@ fn strip_html(s: &str) -> String {
 
 /// Whitespace runs as one space, trimmed, cut to at most `max` characters at a word's end.
 fn squash(s: &str, max: usize) -> String {
-    let words: Vec<&str> = s.split_whitespace().collect();
-    let mut out = String::new();
-    for w in words {
-        let extra = usize::from(!out.is_empty()) + w.chars().count();
-        if out.chars().count() + extra > max {
-            if out.is_empty() {
+    let (mut out, mut chars) = (String::new(), 0);
+    for w in s.split_whitespace() {
+        let extra = usize::from(chars > 0) + w.chars().count();
+        if chars + extra > max {
+            if chars == 0 {
                 out = w.chars().take(max).collect();
             }
             break;
         }
-        if !out.is_empty() {
+        if chars > 0 {
             out.push(' ');
         }
         out.push_str(w);
+        chars += extra;
     }
     out
 }
