@@ -18,7 +18,8 @@ trainable parameters come nearest N (probed with `petal train --max-steps 0`, ca
 OUT/MODEL/probes.json); the others keep their size. Learning rate (`--lr-sweep a,b,c`): each
 method is trained at every rate on the first task, and the rate with the lowest validation loss
 (5% of the training examples; never the test examples) is reused on the other tasks
-(OUT/MODEL/lrs.json). Give such a run its own --out and --report.
+(OUT/MODEL/lrs.json); `--lr-extend N` tries up to N rates past an end of the sweep where the
+lowest loss lies at that end. Give such a run its own --out and --report.
 
 Resumable: each (model, task, method) result is kept as OUT/MODEL/TASK/METHOD.json and not run
 again; the report is rewritten from every result present at the end of each run. The full
@@ -40,6 +41,8 @@ import random
 import subprocess
 import sys
 import time
+
+from report import DEFAULT_REPORT, SETTINGS, report, settings
 
 
 def sh(cmd, what):
@@ -92,12 +95,6 @@ def split(a, task, work):
     os.replace(train + ".tmp", train)
     os.replace(test + ".tmp", test)
     return train, test
-
-
-# the CPU and learning rate of the results made before each result recorded its own
-# (2026-12-01..03 sessions)
-EARLIER_CPU = "AMD EPYC (AVX-512, AVX512-BF16)"
-EARLIER_LR = 2e-3
 
 
 def cpu_desc():
@@ -232,22 +229,67 @@ def sized(a, train, spec, info, cache):
     return with_(best[1]) if best else spec
 
 
-def sweep(a, task, spec, train, test, base, work, chosen):
+def sweep(a, task, spec, train, test, base, work, chosen, kept=None):
     """Train `spec` at each --lr-sweep rate; keep the one whose validation loss (the training
     data's held-out 5%, not the test examples) is lowest; its run, scored on the test examples,
-    is the task's result (the other rates are never scored on them)."""
-    runs = []
-    for lr in a.lr_sweep:
+    is the task's result (the other rates are never scored on them). With --lr-extend N, a
+    lowest loss at an end of the sweep gets the next rate beyond that end (the sweep's own
+    ratio), up to N more. `kept`: this spec's earlier result, reused where its rate stays best."""
+    runs = {}
+
+    def trained(lr):
         out = os.path.join(work, "sweep", f"{safe(spec)}@{lr:g}.json")
         os.makedirs(os.path.dirname(out), exist_ok=True)
         r = (json.load(open(out)) if os.path.exists(out)
              else run_one(a, task, spec, train, test, base, out, lr, score=False))
         print(f"{task} {spec} lr {lr:g}: validation loss {r['eval_loss_after']:.4f}", flush=True)
-        runs.append(r)
-    best = min(runs, key=lambda r: r["eval_loss_after"])
+        runs[lr] = r
+
+    for lr in a.lr_sweep:
+        trained(lr)
+    for _ in range(a.lr_extend):
+        lr = beyond(runs)
+        if lr is None:
+            break
+        trained(lr)
+    best = min(runs.values(), key=val_loss)
     chosen[spec] = best["lr"]
+    swept = dict(lr_sweep={f"{lr:g}": runs[lr]["eval_loss_after"] for lr in sorted(runs)},
+                 lr_sweep_given=[f"{lr:g}" for lr in a.lr_sweep], lr_extend=a.lr_extend)
+    if kept is not None and kept.get("lr") == best["lr"]:
+        return dict(kept, **swept)
     best = best if "accuracy" in best else scored(a, test, base, best)
-    return dict(best, lr_sweep={f"{r['lr']:g}": r["eval_loss_after"] for r in runs})
+    return dict(best, **swept)
+
+
+def val_loss(r):
+    """A run's validation loss; a diverged run's (NaN) counts as the worst."""
+    v = r["eval_loss_after"]
+    return v if v is not None and math.isfinite(v) else math.inf
+
+
+def beyond(runs):
+    """The next rate past the end of the swept rates (`runs`: rate -> run) where the lowest
+    validation loss is, at the ratio of that end's neighbour; None where it is inside."""
+    rates = sorted(runs)
+    if len(rates) < 2:
+        return None
+    best = min(rates, key=lambda lr: val_loss(runs[lr]))
+    if best == rates[-1]:
+        return float(f"{rates[-1] * rates[-1] / rates[-2]:.3g}")
+    if best == rates[0]:
+        return float(f"{rates[0] * rates[0] / rates[1]:.3g}")
+    return None
+
+
+def extendable(a, r):
+    """A kept first-task result whose lowest validation loss is at an end of its sweep and
+    which --lr-extend allows more rates than it has had."""
+    by = r.get("lr_sweep")
+    if not (a.lr_sweep and a.lr_extend and by):
+        return False
+    runs = {float(lr): {"eval_loss_after": v} for lr, v in by.items()}
+    return beyond(runs) is not None and len(runs) < len(a.lr_sweep) + a.lr_extend
 
 
 def overhead(e, base):
@@ -273,150 +315,6 @@ def safe(spec):
     return spec.replace(":", "_").replace(",", "_").replace("=", "")
 
 
-DEFAULT_REPORT = "docs/comparison.md"
-
-# what a result depends on besides its model, task, method and learning rate; results made
-# before they were recorded (2026-12-01..03) had these
-SETTINGS = ("train", "test", "steps", "seq_len", "batch_size", "seed", "max_prompt_chars", "budget")
-EARLIER_SETTINGS = dict(train=400, test=100, steps=40, seq_len=192, batch_size=4, seed=0,
-                        max_prompt_chars=None, budget=None)
-
-
-def settings(a):
-    return {k: getattr(a, k) for k in SETTINGS}
-
-
-def section_command(a, model, task, rs):
-    """The command that gives a section's rows (kept results are not run again)."""
-    st = rs[0].get("settings", EARLIER_SETTINGS)
-    specs = list(dict.fromkeys(r["method"] for r in rs))
-    methods = (";" if any("," in m for m in specs) else ",").join(specs)
-    lrs = {r.get("lr", EARLIER_LR) for r in rs}
-    args = ["--model", model, "--tasks", task, "--methods", f"'{methods}'" if ";" in methods else methods]
-    for k in SETTINGS:
-        if st.get(k) is not None:
-            args += [f"--{k.replace('_', '-')}", str(st[k])]
-    swept = next((r["lr_sweep"] for r in rs if "lr_sweep" in r), None)
-    if swept:
-        args += ["--lr-sweep", ",".join(swept)]
-    elif len(lrs) == 1:
-        args += ["--lr", f"{lrs.pop():g}"]
-    if a.report != DEFAULT_REPORT:  # a report of its own keeps its runs apart too
-        args += ["--out", a.out, "--report", a.report]
-    return "python3 tools/compare/run.py --petal target/release/petal " + " ".join(args)
-
-
-# what a row's figures mean where they differ from the other methods'
-NOTES = {
-    "ks_lottery": "the trainable count is its first stage's (the whole token embedding, tuned to "
-                  "find the winning tokens); the second stage trains and the adapter keeps only the "
-                  "top_k tokens' rows (top_k x hidden values).",
-}
-
-
-def report(a, results, failed=()):
-    by_task = {}
-    for r in results:
-        by_task.setdefault((r["model"], r["task"]), []).append(r)
-    cpus = list(dict.fromkeys(r.get("cpu", EARLIER_CPU) for r in results))
-    mark = {c: "" if len(cpus) == 1 else chr(ord("a") + i) for i, c in enumerate(cpus)}
-
-    def which(r):  # the letter of a row's CPU when there are several
-        m = mark[r.get("cpu", EARLIER_CPU)]
-        return f" ({m})" if m else ""
-
-    if len(cpus) == 1:
-        cpu_line = f"CPU: {cpus[0]}, {os.cpu_count()} threads."
-    else:
-        cpu_line = ("Speed and memory were measured on several CPUs (the letter after a row's tokens/s): "
-                    + "; ".join(f"({mark[c]}) {c}" for c in cpus)
-                    + ", 2 threads. Accuracy does not depend on the CPU; tokens/s do.")
-    lines = ["# Method comparison", "",
-             "Every method trained with the same budget on each task (the prompt -> the right answer, "
-             "the loss on the answer only), scored on held-out examples by `petal eval --task`. Made by "
-             "`tools/compare/run.py` (each section's command; results are kept, so a command continues "
-             f"where it stopped); results in `{os.path.join(os.path.dirname(a.report), 'comparison')}/*.json`.",
-             "", cpu_line, ""]
-    for (model, task), rs in sorted(by_task.items()):
-        base = rs[0].get("base_accuracy")
-        n = rs[0]["examples"]
-        st = rs[0].get("settings", EARLIER_SETTINGS)
-        se = (0.25 / n) ** 0.5  # the largest standard error of an accuracy over n examples
-        lines += [f"## {task} on {model}", "",
-                  f"`{section_command(a, model, task, rs)}`", "",
-                  (f"Base model without an adapter: accuracy {base:.3f}. " if base is not None else "")
-                  + f"{st['train']} training and {n} held-out examples"
-                  + (f" (of those whose prompt has at most {st['max_prompt_chars']} characters)"
-                     if st.get("max_prompt_chars") else "")
-                  + f"; an accuracy's standard error is up to {se:.3f}, so differences below about "
-                  f"{2 * se:.2f} are within noise. {rs[0]['steps']} training steps a method, batch "
-                  f"{st['batch_size']} x {st['seq_len']} tokens, seed {st['seed']}.", ""]
-        if st.get("budget"):
-            lines += [f"Each method with a size option (its rank, or the size RPS, intrinsic dimension, FISH, "
-                      f"the prompts and MoV have) sized to the nearest of about {st['budget']:,} trainable "
-                      "parameters (the size after the method's name); the others keep their own size.", ""]
-        if any("lr_sweep" in r for r in rs):
-            lines += ["Learning rate: the lowest validation loss (5% of the training examples, not the test "
-                      "ones) of the rates swept on the first task, reused on the other tasks.", ""]
-        if any("generated_tokens" in r for r in rs):
-            lines += ["Generation: the unmerged evaluation time is per generated token, against the base "
-                      "model's. The base model generates one prompt at a time and an adapter that can serve "
-                      "rows of a batch (LoRA and most others) 8 at a time, so the column mixes the adapter's "
-                      "cost with batching's gain.", ""]
-        swept = any("lr_sweep" in r for r in rs)  # each rate's validation loss, in a column
-        lines += ["| method | accuracy | acc_norm | trainable params | lr | peak RSS | training tokens/s | unmerged eval time vs base |"
-                  + (" validation loss by lr |" if swept else ""),
-                  "|---|---|---|---|---|---|---|---|" + ("---|" if swept else "")]
-        for r in sorted(rs, key=lambda r: (-r["accuracy"], r["method"])):
-            norm = f"{r['acc_norm']:.3f}" if r.get("acc_norm") is not None else ""
-            by_lr = ", ".join(f"{lr}: {v:.4f}" for lr, v in r.get("lr_sweep", {}).items())
-            lines.append(f"| {r['method']} | {r['accuracy']:.3f} | {norm} | {r['trainable_params']:,} | "
-                         f"{r.get('lr', EARLIER_LR):g} | {r['peak_rss_mb'] / 1024:.2f} GB | {r['train_tokens_per_s']:.0f}{which(r)} | "
-                         f"{r['inference_overhead']:.2f}x |" + (f" {by_lr} |" if swept else ""))
-        lines.append("")
-        for method, note in NOTES.items():
-            if any(r["method"].split(":")[0] == method for r in rs):
-                lines += [f"{method}: {note}", ""]
-        svg = plot(a, model, task, rs)
-        if svg:
-            lines += [f"![accuracy against trainable parameters and peak memory]({svg})", ""]
-    for title, gone in [("Methods that did not run", False), ("Results withdrawn", True)]:
-        rows = [f"- {spec} on {task}: {why}" for task, spec, why, w in failed if w == gone]
-        if rows:
-            lines += [f"## {title}", ""] + rows + [""]
-    os.makedirs(os.path.dirname(a.report) or ".", exist_ok=True)
-    with open(a.report + ".tmp", "w") as f:
-        f.write("\n".join(lines))
-    os.replace(a.report + ".tmp", a.report)
-    print(f"report: {a.report}")
-
-
-def plot(a, model, task, rs):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        matplotlib.rcParams["svg.hashsalt"] = "petal"  # the same plot, the same file
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label, scale in [(axes[0], "trainable_params", "trainable parameters", "log"),
-                                  (axes[1], "peak_rss_mb", "peak RSS (MB)", "linear")]:
-        for r in rs:
-            ax.scatter(r[key], r["accuracy"])
-            ax.annotate(r["method"], (r[key], r["accuracy"]), fontsize=8)
-        ax.set_xscale(scale)
-        ax.set_xlabel(label)
-        ax.set_ylabel("accuracy")
-    fig.suptitle(f"{task} on {model}")
-    name = f"comparison/{model.replace(':', '_').replace('/', '_')}-{task.replace('/', '_')}.svg"
-    path = os.path.join(os.path.dirname(a.report) or ".", name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, bbox_inches="tight", metadata={"Date": None})
-    plt.close(fig)
-    return name
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--petal", default="target/release/petal")
@@ -430,6 +328,9 @@ def main():
     ap.add_argument("--lr-sweep", type=lambda t: [float(x) for x in t.split(",")], default=None,
                     help="learning rates tried on the first task (e.g. 5e-4,2e-3,8e-3); the one with the lowest "
                          "validation loss is kept for every task")
+    ap.add_argument("--lr-extend", type=int, default=0,
+                    help="where the lowest validation loss is at an end of --lr-sweep, try up to this many rates "
+                         "beyond that end (the sweep's ratio); kept results at an end are extended too")
     ap.add_argument("--budget", type=int, default=None,
                     help="trainable parameters each method is sized to (its rank or size option; methods "
                          "without one keep their size)")
@@ -487,14 +388,16 @@ def main():
             committed = os.path.join(os.path.dirname(a.report) or ".", "comparison",
                                      f"{a.model.replace(':', '_')}-{task.replace('/', '_')}-"
                                      f"{spec.replace(':', '_')}.json")
-            if os.path.exists(out) or os.path.exists(committed):
-                r = json.load(open(out if os.path.exists(out) else committed))
+            kept = (json.load(open(out if os.path.exists(out) else committed))
+                    if os.path.exists(out) or os.path.exists(committed) else None)
+            if kept is not None and not (ti == 0 and extendable(a, kept)):
+                r = kept
                 print(f"{task} {spec}: kept ({r['accuracy']:.3f})", flush=True)
             else:
                 t0 = time.time()
                 try:
                     if a.lr_sweep and ti == 0:
-                        r = sweep(a, task, spec, train, test, base, work, chosen)
+                        r = sweep(a, task, spec, train, test, base, work, chosen, kept)
                         with open(lrs_path, "w") as f:
                             json.dump(chosen, f)
                         with open(out, "w") as f:

@@ -1,0 +1,158 @@
+"""The method-comparison report (docs/comparison.md and its plots) written from the results
+tools/compare/run.py keeps: a section per model and task, with the command that makes it."""
+import os
+
+# the CPU and learning rate of the results made before each result recorded its own
+# (2026-12-01..03 sessions)
+EARLIER_CPU = "AMD EPYC (AVX-512, AVX512-BF16)"
+EARLIER_LR = 2e-3
+
+
+DEFAULT_REPORT = "docs/comparison.md"
+
+# what a result depends on besides its model, task, method and learning rate; results made
+# before they were recorded (2026-12-01..03) had these
+SETTINGS = ("train", "test", "steps", "seq_len", "batch_size", "seed", "max_prompt_chars", "budget")
+EARLIER_SETTINGS = dict(train=400, test=100, steps=40, seq_len=192, batch_size=4, seed=0,
+                        max_prompt_chars=None, budget=None)
+
+
+def settings(a):
+    return {k: getattr(a, k) for k in SETTINGS}
+
+
+def section_command(a, model, task, rs):
+    """The command that gives a section's rows (kept results are not run again)."""
+    st = rs[0].get("settings", EARLIER_SETTINGS)
+    specs = list(dict.fromkeys(r["method"] for r in rs))
+    methods = (";" if any("," in m for m in specs) else ",").join(specs)
+    lrs = {r.get("lr", EARLIER_LR) for r in rs}
+    args = ["--model", model, "--tasks", task, "--methods", f"'{methods}'" if ";" in methods else methods]
+    for k in SETTINGS:
+        if st.get(k) is not None:
+            args += [f"--{k.replace('_', '-')}", str(st[k])]
+    swept = next((r.get("lr_sweep_given", r["lr_sweep"]) for r in rs if "lr_sweep" in r), None)
+    if swept:
+        args += ["--lr-sweep", ",".join(swept)]
+        extend = max(r.get("lr_extend", 0) for r in rs)
+        if extend:
+            args += ["--lr-extend", str(extend)]
+    elif len(lrs) == 1:
+        args += ["--lr", f"{lrs.pop():g}"]
+    if a.report != DEFAULT_REPORT:  # a report of its own keeps its runs apart too
+        args += ["--out", a.out, "--report", a.report]
+    return "python3 tools/compare/run.py --petal target/release/petal " + " ".join(args)
+
+
+# what a row's figures mean where they differ from the other methods'
+NOTES = {
+    "ks_lottery": "the trainable count is its first stage's (the whole token embedding, tuned to "
+                  "find the winning tokens); the second stage trains and the adapter keeps only the "
+                  "top_k tokens' rows (top_k x hidden values).",
+}
+
+
+def report(a, results, failed=()):
+    by_task = {}
+    for r in results:
+        by_task.setdefault((r["model"], r["task"]), []).append(r)
+    cpus = list(dict.fromkeys(r.get("cpu", EARLIER_CPU) for r in results))
+    mark = {c: "" if len(cpus) == 1 else chr(ord("a") + i) for i, c in enumerate(cpus)}
+
+    def which(r):  # the letter of a row's CPU when there are several
+        m = mark[r.get("cpu", EARLIER_CPU)]
+        return f" ({m})" if m else ""
+
+    if len(cpus) == 1:
+        cpu_line = f"CPU: {cpus[0]}, {os.cpu_count()} threads."
+    else:
+        cpu_line = ("Speed and memory were measured on several CPUs (the letter after a row's tokens/s): "
+                    + "; ".join(f"({mark[c]}) {c}" for c in cpus)
+                    + ", 2 threads. Accuracy does not depend on the CPU; tokens/s do.")
+    lines = ["# Method comparison", "",
+             "Every method trained with the same budget on each task (the prompt -> the right answer, "
+             "the loss on the answer only), scored on held-out examples by `petal eval --task`. Made by "
+             "`tools/compare/run.py` (each section's command; results are kept, so a command continues "
+             f"where it stopped); results in `{os.path.join(os.path.dirname(a.report), 'comparison')}/*.json`.",
+             "", cpu_line, ""]
+    for (model, task), rs in sorted(by_task.items()):
+        base = rs[0].get("base_accuracy")
+        n = rs[0]["examples"]
+        st = rs[0].get("settings", EARLIER_SETTINGS)
+        se = (0.25 / n) ** 0.5  # the largest standard error of an accuracy over n examples
+        lines += [f"## {task} on {model}", "",
+                  f"`{section_command(a, model, task, rs)}`", "",
+                  (f"Base model without an adapter: accuracy {base:.3f}. " if base is not None else "")
+                  + f"{st['train']} training and {n} held-out examples"
+                  + (f" (of those whose prompt has at most {st['max_prompt_chars']} characters)"
+                     if st.get("max_prompt_chars") else "")
+                  + f"; an accuracy's standard error is up to {se:.3f}, so differences below about "
+                  f"{2 * se:.2f} are within noise. {rs[0]['steps']} training steps a method, batch "
+                  f"{st['batch_size']} x {st['seq_len']} tokens, seed {st['seed']}.", ""]
+        if st.get("budget"):
+            lines += [f"Each method with a size option (its rank, or the size RPS, intrinsic dimension, FISH, "
+                      f"the prompts and MoV have) sized to the nearest of about {st['budget']:,} trainable "
+                      "parameters (the size after the method's name); the others keep their own size.", ""]
+        if any("lr_sweep" in r for r in rs):
+            extend = max(r.get("lr_extend", 0) for r in rs)
+            lines += ["Learning rate: the lowest validation loss (5% of the training examples, not the test "
+                      "ones) of the rates swept on the first task, reused on the other tasks"
+                      + (f"; where it was at an end of the sweep, up to {extend} more rates beyond that end were "
+                         "tried (the sweep's ratio)" if extend else "") + ".", ""]
+        if any("generated_tokens" in r for r in rs):
+            lines += ["Generation: the unmerged evaluation time is per generated token, against the base "
+                      "model's. The base model generates one prompt at a time and an adapter that can serve "
+                      "rows of a batch (LoRA and most others) 8 at a time, so the column mixes the adapter's "
+                      "cost with batching's gain.", ""]
+        swept = any("lr_sweep" in r for r in rs)  # each rate's validation loss, in a column
+        lines += ["| method | accuracy | acc_norm | trainable params | lr | peak RSS | training tokens/s | unmerged eval time vs base |"
+                  + (" validation loss by lr |" if swept else ""),
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if swept else "")]
+        for r in sorted(rs, key=lambda r: (-r["accuracy"], r["method"])):
+            norm = f"{r['acc_norm']:.3f}" if r.get("acc_norm") is not None else ""
+            by_lr = ", ".join(f"{lr}: {v:.4f}" for lr, v in r.get("lr_sweep", {}).items())
+            lines.append(f"| {r['method']} | {r['accuracy']:.3f} | {norm} | {r['trainable_params']:,} | "
+                         f"{r.get('lr', EARLIER_LR):g} | {r['peak_rss_mb'] / 1024:.2f} GB | {r['train_tokens_per_s']:.0f}{which(r)} | "
+                         f"{r['inference_overhead']:.2f}x |" + (f" {by_lr} |" if swept else ""))
+        lines.append("")
+        for method, note in NOTES.items():
+            if any(r["method"].split(":")[0] == method for r in rs):
+                lines += [f"{method}: {note}", ""]
+        svg = plot(a, model, task, rs)
+        if svg:
+            lines += [f"![accuracy against trainable parameters and peak memory]({svg})", ""]
+    for title, gone in [("Methods that did not run", False), ("Results withdrawn", True)]:
+        rows = [f"- {spec} on {task}: {why}" for task, spec, why, w in failed if w == gone]
+        if rows:
+            lines += [f"## {title}", ""] + rows + [""]
+    os.makedirs(os.path.dirname(a.report) or ".", exist_ok=True)
+    with open(a.report + ".tmp", "w") as f:
+        f.write("\n".join(lines))
+    os.replace(a.report + ".tmp", a.report)
+    print(f"report: {a.report}")
+
+
+def plot(a, model, task, rs):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        matplotlib.rcParams["svg.hashsalt"] = "petal"  # the same plot, the same file
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label, scale in [(axes[0], "trainable_params", "trainable parameters", "log"),
+                                  (axes[1], "peak_rss_mb", "peak RSS (MB)", "linear")]:
+        for r in rs:
+            ax.scatter(r[key], r["accuracy"])
+            ax.annotate(r["method"], (r[key], r["accuracy"]), fontsize=8)
+        ax.set_xscale(scale)
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy")
+    fig.suptitle(f"{task} on {model}")
+    name = f"comparison/{model.replace(':', '_').replace('/', '_')}-{task.replace('/', '_')}.svg"
+    path = os.path.join(os.path.dirname(a.report) or ".", name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, bbox_inches="tight", metadata={"Date": None})
+    plt.close(fig)
+    return name
