@@ -52,6 +52,12 @@ NOTES = {
 }
 
 
+def at_end(r):
+    """Whether a swept row's rate is the lowest or the highest of the rates it tried."""
+    rates = sorted(float(lr) for lr in r.get("lr_sweep", {}))
+    return len(rates) > 1 and r.get("lr") in (rates[0], rates[-1])
+
+
 def report(a, results, failed=()):
     by_task = {}
     for r in results:
@@ -99,6 +105,11 @@ def report(a, results, failed=()):
                       "ones) of the rates swept on the first task, reused on the other tasks"
                       + (f"; where it was at an end of the sweep, up to {extend} more rates beyond that end were "
                          "tried (the sweep's ratio)" if extend else "") + ".", ""]
+            ends = [r for r in rs if at_end(r)]
+            if ends:
+                lines += [f"{len(ends)} of {len(rs)} rows (lr marked *) have their lowest validation loss at an end "
+                          "of the rates they tried (listed in the last column), so their best rate may lie "
+                          "beyond it.", ""]
         if any("generated_tokens" in r for r in rs):
             lines += ["Generation: the unmerged evaluation time is per generated token, against the base "
                       "model's. The base model generates one prompt at a time and an adapter that can serve "
@@ -112,7 +123,7 @@ def report(a, results, failed=()):
             norm = f"{r['acc_norm']:.3f}" if r.get("acc_norm") is not None else ""
             by_lr = ", ".join(f"{lr}: {v:.4f}" for lr, v in r.get("lr_sweep", {}).items())
             lines.append(f"| {r['method']} | {r['accuracy']:.3f} | {norm} | {r['trainable_params']:,} | "
-                         f"{r.get('lr', EARLIER_LR):g} | {r['peak_rss_mb'] / 1024:.2f} GB | {r['train_tokens_per_s']:.0f}{which(r)} | "
+                         f"{r.get('lr', EARLIER_LR):g}{'*' if at_end(r) else ''} | {r['peak_rss_mb'] / 1024:.2f} GB | {r['train_tokens_per_s']:.0f}{which(r)} | "
                          f"{r['inference_overhead']:.2f}x |" + (f" {by_lr} |" if swept else ""))
         lines.append("")
         for method, note in NOTES.items():

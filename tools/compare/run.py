@@ -182,13 +182,23 @@ def methods_info(a):
     return info
 
 
+# methods whose trainable parameters are known only once a step has run (FISH's mask is chosen
+# after its Fisher estimate: one sequence of it is enough to count them)
+PROBE_STEP = {"fish": ["fisher_samples=1"]}
+
+
 def probe(a, train, spec, cache):
-    """Trainable parameters of `spec` on the model (`petal train --max-steps 0`), cached."""
+    """Trainable parameters of `spec` on the model (`petal train --max-steps 0`, or one step of
+    batch 1 for PROBE_STEP's methods), cached."""
     if spec not in cache:
         method, _, opts = spec.partition(":")
-        cmd = [a.petal, "train", "--model", a.model, "--data", train, "--method", method, "--max-steps", "0",
+        step = PROBE_STEP.get(method)
+        cmd = [a.petal, "train", "--model", a.model, "--data", train, "--method", method,
+               "--max-steps", "1" if step else "0", "--batch-size", "1",
                "--seq-len", str(a.seq_len), "--max-eval-examples", "1", "--json",
                "--out", os.path.join(a.out, ".probe"), "--overwrite", "true"]
+        for o in step or []:
+            cmd += ["--set", o]
         for o in filter(None, opts.split(",")):
             cmd += ["--set", o]
         try:
