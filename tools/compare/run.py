@@ -182,24 +182,23 @@ def methods_info(a):
     return info
 
 
-# methods whose trainable parameters are known only once a step has run (FISH's mask is chosen
-# after its Fisher estimate: one sequence of it is enough to count them)
-PROBE_STEP = {"fish": ["fisher_samples=1"]}
+# methods whose trainable parameters are known only once steps have run, with the options that
+# make those steps few (FISH's mask is chosen after its Fisher estimate: one sequence of it is
+# enough; RoSA's sparse mask after its warm-up)
+PROBE_STEPS = {"fish": (1, ["fisher_samples=1"]), "rosa": (2, ["schedule=wl0"])}
 
 
 def probe(a, train, spec, cache):
     """Trainable parameters of `spec` on the model (`petal train --max-steps 0`, or one step of
-    batch 1 for PROBE_STEP's methods), cached."""
+    batch 1 for PROBE_STEPS' methods), cached."""
     if spec not in cache:
         method, _, opts = spec.partition(":")
-        step = PROBE_STEP.get(method)
+        steps, fast = PROBE_STEPS.get(method, (0, []))
         cmd = [a.petal, "train", "--model", a.model, "--data", train, "--method", method,
-               "--max-steps", "1" if step else "0", "--batch-size", "1",
+               "--max-steps", str(steps), "--batch-size", "1",
                "--seq-len", str(a.seq_len), "--max-eval-examples", "1", "--json",
                "--out", os.path.join(a.out, ".probe"), "--overwrite", "true"]
-        for o in step or []:
-            cmd += ["--set", o]
-        for o in filter(None, opts.split(",")):
+        for o in [*filter(None, opts.split(",")), *fast]:  # the fast options win
             cmd += ["--set", o]
         try:
             cache[spec] = json.loads(sh(cmd, f"sizing {spec}"))["trainable_params"]
