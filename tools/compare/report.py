@@ -24,7 +24,7 @@ def settings(a):
 def section_command(a, model, task, rs):
     """The command that gives a section's rows (kept results are not run again)."""
     st = rs[0].get("settings", EARLIER_SETTINGS)
-    specs = list(dict.fromkeys(r["method"] for r in rs))
+    specs = sorted({r["method"] for r in rs})  # the same results, the same command
     methods = (";" if any("," in m for m in specs) else ",").join(specs)
     lrs = {r.get("lr", EARLIER_LR) for r in rs}
     args = ["--model", model, "--tasks", task, "--methods", f"'{methods}'" if ";" in methods else methods]
@@ -152,6 +152,7 @@ def plot(a, model, task, rs):
     except ImportError:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    rs = sorted(rs, key=lambda r: r["method"])  # the same results, the same file (colours go in order)
     for ax, key, label, scale in [(axes[0], "trainable_params", "trainable parameters", "log"),
                                   (axes[1], "peak_rss_mb", "peak RSS (MB)", "linear")]:
         for r in rs:

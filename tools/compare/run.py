@@ -189,8 +189,8 @@ PROBE_STEPS = {"fish": (1, ["fisher_samples=1"]), "rosa": (2, ["schedule=wl0"])}
 
 
 def probe(a, train, spec, cache):
-    """Trainable parameters of `spec` on the model (`petal train --max-steps 0`, or one step of
-    batch 1 for PROBE_STEPS' methods), cached."""
+    """Trainable parameters of `spec` on the model (`petal train --max-steps 0`, or PROBE_STEPS'
+    few steps of batch 1), cached."""
     if spec not in cache:
         method, _, opts = spec.partition(":")
         steps, fast = PROBE_STEPS.get(method, (0, []))
