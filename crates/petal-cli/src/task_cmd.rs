@@ -15,7 +15,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Built-in tasks on the data `petal assets` fetches.
-pub const BUILT_IN: [&str; 4] = ["gsm8k", "elementary_math_qa", "multiemo", "spamassassin"];
+pub const BUILT_IN: [&str; 5] = [
+    "gsm8k",
+    "elementary_math_qa",
+    "multiemo",
+    "spamassassin",
+    "mmlu",
+];
 
 /// How a task is scored besides its examples.
 pub struct Scoring {
@@ -85,6 +91,11 @@ pub fn load(
                 let f = dir.join(format!("{sub}.json"));
                 ex.extend(petal_data::tasks::bigbench(&f, &format!("{task}/{sub}"))?);
             }
+            Ok((ex, scoring(Extract::Whole, false, stop(&["\n\n"]))))
+        }
+        "mmlu" => {
+            let p = crate::assets::ensure(task)?;
+            let ex = petal_data::tasks::mmlu(&p)?;
             Ok((ex, scoring(Extract::Whole, false, stop(&["\n\n"]))))
         }
         "spamassassin" => {

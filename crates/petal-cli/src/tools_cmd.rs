@@ -17,7 +17,7 @@ pub struct EvalArgs {
     #[arg(long, default_value = "")]
     pub data: String,
     /// Accuracy on a task instead: a built-in (gsm8k, elementary_math_qa, multiemo,
-    /// spamassassin) or a JSONL file of `{"prompt", "choices", "answer": INDEX}` (multiple
+    /// spamassassin, mmlu) or a JSONL file of `{"prompt", "choices", "answer": INDEX}` (multiple
     /// choice) or `{"prompt", "answer"}` (generation, exact match) examples, each with an
     /// optional `"task"`
     #[arg(long, default_value = "")]

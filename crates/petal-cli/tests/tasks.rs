@@ -171,7 +171,7 @@ fn a_bad_task_is_refused_in_one_line_naming_the_line_or_the_choices() {
         ),
         (
             vec!["--task", "nope"],
-            "neither a built-in task (gsm8k, elementary_math_qa, multiemo, spamassassin)",
+            "neither a built-in task (gsm8k, elementary_math_qa, multiemo, spamassassin, mmlu)",
         ),
         (
             vec!["--task", "nope", "--data", "x.jsonl"],

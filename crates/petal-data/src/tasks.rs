@@ -11,14 +11,17 @@
 //! Built-in tasks read the real data petal fetches: GSM8K's test split (`gsm8k`: generation,
 //! the number after `####` in the reference, the last number of the output) and BIG-bench's
 //! multiple-choice `task.json` files (`elementary_math_qa`, `multiemo`: the choices are
-//! `target_scores`' keys, the answer its best-scored one), and SpamAssassin's emails
-//! (`spamassassin`: spam or not, [`spamassassin`]).
+//! `target_scores`' keys, the answer its best-scored one), SpamAssassin's emails
+//! (`spamassassin`: spam or not, [`spamassassin`]) and MMLU's test split (`mmlu`: four-choice
+//! questions in 57 subjects, as lm-evaluation-harness asks them, [`mmlu`]).
 
 use crate::error::{DataError, Result};
 use serde_json::Value;
 use std::path::Path;
 
+mod mmlu;
 mod spam;
+pub use mmlu::mmlu;
 pub use spam::spamassassin;
 
 /// What an example asks.
