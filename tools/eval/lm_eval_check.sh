@@ -5,7 +5,7 @@
 # in a venv: VENV, default .venv, made from tools/golden/requirements.txt, gets
 # tools/eval/requirements.txt here).
 #   [TASK=spamassassin] tools/eval/lm_eval_check.sh [path/to/petal] [examples]
-# TASK: a multiple-choice built-in, TASK/SUBTASK for one sub-task (elementary_math_qa/question_only
+# TASK: a multiple-choice built-in (mmlu, spamassassin), TASK/SUBTASK for one sub-task (elementary_math_qa/question_only
 # needs bigbench==1.0.0, which not every registry holds; spamassassin comes from npm).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
