@@ -49,6 +49,10 @@ NOTES = {
     "ks_lottery": "the trainable count is its first stage's (the whole token embedding, tuned to "
                   "find the winning tokens); the second stage trains and the adapter keeps only the "
                   "top_k tokens' rows (top_k x hidden values).",
+    "pasta": "PASTA shifts the hidden states of special tokens alone; a prompt here holds none "
+             "(SmolLM2's tokenizer adds no BOS), only the end-of-text token after the answer, "
+             "which cannot reach the answer's loss: nothing it trains changes the scores (the "
+             "same validation loss at every rate, the base's accuracy).",
 }
 
 

@@ -399,7 +399,10 @@ def main():
                                      f"{spec.replace(':', '_')}.json")
             kept = (json.load(open(out if os.path.exists(out) else committed))
                     if os.path.exists(out) or os.path.exists(committed) else None)
-            if kept is not None and not (ti == 0 and extendable(a, kept)):
+            # a later task's result trained at a rate the first task's sweep has since replaced
+            stale = (kept is not None and ti > 0 and spec in chosen
+                     and not math.isclose(kept.get("lr", 0), chosen[spec]))
+            if kept is not None and not (ti == 0 and extendable(a, kept)) and not stale:
                 r = kept
                 print(f"{task} {spec}: kept ({r['accuracy']:.3f})", flush=True)
             else:
