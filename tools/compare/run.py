@@ -22,9 +22,10 @@ method is trained at every rate on the first task, and the rate with the lowest 
 lowest loss lies at that end. Give such a run its own --out and --report.
 
 Resumable: each (model, task, method) result is kept as OUT/MODEL/TASK/METHOD.json and not run
-again; the report is rewritten from every result present at the end of each run. The full
-report is a long command run across sittings; a cheap subset (a few methods, one task) takes
-minutes.
+again (except a first-task result that --lr-extend can take further, and a later task's result
+trained at a rate the first task's sweep has since replaced); the report is rewritten from every
+result present at the end of each run. The full report is a long command run across sittings; a
+cheap subset (a few methods, one task) takes minutes.
 
     python3 tools/compare/run.py --petal target/release/petal --model asset:smollm2 \\
         --tasks elementary_math_qa/question_only --methods lora,ia3,loha --train 400 --test 100 --steps 40
@@ -42,7 +43,7 @@ import subprocess
 import sys
 import time
 
-from report import DEFAULT_REPORT, SETTINGS, report, settings
+from report import DEFAULT_REPORT, EARLIER_LR, SETTINGS, report, settings
 
 
 def sh(cmd, what):
@@ -401,7 +402,9 @@ def main():
                     if os.path.exists(out) or os.path.exists(committed) else None)
             # a later task's result trained at a rate the first task's sweep has since replaced
             stale = (kept is not None and ti > 0 and spec in chosen
-                     and not math.isclose(kept.get("lr", 0), chosen[spec]))
+                     and not math.isclose(kept.get("lr", EARLIER_LR), chosen[spec]))
+            if ti == 0 and kept is not None and "lr_sweep" in kept:
+                chosen.setdefault(spec, kept["lr"])  # a fresh checkout's committed copy
             if kept is not None and not (ti == 0 and extendable(a, kept)) and not stale:
                 r = kept
                 print(f"{task} {spec}: kept ({r['accuracy']:.3f})", flush=True)

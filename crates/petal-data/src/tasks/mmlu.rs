@@ -105,8 +105,9 @@ mod tests {
             .join(name)
     }
 
-    /// The prompts and choices lm-evaluation-harness renders for the same rows
-    /// (tools/golden/make_mmlu_fixture.py), the two stray header lines skipped.
+    /// The prompts and choices lm-evaluation-harness makes of the same rows
+    /// (tools/golden/make_mmlu_fixture.py: two of each subject, a choice ending in a space, a
+    /// question with a non-ASCII character), the two stray header lines skipped.
     #[test]
     fn prompts_are_the_harness_own() {
         let ex = mmlu(&golden("mmlu_raw.jsonl")).unwrap();
@@ -152,7 +153,7 @@ mod tests {
         std::fs::write(&p, format!("\n{row}\n")).unwrap();
         let err = mmlu(&p).unwrap_err().to_string();
         assert!(
-            err.contains("m.jsonl") && err.contains('2') && err.contains("A, B, C or D"),
+            err.contains("m.jsonl:2:") && err.contains("A, B, C or D"),
             "{err}"
         );
         std::fs::write(&p, row.replace(r#""answer_d": "4", "#, "")).unwrap();
