@@ -27,14 +27,19 @@ def section_command(a, model, task, rs):
     specs = sorted({r["method"] for r in rs})  # the same results, the same command
     methods = (";" if any("," in m for m in specs) else ",").join(specs)
     lrs = {r.get("lr", EARLIER_LR) for r in rs}
-    args = ["--model", model, "--tasks", task, "--methods", f"'{methods}'" if ";" in methods else methods]
+    # rows trained at the rates another task's sweep chose: the command sweeps that task first
+    origin = next((r["rates_from"] for r in rs if "rates_from" in r), None)
+    tasks = f"{origin['task']},{task}" if origin else task
+    args = ["--model", model, "--tasks", tasks, "--methods", f"'{methods}'" if ";" in methods else methods]
     for k in SETTINGS:
         if st.get(k) is not None:
             args += [f"--{k.replace('_', '-')}", str(st[k])]
     swept = next((r.get("lr_sweep_given", r["lr_sweep"]) for r in rs if "lr_sweep" in r), None)
+    if origin:
+        swept = origin["lr_sweep"]
     if swept:
         args += ["--lr-sweep", ",".join(swept)]
-        extend = max(r.get("lr_extend", 0) for r in rs)
+        extend = max(r.get("lr_extend", r.get("rates_from", {}).get("lr_extend", 0)) for r in rs)
         if extend:
             args += ["--lr-extend", str(extend)]
     elif len(lrs) == 1:
@@ -114,6 +119,10 @@ def report(a, results, failed=()):
                 lines += [f"{len(ends)} of {len(rs)} rows (lr marked *) have their lowest validation loss at an end "
                           "of the rates they tried (listed in the last column), so their best rate may lie "
                           "beyond it.", ""]
+        elif any("rates_from" in r for r in rs):
+            lines += ["Learning rate: each method's rate from its sweep on "
+                      f"{next(r['rates_from']['task'] for r in rs if 'rates_from' in r)} (the lowest validation "
+                      "loss there), not swept again on this task.", ""]
         if any("generated_tokens" in r for r in rs):
             lines += ["Generation: the unmerged evaluation time is per generated token, against the base "
                       "model's. The base model generates one prompt at a time and an adapter that can serve "

@@ -419,6 +419,11 @@ def main():
                             json.dump(r, f)
                     else:
                         r = run_one(a, task, spec, train, test, base, out, chosen.get(spec, a.lr))
+                        if spec in chosen:  # the rate of the first task's sweep: how it was made
+                            r["rates_from"] = dict(task=a.tasks.split(",")[0], lr_sweep=[f"{x:g}" for x in a.lr_sweep],
+                                                   lr_extend=a.lr_extend)
+                            with open(out, "w") as f:
+                                json.dump(r, f)
                 except SystemExit as e:  # a method that cannot run here: said, not kept
                     print(f"{task} {spec}: failed: {e}", flush=True)
                     failed.append((task, spec, str(e)))
