@@ -108,21 +108,29 @@ fn line_err(path: &Path, line: usize, msg: impl Into<String>) -> DataError {
     }
 }
 
-/// A task file in petal's JSONL form (see the module doc); `task` names examples without a
-/// `"task"` key.
-pub fn load_task_file(path: &Path, task: &str) -> Result<Vec<TaskExample>> {
+/// A JSONL file's records with their line numbers (from 1), blank lines skipped; a line that is
+/// not JSON is an error naming it.
+fn json_lines(path: &Path) -> Result<Vec<(usize, Value)>> {
     let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
         source,
     })?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| {
+            serde_json::from_str(line)
+                .map(|v| (i + 1, v))
+                .map_err(|e| line_err(path, i + 1, format!("not JSON: {e}")))
+        })
+        .collect()
+}
+
+/// A task file in petal's JSONL form (see the module doc); `task` names examples without a
+/// `"task"` key.
+pub fn load_task_file(path: &Path, task: &str) -> Result<Vec<TaskExample>> {
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let n = i + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: Value =
-            serde_json::from_str(line).map_err(|e| line_err(path, n, format!("not JSON: {e}")))?;
+    for (n, v) in json_lines(path)? {
         let field = |k: &str| {
             v.get(k)
                 .ok_or_else(|| line_err(path, n, format!("no `{k}` key")))

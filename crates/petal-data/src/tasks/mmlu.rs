@@ -11,7 +11,7 @@
 //! (`--max-examples`) span the subjects; each example's sub-task is `mmlu/<subject>` with
 //! underscores (`mmlu/moral_scenarios`) for the per-task breakdown and `--tasks`.
 
-use super::{line_err, Item, TaskExample};
+use super::{json_lines, line_err, Item, TaskExample};
 use crate::error::{DataError, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -21,18 +21,8 @@ const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
 
 /// The built-in task from the package's `mmlu.jsonl`.
 pub fn mmlu(path: &Path) -> Result<Vec<TaskExample>> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
     let mut by_subject: BTreeMap<String, Vec<TaskExample>> = BTreeMap::new();
-    for (i, line) in text.lines().enumerate() {
-        let n = i + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: Value =
-            serde_json::from_str(line).map_err(|e| line_err(path, n, format!("not JSON: {e}")))?;
+    for (n, v) in json_lines(path)? {
         let s = |k: &str| {
             v.get(k)
                 .and_then(Value::as_str)
