@@ -28,7 +28,7 @@ def section_command(a, model, task, rs):
     methods = (";" if any("," in m for m in specs) else ",").join(specs)
     lrs = {r.get("lr", EARLIER_LR) for r in rs}
     # rows trained at the rates another task's sweep chose: the command sweeps that task first
-    origin = next((r["rates_from"] for r in rs if "rates_from" in r), None)
+    origin = rates_origin(rs)
     tasks = f"{origin['task']},{task}" if origin else task
     args = ["--model", model, "--tasks", tasks, "--methods", f"'{methods}'" if ";" in methods else methods]
     for k in SETTINGS:
@@ -39,7 +39,7 @@ def section_command(a, model, task, rs):
         swept = origin["lr_sweep"]
     if swept:
         args += ["--lr-sweep", ",".join(swept)]
-        extend = max(r.get("lr_extend", r.get("rates_from", {}).get("lr_extend", 0)) for r in rs)
+        extend = origin["lr_extend"] if origin else max(r.get("lr_extend", 0) for r in rs)
         if extend:
             args += ["--lr-extend", str(extend)]
     elif len(lrs) == 1:
@@ -59,6 +59,12 @@ NOTES = {
              "which cannot reach the answer's loss: nothing it trains changes the scores (the "
              "same validation loss at every rate, the base's accuracy).",
 }
+
+
+def rates_origin(rs):
+    """How a section's rates were chosen when another task's sweep chose them (`rates_from`:
+    that task, its sweep and --lr-extend), else None."""
+    return next((r["rates_from"] for r in rs if "rates_from" in r), None)
 
 
 def at_end(r):
@@ -119,10 +125,9 @@ def report(a, results, failed=()):
                 lines += [f"{len(ends)} of {len(rs)} rows (lr marked *) have their lowest validation loss at an end "
                           "of the rates they tried (listed in the last column), so their best rate may lie "
                           "beyond it.", ""]
-        elif any("rates_from" in r for r in rs):
-            lines += ["Learning rate: each method's rate from its sweep on "
-                      f"{next(r['rates_from']['task'] for r in rs if 'rates_from' in r)} (the lowest validation "
-                      "loss there), not swept again on this task.", ""]
+        elif rates_origin(rs):
+            lines += [f"Learning rate: each method's rate from its sweep on {rates_origin(rs)['task']} (the "
+                      "lowest validation loss there), not swept again on this task.", ""]
         if any("generated_tokens" in r for r in rs):
             lines += ["Generation: the unmerged evaluation time is per generated token, against the base "
                       "model's. The base model generates one prompt at a time and an adapter that can serve "

@@ -125,9 +125,10 @@ def evaluate(a, test, adapter=None):
     return r
 
 
-def run_one(a, task, spec, train, test, base, out, lr, score=True):
-    """Train `spec` at `lr` and (with `score`) evaluate it on the test examples; the result is
-    kept as `out`. Without `score` the result has no accuracy yet (`scored` adds it)."""
+def run_one(a, task, spec, train, test, base, out, lr, score=True, **extra):
+    """Train `spec` at `lr` and (with `score`) evaluate it on the test examples; the result,
+    with `extra` fields, is kept as `out`. Without `score` the result has no accuracy yet
+    (`scored` adds it)."""
     method, _, opts = spec.partition(":")
     run = out[:-len(".json")]
     cmd = [a.petal, "train", "--model", a.model, "--data", train, "--method", method,
@@ -147,6 +148,7 @@ def run_one(a, task, spec, train, test, base, out, lr, score=True):
     }
     if score:
         result = scored(a, test, base, result)
+    result.update(extra)
     with open(out + ".tmp", "w") as f:
         json.dump(result, f)
     os.replace(out + ".tmp", out)
@@ -418,12 +420,11 @@ def main():
                         with open(out, "w") as f:
                             json.dump(r, f)
                     else:
-                        r = run_one(a, task, spec, train, test, base, out, chosen.get(spec, a.lr))
-                        if spec in chosen:  # the rate of the first task's sweep: how it was made
-                            r["rates_from"] = dict(task=a.tasks.split(",")[0], lr_sweep=[f"{x:g}" for x in a.lr_sweep],
-                                                   lr_extend=a.lr_extend)
-                            with open(out, "w") as f:
-                                json.dump(r, f)
+                        # a rate of the first task's sweep: the result says where it came from
+                        origin = (dict(rates_from=dict(task=a.tasks.split(",")[0], lr_extend=a.lr_extend,
+                                                       lr_sweep=[f"{x:g}" for x in a.lr_sweep]))
+                                  if spec in chosen else {})
+                        r = run_one(a, task, spec, train, test, base, out, chosen.get(spec, a.lr), **origin)
                 except SystemExit as e:  # a method that cannot run here: said, not kept
                     print(f"{task} {spec}: failed: {e}", flush=True)
                     failed.append((task, spec, str(e)))

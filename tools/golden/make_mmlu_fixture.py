@@ -53,8 +53,8 @@ def main():
         choices = [r[f"answer_{x}"] for x in "abcd"]
         seen[subject] = seen.get(subject, 0) + 1
         first = seen[subject] <= 2
-        # the first row whose choices end in a space, and the first question ending in an
-        # odd character (U+0085), besides each subject's first two
+        # besides each subject's first two: the first row with a choice that has spaces at an
+        # end, and the first question with other whitespace at an end or a non-ASCII character
         edge = ((any(c != c.strip() for c in choices) and "choices" not in seen)
                 or (odd(r["question"].strip(" \n")) and "question" not in seen))
         if not (first or edge):
