@@ -12,13 +12,15 @@ DEFAULT_REPORT = "docs/comparison.md"
 
 # what a result depends on besides its model, task, method and learning rate; results made
 # before they were recorded (2026-12-01..03) had these
-SETTINGS = ("train", "test", "steps", "seq_len", "batch_size", "seed", "max_prompt_chars", "budget")
+SETTINGS = ("train", "test", "steps", "seq_len", "batch_size", "seed", "max_prompt_chars", "budget", "chat")
 EARLIER_SETTINGS = dict(train=400, test=100, steps=40, seq_len=192, batch_size=4, seed=0,
                         max_prompt_chars=None, budget=None)
 
 
 def settings(a):
-    return {k: getattr(a, k) for k in SETTINGS}
+    """The settings results are comparable under; `chat` only where on (earlier results have
+    none)."""
+    return {k: getattr(a, k) for k in SETTINGS if k != "chat" or a.chat}
 
 
 def section_command(a, model, task, rs):
@@ -32,7 +34,9 @@ def section_command(a, model, task, rs):
     tasks = f"{origin['task']},{task}" if origin else task
     args = ["--model", model, "--tasks", tasks, "--methods", f"'{methods}'" if ";" in methods else methods]
     for k in SETTINGS:
-        if st.get(k) is not None:
+        if st.get(k) is True:
+            args.append(f"--{k}")
+        elif st.get(k) is not None:
             args += [f"--{k.replace('_', '-')}", str(st[k])]
     swept = next((r.get("lr_sweep_given", r["lr_sweep"]) for r in rs if "lr_sweep" in r), None)
     if origin:
@@ -110,6 +114,10 @@ def report(a, results, failed=()):
                   + f"; an accuracy's standard error is up to {se:.3f}, so differences below about "
                   f"{2 * se:.2f} are within noise. {rs[0]['steps']} training steps a method, batch "
                   f"{st['batch_size']} x {st['seq_len']} tokens, seed {st['seed']}.", ""]
+        if st.get("chat"):
+            lines += ["Every prompt asked through the model's chat template (`petal eval --chat`: the task's "
+                      "description a system turn, the question a user turn), and trained on the same "
+                      "conversations with the answer as the assistant's turn.", ""]
         if st.get("budget"):
             lines += [f"Each method with a size option (its rank, or the size RPS, intrinsic dimension, FISH, "
                       f"the prompts and MoV have) sized to the nearest of about {st['budget']:,} trainable "

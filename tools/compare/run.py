@@ -21,6 +21,10 @@ method is trained at every rate on the first task, and the rate with the lowest 
 (OUT/MODEL/lrs.json); `--lr-extend N` tries up to N rates past an end of the sweep where the
 lowest loss lies at that end. Give such a run its own --out and --report.
 
+Instruct models (`--chat`): every prompt is asked through the model's chat template (`petal
+eval --chat`) and the training examples are the same conversations, the answer the assistant's
+turn; also a run of its own (--out, --report).
+
 Resumable: each (model, task, method) result is kept as OUT/MODEL/TASK/METHOD.json and not run
 again (except a first-task result that --lr-extend can take further, and a later task's result
 trained at a rate the first task's sweep has since replaced); the report is rewritten from every
@@ -90,12 +94,24 @@ def split(a, task, work):
         for r in rows[:a.train]:
             answer = (r["choices"][r["answer"]] if "choices" in r
                       else worked.get(r["prompt"], " " + r["answer"]))
-            f.write(json.dumps({"prompt": r["prompt"], "completion": answer}) + "\n")
+            f.write(json.dumps(chat_turns(r, answer) if a.chat else
+                               {"prompt": r["prompt"], "completion": answer}) + "\n")
     with open(test + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows[a.train:a.train + a.test])
     os.replace(train + ".tmp", train)
     os.replace(test + ".tmp", test)
     return train, test
+
+
+def chat_turns(r, answer):
+    """A training example as the conversation `petal eval --chat` asks it in: the task's
+    description a system turn, the rest of the prompt a user turn, the answer (its leading
+    space dropped) the assistant's."""
+    d = r.get("description", "")
+    turns = [{"role": "system", "content": d}] if d else []
+    turns += [{"role": "user", "content": r["prompt"][len(d):]},
+              {"role": "assistant", "content": answer[1:] if answer.startswith(" ") else answer}]
+    return {"messages": turns}
 
 
 def cpu_desc():
@@ -117,6 +133,8 @@ def cpu_desc():
 
 def evaluate(a, test, adapter=None):
     cmd = [a.petal, "eval", "--model", a.model, "--task", test, "--json", "--batch-size", "8"]
+    if a.chat:
+        cmd.append("--chat")
     if adapter:
         cmd += ["--adapter", adapter]
     t0 = time.time()
@@ -352,6 +370,9 @@ def main():
     ap.add_argument("--max-prompt-chars", type=int, default=None,
                     help="only the examples whose prompt has at most this many characters (long ones "
                          "would be cut before their answer at --seq-len)")
+    ap.add_argument("--chat", action="store_true",
+                    help="ask every prompt through the model's chat template (`petal eval --chat`) and train "
+                         "on the same conversations; give such a run its own --out and --report")
     ap.add_argument("--out", default="runs/compare")
     ap.add_argument("--report", default=DEFAULT_REPORT)
     a = ap.parse_args()

@@ -26,8 +26,9 @@ TASKS = os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "mmlu", "defaul
 assert lm_eval.__version__ == "0.4.13", lm_eval.__version__
 
 
-def rendered(subject, doc):
-    """The harness's zero-shot prompt and continuations for one question."""
+def rendered(subject, doc, chat=None):
+    """The harness's zero-shot prompt and continuations for one question; with `chat` (a
+    tokenizer), as its `--apply_chat_template` renders them through the tokenizer's template."""
     config = yaml.safe_load(open(os.path.join(TASKS, "_default_template_yaml")))
     config.update(yaml.safe_load(open(os.path.join(TASKS, f"mmlu_{subject}.yaml"))))
     for k in ("include", "fewshot_split", "fewshot_config", "dataset_path", "dataset_name", "tag"):
@@ -35,10 +36,21 @@ def rendered(subject, doc):
     config["custom_dataset"] = lambda **_: {"test": datasets.Dataset.from_list([doc])}
     task = ConfigurableTask(config=config)
     doc = task.test_docs()[0]
-    context = task.fewshot_context(doc, 0)
-    requests = task.construct_requests(doc, context)
+    context = task.fewshot_context(doc, 0, **chat_kwargs(chat))
+    requests = task.construct_requests(doc, context, apply_chat_template=chat is not None)
     assert all(r.arguments[0] == context for r in requests)
     return context, [r.arguments[1] for r in requests], task.doc_to_target(doc)
+
+
+def chat_kwargs(tok):
+    """fewshot_context's arguments for --apply_chat_template: the chat renderer lm_eval's
+    Hugging Face model passes (`HFLM.apply_chat_template`)."""
+    if tok is None:
+        return {}
+    render = lambda history, add_generation_prompt=True: tok.apply_chat_template(
+        history, tokenize=False, add_generation_prompt=add_generation_prompt,
+        continue_final_message=not add_generation_prompt)
+    return dict(apply_chat_template=True, chat_template=render)
 
 
 def main():

@@ -33,17 +33,21 @@ pub struct Scoring {
     pub max_new_tokens: usize,
 }
 
-/// A task's examples and scoring: a built-in name or a JSONL file.
+/// A task's examples and scoring: a built-in name or a JSONL file. `chat`: the prompts will go
+/// through a chat template, whose replies may hold blank lines (the end of the assistant's turn
+/// ends them), so a blank line is no default stop.
 pub fn load(
     task: &str,
     extract: &str,
     stop: &[String],
     max_new: usize,
+    chat: bool,
 ) -> Result<(Vec<TaskExample>, Scoring)> {
     let user = Extract::parse(extract).map_err(anyhow::Error::msg)?;
     let stop = |default: &[&str]| -> Vec<String> {
         if stop.is_empty() {
-            default.iter().map(|s| s.to_string()).collect()
+            let kept = default.iter().filter(|s| !(chat && **s == "\n\n"));
+            kept.map(|s| s.to_string()).collect()
         } else {
             stop.to_vec()
         }
@@ -120,12 +124,16 @@ pub fn load(
 
 /// An example in the task-file form (`load_task_file` reads it back as it was).
 pub fn as_json(e: &TaskExample) -> Value {
-    match &e.item {
+    let mut v = match &e.item {
         Item::Choice { choices, answer } => {
             json!({"prompt": e.prompt, "choices": choices, "answer": answer, "task": e.task})
         }
         Item::Generate { answer } => json!({"prompt": e.prompt, "answer": answer, "task": e.task}),
+    };
+    if !e.description.is_empty() {
+        v["description"] = json!(e.description);
     }
+    v
 }
 
 /// Per-task counts.

@@ -26,6 +26,11 @@ pub struct EvalArgs {
     /// or a regex whose first group is the answer (gsm8k: last-number)
     #[arg(long, default_value = "")]
     pub extract: String,
+    /// With --task: ask each prompt through the model's chat template, as lm-evaluation-harness's
+    /// --apply_chat_template does (the task's description a system turn, the prompt a user
+    /// turn, the answer the assistant's; choices without their leading space; no blank-line stop)
+    #[arg(long)]
+    pub chat: bool,
     /// Generation tasks: stop strings (repeatable; default: a blank line, gsm8k's "Question:")
     #[arg(long)]
     pub stop: Vec<String>,
@@ -134,7 +139,8 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
 /// `petal eval --task`: accuracy, per task, with a progress bar.
 fn run_task(a: &EvalArgs) -> Result<()> {
     crate::common::at_least(1, &[("max-new-tokens", a.max_new_tokens)])?;
-    let (mut ex, scoring) = crate::task_cmd::load(&a.task, &a.extract, &a.stop, a.max_new_tokens)?;
+    let (mut ex, scoring) =
+        crate::task_cmd::load(&a.task, &a.extract, &a.stop, a.max_new_tokens, a.chat)?;
     if !a.tasks.is_empty() {
         let known: std::collections::BTreeSet<&str> = ex.iter().map(|e| e.task.as_str()).collect();
         if let Some(t) = a.tasks.iter().find(|t| !known.contains(t.as_str())) {
@@ -160,6 +166,17 @@ fn run_task(a: &EvalArgs) -> Result<()> {
         return Ok(());
     }
     let lm = a.model.load()?;
+    if a.chat {
+        let t = lm
+            .tokenizer
+            .chat_template
+            .as_ref()
+            .with_context(|| format!("--chat: {} has no chat template", a.model.model))?;
+        ex = ex
+            .iter()
+            .map(|e| petal_data::tasks::chatted(e, t))
+            .collect::<petal_data::Result<_>>()?;
+    }
     let bar = crate::common::progress(ex.len() as u64, "examples");
     let (r, samples) =
         crate::task_cmd::evaluate(&lm.model, &lm.tokenizer, &ex, &scoring, a.batch_size, &bar)?;

@@ -164,6 +164,7 @@ fn a_bad_task_is_refused_in_one_line_naming_the_line_or_the_choices() {
     .unwrap();
     let model = golden().join("llama");
     let m = model.to_str().unwrap();
+    let mc = golden().join("task_mc.jsonl"); // a model without a chat template
     for (args, want) in [
         (
             vec!["--task", task.to_str().unwrap()],
@@ -184,6 +185,10 @@ fn a_bad_task_is_refused_in_one_line_naming_the_line_or_the_choices() {
         (
             vec!["--task", task.to_str().unwrap(), "--extract", "("],
             "not a regex",
+        ),
+        (
+            vec!["--task", mc.to_str().unwrap(), "--chat"],
+            "has no chat template",
         ),
     ] {
         let mut all = vec!["eval", "--model", m];
@@ -226,4 +231,17 @@ fn a_task_dumped_in_the_task_file_form_reads_back_as_it_was() {
         let task = w["task"].as_str().unwrap_or("task_mc");
         assert_eq!(g["task"], task);
     }
+    // a task's description comes back with it
+    let src = d.path().join("described.jsonl");
+    let row = r#"{"prompt": "About w.\n\nw5 w9", "description": "About w.\n\n", "answer": "w3"}"#;
+    std::fs::write(&src, format!("{row}\n")).unwrap();
+    let o = petal(&[
+        "eval",
+        "--task",
+        src.to_str().unwrap(),
+        "--dump-task",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(read(&out)[0]["description"], "About w.\n\n");
 }

@@ -8,6 +8,11 @@
 //! - generation: `{"prompt": "...", "answer": "..."}`; the greedy continuation of the prompt
 //!   is compared with the answer after both pass the task's answer extractor.
 //!
+//! An optional `"description"` (a start of the prompt, such as MMLU's "The following are
+//! multiple choice questions ...\n\n") is the system turn when prompts go through a chat
+//! template ([`chatted`]), as lm-evaluation-harness's `--apply_chat_template` makes a task's
+//! description one.
+//!
 //! Built-in tasks read the real data petal fetches: GSM8K's test split (`gsm8k`: generation,
 //! the number after `####` in the reference, the last number of the output) and BIG-bench's
 //! multiple-choice `task.json` files (`elementary_math_qa`, `multiemo`: the choices are
@@ -16,6 +21,7 @@
 //! questions in 57 subjects, as lm-evaluation-harness asks them, [`mmlu`]).
 
 use crate::error::{DataError, Result};
+use crate::template::{ChatTemplate, Message};
 use serde_json::Value;
 use std::path::Path;
 
@@ -37,6 +43,9 @@ pub struct TaskExample {
     pub task: String,
     pub prompt: String,
     pub item: Item,
+    /// The start of `prompt` that describes the task (a system turn under a chat template);
+    /// empty for most tasks
+    pub description: String,
 }
 
 /// How an answer is read out of a text before exact matching.
@@ -126,6 +135,44 @@ fn json_lines(path: &Path) -> Result<Vec<(usize, Value)>> {
         .collect()
 }
 
+/// `e` asked through a chat template, as lm-evaluation-harness's `--apply_chat_template` asks
+/// it zero-shot: the description (if any) a system turn, the rest of the prompt a user turn,
+/// then the assistant's generation prompt; each choice loses its leading space (the harness's
+/// target delimiter is empty then: the reply starts the assistant's turn).
+pub fn chatted(e: &TaskExample, template: &ChatTemplate) -> Result<TaskExample> {
+    let turn = |role: &str, content: &str| Message {
+        role: role.into(),
+        content: content.into(),
+    };
+    let question = e.prompt.strip_prefix(&e.description).ok_or_else(|| {
+        DataError::Msg(format!(
+            "task {}: the description does not start the prompt",
+            e.task
+        ))
+    })?;
+    let mut turns = Vec::new();
+    if !e.description.is_empty() {
+        turns.push(turn("system", &e.description));
+    }
+    turns.push(turn("user", question));
+    let item = match &e.item {
+        Item::Choice { choices, answer } => Item::Choice {
+            choices: choices
+                .iter()
+                .map(|c| c.strip_prefix(' ').unwrap_or(c).to_string())
+                .collect(),
+            answer: *answer,
+        },
+        other => other.clone(),
+    };
+    Ok(TaskExample {
+        task: e.task.clone(),
+        prompt: template.render(&turns, true)?,
+        item,
+        description: String::new(),
+    })
+}
+
 /// A task file in petal's JSONL form (see the module doc); `task` names examples without a
 /// `"task"` key.
 pub fn load_task_file(path: &Path, task: &str) -> Result<Vec<TaskExample>> {
@@ -139,6 +186,17 @@ pub fn load_task_file(path: &Path, task: &str) -> Result<Vec<TaskExample>> {
             .as_str()
             .ok_or_else(|| line_err(path, n, "`prompt` must be a string"))?
             .to_string();
+        let description = match v.get("description") {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(d)) if prompt.starts_with(d.as_str()) => d.clone(),
+            Some(_) => {
+                return Err(line_err(
+                    path,
+                    n,
+                    "`description` must be a string that starts the prompt",
+                ))
+            }
+        };
         let answer = field("answer")?;
         let item = match v.get("choices") {
             Some(c) => {
@@ -183,7 +241,12 @@ pub fn load_task_file(path: &Path, task: &str) -> Result<Vec<TaskExample>> {
             Some(Value::String(s)) => s.clone(),
             Some(_) => return Err(line_err(path, n, "`task` must be a string")),
         };
-        out.push(TaskExample { task, prompt, item });
+        out.push(TaskExample {
+            task,
+            prompt,
+            item,
+            description,
+        });
     }
     if out.is_empty() {
         return Err(DataError::Msg(format!("{}: no examples", path.display())));
@@ -217,6 +280,7 @@ pub fn gsm8k(path: &Path) -> Result<Vec<TaskExample>> {
             task: "gsm8k".into(),
             prompt: format!("Question: {}\nAnswer:", s("question")?),
             item: Item::Generate { answer },
+            description: String::new(),
         });
     }
     Ok(out)
@@ -295,6 +359,7 @@ pub fn bigbench(path: &Path, task: &str) -> Result<Vec<TaskExample>> {
                     .collect(),
                 answer,
             },
+            description: String::new(),
         });
     }
     if out.is_empty() {
@@ -309,6 +374,71 @@ pub fn bigbench(path: &Path, task: &str) -> Result<Vec<TaskExample>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn golden(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/golden")
+            .join(name)
+    }
+
+    /// MMLU and GSM8K prompts through SmolLM2's and Qwen2.5-Coder's chat templates as
+    /// lm-evaluation-harness's `--apply_chat_template` makes them, through transformers'
+    /// `apply_chat_template` (tools/golden/make_chat_fixture.py).
+    #[test]
+    fn chatted_prompts_are_the_harness_own() {
+        let g: Value =
+            serde_json::from_str(&std::fs::read_to_string(golden("chat_tasks.json")).unwrap())
+                .unwrap();
+        let mmlu = mmlu(&golden("mmlu_raw.jsonl")).unwrap();
+        let gsm = gsm8k(&golden("gsm8k_raw.jsonl")).unwrap();
+        let text = |v: &Value| v.as_str().unwrap().to_string();
+        let models = g["models"].as_object().unwrap();
+        assert_eq!(models.len(), 2);
+        for (name, m) in models {
+            let t = ChatTemplate::new(&text(&m["chat_template"]), text(&m["bos"]), text(&m["eos"]))
+                .unwrap();
+            for (key, examples) in [("mmlu", &mmlu), ("gsm8k", &gsm)] {
+                let want = m[key].as_array().unwrap();
+                assert!(want.len() >= 3, "{name} {key}");
+                for w in want {
+                    let e = examples
+                        .iter()
+                        .find(|e| e.prompt == text(&w["plain"]))
+                        .unwrap_or_else(|| panic!("{name} {key}: no example {}", w["plain"]));
+                    let c = chatted(e, &t).unwrap();
+                    assert_eq!(c.prompt, text(&w["prompt"]), "{name} {key}");
+                    if let Item::Choice { choices, answer } = &c.item {
+                        let want: Vec<String> =
+                            w["choices"].as_array().unwrap().iter().map(text).collect();
+                        assert_eq!(
+                            (choices, *answer as u64),
+                            (&want, w["answer"].as_u64().unwrap())
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_description_must_start_the_prompt() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.jsonl");
+        let row = r#"{"prompt": "About x.\n\nQ?", "description": "About x.\n\n", "answer": "4"}"#;
+        std::fs::write(&p, format!("{row}\n")).unwrap();
+        let e = load_task_file(&p, "t").unwrap();
+        assert_eq!(e[0].description, "About x.\n\n");
+        std::fs::write(
+            &p,
+            format!("\n{}\n", row.replace("About x.\\n\\n\"", "About y.\"")),
+        )
+        .unwrap();
+        let err = load_task_file(&p, "t").unwrap_err().to_string();
+        assert!(
+            err.contains("t.jsonl:2:") && err.contains("description"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn extractors_read_gsm8k_answers_numbers_and_regex_groups() {

@@ -50,10 +50,10 @@ pub fn mmlu(path: &Path) -> Result<Vec<TaskExample>> {
         if subject.is_empty() {
             return Err(line_err(path, n, "`topic` is empty"));
         }
-        let mut prompt = format!(
-            "The following are multiple choice questions (with answers) about {subject}.\n\n{}\n",
-            question.trim()
+        let description = format!(
+            "The following are multiple choice questions (with answers) about {subject}.\n\n"
         );
+        let mut prompt = format!("{description}{}\n", question.trim());
         for (l, c) in LETTERS.iter().zip(&choices) {
             prompt.push_str(&format!("{l}. {c}\n"));
         }
@@ -69,6 +69,7 @@ pub fn mmlu(path: &Path) -> Result<Vec<TaskExample>> {
                     choices: LETTERS.iter().map(|l| format!(" {l}")).collect(),
                     answer,
                 },
+                description,
             });
     }
     if by_subject.is_empty() {
@@ -114,10 +115,24 @@ mod tests {
                         choices: choices.iter().map(|c| c.as_str().unwrap().into()).collect(),
                         answer: v["answer"].as_u64().unwrap() as usize,
                     },
+                    // the harness's description: the start of its prompt up to the question
+                    description: String::new(),
                 }
             })
             .collect();
         assert_eq!(ex.len(), want.len());
+        // each description starts its prompt (a system turn under a chat template: the test of
+        // `chatted` checks it against the harness's)
+        for e in &ex {
+            assert!(e.prompt.starts_with(&e.description) && e.description.ends_with(".\n\n"));
+        }
+        let ex: Vec<TaskExample> = ex
+            .into_iter()
+            .map(|e| TaskExample {
+                description: String::new(),
+                ..e
+            })
+            .collect();
         // the same examples, each subject's in file order
         let by_task = |v: &[TaskExample]| {
             let mut m: BTreeMap<String, Vec<TaskExample>> = BTreeMap::new();

@@ -72,6 +72,7 @@ pub fn spamassassin(dir: &Path) -> Result<Vec<TaskExample>> {
                     choices: vec![" no".into(), " yes".into()],
                     answer,
                 },
+                description: String::new(),
             });
         }
     }
