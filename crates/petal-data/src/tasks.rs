@@ -371,15 +371,17 @@ pub fn bigbench(path: &Path, task: &str) -> Result<Vec<TaskExample>> {
     Ok(out)
 }
 
+/// A file of the repository's golden fixtures (tests/fixtures/golden).
+#[cfg(test)]
+fn golden(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/golden")
+        .join(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn golden(name: &str) -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/golden")
-            .join(name)
-    }
 
     /// MMLU and GSM8K prompts through SmolLM2's and Qwen2.5-Coder's chat templates as
     /// lm-evaluation-harness's `--apply_chat_template` makes them, through transformers'

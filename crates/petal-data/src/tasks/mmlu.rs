@@ -89,12 +89,7 @@ pub fn mmlu(path: &Path) -> Result<Vec<TaskExample>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn golden(name: &str) -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/golden")
-            .join(name)
-    }
+    use crate::tasks::golden;
 
     /// The prompts and choices lm-evaluation-harness makes of the same rows
     /// (tools/golden/make_mmlu_fixture.py: two of each subject, a choice ending in a space, a
