@@ -61,8 +61,11 @@ NOTES = {
     "pasta": "PASTA shifts the hidden states of special tokens alone; a prompt here holds none "
              "(SmolLM2's tokenizer adds no BOS), only the end-of-text token after the answer, "
              "which cannot reach the answer's loss: nothing it trains changes the scores (the "
-             "same validation loss at every rate, the base's accuracy).",
+             "same validation loss at every rate, the base's accuracy). Under `--chat` the "
+             "template's turn markers are special tokens before the answer.",
 }
+# notes that hold only without --chat
+PLAIN_ONLY = {"pasta"}
 
 
 def rates_origin(rs):
@@ -153,7 +156,8 @@ def report(a, results, failed=()):
                          f"{r['inference_overhead']:.2f}x |" + (f" {by_lr} |" if swept else ""))
         lines.append("")
         for method, note in NOTES.items():
-            if any(r["method"].split(":")[0] == method for r in rs):
+            if any(r["method"].split(":")[0] == method for r in rs) and not (
+                    method in PLAIN_ONLY and st.get("chat")):
                 lines += [f"{method}: {note}", ""]
         svg = plot(a, model, task, rs)
         if svg:
