@@ -136,11 +136,10 @@ def cpu_desc():
 SCORING = {"gsm8k": ["--extract", "last-number", "--stop", "Question:", "--stop", "</s>", "--stop", "<|im_end|>"]}
 
 
-def evaluate(a, test, adapter=None):
+def evaluate(a, task, test, adapter=None):
     cmd = [a.petal, "eval", "--model", a.model, "--task", test, "--json", "--batch-size", "8"]
-    task = os.path.basename(os.path.dirname(test)).split("_")[0]
-    if task in SCORING:
-        cmd += SCORING[task] + ([] if a.chat else ["--stop", "\n\n"])
+    if task.split("/")[0] in SCORING:
+        cmd += SCORING[task.split("/")[0]] + ([] if a.chat else ["--stop", "\n\n"])
     if a.chat:
         cmd.append("--chat")
     if adapter:
@@ -173,7 +172,7 @@ def run_one(a, task, spec, train, test, base, out, lr, score=True, **extra):
         "cpu": cpu_desc(), "lr": lr, "settings": settings(a), "adapter": os.path.join(run, "adapter"),
     }
     if score:
-        result = scored(a, test, base, result)
+        result = scored(a, task, test, base, result)
     result.update(extra)
     with open(out + ".tmp", "w") as f:
         json.dump(result, f)
@@ -181,9 +180,9 @@ def run_one(a, task, spec, train, test, base, out, lr, score=True, **extra):
     return result
 
 
-def scored(a, test, base, result):
+def scored(a, task, test, base, result):
     """`result` with its adapter's accuracy on the test examples and its unmerged eval time."""
-    e = evaluate(a, test, result["adapter"])
+    e = evaluate(a, task, test, result["adapter"])
     result = dict(result, accuracy=e["accuracy"], acc_norm=e.get("acc_norm"), examples=e["examples"],
                   unmerged_eval_seconds=e["seconds"], base_eval_seconds=base["seconds"],
                   inference_overhead=overhead(e, base))
@@ -296,7 +295,7 @@ def sweep(a, task, spec, train, test, base, work, chosen, kept=None):
                  lr_sweep_given=[f"{lr:g}" for lr in a.lr_sweep], lr_extend=a.lr_extend)
     if kept is not None and kept.get("lr") == best["lr"]:
         return dict(kept, **swept)
-    best = best if "accuracy" in best else scored(a, test, base, best)
+    best = best if "accuracy" in best else scored(a, task, test, base, best)
     return dict(best, **swept)
 
 
@@ -406,7 +405,7 @@ def main():
                 json.dump(settings(a), f)
         base_path = os.path.join(work, "base.json")
         if not os.path.exists(base_path):
-            b = dict(evaluate(a, test), cpu=cpu_desc())
+            b = dict(evaluate(a, task, test), cpu=cpu_desc())
             with open(base_path, "w") as f:
                 json.dump(b, f)
         base = json.load(open(base_path))
@@ -414,7 +413,7 @@ def main():
         if base.get("cpu") != cpu_desc():
             base.setdefault("seconds_by_cpu", {})
             if cpu_desc() not in base["seconds_by_cpu"]:
-                base["seconds_by_cpu"][cpu_desc()] = evaluate(a, test)["seconds"]
+                base["seconds_by_cpu"][cpu_desc()] = evaluate(a, task, test)["seconds"]
                 with open(base_path, "w") as f:
                     json.dump(base, f)
             base = dict(base, seconds=base["seconds_by_cpu"][cpu_desc()])

@@ -110,7 +110,7 @@ mod tests {
                         choices: choices.iter().map(|c| c.as_str().unwrap().into()).collect(),
                         answer: v["answer"].as_u64().unwrap() as usize,
                     },
-                    // the harness's description: the start of its prompt up to the question
+                    // compared with each description cleared (checked below)
                     description: String::new(),
                 }
             })
