@@ -70,10 +70,18 @@ def solutions(a, task):
     return out
 
 
+def unscored(test):
+    """Whether a generation task's test file predates dumped tasks carrying their scoring
+    (`extract`, `stop`): made again then (the same examples: the split is seeded)."""
+    with open(test) as f:
+        first = json.loads(f.readline())
+    return "choices" not in first and "extract" not in first
+
+
 def split(a, task, work):
     """The task's train (prompt/completion) and test (task-file) files, made once."""
     train, test = os.path.join(work, "train.jsonl"), os.path.join(work, "test.jsonl")
-    if os.path.exists(train) and os.path.exists(test):
+    if os.path.exists(train) and os.path.exists(test) and not unscored(test):
         return train, test
     os.makedirs(work, exist_ok=True)
     dump = os.path.join(work, "all.jsonl")
@@ -131,15 +139,8 @@ def cpu_desc():
     return f"{name} ({ext})"
 
 
-# the scoring of a built-in generation task, which its examples dumped to a file lose: GSM8K's
-# (`petal eval --task gsm8k`'s defaults: the last number of the output, stop at the next question)
-SCORING = {"gsm8k": ["--extract", "last-number", "--stop", "Question:", "--stop", "</s>", "--stop", "<|im_end|>"]}
-
-
-def evaluate(a, task, test, adapter=None):
+def evaluate(a, test, adapter=None):
     cmd = [a.petal, "eval", "--model", a.model, "--task", test, "--json", "--batch-size", "8"]
-    if task.split("/")[0] in SCORING:
-        cmd += SCORING[task.split("/")[0]] + ([] if a.chat else ["--stop", "\n\n"])
     if a.chat:
         cmd.append("--chat")
     if adapter:
@@ -172,7 +173,7 @@ def run_one(a, task, spec, train, test, base, out, lr, score=True, **extra):
         "cpu": cpu_desc(), "lr": lr, "settings": settings(a), "adapter": os.path.join(run, "adapter"),
     }
     if score:
-        result = scored(a, task, test, base, result)
+        result = scored(a, test, base, result)
     result.update(extra)
     with open(out + ".tmp", "w") as f:
         json.dump(result, f)
@@ -180,9 +181,9 @@ def run_one(a, task, spec, train, test, base, out, lr, score=True, **extra):
     return result
 
 
-def scored(a, task, test, base, result):
+def scored(a, test, base, result):
     """`result` with its adapter's accuracy on the test examples and its unmerged eval time."""
-    e = evaluate(a, task, test, result["adapter"])
+    e = evaluate(a, test, result["adapter"])
     result = dict(result, accuracy=e["accuracy"], acc_norm=e.get("acc_norm"), examples=e["examples"],
                   unmerged_eval_seconds=e["seconds"], base_eval_seconds=base["seconds"],
                   inference_overhead=overhead(e, base))
@@ -295,7 +296,7 @@ def sweep(a, task, spec, train, test, base, work, chosen, kept=None):
                  lr_sweep_given=[f"{lr:g}" for lr in a.lr_sweep], lr_extend=a.lr_extend)
     if kept is not None and kept.get("lr") == best["lr"]:
         return dict(kept, **swept)
-    best = best if "accuracy" in best else scored(a, task, test, base, best)
+    best = best if "accuracy" in best else scored(a, test, base, best)
     return dict(best, **swept)
 
 
@@ -405,7 +406,7 @@ def main():
                 json.dump(settings(a), f)
         base_path = os.path.join(work, "base.json")
         if not os.path.exists(base_path):
-            b = dict(evaluate(a, task, test), cpu=cpu_desc())
+            b = dict(evaluate(a, test), cpu=cpu_desc())
             with open(base_path, "w") as f:
                 json.dump(b, f)
         base = json.load(open(base_path))
@@ -413,7 +414,7 @@ def main():
         if base.get("cpu") != cpu_desc():
             base.setdefault("seconds_by_cpu", {})
             if cpu_desc() not in base["seconds_by_cpu"]:
-                base["seconds_by_cpu"][cpu_desc()] = evaluate(a, task, test)["seconds"]
+                base["seconds_by_cpu"][cpu_desc()] = evaluate(a, test)["seconds"]
                 with open(base_path, "w") as f:
                     json.dump(base, f)
             base = dict(base, seconds=base["seconds_by_cpu"][cpu_desc()])

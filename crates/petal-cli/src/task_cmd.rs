@@ -116,19 +116,30 @@ pub fn load(
                 );
             }
             let name = p.file_stem().map_or("task".into(), |s| s.to_string_lossy());
-            let ex = petal_data::tasks::load_task_file(p, &name)?;
-            Ok((ex, scoring(user, true, stop(&["\n\n"]))))
+            let (ex, said) = petal_data::tasks::load_task_file(p, &name)?;
+            // the file's own scoring (a dumped built-in's), unless the flags give one
+            let x = match &said.extract {
+                Some(x) if extract.is_empty() => Extract::parse(x).map_err(anyhow::Error::msg)?,
+                _ => user,
+            };
+            let default: Vec<&str> = said
+                .stop
+                .as_ref()
+                .map_or(vec!["\n\n"], |s| s.iter().map(String::as_str).collect());
+            Ok((ex, scoring(x, true, stop(&default))))
         }
     }
 }
 
-/// An example in the task-file form (`load_task_file` reads it back as it was).
-pub fn as_json(e: &TaskExample) -> Value {
+/// An example in the task-file form (`load_task_file` reads it back as it was); a generation
+/// example carries `scoring`'s extractor and stops, so that it scores as it did.
+pub fn as_json(e: &TaskExample, scoring: &Scoring) -> Value {
     let mut v = match &e.item {
         Item::Choice { choices, answer } => {
             json!({"prompt": e.prompt, "choices": choices, "answer": answer, "task": e.task})
         }
-        Item::Generate { answer } => json!({"prompt": e.prompt, "answer": answer, "task": e.task}),
+        Item::Generate { answer } => json!({"prompt": e.prompt, "answer": answer, "task": e.task,
+                                            "extract": scoring.extract.as_arg(), "stop": scoring.stop}),
     };
     if !e.description.is_empty() {
         v["description"] = json!(e.description);

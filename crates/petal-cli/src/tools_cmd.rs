@@ -42,8 +42,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub samples: Option<PathBuf>,
     /// With --task: write the task's examples (after --tasks and --max-examples) here in the
-    /// task-file form and stop, without loading a model (to split a built-in task, or train
-    /// on one)
+    /// task-file form, generation examples with their extractor and stops, and stop without
+    /// loading a model (to split a built-in task, or train on one)
     #[arg(long)]
     pub dump_task: Option<PathBuf>,
     #[arg(long, default_value_t = 128)]
@@ -139,8 +139,10 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
 /// `petal eval --task`: accuracy, per task, with a progress bar.
 fn run_task(a: &EvalArgs) -> Result<()> {
     crate::common::at_least(1, &[("max-new-tokens", a.max_new_tokens)])?;
+    // a dump keeps the task's stops whole: `--chat` drops the blank-line one when it is asked
+    let chat = a.chat && a.dump_task.is_none();
     let (mut ex, scoring) =
-        crate::task_cmd::load(&a.task, &a.extract, &a.stop, a.max_new_tokens, a.chat)?;
+        crate::task_cmd::load(&a.task, &a.extract, &a.stop, a.max_new_tokens, chat)?;
     if !a.tasks.is_empty() {
         let known: std::collections::BTreeSet<&str> = ex.iter().map(|e| e.task.as_str()).collect();
         if let Some(t) = a.tasks.iter().find(|t| !known.contains(t.as_str())) {
@@ -159,7 +161,7 @@ fn run_task(a: &EvalArgs) -> Result<()> {
     if let Some(p) = &a.dump_task {
         let text: String = ex
             .iter()
-            .map(|e| format!("{}\n", crate::task_cmd::as_json(e)))
+            .map(|e| format!("{}\n", crate::task_cmd::as_json(e, &scoring)))
             .collect();
         petal_io::write_atomic(p, text.as_bytes())?;
         eprintln!("{} examples of {} -> {}", ex.len(), a.task, p.display());

@@ -151,6 +151,42 @@ fn generation_is_scored_by_exact_match_after_the_extractor_and_unmatched_answers
     );
     assert_eq!(report["unmatched"], 6, "{report}");
     assert_eq!(report["accuracy"], 0.0);
+    // a task dumped with its scoring (the first word read; a stop at " w4") scores as it did
+    // with those flags when read back with none (a dumped built-in keeps its extractor so)
+    let flags = ["--extract", r"^\s*(w\d+)", "--stop", " w4"];
+    let dumped = d.path().join("dumped.jsonl");
+    let mut args = vec!["eval", "--task", task.to_str().unwrap(), "--dump-task"];
+    args.extend([dumped.to_str().unwrap()].iter().chain(&flags));
+    let o = petal(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let first: Value = serde_json::from_str(
+        std::fs::read_to_string(&dumped)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (&first["extract"], &first["stop"]),
+        (&Value::from(flags[1]), &serde_json::json!([flags[3]]))
+    );
+    let mut with_flags = vec!["--max-new-tokens", "4"];
+    with_flags.extend(flags);
+    let (want, want_rows) = run(&task, &with_flags);
+    let (plain, plain_rows) = run(&task, &["--max-new-tokens", "4"]);
+    let (got, got_rows) = run(&dumped, &["--max-new-tokens", "4"]);
+    assert_eq!(got, want);
+    assert_ne!(
+        plain_rows, want_rows,
+        "the flags change nothing: a test that cannot fail"
+    );
+    for (g, w) in got_rows.iter().zip(&want_rows) {
+        for k in ["output", "extracted", "reference", "correct"] {
+            assert_eq!(g[k], w[k], "{k}");
+        }
+    }
+    assert_eq!(plain["examples"], got["examples"]);
 }
 
 #[test]

@@ -8,6 +8,11 @@
 //! - generation: `{"prompt": "...", "answer": "..."}`; the greedy continuation of the prompt
 //!   is compared with the answer after both pass the task's answer extractor.
 //!
+//! A generation example may say how it is scored: `"extract"` (`whole`, `last-number` or a
+//! regex, as `--extract`) and `"stop"` (a list of stop strings, as `--stop`), which the flags
+//! override; every line that says must say the same ([`FileScoring`]). `--dump-task` writes
+//! them, so that a built-in generation task dumped to a file scores as the built-in does.
+//!
 //! An optional `"description"` (a start of the prompt, such as MMLU's "The following are
 //! multiple choice questions ...\n\n") is the system turn when prompts go through a chat
 //! template ([`chatted`]), as lm-evaluation-harness's `--apply_chat_template` makes a task's
@@ -81,6 +86,15 @@ impl Extract {
                     .last()
                     .map(|m| normalise_number(m.as_str()))
             }
+        }
+    }
+
+    /// The `--extract` value that parses back to this.
+    pub fn as_arg(&self) -> String {
+        match self {
+            Extract::Whole => "whole".into(),
+            Extract::LastNumber => "last-number".into(),
+            Extract::Regex(r) => r.as_str().into(),
         }
     }
 
@@ -173,11 +187,70 @@ pub fn chatted(e: &TaskExample, template: &ChatTemplate) -> Result<TaskExample> 
     })
 }
 
-/// A task file in petal's JSONL form (see the module doc); `task` names examples without a
-/// `"task"` key.
-pub fn load_task_file(path: &Path, task: &str) -> Result<Vec<TaskExample>> {
+/// How a task file's generation examples are scored where its lines say (`"extract"`,
+/// `"stop"`); None where none says.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FileScoring {
+    pub extract: Option<String>,
+    pub stop: Option<Vec<String>>,
+}
+
+/// Line `n`'s `"extract"` and `"stop"`, if it has either.
+fn line_scoring(path: &Path, n: usize, v: &Value) -> Result<Option<FileScoring>> {
+    let (extract, stop) = (v.get("extract"), v.get("stop"));
+    if extract.is_none() && stop.is_none() {
+        return Ok(None);
+    }
+    if v.get("choices").is_some() {
+        return Err(line_err(
+            path,
+            n,
+            "`extract` and `stop` are for generation examples (those without `choices`)",
+        ));
+    }
+    let extract = match extract {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => {
+            Extract::parse(s).map_err(|e| line_err(path, n, format!("`extract`: {e}")))?;
+            Some(s.clone())
+        }
+        Some(_) => {
+            return Err(line_err(
+                path,
+                n,
+                "`extract` must be a string: whole, last-number or a regex",
+            ))
+        }
+    };
+    let stop = match stop {
+        None | Some(Value::Null) => None,
+        Some(s) => Some(
+            s.as_array()
+                .and_then(|a| {
+                    a.iter()
+                        .map(|x| x.as_str().map(str::to_string))
+                        .collect::<Option<Vec<_>>>()
+                })
+                .ok_or_else(|| line_err(path, n, "`stop` must be a list of strings"))?,
+        ),
+    };
+    Ok(Some(FileScoring { extract, stop }))
+}
+
+/// A task file in petal's JSONL form (see the module doc) and how it says its generation
+/// examples are scored; `task` names examples without a `"task"` key.
+pub fn load_task_file(path: &Path, task: &str) -> Result<(Vec<TaskExample>, FileScoring)> {
     let mut out = Vec::new();
+    let mut said: Option<(usize, FileScoring)> = None;
     for (n, v) in json_lines(path)? {
+        match (line_scoring(path, n, &v)?, &said) {
+            (Some(s), None) => said = Some((n, s)),
+            (Some(s), Some((first, before))) if s != *before => {
+                let why = format!("`extract` or `stop` differs from line {first}'s");
+                return Err(line_err(path, n, why + " (a file is scored one way)"));
+            }
+            _ => {}
+        }
         let field = |k: &str| {
             v.get(k)
                 .ok_or_else(|| line_err(path, n, format!("no `{k}` key")))
@@ -251,7 +324,7 @@ pub fn load_task_file(path: &Path, task: &str) -> Result<Vec<TaskExample>> {
     if out.is_empty() {
         return Err(DataError::Msg(format!("{}: no examples", path.display())));
     }
-    Ok(out)
+    Ok((out, said.map(|(_, s)| s).unwrap_or_default()))
 }
 
 /// GSM8K's `test.jsonl` (`question`, `answer` ending in `#### N`) as generation examples in
@@ -428,7 +501,7 @@ mod tests {
         let p = dir.path().join("t.jsonl");
         let row = r#"{"prompt": "About x.\n\nQ?", "description": "About x.\n\n", "answer": "4"}"#;
         std::fs::write(&p, format!("{row}\n")).unwrap();
-        let e = load_task_file(&p, "t").unwrap();
+        let e = load_task_file(&p, "t").unwrap().0;
         assert_eq!(e[0].description, "About x.\n\n");
         std::fs::write(
             &p,
@@ -440,6 +513,51 @@ mod tests {
             err.contains("t.jsonl:2:") && err.contains("description"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_file_says_how_its_generations_are_scored_one_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.jsonl");
+        let said = r#"{"prompt": "Q", "answer": "4", "extract": "last-number", "stop": ["Q:"]}"#;
+        let plain = r#"{"prompt": "R", "answer": "5"}"#;
+        std::fs::write(&p, format!("{plain}\n{said}\n{said}\n")).unwrap();
+        let (ex, scoring) = load_task_file(&p, "t").unwrap();
+        assert_eq!(ex.len(), 3);
+        assert_eq!(scoring.extract.as_deref(), Some("last-number"));
+        assert_eq!(scoring.stop, Some(vec!["Q:".to_string()]));
+        assert_eq!(
+            Extract::parse("last-number").unwrap().as_arg(),
+            "last-number"
+        );
+        assert_eq!(
+            Extract::parse(r"#### (\d+)").unwrap().as_arg(),
+            r"#### (\d+)"
+        );
+        std::fs::write(&p, format!("{plain}\n")).unwrap();
+        assert_eq!(load_task_file(&p, "t").unwrap().1, FileScoring::default());
+        for (line, want) in [
+            (
+                said.replace("Q:", "A:"),
+                "t.jsonl:3: `extract` or `stop` differs from line 2's",
+            ),
+            (
+                said.replace("last-number", "("),
+                "t.jsonl:3: `extract`: --extract `(`: not a regex",
+            ),
+            (
+                said.replace(r#"["Q:"]"#, "3"),
+                "t.jsonl:3: `stop` must be a list of strings",
+            ),
+            (
+                r#"{"prompt": "x", "choices": ["a", "b"], "answer": 0, "stop": []}"#.into(),
+                "t.jsonl:3: `extract` and `stop` are for generation examples",
+            ),
+        ] {
+            std::fs::write(&p, format!("{plain}\n{said}\n{line}\n")).unwrap();
+            let e = load_task_file(&p, "t").unwrap_err().to_string();
+            assert!(e.contains(want), "{line}: {e}");
+        }
     }
 
     #[test]
@@ -472,7 +590,7 @@ mod tests {
              {\"prompt\": \"Capital of France?\", \"answer\": \"Paris\", \"task\": \"geo\"}\n",
         )
         .unwrap();
-        let ex = load_task_file(&p, "t").unwrap();
+        let ex = load_task_file(&p, "t").unwrap().0;
         assert_eq!(ex.len(), 2);
         assert_eq!(
             ex[0].item,
