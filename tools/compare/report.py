@@ -31,7 +31,9 @@ def section_command(a, model, task, rs):
     lrs = {r.get("lr", EARLIER_LR) for r in rs}
     # rows trained at the rates another task's sweep chose: the command sweeps that task first
     origin = rates_origin(rs)
-    tasks = f"{origin['task']},{task}" if origin else task
+    # and rows trained on several tasks together (PaLoRA): the command gives them all
+    together = next((r["trained_on"] for r in rs if "trained_on" in r), [])
+    tasks = ",".join(dict.fromkeys([origin["task"]] if origin else []) | dict.fromkeys([*together, task]))
     args = ["--model", model, "--tasks", tasks, "--methods", f"'{methods}'" if ";" in methods else methods]
     for k in SETTINGS:
         if st.get(k) is True:
@@ -63,6 +65,12 @@ NOTES = {
              "which cannot reach the answer's loss: nothing it trains changes the scores (the "
              "same validation loss at every rate, the base's accuracy). Under `--chat` the "
              "template's turn markers are special tokens before the answer.",
+    "palora": "trained once on every task of the section's command together (one LoRA per task, "
+              "mixed by a preference; `--task-sampling balanced`, so a step holds half as many of this "
+              "task's examples as another method's, and runs one forward and backward per preference "
+              "ray, 2 a step), its learning rate swept on that joint data, and scored here at this "
+              "task's vertex of the preference (`--preference`: 1 for this task, 0 for the others); its "
+              "trainable parameters are the whole adapter's (r per task).",
 }
 # notes that hold only without --chat
 PLAIN_ONLY = {"pasta"}

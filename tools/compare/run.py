@@ -21,6 +21,10 @@ method is trained at every rate on the first task, and the rate with the lowest 
 (OUT/MODEL/lrs.json); `--lr-extend N` tries up to N rates past an end of the sweep where the
 lowest loss lies at that end. Give such a run its own --out and --report.
 
+A method that trains on several tasks at once (PaLoRA: one LoRA per task, mixed by a
+preference; `JOINT`) is trained once on every task's training examples together and scored on
+each task at that task's vertex of the preference.
+
 Instruct models (`--chat`): every prompt is asked through the model's chat template (`petal
 eval --chat`) and the training examples are the same conversations, the answer the assistant's
 turn; also a run of its own (--out, --report).
@@ -139,8 +143,8 @@ def cpu_desc():
     return f"{name} ({ext})"
 
 
-def evaluate(a, test, adapter=None):
-    cmd = [a.petal, "eval", "--model", a.model, "--task", test, "--json", "--batch-size", "8"]
+def evaluate(a, test, adapter=None, extra=()):
+    cmd = [a.petal, "eval", "--model", a.model, "--task", test, "--json", "--batch-size", "8", *extra]
     if a.chat:
         cmd.append("--chat")
     if adapter:
@@ -163,6 +167,7 @@ def run_one(a, task, spec, train, test, base, out, lr, score=True, **extra):
            "--out", run, "--overwrite", "true", "--json"]  # a folder without its result: cut short
     for o in filter(None, opts.split(",")):
         cmd += ["--set", o]
+    cmd += JOINT.get(method, [])
     t = json.loads(sh(cmd, f"petal train {spec} on {task}"))
     result = {
         "model": a.model, "task": task, "method": spec,
@@ -181,9 +186,10 @@ def run_one(a, task, spec, train, test, base, out, lr, score=True, **extra):
     return result
 
 
-def scored(a, test, base, result):
-    """`result` with its adapter's accuracy on the test examples and its unmerged eval time."""
-    e = evaluate(a, test, result["adapter"])
+def scored(a, test, base, result, extra=()):
+    """`result` with its adapter's accuracy on the test examples (`petal eval` given `extra`
+    flags too) and its unmerged eval time."""
+    e = evaluate(a, test, result["adapter"], extra)
     result = dict(result, accuracy=e["accuracy"], acc_norm=e.get("acc_norm"), examples=e["examples"],
                   unmerged_eval_seconds=e["seconds"], base_eval_seconds=base["seconds"],
                   inference_overhead=overhead(e, base))
@@ -267,12 +273,13 @@ def sized(a, train, spec, info, cache):
     return with_(best[1]) if best else spec
 
 
-def sweep(a, task, spec, train, test, base, work, chosen, kept=None):
+def sweep(a, task, spec, train, test, base, work, chosen, kept=None, extra=()):
     """Train `spec` at each --lr-sweep rate; keep the one whose validation loss (the training
     data's held-out 5%, not the test examples) is lowest; its run, scored on the test examples,
     is the task's result (the other rates are never scored on them). With --lr-extend N, a
     lowest loss at an end of the sweep gets the next rate beyond that end (the sweep's own
-    ratio), up to N more. `kept`: this spec's earlier result, reused where its rate stays best."""
+    ratio), up to N more. `kept`: this spec's earlier result, reused where its rate stays best;
+    `extra`: flags of its evaluation."""
     runs = {}
 
     def trained(lr):
@@ -296,8 +303,46 @@ def sweep(a, task, spec, train, test, base, work, chosen, kept=None):
                  lr_sweep_given=[f"{lr:g}" for lr in a.lr_sweep], lr_extend=a.lr_extend)
     if kept is not None and kept.get("lr") == best["lr"]:
         return dict(kept, **swept)
-    best = best if "accuracy" in best else scored(a, test, base, best)
+    best = best if "accuracy" in best else scored(a, test, base, best, extra)
     return dict(best, **swept)
+
+
+# methods trained once on every task of the command together, with their training flags
+# (PaLoRA: one LoRA per task, mixed by a preference); a task's row is that run scored at the
+# task's vertex of the preference (1 for it, 0 for the others)
+JOINT = {"palora": ["--task-sampling", "balanced"]}
+
+
+def joint_train(a, model_dir):
+    """Every task's training examples in one file, each with its `task`, and its folder."""
+    tasks = a.tasks.split(",")
+    work = os.path.join(model_dir, "joint-" + "+".join(t.replace("/", "_") for t in tasks))
+    train = os.path.join(work, "train.jsonl")
+    if not os.path.exists(train):
+        os.makedirs(work, exist_ok=True)
+        with open(train + ".tmp", "w") as f:
+            for t in tasks:
+                part = split(a, t, os.path.join(model_dir, t.replace("/", "_")))[0]
+                f.writelines(json.dumps(dict(json.loads(line), task=t)) + "\n" for line in open(part))
+        os.replace(train + ".tmp", train)
+    return train, work
+
+
+def joint(a, task, spec, train, work, test, base, chosen, kept):
+    """`spec` trained on every task (`joint_train`; swept there, the runs shared by the tasks'
+    rows) and scored on `task`'s test examples at its vertex of the preference."""
+    tasks = a.tasks.split(",")
+    if len(tasks) < 2:
+        raise SystemExit(f"{spec} trains on several tasks together: give two or more (--tasks)")
+    extra = ["--preference", ",".join("1" if t == task else "0" for t in sorted(tasks))]
+    if a.lr_sweep:
+        r = sweep(a, "+".join(tasks), spec, train, test, base, work, chosen, kept, extra)
+    else:
+        out = os.path.join(work, safe(spec) + ".json")
+        r = (json.load(open(out)) if os.path.exists(out)
+             else run_one(a, "+".join(tasks), spec, train, test, base, out, a.lr, score=False))
+        r = scored(a, test, base, r, extra)
+    return dict(r, task=task, trained_on=tasks, preference=extra[1])
 
 
 def val_loss(r):
@@ -419,8 +464,10 @@ def main():
                     json.dump(base, f)
             base = dict(base, seconds=base["seconds_by_cpu"][cpu_desc()])
         for spec in a.methods.split(";" if ";" in a.methods else ","):
+            method = spec.partition(":")[0]
+            both = joint_train(a, model_dir) if method in JOINT and "," in a.tasks else None
             if a.budget:
-                spec = sized(a, train, spec, info, probes)
+                spec = sized(a, both[0] if both else train, spec, info, probes)
                 with open(probes_path, "w") as f:
                     json.dump(probes, f)
             out = os.path.join(work, safe(spec) + ".json")
@@ -442,10 +489,12 @@ def main():
             else:
                 t0 = time.time()
                 try:
-                    if a.lr_sweep and ti == 0:
+                    if method in JOINT:
+                        r = joint(a, task, spec, *(both or (train, work)), test, base, chosen, kept)
+                        with open(out, "w") as f:
+                            json.dump(r, f)
+                    elif a.lr_sweep and ti == 0:
                         r = sweep(a, task, spec, train, test, base, work, chosen, kept)
-                        with open(lrs_path, "w") as f:
-                            json.dump(chosen, f)
                         with open(out, "w") as f:
                             json.dump(r, f)
                     else:
@@ -458,6 +507,8 @@ def main():
                     print(f"{task} {spec}: failed: {e}", flush=True)
                     failed.append((task, spec, str(e)))
                     continue
+                with open(lrs_path, "w") as f:
+                    json.dump(chosen, f)
                 print(f"{task} {spec}: accuracy {r['accuracy']:.3f}, {r['trainable_params']:,} trainable, "
                       f"{time.time() - t0:.0f} s", flush=True)
             r["base_accuracy"] = base["accuracy"]
