@@ -226,8 +226,10 @@ PROBE_STEPS = {"fish": (1, ["fisher_samples=1"]), "rosa": (2, ["schedule=wl0"])}
 def probe(a, train, spec, cache):
     """Trainable parameters of `spec` on the model (`petal train --max-steps 0`, or PROBE_STEPS'
     few steps of batch 1), cached."""
-    if spec not in cache:
-        method, _, opts = spec.partition(":")
+    method, _, opts = spec.partition(":")
+    # a joint method's count depends on its data's tasks (a single task's file refuses it)
+    key = f"{spec} on {os.path.basename(os.path.dirname(train))}" if method in JOINT else spec
+    if key not in cache:
         steps, fast = PROBE_STEPS.get(method, (0, []))
         cmd = [a.petal, "train", "--model", a.model, "--data", train, "--method", method,
                "--max-steps", str(steps), "--batch-size", "1",
@@ -236,10 +238,10 @@ def probe(a, train, spec, cache):
         for o in [*filter(None, opts.split(",")), *fast]:  # the fast options win
             cmd += ["--set", o]
         try:
-            cache[spec] = json.loads(sh(cmd, f"sizing {spec}"))["trainable_params"]
+            cache[key] = json.loads(sh(cmd, f"sizing {spec}"))["trainable_params"]
         except SystemExit:  # a size the model's shapes refuse (a block count that does not divide)
-            cache[spec] = None
-    return cache[spec]
+            cache[key] = None
+    return cache[key]
 
 
 def sized(a, train, spec, info, cache):
