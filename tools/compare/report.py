@@ -133,8 +133,9 @@ def report(a, results, failed=()):
             lines += [f"Each method with a size option (its rank, or the size RPS, intrinsic dimension, FISH, "
                       f"the prompts and MoV have) sized to the nearest of about {st['budget']:,} trainable "
                       "parameters (the size after the method's name); the others keep their own size.", ""]
-        if any("lr_sweep" in r for r in rs):
-            extend = max(r.get("lr_extend", 0) for r in rs)
+        own = [r for r in rs if "trained_on" not in r]  # joint rows' sweeps are their note's
+        if any("lr_sweep" in r for r in own):
+            extend = max(r.get("lr_extend", 0) for r in own)
             lines += ["Learning rate: the lowest validation loss (5% of the training examples, not the test "
                       "ones) of the rates swept on the first task, reused on the other tasks"
                       + (f"; where it was at an end of the sweep, up to {extend} more rates beyond that end were "
