@@ -28,24 +28,28 @@ def section_command(a, model, task, rs):
     st = rs[0].get("settings", EARLIER_SETTINGS)
     specs = sorted({r["method"] for r in rs})  # the same results, the same command
     methods = (";" if any("," in m for m in specs) else ",").join(specs)
-    lrs = {r.get("lr", EARLIER_LR) for r in rs}
-    # rows trained at the rates another task's sweep chose: the command sweeps that task first
+    # the rows trained on this task alone decide the rates (a joint row sweeps its joint data)
+    own = [r for r in rs if "trained_on" not in r] or rs
+    lrs = {r.get("lr", EARLIER_LR) for r in own}
+    # rows trained at the rates another task's sweep chose: the command sweeps that task first;
+    # rows swept here: this task first; rows trained on several tasks together (PaLoRA): the
+    # command gives them all
     origin = rates_origin(rs)
-    # and rows trained on several tasks together (PaLoRA): the command gives them all
+    first = [origin["task"]] if origin else [task] if any("lr_sweep" in r for r in own) else []
     together = next((r["trained_on"] for r in rs if "trained_on" in r), [])
-    tasks = ",".join(dict.fromkeys([origin["task"]] if origin else []) | dict.fromkeys([*together, task]))
+    tasks = ",".join(dict.fromkeys([*first, *together, task]))
     args = ["--model", model, "--tasks", tasks, "--methods", f"'{methods}'" if ";" in methods else methods]
     for k in SETTINGS:
         if st.get(k) is True:
             args.append(f"--{k}")
         elif st.get(k) is not None:
             args += [f"--{k.replace('_', '-')}", str(st[k])]
-    swept = next((r.get("lr_sweep_given", r["lr_sweep"]) for r in rs if "lr_sweep" in r), None)
+    swept = next((r.get("lr_sweep_given", r["lr_sweep"]) for r in own if "lr_sweep" in r), None)
     if origin:
         swept = origin["lr_sweep"]
     if swept:
         args += ["--lr-sweep", ",".join(swept)]
-        extend = origin["lr_extend"] if origin else max(r.get("lr_extend", 0) for r in rs)
+        extend = origin["lr_extend"] if origin else max(r.get("lr_extend", 0) for r in own)
         if extend:
             args += ["--lr-extend", str(extend)]
     elif len(lrs) == 1:

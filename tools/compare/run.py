@@ -78,8 +78,8 @@ def unscored(test):
     """Whether a generation task's test file predates dumped tasks carrying their scoring
     (`extract`, `stop`): made again then (the same examples: the split is seeded)."""
     with open(test) as f:
-        first = json.loads(f.readline())
-    return "choices" not in first and "extract" not in first
+        first = json.loads(f.readline() or "{}")
+    return first and "choices" not in first and "extract" not in first
 
 
 def split(a, task, work):
@@ -483,6 +483,9 @@ def main():
             # a later task's result trained at a rate the first task's sweep has since replaced
             stale = (kept is not None and ti > 0 and spec in chosen
                      and not math.isclose(kept.get("lr", EARLIER_LR), chosen[spec]))
+            # or a joint result trained on other tasks than these
+            stale |= (kept is not None and method in JOINT
+                      and sorted(kept.get("trained_on", [])) != sorted(a.tasks.split(",")))
             if ti == 0 and kept is not None and "lr_sweep" in kept:
                 chosen.setdefault(spec, kept["lr"])  # a fresh checkout's committed copy
             if kept is not None and not (ti == 0 and extendable(a, kept)) and not stale:
@@ -492,7 +495,8 @@ def main():
                 t0 = time.time()
                 try:
                     if method in JOINT:
-                        r = joint(a, task, spec, *(both or (train, work)), test, base, chosen, kept)
+                        r = joint(a, task, spec, *(both or (train, work)), test, base, chosen,
+                                  None if stale else kept)
                         with open(out, "w") as f:
                             json.dump(r, f)
                     elif a.lr_sweep and ti == 0:

@@ -147,6 +147,28 @@ pub fn as_json(e: &TaskExample, scoring: &Scoring) -> Value {
     v
 }
 
+/// Refuses to dump examples whose references a task file would read differently: a built-in's
+/// references are stored already read (GSM8K's number), while a file's pass through its
+/// extractor, so an extractor that does not give them back as they are would score nothing.
+pub fn dumpable(examples: &[TaskExample], scoring: &Scoring) -> Result<()> {
+    if scoring.extract_reference {
+        return Ok(());
+    }
+    for (i, e) in examples.iter().enumerate() {
+        if let Item::Generate { answer } = &e.item {
+            if scoring.extract.apply(answer).as_deref() != Some(answer.trim()) {
+                bail!(
+                    "--dump-task: --extract `{}` reads example {i}'s reference `{answer}` as \
+                     something else, and a dumped task reads its references through it: leave \
+                     --extract out to keep the task's own",
+                    scoring.extract.as_arg()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Per-task counts.
 #[derive(Default)]
 struct Tally {
@@ -423,4 +445,32 @@ fn generated(
         .into_iter()
         .map(|g| (g.text, g.ids.len()))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dump_is_refused_where_its_extractor_would_not_read_the_references_back() {
+        let ex = vec![TaskExample {
+            task: "t".into(),
+            prompt: "Question: 2 + 2?\nAnswer:".into(),
+            item: Item::Generate { answer: "4".into() },
+            description: String::new(),
+        }];
+        let with = |extract: &str, extract_reference| Scoring {
+            extract: Extract::parse(extract).unwrap(),
+            extract_reference,
+            stop: vec![],
+            max_new_tokens: 8,
+        };
+        for ok in ["last-number", "whole", r"(\d+)"] {
+            dumpable(&ex, &with(ok, false)).unwrap();
+        }
+        let e = dumpable(&ex, &with(r"#### (\d+)", false)).unwrap_err();
+        assert!(e.to_string().contains("example 0's reference `4`"), "{e}");
+        // a file's references are read through the extractor already: nothing changes
+        dumpable(&ex, &with(r"#### (\d+)", true)).unwrap();
+    }
 }

@@ -159,6 +159,7 @@ fn run_task(a: &EvalArgs) -> Result<()> {
         ex.truncate(a.max_examples);
     }
     if let Some(p) = &a.dump_task {
+        crate::task_cmd::dumpable(&ex, &scoring)?;
         let text: String = ex
             .iter()
             .map(|e| format!("{}\n", crate::task_cmd::as_json(e, &scoring)))
