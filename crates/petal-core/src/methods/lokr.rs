@@ -18,7 +18,7 @@ use crate::methods::{
     LycorisDropout,
 };
 use crate::Result;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use rand::SeedableRng;
 use std::collections::BTreeMap;
 
@@ -72,6 +72,63 @@ pub struct LokrLayer {
     w2: Factor,
     scaling: f64,
     drop: LycorisDropout,
+}
+
+/// `s · x (W1 ⊗ W2)ᵀ` on rows of x (.., c d), as (rows, a b) in f32: each row read as a (c, d)
+/// matrix X gives `W1 X W2ᵀ`, an (a, b) matrix whose row-major values are the row's update. A
+/// row costs `b c (a + d)` products against dW's `a b c d`, and no (out, in) gradient of dW is
+/// ever formed.
+fn kron_rows(x: &Tensor, w1: &Tensor, w2: &Tensor, s: f64) -> candle_core::Result<Tensor> {
+    let ((a, c), (b, d)) = (w1.dims2()?, w2.dims2()?);
+    let n = x.elem_count() / (c * d);
+    let p = x
+        .to_dtype(DType::F32)?
+        .reshape((n * c, d))?
+        .matmul(&w2.t()?)?; // X W2ᵀ, (n c, b)
+    let p = p.reshape((n, c, b))?.transpose(1, 2)?.contiguous()?;
+    let u = p.reshape((n * b, c))?.matmul(&w1.t()?)?; // (W1 X W2ᵀ)ᵀ, (n b, a)
+    let u = u.reshape((n, b, a))?.transpose(1, 2)?.contiguous()?;
+    u.reshape((n, a * b))? * s
+}
+
+/// [`kron_rows`]' gradients from `dy` (rows, a b), each row G (a, b): with `Q = W1ᵀ G`,
+/// `dX = s Q W2`, `dW1 = s Σ G (X W2ᵀ)ᵀ`, `dW2 = s Σ Qᵀ X`.
+fn kron_grads(
+    x: &Tensor,
+    w1: &Tensor,
+    w2: &Tensor,
+    s: f64,
+    need: [bool; 3],
+    dy: &Tensor,
+) -> candle_core::Result<[Option<Tensor>; 3]> {
+    let ((a, c), (b, d)) = (w1.dims2()?, w2.dims2()?);
+    let n = x.elem_count() / (c * d);
+    let xf = x.to_dtype(DType::F32)?.reshape((n * c, d))?;
+    let g = dy.to_dtype(DType::F32)?.reshape((n, a, b))?;
+    // Q for every row, (n c, b): Gᵀ W1 = Qᵀ, row by row
+    let q = g
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((n * b, a))?
+        .matmul(w1)?;
+    let q = q
+        .reshape((n, b, c))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((n * c, b))?;
+    let dx = need[0]
+        .then(|| (q.matmul(w2)? * s)?.to_dtype(x.dtype())?.reshape(x.shape()))
+        .transpose()?;
+    let dw1 = need[1]
+        .then(|| {
+            let p = xf.matmul(&w2.t()?)?.reshape((n, c, b))?; // X W2ᵀ
+            let p = p.transpose(1, 2)?.contiguous()?.reshape((n * b, c))?;
+            let ga = g.permute((1, 0, 2))?.contiguous()?.reshape((a, n * b))?;
+            ga.matmul(&p)? * s
+        })
+        .transpose()?;
+    let dw2 = need[2].then(|| q.t()?.matmul(&xf)? * s).transpose()?;
+    Ok([dx, dw1, dw2])
 }
 
 /// PEFT's (LyCORIS's) `factorization`: dimension = m * n with m <= n, m as close to `factor`
@@ -204,10 +261,56 @@ impl LokrLayer {
             .broadcast_mul(&w2.reshape((1, b, 1, d))?)?; // (a, b, c, d)
         Ok((k.reshape((a * b, c * d))? * self.scaling)?)
     }
+
+    /// `y + s · x dWᵀ` without dW ([`kron_rows`]): one graph node over x, y and the two
+    /// factors (end to end in one tensor) whose backward ([`kron_grads`]) keeps none of its
+    /// products, nor the update apart from y.
+    fn kron_add(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let (w1, w2) = (self.w1.matrix()?, self.w2.matrix()?);
+        let (s, d1, d2) = (self.scaling, w1.dims2()?, w2.dims2()?);
+        let flat = Tensor::cat(&[w1.flatten_all()?, w2.flatten_all()?], 0)?;
+        let split = move |flat: &Tensor| -> candle_core::Result<(Tensor, Tensor)> {
+            let n1 = d1.0 * d1.1;
+            Ok((
+                flat.narrow(0, 0, n1)?.reshape(d1)?,
+                flat.narrow(0, n1, d2.0 * d2.1)?.reshape(d2)?,
+            ))
+        };
+        Ok(petal_ops::lean::lean3(
+            [x, y, &flat],
+            |[x, y, flat]| {
+                let (w1, w2) = split(flat)?;
+                let d = kron_rows(x, &w1, &w2, s)?.reshape(y.shape())?;
+                y + d.to_dtype(y.dtype())?
+            },
+            move |[x, _, flat], need, _, dy| {
+                let (w1, w2) = split(flat)?;
+                let rows = dy.reshape((dy.elem_count() / (d1.0 * d2.0), d1.0 * d2.0))?;
+                let [dx, dw1, dw2] =
+                    kron_grads(x, &w1, &w2, s, [need[0], need[2], need[2]], &rows)?;
+                let dflat = match (dw1, dw2) {
+                    (Some(a), Some(b)) => {
+                        Some(Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?)
+                    }
+                    _ => None,
+                };
+                Ok([dx, need[1].then(|| dy.clone()), dflat])
+            },
+        )?)
+    }
+
+    /// Whether this forward takes the Kronecker form: not where training drops rows of dW or
+    /// the whole adapter (the dense form draws those masks).
+    fn kron_form(&self, ctx: &crate::Ctx) -> bool {
+        !(ctx.is_train() && (self.drop.rank > 0.0 || self.drop.module > 0.0))
+    }
 }
 
 impl AdapterLayer for LokrLayer {
     fn forward(&self, x: &Tensor, y: Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
+        if self.kron_form(ctx) {
+            return self.kron_add(x, &y);
+        }
         match self.drop.apply(ctx, || self.delta())? {
             Some(d) => add_dense_delta(x, y, &d),
             None => Ok(y),
@@ -221,6 +324,9 @@ impl AdapterLayer for LokrLayer {
         b: Option<&Tensor>,
         ctx: &crate::Ctx,
     ) -> Option<Result<Tensor>> {
+        if self.kron_form(ctx) {
+            return None; // `forward`'s Kronecker form beats folding dW into W
+        }
         dense_linear(ctx.kernels(), x, w, b, || {
             self.drop.apply(ctx, || self.delta())
         })
