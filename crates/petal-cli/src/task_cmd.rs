@@ -216,13 +216,18 @@ pub fn evaluate(
         }
         bar.inc(group.len() as u64);
     }
-    let rows = row_adapter(model);
-    for group in generate.chunks(batch.max(1)) {
-        let exs: Vec<&TaskExample> = group.iter().map(|(_, e)| *e).collect();
-        let texts = generated(model, tok, &exs, scoring, rows.as_deref())?;
-        for ((i, e), (text, tokens)) in group.iter().zip(texts) {
+    let exs: Vec<&TaskExample> = generate.iter().map(|(_, e)| *e).collect();
+    generated(
+        model,
+        tok,
+        &exs,
+        scoring,
+        batch,
+        row_adapter(model).as_deref(),
+        &mut |k, text, tokens| {
+            let (i, e) = generate[k];
             let Item::Generate { answer } = &e.item else {
-                continue;
+                return;
             };
             let gold = if scoring.extract_reference {
                 scoring.extract.apply(answer)
@@ -236,11 +241,11 @@ pub fn evaluate(
             t.unmatched += usize::from(got.is_none());
             t.tokens += tokens;
             t.correct += usize::from(right);
-            samples[*i] = json!({"index": i, "task": e.task, "prompt": e.prompt, "output": text,
-                                 "extracted": got, "reference": gold, "correct": right});
-        }
-        bar.inc(group.len() as u64);
-    }
+            samples[i] = json!({"index": i, "task": e.task, "prompt": e.prompt, "output": text,
+                            "extracted": got, "reference": gold, "correct": right});
+            bar.inc(1);
+        },
+    )?;
     let sum = |f: fn(&Tally) -> usize| tally.values().map(f).sum::<usize>();
     let (n, choices) = (sum(|t| t.n), sum(|t| t.choice));
     let mut out = json!({
@@ -400,51 +405,62 @@ fn row_adapter(model: &Llama) -> Option<String> {
     Some(name)
 }
 
-/// Greedy continuations of the prompts and their lengths in tokens, batched where `rows` names
-/// the adapter.
+/// Greedy continuations of the prompts, each given to `done` with its index in `prompts` and
+/// its length in tokens as it finishes. Where `rows` names the adapter, up to `batch` are
+/// decoded together and a finished one's place is taken by the next prompt at once
+/// (continuous batching: a long answer holds up no other); otherwise one at a time.
 fn generated(
     model: &Llama,
     tok: &Tokenizer,
-    group: &[&TaskExample],
+    prompts: &[&TaskExample],
     scoring: &Scoring,
+    batch: usize,
     rows: Option<&str>,
-) -> Result<Vec<(String, usize)>> {
+    done: &mut dyn FnMut(usize, String, usize),
+) -> Result<()> {
     let params = petal_serve::SamplingParams {
         max_new_tokens: scoring.max_new_tokens,
         stop: scoring.stop.clone(),
         ..Default::default()
     };
     let context = model.cfg.max_position_embeddings;
-    let ids = group
-        .iter()
-        .map(|e| {
-            let ids = tok.encode(&e.prompt, false)?;
-            // the prompt's end kept, with room for the answer
-            let keep = context.saturating_sub(scoring.max_new_tokens + 1).max(1);
-            Ok(ids[ids.len().saturating_sub(keep)..].to_vec())
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let Some(adapter) = rows else {
-        return ids
-            .iter()
-            .map(|i| {
-                let g = petal_serve::generate(model, tok, i, &params, &mut |_| {})?;
-                Ok((g.text, g.ids.len()))
-            })
-            .collect();
+    // the prompt's end kept, with room for the answer
+    let keep = context.saturating_sub(scoring.max_new_tokens + 1).max(1);
+    let ids = |e: &TaskExample| -> Result<Vec<u32>> {
+        let ids = tok.encode(&e.prompt, false)?;
+        Ok(ids[ids.len().saturating_sub(keep)..].to_vec())
     };
-    let reqs: Vec<petal_serve::Request> = ids
-        .iter()
-        .map(|prompt| petal_serve::Request {
-            prompt,
-            params: &params,
-            adapter,
-        })
-        .collect();
-    Ok(petal_serve::generate_batch(model, tok, &reqs)?
-        .into_iter()
-        .map(|g| (g.text, g.ids.len()))
-        .collect())
+    let Some(adapter) = rows else {
+        for (k, e) in prompts.iter().enumerate() {
+            let g = petal_serve::generate(model, tok, &ids(e)?, &params, &mut |_| {})?;
+            done(k, g.text, g.ids.len());
+        }
+        return Ok(());
+    };
+    let mut dec = petal_serve::Decoder::new(tok);
+    let mut next = prompts.iter().enumerate();
+    loop {
+        while dec.len() < batch.max(1) {
+            let Some((k, e)) = next.next() else { break };
+            let added = dec.add(
+                model,
+                k,
+                &ids(e)?,
+                params.clone(),
+                adapter,
+                &mut |_, _, _| {},
+            );
+            if let Some(f) = added.map_err(|(_, e)| e)? {
+                done(f.key, f.generated.text, f.generated.ids.len());
+            }
+        }
+        if dec.is_empty() {
+            return Ok(());
+        }
+        for f in dec.step(model, &mut |_, _, _| {}).map_err(|(_, e)| e)? {
+            done(f.key, f.generated.text, f.generated.ids.len());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -190,6 +190,72 @@ fn generation_is_scored_by_exact_match_after_the_extractor_and_unmatched_answers
 }
 
 #[test]
+fn batched_generation_gives_each_prompt_its_own_answer_as_places_free_up() {
+    // seven prompts, three decoded at a time, a stop word that ends some answers early: the
+    // places those leave are taken by the next prompts while the others go on; each output
+    // must still be the prompt's own greedy answer (`generate`, one prompt at a time)
+    let lm = petal_io::load_model(
+        golden().join("llama").to_str().unwrap(),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let prompts = [
+        "w5 w9",
+        "w33 w7 w40",
+        "w60 w8",
+        "w3 w90 w45",
+        "w71 w44",
+        "w50",
+        "w12 w2",
+    ];
+    let answer = |prompt: &str, stop: &[String]| {
+        let p = petal_serve::SamplingParams {
+            max_new_tokens: 6,
+            stop: stop.to_vec(),
+            ..Default::default()
+        };
+        let ids = lm.tokenizer.encode(prompt, false).unwrap();
+        let g = petal_serve::generate(&lm.model, &lm.tokenizer, &ids, &p, &mut |_| {}).unwrap();
+        (g.text, g.ids.len())
+    };
+    // " w51" ends two answers after two or three words (the first prompt's ends at once)
+    let stop = vec![" w51".to_string()];
+    let want: Vec<(String, usize)> = prompts.iter().map(|p| answer(p, &stop)).collect();
+    let lengths: std::collections::BTreeSet<usize> = want.iter().map(|w| w.1).collect();
+    assert!(
+        lengths.len() > 1,
+        "every answer as long: nothing frees a place early: {want:?}"
+    );
+    let d = tempfile::tempdir().unwrap();
+    let task = d.path().join("gen.jsonl");
+    let lines: String = prompts
+        .iter()
+        .map(|p| serde_json::json!({"prompt": p, "answer": "w0"}).to_string() + "\n")
+        .collect();
+    std::fs::write(&task, lines).unwrap();
+    for batch in ["3", "1"] {
+        let (report, rows) = run(
+            &task,
+            &[
+                "--max-new-tokens",
+                "6",
+                "--stop",
+                &stop[0],
+                "--batch-size",
+                batch,
+            ],
+        );
+        for (i, (row, w)) in rows.iter().zip(&want).enumerate() {
+            assert_eq!(row["index"], i, "batch {batch}");
+            assert_eq!(row["output"], w.0.as_str(), "batch {batch}, prompt {i}");
+        }
+        let tokens: usize = want.iter().map(|w| w.1).sum();
+        assert_eq!(report["generated_tokens"], tokens, "batch {batch}");
+    }
+}
+
+#[test]
 fn a_bad_task_is_refused_in_one_line_naming_the_line_or_the_choices() {
     let d = tempfile::tempdir().unwrap();
     let task = d.path().join("t.jsonl");
