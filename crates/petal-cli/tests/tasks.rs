@@ -35,6 +35,41 @@ fn run(task: &Path, extra: &[&str]) -> (Value, Vec<Value>) {
     (report, rows)
 }
 
+/// Prompts of the generation tests (words of the golden Llama's vocabulary).
+const PROMPTS: [&str; 7] = [
+    "w5 w9",
+    "w33 w7 w40",
+    "w60 w8",
+    "w3 w90 w45",
+    "w71 w44",
+    "w50 w51 w52",
+    "w12 w2",
+];
+
+fn golden_lm() -> petal_io::LoadedModel {
+    let model = golden().join("llama");
+    let dev = candle_core::Device::Cpu;
+    petal_io::load_model(model.to_str().unwrap(), candle_core::DType::F32, &dev).unwrap()
+}
+
+/// `lm`'s greedy continuation of `prompt` (`petal_serve::generate`, one prompt at a time,
+/// itself checked against transformers) and its length in tokens.
+fn greedy(
+    lm: &petal_io::LoadedModel,
+    prompt: &str,
+    max_new_tokens: usize,
+    stop: &[String],
+) -> (String, usize) {
+    let p = petal_serve::SamplingParams {
+        max_new_tokens,
+        stop: stop.to_vec(),
+        ..Default::default()
+    };
+    let ids = lm.tokenizer.encode(prompt, false).unwrap();
+    let g = petal_serve::generate(&lm.model, &lm.tokenizer, &ids, &p, &mut |_| {}).unwrap();
+    (g.text, g.ids.len())
+}
+
 #[test]
 fn multiple_choice_scores_equal_the_harness_way_computed_by_transformers_batched_or_not() {
     let task = golden().join("task_mc.jsonl");
@@ -99,35 +134,16 @@ fn input_side_adapters_score_choices_as_peft_does() {
 
 #[test]
 fn generation_is_scored_by_exact_match_after_the_extractor_and_unmatched_answers_are_counted() {
-    // the references: half the model's own greedy continuation (petal_serve::generate, one
-    // prompt at a time, itself checked against transformers), half something else
-    let lm = petal_io::load_model(
-        golden().join("llama").to_str().unwrap(),
-        candle_core::DType::F32,
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    let prompts = [
-        "w5 w9",
-        "w33 w7 w40",
-        "w60 w8",
-        "w3 w90 w45",
-        "w71 w44",
-        "w50 w51 w52",
-    ];
-    let p = petal_serve::SamplingParams {
-        max_new_tokens: 4,
-        ..Default::default()
-    };
+    // the references: half the model's own greedy continuation (`greedy`), half something else
+    let lm = golden_lm();
+    let prompts = &PROMPTS[..6];
     let d = tempfile::tempdir().unwrap();
     let task = d.path().join("gen.jsonl");
     let mut lines = String::new();
     let mut tokens = 0;
     for (i, prompt) in prompts.iter().enumerate() {
-        let ids = lm.tokenizer.encode(prompt, false).unwrap();
-        let g = petal_serve::generate(&lm.model, &lm.tokenizer, &ids, &p, &mut |_| {}).unwrap();
-        tokens += g.ids.len();
-        let text = g.text;
+        let (text, n) = greedy(&lm, prompt, 4, &[]);
+        tokens += n;
         let answer = if i % 2 == 0 {
             text
         } else {
@@ -193,35 +209,12 @@ fn generation_is_scored_by_exact_match_after_the_extractor_and_unmatched_answers
 fn batched_generation_gives_each_prompt_its_own_answer_as_places_free_up() {
     // seven prompts, three decoded at a time, a stop word that ends some answers early: the
     // places those leave are taken by the next prompts while the others go on; each output
-    // must still be the prompt's own greedy answer (`generate`, one prompt at a time)
-    let lm = petal_io::load_model(
-        golden().join("llama").to_str().unwrap(),
-        candle_core::DType::F32,
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    let prompts = [
-        "w5 w9",
-        "w33 w7 w40",
-        "w60 w8",
-        "w3 w90 w45",
-        "w71 w44",
-        "w50",
-        "w12 w2",
-    ];
-    let answer = |prompt: &str, stop: &[String]| {
-        let p = petal_serve::SamplingParams {
-            max_new_tokens: 6,
-            stop: stop.to_vec(),
-            ..Default::default()
-        };
-        let ids = lm.tokenizer.encode(prompt, false).unwrap();
-        let g = petal_serve::generate(&lm.model, &lm.tokenizer, &ids, &p, &mut |_| {}).unwrap();
-        (g.text, g.ids.len())
-    };
+    // must still be the prompt's own greedy answer (`greedy`, one prompt at a time)
+    let lm = golden_lm();
+    let prompts = PROMPTS;
     // " w51" ends two answers after two or three words (the first prompt's ends at once)
     let stop = vec![" w51".to_string()];
-    let want: Vec<(String, usize)> = prompts.iter().map(|p| answer(p, &stop)).collect();
+    let want: Vec<(String, usize)> = prompts.iter().map(|p| greedy(&lm, p, 6, &stop)).collect();
     let lengths: std::collections::BTreeSet<usize> = want.iter().map(|w| w.1).collect();
     assert!(
         lengths.len() > 1,

@@ -15,9 +15,11 @@ mod attention;
 mod bias_export;
 mod decode;
 mod input;
+pub(crate) mod kv_cache;
 mod layerwise;
 mod rope_tables;
 
+pub use kv_cache::KvCache;
 use rope_tables::RopeTables;
 
 /// The one norm factory: an RMSNorm weight (h) under HF path `path`.
@@ -98,45 +100,6 @@ pub(crate) struct Stage {
     pub rope_span: usize,
     /// Token-level shifts (PASTA): each position's slot, one-hot (b t, slots).
     pub slots: Option<Tensor>,
-}
-
-/// Per-layer keys (rotated) and values seen so far, (b, t, kv_heads * d).
-#[derive(Debug, Default, Clone)]
-pub struct KvCache {
-    kv: Vec<Option<(Tensor, Tensor)>>,
-    /// Input tokens the passes filling it stand for at least (see `set_rope_span`)
-    span: usize,
-}
-
-impl KvCache {
-    pub fn new(layers: usize) -> Self {
-        KvCache {
-            kv: vec![None; layers],
-            span: 0,
-        }
-    }
-    /// Rotate as one pass over `tokens` input tokens would: a prompt read in parts (a server's
-    /// chunked prefill), or a context scored apart from its continuation, takes the RoPE tables
-    /// of the whole (LongRoPE picks its factors by a pass's length; other scalings have one
-    /// table and ignore this).
-    pub fn set_rope_span(&mut self, tokens: usize) {
-        self.span = tokens;
-    }
-    /// Layer `i`'s cached keys and values, if any.
-    pub fn layer(&self, i: usize) -> Option<(&Tensor, &Tensor)> {
-        self.kv.get(i)?.as_ref().map(|(k, v)| (k, v))
-    }
-    /// Number of positions already cached.
-    pub fn len(&self) -> usize {
-        self.kv
-            .first()
-            .and_then(|x| x.as_ref())
-            .map(|(k, _)| k.dims()[1])
-            .unwrap_or(0)
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[derive(Debug)]
@@ -356,7 +319,7 @@ impl Llama {
         i: usize,
         x: &Tensor,
         stage: &Stage,
-        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        kv: Option<&mut Option<kv_cache::Slot>>,
         ctx: &Ctx,
     ) -> Result<Tensor> {
         let layer = &self.layers[i];

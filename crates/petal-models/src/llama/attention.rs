@@ -1,6 +1,7 @@
 //! The attention block of a decoder layer: the q, k, v projections, causal attention through
 //! the KV cache and after a prefix, and the o projection.
 
+use super::kv_cache::Slot;
 use super::{Attention, Llama, Stage};
 use candle_core::Tensor;
 use petal_core::{Ctx, Result};
@@ -13,7 +14,7 @@ impl Llama {
         at: &Attention,
         x: &Tensor,
         stage: &Stage,
-        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        kv: Option<&mut Option<Slot>>,
         prefix: Option<(Tensor, Tensor)>,
         ctx: &Ctx,
     ) -> Result<Tensor> {
@@ -37,17 +38,14 @@ impl Llama {
         mut k: Tensor,
         mut v: Tensor,
         (rope_from, span): (usize, usize),
-        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        kv: Option<&mut Option<Slot>>,
         prefix: Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let d = self.cfg.head_dim;
         let t = k.dim(1)?;
         // With a cache (decoding), the new keys are rotated here and the cache holds rotated
         // keys, so no step rotates the whole cache again; the op then rotates q only.
-        let cached = kv
-            .as_ref()
-            .and_then(|s| s.as_ref())
-            .map_or(0, |(pk, _)| pk.dims()[1]);
+        let cached = kv.as_ref().and_then(|s| s.as_ref()).map_or(0, |s| s.len());
         let seen = cached + prefix.as_ref().map_or(0, |(pk, _)| pk.dims()[1]);
         let (cos, sin) = self.rope.for_positions((seen + t).max(span));
         let from = if kv.is_some() {
@@ -62,14 +60,8 @@ impl Llama {
             v = Tensor::cat(&[&pv, &v], 1)?;
         }
         if let Some(slot) = kv {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 1)?;
-                v = Tensor::cat(&[pv, &v], 1)?;
-            }
-            // Values only: an adapter's weights are variables, so k and v carry the graph of
-            // the pass that made them, and a cache holding that graph would keep every step's
-            // activations alive (the whole history, growing a step at a time).
-            *slot = Some((k.detach(), v.detach()));
+            // written in place after what the cache holds; read back without a graph
+            (k, v) = Slot::push(slot, &k, &v)?;
         }
         // Grouped-query attention without copying k/v per query head (HF's repeat_kv order:
         // head h reads kv head h / (nh / nkv)); scores are never held whole on the CPU.

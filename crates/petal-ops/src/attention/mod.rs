@@ -114,11 +114,13 @@ impl Flash {
 }
 
 /// RoPE inside the attention op (rotate-half, HF layout): cos/sin (positions, d/2) from
-/// position 0; query row r sits at position offset + r % t, key j at position j, and keys
-/// before `from` (a prefix, whose keys PEFT gives as they are) are not rotated.
+/// position `first` (the first one rotated); query row r sits at position offset + r % t, key
+/// j at position j, and keys before `from` (a prefix, whose keys PEFT gives as they are, or a
+/// cache's, rotated already) are not rotated.
 struct Rotary {
     cos: Vec<f32>,
     sin: Vec<f32>,
+    first: usize,
     from: usize,
 }
 
@@ -136,6 +138,7 @@ impl Rotary {
         let sign = if inverse { -1.0 } else { 1.0 };
         x.par_chunks_mut(d).enumerate().for_each(|(row, v)| {
             let Some(p) = pos(row) else { return };
+            let p = p - self.first;
             let (c, s) = (
                 &self.cos[p * half..(p + 1) * half],
                 &self.sin[p * half..(p + 1) * half],
@@ -534,9 +537,11 @@ pub fn causal_attention_bthd(
             attention_bthd_composed(kern, q, k, v, head_dim, scale, rope)
         });
     }
-    // the tables' rows for positions 0..keys only (a model's tables cover its whole context)
+    // the tables' rows for the positions rotated only, queries' and keys' from `from` (a
+    // model's tables cover its whole context; a decoding step rotates its one query)
+    let first = rope.map_or(0, |r| r.from.min(keys - t));
     let table = |x: &Tensor| {
-        x.narrow(0, 0, keys)?
+        x.narrow(0, first, keys - first)?
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()
@@ -546,6 +551,7 @@ pub fn causal_attention_bthd(
             Ok(Rotary {
                 cos: table(r.cos)?,
                 sin: table(r.sin)?,
+                first,
                 from: r.from,
             })
         })
