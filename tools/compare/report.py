@@ -154,9 +154,12 @@ def report(a, results, failed=()):
                       "lowest validation loss there), not swept again on this task.", ""]
         if any("generated_tokens" in r for r in rs):
             lines += ["Generation: the unmerged evaluation time is per generated token, against the base "
-                      "model's. The base model generates one prompt at a time and an adapter that can serve "
-                      "rows of a batch (LoRA and most others) 8 at a time, so the column mixes the adapter's "
-                      "cost with batching's gain.", ""]
+                      "model's. Both decode up to 8 prompts together (an input-side adapter, such as prompt "
+                      "tuning, one at a time), a finished answer's place taken by the next prompt (rows made with "
+                      "petal before commit 1b948cc decoded fixed groups of 8, each waiting for its longest answer). "
+                      "Each prompt is read once however long its answer, so an adapter whose answers run "
+                      "longer than the base's spreads that cost over more tokens: the column mixes the "
+                      "adapter's cost with its answers' lengths, and below 1x is no gain.", ""]
         swept = any("lr_sweep" in r for r in rs)  # each rate's validation loss, in a column
         lines += ["| method | accuracy | acc_norm | trainable params | lr | peak RSS | training tokens/s | unmerged eval time vs base |"
                   + (" validation loss by lr |" if swept else ""),
