@@ -212,7 +212,7 @@ fn batched_generation_gives_each_prompt_its_own_answer_as_places_free_up() {
     // must still be the prompt's own greedy answer (`greedy`, one prompt at a time)
     let lm = golden_lm();
     let prompts = PROMPTS;
-    // " w51" ends two answers after two or three words (the first prompt's ends at once)
+    // " w51" ends some answers after a few words (the first prompt's ends at its first token)
     let stop = vec![" w51".to_string()];
     let want: Vec<(String, usize)> = prompts.iter().map(|p| greedy(&lm, p, 6, &stop)).collect();
     let lengths: std::collections::BTreeSet<usize> = want.iter().map(|w| w.1).collect();
