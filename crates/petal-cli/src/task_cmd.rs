@@ -437,30 +437,19 @@ fn generated(
         }
         return Ok(());
     };
-    let mut dec = petal_serve::Decoder::new(tok);
-    let mut next = prompts.iter().enumerate();
-    loop {
-        while dec.len() < batch.max(1) {
-            let Some((k, e)) = next.next() else { break };
-            let added = dec.add(
-                model,
-                k,
-                &ids(e)?,
-                params.clone(),
-                adapter,
-                &mut |_, _, _| {},
-            );
-            if let Some(f) = added.map_err(|(_, e)| e)? {
-                done(f.key, f.generated.text, f.generated.ids.len());
-            }
-        }
-        if dec.is_empty() {
-            return Ok(());
-        }
-        for f in dec.step(model, &mut |_, _, _| {}).map_err(|(_, e)| e)? {
-            done(f.key, f.generated.text, f.generated.ids.len());
-        }
-    }
+    let ids = prompts.iter().map(|e| ids(e)).collect::<Result<Vec<_>>>()?;
+    let reqs: Vec<_> = ids
+        .iter()
+        .map(|prompt| petal_serve::Request {
+            prompt,
+            params: &params,
+            adapter,
+        })
+        .collect();
+    petal_serve::generate_continuous(model, tok, &reqs, batch, &mut |k, g| {
+        done(k, g.text, g.ids.len())
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Autoregressive generation: one prefill over the prompt, then one cached step per token; for
-//! several prompts at once, the steps of all unfinished ones as one batch (`generate_batch`).
+//! several prompts at once, the steps of all unfinished ones as one batch (`generate_batch`,
+//! `generate_continuous`).
 
 use crate::logprobs::{self, TokenLogprob};
 use crate::sampling::{apply_repetition_penalty, sample, SamplingParams};
@@ -243,35 +244,51 @@ pub struct Request<'a> {
     pub adapter: &'a str,
 }
 
-/// Generates for every request together (a `Decoder` fed them all at once): each prompt
-/// prefilled on its own (through its adapter), then one batched step per token over the
-/// unfinished sequences, each row through its own adapter and KV cache
+/// Generates for every request together (`generate_continuous` with room for all of them):
+/// each prompt prefilled on its own (through its adapter), then one batched step per token over
+/// the unfinished sequences, each row through its own adapter and KV cache
 /// (`Llama::decode_rows`). Each result equals what `generate` gives for that request alone
 /// with its adapter active (up to rounding of the batched products).
 pub fn generate_batch(model: &Llama, tok: &Tokenizer, reqs: &[Request]) -> Result<Vec<Generated>> {
-    let mut dec = crate::batch::Decoder::new(tok);
     let mut out: Vec<Option<Generated>> = vec![None; reqs.len()];
-    for (i, r) in reqs.iter().enumerate() {
-        if let Some(f) = dec
-            .add(
+    generate_continuous(model, tok, reqs, reqs.len(), &mut |i, g| out[i] = Some(g))?;
+    out.into_iter()
+        .map(|g| g.ok_or_else(|| Error::msg("generate_batch: a sequence went missing")))
+        .collect()
+}
+
+/// Continuous batching over `reqs`: at most `at_once` sequences decode together, and a
+/// finished one's place goes to the next request at once, so a long answer holds up no other.
+/// `done` receives each result with its index in `reqs` as it finishes (not in order).
+pub fn generate_continuous(
+    model: &Llama,
+    tok: &Tokenizer,
+    reqs: &[Request],
+    at_once: usize,
+    done: &mut dyn FnMut(usize, Generated),
+) -> Result<()> {
+    let mut dec = crate::batch::Decoder::new(tok);
+    let mut next = reqs.iter().enumerate();
+    loop {
+        while dec.len() < at_once.max(1) {
+            let Some((i, r)) = next.next() else { break };
+            let added = dec.add(
                 model,
                 i,
                 r.prompt,
                 r.params.clone(),
                 r.adapter,
                 &mut |_, _, _| {},
-            )
-            .map_err(|(_, e)| e)?
-        {
-            out[f.key] = Some(f.generated);
+            );
+            if let Some(f) = added.map_err(|(_, e)| e)? {
+                done(f.key, f.generated);
+            }
         }
-    }
-    while !dec.is_empty() {
+        if dec.is_empty() {
+            return Ok(());
+        }
         for f in dec.step(model, &mut |_, _, _| {}).map_err(|(_, e)| e)? {
-            out[f.key] = Some(f.generated);
+            done(f.key, f.generated);
         }
     }
-    out.into_iter()
-        .map(|g| g.ok_or_else(|| Error::msg("generate_batch: a sequence went missing")))
-        .collect()
 }

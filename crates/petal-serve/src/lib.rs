@@ -15,7 +15,7 @@ pub mod sampling;
 pub mod server;
 
 pub use batch::{Decoder, Finished};
-pub use generate::{generate, generate_batch, Generated, Request, StopReason};
+pub use generate::{generate, generate_batch, generate_continuous, Generated, Request, StopReason};
 pub use http::{Limits, Stop};
 pub use sampling::SamplingParams;
 pub use server::Served;
