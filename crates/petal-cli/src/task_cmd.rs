@@ -217,35 +217,27 @@ pub fn evaluate(
         bar.inc(group.len() as u64);
     }
     let exs: Vec<&TaskExample> = generate.iter().map(|(_, e)| *e).collect();
-    generated(
-        model,
-        tok,
-        &exs,
-        scoring,
-        batch,
-        row_adapter(model).as_deref(),
-        &mut |k, text, tokens| {
-            let (i, e) = generate[k];
-            let Item::Generate { answer } = &e.item else {
-                return;
-            };
-            let gold = if scoring.extract_reference {
-                scoring.extract.apply(answer)
-            } else {
-                Some(answer.trim().to_string())
-            };
-            let got = scoring.extract.apply(&text);
-            let right = got.is_some() && got == gold;
-            let t = tally.entry(e.task.clone()).or_default();
-            t.n += 1;
-            t.unmatched += usize::from(got.is_none());
-            t.tokens += tokens;
-            t.correct += usize::from(right);
-            samples[i] = json!({"index": i, "task": e.task, "prompt": e.prompt, "output": text,
+    generated(model, tok, &exs, scoring, batch, &mut |k, text, tokens| {
+        let (i, e) = generate[k];
+        let Item::Generate { answer } = &e.item else {
+            return;
+        };
+        let gold = if scoring.extract_reference {
+            scoring.extract.apply(answer)
+        } else {
+            Some(answer.trim().to_string())
+        };
+        let got = scoring.extract.apply(&text);
+        let right = got.is_some() && got == gold;
+        let t = tally.entry(e.task.clone()).or_default();
+        t.n += 1;
+        t.unmatched += usize::from(got.is_none());
+        t.tokens += tokens;
+        t.correct += usize::from(right);
+        samples[i] = json!({"index": i, "task": e.task, "prompt": e.prompt, "output": text,
                             "extracted": got, "reference": gold, "correct": right});
-            bar.inc(1);
-        },
-    )?;
+        bar.inc(1);
+    })?;
     let sum = |f: fn(&Tally) -> usize| tally.values().map(f).sum::<usize>();
     let (n, choices) = (sum(|t| t.n), sum(|t| t.choice));
     let mut out = json!({
@@ -391,31 +383,16 @@ fn choice_logprobs(
     Ok(out)
 }
 
-/// The adapter batched generation runs each row through (None: generate one at a time, with
-/// every attached adapter active as in a plain forward): the one linear-layer adapter, or the
-/// base model without one.
-fn row_adapter(model: &Llama) -> Option<String> {
-    let names = petal_core::mixed::adapter_names(model);
-    let name = match names.as_slice() {
-        [] => petal_core::mixed::BASE.to_string(),
-        [one] => one.clone(),
-        _ => return None,
-    };
-    petal_core::mixed::rows_ctx(model, &[name.as_str()]).ok()?;
-    Some(name)
-}
-
 /// Greedy continuations of the prompts, each given to `done` with its index in `prompts` and
-/// its length in tokens as it finishes. Where `rows` names the adapter, up to `batch` are
-/// decoded together and a finished one's place is taken by the next prompt at once
-/// (continuous batching: a long answer holds up no other); otherwise one at a time.
+/// its length in tokens as it finishes: up to `batch` decoded together, each through the model
+/// as it is (every attached adapter active, as in a plain forward), and a finished one's place
+/// taken by the next prompt at once (continuous batching: a long answer holds up no other).
 fn generated(
     model: &Llama,
     tok: &Tokenizer,
     prompts: &[&TaskExample],
     scoring: &Scoring,
     batch: usize,
-    rows: Option<&str>,
     done: &mut dyn FnMut(usize, String, usize),
 ) -> Result<()> {
     let params = petal_serve::SamplingParams {
@@ -426,24 +403,19 @@ fn generated(
     let context = model.cfg.max_position_embeddings;
     // the prompt's end kept, with room for the answer
     let keep = context.saturating_sub(scoring.max_new_tokens + 1).max(1);
-    let ids = |e: &TaskExample| -> Result<Vec<u32>> {
-        let ids = tok.encode(&e.prompt, false)?;
-        Ok(ids[ids.len().saturating_sub(keep)..].to_vec())
-    };
-    let Some(adapter) = rows else {
-        for (k, e) in prompts.iter().enumerate() {
-            let g = petal_serve::generate(model, tok, &ids(e)?, &params, &mut |_| {})?;
-            done(k, g.text, g.ids.len());
-        }
-        return Ok(());
-    };
-    let ids = prompts.iter().map(|e| ids(e)).collect::<Result<Vec<_>>>()?;
+    let ids = prompts
+        .iter()
+        .map(|e| {
+            let ids = tok.encode(&e.prompt, false)?;
+            Ok(ids[ids.len().saturating_sub(keep)..].to_vec())
+        })
+        .collect::<Result<Vec<_>>>()?;
     let reqs: Vec<_> = ids
         .iter()
         .map(|prompt| petal_serve::Request {
             prompt,
             params: &params,
-            adapter,
+            adapter: petal_core::mixed::ACTIVE,
         })
         .collect();
     petal_serve::generate_continuous(model, tok, &reqs, batch, &mut |k, g| {

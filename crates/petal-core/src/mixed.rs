@@ -17,6 +17,10 @@ use crate::{Ctx, Error, Result};
 /// The row name that means "no adapter" (PEFT's placeholder).
 pub const BASE: &str = "__base__";
 
+/// The row name that means "the model as it is": every active adapter, input-side and norm
+/// ones included, as in a plain forward. A batch's rows are all `ACTIVE` or none of them.
+pub const ACTIVE: &str = "__active__";
+
 /// The context of a forward pass with row i of the batch going through adapter `rows[i]`
 /// ([`BASE`]: none), whatever adapters are active. Checked first: every name is an adapter of
 /// `model` on its linear layers, no adapter is merged, and no prompt-learning or LN-tuning
@@ -24,6 +28,19 @@ pub const BASE: &str = "__base__";
 pub fn rows_ctx(model: &dyn Adaptable, rows: &[&str]) -> Result<Ctx> {
     check(model, rows)?;
     Ok(Ctx::with_rows(rows))
+}
+
+/// The context of a forward pass over rows named as for [`rows_ctx`], or all [`ACTIVE`]: then
+/// the plain evaluation context (every row through the model as it is).
+pub fn batch_ctx(model: &dyn Adaptable, rows: &[&str]) -> Result<Ctx> {
+    match rows.iter().filter(|r| **r == ACTIVE).count() {
+        0 => rows_ctx(model, rows),
+        n if n == rows.len() => Ok(Ctx::eval()),
+        _ => Err(Error::msg(format!(
+            "mixed adapter batch: `{ACTIVE}` (the model as it is) cannot share a batch with \
+             rows naming adapters"
+        ))),
+    }
 }
 
 /// The adapters on `model`'s linear layers (the names rows may take besides [`BASE`]), sorted.

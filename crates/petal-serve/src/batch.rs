@@ -1,6 +1,7 @@
 //! Continuous batching: sequences join a running batch between decoding steps (after their
 //! own prefill) and leave it as soon as they finish, each row through its own adapter and KV
-//! cache (`Llama::decode_rows` under `petal_core::rows_ctx`). A server feeds it the
+//! cache (`Llama::decode_rows` under `petal_core::rows_ctx`; or, all rows
+//! `petal_core::mixed::ACTIVE`, each through the model as it is). A server feeds it the
 //! requests that arrive while others are being decoded. A prompt longer than the prefill
 //! chunk is read a chunk per step (`Decoder::with_prefill_chunk`), so that it delays the
 //! running batch by one chunk's forward a step, not by its whole prefill.
@@ -9,7 +10,7 @@ use crate::generate::{last_logits, Sequence};
 use crate::logprobs::TokenLogprob;
 use crate::{Generated, SamplingParams};
 use candle_core::Tensor;
-use petal_core::mixed::rows_ctx;
+use petal_core::mixed::batch_ctx;
 use petal_core::Error;
 use petal_data::Tokenizer;
 use petal_models::{KvCache, Llama};
@@ -172,7 +173,7 @@ impl<'a, K> Decoder<'a, K> {
         last: bool,
     ) -> Result<Tensor, Error> {
         let ids = Tensor::new(part, model.device())?.unsqueeze(0)?;
-        let ctx = rows_ctx(model, &[adapter])?;
+        let ctx = batch_ctx(model, &[adapter])?;
         let from = seq.cache.len();
         let h = model.hidden_states(&ids, Some(&mut seq.cache), &ctx)?;
         if seq.wants_prompt_logits() {
@@ -311,7 +312,7 @@ impl<'a, K> Decoder<'a, K> {
         let rows: Vec<&str> = rows.iter().map(String::as_str).collect();
         let mut caches: Vec<&mut KvCache> =
             self.live.iter_mut().map(|s| &mut s.seq.cache).collect();
-        let logits = model.decode_rows(&ids, &mut caches, &rows_ctx(model, &rows)?)?;
+        let logits = model.decode_rows(&ids, &mut caches, &batch_ctx(model, &rows)?)?;
         let ctx = model.cfg.max_position_embeddings;
         let mut next = Vec::with_capacity(b);
         for (r, s) in self.live.iter_mut().enumerate() {

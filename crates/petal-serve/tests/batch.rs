@@ -374,3 +374,78 @@ fn a_short_prompt_queued_behind_a_long_one_is_read_first_and_both_generate_what_
         assert_eq!(got[i].as_ref().unwrap(), &want[i], "sequence {i}");
     }
 }
+
+/// Input-side adapters act on every row: prompts decoded together through the model as it is
+/// (`ACTIVE`), two at a time and joining as places free up, generate what each does alone.
+/// PEFT's prompt, prefix and P-tuning fixtures (virtual tokens and prefixes in the caches
+/// since the prefill), and PASTA on every token id (a shift at every layer of every step).
+#[test]
+fn input_side_adapters_decode_together_what_each_prompt_does_alone() {
+    let g = golden();
+    let texts = [
+        "w5 w9 w14",
+        "w7",
+        "w60 w8 w3 w3 w90 w45 w12",
+        "w1 w2",
+        "w33 w20",
+    ];
+    let params = SamplingParams {
+        max_new_tokens: 8,
+        ..Default::default()
+    };
+    for which in [
+        "llama_prompt_tuning",
+        "llama_prefix_tuning",
+        "llama_p_tuning",
+        "pasta",
+    ] {
+        let mut lm =
+            load_model(g.join("llama").to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+        let prompts: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|p| lm.tokenizer.encode(p, true).unwrap())
+            .collect();
+        let alone = |lm: &petal_io::LoadedModel| -> Vec<Vec<u32>> {
+            prompts
+                .iter()
+                .map(|p| {
+                    let g = generate(&lm.model, &lm.tokenizer, p, &params, &mut |_| {});
+                    g.unwrap().ids
+                })
+                .collect()
+        };
+        let base = alone(&lm);
+        if which == "pasta" {
+            let mut c = petal_core::AdapterConfig::new("PASTA").unwrap();
+            c.set("special_tokens", (0..96).collect::<Vec<u32>>())
+                .unwrap();
+            petal_core::inject_adapter(&mut lm.model, "p", &c, 3).unwrap();
+        } else {
+            petal_io::attach_adapter(&mut lm.model, &g.join("adapters").join(which), "p").unwrap();
+        }
+        let want = alone(&lm);
+        assert_ne!(
+            want, base,
+            "{which}: the adapter must change what is generated"
+        );
+        let reqs: Vec<Request> = prompts
+            .iter()
+            .map(|prompt| Request {
+                prompt,
+                params: &params,
+                adapter: petal_core::mixed::ACTIVE,
+            })
+            .collect();
+        let mut got = vec![None; reqs.len()];
+        petal_serve::generate_continuous(&lm.model, &lm.tokenizer, &reqs, 2, &mut |i, g| {
+            got[i] = Some(g.ids)
+        })
+        .unwrap();
+        let got: Vec<Vec<u32>> = got.into_iter().map(Option::unwrap).collect();
+        assert_eq!(got, want, "{which}");
+        // and a named row cannot join a batch of the model as it is
+        let mixed = [reqs[0].adapter, "p"];
+        let e = petal_core::mixed::batch_ctx(&lm.model, &mixed).unwrap_err();
+        assert!(e.to_string().contains("cannot share a batch"), "{e}");
+    }
+}

@@ -1,7 +1,8 @@
 //! One decoding step for several sequences at once, each with its own KV cache (its own
 //! length): the projections, MLPs and head run over all rows as one batch (through each row's
-//! adapter under `petal_core::rows_ctx`), attention row by row against that row's
-//! cache. This is what lets a server decode concurrent requests together.
+//! adapter under `petal_core::rows_ctx`, or every row through the model as it is), attention
+//! row by row against that row's cache. This is what lets a server decode concurrent requests
+//! together, and an evaluation decode many prompts at once.
 
 use super::{KvCache, Llama};
 use candle_core::{DType, Tensor};
@@ -11,7 +12,10 @@ use petal_ops::residual_add;
 impl Llama {
     /// Logits (b, 1, vocab) in f32 for one new token per sequence, `ids` (b, 1); row r
     /// continues `caches[r]` (filled by a prefill through `forward`), which is extended.
-    /// Row r's logits equal `forward(ids[r], Some(caches[r]))`'s.
+    /// Row r's logits equal `forward(ids[r], Some(caches[r]))`'s. An input-side adapter acts
+    /// on every row as in `forward`: its virtual tokens and prefixes are in the caches since
+    /// the prefill, its token shifts (PASTA) are added at each layer (`rows_ctx` refuses one,
+    /// so it runs under the plain context only).
     pub fn decode_rows(
         &self,
         ids: &Tensor,
@@ -26,9 +30,10 @@ impl Llama {
                 caches.len()
             )));
         }
-        if let Some((n, _)) = &self.input {
-            return Err(Error::Unsupported(format!(
-                "decode_rows: input-side adapter `{n}` (prompt learning) is attached"
+        if let (Some((n, _)), true) = (&self.input, caches.iter().any(|c| c.is_empty())) {
+            return Err(Error::msg(format!(
+                "decode_rows: an empty cache with input-side adapter `{n}` attached (its \
+                 virtual tokens enter at the prefill, through `forward`)"
             )));
         }
         let context = self.cfg.max_position_embeddings;
@@ -39,7 +44,20 @@ impl Llama {
             )));
         }
         let mut x = self.embed.forward(ids, ctx)?.to_dtype(self.resid)?;
+        let slots = self
+            .input
+            .as_ref()
+            .map(|(_, a)| a.token_slots(ids, 1)) // every row past its prefill
+            .transpose()?
+            .flatten();
+        // as `hidden_states` sets a cache's RoPE span, its virtual positions added
+        let before =
+            self.input.as_ref().map_or(0, |(_, a)| a.prefix_len()) + self.num_virtual_tokens();
+        let span = |c: &KvCache| if c.span > 0 { c.span + before } else { 0 };
         for (i, layer) in self.layers.iter().enumerate() {
+            if let Some(shifted) = self.token_shift(i, &x, slots.as_ref())? {
+                x = shifted;
+            }
             let h = self.rms(&x, &layer.ln1)?;
             let at = &layer.attn;
             let (q, k, v) = (
@@ -54,7 +72,7 @@ impl Llama {
                     &row(&q)?,
                     row(&k)?,
                     row(&v)?,
-                    (0, cache.span),
+                    (0, span(cache)),
                     Some(&mut cache.kv[i]),
                     None,
                 )?);
