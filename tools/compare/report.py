@@ -154,9 +154,10 @@ def report(a, results, failed=()):
                       "lowest validation loss there), not swept again on this task.", ""]
         if any("generated_tokens" in r for r in rs):
             lines += ["Generation: the unmerged evaluation time is per generated token, against the base "
-                      "model's. Both decode up to 8 prompts together (an input-side adapter, such as prompt "
-                      "tuning, one at a time), a finished answer's place taken by the next prompt (rows made with "
-                      "petal before commit 1b948cc decoded fixed groups of 8, each waiting for its longest answer). "
+                      "model's. Both decode up to 8 prompts together, a finished answer's place taken by the "
+                      "next prompt (rows made with petal before commit 1b948cc decoded fixed groups of 8, each "
+                      "waiting for its longest answer; before d9a8b46 an input-side adapter, such as prompt "
+                      "tuning, decoded one prompt at a time). "
                       "Each prompt is read once however long its answer, so an adapter whose answers run "
                       "longer than the base's spreads that cost over more tokens: the column mixes the "
                       "adapter's cost with its answers' lengths, and below 1x is no gain.", ""]
