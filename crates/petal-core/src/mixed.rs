@@ -43,6 +43,22 @@ pub fn batch_ctx(model: &dyn Adaptable, rows: &[&str]) -> Result<Ctx> {
     }
 }
 
+/// The adapter of `model` that acts on every row of a batch, so that rows cannot choose
+/// adapters: an input-side one (prompt learning, PASTA) or an active norm adapter (LN tuning,
+/// SSF with `norms`). None where every adapter is on linear layers.
+pub fn every_row(model: &dyn Adaptable) -> Option<String> {
+    if let Some((n, _)) = model.input_adapter() {
+        return Some(n.to_string());
+    }
+    model.norms().iter().find_map(|norm| {
+        let names = norm.names();
+        names
+            .into_iter()
+            .find(|n| norm.is_active(n))
+            .map(str::to_string)
+    })
+}
+
 /// The adapters on `model`'s linear layers (the names rows may take besides [`BASE`]), sorted.
 pub fn adapter_names(model: &dyn Adaptable) -> Vec<String> {
     let mut v: Vec<String> = model

@@ -256,6 +256,12 @@ impl Llama {
             .unwrap_or(0)
     }
 
+    /// Positions an input-side adapter puts in a sequence's cache before its first token:
+    /// virtual tokens (prompt tuning, P-tuning) and prefix keys (prefix tuning).
+    pub fn virtual_positions(&self) -> usize {
+        self.num_virtual_tokens() + self.input.as_ref().map_or(0, |(_, a)| a.prefix_len())
+    }
+
     /// Final hidden states (b, t, hidden), after the last norm. With an input-side adapter the
     /// first positions are its virtual tokens (prepended at the start of a sequence only).
     pub fn hidden_states(

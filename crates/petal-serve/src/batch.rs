@@ -174,12 +174,15 @@ impl<'a, K> Decoder<'a, K> {
     ) -> Result<Tensor, Error> {
         let ids = Tensor::new(part, model.device())?.unsqueeze(0)?;
         let ctx = batch_ctx(model, &[adapter])?;
-        let from = seq.cache.len();
+        // prompt tokens read before this part (an input-side adapter's positions not counted)
+        let from = seq.cache.len().saturating_sub(model.virtual_positions());
         let h = model.hidden_states(&ids, Some(&mut seq.cache), &ctx)?;
         if seq.wants_prompt_logits() {
+            // the part's own positions (virtual tokens come first, at the first part)
             let logits = model.head(&h, &ctx)?;
-            seq.prompt_logits(from, &logits.squeeze(0)?)?;
-            return Ok(logits);
+            let own = logits.narrow(1, logits.dim(1)? - part.len(), part.len())?;
+            seq.prompt_logits(from, &own.squeeze(0)?)?;
+            return Ok(own);
         }
         if !last {
             return Ok(h);

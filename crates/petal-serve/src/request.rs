@@ -4,7 +4,7 @@
 
 use crate::fields::{asked, Asked};
 use crate::server::{bad, Failure, Served};
-use petal_core::mixed::BASE;
+use petal_core::mixed::{every_row, BASE};
 use petal_data::template::Message;
 use serde_json::Value;
 use std::time::Instant;
@@ -47,7 +47,19 @@ impl Served<'_> {
             Some(Value::String(s)) => s.clone(),
             Some(_) => return Err(bad("`model` must be a string")),
         };
-        if name == self.model_id || name == BASE {
+        if let Some(every) = every_row(&*self.model) {
+            // served alone: the model's id means the model with it
+            if name == self.model_id || name == every {
+                return Ok(every);
+            }
+            if name == BASE {
+                return Err(bad(format!(
+                    "`model`: `{BASE}` is not served: adapter `{every}` acts on every request \
+                     (prompt learning, PASTA or LN tuning); ask for `{every}` or `{}`",
+                    self.model_id
+                )));
+            }
+        } else if name == self.model_id || name == BASE {
             return Ok(BASE.to_string());
         }
         let known = self.adapters();

@@ -35,7 +35,7 @@ use crate::http::{self, error_body, Limits, Metrics, Models, Out, Stop, ToEngine
 use crate::logprobs::TokenLogprob;
 use crate::response::{finish_reason, Answer, Key};
 use crate::{Decoder, Generated};
-use petal_core::mixed::{rows_ctx, BASE};
+use petal_core::mixed::{every_row, rows_ctx, ACTIVE, BASE};
 use petal_data::Tokenizer;
 use petal_models::Llama;
 use serde_json::{json, Value};
@@ -78,22 +78,48 @@ pub(crate) fn bad(msg: impl Into<String>) -> Failure {
 impl Served<'_> {
     /// The adapters requests may name, sorted.
     pub fn adapters(&self) -> Vec<String> {
-        petal_core::mixed::adapter_names(&*self.model)
+        match every_row(&*self.model) {
+            Some(n) => vec![n],
+            None => petal_core::mixed::adapter_names(&*self.model),
+        }
     }
 
     /// Serves HTTP on `listener` until `stop` (or, with `limits.signals`, SIGTERM or SIGINT),
     /// then lets the running completions finish within `limits.grace`.
     /// Continuous batching: between decoding steps, the completions that have arrived are taken
     /// (prefilled, joining the batch while there is room, up to `max_batch`; the others wait,
-    /// up to `limits.max_queue`), and each is answered as soon as it finishes. Refuses at once a
-    /// model whose adapters cannot be chosen per request (prompt learning, active LN tuning).
+    /// up to `limits.max_queue`), and each is answered as soon as it finishes. An adapter that
+    /// acts on every row (prompt learning, PASTA, active LN tuning) is served alone: every
+    /// request through it (its name or the model's id), none through the base model; with
+    /// other adapters, or beside `adapter_dir`, it is refused at once.
     pub fn serve(
         mut self,
         listener: std::net::TcpListener,
         limits: Limits,
         stop: Stop,
     ) -> petal_core::Result<()> {
-        rows_ctx(&*self.model, &[BASE])?; // refuse now adapters that cannot be chosen per row
+        match every_row(&*self.model) {
+            // refuse now adapters that cannot be chosen per row
+            None => drop(rows_ctx(&*self.model, &[BASE])?),
+            Some(n) => {
+                let others: Vec<String> = petal_core::mixed::adapter_names(&*self.model)
+                    .into_iter()
+                    .filter(|a| *a != n)
+                    .collect();
+                if !others.is_empty() || self.adapter_dir.is_some() {
+                    let beside = match others.is_empty() {
+                        true => "adapters loaded at run time (--adapter-dir)".to_string(),
+                        false => format!("other adapters ({})", others.join(", ")),
+                    };
+                    return Err(petal_core::Error::Unsupported(format!(
+                        "petal serve: adapter `{n}` acts on every request (prompt learning, \
+                         PASTA or LN tuning), so it cannot be served beside {beside}: serve \
+                         it alone"
+                    )));
+                }
+                tracing::info!(adapter = %n, "an adapter that acts on every row: every request goes through it");
+            }
+        }
         let (tx, rx) = mpsc::channel();
         let metrics = Arc::new(Metrics::new());
         let capacity = self.max_batch.max(1) + limits.max_queue;
@@ -246,14 +272,14 @@ impl Served<'_> {
             params.seed = params.seed.wrapping_add(index as u64); // choices differ
             let ids = key.prompt().ids.clone();
             let model = &*self.model;
-            let added = dec.add(
-                model,
-                key,
-                &ids,
-                params,
-                &job.adapter,
-                &mut |key, text, lps| self.stream(key, text, lps),
-            );
+            // an adapter acting on every row: each row through the model as it is
+            let row = match every_row(model) {
+                Some(_) => ACTIVE,
+                None => job.adapter.as_str(),
+            };
+            let added = dec.add(model, key, &ids, params, row, &mut |key, text, lps| {
+                self.stream(key, text, lps)
+            });
             match added {
                 Ok(None) => {}
                 Ok(Some(f)) => self.done(f, metrics),

@@ -27,7 +27,8 @@ fn serving(lm: &mut LoadedModel, f: impl FnOnce(std::net::SocketAddr)) {
     common::serving(lm, Duration::ZERO, limits, 8, |addr, _| f(addr))
 }
 
-/// log p(ids[i] | ids[..i]) for i >= 1, and the argmax after the last, from the model's logits.
+/// log p(ids[i] | ids[..i]) for i >= 1, and the argmax after the last, from the model's logits
+/// (of the tokens' own positions: an input-side adapter's virtual tokens come first).
 fn oracle(lm: &LoadedModel, ids: &[u32]) -> (Vec<f64>, u32) {
     let x = Tensor::new(ids, &Device::Cpu)
         .unwrap()
@@ -41,6 +42,7 @@ fn oracle(lm: &LoadedModel, ids: &[u32]) -> (Vec<f64>, u32) {
         .unwrap()
         .to_vec2()
         .unwrap();
+    let logits = &logits[logits.len() - ids.len()..];
     let lsm = |row: &[f32], j: u32| {
         let m = row.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
         let z: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
@@ -60,6 +62,49 @@ fn post(addr: std::net::SocketAddr, body: Value) -> Value {
     let (status, v) = request(addr, "POST", "/v1/completions", &body.to_string());
     assert_eq!(status, 200, "{v}");
     v
+}
+
+/// Through an adapter acting on every row, served alone (prompt tuning: virtual tokens ahead
+/// of the prompt; prefix tuning: keys cached ahead of it), the echoed scores are the prompt
+/// tokens' own, the prompt read in two chunks.
+#[test]
+fn echo_through_an_input_side_adapter_scores_the_prompt_s_own_tokens() {
+    for folder in ["llama_prompt_tuning", "llama_prefix_tuning"] {
+        let with = || {
+            let mut lm = model();
+            let dir = common::golden().join("adapters").join(folder);
+            petal_io::attach_adapter(&mut lm.model, &dir, "p").unwrap();
+            lm
+        };
+        let (mut lm, reference) = (with(), with());
+        let ids: &[u32] = &[5, 9, 14, 20, 33, 2];
+        let (want, best) = oracle(&reference, ids);
+        let (plain, _) = oracle(&model(), ids);
+        assert!(
+            want.iter().zip(&plain).any(|(a, b)| (a - b).abs() > 1e-3),
+            "{folder} must change the scores"
+        );
+        serving(&mut lm, |addr| {
+            let v = post(
+                addr,
+                json!({"model": "p", "prompt": ids, "echo": true, "logprobs": 0,
+                       "max_tokens": 1, "temperature": 0}),
+            );
+            let lp = &v["choices"][0]["logprobs"];
+            let values = lp["token_logprobs"].as_array().unwrap();
+            assert_eq!(values.len(), ids.len() + 1, "{folder}");
+            for (k, w) in want.iter().enumerate() {
+                let got = values[k + 1].as_f64().unwrap();
+                assert!(
+                    (got - w).abs() < 1e-4,
+                    "{folder} token {}: {got} vs {w}",
+                    k + 1
+                );
+            }
+            let word = reference.tokenizer.decode(&[best], false).unwrap();
+            assert_eq!(lp["tokens"][ids.len()], json!(word), "{folder}");
+        });
+    }
 }
 
 #[test]

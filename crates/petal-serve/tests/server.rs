@@ -188,9 +188,77 @@ fn bad_requests_get_openai_style_errors_and_the_server_keeps_serving() {
     });
 }
 
+/// An adapter acting on every row (prompt tuning: virtual tokens ahead of every prompt) is
+/// served alone: requests waiting together are decoded as one batch, each through it as
+/// `generate` gives with it active, under its name or the model's id; the base model is not
+/// served. Beside another adapter it is refused before serving.
 #[test]
-fn a_model_with_a_prompt_learning_adapter_is_refused_before_serving() {
+fn an_adapter_acting_on_every_row_is_served_alone_and_refused_beside_others() {
     let mut lm = model_with(&[("p", "llama_prompt_tuning")]);
+    let prompts = ["w5 w9 w14 w20 w33", "w7 w7", "w60 w8 w3 w90"];
+    let models = ["p", "tiny-llama", "p"];
+    let p = SamplingParams {
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let text = |lm: &LoadedModel, prompt: &str| {
+        let ids = lm.tokenizer.encode(prompt, true).unwrap();
+        generate(&lm.model, &lm.tokenizer, &ids, &p, &mut |_| {})
+            .unwrap()
+            .text
+    };
+    let want: Vec<String> = prompts.iter().map(|q| text(&lm, q)).collect();
+    let base = model_with(&[]);
+    assert_ne!(
+        text(&base, prompts[0]),
+        want[0],
+        "the adapter must change the text"
+    );
+    serving_with(
+        &mut lm,
+        std::time::Duration::from_millis(500),
+        limits(),
+        8,
+        |addr| {
+            let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+                let clients: Vec<_> = prompts
+                    .iter()
+                    .zip(models)
+                    .map(|(prompt, model)| {
+                        s.spawn(move || {
+                            let body = json!({"model": model, "prompt": prompt,
+                                              "max_tokens": 6, "temperature": 0});
+                            request(addr, "POST", "/v1/completions", &body.to_string())
+                        })
+                    })
+                    .collect();
+                clients.into_iter().map(|c| c.join().unwrap()).collect()
+            });
+            for (i, (status, r)) in answers.iter().enumerate() {
+                assert_eq!(*status, 200, "{r}");
+                assert_eq!(r["choices"][0]["text"].as_str().unwrap(), want[i], "{i}");
+            }
+            let batches: Vec<u64> = answers
+                .iter()
+                .map(|(_, r)| r["petal"]["batch"].as_u64().unwrap())
+                .collect();
+            assert!(batches.iter().any(|&b| b > 1), "no batch: {batches:?}");
+            let body = json!({"model": "__base__", "prompt": "w5", "max_tokens": 2});
+            let (status, e) = request(addr, "POST", "/v1/completions", &body.to_string());
+            assert_eq!(status, 400, "{e}");
+            let msg = e["error"]["message"].as_str().unwrap();
+            assert!(msg.contains("`p` acts on every request"), "{msg}");
+            let (_, r) = request(addr, "GET", "/v1/models", "");
+            let ids: Vec<&str> = r["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["id"].as_str().unwrap())
+                .collect();
+            assert_eq!(ids, ["tiny-llama", "p"]);
+        },
+    );
+    let mut lm = model_with(&[("p", "llama_prompt_tuning"), ("q", "llama_lora_qv")]);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let served = Served {
         model: &mut lm.model,
@@ -204,7 +272,10 @@ fn a_model_with_a_prompt_learning_adapter_is_refused_before_serving() {
         .serve(listener, limits(), Stop::default())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("prompt learning"), "{e}");
+    assert!(
+        e.contains("`p`") && e.contains("beside other adapters (q)"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -51,8 +51,7 @@ impl Llama {
             .transpose()?
             .flatten();
         // as `hidden_states` sets a cache's RoPE span, its virtual positions added
-        let before =
-            self.input.as_ref().map_or(0, |(_, a)| a.prefix_len()) + self.num_virtual_tokens();
+        let before = self.virtual_positions();
         let span = |c: &KvCache| if c.span > 0 { c.span + before } else { 0 };
         for (i, layer) in self.layers.iter().enumerate() {
             if let Some(shifted) = self.token_shift(i, &x, slots.as_ref())? {
