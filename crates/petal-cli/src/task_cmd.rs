@@ -401,8 +401,9 @@ fn generated(
         ..Default::default()
     };
     let context = model.cfg.max_position_embeddings;
-    // the prompt's end kept, with room for the answer
-    let keep = context.saturating_sub(scoring.max_new_tokens + 1).max(1);
+    // the prompt's end kept, with room for the answer and an input-side adapter's positions
+    let room = scoring.max_new_tokens + 1 + model.virtual_positions();
+    let keep = context.saturating_sub(room).max(1);
     let ids = prompts
         .iter()
         .map(|e| {
