@@ -61,6 +61,71 @@ fn serving_with(
 
 const PROMPT: &str = "w5 w9 w14 w20 w33";
 
+/// The ids `/v1/models` lists.
+fn served_ids(addr: SocketAddr) -> Vec<String> {
+    let (status, r) = request(addr, "GET", "/v1/models", "");
+    assert_eq!(status, 200, "{r}");
+    let data = r["data"].as_array().unwrap();
+    data.iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Serves `lm` with completions of `prompts` through `models` (greedy, 6 tokens) sent, and
+/// queued, before the server starts taking them: each answer's text against `want` and its
+/// `model` against `answered`, and at least one decoded in a batch of several; then `more`.
+fn queued_together(
+    lm: &mut LoadedModel,
+    (prompts, models): (&[&str], &[&str]),
+    want: &[String],
+    answered: &[&str],
+    more: impl FnOnce(SocketAddr),
+) {
+    let after = std::time::Duration::from_millis(500);
+    serving_with(lm, after, limits(), 8, |addr| {
+        let answers = sent_together(addr, prompts, models, 6);
+        for (i, (status, r)) in answers.iter().enumerate() {
+            assert_eq!(*status, 200, "{r}");
+            let text = r["choices"][0]["text"].as_str().unwrap();
+            assert_eq!(text, want[i], "request {i} ({})", models[i]);
+            assert_eq!(r["model"], answered[i]);
+        }
+        let batches: Vec<u64> = answers
+            .iter()
+            .map(|(_, r)| r["petal"]["batch"].as_u64().unwrap())
+            .collect();
+        assert!(
+            batches.iter().any(|&b| b > 1),
+            "no request was batched: {batches:?}"
+        );
+        more(addr)
+    })
+}
+
+/// Completions of `prompts` through `models` (greedy, `max_tokens`), sent at once from one
+/// client thread each: the status and body of each.
+fn sent_together(
+    addr: SocketAddr,
+    prompts: &[&str],
+    models: &[&str],
+    max_tokens: usize,
+) -> Vec<(u16, Value)> {
+    std::thread::scope(|s| {
+        let clients: Vec<_> = prompts
+            .iter()
+            .zip(models)
+            .map(|(prompt, model)| {
+                s.spawn(move || {
+                    let body = json!({"model": model, "prompt": prompt,
+                                      "max_tokens": max_tokens, "temperature": 0});
+                    request(addr, "POST", "/v1/completions", &body.to_string())
+                })
+            })
+            .collect();
+        clients.into_iter().map(|c| c.join().unwrap()).collect()
+    })
+}
+
 #[test]
 fn each_request_is_served_through_the_adapter_its_model_field_names() {
     let mut lm = model_with(&[("q", "llama_lora_qv"), ("e", "llama_lora_embedding")]);
@@ -104,15 +169,7 @@ fn each_request_is_served_through_the_adapter_its_model_field_names() {
             assert_eq!(r["usage"]["completion_tokens"], 8);
             assert_eq!(r["object"], "text_completion");
         }
-        let (status, r) = request(addr, "GET", "/v1/models", "");
-        assert_eq!(status, 200);
-        let ids: Vec<&str> = r["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["id"].as_str().unwrap())
-            .collect();
-        assert_eq!(ids, ["tiny-llama", "e", "q"]);
+        assert_eq!(served_ids(addr), ["tiny-llama", "e", "q"]);
     });
 }
 
@@ -214,50 +271,16 @@ fn an_adapter_acting_on_every_row_is_served_alone_and_refused_beside_others() {
         want[0],
         "the adapter must change the text"
     );
-    serving_with(
-        &mut lm,
-        std::time::Duration::from_millis(500),
-        limits(),
-        8,
-        |addr| {
-            let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
-                let clients: Vec<_> = prompts
-                    .iter()
-                    .zip(models)
-                    .map(|(prompt, model)| {
-                        s.spawn(move || {
-                            let body = json!({"model": model, "prompt": prompt,
-                                              "max_tokens": 6, "temperature": 0});
-                            request(addr, "POST", "/v1/completions", &body.to_string())
-                        })
-                    })
-                    .collect();
-                clients.into_iter().map(|c| c.join().unwrap()).collect()
-            });
-            for (i, (status, r)) in answers.iter().enumerate() {
-                assert_eq!(*status, 200, "{r}");
-                assert_eq!(r["choices"][0]["text"].as_str().unwrap(), want[i], "{i}");
-            }
-            let batches: Vec<u64> = answers
-                .iter()
-                .map(|(_, r)| r["petal"]["batch"].as_u64().unwrap())
-                .collect();
-            assert!(batches.iter().any(|&b| b > 1), "no batch: {batches:?}");
-            let body = json!({"model": "__base__", "prompt": "w5", "max_tokens": 2});
-            let (status, e) = request(addr, "POST", "/v1/completions", &body.to_string());
-            assert_eq!(status, 400, "{e}");
-            let msg = e["error"]["message"].as_str().unwrap();
-            assert!(msg.contains("`p` acts on every request"), "{msg}");
-            let (_, r) = request(addr, "GET", "/v1/models", "");
-            let ids: Vec<&str> = r["data"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| m["id"].as_str().unwrap())
-                .collect();
-            assert_eq!(ids, ["tiny-llama", "p"]);
-        },
-    );
+    // answered as `p`, the adapter every request went through
+    let answered = ["p"; 3];
+    queued_together(&mut lm, (&prompts, &models), &want, &answered, |addr| {
+        let body = json!({"model": "__base__", "prompt": "w5", "max_tokens": 2});
+        let (status, e) = request(addr, "POST", "/v1/completions", &body.to_string());
+        assert_eq!(status, 400, "{e}");
+        let msg = e["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("`p` acts on every request"), "{msg}");
+        assert_eq!(served_ids(addr), ["tiny-llama", "p"]);
+    });
     let mut lm = model_with(&[("p", "llama_prompt_tuning"), ("q", "llama_lora_qv")]);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let served = Served {
@@ -298,46 +321,7 @@ fn requests_waiting_together_are_generated_as_one_batch_with_each_adapter_s_outp
                 .text,
         );
     }
-    // the requests are sent, and queue, before the server starts taking them
-    serving_with(
-        &mut lm,
-        std::time::Duration::from_millis(500),
-        limits(),
-        8,
-        |addr| {
-            let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
-                let clients: Vec<_> = prompts
-                .iter()
-                .zip(models)
-                .map(|(prompt, model)| {
-                    s.spawn(move || {
-                        let body = json!({"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0});
-                        request(addr, "POST", "/v1/completions", &body.to_string())
-                    })
-                })
-                .collect();
-                clients.into_iter().map(|c| c.join().unwrap()).collect()
-            });
-            for (i, (status, r)) in answers.iter().enumerate() {
-                assert_eq!(*status, 200, "{r}");
-                assert_eq!(
-                    r["choices"][0]["text"].as_str().unwrap(),
-                    want[i],
-                    "request {i} ({})",
-                    models[i]
-                );
-                assert_eq!(r["model"], models[i]);
-            }
-            let batches: Vec<u64> = answers
-                .iter()
-                .map(|(_, r)| r["petal"]["batch"].as_u64().unwrap())
-                .collect();
-            assert!(
-                batches.iter().any(|&b| b > 1),
-                "no request was batched: {batches:?}"
-            );
-        },
-    );
+    queued_together(&mut lm, (&prompts, &models), &want, &models, |_| {});
 }
 
 #[test]
