@@ -42,6 +42,8 @@ struct Reading<K> {
     prompt: Vec<u32>,
     /// prompt tokens already in the cache
     read: usize,
+    /// sequences that continue from a copy of this one's cache once its prompt is read
+    forks: Vec<(K, SamplingParams)>,
 }
 
 /// Prompt tokens prefilled in one piece by default; longer prompts are read this many a step.
@@ -55,6 +57,8 @@ pub struct Decoder<'a, K> {
     live: Vec<Slot<K>>,
     reading: std::collections::VecDeque<Reading<K>>,
     chunk: usize,
+    /// prompt tokens run through the model so far
+    prefilled: usize,
 }
 
 impl<'a, K> Decoder<'a, K> {
@@ -64,6 +68,7 @@ impl<'a, K> Decoder<'a, K> {
             live: Vec::new(),
             reading: Default::default(),
             chunk: PREFILL_CHUNK,
+            prefilled: 0,
         }
     }
 
@@ -75,16 +80,21 @@ impl<'a, K> Decoder<'a, K> {
 
     /// The sequences in the batch, those whose prompts are still being read included.
     pub fn len(&self) -> usize {
-        self.live.len() + self.reading.len()
+        self.live.len() + self.waiting()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// Prompt tokens run through the model so far (a prompt shared by forks counts once).
+    pub fn prefilled(&self) -> usize {
+        self.prefilled
+    }
+
     /// The sequences whose prompts are still (wholly or partly) to be read.
     pub fn waiting(&self) -> usize {
-        self.reading.len()
+        self.reading.iter().map(|r| 1 + r.forks.len()).sum()
     }
 
     /// Whether a sequence in the batch (its prompt read or not) goes through `adapter`.
@@ -98,13 +108,25 @@ impl<'a, K> Decoder<'a, K> {
     pub fn remove(&mut self, gone: impl Fn(&K) -> bool) -> Vec<K> {
         let (out, kept) = self.live.drain(..).partition(|s| gone(&s.key));
         self.live = kept;
-        let (reading, kept): (std::collections::VecDeque<_>, _) =
-            self.reading.drain(..).partition(|r| gone(&r.key));
-        self.reading = kept;
-        out.into_iter()
-            .map(|s: Slot<K>| s.key)
-            .chain(reading.into_iter().map(|r| r.key))
-            .collect()
+        let mut keys: Vec<K> = out.into_iter().map(|s: Slot<K>| s.key).collect();
+        for mut r in std::mem::take(&mut self.reading) {
+            let (left, forks): (Vec<_>, Vec<_>) = r.forks.into_iter().partition(|(k, _)| gone(k));
+            keys.extend(left.into_iter().map(|(k, _)| k));
+            r.forks = forks;
+            if !gone(&r.key) {
+                self.reading.push_back(r);
+            } else if !r.forks.is_empty() {
+                // the first fork left takes the place of the sequence that went (nothing has
+                // been drawn yet: only the sampler changes)
+                let (k, p) = r.forks.remove(0);
+                keys.push(std::mem::replace(&mut r.key, k));
+                r.seq.set_params(p);
+                self.reading.push_back(r);
+            } else {
+                keys.push(r.key);
+            }
+        }
+        keys
     }
 
     /// Adds `prompt` through `adapter` (`__base__`: none). Into an empty batch a prompt of at
@@ -117,49 +139,102 @@ impl<'a, K> Decoder<'a, K> {
     pub fn add(
         &mut self,
         model: &Llama,
-        mut key: K,
+        key: K,
         prompt: &[u32],
         params: SamplingParams,
         adapter: &str,
         on_text: &mut dyn FnMut(&mut K, &str, &[TokenLogprob]),
     ) -> Result<Option<Finished<K>>, (K, Error)> {
-        if prompt.len() > self.chunk || !self.is_empty() {
-            match Sequence::new(model, prompt, params) {
-                Err(e) => return Err((key, e)),
-                Ok(seq) => {
-                    self.reading.push_back(Reading {
-                        key,
-                        seq,
-                        adapter: adapter.to_string(),
-                        prompt: prompt.to_vec(),
-                        read: 0,
-                    });
-                    return Ok(None);
-                }
-            }
+        match self.add_forked(model, (key, params), Vec::new(), prompt, adapter, on_text) {
+            Ok(mut done) => Ok(done.pop()),
+            Err((mut keys, e)) => Err((keys.pop().expect("the key of the failed sequence"), e)),
         }
-        let first = Sequence::new(model, prompt, params)
-            .and_then(|seq| self.read(model, seq, prompt, adapter, &mut key, on_text));
-        self.settle(key, adapter, first)
     }
 
-    /// `part` of a prompt through the model into `seq`'s cache; after the prompt's last part,
-    /// its first new token.
-    fn read(
-        &self,
+    /// `add` for several sequences of one prompt (a request's `n` choices): the prompt is
+    /// read once, for the first, and each of `forks` (its key and sampling settings) goes on
+    /// from a copy of that cache, drawing its first token from the same logits. Those done at
+    /// their first token come back; on an error, the keys of those that failed.
+    #[allow(clippy::type_complexity)]
+    pub fn add_forked(
+        &mut self,
         model: &Llama,
-        mut seq: Sequence,
+        (key, params): (K, SamplingParams),
+        forks: Vec<(K, SamplingParams)>,
+        prompt: &[u32],
+        adapter: &str,
+        on_text: &mut dyn FnMut(&mut K, &str, &[TokenLogprob]),
+    ) -> Result<Vec<Finished<K>>, (Vec<K>, Error)> {
+        let seq = match Sequence::new(model, prompt, params) {
+            Ok(seq) => seq,
+            Err(e) => return Err((keys_of(key, forks), e)),
+        };
+        if prompt.len() > self.chunk || !self.is_empty() {
+            self.reading.push_back(Reading {
+                key,
+                seq,
+                adapter: adapter.to_string(),
+                prompt: prompt.to_vec(),
+                read: 0,
+                forks,
+            });
+            return Ok(Vec::new());
+        }
+        self.read_last(model, (key, seq), forks, prompt, adapter, on_text)
+    }
+
+    /// The last `part` of a prompt read into `seq`'s cache, `forks` copied from it, and each
+    /// sequence's first token drawn: those done already come back, the others join the batch.
+    #[allow(clippy::type_complexity)]
+    fn read_last(
+        &mut self,
+        model: &Llama,
+        (key, mut seq): (K, Sequence),
+        forks: Vec<(K, SamplingParams)>,
         part: &[u32],
         adapter: &str,
-        key: &mut K,
         on_text: &mut dyn FnMut(&mut K, &str, &[TokenLogprob]),
-    ) -> Result<(Sequence, Option<u32>), Error> {
-        let logits = Self::prefill(model, &mut seq, part, adapter, true)?;
+    ) -> Result<Vec<Finished<K>>, (Vec<K>, Error)> {
+        self.prefilled += part.len();
+        let logits =
+            Self::prefill(model, &mut seq, part, adapter, true).and_then(|l| last_logits(&l, 0));
+        let logits = match logits {
+            Ok(l) => l,
+            Err(e) => return Err((keys_of(key, forks), e)),
+        };
+        let copies: Vec<(K, Sequence)> = forks.into_iter().map(|(k, p)| (k, seq.fork(p))).collect();
         let ctx = model.cfg.max_position_embeddings;
-        let next = seq.next(last_logits(&logits, 0)?, self.tok, ctx, &mut |t, l| {
-            on_text(key, t, l)
-        })?;
-        Ok((seq, next))
+        let (mut done, mut failed) = (Vec::new(), None);
+        for (mut key, mut seq) in std::iter::once((key, seq)).chain(copies) {
+            let first = seq.next(logits.clone(), self.tok, ctx, &mut |t, l| {
+                on_text(&mut key, t, l)
+            });
+            match first {
+                Err(e) => failed.get_or_insert((Vec::new(), e)).0.push(key),
+                Ok(None) => done.push(Finished {
+                    key,
+                    generated: seq.done(),
+                    batch: 1,
+                    first_token_at: std::time::Instant::now(),
+                }),
+                Ok(Some(next)) => self.live.push(Slot {
+                    key,
+                    seq,
+                    adapter: adapter.to_string(),
+                    next,
+                    most: 1,
+                    first_token_at: std::time::Instant::now(),
+                }),
+            }
+        }
+        match failed {
+            // those done already fail with them: they are choices of the same request
+            Some((mut keys, e)) => {
+                keys.extend(done.into_iter().map(|f| f.key));
+                Err((keys, e))
+            }
+            None => Ok(done),
+        }
     }
 
     /// `part` of `seq`'s prompt into its cache through `adapter`: the logits (1, t, vocab) of
@@ -191,36 +266,6 @@ impl<'a, K> Decoder<'a, K> {
         model.head(&h.narrow(1, t - 1, 1)?, &ctx)
     }
 
-    /// A sequence whose prompt has been read: into the batch, or back if it is done.
-    #[allow(clippy::type_complexity)]
-    fn settle(
-        &mut self,
-        key: K,
-        adapter: &str,
-        first: Result<(Sequence, Option<u32>), Error>,
-    ) -> Result<Option<Finished<K>>, (K, Error)> {
-        match first {
-            Err(e) => Err((key, e)),
-            Ok((seq, None)) => Ok(Some(Finished {
-                key,
-                generated: seq.done(),
-                batch: 1,
-                first_token_at: std::time::Instant::now(),
-            })),
-            Ok((seq, Some(next))) => {
-                self.live.push(Slot {
-                    key,
-                    seq,
-                    adapter: adapter.to_string(),
-                    next,
-                    most: 1,
-                    first_token_at: std::time::Instant::now(),
-                });
-                Ok(None)
-            }
-        }
-    }
-
     /// One token for every sequence in the batch; those that finish leave it and come back.
     /// `on_text` as for `add`. On an error every sequence leaves, their keys coming back.
     /// First, prompts waiting to be read take up to one prefill chunk of tokens between them
@@ -232,10 +277,7 @@ impl<'a, K> Decoder<'a, K> {
         model: &Llama,
         on_text: &mut dyn FnMut(&mut K, &str, &[TokenLogprob]),
     ) -> Result<Vec<Finished<K>>, (Vec<K>, Error)> {
-        let read = match self.read_chunk(model, on_text) {
-            Ok(f) => f,
-            Err((key, e)) => return Err((vec![key], e)),
-        };
+        let read = self.read_chunk(model, on_text)?;
         match self.try_step(model, on_text) {
             Ok(mut done) => {
                 done.extend(read);
@@ -243,7 +285,7 @@ impl<'a, K> Decoder<'a, K> {
             }
             Err(e) => {
                 let mut keys: Vec<K> = self.live.drain(..).map(|s| s.key).collect();
-                keys.extend(read.map(|f| f.key));
+                keys.extend(read.into_iter().map(|f| f.key));
                 Err((keys, e))
             }
         }
@@ -260,7 +302,7 @@ impl<'a, K> Decoder<'a, K> {
         &mut self,
         model: &Llama,
         on_text: &mut dyn FnMut(&mut K, &str, &[TokenLogprob]),
-    ) -> Result<Option<Finished<K>>, (K, Error)> {
+    ) -> Result<Vec<Finished<K>>, (Vec<K>, Error)> {
         let mut budget = self.chunk;
         let mut i = 0;
         while budget > 0 && i < self.reading.len() {
@@ -270,19 +312,13 @@ impl<'a, K> Decoder<'a, K> {
                 continue;
             }
             budget -= rest;
-            let Some(Reading {
-                mut key,
-                seq,
-                adapter,
-                prompt,
-                read,
-            }) = self.reading.remove(i)
-            else {
+            let Some(r) = self.reading.remove(i) else {
                 break;
             };
-            let first = self.read(model, seq, &prompt[read..], &adapter, &mut key, on_text);
-            if let Some(done) = self.settle(key, &adapter, first)? {
-                return Ok(Some(done));
+            let part = &r.prompt[r.read..];
+            let done = self.read_last(model, (r.key, r.seq), r.forks, part, &r.adapter, on_text)?;
+            if !done.is_empty() {
+                return Ok(done);
             }
         }
         if budget > 0 {
@@ -292,12 +328,13 @@ impl<'a, K> Decoder<'a, K> {
                 let part = &r.prompt[r.read..end];
                 if let Err(e) = Self::prefill(model, &mut r.seq, part, &r.adapter, false) {
                     let r = self.reading.pop_front().expect("the front prompt");
-                    return Err((r.key, e));
+                    return Err((keys_of(r.key, r.forks), e));
                 }
                 r.read = end;
+                self.prefilled += budget;
             }
         }
-        Ok(None)
+        Ok(Vec::new())
     }
 
     fn try_step(
@@ -343,4 +380,11 @@ impl<'a, K> Decoder<'a, K> {
         self.live = kept;
         Ok(done)
     }
+}
+
+/// A sequence's key and its forks' keys.
+fn keys_of<K>(key: K, forks: Vec<(K, SamplingParams)>) -> Vec<K> {
+    std::iter::once(key)
+        .chain(forks.into_iter().map(|(k, _)| k))
+        .collect()
 }

@@ -80,6 +80,33 @@ impl Sequence {
         })
     }
 
+    /// A copy that goes on from here with its own sampling settings (another choice of the
+    /// same prompt, before either has drawn a token): the cache copied when first written.
+    pub(crate) fn fork(&self, p: SamplingParams) -> Sequence {
+        let mut s = Sequence {
+            p: self.p.clone(),
+            rng: self.rng.clone(),
+            seen: self.seen.clone(),
+            out: self.out.clone(),
+            text: self.text.clone(),
+            sent: self.sent,
+            stop: self.stop,
+            cache: self.cache.clone(),
+            prompt_len: self.prompt_len,
+            lps: self.lps.clone(),
+            lps_sent: self.lps_sent,
+            prompt_lps: self.prompt_lps.clone(),
+        };
+        s.set_params(p);
+        s
+    }
+
+    /// New sampling settings, before a token is drawn.
+    pub(crate) fn set_params(&mut self, p: SamplingParams) {
+        self.rng = rand::rngs::StdRng::seed_from_u64(p.seed);
+        self.p = p;
+    }
+
     /// Whether the prompt's log-probabilities are asked for (the prefill then needs the
     /// logits of every position, not only the last).
     pub(crate) fn wants_prompt_logits(&self) -> bool {

@@ -261,29 +261,42 @@ impl Served<'_> {
         let prompt_tokens: usize = job.prompts.iter().map(|p| p.ids.len()).sum();
         m.prompt_tokens.inc_by(prompt_tokens as u64);
         let answer = Answer::new(job.choices());
-        for index in 0..job.choices() {
-            let key = Key {
-                out: out.clone(),
-                job: job.clone(),
-                index,
-                answer: answer.clone(),
-            };
-            let mut params = job.asked.params.clone();
-            params.seed = params.seed.wrapping_add(index as u64); // choices differ
-            let ids = key.prompt().ids.clone();
-            let model = &*self.model;
-            // an adapter acting on every row: each row through the model as it is
-            let row = match every_row(model) {
-                Some(_) => ACTIVE,
-                None => job.adapter.as_str(),
-            };
-            let added = dec.add(model, key, &ids, params, row, &mut |key, text, lps| {
-                self.stream(key, text, lps)
+        let model = &*self.model;
+        // an adapter acting on every row: each row through the model as it is
+        let row = match every_row(model) {
+            Some(_) => ACTIVE,
+            None => job.adapter.as_str(),
+        };
+        // each prompt's n choices: the prompt read once, the others going on from its cache
+        let n = job.asked.n;
+        for (p, prompt) in job.prompts.iter().enumerate() {
+            let mut choices = (p * n..(p + 1) * n).map(|index| {
+                let key = Key {
+                    out: out.clone(),
+                    job: job.clone(),
+                    index,
+                    answer: answer.clone(),
+                };
+                let mut params = job.asked.params.clone();
+                params.seed = params.seed.wrapping_add(index as u64); // choices differ
+                (key, params)
             });
+            let first = choices.next().expect("n >= 1");
+            let added = dec.add_forked(
+                model,
+                first,
+                choices.collect(),
+                &prompt.ids,
+                row,
+                &mut |key, text, lps| self.stream(key, text, lps),
+            );
             match added {
-                Ok(None) => {}
-                Ok(Some(f)) => self.done(f, metrics),
-                Err((key, e)) => self.fail(key, Failure(500, "server_error", e.to_string())),
+                Ok(done) => done.into_iter().for_each(|f| self.done(f, metrics)),
+                Err((keys, e)) => {
+                    for key in keys {
+                        self.fail(key, Failure(500, "server_error", e.to_string()));
+                    }
+                }
             }
         }
     }

@@ -449,3 +449,98 @@ fn input_side_adapters_decode_together_what_each_prompt_does_alone() {
         assert!(e.to_string().contains("cannot share a batch"), "{e}");
     }
 }
+
+/// A request's `n` choices share its prompt's prefill: forks of one prompt, each with its own
+/// seed, generate what each does alone while the prompt runs through the model once; read at
+/// once into an empty batch, or in chunks behind a running sequence; and when the first
+/// choice leaves before its prompt is read, the others still get theirs.
+#[test]
+fn forks_of_one_prompt_read_it_once_and_generate_what_each_does_alone() {
+    let lm = load_model(
+        golden().join("llama").to_str().unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (model, tok) = (&lm.model, &lm.tokenizer);
+    let prompt = tok.encode("w5 w9 w14 w20 w33 w2", true).unwrap();
+    let other = tok.encode("w7 w8", true).unwrap();
+    let p = |seed| SamplingParams {
+        temperature: 1.0,
+        seed,
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let want: Vec<Vec<u32>> = (0..3)
+        .map(|i| {
+            generate(model, tok, &prompt, &p(10 + i), &mut |_| {})
+                .unwrap()
+                .ids
+        })
+        .collect();
+    let distinct: std::collections::HashSet<_> = want.iter().collect();
+    assert!(distinct.len() >= 2, "the seeds must draw apart: {want:?}");
+    let forks = || vec![(1, p(11)), (2, p(12))];
+    let run = |dec: &mut petal_serve::Decoder<usize>, got: &mut Vec<Option<Vec<u32>>>| {
+        while !dec.is_empty() {
+            for f in dec.step(model, &mut |_, _, _| {}).unwrap() {
+                got[f.key] = Some(f.generated.ids);
+            }
+        }
+    };
+    // into an empty batch
+    let mut dec = petal_serve::Decoder::new(tok);
+    let mut got = vec![None; 4];
+    let done = dec
+        .add_forked(
+            model,
+            (0, p(10)),
+            forks(),
+            &prompt,
+            "__base__",
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+    done.into_iter()
+        .for_each(|f| got[f.key] = Some(f.generated.ids));
+    run(&mut dec, &mut got);
+    assert_eq!(
+        got[..3],
+        want.iter().cloned().map(Some).collect::<Vec<_>>()[..]
+    );
+    assert_eq!(dec.prefilled(), prompt.len());
+    // behind a running sequence, read 4 tokens a step
+    let mut dec = petal_serve::Decoder::new(tok).with_prefill_chunk(4);
+    let mut got = vec![None; 4];
+    let none = |_: &mut usize, _: &str, _: &[petal_serve::logprobs::TokenLogprob]| {};
+    assert!(dec
+        .add(model, 3, &other, p(1), "__base__", &mut { none })
+        .unwrap()
+        .is_none());
+    let queued = dec
+        .add_forked(model, (0, p(10)), forks(), &prompt, "__base__", &mut {
+            none
+        })
+        .unwrap();
+    assert!(queued.is_empty());
+    assert_eq!(dec.len(), 4, "the forks count in the batch while they wait");
+    run(&mut dec, &mut got);
+    assert_eq!(
+        got[..3],
+        want.iter().cloned().map(Some).collect::<Vec<_>>()[..]
+    );
+    assert_eq!(dec.prefilled(), other.len() + prompt.len());
+    // the first choice leaves while its prompt waits
+    let mut dec = petal_serve::Decoder::new(tok).with_prefill_chunk(4);
+    let mut got = vec![None; 4];
+    dec.add(model, 3, &other, p(1), "__base__", &mut { none })
+        .unwrap();
+    dec.add_forked(model, (0, p(10)), forks(), &prompt, "__base__", &mut {
+        none
+    })
+    .unwrap();
+    assert_eq!(dec.remove(|k| *k == 0), [0]);
+    run(&mut dec, &mut got);
+    assert_eq!(got[0], None);
+    assert_eq!(got[1..3], [Some(want[1].clone()), Some(want[2].clone())]);
+}
