@@ -37,6 +37,7 @@ pub(crate) fn last_logits(logits: &Tensor, r: usize) -> Result<Vec<f32>> {
 }
 
 /// One sequence being generated: its sampler, what it has produced, and whether it is done.
+#[derive(Clone)]
 pub(crate) struct Sequence {
     p: SamplingParams,
     rng: rand::rngs::StdRng,
@@ -83,20 +84,7 @@ impl Sequence {
     /// A copy that goes on from here with its own sampling settings (another choice of the
     /// same prompt, before either has drawn a token): the cache copied when first written.
     pub(crate) fn fork(&self, p: SamplingParams) -> Sequence {
-        let mut s = Sequence {
-            p: self.p.clone(),
-            rng: self.rng.clone(),
-            seen: self.seen.clone(),
-            out: self.out.clone(),
-            text: self.text.clone(),
-            sent: self.sent,
-            stop: self.stop,
-            cache: self.cache.clone(),
-            prompt_len: self.prompt_len,
-            lps: self.lps.clone(),
-            lps_sent: self.lps_sent,
-            prompt_lps: self.prompt_lps.clone(),
-        };
+        let mut s = self.clone();
         s.set_params(p);
         s
     }
