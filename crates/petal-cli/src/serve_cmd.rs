@@ -42,6 +42,11 @@ pub struct ServeArgs {
     /// this many a step while the others keep decoding)
     #[arg(long, default_value_t = 256)]
     pub prefill_chunk: usize,
+    /// Megabytes of finished completions' KV caches kept so that a prompt beginning with the
+    /// same tokens through the same adapter (a shared system prompt, earlier turns of a
+    /// conversation) prefills only the rest (prefix caching; 0: off)
+    #[arg(long, default_value_t = 1024)]
+    pub prefix_cache_mb: usize,
     /// Request logs (one line per completion on stderr) as JSON objects instead of text
     #[arg(long)]
     pub log_json: bool,
@@ -91,6 +96,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         grace: secs("shutdown-grace", a.shutdown_grace)?,
         signals: true,
         prefill_chunk: a.prefill_chunk,
+        prefix_cache: a.prefix_cache_mb.saturating_mul(1 << 20),
     };
     let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -348,37 +348,55 @@ fn choice_logprobs(
         Ok((cache, h.narrow(1, last, 1)?.squeeze(0)?))
     };
     // once for every choice, except under LongRoPE, whose tables depend on the whole pass's
-    // length (lm-evaluation-harness runs context and choice as one pass): once per length
+    // length (lm-evaluation-harness runs context and choice as one pass): once per length;
+    // with its logits for a choice's first token
     let mut passes = std::collections::HashMap::new();
-    let mut out = Vec::with_capacity(pairs.len());
-    for (_, cont) in &pairs {
-        if cont.is_empty() {
-            out.push(0.0);
-            continue;
-        }
+    // each choice's later tokens: hidden states after its earlier ones, from a copy of the cache
+    let mut rows = Vec::new();
+    for (_, cont) in pairs.iter().filter(|p| !p.1.is_empty()) {
         let span = model
             .rope_switch()
             .map_or(0, |_| ctx_ids.len() + cont.len() - 1);
         if let std::collections::hash_map::Entry::Vacant(e) = passes.entry(span) {
-            e.insert(context(span)?);
+            let (cache, last) = context(span)?;
+            let first: Vec<f32> = model
+                .head(&last, &ctx)?
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+            e.insert((cache, first));
         }
-        let (cache, last) = &passes[&span];
-        let mut rows = vec![last.clone()];
         if cont.len() > 1 {
-            let mut c = cache.clone();
+            let mut c = passes[&span].0.clone();
             let x = Tensor::new(&cont[..cont.len() - 1], dev)?.unsqueeze(0)?;
             rows.push(model.hidden_states(&x, Some(&mut c), &ctx)?.squeeze(0)?);
         }
-        let logits: Vec<Vec<f32>> = model
+    }
+    // the head once over every choice's later positions
+    let later: Vec<Vec<f32>> = match rows.is_empty() {
+        true => Vec::new(),
+        false => model
             .head(&Tensor::cat(&rows, 0)?, &ctx)?
             .to_dtype(candle_core::DType::F32)?
-            .to_vec2()?;
-        let sum = logits
+            .to_vec2()?,
+    };
+    let mut later = later.iter();
+    let mut out = Vec::with_capacity(pairs.len());
+    for (_, cont) in &pairs {
+        let Some((&id, rest)) = cont.split_first() else {
+            out.push(0.0);
+            continue;
+        };
+        let span = model
+            .rope_switch()
+            .map_or(0, |_| ctx_ids.len() + cont.len() - 1);
+        let first = petal_serve::logprobs::logprob(&passes[&span].1, id);
+        let rest: f64 = rest
             .iter()
-            .zip(cont)
-            .map(|(row, &id)| petal_serve::logprobs::logprob(row, id))
+            .zip(later.by_ref())
+            .map(|(&id, row)| petal_serve::logprobs::logprob(row, id))
             .sum();
-        out.push(sum);
+        out.push(first + rest);
     }
     Ok(out)
 }

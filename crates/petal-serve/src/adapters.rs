@@ -69,7 +69,7 @@ impl Served<'_> {
         load: bool,
         body: &Value,
         life: &mut Lifecycle,
-        dec: &Decoder<Key>,
+        dec: &mut Decoder<Key>,
     ) -> Result<Value, Failure> {
         let field = |k: &str| {
             body.get(k)
@@ -94,7 +94,7 @@ impl Served<'_> {
         &mut self,
         req: &Value,
         life: &mut Lifecycle,
-        dec: &Decoder<Key>,
+        dec: &mut Decoder<Key>,
     ) -> Result<(), Failure> {
         let Some(name) = req.get("model").and_then(Value::as_str) else {
             return Ok(());
@@ -116,7 +116,7 @@ impl Served<'_> {
         name: &str,
         path: &str,
         life: &mut Lifecycle,
-        dec: &Decoder<Key>,
+        dec: &mut Decoder<Key>,
     ) -> Result<(), Failure> {
         let d = self.adapter_dir.clone().ok_or_else(not_enabled)?;
         if !valid_name(name) || name == self.model_id || name == BASE {
@@ -173,7 +173,7 @@ impl Served<'_> {
         &mut self,
         name: &str,
         life: &mut Lifecycle,
-        dec: &Decoder<Key>,
+        dec: &mut Decoder<Key>,
     ) -> Result<(), Failure> {
         if self.adapter_dir.is_none() {
             return Err(not_enabled());
@@ -198,6 +198,7 @@ impl Served<'_> {
             ));
         }
         detach(&mut *self.model, name);
+        dec.forget(name);
         life.last_used.remove(name);
         tracing::info!(adapter = %name, "adapter unloaded");
         Ok(())

@@ -4,10 +4,13 @@
 //! `petal_core::mixed::ACTIVE`, each through the model as it is). A server feeds it the
 //! requests that arrive while others are being decoded. A prompt longer than the prefill
 //! chunk is read a chunk per step (`Decoder::with_prefill_chunk`), so that it delays the
-//! running batch by one chunk's forward a step, not by its whole prefill.
+//! running batch by one chunk's forward a step, not by its whole prefill. With a prefix cache
+//! (`Decoder::with_prefix_cache`), a prompt that begins as an earlier finished sequence did
+//! (through the same adapter) goes on from that sequence's cache.
 
 use crate::generate::{last_logits, Sequence};
 use crate::logprobs::TokenLogprob;
+use crate::prefix::PrefixCache;
 use crate::{Generated, SamplingParams};
 use candle_core::Tensor;
 use petal_core::mixed::batch_ctx;
@@ -23,6 +26,8 @@ pub struct Finished<K> {
     pub batch: usize,
     /// when its first token was drawn (its prompt read)
     pub first_token_at: std::time::Instant,
+    /// its prompt's tokens taken from the prefix cache (not read again)
+    pub cached: usize,
 }
 
 struct Slot<K> {
@@ -32,6 +37,7 @@ struct Slot<K> {
     next: u32,
     most: usize,
     first_token_at: std::time::Instant,
+    cached: usize,
 }
 
 /// A sequence whose prompt is still being read, a chunk a step.
@@ -42,6 +48,8 @@ struct Reading<K> {
     prompt: Vec<u32>,
     /// prompt tokens already in the cache
     read: usize,
+    /// of those, taken from the prefix cache
+    cached: usize,
     /// sequences that continue from a copy of this one's cache once its prompt is read
     forks: Vec<(K, SamplingParams)>,
 }
@@ -59,6 +67,10 @@ pub struct Decoder<'a, K> {
     chunk: usize,
     /// prompt tokens run through the model so far
     prefilled: usize,
+    /// finished sequences' caches, for prompts that begin as they did (None: not kept)
+    prefixes: Option<PrefixCache>,
+    /// prompt tokens taken from the prefix cache so far
+    reused: usize,
 }
 
 impl<'a, K> Decoder<'a, K> {
@@ -69,7 +81,31 @@ impl<'a, K> Decoder<'a, K> {
             reading: Default::default(),
             chunk: PREFILL_CHUNK,
             prefilled: 0,
+            prefixes: None,
+            reused: 0,
         }
+    }
+
+    /// Keeps finished sequences' KV caches, up to `bytes` of them (the least recently used
+    /// dropped first; 0: none), so that a prompt through the same adapter that begins with the
+    /// same tokens (a shared system prompt, a conversation's earlier turns) reads only the rest.
+    /// Not for prompts whose log-probabilities are asked for, nor under LongRoPE (whose
+    /// rotation depends on the whole prompt's length).
+    pub fn with_prefix_cache(mut self, bytes: usize) -> Self {
+        self.prefixes = (bytes > 0).then(|| PrefixCache::new(bytes));
+        self
+    }
+
+    /// Drops the prefix cache's entries through `adapter` (detached: another may take its name).
+    pub fn forget(&mut self, adapter: &str) {
+        if let Some(p) = &mut self.prefixes {
+            p.forget(adapter);
+        }
+    }
+
+    /// Prompt tokens taken from the prefix cache so far, not run through the model.
+    pub fn reused(&self) -> usize {
+        self.reused
     }
 
     /// Prompts longer than `n` tokens are read `n` a step (at least 1).
@@ -165,27 +201,40 @@ impl<'a, K> Decoder<'a, K> {
         adapter: &str,
         on_text: &mut dyn FnMut(&mut K, &str, &[TokenLogprob]),
     ) -> Result<Vec<Finished<K>>, (Vec<K>, Error)> {
-        let seq = match Sequence::new(model, prompt, params) {
+        let mut seq = match Sequence::new(model, prompt, params) {
             Ok(seq) => seq,
             Err(e) => return Err((keys_of(key, forks), e)),
         };
-        if prompt.len() > self.chunk || !self.is_empty() {
+        let mut read = 0;
+        let fit = !seq.wants_prompt_logits() && model.rope_switch().is_none();
+        if let Some(p) = self.prefixes.as_mut().filter(|_| fit) {
+            if let Some((cache, n)) = p.find(adapter, prompt, model.virtual_positions()) {
+                seq.cache = cache;
+                seq.cache.set_rope_span(prompt.len());
+                read = n;
+            }
+        }
+        self.reused += read;
+        if prompt.len() - read > self.chunk || !self.is_empty() {
             self.reading.push_back(Reading {
                 key,
                 seq,
                 adapter: adapter.to_string(),
                 prompt: prompt.to_vec(),
-                read: 0,
+                read,
+                cached: read,
                 forks,
             });
             return Ok(Vec::new());
         }
-        self.read_last(model, (key, seq), forks, prompt, adapter, on_text)
+        let part = &prompt[read..];
+        self.read_last(model, (key, seq), forks, part, adapter, read, on_text)
     }
 
     /// The last `part` of a prompt read into `seq`'s cache, `forks` copied from it, and each
     /// sequence's first token drawn: those done already come back, the others join the batch.
-    #[allow(clippy::type_complexity)]
+    /// `cached`: the prompt's tokens taken from the prefix cache.
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     fn read_last(
         &mut self,
         model: &Llama,
@@ -193,6 +242,7 @@ impl<'a, K> Decoder<'a, K> {
         forks: Vec<(K, SamplingParams)>,
         part: &[u32],
         adapter: &str,
+        cached: usize,
         on_text: &mut dyn FnMut(&mut K, &str, &[TokenLogprob]),
     ) -> Result<Vec<Finished<K>>, (Vec<K>, Error)> {
         self.prefilled += part.len();
@@ -211,12 +261,16 @@ impl<'a, K> Decoder<'a, K> {
             });
             match first {
                 Err(e) => failed.get_or_insert((Vec::new(), e)).0.push(key),
-                Ok(None) => done.push(Finished {
-                    key,
-                    generated: seq.done(),
-                    batch: 1,
-                    first_token_at: std::time::Instant::now(),
-                }),
+                Ok(None) => {
+                    keep(&mut self.prefixes, model, adapter, &seq);
+                    done.push(Finished {
+                        key,
+                        generated: seq.done(),
+                        batch: 1,
+                        first_token_at: std::time::Instant::now(),
+                        cached,
+                    })
+                }
                 Ok(Some(next)) => self.live.push(Slot {
                     key,
                     seq,
@@ -224,6 +278,7 @@ impl<'a, K> Decoder<'a, K> {
                     next,
                     most: 1,
                     first_token_at: std::time::Instant::now(),
+                    cached,
                 }),
             }
         }
@@ -316,7 +371,8 @@ impl<'a, K> Decoder<'a, K> {
                 break;
             };
             let part = &r.prompt[r.read..];
-            let done = self.read_last(model, (r.key, r.seq), r.forks, part, &r.adapter, on_text)?;
+            let (seq, cached) = ((r.key, r.seq), r.cached);
+            let done = self.read_last(model, seq, r.forks, part, &r.adapter, cached, on_text)?;
             if !done.is_empty() {
                 return Ok(done);
             }
@@ -369,16 +425,28 @@ impl<'a, K> Decoder<'a, K> {
         for (s, n) in self.live.drain(..).zip(next) {
             match n {
                 Some(n) => kept.push(Slot { next: n, ..s }),
-                None => done.push(Finished {
-                    key: s.key,
-                    generated: s.seq.done(),
-                    batch: s.most,
-                    first_token_at: s.first_token_at,
-                }),
+                None => {
+                    keep(&mut self.prefixes, model, &s.adapter, &s.seq);
+                    done.push(Finished {
+                        key: s.key,
+                        generated: s.seq.done(),
+                        batch: s.most,
+                        first_token_at: s.first_token_at,
+                        cached: s.cached,
+                    })
+                }
             }
         }
         self.live = kept;
         Ok(done)
+    }
+}
+
+/// A finished sequence's cache into the prefix cache (if one is kept), with the tokens it holds.
+fn keep(prefixes: &mut Option<PrefixCache>, model: &Llama, adapter: &str, seq: &Sequence) {
+    if let Some(p) = prefixes.as_mut().filter(|_| model.rope_switch().is_none()) {
+        let tokens = seq.cached_ids(model.virtual_positions());
+        p.keep(adapter, tokens, seq.cache.clone());
     }
 }
 

@@ -95,6 +95,13 @@ impl Sequence {
         self.p = p;
     }
 
+    /// The tokens whose positions its cache holds (after an input-side adapter's
+    /// `virtual_positions`): the prompt and the tokens generated, but the last drawn.
+    pub(crate) fn cached_ids(&self, virtual_positions: usize) -> &[u32] {
+        let n = self.cache.len().saturating_sub(virtual_positions);
+        &self.seen[..n.min(self.seen.len())]
+    }
+
     /// Whether the prompt's log-probabilities are asked for (the prefill then needs the
     /// logits of every position, not only the last).
     pub(crate) fn wants_prompt_logits(&self) -> bool {
@@ -212,6 +219,10 @@ impl Sequence {
         }
         if self.cache.len() + 1 > ctx {
             return Ok(Err(StopReason::ContextFull));
+        }
+        // the last token asked for: done now, not after another step whose logits go unused
+        if self.out.len() >= self.p.max_new_tokens {
+            return Ok(Err(StopReason::MaxTokens));
         }
         Ok(Ok(next))
     }

@@ -46,7 +46,13 @@ pub struct Limits {
     /// The most prompt tokens prefilled between two decoding steps: a longer prompt is read
     /// this many a step, so that it delays the running batch by one chunk a step.
     pub prefill_chunk: usize,
+    /// Bytes of finished sequences' KV caches kept for prompts that begin as theirs did
+    /// (prefix caching; 0: none).
+    pub prefix_cache: usize,
 }
+
+/// Bytes of KV caches kept for prefix caching by default (1 GiB).
+pub const PREFIX_CACHE: usize = 1 << 30;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -58,6 +64,7 @@ impl Default for Limits {
             grace: Duration::from_secs(30),
             signals: false,
             prefill_chunk: crate::batch::PREFILL_CHUNK,
+            prefix_cache: PREFIX_CACHE,
         }
     }
 }

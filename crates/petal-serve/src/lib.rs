@@ -9,6 +9,7 @@ pub mod generate;
 pub mod http;
 pub mod logprobs;
 mod metrics;
+mod prefix;
 mod request;
 mod response;
 pub mod sampling;

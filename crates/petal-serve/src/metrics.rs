@@ -35,6 +35,8 @@ pub(crate) struct Metrics {
     pub lora_requests: Family<Adapter, Counter>,
     pub cancelled: Counter,
     pub prompt_tokens: Counter,
+    /// prompt tokens found in the prefix cache (read from a finished sequence's cache)
+    pub prefix_cache_hits: Counter,
     pub generation_tokens: Counter,
     pub running: Gauge,
     pub waiting: Gauge,
@@ -53,6 +55,7 @@ impl Metrics {
             lora_requests: Family::default(),
             cancelled: Counter::default(),
             prompt_tokens: Counter::default(),
+            prefix_cache_hits: Counter::default(),
             generation_tokens: Counter::default(),
             running: Gauge::default(),
             waiting: Gauge::default(),
@@ -86,6 +89,11 @@ impl Metrics {
             "petal_prompt_tokens",
             "Prompt tokens prefilled",
             m.prompt_tokens.clone(),
+        );
+        r.register(
+            "petal_prefix_cache_hits",
+            "Prompt tokens taken from the prefix cache, not prefilled again",
+            m.prefix_cache_hits.clone(),
         );
         r.register(
             "petal_generation_tokens",

@@ -21,16 +21,19 @@ pub(crate) struct Answer {
     pub batch: usize,
     /// an error went back already: the other choices are dropped
     pub failed: bool,
+    /// each prompt's tokens taken from the prefix cache
+    pub cached: Vec<usize>,
 }
 
 impl Answer {
-    pub fn new(choices: usize) -> Rc<RefCell<Answer>> {
+    pub fn new(choices: usize, prompts: usize) -> Rc<RefCell<Answer>> {
         Rc::new(RefCell::new(Answer {
             choices: vec![Value::Null; choices],
             left: choices,
             completion_tokens: 0,
             batch: 0,
             failed: false,
+            cached: vec![0; prompts],
         }))
     }
 }
@@ -93,7 +96,7 @@ impl Served<'_> {
     /// The whole response once every choice has finished.
     pub(crate) fn completion(&self, job: &Job, a: &Answer) -> Value {
         let mut v = self.envelope(job, a.choices.clone(), false);
-        v["usage"] = usage(job, a.completion_tokens);
+        v["usage"] = usage(job, a);
         // petal's own: the most sequences decoded together with its choices (themselves included)
         v["petal"] = json!({"batch": a.batch});
         v
@@ -133,7 +136,7 @@ impl Served<'_> {
     pub(crate) fn closing(&self, key: &Key, stop: StopReason, a: &Answer) -> Value {
         let mut last = self.chunk(key, "", &[], Some(finish_reason(stop)));
         if a.left == 0 {
-            last["usage"] = usage(&key.job, a.completion_tokens);
+            last["usage"] = usage(&key.job, a);
             last["petal"] = json!({"batch": a.batch});
         }
         last
@@ -162,8 +165,12 @@ impl Served<'_> {
     }
 }
 
-/// Prompt tokens (each prompt once, whatever `n`) and generated ones.
-fn usage(job: &Job, completion: usize) -> Value {
+/// Prompt tokens (each prompt once, whatever `n`; those found in the prefix cache in
+/// `prompt_tokens_details`, as OpenAI reports cached tokens) and generated ones.
+fn usage(job: &Job, a: &Answer) -> Value {
     let prompt: usize = job.prompts.iter().map(|p| p.ids.len()).sum();
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+    let completion = a.completion_tokens;
+    json!({"prompt_tokens": prompt, "completion_tokens": completion,
+           "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": a.cached.iter().sum::<usize>()}})
 }

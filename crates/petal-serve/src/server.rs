@@ -20,7 +20,9 @@
 //! is held back until it cannot. Completions are decoded together with continuous batching
 //! (`Decoder`: up to `max_batch` sequences, each through its own adapter and KV cache; a
 //! request arriving mid-way joins at the next step, each is answered when its last choice
-//! finishes); the response's `petal.batch` says with how many at most.
+//! finishes); the response's `petal.batch` says with how many at most. A prompt that begins as
+//! a finished completion's did, through the same adapter, goes on from that completion's KV
+//! cache (prefix caching, `Limits::prefix_cache`; `usage.prompt_tokens_details.cached_tokens`).
 //!
 //! Errors come back as OpenAI's `{"error": {"message", "type", "code"}}` with a 4xx status: bad
 //! JSON (with its line and column), a missing or mistyped field, an unknown adapter (the
@@ -123,7 +125,7 @@ impl Served<'_> {
         let (tx, rx) = mpsc::channel();
         let metrics = Arc::new(Metrics::new());
         let capacity = self.max_batch.max(1) + limits.max_queue;
-        let (grace, chunk) = (limits.grace, limits.prefill_chunk);
+        let (grace, chunk, kept) = (limits.grace, limits.prefill_chunk, limits.prefix_cache);
         let models: Models = Arc::new(std::sync::RwLock::new(self.models()));
         let lifecycle = self.adapter_dir.is_some();
         let (shown, m) = (models.clone(), metrics.clone());
@@ -131,7 +133,7 @@ impl Served<'_> {
             let side = s.spawn(move || {
                 http::run(listener, tx, capacity, shown, lifecycle, limits, m, stop)
             });
-            self.engine(rx, &metrics, &models, grace, chunk);
+            self.engine(rx, &metrics, &models, grace, (chunk, kept));
             match side.join() {
                 Ok(r) => r.map_err(|e| petal_core::Error::Msg(format!("petal serve: {e}"))),
                 Err(_) => Err(petal_core::Error::Msg(
@@ -148,10 +150,12 @@ impl Served<'_> {
         metrics: &Metrics,
         models: &Models,
         grace: std::time::Duration,
-        chunk: usize,
+        (chunk, kept): (usize, usize),
     ) {
         let tok = self.tokenizer;
-        let mut dec: Decoder<Key> = Decoder::new(tok).with_prefill_chunk(chunk);
+        let mut dec: Decoder<Key> = Decoder::new(tok)
+            .with_prefill_chunk(chunk)
+            .with_prefix_cache(kept);
         let mut stopping: Option<Instant> = None;
         let mut life = Lifecycle::default();
         let mut st = (&mut dec, &mut stopping, &mut life);
@@ -260,7 +264,8 @@ impl Served<'_> {
             .inc();
         let prompt_tokens: usize = job.prompts.iter().map(|p| p.ids.len()).sum();
         m.prompt_tokens.inc_by(prompt_tokens as u64);
-        let answer = Answer::new(job.choices());
+        let answer = Answer::new(job.choices(), job.prompts.len());
+        let reused = dec.reused();
         let model = &*self.model;
         // an adapter acting on every row: each row through the model as it is
         let row = match every_row(model) {
@@ -299,6 +304,7 @@ impl Served<'_> {
                 }
             }
         }
+        m.prefix_cache_hits.inc_by((dec.reused() - reused) as u64);
     }
 
     fn models(&self) -> Value {
@@ -334,6 +340,7 @@ impl Served<'_> {
             adapter = %job.adapter,
             choice = f.key.index,
             prompt_tokens = f.key.prompt().ids.len(),
+            cached_tokens = f.cached,
             completion_tokens = g.ids.len(),
             finish_reason = reason,
             batch = f.batch,
@@ -342,17 +349,19 @@ impl Served<'_> {
             stream = job.stream,
             "completion"
         );
-        self.finish(&f.key, g, f.batch)
+        self.finish(&f.key, g, (f.batch, f.cached))
     }
 
     /// A finished choice into its answer; the whole response (or a stream's end) after the
     /// last, a streamed choice's closing chunk at once.
-    fn finish(&self, key: &Key, g: &Generated, batch: usize) {
+    fn finish(&self, key: &Key, g: &Generated, (batch, cached): (usize, usize)) {
         let mut a = key.answer.borrow_mut();
         if a.failed {
             return;
         }
         a.left -= 1;
+        // a prompt's choices share its cache: counted once
+        a.cached[key.index / key.job.asked.n] = cached;
         a.completion_tokens += g.ids.len();
         a.batch = a.batch.max(batch);
         if !key.job.stream {

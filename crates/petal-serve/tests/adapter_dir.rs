@@ -198,3 +198,65 @@ fn without_an_adapter_dir_the_load_and_unload_endpoints_are_not_there() {
         assert_eq!(status, 404);
     });
 }
+
+#[test]
+fn an_adapter_loaded_again_under_a_name_does_not_go_on_from_the_caches_of_the_one_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    copy("llama_lora_qv", &d.join("qv"));
+    copy("llama_rslora_all_linear", &d.join("rs"));
+    let adapter_dir = AdapterDir {
+        dir: d.to_path_buf(),
+        max_loras: 4,
+        max_rank: 64,
+        max_bytes: 1 << 20,
+    };
+    let mut lm = model();
+    common::serving_dir(
+        &mut lm,
+        Duration::ZERO,
+        Limits::default(),
+        8,
+        Some(adapter_dir),
+        |addr, _| {
+            let load = |name: &str, path: &str| {
+                let body = json!({"lora_name": name, "lora_path": path});
+                assert_eq!(post(addr, "/v1/load_lora_adapter", body).0, 200);
+            };
+            // a greedy completion: its tokens' log-probabilities and the prompt tokens cached
+            let complete = |model: &str| {
+                let body = json!({"model": model, "prompt": [5, 9, 14, 20, 33, 2, 8],
+                                  "max_tokens": 5, "temperature": 0, "logprobs": 0});
+                let (status, v) = post(addr, "/v1/completions", body);
+                assert_eq!(status, 200, "{v}");
+                let lps: Vec<f64> = v["choices"][0]["logprobs"]["token_logprobs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect();
+                (
+                    lps,
+                    v["usage"]["prompt_tokens_details"]["cached_tokens"].clone(),
+                )
+            };
+            load("x", "qv");
+            let (qv, cached) = complete("x");
+            assert_eq!(cached, 0);
+            let (again, cached) = complete("x");
+            assert_eq!(cached, 6, "the same prompt again: all but its last token");
+            assert!(close(&again, &qv));
+            let (status, v) = post(addr, "/v1/unload_lora_adapter", json!({"lora_name": "x"}));
+            assert_eq!(status, 200, "{v}");
+            load("x", "rs");
+            let (rs, cached) = complete("x");
+            assert_eq!(
+                cached, 0,
+                "what went through the adapter before is forgotten"
+            );
+            load("y", "rs");
+            assert!(close(&rs, &complete("y").0));
+            assert!(!close(&rs, &qv), "the two adapters must differ");
+        },
+    );
+}

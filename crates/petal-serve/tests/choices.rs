@@ -240,7 +240,12 @@ fn each_of_n_choices_is_the_single_request_with_its_seed_and_streams_alike() {
                 .filter(|e| !e["choices"][0]["finish_reason"].is_null());
             assert_eq!(closing.count(), 1, "choice {i}");
         }
-        assert_eq!(events.last().unwrap()["usage"], v["usage"]);
+        let usage = &events.last().unwrap()["usage"];
+        for k in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+            assert_eq!(usage[k], v["usage"][k], "{k}");
+        }
+        // the same prompt again: all but its last token found in the prefix cache
+        assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 2);
         // too many choices for one request
         let (status, e) = request(addr, "POST", "/v1/completions", &ask(200, 1).to_string());
         assert_eq!(status, 400);

@@ -361,14 +361,19 @@ fn metrics_count_requests_tokens_adapters_and_latencies_in_prometheus_text() {
     let mut lm = model_with(&[("q", "llama_lora_qv")]);
     serving(&mut lm, |addr| {
         let mut prompt_tokens = 0;
-        let mut generated = 0;
-        for model in ["q", "tiny-llama"] {
+        let (mut generated, mut cached) = (0, 0);
+        // the third finds the first's prompt in the prefix cache
+        for model in ["q", "tiny-llama", "q"] {
             let body = json!({"model": model, "prompt": PROMPT, "max_tokens": 5, "temperature": 0});
             let (status, r) = request(addr, "POST", "/v1/completions", &body.to_string());
             assert_eq!(status, 200, "{r}");
             prompt_tokens += r["usage"]["prompt_tokens"].as_u64().unwrap();
             generated += r["usage"]["completion_tokens"].as_u64().unwrap();
+            cached += r["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap();
         }
+        assert!(cached > 0);
         let (status, _) = request(addr, "POST", "/v1/completions", r#"{"prompt": 5}"#);
         assert_eq!(status, 400);
         let mut s = TcpStream::connect(addr).unwrap();
@@ -385,21 +390,22 @@ fn metrics_count_requests_tokens_adapters_and_latencies_in_prometheus_text() {
                 .find_map(|l| l.strip_prefix(line)?.strip_prefix(' ')?.parse().ok())
                 .unwrap_or_else(|| panic!("no `{line}` in\n{body}"))
         };
-        assert_eq!(value(r#"petal_requests_total{code="200"}"#), 2.0);
+        assert_eq!(value(r#"petal_requests_total{code="200"}"#), 3.0);
         assert_eq!(value(r#"petal_requests_total{code="400"}"#), 1.0);
-        assert_eq!(value(r#"petal_lora_requests_total{adapter="q"}"#), 1.0);
+        assert_eq!(value(r#"petal_lora_requests_total{adapter="q"}"#), 2.0);
         assert_eq!(
             value(r#"petal_lora_requests_total{adapter="__base__"}"#),
             1.0
         );
         assert_eq!(value("petal_prompt_tokens_total"), prompt_tokens as f64);
         assert_eq!(value("petal_generation_tokens_total"), generated as f64);
+        assert_eq!(value("petal_prefix_cache_hits_total"), cached as f64);
         assert_eq!(
             value(r#"petal_request_success_total{finished_reason="length"}"#),
-            2.0
+            3.0
         );
-        assert_eq!(value("petal_time_to_first_token_seconds_count"), 2.0);
-        assert_eq!(value("petal_e2e_request_latency_seconds_count"), 2.0);
+        assert_eq!(value("petal_time_to_first_token_seconds_count"), 3.0);
+        assert_eq!(value("petal_e2e_request_latency_seconds_count"), 3.0);
         assert!(value("petal_e2e_request_latency_seconds_sum") > 0.0);
         assert_eq!(value("petal_num_requests_running"), 0.0);
         assert!(body.trim_end().ends_with("# EOF"), "{body}");

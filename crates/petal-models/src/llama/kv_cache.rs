@@ -24,6 +24,15 @@ impl KvCache {
             span: 0,
         }
     }
+    /// A cache holding each layer's keys and values (b, len, width), as passes over `len`
+    /// positions would have left it.
+    pub fn from_layers(layers: &[(Tensor, Tensor)]) -> Result<Self> {
+        let mut c = KvCache::new(layers.len());
+        for (slot, (k, v)) in c.kv.iter_mut().zip(layers) {
+            Slot::push(slot, k, v)?;
+        }
+        Ok(c)
+    }
     /// Rotate as one pass over `tokens` input tokens would: a prompt read in parts (a server's
     /// chunked prefill), or a context scored apart from its continuation, takes the RoPE tables
     /// of the whole (LongRoPE picks its factors by a pass's length; other scalings have one
@@ -44,6 +53,24 @@ impl KvCache {
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+    /// A copy holding only the first `n` positions (all of them if fewer): a later prompt that
+    /// begins as this cache's did goes on from it. It shares the buffers until its first write.
+    pub fn prefix(&self, n: usize) -> KvCache {
+        let mut c = self.clone();
+        for s in c.kv.iter_mut().flatten() {
+            s.len = s.len.min(n);
+        }
+        c
+    }
+    /// Bytes of the buffers it holds (their room past the cached positions included).
+    pub fn bytes(&self) -> usize {
+        let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        self.kv
+            .iter()
+            .flatten()
+            .map(|s| size(&s.k) + size(&s.v))
+            .sum()
     }
 }
 
@@ -184,5 +211,15 @@ mod tests {
         // the original again, after its copy wrote: still its own
         let (ok, _) = slot.as_ref().unwrap().cached().unwrap();
         assert_eq!(flat(&ok), cat(&[before.as_slice(), &[&a]].concat()));
+        // a cache's prefix, continued another way, leaves the cache as it was
+        let mut cache = KvCache::new(1);
+        cache.kv[0] = slot.clone();
+        let mut short = cache.prefix(61);
+        assert_eq!((short.len(), cache.len()), (61, 73));
+        let (sk, _) = Slot::push(&mut short.kv[0], &b, &b).unwrap();
+        assert_eq!(flat(&sk), cat(&[&before[..2], &[&b]].concat()));
+        let (ok, _) = cache.kv[0].as_ref().unwrap().cached().unwrap();
+        assert_eq!(flat(&ok), cat(&[before.as_slice(), &[&a]].concat()));
+        assert_eq!(cache.bytes(), 2 * 2 * 128 * 3 * 4);
     }
 }
