@@ -256,6 +256,14 @@ impl Llama {
             .unwrap_or(0)
     }
 
+    /// Whether a pass may go on from a cache another pass filled (not with PASTA's occurrence
+    /// slots, which count the special tokens from the start of the sequence).
+    pub fn continues_a_cache(&self) -> bool {
+        self.input
+            .as_ref()
+            .is_none_or(|(_, a)| a.continues_a_cache())
+    }
+
     /// Positions an input-side adapter puts in a sequence's cache before its first token:
     /// virtual tokens (prompt tuning, P-tuning) and prefix keys (prefix tuning).
     pub fn virtual_positions(&self) -> usize {

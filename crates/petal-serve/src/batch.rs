@@ -71,6 +71,8 @@ pub struct Decoder<'a, K> {
     prefixes: Option<PrefixCache>,
     /// prompt tokens taken from the prefix cache so far
     reused: usize,
+    /// sequences that finished in a step that failed for others: the next step returns them
+    ready: Vec<Finished<K>>,
 }
 
 impl<'a, K> Decoder<'a, K> {
@@ -83,6 +85,7 @@ impl<'a, K> Decoder<'a, K> {
             prefilled: 0,
             prefixes: None,
             reused: 0,
+            ready: Vec::new(),
         }
     }
 
@@ -114,9 +117,10 @@ impl<'a, K> Decoder<'a, K> {
         self
     }
 
-    /// The sequences in the batch, those whose prompts are still being read included.
+    /// The sequences in the batch, those whose prompts are still being read (and those
+    /// finished but not yet returned) included.
     pub fn len(&self) -> usize {
-        self.live.len() + self.waiting()
+        self.live.len() + self.waiting() + self.ready.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -206,7 +210,9 @@ impl<'a, K> Decoder<'a, K> {
             Err(e) => return Err((keys_of(key, forks), e)),
         };
         let mut read = 0;
-        let fit = !seq.wants_prompt_logits() && model.rope_switch().is_none();
+        let fit = !seq.wants_prompt_logits()
+            && model.rope_switch().is_none()
+            && model.continues_a_cache();
         if let Some(p) = self.prefixes.as_mut().filter(|_| fit) {
             if let Some((cache, n)) = p.find(adapter, prompt, model.virtual_positions()) {
                 seq.cache = cache;
@@ -332,16 +338,19 @@ impl<'a, K> Decoder<'a, K> {
         model: &Llama,
         on_text: &mut dyn FnMut(&mut K, &str, &[TokenLogprob]),
     ) -> Result<Vec<Finished<K>>, (Vec<K>, Error)> {
-        let read = self.read_chunk(model, on_text)?;
+        let mut read = std::mem::take(&mut self.ready);
+        if let Err(e) = self.read_chunk(model, &mut read, on_text) {
+            self.ready = read; // they come back from the next step
+            return Err(e);
+        }
         match self.try_step(model, on_text) {
             Ok(mut done) => {
                 done.extend(read);
                 Ok(done)
             }
             Err(e) => {
-                let mut keys: Vec<K> = self.live.drain(..).map(|s| s.key).collect();
-                keys.extend(read.into_iter().map(|f| f.key));
-                Err((keys, e))
+                self.ready = read;
+                Err((self.live.drain(..).map(|s| s.key).collect(), e))
             }
         }
     }
@@ -350,14 +359,15 @@ impl<'a, K> Decoder<'a, K> {
     /// whose rest fits in what is left of the chunk (in arrival order), then a part of the
     /// first one that does not (a long prompt, read over several steps, does not hold up the
     /// short ones queued behind it; the batch's size bounds how many can pass it). Each
-    /// sequence joins the batch after its prompt's last part. Stops early at a sequence done
-    /// at its first token, which comes back.
+    /// sequence joins the batch after its prompt's last part, or goes into `done` if its first
+    /// token ends it. On an error, the keys of the sequences that failed.
     #[allow(clippy::type_complexity)]
     fn read_chunk(
         &mut self,
         model: &Llama,
+        done: &mut Vec<Finished<K>>,
         on_text: &mut dyn FnMut(&mut K, &str, &[TokenLogprob]),
-    ) -> Result<Vec<Finished<K>>, (Vec<K>, Error)> {
+    ) -> Result<(), (Vec<K>, Error)> {
         let mut budget = self.chunk;
         let mut i = 0;
         while budget > 0 && i < self.reading.len() {
@@ -372,10 +382,7 @@ impl<'a, K> Decoder<'a, K> {
             };
             let part = &r.prompt[r.read..];
             let (seq, cached) = ((r.key, r.seq), r.cached);
-            let done = self.read_last(model, seq, r.forks, part, &r.adapter, cached, on_text)?;
-            if !done.is_empty() {
-                return Ok(done);
-            }
+            done.extend(self.read_last(model, seq, r.forks, part, &r.adapter, cached, on_text)?);
         }
         if budget > 0 {
             if let Some(r) = self.reading.front_mut() {
@@ -390,7 +397,7 @@ impl<'a, K> Decoder<'a, K> {
                 self.prefilled += budget;
             }
         }
-        Ok(Vec::new())
+        Ok(())
     }
 
     fn try_step(

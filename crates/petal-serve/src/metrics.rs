@@ -92,7 +92,7 @@ impl Metrics {
         );
         r.register(
             "petal_prefix_cache_hits",
-            "Prompt tokens taken from the prefix cache, not prefilled again",
+            "Prompt tokens taken from the prefix cache (counted as requests are admitted)",
             m.prefix_cache_hits.clone(),
         );
         r.register(

@@ -544,3 +544,46 @@ fn forks_of_one_prompt_read_it_once_and_generate_what_each_does_alone() {
     assert_eq!(got[0], None);
     assert_eq!(got[1..3], [Some(want[1].clone()), Some(want[2].clone())]);
 }
+
+#[test]
+fn prompts_done_at_their_first_token_all_come_back_from_the_step_that_reads_them() {
+    let lm = load_model(
+        golden().join("llama").to_str().unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    );
+    let lm = lm.unwrap();
+    let (model, tok) = (&lm.model, &lm.tokenizer);
+    let p = |n| SamplingParams {
+        max_new_tokens: n,
+        ..Default::default()
+    };
+    let none = &mut |_: &mut usize, _: &str, _: &[petal_serve::logprobs::TokenLogprob]| {};
+    let mut dec = petal_serve::Decoder::new(tok);
+    let running = tok.encode("w7 w8", true).unwrap();
+    assert!(dec
+        .add(model, 0, &running, p(20), "__base__", none)
+        .unwrap()
+        .is_none());
+    // four one-token answers queued behind the running sequence (classification, scoring)
+    let texts = ["w5 w9", "w14", "w20 w33 w2", "w1"];
+    for (i, t) in texts.iter().enumerate() {
+        let ids = tok.encode(t, true).unwrap();
+        let queued = dec.add(model, i + 1, &ids, p(1), "__base__", none).unwrap();
+        assert!(queued.is_none());
+    }
+    let mut done = dec.step(model, none).unwrap();
+    done.sort_by_key(|f| f.key);
+    let keys: Vec<usize> = done.iter().map(|f| f.key).collect();
+    assert_eq!(
+        keys,
+        [1, 2, 3, 4],
+        "read in one chunk, all done in one step"
+    );
+    for (f, t) in done.iter().zip(texts) {
+        let ids = tok.encode(t, true).unwrap();
+        let alone = generate(model, tok, &ids, &p(1), &mut |_| {}).unwrap();
+        assert_eq!(f.generated.ids, alone.ids, "{t}");
+    }
+    assert_eq!(dec.len(), 1, "the running sequence goes on");
+}

@@ -140,3 +140,26 @@ fn behind_an_input_side_adapter_s_virtual_positions_the_prefix_is_reused_too() {
         assert_eq!(f.cached, 6, "{which}");
     }
 }
+
+#[test]
+fn pasta_s_occurrence_slots_count_from_the_start_so_nothing_is_reused_under_them() {
+    let g = golden();
+    let mut lm = load_model(g.join("llama").to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let mut c = petal_core::AdapterConfig::new("PASTA").unwrap();
+    c.set("special_tokens", (0..96).collect::<Vec<u32>>())
+        .unwrap();
+    c.set("slots", "occurrence").unwrap();
+    petal_core::inject_adapter(&mut lm.model, "p", &c, 3).unwrap();
+    let (model, tok) = (&lm.model, &lm.tokenizer);
+    assert!(!model.continues_a_cache());
+    let prompt = tok.encode("w5 w9 w14 w20", true).unwrap();
+    let mut dec = Decoder::new(tok).with_prefix_cache(1 << 20);
+    let row = petal_core::mixed::ACTIVE;
+    // one token each (decoding past it would need the count from the start)
+    let first = run(&mut dec, model, &prompt, greedy(1), row);
+    let again = run(&mut dec, model, &prompt, greedy(1), row);
+    assert_eq!(
+        (again.cached, again.generated.ids),
+        (0, first.generated.ids)
+    );
+}

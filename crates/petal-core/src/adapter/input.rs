@@ -42,6 +42,11 @@ pub trait InputAdapter: Debug + Send + Sync {
     fn token_slots(&self, _ids: &Tensor, _offset: usize) -> Result<Option<Tensor>> {
         Ok(None)
     }
+    /// Whether `token_slots` takes an `offset` past 0: a pass may go on from a cache (PASTA's
+    /// occurrence slots count from the start of the sequence, so they do not).
+    fn continues_a_cache(&self) -> bool {
+        true
+    }
     /// The (b t, hidden) f32 addition to the hidden states entering layer `layer`, for the
     /// slots of `token_slots`.
     fn layer_shift(&self, _layer: usize, _slots: &Tensor) -> Result<Option<Tensor>> {

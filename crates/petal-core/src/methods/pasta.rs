@@ -165,6 +165,9 @@ impl SpecialTokens {
 }
 
 impl InputAdapter for SpecialTokens {
+    fn continues_a_cache(&self) -> bool {
+        !self.occurrence
+    }
     fn token_slots(&self, ids: &Tensor, offset: usize) -> Result<Option<Tensor>> {
         let (b, t) = ids.dims2()?;
         if self.occurrence && offset > 0 {
