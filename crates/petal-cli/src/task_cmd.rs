@@ -351,12 +351,15 @@ fn choice_logprobs(
     // length (lm-evaluation-harness runs context and choice as one pass): once per length;
     // with its logits for a choice's first token
     let mut passes = std::collections::HashMap::new();
+    let span = |cont: &[u32]| {
+        model
+            .rope_switch()
+            .map_or(0, |_| ctx_ids.len() + cont.len() - 1)
+    };
     // each choice's later tokens: hidden states after its earlier ones, from a copy of the cache
     let mut rows = Vec::new();
     for (_, cont) in pairs.iter().filter(|p| !p.1.is_empty()) {
-        let span = model
-            .rope_switch()
-            .map_or(0, |_| ctx_ids.len() + cont.len() - 1);
+        let span = span(cont);
         if let std::collections::hash_map::Entry::Vacant(e) = passes.entry(span) {
             let (cache, last) = context(span)?;
             let first: Vec<f32> = model
@@ -387,10 +390,7 @@ fn choice_logprobs(
             out.push(0.0);
             continue;
         };
-        let span = model
-            .rope_switch()
-            .map_or(0, |_| ctx_ids.len() + cont.len() - 1);
-        let first = petal_serve::logprobs::logprob(&passes[&span].1, id);
+        let first = petal_serve::logprobs::logprob(&passes[&span(cont)].1, id);
         let rest: f64 = rest
             .iter()
             .zip(later.by_ref())

@@ -210,9 +210,7 @@ impl<'a, K> Decoder<'a, K> {
             Err(e) => return Err((keys_of(key, forks), e)),
         };
         let mut read = 0;
-        let fit = !seq.wants_prompt_logits()
-            && model.rope_switch().is_none()
-            && model.continues_a_cache();
+        let fit = !seq.wants_prompt_logits() && prefixes_fit(model);
         if let Some(p) = self.prefixes.as_mut().filter(|_| fit) {
             if let Some((cache, n)) = p.find(adapter, prompt, model.virtual_positions()) {
                 seq.cache = cache;
@@ -449,9 +447,17 @@ impl<'a, K> Decoder<'a, K> {
     }
 }
 
-/// A finished sequence's cache into the prefix cache (if one is kept), with the tokens it holds.
+/// Whether a prompt through `model` may go on from another sequence's cache: not under LongRoPE
+/// (whose rotation depends on the whole prompt's length), nor under an input-side adapter that
+/// counts from the start of the sequence (PASTA's occurrence slots).
+fn prefixes_fit(model: &Llama) -> bool {
+    model.rope_switch().is_none() && model.continues_a_cache()
+}
+
+/// A finished sequence's cache into the prefix cache (if one is kept and could be reused), with
+/// the tokens it holds.
 fn keep(prefixes: &mut Option<PrefixCache>, model: &Llama, adapter: &str, seq: &Sequence) {
-    if let Some(p) = prefixes.as_mut().filter(|_| model.rope_switch().is_none()) {
+    if let Some(p) = prefixes.as_mut().filter(|_| prefixes_fit(model)) {
         let tokens = seq.cached_ids(model.virtual_positions());
         p.keep(adapter, tokens, seq.cache.clone());
     }
