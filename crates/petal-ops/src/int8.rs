@@ -30,6 +30,12 @@ pub const BLOCK: usize = 32;
 /// Words of k per packed panel of b (whole blocks): 128 x 48 words (24 KiB) stay in L1.
 const PANEL: usize = 128;
 
+/// Bytes of b's packed panels one pass over the rows takes (kept in L2 while every group of
+/// rows runs over them; a k-block of a wide b, 128 words by 8960 columns, is 4.4 MiB: one pass
+/// over all of it read it from L3 for every group of rows, at 0.45x the VNNI kernel's rate).
+/// Under test a panel a pass, so the tests' small products take several passes.
+const PASS_BYTES: usize = if cfg!(test) { 1 } else { 256 * 1024 };
+
 /// The instruction set a product runs on.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Kind {
@@ -233,32 +239,36 @@ pub(crate) fn mm_int8_packed(out: Out, acc: bool, pa: &PackedA, pb: &PackedB) {
         let add = acc || q0 > 0;
         let blk = q0 / kind.bw(); // the panel's first block
         let excess = pb.excess.get(blk * n..).unwrap_or(&[]);
-        c.par_chunks_mut(mr * ldc)
-            .enumerate()
-            .for_each(|(ip, crows)| {
-                let rows = crows.len() / ldc;
-                let a_panel = &pa.words[ip * mr * pa.kw + q0..];
-                let sa = &pa.scale[ip * mr * pa.nb + blk..];
-                for jp in 0..np {
-                    let j0 = jp * nr;
-                    let cols = nr.min(n - j0);
-                    let tile = Tile {
-                        a: a_panel,
-                        lda: pa.kw,
-                        b: pb.panel(q0, kcq, jp),
-                        kcq,
-                        bw: kind.bw(),
-                        sa,
-                        sas: pa.nb,
-                        sb: &pb.scale[blk * n + j0..],
-                        excess: excess.get(j0..).unwrap_or(&[]),
-                        n,
-                        rows,
-                        cols,
-                    };
-                    micro(kind, &tile, &mut crows[c0 + j0..], ldc, add);
-                }
-            });
+        let pass = (PASS_BYTES / (kcq * nr * 4)).max(1); // panels of b per pass
+        for jp0 in (0..np).step_by(pass) {
+            let jps = jp0..(jp0 + pass).min(np);
+            c.par_chunks_mut(mr * ldc)
+                .enumerate()
+                .for_each(|(ip, crows)| {
+                    let rows = crows.len() / ldc;
+                    let a_panel = &pa.words[ip * mr * pa.kw + q0..];
+                    let sa = &pa.scale[ip * mr * pa.nb + blk..];
+                    for jp in jps.clone() {
+                        let j0 = jp * nr;
+                        let cols = nr.min(n - j0);
+                        let tile = Tile {
+                            a: a_panel,
+                            lda: pa.kw,
+                            b: pb.panel(q0, kcq, jp),
+                            kcq,
+                            bw: kind.bw(),
+                            sa,
+                            sas: pa.nb,
+                            sb: &pb.scale[blk * n + j0..],
+                            excess: excess.get(j0..).unwrap_or(&[]),
+                            n,
+                            rows,
+                            cols,
+                        };
+                        micro(kind, &tile, &mut crows[c0 + j0..], ldc, add);
+                    }
+                });
+        }
     }
 }
 

@@ -92,24 +92,26 @@ pub(super) unsafe fn micro_avx2(t: &Tile, c: &mut [f32], ldc: usize, add: bool) 
                 if j >= t.cols {
                     break;
                 }
-                let y = _mm256_mul_ps(_mm256_cvtepi32_ps(*s), sa);
+                let x = _mm256_cvtepi32_ps(*s);
                 if t.cols - j >= 8 {
-                    let y = _mm256_mul_ps(y, _mm256_loadu_ps(sb.add(j)));
+                    // (x sb) sa [+ c], as the VNNI kernel rounds
+                    let x = _mm256_mul_ps(x, _mm256_loadu_ps(sb.add(j)));
                     let cp = cr.add(j);
                     let y = if add {
-                        _mm256_add_ps(y, _mm256_loadu_ps(cp))
+                        _mm256_fmadd_ps(x, sa, _mm256_loadu_ps(cp))
                     } else {
-                        y
+                        _mm256_mul_ps(x, sa)
                     };
                     _mm256_storeu_ps(cp, y);
                     continue;
                 }
                 let mut lanes = [0f32; 8];
-                _mm256_storeu_ps(lanes.as_mut_ptr(), y);
-                for (l, y) in lanes.iter().enumerate().take(t.cols - j) {
+                _mm256_storeu_ps(lanes.as_mut_ptr(), x);
+                let sa = t.sa[r * t.sas + i];
+                for (l, x) in lanes.iter().enumerate().take(t.cols - j) {
                     let cp = cr.add(j + l);
-                    let v = y * *sb.add(j + l);
-                    *cp = if add { *cp + v } else { v };
+                    let v = x * *sb.add(j + l);
+                    *cp = if add { v.mul_add(sa, *cp) } else { v * sa };
                 }
             }
         }
