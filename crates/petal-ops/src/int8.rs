@@ -3,12 +3,14 @@
 //! `a` and each column of `b` quantized in blocks of `BLOCK` values along k to symmetric 8-bit
 //! codes (`q = round(x * 127 / absmax)`, value `q * absmax / 127`), the code products of a
 //! block summed exactly in i32, each block's sum scaled into the f32 result. The products of
-//! a quantized base take it where the CPU has AVX-512 VNNI but no AVX512-BF16 (`Frozen::Auto`).
+//! a quantized base take it where the CPU has AVX-512 VNNI or AVX-VNNI but no AVX512-BF16
+//! (`Frozen::Auto`).
 //!
-//! Both operands are kept in 32-bit words along k, so one kernel shape serves two instruction
-//! sets, picked at run time:
-//! - AVX-512 VNNI (`vpdpbusd`): a word holds four codes; `vpdpbusd` multiplies unsigned bytes
-//!   by signed ones, so a's codes are stored plus 128 and each block takes 128 sum(b) back off;
+//! Both operands are kept in 32-bit words along k, so one kernel shape serves three
+//! instruction sets, picked at run time:
+//! - AVX-512 VNNI and AVX-VNNI (`vpdpbusd` on 512 or 256 bits): a word holds four codes;
+//!   `vpdpbusd` multiplies unsigned bytes by signed ones, so a's codes are stored plus 128 and
+//!   each block takes 128 sum(b) back off;
 //! - AVX2 (`vpmaddwd`): a word holds two codes widened to i16.
 //!
 //! `a` is stored row by row (`[i][q]`, the microkernel broadcasts one word per row), `b` in
@@ -41,6 +43,9 @@ const PASS_BYTES: usize = if cfg!(test) { 1 } else { 256 * 1024 };
 pub enum Kind {
     /// AVX-512 F + BW + VNNI: four 8-bit codes a word, 4 x 48 tiles.
     Vnni,
+    /// AVX-VNNI (`vpdpbusd` on 256 bits, VEX-encoded: Intel's client CPUs from Alder Lake on,
+    /// which have no AVX-512; also Sapphire Rapids): the VNNI words, 6 x 16 tiles.
+    AvxVnni,
     /// AVX2: two 16-bit codes a word, 6 x 16 tiles.
     Avx2,
     /// No SIMD kernel: the AVX2 layout, summed in plain loops (tests, other CPUs).
@@ -56,16 +61,20 @@ impl Kind {
             if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
                 return Kind::Vnni;
             }
-            if has!("avx2") {
-                return Kind::Avx2;
+            if has!("avx2") && has!("fma") {
+                return if has!("avxvnni") {
+                    Kind::AvxVnni
+                } else {
+                    Kind::Avx2
+                };
             }
         }
         Kind::Plain
     }
 
     /// The kernel the products take: the fastest here, or a slower one this CPU also runs
-    /// named by `PETAL_INT8_KERNEL` (`avx2`, `plain`: to measure what a CPU without AVX-512
-    /// gets).
+    /// named by `PETAL_INT8_KERNEL` (`avx-vnni`, `avx2`, `plain`: to measure what a CPU
+    /// without AVX-512 gets).
     pub fn chosen() -> Kind {
         static CHOSEN: std::sync::OnceLock<Kind> = std::sync::OnceLock::new();
         *CHOSEN.get_or_init(|| {
@@ -81,7 +90,11 @@ impl Kind {
     /// Every kind this CPU runs, fastest first (the tests check each).
     pub fn all_here() -> Vec<Kind> {
         let mut v = vec![Kind::best()];
-        if v[0] == Kind::Vnni {
+        #[cfg(target_arch = "x86_64")]
+        if v[0] == Kind::Vnni && std::arch::is_x86_feature_detected!("avxvnni") {
+            v.push(Kind::AvxVnni);
+        }
+        if matches!(v[0], Kind::Vnni | Kind::AvxVnni) {
             v.push(Kind::Avx2);
         }
         if v[0] != Kind::Plain {
@@ -93,14 +106,21 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Vnni => "avx512-vnni",
+            Kind::AvxVnni => "avx-vnni",
             Kind::Avx2 => "avx2",
             Kind::Plain => "plain",
         }
     }
 
+    /// Whether a word holds four 8-bit codes (`vpdpbusd`: a's side stored plus 128, each
+    /// block's excess taken back off), else two 16-bit ones.
+    fn bytes(self) -> bool {
+        matches!(self, Kind::Vnni | Kind::AvxVnni)
+    }
+
     /// Codes per 32-bit word.
     fn group(self) -> usize {
-        if self == Kind::Vnni {
+        if self.bytes() {
             4
         } else {
             2
@@ -129,12 +149,13 @@ impl Kind {
     }
 }
 
-/// Whether `auto` takes the 8-bit products on this CPU: where it has AVX-512 VNNI. The AVX2
+/// Whether `auto` takes the 8-bit products on this CPU: where it has AVX-512 VNNI or AVX-VNNI
+/// (`vpdpbusd`: 16 or 8 lanes of four byte products an instruction). The AVX2
 /// kernel is correct but slower than f32 there (`vpmaddwd` then `vpaddd` is two instructions
 /// for the 16 products one FMA pair does; SmolLM2 over Q4_1 on an AVX2-only AMD EPYC trained
 /// at 110.7 tokens/s in 8-bit codes against 138.4 with f32 tiles, docs/quantized.md).
 pub fn faster_than_f32() -> bool {
-    Kind::best() == Kind::Vnni
+    Kind::best().bytes()
 }
 
 /// The multiplier taking `absmax` to 127, and the scale back (1 for an all-zero vector).
@@ -162,7 +183,7 @@ fn code(x: f32, inv: f32) -> i8 {
 /// Codes of `group` consecutive k values as one word: bytes (VNNI; a's side `+128`, as
 /// `vpdpbusd` reads them unsigned) or i16 pairs, low first.
 fn word(kind: Kind, c: &[i8], excess: bool) -> u32 {
-    if kind == Kind::Vnni {
+    if kind.bytes() {
         let flip = if excess { 0x8080_8080 } else { 0 };
         u32::from_le_bytes([c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8]) ^ flip
     } else {
@@ -304,7 +325,7 @@ fn micro(kind: Kind, t: &Tile, c: &mut [f32], ldc: usize, add: bool) {
     assert!(t.rows == 0 || t.sa.len() >= (t.rows - 1) * t.sas + t.blocks());
     assert!(t.a.len() >= (mr - 1) * t.lda + t.kcq && t.b.len() >= nr * t.kcq);
     assert!(t.rows == 0 || c.len() >= (t.rows - 1) * ldc + t.cols);
-    assert!(if kind == Kind::Vnni {
+    assert!(if kind.bytes() {
         t.excess.len() >= last
     } else {
         t.excess.is_empty()
@@ -314,6 +335,7 @@ fn micro(kind: Kind, t: &Tile, c: &mut [f32], ldc: usize, add: bool) {
         // SAFETY: `kind` is one this CPU runs (Kind::best or all_here); the asserts above
         // bound every load and store of the kernels.
         Kind::Vnni => return unsafe { x86::micro_vnni(t, c, ldc, add) },
+        Kind::AvxVnni => return unsafe { x86::micro_avx_vnni(t, c, ldc, add) },
         Kind::Avx2 => return unsafe { x86::micro_avx2(t, c, ldc, add) },
         Kind::Plain => {}
     }

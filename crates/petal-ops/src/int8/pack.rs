@@ -47,7 +47,7 @@ impl PackedA {
                     words_of(kind, codes, true, w);
                 },
             );
-        if kind == Kind::Vnni {
+        if kind.bytes() {
             words[m * kw..].iter_mut().for_each(|w| *w = 0x8080_8080); // zero codes
         }
         PackedA {
@@ -234,7 +234,7 @@ impl PackedB {
                 },
             );
         }
-        if kind != Kind::Vnni {
+        if !kind.bytes() {
             excess = Vec::new();
         }
         PackedB {
