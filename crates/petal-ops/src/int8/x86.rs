@@ -66,24 +66,41 @@ pub(super) unsafe fn micro_vnni(t: &Tile, c: &mut [f32], ldc: usize, add: bool) 
     }
 }
 
+/// The 6 x 16 tiles of the 256-bit kernels: for each block of `bw` words, `$step(acc, x, b)`
+/// adds a word's products into the block's i32 sums (x: a row's word broadcast, b: 8 columns'
+/// words), which [`block_into_c`] then scales into c. A macro, not a function taking the step:
+/// each kernel's `target_feature` set must cover its step for the step to be inlined.
+macro_rules! tiles_6x16 {
+    ($t:ident, $c:ident, $ldc:ident, $add:ident, $excess:expr, $step:path) => {{
+        let (ap, bp) = ($t.a.as_ptr(), $t.b.as_ptr());
+        for i in 0..$t.blocks() {
+            let mut s = [[_mm256_setzero_si256(); 2]; 6];
+            for p in i * $t.bw..((i + 1) * $t.bw).min($t.kcq) {
+                let q = bp.add(p * 16) as *const __m256i;
+                let b0 = _mm256_loadu_si256(q);
+                let b1 = _mm256_loadu_si256(q.add(1));
+                for (r, acc) in s.iter_mut().enumerate() {
+                    let x = _mm256_set1_epi32(*ap.add(r * $t.lda + p) as i32);
+                    acc[0] = $step(acc[0], x, b0);
+                    acc[1] = $step(acc[1], x, b1);
+                }
+            }
+            block_into_c($t, i, &s, $excess, $c, $ldc, $add || i > 0);
+        }
+    }};
+}
+
+/// `acc + vpmaddwd(x, b)`: two products of 16-bit codes a lane.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn madd_add(acc: __m256i, x: __m256i, b: __m256i) -> __m256i {
+    _mm256_add_epi32(acc, _mm256_madd_epi16(x, b))
+}
+
 /// Blocks of `bw` words: each block's i32 sums (`vpmaddwd`) scaled and added into c.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn micro_avx2(t: &Tile, c: &mut [f32], ldc: usize, add: bool) {
-    let (ap, bp) = (t.a.as_ptr(), t.b.as_ptr());
-    for i in 0..t.blocks() {
-        let mut s = [[_mm256_setzero_si256(); 2]; 6];
-        for p in i * t.bw..((i + 1) * t.bw).min(t.kcq) {
-            let q = bp.add(p * 16) as *const __m256i;
-            let b0 = _mm256_loadu_si256(q);
-            let b1 = _mm256_loadu_si256(q.add(1));
-            for (r, acc) in s.iter_mut().enumerate() {
-                let x = _mm256_set1_epi32(*ap.add(r * t.lda + p) as i32);
-                acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(x, b0));
-                acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(x, b1));
-            }
-        }
-        block_into_c(t, i, &s, false, c, ldc, add || i > 0);
-    }
+    tiles_6x16!(t, c, ldc, add, false, madd_add)
 }
 
 /// The AVX2 kernel's tiles on the VNNI kernel's words: `vpdpbusd` on 256 bits (AVX-VNNI), four
@@ -91,21 +108,7 @@ pub(super) unsafe fn micro_avx2(t: &Tile, c: &mut [f32], ldc: usize, add: bool) 
 /// block's i32 sums less the excess, scaled and added into c.
 #[target_feature(enable = "avx2,fma,avxvnni")]
 pub(super) unsafe fn micro_avx_vnni(t: &Tile, c: &mut [f32], ldc: usize, add: bool) {
-    let (ap, bp) = (t.a.as_ptr(), t.b.as_ptr());
-    for i in 0..t.blocks() {
-        let mut s = [[_mm256_setzero_si256(); 2]; 6];
-        for p in i * t.bw..((i + 1) * t.bw).min(t.kcq) {
-            let q = bp.add(p * 16) as *const __m256i;
-            let b0 = _mm256_loadu_si256(q);
-            let b1 = _mm256_loadu_si256(q.add(1));
-            for (r, acc) in s.iter_mut().enumerate() {
-                let x = _mm256_set1_epi32(*ap.add(r * t.lda + p) as i32);
-                acc[0] = _mm256_dpbusd_avx_epi32(acc[0], x, b0);
-                acc[1] = _mm256_dpbusd_avx_epi32(acc[1], x, b1);
-            }
-        }
-        block_into_c(t, i, &s, true, c, ldc, add || i > 0);
-    }
+    tiles_6x16!(t, c, ldc, add, true, _mm256_dpbusd_avx_epi32)
 }
 
 /// Block `i`'s i32 sums of a 6 x 16 tile (less the block's excess where `excess`) scaled by a's
