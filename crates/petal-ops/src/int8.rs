@@ -53,23 +53,33 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// The fastest this CPU runs.
-    pub fn best() -> Kind {
+    /// Every kind, fastest first.
+    const ALL: [Kind; 4] = [Kind::Vnni, Kind::AvxVnni, Kind::Avx2, Kind::Plain];
+
+    /// Whether this CPU has the kind's instructions.
+    fn runs_here(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
-                return Kind::Vnni;
-            }
-            if has!("avx2") && has!("fma") {
-                return if has!("avxvnni") {
-                    Kind::AvxVnni
-                } else {
-                    Kind::Avx2
-                };
+            match self {
+                Kind::Vnni => has!("avx512f") && has!("avx512bw") && has!("avx512vnni"),
+                Kind::AvxVnni => has!("avx2") && has!("fma") && has!("avxvnni"),
+                Kind::Avx2 => has!("avx2") && has!("fma"),
+                Kind::Plain => true,
             }
         }
-        Kind::Plain
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Kind::Plain
+        }
+    }
+
+    /// The fastest this CPU runs.
+    pub fn best() -> Kind {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.runs_here())
+            .unwrap_or(Kind::Plain)
     }
 
     /// The kernel the products take: the fastest here, or a slower one this CPU also runs
@@ -89,18 +99,7 @@ impl Kind {
 
     /// Every kind this CPU runs, fastest first (the tests check each).
     pub fn all_here() -> Vec<Kind> {
-        let mut v = vec![Kind::best()];
-        #[cfg(target_arch = "x86_64")]
-        if v[0] == Kind::Vnni && std::arch::is_x86_feature_detected!("avxvnni") {
-            v.push(Kind::AvxVnni);
-        }
-        if matches!(v[0], Kind::Vnni | Kind::AvxVnni) {
-            v.push(Kind::Avx2);
-        }
-        if v[0] != Kind::Plain {
-            v.push(Kind::Plain);
-        }
-        v
+        Kind::ALL.into_iter().filter(|k| k.runs_here()).collect()
     }
 
     pub fn name(self) -> &'static str {
