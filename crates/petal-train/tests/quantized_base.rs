@@ -37,11 +37,11 @@ fn logit_gap(a: &Llama, b: &Llama) -> f32 {
     petal_ops::testing::max_rel(&a, &b)
 }
 
-#[test]
-fn lora_over_quantized_weights_follows_lora_over_them_dequantized() {
+/// The tiny golden Llama with its linears quantized (GGML types and grouped int4: every
+/// quantizer runs through the same ops; NF4's blocks of 64 are longer than these rows: a later
+/// test trains over it), and the same weights dequantized, by HF name.
+fn quantized_tiny_llama() -> (LlamaConfig, Weights, HashMap<String, Tensor>) {
     let (cfg, dense) = tiny_llama_tensors();
-    // GGML types and grouped int4: every quantizer runs through the same ops (NF4's blocks of
-    // 64 are longer than these rows: the next test trains over it)
     let types: [&dyn quant::Quantizer; 4] = [
         quant::ggml(GgmlDType::Q8_0).unwrap(),
         quant::ggml(GgmlDType::Q4_1).unwrap(),
@@ -70,12 +70,22 @@ fn lora_over_quantized_weights_follows_lora_over_them_dequantized() {
         dense: kept,
         blocks,
     };
-    // the reference kernels: f32 products on both sides, equal to f32 rounding
-    let reference = |quantized| Precision {
+    (cfg, quantized, same)
+}
+
+/// f32 products on both sides (the reference kernels), quantized base or not.
+fn reference(quantized: bool) -> Precision {
+    Precision {
         quantized,
         kernels: petal_ops::Kernels::REFERENCE,
         ..DType::F32.into()
-    };
+    }
+}
+
+#[test]
+fn lora_over_quantized_weights_follows_lora_over_them_dequantized() {
+    let (cfg, quantized, same) = quantized_tiny_llama();
+    // the reference kernels: f32 products on both sides, equal to f32 rounding
     let q = Llama::load(cfg.clone(), &quantized, reference(true), &Device::Cpu).unwrap();
     let f = Llama::load(
         cfg.clone(),
@@ -107,6 +117,34 @@ fn lora_over_quantized_weights_follows_lora_over_them_dequantized() {
     }
 }
 
+/// DoRA over the quantized base (QDoRA: its norms from the blocks, never a dense W) trains as
+/// DoRA over the same weights dequantized, through the fused node (no dropout) and the composed
+/// form whose base term is recomputed from the dropped input.
+#[test]
+fn dora_over_quantized_weights_follows_dora_over_them_dequantized() {
+    let (cfg, quantized, same) = quantized_tiny_llama();
+    let dir = tempfile::tempdir().unwrap();
+    for dropout in [0.0, 0.1] {
+        let q = Llama::load(cfg.clone(), &quantized, reference(true), &Device::Cpu).unwrap();
+        let f = Llama::load(
+            cfg.clone(),
+            &Weights::Map(same.clone()),
+            reference(false),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let lq = common::losses_with(q, dropout, true, dir.path().join(format!("q{dropout}")));
+        let lf = common::losses_with(f, dropout, true, dir.path().join(format!("f{dropout}")));
+        assert!(lq[5] < lq[0], "the run must learn: {lq:?}");
+        for (a, b) in lq.iter().zip(&lf) {
+            assert!(
+                (a - b).abs() < 1e-4 * b.abs(),
+                "dropout {dropout}: {lq:?} vs {lf:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn methods_that_need_w_are_refused_over_a_quantized_base_naming_why() {
     let (cfg, dense) = tiny_llama_tensors();
@@ -129,13 +167,13 @@ fn methods_that_need_w_are_refused_over_a_quantized_base_naming_why() {
     };
     let mut m = Llama::load(cfg, &w, precision, &Device::Cpu).unwrap();
     use petal_core::config::Targets;
-    let mut dora = petal_core::AdapterConfig::lora(4, 8.0, Targets::Regex("all-linear".into()));
-    dora.set("use_dora", true).unwrap();
-    let e = petal_core::inject_adapter(&mut m, "d", &dora, 1)
+    let mut pissa = petal_core::AdapterConfig::lora(4, 8.0, Targets::Regex("all-linear".into()));
+    pissa.set("init_lora_weights", "pissa").unwrap();
+    let e = petal_core::inject_adapter(&mut m, "p", &pissa, 1)
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("q_proj") && e.contains("q8_0") && e.contains("DoRA"),
+        e.contains("q_proj") && e.contains("q8_0") && e.contains("factors W"),
         "{e}"
     );
     let oft = petal_core::AdapterConfig::from_json(

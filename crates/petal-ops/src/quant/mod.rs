@@ -27,7 +27,9 @@ mod tiles;
 
 pub use product::arithmetic;
 pub(crate) use product::{forward_rows, input_grad_tensor, mode, Mode};
-pub use product::{quant_input_grad, quant_linear, quant_linear_reference, quant_lora_linear};
+pub use product::{
+    quant_input_grad, quant_linear, quant_linear_exact, quant_linear_reference, quant_lora_linear,
+};
 pub(crate) use tiles::{forward_into, input_grad_into};
 
 pub use candle_core::quantized::GgmlDType;

@@ -244,6 +244,12 @@ pub fn quant_linear(
     quant_linear_with(k, x, w, fmt, b, x.track_op())
 }
 
+/// `x W^T` in f32 products for any number of rows (no 8-bit few-row path, no bf16 or 8-bit
+/// tiles): where a few rows must be exact, such as DoRA's `W A^T` for its norms.
+pub fn quant_linear_exact(x: &Tensor, w: &Tensor, fmt: QFormat) -> Result<Tensor> {
+    quant_linear_with(Kernels::REFERENCE, x, w, fmt, None, true)
+}
+
 /// `quant_linear`, exact (f32 x) for any number of rows when `exact`.
 fn quant_linear_with(
     k: Kernels,

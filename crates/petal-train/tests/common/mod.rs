@@ -33,9 +33,15 @@ pub fn tiny_llama() -> PathBuf {
 }
 
 /// The run on a model already loaded.
-pub fn lora_losses(mut m: petal_models::Llama, dropout: f64, out: PathBuf) -> Vec<f64> {
+pub fn lora_losses(m: petal_models::Llama, dropout: f64, out: PathBuf) -> Vec<f64> {
+    losses_with(m, dropout, false, out)
+}
+
+/// `lora_losses`, with DoRA when `dora`.
+pub fn losses_with(mut m: petal_models::Llama, dropout: f64, dora: bool, out: PathBuf) -> Vec<f64> {
     let mut cfg = AdapterConfig::lora(4, 8.0, Targets::Regex("all-linear".into()));
     cfg.set("lora_dropout", dropout).unwrap();
+    cfg.set("use_dora", dora).unwrap();
     inject_adapter(&mut m, "default", &cfg, 3).unwrap();
     let data: Vec<Example> = (0..12u32)
         .map(|i| {

@@ -41,9 +41,6 @@ pub struct LoraLayer {
 impl AdapterMethod for Lora {
     fn needs_dense_base(&self, cfg: &AdapterConfig) -> Option<&'static str> {
         let o: LoraOptions = cfg.options().ok()?;
-        if o.dora {
-            return Some("DoRA's magnitude divides by the column norms of W + BA");
-        }
         match &o.core.init {
             InitWeights::Named(n) if n == "pissa" || n == "olora" || pissa_niter(n).is_some() => {
                 Some("its initialisation factors W and moves the factors out of it")
@@ -54,8 +51,13 @@ impl AdapterMethod for Lora {
 
     fn layer_values(&self, cfg: &AdapterConfig, path: &str, dims: &ModuleDims) -> Result<u64> {
         let o: LoraOptions = cfg.options()?;
-        // A and B, a trained bias, and DoRA's magnitude with its f32 copy of the base
-        let dora = if o.dora { dims.full() } else { 0 };
+        // A and B, a trained bias, and DoRA's magnitude and squared row norms with its f32
+        // copy of the base (none over a quantized base, read in its blocks)
+        let dora = match (o.dora, dims.quantized) {
+            (false, _) => 0,
+            (true, false) => dims.full() + dims.out as u64,
+            (true, true) => 2 * dims.out as u64,
+        };
         let bias = if o.core.bias == "none" { 0 } else { dims.out };
         Ok(dims
             .low_rank(o.rank_for(path))
@@ -174,7 +176,7 @@ impl AdapterMethod for Lora {
                 Some(o) => (base.weight.to_dtype(DType::F32)? - o)?,
                 None => base.weight.clone(),
             };
-            Some(Dora::new(&w, base.bias, &(b.matmul(&a)? * scaling)?)?)
+            Some(Dora::new((&w, base.quant), base.bias, (&a, &b, scaling))?)
         } else {
             None
         };
@@ -275,6 +277,11 @@ impl LoraLayer {
         dropout_low_rank(&x2, self.a.as_tensor(), self.dropout, ctx)
     }
 
+    /// A, B and s, as DoRA takes them.
+    fn parts(&self) -> (&Tensor, &Tensor, f64) {
+        (self.a.as_tensor(), self.b.as_tensor(), self.scaling)
+    }
+
     /// s B A (out, in).
     fn delta(&self) -> Result<Tensor> {
         Ok((self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling)?)
@@ -290,7 +297,8 @@ impl AdapterLayer for LoraLayer {
                 .matmul(&self.b.as_tensor().t()?)?;
             let out = lora.dim(1)?;
             let y2 = y.to_dtype(DType::F32)?.reshape((lora.dim(0)?, out))?;
-            let mut z = dora.forward(&y2, &xd, &lora, self.scaling, &self.delta()?, dropped)?;
+            let k = ctx.kernels();
+            let mut z = dora.forward(k, (&y2, &xd, &lora), self.parts(), dropped)?;
             if let Some((trained, frozen)) = &self.bias {
                 // PEFT trains the base bias in place, outside the magnitude's scaling
                 z = z.broadcast_add(&(trained.as_tensor() - frozen)?)?;
@@ -337,7 +345,7 @@ impl AdapterLayer for LoraLayer {
             }
             if let (Some(d), false) = (&self.dora, fast) {
                 let lin = petal_ops::lora(ctx.kernels(), x, w, b, la, lb, self.scaling)?;
-                return d.fused_forward(ctx.kernels(), &lin, &self.delta()?);
+                return d.fused_forward(ctx.kernels(), &lin, self.parts());
             }
             let h = self.low(x, ctx)?;
             let lin = petal_ops::lora_linear(
@@ -350,7 +358,7 @@ impl AdapterLayer for LoraLayer {
                 self.scaling,
             )?;
             match &self.dora {
-                Some(d) => d.fused_forward(ctx.kernels(), &lin, &self.delta()?),
+                Some(d) => d.fused_forward(ctx.kernels(), &lin, self.parts()),
                 None => Ok(lin),
             }
         };
@@ -365,16 +373,22 @@ impl AdapterLayer for LoraLayer {
         b: Option<&Tensor>,
         ctx: &crate::Ctx,
     ) -> Option<Result<Tensor>> {
-        if self.bias.is_some() || self.dora.is_some() {
+        let dropping = ctx.is_train() && self.dropout > 0.0;
+        if self.bias.is_some() || (self.dora.is_some() && dropping) {
             return None;
         }
         let run = || -> Result<Tensor> {
             let (lb, s) = (self.b.as_tensor(), self.scaling);
             let k = ctx.kernels();
-            if !(ctx.is_train() && self.dropout > 0.0) {
-                // one op keeping x, A and B only (the update written into the base's buffer)
+            if !dropping {
+                // one op keeping x, A and B only (the update written into the base's buffer);
+                // DoRA (QDoRA) then scales its output
                 let la = self.a.as_tensor();
-                return Ok(petal_ops::quant_lora(k, x, w, fmt, b, la, lb, s)?);
+                let lin = petal_ops::quant_lora(k, x, w, fmt, b, la, lb, s)?;
+                return match &self.dora {
+                    Some(d) => d.fused_forward(k, &lin, self.parts()),
+                    None => Ok(lin),
+                };
             }
             let h = self.low(x, ctx)?;
             Ok(petal_ops::quant::quant_lora_linear(

@@ -245,6 +245,94 @@ mod dora_fused_tests {
     }
 }
 
+/// QDoRA: DoRA over a quantized base's blocks equals DoRA over the same weights dequantized,
+/// in value and every gradient, with a magnitude away from the norms (so the base term's
+/// scaling, recomputed from the dropped input under dropout, counts), through the fused node
+/// (no dropout) and the composed form (dropout).
+mod qdora_tests {
+    use super::*;
+    use crate::testing::{max_rel, rand_tensor};
+    use petal_ops::quant::{self, GgmlDType};
+    use petal_ops::Kernels;
+
+    #[test]
+    fn dora_over_quantized_blocks_equals_dora_over_them_dequantized() {
+        let w = rand_tensor(&[6, 32], 1);
+        let (q, fmt) = quant::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let deq = quant::dequantize(&q, fmt).unwrap();
+        let bias = rand_tensor(&[6], 2);
+        for dropout in [0.0, 0.3] {
+            let mut c = conformance_config();
+            c.set("use_dora", true).unwrap();
+            c.set("lora_dropout", dropout).unwrap();
+            c.set("init_lora_weights", InitWeights::Flag(false))
+                .unwrap();
+            let x = Var::from_tensor(&rand_tensor(&[3, 4, 32], 3)).unwrap();
+            let run = |quantized: bool| {
+                let (weight, fmt) = if quantized {
+                    (&q, Some(fmt))
+                } else {
+                    (&deq, None)
+                };
+                let base = BaseLinear {
+                    weight,
+                    bias: Some(&bias),
+                    in_features: 32,
+                    out_features: 6,
+                    shared: &Default::default(),
+                    embedding: false,
+                    quant: fmt,
+                };
+                let layer = Lora.build(&c, "fc", &base, 7).unwrap();
+                let m = &layer.tensors()[2].var;
+                m.set(&(m.as_tensor() * 1.3).unwrap()).unwrap();
+                let k = Kernels::REFERENCE; // f32 products on both sides
+                let ctx = crate::Ctx::train(5).with_kernels(k);
+                let xt = x.as_tensor();
+                let out = match (fmt, dropout > 0.0) {
+                    (Some(f), true) => {
+                        let y = quant::quant_linear(k, xt, &q, f, Some(&bias)).unwrap();
+                        layer.forward(xt, y, &ctx)
+                    }
+                    (None, true) => {
+                        let y = petal_ops::frozen_linear(k, xt, &deq, Some(&bias)).unwrap();
+                        layer.forward(xt, y, &ctx)
+                    }
+                    (Some(f), false) => layer
+                        .fused_forward_quant(xt, &q, f, Some(&bias), &ctx)
+                        .unwrap(),
+                    (None, false) => layer.fused_forward(xt, &deq, Some(&bias), &ctx).unwrap(),
+                }
+                .unwrap();
+                let proj = rand_tensor(out.dims(), 9);
+                let g = (&out * &proj)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let mut grads: Vec<Tensor> = layer
+                    .tensors()
+                    .iter()
+                    .map(|t| g.get(t.var.as_tensor()).unwrap().clone())
+                    .collect();
+                grads.push(g.get(x.as_tensor()).unwrap().clone());
+                (out, grads)
+            };
+            let ((oq, gq), (of, gf)) = (run(true), run(false));
+            assert!(
+                max_rel(&oq, &of) < 1e-5,
+                "dropout {dropout}: {}",
+                max_rel(&oq, &of)
+            );
+            assert_eq!(gq.len(), 4); // A, B, m and x
+            for (a, e) in gq.iter().zip(&gf) {
+                assert!(max_rel(a, e) < 1e-4, "dropout {dropout}: {}", max_rel(a, e));
+            }
+        }
+    }
+}
+
 mod bias_tests {
     use super::*;
     use crate::testing::{adapted, max_rel, rand_tensor, Toy};
