@@ -71,8 +71,6 @@ pub struct ModuleDims {
     pub inp: usize,
     pub max_in: usize,
     pub max_out: usize,
-    /// Whether the base weight is kept quantized (`--dtype quantized`).
-    pub quantized: bool,
 }
 
 impl ModuleDims {

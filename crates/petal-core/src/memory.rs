@@ -111,19 +111,17 @@ pub fn estimate(model: &dyn Adaptable, cfg: &AdapterConfig) -> Result<Estimate> 
     }
     let linears = targeted_linears(model, cfg);
     let (max_in, max_out) = extent(&linears);
-    let dims = |out, inp, quantized| ModuleDims {
+    let dims = |out, inp| ModuleDims {
         out,
         inp,
         max_in,
         max_out,
-        quantized,
     };
     if !linears.is_empty() {
-        values = values.saturating_add(method.shared_values(cfg, &dims(max_out, max_in, false))?);
+        values = values.saturating_add(method.shared_values(cfg, &dims(max_out, max_in))?);
     }
     for l in &linears {
-        let d = dims(l.out_features(), l.in_features(), l.quant().is_some());
-        let v = method.layer_values(cfg, l.path(), &d)?;
+        let v = method.layer_values(cfg, l.path(), &dims(l.out_features(), l.in_features()))?;
         values = values.saturating_add(v);
     }
     // a scale and shift per norm that feeds linears (SSF with `norms`)

@@ -22,11 +22,12 @@ use std::sync::Mutex;
 
 pub const MAGNITUDE: &str = "lora_magnitude_vector";
 
-/// The frozen W DoRA reads: dense (f32), or a quantized base's blocks (QDoRA), read through
-/// the quantized product and never dequantized whole.
+/// The frozen W DoRA reads, never copied: dense (f32 or bf16, the model's own tensor), or a
+/// quantized base's blocks (QDoRA), read through the quantized product and never dequantized
+/// whole.
 #[derive(Debug)]
 enum Base {
-    Dense(Tensor),          // (out, in) f32
+    Dense(Tensor),          // (out, in)
     Quant(Tensor, QFormat), // (out, row bytes)
 }
 
@@ -74,10 +75,10 @@ impl Dora {
         let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
         let (base, base_sq, m) = match quant {
             None => {
-                let base = w.to_dtype(DType::F32)?;
-                // as PEFT: the norms of the sum, bitwise
-                let m = row_norms(&(&base + (b.matmul(a)? * s)?)?)?;
-                (Base::Dense(base.clone()), base.sqr()?.sum(1)?, Some(m))
+                let w32 = w.to_dtype(DType::F32)?; // a bf16 W's f32 copy lives for this call only
+                                                   // as PEFT: the norms of the sum, bitwise
+                let m = row_norms(&(&w32 + (b.matmul(a)? * s)?)?)?;
+                (Base::Dense(w.clone()), w32.sqr()?.sum(1)?, Some(m))
             }
             Some(fmt) => (Base::Quant(w.clone(), fmt), quant_row_sq(w, fmt)?, None),
         };
@@ -90,16 +91,20 @@ impl Dora {
         };
         let m = match m {
             Some(m) => m,
-            None => d.norms(a, b, s)?,
+            None => d.norms(Kernels::REFERENCE, a, b, s)?,
         };
         d.m = Var::from_tensor(&m)?;
         Ok(d)
     }
 
-    /// W A^T (out, r) for a detached `a` (r, in): f32 products throughout.
-    fn base_times(&self, a: &Tensor) -> Result<Tensor> {
+    /// W A^T (out, r) f32 for a detached `a` (r, in): f32 products over an f32 or quantized W,
+    /// bf16 ones (f32 sums) over a bf16 W.
+    fn base_times(&self, k: Kernels, a: &Tensor) -> Result<Tensor> {
         Ok(match &self.base {
-            Base::Dense(w) => w.matmul(&a.t()?)?,
+            Base::Dense(w) => petal_ops::frozen_linear(k, a, w, None)?
+                .to_dtype(DType::F32)?
+                .t()?
+                .contiguous()?,
             Base::Quant(w, fmt) => petal_ops::quant::quant_linear_exact(a, w, *fmt)?
                 .t()?
                 .contiguous()?,
@@ -108,7 +113,7 @@ impl Dora {
 
     /// `||W + s B A||` per row (out,), detached, from `a` (r, in) and `b` (out, r) without the
     /// out x in sum (see the module); the last norms again while A, B and s are unchanged.
-    fn norms(&self, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
+    fn norms(&self, k: Kernels, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
         let (a, b) = (a.detach(), b.detach());
         let key = match a.device().is_cpu() {
             true => {
@@ -127,7 +132,7 @@ impl Dora {
                 return Ok(norms.clone());
             }
         }
-        let cross = (&b * self.base_times(&a)?)?.sum(1)?; // B_i . (W A^T)_i
+        let cross = (&b * self.base_times(k, &a)?)?.sum(1)?; // B_i . (W A^T)_i
         let quad = (b.matmul(&a.matmul(&a.t()?)?)? * &b)?.sum(1)?; // B_i (A A^T) B_i^T
         let sq = ((&self.base_sq + (cross * (2.0 * s))?)? + (quad * (s * s))?)?;
         let norms = sq.relu()?.sqrt()?;
@@ -148,7 +153,7 @@ impl Dora {
         lin: &Tensor,
         (a, b, s): (&Tensor, &Tensor, f64),
     ) -> Result<Tensor> {
-        let f = self.factor(a, b, s)?;
+        let f = self.factor(k, a, b, s)?;
         let Some(b) = &self.bias else {
             return Ok(petal_ops::scale_last(k, lin, &f)?); // in lin's dtype, f32 inside
         };
@@ -160,8 +165,8 @@ impl Dora {
     }
 
     /// f = m / ||W + s B A|| (out,), the norm detached.
-    fn factor(&self, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
-        Ok(self.m.as_tensor().div(&self.norms(a, b, s)?)?)
+    fn factor(&self, k: Kernels, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
+        Ok(self.m.as_tensor().div(&self.norms(k, a, b, s)?)?)
     }
 
     /// The DoRA output from the base output `y` (n, out), the (dropped) input `xd` (n, in),
@@ -173,9 +178,9 @@ impl Dora {
         (a, b, s): (&Tensor, &Tensor, f64),
         dropped: bool,
     ) -> Result<Tensor> {
-        let f = self.factor(a, b, s)?.unsqueeze(0)?; // (1, out)
+        let f = self.factor(k, a, b, s)?.unsqueeze(0)?; // (1, out)
         let base = match (dropped, &self.base) {
-            (true, Base::Dense(w)) => xd.matmul(&w.t()?)?,
+            (true, Base::Dense(w)) => petal_ops::frozen_linear(k, xd, w, None)?,
             (true, Base::Quant(w, fmt)) => petal_ops::quant::quant_linear(k, xd, w, *fmt, None)?,
             (false, _) => match &self.bias {
                 Some(b) => y.broadcast_sub(b)?,
@@ -195,6 +200,7 @@ impl Dora {
                     .into(),
             ));
         };
+        let w = &w.to_dtype(DType::F32)?;
         let norm = row_norms(&(w + delta.detach())?)?;
         let f = self.m.as_tensor().div(&norm)?.unsqueeze(1)?; // (out, 1)
         Ok(((f.broadcast_mul(w)? - w)? + f.broadcast_mul(delta)?)?)
@@ -221,7 +227,7 @@ mod tests {
             let delta = (b.matmul(&a)? * s)?;
             let d = Dora::new((&w, None), None, (&a, &b, s))?;
             let want = row_norms(&(&w + &delta)?)?.to_vec1::<f32>()?;
-            let got = d.norms(&a, &b, s)?.to_vec1::<f32>()?;
+            let got = d.norms(Kernels::REFERENCE, &a, &b, s)?.to_vec1::<f32>()?;
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() <= 1e-5 * w.max(1.0), "{g} vs {w}");
             }
@@ -247,7 +253,7 @@ mod tests {
             let m = d.m.as_tensor().to_vec1::<f32>()?;
             let b2 = (&b * -0.5)?; // another B: the norms follow it, not the cached ones
             let want2 = row_norms(&(&deq + (b2.matmul(&a)? * s)?)?)?.to_vec1::<f32>()?;
-            let got2 = d.norms(&a, &b2, s)?.to_vec1::<f32>()?;
+            let got2 = d.norms(Kernels::REFERENCE, &a, &b2, s)?.to_vec1::<f32>()?;
             for (got, want) in [(&m, &want), (&got2, &want2)] {
                 for (g, w) in got.iter().zip(want.iter()) {
                     assert!((g - w).abs() <= 1e-5 * w.max(1.0), "{t:?}: {g} vs {w}");

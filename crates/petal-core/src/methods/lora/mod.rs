@@ -51,12 +51,14 @@ impl AdapterMethod for Lora {
 
     fn layer_values(&self, cfg: &AdapterConfig, path: &str, dims: &ModuleDims) -> Result<u64> {
         let o: LoraOptions = cfg.options()?;
-        // A and B, a trained bias, and DoRA's magnitude and squared row norms with its f32
-        // copy of the base (none over a quantized base, read in its blocks)
-        let dora = match (o.dora, dims.quantized) {
+        // A and B, a trained bias, and DoRA's magnitude and squared row norms (it reads the
+        // model's own W), with the residual base PiSSA / OLoRA leave it
+        let structured = matches!(&o.core.init,
+            InitWeights::Named(n) if n == "pissa" || n == "olora" || pissa_niter(n).is_some());
+        let dora = match (o.dora, structured) {
             (false, _) => 0,
-            (true, false) => dims.full() + dims.out as u64,
-            (true, true) => 2 * dims.out as u64,
+            (true, false) => 2 * dims.out as u64,
+            (true, true) => dims.full() + dims.out as u64,
         };
         let bias = if o.core.bias == "none" { 0 } else { dims.out };
         Ok(dims
