@@ -3,8 +3,12 @@
 //! PEFT implement it (PEFT `tuners/loha/layer.py`, linear layers).
 //!
 //! `dW = s * (W1a W1b) ⊙ (W2a W2b)`, `s = alpha / r`, W1a, W2a (out, r), W1b, W2b (r, in):
-//! rank up to r^2 from 2r(in + out) parameters. Forward: `y + x dW^T` (dW is materialised, as
-//! in PEFT). Init (`init_weights = true`): all kaiming-uniform (a = sqrt(5)) except W2b = 0,
+//! rank up to r^2 from 2r(in + out) parameters. Forward: `y + x dW^T`. PEFT materialises dW
+//! (out x in) every forward; petal does so only where that is cheaper: dW is the rank-r^2
+//! product `s B12 A12`, `A12 (r^2, in)` with rows `W1b_i ⊙ W2b_j`, `B12 (out, r^2)` with
+//! columns `W1a_i ⊙ W2a_j`, and where `r^2 (in + out) < in out` (r 8 on 576 x 576: 74k against
+//! 332k values) the forward runs `s (x A12^T) B12^T` as LoRA of rank r^2 (its fused op), so
+//! neither dW nor its gradient is ever formed. Init (`init_weights = true`): all kaiming-uniform (a = sqrt(5)) except W2b = 0,
 //! so dW = 0; `false`: all four random. Saved as `hada_w1_a`, `hada_w1_b`, `hada_w2_a`,
 //! `hada_w2_b` (no `.weight` suffix: they are parameters, not modules), `alpha` in the config.
 
@@ -64,12 +68,14 @@ impl AdapterMethod for Loha {
 
     fn layer_values(&self, cfg: &AdapterConfig, path: &str, dims: &ModuleDims) -> Result<u64> {
         let o: LohaOptions = cfg.options()?;
-        // two Hadamard-multiplied low-rank pairs, and the dense dW a step builds
+        // two Hadamard-multiplied low-rank pairs, and what a step builds of them: the rank-r^2
+        // factors, or the dense dW
         let r = rank_for(o.r, &o.rank_pattern, path);
-        Ok(dims
-            .low_rank(r)
-            .saturating_mul(2)
-            .saturating_add(dims.full()))
+        let built = match factored(r, dims.inp, dims.out) {
+            true => dims.low_rank(r.saturating_mul(r)),
+            false => dims.full(),
+        };
+        Ok(dims.low_rank(r).saturating_mul(2).saturating_add(built))
     }
     fn peft_type(&self) -> &'static str {
         "LOHA"
@@ -127,7 +133,39 @@ impl AdapterMethod for Loha {
     }
 }
 
+/// Whether `x dW^T` runs through dW's rank-r^2 factors: when they hold fewer values than dW.
+fn factored(r: usize, inp: usize, out: usize) -> bool {
+    (r as u128).pow(2) * (inp as u128 + out as u128) < inp as u128 * out as u128
+}
+
 impl LohaLayer {
+    fn is_factored(&self) -> Result<bool> {
+        let (out, r) = self.w1a.dims2()?;
+        Ok(factored(r, self.w1b.dim(1)?, out))
+    }
+
+    /// dW's rank-r^2 factors without s (see the module): A12 (r^2, in), B12 (out, r^2), as
+    /// broadcast products (their gradients reach the four factors through candle's graph).
+    fn factors(&self) -> Result<(Tensor, Tensor)> {
+        let (out, r) = self.w1a.dims2()?;
+        let inp = self.w1b.dim(1)?;
+        let (w1a, w1b) = (self.w1a.as_tensor(), self.w1b.as_tensor());
+        let (w2a, w2b) = (self.w2a.as_tensor(), self.w2b.as_tensor());
+        let a = w1b.unsqueeze(1)?.broadcast_mul(&w2b.unsqueeze(0)?)?; // (r, r, in)
+        let b = w1a.unsqueeze(2)?.broadcast_mul(&w2a.unsqueeze(1)?)?; // (out, r, r)
+        Ok((a.reshape((r * r, inp))?, b.reshape((out, r * r))?))
+    }
+
+    /// This call's factors after LyCORIS dropout (`None`: module dropout skips the adapter;
+    /// rank dropout drops rows of B12, which are dW's rows), drawn as the dense form draws.
+    fn dropped_factors(&self, ctx: &crate::Ctx) -> Result<Option<(Tensor, Tensor)>> {
+        if self.drop.skip(ctx) {
+            return Ok(None);
+        }
+        let (a, b) = self.factors()?;
+        Ok(Some((a, self.drop.rows(b, ctx)?)))
+    }
+
     /// dW (out, in) in f32, as one graph node that keeps the four factors only: its backward
     /// forms W1a W1b and W2a W2b again, as PEFT's `HadaWeight` does (composed from candle ops,
     /// the two products and their Hadamard product stayed alive from a step's forward to its
@@ -173,6 +211,14 @@ fn halves(a: &Tensor, b: &Tensor, r: usize) -> candle_core::Result<[Tensor; 4]> 
 
 impl AdapterLayer for LohaLayer {
     fn forward(&self, x: &Tensor, y: Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
+        if self.is_factored()? {
+            let Some((a, b)) = self.dropped_factors(ctx)? else {
+                return Ok(y);
+            };
+            let h = (petal_ops::low_rank(ctx.kernels(), x, &a)? * self.scaling)?; // (n, r^2)
+            let d = h.matmul(&b.t()?)?.reshape(y.shape())?.to_dtype(y.dtype())?;
+            return Ok((y + d)?);
+        }
         match self.drop.apply(ctx, || self.delta())? {
             Some(d) => add_dense_delta(x, y, &d),
             None => Ok(y),
@@ -186,9 +232,43 @@ impl AdapterLayer for LohaLayer {
         b: Option<&Tensor>,
         ctx: &crate::Ctx,
     ) -> Option<Result<Tensor>> {
-        dense_linear(ctx.kernels(), x, w, b, || {
-            self.drop.apply(ctx, || self.delta())
-        })
+        let k = ctx.kernels();
+        match self.is_factored() {
+            Ok(true) => Some((|| match self.dropped_factors(ctx)? {
+                Some((la, lb)) => Ok(petal_ops::lora(k, x, w, b, &la, &lb, self.scaling)?),
+                None => Ok(petal_ops::frozen_linear(k, x, w, b)?),
+            })()),
+            Ok(false) => dense_linear(k, x, w, b, || self.drop.apply(ctx, || self.delta())),
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    fn fused_forward_quant(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        fmt: petal_ops::quant::QFormat,
+        b: Option<&Tensor>,
+        ctx: &crate::Ctx,
+    ) -> Option<Result<Tensor>> {
+        let k = ctx.kernels();
+        match self.is_factored() {
+            Ok(true) => Some((|| match self.dropped_factors(ctx)? {
+                Some((la, lb)) => Ok(petal_ops::quant_lora(
+                    k,
+                    x,
+                    w,
+                    fmt,
+                    b,
+                    &la,
+                    &lb,
+                    self.scaling,
+                )?),
+                None => Ok(petal_ops::quant::quant_linear(k, x, w, fmt, b)?),
+            })()),
+            Ok(false) => None,
+            Err(e) => Some(Err(e)),
+        }
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {
@@ -254,6 +334,84 @@ mod tests {
         for (i, v) in t.iter().enumerate() {
             let (l, c) = (gl.get(v).unwrap(), gc.get(v).unwrap());
             assert!(max_rel(l, c) < 1e-5, "factor {i}: {}", max_rel(l, c));
+        }
+    }
+
+    /// Where dW's rank-r^2 factors are smaller than dW, the forward (composed and fused) runs
+    /// through them: equal to adding the dense dW, with the same rank dropout, in value and
+    /// every gradient (the four factors and x).
+    #[test]
+    fn the_rank_r2_factors_give_the_dense_update_in_value_and_every_gradient() {
+        let (out, inp, r) = (40, 64, 3);
+        assert!(factored(r, inp, out) && !factored(8, 12, 12));
+        let vars: Vec<Var> = [(out, r), (r, inp), (out, r), (r, inp)]
+            .iter()
+            .enumerate()
+            .map(|(i, &(a, b))| Var::from_tensor(&rand(&[a, b], i as u64 + 1)).unwrap())
+            .collect();
+        let layer = LohaLayer {
+            w1a: vars[0].clone(),
+            w1b: vars[1].clone(),
+            w2a: vars[2].clone(),
+            w2b: vars[3].clone(),
+            scaling: 1.5,
+            drop: LycorisDropout {
+                rank: 0.3,
+                module: 0.0,
+                scale: true,
+            },
+        };
+        let x = Var::from_tensor(&rand(&[2, 5, inp], 5)).unwrap();
+        let (w, bias) = (rand(&[out, inp], 6), rand(&[out], 7));
+        let k = petal_ops::Kernels::REFERENCE;
+        let base = || petal_ops::frozen_linear(k, x.as_tensor(), &w, Some(&bias)).unwrap();
+        let ctx = || crate::Ctx::train(11).with_kernels(k);
+        let c = ctx();
+        let dense = match layer.drop.apply(&c, || layer.delta()).unwrap() {
+            Some(d) => add_dense_delta(x.as_tensor(), base(), &d).unwrap(),
+            None => unreachable!("no module dropout"),
+        };
+        let composed = layer.forward(x.as_tensor(), base(), &ctx()).unwrap();
+        let fused = layer
+            .fused_forward(x.as_tensor(), &w, Some(&bias), &ctx())
+            .unwrap()
+            .unwrap();
+        let proj = rand(dense.dims(), 9);
+        let gd = projected_grads(&dense, &proj);
+        // over the same W kept quantized: quant_lora with the factors
+        let (q, fmt) = petal_ops::quant::quantize(&w, petal_ops::quant::GgmlDType::Q8_0).unwrap();
+        let deq = petal_ops::quant::dequantize(&q, fmt).unwrap();
+        let over_q = layer
+            .fused_forward_quant(x.as_tensor(), &q, fmt, Some(&bias), &ctx())
+            .unwrap()
+            .unwrap();
+        let over_deq = layer
+            .fused_forward(x.as_tensor(), &deq, Some(&bias), &ctx())
+            .unwrap()
+            .unwrap();
+        assert!(
+            max_rel(&over_q, &over_deq) < 1e-5,
+            "{}",
+            max_rel(&over_q, &over_deq)
+        );
+        for (form, y) in [("composed", composed), ("fused", fused)] {
+            assert!(
+                max_rel(&y, &dense) < 1e-5,
+                "{form}: {}",
+                max_rel(&y, &dense)
+            );
+            let g = projected_grads(&y, &proj);
+            for (i, v) in vars.iter().chain([&x]).enumerate() {
+                let (a, e) = (
+                    g.get(v.as_tensor()).unwrap(),
+                    gd.get(v.as_tensor()).unwrap(),
+                );
+                assert!(
+                    max_rel(a, e) < 1e-4,
+                    "{form}, tensor {i}: {}",
+                    max_rel(a, e)
+                );
+            }
         }
     }
 }
