@@ -82,18 +82,19 @@ fn reference(quantized: bool) -> Precision {
     }
 }
 
+/// The model over the quantized weights and over the same weights dequantized, both with the
+/// reference kernels (f32 products on both sides, equal to f32 rounding).
+fn both(cfg: &LlamaConfig, quantized: &Weights, same: &HashMap<String, Tensor>) -> (Llama, Llama) {
+    let q = Llama::load(cfg.clone(), quantized, reference(true), &Device::Cpu).unwrap();
+    let same = Weights::Map(same.clone());
+    let f = Llama::load(cfg.clone(), &same, reference(false), &Device::Cpu).unwrap();
+    (q, f)
+}
+
 #[test]
 fn lora_over_quantized_weights_follows_lora_over_them_dequantized() {
     let (cfg, quantized, same) = quantized_tiny_llama();
-    // the reference kernels: f32 products on both sides, equal to f32 rounding
-    let q = Llama::load(cfg.clone(), &quantized, reference(true), &Device::Cpu).unwrap();
-    let f = Llama::load(
-        cfg.clone(),
-        &Weights::Map(same.clone()),
-        reference(false),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (q, f) = both(&cfg, &quantized, &same);
     // the same logits before training
     let d = logit_gap(&q, &f);
     assert!(d < 1e-5, "logits differ by {d} of the largest");
@@ -125,14 +126,7 @@ fn dora_over_quantized_weights_follows_dora_over_them_dequantized() {
     let (cfg, quantized, same) = quantized_tiny_llama();
     let dir = tempfile::tempdir().unwrap();
     for dropout in [0.0, 0.1] {
-        let q = Llama::load(cfg.clone(), &quantized, reference(true), &Device::Cpu).unwrap();
-        let f = Llama::load(
-            cfg.clone(),
-            &Weights::Map(same.clone()),
-            reference(false),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let (q, f) = both(&cfg, &quantized, &same);
         let lq = common::losses_with(q, dropout, true, dir.path().join(format!("q{dropout}")));
         let lf = common::losses_with(f, dropout, true, dir.path().join(format!("f{dropout}")));
         assert!(lq[5] < lq[0], "the run must learn: {lq:?}");

@@ -166,6 +166,20 @@ impl LohaLayer {
         Ok(Some((a, self.drop.rows(b, ctx)?)))
     }
 
+    /// Where the factors are smaller than dW: `linear` of this call's factors after dropout
+    /// (`None`: the adapter skipped), else `None` (the dense form).
+    fn factored_forward(
+        &self,
+        ctx: &crate::Ctx,
+        linear: impl FnOnce(Option<(Tensor, Tensor)>) -> candle_core::Result<Tensor>,
+    ) -> Option<Result<Tensor>> {
+        match self.is_factored() {
+            Ok(true) => Some(self.dropped_factors(ctx).and_then(|f| Ok(linear(f)?))),
+            Ok(false) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
     /// dW (out, in) in f32, as one graph node that keeps the four factors only: its backward
     /// forms W1a W1b and W2a W2b again, as PEFT's `HadaWeight` does (composed from candle ops,
     /// the two products and their Hadamard product stayed alive from a step's forward to its
@@ -232,15 +246,12 @@ impl AdapterLayer for LohaLayer {
         b: Option<&Tensor>,
         ctx: &crate::Ctx,
     ) -> Option<Result<Tensor>> {
-        let k = ctx.kernels();
-        match self.is_factored() {
-            Ok(true) => Some((|| match self.dropped_factors(ctx)? {
-                Some((la, lb)) => Ok(petal_ops::lora(k, x, w, b, &la, &lb, self.scaling)?),
-                None => Ok(petal_ops::frozen_linear(k, x, w, b)?),
-            })()),
-            Ok(false) => dense_linear(k, x, w, b, || self.drop.apply(ctx, || self.delta())),
-            Err(e) => Some(Err(e)),
-        }
+        let (k, s) = (ctx.kernels(), self.scaling);
+        self.factored_forward(ctx, |f| match f {
+            Some((la, lb)) => petal_ops::lora(k, x, w, b, &la, &lb, s),
+            None => petal_ops::frozen_linear(k, x, w, b),
+        })
+        .or_else(|| dense_linear(k, x, w, b, || self.drop.apply(ctx, || self.delta())))
     }
 
     fn fused_forward_quant(
@@ -251,24 +262,11 @@ impl AdapterLayer for LohaLayer {
         b: Option<&Tensor>,
         ctx: &crate::Ctx,
     ) -> Option<Result<Tensor>> {
-        let k = ctx.kernels();
-        match self.is_factored() {
-            Ok(true) => Some((|| match self.dropped_factors(ctx)? {
-                Some((la, lb)) => Ok(petal_ops::quant_lora(
-                    k,
-                    x,
-                    w,
-                    fmt,
-                    b,
-                    &la,
-                    &lb,
-                    self.scaling,
-                )?),
-                None => Ok(petal_ops::quant::quant_linear(k, x, w, fmt, b)?),
-            })()),
-            Ok(false) => None,
-            Err(e) => Some(Err(e)),
-        }
+        let (k, s) = (ctx.kernels(), self.scaling);
+        self.factored_forward(ctx, |f| match f {
+            Some((la, lb)) => petal_ops::quant_lora(k, x, w, fmt, b, &la, &lb, s),
+            None => petal_ops::quant::quant_linear(k, x, w, fmt, b),
+        })
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {
@@ -302,9 +300,9 @@ mod tests {
     use super::*;
     use petal_ops::testing::{max_rel, projected_grads, rand};
 
-    #[test]
-    fn the_one_node_update_equals_the_composed_products_in_value_and_every_factor_gradient() {
-        let vars: Vec<Var> = [(7, 3), (3, 5), (7, 3), (3, 5)]
+    /// A layer of random factors for an (out, inp) linear at rank r, s = 1.5, and its factors.
+    fn random_layer(out: usize, inp: usize, r: usize, rank_dropout: f64) -> (LohaLayer, Vec<Var>) {
+        let vars: Vec<Var> = [(out, r), (r, inp), (out, r), (r, inp)]
             .iter()
             .enumerate()
             .map(|(i, &(a, b))| Var::from_tensor(&rand(&[a, b], i as u64 + 1)).unwrap())
@@ -316,11 +314,17 @@ mod tests {
             w2b: vars[3].clone(),
             scaling: 1.5,
             drop: LycorisDropout {
-                rank: 0.0,
+                rank: rank_dropout,
                 module: 0.0,
                 scale: true,
             },
         };
+        (layer, vars)
+    }
+
+    #[test]
+    fn the_one_node_update_equals_the_composed_products_in_value_and_every_factor_gradient() {
+        let (layer, vars) = random_layer(7, 5, 3, 0.0);
         let t: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
         let composed =
             ((t[0].matmul(t[1]).unwrap() * t[2].matmul(t[3]).unwrap()).unwrap() * 1.5).unwrap();
@@ -344,23 +348,7 @@ mod tests {
     fn the_rank_r2_factors_give_the_dense_update_in_value_and_every_gradient() {
         let (out, inp, r) = (40, 64, 3);
         assert!(factored(r, inp, out) && !factored(8, 12, 12));
-        let vars: Vec<Var> = [(out, r), (r, inp), (out, r), (r, inp)]
-            .iter()
-            .enumerate()
-            .map(|(i, &(a, b))| Var::from_tensor(&rand(&[a, b], i as u64 + 1)).unwrap())
-            .collect();
-        let layer = LohaLayer {
-            w1a: vars[0].clone(),
-            w1b: vars[1].clone(),
-            w2a: vars[2].clone(),
-            w2b: vars[3].clone(),
-            scaling: 1.5,
-            drop: LycorisDropout {
-                rank: 0.3,
-                module: 0.0,
-                scale: true,
-            },
-        };
+        let (layer, vars) = random_layer(out, inp, r, 0.3);
         let x = Var::from_tensor(&rand(&[2, 5, inp], 5)).unwrap();
         let (w, bias) = (rand(&[out, inp], 6), rand(&[out], 7));
         let k = petal_ops::Kernels::REFERENCE;
