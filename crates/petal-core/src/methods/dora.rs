@@ -14,11 +14,11 @@
 //! (out, r) product W A^T instead of writing and reading four out x in temporaries: unmerged
 //! decoding pays about what LoRA pays (`row_norms` is the readable twin the tests hold it to).
 
+use crate::methods::KeptDelta;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var};
 use petal_ops::quant::QFormat;
 use petal_ops::Kernels;
-use std::sync::Mutex;
 
 pub const MAGNITUDE: &str = "lora_magnitude_vector";
 
@@ -37,10 +37,9 @@ pub struct Dora {
     base: Base,           // frozen W
     base_sq: Tensor,      // ||W_i||^2 (out,), f32
     bias: Option<Tensor>, // frozen b (out,), f32
-    /// The last norms and the A, B and s they were taken for (CPU tensors only): while the
-    /// adapter does not change (decoding, evaluation) a forward compares r (in + out) values
-    /// instead of reading W.
-    last: Mutex<Option<(Vec<f32>, f64, Tensor)>>,
+    /// The norms kept at inference while A, B and s hold (decoding, evaluation): a forward
+    /// compares r (in + out) values instead of reading W.
+    kept: KeptDelta,
 }
 
 fn row_norms(w: &Tensor) -> Result<Tensor> {
@@ -87,11 +86,11 @@ impl Dora {
             base,
             base_sq,
             bias,
-            last: Mutex::new(None),
+            kept: KeptDelta::default(),
         };
         let m = match m {
             Some(m) => m,
-            None => d.norms(Kernels::REFERENCE, a, b, s)?,
+            None => d.norms_now(Kernels::REFERENCE, a, b, s)?,
         };
         d.m = Var::from_tensor(&m)?;
         Ok(d)
@@ -112,32 +111,21 @@ impl Dora {
     }
 
     /// `||W + s B A||` per row (out,), detached, from `a` (r, in) and `b` (out, r) without the
-    /// out x in sum (see the module); the last norms again while A, B and s are unchanged.
-    fn norms(&self, k: Kernels, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
+    /// out x in sum (see the module); at inference, the norms kept while A, B and s hold.
+    fn norms(&self, ctx: &crate::Ctx, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
         let (a, b) = (a.detach(), b.detach());
-        let key = match a.device().is_cpu() {
-            true => {
-                let mut v = a.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                v.extend(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-                Some(v)
-            }
-            false => None,
-        };
-        let mut last = self
-            .last
-            .lock()
-            .map_err(|_| Error::msg("DoRA: a poisoned lock"))?;
-        if let (Some(key), Some((k0, s0, norms))) = (&key, last.as_ref()) {
-            if k0 == key && *s0 == s {
-                return Ok(norms.clone());
-            }
-        }
-        let cross = (&b * self.base_times(k, &a)?)?.sum(1)?; // B_i . (W A^T)_i
-        let quad = (b.matmul(&a.matmul(&a.t()?)?)? * &b)?.sum(1)?; // B_i (A A^T) B_i^T
+        let scale = Tensor::new(&[s as f32], a.device())?;
+        let values = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?, scale], 0)?;
+        self.kept
+            .get(ctx, &values, || self.norms_now(ctx.kernels(), &a, &b, s))
+    }
+
+    /// `norms`, computed.
+    fn norms_now(&self, k: Kernels, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
+        let cross = (b * self.base_times(k, a)?)?.sum(1)?; // B_i . (W A^T)_i
+        let quad = (b.matmul(&a.matmul(&a.t()?)?)? * b)?.sum(1)?; // B_i (A A^T) B_i^T
         let sq = ((&self.base_sq + (cross * (2.0 * s))?)? + (quad * (s * s))?)?;
-        let norms = sq.relu()?.sqrt()?;
-        *last = key.map(|key| (key, s, norms.clone()));
-        Ok(norms)
+        Ok(sq.relu()?.sqrt()?)
     }
 
     /// The DoRA output with the frozen linear and the LoRA path fused: `lin = x W^T + b + s (x
@@ -149,11 +137,12 @@ impl Dora {
     /// bf16.
     pub fn fused_forward(
         &self,
-        k: Kernels,
+        ctx: &crate::Ctx,
         lin: &Tensor,
         (a, b, s): (&Tensor, &Tensor, f64),
     ) -> Result<Tensor> {
-        let f = self.factor(k, a, b, s)?;
+        let k = ctx.kernels();
+        let f = self.factor(ctx, a, b, s)?;
         let Some(b) = &self.bias else {
             return Ok(petal_ops::scale_last(k, lin, &f)?); // in lin's dtype, f32 inside
         };
@@ -165,20 +154,21 @@ impl Dora {
     }
 
     /// f = m / ||W + s B A|| (out,), the norm detached.
-    fn factor(&self, k: Kernels, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
-        Ok(self.m.as_tensor().div(&self.norms(k, a, b, s)?)?)
+    fn factor(&self, ctx: &crate::Ctx, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
+        Ok(self.m.as_tensor().div(&self.norms(ctx, a, b, s)?)?)
     }
 
     /// The DoRA output from the base output `y` (n, out), the (dropped) input `xd` (n, in),
     /// the unscaled LoRA output `lora` = xd A^T B^T (n, out), and the adapter `a`, `b`, `s`.
     pub fn forward(
         &self,
-        k: Kernels,
+        ctx: &crate::Ctx,
         (y, xd, lora): (&Tensor, &Tensor, &Tensor),
         (a, b, s): (&Tensor, &Tensor, f64),
         dropped: bool,
     ) -> Result<Tensor> {
-        let f = self.factor(k, a, b, s)?.unsqueeze(0)?; // (1, out)
+        let k = ctx.kernels();
+        let f = self.factor(ctx, a, b, s)?.unsqueeze(0)?; // (1, out)
         let base = match (dropped, &self.base) {
             (true, Base::Dense(w)) => petal_ops::frozen_linear(k, xd, w, None)?,
             (true, Base::Quant(w, fmt)) => petal_ops::quant::quant_linear(k, xd, w, *fmt, None)?,
@@ -227,7 +217,9 @@ mod tests {
             let delta = (b.matmul(&a)? * s)?;
             let d = Dora::new((&w, None), None, (&a, &b, s))?;
             let want = row_norms(&(&w + &delta)?)?.to_vec1::<f32>()?;
-            let got = d.norms(Kernels::REFERENCE, &a, &b, s)?.to_vec1::<f32>()?;
+            let got = d
+                .norms_now(Kernels::REFERENCE, &a, &b, s)?
+                .to_vec1::<f32>()?;
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() <= 1e-5 * w.max(1.0), "{g} vs {w}");
             }
@@ -253,7 +245,9 @@ mod tests {
             let m = d.m.as_tensor().to_vec1::<f32>()?;
             let b2 = (&b * -0.5)?; // another B: the norms follow it, not the cached ones
             let want2 = row_norms(&(&deq + (b2.matmul(&a)? * s)?)?)?.to_vec1::<f32>()?;
-            let got2 = d.norms(Kernels::REFERENCE, &a, &b2, s)?.to_vec1::<f32>()?;
+            let got2 = d
+                .norms_now(Kernels::REFERENCE, &a, &b2, s)?
+                .to_vec1::<f32>()?;
             for (got, want) in [(&m, &want), (&got2, &want2)] {
                 for (g, w) in got.iter().zip(want.iter()) {
                     assert!((g - w).abs() <= 1e-5 * w.max(1.0), "{t:?}: {g} vs {w}");

@@ -299,8 +299,7 @@ impl AdapterLayer for LoraLayer {
                 .matmul(&self.b.as_tensor().t()?)?;
             let out = lora.dim(1)?;
             let y2 = y.to_dtype(DType::F32)?.reshape((lora.dim(0)?, out))?;
-            let k = ctx.kernels();
-            let mut z = dora.forward(k, (&y2, &xd, &lora), self.parts(), dropped)?;
+            let mut z = dora.forward(ctx, (&y2, &xd, &lora), self.parts(), dropped)?;
             if let Some((trained, frozen)) = &self.bias {
                 // PEFT trains the base bias in place, outside the magnitude's scaling
                 z = z.broadcast_add(&(trained.as_tensor() - frozen)?)?;
@@ -347,7 +346,7 @@ impl AdapterLayer for LoraLayer {
             }
             if let (Some(d), false) = (&self.dora, fast) {
                 let lin = petal_ops::lora(ctx.kernels(), x, w, b, la, lb, self.scaling)?;
-                return d.fused_forward(ctx.kernels(), &lin, self.parts());
+                return d.fused_forward(ctx, &lin, self.parts());
             }
             let h = self.low(x, ctx)?;
             let lin = petal_ops::lora_linear(
@@ -360,7 +359,7 @@ impl AdapterLayer for LoraLayer {
                 self.scaling,
             )?;
             match &self.dora {
-                Some(d) => d.fused_forward(ctx.kernels(), &lin, self.parts()),
+                Some(d) => d.fused_forward(ctx, &lin, self.parts()),
                 None => Ok(lin),
             }
         };
@@ -388,7 +387,7 @@ impl AdapterLayer for LoraLayer {
                 let la = self.a.as_tensor();
                 let lin = petal_ops::quant_lora(k, x, w, fmt, b, la, lb, s)?;
                 return match &self.dora {
-                    Some(d) => d.fused_forward(k, &lin, self.parts()),
+                    Some(d) => d.fused_forward(ctx, &lin, self.parts()),
                     None => Ok(lin),
                 };
             }

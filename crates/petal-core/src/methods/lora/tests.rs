@@ -249,6 +249,18 @@ mod dora_fused_tests {
 /// in value and every gradient, with a magnitude away from the norms (so the base term's
 /// scaling, recomputed from the dropped input under dropout, counts), through the fused node
 /// (no dropout) and the composed form (dropout).
+/// DoRA keeps its norms at inference only while A and B hold: a moved A or B (an optimizer
+/// step) gives the norms of the moved adapter, as a training forward computes them.
+#[test]
+fn dora_inference_keeps_its_norms_only_while_a_and_b_hold() {
+    let mut c = dora_config();
+    c.set("init_lora_weights", InitWeights::Flag(false))
+        .unwrap();
+    for key in [LORA_A, LORA_B] {
+        crate::testing::check_inference_follows_the_values(&c, key);
+    }
+}
+
 mod qdora_tests {
     use super::*;
     use crate::testing::{max_rel, rand_tensor};
