@@ -421,3 +421,102 @@ macro_rules! conformance {
         }
     };
 }
+
+/// The output of `method`'s layer (config `cfg`) over `weight` (out, in) (dense, or raw blocks
+/// in `quant`) with a bias, for a fixed input in training (the same draws each call): through
+/// its fused form (`fused`, where it has one for that base) or the composed one on the base's
+/// output; and the gradients of its tensors and of the input. `prepare` moves the layer off its
+/// initial values where they would hide a term.
+pub fn layer_pass(
+    method: &dyn crate::adapter::AdapterMethod,
+    cfg: &AdapterConfig,
+    (weight, quant): (&Tensor, Option<petal_ops::quant::QFormat>),
+    fused: bool,
+    prepare: &dyn Fn(&dyn crate::adapter::AdapterLayer),
+) -> (Tensor, Vec<Tensor>) {
+    let out = weight.dim(0).unwrap();
+    let inp = quant.map_or_else(|| weight.dim(1).unwrap(), |f| f.cols);
+    let bias = rand_tensor(&[out], 2);
+    let base = crate::adapter::BaseLinear {
+        weight,
+        bias: Some(&bias),
+        in_features: inp,
+        out_features: out,
+        shared: &Default::default(),
+        embedding: false,
+        quant,
+    };
+    let layer = method.build(cfg, "fc", &base, 7).unwrap();
+    prepare(layer.as_ref());
+    let x = Var::from_tensor(&rand_tensor(&[3, 4, inp], 3)).unwrap();
+    let k = petal_ops::Kernels::REFERENCE; // f32 products (bf16 ones over a bf16 W)
+    let ctx = crate::Ctx::train(5).with_kernels(k);
+    let xt = x.as_tensor();
+    let b = Some(&bias);
+    let one = match (fused, quant) {
+        (false, _) => None,
+        (true, Some(f)) => layer.fused_forward_quant(xt, weight, f, b, &ctx),
+        (true, None) => layer.fused_forward(xt, weight, b, &ctx),
+    };
+    let y = match one {
+        Some(y) => y.unwrap(),
+        None => {
+            let base = match quant {
+                Some(f) => petal_ops::quant::quant_linear(k, xt, weight, f, b).unwrap(),
+                None => petal_ops::frozen_linear(k, xt, weight, b).unwrap(),
+            };
+            layer.forward(xt, base, &ctx).unwrap()
+        }
+    };
+    let proj = rand_tensor(y.dims(), 9);
+    let g = (&y * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+    let mut grads: Vec<Tensor> = layer
+        .tensors()
+        .iter()
+        .map(|t| g.get(t.var.as_tensor()).unwrap().clone())
+        .collect();
+    grads.push(g.get(xt).unwrap().clone());
+    (y, grads)
+}
+
+/// `a` and `e` (two `layer_pass` results) agree: outputs within `tol`, gradients within 10x.
+pub fn assert_passes_agree(
+    a: &(Tensor, Vec<Tensor>),
+    e: &(Tensor, Vec<Tensor>),
+    tol: f32,
+    what: &str,
+) {
+    assert!(
+        max_rel(&a.0, &e.0) < tol,
+        "{what}: output {}",
+        max_rel(&a.0, &e.0)
+    );
+    assert_eq!(a.1.len(), e.1.len());
+    for (i, (a, e)) in a.1.iter().zip(&e.1).enumerate() {
+        assert!(
+            max_rel(a, e) < 10.0 * tol,
+            "{what}: gradient {i}: {}",
+            max_rel(a, e)
+        );
+    }
+}
+
+/// Over a quantized base: `method`'s layer over a random W (6, 32) kept in Q8_0 blocks equals
+/// its layer over the same W dequantized, in value and every gradient, through the fused and
+/// the composed forms.
+pub fn check_over_quantized_blocks(
+    method: &dyn crate::adapter::AdapterMethod,
+    cfg: &AdapterConfig,
+    prepare: &dyn Fn(&dyn crate::adapter::AdapterLayer),
+) {
+    use petal_ops::quant::{self, GgmlDType};
+    let w = rand_tensor(&[6, 32], 1);
+    let (q, fmt) = quant::quantize(&w, GgmlDType::Q8_0).unwrap();
+    let deq = quant::dequantize(&q, fmt).unwrap();
+    for fused in [false, true] {
+        let over_q = layer_pass(method, cfg, (&q, Some(fmt)), fused, prepare);
+        let over_deq = layer_pass(method, cfg, (&deq, None), fused, prepare);
+        let what = format!("{} (fused {fused})", cfg.peft_type);
+        assert_passes_agree(&over_q, &over_deq, 1e-5, &what);
+    }
+}

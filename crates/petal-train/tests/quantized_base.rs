@@ -170,12 +170,12 @@ fn methods_that_need_w_are_refused_over_a_quantized_base_naming_why() {
         e.contains("q_proj") && e.contains("q8_0") && e.contains("factors W"),
         "{e}"
     );
-    let oft = petal_core::AdapterConfig::from_json(
-        r#"{"peft_type": "OFT", "r": 0, "oft_block_size": 8, "target_modules": ["q_proj"]}"#,
-        "oft",
+    let paca = petal_core::AdapterConfig::from_json(
+        r#"{"peft_type": "PACA", "r": 2, "target_modules": ["q_proj"]}"#,
+        "paca",
     )
     .unwrap();
-    let e = petal_core::inject_adapter(&mut m, "o", &oft, 1)
+    let e = petal_core::inject_adapter(&mut m, "p", &paca, 1)
         .unwrap_err()
         .to_string();
     assert!(e.contains("cannot train over a quantized base"), "{e}");

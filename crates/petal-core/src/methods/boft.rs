@@ -53,6 +53,8 @@ pub struct BoftLayer {
     perms: Vec<(Tensor, Tensor)>,
     dropout: f64,
     base: Tensor,
+    quant: Option<petal_ops::quant::QFormat>, // W's block format when it is kept quantized
+    inp: usize,
 }
 
 /// PEFT's `block_butterfly_perm(n, b, r, n_butterfly_factor)`: within each of `b` blocks of
@@ -140,6 +142,10 @@ pub fn shape_for(o: &BoftOptions, inp: usize) -> Result<(usize, usize, usize)> {
 }
 
 impl AdapterMethod for Boft {
+    fn needs_dense_base(&self, _cfg: &AdapterConfig) -> Option<&'static str> {
+        None // the input is rotated and the output scaled; W is only multiplied by
+    }
+
     fn peft_type(&self) -> &'static str {
         "BOFT"
     }
@@ -229,6 +235,8 @@ impl AdapterMethod for Boft {
             perms,
             dropout: o.boft_dropout,
             base: base.weight.clone(),
+            quant: base.quant,
+            inp: base.in_features,
         }))
     }
 }
@@ -280,10 +288,28 @@ impl BoftLayer {
         Ok(h.reshape(x.shape())?)
     }
 
+    /// `((x R) W^T) ⊙ s + b`, the frozen product `xwt` of the rotated input.
+    fn rotate_scale(
+        &self,
+        x: &Tensor,
+        b: Option<&Tensor>,
+        ctx: &crate::Ctx,
+        xwt: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let y = xwt(&self.rotate(x, ctx)?)?;
+        // f32 scales on y in its own dtype (f32 arithmetic inside): no f32 copy of y
+        let y = petal_ops::scale_last(ctx.kernels(), &y, &self.s.as_tensor().flatten_all()?)?;
+        let y = match b {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+            None => y,
+        };
+        Ok(y.to_dtype(x.dtype())?)
+    }
+
     /// The dense rotation, or its inverse, for merging.
     fn dense(&self, inverse: bool) -> Result<Tensor> {
         let blocks = self.blocks(&crate::Ctx::eval())?;
-        let n = self.base.dim(1)?;
+        let n = self.inp;
         let mut total = Tensor::eye(n, DType::F32, blocks.device())?;
         for (i, (p, _)) in self.perms.iter().enumerate() {
             let r = blocks.get(i)?;
@@ -308,10 +334,9 @@ impl AdapterLayer for BoftLayer {
     fn forward(&self, x: &Tensor, y: Tensor, ctx: &crate::Ctx) -> Result<Tensor> {
         // ((x R) W^T) ⊙ s + b = y + ((x R) W^T) ⊙ s - x W^T
         let xr = self.rotate(x, ctx)?;
-        let rotated =
-            petal_ops::frozen_linear(ctx.kernels(), &xr, &self.base, None)?.to_dtype(DType::F32)?;
-        let plain =
-            petal_ops::frozen_linear(ctx.kernels(), x, &self.base, None)?.to_dtype(DType::F32)?;
+        let xwt = |x| crate::linear::frozen_xwt(ctx, x, &self.base, self.quant);
+        let rotated = xwt(&xr)?.to_dtype(DType::F32)?;
+        let plain = xwt(x)?.to_dtype(DType::F32)?;
         let s = self.s.as_tensor().flatten_all()?;
         let d = (rotated.broadcast_mul(&s)? - plain)?;
         Ok((y + d.to_dtype(x.dtype())?)?)
@@ -324,18 +349,28 @@ impl AdapterLayer for BoftLayer {
         b: Option<&Tensor>,
         ctx: &crate::Ctx,
     ) -> Option<Result<Tensor>> {
-        let run = || -> Result<Tensor> {
-            let xr = self.rotate(x, ctx)?;
-            let y = petal_ops::frozen_linear(ctx.kernels(), &xr, w, None)?;
-            // f32 scales on y in its own dtype (f32 arithmetic inside): no f32 copy of y
-            let y = petal_ops::scale_last(ctx.kernels(), &y, &self.s.as_tensor().flatten_all()?)?;
-            let y = match b {
-                Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
-                None => y,
-            };
-            Ok(y.to_dtype(x.dtype())?)
-        };
-        Some(run())
+        Some(self.rotate_scale(x, b, ctx, |xr| {
+            Ok(petal_ops::frozen_linear(ctx.kernels(), xr, w, None)?)
+        }))
+    }
+
+    fn fused_forward_quant(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        fmt: petal_ops::quant::QFormat,
+        b: Option<&Tensor>,
+        ctx: &crate::Ctx,
+    ) -> Option<Result<Tensor>> {
+        Some(self.rotate_scale(x, b, ctx, |xr| {
+            Ok(petal_ops::quant::quant_linear(
+                ctx.kernels(),
+                xr,
+                w,
+                fmt,
+                None,
+            )?)
+        }))
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {
@@ -437,3 +472,11 @@ crate::conformance!(
         2 * b * b + out
     }
 );
+
+/// Over a quantized base: the rotated input meets the blocks, as it meets W dequantized.
+#[test]
+fn boft_over_quantized_blocks_equals_boft_over_them_dequantized() {
+    let mut c = conformance_config();
+    c.set("init_weights", InitWeights::Flag(false)).unwrap();
+    crate::testing::check_over_quantized_blocks(&Boft, &c, &|_| {});
+}

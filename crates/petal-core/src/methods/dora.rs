@@ -167,11 +167,10 @@ impl Dora {
         (a, b, s): (&Tensor, &Tensor, f64),
         dropped: bool,
     ) -> Result<Tensor> {
-        let k = ctx.kernels();
         let f = self.factor(ctx, a, b, s)?.unsqueeze(0)?; // (1, out)
         let base = match (dropped, &self.base) {
-            (true, Base::Dense(w)) => petal_ops::frozen_linear(k, xd, w, None)?,
-            (true, Base::Quant(w, fmt)) => petal_ops::quant::quant_linear(k, xd, w, *fmt, None)?,
+            (true, Base::Dense(w)) => crate::linear::frozen_xwt(ctx, xd, w, None)?,
+            (true, Base::Quant(w, fmt)) => crate::linear::frozen_xwt(ctx, xd, w, Some(*fmt))?,
             (false, _) => match &self.bias {
                 Some(b) => y.broadcast_sub(b)?,
                 None => y.clone(),

@@ -62,7 +62,8 @@ pub struct OftLayer {
     block: usize,
     neumann: Option<usize>, // number of series terms; None: exact Cayley
     coft_eps: Option<f64>,
-    base: Tensor, // frozen W, for the unfused path
+    base: Tensor,                             // frozen W, for the unfused path
+    quant: Option<petal_ops::quant::QFormat>, // W's block format when it is kept quantized
 }
 
 /// PEFT's `adjust_oft_parameters`: the divisor of `n` nearest to `p` (ties go down).
@@ -112,6 +113,10 @@ pub fn blocks_for(o: &OftOptions, inp: usize) -> Result<(usize, usize)> {
 }
 
 impl AdapterMethod for Oft {
+    fn needs_dense_base(&self, _cfg: &AdapterConfig) -> Option<&'static str> {
+        None // the input is rotated; W is only multiplied by
+    }
+
     fn peft_type(&self) -> &'static str {
         "OFT"
     }
@@ -193,6 +198,7 @@ impl AdapterMethod for Oft {
             neumann,
             coft_eps: o.coft.then_some(o.eps),
             base: base.weight.clone(),
+            quant: base.quant,
         }))
     }
 }
@@ -248,7 +254,7 @@ impl AdapterLayer for OftLayer {
         // (x R) W^T + b = y + (x R - x) W^T
         let d =
             (self.rotated(ctx.kernels(), x)?.to_dtype(DType::F32)? - x.to_dtype(DType::F32)?)?;
-        let d = petal_ops::frozen_linear(ctx.kernels(), &d, &self.base, None)?;
+        let d = crate::linear::frozen_xwt(ctx, &d, &self.base, self.quant)?;
         Ok((y + d.to_dtype(x.dtype())?)?)
     }
 
@@ -262,6 +268,27 @@ impl AdapterLayer for OftLayer {
         let run = || -> Result<Tensor> {
             let xr = self.rotated(ctx.kernels(), x)?; // in x's dtype; frozen_linear meets w's dtype
             Ok(petal_ops::frozen_linear(ctx.kernels(), &xr, w, b)?.to_dtype(x.dtype())?)
+        };
+        Some(run())
+    }
+
+    fn fused_forward_quant(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        fmt: petal_ops::quant::QFormat,
+        b: Option<&Tensor>,
+        ctx: &crate::Ctx,
+    ) -> Option<Result<Tensor>> {
+        let run = || -> Result<Tensor> {
+            let xr = self.rotated(ctx.kernels(), x)?;
+            Ok(petal_ops::quant::quant_linear(
+                ctx.kernels(),
+                &xr,
+                w,
+                fmt,
+                b,
+            )?)
         };
         Some(run())
     }
@@ -362,3 +389,11 @@ crate::conformance!(
     exact_config,
     |inp, _out, _cfg: &AdapterConfig| inp / 2
 );
+
+/// Over a quantized base: the rotated input meets the blocks, as it meets W dequantized.
+#[test]
+fn oft_over_quantized_blocks_equals_oft_over_them_dequantized() {
+    let mut c = conformance_config();
+    c.set("init_weights", InitWeights::Flag(false)).unwrap();
+    crate::testing::check_over_quantized_blocks(&Oft, &c, &|_| {});
+}

@@ -61,6 +61,10 @@ fn variant(o: &RoadOptions) -> Result<Variant> {
 }
 
 impl AdapterMethod for Road {
+    fn needs_dense_base(&self, _cfg: &AdapterConfig) -> Option<&'static str> {
+        None // it rotates the base output; W is never read
+    }
+
     fn peft_type(&self) -> &'static str {
         "ROAD"
     }
@@ -255,3 +259,11 @@ crate::conformance!(
     || config("road_4", 6),
     |_inp, out, _cfg: &AdapterConfig| 4 * out
 );
+
+/// Over a quantized base: RoAd rotates the base output, whichever product made it.
+#[test]
+fn road_over_quantized_blocks_equals_road_over_them_dequantized() {
+    let mut c = config("road_2", 2);
+    c.set("init_weights", InitWeights::Flag(false)).unwrap();
+    crate::testing::check_over_quantized_blocks(&Road, &c, &|_| {});
+}

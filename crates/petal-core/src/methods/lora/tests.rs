@@ -263,88 +263,28 @@ fn dora_inference_keeps_its_norms_only_while_a_and_b_hold() {
 
 mod qdora_tests {
     use super::*;
-    use crate::testing::{max_rel, rand_tensor};
-    use petal_ops::quant::{self, GgmlDType, QFormat};
-    use petal_ops::Kernels;
+    use crate::testing::{assert_passes_agree, check_over_quantized_blocks, layer_pass};
 
-    /// A DoRA layer over `weight` (f32, bf16, or blocks in `fmt`) with a magnitude away from
-    /// the norms (so the base term's scaling counts): its output for `x` (the fused node
-    /// without dropout, the composed form with) and the gradients of A, B, m and x.
-    fn run(weight: &Tensor, fmt: Option<QFormat>, dropout: f64) -> (Tensor, Vec<Tensor>) {
-        let bias = rand_tensor(&[6], 2);
+    fn config(dropout: f64) -> AdapterConfig {
         let mut c = conformance_config();
         c.set("use_dora", true).unwrap();
         c.set("lora_dropout", dropout).unwrap();
         c.set("init_lora_weights", InitWeights::Flag(false))
             .unwrap();
-        let x = Var::from_tensor(&rand_tensor(&[3, 4, 32], 3)).unwrap();
-        let base = BaseLinear {
-            weight,
-            bias: Some(&bias),
-            in_features: 32,
-            out_features: 6,
-            shared: &Default::default(),
-            embedding: false,
-            quant: fmt,
-        };
-        let layer = Lora.build(&c, "fc", &base, 7).unwrap();
-        let m = &layer.tensors()[2].var;
-        m.set(&(m.as_tensor() * 1.3).unwrap()).unwrap();
-        let k = Kernels::REFERENCE; // f32 products (bf16 ones over a bf16 W)
-        let ctx = crate::Ctx::train(5).with_kernels(k);
-        let xt = x.as_tensor();
-        let out = match (fmt, dropout > 0.0) {
-            (Some(f), true) => {
-                let y = quant::quant_linear(k, xt, weight, f, Some(&bias)).unwrap();
-                layer.forward(xt, y, &ctx)
-            }
-            (None, true) => {
-                let y = petal_ops::frozen_linear(k, xt, weight, Some(&bias)).unwrap();
-                layer.forward(xt, y, &ctx)
-            }
-            (Some(f), false) => layer
-                .fused_forward_quant(xt, weight, f, Some(&bias), &ctx)
-                .unwrap(),
-            (None, false) => layer.fused_forward(xt, weight, Some(&bias), &ctx).unwrap(),
-        }
-        .unwrap();
-        let proj = rand_tensor(out.dims(), 9);
-        let g = (&out * &proj)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let mut grads: Vec<Tensor> = layer
-            .tensors()
-            .iter()
-            .map(|t| g.get(t.var.as_tensor()).unwrap().clone())
-            .collect();
-        grads.push(g.get(x.as_tensor()).unwrap().clone());
-        assert_eq!(grads.len(), 4); // A, B, m and x
-        (out, grads)
+        c
     }
 
-    fn assert_close(a: &(Tensor, Vec<Tensor>), e: &(Tensor, Vec<Tensor>), tol: f32, what: &str) {
-        assert!(max_rel(&a.0, &e.0) < tol, "{what}: {}", max_rel(&a.0, &e.0));
-        for (a, e) in a.1.iter().zip(&e.1) {
-            assert!(max_rel(a, e) < 10.0 * tol, "{what}: {}", max_rel(a, e));
-        }
+    /// The magnitude away from the norms, so the base term's scaling (recomputed from the
+    /// dropped input under dropout) counts.
+    fn off_the_norms(layer: &dyn AdapterLayer) {
+        let m = &layer.tensors()[2].var;
+        m.set(&(m.as_tensor() * 1.3).unwrap()).unwrap();
     }
 
     #[test]
     fn dora_over_quantized_blocks_equals_dora_over_them_dequantized() {
-        let w = rand_tensor(&[6, 32], 1);
-        let (q, fmt) = quant::quantize(&w, GgmlDType::Q8_0).unwrap();
-        let deq = quant::dequantize(&q, fmt).unwrap();
         for dropout in [0.0, 0.3] {
-            let what = format!("dropout {dropout}");
-            assert_close(
-                &run(&q, Some(fmt), dropout),
-                &run(&deq, None, dropout),
-                1e-5,
-                &what,
-            );
+            check_over_quantized_blocks(&Lora, &config(dropout), &off_the_norms);
         }
     }
 
@@ -352,16 +292,18 @@ mod qdora_tests {
     /// of DoRA over the same values in f32.
     #[test]
     fn dora_over_bf16_weights_follows_dora_over_their_values_in_f32() {
-        let w = rand_tensor(&[6, 32], 1).to_dtype(DType::BF16).unwrap();
+        let w = crate::testing::rand_tensor(&[6, 32], 1)
+            .to_dtype(DType::BF16)
+            .unwrap();
         let w32 = w.to_dtype(DType::F32).unwrap();
         for dropout in [0.0, 0.3] {
-            let what = format!("dropout {dropout}");
-            assert_close(
-                &run(&w, None, dropout),
-                &run(&w32, None, dropout),
-                2e-3,
-                &what,
-            );
+            for fused in [false, true] {
+                let c = config(dropout);
+                let bf16 = layer_pass(&Lora, &c, (&w, None), fused, &off_the_norms);
+                let f32 = layer_pass(&Lora, &c, (&w32, None), fused, &off_the_norms);
+                let what = format!("dropout {dropout}, fused {fused}");
+                assert_passes_agree(&bf16, &f32, 5e-3, &what);
+            }
         }
     }
 }
