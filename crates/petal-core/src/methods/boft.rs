@@ -478,5 +478,5 @@ crate::conformance!(
 fn boft_over_quantized_blocks_equals_boft_over_them_dequantized() {
     let mut c = conformance_config();
     c.set("init_weights", InitWeights::Flag(false)).unwrap();
-    crate::testing::check_over_quantized_blocks(&Boft, &c, &|_| {});
+    crate::testing::check_over_quantized_blocks(&Boft, &c, (6, 32), &|_| {});
 }

@@ -50,6 +50,10 @@ fn count(density: f64, numel: usize) -> usize {
 }
 
 impl AdapterMethod for Fish {
+    fn needs_dense_base(&self, _cfg: &AdapterConfig) -> Option<&'static str> {
+        None // FISH adds its sparse update to the base output; W is never read
+    }
+
     fn in_peft(&self) -> bool {
         false
     }
@@ -458,3 +462,10 @@ crate::conformance!(conformance, conformance_config, |inp, _out, _cfg| {
 #[cfg(test)]
 #[path = "fish_tests.rs"]
 mod tests;
+
+/// Over a quantized base: the update meets the blocks' product as it meets W dequantized.
+#[test]
+fn fish_over_quantized_blocks_equals_fish_over_them_dequantized() {
+    let c = conformance_config();
+    crate::testing::check_over_quantized_blocks(&Fish, &c, (12, 32), &|_| {});
+}

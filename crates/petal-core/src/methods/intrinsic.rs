@@ -45,6 +45,10 @@ crate::method_options! {
 }
 
 impl AdapterMethod for Intrinsic {
+    fn needs_dense_base(&self, _cfg: &AdapterConfig) -> Option<&'static str> {
+        None // the projected update is added to the base output; W is never read
+    }
+
     fn in_peft(&self) -> bool {
         false
     }
@@ -344,4 +348,12 @@ mod oracle {
             }
         }
     }
+}
+
+/// Over a quantized base: the update meets the blocks' product as it meets W dequantized.
+#[test]
+fn intrinsic_over_quantized_blocks_equals_intrinsic_over_them_dequantized() {
+    let c = conformance_config();
+    // (4, 32): the reference fastfood twin reshapes to one axis per power of 2, at most 8
+    crate::testing::check_over_quantized_blocks(&Intrinsic, &c, (4, 32), &|_| {});
 }

@@ -47,6 +47,10 @@ pub fn shape(out: usize, inp: usize) -> (usize, usize, usize) {
 }
 
 impl AdapterMethod for KrAdapter {
+    fn needs_dense_base(&self, _cfg: &AdapterConfig) -> Option<&'static str> {
+        None // the Khatri-Rao update is added to the base output; W is never read
+    }
+
     fn in_peft(&self) -> bool {
         false
     }
@@ -242,4 +246,11 @@ mod oracle {
             assert!(e < 1e-6, "{name}: relative error {e:e}");
         }
     }
+}
+
+/// Over a quantized base: the update meets the blocks' product as it meets W dequantized.
+#[test]
+fn kradapter_over_quantized_blocks_equals_kradapter_over_them_dequantized() {
+    let c = conformance_config();
+    crate::testing::check_over_quantized_blocks(&KrAdapter, &c, (12, 32), &|_| {});
 }

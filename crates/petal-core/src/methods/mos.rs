@@ -61,6 +61,10 @@ impl Mos {
 }
 
 impl AdapterMethod for Mos {
+    fn needs_dense_base(&self, _cfg: &AdapterConfig) -> Option<&'static str> {
+        None // the shards' low-rank update is added to the base output; W is never read
+    }
+
     fn in_peft(&self) -> bool {
         false
     }
@@ -401,4 +405,11 @@ mod oracle {
             );
         }
     }
+}
+
+/// Over a quantized base: the update meets the blocks' product as it meets W dequantized.
+#[test]
+fn mos_over_quantized_blocks_equals_mos_over_them_dequantized() {
+    let c = conformance_config();
+    crate::testing::check_over_quantized_blocks(&Mos, &c, (12, 32), &|_| {});
 }

@@ -395,5 +395,5 @@ crate::conformance!(
 fn oft_over_quantized_blocks_equals_oft_over_them_dequantized() {
     let mut c = conformance_config();
     c.set("init_weights", InitWeights::Flag(false)).unwrap();
-    crate::testing::check_over_quantized_blocks(&Oft, &c, &|_| {});
+    crate::testing::check_over_quantized_blocks(&Oft, &c, (6, 32), &|_| {});
 }

@@ -59,6 +59,10 @@ crate::method_options! {
 }
 
 impl AdapterMethod for Palora {
+    fn needs_dense_base(&self, _cfg: &AdapterConfig) -> Option<&'static str> {
+        None // the low-rank updates are added to the base output; W is never read
+    }
+
     fn in_peft(&self) -> bool {
         false
     }
@@ -419,3 +423,10 @@ crate::conformance!(conformance, conformance_config, |inp, out, _cfg| 3
 #[cfg(test)]
 #[path = "palora_tests.rs"]
 mod tests;
+
+/// Over a quantized base: the update meets the blocks' product as it meets W dequantized.
+#[test]
+fn palora_over_quantized_blocks_equals_palora_over_them_dequantized() {
+    let c = conformance_config();
+    crate::testing::check_over_quantized_blocks(&Palora, &c, (12, 32), &|_| {});
+}

@@ -142,6 +142,10 @@ macro_rules! row {
 use {names, row};
 
 impl AdapterMethod for Quanta {
+    fn needs_dense_base(&self, _cfg: &AdapterConfig) -> Option<&'static str> {
+        None // the gate chain's update is added to the base output; W is never read
+    }
+
     fn in_peft(&self) -> bool {
         false
     }
@@ -507,3 +511,15 @@ crate::conformance!(three_axes, conformance_three_axes, |inp, out, cfg| {
 #[cfg(test)]
 #[path = "quanta_tests.rs"]
 mod tests;
+
+/// Over a quantized base: the update meets the blocks' product as it meets W dequantized.
+#[test]
+fn quanta_over_quantized_blocks_equals_quanta_over_them_dequantized() {
+    let c = {
+        let mut c = conformance_config();
+        c.set("per_dim_features", serde_json::json!([4, 8]))
+            .unwrap();
+        c
+    };
+    crate::testing::check_over_quantized_blocks(&Quanta, &c, (12, 32), &|_| {});
+}

@@ -265,5 +265,5 @@ crate::conformance!(
 fn road_over_quantized_blocks_equals_road_over_them_dequantized() {
     let mut c = config("road_2", 2);
     c.set("init_weights", InitWeights::Flag(false)).unwrap();
-    crate::testing::check_over_quantized_blocks(&Road, &c, &|_| {});
+    crate::testing::check_over_quantized_blocks(&Road, &c, (6, 32), &|_| {});
 }

@@ -58,6 +58,10 @@ pub fn mapping(o: &RpsOptions, offset: usize, numel: usize) -> (Vec<u32>, Vec<f3
 }
 
 impl AdapterMethod for Rps {
+    fn needs_dense_base(&self, _cfg: &AdapterConfig) -> Option<&'static str> {
+        None // the update is added to the base output; W is never read
+    }
+
     fn in_peft(&self) -> bool {
         false
     }
@@ -266,4 +270,11 @@ mod oracle {
             assert!(Rps.validate(&c).unwrap_err().to_string().contains(key));
         }
     }
+}
+
+/// Over a quantized base: the update meets the blocks' product as it meets W dequantized.
+#[test]
+fn rps_over_quantized_blocks_equals_rps_over_them_dequantized() {
+    let c = conformance_config();
+    crate::testing::check_over_quantized_blocks(&Rps, &c, (12, 32), &|_| {});
 }

@@ -284,7 +284,7 @@ mod qdora_tests {
     #[test]
     fn dora_over_quantized_blocks_equals_dora_over_them_dequantized() {
         for dropout in [0.0, 0.3] {
-            check_over_quantized_blocks(&Lora, &config(dropout), &off_the_norms);
+            check_over_quantized_blocks(&Lora, &config(dropout), (6, 32), &off_the_norms);
         }
     }
 

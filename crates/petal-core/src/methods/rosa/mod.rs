@@ -68,6 +68,10 @@ fn values_for(d: f64, out: usize, inp: usize) -> usize {
 }
 
 impl AdapterMethod for Rosa {
+    fn needs_dense_base(&self, _cfg: &AdapterConfig) -> Option<&'static str> {
+        None // RoSA adds its low-rank and sparse terms to the base output; W is never read
+    }
+
     fn in_peft(&self) -> bool {
         false
     }
@@ -545,3 +549,10 @@ fn sparse_only_config() -> AdapterConfig {
 crate::conformance!(sparse_only, sparse_only_config, |inp, out, _cfg| {
     values_for(0.1, out, inp)
 });
+
+/// Over a quantized base: the update meets the blocks' product as it meets W dequantized.
+#[test]
+fn rosa_over_quantized_blocks_equals_rosa_over_them_dequantized() {
+    let c = conformance_config();
+    crate::testing::check_over_quantized_blocks(&Rosa, &c, (12, 32), &|_| {});
+}
