@@ -71,13 +71,18 @@ pub fn paca_linear_reference(
         Some(b) => y.broadcast_add(&b.detach())?,
         None => y,
     };
-    y + paca_delta(x, w, c, idx)?
+    y + paca_delta(
+        x,
+        &w.detach().to_dtype(DType::F32)?.index_select(idx, 1)?,
+        c,
+        idx,
+    )?
 }
 
 /// `x[:, idx] (c - W[:, idx])^T`: what the replaced columns add to the frozen output, in x's
-/// dtype (the difference in f32).
-pub fn paca_delta(x: &Tensor, w: &Tensor, c: &Tensor, idx: &Tensor) -> Result<Tensor> {
-    let diff = (c - w.detach().to_dtype(DType::F32)?.index_select(idx, 1)?)?;
+/// dtype (the difference in f32), from W's replaced columns `w_cols = W[:, idx]` (out, r) f32.
+pub fn paca_delta(x: &Tensor, w_cols: &Tensor, c: &Tensor, idx: &Tensor) -> Result<Tensor> {
+    let diff = (c - w_cols.detach())?;
     let xs = x.index_select(idx, x.rank() - 1)?.to_dtype(DType::F32)?;
     xs.broadcast_matmul(&diff.t()?)?.to_dtype(x.dtype())
 }

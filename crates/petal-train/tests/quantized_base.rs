@@ -167,18 +167,12 @@ fn methods_that_need_w_are_refused_over_a_quantized_base_naming_why() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("q_proj") && e.contains("q8_0") && e.contains("factors W"),
+        e.contains("q_proj")
+            && e.contains("q8_0")
+            && e.contains("factors W")
+            && e.contains("cannot train over a quantized base"),
         "{e}"
     );
-    let paca = petal_core::AdapterConfig::from_json(
-        r#"{"peft_type": "PACA", "r": 2, "target_modules": ["q_proj"]}"#,
-        "paca",
-    )
-    .unwrap();
-    let e = petal_core::inject_adapter(&mut m, "p", &paca, 1)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("cannot train over a quantized base"), "{e}");
     // merging into the quantized weight is refused, W untouched
     let lora = petal_core::AdapterConfig::lora(4, 8.0, Targets::Regex("all-linear".into()));
     petal_core::inject_adapter(&mut m, "l", &lora, 1).unwrap();

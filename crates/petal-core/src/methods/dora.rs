@@ -48,17 +48,14 @@ fn row_norms(w: &Tensor) -> Result<Tensor> {
 
 /// `||W_i||^2` of a quantized `w`, a row dequantized at a time.
 fn quant_row_sq(w: &Tensor, fmt: QFormat) -> Result<Tensor> {
-    let bytes = w.flatten_all()?.to_vec1::<u8>()?;
-    let mut row = vec![0f32; fmt.cols];
-    let sq: Vec<f32> = bytes
-        .chunks_exact(fmt.row_bytes())
-        .map(|r| {
-            petal_ops::quant::dequantize_rows(fmt, r, &mut row);
+    let mut sq = Vec::with_capacity(w.dim(0)?);
+    petal_ops::quant::for_each_row(w, fmt, |row| {
+        sq.push(
             row.iter()
                 .map(|&v| f64::from(v) * f64::from(v))
-                .sum::<f64>() as f32
-        })
-        .collect();
+                .sum::<f64>() as f32,
+        )
+    })?;
     Ok(Tensor::from_vec(sq, w.dim(0)?, w.device())?)
 }
 

@@ -53,6 +53,10 @@ impl Paca {
 }
 
 impl AdapterMethod for Paca {
+    fn needs_dense_base(&self, _cfg: &AdapterConfig) -> Option<&'static str> {
+        None // QPaCA: the replaced columns are decoded from the blocks (see `columns_of`)
+    }
+
     fn in_peft(&self) -> bool {
         false
     }
@@ -129,20 +133,17 @@ impl AdapterMethod for Paca {
         let mut perm: Vec<i64> = (0..inp as i64).collect();
         perm.shuffle(&mut g);
         perm.truncate(r);
-        let idx = Tensor::from_vec(perm, r, dev)?;
+        let orig = columns_of(base.weight, base.quant, &perm)?;
+        let idx = Tensor::from_vec(perm.clone(), r, dev)?;
         let scaling = alpha / r as f64;
-        let w = base.weight.to_dtype(DType::F32)?;
         let cols = if o.init_weights {
-            (w.index_select(&idx, 1)? / scaling)?
+            (&orig / scaling)?
         } else {
             crate::methods::kaiming_uniform((out, r), &mut g, dev)?
         };
-        Ok(Box::new(PacaLayer {
-            cols: Var::from_tensor(&cols)?,
-            idx: Var::from_tensor(&idx)?,
-            base: base.weight.clone(),
-            scaling,
-        }))
+        let layer = PacaLayer::new(cols, idx, (base.weight, base.quant), inp, scaling)?;
+        *layer.orig.lock().unwrap_or_else(|e| e.into_inner()) = (perm, orig);
+        Ok(Box::new(layer))
     }
 }
 
@@ -151,10 +152,63 @@ struct PacaLayer {
     cols: Var, // paca_w (out, r): the columns over scaling
     idx: Var,  // paca_indices (r,), int64, never trained
     base: Tensor,
+    quant: Option<petal_ops::quant::QFormat>, // W's block format when it is kept quantized
+    /// W[:, idx] (out, r) f32, the columns replaced, and the indices they are for (a load
+    /// replaces the indices drawn at build)
+    orig: std::sync::Mutex<(Vec<i64>, Tensor)>,
+    inp: usize,
     scaling: f64,
 }
 
+/// Columns `idx` of W (out, r) f32: gathered from a dense W, or decoded from a quantized one's
+/// blocks a row at a time (QPaCA: W is never dequantized whole).
+fn columns_of(w: &Tensor, quant: Option<petal_ops::quant::QFormat>, idx: &[i64]) -> Result<Tensor> {
+    let (out, r) = (w.dim(0)?, idx.len());
+    Ok(match quant {
+        Some(fmt) => {
+            let mut v = Vec::with_capacity(out * r);
+            petal_ops::quant::for_each_row(w, fmt, |row| {
+                v.extend(idx.iter().map(|&i| row[i as usize]))
+            })?;
+            Tensor::from_vec(v, (out, r), w.device())?
+        }
+        None => {
+            let idx = Tensor::from_slice(idx, r, w.device())?;
+            w.to_dtype(DType::F32)?.index_select(&idx, 1)?
+        }
+    })
+}
+
 impl PacaLayer {
+    /// A layer over `base` (dense, or blocks in a format) of `inp` input columns.
+    fn new(
+        cols: Tensor,
+        idx: Tensor,
+        (base, quant): (&Tensor, Option<petal_ops::quant::QFormat>),
+        inp: usize,
+        scaling: f64,
+    ) -> Result<Self> {
+        Ok(PacaLayer {
+            cols: Var::from_tensor(&cols)?,
+            idx: Var::from_tensor(&idx)?,
+            base: base.clone(),
+            quant,
+            orig: std::sync::Mutex::new((Vec::new(), Tensor::zeros(0, DType::F32, base.device())?)),
+            inp,
+            scaling,
+        })
+    }
+
+    /// W[:, idx] for the indices held now.
+    fn replaced(&self) -> Result<Tensor> {
+        let idx: Vec<i64> = self.idx.as_tensor().to_dtype(DType::I64)?.to_vec1()?;
+        let mut kept = self.orig.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.0 != idx {
+            *kept = (idx.clone(), columns_of(&self.base, self.quant, &idx)?);
+        }
+        Ok(kept.1.clone())
+    }
+
     /// The new columns, `scaling * paca_w` (out, r).
     fn columns(&self) -> Result<Tensor> {
         Ok((self.cols.as_tensor() * self.scaling)?)
@@ -163,7 +217,8 @@ impl PacaLayer {
 
 impl AdapterLayer for PacaLayer {
     fn forward(&self, x: &Tensor, y: Tensor, _ctx: &crate::Ctx) -> Result<Tensor> {
-        let d = petal_ops::paca::paca_delta(x, &self.base, &self.columns()?, self.idx.as_tensor())?;
+        let idx = self.idx.as_tensor();
+        let d = petal_ops::paca::paca_delta(x, &self.replaced()?, &self.columns()?, idx)?;
         let d = d.to_dtype(y.dtype())?;
         Ok((y + d)?)
     }
@@ -193,6 +248,13 @@ impl AdapterLayer for PacaLayer {
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {
+        if self.quant.is_some() {
+            return Err(Error::Unsupported(
+                "PaCA over a quantized base merges into its dequantized weights: load the model \
+                 with --dtype f32 or bf16 to merge"
+                    .into(),
+            ));
+        }
         let w = self.base.to_dtype(DType::F32)?;
         let idx = self.idx.as_tensor();
         let diff = (self.columns()? - w.index_select(idx, 1)?)?;
@@ -214,7 +276,7 @@ impl AdapterLayer for PacaLayer {
     }
 
     fn check_loaded(&self) -> Result<()> {
-        let inp = self.base.dim(1)?;
+        let inp = self.inp;
         let idx = self
             .idx
             .as_tensor()
@@ -253,12 +315,9 @@ mod oracle {
         let t = crate::testing::golden_fixture("paca");
         for (name, r, alpha) in [("square", 3, 6.0), ("wide", 4, 8.0), ("tall", 2, 2.0)] {
             let g = |k: &str| t[&format!("{name}.{k}")].clone();
-            let layer = PacaLayer {
-                cols: Var::from_tensor(&g("paca_w")).unwrap(),
-                idx: Var::from_tensor(&g("idx")).unwrap(),
-                base: g("w"),
-                scaling: alpha / r as f64,
-            };
+            let w = g("w");
+            let (s, inp) = (alpha / r as f64, w.dim(1).unwrap());
+            let layer = PacaLayer::new(g("paca_w"), g("idx"), (&w, None), inp, s).unwrap();
             layer.check_loaded().unwrap();
             let x = Var::from_tensor(&g("x")).unwrap();
             let b = g("b");
@@ -296,11 +355,11 @@ mod oracle {
 
     #[test]
     fn indices_out_of_range_or_repeated_are_refused_after_a_load() {
-        let layer = |idx: &[i64]| PacaLayer {
-            cols: Var::zeros((4, idx.len()), DType::F32, &Device::Cpu).unwrap(),
-            idx: Var::from_tensor(&Tensor::new(idx, &Device::Cpu).unwrap()).unwrap(),
-            base: Tensor::zeros((4, 6), DType::F32, &Device::Cpu).unwrap(),
-            scaling: 1.0,
+        let w = Tensor::zeros((4, 6), DType::F32, &Device::Cpu).unwrap();
+        let layer = |idx: &[i64]| {
+            let cols = Tensor::zeros((4, idx.len()), DType::F32, &Device::Cpu).unwrap();
+            let idx = Tensor::new(idx, &Device::Cpu).unwrap();
+            PacaLayer::new(cols, idx, (&w, None), 6, 1.0).unwrap()
         };
         assert!(layer(&[5, 0]).check_loaded().is_ok());
         for bad in [&[6i64, 0][..], &[-1, 2], &[2, 2]] {
@@ -308,4 +367,16 @@ mod oracle {
             assert!(e.contains("paca_indices") && e.contains("0..6"), "{e}");
         }
     }
+}
+
+/// QPaCA (PaCA over a quantized base, as the paper pairs it with QLoRA's base): the replaced
+/// columns decoded from the blocks give what the dequantized W's columns give.
+#[test]
+fn paca_over_quantized_blocks_equals_paca_over_them_dequantized() {
+    let c = conformance_config();
+    let off = |l: &dyn AdapterLayer| {
+        let v = &l.tensors()[0].var;
+        v.set(&(v.as_tensor() * 1.3).unwrap()).unwrap();
+    };
+    crate::testing::check_over_quantized_blocks(&Paca, &c, (12, 32), &off);
 }

@@ -346,6 +346,19 @@ pub fn dequantize(w: &Tensor, fmt: QFormat) -> Result<Tensor> {
     Tensor::from_vec(out, (n, fmt.cols), w.device())
 }
 
+/// `f(row)` of every row of a quantized `w`, each decoded to f32 in turn (one row in memory at
+/// a time): what a method needs of W when it needs a reduction of it (DoRA's row norms) or a
+/// few of its columns (PaCA's).
+pub fn for_each_row(w: &Tensor, fmt: QFormat, mut f: impl FnMut(&[f32])) -> Result<()> {
+    let bytes = w.flatten_all()?.to_vec1::<u8>()?;
+    let mut row = vec![0f32; fmt.cols];
+    for r in bytes.chunks_exact(fmt.row_bytes()) {
+        dequantize_rows(fmt, r, &mut row);
+        f(&row);
+    }
+    Ok(())
+}
+
 /// Rows `ids` (any shape, integer) of a quantized table, dequantized: `(ids.., cols)` in f32.
 /// Only the rows looked up are decoded (the token embedding of a quantized model).
 pub fn lookup(w: &Tensor, fmt: QFormat, ids: &Tensor) -> Result<Tensor> {
