@@ -37,8 +37,8 @@ pub struct Dora {
     base: Base,           // frozen W
     base_sq: Tensor,      // ||W_i||^2 (out,), f32
     bias: Option<Tensor>, // frozen b (out,), f32
-    /// The norms kept at inference while A, B and s hold (decoding, evaluation): a forward
-    /// compares r (in + out) values instead of reading W.
+    /// The norms kept while A, B and s hold (decoding, evaluation, a checkpointed layer's
+    /// second forward): a forward compares r (in + out) values instead of reading W.
     kept: KeptDelta,
 }
 
@@ -108,13 +108,15 @@ impl Dora {
     }
 
     /// `||W + s B A||` per row (out,), detached, from `a` (r, in) and `b` (out, r) without the
-    /// out x in sum (see the module); at inference, the norms kept while A, B and s hold.
+    /// out x in sum (see the module); the norms kept while A, B and s hold (inference, and a
+    /// step's recomputed forward under gradient checkpointing).
     fn norms(&self, ctx: &crate::Ctx, a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
         let (a, b) = (a.detach(), b.detach());
         let scale = Tensor::new(&[s as f32], a.device())?;
         let values = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?, scale], 0)?;
+        let k = ctx.kernels();
         self.kept
-            .get(ctx, &values, || self.norms_now(ctx.kernels(), &a, &b, s))
+            .get_detached(&values, || self.norms_now(k, &a, &b, s))
     }
 
     /// `norms`, computed.

@@ -217,6 +217,24 @@ impl KeptDelta {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).is_some()
     }
 
+    /// A value outside the graph (`make`'s result is detached) from the trained `values`,
+    /// kept under any `ctx` while they stay the same: DoRA's norms, which a step with gradient
+    /// checkpointing asks for twice with the same A and B.
+    pub fn get_detached(
+        &self,
+        values: &Tensor,
+        make: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let now: Vec<f32> = values.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        if let Some((_, d)) = kept.as_ref().filter(|(at, _)| *at == now) {
+            return Ok(d.clone());
+        }
+        let d = make()?.detach();
+        *kept = Some((now, d.clone()));
+        Ok(d)
+    }
+
     /// The update under `ctx`, from the trained `values` by `make`.
     pub fn get(
         &self,
