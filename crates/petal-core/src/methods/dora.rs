@@ -11,8 +11,9 @@
 //! The norms are taken without forming W + s B A (out x in, what PEFT builds every forward):
 //! `||W_i + s (BA)_i||^2 = ||W_i||^2 + 2 s B_i . (W A^T)_i + s^2 B_i (A A^T) B_i^T`, with
 //! `||W_i||^2` kept from the start (W is frozen), so a forward reads W once through the
-//! (out, r) product W A^T instead of writing and reading four out x in temporaries: unmerged
-//! decoding pays about what LoRA pays (`row_norms` is the readable twin the tests hold it to).
+//! (out, r) product W A^T instead of writing and reading four out x in temporaries, and the
+//! norms are kept while A, B and s hold, so unmerged decoding reads W once a token, as LoRA
+//! does (`row_norms` is the readable twin the tests hold it to).
 
 use crate::methods::KeptDelta;
 use crate::{Error, Result};
@@ -71,8 +72,9 @@ impl Dora {
         let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
         let (base, base_sq, m) = match quant {
             None => {
-                let w32 = w.to_dtype(DType::F32)?; // a bf16 W's f32 copy lives for this call only
-                                                   // as PEFT: the norms of the sum, bitwise
+                // a bf16 W's f32 copy lives for this call only; m as PEFT takes it: the norms
+                // of the sum, bitwise
+                let w32 = w.to_dtype(DType::F32)?;
                 let m = row_norms(&(&w32 + (b.matmul(a)? * s)?)?)?;
                 (Base::Dense(w.clone()), w32.sqr()?.sum(1)?, Some(m))
             }
