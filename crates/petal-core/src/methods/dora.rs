@@ -23,19 +23,14 @@ use petal_ops::Kernels;
 
 pub const MAGNITUDE: &str = "lora_magnitude_vector";
 
-/// The frozen W DoRA reads, never copied: dense (f32 or bf16, the model's own tensor), or a
-/// quantized base's blocks (QDoRA), read through the quantized product and never dequantized
-/// whole.
-#[derive(Debug)]
-enum Base {
-    Dense(Tensor),          // (out, in)
-    Quant(Tensor, QFormat), // (out, row bytes)
-}
-
 #[derive(Debug)]
 pub struct Dora {
-    pub m: Var,           // (out,)
-    base: Base,           // frozen W
+    pub m: Var, // (out,)
+    /// The frozen W, never copied: the model's own tensor (out, in), f32 or bf16, or a
+    /// quantized base's blocks (QDoRA; `quant` their format), read through the quantized
+    /// product and never dequantized whole.
+    base: Tensor,
+    quant: Option<QFormat>,
     base_sq: Tensor,      // ||W_i||^2 (out,), f32
     bias: Option<Tensor>, // frozen b (out,), f32
     /// The norms kept while A, B and s hold (decoding, evaluation, a checkpointed layer's
@@ -70,19 +65,20 @@ impl Dora {
         (a, b, s): (&Tensor, &Tensor, f64),
     ) -> Result<Self> {
         let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
-        let (base, base_sq, m) = match quant {
+        let (base_sq, m) = match quant {
             None => {
                 // a bf16 W's f32 copy lives for this call only; m as PEFT takes it: the norms
                 // of the sum, bitwise
                 let w32 = w.to_dtype(DType::F32)?;
                 let m = row_norms(&(&w32 + (b.matmul(a)? * s)?)?)?;
-                (Base::Dense(w.clone()), w32.sqr()?.sum(1)?, Some(m))
+                (w32.sqr()?.sum(1)?, Some(m))
             }
-            Some(fmt) => (Base::Quant(w.clone(), fmt), quant_row_sq(w, fmt)?, None),
+            Some(fmt) => (quant_row_sq(w, fmt)?, None),
         };
         let mut d = Dora {
             m: Var::new(0f32, w.device())?,
-            base,
+            base: w.clone(),
+            quant,
             base_sq,
             bias,
             kept: KeptDelta::default(),
@@ -98,15 +94,11 @@ impl Dora {
     /// W A^T (out, r) f32 for a detached `a` (r, in): f32 products over an f32 or quantized W,
     /// bf16 ones (f32 sums) over a bf16 W.
     fn base_times(&self, k: Kernels, a: &Tensor) -> Result<Tensor> {
-        Ok(match &self.base {
-            Base::Dense(w) => petal_ops::frozen_linear(k, a, w, None)?
-                .to_dtype(DType::F32)?
-                .t()?
-                .contiguous()?,
-            Base::Quant(w, fmt) => petal_ops::quant::quant_linear_exact(a, w, *fmt)?
-                .t()?
-                .contiguous()?,
-        })
+        let wat = match self.quant {
+            None => petal_ops::frozen_linear(k, a, &self.base, None)?.to_dtype(DType::F32)?,
+            Some(fmt) => petal_ops::quant::quant_linear_exact(a, &self.base, fmt)?,
+        };
+        Ok(wat.t()?.contiguous()?)
     }
 
     /// `||W + s B A||` per row (out,), detached, from `a` (r, in) and `b` (out, r) without the
@@ -169,13 +161,10 @@ impl Dora {
         dropped: bool,
     ) -> Result<Tensor> {
         let f = self.factor(ctx, a, b, s)?.unsqueeze(0)?; // (1, out)
-        let base = match (dropped, &self.base) {
-            (true, Base::Dense(w)) => crate::linear::frozen_xwt(ctx, xd, w, None)?,
-            (true, Base::Quant(w, fmt)) => crate::linear::frozen_xwt(ctx, xd, w, Some(*fmt))?,
-            (false, _) => match &self.bias {
-                Some(b) => y.broadcast_sub(b)?,
-                None => y.clone(),
-            },
+        let base = match (dropped, &self.bias) {
+            (true, _) => crate::linear::frozen_xwt(ctx, xd, &self.base, self.quant)?,
+            (false, Some(b)) => y.broadcast_sub(b)?,
+            (false, None) => y.clone(),
         };
         let extra = ((f.broadcast_mul(&base)? - &base)? + (f.broadcast_mul(lora)? * s)?)?;
         Ok((y + extra)?)
@@ -183,14 +172,14 @@ impl Dora {
 
     /// W' - W = (f - 1) ⊙ W + f ⊙ delta (rows), for merging; `delta` = s B A.
     pub fn update(&self, delta: &Tensor) -> Result<Tensor> {
-        let Base::Dense(w) = &self.base else {
+        if self.quant.is_some() {
             return Err(Error::Unsupported(
                 "DoRA over a quantized base merges into its dequantized weights: load the \
                  model with --dtype f32 or bf16 to merge"
                     .into(),
             ));
-        };
-        let w = &w.to_dtype(DType::F32)?;
+        }
+        let w = &self.base.to_dtype(DType::F32)?;
         let norm = row_norms(&(w + delta.detach())?)?;
         let f = self.m.as_tensor().div(&norm)?.unsqueeze(1)?; // (out, 1)
         Ok(((f.broadcast_mul(w)? - w)? + f.broadcast_mul(delta)?)?)

@@ -225,14 +225,7 @@ impl KeptDelta {
         values: &Tensor,
         make: impl FnOnce() -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let now: Vec<f32> = values.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-        if let Some((_, d)) = kept.as_ref().filter(|(at, _)| *at == now) {
-            return Ok(d.clone());
-        }
-        let d = make()?.detach();
-        *kept = Some((now, d.clone()));
-        Ok(d)
+        self.kept_or(values, || Ok(make()?.detach()))
     }
 
     /// The update under `ctx`, from the trained `values` by `make`.
@@ -242,16 +235,21 @@ impl KeptDelta {
         values: &Tensor,
         make: impl FnOnce() -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if ctx.is_train() {
-            *kept = None;
+            self.clear();
             return make();
         }
+        // not detached: a gradient asked of an inference forward still reaches the values
+        self.kept_or(values, make)
+    }
+
+    /// The kept value while `values` stay the same, else `make`'s, kept.
+    fn kept_or(&self, values: &Tensor, make: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let now: Vec<f32> = values.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
         if let Some((_, d)) = kept.as_ref().filter(|(at, _)| *at == now) {
             return Ok(d.clone());
         }
-        // not detached: a gradient asked of an inference forward still reaches the values
         let d = make()?;
         *kept = Some((now, d.clone()));
         Ok(d)

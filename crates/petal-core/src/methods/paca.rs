@@ -255,10 +255,13 @@ impl AdapterLayer for PacaLayer {
                     .into(),
             ));
         }
-        let w = self.base.to_dtype(DType::F32)?;
-        let idx = self.idx.as_tensor();
-        let diff = (self.columns()? - w.index_select(idx, 1)?)?;
-        Ok(WeightUpdate::Add(w.zeros_like()?.index_add(idx, &diff, 1)?))
+        let diff = (self.columns()? - self.replaced()?)?;
+        let zeros = Tensor::zeros((diff.dim(0)?, self.inp), DType::F32, diff.device())?;
+        Ok(WeightUpdate::Add(zeros.index_add(
+            self.idx.as_tensor(),
+            &diff,
+            1,
+        )?))
     }
 
     fn tensors(&self) -> Vec<NamedTensor<'_>> {

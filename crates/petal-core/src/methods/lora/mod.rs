@@ -38,24 +38,24 @@ pub struct LoraLayer {
     pub bias: Option<(Var, Tensor)>,
 }
 
+/// Whether `init` is a structured initialisation (PiSSA, fast PiSSA, OLoRA): it factors W and
+/// moves the factors out of it, leaving a residual base.
+fn structured(init: &InitWeights) -> bool {
+    matches!(init, InitWeights::Named(n) if n == "pissa" || n == "olora" || pissa_niter(n).is_some())
+}
+
 impl AdapterMethod for Lora {
     fn needs_dense_base(&self, cfg: &AdapterConfig) -> Option<&'static str> {
         let o: LoraOptions = cfg.options().ok()?;
-        match &o.core.init {
-            InitWeights::Named(n) if n == "pissa" || n == "olora" || pissa_niter(n).is_some() => {
-                Some("its initialisation factors W and moves the factors out of it")
-            }
-            _ => None,
-        }
+        structured(&o.core.init)
+            .then_some("its initialisation factors W and moves the factors out of it")
     }
 
     fn layer_values(&self, cfg: &AdapterConfig, path: &str, dims: &ModuleDims) -> Result<u64> {
         let o: LoraOptions = cfg.options()?;
         // A and B, a trained bias, and DoRA's magnitude and squared row norms (it reads the
         // model's own W), with the residual base PiSSA / OLoRA leave it
-        let structured = matches!(&o.core.init,
-            InitWeights::Named(n) if n == "pissa" || n == "olora" || pissa_niter(n).is_some());
-        let dora = match (o.dora, structured) {
+        let dora = match (o.dora, structured(&o.core.init)) {
             (false, _) => 0,
             (true, false) => 2 * dims.out as u64,
             (true, true) => dims.full() + dims.out as u64,
@@ -153,7 +153,7 @@ impl AdapterMethod for Lora {
         };
         let scaling = o.scaling_for(path);
         let (a, b, base_offset) = match &o.core.init {
-            InitWeights::Named(n) if n == "pissa" || n == "olora" || pissa_niter(n).is_some() => {
+            InitWeights::Named(n) if structured(&o.core.init) => {
                 let (a, b) = structured_init(n, base.weight, r, scaling, path)?;
                 let offset = (b.matmul(&a)? * scaling)?;
                 (a, b, Some(offset))
