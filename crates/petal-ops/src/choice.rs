@@ -19,8 +19,9 @@ pub struct Kernels {
 /// gradient; no weight gradient is taken through them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Frozen {
-    /// bf16 where the CPU has AVX512-BF16, else 8-bit codes where it has AVX-512 VNNI, else
-    /// f32 (on AVX2 alone the 8-bit kernel is slower than f32, measured).
+    /// bf16 where the CPU has AVX512-BF16, else 8-bit codes where it has AVX-512 VNNI or
+    /// AVX-VNNI, else nibbles where it has AVX2 (its 8-bit kernel is slower than f32,
+    /// measured), else f32.
     Auto,
     /// f32 products.
     F32,
@@ -28,10 +29,13 @@ pub enum Frozen {
     Bf16,
     /// 8-bit codes with i32 sums (`crate::int8`): AVX-512 VNNI, AVX2, or plain loops.
     Int8,
+    /// f32, except the forward products over 4-bit weights (Q4_0, Q4_1, Q4_K, int4), which
+    /// take W's own codes times 8-bit codes of x (AVX2; f32 without it).
+    Nibbles,
 }
 
 impl Frozen {
-    pub const NAMES: [&'static str; 4] = ["auto", "f32", "bf16", "int8"];
+    pub const NAMES: [&'static str; 5] = ["auto", "f32", "bf16", "int8", "nibbles"];
 
     pub fn parse(s: &str) -> Option<Frozen> {
         Some(match s.trim() {
@@ -39,6 +43,7 @@ impl Frozen {
             "f32" => Frozen::F32,
             "bf16" => Frozen::Bf16,
             "int8" => Frozen::Int8,
+            "nibbles" => Frozen::Nibbles,
             _ => return None,
         })
     }
@@ -111,7 +116,7 @@ impl Kernels {
     /// or `all` every one, a comma list some, `0` none; an unknown name is reported and
     /// skipped);
     /// `PETAL_FROZEN_PRODUCTS` the arithmetic of frozen quantized products (`auto`, `f32`,
-    /// `bf16`, `int8`; an unknown value is reported and `auto` kept).
+    /// `bf16`, `int8`, `nibbles`; an unknown value is reported and `auto` kept).
     pub fn from_env() -> Self {
         let fused = std::env::var("PETAL_FUSED").map_or(true, |v| v != "0");
         let cuda = match std::env::var("PETAL_CUDA_KERNELS") {

@@ -50,6 +50,10 @@ pub enum Kind {
     Avx2,
     /// No SIMD kernel: the AVX2 layout, summed in plain loops (tests, other CPUs).
     Plain,
+    /// AVX2 `vpmaddubsw` on a 4-bit weight's own codes (`nibbles`): b holds unsigned 4-bit
+    /// codes with a step and an offset per block, a signed 8-bit ones; not in [`Kind::ALL`],
+    /// as b must come from such a weight (`PackedB::from_codes`).
+    Nibbles,
 }
 
 impl Kind {
@@ -57,7 +61,7 @@ impl Kind {
     const ALL: [Kind; 4] = [Kind::Vnni, Kind::AvxVnni, Kind::Avx2, Kind::Plain];
 
     /// Whether this CPU has the kind's instructions.
-    fn runs_here(self) -> bool {
+    pub(crate) fn runs_here(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
@@ -66,6 +70,7 @@ impl Kind {
                 Kind::AvxVnni => has!("avx2") && has!("fma") && has!("avxvnni"),
                 Kind::Avx2 => has!("avx2") && has!("fma"),
                 Kind::Plain => true,
+                Kind::Nibbles => has!("avx2") && has!("fma"),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -108,12 +113,18 @@ impl Kind {
             Kind::AvxVnni => "avx-vnni",
             Kind::Avx2 => "avx2",
             Kind::Plain => "plain",
+            Kind::Nibbles => "avx2-nibbles",
         }
     }
 
-    /// Whether a word holds four 8-bit codes (`vpdpbusd`: a's side stored plus 128, each
-    /// block's excess taken back off), else two 16-bit ones.
+    /// Whether a word holds four 8-bit codes, else two 16-bit ones.
     fn bytes(self) -> bool {
+        matches!(self, Kind::Vnni | Kind::AvxVnni | Kind::Nibbles)
+    }
+
+    /// Whether a's codes are stored plus 128 (`vpdpbusd` reads them unsigned) and each block's
+    /// excess, 128 x the sum of b's codes, taken back off.
+    fn excess(self) -> bool {
         matches!(self, Kind::Vnni | Kind::AvxVnni)
     }
 
@@ -154,7 +165,7 @@ impl Kind {
 /// for the 16 products one FMA pair does; SmolLM2 over Q4_1 on an AVX2-only AMD EPYC trained
 /// at 110.7 tokens/s in 8-bit codes against 138.4 with f32 tiles, docs/quantized.md).
 pub fn faster_than_f32() -> bool {
-    Kind::best().bytes()
+    Kind::best().excess()
 }
 
 /// The multiplier taking `absmax` to 127, and the scale back (1 for an all-zero vector).
@@ -183,7 +194,11 @@ fn code(x: f32, inv: f32) -> i8 {
 /// `vpdpbusd` reads them unsigned) or i16 pairs, low first.
 fn word(kind: Kind, c: &[i8], excess: bool) -> u32 {
     if kind.bytes() {
-        let flip = if excess { 0x8080_8080 } else { 0 };
+        let flip = if excess && kind.excess() {
+            0x8080_8080
+        } else {
+            0
+        };
         u32::from_le_bytes([c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8]) ^ flip
     } else {
         (c[0] as i16 as u16 as u32) | (c[1] as i16 as u16 as u32) << 16
@@ -281,6 +296,8 @@ pub(crate) fn mm_int8_packed(out: Out, acc: bool, pa: &PackedA, pb: &PackedB) {
                             sas: pa.nb,
                             sb: &pb.scale[blk * n + j0..],
                             excess: excess.get(j0..).unwrap_or(&[]),
+                            lo: pb.lo.get(blk * n + j0..).unwrap_or(&[]),
+                            sums: pa.sums.get(ip * mr * pa.nb + blk..).unwrap_or(&[]),
                             n,
                             rows,
                             cols,
@@ -306,6 +323,9 @@ struct Tile<'a> {
     /// b's scales: column j's for block i at `sb[i * n + j]`; VNNI's excess the same way
     sb: &'a [f32],
     excess: &'a [i32],
+    /// Nibbles: b's offsets (as `sb`) and the sums of a's codes (as `sa`); else empty
+    lo: &'a [f32],
+    sums: &'a [f32],
     n: usize,
     rows: usize,
     cols: usize,
@@ -324,10 +344,15 @@ fn micro(kind: Kind, t: &Tile, c: &mut [f32], ldc: usize, add: bool) {
     assert!(t.rows == 0 || t.sa.len() >= (t.rows - 1) * t.sas + t.blocks());
     assert!(t.a.len() >= (mr - 1) * t.lda + t.kcq && t.b.len() >= nr * t.kcq);
     assert!(t.rows == 0 || c.len() >= (t.rows - 1) * ldc + t.cols);
-    assert!(if kind.bytes() {
+    assert!(if kind.excess() {
         t.excess.len() >= last
     } else {
         t.excess.is_empty()
+    });
+    assert!(if kind == Kind::Nibbles {
+        t.lo.len() >= last && (t.rows == 0 || t.sums.len() >= (t.rows - 1) * t.sas + t.blocks())
+    } else {
+        t.lo.is_empty()
     });
     #[cfg(target_arch = "x86_64")]
     match kind {
@@ -336,8 +361,10 @@ fn micro(kind: Kind, t: &Tile, c: &mut [f32], ldc: usize, add: bool) {
         Kind::Vnni => return unsafe { x86::micro_vnni(t, c, ldc, add) },
         Kind::AvxVnni => return unsafe { x86::micro_avx_vnni(t, c, ldc, add) },
         Kind::Avx2 => return unsafe { x86::micro_avx2(t, c, ldc, add) },
+        Kind::Nibbles => return unsafe { x86::micro_nibbles(t, c, ldc, add) },
         Kind::Plain => {}
     }
+    assert!(kind != Kind::Nibbles, "the nibble kernel runs on AVX2 only");
     for r in 0..t.rows {
         for j in 0..t.cols {
             let mut f = 0f32;
@@ -356,9 +383,12 @@ fn micro(kind: Kind, t: &Tile, c: &mut [f32], ldc: usize, add: bool) {
     }
 }
 
+mod nibbles;
 mod pack;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+pub use nibbles::mm_nibbles_reference;
 
 pub(crate) use pack::{PackedA, PackedB};
 

@@ -15,6 +15,8 @@ pub(crate) struct PackedA {
     pub(super) scale: Vec<f32>,
     pub(super) kw: usize,
     pub(super) nb: usize,
+    /// Nibbles: the sum of each block's codes `[i][block]` (for b's offsets); else empty
+    pub(super) sums: Vec<f32>,
 }
 
 impl PackedA {
@@ -29,13 +31,22 @@ impl PackedA {
         let nb = k.div_ceil(BLOCK);
         let mut words = vec![0u32; rows * kw];
         let mut scale = vec![1f32; rows * nb];
+        let nibbles = kind == Kind::Nibbles;
+        let mut sums = vec![0f32; if nibbles { rows * nb } else { 0 }];
+        let mut no_sums = vec![Vec::new(); m];
+        let sum_rows: Vec<&mut [f32]> = if nibbles {
+            sums[..m * nb].chunks_mut(nb.max(1)).collect()
+        } else {
+            no_sums.iter_mut().map(|v| &mut v[..]).collect()
+        };
         words[..m * kw]
             .par_chunks_mut(kw.max(1))
             .zip(scale.par_chunks_mut(nb.max(1)))
+            .zip(sum_rows)
             .enumerate()
             .for_each_init(
                 || (Vec::new(), vec![0i8; kw * g]),
-                |(row, codes), (i, (w, s))| {
+                |(row, codes), (i, ((w, s), sums))| {
                     let x = if a.cs == 1 {
                         &a.x[i * a.rs..i * a.rs + k]
                     } else {
@@ -44,10 +55,13 @@ impl PackedA {
                         &row[..]
                     };
                     code_blocks(x, codes, s);
+                    for (sum, c) in sums.iter_mut().zip(codes[..k].chunks(BLOCK)) {
+                        *sum = c.iter().map(|&c| c as i32).sum::<i32>() as f32;
+                    }
                     words_of(kind, codes, true, w);
                 },
             );
-        if kind.bytes() {
+        if kind.excess() {
             words[m * kw..].iter_mut().for_each(|w| *w = 0x8080_8080); // zero codes
         }
         PackedA {
@@ -57,6 +71,7 @@ impl PackedA {
             scale,
             kw,
             nb,
+            sums,
         }
     }
 }
@@ -87,6 +102,8 @@ pub(crate) struct PackedB {
     pub(super) scale: Vec<f32>,
     /// per block, per column (VNNI), else empty
     pub(super) excess: Vec<i32>,
+    /// Nibbles: each block's offset, per block, per column (as `scale`); else empty
+    pub(super) lo: Vec<f32>,
 }
 
 /// A raw pointer the packing tasks write disjoint parts through.
@@ -120,6 +137,7 @@ impl PackedB {
                 words,
                 scale: Vec::new(),
                 excess: Vec::new(),
+                lo: Vec::new(),
             };
         }
         let mut scale = vec![1f32; nb * n];
@@ -234,7 +252,7 @@ impl PackedB {
                 },
             );
         }
-        if !kind.bytes() {
+        if !kind.excess() {
             excess = Vec::new();
         }
         PackedB {
@@ -244,6 +262,7 @@ impl PackedB {
             words,
             scale,
             excess,
+            lo: Vec::new(),
         }
     }
 

@@ -75,3 +75,86 @@ fn int8_matmul_is_close_to_the_exact_product_and_zero_rows_stay_zero() {
         }
     }
 }
+
+/// Codes, steps and offsets of a 4-bit weight (n rows of k), as a Q4_1-like format holds them.
+fn nibble_weight(n: usize, k: usize, seed: u64) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
+    let r = data(n * k + 2 * n * k / BLOCK, seed);
+    let codes = r[..n * k]
+        .iter()
+        .map(|v| ((v + 2.0) * 4.0).clamp(0.0, 15.0) as u8)
+        .collect();
+    let nb = n * k / BLOCK;
+    let step = r[n * k..n * k + nb]
+        .iter()
+        .map(|v| 0.01 + v.abs() * 0.05)
+        .collect();
+    let lo = r[n * k + nb..].iter().map(|v| v * 0.3).collect();
+    (codes, step, lo)
+}
+
+/// The nibble kernel against its twin on shapes with partial tiles and several k-panels, and
+/// the twin against the f64 product of the decoded weight with x's dequantized codes.
+#[test]
+fn nibble_products_equal_the_twin_and_use_w_exactly() {
+    if !Kind::Nibbles.runs_here() {
+        eprintln!("skipped: no AVX2");
+        return;
+    }
+    for &(m, n, k) in &[(1, 1, 32), (7, 50, 96), (13, 97, 4160), (6, 16, 256)] {
+        let x = data(m * k, 11);
+        let (codes, step, lo) = nibble_weight(n, k, 12);
+        let want = mm_nibbles_reference(&x, &codes, &step, &lo, m, n, k);
+        let pa = PackedA::new(Kind::Nibbles, rows(&x, k), m, k);
+        let nb = k / BLOCK;
+        let pb = PackedB::from_codes(n, k, Vec::new(), |j, c, s, l| {
+            c.copy_from_slice(&codes[j * k..(j + 1) * k]);
+            s.copy_from_slice(&step[j * nb..(j + 1) * nb]);
+            l.copy_from_slice(&lo[j * nb..(j + 1) * nb]);
+        });
+        for acc in [false, true] {
+            let base = data(m * n, 13);
+            let mut y = if acc {
+                base.clone()
+            } else {
+                vec![f32::NAN; m * n]
+            };
+            mm_int8_packed(
+                crate::bf16::Out {
+                    c: &mut y,
+                    ldc: n,
+                    c0: 0,
+                },
+                acc,
+                &pa,
+                &pb,
+            );
+            for (i, (got, w)) in y.iter().zip(&want).enumerate() {
+                let w = if acc { w + base[i] } else { *w };
+                let tol = 1e-5 * (1.0 + w.abs()) * (k as f32).sqrt();
+                assert!(
+                    (got - w).abs() <= tol,
+                    "{m}x{n}x{k} acc {acc} at {i}: {got} vs {w}"
+                );
+            }
+        }
+        // the twin: x's codes times W's exact values (step q + lo)
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for (bi, xb) in x[i * k..(i + 1) * k].chunks(BLOCK).enumerate() {
+                    let (inv, back) = scales(absmax(xb));
+                    for (p, &v) in xb.iter().enumerate() {
+                        let q = codes[j * k + bi * BLOCK + p] as f64;
+                        let w = step[j * nb + bi] as f64 * q + lo[j * nb + bi] as f64;
+                        s += code(v, inv) as f64 * back as f64 * w;
+                    }
+                }
+                let got = want[i * n + j] as f64;
+                assert!(
+                    (got - s).abs() <= 1e-5 * (1.0 + s.abs()),
+                    "twin {i},{j}: {got} vs {s}"
+                );
+            }
+        }
+    }
+}

@@ -1,4 +1,4 @@
-//! The AVX-512 VNNI and AVX2 microkernels of `int8` (see there).
+//! The AVX-512 VNNI, AVX-VNNI, AVX2 and nibble microkernels of `int8` (see there).
 
 use super::Tile;
 use std::arch::x86_64::*;
@@ -158,6 +158,83 @@ unsafe fn block_into_c(
                 let e = if excess { t.excess[at + j + l] } else { 0 };
                 let cp = cr.add(j + l);
                 let v = (x - e) as f32 * *sb.add(j + l);
+                *cp = if add { v.mul_add(sa, *cp) } else { v * sa };
+            }
+        }
+    }
+}
+
+/// The nibble kernel (`int8::nibbles`): per word, `vpmaddubsw` of b's four 4-bit codes a
+/// column (unsigned) by a row's four 8-bit ones (signed), the pairs' sums added in 16-bit
+/// lanes over a whole block (at most 8 x 2 x 15 x 127 = 30480), then widened by `vpmaddwd`
+/// with ones and scaled with the block's offset term into c.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn micro_nibbles(t: &Tile, c: &mut [f32], ldc: usize, add: bool) {
+    let (ap, bp) = (t.a.as_ptr(), t.b.as_ptr());
+    debug_assert!(t.bw == 8);
+    for i in 0..t.blocks() {
+        let mut s = [[_mm256_setzero_si256(); 2]; 6];
+        for p in i * t.bw..((i + 1) * t.bw).min(t.kcq) {
+            let q = bp.add(p * 16) as *const __m256i;
+            let b0 = _mm256_loadu_si256(q);
+            let b1 = _mm256_loadu_si256(q.add(1));
+            for (r, acc) in s.iter_mut().enumerate() {
+                let x = _mm256_set1_epi32(*ap.add(r * t.lda + p) as i32);
+                acc[0] = _mm256_add_epi16(acc[0], _mm256_maddubs_epi16(b0, x));
+                acc[1] = _mm256_add_epi16(acc[1], _mm256_maddubs_epi16(b1, x));
+            }
+        }
+        let ones = _mm256_set1_epi16(1);
+        for acc in s.iter_mut() {
+            acc[0] = _mm256_madd_epi16(acc[0], ones);
+            acc[1] = _mm256_madd_epi16(acc[1], ones);
+        }
+        nibble_block_into_c(t, i, &s, c, ldc, add || i > 0);
+    }
+}
+
+/// Block `i`'s i32 sums of a 6 x 16 nibble tile as `(x step + lo sums) sa`, written or added
+/// into c.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn nibble_block_into_c(
+    t: &Tile,
+    i: usize,
+    s: &[[__m256i; 2]; 6],
+    c: &mut [f32],
+    ldc: usize,
+    add: bool,
+) {
+    let at = i * t.n;
+    let (sb, lo) = (t.sb.as_ptr().add(at), t.lo.as_ptr().add(at));
+    for (r, acc) in s.iter().enumerate().take(t.rows) {
+        let sa = t.sa[r * t.sas + i];
+        let sums = t.sums[r * t.sas + i];
+        let cr = c.as_mut_ptr().add(r * ldc);
+        for (v, s) in acc.iter().enumerate() {
+            let j = v * 8;
+            if j >= t.cols {
+                break;
+            }
+            let live = (t.cols - j).min(8);
+            if live == 8 {
+                let x = _mm256_cvtepi32_ps(*s);
+                let off = _mm256_mul_ps(_mm256_loadu_ps(lo.add(j)), _mm256_set1_ps(sums));
+                let x = _mm256_fmadd_ps(x, _mm256_loadu_ps(sb.add(j)), off);
+                let cp = cr.add(j);
+                let y = if add {
+                    _mm256_fmadd_ps(x, _mm256_set1_ps(sa), _mm256_loadu_ps(cp))
+                } else {
+                    _mm256_mul_ps(x, _mm256_set1_ps(sa))
+                };
+                _mm256_storeu_ps(cp, y);
+                continue;
+            }
+            let mut lanes = [0i32; 8];
+            _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, *s);
+            for (l, &x) in lanes.iter().enumerate().take(live) {
+                let cp = cr.add(j + l);
+                let v = (x as f32).mul_add(*sb.add(j + l), *lo.add(j + l) * sums);
                 *cp = if add { v.mul_add(sa, *cp) } else { v * sa };
             }
         }

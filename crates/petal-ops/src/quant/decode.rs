@@ -199,3 +199,68 @@ fn q6_k(bytes: &[u8], out: &mut [f32]) {
         }
     }
 }
+
+/// Whether [`nibbles`] reads type `t`: its values are 4-bit codes on an affine grid per block of
+/// 32 (Q4_0, Q4_1, Q4_K's sub-blocks).
+pub(super) fn has_nibbles(t: GgmlDType) -> bool {
+    matches!(t, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K)
+}
+
+/// Whole blocks of `t` as their 4-bit codes (one a byte, in value order) and, per 32 values,
+/// the grid's step and offset: value `step q + lo`, as the decoders above compute it.
+pub(super) fn nibbles(
+    t: GgmlDType,
+    bytes: &[u8],
+    codes: &mut [u8],
+    step: &mut [f32],
+    lo: &mut [f32],
+) {
+    // the 16 bytes of a block of 32: low nibbles first, then high ones
+    fn split(q: &[u8], c: &mut [u8]) {
+        for j in 0..16 {
+            c[j] = q[j] & 15;
+            c[j + 16] = q[j] >> 4;
+        }
+    }
+    let grids = step.iter_mut().zip(lo.iter_mut());
+    match t {
+        GgmlDType::Q4_0 => {
+            for ((b, c), (s, l)) in bytes
+                .chunks_exact(18)
+                .zip(codes.chunks_exact_mut(32))
+                .zip(grids)
+            {
+                let d = half(b, 0);
+                split(&b[2..18], c);
+                (*s, *l) = (d, -8.0 * d);
+            }
+        }
+        GgmlDType::Q4_1 => {
+            for ((b, c), (s, l)) in bytes
+                .chunks_exact(20)
+                .zip(codes.chunks_exact_mut(32))
+                .zip(grids)
+            {
+                split(&b[4..20], c);
+                (*s, *l) = (half(b, 0), half(b, 2));
+            }
+        }
+        GgmlDType::Q4K => {
+            let blocks = bytes.chunks_exact(144).zip(codes.chunks_exact_mut(256));
+            let grids = step.chunks_exact_mut(8).zip(lo.chunks_exact_mut(8));
+            for ((b, c), (s, l)) in blocks.zip(grids) {
+                let (d, dmin) = (half(b, 0), half(b, 2));
+                for j in 0..8 {
+                    let (sc, m) = scale_min_k4(j, &b[4..16]);
+                    (s[j], l[j]) = (d * sc as f32, -(dmin * m as f32));
+                    let q = &b[16 + 32 * (j / 2)..16 + 32 * (j / 2) + 32];
+                    let shift = 4 * (j % 2);
+                    for (c, q) in c[32 * j..32 * j + 32].iter_mut().zip(q) {
+                        *c = (q >> shift) & 15;
+                    }
+                }
+            }
+        }
+        other => unreachable!("{other:?} has no 4-bit codes (`has_nibbles`)"),
+    }
+}

@@ -76,6 +76,36 @@ impl Quantizer for Int4 {
         }
     }
 
+    fn has_nibbles(&self) -> bool {
+        self.group.is_multiple_of(32)
+    }
+
+    fn nibbles(
+        &self,
+        cols: usize,
+        bytes: &[u8],
+        codes: &mut [u8],
+        step: &mut [f32],
+        lo: &mut [f32],
+    ) {
+        let (g, rb) = (self.group, self.row_bytes(cols));
+        let rows = bytes.chunks_exact(rb).zip(codes.chunks_exact_mut(cols));
+        let grids = step
+            .chunks_exact_mut(cols / 32)
+            .zip(lo.chunks_exact_mut(cols / 32));
+        for ((row, c), (s, l)) in rows.zip(grids) {
+            for (c, b) in c.chunks_exact_mut(2).zip(&row[..cols / 2]) {
+                (c[0], c[1]) = (b & 15, b >> 4);
+            }
+            let params = &row[cols / 2..];
+            for (i, (s, l)) in s.iter_mut().zip(l.iter_mut()).enumerate() {
+                let j = i * 32 / g;
+                let scale = f16::from_le_bytes([params[3 * j], params[3 * j + 1]]).to_f32();
+                (*s, *l) = (scale, -(params[3 * j + 2] as f32) * scale);
+            }
+        }
+    }
+
     fn encode(&self, cols: usize, w: &[f32]) -> Vec<u8> {
         let g = self.group;
         let mut out = Vec::with_capacity(w.len() / cols * self.row_bytes(cols));

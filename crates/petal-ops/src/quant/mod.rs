@@ -89,6 +89,24 @@ pub trait Quantizer: Send + Sync {
     fn block_bytes(&self) -> Option<usize> {
         None
     }
+    /// Whether every block of 32 values is 4-bit codes on an affine grid (value `step q + lo`),
+    /// which [`Quantizer::nibbles`] gives: the forward product then runs on the codes
+    /// themselves (`int8::nibbles`).
+    fn has_nibbles(&self) -> bool {
+        false
+    }
+    /// Whole rows as 4-bit codes (one a byte, `cols` a row) and each block of 32's step and
+    /// offset (`cols / 32` a row), where [`Quantizer::has_nibbles`].
+    fn nibbles(
+        &self,
+        _cols: usize,
+        _bytes: &[u8],
+        _codes: &mut [u8],
+        _step: &mut [f32],
+        _lo: &mut [f32],
+    ) {
+        unreachable!("{} has no 4-bit codes", self.name())
+    }
     /// Whether `--quantize` with it also quantizes the token embedding and output head
     /// (llama.cpp's types do; QLoRA and GPTQ keep them in the model's dtype).
     fn covers_embeddings(&self) -> bool {
@@ -169,6 +187,21 @@ impl Quantizer for Ggml {
 
     fn few_rows(&self, x: &[f32], m: usize, cols: usize, w: &[u8], n: usize) -> Option<Vec<f32>> {
         product::ggml_few_rows(self.0, x, m, cols, w, n)
+    }
+
+    fn has_nibbles(&self) -> bool {
+        decode::has_nibbles(self.0)
+    }
+
+    fn nibbles(
+        &self,
+        _cols: usize,
+        bytes: &[u8],
+        codes: &mut [u8],
+        step: &mut [f32],
+        lo: &mut [f32],
+    ) {
+        decode::nibbles(self.0, bytes, codes, step, lo)
     }
 }
 

@@ -127,10 +127,30 @@ pub(crate) enum Mode {
     Bf16,
     /// tiles and x in 8-bit codes (`crate::int8`)
     Int8,
+    /// f32 tiles, but the forward products over 4-bit weights take their own codes times x's
+    /// 8-bit ones (`int8::nibbles`, AVX2)
+    Nibbles,
+}
+
+impl Mode {
+    /// Whether the products that take no codes decode tiles to f32.
+    pub(crate) fn f32_tiles(self) -> bool {
+        matches!(self, Mode::F32 | Mode::Nibbles)
+    }
+
+    /// Whether the forward `x W^T` over `fmt` runs on W's 4-bit codes: in nibbles mode, and
+    /// in 8-bit mode on the AVX2 kernel (which rounds W to 8 bits and takes twice the
+    /// multiplies), where the format has them.
+    pub(crate) fn nibbles(self, fmt: QFormat) -> bool {
+        let kind = crate::int8::Kind::chosen();
+        let asks = self == Mode::Nibbles || (self == Mode::Int8 && kind == crate::int8::Kind::Avx2);
+        asks && fmt.q.has_nibbles() && crate::int8::Kind::Nibbles.runs_here()
+    }
 }
 
 /// The tile arithmetic `k` asks for on this CPU: the reference kernels f32; `auto` bf16 with
-/// AVX512-BF16, else 8-bit codes with AVX-512 VNNI, else f32.
+/// AVX512-BF16, else 8-bit codes with AVX-512 VNNI or AVX-VNNI, else nibbles with AVX2, else
+/// f32.
 pub(crate) fn mode(k: Kernels) -> Mode {
     use crate::Frozen;
     let bf16 = crate::bf16::available();
@@ -139,6 +159,7 @@ pub(crate) fn mode(k: Kernels) -> Mode {
         Frozen::F32 => Mode::F32,
         Frozen::Bf16 | Frozen::Auto if bf16 => Mode::Bf16,
         Frozen::Auto if crate::int8::faster_than_f32() => Mode::Int8,
+        Frozen::Auto | Frozen::Nibbles if crate::int8::Kind::Nibbles.runs_here() => Mode::Nibbles,
         Frozen::Int8 => Mode::Int8,
         _ => Mode::F32,
     }
@@ -151,6 +172,7 @@ pub fn arithmetic(k: Kernels) -> String {
         Mode::F32 => "f32".into(),
         Mode::Bf16 => format!("bf16 ({})", crate::amx::Bf16Kernel::chosen().name()),
         Mode::Int8 => format!("int8 ({})", crate::int8::Kind::chosen().name()),
+        Mode::Nibbles => "f32, 4-bit weights' forward on their codes (avx2-nibbles)".into(),
     }
 }
 

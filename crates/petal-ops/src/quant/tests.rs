@@ -542,3 +542,50 @@ fn fused_quant_lora_equals_the_composed_form_in_value_and_every_gradient() {
         );
     }
 }
+
+#[test]
+fn nibble_forward_reads_4_bit_codes_exactly_and_the_rest_stays_f32() {
+    // the codes and grids are the decoded values (the decoders are held to gguf-py); the
+    // forward equals the nibble twin (x in 8-bit codes, W exact); the input gradient and the
+    // other formats are f32 products of the decoded weight
+    if !crate::int8::Kind::Nibbles.runs_here() {
+        return eprintln!("skipped: no AVX2");
+    }
+    let kn = Kernels::FUSED.with_frozen(crate::Frozen::Nibbles);
+    let (rows, cols, m) = (600, 512, 37);
+    let (x, g) = (rand(&[m, cols], 5), rand(&[m, rows], 6));
+    for name in ["q4_0", "q4_1", "q4_k", "int4_g32", "int4", "q6_k", "q8_0"] {
+        let (q, fmt) = quantize_with(&rand(&[rows, cols], 3), quantizer(name).unwrap()).unwrap();
+        let w = dequantize(&q, fmt).unwrap();
+        let y = quant_linear(kn, &x, &q, fmt, None).unwrap();
+        let dx = quant_input_grad(kn, &g, &q, fmt).unwrap();
+        assert!(max_rel(&dx, &g.matmul(&w).unwrap()) < 1e-5, "{name} grad");
+        let exact = x.matmul(&w.t().unwrap()).unwrap();
+        if !fmt.q.has_nibbles() {
+            assert!(!name.starts_with("q4") && !name.starts_with("int4"));
+            assert!(max_rel(&y, &exact) < 1e-5, "{name}");
+            continue;
+        }
+        let bytes: Vec<u8> = q.flatten_all().unwrap().to_vec1().unwrap();
+        let (mut codes, mut step, mut lo) = (
+            vec![0u8; rows * cols],
+            vec![0f32; rows * cols / 32],
+            vec![0f32; rows * cols / 32],
+        );
+        fmt.q.nibbles(cols, &bytes, &mut codes, &mut step, &mut lo);
+        let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+        for (i, (&c, &v)) in codes.iter().zip(&wv).enumerate() {
+            let u = step[i / 32] * c as f32 + lo[i / 32];
+            assert!(
+                c < 16 && (u - v).abs() <= 1e-6 * (1.0 + v.abs()),
+                "{name} {i}: {u} vs {v}"
+            );
+        }
+        let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let want = crate::int8::mm_nibbles_reference(&xv, &codes, &step, &lo, m, rows, cols);
+        let want = Tensor::from_vec(want, (m, rows), &Device::Cpu).unwrap();
+        assert!(max_rel(&y, &want) <= 1e-5, "{name}");
+        let d = max_rel(&y, &exact);
+        assert!(d > 1e-4 && d < 2e-2, "{name}: {d}");
+    }
+}

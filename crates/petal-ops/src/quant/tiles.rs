@@ -51,7 +51,7 @@ impl Tiles {
             packed: Vec::new(),
         });
         t.mode = mode;
-        if mode == Mode::F32 && t.f32s.len() < rows * k {
+        if mode.f32_tiles() && t.f32s.len() < rows * k {
             t.f32s.resize(rows * k, 0.0);
         }
         t
@@ -121,6 +121,20 @@ impl Tiles {
         self.packed = b.into_words();
     }
 
+    /// The forward's `out = a T^T` for the tile `T` of `r` whole rows of `blocks`, on W's
+    /// 4-bit codes (`int8::nibbles`), each row's codes read once into the kernel's words.
+    fn nibble_rows(&mut self, fmt: QFormat, blocks: &[u8], r: usize, out: Out, a: &PackedA) {
+        let rb = fmt.row_bytes();
+        let row = |i: usize, codes: &mut [u8], step: &mut [f32], lo: &mut [f32]| {
+            fmt.q
+                .nibbles(fmt.cols, &blocks[i * rb..(i + 1) * rb], codes, step, lo)
+        };
+        let words = std::mem::take(&mut self.packed);
+        let b = PackedB::from_codes(r, fmt.cols, words, row);
+        mm_int8_packed(out, false, a, &b);
+        self.packed = b.into_words();
+    }
+
     /// Hand the buffers back for the next product on this thread.
     fn done(self) {
         SPARE.with(|s| s.set(Some(self)));
@@ -153,7 +167,7 @@ impl Tiles {
             cs,
         };
         // bf16 tiles go through `packed_product`, 8-bit ones through `int8_rows`
-        debug_assert!(self.mode == Mode::F32);
+        debug_assert!(self.mode.f32_tiles());
         mm(m, n, k, c, acc, 1.0, a, f, true)
     }
 }
@@ -206,6 +220,21 @@ pub(crate) fn forward_into(
                 c0: o0,
             };
             tile.packed_rows(fmt, blocks, r, true, m, out, false, Left::Packed(&xa));
+        }
+        tile.done();
+        return;
+    }
+    if mode.nibbles(fmt) {
+        // x quantized once for every tile; each tile's product on W's codes, in place into y
+        let xa = PackedA::new(Kind::Nibbles, rows(x, k), m, k);
+        for o0 in (0..n).step_by(tr) {
+            let r = tr.min(n - o0);
+            let out = Out {
+                c: y,
+                ldc: n,
+                c0: o0,
+            };
+            tile.nibble_rows(fmt, &w[o0 * rb..(o0 + r) * rb], r, out, &xa);
         }
         tile.done();
         return;
