@@ -109,7 +109,9 @@ fn kv_cached_decoding_gives_the_same_logits_as_a_full_forward() {
 fn smollm2_kept_quantized_scores_as_its_dequantized_weights() {
     // --dtype quantized: the Q4_1 linears and the Q8_0 embedding/head stay in their blocks;
     // the loss equals the dequantized f32 model's up to bf16 rounding of the products (on
-    // CPUs with AVX512-BF16) or f32 rounding (elsewhere)
+    // CPUs with AVX512-BF16), f32 rounding, or, where the products take x in 8-bit codes (CPUs
+    // with VNNI but no AVX512-BF16, or AVX2 alone: docs/quantized.md), that rounding: on this
+    // 17-token sentence it moves the loss by up to 1% (its logits by 5-7% of the largest)
     let p = petal_cli::assets::ensure("smollm2").expect("fetch SmolLM2 (petal assets smollm2)");
     let quantized = petal_models::Precision {
         quantized: true,
@@ -133,7 +135,16 @@ fn smollm2_kept_quantized_scores_as_its_dequantized_weights() {
         petal_train::evaluate(&q.model, &ex, 1, 0).unwrap().loss,
         petal_train::evaluate(&f.model, &ex, 1, 0).unwrap().loss,
     );
-    assert!((lq - lf).abs() < 5e-3 * lf, "quantized {lq} vs f32 {lf}");
+    let arithmetic = petal_ops::quant::arithmetic(petal_ops::Kernels::FUSED);
+    let tol = if arithmetic == "f32" || arithmetic.starts_with("bf16") {
+        5e-3
+    } else {
+        2e-2
+    };
+    assert!(
+        (lq - lf).abs() < tol * lf,
+        "quantized {lq} vs f32 {lf} ({arithmetic})"
+    );
     // --quantize is for f32/bf16/f16 weights: this file's are Q4_1 already
     let again = petal_models::Precision {
         quantize: Some(petal_ops::quant::ggml(petal_ops::quant::GgmlDType::Q8_0).unwrap()),

@@ -11,7 +11,9 @@
 //! - AVX-512 VNNI and AVX-VNNI (`vpdpbusd` on 512 or 256 bits): a word holds four codes;
 //!   `vpdpbusd` multiplies unsigned bytes by signed ones, so a's codes are stored plus 128 and
 //!   each block takes 128 sum(b) back off;
-//! - AVX2 (`vpmaddwd`): a word holds two codes widened to i16.
+//! - AVX2 (`vpmaddwd`): a word holds two codes widened to i16;
+//! - nibbles (AVX2 `vpmaddubsw`, `int8::nibbles`): b is a 4-bit weight's own codes, unsigned, with a
+//!   step and an offset per block, so W is not rounded again; a's codes signed.
 //!
 //! `a` is stored row by row (`[i][q]`, the microkernel broadcasts one word per row), `b` in
 //! panels of `NR` columns (`[q][j]`). `mm_int8_reference` is the readable twin (the same
@@ -54,6 +56,9 @@ pub enum Kind {
     /// codes with a step and an offset per block, a signed 8-bit ones; not in [`Kind::ALL`],
     /// as b must come from such a weight (`PackedB::from_codes`).
     Nibbles,
+    /// The nibble kernel on `vpdpbusd` (256 bits: AVX-VNNI, or AVX-512 VNNI + VL): the codes'
+    /// products summed in i32 in one instruction.
+    NibblesVnni,
 }
 
 impl Kind {
@@ -71,6 +76,11 @@ impl Kind {
                 Kind::Avx2 => has!("avx2") && has!("fma"),
                 Kind::Plain => true,
                 Kind::Nibbles => has!("avx2") && has!("fma"),
+                Kind::NibblesVnni => {
+                    has!("avx2")
+                        && has!("fma")
+                        && (has!("avxvnni") || (has!("avx512vnni") && has!("avx512vl")))
+                }
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -114,12 +124,36 @@ impl Kind {
             Kind::Avx2 => "avx2",
             Kind::Plain => "plain",
             Kind::Nibbles => "avx2-nibbles",
+            Kind::NibblesVnni => "avx-vnni-nibbles",
         }
+    }
+
+    /// Whether b is a 4-bit weight's own codes (`int8::nibbles`).
+    pub(crate) fn is_nibbles(self) -> bool {
+        matches!(self, Kind::Nibbles | Kind::NibblesVnni)
+    }
+
+    /// The nibble kernel the products over 4-bit weights take here, if any: on `vpdpbusd`
+    /// where the CPU has it, unless `PETAL_INT8_KERNEL` asks for AVX2's (`avx2`).
+    pub(crate) fn nibbles() -> Option<Kind> {
+        let avx2 = matches!(Kind::chosen(), Kind::Avx2 | Kind::Plain);
+        [Kind::NibblesVnni, Kind::Nibbles]
+            .into_iter()
+            .find(|k| k.runs_here() && !(avx2 && *k == Kind::NibblesVnni))
+    }
+
+    /// The nibble kernels this CPU runs (the tests check each).
+    #[cfg(test)]
+    pub(crate) fn nibbles_here() -> Vec<Kind> {
+        [Kind::NibblesVnni, Kind::Nibbles]
+            .into_iter()
+            .filter(|k| k.runs_here())
+            .collect()
     }
 
     /// Whether a word holds four 8-bit codes, else two 16-bit ones.
     fn bytes(self) -> bool {
-        matches!(self, Kind::Vnni | Kind::AvxVnni | Kind::Nibbles)
+        matches!(self, Kind::Vnni | Kind::AvxVnni) || self.is_nibbles()
     }
 
     /// Whether a's codes are stored plus 128 (`vpdpbusd` reads them unsigned) and each block's
@@ -349,7 +383,7 @@ fn micro(kind: Kind, t: &Tile, c: &mut [f32], ldc: usize, add: bool) {
     } else {
         t.excess.is_empty()
     });
-    assert!(if kind == Kind::Nibbles {
+    assert!(if kind.is_nibbles() {
         t.lo.len() >= last && (t.rows == 0 || t.sums.len() >= (t.rows - 1) * t.sas + t.blocks())
     } else {
         t.lo.is_empty()
@@ -362,9 +396,10 @@ fn micro(kind: Kind, t: &Tile, c: &mut [f32], ldc: usize, add: bool) {
         Kind::AvxVnni => return unsafe { x86::micro_avx_vnni(t, c, ldc, add) },
         Kind::Avx2 => return unsafe { x86::micro_avx2(t, c, ldc, add) },
         Kind::Nibbles => return unsafe { x86::micro_nibbles(t, c, ldc, add) },
+        Kind::NibblesVnni => return unsafe { x86::micro_nibbles_vnni(t, c, ldc, add) },
         Kind::Plain => {}
     }
-    assert!(kind != Kind::Nibbles, "the nibble kernel runs on AVX2 only");
+    assert!(!kind.is_nibbles(), "the nibble kernels run on AVX2 only");
     for r in 0..t.rows {
         for j in 0..t.cols {
             let mut f = 0f32;

@@ -9,8 +9,9 @@
 //! -127..127) and adds adjacent pairs into 16 bits: at most 2 x 15 x 127 = 3810 a lane, so a
 //! whole block's eight words sum in 16-bit lanes (30480) before one `vpmaddwd` by ones widens
 //! them: nine multiplies for 256 products where the AVX2 kernel of 16-bit codes takes sixteen,
-//! and no rounding of W. (The input gradient's product runs along W's columns, across blocks
-//! with different steps: it stays on the other kernels.)
+//! and no rounding of W. With `vpdpbusd` (AVX-VNNI, or AVX-512 VNNI on 256 bits) one
+//! instruction sums four products into i32. (The input gradient's product runs along W's
+//! columns, across blocks with different steps: it stays on the other kernels.)
 
 use super::pack::PackedB;
 use super::{absmax, code, scales, Kind, BLOCK, PANEL};
@@ -26,12 +27,16 @@ impl PackedB {
     /// `row(i, codes, step, lo)` gives as 4-bit codes (one a byte) with each block of 32's step
     /// and offset. Reuses `words`' allocation.
     pub(crate) fn from_codes(
+        kind: Kind,
         rows: usize,
         cols: usize,
         mut words: Vec<u32>,
         row: impl Fn(usize, &mut [u8], &mut [f32], &mut [f32]) + Sync,
     ) -> PackedB {
-        let kind = Kind::Nibbles;
+        assert!(
+            kind.is_nibbles(),
+            "from_codes: {kind:?} takes no 4-bit codes"
+        );
         let (k, n) = (cols, rows);
         assert!(k.is_multiple_of(BLOCK), "nibbles: rows of whole blocks");
         let (g, nr) = (kind.group(), kind.nr());

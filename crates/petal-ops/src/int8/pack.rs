@@ -9,7 +9,7 @@ use rayon::prelude::*;
 /// `a (m, k)` quantized per row and block into words: `[i][q]`, `kw` words a row, rows padded
 /// to MR; scales `[i][block]`.
 pub(crate) struct PackedA {
-    pub(super) kind: Kind,
+    pub(crate) kind: Kind,
     pub(super) m: usize,
     pub(super) words: Vec<u32>,
     pub(super) scale: Vec<f32>,
@@ -31,7 +31,7 @@ impl PackedA {
         let nb = k.div_ceil(BLOCK);
         let mut words = vec![0u32; rows * kw];
         let mut scale = vec![1f32; rows * nb];
-        let nibbles = kind == Kind::Nibbles;
+        let nibbles = kind.is_nibbles();
         let mut sums = vec![0f32; if nibbles { rows * nb } else { 0 }];
         let mut no_sums = vec![Vec::new(); m];
         let sum_rows: Vec<&mut [f32]> = if nibbles {

@@ -95,18 +95,33 @@ fn nibble_weight(n: usize, k: usize, seed: u64) -> (Vec<u8>, Vec<f32>, Vec<f32>)
 /// The nibble kernel against its twin on shapes with partial tiles and several k-panels, and
 /// the twin against the f64 product of the decoded weight with x's dequantized codes.
 #[test]
+#[cfg(target_arch = "x86_64")]
 fn nibble_products_equal_the_twin_and_use_w_exactly() {
-    if !Kind::Nibbles.runs_here() {
+    if Kind::nibbles_here().is_empty() {
         eprintln!("skipped: no AVX2");
         return;
     }
-    for &(m, n, k) in &[(1, 1, 32), (7, 50, 96), (13, 97, 4160), (6, 16, 256)] {
+    // the VNNI kernel in both encodings where the CPU has both (EVEX: AVX-512 VNNI + VL)
+    let mut kinds: Vec<(Kind, bool)> = Kind::nibbles_here()
+        .into_iter()
+        .map(|k| (k, false))
+        .collect();
+    let evex = is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
+    if evex && kinds.contains(&(Kind::NibblesVnni, false)) && is_x86_feature_detected!("avxvnni") {
+        kinds.push((Kind::NibblesVnni, true));
+    }
+    let shapes = [(1, 1, 32), (7, 50, 96), (13, 97, 4160), (6, 16, 256)];
+    for ((kind, evex), &(m, n, k)) in kinds
+        .iter()
+        .flat_map(|&k| shapes.iter().map(move |s| (k, s)))
+    {
+        x86::EVEX.store(evex, std::sync::atomic::Ordering::Relaxed);
         let x = data(m * k, 11);
         let (codes, step, lo) = nibble_weight(n, k, 12);
         let want = mm_nibbles_reference(&x, &codes, &step, &lo, m, n, k);
-        let pa = PackedA::new(Kind::Nibbles, rows(&x, k), m, k);
+        let pa = PackedA::new(kind, rows(&x, k), m, k);
         let nb = k / BLOCK;
-        let pb = PackedB::from_codes(n, k, Vec::new(), |j, c, s, l| {
+        let pb = PackedB::from_codes(kind, n, k, Vec::new(), |j, c, s, l| {
             c.copy_from_slice(&codes[j * k..(j + 1) * k]);
             s.copy_from_slice(&step[j * nb..(j + 1) * nb]);
             l.copy_from_slice(&lo[j * nb..(j + 1) * nb]);
@@ -157,4 +172,5 @@ fn nibble_products_equal_the_twin_and_use_w_exactly() {
             }
         }
     }
+    x86::EVEX.store(false, std::sync::atomic::Ordering::Relaxed);
 }

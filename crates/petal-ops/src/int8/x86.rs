@@ -164,33 +164,100 @@ unsafe fn block_into_c(
     }
 }
 
-/// The nibble kernel (`int8::nibbles`): per word, `vpmaddubsw` of b's four 4-bit codes a
-/// column (unsigned) by a row's four 8-bit ones (signed), the pairs' sums added in 16-bit
-/// lanes over a whole block (at most 8 x 2 x 15 x 127 = 30480), then widened by `vpmaddwd`
-/// with ones and scaled with the block's offset term into c.
+/// The nibble kernels' 6 x 16 tiles (`int8::nibbles`): for each block of 8 words,
+/// `$step(acc, b, x)` adds a word's products of b's 4-bit codes (unsigned bytes) by a row's
+/// 8-bit ones (signed) into the block's sums, `$widen` makes those i32, and
+/// [`nibble_block_into_c`] scales them with the block's offset term into c.
+macro_rules! nibble_tiles {
+    ($t:ident, $c:ident, $ldc:ident, $add:ident, $step:path, $widen:path) => {{
+        let (ap, bp) = ($t.a.as_ptr(), $t.b.as_ptr());
+        debug_assert!($t.bw == 8);
+        for i in 0..$t.blocks() {
+            let mut s = [[_mm256_setzero_si256(); 2]; 6];
+            for p in i * $t.bw..((i + 1) * $t.bw).min($t.kcq) {
+                let q = bp.add(p * 16) as *const __m256i;
+                let b0 = _mm256_loadu_si256(q);
+                let b1 = _mm256_loadu_si256(q.add(1));
+                for (r, acc) in s.iter_mut().enumerate() {
+                    let x = _mm256_set1_epi32(*ap.add(r * $t.lda + p) as i32);
+                    acc[0] = $step(acc[0], b0, x);
+                    acc[1] = $step(acc[1], b1, x);
+                }
+            }
+            for acc in s.iter_mut() {
+                acc[0] = $widen(acc[0]);
+                acc[1] = $widen(acc[1]);
+            }
+            nibble_block_into_c($t, i, &s, $c, $ldc, $add || i > 0);
+        }
+    }};
+}
+
+/// `acc + vpmaddubsw(b, x)` in 16-bit lanes: at most 8 x 2 x 15 x 127 = 30480 over a block.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn maddubs_add(acc: __m256i, b: __m256i, x: __m256i) -> __m256i {
+    _mm256_add_epi16(acc, _mm256_maddubs_epi16(b, x))
+}
+
+/// 16-bit lane pairs summed into i32 (`vpmaddwd` by ones).
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn widen_pairs(s: __m256i) -> __m256i {
+    _mm256_madd_epi16(s, _mm256_set1_epi16(1))
+}
+
+/// Sums already i32.
+#[inline(always)]
+fn same(s: __m256i) -> __m256i {
+    s
+}
+
+/// The AVX2 nibble kernel: a block's `vpmaddubsw` sums kept in 16 bits, widened once.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn micro_nibbles(t: &Tile, c: &mut [f32], ldc: usize, add: bool) {
-    let (ap, bp) = (t.a.as_ptr(), t.b.as_ptr());
-    debug_assert!(t.bw == 8);
-    for i in 0..t.blocks() {
-        let mut s = [[_mm256_setzero_si256(); 2]; 6];
-        for p in i * t.bw..((i + 1) * t.bw).min(t.kcq) {
-            let q = bp.add(p * 16) as *const __m256i;
-            let b0 = _mm256_loadu_si256(q);
-            let b1 = _mm256_loadu_si256(q.add(1));
-            for (r, acc) in s.iter_mut().enumerate() {
-                let x = _mm256_set1_epi32(*ap.add(r * t.lda + p) as i32);
-                acc[0] = _mm256_add_epi16(acc[0], _mm256_maddubs_epi16(b0, x));
-                acc[1] = _mm256_add_epi16(acc[1], _mm256_maddubs_epi16(b1, x));
-            }
-        }
-        let ones = _mm256_set1_epi16(1);
-        for acc in s.iter_mut() {
-            acc[0] = _mm256_madd_epi16(acc[0], ones);
-            acc[1] = _mm256_madd_epi16(acc[1], ones);
-        }
-        nibble_block_into_c(t, i, &s, c, ldc, add || i > 0);
+    nibble_tiles!(t, c, ldc, add, maddubs_add, widen_pairs)
+}
+
+/// `vpdpbusd(acc, b, x)` on 256 bits, VEX (AVX-VNNI).
+#[target_feature(enable = "avx2,avxvnni")]
+#[inline]
+unsafe fn dpbusd_vex(acc: __m256i, b: __m256i, x: __m256i) -> __m256i {
+    _mm256_dpbusd_avx_epi32(acc, b, x)
+}
+
+/// `vpdpbusd(acc, b, x)` on 256 bits, EVEX (AVX-512 VNNI + VL).
+#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+#[inline]
+unsafe fn dpbusd_evex(acc: __m256i, b: __m256i, x: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(acc, b, x)
+}
+
+/// The nibble kernel on `vpdpbusd`: four products a lane summed into i32 in one instruction.
+pub(super) unsafe fn micro_nibbles_vnni(t: &Tile, c: &mut [f32], ldc: usize, add: bool) {
+    #[cfg(test)]
+    let vex = !EVEX.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(test))]
+    let vex = true;
+    if vex && std::arch::is_x86_feature_detected!("avxvnni") {
+        nibbles_vex(t, c, ldc, add)
+    } else {
+        nibbles_evex(t, c, ldc, add)
     }
+}
+
+/// Under test: the EVEX form even where the CPU has the VEX one (both give the same sums).
+#[cfg(test)]
+pub(super) static EVEX: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[target_feature(enable = "avx2,fma,avxvnni")]
+unsafe fn nibbles_vex(t: &Tile, c: &mut [f32], ldc: usize, add: bool) {
+    nibble_tiles!(t, c, ldc, add, dpbusd_vex, same)
+}
+
+#[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+unsafe fn nibbles_evex(t: &Tile, c: &mut [f32], ldc: usize, add: bool) {
+    nibble_tiles!(t, c, ldc, add, dpbusd_evex, same)
 }
 
 /// Block `i`'s i32 sums of a 6 x 16 nibble tile as `(x step + lo sums) sa`, written or added

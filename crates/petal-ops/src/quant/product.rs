@@ -138,13 +138,14 @@ impl Mode {
         matches!(self, Mode::F32 | Mode::Nibbles)
     }
 
-    /// Whether the forward `x W^T` over `fmt` runs on W's 4-bit codes: in nibbles mode, and
-    /// in 8-bit mode on the AVX2 kernel (which rounds W to 8 bits and takes twice the
-    /// multiplies), where the format has them.
-    pub(crate) fn nibbles(self, fmt: QFormat) -> bool {
-        let kind = crate::int8::Kind::chosen();
-        let asks = self == Mode::Nibbles || (self == Mode::Int8 && kind == crate::int8::Kind::Avx2);
-        asks && fmt.q.has_nibbles() && crate::int8::Kind::Nibbles.runs_here()
+    /// The nibble kernel the forward `x W^T` over `fmt` takes, if it runs on W's 4-bit codes:
+    /// in nibbles mode, and in 8-bit mode on the 256-bit kernels (which round W to 8 bits
+    /// again), where the format has them.
+    pub(crate) fn nibbles(self, fmt: QFormat) -> Option<crate::int8::Kind> {
+        use crate::int8::Kind;
+        let int8 = matches!(Kind::chosen(), Kind::Avx2 | Kind::AvxVnni);
+        let asks = self == Mode::Nibbles || (self == Mode::Int8 && int8);
+        (asks && fmt.q.has_nibbles()).then(Kind::nibbles).flatten()
     }
 }
 
@@ -159,7 +160,7 @@ pub(crate) fn mode(k: Kernels) -> Mode {
         Frozen::F32 => Mode::F32,
         Frozen::Bf16 | Frozen::Auto if bf16 => Mode::Bf16,
         Frozen::Auto if crate::int8::faster_than_f32() => Mode::Int8,
-        Frozen::Auto | Frozen::Nibbles if crate::int8::Kind::Nibbles.runs_here() => Mode::Nibbles,
+        Frozen::Auto | Frozen::Nibbles if crate::int8::Kind::nibbles().is_some() => Mode::Nibbles,
         Frozen::Int8 => Mode::Int8,
         _ => Mode::F32,
     }
@@ -172,7 +173,10 @@ pub fn arithmetic(k: Kernels) -> String {
         Mode::F32 => "f32".into(),
         Mode::Bf16 => format!("bf16 ({})", crate::amx::Bf16Kernel::chosen().name()),
         Mode::Int8 => format!("int8 ({})", crate::int8::Kind::chosen().name()),
-        Mode::Nibbles => "f32, 4-bit weights' forward on their codes (avx2-nibbles)".into(),
+        Mode::Nibbles => format!(
+            "f32, 4-bit weights' forward on their codes ({})",
+            crate::int8::Kind::nibbles().map_or("none", |k| k.name())
+        ),
     }
 }
 

@@ -124,13 +124,14 @@ impl Tiles {
     /// The forward's `out = a T^T` for the tile `T` of `r` whole rows of `blocks`, on W's
     /// 4-bit codes (`int8::nibbles`), each row's codes read once into the kernel's words.
     fn nibble_rows(&mut self, fmt: QFormat, blocks: &[u8], r: usize, out: Out, a: &PackedA) {
+        let kind = a.kind;
         let rb = fmt.row_bytes();
         let row = |i: usize, codes: &mut [u8], step: &mut [f32], lo: &mut [f32]| {
             fmt.q
                 .nibbles(fmt.cols, &blocks[i * rb..(i + 1) * rb], codes, step, lo)
         };
         let words = std::mem::take(&mut self.packed);
-        let b = PackedB::from_codes(r, fmt.cols, words, row);
+        let b = PackedB::from_codes(kind, r, fmt.cols, words, row);
         mm_int8_packed(out, false, a, &b);
         self.packed = b.into_words();
     }
@@ -224,9 +225,9 @@ pub(crate) fn forward_into(
         tile.done();
         return;
     }
-    if mode.nibbles(fmt) {
+    if let Some(kind) = mode.nibbles(fmt) {
         // x quantized once for every tile; each tile's product on W's codes, in place into y
-        let xa = PackedA::new(Kind::Nibbles, rows(x, k), m, k);
+        let xa = PackedA::new(kind, rows(x, k), m, k);
         for o0 in (0..n).step_by(tr) {
             let r = tr.min(n - o0);
             let out = Out {
