@@ -20,8 +20,8 @@ pub struct Kernels {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Frozen {
     /// bf16 where the CPU has AVX512-BF16, else 8-bit codes where it has AVX-512 VNNI or
-    /// AVX-VNNI, else nibbles where it has AVX2 (its 8-bit kernel is slower than f32,
-    /// measured), else f32.
+    /// AVX-VNNI, else nibbles where it has AVX2 but no AVX-512 (its 8-bit kernel is slower
+    /// than f32, and AVX-512's f32 faster than nibbles: measured), else f32.
     Auto,
     /// f32 products.
     F32,

@@ -31,9 +31,6 @@ use rayon::prelude::*;
 /// kernels' unit of k: its code products are summed in i32, then scaled into f32.
 pub const BLOCK: usize = 32;
 
-/// Words of k per packed panel of b (whole blocks): 128 x 48 words (24 KiB) stay in L1.
-const PANEL: usize = 128;
-
 /// Bytes of b's packed panels one pass over the rows takes (kept in L2 while every group of
 /// rows runs over them; a k-block of a wide b, 128 words by 8960 columns, is 4.4 MiB: one pass
 /// over all of it read it from L3 for every group of rows, at 0.45x the VNNI kernel's rate).
@@ -177,10 +174,22 @@ impl Kind {
     }
 
     fn mr(self) -> usize {
+        match self {
+            Kind::Vnni => 4,
+            _ => 6,
+        }
+    }
+
+    /// Words of k per packed panel of b (whole blocks), so that a panel stays in L1: 128 x 48
+    /// words (24 KiB) for the 512-bit kernel, 384 x 16 (24 KiB) for the others. The longer the
+    /// panel, the fewer passes over c: with 128 words a 1024 x 8960 product over k = 1536 read
+    /// and wrote its 37 MB of c three times, and ran the 256-bit kernels at 0.7x their rate
+    /// with 384 (one pass).
+    fn panel(self) -> usize {
         if self == Kind::Vnni {
-            4
+            128
         } else {
-            6
+            384
         }
     }
 
@@ -303,8 +312,8 @@ pub(crate) fn mm_int8_packed(out: Out, acc: bool, pa: &PackedA, pb: &PackedB) {
     let c = &mut c[..m * ldc];
     let (mr, nr) = (kind.mr(), kind.nr());
     let np = n.div_ceil(nr);
-    for q0 in (0..pb.kw).step_by(PANEL) {
-        let kcq = PANEL.min(pb.kw - q0);
+    for q0 in (0..pb.kw).step_by(kind.panel()) {
+        let kcq = kind.panel().min(pb.kw - q0);
         let add = acc || q0 > 0;
         let blk = q0 / kind.bw(); // the panel's first block
         let excess = pb.excess.get(blk * n..).unwrap_or(&[]);

@@ -14,7 +14,7 @@
 //! columns, across blocks with different steps: it stays on the other kernels.)
 
 use super::pack::PackedB;
-use super::{absmax, code, scales, Kind, BLOCK, PANEL};
+use super::{absmax, code, scales, Kind, BLOCK};
 use rayon::prelude::*;
 
 /// A raw pointer the packing tasks write disjoint parts through.
@@ -70,7 +70,8 @@ impl PackedB {
                         } else {
                             0 // the last panel's padding columns
                         };
-                        let (q0, kcq) = (p / PANEL * PANEL, PANEL.min(kw - p / PANEL * PANEL));
+                        let q0 = p / kind.panel() * kind.panel();
+                        let kcq = kind.panel().min(kw - q0);
                         let at = q0 * np * nr + jp * kcq * nr + (p - q0) * nr + jj;
                         // SAFETY: panel jp's words are this task's alone, inside `words`.
                         unsafe { *wp.0.add(at) = w };

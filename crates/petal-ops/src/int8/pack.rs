@@ -2,7 +2,7 @@
 //! from rows that a closure decodes one at a time (a quantized tile of W: no f32 copy of the
 //! whole tile, as `bf16::PackedB::from_rows` packs the bf16 kernel's pairs).
 
-use super::{absmax, code, scales, word, words_of, Kind, BLOCK, PANEL};
+use super::{absmax, code, scales, word, words_of, Kind, BLOCK};
 use crate::cpu::View;
 use rayon::prelude::*;
 
@@ -91,7 +91,7 @@ fn code_blocks(x: &[f32], codes: &mut [i8], scale: &mut [f32]) {
     }
 }
 
-/// `b (k, n)` quantized per column and block, in words: blocks of PANEL words of k, each a run
+/// `b (k, n)` quantized per column and block, in words: blocks of `Kind::panel` words of k, each a run
 /// of NR-column panels `[q][j]`; scales `[block][j]`, and VNNI's excess correction (128 x the
 /// sum of a block's codes) the same way.
 pub(crate) struct PackedB {
@@ -148,10 +148,10 @@ impl PackedB {
             Shared(excess.as_mut_ptr()),
         );
         let (wp, sp, ep) = (&wp, &sp, &ep);
-        // word p of column j: its k-block of PANEL words, its panel there, its row in the panel
+        // word p of column j: its k-block of `panel` words, its panel there, its row in the panel
         let at = move |p: usize, j: usize| {
-            let q0 = p / PANEL * PANEL;
-            let kcq = PANEL.min(kw - q0);
+            let q0 = p / kind.panel() * kind.panel();
+            let kcq = kind.panel().min(kw - q0);
             q0 * np * nr + (j / nr) * kcq * nr + (p - q0) * nr + j % nr
         };
         if transposed {

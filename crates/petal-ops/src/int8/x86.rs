@@ -164,16 +164,36 @@ unsafe fn block_into_c(
     }
 }
 
-/// The nibble kernels' 6 x 16 tiles (`int8::nibbles`): for each block of 8 words,
-/// `$step(acc, b, x)` adds a word's products of b's 4-bit codes (unsigned bytes) by a row's
-/// 8-bit ones (signed) into the block's sums, `$widen` makes those i32, and
-/// [`nibble_block_into_c`] scales them with the block's offset term into c.
+/// The nibble kernels' 6 x 16 tiles (`int8::nibbles`), as two 3 x 16 halves whose f32 sums stay
+/// in registers across blocks (6 x 16 would need twice the registers there are): for each
+/// block of 8 words, `$step(acc, b, x)` adds a word's products of b's 4-bit codes (unsigned
+/// bytes) by a row's 8-bit ones (signed) into the block's sums, `$widen` makes those i32, and
+/// the block is scaled with its offset term into the f32 sums.
 macro_rules! nibble_tiles {
     ($t:ident, $c:ident, $ldc:ident, $add:ident, $step:path, $widen:path) => {{
-        let (ap, bp) = ($t.a.as_ptr(), $t.b.as_ptr());
+        // rows 0..3, then 3..6 over the same panel of b, by then in L1
+        for h in [0, 3] {
+            if h < $t.rows {
+                nibble_tiles!(@half $t, h, $c, $ldc, $add, $step, $widen);
+            }
+        }
+    }};
+    (@half $t:ident, $h:ident, $c:ident, $ldc:ident, $add:ident, $step:path, $widen:path) => {{
+        let (ap, bp) = ($t.a.as_ptr().add($h * $t.lda), $t.b.as_ptr());
+        let (rows, sa0) = (($t.rows - $h).min(3), $h * $t.sas);
+        let c = &mut $c[$h * $ldc..];
         debug_assert!($t.bw == 8);
+        let full = $t.cols == 16;
+        // the tile's f32 sums, in registers from the first block to the last
+        let mut f = [[_mm256_setzero_ps(); 2]; 3];
+        if $add && full {
+            for (r, f) in f.iter_mut().enumerate().take(rows) {
+                let cp = c.as_ptr().add(r * $ldc);
+                *f = [_mm256_loadu_ps(cp), _mm256_loadu_ps(cp.add(8))];
+            }
+        }
         for i in 0..$t.blocks() {
-            let mut s = [[_mm256_setzero_si256(); 2]; 6];
+            let mut s = [[_mm256_setzero_si256(); 2]; 3];
             for p in i * $t.bw..((i + 1) * $t.bw).min($t.kcq) {
                 let q = bp.add(p * 16) as *const __m256i;
                 let b0 = _mm256_loadu_si256(q);
@@ -184,11 +204,37 @@ macro_rules! nibble_tiles {
                     acc[1] = $step(acc[1], b1, x);
                 }
             }
-            for acc in s.iter_mut() {
-                acc[0] = $widen(acc[0]);
-                acc[1] = $widen(acc[1]);
+            let at = i * $t.n;
+            let (sb, lo) = ($t.sb.as_ptr().add(at), $t.lo.as_ptr().add(at));
+            let (st, lv) = (
+                [_mm256_loadu_ps(sb), _mm256_loadu_ps(sb.add(8))],
+                [_mm256_loadu_ps(lo), _mm256_loadu_ps(lo.add(8))],
+            );
+            for (r, (acc, f)) in s.iter().zip(f.iter_mut()).enumerate().take(rows) {
+                let sa = $t.sa[sa0 + r * $t.sas + i];
+                let sums = $t.sums[sa0 + r * $t.sas + i] * sa;
+                let (sa, sums) = (_mm256_set1_ps(sa), _mm256_set1_ps(sums));
+                for v in 0..2 {
+                    let x = _mm256_cvtepi32_ps($widen(acc[v]));
+                    f[v] = _mm256_fmadd_ps(x, _mm256_mul_ps(st[v], sa), f[v]);
+                    f[v] = _mm256_fmadd_ps(lv[v], sums, f[v]);
+                }
             }
-            nibble_block_into_c($t, i, &s, $c, $ldc, $add || i > 0);
+        }
+        for (r, f) in f.iter().enumerate().take(rows) {
+            let cr = c.as_mut_ptr().add(r * $ldc);
+            if full {
+                _mm256_storeu_ps(cr, f[0]);
+                _mm256_storeu_ps(cr.add(8), f[1]);
+                continue;
+            }
+            let mut lanes = [0f32; 16];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), f[0]);
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), f[1]);
+            for (j, &v) in lanes.iter().enumerate().take($t.cols) {
+                let cp = cr.add(j);
+                *cp = if $add { *cp + v } else { v };
+            }
         }
     }};
 }
@@ -258,52 +304,4 @@ unsafe fn nibbles_vex(t: &Tile, c: &mut [f32], ldc: usize, add: bool) {
 #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
 unsafe fn nibbles_evex(t: &Tile, c: &mut [f32], ldc: usize, add: bool) {
     nibble_tiles!(t, c, ldc, add, dpbusd_evex, same)
-}
-
-/// Block `i`'s i32 sums of a 6 x 16 nibble tile as `(x step + lo sums) sa`, written or added
-/// into c.
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn nibble_block_into_c(
-    t: &Tile,
-    i: usize,
-    s: &[[__m256i; 2]; 6],
-    c: &mut [f32],
-    ldc: usize,
-    add: bool,
-) {
-    let at = i * t.n;
-    let (sb, lo) = (t.sb.as_ptr().add(at), t.lo.as_ptr().add(at));
-    for (r, acc) in s.iter().enumerate().take(t.rows) {
-        let sa = t.sa[r * t.sas + i];
-        let sums = t.sums[r * t.sas + i];
-        let cr = c.as_mut_ptr().add(r * ldc);
-        for (v, s) in acc.iter().enumerate() {
-            let j = v * 8;
-            if j >= t.cols {
-                break;
-            }
-            let live = (t.cols - j).min(8);
-            if live == 8 {
-                let x = _mm256_cvtepi32_ps(*s);
-                let off = _mm256_mul_ps(_mm256_loadu_ps(lo.add(j)), _mm256_set1_ps(sums));
-                let x = _mm256_fmadd_ps(x, _mm256_loadu_ps(sb.add(j)), off);
-                let cp = cr.add(j);
-                let y = if add {
-                    _mm256_fmadd_ps(x, _mm256_set1_ps(sa), _mm256_loadu_ps(cp))
-                } else {
-                    _mm256_mul_ps(x, _mm256_set1_ps(sa))
-                };
-                _mm256_storeu_ps(cp, y);
-                continue;
-            }
-            let mut lanes = [0i32; 8];
-            _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, *s);
-            for (l, &x) in lanes.iter().enumerate().take(live) {
-                let cp = cr.add(j + l);
-                let v = (x as f32).mul_add(*sb.add(j + l), *lo.add(j + l) * sums);
-                *cp = if add { v.mul_add(sa, *cp) } else { v * sa };
-            }
-        }
-    }
 }

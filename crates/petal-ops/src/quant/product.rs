@@ -150,17 +150,21 @@ impl Mode {
 }
 
 /// The tile arithmetic `k` asks for on this CPU: the reference kernels f32; `auto` bf16 with
-/// AVX512-BF16, else 8-bit codes with AVX-512 VNNI or AVX-VNNI, else nibbles with AVX2, else
-/// f32.
+/// AVX512-BF16, else 8-bit codes with AVX-512 VNNI or AVX-VNNI, else nibbles with AVX2 but no
+/// AVX-512, else f32.
 pub(crate) fn mode(k: Kernels) -> Mode {
     use crate::Frozen;
     let bf16 = crate::bf16::available();
+    let nibbles = crate::int8::Kind::nibbles().is_some();
+    let avx512 = crate::cpu::features().contains(&"avx512f");
     match k.frozen() {
         _ if !k.fused() => Mode::F32,
         Frozen::F32 => Mode::F32,
         Frozen::Bf16 | Frozen::Auto if bf16 => Mode::Bf16,
         Frozen::Auto if crate::int8::faster_than_f32() => Mode::Int8,
-        Frozen::Auto | Frozen::Nibbles if crate::int8::Kind::nibbles().is_some() => Mode::Nibbles,
+        // (with AVX-512, f32 `gemm` outruns the 256-bit nibble kernels: measured)
+        Frozen::Auto if nibbles && !avx512 => Mode::Nibbles,
+        Frozen::Nibbles if nibbles => Mode::Nibbles,
         Frozen::Int8 => Mode::Int8,
         _ => Mode::F32,
     }
