@@ -66,6 +66,23 @@ pub(super) unsafe fn micro_vnni(t: &Tile, c: &mut [f32], ldc: usize, add: bool) 
     }
 }
 
+/// Block `i`'s words into the i32 (or 16-bit) sums `s` of a tile of `s.len()` rows by 16
+/// columns: per word, `$step(acc, x, b)` with x a row's word broadcast and b 8 columns' words.
+macro_rules! block_words {
+    ($t:ident, $ap:ident, $bp:ident, $i:ident, $s:ident, $step:path) => {
+        for p in $i * $t.bw..(($i + 1) * $t.bw).min($t.kcq) {
+            let q = $bp.add(p * 16) as *const __m256i;
+            let b0 = _mm256_loadu_si256(q);
+            let b1 = _mm256_loadu_si256(q.add(1));
+            for (r, acc) in $s.iter_mut().enumerate() {
+                let x = _mm256_set1_epi32(*$ap.add(r * $t.lda + p) as i32);
+                acc[0] = $step(acc[0], x, b0);
+                acc[1] = $step(acc[1], x, b1);
+            }
+        }
+    };
+}
+
 /// The 6 x 16 tiles of the 256-bit kernels: for each block of `bw` words, `$step(acc, x, b)`
 /// adds a word's products into the block's i32 sums (x: a row's word broadcast, b: 8 columns'
 /// words), which [`block_into_c`] then scales into c. A macro, not a function taking the step:
@@ -75,16 +92,7 @@ macro_rules! tiles_6x16 {
         let (ap, bp) = ($t.a.as_ptr(), $t.b.as_ptr());
         for i in 0..$t.blocks() {
             let mut s = [[_mm256_setzero_si256(); 2]; 6];
-            for p in i * $t.bw..((i + 1) * $t.bw).min($t.kcq) {
-                let q = bp.add(p * 16) as *const __m256i;
-                let b0 = _mm256_loadu_si256(q);
-                let b1 = _mm256_loadu_si256(q.add(1));
-                for (r, acc) in s.iter_mut().enumerate() {
-                    let x = _mm256_set1_epi32(*ap.add(r * $t.lda + p) as i32);
-                    acc[0] = $step(acc[0], x, b0);
-                    acc[1] = $step(acc[1], x, b1);
-                }
-            }
+            block_words!($t, ap, bp, i, s, $step);
             block_into_c($t, i, &s, $excess, $c, $ldc, $add || i > 0);
         }
     }};
@@ -194,16 +202,7 @@ macro_rules! nibble_tiles {
         }
         for i in 0..$t.blocks() {
             let mut s = [[_mm256_setzero_si256(); 2]; 3];
-            for p in i * $t.bw..((i + 1) * $t.bw).min($t.kcq) {
-                let q = bp.add(p * 16) as *const __m256i;
-                let b0 = _mm256_loadu_si256(q);
-                let b1 = _mm256_loadu_si256(q.add(1));
-                for (r, acc) in s.iter_mut().enumerate() {
-                    let x = _mm256_set1_epi32(*ap.add(r * $t.lda + p) as i32);
-                    acc[0] = $step(acc[0], b0, x);
-                    acc[1] = $step(acc[1], b1, x);
-                }
-            }
+            block_words!($t, ap, bp, i, s, $step);
             let at = i * $t.n;
             let (sb, lo) = ($t.sb.as_ptr().add(at), $t.lo.as_ptr().add(at));
             let (st, lv) = (
@@ -242,7 +241,7 @@ macro_rules! nibble_tiles {
 /// `acc + vpmaddubsw(b, x)` in 16-bit lanes: at most 8 x 2 x 15 x 127 = 30480 over a block.
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn maddubs_add(acc: __m256i, b: __m256i, x: __m256i) -> __m256i {
+unsafe fn maddubs_add(acc: __m256i, x: __m256i, b: __m256i) -> __m256i {
     _mm256_add_epi16(acc, _mm256_maddubs_epi16(b, x))
 }
 
@@ -268,14 +267,14 @@ pub(super) unsafe fn micro_nibbles(t: &Tile, c: &mut [f32], ldc: usize, add: boo
 /// `vpdpbusd(acc, b, x)` on 256 bits, VEX (AVX-VNNI).
 #[target_feature(enable = "avx2,avxvnni")]
 #[inline]
-unsafe fn dpbusd_vex(acc: __m256i, b: __m256i, x: __m256i) -> __m256i {
+unsafe fn dpbusd_vex(acc: __m256i, x: __m256i, b: __m256i) -> __m256i {
     _mm256_dpbusd_avx_epi32(acc, b, x)
 }
 
 /// `vpdpbusd(acc, b, x)` on 256 bits, EVEX (AVX-512 VNNI + VL).
 #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
 #[inline]
-unsafe fn dpbusd_evex(acc: __m256i, b: __m256i, x: __m256i) -> __m256i {
+unsafe fn dpbusd_evex(acc: __m256i, x: __m256i, b: __m256i) -> __m256i {
     _mm256_dpbusd_epi32(acc, b, x)
 }
 

@@ -225,32 +225,23 @@ pub(crate) fn forward_into(
         tile.done();
         return;
     }
-    if let Some(kind) = mode.nibbles(fmt) {
-        // x quantized once for every tile; each tile's product on W's codes, in place into y
-        let xa = PackedA::new(kind, rows(x, k), m, k);
+    let codes = mode.nibbles(fmt);
+    if codes.is_some() || mode == Mode::Int8 {
+        // x quantized once for every tile; each tile's product (on W's 4-bit codes where it
+        // runs on them) written in place into y
+        let xa = PackedA::new(codes.unwrap_or(Kind::chosen()), rows(x, k), m, k);
         for o0 in (0..n).step_by(tr) {
             let r = tr.min(n - o0);
+            let blocks = &w[o0 * rb..(o0 + r) * rb];
             let out = Out {
                 c: y,
                 ldc: n,
                 c0: o0,
             };
-            tile.nibble_rows(fmt, &w[o0 * rb..(o0 + r) * rb], r, out, &xa);
-        }
-        tile.done();
-        return;
-    }
-    if mode == Mode::Int8 {
-        // x quantized once for every tile; each tile's product written in place into y
-        let xa = PackedA::new(Kind::chosen(), rows(x, k), m, k);
-        for o0 in (0..n).step_by(tr) {
-            let r = tr.min(n - o0);
-            let out = Out {
-                c: y,
-                ldc: n,
-                c0: o0,
-            };
-            tile.int8_rows(fmt, &w[o0 * rb..(o0 + r) * rb], r, true, out, false, &xa);
+            match codes {
+                Some(_) => tile.nibble_rows(fmt, blocks, r, out, &xa),
+                None => tile.int8_rows(fmt, blocks, r, true, out, false, &xa),
+            }
         }
         tile.done();
         return;
