@@ -13,14 +13,9 @@
 //! instruction sums four products into i32. (The input gradient's product runs along W's
 //! columns, across blocks with different steps: it stays on the other kernels.)
 
-use super::pack::PackedB;
+use super::pack::{PackedB, Shared};
 use super::{absmax, code, scales, Kind, BLOCK};
 use rayon::prelude::*;
-
-/// A raw pointer the packing tasks write disjoint parts through.
-struct Shared<T>(*mut T);
-// SAFETY: each task below writes the words, steps and offsets of its own panel only.
-unsafe impl<T> Sync for Shared<T> {}
 
 impl PackedB {
     /// `b = W^T (cols, rows)` for the forward `x W^T`, from `rows` rows of `cols` values that

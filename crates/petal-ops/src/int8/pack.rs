@@ -107,8 +107,9 @@ pub(crate) struct PackedB {
 }
 
 /// A raw pointer the packing tasks write disjoint parts through.
-struct Shared<T>(*mut T);
-// SAFETY: each task below writes words, scales and excesses no other task writes.
+pub(super) struct Shared<T>(pub(super) *mut T);
+// SAFETY: each packing task (here and in `nibbles`) writes words, scales, excesses and
+// offsets no other task writes.
 unsafe impl<T> Sync for Shared<T> {}
 
 impl PackedB {
