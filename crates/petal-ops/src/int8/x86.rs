@@ -205,6 +205,16 @@ macro_rules! nibble_tiles {
             block_words!($t, ap, bp, i, s, $step);
             let at = i * $t.n;
             let (sb, lo) = ($t.sb.as_ptr().add(at), $t.lo.as_ptr().add(at));
+            // a part-filled tile's steps and offsets end before 16 lanes: read them from copies
+            let (mut sp, mut lp) = ([0f32; 16], [0f32; 16]);
+            let (sb, lo) = if full {
+                (sb, lo)
+            } else {
+                let cols = $t.cols;
+                sp[..cols].copy_from_slice(std::slice::from_raw_parts(sb, cols));
+                lp[..cols].copy_from_slice(std::slice::from_raw_parts(lo, cols));
+                (sp.as_ptr(), lp.as_ptr())
+            };
             let (st, lv) = (
                 [_mm256_loadu_ps(sb), _mm256_loadu_ps(sb.add(8))],
                 [_mm256_loadu_ps(lo), _mm256_loadu_ps(lo.add(8))],
