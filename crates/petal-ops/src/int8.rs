@@ -211,6 +211,17 @@ pub fn faster_than_f32() -> bool {
     Kind::best().excess()
 }
 
+/// Whether `auto` takes the nibble kernels for the forward over 4-bit weights on a CPU whose
+/// 8-bit products are not [`faster_than_f32`]: where one runs and the CPU has no AVX-512 (f32
+/// `gemm` on AVX-512 outran them: SmolLM2 363.0 against 335.7 tokens/s, docs/quantized.md).
+pub fn nibbles_by_default() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx512 = false;
+    Kind::nibbles().is_some() && !avx512
+}
+
 /// The multiplier taking `absmax` to 127, and the scale back (1 for an all-zero vector).
 fn scales(absmax: f32) -> (f32, f32) {
     if absmax > 0.0 && absmax.is_finite() {

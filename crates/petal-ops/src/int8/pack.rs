@@ -31,22 +31,13 @@ impl PackedA {
         let nb = k.div_ceil(BLOCK);
         let mut words = vec![0u32; rows * kw];
         let mut scale = vec![1f32; rows * nb];
-        let nibbles = kind.is_nibbles();
-        let mut sums = vec![0f32; if nibbles { rows * nb } else { 0 }];
-        let mut no_sums = vec![Vec::new(); m];
-        let sum_rows: Vec<&mut [f32]> = if nibbles {
-            sums[..m * nb].chunks_mut(nb.max(1)).collect()
-        } else {
-            no_sums.iter_mut().map(|v| &mut v[..]).collect()
-        };
         words[..m * kw]
             .par_chunks_mut(kw.max(1))
             .zip(scale.par_chunks_mut(nb.max(1)))
-            .zip(sum_rows)
             .enumerate()
             .for_each_init(
                 || (Vec::new(), vec![0i8; kw * g]),
-                |(row, codes), (i, ((w, s), sums))| {
+                |(row, codes), (i, (w, s))| {
                     let x = if a.cs == 1 {
                         &a.x[i * a.rs..i * a.rs + k]
                     } else {
@@ -55,14 +46,24 @@ impl PackedA {
                         &row[..]
                     };
                     code_blocks(x, codes, s);
-                    for (sum, c) in sums.iter_mut().zip(codes[..k].chunks(BLOCK)) {
-                        *sum = c.iter().map(|&c| c as i32).sum::<i32>() as f32;
-                    }
                     words_of(kind, codes, true, w);
                 },
             );
         if kind.excess() {
             words[m * kw..].iter_mut().for_each(|w| *w = 0x8080_8080); // zero codes
+        }
+        // nibbles: each block's codes summed, read back from the words (signed bytes)
+        let mut sums = Vec::new();
+        if kind.is_nibbles() && kw > 0 {
+            sums = vec![0f32; rows * nb];
+            sums.par_chunks_mut(nb)
+                .zip(words.par_chunks(kw))
+                .for_each(|(sums, w)| {
+                    for (sum, blk) in sums.iter_mut().zip(w.chunks(kind.bw())) {
+                        let bytes = blk.iter().flat_map(|w| w.to_le_bytes());
+                        *sum = bytes.map(|b| b as i8 as i32).sum::<i32>() as f32;
+                    }
+                });
         }
         PackedA {
             kind,

@@ -155,16 +155,13 @@ impl Mode {
 pub(crate) fn mode(k: Kernels) -> Mode {
     use crate::Frozen;
     let bf16 = crate::bf16::available();
-    let nibbles = crate::int8::Kind::nibbles().is_some();
-    let avx512 = crate::cpu::features().contains(&"avx512f");
     match k.frozen() {
         _ if !k.fused() => Mode::F32,
         Frozen::F32 => Mode::F32,
         Frozen::Bf16 | Frozen::Auto if bf16 => Mode::Bf16,
         Frozen::Auto if crate::int8::faster_than_f32() => Mode::Int8,
-        // (with AVX-512, f32 `gemm` outruns the 256-bit nibble kernels: measured)
-        Frozen::Auto if nibbles && !avx512 => Mode::Nibbles,
-        Frozen::Nibbles if nibbles => Mode::Nibbles,
+        Frozen::Auto if crate::int8::nibbles_by_default() => Mode::Nibbles,
+        Frozen::Nibbles if crate::int8::Kind::nibbles().is_some() => Mode::Nibbles,
         Frozen::Int8 => Mode::Int8,
         _ => Mode::F32,
     }

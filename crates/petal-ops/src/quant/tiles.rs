@@ -99,8 +99,9 @@ impl Tiles {
     }
 
     /// int8 mode: `out = [out +] a T` for the tile `T` of `r` whole rows of `blocks`
-    /// (`transposed`: T^T, the forward), each row decoded once straight into the 8-bit
-    /// kernel's words.
+    /// (`transposed`: T^T, the forward), each row read once straight into the kernel's words:
+    /// decoded and coded in 8 bits, or, for a's nibble kinds (the forward only), W's own 4-bit
+    /// codes (`int8::nibbles`).
     #[allow(clippy::too_many_arguments)]
     fn int8_rows(
         &mut self,
@@ -113,26 +114,19 @@ impl Tiles {
         a: &PackedA,
     ) {
         let rb = fmt.row_bytes();
-        let row =
-            |i: usize, out: &mut [f32]| dequantize_rows(fmt, &blocks[i * rb..(i + 1) * rb], out);
+        let bytes = |i: usize| &blocks[i * rb..(i + 1) * rb];
         let words = std::mem::take(&mut self.packed);
-        let b = PackedB::from_rows(Kind::chosen(), r, fmt.cols, transposed, words, row);
-        mm_int8_packed(out, acc, a, &b);
-        self.packed = b.into_words();
-    }
-
-    /// The forward's `out = a T^T` for the tile `T` of `r` whole rows of `blocks`, on W's
-    /// 4-bit codes (`int8::nibbles`), each row's codes read once into the kernel's words.
-    fn nibble_rows(&mut self, fmt: QFormat, blocks: &[u8], r: usize, out: Out, a: &PackedA) {
-        let kind = a.kind;
-        let rb = fmt.row_bytes();
-        let row = |i: usize, codes: &mut [u8], step: &mut [f32], lo: &mut [f32]| {
-            fmt.q
-                .nibbles(fmt.cols, &blocks[i * rb..(i + 1) * rb], codes, step, lo)
+        let b = if a.kind.is_nibbles() {
+            assert!(transposed, "nibbles: the forward only");
+            let row = |i: usize, codes: &mut [u8], step: &mut [f32], lo: &mut [f32]| {
+                fmt.q.nibbles(fmt.cols, bytes(i), codes, step, lo)
+            };
+            PackedB::from_codes(a.kind, r, fmt.cols, words, row)
+        } else {
+            let row = |i: usize, out: &mut [f32]| dequantize_rows(fmt, bytes(i), out);
+            PackedB::from_rows(a.kind, r, fmt.cols, transposed, words, row)
         };
-        let words = std::mem::take(&mut self.packed);
-        let b = PackedB::from_codes(kind, r, fmt.cols, words, row);
-        mm_int8_packed(out, false, a, &b);
+        mm_int8_packed(out, acc, a, &b);
         self.packed = b.into_words();
     }
 
@@ -238,10 +232,7 @@ pub(crate) fn forward_into(
                 ldc: n,
                 c0: o0,
             };
-            match codes {
-                Some(_) => tile.nibble_rows(fmt, blocks, r, out, &xa),
-                None => tile.int8_rows(fmt, blocks, r, true, out, false, &xa),
-            }
+            tile.int8_rows(fmt, blocks, r, true, out, false, &xa);
         }
         tile.done();
         return;
