@@ -140,8 +140,37 @@ impl Given {
     }
 }
 
-/// Collect what the user set for method `m`: shared sizes, kept flags (command line and TOML
-/// top level), `--set` and the TOML table of the method.
+/// Refuses an option a run file sets twice: at its top level (`r = 2`, `--r`'s key, or a
+/// method flag's) and in the method's table (`[lora] r = 8`).
+pub fn set_once(m: &dyn AdapterMethod, top: &[String], table: Option<&toml::Table>) -> Result<()> {
+    let shared = [
+        ("r", SharedOption::Rank),
+        ("alpha", SharedOption::Alpha),
+        ("dropout", SharedOption::Dropout),
+    ];
+    for key in table.into_iter().flat_map(|t| t.keys()) {
+        let flag = m.flags().into_iter().find(|f| f.key == key.as_str());
+        let twice = top.iter().find(|t| {
+            *t == key
+                || flag
+                    .as_ref()
+                    .is_some_and(|f| f.name.replace('-', "_") == **t)
+                || shared
+                    .iter()
+                    .any(|(name, w)| name == t && m.shared_key(*w) == Some(key.as_str()))
+        });
+        if let Some(t) = twice {
+            bail!(
+                "the run file sets `{key}` twice: `{t}` at its top level and `{key}` in [{}]: keep one",
+                method_name(m)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Collect what the user set for method `m`: the TOML table of the method first, then what
+/// overrides it: shared sizes, kept flags (command line and TOML top level) and `--set`.
 pub fn given_options(
     m: &dyn AdapterMethod,
     o: &TrainOpts,
@@ -151,6 +180,16 @@ pub fn given_options(
     let name = method_name(m);
     let spec = m.options();
     let mut g = Given::default();
+    // the table first: a later value of the same key wins (`AdapterConfig::set` in turn)
+    for (k, v) in table.into_iter().flatten() {
+        if !spec.has(k) {
+            bail!(
+                "[{name}] table: {}",
+                unknown(&format!("option of {name}"), k, &spec.names())
+            );
+        }
+        g.push(format!("[{name}]"), k, serde_json::to_value(v)?);
+    }
     let shared = [
         ("--r", SharedOption::Rank, o.r.map(Value::from)),
         ("--alpha", SharedOption::Alpha, o.alpha.map(Value::from)),
@@ -203,15 +242,6 @@ pub fn given_options(
             )
         })?;
         g.push("--set", opt.key, (opt.parse)(text.trim()));
-    }
-    for (k, v) in table.into_iter().flatten() {
-        if !spec.has(k) {
-            bail!(
-                "[{name}] table: {}",
-                unknown(&format!("option of {name}"), k, &spec.names())
-            );
-        }
-        g.push(format!("[{name}]"), k, serde_json::to_value(v)?);
     }
     Ok(g)
 }

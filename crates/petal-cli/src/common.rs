@@ -127,6 +127,200 @@ pub fn check_out(path: &Path) -> Result<()> {
     writable(path, &at)
 }
 
+/// The files of a model folder petal writes (`merge`, `quantize`): an `--out` folder holding
+/// only these is an earlier output, replaced whole; anything else in it is refused.
+fn model_folder_file(name: &str) -> bool {
+    const NAMES: [&str; 12] = [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.model",
+        "added_tokens.json",
+        "chat_template.jinja",
+        "chat_template.json",
+    ];
+    NAMES.contains(&name) || (name.starts_with("model") && name.ends_with(".safetensors"))
+}
+
+/// `check_out` for a command that writes a whole model folder at `path` (replacing what is
+/// there): refused where `path` is a file, is or holds one of the command's `inputs` (the
+/// model, the adapters), or holds anything but the files of an earlier model folder, since
+/// replacing it would delete them.
+pub fn check_out_folder(path: &Path, inputs: &[PathBuf]) -> Result<()> {
+    check_out(path)?;
+    if !path.exists() {
+        return Ok(());
+    }
+    if !path.is_dir() {
+        bail!(
+            "--out {}: a file is there, and this writes a folder: remove it or choose another path",
+            path.display()
+        );
+    }
+    check_not_input(path, inputs)?;
+    let entries = std::fs::read_dir(path).with_context(|| format!("--out {}", path.display()))?;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let file = e.file_type().map(|t| t.is_file()).unwrap_or(false);
+        if !file || !model_folder_file(&name) {
+            bail!(
+                "--out {}: it holds {name}, which is not part of a model folder, and the output \
+                 replaces the whole folder: choose another --out, or remove {name}",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `check_out` for a command that writes one file at `path`: refused where that file is one
+/// of `inputs` or lies inside an input folder (an adapter's own weights, say).
+pub fn check_out_file(path: &Path, inputs: &[PathBuf]) -> Result<()> {
+    check_out(path)?;
+    if path.is_dir() {
+        bail!(
+            "--out {}: a folder is there, and this writes a file: give the file's path",
+            path.display()
+        );
+    }
+    if path.exists() {
+        check_not_input(path, inputs)?;
+    }
+    Ok(())
+}
+
+/// Refuses an existing `out` that is one of `inputs` or holds one (compared as canonical
+/// paths), or an existing file of an input folder that the input reads (its weights, config).
+fn check_not_input(out: &Path, inputs: &[PathBuf]) -> Result<()> {
+    let Ok(at) = out.canonicalize() else {
+        return Ok(());
+    };
+    for input in inputs {
+        let Ok(inp) = input.canonicalize() else {
+            continue;
+        };
+        let name = at.file_name().unwrap_or_default().to_string_lossy();
+        let read = name.starts_with("adapter_") || model_folder_file(&name);
+        let inside = at.is_file() && inp.is_dir() && at.starts_with(&inp) && read;
+        if inp == at || inp.starts_with(&at) || inside {
+            bail!(
+                "--out {}: it is or holds this command's input {}, which writing the output \
+                 would replace: choose another --out",
+                out.display(),
+                input.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The paths a model command reads: the model (where it is a path) and each `--adapter`
+/// folder, for `check_out_folder` and `check_out_file`.
+pub fn input_paths(model: &str, adapters: &[PathBuf]) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = adapters
+        .iter()
+        .enumerate()
+        .map(|(i, a)| adapter_name(i, a).1)
+        .collect();
+    if Path::new(model).exists() {
+        v.push(PathBuf::from(model));
+    }
+    v
+}
+
+/// The run folder `--out` (default: the `--resume` run's own, else runs/latest), checked
+/// before anything is written: a `--resume` that names no checkpoint, or a folder holding
+/// another run's checkpoints or adapter without `--resume` or `--overwrite true`, is refused.
+pub fn run_folder(
+    out: Option<PathBuf>,
+    resume: Option<&Path>,
+    overwrite: Option<bool>,
+) -> Result<PathBuf> {
+    if let Some(r) = resume {
+        let ck =
+            petal_train::checkpoint::resolve(r).map_err(|e| anyhow::anyhow!("--resume {e}"))?;
+        if !ck.exists() {
+            bail!(
+                "--resume {}: its latest checkpoint {} is missing",
+                r.display(),
+                ck.display()
+            );
+        }
+    }
+    // a checkpoint folder's run is two folders up (RUN/checkpoints/step-N)
+    let resumed = resume.map(|r| match r.join("checkpoints").exists() {
+        true => r.to_path_buf(),
+        false => r.ancestors().nth(2).unwrap_or(r).to_path_buf(),
+    });
+    let out = out
+        .or(resumed)
+        .unwrap_or_else(|| PathBuf::from("runs/latest"));
+    check_out(&out)?;
+    let has = |part: &str| out.join(part).exists();
+    if resume.is_none() && !overwrite.unwrap_or(false) {
+        if has("checkpoints") {
+            bail!("{}: run folder already has checkpoints; pass --resume {0} to continue or --overwrite true to start over", out.display());
+        }
+        if has("adapter") {
+            bail!("{}: the folder already holds an adapter (a finished run?); pass --overwrite true to replace it, or choose another --out", out.display());
+        }
+    }
+    Ok(out)
+}
+
+/// Refuses a training batch whose activations cannot fit before any step allocates them: a
+/// lower bound of what the backward pass keeps, per token and decoder layer the layer's input
+/// (with `checkpointing`: only that) and else the attention output and the MLP's gate, up and
+/// product too, against `--max-memory`, or this machine's memory where none was given.
+pub fn check_activations(
+    cfg: &petal_models::LlamaConfig,
+    (batch, seq): (usize, usize),
+    checkpointing: bool,
+    value_bytes: u64,
+    limit: &petal_core::MemoryLimit,
+) -> Result<()> {
+    let (h, inter) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+    let per_token = match checkpointing {
+        true => h,
+        false => 2 * h + 3 * inter,
+    };
+    let tokens = (batch * seq) as u64;
+    let floor = tokens
+        .saturating_mul(cfg.num_hidden_layers as u64)
+        .saturating_mul(per_token)
+        .saturating_mul(value_bytes);
+    let (cap, whose) = match limit.default {
+        true => (
+            petal_core::memory::physical_memory(),
+            "this machine's memory",
+        ),
+        false => (Some(limit.bytes), "--max-memory"),
+    };
+    let Some(cap) = cap.filter(|&c| floor > c) else {
+        return Ok(());
+    };
+    let human = petal_core::memory::human_bytes;
+    bail!(
+        "--batch-size {batch} sequences of up to {seq} tokens: the activations need at least {} \
+         ({} tokens x {} layers), above {whose} ({}): lower --batch-size (--grad-accum keeps \
+         the batch) or --seq-len{}",
+        human(floor),
+        tokens,
+        cfg.num_hidden_layers,
+        human(cap),
+        if checkpointing {
+            ""
+        } else {
+            ", or add --grad-checkpointing"
+        }
+    )
+}
+
 /// Whether files can be made in `dir` (a probe file, removed at once), for `check_out`.
 fn writable(path: &Path, dir: &Path) -> Result<()> {
     tempfile::NamedTempFile::new_in(dir).map(drop).map_err(|e| {

@@ -34,7 +34,8 @@ pub fn run_export(a: ExportArgs) -> Result<()> {
         "" => "f32",
         q => q,
     })?;
-    crate::common::check_out(&a.out)?;
+    let inputs = crate::common::input_paths(&a.model.model, &a.model.adapter);
+    crate::common::check_out_file(&a.out, &inputs)?;
     let model = ModelArgs {
         quantize: String::new(), // the file's type here, not the load's
         adapter: vec![],

@@ -102,6 +102,9 @@ impl SamplingArgs {
         if self.max_new_tokens == 0 {
             bail!("--max-new-tokens 0 is out of range: must be at least 1");
         }
+        if self.stop.iter().any(String::is_empty) {
+            bail!("--stop '': an empty stop string would end every answer before it starts");
+        }
         Ok(SamplingParams {
             temperature: self.temperature,
             top_k: self.top_k,

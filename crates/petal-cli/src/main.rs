@@ -117,7 +117,16 @@ fn main() {
         .map_err(anyhow::Error::from);
     let r = pool.and_then(|p| p.install(|| dispatch(cli.cmd)));
     if let Err(e) = r {
-        let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        // one line: each cause once (an error that shows its source is not followed by it
+        // again), without the backtrace candle appends under RUST_BACKTRACE
+        let mut chain: Vec<String> = Vec::new();
+        for c in e.chain() {
+            let text = c.to_string();
+            let text = text.split("\n   0: ").next().unwrap_or_default().trim_end();
+            if !chain.last().is_some_and(|l| l.ends_with(text)) {
+                chain.push(text.to_string());
+            }
+        }
         eprintln!("error: {}", chain.join(": "));
         std::process::exit(1);
     }

@@ -5,7 +5,7 @@
 //! the layers before it, already quantized, give; `--method rtn` rounds to nearest on the same
 //! grid (the baseline, and what `--quantize int4` does at load).
 
-use crate::common::{check_out, check_seq_len, data_files};
+use crate::common::{check_out_folder, check_seq_len, data_files, input_paths};
 use crate::gen_cmd::ModelArgs;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -115,7 +115,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     } else if a.act_order || !a.calibration.is_empty() {
         bail!("--act-order and --calibration are GPTQ's: give --method gptq");
     }
-    check_out(&a.out)?;
+    check_out_folder(&a.out, &input_paths(&a.model.model, &[]))?;
     let started = Instant::now();
     let mut lm = a.model.load()?;
     if let Some(held) = already_quantized(&lm.source)? {

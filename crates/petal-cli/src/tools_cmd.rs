@@ -251,7 +251,11 @@ pub fn run_merge(a: MergeArgs) -> Result<()> {
         )?),
         other => bail!("--format `{other}` is not one of hf, gguf"),
     };
-    crate::common::check_out(&a.out)?;
+    let inputs = crate::common::input_paths(&a.model.model, &a.model.adapter);
+    match gguf_type {
+        Some(_) => crate::common::check_out_file(&a.out, &inputs)?,
+        None => crate::common::check_out_folder(&a.out, &inputs)?,
+    }
     let model = ModelArgs {
         quantize: String::new(), // the output's type here, not the load's
         ..a.model.clone()
@@ -450,7 +454,8 @@ pub fn parse_ids(s: &str) -> Result<(Vec<u32>, usize, usize)> {
 }
 
 pub fn run_forward(a: ForwardArgs) -> Result<()> {
-    crate::common::check_out(&a.out)?;
+    let inputs = crate::common::input_paths(&a.model.model, &a.model.adapter);
+    crate::common::check_out_file(&a.out, &inputs)?;
     let lm = a.model.load()?;
     let (ids, b, t) = parse_ids(&a.input_ids)?;
     if let Some(bad) = ids.iter().find(|&&i| i as usize >= lm.model.vocab_size()) {

@@ -194,11 +194,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut o = args.opts;
     let mut flags = args.method_flags.given;
     let mut tables = toml::Table::new();
+    let mut file_top = Vec::<String>::new(); // the run file's top-level keys
     if let Some(c) = &args.config {
         let (top, tables_known) = crate::adapter_opts::toml_names();
         let mut known: Vec<&str> = TrainOpts::KEYS.to_vec();
         known.extend(top.iter().map(String::as_str));
         let mut table = config_file::read(c, &known, &tables_known)?;
+        file_top = table.keys().cloned().collect();
         for key in &top {
             let name = key.replace('_', "-");
             let on_command_line = flags.iter().any(|(f, _)| *f == name);
@@ -235,14 +237,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .data
         .clone()
         .context("--data is required (a .jsonl/.txt file, a folder, or asset:shakespeare)")?;
-    let out = o
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("runs/latest"));
-    crate::common::check_out(&out)?;
-    if o.resume.is_none() && out.join("checkpoints").exists() && !o.overwrite.unwrap_or(false) {
-        bail!("{}: run folder already has checkpoints; pass --resume {0} to continue or --overwrite true to start over", out.display());
-    }
+    let out = crate::common::run_folder(o.out.clone(), o.resume.as_deref(), o.overwrite)?;
+    o.out = Some(out.clone()); // the resumed run's own folder where --out is not given
     let (m, preset) = resolve_method(o.method.as_deref().unwrap_or("lora"))?;
     let method = method_name(m);
     if let Some(t) = tables.keys().find(|t| **t != method) {
@@ -252,6 +248,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Some(toml::Value::Table(t)) => Some(t),
         _ => None,
     };
+    crate::adapter_opts::set_once(m, &file_top, table)?;
     let given = given_options(m, &o, &flags, table)?;
     if crate::classify_cmd::is_seq_cls(o.task_type.as_deref())? {
         return crate::classify_cmd::train(&o, m, preset, given, &method, args.json);
@@ -321,6 +318,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     crate::adapter_opts::merge_adapters(&o, &mut model)?;
     let limit = crate::common::memory_limit(max_memory(&o)?).for_training();
     let report = inject_adapter_within(&mut model, "default", &acfg, seed, &limit)?;
+    let (ckpt, bf16) = (o.grad_checkpointing, o.bf16_activations);
+    let longest = train_set.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    let batch = (o.batch_size.unwrap_or(4), longest.min(seq_len));
+    let value = if bf16.unwrap_or(false) { 2 } else { 4 };
+    crate::common::check_activations(&model.cfg, batch, ckpt.unwrap_or(false), value, &limit)?;
     crate::adapter_opts::init_adapter(&o, &model, model.device(), &acfg)?;
     let init_text = acfg.get("prompt_tuning_init_text").and_then(|v| v.as_str());
     if let (Some(text), Some((_, input))) = (init_text, model.input_adapter()) {
@@ -559,10 +561,18 @@ fn check_ranges(o: &TrainOpts) -> Result<()> {
         }
     };
     positive("lr", o.lr, false)?;
+    positive("alpha", o.alpha, false)?;
+    if let Some(d) = o.dropout.filter(|d| !(0.0..1.0).contains(d)) {
+        bail!("--dropout {d} is out of range: must be in [0, 1)");
+    }
     positive("weight-decay", o.weight_decay, true)?;
     positive("prox-mu", o.prox_mu, true)?;
     positive("max-grad-norm", o.max_grad_norm, true)?;
     task_sampling(o)?;
+    if let Some(s) = &o.schedule {
+        s.parse::<petal_train::Schedule>()
+            .map_err(|e| anyhow!("--schedule {s}: {e}"))?;
+    }
     if let Some(f) = o.val_fraction.filter(|f| !(0.0..1.0).contains(f)) {
         bail!("--val-fraction {f} is out of range: must be in [0, 1)");
     }

@@ -9,7 +9,10 @@ fn out_of_range_training_values_are_refused_before_any_work_naming_the_flag() {
     let d = tempfile::tempdir().unwrap();
     let data = words(d.path());
     let out = d.path().join("run");
-    let cases: [(&str, &str); 8] = [
+    let cases: [(&str, &str); 11] = [
+        ("--alpha", "NaN"),
+        ("--alpha", "0"),
+        ("--dropout", "1"),
         ("--batch-size", "0"),
         ("--grad-accum", "0"),
         ("--seq-len", "1"),

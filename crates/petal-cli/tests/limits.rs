@@ -65,6 +65,14 @@ fn an_adapter_too_large_for_the_memory_limit_is_refused_before_allocation() {
         &["r = 1000000000", "with its gradients and optimizer state"],
     );
     assert!(!out.join("adapter").exists(), "nothing trained or saved");
+    // and a batch whose activations cannot fit, before any step
+    args.truncate(args.len() - 2);
+    let at = args.iter().position(|a| *a == "--batch-size").unwrap();
+    args[at + 1] = "100000";
+    args.extend_from_slice(&["--max-memory", "1M"]);
+    let o = petal(&args);
+    one_line_error(&o, &["--batch-size 100000", "activations need at least", "--max-memory"]);
+    assert!(!out.join("adapter").exists(), "nothing trained or saved");
 }
 
 #[test]

@@ -260,7 +260,14 @@ fn a_bad_task_is_refused_in_one_line_naming_the_line_or_the_choices() {
     let model = golden().join("llama");
     let m = model.to_str().unwrap();
     let mc = golden().join("task_mc.jsonl"); // a model without a chat template
+    let empty = d.path().join("e.jsonl"); // an empty choice would score log-likelihood 0
+    let line = "{\"prompt\": \"w5\", \"choices\": [\"\", \" w6\"], \"answer\": 1}\n";
+    std::fs::write(&empty, line).unwrap();
     for (args, want) in [
+        (
+            vec!["--task", empty.to_str().unwrap()],
+            "e.jsonl:1: `choices`[0] is empty",
+        ),
         (
             vec!["--task", task.to_str().unwrap()],
             "t.jsonl:2: no `answer` key",

@@ -237,6 +237,13 @@ impl AdapterConfig {
         if !raw.is_object() {
             return Err(Error::config(file, "(json)", "expected a JSON object"));
         }
+        let bad_layers = raw
+            .get("layers_to_transform")
+            .is_some_and(|v| serde_json::from_value::<Option<Layers>>(v.clone()).is_err());
+        if bad_layers {
+            let e = "expected a layer index (a whole number >= 0) or a list of them";
+            return Err(Error::config(file, "layers_to_transform", e));
+        }
         let mut cfg: AdapterConfig = serde_json::from_value(raw)
             .map_err(|e| Error::config(file, "(schema)", e.to_string()))?;
         let m = cfg

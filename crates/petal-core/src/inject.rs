@@ -226,8 +226,19 @@ pub fn inject_adapter_within(
         attach(lin, name, layer)?;
     }
     if modules.is_empty() {
+        let layers = match (&cfg.layers_to_transform, model.input_shape()) {
+            (None, _) => String::new(),
+            (Some(l), shape) => format!(
+                " in layers_to_transform {}{}",
+                serde_json::to_string(l).unwrap_or_default(),
+                shape.map_or(String::new(), |s| format!(
+                    " (the model's layers: 0..={})",
+                    s.layers.saturating_sub(1)
+                ))
+            ),
+        };
         return Err(Error::msg(format!(
-            "target_modules {:?} matched no linear layer of the model (its linears end in: {})",
+            "target_modules {:?} matched no linear layer of the model{layers} (its linears end in: {})",
             cfg.target_modules,
             linear_suffixes(model).join(", ")
         )));

@@ -62,7 +62,7 @@ pub fn load_examples(path: &Path, tok: &Tokenizer, opts: &DataOptions) -> Result
             ),
         };
         return Err(DataError::Msg(format!(
-            "{}: no training examples: {why}",
+            "{}: no examples to learn from: {why}",
             path.display()
         )));
     }
@@ -233,7 +233,7 @@ fn example_from_json(v: &Value, tok: &Tokenizer) -> std::result::Result<Example,
 }
 
 /// The roles a chat turn may have (OpenAI's, which chat templates know).
-const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
+pub const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
 
 /// A conversation rendered with the chat template; loss only on the assistant turns' tokens.
 fn chat_example(v: &Value, tok: &Tokenizer) -> std::result::Result<Example, String> {

@@ -284,6 +284,11 @@ pub fn load_task_file(path: &Path, task: &str) -> Result<(Vec<TaskExample>, File
                     .ok_or_else(|| {
                         line_err(path, n, "`choices` must be a list of 2 or more strings")
                     })?;
+                if let Some(i) = choices.iter().position(String::is_empty) {
+                    // an empty continuation scores log-likelihood 0, above every other
+                    let e = format!("`choices`[{i}] is empty: every choice needs some text");
+                    Err(line_err(path, n, e))?;
+                }
                 let answer = answer
                     .as_u64()
                     .map(|a| a as usize)

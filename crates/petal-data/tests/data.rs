@@ -156,7 +156,7 @@ fn missing_fields_and_chats_without_an_assistant_turn_are_refused_by_line() {
 fn an_empty_dataset_is_an_error() {
     let e = err("\n\n");
     assert!(
-        e.contains("no training examples: the file holds none"),
+        e.contains("no examples to learn from: the file holds none"),
         "{e}"
     );
 }

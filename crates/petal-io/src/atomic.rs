@@ -58,8 +58,9 @@ pub fn write_safetensors_atomic(path: &Path, tensors: &HashMap<String, Tensor>) 
 /// Build folder `dir` whole: `fill` writes into a temp folder beside it (`.NAME.tmp-PID`), which
 /// then takes `dir`'s place (an old `dir` is moved aside to `.NAME.old-PID` first and deleted
 /// after), so `dir` is never seen half-written and a failed `fill` leaves the old one as it
-/// was. Temp folders that runs which have ended left beside it are removed first (a line on
-/// stderr says so; an old folder whose replacement never arrived is put back instead).
+/// was; a file at `dir` is refused. Temp folders that runs which have ended left beside it
+/// are removed first (a line on stderr says so; an old folder whose replacement never arrived
+/// is put back instead).
 pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = dir
         .parent()
@@ -70,6 +71,12 @@ pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
         .ok_or_else(|| Error::msg(format!("{}: not a folder name", dir.display())))?
         .to_string_lossy()
         .to_string();
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::msg(format!(
+            "{}: a file is there, not a folder: it is not replaced by one",
+            dir.display()
+        )));
+    }
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     remove_stale(parent);
     let pid = std::process::id();

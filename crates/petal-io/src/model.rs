@@ -62,6 +62,7 @@ pub fn load_model(
                 (_, Some(g)) => crate::gptq::read(dir, g)?,
                 _ => Weights::from_hf_folder(dir)?,
             };
+            layers_match(&cfg, &w.names(), dir)?;
             let tok = Tokenizer::from_hf_folder(dir).map_err(|e| Error::msg(e.to_string()))?;
             (Llama::load(cfg, &w, precision, device)?, tok)
         }
@@ -95,6 +96,29 @@ pub fn load_model(
         tokenizer,
         source,
     })
+}
+
+/// Refuses weights that hold a decoder layer past the config's `num_hidden_layers`: the
+/// config does not describe the weights (loading would silently drop layers).
+fn layers_match(cfg: &LlamaConfig, names: &[String], dir: &std::path::Path) -> Result<()> {
+    let layer = |n: &String| {
+        n.strip_prefix("model.layers.")?
+            .split('.')
+            .next()?
+            .parse::<usize>()
+            .ok()
+    };
+    if let Some(top) = names.iter().filter_map(layer).max() {
+        let want = cfg.num_hidden_layers;
+        if top >= want {
+            return Err(Error::config(
+                dir.join("config.json").display().to_string(),
+                "num_hidden_layers",
+                format!("{want}, but the weights hold layer {top} (model.layers.{top}.*): the config does not describe these weights"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn strings(md: &HashMap<String, Value>, key: &str) -> Vec<String> {

@@ -175,6 +175,18 @@ impl LlamaConfig {
                 ),
             ));
         }
+        for (k, id) in [
+            ("bos_token_id", self.bos_token_id),
+            ("eos_token_id", self.eos_token_id),
+        ] {
+            if let Some(id) = id.filter(|&i| i as usize >= self.vocab_size) {
+                let e = format!(
+                    "{id} is out of range: below vocab_size ({})",
+                    self.vocab_size
+                );
+                return Err(Error::config(file, k, e));
+            }
+        }
         for (k, v) in [
             ("rope_theta", self.rope_theta),
             ("rms_norm_eps", self.rms_norm_eps),

@@ -112,6 +112,11 @@ fn sampling(req: &Value) -> Result<SamplingParams, Failure> {
             .ok_or_else(|| bad("`stop` must be a string or a list of strings"))?,
         Some(_) => return Err(bad("`stop` must be a string or a list of strings")),
     };
+    if stop.iter().any(String::is_empty) {
+        return Err(bad(
+            "`stop` holds an empty string, which would end every answer at once",
+        ));
+    }
     // OpenAI's ranges; petal's extensions top_k >= 0 and repetition_penalty > 0
     let within = |k: &str, v: Option<f64>, ok: fn(f64) -> bool, range: &str| match v {
         Some(x) if !ok(x) => Err(bad(format!("`{k}` must be {range}, not {x}"))),

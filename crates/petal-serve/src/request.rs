@@ -212,8 +212,15 @@ impl Served<'_> {
                         .map(str::to_string)
                         .ok_or_else(|| bad(format!("messages[{i}].{k} must be a string")))
                 };
+                let role = field("role")?;
+                if !petal_data::dataset::ROLES.contains(&role.as_str()) {
+                    let roles = petal_data::dataset::ROLES.join(", ");
+                    return Err(bad(format!(
+                        "messages[{i}].role `{role}` is not one of {roles}"
+                    )));
+                }
                 Ok(Message {
-                    role: field("role")?,
+                    role,
                     content: field("content")?,
                 })
             })

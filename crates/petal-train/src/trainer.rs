@@ -482,7 +482,7 @@ fn restore(
     path: &Path,
 ) -> Result<usize> {
     let ck = checkpoint::load(path, obj.device())?;
-    if ck.state.fingerprint != cfg.fingerprint {
+    if !fingerprint_diff(&ck.state.fingerprint, &cfg.fingerprint).is_empty() {
         return Err(Error::msg(format!(
             "{}: checkpoint was made for another model or config (differs in: {})",
             path.display(),
@@ -506,25 +506,27 @@ fn restore(
     Ok(ck.state.step)
 }
 
-/// The settings in which two run fingerprints (JSON objects) differ, as `key: a -> b`.
+/// The settings in which two run fingerprints (JSON objects) differ, as `key: a -> b` (empty
+/// where they agree). A data file named by two paths (relative and absolute, say) is the same.
 pub(crate) fn fingerprint_diff(old: &str, new: &str) -> String {
     let parse = |s: &str| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(s);
     let (Ok(a), Ok(b)) = (parse(old), parse(new)) else {
-        return format!("checkpoint {old}, this run {new}");
+        return match old == new {
+            true => String::new(),
+            false => format!("checkpoint {old}, this run {new}"),
+        };
     };
-    let null = serde_json::Value::Null;
-    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
-    keys.sort();
-    keys.dedup();
+    let file = |v: Option<&serde_json::Value>| std::fs::canonicalize(v?.as_str()?).ok();
+    let same = |k: &str| {
+        a.get(k) == b.get(k)
+            || (["data", "val_data"].contains(&k)
+                && file(a.get(k)).is_some_and(|f| Some(f) == file(b.get(k))))
+    };
+    let at = |m: &serde_json::Map<_, _>, k| m.get(k).cloned().unwrap_or_default();
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
     keys.into_iter()
-        .filter(|k| a.get(*k) != b.get(*k))
-        .map(|k| {
-            format!(
-                "{k}: {} -> {}",
-                a.get(k).unwrap_or(&null),
-                b.get(k).unwrap_or(&null)
-            )
-        })
+        .filter(|k| !same(k))
+        .map(|k| format!("{k}: {} -> {}", at(&a, k), at(&b, k)))
         .collect::<Vec<_>>()
         .join("; ")
 }
@@ -555,6 +557,17 @@ mod tests {
         let a = r#"{"seed": 1, "lr": 0.001, "model": "m"}"#;
         let b = r#"{"seed": 2, "lr": 0.001, "model": "m", "pack": true}"#;
         assert_eq!(fingerprint_diff(a, b), "pack: null -> true; seed: 1 -> 2");
+        let (abs, rel) = (
+            concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
+            "Cargo.toml",
+        );
+        let fp = |p: &str| serde_json::json!({"data": p, "seed": 1}).to_string();
+        assert_eq!(
+            fingerprint_diff(&fp(abs), &fp(rel)),
+            "",
+            "one file, two paths"
+        );
+        assert!(fingerprint_diff(&fp(abs), &fp("src/lib.rs")).starts_with("data: "));
     }
 
     #[test]

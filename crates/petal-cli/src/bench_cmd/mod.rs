@@ -323,6 +323,17 @@ fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
              qwen2.5-coder-0.5b, qwen2.5-coder-1.5b)"
         ),
     };
+    // a prompt of --seq tokens (and, generating, the new ones after it) fits the context
+    let need = a.seq
+        + if a.mode == "generate" {
+            a.new_tokens
+        } else {
+            0
+        };
+    let ctx = model.cfg.max_position_embeddings;
+    if need > ctx {
+        bail!("--seq {} (+ --new-tokens when generating) is out of range: the model's context is {ctx} tokens", a.seq);
+    }
     let mut model = model;
     let mut opt = None;
     let mut adapter = None;
@@ -439,6 +450,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bail!("--mode must be train, forward or generate");
     }
     let counts = [
+        ("threads", a.threads.unwrap_or(1)),
         ("batch", a.batch),
         ("seq", a.seq),
         ("steps", a.steps),
