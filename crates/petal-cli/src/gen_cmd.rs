@@ -103,7 +103,7 @@ impl SamplingArgs {
             bail!("--max-new-tokens 0 is out of range: must be at least 1");
         }
         if self.stop.iter().any(String::is_empty) {
-            bail!("--stop '': an empty stop string would end every answer before it starts");
+            bail!("--stop '' is out of range: an empty stop string would end every answer at once");
         }
         Ok(SamplingParams {
             temperature: self.temperature,

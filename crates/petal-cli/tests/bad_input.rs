@@ -119,7 +119,8 @@ fn an_adapter_with_nan_weights_is_refused_naming_the_tensor_unless_allowed_and_g
 
 #[test]
 fn out_of_range_sampling_values_are_refused_before_the_model_loads_naming_the_flag() {
-    let cases: [(&str, &str); 7] = [
+    let cases: [(&str, &str); 8] = [
+        ("--stop", ""),
         ("--temperature", "-1"),
         ("--temperature", "NaN"),
         ("--top-p", "0"),
@@ -148,7 +149,10 @@ fn counts_of_the_other_commands_are_refused_before_any_work_naming_the_flag() {
         "/nonexistent.jsonl",
     ];
     let serve = ["serve", "--model", "/nonexistent"];
-    let cases: [(&[&str], &str, &str); 6] = [
+    let bench = ["bench", "--workload", "synthetic-35m"];
+    let cases: [(&[&str], &str, &str); 8] = [
+        (&bench, "--threads", "0"),
+        (&bench, "--seq", "100000000"), // past its context of 2048
         (&eval, "--batch-size", "0"),
         (&eval, "--seq-len", "1"),
         (&serve, "--max-batch", "0"),
@@ -472,4 +476,26 @@ fn gguf_exports_and_quantization_aware_methods_refuse_what_they_cannot_do_in_one
         "{e}"
     );
     assert!(!run.exists(), "nothing written");
+}
+
+#[test]
+fn a_model_config_with_fewer_layers_than_its_weights_is_refused_naming_the_field() {
+    let d = tempfile::tempdir().unwrap();
+    let src = golden().join("llama");
+    for e in std::fs::read_dir(&src).unwrap().flatten() {
+        std::fs::copy(e.path(), d.path().join(e.file_name())).unwrap();
+    }
+    let cfg = d.path().join("config.json");
+    let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    c["num_hidden_layers"] = 1.into(); // the weights hold layers 0 and 1
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let o = petal(&["inspect", "--model", d.path().to_str().unwrap()]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("num_hidden_layers")
+            && e.contains("weights hold layer 1")
+            && e.lines().count() == 1,
+        "{e}"
+    );
 }

@@ -71,7 +71,14 @@ fn an_adapter_too_large_for_the_memory_limit_is_refused_before_allocation() {
     args[at + 1] = "100000";
     args.extend_from_slice(&["--max-memory", "1M"]);
     let o = petal(&args);
-    one_line_error(&o, &["--batch-size 100000", "activations need at least", "--max-memory"]);
+    one_line_error(
+        &o,
+        &[
+            "--batch-size 100000",
+            "activations need at least",
+            "--max-memory",
+        ],
+    );
     assert!(!out.join("adapter").exists(), "nothing trained or saved");
 }
 

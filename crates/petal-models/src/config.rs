@@ -259,6 +259,8 @@ mod tests {
             ("hidden_size", serde_json::json!(5_555_555_555_807u64)),
             ("head_dim", serde_json::json!(1 << 20)),
             ("vocab_size", serde_json::json!(1u64 << 40)),
+            ("bos_token_id", serde_json::json!(96)),
+            ("eos_token_id", serde_json::json!([999_999_999])),
         ] {
             let mut v = good.clone();
             v[key] = bad.clone();

@@ -178,7 +178,7 @@ fn bad_requests_get_openai_style_errors_and_the_server_keeps_serving() {
     let mut lm = model_with(&[("q", "llama_lora_qv")]);
     serving(&mut lm, |addr| {
         let post = |body: &str| request(addr, "POST", "/v1/completions", body);
-        let cases: [(&str, u16, &str); 9] = [
+        let cases: [(&str, u16, &str); 10] = [
             (
                 r#"{"model": "nope", "prompt": "w5"}"#,
                 404,
@@ -204,6 +204,11 @@ fn bad_requests_get_openai_style_errors_and_the_server_keeps_serving() {
                 r#"{"prompt": "w5", "stop": 3}"#,
                 400,
                 "`stop` must be a string or a list",
+            ),
+            (
+                r#"{"prompt": "w5", "stop": ["", "w6"]}"#,
+                400,
+                "`stop` holds an empty string",
             ),
             (r#"[1, 2]"#, 400, "must be a JSON object"),
             // above the server's --max-tokens (256 here), and an out-of-range field
