@@ -140,37 +140,9 @@ impl Given {
     }
 }
 
-/// Refuses an option a run file sets twice: at its top level (`r = 2`, `--r`'s key, or a
-/// method flag's) and in the method's table (`[lora] r = 8`).
-pub fn set_once(m: &dyn AdapterMethod, top: &[String], table: Option<&toml::Table>) -> Result<()> {
-    let shared = [
-        ("r", SharedOption::Rank),
-        ("alpha", SharedOption::Alpha),
-        ("dropout", SharedOption::Dropout),
-    ];
-    for key in table.into_iter().flat_map(|t| t.keys()) {
-        let flag = m.flags().into_iter().find(|f| f.key == key.as_str());
-        let twice = top.iter().find(|t| {
-            *t == key
-                || flag
-                    .as_ref()
-                    .is_some_and(|f| f.name.replace('-', "_") == **t)
-                || shared
-                    .iter()
-                    .any(|(name, w)| name == t && m.shared_key(*w) == Some(key.as_str()))
-        });
-        if let Some(t) = twice {
-            bail!(
-                "the run file sets `{key}` twice: `{t}` at its top level and `{key}` in [{}]: keep one",
-                method_name(m)
-            );
-        }
-    }
-    Ok(())
-}
-
 /// Collect what the user set for method `m`: the TOML table of the method first, then what
-/// overrides it: shared sizes, kept flags (command line and TOML top level) and `--set`.
+/// overrides it: shared sizes, kept flags (command line and TOML top level) and `--set` (so a
+/// run's own run.toml, which holds `r` at its top level and in its table, replays).
 pub fn given_options(
     m: &dyn AdapterMethod,
     o: &TrainOpts,

@@ -99,32 +99,37 @@ fn quantize_type(
 /// folder this process can create files in (nothing is created). The error names the path and
 /// why.
 pub fn check_out(path: &Path) -> Result<()> {
+    check_path("--out", path)
+}
+
+/// `check_out` for the output `flag` names (`--samples FILE`, say).
+pub fn check_path(flag: &str, path: &Path) -> Result<()> {
     let mut at = if path.is_absolute() {
         path.to_path_buf()
     } else {
         std::env::current_dir()?.join(path)
     };
     if at.is_dir() {
-        return writable(path, &at);
+        return writable(flag, path, &at);
     }
     if at.exists() && path.extension().is_some() {
         // an output file that exists is replaced: its folder must take the new one
         at.pop();
-        return writable(path, &at);
+        return writable(flag, path, &at);
     }
     while !at.exists() {
         if !at.pop() {
-            bail!("--out {}: no existing folder above it", path.display());
+            bail!("{flag} {}: no existing folder above it", path.display());
         }
     }
     if !at.is_dir() {
         bail!(
-            "--out {}: {} is a file, not a folder",
+            "{flag} {}: {} is a file, not a folder",
             path.display(),
             at.display()
         );
     }
-    writable(path, &at)
+    writable(flag, path, &at)
 }
 
 /// The files of a model folder petal writes (`merge`, `quantize`): an `--out` folder holding
@@ -149,9 +154,16 @@ fn model_folder_file(name: &str) -> bool {
 
 /// `check_out` for a command that writes a whole model folder at `path` (replacing what is
 /// there): refused where `path` is a file, is or holds one of the command's `inputs` (the
-/// model, the adapters), or holds anything but the files of an earlier model folder, since
-/// replacing it would delete them.
+/// model, the adapters), or is not empty and not an earlier output of petal's (its
+/// `OUTPUT_MARKER` and a model folder's files, nothing else), since replacing it would delete
+/// what it holds.
 pub fn check_out_folder(path: &Path, inputs: &[PathBuf]) -> Result<()> {
+    if path.file_name().is_none() {
+        bail!(
+            "--out {}: give the output folder's own name",
+            path.display()
+        );
+    }
     check_out(path)?;
     if !path.exists() {
         return Ok(());
@@ -163,11 +175,22 @@ pub fn check_out_folder(path: &Path, inputs: &[PathBuf]) -> Result<()> {
         );
     }
     check_not_input(path, inputs)?;
-    let entries = std::fs::read_dir(path).with_context(|| format!("--out {}", path.display()))?;
-    for e in entries.flatten() {
+    let entries: Vec<_> = std::fs::read_dir(path)
+        .with_context(|| format!("--out {}", path.display()))?
+        .flatten()
+        .collect();
+    let marker = petal_io::OUTPUT_MARKER;
+    if !entries.is_empty() && !path.join(marker).is_file() {
+        bail!(
+            "--out {}: it holds files petal did not write (no {marker} there), and the output \
+             replaces the whole folder: choose another --out, or empty it",
+            path.display()
+        );
+    }
+    for e in entries {
         let name = e.file_name().to_string_lossy().to_string();
         let file = e.file_type().map(|t| t.is_file()).unwrap_or(false);
-        if !file || !model_folder_file(&name) {
+        if !file || !(model_folder_file(&name) || name == marker) {
             bail!(
                 "--out {}: it holds {name}, which is not part of a model folder, and the output \
                  replaces the whole folder: choose another --out, or remove {name}",
@@ -236,33 +259,53 @@ pub fn input_paths(model: &str, adapters: &[PathBuf]) -> Vec<PathBuf> {
 /// The run folder `--out` (default: the `--resume` run's own, else runs/latest), checked
 /// before anything is written: a `--resume` that names no checkpoint, or a folder holding
 /// another run's checkpoints or adapter without `--resume` or `--overwrite true`, is refused.
+/// Without `--out`, `--resume RUN` or `RUN/checkpoints/step-N` continues in RUN, from its
+/// latest checkpoint only (an earlier one would overwrite the steps after it) unless
+/// `--overwrite true`; a checkpoint outside a run folder needs `--out`.
 pub fn run_folder(
     out: Option<PathBuf>,
     resume: Option<&Path>,
     overwrite: Option<bool>,
 ) -> Result<PathBuf> {
-    if let Some(r) = resume {
-        let ck =
-            petal_train::checkpoint::resolve(r).map_err(|e| anyhow::anyhow!("--resume {e}"))?;
-        if !ck.exists() {
-            bail!(
-                "--resume {}: its latest checkpoint {} is missing",
-                r.display(),
-                ck.display()
-            );
+    let overwrite = overwrite.unwrap_or(false);
+    let resumed = match resume {
+        None => None,
+        Some(r) => {
+            let ck =
+                petal_train::checkpoint::resolve(r).map_err(|e| anyhow::anyhow!("--resume {e}"))?;
+            if !ck.exists() {
+                bail!(
+                    "--resume {}: its latest checkpoint {} is missing",
+                    r.display(),
+                    ck.display()
+                );
+            }
+            let up = r
+                .parent()
+                .filter(|p| p.file_name().is_some_and(|n| n == "checkpoints"));
+            match (r.join("checkpoints").exists(), up.and_then(Path::parent)) {
+                (true, _) => Some(r.to_path_buf()),
+                (false, Some(run)) if out.is_none() => {
+                    let latest = petal_train::checkpoint::resolve(run)?;
+                    if latest.canonicalize()? != ck.canonicalize()? && !overwrite {
+                        bail!("--resume {}: not {}'s latest checkpoint ({}), and continuing in {1} would overwrite the steps after it: give --out for a new run folder, or --overwrite true", r.display(), run.display(), latest.display());
+                    }
+                    Some(run.to_path_buf())
+                }
+                _ if out.is_none() => bail!(
+                    "--resume {}: a checkpoint outside a run folder: give --out for the run",
+                    r.display()
+                ),
+                _ => None,
+            }
         }
-    }
-    // a checkpoint folder's run is two folders up (RUN/checkpoints/step-N)
-    let resumed = resume.map(|r| match r.join("checkpoints").exists() {
-        true => r.to_path_buf(),
-        false => r.ancestors().nth(2).unwrap_or(r).to_path_buf(),
-    });
+    };
     let out = out
         .or(resumed)
         .unwrap_or_else(|| PathBuf::from("runs/latest"));
     check_out(&out)?;
     let has = |part: &str| out.join(part).exists();
-    if resume.is_none() && !overwrite.unwrap_or(false) {
+    if resume.is_none() && !overwrite {
         if has("checkpoints") {
             bail!("{}: run folder already has checkpoints; pass --resume {0} to continue or --overwrite true to start over", out.display());
         }
@@ -273,27 +316,37 @@ pub fn run_folder(
     Ok(out)
 }
 
-/// Refuses a training batch whose activations cannot fit before any step allocates them: a
-/// lower bound of what the backward pass keeps, per token and decoder layer the layer's input
-/// (with `checkpointing`: only that) and else the attention output and the MLP's gate, up and
-/// product too, against `--max-memory`, or this machine's memory where none was given.
+/// Refuses a training batch whose activations cannot fit before any step allocates them (on
+/// the CPU): a lower bound of what the backward pass keeps against `--max-memory`, or this
+/// machine's memory where none was given. Per token (`batch` sequences of up to `seq`): with
+/// `checkpointing`, every decoder layer's input; without, from the first layer holding an
+/// adapted module on (the layers before it record nothing), the layer's input, the attention
+/// output and the MLP's gate, up and product.
 pub fn check_activations(
-    cfg: &petal_models::LlamaConfig,
+    model: &petal_models::Llama,
     (batch, seq): (usize, usize),
+    first_adapted: Option<usize>,
     checkpointing: bool,
-    value_bytes: u64,
     limit: &petal_core::MemoryLimit,
 ) -> Result<()> {
-    let (h, inter) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
-    let per_token = match checkpointing {
-        true => h,
-        false => 2 * h + 3 * inter,
+    let cfg = &model.cfg;
+    if !model.device().is_cpu() {
+        return Ok(()); // the device's memory is another matter
+    }
+    let (h, inter, layers) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_hidden_layers,
+    );
+    let (per_token, kept) = match (checkpointing, first_adapted) {
+        (true, _) => (h, layers),
+        (false, Some(first)) => (2 * h + 3 * inter, layers.saturating_sub(first)),
+        (false, None) => (0, 0),
     };
-    let tokens = (batch * seq) as u64;
+    let tokens = (batch as u64).saturating_mul(seq as u64);
     let floor = tokens
-        .saturating_mul(cfg.num_hidden_layers as u64)
-        .saturating_mul(per_token)
-        .saturating_mul(value_bytes);
+        .saturating_mul((kept * per_token) as u64)
+        .saturating_mul(model.act_dtype().size_in_bytes() as u64);
     let (cap, whose) = match limit.default {
         true => (
             petal_core::memory::physical_memory(),
@@ -306,12 +359,10 @@ pub fn check_activations(
     };
     let human = petal_core::memory::human_bytes;
     bail!(
-        "--batch-size {batch} sequences of up to {seq} tokens: the activations need at least {} \
-         ({} tokens x {} layers), above {whose} ({}): lower --batch-size (--grad-accum keeps \
-         the batch) or --seq-len{}",
+        "a micro-batch of {batch} sequences of up to {seq} tokens: its activations need at \
+         least {} ({tokens} tokens x {kept} layers), above {whose} ({}): lower --batch-size \
+         (--grad-accum keeps the batch) or --seq-len{}",
         human(floor),
-        tokens,
-        cfg.num_hidden_layers,
         human(cap),
         if checkpointing {
             ""
@@ -321,11 +372,27 @@ pub fn check_activations(
     )
 }
 
+/// The decoder layer a module path lies in (`model.layers.N.…`).
+pub fn layer_of(path: &str) -> Option<usize> {
+    path.split("layers.")
+        .nth(1)?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A data spec as its file's full path where it names one (a run's fingerprint: a resume from
+/// another folder names the same file), else as given (`asset:…`).
+pub fn full_path(spec: &str) -> String {
+    std::fs::canonicalize(spec).map_or(spec.to_string(), |p| p.display().to_string())
+}
+
 /// Whether files can be made in `dir` (a probe file, removed at once), for `check_out`.
-fn writable(path: &Path, dir: &Path) -> Result<()> {
+fn writable(flag: &str, path: &Path, dir: &Path) -> Result<()> {
     tempfile::NamedTempFile::new_in(dir).map(drop).map_err(|e| {
         anyhow::anyhow!(
-            "--out {}: cannot write in {}: {e}",
+            "{flag} {}: cannot write in {}: {e}",
             path.display(),
             dir.display()
         )

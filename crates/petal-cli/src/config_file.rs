@@ -10,8 +10,17 @@ pub use petal_core::config::nearest;
 /// `tables` may appear as tables (a method's options, under its PEFT keys, kept as written).
 pub fn read(path: &Path, known: &[&str], tables: &[String]) -> Result<toml::Table> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-    let table: toml::Table =
-        toml::from_str(&text).with_context(|| format!("{}: not valid TOML", path.display()))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| {
+        // toml's message draws the line with a caret over several lines: one line instead
+        let at = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        let why = e.message().replace('\n', "; ");
+        match at {
+            Some(line) => anyhow::anyhow!("{}:{line}: not valid TOML: {why}", path.display()),
+            None => anyhow::anyhow!("{}: not valid TOML: {why}", path.display()),
+        }
+    })?;
     let mut out = toml::Table::new();
     for (k, v) in table {
         let key = k.replace('-', "_");

@@ -139,6 +139,17 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
 /// `petal eval --task`: accuracy, per task, with a progress bar.
 fn run_task(a: &EvalArgs) -> Result<()> {
     crate::common::at_least(1, &[("max-new-tokens", a.max_new_tokens)])?;
+    for (flag, p) in [("--samples", &a.samples), ("--dump-task", &a.dump_task)] {
+        if let Some(p) = p {
+            crate::common::check_path(flag, p)?;
+            if p.is_dir() {
+                bail!(
+                    "{flag} {}: a folder is there; give a file's path",
+                    p.display()
+                );
+            }
+        }
+    }
     // a dump keeps the task's stops whole: `--chat` drops the blank-line one when it is asked
     let chat = a.chat && a.dump_task.is_none();
     let (mut ex, scoring) =
@@ -354,6 +365,7 @@ pub fn export_hf(lm: &mut petal_io::LoadedModel, out: &std::path::Path) -> Resul
     petal_io::write_dir_atomic(out, |tmp| {
         petal_io::write_safetensors_atomic(&tmp.join("model.safetensors"), &tensors)?;
         petal_io::write_atomic(&tmp.join("config.json"), cfg.as_bytes())?;
+        petal_io::mark_output(tmp, "merge")?;
         tokenizer
             .save(tmp)
             .map_err(|e| petal_core::Error::msg(format!("{}: {e}", out.display())))

@@ -122,9 +122,10 @@ train_opts! {
     quantize: String,
     /// cpu | cuda | cuda:N [default: cpu]
     device: String,
-    /// The most memory the adapter may take with its gradients and optimizer state, checked
-    /// from its config before anything is allocated (bytes, or with K, M, G, T: 8G) [default:
-    /// half of this machine's memory]
+    /// The most memory the adapter may take with its gradients and optimizer state, and the
+    /// batch's activations (a lower bound), checked before anything is allocated (bytes, or
+    /// with K, M, G, T: 8G) [default: half of this machine's memory for the adapter, all of it
+    /// for the activations]
     max_memory: String,
     /// Prompts to complete before and after training (repeatable)
     sample_prompt: Vec<String>,
@@ -194,13 +195,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut o = args.opts;
     let mut flags = args.method_flags.given;
     let mut tables = toml::Table::new();
-    let mut file_top = Vec::<String>::new(); // the run file's top-level keys
     if let Some(c) = &args.config {
         let (top, tables_known) = crate::adapter_opts::toml_names();
         let mut known: Vec<&str> = TrainOpts::KEYS.to_vec();
         known.extend(top.iter().map(String::as_str));
         let mut table = config_file::read(c, &known, &tables_known)?;
-        file_top = table.keys().cloned().collect();
         for key in &top {
             let name = key.replace('_', "-");
             let on_command_line = flags.iter().any(|(f, _)| *f == name);
@@ -248,7 +247,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Some(toml::Value::Table(t)) => Some(t),
         _ => None,
     };
-    crate::adapter_opts::set_once(m, &file_top, table)?;
     let given = given_options(m, &o, &flags, table)?;
     if crate::classify_cmd::is_seq_cls(o.task_type.as_deref())? {
         return crate::classify_cmd::train(&o, m, preset, given, &method, args.json);
@@ -318,11 +316,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
     crate::adapter_opts::merge_adapters(&o, &mut model)?;
     let limit = crate::common::memory_limit(max_memory(&o)?).for_training();
     let report = inject_adapter_within(&mut model, "default", &acfg, seed, &limit)?;
-    let (ckpt, bf16) = (o.grad_checkpointing, o.bf16_activations);
     let longest = train_set.iter().map(|e| e.ids.len()).max().unwrap_or(0);
-    let batch = (o.batch_size.unwrap_or(4), longest.min(seq_len));
-    let value = if bf16.unwrap_or(false) { 2 } else { 4 };
-    crate::common::check_activations(&model.cfg, batch, ckpt.unwrap_or(false), value, &limit)?;
+    let micro = o.batch_size.unwrap_or(4).min(train_set.len()); // a micro-batch's sequences
+    let first = report
+        .modules
+        .iter()
+        .filter_map(|m| crate::common::layer_of(&m.path))
+        .min();
+    let ckpt = o.grad_checkpointing.unwrap_or(false);
+    let batch = (micro, longest.min(seq_len));
+    crate::common::check_activations(&model, batch, first, ckpt, &limit)?;
     crate::adapter_opts::init_adapter(&o, &model, model.device(), &acfg)?;
     let init_text = acfg.get("prompt_tuning_init_text").and_then(|v| v.as_str());
     if let (Some(text), Some((_, input))) = (init_text, model.input_adapter()) {
@@ -374,8 +377,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let before_samples = samples(&model, tok, &prompts, sample_tokens)?;
     let fingerprint = serde_json::json!({
-        "model": model_spec, "arch": format!("{:?}", model.cfg), "adapter": acfg, "data": data_spec,
-        "val_data": o.val_data, "val_fraction": o.val_fraction, "seq_len": seq_len, "pack": dopts.pack,
+        "model": model_spec, "arch": format!("{:?}", model.cfg), "adapter": acfg, "data": crate::common::full_path(&data_spec),
+        "val_data": o.val_data.as_deref().map(crate::common::full_path), "val_fraction": o.val_fraction, "seq_len": seq_len, "pack": dopts.pack,
         "batch_size": bs * ranks, "grad_accum": o.grad_accum.unwrap_or(1), "seed": seed, "dtype": dt,
     });
     let mut fingerprint = fingerprint;

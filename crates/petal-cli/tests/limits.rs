@@ -68,13 +68,13 @@ fn an_adapter_too_large_for_the_memory_limit_is_refused_before_allocation() {
     // and a batch whose activations cannot fit, before any step
     args.truncate(args.len() - 2);
     let at = args.iter().position(|a| *a == "--batch-size").unwrap();
-    args[at + 1] = "100000";
-    args.extend_from_slice(&["--max-memory", "1M"]);
+    args[at + 1] = "100000"; // a micro-batch of every example, about 33 of 16 tokens
+    args.extend_from_slice(&["--max-memory", "256K"]);
     let o = petal(&args);
     one_line_error(
         &o,
         &[
-            "--batch-size 100000",
+            "sequences of up to 16 tokens",
             "activations need at least",
             "--max-memory",
         ],
@@ -133,6 +133,9 @@ fn a_config_value_of_the_wrong_type_names_its_key() {
     );
     std::fs::write(&toml, "[lora]\nr = \"eight\"\n").unwrap();
     one_line_error(&run(&toml), &["field `r`", "expected usize"]);
+    // a file that is not TOML at all: its line, in one line
+    std::fs::write(&toml, "seed = 1\n[lora\n").unwrap();
+    one_line_error(&run(&toml), &["run.toml:2: not valid TOML"]);
     // and in an adapter file
     let bad = adapter_with(d.path(), "lora_alpha", "sixteen".into());
     let o = petal(&[

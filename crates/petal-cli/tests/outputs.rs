@@ -1,6 +1,6 @@
 //! Outputs never take the place of what petal did not write: `--out` on an input, on a
 //! folder holding other files, or on a file is refused and leaves them as they were; a run
-//! resumed without `--out` continues in its own folder; run-file options apply once.
+//! resumed without `--out` continues in its own folder; flags win over a run file's table.
 
 mod common;
 
@@ -50,12 +50,22 @@ fn merge_quantize_and_export_refuse_an_out_that_holds_an_input_or_other_files() 
     std::fs::create_dir(&mine).unwrap();
     std::fs::write(mine.join("notes.txt"), "keep").unwrap();
     let o = merge(&m, &adapter, &mine);
-    assert!(
-        stderr(&o).contains("notes.txt") && !o.status.success(),
-        "{}",
-        stderr(&o)
-    );
+    let refused = |o: &std::process::Output, why: &str| {
+        assert!(
+            !o.status.success() && stderr(o).contains(why),
+            "{}",
+            stderr(o)
+        );
+    };
+    refused(&o, "petal did not write");
     assert_eq!(std::fs::read(mine.join("notes.txt")).unwrap(), b"keep");
+    // another model folder (the golden model's copy): not petal's output either
+    let other = d.path().join("other_model");
+    std::fs::create_dir(&other).unwrap();
+    for e in std::fs::read_dir(&m).unwrap().flatten() {
+        std::fs::copy(e.path(), other.join(e.file_name())).unwrap();
+    }
+    refused(&merge(&m, &adapter, &other), "petal did not write");
     // a file where a folder would go
     let file = d.path().join("f.txt");
     std::fs::write(&file, "keep").unwrap();
@@ -85,6 +95,10 @@ fn merge_quantize_and_export_refuse_an_out_that_holds_an_input_or_other_files() 
         let o = merge(&m, &adapter, &merged);
         assert!(o.status.success(), "{}", stderr(&o));
     }
+    // but not with a file of the user's added to it; nor `.`, which names no folder
+    std::fs::write(merged.join("notes.txt"), "keep").unwrap();
+    refused(&merge(&m, &adapter, &merged), "notes.txt");
+    refused(&merge(&m, &adapter, Path::new(".")), "own name");
 }
 
 #[test]
@@ -135,7 +149,7 @@ fn a_resumed_run_continues_in_its_own_folder_and_a_missing_one_writes_nothing() 
 }
 
 #[test]
-fn flags_win_over_the_method_table_and_a_run_file_sets_an_option_once() {
+fn flags_and_top_level_keys_win_over_the_method_table_and_a_run_toml_replays() {
     let d = tempfile::tempdir().unwrap();
     let data = words(d.path());
     let (m, dat) = (golden().join("llama"), data.to_str().unwrap().to_string());
@@ -147,8 +161,24 @@ fn flags_win_over_the_method_table_and_a_run_file_sets_an_option_once() {
     let o = petal(&[&args[..], &cfg, &["--r", "4"]].concat());
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(json_file(&run.join("adapter/adapter_config.json"))["r"], 4);
+    // a run's own run.toml (r at its top level and in [lora]) repeats it
+    let again = d.path().join("again");
+    let rt = run.join("run.toml");
+    let o = petal(&[
+        "train",
+        "--config",
+        rt.to_str().unwrap(),
+        "--out",
+        again.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        json_file(&again.join("adapter/adapter_config.json"))["r"],
+        4
+    );
+    // a top-level key, like a flag, wins over the table
     std::fs::write(&c, "r = 2\n[lora]\nr = 8\n").unwrap();
     let o = petal(&[&args[..], &cfg, &["--overwrite", "true"]].concat());
-    assert!(!o.status.success(), "r twice must fail");
-    assert!(stderr(&o).contains("sets `r` twice"), "{}", stderr(&o));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(json_file(&run.join("adapter/adapter_config.json"))["r"], 2);
 }

@@ -70,16 +70,23 @@ impl Tokenizer {
         let eos = tok_str("eos_token");
         let bos_id = bos.as_deref().and_then(|t| inner.token_to_id(t));
         let eos_id = eos.as_deref().and_then(|t| inner.token_to_id(t));
-        let mut template = cfg
-            .get("chat_template")
-            .and_then(|v| v.as_str())
-            .map(String::from);
+        let mut template = cfg.get("chat_template").and_then(|v| v.as_str()).map(|t| {
+            let file = dir.join("tokenizer_config.json");
+            (
+                t.to_string(),
+                format!("{}: field `chat_template`", file.display()),
+            )
+        });
         let jinja = dir.join("chat_template.jinja");
         if template.is_none() && jinja.exists() {
-            template = std::fs::read_to_string(&jinja).ok();
+            let at = jinja.display().to_string();
+            template = std::fs::read_to_string(&jinja).ok().map(|t| (t, at));
         }
         let chat_template = template
-            .map(|t| ChatTemplate::new(&t, bos.unwrap_or_default(), eos.unwrap_or_default()))
+            .map(|(t, at)| {
+                ChatTemplate::new(&t, bos.unwrap_or_default(), eos.unwrap_or_default())
+                    .map_err(|e| DataError::Msg(format!("{at}: {e}")))
+            })
             .transpose()?;
         let add_bos = cfg
             .get("add_bos_token")

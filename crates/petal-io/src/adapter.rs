@@ -206,11 +206,12 @@ fn load_into_checked(
         })?;
         let want = var.as_tensor().dims();
         if src.dims() != want {
-            return Err(Error::Shape {
-                tensor: disk_key(&key),
-                expected: want.to_vec(),
-                found: src.dims().to_vec(),
-            });
+            return Err(Error::msg(format!(
+                "{}: tensor `{}` has shape {:?} but the model expects {want:?}",
+                file.display(),
+                disk_key(&key),
+                src.dims()
+            )));
         }
         let want_dt = var.as_tensor().dtype();
         if src.dtype().is_float() != want_dt.is_float() {

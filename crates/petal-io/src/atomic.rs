@@ -55,6 +55,17 @@ pub fn write_safetensors_atomic(path: &Path, tensors: &HashMap<String, Tensor>) 
     write_atomic(path, &bytes)
 }
 
+/// The file petal leaves in a model folder it writes (`merge`, `quantize`), so that writing
+/// there again knows the folder is its own output and may be replaced, while another model
+/// folder (a download, say) is not.
+pub const OUTPUT_MARKER: &str = ".petal-output";
+
+/// Write [`OUTPUT_MARKER`] into `dir` (the command that wrote the folder).
+pub fn mark_output(dir: &Path, command: &str) -> Result<()> {
+    let text = format!("{{\"written_by\": \"petal {command}\"}}\n");
+    write_atomic(&dir.join(OUTPUT_MARKER), text.as_bytes())
+}
+
 /// Build folder `dir` whole: `fill` writes into a temp folder beside it (`.NAME.tmp-PID`), which
 /// then takes `dir`'s place (an old `dir` is moved aside to `.NAME.old-PID` first and deleted
 /// after), so `dir` is never seen half-written and a failed `fill` leaves the old one as it

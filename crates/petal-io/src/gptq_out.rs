@@ -98,6 +98,7 @@ pub fn write(
     crate::write_dir_atomic(out, |tmp| {
         crate::write_safetensors_atomic(&tmp.join("model.safetensors"), &tensors)?;
         crate::write_atomic(&tmp.join("config.json"), cfg.as_bytes())?;
+        crate::mark_output(tmp, "quantize")?;
         lm.tokenizer
             .save(tmp)
             .map_err(|e| Error::msg(format!("{}: {e}", out.display())))

@@ -20,7 +20,10 @@ pub use adapter::{
     load_into, save_adapter, save_model_adapter, write_adapter_files, AttachOptions,
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX,
 };
-pub use atomic::{write_atomic, write_atomic_with, write_dir_atomic, write_safetensors_atomic};
+pub use atomic::{
+    mark_output, write_atomic, write_atomic_with, write_dir_atomic, write_safetensors_atomic,
+    OUTPUT_MARKER,
+};
 pub use encoder::{encoder_tokenizer, load_encoder, LoadedEncoder};
 pub use model::{gguf_tokenizer, llama_config, load_model, parse_dtype, LoadedModel};
 pub use weights::Weights;

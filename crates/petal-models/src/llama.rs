@@ -213,6 +213,10 @@ impl Llama {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+    /// The dtype activations are stored in (`act_dtype`).
+    pub fn act_dtype(&self) -> DType {
+        self.act
+    }
     pub fn device(&self) -> &Device {
         &self.device
     }

@@ -213,8 +213,11 @@ impl Served<'_> {
                         .ok_or_else(|| bad(format!("messages[{i}].{k} must be a string")))
                 };
                 let role = field("role")?;
-                if !petal_data::dataset::ROLES.contains(&role.as_str()) {
-                    let roles = petal_data::dataset::ROLES.join(", ");
+                // training data's roles, and OpenAI's `developer` and Llama 3.1's `ipython`,
+                // which chat templates that know them render
+                let roles = [petal_data::dataset::ROLES, &["developer", "ipython"]].concat();
+                if !roles.contains(&role.as_str()) {
+                    let roles = roles.join(", ");
                     return Err(bad(format!(
                         "messages[{i}].role `{role}` is not one of {roles}"
                     )));

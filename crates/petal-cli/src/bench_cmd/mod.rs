@@ -458,6 +458,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         ("new-tokens", a.new_tokens),
     ];
     crate::common::at_least(1, &counts)?;
+    if let Some(p) = &a.chart {
+        crate::common::check_path("--chart", p)?; // before the runs, not after
+    }
     let dev = device(&a.device)?;
     // device memory already taken (the CUDA context, library handles) before petal's own
     let base = gpu::used(&dev);
