@@ -163,11 +163,12 @@ SHARED_OF = {}  # each method's shared flags (petal methods --json)
 
 def write_config(path, base, top, method, table, out, comment="", shared=None):
     """`base` with the trial's settings as a petal train config; the base's shared flags (r,
-    alpha, dropout) that `method` has no option for are left out (`shared`: the method's
-    entry of `petal methods --json`)."""
+    alpha, dropout) that `method` has no option for, or whose option the trial sets in the
+    method's table, are left out (a top-level key would win over the table; `shared`: the
+    method's entry of `petal methods --json`)."""
     cfg = dict(base)
     for key, flag in SHARED.items():
-        if shared is not None and flag not in shared:
+        if shared is not None and (flag not in shared or shared[flag] in (table or {})):
             cfg.pop(key, None)
     cfg.update(top)
     cfg["method"] = method

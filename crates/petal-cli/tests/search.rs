@@ -41,7 +41,7 @@ fn space(d: &Path, trials: usize, extra: &str) -> PathBuf {
         &base,
         format!(
             "model = \"{}\"\ndata = \"{}\"\nmethod = \"lora\"\nmax_steps = 9\neval_every = 3\n\
-             seq_len = 16\nbatch_size = 2\nval_fraction = 0.1\nseed = 0\n",
+             seq_len = 16\nbatch_size = 2\nval_fraction = 0.1\nseed = 0\nr = 16\n",
             golden().join("llama").display(),
             data.display()
         ),
@@ -93,6 +93,28 @@ fn a_study_over_methods_and_settings_runs_prunes_reports_and_continues_when_star
         table.contains("| method |") && table.contains("lora.r"),
         "{table}"
     );
+    // a trial's rank is its own, not the base's top-level `r = 16` (the run's run.toml holds
+    // the options it trained with)
+    let lora_r = |text: &str| {
+        let table = text.split("[lora]\n").nth(1)?;
+        Some(
+            table
+                .lines()
+                .find_map(|l| l.strip_prefix("r = "))?
+                .trim()
+                .to_string(),
+        )
+    };
+    let mut checked = 0;
+    for e in std::fs::read_dir(out.join("trials")).unwrap().flatten() {
+        let Some(asked) = lora_r(&std::fs::read_to_string(e.path()).unwrap_or_default()) else {
+            continue;
+        };
+        let run = std::fs::read_to_string(e.path().with_extension("").join("run.toml"));
+        assert_eq!(lora_r(&run.unwrap()), Some(asked), "{}", e.path().display());
+        checked += 1;
+    }
+    assert!(checked >= 1, "no LoRA trial to check");
     for svg in ["history.svg", "importance.svg"] {
         let s = std::fs::read_to_string(out.join(svg)).unwrap();
         assert!(s.contains("<svg"), "{svg}");
