@@ -217,6 +217,32 @@ def methods_info(a):
     return info
 
 
+def method_specs(a):
+    """--methods as specs: separated by `;` where one holds several options (a trailing `;`
+    makes a single such spec one), else by `,`."""
+    return [x.strip() for x in a.methods.split(";" if ";" in a.methods else ",") if x.strip()]
+
+
+def check_args(a, info):
+    """Refuse what no run could use, before any work, in one line: a method spec whose name is
+    no method of `petal methods` or whose options are not KEY=VALUE keys of it, and a rate of
+    --lr-sweep that is not positive."""
+    if not method_specs(a):
+        raise SystemExit("--methods: give at least one method (petal methods lists them)")
+    for spec in method_specs(a):
+        method, _, opts = spec.partition(":")
+        if method not in info:
+            raise SystemExit(f"--methods: `{spec}`: no method `{method}` (petal methods lists them)")
+        keys = {o["key"] for o in info[method].get("options", [])}
+        for kv in filter(None, opts.split(",")):
+            key, eq, _ = kv.partition("=")
+            if not eq or key.strip() not in keys:
+                raise SystemExit(f"--methods: `{spec}`: `{kv}` is not KEY=VALUE with a key of {method} "
+                                 f"({', '.join(sorted(keys))})")
+    if a.lr_sweep is not None and not all(x > 0 and math.isfinite(x) for x in a.lr_sweep):
+        raise SystemExit(f"--lr-sweep: every rate must be positive, not {a.lr_sweep}")
+
+
 # methods whose trainable parameters are known only once steps have run, with the options that
 # make those steps few (FISH's mask is chosen after its Fisher estimate: one sequence of it is
 # enough; RoSA's sparse mask after its warm-up)
@@ -400,6 +426,14 @@ def safe(spec):
     return spec.replace(":", "_").replace(",", "_").replace("=", "")
 
 
+def rates(text):
+    """--lr-sweep's comma list of numbers."""
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"`{text}` is not a comma list of numbers (e.g. 5e-4,2e-3)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--petal", default="target/release/petal")
@@ -410,7 +444,7 @@ def main():
     ap.add_argument("--test", type=int, default=100)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--lr-sweep", type=lambda t: [float(x) for x in t.split(",")], default=None,
+    ap.add_argument("--lr-sweep", type=rates, default=None,
                     help="learning rates tried on the first task (e.g. 5e-4,2e-3,8e-3); the one with the lowest "
                          "validation loss is kept for every task")
     ap.add_argument("--lr-extend", type=int, default=0,
@@ -431,8 +465,9 @@ def main():
     ap.add_argument("--out", default="runs/compare")
     ap.add_argument("--report", default=DEFAULT_REPORT)
     a = ap.parse_args()
+    info = methods_info(a)
+    check_args(a, info)
     results, failed = [], []
-    info = methods_info(a) if a.budget else {}
     model_dir = os.path.join(a.out, a.model.replace(":", "_").replace("/", "_"))
     os.makedirs(model_dir, exist_ok=True)
     probes_path, lrs_path = os.path.join(model_dir, "probes.json"), os.path.join(model_dir, "lrs.json")
@@ -465,7 +500,7 @@ def main():
                 with open(base_path, "w") as f:
                     json.dump(base, f)
             base = dict(base, seconds=base["seconds_by_cpu"][cpu_desc()])
-        for spec in a.methods.split(";" if ";" in a.methods else ","):
+        for spec in method_specs(a):
             method = spec.partition(":")[0]
             both = joint_train(a, model_dir) if method in JOINT and "," in a.tasks else None
             if a.budget:

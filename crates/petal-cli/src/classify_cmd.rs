@@ -225,9 +225,12 @@ fn saved_labels(adapter: &Path) -> Result<Option<Labels>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(&p).with_context(|| format!("{}", p.display()))?;
-    Ok(Some(serde_json::from_str(&text).with_context(|| {
-        format!("{}: not a labels file", p.display())
-    })?))
+    let labels: Labels = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a labels file", p.display()))?;
+    labels
+        .check()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    Ok(Some(labels))
 }
 
 /// `petal eval --task-type seq-cls`: loss, accuracy and macro-F1 of the model with its

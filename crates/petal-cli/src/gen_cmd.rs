@@ -6,7 +6,7 @@ use petal_data::template::Message;
 use petal_data::Tokenizer;
 use petal_models::Llama;
 use petal_serve::{generate, SamplingParams};
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -207,9 +207,33 @@ pub struct ChatArgs {
 }
 
 /// A conversation on stdin/stdout; `/reset` starts over, `/quit` or end of input leaves.
+/// Drops the rest of a line from `r` without keeping it.
+fn skip_line(r: &mut impl BufRead) -> std::io::Result<()> {
+    loop {
+        let buf = r.fill_buf()?;
+        let (n, end) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), buf.is_empty()),
+        };
+        r.consume(n);
+        if end {
+            return Ok(());
+        }
+    }
+}
+
+/// The longest line `petal chat` takes as one turn, in bytes.
+const MAX_TURN: u64 = 1 << 20;
+
 pub fn run_chat(a: ChatArgs) -> Result<()> {
     let params = a.sampling.params()?;
     let lm = a.model.load()?;
+    if lm.tokenizer.chat_template.is_none() {
+        bail!(
+            "{}: this model has no chat template (petal generate runs it on plain text)",
+            a.model.model
+        );
+    }
     let mut msgs: Vec<Message> = a
         .system
         .iter()
@@ -224,10 +248,26 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
     eprintln!("chat with {} (/reset, /quit)", a.model.model);
     loop {
         eprint!("> ");
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
+        // a turn is one line of at most MAX_TURN bytes, in UTF-8
+        let mut raw = Vec::new();
+        let mut input = stdin.lock();
+        if (&mut input)
+            .take(MAX_TURN + 1)
+            .read_until(b'\n', &mut raw)?
+            == 0
+        {
             break;
         }
+        if raw.len() as u64 > MAX_TURN && !raw.ends_with(b"\n") {
+            skip_line(&mut input)?; // the rest of the line goes too, unread
+            eprintln!("(a turn is at most {MAX_TURN} bytes: this one was not sent)");
+            continue;
+        }
+        drop(input);
+        let Ok(line) = String::from_utf8(raw) else {
+            eprintln!("(not UTF-8 text: this turn was not sent)");
+            continue;
+        };
         let line = line.trim();
         match line {
             "" => continue,
@@ -242,11 +282,27 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
             role: "user".into(),
             content: line.to_string(),
         });
-        let ids = chat_ids(&lm.tokenizer, &msgs)?;
-        let g = generate(&lm.model, &lm.tokenizer, &ids, &params, &mut |s| {
-            let _ = write!(out, "{s}");
-            let _ = out.flush();
-        })?;
+        let turn = chat_ids(&lm.tokenizer, &msgs).and_then(|ids| {
+            Ok(generate(
+                &lm.model,
+                &lm.tokenizer,
+                &ids,
+                &params,
+                &mut |s| {
+                    let _ = write!(out, "{s}");
+                    let _ = out.flush();
+                },
+            )?)
+        });
+        let g = match turn {
+            Ok(g) => g,
+            Err(e) => {
+                // the conversation stays: this turn is dropped, the next may fit
+                msgs.pop();
+                eprintln!("(this turn was not answered: {e:#}; /reset starts over)");
+                continue;
+            }
+        };
         println!();
         msgs.push(Message {
             role: "assistant".into(),

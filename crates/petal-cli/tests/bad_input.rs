@@ -499,3 +499,47 @@ fn a_model_config_with_fewer_layers_than_its_weights_is_refused_naming_the_field
         "{e}"
     );
 }
+
+#[test]
+fn a_chat_turn_that_cannot_be_answered_is_dropped_and_the_session_goes_on() {
+    let d = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(golden().join("llama")).unwrap().flatten() {
+        std::fs::copy(e.path(), d.path().join(e.file_name())).unwrap();
+    }
+    let tc = d.path().join("tokenizer_config.json");
+    let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&tc).unwrap()).unwrap();
+    c["chat_template"] = "{% for m in messages %}{{ m.content }} {% endfor %}".into();
+    std::fs::write(&tc, c.to_string()).unwrap();
+    // a turn past the context of 64, a line that is not UTF-8, then one that fits
+    let mut input = format!("{}\n", "w5 ".repeat(100)).into_bytes();
+    input.extend_from_slice(b"w\xff\n");
+    input.extend_from_slice(b"w3\n");
+    let mut p = std::process::Command::new(env!("CARGO_BIN_EXE_petal"))
+        .args([
+            "chat",
+            "--model",
+            d.path().to_str().unwrap(),
+            "--max-new-tokens",
+            "3",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    p.stdin.take().unwrap().write_all(&input).unwrap();
+    let o = p.wait_with_output().unwrap();
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains("this turn was not answered") && e.contains("not UTF-8"),
+        "{e}"
+    );
+    let answers = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        answers.lines().count(),
+        1,
+        "the last turn is answered: {answers:?}"
+    );
+}

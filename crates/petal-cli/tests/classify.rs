@@ -136,6 +136,30 @@ fn bad_classification_input_is_refused_with_its_cause() {
         e.contains("nolabel.jsonl:1:") && e.contains("`label` is missing"),
         "{e}"
     );
+    // a label that would size a head of 4e9 rows
+    let huge = d.path().join("huge.jsonl");
+    let lines =
+        "{\"text\": \"a cat\", \"label\": 4000000000}\n{\"text\": \"a dog\", \"label\": 0}\n";
+    std::fs::write(&huge, lines).unwrap();
+    let e = run(&bert, huge.to_str().unwrap(), &["--task-type", "seq-cls"]);
+    assert!(
+        e.contains("huge.jsonl") && e.contains("label 4000000000 is out of range"),
+        "{e}"
+    );
+    // and a saved labels.json claiming as many classes
+    let warm = d.path().join("warm");
+    std::fs::create_dir(&warm).unwrap();
+    std::fs::write(warm.join("labels.json"), "{\"count\": 4000000000}").unwrap();
+    let w = warm.to_str().unwrap();
+    let e = run(
+        &bert,
+        &train,
+        &["--task-type", "seq-cls", "--init-adapter", w],
+    );
+    assert!(
+        e.contains("labels.json") && e.contains("out of range"),
+        "{e}"
+    );
 }
 
 #[test]

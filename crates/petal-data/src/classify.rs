@@ -20,6 +20,35 @@ pub struct Labels {
 }
 
 impl Labels {
+    /// The most classes a head may have (a row of the classifier each): far above any real
+    /// task's; a label past it is a typo or a corrupt file, which would size the head.
+    pub const MAX_CLASSES: usize = 1 << 16;
+
+    /// Refuses a mapping a classifier cannot be built from: no class or more than
+    /// [`Self::MAX_CLASSES`], or names that are not `count` distinct strings (a saved
+    /// `labels.json` is read through this; a federated client's data may hold one class).
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if !(1..=Self::MAX_CLASSES).contains(&self.count) {
+            return Err(format!(
+                "`count` {} is out of range: 1 to {}",
+                self.count,
+                Self::MAX_CLASSES
+            ));
+        }
+        if let Some(names) = &self.names {
+            let mut sorted = names.clone();
+            sorted.sort();
+            sorted.dedup();
+            if names.len() != self.count || sorted.len() != names.len() {
+                return Err(format!(
+                    "`names` must be {} distinct class names (`count`), not {:?}",
+                    self.count, names
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The labels of some data: its strings' sorted set, or its numbers 0..=max (at least
     /// `min_count` classes, e.g. a saved head's).
     pub fn of(values: &[Value], min_count: usize) -> std::result::Result<Self, String> {
@@ -43,6 +72,12 @@ impl Labels {
             .into_iter()
             .max()
             .unwrap_or(0);
+        if max >= Self::MAX_CLASSES as u64 {
+            return Err(format!(
+                "label {max} is out of range: at most {} (the head has a row per class)",
+                Self::MAX_CLASSES - 1
+            ));
+        }
         Ok(Labels {
             names: None,
             count: (max as usize + 1).max(min_count),
@@ -126,7 +161,10 @@ pub fn labels_of(paths: &[std::path::PathBuf]) -> Result<Labels> {
         values.extend(read_rows(p)?.into_iter().map(|r| r.3));
     }
     let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
-    Labels::of(&values, 0).map_err(|m| DataError::Msg(format!("{}: {m}", names.join(", "))))
+    let err = |m: String| DataError::Msg(format!("{}: {m}", names.join(", ")));
+    let labels = Labels::of(&values, 0).map_err(err)?;
+    labels.check().map_err(err)?;
+    Ok(labels)
 }
 
 /// The examples of a classification JSONL file, each cut to `max_len` tokens, with the labels'

@@ -57,6 +57,30 @@ pub fn write_adapter_files(
 
 /// Read an adapter folder (or a LoRA in llama.cpp's GGUF layout, `*.gguf`): its config and
 /// tensors keyed by module-relative names.
+/// The most bytes an `adapter_config.json` may hold: a config is a few KB (a large
+/// `rank_pattern` some hundreds); a bigger file is not one, and is not read whole.
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// The text of a config file, read only where it is a regular file (a FIFO would block the
+/// reader) of at most [`MAX_CONFIG_BYTES`].
+pub fn read_config_text(path: &Path) -> Result<String> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::msg(format!(
+            "{}: not a regular file",
+            path.display()
+        )));
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(Error::msg(format!(
+            "{}: {} bytes, more than a config holds (at most {MAX_CONFIG_BYTES})",
+            path.display(),
+            meta.len()
+        )));
+    }
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+}
+
 pub fn load_adapter(
     dir: &Path,
     device: &Device,
@@ -65,7 +89,7 @@ pub fn load_adapter(
         return crate::gguf_out::read_lora(dir, device);
     }
     let cfg_path = dir.join(ADAPTER_CONFIG);
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let text = read_config_text(&cfg_path)?;
     let cfg = AdapterConfig::from_json(&text, &cfg_path.display().to_string())?;
     let w_path = dir.join(ADAPTER_WEIGHTS);
     if !w_path.exists() {

@@ -162,6 +162,8 @@ impl Served<'_> {
             });
         if let Err(e) = attached {
             detach(&mut *self.model, name);
+            // the client's own path for the folder, never the server's layout
+            let e = e.replace(&folder.display().to_string(), path);
             return Err(bad(format!("adapter `{name}` ({path}): {e}")));
         }
         life.loaded(name);
@@ -235,7 +237,15 @@ fn inside(dir: &Path, path: &str) -> Result<PathBuf, Failure> {
 fn check_config(folder: &Path, path: &str, d: &AdapterDir) -> Result<(), Failure> {
     let cfg = folder.join("adapter_config.json");
     let shown = format!("{path}/adapter_config.json");
-    let text = std::fs::read_to_string(&cfg).map_err(|e| bad(format!("{shown}: {e}")))?;
+    let text = petal_io::adapter::read_config_text(&cfg).map_err(|e| {
+        // the error names the server's path: the client's instead
+        let why = e.to_string();
+        let why = why
+            .rsplit_once(": ")
+            .map_or(why.as_str(), |(_, w)| w)
+            .to_string();
+        bad(format!("{shown}: {why}"))
+    })?;
     let v: Value =
         serde_json::from_str(&text).map_err(|e| bad(format!("{shown}: not JSON: {e}")))?;
     let kind = v
@@ -269,9 +279,14 @@ fn check_config(folder: &Path, path: &str, d: &AdapterDir) -> Result<(), Failure
         }
     }
     let weights = folder.join("adapter_model.safetensors");
-    let bytes = std::fs::metadata(&weights)
-        .map_err(|e| bad(format!("{path}/adapter_model.safetensors: {e}")))?
-        .len();
+    let meta = std::fs::metadata(&weights)
+        .map_err(|e| bad(format!("{path}/adapter_model.safetensors: {e}")))?;
+    if !meta.is_file() {
+        return Err(bad(format!(
+            "{path}/adapter_model.safetensors: not a regular file"
+        )));
+    }
+    let bytes = meta.len();
     if bytes > d.max_bytes {
         return Err(bad(format!(
             "{path}/adapter_model.safetensors: {bytes} bytes, above this server's limit of {} \
