@@ -14,7 +14,10 @@ fn a_fifo_or_an_oversized_config_is_refused_without_reading_it() {
     let f = std::fs::File::create(&big).unwrap();
     f.set_len(MAX_CONFIG_BYTES + 1).unwrap(); // sparse: nothing is written
     let e = read_config_text(&big).unwrap_err().to_string();
-    assert!(e.contains("big.json") && e.contains("more than a config holds"), "{e}");
+    assert!(
+        e.contains("big.json") && e.contains("more than a config holds"),
+        "{e}"
+    );
     let e = read_config_text(d.path()).unwrap_err().to_string();
     assert!(e.contains("not a regular file"), "{e}");
     let fifo = d.path().join("fifo.json");

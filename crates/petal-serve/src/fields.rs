@@ -60,10 +60,30 @@ pub(crate) fn asked(req: &Value, chat: bool) -> Result<Asked, Failure> {
     if n == 0 {
         return Err(bad("`n` must be >= 1, not 0"));
     }
-    let max_new_tokens = match count("max_tokens")? {
+    // chat's `max_completion_tokens` (OpenAI's name now) or `max_tokens` (its older one)
+    let completion = if chat {
+        count("max_completion_tokens")?
+    } else {
+        None
+    };
+    if completion.is_some() && req.get("max_tokens").is_some_and(|v| !v.is_null()) {
+        return Err(bad(
+            "give `max_completion_tokens` or `max_tokens`, not both",
+        ));
+    }
+    let key = if completion.is_some() {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    };
+    let max_new_tokens = match completion.map_or_else(|| count("max_tokens"), |c| Ok(Some(c)))? {
         // an echoed prompt alone (its log-probabilities: what evaluation harnesses ask)
         Some(0) if echo => 0,
-        Some(0) => return Err(bad("`max_tokens` must be >= 1, not 0 (0 only with `echo`)")),
+        Some(0) => {
+            return Err(bad(format!(
+                "`{key}` must be >= 1, not 0 (0 only with `echo`)"
+            )))
+        }
         m => m.unwrap_or(16),
     };
     let seed = match count("seed")? {
@@ -228,5 +248,16 @@ mod tests {
             .unwrap_err()
             .2;
         assert!(e.contains("`top_logprobs` must be in 0..=20"), "{e}");
+        // chat's max_completion_tokens, OpenAI's name for max_tokens
+        let a = asked(&json!({"max_completion_tokens": 5}), true).unwrap();
+        assert_eq!(a.params.max_new_tokens, 5);
+        let chat_error = |v: Value| asked(&v, true).unwrap_err().2;
+        let e = chat_error(json!({"max_completion_tokens": -5}));
+        assert!(
+            e.contains("`max_completion_tokens` must be a whole number"),
+            "{e}"
+        );
+        let e = chat_error(json!({"max_completion_tokens": 5, "max_tokens": 6}));
+        assert!(e.contains("not both"), "{e}");
     }
 }
