@@ -75,6 +75,11 @@ def read_space(path):
             fail(f"{path}: unknown key `{k}` (known: {', '.join(sorted(known))})")
     if not isinstance(cfg["trials"], int) or cfg["trials"] < 1:
         fail(f"{path}: `trials` must be a whole number >= 1")
+    if not isinstance(cfg.get("params", {}), dict):
+        fail(f"{path}: `params` must be a table ([params])")
+    for k in ("seed", "startup_trials", "task_max_examples"):
+        if k in cfg and (not isinstance(cfg[k], int) or isinstance(cfg[k], bool) or cfg[k] < 0):
+            fail(f"{path}: `{k}` must be a whole number >= 0, not {cfg[k]!r}")
     if cfg.get("objective", "eval_loss") not in ("eval_loss", "accuracy"):
         fail(f"{path}: `objective` must be eval_loss or accuracy")
     if cfg.get("objective") == "accuracy" and "task" not in cfg:
@@ -86,13 +91,25 @@ def check_param(where, name, spec):
     """A parameter's range: {low, high[, log, step]} or {choices}; a clear error otherwise."""
     if not isinstance(spec, dict):
         fail(f"{where}: `{name}` must be a table: {{ low = .., high = .. }} or {{ choices = [..] }}")
+    unknown = set(spec) - {"choices", "low", "high", "log", "step", "log_float"}
+    if unknown:
+        fail(f"{where}: `{name}`: unknown key `{sorted(unknown)[0]}` (low, high, log, step or choices)")
     if "choices" in spec:
-        if not isinstance(spec["choices"], list) or not spec["choices"]:
+        if not isinstance(spec["choices"], list):
+            fail(f"{where}: `{name}`: `choices` must be a list, not {spec['choices']!r}")
+        if not spec["choices"]:
             fail(f"{where}: `{name}`: `choices` is empty")
         return
     if "low" not in spec or "high" not in spec:
         fail(f"{where}: `{name}` needs `low` and `high`, or `choices`")
     lo, hi = spec["low"], spec["high"]
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if not (number(lo) and number(hi)):
+        fail(f"{where}: `{name}`: `low` and `high` must be numbers, not {lo!r} and {hi!r}")
+    if not isinstance(spec.get("log", False), bool):
+        fail(f"{where}: `{name}`: `log` must be true or false, not {spec['log']!r}")
+    if "step" in spec and not (number(spec["step"]) and spec["step"] > 0):
+        fail(f"{where}: `{name}`: `step` must be a number > 0, not {spec['step']!r}")
     if not lo < hi:
         fail(f"{where}: `{name}`: the range [{lo}, {hi}] is empty (low must be below high)")
     if spec.get("log") and lo <= 0:

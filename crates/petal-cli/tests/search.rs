@@ -168,6 +168,14 @@ fn a_bad_space_or_storage_is_refused_in_one_line_naming_it() {
             "`method`: `choices` is empty",
         ),
         (
+            "[params]\nlr = { low = \"a\", high = 1e-2 }\n",
+            "`lr`: `low` and `high` must be numbers",
+        ),
+        (
+            "[params]\nmethod = { choices = \"lora\" }\n",
+            "`choices` must be a list",
+        ),
+        (
             "[params.lora]\nrank = { choices = [2] }\n",
             "unknown option `rank` of lora",
         ),
