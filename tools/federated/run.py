@@ -128,6 +128,12 @@ def main():
             sys.exit(f"{p}: no such file")
     if len(parts) < 2:
         sys.exit("--partitions: give at least two client data files")
+    try:  # the clients read these: a typo would fail every one of them, after Flower started
+        factors = [float(x) for x in a.slowdowns.split(",") if x.strip()]
+    except ValueError:
+        sys.exit(f"--slowdowns {a.slowdowns}: expected a comma list of numbers (e.g. 1,2.5)")
+    if any(not f > 0 for f in factors):
+        sys.exit(f"--slowdowns {a.slowdowns}: every factor must be > 0")
     petal = str(Path(a.petal).resolve())
     if not os.access(petal, os.X_OK):
         sys.exit(f"--petal {a.petal}: not an executable")
@@ -264,6 +270,15 @@ def main():
         if status != "finished:completed":
             details = run.get("status-details", "") or run.get("sub-status", "")
             raise SystemExit(f"run {run_id}: {status} {details}".strip())
+        # a round in which no client's update arrived trained nothing: say so; none in any
+        # round is a failed run, whatever the server's status
+        empty = [r for r in map(json.loads, rounds) if r["round"] > 0
+                 and len(r.get("failed", [])) + len(r.get("refused", [])) >= len(parts)]
+        for r in empty:
+            why = (r.get("failed") or r.get("refused"))[0]["error"]
+            print(f"round {r['round']}: no client's update arrived (first: {why})", flush=True)
+        if empty and len(empty) == len([r for r in map(json.loads, rounds) if r["round"] > 0]):
+            raise SystemExit(f"no round received a client's update: the adapter is untrained (logs in {logs})")
         print(f"done in {time.time() - t0:.0f} s: {out / 'adapter'}")
     finally:
         stop()
