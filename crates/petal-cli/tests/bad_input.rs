@@ -482,9 +482,7 @@ fn gguf_exports_and_quantization_aware_methods_refuse_what_they_cannot_do_in_one
 fn a_model_config_with_fewer_layers_than_its_weights_is_refused_naming_the_field() {
     let d = tempfile::tempdir().unwrap();
     let src = golden().join("llama");
-    for e in std::fs::read_dir(&src).unwrap().flatten() {
-        std::fs::copy(e.path(), d.path().join(e.file_name())).unwrap();
-    }
+    common::copy_dir(&src, d.path());
     let cfg = d.path().join("config.json");
     let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
     c["num_hidden_layers"] = 1.into(); // the weights hold layers 0 and 1
@@ -503,9 +501,7 @@ fn a_model_config_with_fewer_layers_than_its_weights_is_refused_naming_the_field
 #[test]
 fn a_chat_turn_that_cannot_be_answered_is_dropped_and_the_session_goes_on() {
     let d = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(golden().join("llama")).unwrap().flatten() {
-        std::fs::copy(e.path(), d.path().join(e.file_name())).unwrap();
-    }
+    common::copy_dir(&golden().join("llama"), d.path());
     let tc = d.path().join("tokenizer_config.json");
     let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&tc).unwrap()).unwrap();
     c["chat_template"] = "{% for m in messages %}{{ m.content }} {% endfor %}".into();

@@ -2,6 +2,8 @@
 //! LoRA run lowers validation loss; the saved adapter reloads with the same eval loss; a
 //! resumed run replays the uninterrupted losses; merge keeps the eval loss.
 
+mod common;
+use common::copy_dir;
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
@@ -89,14 +91,6 @@ fn losses(metrics: &Path) -> Vec<f64> {
                 .unwrap()
         })
         .collect()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
 }
 
 #[test]

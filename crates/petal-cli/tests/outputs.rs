@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{golden, json_file, merge, petal, stderr, train, words};
+use common::{copy_dir, golden, json_file, merge, petal, stderr, train, words};
 use std::path::Path;
 
 /// Every file under `dir` with its bytes, to compare before and after.
@@ -34,10 +34,7 @@ fn merge_quantize_and_export_refuse_an_out_that_holds_an_input_or_other_files() 
     let m = golden().join("llama");
     let adapter = d.path().join("adapter");
     let src = golden().join("adapters/llama_lora_qv");
-    std::fs::create_dir(&adapter).unwrap();
-    for e in std::fs::read_dir(&src).unwrap().flatten() {
-        std::fs::copy(e.path(), adapter.join(e.file_name())).unwrap();
-    }
+    copy_dir(&src, &adapter);
     let kept = snapshot(&adapter);
     // the adapter itself, and a folder holding it
     for out in [adapter.clone(), d.path().to_path_buf()] {
@@ -61,10 +58,7 @@ fn merge_quantize_and_export_refuse_an_out_that_holds_an_input_or_other_files() 
     assert_eq!(std::fs::read(mine.join("notes.txt")).unwrap(), b"keep");
     // another model folder (the golden model's copy): not petal's output either
     let other = d.path().join("other_model");
-    std::fs::create_dir(&other).unwrap();
-    for e in std::fs::read_dir(&m).unwrap().flatten() {
-        std::fs::copy(e.path(), other.join(e.file_name())).unwrap();
-    }
+    copy_dir(&m, &other);
     refused(&merge(&m, &adapter, &other), "petal did not write");
     // a file where a folder would go
     let file = d.path().join("f.txt");

@@ -33,6 +33,14 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path) -> Output {
     ])
 }
 
+/// A copy of the files of folder `from` (not its subfolders) in `to`, made if missing.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
 pub fn words(dir: &Path) -> PathBuf {
     let p = dir.join("w.txt");
     let text: Vec<String> = (0..600).map(|i| format!("w{}", (i * 7) % 96)).collect();
