@@ -292,6 +292,9 @@ pub fn adapter_config(
     };
     m.prepare(&mut cfg, &new)?;
     cfg.validate(&format!("--method {} options", method_name(m)))?;
+    for note in m.notes(&cfg) {
+        eprintln!("note: {note}");
+    }
     Ok(cfg)
 }
 

@@ -301,6 +301,11 @@ pub trait AdapterMethod: Sync {
     fn validate(&self, _cfg: &AdapterConfig) -> Result<()> {
         Ok(())
     }
+    /// Settings of a new adapter that are valid but likely not what the user meant, one line
+    /// each, for `petal train` to print (LoftQ's start away from W when alpha / r is not 1).
+    fn notes(&self, _cfg: &AdapterConfig) -> Vec<String> {
+        Vec::new()
+    }
     /// The method's key for a shared size (`--r`, `--alpha`, `--dropout`), if it has one.
     fn shared_key(&self, o: SharedOption) -> Option<&'static str> {
         let names: &[&str] = match o {

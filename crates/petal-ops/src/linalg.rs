@@ -1,5 +1,6 @@
 //! Decompositions of one weight matrix on the host, in f64 (nalgebra), for initialisations that
-//! start an adapter from the base weight's structure: PiSSA (singular vectors), OLoRA (QR).
+//! start an adapter from the base weight's structure: PiSSA, LoftQ and MiCA (singular vectors),
+//! OLoRA (QR).
 //! They run once per module when an adapter is attached, never in the training step.
 
 use nalgebra::DMatrix;
@@ -30,14 +31,28 @@ impl Mat {
 
 /// Top-`r` singular triplets of `w`, largest first: `U_r (rows, r)`, `S_r (r)`, `V_r^T (r, cols)`.
 pub fn svd_top(w: &Mat, r: usize) -> (Mat, Vec<f64>, Mat) {
+    svd_range(w, |k| 0..r.min(k))
+}
+
+/// The last `r` singular triplets of `w` in descending order (torch's `U[:, -r:]` of a thin
+/// SVD of `min(rows, cols) = k` triplets): the smallest singular values, the largest of them
+/// first.
+pub fn svd_bottom(w: &Mat, r: usize) -> (Mat, Vec<f64>, Mat) {
+    svd_range(w, |k| k - r.min(k)..k)
+}
+
+/// The singular triplets at the positions `range(k)` of the thin SVD sorted by singular value,
+/// largest first (`k = min(rows, cols)`).
+fn svd_range(w: &Mat, range: impl Fn(usize) -> std::ops::Range<usize>) -> (Mat, Vec<f64>, Mat) {
     let svd = w.to_na().svd(true, true);
     let (u, vt) = (svd.u.expect("requested U"), svd.v_t.expect("requested V^T"));
     let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
     order.sort_by(|&a, &b| svd.singular_values[b].total_cmp(&svd.singular_values[a]));
-    let r = r.min(order.len());
+    let order = &order[range(order.len())];
+    let r = order.len();
     let ur = DMatrix::from_fn(w.rows, r, |i, j| u[(i, order[j])]);
     let vtr = DMatrix::from_fn(r, w.cols, |i, j| vt[(order[i], j)]);
-    let s = order[..r].iter().map(|&k| svd.singular_values[k]).collect();
+    let s = order.iter().map(|&k| svd.singular_values[k]).collect();
     (Mat::from_na(&ur), s, Mat::from_na(&vtr))
 }
 
@@ -121,6 +136,18 @@ mod tests {
         assert!(max_diff(&product(&u, Some(&s), &vt), &w.data) < 1e-9);
         let (_, s_exact, _) = svd_top(&w, 3);
         assert!(max_diff(&s, &s_exact) < 1e-9);
+    }
+
+    #[test]
+    fn the_bottom_triplets_are_the_last_of_the_full_svd() {
+        let w = random(9, 6, 5);
+        let (u, s, vt) = svd_top(&w, 6);
+        let (ub, sb, vtb) = svd_bottom(&w, 2);
+        assert_eq!(sb, s[4..].to_vec());
+        for i in 0..9 {
+            assert_eq!(ub.data[i * 2..i * 2 + 2], u.data[i * 6 + 4..i * 6 + 6]);
+        }
+        assert_eq!(vtb.data, vt.data[4 * 6..].to_vec());
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub(crate) use tiles::{forward_into, input_grad_into};
 
 pub use candle_core::quantized::GgmlDType;
 pub use int4::{Int4, Int4Ordered, INT4, INT4_G32, INT4_G64};
-pub use nf4::{nf4_code, nf4_scale_code, Nf4, Nf4Parts, NF4};
+pub use nf4::{nf4_code, nf4_index, nf4_scale_code, Nf4, Nf4Parts, NF4};
 
 /// The GGML block types a quantized frozen linear may hold (GGUF's legacy and k-quant types).
 pub const BLOCK_TYPES: &[GgmlDType] = &[

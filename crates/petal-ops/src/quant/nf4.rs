@@ -111,7 +111,7 @@ fn nearest8(code: &[f32; 256], x: f32) -> u8 {
 
 /// The index of NF4's code for `x` in [-1, 1]: how many midpoints lie below it (torch's
 /// `bucketize`, as bitsandbytes quantizes).
-fn nearest4(x: f32) -> u8 {
+pub fn nf4_index(x: f32) -> u8 {
     let mut q = 0;
     for i in 0..15 {
         q += ((CODE[i] + CODE[i + 1]) / 2.0 < x) as u8;
@@ -219,7 +219,7 @@ impl Quantizer for Nf4 {
             .flat_map_iter(|(b, a)| {
                 let inv = 1.0 / a.max(1e-38);
                 b.chunks_exact(2).map(move |p| {
-                    let q = |v: f32| nearest4((v * inv).clamp(-1.0, 1.0));
+                    let q = |v: f32| nf4_index((v * inv).clamp(-1.0, 1.0));
                     (q(p[0]) << 4) | q(p[1])
                 })
             })

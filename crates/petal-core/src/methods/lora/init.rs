@@ -84,6 +84,12 @@ pub fn as_plain_lora(
     tensors: &mut HashMap<String, Tensor>,
 ) -> Result<AdapterConfig> {
     let o: super::LoraOptions = cfg.options()?;
+    if super::is_init(&o.core.init, "loftq") {
+        return Err(Error::msg(
+            "a LoftQ adapter is relative to W's quantization, not to W: it has no plain-LoRA \
+             form; save it as it is (petal, as PEFT, rebuilds the quantized base from W at load)",
+        ));
+    }
     if o.rslora && !(o.core.rank_pattern.is_empty() && o.alpha_pattern.is_empty()) {
         return Err(Error::msg(
             "saving as plain LoRA with use_rslora and a rank_pattern / alpha_pattern is not \

@@ -34,6 +34,8 @@ pub struct LoraLayer {
     pub base_offset: Option<Tensor>,
     /// PiSSA / OLoRA: A and B as initialised, for saving as plain LoRA (`as_plain_lora`).
     pub initial: Option<(Tensor, Tensor)>,
+    /// MiCA: B is frozen (saved and loaded, never trained or counted).
+    pub frozen_b: bool,
     /// `bias = "all" | "lora_only"`: the trained bias and the frozen one it started from.
     pub bias: Option<(Var, Tensor)>,
 }
@@ -44,9 +46,25 @@ fn structured(init: &InitWeights) -> bool {
     matches!(init, InitWeights::Named(n) if n == "pissa" || n == "olora" || pissa_niter(n).is_some())
 }
 
+/// Whether `init` is `name`.
+fn is_init(init: &InitWeights, name: &str) -> bool {
+    matches!(init, InitWeights::Named(n) if n == name)
+}
+
+/// The named initialisations LoRA takes (PEFT's, less the data-driven EVA, CorDA and LoRA-GA,
+/// and `orthogonal`).
+fn known_init(n: &str) -> bool {
+    ["gaussian", "pissa", "olora", "loftq", "mica"].contains(&n) || pissa_niter(n).is_some()
+}
+
 impl AdapterMethod for Lora {
     fn needs_dense_base(&self, cfg: &AdapterConfig) -> Option<&'static str> {
         let o: LoraOptions = cfg.options().ok()?;
+        if is_init(&o.core.init, "loftq") {
+            return Some(
+                "LoftQ quantizes the full-precision W itself (the base becomes its quantization)",
+            );
+        }
         structured(&o.core.init)
             .then_some("its initialisation factors W and moves the factors out of it")
     }
@@ -55,7 +73,8 @@ impl AdapterMethod for Lora {
         let o: LoraOptions = cfg.options()?;
         // A and B, a trained bias, and DoRA's magnitude and squared row norms (it reads the
         // model's own W), with the residual base PiSSA / OLoRA leave it
-        let dora = match (o.dora, structured(&o.core.init)) {
+        let moved = structured(&o.core.init) || is_init(&o.core.init, "loftq");
+        let dora = match (o.dora, moved) {
             (false, _) => 0,
             (true, false) => 2 * dims.out as u64,
             (true, true) => dims.full() + dims.out as u64,
@@ -82,9 +101,56 @@ impl AdapterMethod for Lora {
         if o.core.r == 0 {
             return Err(Error::config("adapter config", "r", "must be at least 1"));
         }
-        o.core.check(&["none", "all", "lora_only"], |n| {
-            n == "gaussian" || n == "pissa" || n == "olora" || pissa_niter(n).is_some()
-        })
+        o.core.check(&["none", "all", "lora_only"], known_init)?;
+        let loftq = is_init(&o.core.init, "loftq");
+        if loftq {
+            loftq::settings(&o.loftq_config)?;
+        } else if !o.loftq_config.is_empty() {
+            return Err(Error::config(
+                "adapter config",
+                "loftq_config",
+                "is set but init_lora_weights is not \"loftq\"",
+            ));
+        }
+        if o.dora && is_init(&o.core.init, "mica") {
+            return Err(Error::config(
+                "adapter config",
+                "init_lora_weights",
+                "\"mica\" with use_dora: MiCA is a LoRA variant of its own (PEFT has no DoRA form)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn notes(&self, cfg: &AdapterConfig) -> Vec<String> {
+        let Ok(o) = cfg.options::<LoraOptions>() else {
+            return Vec::new();
+        };
+        let s = o.scaling_for("");
+        match is_init(&o.core.init, "loftq") && (s - 1.0).abs() > 1e-12 {
+            true => vec![format!(
+                "LoftQ starts at Q + {s} B A, not at W's Q + B A: as PEFT, it does not divide B A \
+                 by the scaling lora_alpha / r = {s}; set --alpha to r ({}) for its start",
+                o.core.r
+            )],
+            false => Vec::new(),
+        }
+    }
+
+    fn prepare(&self, cfg: &mut AdapterConfig, _new: &crate::NewAdapter) -> Result<()> {
+        // LoftQ with no loftq_config: PEFT's LoftQConfig defaults, written out (PEFT asks for them)
+        let o: LoraOptions = cfg.options()?;
+        if is_init(&o.core.init, "loftq") {
+            let mut c = o.loftq_config.clone();
+            for (k, v) in [loftq::LOFTQ_BITS, loftq::LOFTQ_ITER] {
+                c.entry(k.to_string()).or_insert(v);
+            }
+            cfg.options.insert(
+                "loftq_config".into(),
+                serde_json::to_value(c).map_err(|e| Error::msg(e.to_string()))?,
+            );
+        }
+        Ok(())
     }
 
     fn flags(&self) -> Vec<Flag> {
@@ -158,11 +224,25 @@ impl AdapterMethod for Lora {
                 let offset = (b.matmul(&a)? * scaling)?;
                 (a, b, Some(offset))
             }
+            InitWeights::Named(n) if n == "loftq" => {
+                let c = loftq::settings(&o.loftq_config)?;
+                let w = base.weight.to_dtype(DType::F32)?;
+                let (a, b, q) = loftq::loftq_init(&w, r, c, path)?;
+                (a, b, Some((w - q)?))
+            }
+            InitWeights::Named(n) if n == "mica" => {
+                let w = match base.quant {
+                    Some(fmt) => petal_ops::quant::dequantize(base.weight, fmt)?,
+                    None => base.weight.clone(),
+                };
+                let (a, b) = loftq::mica_init(&w, r, path)?;
+                (a, b, None)
+            }
             _ => (a, b, None),
         };
         let initial = match &base_offset {
-            Some(_) => Some((a.copy()?, b.copy()?)),
-            None => None,
+            Some(_) if structured(&o.core.init) => Some((a.copy()?, b.copy()?)),
+            _ => None,
         };
         let bias = match (o.core.bias.as_str(), base.bias) {
             ("all" | "lora_only", Some(b)) => {
@@ -190,6 +270,7 @@ impl AdapterMethod for Lora {
             dora,
             base_offset,
             initial,
+            frozen_b: is_init(&o.core.init, "mica"),
             bias,
         }))
     }
@@ -197,6 +278,7 @@ impl AdapterMethod for Lora {
 
 mod embedding;
 mod init;
+mod loftq;
 mod options;
 pub use embedding::LoraEmbedding;
 pub use init::as_plain_lora;
@@ -422,16 +504,16 @@ impl AdapterLayer for LoraLayer {
     }
 
     fn tensors(&self) -> Vec<NamedTensor<'_>> {
-        let mut v = vec![
-            NamedTensor {
-                name: LORA_A,
-                var: &self.a,
-            },
-            NamedTensor {
+        let mut v = vec![NamedTensor {
+            name: LORA_A,
+            var: &self.a,
+        }];
+        if !self.frozen_b {
+            v.push(NamedTensor {
                 name: LORA_B,
                 var: &self.b,
-            },
-        ];
+            });
+        }
         if let Some((trained, _)) = &self.bias {
             v.push(NamedTensor {
                 name: "base_layer.bias",
@@ -445,6 +527,16 @@ impl AdapterLayer for LoraLayer {
             });
         }
         v
+    }
+
+    fn buffers(&self) -> Vec<NamedTensor<'_>> {
+        match self.frozen_b {
+            true => vec![NamedTensor {
+                name: LORA_B,
+                var: &self.b,
+            }],
+            false => Vec::new(),
+        }
     }
 }
 

@@ -14,8 +14,10 @@ crate::method_options! {
         pub alpha as "lora_alpha": f64 = 8.0,
         /// Dropout on the adapter's input
         pub dropout as "lora_dropout": f64 = 0.0,
-        /// Init: true | false (non-zero) | gaussian | pissa | pissa_niter_K | olora (PiSSA/OLoRA
-        /// start from W's SVD/QR and leave the residual in the base)
+        /// Init: true | false (non-zero) | gaussian | pissa | pissa_niter_K | olora | loftq |
+        /// mica (PiSSA/OLoRA start from W's SVD/QR and leave the residual in the base; LoftQ
+        /// leaves W's quantization there; MiCA starts B from W's smallest singular vectors
+        /// and trains A only)
         [parse_init]
         pub init as "init_lora_weights": InitWeights = InitWeights::Flag(true),
         /// Also train biases: none | lora_only | all
@@ -37,6 +39,9 @@ crate::method_options! {
         pub dora as "use_dora": bool = false,
         /// Alphas per module
         pub alpha_pattern: BTreeMap<String, f64> = BTreeMap::new(),
+        /// LoftQ's quantizer and steps (init_lora_weights = "loftq"): {"loftq_bits": 4 (NF4) or
+        /// 8 (int8), "loftq_iter": 1 or more}
+        pub loftq_config: BTreeMap<String, u64> = BTreeMap::new(),
     }
 }
 
