@@ -72,6 +72,27 @@ pub fn opt_usize(cfg: &AdapterConfig, key: &str) -> usize {
         .unwrap_or_else(|| panic!("option {key}")) as usize
 }
 
+/// `method`'s layer on a bias-free, unquantized linear of weight `w (out, in)` at `path`.
+pub fn build_on(
+    method: &dyn crate::AdapterMethod,
+    cfg: &AdapterConfig,
+    w: &Tensor,
+    path: &str,
+    seed: u64,
+) -> crate::Result<Box<dyn crate::AdapterLayer>> {
+    let (out, inp) = w.dims2()?;
+    let base = crate::adapter::BaseLinear {
+        weight: w,
+        bias: None,
+        in_features: inp,
+        out_features: out,
+        shared: &Default::default(),
+        embedding: false,
+        quant: None,
+    };
+    method.build(cfg, path, &base, seed)
+}
+
 /// What `prepare` hooks see of a new adapter on the toy model (hidden 10, one layer and head):
 /// a run of `max_steps`, the options `given`, the data's `tasks`.
 pub fn new_adapter(max_steps: usize, given: &[&str], tasks: &[&str]) -> crate::adapter::NewAdapter {

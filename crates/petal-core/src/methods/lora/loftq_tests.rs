@@ -2,7 +2,7 @@
 //! SVD in PEFT's LoftQ loop (run on the CPU), and PEFT's own MiCA.
 
 use super::*;
-use crate::adapter::{AdapterMethod, BaseLinear};
+use crate::adapter::AdapterMethod;
 use crate::config::{AdapterConfig, Targets};
 use crate::methods::lora::Lora;
 use candle_core::Device;
@@ -37,18 +37,8 @@ fn config(init: &str, extra: &[(&str, serde_json::Value)]) -> AdapterConfig {
 }
 
 fn build(cfg: &AdapterConfig, w: &Tensor) -> Result<Box<dyn crate::AdapterLayer>> {
-    let (out, inp) = w.dims2()?;
-    let base = BaseLinear {
-        weight: w,
-        bias: None,
-        in_features: inp,
-        out_features: out,
-        shared: &Default::default(),
-        embedding: false,
-        quant: None,
-    };
     Lora.validate(cfg)?;
-    Lora.build(cfg, "x", &base, 0)
+    crate::testing::build_on(&Lora, cfg, w, "x", 0)
 }
 
 #[test]

@@ -11,16 +11,7 @@ mod tests {
     /// A of a layer built for a (out, inp) linear.
     fn init_a(out: usize, inp: usize, cfg: &AdapterConfig) -> (Vec<f32>, f32) {
         let w = Tensor::zeros((out, inp), DType::F32, &Device::Cpu).unwrap();
-        let base = BaseLinear {
-            weight: &w,
-            bias: None,
-            in_features: inp,
-            out_features: out,
-            shared: &Default::default(),
-            embedding: false,
-            quant: None,
-        };
-        let l = Lora.build(cfg, "x", &base, 3).unwrap();
+        let l = crate::testing::build_on(&Lora, cfg, &w, "x", 3).unwrap();
         let t = l.tensors();
         let a = t[0]
             .var
