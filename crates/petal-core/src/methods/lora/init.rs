@@ -71,6 +71,63 @@ pub(super) fn structured_init(
     Ok((t(a, (r, inp))?, t(b, (out, r))?))
 }
 
+/// PEFT's `orthogonal` init: with `Q` the orthogonal factor of a random (r, r) Gaussian,
+/// `A = (X_A Q[0::2])^T / 10` and `B = X_B^T Q[1::2] / 10` for Gaussian `X_A (in, r/2)`,
+/// `X_B (r/2, out)`: both nonzero, with `B A = X_B^T Q[1::2] Q[0::2]^T X_A^T / 100 = 0` (the rows
+/// of Q are orthonormal), so training starts from the base model. r must be even.
+pub(super) fn orthogonal_init(
+    (out, inp): (usize, usize),
+    r: usize,
+    g: &mut impl rand::Rng,
+    path: &str,
+) -> Result<(Tensor, Tensor)> {
+    use petal_ops::linalg::{qr, Mat};
+    if r % 2 != 0 {
+        return Err(Error::msg(format!(
+            "{path}: init_lora_weights \"orthogonal\" needs an even r (got {r})"
+        )));
+    }
+    let mut gauss = |n: usize| -> Vec<f64> {
+        (0..n)
+            .map(|_| {
+                let (u1, u2): (f64, f64) = (g.gen::<f64>().max(1e-300), g.gen());
+                (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+            })
+            .collect()
+    };
+    let (q, _) = qr(&Mat {
+        rows: r,
+        cols: r,
+        data: gauss(r * r),
+    });
+    let h = r / 2;
+    let (xa, xb) = (gauss(inp * h), gauss(h * out)); // X_A (in, h), X_B (h, out)
+                                                     // A[j][i] = sum_k X_A[i][k] Q[2k][j] / 10;  B[o][j] = sum_k X_B[k][o] Q[2k+1][j] / 10
+    let a: Vec<f32> = (0..r * inp)
+        .map(|n| {
+            let (j, i) = (n / inp, n % inp);
+            ((0..h)
+                .map(|k| xa[i * h + k] * q.data[2 * k * r + j])
+                .sum::<f64>()
+                / 10.0) as f32
+        })
+        .collect();
+    let b: Vec<f32> = (0..out * r)
+        .map(|n| {
+            let (o, j) = (n / r, n % r);
+            ((0..h)
+                .map(|k| xb[k * out + o] * q.data[(2 * k + 1) * r + j])
+                .sum::<f64>()
+                / 10.0) as f32
+        })
+        .collect();
+    let dev = &candle_core::Device::Cpu;
+    Ok((
+        Tensor::from_vec(a, (r, inp), dev)?,
+        Tensor::from_vec(b, (out, r), dev)?,
+    ))
+}
+
 /// A PiSSA / OLoRA adapter as plain LoRA for the original base W, as PEFT's `save_pretrained`
 /// with `path_initial_model_for_weight_conversion` writes it: the trained `s B A` over the
 /// residual `W - s B0 A0` equals `W + s (B A - B0 A0)`, which is LoRA of rank 2r with

@@ -223,3 +223,38 @@ fn a_loftq_adapter_whose_scaling_is_not_one_is_noted() {
     c.options.insert("init_lora_weights".into(), "pissa".into());
     assert!(Lora.notes(&c).is_empty());
 }
+
+#[test]
+fn orthogonal_init_gives_nonzero_a_and_b_whose_product_is_zero_as_peft_s() {
+    // PEFT draws A = (X_A Q[0::2])^T / 10, B = X_B^T Q[1::2] / 10 with Q orthogonal: B A = 0,
+    // A and B of rank r / 2, entries of variance 1/200
+    let w = Tensor::zeros((96, 4096), DType::F32, &Device::Cpu).unwrap();
+    let l = build(&config("orthogonal", &[]), &w).unwrap();
+    let t = l.tensors();
+    let (a, b) = (t[0].var.as_tensor(), t[1].var.as_tensor());
+    let ba = vec(&b.matmul(a).unwrap());
+    assert!(ba.iter().all(|v| v.abs() < 1e-6), "B A is not 0");
+    for (m, n) in [(vec(a), 4 * 4096), (vec(b), 96 * 4)] {
+        assert_eq!(m.len(), n);
+        let var = m.iter().map(|v| (v * v) as f64).sum::<f64>() / n as f64;
+        let tol = if n > 10_000 { 0.05 } else { 0.3 };
+        assert!((var * 200.0 - 1.0).abs() < tol, "variance {var}");
+    }
+    let sv = |t: &Tensor| {
+        let (rows, cols) = t.dims2().unwrap();
+        let data = vec(t).into_iter().map(f64::from).collect();
+        petal_ops::linalg::svd_top(&Mat { rows, cols, data }, 4).1
+    };
+    for s in [sv(a), sv(b)] {
+        assert!(s[1] > 1e-3 && s[2] < 1e-6 * s[0], "rank r/2 = 2: {s:?}");
+    }
+    let e = Lora
+        .validate(&{
+            let mut c = config("orthogonal", &[]);
+            c.options.insert("r".into(), 5.into());
+            c
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("odd") && e.contains("orthogonal"), "{e}");
+}

@@ -51,10 +51,10 @@ fn is_init(init: &InitWeights, name: &str) -> bool {
     matches!(init, InitWeights::Named(n) if n == name)
 }
 
-/// The named initialisations LoRA takes (PEFT's, less the data-driven EVA, CorDA and LoRA-GA,
-/// and `orthogonal`).
+/// The named initialisations LoRA takes (PEFT's, less the data-driven EVA, CorDA and LoRA-GA).
 fn known_init(n: &str) -> bool {
-    ["gaussian", "pissa", "olora", "loftq", "mica"].contains(&n) || pissa_niter(n).is_some()
+    ["gaussian", "pissa", "olora", "loftq", "mica", "orthogonal"].contains(&n)
+        || pissa_niter(n).is_some()
 }
 
 impl AdapterMethod for Lora {
@@ -110,6 +110,16 @@ impl AdapterMethod for Lora {
                 "adapter config",
                 "loftq_config",
                 "is set but init_lora_weights is not \"loftq\"",
+            ));
+        }
+        if is_init(&o.core.init, "orthogonal") && o.core.r % 2 != 0 {
+            return Err(Error::config(
+                "adapter config",
+                "r",
+                format!(
+                    "{} is odd: init_lora_weights \"orthogonal\" needs an even r",
+                    o.core.r
+                ),
             ));
         }
         if o.dora && is_init(&o.core.init, "mica") {
@@ -212,6 +222,10 @@ impl AdapterMethod for Lora {
                 kaiming_uniform((r, inp), &mut g, dev)?,
                 kaiming_uniform((out, r), &mut g, dev)?,
             ),
+            InitWeights::Named(n) if n == "orthogonal" => {
+                let (a, b) = init::orthogonal_init((out, inp), r, &mut g, path)?;
+                (a.to_device(dev)?, b.to_device(dev)?)
+            }
             _ => (
                 kaiming_uniform((r, inp), &mut g, dev)?,
                 Tensor::zeros((out, r), DType::F32, dev)?,

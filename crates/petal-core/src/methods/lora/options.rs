@@ -14,10 +14,10 @@ crate::method_options! {
         pub alpha as "lora_alpha": f64 = 8.0,
         /// Dropout on the adapter's input
         pub dropout as "lora_dropout": f64 = 0.0,
-        /// Init: true | false (non-zero) | gaussian | pissa | pissa_niter_K | olora | loftq |
-        /// mica (PiSSA/OLoRA start from W's SVD/QR and leave the residual in the base; LoftQ
-        /// leaves W's quantization there; MiCA starts B from W's smallest singular vectors
-        /// and trains A only)
+        /// Init: true | false (non-zero) | gaussian | orthogonal | pissa | pissa_niter_K |
+        /// olora | loftq | mica (PiSSA/OLoRA start from W's SVD/QR and leave the residual in
+        /// the base; LoftQ leaves W's quantization there; MiCA starts B from W's smallest
+        /// singular vectors and trains A only; orthogonal: A and B nonzero, B A = 0)
         [parse_init]
         pub init as "init_lora_weights": InitWeights = InitWeights::Flag(true),
         /// Also train biases: none | lora_only | all
