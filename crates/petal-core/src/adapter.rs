@@ -301,6 +301,12 @@ pub trait AdapterMethod: Sync {
     fn validate(&self, _cfg: &AdapterConfig) -> Result<()> {
         Ok(())
     }
+    /// Whether building a layer is heavy work of its own module alone (an SVD of W: PiSSA,
+    /// LoftQ, MiCA), so that `inject` builds the layers on all cores at once; a method whose
+    /// build shares state across layers (`Shared::claim`) must keep `false`.
+    fn builds_apart(&self, _cfg: &AdapterConfig) -> bool {
+        false
+    }
     /// Settings of a new adapter that are valid but likely not what the user meant, one line
     /// each, for `petal train` to print (LoftQ's start away from W when alpha / r is not 1).
     fn notes(&self, _cfg: &AdapterConfig) -> Vec<String> {

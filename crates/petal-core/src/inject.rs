@@ -167,6 +167,35 @@ pub fn inject_adapter_within(
         .map(|l| (l.out_features(), l.in_features()))
         .collect();
     let shared = Shared::new(max_in, max_out).with_sizes(&sizes);
+    let seed_of = |i: usize| rng::splitmix(seed ^ rng::splitmix(i as u64));
+    // layers whose build is an SVD of their own W: built on all cores first (the others, and
+    // any that cannot be, in the loop below, where the checks give their errors)
+    let mut built: Vec<Option<Result<Box<dyn AdapterLayer>>>> = match method.builds_apart(cfg) {
+        true => {
+            use rayon::prelude::*;
+            model
+                .linears()
+                .par_iter()
+                .enumerate()
+                .map(|(i, lin)| {
+                    if !targeted(lin) || lin.is_embedding() || lin.quant().is_some() {
+                        return None;
+                    }
+                    let base = BaseLinear {
+                        weight: lin.weight(),
+                        bias: lin.bias(),
+                        in_features: lin.in_features(),
+                        out_features: lin.out_features(),
+                        shared: &shared,
+                        embedding: false,
+                        quant: None,
+                    };
+                    Some(method.build(cfg, lin.path(), &base, seed_of(i)))
+                })
+                .collect()
+        }
+        false => Vec::new(),
+    };
     let mut modules = Vec::new();
     for (i, lin) in model.linears_mut().into_iter().enumerate() {
         let path = lin.path().to_string();
@@ -203,12 +232,10 @@ pub fn inject_adapter_within(
             embedding: lin.is_embedding(),
             quant: lin.quant(),
         };
-        let layer = method.build(
-            cfg,
-            &path,
-            &base,
-            rng::splitmix(seed ^ rng::splitmix(i as u64)),
-        )?;
+        let layer = match built.get_mut(i).and_then(Option::take) {
+            Some(layer) => layer?,
+            None => method.build(cfg, &path, &base, seed_of(i))?,
+        };
         let params = layer
             .tensors()
             .iter()

@@ -132,6 +132,14 @@ impl AdapterMethod for Lora {
         Ok(())
     }
 
+    fn builds_apart(&self, cfg: &AdapterConfig) -> bool {
+        let Ok(o) = cfg.options::<LoraOptions>() else {
+            return false;
+        };
+        let i = &o.core.init;
+        structured(i) || is_init(i, "loftq") || is_init(i, "mica")
+    }
+
     fn notes(&self, cfg: &AdapterConfig) -> Vec<String> {
         let Ok(o) = cfg.options::<LoraOptions>() else {
             return Vec::new();
