@@ -75,6 +75,12 @@ pub fn train(
     if o.device.as_deref().is_some_and(|d| d != "cpu") {
         bail!("--task-type seq-cls runs on the CPU for now (--device cpu)");
     }
+    if o.pack.unwrap_or(false) {
+        bail!(
+            "--pack with --task-type seq-cls: each sequence is one example with one label, and \
+             packing several into a row would mix them; leave --pack out"
+        );
+    }
     let model_spec = o.model.clone().unwrap_or_else(|| "asset:minilm".into());
     let data_spec = o
         .data

@@ -117,6 +117,8 @@ fn bad_classification_input_is_refused_with_its_cause() {
     assert!(e.contains("model_type") && e.contains("`llama`"), "{e}");
     let e = run(&bert, &train, &["--task-type", "regression"]);
     assert!(e.contains("--task-type \"regression\""), "{e}");
+    let e = run(&bert, &train, &["--task-type", "seq-cls", "--pack", "true"]);
+    assert!(e.contains("--pack") && e.contains("one label"), "{e}");
     let mixed = d.path().join("mixed.jsonl");
     std::fs::write(
         &mixed,

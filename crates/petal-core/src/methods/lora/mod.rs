@@ -147,8 +147,9 @@ impl AdapterMethod for Lora {
         let s = o.scaling_for("");
         match is_init(&o.core.init, "loftq") && (s - 1.0).abs() > 1e-12 {
             true => vec![format!(
-                "LoftQ starts at Q + {s} B A, not at W's Q + B A: as PEFT, it does not divide B A \
-                 by the scaling lora_alpha / r = {s}; set --alpha to r ({}) for its start",
+                "LoftQ starts at Q + {s} B A rather than at Q + B A ≈ W: as PEFT, it does not \
+                 divide B A by the scaling lora_alpha / r = {s}; set --alpha to r ({}) to start \
+                 near W",
                 o.core.r
             )],
             false => Vec::new(),
