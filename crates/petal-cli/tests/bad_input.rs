@@ -413,6 +413,11 @@ fn gguf_exports_and_quantization_aware_methods_refuse_what_they_cannot_do_in_one
     let llama = golden().join("llama");
     let lora = golden().join("adapters/qwen2_lora_all_linear");
     let dora = golden().join("adapters/llama_dora");
+    let (pissa, loftq) = (
+        golden().join("adapters/llama_pissa"),
+        golden().join("adapters/llama_loftq4"),
+    );
+    let (pissa_, loftq_) = (pissa.to_str().unwrap(), loftq.to_str().unwrap());
     let (q, l) = (qwen.to_str().unwrap(), llama.to_str().unwrap());
     let cases: Vec<(Vec<&str>, &[&str])> = vec![
         // llama.cpp has no NF4: the GGUF types are named
@@ -446,6 +451,15 @@ fn gguf_exports_and_quantization_aware_methods_refuse_what_they_cannot_do_in_one
                 o_,
             ],
             &["DoRA"],
+        ),
+        // nor does an adapter whose base is not the model's W (PiSSA's residual, LoftQ's Q)
+        (
+            vec!["export", "--model", l, "--adapter", pissa_, "--out", o_],
+            &["PiSSA", "--save-as-lora", "merge"],
+        ),
+        (
+            vec!["export", "--model", l, "--adapter", loftq_, "--out", o_],
+            &["LoftQ", "petal merge --format gguf"],
         ),
         // a model file is not an adapter
         (
