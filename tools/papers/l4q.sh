@@ -27,12 +27,7 @@ lr_=$lr
 lr=
 source "$(dirname "$0")/smollm2.sh"
 lr=$lr_
-shared=() # without --model and --max-steps (and their values): each run gives its own
-skip=0
-for a in "${common[@]}"; do
-  if [ $skip = 1 ]; then skip=0; continue; fi
-  case "$a" in --model | --max-steps) skip=1 ;; *) shared+=("$a") ;; esac
-done
+without --model --max-steps # each run gives its own
 results=$work/results.jsonl
 run() { # label, then petal train flags
   local label=$1

@@ -14,12 +14,7 @@ steps=${1:-60}
 seed=${2:-0}
 lr=2e-3
 source "$(dirname "$0")/smollm2.sh"
-shared=() # without --model: the runs take the f32 folder
-skip=0
-for a in "${common[@]}"; do
-  if [ $skip = 1 ]; then skip=0; continue; fi
-  case "$a" in --model) skip=1 ;; *) shared+=("$a") ;; esac
-done
+without --model # the runs take the f32 folder
 results=$work/results.jsonl
 run() { # label, then petal train flags
   local label=$1

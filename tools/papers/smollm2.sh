@@ -13,3 +13,14 @@ common=(--model asset:smollm2 --data asset:shakespeare --max-steps "$steps"
   --max-eval-examples 32 --json)
 # scripts that sweep the learning rate leave `lr` empty and pass --lr per run
 [ -z "${lr:-}" ] || common+=(--lr "$lr")
+# `shared`: `common` without the flags given (and their values), for scripts whose runs give
+# those flags themselves
+without() {
+  shared=()
+  local skip=0 a f
+  for a in "${common[@]}"; do
+    if [ $skip = 1 ]; then skip=0; continue; fi
+    for f in "$@"; do [ "$a" = "$f" ] && skip=1; done
+    [ $skip = 1 ] || shared+=("$a")
+  done
+}

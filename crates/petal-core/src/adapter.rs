@@ -63,6 +63,21 @@ pub struct BaseLinear<'a> {
     pub quant: Option<petal_ops::quant::QFormat>,
 }
 
+impl<'a> BaseLinear<'a> {
+    /// The base of a model's linear, with what the adapter's layers share.
+    pub fn of(lin: &'a crate::AdaptableLinear, shared: &'a Shared) -> Self {
+        BaseLinear {
+            weight: lin.weight(),
+            bias: lin.bias(),
+            in_features: lin.in_features(),
+            out_features: lin.out_features(),
+            shared,
+            embedding: lin.is_embedding(),
+            quant: lin.quant(),
+        }
+    }
+}
+
 /// The sizes of one targeted linear (`out`, `inp`) and the largest over the adapter's targets,
 /// as the memory estimate (`AdapterMethod::layer_values`) sees them.
 #[derive(Debug, Clone, Copy)]

@@ -178,19 +178,9 @@ pub fn inject_adapter_within(
                 .par_iter()
                 .enumerate()
                 .map(|(i, lin)| {
-                    if !targeted(lin) || lin.is_embedding() || lin.quant().is_some() {
-                        return None;
-                    }
-                    let base = BaseLinear {
-                        weight: lin.weight(),
-                        bias: lin.bias(),
-                        in_features: lin.in_features(),
-                        out_features: lin.out_features(),
-                        shared: &shared,
-                        embedding: false,
-                        quant: None,
-                    };
-                    Some(method.build(cfg, lin.path(), &base, seed_of(i)))
+                    let skip = !targeted(lin) || lin.is_embedding() || lin.quant().is_some();
+                    let base = BaseLinear::of(lin, &shared);
+                    (!skip).then(|| method.build(cfg, lin.path(), &base, seed_of(i)))
                 })
                 .collect()
         }
@@ -223,15 +213,7 @@ pub fn inject_adapter_within(
                 cfg.peft_type
             )));
         }
-        let base = BaseLinear {
-            weight: lin.weight(),
-            bias: lin.bias(),
-            in_features: lin.in_features(),
-            out_features: lin.out_features(),
-            shared: &shared,
-            embedding: lin.is_embedding(),
-            quant: lin.quant(),
-        };
+        let base = BaseLinear::of(lin, &shared);
         let layer = match built.get_mut(i).and_then(Option::take) {
             Some(layer) => layer?,
             None => method.build(cfg, &path, &base, seed_of(i))?,
