@@ -10,8 +10,8 @@ use crate::gguf::{gguf_name, hf_name, meta_f64, meta_str, meta_u64, permute, unp
 use crate::gguf_out::{arch_of, encode, qk_heads, text, write_file, Meta};
 use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{DType, Device, Tensor};
-use petal_core::config::{InitWeights, Targets};
-use petal_core::methods::lora::LoraOptions;
+use petal_core::config::Targets;
+use petal_core::methods::lora::{LoraOptions, MovedBase};
 use petal_core::{AdapterConfig, Error, Result};
 use petal_models::LlamaConfig;
 use std::collections::{BTreeMap, HashMap};
@@ -66,26 +66,19 @@ pub fn write_lora(
         )));
     }
     // llama.cpp adds B A to the file's own W; these adapters' B A is relative to another base
-    if let InitWeights::Named(n) = &lora.core.init {
-        let moved = match n.as_str() {
-            "loftq" => Some("W's quantization (LoftQ)"),
-            n if n == "olora" || n.starts_with("pissa") => {
-                Some("W less its initial part (PiSSA/OLoRA)")
-            }
-            _ => None,
+    if let Some(moved) = lora.moved_base() {
+        let (base, plain) = match moved {
+            MovedBase::Quantized => ("W's quantization (LoftQ)", ""),
+            MovedBase::Residual => (
+                "W less its initial part (PiSSA/OLoRA)",
+                ", or train it with --save-as-lora true for a plain LoRA of rank 2r",
+            ),
         };
-        if let Some(base) = moved {
-            return Err(Error::Unsupported(format!(
-                "{}: this adapter's B A applies to {base}, not to the model file's W that \
-                 llama.cpp adds it to: merge it (`petal merge --format gguf`){}",
-                path.display(),
-                if n == "loftq" {
-                    ""
-                } else {
-                    ", or train it with --save-as-lora true for a plain LoRA of rank 2r"
-                }
-            )));
-        }
+        return Err(Error::Unsupported(format!(
+            "{}: this adapter's B A applies to {base}, not to the model file's W that llama.cpp \
+             adds it to: merge it (`petal merge --format gguf`){plain}",
+            path.display()
+        )));
     }
     let arch = arch_of(cfg);
     let alpha = lora.core.alpha;

@@ -22,13 +22,7 @@ pub(super) fn structured_init(
     path: &str,
 ) -> Result<(Tensor, Tensor)> {
     use petal_ops::linalg::{qr, svd_lowrank, svd_top, Mat};
-    let (out, inp) = w.dims2()?;
-    if r > out.min(inp) {
-        return Err(Error::msg(format!(
-            "{path}: {init} needs r ({r}) <= min(out, in) = {}",
-            out.min(inp)
-        )));
-    }
+    let (out, inp) = rank_fits(init, w, r, path)?;
     let data: Vec<f64> = w.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     let m = Mat {
         rows: out,
@@ -71,6 +65,18 @@ pub(super) fn structured_init(
     Ok((t(a, (r, inp))?, t(b, (out, r))?))
 }
 
+/// W's `(out, in)`, or why an initialisation that factors W cannot take rank `r` from it.
+pub(super) fn rank_fits(init: &str, w: &Tensor, r: usize, path: &str) -> Result<(usize, usize)> {
+    let (out, inp) = w.dims2()?;
+    if r > out.min(inp) {
+        return Err(Error::msg(format!(
+            "{path}: {init} needs r ({r}) <= min(out, in) = {}",
+            out.min(inp)
+        )));
+    }
+    Ok((out, inp))
+}
+
 /// PEFT's `orthogonal` init: with `Q` the orthogonal factor of a random (r, r) Gaussian,
 /// `A = (X_A Q[0::2])^T / 10` and `B = X_B^T Q[1::2] / 10` for Gaussian `X_A (in, r/2)`,
 /// `X_B (r/2, out)`: both nonzero, with `B A = X_B^T Q[1::2] Q[0::2]^T X_A^T / 100 = 0` (the rows
@@ -79,52 +85,32 @@ pub(super) fn orthogonal_init(
     (out, inp): (usize, usize),
     r: usize,
     g: &mut impl rand::Rng,
-    path: &str,
+    (dev, path): (&candle_core::Device, &str),
 ) -> Result<(Tensor, Tensor)> {
-    use petal_ops::linalg::{qr, Mat};
     if r % 2 != 0 {
         return Err(Error::msg(format!(
             "{path}: init_lora_weights \"orthogonal\" needs an even r (got {r})"
         )));
     }
-    let mut gauss = |n: usize| -> Vec<f64> {
-        (0..n)
-            .map(|_| {
-                let (u1, u2): (f64, f64) = (g.gen::<f64>().max(1e-300), g.gen());
-                (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-            })
-            .collect()
-    };
-    let (q, _) = qr(&Mat {
+    let x: Vec<f64> = crate::methods::normal((r, r), 1.0, g, dev)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1()?;
+    let (q, _) = petal_ops::linalg::qr(&petal_ops::linalg::Mat {
         rows: r,
         cols: r,
-        data: gauss(r * r),
+        data: x,
     });
-    let h = r / 2;
-    let (xa, xb) = (gauss(inp * h), gauss(h * out)); // X_A (in, h), X_B (h, out)
-                                                     // A[j][i] = sum_k X_A[i][k] Q[2k][j] / 10;  B[o][j] = sum_k X_B[k][o] Q[2k+1][j] / 10
-    let a: Vec<f32> = (0..r * inp)
-        .map(|n| {
-            let (j, i) = (n / inp, n % inp);
-            ((0..h)
-                .map(|k| xa[i * h + k] * q.data[2 * k * r + j])
-                .sum::<f64>()
-                / 10.0) as f32
-        })
-        .collect();
-    let b: Vec<f32> = (0..out * r)
-        .map(|n| {
-            let (o, j) = (n / r, n % r);
-            ((0..h)
-                .map(|k| xb[k * out + o] * q.data[(2 * k + 1) * r + j])
-                .sum::<f64>()
-                / 10.0) as f32
-        })
-        .collect();
-    let dev = &candle_core::Device::Cpu;
+    let q = Tensor::from_vec(q.data, (r / 2, 2, r), dev)?.to_dtype(DType::F32)?;
+    let (odd, even) = (
+        q.narrow(1, 0, 1)?.squeeze(1)?,
+        q.narrow(1, 1, 1)?.squeeze(1)?,
+    );
+    let xa = crate::methods::normal((inp, r / 2), 1.0, g, dev)?;
+    let xb = crate::methods::normal((r / 2, out), 1.0, g, dev)?;
     Ok((
-        Tensor::from_vec(a, (r, inp), dev)?,
-        Tensor::from_vec(b, (out, r), dev)?,
+        (xa.matmul(&odd)?.t()?.contiguous()? / 10.0)?,
+        (xb.t()?.matmul(&even)? / 10.0)?,
     ))
 }
 

@@ -53,13 +53,7 @@ pub(super) fn loftq_init(
     (bits, iters): (u64, u64),
     path: &str,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (out, inp) = w.dims2()?;
-    if r > out.min(inp) {
-        return Err(Error::msg(format!(
-            "{path}: LoftQ needs r ({r}) <= min(out, in) = {}",
-            out.min(inp)
-        )));
-    }
+    let (out, inp) = super::init::rank_fits("LoftQ", w, r, path)?;
     let weight: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let mut res = weight.clone();
     let (mut q, mut l, mut rr) = (Vec::new(), Vec::new(), Vec::new());
@@ -145,13 +139,7 @@ fn quantize(x: &[f32], cols: usize, bits: u64) -> Vec<f32> {
 /// MiCA: `B` the r left singular vectors of W with the smallest singular values (torch's
 /// `U[:, -r:]` of the thin SVD), `A = 0`; B stays frozen.
 pub(super) fn mica_init(w: &Tensor, r: usize, path: &str) -> Result<(Tensor, Tensor)> {
-    let (out, inp) = w.dims2()?;
-    if r > out.min(inp) {
-        return Err(Error::msg(format!(
-            "{path}: MiCA needs r ({r}) <= min(out, in) = {}",
-            out.min(inp)
-        )));
-    }
+    let (out, inp) = super::init::rank_fits("MiCA", w, r, path)?;
     let data: Vec<f64> = w.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
     let (u, _, _) = svd_bottom(
         &Mat {

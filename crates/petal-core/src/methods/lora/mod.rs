@@ -40,12 +40,6 @@ pub struct LoraLayer {
     pub bias: Option<(Var, Tensor)>,
 }
 
-/// Whether `init` is a structured initialisation (PiSSA, fast PiSSA, OLoRA): it factors W and
-/// moves the factors out of it, leaving a residual base.
-fn structured(init: &InitWeights) -> bool {
-    matches!(init, InitWeights::Named(n) if n == "pissa" || n == "olora" || pissa_niter(n).is_some())
-}
-
 /// Whether `init` is `name`.
 fn is_init(init: &InitWeights, name: &str) -> bool {
     matches!(init, InitWeights::Named(n) if n == name)
@@ -60,21 +54,21 @@ fn known_init(n: &str) -> bool {
 impl AdapterMethod for Lora {
     fn needs_dense_base(&self, cfg: &AdapterConfig) -> Option<&'static str> {
         let o: LoraOptions = cfg.options().ok()?;
-        if is_init(&o.core.init, "loftq") {
-            return Some(
+        match o.moved_base()? {
+            MovedBase::Quantized => Some(
                 "LoftQ quantizes the full-precision W itself (the base becomes its quantization)",
-            );
+            ),
+            MovedBase::Residual => {
+                Some("its initialisation factors W and moves the factors out of it")
+            }
         }
-        structured(&o.core.init)
-            .then_some("its initialisation factors W and moves the factors out of it")
     }
 
     fn layer_values(&self, cfg: &AdapterConfig, path: &str, dims: &ModuleDims) -> Result<u64> {
         let o: LoraOptions = cfg.options()?;
         // A and B, a trained bias, and DoRA's magnitude and squared row norms (it reads the
         // model's own W), with the residual base PiSSA / OLoRA leave it
-        let moved = structured(&o.core.init) || is_init(&o.core.init, "loftq");
-        let dora = match (o.dora, moved) {
+        let dora = match (o.dora, o.moved_base().is_some()) {
             (false, _) => 0,
             (true, false) => 2 * dims.out as u64,
             (true, true) => dims.full() + dims.out as u64,
@@ -136,8 +130,7 @@ impl AdapterMethod for Lora {
         let Ok(o) = cfg.options::<LoraOptions>() else {
             return false;
         };
-        let i = &o.core.init;
-        structured(i) || is_init(i, "loftq") || is_init(i, "mica")
+        o.moved_base().is_some() || is_init(&o.core.init, "mica")
     }
 
     fn notes(&self, cfg: &AdapterConfig) -> Vec<String> {
@@ -232,8 +225,7 @@ impl AdapterMethod for Lora {
                 kaiming_uniform((out, r), &mut g, dev)?,
             ),
             InitWeights::Named(n) if n == "orthogonal" => {
-                let (a, b) = init::orthogonal_init((out, inp), r, &mut g, path)?;
-                (a.to_device(dev)?, b.to_device(dev)?)
+                init::orthogonal_init((out, inp), r, &mut g, (dev, path))?
             }
             _ => (
                 kaiming_uniform((r, inp), &mut g, dev)?,
@@ -242,7 +234,7 @@ impl AdapterMethod for Lora {
         };
         let scaling = o.scaling_for(path);
         let (a, b, base_offset) = match &o.core.init {
-            InitWeights::Named(n) if structured(&o.core.init) => {
+            InitWeights::Named(n) if o.moved_base() == Some(MovedBase::Residual) => {
                 let (a, b) = structured_init(n, base.weight, r, scaling, path)?;
                 let offset = (b.matmul(&a)? * scaling)?;
                 (a, b, Some(offset))
@@ -264,7 +256,7 @@ impl AdapterMethod for Lora {
             _ => (a, b, None),
         };
         let initial = match &base_offset {
-            Some(_) if structured(&o.core.init) => Some((a.copy()?, b.copy()?)),
+            Some(_) if o.moved_base() == Some(MovedBase::Residual) => Some((a.copy()?, b.copy()?)),
             _ => None,
         };
         let bias = match (o.core.bias.as_str(), base.bias) {
@@ -306,7 +298,7 @@ mod options;
 pub use embedding::LoraEmbedding;
 pub use init::as_plain_lora;
 use init::structured_init;
-pub use options::{LoraCore, LoraOptions};
+pub use options::{LoraCore, LoraOptions, MovedBase};
 
 /// Inverted dropout with a mask drawn from petal's per-step generator (see `rng`): one
 /// splitmix64 draw per element, compared as an integer against p * 2^64.

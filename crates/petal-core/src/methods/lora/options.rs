@@ -45,7 +45,30 @@ crate::method_options! {
     }
 }
 
+/// What an initialisation leaves in the base in place of W (`LoraOptions::moved_base`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MovedBase {
+    /// W less the adapter's initial part (PiSSA, OLoRA)
+    Residual,
+    /// W's quantization (LoftQ)
+    Quantized,
+}
+
 impl LoraOptions {
+    /// Whether the init replaces the base W, and by what: B A then applies to that base, not
+    /// to the model's own W.
+    pub fn moved_base(&self) -> Option<MovedBase> {
+        match &self.core.init {
+            InitWeights::Named(n) if n == "loftq" => Some(MovedBase::Quantized),
+            InitWeights::Named(n)
+                if n == "pissa" || n == "olora" || crate::config::pissa_niter(n).is_some() =>
+            {
+                Some(MovedBase::Residual)
+            }
+            _ => None,
+        }
+    }
+
     /// Rank for one module, honouring `rank_pattern`.
     pub fn rank_for(&self, path: &str) -> usize {
         crate::methods::rank_for(self.core.r, &self.core.rank_pattern, path)
