@@ -87,7 +87,7 @@ pub(super) fn orthogonal_init(
     g: &mut impl rand::Rng,
     (dev, path): (&candle_core::Device, &str),
 ) -> Result<(Tensor, Tensor)> {
-    if r % 2 != 0 {
+    if !r.is_multiple_of(2) {
         return Err(Error::msg(format!(
             "{path}: init_lora_weights \"orthogonal\" needs an even r (got {r})"
         )));

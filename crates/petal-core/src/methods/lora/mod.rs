@@ -106,7 +106,7 @@ impl AdapterMethod for Lora {
                 "is set but init_lora_weights is not \"loftq\"",
             ));
         }
-        if is_init(&o.core.init, "orthogonal") && o.core.r % 2 != 0 {
+        if is_init(&o.core.init, "orthogonal") && !o.core.r.is_multiple_of(2) {
             return Err(Error::config(
                 "adapter config",
                 "r",
