@@ -131,7 +131,6 @@ def main():
     model = get_peft_model(
         Two(ws), LoraConfig(r=RANK, lora_alpha=8, init_lora_weights="mica", target_modules=list(SHAPES))
     )
-    trainable = 0
     for name in SHAPES:
         layer = model.base_model.model.lin[name]
         assert not layer.lora_B["default"].weight.requires_grad
