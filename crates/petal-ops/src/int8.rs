@@ -340,6 +340,12 @@ pub(crate) fn mm_int8_packed(out: Out, acc: bool, pa: &PackedA, pb: &PackedB) {
                     for jp in jps.clone() {
                         let j0 = jp * nr;
                         let cols = nr.min(n - j0);
+                        // nibbles: the panel's steps and offsets, block after block
+                        let (sb, sbs) = if kind.is_nibbles() {
+                            (&pb.scale[(jp * pb.blocks() + blk) * 2 * nr..], 2 * nr)
+                        } else {
+                            (&pb.scale[blk * n + j0..], n)
+                        };
                         let tile = Tile {
                             a: a_panel,
                             lda: pa.kw,
@@ -348,9 +354,9 @@ pub(crate) fn mm_int8_packed(out: Out, acc: bool, pa: &PackedA, pb: &PackedB) {
                             bw: kind.bw(),
                             sa,
                             sas: pa.nb,
-                            sb: &pb.scale[blk * n + j0..],
+                            sb,
+                            sbs,
                             excess: excess.get(j0..).unwrap_or(&[]),
-                            lo: pb.lo.get(blk * n + j0..).unwrap_or(&[]),
                             sums: pa.sums.get(ip * mr * pa.nb + blk..).unwrap_or(&[]),
                             n,
                             rows,
@@ -374,11 +380,12 @@ struct Tile<'a> {
     /// a's scales: row r's for block i at `sa[r * sas + i]`
     sa: &'a [f32],
     sas: usize,
-    /// b's scales: column j's for block i at `sb[i * n + j]`; VNNI's excess the same way
+    /// b's scales: column j's for block i at `sb[i * sbs + j]` (`sbs = n`; VNNI's excess the
+    /// same way); nibbles: `sbs = 2 NR`, each block's NR steps then its NR offsets
     sb: &'a [f32],
+    sbs: usize,
     excess: &'a [i32],
-    /// Nibbles: b's offsets (as `sb`) and the sums of a's codes (as `sa`); else empty
-    lo: &'a [f32],
+    /// Nibbles: the sums of a's codes times a's scales (as `sa`); else empty
     sums: &'a [f32],
     n: usize,
     rows: usize,
@@ -393,7 +400,8 @@ impl Tile<'_> {
 
 fn micro(kind: Kind, t: &Tile, c: &mut [f32], ldc: usize, add: bool) {
     let (mr, nr) = (kind.mr(), kind.nr());
-    let last = (t.blocks() - 1) * t.n + t.cols; // past the last scale (and excess) read
+    // past the last scale (and excess) read; nibbles read whole panels' steps and offsets
+    let last = (t.blocks() - 1) * t.sbs + if kind.is_nibbles() { 2 * nr } else { t.cols };
     assert!(t.rows <= mr && t.cols <= nr && t.kcq > 0 && t.sb.len() >= last);
     assert!(t.rows == 0 || t.sa.len() >= (t.rows - 1) * t.sas + t.blocks());
     assert!(t.a.len() >= (mr - 1) * t.lda + t.kcq && t.b.len() >= nr * t.kcq);
@@ -404,9 +412,9 @@ fn micro(kind: Kind, t: &Tile, c: &mut [f32], ldc: usize, add: bool) {
         t.excess.is_empty()
     });
     assert!(if kind.is_nibbles() {
-        t.lo.len() >= last && (t.rows == 0 || t.sums.len() >= (t.rows - 1) * t.sas + t.blocks())
+        t.rows == 0 || t.sums.len() >= (t.rows - 1) * t.sas + t.blocks()
     } else {
-        t.lo.is_empty()
+        t.sums.is_empty() && t.sbs == t.n
     });
     #[cfg(target_arch = "x86_64")]
     match kind {
@@ -430,7 +438,7 @@ fn micro(kind: Kind, t: &Tile, c: &mut [f32], ldc: usize, add: bool) {
                     s += (x as i16 as i32) * (y as i16 as i32)
                         + ((x >> 16) as i16 as i32) * ((y >> 16) as i16 as i32);
                 }
-                f += s as f32 * t.sb[i * t.n + j] * t.sa[r * t.sas + i];
+                f += s as f32 * t.sb[i * t.sbs + j] * t.sa[r * t.sas + i];
             }
             let o = &mut c[r * ldc + j];
             *o = if add { *o + f } else { f };

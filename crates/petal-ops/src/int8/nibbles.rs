@@ -37,14 +37,11 @@ impl PackedB {
         let (g, nr) = (kind.group(), kind.nr());
         let (kw, nb, np) = (k / g, k / BLOCK, n.div_ceil(nr));
         words.resize(kw * np * nr, 0);
-        let mut scale = vec![1f32; nb * n];
-        let mut lo = vec![0f32; nb * n];
-        let (wp, sp, lp) = (
-            Shared(words.as_mut_ptr()),
-            Shared(scale.as_mut_ptr()),
-            Shared(lo.as_mut_ptr()),
-        );
-        let (wp, sp, lp) = (&wp, &sp, &lp);
+        // each panel's steps and offsets, block by block: `[jp][block]` of NR steps then NR
+        // offsets (padding columns 0), so that a tile reads them as one stream
+        let mut scale = vec![0f32; np * nb * 2 * nr];
+        let (wp, sp) = (Shared(words.as_mut_ptr()), Shared(scale.as_mut_ptr()));
+        let (wp, sp) = (&wp, &sp);
         (0..np).into_par_iter().for_each_init(
             || (vec![0u8; k], vec![0f32; nb], vec![0f32; nb]),
             |(codes, step, off), jp| {
@@ -73,10 +70,12 @@ impl PackedB {
                     }
                     if live {
                         for blk in 0..nb {
-                            // SAFETY: column j is this task's alone; blk < nb, j < n.
+                            let at = (jp * nb + blk) * 2 * nr + jj;
+                            // SAFETY: panel jp's scales are this task's alone; at + nr is
+                            // inside `scale` (blk < nb, jj < nr).
                             unsafe {
-                                *sp.0.add(blk * n + j) = step[blk];
-                                *lp.0.add(blk * n + j) = off[blk];
+                                *sp.0.add(at) = step[blk];
+                                *sp.0.add(at + nr) = off[blk];
                             }
                         }
                     }
@@ -90,7 +89,6 @@ impl PackedB {
             words,
             scale,
             excess: Vec::new(),
-            lo,
         }
     }
 }

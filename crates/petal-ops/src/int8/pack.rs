@@ -15,7 +15,8 @@ pub(crate) struct PackedA {
     pub(super) scale: Vec<f32>,
     pub(super) kw: usize,
     pub(super) nb: usize,
-    /// Nibbles: the sum of each block's codes `[i][block]` (for b's offsets); else empty
+    /// Nibbles: the sum of each block's codes times its scale `[i][block]` (for b's offsets);
+    /// else empty
     pub(super) sums: Vec<f32>,
 }
 
@@ -52,16 +53,18 @@ impl PackedA {
         if kind.excess() {
             words[m * kw..].iter_mut().for_each(|w| *w = 0x8080_8080); // zero codes
         }
-        // nibbles: each block's codes summed, read back from the words (signed bytes)
+        // nibbles: each block's codes summed, read back from the words (signed bytes), times
+        // the block's scale
         let mut sums = Vec::new();
         if kind.is_nibbles() && kw > 0 {
             sums = vec![0f32; rows * nb];
             sums.par_chunks_mut(nb)
                 .zip(words.par_chunks(kw))
-                .for_each(|(sums, w)| {
-                    for (sum, blk) in sums.iter_mut().zip(w.chunks(kind.bw())) {
+                .zip(scale.par_chunks(nb))
+                .for_each(|((sums, w), sa)| {
+                    for ((sum, blk), sa) in sums.iter_mut().zip(w.chunks(kind.bw())).zip(sa) {
                         let bytes = blk.iter().flat_map(|w| w.to_le_bytes());
-                        *sum = bytes.map(|b| b as i8 as i32).sum::<i32>() as f32;
+                        *sum = bytes.map(|b| b as i8 as i32).sum::<i32>() as f32 * sa;
                     }
                 });
         }
@@ -93,7 +96,8 @@ fn code_blocks(x: &[f32], codes: &mut [i8], scale: &mut [f32]) {
 }
 
 /// `b (k, n)` quantized per column and block, in words: blocks of `Kind::panel` words of k, each a run
-/// of NR-column panels `[q][j]`; scales `[block][j]`, and VNNI's excess correction (128 x the
+/// of NR-column panels `[q][j]`; scales `[block][j]` (nibbles: `[panel][block]`, NR steps then
+/// NR offsets), and VNNI's excess correction (128 x the
 /// sum of a block's codes) the same way.
 pub(crate) struct PackedB {
     pub(super) kind: Kind,
@@ -103,8 +107,6 @@ pub(crate) struct PackedB {
     pub(super) scale: Vec<f32>,
     /// per block, per column (VNNI), else empty
     pub(super) excess: Vec<i32>,
-    /// Nibbles: each block's offset, per block, per column (as `scale`); else empty
-    pub(super) lo: Vec<f32>,
 }
 
 /// A raw pointer the packing tasks write disjoint parts through.
@@ -139,7 +141,6 @@ impl PackedB {
                 words,
                 scale: Vec::new(),
                 excess: Vec::new(),
-                lo: Vec::new(),
             };
         }
         let mut scale = vec![1f32; nb * n];
@@ -264,7 +265,6 @@ impl PackedB {
             words,
             scale,
             excess,
-            lo: Vec::new(),
         }
     }
 
@@ -294,6 +294,11 @@ impl PackedB {
         let np = self.n.div_ceil(nr);
         let at = q0 * np * nr + jp * kcq * nr;
         &self.words[at..at + kcq * nr]
+    }
+
+    /// Blocks of 32 along k.
+    pub(super) fn blocks(&self) -> usize {
+        self.kw.div_ceil(self.kind.bw())
     }
 
     /// The packed words, for reuse by the next `from_rows`.
