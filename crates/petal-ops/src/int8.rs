@@ -342,7 +342,10 @@ pub(crate) fn mm_int8_packed(out: Out, acc: bool, pa: &PackedA, pb: &PackedB) {
                         let cols = nr.min(n - j0);
                         // nibbles: the panel's steps and offsets, block after block
                         let (sb, sbs) = if kind.is_nibbles() {
-                            (&pb.scale[(jp * pb.blocks() + blk) * 2 * nr..], 2 * nr)
+                            (
+                                &pb.scale[nibbles::steps_at(jp, blk, pb.blocks(), nr)..],
+                                2 * nr,
+                            )
                         } else {
                             (&pb.scale[blk * n + j0..], n)
                         };

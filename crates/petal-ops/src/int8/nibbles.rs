@@ -39,7 +39,7 @@ impl PackedB {
         words.resize(kw * np * nr, 0);
         // each panel's steps and offsets, block by block: `[jp][block]` of NR steps then NR
         // offsets (padding columns 0), so that a tile reads them as one stream
-        let mut scale = vec![0f32; np * nb * 2 * nr];
+        let mut scale = vec![0f32; steps_at(np, 0, nb, nr)];
         let (wp, sp) = (Shared(words.as_mut_ptr()), Shared(scale.as_mut_ptr()));
         let (wp, sp) = (&wp, &sp);
         (0..np).into_par_iter().for_each_init(
@@ -70,7 +70,7 @@ impl PackedB {
                     }
                     if live {
                         for blk in 0..nb {
-                            let at = (jp * nb + blk) * 2 * nr + jj;
+                            let at = steps_at(jp, blk, nb, nr) + jj;
                             // SAFETY: panel jp's scales are this task's alone; at + nr is
                             // inside `scale` (blk < nb, jj < nr).
                             unsafe {
@@ -91,6 +91,12 @@ impl PackedB {
             excess: Vec::new(),
         }
     }
+}
+
+/// Where the steps of panel `jp`'s block `blk` start in a nibble `PackedB`'s scales (`nb`
+/// blocks along k, `nr` columns a panel): each block's `nr` steps, then its `nr` offsets.
+pub(super) fn steps_at(jp: usize, blk: usize, nb: usize, nr: usize) -> usize {
+    (jp * nb + blk) * 2 * nr
 }
 
 /// The readable twin: `x (m, k) W^T` for W's `n` rows of `k` values given as 4-bit codes

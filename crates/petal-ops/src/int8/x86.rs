@@ -184,11 +184,11 @@ macro_rules! nibble_tiles {
     ($t:ident, $c:ident, $ldc:ident, $add:ident, $step:path, $widen:path, $hr:literal) => {{
         for h in (0..6).step_by($hr) {
             if h < $t.rows {
-                nibble_tiles!(@half $t, h, $c, $ldc, $add, $step, $widen, $hr);
+                nibble_tiles!(@pass $t, h, $c, $ldc, $add, $step, $widen, $hr);
             }
         }
     }};
-    (@half $t:ident, $h:ident, $c:ident, $ldc:ident, $add:ident, $step:path, $widen:path, $hr:literal) => {{
+    (@pass $t:ident, $h:ident, $c:ident, $ldc:ident, $add:ident, $step:path, $widen:path, $hr:literal) => {{
         let (ap, bp) = ($t.a.as_ptr().add($h * $t.lda), $t.b.as_ptr());
         let (rows, sa0) = (($t.rows - $h).min($hr), $h * $t.sas);
         let c = &mut $c[$h * $ldc..];
