@@ -454,7 +454,7 @@ mod pack;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use nibbles::mm_nibbles_reference;
+pub use nibbles::{code4, mm_nibbles_reference};
 
 pub(crate) use pack::{PackedA, PackedB};
 

@@ -109,6 +109,15 @@ pub(crate) struct PackedB {
     pub(super) excess: Vec<i32>,
 }
 
+/// Where word `p` of column `j` lies in a `PackedB`'s words (`kw` words of k, `np` panels):
+/// its k-block of `Kind::panel` words, its panel there, its row in the panel.
+pub(super) fn word_at(kind: Kind, kw: usize, np: usize, p: usize, j: usize) -> usize {
+    let nr = kind.nr();
+    let q0 = p / kind.panel() * kind.panel();
+    let kcq = kind.panel().min(kw - q0);
+    q0 * np * nr + (j / nr) * kcq * nr + (p - q0) * nr + j % nr
+}
+
 /// A raw pointer the packing tasks write disjoint parts through.
 pub(super) struct Shared<T>(pub(super) *mut T);
 // SAFETY: each packing task (here and in `nibbles`) writes words, scales, excesses and
@@ -151,12 +160,7 @@ impl PackedB {
             Shared(excess.as_mut_ptr()),
         );
         let (wp, sp, ep) = (&wp, &sp, &ep);
-        // word p of column j: its k-block of `panel` words, its panel there, its row in the panel
-        let at = move |p: usize, j: usize| {
-            let q0 = p / kind.panel() * kind.panel();
-            let kcq = kind.panel().min(kw - q0);
-            q0 * np * nr + (j / nr) * kcq * nr + (p - q0) * nr + j % nr
-        };
+        let at = move |p: usize, j: usize| word_at(kind, kw, np, p, j);
         if transposed {
             // a task per panel: its columns (rows of W) decoded and coded one at a time into a
             // strip, then written a panel row (NR words) at a time

@@ -174,3 +174,70 @@ fn nibble_products_equal_the_twin_and_use_w_exactly() {
     }
     x86::EVEX.store(false, std::sync::atomic::Ordering::Relaxed);
 }
+
+/// The input gradient's `b = W` with each column's blocks of 32 rows coded again in 4 bits:
+/// every nibble kernel equals the twin on those codes (shapes with partial tiles and several
+/// k-panels; a row of x at +1 against a column of codes at 15, the largest 16-bit sums the
+/// AVX2 kernel holds), and each code decodes within half a step of W.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn coded_products_equal_the_twin_on_w_coded_by_column_blocks() {
+    if Kind::nibbles_here().is_empty() {
+        eprintln!("skipped: no AVX2");
+        return;
+    }
+    for kind in Kind::nibbles_here() {
+        for &(m, n, k) in &[(1, 1, 32), (7, 50, 96), (13, 97, 4160), (6, 16, 256)] {
+            let mut x = data(m * k, 21);
+            x[..k].fill(1.0);
+            let mut w = data(k * n, 22);
+            let j = 5 % n;
+            for p in 0..BLOCK {
+                w[p * n + j] = if p == 0 { -1.0 } else { 1.5 };
+            }
+            let nb = k / BLOCK;
+            let (mut codes, mut step, mut lo) =
+                (vec![0u8; n * k], vec![0f32; n * nb], vec![0f32; n * nb]);
+            for j in 0..n {
+                for b in 0..nb {
+                    let col: Vec<f32> =
+                        (b * BLOCK..(b + 1) * BLOCK).map(|p| w[p * n + j]).collect();
+                    let q = &mut codes[j * k + b * BLOCK..j * k + (b + 1) * BLOCK];
+                    let (s, l) = nibbles::code4(&col, q);
+                    for (&q, &v) in q.iter().zip(&col) {
+                        let u = s * q as f32 + l;
+                        assert!(q < 16 && (u - v).abs() <= s * 0.5001 + 1e-6, "{v} as {u}");
+                    }
+                    (step[j * nb + b], lo[j * nb + b]) = (s, l);
+                }
+            }
+            let want = mm_nibbles_reference(&x, &codes, &step, &lo, m, n, k);
+            let pa = PackedA::new(kind, rows(&x, k), m, k);
+            let pb = PackedB::from_rows_coded(kind, k, n, Vec::new(), |i, out| {
+                out.copy_from_slice(&w[i * n..(i + 1) * n])
+            });
+            for acc in [false, true] {
+                let base = data(m * n, 23);
+                let mut y = if acc {
+                    base.clone()
+                } else {
+                    vec![f32::NAN; m * n]
+                };
+                let out = crate::bf16::Out {
+                    c: &mut y,
+                    ldc: n,
+                    c0: 0,
+                };
+                mm_int8_packed(out, acc, &pa, &pb);
+                for (i, (got, w)) in y.iter().zip(&want).enumerate() {
+                    let w = if acc { w + base[i] } else { *w };
+                    let tol = 1e-5 * (1.0 + w.abs()) * (k as f32).sqrt();
+                    assert!(
+                        (got - w).abs() <= tol,
+                        "{kind:?} {m}x{n}x{k} acc {acc} at {i}: {got} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+}

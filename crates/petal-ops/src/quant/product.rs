@@ -128,7 +128,8 @@ pub(crate) enum Mode {
     /// tiles and x in 8-bit codes (`crate::int8`)
     Int8,
     /// f32 tiles, but the forward products over 4-bit weights take their own codes times x's
-    /// 8-bit ones (`int8::nibbles`, AVX2)
+    /// 8-bit ones, and every input gradient W's columns coded again in 4 bits times g's 8-bit
+    /// codes (`int8::nibbles`, AVX2)
     Nibbles,
 }
 
@@ -175,7 +176,7 @@ pub fn arithmetic(k: Kernels) -> String {
         Mode::Bf16 => format!("bf16 ({})", crate::amx::Bf16Kernel::chosen().name()),
         Mode::Int8 => format!("int8 ({})", crate::int8::Kind::chosen().name()),
         Mode::Nibbles => format!(
-            "f32, 4-bit weights' forward on their codes ({})",
+            "f32, except 4-bit weights' forward on their codes and every input gradient on W's columns coded in 4 bits ({})",
             crate::int8::Kind::nibbles().map_or("none", |k| k.name())
         ),
     }

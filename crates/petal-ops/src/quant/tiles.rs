@@ -1,7 +1,7 @@
 //! The tile products over a quantized W (`n` rows of `fmt.cols` values): W decoded a tile at a
 //! time (f32 rows, or straight into the bf16 kernel's packed k-pairs), never whole; the forward
 //! `x W^T` in tiles of y's columns, the input gradient `g W` in tiles of W's rows (or, in bf16
-//! over GGUF's blocks, of dx's columns).
+//! and nibbles modes over GGUF's blocks, of dx's columns).
 
 use super::product::Mode;
 use super::{dequantize_par, dequantize_rows, QFormat};
@@ -100,8 +100,8 @@ impl Tiles {
 
     /// int8 mode: `out = [out +] a T` for the tile `T` of `r` whole rows of `blocks`
     /// (`transposed`: T^T, the forward), each row read once straight into the kernel's words:
-    /// decoded and coded in 8 bits, or, for a's nibble kinds (the forward only), W's own 4-bit
-    /// codes (`int8::nibbles`).
+    /// decoded and coded in 8 bits, or, for a's nibble kinds (`int8::nibbles`), W's own 4-bit
+    /// codes in the forward and 6-bit codes of its columns' blocks in the input gradient.
     #[allow(clippy::too_many_arguments)]
     fn int8_rows(
         &mut self,
@@ -116,8 +116,10 @@ impl Tiles {
         let rb = fmt.row_bytes();
         let bytes = |i: usize| &blocks[i * rb..(i + 1) * rb];
         let words = std::mem::take(&mut self.packed);
-        let b = if a.kind.is_nibbles() {
-            assert!(transposed, "nibbles: the forward only");
+        let b = if a.kind.is_nibbles() && !transposed {
+            let row = |i: usize, out: &mut [f32]| dequantize_rows(fmt, bytes(i), out);
+            PackedB::from_rows_coded(a.kind, r, fmt.cols, words, row)
+        } else if a.kind.is_nibbles() {
             let row = |i: usize, codes: &mut [u8], step: &mut [f32], lo: &mut [f32]| {
                 fmt.q.nibbles(fmt.cols, bytes(i), codes, step, lo)
             };
@@ -270,7 +272,8 @@ pub(super) fn input_grad(
 }
 
 /// `dx (m, k) = g (m, n) W` into row-major `dx` (overwritten): a sum over tiles of W's rows, or
-/// in bf16 over GGUF's blocks tiles of dx's columns ([`input_grad_by_columns`]).
+/// in bf16 and nibbles modes over GGUF's blocks tiles of dx's columns
+/// ([`input_grad_by_columns`]).
 pub(crate) fn input_grad_into(
     g: &[f32],
     m: usize,
@@ -280,16 +283,22 @@ pub(crate) fn input_grad_into(
     dx: &mut [f32],
     mode: Mode,
 ) {
-    if mode == Mode::Bf16 {
+    // nibbles: W's columns coded in 6 bits per block of 32 rows
+    let codes = (mode == Mode::Nibbles).then(Kind::nibbles).flatten();
+    if mode == Mode::Bf16 || codes.is_some() {
         if let (Some(bb), Some(tc)) = (
             fmt.q.block_bytes(),
             tile_cols(n, fmt.cols, fmt.q.block_size()),
         ) {
-            return input_grad_by_columns(g, m, fmt, w, n, dx, bb, tc);
+            return input_grad_by_columns(g, m, fmt, w, n, dx, bb, tc, codes);
         }
     }
     let (k, rb) = (fmt.cols, fmt.row_bytes());
-    let tr = tile_rows(k);
+    // nibbles: tiles of whole blocks of 32 rows
+    let tr = match codes {
+        Some(_) => (tile_rows(k) / 32 * 32).max(32),
+        None => tile_rows(k),
+    };
     let mut tile = Tiles::new(tr, k, mode);
     for o0 in (0..n).step_by(tr) {
         let r = tr.min(n - o0);
@@ -307,8 +316,8 @@ pub(crate) fn input_grad_into(
                 c0: 0,
             };
             tile.packed_rows(fmt, blocks, r, false, m, out, o0 > 0, Left::View(gv.into()));
-        } else if mode == Mode::Int8 {
-            let ga = PackedA::new(Kind::chosen(), gv, m, r);
+        } else if mode == Mode::Int8 || codes.is_some() {
+            let ga = PackedA::new(codes.unwrap_or(Kind::chosen()), gv, m, r);
             let out = Out {
                 c: dx,
                 ldc: k,
@@ -335,11 +344,12 @@ fn tile_cols(n: usize, k: usize, bs: usize) -> Option<usize> {
     (n > tile_rows(k) && n * tc <= 1 << 22).then_some(tc)
 }
 
-/// [`input_grad_into`] in bf16 mode over a format whose blocks decode alone (`bb` bytes each):
-/// `dx` in tiles of its columns, tile `c0..c1` = g (m, n) W[:, c0..c1], decoded from each row's
-/// blocks of those columns; g packed once for every tile, each tile's columns written once.
-/// (Tiles of W's rows add each tile's product into all of dx: for Qwen2.5-1.5B's down
-/// projection, seven passes over a (rows, 8960) f32 gradient.)
+/// [`input_grad_into`] in bf16 or nibbles mode (`codes`: the nibble kernel) over a format
+/// whose blocks decode alone (`bb` bytes each): `dx` in tiles of its columns, tile `c0..c1` =
+/// g (m, n) W[:, c0..c1], decoded from each row's blocks of those columns; g packed once for
+/// every tile, each tile's columns written once. (Tiles of W's rows add each tile's product
+/// into all of dx: for Qwen2.5-1.5B's down projection, seven passes over a (rows, 8960) f32
+/// gradient.)
 #[allow(clippy::too_many_arguments)]
 fn input_grad_by_columns(
     g: &[f32],
@@ -350,17 +360,31 @@ fn input_grad_by_columns(
     dx: &mut [f32],
     bb: usize,
     tc: usize,
+    codes: Option<Kind>,
 ) {
     let (k, rb, bs) = (fmt.cols, fmt.row_bytes(), fmt.q.block_size());
+    let row = |c0: usize, c: usize| {
+        let (b0, b1) = (c0 / bs * bb, (c0 + c) / bs * bb);
+        move |i: usize, out: &mut [f32]| fmt.q.decode(c, &w[i * rb + b0..i * rb + b1], out)
+    };
+    let mut tile = Tiles::new(0, 0, Mode::Bf16);
+    if let Some(kind) = codes {
+        let ga = PackedA::new(kind, rows(g, n), m, n);
+        for c0 in (0..k).step_by(tc) {
+            let c = tc.min(k - c0);
+            let words = std::mem::take(&mut tile.packed);
+            let b = PackedB::from_rows_coded(kind, n, c, words, row(c0, c));
+            mm_int8_packed(Out { c: dx, ldc: k, c0 }, false, &ga, &b);
+            tile.packed = b.into_words();
+        }
+        return tile.done();
+    }
     let kernel = crate::amx::Bf16Kernel::chosen();
     let ga = crate::bf16::PackedA::new(kernel, rows(g, n).into(), m, n, true);
-    let mut tile = Tiles::new(0, 0, Mode::Bf16);
     for c0 in (0..k).step_by(tc) {
         let c = tc.min(k - c0);
-        let (b0, b1) = (c0 / bs * bb, (c0 + c) / bs * bb);
-        let row = |i: usize, out: &mut [f32]| fmt.q.decode(c, &w[i * rb + b0..i * rb + b1], out);
         let out = Out { c: dx, ldc: k, c0 };
-        tile.packed_product(n, c, row, false, m, out, false, Left::Packed(&ga));
+        tile.packed_product(n, c, row(c0, c), false, m, out, false, Left::Packed(&ga));
     }
     tile.done();
 }
