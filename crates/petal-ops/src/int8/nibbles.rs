@@ -87,18 +87,9 @@ impl PackedB {
                 }
             },
         );
-        PackedB {
-            kind,
-            n,
-            kw,
-            words,
-            scale,
-            excess: Vec::new(),
-        }
+        PackedB::of_codes(kind, n, kw, words, scale)
     }
-}
 
-impl PackedB {
     /// `b = rows (rows, cols)` for the input gradient `g W`, from `rows` rows of `cols` values
     /// that `row(i, out)` writes as f32 (a quantized weight's rows, decoded a block of 32 at a
     /// time), each column's blocks of 32 rows coded again in 4 bits ([`code4`]). Reuses
@@ -192,6 +183,11 @@ impl PackedB {
                 }
             },
         );
+        PackedB::of_codes(kind, n, kw, words, scale)
+    }
+
+    /// A nibble kind's operand: the words and the panels' steps and offsets.
+    fn of_codes(kind: Kind, n: usize, kw: usize, words: Vec<u32>, scale: Vec<f32>) -> PackedB {
         PackedB {
             kind,
             n,

@@ -18,6 +18,8 @@ mod int4;
 mod lut;
 mod nf4;
 mod nf4_rows;
+#[cfg(test)]
+mod nibble_tests;
 mod product;
 mod q4_1_rows;
 mod simd;
