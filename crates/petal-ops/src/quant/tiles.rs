@@ -101,7 +101,7 @@ impl Tiles {
     /// int8 mode: `out = [out +] a T` for the tile `T` of `r` whole rows of `blocks`
     /// (`transposed`: T^T, the forward), each row read once straight into the kernel's words:
     /// decoded and coded in 8 bits, or, for a's nibble kinds (`int8::nibbles`), W's own 4-bit
-    /// codes in the forward and 6-bit codes of its columns' blocks in the input gradient.
+    /// codes in the forward and its columns' blocks coded again in 4 bits in the input gradient.
     #[allow(clippy::too_many_arguments)]
     fn int8_rows(
         &mut self,
@@ -283,7 +283,7 @@ pub(crate) fn input_grad_into(
     dx: &mut [f32],
     mode: Mode,
 ) {
-    // nibbles: W's columns coded in 6 bits per block of 32 rows
+    // nibbles: W's columns coded again in 4 bits per block of 32 rows
     let codes = (mode == Mode::Nibbles).then(Kind::nibbles).flatten();
     if mode == Mode::Bf16 || codes.is_some() {
         if let (Some(bb), Some(tc)) = (
@@ -367,7 +367,8 @@ fn input_grad_by_columns(
         let (b0, b1) = (c0 / bs * bb, (c0 + c) / bs * bb);
         move |i: usize, out: &mut [f32]| fmt.q.decode(c, &w[i * rb + b0..i * rb + b1], out)
     };
-    let mut tile = Tiles::new(0, 0, Mode::Bf16);
+    let mode = codes.map_or(Mode::Bf16, |_| Mode::Nibbles);
+    let mut tile = Tiles::new(0, 0, mode);
     if let Some(kind) = codes {
         let ga = PackedA::new(kind, rows(g, n), m, n);
         for c0 in (0..k).step_by(tc) {
