@@ -256,13 +256,31 @@ pub fn check_gradients(cfg: &AdapterConfig, fd_only: Option<&[&str]>) {
     let t = adapted(cfg, true);
     let x = Toy::input();
     let g = loss(&t, &x).backward().unwrap();
-    let vars: Vec<Var> = crate::inject::adapter_vars(&t, "default");
-    let names: Vec<&str> = t
+    // every trained tensor (each layer's own, then the trained ones all layers share) with its
+    // name without the module path (`lora_A.weight`, `fish_values`)
+    let paths: Vec<String> = t
         .linears()
         .iter()
-        .filter_map(|l| l.layer("default"))
-        .flat_map(|l| l.tensors().into_iter().map(|n| n.name))
+        .map(|l| format!("{}.", l.path()))
         .collect();
+    let (vars, names): (Vec<Var>, Vec<String>) = crate::walk::adapter_tensors(&t, "default")
+        .into_iter()
+        .filter(|a| a.trainable())
+        .map(|a| {
+            let name = paths
+                .iter()
+                .find_map(|p| a.key.strip_prefix(p.as_str()))
+                .or_else(|| a.key.strip_prefix(crate::walk::SHARED_PREFIX))
+                .unwrap_or(&a.key)
+                .to_string();
+            (a.var.clone(), name)
+        })
+        .unzip();
+    assert_eq!(
+        vars.len(),
+        crate::inject::adapter_vars(&t, "default").len(),
+        "the walk lists every variable the optimizer trains"
+    );
     for v in &vars {
         let gv = g
             .get(v.as_tensor())
@@ -285,10 +303,12 @@ pub fn check_gradients(cfg: &AdapterConfig, fd_only: Option<&[&str]>) {
         );
     }
     // finite differences on a few entries of every variable, in f64 arithmetic over f32 data
+    let mut checked = 0;
     for (v, name) in vars.iter().zip(&names) {
-        if fd_only.is_some_and(|only| !only.contains(name)) {
+        if fd_only.is_some_and(|only| !only.contains(&name.as_str())) {
             continue;
         }
+        checked += 1;
         let grad = g
             .get(v.as_tensor())
             .unwrap()
@@ -308,10 +328,17 @@ pub fn check_gradients(cfg: &AdapterConfig, fd_only: Option<&[&str]>) {
             let fd = fd as f32;
             assert!(
                 (fd - grad[i]).abs() < 2e-2 * (1.0 + fd.abs()),
-                "d/d[{i}]: finite difference {fd} vs backprop {}",
+                "{name} d/d[{i}]: finite difference {fd} vs backprop {}",
                 grad[i]
             );
         }
+    }
+    assert!(checked > 0, "finite differences checked no tensor");
+    for want in fd_only.unwrap_or_default() {
+        assert!(
+            names.iter().any(|n| n == want),
+            "no adapter tensor named {want}"
+        );
     }
 }
 

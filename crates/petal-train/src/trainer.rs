@@ -548,53 +548,5 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    #[test]
-    fn a_fingerprint_mismatch_names_the_settings_that_differ() {
-        let a = r#"{"seed": 1, "lr": 0.001, "model": "m"}"#;
-        let b = r#"{"seed": 2, "lr": 0.001, "model": "m", "pack": true}"#;
-        assert_eq!(fingerprint_diff(a, b), "pack: null -> true; seed: 1 -> 2");
-        let (abs, rel) = (
-            concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
-            "Cargo.toml",
-        );
-        let fp = |p: &str| serde_json::json!({"data": p, "seed": 1}).to_string();
-        assert_eq!(
-            fingerprint_diff(&fp(abs), &fp(rel)),
-            "",
-            "one file, two paths"
-        );
-        assert!(fingerprint_diff(&fp(abs), &fp("src/lib.rs")).starts_with("data: "));
-    }
-
-    #[test]
-    fn clipping_scales_the_global_norm_down_to_the_limit_and_leaves_small_ones_alone() {
-        let g = |v: &[f32]| Some(Tensor::new(v, &Device::Cpu).unwrap());
-        let mut grads = vec![g(&[3.0, 0.0]), None, g(&[0.0, 4.0])];
-        let norm = clip(&mut grads, Some(1.0)).unwrap();
-        assert!((norm - 5.0).abs() < 1e-9);
-        let after: f64 = grads
-            .iter()
-            .flatten()
-            .map(|t| {
-                t.sqr()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap() as f64
-            })
-            .sum::<f64>()
-            .sqrt();
-        assert!((after - 5.0 / (5.0 + 1e-6)).abs() < 1e-6);
-        let mut small = vec![g(&[0.3, 0.4])];
-        assert!((clip(&mut small, Some(1.0)).unwrap() - 0.5).abs() < 1e-7);
-        assert_eq!(
-            small[0].as_ref().unwrap().to_vec1::<f32>().unwrap(),
-            vec![0.3, 0.4]
-        );
-    }
-}
+#[path = "trainer_tests.rs"]
+mod tests;

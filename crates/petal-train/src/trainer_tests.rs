@@ -1,0 +1,201 @@
+//! The training loop's own tests: fingerprints, clipping, and whole steps against AdamW
+//! written out on the token-weighted gradient of each step's examples.
+
+use super::*;
+use crate::eval::batch_loss;
+use candle_core::{DType, Device};
+use petal_core::config::Targets;
+use petal_core::{inject_adapter, Ctx};
+use petal_data::batches;
+
+#[test]
+fn a_fingerprint_mismatch_names_the_settings_that_differ() {
+    let a = r#"{"seed": 1, "lr": 0.001, "model": "m"}"#;
+    let b = r#"{"seed": 2, "lr": 0.001, "model": "m", "pack": true}"#;
+    assert_eq!(fingerprint_diff(a, b), "pack: null -> true; seed: 1 -> 2");
+    let (abs, rel) = (
+        concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
+        "Cargo.toml",
+    );
+    let fp = |p: &str| serde_json::json!({"data": p, "seed": 1}).to_string();
+    assert_eq!(
+        fingerprint_diff(&fp(abs), &fp(rel)),
+        "",
+        "one file, two paths"
+    );
+    assert!(fingerprint_diff(&fp(abs), &fp("src/lib.rs")).starts_with("data: "));
+}
+
+#[test]
+fn clipping_scales_the_global_norm_down_to_the_limit_and_leaves_small_ones_alone() {
+    let g = |v: &[f32]| Some(Tensor::new(v, &Device::Cpu).unwrap());
+    let mut grads = vec![g(&[3.0, 0.0]), None, g(&[0.0, 4.0])];
+    let norm = clip(&mut grads, Some(1.0)).unwrap();
+    assert!((norm - 5.0).abs() < 1e-9);
+    let after: f64 = grads
+        .iter()
+        .flatten()
+        .map(|t| {
+            t.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        })
+        .sum::<f64>()
+        .sqrt();
+    assert!((after - 5.0 / (5.0 + 1e-6)).abs() < 1e-6);
+    let mut small = vec![g(&[0.3, 0.4])];
+    assert!((clip(&mut small, Some(1.0)).unwrap() - 0.5).abs() < 1e-7);
+    assert_eq!(
+        small[0].as_ref().unwrap().to_vec1::<f32>().unwrap(),
+        vec![0.3, 0.4]
+    );
+}
+
+/// Three steps of `train` (two micro-batches a step, examples of different lengths with
+/// unscored prompt tokens, clipping on, weight decay) equal torch's AdamW written out in f64
+/// on the gradient of each step's examples in one batch, their summed loss over their scored
+/// tokens, clipped by the global norm: the token weighting across micro-batches, the clip
+/// and the update, in that order.
+#[test]
+fn steps_equal_adamw_written_out_on_the_clipped_token_weighted_gradient_of_each_step() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/golden/llama");
+    let mut m = petal_io::load_model(dir.to_str().unwrap(), DType::F32, &Device::Cpu)
+        .unwrap()
+        .model;
+    let targets = Targets::List(vec!["q_proj".into(), "v_proj".into()]);
+    let mut c = AdapterConfig::for_method("lora", 2, 4.0, targets);
+    c.set("init_lora_weights", false).unwrap();
+    inject_adapter(&mut m, "default", &c, 5).unwrap();
+    // 9 examples of 6 to 19 tokens, the first third of each unscored (a prompt)
+    let data: Vec<Example> = (0..9u32)
+        .map(|i| {
+            let n = 6 + (i * 5) % 14;
+            let ids: Vec<u32> = (0..n).map(|j| (i * 37 + j * 11) % 96).collect();
+            let labels = ids
+                .iter()
+                .enumerate()
+                .map(|(j, &x)| {
+                    if 3 * j < n as usize {
+                        petal_data::IGNORE
+                    } else {
+                        x as i64
+                    }
+                })
+                .collect();
+            Example {
+                ids,
+                labels,
+                task: None,
+            }
+        })
+        .collect();
+    let out = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        optim: AdamWParams {
+            lr: 0.01,
+            weight_decay: 0.1,
+            ..Default::default()
+        },
+        schedule: Schedule::Constant,
+        warmup_steps: 0,
+        max_steps: 3,
+        batch_size: 2,
+        grad_accum: 2,
+        max_grad_norm: Some(0.05),
+        seed: 3,
+        eval_every: 0,
+        save_every: 0,
+        out_dir: out.path().to_path_buf(),
+        adapter_name: "default".into(),
+        pad_id: 0,
+        fingerprint: String::new(),
+        save_converted: false,
+        grad_checkpointing: false,
+        balanced_tasks: false,
+        prox_mu: 0.0,
+        group: Default::default(),
+    };
+    let vars = adapter_vars(&m, "default");
+    let start: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().copy().unwrap()).collect();
+    let summary = train(&m, &c, &data, &[], &cfg, None, &mut ()).unwrap();
+    let trained: Vec<Vec<f32>> = vars.iter().map(|v| flat(v.as_tensor())).collect();
+
+    // the same steps written out
+    for (v, s) in vars.iter().zip(&start) {
+        v.set(s).unwrap();
+    }
+    let (b1, b2, eps) = (cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps);
+    let (lr, wd) = (cfg.optim.lr, cfg.optim.weight_decay);
+    let mut p: Vec<Vec<f64>> = start.iter().map(|t| widen(&flat(t))).collect();
+    let mut mom: Vec<Vec<f64>> = p.iter().map(|x| vec![0.0; x.len()]).collect();
+    let mut vel = mom.clone();
+    let mut clipped = 0;
+    for step in 0..cfg.max_steps {
+        let chosen: Vec<Example> = (0..2)
+            .flat_map(|j| micro_examples(&data, &cfg, step * 2 + j))
+            .collect();
+        let b = batches(&chosen, chosen.len(), 0).remove(0);
+        let (sum, n) = batch_loss(&m, &b, &Ctx::train(0)).unwrap();
+        let loss = (sum / n as f64).unwrap();
+        let want = loss.to_scalar::<f32>().unwrap() as f64;
+        let got = summary.losses[step];
+        assert!(
+            (got - want).abs() < 1e-5 * want,
+            "step {step}: loss {got} vs {want}"
+        );
+        let g = loss.backward().unwrap();
+        let grads: Vec<Vec<f64>> = vars
+            .iter()
+            .map(|v| widen(&flat(g.get(v.as_tensor()).unwrap())))
+            .collect();
+        let norm = grads.iter().flatten().map(|x| x * x).sum::<f64>().sqrt();
+        let coef = (0.05 / (norm + 1e-6)).min(1.0);
+        clipped += usize::from(coef < 1.0);
+        let t = (step + 1) as i32;
+        for (k, g) in grads.iter().enumerate() {
+            for (i, &gi) in g.iter().enumerate() {
+                let gi = gi * coef;
+                p[k][i] -= lr * wd * p[k][i];
+                mom[k][i] = b1 * mom[k][i] + (1.0 - b1) * gi;
+                vel[k][i] = b2 * vel[k][i] + (1.0 - b2) * gi * gi;
+                let denom = (vel[k][i] / (1.0 - b2.powi(t))).sqrt() + eps;
+                p[k][i] -= lr / (1.0 - b1.powi(t)) * mom[k][i] / denom;
+            }
+        }
+        for (v, x) in vars.iter().zip(&p) {
+            let x: Vec<f32> = x.iter().map(|&x| x as f32).collect();
+            v.set(&Tensor::from_vec(x, v.as_tensor().shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    assert!(
+        clipped > 0,
+        "the clip never acted: raise the gradients or lower max_grad_norm"
+    );
+    for (k, (got, want)) in trained.iter().zip(&p).enumerate() {
+        let s0 = flat(&start[k]);
+        let moved = want.iter().zip(&s0).map(|(a, &b)| (a - b as f64).abs());
+        let scale = moved.fold(0.0, f64::max);
+        let err = got
+            .iter()
+            .zip(want)
+            .map(|(&a, b)| (a as f64 - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            err < 1e-3 * scale,
+            "tensor {k}: off by {err:e} of a move of {scale:e}"
+        );
+    }
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+fn widen(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&x| x as f64).collect()
+}
