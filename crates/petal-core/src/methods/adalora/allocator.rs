@@ -375,3 +375,117 @@ impl crate::TrainingHook for AdaLoraTraining {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{golden_fixture, Toy};
+    use std::collections::HashMap;
+
+    /// PEFT's `RankAllocator` over the toy (tools/golden/make_adalora_allocator.py): the same
+    /// start, moves and gradients each step give the same E after each step's allocation
+    /// (masked triplets zero) and the same rank pattern; the regulariser equals PEFT's.
+    #[test]
+    fn importance_masks_and_regulariser_equal_peft_step_by_step() {
+        let g = golden_fixture("adalora_allocator");
+        let mut c = AdapterConfig::for_method("ADALORA", 4, 8.0, crate::testing::toy_targets());
+        for (k, v) in [("init_r", 4), ("target_r", 2), ("tinit", 1), ("tfinal", 3)] {
+            c.set(k, v).unwrap();
+        }
+        c.set("deltaT", 2).unwrap();
+        c.set("total_step", 12).unwrap();
+        c.set("beta1", 0.85).unwrap();
+        c.set("beta2", 0.9).unwrap();
+        let mut t = Toy::new();
+        crate::inject_adapter(&mut t, "default", &c, 0).unwrap();
+        let ls = layers(&t, "default");
+        let parts = |l: &AdaLoraLayer| {
+            [
+                ("lora_A", l.a.clone()),
+                ("lora_B", l.b.clone()),
+                ("lora_E", l.e.clone()),
+            ]
+        };
+        for (path, l) in &ls {
+            for (part, v) in parts(l) {
+                v.set(&g[&format!("init.{path}.{part}")]).unwrap();
+            }
+        }
+        let reg = orth_regulariser(&t, "default", 0.3).unwrap().unwrap();
+        let (got, want) = (
+            reg.to_scalar::<f32>().unwrap(),
+            g["orth_reg"].to_vec1::<f32>().unwrap()[0],
+        );
+        assert!(
+            (got - want).abs() < 1e-5 * want,
+            "regulariser {got} vs PEFT {want}"
+        );
+
+        let mut alloc = RankAllocator::new(&t, "default", &c).unwrap().unwrap();
+        let mut masked_steps = 0;
+        for step in 0..12 {
+            let mut grads: HashMap<candle_core::TensorId, Tensor> = HashMap::new();
+            for (path, l) in &ls {
+                for (part, v) in parts(l) {
+                    let moved =
+                        (v.as_tensor() + &g[&format!("move.{step}.{path}.{part}")]).unwrap();
+                    v.set(&moved).unwrap();
+                    grads.insert(
+                        v.as_tensor().id(),
+                        g[&format!("grad.{step}.{path}.{part}")].clone(),
+                    );
+                }
+            }
+            alloc
+                .update(&t, step, &|v: &Var| grads.get(&v.as_tensor().id()).cloned())
+                .unwrap();
+            for (path, l) in &ls {
+                for (part, v) in parts(l) {
+                    let want = &g[&format!("after.{step}.{path}.{part}")];
+                    let err = crate::testing::max_rel(v.as_tensor(), want);
+                    assert!(err < 1e-6, "step {step}: {path}.{part} off by {err:e}");
+                }
+            }
+            // the importance EMAs, until PEFT resets them after the final allocation
+            for ((path, _), tr) in ls.iter().zip(&alloc.layers) {
+                for (k, (part, _)) in parts(&ls[0].1).iter().enumerate() {
+                    for (what, got) in [("ipt", &tr.ipt[k]), ("unc", &tr.unc[k])] {
+                        let key = format!("{what}.{step}.{path}.{part}");
+                        let Some(want) = g.get(&key) else {
+                            assert!(got.iter().all(|&x| x == 0.0), "{key}: not reset");
+                            continue;
+                        };
+                        let got = Tensor::from_slice(got, want.shape(), want.device()).unwrap();
+                        let err = crate::testing::max_rel(&got, want);
+                        assert!(err < 1e-5, "{key} off by {err:e}");
+                    }
+                }
+            }
+            let pattern = alloc.rank_pattern();
+            for (i, (path, _)) in ls.iter().enumerate() {
+                let want = g.get(&format!("mask.{step}.{path}"));
+                let got = alloc.masks.as_ref().map(|m| m[i].clone());
+                match (want, got) {
+                    (Some(w), Some(got)) => {
+                        let w: Vec<bool> = w
+                            .to_vec1::<f32>()
+                            .unwrap()
+                            .iter()
+                            .map(|&x| x > 0.5)
+                            .collect();
+                        assert_eq!(got, w, "step {step}: {path}'s kept ranks");
+                        let key = format!("{path}.lora_E");
+                        assert!(
+                            matches!(&pattern.as_ref().unwrap()[&key], RankValue::Mask(m) if *m == w)
+                        );
+                        masked_steps += 1;
+                    }
+                    (None, None) => {}
+                    (w, got) => panic!("step {step}: PEFT's pattern {w:?}, petal's {got:?}"),
+                }
+            }
+        }
+        // the fixture masks at deltaT steps, changes the pattern once, then keeps it to the end
+        assert!(masked_steps >= 16, "{masked_steps}");
+    }
+}
