@@ -390,13 +390,22 @@ mod tests {
         let ctx = crate::Ctx::train(1);
         t.forward_ctx(&x, &ctx);
         let lin = &t.linears()[0];
-        let load = lin.layer("default").unwrap().router_load().unwrap();
-        assert_eq!(load.load.len(), 3);
-        assert!(
-            (load.load.iter().sum::<f64>() - 1.0).abs() < 1e-5,
-            "{load:?}"
+        // a second forward of other tokens: the load is the mean over both
+        let x2 = (x.clone() * -0.5).unwrap();
+        t.forward_ctx(&x2, &ctx);
+        t.forward_ctx(&x2, &crate::Ctx::eval()); // evaluation records nothing
+        let layer = lin.layer("default").unwrap();
+        let load = layer.router_load().unwrap();
+        let (a, b) = (
+            crate::methods::mixture::load_written_out(layer, "molora_router", &x, 3),
+            crate::methods::mixture::load_written_out(layer, "molora_router", &x2, 3),
         );
+        for (e, got) in load.load.iter().enumerate() {
+            let want = (a[e] + b[e]) / 2.0;
+            assert!((got - want).abs() < 1e-6, "expert {e}: {got} vs {want}");
+        }
         assert_eq!(load.dropped, 0.0);
+        assert!(layer.router_load().is_none(), "reading the load resets it");
         let e = t.linears_mut()[0]
             .merge("default", true)
             .unwrap_err()

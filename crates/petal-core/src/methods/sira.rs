@@ -204,23 +204,27 @@ mod tests {
         }
     }
 
+    /// The router's load written out: softmax(x W_r) per token in f64, each token's k largest
+    /// probabilities kept (not renormalised), averaged over the tokens, for k = 1 and 2.
     #[test]
-    fn a_token_gets_at_most_top_k_experts() {
-        let mut c = conformance_config();
-        c.set("top_k", 1).unwrap();
-        c.set("capacity_factor", 100.0).unwrap();
-        let t = adapted(&c, true);
-        let x = Toy::input();
-        t.forward_ctx(&x, &crate::Ctx::train(2));
-        let load = t.linears()[0]
-            .layer("default")
-            .unwrap()
-            .router_load()
-            .unwrap();
-        // with k = 1 and no drops every token's gate is its largest probability: the mean
-        // gates sum to less than 1 (the other experts' probabilities are cut)
-        let total: f64 = load.load.iter().sum();
-        assert!(total < 1.0 && total > 1.0 / 4.0, "{load:?}");
-        assert_eq!(load.dropped, 0.0);
+    fn a_token_gets_its_top_k_experts_at_their_router_probabilities() {
+        for k in [1usize, 2] {
+            let mut c = conformance_config();
+            c.set("top_k", k).unwrap();
+            c.set("capacity_factor", 100.0).unwrap();
+            let t = adapted(&c, true);
+            let x = Toy::input();
+            t.forward_ctx(&x, &crate::Ctx::train(2));
+            let layer = t.linears()[0].layer("default").unwrap();
+            let load = layer.router_load().unwrap();
+            assert_eq!(load.dropped, 0.0);
+            let want = crate::methods::mixture::load_written_out(layer, "sira_router", &x, k);
+            for (e, (got, want)) in load.load.iter().zip(&want).enumerate() {
+                assert!(
+                    (got - want).abs() < 1e-6,
+                    "k {k}, expert {e}: {got} vs {want}"
+                );
+            }
+        }
     }
 }
