@@ -1,5 +1,7 @@
 use super::*;
 use crate::testing::{golden_fixture, max_rel};
+use crate::Adaptable;
+use candle_core::{DType, Device};
 
 /// The layer of the fixture's case `sfx` ("" for two tasks, "3" for three) with its ray.
 fn fixture_layer(
@@ -164,6 +166,40 @@ fn a_preference_set_on_the_model_moves_the_output_and_a_bad_one_names_the_key() 
         0.0,
         "every adapter: the same ray"
     );
+    // every layer holds the ray in the tasks' order, and mixes its tasks' adapters by it
+    let ray = [0.2, 0.5, 0.3];
+    set_preference(&t, Some("default"), &ray).unwrap();
+    for lin in t.linears() {
+        let l = lin.layer("default").unwrap();
+        let p = l.as_any().unwrap().downcast_ref::<PaloraLayer>().unwrap();
+        assert_eq!(*p.ray.read().unwrap(), ray.to_vec(), "{}", lin.path());
+        let xin = crate::testing::rand_tensor(&[2, lin.in_features()], 4);
+        let zero = Tensor::zeros((2, lin.out_features()), DType::F32, &Device::Cpu).unwrap();
+        let got = l.forward(&xin, zero, &crate::Ctx::eval()).unwrap();
+        let got: Vec<Vec<f32>> = got.to_vec2().unwrap();
+        // x (Σ_k ω_k s B_k A_k)^T, the tasks' blocks of A's rows and B's columns by hand
+        let (a, b): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (
+            p.a.as_tensor().to_vec2().unwrap(),
+            p.b.as_tensor().to_vec2().unwrap(),
+        );
+        let xv: Vec<Vec<f32>> = xin.to_vec2().unwrap();
+        for (i, row) in xv.iter().enumerate() {
+            for o in 0..lin.out_features() {
+                let mut want = 0f64;
+                for (k, w) in ray.iter().enumerate() {
+                    for j in k * p.r..(k + 1) * p.r {
+                        let ax: f64 = a[j].iter().zip(row).map(|(&a, &x)| (a * x) as f64).sum();
+                        want += w * p.scale * b[o][j] as f64 * ax;
+                    }
+                }
+                let g = got[i][o] as f64;
+                assert!(
+                    (g - want).abs() < 1e-5 * (1.0 + want.abs()),
+                    "{g} vs {want}"
+                );
+            }
+        }
+    }
 }
 
 #[test]
