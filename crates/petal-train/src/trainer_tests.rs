@@ -55,10 +55,10 @@ fn clipping_scales_the_global_norm_down_to_the_limit_and_leaves_small_ones_alone
 }
 
 /// Three steps of `train` (two micro-batches a step, examples of different lengths with
-/// unscored prompt tokens, clipping on, weight decay) equal torch's AdamW written out in f64
-/// on the gradient of each step's examples in one batch, their summed loss over their scored
-/// tokens, clipped by the global norm: the token weighting across micro-batches, the clip
-/// and the update, in that order.
+/// unscored prompt tokens, clipping on, weight decay, a proximal term) equal torch's AdamW
+/// written out in f64 on the gradient of each step's examples in one batch (their summed loss
+/// over their scored tokens) plus μ (w - w0), clipped by the global norm: the token weighting
+/// across micro-batches, the proximal pull, the clip and the update, in that order.
 #[test]
 fn steps_equal_adamw_written_out_on_the_clipped_token_weighted_gradient_of_each_step() {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -116,7 +116,7 @@ fn steps_equal_adamw_written_out_on_the_clipped_token_weighted_gradient_of_each_
         save_converted: false,
         grad_checkpointing: false,
         balanced_tasks: false,
-        prox_mu: 0.0,
+        prox_mu: 0.5,
         group: Default::default(),
     };
     let vars = adapter_vars(&m, "default");
@@ -148,9 +148,18 @@ fn steps_equal_adamw_written_out_on_the_clipped_token_weighted_gradient_of_each_
             "step {step}: loss {got} vs {want}"
         );
         let g = loss.backward().unwrap();
+        // FedProx's proximal term μ (w - w0) joins the gradient before the clip
         let grads: Vec<Vec<f64>> = vars
             .iter()
-            .map(|v| widen(&flat(g.get(v.as_tensor()).unwrap())))
+            .zip(p.iter().zip(&start))
+            .map(|(v, (w, w0))| {
+                let g = widen(&flat(g.get(v.as_tensor()).unwrap()));
+                let w0 = widen(&flat(w0));
+                g.iter()
+                    .zip(w.iter().zip(&w0))
+                    .map(|(g, (w, w0))| g + 0.5 * (w - w0))
+                    .collect()
+            })
             .collect();
         let norm = grads.iter().flatten().map(|x| x * x).sum::<f64>().sqrt();
         let coef = (0.05 / (norm + 1e-6)).min(1.0);
