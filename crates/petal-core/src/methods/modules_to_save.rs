@@ -133,13 +133,38 @@ mod tests {
     fn the_copy_gets_gradients_and_the_frozen_weight_none() {
         let mut t = Toy::new();
         inject_adapter(&mut t, "default", &cfg(), 3).unwrap();
-        let loss = t.forward(&Toy::input()).sqr().unwrap().sum_all().unwrap();
-        let g = loss.backward().unwrap();
+        let x = Toy::input();
+        let y = t.forward(&x);
+        let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         let copy = t.fc2.layer("default").unwrap().tensors()[0]
             .var
             .as_tensor()
             .clone();
-        assert!(g.get(&copy).is_some());
+        // d Σ y² / d W' = 2 Σ_rows y ⊗ h for y = h W'^T, h = silu(fc1(x)): by loops in f64
+        let h = t
+            .fc1
+            .forward(&x, &crate::Ctx::eval())
+            .unwrap()
+            .silu()
+            .unwrap();
+        let (h, y): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (
+            h.flatten_to(1).unwrap().to_vec2().unwrap(),
+            y.flatten_to(1).unwrap().to_vec2().unwrap(),
+        );
+        let got: Vec<Vec<f32>> = g.get(&copy).unwrap().to_vec2().unwrap();
+        for (o, row) in got.iter().enumerate() {
+            for (i, &gi) in row.iter().enumerate() {
+                let want: f64 = y
+                    .iter()
+                    .zip(&h)
+                    .map(|(y, h)| 2.0 * y[o] as f64 * h[i] as f64)
+                    .sum();
+                assert!(
+                    (gi as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "[{o}, {i}]: {gi} vs {want}"
+                );
+            }
+        }
         for l in t.linears() {
             assert!(g.get(l.weight()).is_none(), "{}", l.path());
         }
