@@ -34,7 +34,7 @@ fn ids() -> Tensor {
 }
 
 #[test]
-fn every_adapter_tensor_in_every_layer_gets_a_nonzero_gradient_and_frozen_weights_none() {
+fn every_adapter_tensor_in_every_layer_gets_its_gradient_and_frozen_weights_none() {
     let mut m = model(&golden().join("llama"), DType::F32);
     let mut cfg = AdapterConfig::lora(4, 8.0, Targets::Regex("all-linear".into()));
     cfg.set("init_lora_weights", InitWeights::Flag(false))
@@ -68,6 +68,18 @@ fn every_adapter_tensor_in_every_layer_gets_a_nonzero_gradient_and_frozen_weight
         assert!(g.get(l.weight()).is_none(), "{} got a gradient", l.path());
     }
     assert!(g.get(m.embed_weight()).is_none());
+    // and they are the loss's gradients: A and B of the first layer's q_proj, of a middle
+    // projection and of the last layer's down_proj against central differences
+    for i in [0, 1, vars.len() / 2, vars.len() - 2, vars.len() - 1] {
+        let grad: Vec<f32> = g
+            .get(vars[i].as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        check_fd(&m, &vars[i], &grad, &[0, grad.len() / 2, grad.len() - 1]);
+    }
 }
 
 #[test]

@@ -148,4 +148,65 @@ mod tests {
         let ones = (0..n).filter(|_| sample(&l, &p, &mut rng) == 1).count() as f64 / n as f64;
         assert!((ones - 2.0 / 3.0).abs() < 0.015, "{ones}");
     }
+
+    /// Frequencies against the distributions written out (transformers' order: temperature,
+    /// then top-k, then top-p, each renormalised): t = 0.5 squares the odds; top-k 2 keeps the
+    /// two largest; top-p 0.7 and 0.79 over (.5, .3, .2) keep the first two (their sum .8
+    /// reaches both; transformers drops the tokens whose ascending cumulative sum is at most
+    /// 1 - top_p, here .2).
+    #[test]
+    fn temperature_top_k_and_top_p_sample_from_their_renormalised_distributions() {
+        let ln = |v: &[f64]| v.iter().map(|x| x.ln() as f32).collect::<Vec<f32>>();
+        let cases: [(Vec<f32>, SamplingParams, Vec<f64>); 4] = [
+            (
+                ln(&[1.0, 2.0, 3.0]),
+                SamplingParams {
+                    temperature: 0.5,
+                    ..Default::default()
+                },
+                vec![1.0 / 14.0, 4.0 / 14.0, 9.0 / 14.0],
+            ),
+            (
+                ln(&[0.1, 0.4, 0.2, 0.3]),
+                SamplingParams {
+                    temperature: 1.0,
+                    top_k: Some(2),
+                    ..Default::default()
+                },
+                vec![0.0, 4.0 / 7.0, 0.0, 3.0 / 7.0],
+            ),
+            (
+                ln(&[0.3, 0.5, 0.2]),
+                SamplingParams {
+                    temperature: 1.0,
+                    top_p: Some(0.7),
+                    ..Default::default()
+                },
+                vec![3.0 / 8.0, 5.0 / 8.0, 0.0],
+            ),
+            (
+                ln(&[0.3, 0.5, 0.2]),
+                SamplingParams {
+                    temperature: 1.0,
+                    top_p: Some(0.79),
+                    ..Default::default()
+                },
+                vec![3.0 / 8.0, 5.0 / 8.0, 0.0],
+            ),
+        ];
+        let n = 40000;
+        for (i, (logits, p, want)) in cases.iter().enumerate() {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(i as u64 + 3);
+            let mut counts = vec![0usize; logits.len()];
+            for _ in 0..n {
+                counts[sample(logits, p, &mut rng) as usize] += 1;
+            }
+            for (j, (&c, &w)) in counts.iter().zip(want).enumerate() {
+                let f = c as f64 / n as f64;
+                // 4.5 standard errors of a frequency, and never a token filtered out
+                let tol = 4.5 * (w * (1.0 - w) / n as f64).sqrt();
+                assert!((f - w).abs() <= tol, "case {i}, token {j}: {f} vs {w}");
+            }
+        }
+    }
 }
