@@ -503,3 +503,82 @@ fn peft_trainable_token_rows_also_change_a_tied_head_as_in_peft() {
         "qwen2_lora_trainable_tokens_tied",
     );
 }
+
+/// Every PEFT-saved golden adapter (54 folders, every method PEFT has), loaded and saved again
+/// by petal, is PEFT's file: the same keys, bitwise the same tensors, the same values of the
+/// config fields both write (a field petal leaves out takes PEFT's default on loading).
+#[test]
+fn every_golden_adapter_saved_again_is_the_file_peft_saved() {
+    let dir = root().join("adapters");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    let mut bad = Vec::new();
+    for name in &names {
+        let base = ["llama", "qwen2", "mistral"]
+            .into_iter()
+            .find(|b| name.starts_with(&format!("{b}_")))
+            .unwrap();
+        let mut m = model(base);
+        let folder = dir.join(name);
+        let (cfg, _) = petal_io::attach_adapter(&mut m, &folder, "default").unwrap();
+        let out = tempfile::tempdir().unwrap();
+        petal_io::save_model_adapter(&m, "default", &cfg, out.path()).unwrap();
+        let load = |d: &std::path::Path| {
+            candle_core::safetensors::load(d.join("adapter_model.safetensors"), &Device::Cpu)
+                .unwrap()
+        };
+        let (mut want, got) = (load(&folder), load(out.path()));
+        // PEFT also saves a copy of the frozen embedding a LoRA targets (its
+        // save_embedding_layers="auto", for resized vocabularies); petal leaves the base out,
+        // and PEFT loads such a file onto the model's own (tools/golden/check_petal_adapters.py)
+        want.retain(|k, _| !k.ends_with("embed_tokens.base_layer.weight"));
+        let mut wk: Vec<&String> = want.keys().collect();
+        let mut gk: Vec<&String> = got.keys().collect();
+        wk.sort();
+        gk.sort();
+        if wk != gk {
+            bad.push(format!("{name}: keys {wk:?} vs petal's {gk:?}"));
+            continue;
+        }
+        for (k, w) in &want {
+            let g = &got[k];
+            let flat = |t: &Tensor| -> Vec<u32> {
+                let v: Vec<f32> = t
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                v.iter().map(|x| x.to_bits()).collect()
+            };
+            let same = g.dims() == w.dims() && g.dtype() == w.dtype() && flat(g) == flat(w);
+            if !same {
+                bad.push(format!("{name}: tensor {k} differs"));
+            }
+        }
+        let json = |d: &std::path::Path| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap())
+                .unwrap()
+        };
+        let (wc, gc) = (json(&folder), json(out.path()));
+        // fields petal leaves out take PEFT's defaults when PEFT loads the file
+        for (k, v) in wc.as_object().unwrap() {
+            match gc.get(k) {
+                // an AdaLoRA never allocated: PEFT resizes by nothing for null and {} alike
+                Some(g) if k == "rank_pattern" && v.is_null() && g == &serde_json::json!({}) => {}
+                Some(g) if g != v => bad.push(format!("{name}: config {k}: PEFT {v} vs petal {g}")),
+                _ => {}
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} differences:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+}
