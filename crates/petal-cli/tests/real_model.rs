@@ -231,3 +231,31 @@ fn served_smollm2_drops_the_completions_whose_clients_leave() {
         drop(_stop);
     });
 }
+
+/// The tokenizer petal builds from the GGUF's metadata gives transformers' ids (its own GGUF
+/// loader, tools/golden/make_gguf_tokens.py) on digits, spaces, newlines, accents, CJK, emoji,
+/// code, contractions, a URL and the chat template's special tokens, and decodes them back.
+#[test]
+fn smollm2_gguf_tokenizer_gives_transformers_ids() {
+    let p = petal_cli::assets::ensure("smollm2").expect("fetch SmolLM2 (petal assets smollm2)");
+    let mut f = std::fs::File::open(&p).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let tok = petal_io::gguf_tokenizer(&content.metadata).unwrap();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/golden/smollm2_gguf_tokens.json");
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(cases.len(), 10);
+    for c in &cases {
+        let text = c["text"].as_str().unwrap();
+        let want: Vec<u32> = c["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let got = tok.encode(text, false).unwrap();
+        assert_eq!(got, want, "{text:?}");
+        assert_eq!(tok.decode(&got, false).unwrap(), text, "decoded back");
+    }
+}
