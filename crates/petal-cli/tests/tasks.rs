@@ -118,13 +118,17 @@ fn input_side_adapters_score_choices_as_peft_does() {
         .unwrap();
         let adapter = golden().join("adapters").join(name);
         let (_, rows) = run(&task, &["--adapter", adapter.to_str().unwrap()]);
-        for (i, (row, w)) in rows
-            .iter()
-            .zip(want["scores"].as_array().unwrap())
-            .enumerate()
-        {
+        let scores = want["scores"].as_array().unwrap();
+        assert_eq!(rows.len(), scores.len(), "{name}: one row per example");
+        for (i, (row, w)) in rows.iter().zip(scores).enumerate() {
             let got = row["loglikelihoods"].as_array().unwrap();
-            for (g, w) in got.iter().zip(w.as_array().unwrap()) {
+            let w = w.as_array().unwrap();
+            assert_eq!(
+                got.len(),
+                w.len(),
+                "{name}, example {i}: one score per choice"
+            );
+            for (g, w) in got.iter().zip(w) {
                 let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
                 assert!((g - w).abs() < 1e-4, "{name}, example {i}: {g} vs {w}");
             }
