@@ -261,9 +261,10 @@ impl Tokenizer {
         pair: Option<&str>,
         max_len: usize,
     ) -> Result<(Vec<u32>, Vec<u32>)> {
-        use tokenizers::{PostProcessor, TruncationDirection};
-        let mut a = self.inner.encode(text, false).map_err(terr)?;
-        let mut b = pair
+        use tokenizers::utils::truncation::{truncate_encodings, TruncationParams};
+        use tokenizers::PostProcessor;
+        let a = self.inner.encode(text, false).map_err(terr)?;
+        let b = pair
             .map(|p| self.inner.encode(p, false))
             .transpose()
             .map_err(terr)?;
@@ -271,19 +272,14 @@ impl Tokenizer {
             .inner
             .get_post_processor()
             .map_or(0, |p| p.added_tokens(b.is_some()));
-        let budget = max_len.saturating_sub(specials);
-        let (mut la, mut lb) = (a.len(), b.as_ref().map_or(0, |e| e.len()));
-        while la + lb > budget {
-            if la >= lb {
-                la -= 1;
-            } else {
-                lb -= 1;
-            }
-        }
-        a.truncate(la, 0, TruncationDirection::Right);
-        if let Some(e) = b.as_mut() {
-            e.truncate(lb, 0, TruncationDirection::Right);
-        }
+        // transformers' "longest_first", by the tokenizers crate's own truncation: the longer
+        // text is cut to the shorter's length, then both to half the room each (the odd token
+        // to the text that was longer)
+        let params = TruncationParams {
+            max_length: max_len.saturating_sub(specials),
+            ..Default::default()
+        };
+        let (a, b) = truncate_encodings(a, b, &params).map_err(terr)?;
         let enc = self.inner.post_process(a, b, true).map_err(terr)?;
         Ok((enc.get_ids().to_vec(), enc.get_type_ids().to_vec()))
     }

@@ -104,18 +104,27 @@ fn the_tokenizer_gives_transformers_ids_and_token_types() {
             ty,
             "case {i}: derived"
         );
-        // cut to 6: the longer text loses tokens first, the special tokens stay
-        let (short, _) = e
-            .tokenizer
-            .encode_classification(
-                case["text"].as_str().unwrap(),
-                case["text_pair"].as_str(),
-                6,
-            )
+    }
+    // truncated pairs (tools/golden/make_bert_truncation.py): transformers' "longest_first"
+    let cut: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(golden().join("bert_truncation.json")).unwrap())
             .unwrap();
-        assert_eq!(short.len(), 6.min(ids.len()), "case {i}");
-        assert_eq!(short[0], ids[0]);
-        assert_eq!(*short.last().unwrap(), e.sep_id);
+    assert!(cut.iter().any(|c| c["text_pair"].is_string()));
+    let ints = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    for c in &cut {
+        let n = c["max_length"].as_u64().unwrap() as usize;
+        let (ids, ty) = e
+            .tokenizer
+            .encode_classification(c["text"].as_str().unwrap(), c["text_pair"].as_str(), n)
+            .unwrap();
+        assert_eq!(ids, ints(&c["ids"]), "{c}");
+        assert_eq!(ty, ints(&c["token_type_ids"]), "{c}: token types");
     }
 }
 
