@@ -380,7 +380,7 @@ pub fn check_inference_follows_the_values(cfg: &AdapterConfig, key: &str) {
 
 /// Where the method has a fused forward (one kernel for the frozen linear and the adapter), it
 /// equals the composed `forward` in value and in the gradients of the input and every adapter
-/// tensor, drawing the same dropout (`rank_dropout` / `lora_dropout` set by the config).
+/// tensor (shared trained ones included), drawing the same dropout (`rank_dropout` / `lora_dropout` set by the config).
 pub fn check_fused_equals_composed(cfg: &AdapterConfig) {
     check_fused_equals_composed_on(&adapted(cfg, true));
 }
@@ -403,7 +403,14 @@ pub fn check_fused_equals_composed_on(t: &Toy) {
         let proj = rand_tensor(composed.dims(), 9);
         let grads = |t: &Tensor| (t * &proj).unwrap().sum_all().unwrap().backward().unwrap();
         let (gc, gf) = (grads(&composed), grads(&fused));
-        let mut vars: Vec<Var> = layer.tensors().iter().map(|t| t.var.clone()).collect();
+        // the layer's own tensors and the trained ones all layers share (FISH's values, the
+        // intrinsic theta)
+        let mut vars: Vec<Var> = layer
+            .tensors()
+            .iter()
+            .chain(&layer.shared_trained())
+            .map(|t| t.var.clone())
+            .collect();
         vars.push(x);
         for v in &vars {
             match (gc.get(v.as_tensor()), gf.get(v.as_tensor())) {
@@ -522,6 +529,7 @@ pub fn layer_pass(
     let mut grads: Vec<Option<Tensor>> = layer
         .tensors()
         .iter()
+        .chain(&layer.shared_trained())
         .map(|t| g.get(t.var.as_tensor()).cloned())
         .collect();
     grads.push(Some(g.get(xt).unwrap().clone()));
