@@ -13,6 +13,19 @@ fn golden() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden")
 }
 
+/// A request for each prompt through the active adapters (input-side ones too), as `petal
+/// eval --task` decodes.
+fn active_requests<'a>(prompts: &'a [Vec<u32>], params: &'a SamplingParams) -> Vec<Request<'a>> {
+    prompts
+        .iter()
+        .map(|prompt| Request {
+            prompt,
+            params,
+            adapter: petal_core::mixed::ACTIVE,
+        })
+        .collect()
+}
+
 /// Every case of tests/fixtures/golden/generate.json (the tiny Llama past its RoPE scaling's
 /// original context, Qwen2, Mistral; base and LoRA, DoRA, prefix and prompt tuning): petal's
 /// greedy tokens equal transformers' with PEFT, alone and both prompts of a case batched (the
@@ -48,15 +61,7 @@ fn greedy_generation_equals_transformers_generate() {
             set_active(&mut lm.model, &[folder]);
         }
         let prompts: Vec<Vec<u32>> = pair.iter().map(|c| ids_of(&c["prompt"])).collect();
-        let reqs: Vec<Request> = prompts
-            .iter()
-            .map(|prompt| Request {
-                prompt,
-                params: &params,
-                // the active adapters, as `petal eval --task` decodes (input-side ones too)
-                adapter: petal_core::mixed::ACTIVE,
-            })
-            .collect();
+        let reqs = active_requests(&prompts, &params);
         let batched = generate_batch(&lm.model, &lm.tokenizer, &reqs).unwrap();
         for ((case, prompt), b) in pair.iter().zip(&prompts).zip(&batched) {
             let want = ids_of(&case["ids"]);
@@ -486,14 +491,7 @@ fn input_side_adapters_decode_together_what_each_prompt_does_alone() {
             want, base,
             "{which}: the adapter must change what is generated"
         );
-        let reqs: Vec<Request> = prompts
-            .iter()
-            .map(|prompt| Request {
-                prompt,
-                params: &params,
-                adapter: petal_core::mixed::ACTIVE,
-            })
-            .collect();
+        let reqs = active_requests(&prompts, &params);
         let mut got = vec![None; reqs.len()];
         petal_serve::generate_continuous(&lm.model, &lm.tokenizer, &reqs, 2, &mut |i, g| {
             got[i] = Some(g.ids)

@@ -9,6 +9,8 @@ pub mod optim;
 pub mod parallel;
 mod preference;
 pub mod schedule;
+#[cfg(test)]
+mod test_support;
 pub mod trainer;
 
 pub use eval::{backward_batch, batch_loss, evaluate, EvalResult};

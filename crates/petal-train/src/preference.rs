@@ -82,7 +82,6 @@ fn task_index(tasks: &[String], task: Option<&str>) -> Result<usize> {
 mod tests {
     use super::*;
     use crate::eval::batch_loss;
-    use candle_core::{DType, Device};
     use petal_core::config::Targets;
     use petal_core::{inject_adapter, AdapterConfig, Ctx};
     use petal_data::batches;
@@ -91,11 +90,7 @@ mod tests {
     /// examples of the step in one batch, its summed loss over its tokens, one backward.
     #[test]
     fn a_step_takes_the_gradient_of_the_preference_weighted_task_losses_summed_over_rays() {
-        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/golden/llama");
-        let mut m = petal_io::load_model(dir.to_str().unwrap(), DType::F32, &Device::Cpu)
-            .unwrap()
-            .model;
+        let mut m = crate::test_support::golden_llama();
         let targets = Targets::List(vec!["q_proj".into(), "v_proj".into()]);
         let mut c = AdapterConfig::for_method("palora", 2, 4.0, targets);
         c.set("tasks", ["a", "b"]).unwrap();
@@ -114,25 +109,11 @@ mod tests {
             })
             .collect();
         let cfg = TrainConfig {
-            optim: Default::default(),
-            schedule: crate::Schedule::Constant,
-            warmup_steps: 0,
             max_steps: 4,
             batch_size: 3,
             grad_accum: 2,
-            max_grad_norm: None,
             seed: 2,
-            eval_every: 0,
-            save_every: 0,
-            out_dir: std::env::temp_dir(),
-            adapter_name: "default".into(),
-            pad_id: 0,
-            fingerprint: String::new(),
-            save_converted: false,
-            grad_checkpointing: false,
-            balanced_tasks: false,
-            prox_mu: 0.0,
-            group: Default::default(),
+            ..crate::test_support::plain_config(std::env::temp_dir())
         };
         let vars = petal_core::inject::adapter_vars(&m, "default");
         let hook = c

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::eval::batch_loss;
-use candle_core::{DType, Device};
+use candle_core::Device;
 use petal_core::config::Targets;
 use petal_core::{inject_adapter, Ctx};
 use petal_data::batches;
@@ -61,11 +61,7 @@ fn clipping_scales_the_global_norm_down_to_the_limit_and_leaves_small_ones_alone
 /// across micro-batches, the proximal pull, the clip and the update, in that order.
 #[test]
 fn steps_equal_adamw_written_out_on_the_clipped_token_weighted_gradient_of_each_step() {
-    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/golden/llama");
-    let mut m = petal_io::load_model(dir.to_str().unwrap(), DType::F32, &Device::Cpu)
-        .unwrap()
-        .model;
+    let mut m = crate::test_support::golden_llama();
     let targets = Targets::List(vec!["q_proj".into(), "v_proj".into()]);
     let mut c = AdapterConfig::for_method("lora", 2, 4.0, targets);
     c.set("init_lora_weights", false).unwrap();
@@ -100,24 +96,13 @@ fn steps_equal_adamw_written_out_on_the_clipped_token_weighted_gradient_of_each_
             weight_decay: 0.1,
             ..Default::default()
         },
-        schedule: Schedule::Constant,
-        warmup_steps: 0,
         max_steps: 3,
         batch_size: 2,
         grad_accum: 2,
         max_grad_norm: Some(0.05),
         seed: 3,
-        eval_every: 0,
-        save_every: 0,
-        out_dir: out.path().to_path_buf(),
-        adapter_name: "default".into(),
-        pad_id: 0,
-        fingerprint: String::new(),
-        save_converted: false,
-        grad_checkpointing: false,
-        balanced_tasks: false,
         prox_mu: 0.5,
-        group: Default::default(),
+        ..crate::test_support::plain_config(out.path().to_path_buf())
     };
     let vars = adapter_vars(&m, "default");
     let start: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().copy().unwrap()).collect();
