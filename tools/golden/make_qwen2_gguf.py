@@ -45,15 +45,21 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 IDS = [[1, 5, 9, 14, 20, 33, 2, 71]]
 
 
-def write():
+def write(out=OUT, manifest=MANIFEST, theta=None, context=None):
+    """The GGUF at `out` (with `theta` / `context` in place of the folder's rope_theta and
+    max_position_embeddings where given) and, where `manifest`, its manifest."""
     cfg = json.loads((SRC / "config.json").read_text())
+    if theta is not None:
+        cfg["rope_parameters"] = {**(cfg.get("rope_parameters") or {}), "rope_theta": theta}
+    if context is not None:
+        cfg["max_position_embeddings"] = context
     tok_json = json.loads((SRC / "tokenizer.json").read_text())
     tok_cfg = json.loads((SRC / "tokenizer_config.json").read_text())
     assert cfg["model_type"] == "qwen2", cfg["model_type"]
     arch = gguf.MODEL_ARCH.QWEN2
     n_layers = cfg["num_hidden_layers"]
 
-    w = gguf.GGUFWriter(OUT, gguf.MODEL_ARCH_NAMES[arch])
+    w = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[arch])
 
     # tensors first (the converter's prepare_tensors runs before prepare_metadata, which needs
     # the parameter count); the header is written in the writer's key order regardless
@@ -113,9 +119,11 @@ def write():
     w.write_tensors_to_file()
     w.close()
 
+    if manifest is None:
+        return weights, written
     import importlib.metadata as md
     versions = {p: md.version(p) for p in ("gguf", "numpy", "safetensors", "transformers", "torch")}
-    MANIFEST.write_text(json.dumps({
+    manifest.write_text(json.dumps({
         "source": "tests/fixtures/golden/qwen2",
         "script": "tools/golden/make_qwen2_gguf.py",
         "versions": versions,
@@ -190,8 +198,38 @@ def cross_check():
     return diff
 
 
+def theta_variant():
+    """qwen2_theta.gguf: the same weights with rope_theta 1e6 and a context of 128 (a reader
+    that lost either would take 10000 and 64, the folder's values), and the logits transformers
+    gives for it, read by its own GGUF loader and, equal to them, by the folder's model with
+    those two values set: tests/fixtures/golden/qwen2_theta_logits.safetensors (`input_ids`,
+    `logits`)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = OUT.parent / "qwen2_theta.gguf"
+    write(out, None, theta=1e6, context=128)
+    ids = torch.tensor([[1, 5, 9, 14, 20, 33, 2, 71, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51]])
+    cfg = AutoConfig.from_pretrained(SRC)
+    cfg.rope_parameters = {**(cfg.rope_parameters or {}), "rope_theta": 1e6}
+    cfg.max_position_embeddings = 128
+    ref = AutoModelForCausalLM.from_pretrained(SRC, config=cfg, dtype=torch.float32).eval()
+    got = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name,
+                                               dtype=torch.float32).eval()
+    plain = AutoModelForCausalLM.from_pretrained(SRC, dtype=torch.float32).eval()
+    with torch.no_grad():
+        a, b, c = ref(ids).logits, got(ids).logits, plain(ids).logits
+    print(f"theta 1e6: |folder - gguf| = {(a - b).abs().max().item():.3e}, "
+          f"|theta 1e6 - theta 1e4| = {(a - c).abs().max().item():.3e}")
+    assert (a - b).abs().max().item() < 1e-5 and (a - c).abs().max().item() > 1e-3
+    save_file({"input_ids": ids.to(torch.int64).contiguous(), "logits": a.contiguous()},
+              str(OUT.parent / "qwen2_theta_logits.safetensors"))
+
+
 if __name__ == "__main__":
     weights, written = write()
     check(weights, written)
     d = cross_check()
+    theta_variant()
     sys.exit(0 if d < 1e-5 else 1)

@@ -33,3 +33,27 @@ fn a_qwen2_gguf_gives_the_hf_folder_s_logits() {
     // the toy vocabulary has no merges, so only decoding shows the tokens came through
     assert_eq!(tok.decode(&[5, 17], false).unwrap(), "w5w17");
 }
+
+/// The same weights with rope θ 1e6 and a context of 128 (tools/golden/make_qwen2_gguf.py's
+/// `theta_variant`; a reader that dropped either would fall back to 10000 and the folder's 64):
+/// petal reads both and gives the logits transformers gives for that file.
+#[test]
+fn a_gguf_s_rope_theta_and_context_length_are_read() {
+    let lm = petal_io::load_model(
+        golden().join("qwen2_theta.gguf").to_str().unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(lm.model.cfg.rope_theta, 1e6);
+    assert_eq!(lm.model.cfg.max_position_embeddings, 128);
+    let want = candle_core::safetensors::load(
+        golden().join("qwen2_theta_logits.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ids = want["input_ids"].to_dtype(DType::U32).unwrap();
+    let got = lm.model.forward(&ids, None, &Ctx::eval()).unwrap();
+    let e = petal_ops::testing::max_rel(&got, &want["logits"]);
+    assert!(e < 1e-4, "relative error {e:e}");
+}
