@@ -4,23 +4,23 @@ and transformers' own `generate` (KV cache on) beside them.
 
 The tiny golden models (tests/fixtures/golden/{llama,qwen2,mistral}, from make_fixtures.py),
 alone and with PEFT adapters of tests/fixtures/golden/adapters/, continue fixed prompts
-(token ids) greedily (`do_sample=False`) for up to 24 new tokens, stopping at the model's
-end-of-sequence id as transformers does. The llama's context passes its llama3 RoPE scaling's
-original 16 positions while decoding. Each step's margin between the two largest logits (of the
-whole forwards) is recorded: the logits of these random models are close together, so each case keeps the first
-two seeded prompts whose every step's margin is at least 1e-3 (petal's logits match
-transformers' within 1e-4 relative, far inside that); the others would hang on rounding.
+(token ids) greedily (`do_sample=False`) for up to 24 new tokens; a decode would stop at the
+model's end-of-sequence id, but no kept case reaches it (the `eos` key says so per case). The
+llama's context passes its llama3 RoPE scaling's original 16 positions while decoding. Each
+step's margin between the two largest logits (of the whole forwards) is recorded: the logits
+of these random models are close together, so each case keeps the first two seeded prompts
+whose every step's margin is at least 1e-3 (petal's logits match transformers' within 1e-4
+relative, far inside that); the others would hang on rounding.
 
     target/venv-ref/bin/python tools/golden/make_generate.py
 
 Writes tests/fixtures/golden/generate.json: a list of {model, adapter (null: none), prompt
 (ids), ids (the new tokens by whole forwards, the end-of-sequence id left out), eos (whether
-it ended there), min_margin, generate_agrees (whether `generate` gave the same tokens)}.
-Last run: `generate` agrees with the whole forwards on every case but the two prompt-learning
-ones. With prefix tuning, PEFT 0.21.2's `generate` on transformers 5.24 decodes exactly as the
-base model does, while PEFT's own forward with the prefix gives other tokens from the first or
-second on; with prompt tuning, `generate` leaves its forward's tokens after 8 to 10 of them.
-The whole forwards are the reference.
+it ended there), min_margin, generate_ids (`generate`'s tokens), base_generate_ids (with an
+adapter: `generate`'s tokens with the adapter disabled)}. The whole forwards are the
+reference: `generate` agrees with them on every case but the prompt-learning ones, where the
+file shows what it does instead (last run: with prefix tuning its tokens are the base
+model's; with prompt tuning they leave the forward's after 8 to 10).
 Versions: tools/golden/requirements.txt (torch 2.15.0, transformers 5.24.0, peft 0.21.2).
 """
 import json
@@ -76,15 +76,24 @@ def main():
                     pad_token_id=0,
                     return_dict_in_generate=True,
                 )
-            cached = g.sequences[0, len(prompt):].tolist()
-            if eos is not None and cached and cached[-1] == eos:
-                cached = cached[:-1]
+            def strip(seq):
+                new = seq[0, len(prompt):].tolist()
+                return new[:-1] if eos is not None and new and new[-1] == eos else new
+
+            cached = strip(g.sequences)
+            base = None
+            if adapter is not None:
+                with torch.no_grad(), model.disable_adapter():
+                    base = strip(model.generate(
+                        input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                        max_new_tokens=MAX_NEW, eos_token_id=eos, pad_token_id=0))
             # the same greedy decode by whole forwards over the growing sequence (no cache)
             new, margins, ended = [], [], False
             with torch.no_grad():
                 for _ in range(MAX_NEW):
                     seq = torch.tensor([prompt + new])
-                    top = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0, -1].topk(2)
+                    mask = torch.ones_like(seq)
+                    top = model(input_ids=seq, attention_mask=mask).logits[0, -1].topk(2)
                     margins.append(float(top.values[0] - top.values[1]))
                     nxt = int(top.indices[0])
                     if nxt == eos:
@@ -102,7 +111,8 @@ def main():
                 "ids": new,
                 "eos": ended,
                 "min_margin": m,
-                "generate_agrees": cached == new,
+                "generate_ids": cached,
+                "base_generate_ids": base,
             })
             print(model_name, adapter, prompt, len(new), "eos" if ended else "", f"{m:.3g}",
                   "" if cached == new else f"generate differs: {cached}")

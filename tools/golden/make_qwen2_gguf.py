@@ -200,7 +200,7 @@ def cross_check():
 
 def theta_variant():
     """qwen2_theta.gguf: the same weights with rope_theta 1e6 and a context of 128 (a reader
-    that lost either would take 10000 and 64, the folder's values), and the logits transformers
+    that lost either would take a default: 10000, and petal's 2048), and the logits transformers
     gives for it, read by its own GGUF loader and, equal to them, by the folder's model with
     those two values set: tests/fixtures/golden/qwen2_theta_logits.safetensors (`input_ids`,
     `logits`)."""

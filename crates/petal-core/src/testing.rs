@@ -380,7 +380,8 @@ pub fn check_inference_follows_the_values(cfg: &AdapterConfig, key: &str) {
 
 /// Where the method has a fused forward (one kernel for the frozen linear and the adapter), it
 /// equals the composed `forward` in value and in the gradients of the input and every adapter
-/// tensor (shared trained ones included), drawing the same dropout (`rank_dropout` / `lora_dropout` set by the config).
+/// tensor (shared trained ones included), drawing the same dropout (`rank_dropout` /
+/// `lora_dropout` set by the config).
 pub fn check_fused_equals_composed(cfg: &AdapterConfig) {
     check_fused_equals_composed_on(&adapted(cfg, true));
 }

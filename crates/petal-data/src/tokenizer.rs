@@ -254,7 +254,8 @@ impl Tokenizer {
     /// Ids and token types of a text, or a text pair, framed by the tokenizer's own special
     /// tokens (BERT's `[CLS] a [SEP] b [SEP]`, type 1 on b and its `[SEP]`), no padding, at
     /// most `max_len` tokens: the longer text is cut first, the special tokens kept (the
-    /// `longest_first` truncation of transformers).
+    /// `longest_first` truncation of transformers). A `max_len` with no room for text beside
+    /// the special tokens is refused.
     pub fn encode_classification(
         &self,
         text: &str,
@@ -272,11 +273,18 @@ impl Tokenizer {
             .inner
             .get_post_processor()
             .map_or(0, |p| p.added_tokens(b.is_some()));
+        if max_len < specials + 1 {
+            return Err(DataError::Msg(format!(
+                "sequence length {max_len} (--seq-len) leaves no room for text beside the \
+                 {specials} special tokens: give at least {}",
+                specials + 1
+            )));
+        }
         // transformers' "longest_first", by the tokenizers crate's own truncation: the longer
-        // text is cut to the shorter's length, then both to half the room each (the odd token
-        // to the text that was longer)
+        // text keeps max(shorter, room - shorter) tokens; when both must be cut each keeps
+        // half the room, the odd token to the text that was longer (to the second on a tie)
         let params = TruncationParams {
-            max_length: max_len.saturating_sub(specials),
+            max_length: max_len - specials,
             ..Default::default()
         };
         let (a, b) = truncate_encodings(a, b, &params).map_err(terr)?;

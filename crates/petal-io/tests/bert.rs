@@ -126,6 +126,13 @@ fn the_tokenizer_gives_transformers_ids_and_token_types() {
         assert_eq!(ids, ints(&c["ids"]), "{c}");
         assert_eq!(ty, ints(&c["token_type_ids"]), "{c}: token types");
     }
+    // a length that leaves no room beside the special tokens is refused, naming the flag
+    let e = e
+        .tokenizer
+        .encode_classification("a b", Some("c"), 3)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--seq-len") && e.contains("at least 4"), "{e}");
 }
 
 #[test]

@@ -35,8 +35,8 @@ fn a_qwen2_gguf_gives_the_hf_folder_s_logits() {
 }
 
 /// The same weights with rope θ 1e6 and a context of 128 (tools/golden/make_qwen2_gguf.py's
-/// `theta_variant`; a reader that dropped either would fall back to 10000 and the folder's 64):
-/// petal reads both and gives the logits transformers gives for that file.
+/// `theta_variant`; a reader that dropped either key would fall back to 10000 and 2048): petal
+/// reads both and gives the logits transformers gives for that file.
 #[test]
 fn a_gguf_s_rope_theta_and_context_length_are_read() {
     let lm = petal_io::load_model(

@@ -504,9 +504,9 @@ fn peft_trainable_token_rows_also_change_a_tied_head_as_in_peft() {
     );
 }
 
-/// Every PEFT-saved golden adapter (54 folders, every method PEFT has), loaded and saved again
-/// by petal, is PEFT's file: the same keys, bitwise the same tensors, the same values of the
-/// config fields both write (a field petal leaves out takes PEFT's default on loading).
+/// Every PEFT-saved golden adapter (54 folders, of every PEFT method petal implements), loaded
+/// and saved again by petal, is PEFT's file: the same keys, bitwise the same tensors, the same
+/// config values (a field petal leaves out held PEFT's default in PEFT's file).
 #[test]
 fn every_golden_adapter_saved_again_is_the_file_peft_saved() {
     let dir = root().join("adapters");
@@ -515,6 +515,10 @@ fn every_golden_adapter_saved_again_is_the_file_peft_saved() {
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
         .collect();
     names.sort();
+    assert_eq!(names.len(), 54);
+    let peft_defaults: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("peft_defaults.json")).unwrap())
+            .unwrap();
     let mut bad = Vec::new();
     for name in &names {
         let base = ["llama", "qwen2", "mistral"]
@@ -565,13 +569,24 @@ fn every_golden_adapter_saved_again_is_the_file_peft_saved() {
                 .unwrap()
         };
         let (wc, gc) = (json(&folder), json(out.path()));
-        // fields petal leaves out take PEFT's defaults when PEFT loads the file
+        // a field petal leaves out takes PEFT's default when PEFT loads the file: PEFT's file
+        // must hold that default there (tools/golden/make_peft_defaults.py)
+        let peft_type = wc["peft_type"].as_str().unwrap();
+        let defaults = &peft_defaults[peft_type];
         for (k, v) in wc.as_object().unwrap() {
             match gc.get(k) {
                 // an AdaLoRA never allocated: PEFT resizes by nothing for null and {} alike
                 Some(g) if k == "rank_pattern" && v.is_null() && g == &serde_json::json!({}) => {}
                 Some(g) if g != v => bad.push(format!("{name}: config {k}: PEFT {v} vs petal {g}")),
-                _ => {}
+                Some(_) => {}
+                // written by PEFT's save, not a setting
+                None if k == "auto_mapping" => {}
+                None => match defaults.get(k) {
+                    Some(d) if d == v => {}
+                    d => bad.push(format!(
+                        "{name}: config {k}: PEFT {v}, petal leaves it out (default {d:?})"
+                    )),
+                },
             }
         }
     }

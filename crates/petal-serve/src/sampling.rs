@@ -157,7 +157,7 @@ mod tests {
     #[test]
     fn temperature_top_k_and_top_p_sample_from_their_renormalised_distributions() {
         let ln = |v: &[f64]| v.iter().map(|x| x.ln() as f32).collect::<Vec<f32>>();
-        let cases: [(Vec<f32>, SamplingParams, Vec<f64>); 4] = [
+        let cases: [(Vec<f32>, SamplingParams, Vec<f64>); 5] = [
             (
                 ln(&[1.0, 2.0, 3.0]),
                 SamplingParams {
@@ -192,6 +192,17 @@ mod tests {
                     ..Default::default()
                 },
                 vec![3.0 / 8.0, 5.0 / 8.0, 0.0],
+            ),
+            // temperature before top-p: at t = 0.5 the largest holds 25/38 = 0.66 >= 0.6 alone
+            // (top-p first would keep two, then sample them 0.74 / 0.26)
+            (
+                ln(&[0.3, 0.5, 0.2]),
+                SamplingParams {
+                    temperature: 0.5,
+                    top_p: Some(0.6),
+                    ..Default::default()
+                },
+                vec![0.0, 1.0, 0.0],
             ),
         ];
         let n = 40000;

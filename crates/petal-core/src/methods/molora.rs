@@ -400,6 +400,7 @@ mod tests {
             crate::methods::mixture::load_written_out(layer, "molora_router", &x, 3),
             crate::methods::mixture::load_written_out(layer, "molora_router", &x2, 3),
         );
+        assert_eq!((load.load.len(), a.len()), (3, 3));
         for (e, got) in load.load.iter().enumerate() {
             let want = (a[e] + b[e]) / 2.0;
             assert!((got - want).abs() < 1e-6, "expert {e}: {got} vs {want}");

@@ -219,6 +219,7 @@ mod tests {
             let load = layer.router_load().unwrap();
             assert_eq!(load.dropped, 0.0);
             let want = crate::methods::mixture::load_written_out(layer, "sira_router", &x, k);
+            assert_eq!(load.load.len(), want.len());
             for (e, (got, want)) in load.load.iter().zip(&want).enumerate() {
                 assert!(
                     (got - want).abs() < 1e-6,

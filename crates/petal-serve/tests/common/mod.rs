@@ -1,4 +1,6 @@
 //! The server tests' harness: a model served on a free local port while a test talks to it.
+// each test binary uses part of it
+#![allow(dead_code)]
 
 use petal_io::LoadedModel;
 use petal_serve::{Limits, Served, Stop};
@@ -12,6 +14,23 @@ use std::time::Duration;
 #[allow(dead_code)]
 pub fn golden() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden")
+}
+
+/// A request for each prompt through the active adapters (input-side ones too), as `petal
+/// eval --task` decodes.
+#[allow(dead_code)]
+pub fn active_requests<'a>(
+    prompts: &'a [Vec<u32>],
+    params: &'a petal_serve::SamplingParams,
+) -> Vec<petal_serve::Request<'a>> {
+    prompts
+        .iter()
+        .map(|prompt| petal_serve::Request {
+            prompt,
+            params,
+            adapter: petal_core::mixed::ACTIVE,
+        })
+        .collect()
 }
 
 /// The tiny golden Llama (its forward equal to transformers', tests/golden), in f32.
