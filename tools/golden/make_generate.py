@@ -4,8 +4,8 @@ and transformers' own `generate` (KV cache on) beside them.
 
 The tiny golden models (tests/fixtures/golden/{llama,qwen2,mistral}, from make_fixtures.py),
 alone and with PEFT adapters of tests/fixtures/golden/adapters/, continue fixed prompts
-(token ids) greedily (`do_sample=False`) for up to 24 new tokens; a decode would stop at the
-model's end-of-sequence id, but no kept case reaches it (the `eos` key says so per case). The
+(token ids) greedily (`do_sample=False`) for up to 24 new tokens, stopping at the model's
+end-of-sequence id (the last case keeps two Mistral prompts that end there; `eos` per case). The
 llama's context passes its llama3 RoPE scaling's original 16 positions while decoding. Each
 step's margin between the two largest logits (of the whole forwards) is recorded: the logits
 of these random models are close together, so each case keeps the first two seeded prompts
@@ -40,6 +40,7 @@ CASES = [
     ("qwen2", None),
     ("qwen2", "qwen2_lora_all_linear"),
     ("mistral", None),
+    ("mistral", None, "eos"),  # two prompts whose greedy decode ends at the end-of-sequence id
 ]
 MAX_NEW = 24
 KEEP = 2  # prompts per case
@@ -55,7 +56,8 @@ def candidates():
 
 def main():
     out = []
-    for model_name, adapter in CASES:
+    for model_name, adapter, *want in CASES:
+        want_eos = want == ["eos"]
         model = AutoModelForCausalLM.from_pretrained(GOLDEN / model_name, dtype=torch.float32)
         if adapter is not None:
             model = PeftModel.from_pretrained(model, GOLDEN / "adapters" / adapter)
@@ -101,7 +103,7 @@ def main():
                         break
                     new.append(nxt)
             m = min(margins)
-            if m < 1e-3:
+            if m < 1e-3 or (want_eos and not ended):
                 continue
             kept += 1
             out.append({

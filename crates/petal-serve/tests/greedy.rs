@@ -10,15 +10,20 @@ use petal_io::load_model;
 use petal_serve::{generate, generate_batch, SamplingParams};
 
 /// Every case of tests/fixtures/golden/generate.json (the tiny Llama past its RoPE scaling's
-/// original context, Qwen2, Mistral; base and LoRA, DoRA, prefix and prompt tuning): petal's
-/// greedy tokens equal transformers' with PEFT, alone and both prompts of a case batched (the
-/// active adapter on every row, as `petal eval --task` decodes).
+/// original context, Qwen2, Mistral; base and LoRA, DoRA, prefix and prompt tuning; two Mistral
+/// prompts that end at the end-of-sequence id): petal's greedy tokens equal transformers' with
+/// PEFT, alone and both prompts of a case batched (the active adapter on every row, as `petal
+/// eval --task` decodes), and stop where theirs do.
 #[test]
 fn greedy_generation_equals_transformers_peft_by_whole_forwards() {
     let g = golden();
     let cases: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(g.join("generate.json")).unwrap()).unwrap();
-    assert!(cases.len() >= 16, "{} cases", cases.len());
+    assert!(cases.len() >= 18, "{} cases", cases.len());
+    assert!(
+        cases.iter().any(|c| c["eos"] == true),
+        "a case that ends at the end of sequence"
+    );
     let ids_of = |v: &serde_json::Value| -> Vec<u32> {
         v.as_array()
             .unwrap()
