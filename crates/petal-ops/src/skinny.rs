@@ -81,7 +81,7 @@ fn dots<W: Widen>(row: &[W], x: &[f32], k: usize, outs: &mut [f32]) {
         Simd::Avx512 => unsafe { dots_avx512(row, x, k, outs) },
         #[cfg(target_arch = "x86_64")]
         Simd::Avx2 => unsafe { dots_avx2(row, x, k, outs) },
-        _ => dots_any(row, x, k, outs),
+        _ => dots_any::<W, false>(row, x, k, outs),
     }
 }
 
@@ -89,19 +89,22 @@ fn dots<W: Widen>(row: &[W], x: &[f32], k: usize, outs: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dots_avx2<W: Widen>(row: &[W], x: &[f32], k: usize, outs: &mut [f32]) {
-    dots_any(row, x, k, outs)
+    dots_any::<W, true>(row, x, k, outs)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn dots_avx512<W: Widen>(row: &[W], x: &[f32], k: usize, outs: &mut [f32]) {
-    dots_any(row, x, k, outs)
+    dots_any::<W, true>(row, x, k, outs)
 }
 
 /// Four x rows at a time against one W row, LANES independent sums each (so the compiler
-/// keeps them in vector registers without reassociating anything), then the tail.
+/// keeps them in vector registers without reassociating anything), then the tail. `FUSED`:
+/// each step one fused multiply-add (`mul_add`, one `vfmadd` where the caller enables FMA;
+/// Rust never fuses `a + w * x` itself, which takes a multiply and an add); without FMA in
+/// hardware `mul_add` is a slow library call, so the portable path keeps the two.
 #[inline(always)]
-fn dots_any<W: Widen>(row: &[W], x: &[f32], k: usize, outs: &mut [f32]) {
+fn dots_any<W: Widen, const FUSED: bool>(row: &[W], x: &[f32], k: usize, outs: &mut [f32]) {
     let body = k / LANES * LANES;
     let mut i = 0;
     while i < outs.len() {
@@ -114,7 +117,10 @@ fn dots_any<W: Widen>(row: &[W], x: &[f32], k: usize, outs: &mut [f32]) {
                     .try_into()
                     .expect("LANES wide");
                 for l in 0..LANES {
-                    a[l] += wc[l].f32() * xc[l];
+                    a[l] = match FUSED {
+                        true => wc[l].f32().mul_add(xc[l], a[l]),
+                        false => a[l] + wc[l].f32() * xc[l],
+                    };
                 }
             }
         }
@@ -162,6 +168,31 @@ mod tests {
                         "({m},{n},{k}) [{i},{o}]: {got} vs {want}"
                     );
                 }
+            }
+        }
+    }
+
+    /// The portable loop (two operations a step) and the fused one (`mul_add`) both equal the
+    /// definition, whichever of them this CPU's dispatch takes.
+    #[test]
+    fn the_portable_and_the_fused_loops_both_equal_the_definition() {
+        let k = 100;
+        let row: Vec<f32> = (0..k)
+            .map(|i| ((i * 29 % 53) as f32 - 26.0) / 16.0)
+            .collect();
+        let x: Vec<f32> = (0..5 * k)
+            .map(|i| ((i * 31 % 71) as f32 - 35.0) / 32.0)
+            .collect();
+        let (mut plain, mut fused) = (vec![0f32; 5], vec![0f32; 5]);
+        dots_any::<f32, false>(&row, &x, k, &mut plain);
+        dots_any::<f32, true>(&row, &x, k, &mut fused);
+        for i in 0..5 {
+            let want: f64 = (0..k).map(|c| row[c] as f64 * x[i * k + c] as f64).sum();
+            for got in [plain[i], fused[i]] {
+                assert!(
+                    (got as f64 - want).abs() < 1e-5 * (1.0 + want.abs()),
+                    "{got} vs {want}"
+                );
             }
         }
     }
