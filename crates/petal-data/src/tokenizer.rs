@@ -273,7 +273,7 @@ impl Tokenizer {
             .inner
             .get_post_processor()
             .map_or(0, |p| p.added_tokens(b.is_some()));
-        if max_len < specials + 1 {
+        if max_len <= specials {
             return Err(DataError::Msg(format!(
                 "sequence length {max_len} (--seq-len) leaves no room for text beside the \
                  {specials} special tokens: give at least {}",

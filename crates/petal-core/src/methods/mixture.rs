@@ -124,6 +124,46 @@ pub(crate) fn unmergeable(method: &str) -> Error {
     ))
 }
 
+/// The load a layer's router should report for one training forward of `x` (tests): each
+/// token's softmax(x W_r) in f64 from the router tensor named `router`, its `k` largest
+/// probabilities kept (all when `k` is the expert count), averaged over the tokens.
+#[cfg(test)]
+pub(crate) fn load_written_out(
+    layer: &dyn crate::AdapterLayer,
+    router: &str,
+    x: &Tensor,
+    k: usize,
+) -> Vec<f64> {
+    let t = layer
+        .tensors()
+        .into_iter()
+        .find(|n| n.name == router)
+        .unwrap();
+    let w: Vec<Vec<f32>> = t.var.as_tensor().to_vec2().unwrap(); // (in, E)
+    let e = w[0].len();
+    let rows: Vec<Vec<f32>> = x.flatten_to(x.rank() - 2).unwrap().to_vec2().unwrap();
+    let mut load = vec![0f64; e];
+    for row in &rows {
+        let logits: Vec<f64> = (0..e)
+            .map(|j| {
+                row.iter()
+                    .zip(&w)
+                    .map(|(&a, wr)| a as f64 * wr[j] as f64)
+                    .sum()
+            })
+            .collect();
+        let top = logits.iter().cloned().fold(f64::MIN, f64::max);
+        let z: f64 = logits.iter().map(|l| (l - top).exp()).sum();
+        let p: Vec<f64> = logits.iter().map(|l| (l - top).exp() / z).collect();
+        let mut order: Vec<usize> = (0..e).collect();
+        order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+        for &j in &order[..k] {
+            load[j] += p[j] / rows.len() as f64;
+        }
+    }
+    load
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,44 +209,4 @@ mod tests {
         assert_eq!(l.dropped, 1.0 / 8.0);
         assert!(m.take().is_none());
     }
-}
-
-/// The load a layer's router should report for one training forward of `x` (tests): each
-/// token's softmax(x W_r) in f64 from the router tensor named `router`, its `k` largest
-/// probabilities kept (all when `k` is the expert count), averaged over the tokens.
-#[cfg(test)]
-pub(crate) fn load_written_out(
-    layer: &dyn crate::AdapterLayer,
-    router: &str,
-    x: &Tensor,
-    k: usize,
-) -> Vec<f64> {
-    let t = layer
-        .tensors()
-        .into_iter()
-        .find(|n| n.name == router)
-        .unwrap();
-    let w: Vec<Vec<f32>> = t.var.as_tensor().to_vec2().unwrap(); // (in, E)
-    let e = w[0].len();
-    let rows: Vec<Vec<f32>> = x.flatten_to(x.rank() - 2).unwrap().to_vec2().unwrap();
-    let mut load = vec![0f64; e];
-    for row in &rows {
-        let logits: Vec<f64> = (0..e)
-            .map(|j| {
-                row.iter()
-                    .zip(&w)
-                    .map(|(&a, wr)| a as f64 * wr[j] as f64)
-                    .sum()
-            })
-            .collect();
-        let top = logits.iter().cloned().fold(f64::MIN, f64::max);
-        let z: f64 = logits.iter().map(|l| (l - top).exp()).sum();
-        let p: Vec<f64> = logits.iter().map(|l| (l - top).exp() / z).collect();
-        let mut order: Vec<usize> = (0..e).collect();
-        order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
-        for &j in &order[..k] {
-            load[j] += p[j] / rows.len() as f64;
-        }
-    }
-    load
 }
