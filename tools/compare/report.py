@@ -96,19 +96,29 @@ def report(a, results, failed=()):
     by_task = {}
     for r in results:
         by_task.setdefault((r["model"], r["task"]), []).append(r)
-    cpus = list(dict.fromkeys(r.get("cpu", EARLIER_CPU) for r in results))
-    mark = {c: "" if len(cpus) == 1 else chr(ord("a") + i) for i, c in enumerate(cpus)}
+    # speed and memory depend on the CPU and on petal's build: one letter for each pair
+    def made(r):
+        return r.get("cpu", EARLIER_CPU), r.get("petal", "unknown")
 
-    def which(r):  # the letter of a row's CPU when there are several
-        m = mark[r.get("cpu", EARLIER_CPU)]
+    pairs = list(dict.fromkeys(made(r) for r in results))
+    mark = {p: "" if len(pairs) == 1 else chr(ord("a") + i) for i, p in enumerate(pairs)}
+
+    def which(r):  # the letter of a row's CPU and build when there are several
+        m = mark[made(r)]
         return f" ({m})" if m else ""
 
-    if len(cpus) == 1:
-        cpu_line = f"CPU: {cpus[0]}, {os.cpu_count()} threads."
+    def build(b):
+        return ("a build whose version names no commit (see limits.md)" if b == "unknown"
+                else f"petal built from {b}")
+
+    if len(pairs) == 1:
+        cpu_line = f"CPU: {pairs[0][0]}, {os.cpu_count()} threads; {build(pairs[0][1])}."
     else:
-        cpu_line = ("Speed and memory were measured on several CPUs (the letter after a row's tokens/s): "
-                    + "; ".join(f"({mark[c]}) {c}" for c in cpus)
-                    + ", 2 threads. Accuracy does not depend on the CPU; tokens/s do.")
+        cpu_line = ("Speed and memory were measured on several CPUs or builds of petal (the letter after "
+                    "a row's tokens/s): "
+                    + "; ".join(f"({mark[p]}) {p[0]}, {build(p[1])}" for p in pairs)
+                    + "; 2 threads. Accuracy does not depend on the CPU; tokens/s and memory do, and on "
+                    "the build (a row's letter says which rows compare).")
     lines = ["# Method comparison", "",
              "Every method trained with the same budget on each task (the prompt -> the right answer, "
              "the loss on the answer only), scored on held-out examples by `petal eval --task`. Made by "

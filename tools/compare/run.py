@@ -143,6 +143,13 @@ def cpu_desc():
     return f"{name} ({ext})"
 
 
+def petal_build(a):
+    """The commit `--petal` was built from, as its `--version` says (`petal 0.1.0 (7988df97a)`);
+    "unknown" for a binary whose version names none (built before 7988df9)."""
+    v = sh([a.petal, "--version"], "petal --version").strip()
+    return v[v.index("(") + 1:v.rindex(")")] if "(" in v else "unknown"
+
+
 def evaluate(a, test, adapter=None, extra=()):
     cmd = [a.petal, "eval", "--model", a.model, "--task", test, "--json", "--batch-size", "8", *extra]
     if a.chat:
@@ -175,7 +182,7 @@ def run_one(a, task, spec, train, test, base, out, lr, score=True, **extra):
         "peak_rss_mb": t["peak_rss_mb"],
         "train_tokens_per_s": a.batch_size * a.seq_len / t["median_step_seconds"],
         "eval_loss_after": t["eval_after"]["loss"], "steps": t["steps"],
-        "cpu": cpu_desc(), "lr": lr, "settings": settings(a), "adapter": os.path.join(run, "adapter"),
+        "cpu": cpu_desc(), "petal": petal_build(a), "lr": lr, "settings": settings(a), "adapter": os.path.join(run, "adapter"),
     }
     if score:
         result = scored(a, test, base, result)

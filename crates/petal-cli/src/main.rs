@@ -14,7 +14,7 @@ use petal_cli::{
 #[derive(Parser)]
 #[command(
     name = "petal",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("PETAL_BUILD"), ")"),
     about = "Parameter-efficient fine-tuning of transformer language models",
     after_help = "Example:\n  petal assets smollm2 shakespeare\n  petal train --config examples/shakespeare-lora.toml\n  petal generate --adapter runs/shakespeare/adapter --prompt 'ROMEO:'"
 )]
