@@ -372,7 +372,9 @@ fn training_through_the_emulated_cuda_kernels_follows_the_fused_kernels_loss_cur
         v.split('.').next()?.trim().parse::<u32>().ok()
     });
     if !major.is_some_and(|m| m >= 11) {
-        eprintln!("skipped: no g++ 11 or later (C++20) to build the emulated kernels");
+        petal_ops::testing::skip_missing_tool(
+            "no g++ 11 or later (C++20) to build the emulated kernels",
+        );
         return;
     }
     let d = tempfile::tempdir().unwrap();

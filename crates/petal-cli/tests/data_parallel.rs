@@ -21,14 +21,14 @@ fn mpi() -> Option<(PathBuf, PathBuf)> {
             .find(|f| f.is_file())
     });
     match (mpirun, bin.is_file()) {
-        (None, _) => eprintln!(
-            "skipped: no `mpirun` on PATH (Open MPI: apt-get install openmpi-bin \
-             libopenmpi-dev libclang-dev, then tools/mpi/build.sh)"
+        (None, _) => petal_ops::testing::skip_missing_tool(
+            "no `mpirun` on PATH (Open MPI: apt-get install openmpi-bin \
+             libopenmpi-dev libclang-dev, then tools/mpi/build.sh)",
         ),
-        (Some(_), false) => eprintln!(
-            "skipped: {} is missing (tools/mpi/build.sh builds petal with the `mpi` feature)",
+        (Some(_), false) => petal_ops::testing::skip_missing_tool(&format!(
+            "{} is missing (tools/mpi/build.sh builds petal with the `mpi` feature)",
             bin.display()
-        ),
+        )),
         (Some(m), true) => return Some((m, bin)),
     }
     None

@@ -36,7 +36,7 @@ fn have_gpp() -> bool {
         });
     let ok = major.is_some_and(|m| m >= 11);
     if !ok {
-        eprintln!("skipped: no g++ 11 or later to build the emulated kernels");
+        petal_ops::testing::skip_missing_tool("no g++ 11 or later to build the emulated kernels");
     }
     ok
 }

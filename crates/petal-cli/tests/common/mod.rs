@@ -108,7 +108,7 @@ pub fn venv(name: &str, requirements: &str) -> Option<PathBuf> {
     match make_venv(name, requirements) {
         Ok(p) => Some(p),
         Err(why) => {
-            eprintln!("skipped: no venv with {requirements} ({why})");
+            petal_ops::testing::skip_missing_tool(&format!("no venv with {requirements} ({why})"));
             None
         }
     }
