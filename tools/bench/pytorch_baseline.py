@@ -90,6 +90,8 @@ def main():
     model = build(w).to(dev)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, w["vocab"], (w["batch"], w["seq"]), generator=g).to(dev)
+    labels = ids.clone()
+    labels[:, :w.get("unscored", 0)] = -100  # an instruction's prompt: read, not scored
     # a GPU runs asynchronously: each timestamp waits for the work before it
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     opt = None
@@ -109,7 +111,7 @@ def main():
         t0 = now()
         if w["mode"] == "train":
             with auto:
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = model(input_ids=ids, labels=labels).loss
             t1 = now()
             loss.backward()
             t2 = now()

@@ -150,8 +150,10 @@ fn counts_of_the_other_commands_are_refused_before_any_work_naming_the_flag() {
     ];
     let serve = ["serve", "--model", "/nonexistent"];
     let bench = ["bench", "--workload", "synthetic-35m"];
-    let cases: [(&[&str], &str, &str); 8] = [
+    let cases: [(&[&str], &str, &str); 10] = [
         (&bench, "--threads", "0"),
+        (&bench, "--prompt-fraction", "1"),
+        (&bench, "--prompt-fraction", "-0.5"),
         (&bench, "--seq", "100000000"), // past its context of 2048
         (&eval, "--batch-size", "0"),
         (&eval, "--seq-len", "1"),

@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// PyTorch + PEFT gets the same adapter_config
     #[arg(long, default_value = "lora")]
     pub method: String,
+    /// Train mode: the first FRACTION of each sequence's tokens carry no loss, as an
+    /// instruction's prompt does (labels -100, for petal and PyTorch alike) [0 <= FRACTION < 1]
+    #[arg(long, default_value_t = 0.0, value_name = "FRACTION")]
+    pub prompt_fraction: f64,
     /// Measured steps per round
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
@@ -365,7 +369,16 @@ fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
             _ => (petal_core::rng::splitmix(i as u64) % vocab as u64) as u32,
         })
         .collect();
-    let labels = ids.iter().map(|&x| x as i64).collect();
+    // an instruction's prompt: its tokens are read, not scored
+    let unscored = unscored(a);
+    let labels = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| match i % a.seq < unscored {
+            true => petal_data::IGNORE,
+            false => x as i64,
+        })
+        .collect();
     let batch = petal_data::Batch {
         ids: ids.clone(),
         labels,
@@ -387,6 +400,7 @@ fn build_petal(a: &BenchArgs, dev: &Device) -> Result<(Petal, Value)> {
         ("threads", json!(a.threads.unwrap_or_else(num_threads))),
         ("vocab", json!(vocab)),
         ("prompt", json!(a.seq)),
+        ("unscored", json!(unscored)),
         ("new_tokens", json!(a.new_tokens)),
         ("grad_checkpointing", json!(a.grad_checkpointing)),
         ("bf16_activations", json!(a.bf16_activations)),
@@ -442,6 +456,11 @@ fn num_threads() -> usize {
         .unwrap_or(1)
 }
 
+/// Leading tokens of each training sequence without a loss (`--prompt-fraction`).
+fn unscored(a: &BenchArgs) -> usize {
+    (a.prompt_fraction * a.seq as f64) as usize
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(t) = a.threads {
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
@@ -458,6 +477,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         ("new-tokens", a.new_tokens),
     ];
     crate::common::at_least(1, &counts)?;
+    if !(0.0..1.0).contains(&a.prompt_fraction) {
+        bail!(
+            "--prompt-fraction {}: out of range (at least 0, below 1)",
+            a.prompt_fraction
+        );
+    }
     if let Some(p) = &a.chart {
         crate::common::check_path("--chart", p)?; // before the runs, not after
     }
@@ -530,8 +555,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "workload": a.workload, "mode": a.mode, "method": a.method, "batch": a.batch, "seq": a.seq, "dtype": a.dtype, "quantize": a.quantize,
         "device": a.device, "cuda_kernels": if a.device.starts_with("cuda") { petal.model.kernels().cuda_families() } else { vec![] }, "threads": wl["threads"], "matmul_peak_gflops": {"f32": peak32, "bf16": peak16},
         "cpu_features": petal_ops::cpu::features(), "frozen_quantized_products": petal_ops::quant::arithmetic(petal.model.kernels()),
-        "grad_checkpointing": a.grad_checkpointing, "bf16_activations": a.bf16_activations,
-        "mflop_per_token": flops / 1e6, "petal": pv, "pytorch": null, "ratio": null,
+        "grad_checkpointing": a.grad_checkpointing, "bf16_activations": a.bf16_activations, "unscored": wl["unscored"],
+        "petal_build": env!("PETAL_BUILD"), "mflop_per_token": flops / 1e6, "petal": pv, "pytorch": null, "ratio": null,
     });
     let ratio =
         |p: &Value, t: &Value, k: &str| p[k].as_f64().unwrap_or(0.0) / t[k].as_f64().unwrap_or(1.0);

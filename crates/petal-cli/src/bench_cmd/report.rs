@@ -52,6 +52,9 @@ pub(super) fn print_table(r: &Value) {
     println!("workload {} / {} ({}) | batch {} x {} | {} | {} | {} threads | matmul peak f32 {:.0} GFLOP/s, bf16 {} | {:.1} MFLOP/token",
         r["workload"].as_str().unwrap_or(""), r["mode"].as_str().unwrap_or(""), r["method"].as_str().unwrap_or("lora"), r["batch"], r["seq"], r["dtype"].as_str().unwrap_or(""), format!("{}{}", r["device"].as_str().unwrap_or("cpu"), kernels_note(&r["cuda_kernels"])), r["threads"],
         r["matmul_peak_gflops"]["f32"].as_f64().unwrap_or(0.0), r["matmul_peak_gflops"]["bf16"].as_f64().map(|x| format!("{x:.0}")).unwrap_or("-".into()), r["mflop_per_token"].as_f64().unwrap_or(0.0));
+    if let Some(k) = r["unscored"].as_u64().filter(|&k| k > 0) {
+        println!("the first {k} tokens of each sequence carry no loss (--prompt-fraction)");
+    }
     if let Some(f) = r["cpu_features"].as_array() {
         let names: Vec<_> = f.iter().filter_map(|v| v.as_str()).collect();
         let quant =
