@@ -4,7 +4,7 @@
 # the medians of their median step times and the ratio. For a change's before and after on one
 # machine; nothing else should run meanwhile.
 #     tools/bench/ab_train.sh OLD NEW DATA [OUT.jsonl]
-#     (env: MODEL, METHOD, STEPS, BATCH, SEQ, ROUNDS)
+#     (env: MODEL, METHOD, STEPS, BATCH, SEQ, ROUNDS; EXTRA: more train flags, e.g. "--set init_r=1")
 set -euo pipefail
 OLD=$1 NEW=$2 DATA=$3 OUT=${4:-/dev/stdout}
 MODEL=${MODEL:-asset:qwen2.5-coder-0.5b} METHOD=${METHOD:-lora} STEPS=${STEPS:-6}
@@ -17,7 +17,7 @@ for round in $(seq "$ROUNDS"); do
     bin=$OLD; [ "$which" = new ] && bin=$NEW
     "$bin" train --model "$MODEL" --data "$DATA" --method "$METHOD" --max-steps "$STEPS" \
       --lr 0.001 --batch-size "$BATCH" --seq-len "$SEQ" --seed 0 --val-fraction 0 \
-      --out "$T/run" --overwrite true --json >"$T/one.json"
+      --out "$T/run" --overwrite true --json ${EXTRA:-} >"$T/one.json"
     python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); d.update(binary=sys.argv[2], round=int(sys.argv[3])); print(json.dumps(d))' \
       "$T/one.json" "$which" "$round" >>"$T/runs.jsonl"
   done

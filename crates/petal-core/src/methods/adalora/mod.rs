@@ -234,6 +234,32 @@ impl AdapterLayer for AdaLoraLayer {
         Ok((y + d)?)
     }
 
+    /// With the frozen linear: LoRA's op over (A ⊙ E, B) at `scaling / ranknum`, so backward
+    /// keeps x and the small matrices, not the (n, out) update; dropout (on the CPU's fused
+    /// kernel only) draws the composed form's mask.
+    fn fused_forward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        ctx: &crate::Ctx,
+    ) -> Option<Result<Tensor>> {
+        let dropping = ctx.is_train() && self.dropout > 0.0;
+        if self.rank() == 0 || (dropping && !petal_ops::cpu::fast_lora_ok(ctx.kernels(), x, w)) {
+            return None;
+        }
+        let run = || -> Result<Tensor> {
+            let (a, b, k) = (self.scaled_a()?, self.b.as_tensor(), ctx.kernels());
+            if !dropping {
+                return Ok(petal_ops::lora(k, x, w, bias, &a, b, self.factor())?);
+            }
+            let x2 = dropout(&crate::methods::flat_input(x)?, self.dropout, ctx)?;
+            let h = x2.matmul(&a.t()?)?;
+            Ok(petal_ops::lora_linear(k, x, w, bias, &h, b, self.factor())?)
+        };
+        Some(run())
+    }
+
     fn weight_update(&self) -> Result<WeightUpdate> {
         let out = self.b.as_tensor().dim(0)?;
         let inp = self.a.as_tensor().dim(1)?;
@@ -276,6 +302,17 @@ fn conformance_config() -> AdapterConfig {
     let mut c = AdapterConfig::for_method("ADALORA", 3, 6.0, crate::testing::toy_targets());
     c.set("total_step", 10).unwrap();
     c
+}
+
+#[cfg(test)]
+#[test]
+fn fused_adalora_equals_the_composed_form_with_and_without_dropout() {
+    for p in [0.0, 0.3] {
+        let mut c = conformance_config();
+        c.set("init_lora_weights", false).unwrap(); // E nonzero: every gradient checked
+        c.set("lora_dropout", p).unwrap();
+        crate::testing::check_fused_equals_composed(&c);
+    }
 }
 
 #[cfg(test)]
