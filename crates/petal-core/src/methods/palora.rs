@@ -316,6 +316,33 @@ impl AdapterLayer for PaloraLayer {
         Ok((y + d)?)
     }
 
+    /// With the frozen linear: LoRA's op over A and B ⊙ (ω_k s per rank block), so backward
+    /// keeps x and the small matrices, not the (n, out) update.
+    fn fused_forward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        ctx: &crate::Ctx,
+    ) -> Option<Result<Tensor>> {
+        let run = || -> Result<Tensor> {
+            let bw = self
+                .b
+                .as_tensor()
+                .broadcast_mul(&self.rank_weights()?.unsqueeze(0)?)?;
+            Ok(petal_ops::lora(
+                ctx.kernels(),
+                x,
+                w,
+                bias,
+                self.a.as_tensor(),
+                &bw,
+                1.0,
+            )?)
+        };
+        Some(run())
+    }
+
     fn weight_update(&self) -> Result<WeightUpdate> {
         let bw = self
             .b
