@@ -92,13 +92,22 @@ def at_end(r):
     return len(rates) > 1 and r.get("lr") in (rates[0], rates[-1])
 
 
+def speed(r):
+    """A row's training tokens/s, peak RSS (MB), and the CPU and build that measured them: those
+    of its run timed again (`--retime`) where it was, else of its own training."""
+    t = r.get("retimed")
+    if t:
+        return t["train_tokens_per_s"], t["peak_rss_mb"], t["cpu"], t["petal"]
+    return r["train_tokens_per_s"], r["peak_rss_mb"], r.get("cpu", EARLIER_CPU), r.get("petal", "unknown")
+
+
 def report(a, results, failed=()):
     by_task = {}
     for r in results:
         by_task.setdefault((r["model"], r["task"]), []).append(r)
     # speed and memory depend on the CPU and on petal's build: one letter for each pair
     def made(r):
-        return r.get("cpu", EARLIER_CPU), r.get("petal", "unknown")
+        return speed(r)[2:]
 
     pairs = list(dict.fromkeys(made(r) for r in results))
     mark = {p: "" if len(pairs) == 1 else chr(ord("a") + i) for i, p in enumerate(pairs)}
@@ -125,6 +134,13 @@ def report(a, results, failed=()):
              "`tools/compare/run.py` (each section's command; results are kept, so a command continues "
              f"where it stopped); results in `{os.path.join(os.path.dirname(a.report), 'comparison')}/*.json`.",
              "", cpu_line, ""]
+    again = sorted({r["retimed"]["steps"] for r in results if r.get("retimed")})
+    if again:
+        lines += [f"Training tokens/s and peak RSS of {sum(1 for r in results if r.get('retimed'))} of "
+                  f"{len(results)} rows are those of their training run again for "
+                  f"{' or '.join(map(str, again))} steps in one sitting (`--retime`), so they compare "
+                  "across the builds and machines that made the rows"
+                  + ("." if all(r.get("retimed") for r in results) else "; the others', of their own training."), ""]
     for (model, task), rs in sorted(by_task.items()):
         base = rs[0].get("base_accuracy")
         n = rs[0]["examples"]
@@ -179,7 +195,7 @@ def report(a, results, failed=()):
             norm = f"{r['acc_norm']:.3f}" if r.get("acc_norm") is not None else ""
             by_lr = ", ".join(f"{lr}: {v:.4f}" for lr, v in r.get("lr_sweep", {}).items())
             lines.append(f"| {r['method']} | {r['accuracy']:.3f} | {norm} | {r['trainable_params']:,} | "
-                         f"{r.get('lr', EARLIER_LR):g}{'*' if at_end(r) else ''} | {r['peak_rss_mb'] / 1024:.2f} GB | {r['train_tokens_per_s']:.0f}{which(r)} | "
+                         f"{r.get('lr', EARLIER_LR):g}{'*' if at_end(r) else ''} | {speed(r)[1] / 1024:.2f} GB | {speed(r)[0]:.0f}{which(r)} | "
                          f"{r['inference_overhead']:.2f}x |" + (f" {by_lr} |" if swept else ""))
         lines.append("")
         for method, note in NOTES.items():
@@ -210,11 +226,11 @@ def plot(a, model, task, rs):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     rs = sorted(rs, key=lambda r: r["method"])  # the same results, the same file (colours go in order)
-    for ax, key, label, scale in [(axes[0], "trainable_params", "trainable parameters", "log"),
-                                  (axes[1], "peak_rss_mb", "peak RSS (MB)", "linear")]:
+    for ax, key, label, scale in [(axes[0], lambda r: r["trainable_params"], "trainable parameters", "log"),
+                                  (axes[1], lambda r: speed(r)[1], "peak RSS (MB)", "linear")]:
         for r in rs:
-            ax.scatter(r[key], r["accuracy"])
-            ax.annotate(r["method"], (r[key], r["accuracy"]), fontsize=8)
+            ax.scatter(key(r), r["accuracy"])
+            ax.annotate(r["method"], (key(r), r["accuracy"]), fontsize=8)
         ax.set_xscale(scale)
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy")

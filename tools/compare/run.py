@@ -35,6 +35,12 @@ trained at a rate the first task's sweep has since replaced); the report is rewr
 result present at the end of each run. The full report is a long command run across sittings; a
 cheap subset (a few methods, one task) takes minutes.
 
+Speed and memory (`--retime STEPS`): a row's tokens/s and peak RSS come from its own training,
+on whatever machine and build made it (the report marks rows by CPU and build). Run the same
+command with `--retime STEPS` to train nothing new but run each kept result's training again
+for STEPS steps, one row after another in one sitting, nothing else running: the report then
+shows those figures, which compare across rows.
+
     python3 tools/compare/run.py --petal target/release/petal --model asset:smollm2 \\
         --tasks elementary_math_qa/question_only --methods lora,ia3,loha --train 400 --test 100 --steps 40
 
@@ -49,6 +55,7 @@ import platform
 import random
 import subprocess
 import sys
+import tempfile
 import time
 
 from report import DEFAULT_REPORT, EARLIER_LR, SETTINGS, report, settings
@@ -162,19 +169,36 @@ def evaluate(a, test, adapter=None, extra=()):
     return r
 
 
+def train_cmd(a, spec, train, lr, run, steps, val):
+    """`petal train` of `spec` on `train` at `lr` for `steps` steps into `run`, holding out `val`
+    of the examples."""
+    method, _, opts = spec.partition(":")
+    cmd = [a.petal, "train", "--model", a.model, "--data", train, "--method", method,
+           "--max-steps", str(steps), "--lr", str(lr), "--batch-size", str(a.batch_size),
+           "--seq-len", str(a.seq_len), "--seed", str(a.seed), "--val-fraction", str(val),
+           "--out", run, "--overwrite", "true", "--json"]
+    for o in filter(None, opts.split(",")):
+        cmd += ["--set", o]
+    return cmd + JOINT.get(method, [])
+
+
+def timed_again(a, task, spec, train, r):
+    """`r`'s training (its data, rate and options) run again for --retime steps on this CPU and
+    build, nothing held out: its tokens/s (the median step) and peak RSS. Rows made by several
+    builds or machines are timed again in one sitting so their speed and memory compare."""
+    with tempfile.TemporaryDirectory() as d:
+        cmd = train_cmd(a, spec, train, r["lr"], os.path.join(d, "run"), a.retime, 0)
+        t = json.loads(sh(cmd, f"petal train {spec} on {task} (timed again)"))
+    return dict(train_tokens_per_s=a.batch_size * a.seq_len / t["median_step_seconds"],
+                peak_rss_mb=t["peak_rss_mb"], steps=a.retime, cpu=cpu_desc(), petal=petal_build(a))
+
+
 def run_one(a, task, spec, train, test, base, out, lr, score=True, **extra):
     """Train `spec` at `lr` and (with `score`) evaluate it on the test examples; the result,
     with `extra` fields, is kept as `out`. Without `score` the result has no accuracy yet
     (`scored` adds it)."""
-    method, _, opts = spec.partition(":")
     run = out[:-len(".json")]
-    cmd = [a.petal, "train", "--model", a.model, "--data", train, "--method", method,
-           "--max-steps", str(a.steps), "--lr", str(lr), "--batch-size", str(a.batch_size),
-           "--seq-len", str(a.seq_len), "--seed", str(a.seed), "--val-fraction", "0.05",
-           "--out", run, "--overwrite", "true", "--json"]  # a folder without its result: cut short
-    for o in filter(None, opts.split(",")):
-        cmd += ["--set", o]
-    cmd += JOINT.get(method, [])
+    cmd = train_cmd(a, spec, train, lr, run, a.steps, 0.05)  # a folder without its result: cut short
     t = json.loads(sh(cmd, f"petal train {spec} on {task}"))
     result = {
         "model": a.model, "task": task, "method": spec,
@@ -460,6 +484,10 @@ def main():
     ap.add_argument("--budget", type=int, default=None,
                     help="trainable parameters each method is sized to (its rank or size option; methods "
                          "without one keep their size)")
+    ap.add_argument("--retime", type=int, default=0, metavar="STEPS",
+                    help="train nothing new: run each kept result's training again for STEPS steps and "
+                         "keep its tokens/s and peak RSS (`retimed`), which the report then shows, so "
+                         "rows made by several builds or machines compare; one sitting, nothing else running")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=192)
     ap.add_argument("--seed", type=int, default=0)
@@ -530,7 +558,19 @@ def main():
                       and sorted(kept.get("trained_on", [])) != sorted(a.tasks.split(",")))
             if ti == 0 and kept is not None and "lr_sweep" in kept:
                 chosen.setdefault(spec, kept["lr"])  # a fresh checkout's committed copy
-            if kept is not None and not (ti == 0 and extendable(a, kept)) and not stale:
+            if a.retime:  # speed and memory measured again, nothing trained or scored
+                if kept is None:
+                    print(f"{task} {spec}: no result to time again", flush=True)
+                    continue
+                r, again = kept, kept.get("retimed", {})
+                if (again.get("cpu"), again.get("petal"), again.get("steps")) != (
+                        cpu_desc(), petal_build(a), a.retime):
+                    r["retimed"] = timed_again(a, task, spec, both[0] if both else train, r)
+                    with open(out, "w") as f:
+                        json.dump(r, f)
+                print(f"{task} {spec}: timed again, {r['retimed']['train_tokens_per_s']:.0f} tokens/s, "
+                      f"{r['retimed']['peak_rss_mb']:.0f} MB", flush=True)
+            elif kept is not None and not (ti == 0 and extendable(a, kept)) and not stale:
                 r = kept
                 print(f"{task} {spec}: kept ({r['accuracy']:.3f})", flush=True)
             else:
