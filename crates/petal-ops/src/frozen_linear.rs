@@ -76,6 +76,61 @@ impl CustomOp2 for FrozenLinear {
     }
 }
 
+/// `y = x W^T + b` in one op (f32 on the CPU): a bias added after the product would keep the
+/// product alive for backward, an (n, out) tensor nobody reads. Backward: x's gradient, and b's
+/// (the rows' sum) where b is trained (BitFit); W's never.
+struct FrozenLinearBias {
+    fused: bool,
+}
+
+impl candle_core::CustomOp3 for FrozenLinearBias {
+    fn name(&self) -> &'static str {
+        "petal-frozen-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (shape, m, n, k) = out_shape(xl, wl)?;
+        let b = crate::cpu::f32s(bs, bl)?;
+        if b.len() != n {
+            candle_core::bail!(
+                "frozen_linear: bias has {} values, weight has {n} rows",
+                b.len()
+            )
+        }
+        let mut y = crate::cpu::matmul_wt(xs, &as_2d(xl, m, k), ws, wl, (m, n, k), self.fused)?;
+        let CpuStorage::F32(v) = &mut y else {
+            candle_core::bail!("frozen_linear: the biased op takes f32")
+        };
+        for row in v.chunks_mut(n) {
+            row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+        }
+        Ok((y, shape))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let out = w.dim(0)?;
+        let g2 = grad.contiguous()?.reshape((grad.elem_count() / out, out))?;
+        let dims = with_last(grad.dims(), w.dim(1)?);
+        let db = b.track_op().then(|| g2.sum(0)).transpose()?;
+        Ok((Some(g2.matmul(w)?.reshape(dims)?), None, db))
+    }
+}
+
 /// `x W^T` (`wt`) or `x W` for f32 or bf16 `x` and a bf16 `W (out, in)` through the
 /// AVX512-BF16 kernel (f32 accumulation, output in x's dtype); backward gives x's gradient
 /// through the other orientation.
@@ -139,6 +194,11 @@ pub fn frozen_linear(k: Kernels, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> 
         x.to_dtype(w.dtype())?
             .apply_op2(w, op())?
             .to_dtype(x.dtype())?
+    } else if let Some(b) = b.filter(|b| {
+        x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && b.dtype() == x.dtype()
+    }) {
+        // the bias inside the op: no (n, out) product kept for backward
+        return x.apply_op3(w, &b.contiguous()?, FrozenLinearBias { fused: k.fused() });
     } else {
         x.apply_op2(w, op())?
     };
@@ -180,6 +240,28 @@ mod tests {
             .unwrap();
         assert!(d.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-4);
         assert!(g1.get(&w).is_none(), "frozen weight must get no gradient");
+    }
+
+    #[test]
+    fn a_trained_bias_inside_the_op_gets_the_reference_gradient_and_w_none() {
+        for rows in [3, 40] {
+            // few rows (the skinny kernel) and many (gemm)
+            let x = Var::from_tensor(&rand(&[2, rows, 5], 1)).unwrap();
+            let w = rand(&[4, 5], 2);
+            let b = Var::from_tensor(&rand(&[4], 3)).unwrap();
+            let fast =
+                frozen_linear(Kernels::FUSED, x.as_tensor(), &w, Some(b.as_tensor())).unwrap();
+            let slow = frozen_linear_reference(x.as_tensor(), &w, Some(b.as_tensor())).unwrap();
+            assert!(crate::testing::max_abs(&fast, &slow) < 1e-5);
+            let proj = rand(fast.dims(), 4);
+            let grads = |t: &Tensor| (t * &proj).unwrap().sum_all().unwrap().backward().unwrap();
+            let (g1, g2) = (grads(&fast), grads(&slow));
+            for v in [&x, &b] {
+                let (a, e) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+                assert!(crate::testing::max_abs(a, e) < 1e-4, "{rows} rows");
+            }
+            assert!(g1.get(&w).is_none(), "frozen weight must get no gradient");
+        }
     }
 
     #[test]

@@ -41,6 +41,19 @@ impl AdapterLayer for BiasCopy {
         Ok(y.broadcast_add(&d)?)
     }
 
+    /// With the frozen linear: `x W^T + b'` in one op, the trained copy in place of the frozen
+    /// bias (the frozen one plus the delta), so no (n, out) product is kept for backward.
+    fn fused_forward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: Option<&Tensor>,
+        ctx: &crate::Ctx,
+    ) -> Option<Result<Tensor>> {
+        let b = self.trained.as_tensor();
+        Some(petal_ops::frozen_linear(ctx.kernels(), x, w, Some(b)).map_err(Into::into))
+    }
+
     fn weight_update(&self) -> Result<WeightUpdate> {
         Ok(WeightUpdate::AddBias {
             dw: None,
