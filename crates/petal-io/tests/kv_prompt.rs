@@ -4,7 +4,7 @@
 //! and with separate keys and values, the gradients of the prompts and slots, and the pruning
 //! scores (a gate per prompt token and per piece) from those gradients.
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use petal_core::config::AdapterConfig;
 use petal_core::{inject_adapter, Adaptable, Ctx};
 use std::path::PathBuf;
@@ -79,7 +79,7 @@ fn prompts_and_slots_give_the_oracle_logits_gradients_and_gate_scores() {
         .reshape((12, 96))
         .unwrap();
     let target: Vec<u32> = ids.flatten_all().unwrap().to_vec1().unwrap();
-    let lsm = candle_nn_log_softmax(&scored);
+    let lsm = petal_ops::testing::log_softmax(&scored);
     let pick = Tensor::new(target.as_slice(), &Device::Cpu).unwrap();
     let loss = (lsm
         .gather(&pick.unsqueeze(1).unwrap(), 1)
@@ -110,18 +110,4 @@ fn prompts_and_slots_give_the_oracle_logits_gradients_and_gate_scores() {
         max_rel(&pieces, &t["seg_grad_official"]) < 1e-4,
         "piece gates"
     );
-}
-
-/// log-softmax over the last axis (composed, differentiable).
-fn candle_nn_log_softmax(x: &Tensor) -> Tensor {
-    let max = x.max_keepdim(D::Minus1).unwrap();
-    let z = x.broadcast_sub(&max).unwrap();
-    let lse = z
-        .exp()
-        .unwrap()
-        .sum_keepdim(D::Minus1)
-        .unwrap()
-        .log()
-        .unwrap();
-    z.broadcast_sub(&lse).unwrap()
 }

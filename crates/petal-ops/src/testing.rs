@@ -27,6 +27,22 @@ pub fn rand(shape: &[usize], seed: u64) -> Tensor {
     .unwrap()
 }
 
+/// log-softmax over the last axis, composed from candle's differentiable ops (a reference
+/// for the fused losses' values and gradients).
+pub fn log_softmax(x: &Tensor) -> Tensor {
+    use candle_core::D;
+    let max = x.max_keepdim(D::Minus1).unwrap().detach();
+    let z = x.broadcast_sub(&max).unwrap();
+    let lse = z
+        .exp()
+        .unwrap()
+        .sum_keepdim(D::Minus1)
+        .unwrap()
+        .log()
+        .unwrap();
+    z.broadcast_sub(&lse).unwrap()
+}
+
 /// The largest absolute difference of two tensors of one shape.
 pub fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)

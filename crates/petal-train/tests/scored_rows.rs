@@ -51,7 +51,7 @@ fn by_hand(m: &petal_models::Llama, b: &Batch) -> (Tensor, usize) {
     let ids = Tensor::from_vec(b.ids.clone(), (b.rows, b.len), &Device::Cpu).unwrap();
     let logits = m.forward(&ids, None, &Ctx::eval()).unwrap(); // (rows, len, V)
     let v = logits.dim(D::Minus1).unwrap();
-    let logp = log_softmax(&logits.narrow(1, 0, b.len - 1).unwrap());
+    let logp = petal_ops::testing::log_softmax(&logits.narrow(1, 0, b.len - 1).unwrap());
     let mut pick = vec![0f32; b.rows * (b.len - 1) * v];
     let mut count = 0;
     for r in 0..b.rows {
@@ -66,19 +66,6 @@ fn by_hand(m: &petal_models::Llama, b: &Batch) -> (Tensor, usize) {
     let pick = Tensor::from_vec(pick, (b.rows, b.len - 1, v), &Device::Cpu).unwrap();
     let loss = (logp * pick).unwrap().sum_all().unwrap().neg().unwrap();
     (loss, count)
-}
-
-fn log_softmax(x: &Tensor) -> Tensor {
-    let m = x.max_keepdim(D::Minus1).unwrap().detach();
-    let z = x.broadcast_sub(&m).unwrap();
-    let lse = z
-        .exp()
-        .unwrap()
-        .sum_keepdim(D::Minus1)
-        .unwrap()
-        .log()
-        .unwrap();
-    z.broadcast_sub(&lse).unwrap()
 }
 
 fn check(targets: &[&str], all_scored: bool) {
