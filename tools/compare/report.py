@@ -133,7 +133,11 @@ def report(a, results, failed=()):
              "the loss on the answer only), scored on held-out examples by `petal eval --task`. Made by "
              "`tools/compare/run.py` (each section's command; results are kept, so a command continues "
              f"where it stopped); results in `{os.path.join(os.path.dirname(a.report), 'comparison')}/*.json`.",
-             "", cpu_line, ""]
+             "", cpu_line, "",
+             "Training tokens/s: a step's budget, --batch-size x --seq-len tokens, over the run's median "
+             "step time. Every method of a section sees the same batches, so the column compares "
+             "methods; the tokens trained on are fewer (shorter examples, padded to the batch's "
+             "longest), and a prompt's tokens are read but not scored.", ""]
     again = sorted({r["retimed"]["steps"] for r in results if r.get("retimed")})
     if again:
         lines += [f"Training tokens/s and peak RSS of {sum(1 for r in results if r.get('retimed'))} of "
