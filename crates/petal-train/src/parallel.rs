@@ -154,7 +154,7 @@ pub(crate) fn rank_settings(cfg: &crate::TrainConfig, start: usize, examples: us
         "schedule": cfg.schedule, "warmup_steps": cfg.warmup_steps, "max_steps": cfg.max_steps,
         "max_grad_norm": cfg.max_grad_norm, "eval_every": cfg.eval_every,
         "save_every": cfg.save_every, "prox_mu": cfg.prox_mu, "out": cfg.out_dir,
-        "balanced_tasks": cfg.balanced_tasks, "grad_checkpointing": cfg.grad_checkpointing,
+        "balanced_tasks": cfg.balanced_tasks, "group_by_length": cfg.group_by_length, "grad_checkpointing": cfg.grad_checkpointing,
         "save_converted": cfg.save_converted, "start_step": start, "train_examples": examples,
     });
     if let serde_json::Value::Object(t) = trainer {

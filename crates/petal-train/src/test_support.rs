@@ -34,6 +34,7 @@ pub fn plain_config(out_dir: std::path::PathBuf) -> TrainConfig {
         save_converted: false,
         grad_checkpointing: false,
         balanced_tasks: false,
+        group_by_length: false,
         prox_mu: 0.0,
         group: Default::default(),
     }

@@ -47,6 +47,9 @@ pub struct TrainConfig {
     /// Multi-task data: draw the tasks in turn (each gets the same share of every batch)
     /// instead of in proportion to their sizes.
     pub balanced_tasks: bool,
+    /// Group examples of similar lengths into micro-batches (transformers'
+    /// `group_by_length`, [`length_grouped`]): less padding, batches no longer uniform draws.
+    pub group_by_length: bool,
     /// FedProx's proximal term: `prox_mu / 2 * ||w - w0||^2` over the adapter's tensors, w0
     /// their values when training starts (a federated round's global adapter); 0: none. Its
     /// gradient `prox_mu (w - w0)` joins the step's gradients before clipping; the losses
@@ -110,12 +113,54 @@ pub(crate) fn micro_examples(train: &[Example], cfg: &TrainConfig, k: usize) -> 
     } else {
         let mut order: Vec<usize> = (0..train.len()).collect();
         order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+        if cfg.group_by_length {
+            let lengths: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
+            order = length_grouped(&order, &lengths, bs, None);
+        }
         order
     };
     order[pos * bs..((pos + 1) * bs).min(train.len())]
         .iter()
         .map(|&i| train[i].clone())
         .collect()
+}
+
+/// transformers' length grouping (`get_length_grouped_indices`, the Trainer's
+/// `group_by_length`) of the permutation `order`: mega-batches of `mult * batch_size` (by
+/// default `min(n / (4 batch_size), 50)`, at least 1), each sorted longest first (ties keep
+/// `order`'s order), then the longest example swapped to the front, so a too-long batch fails
+/// at once. Consecutive micro-batches then hold examples of similar lengths.
+pub fn length_grouped(
+    order: &[usize],
+    lengths: &[usize],
+    batch_size: usize,
+    mult: Option<usize>,
+) -> Vec<usize> {
+    let mult = mult
+        .unwrap_or_else(|| (lengths.len() / (batch_size * 4).max(1)).min(50))
+        .max(1);
+    let mut mega: Vec<Vec<usize>> = order
+        .chunks(mult * batch_size.max(1))
+        .map(|c| {
+            let mut c = c.to_vec();
+            c.sort_by_key(|&i| std::cmp::Reverse(lengths[i])); // stable: ties keep their order
+            c
+        })
+        .collect();
+    // the mega-batch whose longest is longest (the first of equals) gives the front its longest
+    let first = |m: &Vec<usize>| lengths[m[0]];
+    if let Some(best) = (0..mega.len()).reduce(|b, i| {
+        if first(&mega[i]) > first(&mega[b]) {
+            i
+        } else {
+            b
+        }
+    }) {
+        let (front, longest) = (mega[0][0], mega[best][0]);
+        mega[0][0] = longest;
+        mega[best][0] = front;
+    }
+    mega.concat()
 }
 
 /// Train adapter `cfg.adapter_name` of a decoder on next-token prediction.

@@ -193,3 +193,76 @@ fn flat(t: &Tensor) -> Vec<f32> {
 fn widen(x: &[f32]) -> Vec<f64> {
     x.iter().map(|&x| x as f64).collect()
 }
+
+/// Length grouping equals transformers' `get_length_grouped_indices` on the same permutation
+/// (tools/golden/make_length_grouped.py: its `torch.randperm` given the permutation): ties, a
+/// short last mega-batch, the longest example in a later mega-batch, a given multiplier.
+#[test]
+fn length_grouping_is_transformers_own_order() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/golden/length_grouped.json");
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let ints = |v: &serde_json::Value| -> Vec<usize> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect()
+    };
+    let cases = g["cases"].as_array().unwrap();
+    assert!(cases.len() >= 5);
+    let mut moved = 0;
+    for c in cases {
+        let (lengths, order) = (ints(&c["lengths"]), ints(&c["permutation"]));
+        let bs = c["batch_size"].as_u64().unwrap() as usize;
+        let mult = c["mega_batch_mult"].as_u64().map(|m| m as usize);
+        let got = crate::trainer::length_grouped(&order, &lengths, bs, mult);
+        assert_eq!(
+            got,
+            ints(&c["grouped"]),
+            "{} examples, batch {bs}",
+            lengths.len()
+        );
+        moved += usize::from(got[0] != order[0]);
+    }
+    assert!(moved > 0, "no case moved an example");
+}
+
+/// With `group_by_length` an epoch's micro-batches still hold every example once, and they are
+/// padded to fewer tokens in all than the plain shuffle's.
+#[test]
+fn grouped_micro_batches_cover_the_epoch_with_less_padding() {
+    let data: Vec<Example> = (0..64u32)
+        .map(|i| {
+            let n = 3 + (i * 37) % 60;
+            Example {
+                ids: vec![1; n as usize],
+                labels: vec![1; n as usize],
+                task: None,
+            }
+        })
+        .collect();
+    let out = tempfile::tempdir().unwrap();
+    let cfg = |group| TrainConfig {
+        batch_size: 4,
+        group_by_length: group,
+        ..crate::test_support::plain_config(out.path().to_path_buf())
+    };
+    let padded = |cfg: &TrainConfig| -> (usize, Vec<usize>) {
+        let mut lens = Vec::new();
+        let mut total = 0;
+        for k in 0..16 {
+            let b = micro_examples(&data, cfg, k);
+            total += b.len() * b.iter().map(|e| e.ids.len()).max().unwrap();
+            lens.extend(b.iter().map(|e| e.ids.len()));
+        }
+        lens.sort();
+        (total, lens)
+    };
+    let (plain, mut all) = padded(&cfg(false));
+    let (grouped, got) = padded(&cfg(true));
+    all.sort();
+    assert_eq!(got, all, "the grouped epoch holds every example once");
+    assert!(grouped < plain, "padding {grouped} not below {plain}");
+}

@@ -76,6 +76,7 @@ fn config(out: &Path, save_every: usize) -> TrainConfig {
         save_converted: false,
         grad_checkpointing: false,
         balanced_tasks: false,
+        group_by_length: false,
         prox_mu: 0.0,
         group: Default::default(),
     }

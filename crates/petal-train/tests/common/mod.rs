@@ -74,6 +74,7 @@ pub fn losses_with(mut m: petal_models::Llama, dropout: f64, dora: bool, out: Pa
         save_converted: false,
         grad_checkpointing: false,
         balanced_tasks: false,
+        group_by_length: false,
         prox_mu: 0.0,
         group: Default::default(),
     };
