@@ -31,8 +31,17 @@ fn main() {
                     .and_then(|r| git(&["rev-parse", "--git-path", &r])),
             );
             println!("cargo:rerun-if-changed=..");
-            let clean = git(&["status", "--porcelain", "--untracked-files=no"])
-                .is_some_and(|s| s.is_empty());
+            for p in ["../../Cargo.toml", "../../Cargo.lock"] {
+                watch(Some(p.to_string()));
+            }
+            // without optional locks: status would otherwise rewrite the watched index
+            let clean = git(&[
+                "--no-optional-locks",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+            ])
+            .is_some_and(|s| s.is_empty());
             if clean {
                 hash
             } else {

@@ -117,7 +117,7 @@ def report(a, results, failed=()):
         return f" ({m})" if m else ""
 
     def build(b):
-        return ("a build whose version names no commit (see limits.md)" if b == "unknown"
+        return ("a build whose version names no commit (made before 7988df9)" if b == "unknown"
                 else f"petal built from {b}")
 
     if len(pairs) == 1:

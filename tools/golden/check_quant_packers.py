@@ -75,7 +75,7 @@ def autoawq(tmp):
 
 def autogptq(tmp):
     subprocess.run([sys.executable, "-m", "pip", "download", f"auto-gptq=={GPTQ_VERSION}", "--no-deps",
-                    "--no-build-isolation", "-d", tmp], check=True, capture_output=True)
+                    "--only-binary", ":all:", "-d", tmp], check=True, capture_output=True)
     wheel = next(pathlib.Path(tmp).glob("auto_gptq-*.whl"))
     with zipfile.ZipFile(wheel) as z:
         z.extract("auto_gptq/nn_modules/qlinear/qlinear_cuda.py", tmp)

@@ -50,7 +50,7 @@ train_opts! {
     /// come, so large tasks dominate) | balanced (draw the tasks in turn) [default: proportional]
     task_sampling: String,
     /// Put examples of similar lengths in the same micro-batch (transformers' group_by_length:
-    /// mega-batches of up to 50 micro-batches, each sorted by length): less padding, so faster
+    /// mega-batches of up to 50 steps' examples, each sorted by length): less padding, so faster
     /// on data of mixed lengths; not with --task-sampling balanced [default: false]
     group_by_length: bool,
     /// Multi-task data: train only on these tasks (comma-separated `task` values; the

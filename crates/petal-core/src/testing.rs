@@ -381,6 +381,25 @@ pub fn check_fused_equals_composed(cfg: &AdapterConfig) {
     check_fused_equals_composed_on(&adapted(cfg, true));
 }
 
+/// The method's layers take a fused form on the toy (in training mode), so
+/// `check_fused_equals_composed`, which skips layers without one, compared something.
+pub fn assert_fused_taken(cfg: &AdapterConfig) {
+    let t = adapted(cfg, true);
+    let ctx = crate::Ctx::train(5);
+    let taken = t
+        .linears()
+        .into_iter()
+        .filter(|lin| {
+            let x = rand_tensor(&[2, 3, lin.in_features()], 4);
+            let layer = lin.layer("default").unwrap();
+            layer
+                .fused_forward(&x, lin.weight(), lin.bias(), &ctx)
+                .is_some()
+        })
+        .count();
+    assert!(taken > 0, "no layer took its fused form");
+}
+
 /// `check_fused_equals_composed` on a toy already adapted (a layer set up by hand).
 pub fn check_fused_equals_composed_on(t: &Toy) {
     for lin in t.linears() {

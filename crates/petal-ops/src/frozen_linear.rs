@@ -117,7 +117,7 @@ impl candle_core::CustomOp3 for FrozenLinearBias {
 
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         w: &Tensor,
         b: &Tensor,
         _res: &Tensor,
@@ -127,7 +127,12 @@ impl candle_core::CustomOp3 for FrozenLinearBias {
         let g2 = grad.contiguous()?.reshape((grad.elem_count() / out, out))?;
         let dims = with_last(grad.dims(), w.dim(1)?);
         let db = b.track_op().then(|| g2.sum(0)).transpose()?;
-        Ok((Some(g2.matmul(w)?.reshape(dims)?), None, db))
+        // x's gradient only where x has a graph (not after a frozen embedding)
+        let dx = x
+            .track_op()
+            .then(|| g2.matmul(w)?.reshape(dims))
+            .transpose()?;
+        Ok((dx, None, db))
     }
 }
 

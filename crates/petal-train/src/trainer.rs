@@ -115,7 +115,8 @@ pub(crate) fn micro_examples(train: &[Example], cfg: &TrainConfig, k: usize) -> 
         order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
         if cfg.group_by_length {
             let lengths: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
-            order = length_grouped(&order, &lengths, bs, None);
+            // transformers groups by an optimizer step's examples (batch x accumulation)
+            order = length_grouped(&order, &lengths, bs * cfg.grad_accum.max(1), None);
         }
         order
     };

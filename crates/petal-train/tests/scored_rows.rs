@@ -98,6 +98,25 @@ fn check(targets: &[&str], all_scored: bool) {
         lm_head_seen |= v.dims().contains(&96); // the vocabulary: only lm_head's B has it
     }
     assert_eq!(lm_head_seen, targets.contains(&"lm_head"));
+    // the same gradients through a training step's path, with and without checkpointing
+    for checkpointing in [false, true] {
+        let (sum, g) = petal_train::backward_batch(&m, &b, 1.0, checkpointing, 0).unwrap();
+        assert!(
+            (sum as f32 - w).abs() < 1e-5 * w.abs(),
+            "loss, checkpointing {checkpointing}"
+        );
+        for v in &vars {
+            let a = g.get(v.as_tensor()).unwrap().flatten_all().unwrap();
+            let e = gw.get(v.as_tensor()).unwrap().flatten_all().unwrap();
+            let scale = e.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let diff = (a - &e).unwrap().abs().unwrap().max(0).unwrap();
+            let diff = diff.to_scalar::<f32>().unwrap();
+            assert!(
+                diff <= 1e-4 * scale,
+                "checkpointing {checkpointing}: off by {diff}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -80,6 +80,12 @@ fn conformance_config() -> AdapterConfig {
 crate::conformance!(conformance, conformance_config, |_inp, out, _cfg| out);
 
 #[cfg(test)]
+#[test]
+fn bitfit_takes_its_fused_form() {
+    crate::testing::assert_fused_taken(&conformance_config());
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::testing::{adapted, max_rel, Toy};

@@ -443,6 +443,12 @@ pub(crate) fn conformance_config() -> AdapterConfig {
 }
 
 #[cfg(test)]
+#[test]
+fn palora_takes_its_fused_form() {
+    crate::testing::assert_fused_taken(&conformance_config());
+}
+
+#[cfg(test)]
 crate::conformance!(conformance, conformance_config, |inp, out, _cfg| 3
     * 2
     * (inp + out));

@@ -311,6 +311,7 @@ fn fused_adalora_equals_the_composed_form_with_and_without_dropout() {
         let mut c = conformance_config();
         c.set("init_lora_weights", false).unwrap(); // E nonzero: every gradient checked
         c.set("lora_dropout", p).unwrap();
+        crate::testing::assert_fused_taken(&c);
         crate::testing::check_fused_equals_composed(&c);
     }
 }
