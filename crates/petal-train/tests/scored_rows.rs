@@ -83,13 +83,18 @@ fn check(targets: &[&str], all_scored: bool) {
     );
     assert!((g - w).abs() < 1e-5 * w.abs(), "loss {g} vs {w}");
     let (gg, gw) = (got.backward().unwrap(), want.backward().unwrap());
+    // the largest difference of a gradient from the reference's, and the reference's largest
+    let off = |a: &Tensor, v: &Var| {
+        let e = gw.get(v.as_tensor()).unwrap().flatten_all().unwrap();
+        let largest = |t: Tensor| t.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        (
+            largest((a.flatten_all().unwrap() - &e).unwrap()),
+            largest(e),
+        )
+    };
     let mut lm_head_seen = false;
     for v in &vars {
-        let a = gg.get(v.as_tensor()).unwrap().flatten_all().unwrap();
-        let e = gw.get(v.as_tensor()).unwrap().flatten_all().unwrap();
-        let scale = e.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        let diff = (a - &e).unwrap().abs().unwrap().max(0).unwrap();
-        let diff = diff.to_scalar::<f32>().unwrap();
+        let (diff, scale) = off(gg.get(v.as_tensor()).unwrap(), v);
         assert!(scale > 0.0, "a zero gradient checks nothing");
         assert!(
             diff <= 1e-4 * scale,
@@ -106,11 +111,7 @@ fn check(targets: &[&str], all_scored: bool) {
             "loss, checkpointing {checkpointing}"
         );
         for v in &vars {
-            let a = g.get(v.as_tensor()).unwrap().flatten_all().unwrap();
-            let e = gw.get(v.as_tensor()).unwrap().flatten_all().unwrap();
-            let scale = e.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-            let diff = (a - &e).unwrap().abs().unwrap().max(0).unwrap();
-            let diff = diff.to_scalar::<f32>().unwrap();
+            let (diff, scale) = off(g.get(v.as_tensor()).unwrap(), v);
             assert!(
                 diff <= 1e-4 * scale,
                 "checkpointing {checkpointing}: off by {diff}"

@@ -278,6 +278,12 @@ struct PaloraLayer {
 }
 
 impl PaloraLayer {
+    /// B (out, K r) with each task's columns scaled by its ω_k s.
+    fn scaled_b(&self) -> Result<Tensor> {
+        let b = self.b.as_tensor();
+        Ok(b.broadcast_mul(&self.rank_weights()?.unsqueeze(0)?)?)
+    }
+
     /// (K r,) weights: ω_k scale, repeated over task k's rank block.
     fn rank_weights(&self) -> Result<Tensor> {
         let ray = self
@@ -326,28 +332,15 @@ impl AdapterLayer for PaloraLayer {
         ctx: &crate::Ctx,
     ) -> Option<Result<Tensor>> {
         let run = || -> Result<Tensor> {
-            let bw = self
-                .b
-                .as_tensor()
-                .broadcast_mul(&self.rank_weights()?.unsqueeze(0)?)?;
-            Ok(petal_ops::lora(
-                ctx.kernels(),
-                x,
-                w,
-                bias,
-                self.a.as_tensor(),
-                &bw,
-                1.0,
-            )?)
+            let bw = self.scaled_b()?;
+            let a = self.a.as_tensor();
+            Ok(petal_ops::lora(ctx.kernels(), x, w, bias, a, &bw, 1.0)?)
         };
         Some(run())
     }
 
     fn weight_update(&self) -> Result<WeightUpdate> {
-        let bw = self
-            .b
-            .as_tensor()
-            .broadcast_mul(&self.rank_weights()?.unsqueeze(0)?)?;
+        let bw = self.scaled_b()?;
         Ok(WeightUpdate::Add(bw.matmul(self.a.as_tensor())?))
     }
 
